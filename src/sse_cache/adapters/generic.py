@@ -1,0 +1,52 @@
+"""The schema-agnostic adapter: any SSE stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ..events import Event
+from ..protocols import Outcome
+
+__all__ = ["TRANSPORT_FIELDS", "GenericSSE"]
+
+#: Request fields that change how an answer is delivered, not what it is.
+TRANSPORT_FIELDS = frozenset({"stream", "stream_options", "timeout", "request_timeout"})
+
+
+class GenericSSE:
+    """Any SSE stream: complete when the upstream ends cleanly (with a 2xx status).
+
+    Keys on every request field except the transport-only ones (``stream``,
+    ``stream_options``, ``timeout``, ``request_timeout``, plus ``ignore_fields``). There is no
+    schema to recover a non-stream answer from, so cross-mode answers are not offered.
+    """
+
+    name = "generic"
+
+    def __init__(self, *, ignore_fields: Iterable[str] = ()) -> None:
+        self._drop = TRANSPORT_FIELDS | frozenset(ignore_fields)
+
+    def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {k: v for k, v in body.items() if k not in self._drop}
+
+    def is_streaming(self, body: Mapping[str, Any]) -> bool:
+        return body.get("stream", True) is not False
+
+    def outcome(self, event: Event) -> Outcome:
+        return Outcome.CONTINUE
+
+    def end_outcome(self) -> Outcome:
+        return Outcome.COMPLETE
+
+    def body_outcome(self, body: bytes) -> Outcome:
+        return Outcome.COMPLETE
+
+    def final_body(self, events: Sequence[Event]) -> bytes | None:
+        return None
+
+    def synthesize(self, body: bytes) -> list[Event] | None:
+        return None
+
+    def meta(self, events: Sequence[Event]) -> Mapping[str, str]:
+        return {}

@@ -1,0 +1,635 @@
+"""The tee/replay engine: :class:`StreamCache`.
+
+On a miss it pulls events from the upstream, hands each to the caller as soon as it arrives and
+records a copy (:class:`~sse_cache.recorder.Recorder`); it stores the stream only when the
+adapter says it completed. On a hit it replays the stored events. Identical requests that
+arrive while a stream is being recorded join it live (single-flight). The engine knows only
+the protocols: any backend, codec, keyer and adapter plug in.
+
+Cleanup: :meth:`StreamCache.stream` is an async context manager, so closing the upstream never
+depends on async-generator finalisation (which differs between asyncio and trio and may run
+late or never). Leaving the ``async with`` block — normally, by an exception, or by
+cancellation — closes the upstream (shielded, bounded in time) unless other readers of the
+same live stream still need it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from .codec import MsgpackCodec
+from .entry import Entry
+from .errors import ConfigError, CorruptEntry, SSECacheError
+from .events import Event
+from .keys import CacheRequest, DefaultKeyer
+from .pacing import Pacing
+from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
+from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
+
+__all__ = [
+    "CacheStatus",
+    "CachedStream",
+    "Notice",
+    "SharedStreamAborted",
+    "StreamCache",
+    "Upstream",
+]
+
+logger = logging.getLogger("sse_cache")
+
+#: A zero-argument callable that opens the upstream stream and returns its events.
+Upstream = Callable[[], AsyncIterator[Event]]
+
+# Yield to the event loop once per this many replayed events: a checkpoint per event costs
+# more than the event itself (LIMITS.md), none at all would starve other tasks.
+_CHECKPOINT_EVERY = 64
+_CLOSE_TIMEOUT = 5.0
+
+
+class CacheStatus(enum.StrEnum):
+    """How a request was answered; the value of the ``x-sse-cache`` response header."""
+
+    HIT = "hit"
+    MISS = "miss"
+    BYPASS = "bypass"
+    REFRESH = "refresh"
+    SHARED = "shared"
+
+
+class Notice(msgspec.Struct, frozen=True, kw_only=True):
+    """What a hook receives. ``kind`` is one of ``hit``, ``miss``, ``bypass``, ``refresh``,
+    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``.
+    ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds``: the
+    recorded duration of a replayed stream, i.e. upstream time saved)."""
+
+    kind: str
+    key: str
+    events: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    detail: str = ""
+
+
+Hook = Callable[[Notice], None]
+
+
+class SharedStreamAborted(SSECacheError):
+    """A live stream this request had joined broke before it completed (the upstream failed
+    or the reader that was pulling it was cancelled mid-read)."""
+
+
+class _Flight:
+    """One upstream stream being read, possibly by several requests (single-flight).
+
+    The events read so far form a shared log. Whoever needs the next event and finds no one
+    pulling pulls it from the upstream; the others wait for a signal. There is no background
+    task: the upstream lives exactly as long as someone reads it.
+    """
+
+    __slots__ = (
+        "error",
+        "finished",
+        "iterator",
+        "key",
+        "log",
+        "pulling",
+        "readers",
+        "recorder",
+        "signal",
+        "settled",
+        "started",
+        "stored",
+        "ttl",
+        "waiting",
+    )
+
+    def __init__(self, key: str, recorder: Recorder, ttl: float | None) -> None:
+        self.key = key
+        self.recorder = recorder
+        self.ttl = ttl
+        self.iterator: AsyncIterator[Event] | None = None
+        self.log: list[Event] = []
+        self.started = 0.0
+        self.pulling = False
+        self.finished = False  # the upstream ended, cleanly or not
+        self.error: BaseException | None = None
+        self.readers = 0
+        self.waiting = 0
+        self.signal = anyio.Event()
+        self.settled = False  # the store decision was taken (once per flight)
+        self.stored = False
+
+    def notify(self) -> None:
+        if self.waiting:
+            self.signal.set()
+            self.signal = anyio.Event()
+
+
+class CachedStream:
+    """The events of one request, from the cache or the upstream. Iterate it with
+    ``async for``; :attr:`status` and :attr:`key` are known before the first event.
+
+    After the stream, :attr:`stored` tells whether it was stored and :attr:`reason` why not.
+    """
+
+    def __init__(
+        self,
+        cache: StreamCache,
+        status: CacheStatus,
+        key: str,
+        *,
+        entry: Entry | None = None,
+        events: Sequence[Event] = (),
+        pacing: Pacing = Pacing(),
+        flight: _Flight | None = None,
+    ) -> None:
+        self.status = status
+        self.key = key
+        self.entry = entry
+        self.stored = False
+        self.reason = ""
+        self._cache = cache
+        self._events = events
+        self._pacing = pacing
+        self._flight = flight
+        self._index = 0
+        self._replay_start = -1.0
+
+    @property
+    def age(self) -> float | None:
+        """Seconds since the replayed entry was stored (hits only)."""
+        if self.entry is None:
+            return None
+        return max(0.0, time.time() - self.entry.created_at)
+
+    def __aiter__(self) -> CachedStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._flight is None:
+            return await self._next_replayed()
+        return await self._next_live()
+
+    async def batches(self, max_events: int = 256) -> AsyncIterator[list[Event]]:
+        """The same events in lists of whatever is ready (at most ``max_events`` each): lets
+        an HTTP integration write many events at once, which is far cheaper than one write
+        per event. Paced replays still come one event per batch, at their time."""
+        flight = self._flight
+        if flight is None and self._pacing.instant:
+            while self._index < len(self._events):
+                start = self._index
+                self._index = min(start + max_events, len(self._events))
+                yield list(self._events[start : self._index])
+                await anyio.lowlevel.checkpoint()
+            return
+        if flight is not None:
+            while True:
+                try:
+                    first = await self._next_live()
+                except StopAsyncIteration:
+                    return
+                end = min(self._index + max_events - 1, len(flight.log))
+                batch = [first, *flight.log[self._index : end]]
+                self._index = end
+                yield batch
+        async for event in self:
+            yield [event]
+
+    async def _next_replayed(self) -> Event:
+        i = self._index
+        if i >= len(self._events):
+            raise StopAsyncIteration
+        self._index = i + 1
+        event = self._events[i]
+        pacing = self._pacing
+        if pacing.instant:
+            if i % _CHECKPOINT_EVERY == _CHECKPOINT_EVERY - 1:
+                await anyio.lowlevel.checkpoint()
+            return event
+        now = time.monotonic()
+        if self._replay_start < 0:
+            self._replay_start = now
+        due = (
+            self._replay_start + pacing.delay(event.at)
+            if pacing.mode == "original"
+            else self._replay_start + pacing.gap * i
+        )
+        await anyio.sleep(max(0.0, due - now))
+        return event
+
+    async def _next_live(self) -> Event:
+        flight = self._flight
+        assert flight is not None
+        while True:
+            log = flight.log
+            i = self._index
+            if i < len(log):
+                self._index = i + 1
+                return log[i]
+            if flight.finished:
+                if flight.error is not None:
+                    raise SharedStreamAborted(
+                        f"the shared upstream stream failed: {flight.error!r}"
+                    ) from flight.error
+                raise StopAsyncIteration
+            if flight.pulling:
+                flight.waiting += 1
+                try:
+                    await flight.signal.wait()
+                finally:
+                    flight.waiting -= 1
+                continue
+            await self._cache._pull(flight)
+
+    async def _close(self, exc: BaseException | None) -> None:
+        flight = self._flight
+        if flight is None:
+            return
+        await self._cache._leave(flight, self, exc)
+
+
+class StreamCache:
+    """Caches streamed answers of one schema on one backend.
+
+    ``backend``: a :class:`~sse_cache.protocols.Backend` or a URL for
+    :func:`sse_cache.backends.from_url` (then the cache owns it and :meth:`aclose` closes it).
+    ``adapter``: the schema (:mod:`sse_cache.adapters`). ``ttl``: default entry lifetime in
+    seconds (None: no expiry). ``max_entry_bytes``: larger streams are delivered but not
+    stored. ``pacing``: default replay pacing. ``hooks``: callables receiving a
+    :class:`Notice` for every hit, miss, store and failure (for metrics and logs; a hook that
+    raises is logged and ignored). ``backend_timeout``: seconds any single backend call may
+    take before it counts as failed. ``single_flight``: let identical concurrent requests
+    share one upstream stream.
+
+    Fail open: a backend that is down, slow or returns garbage costs a miss and a logged
+    warning, never a failed stream; corrupt entries are deleted.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str,
+        adapter: StreamAdapter,
+        *,
+        keyer: CacheKeyer | None = None,
+        codec: EventCodec | None = None,
+        ttl: float | None = None,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        pacing: str | float | Pacing = "instant",
+        hooks: Iterable[Hook] = (),
+        backend_timeout: float = 2.0,
+        single_flight: bool = True,
+    ) -> None:
+        if isinstance(backend, str):
+            from .backends import from_url  # the registry, not a concrete backend
+
+            self.backend: Backend = from_url(backend)
+            self._owns_backend = True
+        else:
+            self.backend = backend
+            self._owns_backend = False
+        _check_ttl(ttl)
+        if max_entry_bytes <= 0:
+            raise ConfigError(f"max_entry_bytes must be positive, got {max_entry_bytes!r}")
+        if not backend_timeout > 0:
+            raise ConfigError(f"backend_timeout must be positive, got {backend_timeout!r}")
+        self.adapter = adapter
+        self.keyer: CacheKeyer = keyer or DefaultKeyer()
+        self.codec: EventCodec = codec or MsgpackCodec()
+        self.ttl = ttl
+        self.max_entry_bytes = max_entry_bytes
+        self.pacing = Pacing.parse(pacing)
+        self.backend_timeout = backend_timeout
+        self.single_flight = single_flight
+        self._hooks = tuple(hooks)
+        self._flights: dict[str, _Flight] = {}
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def request(
+        self,
+        body: Mapping[str, Any],
+        *,
+        route: str = "",
+        tenant: str = "",
+        namespace: str = "",
+        variant: int = 0,
+    ) -> CacheRequest:
+        """The :class:`CacheRequest` for a decoded JSON request body (the adapter picks the
+        answer-defining fields)."""
+        return CacheRequest(
+            schema=self.adapter.name,
+            route=route,
+            fields=self.adapter.key_fields(body),
+            tenant=tenant,
+            namespace=namespace,
+            variant=variant,
+        )
+
+    def key(self, request: CacheRequest | str) -> str:
+        """The key of ``request`` (a string is taken as a key already)."""
+        return request if isinstance(request, str) else self.keyer.key(request)
+
+    # -- storage (fail open) ---------------------------------------------------------------
+
+    async def lookup(self, key: str, *, max_age: float | None = None) -> Entry | None:
+        """The stored entry for ``key``, or None on a miss, an expired/too-old entry, a
+        backend failure (logged) or a corrupt entry (logged and deleted)."""
+        try:
+            with anyio.fail_after(self.backend_timeout):
+                raw = await self.backend.get(key)
+        except Exception as exc:
+            self._warn("read_failed", key, f"backend read failed: {exc!r}")
+            return None
+        if raw is None:
+            return None
+        try:
+            entry = self.codec.decode(raw)
+            if entry.schema != self.adapter.name:
+                raise CorruptEntry(f"entry is of schema {entry.schema!r}, not {self.adapter.name!r}")
+        except CorruptEntry as exc:
+            self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
+            await self.delete(key)
+            return None
+        if max_age is not None and time.time() - entry.created_at > max_age:
+            return None
+        return entry
+
+    async def store(self, key: str, entry: Entry, *, ttl: float | None = None) -> bool:
+        """Encode and store ``entry``; False (logged) when the backend failed. ``ttl`` falls
+        back to the cache's default."""
+        ttl = self.ttl if ttl is None else ttl
+        try:
+            data = self.codec.encode(entry)
+            with anyio.fail_after(self.backend_timeout):
+                await self.backend.set(key, data, ttl)
+        except Exception as exc:
+            self._warn("store_failed", key, f"backend write failed: {exc!r}")
+            return False
+        self._emit(Notice(kind="store", key=key, events=len(entry.events or ()), bytes=len(data)))
+        return True
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` (fail open: a backend failure is logged)."""
+        try:
+            with anyio.fail_after(self.backend_timeout):
+                await self.backend.delete(key)
+        except Exception as exc:
+            logger.warning("sse_cache: could not delete %s: %r", key, exc)
+
+    async def aclose(self) -> None:
+        """Close the backend if this cache opened it from a URL."""
+        if self._owns_backend:
+            await self.backend.aclose()
+
+    async def __aenter__(self) -> StreamCache:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- answers from entries ------------------------------------------------------------
+
+    def events_of(self, entry: Entry) -> Sequence[Event] | None:
+        """The events to replay for ``entry``: its recording, or a stream synthesised from
+        its non-stream body by the adapter (None if the adapter cannot)."""
+        if entry.events is not None:
+            return entry.events
+        if entry.body is None:
+            return None
+        return self.adapter.synthesize(entry.body)
+
+    def body_of(self, entry: Entry) -> bytes | None:
+        """The non-stream answer for ``entry``: its body, or one recovered from its recorded
+        stream by the adapter (None if the adapter cannot)."""
+        if entry.body is not None:
+            return entry.body
+        assert entry.events is not None
+        return self.adapter.final_body(entry.events)
+
+    def recorder(self) -> Recorder:
+        """A fresh :class:`Recorder` with this cache's adapter and size limit, for drivers
+        that push events (the ASGI middleware) rather than pull them."""
+        return Recorder(self.adapter, max_entry_bytes=self.max_entry_bytes)
+
+    def replay(self, entry: Entry, pacing: str | float | Pacing | None = None) -> CachedStream:
+        """A stream replaying ``entry`` (status ``hit``)."""
+        events = self.events_of(entry)
+        if events is None:
+            raise ConfigError(f"adapter {self.adapter.name!r} cannot stream this entry")
+        return CachedStream(
+            self,
+            CacheStatus.HIT,
+            "",
+            entry=entry,
+            events=events,
+            pacing=self.pacing if pacing is None else Pacing.parse(pacing),
+        )
+
+    # -- the streaming front door ----------------------------------------------------------
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        request: CacheRequest | str,
+        upstream: Upstream,
+        *,
+        lookup: bool = True,
+        store: bool = True,
+        refresh: bool = False,
+        ttl: float | None = None,
+        max_age: float | None = None,
+        pacing: str | float | Pacing | None = None,
+    ) -> AsyncIterator[CachedStream]:
+        """Answer one streamed request: from the cache, by joining an identical live stream,
+        or from ``upstream`` (recorded, and stored if it completes).
+
+        ``lookup=False`` skips the lookup (status ``bypass``; ``refresh=True`` says
+        ``refresh``) but still stores; ``store=False`` never stores. ``ttl`` overrides the
+        default lifetime; ``max_age`` rejects older entries; ``pacing`` the replay speed.
+        ``upstream`` is called only on a miss.
+        """
+        _check_ttl(ttl)
+        key = self.key(request)
+        pace = self.pacing if pacing is None else Pacing.parse(pacing)
+        use_cache = lookup and not refresh
+        if use_cache:
+            if self.single_flight and (flight := self._flights.get(key)) is not None:
+                stream = CachedStream(self, CacheStatus.SHARED, key, flight=flight)
+                flight.readers += 1
+                self._emit(Notice(kind="shared", key=key))
+                async with self._closing(stream):
+                    yield stream
+                return
+            entry = await self.lookup(key, max_age=max_age)
+            if entry is not None and (events := self.events_of(entry)) is not None:
+                stream = CachedStream(
+                    self, CacheStatus.HIT, key, entry=entry, events=events, pacing=pace
+                )
+                self._emit(
+                    Notice(
+                        kind="hit",
+                        key=key,
+                        events=len(events),
+                        seconds=events[-1].at if events else 0.0,
+                    )
+                )
+                yield stream
+                return
+            # A joinable flight may have started while we were reading the backend.
+            if self.single_flight and (flight := self._flights.get(key)) is not None:
+                stream = CachedStream(self, CacheStatus.SHARED, key, flight=flight)
+                flight.readers += 1
+                self._emit(Notice(kind="shared", key=key))
+                async with self._closing(stream):
+                    yield stream
+                return
+        status = (
+            CacheStatus.MISS
+            if use_cache
+            else (CacheStatus.REFRESH if refresh else CacheStatus.BYPASS)
+        )
+        recorder = self.recorder()
+        if not store:
+            recorder.fail("the request asked not to store (no-store)")
+        flight = _Flight(key, recorder, self.ttl if ttl is None else ttl)
+        flight.readers = 1
+        # Only a stream that may be stored, on the default path, is offered to others: a
+        # no-cache / no-store request wants its own answer.
+        if self.single_flight and use_cache and store:
+            self._flights[key] = flight
+        stream = CachedStream(self, status, key, flight=flight)
+        self._emit(Notice(kind=status.value, key=key))
+        try:
+            flight.started = time.monotonic()
+            flight.iterator = aiter(upstream())
+        except BaseException:
+            self._forget(flight)
+            raise
+        async with self._closing(stream):
+            yield stream
+
+    @asynccontextmanager
+    async def _closing(self, stream: CachedStream) -> AsyncIterator[None]:
+        try:
+            yield
+        except BaseException as exc:
+            await stream._close(exc)
+            raise
+        await stream._close(None)
+
+    # -- single-flight internals -----------------------------------------------------------
+
+    async def _pull(self, flight: _Flight) -> None:
+        """Read one event from the upstream into the shared log (called by one reader at a
+        time; the others wait for the signal)."""
+        assert flight.iterator is not None
+        flight.pulling = True
+        try:
+            event = await flight.iterator.__anext__()
+        except StopAsyncIteration:
+            flight.finished = True
+            await self._finish(flight, clean_end=True)
+            return
+        except BaseException as exc:
+            # The upstream broke, or this reader was cancelled mid-read (which leaves the
+            # upstream unusable): the stream ends here for every reader.
+            flight.finished = True
+            flight.error = exc
+            flight.recorder.fail(f"the upstream stream failed: {exc!r}")
+            self._forget(flight)
+            raise
+        finally:
+            flight.pulling = False
+            flight.notify()
+        event = Event(event.data, event.event, event.id, event.retry, time.monotonic() - flight.started)
+        flight.log.append(event)
+        flight.recorder.add(event)
+
+    async def _finish(self, flight: _Flight, *, clean_end: bool) -> None:
+        if flight.settled:
+            return
+        flight.settled = True  # one store decision per flight, whoever gets here first
+        recorder = flight.recorder
+        try:
+            entry = recorder.finish(clean_end=clean_end)
+            if entry is None:
+                self._emit(Notice(kind="not_stored", key=flight.key, detail=recorder.reason))
+            elif await self.store(flight.key, entry, ttl=flight.ttl):
+                flight.stored = True
+            else:
+                recorder.reason = "the backend write failed"
+        finally:
+            # Readers arriving until now joined the flight and got every event from its log;
+            # from now on they find the stored entry.
+            self._forget(flight)
+
+    async def _leave(self, flight: _Flight, stream: CachedStream, exc: BaseException | None) -> None:
+        flight.readers -= 1
+        if flight.readers > 0 and not flight.finished:
+            # Others still read this upstream: keep it open for them.
+            stream.reason = "left a shared stream early"
+            return
+        if not flight.finished:
+            # The last reader left before the end: close the upstream, store only what the
+            # adapter already saw complete (e.g. response.completed without reading to EOF).
+            flight.finished = True
+            if exc is not None:
+                flight.recorder.fail(f"the reader left with {type(exc).__name__}")
+            await _aclose_quietly(flight.iterator)
+            await self._finish(flight, clean_end=False)
+        elif flight.readers == 0:
+            await _aclose_quietly(flight.iterator)
+        stream.stored = flight.stored
+        stream.reason = "" if flight.stored else flight.recorder.reason
+
+    def _forget(self, flight: _Flight) -> None:
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+    # -- notices ---------------------------------------------------------------------------
+
+    def _emit(self, notice: Notice) -> None:
+        for hook in self._hooks:
+            try:
+                hook(notice)
+            except Exception:
+                logger.exception("sse_cache: hook %r failed", hook)
+
+    def _warn(self, kind: str, key: str, message: str) -> None:
+        logger.warning("sse_cache: %s (key %s)", message, key)
+        self._emit(Notice(kind=kind, key=key, detail=message))
+
+
+def _check_ttl(ttl: float | None) -> None:
+    if ttl is not None and not (ttl > 0 and math.isfinite(ttl)):
+        raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+
+
+async def _aclose_quietly(iterator: AsyncIterator[Event] | None) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is None:
+        return
+    # Shielded and bounded: closing must finish even when we are being cancelled, and a
+    # hung upstream must not hang the caller forever.
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSE_TIMEOUT):
+        try:
+            await aclose()
+        except Exception as exc:
+            logger.debug("sse_cache: closing the upstream raised %r", exc)
+

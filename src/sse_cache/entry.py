@@ -1,0 +1,37 @@
+"""The cache entry: what a backend stores for one answer."""
+
+from __future__ import annotations
+
+import msgspec
+
+from .events import Event
+
+__all__ = ["ENTRY_FORMAT_VERSION", "Entry"]
+
+#: Version of the stored format. Bumping it changes every key (see :mod:`sse_cache.keys`)
+#: and makes :class:`~sse_cache.codec.MsgpackCodec` reject older envelopes as corrupt.
+ENTRY_FORMAT_VERSION = 1
+
+
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored answer: a recorded stream (``events``) or a non-stream body (``body``).
+
+    ``schema`` is the name of the adapter that recorded it, ``status`` the upstream HTTP status
+    (always 2xx for what the engine stores), ``content_type`` the upstream's content type,
+    ``created_at`` a Unix timestamp, ``meta`` small adapter facts (for instance the OpenAI
+    response id, for resume). Credentials and request headers are never part of an entry.
+    """
+
+    schema: str
+    created_at: float
+    status: int = 200
+    content_type: str = "text/event-stream"
+    events: tuple[Event, ...] | None = None
+    body: bytes | None = None
+    meta: dict[str, str] = {}
+    version: int = ENTRY_FORMAT_VERSION
+
+    @property
+    def is_stream(self) -> bool:
+        """True when the entry holds a recorded event stream (else a non-stream body)."""
+        return self.events is not None

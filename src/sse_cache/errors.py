@@ -1,0 +1,44 @@
+"""The exception hierarchy: everything sse_cache raises derives from :class:`SSECacheError`."""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BackendTimeout",
+    "BackendUnavailable",
+    "ConfigError",
+    "CorruptEntry",
+    "SSECacheError",
+    "SSEError",
+]
+
+
+class SSECacheError(Exception):
+    """Root of every exception sse_cache raises on purpose."""
+
+
+class SSEError(SSECacheError, ValueError):
+    """A byte stream is not valid Server-Sent Events (bad UTF-8, an event over the size guard)
+    or an event cannot be written as SSE (a line break inside its ``event`` or ``id``)."""
+
+
+class CorruptEntry(SSECacheError, ValueError):
+    """Stored bytes cannot be trusted as a cache entry: truncated, altered, foreign, or of an
+    unknown format version. The engine deletes such entries and treats them as a miss."""
+
+
+class ConfigError(SSECacheError, ValueError):
+    """A configuration value (URL, option, header value) is invalid; the message names it."""
+
+
+class BackendError(SSECacheError):
+    """A storage backend failed. The engine turns this into a miss (read) or a skipped store
+    (write) and logs a warning: it never reaches the client of a stream."""
+
+
+class BackendUnavailable(BackendError, ConnectionError):
+    """The backend cannot be reached (server down, connection refused, closed backend)."""
+
+
+class BackendTimeout(BackendError, TimeoutError):
+    """The backend did not answer within its per-operation timeout."""

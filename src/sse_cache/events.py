@@ -1,0 +1,225 @@
+"""Server-Sent Events: the :class:`Event` type, an incremental parser and the canonical writer.
+
+The parser follows the WHATWG *event stream interpretation* rules
+(https://html.spec.whatwg.org/multipage/server-sent-events.html) and is sans-IO: feed it bytes
+in chunks of any size and it returns the events those bytes complete.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import msgspec
+
+from .errors import SSEError
+
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "Event", "SSEParser", "serialize_sse"]
+
+DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+_BOM = b"\xef\xbb\xbf"
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One dispatched SSE event.
+
+    ``data`` is the event's data lines joined with ``\\n`` (as the SSE spec dispatches it).
+    ``event`` and ``id`` are the values of this event's own ``event:`` / ``id:`` fields, or
+    ``None`` when the event had none (the spec's *last event ID*, which persists across
+    events, is :attr:`SSEParser.last_event_id`). ``retry`` is the reconnection time in ms when
+    the event carried a valid ``retry:`` field. ``at`` is the time in seconds since the stream
+    started at which the event arrived: it drives paced replay and is not part of the wire form.
+    """
+
+    data: str
+    event: str | None = None
+    id: str | None = None
+    retry: int | None = None
+    at: float = 0.0
+
+
+class SSEParser:
+    """Incremental WHATWG event-stream parser.
+
+    ``feed(chunk)`` returns the events completed by ``chunk``; splitting the same bytes at any
+    positions yields the same events. Line ends may be LF, CR or CRLF (a CR that ends one chunk
+    and an LF that starts the next are one line end). A leading UTF-8 BOM is skipped, ``:``
+    comment lines ignored, one space after a field's colon removed, ``retry`` kept only when it
+    is all ASCII digits, and blocks without ``data`` lines are not dispatched.
+
+    Invalid UTF-8 raises :class:`SSEError`, as does an event (or a single line) larger than
+    ``max_event_bytes``: a hostile upstream cannot make the parser hold unbounded memory.
+    ``close()`` ends the stream: per the spec, an event not terminated by a blank line is
+    discarded, and :attr:`discarded` then tells that it happened.
+    """
+
+    __slots__ = (
+        "_at_start",
+        "_data",
+        "_data_size",
+        "_event",
+        "_id",
+        "_max",
+        "_pending",
+        "_retry",
+        "_skip_lf",
+        "discarded",
+        "last_event_id",
+    )
+
+    def __init__(self, *, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        if max_event_bytes <= 0:
+            raise ValueError(f"max_event_bytes must be positive, got {max_event_bytes!r}")
+        self._max = max_event_bytes
+        self._pending = b""  # bytes of an unfinished line (never holds CR or LF)
+        self._at_start = True  # before the first byte: a BOM may follow
+        self._skip_lf = False  # the previous chunk ended with CR: drop one leading LF
+        self._data: list[str] = []
+        self._data_size = 0
+        self._event: str | None = None
+        self._id: str | None = None
+        self._retry: int | None = None
+        self.last_event_id = ""
+        self.discarded = False
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """Parse ``chunk`` and return the events it completes, in order."""
+        if not chunk:
+            return []
+        if self._at_start:
+            buf = self._pending + chunk
+            if len(buf) < 3 and _BOM.startswith(buf):
+                self._pending = buf  # could still become a BOM: wait for more bytes
+                return []
+            self._at_start = False
+            if buf.startswith(_BOM):
+                buf = buf[3:]
+            self._pending = b""
+            chunk = buf
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk.endswith(b"\r")
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._pending += chunk
+            if len(self._pending) + self._data_size > self._max:
+                raise SSEError(f"SSE event exceeds max_event_bytes={self._max}")
+            return []
+        block = self._pending + chunk[:end] if self._pending else chunk[:end]
+        self._pending = chunk[end + 1 :]
+        try:
+            text = block.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SSEError(f"SSE stream is not valid UTF-8: {exc}") from None
+        events = self._lines(text.split("\n"))
+        if len(self._pending) + self._data_size > self._max:
+            raise SSEError(f"SSE event exceeds max_event_bytes={self._max}")
+        return events
+
+    def close(self) -> list[Event]:
+        """End of input. Returns no events (an unterminated event is discarded, as the spec
+        says); sets :attr:`discarded` when data was pending. The parser can be reused."""
+        self.discarded = bool(self._data) or bool(self._pending and not self._at_start)
+        self._reset_event()
+        self._pending = b""
+        self._at_start = True
+        self._skip_lf = False
+        return []
+
+    def _reset_event(self) -> None:
+        self._data = []
+        self._data_size = 0
+        self._event = None
+        self._id = None
+        self._retry = None
+
+    def _lines(self, lines: list[str]) -> list[Event]:
+        out: list[Event] = []
+        data = self._data
+        size = self._data_size
+        limit = self._max
+        for line in lines:
+            if not line:
+                if data:
+                    out.append(
+                        Event("\n".join(data), self._event, self._id, self._retry)
+                        if len(data) > 1
+                        else Event(data[0], self._event, self._id, self._retry)
+                    )
+                    data = []
+                    size = 0
+                self._event = self._id = self._retry = None
+                continue
+            # The hot path: "data: ..." is almost every line of an LLM stream.
+            if line.startswith("data"):
+                if line.startswith("data: "):
+                    value = line[6:]
+                elif line == "data" or line[4] == ":":
+                    value = line[5:]
+                else:
+                    continue  # a field named like "datax": unknown, ignored
+                data.append(value)
+                size += len(value) + 1
+                if size > limit:
+                    raise SSEError(f"SSE event exceeds max_event_bytes={limit}")
+                continue
+            if line[0] == ":":
+                continue
+            name, _, value = line.partition(":")
+            if value[:1] == " ":
+                value = value[1:]
+            if name == "event":
+                self._event = value
+            elif name == "id":
+                if "\0" not in value:  # the spec ignores ids containing NUL
+                    self._id = value
+                    self.last_event_id = value
+            elif name == "retry":
+                if value.isascii() and value.isdigit():
+                    self._retry = int(value)
+        self._data = data
+        self._data_size = size
+        return out
+
+
+def _check_field(name: str, value: str) -> None:
+    if "\n" in value or "\r" in value:
+        raise SSEError(f"SSE {name} field cannot contain a line break: {value!r}")
+
+
+def serialize_sse(events: Iterable[Event]) -> bytes:
+    """Write events in the canonical wire form.
+
+    Per event: ``event: X`` (if any), ``id: X`` (if any), ``retry: N`` (if any), one
+    ``data: ...`` line per data line, then a blank line. For input already in that form (what
+    OpenAI, Anthropic and most gateways emit) ``serialize_sse(parse(b)) == b``. Raises
+    :class:`SSEError` for values the wire form cannot carry (a CR in ``data``, a line break in
+    ``event`` or ``id``, a NUL in ``id``).
+    """
+    parts: list[str] = []
+    append = parts.append
+    for ev in events:
+        if ev.event is not None:
+            _check_field("event", ev.event)
+            append(f"event: {ev.event}\n")
+        if ev.id is not None:
+            _check_field("id", ev.id)
+            if "\0" in ev.id:
+                raise SSEError(f"SSE id field cannot contain NUL: {ev.id!r}")
+            append(f"id: {ev.id}\n")
+        if ev.retry is not None:
+            if ev.retry < 0:
+                raise SSEError(f"SSE retry must be a non-negative integer, got {ev.retry!r}")
+            append(f"retry: {ev.retry}\n")
+        data = ev.data
+        if "\r" in data:
+            raise SSEError("SSE data cannot contain a carriage return (CR)")
+        if "\n" in data:
+            append("data: " + data.replace("\n", "\ndata: ") + "\n\n")
+        else:
+            append(f"data: {data}\n\n")
+    return "".join(parts).encode("utf-8")

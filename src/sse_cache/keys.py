@@ -1,0 +1,119 @@
+"""Cache keys: which stored answer a request maps to.
+
+A key is the hex BLAKE2b-256 digest of the entry format version, the adapter (schema) name,
+the route, the tenant scope, the namespace, the variant number and the canonical JSON (sorted
+keys, no insignificant whitespace) of the request fields that define the answer. Which fields
+those are is the adapter's decision (:meth:`StreamAdapter.key_fields`); the keyer only hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from .entry import ENTRY_FORMAT_VERSION
+from .errors import ConfigError
+
+__all__ = [
+    "CREDENTIAL_HEADERS",
+    "CacheRequest",
+    "DefaultKeyer",
+    "canonical_json",
+    "tenant_scope",
+]
+
+#: Request headers whose value identifies the tenant (the caller's credential).
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+
+_json_encoder = msgspec.json.Encoder(order="sorted")
+
+
+class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a key is made of.
+
+    ``fields`` are the answer-defining request fields the adapter selected (already without
+    transport-only fields such as ``stream``); ``tenant`` is the tenant scope (see
+    :func:`tenant_scope`), ``namespace`` an operator-chosen partition, ``variant`` the index
+    when several answers are kept for one request.
+    """
+
+    schema: str
+    route: str
+    fields: Mapping[str, Any]
+    tenant: str = ""
+    namespace: str = ""
+    variant: int = 0
+
+
+def _normalise(value: Any) -> Any:
+    # JSON does not tell 1 from 1.0 apart; Python does. An integral float keys like the int
+    # so that `"temperature": 1` and `"temperature": 1.0` share an entry.
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> bytes:
+    """Canonical JSON of a decoded JSON value: sorted keys, no whitespace, integral floats
+    written as integers. Equal JSON documents give equal bytes."""
+    try:
+        return _json_encoder.encode(_normalise(value))
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ConfigError(f"request fields are not JSON-serialisable: {exc}") from None
+
+
+class DefaultKeyer:
+    """The default :class:`~sse_cache.protocols.CacheKeyer`: BLAKE2b-256, hex (64 chars).
+
+    ``salt`` (optional) is mixed into every key: two deployments with different salts never
+    share entries even on one backend.
+    """
+
+    def __init__(self, *, salt: str = "") -> None:
+        self._salt = salt
+
+    def key(self, request: CacheRequest) -> str:
+        h = hashlib.blake2b(digest_size=32)
+        # Length-prefixed parts: no choice of values can make two different requests collide
+        # by shifting bytes from one part into its neighbour.
+        for part in (
+            f"sse-cache/{ENTRY_FORMAT_VERSION}",
+            self._salt,
+            request.schema,
+            request.route,
+            request.tenant,
+            request.namespace,
+            str(request.variant),
+        ):
+            raw = part.encode("utf-8")
+            h.update(len(raw).to_bytes(4, "big"))
+            h.update(raw)
+        h.update(canonical_json(request.fields))
+        return h.hexdigest()
+
+
+def tenant_scope(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]],
+    credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
+) -> str:
+    """The default tenant scope: a hash of the credential the request carried.
+
+    Looks for the first of ``credential_headers`` (case-insensitive) present in ``headers``
+    and returns a BLAKE2b-128 hex digest of its name and value; ``""`` (the anonymous scope)
+    when none is present. The credential itself is never stored or logged.
+    """
+    items = headers.items() if isinstance(headers, Mapping) else headers
+    found = {k.lower(): v for k, v in items}
+    for name in credential_headers:
+        value = found.get(name.lower())
+        if value:
+            digest = hashlib.blake2b(f"{name.lower()}\0{value}".encode(), digest_size=16)
+            return "t:" + digest.hexdigest()
+    return ""

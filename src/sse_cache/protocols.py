@@ -1,0 +1,160 @@
+"""The contracts between the layers: keyer, codec, backend (and its optional capabilities) and
+stream adapter. Implementations live elsewhere; the engine knows only these."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .entry import Entry
+from .events import Event
+from .keys import CacheRequest
+
+__all__ = [
+    "Backend",
+    "CacheKeyer",
+    "EventCodec",
+    "LockingBackend",
+    "Outcome",
+    "ScanningBackend",
+    "StatsBackend",
+    "StreamAdapter",
+]
+
+
+@runtime_checkable
+class CacheKeyer(Protocol):
+    """Maps a request to the key of its answer. Equal requests give equal keys; requests
+    whose answers may differ (another tenant, model, input...) give different keys."""
+
+    def key(self, request: CacheRequest) -> str: ...
+
+
+@runtime_checkable
+class EventCodec(Protocol):
+    """Turns an :class:`Entry` into bytes and back. ``decode`` raises
+    :class:`~sse_cache.errors.CorruptEntry` for any bytes it cannot trust, never another
+    exception and never an entry other than the one encoded."""
+
+    def encode(self, entry: Entry) -> bytes: ...
+
+    def decode(self, data: bytes) -> Entry: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Bytes in, bytes out, by string key. The contract every backend meets:
+
+    - ``get`` returns the bytes of the last *complete* ``set`` of that key, or ``None`` when the
+      key is missing or expired; never a mix of two writes or a partial value.
+    - ``set`` stores ``value`` for ``ttl`` seconds (``None``: no expiry, though a size-bounded
+      backend may still evict it); it overwrites any previous value.
+    - ``delete`` removes the key; deleting a missing key is not an error.
+    - ``aclose`` releases connections; any operation after it raises
+      :class:`~sse_cache.errors.BackendUnavailable`.
+    - failures raise :class:`~sse_cache.errors.BackendError` subclasses, promptly (backends
+      have per-operation timeouts): the engine turns them into misses.
+    """
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class ScanningBackend(Backend, Protocol):
+    """A backend that can list its keys (for ``sse-cache ls`` and ``purge``)."""
+
+    def scan(self, prefix: str = "") -> AsyncIterator[str]: ...
+
+    async def clear(self) -> int:
+        """Delete every entry of this backend (its namespace only); return how many."""
+        ...
+
+
+@runtime_checkable
+class StatsBackend(Backend, Protocol):
+    """A backend that can count what it holds."""
+
+    async def stats(self) -> Mapping[str, int]:
+        """At least ``entries`` and ``bytes``."""
+        ...
+
+
+@runtime_checkable
+class LockingBackend(Backend, Protocol):
+    """A backend with an atomic lock with expiry (for cross-process single-flight)."""
+
+    async def acquire(self, name: str, token: str, ttl: float) -> bool:
+        """Take the lock ``name`` for ``token`` unless someone holds it; True when taken."""
+        ...
+
+    async def release(self, name: str, token: str) -> None:
+        """Release ``name`` if ``token`` still holds it."""
+        ...
+
+
+class Outcome(enum.Enum):
+    """What one event (or the end of a stream) means for storing it."""
+
+    CONTINUE = "continue"
+    """Keep recording; the stream has not finished yet."""
+    COMPLETE = "complete"
+    """The stream finished successfully: it may be stored."""
+    FAIL = "fail"
+    """The stream reports a failure: it must not be stored."""
+
+
+@runtime_checkable
+class StreamAdapter(Protocol):
+    """Knows one event schema (OpenAI Responses, Chat Completions, Anthropic Messages, ...).
+
+    Adapters are pure: no I/O, no clock, no state between calls, so one instance serves every
+    request. They must be lenient: an event of an unknown type or shape is passed through and
+    recorded (``CONTINUE``), never an error.
+    """
+
+    @property
+    def name(self) -> str:
+        """Schema name, part of every key and stored in every entry."""
+        ...
+
+    def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The request fields that define the answer (transport-only fields removed)."""
+        ...
+
+    def is_streaming(self, body: Mapping[str, Any]) -> bool:
+        """Whether this request asks for a streamed answer."""
+        ...
+
+    def outcome(self, event: Event) -> Outcome:
+        """What ``event`` means: keep going, completed, or failed."""
+        ...
+
+    def end_outcome(self) -> Outcome:
+        """What a clean end of the stream means when no event said COMPLETE or FAIL:
+        ``COMPLETE`` for schemas without a completing event (generic SSE), else ``FAIL``."""
+        ...
+
+    def body_outcome(self, body: bytes) -> Outcome:
+        """Whether a 2xx non-stream answer may be stored (``COMPLETE``) or not (``FAIL``)."""
+        ...
+
+    def final_body(self, events: Sequence[Event]) -> bytes | None:
+        """The non-stream JSON answer recovered from a recorded stream, or None when this
+        schema cannot recover one."""
+        ...
+
+    def synthesize(self, body: bytes) -> list[Event] | None:
+        """A stream equivalent to a stored non-stream answer, or None when this schema
+        cannot synthesise one."""
+        ...
+
+    def meta(self, events: Sequence[Event]) -> Mapping[str, str]:
+        """Small facts to keep with a recorded stream (e.g. a response id for resume)."""
+        ...
