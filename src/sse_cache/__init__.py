@@ -3,36 +3,93 @@
 from __future__ import annotations
 
 from .codec import MsgpackCodec as MsgpackCodec
+from .engine import (
+    CachedStream as CachedStream,
+)
+from .engine import (
+    CacheStatus as CacheStatus,
+)
+from .engine import (
+    Notice as Notice,
+)
+from .engine import (
+    SharedStreamAborted as SharedStreamAborted,
+)
+from .engine import (
+    StreamCache as StreamCache,
+)
 from .entry import Entry as Entry
 from .errors import (
     BackendError as BackendError,
+)
+from .errors import (
     BackendTimeout as BackendTimeout,
+)
+from .errors import (
     BackendUnavailable as BackendUnavailable,
+)
+from .errors import (
     ConfigError as ConfigError,
+)
+from .errors import (
     CorruptEntry as CorruptEntry,
+)
+from .errors import (
     SSECacheError as SSECacheError,
+)
+from .errors import (
     SSEError as SSEError,
 )
-from .events import Event as Event, SSEParser as SSEParser, serialize_sse as serialize_sse
-from .keys import CacheRequest as CacheRequest, DefaultKeyer as DefaultKeyer
-from .protocols import Outcome as Outcome
+from .events import Event as Event
+from .events import SSEParser as SSEParser
+from .events import serialize_sse as serialize_sse
+from .keys import CacheRequest as CacheRequest
+from .keys import DefaultKeyer as DefaultKeyer
+from .pacing import Pacing as Pacing
+from .protocols import (
+    Backend as Backend,
+)
+from .protocols import (
+    CacheKeyer as CacheKeyer,
+)
+from .protocols import (
+    EventCodec as EventCodec,
+)
+from .protocols import (
+    Outcome as Outcome,
+)
+from .protocols import (
+    StreamAdapter as StreamAdapter,
+)
+from .recorder import Recorder as Recorder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backend",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",
+    "CacheKeyer",
     "CacheRequest",
+    "CacheStatus",
+    "CachedStream",
     "ConfigError",
     "CorruptEntry",
     "DefaultKeyer",
     "Entry",
     "Event",
+    "EventCodec",
     "MsgpackCodec",
+    "Notice",
     "Outcome",
+    "Pacing",
+    "Recorder",
     "SSECacheError",
     "SSEError",
     "SSEParser",
+    "SharedStreamAborted",
+    "StreamAdapter",
+    "StreamCache",
     "serialize_sse",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import zlib
+from types import ModuleType
 from typing import Any, Final, Literal
 
 import msgspec
@@ -24,6 +25,7 @@ from .entry import ENTRY_FORMAT_VERSION, Entry
 from .errors import ConfigError, CorruptEntry
 from .events import Event
 
+_zstd: ModuleType | None
 try:  # optional: sse-cache[zstd]
     import zstandard as _zstd
 except ImportError:  # pragma: no cover - exercised only without the extra
@@ -162,7 +164,7 @@ class MsgpackCodec:
     def decode(self, data: bytes) -> Entry:
         """Parse bytes written by :meth:`encode`; :class:`CorruptEntry` on anything else."""
         view = memoryview(data)
-        if len(view) < _HEADER + _DIGEST or view[:4] != _MAGIC:
+        if len(view) < _HEADER + _DIGEST or view[:4].tobytes() != _MAGIC:
             raise CorruptEntry("not an sse_cache entry (bad magic or too short)")
         version, method = view[4], view[5]
         if version != ENTRY_FORMAT_VERSION:
@@ -189,13 +191,13 @@ class MsgpackCodec:
             if method == _NONE:
                 return payload
             if method == _ZSTD:
-                if self._zstd_d is None:
+                if _zstd is None or self._zstd_d is None:
                     raise CorruptEntry("entry is zstd-compressed; install sse-cache[zstd]")
                 # We always write the content size; a frame without one is not ours.
                 size = _zstd.frame_content_size(payload)
                 if size < 0 or size > limit:
                     raise CorruptEntry(f"zstd frame size {size} is unknown or over {limit}")
-                out = self._zstd_d.decompress(payload)
+                out: bytes = self._zstd_d.decompress(payload)
             elif method == _ZLIB:
                 out = zlib.decompressobj().decompress(payload, limit + 1)
             else:

@@ -55,6 +55,7 @@ Upstream = Callable[[], AsyncIterator[Event]]
 # more than the event itself (LIMITS.md), none at all would starve other tasks.
 _CHECKPOINT_EVERY = 64
 _CLOSE_TIMEOUT = 5.0
+_INSTANT = Pacing()
 
 
 class CacheStatus(enum.StrEnum):
@@ -106,8 +107,8 @@ class _Flight:
         "pulling",
         "readers",
         "recorder",
-        "signal",
         "settled",
+        "signal",
         "started",
         "stored",
         "ttl",
@@ -151,7 +152,7 @@ class CachedStream:
         *,
         entry: Entry | None = None,
         events: Sequence[Event] = (),
-        pacing: Pacing = Pacing(),
+        pacing: Pacing = _INSTANT,
         flight: _Flight | None = None,
     ) -> None:
         self.status = status
@@ -356,7 +357,9 @@ class StreamCache:
         try:
             entry = self.codec.decode(raw)
             if entry.schema != self.adapter.name:
-                raise CorruptEntry(f"entry is of schema {entry.schema!r}, not {self.adapter.name!r}")
+                raise CorruptEntry(
+                    f"entry is of schema {entry.schema!r}, not {self.adapter.name!r}"
+                )
         except CorruptEntry as exc:
             self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
             await self.delete(key)
@@ -557,7 +560,9 @@ class StreamCache:
         finally:
             flight.pulling = False
             flight.notify()
-        event = Event(event.data, event.event, event.id, event.retry, time.monotonic() - flight.started)
+        event = Event(
+            event.data, event.event, event.id, event.retry, time.monotonic() - flight.started
+        )
         flight.log.append(event)
         flight.recorder.add(event)
 
@@ -579,7 +584,9 @@ class StreamCache:
             # from now on they find the stored entry.
             self._forget(flight)
 
-    async def _leave(self, flight: _Flight, stream: CachedStream, exc: BaseException | None) -> None:
+    async def _leave(
+        self, flight: _Flight, stream: CachedStream, exc: BaseException | None
+    ) -> None:
         flight.readers -= 1
         if flight.readers > 0 and not flight.finished:
             # Others still read this upstream: keep it open for them.
@@ -632,4 +639,3 @@ async def _aclose_quietly(iterator: AsyncIterator[Event] | None) -> None:
             await aclose()
         except Exception as exc:
             logger.debug("sse_cache: closing the upstream raised %r", exc)
-

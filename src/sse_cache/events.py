@@ -109,13 +109,13 @@ class SSEParser:
             if len(self._pending) + self._data_size > self._max:
                 raise SSEError(f"SSE event exceeds max_event_bytes={self._max}")
             return []
-        block = self._pending + chunk[:end] if self._pending else chunk[:end]
+        block = self._pending + chunk[: end + 1] if self._pending else chunk[: end + 1]
         self._pending = chunk[end + 1 :]
         try:
             text = block.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise SSEError(f"SSE stream is not valid UTF-8: {exc}") from None
-        events = self._lines(text.split("\n"))
+        events = self._blocks(text)
         if len(self._pending) + self._data_size > self._max:
             raise SSEError(f"SSE event exceeds max_event_bytes={self._max}")
         return events
@@ -136,6 +136,41 @@ class SSEParser:
         self._event = None
         self._id = None
         self._retry = None
+
+    def _blocks(self, text: str) -> list[Event]:
+        # ``text`` is whole lines, each ending in LF. Split it at blank lines: every piece but
+        # the last is one complete event block. Blocks of the shape LLM APIs send
+        # ("event: X" + one "data: Y", or one "data: Y") take a fast path; anything else
+        # (comments, ids, several data lines, a block continuing the previous chunk's event)
+        # goes through the general line-by-line rules.
+        pieces = text.split("\n\n")
+        tail = pieces.pop()
+        out: list[Event] = []
+        append = out.append
+        limit = self._max
+        clean = not (self._data or self._event is not None or self._id is not None)
+        clean = clean and self._retry is None
+        for block in pieces:
+            if clean and len(block) <= limit:
+                if block.startswith("event: "):
+                    nl = block.find("\n")
+                    if (
+                        nl > 7
+                        and block.startswith("data: ", nl + 1)
+                        and block.find("\n", nl + 1) < 0
+                    ):
+                        append(Event(block[nl + 7 :], block[7:nl]))
+                        continue
+                elif block.startswith("data: ") and "\n" not in block:
+                    append(Event(block[6:]))
+                    continue
+            lines = block.split("\n")
+            lines.append("")
+            out += self._lines(lines)
+            clean = True  # a complete block always ends with a dispatch and a reset
+        if tail:
+            out += self._lines(tail[:-1].split("\n"))
+        return out
 
     def _lines(self, lines: list[str]) -> list[Event]:
         out: list[Event] = []
@@ -178,9 +213,8 @@ class SSEParser:
                 if "\0" not in value:  # the spec ignores ids containing NUL
                     self._id = value
                     self.last_event_id = value
-            elif name == "retry":
-                if value.isascii() and value.isdigit():
-                    self._retry = int(value)
+            elif name == "retry" and value.isascii() and value.isdigit():
+                self._retry = int(value)
         self._data = data
         self._data_size = size
         return out

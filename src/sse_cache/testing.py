@@ -23,12 +23,62 @@ __all__ = ["mock_text", "paced", "responses_body", "responses_stream"]
 
 _encode = msgspec.json.Encoder().encode
 
-_WORDS = (
-    "the stream cache records every event while it is delivered and replays it later "
-    "with the same bytes in the same order so a repeated request costs nothing upstream "
-    "reasoning summaries keep their index tokens arrive one small delta at a time and "
-    "gateways usually forward them unchanged café naïve 東京 emoji 🚀 quotes \"x\" back\\slash"
-).split()
+_WORDS = [
+    "the",
+    "stream",
+    "cache",
+    "records",
+    "every",
+    "event",
+    "while",
+    "it",
+    "is",
+    "delivered",
+    "and",
+    "replays",
+    "it",
+    "later",
+    "with",
+    "the",
+    "same",
+    "bytes",
+    "in",
+    "the",
+    "same",
+    "order",
+    "so",
+    "a",
+    "repeated",
+    "request",
+    "costs",
+    "nothing",
+    "upstream",
+    "reasoning",
+    "summaries",
+    "keep",
+    "their",
+    "index",
+    "tokens",
+    "arrive",
+    "one",
+    "small",
+    "delta",
+    "at",
+    "a",
+    "time",
+    "and",
+    "gateways",
+    "usually",
+    "forward",
+    "them",
+    "unchanged",
+    "café",
+    "naïve",
+    "東京",
+    "quotes",
+    '"x"',
+    "back\\slash",
+]
 
 
 def _rng(*parts: object) -> random.Random:
@@ -74,9 +124,7 @@ def responses_body(
             "id": f"msg_{ident}",
             "type": "message",
             "status": "completed",
-            "content": [
-                {"type": "output_text", "annotations": [], "logprobs": [], "text": answer}
-            ],
+            "content": [{"type": "output_text", "annotations": [], "logprobs": [], "text": answer}],
             "role": "assistant",
         }
     )

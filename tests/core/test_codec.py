@@ -1,0 +1,115 @@
+"""MsgpackCodec: round trips, compression choices, and corruption detection."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sse_cache import ConfigError, CorruptEntry, Entry, Event, MsgpackCodec
+from sse_cache.testing import responses_stream
+
+_text = st.text(max_size=40)
+entries = st.builds(
+    Entry,
+    schema=st.sampled_from(["generic", "openai-responses"]),
+    created_at=st.floats(0, 2e9),
+    status=st.integers(200, 299),
+    content_type=st.sampled_from(["text/event-stream", "text/event-stream; charset=utf-8"]),
+    events=st.none()
+    | st.lists(
+        st.builds(
+            Event,
+            data=_text,
+            event=st.none() | _text,
+            id=st.none() | _text,
+            retry=st.none() | st.integers(0, 2**31),
+            at=st.floats(0, 1e5),
+        ),
+        max_size=20,
+    ).map(tuple),
+    body=st.none() | st.binary(max_size=200),
+    meta=st.dictionaries(_text, _text, max_size=3),
+).filter(lambda e: e.events is not None or e.body is not None)
+
+codecs = [
+    MsgpackCodec(),
+    MsgpackCodec(compression="zlib", min_compress_bytes=0),
+    MsgpackCodec(compression="none"),
+    MsgpackCodec(compression="zstd", min_compress_bytes=0, secret=b"s3cret"),
+]
+
+
+@pytest.mark.parametrize("codec", codecs, ids=["auto", "zlib", "none", "zstd+mac"])
+@given(entry=entries)
+def test_round_trip(codec: MsgpackCodec, entry: Entry) -> None:
+    assert codec.decode(codec.encode(entry)) == entry
+
+
+def test_large_stream_is_compressed_and_exact() -> None:
+    entry = Entry(schema="generic", created_at=1.0, events=tuple(responses_stream(text_deltas=500)))
+    codec = MsgpackCodec()
+    data = codec.encode(entry)
+    plain = MsgpackCodec(compression="none").encode(entry)
+    assert len(data) * 5 < len(plain)
+    assert codec.decode(data) == entry
+    # Any codec reads any compression: the setting can change on a live cache.
+    assert MsgpackCodec(compression="none").decode(data) == entry
+
+
+_sample = MsgpackCodec(min_compress_bytes=0).encode(
+    Entry(schema="generic", created_at=5.0, events=(Event("a", "b", at=0.5), Event("c")))
+)
+
+
+@settings(max_examples=300)
+@given(st.integers(0, len(_sample) - 1), st.integers(1, 255))
+def test_any_flipped_byte_is_detected(position: int, xor: int) -> None:
+    damaged = bytearray(_sample)
+    damaged[position] ^= xor
+    with pytest.raises(CorruptEntry):
+        MsgpackCodec().decode(bytes(damaged))
+
+
+@given(st.integers(0, len(_sample) - 1))
+def test_any_truncation_is_detected(length: int) -> None:
+    with pytest.raises(CorruptEntry):
+        MsgpackCodec().decode(_sample[:length])
+
+
+@given(st.binary(max_size=300))
+def test_foreign_bytes_never_raise_anything_else(data: bytes) -> None:
+    with pytest.raises(CorruptEntry):
+        MsgpackCodec().decode(data)
+    with pytest.raises(CorruptEntry):
+        MsgpackCodec().decode(b"SSEC\x01\x00" + data)
+
+
+def test_secret_rejects_entries_written_without_it() -> None:
+    entry = Entry(schema="generic", created_at=1.0, body=b"{}")
+    forged = MsgpackCodec().encode(entry)
+    with pytest.raises(CorruptEntry, match="checksum"):
+        MsgpackCodec(secret=b"k").decode(forged)
+    assert MsgpackCodec(secret=b"k").decode(MsgpackCodec(secret=b"k").encode(entry)) == entry
+
+
+def test_decompression_is_bounded() -> None:
+    entry = Entry(schema="generic", created_at=1.0, body=b"\0" * 1_000_000)
+    data = MsgpackCodec().encode(entry)
+    assert len(data) < 10_000
+    with pytest.raises(CorruptEntry, match="max_decoded_bytes|over"):
+        MsgpackCodec(max_decoded_bytes=100_000).decode(data)
+
+
+def test_unknown_version_is_corrupt() -> None:
+    data = bytearray(_sample)
+    data[4] = 99
+    with pytest.raises(CorruptEntry, match="version"):
+        MsgpackCodec().decode(bytes(data))
+
+
+def test_bad_options_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="compression"):
+        MsgpackCodec(compression="lz4")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="secret"):
+        MsgpackCodec(secret=b"x" * 65)

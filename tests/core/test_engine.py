@@ -1,0 +1,384 @@
+"""StreamCache: tee on a miss, replay on a hit, single-flight, and fail-open storage."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+
+import anyio
+import pytest
+
+from sse_cache import ConfigError, Entry, Event, MsgpackCodec, Outcome
+from sse_cache.adapters import GenericSSE
+from sse_cache.engine import CacheStatus, Notice, SharedStreamAborted, StreamCache
+from sse_cache.testing import paced, responses_stream
+
+pytestmark = pytest.mark.anyio
+
+EVENTS = responses_stream(text_deltas=30)
+BODY = {"model": "m", "input": "hello", "stream": True}
+
+
+class DictBackend:
+    """The smallest honest backend, with switches to inject faults."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.fail_get = self.fail_set = False
+        self.hang = False
+        self.sets = 0
+
+    async def get(self, key: str) -> bytes | None:
+        if self.hang:
+            await anyio.sleep(60)
+        if self.fail_get:
+            raise ConnectionError("backend down")
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        if self.fail_set:
+            raise ConnectionError("backend down")
+        self.sets += 1
+        self.data[key] = value
+
+    async def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class Upstream:
+    """Counts calls and records whether each opened stream was closed."""
+
+    def __init__(self, events: Sequence[Event] = EVENTS, **pacing: float | int | None) -> None:
+        self.events = events
+        self.pacing = pacing
+        self.calls = 0
+        self.closed = 0
+
+    def __call__(self) -> AsyncIterator[Event]:
+        self.calls += 1
+        return self._gen()
+
+    async def _gen(self) -> AsyncIterator[Event]:
+        try:
+            # aclosing: an abandoned inner generator must be closed here, not by the GC.
+            async with aclosing(paced(self.events, **self.pacing)) as events:  # type: ignore[arg-type]
+                async for event in events:
+                    yield event
+        finally:
+            self.closed += 1
+
+
+def wire(events: Sequence[Event]) -> list[tuple[str, str | None, str | None, int | None]]:
+    return [(e.data, e.event, e.id, e.retry) for e in events]
+
+
+async def consume(
+    cache: StreamCache, upstream: Upstream, **kw: object
+) -> tuple[object, list[Event]]:
+    async with cache.stream(cache.request(BODY), upstream, **kw) as s:  # type: ignore[arg-type]
+        events = [e async for e in s]
+    return s, events
+
+
+async def test_miss_stores_and_hit_replays_identical_events() -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    first, events1 = await consume(cache, up)
+    assert first.status is CacheStatus.MISS and first.stored  # type: ignore[attr-defined]
+    second, events2 = await consume(cache, up)
+    assert second.status is CacheStatus.HIT and up.calls == 1
+    assert wire(events1) == wire(events2) == wire(EVENTS)
+    assert second.key == first.key and len(second.key) == 64  # type: ignore[attr-defined]
+    assert second.age is not None and second.age < 60  # type: ignore[attr-defined]
+    ats = [e.at for e in events2]
+    assert ats == sorted(ats) and ats[-1] > 0
+
+
+async def test_streamed_and_non_streamed_requests_share_a_key() -> None:
+    cache = StreamCache(DictBackend(), GenericSSE())
+    assert cache.key(cache.request(BODY)) == cache.key(cache.request({**BODY, "stream": False}))
+
+
+async def test_events_are_delivered_before_the_upstream_finishes() -> None:
+    cache = StreamCache(DictBackend(), GenericSSE())
+    gate = anyio.Event()
+
+    async def slow() -> AsyncIterator[Event]:
+        yield Event("first")
+        await gate.wait()
+        yield Event("second")
+
+    async with cache.stream(cache.request(BODY), slow) as s:
+        assert (await s.__anext__()).data == "first"  # no buffering before delivery
+        gate.set()
+        assert [e.data async for e in s] == ["second"]
+
+
+async def test_failing_upstream_stores_nothing_and_reaches_the_caller() -> None:
+    backend, up = DictBackend(), Upstream(fail_after=5)
+    cache = StreamCache(backend, GenericSSE())
+    got: list[Event] = []
+    with pytest.raises(ConnectionError):
+        async with cache.stream(cache.request(BODY), up) as s:
+            async for e in s:
+                got.append(e)
+    assert len(got) == 5 and backend.data == {} and up.closed == 1
+
+
+async def test_reader_leaving_early_stores_nothing_and_closes_upstream() -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    async with cache.stream(cache.request(BODY), up) as s:
+        async for _ in s:
+            break
+    assert backend.data == {} and up.closed == 1 and not s.stored
+    assert "abandoned" in s.reason
+    # Nothing partial is visible: the next request is a miss again.
+    again, _ = await consume(cache, up)
+    assert again.status is CacheStatus.MISS  # type: ignore[attr-defined]
+
+
+async def test_cancelled_reader_stores_nothing_and_closes_upstream() -> None:
+    backend, up = DictBackend(), Upstream(delay=0.01)
+    cache = StreamCache(backend, GenericSSE())
+    with anyio.move_on_after(0.05):
+        await consume(cache, up)
+    assert backend.data == {} and up.closed == 1 and up.calls == 1
+    assert cache._flights == {}
+
+
+async def test_oversize_stream_is_delivered_but_not_stored() -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE(), max_entry_bytes=2000)
+    s, events = await consume(cache, up)
+    assert wire(events) == wire(EVENTS)
+    assert not s.stored and "max_entry_bytes" in s.reason  # type: ignore[attr-defined]
+    assert backend.data == {}
+
+
+async def test_backend_read_failure_is_a_miss(caplog: pytest.LogCaptureFixture) -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    await consume(cache, up)
+    backend.fail_get = True
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        s, events = await consume(cache, up)
+    assert s.status is CacheStatus.MISS and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
+    assert "backend read failed" in caplog.text and up.calls == 2
+
+
+async def test_hung_backend_costs_a_miss_within_the_timeout() -> None:
+    backend, up = DictBackend(), Upstream()
+    backend.hang = True
+    cache = StreamCache(backend, GenericSSE(), backend_timeout=0.05)
+    with anyio.fail_after(5):
+        s, events = await consume(cache, up)
+    assert s.status is CacheStatus.MISS and len(events) == len(EVENTS)  # type: ignore[attr-defined]
+
+
+async def test_backend_write_failure_costs_nothing_but_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend, up = DictBackend(), Upstream()
+    backend.fail_set = True
+    cache = StreamCache(backend, GenericSSE())
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        s, events = await consume(cache, up)
+    assert wire(events) == wire(EVENTS) and not s.stored  # type: ignore[attr-defined]
+    assert "write failed" in s.reason and "backend write failed" in caplog.text  # type: ignore[attr-defined]
+
+
+async def test_corrupt_entry_is_deleted_and_missed(caplog: pytest.LogCaptureFixture) -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    s, _ = await consume(cache, up)
+    backend.data[s.key] = backend.data[s.key][:-10]  # type: ignore[attr-defined]
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        again, events = await consume(cache, up)
+    assert again.status is CacheStatus.MISS and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
+    assert "corrupt" in caplog.text
+    third, _ = await consume(cache, up)  # the miss re-stored a good entry
+    assert third.status is CacheStatus.HIT  # type: ignore[attr-defined]
+
+
+async def test_entry_of_another_schema_is_not_served() -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    key = cache.key(cache.request(BODY))
+    backend.data[key] = MsgpackCodec().encode(Entry(schema="other", created_at=1.0, body=b"{}"))
+    s, _ = await consume(cache, up)
+    assert s.status is CacheStatus.MISS  # type: ignore[attr-defined]
+
+
+async def test_request_controls() -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    s, _ = await consume(cache, up, store=False)
+    assert s.status is CacheStatus.MISS and not s.stored and backend.data == {}  # type: ignore[attr-defined]
+    s, _ = await consume(cache, up, lookup=False)
+    assert s.status is CacheStatus.BYPASS and s.stored  # type: ignore[attr-defined]
+    s, _ = await consume(cache, up, refresh=True)
+    assert s.status is CacheStatus.REFRESH and s.stored and up.calls == 3  # type: ignore[attr-defined]
+    s, _ = await consume(cache, up)
+    assert s.status is CacheStatus.HIT  # type: ignore[attr-defined]
+    s, _ = await consume(cache, up, max_age=0.0)
+    assert s.status is CacheStatus.MISS  # type: ignore[attr-defined]
+
+
+async def test_ttl_is_passed_to_the_backend_and_validated() -> None:
+    seen: list[float | None] = []
+    backend = DictBackend()
+    original = backend.set
+
+    async def spy(key: str, value: bytes, ttl: float | None = None) -> None:
+        seen.append(ttl)
+        await original(key, value, ttl)
+
+    backend.set = spy  # type: ignore[method-assign]
+    cache = StreamCache(backend, GenericSSE(), ttl=60)
+    await consume(cache, Upstream())
+    await consume(cache, Upstream(), lookup=False, ttl=5)
+    assert seen == [60, 5]
+    with pytest.raises(ConfigError, match="ttl"):
+        StreamCache(backend, GenericSSE(), ttl=-1)
+
+
+async def test_single_flight_shares_one_upstream() -> None:
+    backend, up = DictBackend(), Upstream(delay=0.002)
+    cache = StreamCache(backend, GenericSSE())
+    results: list[tuple[CacheStatus, list[Event]]] = []
+
+    async def one() -> None:
+        s, events = await consume(cache, up)
+        results.append((s.status, events))  # type: ignore[attr-defined]
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(one)
+    assert up.calls == 1 and backend.sets == 1
+    assert sorted(status.value for status, _ in results) == ["miss", "shared", "shared", "shared"]
+    assert all(wire(events) == wire(EVENTS) for _, events in results)
+
+
+async def test_shared_stream_survives_the_leader_leaving() -> None:
+    backend, up = DictBackend(), Upstream(delay=0.002)
+    cache = StreamCache(backend, GenericSSE())
+    follower: list[Event] = []
+    joined = anyio.Event()
+
+    async def leader() -> None:
+        async with cache.stream(cache.request(BODY), up) as s:
+            await s.__anext__()
+            joined_wait = joined.wait()
+            await joined_wait
+        # left after one event
+
+    async def late_follower() -> None:
+        await anyio.sleep(0.01)
+        async with cache.stream(cache.request(BODY), up) as s:
+            assert s.status is CacheStatus.SHARED
+            joined.set()
+            follower.extend([e async for e in s])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leader)
+        tg.start_soon(late_follower)
+    assert up.calls == 1 and up.closed == 1
+    assert wire(follower) == wire(EVENTS) and backend.sets == 1
+
+
+async def test_followers_see_the_upstream_failure() -> None:
+    backend, up = DictBackend(), Upstream(delay=0.002, fail_after=10)
+    cache = StreamCache(backend, GenericSSE())
+    errors: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await consume(cache, up)
+        except (ConnectionError, SharedStreamAborted) as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(one)
+    assert up.calls == 1 and backend.data == {}
+    assert sorted(type(e).__name__ for e in errors) == [
+        "ConnectionError",
+        "SharedStreamAborted",
+        "SharedStreamAborted",
+    ]
+
+
+async def test_batches_coalesce_ready_events() -> None:
+    cache = StreamCache(DictBackend(), GenericSSE())
+    await consume(cache, Upstream())
+    async with cache.stream(cache.request(BODY), Upstream()) as s:
+        batches = [b async for b in s.batches(max_events=50)]
+    assert s.status is CacheStatus.HIT
+    assert [len(b) for b in batches[:-1]] == [50] * (len(batches) - 1)
+    assert wire([e for b in batches for e in b]) == wire(EVENTS)
+
+
+async def test_original_pacing_replays_the_recorded_gaps() -> None:
+    events = [Event(str(i)) for i in range(5)]
+    cache = StreamCache(DictBackend(), GenericSSE())
+    await consume(cache, Upstream(events, delay=0.05))  # recorded over ~0.2 s
+    start = time.monotonic()
+    s, replayed = await consume(cache, Upstream(events), pacing="original")
+    assert s.status is CacheStatus.HIT and wire(replayed) == wire(events)  # type: ignore[attr-defined]
+    assert time.monotonic() - start >= 0.15  # a lower bound only: the gaps were kept
+    start = time.monotonic()
+    await consume(cache, Upstream(events), pacing="4x")
+    assert time.monotonic() - start >= 0.04
+
+
+class Synthesizing(GenericSSE):
+    name = "synth"
+
+    def synthesize(self, body: bytes) -> list[Event] | None:
+        return [Event(part) for part in body.decode().split()]
+
+    def final_body(self, events: Sequence[Event]) -> bytes | None:
+        return " ".join(e.data for e in events).encode()
+
+    def body_outcome(self, body: bytes) -> Outcome:
+        return Outcome.COMPLETE
+
+
+async def test_cross_mode_answers() -> None:
+    backend = DictBackend()
+    cache = StreamCache(backend, Synthesizing())
+    key = cache.key(cache.request(BODY))
+    await cache.store(key, Entry(schema="synth", created_at=time.time(), body=b"a b c"))
+    s, events = await consume(cache, Upstream())
+    assert s.status is CacheStatus.HIT and [e.data for e in events] == ["a", "b", "c"]  # type: ignore[attr-defined]
+    stream_entry = Entry(schema="synth", created_at=1.0, events=(Event("x"), Event("y")))
+    assert cache.body_of(stream_entry) == b"x y"
+
+
+async def test_hooks_see_every_step_and_cannot_break_a_stream() -> None:
+    seen: list[Notice] = []
+
+    def broken(_: Notice) -> None:
+        raise RuntimeError("hook bug")
+
+    cache = StreamCache(DictBackend(), GenericSSE(), hooks=[seen.append, broken])
+    await consume(cache, Upstream())
+    await consume(cache, Upstream())
+    kinds = [n.kind for n in seen]
+    assert kinds == ["miss", "store", "hit"]
+    assert seen[1].events == len(EVENTS) and seen[1].bytes > 0
+    assert seen[2].seconds >= 0
+
+
+async def test_upstream_is_not_called_on_a_hit_and_closed_on_a_miss() -> None:
+    up = Upstream()
+    cache = StreamCache(DictBackend(), GenericSSE())
+    await consume(cache, up)
+    await consume(cache, up)
+    assert up.calls == 1 and up.closed == 1

@@ -1,0 +1,202 @@
+"""SSEParser and serialize_sse: WHATWG rules, chunking invariance, round trips, and a
+differential check against httpx-sse's decoder."""
+
+from __future__ import annotations
+
+import pytest
+from httpx_sse._decoders import SSEDecoder, SSELineDecoder
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sse_cache import Event, SSEError, SSEParser, serialize_sse
+
+
+def parse(data: bytes, chunks: list[int] | None = None) -> list[Event]:
+    parser = SSEParser()
+    if chunks is None:
+        events = parser.feed(data)
+    else:
+        events, pos = [], 0
+        for size in chunks:
+            events += parser.feed(data[pos : pos + size])
+            pos += size
+        events += parser.feed(data[pos:])
+    return events + parser.close()
+
+
+def test_canonical_openai_shape() -> None:
+    raw = b'event: response.created\ndata: {"type":"response.created"}\n\n'
+    assert parse(raw) == [Event('{"type":"response.created"}', "response.created")]
+    assert serialize_sse(parse(raw)) == raw
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r", b"\r\n"])
+def test_line_endings(eol: bytes) -> None:
+    raw = eol.join([b"event: x", b"data: a", b"data: b", b"", b"data: c", b"", b""])
+    assert parse(raw) == [Event("a\nb", "x"), Event("c")]
+
+
+def test_cr_at_chunk_end_then_lf_is_one_line_end() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\r") == []
+    # The LF completing the CRLF must not count as a second (blank) line.
+    assert parser.feed(b"\ndata: b\r\n\r\n") == [Event("a\nb")]
+
+
+def test_comments_fields_and_spaces() -> None:
+    raw = b": keep-alive comment\ndata:no-space\ndata:  two-spaces\nunknown: field\ndata\n\n"
+    assert parse(raw) == [Event("no-space\n two-spaces\n")]
+
+
+def test_bom_only_at_start_and_split_across_chunks() -> None:
+    raw = b"\xef\xbb\xbfdata: x\n\n"
+    assert parse(raw, chunks=[1, 1, 1]) == [Event("x")]
+    # A BOM anywhere else is data.
+    assert parse(b"data: \xef\xbb\xbfx\n\n") == [Event("\ufeffx")]
+
+
+def test_retry_only_when_all_ascii_digits() -> None:
+    raw = b"retry: 1500\ndata: a\n\nretry: 15x\ndata: b\n\nretry: \xd9\xa1\ndata: c\n\n"
+    assert [e.retry for e in parse(raw)] == [1500, None, None]
+
+
+def test_id_is_per_event_and_last_event_id_persists() -> None:
+    parser = SSEParser()
+    events = parser.feed(b"id: 7\ndata: a\n\ndata: b\n\nid: 8\x00\ndata: c\n\n")
+    assert [e.id for e in events] == ["7", None, None]  # an id with NUL is ignored
+    assert parser.last_event_id == "7"
+
+
+def test_block_without_data_is_not_dispatched() -> None:
+    assert parse(b"event: ping\n\nid: 3\n\n: comment\n\ndata: x\n\n") == [Event("x")]
+
+
+def test_unterminated_event_is_discarded_and_reported() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: complete\n\ndata: cut") == [Event("complete")]
+    assert parser.close() == []
+    assert parser.discarded
+    parser.feed(b"data: x\n\n")
+    parser.close()
+    assert not parser.discarded
+
+
+def test_invalid_utf8_raises_sse_error() -> None:
+    with pytest.raises(SSEError, match="UTF-8"):
+        SSEParser().feed(b"data: \xff\xfe\n\n")
+
+
+def test_multibyte_char_split_across_chunks() -> None:
+    raw = "data: 東京🚀\n\n".encode()
+    for cut in range(1, len(raw)):
+        assert parse(raw, chunks=[cut]) == [Event("東京🚀")]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"data: " + b"x" * 2000 + b"\n\n",  # one long line, then a terminated event
+        b"data: " + b"x" * 600 + b"\ndata: " + b"y" * 600 + b"\n",  # many data lines
+        b"data: " + b"x" * 2000,  # a line that never ends
+    ],
+)
+def test_event_size_guard(raw: bytes) -> None:
+    parser = SSEParser(max_event_bytes=1024)
+    with pytest.raises(SSEError, match="max_event_bytes"):
+        for i in range(0, len(raw), 100):
+            parser.feed(raw[i : i + 100])
+
+
+def test_size_guard_allows_many_small_events() -> None:
+    parser = SSEParser(max_event_bytes=64)
+    assert len(parser.feed(b"data: 0123456789\n\n" * 1000)) == 1000
+
+
+def test_serialize_rejects_what_the_wire_cannot_carry() -> None:
+    with pytest.raises(SSEError, match="event"):
+        serialize_sse([Event("x", event="a\nb")])
+    with pytest.raises(SSEError, match="carriage return"):
+        serialize_sse([Event("a\rb")])
+    with pytest.raises(SSEError, match="id"):
+        serialize_sse([Event("x", id="a\x00")])
+
+
+def test_serialize_multiline_and_fields() -> None:
+    events = [Event("a\n\nb", event="e", id="1", retry=10), Event("")]
+    assert (
+        serialize_sse(events)
+        == b"event: e\nid: 1\nretry: 10\ndata: a\ndata: \ndata: b\n\ndata: \n\n"
+    )
+    assert parse(serialize_sse(events)) == events
+
+
+# -- properties ---------------------------------------------------------------------------
+
+_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=30)
+_field = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\x00"), max_size=12)
+events_strategy = st.lists(
+    st.builds(
+        Event,
+        data=st.lists(_text, min_size=1, max_size=3).map("\n".join),
+        event=st.none() | _field,
+        id=st.none() | _field,
+        retry=st.none() | st.integers(0, 10**6),
+    ),
+    max_size=12,
+)
+
+_line = st.one_of(
+    st.sampled_from(["", "", ":comment", "data", "data:", "retry: 100", "retry: x", "id"]),
+    st.builds(
+        lambda f, v: f"{f}:{v}", st.sampled_from(["data", "event", "id", "retry", "x"]), _text
+    ),
+    st.builds(lambda f, v: f"{f}: {v}", st.sampled_from(["data", "event", "id"]), _text),
+)
+raw_stream = st.builds(
+    lambda lines, eols, bom: (
+        (b"\xef\xbb\xbf" if bom else b"")
+        + b"".join(line.encode() + eols[i % len(eols)] for i, line in enumerate(lines))
+    ),
+    st.lists(_line, max_size=25),
+    st.lists(st.sampled_from([b"\n", b"\r", b"\r\n"]), min_size=1, max_size=4),
+    st.booleans(),
+)
+
+
+@given(raw_stream, st.lists(st.integers(0, 40), max_size=12))
+def test_chunking_never_changes_the_events(raw: bytes, cuts: list[int]) -> None:
+    assert parse(raw, chunks=cuts) == parse(raw)
+    assert parse(raw, chunks=[1] * len(raw)) == parse(raw)
+
+
+@given(events_strategy)
+def test_parse_of_serialize_is_identity(events: list[Event]) -> None:
+    assert parse(serialize_sse(events)) == events
+
+
+@given(events_strategy, st.lists(st.integers(1, 50), max_size=10))
+def test_serialize_of_parse_is_identity_on_canonical_bytes(
+    events: list[Event], cuts: list[int]
+) -> None:
+    canonical = serialize_sse(events)
+    assert serialize_sse(parse(canonical, chunks=cuts)) == canonical
+
+
+def _httpx_sse(raw: bytes) -> list[tuple[str, str, str, int | None]]:
+    lines_decoder, decoder, out = SSELineDecoder(), SSEDecoder(), []
+    for line in [*lines_decoder.decode(raw.decode()), *lines_decoder.flush()]:
+        sse = decoder.decode(line)
+        if sse is not None:
+            out.append((sse.event or "message", sse.data, sse.id, sse.retry))
+    return out
+
+
+@settings(max_examples=200)
+@given(events_strategy, st.sampled_from(["\n", "\r\n", "\r"]))
+def test_differential_against_httpx_sse(events: list[Event], eol: str) -> None:
+    raw = serialize_sse(events).decode().replace("\n", eol).encode()
+    ours, last_id = [], ""
+    for ev in parse(raw):
+        last_id = ev.id if ev.id is not None else last_id
+        ours.append((ev.event or "message", ev.data, last_id, ev.retry))
+    assert ours == _httpx_sse(raw)

@@ -1,0 +1,92 @@
+"""DefaultKeyer and tenant scopes."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sse_cache import CacheRequest, DefaultKeyer
+from sse_cache.adapters import GenericSSE
+from sse_cache.keys import canonical_json, tenant_scope
+
+keyer = DefaultKeyer()
+adapter = GenericSSE()
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+bodies = st.dictionaries(st.text(min_size=1), json_values, max_size=6)
+
+
+def key_of(body: dict[str, object], **kw: str) -> str:
+    fields = adapter.key_fields(body)
+    return keyer.key(CacheRequest(schema=adapter.name, route="POST /v1/x", fields=fields, **kw))
+
+
+@given(bodies, st.randoms())
+def test_key_order_and_whitespace_never_change_the_key(body: dict[str, object], rnd) -> None:  # type: ignore[no-untyped-def]
+    items = list(body.items())
+    rnd.shuffle(items)
+    reparsed = json.loads(json.dumps(dict(items), indent=3))
+    assert key_of(reparsed) == key_of(body)
+
+
+@given(bodies, st.booleans())
+def test_stream_flag_never_changes_the_key(body: dict[str, object], stream: bool) -> None:
+    assert key_of({**body, "stream": stream}) == key_of(
+        {k: v for k, v in body.items() if k != "stream"}
+    )
+
+
+@given(bodies, st.text(min_size=1), st.text(min_size=1))
+def test_tenants_and_namespaces_separate_keys(body: dict[str, object], a: str, b: str) -> None:
+    if a != b:
+        assert key_of(body, tenant=a) != key_of(body, tenant=b)
+        assert key_of(body, namespace=a) != key_of(body, namespace=b)
+
+
+def test_fields_that_define_the_answer_change_the_key() -> None:
+    base = {"model": "m", "input": "hi", "temperature": 0.2}
+    assert key_of(base) != key_of({**base, "input": "hi!"})
+    assert key_of(base) != key_of({**base, "model": "n"})
+    assert key_of(base) != key_of({**base, "temperature": 0.3})
+
+
+def test_integral_floats_key_like_ints() -> None:
+    assert canonical_json({"t": 1.0, "a": [2.0, 0.5]}) == b'{"a":[2,0.5],"t":1}'
+    assert key_of({"temperature": 1}) == key_of({"temperature": 1.0})
+
+
+def test_no_part_can_bleed_into_its_neighbour() -> None:
+    a = keyer.key(CacheRequest(schema="s", route="ab", fields={}, tenant="c"))
+    b = keyer.key(CacheRequest(schema="s", route="a", fields={}, tenant="bc"))
+    assert a != b
+
+
+def test_key_is_hex_blake2b_256_and_salt_separates_deployments() -> None:
+    k = key_of({"x": 1})
+    assert len(k) == 64 and int(k, 16) >= 0
+    salted = DefaultKeyer(salt="other").key(
+        CacheRequest(schema="generic", route="POST /v1/x", fields={"x": 1})
+    )
+    assert salted != k
+
+
+def test_tenant_scope_hashes_the_credential() -> None:
+    a = tenant_scope({"Authorization": "Bearer sk-a"})
+    b = tenant_scope([("authorization", "Bearer sk-b")])
+    assert a != b and a.startswith("t:") and "sk-a" not in a
+    assert tenant_scope({"x-api-key": "k"}) == tenant_scope({"X-API-Key": "k"})
+    assert tenant_scope({"content-type": "x"}) == ""
+
+
+@given(st.text(min_size=1), st.text(min_size=1), bodies)
+def test_different_credentials_never_share_a_key(c1: str, c2: str, body: dict[str, object]) -> None:
+    if c1 != c2:
+        t1 = tenant_scope({"authorization": c1})
+        t2 = tenant_scope({"authorization": c2})
+        assert key_of(body, tenant=t1) != key_of(body, tenant=t2)
