@@ -19,7 +19,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any
@@ -164,8 +164,8 @@ class CachedStream:
         self._events = events
         self._pacing = pacing
         self._flight = flight
-        self._index = 0
-        self._replay_start = -1.0
+        self._it: AsyncIterator[Event] | None = None
+        self._batched = False
 
     @property
     def age(self) -> float | None:
@@ -174,90 +174,140 @@ class CachedStream:
             return None
         return max(0.0, time.time() - self.entry.created_at)
 
-    def __aiter__(self) -> CachedStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterator()
 
-    async def __anext__(self) -> Event:
-        if self._flight is None:
-            return await self._next_replayed()
-        return await self._next_live()
+    def __anext__(self) -> Awaitable[Event]:
+        return self._iterator().__anext__()
 
-    async def batches(self, max_events: int = 256) -> AsyncIterator[list[Event]]:
+    def _iterator(self) -> AsyncIterator[Event]:
+        # Plain async generators, created once: no resource lives in them (the upstream is
+        # closed by the ``async with`` around the stream), so abandoning one is harmless on
+        # asyncio and trio alike, and they are the cheapest way to yield events.
+        it = self._it
+        if it is None:
+            if self._batched:
+                raise RuntimeError("this stream is already being iterated in batches")
+            if self._flight is not None:
+                it = self._live(self._flight)
+            elif self._pacing.instant:
+                it = self._instant()
+            else:
+                it = self._paced()
+            self._it = it
+        return it
+
+    def batches(self, max_events: int = 256) -> AsyncIterator[list[Event]]:
         """The same events in lists of whatever is ready (at most ``max_events`` each): lets
         an HTTP integration write many events at once, which is far cheaper than one write
-        per event. Paced replays still come one event per batch, at their time."""
-        flight = self._flight
-        if flight is None and self._pacing.instant:
-            while self._index < len(self._events):
-                start = self._index
-                self._index = min(start + max_events, len(self._events))
-                yield list(self._events[start : self._index])
+        per event. Paced replays still come one event per list, at their time. Use either
+        this or plain iteration on a stream, not both."""
+        if self._it is not None or self._batched:
+            raise RuntimeError("this stream is already being iterated")
+        if max_events < 1:
+            raise ValueError(f"max_events must be >= 1, got {max_events!r}")
+        self._batched = True
+        if self._flight is not None:
+            return self._live_batches(self._flight, max_events)
+        if self._pacing.instant:
+            return self._instant_batches(max_events)
+        return self._single(self._paced())
+
+    async def _instant(self) -> AsyncIterator[Event]:
+        events = self._events
+        for i, event in enumerate(events, 1):
+            yield event
+            if not i % _CHECKPOINT_EVERY:
                 await anyio.lowlevel.checkpoint()
-            return
-        if flight is not None:
-            while True:
-                try:
-                    first = await self._next_live()
-                except StopAsyncIteration:
-                    return
-                end = min(self._index + max_events - 1, len(flight.log))
-                batch = [first, *flight.log[self._index : end]]
-                self._index = end
-                yield batch
-        async for event in self:
+
+    async def _instant_batches(self, size: int) -> AsyncIterator[list[Event]]:
+        events = self._events
+        for start in range(0, len(events), size):
+            yield list(events[start : start + size])
+            await anyio.lowlevel.checkpoint()
+
+    async def _paced(self) -> AsyncIterator[Event]:
+        pacing = self._pacing
+        begin = time.monotonic()
+        for i, event in enumerate(self._events):
+            due = begin + (pacing.delay(event.at) if pacing.mode == "original" else pacing.gap * i)
+            await anyio.sleep(max(0.0, due - time.monotonic()))
+            yield event
+
+    @staticmethod
+    async def _single(events: AsyncIterator[Event]) -> AsyncIterator[list[Event]]:
+        async for event in events:
             yield [event]
 
-    async def _next_replayed(self) -> Event:
-        i = self._index
-        if i >= len(self._events):
-            raise StopAsyncIteration
-        self._index = i + 1
-        event = self._events[i]
-        pacing = self._pacing
-        if pacing.instant:
-            if i % _CHECKPOINT_EVERY == _CHECKPOINT_EVERY - 1:
-                await anyio.lowlevel.checkpoint()
-            return event
-        now = time.monotonic()
-        if self._replay_start < 0:
-            self._replay_start = now
-        due = (
-            self._replay_start + pacing.delay(event.at)
-            if pacing.mode == "original"
-            else self._replay_start + pacing.gap * i
-        )
-        await anyio.sleep(max(0.0, due - now))
-        return event
-
-    async def _next_live(self) -> Event:
-        flight = self._flight
-        assert flight is not None
+    async def _live(self, flight: _Flight) -> AsyncIterator[Event]:
+        # The hot loop of a miss: the pull is inlined (no helper coroutine per event), as a
+        # coroutine layer per event costs more than recording the event.
+        log = flight.log
+        cache = self._cache
+        iterator = flight.iterator
+        assert iterator is not None
+        record = flight.recorder.add
+        started = flight.started
+        i = 0
         while True:
-            log = flight.log
-            i = self._index
             if i < len(log):
-                self._index = i + 1
-                return log[i]
-            if flight.finished:
-                if flight.error is not None:
-                    raise SharedStreamAborted(
-                        f"the shared upstream stream failed: {flight.error!r}"
-                    ) from flight.error
-                raise StopAsyncIteration
-            if flight.pulling:
-                flight.waiting += 1
-                try:
-                    await flight.signal.wait()
-                finally:
-                    flight.waiting -= 1
+                event = log[i]
+                i += 1
+                yield event
                 continue
-            await self._cache._pull(flight)
+            if flight.finished or flight.pulling:
+                if await _wait_for_puller(flight):
+                    return
+                continue
+            flight.pulling = True
+            try:
+                event = await iterator.__anext__()
+            except StopAsyncIteration:
+                await cache._upstream_ended(flight)
+                return
+            except BaseException as exc:
+                cache._upstream_failed(flight, exc)
+                raise
+            finally:
+                flight.pulling = False
+                if flight.waiting:
+                    flight.notify()
+            log.append(event)
+            record(event, time.monotonic() - started)
+            i += 1
+            yield event
+
+    async def _live_batches(self, flight: _Flight, size: int) -> AsyncIterator[list[Event]]:
+        log = flight.log
+        i = 0
+        async for _ in self._live(flight):
+            # One event was pulled (or was ready): hand over everything else already read.
+            batch = log[i : i + size]
+            i += len(batch)
+            yield batch
 
     async def _close(self, exc: BaseException | None) -> None:
         flight = self._flight
         if flight is None:
             return
         await self._cache._leave(flight, self, exc)
+
+
+async def _wait_for_puller(flight: _Flight) -> bool:
+    """A reader caught up with the log of a live stream that another reader is pulling (or
+    that ended): wait for the next event. True when the stream is over."""
+    if flight.finished:
+        if flight.error is not None:
+            raise SharedStreamAborted(
+                f"the shared upstream stream failed: {flight.error!r}"
+            ) from flight.error
+        return True
+    flight.waiting += 1
+    try:
+        await flight.signal.wait()
+    finally:
+        flight.waiting -= 1
+    return False
 
 
 class StreamCache:
@@ -538,33 +588,20 @@ class StreamCache:
 
     # -- single-flight internals -----------------------------------------------------------
 
-    async def _pull(self, flight: _Flight) -> None:
-        """Read one event from the upstream into the shared log (called by one reader at a
-        time; the others wait for the signal)."""
-        assert flight.iterator is not None
-        flight.pulling = True
-        try:
-            event = await flight.iterator.__anext__()
-        except StopAsyncIteration:
-            flight.finished = True
-            await self._finish(flight, clean_end=True)
-            return
-        except BaseException as exc:
-            # The upstream broke, or this reader was cancelled mid-read (which leaves the
-            # upstream unusable): the stream ends here for every reader.
-            flight.finished = True
-            flight.error = exc
-            flight.recorder.fail(f"the upstream stream failed: {exc!r}")
-            self._forget(flight)
-            raise
-        finally:
-            flight.pulling = False
-            flight.notify()
-        event = Event(
-            event.data, event.event, event.id, event.retry, time.monotonic() - flight.started
-        )
-        flight.log.append(event)
-        flight.recorder.add(event)
+    async def _upstream_ended(self, flight: _Flight) -> None:
+        # Storing waits until a reader leaves its ``async with``: the caller gets the end of
+        # the stream first (an HTTP integration can finish its response) and pays for the
+        # encode + write afterwards. Until then the flight stays joinable, so an identical
+        # request arriving now replays the log instead of missing.
+        flight.finished = True
+
+    def _upstream_failed(self, flight: _Flight, exc: BaseException) -> None:
+        # The upstream broke, or the reader pulling it was cancelled mid-read (which leaves
+        # the upstream unusable): the stream ends here for every reader.
+        flight.finished = True
+        flight.error = exc
+        flight.recorder.fail(f"the upstream stream failed: {exc!r}")
+        self._forget(flight)
 
     async def _finish(self, flight: _Flight, *, clean_end: bool) -> None:
         if flight.settled:
@@ -588,20 +625,27 @@ class StreamCache:
         self, flight: _Flight, stream: CachedStream, exc: BaseException | None
     ) -> None:
         flight.readers -= 1
-        if flight.readers > 0 and not flight.finished:
-            # Others still read this upstream: keep it open for them.
-            stream.reason = "left a shared stream early"
-            return
+        last = flight.readers == 0
         if not flight.finished:
-            # The last reader left before the end: close the upstream, store only what the
-            # adapter already saw complete (e.g. response.completed without reading to EOF).
+            if not last:
+                # Others still read this upstream: keep it open for them.
+                stream.reason = "left a shared stream early"
+                return
+            # The last reader left before the end: close the upstream; what the adapter
+            # already saw complete (e.g. response.completed) may still be stored.
             flight.finished = True
             if exc is not None:
                 flight.recorder.fail(f"the reader left with {type(exc).__name__}")
             await _aclose_quietly(flight.iterator)
             await self._finish(flight, clean_end=False)
-        elif flight.readers == 0:
-            await _aclose_quietly(flight.iterator)
+        else:
+            if exc is None and flight.error is None:
+                await self._finish(flight, clean_end=True)
+            if last:
+                if not flight.settled:
+                    flight.recorder.fail(f"the reader left with {type(exc).__name__}")
+                    await self._finish(flight, clean_end=True)
+                await _aclose_quietly(flight.iterator)
         stream.stored = flight.stored
         stream.reason = "" if flight.stored else flight.recorder.reason
 

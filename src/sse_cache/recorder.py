@@ -28,22 +28,27 @@ class RecorderState(enum.Enum):
     RECORDING = "recording"
     """Events are coming; no verdict yet."""
     COMPLETE = "complete"
-    """The adapter saw the completing event; more events may still arrive and are kept."""
+    """Judged by :meth:`Recorder.finish`: the stream completed and may be stored."""
     FAILED = "failed"
-    """The stream reported a failure, the upstream broke, or the reader went away."""
+    """The stream reported a failure, broke, ended early, or was not to be stored."""
     OVERSIZE = "oversize"
     """The stream outgrew ``max_entry_bytes``; recording stopped (delivery goes on)."""
 
 
-class Recorder:
-    """Records one stream. ``add`` for each event, then ``finish`` for the entry to store.
+_RECORDING = RecorderState.RECORDING  # enum member lookups are slow: the hot path uses this
 
-    Recording stops (and memory is released) as soon as the verdict can no longer be "store":
-    a failing event or the size limit. ``finish(clean_end=True)`` is called when the
-    upstream ended by itself; ``fail()`` when it broke or the reader left early.
+
+class Recorder:
+    """Records one stream: ``add`` for each event with its arrival time, then ``finish`` for
+    the entry to store (or None, with :attr:`reason`).
+
+    ``add`` is all that runs on the delivery path, so it only keeps the event; the adapter
+    judges the events (completing event? failure event?) once, in ``finish``. Recording stops
+    and memory is released when the stream outgrows ``max_entry_bytes`` or ``fail`` is called
+    (the upstream broke, the request asked not to store).
     """
 
-    __slots__ = ("_adapter", "_events", "_limit", "_size", "reason", "state")
+    __slots__ = ("_adapter", "_events", "_limit", "_size", "_times", "reason", "state")
 
     def __init__(
         self, adapter: StreamAdapter, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
@@ -51,6 +56,7 @@ class Recorder:
         self._adapter = adapter
         self._limit = max_entry_bytes
         self._events: list[Event] = []
+        self._times: list[float] = []
         self._size = 0
         self.state = RecorderState.RECORDING
         self.reason = ""
@@ -63,26 +69,22 @@ class Recorder:
     @property
     def active(self) -> bool:
         """Whether events are still being kept."""
-        return self.state is RecorderState.RECORDING or self.state is RecorderState.COMPLETE
+        return self.state is _RECORDING
 
-    def add(self, event: Event) -> None:
-        """Record ``event`` (its ``at`` already set by the driver)."""
-        if not self.active:
+    def add(self, event: Event, at: float) -> None:
+        """Record ``event``, which arrived ``at`` seconds after the stream started."""
+        if self.state is not _RECORDING:
             return
         self._size += len(event.data) + _EVENT_OVERHEAD
         if self._size > self._limit:
             self._stop(RecorderState.OVERSIZE, f"stream exceeds max_entry_bytes={self._limit}")
             return
         self._events.append(event)
-        outcome = self._adapter.outcome(event)
-        if outcome is Outcome.COMPLETE:
-            self.state = RecorderState.COMPLETE
-        elif outcome is Outcome.FAIL:
-            self._stop(RecorderState.FAILED, f"the stream reported a failure ({event.event})")
+        self._times.append(at)
 
     def fail(self, reason: str) -> None:
-        """The stream broke or its reader left before the end: nothing will be stored."""
-        if self.state is RecorderState.RECORDING:
+        """Nothing will be stored, whatever comes next (``reason`` says why)."""
+        if self.state is _RECORDING:
             self._stop(RecorderState.FAILED, reason)
 
     def finish(
@@ -96,13 +98,21 @@ class Recorder:
     ) -> Entry | None:
         """The entry to store, or None (then :attr:`reason` says why).
 
-        ``clean_end``: the upstream ended by itself (not cut, not abandoned). A stream is
-        stored when the HTTP status is 2xx and either the adapter saw its completing event or,
-        for schemas without one, the stream ended cleanly.
+        ``clean_end``: the upstream ended by itself (False: the reader left before the end).
+        A stream is stored when the HTTP status is 2xx, no event reported a failure, and
+        either an event completed it (e.g. ``response.completed``: then it does not matter
+        that the reader left afterwards) or the schema has no completing event
+        (``end_outcome``) and the stream ended cleanly.
         """
-        if self.state is RecorderState.RECORDING:
+        if self.state is not _RECORDING:
+            return None
+        if not 200 <= status < 300:
+            self._stop(RecorderState.FAILED, f"upstream status {status} is not 2xx")
+            return None
+        verdict = self._verdict()
+        if verdict is Outcome.CONTINUE:
             if clean_end and self._adapter.end_outcome() is Outcome.COMPLETE:
-                self.state = RecorderState.COMPLETE
+                verdict = Outcome.COMPLETE
             else:
                 self._stop(
                     RecorderState.FAILED,
@@ -110,12 +120,14 @@ class Recorder:
                     if clean_end
                     else "the stream was cut or abandoned before it completed",
                 )
-        if self.state is not RecorderState.COMPLETE:
+                return None
+        if verdict is not Outcome.COMPLETE:
             return None
-        if not 200 <= status < 300:
-            self._stop(RecorderState.FAILED, f"upstream status {status} is not 2xx")
-            return None
-        events = tuple(self._events)
+        self.state = RecorderState.COMPLETE
+        # ``at`` is attached here, once, rather than per event on the delivery path.
+        events = tuple(
+            [Event(e.data, e.event, e.id, e.retry, t) for e, t in zip(self._events, self._times)]
+        )
         info = dict(self._adapter.meta(events))
         if meta:
             info.update(meta)
@@ -128,7 +140,24 @@ class Recorder:
             meta=info,
         )
 
+    def _verdict(self) -> Outcome:
+        # COMPLETE once a completing event was seen, FAIL as soon as any event failed
+        # (a late "completion" cannot revive a failed stream), else CONTINUE.
+        outcome = self._adapter.outcome
+        verdict = Outcome.CONTINUE
+        cont, fail = Outcome.CONTINUE, Outcome.FAIL
+        for event in self._events:
+            result = outcome(event)
+            if result is cont:
+                continue
+            if result is fail:
+                self._stop(RecorderState.FAILED, f"the stream reported a failure ({event.event})")
+                return fail
+            verdict = result
+        return verdict
+
     def _stop(self, state: RecorderState, reason: str) -> None:
         self.state = state
         self.reason = reason
         self._events = []
+        self._times = []

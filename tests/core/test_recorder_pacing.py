@@ -33,7 +33,7 @@ class Completing(GenericSSE):
 def test_generic_clean_end_is_stored() -> None:
     rec = Recorder(GenericSSE())
     for i in range(3):
-        rec.add(Event(str(i), at=i / 10))
+        rec.add(Event(str(i)), i / 10)
     entry = rec.finish(clean_end=True, status=200)
     assert entry is not None and entry.events == (
         Event("0"),
@@ -45,7 +45,7 @@ def test_generic_clean_end_is_stored() -> None:
 
 def test_cut_stream_is_not_stored() -> None:
     rec = Recorder(GenericSSE())
-    rec.add(Event("x"))
+    rec.add(Event("x"), 0.0)
     assert rec.finish(clean_end=False) is None
     assert rec.state is RecorderState.FAILED and "cut" in rec.reason
 
@@ -53,40 +53,47 @@ def test_cut_stream_is_not_stored() -> None:
 @pytest.mark.parametrize("status", [199, 300, 404, 500])
 def test_non_2xx_is_not_stored(status: int) -> None:
     rec = Recorder(GenericSSE())
-    rec.add(Event("x"))
+    rec.add(Event("x"), 0.0)
     assert rec.finish(clean_end=True, status=status) is None
     assert str(status) in rec.reason
 
 
 def test_schema_without_completing_event_is_not_stored() -> None:
     rec = Recorder(Completing())
-    rec.add(Event("x", "delta"))
+    rec.add(Event("x", "delta"), 0.0)
     assert rec.finish(clean_end=True) is None
     assert "completing event" in rec.reason
 
 
 def test_completing_event_stores_even_if_the_reader_leaves_after_it() -> None:
     rec = Recorder(Completing())
-    rec.add(Event("x", "delta"))
-    rec.add(Event("y", "done"))
-    rec.fail("reader left")  # after completion: harmless
-    entry = rec.finish(clean_end=False)
+    rec.add(Event("x", "delta"), 0.0)
+    rec.add(Event("y", "done"), 0.0)
+    entry = rec.finish(clean_end=False)  # the reader left after completion: harmless
     assert entry is not None and entry.meta == {"count": "2"}
 
 
 def test_failing_event_drops_the_recording() -> None:
     rec = Recorder(Completing())
-    rec.add(Event("x", "delta"))
-    rec.add(Event("e", "error"))
-    assert rec.events == [] and not rec.active
-    rec.add(Event("y", "done"))  # a late "completion" cannot revive it
+    rec.add(Event("x", "delta"), 0.0)
+    rec.add(Event("e", "error"), 0.0)
+    rec.add(Event("y", "done"), 0.0)  # a late "completion" cannot revive it
     assert rec.finish(clean_end=True) is None
+    assert "failure (error)" in rec.reason and rec.events == [] and not rec.active
+
+
+def test_fail_is_final() -> None:
+    rec = Recorder(GenericSSE())
+    rec.add(Event("x"), 0.0)
+    rec.fail("no-store")
+    rec.add(Event("y"), 0.1)
+    assert rec.finish(clean_end=True) is None and rec.reason == "no-store"
 
 
 def test_oversize_stops_recording_and_frees_memory() -> None:
     rec = Recorder(GenericSSE(), max_entry_bytes=1000)
     for _ in range(100):
-        rec.add(Event("x" * 50))
+        rec.add(Event("x" * 50), 0.0)
     assert rec.state is RecorderState.OVERSIZE and rec.events == []
     assert rec.finish(clean_end=True) is None
     assert "max_entry_bytes" in rec.reason
