@@ -126,7 +126,10 @@ class Recorder:
         self.state = RecorderState.COMPLETE
         # ``at`` is attached here, once, rather than per event on the delivery path.
         events = tuple(
-            [Event(e.data, e.event, e.id, e.retry, t) for e, t in zip(self._events, self._times)]
+            [
+                Event(e.data, e.event, e.id, e.retry, t)
+                for e, t in zip(self._events, self._times, strict=True)
+            ]
         )
         info = dict(self._adapter.meta(events))
         if meta:
