@@ -40,6 +40,7 @@ from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
 __all__ = [
     "CacheStatus",
     "CachedStream",
+    "LiveRecording",
     "Notice",
     "SharedStreamAborted",
     "StreamCache",
@@ -99,17 +100,20 @@ class _Flight:
     """
 
     __slots__ = (
+        "content_type",
         "error",
         "finished",
         "iterator",
         "key",
         "log",
         "pulling",
+        "pushed",
         "readers",
         "recorder",
         "settled",
         "signal",
         "started",
+        "status",
         "stored",
         "ttl",
         "waiting",
@@ -130,6 +134,9 @@ class _Flight:
         self.signal = anyio.Event()
         self.settled = False  # the store decision was taken (once per flight)
         self.stored = False
+        self.pushed = False  # events are pushed by a producer (ASGI), not pulled by readers
+        self.status = 200
+        self.content_type = "text/event-stream"
 
     def notify(self) -> None:
         if self.waiting:
@@ -291,6 +298,49 @@ class CachedStream:
         if flight is None:
             return
         await self._cache._leave(flight, self, exc)
+
+
+class LiveRecording:
+    """The producer's side of a pushed stream (see :meth:`StreamCache.recording`): an
+    integration that receives events by push (the ASGI middleware wraps ``send``) adds them
+    here; identical requests arriving meanwhile read them live (``shared``)."""
+
+    __slots__ = ("_flight", "key")
+
+    def __init__(self, flight: _Flight) -> None:
+        self._flight = flight
+        self.key = flight.key
+
+    def add(self, events: Iterable[Event]) -> None:
+        """Record events that were just delivered to the producer's client."""
+        flight = self._flight
+        if flight.finished:
+            return
+        at = time.monotonic() - flight.started
+        record = flight.recorder.add
+        log = flight.log
+        for event in events:
+            log.append(event)
+            record(event, at)
+        if flight.waiting:
+            flight.notify()
+
+    def respond(self, status: int, content_type: str) -> None:
+        """The upstream's status and content type (a non-2xx status is never stored)."""
+        self._flight.status = status
+        self._flight.content_type = content_type
+
+    def fail(self, reason: str) -> None:
+        """Nothing of this stream will be stored (``reason`` is logged with the notice)."""
+        self._flight.recorder.fail(reason)
+
+    @property
+    def stored(self) -> bool:
+        return self._flight.stored
+
+    @property
+    def reason(self) -> str:
+        return self._flight.recorder.reason
 
 
 async def _wait_for_puller(flight: _Flight) -> bool:
@@ -522,11 +572,8 @@ class StreamCache:
         pace = self.pacing if pacing is None else Pacing.parse(pacing)
         use_cache = lookup and not refresh
         if use_cache:
-            if self.single_flight and (flight := self._flights.get(key)) is not None:
-                stream = CachedStream(self, CacheStatus.SHARED, key, flight=flight)
-                flight.readers += 1
-                self._emit(Notice(kind="shared", key=key))
-                async with self._closing(stream):
+            if (flight := self._joinable(key)) is not None:
+                async with self._reading(flight) as stream:
                     yield stream
                 return
             entry = await self.lookup(key, max_age=max_age)
@@ -545,11 +592,8 @@ class StreamCache:
                 yield stream
                 return
             # A joinable flight may have started while we were reading the backend.
-            if self.single_flight and (flight := self._flights.get(key)) is not None:
-                stream = CachedStream(self, CacheStatus.SHARED, key, flight=flight)
-                flight.readers += 1
-                self._emit(Notice(kind="shared", key=key))
-                async with self._closing(stream):
+            if (flight := self._joinable(key)) is not None:
+                async with self._reading(flight) as stream:
                     yield stream
                 return
         status = (
@@ -586,6 +630,61 @@ class StreamCache:
             raise
         await stream._close(None)
 
+    @asynccontextmanager
+    async def recording(
+        self, key: str, *, store: bool = True, ttl: float | None = None, share: bool = True
+    ) -> AsyncIterator[LiveRecording]:
+        """Record a stream whose events are pushed to us (see :class:`LiveRecording`).
+
+        Leaving the block ends the stream: cleanly when the block exits normally (then the
+        stream is judged and stored if complete), as cut when it raises. With ``share``,
+        identical requests may :meth:`join` it while it lasts.
+        """
+        _check_ttl(ttl)
+        recorder = self.recorder()
+        if not store:
+            recorder.fail("the request asked not to store (no-store)")
+        flight = _Flight(key, recorder, self.ttl if ttl is None else ttl)
+        flight.pushed = True
+        flight.pulling = True  # readers never pull: they wait for the producer's signal
+        flight.started = time.monotonic()
+        if self.single_flight and share and store:
+            self._flights.setdefault(key, flight)
+        clean = False
+        try:
+            yield LiveRecording(flight)
+            clean = True
+        finally:
+            flight.finished = True
+            if not clean:
+                flight.error = SharedStreamAborted("the producer of this stream failed")
+                recorder.fail("the stream was cut before it completed")
+            flight.notify()
+            with anyio.CancelScope(shield=not clean):
+                await self._finish(flight, clean_end=clean)
+
+    @asynccontextmanager
+    async def join(self, key: str) -> AsyncIterator[CachedStream | None]:
+        """Join the live stream being recorded for ``key``, if any (status ``shared``);
+        yields None when there is none."""
+        flight = self._joinable(key)
+        if flight is None:
+            yield None
+            return
+        async with self._reading(flight) as stream:
+            yield stream
+
+    def _joinable(self, key: str) -> _Flight | None:
+        return self._flights.get(key) if self.single_flight else None
+
+    @asynccontextmanager
+    async def _reading(self, flight: _Flight) -> AsyncIterator[CachedStream]:
+        stream = CachedStream(self, CacheStatus.SHARED, flight.key, flight=flight)
+        flight.readers += 1
+        self._emit(Notice(kind="shared", key=flight.key))
+        async with self._closing(stream):
+            yield stream
+
     # -- single-flight internals -----------------------------------------------------------
 
     async def _upstream_ended(self, flight: _Flight) -> None:
@@ -609,7 +708,9 @@ class StreamCache:
         flight.settled = True  # one store decision per flight, whoever gets here first
         recorder = flight.recorder
         try:
-            entry = recorder.finish(clean_end=clean_end)
+            entry = recorder.finish(
+                clean_end=clean_end, status=flight.status, content_type=flight.content_type
+            )
             if entry is None:
                 self._emit(Notice(kind="not_stored", key=flight.key, detail=recorder.reason))
             elif await self.store(flight.key, entry, ttl=flight.ttl):
@@ -626,6 +727,11 @@ class StreamCache:
     ) -> None:
         flight.readers -= 1
         last = flight.readers == 0
+        if flight.pushed:
+            # A reader of a pushed stream never owns it: its producer decides and stores.
+            stream.stored = flight.stored
+            stream.reason = "" if flight.stored else "joined a live stream"
+            return
         if not flight.finished:
             if not last:
                 # Others still read this upstream: keep it open for them.

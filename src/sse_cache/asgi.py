@@ -1,0 +1,244 @@
+"""``CacheMiddleware``: caches the LLM routes of any ASGI app (a FastAPI gateway, a LiteLLM
+proxy), streamed and not.
+
+A plain ASGI 3 class in the shape of Starlette's ``GZipMiddleware``: per-request state lives
+in a :class:`_Request` created per call; on a miss ``send`` is wrapped so every body message
+goes out first and is recorded second (no buffering, no added delay).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+from .engine import Hook
+from .errors import ConfigError
+from .pacing import Pacing
+from .policy import CONTROL_HEADER_PREFIX
+from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
+from .recorder import DEFAULT_MAX_ENTRY_BYTES
+from .service import CacheService, Exchange, ResponseTee
+
+__all__ = ["CacheMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class CacheMiddleware:
+    """Cache the streamed (and non-streamed) answers of ``app``'s LLM routes.
+
+    ``backend``: a :class:`~sse_cache.protocols.Backend` or a URL (``sqlite:///cache.db``,
+    ``redis://...``). ``routes``: path (suffix) → adapter; default ``POST /v1/responses``,
+    ``/v1/chat/completions``, ``/v1/messages`` (also under prefixes such as
+    ``/openai/v1/...``). ``tenant``: None (hash of the request's credential), a callable of
+    the lower-cased request headers, or ``"shared"`` (explicit opt-in to share entries
+    between tenants). ``ttl``: default entry lifetime in seconds. ``max_body_bytes``: larger
+    request bodies pass through uncached. Other options as for
+    :class:`~sse_cache.engine.StreamCache`.
+
+    Every response on a cached route carries ``x-sse-cache: hit | miss | bypass | refresh |
+    shared`` and ``x-sse-cache-key``; hits also ``age`` and ``x-sse-cache-ttl``. An invalid
+    control header is answered ``400`` with a JSON error naming it.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        backend: Backend | str,
+        *,
+        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
+        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
+        ttl: float | None = None,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        pacing: str | float | Pacing = "instant",
+        hooks: Iterable[Hook] = (),
+        backend_timeout: float = 2.0,
+        single_flight: bool = True,
+        keyer: CacheKeyer | None = None,
+        codec: EventCodec | None = None,
+    ) -> None:
+        self.app = app
+        self.service = CacheService(
+            backend,
+            routes=routes,
+            tenant=tenant,
+            ttl=ttl,
+            max_entry_bytes=max_entry_bytes,
+            max_body_bytes=max_body_bytes,
+            pacing=pacing,
+            hooks=hooks,
+            backend_timeout=backend_timeout,
+            single_flight=single_flight,
+            keyer=keyer,
+            codec=codec,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+            return
+        if (
+            scope["type"] != "http"
+            or self.service.policy.match(scope["method"], scope["path"]) is None
+        ):
+            await self.app(scope, receive, send)
+            return
+        await _Request(self, scope, receive, send).run()
+
+    async def aclose(self) -> None:
+        """Close the backend if the middleware opened it from a URL."""
+        await self.service.aclose()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Pass the lifespan protocol through, and close our backend at shutdown.
+        async def sending(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.aclose()
+            await send(message)
+
+        await self.app(scope, receive, sending)
+
+
+class _Request:
+    """The state of one request through the middleware."""
+
+    def __init__(self, mw: CacheMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+        self.mw = mw
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.buffered: list[Message] = []  # request body messages, re-delivered to the app
+        self.tee: ResponseTee | None = None
+        self.exchange: Exchange | None = None
+        self.started = False
+        self.disconnected = False
+
+    async def run(self) -> None:
+        scope = self.scope
+        body = await self._read_body()
+        service = self.mw.service
+        try:
+            decision = service.decide(scope["method"], scope["path"], _headers(scope), body)
+        except ConfigError as exc:
+            await _error(self.send, 400, str(exc))
+            return
+        async with service.exchange(decision) as ex:
+            self.exchange = ex
+            if ex.answer is not None:
+                await self._answer(ex)
+            else:
+                await self.mw.app(scope, self._receive, self._send)
+
+    async def _read_body(self) -> bytes | None:
+        """The whole request body, or None when it is over the limit (then the messages read
+        so far are kept and re-delivered; the rest is read by the app itself)."""
+        limit = self.mw.service.policy.max_body_bytes
+        size = 0
+        while True:
+            message = await self.receive()
+            self.buffered.append(message)
+            if message["type"] != "http.request":
+                return None  # disconnected before the body was complete
+            size += len(message.get("body", b""))
+            if size > limit:
+                return None
+            if not message.get("more_body", False):
+                break
+        return b"".join(m.get("body", b"") for m in self.buffered)
+
+    async def _receive(self) -> Message:
+        if self.buffered:
+            return self.buffered.pop(0)
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            self.disconnected = True
+            if self.tee is not None:
+                self.tee.abort("the client disconnected")
+        return message
+
+    async def _send(self, message: Message) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if message["type"] == "http.response.start":
+            raw = message.get("headers", [])
+            decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+            self.tee = await ex.tee(message["status"], decoded)
+            ours = {k for k, _ in ex.headers()}
+            message = dict(message)
+            message["headers"] = [
+                *(h for h in raw if h[0].decode("latin-1").lower() not in ours),
+                *_encode(ex.headers()),
+            ]
+            await self.send(message)
+            return
+        if message["type"] == "http.response.body":
+            tee = self.tee
+            try:
+                await self.send(message)  # deliver first, record second
+            except BaseException:
+                if tee is not None:
+                    tee.abort("sending to the client failed")
+                raise
+            if tee is not None:
+                tee.feed(message.get("body", b""))
+                if not message.get("more_body", False) and not self.disconnected:
+                    tee.end()
+            return
+        await self.send(message)
+
+    async def _answer(self, ex: Exchange) -> None:
+        answer = ex.answer
+        assert answer is not None
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": answer.status,
+                "headers": _encode(answer.headers),
+            }
+        )
+        async for chunk in answer.chunks:
+            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", []):
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+
+
+async def _error(send: Send, status: int, message: str) -> None:
+    body = json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "code": "sse_cache"}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-sse-cache", b"bypass"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def strip_control_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Request headers without the ``x-sse-cache-*`` controls (for forwarding upstream)."""
+    prefix = CONTROL_HEADER_PREFIX.encode()
+    return [(k, v) for k, v in headers if not k.lower().startswith(prefix)]

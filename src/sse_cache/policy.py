@@ -1,0 +1,259 @@
+"""What the HTTP integrations cache, and how a request's headers steer it.
+
+One :class:`CachePolicy` is shared by the ASGI middleware and the httpx/httpx2 transports:
+which routes are cached with which adapter, how the tenant scope is derived, and how the
+request controls (``Cache-Control``, ``x-sse-cache-*``) are read. It is sans-IO: it turns a
+method, a path, headers and a body into a :class:`Decision`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from .adapters import AnthropicMessages, OpenAIChat, OpenAIResponses
+from .errors import ConfigError
+from .keys import CREDENTIAL_HEADERS, tenant_scope
+from .pacing import Pacing
+from .protocols import StreamAdapter
+
+__all__ = [
+    "DEFAULT_ROUTES",
+    "SHARED_TENANT",
+    "CachePolicy",
+    "Controls",
+    "Decision",
+    "parse_controls",
+]
+
+#: Route suffixes cached by default. Gateways mount the provider APIs under prefixes
+#: (``/openai/v1/responses``, ``/v1/...``): a route matches every path that ends with it.
+DEFAULT_ROUTES: Mapping[str, Callable[[], StreamAdapter]] = {
+    "/v1/responses": OpenAIResponses,
+    "/v1/chat/completions": OpenAIChat,
+    "/v1/messages": AnthropicMessages,
+}
+
+#: Pass as ``tenant=SHARED_TENANT`` to let every caller share entries (explicit opt-in).
+SHARED_TENANT = "shared"
+
+_MAX_VARIANTS = 64
+_NAMESPACE = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
+_FIELD = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_json_decode = msgspec.json.Decoder().decode
+
+#: Headers an integration removes before forwarding a request upstream (our controls).
+CONTROL_HEADER_PREFIX = "x-sse-cache-"
+
+
+class Controls(msgspec.Struct, frozen=True, kw_only=True):
+    """The request controls, read from headers by :func:`parse_controls`."""
+
+    lookup: bool = True
+    """False for ``Cache-Control: no-cache``: answer from upstream (still stored)."""
+    store: bool = True
+    """False for ``Cache-Control: no-store``: never store this answer."""
+    refresh: bool = False
+    """``x-sse-cache-refresh``: replace the stored answer with a fresh one."""
+    ttl: float | None = None
+    """``x-sse-cache-ttl: <seconds>``: lifetime of the entry this request stores."""
+    max_age: float | None = None
+    """``x-sse-cache-max-age: <seconds>``: accept only entries younger than this."""
+    namespace: str = ""
+    """``x-sse-cache-namespace: <name>``: a separate partition of the cache."""
+    variants: int = 1
+    """``x-sse-cache-variants: N``: keep up to N different answers and serve one at random."""
+    ignore_fields: frozenset[str] = frozenset()
+    """``x-sse-cache-ignore-fields: a,b``: request fields left out of the key."""
+    pacing: Pacing | None = None
+    """``x-sse-cache-replay: instant | original | <x>x | <ms>ms``: replay speed of a hit."""
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+    return seconds
+
+
+def parse_controls(headers: Mapping[str, str]) -> Controls:
+    """Read the request controls from ``headers`` (lower-case names). Raises
+    :class:`ConfigError` naming the header whose value is invalid."""
+    options: dict[str, Any] = {}
+    cache_control = headers.get("cache-control", "")
+    if cache_control:
+        directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
+        if "no-cache" in directives:
+            options["lookup"] = False
+        if "no-store" in directives:
+            options["store"] = False
+    if (value := headers.get("x-sse-cache-refresh")) is not None:
+        if value.strip().lower() in ("", "1", "true", "yes", "on"):
+            options["refresh"] = True
+        elif value.strip().lower() not in ("0", "false", "no", "off"):
+            raise ConfigError(f"x-sse-cache-refresh must be true or false, got {value!r}")
+    if (value := headers.get("x-sse-cache-ttl")) is not None:
+        options["ttl"] = _seconds("x-sse-cache-ttl", value)
+    if (value := headers.get("x-sse-cache-max-age")) is not None:
+        try:
+            max_age = float(value)
+        except ValueError:
+            max_age = -1.0
+        if not max_age >= 0:
+            raise ConfigError(
+                f"x-sse-cache-max-age must be a non-negative number of seconds, got {value!r}"
+            )
+        options["max_age"] = max_age
+    if (value := headers.get("x-sse-cache-namespace")) is not None:
+        if not _NAMESPACE.match(value):
+            raise ConfigError(
+                "x-sse-cache-namespace must be 1-128 characters of letters, digits and "
+                f"._:/@+=-, got {value!r}"
+            )
+        options["namespace"] = value
+    if (value := headers.get("x-sse-cache-variants")) is not None:
+        if not value.strip().isdigit() or not 1 <= int(value) <= _MAX_VARIANTS:
+            raise ConfigError(
+                f"x-sse-cache-variants must be an integer from 1 to {_MAX_VARIANTS}, got {value!r}"
+            )
+        options["variants"] = int(value)
+    if (value := headers.get("x-sse-cache-ignore-fields")) is not None:
+        fields = frozenset(f.strip() for f in value.split(",") if f.strip())
+        bad = sorted(f for f in fields if not _FIELD.match(f))
+        if bad:
+            raise ConfigError(f"x-sse-cache-ignore-fields has invalid field names: {bad}")
+        options["ignore_fields"] = fields
+    if (value := headers.get("x-sse-cache-replay")) is not None:
+        try:
+            options["pacing"] = Pacing.parse(value)
+        except ConfigError as exc:
+            raise ConfigError(f"x-sse-cache-replay: {exc}") from None
+    return Controls(**options)
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """What to do with one request. ``adapter`` is None when the request is not cacheable
+    (then ``reason`` says why and the request passes through, marked ``bypass``)."""
+
+    adapter: StreamAdapter | None = None
+    route: str = ""
+    streaming: bool = False
+    body: Mapping[str, Any] | None = None
+    tenant: str = ""
+    controls: Controls = Controls()
+    reason: str = ""
+
+    @property
+    def cacheable(self) -> bool:
+        return self.adapter is not None
+
+
+class CachePolicy:
+    """Routes, tenant scope and limits for the HTTP integrations.
+
+    ``routes``: path (or path suffix) → adapter, or a factory of one; default
+    :data:`DEFAULT_ROUTES`. A path matches a route when it equals it or ends with it, so
+    ``/openai/v1/responses`` and Azure-style ``/openai/deployments/x/chat/completions``
+    (add the route ``/chat/completions``) are easy to cover. Only ``POST`` is cached.
+
+    ``tenant``: how the tenant scope is derived — None (default) hashes the credential the
+    request carries (``Authorization``, ``x-api-key``, ``api-key``), a callable receives the
+    lower-cased request headers and returns a scope string, and :data:`SHARED_TENANT` lets
+    all callers share entries (explicit opt-in). Credentials themselves are never stored.
+
+    ``max_body_bytes``: larger request bodies pass through uncached (``bypass``).
+    """
+
+    def __init__(
+        self,
+        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
+        *,
+        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
+        credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
+        max_body_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        table = DEFAULT_ROUTES if routes is None else routes
+        self.routes: dict[str, StreamAdapter] = {}
+        for path, adapter in table.items():
+            if not path.startswith("/"):
+                raise ConfigError(f"route {path!r} must start with '/'")
+            # A class or factory is called; an adapter instance is used as it is. (A class
+            # must be checked first: it has every attribute the protocol asks for.)
+            made = adapter() if isinstance(adapter, type) else adapter
+            if not isinstance(made, StreamAdapter) and callable(made):
+                made = made()
+            if not isinstance(made, StreamAdapter):
+                raise ConfigError(f"route {path!r}: {adapter!r} is not a StreamAdapter")
+            self.routes[path.rstrip("/") or "/"] = made
+        # Longest route first: the most specific suffix wins.
+        self._ordered = sorted(self.routes.items(), key=lambda kv: -len(kv[0]))
+        if isinstance(tenant, str) and tenant != SHARED_TENANT:
+            raise ConfigError(f"tenant must be None, a callable or {SHARED_TENANT!r}")
+        self._tenant = tenant
+        self._credentials = tuple(h.lower() for h in credential_headers)
+        if max_body_bytes <= 0:
+            raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
+        self.max_body_bytes = max_body_bytes
+
+    def match(self, method: str, path: str) -> tuple[str, StreamAdapter] | None:
+        """The route and adapter for a request, or None when it is not a cached route."""
+        if method.upper() != "POST":
+            return None
+        path = path.split("?", 1)[0].rstrip("/") or "/"
+        for route, adapter in self._ordered:
+            if path == route or path.endswith(route):
+                return route, adapter
+        return None
+
+    def tenant_of(self, headers: Mapping[str, str]) -> str:
+        if self._tenant is None:
+            return tenant_scope(headers, self._credentials)
+        if self._tenant == SHARED_TENANT:
+            return ""
+        assert callable(self._tenant)
+        scope = self._tenant(headers)
+        if not isinstance(scope, str):
+            raise ConfigError(f"the tenant callable returned {scope!r}, not a string")
+        return "c:" + scope  # never equal to a credential hash ("t:...") or the shared scope
+
+    def decide(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None
+    ) -> Decision:
+        """Decide for one request. ``headers`` must have lower-case names. ``body`` is the
+        complete request body, or None when it was larger than :attr:`max_body_bytes`.
+        Raises :class:`ConfigError` for an invalid control header (answer 400)."""
+        matched = self.match(method, path)
+        if matched is None:
+            return Decision(reason="not a cached route")
+        route, adapter = matched
+        controls = parse_controls(headers)
+        if body is None:
+            return Decision(reason=f"request body over {self.max_body_bytes} bytes")
+        if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+            return Decision(reason="compressed request body")
+        try:
+            parsed = _json_decode(body)
+        except msgspec.DecodeError:
+            return Decision(reason="request body is not JSON")
+        if not isinstance(parsed, dict):
+            return Decision(reason="request body is not a JSON object")
+        return Decision(
+            adapter=adapter,
+            route=f"POST {route}",
+            streaming=adapter.is_streaming(parsed),
+            body=parsed,
+            tenant=self.tenant_of(headers),
+            controls=controls,
+        )
+
+    @staticmethod
+    def pick_variant(controls: Controls) -> int:
+        """Which of ``controls.variants`` stored answers this request uses."""
+        return random.randrange(controls.variants) if controls.variants > 1 else 0

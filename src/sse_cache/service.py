@@ -1,0 +1,400 @@
+"""The HTTP-level cache shared by every integration (ASGI middleware, httpx/httpx2 transports).
+
+An integration knows how to read a request and write a response in its framework; everything
+else lives here, once: which requests are cached (:class:`~sse_cache.policy.CachePolicy`),
+their keys, the lookup, answering a hit (replayed, synthesised or recovered), joining a live
+identical stream, and recording a miss's response as it passes through (:class:`ResponseTee`).
+
+Usage by an integration::
+
+    decision = service.decide(method, path, headers, body)   # ConfigError -> 400
+    async with service.exchange(decision) as ex:
+        if ex.answer is not None:         # hit or shared: no upstream call
+            send(ex.answer.status, ex.answer.headers, ex.answer.chunks)
+        else:                             # miss / bypass / refresh: call the upstream
+            tee = await ex.tee(status, response_headers)   # None: not recordable
+            for chunk in upstream_body:   # deliver each chunk first, then record it
+                send(chunk); tee and tee.feed(chunk)
+            tee and tee.end()             # the upstream body ended by itself
+    # leaving the block stores what completed (a tee that did not end stores nothing)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import msgspec
+
+from .codec import MsgpackCodec
+from .engine import CachedStream, CacheStatus, Hook, LiveRecording, StreamCache
+from .entry import Entry
+from .errors import SSEError
+from .events import Event, SSEParser, serialize_sse
+from .keys import CacheRequest, DefaultKeyer
+from .pacing import Pacing
+from .policy import CachePolicy, Decision
+from .protocols import Backend, CacheKeyer, EventCodec, Outcome, StreamAdapter
+from .recorder import DEFAULT_MAX_ENTRY_BYTES
+
+__all__ = ["Answer", "CacheService", "Exchange", "ResponseTee"]
+
+logger = logging.getLogger("sse_cache")
+
+SSE_TYPE = "text/event-stream"
+JSON_TYPE = "application/json"
+# An instant replay is written in chunks of about this size: one write per event costs
+# several times more than the rest of a replay together (LIMITS.md).
+_CHUNK_BYTES = 64 * 1024
+_BATCH_EVENTS = 256
+
+
+class Answer(msgspec.Struct, frozen=True, kw_only=True):
+    """A response the cache gives without calling the upstream."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncIterator[bytes]
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+class CacheService:
+    """Policy + one :class:`StreamCache` per adapter, all on one backend.
+
+    ``backend`` is a Backend or a URL (then the service owns and closes it). ``routes``,
+    ``tenant``, ``max_body_bytes``: see :class:`CachePolicy`. ``ttl``, ``max_entry_bytes``,
+    ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``: see
+    :class:`StreamCache`.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str,
+        *,
+        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
+        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
+        ttl: float | None = None,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        pacing: str | float | Pacing = "instant",
+        hooks: Iterable[Hook] = (),
+        backend_timeout: float = 2.0,
+        single_flight: bool = True,
+        keyer: CacheKeyer | None = None,
+        codec: EventCodec | None = None,
+    ) -> None:
+        if isinstance(backend, str):
+            from .backends import from_url
+
+            self.backend: Backend = from_url(backend)
+            self._owns_backend = True
+        else:
+            self.backend = backend
+            self._owns_backend = False
+        self.policy = CachePolicy(routes, tenant=tenant, max_body_bytes=max_body_bytes)
+        hooks = tuple(hooks)
+        keyer = keyer or DefaultKeyer()
+        codec = codec or MsgpackCodec()
+        self._caches: dict[int, StreamCache] = {
+            id(adapter): StreamCache(
+                self.backend,
+                adapter,
+                keyer=keyer,
+                codec=codec,
+                ttl=ttl,
+                max_entry_bytes=max_entry_bytes,
+                pacing=pacing,
+                hooks=hooks,
+                backend_timeout=backend_timeout,
+                single_flight=single_flight,
+            )
+            for adapter in self.policy.routes.values()
+        }
+        self.ttl = ttl
+
+    def cache_for(self, adapter: StreamAdapter) -> StreamCache:
+        return self._caches[id(adapter)]
+
+    async def aclose(self) -> None:
+        if self._owns_backend:
+            await self.backend.aclose()
+
+    def decide(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None
+    ) -> Decision:
+        """The policy's decision for a request (see :meth:`CachePolicy.decide`). Raises
+        :class:`~sse_cache.errors.ConfigError` for an invalid control header (answer 400)."""
+        return self.policy.decide(method, path, headers, body)
+
+    @asynccontextmanager
+    async def exchange(self, decision: Decision) -> AsyncIterator[Exchange]:
+        """One request/response, for a :meth:`decide` decision. Leaving the block normally
+        stores what completed; leaving it with an exception stores nothing."""
+        async with AsyncExitStack() as stack:
+            ex = Exchange(self, decision)
+            if decision.adapter is not None:
+                await ex._look(stack)
+            yield ex
+            tee = ex._tee
+            if tee is not None:
+                if not tee.ended:
+                    tee.abort("the response did not complete")
+                await tee.close()
+
+
+class Exchange:
+    """The cache's side of one request (see :meth:`CacheService.exchange`)."""
+
+    def __init__(self, service: CacheService, decision: Decision) -> None:
+        self.decision = decision
+        self.status = CacheStatus.BYPASS
+        self.key = ""
+        self.answer: Answer | None = None
+        self._service = service
+        self._cache: StreamCache | None = None
+        self._stack: AsyncExitStack | None = None
+        self._ttl: float | None = None
+        self._tee: ResponseTee | None = None
+
+    @property
+    def cacheable(self) -> bool:
+        return self.decision.adapter is not None
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The ``x-sse-cache`` headers for this request's response (none when the route is
+        not cached at all)."""
+        if self.decision.adapter is None:
+            return [("x-sse-cache", CacheStatus.BYPASS.value)] if self.decision.route else []
+        out = [("x-sse-cache", self.status.value)]
+        if self.key:
+            out.append(("x-sse-cache-key", self.key))
+        return out
+
+    async def _look(self, stack: AsyncExitStack) -> None:
+        decision = self.decision
+        adapter = decision.adapter
+        assert adapter is not None and decision.body is not None
+        controls = decision.controls
+        cache = self._cache = self._service.cache_for(adapter)
+        self._stack = stack
+        self._ttl = controls.ttl
+        fields = adapter.key_fields(decision.body)
+        if controls.ignore_fields:
+            fields = {k: v for k, v in fields.items() if k not in controls.ignore_fields}
+        self.key = cache.key(
+            CacheRequest(
+                schema=adapter.name,
+                route=decision.route,
+                fields=fields,
+                tenant=decision.tenant,
+                namespace=controls.namespace,
+                variant=CachePolicy.pick_variant(controls),
+            )
+        )
+        if controls.refresh:
+            self.status = CacheStatus.REFRESH
+            return
+        if not controls.lookup:
+            self.status = CacheStatus.BYPASS
+            return
+        self.status = CacheStatus.MISS
+        if decision.streaming and (shared := await stack.enter_async_context(cache.join(self.key))):
+            self.status = CacheStatus.SHARED
+            self.answer = Answer(
+                status=200,
+                headers=[
+                    ("content-type", SSE_TYPE),
+                    ("cache-control", "no-cache"),
+                    *self.headers(),
+                ],
+                chunks=_stream_chunks(shared),
+            )
+            return
+        entry = await cache.lookup(self.key, max_age=controls.max_age)
+        if entry is not None:
+            self.answer = self._answer_from(cache, entry, controls.pacing)
+            if self.answer is not None:
+                self.status = CacheStatus.HIT
+
+    def _answer_from(
+        self, cache: StreamCache, entry: Entry, pacing: Pacing | None
+    ) -> Answer | None:
+        age = max(0, int(time.time() - entry.created_at))
+        if self.decision.streaming:
+            events = cache.events_of(entry)
+            if events is None:
+                return None
+            stream = cache.replay(entry, pacing)
+            content_type = entry.content_type if entry.is_stream else SSE_TYPE
+            base = [("content-type", content_type), ("cache-control", "no-cache")]
+            chunks = _stream_chunks(stream)
+        else:
+            body = cache.body_of(entry)
+            if body is None:
+                return None
+            content_type = JSON_TYPE if entry.is_stream else entry.content_type
+            base = [("content-type", content_type), ("content-length", str(len(body)))]
+            chunks = _one(body)
+        headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", self.key)]
+        headers.append(("age", str(age)))
+        ttl = self._ttl or self._service.ttl
+        if ttl is not None:
+            headers.append(("x-sse-cache-ttl", str(max(0, int(ttl - age)))))
+        return Answer(status=200, headers=headers, chunks=chunks)
+
+    async def tee(self, status: int, headers: Iterable[tuple[str, str]]) -> ResponseTee | None:
+        """Start recording the upstream's response (after its status and headers arrived).
+        None when it will not be stored: not cacheable, ``no-store``, a non-2xx status, a
+        compressed body, or a content type other than SSE for a stream / JSON otherwise."""
+        if self.decision.adapter is None or self.answer is not None:
+            return None
+        assert self._cache is not None and self._stack is not None
+        controls = self.decision.controls
+        if not controls.store:
+            return None
+        lowered = {k.lower(): v for k, v in headers}
+        reason = ""
+        media = _media_type(lowered.get("content-type", ""))
+        if not 200 <= status < 300:
+            reason = f"upstream status {status}"
+        elif lowered.get("content-encoding", "identity").lower() not in ("", "identity"):
+            reason = "compressed response body"
+        elif media not in (SSE_TYPE, JSON_TYPE):
+            reason = f"content type {media or 'missing'}"
+        if reason:
+            logger.debug("sse_cache: not recording %s: %s", self.key, reason)
+            return None
+        content_type = lowered.get("content-type", media)
+        if media == SSE_TYPE:
+            live = await self._stack.enter_async_context(
+                self._cache.recording(
+                    self.key,
+                    ttl=controls.ttl,
+                    share=self.status is CacheStatus.MISS and self.decision.streaming,
+                )
+            )
+            live.respond(status, content_type)
+            self._tee = ResponseTee(live=live)
+            return self._tee
+        self._tee = ResponseTee(
+            cache=self._cache,
+            key=self.key,
+            ttl=controls.ttl,
+            content_type=content_type,
+            status=status,
+            limit=self._cache.max_entry_bytes,
+        )
+        return self._tee
+
+
+class ResponseTee:
+    """Records a miss's response body while it passes through, unchanged, to the client.
+
+    Feed it the body's chunks *after* delivering them; call :meth:`end` when the upstream body
+    ended by itself and :meth:`abort` when it broke or the client left. An SSE body is parsed
+    and recorded event by event (identical requests can join it live); a JSON body is kept
+    whole and stored by :meth:`close` if the adapter accepts it.
+    """
+
+    def __init__(
+        self,
+        *,
+        live: LiveRecording | None = None,
+        cache: StreamCache | None = None,
+        key: str = "",
+        ttl: float | None = None,
+        content_type: str = JSON_TYPE,
+        status: int = 200,
+        limit: int = DEFAULT_MAX_ENTRY_BYTES,
+    ) -> None:
+        self._live = live
+        self._parser = SSEParser() if live is not None else None
+        self._cache = cache
+        self._key = key
+        self._ttl = ttl
+        self._content_type = content_type
+        self._status = status
+        self._limit = limit
+        self._body: list[bytes] = []
+        self._size = 0
+        self._failed = ""
+        self.ended = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self._failed or not chunk:
+            return
+        if self._parser is not None:
+            assert self._live is not None
+            try:
+                events = self._parser.feed(chunk)
+            except SSEError as exc:
+                self.abort(f"upstream sent invalid SSE: {exc}")
+                return
+            if events:
+                self._live.add(events)
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self.abort(f"response body exceeds max_entry_bytes={self._limit}")
+            return
+        self._body.append(chunk)
+
+    def abort(self, reason: str) -> None:
+        """The body will not complete (upstream broke, client left): store nothing."""
+        if not self._failed:
+            self._failed = reason
+            self._body = []
+            if self._live is not None:
+                self._live.fail(reason)
+
+    def end(self) -> None:
+        """The upstream body ended by itself."""
+        self.ended = True
+        if self._parser is not None:
+            self._parser.close()
+            if self._parser.discarded:
+                # WHATWG: an unterminated last event is never dispatched; the stream did
+                # not end cleanly, whatever the adapter would have said.
+                self.abort("the stream ended inside an event (no final blank line)")
+
+    async def close(self) -> bool:
+        """Store a completed JSON body (called when the exchange ends; SSE streams are
+        stored by their recording). True when something was stored."""
+        if self._live is not None or self._failed or not self.ended:
+            return False
+        assert self._cache is not None
+        body = b"".join(self._body)
+        if self._cache.adapter.body_outcome(body) is not Outcome.COMPLETE:
+            return False
+        entry = Entry(
+            schema=self._cache.adapter.name,
+            created_at=time.time(),
+            status=self._status,
+            content_type=self._content_type,
+            body=body,
+        )
+        return await self._cache.store(self._key, entry, ttl=self._ttl)
+
+
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _stream_chunks(stream: CachedStream) -> AsyncIterator[bytes]:
+    # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
+    # and live streams come as they are due and are written at once.
+    pending: list[Event] = []
+    size = 0
+    async for batch in stream.batches(_BATCH_EVENTS):
+        pending += batch
+        size += sum(len(e.data) for e in batch)
+        if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
+            yield serialize_sse(pending)
+            pending, size = [], 0
+    if pending:
+        yield serialize_sse(pending)
