@@ -762,15 +762,20 @@ class StreamCache:
     # -- notices ---------------------------------------------------------------------------
 
     def _emit(self, notice: Notice) -> None:
-        for hook in self._hooks:
-            try:
-                hook(notice)
-            except Exception:
-                logger.exception("sse_cache: hook %r failed", hook)
+        emit(self._hooks, notice)
 
     def _warn(self, kind: str, key: str, message: str) -> None:
         logger.warning("sse_cache: %s (key %s)", message, key)
         self._emit(Notice(kind=kind, key=key, detail=message))
+
+
+def emit(hooks: Iterable[Hook], notice: Notice) -> None:
+    """Give ``notice`` to every hook; a hook that raises is logged and ignored."""
+    for hook in hooks:
+        try:
+            hook(notice)
+        except Exception:
+            logger.exception("sse_cache: hook %r failed", hook)
 
 
 def _check_ttl(ttl: float | None) -> None:

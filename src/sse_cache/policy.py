@@ -235,15 +235,17 @@ class CachePolicy:
         route, adapter = matched
         controls = parse_controls(headers)
         if body is None:
-            return Decision(reason=f"request body over {self.max_body_bytes} bytes")
+            return Decision(
+                route=f"POST {route}", reason=f"request body over {self.max_body_bytes} bytes"
+            )
         if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
-            return Decision(reason="compressed request body")
+            return Decision(route=f"POST {route}", reason="compressed request body")
         try:
             parsed = _json_decode(body)
         except msgspec.DecodeError:
-            return Decision(reason="request body is not JSON")
+            return Decision(route=f"POST {route}", reason="request body is not JSON")
         if not isinstance(parsed, dict):
-            return Decision(reason="request body is not a JSON object")
+            return Decision(route=f"POST {route}", reason="request body is not a JSON object")
         return Decision(
             adapter=adapter,
             route=f"POST {route}",

@@ -29,7 +29,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import msgspec
 
 from .codec import MsgpackCodec
-from .engine import CachedStream, CacheStatus, Hook, LiveRecording, StreamCache
+from .engine import CachedStream, CacheStatus, Hook, LiveRecording, Notice, StreamCache, emit
 from .entry import Entry
 from .errors import SSEError
 from .events import Event, SSEParser, serialize_sse
@@ -97,7 +97,7 @@ class CacheService:
             self.backend = backend
             self._owns_backend = False
         self.policy = CachePolicy(routes, tenant=tenant, max_body_bytes=max_body_bytes)
-        hooks = tuple(hooks)
+        hooks = self.hooks = tuple(hooks)
         keyer = keyer or DefaultKeyer()
         codec = codec or MsgpackCodec()
         self._caches: dict[int, StreamCache] = {
@@ -139,6 +139,8 @@ class CacheService:
             ex = Exchange(self, decision)
             if decision.adapter is not None:
                 await ex._look(stack)
+            elif decision.route:
+                emit(self.hooks, Notice(kind="bypass", key="", detail=decision.reason))
             yield ex
             tee = ex._tee
             if tee is not None:
@@ -212,7 +214,7 @@ class Exchange:
                     ("cache-control", "no-cache"),
                     *self.headers(),
                 ],
-                chunks=_stream_chunks(shared),
+                chunks=self._counted(_stream_chunks(shared)),
             )
             return
         entry = await cache.lookup(self.key, max_age=controls.max_age)
@@ -240,12 +242,22 @@ class Exchange:
             content_type = JSON_TYPE if entry.is_stream else entry.content_type
             base = [("content-type", content_type), ("content-length", str(len(body)))]
             chunks = _one(body)
+        chunks = self._counted(chunks)
         headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", self.key)]
         headers.append(("age", str(age)))
         ttl = self._ttl or self._service.ttl
         if ttl is not None:
             headers.append(("x-sse-cache-ttl", str(max(0, int(ttl - age)))))
         return Answer(status=200, headers=headers, chunks=chunks)
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        sent = 0
+        try:
+            async for chunk in chunks:
+                sent += len(chunk)
+                yield chunk
+        finally:
+            emit(self._service.hooks, Notice(kind="replayed", key=self.key, bytes=sent))
 
     async def tee(self, status: int, headers: Iterable[tuple[str, str]]) -> ResponseTee | None:
         """Start recording the upstream's response (after its status and headers arrived).

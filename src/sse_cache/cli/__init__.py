@@ -12,7 +12,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, inspect
+    from . import demo, inspect, proxy
 
     parser = argparse.ArgumentParser(
         prog="sse-cache",
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(sub)
+    proxy.register(sub)
     inspect.register(sub)
     return parser
 

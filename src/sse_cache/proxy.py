@@ -1,0 +1,255 @@
+"""The caching reverse proxy behind ``sse-cache proxy``.
+
+:class:`Forwarder` is an ASGI app that forwards every request to an upstream base URL with
+httpx2, streaming both ways; :func:`create_proxy_app` puts :class:`CacheMiddleware` in front
+of it and adds the operational endpoints ``GET /_sse_cache/health`` and
+``GET /_sse_cache/metrics`` (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import anyio
+
+from .asgi import ASGIApp, CacheMiddleware, Receive, Scope, Send
+from .errors import ConfigError
+from .metrics import Metrics
+from .policy import CONTROL_HEADER_PREFIX
+
+try:
+    import httpx2
+except ImportError:  # pragma: no cover - exercised only without the extra
+    httpx2 = None  # type: ignore[assignment]
+
+__all__ = ["DEFAULT_BACKEND", "Forwarder", "ProxyApp", "create_proxy_app"]
+
+DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx2 sets itself.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+
+
+def _need_httpx2() -> None:
+    if httpx2 is None:
+        raise ConfigError("the proxy needs httpx2 and uvicorn: pip install 'sse-cache[proxy]'")
+
+
+class Forwarder:
+    """Forward requests to ``upstream`` (a base URL: the request path is appended).
+
+    Request and response bodies stream through unchanged; hop-by-hop headers are dropped
+    (RFC 9110), ``x-sse-cache-*`` controls are not forwarded, and ``accept-encoding:
+    identity`` is asked for so that answers stay readable (and storable). An upstream that
+    cannot be reached is answered ``502``, one that times out ``504``, both as JSON; a
+    stream that breaks midway is cut for the client too. When the client disconnects, the
+    upstream request is cancelled.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        timeout: float = 600.0,
+        connect_timeout: float = 10.0,
+        client: Any = None,
+    ) -> None:
+        _need_httpx2()
+        if not upstream.startswith(("http://", "https://")):
+            raise ConfigError(f"upstream must be an http(s):// URL, got {upstream!r}")
+        self.upstream = upstream.rstrip("/")
+        self._client = client or httpx2.AsyncClient(
+            timeout=httpx2.Timeout(timeout, connect=connect_timeout),
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send, self.aclose)
+            return
+        if scope["type"] != "http":
+            return
+        path = scope.get("raw_path") or scope["path"].encode()
+        url = self.upstream + path.decode("latin-1")
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        headers = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in scope.get("headers", [])
+            if k.decode("latin-1").lower() not in _HOP_BY_HOP
+            and not k.decode("latin-1").lower().startswith(CONTROL_HEADER_PREFIX)
+            and k.decode("latin-1").lower() != "accept-encoding"
+        ]
+        headers.append(("accept-encoding", "identity"))
+        disconnected = anyio.Event()
+        request = self._client.build_request(
+            scope["method"], url, headers=headers, content=_body(receive, disconnected)
+        )
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx2.TimeoutException as exc:
+            await _json(send, 504, f"upstream timed out: {exc!r}", "upstream_timeout")
+            return
+        except httpx2.HTTPError as exc:
+            await _json(send, 502, f"upstream unreachable: {exc!r}", "upstream_error")
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [
+                        (k.encode("latin-1"), v.encode("latin-1"))
+                        for k, v in response.headers.multi_items()
+                        if k.lower() not in _HOP_BY_HOP
+                    ],
+                }
+            )
+            async with anyio.create_task_group() as tg:
+                # Watch for the client leaving while the body streams: then stop reading the
+                # upstream (the cache sees the disconnect and stores nothing).
+                tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                tg.cancel_scope.cancel()
+            if not disconnected.is_set():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+
+async def _body(receive: Receive, disconnected: anyio.Event) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            disconnected.set()
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _watch_disconnect(receive: Receive, flag: anyio.Event, scope: anyio.CancelScope) -> None:
+    while not flag.is_set():
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            flag.set()
+            scope.cancel()
+
+
+async def _json(send: Send, status: int, message: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": code, "code": code}}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _lifespan(receive: Receive, send: Send, on_shutdown: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await on_shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class ProxyApp:
+    """The proxy's ASGI app: operational endpoints, then the cache, then the forwarder."""
+
+    def __init__(self, cached: CacheMiddleware, metrics: Metrics) -> None:
+        self.cached = cached
+        self.metrics = metrics
+        self.started = time.time()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/_sse_cache/"):
+            await self._ops(scope, send)
+            return
+        await self.cached(scope, receive, send)
+
+    async def _ops(self, scope: Scope, send: Send) -> None:
+        path = scope["path"]
+        if path == "/_sse_cache/metrics":
+            body = self.metrics.render().encode()
+            await _plain(send, 200, body, "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/_sse_cache/health":
+            backend = self.cached.service.backend
+            try:
+                with anyio.fail_after(2.0):
+                    await backend.get("sse-cache:health-probe")
+                status, state = 200, "ok"
+            except Exception as exc:
+                status, state = 503, f"backend unavailable: {exc!r}"
+            body = json.dumps(
+                {
+                    "status": state,
+                    "backend": type(backend).__name__,
+                    "uptime_seconds": round(time.time() - self.started, 3),
+                }
+            ).encode()
+            await _plain(send, status, body, "application/json")
+        else:
+            await _json(send, 404, f"unknown endpoint {path}", "not_found")
+
+
+async def _plain(send: Send, status: int, body: bytes, content_type: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode()),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def create_proxy_app(
+    upstream: str,
+    backend: Any = DEFAULT_BACKEND,
+    *,
+    ttl: float | None = None,
+    hooks: Iterable[Any] = (),
+    **options: Any,
+) -> ProxyApp:
+    """The caching reverse proxy for ``upstream``: cacheable routes through
+    :class:`CacheMiddleware` (``options`` are its keyword options), everything else passed
+    through unchanged."""
+    metrics = Metrics()
+    forwarder: ASGIApp = Forwarder(upstream)
+    cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[metrics, *hooks], **options)
+    return ProxyApp(cached, metrics)
