@@ -251,8 +251,7 @@ class CachedStream:
         # coroutine layer per event costs more than recording the event.
         log = flight.log
         cache = self._cache
-        iterator = flight.iterator
-        assert iterator is not None
+        iterator = flight.iterator  # None for a pushed stream: its readers never pull
         record = flight.recorder.add
         started = flight.started
         i = 0
@@ -266,6 +265,7 @@ class CachedStream:
                 if await _wait_for_puller(flight):
                     return
                 continue
+            assert iterator is not None
             flight.pulling = True
             try:
                 event = await iterator.__anext__()

@@ -382,3 +382,72 @@ async def test_upstream_is_not_called_on_a_hit_and_closed_on_a_miss() -> None:
     await consume(cache, up)
     await consume(cache, up)
     assert up.calls == 1 and up.closed == 1
+
+
+async def test_pushed_recording_is_stored_and_joinable() -> None:
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    key = cache.key(cache.request(BODY))
+    joined: list[Event] = []
+    ready = anyio.Event()
+
+    async def follower() -> None:
+        await ready.wait()
+        async with cache.join(key) as stream:
+            assert stream is not None and stream.status is CacheStatus.SHARED
+            joined.extend([e async for e in stream])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower)
+        async with cache.recording(key) as live:
+            live.respond(200, "text/event-stream")
+            live.add(EVENTS[:10])
+            ready.set()
+            await anyio.sleep(0.01)
+            live.add(EVENTS[10:])
+    assert live.stored and wire(joined) == wire(EVENTS)
+    async with cache.join(key) as none:
+        assert none is None  # the flight is over: the next request finds the entry
+    s, events = await consume(cache, Upstream())
+    assert s.status is CacheStatus.HIT and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
+
+
+async def test_pushed_recording_that_fails_stores_nothing_and_aborts_followers() -> None:
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    key = "k" * 64
+    errors: list[BaseException] = []
+    ready = anyio.Event()
+
+    async def follower() -> None:
+        await ready.wait()
+        try:
+            async with cache.join(key) as stream:
+                assert stream is not None
+                async for _ in stream:
+                    pass
+        except SharedStreamAborted as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower)
+        with pytest.raises(RuntimeError, match="producer broke"):
+            async with cache.recording(key) as live:
+                live.add(EVENTS[:3])
+                ready.set()
+                await anyio.sleep(0.01)
+                raise RuntimeError("producer broke")
+    assert backend.data == {} and len(errors) == 1
+
+
+@pytest.mark.parametrize(("status", "stored"), [(200, True), (500, False)])
+async def test_pushed_recording_respects_status_and_no_store(status: int, stored: bool) -> None:
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    async with cache.recording("a" * 64) as live:
+        live.respond(status, "text/event-stream")
+        live.add(EVENTS)
+    assert live.stored is stored
+    async with cache.recording("b" * 64, store=False) as live:
+        live.add(EVENTS)
+    assert not live.stored and "no-store" in live.reason

@@ -1,0 +1,30 @@
+"""The engine on its own: the same streamed request twice, a miss then a hit."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+
+import anyio
+
+from sse_cache import Event, StreamCache
+from sse_cache.adapters import GenericSSE
+
+
+async def upstream() -> AsyncIterator[Event]:  # any async iterator of Event: an LLM stream
+    for word in ["Hello", " world", "!"]:
+        await anyio.sleep(0.05)
+        yield Event(data=word)
+
+
+async def main(db: str) -> None:
+    async with StreamCache(f"sqlite:///{db}", GenericSSE(), ttl=3600) as cache:
+        request = cache.request({"model": "m", "input": "hi", "stream": True})
+        for _ in range(2):
+            async with cache.stream(request, upstream) as stream:
+                text = "".join([event.data async for event in stream])
+            print(stream.status, text)  # miss Hello world!  then  hit Hello world!
+
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1] if len(sys.argv) > 1 else "quickstart.db")

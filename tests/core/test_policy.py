@@ -1,0 +1,124 @@
+"""CachePolicy: routes, tenant scopes and request controls (sans-IO)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sse_cache import ConfigError, Pacing
+from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
+from sse_cache.metrics import Metrics
+from sse_cache.engine import Notice
+from sse_cache.policy import SHARED_TENANT, CachePolicy, Controls, parse_controls
+
+BODY = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
+
+
+def test_default_routes_and_prefixes() -> None:
+    policy = CachePolicy()
+    assert isinstance(policy.match("POST", "/v1/responses")[1], OpenAIResponses)  # type: ignore[index]
+    assert isinstance(policy.match("POST", "/openai/v1/chat/completions/")[1], OpenAIChat)  # type: ignore[index]
+    assert policy.match("GET", "/v1/responses") is None
+    assert policy.match("POST", "/v1/models") is None
+    assert policy.match("POST", "/v1/responses?x=1") is not None
+
+
+def test_custom_routes_accept_classes_factories_and_instances() -> None:
+    generic = GenericSSE()
+    policy = CachePolicy(
+        {"/events": generic, "/chat/completions": OpenAIChat, "/r": lambda: GenericSSE()}
+    )
+    assert policy.match("POST", "/events")[1] is generic  # type: ignore[index]
+    assert isinstance(policy.match("POST", "/openai/deployments/x/chat/completions")[1], OpenAIChat)  # type: ignore[index]
+    with pytest.raises(ConfigError, match="start with"):
+        CachePolicy({"events": generic})
+    with pytest.raises(ConfigError, match="not a StreamAdapter"):
+        CachePolicy({"/x": 42})  # type: ignore[dict-item]
+
+
+def test_decide_bypasses_what_it_cannot_key() -> None:
+    policy = CachePolicy(max_body_bytes=100)
+    headers = {"authorization": "Bearer k"}
+    assert (
+        policy.decide("POST", "/v1/responses", headers, b"not json").reason
+        == "request body is not JSON"
+    )
+    assert "not a JSON object" in policy.decide("POST", "/v1/responses", headers, b"[1]").reason
+    assert "over 100 bytes" in policy.decide("POST", "/v1/responses", headers, None).reason
+    gz = {**headers, "content-encoding": "gzip"}
+    assert policy.decide("POST", "/v1/responses", gz, BODY).reason == "compressed request body"
+    decision = policy.decide("POST", "/v1/responses", headers, BODY)
+    assert decision.cacheable and decision.streaming and decision.route == "POST /v1/responses"
+
+
+def test_tenant_scopes() -> None:
+    default = CachePolicy()
+    a = default.tenant_of({"authorization": "Bearer a"})
+    assert a != default.tenant_of({"authorization": "Bearer b"}) and a.startswith("t:")
+    assert default.tenant_of({}) == ""
+    assert CachePolicy(tenant=SHARED_TENANT).tenant_of({"authorization": "Bearer a"}) == ""
+    custom = CachePolicy(tenant=lambda h: h.get("x-org", ""))
+    assert custom.tenant_of({"x-org": "acme"}) == "c:acme"
+    with pytest.raises(ConfigError, match="tenant"):
+        CachePolicy(tenant="everyone")
+
+
+def test_controls_parse() -> None:
+    assert parse_controls({}) == Controls()
+    c = parse_controls(
+        {
+            "cache-control": "no-cache, no-store",
+            "x-sse-cache-ttl": "60",
+            "x-sse-cache-max-age": "0",
+            "x-sse-cache-namespace": "team-a",
+            "x-sse-cache-refresh": "1",
+            "x-sse-cache-variants": "3",
+            "x-sse-cache-ignore-fields": "user, metadata",
+            "x-sse-cache-replay": "2x",
+        }
+    )
+    assert (c.lookup, c.store, c.refresh, c.ttl, c.max_age) == (False, False, True, 60.0, 0.0)
+    assert c.namespace == "team-a" and c.variants == 3
+    assert c.ignore_fields == {"user", "metadata"} and c.pacing == Pacing("original", factor=2.0)
+
+
+@pytest.mark.parametrize(
+    ("header", "value"),
+    [
+        ("x-sse-cache-ttl", "abc"),
+        ("x-sse-cache-ttl", "-5"),
+        ("x-sse-cache-ttl", "inf"),
+        ("x-sse-cache-max-age", "-1"),
+        ("x-sse-cache-namespace", "has space"),
+        ("x-sse-cache-namespace", "x" * 200),
+        ("x-sse-cache-variants", "0"),
+        ("x-sse-cache-variants", "1000"),
+        ("x-sse-cache-ignore-fields", "ok, b@d"),
+        ("x-sse-cache-replay", "fast"),
+        ("x-sse-cache-refresh", "maybe"),
+    ],
+)
+def test_bad_control_values_name_the_header(header: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=header):
+        parse_controls({header: value})
+
+
+def test_variants_pick_within_range() -> None:
+    picks = {CachePolicy.pick_variant(Controls(variants=3)) for _ in range(200)}
+    assert picks == {0, 1, 2}
+    assert CachePolicy.pick_variant(Controls()) == 0
+
+
+def test_metrics_render_prometheus_text() -> None:
+    metrics = Metrics()
+    for kind in ("hit", "hit", "miss", "store", "store_failed"):
+        metrics(Notice(kind=kind, key="k", seconds=1.5))
+    metrics(Notice(kind="replayed", key="k", bytes=1234))
+    text = metrics.render()
+    assert 'sse_cache_requests_total{status="hit"} 2' in text
+    assert 'sse_cache_requests_total{status="miss"} 1' in text
+    assert "sse_cache_stores_total 1" in text and "sse_cache_store_failures_total 1" in text
+    assert "sse_cache_replayed_bytes_total 1234" in text
+    assert "sse_cache_upstream_seconds_saved_total 3.0" in text
+    assert text.endswith("\n") and metrics.count("hit") == 2
