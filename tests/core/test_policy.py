@@ -8,8 +8,8 @@ import pytest
 
 from sse_cache import ConfigError, Pacing
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
-from sse_cache.metrics import Metrics
 from sse_cache.engine import Notice
+from sse_cache.metrics import Metrics
 from sse_cache.policy import SHARED_TENANT, CachePolicy, Controls, parse_controls
 
 BODY = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
