@@ -1,14 +1,24 @@
 """Entry <-> bytes: msgspec MessagePack inside a versioned, checksummed envelope.
 
-Envelope (all integers big-endian)::
+Envelope::
 
-    b"SSEC" | format version (u8) | compression (u8) | BLAKE2b-128 digest (16 bytes) | payload
+    b"SSEC" | format version (u8) | BLAKE2b-128 digest of the rest (16 bytes) | payload
 
-The digest covers the version, compression and payload bytes; with ``secret`` it is a keyed
-BLAKE2b MAC, so entries written by anyone without the secret (a shared Redis, say) are
-rejected. The payload stores events column by column (all ``data`` strings, then all types,
-...), which msgspec decodes several times faster than a list of per-event maps: decode time
-is what bounds a replay (``../shared/LIMITS.md``).
+The payload is a MessagePack array ``[head, columns, wire]``:
+
+- ``head``: schema, times, status, content type, meta, event count (small, uncompressed);
+- ``columns``: the events column by column (every ``data``, every type, every ``at``, ...),
+  or the non-stream body — what :meth:`MsgpackCodec.decode` needs to rebuild ``Event``\\ s;
+- ``wire``: the events already written as canonical SSE bytes — what an HTTP integration
+  sends on an instant replay, without building a single ``Event`` (:meth:`decode_wire`).
+
+``columns`` and ``wire`` are compressed separately (zstd or zlib, each tagged by a leading
+method byte), so each way of reading decompresses and decodes only its own part: decoding is
+what bounds a replay (``../shared/LIMITS.md``). zstd sees the repeated text of a stream's
+``*.done`` events inside each part, which keeps an entry ~10-20x smaller than its SSE.
+
+The digest covers everything after it; with ``secret`` it is a keyed BLAKE2b MAC, so entries
+written by anyone without the secret (a shared Redis, say) are rejected.
 """
 
 from __future__ import annotations
@@ -17,13 +27,13 @@ import hashlib
 import hmac
 import zlib
 from types import ModuleType
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import msgspec
 
 from .entry import ENTRY_FORMAT_VERSION, Entry
 from .errors import ConfigError, CorruptEntry
-from .events import Event
+from .events import Event, serialize_sse
 
 _zstd: ModuleType | None
 try:  # optional: sse-cache[zstd]
@@ -31,13 +41,13 @@ try:  # optional: sse-cache[zstd]
 except ImportError:  # pragma: no cover - exercised only without the extra
     _zstd = None
 
-__all__ = ["Compression", "MsgpackCodec", "zstd_available"]
+__all__ = ["Compression", "MsgpackCodec", "WireEntry", "zstd_available"]
 
 Compression = Literal["auto", "zstd", "zlib", "none"]
 
 _MAGIC: Final = b"SSEC"
-_HEADER = len(_MAGIC) + 2
 _DIGEST = 16
+_HEADER = len(_MAGIC) + 1 + _DIGEST
 _NONE, _ZLIB, _ZSTD = 0, 1, 2
 _NAMES = {"none": _NONE, "zlib": _ZLIB, "zstd": _ZSTD}
 
@@ -47,35 +57,64 @@ def zstd_available() -> bool:
     return _zstd is not None
 
 
-class _WireEntry(msgspec.Struct, array_like=True):
+class WireEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """An entry as an HTTP integration replays it: the recorded events as canonical SSE bytes
+    (``sse``; None for a non-stream entry, whose ``body`` is set instead)."""
+
     schema: str
     created_at: float
     status: int
     content_type: str
     meta: dict[str, str]
-    body: bytes | None
-    # Event columns; None when the entry holds a body. ids/retries are None when no event
-    # has one, which is the common case and saves decoding a column of nils.
-    data: list[str] | None
-    types: list[str | None] | None
-    at: list[float] | None
+    count: int
+    duration: float
+    sse: bytes | None = None
+    body: bytes | None = None
+    expires_at: float | None = None
+
+    @property
+    def is_stream(self) -> bool:
+        return self.sse is not None
+
+
+class _Head(msgspec.Struct, array_like=True):
+    schema: str
+    created_at: float
+    status: int
+    content_type: str
+    meta: dict[str, str]
+    stream: bool
+    count: int
+    duration: float
+    expires_at: float | None
+
+
+class _Columns(msgspec.Struct, array_like=True):
+    # ids/retries are None when no event has one: the common case, and a column of nils
+    # would cost decode time for nothing.
+    data: list[str]
+    types: list[str | None]
+    at: list[float]
     ids: list[str | None] | None
     retries: list[int | None] | None
 
 
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(_WireEntry)
+_parts_decoder = msgspec.msgpack.Decoder(tuple[_Head, bytes, bytes])
+_columns_decoder = msgspec.msgpack.Decoder(_Columns)
 
 
 class MsgpackCodec:
-    """The default :class:`~sse_cache.protocols.EventCodec`.
+    """The default :class:`~sse_cache.protocols.EventCodec` (also a
+    :class:`~sse_cache.protocols.WireCodec`).
 
     ``compression``: ``"auto"`` (zstd when installed, else zlib), ``"zstd"``, ``"zlib"`` or
-    ``"none"``; payloads under ``min_compress_bytes`` are stored uncompressed. Decoding reads
+    ``"none"``; parts under ``min_compress_bytes`` are stored uncompressed. Decoding reads
     whatever compression an entry says it has, so the setting can change on a live cache.
     ``max_decoded_bytes`` bounds decompression (a hostile entry cannot expand without limit).
-    ``secret`` turns the checksum into a MAC. ``decode`` raises :class:`CorruptEntry` for any
-    input it cannot trust, and never returns a different entry than was encoded.
+    ``secret`` turns the checksum into a MAC. ``decode``/``decode_wire`` raise
+    :class:`CorruptEntry` for any input they cannot trust, and never return another entry than
+    the one encoded.
     """
 
     def __init__(
@@ -116,90 +155,158 @@ class MsgpackCodec:
             raise ValueError(f"cannot encode an entry of format version {entry.version}")
         events = entry.events
         if events is None:
-            wire = _WireEntry(
+            if entry.body is None:
+                raise ValueError("an entry needs events or a body")
+            head = _Head(
                 entry.schema,
                 entry.created_at,
                 entry.status,
                 entry.content_type,
                 entry.meta,
-                entry.body,
-                None,
-                None,
-                None,
-                None,
-                None,
+                False,
+                0,
+                0.0,
+                entry.expires_at,
             )
+            columns, wire = self._pack(entry.body), b""
         else:
             ids: list[str | None] | None = [e.id for e in events]
-            if not any(i is not None for i in ids):  # type: ignore[union-attr]
+            if all(i is None for i in ids):  # type: ignore[union-attr]
                 ids = None
             retries: list[int | None] | None = [e.retry for e in events]
-            if not any(r is not None for r in retries):  # type: ignore[union-attr]
+            if all(r is None for r in retries):  # type: ignore[union-attr]
                 retries = None
-            wire = _WireEntry(
-                entry.schema,
-                entry.created_at,
-                entry.status,
-                entry.content_type,
-                entry.meta,
-                entry.body,
+            cols = _Columns(
                 [e.data for e in events],
                 [e.event for e in events],
                 [e.at for e in events],
                 ids,
                 retries,
             )
-        payload = _encoder.encode(wire)
-        method = self._method if len(payload) >= self._min_compress else _NONE
+            head = _Head(
+                entry.schema,
+                entry.created_at,
+                entry.status,
+                entry.content_type,
+                entry.meta,
+                True,
+                len(events),
+                events[-1].at if events else 0.0,
+                entry.expires_at,
+            )
+            columns = self._pack(_encoder.encode(cols))
+            wire = self._pack(serialize_sse(events))
+        payload = _encoder.encode((head, columns, wire))
+        version = bytes((ENTRY_FORMAT_VERSION,))
+        return _MAGIC + version + self._digest(version, payload) + payload
+
+    def _pack(self, raw: bytes) -> bytes:
+        method = self._method if len(raw) >= self._min_compress else _NONE
         if method == _ZSTD:
             assert self._zstd_c is not None
-            payload = self._zstd_c.compress(payload)
-        elif method == _ZLIB:
-            payload = zlib.compress(payload, min(max(self._level, 1), 9))
-        head = bytes((ENTRY_FORMAT_VERSION, method))
-        return _MAGIC + head + self._digest(head, payload) + payload
+            packed: bytes = self._zstd_c.compress(raw)
+            return b"\x02" + packed
+        if method == _ZLIB:
+            return b"\x01" + zlib.compress(raw, min(max(self._level, 1), 9))
+        return b"\x00" + raw
 
     # -- decode ---------------------------------------------------------------------------
 
     def decode(self, data: bytes) -> Entry:
         """Parse bytes written by :meth:`encode`; :class:`CorruptEntry` on anything else."""
+        head, columns, _ = self._open(data)
+        body = self._unpack(columns)
+        if not head.stream:
+            return Entry(
+                schema=head.schema,
+                created_at=head.created_at,
+                status=head.status,
+                content_type=head.content_type,
+                body=bytes(body),
+                meta=head.meta,
+                expires_at=head.expires_at,
+            )
+        try:
+            cols = _columns_decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise CorruptEntry(f"entry events do not decode: {exc}") from None
+        n = len(cols.data)
+        if not n == len(cols.types) == len(cols.at) == head.count:
+            raise CorruptEntry("entry event columns are inconsistent")
+        ids = cols.ids if cols.ids is not None else [None] * n
+        retries = cols.retries if cols.retries is not None else [None] * n
+        if not len(ids) == len(retries) == n:
+            raise CorruptEntry("entry event columns are inconsistent")
+        return Entry(
+            schema=head.schema,
+            created_at=head.created_at,
+            status=head.status,
+            content_type=head.content_type,
+            events=tuple(map(Event, cols.data, cols.types, ids, retries, cols.at)),
+            meta=head.meta,
+            expires_at=head.expires_at,
+        )
+
+    def decode_wire(self, data: bytes) -> WireEntry:
+        """Like :meth:`decode`, but the events come as their canonical SSE bytes (what an
+        instant HTTP replay sends) and are never turned into ``Event`` objects."""
+        head, columns, wire = self._open(data)
+        if head.stream:
+            sse, body = bytes(self._unpack(wire)), None
+        else:
+            sse, body = None, bytes(self._unpack(columns))
+        return WireEntry(
+            schema=head.schema,
+            created_at=head.created_at,
+            status=head.status,
+            content_type=head.content_type,
+            meta=head.meta,
+            count=head.count,
+            duration=head.duration,
+            sse=sse,
+            body=body,
+            expires_at=head.expires_at,
+        )
+
+    def _open(self, data: bytes) -> tuple[_Head, bytes, bytes]:
         view = memoryview(data)
-        if len(view) < _HEADER + _DIGEST or view[:4].tobytes() != _MAGIC:
+        if len(view) < _HEADER or view[:4].tobytes() != _MAGIC:
             raise CorruptEntry("not an sse_cache entry (bad magic or too short)")
-        version, method = view[4], view[5]
+        version = view[4]
         if version != ENTRY_FORMAT_VERSION:
             raise CorruptEntry(f"entry format version {version} is not supported")
-        payload = view[_HEADER + _DIGEST :]
-        head = bytes(view[4:_HEADER])
-        if not hmac.compare_digest(self._digest(head, payload), view[_HEADER : _HEADER + _DIGEST]):
+        payload = view[_HEADER:]
+        expected = self._digest(bytes((version,)), payload)
+        if not hmac.compare_digest(expected, view[5:_HEADER]):
             raise CorruptEntry("entry checksum mismatch (altered, truncated or foreign bytes)")
-        raw = self._decompress(method, payload)
         try:
-            wire = _decoder.decode(raw)
+            return _parts_decoder.decode(payload)
         except msgspec.DecodeError as exc:
             raise CorruptEntry(f"entry payload does not decode: {exc}") from None
-        return _to_entry(wire)
 
-    def _digest(self, head: bytes, payload: Any) -> bytes:
-        h = hashlib.blake2b(head, digest_size=_DIGEST, key=self._key)
+    def _digest(self, version: bytes, payload: bytes | memoryview) -> bytes:
+        h = hashlib.blake2b(version, digest_size=_DIGEST, key=self._key)
         h.update(payload)
         return h.digest()
 
-    def _decompress(self, method: int, payload: memoryview) -> bytes | memoryview:
+    def _unpack(self, part: bytes) -> bytes | memoryview:
+        if not part:
+            raise CorruptEntry("entry part is empty")
+        method, view = part[0], memoryview(part)[1:]
         limit = self._max_decoded
         try:
             if method == _NONE:
-                return payload
+                return view
             if method == _ZSTD:
                 if _zstd is None or self._zstd_d is None:
                     raise CorruptEntry("entry is zstd-compressed; install sse-cache[zstd]")
                 # We always write the content size; a frame without one is not ours.
-                size = _zstd.frame_content_size(payload)
+                size = _zstd.frame_content_size(view)
                 if size < 0 or size > limit:
                     raise CorruptEntry(f"zstd frame size {size} is unknown or over {limit}")
-                out: bytes = self._zstd_d.decompress(payload)
+                out: bytes = self._zstd_d.decompress(view)
             elif method == _ZLIB:
-                out = zlib.decompressobj().decompress(payload, limit + 1)
+                out = zlib.decompressobj().decompress(view, limit + 1)
             else:
                 raise CorruptEntry(f"unknown compression method {method}")
         except CorruptEntry:
@@ -209,34 +316,3 @@ class MsgpackCodec:
         if len(out) > limit:
             raise CorruptEntry(f"entry expands past max_decoded_bytes={limit}")
         return out
-
-
-def _to_entry(w: _WireEntry) -> Entry:
-    events: tuple[Event, ...] | None = None
-    if w.data is not None:
-        data, types, at = w.data, w.types, w.at
-        if types is None or at is None or not len(data) == len(types) == len(at):
-            raise CorruptEntry("entry event columns are inconsistent")
-        if w.ids is None and w.retries is None:
-            events = tuple(map(Event, data, types, _nones(len(data)), _nones(len(data)), at))
-        else:
-            ids = w.ids if w.ids is not None else _nones(len(data))
-            retries = w.retries if w.retries is not None else _nones(len(data))
-            if not len(ids) == len(retries) == len(data):
-                raise CorruptEntry("entry event columns are inconsistent")
-            events = tuple(map(Event, data, types, ids, retries, at))
-    elif w.body is None:
-        raise CorruptEntry("entry holds neither events nor a body")
-    return Entry(
-        schema=w.schema,
-        created_at=w.created_at,
-        status=w.status,
-        content_type=w.content_type,
-        events=events,
-        body=w.body,
-        meta=w.meta,
-    )
-
-
-def _nones(n: int) -> list[None]:
-    return [None] * n

@@ -22,19 +22,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
 import msgspec
 
-from .codec import MsgpackCodec
+from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
 from .errors import ConfigError, CorruptEntry, SSECacheError
-from .events import Event
+from .events import Event, serialize_sse
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
-from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
+from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter, WireCodec
 from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
 
 __all__ = [
@@ -84,6 +84,7 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Hook = Callable[[Notice], None]
+_E = TypeVar("_E", Entry, WireEntry)
 
 
 class SharedStreamAborted(SSECacheError):
@@ -446,25 +447,57 @@ class StreamCache:
     async def lookup(self, key: str, *, max_age: float | None = None) -> Entry | None:
         """The stored entry for ``key``, or None on a miss, an expired/too-old entry, a
         backend failure (logged) or a corrupt entry (logged and deleted)."""
-        try:
-            with anyio.fail_after(self.backend_timeout):
-                raw = await self.backend.get(key)
-        except Exception as exc:
-            self._warn("read_failed", key, f"backend read failed: {exc!r}")
-            return None
+        raw = await self._fetch(key)
         if raw is None:
             return None
         try:
             entry = self.codec.decode(raw)
-            if entry.schema != self.adapter.name:
-                raise CorruptEntry(
-                    f"entry is of schema {entry.schema!r}, not {self.adapter.name!r}"
-                )
         except CorruptEntry as exc:
-            self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
-            await self.delete(key)
+            await self._drop(key, exc)
             return None
-        if max_age is not None and time.time() - entry.created_at > max_age:
+        return self._fresh(key, entry, max_age)
+
+    async def lookup_wire(self, key: str, *, max_age: float | None = None) -> WireEntry | None:
+        """Like :meth:`lookup`, for an HTTP replay: a recorded stream comes as its canonical
+        SSE bytes, without building events when the codec can (a :class:`WireCodec`)."""
+        raw = await self._fetch(key)
+        if raw is None:
+            return None
+        codec = self.codec
+        try:
+            if isinstance(codec, WireCodec):
+                wire = codec.decode_wire(raw)
+            else:
+                wire = _to_wire(codec.decode(raw))
+        except CorruptEntry as exc:
+            await self._drop(key, exc)
+            return None
+        return self._fresh(key, wire, max_age)
+
+    async def _fetch(self, key: str) -> bytes | None:
+        try:
+            with anyio.fail_after(self.backend_timeout):
+                return await self.backend.get(key)
+        except Exception as exc:
+            self._warn("read_failed", key, f"backend read failed: {exc!r}")
+            return None
+
+    async def _drop(self, key: str, exc: CorruptEntry) -> None:
+        self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
+        await self.delete(key)
+
+    def _fresh(self, key: str, entry: _E, max_age: float | None) -> _E | None:
+        if entry.schema != self.adapter.name:
+            # The key includes the schema: another schema's entry here is a collision or
+            # tampering. Not served (and not deleted: it may be valid for its own schema).
+            self._warn("corrupt", key, f"entry is of schema {entry.schema!r}")
+            return None
+        now = time.time()
+        if max_age is not None and now - entry.created_at > max_age:
+            return None
+        # Backends expire entries themselves, some at a coarse granularity (memcached:
+        # whole seconds); never serve one past its recorded end.
+        if entry.expires_at is not None and now >= entry.expires_at:
             return None
         return entry
 
@@ -472,6 +505,8 @@ class StreamCache:
         """Encode and store ``entry``; False (logged) when the backend failed. ``ttl`` falls
         back to the cache's default."""
         ttl = self.ttl if ttl is None else ttl
+        if ttl is not None:
+            entry = msgspec.structs.replace(entry, expires_at=time.time() + ttl)
         try:
             data = self.codec.encode(entry)
             with anyio.fail_after(self.backend_timeout):
@@ -767,6 +802,22 @@ class StreamCache:
     def _warn(self, kind: str, key: str, message: str) -> None:
         logger.warning("sse_cache: %s (key %s)", message, key)
         self._emit(Notice(kind=kind, key=key, detail=message))
+
+
+def _to_wire(entry: Entry) -> WireEntry:
+    events = entry.events
+    return WireEntry(
+        schema=entry.schema,
+        created_at=entry.created_at,
+        status=entry.status,
+        content_type=entry.content_type,
+        meta=entry.meta,
+        count=len(events) if events is not None else 0,
+        duration=events[-1].at if events else 0.0,
+        sse=serialize_sse(events) if events is not None else None,
+        body=entry.body,
+        expires_at=entry.expires_at,
+    )
 
 
 def emit(hooks: Iterable[Hook], notice: Notice) -> None:

@@ -29,7 +29,12 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     events: tuple[Event, ...] | None = None
     body: bytes | None = None
     meta: dict[str, str] = {}
+    expires_at: float | None = None
     version: int = ENTRY_FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if (self.events is None) == (self.body is None):
+            raise ValueError("an Entry holds either events (a recorded stream) or a body")
 
     @property
     def is_stream(self) -> bool:

@@ -256,4 +256,7 @@ def serialize_sse(events: Iterable[Event]) -> bytes:
             append("data: " + data.replace("\n", "\ndata: ") + "\n\n")
         else:
             append(f"data: {data}\n\n")
-    return "".join(parts).encode("utf-8")
+    try:
+        return "".join(parts).encode("utf-8")
+    except UnicodeEncodeError as exc:  # lone surrogates: no UTF-8 for them
+        raise SSEError(f"SSE text must be valid Unicode: {exc}") from None

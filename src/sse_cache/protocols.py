@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .entry import Entry
+
+if TYPE_CHECKING:
+    from .codec import WireEntry
 from .events import Event
 from .keys import CacheRequest
 
@@ -20,6 +23,7 @@ __all__ = [
     "ScanningBackend",
     "StatsBackend",
     "StreamAdapter",
+    "WireCodec",
 ]
 
 
@@ -40,6 +44,15 @@ class EventCodec(Protocol):
     def encode(self, entry: Entry) -> bytes: ...
 
     def decode(self, data: bytes) -> Entry: ...
+
+
+@runtime_checkable
+class WireCodec(EventCodec, Protocol):
+    """A codec that can also return a stream entry as its canonical SSE bytes without
+    building events (:class:`~sse_cache.codec.WireEntry`): HTTP integrations send those
+    bytes as they are on an instant replay."""
+
+    def decode_wire(self, data: bytes) -> WireEntry: ...
 
 
 @runtime_checkable

@@ -28,7 +28,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import msgspec
 
-from .codec import MsgpackCodec
+from .codec import MsgpackCodec, WireEntry
 from .engine import CachedStream, CacheStatus, Hook, LiveRecording, Notice, StreamCache, emit
 from .entry import Entry
 from .errors import SSEError
@@ -49,6 +49,7 @@ JSON_TYPE = "application/json"
 # several times more than the rest of a replay together (LIMITS.md).
 _CHUNK_BYTES = 64 * 1024
 _BATCH_EVENTS = 256
+_SSE_HEADERS = [("cache-control", "no-cache")]
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,11 +199,9 @@ class Exchange:
                 variant=CachePolicy.pick_variant(controls),
             )
         )
-        if controls.refresh:
-            self.status = CacheStatus.REFRESH
-            return
-        if not controls.lookup:
-            self.status = CacheStatus.BYPASS
+        if controls.refresh or not controls.lookup:
+            self.status = CacheStatus.REFRESH if controls.refresh else CacheStatus.BYPASS
+            emit(self._service.hooks, Notice(kind=self.status.value, key=self.key))
             return
         self.status = CacheStatus.MISS
         if decision.streaming and (shared := await stack.enter_async_context(cache.join(self.key))):
@@ -217,23 +216,44 @@ class Exchange:
                 chunks=self._counted(_stream_chunks(shared)),
             )
             return
-        entry = await cache.lookup(self.key, max_age=controls.max_age)
-        if entry is not None:
-            self.answer = self._answer_from(cache, entry, controls.pacing)
-            if self.answer is not None:
-                self.status = CacheStatus.HIT
+        pacing = controls.pacing or cache.pacing
+        if decision.streaming and pacing.instant:
+            # The fast path: a recorded stream goes out as its stored SSE bytes.
+            wire = await cache.lookup_wire(self.key, max_age=controls.max_age)
+            if wire is not None:
+                self.answer = self._answer_wire(cache, wire)
+        else:
+            entry = await cache.lookup(self.key, max_age=controls.max_age)
+            if entry is not None:
+                self.answer = self._answer_entry(cache, entry, pacing)
+        if self.answer is not None:
+            self.status = CacheStatus.HIT
+        else:
+            emit(self._service.hooks, Notice(kind="miss", key=self.key))
 
-    def _answer_from(
-        self, cache: StreamCache, entry: Entry, pacing: Pacing | None
-    ) -> Answer | None:
-        age = max(0, int(time.time() - entry.created_at))
+    def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
+        if wire.sse is not None:
+            sse = wire.sse
+            chunks = _slices(sse)
+            content_type, events, duration = wire.content_type, wire.count, wire.duration
+        else:
+            assert wire.body is not None
+            synthesized = cache.adapter.synthesize(wire.body)
+            if synthesized is None:
+                return None
+            chunks = _slices(serialize_sse(synthesized))
+            content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
+        return self._answer(
+            wire, chunks, [("content-type", content_type), *_SSE_HEADERS], events, duration
+        )
+
+    def _answer_entry(self, cache: StreamCache, entry: Entry, pacing: Pacing) -> Answer | None:
         if self.decision.streaming:
-            events = cache.events_of(entry)
-            if events is None:
+            if cache.events_of(entry) is None:
                 return None
             stream = cache.replay(entry, pacing)
             content_type = entry.content_type if entry.is_stream else SSE_TYPE
-            base = [("content-type", content_type), ("cache-control", "no-cache")]
+            base = [("content-type", content_type), *_SSE_HEADERS]
             chunks = _stream_chunks(stream)
         else:
             body = cache.body_of(entry)
@@ -242,13 +262,27 @@ class Exchange:
             content_type = JSON_TYPE if entry.is_stream else entry.content_type
             base = [("content-type", content_type), ("content-length", str(len(body)))]
             chunks = _one(body)
-        chunks = self._counted(chunks)
+        events = entry.events or ()
+        return self._answer(entry, chunks, base, len(events), events[-1].at if events else 0.0)
+
+    def _answer(
+        self,
+        entry: Entry | WireEntry,
+        chunks: AsyncIterator[bytes],
+        base: list[tuple[str, str]],
+        events: int,
+        duration: float,
+    ) -> Answer:
+        now = time.time()
         headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", self.key)]
-        headers.append(("age", str(age)))
-        ttl = self._ttl or self._service.ttl
-        if ttl is not None:
-            headers.append(("x-sse-cache-ttl", str(max(0, int(ttl - age)))))
-        return Answer(status=200, headers=headers, chunks=chunks)
+        headers.append(("age", str(max(0, int(now - entry.created_at)))))
+        if entry.expires_at is not None:
+            headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
+        emit(
+            self._service.hooks,
+            Notice(kind="hit", key=self.key, events=events, seconds=duration),
+        )
+        return Answer(status=200, headers=headers, chunks=self._counted(chunks))
 
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         sent = 0
@@ -395,6 +429,11 @@ class ResponseTee:
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:
     yield body
+
+
+async def _slices(data: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), _CHUNK_BYTES):
+        yield data[start : start + _CHUNK_BYTES]
 
 
 async def _stream_chunks(stream: CachedStream) -> AsyncIterator[bytes]:

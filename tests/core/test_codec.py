@@ -6,31 +6,37 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sse_cache import ConfigError, CorruptEntry, Entry, Event, MsgpackCodec
+from sse_cache import ConfigError, CorruptEntry, Entry, Event, MsgpackCodec, serialize_sse
 from sse_cache.testing import responses_stream
 
 _text = st.text(max_size=40)
+# What SSE can carry (the codec also stores the events as SSE): no CR in data, no line
+# breaks or NUL in event types and ids.
+_data = st.text(st.characters(codec="utf-8", exclude_characters="\r"), max_size=40)
+_field = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\x00"), max_size=20)
+_events = st.lists(
+    st.builds(
+        Event,
+        data=_data,
+        event=st.none() | _field,
+        id=st.none() | _field,
+        retry=st.none() | st.integers(0, 2**31),
+        at=st.floats(0, 1e5),
+    ),
+    max_size=20,
+).map(tuple)
 entries = st.builds(
-    Entry,
+    lambda payload, **kw: Entry(**payload, **kw),
+    st.one_of(
+        st.fixed_dictionaries({"events": _events}),
+        st.fixed_dictionaries({"body": st.binary(max_size=200)}),
+    ),
     schema=st.sampled_from(["generic", "openai-responses"]),
     created_at=st.floats(0, 2e9),
     status=st.integers(200, 299),
     content_type=st.sampled_from(["text/event-stream", "text/event-stream; charset=utf-8"]),
-    events=st.none()
-    | st.lists(
-        st.builds(
-            Event,
-            data=_text,
-            event=st.none() | _text,
-            id=st.none() | _text,
-            retry=st.none() | st.integers(0, 2**31),
-            at=st.floats(0, 1e5),
-        ),
-        max_size=20,
-    ).map(tuple),
-    body=st.none() | st.binary(max_size=200),
     meta=st.dictionaries(_text, _text, max_size=3),
-).filter(lambda e: e.events is not None or e.body is not None)
+)
 
 codecs = [
     MsgpackCodec(),
@@ -113,3 +119,22 @@ def test_bad_options_are_config_errors() -> None:
         MsgpackCodec(compression="lz4")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="secret"):
         MsgpackCodec(secret=b"x" * 65)
+
+
+def test_entry_holds_events_or_a_body() -> None:
+    with pytest.raises(ValueError, match="either"):
+        Entry(schema="g", created_at=1.0)
+    with pytest.raises(ValueError, match="either"):
+        Entry(schema="g", created_at=1.0, events=(), body=b"")
+
+
+@given(entry=entries)
+def test_wire_decode_gives_the_canonical_sse(entry: Entry) -> None:
+    codec = MsgpackCodec(min_compress_bytes=0)
+    wire = codec.decode_wire(codec.encode(entry))
+    if entry.events is None:
+        assert wire.sse is None and wire.body == entry.body
+    else:
+        assert wire.sse == serialize_sse(entry.events) and wire.count == len(entry.events)
+        assert wire.body is None
+    assert (wire.schema, wire.status, wire.meta) == (entry.schema, entry.status, entry.meta)
