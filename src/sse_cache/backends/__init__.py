@@ -1,0 +1,176 @@
+"""Storage backends and :func:`from_url`.
+
+Every backend, built-in or third-party, is found through the entry-point group
+``sse_cache.backends``: the entry point's name is a URL scheme and its value a factory
+``from_url(url, **options) -> Backend``. Only the module of the scheme asked for is imported,
+so ``import sse_cache`` never imports redis or pymemcache. The backend classes are exported
+lazily from here for the same reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any, Final
+
+from ..errors import ConfigError, SSECacheError
+from ..protocols import Backend
+
+if TYPE_CHECKING:
+    from .memcached import MemcachedBackend as MemcachedBackend
+    from .memory import MemoryBackend as MemoryBackend
+    from .redis import RedisBackend as RedisBackend
+    from .sqlite import SQLiteBackend as SQLiteBackend
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MemcachedBackend",
+    "MemoryBackend",
+    "RedisBackend",
+    "SQLiteBackend",
+    "from_url",
+    "known_schemes",
+]
+
+#: The entry-point group where backends register a factory, keyed by URL scheme.
+ENTRY_POINT_GROUP: Final = "sse_cache.backends"
+
+_DIST: Final = "sse-cache"
+
+# The built-ins, as declared in pyproject.toml. Used only when the package metadata is not
+# available (running from a source tree that was never installed); a test checks that this
+# table and the installed entry points agree.
+_BUILTIN: Final = {
+    "memory": "sse_cache.backends.memory:from_url",
+    "sqlite": "sse_cache.backends.sqlite:from_url",
+    "redis": "sse_cache.backends.redis:from_url",
+    "rediss": "sse_cache.backends.redis:from_url",
+    "unix": "sse_cache.backends.redis:from_url",
+    "redis+cluster": "sse_cache.backends.redis:from_url",
+    "rediss+cluster": "sse_cache.backends.redis:from_url",
+    "memcached": "sse_cache.backends.memcached:from_url",
+}
+
+# Which extra installs a missing third-party module that a built-in backend needs.
+_EXTRAS: Final = {"redis": "redis", "pymemcache": "memcached"}
+
+_CLASSES: Final = {
+    "MemoryBackend": ".memory",
+    "SQLiteBackend": ".sqlite",
+    "RedisBackend": ".redis",
+    "MemcachedBackend": ".memcached",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy class exports (PEP 562): `from sse_cache.backends import RedisBackend` imports
+    # redis only then.
+    module = _CLASSES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        mod = importlib.import_module(module, __name__)
+    except ImportError as exc:
+        extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        raise ImportError(
+            f"{name} needs the {exc.name} package: pip install 'sse-cache[{extra}]'",
+            name=exc.name,
+        ) from exc
+    return getattr(mod, name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+def _scheme_entry_points() -> dict[str, list[EntryPoint]]:
+    found: dict[str, list[EntryPoint]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name.lower(), []).append(ep)
+    return found
+
+
+def known_schemes() -> list[str]:
+    """Every URL scheme :func:`from_url` accepts: built-ins and installed plugins."""
+    return sorted(set(_BUILTIN) | set(_scheme_entry_points()))
+
+
+def _dist_name(ep: EntryPoint) -> str:
+    dist = ep.dist
+    return dist.name if dist is not None else "?"
+
+
+def _pick(scheme: str, candidates: list[EntryPoint]) -> EntryPoint:
+    # Two distributions may claim one scheme (or one may be installed twice). Our own
+    # registration wins for built-in schemes so a plugin cannot silently take over `redis`;
+    # otherwise the choice is deterministic (by distribution name).
+    if len(candidates) > 1 and scheme in _BUILTIN:
+        own = [ep for ep in candidates if _dist_name(ep).replace("_", "-").lower() == _DIST]
+        if own:
+            return own[0]
+    return sorted(candidates, key=_dist_name)[0]
+
+
+def _load(scheme: str, ep: EntryPoint | None) -> Callable[..., Any]:
+    target = ep.value if ep is not None else _BUILTIN[scheme]
+    where = f"backend plugin {scheme!r} ({target}" + (
+        f", from {_dist_name(ep)})" if ep is not None else ")"
+    )
+    try:
+        if ep is not None:
+            factory = ep.load()
+        else:
+            module, _, attr = target.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        missing = (exc.name or "").partition(".")[0]
+        if target.startswith("sse_cache.") and missing in _EXTRAS:
+            raise ConfigError(
+                f"the {scheme}:// backend needs the {missing} package: "
+                f"pip install 'sse-cache[{_EXTRAS[missing]}]'"
+            ) from exc
+        raise ConfigError(f"{where} cannot be imported: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(f"{where} failed to load: {exc!r}") from exc
+    if not callable(factory):
+        raise ConfigError(f"{where} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def from_url(url: str, **options: Any) -> Backend:
+    """Create a backend from a URL; keyword ``options`` override the URL's query parameters.
+
+    Built-in schemes: ``memory://``, ``sqlite:///path/to/file.db`` (``sqlite:///./rel.db`` for
+    a relative path), ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS),
+    ``unix:///path/redis.sock``, ``redis+cluster://host:port[,host:port...]`` (and
+    ``rediss+cluster://``), ``memcached://host:port[,host:port...]``; see docs/backends.md for
+    each scheme's options. Other schemes are looked up among installed plugins.
+
+    Raises :class:`ConfigError` for an unknown scheme (the message lists the known ones), an
+    invalid option (naming it), a missing optional package (with the ``pip install`` hint) or
+    a plugin that fails to load. Creating a backend does no I/O: connections open on first use.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"backend URL must look like scheme://..., got {url!r}")
+    scheme = url.split("://", 1)[0].lower()
+    candidates = _scheme_entry_points().get(scheme)
+    if candidates is None and scheme not in _BUILTIN:
+        known = ", ".join(f"{s}://" for s in known_schemes())
+        raise ConfigError(f"unknown backend URL scheme {scheme!r}; known schemes: {known}")
+    ep = _pick(scheme, candidates) if candidates else None
+    factory = _load(scheme, ep)
+    try:
+        backend = factory(url, **options)
+    except SSECacheError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"backend factory for {scheme}:// failed: {exc!r}") from exc
+    if not isinstance(backend, Backend):
+        raise ConfigError(
+            f"backend factory for {scheme}:// returned {type(backend).__name__}, "
+            "which does not implement the Backend protocol"
+        )
+    return backend

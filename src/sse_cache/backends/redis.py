@@ -1,0 +1,355 @@
+"""Redis backend (standalone, TLS, unix socket, Redis Cluster) on redis-py's ``redis.asyncio``.
+
+redis-py's asyncio client runs on asyncio only: under trio every operation raises
+:class:`~sse_cache.errors.BackendUnavailable` saying so (the engine then serves misses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+from urllib.parse import unquote, urlsplit
+
+import anyio
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
+
+__all__ = ["RedisBackend", "from_url", "map_exceptions"]
+
+_DEFAULT_PREFIX: Final = "sse-cache:"
+_DEFAULT_TIMEOUT: Final = 0.5
+_SCAN_COUNT: Final = 500
+# Compare-and-delete: release a lock only if it still holds our token (it may have expired
+# and been taken by someone else since).
+_RELEASE: Final = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+_GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+
+
+@contextmanager
+def map_exceptions(what: str) -> Iterator[None]:
+    """Translate redis-py (and socket / timeout) exceptions into the BackendError family.
+
+    The one edge where they are translated (as httpcore's ``map_exceptions`` does): no
+    redis exception leaves this module.
+    """
+    try:
+        yield
+    except BackendError:
+        raise
+    except (rexc.TimeoutError, TimeoutError) as exc:
+        raise BackendTimeout(f"{what}: Redis did not answer in time ({exc!r})") from exc
+    except (
+        rexc.ConnectionError,
+        rexc.ClusterDownError,
+        rexc.RedisClusterException,
+        rexc.BusyLoadingError,
+        ConnectionError,
+        OSError,
+    ) as exc:
+        raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
+    except rexc.RedisError as exc:
+        raise BackendError(f"{what}: Redis error ({exc})") from exc
+
+
+class RedisBackend:
+    """Entries in Redis (a standalone server or a Redis Cluster), under a key prefix.
+
+    Guarantees:
+
+    - *Atomicity*: each value is one Redis string written by one ``SET``; Redis applies it
+      atomically, so a reader sees the old or the new value, never a mix, in every process
+      and on every machine sharing the server.
+    - *TTL*: ``SET ... PX`` (millisecond resolution), enforced by Redis itself.
+    - *Size*: values up to Redis' ``proto-max-bulk-len`` (512 MB by default) and the
+      server's ``maxmemory`` policy; several MB are fine, although one operation must finish
+      within ``timeout``.
+    - *Faults*: every operation is bounded by ``timeout`` seconds (0.5 by default), so a hung
+      or unreachable Redis costs a :class:`BackendTimeout` / :class:`BackendUnavailable`
+      quickly, never a stalled stream; the connection pool reconnects by itself when the
+      server is back (the same object recovers).
+    - *Namespace*: values live at ``{prefix}e:{key}`` and locks at ``{prefix}l:{name}``,
+      so several applications can share one Redis by using different prefixes.
+
+    asyncio only (redis-py's asyncio client); under trio operations raise
+    :class:`BackendUnavailable`.
+
+    Capabilities: :class:`~sse_cache.protocols.ScanningBackend` (``SCAN``, never ``KEYS``;
+    on a cluster, every primary), :class:`~sse_cache.protocols.StatsBackend`,
+    :class:`~sse_cache.protocols.LockingBackend` (``SET NX PX`` + compare-and-delete).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        *,
+        prefix: str = _DEFAULT_PREFIX,
+        timeout: float = _DEFAULT_TIMEOUT,
+    ) -> None:
+        self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self.prefix = prefix
+        self._data_prefix = prefix + "e:"
+        self._lock_prefix = prefix + "l:"
+        self._timeout = timeout
+        self._closed = False
+
+    def __repr__(self) -> str:
+        kind = "cluster" if self._cluster else "standalone"
+        return f"RedisBackend({kind}, prefix={self.prefix!r}, timeout={self._timeout})"
+
+    @property
+    def client(self) -> aioredis.Redis | RedisCluster:
+        """The underlying redis-py client (for capabilities this class does not wrap)."""
+        return self._client
+
+    @contextmanager
+    def _op(self, what: str) -> Iterator[None]:
+        check_open(self._closed, "RedisBackend")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise BackendUnavailable(
+                "the Redis backend runs on asyncio only (redis-py's asyncio client)"
+            ) from None
+        with map_exceptions(what), anyio.fail_after(self._timeout):
+            yield
+
+    # -- the Backend protocol -------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under ``key``, or None when missing or expired."""
+        with self._op("GET"):
+            value: bytes | None = await self._client.get(self._data_prefix + key)  # type: ignore[assignment]
+        return value
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        """``SET`` ``value`` under ``key``, with ``PX`` when ``ttl`` is given (a
+        non-positive ``ttl`` deletes the key: it would be expired already)."""
+        value = to_bytes(value)
+        expires_at(0.0, ttl)
+        with self._op("SET"):
+            name = self._data_prefix + key
+            if ttl is None:
+                await self._client.set(name, value)
+            elif ttl <= 0:
+                await self._client.delete(name)
+            else:
+                await self._client.set(name, value, px=max(1, math.ceil(ttl * 1000)))
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a missing key is not an error."""
+        with self._op("DEL"):
+            await self._client.delete(self._data_prefix + key)
+
+    async def aclose(self) -> None:
+        """Close the connection pool; later operations raise BackendUnavailable."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout * 4):
+                await self._client.aclose()
+        except Exception:  # closing a pool whose server is gone must not fail the caller
+            pass
+
+    # -- capabilities ---------------------------------------------------------------------
+
+    async def scan(self, prefix: str = "") -> AsyncIterator[str]:
+        """Every key starting with ``prefix`` (``SCAN MATCH``, one bounded call per page;
+        on a cluster, each primary in turn). Keys written during the scan may be missed."""
+        match = (self._data_prefix + prefix).translate(_GLOB_SPECIAL) + "*"
+        start = len(self._data_prefix)
+        async for page in self._scan_pages(match):
+            for raw in page:
+                yield raw.decode("utf-8", "surrogateescape")[start:]
+
+    async def _scan_pages(self, match: str) -> AsyncIterator[list[bytes]]:
+        client = self._client
+        if isinstance(client, RedisCluster):
+            with self._op("CLUSTER NODES"):
+                await client.initialize()
+            for node in client.get_primaries():
+                cursor = 0
+                while True:
+                    with self._op("SCAN"):
+                        # On a cluster, SCAN answers {node name: cursor} and the keys.
+                        reply: Any = await client.scan(
+                            cursor, match=match, count=_SCAN_COUNT, target_nodes=node
+                        )
+                    cursors, keys = reply
+                    yield [k if isinstance(k, bytes) else k.encode() for k in keys]
+                    cursor = int(cursors[node.name])
+                    if cursor == 0:
+                        break
+        else:
+            cursor = 0
+            while True:
+                with self._op("SCAN"):
+                    cursor, keys = await client.scan(cursor, match=match, count=_SCAN_COUNT)
+                yield [k if isinstance(k, bytes) else k.encode() for k in keys]
+                if cursor == 0:
+                    break
+
+    async def clear(self) -> int:
+        """Delete every entry under this backend's prefix (``SCAN`` + ``UNLINK`` in pages);
+        return how many were deleted. Locks are left alone."""
+        count = 0
+        match = self._data_prefix.translate(_GLOB_SPECIAL) + "*"
+        async for page in self._scan_pages(match):
+            if page:
+                with self._op("UNLINK"):
+                    count += int(await self._client.unlink(*page))
+        return count
+
+    async def stats(self) -> dict[str, int]:
+        """``entries`` and ``bytes`` (values) under this prefix, counted by ``SCAN`` +
+        ``STRLEN`` (cost grows with the number of keys), and ``servers``."""
+        entries = size = 0
+        match = self._data_prefix.translate(_GLOB_SPECIAL) + "*"
+        async for page in self._scan_pages(match):
+            if not page:
+                continue
+            with self._op("STRLEN"):
+                pipe = self._client.pipeline()
+                for name in page:
+                    pipe.strlen(name)
+                lengths = await pipe.execute()
+            for length in lengths:
+                if isinstance(length, int) and length > 0:  # 0: expired meanwhile
+                    entries += 1
+                    size += length
+        servers = 1
+        if isinstance(self._client, RedisCluster):
+            servers = len(self._client.get_primaries())
+        return {"entries": entries, "bytes": size, "servers": servers}
+
+    async def acquire(self, name: str, token: str, ttl: float) -> bool:
+        """Take lock ``name`` for ``token`` for ``ttl`` seconds unless someone holds it
+        (``SET NX PX``, atomic); True when taken."""
+        if not ttl > 0:
+            raise ConfigError(f"lock ttl must be > 0 seconds, got {ttl!r}")
+        with self._op("SET NX"):
+            taken = await self._client.set(
+                self._lock_prefix + name, token, nx=True, px=max(1, math.ceil(ttl * 1000))
+            )
+        return bool(taken)
+
+    async def release(self, name: str, token: str) -> None:
+        """Release ``name`` if ``token`` still holds it (atomic compare-and-delete in Lua)."""
+        with self._op("EVAL"):
+            await self._client.eval(_RELEASE, 1, self._lock_prefix + name, token)
+
+
+def _cluster_client(url: str, scheme: str, kwargs: dict[str, Any]) -> RedisCluster:
+    parts = urlsplit(url)
+    if parts.path not in ("", "/", "/0"):
+        raise ConfigError(f"{scheme}:// URL: Redis Cluster has only database 0, got {parts.path!r}")
+    nodes = [ClusterNode(host, port) for host, port in parse_hosts(scheme, parts.netloc, 6379)]
+    if parts.username:
+        kwargs["username"] = unquote(parts.username)
+    if parts.password:
+        kwargs["password"] = unquote(parts.password)
+    return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"), **kwargs)
+
+
+def _standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis.Redis:
+    parts = urlsplit(url)
+    if scheme != "unix":
+        if "," in parts.netloc:
+            raise ConfigError(
+                f"{scheme}:// URL has several hosts; for Redis Cluster use redis+cluster://"
+            )
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError:
+            raise ConfigError(f"{scheme}:// URL: bad port in {parts.netloc!r}") from None
+        path = parts.path.strip("/")
+        if path:
+            if not path.isdigit():
+                raise ConfigError(f"{scheme}:// URL: database must be a number, got {path!r}")
+            if "db" in kwargs:
+                raise ConfigError(f"{scheme}:// URL: database given both in path and as ?db=")
+    base = parts._replace(query="", fragment="").geturl()
+    # A blocking pool: under a burst of more than max_connections operations, the extra ones
+    # wait for a connection (within the operation's deadline) instead of failing at once.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        base, timeout=kwargs["socket_timeout"], **kwargs
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns (and closes) its pool
+
+
+def from_url(url: str, **options: Any) -> RedisBackend:
+    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS),
+    ``unix:///path/to/redis.sock[?db=N]``, ``redis+cluster://host:port[,host:port...]`` and
+    ``rediss+cluster://`` -> :class:`RedisBackend`.
+
+    Query options: ``prefix`` (key prefix, ``sse-cache:``), ``timeout`` (seconds per
+    operation, 0.5), ``connect_timeout`` (defaults to ``timeout``), ``max_connections``
+    (pool size, 64), ``db`` (standalone), ``health_check_interval``, ``client_name``, and for
+    TLS ``ssl_cert_reqs`` (``required``/``optional``/``none``), ``ssl_ca_certs``,
+    ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    opts = Options(url, options)
+    prefix = opts.take_str("prefix", _DEFAULT_PREFIX)
+    timeout = opts.take_float("timeout", _DEFAULT_TIMEOUT)
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": opts.take_float("connect_timeout", timeout),
+        "max_connections": opts.take_int("max_connections", 64),
+        # One immediate retry: after a server restart the pooled connections are dead, and
+        # the retry on a fresh connection lets the same backend object recover at once.
+        "retry": Retry(NoBackoff(), 1),
+    }
+    if "health_check_interval" in opts:
+        kwargs["health_check_interval"] = opts.take_int("health_check_interval", 0, minimum=0)
+    if "client_name" in opts:
+        kwargs["client_name"] = opts.take_str("client_name", "")
+    if "db" in opts:
+        kwargs["db"] = opts.take_int("db", 0, minimum=0)
+    for name in ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile"):
+        if name in opts:
+            kwargs[name] = opts.take_str(name, "")
+    if "ssl_cert_reqs" in opts:
+        reqs = opts.take_str("ssl_cert_reqs", "required").lower()
+        if reqs not in ("required", "optional", "none"):
+            raise ConfigError(
+                f"{scheme}:// option 'ssl_cert_reqs': expected required, optional or none, "
+                f"got {reqs!r}"
+            )
+        kwargs["ssl_cert_reqs"] = reqs
+    if "ssl_check_hostname" in opts:
+        kwargs["ssl_check_hostname"] = opts.take_bool("ssl_check_hostname", True)
+    opts.finish()
+    if any(k.startswith("ssl_") for k in kwargs) and not scheme.startswith("rediss"):
+        raise ConfigError(f"ssl_* options need a rediss:// URL, not {scheme}://")
+
+    client: aioredis.Redis | RedisCluster
+    try:
+        if scheme.endswith("+cluster"):
+            if "db" in kwargs:
+                raise ConfigError(f"{scheme}:// URL: Redis Cluster has no 'db' option")
+            client = _cluster_client(url, scheme, kwargs)
+        elif scheme in ("redis", "rediss", "unix"):
+            client = _standalone_client(url, scheme, kwargs)
+        else:
+            raise ConfigError(f"the Redis backend does not handle {scheme}:// URLs")
+    except (ValueError, rexc.RedisError, rexc.RedisClusterException) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
+    return RedisBackend(client, prefix=prefix, timeout=timeout)

@@ -1,0 +1,262 @@
+"""Storage faults: a server stopped or hung mid-test makes operations raise BackendError
+quickly (the engine turns that into a miss), and the same backend object recovers when the
+server is back. SQLite: corrupt and locked files."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from sse_cache.backends import from_url
+from sse_cache.errors import BackendError, BackendTimeout, BackendUnavailable
+from sse_cache.protocols import Backend
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 0.3
+QUICK = 1.5  # seconds: well under anything a stream would notice as a stall
+
+
+async def fails_quickly(
+    op: Callable[[], Awaitable[Any]], expected: type[BaseException] = BackendError
+) -> BaseException:
+    start = time.monotonic()
+    with pytest.raises(expected) as info:
+        await op()
+    elapsed = time.monotonic() - start
+    assert elapsed < QUICK, f"took {elapsed:.2f}s"
+    return info.value
+
+
+async def roundtrip(backend: Backend, key: str = "k", value: bytes = b"value") -> None:
+    await backend.set(key, value, None)
+    assert await backend.get(key) == value
+
+
+# -- Redis (asyncio only) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_stopped_then_restarted(spawn_redis: Callable[[], Any]) -> None:
+    server = spawn_redis()
+    backend = from_url(server.url, timeout=TIMEOUT)
+    try:
+        await roundtrip(backend)
+        server.stop()
+        await fails_quickly(lambda: backend.get("k"), BackendUnavailable)
+        await fails_quickly(lambda: backend.set("k", b"v", None), BackendUnavailable)
+        await fails_quickly(lambda: backend.delete("k"), BackendUnavailable)
+        server.start()  # same port, empty (no persistence)
+        assert await backend.get("k") is None
+        await roundtrip(backend, value=b"after restart")
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_hung_costs_a_timeout(spawn_redis: Callable[[], Any]) -> None:
+    server = spawn_redis()
+    backend = from_url(server.url, timeout=TIMEOUT)
+    try:
+        await roundtrip(backend)
+        server.pause()
+        await fails_quickly(lambda: backend.get("k"), BackendTimeout)
+        await fails_quickly(lambda: backend.set("k", b"x" * 100_000, 60), BackendTimeout)
+        server.resume()
+        await roundtrip(backend, value=b"recovered")
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_nothing_listening() -> None:
+    backend = from_url("redis://127.0.0.1:1/0", timeout=TIMEOUT)
+    await fails_quickly(lambda: backend.get("k"), BackendUnavailable)
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_redis_under_trio_says_asyncio_only() -> None:
+    backend = from_url("redis://127.0.0.1:1/0")
+    error = await fails_quickly(lambda: backend.get("k"), BackendUnavailable)
+    assert "asyncio" in str(error)
+    await backend.aclose()
+
+
+# -- memcached (asyncio and trio) ---------------------------------------------------------
+
+
+async def test_memcached_stopped_then_restarted(spawn_memcached: Callable[[], Any]) -> None:
+    server = spawn_memcached()
+    backend = from_url(f"memcached://{server.address}", timeout=TIMEOUT)
+    big = bytes(range(256)) * 10_000  # chunked
+    try:
+        await roundtrip(backend)
+        await roundtrip(backend, "big", big)
+        server.stop()
+        await fails_quickly(lambda: backend.get("k"), BackendUnavailable)
+        await fails_quickly(lambda: backend.set("big", big, None), BackendUnavailable)
+        await fails_quickly(lambda: backend.delete("k"), BackendUnavailable)
+        server.start()
+        assert await backend.get("big") is None
+        await roundtrip(backend, "big", big)
+    finally:
+        await backend.aclose()
+
+
+async def test_memcached_hung_costs_a_timeout(spawn_memcached: Callable[[], Any]) -> None:
+    server = spawn_memcached()
+    backend = from_url(f"memcached://{server.address}", timeout=TIMEOUT)
+    try:
+        await roundtrip(backend)
+        server.pause()
+        await fails_quickly(lambda: backend.get("k"), BackendTimeout)
+        server.resume()
+        await roundtrip(backend, value=b"recovered")
+    finally:
+        await backend.aclose()
+
+
+async def test_memcached_pool_survives_one_server(spawn_memcached: Callable[[], Any]) -> None:
+    first, second = spawn_memcached(), spawn_memcached()
+    url = f"memcached://{first.address},{second.address}?dead_timeout=0.5"
+    backend = from_url(url, timeout=TIMEOUT)
+    keys = [f"key-{i}" for i in range(20)]
+    try:
+        for key in keys:
+            await roundtrip(backend, key, key.encode())
+        second.stop()
+        # Keys on the stopped server fail fast (or read as misses once it is out of the
+        # ring); keys on the other one keep working. Nothing hangs, nothing is wrong.
+        start = time.monotonic()
+        ok = 0
+        for key in keys:
+            try:
+                value = await backend.get(key)
+            except BackendError:
+                continue
+            assert value in (None, key.encode())
+            ok += value is not None
+        assert 0 < ok < len(keys)
+        assert time.monotonic() - start < QUICK
+        # With the dead server out of the ring, writes all land on the live one.
+        for key in keys:
+            await backend.set(key, b"during", None)
+            assert await backend.get(key) == b"during"
+        second.start()
+        await anyio.sleep(0.7)  # dead_timeout: the server rejoins the ring
+        for key in keys:
+            await roundtrip(backend, key, b"after")
+    finally:
+        await backend.aclose()
+
+
+# -- SQLite -------------------------------------------------------------------------------
+
+
+async def test_sqlite_corrupt_file_costs_errors_not_crashes(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    path.write_bytes(b"definitely not SQLite " * 500)
+    backend = from_url(f"sqlite:///{path}")
+    try:
+        await fails_quickly(lambda: backend.get("k"))
+        await fails_quickly(lambda: backend.set("k", b"v", None))
+        await fails_quickly(lambda: backend.delete("k"))
+        path.unlink()  # the operator removes the bad file: the same object recovers
+        await roundtrip(backend)
+    finally:
+        await backend.aclose()
+
+
+async def test_sqlite_file_corrupted_while_open(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    backend = from_url(f"sqlite:///{path}")
+    try:
+        for i in range(20):
+            await backend.set(f"k{i}", bytes([i]) * 20_000, None)
+        await backend.aclose()
+        backend = from_url(f"sqlite:///{path}")
+        with path.open("r+b") as f:  # scribble over the b-tree pages
+            f.seek(4096)
+            f.write(b"\xff" * 16384)
+        for i in range(20):
+            try:
+                value = await backend.get(f"k{i}")
+            except BackendError:
+                continue
+            assert value in (None, bytes([i]) * 20_000)
+    finally:
+        await backend.aclose()
+
+
+async def test_sqlite_missing_directory(tmp_path: Path) -> None:
+    backend = from_url(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+    await fails_quickly(lambda: backend.get("k"), BackendUnavailable)
+    (tmp_path / "no" / "such").mkdir(parents=True)
+    await roundtrip(backend)
+    await backend.aclose()
+
+
+async def test_sqlite_writer_lock_held_too_long(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    backend = from_url(f"sqlite:///{path}?timeout=0.3&read_timeout=0.2")
+    try:
+        await roundtrip(backend)
+        # Another writer (a process stuck mid-transaction) holds the write lock.
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            await fails_quickly(lambda: backend.set("k", b"v2", None), BackendTimeout)
+            # WAL: readers are not blocked by a writer.
+            assert await backend.get("k") == b"value"
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        await roundtrip(backend, value=b"unlocked")
+    finally:
+        await backend.aclose()
+
+
+async def test_sqlite_exclusively_locked_file(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    first = from_url(f"sqlite:///{path}")
+    await roundtrip(first)
+    await first.aclose()
+    # A connection in exclusive locking mode keeps every other one out, readers included.
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    backend = from_url(f"sqlite:///{path}?timeout=0.3&read_timeout=0.2")
+    try:
+        await fails_quickly(lambda: backend.get("k"), BackendTimeout)
+        await fails_quickly(lambda: backend.set("k", b"v2", None), BackendTimeout)
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert await backend.get("k") == b"value"  # the same object recovers
+        await roundtrip(backend, value=b"unlocked")
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_burst_beyond_the_pool_waits_for_a_connection(redis_server: Any) -> None:
+    backend = from_url(f"{redis_server.url}?max_connections=2&prefix=burst:", timeout=2.0)
+    try:
+        await backend.set("k", b"v" * 100_000, None)
+        results: list[bytes | None] = []
+
+        async def read() -> None:
+            results.append(await backend.get("k"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(read)
+        assert results == [b"v" * 100_000] * 40
+    finally:
+        await backend.aclose()

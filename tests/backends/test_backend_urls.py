@@ -1,0 +1,357 @@
+"""``sse_cache.backends.from_url``: schemes, options and their validation, lazy imports, the
+entry-point registry and third-party plugins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import sse_cache.backends as backends
+from sse_cache.backends import from_url, known_schemes
+from sse_cache.errors import ConfigError
+
+
+def classname(url: str, **options: Any) -> str:
+    return type(from_url(url, **options)).__name__
+
+
+# -- schemes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("memory://", "MemoryBackend"),
+        ("MEMORY://?max_bytes=10MiB", "MemoryBackend"),
+        ("sqlite:///tmp/x.db", "SQLiteBackend"),
+        ("sqlite:///./x.db", "SQLiteBackend"),
+        ("sqlite:///:memory:", "SQLiteBackend"),
+        ("redis://localhost:6379/0", "RedisBackend"),
+        ("redis://:pw@localhost/3?prefix=app:&timeout=0.2", "RedisBackend"),
+        ("rediss://user:pw@cache.example:6380/1?ssl_cert_reqs=none", "RedisBackend"),
+        ("unix:///run/redis.sock?db=2", "RedisBackend"),
+        ("redis+cluster://10.0.0.1:7000,10.0.0.2:7001", "RedisBackend"),
+        ("rediss+cluster://h1:7000", "RedisBackend"),
+        ("memcached://127.0.0.1:11211", "MemcachedBackend"),
+        ("memcached://h1:1,h2:2,[::1]:3?chunk_size=512KiB", "MemcachedBackend"),
+    ],
+)
+def test_schemes(url: str, expected: str) -> None:
+    # Creating a backend does no I/O: none of these hosts needs to exist.
+    assert classname(url) == expected
+
+
+def test_sqlite_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert from_url("sqlite:///./rel.db").path == "./rel.db"  # type: ignore[attr-defined]
+    assert from_url("sqlite:///abs/x.db").path == "/abs/x.db"  # type: ignore[attr-defined]
+    assert from_url("sqlite:////abs/x.db").path == "/abs/x.db"  # type: ignore[attr-defined]
+    assert from_url(f"sqlite:///{tmp_path}/x.db").path == f"{tmp_path}/x.db"  # type: ignore[attr-defined]
+    assert from_url("sqlite://./rel.db").path == "./rel.db"  # type: ignore[attr-defined]
+    assert from_url("sqlite:///a%20b.db").path == "/a b.db"  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="three slashes"):
+        from_url("sqlite://host/x.db")
+    with pytest.raises(ConfigError, match="names no file"):
+        from_url("sqlite:///")
+
+
+def test_memcached_servers() -> None:
+    backend: Any = from_url("memcached://h1,h2:2,[::1]:3")
+    assert backend.servers == [("h1", 11211), ("h2", 2), ("::1", 3)]
+
+
+def test_keyword_options_override_the_query() -> None:
+    backend: Any = from_url("redis://localhost/0?prefix=url:", prefix="kw:")
+    assert backend.prefix == "kw:"
+
+
+def test_unknown_scheme_lists_known_ones() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_url("nosuch://x")
+    message = str(info.value)
+    assert "'nosuch'" in message
+    for scheme in ("memory://", "sqlite://", "redis://", "rediss://", "redis+cluster://"):
+        assert scheme in message
+    assert "memcached://" in message
+
+
+@pytest.mark.parametrize("url", ["", "memory", "localhost:6379", 42])
+def test_not_a_url(url: Any) -> None:
+    with pytest.raises(ConfigError, match="scheme://"):
+        from_url(url)
+
+
+# -- option validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "parameter"),
+    [
+        ("memory://?max_bytes=lots", "max_bytes"),
+        ("memory://?max_entries=0", "max_entries"),
+        ("memory://?maxbytes=1", "maxbytes"),
+        ("sqlite:///x.db?timeout=-1", "timeout"),
+        ("sqlite:///x.db?timeout=nan", "timeout"),
+        ("sqlite:///x.db?read_timeout=abc", "read_timeout"),
+        ("sqlite:///x.db?purge_interval=-3", "purge_interval"),
+        ("sqlite:///x.db?synchronous=sometimes", "synchronous"),
+        ("sqlite:///x.db?max_bytes=12XB", "max_bytes"),
+        ("sqlite:///x.db?journal=wal", "journal"),
+        ("redis://localhost?timeout=0", "timeout"),
+        ("redis://localhost?timeout=soon", "timeout"),
+        ("redis://localhost?max_connections=0", "max_connections"),
+        ("redis://localhost?db=-1", "db"),
+        ("redis://localhost?socket_timeout=1", "socket_timeout"),
+        ("rediss://localhost?ssl_cert_reqs=maybe", "ssl_cert_reqs"),
+        ("rediss://localhost?ssl_check_hostname=perhaps", "ssl_check_hostname"),
+        ("redis://localhost?prefix=a&prefix=b", "prefix"),
+        ("memcached://h?chunk_size=100", "chunk_size"),
+        ("memcached://h?chunk_size=big", "chunk_size"),
+        ("memcached://h?max_pool_size=0", "max_pool_size"),
+        ("memcached://h?dead_timeout=x", "dead_timeout"),
+        ("memcached://h?ttl=3", "ttl"),
+    ],
+)
+def test_bad_option_names_the_parameter(url: str, parameter: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{parameter}'"):
+        from_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("redis://localhost/abc", "database must be a number"),
+        ("redis://localhost/1?db=2", "both in path"),
+        ("redis://h1:1,h2:2", "redis\\+cluster://"),
+        ("redis://localhost:port", "bad port"),
+        ("redis://localhost?ssl_ca_certs=/x.pem", "rediss://"),
+        ("redis+cluster://h1:7000/3", "database 0"),
+        ("redis+cluster://h1:7000?db=1", "no 'db'"),
+        ("memcached://h1:x", "bad port"),
+        ("memcached://h1,,h2", "empty host"),
+        ("memcached://h?prefix=has space", "prefix"),
+    ],
+)
+def test_bad_urls(url: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        from_url(url)
+
+
+def test_size_units() -> None:
+    assert from_url("memory://?max_bytes=2KiB")._max_bytes == 2048  # type: ignore[attr-defined]
+    assert from_url("memory://?max_bytes=3M")._max_bytes == 3 * 1024**2  # type: ignore[attr-defined]
+    assert from_url("memory://?max_bytes=none")._max_bytes is None  # type: ignore[attr-defined]
+    assert from_url("memory://", max_bytes=77)._max_bytes == 77  # type: ignore[attr-defined]
+
+
+# -- registry, lazy imports, plugins ------------------------------------------------------
+
+
+def test_builtins_are_registered_as_entry_points() -> None:
+    installed = {
+        ep.name: ep.value
+        for ep in entry_points(group="sse_cache.backends")
+        if ep.dist is not None and ep.dist.name.replace("_", "-") == "sse-cache"
+    }
+    assert installed == backends._BUILTIN
+
+
+def test_known_schemes() -> None:
+    assert set(known_schemes()) >= {"memory", "sqlite", "redis", "memcached", "redis+cluster"}
+
+
+def test_lazy_class_exports() -> None:
+    from sse_cache.backends.memory import MemoryBackend
+    from sse_cache.backends.redis import RedisBackend
+
+    assert backends.MemoryBackend is MemoryBackend
+    assert backends.RedisBackend is RedisBackend
+    assert "SQLiteBackend" in dir(backends)
+    with pytest.raises(AttributeError):
+        backends.NoSuchBackend  # noqa: B018
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_import_does_not_load_redis_or_pymemcache() -> None:
+    result = run_python(
+        """
+        import sys
+        import sse_cache, sse_cache.backends
+        from sse_cache.backends import from_url, MemoryBackend
+        from_url("memory://"); from_url("sqlite:///:memory:")
+        loaded = [m for m in ("redis", "pymemcache") if m in sys.modules]
+        assert not loaded, loaded
+        from_url("redis://localhost")
+        assert "redis" in sys.modules and "pymemcache" not in sys.modules
+        print("ok")
+        """
+    )
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_missing_optional_package_gives_the_install_hint() -> None:
+    result = run_python(
+        """
+        import sys
+        sys.modules["redis"] = None  # as if redis-py were not installed
+        sys.modules["pymemcache"] = None
+        from sse_cache.backends import from_url
+        from sse_cache.errors import ConfigError
+        for url in ("redis://localhost", "memcached://localhost"):
+            try:
+                from_url(url)
+            except ConfigError as exc:
+                print(exc)
+        try:
+            from sse_cache.backends import RedisBackend
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stderr
+    assert "pip install 'sse-cache[redis]'" in lines[0]
+    assert "pip install 'sse-cache[memcached]'" in lines[1]
+    assert "pip install 'sse-cache[redis]'" in lines[2]
+
+
+def make_plugin(root: Path, name: str, entry_points_txt: str, module: str) -> None:
+    """A minimal installed distribution: a module plus a ``.dist-info`` with its entry
+    points, found by importlib.metadata once ``root`` is on sys.path. Nothing is installed
+    into the environment and nothing is downloaded."""
+    (root / f"{name}.py").write_text(textwrap.dedent(module))
+    info = root / f"{name}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(textwrap.dedent(entry_points_txt))
+
+
+PLUGIN = """
+    from sse_cache.backends.memory import MemoryBackend
+
+    class DictBackend(MemoryBackend):
+        '''A third-party backend: here a MemoryBackend that remembers its URL.'''
+
+        def __init__(self, url, **options):
+            super().__init__()
+            self.url = url
+            self.options = options
+
+    def from_url(url, **options):
+        return DictBackend(url, **options)
+"""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_third_party_plugin_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    make_plugin(
+        tmp_path,
+        "sse_cache_myscheme",
+        "[sse_cache.backends]\nmyscheme = sse_cache_myscheme:from_url\n",
+        PLUGIN,
+    )
+    with pytest.raises(ConfigError, match="unknown backend URL scheme 'myscheme'"):
+        from_url("myscheme://somewhere")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "myscheme" in known_schemes()
+    backend: Any = from_url("myscheme://somewhere/x?y=1", flavour="vanilla")
+    assert type(backend).__name__ == "DictBackend"
+    assert backend.url == "myscheme://somewhere/x?y=1"
+    assert backend.options == {"flavour": "vanilla"}
+    await backend.set("k", b"v", None)
+    assert await backend.get("k") == b"v"
+    await backend.aclose()
+    with pytest.raises(ConfigError) as info:
+        from_url("nosuch://")
+    assert "myscheme://" in str(info.value)
+
+
+def test_broken_plugins_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_plugin(
+        tmp_path,
+        "sse_cache_broken",
+        """
+        [sse_cache.backends]
+        crashing = sse_cache_broken:from_url
+        missing = sse_cache_broken_nonexistent:from_url
+        noattr = sse_cache_odd2:nothing_here
+        """,
+        """
+        raise RuntimeError("plugin import explodes")
+        """,
+    )
+    make_plugin(
+        tmp_path,
+        "sse_cache_odd2",
+        "",
+        "VALUE = 1\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = {
+        "crashing": "plugin import explodes",
+        "missing": "sse_cache_broken_nonexistent",
+        "noattr": "nothing_here",
+    }
+    for scheme, detail in cases.items():
+        with pytest.raises(ConfigError) as info:
+            from_url(f"{scheme}://x")
+        message = str(info.value)
+        assert f"backend plugin {scheme!r}" in message and detail in message
+        assert "sse_cache_" in message  # the distribution or module is named
+
+
+def test_plugin_contract_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_plugin(
+        tmp_path,
+        "sse_cache_odd",
+        """
+        [sse_cache.backends]
+        notcallable = sse_cache_odd:NOT_CALLABLE
+        wrongtype = sse_cache_odd:returns_wrong_type
+        factoryfails = sse_cache_odd:factory_fails
+        """,
+        """
+        NOT_CALLABLE = 3
+        def returns_wrong_type(url):
+            return object()
+        def factory_fails(url):
+            raise RuntimeError("cannot reach the moon")
+        """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="'notcallable'.*not callable"):
+        from_url("notcallable://x")
+    with pytest.raises(ConfigError, match="does not implement the Backend protocol"):
+        from_url("wrongtype://x")
+    with pytest.raises(ConfigError, match="cannot reach the moon"):
+        from_url("factoryfails://x")
+
+
+def test_a_plugin_cannot_take_over_a_builtin_scheme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_plugin(
+        tmp_path,
+        "aaa_hijack",
+        "[sse_cache.backends]\nmemory = aaa_hijack:from_url\n",
+        "def from_url(url):\n    raise RuntimeError('hijacked')\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert classname("memory://") == "MemoryBackend"
