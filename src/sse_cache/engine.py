@@ -102,9 +102,11 @@ class _Flight:
 
     __slots__ = (
         "content_type",
+        "entry",
         "error",
         "finished",
         "iterator",
+        "judged",
         "key",
         "log",
         "pulling",
@@ -133,7 +135,9 @@ class _Flight:
         self.readers = 0
         self.waiting = 0
         self.signal = anyio.Event()
-        self.settled = False  # the store decision was taken (once per flight)
+        self.judged = False  # the recording was judged (once per flight)
+        self.entry: Entry | None = None  # judged storable, being stored
+        self.settled = False  # the store was attempted (once per flight)
         self.stored = False
         self.pushed = False  # events are pushed by a producer (ASGI), not pulled by readers
         self.status = 200
@@ -306,9 +310,10 @@ class LiveRecording:
     integration that receives events by push (the ASGI middleware wraps ``send``) adds them
     here; identical requests arriving meanwhile read them live (``shared``)."""
 
-    __slots__ = ("_flight", "key")
+    __slots__ = ("_cache", "_flight", "key")
 
-    def __init__(self, flight: _Flight) -> None:
+    def __init__(self, cache: StreamCache, flight: _Flight) -> None:
+        self._cache = cache
         self._flight = flight
         self.key = flight.key
 
@@ -334,6 +339,15 @@ class LiveRecording:
     def fail(self, reason: str) -> None:
         """Nothing of this stream will be stored (``reason`` is logged with the notice)."""
         self._flight.recorder.fail(reason)
+
+    def end(self) -> None:
+        """The stream ended by itself: judge it now, so that identical requests arriving
+        before the store completes are answered from it (stored when the block is left)."""
+        flight = self._flight
+        if not flight.finished:
+            flight.finished = True
+            flight.notify()
+            self._cache._judge(flight, clean_end=True)
 
     @property
     def stored(self) -> bool:
@@ -607,24 +621,17 @@ class StreamCache:
         pace = self.pacing if pacing is None else Pacing.parse(pacing)
         use_cache = lookup and not refresh
         if use_cache:
+            pending = self.pending(key)
+            if pending is not None and (hit := self._hit(key, pending, pace)) is not None:
+                yield hit
+                return
             if (flight := self._joinable(key)) is not None:
                 async with self._reading(flight) as stream:
                     yield stream
                 return
             entry = await self.lookup(key, max_age=max_age)
-            if entry is not None and (events := self.events_of(entry)) is not None:
-                stream = CachedStream(
-                    self, CacheStatus.HIT, key, entry=entry, events=events, pacing=pace
-                )
-                self._emit(
-                    Notice(
-                        kind="hit",
-                        key=key,
-                        events=len(events),
-                        seconds=events[-1].at if events else 0.0,
-                    )
-                )
-                yield stream
+            if entry is not None and (hit := self._hit(key, entry, pace)) is not None:
+                yield hit
                 return
             # A joinable flight may have started while we were reading the backend.
             if (flight := self._joinable(key)) is not None:
@@ -655,6 +662,14 @@ class StreamCache:
             raise
         async with self._closing(stream):
             yield stream
+
+    def _hit(self, key: str, entry: Entry, pacing: Pacing) -> CachedStream | None:
+        events = self.events_of(entry)
+        if events is None:
+            return None
+        seconds = events[-1].at if events else 0.0
+        self._emit(Notice(kind="hit", key=key, events=len(events), seconds=seconds))
+        return CachedStream(self, CacheStatus.HIT, key, entry=entry, events=events, pacing=pacing)
 
     @asynccontextmanager
     async def _closing(self, stream: CachedStream) -> AsyncIterator[None]:
@@ -687,21 +702,21 @@ class StreamCache:
             self._flights.setdefault(key, flight)
         clean = False
         try:
-            yield LiveRecording(flight)
+            yield LiveRecording(self, flight)
             clean = True
         finally:
-            flight.finished = True
-            if not clean:
-                flight.error = SharedStreamAborted("the producer of this stream failed")
-                recorder.fail("the stream was cut before it completed")
+            if not flight.finished:
+                flight.finished = True
+                if not clean:
+                    flight.error = SharedStreamAborted("the producer of this stream failed")
+                    recorder.fail("the stream was cut before it completed")
             flight.notify()
-            with anyio.CancelScope(shield=not clean):
-                await self._finish(flight, clean_end=clean)
+            await self._finish(flight, clean_end=clean)
 
     @asynccontextmanager
     async def join(self, key: str) -> AsyncIterator[CachedStream | None]:
         """Join the live stream being recorded for ``key``, if any (status ``shared``);
-        yields None when there is none."""
+        yields None when there is none (see also :meth:`pending`)."""
         flight = self._joinable(key)
         if flight is None:
             yield None
@@ -709,8 +724,15 @@ class StreamCache:
         async with self._reading(flight) as stream:
             yield stream
 
+    def pending(self, key: str) -> Entry | None:
+        """The entry for ``key`` that a stream which just completed is storing right now:
+        the window between a stream's end and its store completing answers as a hit."""
+        flight = self._flights.get(key) if self.single_flight else None
+        return flight.entry if flight is not None else None
+
     def _joinable(self, key: str) -> _Flight | None:
-        return self._flights.get(key) if self.single_flight else None
+        flight = self._flights.get(key) if self.single_flight else None
+        return flight if flight is not None and flight.entry is None else None
 
     @asynccontextmanager
     async def _reading(self, flight: _Flight) -> AsyncIterator[CachedStream]:
@@ -723,11 +745,12 @@ class StreamCache:
     # -- single-flight internals -----------------------------------------------------------
 
     async def _upstream_ended(self, flight: _Flight) -> None:
-        # Storing waits until a reader leaves its ``async with``: the caller gets the end of
-        # the stream first (an HTTP integration can finish its response) and pays for the
-        # encode + write afterwards. Until then the flight stays joinable, so an identical
-        # request arriving now replays the log instead of missing.
+        # The stream is judged now (CPU only), stored when a reader leaves its ``async
+        # with``: the caller gets the end of its stream first and pays for the encode and
+        # write afterwards. Until the store is done, identical requests are answered from
+        # the judged entry (a hit), never sent upstream again.
         flight.finished = True
+        self._judge(flight, clean_end=True)
 
     def _upstream_failed(self, flight: _Flight, exc: BaseException) -> None:
         # The upstream broke, or the reader pulling it was cancelled mid-read (which leaves
@@ -737,24 +760,35 @@ class StreamCache:
         flight.recorder.fail(f"the upstream stream failed: {exc!r}")
         self._forget(flight)
 
+    def _judge(self, flight: _Flight, *, clean_end: bool) -> None:
+        if flight.judged:
+            return
+        flight.judged = True
+        recorder = flight.recorder
+        entry = recorder.finish(
+            clean_end=clean_end, status=flight.status, content_type=flight.content_type
+        )
+        if entry is not None and flight.ttl is not None:
+            entry = msgspec.structs.replace(entry, expires_at=time.time() + flight.ttl)
+        flight.entry = entry
+        if entry is None:
+            flight.settled = True
+            self._emit(Notice(kind="not_stored", key=flight.key, detail=recorder.reason))
+            self._forget(flight)
+
     async def _finish(self, flight: _Flight, *, clean_end: bool) -> None:
+        self._judge(flight, clean_end=clean_end)
         if flight.settled:
             return
-        flight.settled = True  # one store decision per flight, whoever gets here first
-        recorder = flight.recorder
+        flight.settled = True  # one store per flight, whoever gets here first
+        assert flight.entry is not None
         try:
-            entry = recorder.finish(
-                clean_end=clean_end, status=flight.status, content_type=flight.content_type
-            )
-            if entry is None:
-                self._emit(Notice(kind="not_stored", key=flight.key, detail=recorder.reason))
-            elif await self.store(flight.key, entry, ttl=flight.ttl):
+            if await self.store(flight.key, flight.entry, ttl=flight.ttl):
                 flight.stored = True
             else:
-                recorder.reason = "the backend write failed"
+                flight.recorder.reason = "the backend write failed"
         finally:
-            # Readers arriving until now joined the flight and got every event from its log;
-            # from now on they find the stored entry.
+            # From now on identical requests find the stored entry.
             self._forget(flight)
 
     async def _leave(
@@ -780,12 +814,11 @@ class StreamCache:
             await _aclose_quietly(flight.iterator)
             await self._finish(flight, clean_end=False)
         else:
-            if exc is None and flight.error is None:
+            # The upstream ended (and was judged). Whoever leaves first stores; a reader
+            # leaving with an exception leaves the store to the others, unless it is last.
+            if flight.error is None and (exc is None or last):
                 await self._finish(flight, clean_end=True)
             if last:
-                if not flight.settled:
-                    flight.recorder.fail(f"the reader left with {type(exc).__name__}")
-                    await self._finish(flight, clean_end=True)
                 await _aclose_quietly(flight.iterator)
         stream.stored = flight.stored
         stream.reason = "" if flight.stored else flight.recorder.reason

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from .asgi import ASGIApp, CacheMiddleware, Receive, Scope, Send
+from .asgi import CacheMiddleware, Receive, Scope, Send
 from .errors import ConfigError
 from .metrics import Metrics
 from .policy import CONTROL_HEADER_PREFIX
@@ -188,10 +188,17 @@ async def _lifespan(receive: Receive, send: Send, on_shutdown: Any) -> None:
 class ProxyApp:
     """The proxy's ASGI app: operational endpoints, then the cache, then the forwarder."""
 
-    def __init__(self, cached: CacheMiddleware, metrics: Metrics) -> None:
+    def __init__(self, cached: CacheMiddleware, metrics: Metrics, forwarder: Forwarder) -> None:
         self.cached = cached
         self.metrics = metrics
+        self.forwarder = forwarder
         self.started = time.time()
+
+    async def aclose(self) -> None:
+        """Close the upstream client and the cache's backend (lifespan shutdown does this
+        when the server runs the lifespan protocol)."""
+        await self.forwarder.aclose()
+        await self.cached.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/_sse_cache/"):
@@ -250,6 +257,6 @@ def create_proxy_app(
     :class:`CacheMiddleware` (``options`` are its keyword options), everything else passed
     through unchanged."""
     metrics = Metrics()
-    forwarder: ASGIApp = Forwarder(upstream)
+    forwarder = Forwarder(upstream)
     cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[metrics, *hooks], **options)
-    return ProxyApp(cached, metrics)
+    return ProxyApp(cached, metrics, forwarder)

@@ -217,7 +217,10 @@ class Exchange:
             )
             return
         pacing = controls.pacing or cache.pacing
-        if decision.streaming and pacing.instant:
+        if (pending := cache.pending(self.key)) is not None:
+            # A stream that just completed and is being stored: answer from it.
+            self.answer = self._answer_entry(cache, pending, pacing)
+        elif decision.streaming and pacing.instant:
             # The fast path: a recorded stream goes out as its stored SSE bytes.
             wire = await cache.lookup_wire(self.key, max_age=controls.max_age)
             if wire is not None:
@@ -407,6 +410,8 @@ class ResponseTee:
                 # WHATWG: an unterminated last event is never dispatched; the stream did
                 # not end cleanly, whatever the adapter would have said.
                 self.abort("the stream ended inside an event (no final blank line)")
+            elif self._live is not None and not self._failed:
+                self._live.end()
 
     async def close(self) -> bool:
         """Store a completed JSON body (called when the exchange ends; SSE streams are

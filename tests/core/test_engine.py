@@ -451,3 +451,31 @@ async def test_pushed_recording_respects_status_and_no_store(status: int, stored
     async with cache.recording("b" * 64, store=False) as live:
         live.add(EVENTS)
     assert not live.stored and "no-store" in live.reason
+
+
+async def test_request_during_the_store_is_a_hit_not_a_second_upstream_call() -> None:
+    backend, up = DictBackend(), Upstream()
+    original = backend.set
+    storing = anyio.Event()
+    release = anyio.Event()
+
+    async def slow_set(key: str, value: bytes, ttl: float | None = None) -> None:
+        storing.set()
+        await release.wait()
+        await original(key, value, ttl)
+
+    backend.set = slow_set  # type: ignore[method-assign]
+    cache = StreamCache(backend, GenericSSE())
+    seen: list[CacheStatus] = []
+
+    async def second() -> None:
+        await storing.wait()  # the first stream ended and its store is under way
+        s, events = await consume(cache, up)
+        seen.append(s.status)  # type: ignore[attr-defined]
+        assert wire(events) == wire(EVENTS)
+        release.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second)
+        await consume(cache, up)
+    assert seen == [CacheStatus.HIT] and up.calls == 1 and backend.sets == 1

@@ -1,0 +1,271 @@
+"""CacheMiddleware and the caching proxy over real loopback HTTP (uvicorn), with raw HTTP and
+the official openai / anthropic SDKs as clients, against the deterministic mock upstream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import anyio
+import httpx2
+import openai
+import pytest
+
+from sse_cache import SSEParser
+from sse_cache.mock_upstream import MockUpstream
+from sse_cache.proxy import ProxyApp, create_proxy_app
+
+Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+KEY_A = {"authorization": "Bearer sk-tenant-a"}
+KEY_B = {"authorization": "Bearer sk-tenant-b"}
+
+
+class Stack:
+    def __init__(self, upstream: str, proxy: str, app: ProxyApp) -> None:
+        self.upstream = upstream
+        self.proxy = proxy
+        self.app = app
+        self.http = httpx2.AsyncClient(base_url=proxy, timeout=30)
+        self.clients: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = []
+
+    async def upstream_calls(self) -> int:
+        async with httpx2.AsyncClient(base_url=self.upstream) as c:
+            stats = (await c.get("/_mock/stats")).json()
+        return int(stats["total"])
+
+    async def post(self, path: str, body: dict[str, Any], **headers: str) -> httpx2.Response:
+        return await self.http.post(path, json=body, headers={**KEY_A, **headers})
+
+    def openai(self, key: str = "sk-tenant-a") -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=self.proxy + "/v1", api_key=key, max_retries=0)
+        self.clients.append(client)
+        return client
+
+    def anthropic(self, key: str = "sk-tenant-a") -> anthropic.AsyncAnthropic:
+        client = anthropic.AsyncAnthropic(base_url=self.proxy, api_key=key, max_retries=0)
+        self.clients.append(client)
+        return client
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        for client in self.clients:
+            await client.close()
+
+
+@pytest.fixture
+async def stack(serve: Serve, tmp_path: Path) -> AsyncIterator[Stack]:
+    upstream_app = MockUpstream(delay=0.001, first_delay=0.005)
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'cache.db'}", ttl=600)
+        async with serve(app) as proxy:
+            s = Stack(upstream, proxy, app)
+            try:
+                yield s
+            finally:
+                await s.aclose()
+                await app.aclose()
+
+
+def responses_body(prompt: str, stream: bool = True) -> dict[str, Any]:
+    return {"model": "gpt-mock", "input": prompt, "stream": stream}
+
+
+async def test_seed_scenario_raw_http_miss_then_hit_same_bytes(stack: Stack) -> None:
+    first = await stack.post("/v1/responses", responses_body("seed"))
+    second = await stack.post("/v1/responses", responses_body("seed"))
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-sse-cache"] == "miss" and second.headers["x-sse-cache"] == "hit"
+    assert first.headers["x-sse-cache-key"] == second.headers["x-sse-cache-key"]
+    assert second.headers["content-type"].startswith("text/event-stream")
+    assert int(second.headers["age"]) >= 0 and 0 < int(second.headers["x-sse-cache-ttl"]) <= 600
+    assert first.content == second.content and first.content.count(b"\n\n") > 10
+    assert await stack.upstream_calls() == 1
+
+
+async def test_openai_sdk_stream_twice_and_cross_mode(stack: Stack) -> None:
+    client = stack.openai()
+    runs = []
+    for _ in range(2):
+        stream = await client.responses.create(model="gpt-mock", input="sdk", stream=True)
+        runs.append([event.model_dump_json() async for event in stream])
+    assert runs[0] == runs[1] and len(runs[0]) > 10
+    assert await stack.upstream_calls() == 1
+    # A non-stream request is answered from the recorded stream, and validates as a Response.
+    response = await client.responses.create(model="gpt-mock", input="sdk")
+    completed = json.loads(runs[0][-1])
+    assert completed["type"] == "response.completed"
+    assert response.model_dump(mode="json") == completed["response"]
+    assert await stack.upstream_calls() == 1
+    # The SDK's stream helper accumulates the replay to the same final response.
+    async with client.responses.stream(model="gpt-mock", input="sdk") as helper:
+        final = await helper.get_final_response()
+    assert final.output_text == response.output_text and final.id == response.id
+
+
+async def test_stream_answered_from_a_stored_non_stream_answer(stack: Stack) -> None:
+    client = stack.openai()
+    response = await client.responses.create(model="gpt-mock", input="json first")
+    raw = await stack.post("/v1/responses", responses_body("json first"))
+    assert raw.headers["x-sse-cache"] == "hit"
+    events = SSEParser().feed(raw.content)
+    sequence = [json.loads(e.data)["sequence_number"] for e in events]
+    assert sequence == list(range(len(events)))
+    async with client.responses.stream(model="gpt-mock", input="json first") as helper:
+        final = await helper.get_final_response()
+    assert final.output_text == response.output_text
+    assert await stack.upstream_calls() == 1
+
+
+async def test_chat_completions_and_anthropic_sdks(stack: Stack) -> None:
+    chat = stack.openai().chat.completions
+    messages: Any = [{"role": "user", "content": "hello chat"}]
+    runs = []
+    for _ in range(2):
+        stream = await chat.create(model="gpt-mock", messages=messages, stream=True)
+        runs.append([chunk.model_dump_json() async for chunk in stream])
+    assert runs[0] == runs[1]
+    whole = await chat.create(model="gpt-mock", messages=messages)
+    text = "".join(
+        json.loads(c)["choices"][0]["delta"].get("content") or ""
+        for c in runs[0]
+        if json.loads(c)["choices"]
+    )
+    assert whole.choices[0].message.content == text
+
+    client = stack.anthropic()
+    finals = []
+    for _ in range(2):
+        async with client.messages.stream(
+            model="claude-mock", max_tokens=256, messages=[{"role": "user", "content": "hi"}]
+        ) as helper:
+            finals.append(await helper.get_final_message())
+    assert finals[0] == finals[1]
+    assert await stack.upstream_calls() == 2  # one chat, one anthropic
+
+
+async def test_request_controls(stack: Stack) -> None:
+    body = responses_body("controls")
+    assert (await stack.post("/v1/responses", body, **{"cache-control": "no-store"})).headers[
+        "x-sse-cache"
+    ] == "miss"
+    assert (await stack.post("/v1/responses", body)).headers["x-sse-cache"] == "miss"  # not stored
+    assert (await stack.post("/v1/responses", body)).headers["x-sse-cache"] == "hit"
+    bypass = await stack.post("/v1/responses", body, **{"cache-control": "no-cache"})
+    assert bypass.headers["x-sse-cache"] == "bypass"
+    refresh = await stack.post("/v1/responses", body, **{"x-sse-cache-refresh": "1"})
+    assert refresh.headers["x-sse-cache"] == "refresh"
+    other = await stack.post("/v1/responses", body, **{"x-sse-cache-namespace": "team-b"})
+    assert other.headers["x-sse-cache"] == "miss"
+    assert other.headers["x-sse-cache-key"] != refresh.headers["x-sse-cache-key"]
+    await stack.post(
+        "/v1/responses", body, **{"x-sse-cache-namespace": "ttl", "x-sse-cache-ttl": "30"}
+    )
+    hit = await stack.post("/v1/responses", body, **{"x-sse-cache-namespace": "ttl"})
+    assert hit.headers["x-sse-cache"] == "hit" and int(hit.headers["x-sse-cache-ttl"]) <= 30
+    stale = await stack.post(
+        "/v1/responses", body, **{"x-sse-cache-namespace": "ttl", "x-sse-cache-max-age": "0"}
+    )
+    assert stale.headers["x-sse-cache"] == "miss"
+    bad = await stack.post("/v1/responses", body, **{"x-sse-cache-ttl": "soon"})
+    assert bad.status_code == 400 and "x-sse-cache-ttl" in bad.json()["error"]["message"]
+    # no-store, the miss after it, no-cache, refresh, team-b, ttl, max-age=0: 7 upstream calls
+    assert await stack.upstream_calls() == 7
+
+
+async def test_two_tenants_never_share_an_entry(stack: Stack) -> None:
+    body = responses_body("tenants")
+    assert (await stack.post("/v1/responses", body)).headers["x-sse-cache"] == "miss"
+    b = await stack.http.post("/v1/responses", json=body, headers=KEY_B)
+    assert b.headers["x-sse-cache"] == "miss"
+    anonymous = await stack.http.post("/v1/responses", json=body)
+    assert anonymous.headers["x-sse-cache"] == "miss"
+    assert (await stack.post("/v1/responses", body)).headers["x-sse-cache"] == "hit"
+    assert await stack.upstream_calls() == 3
+
+
+async def test_client_disconnect_mid_stream_stores_nothing(stack: Stack) -> None:
+    body = responses_body("disconnect")
+    headers = {**KEY_A, "x-mock-delay-ms": "20"}
+    async with stack.http.stream("POST", "/v1/responses", json=body, headers=headers) as r:
+        assert r.headers["x-sse-cache"] == "miss"
+        async for _ in r.aiter_raw():
+            break  # leave after the first chunk: the connection is closed
+    await anyio.sleep(0.5)  # let the proxy notice and finish
+    again = await stack.post("/v1/responses", body)
+    assert again.headers["x-sse-cache"] == "miss"
+
+
+@pytest.mark.parametrize("mode", ["500", "429", "fail-mid-stream", "bad-sse"])
+async def test_upstream_failures_reach_the_client_and_are_not_stored(
+    stack: Stack, mode: str
+) -> None:
+    body = responses_body(f"failure {mode}")
+    failed = await stack.post("/v1/responses", body, **{"x-mock-error": mode})
+    async with httpx2.AsyncClient(base_url=stack.upstream) as upstream:
+        direct = await upstream.post(
+            "/v1/responses", json=body, headers={**KEY_A, "x-mock-error": mode}
+        )
+    assert failed.status_code == direct.status_code
+    assert failed.content == direct.content  # passed through unchanged
+    again = await stack.post("/v1/responses", body)
+    assert again.headers["x-sse-cache"] == "miss"
+
+
+async def test_cut_upstream_cuts_the_client_and_is_not_stored(stack: Stack) -> None:
+    body = responses_body("cut")
+    with pytest.raises(httpx2.HTTPError):
+        await stack.post("/v1/responses", body, **{"x-mock-error": "cut"})
+    again = await stack.post("/v1/responses", body)
+    assert again.headers["x-sse-cache"] == "miss"
+
+
+async def test_identical_concurrent_requests_share_one_upstream_stream(stack: Stack) -> None:
+    body = responses_body("together")
+    results: list[httpx2.Response] = []
+
+    async def one(delay: float) -> None:
+        await anyio.sleep(delay)
+        results.append(await stack.post("/v1/responses", body, **{"x-mock-delay-ms": "10"}))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, 0)
+        tg.start_soon(one, 0.1)
+    assert sorted(r.headers["x-sse-cache"] for r in results) == ["miss", "shared"]
+    assert results[0].content == results[1].content
+    assert await stack.upstream_calls() == 1
+
+
+async def test_other_routes_pass_through(stack: Stack) -> None:
+    models = await stack.http.get("/v1/models", headers=KEY_A)
+    assert models.status_code == 200 and "x-sse-cache" not in models.headers
+    missing = await stack.http.post("/v1/unknown", json={}, headers=KEY_A)
+    assert missing.status_code == 404
+
+
+async def test_health_and_metrics(stack: Stack) -> None:
+    await stack.post("/v1/responses", responses_body("metrics"))
+    await stack.post("/v1/responses", responses_body("metrics"))
+    health = await stack.http.get("/_sse_cache/health")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    text = (await stack.http.get("/_sse_cache/metrics")).text
+    assert 'sse_cache_requests_total{status="hit"} 1' in text
+    assert 'sse_cache_requests_total{status="miss"} 1' in text
+    assert "sse_cache_stores_total 1" in text
+    replayed = next(
+        line for line in text.splitlines() if line.startswith("sse_cache_replayed_bytes_total")
+    )
+    assert int(replayed.split()[1]) > 1000
+
+
+async def test_unreachable_upstream_is_a_502(serve: Serve, tmp_path: Path) -> None:
+    app = create_proxy_app("http://127.0.0.1:9", f"sqlite:///{tmp_path / 'c.db'}")
+    async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy) as client:
+        r = await client.post("/v1/responses", json=responses_body("down"), headers=KEY_A)
+    assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_error"
+    await app.aclose()
