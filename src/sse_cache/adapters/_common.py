@@ -1,0 +1,150 @@
+"""Helpers shared by the schema adapters: lenient probes, key-field filtering, delta splitting.
+
+Everything here is pure and tolerant: a probe returns ``None`` for data it cannot read instead
+of raising, because a cache must pass through whatever an upstream sends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+import msgspec
+
+from ..protocols import Outcome
+
+__all__ = [
+    "DEFAULT_DELTA_CHARS",
+    "TRANSPORT_FIELDS",
+    "KeyedAdapter",
+    "Probe",
+    "dumps",
+    "is_truthy_raw",
+    "loads",
+    "loads_object",
+    "probe",
+    "split_text",
+]
+
+#: Request fields that change how an answer is delivered, never what it is (as GenericSSE).
+TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options", "timeout", "request_timeout"})
+
+#: Default upper bound of characters per synthesised text delta. Real deltas are one token
+#: (2-10 characters); splitting at word starts with this cap gives deltas of that size.
+DEFAULT_DELTA_CHARS: Final = 16
+
+
+class Probe(msgspec.Struct):
+    """The few top-level fields an adapter classifies an event by. Everything else in the
+    payload is skipped by the decoder without being materialised (the cheap path)."""
+
+    type: str | None = None
+    error: msgspec.Raw = msgspec.Raw()
+    response: msgspec.Raw = msgspec.Raw()
+
+
+# Decoders and encoders are built once: msgspec caches the type's decoding plan in them.
+_probe_decoder: Final = msgspec.json.Decoder(Probe)
+_any_decoder: Final = msgspec.json.Decoder()
+_encoder: Final = msgspec.json.Encoder()
+
+# JSON values the SDKs treat as "no error" (they test `data.get("error")` for truthiness).
+_FALSY_JSON: Final = frozenset({b"", b"null", b"false", b"0", b'""', b"{}", b"[]"})
+
+
+def probe(data: str) -> Probe | None:
+    """Decode only ``type``/``error``/``response`` of a JSON object; None when ``data`` is not
+    a JSON object of that shape (non-JSON, an array, a ``type`` that is not a string...)."""
+    try:
+        return _probe_decoder.decode(data)
+    except msgspec.DecodeError:  # ValidationError is a DecodeError
+        return None
+
+
+def is_truthy_raw(raw: msgspec.Raw) -> bool:
+    """Whether a raw JSON value is present and truthy (``{"error": null}`` is no error)."""
+    return bytes(raw).strip() not in _FALSY_JSON
+
+
+def loads(data: str | bytes) -> Any:
+    """Any JSON value, or None when ``data`` is not JSON."""
+    try:
+        return _any_decoder.decode(data)
+    except msgspec.DecodeError:
+        return None
+
+
+def loads_object(data: str | bytes) -> dict[str, Any] | None:
+    """A JSON object as a dict, or None when ``data`` is not a JSON object."""
+    value = loads(data)
+    return value if isinstance(value, dict) else None
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON text (the wire form the providers use for synthesised events)."""
+    return _encoder.encode(value).decode("utf-8")
+
+
+# A word start: optional whitespace, then a run of non-whitespace; or trailing whitespace.
+# Every character of the input belongs to exactly one match, so the pieces join back exactly.
+_WORDS: Final = re.compile(r"\s*\S+|\s+")
+
+
+def split_text(text: str, max_chars: int | None) -> list[str]:
+    """Split ``text`` into delta-sized pieces that join back to ``text``.
+
+    Pieces start at word boundaries (like tokenizer output: ``"Hello"``, ``" world"``) and
+    are at most ``max_chars`` characters; ``None`` (or a non-positive value) yields the
+    whole text as one piece. The empty string yields no pieces.
+    """
+    if not text:
+        return []
+    if max_chars is None or max_chars <= 0:
+        return [text]
+    return _words(text, max_chars)
+
+
+def _words(text: str, max_chars: int) -> list[str]:
+    out: list[str] = []
+    append = out.append
+    for word in _WORDS.findall(text):
+        if len(word) <= max_chars:
+            append(word)
+        else:
+            for i in range(0, len(word), max_chars):
+                append(word[i : i + max_chars])
+    return out
+
+
+class KeyedAdapter:
+    """Common request-side behaviour: key fields, streaming flag, no completion at a bare end.
+
+    Subclasses set :attr:`name` and :attr:`excluded_fields` (transport-only fields plus the
+    client metadata their schema never echoes in an answer).
+    """
+
+    name: str = ""
+    excluded_fields: frozenset[str] = TRANSPORT_FIELDS
+
+    def __init__(
+        self, *, ignore_fields: Iterable[str] = (), delta_chars: int | None = DEFAULT_DELTA_CHARS
+    ) -> None:
+        if isinstance(ignore_fields, str):
+            raise TypeError("ignore_fields must be an iterable of field names, not a string")
+        self._drop = self.excluded_fields | frozenset(ignore_fields)
+        self.delta_chars = delta_chars
+
+    def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Every request field except the excluded ones: unknown new fields are kept, so a
+        field that might change the answer never makes two requests share an entry."""
+        drop = self._drop
+        return {k: v for k, v in body.items() if k not in drop}
+
+    def is_streaming(self, body: Mapping[str, Any]) -> bool:
+        """These APIs stream only when asked to (``"stream": true``)."""
+        return body.get("stream") is True
+
+    def end_outcome(self) -> Outcome:
+        """A stream that ended without its completing event is never stored."""
+        return Outcome.FAIL

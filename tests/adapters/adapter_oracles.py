@@ -1,0 +1,265 @@
+"""The official SDKs as judges: validate events against their types and accumulate streams
+with their own stream-state machinery (not ours)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import typing
+import warnings
+from collections.abc import Iterator, Sequence
+from functools import cache
+from typing import Any
+
+import openai
+from anthropic._models import construct_type as anthropic_construct
+from anthropic.lib.streaming._messages import accumulate_event as anthropic_accumulate
+from anthropic.types import Message, RawMessageStreamEvent
+from openai._models import construct_type
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.lib.streaming.responses import ResponseStreamState
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from sse_cache import Event
+
+_SDK_ONLY_KEYS = frozenset({"parsed", "parsed_arguments", "parsed_output"})
+
+
+@cache
+def _responses_event() -> TypeAdapter[Any]:
+    return TypeAdapter(ResponseStreamEvent)
+
+
+@cache
+def _responses_models() -> dict[str, Any]:
+    # type -> model class, to validate against the one the payload names (clear errors).
+    union = typing.get_args(ResponseStreamEvent)[0]
+    return {m.model_fields["type"].annotation.__args__[0]: m for m in typing.get_args(union)}
+
+
+@cache
+def _anthropic_event() -> TypeAdapter[Any]:
+    return TypeAdapter(RawMessageStreamEvent)
+
+
+@contextlib.contextmanager
+def _quiet_lenient_models() -> Iterator[None]:
+    # Models built without validation (as the SDKs build real, non-strict events) make
+    # pydantic warn when the SDK dumps them internally; the values are right.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Pydantic serializer warnings", UserWarning)
+        yield
+
+
+def strip_sdk_keys(value: Any) -> Any:
+    """A model dump without the SDK's client-side parse results (not part of the wire)."""
+    if isinstance(value, dict):
+        return {k: strip_sdk_keys(v) for k, v in value.items() if k not in _SDK_ONLY_KEYS}
+    if isinstance(value, list):
+        return [strip_sdk_keys(v) for v in value]
+    return value
+
+
+# -- Responses ----------------------------------------------------------------------------
+
+
+def validate_responses(events: Sequence[Event]) -> list[Any]:
+    """Every event parsed by the SDK's ``ResponseStreamEvent`` union (raises if invalid), and
+    its SSE ``event:`` line agreeing with the payload type."""
+    adapter = _responses_event()
+    models = _responses_models()
+    parsed = []
+    for ev in events:
+        kind = json.loads(ev.data).get("type")
+        if kind in models:
+            models[kind].model_validate_json(ev.data)
+        model = adapter.validate_json(ev.data)
+        assert ev.event in (None, model.type), (ev.event, model.type)
+        parsed.append(model)
+    return parsed
+
+
+def sdk_responses_final(events: Sequence[Event], *, strict: bool = True) -> dict[str, Any]:
+    """The final Response the SDK's ``ResponseStreamState`` builds from the stream.
+    ``strict``: validate every event first; else build them leniently, as the SDK's own
+    stream reader does (real streams omit fields the SDK declares required)."""
+    state = ResponseStreamState(input_tools=openai.omit, text_format=openai.omit)
+    final = None
+    if strict:
+        models = validate_responses(events)
+    else:
+        models = [
+            construct_type(type_=ResponseStreamEvent, value=json.loads(e.data)) for e in events
+        ]
+    with _quiet_lenient_models():
+        for model in models:
+            for out in state.handle_event(model):
+                if out.type == "response.completed":
+                    final = out.response
+    assert final is not None, "the SDK saw no response.completed"
+    return normalize_response(final.model_dump(mode="json", warnings=False), strict=strict)
+
+
+def normalize_response(dump: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+    dump = strip_sdk_keys(dump)
+    # Lenient: built the way the SDK builds what it receives (no validation, every declared
+    # field present), so both sides of a comparison have the same shape.
+    model = Response.model_validate(dump) if strict else construct_type(type_=Response, value=dump)
+    return strip_sdk_keys(model.model_dump(mode="json", warnings=False))
+
+
+def stream_texts(payloads: Sequence[dict[str, Any]]) -> dict[tuple[Any, ...], str]:
+    """Text rebuilt from the deltas alone, keyed by where it belongs (kind, output_index,
+    content/summary index): a stream whose indexes are wrong rebuilds the wrong texts."""
+    acc: dict[tuple[Any, ...], str] = {}
+    for p in payloads:
+        t = p["type"]
+        oi = p.get("output_index")
+        if t == "response.output_text.delta":
+            key: tuple[Any, ...] = ("text", oi, p["content_index"])
+        elif t == "response.refusal.delta":
+            key = ("refusal", oi, p["content_index"])
+        elif t == "response.reasoning_summary_text.delta":
+            key = ("summary", oi, p["summary_index"])
+        elif t == "response.reasoning_summary_part.added":
+            acc.setdefault(("summary", oi, p["summary_index"]), "")
+            continue
+        elif t == "response.content_part.added" and p["part"]["type"] in ("output_text", "refusal"):
+            kind = "text" if p["part"]["type"] == "output_text" else "refusal"
+            acc.setdefault((kind, oi, p["content_index"]), "")
+            continue
+        elif t in (
+            "response.function_call_arguments.delta",
+            "response.custom_tool_call_input.delta",
+            "response.mcp_call_arguments.delta",
+            "response.code_interpreter_call_code.delta",
+        ):
+            key = ("call", oi)
+        else:
+            continue
+        acc[key] = acc.get(key, "") + p["delta"]
+    return acc
+
+
+_CALL_FIELD = {
+    "function_call": "arguments",
+    "custom_tool_call": "input",
+    "code_interpreter_call": "code",
+    "mcp_call": "arguments",
+}
+
+
+def final_texts(response: dict[str, Any], payloads: Sequence[dict[str, Any]]) -> dict[Any, str]:
+    """The same texts from the final response (calls only where the stream streamed them)."""
+    streamed_calls = {k for k in stream_texts(payloads) if k[0] == "call"}
+    out: dict[tuple[Any, ...], str] = {}
+    for oi, item in enumerate(response["output"]):
+        if item["type"] == "message":
+            for ci, part in enumerate(item["content"]):
+                if part["type"] == "output_text":
+                    out[("text", oi, ci)] = part["text"]
+                elif part["type"] == "refusal":
+                    out[("refusal", oi, ci)] = part["refusal"]
+        elif item["type"] == "reasoning":
+            for si, part in enumerate(item["summary"]):
+                out[("summary", oi, si)] = part["text"]
+        elif ("call", oi) in streamed_calls:
+            out[("call", oi)] = item[_CALL_FIELD[item["type"]]]
+    return out
+
+
+def check_responses_consistency(events: Sequence[Event]) -> dict[str, Any]:
+    """Structural checks of a Responses stream; returns the final response payload."""
+    payloads = [json.loads(ev.data) for ev in events]
+    seqs = [p.get("sequence_number") for p in payloads]
+    assert seqs == list(range(len(payloads))), seqs
+    final = payloads[-1]["response"]
+    item_ids = {oi: item.get("id") for oi, item in enumerate(final["output"])}
+    added = []
+    for p in payloads:
+        if "item_id" in p and "output_index" in p:
+            assert item_ids[p["output_index"]] == p["item_id"], p
+        if p["type"] == "response.output_item.added":
+            added.append(p["output_index"])
+            assert p["item"].get("id") == item_ids[p["output_index"]]
+    assert added == list(range(len(final["output"])))
+    assert stream_texts(payloads) == final_texts(final, payloads)
+    return final  # type: ignore[no-any-return]
+
+
+# -- Chat Completions ---------------------------------------------------------------------
+
+
+def sdk_chat_final(events: Sequence[Event], *, strict: bool = True) -> dict[str, Any]:
+    """The ``ChatCompletion`` the SDK's ``ChatCompletionStreamState`` accumulates."""
+    state = ChatCompletionStreamState()
+    for ev in events:
+        if ev.data.startswith("[DONE]"):
+            break
+        if strict:
+            chunk = ChatCompletionChunk.model_validate_json(ev.data)
+        else:
+            chunk = construct_type(type_=ChatCompletionChunk, value=json.loads(ev.data))
+        state.handle_chunk(chunk)
+    # The snapshot, not get_final_completion(): that one also parses the content and raises
+    # on finish_reason "length", which is a client-side policy, not part of the stream.
+    return normalize_chat(state.current_completion_snapshot.model_dump(mode="json", warnings=False))
+
+
+def normalize_chat(dump: dict[str, Any]) -> dict[str, Any]:
+    dump = strip_sdk_keys(dump)
+    for choice in dump["choices"]:
+        for call in choice["message"].get("tool_calls") or []:
+            call.pop("index", None)  # the SDK keeps the stream's index on each tool call
+    return strip_sdk_keys(
+        ChatCompletion.model_validate(dump).model_dump(mode="json", warnings=False)
+    )
+
+
+def validate_chat(events: Sequence[Event]) -> None:
+    assert events[-1].data == "[DONE]"
+    for ev in events[:-1]:
+        assert ev.event is None
+        ChatCompletionChunk.model_validate_json(ev.data)
+
+
+# -- Anthropic Messages ---------------------------------------------------------------------
+
+
+def validate_anthropic(events: Sequence[Event]) -> list[Any]:
+    adapter = _anthropic_event()
+    parsed = []
+    for ev in events:
+        if ev.event == "ping":
+            assert json.loads(ev.data) == {"type": "ping"}
+            continue
+        model = adapter.validate_json(ev.data)
+        assert ev.event == model.type, (ev.event, model.type)
+        parsed.append(model)
+    return parsed
+
+
+def sdk_anthropic_final(events: Sequence[Event], *, strict: bool = True) -> dict[str, Any]:
+    """The ``Message`` the SDK's ``accumulate_event`` builds (events without an ``event:``
+    line and pings skipped, as the SDK's stream reader does)."""
+    snapshot = None
+    json_bufs: dict[int, bytes] = {}
+    adapter = _anthropic_event()
+    for ev in events:
+        if ev.event is None or ev.event == "ping":
+            continue
+        event = adapter.validate_json(ev.data) if strict else json.loads(ev.data)
+        snapshot = anthropic_accumulate(event=event, current_snapshot=snapshot, json_bufs=json_bufs)
+    assert snapshot is not None
+    return normalize_message(snapshot.model_dump(mode="json", warnings=False), strict=strict)
+
+
+def normalize_message(dump: dict[str, Any], *, strict: bool = True) -> dict[str, Any]:
+    dump = strip_sdk_keys(dump)
+    if strict:
+        model = Message.model_validate(dump)
+    else:
+        model = anthropic_construct(type_=Message, value=dump)
+    return strip_sdk_keys(model.model_dump(mode="json", warnings=False))

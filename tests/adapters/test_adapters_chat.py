@@ -1,0 +1,266 @@
+"""OpenAI Chat Completions adapter: fidelity properties with the openai SDK as the oracle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from adapter_oracles import normalize_chat, sdk_chat_final, validate_chat
+from adapter_strategies import chat_events, chat_streams, json_values, malformed_events
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sse_cache import Event, Outcome
+from sse_cache.adapters import OpenAIChat
+
+ADAPTER = OpenAIChat()
+SETTINGS = settings(max_examples=60, deadline=None)
+delta_sizes = st.sampled_from([None, 1, 3, 16])
+
+
+@SETTINGS
+@given(chat_streams(), st.booleans())
+def test_generated_streams_are_valid(chunks, ascii):
+    events = chat_events(chunks, ascii=ascii)
+    validate_chat(events)
+    sdk_chat_final(events)  # the SDK accumulates it without complaint
+
+
+@SETTINGS
+@given(chat_streams())
+def test_outcome_completes_at_done(chunks):
+    events = chat_events(chunks)
+    outcomes = [ADAPTER.outcome(ev) for ev in events]
+    assert outcomes == [Outcome.CONTINUE] * (len(events) - 1) + [Outcome.COMPLETE]
+    assert ADAPTER.verify(events) is Outcome.COMPLETE
+    assert ADAPTER.verify(events[:-1]) is Outcome.FAIL  # no [DONE]
+    assert ADAPTER.end_outcome() is Outcome.FAIL
+
+
+@SETTINGS
+@given(chat_streams(), st.booleans())
+def test_final_body_is_the_sdk_accumulated_completion(chunks, ascii):
+    events = chat_events(chunks, ascii=ascii)
+    body = ADAPTER.final_body(events)
+    assert body is not None
+    assert json.loads(body)["object"] == "chat.completion"
+    assert normalize_chat(json.loads(body)) == sdk_chat_final(events)
+    assert ADAPTER.body_outcome(body) is Outcome.COMPLETE
+    assert ADAPTER.meta(events) == {"completion_id": chunks[0]["id"], "model": chunks[0]["model"]}
+
+
+@SETTINGS
+@given(chat_streams(), delta_sizes)
+def test_synthesize_of_final_body_is_a_faithful_stream(chunks, delta_chars):
+    original = chat_events(chunks)
+    adapter = OpenAIChat(delta_chars=delta_chars)
+    body = adapter.final_body(original)
+    assert body is not None
+    synthesized = adapter.synthesize(body)
+    assert synthesized is not None
+    validate_chat(synthesized)
+    assert sdk_chat_final(synthesized) == sdk_chat_final(original)
+    assert adapter.verify(synthesized) is Outcome.COMPLETE
+    for chunk in map(json.loads, (e.data for e in synthesized[:-1])):
+        assert chunk["object"] == "chat.completion.chunk"
+        assert len(chunk["choices"]) <= 1
+
+
+@SETTINGS
+@given(chat_streams(), delta_sizes)
+def test_final_body_of_synthesize_is_the_body(chunks, delta_chars):
+    body = ADAPTER.final_body(chat_events(chunks))
+    assert body is not None
+    adapter = OpenAIChat(delta_chars=delta_chars)
+    events = adapter.synthesize(body)
+    assert events is not None
+    again = adapter.final_body(events)
+    assert again is not None
+    assert json.loads(again) == json.loads(body)
+
+
+def test_usage_chunk_can_be_left_out():
+    body = _completion("hi", usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    with_usage = OpenAIChat().synthesize(body)
+    without = OpenAIChat(usage_chunk=False).synthesize(body)
+    assert with_usage is not None and without is not None
+    assert json.loads(with_usage[-2].data)["choices"] == []
+    assert len(without) == len(with_usage) - 1
+    assert all(json.loads(e.data)["choices"] for e in without[:-1])
+
+
+def test_n_choices_are_interleaved_and_each_finishes():
+    body = json.loads(_completion("one two three"))
+    body["choices"].append({**body["choices"][0], "index": 1})
+    events = ADAPTER.synthesize(json.dumps(body).encode())
+    assert events is not None
+    order = [json.loads(e.data)["choices"][0]["index"] for e in events[:-1] if e.data != "[DONE]"]
+    assert order[:4] == [0, 1, 0, 1]
+    final = ADAPTER.final_body(events)
+    assert final is not None
+    assert [c["finish_reason"] for c in json.loads(final)["choices"]] == ["stop", "stop"]
+
+
+def test_compatible_servers_repeating_identity_fields():
+    # Some OpenAI-compatible servers resend role / tool call id / name in every chunk.
+    call = {"index": 0, "id": "call_1", "type": "function"}
+    chunks = [
+        {"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+        {
+            "id": "c",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "role": "assistant",
+                        "tool_calls": [{**call, "function": {"name": "f", "arguments": '{"a"'}}],
+                    },
+                }
+            ],
+        },
+        {
+            "id": "c",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {**call, "id": "", "function": {"name": "f", "arguments": ":1}"}}
+                        ],
+                    },
+                    "finish_reason": "tool_calls",
+                }
+            ],
+        },
+    ]
+    events = [Event(json.dumps(c)) for c in chunks] + [Event("[DONE]")]
+    body = ADAPTER.final_body(events)
+    assert body is not None
+    message = json.loads(body)["choices"][0]["message"]
+    assert message["role"] == "assistant"
+    assert message["tool_calls"] == [
+        {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}
+    ]
+
+
+def test_provider_extensions_accumulate():
+    chunks = [
+        {"id": "c", "choices": [{"index": 0, "delta": {"reasoning_content": "thin"}}]},
+        {"id": "c", "choices": [{"index": 0, "delta": {"reasoning_content": "king"}}]},
+        {"id": "c", "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}]},
+    ]
+    events = [Event(json.dumps(c)) for c in chunks] + [Event("[DONE]")]
+    body = ADAPTER.final_body(events)
+    assert body is not None
+    message = json.loads(body)["choices"][0]["message"]
+    assert message["reasoning_content"] == "thinking"
+    assert message["content"] == "ok"
+    again = ADAPTER.synthesize(body)
+    assert again is not None
+    assert json.loads(ADAPTER.final_body(again) or b"") == json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        (Event('{"choices":[{"index":0,"delta":{"content":"x"}}]}'), Outcome.CONTINUE),
+        (Event("[DONE]"), Outcome.COMPLETE),
+        (Event('{"error":{"message":"overloaded","type":"server_error"}}'), Outcome.FAIL),
+        (Event('{"error": {"message":"x"}}'), Outcome.FAIL),
+        (Event('{"id":"c","error":null,"choices":[]}'), Outcome.CONTINUE),
+        (Event('{"choices":[{"delta":{"content":"the \\"error\\" word"}}]}'), Outcome.CONTINUE),
+        (Event('{"message":"x"}', "error"), Outcome.FAIL),
+        (Event("not json"), Outcome.CONTINUE),
+        (Event(""), Outcome.CONTINUE),
+    ],
+)
+def test_outcome_of_single_events(event, expected):
+    assert ADAPTER.outcome(event) is expected
+
+
+def test_verify_needs_a_finish_reason_for_every_choice():
+    first = {"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+    second = {
+        "id": "c",
+        "choices": [{"index": 1, "delta": {"content": "b"}, "finish_reason": None}],
+    }
+    end0 = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    done = Event("[DONE]")
+    as_events = lambda *cs: [Event(json.dumps(c)) for c in cs] + [done]  # noqa: E731
+    assert ADAPTER.verify(as_events(first, end0)) is Outcome.COMPLETE
+    assert ADAPTER.verify(as_events(first)) is Outcome.FAIL  # [DONE] without finish_reason
+    assert ADAPTER.verify(as_events(first, second, end0)) is Outcome.FAIL  # choice 1 open
+    assert ADAPTER.verify([done]) is Outcome.FAIL
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'{"object":"chat.completion","choices":[{"index":0,"finish_reason":"stop"}]}',
+            Outcome.COMPLETE,
+        ),
+        (
+            b'{"object":"chat.completion","choices":[{"index":0,"finish_reason":null}]}',
+            Outcome.FAIL,
+        ),
+        (b'{"object":"chat.completion","choices":[]}', Outcome.FAIL),
+        (b'{"error":{"message":"x"}}', Outcome.FAIL),
+        (b"garbage", Outcome.FAIL),
+    ],
+)
+def test_body_outcome(body, expected):
+    assert ADAPTER.body_outcome(body) is expected
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(malformed_events, max_size=12), chat_streams(), st.data())
+def test_malformed_events_never_crash(garbage, chunks, data):
+    events = chat_events(chunks)
+    mixed = list(events)
+    for ev in garbage:
+        mixed.insert(data.draw(st.integers(0, len(mixed))), ev)
+    for ev in garbage:
+        assert ADAPTER.outcome(ev) in (Outcome.CONTINUE, Outcome.COMPLETE, Outcome.FAIL)
+    assert ADAPTER.verify(mixed) in (Outcome.COMPLETE, Outcome.FAIL)
+    body = ADAPTER.final_body(mixed)
+    assert body is None or isinstance(body, bytes)
+    ADAPTER.meta(mixed)
+    for ev in garbage:
+        raw = ev.data.encode()
+        assert ADAPTER.body_outcome(raw) in (Outcome.COMPLETE, Outcome.FAIL)
+        out = ADAPTER.synthesize(raw)
+        assert out is None or all(isinstance(e, Event) for e in out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(json_values, json_values)
+def test_synthesize_survives_wrong_shapes(message, choice_extra):
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    if isinstance(choice_extra, dict):
+        choice.update(choice_extra)
+    body = json.dumps({"id": "c", "choices": [choice, message]}).encode()
+    out = ADAPTER.synthesize(body)
+    assert out is not None
+    assert ADAPTER.final_body(out) is not None
+
+
+def _completion(text, usage=None):
+    return json.dumps(
+        {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+    ).encode()

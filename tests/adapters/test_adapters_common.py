@@ -1,0 +1,163 @@
+"""Request side of the adapters (key fields, streaming flag), the registry, delta splitting."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sse_cache.adapters as adapters_pkg
+from sse_cache import ConfigError, DefaultKeyer
+from sse_cache.adapters import (
+    AnthropicMessages,
+    GenericSSE,
+    OpenAIChat,
+    OpenAIResponses,
+    by_name,
+    for_path,
+)
+from sse_cache.adapters._common import split_text
+from sse_cache.keys import CacheRequest
+from sse_cache.protocols import Outcome, StreamAdapter
+
+ALL = [OpenAIResponses, OpenAIChat, AnthropicMessages]
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_adapters_satisfy_the_protocol(cls):
+    adapter = cls()
+    assert isinstance(adapter, StreamAdapter)
+    assert adapter.end_outcome() is Outcome.FAIL
+    assert by_name(adapter.name).name == adapter.name
+
+
+def test_public_names():
+    assert set(adapters_pkg.__all__) >= {
+        "AnthropicMessages",
+        "GenericSSE",
+        "OpenAIChat",
+        "OpenAIResponses",
+        "by_name",
+        "for_path",
+    }
+    for name in adapters_pkg.__all__:
+        assert hasattr(adapters_pkg, name)
+
+
+RESPONSES_BODY = {
+    "model": "gpt-5",
+    "input": [{"role": "user", "content": "hi"}],
+    "instructions": "be brief",
+    "tools": [{"type": "function", "name": "f", "parameters": {}}],
+    "tool_choice": "auto",
+    "temperature": 0.2,
+    "top_p": 1,
+    "max_output_tokens": 100,
+    "reasoning": {"effort": "high", "summary": "auto"},
+    "text": {"format": {"type": "text"}},
+    "previous_response_id": "resp_1",
+    "include": ["reasoning.encrypted_content"],
+    "user": "u1",
+    "metadata": {"a": "b"},
+    "store": True,
+    "some_future_field": 1,
+    "stream": True,
+    "stream_options": {"include_obfuscation": False},
+    "timeout": 30,
+}
+
+
+@pytest.mark.parametrize(
+    ("cls", "dropped"),
+    [
+        (OpenAIResponses, {"stream", "stream_options", "timeout"}),
+        (
+            OpenAIChat,
+            {"stream", "stream_options", "timeout", "user", "metadata"},
+        ),
+        (AnthropicMessages, {"stream", "stream_options", "timeout", "metadata"}),
+    ],
+)
+def test_key_fields_drop_only_transport_and_named_metadata(cls, dropped):
+    fields = cls().key_fields(RESPONSES_BODY)
+    assert set(fields) == set(RESPONSES_BODY) - dropped
+    assert "some_future_field" in fields  # unknown fields are kept: safer to miss
+    assert dict(fields) == {k: v for k, v in RESPONSES_BODY.items() if k not in dropped}
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_stream_and_non_stream_requests_share_a_key(cls):
+    adapter = cls()
+    keyer = DefaultKeyer()
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
+
+    def key(b):
+        return keyer.key(CacheRequest(schema=adapter.name, route="r", fields=adapter.key_fields(b)))
+
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    assert key(streamed) == key(body)
+    assert adapter.is_streaming(streamed)
+    assert not adapter.is_streaming(body)
+    assert not adapter.is_streaming({**body, "stream": False})
+    assert key({**body, "temperature": 1}) != key(body)
+    assert key({**body, "model": "other"}) != key(body)
+
+
+@pytest.mark.parametrize("cls", ALL)
+def test_ignore_fields(cls):
+    adapter = cls(ignore_fields=["seed", "user"])
+    assert "seed" not in adapter.key_fields({"seed": 1, "model": "m"})
+    with pytest.raises(TypeError):
+        cls(ignore_fields="seed")
+
+
+def test_registry():
+    assert isinstance(by_name("generic"), GenericSSE)
+    assert by_name("openai-responses", store_incomplete=True).store_incomplete  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="unknown adapter"):
+        by_name("nope")
+    with pytest.raises(ConfigError, match="invalid options"):
+        by_name("openai-chat", bogus=1)
+    assert isinstance(for_path("/v1/responses"), OpenAIResponses)
+    assert isinstance(for_path("/openai/v1/chat/completions?x=1"), OpenAIChat)
+    assert isinstance(for_path("/v1/messages/"), AnthropicMessages)
+    assert for_path("/v1/embeddings") is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(), st.none() | st.integers(-1, 20))
+def test_split_text_joins_back(text, size):
+    pieces = split_text(text, size)
+    assert "".join(pieces) == text
+    assert all(pieces)
+    if size is not None and size > 0:
+        assert all(len(p) <= size for p in pieces)
+    else:
+        assert len(pieces) == (1 if text else 0)
+
+
+def test_split_text_is_word_like():
+    assert split_text("Hello brave new world", 16) == ["Hello", " brave", " new", " world"]
+    assert split_text("abcdefghij", 4) == ["abcd", "efgh", "ij"]
+
+
+def test_docs_example_adapter_runs():
+    # docs/adapters.md shows a complete third-party adapter: it must keep working.
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "adapters.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in doc.split("```python\n")[1:]]
+    example = next(b for b in blocks if "class GeminiSSE" in b)
+    # A real module: msgspec resolves the Structs' annotations through sys.modules.
+    module = types.ModuleType("docs_adapters_example")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(example, "docs/adapters.md", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    adapter = module.adapter
+    assert isinstance(adapter, StreamAdapter)
+    assert "labels" not in adapter.key_fields({"labels": {}, "contents": []})  # type: ignore[attr-defined]
