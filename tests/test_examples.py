@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,25 +22,20 @@ def test_engine_quickstart(tmp_path: Path) -> None:
     assert out.splitlines() == ["miss Hello world!", "hit Hello world!"]
 
 
-def test_demo_command_prints_a_miss_then_an_identical_hit() -> None:
+@pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["http", "in-process"])
+def test_demo_command_prints_a_miss_then_an_identical_hit(mode: list[str]) -> None:
+    args = ["demo", "--deltas", "20", "--delay-ms", "1", "--first-ms", "5", *mode]
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sse_cache",
-            "demo",
-            "--deltas",
-            "20",
-            "--delay-ms",
-            "1",
-            "--first-ms",
-            "5",
-        ],
+        [sys.executable, "-m", "sse_cache", *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout
-    assert "miss" in lines and "hit" in lines
-    assert "identical to the original: yes" in lines
+    out = result.stdout
+    miss = next(line for line in out.splitlines() if "request 1" in line)
+    hit = next(line for line in out.splitlines() if "request 2" in line)
+    assert "miss" in miss and "hit" in hit
+    assert "identical to the original: yes" in out
+    if not mode:
+        assert "openai SDK" in out and "requests that reached the upstream: 1" in out

@@ -37,7 +37,8 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
     ``fields`` are the answer-defining request fields the adapter selected (already without
     transport-only fields such as ``stream``); ``tenant`` is the tenant scope (see
     :func:`tenant_scope`), ``namespace`` an operator-chosen partition, ``variant`` the index
-    when several answers are kept for one request.
+    when several answers are kept for one request, ``headers`` the answer-defining request
+    headers (lower-case names; e.g. ``anthropic-version``).
     """
 
     schema: str
@@ -46,6 +47,7 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
     tenant: str = ""
     namespace: str = ""
     variant: int = 0
+    headers: Mapping[str, str] = {}
 
 
 def _normalise(value: Any) -> Any:
@@ -94,6 +96,11 @@ class DefaultKeyer:
         ):
             raw = part.encode("utf-8")
             h.update(len(raw).to_bytes(4, "big"))
+            h.update(raw)
+        if request.headers:
+            # Only present when set, so that keys without headers stay as they were.
+            raw = canonical_json(dict(request.headers))
+            h.update(b"\x00headers" + len(raw).to_bytes(4, "big"))
             h.update(raw)
         h.update(canonical_json(request.fields))
         return h.hexdigest()

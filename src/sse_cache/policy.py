@@ -147,6 +147,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     streaming: bool = False
     body: Mapping[str, Any] | None = None
     tenant: str = ""
+    key_headers: Mapping[str, str] = {}
     controls: Controls = Controls()
     reason: str = ""
 
@@ -252,6 +253,11 @@ class CachePolicy:
             streaming=adapter.is_streaming(parsed),
             body=parsed,
             tenant=self.tenant_of(headers),
+            key_headers={
+                name: headers[name]
+                for name in getattr(adapter, "key_headers", ())
+                if name in headers
+            },
             controls=controls,
         )
 

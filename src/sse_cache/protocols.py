@@ -18,11 +18,13 @@ __all__ = [
     "Backend",
     "CacheKeyer",
     "EventCodec",
+    "KeyHeadersAdapter",
     "LockingBackend",
     "Outcome",
     "ScanningBackend",
     "StatsBackend",
     "StreamAdapter",
+    "VerifyingAdapter",
     "WireCodec",
 ]
 
@@ -171,3 +173,21 @@ class StreamAdapter(Protocol):
     def meta(self, events: Sequence[Event]) -> Mapping[str, str]:
         """Small facts to keep with a recorded stream (e.g. a response id for resume)."""
         ...
+
+
+@runtime_checkable
+class VerifyingAdapter(StreamAdapter, Protocol):
+    """An adapter with a whole-stream check, run once before a completed stream is stored
+    (e.g. every Chat choice got a ``finish_reason``; Responses sequence numbers have no
+    gaps). Optional: the recorder calls ``verify`` when an adapter has it."""
+
+    def verify(self, events: Sequence[Event]) -> Outcome: ...
+
+
+@runtime_checkable
+class KeyHeadersAdapter(StreamAdapter, Protocol):
+    """An adapter whose answers also depend on request headers (``anthropic-version``,
+    ``anthropic-beta``, ``openai-beta``). Optional: the HTTP integrations put the values of
+    the ``key_headers`` a request carries into its key."""
+
+    key_headers: tuple[str, ...]

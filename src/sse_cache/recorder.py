@@ -123,6 +123,10 @@ class Recorder:
                 return None
         if verdict is not Outcome.COMPLETE:
             return None
+        verify = getattr(self._adapter, "verify", None)  # optional: see VerifyingAdapter
+        if verify is not None and verify(self._events) is not Outcome.COMPLETE:
+            self._stop(RecorderState.FAILED, "the stream failed its schema's whole-stream check")
+            return None
         self.state = RecorderState.COMPLETE
         # ``at`` is attached here, once, rather than per event on the delivery path.
         events = tuple(

@@ -197,6 +197,7 @@ class Exchange:
                 tenant=decision.tenant,
                 namespace=controls.namespace,
                 variant=CachePolicy.pick_variant(controls),
+                headers=decision.key_headers,
             )
         )
         if controls.refresh or not controls.lookup:

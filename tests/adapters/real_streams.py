@@ -17,7 +17,9 @@ from sse_cache import Event, SSEParser
 from sse_cache.adapters import AnthropicMessages, OpenAIChat, OpenAIResponses
 from sse_cache.protocols import Outcome, StreamAdapter
 
-REAL_STREAMS = Path(os.environ.get("SSE_CACHE_REAL_STREAMS", "/work/shared/real-streams"))
+# ../shared/real-streams beside the clone (as in CI), unless the environment says otherwise.
+_BESIDE = Path(__file__).resolve().parents[3] / "shared" / "real-streams"
+REAL_STREAMS = Path(os.environ.get("SSE_CACHE_REAL_STREAMS", str(_BESIDE)))
 
 C, F = Outcome.COMPLETE, Outcome.FAIL
 

@@ -90,3 +90,13 @@ def test_different_credentials_never_share_a_key(c1: str, c2: str, body: dict[st
         t1 = tenant_scope({"authorization": c1})
         t2 = tenant_scope({"authorization": c2})
         assert key_of(body, tenant=t1) != key_of(body, tenant=t2)
+
+
+def test_answer_defining_headers_change_the_key_only_when_present() -> None:
+    base = CacheRequest(schema="s", route="r", fields={"a": 1})
+    assert keyer.key(base) == keyer.key(
+        CacheRequest(schema="s", route="r", fields={"a": 1}, headers={})
+    )
+    v1 = CacheRequest(schema="s", route="r", fields={"a": 1}, headers={"anthropic-version": "1"})
+    v2 = CacheRequest(schema="s", route="r", fields={"a": 1}, headers={"anthropic-version": "2"})
+    assert len({keyer.key(base), keyer.key(v1), keyer.key(v2)}) == 3

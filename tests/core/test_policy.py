@@ -122,3 +122,17 @@ def test_metrics_render_prometheus_text() -> None:
     assert "sse_cache_replayed_bytes_total 1234" in text
     assert "sse_cache_upstream_seconds_saved_total 3.0" in text
     assert text.endswith("\n") and metrics.count("hit") == 2
+
+
+def test_key_headers_are_taken_from_the_request() -> None:
+    policy = CachePolicy()
+    body = json.dumps({"model": "c", "messages": [], "max_tokens": 5}).encode()
+    headers = {
+        "x-api-key": "k",
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "x",
+        "other": "y",
+    }
+    decision = policy.decide("POST", "/v1/messages", headers, body)
+    assert decision.key_headers == {"anthropic-version": "2023-06-01", "anthropic-beta": "x"}
+    assert policy.decide("POST", "/v1/responses", headers, BODY).key_headers == {}

@@ -119,3 +119,18 @@ def test_pacing_parse(text: str | float, expected: Pacing) -> None:
 def test_bad_pacing_is_a_config_error_naming_the_value(bad: str | float) -> None:
     with pytest.raises(ConfigError, match="pacing|factor"):
         Pacing.parse(bad)
+
+
+class Verifying(Completing):
+    def verify(self, events: Sequence[Event]) -> Outcome:
+        return Outcome.COMPLETE if len(events) >= 2 else Outcome.FAIL
+
+
+def test_whole_stream_check_runs_before_storing() -> None:
+    short = Recorder(Verifying())
+    short.add(Event("y", "done"), 0.0)
+    assert short.finish(clean_end=True) is None and "whole-stream" in short.reason
+    ok = Recorder(Verifying())
+    ok.add(Event("x", "delta"), 0.0)
+    ok.add(Event("y", "done"), 0.0)
+    assert ok.finish(clean_end=True) is not None

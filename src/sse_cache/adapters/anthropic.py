@@ -84,6 +84,8 @@ class AnthropicMessages(KeyedAdapter):
     """
 
     name = "anthropic-messages"
+    #: Request headers that change the answer: part of the key in the HTTP integrations.
+    key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta")
     excluded_fields = EXCLUDED_FIELDS
 
     def __init__(

@@ -85,6 +85,8 @@ class OpenAIChat(KeyedAdapter):
     """
 
     name = "openai-chat"
+    #: Request headers that change the answer: part of the key in the HTTP integrations.
+    key_headers: tuple[str, ...] = ("openai-beta",)
     excluded_fields = EXCLUDED_FIELDS
 
     def __init__(

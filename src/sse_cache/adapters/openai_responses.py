@@ -161,6 +161,8 @@ class OpenAIResponses(KeyedAdapter):
     """
 
     name = "openai-responses"
+    #: Request headers that change the answer: part of the key in the HTTP integrations.
+    key_headers: tuple[str, ...] = ("openai-beta",)
     excluded_fields = EXCLUDED_FIELDS
 
     def __init__(

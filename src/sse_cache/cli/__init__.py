@@ -12,7 +12,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import demo, inspect, proxy
+    from . import demo, inspect, mock, proxy
 
     parser = argparse.ArgumentParser(
         prog="sse-cache",
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(sub)
     proxy.register(sub)
+    mock.register(sub)
     inspect.register(sub)
     return parser
 

@@ -1,0 +1,38 @@
+"""Serve an ASGI app with uvicorn inside the current event loop (the demo and the tests)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+
+__all__ = ["serve"]
+
+
+@asynccontextmanager
+async def serve(app: Any, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+    """Serve ``app`` on ``host:port`` (0: a free port) until the block ends; yields the base
+    URL. Needs uvicorn (``sse-cache[proxy]``) and asyncio."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    server = uvicorn.Server(config)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            with anyio.fail_after(10):
+                while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                    await anyio.sleep(0.01)
+            try:
+                yield f"http://{host}:{bound}"
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()

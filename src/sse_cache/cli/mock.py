@@ -1,0 +1,100 @@
+"""``sse-cache mock-upstream``: serve :class:`~sse_cache.mock_upstream.MockUpstream` with uvicorn.
+
+A deterministic OpenAI/Anthropic-compatible upstream on loopback, for trying the proxy, for
+demos and for tests: ``POST /v1/responses``, ``/v1/chat/completions`` and ``/v1/messages``,
+streamed and not, paced like a model, with error modes selected by request headers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..mock_upstream import DEFAULT_DELTAS, DEFAULT_SUMMARIES, ERROR_MODES, MockUpstream
+
+__all__ = ["register"]
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def register(sub: Any) -> None:
+    """Add the ``mock-upstream`` subcommand to the argparse subparsers ``sub``."""
+    parser = sub.add_parser(
+        "mock-upstream",
+        help="serve a deterministic mock of the OpenAI and Anthropic streaming APIs",
+        description=(
+            "Serves POST /v1/responses, /v1/chat/completions and /v1/messages (streamed and "
+            "not), GET /v1/models, and GET /_mock/stats / POST /_mock/reset (request "
+            "counters). The same request always gets the same answer. Per-request headers: "
+            "x-mock-delay-ms, x-mock-first-ms, x-mock-deltas, x-mock-summaries, "
+            f"x-mock-error ({' | '.join(sorted(ERROR_MODES))}), x-mock-error-after."
+        ),
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="port (default 8001)")
+    parser.add_argument(
+        "--delay-ms", type=float, default=20.0, help="gap between events in ms (default 20)"
+    )
+    parser.add_argument(
+        "--first-ms",
+        type=float,
+        default=None,
+        help="time to the first event in ms (default: the --delay-ms value)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="mixed into every answer (default 0)")
+    parser.add_argument(
+        "--deltas",
+        type=int,
+        default=DEFAULT_DELTAS,
+        help=f"words (text deltas) per answer (default {DEFAULT_DELTAS})",
+    )
+    parser.add_argument(
+        "--summaries",
+        type=int,
+        default=DEFAULT_SUMMARIES,
+        help=f"reasoning summary parts per Responses answer (default {DEFAULT_SUMMARIES})",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="uvicorn log level (default warning)",
+    )
+    parser.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.delay_ms < 0 or (args.first_ms is not None and args.first_ms < 0):
+        raise SystemExit("sse-cache mock-upstream: --delay-ms and --first-ms must be >= 0")
+    if args.deltas < 1 or args.summaries < 0:
+        raise SystemExit("sse-cache mock-upstream: --deltas must be >= 1, --summaries >= 0")
+    if not 0 <= args.port <= 65535:
+        raise SystemExit(f"sse-cache mock-upstream: invalid --port {args.port}")
+    try:
+        import uvicorn  # lazily: only this subcommand needs a server
+    except ImportError:
+        print(
+            "sse-cache mock-upstream needs uvicorn: pip install 'sse-cache[proxy]'",
+            file=sys.stderr,
+        )
+        return 2
+    app = MockUpstream(
+        delay=args.delay_ms / 1000,
+        first_delay=None if args.first_ms is None else args.first_ms / 1000,
+        seed=args.seed,
+        deltas=args.deltas,
+        summaries=args.summaries,
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"sse-cache mock-upstream on http://{host}:{args.port}", flush=True)
+    print(
+        "  POST /v1/responses  /v1/chat/completions  /v1/messages  |  GET /v1/models"
+        "  |  GET /_mock/stats  POST /_mock/reset",
+        flush=True,
+    )
+    if args.host not in _LOOPBACK:
+        # A mock answers anyone without credentials: say so when it leaves loopback.
+        print(f"  warning: listening on {args.host}, not loopback only", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
+    return 0
