@@ -158,7 +158,9 @@ def backend_url(backend_kind: str, request: pytest.FixtureRequest, tmp_path: Pat
         return "memory://"
     if backend_kind == "sqlite":
         return f"sqlite:///{tmp_path / 'cache.db'}"
-    prefix = _unique_prefix()
+    # A generous timeout: this suite checks what backends store, on a CI machine that may be
+    # loaded; how fast they fail is what the fault tests check, with their own timeouts.
+    prefix = f"{_unique_prefix()}&timeout=5"
     if backend_kind == "redis":
         server: Any = request.getfixturevalue("redis_server")
         return f"{server.url}?prefix={prefix}"

@@ -8,6 +8,7 @@ goes out first and is recorded second (no buffering, no added delay).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
@@ -18,7 +19,7 @@ from .pacing import Pacing
 from .policy import CONTROL_HEADER_PREFIX
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
-from .service import CacheService, Exchange, ResponseTee
+from .service import Answer, CacheService, Exchange, ResponseTee
 
 __all__ = ["CacheMiddleware"]
 
@@ -83,10 +84,17 @@ class CacheMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
             return
-        if (
-            scope["type"] != "http"
-            or self.service.policy.match(scope["method"], scope["path"]) is None
-        ):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "GET" and "/responses/" in scope["path"]:
+            # A client resuming a Responses stream: answered from the cache when stored.
+            query = scope.get("query_string", b"").decode("latin-1")
+            answer = await self.service.resume("GET", scope["path"], query, _headers(scope))
+            if answer is not None:
+                await _send_answer(send, answer)
+                return
+        if self.service.policy.match(scope["method"], scope["path"]) is None:
             await self.app(scope, receive, send)
             return
         await _Request(self, scope, receive, send).run()
@@ -116,8 +124,8 @@ class _Request:
         self.buffered: list[Message] = []  # request body messages, re-delivered to the app
         self.tee: ResponseTee | None = None
         self.exchange: Exchange | None = None
-        self.started = False
         self.disconnected = False
+        self.held_end = False
 
     async def run(self) -> None:
         scope = self.scope
@@ -134,6 +142,11 @@ class _Request:
                 await self._answer(ex)
             else:
                 await self.mw.app(scope, self._receive, self._send)
+        if self.held_end:
+            # The answer is stored (and indexed) now: end the response. A client that sends
+            # the same request right after this one finished is sure to find it.
+            with contextlib.suppress(OSError):
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _read_body(self) -> bytes | None:
         """The whole request body, or None when it is over the limit (then the messages read
@@ -179,6 +192,16 @@ class _Request:
             return
         if message["type"] == "http.response.body":
             tee = self.tee
+            final = not message.get("more_body", False)
+            if tee is not None and final:
+                # Deliver all of the body now, but hold the end of the response until the
+                # exchange has stored the answer (read-your-writes for the next request).
+                self.held_end = True
+                message = {**message, "more_body": True}
+                if not message.get("body"):
+                    if not self.disconnected:
+                        tee.end()
+                    return
             try:
                 await self.send(message)  # deliver first, record second
             except BaseException:
@@ -187,24 +210,23 @@ class _Request:
                 raise
             if tee is not None:
                 tee.feed(message.get("body", b""))
-                if not message.get("more_body", False) and not self.disconnected:
+                if final and not self.disconnected:
                     tee.end()
             return
         await self.send(message)
 
     async def _answer(self, ex: Exchange) -> None:
-        answer = ex.answer
-        assert answer is not None
-        await self.send(
-            {
-                "type": "http.response.start",
-                "status": answer.status,
-                "headers": _encode(answer.headers),
-            }
-        )
-        async for chunk in answer.chunks:
-            await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        assert ex.answer is not None
+        await _send_answer(self.send, ex.answer)
+
+
+async def _send_answer(send: Send, answer: Answer) -> None:
+    await send(
+        {"type": "http.response.start", "status": answer.status, "headers": _encode(answer.headers)}
+    )
+    async for chunk in answer.chunks:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -354,6 +354,11 @@ class LiveRecording:
         return self._flight.stored
 
     @property
+    def entry(self) -> Entry | None:
+        """The entry judged storable when the stream ended (None before, or if it failed)."""
+        return self._flight.entry
+
+    @property
     def reason(self) -> str:
         return self._flight.recorder.reason
 
@@ -579,9 +584,16 @@ class StreamCache:
         that push events (the ASGI middleware) rather than pull them."""
         return Recorder(self.adapter, max_entry_bytes=self.max_entry_bytes)
 
-    def replay(self, entry: Entry, pacing: str | float | Pacing | None = None) -> CachedStream:
-        """A stream replaying ``entry`` (status ``hit``)."""
-        events = self.events_of(entry)
+    def replay(
+        self,
+        entry: Entry,
+        pacing: str | float | Pacing | None = None,
+        *,
+        events: Sequence[Event] | None = None,
+    ) -> CachedStream:
+        """A stream replaying ``entry`` (status ``hit``), or only ``events`` of it (resume)."""
+        if events is None:
+            events = self.events_of(entry)
         if events is None:
             raise ConfigError(f"adapter {self.adapter.name!r} cannot stream this entry")
         return CachedStream(

@@ -148,6 +148,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     body: Mapping[str, Any] | None = None
     tenant: str = ""
     key_headers: Mapping[str, str] = {}
+    last_event_id: str | None = None
+    """``Last-Event-ID`` of a reconnecting client: a hit replays only what came after it."""
     controls: Controls = Controls()
     reason: str = ""
 
@@ -258,6 +260,7 @@ class CachePolicy:
                 for name in getattr(adapter, "key_headers", ())
                 if name in headers
             },
+            last_event_id=headers.get("last-event-id"),
             controls=controls,
         )
 

@@ -21,11 +21,15 @@ Usage by an integration::
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import anyio
 import msgspec
 
 from .codec import MsgpackCodec, WireEntry
@@ -148,6 +152,46 @@ class CacheService:
                 if not tee.ended:
                     tee.abort("the response did not complete")
                 await tee.close()
+        await ex._index()
+
+    async def resume(
+        self, method: str, path: str, query: str, headers: Mapping[str, str]
+    ) -> Answer | None:
+        """Answer ``GET .../responses/{id}?stream=true&starting_after=N`` from the cache when
+        that response's stream is stored (for the same tenant): the events after sequence
+        number N. None when it is not such a request or the stream is not cached (then the
+        request goes upstream)."""
+        match = _RESUME.search(path)
+        if method != "GET" or match is None:
+            return None
+        params = urllib.parse.parse_qs(query)
+        if params.get("stream", [""])[-1].lower() != "true":
+            return None
+        try:
+            after = int(params.get("starting_after", ["-1"])[-1])
+        except ValueError:
+            return None  # the upstream answers the malformed request
+        matched = self.policy.match("POST", path[: match.start()] + "/responses")
+        if matched is None:
+            return None
+        _, adapter = matched
+        events_after = getattr(adapter, "events_after", None)
+        if events_after is None:
+            return None
+        cache = self.cache_for(adapter)
+        tenant = self.policy.tenant_of(headers)
+        raw = await cache._fetch(alias_key(adapter.name, tenant, match["id"]))
+        if raw is None:
+            return None
+        key = raw.decode("ascii", "replace")
+        entry = await cache.lookup(key)
+        if entry is None or entry.events is None:
+            return None
+        events = events_after(entry.events, after)
+        emit(self.hooks, Notice(kind="hit", key=key, events=len(events)))
+        headers_out = [("content-type", entry.content_type), *_SSE_HEADERS]
+        headers_out += [("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
+        return Answer(status=200, headers=headers_out, chunks=_slices(serialize_sse(events)))
 
 
 class Exchange:
@@ -163,6 +207,7 @@ class Exchange:
         self._stack: AsyncExitStack | None = None
         self._ttl: float | None = None
         self._tee: ResponseTee | None = None
+        self._live: LiveRecording | None = None
 
     @property
     def cacheable(self) -> bool:
@@ -221,7 +266,7 @@ class Exchange:
         if (pending := cache.pending(self.key)) is not None:
             # A stream that just completed and is being stored: answer from it.
             self.answer = self._answer_entry(cache, pending, pacing)
-        elif decision.streaming and pacing.instant:
+        elif decision.streaming and pacing.instant and decision.last_event_id is None:
             # The fast path: a recorded stream goes out as its stored SSE bytes.
             wire = await cache.lookup_wire(self.key, max_age=controls.max_age)
             if wire is not None:
@@ -253,9 +298,12 @@ class Exchange:
 
     def _answer_entry(self, cache: StreamCache, entry: Entry, pacing: Pacing) -> Answer | None:
         if self.decision.streaming:
-            if cache.events_of(entry) is None:
+            events = cache.events_of(entry)
+            if events is None:
                 return None
-            stream = cache.replay(entry, pacing)
+            stream = cache.replay(
+                entry, pacing, events=_after_id(events, self.decision.last_event_id)
+            )
             content_type = entry.content_type if entry.is_stream else SSE_TYPE
             base = [("content-type", content_type), *_SSE_HEADERS]
             chunks = _stream_chunks(stream)
@@ -287,6 +335,25 @@ class Exchange:
             Notice(kind="hit", key=self.key, events=events, seconds=duration),
         )
         return Answer(status=200, headers=headers, chunks=self._counted(chunks))
+
+    async def _index(self) -> None:
+        # A stored stream that names its response (OpenAI Responses) is indexed by that id,
+        # per tenant, so that GET /v1/responses/{id}?stream=true can resume it.
+        live, cache = self._live, self._cache
+        if live is None or cache is None or not live.stored or live.entry is None:
+            return
+        response_id = live.entry.meta.get("response_id")
+        if not response_id:
+            return
+        alias = alias_key(cache.adapter.name, self.decision.tenant, response_id)
+        try:
+            ttl = None
+            if live.entry.expires_at is not None:
+                ttl = max(1.0, live.entry.expires_at - time.time())
+            with anyio.fail_after(cache.backend_timeout):
+                await cache.backend.set(alias, self.key.encode("ascii"), ttl)
+        except Exception as exc:
+            logger.warning("sse_cache: could not index %s by its response id: %r", self.key, exc)
 
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         sent = 0
@@ -329,6 +396,7 @@ class Exchange:
                 )
             )
             live.respond(status, content_type)
+            self._live = live
             self._tee = ResponseTee(live=live)
             return self._tee
         self._tee = ResponseTee(
@@ -431,6 +499,29 @@ class ResponseTee:
             body=body,
         )
         return await self._cache.store(self._key, entry, ttl=self._ttl)
+
+
+_RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
+
+
+def alias_key(schema: str, tenant: str, name: str) -> str:
+    """The backend key under which the key of an entry named ``name`` (a response id) is
+    kept, per schema and tenant."""
+    h = hashlib.blake2b(digest_size=32)
+    for part in ("sse-cache/alias", schema, tenant, name):
+        raw = part.encode()
+        h.update(len(raw).to_bytes(4, "big") + raw)
+    return "alias-" + h.hexdigest()
+
+
+def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
+    # A reconnecting client (Last-Event-ID) gets what came after that event; an id that is
+    # not in the stream means it saw another stream: it gets all of this one.
+    if last_id is not None:
+        for i, event in enumerate(events):
+            if event.id == last_id:
+                return events[i + 1 :]
+    return events
 
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:

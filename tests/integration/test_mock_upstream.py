@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -870,67 +869,52 @@ def test_constructor_validates() -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # uvicorn runs on asyncio
-async def test_over_loopback_http_with_uvicorn(anyio_backend: str) -> None:
-    import uvicorn
-
+async def test_over_loopback_http_with_uvicorn(anyio_backend: str, serve: Any) -> None:
     app = MockUpstream(delay=0.005, first_delay=0.15)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, log_level="critical", lifespan="on", ws="none")
-    server = uvicorn.Server(config)
-    base = f"http://127.0.0.1:{port}"
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        with anyio.fail_after(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-                await anyio.sleep(0.01)
-        try:
-            async with httpx2.AsyncClient(base_url=base) as http:
-                # Delivered as it is generated: the first event long before the last.
-                body = {**ROUTES["responses"][1], "stream": True}
-                start = time.perf_counter()
-                arrivals: list[float] = []
-                chunks: list[bytes] = []
-                async with http.stream("POST", "/v1/responses", json=body) as response:
-                    assert response.headers["content-type"].startswith("text/event-stream")
-                    async for chunk in response.aiter_raw():
-                        arrivals.append(time.perf_counter() - start)
-                        chunks.append(chunk)
-                events = parse(b"".join(chunks))
-                assert events[-1].event == "response.completed"
-                assert arrivals[0] >= 0.14
-                assert arrivals[-1] - arrivals[0] >= 0.005 * (len(events) - 1) * 0.8
-                again = await http.post("/v1/responses", json=body)
-                assert again.content == b"".join(chunks)
+    async with serve(app) as base:
+        async with httpx2.AsyncClient(base_url=base) as http:
+            # Delivered as it is generated: the first event long before the last.
+            body = {**ROUTES["responses"][1], "stream": True}
+            start = time.perf_counter()
+            arrivals: list[float] = []
+            chunks: list[bytes] = []
+            async with http.stream("POST", "/v1/responses", json=body) as response:
+                assert response.headers["content-type"].startswith("text/event-stream")
+                async for chunk in response.aiter_raw():
+                    arrivals.append(time.perf_counter() - start)
+                    chunks.append(chunk)
+            events = parse(b"".join(chunks))
+            assert events[-1].event == "response.completed"
+            assert arrivals[0] >= 0.14
+            assert arrivals[-1] - arrivals[0] >= 0.005 * (len(events) - 1) * 0.8
+            again = await http.post("/v1/responses", json=body)
+            assert again.content == b"".join(chunks)
 
-                async with httpx2.AsyncClient(base_url=base) as sdk_http:
-                    client = openai.AsyncOpenAI(
-                        base_url=f"{base}/v1", api_key="x", http_client=sdk_http, max_retries=0
-                    )
-                    async with client.responses.stream(
-                        model="gpt-mock-1",
-                        input="What is sse-cache?",
-                        extra_headers={"x-mock-delay-ms": "0"},
-                    ) as helper:
-                        final = await helper.get_final_response()
-                    assert final.status == "completed" and final.output_text
-                    # cut: the server drops the connection mid-body.
-                    stream = await client.responses.create(
-                        model="gpt-mock-1",
-                        input="What is sse-cache?",
-                        stream=True,
-                        extra_headers={"x-mock-error": "cut", "x-mock-delay-ms": "0"},
-                    )
-                    seen: list[str] = []
-                    with pytest.raises(openai.APIConnectionError):
-                        async for event in stream:
-                            seen.append(event.type)
-                    assert seen and "response.completed" not in seen
-                stats = (await http.get("/_mock/stats")).json()
-                assert stats["requests"] == {"POST /v1/responses": 4}
-        finally:
-            server.should_exit = True
+            async with httpx2.AsyncClient(base_url=base) as sdk_http:
+                client = openai.AsyncOpenAI(
+                    base_url=f"{base}/v1", api_key="x", http_client=sdk_http, max_retries=0
+                )
+                async with client.responses.stream(
+                    model="gpt-mock-1",
+                    input="What is sse-cache?",
+                    extra_headers={"x-mock-delay-ms": "0"},
+                ) as helper:
+                    final = await helper.get_final_response()
+                assert final.status == "completed" and final.output_text
+                # cut: the server drops the connection mid-body.
+                stream = await client.responses.create(
+                    model="gpt-mock-1",
+                    input="What is sse-cache?",
+                    stream=True,
+                    extra_headers={"x-mock-error": "cut", "x-mock-delay-ms": "0"},
+                )
+                seen: list[str] = []
+                with pytest.raises(openai.APIConnectionError):
+                    async for event in stream:
+                        seen.append(event.type)
+                assert seen and "response.completed" not in seen
+            stats = (await http.get("/_mock/stats")).json()
+            assert stats["requests"] == {"POST /v1/responses": 4}
 
 
 # -- command line -------------------------------------------------------------------------

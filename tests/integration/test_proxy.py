@@ -269,3 +269,19 @@ async def test_unreachable_upstream_is_a_502(serve: Serve, tmp_path: Path) -> No
         r = await client.post("/v1/responses", json=responses_body("down"), headers=KEY_A)
     assert r.status_code == 502 and r.json()["error"]["type"] == "upstream_error"
     await app.aclose()
+
+
+async def test_resume_a_responses_stream_from_the_cache(stack: Stack) -> None:
+    first = await stack.post("/v1/responses", responses_body("resume me"))
+    events = SSEParser().feed(first.content)
+    response_id = json.loads(events[0].data)["response"]["id"]
+    url = f"/v1/responses/{response_id}?stream=true&starting_after=5"
+    resumed = await stack.http.get(url, headers=KEY_A)
+    assert resumed.status_code == 200 and resumed.headers["x-sse-cache"] == "hit"
+    tail = SSEParser().feed(resumed.content)
+    assert [json.loads(e.data)["sequence_number"] for e in tail] == list(range(6, len(events)))
+    assert [e.data for e in tail] == [e.data for e in events[6:]]
+    # Another tenant cannot resume it from the cache: the request goes upstream.
+    other = await stack.http.get(url, headers=KEY_B)
+    assert "x-sse-cache" not in other.headers
+    assert await stack.upstream_calls() == 2

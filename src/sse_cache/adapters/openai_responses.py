@@ -270,6 +270,19 @@ class OpenAIResponses(KeyedAdapter):
             return out
         return {}
 
+    def events_after(self, events: Sequence[Event], starting_after: int) -> list[Event]:
+        """The events a client resuming with ``starting_after=N`` still needs: those whose
+        ``sequence_number`` is greater than N (``GET /v1/responses/{id}?stream=true``)."""
+        out: list[Event] = []
+        for ev in events:
+            try:
+                seq = _seq_decoder.decode(ev.data).sequence_number
+            except msgspec.DecodeError:
+                seq = None
+            if out or (seq is not None and seq > starting_after):
+                out.append(ev)
+        return out
+
     # -- body -> stream --------------------------------------------------------------------
 
     def synthesize(self, body: bytes) -> list[Event] | None:

@@ -125,7 +125,10 @@ class RedisBackend:
             raise BackendUnavailable(
                 "the Redis backend runs on asyncio only (redis-py's asyncio client)"
             ) from None
-        with map_exceptions(what), anyio.fail_after(self._timeout):
+        # redis-py enforces ``timeout`` itself (socket timeouts) and then drops the connection
+        # cleanly; cancelling it mid-command instead can leave a pooled connection half
+        # closed. The outer bound only catches what the socket timeouts cannot.
+        with map_exceptions(what), anyio.fail_after(self._timeout * 2 + 0.25):
             yield
 
     # -- the Backend protocol -------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""CacheMiddleware around small ASGI apps through httpx2's ASGI transport: generic SSE
+routes, Last-Event-ID, body limits, custom tenants, and apps that misbehave."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import pytest
+
+from sse_cache import Event, serialize_sse
+from sse_cache.adapters import GenericSSE
+from sse_cache.asgi import CacheMiddleware
+
+pytestmark = pytest.mark.anyio
+
+EVENTS = [Event(f"chunk {i}", event="tick", id=str(i)) for i in range(6)]
+
+
+class App:
+    """Streams EVENTS as SSE (one body message per event); counts its calls."""
+
+    def __init__(self, *, status: int = 200, content_type: bytes = b"text/event-stream") -> None:
+        self.calls = 0
+        self.status = status
+        self.content_type = content_type
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.calls += 1
+        self.last_body = body
+        await send(
+            {
+                "type": "http.response.start",
+                "status": self.status,
+                "headers": [(b"content-type", self.content_type)],
+            }
+        )
+        for event in EVENTS:
+            await send(
+                {"type": "http.response.body", "body": serialize_sse([event]), "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@pytest.fixture
+async def client_for() -> AsyncIterator[Any]:
+    clients: list[httpx2.AsyncClient] = []
+
+    def make(app: Any) -> httpx2.AsyncClient:
+        client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://t")
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.aclose()
+
+
+async def test_generic_route_and_last_event_id(client_for: Any) -> None:
+    app = App()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE})
+    client = client_for(mw)
+    first = await client.post("/events", json={"q": 1})
+    assert first.headers["x-sse-cache"] == "miss" and first.content == serialize_sse(EVENTS)
+    assert app.last_body == b'{"q":1}'  # the app got the request body unchanged
+    again = await client.post("/events", json={"q": 1})
+    assert again.headers["x-sse-cache"] == "hit" and again.content == first.content
+    resumed = await client.post("/events", json={"q": 1}, headers={"last-event-id": "3"})
+    assert resumed.headers["x-sse-cache"] == "hit"
+    assert resumed.content == serialize_sse(EVENTS[4:])
+    unknown = await client.post("/events", json={"q": 1}, headers={"last-event-id": "nope"})
+    assert unknown.content == serialize_sse(EVENTS)
+    assert app.calls == 1
+
+
+async def test_non_json_and_oversized_bodies_pass_through_as_bypass(client_for: Any) -> None:
+    app = App()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, max_body_bytes=64)
+    client = client_for(mw)
+    r = await client.post("/events", content=b"not json")
+    assert r.headers["x-sse-cache"] == "bypass" and app.last_body == b"not json"
+    big = json.dumps({"x": "y" * 200}).encode()
+    r = await client.post("/events", content=big)
+    assert r.headers["x-sse-cache"] == "bypass" and app.last_body == big
+    r = await client.post("/events", content=big)
+    assert r.headers["x-sse-cache"] == "bypass" and app.calls == 3
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type"),
+    [(500, b"text/event-stream"), (200, b"text/plain"), (404, b"application/json")],
+)
+async def test_responses_that_are_not_storable_are_passed_through(
+    client_for: Any, status: int, content_type: bytes
+) -> None:
+    app = App(status=status, content_type=content_type)
+    client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
+    for _ in range(2):
+        r = await client.post("/events", json={})
+        assert r.status_code == status and r.headers["x-sse-cache"] == "miss"
+        assert r.content == serialize_sse(EVENTS)
+    assert app.calls == 2
+
+
+async def test_custom_tenant_callable_and_shared_opt_in(client_for: Any) -> None:
+    app = App()
+    by_org = CacheMiddleware(
+        app, "memory://", routes={"/events": GenericSSE}, tenant=lambda h: h.get("x-org", "")
+    )
+    client = client_for(by_org)
+    await client.post("/events", json={}, headers={"x-org": "a", "authorization": "Bearer 1"})
+    same_org = await client.post(
+        "/events", json={}, headers={"x-org": "a", "authorization": "Bearer 2"}
+    )
+    other_org = await client.post("/events", json={}, headers={"x-org": "b"})
+    assert same_org.headers["x-sse-cache"] == "hit" and other_org.headers["x-sse-cache"] == "miss"
+
+    shared = CacheMiddleware(App(), "memory://", routes={"/events": GenericSSE}, tenant="shared")
+    client = client_for(shared)
+    await client.post("/events", json={}, headers={"authorization": "Bearer 1"})
+    r = await client.post("/events", json={}, headers={"authorization": "Bearer 2"})
+    assert r.headers["x-sse-cache"] == "hit"
+
+
+async def test_app_failing_mid_stream_stores_nothing(client_for: Any) -> None:
+    calls = 0
+
+    async def broken(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await receive()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        await send(
+            {"type": "http.response.body", "body": serialize_sse(EVENTS[:2]), "more_body": True}
+        )
+        raise RuntimeError("the app broke")
+
+    client = client_for(CacheMiddleware(broken, "memory://", routes={"/events": GenericSSE}))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="the app broke"):
+            await client.post("/events", json={})
+    assert calls == 2
+
+
+async def test_other_methods_and_paths_are_untouched(client_for: Any) -> None:
+    app = App()
+    client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
+    r = await client.get("/events")
+    assert "x-sse-cache" not in r.headers and app.calls == 1
