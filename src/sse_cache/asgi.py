@@ -172,7 +172,7 @@ class _Request:
         if message["type"] == "http.disconnect":
             self.disconnected = True
             if self.tee is not None:
-                self.tee.abort("the client disconnected")
+                self.tee.stop()
         return message
 
     async def _send(self, message: Message) -> None:

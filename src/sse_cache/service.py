@@ -27,7 +27,7 @@ import re
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 
 import anyio
 import msgspec
@@ -358,9 +358,10 @@ class Exchange:
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         sent = 0
         try:
-            async for chunk in chunks:
-                sent += len(chunk)
-                yield chunk
+            async with aclosing(chunks):  # type: ignore[type-var]
+                async for chunk in chunks:
+                    sent += len(chunk)
+                    yield chunk
         finally:
             emit(self._service.hooks, Notice(kind="replayed", key=self.key, bytes=sent))
 
@@ -397,7 +398,10 @@ class Exchange:
             )
             live.respond(status, content_type)
             self._live = live
-            self._tee = ResponseTee(live=live)
+            # Schemas with a completing event may be stored when the client stops right after
+            # it (see ResponseTee.stop); generic SSE needs the real end of the body.
+            completing = self._cache.adapter.end_outcome() is not Outcome.COMPLETE
+            self._tee = ResponseTee(live=live, completing=completing)
             return self._tee
         self._tee = ResponseTee(
             cache=self._cache,
@@ -429,9 +433,11 @@ class ResponseTee:
         content_type: str = JSON_TYPE,
         status: int = 200,
         limit: int = DEFAULT_MAX_ENTRY_BYTES,
+        completing: bool = False,
     ) -> None:
         self._live = live
         self._parser = SSEParser() if live is not None else None
+        self._has_completing_event = completing
         self._cache = cache
         self._key = key
         self._ttl = ttl
@@ -469,6 +475,18 @@ class ResponseTee:
             self._body = []
             if self._live is not None:
                 self._live.fail(reason)
+
+    def stop(self) -> None:
+        """The client stopped reading before the body ended. What it received is kept if it
+        already holds the schema's completing event (the openai SDK stops reading at chat's
+        ``data: [DONE]`` without waiting for the end of the body); anything else is an
+        early close, and nothing is stored."""
+        if self.ended or self._failed:
+            return
+        if self._live is not None and self._has_completing_event:
+            self.end()  # the recorder judges: without the completing event, not stored
+        else:
+            self.abort("the client closed the response before it ended")
 
     def end(self) -> None:
         """The upstream body ended by itself."""
@@ -538,11 +556,13 @@ async def _stream_chunks(stream: CachedStream) -> AsyncIterator[bytes]:
     # and live streams come as they are due and are written at once.
     pending: list[Event] = []
     size = 0
-    async for batch in stream.batches(_BATCH_EVENTS):
-        pending += batch
-        size += sum(len(e.data) for e in batch)
-        if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
-            yield serialize_sse(pending)
-            pending, size = [], 0
+    batches = stream.batches(_BATCH_EVENTS)
+    async with aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            pending += batch
+            size += sum(len(e.data) for e in batch)
+            if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
+                yield serialize_sse(pending)
+                pending, size = [], 0
     if pending:
         yield serialize_sse(pending)

@@ -1,0 +1,645 @@
+"""The httpx / httpx2 cache transports: one implementation for both libraries.
+
+httpx 0.28 and httpx2 share the transport API (``handle_async_request`` / ``handle_request``,
+``Request``, ``Response``, ``AsyncByteStream`` / ``SyncByteStream``); they differ only in the
+module. The classes here are written against that API, with the library module as the class
+attribute ``_lib``: :mod:`sse_cache.httpx` and :mod:`sse_cache.httpx2` subclass them together
+with that library's base transport, and nothing here imports either library.
+
+Every caching decision is the :class:`~sse_cache.service.CacheService`'s, exactly as in the
+ASGI middleware (routes, keys, tenant scope, request controls, response headers, hits,
+single-flight, what is stored). A transport only translates:
+
+- a request on a cached route is read whole, then ``service.decide`` → ``service.exchange``;
+- a hit (or a live identical stream) becomes a response whose stream replays the answer;
+- a miss goes to the wrapped transport; its response stream is handed to the client chunk by
+  chunk as it arrives, and each chunk is recorded once the client came back for the next one
+  (deliver first, record second). The exchange is left when the body ends (stored if it
+  completed) or when the client closes the response early (nothing stored).
+
+The sync transport drives the async service through an anyio blocking portal: one event loop
+in a daemon thread per transport, started on first use and stopped by ``close()``. The
+caller's thread never runs an event loop; the wrapped sync transport still does the network
+I/O in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from functools import cache
+from types import ModuleType, TracebackType
+from typing import Any, ClassVar
+
+import anyio
+import anyio.from_thread
+
+from .engine import Hook
+from .errors import ConfigError
+from .pacing import Pacing
+from .policy import CONTROL_HEADER_PREFIX, Decision
+from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
+from .recorder import DEFAULT_MAX_ENTRY_BYTES
+from .service import CacheService, Exchange, ResponseTee
+
+__all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]
+
+_SSE = "text/event-stream"
+_CONTROL = CONTROL_HEADER_PREFIX.encode("latin-1")
+_ExcInfo = tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+_NO_EXC: _ExcInfo = (None, None, None)
+
+
+# -- requests ----------------------------------------------------------------------------
+
+
+def _request_headers(request: Any) -> dict[str, str]:
+    """Lower-case names; repeated headers joined with ``", "`` (as the ASGI middleware)."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in request.headers.raw:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def _body_or_none(body: bytes, limit: int) -> bytes | None:
+    return body if len(body) <= limit else None
+
+
+def _forward(lib: ModuleType, request: Any, decision: Decision) -> Any:
+    """The request as sent upstream: without our ``x-sse-cache-*`` controls and, when its
+    answer may be stored, asking for an uncompressed body (a compressed one is not stored)."""
+    raw: list[tuple[bytes, bytes]] = request.headers.raw
+    storing = decision.cacheable and decision.controls.store
+    kept = [
+        (k, v)
+        for k, v in raw
+        if not k.lower().startswith(_CONTROL) and not (storing and k.lower() == b"accept-encoding")
+    ]
+    if storing:
+        kept.append((b"accept-encoding", b"identity"))
+    elif len(kept) == len(raw):
+        return request  # nothing to change: forward the caller's request object itself
+    return lib.Request(
+        request.method,
+        request.url,
+        headers=kept,
+        stream=request.stream,
+        extensions=request.extensions,
+    )
+
+
+def _merge_headers(
+    upstream: Iterable[tuple[bytes, bytes]], ours: list[tuple[str, str]]
+) -> list[tuple[bytes, bytes]]:
+    names = {k.encode("latin-1") for k, _ in ours}
+    return [
+        *((k, v) for k, v in upstream if k.lower() not in names),
+        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in ours),
+    ]
+
+
+def _error_response(lib: ModuleType, message: str) -> Any:
+    # The same answer as the ASGI middleware's for an invalid control header.
+    body = json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "code": "sse_cache"}}
+    ).encode()
+    return lib.Response(
+        400,
+        headers=[("content-type", "application/json"), ("x-sse-cache", "bypass")],
+        content=body,
+    )
+
+
+def _is_sse(headers: Any) -> bool:
+    return str(headers.get("content-type", "")).split(";", 1)[0].strip().lower() == _SSE
+
+
+def _stop_early(tee: ResponseTee, pending: bytes) -> None:
+    """The client closed the response before its body ended: record ``pending`` (the chunk
+    it was handed last), then let the tee decide (:meth:`ResponseTee.stop`)."""
+    if tee.ended:
+        return
+    if pending:
+        tee.feed(pending)
+    tee.stop()
+
+
+# -- async --------------------------------------------------------------------------------
+
+
+class _AsyncOpen:
+    """An exchange entered by ``handle_async_request`` and left when the response ends."""
+
+    __slots__ = ("_cm", "open")
+
+    def __init__(self, cm: AbstractAsyncContextManager[Exchange]) -> None:
+        self._cm = cm
+        self.open = False
+
+    async def enter(self) -> Exchange:
+        ex = await self._cm.__aenter__()
+        self.open = True
+        return ex
+
+    async def leave(self, exc: BaseException | None = None) -> None:
+        if not self.open:
+            return
+        self.open = False
+        # Shielded: a store that has begun finishes even if the reader is being cancelled
+        # (every backend call is bounded by ``backend_timeout``).
+        with anyio.CancelScope(shield=True):
+            if exc is None:
+                await self._cm.__aexit__(None, None, None)
+            else:
+                await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+
+
+async def _aclose_iterator(iterator: object) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with anyio.CancelScope(shield=True):
+            await aclose()
+
+
+class _AsyncTeeBody:
+    """The body of a miss: the upstream's chunks, each handed to the client first and
+    recorded when the client asks for the next one."""
+
+    def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen) -> None:
+        self._inner = inner
+        self._it: AsyncIterator[bytes] | None = None
+        self._tee = tee
+        self._opened = opened
+        self._pending = b""
+
+    # One iterator for every ``async for``: a client that drains the rest of a response it
+    # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        tee = self._tee
+        if self._pending:
+            tee.feed(self._pending)
+            self._pending = b""
+        if not self._opened.open:
+            raise StopAsyncIteration
+        it = self._it
+        if it is None:
+            it = self._it = aiter(self._inner)
+        try:
+            chunk: bytes = await it.__anext__()
+        except StopAsyncIteration:
+            tee.end()
+            await self._opened.leave()  # stores the answer if it completed
+            raise
+        except BaseException as exc:
+            tee.abort(f"the upstream body failed: {exc!r}")
+            await self._opened.leave(exc)
+            raise
+        self._pending = chunk
+        return chunk
+
+    async def aclose(self) -> None:
+        try:
+            if self._opened.open:
+                _stop_early(self._tee, self._pending)
+                self._pending = b""
+            await _aclose_iterator(self._it)
+            await self._inner.aclose()
+        finally:
+            await self._opened.leave()
+
+
+class _AsyncAnswerBody:
+    """The body of a hit or of a joined live stream."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], opened: _AsyncOpen) -> None:
+        self._chunks = chunks
+        self._opened = opened
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._opened.open:
+            raise StopAsyncIteration
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            await self._opened.leave()
+            raise
+        except BaseException as exc:
+            await self._opened.leave(exc)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await _aclose_iterator(self._chunks)
+        finally:
+            await self._opened.leave()
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+
+class _SyncOpen:
+    """An exchange entered by ``handle_request`` (in the portal's event loop, in one task
+    for its whole life) and left when the response ends."""
+
+    __slots__ = ("_cm", "open")
+
+    def __init__(self, cm: AbstractContextManager[Exchange]) -> None:
+        self._cm = cm
+        self.open = False
+
+    def enter(self) -> Exchange:
+        ex = self._cm.__enter__()
+        self.open = True
+        return ex
+
+    def leave(self, exc: BaseException | None = None) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if exc is None:
+            self._cm.__exit__(None, None, None)
+        else:
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+
+
+class _SyncTeeBody:
+    """The sync twin of :class:`_AsyncTeeBody`; the recording runs in the portal's loop
+    (live readers of the same stream wait there)."""
+
+    def __init__(
+        self,
+        inner: Any,
+        tee: ResponseTee,
+        opened: _SyncOpen,
+        portal: anyio.from_thread.BlockingPortal,
+    ) -> None:
+        self._inner = inner
+        self._it: Iterator[bytes] | None = None
+        self._tee = tee
+        self._opened = opened
+        self._portal = portal
+        self._pending = b""
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._opened.open:
+            raise StopIteration
+        it = self._it
+        if it is None:
+            it = self._it = iter(self._inner)
+        if self._pending:
+            self._portal.call(self._tee.feed, self._pending)
+            self._pending = b""
+        try:
+            chunk: bytes = next(it)
+        except StopIteration:
+            self._portal.call(self._tee.end)
+            self._opened.leave()  # stores the answer if it completed
+            raise
+        except BaseException as exc:
+            self._portal.call(self._tee.abort, f"the upstream body failed: {exc!r}")
+            self._opened.leave(exc)
+            raise
+        self._pending = chunk
+        return chunk
+
+    def close(self) -> None:
+        try:
+            if self._opened.open:
+                self._portal.call(_stop_early, self._tee, self._pending)
+                self._pending = b""
+            self._inner.close()
+        finally:
+            self._opened.leave()
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+class _SyncAnswerBody:
+    """A hit or a joined live stream, read through the portal (replays come in ~64 KiB
+    chunks, so one portal hop costs little per event)."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        opened: _SyncOpen,
+        portal: anyio.from_thread.BlockingPortal,
+    ) -> None:
+        self._chunks = chunks
+        self._opened = opened
+        self._portal = portal
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if not self._opened.open:
+            raise StopIteration
+        try:
+            chunk = self._portal.call(_next_chunk, self._chunks)
+        except BaseException as exc:
+            self._opened.leave(exc)
+            raise
+        if chunk is None:
+            self._opened.leave()
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        try:
+            if self._opened.open:
+                self._portal.call(_aclose_iterator, self._chunks)
+        finally:
+            self._opened.leave()
+
+
+@cache
+def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
+    """Our body classes as subclasses of ``lib``'s byte streams (a response only accepts
+    those)."""
+    return {
+        name: type(name, (base, getattr(lib, lib_base)), {"__module__": __name__})
+        for name, base, lib_base in (
+            ("AsyncTeeBody", _AsyncTeeBody, "AsyncByteStream"),
+            ("AsyncAnswerBody", _AsyncAnswerBody, "AsyncByteStream"),
+            ("SyncTeeBody", _SyncTeeBody, "SyncByteStream"),
+            ("SyncAnswerBody", _SyncAnswerBody, "SyncByteStream"),
+        )
+    }
+
+
+# -- transports ---------------------------------------------------------------------------
+
+
+class _Options:
+    """The constructor shared by both transports (the same options as ``CacheMiddleware``)."""
+
+    _lib: ClassVar[ModuleType]
+
+    def __init_subclass__(cls, library: ModuleType | None = None, **kwargs: Any) -> None:
+        # ``class AsyncCacheTransport(AsyncCacheTransportBase, httpx2.AsyncBaseTransport,
+        # library=httpx2)``: the library module is all that differs between the two.
+        super().__init_subclass__(**kwargs)
+        if library is not None:
+            cls._lib = library
+
+    def __init__(
+        self,
+        backend: Backend | str,
+        transport: Any = None,
+        *,
+        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
+        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
+        ttl: float | None = None,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        max_body_bytes: int = 4 * 1024 * 1024,
+        pacing: str | float | Pacing = "instant",
+        hooks: Iterable[Hook] = (),
+        backend_timeout: float = 2.0,
+        single_flight: bool = True,
+        keyer: CacheKeyer | None = None,
+        codec: EventCodec | None = None,
+    ) -> None:
+        self.service = CacheService(
+            backend,
+            routes=routes,
+            tenant=tenant,
+            ttl=ttl,
+            max_entry_bytes=max_entry_bytes,
+            max_body_bytes=max_body_bytes,
+            pacing=pacing,
+            hooks=hooks,
+            backend_timeout=backend_timeout,
+            single_flight=single_flight,
+            keyer=keyer,
+            codec=codec,
+        )
+        self.transport: Any = transport if transport is not None else self._default_transport()
+
+    def _default_transport(self) -> Any:
+        raise NotImplementedError
+
+    def _decide(self, request: Any, body: bytes) -> Decision:
+        service = self.service
+        return service.decide(
+            request.method,
+            request.url.path,
+            _request_headers(request),
+            _body_or_none(body, service.policy.max_body_bytes),
+        )
+
+    def _passthrough(self, upstream: Any, ex: Exchange) -> Any:
+        # Nothing to record: the upstream's response as it is, plus our headers.
+        return self._lib.Response(
+            upstream.status_code,
+            headers=_merge_headers(upstream.headers.raw, ex.headers()),
+            stream=upstream.stream,
+            extensions=upstream.extensions,
+        )
+
+
+class AsyncCacheTransportBase(_Options):
+    """An async transport that caches streamed (and non-streamed) LLM answers.
+
+    ``backend``: a :class:`~sse_cache.protocols.Backend` or a URL (``sqlite:///cache.db``,
+    ``redis://...``; then the transport owns it and :meth:`aclose` closes it). ``transport``:
+    the transport that reaches the network (default: the library's ``AsyncHTTPTransport()``).
+    ``routes``, ``tenant``, ``ttl``, ``max_entry_bytes``, ``max_body_bytes``, ``pacing``,
+    ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``: as for
+    :class:`~sse_cache.asgi.CacheMiddleware` (the same :class:`~sse_cache.service.CacheService`
+    decides everything: routes ``POST /v1/responses``, ``/v1/chat/completions``,
+    ``/v1/messages``; tenant scope from the request's API key; request controls).
+
+    Responses on a cached route carry ``x-sse-cache: hit | miss | bypass | refresh | shared``
+    and ``x-sse-cache-key`` (hits also ``age`` and ``x-sse-cache-ttl``). A miss's body reaches
+    the client as it arrives and is stored if it completes; a response the client closes
+    before its end stores nothing (unless the completing event had already been delivered:
+    the openai SDK stops at chat's ``[DONE]``). An invalid control header is answered ``400``
+    without calling the upstream. Other requests pass through untouched.
+    """
+
+    def _default_transport(self) -> Any:
+        return self._lib.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: Any) -> Any:
+        lib = self._lib
+        service = self.service
+        if service.policy.match(request.method, request.url.path) is None:
+            return await self.transport.handle_async_request(request)
+        try:
+            decision = self._decide(request, await request.aread())
+        except ConfigError as exc:
+            return _error_response(lib, str(exc))
+        opened = _AsyncOpen(service.exchange(decision))
+        ex = await opened.enter()
+        types = _stream_types(lib)
+        try:
+            answer = ex.answer
+            if answer is not None:
+                return lib.Response(
+                    answer.status,
+                    headers=answer.headers,
+                    stream=types["AsyncAnswerBody"](answer.chunks, opened),
+                )
+            upstream = await self.transport.handle_async_request(_forward(lib, request, decision))
+            try:
+                tee = await ex.tee(upstream.status_code, upstream.headers.multi_items())
+            except BaseException:
+                await upstream.aclose()
+                raise
+            if tee is None:
+                await opened.leave()
+                return self._passthrough(upstream, ex)
+            body = types["AsyncTeeBody"](
+                upstream.stream,
+                tee,
+                opened,
+            )
+            return lib.Response(
+                upstream.status_code,
+                headers=_merge_headers(upstream.headers.raw, ex.headers()),
+                stream=body,
+                extensions=upstream.extensions,
+            )
+        except BaseException as exc:
+            await opened.leave(exc)
+            raise
+
+    async def aclose(self) -> None:
+        """Close the wrapped transport, and the backend if it was opened from a URL."""
+        try:
+            await self.transport.aclose()
+        finally:
+            await self.service.aclose()
+
+
+class CacheTransportBase(_Options):
+    """The sync twin of :class:`AsyncCacheTransportBase` (same options and behaviour);
+    ``transport`` defaults to the library's ``HTTPTransport()``.
+
+    The cache itself is async (backends, single-flight): the transport runs it on an anyio
+    blocking portal — an event loop in a daemon thread owned by this transport, started on
+    first use and stopped by :meth:`close`. Callers never need an event loop of their own,
+    and the network I/O stays in the caller's thread. ``portal_backend``: the portal's event
+    loop, ``"asyncio"`` (default; needed by the Redis backend) or ``"trio"``.
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str,
+        transport: Any = None,
+        *,
+        portal_backend: str = "asyncio",
+        **options: Any,
+    ) -> None:
+        super().__init__(backend, transport, **options)
+        self._portal_backend = portal_backend
+        self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
+        self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _default_transport(self) -> Any:
+        return self._lib.HTTPTransport()
+
+    @property
+    def portal(self) -> anyio.from_thread.BlockingPortal:
+        """The blocking portal the cache runs on (started on first use): run your own
+        coroutines against the same backend with ``transport.portal.call(fn, *args)``."""
+        portal = self._portal
+        if portal is not None:
+            return portal
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this CacheTransport is closed")
+            if self._portal is None:
+                cm = anyio.from_thread.start_blocking_portal(
+                    self._portal_backend, name="sse-cache-portal"
+                )
+                self._portal = cm.__enter__()
+                self._portal_cm = cm
+            return self._portal
+
+    def handle_request(self, request: Any) -> Any:
+        lib = self._lib
+        service = self.service
+        if service.policy.match(request.method, request.url.path) is None:
+            return self.transport.handle_request(request)
+        try:
+            decision = self._decide(request, request.read())
+        except ConfigError as exc:
+            return _error_response(lib, str(exc))
+        portal = self.portal
+        opened = _SyncOpen(portal.wrap_async_context_manager(service.exchange(decision)))
+        ex = opened.enter()
+        types = _stream_types(lib)
+        try:
+            answer = ex.answer
+            if answer is not None:
+                return lib.Response(
+                    answer.status,
+                    headers=answer.headers,
+                    stream=types["SyncAnswerBody"](answer.chunks, opened, portal),
+                )
+            upstream = self.transport.handle_request(_forward(lib, request, decision))
+            try:
+                tee = portal.call(ex.tee, upstream.status_code, upstream.headers.multi_items())
+            except BaseException:
+                upstream.close()
+                raise
+            if tee is None:
+                opened.leave()
+                return self._passthrough(upstream, ex)
+            body = types["SyncTeeBody"](
+                upstream.stream,
+                tee,
+                opened,
+                portal,
+            )
+            return lib.Response(
+                upstream.status_code,
+                headers=_merge_headers(upstream.headers.raw, ex.headers()),
+                stream=body,
+                extensions=upstream.extensions,
+            )
+        except BaseException as exc:
+            opened.leave(exc)
+            raise
+
+    def close(self) -> None:
+        """Close the wrapped transport and the backend (if opened from a URL), then stop
+        the portal thread. Responses still open are abandoned (nothing of them is stored).
+        The transport cannot be used afterwards."""
+        if self._closed:
+            return
+        try:
+            self.transport.close()
+        finally:
+            portal = self.portal  # the backend is async: it is closed on the portal's loop
+            with self._lock:
+                self._closed = True
+                cm = self._portal_cm
+                self._portal = self._portal_cm = None
+            assert cm is not None
+            try:
+                portal.call(self.service.aclose)
+                portal.call(portal.stop, True)
+            finally:
+                cm.__exit__(*_NO_EXC)

@@ -1,0 +1,710 @@
+"""The httpx2 / httpx cache transports under the official SDKs, over real loopback HTTP.
+
+The upstream is :class:`sse_cache.mock_upstream.MockUpstream` served by uvicorn in a thread
+on a free 127.0.0.1 port; its request counters show which requests reached it. Every test
+uses its own cache file and its own prompt, so counts are per test. Async tests run on
+asyncio and trio (the sync transport's portal runs asyncio whatever the test).
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+import pytest
+import uvicorn
+from anthropic import Anthropic, AsyncAnthropic
+from openai import AsyncOpenAI, BadRequestError, OpenAI
+
+import sse_cache.httpx
+import sse_cache.httpx2
+from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
+from sse_cache.mock_upstream import MockUpstream
+
+RESPONSES = "POST /v1/responses"
+CHAT = "POST /v1/chat/completions"
+MESSAGES = "POST /v1/messages"
+MODEL = "gpt-mock-1"
+CLAUDE = "claude-mock-1"
+
+
+# -- the upstream -------------------------------------------------------------------------
+
+
+class Upstream:
+    """A MockUpstream served over loopback HTTP by uvicorn in a background thread."""
+
+    def __init__(self) -> None:
+        self.app = MockUpstream(delay=0.0)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="off", ws="none", http="h11"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
+        self._sock = sock
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self._sock.close()
+
+    def count(self, route: str) -> int:
+        """Requests the upstream received on ``route`` (``"POST /v1/responses"``)."""
+        return int(self.app.stats()["requests"].get(route, 0))
+
+    def http_stats(self) -> dict[str, Any]:
+        """The same counters through the mock's own HTTP endpoint."""
+        stats: dict[str, Any] = httpx2.get(f"{self.url}/_mock/stats").json()
+        return stats
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cache_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'cache.db'}"
+
+
+@pytest.fixture
+def prompt(request: pytest.FixtureRequest) -> str:
+    """A prompt unique to the test (and its loop), so upstream counts are per test."""
+    return f"{request.node.name} {uuid.uuid4().hex[:8]}"
+
+
+def _openai_async(upstream: Upstream, cache_url: str, key: str = "sk-test-a") -> AsyncOpenAI:
+    return AsyncOpenAI(
+        base_url=f"{upstream.url}/v1",
+        api_key=key,
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=AsyncCacheTransport(cache_url)),
+    )
+
+
+def _openai_sync(upstream: Upstream, cache_url: str, key: str = "sk-test-a") -> OpenAI:
+    return OpenAI(
+        base_url=f"{upstream.url}/v1",
+        api_key=key,
+        max_retries=0,
+        http_client=httpx2.Client(transport=CacheTransport(cache_url)),
+    )
+
+
+# Under trio, an async generator collected before its end warns. The SDKs and httpx2 leave
+# theirs so whenever a stream is not read to its end (a `break`; the openai SDK's stop at
+# chat's `[DONE]`; httpx2 never closes httpcore2's body iterator on an early close), with or
+# without a cache transport: such tests ignore those warnings and collect garbage at once.
+_ABANDONED = (
+    "ignore:Async generator '(openai|httpx2|httpcore2)[.]"
+    ".*garbage collected before it had been exhausted:ResourceWarning"
+)
+
+
+def _dump(events: list[Any]) -> list[dict[str, Any]]:
+    return [e.model_dump() for e in events]
+
+
+# -- OpenAI Responses, async --------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_responses_stream_twice_second_from_cache(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        runs: list[list[Any]] = []
+        statuses: list[str] = []
+        for _ in range(2):
+            raw = await client.responses.with_raw_response.create(
+                model=MODEL,
+                input=prompt,
+                stream=True,
+                stream_options={"include_obfuscation": False},
+            )
+            statuses.append(raw.headers["x-sse-cache"])
+            async with raw.parse() as stream:
+                runs.append([event async for event in stream])
+            assert runs[-1][-1].type == "response.completed"
+        assert statuses == ["miss", "hit"]
+        assert _dump(runs[1]) == _dump(runs[0])
+        assert len(runs[0]) > 20
+
+
+@pytest.mark.anyio
+async def test_second_stream_sends_no_request_upstream(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        before = upstream.http_stats()["requests"].get(RESPONSES, 0)
+        first = [
+            e async for e in await client.responses.create(model=MODEL, input=prompt, stream=True)
+        ]
+        assert upstream.count(RESPONSES) == before + 1
+        second = [
+            e async for e in await client.responses.create(model=MODEL, input=prompt, stream=True)
+        ]
+        # The hit never reached the upstream (its own stats endpoint says so).
+        assert upstream.http_stats()["requests"][RESPONSES] == before + 1
+        assert _dump(second) == _dump(first)
+        assert [e.sequence_number for e in second] == list(range(len(second)))
+
+
+@pytest.mark.anyio
+async def test_stream_helper_gives_the_same_final_response(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        recorded = [
+            e async for e in await client.responses.create(model=MODEL, input=prompt, stream=True)
+        ]
+        completed = recorded[-1]
+        assert completed.type == "response.completed"
+        finals = []
+        for _ in range(2):
+            async with client.responses.stream(model=MODEL, input=prompt) as stream:
+                async for _event in stream:
+                    pass
+                finals.append(await stream.get_final_response())
+        assert upstream.count(RESPONSES) == before + 1
+        assert finals[0].model_dump() == finals[1].model_dump()
+        assert finals[0].id == completed.response.id
+        assert finals[0].output_text == completed.response.output_text != ""
+
+
+@pytest.mark.anyio
+async def test_non_stream_request_is_answered_from_a_recorded_stream(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        recorded = [
+            e async for e in await client.responses.create(model=MODEL, input=prompt, stream=True)
+        ]
+        raw = await client.responses.with_raw_response.create(model=MODEL, input=prompt)
+        assert upstream.count(RESPONSES) == before + 1
+        assert raw.headers["x-sse-cache"] == "hit"
+        assert raw.headers["content-type"].startswith("application/json")
+        response = raw.parse()
+        assert response.model_dump() == recorded[-1].response.model_dump()
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_early_break_stores_nothing(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        # Paced, so that the client leaves long before the completing event arrives.
+        stream = await client.responses.create(
+            model=MODEL, input=prompt, stream=True, extra_headers={"x-mock-delay-ms": "10"}
+        )
+        async with stream:
+            async for event in stream:
+                assert event.type == "response.created"
+                break
+        gc.collect()  # finalise what was abandoned now, under this test's warning filter
+        raw = await client.responses.with_raw_response.create(
+            model=MODEL, input=prompt, stream=True
+        )
+        assert raw.headers["x-sse-cache"] == "miss"
+        async with raw.parse() as again:
+            events = [e async for e in again]
+        assert events[-1].type == "response.completed"
+        assert upstream.count(RESPONSES) == before + 2
+        # ... and that complete stream was stored.
+        raw = await client.responses.with_raw_response.create(
+            model=MODEL, input=prompt, stream=True
+        )
+        assert raw.headers["x-sse-cache"] == "hit"
+        async with raw.parse() as replay:
+            assert _dump([e async for e in replay]) == _dump(events)
+        assert upstream.count(RESPONSES) == before + 2
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_closing_a_hit_early_keeps_the_entry(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        recorded = [
+            e async for e in await client.responses.create(model=MODEL, input=prompt, stream=True)
+        ]
+        for _ in range(2):
+            stream = await client.responses.create(model=MODEL, input=prompt, stream=True)
+            async with stream:
+                async for event in stream:
+                    assert event.model_dump() == recorded[0].model_dump()
+                    break
+            gc.collect()
+        replay = [
+            e async for e in await client.responses.create(model=MODEL, input=prompt, stream=True)
+        ]
+        assert _dump(replay) == _dump(recorded)
+        assert upstream.count(RESPONSES) == before + 1
+
+
+@pytest.mark.anyio
+async def test_tenants_never_share_entries(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    before = upstream.count(RESPONSES)
+    keys = []
+    for api_key in ("sk-tenant-one", "sk-tenant-two", "sk-tenant-one"):
+        async with _openai_async(upstream, cache_url, key=api_key) as client:
+            raw = await client.responses.with_raw_response.create(
+                model=MODEL, input=prompt, stream=True
+            )
+            async with raw.parse() as stream:
+                [e async for e in stream]
+            keys.append((raw.headers["x-sse-cache"], raw.headers["x-sse-cache-key"]))
+    assert [status for status, _ in keys] == ["miss", "miss", "hit"]
+    assert keys[0][1] != keys[1][1]
+    assert keys[0][1] == keys[2][1]
+    assert upstream.count(RESPONSES) == before + 2
+
+
+@pytest.mark.anyio
+async def test_identical_concurrent_streams_share_one_upstream_request(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        results: dict[str, tuple[str, list[Any]]] = {}
+        first_event = anyio.Event()
+
+        async def read(name: str) -> None:
+            raw = await client.responses.with_raw_response.create(
+                model=MODEL, input=prompt, stream=True, extra_headers={"x-mock-delay-ms": "2"}
+            )
+            async with raw.parse() as stream:
+                events = []
+                async for event in stream:
+                    events.append(event)
+                    first_event.set()
+            results[name] = (raw.headers["x-sse-cache"], events)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read, "first")
+            await first_event.wait()
+            tg.start_soon(read, "second")
+        assert results["first"][0] == "miss"
+        assert results["second"][0] == "shared"
+        assert _dump(results["second"][1]) == _dump(results["first"][1])
+        assert upstream.count(RESPONSES) == before + 1
+
+
+# -- Chat Completions and Anthropic Messages, async ----------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_chat_completions_stream_cached(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        before = upstream.count(CHAT)
+        runs = []
+        for _ in range(2):
+            raw = await client.chat.completions.with_raw_response.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": prompt}],
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            async with raw.parse() as stream:
+                runs.append((raw.headers["x-sse-cache"], [c async for c in stream]))
+        assert [status for status, _ in runs] == ["miss", "hit"]
+        assert _dump(runs[1][1]) == _dump(runs[0][1])
+        assert runs[0][1][-1].usage is not None
+        assert upstream.count(CHAT) == before + 1
+    gc.collect()
+
+
+@pytest.mark.anyio
+async def test_anthropic_messages_stream_cached(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    client = AsyncAnthropic(
+        base_url=upstream.url,
+        api_key="sk-ant-test",
+        max_retries=0,
+        http_client=httpx2.AsyncClient(transport=AsyncCacheTransport(cache_url)),
+    )
+    async with client:
+        before = upstream.count(MESSAGES)
+        runs = []
+        for _ in range(2):
+            async with client.messages.stream(
+                model=CLAUDE, max_tokens=256, messages=[{"role": "user", "content": prompt}]
+            ) as stream:
+                events = [e async for e in stream]
+                final = await stream.get_final_message()
+            runs.append((events, final))
+        assert upstream.count(MESSAGES) == before + 1
+        assert _dump(runs[1][0]) == _dump(runs[0][0])
+        assert runs[1][1].model_dump() == runs[0][1].model_dump()
+        assert runs[0][1].stop_reason == "end_turn"
+        # The non-stream form of the same request is answered from the recorded stream.
+        raw = await client.messages.with_raw_response.create(
+            model=CLAUDE, max_tokens=256, messages=[{"role": "user", "content": prompt}]
+        )
+        assert raw.headers["x-sse-cache"] == "hit"
+        assert (await raw.parse()).model_dump() == runs[0][1].model_dump()
+        assert upstream.count(MESSAGES) == before + 1
+
+
+# -- controls, errors, pass-through --------------------------------------------------------
+
+
+def _raw_client(upstream: Upstream, cache_url: str) -> httpx2.AsyncClient:
+    return httpx2.AsyncClient(
+        base_url=upstream.url,
+        headers={"authorization": "Bearer sk-raw"},
+        transport=AsyncCacheTransport(cache_url),
+    )
+
+
+async def _post(
+    client: httpx2.AsyncClient, body: dict[str, Any], **headers: str
+) -> tuple[httpx2.Response, bytes]:
+    async with client.stream("POST", "/v1/responses", json=body, headers=headers) as response:
+        return response, await response.aread()
+
+
+@pytest.mark.anyio
+async def test_request_controls_and_headers(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    async with _raw_client(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        first, data = await _post(client, body, **{"x-sse-cache-ttl": "60"})
+        assert first.headers["x-sse-cache"] == "miss"
+        assert first.headers["content-type"].startswith("text/event-stream")
+        # Our controls are not forwarded; the upstream is asked for an uncompressed body.
+        recent = upstream.app.stats()["recent"][-1]
+        assert not [h for h in recent["headers"] if h.startswith("x-sse-cache")]
+        hit, replay = await _post(client, body)
+        assert hit.headers["x-sse-cache"] == "hit"
+        assert replay == data  # byte for byte
+        assert int(hit.headers["age"]) >= 0
+        assert 0 <= int(hit.headers["x-sse-cache-ttl"]) <= 60
+        assert hit.headers["x-sse-cache-key"] == first.headers["x-sse-cache-key"]
+        fresh, _ = await _post(client, body, **{"cache-control": "no-cache"})
+        assert fresh.headers["x-sse-cache"] == "bypass"
+        refreshed, _ = await _post(client, body, **{"x-sse-cache-refresh": "1"})
+        assert refreshed.headers["x-sse-cache"] == "refresh"
+        other, _ = await _post(client, body, **{"x-sse-cache-namespace": "elsewhere"})
+        assert other.headers["x-sse-cache"] == "miss"
+        assert upstream.count(RESPONSES) == before + 4
+        bad, text = await _post(client, body, **{"x-sse-cache-ttl": "soon"})
+        assert bad.status_code == 400
+        assert b"x-sse-cache-ttl" in text
+        assert upstream.count(RESPONSES) == before + 4  # answered without the upstream
+
+
+@pytest.mark.anyio
+async def test_invalid_control_header_is_a_400_for_the_sdk(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        with pytest.raises(BadRequestError, match="x-sse-cache-variants"):
+            await client.responses.create(
+                model=MODEL, input=prompt, extra_headers={"x-sse-cache-variants": "0"}
+            )
+
+
+@pytest.mark.anyio
+async def test_failed_and_cut_streams_are_not_stored(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    async with _raw_client(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        error, _ = await _post(client, body, **{"x-mock-error": "500"})
+        assert error.status_code == 500
+        assert error.headers["x-sse-cache"] == "miss"
+        _, data = await _post(client, body, **{"x-mock-error": "fail-mid-stream"})
+        assert b"response.failed" in data
+        with pytest.raises(httpx2.RemoteProtocolError):
+            await _post(client, body, **{"x-mock-error": "cut"})
+        bad, _ = await _post(client, body, **{"x-mock-error": "bad-sse"})
+        assert bad.status_code == 200
+        good, _ = await _post(client, body)
+        assert good.headers["x-sse-cache"] == "miss"  # none of the above was stored
+        assert upstream.count(RESPONSES) == before + 5
+        again, _ = await _post(client, body)
+        assert again.headers["x-sse-cache"] == "hit"
+        assert upstream.count(RESPONSES) == before + 5
+
+
+@pytest.mark.anyio
+async def test_other_routes_pass_through_untouched(upstream: Upstream, cache_url: str) -> None:
+    async with _openai_async(upstream, cache_url) as client:
+        raw = await client.models.with_raw_response.list()
+        assert "x-sse-cache" not in raw.headers
+        assert [m.id for m in raw.parse().data] == ["gpt-mock-1", "gpt-mock-1-mini"]
+
+
+@pytest.mark.anyio
+async def test_httpx_transport_caches_too(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    before = upstream.count(RESPONSES)
+    seen = []
+    for _ in range(2):
+        transport = sse_cache.httpx.AsyncCacheTransport(cache_url)
+        assert isinstance(transport, httpx.AsyncBaseTransport)
+        async with httpx.AsyncClient(base_url=upstream.url, transport=transport) as client:
+            async with client.stream("POST", "/v1/responses", json=body) as response:
+                seen.append((response.headers["x-sse-cache"], await response.aread()))
+    assert [status for status, _ in seen] == ["miss", "hit"]
+    assert seen[0][1] == seen[1][1]
+    assert upstream.count(RESPONSES) == before + 1
+
+
+# -- sync clients ---------------------------------------------------------------------------
+
+
+def test_sync_openai_responses(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    with _openai_sync(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        runs = []
+        for _ in range(2):
+            raw = client.responses.with_raw_response.create(model=MODEL, input=prompt, stream=True)
+            with raw.parse() as stream:
+                runs.append((raw.headers["x-sse-cache"], list(stream)))
+        assert [status for status, _ in runs] == ["miss", "hit"]
+        assert _dump(runs[1][1]) == _dump(runs[0][1])
+        with client.responses.stream(model=MODEL, input=prompt) as helper:
+            final = helper.get_final_response()
+        unary = client.responses.create(model=MODEL, input=prompt)
+        recorded = runs[0][1][-1].response
+        assert unary.model_dump() == recorded.model_dump()
+        assert final.id == recorded.id
+        assert final.output_text == recorded.output_text != ""
+        assert upstream.count(RESPONSES) == before + 1
+
+
+def test_sync_early_break_stores_nothing(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    with _openai_sync(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        with client.responses.create(
+            model=MODEL, input=prompt, stream=True, extra_headers={"x-mock-delay-ms": "10"}
+        ) as stream:
+            for _event in stream:
+                break
+        raw = client.responses.with_raw_response.create(model=MODEL, input=prompt, stream=True)
+        with raw.parse() as again:
+            list(again)
+        assert raw.headers["x-sse-cache"] == "miss"
+        assert upstream.count(RESPONSES) == before + 2
+
+
+def test_sync_chat_completions_stored_although_the_sdk_stops_at_done(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # The sync openai SDK closes the response at `data: [DONE]` without reading to the end.
+    with _openai_sync(upstream, cache_url) as client:
+        before = upstream.count(CHAT)
+        runs = []
+        for _ in range(2):
+            raw = client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": prompt}], stream=True
+            )
+            with raw.parse() as stream:
+                runs.append((raw.headers["x-sse-cache"], list(stream)))
+        assert [status for status, _ in runs] == ["miss", "hit"]
+        assert _dump(runs[1][1]) == _dump(runs[0][1])
+        assert upstream.count(CHAT) == before + 1
+
+
+def test_sync_anthropic_messages_stream(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    client = Anthropic(
+        base_url=upstream.url,
+        api_key="sk-ant-test",
+        max_retries=0,
+        http_client=httpx2.Client(transport=CacheTransport(cache_url)),
+    )
+    with client:
+        before = upstream.count(MESSAGES)
+        finals = []
+        for _ in range(2):
+            with client.messages.stream(
+                model=CLAUDE, max_tokens=256, messages=[{"role": "user", "content": prompt}]
+            ) as stream:
+                text = "".join(stream.text_stream)
+                finals.append((text, stream.get_final_message()))
+        assert upstream.count(MESSAGES) == before + 1
+        assert finals[0][0] == finals[1][0] != ""
+        assert finals[0][1].model_dump() == finals[1][1].model_dump()
+
+
+def test_sync_httpx_client(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    transport = sse_cache.httpx.CacheTransport(cache_url)
+    with httpx.Client(base_url=upstream.url, transport=transport) as client:
+        seen = []
+        for _ in range(2):
+            with client.stream("POST", "/v1/responses", json=body) as response:
+                seen.append((response.headers["x-sse-cache"], response.read()))
+    assert [status for status, _ in seen] == ["miss", "hit"]
+    assert seen[0][1] == seen[1][1]
+
+
+def test_sync_identical_concurrent_streams_share_one_upstream_request(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    with _openai_sync(upstream, cache_url) as client:
+        before = upstream.count(RESPONSES)
+        results: dict[str, tuple[str, list[Any]]] = {}
+        first_event = threading.Event()
+
+        def read(name: str) -> None:
+            raw = client.responses.with_raw_response.create(
+                model=MODEL, input=prompt, stream=True, extra_headers={"x-mock-delay-ms": "2"}
+            )
+            with raw.parse() as stream:
+                events = []
+                for event in stream:
+                    events.append(event)
+                    first_event.set()
+            results[name] = (raw.headers["x-sse-cache"], events)
+
+        first = threading.Thread(target=read, args=("first",))
+        first.start()
+        assert first_event.wait(10)
+        second = threading.Thread(target=read, args=("second",))
+        second.start()
+        first.join(10)
+        second.join(10)
+        assert results["first"][0] == "miss"
+        assert results["second"][0] == "shared"
+        assert _dump(results["second"][1]) == _dump(results["first"][1])
+        assert upstream.count(RESPONSES) == before + 1
+
+
+def test_sync_transport_on_a_trio_portal(upstream: Upstream, cache_url: str, prompt: str) -> None:
+    transport = CacheTransport(cache_url, portal_backend="trio")
+    client = OpenAI(
+        base_url=f"{upstream.url}/v1",
+        api_key="sk-trio",
+        http_client=httpx2.Client(transport=transport),
+    )
+    with client:
+        runs = []
+        for _ in range(2):
+            raw = client.responses.with_raw_response.create(model=MODEL, input=prompt, stream=True)
+            with raw.parse() as stream:
+                runs.append((raw.headers["x-sse-cache"], _dump(list(stream))))
+    assert [status for status, _ in runs] == ["miss", "hit"]
+    assert runs[0][1] == runs[1][1]
+
+
+def test_sync_transport_runs_its_portal_only_while_open(cache_url: str) -> None:
+    def portal_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "sse-cache-portal"]
+
+    before = len(portal_threads())
+    unused = CacheTransport(cache_url)
+    assert len(portal_threads()) == before  # started lazily
+    unused.close()
+    transport = CacheTransport(
+        cache_url, httpx2.MockTransport(lambda request: httpx2.Response(200, json={}))
+    )
+    with httpx2.Client(transport=transport, base_url="http://upstream") as client:
+        client.post("/v1/responses", json={"model": MODEL, "input": "x"})
+        assert len(portal_threads()) == before + 1
+    deadline = time.monotonic() + 5
+    while len(portal_threads()) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(portal_threads()) == before
+    with pytest.raises(RuntimeError, match="closed"):
+        transport.handle_request(httpx2.Request("POST", "http://upstream/v1/responses", json={}))
+
+
+# -- docs ---------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "httpx.md"
+
+
+def _doc_examples() -> list[str]:
+    """The ```python blocks of docs/httpx.md preceded by ``<!-- test: run -->``."""
+    blocks = DOCS.read_text().split("<!-- test: run -->\n```python\n")[1:]
+    return [block.split("\n```", 1)[0] for block in blocks]
+
+
+@pytest.mark.parametrize("code", _doc_examples(), ids=lambda code: code.splitlines()[-1][:40])
+def test_docs_examples_run(upstream: Upstream, tmp_path: Path, code: str) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "OPENAI_BASE_URL": f"{upstream.url}/v1",
+        "OPENAI_API_KEY": "sk-docs",
+        "ANTHROPIC_BASE_URL": upstream.url,
+        "ANTHROPIC_API_KEY": "sk-ant-docs",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hit" in result.stdout, result.stdout
+
+
+def test_docs_have_runnable_examples() -> None:
+    assert len(_doc_examples()) == 4
+
+
+# -- packaging --------------------------------------------------------------------------------
+
+
+def test_importing_sse_cache_imports_neither_http_library() -> None:
+    code = (
+        "import sys, sse_cache; print(sorted(m for m in ('httpx', 'httpx2') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", [sse_cache.httpx, sse_cache.httpx2])
+def test_public_modules(module: Any) -> None:
+    assert module.__all__ == ["AsyncCacheTransport", "CacheTransport"]
+    lib: Callable[..., Any] = module.AsyncCacheTransport._lib
+    assert isinstance(module.AsyncCacheTransport("memory://"), lib.AsyncBaseTransport)
+    sync = module.CacheTransport("memory://")
+    assert isinstance(sync, lib.BaseTransport)
+    sync.close()
