@@ -102,9 +102,8 @@ async def main(repeat: int, backend: str | None) -> None:
             await proxy_app.aclose()
     med = statistics.median
     events = original.count(b"\n\n")
-    print(
-        f"stream: {events} events, {len(original) / 1024:.0f} KiB; backend {url.split(':')[0]}; {repeat} repetitions"
-    )
+    kind = url.split(":")[0]
+    print(f"stream: {events} events, {len(original) / 1024:.0f} KiB; backend {kind}; {repeat} runs")
     ratio = med(hit_last) / med(ceiling_last)
     print(
         f"(a) hit, last byte      {med(hit_last) * 1e3:7.2f} ms   "
