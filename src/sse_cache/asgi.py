@@ -13,6 +13,8 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
+import anyio
+
 from .engine import Hook
 from .errors import ConfigError
 from .pacing import Pacing
@@ -42,6 +44,12 @@ class CacheMiddleware:
     request bodies pass through uncached. Other options as for
     :class:`~sse_cache.engine.StreamCache`.
 
+    ``finish_on_disconnect``: when a client leaves a streamed miss midway, let the app finish
+    the stream anyway (its disconnect is hidden from it, its output goes nowhere) so that the
+    answer is stored for the next request — at most ``max_background`` at once, each for at
+    most ``background_timeout`` seconds after the client left. Off by default: the upstream
+    call is then abandoned with the client, and nothing partial is stored.
+
     Every response on a cached route carries ``x-sse-cache: hit | miss | bypass | refresh |
     shared`` and ``x-sse-cache-key``; hits also ``age`` and ``x-sse-cache-ttl``. An invalid
     control header is answered ``400`` with a JSON error naming it.
@@ -63,8 +71,17 @@ class CacheMiddleware:
         single_flight: bool = True,
         keyer: CacheKeyer | None = None,
         codec: EventCodec | None = None,
+        finish_on_disconnect: bool = False,
+        max_background: int = 8,
+        background_timeout: float = 120.0,
     ) -> None:
+        if max_background < 0 or not background_timeout > 0:
+            raise ConfigError("max_background must be >= 0 and background_timeout > 0")
         self.app = app
+        self.finish_on_disconnect = finish_on_disconnect
+        self.max_background = max_background
+        self.background_timeout = background_timeout
+        self._background = 0
         self.service = CacheService(
             backend,
             routes=routes,
@@ -126,6 +143,8 @@ class _Request:
         self.exchange: Exchange | None = None
         self.disconnected = False
         self.held_end = False
+        self.detached = False  # the client left; the app goes on to fill the cache
+        self.app_scope: anyio.CancelScope | None = None
 
     async def run(self) -> None:
         scope = self.scope
@@ -136,13 +155,20 @@ class _Request:
         except ConfigError as exc:
             await _error(self.send, 400, str(exc))
             return
-        async with service.exchange(decision) as ex:
-            self.exchange = ex
-            if ex.answer is not None:
-                await self._answer(ex)
-            else:
-                await self.mw.app(scope, self._receive, self._send)
-        if self.held_end:
+        try:
+            async with service.exchange(decision) as ex:
+                self.exchange = ex
+                if ex.answer is not None:
+                    await self._answer(ex)
+                else:
+                    with anyio.CancelScope() as self.app_scope:
+                        await self.mw.app(scope, self._receive, self._send)
+                    if self.app_scope.cancelled_caught and self.tee is not None:
+                        self.tee.abort("the background completion ran out of time")
+        finally:
+            if self.detached:
+                self.mw._background -= 1
+        if self.held_end and not self.detached:
             # The answer is stored (and indexed) now: end the response. A client that sends
             # the same request right after this one finished is sure to find it.
             with contextlib.suppress(OSError):
@@ -171,9 +197,25 @@ class _Request:
         message = await self.receive()
         if message["type"] == "http.disconnect":
             self.disconnected = True
+            if self._detach():
+                # Hide the disconnect: the app streams on, to a client that is gone, and the
+                # complete answer is stored for the next request.
+                await anyio.sleep_forever()
             if self.tee is not None:
                 self.tee.stop()
         return message
+
+    def _detach(self) -> bool:
+        mw, tee = self.mw, self.tee
+        if not mw.finish_on_disconnect or tee is None or tee.ended or self.detached:
+            return False
+        if mw._background >= mw.max_background:
+            return False
+        mw._background += 1
+        self.detached = True
+        if self.app_scope is not None:
+            self.app_scope.deadline = anyio.current_time() + mw.background_timeout
+        return True
 
     async def _send(self, message: Message) -> None:
         ex = self.exchange
@@ -199,21 +241,23 @@ class _Request:
                 self.held_end = True
                 message = {**message, "more_body": True}
                 if not message.get("body"):
-                    if not self.disconnected:
+                    if self.detached or not self.disconnected:
                         tee.end()
                     return
             try:
-                await self.send(message)  # deliver first, record second
+                if not self.detached:
+                    await self.send(message)  # deliver first, record second
             except BaseException:
                 if tee is not None:
                     tee.abort("sending to the client failed")
                 raise
             if tee is not None:
                 tee.feed(message.get("body", b""))
-                if final and not self.disconnected:
+                if final and (self.detached or not self.disconnected):
                     tee.end()
             return
-        await self.send(message)
+        if not self.detached:
+            await self.send(message)
 
     async def _answer(self, ex: Exchange) -> None:
         assert ex.answer is not None

@@ -285,3 +285,29 @@ async def test_resume_a_responses_stream_from_the_cache(stack: Stack) -> None:
     other = await stack.http.get(url, headers=KEY_B)
     assert "x-sse-cache" not in other.headers
     assert await stack.upstream_calls() == 2
+
+
+async def test_finish_on_disconnect_fills_the_cache_in_the_background(
+    serve: Serve, tmp_path: Path
+) -> None:
+    upstream_app = MockUpstream(delay=0.005, first_delay=0.005)
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, "memory://", finish_on_disconnect=True)
+        async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy) as client:
+            body = responses_body("leave early")
+            async with client.stream("POST", "/v1/responses", json=body, headers=KEY_A) as r:
+                assert r.headers["x-sse-cache"] == "miss"
+                async for _ in r.aiter_raw():
+                    break  # the client leaves after the first chunk
+            status = "miss"
+            with anyio.fail_after(10):
+                while status != "hit":  # the proxy finishes the stream without the client
+                    await anyio.sleep(0.05)
+                    r = await client.post(
+                        "/v1/responses", json=body, headers={**KEY_A, "x-sse-cache-max-age": "60"}
+                    )
+                    status = r.headers["x-sse-cache"]
+                    assert status in ("hit", "shared"), status
+            assert SSEParser().feed(r.content)[-1].event == "response.completed"
+        await app.aclose()
+    assert upstream_app.stats()["total"] == 1
