@@ -493,6 +493,28 @@ class StreamCache:
             return None
         return self._fresh(key, wire, max_age)
 
+    async def alias(self, name: str, key: str, *, expires_at: float | None = None) -> bool:
+        """Store ``name`` as another name of the entry ``key`` (until ``expires_at``), e.g. a
+        response id by which a stream can be resumed. Fail-open: False when the write failed."""
+        ttl = None if expires_at is None else max(1.0, expires_at - time.time())
+        try:
+            with anyio.fail_after(self.backend_timeout):
+                await self.backend.set(name, key.encode("ascii"), ttl)
+        except Exception as exc:
+            self._warn("store_failed", name, f"backend write of an alias failed: {exc!r}")
+            return False
+        return True
+
+    async def resolve(self, name: str) -> str | None:
+        """The key an :meth:`alias` names, or None (missing, or the backend failed)."""
+        raw = await self._fetch(name)
+        if raw is None:
+            return None
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
     async def _fetch(self, key: str) -> bytes | None:
         try:
             with anyio.fail_after(self.backend_timeout):

@@ -29,7 +29,6 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 
-import anyio
 import msgspec
 
 from .codec import MsgpackCodec, WireEntry
@@ -180,10 +179,9 @@ class CacheService:
             return None
         cache = self.cache_for(adapter)
         tenant = self.policy.tenant_of(headers)
-        raw = await cache._fetch(alias_key(adapter.name, tenant, match["id"]))
-        if raw is None:
+        key = await cache.resolve(alias_key(adapter.name, tenant, match["id"]))
+        if key is None:
             return None
-        key = raw.decode("ascii", "replace")
         entry = await cache.lookup(key)
         if entry is None or entry.events is None:
             return None
@@ -205,7 +203,6 @@ class Exchange:
         self._service = service
         self._cache: StreamCache | None = None
         self._stack: AsyncExitStack | None = None
-        self._ttl: float | None = None
         self._tee: ResponseTee | None = None
         self._live: LiveRecording | None = None
 
@@ -230,7 +227,6 @@ class Exchange:
         controls = decision.controls
         cache = self._cache = self._service.cache_for(adapter)
         self._stack = stack
-        self._ttl = controls.ttl
         fields = adapter.key_fields(decision.body)
         if controls.ignore_fields:
             fields = {k: v for k, v in fields.items() if k not in controls.ignore_fields}
@@ -282,8 +278,7 @@ class Exchange:
 
     def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
         if wire.sse is not None:
-            sse = wire.sse
-            chunks = _slices(sse)
+            chunks = _slices(wire.sse)
             content_type, events, duration = wire.content_type, wire.count, wire.duration
         else:
             assert wire.body is not None
@@ -343,17 +338,9 @@ class Exchange:
         if live is None or cache is None or not live.stored or live.entry is None:
             return
         response_id = live.entry.meta.get("response_id")
-        if not response_id:
-            return
-        alias = alias_key(cache.adapter.name, self.decision.tenant, response_id)
-        try:
-            ttl = None
-            if live.entry.expires_at is not None:
-                ttl = max(1.0, live.entry.expires_at - time.time())
-            with anyio.fail_after(cache.backend_timeout):
-                await cache.backend.set(alias, self.key.encode("ascii"), ttl)
-        except Exception as exc:
-            logger.warning("sse_cache: could not index %s by its response id: %r", self.key, exc)
+        if response_id:
+            alias = alias_key(cache.adapter.name, self.decision.tenant, response_id)
+            await cache.alias(alias, self.key, expires_at=live.entry.expires_at)
 
     async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         sent = 0
