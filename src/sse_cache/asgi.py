@@ -287,9 +287,22 @@ def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
 
 
 async def _error(send: Send, status: int, message: str) -> None:
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "code": "sse_cache"}}
-    ).encode()
+    await send_json_error(
+        send, status, message, "invalid_request_error", headers=[(b"x-sse-cache", b"bypass")]
+    )
+
+
+async def send_json_error(
+    send: Send,
+    status: int,
+    message: str,
+    kind: str,
+    *,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    """Answer with a provider-shaped JSON error: ``{"error": {"message", "type", "code"}}``."""
+    code = "sse_cache" if kind == "invalid_request_error" else kind
+    body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -297,7 +310,7 @@ async def _error(send: Send, status: int, message: str) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"x-sse-cache", b"bypass"),
+                *headers,
             ],
         }
     )

@@ -411,14 +411,9 @@ class StreamCache:
         backend_timeout: float = 2.0,
         single_flight: bool = True,
     ) -> None:
-        if isinstance(backend, str):
-            from .backends import from_url  # the registry, not a concrete backend
+        from .backends import open_backend  # the registry, not a concrete backend
 
-            self.backend: Backend = from_url(backend)
-            self._owns_backend = True
-        else:
-            self.backend = backend
-            self._owns_backend = False
+        self.backend, self._owns_backend = open_backend(backend)
         _check_ttl(ttl)
         if max_entry_bytes <= 0:
             raise ConfigError(f"max_entry_bytes must be positive, got {max_entry_bytes!r}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from .asgi import CacheMiddleware, Receive, Scope, Send
+from .asgi import CacheMiddleware, Receive, Scope, Send, send_json_error
 from .errors import ConfigError
 from .metrics import Metrics
 from .policy import CONTROL_HEADER_PREFIX
@@ -107,10 +107,10 @@ class Forwarder:
         try:
             response = await self._client.send(request, stream=True)
         except httpx2.TimeoutException as exc:
-            await _json(send, 504, f"upstream timed out: {exc!r}", "upstream_timeout")
+            await send_json_error(send, 504, f"upstream timed out: {exc!r}", "upstream_timeout")
             return
         except httpx2.HTTPError as exc:
-            await _json(send, 502, f"upstream unreachable: {exc!r}", "upstream_error")
+            await send_json_error(send, 502, f"upstream unreachable: {exc!r}", "upstream_error")
             return
         try:
             await send(
@@ -157,21 +157,6 @@ async def _watch_disconnect(receive: Receive, flag: anyio.Event, scope: anyio.Ca
         if message["type"] == "http.disconnect":
             flag.set()
             scope.cancel()
-
-
-async def _json(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": code, "code": code}}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def _lifespan(receive: Receive, send: Send, on_shutdown: Any) -> None:
@@ -228,7 +213,7 @@ class ProxyApp:
             ).encode()
             await _plain(send, status, body, "application/json")
         else:
-            await _json(send, 404, f"unknown endpoint {path}", "not_found")
+            await send_json_error(send, 404, f"unknown endpoint {path}", "not_found")
 
 
 async def _plain(send: Send, status: int, body: bytes, content_type: str) -> None:

@@ -92,14 +92,9 @@ class CacheService:
         keyer: CacheKeyer | None = None,
         codec: EventCodec | None = None,
     ) -> None:
-        if isinstance(backend, str):
-            from .backends import from_url
+        from .backends import open_backend  # the registry, not a concrete backend
 
-            self.backend: Backend = from_url(backend)
-            self._owns_backend = True
-        else:
-            self.backend = backend
-            self._owns_backend = False
+        self.backend, self._owns_backend = open_backend(backend)
         self.policy = CachePolicy(routes, tenant=tenant, max_body_bytes=max_body_bytes)
         hooks = self.hooks = tuple(hooks)
         keyer = keyer or DefaultKeyer()

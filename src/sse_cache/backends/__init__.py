@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "open_backend",
     "MemcachedBackend",
     "MemoryBackend",
     "RedisBackend",
@@ -138,6 +139,14 @@ def _load(scheme: str, ep: EntryPoint | None) -> Callable[..., Any]:
     if not callable(factory):
         raise ConfigError(f"{where} is not callable")
     return factory  # type: ignore[no-any-return]
+
+
+def open_backend(backend: Backend | str) -> tuple[Backend, bool]:
+    """``backend`` itself, or the backend its URL names (:func:`from_url`), with whether the
+    caller opened it (and so must close it)."""
+    if isinstance(backend, str):
+        return from_url(backend), True
+    return backend, False
 
 
 def from_url(url: str, **options: Any) -> Backend:
