@@ -7,6 +7,7 @@ in chunks of any size and it returns the events those bytes complete.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import msgspec
@@ -18,6 +19,8 @@ __all__ = ["DEFAULT_MAX_EVENT_BYTES", "Event", "SSEParser", "serialize_sse"]
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
 
 _BOM = b"\xef\xbb\xbf"
+_EVENT_BLOCKS = re.compile(r"event: ([^\n]*)\ndata: ([^\n]*)\n\n")
+_DATA_BLOCKS = re.compile(r"data: ([^\n]*)\n\n")
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -138,38 +141,51 @@ class SSEParser:
         self._retry = None
 
     def _blocks(self, text: str) -> list[Event]:
-        # ``text`` is whole lines, each ending in LF. Split it at blank lines: every piece but
-        # the last is one complete event block. Blocks of the shape LLM APIs send
-        # ("event: X" + one "data: Y", or one "data: Y") take a fast path; anything else
-        # (comments, ids, several data lines, a block continuing the previous chunk's event)
-        # goes through the general line-by-line rules.
-        pieces = text.split("\n\n")
-        tail = pieces.pop()
+        # ``text`` is whole lines, each ending in LF. The event in progress (if any) is
+        # finished line by line up to the first blank line; then everything up to the last
+        # blank line is whole event blocks, which take the fast paths; the rest (an event
+        # not yet terminated) goes line by line again.
         out: list[Event] = []
-        append = out.append
+        if self._data or self._event is not None or self._id is not None or self._retry is not None:
+            first = text.find("\n\n")
+            if first < 0:
+                return self._lines(text[:-1].split("\n"))
+            lines = text[:first].split("\n")
+            lines.append("")
+            out = self._lines(lines)
+            text = text[first + 2 :]
+        last = text.rfind("\n\n") + 2
+        if last > 1:
+            out += self._whole_blocks(text[:last])
+            text = text[last:]
+        if text:
+            out += self._lines(text[:-1].split("\n"))
+        return out
+
+    def _whole_blocks(self, text: str) -> list[Event]:
+        # ``text`` is complete event blocks (each ends with a blank line) and no event is in
+        # progress. A stream of one shape — every block "event: X" + one "data: Y" (OpenAI
+        # Responses, Anthropic), or every block one "data: Y" (Chat Completions) — is split
+        # by one regular expression in C: the separators between matches are all empty
+        # exactly when the text is nothing but such blocks.
         limit = self._max
-        clean = not (self._data or self._event is not None or self._id is not None)
-        clean = clean and self._retry is None
-        for block in pieces:
-            if clean and len(block) <= limit:
-                if block.startswith("event: "):
-                    nl = block.find("\n")
-                    if (
-                        nl > 7
-                        and block.startswith("data: ", nl + 1)
-                        and block.find("\n", nl + 1) < 0
-                    ):
-                        append(Event(block[nl + 7 :], block[7:nl]))
-                        continue
-                elif block.startswith("data: ") and "\n" not in block:
-                    append(Event(block[6:]))
-                    continue
+        if text.startswith("event: "):
+            parts = _EVENT_BLOCKS.split(text)
+            if not any(parts[0::3]):
+                data = parts[2::3]
+                if max(map(len, data)) <= limit:
+                    return list(map(Event, data, parts[1::3]))
+        elif text.startswith("data: "):
+            parts = _DATA_BLOCKS.split(text)
+            if not any(parts[0::2]):
+                data = parts[1::2]
+                if max(map(len, data)) <= limit:
+                    return list(map(Event, data))
+        out: list[Event] = []
+        for block in text[:-2].split("\n\n"):
             lines = block.split("\n")
             lines.append("")
             out += self._lines(lines)
-            clean = True  # a complete block always ends with a dispatch and a reset
-        if tail:
-            out += self._lines(tail[:-1].split("\n"))
         return out
 
     def _lines(self, lines: list[str]) -> list[Event]:
