@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
-
-import importlib.util
 
 import pytest
 
