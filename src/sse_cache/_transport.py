@@ -443,6 +443,7 @@ class _Options:
             request.url.path,
             _request_headers(request),
             _body_or_none(body, service.policy.max_body_bytes),
+            request.url.query.decode("latin-1"),
         )
 
     def _passthrough(self, upstream: Any, ex: Exchange) -> Any:

@@ -151,7 +151,13 @@ class _Request:
         body = await self._read_body()
         service = self.mw.service
         try:
-            decision = service.decide(scope["method"], scope["path"], _headers(scope), body)
+            decision = service.decide(
+                scope["method"],
+                scope["path"],
+                _headers(scope),
+                body,
+                scope.get("query_string", b"").decode("latin-1"),
+            )
         except ConfigError as exc:
             await _error(self.send, 400, str(exc))
             return

@@ -26,7 +26,14 @@ __all__ = [
 ]
 
 #: Request headers whose value identifies the tenant (the caller's credential).
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+CREDENTIAL_HEADERS = (
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    "x-litellm-api-key",
+)
 
 _json_encoder = msgspec.json.Encoder(order="sorted")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -158,6 +159,15 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
         return self.adapter is not None
 
 
+def _route_of(method: str, path: str, query: str) -> str:
+    path = path.split("?", 1)[0].rstrip("/") or "/"
+    if not query:
+        return f"{method.upper()} {path}"
+    # Parameter order never changes an answer; values (e.g. Azure's api-version) may.
+    pairs = sorted(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    return f"{method.upper()} {path}?{urllib.parse.urlencode(pairs)}"
+
+
 class CachePolicy:
     """Routes, tenant scope and limits for the HTTP integrations.
 
@@ -227,31 +237,41 @@ class CachePolicy:
         return "c:" + scope  # never equal to a credential hash ("t:...") or the shared scope
 
     def decide(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        query: str = "",
     ) -> Decision:
         """Decide for one request. ``headers`` must have lower-case names. ``body`` is the
         complete request body, or None when it was larger than :attr:`max_body_bytes`.
-        Raises :class:`ConfigError` for an invalid control header (answer 400)."""
+        Raises :class:`ConfigError` for an invalid control header (answer 400).
+
+        The request's own path and query (not just the route it matched) are part of its
+        key: two Azure deployments, or two prefixes in front of different upstreams, never
+        share an entry even when the bodies are equal."""
         matched = self.match(method, path)
         if matched is None:
             return Decision(reason="not a cached route")
-        route, adapter = matched
+        route = _route_of(method, path, query)
+        _, adapter = matched
         controls = parse_controls(headers)
         if body is None:
             return Decision(
-                route=f"POST {route}", reason=f"request body over {self.max_body_bytes} bytes"
+                route=route, reason=f"request body over {self.max_body_bytes} bytes"
             )
         if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
-            return Decision(route=f"POST {route}", reason="compressed request body")
+            return Decision(route=route, reason="compressed request body")
         try:
             parsed = _json_decode(body)
         except msgspec.DecodeError:
-            return Decision(route=f"POST {route}", reason="request body is not JSON")
+            return Decision(route=route, reason="request body is not JSON")
         if not isinstance(parsed, dict):
-            return Decision(route=f"POST {route}", reason="request body is not a JSON object")
+            return Decision(route=route, reason="request body is not a JSON object")
         return Decision(
             adapter=adapter,
-            route=f"POST {route}",
+            route=route,
             streaming=adapter.is_streaming(parsed),
             body=parsed,
             tenant=self.tenant_of(headers),

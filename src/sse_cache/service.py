@@ -124,11 +124,16 @@ class CacheService:
             await self.backend.aclose()
 
     def decide(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        query: str = "",
     ) -> Decision:
         """The policy's decision for a request (see :meth:`CachePolicy.decide`). Raises
         :class:`~sse_cache.errors.ConfigError` for an invalid control header (answer 400)."""
-        return self.policy.decide(method, path, headers, body)
+        return self.policy.decide(method, path, headers, body, query)
 
     @asynccontextmanager
     async def exchange(self, decision: Decision) -> AsyncIterator[Exchange]:

@@ -136,3 +136,28 @@ def test_key_headers_are_taken_from_the_request() -> None:
     decision = policy.decide("POST", "/v1/messages", headers, body)
     assert decision.key_headers == {"anthropic-version": "2023-06-01", "anthropic-beta": "x"}
     assert policy.decide("POST", "/v1/responses", headers, BODY).key_headers == {}
+
+
+def test_the_request_path_and_query_are_part_of_the_route() -> None:
+    policy = CachePolicy({"/chat/completions": OpenAIChat})
+    body = json.dumps({"messages": [], "stream": True}).encode()
+    a = policy.decide("POST", "/openai/deployments/a/chat/completions", {}, body, "api-version=1")
+    b = policy.decide("POST", "/openai/deployments/b/chat/completions", {}, body, "api-version=1")
+    assert a.route != b.route  # two deployments never share an entry
+    c = policy.decide(
+        "POST", "/openai/deployments/a/chat/completions/", {}, body, "x=2&api-version=1"
+    )
+    d = policy.decide(
+        "POST", "/openai/deployments/a/chat/completions", {}, body, "api-version=1&x=2"
+    )
+    assert c.route == d.route == "POST /openai/deployments/a/chat/completions?api-version=1&x=2"
+    assert (
+        policy.decide("POST", "/v1/chat/completions", {}, body).route == "POST /v1/chat/completions"
+    )
+
+
+def test_other_gateway_credential_headers_scope_tenants() -> None:
+    policy = CachePolicy()
+    for header in ("x-goog-api-key", "ocp-apim-subscription-key", "x-litellm-api-key"):
+        assert policy.tenant_of({header: "a"}) != policy.tenant_of({header: "b"})
+        assert policy.tenant_of({header: "a"}) != ""
