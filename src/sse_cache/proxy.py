@@ -236,12 +236,15 @@ def create_proxy_app(
     *,
     ttl: float | None = None,
     hooks: Iterable[Any] = (),
+    upstream_timeout: float = 600.0,
+    connect_timeout: float = 10.0,
     **options: Any,
 ) -> ProxyApp:
     """The caching reverse proxy for ``upstream``: cacheable routes through
     :class:`CacheMiddleware` (``options`` are its keyword options), everything else passed
-    through unchanged."""
+    through unchanged. ``upstream_timeout`` bounds each upstream read, ``connect_timeout``
+    the connection."""
     metrics = Metrics()
-    forwarder = Forwarder(upstream)
+    forwarder = Forwarder(upstream, timeout=upstream_timeout, connect_timeout=connect_timeout)
     cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[metrics, *hooks], **options)
     return ProxyApp(cached, metrics, forwarder)

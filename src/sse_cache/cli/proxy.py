@@ -38,6 +38,34 @@ def register(sub: Any) -> None:
         action="store_true",
         help="let all callers share entries (default: one scope per API key)",
     )
+    parser.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="PATH=ADAPTER",
+        help=(
+            "cache another route (path suffix) with an adapter: openai-responses, openai-chat, "
+            "anthropic-messages or generic; repeatable (replaces the default routes, which "
+            "are then listed explicitly)"
+        ),
+    )
+    parser.add_argument(
+        "--finish-on-disconnect",
+        action="store_true",
+        help="when a client leaves a streamed miss, finish it in the background to fill the cache",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="larger request bodies pass through uncached (default 4 MiB)",
+    )
+    parser.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=600.0,
+        help="seconds an upstream read may take before the proxy answers 504 (default 600)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     parser.set_defaults(run=_run)
 
@@ -47,14 +75,27 @@ def _run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise SystemExit("sse-cache proxy needs uvicorn: pip install 'sse-cache[proxy]'") from None
+    from ..adapters import by_name
     from ..proxy import create_proxy_app
 
     try:
+        routes = None
+        if args.route:
+            routes = {}
+            for spec in args.route:
+                path, sep, name = spec.partition("=")
+                if not sep or not path.startswith("/"):
+                    raise ConfigError(f"--route must be /PATH=ADAPTER, got {spec!r}")
+                routes[path] = by_name(name.strip())
         app = create_proxy_app(
             args.upstream,
             args.backend,
             ttl=args.ttl,
             tenant="shared" if args.shared_tenant else None,
+            routes=routes,
+            finish_on_disconnect=args.finish_on_disconnect,
+            max_body_bytes=args.max_body_bytes,
+            upstream_timeout=args.upstream_timeout,
         )
     except ConfigError as exc:
         raise SystemExit(f"sse-cache proxy: {exc}") from None

@@ -1,0 +1,104 @@
+"""The contract commands as a user runs them: ``sse-cache mock-upstream`` and ``sse-cache
+proxy`` as real processes on loopback, then raw HTTP through them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sse_cache", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "exited")
+        try:
+            httpx2.get(url, timeout=1)
+            return
+        except httpx2.HTTPError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    up_port, proxy_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    procs = [start("mock-upstream", "--port", str(up_port), "--delay-ms", "1")]
+    try:
+        wait_ready(upstream + "/_mock/stats", procs[0])
+        procs.append(
+            start(
+                "proxy",
+                "--upstream",
+                upstream,
+                "--port",
+                str(proxy_port),
+                "--backend",
+                f"sqlite:///{tmp_path / 'cache.db'}",
+                "--ttl",
+                "60",
+                "--route",
+                "/v1/responses=openai-responses",
+                "--route",
+                "/events=generic",
+                "--log-level",
+                "warning",
+            )
+        )
+        wait_ready(proxy + "/_sse_cache/health", procs[1])
+        yield upstream, proxy
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+def test_proxy_and_mock_upstream_commands(servers: tuple[str, str]) -> None:
+    upstream, proxy = servers
+    body = {"model": "gpt-mock", "input": "from the command line", "stream": True}
+    headers = {"authorization": "Bearer sk-cli"}
+    with httpx2.Client(base_url=proxy, timeout=30) as client:
+        first = client.post("/v1/responses", json=body, headers=headers)
+        second = client.post("/v1/responses", json=body, headers=headers)
+        assert (first.headers["x-sse-cache"], second.headers["x-sse-cache"]) == ("miss", "hit")
+        assert first.content == second.content
+        assert 0 < int(second.headers["x-sse-cache-ttl"]) <= 60
+        # --route replaced the defaults: chat completions pass through uncached.
+        chat = {"model": "gpt-mock", "messages": [{"role": "user", "content": "hi"}]}
+        assert (
+            "x-sse-cache"
+            not in client.post("/v1/chat/completions", json=chat, headers=headers).headers
+        )
+        metrics = client.get("/_sse_cache/metrics").text
+        assert 'sse_cache_requests_total{status="hit"} 1' in metrics
+    stats = httpx2.get(upstream + "/_mock/stats").json()
+    assert stats["total"] == 2  # one responses miss, one chat pass-through
