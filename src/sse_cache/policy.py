@@ -258,9 +258,7 @@ class CachePolicy:
         _, adapter = matched
         controls = parse_controls(headers)
         if body is None:
-            return Decision(
-                route=route, reason=f"request body over {self.max_body_bytes} bytes"
-            )
+            return Decision(route=route, reason=f"request body over {self.max_body_bytes} bytes")
         if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
             return Decision(route=route, reason="compressed request body")
         try:
