@@ -18,7 +18,6 @@ import anyio
 from .engine import Hook
 from .errors import ConfigError
 from .pacing import Pacing
-from .policy import CONTROL_HEADER_PREFIX
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
 from .service import Answer, CacheService, Exchange, ResponseTee
@@ -321,9 +320,3 @@ async def send_json_error(
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def strip_control_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Request headers without the ``x-sse-cache-*`` controls (for forwarding upstream)."""
-    prefix = CONTROL_HEADER_PREFIX.encode()
-    return [(k, v) for k, v in headers if not k.lower().startswith(prefix)]

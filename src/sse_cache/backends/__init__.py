@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRY_POINT_GROUP",
-    "open_backend",
     "MemcachedBackend",
     "MemoryBackend",
     "RedisBackend",
     "SQLiteBackend",
     "from_url",
     "known_schemes",
+    "open_backend",
 ]
 
 #: The entry-point group where backends register a factory, keyed by URL scheme.

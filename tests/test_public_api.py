@@ -1,0 +1,96 @@
+"""The public surface: contract names from DESIGN.md exist where users import them, every
+public module declares ``__all__`` truthfully, and importing the core stays light."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+PUBLIC_MODULES = [
+    "sse_cache",
+    "sse_cache.adapters",
+    "sse_cache.asgi",
+    "sse_cache.backends",
+    "sse_cache.codec",
+    "sse_cache.engine",
+    "sse_cache.entry",
+    "sse_cache.errors",
+    "sse_cache.events",
+    "sse_cache.httpx",
+    "sse_cache.httpx2",
+    "sse_cache.keys",
+    "sse_cache.metrics",
+    "sse_cache.mock_upstream",
+    "sse_cache.pacing",
+    "sse_cache.policy",
+    "sse_cache.protocols",
+    "sse_cache.proxy",
+    "sse_cache.recorder",
+    "sse_cache.service",
+    "sse_cache.testing",
+]
+
+# DESIGN.md marks these names as contract.
+CONTRACT = {
+    "sse_cache": ["Event", "SSEParser", "serialize_sse", "StreamCache", "Entry"],
+    "sse_cache.errors": [
+        "SSECacheError",
+        "SSEError",
+        "CorruptEntry",
+        "BackendError",
+        "ConfigError",
+    ],
+    "sse_cache.protocols": ["CacheKeyer", "EventCodec", "Backend", "StreamAdapter"],
+    "sse_cache.keys": ["DefaultKeyer"],
+    "sse_cache.codec": ["MsgpackCodec"],
+    "sse_cache.adapters": ["OpenAIResponses", "OpenAIChat", "AnthropicMessages", "GenericSSE"],
+    "sse_cache.backends": [
+        "from_url",
+        "MemoryBackend",
+        "SQLiteBackend",
+        "RedisBackend",
+        "MemcachedBackend",
+    ],
+    "sse_cache.asgi": ["CacheMiddleware"],
+    "sse_cache.httpx": ["AsyncCacheTransport", "CacheTransport"],
+    "sse_cache.httpx2": ["AsyncCacheTransport", "CacheTransport"],
+}
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_all_is_declared_and_true(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = getattr(module, "__all__", None)
+    assert exported is not None, f"{name} has no __all__"
+    assert len(set(exported)) == len(exported), f"{name}.__all__ has duplicates"
+    missing = [n for n in exported if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ names missing attributes: {missing}"
+
+
+@pytest.mark.parametrize(("name", "names"), CONTRACT.items())
+def test_contract_names_are_exported(name: str, names: list[str]) -> None:
+    module = importlib.import_module(name)
+    assert set(names) <= set(module.__all__)
+
+
+def test_errors_share_one_root_and_subclass_useful_builtins() -> None:
+    from sse_cache import errors
+
+    for name in errors.__all__:
+        assert issubclass(getattr(errors, name), errors.SSECacheError)
+    assert issubclass(errors.ConfigError, ValueError)
+    assert issubclass(errors.BackendUnavailable, ConnectionError)
+    assert issubclass(errors.BackendTimeout, TimeoutError)
+
+
+def test_importing_the_core_loads_no_optional_dependency() -> None:
+    code = (
+        "import sys, sse_cache, sse_cache.adapters, sse_cache.backends, sse_cache.asgi;"
+        "heavy = {'redis', 'pymemcache', 'httpx', 'httpx2', 'uvicorn', 'openai', 'anthropic'};"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
