@@ -71,7 +71,9 @@ class CacheStatus(enum.StrEnum):
 
 class Notice(msgspec.Struct, frozen=True, kw_only=True):
     """What a hook receives. ``kind`` is one of ``hit``, ``miss``, ``bypass``, ``refresh``,
-    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``.
+    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``, and
+    from the HTTP integrations ``replayed`` (bytes sent from the cache) and ``invalid`` (a
+    request answered 400 for a bad control header).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds``: the
     recorded duration of a replayed stream, i.e. upstream time saved)."""
 

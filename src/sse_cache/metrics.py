@@ -56,6 +56,7 @@ class Metrics:
             ("not_stored", "not_stored", "Streams not stored (failed, cut, too large)."),
             ("read_failures", "read_failed", "Backend reads that failed (served as misses)."),
             ("corrupt_entries", "corrupt", "Corrupt entries found and deleted."),
+            ("invalid_requests", "invalid", "Requests answered 400 for an invalid control header."),
         ):
             lines += [
                 f"# HELP sse_cache_{name}_total {text}",

@@ -34,7 +34,7 @@ import msgspec
 from .codec import MsgpackCodec, WireEntry
 from .engine import CachedStream, CacheStatus, Hook, LiveRecording, Notice, StreamCache, emit
 from .entry import Entry
-from .errors import SSEError
+from .errors import ConfigError, SSEError
 from .events import Event, SSEParser, serialize_sse
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
@@ -133,7 +133,11 @@ class CacheService:
     ) -> Decision:
         """The policy's decision for a request (see :meth:`CachePolicy.decide`). Raises
         :class:`~sse_cache.errors.ConfigError` for an invalid control header (answer 400)."""
-        return self.policy.decide(method, path, headers, body, query)
+        try:
+            return self.policy.decide(method, path, headers, body, query)
+        except ConfigError as exc:
+            emit(self.hooks, Notice(kind="invalid", key="", detail=str(exc)))
+            raise
 
     @asynccontextmanager
     async def exchange(self, decision: Decision) -> AsyncIterator[Exchange]:
@@ -186,10 +190,10 @@ class CacheService:
         if entry is None or entry.events is None:
             return None
         events = events_after(entry.events, after)
-        emit(self.hooks, Notice(kind="hit", key=key, events=len(events)))
-        headers_out = [("content-type", entry.content_type), *_SSE_HEADERS]
-        headers_out += [("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
-        return Answer(status=200, headers=headers_out, chunks=_slices(serialize_sse(events)))
+        base = [("content-type", entry.content_type), *_SSE_HEADERS]
+        chunks = _slices(serialize_sse(events))
+        duration = entry.events[-1].at if entry.events else 0.0
+        return _hit_answer(self.hooks, key, entry, chunks, base, len(events), duration)
 
 
 class Exchange:
@@ -320,16 +324,7 @@ class Exchange:
         events: int,
         duration: float,
     ) -> Answer:
-        now = time.time()
-        headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", self.key)]
-        headers.append(("age", str(max(0, int(now - entry.created_at)))))
-        if entry.expires_at is not None:
-            headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
-        emit(
-            self._service.hooks,
-            Notice(kind="hit", key=self.key, events=events, seconds=duration),
-        )
-        return Answer(status=200, headers=headers, chunks=self._counted(chunks))
+        return _hit_answer(self._service.hooks, self.key, entry, chunks, base, events, duration)
 
     async def _index(self) -> None:
         # A stored stream that names its response (OpenAI Responses) is indexed by that id,
@@ -342,15 +337,8 @@ class Exchange:
             alias = alias_key(cache.adapter.name, self.decision.tenant, response_id)
             await cache.alias(alias, self.key, expires_at=live.entry.expires_at)
 
-    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        sent = 0
-        try:
-            async with aclosing(chunks):  # type: ignore[type-var]
-                async for chunk in chunks:
-                    sent += len(chunk)
-                    yield chunk
-        finally:
-            emit(self._service.hooks, Notice(kind="replayed", key=self.key, bytes=sent))
+    def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return _counted(self._service.hooks, self.key, chunks)
 
     async def tee(self, status: int, headers: Iterable[tuple[str, str]]) -> ResponseTee | None:
         """Start recording the upstream's response (after its status and headers arrived).
@@ -504,6 +492,39 @@ class ResponseTee:
             body=body,
         )
         return await self._cache.store(self._key, entry, ttl=self._ttl)
+
+
+def _hit_answer(
+    hooks: Iterable[Hook],
+    key: str,
+    entry: Entry | WireEntry,
+    chunks: AsyncIterator[bytes],
+    base: list[tuple[str, str]],
+    events: int,
+    duration: float,
+) -> Answer:
+    """A hit: ``base`` headers plus ``x-sse-cache``, the key, ``age`` and the remaining TTL;
+    the hit and (once sent) the bytes replayed are reported to ``hooks``."""
+    now = time.time()
+    headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
+    headers.append(("age", str(max(0, int(now - entry.created_at)))))
+    if entry.expires_at is not None:
+        headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
+    emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
+    return Answer(status=200, headers=headers, chunks=_counted(hooks, key, chunks))
+
+
+async def _counted(
+    hooks: Iterable[Hook], key: str, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    sent = 0
+    try:
+        async with aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                sent += len(chunk)
+                yield chunk
+    finally:
+        emit(hooks, Notice(kind="replayed", key=key, bytes=sent))
 
 
 _RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")

@@ -257,6 +257,10 @@ async def test_health_and_metrics(stack: Stack) -> None:
     assert 'sse_cache_requests_total{status="hit"} 1' in text
     assert 'sse_cache_requests_total{status="miss"} 1' in text
     assert "sse_cache_stores_total 1" in text
+    bad = await stack.post("/v1/responses", responses_body("metrics"), **{"x-sse-cache-ttl": "x"})
+    assert bad.status_code == 400
+    text = (await stack.http.get("/_sse_cache/metrics")).text
+    assert "sse_cache_invalid_requests_total 1" in text
     replayed = next(
         line for line in text.splitlines() if line.startswith("sse_cache_replayed_bytes_total")
     )
@@ -278,6 +282,7 @@ async def test_resume_a_responses_stream_from_the_cache(stack: Stack) -> None:
     url = f"/v1/responses/{response_id}?stream=true&starting_after=5"
     resumed = await stack.http.get(url, headers=KEY_A)
     assert resumed.status_code == 200 and resumed.headers["x-sse-cache"] == "hit"
+    assert int(resumed.headers["age"]) >= 0 and int(resumed.headers["x-sse-cache-ttl"]) <= 600
     tail = SSEParser().feed(resumed.content)
     assert [json.loads(e.data)["sequence_number"] for e in tail] == list(range(6, len(events)))
     assert [e.data for e in tail] == [e.data for e in events[6:]]
