@@ -18,6 +18,7 @@ __all__ = [
     "Backend",
     "CacheKeyer",
     "EventCodec",
+    "FanoutBackend",
     "KeyHeadersAdapter",
     "LockingBackend",
     "Outcome",
@@ -111,6 +112,41 @@ class LockingBackend(Backend, Protocol):
 
     async def release(self, name: str, token: str) -> None:
         """Release ``name`` if ``token`` still holds it."""
+        ...
+
+
+@runtime_checkable
+class FanoutBackend(Backend, Protocol):
+    """A backend with append-only channels for live fan-out across processes (one producer
+    streams, any number of readers in any process follow it).
+
+    - Ordering: a reader gets the messages of a channel in the order they were published.
+    - From the start: a reader that starts with ``start="0"``, even after publishing began,
+      gets every message from the first one, then follows live; nothing published between
+      joining and the first read is lost. If the channel lost messages a reader still needs
+      (trimmed, expired), the reader raises :class:`~sse_cache.errors.BackendError` rather
+      than skip them silently. Delivery is at-least-once: a backend must not duplicate a
+      message itself (a transparently retried append is applied once), but a ``publish``
+      that raised may or may not have been applied, so publishing it again may repeat it.
+    - End: ``finish`` appends an end marker; a reader stops at it (its iterator ends).
+    - Liveness: a reader raises :class:`~sse_cache.errors.BackendTimeout` when no message
+      arrives for ``block`` seconds, so a dead producer never hangs its readers.
+    - Lifetime: a channel lives ``ttl`` seconds after its last ``publish`` / ``finish``.
+    - Failures of any call raise :class:`~sse_cache.errors.BackendError` subclasses promptly.
+    """
+
+    async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+        """Append ``data`` to ``channel`` (created if missing), keeping it ``ttl`` seconds."""
+        ...
+
+    async def finish(self, channel: str, *, ttl: float) -> None:
+        """Append the end marker to ``channel``, keeping it ``ttl`` more seconds for late
+        readers."""
+        ...
+
+    def read(self, channel: str, *, start: str = "0", block: float = 5.0) -> AsyncIterator[bytes]:
+        """Every message of ``channel`` after position ``start`` (``"0"``: from the first),
+        waiting up to ``block`` seconds for each next one, until the end marker."""
         ...
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -37,6 +39,40 @@ end
 return 0
 """
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
+# Fan-out streams: a runaway producer cannot grow a stream past about this many messages
+# (MAXLEN ~); an LLM answer is about one event per token, tens of thousands at most. Bytes
+# are bounded by the producer (the engine's max_entry_bytes) and by the ttl.
+_STREAM_MAXLEN: Final = 100_000
+# Messages per XREAD: few at first and about _READ_BYTES per batch after that, so that a
+# batch of large messages still arrives within the per-operation timeout while a late joiner
+# catches up on small ones in few round trips.
+_READ_COUNT: Final = (8, 256)
+_READ_BYTES: Final = 2 * 1024 * 1024
+# Append one message (field ``d``) or the end marker (field ``e``), numbered ``i`` (0, 1, ...)
+# so that readers notice lost messages, tagged with the caller's nonce ``n``: redis-py retries
+# a command once after a timeout, and a retried append whose first attempt was applied (only
+# its reply was lost) must not append twice. One producer per channel, so a retry can only
+# repeat the newest entry. Appending and refreshing the expiry in one script keeps the stream
+# from living forever if the client dies in between.
+_APPEND: Final = """
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
+local seq = 0
+if last then
+    local fields = last[2]
+    for i = 1, #fields, 2 do
+        if fields[i] == 'n' and fields[i + 1] == ARGV[1] then
+            redis.call('PEXPIRE', KEYS[1], ARGV[3])
+            return 0
+        end
+        if fields[i] == 'i' then
+            seq = tonumber(fields[i + 1]) + 1
+        end
+    end
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'i', seq, 'n', ARGV[1], ARGV[4], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 
 @contextmanager
@@ -81,15 +117,17 @@ class RedisBackend:
       or unreachable Redis costs a :class:`BackendTimeout` / :class:`BackendUnavailable`
       quickly, never a stalled stream; the connection pool reconnects by itself when the
       server is back (the same object recovers).
-    - *Namespace*: values live at ``{prefix}e:{key}`` and locks at ``{prefix}l:{name}``,
-      so several applications can share one Redis by using different prefixes.
+    - *Namespace*: values live at ``{prefix}e:{key}``, locks at ``{prefix}l:{name}`` and
+      fan-out streams at ``{prefix}s:{channel}``, so several applications can share one
+      Redis by using different prefixes.
 
     asyncio only (redis-py's asyncio client); under trio operations raise
     :class:`BackendUnavailable`.
 
     Capabilities: :class:`~sse_cache.protocols.ScanningBackend` (``SCAN``, never ``KEYS``;
     on a cluster, every primary), :class:`~sse_cache.protocols.StatsBackend`,
-    :class:`~sse_cache.protocols.LockingBackend` (``SET NX PX`` + compare-and-delete).
+    :class:`~sse_cache.protocols.LockingBackend` (``SET NX PX`` + compare-and-delete),
+    :class:`~sse_cache.protocols.FanoutBackend` (Redis Streams: ``XADD`` / ``XREAD BLOCK``).
     """
 
     def __init__(
@@ -104,6 +142,9 @@ class RedisBackend:
         self.prefix = prefix
         self._data_prefix = prefix + "e:"
         self._lock_prefix = prefix + "l:"
+        self._stream_prefix = prefix + "s:"
+        # EVALSHA with a fallback to loading the script (after a restart, on a new node).
+        self._append = client.register_script(_APPEND)
         self._timeout = timeout
         self._closed = False
 
@@ -255,6 +296,95 @@ class RedisBackend:
         """Release ``name`` if ``token`` still holds it (atomic compare-and-delete in Lua)."""
         with self._op("EVAL"):
             await self._client.eval(_RELEASE, 1, self._lock_prefix + name, token)
+
+    async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+        """Append ``data`` to the stream ``{prefix}s:{channel}`` (``XADD MAXLEN ~``, in a
+        script that also sets the stream's expiry to ``ttl`` seconds).
+
+        A retried append is applied once. A stream holds about 100 000 messages at most:
+        beyond that the oldest are trimmed, and readers that still needed them raise
+        :class:`BackendError`."""
+        await self._add(channel, "d", to_bytes(data), ttl, "XADD")
+
+    async def finish(self, channel: str, *, ttl: float) -> None:
+        """Append the end marker to ``channel`` and keep the stream ``ttl`` more seconds
+        (late readers replay it, then stop)."""
+        await self._add(channel, "e", b"", ttl, "XADD (end)")
+
+    async def _add(self, channel: str, field: str, data: bytes, ttl: float, what: str) -> None:
+        if not ttl > 0:
+            raise ConfigError(f"stream ttl must be > 0 seconds, got {ttl!r}")
+        args = (secrets.token_hex(8), _STREAM_MAXLEN, max(1, math.ceil(ttl * 1000)), field, data)
+        with self._op(what):
+            await self._append(keys=[self._stream_prefix + channel], args=args)
+
+    async def read(
+        self, channel: str, *, start: str = "0", block: float = 5.0
+    ) -> AsyncIterator[bytes]:
+        """Every message of ``channel`` published after stream ID ``start`` (``"0"``: all of
+        them; ``"$"``: only those published from now on), in order, then the new ones as
+        they are published, until the end marker.
+
+        Raises :class:`BackendTimeout` when no message arrives for ``block`` seconds (the
+        producer died or stalled; a stream that does not exist yet counts as silent),
+        :class:`BackendError` when messages this reader needs were lost (trimmed or expired),
+        and the usual :class:`BackendError` family when Redis fails.
+
+        Waiting holds one pooled connection per reader, in slices of half the operation
+        timeout (``XREAD BLOCK``), so a dead server is noticed within about ``timeout``."""
+        if not block > 0:
+            raise ConfigError(f"read block must be > 0 seconds, got {block!r}")
+        name = self._stream_prefix + channel
+        last: str | bytes = start
+        if start == "$":
+            # XREAD's "$" means "newer than the newest *now*": re-sent on every slice it
+            # would drop what arrives between two slices, so pin it to an ID once.
+            with self._op("XREVRANGE"):
+                newest: Any = await self._client.xrevrange(name, count=1)
+            last = newest[0][0] if newest else "0-0"
+        expect = 0 if last in ("0", "0-0") else None  # the first message's number, if known
+        # Slices shorter than the socket timeout: a blocked XREAD must not look like a hung
+        # server to redis-py.
+        slice_ms = max(1, int(self._timeout * 500))
+        count = _READ_COUNT[0]
+        deadline = time.monotonic() + block
+        while True:
+            wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
+            if wait_ms <= 0:
+                raise BackendTimeout(f"XREAD: no message on stream {channel!r} for {block} seconds")
+            with self._op("XREAD"):
+                reply: Any = await self._client.xread(
+                    {name: last}, count=count, block=min(wait_ms, slice_ms)
+                )
+            entries = _stream_entries(reply)
+            if not entries:
+                continue
+            deadline = time.monotonic() + block
+            size = sum(len(fields.get(b"d", b"")) for _, fields in entries) // len(entries)
+            count = max(1, min(_READ_COUNT[1], _READ_BYTES // max(size, 1)))
+            for entry_id, fields in entries:
+                last = entry_id
+                seq = int(fields.get(b"i", b"-1"))
+                if expect is not None and seq != expect:
+                    raise BackendError(
+                        f"XREAD: stream {channel!r} lost messages (expected #{expect}, "
+                        f"got #{seq}): trimmed or expired"
+                    )
+                expect = seq + 1
+                if b"e" in fields:
+                    return
+                yield fields[b"d"]
+
+
+def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of a one-stream ``XREAD`` reply (RESP2: ``[[name, entries]]``, RESP3:
+    ``{name: [entries]}``); empty when it timed out."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        (value,) = reply.values()
+        return list(value[0] if value and isinstance(value[0], list) else value)
+    return list(reply[0][1])
 
 
 def _cluster_client(url: str, scheme: str, kwargs: dict[str, Any]) -> RedisCluster:

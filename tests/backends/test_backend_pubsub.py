@@ -1,0 +1,347 @@
+"""Live fan-out (``FanoutBackend``) on Redis Streams, against a real standalone server and a
+real 3-master cluster: ordering, late joiners from the start, several readers, the end marker,
+a silent producer, expiry, binary and large messages, lost messages, server faults."""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+
+from sse_cache.backends import from_url
+from sse_cache.backends.redis import RedisBackend
+from sse_cache.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from sse_cache.protocols import FanoutBackend
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+TTL = 30.0
+QUICK = 3.0  # seconds: a bound on "does not hang" with room for a loaded CI machine
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    """Only Redis fans out: narrows conftest's ``backend`` fixture to its two kinds."""
+    return str(request.param)
+
+
+@pytest.fixture
+def fanout(backend: Any) -> RedisBackend:
+    assert isinstance(backend, FanoutBackend)
+    assert isinstance(backend, RedisBackend)
+    return backend
+
+
+def channel() -> str:
+    return f"ch-{uuid.uuid4().hex[:8]}"
+
+
+async def collect(backend: FanoutBackend, name: str, **options: Any) -> list[bytes]:
+    return [message async for message in backend.read(name, **options)]
+
+
+async def publish_all(backend: FanoutBackend, name: str, messages: list[bytes]) -> None:
+    for message in messages:
+        await backend.publish(name, message, ttl=TTL)
+    await backend.finish(name, ttl=TTL)
+
+
+# -- the contract -------------------------------------------------------------------------
+
+
+async def test_many_messages_in_order_while_published(fanout: RedisBackend) -> None:
+    name = channel()
+    messages = [f"event {i}".encode() for i in range(1000)]
+    received: list[bytes] = []
+
+    async def read() -> None:
+        received.extend(await collect(fanout, name))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)  # joins before the stream even exists
+        await anyio.sleep(0.05)
+        await publish_all(fanout, name, messages)
+    assert received == messages
+
+
+async def test_late_joiner_gets_everything_from_the_start(fanout: RedisBackend) -> None:
+    name = channel()
+    first = [f"early {i}".encode() for i in range(100)]
+    second = [f"late {i}".encode() for i in range(100)]
+    for message in first:
+        await fanout.publish(name, message, ttl=TTL)
+    received: list[bytes] = []
+
+    async def read() -> None:
+        received.extend(await collect(fanout, name))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.sleep(0.05)
+        await publish_all(fanout, name, second)
+    assert received == first + second
+    # Once finished, the stream is still replayed whole to a reader that comes later still.
+    assert await collect(fanout, name) == first + second
+
+
+async def test_concurrent_readers_see_the_same_sequence(fanout: RedisBackend) -> None:
+    name = channel()
+    messages = [f"token {i}".encode() * (1 + i % 7) for i in range(300)]
+    results: list[list[bytes]] = [[], [], []]
+
+    async def read(index: int) -> None:
+        results[index].extend(await collect(fanout, name))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read, 0)
+        tg.start_soon(read, 1)
+        for i, message in enumerate(messages):
+            await fanout.publish(name, message, ttl=TTL)
+            if i == 150:
+                tg.start_soon(read, 2)  # a third one joins halfway
+            if i % 50 == 0:
+                await anyio.sleep(0.01)  # let the readers block and wake up
+        await fanout.finish(name, ttl=TTL)
+    assert results == [messages, messages, messages]
+
+
+async def test_end_marker_stops_readers(fanout: RedisBackend) -> None:
+    name = channel()
+    done_at: list[float] = []
+
+    async def read() -> None:
+        assert await collect(fanout, name, block=10) == [b"only"]
+        done_at.append(time.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await fanout.publish(name, b"only", ttl=TTL)
+        await anyio.sleep(0.2)  # the reader is now blocked waiting for more
+        finished = time.monotonic()
+        await fanout.finish(name, ttl=TTL)
+    assert done_at[0] - finished < 1.0  # woken by the marker, not by its 10 s block
+    # Anything appended after the marker is never read.
+    await fanout.publish(name, b"after the end", ttl=TTL)
+    assert await collect(fanout, name) == [b"only"]
+
+
+async def test_silent_producer_costs_a_timeout(fanout: RedisBackend) -> None:
+    name = channel()
+    for message in (b"a", b"b", b"c"):
+        await fanout.publish(name, message, ttl=TTL)
+    received: list[bytes] = []
+    start = time.monotonic()
+    with pytest.raises(BackendTimeout):
+        async for message in fanout.read(name, block=0.4):
+            received.append(message)
+    elapsed = time.monotonic() - start
+    assert received == [b"a", b"b", b"c"]
+    assert 0.35 < elapsed < QUICK
+    # A channel nobody ever published to is just as silent.
+    with pytest.raises(BackendTimeout):
+        await collect(fanout, channel(), block=0.2)
+
+
+async def test_messages_keep_the_wait_alive(fanout: RedisBackend) -> None:
+    # ``block`` bounds the gap between two messages, not the whole stream.
+    name = channel()
+    received: list[bytes] = []
+
+    async def read() -> None:
+        received.extend(await collect(fanout, name, block=0.3))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        for i in range(4):
+            await fanout.publish(name, b"%d" % i, ttl=TTL)
+            await anyio.sleep(0.15)  # 0.6 s in all: longer than one ``block``
+        await fanout.finish(name, ttl=TTL)
+    assert received == [b"%d" % i for i in range(4)]
+
+
+async def test_start_after_the_newest_message(fanout: RedisBackend) -> None:
+    name = channel()
+    await fanout.publish(name, b"old", ttl=TTL)
+    received: list[bytes] = []
+
+    async def read() -> None:
+        received.extend(await collect(fanout, name, start="$"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.sleep(0.1)
+        await publish_all(fanout, name, [b"new 1", b"new 2"])
+    assert received == [b"new 1", b"new 2"]
+
+
+async def test_stream_key_expiry(fanout: RedisBackend) -> None:
+    name = channel()
+    key = f"{fanout.prefix}s:{name}"
+    client: Any = fanout.client
+    await fanout.publish(name, b"x", ttl=30)
+    assert 25_000 < await client.pttl(key) <= 30_000
+    await fanout.publish(name, b"y", ttl=60)  # every append refreshes it
+    assert 55_000 < await client.pttl(key) <= 60_000
+    await fanout.finish(name, ttl=0.3)
+    assert 0 < await client.pttl(key) <= 300
+    await anyio.sleep(0.5)
+    assert await client.exists(key) == 0
+    with pytest.raises(BackendTimeout):  # gone: nothing to replay
+        await collect(fanout, name, block=0.2)
+    with pytest.raises(ConfigError):
+        await fanout.publish(name, b"z", ttl=0)
+    with pytest.raises(ConfigError):
+        await fanout.finish(name, ttl=-1)
+    with pytest.raises(ConfigError):
+        await collect(fanout, name, block=0)
+
+
+async def test_binary_safety(fanout: RedisBackend) -> None:
+    name = channel()
+    messages = [bytes([i]) for i in range(256)] + [bytes(range(256)) * 3, b"", b"\r\n\r\n"]
+    await publish_all(fanout, name, messages)
+    assert await collect(fanout, name) == messages
+
+
+async def test_large_messages(fanout: RedisBackend) -> None:
+    name = channel()
+    messages = [bytes([i]) * 300_000 + bytes(range(256)) for i in range(12)]
+    messages.insert(5, b"small")
+    await publish_all(fanout, name, messages)
+    assert await collect(fanout, name) == messages
+
+
+async def test_lost_messages_are_an_error_not_a_gap(fanout: RedisBackend) -> None:
+    # The oldest messages were trimmed (MAXLEN) before this reader came: it must not start
+    # mid-stream as if that were the beginning.
+    name = channel()
+    await publish_all(fanout, name, [b"m0", b"m1", b"m2"])
+    client: Any = fanout.client
+    key = f"{fanout.prefix}s:{name}"
+    (oldest_id, _), *_ = await client.xrange(key, count=1)
+    await client.xdel(key, oldest_id)
+    with pytest.raises(BackendError, match="lost messages"):
+        await collect(fanout, name)
+    # The stream expired under a reader and the producer started a new one.
+    name = channel()
+    await fanout.publish(name, b"first", ttl=0.2)
+    reader = fanout.read(name, block=2)
+    assert await reader.__anext__() == b"first"
+    await anyio.sleep(0.4)
+    await fanout.publish(name, b"second", ttl=TTL)
+    with pytest.raises(BackendError, match="lost messages"):
+        await reader.__anext__()
+
+
+async def test_retried_publish_is_applied_once(
+    fanout: RedisBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py retries a command after a timeout; the first attempt may have been applied.
+    # A retry sends the same nonce, which is what this simulates.
+    name = channel()
+    await fanout.publish(name, b"before", ttl=TTL)
+    monkeypatch.setattr(secrets, "token_hex", lambda _: "same-nonce")
+    await fanout.publish(name, b"once", ttl=TTL)
+    await fanout.publish(name, b"once", ttl=TTL)
+    monkeypatch.undo()
+    await fanout.finish(name, ttl=TTL)
+    assert await collect(fanout, name) == [b"before", b"once"]
+
+
+async def test_channels_are_separate_from_entries_and_locks(fanout: RedisBackend) -> None:
+    name = channel()
+    await publish_all(fanout, name, [b"x"])
+    assert await fanout.get(name) is None
+    assert [k async for k in fanout.scan()] == []
+    assert await fanout.acquire(name, "token", 5)
+
+
+# -- faults (standalone servers of their own) ---------------------------------------------
+
+
+async def test_server_stopped_mid_read_then_restarted(spawn_redis: Callable[[], Any]) -> None:
+    server = spawn_redis()
+    backend = from_url(server.url, timeout=0.3)
+    assert isinstance(backend, FanoutBackend)
+    name = channel()
+    try:
+        await backend.publish(name, b"before", ttl=TTL)
+        received: list[bytes] = []
+        failure: list[tuple[BaseException, float]] = []
+
+        async def read() -> None:
+            try:
+                async for message in backend.read(name, block=30):
+                    received.append(message)
+            except BackendError as exc:
+                failure.append((exc, time.monotonic()))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await anyio.sleep(0.3)  # blocked in XREAD
+            stopped = time.monotonic()
+            server.stop()
+        assert received == [b"before"]
+        error, at = failure[0]
+        assert isinstance(error, BackendUnavailable)
+        assert at - stopped < QUICK
+        with pytest.raises(BackendUnavailable):
+            await backend.publish(name, b"during", ttl=TTL)
+        server.start()  # same port, empty: the same backend object recovers
+        await publish_all(backend, name, [b"after"])
+        assert await collect(backend, name) == [b"after"]
+    finally:
+        await backend.aclose()
+
+
+async def test_server_hung_mid_read_costs_a_timeout(spawn_redis: Callable[[], Any]) -> None:
+    server = spawn_redis()
+    backend = from_url(server.url, timeout=0.3)
+    assert isinstance(backend, FanoutBackend)
+    name = channel()
+    try:
+        await backend.publish(name, b"before", ttl=TTL)
+        reader = backend.read(name, block=30)
+        assert await reader.__anext__() == b"before"
+        server.pause()
+        start = time.monotonic()
+        with pytest.raises(BackendTimeout):
+            await reader.__anext__()
+        assert time.monotonic() - start < QUICK
+        server.resume()
+        await backend.finish(name, ttl=TTL)
+        assert await collect(backend, name) == [b"before"]
+    finally:
+        await backend.aclose()
+
+
+async def test_cancelled_reader_gives_its_connection_back(redis_server: Any) -> None:
+    # A client that goes away while its reader waits: the pooled connection (here the only
+    # one) must come back usable, not stay stuck in XREAD BLOCK.
+    backend = from_url(f"{redis_server.url}?max_connections=1&prefix={uuid.uuid4().hex}:")
+    assert isinstance(backend, FanoutBackend)
+    name = channel()
+    try:
+        with anyio.move_on_after(0.2):
+            await collect(backend, name, block=10)
+        await publish_all(backend, name, [b"still works"])
+        assert await collect(backend, name) == [b"still works"]
+        await backend.set("k", b"v", None)
+        assert await backend.get("k") == b"v"
+    finally:
+        await backend.aclose()
+
+
+async def test_reader_of_a_closed_backend(redis_server: Any) -> None:
+    backend = from_url(f"{redis_server.url}?prefix={uuid.uuid4().hex}:")
+    assert isinstance(backend, FanoutBackend)
+    await backend.aclose()
+    with pytest.raises(BackendUnavailable):
+        await collect(backend, channel())
+    with pytest.raises(BackendUnavailable):
+        await backend.publish(channel(), b"x", ttl=TTL)
