@@ -45,7 +45,9 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
     transport-only fields such as ``stream``); ``tenant`` is the tenant scope (see
     :func:`tenant_scope`), ``namespace`` an operator-chosen partition, ``variant`` the index
     when several answers are kept for one request, ``headers`` the answer-defining request
-    headers (lower-case names; e.g. ``anthropic-version``).
+    headers (lower-case names; e.g. ``anthropic-version``), ``ignored`` the request fields a
+    caller asked to leave out of the key (``x-sse-cache-ignore-fields``): the list itself is
+    part of the key, so such a request never lands on the entry of one that did not ask.
     """
 
     schema: str
@@ -55,6 +57,7 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = ""
     variant: int = 0
     headers: Mapping[str, str] = {}
+    ignored: tuple[str, ...] = ()
 
 
 def _normalise(value: Any) -> Any:
@@ -103,6 +106,10 @@ class DefaultKeyer:
         ):
             raw = part.encode("utf-8")
             h.update(len(raw).to_bytes(4, "big"))
+            h.update(raw)
+        if request.ignored:
+            raw = canonical_json(sorted(set(request.ignored)))
+            h.update(b"\x00ignored" + len(raw).to_bytes(4, "big"))
             h.update(raw)
         if request.headers:
             # Only present when set, so that keys without headers stay as they were.

@@ -177,7 +177,8 @@ class CachePolicy:
     (add the route ``/chat/completions``) are easy to cover. Only ``POST`` is cached.
 
     ``tenant``: how the tenant scope is derived — None (default) hashes the credential the
-    request carries (``Authorization``, ``x-api-key``, ``api-key``), a callable receives the
+    request carries (``Authorization``, ``x-api-key``, ``api-key``, ...; a request without
+    one is not cached: its caller cannot be told apart), a callable receives the
     lower-cased request headers and returns a scope string, and :data:`SHARED_TENANT` lets
     all callers share entries (explicit opt-in). Credentials themselves are never stored.
 
@@ -225,9 +226,12 @@ class CachePolicy:
                 return route, adapter
         return None
 
-    def tenant_of(self, headers: Mapping[str, str]) -> str:
+    def tenant_of(self, headers: Mapping[str, str]) -> str | None:
+        """The tenant scope of a request; None when the default scope cannot tell who is
+        asking (no credential header): such requests are not cached, since their callers
+        could not be kept apart (opt in with ``tenant="shared"`` or a callable)."""
         if self._tenant is None:
-            return tenant_scope(headers, self._credentials)
+            return tenant_scope(headers, self._credentials) or None
         if self._tenant == SHARED_TENANT:
             return ""
         assert callable(self._tenant)
@@ -267,12 +271,18 @@ class CachePolicy:
             return Decision(route=route, reason="request body is not JSON")
         if not isinstance(parsed, dict):
             return Decision(route=route, reason="request body is not a JSON object")
+        tenant = self.tenant_of(headers)
+        if tenant is None:
+            return Decision(
+                route=route,
+                reason="no credential header to scope the entry by (set tenant= to cache it)",
+            )
         return Decision(
             adapter=adapter,
             route=route,
             streaming=adapter.is_streaming(parsed),
             body=parsed,
-            tenant=self.tenant_of(headers),
+            tenant=tenant,
             key_headers={
                 name: headers[name]
                 for name in getattr(adapter, "key_headers", ())

@@ -183,11 +183,15 @@ class CacheService:
             return None
         cache = self.cache_for(adapter)
         tenant = self.policy.tenant_of(headers)
+        if tenant is None:
+            return None
         key = await cache.resolve(alias_key(adapter.name, tenant, match["id"]))
         if key is None:
             return None
         entry = await cache.lookup(key)
-        if entry is None or entry.events is None:
+        # The index may outlive its entry (a refresh or an eviction stores another answer
+        # under the key): only the stream of that very response is resumed.
+        if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
             return None
         events = events_after(entry.events, after)
         base = [("content-type", entry.content_type), *_SSE_HEADERS]
@@ -243,6 +247,7 @@ class Exchange:
                 namespace=controls.namespace,
                 variant=CachePolicy.pick_variant(controls),
                 headers=decision.key_headers,
+                ignored=tuple(sorted(controls.ignore_fields)),
             )
         )
         if controls.refresh or not controls.lookup:
@@ -348,7 +353,8 @@ class Exchange:
             return None
         assert self._cache is not None and self._stack is not None
         controls = self.decision.controls
-        if not controls.store:
+        if not controls.store or self.decision.last_event_id is not None:
+            # A reconnecting client may get only the rest of a stream: never store that.
             return None
         lowered = {k.lower(): v for k, v in headers}
         reason = ""

@@ -56,7 +56,10 @@ def test_tenant_scopes() -> None:
     default = CachePolicy()
     a = default.tenant_of({"authorization": "Bearer a"})
     assert a != default.tenant_of({"authorization": "Bearer b"}) and a.startswith("t:")
-    assert default.tenant_of({}) == ""
+    assert default.tenant_of({}) is None  # nobody to scope by: not cached
+    body = policy_body = json.dumps({"model": "m", "input": "x"}).encode()
+    assert "no credential" in default.decide("POST", "/v1/responses", {}, policy_body).reason
+    assert CachePolicy(tenant=SHARED_TENANT).decide("POST", "/v1/responses", {}, body).cacheable
     assert CachePolicy(tenant=SHARED_TENANT).tenant_of({"authorization": "Bearer a"}) == ""
     custom = CachePolicy(tenant=lambda h: h.get("x-org", ""))
     assert custom.tenant_of({"x-org": "acme"}) == "c:acme"

@@ -55,7 +55,11 @@ async def client_for() -> AsyncIterator[Any]:
     clients: list[httpx2.AsyncClient] = []
 
     def make(app: Any) -> httpx2.AsyncClient:
-        client = httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://t")
+        client = httpx2.AsyncClient(
+            transport=httpx2.ASGITransport(app),
+            base_url="http://t",
+            headers={"authorization": "Bearer sk-test"},
+        )
         clients.append(client)
         return client
 
@@ -161,3 +165,34 @@ async def test_other_methods_and_paths_are_untouched(client_for: Any) -> None:
     client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
     r = await client.get("/events")
     assert "x-sse-cache" not in r.headers and app.calls == 1
+
+
+async def test_requests_without_a_credential_are_not_cached_by_default(client_for: Any) -> None:
+    app = App()
+    client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
+    del client.headers["authorization"]
+    for _ in range(2):
+        r = await client.post("/events", json={"q": 1})
+        assert r.headers["x-sse-cache"] == "bypass" and "x-sse-cache-key" not in r.headers
+    assert app.calls == 2
+
+
+async def test_ignored_fields_are_part_of_the_key(client_for: Any) -> None:
+    app = App()
+    client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
+    plain = await client.post("/events", json={"q": 1})
+    # Another body that asks to ignore its extra field must not land on (or poison) the
+    # entry of the plain request.
+    other = await client.post(
+        "/events",
+        json={"q": 1, "temperature": 1.9},
+        headers={"x-sse-cache-ignore-fields": "temperature"},
+    )
+    assert other.headers["x-sse-cache"] == "miss"
+    assert other.headers["x-sse-cache-key"] != plain.headers["x-sse-cache-key"]
+    again = await client.post(
+        "/events",
+        json={"q": 1, "temperature": 0.1},
+        headers={"x-sse-cache-ignore-fields": "temperature"},
+    )
+    assert again.headers["x-sse-cache"] == "hit"

@@ -202,9 +202,9 @@ async def test_gateway_health_and_rejections_pass_through(gateway_stack: StackFa
         assert health.status_code == 200 and health.json() == {"status": "ok"}
         assert "x-sse-cache" not in health.headers
         body = {"model": "gpt-mock", "messages": MESSAGES, "stream": True}
-        for _ in range(2):  # the gateway's 401 is never stored
+        for _ in range(2):  # no key: the gateway's 401 passes through, nothing is cached
             denied = await http.post("/v1/chat/completions", json=body)
-            assert denied.status_code == 401 and denied.headers["x-sse-cache"] == "miss"
+            assert denied.status_code == 401 and denied.headers["x-sse-cache"] == "bypass"
         assert await stack.upstream_calls() == 0
 
 

@@ -484,7 +484,9 @@ async def test_httpx_transport_caches_too(upstream: Upstream, cache_url: str, pr
         transport = sse_cache.httpx.AsyncCacheTransport(cache_url)
         assert isinstance(transport, httpx.AsyncBaseTransport)
         async with httpx.AsyncClient(base_url=upstream.url, transport=transport) as client:
-            async with client.stream("POST", "/v1/responses", json=body) as response:
+            async with client.stream(
+                "POST", "/v1/responses", json=body, headers={"authorization": "Bearer sk-x"}
+            ) as response:
                 seen.append((response.headers["x-sse-cache"], await response.aread()))
     assert [status for status, _ in seen] == ["miss", "hit"]
     assert seen[0][1] == seen[1][1]
@@ -574,7 +576,9 @@ def test_sync_httpx_client(upstream: Upstream, cache_url: str, prompt: str) -> N
     with httpx.Client(base_url=upstream.url, transport=transport) as client:
         seen = []
         for _ in range(2):
-            with client.stream("POST", "/v1/responses", json=body) as response:
+            with client.stream(
+                "POST", "/v1/responses", json=body, headers={"authorization": "Bearer sk-x"}
+            ) as response:
                 seen.append((response.headers["x-sse-cache"], response.read()))
     assert [status for status, _ in seen] == ["miss", "hit"]
     assert seen[0][1] == seen[1][1]
