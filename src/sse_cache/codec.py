@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import zlib
 from types import ModuleType
 from typing import Final, Literal
@@ -153,6 +154,10 @@ class MsgpackCodec:
         """Serialise ``entry`` into the envelope described in the module docstring."""
         if entry.version != ENTRY_FORMAT_VERSION:
             raise ValueError(f"cannot encode an entry of format version {entry.version}")
+        if not math.isfinite(entry.created_at) or (
+            entry.expires_at is not None and not math.isfinite(entry.expires_at)
+        ):
+            raise ValueError("entry timestamps must be finite numbers")
         events = entry.events
         if events is None:
             if entry.body is None:
@@ -280,9 +285,15 @@ class MsgpackCodec:
         if not hmac.compare_digest(expected, view[5:_HEADER]):
             raise CorruptEntry("entry checksum mismatch (altered, truncated or foreign bytes)")
         try:
-            return _parts_decoder.decode(payload)
+            parts = _parts_decoder.decode(payload)
         except msgspec.DecodeError as exc:
             raise CorruptEntry(f"entry payload does not decode: {exc}") from None
+        head = parts[0]
+        if not math.isfinite(head.created_at) or (
+            head.expires_at is not None and not math.isfinite(head.expires_at)
+        ):
+            raise CorruptEntry("entry timestamps are not finite numbers")
+        return parts
 
     def _digest(self, version: bytes, payload: bytes | memoryview) -> bytes:
         h = hashlib.blake2b(version, digest_size=_DIGEST, key=self._key)

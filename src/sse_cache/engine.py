@@ -261,6 +261,7 @@ class CachedStream:
         iterator = flight.iterator  # None for a pushed stream: its readers never pull
         record = flight.recorder.add
         started = flight.started
+        flights = cache._flights
         i = 0
         while True:
             if i < len(log):
@@ -269,7 +270,7 @@ class CachedStream:
                 yield event
                 continue
             if flight.finished or flight.pulling:
-                if await _wait_for_puller(flight):
+                if await _wait_for_puller(flight, cache.join_timeout):
                     return
                 continue
             assert iterator is not None
@@ -286,9 +287,12 @@ class CachedStream:
                 flight.pulling = False
                 if flight.waiting:
                     flight.notify()
-            log.append(event)
+            # The log is for other readers: a stream read by one reader that nobody else can
+            # join (not offered: no-store, no-cache) keeps no copy beyond its recording.
+            if flight.readers > 1 or flights.get(flight.key) is flight:
+                log.append(event)
+                i += 1
             record(event, time.monotonic() - started)
-            i += 1
             yield event
 
     async def _live_batches(self, flight: _Flight, size: int) -> AsyncIterator[list[Event]]:
@@ -296,9 +300,11 @@ class CachedStream:
         i = 0
         async for _ in self._live(flight):
             # One event was pulled (or was ready): hand over everything else already read.
+            # The inner iterator re-yields events already handed out: skip those.
             batch = log[i : i + size]
-            i += len(batch)
-            yield batch
+            if batch:
+                i += len(batch)
+                yield batch
 
     async def _close(self, exc: BaseException | None) -> None:
         flight = self._flight
@@ -326,9 +332,14 @@ class LiveRecording:
             return
         at = time.monotonic() - flight.started
         record = flight.recorder.add
-        log = flight.log
+        # The log exists for readers who join: a stream nobody has joined and nobody can
+        # join (not offered, or no longer) keeps no copy beyond the bounded recording.
+        log = (
+            flight.log if flight.readers or self._cache._flights.get(flight.key) is flight else None
+        )
         for event in events:
-            log.append(event)
+            if log is not None:
+                log.append(event)
             record(event, at)
         if flight.waiting:
             flight.notify()
@@ -365,9 +376,13 @@ class LiveRecording:
         return self._flight.recorder.reason
 
 
-async def _wait_for_puller(flight: _Flight) -> bool:
+async def _wait_for_puller(flight: _Flight, idle_timeout: float) -> bool:
     """A reader caught up with the log of a live stream that another reader is pulling (or
-    that ended): wait for the next event. True when the stream is over."""
+    that ended): wait for the next event. True when the stream is over.
+
+    A producer that goes silent for ``idle_timeout`` seconds (a response its client stopped
+    reading without closing it, say) ends the stream for the readers waiting on it, rather
+    than holding them forever."""
     if flight.finished:
         if flight.error is not None:
             raise SharedStreamAborted(
@@ -376,9 +391,12 @@ async def _wait_for_puller(flight: _Flight) -> bool:
         return True
     flight.waiting += 1
     try:
-        await flight.signal.wait()
+        with anyio.move_on_after(idle_timeout) as idle:
+            await flight.signal.wait()
     finally:
         flight.waiting -= 1
+    if idle.cancelled_caught:
+        raise SharedStreamAborted(f"the shared stream sent nothing for {idle_timeout} s")
     return False
 
 
@@ -393,7 +411,8 @@ class StreamCache:
     :class:`Notice` for every hit, miss, store and failure (for metrics and logs; a hook that
     raises is logged and ignored). ``backend_timeout``: seconds any single backend call may
     take before it counts as failed. ``single_flight``: let identical concurrent requests
-    share one upstream stream.
+    share one upstream stream; a request that joined one gives up (``SharedStreamAborted``)
+    when it delivers nothing for ``join_timeout`` seconds.
 
     Fail open: a backend that is down, slow or returns garbage costs a miss and a logged
     warning, never a failed stream; corrupt entries are deleted.
@@ -412,6 +431,7 @@ class StreamCache:
         hooks: Iterable[Hook] = (),
         backend_timeout: float = 2.0,
         single_flight: bool = True,
+        join_timeout: float = 300.0,
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
@@ -429,6 +449,9 @@ class StreamCache:
         self.pacing = Pacing.parse(pacing)
         self.backend_timeout = backend_timeout
         self.single_flight = single_flight
+        if not join_timeout > 0:
+            raise ConfigError(f"join_timeout must be positive, got {join_timeout!r}")
+        self.join_timeout = join_timeout
         self._hooks = tuple(hooks)
         self._flights: dict[str, _Flight] = {}
 
@@ -842,6 +865,9 @@ class StreamCache:
             flight.finished = True
             if exc is not None:
                 flight.recorder.fail(f"the reader left with {type(exc).__name__}")
+            # Judge first (no await): from here on a new request finds either the judged
+            # entry (a hit) or nothing — never a flight that ends early without an error.
+            self._judge(flight, clean_end=False)
             await _aclose_quietly(flight.iterator)
             await self._finish(flight, clean_end=False)
         else:

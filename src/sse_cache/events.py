@@ -172,9 +172,9 @@ class SSEParser:
         if text.startswith("event: "):
             parts = _EVENT_BLOCKS.split(text)
             if not any(parts[0::3]):
-                data = parts[2::3]
-                if max(map(len, data)) <= limit:
-                    return list(map(Event, data, parts[1::3]))
+                data, types = parts[2::3], parts[1::3]
+                if max(map(len, data)) + max(map(len, types)) <= limit:
+                    return list(map(Event, data, types))
         elif text.startswith("data: "):
             parts = _DATA_BLOCKS.split(text)
             if not any(parts[0::2]):
@@ -220,6 +220,8 @@ class SSEParser:
                 continue
             if line[0] == ":":
                 continue
+            if len(line) + size > limit:  # any field line counts, not only data
+                raise SSEError(f"SSE event exceeds max_event_bytes={limit}")
             name, _, value = line.partition(":")
             if value[:1] == " ":
                 value = value[1:]

@@ -138,3 +138,24 @@ def test_wire_decode_gives_the_canonical_sse(entry: Entry) -> None:
         assert wire.sse == serialize_sse(entry.events) and wire.count == len(entry.events)
         assert wire.body is None
     assert (wire.schema, wire.status, wire.meta) == (entry.schema, entry.status, entry.meta)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_timestamps_are_refused_and_detected(bad: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        MsgpackCodec().encode(Entry(schema="g", created_at=bad, body=b"{}"))
+    good = MsgpackCodec().encode(Entry(schema="g", created_at=1.0, body=b"{}"))
+    # The same envelope with the timestamp replaced (and a valid checksum): still refused.
+    import hashlib
+
+    import msgspec
+
+    payload = bytearray(good[21:])
+    head = msgspec.msgpack.encode(1.0)
+    at = payload.find(head)
+    payload[at : at + len(head)] = msgspec.msgpack.encode(bad)
+    digest = hashlib.blake2b(b"\x01", digest_size=16)
+    digest.update(bytes(payload))
+    forged = b"SSEC\x01" + digest.digest() + bytes(payload)
+    with pytest.raises(CorruptEntry, match="finite"):
+        MsgpackCodec().decode(forged)

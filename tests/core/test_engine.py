@@ -479,3 +479,48 @@ async def test_request_during_the_store_is_a_hit_not_a_second_upstream_call() ->
         tg.start_soon(second)
         await consume(cache, up)
     assert seen == [CacheStatus.HIT] and up.calls == 1 and backend.sets == 1
+
+
+async def test_a_late_joiner_gets_whole_batches_never_empty_ones() -> None:
+    cache = StreamCache(DictBackend(), GenericSSE())
+    go = anyio.Event()
+
+    async def upstream() -> AsyncIterator[Event]:
+        for i in range(300):
+            yield Event(str(i))
+        await go.wait()
+        yield Event("last")
+
+    batches: list[list[Event]] = []
+    async with anyio.create_task_group() as tg:
+
+        async def first() -> None:
+            async with cache.stream("k" * 64, upstream) as s:
+                async for _ in s:
+                    pass
+
+        tg.start_soon(first)
+        await anyio.sleep(0.05)
+        async with cache.join("k" * 64) as joined:
+            assert joined is not None
+            async for batch in joined.batches(256):
+                batches.append(batch)
+                if sum(map(len, batches)) == 300:
+                    go.set()
+    assert all(batches) and [e.data for b in batches for e in b] == [*map(str, range(300)), "last"]
+
+
+async def test_a_silent_producer_releases_its_joiners() -> None:
+    cache = StreamCache(DictBackend(), GenericSSE(), join_timeout=0.1)
+    key = "s" * 64
+    errors: list[BaseException] = []
+    async with cache.recording(key) as live:
+        live.add(EVENTS[:2])
+        async with cache.join(key) as joined:
+            assert joined is not None
+            with pytest.raises(SharedStreamAborted, match="sent nothing"):
+                async for _ in joined:
+                    pass
+            errors.append(SharedStreamAborted())
+        live.fail("test over")
+    assert errors

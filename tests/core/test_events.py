@@ -200,3 +200,22 @@ def test_differential_against_httpx_sse(events: list[Event], eol: str) -> None:
         last_id = ev.id if ev.id is not None else last_id
         ours.append((ev.event or "message", ev.data, last_id, ev.retry))
     assert ours == _httpx_sse(raw)
+
+
+@pytest.mark.parametrize("field", [b"event", b"id", b"retry", b"x-unknown"])
+def test_size_guard_counts_every_field_however_the_bytes_are_split(field: bytes) -> None:
+    raw = field + b": " + b"v" * 5000 + b"\ndata: x\n\n"
+    for cuts in (None, [7], [4000]):
+        with pytest.raises(SSEError, match="max_event_bytes"):
+            parse_with_limit(raw, 1024, cuts)
+
+
+def parse_with_limit(raw: bytes, limit: int, cuts: list[int] | None) -> list[Event]:
+    parser = SSEParser(max_event_bytes=limit)
+    if cuts is None:
+        return parser.feed(raw)
+    out, pos = [], 0
+    for cut in cuts:
+        out += parser.feed(raw[pos:cut])
+        pos = cut
+    return out + parser.feed(raw[pos:])
