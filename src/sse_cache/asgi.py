@@ -43,6 +43,12 @@ class CacheMiddleware:
     request bodies pass through uncached. Other options as for
     :class:`~sse_cache.engine.StreamCache`.
 
+    ``cross_process``: identical streamed requests share one upstream stream across
+    processes too (several proxy workers on one Redis): the first takes a lock and publishes
+    its response as it passes, the others follow it live (``shared``); a follower that hears
+    nothing for ``cross_process_wait`` seconds asks the upstream itself. Needs a backend with
+    locks and fan-out (Redis).
+
     ``finish_on_disconnect``: when a client leaves a streamed miss midway, let the app finish
     the stream anyway (its disconnect is hidden from it, its output goes nowhere) so that the
     answer is stored for the next request — at most ``max_background`` at once, each for at
@@ -73,6 +79,8 @@ class CacheMiddleware:
         finish_on_disconnect: bool = False,
         max_background: int = 8,
         background_timeout: float = 120.0,
+        cross_process: bool = False,
+        cross_process_wait: float = 60.0,
     ) -> None:
         if max_background < 0 or not background_timeout > 0:
             raise ConfigError("max_background must be >= 0 and background_timeout > 0")
@@ -94,6 +102,8 @@ class CacheMiddleware:
             single_flight=single_flight,
             keyer=keyer,
             codec=codec,
+            cross_process=cross_process,
+            cross_process_wait=cross_process_wait,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -161,7 +171,7 @@ class _Request:
             await _error(self.send, 400, str(exc))
             return
         try:
-            async with service.exchange(decision) as ex:
+            async with service.exchange(decision, publish=True) as ex:
                 self.exchange = ex
                 if ex.answer is not None:
                     await self._answer(ex)
@@ -260,6 +270,7 @@ class _Request:
                 tee.feed(message.get("body", b""))
                 if final and (self.detached or not self.disconnected):
                     tee.end()
+                await tee.flush()
             return
         if not self.detached:
             await self.send(message)

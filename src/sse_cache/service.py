@@ -21,25 +21,46 @@ Usage by an integration::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import time
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
+from typing import Protocol
 
+import anyio
 import msgspec
 
 from .codec import MsgpackCodec, WireEntry
-from .engine import CachedStream, CacheStatus, Hook, LiveRecording, Notice, StreamCache, emit
+from .engine import (
+    CachedStream,
+    CacheStatus,
+    Hook,
+    LiveRecording,
+    Notice,
+    SharedStreamAborted,
+    StreamCache,
+    emit,
+)
 from .entry import Entry
 from .errors import ConfigError, SSEError
 from .events import Event, SSEParser, serialize_sse
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
 from .policy import CachePolicy, Decision
-from .protocols import Backend, CacheKeyer, EventCodec, Outcome, StreamAdapter
+from .protocols import (
+    Backend,
+    CacheKeyer,
+    EventCodec,
+    FanoutBackend,
+    LockingBackend,
+    Outcome,
+    StreamAdapter,
+)
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
 
 __all__ = ["Answer", "CacheService", "Exchange", "ResponseTee"]
@@ -91,10 +112,23 @@ class CacheService:
         single_flight: bool = True,
         keyer: CacheKeyer | None = None,
         codec: EventCodec | None = None,
+        cross_process: bool = False,
+        cross_process_wait: float = 60.0,
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
         self.backend, self._owns_backend = open_backend(backend)
+        # Cross-process single-flight needs a lock and live fan-out (Redis offers both).
+        backend_ = self.backend
+        self.fanout: _FanoutBackend | None = None
+        if cross_process:
+            if not (isinstance(backend_, LockingBackend) and isinstance(backend_, FanoutBackend)):
+                raise ConfigError(
+                    f"cross_process needs a backend with locks and fan-out (Redis), "
+                    f"not {type(backend_).__name__}"
+                )
+            self.fanout = backend_
+        self.cross_process_wait = cross_process_wait
         self.policy = CachePolicy(routes, tenant=tenant, max_body_bytes=max_body_bytes)
         hooks = self.hooks = tuple(hooks)
         keyer = keyer or DefaultKeyer()
@@ -140,22 +174,30 @@ class CacheService:
             raise
 
     @asynccontextmanager
-    async def exchange(self, decision: Decision) -> AsyncIterator[Exchange]:
+    async def exchange(
+        self, decision: Decision, *, publish: bool = False
+    ) -> AsyncIterator[Exchange]:
         """One request/response, for a :meth:`decide` decision. Leaving the block normally
-        stores what completed; leaving it with an exception stores nothing."""
-        async with AsyncExitStack() as stack:
-            ex = Exchange(self, decision)
-            if decision.adapter is not None:
-                await ex._look(stack)
-            elif decision.route:
-                emit(self.hooks, Notice(kind="bypass", key="", detail=decision.reason))
-            yield ex
-            tee = ex._tee
-            if tee is not None:
-                if not tee.ended:
-                    tee.abort("the response did not complete")
-                await tee.close()
-        await ex._index()
+        stores what completed; leaving it with an exception stores nothing.
+
+        ``publish``: the integration calls :meth:`ResponseTee.flush` after each chunk, so a
+        miss can lead a cross-process single-flight (``cross_process=True``)."""
+        ex = Exchange(self, decision)
+        try:
+            async with AsyncExitStack() as stack:
+                if decision.adapter is not None:
+                    await ex._look(stack, publish=publish)
+                elif decision.route:
+                    emit(self.hooks, Notice(kind="bypass", key="", detail=decision.reason))
+                yield ex
+                tee = ex._tee
+                if tee is not None:
+                    if not tee.ended:
+                        tee.abort("the response did not complete")
+                    await tee.close()
+            await ex._index()
+        finally:
+            await ex._end_lead()
 
     async def resume(
         self, method: str, path: str, query: str, headers: Mapping[str, str]
@@ -213,6 +255,7 @@ class Exchange:
         self._stack: AsyncExitStack | None = None
         self._tee: ResponseTee | None = None
         self._live: LiveRecording | None = None
+        self._lead: str | None = None  # the lock token while leading a cross-process flight
 
     @property
     def cacheable(self) -> bool:
@@ -228,7 +271,7 @@ class Exchange:
             out.append(("x-sse-cache-key", self.key))
         return out
 
-    async def _look(self, stack: AsyncExitStack) -> None:
+    async def _look(self, stack: AsyncExitStack, *, publish: bool = False) -> None:
         decision = self.decision
         adapter = decision.adapter
         assert adapter is not None and decision.body is not None
@@ -282,8 +325,66 @@ class Exchange:
                 self.answer = self._answer_entry(cache, entry, pacing)
         if self.answer is not None:
             self.status = CacheStatus.HIT
-        else:
-            emit(self._service.hooks, Notice(kind="miss", key=self.key))
+            return
+        fanout = self._service.fanout
+        leads = fanout is not None and publish and decision.streaming and controls.store
+        if leads and fanout is not None and await self._lead_or_follow(fanout):
+            return
+        emit(self._service.hooks, Notice(kind="miss", key=self.key))
+
+    # -- cross-process single-flight ---------------------------------------------------------
+
+    async def _lead_or_follow(self, fanout: _FanoutBackend) -> bool:
+        """Take the key's lock (then this request leads: its chunks are published as they
+        pass) or, when another process holds it, follow that process's live stream. True when
+        this request is answered by following."""
+        channel = _CHANNEL + self.key
+        token = uuid.uuid4().hex
+        try:
+            if await fanout.acquire(channel, token, _LOCK_TTL):
+                self._lead = token
+                return False
+        except Exception as exc:  # fail open: no single-flight across processes this time
+            logger.warning("sse_cache: cross-process lock failed for %s: %r", self.key, exc)
+            return False
+        reader = fanout.read(channel, block=self._service.cross_process_wait)
+        try:
+            first = await reader.__anext__()
+        except Exception as exc:  # the leader died, or never published: ask upstream
+            logger.info("sse_cache: not following %s: %r", self.key, exc)
+            await _aclose(reader)
+            return False
+        if first[:1] != b"d":
+            await _aclose(reader)
+            return False  # the leader failed before answering: ask upstream ourselves
+        self.status = CacheStatus.SHARED
+        emit(self._service.hooks, Notice(kind="shared", key=self.key))
+        self.answer = Answer(
+            status=200,
+            headers=[("content-type", SSE_TYPE), *_SSE_HEADERS, *self.headers()],
+            chunks=self._counted(_followed(first, reader)),
+        )
+        return True
+
+    async def _end_lead(self) -> None:
+        token, fanout = self._lead, self._service.fanout
+        if token is None or fanout is None:
+            return
+        self._lead = None
+        channel = _CHANNEL + self.key
+        tee = self._tee
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
+            try:
+                if tee is not None and tee.ended and not tee.failed:
+                    await tee.flush()
+                else:
+                    await fanout.publish(channel, b"x", ttl=_FANOUT_TTL)
+                await fanout.finish(channel, ttl=_FANOUT_TTL)
+            except Exception as exc:
+                logger.warning("sse_cache: could not end the fan-out of %s: %r", self.key, exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await fanout.release(channel, token)
 
     def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
         if wire.sse is not None:
@@ -383,6 +484,8 @@ class Exchange:
             # it (see ResponseTee.stop); generic SSE needs the real end of the body.
             completing = self._cache.adapter.end_outcome() is not Outcome.COMPLETE
             self._tee = ResponseTee(live=live, completing=completing)
+            if self._lead is not None and self._service.fanout is not None:
+                self._tee._publish_to(self._service.fanout, _CHANNEL + self.key)
             return self._tee
         self._tee = ResponseTee(
             cache=self._cache,
@@ -429,10 +532,35 @@ class ResponseTee:
         self._size = 0
         self._failed = ""
         self.ended = False
+        self._fanout: _FanoutBackend | None = None
+        self._channel = ""
+        self._outbox: list[bytes] = []
+
+    @property
+    def failed(self) -> bool:
+        return bool(self._failed)
+
+    def _publish_to(self, fanout: _FanoutBackend, channel: str) -> None:
+        self._fanout, self._channel = fanout, channel
+
+    async def flush(self) -> None:
+        """Publish the chunks fed since the last flush to processes following this stream
+        (cross-process single-flight); nothing to do otherwise. Fail-open."""
+        if self._fanout is None or not self._outbox:
+            return
+        data = b"d" + b"".join(self._outbox)
+        self._outbox = []
+        try:
+            await self._fanout.publish(self._channel, data, ttl=_FANOUT_TTL)
+        except Exception as exc:
+            logger.warning("sse_cache: fan-out publish failed, followers will retry: %r", exc)
+            self._fanout = None
 
     def feed(self, chunk: bytes) -> None:
         if self._failed or not chunk:
             return
+        if self._fanout is not None:
+            self._outbox.append(chunk)
         if self._parser is not None:
             assert self._live is not None
             try:
@@ -498,6 +626,35 @@ class ResponseTee:
             body=body,
         )
         return await self._cache.store(self._key, entry, ttl=self._ttl)
+
+
+_CHANNEL = "sf:"
+_LOCK_TTL = 600.0  # longer than any stream; released as soon as the leader is done
+_FANOUT_TTL = 60.0  # a finished channel stays readable this long for late followers
+_FANOUT_CLOSE_TIMEOUT = 5.0
+
+
+class _FanoutBackend(LockingBackend, FanoutBackend, Protocol):
+    """A backend with both capabilities cross-process single-flight needs."""
+
+
+async def _aclose(iterator: AsyncIterator[bytes]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+async def _followed(first: bytes, reader: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # Messages are b"d" + chunk bytes, or b"x" when the leader's stream failed.
+    try:
+        yield first[1:]
+        async for message in reader:
+            if message[:1] != b"d":
+                raise SharedStreamAborted("the stream this request followed failed")
+            yield message[1:]
+    finally:
+        await _aclose(reader)
 
 
 def _hit_answer(
