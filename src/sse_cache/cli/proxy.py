@@ -55,6 +55,11 @@ def register(sub: Any) -> None:
         help="when a client leaves a streamed miss, finish it in the background to fill the cache",
     )
     parser.add_argument(
+        "--cross-process",
+        action="store_true",
+        help="share live streams between proxy processes on one Redis backend",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=4 * 1024 * 1024,
@@ -94,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             tenant="shared" if args.shared_tenant else None,
             routes=routes,
             finish_on_disconnect=args.finish_on_disconnect,
+            cross_process=args.cross_process,
             max_body_bytes=args.max_body_bytes,
             upstream_timeout=args.upstream_timeout,
         )
