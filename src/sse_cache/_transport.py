@@ -118,6 +118,13 @@ def _is_sse(headers: Any) -> bool:
     return str(headers.get("content-type", "")).split(";", 1)[0].strip().lower() == _SSE
 
 
+async def _feed(tee: ResponseTee, chunk: bytes) -> None:
+    # One portal hop for both: record the chunk, and publish it to other processes
+    # following this stream (cross-process single-flight), if any.
+    tee.feed(chunk)
+    await tee.flush()
+
+
 def _stop_early(tee: ResponseTee, pending: bytes) -> None:
     """The client closed the response before its body ended: record ``pending`` (the chunk
     it was handed last), then let the tee decide (:meth:`ResponseTee.stop`)."""
@@ -186,6 +193,7 @@ class _AsyncTeeBody:
         if self._pending:
             tee.feed(self._pending)
             self._pending = b""
+            await tee.flush()  # to other processes following this stream, if any
         if not self._opened.open:
             raise StopAsyncIteration
         it = self._it
@@ -300,7 +308,7 @@ class _SyncTeeBody:
         if it is None:
             it = self._it = iter(self._inner)
         if self._pending:
-            self._portal.call(self._tee.feed, self._pending)
+            self._portal.call(_feed, self._tee, self._pending)
             self._pending = b""
         try:
             chunk: bytes = next(it)
@@ -416,6 +424,8 @@ class _Options:
         single_flight: bool = True,
         keyer: CacheKeyer | None = None,
         codec: EventCodec | None = None,
+        cross_process: bool = False,
+        cross_process_wait: float = 60.0,
     ) -> None:
         self.service = CacheService(
             backend,
@@ -430,6 +440,8 @@ class _Options:
             single_flight=single_flight,
             keyer=keyer,
             codec=codec,
+            cross_process=cross_process,
+            cross_process_wait=cross_process_wait,
         )
         self.transport: Any = transport if transport is not None else self._default_transport()
 
@@ -488,7 +500,7 @@ class AsyncCacheTransportBase(_Options):
             decision = self._decide(request, await request.aread())
         except ConfigError as exc:
             return _error_response(lib, str(exc))
-        opened = _AsyncOpen(service.exchange(decision))
+        opened = _AsyncOpen(service.exchange(decision, publish=True))
         ex = await opened.enter()
         types = _stream_types(lib)
         try:
@@ -588,7 +600,9 @@ class CacheTransportBase(_Options):
         except ConfigError as exc:
             return _error_response(lib, str(exc))
         portal = self.portal
-        opened = _SyncOpen(portal.wrap_async_context_manager(service.exchange(decision)))
+        opened = _SyncOpen(
+            portal.wrap_async_context_manager(service.exchange(decision, publish=True))
+        )
         ex = opened.enter()
         types = _stream_types(lib)
         try:

@@ -76,3 +76,31 @@ def test_cross_process_needs_a_backend_with_locks_and_fan_out() -> None:
 
     with pytest.raises(ConfigError, match="cross_process"):
         CacheMiddleware(app, "memory://", cross_process=True)
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_transports_in_two_processes_share_one_upstream_stream(
+    serve: Any, redis_server: Any
+) -> None:
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    upstream_app = MockUpstream(delay=0.01, first_delay=0.02)
+    url = f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:8]}:"
+    body = {"model": "gpt-mock", "input": "two SDK processes", "stream": True}
+    seen: dict[int, tuple[str, bytes]] = {}
+    async with serve(upstream_app) as upstream:
+
+        async def one(n: int, delay: float) -> None:
+            await anyio.sleep(delay)
+            transport = AsyncCacheTransport(url, cross_process=True, cross_process_wait=5)
+            async with httpx2.AsyncClient(transport=transport, base_url=upstream) as client:
+                r = await client.post("/v1/responses", json=body, headers=HEADERS)
+                seen[n] = (r.headers["x-sse-cache"], r.content)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 0, 0)
+            tg.start_soon(one, 1, 0.15)
+    assert (seen[0][0], seen[1][0]) == ("miss", "shared")
+    assert seen[0][1] == seen[1][1]
+    assert upstream_app.stats()["total"] == 1
