@@ -15,6 +15,7 @@ import openai
 from anthropic._models import construct_type as anthropic_construct
 from anthropic.lib.streaming._messages import accumulate_event as anthropic_accumulate
 from anthropic.types import Message, RawMessageStreamEvent
+from hypothesis import strategies as st
 from openai._models import construct_type
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.lib.streaming.responses import ResponseStreamState
@@ -22,7 +23,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from sse_cache import Event
+from sse_cache import Event, Outcome
 
 _SDK_ONLY_KEYS = frozenset({"parsed", "parsed_arguments", "parsed_output"})
 
@@ -263,3 +264,25 @@ def normalize_message(dump: dict[str, Any], *, strict: bool = True) -> dict[str,
     else:
         model = anthropic_construct(type_=Message, value=dump)
     return strip_sdk_keys(model.model_dump(mode="json", warnings=False))
+
+
+def check_lenient(
+    adapter: Any, events: Sequence[Event], garbage: Sequence[Event], data: st.DataObject
+) -> None:
+    """Malformed events (``garbage``, inserted among ``events`` at drawn places) never make
+    an adapter raise: each is classified, the whole stream is judged, and a final body,
+    meta and a synthesised stream are produced or declined (None), never crashed on."""
+    mixed = list(events)
+    for ev in garbage:
+        mixed.insert(data.draw(st.integers(0, len(mixed))), ev)
+    for ev in garbage:
+        assert adapter.outcome(ev) in (Outcome.CONTINUE, Outcome.COMPLETE, Outcome.FAIL)
+    assert adapter.verify(mixed) in (Outcome.COMPLETE, Outcome.FAIL)
+    body = adapter.final_body(mixed)
+    assert body is None or isinstance(body, bytes)
+    adapter.meta(mixed)
+    for ev in garbage:
+        raw = ev.data.encode()
+        assert adapter.body_outcome(raw) in (Outcome.COMPLETE, Outcome.FAIL)
+        out = adapter.synthesize(raw)
+        assert out is None or all(isinstance(e, Event) for e in out)
