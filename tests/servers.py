@@ -72,12 +72,14 @@ def free_port(exclude: set[int] | None = None, below: int = 65536) -> int:
     raise RuntimeError("no free port found")
 
 
-def _wait_for(port: int, probe: bytes, expect: bytes, proc: subprocess.Popen[bytes]) -> None:
+def _wait_for(
+    port: int, probe: bytes, expect: bytes, proc: subprocess.Popen[bytes], log: Path
+) -> None:
     deadline = time.monotonic() + 10
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = log.read_text(errors="replace") if log.exists() else ""
             raise RuntimeError(f"server on port {port} exited with {proc.returncode}: {out}")
         try:
             with socket.create_connection((HOST, port), timeout=0.5) as s:
@@ -108,16 +110,23 @@ class _Process:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    @property
+    def log(self) -> Path:
+        """The server's output (a file, not a pipe: nobody reads a pipe, and a full one
+        would block the server mid-test)."""
+        return self.dir / "server.log"
+
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.command(),
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                self.command(),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         try:
-            _wait_for(self.port, self.probe, self.expect, self.proc)
+            _wait_for(self.port, self.probe, self.expect, self.proc, self.log)
         except BaseException:
             self.stop()
             raise
@@ -131,8 +140,6 @@ class _Process:
             self.paused = False
         proc.kill()  # no persistence to flush: SIGKILL is fine and fast
         proc.wait(timeout=10)
-        if proc.stdout:
-            proc.stdout.close()
 
     def restart(self) -> None:
         self.stop()

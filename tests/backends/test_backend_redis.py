@@ -1,10 +1,12 @@
-"""RedisBackend URL features against real servers: password, database, unix socket, prefix."""
+"""RedisBackend against real servers: URL features (password, database, unix socket,
+prefix) and a new cluster client under a burst of concurrent first operations."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import pytest
 import redis.asyncio as aioredis
 
@@ -52,3 +54,38 @@ async def test_prefixes_isolate_applications(redis_server: Any) -> None:
     await two.clear()  # type: ignore[attr-defined]
     await one.aclose()
     await two.aclose()
+
+
+async def _burst(backend: Any, size: int) -> list[BaseException]:
+    """``size`` concurrent GETs and SETs; the exceptions they raised."""
+    failures: list[BaseException] = []
+
+    async def one(i: int) -> None:
+        try:
+            if i % 2:
+                await backend.set(f"k{i}", b"v%d" % i, None)
+            else:
+                await backend.get(f"k{i}")
+        except Exception as exc:  # collected: the assertion names them all
+            failures.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(size):
+            tg.start_soon(one, i)
+    return failures
+
+
+async def test_new_cluster_backend_survives_a_burst_of_first_operations(
+    redis_cluster: Any,
+) -> None:
+    # A gateway starting under load sends many requests at once through a backend that has
+    # not talked to the cluster yet. redis-py's cluster client resolved routing for each of
+    # them before learning the topology and dropped live connections on the way ("Connection
+    # closed by server"): every one of 20 such bursts of 32 failed before the backend
+    # learned the topology first.
+    for round_ in range(5):
+        backend = from_url(f"{redis_cluster.url}?prefix=burst{round_}:")
+        assert await _burst(backend, 32) == []
+        assert await backend.get("k31") == b"v31"
+        await backend.clear()
+        await backend.aclose()

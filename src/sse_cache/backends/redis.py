@@ -11,7 +11,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit
 
@@ -157,8 +157,8 @@ class RedisBackend:
         """The underlying redis-py client (for capabilities this class does not wrap)."""
         return self._client
 
-    @contextmanager
-    def _op(self, what: str) -> Iterator[None]:
+    @asynccontextmanager
+    async def _op(self, what: str) -> AsyncIterator[None]:
         check_open(self._closed, "RedisBackend")
         try:
             asyncio.get_running_loop()
@@ -170,13 +170,20 @@ class RedisBackend:
         # cleanly; cancelling it mid-command instead can leave a pooled connection half
         # closed. The outer bound only catches what the socket timeouts cannot.
         with map_exceptions(what), anyio.fail_after(self._timeout * 2 + 0.25):
+            if self._cluster:
+                # Learn the topology before the command, once (a no-op afterwards, and
+                # after a fault until redis-py asks for it again): redis-py's cluster client
+                # resolves a command's routing before taking its init lock, and a burst of
+                # concurrent first commands on a new client races there and drops live
+                # connections ("Connection closed by server", seen on redis-py 8.1).
+                await self._client.initialize()
             yield
 
     # -- the Backend protocol -------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key``, or None when missing or expired."""
-        with self._op("GET"):
+        async with self._op("GET"):
             value: bytes | None = await self._client.get(self._data_prefix + key)  # type: ignore[assignment]
         return value
 
@@ -185,7 +192,7 @@ class RedisBackend:
         non-positive ``ttl`` deletes the key: it would be expired already)."""
         value = to_bytes(value)
         expires_at(0.0, ttl)
-        with self._op("SET"):
+        async with self._op("SET"):
             name = self._data_prefix + key
             if ttl is None:
                 await self._client.set(name, value)
@@ -196,7 +203,7 @@ class RedisBackend:
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
-        with self._op("DEL"):
+        async with self._op("DEL"):
             await self._client.delete(self._data_prefix + key)
 
     async def aclose(self) -> None:
@@ -224,12 +231,12 @@ class RedisBackend:
     async def _scan_pages(self, match: str) -> AsyncIterator[list[bytes]]:
         client = self._client
         if isinstance(client, RedisCluster):
-            with self._op("CLUSTER NODES"):
+            async with self._op("CLUSTER NODES"):
                 await client.initialize()
             for node in client.get_primaries():
                 cursor = 0
                 while True:
-                    with self._op("SCAN"):
+                    async with self._op("SCAN"):
                         # On a cluster, SCAN answers {node name: cursor} and the keys.
                         reply: Any = await client.scan(
                             cursor, match=match, count=_SCAN_COUNT, target_nodes=node
@@ -242,7 +249,7 @@ class RedisBackend:
         else:
             cursor = 0
             while True:
-                with self._op("SCAN"):
+                async with self._op("SCAN"):
                     cursor, keys = await client.scan(cursor, match=match, count=_SCAN_COUNT)
                 yield [k if isinstance(k, bytes) else k.encode() for k in keys]
                 if cursor == 0:
@@ -255,7 +262,7 @@ class RedisBackend:
         match = self._data_prefix.translate(_GLOB_SPECIAL) + "*"
         async for page in self._scan_pages(match):
             if page:
-                with self._op("UNLINK"):
+                async with self._op("UNLINK"):
                     count += int(await self._client.unlink(*page))
         return count
 
@@ -267,7 +274,7 @@ class RedisBackend:
         async for page in self._scan_pages(match):
             if not page:
                 continue
-            with self._op("STRLEN"):
+            async with self._op("STRLEN"):
                 pipe = self._client.pipeline()
                 for name in page:
                     pipe.strlen(name)
@@ -286,7 +293,7 @@ class RedisBackend:
         (``SET NX PX``, atomic); True when taken."""
         if not ttl > 0:
             raise ConfigError(f"lock ttl must be > 0 seconds, got {ttl!r}")
-        with self._op("SET NX"):
+        async with self._op("SET NX"):
             taken = await self._client.set(
                 self._lock_prefix + name, token, nx=True, px=max(1, math.ceil(ttl * 1000))
             )
@@ -294,7 +301,7 @@ class RedisBackend:
 
     async def release(self, name: str, token: str) -> None:
         """Release ``name`` if ``token`` still holds it (atomic compare-and-delete in Lua)."""
-        with self._op("EVAL"):
+        async with self._op("EVAL"):
             await self._client.eval(_RELEASE, 1, self._lock_prefix + name, token)
 
     async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
@@ -315,7 +322,7 @@ class RedisBackend:
         if not ttl > 0:
             raise ConfigError(f"stream ttl must be > 0 seconds, got {ttl!r}")
         args = (secrets.token_hex(8), _STREAM_MAXLEN, max(1, math.ceil(ttl * 1000)), field, data)
-        with self._op(what):
+        async with self._op(what):
             await self._append(keys=[self._stream_prefix + channel], args=args)
 
     async def read(
@@ -339,7 +346,7 @@ class RedisBackend:
         if start == "$":
             # XREAD's "$" means "newer than the newest *now*": re-sent on every slice it
             # would drop what arrives between two slices, so pin it to an ID once.
-            with self._op("XREVRANGE"):
+            async with self._op("XREVRANGE"):
                 newest: Any = await self._client.xrevrange(name, count=1)
             last = newest[0][0] if newest else "0-0"
         expect = 0 if last in ("0", "0-0") else None  # the first message's number, if known
@@ -352,7 +359,7 @@ class RedisBackend:
             wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
             if wait_ms <= 0:
                 raise BackendTimeout(f"XREAD: no message on stream {channel!r} for {block} seconds")
-            with self._op("XREAD"):
+            async with self._op("XREAD"):
                 reply: Any = await self._client.xread(
                     {name: last}, count=count, block=min(wait_ms, slice_ms)
                 )
