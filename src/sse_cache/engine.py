@@ -28,6 +28,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from ._decoded import EVENT_OVERHEAD, DecodedEntries
 from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
 from .errors import ConfigError, CorruptEntry, SSECacheError
@@ -52,9 +53,14 @@ logger = logging.getLogger("sse_cache")
 #: A zero-argument callable that opens the upstream stream and returns its events.
 Upstream = Callable[[], AsyncIterator[Event]]
 
-# Yield to the event loop once per this many replayed events: a checkpoint per event costs
-# more than the event itself (LIMITS.md), none at all would starve other tasks.
+# An instant replay yields to the event loop after running this long without a pause (checked
+# every _CHECKPOINT_EVERY events): a checkpoint per event costs more than the event itself, one
+# per 64 events still doubles the cost of a replay (LIMITS.md), none at all would starve other
+# tasks and delay cancellation.
 _CHECKPOINT_EVERY = 64
+_YIELD_AFTER = 0.002
+#: Default budget of :class:`StreamCache`'s decoded-entry cache (hot entries, per process).
+DEFAULT_DECODED_CACHE_BYTES = 64 * 1024 * 1024
 _CLOSE_TIMEOUT = 5.0
 _INSTANT = Pacing()
 
@@ -229,10 +235,14 @@ class CachedStream:
 
     async def _instant(self) -> AsyncIterator[Event]:
         events = self._events
-        for i, event in enumerate(events, 1):
-            yield event
-            if not i % _CHECKPOINT_EVERY:
+        clock = time.monotonic
+        due = clock() + _YIELD_AFTER
+        for start in range(0, len(events), _CHECKPOINT_EVERY):
+            for event in events[start : start + _CHECKPOINT_EVERY]:
+                yield event
+            if clock() >= due:
                 await anyio.lowlevel.checkpoint()
+                due = clock() + _YIELD_AFTER
 
     async def _instant_batches(self, size: int) -> AsyncIterator[list[Event]]:
         events = self._events
@@ -412,7 +422,10 @@ class StreamCache:
     raises is logged and ignored). ``backend_timeout``: seconds any single backend call may
     take before it counts as failed. ``single_flight``: let identical concurrent requests
     share one upstream stream; a request that joined one gives up (``SharedStreamAborted``)
-    when it delivers nothing for ``join_timeout`` seconds.
+    when it delivers nothing for ``join_timeout`` seconds. ``decoded_cache_bytes``: memory
+    for recently decoded entries, so that a hot entry is not decoded again on every hit (its
+    bytes are still read from the backend and compared; 0 turns it off; another cache's
+    :attr:`decoded` shares one budget).
 
     Fail open: a backend that is down, slow or returns garbage costs a miss and a logged
     warning, never a failed stream; corrupt entries are deleted.
@@ -432,6 +445,9 @@ class StreamCache:
         backend_timeout: float = 2.0,
         single_flight: bool = True,
         join_timeout: float = 300.0,
+        decoded_cache_bytes: int | DecodedEntries[Entry | WireEntry] = (
+            DEFAULT_DECODED_CACHE_BYTES
+        ),
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
@@ -452,6 +468,12 @@ class StreamCache:
         if not join_timeout > 0:
             raise ConfigError(f"join_timeout must be positive, got {join_timeout!r}")
         self.join_timeout = join_timeout
+        if isinstance(decoded_cache_bytes, DecodedEntries):
+            self.decoded: DecodedEntries[Entry | WireEntry] = decoded_cache_bytes
+        elif decoded_cache_bytes < 0:
+            raise ConfigError(f"decoded_cache_bytes must be >= 0, got {decoded_cache_bytes!r}")
+        else:
+            self.decoded = DecodedEntries(decoded_cache_bytes)
         self._hooks = tuple(hooks)
         self._flights: dict[str, _Flight] = {}
 
@@ -489,11 +511,14 @@ class StreamCache:
         raw = await self._fetch(key)
         if raw is None:
             return None
-        try:
-            entry = self.codec.decode(raw)
-        except CorruptEntry as exc:
-            await self._drop(key, exc)
-            return None
+        entry = self.decoded.get("e" + key, raw)
+        if not isinstance(entry, Entry):
+            try:
+                entry = self.codec.decode(raw)
+            except CorruptEntry as exc:
+                await self._drop(key, exc)
+                return None
+            self.decoded.put("e" + key, raw, entry, _decoded_size(entry))
         return self._fresh(key, entry, max_age)
 
     async def lookup_wire(self, key: str, *, max_age: float | None = None) -> WireEntry | None:
@@ -502,15 +527,19 @@ class StreamCache:
         raw = await self._fetch(key)
         if raw is None:
             return None
-        codec = self.codec
-        try:
-            if isinstance(codec, WireCodec):
-                wire = codec.decode_wire(raw)
-            else:
-                wire = _to_wire(codec.decode(raw))
-        except CorruptEntry as exc:
-            await self._drop(key, exc)
-            return None
+        wire = self.decoded.get("w" + key, raw)
+        if not isinstance(wire, WireEntry):
+            codec = self.codec
+            try:
+                if isinstance(codec, WireCodec):
+                    wire = codec.decode_wire(raw)
+                else:
+                    wire = _to_wire(codec.decode(raw))
+            except CorruptEntry as exc:
+                await self._drop(key, exc)
+                return None
+            size = len(wire.sse or b"") + len(wire.body or b"")
+            self.decoded.put("w" + key, raw, wire, size)
         return self._fresh(key, wire, max_age)
 
     async def alias(self, name: str, key: str, *, expires_at: float | None = None) -> bool:
@@ -547,6 +576,10 @@ class StreamCache:
         self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
         await self.delete(key)
 
+    def _forget_decoded(self, key: str) -> None:
+        self.decoded.discard("e" + key)
+        self.decoded.discard("w" + key)
+
     def _fresh(self, key: str, entry: _E, max_age: float | None) -> _E | None:
         if entry.schema != self.adapter.name:
             # The key includes the schema: another schema's entry here is a collision or
@@ -568,6 +601,7 @@ class StreamCache:
         ttl = self.ttl if ttl is None else ttl
         if ttl is not None:
             entry = msgspec.structs.replace(entry, expires_at=time.time() + ttl)
+        self._forget_decoded(key)
         try:
             data = self.codec.encode(entry)
             with anyio.fail_after(self.backend_timeout):
@@ -575,11 +609,14 @@ class StreamCache:
         except Exception as exc:
             self._warn("store_failed", key, f"backend write failed: {exc!r}")
             return False
+        # What was just written is what the next hit will read: keep its decoded form.
+        self.decoded.put("e" + key, data, entry, _decoded_size(entry))
         self._emit(Notice(kind="store", key=key, events=len(entry.events or ()), bytes=len(data)))
         return True
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (fail open: a backend failure is logged)."""
+        self._forget_decoded(key)
         try:
             with anyio.fail_after(self.backend_timeout):
                 await self.backend.delete(key)
@@ -892,6 +929,12 @@ class StreamCache:
     def _warn(self, kind: str, key: str, message: str) -> None:
         logger.warning("sse_cache: %s (key %s)", message, key)
         self._emit(Notice(kind=kind, key=key, detail=message))
+
+
+def _decoded_size(entry: Entry) -> int:
+    if entry.events is None:
+        return len(entry.body or b"")
+    return sum(len(e.data) for e in entry.events) + EVENT_OVERHEAD * len(entry.events)
 
 
 def _to_wire(entry: Entry) -> WireEntry:

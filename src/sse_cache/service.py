@@ -35,8 +35,10 @@ from typing import Protocol
 import anyio
 import msgspec
 
+from ._decoded import DecodedEntries
 from .codec import MsgpackCodec, WireEntry
 from .engine import (
+    DEFAULT_DECODED_CACHE_BYTES,
     CachedStream,
     CacheStatus,
     Hook,
@@ -93,7 +95,8 @@ class CacheService:
 
     ``backend`` is a Backend or a URL (then the service owns and closes it). ``routes``,
     ``tenant``, ``max_body_bytes``: see :class:`CachePolicy`. ``ttl``, ``max_entry_bytes``,
-    ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``: see
+    ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``,
+    ``decoded_cache_bytes`` (one budget shared by every route's cache): see
     :class:`StreamCache`.
     """
 
@@ -114,6 +117,7 @@ class CacheService:
         codec: EventCodec | None = None,
         cross_process: bool = False,
         cross_process_wait: float = 60.0,
+        decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
@@ -133,6 +137,9 @@ class CacheService:
         hooks = self.hooks = tuple(hooks)
         keyer = keyer or DefaultKeyer()
         codec = codec or MsgpackCodec()
+        if decoded_cache_bytes < 0:
+            raise ConfigError(f"decoded_cache_bytes must be >= 0, got {decoded_cache_bytes!r}")
+        decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(decoded_cache_bytes)
         self._caches: dict[int, StreamCache] = {
             id(adapter): StreamCache(
                 self.backend,
@@ -145,6 +152,7 @@ class CacheService:
                 hooks=hooks,
                 backend_timeout=backend_timeout,
                 single_flight=single_flight,
+                decoded_cache_bytes=decoded,  # one budget for all the schemas
             )
             for adapter in self.policy.routes.values()
         }

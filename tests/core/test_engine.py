@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from sse_cache import ConfigError, Entry, Event, MsgpackCodec, Outcome
@@ -524,3 +525,120 @@ async def test_a_silent_producer_releases_its_joiners() -> None:
             errors.append(SharedStreamAborted())
         live.fail("test over")
     assert errors
+
+
+# -- decoded-entry cache and instant-replay scheduling ----------------------------------------
+
+
+class CountingCodec(MsgpackCodec):
+    """Counts decodes, to tell a hit served from the decoded-entry cache from a decoded one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decodes = 0
+
+    def decode(self, data: bytes) -> Entry:
+        self.decodes += 1
+        return super().decode(data)
+
+
+async def test_hot_entry_is_not_decoded_again_but_changes_are_seen() -> None:
+    backend, up, codec = DictBackend(), Upstream(), CountingCodec()
+    cache = StreamCache(backend, GenericSSE(), codec=codec)
+    await consume(cache, up)  # miss: stored, and kept decoded
+    for _ in range(3):
+        s, events = await consume(cache, up)
+        assert s.status == "hit" and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
+    assert codec.decodes == 0 and up.calls == 1
+    key = cache.key(cache.request(BODY))
+
+    # Another process replaces the entry: the bytes differ, so the new entry is decoded.
+    other = [Event('{"other": true}', event="x")]
+    backend.data[key] = MsgpackCodec().encode(
+        Entry(schema="generic", created_at=time.time(), status=200,
+              content_type="text/event-stream", events=tuple(other))
+    )  # fmt: skip
+    s, events = await consume(cache, up)
+    assert wire(events) == wire(other) and codec.decodes == 1
+    s, events = await consume(cache, up)
+    assert wire(events) == wire(other) and codec.decodes == 1  # hot again
+
+    # Deleted behind the cache's back: a miss, never the remembered entry.
+    del backend.data[key]
+    s, events = await consume(cache, up)
+    assert s.status == "miss" and up.calls == 2  # type: ignore[attr-defined]
+
+
+async def test_decoded_cache_respects_its_budget_and_can_be_turned_off() -> None:
+    backend, up, codec = DictBackend(), Upstream(), CountingCodec()
+    cache = StreamCache(backend, GenericSSE(), codec=codec, decoded_cache_bytes=0)
+    await consume(cache, up)
+    await consume(cache, up)
+    await consume(cache, up)
+    assert codec.decodes == 2 and len(cache.decoded) == 0
+
+    small = StreamCache(DictBackend(), GenericSSE(), decoded_cache_bytes=200_000)
+    for n in range(20):  # distinct requests: distinct entries of ~30 KB decoded each
+        async with small.stream(small.request({**BODY, "input": str(n)}), Upstream()) as s:
+            [e async for e in s]
+        assert s.stored
+        assert small.decoded.size <= 200_000
+    assert 0 < len(small.decoded) < 20
+
+    with pytest.raises(ConfigError, match="decoded_cache_bytes"):
+        StreamCache(DictBackend(), GenericSSE(), decoded_cache_bytes=-1)
+
+
+async def test_expiry_applies_to_a_hot_entry() -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE(), ttl=0.3)  # DictBackend never expires anything
+    await consume(cache, up)
+    s, _ = await consume(cache, up)
+    assert s.status == "hit"  # type: ignore[attr-defined]
+    await anyio.sleep(0.35)
+    s, _ = await consume(cache, up)
+    assert s.status == "miss" and up.calls == 2  # type: ignore[attr-defined]
+
+
+async def test_long_instant_replay_lets_other_tasks_run_and_can_be_cancelled() -> None:
+    events = [Event(f'{{"n": {n}}}') for n in range(200_000)]  # tens of ms to replay
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    await consume(cache, Upstream(events))
+    ticks: list[int] = []
+    replayed = 0
+
+    async def ticker() -> None:
+        while True:
+            ticks.append(replayed)
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ticker)
+        async with cache.stream(cache.request(BODY), Upstream(events)) as s:
+            assert s.status == "hit"
+            async for _ in s:
+                replayed += 1
+        tg.cancel_scope.cancel()
+    # The other task ran while the replay was under way, not only before and after it.
+    assert any(0 < n < len(events) for n in ticks)
+
+    with anyio.move_on_after(0.005) as scope:
+        async with cache.stream(cache.request(BODY), Upstream(events)) as s:
+            async for _ in s:
+                pass
+    assert scope.cancelled_caught
+
+
+async def test_wire_lookup_is_kept_decoded_too() -> None:
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    await consume(cache, up)
+    key = cache.key(cache.request(BODY))
+    first = await cache.lookup_wire(key)
+    assert first is not None and first.sse is not None
+    assert await cache.lookup_wire(key) is first  # same bytes: not decoded again
+    backend.data[key] = bytes(backend.data[key])  # equal bytes, another object: still kept
+    assert await cache.lookup_wire(key) is first
+    await cache.delete(key)
+    assert await cache.lookup_wire(key) is None and len(cache.decoded) == 0

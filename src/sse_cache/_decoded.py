@@ -1,0 +1,70 @@
+"""Recently decoded entries, so that a hot entry is not decoded again on every hit.
+
+Decoding is what bounds a replay (``../shared/LIMITS.md``): rebuilding the events of a
+2,000-event stream costs several times more than iterating over them. A hit first reads the
+entry's bytes from the backend as usual (so deletes, overwrites and expiry are seen at once),
+then reuses the decoded form when those bytes equal the bytes it was decoded from: equal
+bytes decode to an equal entry, so nothing is trusted that was not checked when it was first
+decoded. The comparison is an identity check for the memory backend and one ``memcmp`` for
+the others, both far cheaper than a decode.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+__all__ = ["DecodedEntries"]
+
+_T = TypeVar("_T")
+# Bookkeeping per event of a decoded stream (the Event object, its str headers, a tuple
+# slot), added to the text it holds when sizing an entry against the budget.
+EVENT_OVERHEAD = 120
+
+
+class DecodedEntries(Generic[_T]):
+    """A least-recently-used map ``name -> (bytes, decoded)``, bounded by ``max_bytes`` (the
+    stored bytes plus an estimate of the decoded size). ``max_bytes=0`` keeps nothing."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._items: OrderedDict[str, tuple[bytes, _T, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, name: str, raw: bytes) -> _T | None:
+        """The value decoded from ``raw`` under ``name``, or None when none is kept or it was
+        decoded from other bytes (the entry was replaced since)."""
+        item = self._items.get(name)
+        if item is None:
+            return None
+        if item[0] is not raw and item[0] != raw:
+            self.discard(name)
+            return None
+        self._items.move_to_end(name)
+        return item[1]
+
+    def put(self, name: str, raw: bytes, value: _T, decoded_size: int) -> None:
+        """Keep ``value`` (decoded from ``raw``; about ``decoded_size`` bytes in memory)."""
+        self.discard(name)
+        size = len(raw) + decoded_size
+        if size > self.max_bytes:
+            return
+        self._items[name] = (raw, value, size)
+        self.size += size
+        while self.size > self.max_bytes:
+            _, (_, _, dropped) = self._items.popitem(last=False)
+            self.size -= dropped
+
+    def discard(self, name: str) -> None:
+        item = self._items.pop(name, None)
+        if item is not None:
+            self.size -= item[2]
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.size = 0
