@@ -39,6 +39,13 @@ async def upstream_of(events: Sequence[Event]) -> AsyncIterator[Event]:
         yield event
 
 
+async def bare_tee(upstream: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    """The floor of any tee that hands events on as an iterator: one generator layer that
+    records nothing."""
+    async for event in upstream:
+        yield event
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -85,7 +92,7 @@ async def main(repeat: int) -> None:
     tee_request = cache.request({**BODY, "input": "benchmark the tee"})
 
     raw_gen, replay, cold, first = [], [], [], []
-    passthrough, tee_delivery, tee_total = [], [], []
+    passthrough, tee_delivery, tee_total, floor = [], [], [], []
     ours, theirs = [], []
     for _ in range(repeat):
 
@@ -120,8 +127,13 @@ async def main(repeat: int) -> None:
             # leaving the block judged, encoded and stored the stream
             assert st.stored
 
+        async def floor_loop() -> None:
+            async for _ in bare_tee(upstream_of(events)):
+                pass
+
         passthrough.append(await atimed(raw_loop))
         tee_total.append(await atimed(tee_loop))
+        floor.append(await atimed(floor_loop))
 
         theirs.append(timed(lambda: parse_httpx_sse(raw)))
         ours.append(timed(lambda: parse_ours(raw)))
@@ -142,6 +154,7 @@ async def main(repeat: int) -> None:
     row("(a) hit replay, cold (incl. decode)", raw_gen, cold, 0.3)
     row("(b) miss tee, delivery of all events", passthrough, tee_delivery, 0.5)
     row("(b) miss tee, incl. encode + store", passthrough, tee_total, 0.5)
+    row("(b) floor: bare re-yielding generator", passthrough, floor, 0.5)
     row("(c) SSEParser vs httpx-sse", theirs, ours, 2.0)
     print(f"{'(d) cold hit: time to first event':<38} {med(first) * 1e3:8.3f} ms")
     print(

@@ -19,7 +19,7 @@ __all__ = ["DecodedEntries"]
 _T = TypeVar("_T")
 # Bookkeeping per event of a decoded stream (the Event object, its str headers, a tuple
 # slot), added to the text it holds when sizing an entry against the budget.
-EVENT_OVERHEAD = 120
+DECODED_EVENT_BYTES = 120
 
 
 class DecodedEntries(Generic[_T]):

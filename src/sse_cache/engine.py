@@ -28,7 +28,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from ._decoded import EVENT_OVERHEAD, DecodedEntries
+from ._decoded import DECODED_EVENT_BYTES, DecodedEntries
 from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
 from .errors import ConfigError, CorruptEntry, SSECacheError
@@ -36,7 +36,7 @@ from .events import Event, serialize_sse
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter, WireCodec
-from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
+from .recorder import DEFAULT_MAX_ENTRY_BYTES, EVENT_OVERHEAD, Recorder, RecorderState
 
 __all__ = [
     "CacheStatus",
@@ -63,6 +63,7 @@ _YIELD_AFTER = 0.002
 DEFAULT_DECODED_CACHE_BYTES = 64 * 1024 * 1024
 _CLOSE_TIMEOUT = 5.0
 _INSTANT = Pacing()
+_RECORDING = RecorderState.RECORDING
 
 
 class CacheStatus(enum.StrEnum):
@@ -269,7 +270,10 @@ class CachedStream:
         log = flight.log
         cache = self._cache
         iterator = flight.iterator  # None for a pushed stream: its readers never pull
-        record = flight.recorder.add
+        recorder = flight.recorder
+        keep_event, keep_time, budget = recorder.sink()  # recorder.add, inlined below
+        recording = _RECORDING
+        clock = time.monotonic
         started = flight.started
         flights = cache._flights
         i = 0
@@ -302,7 +306,13 @@ class CachedStream:
             if flight.readers > 1 or flights.get(flight.key) is flight:
                 log.append(event)
                 i += 1
-            record(event, time.monotonic() - started)
+            if recorder.state is recording:
+                budget -= len(event.data) + EVENT_OVERHEAD
+                if budget < 0:
+                    recorder.overflow()
+                else:
+                    keep_event(event)
+                    keep_time(clock() - started)
             yield event
 
     async def _live_batches(self, flight: _Flight, size: int) -> AsyncIterator[list[Event]]:
@@ -836,12 +846,12 @@ class StreamCache:
     # -- single-flight internals -----------------------------------------------------------
 
     async def _upstream_ended(self, flight: _Flight) -> None:
-        # The stream is judged now (CPU only), stored when a reader leaves its ``async
-        # with``: the caller gets the end of its stream first and pays for the encode and
-        # write afterwards. Until the store is done, identical requests are answered from
-        # the judged entry (a hit), never sent upstream again.
+        # The stream is judged and stored when a reader leaves its ``async with``, not here:
+        # the caller gets the end of its stream first and pays for judging (a pass over the
+        # events), encoding and writing afterwards. Until then identical requests join the
+        # finished flight (its whole log, no upstream call); from the judgement until the
+        # store is done they are answered from the judged entry (a hit).
         flight.finished = True
-        self._judge(flight, clean_end=True)
 
     def _upstream_failed(self, flight: _Flight, exc: BaseException) -> None:
         # The upstream broke, or the reader pulling it was cancelled mid-read (which leaves
@@ -908,8 +918,8 @@ class StreamCache:
             await _aclose_quietly(flight.iterator)
             await self._finish(flight, clean_end=False)
         else:
-            # The upstream ended (and was judged). Whoever leaves first stores; a reader
-            # leaving with an exception leaves the store to the others, unless it is last.
+            # The upstream ended. Whoever leaves first judges and stores; a reader leaving
+            # with an exception leaves that to the others, unless it is last.
             if flight.error is None and (exc is None or last):
                 await self._finish(flight, clean_end=True)
             if last:
@@ -934,7 +944,7 @@ class StreamCache:
 def _decoded_size(entry: Entry) -> int:
     if entry.events is None:
         return len(entry.body or b"")
-    return sum(len(e.data) for e in entry.events) + EVENT_OVERHEAD * len(entry.events)
+    return sum(len(e.data) for e in entry.events) + DECODED_EVENT_BYTES * len(entry.events)
 
 
 def _to_wire(entry: Entry) -> WireEntry:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from .entry import Entry
 from .events import Event
@@ -21,7 +21,7 @@ DEFAULT_MAX_ENTRY_BYTES = 32 * 1024 * 1024
 
 # Per-event overhead counted on top of the text, so that a stream of tiny events is also
 # bounded (msgpack columns cost a few bytes per event and field).
-_EVENT_OVERHEAD = 16
+EVENT_OVERHEAD = 16
 
 
 class RecorderState(enum.Enum):
@@ -75,12 +75,27 @@ class Recorder:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
         if self.state is not _RECORDING:
             return
-        self._size += len(event.data) + _EVENT_OVERHEAD
+        self._size += len(event.data) + EVENT_OVERHEAD
         if self._size > self._limit:
-            self._stop(RecorderState.OVERSIZE, f"stream exceeds max_entry_bytes={self._limit}")
+            self.overflow()
             return
         self._events.append(event)
         self._times.append(at)
+
+    def sink(self) -> tuple[Callable[[Event], None], Callable[[float], None], int]:
+        """For a driver's hot loop, which cannot afford a method call per event: the appends
+        of the event list and of the time list, and the bytes the stream may still add.
+
+        The caller must, for each event while :attr:`active`: count ``len(event.data) +``
+        :data:`EVENT_OVERHEAD` against that budget, call :meth:`overflow` once it is exceeded,
+        and otherwise append the event and its time. :meth:`add` does exactly this.
+        """
+        return self._events.append, self._times.append, self._limit - self._size
+
+    def overflow(self) -> None:
+        """The stream outgrew ``max_entry_bytes``: stop recording and release the events."""
+        if self.state is _RECORDING:
+            self._stop(RecorderState.OVERSIZE, f"stream exceeds max_entry_bytes={self._limit}")
 
     def fail(self, reason: str) -> None:
         """Nothing will be stored, whatever comes next (``reason`` says why)."""
