@@ -6,6 +6,11 @@
 (b) miss: time to the first byte through the proxy vs straight from the mock upstream
                                                           (target <= 1.1x + 2 ms)
 
+The mock upstream, the proxy and the ceiling's server each run in their own process, as they
+would in production: in one process they share one event loop, and the client's reads then
+wait behind the servers' writes (first bytes seen ~40 ms late, at random — a measurement
+artifact, not a cost of the proxy).
+
 Run: ``.venv/bin/python benchmarks/bench_proxy.py [--repeat N] [--backend URL]``. Medians;
 the baseline and the measured path alternate within each repetition.
 """
@@ -13,39 +18,65 @@ the baseline and the measured path alternate within each repetition.
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
 
-from sse_cache._uvicorn import serve
-from sse_cache.mock_upstream import MockUpstream
-from sse_cache.proxy import create_proxy_app
-
 HEADERS = {"authorization": "Bearer sk-bench", "x-mock-deltas": "2000"}
+HOST = "127.0.0.1"
+# The ceiling: the same bytes from a trivial ASGI app, in one body message, under uvicorn.
+STATIC_APP = """
+import sys, uvicorn
+body = open(sys.argv[1], "rb").read()
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+    await send({"type": "http.response.body", "body": body})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
 
 
-class Static:
-    """The ceiling: the same bytes from a trivial ASGI app, in one body message."""
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
 
-    def __init__(self, body: bytes) -> None:
-        self.body = body
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
-            }
-        )
-        await send({"type": "http.response.body", "body": self.body})
+@contextmanager
+def server(*args: str) -> Iterator[str]:
+    """Run a server in its own process (as in production: the proxy, its upstream and the
+    client never share an event loop or a core's time slice) and yield its base URL."""
+    port = free_port()
+    argv = [a.replace("{port}", str(port)) for a in args]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv} exited with {proc.returncode}")
+            try:
+                socket.create_connection((HOST, port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv} did not start") from None
+                time.sleep(0.05)
+        yield f"http://{HOST}:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 async def timed(
@@ -65,41 +96,43 @@ async def timed(
 
 
 async def main(repeat: int, backend: str | None) -> None:
+    cli = [sys.executable, "-m", "sse_cache"]
     with tempfile.TemporaryDirectory() as tmp:
         url = backend or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        upstream_app = MockUpstream(delay=0.0, first_delay=0.0)
-        async with serve(upstream_app) as upstream:
-            proxy_app = create_proxy_app(upstream, url)
-            async with serve(proxy_app) as proxy, httpx2.AsyncClient(timeout=60) as client:
-                body = {"model": "gpt-mock", "input": "benchmark", "stream": True}
-                _, _, original, status = await timed(client, proxy + "/v1/responses", body, HEADERS)
-                assert status == "miss"
-                async with serve(Static(original)) as static:
-                    hit_last, ceiling_last = [], []
-                    miss_first, direct_first = [], []
-                    for i in range(repeat):
-                        _, last, data, status = await timed(
-                            client, proxy + "/v1/responses", body, HEADERS
-                        )
-                        assert status == "hit" and data == original, status
-                        hit_last.append(last)
-                        _, last, data, _ = await timed(client, static + "/", body, HEADERS)
-                        assert data == original
-                        ceiling_last.append(last)
-                        # A new prompt each time: a miss through the proxy vs the same request
-                        # (a different prompt, so the same work) straight to the upstream.
-                        fresh = {**body, "input": f"miss {i}"}
-                        first, _, _, status = await timed(
-                            client, proxy + "/v1/responses", fresh, HEADERS
-                        )
-                        assert status == "miss"
-                        miss_first.append(first)
-                        direct = {**body, "input": f"direct {i}"}
-                        first, _, _, _ = await timed(
-                            client, upstream + "/v1/responses", direct, HEADERS
-                        )
-                        direct_first.append(first)
-            await proxy_app.aclose()
+        mock = [*cli, "mock-upstream", "--port", "{port}", "--delay-ms", "0", "--first-ms", "0"]
+        with server(*mock) as upstream:
+            proxy_cmd = [*cli, "proxy", "--upstream", upstream, "--backend", url]
+            proxy_cmd += ["--port", "{port}", "--log-level", "warning"]
+            with server(*proxy_cmd) as proxy:
+                async with httpx2.AsyncClient(timeout=60) as client:
+                    body = {"model": "gpt-mock", "input": "benchmark", "stream": True}
+                    url_p = proxy + "/v1/responses"
+                    _, _, original, status = await timed(client, url_p, body, HEADERS)
+                    assert status == "miss"
+                    static_body = Path(tmp) / "body.sse"
+                    static_body.write_bytes(original)
+                    static_cmd = [sys.executable, "-c", STATIC_APP, str(static_body), "{port}"]
+                    with server(*static_cmd) as static:
+                        hit_last, ceiling_last = [], []
+                        miss_first, direct_first = [], []
+                        for i in range(repeat):
+                            _, last, data, status = await timed(client, url_p, body, HEADERS)
+                            assert status == "hit" and data == original, status
+                            hit_last.append(last)
+                            _, last, data, _ = await timed(client, static + "/", body, HEADERS)
+                            assert data == original
+                            ceiling_last.append(last)
+                            # A new prompt each time: a miss through the proxy vs the same
+                            # request (another prompt, so the same work) straight upstream.
+                            fresh = {**body, "input": f"miss {i}"}
+                            first, _, _, status = await timed(client, url_p, fresh, HEADERS)
+                            assert status == "miss"
+                            miss_first.append(first)
+                            direct = {**body, "input": f"direct {i}"}
+                            first, _, _, _ = await timed(
+                                client, upstream + "/v1/responses", direct, HEADERS
+                            )
+                            direct_first.append(first)
     med = statistics.median
     events = original.count(b"\n\n")
     kind = url.split(":")[0]

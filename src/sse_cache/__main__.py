@@ -1,4 +1,4 @@
-"""``python -m sse_cache`` runs the ``sse-cache`` command."""
+"""``python -m sse_cache``: the ``sse-cache`` command."""
 
 import sys
 

@@ -101,9 +101,18 @@ class Forwarder:
         ]
         headers.append(("accept-encoding", "identity"))
         disconnected = anyio.Event()
-        request = self._client.build_request(
-            scope["method"], url, headers=headers, content=_body(receive, disconnected)
-        )
+        # A body that came whole (every LLM request: the cache middleware has read it already)
+        # goes upstream whole, with its length: one write, no chunked encoding. Only a body
+        # still arriving is streamed through.
+        first = await receive()
+        content: bytes | AsyncIterator[bytes]
+        if first["type"] == "http.disconnect":
+            return
+        if first.get("more_body", False):
+            content = _body(receive, disconnected, first.get("body", b""))
+        else:
+            content = first.get("body", b"")
+        request = self._client.build_request(scope["method"], url, headers=headers, content=content)
         try:
             response = await self._client.send(request, stream=True)
         except httpx2.TimeoutException as exc:
@@ -138,7 +147,11 @@ class Forwarder:
                 await response.aclose()
 
 
-async def _body(receive: Receive, disconnected: anyio.Event) -> AsyncIterator[bytes]:
+async def _body(
+    receive: Receive, disconnected: anyio.Event, first: bytes
+) -> AsyncIterator[bytes]:
+    if first:
+        yield first
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
