@@ -277,15 +277,32 @@ class _Request:
 
     async def _answer(self, ex: Exchange) -> None:
         assert ex.answer is not None
-        await _send_answer(self.send, ex.answer)
+        # A paced replay runs as long as the recorded stream did: stop it when the client
+        # leaves, instead of pacing bytes into a closed connection to the end.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_disconnect, self.receive, tg.cancel_scope)
+            await _send_answer(self.send, ex.answer)
+            tg.cancel_scope.cancel()
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
 
 
 async def _send_answer(send: Send, answer: Answer) -> None:
     await send(
         {"type": "http.response.start", "status": answer.status, "headers": _encode(answer.headers)}
     )
-    async for chunk in answer.chunks:
-        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    chunks = answer.chunks
+    try:
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        if (aclose := getattr(chunks, "aclose", None)) is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -147,9 +147,7 @@ class Forwarder:
                 await response.aclose()
 
 
-async def _body(
-    receive: Receive, disconnected: anyio.Event, first: bytes
-) -> AsyncIterator[bytes]:
+async def _body(receive: Receive, disconnected: anyio.Event, first: bytes) -> AsyncIterator[bytes]:
     if first:
         yield first
     while True:

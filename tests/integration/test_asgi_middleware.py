@@ -7,6 +7,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 
@@ -196,3 +197,47 @@ async def test_ignored_fields_are_part_of_the_key(client_for: Any) -> None:
         headers={"x-sse-cache-ignore-fields": "temperature"},
     )
     assert again.headers["x-sse-cache"] == "hit"
+
+
+async def test_paced_hit_stops_when_the_client_leaves(client_for: Any) -> None:
+    mw = CacheMiddleware(App(), "memory://", routes={"/events": GenericSSE})
+    first = await client_for(mw).post("/events", json={"q": "paced"})
+    assert first.headers["x-sse-cache"] == "miss"
+
+    # The same request, replayed at 200 ms per event, from a client that leaves as soon as
+    # the first event arrives.
+    left = anyio.Event()
+    bodies: list[bytes] = []
+    sent_request = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_request
+        if not sent_request:
+            sent_request = True
+            return {"type": "http.request", "body": b'{"q": "paced"}', "more_body": False}
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            assert dict(message["headers"])[b"x-sse-cache"] == b"hit"
+        elif message.get("body"):
+            bodies.append(message["body"])
+            left.set()
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/events",
+        "raw_path": b"/events",
+        "query_string": b"",
+        "headers": [
+            (b"authorization", b"Bearer sk-test"),
+            (b"content-type", b"application/json"),
+            (b"x-sse-cache-replay", b"200ms"),
+        ],
+    }
+    with anyio.fail_after(5):
+        await mw(scope, receive, send)
+    # Before the fix the replay paced all six events into the closed connection.
+    assert 1 <= len(bodies) < len(EVENTS)
