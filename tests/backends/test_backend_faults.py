@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from sse_cache import Event, StreamCache
+from sse_cache.adapters import GenericSSE
 from sse_cache.backends import from_url
 from sse_cache.errors import BackendError, BackendTimeout, BackendUnavailable
 from sse_cache.protocols import Backend
@@ -260,3 +262,34 @@ async def test_redis_burst_beyond_the_pool_waits_for_a_connection(redis_server: 
         assert results == [b"v" * 100_000] * 40
     finally:
         await backend.aclose()
+
+
+async def test_engine_deadline_beats_a_long_sqlite_busy_timeout(tmp_path: Path) -> None:
+    # The file is locked by another process for longer than the engine will wait: the store
+    # fails (fail-open) at the engine's backend_timeout, not after SQLite's 5 s busy timeout,
+    # so the caller (e.g. a response held until stored) is not stalled for 5 s.
+    path = tmp_path / "cache.db"
+    backend = from_url(f"sqlite:///{path}")  # timeout=5 s
+    await roundtrip(backend)
+    cache = StreamCache(backend, GenericSSE(), backend_timeout=0.3)
+
+    async def upstream() -> AsyncIterator[Event]:
+        yield Event("one")
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        async with cache.stream(cache.request({"q": 1}), upstream) as stream:
+            assert [e.data async for e in stream] == ["one"]
+        # (an anyio deadline cannot tell: it is only noticed at a checkpoint after the thread)
+        assert time.monotonic() - started < 2.5
+        assert not stream.stored
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    # The lock is gone: the same objects store again.
+    async with cache.stream(cache.request({"q": 2}), upstream) as stream:
+        [e async for e in stream]
+    assert stream.stored
+    await backend.aclose()

@@ -228,7 +228,11 @@ class SQLiteBackend:
                 self._set_busy(conn, self._read_timeout if read else self._timeout)
                 return self._retrying(read, lambda: func(conn, *args))
 
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        # A caller that gives up (its own deadline, say the engine's backend_timeout) gets
+        # control back at once; the thread finishes its statement on its own and frees the
+        # connection for the next call. Without this, a caller waits out SQLite's busy
+        # timeout on a file another process holds locked, whatever its own deadline.
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
 
     @contextmanager
     def _map_exceptions(self) -> Iterator[None]:
