@@ -7,9 +7,7 @@
                                                           (target <= 1.1x + 2 ms)
 
 The mock upstream, the proxy and the ceiling's server each run in their own process, as they
-would in production: in one process they share one event loop, and the client's reads then
-wait behind the servers' writes (first bytes seen ~40 ms late, at random — a measurement
-artifact, not a cost of the proxy).
+would in production (``sse-cache proxy`` / ``mock-upstream``), not on the client's event loop.
 
 Run: ``.venv/bin/python benchmarks/bench_proxy.py [--repeat N] [--backend URL]``. Medians;
 the baseline and the measured path alternate within each repetition.
