@@ -150,6 +150,14 @@ class _Process:
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
         self.paused = True
+        # The signal is delivered asynchronously: wait until the process is really stopped,
+        # or a request sent right now may still be answered.
+        stat = Path(f"/proc/{self.proc.pid}/stat")
+        deadline = time.monotonic() + 5
+        while stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not stop")
+            time.sleep(0.001)
 
     def resume(self) -> None:
         assert self.proc is not None

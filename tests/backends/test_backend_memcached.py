@@ -192,3 +192,35 @@ def test_deadline_in_flags(now: float) -> None:
         assert not _expired(flags, now + ttl - 0.001), ttl
         assert _expired(flags, now + ttl + 0.126), ttl
         assert _expired(flags, now + ttl + 86400.0 * 365), ttl
+
+
+async def test_a_known_chunked_value_is_read_in_one_round_trip_and_changes_are_seen(
+    url: str,
+) -> None:
+    # The backend remembers the chunks of values it read or wrote, and asks for the manifest
+    # and those chunks together; another process's overwrite, a small value or a delete in
+    # between must still be seen, never the remembered chunks.
+    reader: Any = from_url(url, chunk_size=4096)
+    other: Any = from_url(url, chunk_size=4096)
+    first, second = os.urandom(20_000), os.urandom(30_000)
+    await other.set("k", first, None)
+    assert await reader.get("k") == first  # learns the chunks: two round trips
+
+    calls: list[str] = []
+    client = reader._client
+    real_get, real_get_many = client.get, client.get_many
+    client.get = lambda *a, **kw: calls.append("get") or real_get(*a, **kw)
+    client.get_many = lambda *a, **kw: calls.append("get_many") or real_get_many(*a, **kw)
+    assert await reader.get("k") == first
+    assert calls == ["get_many"]
+
+    await other.set("k", second, None)  # new chunks, new manifest
+    assert await reader.get("k") == second
+    await other.set("k", b"small now", None)  # one plain item
+    assert await reader.get("k") == b"small now"
+    await other.set("k", first, None)
+    assert await reader.get("k") == first
+    await other.delete("k")
+    assert await reader.get("k") is None
+    await reader.aclose()
+    await other.aclose()

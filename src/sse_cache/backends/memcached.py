@@ -19,6 +19,9 @@ Layout of what is stored for a key; the item's 32-bit memcached ``flags`` say wh
   value, checked again on read: that cost a third of a chunked GET and half the overhead of
   a chunked SET, and guarded against nothing a write id does not — integrity against a
   memory fault or a deliberate writer is the codec's digest, checked on every entry.)
+  A backend remembers the write ids of chunked values it read or wrote lately (a bounded
+  map) and asks for the manifest and those chunks in one round trip; it uses the chunks only
+  when the manifest still names that write id, and fetches the right ones otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import hashlib
 import math
 import secrets
 import struct
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar
@@ -64,6 +69,31 @@ _MANIFEST_MAGIC: Final = b"SSEM\x02"
 _MANIFEST_BODY = struct.Struct(">dQII16s")  # deadline, total, chunk size, count, write id
 _MAX_KEY: Final = 250
 _THIRTY_DAYS: Final = 30 * 24 * 3600
+_HINTS: Final = 4096  # chunked keys remembered per backend (a few dozen bytes each)
+
+
+class _Hints:
+    """A small thread-safe LRU map (the backend's calls run in several worker threads)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> tuple[bytes, int] | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: str, value: tuple[bytes, int]) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            if len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+    def pop(self, key: str, default: None = None) -> None:
+        with self._lock:
+            self._items.pop(key, None)
 
 
 def _pack_deadline(deadline: float) -> int:
@@ -188,6 +218,8 @@ class MemcachedBackend:
                 **common,
             )
         self._limiter = anyio.CapacityLimiter(max_pool_size)
+        # Chunked values this process read or wrote lately: key -> (write id, chunk count).
+        self._hints = _Hints(_HINTS)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -259,20 +291,37 @@ class MemcachedBackend:
         return [f"{self.prefix}c:{name}:{i}" for i in range(count)]
 
     def _get(self, item_key: str) -> bytes | None:
-        found = self._client.get(item_key)
+        hint = self._hints.get(item_key)
+        if hint is None:
+            found = self._client.get(item_key)
+            fetched: dict[str, Any] = {}
+        else:
+            # Chunked, the last time this process looked: ask for the manifest and the chunks
+            # it named then in one round trip. They are used only if the manifest still names
+            # them (a write id is never reused); otherwise the right chunks are fetched.
+            fetched = self._client.get_many([item_key, *self._chunk_keys(item_key, *hint)])
+            found = fetched.get(item_key)
         if found is None:
+            self._hints.pop(item_key, None)
             return None
         data, flags = found
         kind = flags & _KIND_MASK
+        if flags == _MANIFEST:
+            return self._get_chunked(item_key, data, hint, fetched)
+        self._hints.pop(item_key, None)
         if flags == _RAW:
             return bytes(data)
         if kind == _TIMED:
             return None if _expired(flags, time.time()) else bytes(data)
-        if flags == _MANIFEST:
-            return self._get_chunked(item_key, data)
         return None  # not written by this backend: a miss, never someone else's bytes
 
-    def _get_chunked(self, item_key: str, manifest: bytes) -> bytes | None:
+    def _get_chunked(
+        self,
+        item_key: str,
+        manifest: bytes,
+        hint: tuple[bytes, int] | None,
+        fetched: dict[str, Any],
+    ) -> bytes | None:
         if len(manifest) != len(_MANIFEST_MAGIC) + _MANIFEST_BODY.size or not manifest.startswith(
             _MANIFEST_MAGIC
         ):
@@ -285,7 +334,9 @@ class MemcachedBackend:
         if not size or count != -(-total // size):
             return None
         keys = self._chunk_keys(item_key, write_id, count)
-        found = self._client.get_many(keys)
+        # The chunks fetched with the manifest are this write's only if it names them.
+        found = fetched if hint == (write_id, count) else self._client.get_many(keys)
+        self._hints.put(item_key, (write_id, count))
         parts: list[bytes] = []
         for key in keys:
             chunk = found.get(key)
@@ -328,6 +379,7 @@ class MemcachedBackend:
         # The manifest goes last: until it is stored, readers see the previous value.
         if not self._client.set(item_key, manifest, expire=expire, flags=_MANIFEST):
             raise BackendError(f"memcached did not store {item_key!r}")
+        self._hints.put(item_key, (write_id, count))
 
     @staticmethod
     def _server_expiry(now: float, deadline: float | None) -> int:
@@ -339,6 +391,7 @@ class MemcachedBackend:
         return seconds if seconds <= _THIRTY_DAYS else math.ceil(deadline) + 1
 
     def _delete(self, item_key: str) -> None:
+        self._hints.pop(item_key, None)
         found = self._client.get(item_key)
         self._client.delete(item_key, noreply=False)
         if found is not None and found[1] == _MANIFEST:
