@@ -168,16 +168,19 @@ class RedisBackend:
             ) from None
         # redis-py enforces ``timeout`` itself (socket timeouts) and then drops the connection
         # cleanly; cancelling it mid-command instead can leave a pooled connection half
-        # closed. The outer bound only catches what the socket timeouts cannot.
-        with map_exceptions(what), anyio.fail_after(self._timeout * 2 + 0.25):
-            if self._cluster:
-                # Learn the topology before the command, once (a no-op afterwards, and
-                # after a fault until redis-py asks for it again): redis-py's cluster client
-                # resolves a command's routing before taking its init lock, and a burst of
-                # concurrent first commands on a new client races there and drops live
-                # connections ("Connection closed by server", seen on redis-py 8.1).
-                await self._client.initialize()
-            yield
+        # closed. The outer bound only catches what the socket timeouts cannot. It is
+        # asyncio.timeout, not anyio.fail_after: this code runs on asyncio only, and an anyio
+        # cancel scope costs a noticeable part of a small command.
+        with map_exceptions(what):
+            async with asyncio.timeout(self._timeout * 2 + 0.25):
+                if self._cluster:
+                    # Learn the topology before the command, once (a no-op afterwards, and
+                    # after a fault until redis-py asks for it again): redis-py's cluster
+                    # client resolves a command's routing before taking its init lock, and a
+                    # burst of concurrent first commands on a new client races there and
+                    # drops live connections ("Connection closed by server", redis-py 8.1).
+                    await self._client.initialize()
+                yield
 
     # -- the Backend protocol -------------------------------------------------------------
 
