@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import anyio
 import anyio.from_thread
 
-from .engine import Hook
+from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
 from .errors import ConfigError
 from .pacing import Pacing
 from .policy import CONTROL_HEADER_PREFIX, Decision
@@ -426,6 +426,7 @@ class _Options:
         codec: EventCodec | None = None,
         cross_process: bool = False,
         cross_process_wait: float = 60.0,
+        decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ) -> None:
         self.service = CacheService(
             backend,
@@ -442,6 +443,7 @@ class _Options:
             codec=codec,
             cross_process=cross_process,
             cross_process_wait=cross_process_wait,
+            decoded_cache_bytes=decoded_cache_bytes,
         )
         self.transport: Any = transport if transport is not None else self._default_transport()
 

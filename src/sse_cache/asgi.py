@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 
-from .engine import Hook
+from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
 from .errors import ConfigError
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
@@ -40,7 +40,8 @@ class CacheMiddleware:
     ``/openai/v1/...``). ``tenant``: None (hash of the request's credential), a callable of
     the lower-cased request headers, or ``"shared"`` (explicit opt-in to share entries
     between tenants). ``ttl``: default entry lifetime in seconds. ``max_body_bytes``: larger
-    request bodies pass through uncached. Other options as for
+    request bodies pass through uncached. ``decoded_cache_bytes``: memory for recently
+    decoded entries (64 MiB; 0 turns it off). Other options as for
     :class:`~sse_cache.engine.StreamCache`.
 
     ``cross_process``: identical streamed requests share one upstream stream across
@@ -81,6 +82,7 @@ class CacheMiddleware:
         background_timeout: float = 120.0,
         cross_process: bool = False,
         cross_process_wait: float = 60.0,
+        decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ) -> None:
         if max_background < 0 or not background_timeout > 0:
             raise ConfigError("max_background must be >= 0 and background_timeout > 0")
@@ -104,6 +106,7 @@ class CacheMiddleware:
             codec=codec,
             cross_process=cross_process,
             cross_process_wait=cross_process_wait,
+            decoded_cache_bytes=decoded_cache_bytes,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -241,3 +241,17 @@ async def test_paced_hit_stops_when_the_client_leaves(client_for: Any) -> None:
         await mw(scope, receive, send)
     # Before the fix the replay paced all six events into the closed connection.
     assert 1 <= len(bodies) < len(EVENTS)
+
+
+async def test_decoded_cache_can_be_sized_or_turned_off(client_for: Any) -> None:
+    # Kept: the stored entry and the form an HTTP hit replays (its SSE bytes).
+    for size, kept in ((0, 0), (64 * 1024 * 1024, 2)):
+        mw = CacheMiddleware(
+            App(), "memory://", routes={"/events": GenericSSE}, decoded_cache_bytes=size
+        )
+        client = client_for(mw)
+        await client.post("/events", json={"q": "sized"})
+        hit = await client.post("/events", json={"q": "sized"})
+        assert hit.headers["x-sse-cache"] == "hit" and hit.content == serialize_sse(EVENTS)
+        cache = next(iter(mw.service._caches.values()))
+        assert len(cache.decoded) == kept

@@ -64,6 +64,8 @@ def servers(tmp_path: Path) -> Iterator[tuple[str, str]]:
                 "/v1/responses=openai-responses",
                 "--route",
                 "/events=generic",
+                "--decoded-cache-mb",
+                "8",
                 "--log-level",
                 "warning",
             )
@@ -102,3 +104,10 @@ def test_proxy_and_mock_upstream_commands(servers: tuple[str, str]) -> None:
         assert 'sse_cache_requests_total{status="hit"} 1' in metrics
     stats = httpx2.get(upstream + "/_mock/stats").json()
     assert stats["total"] == 2  # one responses miss, one chat pass-through
+
+
+def test_proxy_rejects_a_negative_decoded_cache_size() -> None:
+    from sse_cache.cli import main
+
+    with pytest.raises(SystemExit, match="--decoded-cache-mb must be >= 0"):
+        main(["proxy", "--upstream", "http://127.0.0.1:9", "--decoded-cache-mb", "-1"])

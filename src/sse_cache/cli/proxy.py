@@ -71,6 +71,13 @@ def register(sub: Any) -> None:
         default=600.0,
         help="seconds an upstream read may take before the proxy answers 504 (default 600)",
     )
+    parser.add_argument(
+        "--decoded-cache-mb",
+        type=float,
+        default=64.0,
+        help="memory for recently decoded entries, so hot entries are not decoded on every "
+        "hit (default 64; 0 turns it off)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     parser.set_defaults(run=_run)
 
@@ -102,8 +109,15 @@ def _run(args: argparse.Namespace) -> int:
             cross_process=args.cross_process,
             max_body_bytes=args.max_body_bytes,
             upstream_timeout=args.upstream_timeout,
+            decoded_cache_bytes=_megabytes(args.decoded_cache_mb),
         )
     except ConfigError as exc:
         raise SystemExit(f"sse-cache proxy: {exc}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
     return 0
+
+
+def _megabytes(value: float) -> int:
+    if not value >= 0:
+        raise SystemExit(f"sse-cache proxy: --decoded-cache-mb must be >= 0, got {value}")
+    return int(value * 1024 * 1024)
