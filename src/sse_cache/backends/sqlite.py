@@ -28,6 +28,9 @@ __all__ = ["SQLiteBackend", "from_url"]
 T = TypeVar("T")
 
 _SCHEMA_VERSION: Final = 1
+# Seconds a write may wait for the lock: under the engine's default backend_timeout (2 s),
+# which cannot interrupt a call already running in a worker thread.
+_WRITE_TIMEOUT: Final = 1.5
 _DEFAULT_MAX_BYTES: Final = 1024**3
 _TABLE: Final = "sse_cache_entries"
 # `value` is the last column on purpose: SQLite reads a row's columns in order, and a column
@@ -128,7 +131,7 @@ class SQLiteBackend:
         path: str | os.PathLike[str],
         *,
         max_bytes: int | None = _DEFAULT_MAX_BYTES,
-        timeout: float = 5.0,
+        timeout: float = _WRITE_TIMEOUT,
         read_timeout: float = 1.0,
         purge_interval: float = 60.0,
         synchronous: str = "NORMAL",
@@ -228,11 +231,10 @@ class SQLiteBackend:
                 self._set_busy(conn, self._read_timeout if read else self._timeout)
                 return self._retrying(read, lambda: func(conn, *args))
 
-        # A caller that gives up (its own deadline, say the engine's backend_timeout) gets
-        # control back at once; the thread finishes its statement on its own and frees the
-        # connection for the next call. Without this, a caller waits out SQLite's busy
-        # timeout on a file another process holds locked, whatever its own deadline.
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter, abandon_on_cancel=True)
+        # Not abandoned on cancel: the next call would share the connection with a thread
+        # still using it. A call is bounded by ``timeout`` / ``read_timeout`` instead, which
+        # default to less than the engine's ``backend_timeout``.
+        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
 
     @contextmanager
     def _map_exceptions(self) -> Iterator[None]:
@@ -478,14 +480,14 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     """``sqlite:///abs/path.db`` or ``sqlite:///./relative.db`` -> :class:`SQLiteBackend`.
 
     Query options: ``max_bytes`` (size budget, ``1GiB`` by default, ``none`` for none),
-    ``timeout`` (seconds a write may wait for the lock, 5), ``read_timeout`` (1),
+    ``timeout`` (seconds a write may wait for the lock, 1.5), ``read_timeout`` (1),
     ``purge_interval`` (seconds between purges of expired rows, 60), ``synchronous``
     (SQLite's ``PRAGMA synchronous``, ``NORMAL``).
     """
     path = _path_from_url(url)
     opts = Options(url, options)
     max_bytes = opts.take_size("max_bytes", _DEFAULT_MAX_BYTES)
-    timeout = opts.take_float("timeout", 5.0)
+    timeout = opts.take_float("timeout", _WRITE_TIMEOUT)
     read_timeout = opts.take_float("read_timeout", 1.0)
     purge_interval = opts.take_float("purge_interval", 60.0, minimum=0.0, allow_zero=True)
     synchronous = opts.take_str("synchronous", "NORMAL")
