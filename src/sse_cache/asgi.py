@@ -282,10 +282,16 @@ class _Request:
         assert ex.answer is not None
         # A paced replay runs as long as the recorded stream did: stop it when the client
         # leaves, instead of pacing bytes into a closed connection to the end.
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, self.receive, tg.cancel_scope)
-            await _send_answer(self.send, ex.answer)
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_on_disconnect, self.receive, tg.cancel_scope)
+                await _send_answer(self.send, ex.answer)
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The task group is an implementation detail: raise what the replay raised.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -271,7 +272,7 @@ class CachedStream:
         cache = self._cache
         iterator = flight.iterator  # None for a pushed stream: its readers never pull
         recorder = flight.recorder
-        keep_event, keep_time, budget = recorder.sink()  # recorder.add, inlined below
+        keep_event, keep_time, limit = recorder.sink()  # recorder.add, inlined below
         recording = _RECORDING
         clock = time.monotonic
         started = flight.started
@@ -307,8 +308,9 @@ class CachedStream:
                 log.append(event)
                 i += 1
             if recorder.state is recording:
-                budget -= len(event.data) + EVENT_OVERHEAD
-                if budget < 0:
+                # On the recorder, not in a local: the readers of a flight pull in turn.
+                size = recorder.size = recorder.size + len(event.data) + EVENT_OVERHEAD
+                if size > limit:
                     recorder.overflow()
                 else:
                     keep_event(event)
@@ -619,8 +621,6 @@ class StreamCache:
         except Exception as exc:
             self._warn("store_failed", key, f"backend write failed: {exc!r}")
             return False
-        # What was just written is what the next hit will read: keep its decoded form.
-        self.decoded.put("e" + key, data, entry, _decoded_size(entry))
         self._emit(Notice(kind="store", key=key, events=len(entry.events or ()), bytes=len(data)))
         return True
 
@@ -828,12 +828,22 @@ class StreamCache:
     def pending(self, key: str) -> Entry | None:
         """The entry for ``key`` that a stream which just completed is storing right now:
         the window between a stream's end and its store completing answers as a hit."""
-        flight = self._flights.get(key) if self.single_flight else None
+        flight = self._flight(key)
         return flight.entry if flight is not None else None
 
     def _joinable(self, key: str) -> _Flight | None:
-        flight = self._flights.get(key) if self.single_flight else None
+        flight = self._flight(key)
         return flight if flight is not None and flight.entry is None else None
+
+    def _flight(self, key: str) -> _Flight | None:
+        flight = self._flights.get(key) if self.single_flight else None
+        if flight is not None and flight.finished and not flight.judged:
+            # The upstream ended and its reader has not left yet: judge now, so that a failed
+            # or unstorable stream is forgotten (the request asks the upstream itself) and a
+            # complete one answers as a hit — never joined and replayed as "shared".
+            self._judge(flight, clean_end=flight.error is None)
+            flight = self._flights.get(key)
+        return flight
 
     @asynccontextmanager
     async def _reading(self, flight: _Flight) -> AsyncIterator[CachedStream]:
@@ -944,7 +954,10 @@ class StreamCache:
 def _decoded_size(entry: Entry) -> int:
     if entry.events is None:
         return len(entry.body or b"")
-    return sum(len(e.data) for e in entry.events) + DECODED_EVENT_BYTES * len(entry.events)
+    # getsizeof: the memory of each text as CPython holds it (1, 2 or 4 bytes a character).
+    return sum(map(sys.getsizeof, [e.data for e in entry.events])) + DECODED_EVENT_BYTES * len(
+        entry.events
+    )
 
 
 def _to_wire(entry: Entry) -> WireEntry:

@@ -48,7 +48,7 @@ class Recorder:
     (the upstream broke, the request asked not to store).
     """
 
-    __slots__ = ("_adapter", "_events", "_limit", "_size", "_times", "reason", "state")
+    __slots__ = ("_adapter", "_events", "_limit", "_times", "reason", "size", "state")
 
     def __init__(
         self, adapter: StreamAdapter, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
@@ -57,7 +57,7 @@ class Recorder:
         self._limit = max_entry_bytes
         self._events: list[Event] = []
         self._times: list[float] = []
-        self._size = 0
+        self.size = 0  # bytes counted against max_entry_bytes so far
         self.state = RecorderState.RECORDING
         self.reason = ""
 
@@ -75,8 +75,8 @@ class Recorder:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
         if self.state is not _RECORDING:
             return
-        self._size += len(event.data) + EVENT_OVERHEAD
-        if self._size > self._limit:
+        self.size += len(event.data) + EVENT_OVERHEAD
+        if self.size > self._limit:
             self.overflow()
             return
         self._events.append(event)
@@ -84,13 +84,14 @@ class Recorder:
 
     def sink(self) -> tuple[Callable[[Event], None], Callable[[float], None], int]:
         """For a driver's hot loop, which cannot afford a method call per event: the appends
-        of the event list and of the time list, and the bytes the stream may still add.
+        of the event list and of the time list, and ``max_entry_bytes``.
 
-        The caller must, for each event while :attr:`active`: count ``len(event.data) +``
-        :data:`EVENT_OVERHEAD` against that budget, call :meth:`overflow` once it is exceeded,
-        and otherwise append the event and its time. :meth:`add` does exactly this.
+        The caller must, for each event while :attr:`active`: add ``len(event.data) +``
+        :data:`EVENT_OVERHEAD` to :attr:`size` (on the recorder: several loops may feed one
+        recorder in turn), call :meth:`overflow` once it is over the limit, and otherwise
+        append the event and its time. :meth:`add` does exactly this.
         """
-        return self._events.append, self._times.append, self._limit - self._size
+        return self._events.append, self._times.append, self._limit
 
     def overflow(self) -> None:
         """The stream outgrew ``max_entry_bytes``: stop recording and release the events."""

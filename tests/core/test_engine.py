@@ -545,11 +545,11 @@ class CountingCodec(MsgpackCodec):
 async def test_hot_entry_is_not_decoded_again_but_changes_are_seen() -> None:
     backend, up, codec = DictBackend(), Upstream(), CountingCodec()
     cache = StreamCache(backend, GenericSSE(), codec=codec)
-    await consume(cache, up)  # miss: stored, and kept decoded
+    await consume(cache, up)  # miss: stored
     for _ in range(3):
         s, events = await consume(cache, up)
         assert s.status == "hit" and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
-    assert codec.decodes == 0 and up.calls == 1
+    assert codec.decodes == 1 and up.calls == 1  # decoded by the first hit only
     key = cache.key(cache.request(BODY))
 
     # Another process replaces the entry: the bytes differ, so the new entry is decoded.
@@ -559,9 +559,9 @@ async def test_hot_entry_is_not_decoded_again_but_changes_are_seen() -> None:
               content_type="text/event-stream", events=tuple(other))
     )  # fmt: skip
     s, events = await consume(cache, up)
-    assert wire(events) == wire(other) and codec.decodes == 1
+    assert wire(events) == wire(other) and codec.decodes == 2
     s, events = await consume(cache, up)
-    assert wire(events) == wire(other) and codec.decodes == 1  # hot again
+    assert wire(events) == wire(other) and codec.decodes == 2  # hot again
 
     # Deleted behind the cache's back: a miss, never the remembered entry.
     del backend.data[key]
@@ -579,9 +579,11 @@ async def test_decoded_cache_respects_its_budget_and_can_be_turned_off() -> None
 
     small = StreamCache(DictBackend(), GenericSSE(), decoded_cache_bytes=200_000)
     for n in range(20):  # distinct requests: distinct entries of ~30 KB decoded each
-        async with small.stream(small.request({**BODY, "input": str(n)}), Upstream()) as s:
+        request = small.request({**BODY, "input": str(n)})
+        async with small.stream(request, Upstream()) as s:
             [e async for e in s]
         assert s.stored
+        assert await small.lookup(small.key(request)) is not None  # decoded and kept
         assert small.decoded.size <= 200_000
     assert 0 < len(small.decoded) < 20
 
@@ -642,3 +644,55 @@ async def test_wire_lookup_is_kept_decoded_too() -> None:
     assert await cache.lookup_wire(key) is first
     await cache.delete(key)
     assert await cache.lookup_wire(key) is None and len(cache.decoded) == 0
+
+
+async def test_max_entry_bytes_holds_when_readers_of_one_flight_pull_in_turn() -> None:
+    # Two readers share one upstream and take turns pulling it (each consumer does some
+    # work per event); the size bound counts every event once, whoever pulled it.
+    events = [Event("x" * 50) for _ in range(40)]  # 40 x (50 + 16) bytes > 2,000
+    cache = StreamCache(DictBackend(), GenericSSE(), max_entry_bytes=2000)
+    results: dict[str, tuple[str, int, bool]] = {}
+
+    async def reader(name: str, delay: float, pause: float) -> None:
+        await anyio.sleep(delay)
+        async with cache.stream(cache.request(BODY), Upstream(events, delay=0.002)) as s:
+            n = 0
+            async for _ in s:
+                n += 1
+                await anyio.sleep(pause)
+        results[name] = (s.status, n, s.stored)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader, "a", 0.0, 0.003)
+        tg.start_soon(reader, "b", 0.001, 0.001)
+    assert results["a"][:2] == ("miss", 40) and results["b"][:2] == ("shared", 40)
+    assert not results["a"][2] and not results["b"][2]
+    assert await cache.lookup(cache.key(cache.request(BODY))) is None
+
+
+async def test_a_failed_stream_is_not_joined_while_its_reader_is_still_inside() -> None:
+    class FailingSchema(GenericSSE):
+        def outcome(self, event: Event) -> Outcome:
+            return Outcome.FAIL if event.event == "error" else Outcome.CONTINUE
+
+    failed = [Event("partial"), Event('{"error": "overloaded"}', event="error")]
+    cache = StreamCache(DictBackend(), FailingSchema())
+    first, second = Upstream(failed), Upstream()
+    async with cache.stream(cache.request(BODY), first) as a:
+        assert [e.data for e in [e async for e in a]] == ["partial", '{"error": "overloaded"}']
+        # The failed stream has ended; its reader has not left yet.
+        async with cache.stream(cache.request(BODY), second) as b:
+            got = [e async for e in b]
+        assert b.status == "miss" and wire(got) == wire(EVENTS) and second.calls == 1
+    assert not a.stored
+
+
+async def test_a_complete_stream_is_a_hit_while_its_reader_is_still_inside() -> None:
+    cache = StreamCache(DictBackend(), GenericSSE())
+    first, second = Upstream(), Upstream()
+    async with cache.stream(cache.request(BODY), first) as a:
+        [e async for e in a]
+        async with cache.stream(cache.request(BODY), second) as b:
+            got = [e async for e in b]
+        assert b.status == "hit" and wire(got) == wire(EVENTS) and second.calls == 0
+    assert a.stored

@@ -244,8 +244,8 @@ async def test_paced_hit_stops_when_the_client_leaves(client_for: Any) -> None:
 
 
 async def test_decoded_cache_can_be_sized_or_turned_off(client_for: Any) -> None:
-    # Kept: the stored entry and the form an HTTP hit replays (its SSE bytes).
-    for size, kept in ((0, 0), (64 * 1024 * 1024, 2)):
+    # Kept: the form an HTTP hit replays (its SSE bytes).
+    for size, kept in ((0, 0), (64 * 1024 * 1024, 1)):
         mw = CacheMiddleware(
             App(), "memory://", routes={"/events": GenericSSE}, decoded_cache_bytes=size
         )
@@ -255,3 +255,34 @@ async def test_decoded_cache_can_be_sized_or_turned_off(client_for: Any) -> None
         assert hit.headers["x-sse-cache"] == "hit" and hit.content == serialize_sse(EVENTS)
         cache = next(iter(mw.service._caches.values()))
         assert len(cache.decoded) == kept
+
+
+async def test_a_failing_send_during_a_hit_raises_as_itself(client_for: Any) -> None:
+    # Servers match on the error type (a reset connection is an OSError): the replay's own
+    # machinery must not wrap it.
+    mw = CacheMiddleware(App(), "memory://", routes={"/events": GenericSSE})
+    await client_for(mw).post("/events", json={"q": "reset"})
+    sent_request = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent_request
+        if not sent_request:
+            sent_request = True
+            return {"type": "http.request", "body": b'{"q": "reset"}', "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError  # unreachable
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("connection reset by peer")
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/events",
+        "raw_path": b"/events",
+        "query_string": b"",
+        "headers": [(b"authorization", b"Bearer sk-test"), (b"content-type", b"application/json")],
+    }
+    with pytest.raises(OSError, match="connection reset"):
+        await mw(scope, receive, send)
