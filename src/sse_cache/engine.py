@@ -486,6 +486,10 @@ class StreamCache:
             raise ConfigError(f"decoded_cache_bytes must be >= 0, got {decoded_cache_bytes!r}")
         else:
             self.decoded = DecodedEntries(decoded_cache_bytes)
+        # Names in the decoded cache carry the codec: caches sharing one budget but not one
+        # codec (another secret, say) never use each other's decodings.
+        tag = f"{id(self.codec):x}"
+        self._names = (f"e{tag}:", f"w{tag}:")
         self._hooks = tuple(hooks)
         self._flights: dict[str, _Flight] = {}
 
@@ -523,14 +527,14 @@ class StreamCache:
         raw = await self._fetch(key)
         if raw is None:
             return None
-        entry = self.decoded.get("e" + key, raw)
+        entry = self.decoded.get(self._names[0] + key, raw)
         if not isinstance(entry, Entry):
             try:
                 entry = self.codec.decode(raw)
             except CorruptEntry as exc:
                 await self._drop(key, exc)
                 return None
-            self.decoded.put("e" + key, raw, entry, _decoded_size(entry))
+            self.decoded.put(self._names[0] + key, raw, entry, _decoded_size(entry))
         return self._fresh(key, entry, max_age)
 
     async def lookup_wire(self, key: str, *, max_age: float | None = None) -> WireEntry | None:
@@ -539,7 +543,7 @@ class StreamCache:
         raw = await self._fetch(key)
         if raw is None:
             return None
-        wire = self.decoded.get("w" + key, raw)
+        wire = self.decoded.get(self._names[1] + key, raw)
         if not isinstance(wire, WireEntry):
             codec = self.codec
             try:
@@ -551,7 +555,7 @@ class StreamCache:
                 await self._drop(key, exc)
                 return None
             size = len(wire.sse or b"") + len(wire.body or b"")
-            self.decoded.put("w" + key, raw, wire, size)
+            self.decoded.put(self._names[1] + key, raw, wire, size)
         return self._fresh(key, wire, max_age)
 
     async def alias(self, name: str, key: str, *, expires_at: float | None = None) -> bool:
@@ -589,8 +593,8 @@ class StreamCache:
         await self.delete(key)
 
     def _forget_decoded(self, key: str) -> None:
-        self.decoded.discard("e" + key)
-        self.decoded.discard("w" + key)
+        self.decoded.discard(self._names[0] + key)
+        self.decoded.discard(self._names[1] + key)
 
     def _fresh(self, key: str, entry: _E, max_age: float | None) -> _E | None:
         if entry.schema != self.adapter.name:

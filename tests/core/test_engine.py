@@ -696,3 +696,15 @@ async def test_a_complete_stream_is_a_hit_while_its_reader_is_still_inside() -> 
             got = [e async for e in b]
         assert b.status == "hit" and wire(got) == wire(EVENTS) and second.calls == 0
     assert a.stored
+
+
+async def test_caches_sharing_a_decoded_budget_but_not_a_codec_do_not_share_decodings() -> None:
+    backend = DictBackend()
+    writer = StreamCache(backend, GenericSSE(), codec=MsgpackCodec(secret=b"one"))
+    await consume(writer, Upstream())
+    assert await writer.lookup(writer.key(writer.request(BODY))) is not None  # kept decoded
+    # Same backend, same key, same budget, another secret: the entry's MAC does not verify.
+    other = StreamCache(
+        backend, GenericSSE(), codec=MsgpackCodec(secret=b"two"), decoded_cache_bytes=writer.decoded
+    )
+    assert await other.lookup(other.key(other.request(BODY))) is None
