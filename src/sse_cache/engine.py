@@ -63,6 +63,8 @@ _YIELD_AFTER = 0.002
 #: Default budget of :class:`StreamCache`'s decoded-entry cache (hot entries, per process).
 DEFAULT_DECODED_CACHE_BYTES = 64 * 1024 * 1024
 _CLOSE_TIMEOUT = 5.0
+# At most this long, a cancelled reader finishes the pull it had started for the others.
+_HANDOVER_TIMEOUT = 60.0
 _INSTANT = Pacing()
 _RECORDING = RecorderState.RECORDING
 
@@ -289,14 +291,28 @@ class CachedStream:
                     return
                 continue
             assert iterator is not None
+            shared = flight.readers > 1
+            if shared:
+                # A reader already cancelled leaves here, before touching the upstream: its
+                # pulls are shielded (below), so it might otherwise never notice.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                if flight.pulling or flight.finished:
+                    continue  # (in case that checkpoint let another reader in)
             flight.pulling = True
             try:
-                event = await iterator.__anext__()
+                if shared:
+                    event = await _pull_for_others(iterator, cache.join_timeout)
+                else:
+                    event = await iterator.__anext__()
             except StopAsyncIteration:
                 await cache._upstream_ended(flight)
                 return
             except BaseException as exc:
                 cache._upstream_failed(flight, exc)
+                if isinstance(exc, SharedStreamAborted):
+                    # The bounded hand-over gave up: a cancelled reader leaves by its own
+                    # cancellation, the others by this error.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                 raise
             finally:
                 flight.pulling = False
@@ -396,6 +412,19 @@ class LiveRecording:
     @property
     def reason(self) -> str:
         return self._flight.recorder.reason
+
+
+async def _pull_for_others(iterator: AsyncIterator[Event], idle_timeout: float) -> Event:
+    """The next event of an upstream that other readers share. A cancelled reader must not
+    break it for them (an async generator cancelled inside ``__anext__`` is finished): the
+    pull completes shielded, bounded by ``min(idle_timeout, 60)`` seconds, and the reader's
+    cancellation lands right after it, at its next checkpoint."""
+    with anyio.CancelScope(shield=True) as scope:
+        scope.deadline = anyio.current_time() + min(idle_timeout, _HANDOVER_TIMEOUT)
+        return await iterator.__anext__()
+    raise SharedStreamAborted(  # only reached when the deadline cancelled the pull
+        f"the shared upstream stream sent nothing for {min(idle_timeout, _HANDOVER_TIMEOUT)} s"
+    )
 
 
 async def _wait_for_puller(flight: _Flight, idle_timeout: float) -> bool:

@@ -708,3 +708,71 @@ async def test_caches_sharing_a_decoded_budget_but_not_a_codec_do_not_share_deco
         backend, GenericSSE(), codec=MsgpackCodec(secret=b"two"), decoded_cache_bytes=writer.decoded
     )
     assert await other.lookup(other.key(other.request(BODY))) is None
+
+
+async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others() -> None:
+    # The first request reads slowly, so the one that joined it is the one pulling the
+    # upstream when its own client gives up: the pull it started completes for the others,
+    # and the first request gets its whole stream, which is stored.
+    events = [Event(str(n)) for n in range(12)]
+    cache = StreamCache(DictBackend(), GenericSSE())
+    up = Upstream(events, delay=0.03)
+    got: list[str] = []
+
+    async def owner() -> None:
+        async with cache.stream(cache.request(BODY), up) as s:
+            async for event in s:
+                got.append(event.data)
+                await anyio.sleep(0.05)
+        assert s.status == "miss" and s.stored
+
+    async def joiner() -> None:
+        await anyio.sleep(0.05)
+        with anyio.move_on_after(0.15) as scope:
+            async with cache.stream(cache.request(BODY), up) as s:
+                assert s.status == "shared"
+                async for _ in s:
+                    pass
+        assert scope.cancelled_caught
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(owner)
+        tg.start_soon(joiner)
+    assert got == [e.data for e in events] and up.calls == 1 and up.closed == 1
+
+
+async def test_a_shared_pull_that_never_ends_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sse_cache.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_HANDOVER_TIMEOUT", 0.2)
+
+    async def hung() -> AsyncIterator[Event]:
+        yield Event("first")
+        await anyio.sleep_forever()
+        yield Event("never")
+
+    cache = StreamCache(DictBackend(), GenericSSE())
+    outcome: list[str] = []
+
+    async def owner() -> None:
+        try:
+            async with cache.stream(cache.request(BODY), hung) as s:
+                async for _ in s:
+                    await anyio.sleep(0.05)  # slow: the joiner pulls next
+        except SharedStreamAborted:
+            outcome.append("owner aborted")
+
+    async def joiner() -> None:
+        await anyio.sleep(0.01)
+        with anyio.move_on_after(0.1):
+            async with cache.stream(cache.request(BODY), hung) as s:
+                async for _ in s:
+                    pass
+        outcome.append("joiner left")
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner)
+            tg.start_soon(joiner)
+    # The cancelled joiner waited for its pull at most the hand-over bound, not forever.
+    assert sorted(outcome) == ["joiner left", "owner aborted"]
