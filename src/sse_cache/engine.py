@@ -305,7 +305,7 @@ class CachedStream:
                 else:
                     event = await iterator.__anext__()
             except StopAsyncIteration:
-                await cache._upstream_ended(flight)
+                cache._upstream_ended(flight)
                 return
             except BaseException as exc:
                 cache._upstream_failed(flight, exc)
@@ -419,12 +419,12 @@ async def _pull_for_others(iterator: AsyncIterator[Event], idle_timeout: float) 
     break it for them (an async generator cancelled inside ``__anext__`` is finished): the
     pull completes shielded, bounded by ``min(idle_timeout, 60)`` seconds, and the reader's
     cancellation lands right after it, at its next checkpoint."""
+    bound = min(idle_timeout, _HANDOVER_TIMEOUT)
     with anyio.CancelScope(shield=True) as scope:
-        scope.deadline = anyio.current_time() + min(idle_timeout, _HANDOVER_TIMEOUT)
+        scope.deadline = anyio.current_time() + bound
         return await iterator.__anext__()
-    raise SharedStreamAborted(  # only reached when the deadline cancelled the pull
-        f"the shared upstream stream sent nothing for {min(idle_timeout, _HANDOVER_TIMEOUT)} s"
-    )
+    # Only reached when the deadline cancelled the pull.
+    raise SharedStreamAborted(f"the shared upstream stream sent nothing for {bound} s")
 
 
 async def _wait_for_puller(flight: _Flight, idle_timeout: float) -> bool:
@@ -556,15 +556,8 @@ class StreamCache:
         raw = await self._fetch(key)
         if raw is None:
             return None
-        entry = self.decoded.get(self._names[0] + key, raw)
-        if not isinstance(entry, Entry):
-            try:
-                entry = self.codec.decode(raw)
-            except CorruptEntry as exc:
-                await self._drop(key, exc)
-                return None
-            self.decoded.put(self._names[0] + key, raw, entry, _decoded_size(entry))
-        return self._fresh(key, entry, max_age)
+        entry = await self._decoded(self._names[0], key, raw, Entry, self.codec.decode)
+        return None if entry is None else self._fresh(key, entry, max_age)
 
     async def lookup_wire(self, key: str, *, max_age: float | None = None) -> WireEntry | None:
         """Like :meth:`lookup`, for an HTTP replay: a recorded stream comes as its canonical
@@ -572,20 +565,30 @@ class StreamCache:
         raw = await self._fetch(key)
         if raw is None:
             return None
-        wire = self.decoded.get(self._names[1] + key, raw)
-        if not isinstance(wire, WireEntry):
-            codec = self.codec
-            try:
-                if isinstance(codec, WireCodec):
-                    wire = codec.decode_wire(raw)
-                else:
-                    wire = _to_wire(codec.decode(raw))
-            except CorruptEntry as exc:
-                await self._drop(key, exc)
-                return None
-            size = len(wire.sse or b"") + len(wire.body or b"")
-            self.decoded.put(self._names[1] + key, raw, wire, size)
-        return self._fresh(key, wire, max_age)
+        codec = self.codec
+        decode: Callable[[bytes], WireEntry] = (
+            codec.decode_wire
+            if isinstance(codec, WireCodec)
+            else lambda data: _to_wire(codec.decode(data))
+        )
+        wire = await self._decoded(self._names[1], key, raw, WireEntry, decode)
+        return None if wire is None else self._fresh(key, wire, max_age)
+
+    async def _decoded(
+        self, name: str, key: str, raw: bytes, kind: type[_E], decode: Callable[[bytes], _E]
+    ) -> _E | None:
+        """``raw`` decoded by ``decode``, or the form kept from an earlier decode of the same
+        bytes; None (logged, deleted) when it is corrupt."""
+        kept = self.decoded.get(name + key, raw)
+        if isinstance(kept, kind):
+            return kept
+        try:
+            value = decode(raw)
+        except CorruptEntry as exc:
+            await self._drop(key, exc)
+            return None
+        self.decoded.put(name + key, raw, value, _decoded_size(value))
+        return value
 
     async def alias(self, name: str, key: str, *, expires_at: float | None = None) -> bool:
         """Store ``name`` as another name of the entry ``key`` (until ``expires_at``), e.g. a
@@ -888,12 +891,11 @@ class StreamCache:
 
     # -- single-flight internals -----------------------------------------------------------
 
-    async def _upstream_ended(self, flight: _Flight) -> None:
+    def _upstream_ended(self, flight: _Flight) -> None:
         # The stream is judged and stored when a reader leaves its ``async with``, not here:
         # the caller gets the end of its stream first and pays for judging (a pass over the
-        # events), encoding and writing afterwards. Until then identical requests join the
-        # finished flight (its whole log, no upstream call); from the judgement until the
-        # store is done they are answered from the judged entry (a hit).
+        # events), encoding and writing afterwards. An identical request arriving before
+        # that judges it first (``_flight``): a hit from the judged entry, or a miss.
         flight.finished = True
 
     def _upstream_failed(self, flight: _Flight, exc: BaseException) -> None:
@@ -984,13 +986,15 @@ class StreamCache:
         self._emit(Notice(kind=kind, key=key, detail=message))
 
 
-def _decoded_size(entry: Entry) -> int:
-    if entry.events is None:
+def _decoded_size(entry: Entry | WireEntry) -> int:
+    if isinstance(entry, WireEntry):
+        return len(entry.sse or b"") + len(entry.body or b"")
+    events = entry.events
+    if events is None:
         return len(entry.body or b"")
     # getsizeof: the memory of each text as CPython holds it (1, 2 or 4 bytes a character).
-    return sum(map(sys.getsizeof, [e.data for e in entry.events])) + DECODED_EVENT_BYTES * len(
-        entry.events
-    )
+    texts = sum(map(sys.getsizeof, [e.data for e in events]))
+    return texts + DECODED_EVENT_BYTES * len(events)
 
 
 def _to_wire(entry: Entry) -> WireEntry:

@@ -91,7 +91,7 @@ class _Hints:
             if len(self._items) > self._size:
                 self._items.popitem(last=False)
 
-    def pop(self, key: str, default: None = None) -> None:
+    def discard(self, key: str) -> None:
         with self._lock:
             self._items.pop(key, None)
 
@@ -302,13 +302,13 @@ class MemcachedBackend:
             fetched = self._client.get_many([item_key, *self._chunk_keys(item_key, *hint)])
             found = fetched.get(item_key)
         if found is None:
-            self._hints.pop(item_key, None)
+            self._hints.discard(item_key)
             return None
         data, flags = found
         kind = flags & _KIND_MASK
         if flags == _MANIFEST:
             return self._get_chunked(item_key, data, hint, fetched)
-        self._hints.pop(item_key, None)
+        self._hints.discard(item_key)
         if flags == _RAW:
             return bytes(data)
         if kind == _TIMED:
@@ -391,7 +391,7 @@ class MemcachedBackend:
         return seconds if seconds <= _THIRTY_DAYS else math.ceil(deadline) + 1
 
     def _delete(self, item_key: str) -> None:
-        self._hints.pop(item_key, None)
+        self._hints.discard(item_key)
         found = self._client.get(item_key)
         self._client.delete(item_key, noreply=False)
         if found is not None and found[1] == _MANIFEST:
