@@ -4,7 +4,7 @@ routes, Last-Event-ID, body limits, custom tenants, and apps that misbehave."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -67,6 +67,38 @@ async def client_for() -> AsyncIterator[Any]:
     yield make
     for client in clients:
         await client.aclose()
+
+
+def events_scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
+    """A raw ASGI scope for ``POST /events`` from the test client's tenant."""
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/events",
+        "raw_path": b"/events",
+        "query_string": b"",
+        "headers": [
+            (b"authorization", b"Bearer sk-test"),
+            (b"content-type", b"application/json"),
+            *headers,
+        ],
+    }
+
+
+def body_then(body: bytes, until: Callable[[], Awaitable[object]]) -> Any:
+    """An ASGI ``receive``: the whole request ``body``, then ``http.disconnect`` once ``until``
+    returns."""
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await until()
+        return {"type": "http.disconnect"}
+
+    return receive
 
 
 async def test_generic_route_and_last_event_id(client_for: Any) -> None:
@@ -208,15 +240,6 @@ async def test_paced_hit_stops_when_the_client_leaves(client_for: Any) -> None:
     # the first event arrives.
     left = anyio.Event()
     bodies: list[bytes] = []
-    sent_request = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent_request
-        if not sent_request:
-            sent_request = True
-            return {"type": "http.request", "body": b'{"q": "paced"}', "more_body": False}
-        await left.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -225,20 +248,9 @@ async def test_paced_hit_stops_when_the_client_leaves(client_for: Any) -> None:
             bodies.append(message["body"])
             left.set()
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/events",
-        "raw_path": b"/events",
-        "query_string": b"",
-        "headers": [
-            (b"authorization", b"Bearer sk-test"),
-            (b"content-type", b"application/json"),
-            (b"x-sse-cache-replay", b"200ms"),
-        ],
-    }
+    scope = events_scope((b"x-sse-cache-replay", b"200ms"))
     with anyio.fail_after(5):
-        await mw(scope, receive, send)
+        await mw(scope, body_then(b'{"q": "paced"}', left.wait), send)
     # Before the fix the replay paced all six events into the closed connection.
     assert 1 <= len(bodies) < len(EVENTS)
 
@@ -262,27 +274,10 @@ async def test_a_failing_send_during_a_hit_raises_as_itself(client_for: Any) -> 
     # machinery must not wrap it.
     mw = CacheMiddleware(App(), "memory://", routes={"/events": GenericSSE})
     await client_for(mw).post("/events", json={"q": "reset"})
-    sent_request = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent_request
-        if not sent_request:
-            sent_request = True
-            return {"type": "http.request", "body": b'{"q": "reset"}', "more_body": False}
-        await anyio.sleep_forever()
-        raise AssertionError  # unreachable
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body":
             raise OSError("connection reset by peer")
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/events",
-        "raw_path": b"/events",
-        "query_string": b"",
-        "headers": [(b"authorization", b"Bearer sk-test"), (b"content-type", b"application/json")],
-    }
     with pytest.raises(OSError, match="connection reset"):
-        await mw(scope, receive, send)
+        await mw(events_scope(), body_then(b'{"q": "reset"}', anyio.sleep_forever), send)
