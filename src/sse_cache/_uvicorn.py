@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -13,9 +13,17 @@ __all__ = ["serve"]
 
 
 @asynccontextmanager
-async def serve(app: Any, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+async def serve(
+    app: Any,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    lifespan: Literal["auto", "on", "off"] = "off",
+    startup_timeout: float = 10.0,
+) -> AsyncIterator[str]:
     """Serve ``app`` on ``host:port`` (0: a free port) until the block ends; yields the base
-    URL. Needs uvicorn (``sse-cache[proxy]``) and asyncio."""
+    URL. ``lifespan``: uvicorn's setting (``"on"`` runs the app's startup and shutdown).
+    Needs uvicorn (``sse-cache[proxy]``) and asyncio."""
     import uvicorn
 
     # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only when the
@@ -25,12 +33,12 @@ async def serve(app: Any, host: str = "127.0.0.1", port: int = 0) -> AsyncIterat
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False)
     server = uvicorn.Server(config)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
-            with anyio.fail_after(10):
+            with anyio.fail_after(startup_timeout):
                 while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
                     await anyio.sleep(0.01)
             try:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,8 +19,8 @@ import anyio
 import httpx2
 import openai
 import pytest
-import uvicorn
 
+from sse_cache._uvicorn import serve
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import ProxyApp
@@ -54,27 +53,10 @@ def doc_blocks(doc: str, marker: str) -> list[str]:
     return [block.split("\n```", 1)[0] for block in blocks]
 
 
-@asynccontextmanager
-async def serve_with_lifespan(app: Any) -> AsyncIterator[str]:
+def serve_with_lifespan(app: Any) -> AbstractAsyncContextManager[str]:
     """Like the ``serve`` fixture, but with the ASGI lifespan on: the gateway opens its
     upstream client at startup, and the cache closes its backend at shutdown."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(server.serve, [sock])
-            with anyio.fail_after(60):
-                while not server.started:  # noqa: ASYNC110 - uvicorn offers no event
-                    await anyio.sleep(0.01)
-            try:
-                yield f"http://127.0.0.1:{port}"
-            finally:
-                server.should_exit = True
-    finally:
-        sock.close()
+    return serve(app, lifespan="on", startup_timeout=60)
 
 
 class Stack:
