@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import math
 import zlib
+from itertools import repeat
 from types import ModuleType
 from typing import Final, Literal
 
@@ -91,10 +92,15 @@ class _Head(msgspec.Struct, array_like=True):
 
 
 class _Columns(msgspec.Struct, array_like=True):
+    # Event types are few and repeat (a stream is mostly "...delta" events): each is stored
+    # once in ``type_names`` and the column holds indices into it, one byte each while a
+    # stream has at most 256 types. Decoding a string per event cost more than the
+    # indices, and every event of a type now shares one string in memory.
     # ids/retries are None when no event has one: the common case, and a column of nils
     # would cost decode time for nothing.
     data: list[str]
-    types: list[str | None]
+    type_names: list[str | None]
+    types: bytes | list[int]
     at: list[float]
     ids: list[str | None] | None
     retries: list[int | None] | None
@@ -181,9 +187,12 @@ class MsgpackCodec:
             retries: list[int | None] | None = [e.retry for e in events]
             if all(r is None for r in retries):  # type: ignore[union-attr]
                 retries = None
+            type_names: dict[str | None, int] = {}
+            indices = [type_names.setdefault(e.event, len(type_names)) for e in events]
             cols = _Columns(
                 [e.data for e in events],
-                [e.event for e in events],
+                list(type_names),
+                bytes(indices) if len(type_names) <= 256 else indices,
                 [e.at for e in events],
                 ids,
                 retries,
@@ -236,18 +245,25 @@ class MsgpackCodec:
         except msgspec.DecodeError as exc:
             raise CorruptEntry(f"entry events do not decode: {exc}") from None
         n = len(cols.data)
-        if not n == len(cols.types) == len(cols.at) == head.count:
+        names, indices = cols.type_names, cols.types
+        if not n == len(indices) == len(cols.at) == head.count:
             raise CorruptEntry("entry event columns are inconsistent")
-        ids = cols.ids if cols.ids is not None else [None] * n
-        retries = cols.retries if cols.retries is not None else [None] * n
-        if not len(ids) == len(retries) == n:
+        if n and not 0 <= min(indices) <= max(indices) < len(names):
+            raise CorruptEntry("entry event types are inconsistent")
+        ids = cols.ids if cols.ids is not None else repeat(None, n)
+        retries = cols.retries if cols.retries is not None else repeat(None, n)
+        if (cols.ids is not None and len(cols.ids) != n) or (
+            cols.retries is not None and len(cols.retries) != n
+        ):
             raise CorruptEntry("entry event columns are inconsistent")
+        types = map(names.__getitem__, indices)
+        events = tuple(map(Event, cols.data, types, ids, retries, cols.at))
         return Entry(
             schema=head.schema,
             created_at=head.created_at,
             status=head.status,
             content_type=head.content_type,
-            events=tuple(map(Event, cols.data, cols.types, ids, retries, cols.at)),
+            events=events,
             meta=head.meta,
             expires_at=head.expires_at,
         )

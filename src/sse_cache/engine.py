@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import operator
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -587,7 +588,8 @@ class StreamCache:
         except CorruptEntry as exc:
             await self._drop(key, exc)
             return None
-        self.decoded.put(name + key, raw, value, _decoded_size(value))
+        if self.decoded.max_bytes:  # (sizing a decoded stream costs a pass over it)
+            self.decoded.put(name + key, raw, value, _decoded_size(value))
         return value
 
     async def alias(self, name: str, key: str, *, expires_at: float | None = None) -> bool:
@@ -986,6 +988,9 @@ class StreamCache:
         self._emit(Notice(kind=kind, key=key, detail=message))
 
 
+_data_of = operator.attrgetter("data")
+
+
 def _decoded_size(entry: Entry | WireEntry) -> int:
     if isinstance(entry, WireEntry):
         return len(entry.sse or b"") + len(entry.body or b"")
@@ -993,7 +998,7 @@ def _decoded_size(entry: Entry | WireEntry) -> int:
     if events is None:
         return len(entry.body or b"")
     # getsizeof: the memory of each text as CPython holds it (1, 2 or 4 bytes a character).
-    texts = sum(map(sys.getsizeof, [e.data for e in events]))
+    texts = sum(map(sys.getsizeof, map(_data_of, events)))
     return texts + DECODED_EVENT_BYTES * len(events)
 
 

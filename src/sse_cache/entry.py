@@ -10,7 +10,8 @@ __all__ = ["ENTRY_FORMAT_VERSION", "Entry"]
 
 #: Version of the stored format. Bumping it changes every key (see :mod:`sse_cache.keys`)
 #: and makes :class:`~sse_cache.codec.MsgpackCodec` reject older envelopes as corrupt.
-ENTRY_FORMAT_VERSION = 1
+#: 2: event types stored once per stream, the event column holding indices.
+ENTRY_FORMAT_VERSION = 2
 
 
 class Entry(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sse_cache import ConfigError, CorruptEntry, Entry, Event, MsgpackCodec, serialize_sse
+from sse_cache.entry import ENTRY_FORMAT_VERSION
 from sse_cache.testing import responses_stream
 
 _text = st.text(max_size=40)
@@ -88,7 +89,7 @@ def test_foreign_bytes_never_raise_anything_else(data: bytes) -> None:
     with pytest.raises(CorruptEntry):
         MsgpackCodec().decode(data)
     with pytest.raises(CorruptEntry):
-        MsgpackCodec().decode(b"SSEC\x01\x00" + data)
+        MsgpackCodec().decode(b"SSEC" + bytes((ENTRY_FORMAT_VERSION, 0)) + data)
 
 
 def test_secret_rejects_entries_written_without_it() -> None:
@@ -154,8 +155,51 @@ def test_non_finite_timestamps_are_refused_and_detected(bad: float) -> None:
     head = msgspec.msgpack.encode(1.0)
     at = payload.find(head)
     payload[at : at + len(head)] = msgspec.msgpack.encode(bad)
-    digest = hashlib.blake2b(b"\x01", digest_size=16)
+    version = bytes((ENTRY_FORMAT_VERSION,))
+    digest = hashlib.blake2b(version, digest_size=16)
     digest.update(bytes(payload))
-    forged = b"SSEC\x01" + digest.digest() + bytes(payload)
+    forged = b"SSEC" + version + digest.digest() + bytes(payload)
     with pytest.raises(CorruptEntry, match="finite"):
         MsgpackCodec().decode(forged)
+
+
+def test_streams_with_more_event_types_than_a_byte_indexes_round_trip() -> None:
+    # Up to 256 types the type column is one byte per event; past that, a list of ints.
+    for kinds in (256, 257, 1000):
+        events = tuple(Event(str(i), f"kind-{i % kinds}", at=i / 10) for i in range(1200))
+        entry = Entry(schema="generic", created_at=1.0, events=events)
+        codec = MsgpackCodec()
+        decoded = codec.decode(codec.encode(entry))
+        assert decoded == entry
+        # Events of one type share one string in memory.
+        assert decoded.events is not None
+        assert decoded.events[0].event is decoded.events[kinds].event
+
+
+def _forged_with_columns(columns: list[object]) -> bytes:
+    """An envelope with a valid checksum around event columns we choose."""
+    import hashlib
+
+    import msgspec
+
+    head = ["generic", 1.0, 200, "text/event-stream", {}, True, 2, 0.0, None]
+    payload = msgspec.msgpack.encode(
+        [head, b"\x00" + msgspec.msgpack.encode(columns), b"\x00data: x\n\n"]
+    )
+    version = bytes((ENTRY_FORMAT_VERSION,))
+    digest = hashlib.blake2b(version, digest_size=16)
+    digest.update(payload)
+    return b"SSEC" + version + digest.digest() + payload
+
+
+def test_event_type_indices_outside_the_table_are_corrupt() -> None:
+    good = [["a", "b"], ["t", None], b"\x00\x01", [0.0, 1.0], None, None]
+    entry = MsgpackCodec().decode(_forged_with_columns(good))
+    assert entry.events == (Event("a", "t", at=0.0), Event("b", None, at=1.0))
+    for types in (b"\x00\x02", [0, 5], [-1, 0]):
+        with pytest.raises(CorruptEntry, match="types"):
+            MsgpackCodec().decode(_forged_with_columns([*good[:2], types, *good[3:]]))
+    with pytest.raises(CorruptEntry, match="inconsistent"):
+        MsgpackCodec().decode(_forged_with_columns([*good[:2], b"\x00", *good[3:]]))
+    with pytest.raises(CorruptEntry, match="inconsistent"):
+        MsgpackCodec().decode(_forged_with_columns([*good[:4], ["1"], None]))
