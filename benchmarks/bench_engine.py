@@ -1,6 +1,7 @@
 """Engine benchmark: replay, tee and parser rates as ratios to baselines of the same run.
 
-For a 2,000-delta OpenAI Responses stream (50 characters per delta):
+For a 2,000-delta OpenAI Responses stream (8 characters per delta by default, the ~490 KB
+stream ``../shared/LIMITS.md`` measures; ``--delta-chars 50`` for a stress case of ~900 KB):
 
 (a) hit replay from the memory backend, including the backend GET, vs a raw async generator
     over the same pre-decoded events                               (target >= 0.3x)
@@ -75,8 +76,8 @@ def parse_httpx_sse(raw: bytes) -> int:
     return n
 
 
-async def main(repeat: int) -> None:
-    events = responses_stream("benchmark", text_deltas=2000, delta_chars=50, summaries=2)
+async def main(repeat: int, delta_chars: int) -> None:
+    events = responses_stream("benchmark", text_deltas=2000, delta_chars=delta_chars, summaries=2)
     raw = serialize_sse(events)
     print(f"stream: {len(events)} events, {len(raw) / 1024:.0f} KiB of SSE; {repeat} repetitions")
 
@@ -169,4 +170,12 @@ async def main(repeat: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=15)
-    anyio.run(main, parser.parse_args().repeat)
+    parser.add_argument(
+        "--delta-chars",
+        type=int,
+        default=8,
+        help="characters per text delta: 8 gives the 2,000-event, ~490 KB stream of "
+        "../shared/LIMITS.md (real deltas are a token or two); 50 is a heavier stress case",
+    )
+    args = parser.parse_args()
+    anyio.run(main, args.repeat, args.delta_chars)
