@@ -44,6 +44,14 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": body})
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """
+# The floor of any forwarding proxy built like ours: the same httpx2 forwarder under uvicorn,
+# without the cache in front.
+BARE_FORWARDER = """
+import sys, uvicorn
+from sse_cache.proxy import Forwarder
+uvicorn.run(Forwarder(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
+            log_level="warning", lifespan="on")
+"""
 
 
 def free_port() -> int:
@@ -110,9 +118,10 @@ async def main(repeat: int, backend: str | None) -> None:
                     static_body = Path(tmp) / "body.sse"
                     static_body.write_bytes(original)
                     static_cmd = [sys.executable, "-c", STATIC_APP, str(static_body), "{port}"]
-                    with server(*static_cmd) as static:
+                    bare_cmd = [sys.executable, "-c", BARE_FORWARDER, upstream, "{port}"]
+                    with server(*static_cmd) as static, server(*bare_cmd) as bare:
                         hit_last, ceiling_last = [], []
-                        miss_first, direct_first = [], []
+                        miss_first, direct_first, bare_first = [], [], []
                         for i in range(repeat):
                             _, last, data, status = await timed(client, url_p, body, HEADERS)
                             assert status == "hit" and data == original, status
@@ -131,6 +140,11 @@ async def main(repeat: int, backend: str | None) -> None:
                                 client, upstream + "/v1/responses", direct, HEADERS
                             )
                             direct_first.append(first)
+                            bare_req = {**body, "input": f"bare {i}"}
+                            first, _, _, _ = await timed(
+                                client, bare + "/v1/responses", bare_req, HEADERS
+                            )
+                            bare_first.append(first)
     med = statistics.median
     events = original.count(b"\n\n")
     kind = url.split(":")[0]
@@ -147,6 +161,11 @@ async def main(repeat: int, backend: str | None) -> None:
         f"direct  {med(direct_first) * 1e3:7.2f} ms   "
         f"ratio {med(miss_first) / med(direct_first):4.2f}x (target <= 1.1x + 2 ms = "
         f"{budget * 1e3:.2f} ms) {'ok' if med(miss_first) <= budget else 'ABOVE TARGET'}"
+    )
+    print(
+        f"    floor: the forwarder alone (no cache) {med(bare_first) * 1e3:7.2f} ms   "
+        f"ratio {med(bare_first) / med(direct_first):4.2f}x; the cache's own share "
+        f"{(med(miss_first) - med(bare_first)) * 1e3:+.2f} ms"
     )
 
 
