@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import pytest
-from pymemcache.client.base import Client  # type: ignore[import-untyped]
+from pymemcache.client.base import Client, PooledClient  # type: ignore[import-untyped]
 
 from sse_cache.backends import from_url
 from sse_cache.backends.memcached import (
+    _IOV_MAX,
     _MANIFEST,
     _MANIFEST_BODY,
     _MANIFEST_MAGIC,
     MemcachedBackend,
     _expired,
     _pack_deadline,
+    _send_parts,
 )
 from sse_cache.codec import MsgpackCodec
 from sse_cache.entry import Entry
@@ -34,9 +37,75 @@ def url(memcached_server: Any) -> str:
 
 @pytest.fixture
 def raw(memcached_server: Any) -> Iterator[Client]:
-    client = Client(("127.0.0.1", memcached_server.port))
+    # Waits for every reply: a delete or set must have happened before the backend reads.
+    client = Client(("127.0.0.1", memcached_server.port), default_noreply=False)
     yield client
     client.close()
+
+
+@pytest.fixture
+def pool_url(memcached_pool: Any) -> str:
+    servers = ",".join(server.address for server in memcached_pool)
+    return f"memcached://{servers}?prefix=mc{os.urandom(4).hex()}:"
+
+
+class Recorder:
+    """Wraps a pooled connection's socket: records what is sent and when replies are read,
+    and can cut the connection once a given command starts."""
+
+    def __init__(self, sock: socket.socket, cut_at: bytes | None = None) -> None:
+        self.sock = sock
+        self.cut_at = cut_at
+        self.events: list[str] = []  # "send" / "recv", in order
+        self.sent = b""
+
+    def sendmsg(self, buffers: list[memoryview]) -> int:
+        self.events.append("send")
+        data = b"".join(buffers)
+        if self.cut_at is not None and (cut := (self.sent + data).find(self.cut_at)) >= 0:
+            data = data[: max(0, cut - len(self.sent))]
+            self.sock.sendall(data)
+            self.sent += data
+            # Let the server answer what it got (so those items are stored for sure), then
+            # break the connection as if the server had gone away.
+            replies = b""
+            while replies.count(b"\r\n") < len(self.commands()):
+                replies += self.sock.recv(4096)
+            raise ConnectionResetError("cut before the manifest")
+        sent = int(self.sock.sendmsg(buffers))
+        self.sent += data[:sent]
+        return sent
+
+    def recv(self, size: int) -> bytes:
+        self.events.append("recv")
+        return self.sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+    def commands(self) -> list[tuple[str, int, int]]:
+        """(key, flags, length) of every ``set`` sent, in order."""
+        out = []
+        rest = self.sent
+        while rest:
+            line, rest = rest.split(b"\r\n", 1)
+            verb, key, flags, _, length = line.split()
+            assert verb == b"set"
+            out.append((key.decode(), int(flags), int(length)))
+            rest = rest[int(length) + 2 :]
+        return out
+
+
+def record(backend: Any, cut_at: bytes | None = None) -> Recorder:
+    """Put a Recorder on the connection the backend's next write will borrow (its pool holds
+    exactly one, so the next write gets that one)."""
+    pool = backend._client.client_pool
+    assert len(pool.free) == 1 and not pool.used
+    with pool.get_and_release() as client:
+        if client.sock is None:
+            client._connect()
+        client.sock = recorder = Recorder(client.sock, cut_at)
+    return recorder
 
 
 def chunk_keys(backend: MemcachedBackend, key: str) -> list[str]:
@@ -108,10 +177,50 @@ async def test_altered_chunk_reads_as_miss(url: str, raw: Client) -> None:
     await backend.aclose()
 
 
-async def test_a_write_cut_before_its_manifest_leaves_the_previous_value(url: str) -> None:
-    # The chunks of a new value are written, then the write fails before its manifest:
-    # readers still get the previous value whole, never the new chunks.
+async def test_one_server_writes_chunks_then_manifest_in_one_round_trip(url: str) -> None:
+    # All the chunks and then the manifest go out before any reply is read: one batch on one
+    # connection, which memcached executes in order.
     backend: Any = from_url(url, chunk_size=4096)
+    await backend.set("warm", b"up", None)  # opens the one pooled connection
+    recorder = record(backend)
+    value = os.urandom(50_000)
+    await backend.set("k", value, 60)
+    assert (
+        recorder.events[0] == "send"
+        and "send" not in recorder.events[recorder.events.index("recv") :]
+    )
+    commands = recorder.commands()
+    assert [key for key, _, _ in commands] == [*chunk_keys(backend, "k"), backend._item_key("k")]
+    assert [flags for _, flags, _ in commands] == [0] * 13 + [_MANIFEST]
+    assert sum(length for _, _, length in commands[:-1]) == len(value)
+    assert await backend.get("k") == value
+    await backend.aclose()
+
+
+async def test_a_write_cut_before_its_manifest_leaves_the_previous_value(url: str) -> None:
+    # One server: the connection breaks after the new chunks were sent, before the manifest:
+    # the chunks are stored, but readers still get the previous value whole.
+    backend: Any = from_url(url, chunk_size=4096)
+    old, new = os.urandom(50_000), os.urandom(50_000)
+    await backend.set("k", old, None)
+    recorder = record(backend, cut_at=b"set " + backend._item_key("k").encode() + b" ")
+    with pytest.raises(BackendError):
+        await backend.set("k", new, None)
+    new_chunks = [key for key, _, _ in recorder.commands()]
+    assert len(new_chunks) == 13
+    assert all(backend._client.get(key) is not None for key in new_chunks)
+    assert await backend.get("k") == old
+    await backend.set("k", new, None)
+    assert await backend.get("k") == new
+    await backend.aclose()
+
+
+async def test_a_pool_write_cut_before_its_manifest_leaves_the_previous_value(
+    pool_url: str,
+) -> None:
+    # A pool writes the chunks, waits for them, then the manifest: a write that fails before
+    # its manifest leaves the previous value readable.
+    backend: Any = from_url(pool_url, chunk_size=4096)
     old, new = os.urandom(50_000), os.urandom(50_000)
     await backend.set("k", old, None)
     real_set = backend._client.set
@@ -129,6 +238,122 @@ async def test_a_write_cut_before_its_manifest_leaves_the_previous_value(url: st
     await backend.set("k", new, None)
     assert await backend.get("k") == new
     await backend.aclose()
+
+
+async def test_a_refused_chunk_leaves_no_manifest(url: str, raw: Client) -> None:
+    # Chunks larger than the server's item limit (1 MiB) are refused, but the server goes on
+    # with the batch and stores the last, short chunk and the manifest: the backend must
+    # delete that manifest and fail the write. The key then reads as a miss.
+    backend: Any = from_url(url, chunk_size=2 * 1024 * 1024)
+    item_key = backend._item_key("k")
+    await backend.set("k", b"previous", None)
+    found_before_delete: list[Any] = []
+    real_delete = backend._client.delete
+
+    def delete(key: str, **kw: Any) -> bool:
+        found_before_delete.append(raw.get(key))
+        return bool(real_delete(key, **kw))
+
+    backend._client.delete = delete
+    with pytest.raises(BackendError, match="did not store"):
+        await backend.set("k", os.urandom(4 * 1024 * 1024 + 500_000), None)
+    backend._client.delete = real_delete
+    assert found_before_delete and found_before_delete[0] is not None  # the manifest landed
+    assert raw.get(item_key) is None
+    assert await backend.get("k") is None
+    await backend.set("k", b"after", None)  # the backend's connections are still fine
+    assert await backend.get("k") == b"after"
+    await backend.aclose()
+
+
+async def test_a_refused_small_item_fails_the_write(url: str) -> None:
+    backend: Any = from_url(url, chunk_size=2 * 1024 * 1024)
+    with pytest.raises(BackendError, match="did not store"):
+        await backend.set("k", os.urandom(1024 * 1024 + 1), None)  # one item, over 1 MiB
+    await backend.set("k", b"fine", None)
+    assert await backend.get("k") == b"fine"
+    await backend.aclose()
+
+
+class Trickle:
+    """A socket whose sendmsg takes at most ``step`` bytes per call."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.data = b""
+        self.most_buffers = 0
+
+    def sendmsg(self, buffers: list[memoryview]) -> int:
+        self.most_buffers = max(self.most_buffers, len(buffers))
+        taken = b""
+        for buffer in buffers:
+            taken += bytes(buffer[: self.step - len(taken)])
+            if len(taken) == self.step:
+                break
+        self.data += taken
+        return len(taken)
+
+
+@pytest.mark.parametrize("step", [7, 4096, 10**9])
+def test_send_parts_survives_partial_sends(step: int) -> None:
+    parts = [os.urandom(n) for n in (5, 0, 30, 1, 0, 700, 2)] * 200  # 1,400 buffers
+    sock: Any = Trickle(step)
+    _send_parts(sock, [memoryview(p) if i % 2 else p for i, p in enumerate(parts)])
+    assert sock.data == b"".join(parts)
+    assert sock.most_buffers <= _IOV_MAX
+
+
+async def test_more_chunks_than_one_sendmsg_takes(url: str) -> None:
+    # 1 KiB chunks of a 600 KB value: 1,761 buffers, more than one sendmsg call accepts.
+    backend: Any = from_url(url, chunk_size=1024)
+    value = os.urandom(600_000)
+    await backend.set("k", value, None)
+    assert await backend.get("k") == value
+    await backend.aclose()
+
+
+async def test_without_sendmsg_the_batch_is_joined(url: str) -> None:
+    # Windows sockets have no sendmsg: the batch is sent as one joined buffer instead.
+    class NoSendmsg:
+        def __init__(self, sock: socket.socket) -> None:
+            self.sock = sock
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "sendmsg":
+                raise AttributeError(name)
+            return getattr(self.sock, name)
+
+    backend: Any = from_url(url, chunk_size=4096)
+    await backend.set("warm", b"up", None)
+    with backend._client.client_pool.get_and_release() as client:
+        client.sock = NoSendmsg(client.sock)
+    value = os.urandom(50_000)
+    await backend.set("k", value, None)
+    assert isinstance(client.sock, NoSendmsg)  # the same connection wrote it
+    assert await backend.get("k") == value
+    await backend.aclose()
+
+
+async def test_pymemcache_internals_we_borrow(memcached_server: Any) -> None:
+    # On one server, writes borrow a connection from pymemcache's pool and write on its
+    # socket (pymemcache would copy the value three times). These are private details of
+    # pymemcache: if this test fails after a pymemcache upgrade, _store_batch needs updating.
+    client = PooledClient(("127.0.0.1", memcached_server.port), timeout=0.25, no_delay=True)
+    with client.client_pool.get_and_release(destroy_on_fail=True) as conn:
+        assert isinstance(conn, Client) and conn.sock is None  # connects lazily
+        conn._connect()
+        sock = conn.sock
+        assert isinstance(sock, socket.socket)
+        assert sock.gettimeout() == 0.25
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    with client.client_pool.get_and_release(destroy_on_fail=True) as again:
+        assert again is conn and again.sock is sock  # released connections are reused
+    with pytest.raises(ZeroDivisionError):
+        with client.client_pool.get_and_release(destroy_on_fail=True) as conn:
+            raise ZeroDivisionError
+    assert conn.sock is None and sock.fileno() == -1  # destroyed: closed, not reused
+    assert not client.client_pool.free and not client.client_pool.used
+    client.close()
 
 
 async def test_foreign_item_reads_as_miss(url: str, raw: Client) -> None:
