@@ -17,8 +17,9 @@ from typing import Generic, TypeVar
 __all__ = ["DecodedEntries"]
 
 _T = TypeVar("_T")
-# Memory per event of a decoded stream besides its data text (the Event object, its own
-# event-type string, the float of its time, a tuple slot), measured with tracemalloc.
+# Memory per event of a decoded stream besides its data text (the Event object, the float of
+# its time, a tuple slot; event-type strings are shared since entry format 2, so this errs
+# high), measured with tracemalloc.
 DECODED_EVENT_BYTES = 200
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from sse_cache.backends.memcached import (
     MemcachedBackend,
     _expired,
     _pack_deadline,
+    _read_replies,
     _send_parts,
 )
 from sse_cache.codec import MsgpackCodec
@@ -276,14 +278,20 @@ async def test_a_refused_small_item_fails_the_write(url: str) -> None:
 
 
 class Trickle:
-    """A socket whose sendmsg takes at most ``step`` bytes per call."""
+    """A socket whose sendmsg takes at most ``step`` bytes per call (after ``pause`` s)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, pause: float = 0.0) -> None:
         self.step = step
+        self.pause = pause
         self.data = b""
         self.most_buffers = 0
+        self.timeouts: list[float | None] = []
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeouts.append(timeout)
 
     def sendmsg(self, buffers: list[memoryview]) -> int:
+        time.sleep(self.pause)
         self.most_buffers = max(self.most_buffers, len(buffers))
         taken = b""
         for buffer in buffers:
@@ -298,9 +306,44 @@ class Trickle:
 def test_send_parts_survives_partial_sends(step: int) -> None:
     parts = [os.urandom(n) for n in (5, 0, 30, 1, 0, 700, 2)] * 200  # 1,400 buffers
     sock: Any = Trickle(step)
-    _send_parts(sock, [memoryview(p) if i % 2 else p for i, p in enumerate(parts)])
+    _send_parts(sock, [memoryview(p) if i % 2 else p for i, p in enumerate(parts)], None)
     assert sock.data == b"".join(parts)
     assert sock.most_buffers <= _IOV_MAX
+
+
+def test_a_batch_is_bounded_by_one_deadline_not_one_timeout_per_call() -> None:
+    # A server that keeps taking a little at a time must not hold a write past the timeout:
+    # each call gets what is left of the batch's time.
+    sock: Any = Trickle(step=100, pause=0.01)
+    parts = [os.urandom(100_000)]  # 1,000 calls of 10 ms without a deadline
+    with pytest.raises(TimeoutError):
+        _send_parts(sock, parts, time.monotonic() + 0.1)
+    assert 0 < len(sock.data) < 100_000
+    assert sock.timeouts and all(t is not None and t <= 0.1 for t in sock.timeouts)
+    assert sock.timeouts == sorted(sock.timeouts, reverse=True)
+
+
+class Replies:
+    """A socket whose recv hands out ``chunks`` in turn."""
+
+    def __init__(self, *chunks: bytes) -> None:
+        self.chunks = list(chunks)
+
+    def settimeout(self, timeout: float | None) -> None:
+        pass
+
+    def recv(self, size: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def test_reply_lines_are_read_across_recv_calls_and_must_end_the_data() -> None:
+    sock: Any = Replies(b"STO", b"RED\r\nNOT_", b"STORED\r\n")
+    assert _read_replies(sock, 2, None) == [b"STORED", b"NOT_STORED"]
+    for extra in (b"STORED\r\nSTORED\r\n", b"STORED\r\nSTO"):
+        with pytest.raises(BackendError, match="one reply per command"):
+            _read_replies(Replies(extra), 1, None)
+    with pytest.raises(ConnectionResetError):
+        _read_replies(Replies(b"STORED\r\n"), 2, None)
 
 
 async def test_more_chunks_than_one_sendmsg_takes(url: str) -> None:

@@ -34,7 +34,10 @@ How a chunked value is written:
   as a miss, not as the previous value (a reader that finds the manifest before the delete
   finds a chunk missing: a miss too; the delete may also remove a value another client
   stored in between: a miss as well). A batch cut before its manifest arrived whole
-  (connection lost, timeout while sending) leaves the previous value.
+  (connection lost, timeout while sending) leaves the previous value. A write that fails
+  *after* its manifest was sent (a timeout waiting for the replies: the server was paused,
+  say) may still be applied when the server goes on, as a plain ``set`` that timed out may:
+  the caller saw an error, readers later see the new value, whole.
 - a pool: chunks and manifest land on different servers, and nothing orders commands sent
   to different servers, so the manifest is written only after every chunk was acknowledged
   (two round trips); a failed write leaves the previous value.
@@ -146,14 +149,18 @@ class _BytesSerde:
         return value, flags
 
 
-def _send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
-    """Send ``parts`` in order as one stream, without joining them into one buffer."""
+def _send_parts(
+    sock: socket.socket, parts: Sequence[bytes | memoryview], deadline: float | None
+) -> None:
+    """Send ``parts`` in order as one stream, without joining them into one buffer, by
+    ``deadline`` (``time.monotonic()``; None: each call bounded by the socket's timeout)."""
     if not hasattr(sock, "sendmsg"):  # Windows
         sock.sendall(b"".join(parts))
         return
     views = [memoryview(p) for p in parts]
     i = 0
     while i < len(views):
+        _bound(sock, deadline)
         sent = sock.sendmsg(views[i : i + _IOV_MAX])
         while i < len(views) and sent >= len(views[i]):
             sent -= len(views[i])
@@ -162,18 +169,30 @@ def _send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> Non
             views[i] = views[i][sent:]
 
 
-def _read_replies(sock: socket.socket, count: int) -> list[bytes]:
+def _read_replies(sock: socket.socket, count: int, deadline: float | None) -> list[bytes]:
     """The next ``count`` reply lines (each command of a store batch gets exactly one)."""
     buf = b""
     while buf.count(b"\r\n") < count:
+        _bound(sock, deadline)
         data = sock.recv(4096)
         if not data:
             raise ConnectionResetError("memcached closed the connection")
         buf += data
     lines = buf.split(b"\r\n")
-    if len(lines) != count + 1:
-        raise BackendError(f"memcached sent more replies than commands: {buf[:200]!r}")
+    if len(lines) != count + 1 or lines[-1]:
+        raise BackendError(f"memcached sent more than one reply per command: {buf[:200]!r}")
     return lines[:count]
+
+
+def _bound(sock: socket.socket, deadline: float | None) -> None:
+    # Each socket call gets what is left of the whole batch's time, as pymemcache's
+    # ``sendall`` would: a server that drains slowly cannot hold a write past the timeout.
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("memcached: the write took longer than the timeout")
+    sock.settimeout(left)
 
 
 @contextmanager
@@ -209,8 +228,9 @@ class MemcachedBackend:
       stored after them (one pipelined round trip on one server, two on a pool) and every
       chunk's length checked on read (see the module docstring): ``get`` returns the
       complete value of one ``set`` or None, never a mix of two writes or a partial value.
-      A failed write leaves the previous value, except on one server when memcached
-      refused a chunk: then the key reads as a miss.
+      A write that fails before its manifest was sent leaves the previous value. On one
+      server, a write that timed out after sending it may still be applied (as any timed-out
+      ``set`` may), and one where memcached refused a chunk reads as a miss.
     - *TTL*: exact to the client's clock (the expiry time is stored with the value and
       checked on read); memcached itself drops the items a second or two later.
     - *Size*: any value size; memcached may evict any item at any time (it is a cache), and
@@ -471,8 +491,12 @@ class MemcachedBackend:
         with self._client.client_pool.get_and_release(destroy_on_fail=True) as client:
             if client.sock is None:
                 client._connect()
-            _send_parts(client.sock, parts)
-            replies = _read_replies(client.sock, len(items))
+            sock = client.sock
+            timeout = sock.gettimeout()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            _send_parts(sock, parts, deadline)
+            replies = _read_replies(sock, len(items), deadline)
+            sock.settimeout(timeout)  # (on an error the connection is closed instead)
             stored = all(reply == b"STORED" for reply in replies)
             if not stored:
                 client.close()  # as pymemcache does after an error reply
