@@ -12,7 +12,10 @@ the others, both far cheaper than a decode.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Generic, TypeVar
+
+from .errors import ConfigError
 
 __all__ = ["DecodedEntries"]
 
@@ -25,11 +28,12 @@ DECODED_EVENT_BYTES = 200
 
 class DecodedEntries(Generic[_T]):
     """A least-recently-used map ``name -> (bytes, decoded)``, bounded by ``max_bytes`` (the
-    stored bytes plus an estimate of the decoded size). ``max_bytes=0`` keeps nothing."""
+    stored bytes plus an estimate of the decoded size). ``max_bytes=0`` keeps nothing. It is
+    what the ``decoded_cache_bytes`` option of the caches builds, hence the error's name."""
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes!r}")
+            raise ConfigError(f"decoded_cache_bytes must be >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self.size = 0
         self._items: OrderedDict[str, tuple[bytes, _T, int]] = OrderedDict()
@@ -49,10 +53,12 @@ class DecodedEntries(Generic[_T]):
         self._items.move_to_end(name)
         return item[1]
 
-    def put(self, name: str, raw: bytes, value: _T, decoded_size: int) -> None:
-        """Keep ``value`` (decoded from ``raw``; about ``decoded_size`` bytes in memory)."""
+    def put(self, name: str, raw: bytes, value: _T, size_of: Callable[[_T], int]) -> None:
+        """Keep ``value`` (decoded from ``raw``; about ``size_of(value)`` bytes in memory)."""
         self.discard(name)
-        size = len(raw) + decoded_size
+        if len(raw) > self.max_bytes:
+            return  # (without sizing the value: that costs a pass over a decoded stream)
+        size = len(raw) + size_of(value)
         if size > self.max_bytes:
             return
         self._items[name] = (raw, value, size)

@@ -510,12 +510,11 @@ class StreamCache:
         if not join_timeout > 0:
             raise ConfigError(f"join_timeout must be positive, got {join_timeout!r}")
         self.join_timeout = join_timeout
-        if isinstance(decoded_cache_bytes, DecodedEntries):
-            self.decoded: DecodedEntries[Entry | WireEntry] = decoded_cache_bytes
-        elif decoded_cache_bytes < 0:
-            raise ConfigError(f"decoded_cache_bytes must be >= 0, got {decoded_cache_bytes!r}")
-        else:
-            self.decoded = DecodedEntries(decoded_cache_bytes)
+        self.decoded: DecodedEntries[Entry | WireEntry] = (
+            decoded_cache_bytes
+            if isinstance(decoded_cache_bytes, DecodedEntries)
+            else DecodedEntries(decoded_cache_bytes)
+        )
         # Names in the decoded cache carry the codec: caches sharing one budget but not one
         # codec (another secret, say) never use each other's decodings.
         tag = f"{id(self.codec):x}"
@@ -588,8 +587,7 @@ class StreamCache:
         except CorruptEntry as exc:
             await self._drop(key, exc)
             return None
-        if self.decoded.max_bytes:  # (sizing a decoded stream costs a pass over it)
-            self.decoded.put(name + key, raw, value, _decoded_size(value))
+        self.decoded.put(name + key, raw, value, _decoded_size)
         return value
 
     async def alias(self, name: str, key: str, *, expires_at: float | None = None) -> bool:

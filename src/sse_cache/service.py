@@ -137,8 +137,6 @@ class CacheService:
         hooks = self.hooks = tuple(hooks)
         keyer = keyer or DefaultKeyer()
         codec = codec or MsgpackCodec()
-        if decoded_cache_bytes < 0:
-            raise ConfigError(f"decoded_cache_bytes must be >= 0, got {decoded_cache_bytes!r}")
         decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(decoded_cache_bytes)
         self._caches: dict[int, StreamCache] = {
             id(adapter): StreamCache(

@@ -14,6 +14,7 @@ import pytest
 from sse_cache import ConfigError, Entry, Event, MsgpackCodec, Outcome
 from sse_cache.adapters import GenericSSE
 from sse_cache.engine import CacheStatus, Notice, SharedStreamAborted, StreamCache
+from sse_cache.service import CacheService
 from sse_cache.testing import paced, responses_stream
 
 pytestmark = pytest.mark.anyio
@@ -589,6 +590,8 @@ async def test_decoded_cache_respects_its_budget_and_can_be_turned_off() -> None
 
     with pytest.raises(ConfigError, match="decoded_cache_bytes"):
         StreamCache(DictBackend(), GenericSSE(), decoded_cache_bytes=-1)
+    with pytest.raises(ConfigError, match="decoded_cache_bytes"):
+        CacheService(DictBackend(), decoded_cache_bytes=-1)
 
 
 async def test_expiry_applies_to_a_hot_entry() -> None:
