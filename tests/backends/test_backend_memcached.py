@@ -179,6 +179,28 @@ async def test_altered_chunk_reads_as_miss(url: str, raw: Client) -> None:
     await backend.aclose()
 
 
+async def test_overwriting_a_chunked_value_forgets_its_chunks(url: str) -> None:
+    # A chunked value is remembered so that a read fetches manifest and chunks together;
+    # once the key holds something else, a read must not fetch the old chunks with it.
+    backend: Any = from_url(url, chunk_size=4096)
+    item_key = backend._item_key("k")
+    await backend.set("k", os.urandom(50_000), None)
+    assert backend._hints.get(item_key) is not None
+    fetched: list[list[str]] = []
+    real_get_many = backend._client.get_many
+
+    def get_many(keys: list[str]) -> Any:
+        fetched.append(list(keys))
+        return real_get_many(keys)
+
+    backend._client.get_many = get_many
+    await backend.set("k", b"small", None)
+    assert backend._hints.get(item_key) is None
+    assert await backend.get("k") == b"small"
+    assert fetched == []  # one plain get, no chunk keys
+    await backend.aclose()
+
+
 async def test_one_server_writes_chunks_then_manifest_in_one_round_trip(url: str) -> None:
     # All the chunks and then the manifest go out before any reply is read: one batch on one
     # connection, which memcached executes in order.

@@ -429,6 +429,9 @@ class MemcachedBackend:
         return value
 
     def _set(self, item_key: str, value: bytes, now: float, deadline: float | None) -> None:
+        # The chunks of what this key held are not this write's: the next read must not
+        # fetch them along with the manifest (a chunked write remembers its own at the end).
+        self._hints.discard(item_key)
         if deadline is not None and deadline <= now:
             self._client.delete(item_key, noreply=False)  # non-positive TTL: expired already
             return
