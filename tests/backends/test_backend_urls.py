@@ -47,6 +47,48 @@ def test_schemes(url: str, expected: str) -> None:
     assert classname(url) == expected
 
 
+@pytest.mark.parametrize(
+    ("url", "connection", "expected"),
+    [
+        (
+            "unix:///run/redis.sock?db=2",
+            "UnixDomainSocketConnection",
+            {"path": "/run/redis.sock", "db": 2},
+        ),
+        (
+            "unix://:pw@/tmp/a%20b.sock",
+            "UnixDomainSocketConnection",
+            {"path": "/tmp/a b.sock", "password": "pw"},
+        ),
+        ("redis://localhost:6380/3", "Connection", {"host": "localhost", "port": 6380, "db": 3}),
+        (
+            "redis://u%40x:p%3Aw@h",
+            "Connection",
+            {"host": "h", "port": 6379, "username": "u@x", "password": "p:w"},
+        ),
+        ("redis://[::1]:7000?db=4", "Connection", {"host": "::1", "port": 7000, "db": 4}),
+        (
+            "rediss://h:6390/1?ssl_cert_reqs=none",
+            "SSLConnection",
+            {"host": "h", "port": 6390, "db": 1},
+        ),
+    ],
+)
+def test_redis_urls_reach_the_connection(
+    url: str, connection: str, expected: dict[str, Any]
+) -> None:
+    # What redis-py will connect to, read from its pool: this does not depend on how a given
+    # redis-py release parses URLs (8.x rejects URLs that 5.x accepted).
+    pool = from_url(url).client.connection_pool  # type: ignore[attr-defined]
+    assert pool.connection_class.__name__ == connection
+    assert {k: pool.connection_kwargs.get(k) for k in expected} == expected
+
+
+def test_unix_url_without_a_path() -> None:
+    with pytest.raises(ConfigError, match="no socket path"):
+        from_url("unix://")
+
+
 def test_sqlite_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert from_url("sqlite:///./rel.db").path == "./rel.db"  # type: ignore[attr-defined]

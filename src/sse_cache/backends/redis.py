@@ -410,27 +410,48 @@ def _cluster_client(url: str, scheme: str, kwargs: dict[str, Any]) -> RedisClust
 
 
 def _standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis.Redis:
+    # The connection is described to redis-py as keyword arguments, never as a rebuilt URL:
+    # how redis-py parses URLs changes between releases (8.x rejects the ``unix:/path`` that
+    # ``urlsplit(...).geturl()`` makes of ``unix:///path``), keyword arguments have not.
     parts = urlsplit(url)
-    if scheme != "unix":
+    if parts.username:
+        kwargs["username"] = unquote(parts.username)
+    if parts.password:
+        kwargs["password"] = unquote(parts.password)
+    connection_class: type[aioredis.connection.AbstractConnection]
+    if scheme == "unix":
+        path = unquote(parts.path)
+        if not path:
+            raise ConfigError(f"unix:// URL names no socket path: {url!r}")
+        kwargs["path"] = path
+        connection_class = aioredis.connection.UnixDomainSocketConnection
+    else:
         if "," in parts.netloc:
             raise ConfigError(
                 f"{scheme}:// URL has several hosts; for Redis Cluster use redis+cluster://"
             )
         try:
-            parts.port  # noqa: B018 - validates the port
+            port = parts.port
         except ValueError:
             raise ConfigError(f"{scheme}:// URL: bad port in {parts.netloc!r}") from None
+        kwargs["host"] = unquote(parts.hostname or "localhost")
+        kwargs["port"] = port or 6379
         path = parts.path.strip("/")
         if path:
             if not path.isdigit():
                 raise ConfigError(f"{scheme}:// URL: database must be a number, got {path!r}")
             if "db" in kwargs:
                 raise ConfigError(f"{scheme}:// URL: database given both in path and as ?db=")
-    base = parts._replace(query="", fragment="").geturl()
+            kwargs["db"] = int(path)
+        connection_class = (
+            aioredis.connection.SSLConnection
+            if scheme == "rediss"
+            else aioredis.connection.Connection
+        )
     # A blocking pool: under a burst of more than max_connections operations, the extra ones
     # wait for a connection (within the operation's deadline) instead of failing at once.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        base, timeout=kwargs["socket_timeout"], **kwargs
+    pool = aioredis.BlockingConnectionPool(
+        connection_class=connection_class, timeout=kwargs["socket_timeout"], **kwargs
     )
     return aioredis.Redis.from_pool(pool)  # the client owns (and closes) its pool
 
