@@ -26,6 +26,7 @@ I/O in the caller's thread.
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
@@ -38,11 +39,12 @@ import anyio.from_thread
 
 from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
 from .errors import ConfigError
+from .flight import SharedStreamAborted
 from .pacing import Pacing
 from .policy import CONTROL_HEADER_PREFIX, Decision
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
-from .service import CacheService, Exchange, ResponseTee
+from .service import DEFAULT_CROSS_PROCESS_LEASE, CacheService, Exchange, ResponseTee
 
 __all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]
 
@@ -119,20 +121,17 @@ def _is_sse(headers: Any) -> bool:
 
 
 async def _feed(tee: ResponseTee, chunk: bytes) -> None:
-    # One portal hop for both: record the chunk, and publish it to other processes
-    # following this stream (cross-process single-flight), if any.
+    # One portal hop for both: record the chunk, and publish what was relayed to other
+    # processes following this stream (cross-process single-flight), if any.
     tee.feed(chunk)
     await tee.flush()
 
 
-def _stop_early(tee: ResponseTee, pending: bytes) -> None:
-    """The client closed the response before its body ended: record ``pending`` (the chunk
-    it was handed last), then let the tee decide (:meth:`ResponseTee.stop`)."""
-    if tee.ended:
-        return
-    if pending:
-        tee.feed(pending)
-    tee.stop()
+def _aborted(lib: ModuleType, exc: SharedStreamAborted) -> Exception:
+    """What a follower's client sees when the live stream it read stopped before its end: the
+    library's error for a response cut short, as when a server drops the connection (the
+    SDKs raise their connection error)."""
+    return lib.RemoteProtocolError(f"sse-cache: {exc}")  # type: ignore[no-any-return]
 
 
 # -- async --------------------------------------------------------------------------------
@@ -173,8 +172,12 @@ async def _aclose_iterator(iterator: object) -> None:
 
 
 class _AsyncTeeBody:
-    """The body of a miss: the upstream's chunks, each handed to the client first and
-    recorded when the client asks for the next one."""
+    """The body of a miss: the upstream's chunks, each handed to the client (and to the
+    followers of its live stream) first and recorded when the client asks for the next one.
+
+    When the client closes it early while followers still read, the upstream is handed over
+    to them: they read it on, in turn, until its end (stored if it completed) or until the
+    last of them leaves (then it is closed)."""
 
     def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen) -> None:
         self._inner = inner
@@ -182,6 +185,7 @@ class _AsyncTeeBody:
         self._tee = tee
         self._opened = opened
         self._pending = b""
+        self._handed_over = False
 
     # One iterator for every ``async for``: a client that drains the rest of a response it
     # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
@@ -189,13 +193,21 @@ class _AsyncTeeBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._handed_over:
+            raise StopAsyncIteration
+        chunk = await self._next()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def _next(self) -> bytes | None:
         tee = self._tee
         if self._pending:
             tee.feed(self._pending)
             self._pending = b""
             await tee.flush()  # to other processes following this stream, if any
         if not self._opened.open:
-            raise StopAsyncIteration
+            return None
         it = self._it
         if it is None:
             it = self._it = aiter(self._inner)
@@ -204,27 +216,46 @@ class _AsyncTeeBody:
         except StopAsyncIteration:
             tee.end()
             await self._opened.leave()  # stores the answer if it completed
-            raise
+            return None
         except BaseException as exc:
-            tee.abort(f"the upstream body failed: {exc!r}")
+            tee.fail(f"the upstream body failed: {exc!r}")
             await self._opened.leave(exc)
             raise
+        tee.relay(chunk)
         self._pending = chunk
         return chunk
 
-    async def aclose(self) -> None:
+    async def _pull(self) -> bool:
+        # For the followers, once the client has gone: one more chunk into the live stream.
+        return await self._next() is not None
+
+    async def _abandon(self) -> None:
         try:
-            if self._opened.open:
-                _stop_early(self._tee, self._pending)
-                self._pending = b""
             await _aclose_iterator(self._it)
             await self._inner.aclose()
         finally:
+            self._tee.fail("every reader left before the stream ended")
             await self._opened.leave()
+
+    async def aclose(self) -> None:
+        if self._handed_over:
+            return
+        tee = self._tee
+        if self._opened.open and not tee.ended:
+            if self._pending:
+                tee.feed(self._pending)
+                self._pending = b""
+            if tee.client_left():
+                self._handed_over = True
+                tee.hand_over(self._pull, self._abandon)
+                return
+        await self._abandon()
 
 
 class _AsyncAnswerBody:
     """The body of a hit or of a joined live stream."""
+
+    _lib: ClassVar[ModuleType]
 
     def __init__(self, chunks: AsyncIterator[bytes], opened: _AsyncOpen) -> None:
         self._chunks = chunks
@@ -241,6 +272,9 @@ class _AsyncAnswerBody:
         except StopAsyncIteration:
             await self._opened.leave()
             raise
+        except SharedStreamAborted as exc:
+            await self._opened.leave(exc)
+            raise _aborted(self._lib, exc) from exc
         except BaseException as exc:
             await self._opened.leave(exc)
             raise
@@ -280,9 +314,24 @@ class _SyncOpen:
             self._cm.__exit__(type(exc), exc, exc.__traceback__)
 
 
+async def _pass(tee: ResponseTee, delivered: bytes, chunk: bytes) -> bool:
+    # One portal hop per chunk: record the chunk the client had, hand the new one to the
+    # followers, publish to other processes. False when no one wants the stream any more.
+    tee.feed(delivered)
+    tee.relay(chunk)
+    await tee.flush()
+    return tee.wanted
+
+
+def _end(tee: ResponseTee, delivered: bytes) -> None:
+    tee.feed(delivered)
+    tee.end()
+
+
 class _SyncTeeBody:
-    """The sync twin of :class:`_AsyncTeeBody`; the recording runs in the portal's loop
-    (live readers of the same stream wait there)."""
+    """The sync twin of :class:`_AsyncTeeBody`; the recording and the live stream live in
+    the portal's loop (followers of the same stream wait there). When the client closes it
+    early while followers still read, a daemon thread reads the upstream on for them."""
 
     def __init__(
         self,
@@ -297,40 +346,80 @@ class _SyncTeeBody:
         self._opened = opened
         self._portal = portal
         self._pending = b""
+        self._handed_over = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
-        if not self._opened.open:
+        if self._handed_over:
             raise StopIteration
+        chunk = self._next()
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def _next(self) -> bytes | None:
+        if not self._opened.open:
+            return None
         it = self._it
         if it is None:
             it = self._it = iter(self._inner)
-        if self._pending:
-            self._portal.call(_feed, self._tee, self._pending)
-            self._pending = b""
         try:
             chunk: bytes = next(it)
         except StopIteration:
-            self._portal.call(self._tee.end)
+            self._portal.call(_end, self._tee, self._pending)
+            self._pending = b""
             self._opened.leave()  # stores the answer if it completed
-            raise
+            return None
         except BaseException as exc:
-            self._portal.call(self._tee.abort, f"the upstream body failed: {exc!r}")
+            self._portal.call(self._tee.fail, f"the upstream body failed: {exc!r}")
             self._opened.leave(exc)
             raise
+        self._portal.call(_pass, self._tee, self._pending, chunk)
         self._pending = chunk
         return chunk
 
-    def close(self) -> None:
+    def _drain(self) -> None:
+        # The client has gone and followers read on: read the upstream for them until its
+        # end, or until no one wants it any more.
         try:
-            if self._opened.open:
-                self._portal.call(_stop_early, self._tee, self._pending)
-                self._pending = b""
+            while self._next() is not None:
+                if not self._portal.call(lambda: self._tee.wanted):
+                    self._abandon()
+                    return
+        except BaseException:  # already failed for the followers, and the exchange left
+            return
+
+    def _abandon(self) -> None:
+        try:
             self._inner.close()
         finally:
+            if self._opened.open:
+                self._portal.call(self._tee.fail, "every reader left before the stream ended")
             self._opened.leave()
+
+    def close(self) -> None:
+        if self._handed_over:
+            return
+        if self._opened.open and self._portal.call(_client_left, self._tee, self._pending):
+            self._pending = b""
+            self._handed_over = True
+            threading.Thread(target=self._drain, name="sse-cache-drain", daemon=True).start()
+            return
+        self._abandon()
+
+
+async def _nothing() -> None:
+    """The followers of a sync producer's stream need no action to abandon it: its drain
+    thread sees that nobody wants it after its next chunk."""
+
+
+def _client_left(tee: ResponseTee, delivered: bytes) -> bool:
+    if tee.ended:
+        return False
+    tee.feed(delivered)
+    return tee.client_left(_nothing)
 
 
 async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
@@ -357,11 +446,16 @@ class _SyncAnswerBody:
     def __iter__(self) -> Iterator[bytes]:
         return self
 
+    _lib: ClassVar[ModuleType]
+
     def __next__(self) -> bytes:
         if not self._opened.open:
             raise StopIteration
         try:
             chunk = self._portal.call(_next_chunk, self._chunks)
+        except SharedStreamAborted as exc:
+            self._opened.leave(exc)
+            raise _aborted(self._lib, exc) from exc
         except BaseException as exc:
             self._opened.leave(exc)
             raise
@@ -383,7 +477,7 @@ def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
     """Our body classes as subclasses of ``lib``'s byte streams (a response only accepts
     those)."""
     return {
-        name: type(name, (base, getattr(lib, lib_base)), {"__module__": __name__})
+        name: type(name, (base, getattr(lib, lib_base)), {"__module__": __name__, "_lib": lib})
         for name, base, lib_base in (
             ("AsyncTeeBody", _AsyncTeeBody, "AsyncByteStream"),
             ("AsyncAnswerBody", _AsyncAnswerBody, "AsyncByteStream"),
@@ -425,7 +519,7 @@ class _Options:
         keyer: CacheKeyer | None = None,
         codec: EventCodec | None = None,
         cross_process: bool = False,
-        cross_process_wait: float = 60.0,
+        cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ) -> None:
         self.service = CacheService(
@@ -442,7 +536,7 @@ class _Options:
             keyer=keyer,
             codec=codec,
             cross_process=cross_process,
-            cross_process_wait=cross_process_wait,
+            cross_process_lease=cross_process_lease,
             decoded_cache_bytes=decoded_cache_bytes,
         )
         self.transport: Any = transport if transport is not None else self._default_transport()
@@ -566,8 +660,8 @@ class CacheTransportBase(_Options):
     ) -> None:
         super().__init__(backend, transport, **options)
         self._portal_backend = portal_backend
-        self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
         self._portal: anyio.from_thread.BlockingPortal | None = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
 
@@ -585,11 +679,7 @@ class CacheTransportBase(_Options):
             if self._closed:
                 raise RuntimeError("this CacheTransport is closed")
             if self._portal is None:
-                cm = anyio.from_thread.start_blocking_portal(
-                    self._portal_backend, name="sse-cache-portal"
-                )
-                self._portal = cm.__enter__()
-                self._portal_cm = cm
+                self._portal, self._thread = _start_portal(self._portal_backend)
             return self._portal
 
     def handle_request(self, request: Any) -> Any:
@@ -643,7 +733,8 @@ class CacheTransportBase(_Options):
     def close(self) -> None:
         """Close the wrapped transport and the backend (if opened from a URL), then stop
         the portal thread. Responses still open are abandoned (nothing of them is stored).
-        The transport cannot be used afterwards."""
+        The transport cannot be used afterwards. A transport never closed does not keep the
+        program from exiting: its portal runs in a daemon thread."""
         if self._closed:
             return
         try:
@@ -652,11 +743,37 @@ class CacheTransportBase(_Options):
             portal = self.portal  # the backend is async: it is closed on the portal's loop
             with self._lock:
                 self._closed = True
-                cm = self._portal_cm
-                self._portal = self._portal_cm = None
-            assert cm is not None
+                thread = self._thread
+                self._portal = self._thread = None
             try:
                 portal.call(self.service.aclose)
-                portal.call(portal.stop, True)
             finally:
-                cm.__exit__(*_NO_EXC)
+                portal.call(portal.stop, True)
+                if thread is not None:
+                    thread.join()
+
+
+def _start_portal(backend: str) -> tuple[anyio.from_thread.BlockingPortal, threading.Thread]:
+    """A blocking portal whose event loop runs in a daemon thread of its own. (anyio's
+    ``start_blocking_portal`` runs it in a worker of a thread pool, which the interpreter
+    joins at exit: a transport that was never closed — the usual way the sync SDKs are
+    used — would keep the program from ever exiting.)"""
+    ready: queue.SimpleQueue[anyio.from_thread.BlockingPortal | BaseException] = queue.SimpleQueue()
+
+    async def run() -> None:
+        async with anyio.from_thread.BlockingPortal() as portal:
+            ready.put(portal)
+            await portal.sleep_until_stopped()
+
+    def main() -> None:
+        try:
+            anyio.run(run, backend=backend)
+        except BaseException as exc:  # e.g. trio is not installed: tell the caller
+            ready.put(exc)
+
+    thread = threading.Thread(target=main, name="sse-cache-portal", daemon=True)
+    thread.start()
+    result = ready.get()
+    if isinstance(result, BaseException):
+        raise result
+    return result, thread

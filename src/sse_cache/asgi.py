@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
-from .service import Answer, CacheService, Exchange, ResponseTee
+from .service import DEFAULT_CROSS_PROCESS_LEASE, Answer, CacheService, Exchange, ResponseTee
 
 __all__ = ["CacheMiddleware"]
 
@@ -45,10 +45,11 @@ class CacheMiddleware:
     :class:`~sse_cache.engine.StreamCache`.
 
     ``cross_process``: identical streamed requests share one upstream stream across
-    processes too (several proxy workers on one Redis): the first takes a lock and publishes
-    its response as it passes, the others follow it live (``shared``); a follower that hears
-    nothing for ``cross_process_wait`` seconds asks the upstream itself. Needs a backend with
-    locks and fan-out (Redis).
+    processes too (several proxy workers on one Redis): the first takes a lease and publishes
+    its response as it passes, the others follow it live (``shared``). The lease lasts
+    ``cross_process_lease`` seconds and is renewed while its holder lives: a follower that
+    hears nothing for that long takes over (docs/single-flight.md). Needs a backend with
+    leases and fan-out (Redis).
 
     ``finish_on_disconnect``: when a client leaves a streamed miss midway, let the app finish
     the stream anyway (its disconnect is hidden from it, its output goes nowhere) so that the
@@ -81,7 +82,7 @@ class CacheMiddleware:
         max_background: int = 8,
         background_timeout: float = 120.0,
         cross_process: bool = False,
-        cross_process_wait: float = 60.0,
+        cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ) -> None:
         if max_background < 0 or not background_timeout > 0:
@@ -105,7 +106,7 @@ class CacheMiddleware:
             keyer=keyer,
             codec=codec,
             cross_process=cross_process,
-            cross_process_wait=cross_process_wait,
+            cross_process_lease=cross_process_lease,
             decoded_cache_bytes=decoded_cache_bytes,
         )
 
@@ -153,9 +154,11 @@ class _Request:
         self.buffered: list[Message] = []  # request body messages, re-delivered to the app
         self.tee: ResponseTee | None = None
         self.exchange: Exchange | None = None
-        self.disconnected = False
+        self.disconnected = False  # the client is gone (it disconnected, or a send failed)
         self.held_end = False
-        self.detached = False  # the client left; the app goes on to fill the cache
+        self.detached = False  # the client left; the app goes on for followers or the cache
+        self.background = False  # ... counted against max_background (finish_on_disconnect)
+        self.abandoned = False  # the last follower left: the app was cancelled
         self.app_scope: anyio.CancelScope | None = None
 
     async def run(self) -> None:
@@ -182,14 +185,18 @@ class _Request:
                     with anyio.CancelScope() as self.app_scope:
                         await self.mw.app(scope, self._receive, self._send)
                     if self.app_scope.cancelled_caught and self.tee is not None:
-                        self.tee.abort("the background completion ran out of time")
+                        self.tee.fail(
+                            "every reader left before the stream ended"
+                            if self.abandoned
+                            else "the background completion ran out of time"
+                        )
         finally:
-            if self.detached:
+            if self.background:
                 self.mw._background -= 1
-        if self.held_end and not self.detached:
+        if self.held_end and not self.disconnected:
             # The answer is stored (and indexed) now: end the response. A client that sends
             # the same request right after this one finished is sure to find it.
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _read_body(self) -> bytes | None:
@@ -213,27 +220,39 @@ class _Request:
         if self.buffered:
             return self.buffered.pop(0)
         message = await self.receive()
-        if message["type"] == "http.disconnect":
-            self.disconnected = True
-            if self._detach():
-                # Hide the disconnect: the app streams on, to a client that is gone, and the
-                # complete answer is stored for the next request.
-                await anyio.sleep_forever()
-            if self.tee is not None:
-                self.tee.stop()
+        if message["type"] == "http.disconnect" and self._client_gone():
+            # Hide the disconnect: the app streams on, to a client that is gone, for the
+            # followers of this stream or to store the complete answer.
+            await anyio.sleep_forever()
         return message
 
-    def _detach(self) -> bool:
-        mw, tee = self.mw, self.tee
-        if not mw.finish_on_disconnect or tee is None or tee.ended or self.detached:
+    def _client_gone(self) -> bool:
+        """The client disconnected, or a send to it failed. True when the app goes on."""
+        self.disconnected = True
+        if self.detached:
+            return True
+        tee = self.tee
+        if tee is None or tee.ended or tee.cut:
             return False
-        if mw._background >= mw.max_background:
-            return False
-        mw._background += 1
-        self.detached = True
+        mw = self.mw
+        if mw.finish_on_disconnect and mw._background < mw.max_background:
+            # The app finishes the stream to store it: for the flight, the producer is still
+            # reading (followers keep joining), bounded by background_timeout.
+            mw._background += 1
+            self.detached = self.background = True
+            if self.app_scope is not None:
+                self.app_scope.deadline = anyio.current_time() + mw.background_timeout
+            return True
+        if tee.client_left(self._abandon):
+            self.detached = True  # for as long as followers read
+            return True
+        return False
+
+    async def _abandon(self) -> None:
+        # The last follower left before the end: stop the app (and so its upstream call).
+        self.abandoned = True
         if self.app_scope is not None:
-            self.app_scope.deadline = anyio.current_time() + mw.background_timeout
-        return True
+            self.app_scope.cancel()
 
     async def _send(self, message: Message) -> None:
         ex = self.exchange
@@ -248,35 +267,39 @@ class _Request:
                 *(h for h in raw if h[0].decode("latin-1").lower() not in ours),
                 *_encode(ex.headers()),
             ]
-            await self.send(message)
+            await self._deliver(message)
             return
         if message["type"] == "http.response.body":
             tee = self.tee
             final = not message.get("more_body", False)
+            chunk = message.get("body", b"")
             if tee is not None and final:
                 # Deliver all of the body now, but hold the end of the response until the
                 # exchange has stored the answer (read-your-writes for the next request).
                 self.held_end = True
                 message = {**message, "more_body": True}
-                if not message.get("body"):
-                    if self.detached or not self.disconnected:
-                        tee.end()
-                    return
-            try:
-                if not self.detached:
-                    await self.send(message)  # deliver first, record second
-            except BaseException:
-                if tee is not None:
-                    tee.abort("sending to the client failed")
-                raise
+            if chunk or not final or tee is None:
+                await self._deliver(message)  # deliver first, pass on second
             if tee is not None:
-                tee.feed(message.get("body", b""))
-                if final and (self.detached or not self.disconnected):
+                tee.pass_on(chunk)
+                if final:
                     tee.end()
                 await tee.flush()
             return
-        if not self.detached:
+        await self._deliver(message)
+
+    async def _deliver(self, message: Message) -> None:
+        if self.disconnected:
+            return
+        try:
             await self.send(message)
+        except Exception:
+            # The client is gone. If followers (or the cache) still want this stream, the app
+            # goes on without it; otherwise the app learns it as usual.
+            if not self._client_gone():
+                if self.tee is not None:
+                    self.tee.fail("sending to the client failed")
+                raise
 
     async def _answer(self, ex: Exchange) -> None:
         assert ex.answer is not None

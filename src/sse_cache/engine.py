@@ -33,8 +33,9 @@ import msgspec
 from ._decoded import DECODED_EVENT_BYTES, DecodedEntries
 from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
-from .errors import ConfigError, CorruptEntry, SSECacheError
+from .errors import ConfigError, CorruptEntry
 from .events import Event, serialize_sse
+from .flight import Flights, SharedStreamAborted
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter, WireCodec
@@ -98,11 +99,6 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
 
 Hook = Callable[[Notice], None]
 _E = TypeVar("_E", Entry, WireEntry)
-
-
-class SharedStreamAborted(SSECacheError):
-    """A live stream this request had joined broke before it completed (the upstream failed
-    or the reader that was pulling it was cancelled mid-read)."""
 
 
 class _Flight:
@@ -521,6 +517,8 @@ class StreamCache:
         self._names = (f"e{tag}:", f"w{tag}:")
         self._hooks = tuple(hooks)
         self._flights: dict[str, _Flight] = {}
+        #: The live streams of the HTTP integrations (single-flight of response bytes).
+        self.live = Flights()
 
     # -- keys ------------------------------------------------------------------------------
 

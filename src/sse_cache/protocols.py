@@ -116,6 +116,22 @@ class LockingBackend(Backend, Protocol):
 
 
 @runtime_checkable
+class LeasingBackend(LockingBackend, Protocol):
+    """A lock that is a lease: taken for a short ``ttl``, renewed by its holder while it
+    works, and gone within ``ttl`` seconds of its holder's death (cross-process
+    single-flight: a killed producer must not hold its followers for long)."""
+
+    async def renew(self, name: str, token: str, ttl: float) -> bool:
+        """Extend ``name`` to ``ttl`` seconds from now if ``token`` still holds it; False when
+        it does not (expired, or taken by another)."""
+        ...
+
+    async def holder(self, name: str) -> str | None:
+        """The token holding ``name``, or None."""
+        ...
+
+
+@runtime_checkable
 class FanoutBackend(Backend, Protocol):
     """A backend with append-only channels for live fan-out across processes (one producer
     streams, any number of readers in any process follow it).

@@ -21,6 +21,7 @@ Usage by an integration::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -28,7 +29,7 @@ import re
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from typing import Protocol
 
@@ -44,13 +45,13 @@ from .engine import (
     Hook,
     LiveRecording,
     Notice,
-    SharedStreamAborted,
     StreamCache,
     emit,
 )
 from .entry import Entry
-from .errors import ConfigError, SSEError
+from .errors import BackendTimeout, ConfigError, SSEError
 from .events import Event, SSEParser, serialize_sse
+from .flight import Cursor, Head, LiveFlight, SharedStreamAborted
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
 from .policy import CachePolicy, Decision
@@ -59,13 +60,13 @@ from .protocols import (
     CacheKeyer,
     EventCodec,
     FanoutBackend,
-    LockingBackend,
+    LeasingBackend,
     Outcome,
     StreamAdapter,
 )
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
 
-__all__ = ["Answer", "CacheService", "Exchange", "ResponseTee"]
+__all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", "ResponseTee"]
 
 logger = logging.getLogger("sse_cache")
 
@@ -76,6 +77,9 @@ JSON_TYPE = "application/json"
 _CHUNK_BYTES = 64 * 1024
 _BATCH_EVENTS = 256
 _SSE_HEADERS = [("cache-control", "no-cache")]
+#: Default lease of a cross-process producer: renewed every third of it while it produces,
+#: so a killed producer's lease is gone (and its followers take over) within this long.
+DEFAULT_CROSS_PROCESS_LEASE = 3.0
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,7 +120,7 @@ class CacheService:
         keyer: CacheKeyer | None = None,
         codec: EventCodec | None = None,
         cross_process: bool = False,
-        cross_process_wait: float = 60.0,
+        cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
@@ -126,13 +130,18 @@ class CacheService:
         backend_ = self.backend
         self.fanout: _FanoutBackend | None = None
         if cross_process:
-            if not (isinstance(backend_, LockingBackend) and isinstance(backend_, FanoutBackend)):
+            if not (isinstance(backend_, LeasingBackend) and isinstance(backend_, FanoutBackend)):
                 raise ConfigError(
                     f"cross_process needs a backend with locks and fan-out (Redis), "
                     f"not {type(backend_).__name__}"
                 )
             self.fanout = backend_
-        self.cross_process_wait = cross_process_wait
+        if not cross_process_lease > 0:
+            raise ConfigError(
+                f"cross_process_lease must be a positive number of seconds, "
+                f"got {cross_process_lease!r}"
+            )
+        self.cross_process_lease = cross_process_lease
         self.policy = CachePolicy(routes, tenant=tenant, max_body_bytes=max_body_bytes)
         hooks = self.hooks = tuple(hooks)
         keyer = keyer or DefaultKeyer()
@@ -199,7 +208,7 @@ class CacheService:
                 tee = ex._tee
                 if tee is not None:
                     if not tee.ended:
-                        tee.abort("the response did not complete")
+                        tee.fail("the response did not complete")
                     await tee.close()
             await ex._index()
         finally:
@@ -261,7 +270,8 @@ class Exchange:
         self._stack: AsyncExitStack | None = None
         self._tee: ResponseTee | None = None
         self._live: LiveRecording | None = None
-        self._lead: str | None = None  # the lock token while leading a cross-process flight
+        self._lead: _Lease | None = None  # while leading a cross-process flight
+        self._flight: LiveFlight | None = None  # the live stream this request produces
 
     @property
     def cacheable(self) -> bool:
@@ -304,93 +314,177 @@ class Exchange:
             emit(self._service.hooks, Notice(kind=self.status.value, key=self.key))
             return
         self.status = CacheStatus.MISS
-        if decision.streaming and (shared := await stack.enter_async_context(cache.join(self.key))):
-            self.status = CacheStatus.SHARED
-            self.answer = Answer(
-                status=200,
-                headers=[
-                    ("content-type", SSE_TYPE),
-                    ("cache-control", "no-cache"),
-                    *self.headers(),
-                ],
-                chunks=self._counted(_stream_chunks(shared)),
-            )
-            return
-        pacing = controls.pacing or cache.pacing
-        if (pending := cache.pending(self.key)) is not None:
-            # A stream that just completed and is being stored: answer from it.
-            self.answer = self._answer_entry(cache, pending, pacing)
-        elif decision.streaming and pacing.instant and decision.last_event_id is None:
-            # The fast path: a recorded stream goes out as its stored SSE bytes.
-            wire = await cache.lookup_wire(self.key, max_age=controls.max_age)
-            if wire is not None:
-                self.answer = self._answer_wire(cache, wire)
-        else:
-            entry = await cache.lookup(self.key, max_age=controls.max_age)
-            if entry is not None:
-                self.answer = self._answer_entry(cache, entry, pacing)
-        if self.answer is not None:
-            self.status = CacheStatus.HIT
-            return
+        # Only a streamed request whose answer may be stored, asking for all of it, is
+        # offered to others or joins others: a no-store request wants its own answer, a
+        # non-streamed one other bytes, a reconnecting one (Last-Event-ID) a suffix.
+        shares = (
+            decision.streaming
+            and cache.single_flight
+            and controls.store
+            and decision.last_event_id is None
+        )
+        # The one lookup order: a fresh entry, an entry being stored, a live stream, or become
+        # its producer. A follower whose producer failed before answering (it has been sent
+        # nothing) goes round once more: it joins whoever asks the upstream next, or is it.
+        for _attempt in range(2):
+            if await self._lookup(cache):
+                return
+            # From here to the claim there is no await: two identical requests can never
+            # both become producers of one key in this process.
+            live = cache.live.get(self.key)
+            if live is not None and live.entry is not None:
+                self.answer = self._answer_entry(cache, live.entry, self._pacing(cache))
+                if self.answer is not None:
+                    self.status = CacheStatus.HIT
+                    return
+            if not shares:
+                break
+            live, cursor = cache.live.claim(self.key, max_log_bytes=cache.max_entry_bytes)
+            if cursor is None:
+                self._produce(live, stack)
+                break
+            stack.push_async_callback(live.leave, cursor)  # whatever happens to the answer
+            if await self._follow(live, cursor):
+                return
         fanout = self._service.fanout
-        leads = fanout is not None and publish and decision.streaming and controls.store
+        leads = fanout is not None and publish and self._flight is not None
         if leads and fanout is not None and await self._lead_or_follow(fanout):
             return
         emit(self._service.hooks, Notice(kind="miss", key=self.key))
 
-    # -- cross-process single-flight ---------------------------------------------------------
+    def _pacing(self, cache: StreamCache) -> Pacing:
+        return self.decision.controls.pacing or cache.pacing
 
-    async def _lead_or_follow(self, fanout: _FanoutBackend) -> bool:
-        """Take the key's lock (then this request leads: its chunks are published as they
-        pass) or, when another process holds it, follow that process's live stream. True when
-        this request is answered by following."""
-        channel = _CHANNEL + self.key
-        token = uuid.uuid4().hex
-        try:
-            if await fanout.acquire(channel, token, _LOCK_TTL):
-                self._lead = token
-                return False
-        except Exception as exc:  # fail open: no single-flight across processes this time
-            logger.warning("sse_cache: cross-process lock failed for %s: %r", self.key, exc)
+    async def _lookup(self, cache: StreamCache) -> bool:
+        """Answer from a fresh stored entry, if there is one."""
+        decision = self.decision
+        pacing = self._pacing(cache)
+        max_age = decision.controls.max_age
+        if decision.streaming and pacing.instant and decision.last_event_id is None:
+            # The fast path: a recorded stream goes out as its stored SSE bytes.
+            wire = await cache.lookup_wire(self.key, max_age=max_age)
+            if wire is not None:
+                self.answer = self._answer_wire(cache, wire)
+        else:
+            entry = await cache.lookup(self.key, max_age=max_age)
+            if entry is not None:
+                self.answer = self._answer_entry(cache, entry, pacing)
+        if self.answer is None:
             return False
-        reader = fanout.read(channel, block=self._service.cross_process_wait)
+        self.status = CacheStatus.HIT
+        return True
+
+    def _produce(self, live: LiveFlight, stack: AsyncExitStack) -> None:
+        # This request's response is the live stream of its key. Closed (no longer offered)
+        # when the exchange ends, after the store: until then a request that finds it ended
+        # is answered from its entry.
+        self._flight = live
+        stack.callback(live.close)
+
+    async def _follow(self, live: LiveFlight, cursor: Cursor) -> bool:
+        """Answer with the live stream's bytes once its producer has its response head. False
+        when the producer failed before that (this request has been sent nothing)."""
+        cache = self._cache
+        assert cache is not None
         try:
-            first = await reader.__anext__()
-        except Exception as exc:  # the leader died, or never published: ask upstream
-            logger.info("sse_cache: not following %s: %r", self.key, exc)
-            await _aclose(reader)
+            head = await live.wait_head(cache.join_timeout)
+        except SharedStreamAborted as exc:
+            logger.warning("sse_cache: not following %s: %s", self.key, exc)
+            head = None
+        if head is None:
+            await live.leave(cursor)
             return False
-        if first[:1] != b"d":
-            await _aclose(reader)
-            return False  # the leader failed before answering: ask upstream ourselves
         self.status = CacheStatus.SHARED
         emit(self._service.hooks, Notice(kind="shared", key=self.key))
         self.answer = Answer(
-            status=200,
-            headers=[("content-type", SSE_TYPE), *_SSE_HEADERS, *self.headers()],
-            chunks=self._counted(_followed(first, reader)),
+            status=head.status,
+            headers=_as_shared(head.headers),
+            chunks=self._counted(live.chunks(cursor, cache.join_timeout)),
+        )
+        return True
+
+    # -- cross-process single-flight ---------------------------------------------------------
+
+    async def _lead_or_follow(self, fanout: _FanoutBackend) -> bool:
+        """Take the key's lease (then this request leads: its response is published as it
+        passes) or, when another process holds it, follow that process's live stream. True
+        when this request is answered by following.
+
+        A follower that hears nothing from its producer for a lease's length (a killed
+        process stops renewing it and sending heartbeats) takes over: it takes the lease
+        itself, or follows whoever did."""
+        service = self._service
+        lease = service.cross_process_lease
+        lock = _CHANNEL + self.key
+        for _attempt in range(3):
+            token = uuid.uuid4().hex
+            try:
+                if await fanout.acquire(lock, token, lease):
+                    self._lead = _Lease(fanout, lock, token, lease)
+                    return False
+                holder = await fanout.holder(lock)
+            except Exception as exc:  # fail open: no single-flight across processes this time
+                logger.warning("sse_cache: cross-process lock failed for %s: %r", self.key, exc)
+                return False
+            if holder is not None and await self._follow_process(fanout, holder):
+                return True
+        return False
+
+    async def _follow_process(self, fanout: _FanoutBackend, holder: str) -> bool:
+        live = self._flight
+        assert live is not None
+        reader = fanout.read(_channel(self.key, holder), block=self._service.cross_process_lease)
+        head: Head | None = None
+        try:
+            async for message in reader:
+                kind = message[:1]
+                if kind == b"h":
+                    head = _decode_head(message[1:])
+                    break
+                if kind != b"k":  # the producer failed, or ended, before it answered
+                    break
+        except Exception as exc:  # silent (dead?), or Redis failed: ask the upstream
+            logger.info("sse_cache: not following %s: %r", self.key, exc)
+        if head is None:
+            await _aclose(reader)
+            return False
+        # This process's own readers of the key (this request first) follow the local live
+        # stream, which pulls the other process's messages in turn.
+        self.status = CacheStatus.SHARED
+        emit(self._service.hooks, Notice(kind="shared", key=self.key))
+        live.respond(Head(head.status, _as_shared(head.headers)))
+        cursor = live.flight.follow()
+        assert cursor is not None
+        live.producer_left()
+        live.hand_over(_ProcessSource(live, reader), lambda: _aclose(reader))
+        cache = self._cache
+        assert cache is not None
+        self.answer = Answer(
+            status=head.status,
+            headers=_as_shared(head.headers),
+            chunks=self._counted(live.chunks(cursor, cache.join_timeout)),
         )
         return True
 
     async def _end_lead(self) -> None:
-        token, fanout = self._lead, self._service.fanout
-        if token is None or fanout is None:
+        lease, fanout = self._lead, self._service.fanout
+        if lease is None or fanout is None:
             return
         self._lead = None
-        channel = _CHANNEL + self.key
         tee = self._tee
         with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
             try:
-                if tee is not None and tee.ended and not tee.failed:
+                await lease.stop()
+                if tee is not None and tee.ended and not tee.cut and not tee.publish_failed:
                     await tee.flush()
                 else:
-                    await fanout.publish(channel, b"x", ttl=_FANOUT_TTL)
-                await fanout.finish(channel, ttl=_FANOUT_TTL)
+                    await fanout.publish(lease.channel, b"x", ttl=_FANOUT_TTL)
+                await fanout.finish(lease.channel, ttl=_FANOUT_TTL)
             except Exception as exc:
                 logger.warning("sse_cache: could not end the fan-out of %s: %r", self.key, exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await fanout.release(channel, token)
+                    await fanout.release(lease.lock, lease.token)
 
     def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
         if wire.sse is not None:
@@ -453,70 +547,86 @@ class Exchange:
         return _counted(self._service.hooks, self.key, chunks)
 
     async def tee(self, status: int, headers: Iterable[tuple[str, str]]) -> ResponseTee | None:
-        """Start recording the upstream's response (after its status and headers arrived).
-        None when it will not be stored: not cacheable, ``no-store``, a non-2xx status, a
-        compressed body, or a content type other than SSE for a stream / JSON otherwise."""
+        """Start passing on the upstream's response (after its status and headers arrived):
+        to the followers of this request's live stream, to other processes following it, and
+        to the recording. None when there is nothing to pass on: no one can follow this
+        request and its answer will not be stored (``no-store``, a non-2xx status, a
+        compressed body, a content type other than SSE for a stream / JSON otherwise)."""
         if self.decision.adapter is None or self.answer is not None:
             return None
         assert self._cache is not None and self._stack is not None
+        headers = list(headers)
+        live = self._flight
+        lease = self._lead
+        head = None
+        if live is not None or lease is not None:
+            ours = {k for k, _ in self.headers()}
+            sent = [*((k, v) for k, v in headers if k.lower() not in ours), *self.headers()]
+            head = Head(status, sent)
+            if live is not None:
+                live.respond(head)
         controls = self.decision.controls
-        if not controls.store or self.decision.last_event_id is not None:
-            # A reconnecting client may get only the rest of a stream: never store that.
-            return None
         lowered = {k.lower(): v for k, v in headers}
         reason = ""
         media = _media_type(lowered.get("content-type", ""))
-        if not 200 <= status < 300:
+        if not controls.store or self.decision.last_event_id is not None:
+            # A reconnecting client may get only the rest of a stream: never store that.
+            reason = "not to be stored"
+        elif not 200 <= status < 300:
             reason = f"upstream status {status}"
         elif lowered.get("content-encoding", "identity").lower() not in ("", "identity"):
             reason = "compressed response body"
         elif media not in (SSE_TYPE, JSON_TYPE):
             reason = f"content type {media or 'missing'}"
+        tee: ResponseTee | None = None
         if reason:
             logger.debug("sse_cache: not recording %s: %s", self.key, reason)
-            return None
-        content_type = lowered.get("content-type", media)
-        if media == SSE_TYPE:
-            live = await self._stack.enter_async_context(
-                self._cache.recording(
-                    self.key,
-                    ttl=controls.ttl,
-                    share=self.status is CacheStatus.MISS and self.decision.streaming,
-                )
+            if live is not None or lease is not None:
+                tee = ResponseTee(flight=live)
+        elif media == SSE_TYPE:
+            recording = await self._stack.enter_async_context(
+                self._cache.recording(self.key, ttl=controls.ttl, share=False)
             )
-            live.respond(status, content_type)
-            self._live = live
+            recording.respond(status, lowered.get("content-type", media))
+            self._live = recording
             # Schemas with a completing event may be stored when the client stops right after
-            # it (see ResponseTee.stop); generic SSE needs the real end of the body.
+            # it (see ResponseTee.client_left); generic SSE needs the real end of the body.
             completing = self._cache.adapter.end_outcome() is not Outcome.COMPLETE
-            self._tee = ResponseTee(live=live, completing=completing)
-            if self._lead is not None and self._service.fanout is not None:
-                self._tee._publish_to(self._service.fanout, _CHANNEL + self.key)
-            return self._tee
-        self._tee = ResponseTee(
-            cache=self._cache,
-            key=self.key,
-            ttl=controls.ttl,
-            content_type=content_type,
-            status=status,
-            limit=self._cache.max_entry_bytes,
-        )
-        return self._tee
+            tee = ResponseTee(flight=live, recording=recording, completing=completing)
+        else:
+            tee = ResponseTee(
+                flight=live,
+                cache=self._cache,
+                key=self.key,
+                ttl=controls.ttl,
+                content_type=lowered.get("content-type", media),
+                status=status,
+                limit=self._cache.max_entry_bytes,
+            )
+        if tee is not None and lease is not None and head is not None:
+            tee.publish_to(lease, head)
+        self._tee = tee
+        return tee
 
 
 class ResponseTee:
-    """Records a miss's response body while it passes through, unchanged, to the client.
+    """Passes a miss's response on while it goes, unchanged, to the client: to the followers of
+    its live stream (exactly the bytes, :meth:`relay`), to other processes following it
+    (:meth:`flush`), and to the recording (:meth:`feed`).
 
-    Feed it the body's chunks *after* delivering them; call :meth:`end` when the upstream body
-    ended by itself and :meth:`abort` when it broke or the client left. An SSE body is parsed
-    and recorded event by event (identical requests can join it live); a JSON body is kept
-    whole and stored by :meth:`close` if the adapter accepts it.
+    The integration calls :meth:`relay` when it hands a chunk to its client and :meth:`feed`
+    once it was delivered; :meth:`end` when the upstream body ended by itself, :meth:`fail`
+    when it broke or the producer stopped, :meth:`client_left` when its client went away. An
+    SSE body is parsed and recorded event by event; a JSON body is kept whole and stored by
+    :meth:`close` if the adapter accepts it. What the recording makes of the bytes (an
+    unparsable byte, a body too large to store) never changes what followers receive.
     """
 
     def __init__(
         self,
         *,
-        live: LiveRecording | None = None,
+        flight: LiveFlight | None = None,
+        recording: LiveRecording | None = None,
         cache: StreamCache | None = None,
         key: str = "",
         ttl: float | None = None,
@@ -525,8 +635,9 @@ class ResponseTee:
         limit: int = DEFAULT_MAX_ENTRY_BYTES,
         completing: bool = False,
     ) -> None:
-        self._live = live
-        self._parser = SSEParser() if live is not None else None
+        self._flight = flight
+        self._live = recording
+        self._parser = SSEParser() if recording is not None else None
         self._has_completing_event = completing
         self._cache = cache
         self._key = key
@@ -536,37 +647,62 @@ class ResponseTee:
         self._limit = limit
         self._body: list[bytes] = []
         self._size = 0
-        self._failed = ""
-        self.ended = False
-        self._fanout: _FanoutBackend | None = None
-        self._channel = ""
+        # Nothing is recorded for storage when there is no recording and no JSON body to keep.
+        self._failed = "" if (recording is not None or cache is not None) else "not recorded"
+        self.ended = False  # the upstream body ended by itself
+        self.cut = ""  # why the stream stopped any other way
+        self._lease: _Lease | None = None
         self._outbox: list[bytes] = []
+        self.publish_failed = False
 
     @property
     def failed(self) -> bool:
+        """Nothing of this response will be stored."""
         return bool(self._failed)
 
-    def _publish_to(self, fanout: _FanoutBackend, channel: str) -> None:
-        self._fanout, self._channel = fanout, channel
+    def publish_to(self, lease: _Lease, head: Head) -> None:
+        """Publish this response to other processes following it (cross-process)."""
+        self._lease = lease
+        self._outbox.append(b"h" + _encode_head(head))
 
     async def flush(self) -> None:
-        """Publish the chunks fed since the last flush to processes following this stream
+        """Publish what was relayed since the last flush to processes following this stream
         (cross-process single-flight); nothing to do otherwise. Fail-open."""
-        if self._fanout is None or not self._outbox:
+        lease = self._lease
+        if lease is None or not self._outbox:
             return
-        data = b"d" + b"".join(self._outbox)
-        self._outbox = []
+        outbox, self._outbox = self._outbox, []
+        if outbox[0][:1] == b"h":
+            messages = [outbox[0]]
+            if len(outbox) > 1:
+                messages.append(b"d" + b"".join(outbox[1:]))
+        else:
+            messages = [b"d" + b"".join(outbox)]
         try:
-            await self._fanout.publish(self._channel, data, ttl=_FANOUT_TTL)
+            for message in messages:
+                await lease.fanout.publish(lease.channel, message, ttl=_FANOUT_TTL)
         except Exception as exc:
-            logger.warning("sse_cache: fan-out publish failed, followers will retry: %r", exc)
-            self._fanout = None
+            # The followers stop hearing from us and take over (their stream fails visibly
+            # if they had been sent part of it).
+            # The followers in other processes are now missing bytes: when this response
+            # ends they are told it failed (never a clean end), not sent what comes next.
+            logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
+            self._lease = None
+            self.publish_failed = True
+
+    def relay(self, chunk: bytes) -> None:
+        """``chunk`` is being handed to the producer's client: the followers get it too."""
+        if not chunk:
+            return
+        if self._flight is not None:
+            self._flight.deliver(chunk)
+        if self._lease is not None:
+            self._outbox.append(chunk)
 
     def feed(self, chunk: bytes) -> None:
+        """Record ``chunk`` (after it was delivered) for storage."""
         if self._failed or not chunk:
             return
-        if self._fanout is not None:
-            self._outbox.append(chunk)
         if self._parser is not None:
             assert self._live is not None
             try:
@@ -583,37 +719,84 @@ class ResponseTee:
             return
         self._body.append(chunk)
 
+    def pass_on(self, chunk: bytes) -> None:
+        """:meth:`relay` and :meth:`feed` at once (for a chunk already delivered)."""
+        self.relay(chunk)
+        self.feed(chunk)
+
     def abort(self, reason: str) -> None:
-        """The body will not complete (upstream broke, client left): store nothing."""
+        """Store nothing of this response (the followers are not affected)."""
         if not self._failed:
             self._failed = reason
             self._body = []
             if self._live is not None:
                 self._live.fail(reason)
 
-    def stop(self) -> None:
-        """The client stopped reading before the body ended. What it received is kept if it
-        already holds the schema's completing event (the openai SDK stops reading at chat's
-        ``data: [DONE]`` without waiting for the end of the body); anything else is an
-        early close, and nothing is stored."""
-        if self.ended or self._failed:
+    def fail(self, reason: str) -> None:
+        """The response stopped before the upstream ended it (the upstream broke, the producer
+        was cancelled or gave up): store nothing, and every follower's stream fails."""
+        if self.ended or self.cut:
             return
-        if self._live is not None and self._has_completing_event:
-            self.end()  # the recorder judges: without the completing event, not stored
+        self.cut = reason
+        self.abort(reason)
+        if self._flight is not None:
+            self._flight.fail(reason)
+
+    def client_left(self, abandon: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """The producer's client went away before the body ended. True when followers still
+        read: then the integration must keep reading the upstream for them (and call
+        :meth:`end` or :meth:`fail` as usual), until ``abandon`` is called — when the last
+        follower leaves before the end. Otherwise the stream ends here: what the
+        client received is stored only if it already holds the schema's completing event
+        (the openai SDK stops reading at chat's ``data: [DONE]`` without waiting for the end
+        of the body); anything else is an early close, and nothing is stored."""
+        if self.ended or self.cut:
+            return False
+        if self._flight is not None and self._flight.producer_left():
+            if abandon is not None:
+                self._flight.abandon = abandon
+            return True
+        if self._live is not None and self._has_completing_event and not self._failed:
+            self._finish_recording()  # the recorder judges: without the event, not stored
         else:
             self.abort("the client closed the response before it ended")
+        self.cut = "the client closed the response before it ended"
+        return False
+
+    def hand_over(
+        self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
+    ) -> None:
+        """After :meth:`client_left` said True: followers read the upstream on through
+        ``source`` (see :meth:`~sse_cache.flight.LiveFlight.hand_over`)."""
+        assert self._flight is not None
+        self._flight.hand_over(source, abandon)
+
+    @property
+    def wanted(self) -> bool:
+        """Someone (the client, or a follower) still reads this response."""
+        return self._flight.flight.wanted if self._flight is not None else not self.cut
 
     def end(self) -> None:
         """The upstream body ended by itself."""
+        if self.ended or self.cut:
+            return
         self.ended = True
-        if self._parser is not None:
-            self._parser.close()
-            if self._parser.discarded:
-                # WHATWG: an unterminated last event is never dispatched; the stream did
-                # not end cleanly, whatever the adapter would have said.
-                self.abort("the stream ended inside an event (no final blank line)")
-            elif self._live is not None and not self._failed:
-                self._live.end()
+        if self._flight is not None:
+            self._flight.end()
+        self._finish_recording()
+
+    def _finish_recording(self) -> None:
+        if self._parser is None:
+            return
+        self._parser.close()
+        if self._parser.discarded:
+            # WHATWG: an unterminated last event is never dispatched; the stream did not end
+            # cleanly, whatever the adapter would have said (followers still got its bytes).
+            self.abort("the stream ended inside an event (no final blank line)")
+        elif self._live is not None and not self._failed:
+            self._live.end()
+            if self._flight is not None:
+                self._flight.entry = self._live.entry
 
     async def close(self) -> bool:
         """Store a completed JSON body (called when the exchange ends; SSE streams are
@@ -635,13 +818,111 @@ class ResponseTee:
 
 
 _CHANNEL = "sf:"
-_LOCK_TTL = 600.0  # longer than any stream; released as soon as the leader is done
 _FANOUT_TTL = 60.0  # a finished channel stays readable this long for late followers
 _FANOUT_CLOSE_TIMEOUT = 5.0
 
 
-class _FanoutBackend(LockingBackend, FanoutBackend, Protocol):
+class _FanoutBackend(LeasingBackend, FanoutBackend, Protocol):
     """A backend with both capabilities cross-process single-flight needs."""
+
+
+def _channel(key: str, token: str) -> str:
+    # One channel per producer: a follower that takes over from a dead producer publishes to
+    # a fresh one, never after the dead one's partial messages.
+    return f"{_CHANNEL}{key}:{token}"
+
+
+class _Lease:
+    """Holds a cross-process producer's lock: renews it every third of ``ttl`` and publishes
+    a heartbeat (``b"k"``) to its channel, so followers tell a producer that is still
+    waiting for its upstream from one that died (no heartbeat for ``ttl``: take over).
+
+    The keeper is an asyncio task: the only backend with leases and fan-out (Redis) runs on
+    asyncio only, and the task must outlive the request task that took the lease (a
+    transport's response is read by whoever reads it)."""
+
+    def __init__(self, fanout: _FanoutBackend, lock: str, token: str, ttl: float) -> None:
+        self.fanout = fanout
+        self.lock = lock
+        self.token = token
+        self.ttl = ttl
+        self.channel = _channel(lock[len(_CHANNEL) :], token)
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on asyncio: the lease simply runs out
+            return
+        self._task = loop.create_task(self._keep(), name=f"sse-cache lease {lock}")
+
+    async def _keep(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.ttl / 3)
+                return
+            try:
+                if not await self.fanout.renew(self.lock, self.token, self.ttl):
+                    logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
+                    return
+                await self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL)
+            except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
+                logger.warning("sse_cache: could not renew %s: %r", self.lock, exc)
+
+    async def stop(self) -> None:
+        """Stop renewing (after the renewal under way, if any: cancelling a Redis call
+        midway would cost its connection)."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            await asyncio.wait({task})
+
+
+class _ProcessSource:
+    """Reads another process's live stream into this process's live flight, one message a
+    call (the local readers pull it in turn)."""
+
+    def __init__(self, live: LiveFlight, reader: AsyncIterator[bytes]) -> None:
+        self._live = live
+        self._reader = reader
+
+    async def __call__(self) -> bool:
+        live = self._live
+        try:
+            while True:
+                message = await self._reader.__anext__()
+                kind = message[:1]
+                if kind == b"d":
+                    live.deliver(message[1:])
+                    return True
+                if kind != b"k":
+                    live.fail("the process producing this stream failed")
+                    return False
+        except StopAsyncIteration:
+            live.end()  # the producer's end marker: its upstream ended cleanly
+        except BackendTimeout:
+            live.fail("the process producing this stream went silent (killed?)")
+        except Exception as exc:
+            live.fail(f"following the producing process failed: {exc!r}")
+        await _aclose(self._reader)
+        return False
+
+
+def _encode_head(head: Head) -> bytes:
+    return msgspec.json.encode(head)
+
+
+def _decode_head(data: bytes) -> Head | None:
+    try:
+        return msgspec.json.decode(data, type=Head)
+    except msgspec.ValidationError:
+        return None
+
+
+def _as_shared(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A producer's response headers as a follower gets them: ``x-sse-cache: shared``."""
+    out = [(k, v) for k, v in headers if k.lower() != "x-sse-cache"]
+    out.append(("x-sse-cache", CacheStatus.SHARED.value))
+    return out
 
 
 async def _aclose(iterator: AsyncIterator[bytes]) -> None:
@@ -649,18 +930,6 @@ async def _aclose(iterator: AsyncIterator[bytes]) -> None:
     if aclose is not None:
         with contextlib.suppress(Exception):
             await aclose()
-
-
-async def _followed(first: bytes, reader: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    # Messages are b"d" + chunk bytes, or b"x" when the leader's stream failed.
-    try:
-        yield first[1:]
-        async for message in reader:
-            if message[:1] != b"d":
-                raise SharedStreamAborted("the stream this request followed failed")
-            yield message[1:]
-    finally:
-        await _aclose(reader)
 
 
 def _hit_answer(

@@ -28,8 +28,8 @@ async def two_proxies_race(
     body = {"model": "gpt-mock", "input": "one upstream call for two workers", "stream": True}
     results: dict[int, httpx2.Response] = {}
     async with serve(upstream_app) as upstream:
-        first = create_proxy_app(upstream, url, cross_process=True, cross_process_wait=5)
-        second = create_proxy_app(upstream, url, cross_process=True, cross_process_wait=5)
+        first = create_proxy_app(upstream, url, cross_process=True, cross_process_lease=3)
+        second = create_proxy_app(upstream, url, cross_process=True, cross_process_lease=3)
         async with (
             serve(first) as p1,
             serve(second) as p2,
@@ -93,7 +93,7 @@ async def test_transports_in_two_processes_share_one_upstream_stream(
 
         async def one(n: int, delay: float) -> None:
             await anyio.sleep(delay)
-            transport = AsyncCacheTransport(url, cross_process=True, cross_process_wait=5)
+            transport = AsyncCacheTransport(url, cross_process=True, cross_process_lease=3)
             async with httpx2.AsyncClient(transport=transport, base_url=upstream) as client:
                 r = await client.post("/v1/responses", json=body, headers=HEADERS)
                 seen[n] = (r.headers["x-sse-cache"], r.content)

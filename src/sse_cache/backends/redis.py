@@ -38,6 +38,13 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Compare-and-extend: renew a lock only while it still holds our token.
+_RENEW: Final = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 # Fan-out streams: a runaway producer cannot grow a stream past about this many messages
 # (MAXLEN ~); an LLM answer is about one event per token, tens of thousands at most. Bytes
@@ -126,7 +133,8 @@ class RedisBackend:
 
     Capabilities: :class:`~sse_cache.protocols.ScanningBackend` (``SCAN``, never ``KEYS``;
     on a cluster, every primary), :class:`~sse_cache.protocols.StatsBackend`,
-    :class:`~sse_cache.protocols.LockingBackend` (``SET NX PX`` + compare-and-delete),
+    :class:`~sse_cache.protocols.LeasingBackend` (``SET NX PX``, compare-and-delete,
+    compare-and-``PEXPIRE``),
     :class:`~sse_cache.protocols.FanoutBackend` (Redis Streams: ``XADD`` / ``XREAD BLOCK``).
     """
 
@@ -306,6 +314,25 @@ class RedisBackend:
         """Release ``name`` if ``token`` still holds it (atomic compare-and-delete in Lua)."""
         async with self._op("EVAL"):
             await self._client.eval(_RELEASE, 1, self._lock_prefix + name, token)
+
+    async def renew(self, name: str, token: str, ttl: float) -> bool:
+        """Extend ``name`` to ``ttl`` seconds from now if ``token`` still holds it (atomic
+        compare-and-``PEXPIRE`` in Lua)."""
+        if not ttl > 0:
+            raise ConfigError(f"lock ttl must be > 0 seconds, got {ttl!r}")
+        async with self._op("EVAL"):
+            renewed = await self._client.eval(
+                _RENEW, 1, self._lock_prefix + name, token, max(1, math.ceil(ttl * 1000))
+            )
+        return bool(renewed)
+
+    async def holder(self, name: str) -> str | None:
+        """The token holding lock ``name``, or None."""
+        async with self._op("GET"):
+            raw = await self._client.get(self._lock_prefix + name)
+        if raw is None:
+            return None
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
 
     async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
         """Append ``data`` to the stream ``{prefix}s:{channel}`` (``XADD MAXLEN ~``, in a

@@ -1,0 +1,439 @@
+"""Live streams: one upstream answer being produced, read by its producer's client and by any
+number of followers (single-flight).
+
+:class:`Flight` is the sans-IO state machine of one such answer: the response head, the log of
+the bytes the producer's client received, who still reads, and how it ended. It has no I/O and
+no clock, and is tested with plain values (``tests/core/test_flight.py``, a hypothesis state
+machine). :class:`LiveFlight` is its async shell: readers wait on it, and when the producer's
+client has gone it can hand its upstream to the followers, who pull it in turn.
+:class:`Flights` is the one registry of live streams of a cache: the first miss for a key
+*claims* it (becomes the producer) before its upstream call is made, and every identical
+request after it follows — atomically, with no ``await`` between the look and the claim.
+
+The rules, which every integration relies on:
+
+- Followers receive exactly the producer's bytes, in order (nothing parsed or re-encoded).
+- A reader's stream ends cleanly only when the flight ended cleanly (:meth:`Flight.end`: the
+  upstream's response ended by itself) and the reader has every byte before that end. Any
+  other end (:meth:`Flight.fail`) is a failure for every reader still reading.
+- The producer never waits for a follower: one shared log, no per-follower buffers. A
+  follower that falls more than ``max_lag_bytes`` behind is cut (its stream fails), so it
+  cannot hold an unbounded log. The log is offered to new followers until it outgrows
+  ``max_log_bytes``; after that only the readers already there are served, and what they
+  have all read is dropped.
+- While anyone reads (the producer's client or a follower) the upstream keeps being read; when
+  the last one leaves, the flight is *unwanted* and its upstream is abandoned.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from .errors import SSECacheError
+
+__all__ = [
+    "DEFAULT_MAX_LOG_BYTES",
+    "Cursor",
+    "Flight",
+    "SharedStreamAborted",
+    "Flights",
+    "Head",
+    "LiveFlight",
+    "Phase",
+]
+
+#: Default bound of a flight's shared log (and of how far a follower may fall behind).
+DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
+# At most this long, a follower pulling the upstream for the others finishes that pull when
+# it is cancelled (a pull cancelled midway would break the upstream for everyone).
+_HANDOVER_TIMEOUT = 60.0
+
+
+class SharedStreamAborted(SSECacheError):
+    """A live stream this request had joined stopped before the upstream completed it (the
+    upstream was cut, the producer failed, was cancelled or its process died, the reader fell
+    too far behind): what the reader holds is a part of an answer, never a whole one."""
+
+
+class Head(msgspec.Struct, frozen=True):
+    """The response head the producer's client received."""
+
+    status: int
+    headers: list[tuple[str, str]]
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    """The producer has asked its upstream; no response yet."""
+    STREAMING = "streaming"
+    """The head is known; bytes are flowing."""
+    ENDED = "ended"
+    """The upstream's response ended by itself, after every byte in the log."""
+    FAILED = "failed"
+    """It stopped any other way: nothing more is coming, and what came is not whole."""
+
+
+class Cursor:
+    """One follower's place in a flight: the next chunk (an absolute index into the log) and
+    the bytes read so far."""
+
+    __slots__ = ("cut", "index", "offset")
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.offset = 0
+        self.cut = ""  # why this follower was cut off (fell too far behind)
+
+
+class Flight:
+    """The state of one answer being produced (see the module docstring for the rules)."""
+
+    __slots__ = (
+        "base",
+        "chunks",
+        "cursors",
+        "head",
+        "joinable",
+        "key",
+        "max_lag_bytes",
+        "max_log_bytes",
+        "phase",
+        "producer_reading",
+        "reason",
+        "total",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        max_log_bytes: int = DEFAULT_MAX_LOG_BYTES,
+        max_lag_bytes: int | None = None,
+    ) -> None:
+        if max_log_bytes < 0:
+            raise ValueError(f"max_log_bytes must be >= 0, got {max_log_bytes!r}")
+        self.key = key
+        self.phase = Phase.WAITING
+        self.head: Head | None = None
+        self.reason = ""
+        self.chunks: list[bytes] = []
+        self.base = 0  # chunks dropped from the front of the log
+        self.total = 0  # bytes delivered in all
+        self.cursors: set[Cursor] = set()
+        self.producer_reading = True
+        self.joinable = True
+        self.max_log_bytes = max_log_bytes
+        self.max_lag_bytes = max_log_bytes if max_lag_bytes is None else max_lag_bytes
+
+    # -- the producer's side -----------------------------------------------------------------
+
+    def respond(self, head: Head) -> None:
+        """The upstream answered: ``head`` is what the producer's client received."""
+        if self.phase is Phase.WAITING:
+            self.head = head
+            self.phase = Phase.STREAMING
+
+    def deliver(self, chunk: bytes) -> None:
+        """``chunk`` reached (or was handed to) the producer's client."""
+        if self.phase is not Phase.STREAMING or not chunk:
+            return
+        self.total += len(chunk)
+        if self.cursors or self.joinable:
+            self.chunks.append(chunk)
+        if self.total > self.max_log_bytes:
+            self.joinable = False
+        if self.cursors and self.total > self.max_lag_bytes:
+            floor = self.total - self.max_lag_bytes
+            for cursor in self.cursors:
+                if cursor.offset < floor and not cursor.cut:
+                    cursor.cut = f"fell more than {self.max_lag_bytes} bytes behind the stream"
+        self._trim()
+
+    def end(self) -> None:
+        """The upstream's response ended by itself (cleanly), after every delivered byte."""
+        if self.phase is Phase.STREAMING:
+            self.phase = Phase.ENDED
+
+    def fail(self, reason: str) -> None:
+        """The stream stopped any other way (before or after its head)."""
+        if self.phase in (Phase.WAITING, Phase.STREAMING):
+            self.phase = Phase.FAILED
+            self.reason = reason
+            self.joinable = False
+            self._trim()
+
+    def producer_left(self) -> bool:
+        """The producer's client has gone. True when followers still read: the upstream must
+        keep being read for them."""
+        self.producer_reading = False
+        return bool(self.cursors)
+
+    @property
+    def wanted(self) -> bool:
+        """Someone still reads this flight (its producer's client or a follower)."""
+        return self.producer_reading or bool(self.cursors)
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.ENDED or self.phase is Phase.FAILED
+
+    # -- followers ---------------------------------------------------------------------------
+
+    def follow(self) -> Cursor | None:
+        """A new follower from the first byte, or None when the flight cannot be joined (it
+        failed, or its log outgrew ``max_log_bytes``)."""
+        if not self.joinable or self.phase is Phase.FAILED:
+            return None
+        cursor = Cursor()
+        self.cursors.add(cursor)
+        return cursor
+
+    def unfollow(self, cursor: Cursor) -> None:
+        """A follower left (done, or gone)."""
+        self.cursors.discard(cursor)
+        self._trim()
+
+    def read(self, cursor: Cursor) -> list[bytes]:
+        """The chunks this follower has not read yet (empty: see :meth:`state`)."""
+        if cursor.cut:
+            return []
+        start = cursor.index - self.base
+        chunks = self.chunks[start:]
+        if chunks:
+            cursor.index += len(chunks)
+            cursor.offset += sum(map(len, chunks))
+            self._trim()
+        return chunks
+
+    def state(self, cursor: Cursor) -> Phase:
+        """After an empty :meth:`read`: ``STREAMING``/``WAITING`` (wait for more), ``ENDED``
+        (the follower has everything: end cleanly) or ``FAILED`` (fail: :attr:`reason`, or the
+        cursor's own ``cut``)."""
+        return Phase.FAILED if cursor.cut else self.phase
+
+    def why(self, cursor: Cursor) -> str:
+        return cursor.cut or self.reason
+
+    def _trim(self) -> None:
+        # Keep what a follower still needs, and everything while new followers may join.
+        if self.joinable:
+            return
+        if not self.cursors:
+            self.base += len(self.chunks)
+            self.chunks = []
+            return
+        reading = [c.index for c in self.cursors if not c.cut]
+        low = min(reading) if reading else self.base + len(self.chunks)
+        drop = low - self.base
+        if drop > 0:
+            del self.chunks[:drop]
+            self.base = low
+
+
+class LiveFlight:
+    """A :class:`Flight` that readers can wait on (the async shell).
+
+    The producer's integration calls :meth:`respond`, :meth:`deliver`, :meth:`end` and
+    :meth:`fail` as its response passes; followers iterate :meth:`chunks`. When the
+    producer's client leaves while followers remain, the integration either keeps reading
+    its upstream itself (the ASGI middleware: its app runs on) or hands over a ``source``
+    (:meth:`hand_over`): an async callable that reads one more piece of the upstream into the
+    flight and returns False at its end; followers then call it in turn. ``abandon`` is
+    called once when the flight becomes unwanted before it is done.
+    """
+
+    __slots__ = ("_changed", "_flights", "abandon", "entry", "flight", "pulling", "source")
+
+    def __init__(self, flight: Flight, flights: Flights | None = None) -> None:
+        self.flight = flight
+        self._flights = flights
+        self._changed = anyio.Event()
+        self.source: Callable[[], Awaitable[bool]] | None = None
+        self.abandon: Callable[[], Awaitable[None]] | None = None
+        self.pulling = False
+        self.entry: Any = None  # the entry judged storable once it ended (being stored)
+
+    @property
+    def key(self) -> str:
+        return self.flight.key
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    # -- the producer's side -----------------------------------------------------------------
+
+    def respond(self, head: Head) -> None:
+        self.flight.respond(head)
+        self._notify()
+
+    def deliver(self, chunk: bytes) -> None:
+        flight = self.flight
+        flight.deliver(chunk)
+        if flight.cursors:
+            self._notify()
+        if not flight.joinable:
+            self._unlist()
+
+    def end(self) -> None:
+        self.flight.end()
+        self._notify()
+
+    def fail(self, reason: str) -> None:
+        self.flight.fail(reason)
+        self._unlist()
+        self._notify()
+
+    def producer_left(self) -> bool:
+        """See :meth:`Flight.producer_left`. When nobody reads any more, the flight fails
+        (before the caller abandons its upstream), so that no one joins it."""
+        if self.flight.producer_left():
+            return True
+        if not self.flight.done:
+            self.fail("the producer's client left and no one else was reading")
+        return False
+
+    def hand_over(
+        self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
+    ) -> None:
+        """The producer's client has gone: followers read the upstream through ``source``
+        from now on; ``abandon`` closes it when the last of them leaves first."""
+        self.source = source
+        self.abandon = abandon
+        self._notify()  # a follower waiting for the producer pulls now
+
+    def close(self) -> None:
+        """The producer is done with this flight (its response was stored or not): it is no
+        longer offered to new requests; its readers finish what they hold."""
+        if not self.flight.done:
+            self.fail("the producer stopped before the stream ended")
+        self._unlist()
+
+    def _unlist(self) -> None:
+        if self._flights is not None:
+            self._flights.discard(self)
+
+    # -- followers ---------------------------------------------------------------------------
+
+    async def wait_head(self, idle_timeout: float) -> Head | None:
+        """The head of the producer's response, or None when the flight failed before it had
+        one (then the follower has been sent nothing and may ask the upstream itself).
+        Raises :class:`SharedStreamAborted` when the producer stays silent ``idle_timeout``
+        seconds."""
+        flight = self.flight
+        while flight.phase is Phase.WAITING:
+            if self.source is not None and not self.pulling:
+                await self._pull()
+                continue
+            with anyio.move_on_after(idle_timeout) as scope:
+                await self._changed.wait()
+            if scope.cancelled_caught:
+                raise SharedStreamAborted(
+                    f"the producer of this stream answered nothing for {idle_timeout} s"
+                )
+        return flight.head
+
+    async def chunks(self, cursor: Cursor, idle_timeout: float) -> AsyncIterator[bytes]:
+        """The follower's bytes as they come: ends where the flight ended cleanly, raises
+        :class:`SharedStreamAborted` where it did not. Leaving (closing the iterator) unfollows."""
+        flight = self.flight
+        try:
+            while True:
+                chunks = flight.read(cursor)
+                if chunks:
+                    yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    continue
+                phase = flight.state(cursor)
+                if phase is Phase.ENDED:
+                    return
+                if phase is Phase.FAILED:
+                    raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
+                if self.source is not None and not self.pulling:
+                    await self._pull()
+                    continue
+                with anyio.move_on_after(idle_timeout) as scope:
+                    await self._changed.wait()
+                if scope.cancelled_caught:
+                    raise SharedStreamAborted(
+                        f"the shared stream sent nothing for {idle_timeout} s"
+                    )
+        finally:
+            await self.leave(cursor)
+
+    async def _pull(self) -> None:
+        # A follower reads the upstream for everyone. Shielded and bounded: a follower
+        # cancelled midway finishes this pull for the others, then leaves by its own
+        # cancellation at its next checkpoint.
+        source = self.source
+        assert source is not None
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self.pulling:
+            return
+        self.pulling = True
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_HANDOVER_TIMEOUT) as scope:
+                more = await source()
+            if scope.cancelled_caught:
+                self.fail(f"the upstream sent nothing for {_HANDOVER_TIMEOUT} s")
+            elif not more:
+                self.source = None
+        except Exception as exc:
+            self.fail(f"the upstream failed: {exc!r}")
+        finally:
+            self.pulling = False
+            self._notify()
+
+    async def leave(self, cursor: Cursor) -> None:
+        """A follower is done (read to the end, failed, or gone); idempotent. The last reader
+        to leave a flight that is not done abandons its upstream."""
+        flight = self.flight
+        flight.unfollow(cursor)
+        if flight.wanted or flight.done:
+            return
+        # The last reader left before the end: abandon the upstream.
+        self.fail("every reader left before the stream ended")
+        abandon, self.abandon, self.source = self.abandon, None, None
+        if abandon is not None:
+            with anyio.CancelScope(shield=True):
+                await abandon()
+
+
+class Flights:
+    """The live streams of one cache, by key: the single-flight state. :meth:`claim` is the
+    only way in."""
+
+    __slots__ = ("_live",)
+
+    def __init__(self) -> None:
+        self._live: dict[str, LiveFlight] = {}
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def get(self, key: str) -> LiveFlight | None:
+        return self._live.get(key)
+
+    def claim(
+        self, key: str, *, max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
+    ) -> tuple[LiveFlight, Cursor | None]:
+        """Follow the live stream of ``key`` (a cursor), or become its producer (None): the
+        flight is registered here before the caller's upstream call, so every identical
+        request from now on follows it. Synchronous, hence atomic in an event loop."""
+        live = self._live.get(key)
+        if live is not None:
+            cursor = live.flight.follow()
+            if cursor is not None:
+                return live, cursor
+        live = LiveFlight(Flight(key, max_log_bytes=max_log_bytes), self)
+        self._live[key] = live
+        return live, None
+
+    def discard(self, live: LiveFlight) -> None:
+        if self._live.get(live.key) is live:
+            del self._live[live.key]
