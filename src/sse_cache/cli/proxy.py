@@ -60,6 +60,14 @@ def register(sub: Any) -> None:
         help="share live streams between proxy processes on one Redis backend",
     )
     parser.add_argument(
+        "--cross-process-lease",
+        type=float,
+        default=3.0,
+        metavar="S",
+        help="with --cross-process: seconds a producer's lease lasts unless renewed; a killed "
+        "producer's followers take over within this long (default 3)",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=4 * 1024 * 1024,
@@ -107,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
             routes=routes,
             finish_on_disconnect=args.finish_on_disconnect,
             cross_process=args.cross_process,
+            cross_process_lease=args.cross_process_lease,
             max_body_bytes=args.max_body_bytes,
             upstream_timeout=args.upstream_timeout,
             decoded_cache_bytes=_megabytes(args.decoded_cache_mb),

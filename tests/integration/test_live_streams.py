@@ -1,0 +1,364 @@
+"""Live streams you can trust, over real HTTP: single-flight from the first miss, and never a
+silently truncated answer — through the proxy (uvicorn + forwarder), the ASGI middleware in
+front of an app, and the httpx2 transports (async and sync).
+
+Requests are released together (one ``anyio.Event`` or a ``threading.Barrier``), never
+staggered; the upstream takes 300 ms to its first byte, as an LLM does, so a herd arrives
+exactly while the first request waits for it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx2
+import pytest
+
+from sse_cache.asgi import CacheMiddleware
+from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
+from sse_cache.mock_upstream import MockUpstream
+from sse_cache.proxy import create_proxy_app
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+KEY = {"authorization": "Bearer sk-live-streams"}
+TTFB = 0.3
+LIMITS = httpx2.Limits(max_connections=200, max_keepalive_connections=200)
+
+
+def body(text: str) -> dict[str, Any]:
+    return {"model": "gpt-mock", "input": text, "stream": True}
+
+
+def complete(content: bytes) -> bool:
+    return content.rstrip().split(b"\n\n")[-1].startswith(b"event: response.completed")
+
+
+async def direct(upstream: str, payload: dict[str, Any], **headers: str) -> bytes:
+    """The upstream's own answer (the mock is deterministic): what every client must get."""
+    async with httpx2.AsyncClient(base_url=upstream, timeout=30) as client:
+        response = await client.post(
+            "/v1/responses", json=payload, headers={**KEY, **headers, "x-mock-delay-ms": "0"}
+        )
+        return response.content
+
+
+Post = Callable[[dict[str, Any], dict[str, str]], Awaitable[httpx2.Response]]
+
+
+async def herd(post: Post, n: int, payload: dict[str, Any], **headers: str) -> list[Any]:
+    """``n`` identical requests released at once; each result is a response or the error."""
+    go = anyio.Event()
+    results: list[Any] = []
+
+    async def one() -> None:
+        await go.wait()
+        try:
+            results.append(await post(payload, {**KEY, **headers}))
+        except httpx2.HTTPError as exc:
+            results.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(one)
+        go.set()
+    return results
+
+
+# -- the three HTTP ways in, each in front of the same kind of upstream ---------------------
+
+
+class SlowErrors:
+    """The mock upstream, but an error answer also takes the time to first byte (the mock
+    sends those at once), as a provider's rate limiter or overloaded backend does."""
+
+    def __init__(self, app: MockUpstream) -> None:
+        self.app = app
+
+    def stats(self) -> dict[str, Any]:
+        return self.app.stats()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and any(k == b"x-mock-error" for k, _ in scope["headers"]):
+            await anyio.sleep(TTFB)
+        await self.app(scope, receive, send)
+
+
+class Stack:
+    def __init__(self, upstream_app: MockUpstream, upstream: str, post: Post, client: Any) -> None:
+        self.upstream_app = upstream_app
+        self.upstream = upstream
+        self.post = post
+        self.client = client  # an httpx2.AsyncClient, or httpx2.Client for the sync transport
+
+    def calls(self) -> int:
+        return int(self.upstream_app.stats()["total"])
+
+
+@asynccontextmanager
+async def proxy_stack(serve: Any, backend: str) -> AsyncIterator[Stack]:
+    upstream_app = SlowErrors(MockUpstream(first_delay=TTFB, delay=0.002))
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, backend)
+        async with (
+            serve(app) as base,
+            httpx2.AsyncClient(base_url=base, timeout=60, limits=LIMITS) as client,
+        ):
+
+            async def post(payload: dict[str, Any], headers: dict[str, str]) -> httpx2.Response:
+                return await client.post("/v1/responses", json=payload, headers=headers)
+
+            yield Stack(upstream_app, upstream, post, client)
+        await app.aclose()
+
+
+@asynccontextmanager
+async def middleware_stack(serve: Any, backend: str) -> AsyncIterator[Stack]:
+    # The middleware in front of the app that answers (no forwarder): the app itself streams.
+    upstream_app = SlowErrors(MockUpstream(first_delay=TTFB, delay=0.002))
+    async with serve(upstream_app) as upstream:
+        app = CacheMiddleware(upstream_app, backend)
+        async with (
+            serve(app) as base,
+            httpx2.AsyncClient(base_url=base, timeout=60, limits=LIMITS) as client,
+        ):
+
+            async def post(payload: dict[str, Any], headers: dict[str, str]) -> httpx2.Response:
+                return await client.post("/v1/responses", json=payload, headers=headers)
+
+            yield Stack(upstream_app, upstream, post, client)
+        await app.aclose()
+
+
+@asynccontextmanager
+async def transport_stack(serve: Any, backend: str) -> AsyncIterator[Stack]:
+    upstream_app = SlowErrors(MockUpstream(first_delay=TTFB, delay=0.002))
+    async with serve(upstream_app) as upstream:
+        transport = AsyncCacheTransport(backend, transport=httpx2.AsyncHTTPTransport(limits=LIMITS))
+        async with httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=60) as client:
+
+            async def post(payload: dict[str, Any], headers: dict[str, str]) -> httpx2.Response:
+                return await client.post("/v1/responses", json=payload, headers=headers)
+
+            yield Stack(upstream_app, upstream, post, client)
+
+
+@asynccontextmanager
+async def sync_transport_stack(serve: Any, backend: str) -> AsyncIterator[Stack]:
+    upstream_app = SlowErrors(MockUpstream(first_delay=TTFB, delay=0.002))
+    async with serve(upstream_app) as upstream:
+        transport = CacheTransport(backend, transport=httpx2.HTTPTransport(limits=LIMITS))
+        client = httpx2.Client(transport=transport, base_url=upstream, timeout=60)
+        limiter = anyio.CapacityLimiter(200)
+        try:
+
+            async def post(payload: dict[str, Any], headers: dict[str, str]) -> httpx2.Response:
+                def call() -> httpx2.Response:
+                    return client.post("/v1/responses", json=payload, headers=headers)
+
+                return await anyio.to_thread.run_sync(call, limiter=limiter)
+
+            yield Stack(upstream_app, upstream, post, client)
+        finally:
+            await anyio.to_thread.run_sync(client.close)
+
+
+STACKS = {
+    "proxy": proxy_stack,
+    "middleware": middleware_stack,
+    "transport": transport_stack,
+    "sync-transport": sync_transport_stack,
+}
+
+
+@pytest.fixture(params=list(STACKS))
+def stack_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def backend_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'live.db'}"
+
+
+# -- 1. a same-instant herd is collapsed -----------------------------------------------------
+
+
+async def test_a_herd_released_at_once_makes_one_upstream_call(
+    serve: Any, stack_kind: str, backend_url: str
+) -> None:
+    async with STACKS[stack_kind](serve, backend_url) as stack:
+        payload = body(f"a herd through the {stack_kind}")
+        results = await herd(stack.post, 100, payload)
+        expected = await direct(stack.upstream, payload)
+        assert stack.calls() == 2  # the herd's one call, and ours above
+    assert complete(expected)
+    assert all(isinstance(r, httpx2.Response) for r in results), results
+    statuses = Counter(r.headers["x-sse-cache"] for r in results)
+    assert statuses["miss"] == 1 and statuses["miss"] + statuses["shared"] == 100, statuses
+    assert {r.status_code for r in results} == {200}
+    assert all(r.content == expected for r in results)
+
+
+async def test_a_herd_shares_an_error_answer_as_the_producer_got_it(
+    serve: Any, stack_kind: str
+) -> None:
+    # A non-2xx answer reaches every follower as it reached the producer (status, headers,
+    # body): identical requests get the identical answer, and a failing upstream is asked
+    # once, not once per waiting client (their SDKs retry as they would anyway).
+    async with STACKS[stack_kind](serve, "memory://") as stack:
+        payload = body("a herd meets a 429")
+        results = await herd(stack.post, 20, payload, **{"x-mock-error": "429"})
+        assert stack.calls() == 1
+    assert {r.status_code for r in results} == {429}
+    assert len({r.content for r in results}) == 1
+    assert sorted(Counter(r.headers["x-sse-cache"] for r in results).items()) == [
+        ("miss", 1),
+        ("shared", 19),
+    ]
+
+
+# -- 2. the producer's client leaving never ends the stream for the others -------------------
+
+
+async def test_followers_read_on_when_the_producers_client_leaves(
+    serve: Any, stack_kind: str
+) -> None:
+    async with STACKS[stack_kind](serve, "memory://") as stack:
+        payload = body(f"the producer's client leaves ({stack_kind})")
+        if stack_kind == "sync-transport":
+            got, bodies = await anyio.to_thread.run_sync(_leave_early_sync, stack.client, payload)
+        else:
+            got, bodies = await _leave_early(stack.client, payload)
+        expected = await direct(stack.upstream, payload)
+        again = await stack.post(payload, KEY)
+        assert stack.calls() == 2  # one shared upstream call, and ours
+    assert complete(expected) and expected.startswith(got) and len(got) < len(expected)
+    assert all(b == expected for b in bodies)
+    # The upstream was read to its end for the followers, so the answer was stored.
+    assert again.headers["x-sse-cache"] == "hit" and again.content == expected
+
+
+async def _leave_early(
+    client: httpx2.AsyncClient, payload: dict[str, Any]
+) -> tuple[bytes, list[bytes]]:
+    def request() -> httpx2.Request:
+        return client.build_request("POST", "/v1/responses", json=payload, headers=KEY)
+
+    producer = await client.send(request(), stream=True)
+    assert producer.headers["x-sse-cache"] == "miss"
+    # Sent once the producer has its response head: they join its live stream.
+    followers = [await client.send(request(), stream=True) for _ in range(3)]
+    assert [f.headers["x-sse-cache"] for f in followers] == ["shared"] * 3
+    got = b""
+    async for chunk in producer.aiter_raw():
+        got += chunk
+        if len(got) >= 256:
+            break
+    await producer.aclose()  # the producer's client leaves mid-answer
+    return got, [await f.aread() for f in followers]
+
+
+def _leave_early_sync(client: httpx2.Client, payload: dict[str, Any]) -> tuple[bytes, list[bytes]]:
+    def request() -> httpx2.Request:
+        return client.build_request("POST", "/v1/responses", json=payload, headers=KEY)
+
+    producer = client.send(request(), stream=True)
+    assert producer.headers["x-sse-cache"] == "miss"
+    followers = [client.send(request(), stream=True) for _ in range(3)]
+    assert [f.headers["x-sse-cache"] for f in followers] == ["shared"] * 3
+    got = b""
+    for chunk in producer.iter_raw():
+        got += chunk
+        if len(got) >= 256:
+            break
+    producer.close()
+    return got, [f.read() for f in followers]
+
+
+# -- 3. joining a dying flight -----------------------------------------------------------------
+
+
+async def test_a_request_after_a_client_left_gets_a_whole_answer(
+    serve: Any, stack_kind: str
+) -> None:
+    # A client reads 256 bytes and leaves; the next identical request, sent at once, is
+    # answered in full — by the flight if it joined before the leaving was noticed, or by
+    # its own upstream call — never by a clean response holding part of the answer.
+    async with STACKS[stack_kind](serve, "memory://") as stack:
+        for round_ in range(6):
+            payload = body(f"a dying flight, round {round_} ({stack_kind})")
+            if stack_kind == "sync-transport":
+                response = await anyio.to_thread.run_sync(
+                    _read_then_leave_then_ask_sync, stack.client, payload
+                )
+            else:
+                response = await _read_then_leave_then_ask(stack.client, payload)
+            expected = await direct(stack.upstream, payload)
+            assert response.status_code == 200
+            assert response.headers["x-sse-cache"] in ("miss", "shared", "hit")
+            assert response.content == expected and complete(expected), round_
+
+
+async def _read_then_leave_then_ask(
+    client: httpx2.AsyncClient, payload: dict[str, Any]
+) -> httpx2.Response:
+    request = client.build_request("POST", "/v1/responses", json=payload, headers=KEY)
+    first = await client.send(request, stream=True)
+    got = b""
+    async for chunk in first.aiter_raw():
+        got += chunk
+        if len(got) >= 256:
+            break
+    await first.aclose()
+    return await client.post("/v1/responses", json=payload, headers=KEY)
+
+
+def _read_then_leave_then_ask_sync(client: httpx2.Client, payload: dict[str, Any]) -> Any:
+    request = client.build_request("POST", "/v1/responses", json=payload, headers=KEY)
+    first = client.send(request, stream=True)
+    got = b""
+    for chunk in first.iter_raw():
+        got += chunk
+        if len(got) >= 256:
+            break
+    first.close()
+    return client.post("/v1/responses", json=payload, headers=KEY)
+
+
+# -- 4. one bad byte --------------------------------------------------------------------------
+
+
+async def test_one_bad_byte_reaches_every_reader_and_is_not_stored(
+    serve: Any, stack_kind: str
+) -> None:
+    async with STACKS[stack_kind](serve, "memory://") as stack:
+        payload = body(f"a bad byte ({stack_kind})")
+        results = await herd(stack.post, 5, payload, **{"x-mock-error": "bad-sse"})
+        expected = await direct(stack.upstream, payload, **{"x-mock-error": "bad-sse"})
+        again = await stack.post(payload, KEY)
+    assert b"\xff" in expected or b"\xfe" in expected or not expected.decode("utf-8", "ignore")
+    assert all(r.content == expected for r in results)
+    assert again.headers["x-sse-cache"] == "miss"
+
+
+# -- the upstream cut mid-answer ----------------------------------------------------------------
+
+
+async def test_a_cut_upstream_fails_every_reader_visibly(serve: Any, stack_kind: str) -> None:
+    async with STACKS[stack_kind](serve, "memory://") as stack:
+        payload = body(f"cut ({stack_kind})")
+        results = await herd(stack.post, 10, payload, **{"x-mock-error": "cut"})
+        assert stack.calls() == 1
+    # Never a clean response holding part of an answer: every reader gets an error.
+    assert all(isinstance(r, httpx2.HTTPError) for r in results), [
+        (r.status_code, r.headers.get("x-sse-cache"), len(r.content))
+        for r in results
+        if isinstance(r, httpx2.Response)
+    ]
