@@ -366,6 +366,15 @@ class LiveFlight:
         finally:
             await self.leave(cursor)
 
+    async def drain(self) -> None:
+        """Read the handed-over upstream to its end whether or not anyone here reads it
+        (followers in other processes do), taking turns with the followers that pull."""
+        while self.source is not None and not self.flight.done:
+            if self.pulling:
+                await self._changed.wait()
+            else:
+                await self._pull()
+
     async def _pull(self) -> None:
         # A follower reads the upstream for everyone. Shielded and bounded: a follower
         # cancelled midway finishes this pull for the others, then leaves by its own

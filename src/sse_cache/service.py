@@ -752,9 +752,12 @@ class ResponseTee:
         of the body); anything else is an early close, and nothing is stored."""
         if self.ended or self.cut:
             return False
-        if self._flight is not None and self._flight.producer_left():
-            if abandon is not None:
-                self._flight.abandon = abandon
+        flight = self._flight
+        if flight is not None and (flight.producer_left() or self._lease is not None):
+            # Followers here, or possibly in other processes (a producer cannot count those:
+            # it reads its upstream to the end for them, and the answer is stored).
+            if abandon is not None and self._lease is None:
+                flight.abandon = abandon
             return True
         if self._live is not None and self._has_completing_event and not self._failed:
             self._finish_recording()  # the recorder judges: without the event, not stored
@@ -770,10 +773,16 @@ class ResponseTee:
         ``source`` (see :meth:`~sse_cache.flight.LiveFlight.hand_over`)."""
         assert self._flight is not None
         self._flight.hand_over(source, abandon)
+        if self._lease is not None:
+            # Followers in other processes need the rest: read it even if no one here does.
+            self._lease.drain(self._flight)
 
     @property
     def wanted(self) -> bool:
-        """Someone (the client, or a follower) still reads this response."""
+        """Someone (the client, a follower here or, while publishing, in another process)
+        still reads this response."""
+        if self._lease is not None:
+            return True
         return self._flight.flight.wanted if self._flight is not None else not self.cut
 
     def end(self) -> None:
@@ -848,6 +857,7 @@ class _Lease:
         self.ttl = ttl
         self.channel = _channel(lock[len(_CHANNEL) :], token)
         self._task: asyncio.Task[None] | None = None
+        self._drains: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         try:
             loop = asyncio.get_running_loop()
@@ -867,6 +877,14 @@ class _Lease:
                 await self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL)
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
                 logger.warning("sse_cache: could not renew %s: %r", self.lock, exc)
+
+    def drain(self, live: LiveFlight) -> None:
+        """Read ``live``'s handed-over upstream to its end in a task of its own (the client
+        that was reading it has gone; followers in other processes still need it)."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(live.drain(), name=f"sse-cache drain {self.lock}")
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
 
     async def stop(self) -> None:
         """Stop renewing (after the renewal under way, if any: cancelling a Redis call

@@ -1,76 +1,239 @@
-"""Cross-process single-flight: two proxies (as two worker processes would be) on one Redis,
-in front of one upstream, over real loopback HTTP."""
+"""Cross-process single-flight: ``sse-cache proxy --cross-process`` as real OS processes on one
+Redis, in front of one upstream, over loopback HTTP — a herd spread over both released at
+once, and a producer process killed with SIGKILL before and after it answered."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx2
 import pytest
+import redis.asyncio as aioredis
 
 from sse_cache import ConfigError
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.mock_upstream import MockUpstream
-from sse_cache.proxy import create_proxy_app
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 HEADERS = {"authorization": "Bearer sk-cross"}
+LEASE = 1.5
 
 
-async def two_proxies_race(
-    serve: Any, redis_url: str, headers: dict[str, str]
-) -> tuple[list[httpx2.Response], MockUpstream]:
-    upstream_app = MockUpstream(delay=0.01, first_delay=0.02)
-    url = f"{redis_url}?prefix=x{uuid.uuid4().hex[:8]}:"
-    body = {"model": "gpt-mock", "input": "one upstream call for two workers", "stream": True}
-    results: dict[int, httpx2.Response] = {}
-    async with serve(upstream_app) as upstream:
-        first = create_proxy_app(upstream, url, cross_process=True, cross_process_lease=3)
-        second = create_proxy_app(upstream, url, cross_process=True, cross_process_lease=3)
-        async with (
-            serve(first) as p1,
-            serve(second) as p2,
-            httpx2.AsyncClient(timeout=30) as client,
-        ):
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
-            async def send(n: int, base: str, delay: float) -> None:
-                await anyio.sleep(delay)
-                results[n] = await client.post(base + "/v1/responses", json=body, headers=headers)
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(send, 0, p1, 0)
-                tg.start_soon(send, 1, p2, 0.15)  # while the first is still streaming
-        await first.aclose()
-        await second.aclose()
-    return [results[0], results[1]], upstream_app
+@asynccontextmanager
+async def proxy_process(upstream: str, backend: str) -> AsyncIterator[tuple[str, Any]]:
+    """``sse-cache proxy --cross-process`` in a process of its own; yields its URL and the
+    process."""
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - starting a process does not block for long
+        [
+            sys.executable,
+            "-m",
+            "sse_cache",
+            "proxy",
+            "--upstream",
+            upstream,
+            "--port",
+            str(port),
+            "--backend",
+            backend,
+            "--cross-process",
+            "--cross-process-lease",
+            str(LEASE),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with anyio.fail_after(30):
+            async with httpx2.AsyncClient() as client:
+                while True:
+                    assert proc.poll() is None, "the proxy exited"
+                    try:
+                        await client.get(url + "/_sse_cache/health", timeout=1)
+                        break
+                    except httpx2.HTTPError:
+                        await anyio.sleep(0.05)  # polling a process that is starting
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        await anyio.to_thread.run_sync(proc.wait)
+
+
+def complete(content: bytes) -> bool:
+    return content.rstrip().split(b"\n\n")[-1].startswith(b"event: response.completed")
 
 
 @pytest.mark.anyio
 @asyncio_only
-async def test_a_second_worker_follows_the_first_ones_live_stream(
+async def test_a_herd_over_two_processes_makes_one_upstream_call(
     serve: Any, redis_server: Any
 ) -> None:
-    (a, b), upstream = await two_proxies_race(serve, redis_server.url, HEADERS)
-    assert (a.headers["x-sse-cache"], b.headers["x-sse-cache"]) == ("miss", "shared")
-    assert a.content == b.content and a.content.count(b"\n\n") > 20
-    assert upstream.stats()["total"] == 1
+    upstream_app = MockUpstream(first_delay=0.3, delay=0.002)
+    backend = f"{redis_server.url}?prefix=x{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "gpt-mock", "input": "one upstream call for two workers", "stream": True}
+    async with serve(upstream_app) as upstream:
+        async with (
+            proxy_process(upstream, backend) as (p1, _),
+            proxy_process(upstream, backend) as (p2, _),
+        ):
+            go = anyio.Event()
+            results: list[httpx2.Response] = []
+            limits = httpx2.Limits(max_connections=100)
+            async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
+
+                async def one(base: str) -> None:
+                    await go.wait()
+                    results.append(
+                        await client.post(base + "/v1/responses", json=payload, headers=HEADERS)
+                    )
+
+                async with anyio.create_task_group() as tg:
+                    for i in range(40):
+                        tg.start_soon(one, (p1, p2)[i % 2])
+                    go.set()
+    statuses = Counter(r.headers["x-sse-cache"] for r in results)
+    assert upstream_app.stats()["total"] == 1, statuses
+    assert statuses["miss"] == 1 and statuses["shared"] == 39, statuses
+    assert len({r.content for r in results}) == 1 and complete(results[0].content)
+
+
+async def lock_ttls(redis_url: str, prefix: str) -> list[int]:
+    client = aioredis.from_url(redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}l:sf:*")]
+        return [int(await client.pttl(k)) for k in keys]
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.anyio
 @asyncio_only
-async def test_a_failed_leader_sends_its_followers_upstream(serve: Any, redis_server: Any) -> None:
-    (a, b), upstream = await two_proxies_race(
-        serve, redis_server.url, {**HEADERS, "x-mock-error": "500"}
-    )
-    assert a.status_code == 500 and b.status_code == 500
-    assert b.headers["x-sse-cache"] == "miss"  # it asked the upstream itself
-    assert upstream.stats()["total"] == 2
+async def test_a_killed_producer_fails_its_followers_visibly_and_frees_its_lease(
+    serve: Any, redis_server: Any
+) -> None:
+    # After the producer answered: its followers in other processes hold part of an answer,
+    # so their responses fail (never a clean end); the lease it held runs out within LEASE
+    # seconds, and the next identical request is answered in full.
+    upstream_app = MockUpstream(first_delay=0.05, delay=0.02)
+    prefix = f"k{uuid.uuid4().hex[:8]}:"
+    backend = f"{redis_server.url}?prefix={prefix}"
+    payload = {"model": "gpt-mock", "input": "the producer dies mid-answer", "stream": True}
+    async with serve(upstream_app) as upstream:
+        async with (
+            proxy_process(upstream, backend) as (p1, proc1),
+            proxy_process(upstream, backend) as (p2, _),
+        ):
+            async with httpx2.AsyncClient(timeout=30) as client:
+                request = client.build_request(
+                    "POST", p1 + "/v1/responses", json=payload, headers=HEADERS
+                )
+                producer = await client.send(request, stream=True)
+                assert producer.headers["x-sse-cache"] == "miss"
+                produced = producer.aiter_raw()
+                first = await produced.__anext__()
+                request = client.build_request(
+                    "POST", p2 + "/v1/responses", json=payload, headers=HEADERS
+                )
+                follower = await client.send(request, stream=True)
+                assert follower.headers["x-sse-cache"] == "shared"
+                followed = follower.aiter_raw()
+                got = await followed.__anext__()
+                assert first.startswith(got[: len(first)]) or got.startswith(first)
+                os.kill(proc1.pid, signal.SIGKILL)
+                ttls = await lock_ttls(redis_server.url, prefix)
+                assert ttls and all(0 < t <= LEASE * 1000 for t in ttls), ttls
+                with pytest.raises(httpx2.HTTPError):
+                    async for _ in followed:
+                        pass
+                await producer.aclose()
+                again = await client.post(p2 + "/v1/responses", json=payload, headers=HEADERS)
+    assert again.status_code == 200 and complete(again.content)
+    assert again.headers["x-sse-cache"] in ("miss", "hit")
 
 
-def test_cross_process_needs_a_backend_with_locks_and_fan_out() -> None:
+@pytest.mark.anyio
+@asyncio_only
+async def test_followers_take_over_from_a_producer_killed_before_it_answered(
+    serve: Any, redis_server: Any
+) -> None:
+    # Killed while waiting for its upstream (time to first byte): the followers have been
+    # sent nothing, so one of them asks the upstream itself and the others follow it.
+    upstream_app = MockUpstream(first_delay=2.0, delay=0.002)
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    backend = f"{redis_server.url}?prefix={prefix}"
+    payload = {"model": "gpt-mock", "input": "the producer dies early", "stream": True}
+    async with serve(upstream_app) as upstream:
+        async with (
+            proxy_process(upstream, backend) as (p1, proc1),
+            proxy_process(upstream, backend) as (p2, _),
+        ):
+            async with httpx2.AsyncClient(timeout=30) as client:
+                results: list[httpx2.Response] = []
+
+                async def follow() -> None:
+                    results.append(
+                        await client.post(p2 + "/v1/responses", json=payload, headers=HEADERS)
+                    )
+
+                async with anyio.create_task_group() as tg:
+                    request = client.build_request(
+                        "POST", p1 + "/v1/responses", json=payload, headers=HEADERS
+                    )
+                    producing = await _send_in_background(tg, client, request)
+                    with anyio.fail_after(10):
+                        # Another process's state: polled, there is no event to wait on.
+                        while not await lock_ttls(redis_server.url, prefix):  # noqa: ASYNC110
+                            await anyio.sleep(0.01)  # until the producer holds its lease
+                    for _ in range(3):
+                        tg.start_soon(follow)
+                    while upstream_app.stats()["total"] < 1:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)  # until the upstream was asked
+                    os.kill(proc1.pid, signal.SIGKILL)
+                    producing.cancel()
+    assert len(results) == 3
+    assert all(r.status_code == 200 and complete(r.content) for r in results)
+    assert len({r.content for r in results}) == 1
+    assert upstream_app.stats()["total"] == 2  # the dead producer's call, and the taker's
+
+
+async def _send_in_background(
+    tg: anyio.abc.TaskGroup, client: httpx2.AsyncClient, request: httpx2.Request
+) -> anyio.CancelScope:
+    scope = anyio.CancelScope()
+
+    async def run() -> None:
+        with scope, contextlib.suppress(httpx2.HTTPError):  # its process is killed
+            await client.send(request)
+
+    tg.start_soon(run)
+    return scope
+
+
+def test_cross_process_needs_a_backend_with_leases_and_fan_out() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         pass
 
@@ -83,24 +246,39 @@ def test_cross_process_needs_a_backend_with_locks_and_fan_out() -> None:
 async def test_transports_in_two_processes_share_one_upstream_stream(
     serve: Any, redis_server: Any
 ) -> None:
-    from sse_cache.httpx2 import AsyncCacheTransport
-
-    upstream_app = MockUpstream(delay=0.01, first_delay=0.02)
-    url = f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:8]}:"
-    body = {"model": "gpt-mock", "input": "two SDK processes", "stream": True}
-    seen: dict[int, tuple[str, bytes]] = {}
+    upstream_app = MockUpstream(first_delay=0.5, delay=0.002)
+    backend = f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "gpt-mock", "input": "two SDK processes", "stream": True}
+    script = (
+        "import sys, json, httpx2\n"
+        "from sse_cache.httpx2 import CacheTransport\n"
+        "backend, base, body = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+        "t = CacheTransport(backend, cross_process=True)\n"
+        "with httpx2.Client(transport=t, base_url=base, timeout=30) as c:\n"
+        "    t.portal  # the cache's event loop is up\n"
+        "    print('ready', flush=True)\n"
+        "    sys.stdin.readline()  # released together\n"
+        "    r = c.post('/v1/responses', json=body, headers={'authorization': 'Bearer sk-x'})\n"
+        "    sys.stdout.buffer.write(r.headers['x-sse-cache'].encode() + b'\\n' + r.content)\n"
+    )
     async with serve(upstream_app) as upstream:
-
-        async def one(n: int, delay: float) -> None:
-            await anyio.sleep(delay)
-            transport = AsyncCacheTransport(url, cross_process=True, cross_process_lease=3)
-            async with httpx2.AsyncClient(transport=transport, base_url=upstream) as client:
-                r = await client.post("/v1/responses", json=body, headers=HEADERS)
-                seen[n] = (r.headers["x-sse-cache"], r.content)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(one, 0, 0)
-            tg.start_soon(one, 1, 0.15)
-    assert (seen[0][0], seen[1][0]) == ("miss", "shared")
-    assert seen[0][1] == seen[1][1]
+        procs = [
+            subprocess.Popen(  # noqa: ASYNC220 - starting a process does not block for long
+                [sys.executable, "-c", script, backend, upstream, json.dumps(payload)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
+        for proc in procs:
+            assert proc.stdout is not None
+            assert await anyio.to_thread.run_sync(proc.stdout.readline) == b"ready\n"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+        outputs = [await anyio.to_thread.run_sync(p.communicate) for p in procs]
+    results = [out.split(b"\n", 1) for out, _ in outputs]
+    assert sorted(status for status, _ in results) == [b"miss", b"shared"]
+    assert results[0][1] == results[1][1] and complete(results[0][1])
     assert upstream_app.stats()["total"] == 1
