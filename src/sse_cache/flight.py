@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -47,6 +47,8 @@ __all__ = [
     "LiveFlight",
     "Phase",
 ]
+
+T = TypeVar("T")
 
 #: Default bound of a flight's shared log (and of how far a follower may fall behind).
 DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
@@ -91,13 +93,18 @@ class Cursor:
         self.cut = ""  # why this follower was cut off (fell too far behind)
 
 
-class Flight:
-    """The state of one answer being produced (see the module docstring for the rules)."""
+class Flight(Generic[T]):
+    """The state of one answer being produced (see the module docstring for the rules).
+
+    Its log holds the pieces of the answer as the producer's client got them: chunks of
+    bytes for the HTTP integrations, :class:`~sse_cache.events.Event` objects for the engine
+    API. Sizes (for the bounds) are the pieces' lengths unless given."""
 
     __slots__ = (
         "base",
         "chunks",
         "cursors",
+        "ends",
         "head",
         "joinable",
         "key",
@@ -122,8 +129,9 @@ class Flight:
         self.phase = Phase.WAITING
         self.head: Head | None = None
         self.reason = ""
-        self.chunks: list[bytes] = []
-        self.base = 0  # chunks dropped from the front of the log
+        self.chunks: list[T] = []
+        self.ends: list[int] = []  # the byte offset at which each piece of the log ends
+        self.base = 0  # pieces dropped from the front of the log
         self.total = 0  # bytes delivered in all
         self.cursors: set[Cursor] = set()
         self.producer_reading = True
@@ -139,13 +147,15 @@ class Flight:
             self.head = head
             self.phase = Phase.STREAMING
 
-    def deliver(self, chunk: bytes) -> None:
-        """``chunk`` reached (or was handed to) the producer's client."""
-        if self.phase is not Phase.STREAMING or not chunk:
+    def deliver(self, chunk: T, size: int = -1) -> None:
+        """``chunk`` reached (or was handed to) the producer's client; ``size``: its size in
+        bytes (default ``len(chunk)``)."""
+        if self.phase is not Phase.STREAMING:
             return
-        self.total += len(chunk)
+        self.total += len(chunk) if size < 0 else size  # type: ignore[arg-type]
         if self.cursors or self.joinable:
             self.chunks.append(chunk)
+            self.ends.append(self.total)
         if self.total > self.max_log_bytes:
             self.joinable = False
         if self.cursors and self.total > self.max_lag_bytes:
@@ -199,16 +209,17 @@ class Flight:
         self.cursors.discard(cursor)
         self._trim()
 
-    def read(self, cursor: Cursor) -> list[bytes]:
-        """The chunks this follower has not read yet (empty: see :meth:`state`)."""
+    def read(self, cursor: Cursor) -> list[T]:
+        """The pieces this follower has not read yet (empty: see :meth:`state`)."""
         if cursor.cut:
             return []
         start = cursor.index - self.base
         chunks = self.chunks[start:]
         if chunks:
             cursor.index += len(chunks)
-            cursor.offset += sum(map(len, chunks))
-            self._trim()
+            cursor.offset = self.ends[-1]
+            if not self.joinable:
+                self._trim()
         return chunks
 
     def state(self, cursor: Cursor) -> Phase:
@@ -227,16 +238,18 @@ class Flight:
         if not self.cursors:
             self.base += len(self.chunks)
             self.chunks = []
+            self.ends = []
             return
         reading = [c.index for c in self.cursors if not c.cut]
         low = min(reading) if reading else self.base + len(self.chunks)
         drop = low - self.base
         if drop > 0:
             del self.chunks[:drop]
+            del self.ends[:drop]
             self.base = low
 
 
-class LiveFlight:
+class LiveFlight(Generic[T]):
     """A :class:`Flight` that readers can wait on (the async shell).
 
     The producer's integration calls :meth:`respond`, :meth:`deliver`, :meth:`end` and
@@ -248,24 +261,52 @@ class LiveFlight:
     called once when the flight becomes unwanted before it is done.
     """
 
-    __slots__ = ("_changed", "_flights", "abandon", "entry", "flight", "pulling", "source")
+    __slots__ = (
+        "_changed",
+        "_flights",
+        "_waiting",
+        "abandon",
+        "entry",
+        "flight",
+        "judge",
+        "production",
+        "pulling",
+        "source",
+    )
 
-    def __init__(self, flight: Flight, flights: Flights | None = None) -> None:
+    def __init__(self, flight: Flight[T], flights: Flights | None = None) -> None:
         self.flight = flight
         self._flights = flights
         self._changed = anyio.Event()
+        self._waiting = 0
         self.source: Callable[[], Awaitable[bool]] | None = None
         self.abandon: Callable[[], Awaitable[None]] | None = None
         self.pulling = False
-        self.entry: Any = None  # the entry judged storable once it ended (being stored)
+        #: The entry judged storable once the stream ended (being stored: a new request is
+        #: answered from it), and ``judge``, which judges it on demand when that is deferred.
+        self.entry: Any = None
+        self.judge: Callable[[], None] | None = None
+        #: What the producer keeps with its flight (the engine: its recording and upstream).
+        self.production: Any = None
 
     @property
     def key(self) -> str:
         return self.flight.key
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        if self._waiting:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def _wait(self, idle_timeout: float) -> bool:
+        """Wait for a change; False when nothing changed for ``idle_timeout`` seconds."""
+        self._waiting += 1
+        try:
+            with anyio.move_on_after(idle_timeout) as scope:
+                await self._changed.wait()
+        finally:
+            self._waiting -= 1
+        return not scope.cancelled_caught
 
     # -- the producer's side -----------------------------------------------------------------
 
@@ -273,10 +314,10 @@ class LiveFlight:
         self.flight.respond(head)
         self._notify()
 
-    def deliver(self, chunk: bytes) -> None:
+    def deliver(self, chunk: T, size: int = -1) -> None:
         flight = self.flight
-        flight.deliver(chunk)
-        if flight.cursors:
+        flight.deliver(chunk, size)
+        if self._waiting:
             self._notify()
         if not flight.joinable:
             self._unlist()
@@ -331,23 +372,24 @@ class LiveFlight:
             if self.source is not None and not self.pulling:
                 await self._pull()
                 continue
-            with anyio.move_on_after(idle_timeout) as scope:
-                await self._changed.wait()
-            if scope.cancelled_caught:
+            if not await self._wait(idle_timeout):
                 raise SharedStreamAborted(
                     f"the producer of this stream answered nothing for {idle_timeout} s"
                 )
         return flight.head
 
-    async def chunks(self, cursor: Cursor, idle_timeout: float) -> AsyncIterator[bytes]:
-        """The follower's bytes as they come: ends where the flight ended cleanly, raises
-        :class:`SharedStreamAborted` where it did not. Leaving (closing the iterator) unfollows."""
+    async def batches(self, cursor: Cursor, idle_timeout: float) -> AsyncIterator[list[T]]:
+        """The follower's pieces as they come, in lists of what is ready: ends where the
+        flight ended cleanly, raises :class:`SharedStreamAborted` where it did not (the
+        reader that was pulling the upstream when it failed gets the upstream's own error).
+        A reader that waits ``idle_timeout`` seconds for a piece gives up (fails). Leaving
+        (closing the iterator) unfollows."""
         flight = self.flight
         try:
             while True:
                 chunks = flight.read(cursor)
                 if chunks:
-                    yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    yield chunks
                     continue
                 phase = flight.state(cursor)
                 if phase is Phase.ENDED:
@@ -357,43 +399,62 @@ class LiveFlight:
                 if self.source is not None and not self.pulling:
                     await self._pull()
                     continue
-                with anyio.move_on_after(idle_timeout) as scope:
-                    await self._changed.wait()
-                if scope.cancelled_caught:
+                if not await self._wait(idle_timeout):
                     raise SharedStreamAborted(
                         f"the shared stream sent nothing for {idle_timeout} s"
                     )
         finally:
             await self.leave(cursor)
 
+    async def chunks(
+        self: LiveFlight[bytes], cursor: Cursor, idle_timeout: float
+    ) -> AsyncIterator[bytes]:
+        """:meth:`batches` of bytes, each batch joined."""
+        batches = self.batches(cursor, idle_timeout)
+        try:
+            async for chunks in batches:
+                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        finally:
+            await batches.aclose()  # type: ignore[attr-defined]
+
     async def drain(self) -> None:
         """Read the handed-over upstream to its end whether or not anyone here reads it
         (followers in other processes do), taking turns with the followers that pull."""
         while self.source is not None and not self.flight.done:
             if self.pulling:
-                await self._changed.wait()
+                await self._wait(_HANDOVER_TIMEOUT)
             else:
                 await self._pull()
 
     async def _pull(self) -> None:
-        # A follower reads the upstream for everyone. Shielded and bounded: a follower
-        # cancelled midway finishes this pull for the others, then leaves by its own
-        # cancellation at its next checkpoint.
+        # A reader reads the upstream for everyone. When others share it, shielded and
+        # bounded: a reader cancelled midway finishes this pull for the others (an async
+        # generator cancelled inside ``__anext__`` is finished for good), then leaves by its
+        # own cancellation at its next checkpoint. The reader whose pull fails gets the
+        # upstream's own error; the others see the flight fail.
         source = self.source
         assert source is not None
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        if self.pulling:
-            return
+        shared = len(self.flight.cursors) > 1 or self.flight.producer_reading
+        if shared:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            if self.pulling or self.source is not source:
+                return
         self.pulling = True
         try:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_HANDOVER_TIMEOUT) as scope:
+            if shared:
+                with anyio.CancelScope(shield=True) as scope:
+                    scope.deadline = anyio.current_time() + _HANDOVER_TIMEOUT
+                    more = await source()
+                if scope.cancelled_caught:
+                    self.fail(f"the upstream sent nothing for {_HANDOVER_TIMEOUT} s")
+                    return
+            else:
                 more = await source()
-            if scope.cancelled_caught:
-                self.fail(f"the upstream sent nothing for {_HANDOVER_TIMEOUT} s")
-            elif not more:
+            if not more:
                 self.source = None
         except Exception as exc:
             self.fail(f"the upstream failed: {exc!r}")
+            raise
         finally:
             self.pulling = False
             self._notify()
@@ -420,17 +481,17 @@ class Flights:
     __slots__ = ("_live",)
 
     def __init__(self) -> None:
-        self._live: dict[str, LiveFlight] = {}
+        self._live: dict[str, LiveFlight[Any]] = {}
 
     def __len__(self) -> int:
         return len(self._live)
 
-    def get(self, key: str) -> LiveFlight | None:
+    def get(self, key: str) -> LiveFlight[Any] | None:
         return self._live.get(key)
 
     def claim(
         self, key: str, *, max_log_bytes: int = DEFAULT_MAX_LOG_BYTES
-    ) -> tuple[LiveFlight, Cursor | None]:
+    ) -> tuple[LiveFlight[Any], Cursor | None]:
         """Follow the live stream of ``key`` (a cursor), or become its producer (None): the
         flight is registered here before the caller's upstream call, so every identical
         request from now on follows it. Synchronous, hence atomic in an event loop."""
@@ -439,10 +500,10 @@ class Flights:
             cursor = live.flight.follow()
             if cursor is not None:
                 return live, cursor
-        live = LiveFlight(Flight(key, max_log_bytes=max_log_bytes), self)
-        self._live[key] = live
-        return live, None
+        new: LiveFlight[Any] = LiveFlight(Flight(key, max_log_bytes=max_log_bytes), self)
+        self._live[key] = new
+        return new, None
 
-    def discard(self, live: LiveFlight) -> None:
+    def discard(self, live: LiveFlight[Any]) -> None:
         if self._live.get(live.key) is live:
             del self._live[live.key]

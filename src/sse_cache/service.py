@@ -271,7 +271,7 @@ class Exchange:
         self._tee: ResponseTee | None = None
         self._live: LiveRecording | None = None
         self._lead: _Lease | None = None  # while leading a cross-process flight
-        self._flight: LiveFlight | None = None  # the live stream this request produces
+        self._flight: LiveFlight[bytes] | None = None  # the live stream this request produces
 
     @property
     def cacheable(self) -> bool:
@@ -374,14 +374,14 @@ class Exchange:
         self.status = CacheStatus.HIT
         return True
 
-    def _produce(self, live: LiveFlight, stack: AsyncExitStack) -> None:
+    def _produce(self, live: LiveFlight[bytes], stack: AsyncExitStack) -> None:
         # This request's response is the live stream of its key. Closed (no longer offered)
         # when the exchange ends, after the store: until then a request that finds it ended
         # is answered from its entry.
         self._flight = live
         stack.callback(live.close)
 
-    async def _follow(self, live: LiveFlight, cursor: Cursor) -> bool:
+    async def _follow(self, live: LiveFlight[bytes], cursor: Cursor) -> bool:
         """Answer with the live stream's bytes once its producer has its response head. False
         when the producer failed before that (this request has been sent nothing)."""
         cache = self._cache
@@ -625,7 +625,7 @@ class ResponseTee:
     def __init__(
         self,
         *,
-        flight: LiveFlight | None = None,
+        flight: LiveFlight[bytes] | None = None,
         recording: LiveRecording | None = None,
         cache: StreamCache | None = None,
         key: str = "",
@@ -878,7 +878,7 @@ class _Lease:
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
                 logger.warning("sse_cache: could not renew %s: %r", self.lock, exc)
 
-    def drain(self, live: LiveFlight) -> None:
+    def drain(self, live: LiveFlight[bytes]) -> None:
         """Read ``live``'s handed-over upstream to its end in a task of its own (the client
         that was reading it has gone; followers in other processes still need it)."""
         loop = asyncio.get_running_loop()
@@ -899,7 +899,7 @@ class _ProcessSource:
     """Reads another process's live stream into this process's live flight, one message a
     call (the local readers pull it in turn)."""
 
-    def __init__(self, live: LiveFlight, reader: AsyncIterator[bytes]) -> None:
+    def __init__(self, live: LiveFlight[bytes], reader: AsyncIterator[bytes]) -> None:
         self._live = live
         self._reader = reader
 
