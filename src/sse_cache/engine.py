@@ -35,7 +35,7 @@ from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
 from .errors import ConfigError, CorruptEntry
 from .events import Event, serialize_sse
-from .flight import Flights, SharedStreamAborted
+from .flight import Cursor, Flight, Flights, Head, LiveFlight, Phase, SharedStreamAborted
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter, WireCodec
@@ -69,6 +69,8 @@ _CLOSE_TIMEOUT = 5.0
 _HANDOVER_TIMEOUT = 60.0
 _INSTANT = Pacing()
 _RECORDING = RecorderState.RECORDING
+# The engine's live streams carry events, with no HTTP head of their own.
+_EVENTS_HEAD = Head(200, [("content-type", "text/event-stream")])
 
 
 class CacheStatus(enum.StrEnum):
@@ -101,61 +103,127 @@ Hook = Callable[[Notice], None]
 _E = TypeVar("_E", Entry, WireEntry)
 
 
-class _Flight:
-    """One upstream stream being read, possibly by several requests (single-flight).
-
-    The events read so far form a shared log. Whoever needs the next event and finds no one
-    pulling pulls it from the upstream; the others wait for a signal. There is no background
-    task: the upstream lives exactly as long as someone reads it.
-    """
+class _Production:
+    """The engine's side of a live stream it produces: the upstream iterator (the flight's
+    source, pulled in turn by whichever reader needs the next event), the recording, and the
+    verdict — judged once, stored once."""
 
     __slots__ = (
-        "content_type",
+        "abandoned",
+        "cache",
+        "clock",
         "entry",
-        "error",
-        "finished",
         "iterator",
         "judged",
+        "keep_event",
+        "keep_time",
         "key",
-        "log",
-        "pulling",
-        "pushed",
-        "readers",
+        "limit",
+        "live",
         "recorder",
         "settled",
-        "signal",
         "started",
-        "status",
         "stored",
         "ttl",
-        "waiting",
     )
 
-    def __init__(self, key: str, recorder: Recorder, ttl: float | None) -> None:
+    def __init__(
+        self,
+        cache: StreamCache,
+        live: LiveFlight[Event],
+        key: str,
+        recorder: Recorder,
+        ttl: float | None,
+    ) -> None:
+        self.cache = cache
+        self.live = live
         self.key = key
         self.recorder = recorder
+        self.keep_event, self.keep_time, self.limit = recorder.sink()
         self.ttl = ttl
         self.iterator: AsyncIterator[Event] | None = None
-        self.log: list[Event] = []
         self.started = 0.0
-        self.pulling = False
-        self.finished = False  # the upstream ended, cleanly or not
-        self.error: BaseException | None = None
-        self.readers = 0
-        self.waiting = 0
-        self.signal = anyio.Event()
-        self.judged = False  # the recording was judged (once per flight)
+        self.clock = time.monotonic
+        self.judged = False
         self.entry: Entry | None = None  # judged storable, being stored
         self.settled = False  # the store was attempted (once per flight)
         self.stored = False
-        self.pushed = False  # events are pushed by a producer (ASGI), not pulled by readers
-        self.status = 200
-        self.content_type = "text/event-stream"
+        self.abandoned = False
+        live.production = self
+        live.judge = self.judge
+        live.respond(_EVENTS_HEAD)
 
-    def notify(self) -> None:
-        if self.waiting:
-            self.signal.set()
-            self.signal = anyio.Event()
+    async def pull(self) -> bool:
+        """The flight's source: one event from the upstream into the log and the recording.
+        False at the upstream's end."""
+        assert self.iterator is not None
+        try:
+            event = await self.iterator.__anext__()
+        except StopAsyncIteration:
+            self.ended()
+            return False
+        except Exception as exc:
+            self.recorder.fail(f"the upstream stream failed: {exc!r}")
+            raise
+        self.live.deliver(event, self.record(event))
+        return True
+
+    def record(self, event: Event) -> int:
+        """Record ``event``; its size."""
+        recorder = self.recorder
+        size = len(event.data) + EVENT_OVERHEAD
+        if recorder.state is _RECORDING:
+            total = recorder.size = recorder.size + size
+            if total > self.limit:
+                recorder.overflow()
+            else:
+                self.keep_event(event)
+                self.keep_time(self.clock() - self.started)
+        return size
+
+    def ended(self) -> None:
+        # Judged and stored when a reader leaves its ``async with`` (or an identical request
+        # arrives first): the reader gets the end of its stream before paying for judging
+        # (a pass over the events), encoding and writing.
+        self.live.source = None
+        self.live.end()
+
+    async def abandon(self) -> None:
+        """Every reader left before the end: close the upstream. What the adapter already
+        saw complete (e.g. ``response.completed``) may still be stored."""
+        self.abandoned = True
+        self.judge(clean_end=False)
+        await _aclose_quietly(self.iterator)
+
+    def judge(self, clean_end: bool = True) -> None:
+        if self.judged:
+            return
+        self.judged = True
+        entry = self.recorder.finish(clean_end=clean_end)
+        if entry is not None and self.ttl is not None:
+            entry = msgspec.structs.replace(entry, expires_at=time.time() + self.ttl)
+        self.entry = self.live.entry = entry
+        if entry is None:
+            self.settled = True
+            self.cache._emit(Notice(kind="not_stored", key=self.key, detail=self.recorder.reason))
+            # A failed or unstorable stream is offered no more: an identical request asks
+            # the upstream itself, never joins and replays it as "shared".
+            self.live.close()
+
+    async def finish(self) -> None:
+        """Judge and store, once per flight, whoever gets here first."""
+        self.judge(clean_end=self.live.flight.phase is Phase.ENDED)
+        if self.settled:
+            return
+        self.settled = True
+        assert self.entry is not None
+        try:
+            if await self.cache.store(self.key, self.entry, ttl=self.ttl):
+                self.stored = True
+            else:
+                self.recorder.reason = "the backend write failed"
+        finally:
+            self.live.close()  # from now on identical requests find the stored entry
 
 
 class CachedStream:
@@ -174,7 +242,8 @@ class CachedStream:
         entry: Entry | None = None,
         events: Sequence[Event] = (),
         pacing: Pacing = _INSTANT,
-        flight: _Flight | None = None,
+        live: LiveFlight[Event] | None = None,
+        cursor: Cursor | None = None,
     ) -> None:
         self.status = status
         self.key = key
@@ -184,7 +253,8 @@ class CachedStream:
         self._cache = cache
         self._events = events
         self._pacing = pacing
-        self._flight = flight
+        self._live_flight = live
+        self._cursor = cursor
         self._it: AsyncIterator[Event] | None = None
         self._batched = False
 
@@ -209,8 +279,8 @@ class CachedStream:
         if it is None:
             if self._batched:
                 raise RuntimeError("this stream is already being iterated in batches")
-            if self._flight is not None:
-                it = self._live(self._flight)
+            if self._live_flight is not None:
+                it = self._live()
             elif self._pacing.instant:
                 it = self._instant()
             else:
@@ -228,8 +298,8 @@ class CachedStream:
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events!r}")
         self._batched = True
-        if self._flight is not None:
-            return self._live_batches(self._flight, max_events)
+        if self._live_flight is not None:
+            return self._live_batches(max_events)
         if self._pacing.instant:
             return self._instant_batches(max_events)
         return self._single(self._paced())
@@ -264,188 +334,169 @@ class CachedStream:
         async for event in events:
             yield [event]
 
-    async def _live(self, flight: _Flight) -> AsyncIterator[Event]:
-        # The hot loop of a miss: the pull is inlined (no helper coroutine per event), as a
-        # coroutine layer per event costs more than recording the event.
-        log = flight.log
-        cache = self._cache
-        iterator = flight.iterator  # None for a pushed stream: its readers never pull
-        recorder = flight.recorder
-        keep_event, keep_time, limit = recorder.sink()  # recorder.add, inlined below
-        recording = _RECORDING
-        clock = time.monotonic
-        started = flight.started
-        flights = cache._flights
-        i = 0
+    async def _live(self) -> AsyncIterator[Event]:
+        # The hot loop of a miss: the flight's state machine is driven inline (no helper
+        # generator or coroutine per event: a layer per event costs more than the event).
+        live, cursor = self._live_flight, self._cursor
+        assert live is not None and cursor is not None
+        flight = live.flight
+        production: _Production = live.production
+        iterator = production.iterator
+        cursors = flight.cursors
+        idle = self._cache.join_timeout
         while True:
-            if i < len(log):
-                event = log[i]
-                i += 1
-                yield event
-                continue
-            if flight.finished or flight.pulling:
-                if await _wait_for_puller(flight, cache.join_timeout):
-                    return
-                continue
-            assert iterator is not None
-            shared = flight.readers > 1
-            if shared:
-                # A reader already cancelled leaves here, before touching the upstream: its
-                # pulls are shielded (below), so it might otherwise never notice.
-                await anyio.lowlevel.checkpoint_if_cancelled()
-                if flight.pulling or flight.finished:
-                    continue  # (in case that checkpoint let another reader in)
-            flight.pulling = True
-            try:
-                if shared:
-                    event = await _pull_for_others(iterator, cache.join_timeout)
-                else:
+            if (
+                live.source is not None
+                and not live.pulling
+                and len(cursors) == 1
+                and cursor.index - flight.base == len(flight.chunks)
+            ):
+                # Alone on the upstream, and caught up: pull, record, yield — the same steps
+                # as _Production.pull and Flight.read, without a call per event.
+                live.pulling = True
+                try:
+                    assert iterator is not None
                     event = await iterator.__anext__()
-            except StopAsyncIteration:
-                cache._upstream_ended(flight)
+                except StopAsyncIteration:
+                    production.ended()
+                    continue
+                except Exception as exc:
+                    production.recorder.fail(f"the upstream stream failed: {exc!r}")
+                    live.fail(f"the upstream failed: {exc!r}")
+                    raise
+                finally:
+                    live.pulling = False
+                size = production.record(event)
+                if not flight.joinable and len(cursors) == 1:
+                    yield event  # no one else reads it, nor ever will: no log
+                    continue
+                live.deliver(event, size)
+                if flight.chunks and flight.chunks[-1] is event and len(cursors) == 1:
+                    cursor.index += 1
+                    cursor.offset = flight.total
+                    yield event
+                continue  # (someone joined meanwhile: read it from the log below)
+            events = flight.read(cursor)
+            if events:
+                for event in events:
+                    yield event
+                continue
+            phase = flight.state(cursor)
+            if phase is Phase.ENDED:
                 return
-            except BaseException as exc:
-                cache._upstream_failed(flight, exc)
-                if isinstance(exc, SharedStreamAborted):
-                    # The bounded hand-over gave up: a cancelled reader leaves by its own
-                    # cancellation, the others by this error.
-                    await anyio.lowlevel.checkpoint_if_cancelled()
-                raise
-            finally:
-                flight.pulling = False
-                if flight.waiting:
-                    flight.notify()
-            # The log is for other readers: a stream read by one reader that nobody else can
-            # join (not offered: no-store, no-cache) keeps no copy beyond its recording.
-            if flight.readers > 1 or flights.get(flight.key) is flight:
-                log.append(event)
-                i += 1
-            if recorder.state is recording:
-                # On the recorder, not in a local: the readers of a flight pull in turn.
-                size = recorder.size = recorder.size + len(event.data) + EVENT_OVERHEAD
-                if size > limit:
-                    recorder.overflow()
-                else:
-                    keep_event(event)
-                    keep_time(clock() - started)
-            yield event
+            if phase is Phase.FAILED:
+                raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
+            if live.source is not None and not live.pulling:
+                await live.pull()
+            elif not await live.wait(idle):
+                raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
 
-    async def _live_batches(self, flight: _Flight, size: int) -> AsyncIterator[list[Event]]:
-        log = flight.log
-        i = 0
-        async for _ in self._live(flight):
-            # One event was pulled (or was ready): hand over everything else already read.
-            # The inner iterator re-yields events already handed out: skip those.
-            batch = log[i : i + size]
-            if batch:
-                i += len(batch)
+    async def _live_batches(self, size: int) -> AsyncIterator[list[Event]]:
+        live, cursor = self._live_flight, self._cursor
+        assert live is not None and cursor is not None
+        flight = live.flight
+        idle = self._cache.join_timeout
+        pending: list[Event] = []
+        while True:
+            events = pending or flight.read(cursor)
+            if events:
+                batch, pending = events[:size], events[size:]
                 yield batch
+                continue
+            phase = flight.state(cursor)
+            if phase is Phase.ENDED:
+                return
+            if phase is Phase.FAILED:
+                raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
+            if live.source is not None and not live.pulling:
+                await live.pull()
+            elif not await live.wait(idle):
+                raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
 
     async def _close(self, exc: BaseException | None) -> None:
-        flight = self._flight
-        if flight is None:
+        live, cursor = self._live_flight, self._cursor
+        if live is None or cursor is None:
             return
-        await self._cache._leave(flight, self, exc)
+        production: _Production = live.production
+        flight = live.flight
+        if exc is not None and not flight.done and flight.cursors == {cursor}:
+            production.recorder.fail(f"the reader left with {type(exc).__name__}")
+        await live.leave(cursor)  # the last reader to leave early abandons the upstream
+        if live.flight.phase is Phase.ENDED and (exc is None or not live.flight.cursors):
+            # Whoever leaves first after the end judges and stores; a reader leaving with an
+            # exception leaves that to the others, unless it is the last.
+            await production.finish()
+        elif production.abandoned and not production.settled:
+            await production.finish()
+        self.stored = production.stored
+        if production.stored:
+            self.reason = ""
+        elif self.status is CacheStatus.SHARED and not live.flight.done:
+            self.reason = "left a shared stream early"
+        else:
+            self.reason = production.recorder.reason
 
 
 class LiveRecording:
-    """The producer's side of a pushed stream (see :meth:`StreamCache.recording`): an
-    integration that receives events by push (the ASGI middleware wraps ``send``) adds them
-    here; identical requests arriving meanwhile read them live (``shared``)."""
+    """Records a stream whose events are pushed to us (see :meth:`StreamCache.recording`):
+    an integration that receives a response by push (the ASGI middleware wraps ``send``)
+    adds its events here; it is judged when it ends and stored when the block is left. The
+    live stream that identical requests follow is the integration's own (of bytes: see
+    :mod:`sse_cache.flight`)."""
 
-    __slots__ = ("_cache", "_flight", "key")
+    __slots__ = ("_cache", "_key", "_started", "_ttl", "entry", "recorder", "status", "stored")
 
-    def __init__(self, cache: StreamCache, flight: _Flight) -> None:
+    def __init__(self, cache: StreamCache, key: str, recorder: Recorder, ttl: float | None) -> None:
         self._cache = cache
-        self._flight = flight
-        self.key = flight.key
+        self._key = key
+        self._ttl = ttl
+        self._started = time.monotonic()
+        self.recorder = recorder
+        self.status = (200, "text/event-stream")
+        #: The entry judged storable when the stream ended (None before, or if it failed).
+        self.entry: Entry | None = None
+        self.stored = False
 
     def add(self, events: Iterable[Event]) -> None:
         """Record events that were just delivered to the producer's client."""
-        flight = self._flight
-        if flight.finished:
-            return
-        at = time.monotonic() - flight.started
-        record = flight.recorder.add
-        # The log exists for readers who join: a stream nobody has joined and nobody can
-        # join (not offered, or no longer) keeps no copy beyond the bounded recording.
-        log = (
-            flight.log if flight.readers or self._cache._flights.get(flight.key) is flight else None
-        )
+        at = time.monotonic() - self._started
+        record = self.recorder.add
         for event in events:
-            if log is not None:
-                log.append(event)
             record(event, at)
-        if flight.waiting:
-            flight.notify()
 
     def respond(self, status: int, content_type: str) -> None:
         """The upstream's status and content type (a non-2xx status is never stored)."""
-        self._flight.status = status
-        self._flight.content_type = content_type
+        self.status = (status, content_type)
 
     def fail(self, reason: str) -> None:
         """Nothing of this stream will be stored (``reason`` is logged with the notice)."""
-        self._flight.recorder.fail(reason)
+        self.recorder.fail(reason)
 
     def end(self) -> None:
-        """The stream ended by itself: judge it now, so that identical requests arriving
-        before the store completes are answered from it (stored when the block is left)."""
-        flight = self._flight
-        if not flight.finished:
-            flight.finished = True
-            flight.notify()
-            self._cache._judge(flight, clean_end=True)
-
-    @property
-    def stored(self) -> bool:
-        return self._flight.stored
-
-    @property
-    def entry(self) -> Entry | None:
-        """The entry judged storable when the stream ended (None before, or if it failed)."""
-        return self._flight.entry
+        """The stream ended by itself: judge it now (stored when the block is left)."""
+        if self.entry is None and self.recorder.state is _RECORDING:
+            status, content_type = self.status
+            entry = self.recorder.finish(clean_end=True, status=status, content_type=content_type)
+            if entry is not None and self._ttl is not None:
+                entry = msgspec.structs.replace(entry, expires_at=time.time() + self._ttl)
+            self.entry = entry
 
     @property
     def reason(self) -> str:
-        return self._flight.recorder.reason
+        return self.recorder.reason
 
-
-async def _pull_for_others(iterator: AsyncIterator[Event], idle_timeout: float) -> Event:
-    """The next event of an upstream that other readers share. A cancelled reader must not
-    break it for them (an async generator cancelled inside ``__anext__`` is finished): the
-    pull completes shielded, bounded by ``min(idle_timeout, 60)`` seconds, and the reader's
-    cancellation lands right after it, at its next checkpoint."""
-    bound = min(idle_timeout, _HANDOVER_TIMEOUT)
-    with anyio.CancelScope(shield=True) as scope:
-        scope.deadline = anyio.current_time() + bound
-        return await iterator.__anext__()
-    # Only reached when the deadline cancelled the pull.
-    raise SharedStreamAborted(f"the shared upstream stream sent nothing for {bound} s")
-
-
-async def _wait_for_puller(flight: _Flight, idle_timeout: float) -> bool:
-    """A reader caught up with the log of a live stream that another reader is pulling (or
-    that ended): wait for the next event. True when the stream is over.
-
-    A producer that goes silent for ``idle_timeout`` seconds (a response its client stopped
-    reading without closing it, say) ends the stream for the readers waiting on it, rather
-    than holding them forever."""
-    if flight.finished:
-        if flight.error is not None:
-            raise SharedStreamAborted(
-                f"the shared upstream stream failed: {flight.error!r}"
-            ) from flight.error
-        return True
-    flight.waiting += 1
-    try:
-        with anyio.move_on_after(idle_timeout) as idle:
-            await flight.signal.wait()
-    finally:
-        flight.waiting -= 1
-    if idle.cancelled_caught:
-        raise SharedStreamAborted(f"the shared stream sent nothing for {idle_timeout} s")
-    return False
+    async def _close(self, clean: bool) -> None:
+        if not clean:
+            self.recorder.fail("the stream was cut before it completed")
+        elif self.entry is None:
+            self.end()
+        if self.entry is None:
+            self._cache._emit(Notice(kind="not_stored", key=self._key, detail=self.reason))
+            return
+        if await self._cache.store(self._key, self.entry, ttl=self._ttl):
+            self.stored = True
+        else:
+            self.recorder.reason = "the backend write failed"
 
 
 class StreamCache:
@@ -516,8 +567,8 @@ class StreamCache:
         tag = f"{id(self.codec):x}"
         self._names = (f"e{tag}:", f"w{tag}:")
         self._hooks = tuple(hooks)
-        self._flights: dict[str, _Flight] = {}
-        #: The live streams of the HTTP integrations (single-flight of response bytes).
+        #: The live streams of this cache's keys: the single-flight state (one registry for
+        #: the engine's streams and the HTTP integrations' responses).
         self.live = Flights()
 
     # -- keys ------------------------------------------------------------------------------
@@ -750,53 +801,86 @@ class StreamCache:
         ``refresh``) but still stores; ``store=False`` never stores. ``ttl`` overrides the
         default lifetime; ``max_age`` rejects older entries; ``pacing`` the replay speed.
         ``upstream`` is called only on a miss.
+
+        A stream that joined another (``shared``) ends cleanly only where the upstream
+        ended cleanly; otherwise iterating it raises :class:`SharedStreamAborted` (the
+        reader pulling the upstream when it failed gets the upstream's own error).
         """
         _check_ttl(ttl)
         key = self.key(request)
         pace = self.pacing if pacing is None else Pacing.parse(pacing)
         use_cache = lookup and not refresh
+        ttl = self.ttl if ttl is None else ttl
+        live: LiveFlight[Event] | None = None
+        cursor: Cursor | None = None
         if use_cache:
-            pending = self.pending(key)
-            if pending is not None and (hit := self._hit(key, pending, pace)) is not None:
-                yield hit
-                return
-            if (flight := self._joinable(key)) is not None:
-                async with self._reading(flight) as stream:
-                    yield stream
-                return
             entry = await self.lookup(key, max_age=max_age)
             if entry is not None and (hit := self._hit(key, entry, pace)) is not None:
                 yield hit
                 return
-            # A joinable flight may have started while we were reading the backend.
-            if (flight := self._joinable(key)) is not None:
-                async with self._reading(flight) as stream:
-                    yield stream
+            pending, live, cursor = self.settle(key, share=store)
+            if pending is not None and (hit := self._hit(key, pending, pace)) is not None:
+                yield hit
+                return
+            if live is not None and cursor is not None:
+                shared = CachedStream(self, CacheStatus.SHARED, key, live=live, cursor=cursor)
+                self._emit(Notice(kind="shared", key=key))
+                async with self._closing(shared):
+                    yield shared
                 return
         status = (
             CacheStatus.MISS
             if use_cache
             else (CacheStatus.REFRESH if refresh else CacheStatus.BYPASS)
         )
+        if live is None:
+            # Not offered to others (no-cache, no-store, single-flight off): its log keeps
+            # nothing that its one reader has read.
+            live = LiveFlight(Flight(key, max_log_bytes=0, max_lag_bytes=sys.maxsize))
         recorder = self.recorder()
         if not store:
             recorder.fail("the request asked not to store (no-store)")
-        flight = _Flight(key, recorder, self.ttl if ttl is None else ttl)
-        flight.readers = 1
-        # Only a stream that may be stored, on the default path, is offered to others: a
-        # no-cache / no-store request wants its own answer.
-        if self.single_flight and use_cache and store:
-            self._flights[key] = flight
-        stream = CachedStream(self, status, key, flight=flight)
+        production = _Production(self, live, key, recorder, ttl)
+        cursor = live.flight.follow()
+        live.flight.producer_left()  # the producing request reads as a follower does
+        assert cursor is not None
+        stream = CachedStream(self, status, key, live=live, cursor=cursor)
         self._emit(Notice(kind=status.value, key=key))
         try:
-            flight.started = time.monotonic()
-            flight.iterator = aiter(upstream())
-        except BaseException:
-            self._forget(flight)
+            production.started = time.monotonic()
+            production.iterator = aiter(upstream())
+        except BaseException as exc:
+            live.fail(f"the upstream could not be opened: {exc!r}")
             raise
+        live.hand_over(production.pull, production.abandon)
         async with self._closing(stream):
             yield stream
+
+    def settle(
+        self, key: str, *, share: bool = True
+    ) -> tuple[Any, LiveFlight[Any] | None, Cursor | None]:
+        """The rest of the one lookup order, once the backend had no fresh entry for
+        ``key``: an entry being stored (``(entry, None, None)``), the live stream to follow
+        (``(None, live, cursor)``), or the new live stream the caller produces, registered
+        before its upstream call (``(None, live, None)``); ``(None, None, None)`` when the
+        caller must not share (``share=False``, or single-flight is off).
+
+        Synchronous, hence atomic: no identical request can slip in between the look and
+        the claim. The engine's :meth:`stream` and every HTTP integration go through it.
+        """
+        live = self.live.get(key) if self.single_flight else None
+        ended = live is not None and live.flight.phase is Phase.ENDED
+        if live is not None and ended and live.entry is None and live.judge is not None:
+            # The upstream ended and its reader has not left yet: judge now, so that a
+            # complete stream answers as a hit and an unstorable one is offered no more.
+            live.judge()
+            live = self.live.get(key)
+        if live is not None and live.entry is not None:
+            return live.entry, None, None
+        if not share or not self.single_flight:
+            return None, None, None
+        live, cursor = self.live.claim(key, max_log_bytes=self.max_entry_bytes)
+        return None, live, cursor
 
     def _hit(self, key: str, entry: Entry, pacing: Pacing) -> CachedStream | None:
         events = self.events_of(entry)
@@ -811,168 +895,32 @@ class StreamCache:
         try:
             yield
         except BaseException as exc:
-            await stream._close(exc)
+            with anyio.CancelScope(shield=True):
+                await stream._close(exc)
             raise
         await stream._close(None)
 
     @asynccontextmanager
     async def recording(
-        self, key: str, *, store: bool = True, ttl: float | None = None, share: bool = True
+        self, key: str, *, store: bool = True, ttl: float | None = None
     ) -> AsyncIterator[LiveRecording]:
         """Record a stream whose events are pushed to us (see :class:`LiveRecording`).
 
         Leaving the block ends the stream: cleanly when the block exits normally (then the
-        stream is judged and stored if complete), as cut when it raises. With ``share``,
-        identical requests may :meth:`join` it while it lasts.
+        stream is judged and stored if complete), as cut when it raises.
         """
         _check_ttl(ttl)
         recorder = self.recorder()
         if not store:
             recorder.fail("the request asked not to store (no-store)")
-        flight = _Flight(key, recorder, self.ttl if ttl is None else ttl)
-        flight.pushed = True
-        flight.pulling = True  # readers never pull: they wait for the producer's signal
-        flight.started = time.monotonic()
-        if self.single_flight and share and store:
-            self._flights.setdefault(key, flight)
+        recording = LiveRecording(self, key, recorder, self.ttl if ttl is None else ttl)
         clean = False
         try:
-            yield LiveRecording(self, flight)
+            yield recording
             clean = True
         finally:
-            if not flight.finished:
-                flight.finished = True
-                if not clean:
-                    flight.error = SharedStreamAborted("the producer of this stream failed")
-                    recorder.fail("the stream was cut before it completed")
-            flight.notify()
-            await self._finish(flight, clean_end=clean)
-
-    @asynccontextmanager
-    async def join(self, key: str) -> AsyncIterator[CachedStream | None]:
-        """Join the live stream being recorded for ``key``, if any (status ``shared``);
-        yields None when there is none (see also :meth:`pending`)."""
-        flight = self._joinable(key)
-        if flight is None:
-            yield None
-            return
-        async with self._reading(flight) as stream:
-            yield stream
-
-    def pending(self, key: str) -> Entry | None:
-        """The entry for ``key`` that a stream which just completed is storing right now:
-        the window between a stream's end and its store completing answers as a hit."""
-        flight = self._flight(key)
-        return flight.entry if flight is not None else None
-
-    def _joinable(self, key: str) -> _Flight | None:
-        flight = self._flight(key)
-        return flight if flight is not None and flight.entry is None else None
-
-    def _flight(self, key: str) -> _Flight | None:
-        flight = self._flights.get(key) if self.single_flight else None
-        if flight is not None and flight.finished and not flight.judged:
-            # The upstream ended and its reader has not left yet: judge now, so that a failed
-            # or unstorable stream is forgotten (the request asks the upstream itself) and a
-            # complete one answers as a hit — never joined and replayed as "shared".
-            self._judge(flight, clean_end=flight.error is None)
-            flight = self._flights.get(key)
-        return flight
-
-    @asynccontextmanager
-    async def _reading(self, flight: _Flight) -> AsyncIterator[CachedStream]:
-        stream = CachedStream(self, CacheStatus.SHARED, flight.key, flight=flight)
-        flight.readers += 1
-        self._emit(Notice(kind="shared", key=flight.key))
-        async with self._closing(stream):
-            yield stream
-
-    # -- single-flight internals -----------------------------------------------------------
-
-    def _upstream_ended(self, flight: _Flight) -> None:
-        # The stream is judged and stored when a reader leaves its ``async with``, not here:
-        # the caller gets the end of its stream first and pays for judging (a pass over the
-        # events), encoding and writing afterwards. An identical request arriving before
-        # that judges it first (``_flight``): a hit from the judged entry, or a miss.
-        flight.finished = True
-
-    def _upstream_failed(self, flight: _Flight, exc: BaseException) -> None:
-        # The upstream broke, or the reader pulling it was cancelled mid-read (which leaves
-        # the upstream unusable): the stream ends here for every reader.
-        flight.finished = True
-        flight.error = exc
-        flight.recorder.fail(f"the upstream stream failed: {exc!r}")
-        self._forget(flight)
-
-    def _judge(self, flight: _Flight, *, clean_end: bool) -> None:
-        if flight.judged:
-            return
-        flight.judged = True
-        recorder = flight.recorder
-        entry = recorder.finish(
-            clean_end=clean_end, status=flight.status, content_type=flight.content_type
-        )
-        if entry is not None and flight.ttl is not None:
-            entry = msgspec.structs.replace(entry, expires_at=time.time() + flight.ttl)
-        flight.entry = entry
-        if entry is None:
-            flight.settled = True
-            self._emit(Notice(kind="not_stored", key=flight.key, detail=recorder.reason))
-            self._forget(flight)
-
-    async def _finish(self, flight: _Flight, *, clean_end: bool) -> None:
-        self._judge(flight, clean_end=clean_end)
-        if flight.settled:
-            return
-        flight.settled = True  # one store per flight, whoever gets here first
-        assert flight.entry is not None
-        try:
-            if await self.store(flight.key, flight.entry, ttl=flight.ttl):
-                flight.stored = True
-            else:
-                flight.recorder.reason = "the backend write failed"
-        finally:
-            # From now on identical requests find the stored entry.
-            self._forget(flight)
-
-    async def _leave(
-        self, flight: _Flight, stream: CachedStream, exc: BaseException | None
-    ) -> None:
-        flight.readers -= 1
-        last = flight.readers == 0
-        if flight.pushed:
-            # A reader of a pushed stream never owns it: its producer decides and stores.
-            stream.stored = flight.stored
-            stream.reason = "" if flight.stored else "joined a live stream"
-            return
-        if not flight.finished:
-            if not last:
-                # Others still read this upstream: keep it open for them.
-                stream.reason = "left a shared stream early"
-                return
-            # The last reader left before the end: close the upstream; what the adapter
-            # already saw complete (e.g. response.completed) may still be stored.
-            flight.finished = True
-            if exc is not None:
-                flight.recorder.fail(f"the reader left with {type(exc).__name__}")
-            # Judge first (no await): from here on a new request finds either the judged
-            # entry (a hit) or nothing — never a flight that ends early without an error.
-            self._judge(flight, clean_end=False)
-            await _aclose_quietly(flight.iterator)
-            await self._finish(flight, clean_end=False)
-        else:
-            # The upstream ended. Whoever leaves first judges and stores; a reader leaving
-            # with an exception leaves that to the others, unless it is last.
-            if flight.error is None and (exc is None or last):
-                await self._finish(flight, clean_end=True)
-            if last:
-                await _aclose_quietly(flight.iterator)
-        stream.stored = flight.stored
-        stream.reason = "" if flight.stored else flight.recorder.reason
-
-    def _forget(self, flight: _Flight) -> None:
-        if self._flights.get(flight.key) is flight:
-            del self._flights[flight.key]
+            with anyio.CancelScope(shield=True):
+                await recording._close(clean)
 
     # -- notices ---------------------------------------------------------------------------
 

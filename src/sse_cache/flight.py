@@ -152,18 +152,18 @@ class Flight(Generic[T]):
         bytes (default ``len(chunk)``)."""
         if self.phase is not Phase.STREAMING:
             return
-        self.total += len(chunk) if size < 0 else size  # type: ignore[arg-type]
+        total = self.total = self.total + (len(chunk) if size < 0 else size)  # type: ignore[arg-type]
         if self.cursors or self.joinable:
             self.chunks.append(chunk)
-            self.ends.append(self.total)
-        if self.total > self.max_log_bytes:
-            self.joinable = False
-        if self.cursors and self.total > self.max_lag_bytes:
-            floor = self.total - self.max_lag_bytes
+            self.ends.append(total)
+        if total > self.max_lag_bytes and self.cursors:
+            floor = total - self.max_lag_bytes
             for cursor in self.cursors:
                 if cursor.offset < floor and not cursor.cut:
                     cursor.cut = f"fell more than {self.max_lag_bytes} bytes behind the stream"
-        self._trim()
+        if total > self.max_log_bytes:
+            self.joinable = False
+            self._trim()
 
     def end(self) -> None:
         """The upstream's response ended by itself (cleanly), after every delivered byte."""
@@ -298,7 +298,7 @@ class LiveFlight(Generic[T]):
             self._changed.set()
             self._changed = anyio.Event()
 
-    async def _wait(self, idle_timeout: float) -> bool:
+    async def wait(self, idle_timeout: float) -> bool:
         """Wait for a change; False when nothing changed for ``idle_timeout`` seconds."""
         self._waiting += 1
         try:
@@ -370,9 +370,9 @@ class LiveFlight(Generic[T]):
         flight = self.flight
         while flight.phase is Phase.WAITING:
             if self.source is not None and not self.pulling:
-                await self._pull()
+                await self.pull()
                 continue
-            if not await self._wait(idle_timeout):
+            if not await self.wait(idle_timeout):
                 raise SharedStreamAborted(
                     f"the producer of this stream answered nothing for {idle_timeout} s"
                 )
@@ -397,9 +397,9 @@ class LiveFlight(Generic[T]):
                 if phase is Phase.FAILED:
                     raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
                 if self.source is not None and not self.pulling:
-                    await self._pull()
+                    await self.pull()
                     continue
-                if not await self._wait(idle_timeout):
+                if not await self.wait(idle_timeout):
                     raise SharedStreamAborted(
                         f"the shared stream sent nothing for {idle_timeout} s"
                     )
@@ -422,11 +422,11 @@ class LiveFlight(Generic[T]):
         (followers in other processes do), taking turns with the followers that pull."""
         while self.source is not None and not self.flight.done:
             if self.pulling:
-                await self._wait(_HANDOVER_TIMEOUT)
+                await self.wait(_HANDOVER_TIMEOUT)
             else:
-                await self._pull()
+                await self.pull()
 
-    async def _pull(self) -> None:
+    async def pull(self) -> None:
         # A reader reads the upstream for everyone. When others share it, shielded and
         # bounded: a reader cancelled midway finishes this pull for the others (an async
         # generator cancelled inside ``__anext__`` is finished for good), then leaves by its
@@ -447,6 +447,8 @@ class LiveFlight(Generic[T]):
                     more = await source()
                 if scope.cancelled_caught:
                     self.fail(f"the upstream sent nothing for {_HANDOVER_TIMEOUT} s")
+                    # A reader cancelled meanwhile leaves by its cancellation, not this error.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
                     return
             else:
                 more = await source()

@@ -329,17 +329,14 @@ class Exchange:
         for _attempt in range(2):
             if await self._lookup(cache):
                 return
-            # From here to the claim there is no await: two identical requests can never
-            # both become producers of one key in this process.
-            live = cache.live.get(self.key)
-            if live is not None and live.entry is not None:
-                self.answer = self._answer_entry(cache, live.entry, self._pacing(cache))
+            pending, live, cursor = cache.settle(self.key, share=shares)
+            if pending is not None:  # an entry being stored
+                self.answer = self._answer_entry(cache, pending, self._pacing(cache))
                 if self.answer is not None:
                     self.status = CacheStatus.HIT
                     return
-            if not shares:
+            if live is None:
                 break
-            live, cursor = cache.live.claim(self.key, max_log_bytes=cache.max_entry_bytes)
             if cursor is None:
                 self._produce(live, stack)
                 break
@@ -585,7 +582,7 @@ class Exchange:
                 tee = ResponseTee(flight=live)
         elif media == SSE_TYPE:
             recording = await self._stack.enter_async_context(
-                self._cache.recording(self.key, ttl=controls.ttl, share=False)
+                self._cache.recording(self.key, ttl=controls.ttl)
             )
             recording.respond(status, lowered.get("content-type", media))
             self._live = recording

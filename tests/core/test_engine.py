@@ -151,7 +151,7 @@ async def test_cancelled_reader_stores_nothing_and_closes_upstream() -> None:
     with anyio.move_on_after(0.05):
         await consume(cache, up)
     assert backend.data == {} and up.closed == 1 and up.calls == 1
-    assert cache._flights == {}
+    assert len(cache.live) == 0
 
 
 async def test_oversize_stream_is_delivered_but_not_stored() -> None:
@@ -271,17 +271,17 @@ async def test_shared_stream_survives_the_leader_leaving() -> None:
     backend, up = DictBackend(), Upstream(delay=0.002)
     cache = StreamCache(backend, GenericSSE())
     follower: list[Event] = []
-    joined = anyio.Event()
+    inside, joined = anyio.Event(), anyio.Event()
 
     async def leader() -> None:
         async with cache.stream(cache.request(BODY), up) as s:
             await s.__anext__()
-            joined_wait = joined.wait()
-            await joined_wait
+            inside.set()
+            await joined.wait()
         # left after one event
 
     async def late_follower() -> None:
-        await anyio.sleep(0.01)
+        await inside.wait()
         async with cache.stream(cache.request(BODY), up) as s:
             assert s.status is CacheStatus.SHARED
             joined.set()
@@ -386,60 +386,27 @@ async def test_upstream_is_not_called_on_a_hit_and_closed_on_a_miss() -> None:
     assert up.calls == 1 and up.closed == 1
 
 
-async def test_pushed_recording_is_stored_and_joinable() -> None:
+async def test_pushed_recording_is_stored() -> None:
     backend = DictBackend()
     cache = StreamCache(backend, GenericSSE())
     key = cache.key(cache.request(BODY))
-    joined: list[Event] = []
-    ready = anyio.Event()
-
-    async def follower() -> None:
-        await ready.wait()
-        async with cache.join(key) as stream:
-            assert stream is not None and stream.status is CacheStatus.SHARED
-            joined.extend([e async for e in stream])
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(follower)
-        async with cache.recording(key) as live:
-            live.respond(200, "text/event-stream")
-            live.add(EVENTS[:10])
-            ready.set()
-            await anyio.sleep(0.01)
-            live.add(EVENTS[10:])
-    assert live.stored and wire(joined) == wire(EVENTS)
-    async with cache.join(key) as none:
-        assert none is None  # the flight is over: the next request finds the entry
+    async with cache.recording(key) as live:
+        live.respond(200, "text/event-stream")
+        live.add(EVENTS[:10])
+        live.add(EVENTS[10:])
+    assert live.stored
     s, events = await consume(cache, Upstream())
     assert s.status is CacheStatus.HIT and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
 
 
-async def test_pushed_recording_that_fails_stores_nothing_and_aborts_followers() -> None:
+async def test_pushed_recording_that_fails_stores_nothing() -> None:
     backend = DictBackend()
     cache = StreamCache(backend, GenericSSE())
-    key = "k" * 64
-    errors: list[BaseException] = []
-    ready = anyio.Event()
-
-    async def follower() -> None:
-        await ready.wait()
-        try:
-            async with cache.join(key) as stream:
-                assert stream is not None
-                async for _ in stream:
-                    pass
-        except SharedStreamAborted as exc:
-            errors.append(exc)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(follower)
-        with pytest.raises(RuntimeError, match="producer broke"):
-            async with cache.recording(key) as live:
-                live.add(EVENTS[:3])
-                ready.set()
-                await anyio.sleep(0.01)
-                raise RuntimeError("producer broke")
-    assert backend.data == {} and len(errors) == 1
+    with pytest.raises(RuntimeError, match="producer broke"):
+        async with cache.recording("k" * 64) as live:
+            live.add(EVENTS[:3])
+            raise RuntimeError("producer broke")
+    assert backend.data == {} and not live.stored and "cut" in live.reason
 
 
 @pytest.mark.parametrize(("status", "stored"), [(200, True), (500, False)])
@@ -485,11 +452,12 @@ async def test_request_during_the_store_is_a_hit_not_a_second_upstream_call() ->
 
 async def test_a_late_joiner_gets_whole_batches_never_empty_ones() -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
-    go = anyio.Event()
+    go, produced = anyio.Event(), anyio.Event()
 
     async def upstream() -> AsyncIterator[Event]:
         for i in range(300):
             yield Event(str(i))
+        produced.set()
         await go.wait()
         yield Event("last")
 
@@ -502,9 +470,9 @@ async def test_a_late_joiner_gets_whole_batches_never_empty_ones() -> None:
                     pass
 
         tg.start_soon(first)
-        await anyio.sleep(0.05)
-        async with cache.join("k" * 64) as joined:
-            assert joined is not None
+        await produced.wait()  # the first reader is waiting for the last event
+        async with cache.stream("k" * 64, upstream) as joined:
+            assert joined.status is CacheStatus.SHARED
             async for batch in joined.batches(256):
                 batches.append(batch)
                 if sum(map(len, batches)) == 300:
@@ -512,20 +480,36 @@ async def test_a_late_joiner_gets_whole_batches_never_empty_ones() -> None:
     assert all(batches) and [e.data for b in batches for e in b] == [*map(str, range(300)), "last"]
 
 
-async def test_a_silent_producer_releases_its_joiners() -> None:
+async def test_a_silent_upstream_releases_the_readers_waiting_on_it() -> None:
+    # The reader pulling the upstream is stuck in it; the other gives up after join_timeout
+    # with an error (never a clean end).
     cache = StreamCache(DictBackend(), GenericSSE(), join_timeout=0.1)
-    key = "s" * 64
-    errors: list[BaseException] = []
-    async with cache.recording(key) as live:
-        live.add(EVENTS[:2])
-        async with cache.join(key) as joined:
-            assert joined is not None
-            with pytest.raises(SharedStreamAborted, match="sent nothing"):
-                async for _ in joined:
+    stuck = anyio.Event()
+
+    async def upstream() -> AsyncIterator[Event]:
+        yield Event("one")
+        yield Event("two")
+        stuck.set()
+        await anyio.sleep_forever()
+        yield Event("never")
+
+    got: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        async def first() -> None:
+            async with cache.stream("s" * 64, upstream) as s:
+                async for _ in s:
                     pass
-            errors.append(SharedStreamAborted())
-        live.fail("test over")
-    assert errors
+
+        tg.start_soon(first)
+        await stuck.wait()  # the first reader is inside its pull
+        with pytest.raises(SharedStreamAborted, match="sent nothing"):
+            async with cache.stream("s" * 64, upstream) as joined:
+                assert joined.status is CacheStatus.SHARED
+                async for event in joined:
+                    got.append(event.data)
+        tg.cancel_scope.cancel()
+    assert got == ["one", "two"]
 
 
 # -- decoded-entry cache and instant-replay scheduling ----------------------------------------
@@ -655,20 +639,22 @@ async def test_max_entry_bytes_holds_when_readers_of_one_flight_pull_in_turn() -
     events = [Event("x" * 50) for _ in range(40)]  # 40 x (50 + 16) bytes > 2,000
     cache = StreamCache(DictBackend(), GenericSSE(), max_entry_bytes=2000)
     results: dict[str, tuple[str, int, bool]] = {}
+    go = anyio.Event()
 
-    async def reader(name: str, delay: float, pause: float) -> None:
-        await anyio.sleep(delay)
+    async def reader(name: str, pause: float) -> None:
+        await go.wait()
         async with cache.stream(cache.request(BODY), Upstream(events, delay=0.002)) as s:
             n = 0
             async for _ in s:
                 n += 1
-                await anyio.sleep(pause)
+                await anyio.sleep(pause)  # consumers of different speeds
         results[name] = (s.status, n, s.stored)
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(reader, "a", 0.0, 0.003)
-        tg.start_soon(reader, "b", 0.001, 0.001)
-    assert results["a"][:2] == ("miss", 40) and results["b"][:2] == ("shared", 40)
+        tg.start_soon(reader, "a", 0.003)
+        tg.start_soon(reader, "b", 0.001)
+        go.set()
+    assert sorted(r[:2] for r in results.values()) == [("miss", 40), ("shared", 40)]
     assert not results["a"][2] and not results["b"][2]
     assert await cache.lookup(cache.key(cache.request(BODY))) is None
 
@@ -721,16 +707,18 @@ async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others(
     cache = StreamCache(DictBackend(), GenericSSE())
     up = Upstream(events, delay=0.03)
     got: list[str] = []
+    reading = anyio.Event()
 
     async def owner() -> None:
         async with cache.stream(cache.request(BODY), up) as s:
             async for event in s:
                 got.append(event.data)
-                await anyio.sleep(0.05)
+                reading.set()
+                await anyio.sleep(0.05)  # a slow consumer
         assert s.status == "miss" and s.stored
 
     async def joiner() -> None:
-        await anyio.sleep(0.05)
+        await reading.wait()
         with anyio.move_on_after(0.15) as scope:
             async with cache.stream(cache.request(BODY), up) as s:
                 assert s.status == "shared"
@@ -745,9 +733,9 @@ async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others(
 
 
 async def test_a_shared_pull_that_never_ends_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sse_cache.engine as engine_module
+    import sse_cache.flight as flight_module
 
-    monkeypatch.setattr(engine_module, "_HANDOVER_TIMEOUT", 0.2)
+    monkeypatch.setattr(flight_module, "_HANDOVER_TIMEOUT", 0.2)
 
     async def hung() -> AsyncIterator[Event]:
         yield Event("first")
@@ -756,17 +744,19 @@ async def test_a_shared_pull_that_never_ends_is_bounded(monkeypatch: pytest.Monk
 
     cache = StreamCache(DictBackend(), GenericSSE())
     outcome: list[str] = []
+    reading = anyio.Event()
 
     async def owner() -> None:
         try:
             async with cache.stream(cache.request(BODY), hung) as s:
                 async for _ in s:
+                    reading.set()
                     await anyio.sleep(0.05)  # slow: the joiner pulls next
         except SharedStreamAborted:
             outcome.append("owner aborted")
 
     async def joiner() -> None:
-        await anyio.sleep(0.01)
+        await reading.wait()
         with anyio.move_on_after(0.1):
             async with cache.stream(cache.request(BODY), hung) as s:
                 async for _ in s:

@@ -229,14 +229,16 @@ async def test_cut_upstream_cuts_the_client_and_is_not_stored(stack: Stack) -> N
 async def test_identical_concurrent_requests_share_one_upstream_stream(stack: Stack) -> None:
     body = responses_body("together")
     results: list[httpx2.Response] = []
+    go = anyio.Event()
 
-    async def one(delay: float) -> None:
-        await anyio.sleep(delay)
+    async def one() -> None:
+        await go.wait()  # released together
         results.append(await stack.post("/v1/responses", body, **{"x-mock-delay-ms": "10"}))
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(one, 0)
-        tg.start_soon(one, 0.1)
+        tg.start_soon(one)
+        tg.start_soon(one)
+        go.set()
     assert sorted(r.headers["x-sse-cache"] for r in results) == ["miss", "shared"]
     assert results[0].content == results[1].content
     assert await stack.upstream_calls() == 1

@@ -299,25 +299,22 @@ async def test_identical_concurrent_streams_share_one_upstream_request(
     async with _openai_async(upstream, cache_url) as client:
         before = upstream.count(RESPONSES)
         results: dict[str, tuple[str, list[Any]]] = {}
-        first_event = anyio.Event()
+        go = anyio.Event()
 
         async def read(name: str) -> None:
+            await go.wait()  # released together
             raw = await client.responses.with_raw_response.create(
                 model=MODEL, input=prompt, stream=True, extra_headers={"x-mock-delay-ms": "2"}
             )
             async with raw.parse() as stream:
-                events = []
-                async for event in stream:
-                    events.append(event)
-                    first_event.set()
+                events = [event async for event in stream]
             results[name] = (raw.headers["x-sse-cache"], events)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(read, "first")
-            await first_event.wait()
             tg.start_soon(read, "second")
-        assert results["first"][0] == "miss"
-        assert results["second"][0] == "shared"
+            go.set()
+        assert sorted(status for status, _ in results.values()) == ["miss", "shared"]
         assert _dump(results["second"][1]) == _dump(results["first"][1])
         assert upstream.count(RESPONSES) == before + 1
 
@@ -590,28 +587,23 @@ def test_sync_identical_concurrent_streams_share_one_upstream_request(
     with _openai_sync(upstream, cache_url) as client:
         before = upstream.count(RESPONSES)
         results: dict[str, tuple[str, list[Any]]] = {}
-        first_event = threading.Event()
+        go = threading.Barrier(2)
 
         def read(name: str) -> None:
+            go.wait(10)  # released together
             raw = client.responses.with_raw_response.create(
                 model=MODEL, input=prompt, stream=True, extra_headers={"x-mock-delay-ms": "2"}
             )
             with raw.parse() as stream:
-                events = []
-                for event in stream:
-                    events.append(event)
-                    first_event.set()
+                events = list(stream)
             results[name] = (raw.headers["x-sse-cache"], events)
 
-        first = threading.Thread(target=read, args=("first",))
-        first.start()
-        assert first_event.wait(10)
-        second = threading.Thread(target=read, args=("second",))
-        second.start()
-        first.join(10)
-        second.join(10)
-        assert results["first"][0] == "miss"
-        assert results["second"][0] == "shared"
+        threads = [threading.Thread(target=read, args=(name,)) for name in ("first", "second")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(status for status, _ in results.values()) == ["miss", "shared"]
         assert _dump(results["second"][1]) == _dump(results["first"][1])
         assert upstream.count(RESPONSES) == before + 1
 

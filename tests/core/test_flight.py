@@ -1,0 +1,628 @@
+"""Single-flight: the sans-IO :class:`Flight` and the :class:`Flights` registry as a hypothesis
+state machine (no event loop), then a few examples of the async shell :class:`LiveFlight`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from sse_cache.flight import (
+    DEFAULT_MAX_LOG_BYTES,
+    Cursor,
+    Flights,
+    Head,
+    LiveFlight,
+    Phase,
+    SharedStreamAborted,
+)
+
+KEY = "k"
+HEAD = Head(200, [("content-type", "text/event-stream")])
+DONE = (Phase.ENDED, Phase.FAILED)
+#: How long a reader waits for a piece before giving up: generous, only ever a lower bound.
+IDLE = 30.0
+
+
+# -- the sans-IO state machine ------------------------------------------------------------
+
+
+class Reader:
+    """A follower, as the model sees it."""
+
+    def __init__(self, flow: Flow, cursor: Cursor) -> None:
+        self.flow = flow
+        self.cursor = cursor
+        self.got = bytearray()
+        self.attached = True
+        self.cut = False  # the model's view: fell more than max_lag_bytes behind
+
+
+class Flow:
+    """One flight for the key, as the model sees it: what its producer did."""
+
+    def __init__(self, live: LiveFlight[bytes]) -> None:
+        self.live = live
+        self.flight = live.flight
+        self.phase = Phase.WAITING
+        self.sent = bytearray()  # the bytes the producer's client received
+        self.producer_reading = True
+        self.overflowed = False
+        self.closed = False  # the producer's exchange is over: it acts on it no more
+        self.readers: list[Reader] = []
+
+    @property
+    def attached(self) -> list[Reader]:
+        return [r for r in self.readers if r.attached]
+
+    @property
+    def joinable(self) -> bool:
+        return self.phase is not Phase.FAILED and not self.overflowed
+
+
+class FlightMachine(RuleBasedStateMachine):
+    """Requests for one key arrive, the producer's upstream answers, is cut, ends; followers
+    read and leave; the producer's client leaves; the exchange closes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flights = Flights()
+        self.flows: list[Flow] = []
+        self.readers: list[Reader] = []
+        self.registered: Flow | None = None
+        self.max_log = DEFAULT_MAX_LOG_BYTES
+        self.max_lag = DEFAULT_MAX_LOG_BYTES
+
+    @initialize(
+        max_log=st.sampled_from([0, 1, 6, 12, 30, DEFAULT_MAX_LOG_BYTES]),
+        max_lag=st.sampled_from([None, 0, 1, 3, 6, 10, 25]),
+    )
+    def bounds(self, max_log: int, max_lag: int | None) -> None:
+        self.max_log = max_log
+        self.max_lag = max_log if max_lag is None else max_lag
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _unregister(self, flow: Flow) -> None:
+        if self.registered is flow:
+            self.registered = None
+
+    def _failed(self, flow: Flow) -> None:
+        # LiveFlight.fail: a flight that is not done fails; either way it is offered no more.
+        if flow.phase not in DONE:
+            flow.phase = Phase.FAILED
+        self._unregister(flow)
+
+    def _producing(self, data: st.DataObject) -> Flow:
+        return data.draw(st.sampled_from([f for f in self.flows if not f.closed]))
+
+    def _reader(self, data: st.DataObject) -> Reader:
+        return data.draw(st.sampled_from([r for r in self.readers if r.attached]))
+
+    def _has_producer(self) -> bool:
+        return any(not f.closed for f in self.flows)
+
+    def _has_reader(self) -> bool:
+        return any(r.attached for r in self.readers)
+
+    def _leave(self, reader: Reader) -> None:
+        # The synchronous part of LiveFlight.leave: the last reader to leave a flight that is
+        # not done fails it (its upstream is abandoned).
+        flow = reader.flow
+        flow.flight.unfollow(reader.cursor)
+        reader.attached = False
+        if not flow.producer_reading and not flow.attached and flow.phase not in DONE:
+            flow.live.fail("every reader left before the stream ended")
+            self._failed(flow)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    @rule()
+    def arrive(self) -> None:
+        before = self.registered
+        live, cursor = self.flights.claim(KEY, max_log_bytes=self.max_log)
+        if cursor is None:
+            # One upstream call per flight: a new producer only when no flight for the key
+            # can be followed (none registered, or it failed / outgrew its log).
+            assert before is None, f"a second producer while {before.phase} is live"
+            assert live.flight.phase is Phase.WAITING and not live.flight.cursors
+            live.flight.max_lag_bytes = self.max_lag
+            flow = Flow(live)
+            self.flows.append(flow)
+            self.registered = flow
+        else:
+            assert before is not None and live is before.live
+            assert before.joinable
+            reader = Reader(before, cursor)
+            before.readers.append(reader)
+            self.readers.append(reader)
+
+    # -- the producer's upstream --------------------------------------------------------------
+
+    @precondition(_has_producer)
+    @rule(data=st.data())
+    def upstream_head(self, data: st.DataObject) -> None:
+        flow = self._producing(data)
+        flow.live.respond(HEAD)
+        if flow.phase is Phase.WAITING:
+            flow.phase = Phase.STREAMING
+            assert flow.flight.head == HEAD
+
+    @precondition(_has_producer)
+    @rule(data=st.data(), chunks=st.lists(st.binary(max_size=6), min_size=1, max_size=3))
+    def upstream_chunks(self, data: st.DataObject, chunks: list[bytes]) -> None:
+        flow = self._producing(data)
+        for chunk in chunks:
+            flow.live.deliver(chunk)
+            if flow.phase is not Phase.STREAMING:
+                continue
+            flow.sent += chunk
+            if len(flow.sent) > self.max_log:
+                flow.overflowed = True
+                self._unregister(flow)
+            for reader in flow.attached:
+                if len(reader.got) < len(flow.sent) - self.max_lag:
+                    reader.cut = True
+
+    @precondition(_has_producer)
+    @rule(data=st.data())
+    def upstream_end(self, data: st.DataObject) -> None:
+        flow = self._producing(data)
+        flow.live.end()
+        if flow.phase is Phase.STREAMING:
+            flow.phase = Phase.ENDED
+
+    @precondition(_has_producer)
+    @rule(
+        data=st.data(),
+        reason=st.sampled_from(
+            ["the upstream was cut", "the producer was cancelled", "the producer's process died"]
+        ),
+    )
+    def upstream_fails(self, data: st.DataObject, reason: str) -> None:
+        flow = self._producing(data)
+        flow.live.fail(reason)
+        self._failed(flow)
+
+    @precondition(lambda self: any(f.producer_reading and not f.closed for f in self.flows))
+    @rule(data=st.data())
+    def producer_client_leaves(self, data: st.DataObject) -> None:
+        flow = data.draw(
+            st.sampled_from([f for f in self.flows if f.producer_reading and not f.closed])
+        )
+        keep_reading = flow.live.producer_left()
+        assert keep_reading is bool(flow.attached)
+        flow.producer_reading = False
+        if not keep_reading and flow.phase not in DONE:
+            self._failed(flow)
+
+    @precondition(_has_producer)
+    @rule(data=st.data())
+    def producer_closes(self, data: st.DataObject) -> None:
+        flow = self._producing(data)
+        flow.live.close()
+        self._failed(flow)  # not done: it failed; done: it is offered no more
+        flow.closed = True
+
+    @precondition(lambda self: any(f.phase is Phase.ENDED and not f.closed for f in self.flows))
+    @rule(data=st.data())
+    def store_fails(self, data: st.DataObject) -> None:
+        # The stream ended cleanly but could not be stored: the producer closes its exchange.
+        # Its readers must still get every byte and a clean end (checked as they read).
+        flow = data.draw(
+            st.sampled_from([f for f in self.flows if f.phase is Phase.ENDED and not f.closed])
+        )
+        flow.live.close()
+        assert flow.flight.phase is Phase.ENDED
+        self._unregister(flow)
+        flow.closed = True
+
+    # -- followers --------------------------------------------------------------------------
+
+    @precondition(_has_reader)
+    @rule(data=st.data())
+    def follower_reads(self, data: st.DataObject) -> None:
+        reader = self._reader(data)
+        flow, flight = reader.flow, reader.flow.flight
+        chunks = flight.read(reader.cursor)
+        if reader.cut:
+            assert chunks == [], "a cut follower is sent nothing more"
+        reader.got += b"".join(chunks)
+        assert flow.sent.startswith(reader.got)
+        if chunks:
+            return
+        phase = flight.state(reader.cursor)
+        if phase is Phase.ENDED:
+            assert flow.phase is Phase.ENDED and not reader.cut
+            assert reader.got == flow.sent, "a clean end without every byte"
+        if reader.cut:
+            assert phase is Phase.FAILED
+        else:
+            # An uncut follower loses nothing, and sees how the flight stands.
+            assert reader.got == flow.sent
+            assert phase is flow.phase
+        if phase in DONE:
+            self._leave(reader)  # a reader whose stream ended or failed is done
+
+    @precondition(_has_reader)
+    @rule(data=st.data())
+    def follower_leaves(self, data: st.DataObject) -> None:
+        self._leave(self._reader(data))
+
+    # -- invariants -------------------------------------------------------------------------
+
+    @invariant()
+    def registry_offers_only_the_live_flight(self) -> None:
+        expected = None if self.registered is None else self.registered.live
+        assert self.flights.get(KEY) is expected
+
+    @invariant()
+    def flights_are_where_the_model_says(self) -> None:
+        for flow in self.flows:
+            assert flow.flight.phase is flow.phase
+            assert flow.flight.joinable is flow.joinable
+
+    @invariant()
+    def unjoinable_flights_take_no_follower(self) -> None:
+        for flow in self.flows:
+            if not flow.joinable:
+                assert flow.flight.follow() is None
+
+    @invariant()
+    def readers_hold_a_prefix_of_the_producers_bytes(self) -> None:
+        for reader in self.readers:
+            assert reader.flow.sent.startswith(reader.got)
+
+    @invariant()
+    def slow_followers_are_cut(self) -> None:
+        for reader in self.readers:
+            if reader.attached:
+                assert bool(reader.cursor.cut) is reader.cut
+                if reader.cut:
+                    assert reader.flow.flight.state(reader.cursor) is Phase.FAILED
+
+    @invariant()
+    def unjoinable_flights_keep_only_what_followers_need(self) -> None:
+        for flow in self.flows:
+            if flow.joinable:
+                continue
+            kept = sum(len(chunk) for chunk in flow.flight.chunks)
+            uncut = [r for r in flow.attached if not r.cut]
+            if uncut:
+                assert kept <= len(flow.sent) - min(len(r.got) for r in uncut)
+            else:
+                assert kept == 0
+
+    @invariant()
+    def wanted_while_someone_reads(self) -> None:
+        for flow in self.flows:
+            assert flow.flight.wanted is (flow.producer_reading or bool(flow.attached))
+
+
+FlightMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
+TestFlightMachine = FlightMachine.TestCase
+
+
+# -- the async shell ------------------------------------------------------------------------
+
+
+async def read_all(live: LiveFlight[bytes], cursor: Cursor, got: bytearray) -> None:
+    """Read a follower's stream to its clean end (raises where it is not clean)."""
+    async with aclosing(live.chunks(cursor, IDLE)) as chunks:  # type: ignore[type-var]
+        async for chunk in chunks:
+            got += chunk
+
+
+def pieces(n: int, start: int = 0) -> list[bytes]:
+    return [b"data: %d\n\n" % i for i in range(start, start + n)]
+
+
+class HandedOver:
+    """The upstream a producer hands over to its followers: ``source`` reads one piece into
+    the flight (as the engine's does), ``abandon`` closes it. Counts both, and whether two
+    readers ever pulled at once."""
+
+    def __init__(self, live: LiveFlight[bytes], upstream: AsyncIterator[bytes]) -> None:
+        self.live = live
+        self.upstream = upstream
+        self.pulls = self.abandoned = self.active = 0
+        self.overlapped = False
+
+    @classmethod
+    def of(cls, live: LiveFlight[bytes], items: Iterable[bytes]) -> HandedOver:
+        async def upstream() -> AsyncIterator[bytes]:
+            for item in items:
+                await anyio.lowlevel.checkpoint()
+                yield item
+
+        return cls(live, upstream())
+
+    async def source(self) -> bool:
+        self.pulls += 1
+        self.active += 1
+        self.overlapped |= self.active > 1
+        try:
+            try:
+                piece = await self.upstream.__anext__()
+            except StopAsyncIteration:
+                self.live.end()
+                return False
+            self.live.deliver(piece)
+            return True
+        finally:
+            self.active -= 1
+
+    async def abandon(self) -> None:
+        self.abandoned += 1
+        await self.upstream.aclose()  # type: ignore[attr-defined]
+
+
+def produce(n_followers: int) -> tuple[Flights, LiveFlight[bytes], list[Cursor]]:
+    """A registry with one flight for KEY and ``n_followers`` followers of it."""
+    flights = Flights()
+    live, none = flights.claim(KEY)
+    assert none is None
+    cursors = []
+    for _ in range(n_followers):
+        same, cursor = flights.claim(KEY)
+        assert same is live and cursor is not None
+        cursors.append(cursor)
+    return flights, live, cursors
+
+
+@pytest.mark.anyio
+async def test_followers_get_exactly_the_producers_bytes_and_end_cleanly() -> None:
+    flights, live, cursors = produce(3)
+    sent = pieces(30)
+    go = anyio.Event()
+    heads: list[Head | None] = []
+    got: list[bytearray] = []
+
+    async def follower(cursor: Cursor) -> None:
+        received = bytearray()
+        got.append(received)
+        await go.wait()
+        heads.append(await live.wait_head(IDLE))
+        await read_all(live, cursor, received)
+
+    async def producer() -> None:
+        await go.wait()
+        live.respond(HEAD)
+        for i, piece in enumerate(sent):
+            live.deliver(piece)
+            if i == 10:  # one more identical request, mid-stream: it follows from byte 0
+                same, cursor = flights.claim(KEY)
+                assert same is live and cursor is not None
+                tg.start_soon(follower, cursor)
+            await anyio.lowlevel.checkpoint()
+        live.end()
+
+    async with anyio.create_task_group() as tg:
+        for cursor in cursors:
+            tg.start_soon(follower, cursor)
+        tg.start_soon(producer)
+        go.set()
+
+    assert len(got) == 4 and all(bytes(g) == b"".join(sent) for g in got)
+    assert heads == [HEAD] * 4
+    assert not live.flight.cursors and flights.get(KEY) is live  # offered until closed
+    live.close()
+    assert flights.get(KEY) is None and live.flight.phase is Phase.ENDED
+
+
+@pytest.mark.anyio
+async def test_failure_aborts_every_follower_after_the_bytes_it_got() -> None:
+    flights, live, cursors = produce(3)
+    sent = pieces(2)
+    received = [anyio.Event() for _ in cursors]
+    got: list[bytes] = [b""] * len(cursors)
+
+    async def follower(i: int, cursor: Cursor) -> None:
+        bytes_ = bytearray()
+        with pytest.raises(SharedStreamAborted, match="the upstream was cut"):
+            async with aclosing(live.chunks(cursor, IDLE)) as chunks:  # type: ignore[type-var]
+                async for chunk in chunks:
+                    bytes_ += chunk
+                    if bytes_ == b"".join(sent):
+                        received[i].set()
+        got[i] = bytes(bytes_)
+
+    async with anyio.create_task_group() as tg:
+        for i, cursor in enumerate(cursors):
+            tg.start_soon(follower, i, cursor)
+        live.respond(HEAD)
+        for piece in sent:
+            live.deliver(piece)
+        for event in received:
+            await event.wait()
+        live.fail("the upstream was cut")
+
+    assert got == [b"".join(sent)] * len(cursors)
+    assert not live.flight.cursors and not live.flight.chunks
+    # A failed flight is offered no more: the next identical request asks the upstream.
+    again, cursor = flights.claim(KEY)
+    assert cursor is None and again is not live
+
+
+@pytest.mark.anyio
+async def test_wait_head_is_none_when_the_flight_fails_before_its_head() -> None:
+    flights, live, (cursor,) = produce(1)
+    waiting = anyio.Event()
+    heads: list[Head | None] = []
+
+    async def follower() -> None:
+        waiting.set()
+        heads.append(await live.wait_head(IDLE))  # blocks: nothing to wait for yet
+        await live.leave(cursor)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower)
+        await waiting.wait()
+        live.fail("the producer's process died")
+
+    assert heads == [None]
+    again, none = flights.claim(KEY)  # the follower may ask the upstream itself
+    assert none is None and again is not live
+
+
+@pytest.mark.anyio
+async def test_followers_pull_a_handed_over_upstream_to_its_end() -> None:
+    _, live, cursors = produce(2)
+    first, rest = pieces(2), pieces(20, start=2)
+    live.respond(HEAD)
+    for piece in first:
+        live.deliver(piece)
+    assert live.producer_left() is True  # followers still read: keep the upstream
+    upstream = HandedOver.of(live, rest)
+    live.hand_over(upstream.source, upstream.abandon)
+    go = anyio.Event()
+    got = [bytearray() for _ in cursors]
+
+    async def follower(cursor: Cursor, received: bytearray) -> None:
+        await go.wait()
+        await read_all(live, cursor, received)
+
+    async with anyio.create_task_group() as tg:
+        for cursor, received in zip(cursors, got, strict=True):
+            tg.start_soon(follower, cursor, received)
+        go.set()
+
+    assert [bytes(g) for g in got] == [b"".join(first + rest)] * 2
+    assert upstream.pulls == len(rest) + 1 and not upstream.overlapped
+    assert upstream.abandoned == 0 and live.flight.phase is Phase.ENDED
+
+
+@pytest.mark.anyio
+async def test_last_follower_leaving_early_abandons_the_upstream_once() -> None:
+    flights, live, cursors = produce(3)
+    live.respond(HEAD)
+    live.deliver(b"data: first\n\n")
+    assert live.producer_left() is True
+    upstream = HandedOver.of(live, (b"data: %d\n\n" % i for i in itertools.count()))
+    live.hand_over(upstream.source, upstream.abandon)
+    go = anyio.Event()
+    got = [bytearray() for _ in cursors]
+
+    async def follower(cursor: Cursor, received: bytearray, enough: int) -> None:
+        await go.wait()
+        async with aclosing(live.chunks(cursor, IDLE)) as chunks:  # type: ignore[type-var]
+            async for chunk in chunks:
+                received += chunk
+                if len(received) >= enough:
+                    break  # the client leaves before the end
+
+    async with anyio.create_task_group() as tg:
+        for i, (cursor, received) in enumerate(zip(cursors, got, strict=True)):
+            tg.start_soon(follower, cursor, received, 50 * (i + 1))
+        go.set()
+
+    assert upstream.abandoned == 1 and not upstream.overlapped
+    assert live.flight.phase is Phase.FAILED and flights.get(KEY) is None
+    everything = b"".join(live.flight.chunks)  # nothing kept: nobody reads
+    assert everything == b"" and not live.flight.wanted
+    longest = max(got, key=len)
+    assert all(longest.startswith(g) for g in got) and longest.startswith(b"data: first\n\n")
+
+
+@pytest.mark.anyio
+async def test_follower_cancelled_while_pulling_does_not_break_the_stream() -> None:
+    _, live, (a, b) = produce(2)
+    live.respond(HEAD)
+    live.deliver(b"p")
+    assert live.producer_left() is True
+    inside, gate = anyio.Event(), anyio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        inside.set()
+        await gate.wait()
+        yield b"1"
+        yield b"2"
+
+    upstream = HandedOver(live, slow())
+    live.hand_over(upstream.source, upstream.abandon)
+    a_got, b_got = bytearray(), bytearray()
+    a_scope = anyio.CancelScope()
+    a_done = anyio.Event()
+
+    async def follower_a() -> None:
+        with a_scope:
+            await read_all(live, a, a_got)
+        a_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower_a)
+        await inside.wait()  # A pulls the upstream for both of them
+        assert live.pulling
+        a_scope.cancel()
+        gate.set()
+        await a_done.wait()
+        await read_all(live, b, b_got)
+
+    assert a_scope.cancelled_caught and b"p12".startswith(a_got)
+    assert b_got == b"p12" and live.flight.phase is Phase.ENDED and upstream.abandoned == 0
+
+
+@pytest.mark.anyio
+async def test_follower_joining_a_lone_pull_never_gets_a_truncated_clean_end() -> None:
+    # The producer's client left while one follower (A) read; A pulls the upstream alone,
+    # so unshielded. While A waits inside that pull, an identical request (B) joins. Then
+    # A's client goes: its cancellation lands inside the upstream iterator, which is
+    # finished for good. B must not take the upstream's early StopAsyncIteration for its
+    # end: it gets the whole answer or a visible failure, never a clean end of a part of it.
+    flights, live, (a,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"p")
+    assert live.producer_left() is True
+    inside, gate = anyio.Event(), anyio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        inside.set()
+        await gate.wait()
+        yield b"1"
+        yield b"2"
+
+    upstream = HandedOver(live, slow())
+    live.hand_over(upstream.source, upstream.abandon)
+    a_scope = anyio.CancelScope()
+    a_done = anyio.Event()
+    b_got = bytearray()
+    outcome = ""
+
+    async def follower_a() -> None:
+        with a_scope:
+            await read_all(live, a, bytearray())
+        a_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(follower_a)
+        await inside.wait()
+        assert live.pulling and len(live.flight.cursors) == 1
+        same, b = flights.claim(KEY)  # B joins during A's pull
+        assert same is live and b is not None
+        a_scope.cancel()
+        await a_done.wait()
+        gate.set()
+        try:
+            await read_all(live, b, b_got)
+            outcome = "ended"
+        except SharedStreamAborted:
+            outcome = "aborted"
+
+    assert a_scope.cancelled_caught
+    assert b"p12".startswith(b_got)
+    assert outcome == "aborted" or b_got == b"p12", (
+        f"B ended cleanly with a part of the answer: {bytes(b_got)!r}"
+    )
