@@ -255,6 +255,8 @@ class CachedStream:
         self._pacing = pacing
         self._live_flight = live
         self._cursor = cursor
+        self._retry: Upstream | None = None  # a follower's own upstream, to ask once if needed
+        self._retried = False
         self._it: AsyncIterator[Event] | None = None
         self._batched = False
 
@@ -385,11 +387,38 @@ class CachedStream:
             if phase is Phase.ENDED:
                 return
             if phase is Phase.FAILED:
+                if self._may_retry():
+                    live, cursor, flight, production, iterator, cursors = self._retried_flight()
+                    continue
                 raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
             if live.source is not None and not live.pulling:
                 await live.pull()
             elif not await live.wait(idle):
                 raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
+
+    def _may_retry(self) -> bool:
+        # A follower sent nothing yet asks again, once; one that has events must fail.
+        cursor = self._cursor
+        return (
+            self._retry is not None
+            and not self._retried
+            and cursor is not None
+            and cursor.index == 0
+            and self.status is CacheStatus.SHARED
+        )
+
+    def _retried_flight(
+        self,
+    ) -> tuple[LiveFlight[Event], Cursor, Flight[Event], _Production, Any, set[Cursor]]:
+        live, cursor = self._live_flight, self._cursor
+        assert live is not None and cursor is not None and self._retry is not None
+        self._retried = True
+        live.flight.unfollow(cursor)
+        self._cache._rejoin(self, self._retry)
+        live, cursor = self._live_flight, self._cursor
+        assert live is not None and cursor is not None
+        production: _Production = live.production
+        return live, cursor, live.flight, production, production.iterator, live.flight.cursors
 
     async def _live_batches(self, size: int) -> AsyncIterator[list[Event]]:
         live, cursor = self._live_flight, self._cursor
@@ -407,6 +436,9 @@ class CachedStream:
             if phase is Phase.ENDED:
                 return
             if phase is Phase.FAILED:
+                if self._may_retry():
+                    live, cursor, flight, *_ = self._retried_flight()
+                    continue
                 raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
             if live.source is not None and not live.pulling:
                 await live.pull()
@@ -824,6 +856,7 @@ class StreamCache:
                 return
             if live is not None and cursor is not None:
                 shared = CachedStream(self, CacheStatus.SHARED, key, live=live, cursor=cursor)
+                shared._retry = upstream
                 self._emit(Notice(kind="shared", key=key))
                 async with self._closing(shared):
                     yield shared
@@ -833,6 +866,23 @@ class StreamCache:
             if use_cache
             else (CacheStatus.REFRESH if refresh else CacheStatus.BYPASS)
         )
+        stream = CachedStream(self, status, key)
+        self._produce(stream, live, upstream, store=store, ttl=ttl)
+        async with self._closing(stream):
+            yield stream
+
+    def _produce(
+        self,
+        stream: CachedStream,
+        live: LiveFlight[Event] | None,
+        upstream: Upstream,
+        *,
+        store: bool,
+        ttl: float | None,
+    ) -> None:
+        """Make ``stream`` the producer of ``live`` (registered by :meth:`settle`), or of a
+        flight of its own that no one else can join: its upstream is opened now."""
+        key = stream.key
         if live is None:
             # Not offered to others (no-cache, no-store, single-flight off): its log keeps
             # nothing that its one reader has read.
@@ -844,8 +894,8 @@ class StreamCache:
         cursor = live.flight.follow()
         live.flight.producer_left()  # the producing request reads as a follower does
         assert cursor is not None
-        stream = CachedStream(self, status, key, live=live, cursor=cursor)
-        self._emit(Notice(kind=status.value, key=key))
+        stream._live_flight, stream._cursor = live, cursor
+        self._emit(Notice(kind=stream.status.value, key=key))
         try:
             production.started = time.monotonic()
             production.iterator = aiter(upstream())
@@ -853,8 +903,17 @@ class StreamCache:
             live.fail(f"the upstream could not be opened: {exc!r}")
             raise
         live.hand_over(production.pull, production.abandon)
-        async with self._closing(stream):
-            yield stream
+
+    def _rejoin(self, stream: CachedStream, upstream: Upstream) -> None:
+        """``stream`` followed a flight that failed before it was sent anything: it goes
+        round the lookup order once more (without the backend read), joining whoever asks
+        the upstream next — or being it (status ``miss``)."""
+        _, live, cursor = self.settle(stream.key)
+        if live is not None and cursor is not None:
+            stream._live_flight, stream._cursor = live, cursor
+            return
+        stream.status = CacheStatus.MISS
+        self._produce(stream, live, upstream, store=True, ttl=self.ttl)
 
     def settle(
         self, key: str, *, share: bool = True

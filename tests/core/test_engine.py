@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -769,3 +770,60 @@ async def test_a_shared_pull_that_never_ends_is_bounded(monkeypatch: pytest.Monk
             tg.start_soon(joiner)
     # The cancelled joiner waited for its pull at most the hand-over bound, not forever.
     assert sorted(outcome) == ["joiner left", "owner aborted"]
+
+
+async def test_a_follower_sent_nothing_asks_the_upstream_itself_once() -> None:
+    # The stream they shared failed before its first event: the reader that was pulling gets
+    # the upstream's error; the one that had been sent nothing asks the upstream itself.
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    calls = 0
+
+    def upstream() -> AsyncIterator[Event]:
+        nonlocal calls
+        calls += 1
+        return Upstream(fail_after=0 if calls == 1 else None)()  # type: ignore[arg-type]
+
+    go = anyio.Event()
+    outcomes: list[tuple[str, object]] = []
+
+    async def one() -> None:
+        await go.wait()
+        try:
+            async with cache.stream(cache.request(BODY), upstream) as s:
+                events = [e async for e in s]
+            outcomes.append((s.status, wire(events) == wire(EVENTS)))
+        except ConnectionError as exc:
+            outcomes.append(("error", type(exc).__name__))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one)
+        tg.start_soon(one)
+        go.set()
+    assert sorted(outcomes, key=str) == [("error", "ConnectionError"), ("miss", True)]
+    assert calls == 2 and backend.sets == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_herd_shares_one_upstream_on_every_real_backend(backend: Any) -> None:
+    # The same herd on each real backend (whose reads do yield to the event loop): released
+    # together, one upstream call, every reader gets the whole stream.
+    cache = StreamCache(backend, GenericSSE())
+    up = Upstream(delay=0.001)
+    go = anyio.Event()
+    results: list[tuple[str, list[Event]]] = []
+
+    async def one() -> None:
+        await go.wait()
+        s, events = await consume(cache, up)
+        results.append((s.status, events))  # type: ignore[attr-defined]
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(one)
+        go.set()
+    assert up.calls == 1
+    assert sorted(status for status, _ in results) == ["miss"] + ["shared"] * 19
+    assert all(wire(events) == wire(EVENTS) for _, events in results)
+    again, _ = await consume(cache, up)
+    assert again.status is CacheStatus.HIT  # type: ignore[attr-defined]
