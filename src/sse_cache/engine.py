@@ -366,6 +366,11 @@ class CachedStream:
                     production.recorder.fail(f"the upstream stream failed: {exc!r}")
                     live.fail(f"the upstream failed: {exc!r}")
                     raise
+                except BaseException:
+                    # Cancelled inside the pull: the upstream iterator is finished for good
+                    # (see LiveFlight.pull); anyone who joined meanwhile must see a failure.
+                    live.fail("the reader pulling the upstream was cancelled mid-read")
+                    raise
                 finally:
                     live.pulling = False
                 size = production.record(event)
@@ -451,7 +456,7 @@ class CachedStream:
             return
         production: _Production = live.production
         flight = live.flight
-        if exc is not None and not flight.done and flight.cursors == {cursor}:
+        if exc is not None and flight.phase is not Phase.ENDED and flight.cursors == {cursor}:
             production.recorder.fail(f"the reader left with {type(exc).__name__}")
         await live.leave(cursor)  # the last reader to leave early abandons the upstream
         if live.flight.phase is Phase.ENDED and (exc is None or not live.flight.cursors):

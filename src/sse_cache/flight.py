@@ -457,6 +457,12 @@ class LiveFlight(Generic[T]):
         except Exception as exc:
             self.fail(f"the upstream failed: {exc!r}")
             raise
+        except BaseException:
+            # Cancelled inside an unshielded pull (it was alone when it began): the upstream
+            # iterator is finished for good — its next pull would end "cleanly" — so the
+            # stream ends here, as a failure, for anyone who joined meanwhile.
+            self.fail("the reader pulling the upstream was cancelled mid-read")
+            raise
         finally:
             self.pulling = False
             self._notify()
@@ -466,9 +472,9 @@ class LiveFlight(Generic[T]):
         to leave a flight that is not done abandons its upstream."""
         flight = self.flight
         flight.unfollow(cursor)
-        if flight.wanted or flight.done:
+        if flight.wanted or flight.phase is Phase.ENDED:
             return
-        # The last reader left before the end: abandon the upstream.
+        # The last reader left before the end (or after a failure): abandon the upstream.
         self.fail("every reader left before the stream ended")
         abandon, self.abandon, self.source = self.abandon, None, None
         if abandon is not None:
