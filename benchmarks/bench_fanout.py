@@ -57,15 +57,12 @@ import argparse
 import asyncio
 import math
 import multiprocessing
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,7 +73,9 @@ import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from servers import HOST, RedisServer, ServerMissing, find_binary, free_port
+from _servers import Server, server
+
+from servers import RedisServer, ServerMissing, find_binary
 
 HEADERS = {"authorization": "Bearer sk-bench", "content-type": "application/json"}
 BODY = b'{"model": "gpt-mock-1", "input": "fan-out benchmark", "stream": true}'
@@ -99,48 +98,6 @@ RAW_PREFIX = "bench-fanout-raw:"
 
 
 # -- (a) fan-out through the proxy --------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    url: str
-    pid: int
-
-    def cpu(self) -> float:
-        """CPU seconds (user + system) the process has used so far; NaN where unknown."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            return math.nan
-
-
-@contextmanager
-def server(*args: str) -> Iterator[Server]:
-    """Run a server in its own process (as bench_proxy.py does) and yield its URL and pid."""
-    port = free_port()
-    argv = [a.replace("{port}", str(port)) for a in args]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{argv} exited with {proc.returncode}")
-            try:
-                socket.create_connection((HOST, port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{argv} did not start") from None
-                time.sleep(0.05)
-        yield Server(f"http://{HOST}:{port}", proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @dataclass

@@ -16,22 +16,18 @@ the baseline and the measured path alternate within each repetition.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
+from _servers import server
 
 HEADERS = {"authorization": "Bearer sk-bench", "x-mock-deltas": "2000"}
-HOST = "127.0.0.1"
 # The ceiling: the same bytes from a trivial ASGI app, in one body message, under uvicorn.
 STATIC_APP = """
 import sys, uvicorn
@@ -52,37 +48,6 @@ from sse_cache.proxy import Forwarder
 uvicorn.run(Forwarder(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
             log_level="warning", lifespan="on")
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def server(*args: str) -> Iterator[str]:
-    """Run a server in its own process (as in production: the proxy, its upstream and the
-    client never share an event loop or a core's time slice) and yield its base URL."""
-    port = free_port()
-    argv = [a.replace("{port}", str(port)) for a in args]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{argv} exited with {proc.returncode}")
-            try:
-                socket.create_connection((HOST, port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{argv} did not start") from None
-                time.sleep(0.05)
-        yield f"http://{HOST}:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 async def timed(
@@ -106,10 +71,12 @@ async def main(repeat: int, backend: str | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = backend or f"sqlite:///{Path(tmp) / 'bench.db'}"
         mock = [*cli, "mock-upstream", "--port", "{port}", "--delay-ms", "0", "--first-ms", "0"]
-        with server(*mock) as upstream:
+        with server(*mock) as upstream_server:
+            upstream = upstream_server.url
             proxy_cmd = [*cli, "proxy", "--upstream", upstream, "--backend", url]
             proxy_cmd += ["--port", "{port}", "--log-level", "warning"]
-            with server(*proxy_cmd) as proxy:
+            with server(*proxy_cmd) as proxy_server:
+                proxy = proxy_server.url
                 async with httpx2.AsyncClient(timeout=60) as client:
                     body = {"model": "gpt-mock", "input": "benchmark", "stream": True}
                     url_p = proxy + "/v1/responses"
@@ -119,7 +86,8 @@ async def main(repeat: int, backend: str | None) -> None:
                     static_body.write_bytes(original)
                     static_cmd = [sys.executable, "-c", STATIC_APP, str(static_body), "{port}"]
                     bare_cmd = [sys.executable, "-c", BARE_FORWARDER, upstream, "{port}"]
-                    with server(*static_cmd) as static, server(*bare_cmd) as bare:
+                    with server(*static_cmd) as static_server, server(*bare_cmd) as bare_server:
+                        static, bare = static_server.url, bare_server.url
                         hit_last, ceiling_last = [], []
                         miss_first, direct_first, bare_first = [], [], []
                         for i in range(repeat):

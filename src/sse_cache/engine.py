@@ -339,67 +339,92 @@ class CachedStream:
     async def _live(self) -> AsyncIterator[Event]:
         # The hot loop of a miss: the flight's state machine is driven inline (no helper
         # generator or coroutine per event: a layer per event costs more than the event).
+        while True:
+            live, cursor = self._live_flight, self._cursor
+            assert live is not None and cursor is not None
+            flight = live.flight
+            production: _Production = live.production
+            iterator = production.iterator
+            cursors = flight.cursors
+            while True:
+                if (
+                    live.source is not None
+                    and not live.pulling
+                    and len(cursors) == 1
+                    and cursor.index - flight.base == len(flight.chunks)
+                ):
+                    # Alone on the upstream, and caught up: pull, record, yield — the same
+                    # steps as LiveFlight.pull and Flight.read, without a call per event.
+                    live.pulling = True
+                    try:
+                        assert iterator is not None
+                        event = await iterator.__anext__()
+                    except StopAsyncIteration:
+                        production.ended()
+                        break
+                    except Exception as exc:
+                        production.recorder.fail(f"the upstream stream failed: {exc!r}")
+                        live.fail(f"the upstream failed: {exc!r}")
+                        raise
+                    except BaseException:
+                        # Cancelled inside the pull: the upstream iterator is finished for
+                        # good (see LiveFlight.pull); whoever joined meanwhile must fail.
+                        live.fail("the reader pulling the upstream was cancelled mid-read")
+                        raise
+                    finally:
+                        live.pulling = False
+                    size = production.record(event)
+                    if not flight.joinable and len(cursors) == 1:
+                        yield event  # no one else reads it, nor ever will: no log
+                        continue
+                    live.deliver(event, size)
+                    if flight.chunks and flight.chunks[-1] is event and len(cursors) == 1:
+                        cursor.index += 1
+                        cursor.offset = flight.total
+                        yield event
+                    continue  # (someone joined meanwhile: read it from the log below)
+                events = flight.read(cursor)
+                if not events:
+                    break
+                for event in events:
+                    yield event
+            if not await self._more():
+                return
+
+    async def _live_batches(self, size: int) -> AsyncIterator[list[Event]]:
+        while True:
+            live, cursor = self._live_flight, self._cursor
+            assert live is not None and cursor is not None
+            events = live.flight.read(cursor)
+            for start in range(0, len(events), size):
+                yield events[start : start + size]
+            if not events and not await self._more():
+                return
+
+    async def _more(self) -> bool:
+        """Nothing is ready for this reader: pull the upstream or wait for whoever does.
+        False at the flight's clean end; raises :class:`SharedStreamAborted` at any other
+        end — unless this reader was sent nothing yet, which then goes round once more."""
         live, cursor = self._live_flight, self._cursor
         assert live is not None and cursor is not None
         flight = live.flight
-        production: _Production = live.production
-        iterator = production.iterator
-        cursors = flight.cursors
+        phase = flight.state(cursor)
+        if phase is Phase.ENDED:
+            return False
+        if phase is Phase.FAILED:
+            if self._may_retry():
+                assert self._retry is not None
+                self._retried = True
+                flight.unfollow(cursor)
+                self._cache._rejoin(self, self._retry)
+                return True
+            raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
         idle = self._cache.join_timeout
-        while True:
-            if (
-                live.source is not None
-                and not live.pulling
-                and len(cursors) == 1
-                and cursor.index - flight.base == len(flight.chunks)
-            ):
-                # Alone on the upstream, and caught up: pull, record, yield — the same steps
-                # as _Production.pull and Flight.read, without a call per event.
-                live.pulling = True
-                try:
-                    assert iterator is not None
-                    event = await iterator.__anext__()
-                except StopAsyncIteration:
-                    production.ended()
-                    continue
-                except Exception as exc:
-                    production.recorder.fail(f"the upstream stream failed: {exc!r}")
-                    live.fail(f"the upstream failed: {exc!r}")
-                    raise
-                except BaseException:
-                    # Cancelled inside the pull: the upstream iterator is finished for good
-                    # (see LiveFlight.pull); anyone who joined meanwhile must see a failure.
-                    live.fail("the reader pulling the upstream was cancelled mid-read")
-                    raise
-                finally:
-                    live.pulling = False
-                size = production.record(event)
-                if not flight.joinable and len(cursors) == 1:
-                    yield event  # no one else reads it, nor ever will: no log
-                    continue
-                live.deliver(event, size)
-                if flight.chunks and flight.chunks[-1] is event and len(cursors) == 1:
-                    cursor.index += 1
-                    cursor.offset = flight.total
-                    yield event
-                continue  # (someone joined meanwhile: read it from the log below)
-            events = flight.read(cursor)
-            if events:
-                for event in events:
-                    yield event
-                continue
-            phase = flight.state(cursor)
-            if phase is Phase.ENDED:
-                return
-            if phase is Phase.FAILED:
-                if self._may_retry():
-                    live, cursor, flight, production, iterator, cursors = self._retried_flight()
-                    continue
-                raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
-            if live.source is not None and not live.pulling:
-                await live.pull()
-            elif not await live.wait(idle):
-                raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
+        if live.source is not None and not live.pulling:
+            await live.pull()
+        elif not await live.wait(idle):
+            raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
+        return True
 
     def _may_retry(self) -> bool:
         # A follower sent nothing yet asks again, once; one that has events must fail.
@@ -411,44 +436,6 @@ class CachedStream:
             and cursor.index == 0
             and self.status is CacheStatus.SHARED
         )
-
-    def _retried_flight(
-        self,
-    ) -> tuple[LiveFlight[Event], Cursor, Flight[Event], _Production, Any, set[Cursor]]:
-        live, cursor = self._live_flight, self._cursor
-        assert live is not None and cursor is not None and self._retry is not None
-        self._retried = True
-        live.flight.unfollow(cursor)
-        self._cache._rejoin(self, self._retry)
-        live, cursor = self._live_flight, self._cursor
-        assert live is not None and cursor is not None
-        production: _Production = live.production
-        return live, cursor, live.flight, production, production.iterator, live.flight.cursors
-
-    async def _live_batches(self, size: int) -> AsyncIterator[list[Event]]:
-        live, cursor = self._live_flight, self._cursor
-        assert live is not None and cursor is not None
-        flight = live.flight
-        idle = self._cache.join_timeout
-        pending: list[Event] = []
-        while True:
-            events = pending or flight.read(cursor)
-            if events:
-                batch, pending = events[:size], events[size:]
-                yield batch
-                continue
-            phase = flight.state(cursor)
-            if phase is Phase.ENDED:
-                return
-            if phase is Phase.FAILED:
-                if self._may_retry():
-                    live, cursor, flight, *_ = self._retried_flight()
-                    continue
-                raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
-            if live.source is not None and not live.pulling:
-                await live.pull()
-            elif not await live.wait(idle):
-                raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
 
     async def _close(self, exc: BaseException | None) -> None:
         live, cursor = self._live_flight, self._cursor

@@ -4,7 +4,7 @@ state machine (no event loop), then a few examples of the async shell :class:`Li
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 
 import anyio
@@ -23,6 +23,7 @@ from hypothesis.stateful import (
 from sse_cache.flight import (
     DEFAULT_MAX_LOG_BYTES,
     Cursor,
+    Flight,
     Flights,
     Head,
     LiveFlight,
@@ -73,6 +74,15 @@ class Flow:
         return self.phase is not Phase.FAILED and not self.overflowed
 
 
+def producing_in(*phases: Phase) -> Callable[[FlightMachine], bool]:
+    """A precondition: some flight whose producer is still there is in one of ``phases``."""
+
+    def can(machine: FlightMachine) -> bool:
+        return any(not f.closed and f.phase in phases for f in machine.flows)
+
+    return can
+
+
 class FlightMachine(RuleBasedStateMachine):
     """Requests for one key arrive, the producer's upstream answers, is cut, ends; followers
     read and leave; the producer's client leaves; the exchange closes."""
@@ -88,7 +98,7 @@ class FlightMachine(RuleBasedStateMachine):
 
     @initialize(
         max_log=st.sampled_from([0, 1, 6, 12, 30, DEFAULT_MAX_LOG_BYTES]),
-        max_lag=st.sampled_from([None, 0, 1, 3, 6, 10, 25]),
+        max_lag=st.sampled_from([None, 0, 3, 10, 40, DEFAULT_MAX_LOG_BYTES]),
     )
     def bounds(self, max_log: int, max_lag: int | None) -> None:
         self.max_log = max_log
@@ -106,9 +116,14 @@ class FlightMachine(RuleBasedStateMachine):
             flow.phase = Phase.FAILED
         self._unregister(flow)
 
-    def _producing(self, data: st.DataObject) -> Flow:
-        # Newest first: the flight shrinks towards the live one.
-        return data.draw(st.sampled_from([f for f in reversed(self.flows) if not f.closed]))
+    def _producing(self, data: st.DataObject, *phases: Phase) -> Flow:
+        # A flight whose producer is still there, in the first of ``phases`` that has one,
+        # newest first (it shrinks towards the live one).
+        producing = [f for f in reversed(self.flows) if not f.closed]
+        for phase in phases:
+            if in_phase := [f for f in producing if f.phase is phase]:
+                return data.draw(st.sampled_from(in_phase))
+        return data.draw(st.sampled_from(producing))
 
     def _reader(self, data: st.DataObject) -> Reader:
         return data.draw(st.sampled_from([r for r in reversed(self.readers) if r.attached]))
@@ -153,19 +168,25 @@ class FlightMachine(RuleBasedStateMachine):
 
     # -- the producer's upstream --------------------------------------------------------------
 
-    @precondition(_has_producer)
+    @precondition(producing_in(Phase.WAITING))
     @rule(data=st.data())
     def upstream_head(self, data: st.DataObject) -> None:
-        flow = self._producing(data)
+        self._respond(self._producing(data, Phase.WAITING))
+
+    def _respond(self, flow: Flow) -> None:
         flow.live.respond(HEAD)
         if flow.phase is Phase.WAITING:
             flow.phase = Phase.STREAMING
             assert flow.flight.head == HEAD
 
+    # The first chunk comes with the head. Late chunks (after the end or a failure) happen
+    # too: they must change nothing.
     @precondition(_has_producer)
     @rule(data=st.data(), chunks=st.lists(st.binary(max_size=6), min_size=1, max_size=3))
     def upstream_chunks(self, data: st.DataObject, chunks: list[bytes]) -> None:
-        flow = self._producing(data)
+        flow = self._producing(data, Phase.STREAMING, Phase.WAITING)
+        if flow.phase is Phase.WAITING:
+            self._respond(flow)
         for chunk in chunks:
             flow.live.deliver(chunk)
             if flow.phase is not Phase.STREAMING:
@@ -178,10 +199,10 @@ class FlightMachine(RuleBasedStateMachine):
                 if len(reader.got) < len(flow.sent) - self.max_lag:
                     reader.cut = True
 
-    @precondition(_has_producer)
+    @precondition(producing_in(Phase.STREAMING))
     @rule(data=st.data())
     def upstream_end(self, data: st.DataObject) -> None:
-        flow = self._producing(data)
+        flow = self._producing(data, Phase.STREAMING)
         flow.live.end()
         if flow.phase is Phase.STREAMING:
             flow.phase = Phase.ENDED
@@ -294,16 +315,17 @@ class FlightMachine(RuleBasedStateMachine):
                     assert reader.flow.flight.state(reader.cursor) is Phase.FAILED
 
     @invariant()
-    def unjoinable_flights_keep_only_what_followers_need(self) -> None:
+    def logs_keep_what_followers_need_and_no_more(self) -> None:
         for flow in self.flows:
-            if flow.joinable:
-                continue
             kept = sum(len(chunk) for chunk in flow.flight.chunks)
+            if flow is self.registered:  # offered: a new follower starts from the first byte
+                assert kept == len(flow.sent)
+                continue
             uncut = [r for r in flow.attached if not r.cut]
-            if uncut:
-                assert kept <= len(flow.sent) - min(len(r.got) for r in uncut)
-            else:
-                assert kept == 0
+            needed = len(flow.sent) - min(len(r.got) for r in uncut) if uncut else 0
+            assert kept >= needed, "a follower's next bytes were dropped"
+            if not flow.joinable:
+                assert kept <= needed, "an unjoinable flight keeps what no follower needs"
 
     @invariant()
     def wanted_while_someone_reads(self) -> None:
@@ -313,6 +335,53 @@ class FlightMachine(RuleBasedStateMachine):
 
 FlightMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=50, deadline=None)
 TestFlightMachine = FlightMachine.TestCase
+
+
+# -- the bounds, at their edges ----------------------------------------------------------
+
+
+def test_a_follower_exactly_max_lag_bytes_behind_is_not_cut() -> None:
+    flight: Flight[bytes] = Flight(KEY, max_log_bytes=100, max_lag_bytes=4)
+    flight.respond(HEAD)
+    cursor = flight.follow()
+    assert cursor is not None
+    flight.deliver(b"1234")
+    assert not cursor.cut
+    flight.deliver(b"5")  # one byte more than it may lag
+    assert cursor.cut and flight.read(cursor) == [] and flight.state(cursor) is Phase.FAILED
+    flight.end()
+    assert flight.state(cursor) is Phase.FAILED  # never a clean end
+
+
+def test_a_log_of_exactly_max_log_bytes_is_still_offered() -> None:
+    flights = Flights()
+    live, _ = flights.claim(KEY, max_log_bytes=4)
+    live.respond(HEAD)
+    live.deliver(b"1234")
+    same, cursor = flights.claim(KEY, max_log_bytes=4)
+    assert same is live and cursor is not None
+    assert live.flight.read(cursor) == [b"1234"]
+    live.deliver(b"5")  # outgrown: offered no more, its follower is still served
+    assert flights.get(KEY) is None and live.flight.follow() is None
+    assert live.flight.read(cursor) == [b"5"] and live.flight.chunks == []
+    other, none = flights.claim(KEY, max_log_bytes=4)
+    assert none is None and other is not live
+    live.end()
+    assert live.flight.read(cursor) == [] and live.flight.state(cursor) is Phase.ENDED
+
+
+def test_an_ended_flight_is_replayed_whole_until_its_producer_closes_it() -> None:
+    flights = Flights()
+    live, _ = flights.claim(KEY)
+    live.respond(HEAD)
+    live.deliver(b"a")
+    live.deliver(b"b")
+    live.end()
+    _, late = flights.claim(KEY)  # between the end and the store: it follows from byte 0
+    assert late is not None and live.flight.read(late) == [b"a", b"b"]
+    assert live.flight.state(late) is Phase.ENDED
+    live.close()  # stored (or not): new requests find the entry or ask the upstream
+    assert live.flight.phase is Phase.ENDED and flights.claim(KEY)[1] is None
 
 
 # -- the async shell ------------------------------------------------------------------------
@@ -530,8 +599,7 @@ async def test_last_follower_leaving_early_abandons_the_upstream_once() -> None:
 
     assert upstream.abandoned == 1 and not upstream.overlapped
     assert live.flight.phase is Phase.FAILED and flights.get(KEY) is None
-    everything = b"".join(live.flight.chunks)  # nothing kept: nobody reads
-    assert everything == b"" and not live.flight.wanted
+    assert live.flight.chunks == [] and not live.flight.wanted  # nothing kept: nobody reads
     longest = max(got, key=len)
     assert all(longest.startswith(g) for g in got) and longest.startswith(b"data: first\n\n")
 
@@ -625,3 +693,29 @@ async def test_follower_joining_a_lone_pull_never_gets_a_truncated_clean_end() -
     assert outcome == "aborted" or b_got == b"p12", (
         f"B ended cleanly with a part of the answer: {bytes(b_got)!r}"
     )
+    assert upstream.abandoned == (1 if outcome == "aborted" else 0)
+
+
+@pytest.mark.anyio
+async def test_a_lone_reader_cancelled_mid_pull_abandons_the_upstream_once() -> None:
+    flights, live, (a,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"p")
+    assert live.producer_left() is True
+    inside = anyio.Event()
+
+    async def hanging() -> AsyncIterator[bytes]:
+        inside.set()
+        await anyio.Event().wait()
+        yield b"never"
+
+    upstream = HandedOver(live, hanging())
+    live.hand_over(upstream.source, upstream.abandon)
+    got = bytearray()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_all, live, a, got)
+        await inside.wait()  # its client goes while it waits for the upstream
+        tg.cancel_scope.cancel()
+
+    assert got == b"p" and upstream.abandoned == 1
+    assert live.flight.phase is Phase.FAILED and flights.get(KEY) is None

@@ -83,6 +83,22 @@ async def proxy_process(upstream: str, backend: str) -> AsyncIterator[tuple[str,
         await anyio.to_thread.run_sync(proc.wait)
 
 
+@asynccontextmanager
+async def two_proxies(
+    serve: Any, redis_url: str, upstream_app: MockUpstream
+) -> AsyncIterator[tuple[str, tuple[str, Any], tuple[str, Any]]]:
+    """The upstream, and two proxy processes in front of it on one Redis (a fresh prefix):
+    yields the prefix and each proxy's URL and process."""
+    prefix = f"x{uuid.uuid4().hex[:8]}:"
+    backend = f"{redis_url}?prefix={prefix}"
+    async with (
+        serve(upstream_app) as upstream,
+        proxy_process(upstream, backend) as one,
+        proxy_process(upstream, backend) as two,
+    ):
+        yield prefix, one, two
+
+
 def complete(content: bytes) -> bool:
     return content.rstrip().split(b"\n\n")[-1].startswith(b"event: response.completed")
 
@@ -93,28 +109,23 @@ async def test_a_herd_over_two_processes_makes_one_upstream_call(
     serve: Any, redis_server: Any
 ) -> None:
     upstream_app = MockUpstream(first_delay=0.3, delay=0.002)
-    backend = f"{redis_server.url}?prefix=x{uuid.uuid4().hex[:8]}:"
     payload = {"model": "gpt-mock", "input": "one upstream call for two workers", "stream": True}
-    async with serve(upstream_app) as upstream:
-        async with (
-            proxy_process(upstream, backend) as (p1, _),
-            proxy_process(upstream, backend) as (p2, _),
-        ):
-            go = anyio.Event()
-            results: list[httpx2.Response] = []
-            limits = httpx2.Limits(max_connections=100)
-            async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
+    async with two_proxies(serve, redis_server.url, upstream_app) as (_, (p1, _), (p2, _)):
+        go = anyio.Event()
+        results: list[httpx2.Response] = []
+        limits = httpx2.Limits(max_connections=100)
+        async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
 
-                async def one(base: str) -> None:
-                    await go.wait()
-                    results.append(
-                        await client.post(base + "/v1/responses", json=payload, headers=HEADERS)
-                    )
+            async def one(base: str) -> None:
+                await go.wait()
+                results.append(
+                    await client.post(base + "/v1/responses", json=payload, headers=HEADERS)
+                )
 
-                async with anyio.create_task_group() as tg:
-                    for i in range(40):
-                        tg.start_soon(one, (p1, p2)[i % 2])
-                    go.set()
+            async with anyio.create_task_group() as tg:
+                for i in range(40):
+                    tg.start_soon(one, (p1, p2)[i % 2])
+                go.set()
     statuses = Counter(r.headers["x-sse-cache"] for r in results)
     assert upstream_app.stats()["total"] == 1, statuses
     assert statuses["miss"] == 1 and statuses["shared"] == 39, statuses
@@ -139,38 +150,33 @@ async def test_a_killed_producer_fails_its_followers_visibly_and_frees_its_lease
     # so their responses fail (never a clean end); the lease it held runs out within LEASE
     # seconds, and the next identical request is answered in full.
     upstream_app = MockUpstream(first_delay=0.05, delay=0.02)
-    prefix = f"k{uuid.uuid4().hex[:8]}:"
-    backend = f"{redis_server.url}?prefix={prefix}"
     payload = {"model": "gpt-mock", "input": "the producer dies mid-answer", "stream": True}
-    async with serve(upstream_app) as upstream:
-        async with (
-            proxy_process(upstream, backend) as (p1, proc1),
-            proxy_process(upstream, backend) as (p2, _),
-        ):
-            async with httpx2.AsyncClient(timeout=30) as client:
-                request = client.build_request(
-                    "POST", p1 + "/v1/responses", json=payload, headers=HEADERS
-                )
-                producer = await client.send(request, stream=True)
-                assert producer.headers["x-sse-cache"] == "miss"
-                produced = producer.aiter_raw()
-                first = await produced.__anext__()
-                request = client.build_request(
-                    "POST", p2 + "/v1/responses", json=payload, headers=HEADERS
-                )
-                follower = await client.send(request, stream=True)
-                assert follower.headers["x-sse-cache"] == "shared"
-                followed = follower.aiter_raw()
-                got = await followed.__anext__()
-                assert first.startswith(got[: len(first)]) or got.startswith(first)
-                os.kill(proc1.pid, signal.SIGKILL)
-                ttls = await lock_ttls(redis_server.url, prefix)
-                assert ttls and all(0 < t <= LEASE * 1000 for t in ttls), ttls
-                with pytest.raises(httpx2.HTTPError):
-                    async for _ in followed:
-                        pass
-                await producer.aclose()
-                again = await client.post(p2 + "/v1/responses", json=payload, headers=HEADERS)
+    async with two_proxies(serve, redis_server.url, upstream_app) as (prefix, one, two):
+        (p1, proc1), (p2, _) = one, two
+        async with httpx2.AsyncClient(timeout=30) as client:
+            request = client.build_request(
+                "POST", p1 + "/v1/responses", json=payload, headers=HEADERS
+            )
+            producer = await client.send(request, stream=True)
+            assert producer.headers["x-sse-cache"] == "miss"
+            produced = producer.aiter_raw()
+            first = await produced.__anext__()
+            request = client.build_request(
+                "POST", p2 + "/v1/responses", json=payload, headers=HEADERS
+            )
+            follower = await client.send(request, stream=True)
+            assert follower.headers["x-sse-cache"] == "shared"
+            followed = follower.aiter_raw()
+            got = await followed.__anext__()
+            assert first.startswith(got[: len(first)]) or got.startswith(first)
+            os.kill(proc1.pid, signal.SIGKILL)
+            ttls = await lock_ttls(redis_server.url, prefix)
+            assert ttls and all(0 < t <= LEASE * 1000 for t in ttls), ttls
+            with pytest.raises(httpx2.HTTPError):
+                async for _ in followed:
+                    pass
+            await producer.aclose()
+            again = await client.post(p2 + "/v1/responses", json=payload, headers=HEADERS)
     assert again.status_code == 200 and complete(again.content)
     assert again.headers["x-sse-cache"] in ("miss", "hit")
 
@@ -183,37 +189,32 @@ async def test_followers_take_over_from_a_producer_killed_before_it_answered(
     # Killed while waiting for its upstream (time to first byte): the followers have been
     # sent nothing, so one of them asks the upstream itself and the others follow it.
     upstream_app = MockUpstream(first_delay=2.0, delay=0.002)
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    backend = f"{redis_server.url}?prefix={prefix}"
     payload = {"model": "gpt-mock", "input": "the producer dies early", "stream": True}
-    async with serve(upstream_app) as upstream:
-        async with (
-            proxy_process(upstream, backend) as (p1, proc1),
-            proxy_process(upstream, backend) as (p2, _),
-        ):
-            async with httpx2.AsyncClient(timeout=30) as client:
-                results: list[httpx2.Response] = []
+    async with two_proxies(serve, redis_server.url, upstream_app) as (prefix, one, two):
+        (p1, proc1), (p2, _) = one, two
+        async with httpx2.AsyncClient(timeout=30) as client:
+            results: list[httpx2.Response] = []
 
-                async def follow() -> None:
-                    results.append(
-                        await client.post(p2 + "/v1/responses", json=payload, headers=HEADERS)
-                    )
+            async def follow() -> None:
+                results.append(
+                    await client.post(p2 + "/v1/responses", json=payload, headers=HEADERS)
+                )
 
-                async with anyio.create_task_group() as tg:
-                    request = client.build_request(
-                        "POST", p1 + "/v1/responses", json=payload, headers=HEADERS
-                    )
-                    producing = await _send_in_background(tg, client, request)
-                    with anyio.fail_after(10):
-                        # Another process's state: polled, there is no event to wait on.
-                        while not await lock_ttls(redis_server.url, prefix):  # noqa: ASYNC110
-                            await anyio.sleep(0.01)  # until the producer holds its lease
-                    for _ in range(3):
-                        tg.start_soon(follow)
-                    while upstream_app.stats()["total"] < 1:  # noqa: ASYNC110
-                        await anyio.sleep(0.01)  # until the upstream was asked
-                    os.kill(proc1.pid, signal.SIGKILL)
-                    producing.cancel()
+            async with anyio.create_task_group() as tg:
+                request = client.build_request(
+                    "POST", p1 + "/v1/responses", json=payload, headers=HEADERS
+                )
+                producing = await _send_in_background(tg, client, request)
+                with anyio.fail_after(10):
+                    # Another process's state: polled, there is no event to wait on.
+                    while not await lock_ttls(redis_server.url, prefix):  # noqa: ASYNC110
+                        await anyio.sleep(0.01)  # until the producer holds its lease
+                for _ in range(3):
+                    tg.start_soon(follow)
+                while upstream_app.stats()["total"] < 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)  # until the upstream was asked
+                os.kill(proc1.pid, signal.SIGKILL)
+                producing.cancel()
     assert len(results) == 3
     assert all(r.status_code == 200 and complete(r.content) for r in results)
     assert len({r.content for r in results}) == 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,7 @@ class SlowErrors:
 
 
 class Stack:
-    def __init__(self, upstream_app: MockUpstream, upstream: str, post: Post, client: Any) -> None:
+    def __init__(self, upstream_app: SlowErrors, upstream: str, post: Post, client: Any) -> None:
         self.upstream_app = upstream_app
         self.upstream = upstream
         self.post = post
@@ -102,10 +102,11 @@ class Stack:
 
 
 @asynccontextmanager
-async def proxy_stack(serve: Any, backend: str) -> AsyncIterator[Stack]:
+async def _served_stack(serve: Any, cached: Callable[[Any, str], Any]) -> AsyncIterator[Stack]:
+    # ``cached(upstream_app, upstream_url)``: the app under test, in front of the upstream.
     upstream_app = SlowErrors(MockUpstream(first_delay=TTFB, delay=0.002))
     async with serve(upstream_app) as upstream:
-        app = create_proxy_app(upstream, backend)
+        app = cached(upstream_app, upstream)
         async with (
             serve(app) as base,
             httpx2.AsyncClient(base_url=base, timeout=60, limits=LIMITS) as client,
@@ -118,22 +119,14 @@ async def proxy_stack(serve: Any, backend: str) -> AsyncIterator[Stack]:
         await app.aclose()
 
 
-@asynccontextmanager
-async def middleware_stack(serve: Any, backend: str) -> AsyncIterator[Stack]:
-    # The middleware in front of the app that answers (no forwarder): the app itself streams.
-    upstream_app = SlowErrors(MockUpstream(first_delay=TTFB, delay=0.002))
-    async with serve(upstream_app) as upstream:
-        app = CacheMiddleware(upstream_app, backend)
-        async with (
-            serve(app) as base,
-            httpx2.AsyncClient(base_url=base, timeout=60, limits=LIMITS) as client,
-        ):
+def proxy_stack(serve: Any, backend: str) -> AbstractAsyncContextManager[Stack]:
+    """``sse-cache proxy``'s app (the middleware in front of the forwarder)."""
+    return _served_stack(serve, lambda _, upstream: create_proxy_app(upstream, backend))
 
-            async def post(payload: dict[str, Any], headers: dict[str, str]) -> httpx2.Response:
-                return await client.post("/v1/responses", json=payload, headers=headers)
 
-            yield Stack(upstream_app, upstream, post, client)
-        await app.aclose()
+def middleware_stack(serve: Any, backend: str) -> AbstractAsyncContextManager[Stack]:
+    """The middleware in front of the app that answers (no forwarder): the app streams."""
+    return _served_stack(serve, lambda app, _: CacheMiddleware(app, backend))
 
 
 @asynccontextmanager
