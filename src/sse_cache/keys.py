@@ -79,6 +79,8 @@ def canonical_json(value: Any) -> bytes:
         return _json_encoder.encode(_normalise(value))
     except (TypeError, msgspec.EncodeError) as exc:
         raise ConfigError(f"request fields are not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise ConfigError("request fields are nested too deeply to key") from None
 
 
 class DefaultKeyer:
@@ -124,17 +126,25 @@ def tenant_scope(
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
     credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
 ) -> str:
-    """The default tenant scope: a hash of the credential the request carried.
+    """The default tenant scope: a hash of the credentials the request carried.
 
-    Looks for the first of ``credential_headers`` (case-insensitive) present in ``headers``
-    and returns a BLAKE2b-128 hex digest of its name and value; ``""`` (the anonymous scope)
-    when none is present. The credential itself is never stored or logged.
+    Every one of ``credential_headers`` (case-insensitive) present in ``headers`` is part of
+    the scope — name and value, in the order of ``credential_headers`` — hashed together
+    (BLAKE2b-128, hex): requests that differ in any one credential never share a scope, even
+    when another (a gateway's constant ``Authorization``, say) is the same. ``""`` (the
+    anonymous scope) when none is present. The credentials themselves are never stored or
+    logged.
     """
     items = headers.items() if isinstance(headers, Mapping) else headers
     found = {k.lower(): v for k, v in items}
-    for name in credential_headers:
-        value = found.get(name.lower())
-        if value:
-            digest = hashlib.blake2b(f"{name.lower()}\0{value}".encode(), digest_size=16)
-            return "t:" + digest.hexdigest()
-    return ""
+    parts = [
+        f"{name}\0{value}"
+        for name in dict.fromkeys(n.lower() for n in credential_headers)
+        if (value := found.get(name))
+    ]
+    if not parts:
+        return ""
+    # HTTP header values hold no NUL, so the joined parts cannot be confused with one
+    # another; with one credential this is the digest earlier versions used.
+    digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=16)
+    return "t:" + digest.hexdigest()

@@ -8,6 +8,7 @@ method, a path, headers and a body into a :class:`Decision`.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import urllib.parse
@@ -42,10 +43,16 @@ DEFAULT_ROUTES: Mapping[str, Callable[[], StreamAdapter]] = {
 #: Pass as ``tenant=SHARED_TENANT`` to let every caller share entries (explicit opt-in).
 SHARED_TENANT = "shared"
 
+logger = logging.getLogger("sse_cache")
+
 _MAX_VARIANTS = 64
 _NAMESPACE = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
 _FIELD = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _json_decode = msgspec.json.Decoder().decode
+#: Request bodies nested deeper than this are not keyed (forwarded uncached, ``bypass``): real
+#: requests (tool JSON schemas included) stay far below it, and canonicalising a body is
+#: recursive.
+MAX_BODY_DEPTH = 64
 
 #: Headers an integration removes before forwarding a request upstream (our controls).
 CONTROL_HEADER_PREFIX = "x-sse-cache-"
@@ -159,6 +166,21 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
         return self.adapter is not None
 
 
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether the decoded JSON ``value`` nests arrays/objects more than ``limit`` deep (an
+    explicit stack over its containers: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def _route_of(method: str, path: str, query: str) -> str:
     path = path.split("?", 1)[0].rstrip("/") or "/"
     if not query:
@@ -265,12 +287,17 @@ class CachePolicy:
             return Decision(route=route, reason=f"request body over {self.max_body_bytes} bytes")
         if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
             return Decision(route=route, reason="compressed request body")
+        deep = f"request body nested deeper than {MAX_BODY_DEPTH} levels"
         try:
             parsed = _json_decode(body)
         except msgspec.DecodeError:
-            return Decision(route=route, reason="request body is not JSON")
+            return self._unkeyable(route, "request body is not JSON")
+        except RecursionError:  # msgspec's own bound, far deeper than ours
+            return self._unkeyable(route, deep)
         if not isinstance(parsed, dict):
-            return Decision(route=route, reason="request body is not a JSON object")
+            return self._unkeyable(route, "request body is not a JSON object")
+        if _nested_deeper_than(parsed, MAX_BODY_DEPTH):
+            return self._unkeyable(route, deep)
         tenant = self.tenant_of(headers)
         if tenant is None:
             return Decision(
@@ -291,6 +318,12 @@ class CachePolicy:
             last_event_id=headers.get("last-event-id"),
             controls=controls,
         )
+
+    @staticmethod
+    def _unkeyable(route: str, reason: str) -> Decision:
+        # One concise line per such request (no traceback): it is forwarded uncached.
+        logger.info("sse_cache: %s forwarded uncached: %s", route, reason)
+        return Decision(route=route, reason=reason)
 
     @staticmethod
     def pick_variant(controls: Controls) -> int:

@@ -345,9 +345,11 @@ def test_a_follower_exactly_max_lag_bytes_behind_is_not_cut() -> None:
     flight.respond(HEAD)
     cursor = flight.follow()
     assert cursor is not None
-    flight.deliver(b"1234")
+    flight.deliver(b"12")
+    assert flight.read(cursor) == [b"12"]
+    flight.deliver(b"3456")  # 4 bytes behind
     assert not cursor.cut
-    flight.deliver(b"5")  # one byte more than it may lag
+    flight.deliver(b"7")  # one byte more than it may lag
     assert cursor.cut and flight.read(cursor) == [] and flight.state(cursor) is Phase.FAILED
     flight.end()
     assert flight.state(cursor) is Phase.FAILED  # never a clean end
@@ -597,6 +599,8 @@ async def test_last_follower_leaving_early_abandons_the_upstream_once() -> None:
             tg.start_soon(follower, cursor, received, 50 * (i + 1))
         go.set()
 
+    for cursor in cursors:  # leaving is idempotent
+        await live.leave(cursor)
     assert upstream.abandoned == 1 and not upstream.overlapped
     assert live.flight.phase is Phase.FAILED and flights.get(KEY) is None
     assert live.flight.chunks == [] and not live.flight.wanted  # nothing kept: nobody reads

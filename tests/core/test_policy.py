@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sse_cache import ConfigError, Pacing
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
 from sse_cache.engine import Notice
+from sse_cache.keys import CREDENTIAL_HEADERS, tenant_scope
 from sse_cache.metrics import Metrics
 from sse_cache.policy import SHARED_TENANT, CachePolicy, Controls, parse_controls
 
@@ -164,3 +169,54 @@ def test_other_gateway_credential_headers_scope_tenants() -> None:
     for header in ("x-goog-api-key", "ocp-apim-subscription-key", "x-litellm-api-key"):
         assert policy.tenant_of({header: "a"}) != policy.tenant_of({header: "b"})
         assert policy.tenant_of({header: "a"}) != ""
+
+
+@pytest.mark.parametrize("depth", [64, 500, 100_000])
+def test_a_body_nested_too_deep_is_forwarded_uncached(
+    depth: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Deeper than MAX_BODY_DEPTH: never keyed (canonicalising is recursive), never an error.
+    body = ('{"model": "m", "input": ' + "[" * depth + "]" * depth + "}").encode()
+    with caplog.at_level(logging.INFO, logger="sse_cache"):
+        decision = CachePolicy().decide("POST", "/v1/responses", {"authorization": "k"}, body)
+    assert not decision.cacheable and "nested deeper than 64" in decision.reason
+    assert [r.getMessage() for r in caplog.records] == [
+        f"sse_cache: POST /v1/responses forwarded uncached: {decision.reason}"
+    ]
+    shallow = ('{"model": "m", "input": ' + "[" * 63 + "]" * 63 + "}").encode()
+    assert CachePolicy().decide("POST", "/v1/responses", {"authorization": "k"}, shallow).cacheable
+
+
+def test_every_credential_header_is_part_of_the_tenant_scope() -> None:
+    # A gateway whose clients all send one constant Authorization, while the upstream
+    # authenticates by x-api-key: their tenants must stay apart.
+    policy = CachePolicy()
+    constant = {"authorization": "Bearer gateway"}
+    a = policy.tenant_of({**constant, "x-api-key": "tenant-a"})
+    b = policy.tenant_of({**constant, "x-api-key": "tenant-b"})
+    assert a != b and a != policy.tenant_of(constant)
+    # One credential alone keeps the scope it always had (stored entries stay reachable).
+    digest = hashlib.blake2b(b"authorization\0Bearer gateway", digest_size=16).hexdigest()
+    assert policy.tenant_of(constant) == "t:" + digest
+
+
+CREDENTIAL_VALUES = st.text(
+    alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=12
+)
+
+
+@given(
+    creds=st.dictionaries(st.sampled_from(CREDENTIAL_HEADERS), CREDENTIAL_VALUES, min_size=1),
+    changed=st.sampled_from(CREDENTIAL_HEADERS),
+    other=CREDENTIAL_VALUES,
+)
+def test_requests_differing_in_any_one_credential_never_share_a_scope(
+    creds: dict[str, str], changed: str, other: str
+) -> None:
+    altered = {**creds, changed: other}
+    if altered == creds:
+        return
+    assert tenant_scope(creds) != tenant_scope(altered)
+    # Header names are case-insensitive, the order they came in does not matter.
+    upper = {k.upper(): v for k, v in reversed(list(creds.items()))}
+    assert tenant_scope(upper) == tenant_scope(creds)

@@ -319,3 +319,19 @@ async def test_finish_on_disconnect_fills_the_cache_in_the_background(
             assert SSEParser().feed(r.content)[-1].event == "response.completed"
         await app.aclose()
     assert upstream_app.stats()["total"] == 1
+
+
+@pytest.mark.parametrize("depth", [100, 600])
+async def test_a_deeply_nested_body_is_forwarded_uncached_not_a_500(
+    stack: Stack, depth: int, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A small body nested deeper than the cache keys: the upstream answers it as it would
+    # (here the mock's own answer), marked bypass; no 500, no traceback from the cache.
+    body = ('{"model": "gpt-mock", "input": ' + "[" * depth + "]" * depth + "}").encode()
+    headers = {**KEY_A, "content-type": "application/json"}
+    proxied = await stack.http.post("/v1/responses", content=body, headers=headers)
+    async with httpx2.AsyncClient(base_url=stack.upstream) as upstream:
+        direct = await upstream.post("/v1/responses", content=body, headers=headers)
+    assert (proxied.status_code, proxied.content) == (direct.status_code, direct.content)
+    assert proxied.headers["x-sse-cache"] == "bypass"
+    assert "Traceback" not in capfd.readouterr().err
