@@ -178,6 +178,11 @@ class Flight(Generic[T]):
             self.joinable = False
             self._trim()
 
+    def close_to_newcomers(self) -> None:
+        """No new follower may join: what the followers there have read is dropped."""
+        self.joinable = False
+        self._trim()
+
     def producer_left(self) -> bool:
         """The producer's client has gone. True when followers still read: the upstream must
         keep being read for them."""
@@ -354,6 +359,7 @@ class LiveFlight(Generic[T]):
         longer offered to new requests; its readers finish what they hold."""
         if not self.flight.done:
             self.fail("the producer stopped before the stream ended")
+        self.flight.close_to_newcomers()
         self._unlist()
 
     def _unlist(self) -> None:

@@ -71,7 +71,9 @@ class Flow:
 
     @property
     def joinable(self) -> bool:
-        return self.phase is not Phase.FAILED and not self.overflowed
+        # Closed by its producer (after the store), a flight takes no newcomer either: the
+        # log then keeps only what its followers still need.
+        return self.phase is not Phase.FAILED and not self.overflowed and not self.closed
 
 
 def producing_in(*phases: Phase) -> Callable[[FlightMachine], bool]:
