@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import anyio
 import anyio.from_thread
 
+from .breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
 from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
 from .errors import ConfigError
 from .flight import SharedStreamAborted
@@ -521,6 +522,8 @@ class _Options:
         cross_process: bool = False,
         cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
     ) -> None:
         self.service = CacheService(
             backend,
@@ -538,6 +541,8 @@ class _Options:
             cross_process=cross_process,
             cross_process_lease=cross_process_lease,
             decoded_cache_bytes=decoded_cache_bytes,
+            breaker_failures=breaker_failures,
+            breaker_cooldown=breaker_cooldown,
         )
         self.transport: Any = transport if transport is not None else self._default_transport()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import anyio
 
+from .breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
 from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
 from .errors import ConfigError
 from .pacing import Pacing
@@ -51,6 +52,11 @@ class CacheMiddleware:
     hears nothing for that long takes over (docs/single-flight.md). Needs a backend with
     leases and fan-out (Redis).
 
+    ``breaker_failures`` / ``breaker_cooldown``: after that many consecutive backend failures
+    (errors or timeouts: 5 by default) the backend is skipped for that many seconds (10), then
+    probed by one request; meanwhile a request pays nothing for the cache (0 failures: never
+    skip). See :mod:`sse_cache.breaker`.
+
     ``finish_on_disconnect``: when a client leaves a streamed miss midway, let the app finish
     the stream anyway (its disconnect is hidden from it, its output goes nowhere) so that the
     answer is stored for the next request — at most ``max_background`` at once, each for at
@@ -84,6 +90,8 @@ class CacheMiddleware:
         cross_process: bool = False,
         cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
     ) -> None:
         if max_background < 0 or not background_timeout > 0:
             raise ConfigError("max_background must be >= 0 and background_timeout > 0")
@@ -108,6 +116,8 @@ class CacheMiddleware:
             cross_process=cross_process,
             cross_process_lease=cross_process_lease,
             decoded_cache_bytes=decoded_cache_bytes,
+            breaker_failures=breaker_failures,
+            breaker_cooldown=breaker_cooldown,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

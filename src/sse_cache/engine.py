@@ -31,6 +31,7 @@ import anyio.lowlevel
 import msgspec
 
 from ._decoded import DECODED_EVENT_BYTES, DecodedEntries
+from .breaker import Breaker, BreakerState
 from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
 from .errors import ConfigError, CorruptEntry
@@ -85,7 +86,9 @@ class CacheStatus(enum.StrEnum):
 
 class Notice(msgspec.Struct, frozen=True, kw_only=True):
     """What a hook receives. ``kind`` is one of ``hit``, ``miss``, ``bypass``, ``refresh``,
-    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``, and
+    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``,
+    ``breaker`` (the backend's breaker changed state: ``detail`` is the new one),
+    ``store_skipped`` (not written: the breaker is open), and
     from the HTTP integrations ``replayed`` (bytes sent from the cache) and ``invalid`` (a
     request answered 400 for a bad control header).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds``: the
@@ -101,6 +104,11 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
 
 Hook = Callable[[Notice], None]
 _E = TypeVar("_E", Entry, WireEntry)
+_R = TypeVar("_R")
+
+
+class _Skipped(Exception):
+    """The backend's breaker is open: the call was not made."""
 
 
 class _Production:
@@ -538,10 +546,13 @@ class StreamCache:
     when it delivers nothing for ``join_timeout`` seconds. ``decoded_cache_bytes``: memory
     for recently decoded entries, so that a hot entry is not decoded again on every hit (its
     bytes are still read from the backend and compared; 0 turns it off; another cache's
-    :attr:`decoded` shares one budget).
+    :attr:`decoded` shares one budget). ``breaker``: the backend's
+    :class:`~sse_cache.breaker.Breaker` (default: opens after 5 consecutive failures, for 10 s;
+    ``Breaker(failures=0)`` never opens; caches on one backend may share one).
 
     Fail open: a backend that is down, slow or returns garbage costs a miss and a logged
-    warning, never a failed stream; corrupt entries are deleted.
+    warning, never a failed stream; corrupt entries are deleted. A backend that keeps failing
+    is skipped for a while (the breaker): then a request pays nothing for it.
     """
 
     def __init__(
@@ -561,6 +572,7 @@ class StreamCache:
         decoded_cache_bytes: int | DecodedEntries[Entry | WireEntry] = (
             DEFAULT_DECODED_CACHE_BYTES
         ),
+        breaker: Breaker | None = None,
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
@@ -591,6 +603,9 @@ class StreamCache:
         tag = f"{id(self.codec):x}"
         self._names = (f"e{tag}:", f"w{tag}:")
         self._hooks = tuple(hooks)
+        self.breaker = breaker if breaker is not None else Breaker()
+        if self.breaker.on_change is None:
+            self.breaker.on_change = self._breaker_changed
         #: The live streams of this cache's keys: the single-flight state (one registry for
         #: the engine's streams and the HTTP integrations' responses).
         self.live = Flights()
@@ -668,8 +683,9 @@ class StreamCache:
         response id by which a stream can be resumed. Fail-open: False when the write failed."""
         ttl = None if expires_at is None else max(1.0, expires_at - time.time())
         try:
-            with anyio.fail_after(self.backend_timeout):
-                await self.backend.set(name, key.encode("ascii"), ttl)
+            await self._use_backend(lambda: self.backend.set(name, key.encode("ascii"), ttl))
+        except _Skipped:
+            return False
         except Exception as exc:
             self._warn("store_failed", name, f"backend write of an alias failed: {exc!r}")
             return False
@@ -687,11 +703,36 @@ class StreamCache:
 
     async def _fetch(self, key: str) -> bytes | None:
         try:
-            with anyio.fail_after(self.backend_timeout):
-                return await self.backend.get(key)
+            return await self._use_backend(lambda: self.backend.get(key))
+        except _Skipped:
+            return None  # a miss, at no cost
         except Exception as exc:
             self._warn("read_failed", key, f"backend read failed: {exc!r}")
             return None
+
+    async def _use_backend(self, call: Callable[[], Awaitable[_R]]) -> _R:
+        """``call()`` on the backend, bounded by ``backend_timeout``, through the breaker:
+        raises :class:`_Skipped` while it is open, and the call's own error otherwise."""
+        breaker = self.breaker
+        if not breaker.allow(time.monotonic()):
+            raise _Skipped
+        try:
+            with anyio.fail_after(self.backend_timeout):
+                result = await call()
+        except Exception as exc:
+            breaker.failure(time.monotonic(), repr(exc))
+            raise
+        except BaseException:
+            breaker.cancelled()  # says nothing about the backend
+            raise
+        breaker.success()
+        return result
+
+    def _breaker_changed(self, state: BreakerState, why: str) -> None:
+        # One line per transition, not one per skipped request.
+        log = logger.info if state is BreakerState.CLOSED else logger.warning
+        log("sse_cache: backend circuit %s (%s)", state.value, why)
+        self._emit(Notice(kind="breaker", key="", detail=state.value))
 
     async def _drop(self, key: str, exc: CorruptEntry) -> None:
         self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
@@ -725,8 +766,10 @@ class StreamCache:
         self._forget_decoded(key)
         try:
             data = self.codec.encode(entry)
-            with anyio.fail_after(self.backend_timeout):
-                await self.backend.set(key, data, ttl)
+            await self._use_backend(lambda: self.backend.set(key, data, ttl))
+        except _Skipped:
+            self._emit(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
+            return False
         except Exception as exc:
             self._warn("store_failed", key, f"backend write failed: {exc!r}")
             return False
@@ -737,8 +780,9 @@ class StreamCache:
         """Remove ``key`` (fail open: a backend failure is logged)."""
         self._forget_decoded(key)
         try:
-            with anyio.fail_after(self.backend_timeout):
-                await self.backend.delete(key)
+            await self._use_backend(lambda: self.backend.delete(key))
+        except _Skipped:
+            pass
         except Exception as exc:
             logger.warning("sse_cache: could not delete %s: %r", key, exc)
 

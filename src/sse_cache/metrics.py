@@ -15,6 +15,7 @@ from .engine import Notice
 __all__ = ["Metrics"]
 
 _STATUSES = ("hit", "miss", "bypass", "refresh", "shared")
+_BREAKER_STATES = ("closed", "open", "half-open")
 
 
 class Metrics:
@@ -26,6 +27,7 @@ class Metrics:
         self._counts: Counter[str] = Counter()
         self._replayed_bytes = 0
         self._saved_seconds = 0.0
+        self._breaker = "closed"  # the backend breaker's state, from its last notice
 
     def __call__(self, notice: Notice) -> None:
         with self._lock:
@@ -34,6 +36,9 @@ class Metrics:
                 self._replayed_bytes += notice.bytes
             elif notice.kind == "hit":
                 self._saved_seconds += notice.seconds
+            elif notice.kind == "breaker":
+                self._breaker = notice.detail
+                self._counts["breaker:" + notice.detail] += 1
 
     def count(self, kind: str) -> int:
         """How many notices of ``kind`` were seen (``hit``, ``store``, ...)."""
@@ -45,6 +50,7 @@ class Metrics:
         with self._lock:
             counts = dict(self._counts)
             replayed, saved = self._replayed_bytes, self._saved_seconds
+            breaker = self._breaker
         lines = [
             "# HELP sse_cache_requests_total Requests on cached routes, by x-sse-cache status.",
             "# TYPE sse_cache_requests_total counter",
@@ -71,5 +77,19 @@ class Metrics:
             "the streams replayed from the cache.",
             "# TYPE sse_cache_upstream_seconds_saved_total counter",
             f"sse_cache_upstream_seconds_saved_total {saved:.6f}",
+            "# HELP sse_cache_backend_breaker_state The backend breaker's state (1: current).",
+            "# TYPE sse_cache_backend_breaker_state gauge",
+            *(
+                f'sse_cache_backend_breaker_state{{state="{state}"}} {int(state == breaker)}'
+                for state in _BREAKER_STATES
+            ),
+            "# HELP sse_cache_backend_breaker_transitions_total Times the backend breaker "
+            "entered each state.",
+            "# TYPE sse_cache_backend_breaker_transitions_total counter",
+            *(
+                f'sse_cache_backend_breaker_transitions_total{{state="{state}"}} '
+                f"{counts.get('breaker:' + state, 0)}"
+                for state in _BREAKER_STATES
+            ),
         ]
         return "\n".join(lines) + "\n"

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 
 from .asgi import CacheMiddleware, Receive, Scope, Send, send_json_error
+from .breaker import BreakerState
 from .errors import ConfigError
 from .metrics import Metrics
 from .policy import CONTROL_HEADER_PREFIX
@@ -208,17 +209,24 @@ class ProxyApp:
             body = self.metrics.render().encode()
             await _plain(send, 200, body, "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/_sse_cache/health":
-            backend = self.cached.service.backend
-            try:
-                with anyio.fail_after(2.0):
-                    await backend.get("sse-cache:health-probe")
-                status, state = 200, "ok"
-            except Exception as exc:
-                status, state = 503, f"backend unavailable: {exc!r}"
+            service = self.cached.service
+            backend = service.backend
+            breaker = service.breaker.state
+            if breaker is not BreakerState.CLOSED:
+                # The cache is being skipped: say so at once, without waiting on the backend.
+                status, state = 503, f"backend unavailable: circuit {breaker.value}"
+            else:
+                try:
+                    with anyio.fail_after(2.0):
+                        await backend.get("sse-cache:health-probe")
+                    status, state = 200, "ok"
+                except Exception as exc:
+                    status, state = 503, f"backend unavailable: {exc!r}"
             body = json.dumps(
                 {
                     "status": state,
                     "backend": type(backend).__name__,
+                    "breaker": breaker.value,
                     "uptime_seconds": round(time.time() - self.started, 3),
                 }
             ).encode()

@@ -37,6 +37,12 @@ import anyio
 import msgspec
 
 from ._decoded import DecodedEntries
+from .breaker import (
+    DEFAULT_BREAKER_COOLDOWN,
+    DEFAULT_BREAKER_FAILURES,
+    Breaker,
+    BreakerState,
+)
 from .codec import MsgpackCodec, WireEntry
 from .engine import (
     DEFAULT_DECODED_CACHE_BYTES,
@@ -101,7 +107,9 @@ class CacheService:
     ``tenant``, ``max_body_bytes``: see :class:`CachePolicy`. ``ttl``, ``max_entry_bytes``,
     ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``,
     ``decoded_cache_bytes`` (one budget shared by every route's cache): see
-    :class:`StreamCache`.
+    :class:`StreamCache`. ``breaker_failures`` consecutive backend failures open the
+    backend's breaker for ``breaker_cooldown`` seconds (:mod:`sse_cache.breaker`; 0 failures:
+    never).
     """
 
     def __init__(
@@ -122,6 +130,8 @@ class CacheService:
         cross_process: bool = False,
         cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
+        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
+        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
@@ -147,6 +157,8 @@ class CacheService:
         keyer = keyer or DefaultKeyer()
         codec = codec or MsgpackCodec()
         decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(decoded_cache_bytes)
+        # One breaker for the one backend, whichever route's cache calls it.
+        self.breaker = Breaker(breaker_failures, breaker_cooldown, on_change=self._breaker_changed)
         self._caches: dict[int, StreamCache] = {
             id(adapter): StreamCache(
                 self.backend,
@@ -160,10 +172,17 @@ class CacheService:
                 backend_timeout=backend_timeout,
                 single_flight=single_flight,
                 decoded_cache_bytes=decoded,  # one budget for all the schemas
+                breaker=self.breaker,
             )
             for adapter in self.policy.routes.values()
         }
         self.ttl = ttl
+
+    def _breaker_changed(self, state: BreakerState, why: str) -> None:
+        # One line per transition, not one per skipped request.
+        log = logger.info if state is BreakerState.CLOSED else logger.warning
+        log("sse_cache: backend circuit %s (%s)", state.value, why)
+        emit(self.hooks, Notice(kind="breaker", key="", detail=state.value))
 
     def cache_for(self, adapter: StreamAdapter) -> StreamCache:
         return self._caches[id(adapter)]

@@ -68,6 +68,21 @@ def register(sub: Any) -> None:
         "producer's followers take over within this long (default 3)",
     )
     parser.add_argument(
+        "--breaker-failures",
+        type=int,
+        default=5,
+        metavar="N",
+        help="consecutive backend failures after which the backend is skipped for "
+        "--breaker-cooldown seconds, then probed (default 5; 0: never skip)",
+    )
+    parser.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds an open backend breaker skips the backend (default 10)",
+    )
+    parser.add_argument(
         "--max-body-bytes",
         type=int,
         default=4 * 1024 * 1024,
@@ -116,6 +131,8 @@ def _run(args: argparse.Namespace) -> int:
             finish_on_disconnect=args.finish_on_disconnect,
             cross_process=args.cross_process,
             cross_process_lease=args.cross_process_lease,
+            breaker_failures=args.breaker_failures,
+            breaker_cooldown=args.breaker_cooldown,
             max_body_bytes=args.max_body_bytes,
             upstream_timeout=args.upstream_timeout,
             decoded_cache_bytes=_megabytes(args.decoded_cache_mb),

@@ -1,0 +1,214 @@
+"""The backend breaker: the sans-IO state machine, and the engine skipping a backend that
+keeps failing (against a real Redis stopped with SIGSTOP)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sse_cache import ConfigError, StreamCache
+from sse_cache.adapters import GenericSSE
+from sse_cache.breaker import Breaker, BreakerState
+from sse_cache.engine import Notice
+from sse_cache.testing import responses_stream
+
+EVENTS = responses_stream(text_deltas=5)
+
+
+def changes(breaker: Breaker) -> list[BreakerState]:
+    seen: list[BreakerState] = []
+    breaker.on_change = lambda state, why: seen.append(state)
+    return seen
+
+
+def test_opens_after_consecutive_failures_and_probes_after_the_cooldown() -> None:
+    breaker = Breaker(failures=3, cooldown=10)
+    seen = changes(breaker)
+    for now in (0.0, 1.0):
+        assert breaker.allow(now)
+        breaker.failure(now, "timeout")
+    assert breaker.allow(2.0)
+    breaker.success()  # a success in between: the count starts again
+    for now in (3.0, 4.0, 5.0):
+        assert breaker.allow(now)
+        breaker.failure(now, "timeout")
+    assert breaker.state is BreakerState.OPEN and seen == [BreakerState.OPEN]
+    assert not breaker.allow(14.9)  # skipped during the cooldown
+    assert breaker.allow(15.0)  # the probe
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.allow(15.0) and not breaker.allow(16.0)  # one probe at a time
+    breaker.failure(16.0, "still down")
+    assert breaker.state is BreakerState.OPEN and not breaker.allow(25.0)
+    assert breaker.allow(26.0)
+    breaker.success()
+    assert breaker.state is BreakerState.CLOSED and breaker.allow(26.0)
+    assert seen == [
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+    ]
+
+
+def test_a_cancelled_probe_lets_the_next_caller_probe() -> None:
+    breaker = Breaker(failures=1, cooldown=1)
+    breaker.allow(0)
+    breaker.failure(0)
+    assert breaker.allow(1) and not breaker.allow(1)
+    breaker.cancelled()
+    assert breaker.allow(1)
+
+
+def test_zero_failures_never_opens_and_bad_settings_are_refused() -> None:
+    breaker = Breaker(failures=0)
+    for now in range(100):
+        assert breaker.allow(now)
+        breaker.failure(now)
+    assert breaker.state is BreakerState.CLOSED
+    with pytest.raises(ConfigError, match="failures"):
+        Breaker(failures=-1)
+    with pytest.raises(ConfigError, match="cooldown"):
+        Breaker(cooldown=0)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["ok", "fail", "cancel"]), st.floats(0, 5)), max_size=60))
+def test_the_backend_is_called_only_when_allowed_and_never_twice_while_half_open(
+    steps: list[tuple[str, float]],
+) -> None:
+    breaker = Breaker(failures=2, cooldown=3)
+    now = 0.0
+    for outcome, gap in steps:
+        now += gap
+        before = breaker.state
+        allowed = breaker.allow(now)
+        if before is BreakerState.OPEN and allowed:
+            assert breaker.state is BreakerState.HALF_OPEN  # the cooldown is over: a probe
+        if not allowed:
+            assert breaker.state is not BreakerState.CLOSED
+            continue
+        if breaker.state is BreakerState.HALF_OPEN:
+            assert not breaker.allow(now)  # exactly one probe
+        if outcome == "ok":
+            breaker.success()
+            assert breaker.state is BreakerState.CLOSED
+        elif outcome == "fail":
+            before = breaker.state
+            breaker.failure(now)
+            if before is BreakerState.HALF_OPEN:
+                assert breaker.state is BreakerState.OPEN
+        else:
+            breaker.cancelled()
+            if breaker.state is BreakerState.HALF_OPEN:
+                assert breaker.allow(now)  # the next caller probes instead
+                breaker.cancelled()
+
+
+class CountingBackend:
+    """A dict backend that counts calls and can hang (as a stopped server does)."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.calls = 0
+        self.hang = False
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        if self.hang:
+            await anyio.sleep_forever()
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        self.calls += 1
+        if self.hang:
+            await anyio.sleep_forever()
+        self.data[key] = value
+
+    async def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def consume(cache: StreamCache, text: str) -> str:
+    async def upstream() -> Any:
+        for event in EVENTS:
+            yield event
+
+    body = {"model": "m", "input": text, "stream": True}
+    async with cache.stream(cache.request(body), upstream) as stream:
+        async for _ in stream:
+            pass
+    return str(stream.status)
+
+
+@pytest.mark.anyio
+async def test_the_engine_skips_a_hung_backend_once_its_breaker_opened() -> None:
+    backend = CountingBackend()
+    notices: list[Notice] = []
+    cache = StreamCache(
+        backend,
+        GenericSSE(),
+        backend_timeout=0.05,
+        breaker=Breaker(failures=2, cooldown=3600),
+        hooks=[notices.append],
+    )
+    backend.hang = True
+    for i in range(2):  # each lookup, and each store, times out
+        assert await consume(cache, f"q{i}") == "miss"
+    assert cache.breaker.state is BreakerState.OPEN
+    calls = backend.calls
+    for i in range(5):  # open: the backend is not asked at all (neither read nor write)
+        assert await consume(cache, f"r{i}") == "miss"
+    assert backend.calls == calls
+    assert [n.detail for n in notices if n.kind == "breaker"] == ["open"]
+    # The first request's lookup and store timed out (two failures: open); none since.
+    assert [n.kind for n in notices if n.kind.endswith("_failed")] == [
+        "read_failed",
+        "store_failed",
+    ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_stopped_redis_is_skipped_then_used_again(
+    spawn_redis: Callable[..., Any],
+) -> None:
+    server = spawn_redis()
+    notices: list[Notice] = []
+    cache = StreamCache(
+        f"redis://127.0.0.1:{server.port}?timeout=0.2",
+        GenericSSE(),
+        backend_timeout=0.3,
+        breaker=Breaker(failures=2, cooldown=2.0),
+        hooks=[notices.append],
+    )
+    try:
+        assert await consume(cache, "before") == "miss"
+        assert await consume(cache, "before") == "hit"
+        server.pause()  # SIGSTOP: the port is open, nothing answers
+        try:
+            statuses = [await consume(cache, "during") for _ in range(4)]
+            assert statuses == ["miss"] * 4
+            assert [n.detail for n in notices if n.kind == "breaker"][:1] == ["open"]
+            failed = sum(n.kind in ("read_failed", "store_failed") for n in notices)
+            assert await consume(cache, "during") == "miss"
+            # Skipped: no new backend failure was paid for while it is open.
+            assert sum(n.kind in ("read_failed", "store_failed") for n in notices) == failed
+        finally:
+            server.resume()
+        with anyio.fail_after(30):
+            while cache.breaker.state is not BreakerState.CLOSED:
+                await anyio.sleep(0.1)  # the cooldown runs out; the next call probes
+                await consume(cache, "probe")
+        assert await consume(cache, "after") == "miss"
+        assert await consume(cache, "after") == "hit"  # the cache is used again
+        assert [n.detail for n in notices if n.kind == "breaker"][-1] == "closed"
+    finally:
+        await cache.backend.aclose()
