@@ -216,15 +216,25 @@ class _AsyncTeeBody:
             chunk: bytes = await it.__anext__()
         except StopAsyncIteration:
             tee.end()
-            await self._opened.leave()  # stores the answer if it completed
+            await self._finish()
             return None
         except BaseException as exc:
             tee.fail(f"the upstream body failed: {exc!r}")
-            await self._opened.leave(exc)
+            await self._finish(exc)
             raise
         tee.relay(chunk)
         self._pending = chunk
         return chunk
+
+    async def _finish(self, exc: BaseException | None = None) -> None:
+        try:
+            if self._handed_over:
+                # No client will close this response: close the upstream's (its connection
+                # goes back to the pool).
+                await _aclose_iterator(self._it)
+                await self._inner.aclose()
+        finally:
+            await self._opened.leave(exc)  # stores the answer if it completed
 
     async def _pull(self) -> bool:
         # For the followers, once the client has gone: one more chunk into the live stream.
@@ -391,6 +401,8 @@ class _SyncTeeBody:
                     return
         except BaseException:  # already failed for the followers, and the exchange left
             return
+        finally:
+            self._inner.close()  # no client will close this response
 
     def _abandon(self) -> None:
         try:
@@ -615,6 +627,8 @@ class AsyncCacheTransportBase(_Options):
             upstream = await self.transport.handle_async_request(_forward(lib, request, decision))
             try:
                 tee = await ex.tee(upstream.status_code, upstream.headers.multi_items())
+                if tee is not None:
+                    await tee.flush()  # the head, to followers in other processes at once
             except BaseException:
                 await upstream.aclose()
                 raise
@@ -713,6 +727,8 @@ class CacheTransportBase(_Options):
             upstream = self.transport.handle_request(_forward(lib, request, decision))
             try:
                 tee = portal.call(ex.tee, upstream.status_code, upstream.headers.multi_items())
+                if tee is not None:
+                    portal.call(tee.flush)  # the head, to followers in other processes at once
             except BaseException:
                 upstream.close()
                 raise

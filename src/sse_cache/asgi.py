@@ -244,6 +244,9 @@ class _Request:
         tee = self.tee
         if tee is None or tee.ended or tee.cut:
             return False
+        if tee.followed and tee.client_left(self._abandon):
+            self.detached = True  # for as long as followers read
+            return True
         mw = self.mw
         if mw.finish_on_disconnect and mw._background < mw.max_background:
             # The app finishes the stream to store it: for the flight, the producer is still
@@ -278,6 +281,8 @@ class _Request:
                 *_encode(ex.headers()),
             ]
             await self._deliver(message)
+            if self.tee is not None:
+                await self.tee.flush()  # the head, to followers in other processes at once
             return
         if message["type"] == "http.response.body":
             tee = self.tee

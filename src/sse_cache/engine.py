@@ -66,8 +66,6 @@ _YIELD_AFTER = 0.002
 #: Default budget of :class:`StreamCache`'s decoded-entry cache (hot entries, per process).
 DEFAULT_DECODED_CACHE_BYTES = 64 * 1024 * 1024
 _CLOSE_TIMEOUT = 5.0
-# At most this long, a cancelled reader finishes the pull it had started for the others.
-_HANDOVER_TIMEOUT = 60.0
 _INSTANT = Pacing()
 _RECORDING = RecorderState.RECORDING
 # The engine's live streams carry events, with no HTTP head of their own.
@@ -383,6 +381,7 @@ class CachedStream:
                         live.pulling = False
                     size = production.record(event)
                     if not flight.joinable and len(cursors) == 1:
+                        cursor.offset += size  # (only counted: it was sent something)
                         yield event  # no one else reads it, nor ever will: no log
                         continue
                     live.deliver(event, size)
@@ -423,13 +422,13 @@ class CachedStream:
             if self._may_retry():
                 assert self._retry is not None
                 self._retried = True
-                flight.unfollow(cursor)
+                await live.leave(cursor)  # the last to leave closes the failed upstream
                 self._cache._rejoin(self, self._retry)
                 return True
             raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
         idle = self._cache.join_timeout
         if live.source is not None and not live.pulling:
-            await live.pull()
+            await live.pull(idle)
         elif not await live.wait(idle):
             raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
         return True
@@ -441,7 +440,7 @@ class CachedStream:
             self._retry is not None
             and not self._retried
             and cursor is not None
-            and cursor.index == 0
+            and cursor.offset == 0
             and self.status is CacheStatus.SHARED
         )
 

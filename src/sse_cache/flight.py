@@ -28,6 +28,7 @@ The rules, which every integration relies on:
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -52,9 +53,6 @@ T = TypeVar("T")
 
 #: Default bound of a flight's shared log (and of how far a follower may fall behind).
 DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
-# At most this long, a follower pulling the upstream for the others finishes that pull when
-# it is cancelled (a pull cancelled midway would break the upstream for everyone).
-_HANDOVER_TIMEOUT = 60.0
 
 
 class SharedStreamAborted(SSECacheError):
@@ -276,6 +274,7 @@ class LiveFlight(Generic[T]):
         "judge",
         "production",
         "pulling",
+        "remote",
         "source",
     )
 
@@ -293,6 +292,9 @@ class LiveFlight(Generic[T]):
         self.judge: Callable[[], None] | None = None
         #: What the producer keeps with its flight (the engine: its recording and upstream).
         self.production: Any = None
+        #: Read to the end for readers elsewhere (followers in other processes): the flight
+        #: is not abandoned when no one here reads it.
+        self.remote = False
 
     @property
     def key(self) -> str:
@@ -333,13 +335,15 @@ class LiveFlight(Generic[T]):
 
     def fail(self, reason: str) -> None:
         self.flight.fail(reason)
+        self.source = None  # nothing more is read from it (its abandon closes it)
         self._unlist()
         self._notify()
 
     def producer_left(self) -> bool:
         """See :meth:`Flight.producer_left`. When nobody reads any more, the flight fails
-        (before the caller abandons its upstream), so that no one joins it."""
-        if self.flight.producer_left():
+        (before the caller abandons its upstream), so that no one joins it — unless it is
+        read for readers elsewhere (:attr:`remote`)."""
+        if self.flight.producer_left() or self.remote:
             return True
         if not self.flight.done:
             self.fail("the producer's client left and no one else was reading")
@@ -354,10 +358,14 @@ class LiveFlight(Generic[T]):
         self.abandon = abandon
         self._notify()  # a follower waiting for the producer pulls now
 
-    def close(self) -> None:
+    def close(self, *, keep_readers: bool = False) -> None:
         """The producer is done with this flight (its response was stored or not): it is no
-        longer offered to new requests; its readers finish what they hold."""
-        if not self.flight.done:
+        longer offered to new requests; its readers finish what they hold. With
+        ``keep_readers``, a flight still fed by a handed-over source goes on for the readers
+        it has (the last of them to leave abandons the source); otherwise one that is not
+        done fails."""
+        fed = keep_readers and self.source is not None and bool(self.flight.cursors)
+        if not self.flight.done and not fed:
             self.fail("the producer stopped before the stream ended")
         self.flight.close_to_newcomers()
         self._unlist()
@@ -376,7 +384,7 @@ class LiveFlight(Generic[T]):
         flight = self.flight
         while flight.phase is Phase.WAITING:
             if self.source is not None and not self.pulling:
-                await self.pull()
+                await self.pull(idle_timeout)
                 continue
             if not await self.wait(idle_timeout):
                 raise SharedStreamAborted(
@@ -403,7 +411,7 @@ class LiveFlight(Generic[T]):
                 if phase is Phase.FAILED:
                     raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
                 if self.source is not None and not self.pulling:
-                    await self.pull()
+                    await self.pull(idle_timeout)
                     continue
                 if not await self.wait(idle_timeout):
                     raise SharedStreamAborted(
@@ -428,16 +436,18 @@ class LiveFlight(Generic[T]):
         (followers in other processes do), taking turns with the followers that pull."""
         while self.source is not None and not self.flight.done:
             if self.pulling:
-                await self.wait(_HANDOVER_TIMEOUT)
+                await self.wait(math.inf)
             else:
                 await self.pull()
 
-    async def pull(self) -> None:
-        # A reader reads the upstream for everyone. When others share it, shielded and
-        # bounded: a reader cancelled midway finishes this pull for the others (an async
-        # generator cancelled inside ``__anext__`` is finished for good), then leaves by its
-        # own cancellation at its next checkpoint. The reader whose pull fails gets the
-        # upstream's own error; the others see the flight fail.
+    async def pull(self, bound: float = math.inf) -> None:
+        """Read the next piece of the handed-over upstream into the flight, for everyone.
+
+        When others share it, the pull is shielded, for at most ``bound`` seconds (the
+        readers' idle timeout): a reader cancelled midway finishes this pull for the others
+        (an async generator cancelled inside ``__anext__`` is finished for good), then leaves
+        by its own cancellation at its next checkpoint. The reader whose pull fails gets the
+        upstream's own error; the others see the flight fail."""
         source = self.source
         assert source is not None
         shared = len(self.flight.cursors) > 1 or self.flight.producer_reading
@@ -449,10 +459,10 @@ class LiveFlight(Generic[T]):
         try:
             if shared:
                 with anyio.CancelScope(shield=True) as scope:
-                    scope.deadline = anyio.current_time() + _HANDOVER_TIMEOUT
+                    scope.deadline = anyio.current_time() + bound
                     more = await source()
                 if scope.cancelled_caught:
-                    self.fail(f"the upstream sent nothing for {_HANDOVER_TIMEOUT} s")
+                    self.fail(f"the upstream sent nothing for {bound} s")
                     # A reader cancelled meanwhile leaves by its cancellation, not this error.
                     await anyio.lowlevel.checkpoint_if_cancelled()
                     return
@@ -478,7 +488,7 @@ class LiveFlight(Generic[T]):
         to leave a flight that is not done abandons its upstream."""
         flight = self.flight
         flight.unfollow(cursor)
-        if flight.wanted or flight.phase is Phase.ENDED:
+        if flight.wanted or self.remote or flight.phase is Phase.ENDED:
             return
         # The last reader left before the end (or after a failure): abandon the upstream.
         self.fail("every reader left before the stream ended")

@@ -291,6 +291,7 @@ class Exchange:
         self._live: LiveRecording | None = None
         self._lead: _Lease | None = None  # while leading a cross-process flight
         self._flight: LiveFlight[bytes] | None = None  # the live stream this request produces
+        self._follows_process = False  # ... fed by another process's (cross-process)
 
     @property
     def cacheable(self) -> bool:
@@ -395,7 +396,7 @@ class Exchange:
         # when the exchange ends, after the store: until then a request that finds it ended
         # is answered from its entry.
         self._flight = live
-        stack.callback(live.close)
+        stack.callback(lambda: live.close(keep_readers=self._follows_process))
 
     async def _follow(self, live: LiveFlight[bytes], cursor: Cursor) -> bool:
         """Answer with the live stream's bytes once its producer has its response head. False
@@ -449,19 +450,35 @@ class Exchange:
     async def _follow_process(self, fanout: _FanoutBackend, holder: str) -> bool:
         live = self._flight
         assert live is not None
+        cache = self._cache
+        assert cache is not None
         reader = fanout.read(_channel(self.key, holder), block=self._service.cross_process_lease)
         head: Head | None = None
+        first: bytes | None = None  # the first body bytes (b"": the body ended empty)
         try:
-            async for message in reader:
-                kind = message[:1]
-                if kind == b"h":
-                    head = _decode_head(message[1:])
-                    break
-                if kind != b"k":  # the producer failed, or ended, before it answered
-                    break
-        except Exception as exc:  # silent (dead?), or Redis failed: ask the upstream
+            # A live producer sends heartbeats while its upstream thinks; one that sends
+            # nothing else for join_timeout is given up on like a silent local one. Nothing
+            # is sent to this client before the first body bytes: a producer that dies while
+            # its upstream has not answered yet is taken over, not relayed as a failure.
+            with anyio.fail_after(cache.join_timeout):
+                async for message in reader:
+                    kind = message[:1]
+                    if kind == b"h" and head is None:
+                        head = _decode_head(message[1:])
+                        if head is None:
+                            break
+                    elif kind == b"d" and head is not None:
+                        first = message[1:]
+                        break
+                    elif kind != b"k":  # the producer failed before it answered
+                        head = None
+                        break
+                else:
+                    first = b""  # the end marker: the body was empty
+        except Exception as exc:  # silent (dead?), too slow, or Redis failed: ask upstream
             logger.info("sse_cache: not following %s: %r", self.key, exc)
-        if head is None:
+            head = None
+        if head is None or first is None:
             await _aclose(reader)
             return False
         # This process's own readers of the key (this request first) follow the local live
@@ -469,12 +486,12 @@ class Exchange:
         self.status = CacheStatus.SHARED
         emit(self._service.hooks, Notice(kind="shared", key=self.key))
         live.respond(Head(head.status, _as_shared(head.headers)))
+        live.deliver(first)
         cursor = live.flight.follow()
         assert cursor is not None
         live.producer_left()
-        live.hand_over(_ProcessSource(live, reader), lambda: _aclose(reader))
-        cache = self._cache
-        assert cache is not None
+        live.hand_over(_ProcessSource(live, reader, cache.join_timeout), lambda: _aclose(reader))
+        self._follows_process = True
         self.answer = Answer(
             status=head.status,
             headers=_as_shared(head.headers),
@@ -493,7 +510,7 @@ class Exchange:
                 await lease.stop()
                 if tee is not None and tee.ended and not tee.cut and not tee.publish_failed:
                     await tee.flush()
-                else:
+                if tee is None or not tee.ended or tee.cut or tee.publish_failed:
                     await fanout.publish(lease.channel, b"x", ttl=_FANOUT_TTL)
                 await fanout.finish(lease.channel, ttl=_FANOUT_TTL)
             except Exception as exc:
@@ -677,9 +694,12 @@ class ResponseTee:
         return bool(self._failed)
 
     def publish_to(self, lease: _Lease, head: Head) -> None:
-        """Publish this response to other processes following it (cross-process)."""
+        """Publish this response to other processes following it (cross-process): it is
+        then read to its end even when no one here reads it any more."""
         self._lease = lease
         self._outbox.append(b"h" + _encode_head(head))
+        if self._flight is not None:
+            self._flight.remote = True
 
     async def flush(self) -> None:
         """Publish what was relayed since the last flush to processes following this stream
@@ -697,14 +717,15 @@ class ResponseTee:
         try:
             for message in messages:
                 await lease.fanout.publish(lease.channel, message, ttl=_FANOUT_TTL)
-        except Exception as exc:
-            # The followers stop hearing from us and take over (their stream fails visibly
-            # if they had been sent part of it).
-            # The followers in other processes are now missing bytes: when this response
-            # ends they are told it failed (never a clean end), not sent what comes next.
-            logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
+        except BaseException as exc:
+            # The followers in other processes are now missing bytes (also when this publish
+            # was cancelled midway): when this response ends they are told it failed (never
+            # a clean end), not sent what comes next.
             self._lease = None
             self.publish_failed = True
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
 
     def relay(self, chunk: bytes) -> None:
         """``chunk`` is being handed to the producer's client: the followers get it too."""
@@ -792,6 +813,12 @@ class ResponseTee:
         if self._lease is not None:
             # Followers in other processes need the rest: read it even if no one here does.
             self._lease.drain(self._flight)
+
+    @property
+    def followed(self) -> bool:
+        """Followers (here, or in other processes) read this response."""
+        flight = self._flight
+        return flight is not None and (bool(flight.flight.cursors) or flight.remote)
 
     @property
     def wanted(self) -> bool:
@@ -915,22 +942,29 @@ class _ProcessSource:
     """Reads another process's live stream into this process's live flight, one message a
     call (the local readers pull it in turn)."""
 
-    def __init__(self, live: LiveFlight[bytes], reader: AsyncIterator[bytes]) -> None:
+    def __init__(
+        self, live: LiveFlight[bytes], reader: AsyncIterator[bytes], idle_timeout: float
+    ) -> None:
         self._live = live
         self._reader = reader
+        self._idle_timeout = idle_timeout
+        self._last = time.monotonic()
 
     async def __call__(self) -> bool:
         live = self._live
         try:
-            while True:
-                message = await self._reader.__anext__()
-                kind = message[:1]
-                if kind == b"d":
-                    live.deliver(message[1:])
+            message = await self._reader.__anext__()
+            kind = message[:1]
+            if kind == b"d":
+                live.deliver(message[1:])
+                self._last = time.monotonic()
+                return True
+            if kind == b"k":  # alive, but silent: given up after idle_timeout, as locally
+                if time.monotonic() - self._last < self._idle_timeout:
                     return True
-                if kind != b"k":
-                    live.fail("the process producing this stream failed")
-                    return False
+                live.fail(f"the stream sent nothing for {self._idle_timeout} s")
+            else:
+                live.fail("the process producing this stream failed")
         except StopAsyncIteration:
             live.end()  # the producer's end marker: its upstream ended cleanly
         except BackendTimeout:

@@ -733,17 +733,15 @@ async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others(
     assert got == [e.data for e in events] and up.calls == 1 and up.closed == 1
 
 
-async def test_a_shared_pull_that_never_ends_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    import sse_cache.flight as flight_module
-
-    monkeypatch.setattr(flight_module, "_HANDOVER_TIMEOUT", 0.2)
+async def test_a_shared_pull_that_never_ends_is_bounded() -> None:
+    # The bound is the readers' idle timeout (join_timeout).
 
     async def hung() -> AsyncIterator[Event]:
         yield Event("first")
         await anyio.sleep_forever()
         yield Event("never")
 
-    cache = StreamCache(DictBackend(), GenericSSE())
+    cache = StreamCache(DictBackend(), GenericSSE(), join_timeout=0.2)
     outcome: list[str] = []
     reading = anyio.Event()
 
@@ -827,3 +825,65 @@ async def test_a_herd_shares_one_upstream_on_every_real_backend(backend: Any) ->
     assert all(wire(events) == wire(EVENTS) for _, events in results)
     again, _ = await consume(cache, up)
     assert again.status is CacheStatus.HIT  # type: ignore[attr-defined]
+
+
+class GatedUpstream:
+    """A class-based upstream (it survives a cancelled ``__anext__``, as queues and SDK
+    wrappers do): announces when it is asked for an event, waits for a gate, records aclose."""
+
+    def __init__(self, events: Sequence[Event], inside: anyio.Event, gate: anyio.Event) -> None:
+        self.events = list(events)
+        self.inside, self.gate = inside, gate
+        self.closed = False
+
+    def __aiter__(self) -> GatedUpstream:
+        return self
+
+    async def __anext__(self) -> Event:
+        self.inside.set()
+        await self.gate.wait()
+        if not self.events:
+            raise StopAsyncIteration
+        return self.events.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def test_a_follower_of_a_reader_cancelled_mid_pull_gets_each_event_once() -> None:
+    # The producing reader is cancelled while it pulls alone; a follower joined meanwhile.
+    # The flight fails (its upstream may be unusable), the follower — sent nothing — asks
+    # its own upstream, and gets every event exactly once; the failed upstream is closed.
+    cache = StreamCache(DictBackend(), GenericSSE())
+    inside, gate, open_gate = anyio.Event(), anyio.Event(), anyio.Event()
+    open_gate.set()
+    first = GatedUpstream(EVENTS, inside, gate)
+    second = GatedUpstream(EVENTS, anyio.Event(), open_gate)
+    upstreams = iter([first, second])
+    got: list[Event] = []
+    status = ""
+    async with anyio.create_task_group() as tg:
+        producer_scope = anyio.CancelScope()
+
+        async def producer() -> None:
+            with producer_scope:
+                async with cache.stream("p" * 64, lambda: next(upstreams)) as s:
+                    async for _ in s:
+                        pass
+
+        async def follower() -> None:
+            nonlocal status
+            async with cache.stream("p" * 64, lambda: next(upstreams)) as s:
+                got.extend([e async for e in s])
+            status = s.status
+
+        tg.start_soon(producer)
+        await inside.wait()  # the producer's reader is inside its pull
+        tg.start_soon(follower)
+        live = cache.live.get("p" * 64)
+        assert live is not None
+        while len(live.flight.cursors) < 2:  # until the follower has joined
+            await anyio.lowlevel.checkpoint()
+        producer_scope.cancel()
+    assert wire(got) == wire(EVENTS) and status == "miss"
+    assert first.closed

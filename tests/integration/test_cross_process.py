@@ -283,3 +283,119 @@ async def test_transports_in_two_processes_share_one_upstream_stream(
     assert sorted(status for status, _ in results) == [b"miss", b"shared"]
     assert results[0][1] == results[1][1] and complete(results[0][1])
     assert upstream_app.stats()["total"] == 1
+
+
+# -- in one process, two caches on one Redis (as two workers): regressions found in review ----
+
+
+def _request(client: httpx2.AsyncClient, payload: dict[str, Any]) -> httpx2.Request:
+    return client.build_request("POST", "/v1/responses", headers=HEADERS, json=payload)
+
+
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("local_follower", [False, True])
+async def test_a_publishing_producer_reads_on_for_other_processes_when_its_client_leaves(
+    serve: Any, redis_server: Any, local_follower: bool
+) -> None:
+    # Worker A leads, worker B follows it over Redis. A's client (and A's own follower, if
+    # any) leave early: A cannot count B's readers, so it reads its upstream to the end for
+    # them — B gets the whole answer, once, and the lease is released.
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    upstream_app = MockUpstream(first_delay=0.3, delay=0.01)
+    url = f"{redis_server.url}?prefix=h{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "gpt-mock", "input": f"read on ({local_follower})", "stream": True}
+    async with serve(upstream_app) as upstream:
+        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        async with (
+            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
+            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
+        ):
+            producer = await ca.send(_request(ca, payload), stream=True)
+            assert producer.headers["x-sse-cache"] == "miss"
+            own = await ca.send(_request(ca, payload), stream=True) if local_follower else None
+
+            async def read_a_little_and_leave() -> None:
+                # Through a transport the producer's client pulls the upstream: it reads
+                # (here, one chunk) while B waits for the first bytes, then leaves.
+                for response in (producer, own):
+                    if response is not None:
+                        async for _ in response.aiter_raw():
+                            break
+                        await response.aclose()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_a_little_and_leave)
+                follower = await cb.send(_request(cb, payload), stream=True)
+                assert follower.headers["x-sse-cache"] == "shared"
+                body = await follower.aread()
+            holder = await tb.service.backend.holder(  # type: ignore[attr-defined]
+                "sf:" + producer.headers["x-sse-cache-key"]
+            )
+    assert complete(body) and upstream_app.stats()["total"] == 1 and holder is None
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_the_local_followers_of_a_remote_stream_outlive_its_first_reader(
+    serve: Any, redis_server: Any
+) -> None:
+    # Worker B's first request (B1) follows worker A over Redis; B2 follows B1 in B. B1's
+    # client leaves: B2 still gets the whole answer.
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    upstream_app = MockUpstream(first_delay=0.3, delay=0.01)
+    url = f"{redis_server.url}?prefix=c{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "gpt-mock", "input": "local followers of a remote stream", "stream": True}
+    async with serve(upstream_app) as upstream:
+        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        async with (
+            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
+            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
+        ):
+            a = await ca.send(_request(ca, payload), stream=True)
+            async with anyio.create_task_group() as tg:
+                # Each client reads its own response: through a transport, the producer's
+                # client paces the upstream (it pulls it).
+                tg.start_soon(a.aread)
+                b1 = await cb.send(_request(cb, payload), stream=True)
+                b2 = await cb.send(_request(cb, payload), stream=True)
+                statuses = [r.headers["x-sse-cache"] for r in (a, b1, b2)]
+                assert statuses == ["miss", "shared", "shared"]
+                async for _ in b1.aiter_raw():
+                    break
+                await b1.aclose()
+                whole = await b2.aread()
+            assert whole == a.content
+    assert complete(whole) and upstream_app.stats()["total"] == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_publish_cancelled_midway_never_ends_the_remote_stream_cleanly() -> None:
+    # The bytes of a publish that was cancelled are lost to the other processes: when the
+    # stream ends they must be told it failed, not given a clean end with a hole in it.
+    from sse_cache.service import ResponseTee, _Lease
+
+    published: list[bytes] = []
+    started = anyio.Event()
+
+    class SlowFanout:
+        async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+            started.set()
+            await anyio.sleep_forever()
+            published.append(data)
+
+    lease = _Lease.__new__(_Lease)
+    lease.fanout, lease.channel = SlowFanout(), "c"  # type: ignore[assignment]
+    tee = ResponseTee()
+    tee._lease = lease
+    tee.relay(b"data: 1\n\n")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tee.flush)
+        await started.wait()
+        tg.cancel_scope.cancel()
+    assert tee.publish_failed and not published

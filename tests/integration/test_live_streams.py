@@ -355,3 +355,96 @@ async def test_a_cut_upstream_fails_every_reader_visibly(serve: Any, stack_kind:
         for r in results
         if isinstance(r, httpx2.Response)
     ]
+
+
+# -- an upstream that stops sending mid-stream without closing --------------------------------
+
+
+class GoesSilent:
+    """Sends the head and a few events, then nothing, without closing (a hung upstream),
+    until its client goes away."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        while (await receive()).get("more_body", False):
+            pass
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for n in range(3):
+            data = b'{"type":"response.created","sequence_number":%d}' % n
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": b"event: response.created\ndata: " + data + b"\n\n",
+                    "more_body": True,
+                }
+            )
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+async def test_an_upstream_that_goes_silent_fails_every_reader_after_the_idle_timeout(
+    serve: Any,
+) -> None:
+    # --upstream-timeout bounds each read: no byte for that long mid-stream, and every reader
+    # of the stream (producer and followers) gets a visible failure; nothing is stored.
+    upstream_app = GoesSilent()
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, "memory://", upstream_timeout=0.5)
+        async with serve(app) as base, httpx2.AsyncClient(base_url=base, timeout=30) as client:
+
+            async def post(payload: dict[str, Any], headers: dict[str, str]) -> httpx2.Response:
+                return await client.post("/v1/responses", json=payload, headers=headers)
+
+            results = await herd(post, 4, body("silence"))
+            assert upstream_app.calls == 1
+            assert all(isinstance(r, httpx2.HTTPError) for r in results), results
+            # Not stored: the next identical request asks the upstream again (and fails again).
+            again = await herd(post, 1, body("silence"))
+            assert upstream_app.calls == 2 and isinstance(again[0], httpx2.HTTPError)
+        await app.aclose()
+
+
+# -- regressions found in review ------------------------------------------------------------
+
+
+async def test_a_handed_over_upstream_is_closed_and_its_connection_reused(serve: Any) -> None:
+    # One upstream connection in all: after the producer's client left and the follower read
+    # the upstream to its end, that connection must be free for the next request.
+    upstream_app = MockUpstream(first_delay=0.05, delay=0.002)
+    async with serve(upstream_app) as upstream:
+        one = httpx2.Limits(max_connections=1)
+        transport = AsyncCacheTransport(
+            "memory://", transport=httpx2.AsyncHTTPTransport(limits=one)
+        )
+        timeout = httpx2.Timeout(30, pool=5)
+        async with httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=timeout) as c:
+            _, bodies = await _leave_early(c, body("one connection"))
+            nxt = await c.post("/v1/responses", json=body("the next one"), headers=KEY)
+    assert complete(bodies[0]) and nxt.status_code == 200 and complete(nxt.content)
+
+
+async def test_followers_outlive_a_background_completion_deadline(serve: Any) -> None:
+    # finish_on_disconnect bounds how long a stream nobody reads is finished for the cache;
+    # a stream that followers read is not cut by that bound.
+    upstream_app = MockUpstream(first_delay=0.05, delay=0.01)
+    async with serve(upstream_app) as upstream:
+        app = CacheMiddleware(
+            upstream_app, "memory://", finish_on_disconnect=True, background_timeout=0.2
+        )
+        async with serve(app) as base, httpx2.AsyncClient(base_url=base, timeout=30) as client:
+            payload = body("followers and a background deadline")
+            _got, bodies = await _leave_early(client, payload)
+            expected = await direct(upstream, payload)
+        await app.aclose()
+    assert all(b == expected for b in bodies) and complete(expected)
