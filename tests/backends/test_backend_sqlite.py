@@ -1,20 +1,27 @@
 """SQLiteBackend beyond the conformance suite: size budget and LRU eviction, expiry purge,
-lazy open, schema, and several real processes writing one file at once."""
+lazy open, schema, several real processes writing one file at once, and the file deleted,
+replaced or moved while open."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator, Callable
+from contextlib import closing
 from pathlib import Path
 
 import anyio
 import pytest
 
+from sse_cache import Event, StreamCache
+from sse_cache.adapters import GenericSSE
+from sse_cache.backends import sqlite as sqlite_module
 from sse_cache.backends.sqlite import SQLiteBackend, from_url
-from sse_cache.errors import BackendError
+from sse_cache.errors import BackendError, ConfigError
 
 pytestmark = pytest.mark.anyio
 
@@ -236,3 +243,316 @@ def test_several_processes_share_a_budget(tmp_path: Path) -> None:
         await backend.aclose()
 
     anyio.run(check)
+
+
+# -- the file deleted, replaced or moved while open ---------------------------------------
+
+INTERVAL = 0.05  # check_interval in these tests: small, so that waiting it out is cheap
+
+
+async def wait_out(interval: float = INTERVAL) -> None:
+    """Until the next call is due to look at the path again (with room for clock rounding)."""
+    await anyio.sleep(interval * 2)
+
+
+def integrity(path: Path) -> str:
+    with closing(sqlite3.connect(path)) as conn:
+        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
+
+
+async def fill(backend: SQLiteBackend, prefix: str, count: int = 30) -> None:
+    # Enough transactions that the WAL holds pages of every kind (schema, index, overflow):
+    # read as part of another file, they would show up in it or corrupt it.
+    for i in range(count):
+        await backend.set(f"{prefix}{i}", prefix.encode() * 4_000, None)
+
+
+async def assert_holds(backend: SQLiteBackend, prefix: str, count: int = 30) -> None:
+    for i in range(count):
+        assert await backend.get(f"{prefix}{i}") == prefix.encode() * 4_000, f"{prefix}{i}"
+
+
+async def assert_lacks(backend: SQLiteBackend, prefix: str, count: int = 30) -> None:
+    for i in range(count):
+        assert await backend.get(f"{prefix}{i}") is None, f"{prefix}{i}"
+
+
+@pytest.mark.parametrize("sidecars", [False, True], ids=["rm-db", "rm-db-wal-shm"])
+async def test_deleted_file_is_noticed_and_recreated(tmp_path: Path, sidecars: bool) -> None:
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path, check_interval=INTERVAL)
+    await fill(backend, "old")
+    path.unlink()  # `rm cache.db`: the -wal and -shm stay, still in use
+    if sidecars:
+        for suffix in ("-wal", "-shm"):
+            os.unlink(f"{path}{suffix}")
+    await wait_out()
+    await backend.set("new", b"v", None)
+    assert path.exists()
+    other = SQLiteBackend(path)  # another process, `sse-cache ls`, a second proxy
+    try:
+        assert await other.get("new") == b"v"
+        await assert_lacks(other, "old")
+        await other.set("from-other", b"w", None)
+        assert await backend.get("from-other") == b"w"  # one cache again
+        await assert_lacks(backend, "old")
+    finally:
+        await other.aclose()
+        await backend.aclose()
+    assert integrity(path) == "ok"
+    assert set(rows(path)) == {"new", "from-other"}
+
+
+async def test_a_new_opener_ignores_the_deleted_files_wal(tmp_path: Path) -> None:
+    # `rm cache.db` and at once `sse-cache ls` (or a second proxy starting), before the
+    # running backend noticed: the new file must not be read through the old -wal and -shm.
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path, check_interval=INTERVAL)
+    await fill(backend, "old")
+    path.unlink()
+    newcomer = SQLiteBackend(path)
+    try:
+        await assert_lacks(newcomer, "old")
+        await fill(newcomer, "new")
+        await wait_out()
+        await assert_holds(backend, "new")
+        await assert_lacks(backend, "old")
+        await backend.set("late", b"v", None)
+        assert await newcomer.get("late") == b"v"
+    finally:
+        await newcomer.aclose()
+        await backend.aclose()
+    assert integrity(path) == "ok"
+
+
+@pytest.mark.parametrize("noticed_by", ["a call", "aclose"])
+async def test_replaced_file_is_noticed(tmp_path: Path, noticed_by: str) -> None:
+    path = tmp_path / "cache.db"
+    # Two backends (two proxies) have the old file open, with pages in its WAL.
+    first = SQLiteBackend(path, check_interval=INTERVAL)
+    second = SQLiteBackend(path, check_interval=INTERVAL)
+    await fill(first, "mine")
+    await assert_holds(second, "mine")
+    replacement = tmp_path / "replacement.db"
+    writer = SQLiteBackend(replacement)
+    await fill(writer, "theirs")
+    await writer.aclose()
+    os.replace(replacement, path)
+    if noticed_by == "aclose":
+        await first.aclose()
+        await second.aclose()
+        # Nothing of the old file is left at the path to be read as part of the new one.
+        assert integrity(path) == "ok"
+        first = SQLiteBackend(path, check_interval=INTERVAL)
+        second = SQLiteBackend(path, check_interval=INTERVAL)
+    else:
+        await wait_out()
+    try:
+        await assert_holds(first, "theirs")
+        await assert_lacks(first, "mine")
+        await first.set("after", b"v", None)
+        assert await second.get("after") == b"v"
+        await assert_holds(second, "theirs")
+        await assert_lacks(second, "mine")
+    finally:
+        await first.aclose()
+        await second.aclose()
+    assert integrity(path) == "ok"
+    reader = SQLiteBackend(path)
+    await assert_holds(reader, "theirs")
+    assert await reader.get("after") == b"v"
+    await reader.aclose()
+
+
+async def test_moved_file_is_noticed_and_kept_whole(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    moved = tmp_path / "kept.db"
+    backend = from_url(f"sqlite:///{path}?check_interval=0")  # 0: look before every call
+    await fill(backend, "old")
+    os.rename(path, moved)  # without its -wal: what the WAL held is copied into it
+    await backend.set("new", b"v", None)
+    assert set(rows(path)) == {"new"}
+    await backend.aclose()
+    assert integrity(path) == integrity(moved) == "ok"
+    elsewhere = SQLiteBackend(moved)
+    await assert_holds(elsewhere, "old")
+    assert await elsewhere.get("new") is None
+    await elsewhere.aclose()
+
+
+def make_read_only(path: Path, how: str) -> Callable[[], None]:
+    """Make the database at ``path`` read-only; return what undoes it."""
+    if how == "header":
+        # A write version above 2 in the header: SQLite opens the file read-only.
+        with path.open("r+b") as f:
+            f.seek(18)
+            f.write(b"\x03")
+        return lambda: None
+    path.chmod(0o444)
+    if os.geteuid() != 0:
+        return lambda: None
+    # root writes to a 0444 file anyway: make it immutable instead, where that is possible.
+    if shutil.which("chattr") is None:
+        pytest.skip("running as root without chattr: cannot make a file read-only")
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"chattr +i: {done.stderr.decode().strip()}")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+@pytest.mark.parametrize("how", ["file-mode", "header"])
+async def test_read_only_replacement_fails_open(tmp_path: Path, how: str) -> None:
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path, check_interval=INTERVAL)
+    await fill(backend, "mine", 5)
+    replacement = tmp_path / "replacement.db"
+    writer = SQLiteBackend(replacement)
+    await writer.set("theirs", b"t", None)
+    await writer.aclose()
+    os.replace(replacement, path)
+    undo = make_read_only(path, how)
+    try:
+        await wait_out()
+        for _ in range(3):
+            with pytest.raises(BackendError):
+                await backend.set("k", b"v", None)
+            with pytest.raises(BackendError):
+                await backend.delete("theirs")
+            try:
+                assert await backend.get("theirs") in (b"t", None)
+                assert await backend.get("mine0") is None
+            except BackendError:
+                pass
+        # Through the engine: the stream is served whole, the store is skipped.
+        cache = StreamCache(backend, GenericSSE())
+
+        async def upstream() -> AsyncIterator[Event]:
+            yield Event("one")
+
+        async with cache.stream(cache.request({"q": 1}), upstream) as stream:
+            assert [e.data async for e in stream] == ["one"]
+        assert not stream.stored
+    finally:
+        undo()
+    path.unlink()  # the operator removes the read-only file: the same object recovers
+    await wait_out()
+    await backend.set("k", b"v", None)
+    assert await backend.get("k") == b"v"
+    await backend.aclose()
+    assert integrity(path) == "ok"
+
+
+async def test_the_path_is_looked_at_once_per_check_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path, check_interval=3600)
+    await backend.set("k", b"v", None)
+    looks: list[str] = []
+    real = sqlite_module._file_id
+
+    def counting(name: str) -> tuple[int, int] | None:
+        looks.append(name)
+        return real(name)
+
+    monkeypatch.setattr(sqlite_module, "_file_id", counting)
+    for _ in range(50):
+        assert await backend.get("k") == b"v"
+    assert looks == []  # not a stat per call: once per interval
+    path.unlink()
+    assert await backend.get("k") == b"v"  # not noticed before the interval is over
+    await backend.aclose()
+
+
+async def test_memory_databases_are_not_watched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    looks: list[str] = []
+    real = sqlite_module._file_id
+
+    def counting(name: str) -> tuple[int, int] | None:
+        looks.append(name)
+        return real(name)
+
+    monkeypatch.setattr(sqlite_module, "_file_id", counting)
+    backend = from_url("sqlite:///:memory:?check_interval=0")
+    for i in range(20):
+        await backend.set(f"k{i}", b"v", None)
+        assert await backend.get(f"k{i}") == b"v"
+    assert (await backend.stats())["entries"] == 20
+    await backend.aclose()
+    assert looks == []
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_check_interval_option_is_validated(value: str) -> None:
+    with pytest.raises(ConfigError, match="check_interval"):
+        from_url(f"sqlite:///x.db?check_interval={value}")
+    with pytest.raises(ConfigError, match="check_interval"):
+        SQLiteBackend("x.db", check_interval=float(value) if value != "soon" else -2)
+
+
+async def test_deleted_under_concurrent_use(tmp_path: Path) -> None:
+    # Tasks keep reading and writing while the file goes: no call fails, none reads a value
+    # it did not write, and what they write once the deletion was noticed is in the new file.
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path, check_interval=INTERVAL)
+    halfway = anyio.Event()
+    deleted = anyio.Event()
+
+    async def worker(n: int) -> None:
+        for i in range(20):
+            value = f"{n}-{i}".encode() * 500
+            await backend.set(f"w{n}-{i}", value, None)
+            assert await backend.get(f"w{n}-{i}") in (value, None)
+            if i == 10:
+                halfway.set()
+                await deleted.wait()
+
+    async def delete() -> None:
+        await halfway.wait()
+        path.unlink()
+        deleted.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(delete)
+        for n in range(8):
+            tg.start_soon(worker, n)
+    await wait_out()
+    for n in range(8):
+        await backend.set(f"final{n}", b"f", None)
+    reader = SQLiteBackend(path)
+    for n in range(8):
+        assert await reader.get(f"final{n}") == b"f"
+    await reader.aclose()
+    await backend.aclose()
+    assert integrity(path) == "ok"
+
+
+async def test_replacing_the_file_with_its_wal_removed_first(tmp_path: Path) -> None:
+    # The procedure docs/backends.md gives for replacing a cache in use: whatever opens the
+    # path next reads the new file alone, even before the running backend noticed.
+    path = tmp_path / "cache.db"
+    running = SQLiteBackend(path, check_interval=INTERVAL)
+    await fill(running, "mine")
+    replacement = tmp_path / "replacement.db"
+    writer = SQLiteBackend(replacement)
+    await fill(writer, "theirs")
+    await writer.aclose()
+    for suffix in ("-wal", "-shm"):
+        os.unlink(f"{path}{suffix}")
+    os.replace(replacement, path)
+    newcomer = SQLiteBackend(path)
+    try:
+        await assert_holds(newcomer, "theirs")
+        await assert_lacks(newcomer, "mine")
+        await newcomer.set("new", b"v", None)
+        await wait_out()
+        assert await running.get("new") == b"v"
+        await assert_holds(running, "theirs")
+    finally:
+        await newcomer.aclose()
+        await running.aclose()
+    assert integrity(path) == "ok"

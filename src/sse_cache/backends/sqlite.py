@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -26,12 +27,20 @@ from ._common import Options, check_open, expires_at, to_bytes
 __all__ = ["SQLiteBackend", "from_url"]
 
 T = TypeVar("T")
+#: A file's identity: (st_dev, st_ino).
+_FileId = tuple[int, int]
 
 _SCHEMA_VERSION: Final = 1
 # Seconds a write may wait for the lock: under the engine's default backend_timeout (2 s),
 # which cannot interrupt a call already running in a worker thread.
 _WRITE_TIMEOUT: Final = 1.5
 _DEFAULT_MAX_BYTES: Final = 1024**3
+# Seconds between checks that the path still names the file this backend has open.
+_CHECK_INTERVAL: Final = 1.0
+# The files SQLite keeps beside a database in WAL mode, named after it.
+_SIDECARS: Final = ("-wal", "-shm")
+# How often opening is retried while the path keeps changing under it.
+_OPEN_ATTEMPTS: Final = 3
 _TABLE: Final = "sse_cache_entries"
 # `value` is the last column on purpose: SQLite reads a row's columns in order, and a column
 # stored after a large BLOB can only be reached by walking the BLOB's overflow pages. With the
@@ -118,6 +127,12 @@ class SQLiteBackend:
       :class:`BackendError` subclasses (the engine turns them into misses); after a corrupt or
       unreadable file the connection is reopened on the next call, so replacing the file
       recovers without a restart.
+    - *A file deleted, replaced or moved while open*: at most every ``check_interval``
+      seconds, a call compares the identity (device, inode) of the file at the path with the
+      one it has open; when they differ it closes the old file and opens the path afresh
+      (creating an empty cache if nothing is there), so this backend, other processes and
+      the ``sse-cache`` commands share one cache again. The old file's ``-wal`` and ``-shm``
+      files, which SQLite would otherwise read as part of the new one, are removed.
 
     Works under asyncio and trio: the stdlib ``sqlite3`` module runs in anyio worker threads,
     one call at a time per backend.
@@ -135,10 +150,13 @@ class SQLiteBackend:
         read_timeout: float = 1.0,
         purge_interval: float = 60.0,
         synchronous: str = "NORMAL",
+        check_interval: float = _CHECK_INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigError(f"synchronous must be OFF, NORMAL, FULL or EXTRA: {synchronous!r}")
+        if not (math.isfinite(check_interval) and check_interval >= 0):
+            raise ConfigError(f"check_interval must be a number >= 0: {check_interval!r}")
         self.path = os.fspath(path)
         self._max_bytes = max_bytes
         self._timeout = timeout
@@ -148,6 +166,17 @@ class SQLiteBackend:
         self._clock = clock
         self._conn: sqlite3.Connection | None = None
         self._busy_ms = -1
+        # Watching the path: a file on disk (not ``:memory:`` nor ``""``, a private temporary
+        # database). ``_where`` is the path made absolute (a later chdir does not move the
+        # cache), ``_file`` the identity of the file ``_conn`` has open,
+        # ``_sidecars`` that of its -wal and -shm files when it was opened; only worker
+        # threads touch them, one at a time (the limiter).
+        self._check_interval = check_interval
+        self._watch = self.path not in ("", ":memory:")
+        self._where = _absolute(self.path) if self._watch else self.path
+        self._file: _FileId | None = None
+        self._sidecars: dict[str, _FileId] = {}
+        self._next_check = -math.inf
         self._limiter = anyio.CapacityLimiter(1)
         self._closed = False
         self._last_purge = -math.inf
@@ -227,7 +256,7 @@ class SQLiteBackend:
     async def _call(self, func: Callable[..., T], *args: Any, read: bool) -> T:
         def run() -> T:
             with self._map_exceptions():
-                conn = self._connect()
+                conn = self._connection()
                 self._set_busy(conn, self._read_timeout if read else self._timeout)
                 return self._retrying(read, lambda: func(conn, *args))
 
@@ -267,25 +296,94 @@ class SQLiteBackend:
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connection(self) -> sqlite3.Connection:
+        # The open connection, after a look at the path at most every ``check_interval``
+        # seconds: one os.stat in the worker thread this call runs in anyway.
         if self._closed:
             raise BackendUnavailable("SQLiteBackend is closed")
-        if self._conn is not None:
-            return self._conn
-        conn = sqlite3.connect(
-            self.path,
-            timeout=self._timeout,
-            isolation_level=None,  # autocommit; write transactions are explicit
-            check_same_thread=False,  # used from worker threads, one at a time (limiter)
-        )
-        try:
-            self._retrying(False, lambda: self._initialise(conn))
-        except BaseException:
+        if self._conn is not None and self._watch:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self._check_interval
+                if self._moved():
+                    self._drop_connection()
+        if self._conn is None:
+            self._open()
+        assert self._conn is not None
+        return self._conn
+
+    def _open(self) -> None:
+        for _ in range(_OPEN_ATTEMPTS):
+            before = self._existing_file() if self._watch else None
+            conn = sqlite3.connect(
+                self._where,
+                timeout=self._timeout,
+                isolation_level=None,  # autocommit; write transactions are explicit
+                check_same_thread=False,  # used from worker threads, one at a time (limiter)
+            )
+            try:
+                self._retrying(False, partial(self._initialise, conn))
+                after = _file_id(self._where) if self._watch else None
+                sidecars = self._sidecar_ids() if self._watch else {}
+            except BaseException:
+                conn.close()
+                raise
+            if before == after and (after is not None or not self._watch):
+                break
+            # The path named another file (or none) after sqlite3 opened it than before: which
+            # one this connection holds is unknown, so it is not kept.
             conn.close()
-            raise
-        self._conn = conn
+        else:
+            raise BackendUnavailable(
+                f"SQLite file {self.path!r} kept changing while it was being opened"
+            )
+        self._conn, self._file, self._sidecars = conn, after, sidecars
         self._busy_ms = int(self._timeout * 1000)
-        return conn
+        self._next_check = time.monotonic() + self._check_interval
+
+    def _existing_file(self) -> _FileId | None:
+        # The identity of the file at the path, which is created (empty: SQLite makes it a new
+        # database) if missing. -wal and -shm files found beside a missing database belong to
+        # a deleted one, maybe still open in a process that has not noticed yet; SQLite would
+        # read them as part of the new file, so the process that creates the file removes
+        # them. Only files seen *before* the database existed: never a new database's own.
+        current = _file_id(self._where)
+        if current is not None:
+            return current
+        orphans = self._sidecar_ids()
+        try:
+            fd = os.open(self._where, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return _file_id(self._where)  # another process created it first
+        except OSError:
+            return None  # a missing directory, say: sqlite3 reports it
+        os.close(fd)
+        self._remove_if_unchanged(orphans)
+        return _file_id(self._where)
+
+    def _sidecar_ids(self) -> dict[str, _FileId]:
+        ids: dict[str, _FileId] = {}
+        for suffix in _SIDECARS:
+            ident = _file_id(self._where + suffix)
+            if ident is not None:
+                ids[suffix] = ident
+        return ids
+
+    def _remove_if_unchanged(self, sidecars: dict[str, _FileId]) -> None:
+        for suffix, ident in sidecars.items():
+            with suppress(OSError):
+                if _file_id(self._where + suffix) == ident:
+                    os.unlink(self._where + suffix)
+
+    def _moved(self) -> bool:
+        # Whether the path no longer names the file the connection has open: deleted,
+        # replaced (a rename over it) or moved away.
+        if self._file is None:
+            return False
+        try:
+            return _file_id(self._where) != self._file
+        except OSError:
+            return False  # cannot tell (a directory made unsearchable): keep the connection
 
     def _initialise(self, conn: sqlite3.Connection) -> None:
         # WAL: readers never wait for the writer and the writer never waits for readers.
@@ -314,14 +412,31 @@ class SQLiteBackend:
             self._busy_ms = ms
 
     def _drop_connection(self) -> None:
+        # When the database file was deleted, replaced or moved away, its -wal and -shm files
+        # stay at the path (SQLite names them after the path, and does not checkpoint or
+        # delete them when it closes a file that has moved). Left there, they would be read
+        # as part of whatever file the path names now and corrupt it. So: copy the WAL into
+        # the file we have open (a moved file stays whole; a deleted one costs at most one
+        # WAL's worth of writes), close it, and remove the -wal and -shm if they are still the
+        # ones it was opened with (never another database's).
+        moved = self._moved()
         conn, self._conn = self._conn, None
-        if conn is not None:
+        sidecars, self._sidecars = self._sidecars, {}
+        self._file = None
+        if conn is None:
+            return
+        if moved:
             with suppress(sqlite3.Error):
-                conn.close()
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with suppress(sqlite3.Error):
+            conn.close()
+        if moved:
+            self._remove_if_unchanged(sidecars)
+            self._last_purge = -math.inf  # another file: its expired rows are not ours to know
 
     def _close(self) -> None:
         conn = self._conn
-        if conn is not None:
+        if conn is not None and not self._moved():
             try:
                 self._set_busy(conn, min(self._timeout, 0.2))
                 self._transaction(conn, lambda: None)  # flushes pending access times
@@ -433,7 +548,7 @@ class SQLiteBackend:
         file_bytes = 0
         for suffix in ("", "-wal"):
             with suppress(OSError):
-                file_bytes += os.path.getsize(self.path + suffix)
+                file_bytes += os.path.getsize(self._where + suffix)
         return int(entries), int(size), file_bytes
 
 
@@ -449,6 +564,22 @@ def _statements(script: str) -> list[str]:
             out.append(current.strip())
             current = ""
     return [s for s in out if s]
+
+
+def _file_id(path: str) -> _FileId | None:
+    """The identity of the file at ``path``, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _absolute(path: str) -> str:
+    try:
+        return os.path.abspath(path)
+    except OSError:  # the working directory was deleted
+        return path
 
 
 def _check_key(key: str) -> None:
@@ -482,7 +613,8 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     Query options: ``max_bytes`` (size budget, ``1GiB`` by default, ``none`` for none),
     ``timeout`` (seconds a write may wait for the lock, 1.5), ``read_timeout`` (1),
     ``purge_interval`` (seconds between purges of expired rows, 60), ``synchronous``
-    (SQLite's ``PRAGMA synchronous``, ``NORMAL``).
+    (SQLite's ``PRAGMA synchronous``, ``NORMAL``), ``check_interval`` (seconds between checks
+    that the path still names the open file, 1; 0: before every call).
     """
     path = _path_from_url(url)
     opts = Options(url, options)
@@ -491,6 +623,9 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     read_timeout = opts.take_float("read_timeout", 1.0)
     purge_interval = opts.take_float("purge_interval", 60.0, minimum=0.0, allow_zero=True)
     synchronous = opts.take_str("synchronous", "NORMAL")
+    check_interval = opts.take_float(
+        "check_interval", _CHECK_INTERVAL, minimum=0.0, allow_zero=True
+    )
     clock = opts.take_raw("clock")
     opts.finish()
     if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -507,5 +642,6 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
         read_timeout=read_timeout,
         purge_interval=purge_interval,
         synchronous=synchronous,
+        check_interval=check_interval,
         clock=clock or time.time,
     )
