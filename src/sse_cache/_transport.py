@@ -591,7 +591,8 @@ class AsyncCacheTransportBase(_Options):
     ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``: as for
     :class:`~sse_cache.asgi.CacheMiddleware` (the same :class:`~sse_cache.service.CacheService`
     decides everything: routes ``POST /v1/responses``, ``/v1/chat/completions``,
-    ``/v1/messages``; tenant scope from the request's API key; request controls).
+    ``/v1/messages``, Gemini's ``…:generateContent`` / ``:streamGenerateContent``; tenant
+    scope from the request's API keys; request controls).
 
     Responses on a cached route carry ``x-sse-cache: hit | miss | bypass | refresh | shared``
     and ``x-sse-cache-key`` (hits also ``age`` and ``x-sse-cache-ttl``). A miss's body reaches

@@ -37,7 +37,8 @@ class CacheMiddleware:
 
     ``backend``: a :class:`~sse_cache.protocols.Backend` or a URL (``sqlite:///cache.db``,
     ``redis://...``). ``routes``: path (suffix) → adapter; default ``POST /v1/responses``,
-    ``/v1/chat/completions``, ``/v1/messages`` (also under prefixes such as
+    ``/v1/chat/completions``, ``/v1/messages``, Gemini's ``/models/{model}:generateContent``
+    and ``:streamGenerateContent`` (also under prefixes such as
     ``/openai/v1/...``). ``tenant``: None (hash of the request's credential), a callable of
     the lower-cased request headers, or ``"shared"`` (explicit opt-in to share entries
     between tenants). ``ttl``: default entry lifetime in seconds. ``max_body_bytes``: larger

@@ -1,4 +1,4 @@
-"""A deterministic mock of the OpenAI and Anthropic streaming APIs, as a plain ASGI 3 app.
+"""A deterministic mock of the OpenAI, Anthropic and Gemini streaming APIs, as a plain ASGI 3 app.
 
 :class:`MockUpstream` answers like the real providers do, from nothing but the request:
 
@@ -17,13 +17,26 @@
   (a ``thinking`` block with a ``signature_delta`` when ``thinking`` is enabled, a text block,
   a ``tool_use`` block with ``input_json_delta`` when ``tools`` are given), ``ping``,
   ``message_delta``, ``message_stop``. Non-stream: the ``message``.
+- ``POST .../models/{model}:streamGenerateContent?alt=sse`` (Google Gemini, under any prefix:
+  ``/v1beta/models/...``, Vertex AI's ``/v1/projects/p/locations/l/publishers/google/models/...``):
+  data-only ``GenerateContentResponse`` chunks, one part each: thought summaries
+  (``thought: true``) when ``generationConfig.thinkingConfig.includeThoughts`` is true, then a
+  function call (with its ``thoughtSignature``) when ``tools`` declare functions, or the text
+  ending in an empty part that carries the signature; ``candidateCount`` candidates;
+  ``finishReason`` ``MAX_TOKENS`` when ``maxOutputTokens`` cut the answer short, else ``STOP``;
+  a cumulative ``usageMetadata`` on every chunk. Without ``alt=sse``: the same chunks as one
+  JSON array (``application/json``). ``:generateContent``: the answer as one JSON object.
+  Request fields are read by their JSON or proto names (``includeThoughts`` /
+  ``include_thoughts``), as the API does. Errors are Google-shaped
+  (``{"error": {"code", "message", "status"}}``).
 - ``GET /v1/models``: a tiny model list (Anthropic-shaped when the request carries an
   ``anthropic-version`` header). Anything else: ``404`` with a provider-shaped JSON error.
 - ``GET /_mock/stats``: request counters as JSON (see :meth:`MockUpstream.stats`);
   ``POST /_mock/reset`` zeroes them. These two are not counted.
 
 The LLM routes are matched by path suffix (``/responses``, ``/chat/completions``,
-``/messages``), so the mock also answers under prefixes such as ``/openai/v1/...``.
+``/messages``, ``/models/{model}:...``), so the mock also answers under prefixes such as
+``/openai/v1/...``.
 
 **Determinism.** The answer (ids, timestamps, text, tool arguments, usage) is a function of
 the app's ``seed``, the route and the canonical JSON of the request body without the fields
@@ -66,9 +79,11 @@ time its stream would have taken. A client that disconnects stops the stream.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import random
 import re
+import urllib.parse
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -117,6 +132,12 @@ _ROUTES: Final = (
     ("/chat/completions", "chat"),
     ("/messages", "anthropic"),
 )
+# Gemini names the model and the method in the path (Gemini API and Vertex AI alike).
+_GEMINI_PATH: Final = re.compile(
+    r"/models/(?P<model>[^/:]+):(?P<method>streamGenerateContent|generateContent)$"
+)
+# Gemini's request metadata (billing labels): not part of the answer.
+_GEMINI_NOT_ANSWER: Final = frozenset({"labels"})
 _MAX_HEADER_COUNT: Final = 100_000
 _MAX_CHOICES: Final = 8
 _RECENT: Final = 100
@@ -302,6 +323,8 @@ def _anthropic_error(message: str, kind: str, request_id: str) -> bytes:
 def _error_body(
     flavour: str, status: int, message: str, request_id: str, param: str | None = None
 ) -> bytes:
+    if flavour == "gemini":
+        return _google_error(status, message)
     if flavour == "anthropic":
         kind = {
             400: "invalid_request_error",
@@ -822,6 +845,182 @@ def _anthropic_answer(
     return _Answer(events, _encoder.encode(message), failure, (500, error))
 
 
+# Google Gemini -----------------------------------------------------------------------------
+
+_GEMINI_STATUS: Final = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    405: "INVALID_ARGUMENT",
+    413: "INVALID_ARGUMENT",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+
+
+def _google_error(status: int, message: str) -> bytes:
+    error = {"code": status, "message": message, "status": _GEMINI_STATUS.get(status, "INTERNAL")}
+    return _encoder.encode({"error": error})
+
+
+def _field(obj: Mapping[str, Any], name: str) -> Any:
+    """A request field by its JSON name (``includeThoughts``) or its proto name
+    (``include_thoughts``): the API accepts both, and the SDK sends nested fields snake_case."""
+    if name in obj:
+        return obj[name]
+    return obj.get(re.sub(r"[A-Z]", lambda m: "_" + m[0].lower(), name))
+
+
+def _lower_types(schema: Any) -> Any:
+    """A Gemini ``Schema`` (``"type": "OBJECT"``) as the JSON schema :func:`_fake` reads."""
+    if isinstance(schema, dict):
+        return {
+            k: v.lower() if k == "type" and isinstance(v, str) else _lower_types(v)
+            for k, v in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_lower_types(v) for v in schema]
+    return schema
+
+
+def _gemini_tool(body: Mapping[str, Any]) -> tuple[str, Any] | None:
+    last = _last_input_item(body, "contents")
+    if any(
+        _field(_dict(p), "functionResponse") is not None
+        for p in _list(_field(_dict(last), "parts"))
+    ):
+        return None  # the tool answered: now the model writes its text
+    decls = [
+        d
+        for t in _list(_field(body, "tools"))
+        for d in _list(_field(_dict(t), "functionDeclarations"))
+        if isinstance(d, dict) and isinstance(d.get("name"), str)
+    ]
+    calling = _dict(_field(_dict(_field(body, "toolConfig")), "functionCallingConfig"))
+    if not decls or _field(calling, "mode") == "NONE":
+        return None
+    allowed = _field(calling, "allowedFunctionNames")
+    if isinstance(allowed, list):
+        decls = [d for d in decls if d["name"] in allowed] or decls
+    schema = _field(decls[0], "parametersJsonSchema") or decls[0].get("parameters")
+    return decls[0]["name"], _lower_types(schema)
+
+
+def _gemini_answer(
+    body: Mapping[str, Any], model: str, opts: _Options, digest: str, tokens_in: int
+) -> _Answer:
+    config = _dict(_field(body, "generationConfig"))
+    n = min(_cap(_field(config, "candidateCount")) or 1, _MAX_CHOICES)
+    words = opts.deltas
+    limit = _cap(_field(config, "maxOutputTokens"))
+    truncated = limit is not None and limit < words
+    if limit is not None:
+        words = max(1, min(words, limit))
+    thoughts = _field(_dict(_field(config, "thinkingConfig")), "includeThoughts") is True
+    fmt: tuple[str, Any] | None = None
+    if _field(config, "responseMimeType") == "application/json":
+        schema = _field(config, "responseJsonSchema") or _field(config, "responseSchema")
+        fmt = ("json_schema", _lower_types(schema)) if schema else ("json_object", None)
+    tool = _gemini_tool(body)
+    finish = "MAX_TOKENS" if truncated and tool is None else "STOP"
+
+    streams: list[list[dict[str, Any]]] = []  # per candidate, one part per chunk
+    finals: list[dict[str, Any]] = []
+    kinds: list[list[str]] = []  # per candidate and chunk: "thought" or "answer" (for usage)
+    for index in range(n):
+        parts: list[dict[str, Any]] = []
+        final: list[dict[str, Any]] = []
+        signature = None
+        if thoughts:
+            # Thought summaries (`thought: true` parts), then a signature (base64) for them.
+            paragraphs = [
+                f"**{_words(digest, ('title', index, i), 3).capitalize()}**\n\n"
+                f"{_words(digest, ('thought', index, i), 10)}\n\n"
+                for i in range(max(1, opts.summaries))
+            ]
+            thought = "".join(paragraphs)
+            parts += [{"text": p, "thought": True} for p in _tokens(thought)]
+            final.append({"text": thought, "thought": True})
+            raw = hashlib.blake2b(f"{digest}\0signature{index}".encode(), digest_size=60)
+            signature = base64.b64encode(raw.digest() * 2).decode("ascii")
+        if tool is not None:
+            call: dict[str, Any] = {
+                "functionCall": {
+                    "name": tool[0],
+                    "args": _fake_object(tool[1], _rng(digest, f"args{index}")),
+                }
+            }
+            if signature is not None:
+                call["thoughtSignature"] = signature
+            parts.append(call)
+            final.append(call)
+        else:
+            pieces = _output_text(digest, ("answer", index), words, fmt)
+            parts += [{"text": p} for p in pieces]
+            text: dict[str, Any] = {"text": "".join(pieces)}
+            if signature is not None:
+                # As the API streams it: the signature in a last part of empty text.
+                parts.append({"text": "", "thoughtSignature": signature})
+                text["thoughtSignature"] = signature
+            final.append(text)
+        streams.append(parts)
+        kinds.append(["thought" if p.get("thought") else "answer" for p in parts])
+        finals.append(
+            {
+                "content": {"parts": final, "role": "model"},
+                "finishReason": finish,
+                "index": index,
+            }
+        )
+
+    response_id = _ident(digest, "gemini-response", 23)
+    counts = {"thought": 0, "answer": 0}
+
+    def usage() -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "promptTokenCount": tokens_in,
+            "candidatesTokenCount": counts["answer"],
+            "totalTokenCount": tokens_in + counts["answer"] + 4 * counts["thought"],
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": tokens_in}],
+        }
+        if thoughts:
+            out["thoughtsTokenCount"] = 4 * counts["thought"]
+        return out
+
+    events: list[Event] = []
+    steps = max(len(p) for p in streams)
+    for step in range(steps):
+        entries: list[dict[str, Any]] = []
+        for index, parts in enumerate(streams):
+            entry: dict[str, Any] = {}
+            if step < len(parts):
+                entry["content"] = {"parts": [parts[step]], "role": "model"}
+                counts[kinds[index][step]] += 1
+            if step == steps - 1:
+                entry["finishReason"] = finish
+            if entry:
+                entries.append({**entry, "index": index})
+        chunk = {
+            "candidates": entries,
+            "usageMetadata": usage(),
+            "modelVersion": model,
+            "responseId": response_id,
+        }
+        events.append(Event(_dumps(chunk)))
+    whole = {
+        "candidates": finals,
+        "usageMetadata": usage(),
+        "modelVersion": model,
+        "responseId": response_id,
+    }
+    error = _google_error(500, "An internal error has occurred (x-mock-error: fail-mid-stream).")
+
+    def failure(sent: int) -> list[Event]:
+        return [Event(error.decode("utf-8"))]
+
+    return _Answer(events, _encoder.encode(whole), failure, (500, error))
+
+
 # -- the app ----------------------------------------------------------------------------------
 
 
@@ -836,7 +1035,7 @@ class _Watch:
 
 
 class MockUpstream:
-    """A deterministic OpenAI/Anthropic-compatible upstream, as a plain ASGI 3 application.
+    """A deterministic OpenAI/Anthropic/Gemini-compatible upstream, as a plain ASGI 3 application.
 
     ``delay``: seconds between events; ``first_delay``: seconds before the first event
     (``None``: the same as ``delay``); ``seed``: mixed into every answer (two apps with the
@@ -922,11 +1121,15 @@ class MockUpstream:
             return
         self._requests[f"{method} {path}"] += 1
         self._serial += 1
-        schema = next((name for suffix, name in _ROUTES if path.endswith(suffix)), None)
-        flavour = "anthropic" if schema == "anthropic" else "openai"
+        if _GEMINI_PATH.search(path):
+            schema: str | None = "gemini"
+        else:
+            schema = next((name for suffix, name in _ROUTES if path.endswith(suffix)), None)
+        flavour = schema if schema in ("anthropic", "gemini") else "openai"
         request_id = f"req_mock{self._serial:020d}"  # unique per request, like the real ones
         if schema is not None and method == "POST":
-            await self._llm(schema, path, headers, request_id, receive, send)
+            query = scope.get("query_string", b"").decode("latin-1")
+            await self._llm(schema, path, headers, request_id, receive, send, query)
         elif schema is not None:
             message = f"Method {method} not allowed on {path}"
             await _send_json(
@@ -1024,8 +1227,9 @@ class MockUpstream:
         request_id: str,
         receive: _Receive,
         send: _Send,
+        query: str = "",
     ) -> None:
-        flavour = "anthropic" if schema == "anthropic" else "openai"
+        flavour = schema if schema in ("anthropic", "gemini") else "openai"
         raw = await _read_body(receive, self.max_body_bytes)
         if raw is None:
             message = f"Request body is larger than {self.max_body_bytes} bytes"
@@ -1045,7 +1249,14 @@ class MockUpstream:
             error = _error_body(flavour, 400, exc.message, request_id, exc.param)
             await _send_json(send, 400, error, request_id, flavour)
             return
-        stream = body.get("stream") is True
+        gemini = _GEMINI_PATH.search(path) if schema == "gemini" else None
+        array = False  # Gemini streamGenerateContent without alt=sse: a JSON array
+        if gemini is not None:
+            stream = gemini["method"] == "streamGenerateContent"
+            params = urllib.parse.parse_qs(query)
+            array = stream and (params.get("alt") or params.get("$alt") or [""])[-1] != "sse"
+        else:
+            stream = body.get("stream") is True
         self._streams += stream
         self._recent.append(
             {
@@ -1073,22 +1284,27 @@ class MockUpstream:
                 extra=extra,
             )
             return
-        answer_fields = {k: v for k, v in body.items() if k not in _NOT_ANSWER}
+        not_answer = _NOT_ANSWER | _GEMINI_NOT_ANSWER if gemini is not None else _NOT_ANSWER
+        answer_fields = {k: v for k, v in body.items() if k not in not_answer}
         canonical = _canonical(answer_fields)
         seed = f"{self.seed!r}\0{schema}\0{opts.deltas}\0{opts.summaries}\0".encode()
+        if gemini is not None:
+            seed += f"{gemini['model']}\0".encode()  # the model is in the path
         digest = hashlib.blake2b(seed + canonical, digest_size=16).hexdigest()
         tokens_in = 1 + len(canonical) // 4
         if schema == "responses":
             answer = _responses_answer(body, opts, digest, tokens_in)
         elif schema == "chat":
             answer = _chat_answer(body, opts, digest, tokens_in)
+        elif gemini is not None:
+            answer = _gemini_answer(body, gemini["model"], opts, digest, tokens_in)
         else:
             answer = _anthropic_answer(body, opts, digest, tokens_in, request_id)
         self._in_flight += 1
         self._max_in_flight = max(self._max_in_flight, self._in_flight)
         try:
             if stream:
-                await self._stream(answer, opts, request_id, flavour, receive, send)
+                await self._stream(answer, opts, request_id, flavour, receive, send, array)
             else:
                 await self._unary(answer, opts, request_id, flavour, receive, send)
         finally:
@@ -1107,19 +1323,30 @@ class MockUpstream:
         flavour: str,
         receive: _Receive,
         send: _Send,
+        array: bool = False,
     ) -> None:
         mode = opts.error
-        if mode is None:
-            chunks = [serialize_sse([e]) for e in answer.events]
-        else:
+        events = answer.events
+        if mode is not None:
             after = self._cut_point(answer, opts)
-            chunks = [serialize_sse([e]) for e in answer.events[:after]]
+            events = events[:after]
             if mode == "fail-mid-stream":
-                chunks += [serialize_sse([e]) for e in answer.failure(after)]
-            elif mode == "bad-sse":
-                chunks.append(_BAD_SSE)
+                events = events + answer.failure(after)
+        if array:
+            # Gemini's streamGenerateContent without alt=sse: the chunks as one JSON array.
+            chunks = [
+                (b"[" if i == 0 else b",\r\n") + e.data.encode("utf-8")
+                for i, e in enumerate(events)
+            ]
+            if mode in (None, "fail-mid-stream"):
+                chunks.append(b"]" if chunks else b"[]")
+        else:
+            chunks = [serialize_sse([e]) for e in events]
+        if mode == "bad-sse":
+            chunks.append(_BAD_SSE)
+        media = b"application/json; charset=UTF-8" if array else b"text/event-stream; charset=utf-8"
         headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"content-type", media),
             (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no"),
             _request_id_header(flavour, request_id),

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from .adapters import AnthropicMessages, OpenAIChat, OpenAIResponses
+from .adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
 from .errors import ConfigError
 from .keys import CREDENTIAL_HEADERS, tenant_scope
 from .pacing import Pacing
@@ -34,10 +34,14 @@ __all__ = [
 
 #: Route suffixes cached by default. Gateways mount the provider APIs under prefixes
 #: (``/openai/v1/responses``, ``/v1/...``): a route matches every path that ends with it.
+#: ``{name}`` in a route stands for one path segment (Gemini's model: ``/v1beta/models/...``,
+#: ``/v1/models/...`` and Vertex AI's ``/v1/projects/p/locations/l/publishers/google/models/...``).
 DEFAULT_ROUTES: Mapping[str, Callable[[], StreamAdapter]] = {
     "/v1/responses": OpenAIResponses,
     "/v1/chat/completions": OpenAIChat,
     "/v1/messages": AnthropicMessages,
+    "/models/{model}:generateContent": GeminiGenerateContent,
+    "/models/{model}:streamGenerateContent": GeminiGenerateContent,
 }
 
 #: Pass as ``tenant=SHARED_TENANT`` to let every caller share entries (explicit opt-in).
@@ -56,6 +60,15 @@ MAX_BODY_DEPTH = 64
 
 #: Headers an integration removes before forwarding a request upstream (our controls).
 CONTROL_HEADER_PREFIX = "x-sse-cache-"
+
+#: The query parameter that carries an API key (Gemini's ``?key=``): a credential, so it is
+#: part of the tenant scope and never of a key, a route or a log line.
+QUERY_CREDENTIAL = "key"
+# The name the query credential has among the credentials when it cannot count as the
+# x-goog-api-key header ("?" is not a header-name character: no real header is called so).
+_QUERY_CREDENTIAL_NAME = "?key"
+_GOOG_API_KEY = "x-goog-api-key"
+_ROUTE_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 class Controls(msgspec.Struct, frozen=True, kw_only=True):
@@ -181,13 +194,53 @@ def _nested_deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
-def _route_of(method: str, path: str, query: str) -> str:
-    path = path.split("?", 1)[0].rstrip("/") or "/"
+def _clean_path(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/") or "/"
+
+
+def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The query's parameters without the credential, and the credential values."""
     if not query:
-        return f"{method.upper()} {path}"
+        return [], []
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    keys = [v for k, v in pairs if k == QUERY_CREDENTIAL]
+    return [(k, v) for k, v in pairs if k != QUERY_CREDENTIAL], keys
+
+
+def _route_of(method: str, path: str, params: Iterable[tuple[str, str]]) -> str:
     # Parameter order never changes an answer; values (e.g. Azure's api-version) may.
-    pairs = sorted(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    pairs = sorted(params)
+    if not pairs:
+        return f"{method.upper()} {path}"
     return f"{method.upper()} {path}?{urllib.parse.urlencode(pairs)}"
+
+
+def _with_query_key(
+    headers: Mapping[str, str], keys: list[str], credentials: tuple[str, ...]
+) -> Mapping[str, str]:
+    """``headers`` with a ``?key=`` credential among them: as the ``x-goog-api-key`` header it
+    stands for (the same key, the same tenant) unless the request has another value there."""
+    if not keys:
+        return headers
+    value = ", ".join(keys)  # several: all of them count, as for a repeated header
+    out = dict(headers)
+    if _GOOG_API_KEY in credentials and out.get(_GOOG_API_KEY, value) == value:
+        out[_GOOG_API_KEY] = value
+    else:
+        out[_QUERY_CREDENTIAL_NAME] = value
+    return out
+
+
+def _route_matcher(route: str) -> Callable[[str], bool]:
+    """Whether a path is ``route`` or ends with it; ``{name}`` matches one path segment (or
+    the part of one before a ``:``, as in ``/models/{model}:generateContent``)."""
+    if "{" not in route:
+        return lambda path: path == route or path.endswith(route)
+    pieces = _ROUTE_PARAM.split(route)
+    if any("{" in p or "}" in p for p in pieces):
+        raise ConfigError(f"route {route!r}: write a path parameter as {{name}}")
+    pattern = re.compile(".*" + "[^/:]+".join(re.escape(p) for p in pieces) + "$", re.S)
+    return lambda path: pattern.fullmatch(path) is not None
 
 
 class CachePolicy:
@@ -196,13 +249,18 @@ class CachePolicy:
     ``routes``: path (or path suffix) → adapter, or a factory of one; default
     :data:`DEFAULT_ROUTES`. A path matches a route when it equals it or ends with it, so
     ``/openai/v1/responses`` and Azure-style ``/openai/deployments/x/chat/completions``
-    (add the route ``/chat/completions``) are easy to cover. Only ``POST`` is cached.
+    (add the route ``/chat/completions``) are easy to cover; ``{name}`` in a route matches
+    one path segment (``/models/{model}:generateContent``). Only ``POST`` is cached. Routes
+    given the same adapter class or factory share one adapter (and so one cache).
 
     ``tenant``: how the tenant scope is derived — None (default) hashes the credential the
-    request carries (``Authorization``, ``x-api-key``, ``api-key``, ...; a request without
-    one is not cached: its caller cannot be told apart), a callable receives the
-    lower-cased request headers and returns a scope string, and :data:`SHARED_TENANT` lets
-    all callers share entries (explicit opt-in). Credentials themselves are never stored.
+    request carries (``Authorization``, ``x-api-key``, ``api-key``, ``x-goog-api-key``,
+    ...; a request without one is not cached: its caller cannot be told apart), a callable
+    receives the lower-cased request headers and returns a scope string, and
+    :data:`SHARED_TENANT` lets all callers share entries (explicit opt-in). A ``key`` query
+    parameter (Gemini's ``?key=``) is a credential too: it counts as the ``x-goog-api-key``
+    header (also for a callable), and is removed from the route in the key and in logs.
+    Credentials themselves are never stored.
 
     ``max_body_bytes``: larger request bodies pass through uncached (``bypass``).
     """
@@ -217,19 +275,26 @@ class CachePolicy:
     ) -> None:
         table = DEFAULT_ROUTES if routes is None else routes
         self.routes: dict[str, StreamAdapter] = {}
+        made_by: dict[int, StreamAdapter] = {}  # one adapter per class or factory
         for path, adapter in table.items():
             if not path.startswith("/"):
                 raise ConfigError(f"route {path!r} must start with '/'")
-            # A class or factory is called; an adapter instance is used as it is. (A class
-            # must be checked first: it has every attribute the protocol asks for.)
-            made = adapter() if isinstance(adapter, type) else adapter
-            if not isinstance(made, StreamAdapter) and callable(made):
-                made = made()
-            if not isinstance(made, StreamAdapter):
-                raise ConfigError(f"route {path!r}: {adapter!r} is not a StreamAdapter")
+            made: Any = made_by.get(id(adapter))
+            if made is None:
+                # A class or factory is called; an adapter instance is used as it is. (A
+                # class must be checked first: it has every attribute the protocol asks for.)
+                made = adapter() if isinstance(adapter, type) else adapter
+                if not isinstance(made, StreamAdapter) and callable(made):
+                    made = made()
+                if not isinstance(made, StreamAdapter):
+                    raise ConfigError(f"route {path!r}: {adapter!r} is not a StreamAdapter")
+                made_by[id(adapter)] = made
             self.routes[path.rstrip("/") or "/"] = made
         # Longest route first: the most specific suffix wins.
-        self._ordered = sorted(self.routes.items(), key=lambda kv: -len(kv[0]))
+        self._ordered = [
+            (route, _route_matcher(route), adapter)
+            for route, adapter in sorted(self.routes.items(), key=lambda kv: -len(kv[0]))
+        ]
         if isinstance(tenant, str) and tenant != SHARED_TENANT:
             raise ConfigError(f"tenant must be None, a callable or {SHARED_TENANT!r}")
         self._tenant = tenant
@@ -242,18 +307,26 @@ class CachePolicy:
         """The route and adapter for a request, or None when it is not a cached route."""
         if method.upper() != "POST":
             return None
-        path = path.split("?", 1)[0].rstrip("/") or "/"
-        for route, adapter in self._ordered:
-            if path == route or path.endswith(route):
+        path = _clean_path(path)
+        for route, matches, adapter in self._ordered:
+            if matches(path):
                 return route, adapter
         return None
 
-    def tenant_of(self, headers: Mapping[str, str]) -> str | None:
+    def tenant_of(self, headers: Mapping[str, str], query: str = "") -> str | None:
         """The tenant scope of a request; None when the default scope cannot tell who is
-        asking (no credential header): such requests are not cached, since their callers
-        could not be kept apart (opt in with ``tenant="shared"`` or a callable)."""
+        asking (no credential header, no ``key`` query parameter): such requests are not
+        cached, since their callers could not be kept apart (opt in with
+        ``tenant="shared"`` or a callable)."""
+        return self._tenant_of(headers, _split_query(query)[1])
+
+    def _tenant_of(self, headers: Mapping[str, str], keys: list[str]) -> str | None:
+        headers = _with_query_key(headers, keys, self._credentials)
         if self._tenant is None:
-            return tenant_scope(headers, self._credentials) or None
+            credentials = (
+                (*self._credentials, _QUERY_CREDENTIAL_NAME) if keys else self._credentials
+            )
+            return tenant_scope(headers, credentials) or None
         if self._tenant == SHARED_TENANT:
             return ""
         assert callable(self._tenant)
@@ -276,12 +349,27 @@ class CachePolicy:
 
         The request's own path and query (not just the route it matched) are part of its
         key: two Azure deployments, or two prefixes in front of different upstreams, never
-        share an entry even when the bodies are equal."""
+        share an entry even when the bodies are equal. The ``key`` query parameter is not
+        (it is a credential: see ``tenant``). An adapter with an ``http_route(path, params)``
+        method (Gemini: the path says whether a request streams) rewrites the path and
+        parameters in the key, says whether the request streams, and may pass it through
+        uncached (a non-empty ``reason``)."""
         matched = self.match(method, path)
         if matched is None:
             return Decision(reason="not a cached route")
-        route = _route_of(method, path, query)
         _, adapter = matched
+        clean = _clean_path(path)
+        params, keys = _split_query(query)
+        streaming: bool | None = None
+        why = ""
+        http_route = getattr(adapter, "http_route", None)
+        if http_route is not None:
+            keyed, keyed_params, streaming, why = http_route(clean, params)
+            if why:  # passed through: logged as it was asked (less its credential)
+                parse_controls(headers)
+                return self._unkeyable(_route_of(method, clean, params), why)
+            clean, params = keyed, list(keyed_params)
+        route = _route_of(method, clean, params)
         controls = parse_controls(headers)
         if body is None:
             return Decision(route=route, reason=f"request body over {self.max_body_bytes} bytes")
@@ -298,7 +386,7 @@ class CachePolicy:
             return self._unkeyable(route, "request body is not a JSON object")
         if _nested_deeper_than(parsed, MAX_BODY_DEPTH):
             return self._unkeyable(route, deep)
-        tenant = self.tenant_of(headers)
+        tenant = self._tenant_of(headers, keys)
         if tenant is None:
             return Decision(
                 route=route,
@@ -307,7 +395,7 @@ class CachePolicy:
         return Decision(
             adapter=adapter,
             route=route,
-            streaming=adapter.is_streaming(parsed),
+            streaming=adapter.is_streaming(parsed) if streaming is None else streaming,
             body=parsed,
             tenant=tenant,
             key_headers={

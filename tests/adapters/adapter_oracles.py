@@ -4,7 +4,9 @@ with their own stream-state machinery (not ours)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import re
 import typing
 import warnings
 from collections.abc import Iterator, Sequence
@@ -15,6 +17,11 @@ import openai
 from anthropic._models import construct_type as anthropic_construct
 from anthropic.lib.streaming._messages import accumulate_event as anthropic_accumulate
 from anthropic.types import Message, RawMessageStreamEvent
+from google.genai import types as genai_types
+from google.genai.models import (
+    _GenerateContentResponse_from_mldev,
+    _GenerateContentResponse_from_vertex,
+)
 from hypothesis import strategies as st
 from openai._models import construct_type
 from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -286,3 +293,151 @@ def check_lenient(
         assert adapter.body_outcome(raw) in (Outcome.COMPLETE, Outcome.FAIL)
         out = adapter.synthesize(raw)
         assert out is None or all(isinstance(e, Event) for e in out)
+
+
+# -- Google Gemini ------------------------------------------------------------------------------
+
+
+def gemini_parse(payload: dict[str, Any], *, strict: bool = True) -> Any:
+    """One ``GenerateContentResponse`` chunk as the SDK builds it: the wire dict through the
+    SDK's own converter (Vertex AI's when the payload has Vertex fields), then ``strict``
+    validation (every field known to the SDK; ``extra='forbid'``) or the SDK's own lenient
+    ``_from_response`` (unknown fields dropped, as the SDK's stream reader does)."""
+    if "createTime" in payload:
+        convert = _GenerateContentResponse_from_vertex
+    else:
+        convert = _GenerateContentResponse_from_mldev
+    converted = convert(json.loads(json.dumps(payload)), None, None)
+    if strict:
+        return genai_types.GenerateContentResponse.model_validate(converted)
+    return genai_types.GenerateContentResponse._from_response(response=converted, kwargs={})
+
+
+def validate_gemini(events: Sequence[Event], *, strict: bool = True) -> list[Any]:
+    """Every event a data-only chunk the SDK parses (its SSE reader ignores ``event:``)."""
+    out = []
+    for ev in events:
+        assert ev.event is None, ev.event
+        payload = json.loads(ev.data)
+        assert isinstance(payload, dict)
+        out.append(gemini_parse(payload, strict=strict))
+    return out
+
+
+def _json_path_segments(path: str) -> list[str | int]:
+    assert path.startswith("$"), path
+    out: list[str | int] = []
+    for name, index in re.findall(r"\.([^.\[\]]+)|\[(\d+)\]", path[1:]):
+        out.append(int(index) if index else name)
+    return out
+
+
+def _put(root: dict[str, Any], path: str, value: Any, append: bool) -> None:
+    segments = _json_path_segments(path)
+    node: Any = root
+    for seg, nxt in itertools.pairwise(segments):
+        if isinstance(seg, int):
+            while len(node) <= seg:
+                node.append(None)
+            if not isinstance(node[seg], list | dict):
+                node[seg] = [] if isinstance(nxt, int) else {}
+        elif not isinstance(node.get(seg), list | dict):
+            node[seg] = [] if isinstance(nxt, int) else {}
+        node = node[seg]
+    last = segments[-1]
+    if isinstance(last, int):
+        while len(node) <= last:
+            node.append(None)
+        previous = node[last]
+    else:
+        previous = node.get(last)
+    if append and isinstance(previous, str):
+        value = previous + value
+    node[last] = value
+
+
+def _new_candidate() -> dict[str, Any]:
+    return {"text": "", "thoughts": "", "signatures": [], "calls": [], "parts": [], "last": {}}
+
+
+def gemini_view(responses: Sequence[Any]) -> dict[str, Any]:
+    """What a client accumulates from SDK ``GenerateContentResponse`` objects, built from the
+    SDK's attributes only: per candidate the answer text and the thought text joined, the
+    signatures in order, the function calls (streamed ``partial_args`` assembled the way the
+    SDK documents them: JSON path + value, strings continued while ``will_continue``), other
+    parts, the finish reason and the last of every other candidate field; the last usage,
+    model version, response id and prompt feedback. Also the SDK's ``.text`` joined."""
+    candidates: dict[int, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    texts: list[str] = []
+    open_calls: dict[int, dict[str, Any]] = {}
+    continuing: dict[int, set[str]] = {}
+    for response in responses:
+        for name in ("usage_metadata", "model_version", "response_id", "prompt_feedback"):
+            value = getattr(response, name)
+            if value is not None:
+                top[name] = value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            texts.append(response.text or "")
+        for position, cand in enumerate(response.candidates or []):
+            index = cand.index if cand.index is not None else position
+            acc = candidates.setdefault(index, _new_candidate())
+            dump = cand.model_dump(mode="json", exclude={"content", "index"}, exclude_none=True)
+            acc["last"].update(dump)
+            parts = cand.content.parts if cand.content is not None else None
+            for part in parts or []:
+                if part.thought_signature is not None:
+                    acc["signatures"].append(part.thought_signature)
+                call = part.function_call
+                if call is not None:
+                    if call.name is not None:
+                        new = {"name": call.name, "id": call.id, "args": call.args}
+                        acc["calls"].append(new)
+                        open_calls.pop(index, None)
+                        continuing[index] = set()
+                        if call.will_continue:
+                            open_calls[index] = new
+                    target = open_calls.get(index)
+                    if target is not None:
+                        for arg in call.partial_args or []:
+                            if target["args"] is None:
+                                target["args"] = {}
+                            value: Any
+                            if arg.string_value is not None:
+                                value = arg.string_value
+                            elif arg.number_value is not None:
+                                value = arg.number_value
+                            elif arg.bool_value is not None:
+                                value = arg.bool_value
+                            else:
+                                value = None
+                            path = arg.json_path or "$"
+                            strings = continuing.setdefault(index, set())
+                            _put(target["args"], path, value, path in strings)
+                            if arg.will_continue:
+                                strings.add(path)
+                            else:
+                                strings.discard(path)
+                        if call.name is None and not call.will_continue:
+                            open_calls.pop(index, None)
+                elif part.text is not None:
+                    acc["thoughts" if part.thought else "text"] += part.text
+                else:
+                    acc["parts"].append(part.model_dump(mode="json", exclude_none=True))
+    # The SDK's `.text` reads candidates[0] by position: with several candidates a chunk may
+    # hold another one there, so it is compared for single-candidate answers only.
+    single = set(candidates) <= {0}
+    return {"candidates": candidates, "top": top, "text": "".join(texts) if single else None}
+
+
+def sdk_gemini_view(events: Sequence[Event], *, strict: bool = True) -> dict[str, Any]:
+    """:func:`gemini_view` of a stream, every chunk parsed by the SDK."""
+    return gemini_view(validate_gemini(events, strict=strict))
+
+
+def sdk_gemini_body_view(body: bytes | str, *, strict: bool = True) -> dict[str, Any]:
+    """:func:`gemini_view` of a non-stream answer (one response, parsed by the SDK)."""
+    payload = json.loads(body)
+    assert isinstance(payload, dict)
+    return gemini_view([gemini_parse(payload, strict=strict)])

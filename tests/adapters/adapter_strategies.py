@@ -8,6 +8,7 @@ Anthropic does), never with the library's own encoder.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 from typing import Any
@@ -610,4 +611,241 @@ malformed_events = st.builds(
     lambda data, name: Event(data.replace("\r", ""), name),
     _garbage_data,
     st.none() | st.sampled_from(KNOWN_TYPES) | names,
+)
+
+
+# -- Google Gemini --------------------------------------------------------------------------
+
+# Texts with the line separators a gateway must keep as data (U+2028, U+2029, U+0085 NEL),
+# besides CR/LF (escaped in JSON) and the usual unicode.
+gemini_texts = st.one_of(
+    texts,
+    st.lists(
+        st.sampled_from(
+            ["Hello", " world", "\u2028", "\u2029", "\u0085", "\r\n", " 東京", "🙂", '"q"', "\\"]
+        ),
+        max_size=10,
+    ).map("".join),
+)
+signatures = st.binary(min_size=1, max_size=24).map(lambda b: base64.b64encode(b).decode())
+_safety_ratings = st.lists(
+    st.builds(
+        lambda category, probability: {"category": category, "probability": probability},
+        st.sampled_from(["HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_DANGEROUS_CONTENT"]),
+        st.sampled_from(["NEGLIGIBLE", "LOW"]),
+    ),
+    min_size=1,
+    max_size=2,
+)
+_other_parts = st.one_of(
+    st.builds(lambda code: {"executableCode": {"language": "PYTHON", "code": code}}, texts),
+    st.builds(lambda out: {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": out}}, texts),
+    st.builds(lambda data: {"inlineData": {"mimeType": "image/png", "data": data}}, signatures),
+)
+_arg_values = st.one_of(texts, st.integers(-1000, 1000), st.booleans(), st.none())
+
+
+@st.composite
+def _streamed_call(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """A function call with streamed arguments (Vertex AI ``streamFunctionCallArguments``):
+    the name with ``willContinue``, ``partialArgs`` pieces (JSON path + value, strings cut
+    into pieces continued while ``willContinue``), then an empty call that ends it."""
+    head: dict[str, Any] = {"functionCall": {"name": draw(names), "willContinue": True}}
+    if draw(st.booleans()):
+        head["thoughtSignature"] = draw(signatures)
+    parts = [head]
+    args = draw(st.dictionaries(names, _arg_values, max_size=3))
+    nested = draw(st.booleans())
+    for key, value in args.items():
+        path = f"$.o1.{key}" if nested and draw(st.booleans()) else f"$.{key}"
+        if isinstance(value, str):
+            pieces = draw(chunked(value)) or [""]
+            if draw(st.booleans()):
+                pieces.append("")  # as the API ends a string: an empty last piece
+            for i, piece in enumerate(pieces):
+                arg: dict[str, Any] = {"jsonPath": path, "stringValue": piece}
+                if i < len(pieces) - 1:
+                    arg["willContinue"] = True
+                parts.append({"functionCall": {"partialArgs": [arg], "willContinue": True}})
+            continue
+        if isinstance(value, bool):
+            arg = {"jsonPath": path, "boolValue": value}
+        elif isinstance(value, int):
+            arg = {"jsonPath": path, "numberValue": value}
+        else:
+            arg = {"jsonPath": path, "nullValue": "NULL_VALUE"}
+        parts.append({"functionCall": {"partialArgs": [arg], "willContinue": True}})
+    parts.append({"functionCall": {}})
+    return parts
+
+
+@st.composite
+def _gemini_parts(draw: st.DrawFn) -> list[dict[str, Any]]:
+    """The parts one candidate streams, in order, in their streamed form."""
+    parts: list[dict[str, Any]] = []
+    if draw(st.booleans()):
+        parts += [{"text": p, "thought": True} for p in draw(chunked(draw(nonempty_texts)))]
+    kind = draw(st.sampled_from(["text", "calls", "streamed", "other"]))
+    if kind == "text":
+        parts += [{"text": p} for p in draw(chunked(draw(gemini_texts))) or [""]]
+        signature = draw(st.none() | signatures)
+        if signature is not None:
+            if draw(st.booleans()):
+                parts[-1]["thoughtSignature"] = signature
+            else:  # as the API often sends it: a last part of empty text
+                parts.append({"text": "", "thoughtSignature": signature})
+    elif kind == "calls":
+        for _ in range(draw(st.integers(1, 3))):
+            call: dict[str, Any] = {"name": draw(names)}
+            if draw(st.booleans()):
+                call["args"] = draw(json_objects)
+            if draw(st.booleans()):
+                call["id"] = draw(ids)
+            part: dict[str, Any] = {"functionCall": call}
+            if draw(st.booleans()):
+                part["thoughtSignature"] = draw(signatures)
+            parts.append(part)
+    elif kind == "streamed":
+        for _ in range(draw(st.integers(1, 2))):
+            parts += draw(_streamed_call())
+    else:
+        parts += draw(st.lists(_other_parts, min_size=1, max_size=2))
+    return parts
+
+
+@st.composite
+def _groups(draw: st.DrawFn, parts: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """``parts`` cut into the consecutive groups that chunks carry (1-3 parts each)."""
+    groups: list[list[dict[str, Any]]] = []
+    i = 0
+    while i < len(parts):
+        size = draw(st.integers(1, 3))
+        groups.append(parts[i : i + size])
+        i += size
+    return groups
+
+
+@st.composite
+def gemini_streams(draw: st.DrawFn, max_candidates: int = 3) -> list[dict[str, Any]]:
+    """``streamGenerateContent?alt=sse`` chunks of a completed answer: 1-``max_candidates``
+    candidates (``index`` on each, or left out on candidate 0 as Vertex AI's proto JSON
+    does), their parts cut into chunks, every candidate's ``finishReason`` in the last chunk,
+    ``usageMetadata`` on every chunk or on the last only, safety ratings, citations."""
+    n = draw(st.integers(1, max_candidates))
+    explicit = draw(st.booleans())
+    per_candidate = [draw(_groups(draw(_gemini_parts()))) for _ in range(n)]
+    steps = max(len(groups) for groups in per_candidate)
+    base: dict[str, Any] = {
+        "modelVersion": draw(st.sampled_from(["gemini-2.5-flash", "gemini-3-pro-preview"])),
+        "responseId": draw(ids),
+    }
+    vertex = draw(st.booleans())
+    if vertex:
+        base["createTime"] = "2026-04-02T17:03:50.399550Z"
+    every_usage = draw(st.booleans())
+    prompt_tokens = draw(st.integers(1, 500))
+    out_tokens = 0
+    chunks: list[dict[str, Any]] = []
+    for step in range(steps):
+        last = step == steps - 1
+        entries: list[dict[str, Any]] = []
+        for index, groups in enumerate(per_candidate):
+            entry: dict[str, Any] = {}
+            if step < len(groups):
+                entry["content"] = {"parts": groups[step], "role": "model"}
+            if last:
+                entry["finishReason"] = draw(st.sampled_from(["STOP", "MAX_TOKENS"]))
+                if draw(st.booleans()):
+                    entry["safetyRatings"] = draw(_safety_ratings)
+                if draw(st.integers(0, 3)) == 0:
+                    citation = {"startIndex": 0, "endIndex": 4, "uri": "https://example.com/a"}
+                    entry["citationMetadata"] = {"citations": [citation]}
+                if draw(st.integers(0, 3)) == 0:
+                    entry["avgLogprobs"] = draw(st.floats(-5, 0))
+            elif entry and draw(st.integers(0, 3)) == 0:
+                entry["safetyRatings"] = draw(_safety_ratings)
+            if not entry:
+                continue
+            if explicit or index > 0:  # Vertex AI leaves index 0 out (its proto default)
+                entry["index"] = index
+            entries.append(entry)
+        chunk: dict[str, Any] = {"candidates": entries}
+        if step == 0 and draw(st.integers(0, 3)) == 0:
+            chunk["promptFeedback"] = {"safetyRatings": draw(_safety_ratings)}
+        out_tokens += draw(st.integers(0, 20))
+        if every_usage or last:
+            usage: dict[str, Any] = {
+                "promptTokenCount": prompt_tokens,
+                "candidatesTokenCount": out_tokens,
+                "totalTokenCount": prompt_tokens + out_tokens,
+            }
+            if vertex:
+                usage["trafficType"] = "ON_DEMAND"
+            chunk["usageMetadata"] = usage
+        chunk.update(base)
+        chunks.append(chunk)
+    return chunks
+
+
+def gemini_events(chunks: list[dict[str, Any]], *, ascii: bool = False) -> list[Event]:
+    """Data-only wire events, one compact JSON chunk each (no ``event:`` line)."""
+    return [Event(json.dumps(c, ensure_ascii=ascii, separators=(",", ":"))) for c in chunks]
+
+
+def gemini_wire(events: list[Event], newline: bytes = b"\n") -> bytes:
+    """The SSE body of data-only events, framed with LF or CRLF line ends."""
+    return b"".join(b"data: " + e.data.encode() + newline + newline for e in events)
+
+
+_gemini_garbage = st.one_of(
+    _garbage_data,
+    st.builds(
+        lambda candidates, extra: json.dumps({"candidates": candidates, **extra}),
+        st.lists(
+            st.one_of(
+                json_values,
+                st.dictionaries(
+                    st.sampled_from(["finishReason", "index", "content", "safetyRatings"]),
+                    json_values,
+                    max_size=3,
+                ),
+                st.builds(
+                    lambda parts: {"content": {"parts": parts}},
+                    st.lists(
+                        st.one_of(
+                            json_values,
+                            st.dictionaries(
+                                st.sampled_from(["text", "thought", "functionCall"]),
+                                json_values,
+                                max_size=2,
+                            ),
+                            st.builds(
+                                lambda call: {"functionCall": call},
+                                st.dictionaries(
+                                    st.sampled_from(
+                                        ["name", "args", "partialArgs", "willContinue"]
+                                    ),
+                                    json_values,
+                                    max_size=3,
+                                ),
+                            ),
+                        ),
+                        max_size=3,
+                    ),
+                ),
+            ),
+            max_size=3,
+        ),
+        st.dictionaries(
+            st.sampled_from(["promptFeedback", "usageMetadata", "error", "modelVersion"]),
+            json_values,
+            max_size=2,
+        ),
+    ),
+)
+
+gemini_malformed_events = st.builds(
+    lambda data, name: Event(data.replace("\r", ""), name),
+    _gemini_garbage,
+    st.none() | st.just("error") | names,
 )

@@ -111,3 +111,28 @@ def test_proxy_rejects_a_negative_decoded_cache_size() -> None:
 
     with pytest.raises(SystemExit, match="--decoded-cache-mb must be >= 0"):
         main(["proxy", "--upstream", "http://127.0.0.1:9", "--decoded-cache-mb", "-1"])
+
+
+def test_the_proxy_access_log_never_prints_a_query_key() -> None:
+    import logging
+
+    from sse_cache.cli.proxy import RedactQueryKey
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        (
+            "127.0.0.1:5",
+            "POST",
+            "/v1beta/models/m:streamGenerateContent?alt=sse&key=AIza-secret",
+            "1.1",
+            200,
+        ),
+        None,
+    )
+    assert RedactQueryKey().filter(record)
+    line = record.getMessage()
+    assert "AIza-secret" not in line and "?alt=sse&key=***" in line

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 from ..errors import ConfigError
 from ..protocols import StreamAdapter
 from .anthropic import AnthropicMessages as AnthropicMessages
+from .gemini import GeminiGenerateContent as GeminiGenerateContent
 from .generic import GenericSSE as GenericSSE
 from .openai_chat import OpenAIChat as OpenAIChat
 from .openai_responses import OpenAIResponses as OpenAIResponses
@@ -18,6 +20,7 @@ from .openai_responses import OpenAIResponses as OpenAIResponses
 __all__ = [
     "ADAPTERS",
     "AnthropicMessages",
+    "GeminiGenerateContent",
     "GenericSSE",
     "OpenAIChat",
     "OpenAIResponses",
@@ -31,6 +34,7 @@ ADAPTERS: Final[dict[str, type[Any]]] = {
     OpenAIResponses.name: OpenAIResponses,
     OpenAIChat.name: OpenAIChat,
     AnthropicMessages.name: AnthropicMessages,
+    GeminiGenerateContent.name: GeminiGenerateContent,
 }
 
 # Route suffixes of the well-known APIs (gateways mount them under various prefixes).
@@ -39,11 +43,13 @@ _PATHS: Final = (
     ("/chat/completions", OpenAIChat.name),
     ("/messages", AnthropicMessages.name),
 )
+# Gemini names the model in the path: .../models/{model}:generateContent (or stream...).
+_GEMINI: Final = re.compile(r"/models/[^/:]+:(?:streamGenerateContent|generateContent)$")
 
 
 def by_name(name: str, **options: Any) -> StreamAdapter:
     """A new adapter for schema ``name`` (``generic``, ``openai-responses``, ``openai-chat``,
-    ``anthropic-messages``), built with keyword ``options``. Raises :class:`ConfigError`
+    ``anthropic-messages``, ``gemini``), built with keyword ``options``. Raises :class:`ConfigError`
     for an unknown name or option."""
     try:
         cls = ADAPTERS[name]
@@ -59,10 +65,13 @@ def by_name(name: str, **options: Any) -> StreamAdapter:
 
 def for_path(path: str, **options: Any) -> StreamAdapter | None:
     """The adapter for an API path (``/v1/responses``, ``/v1/chat/completions``,
-    ``/v1/messages``, also under a prefix such as ``/openai/v1/...``); None for others.
+    ``/v1/messages``, also under a prefix such as ``/openai/v1/...``; Gemini's
+    ``.../models/{model}:generateContent`` and ``:streamGenerateContent``); None for others.
     The query string, if any, is ignored."""
     path = path.split("?", 1)[0].rstrip("/")
     for suffix, name in _PATHS:
         if path.endswith(suffix):
             return by_name(name, **options)
+    if _GEMINI.search(path):
+        return by_name(GeminiGenerateContent.name, **options)
     return None

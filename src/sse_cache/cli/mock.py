@@ -1,8 +1,9 @@
 """``sse-cache mock-upstream``: serve :class:`~sse_cache.mock_upstream.MockUpstream` with uvicorn.
 
-A deterministic OpenAI/Anthropic-compatible upstream on loopback, for trying the proxy, for
-demos and for tests: ``POST /v1/responses``, ``/v1/chat/completions`` and ``/v1/messages``,
-streamed and not, paced like a model, with error modes selected by request headers.
+A deterministic OpenAI/Anthropic/Gemini-compatible upstream on loopback, for trying the proxy,
+for demos and for tests: ``POST /v1/responses``, ``/v1/chat/completions``, ``/v1/messages`` and
+Gemini's ``.../models/{model}:streamGenerateContent`` / ``:generateContent``, streamed and not,
+paced like a model, with error modes selected by request headers.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ def register(sub: Any) -> None:
     """Add the ``mock-upstream`` subcommand to the argparse subparsers ``sub``."""
     parser = sub.add_parser(
         "mock-upstream",
-        help="serve a deterministic mock of the OpenAI and Anthropic streaming APIs",
+        help="serve a deterministic mock of the OpenAI, Anthropic and Gemini streaming APIs",
         description=(
-            "Serves POST /v1/responses, /v1/chat/completions and /v1/messages (streamed and "
+            "Serves POST /v1/responses, /v1/chat/completions, /v1/messages and Gemini's "
+            ".../models/{model}:streamGenerateContent?alt=sse / :generateContent (streamed and "
             "not), GET /v1/models, and GET /_mock/stats / POST /_mock/reset (request "
             "counters). The same request always gets the same answer. Per-request headers: "
             "x-mock-delay-ms, x-mock-first-ms, x-mock-deltas, x-mock-summaries, "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import re
 from typing import Any
 
 from ..errors import ConfigError
@@ -139,8 +141,28 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         raise SystemExit(f"sse-cache proxy: {exc}") from None
+    # uvicorn's access log prints each request's query string: never a ?key= credential.
+    logging.getLogger("uvicorn.access").addFilter(RedactQueryKey())
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
     return 0
+
+
+_QUERY_KEY = re.compile(r"([?&]key=)[^&\s\"]*")
+
+
+class RedactQueryKey(logging.Filter):
+    """Replaces the value of a ``key=`` query parameter (Gemini's API key) in log records
+    with ``***``: in the message and in its arguments (uvicorn's access log passes the path
+    as an argument)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = _QUERY_KEY.sub(r"\1***", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _QUERY_KEY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
 
 
 def _megabytes(value: float) -> int:
