@@ -6,11 +6,17 @@ Envelope::
 
 The payload is a MessagePack array ``[head, columns, wire]``:
 
-- ``head``: schema, times, status, content type, meta, event count (small, uncompressed);
+- ``head``: schema, times, status, content type, meta, event count, line-end style (small,
+  uncompressed);
 - ``columns``: the events column by column (every ``data``, every type, every ``at``, ...),
   or the non-stream body — what :meth:`MsgpackCodec.decode` needs to rebuild ``Event``\\ s;
 - ``wire``: the events already written as canonical SSE bytes — what an HTTP integration
   sends on an instant replay, without building a single ``Event`` (:meth:`decode_wire`).
+
+Schema evolution (msgspec's rules for array-like structs): a new field goes last, with a
+default. Decoding an older payload fills the default in; an older reader ignores trailing
+fields it does not know. ``_Head.eol`` came so (an entry without it replays with LF line
+ends), which is why it did not need a new format version (a version changes every key).
 
 ``columns`` and ``wire`` are compressed separately (zstd or zlib, each tagged by a leading
 method byte), so each way of reading decompresses and decodes only its own part: decoding is
@@ -35,7 +41,7 @@ import msgspec
 
 from .entry import ENTRY_FORMAT_VERSION, Entry
 from .errors import ConfigError, CorruptEntry
-from .events import Event, serialize_sse
+from .events import EOL, Event, serialize_sse
 
 _zstd: ModuleType | None
 try:  # optional: sse-cache[zstd]
@@ -60,8 +66,9 @@ def zstd_available() -> bool:
 
 
 class WireEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """An entry as an HTTP integration replays it: the recorded events as canonical SSE bytes
-    (``sse``; None for a non-stream entry, whose ``body`` is set instead)."""
+    """An entry as an HTTP integration replays it: the recorded events as SSE bytes (``sse``,
+    in the canonical form with the recorded line ends, ``eol``; None for a non-stream entry,
+    whose ``body`` is set instead)."""
 
     schema: str
     created_at: float
@@ -73,6 +80,7 @@ class WireEntry(msgspec.Struct, frozen=True, kw_only=True):
     sse: bytes | None = None
     body: bytes | None = None
     expires_at: float | None = None
+    eol: EOL = "lf"
 
     @property
     def is_stream(self) -> bool:
@@ -89,6 +97,8 @@ class _Head(msgspec.Struct, array_like=True):
     count: int
     duration: float
     expires_at: float | None
+    # Added after format version 2 shipped: last, with a default (see the module docstring).
+    eol: EOL = "lf"
 
 
 class _Columns(msgspec.Struct, array_like=True):
@@ -207,9 +217,10 @@ class MsgpackCodec:
                 len(events),
                 events[-1].at if events else 0.0,
                 entry.expires_at,
+                entry.eol,
             )
             columns = self._pack(_encoder.encode(cols))
-            wire = self._pack(serialize_sse(events))
+            wire = self._pack(serialize_sse(events, eol=entry.eol))
         payload = _encoder.encode((head, columns, wire))
         version = bytes((ENTRY_FORMAT_VERSION,))
         return _MAGIC + version + self._digest(version, payload) + payload
@@ -266,6 +277,7 @@ class MsgpackCodec:
             events=events,
             meta=head.meta,
             expires_at=head.expires_at,
+            eol=head.eol,
         )
 
     def decode_wire(self, data: bytes) -> WireEntry:
@@ -287,6 +299,7 @@ class MsgpackCodec:
             sse=sse,
             body=body,
             expires_at=head.expires_at,
+            eol=head.eol,
         )
 
     def _open(self, data: bytes) -> tuple[_Head, bytes, bytes]:

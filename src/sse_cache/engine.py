@@ -35,7 +35,7 @@ from .breaker import Breaker, BreakerState
 from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
 from .errors import ConfigError, CorruptEntry
-from .events import Event, serialize_sse
+from .events import EOL, Event, serialize_sse
 from .flight import Cursor, Flight, Flights, Head, LiveFlight, Phase, SharedStreamAborted
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
@@ -475,7 +475,17 @@ class LiveRecording:
     live stream that identical requests follow is the integration's own (of bytes: see
     :mod:`sse_cache.flight`)."""
 
-    __slots__ = ("_cache", "_key", "_started", "_ttl", "entry", "recorder", "status", "stored")
+    __slots__ = (
+        "_cache",
+        "_key",
+        "_started",
+        "_ttl",
+        "entry",
+        "eol",
+        "recorder",
+        "status",
+        "stored",
+    )
 
     def __init__(self, cache: StreamCache, key: str, recorder: Recorder, ttl: float | None) -> None:
         self._cache = cache
@@ -487,6 +497,9 @@ class LiveRecording:
         #: The entry judged storable when the stream ended (None before, or if it failed).
         self.entry: Entry | None = None
         self.stored = False
+        #: The line ends of the stream's bytes (set by the integration that parses them):
+        #: ``"crlf"`` when every line ended with CRLF, so that its replays do too.
+        self.eol: EOL = "lf"
 
     def add(self, events: Iterable[Event]) -> None:
         """Record events that were just delivered to the producer's client."""
@@ -507,7 +520,9 @@ class LiveRecording:
         """The stream ended by itself: judge it now (stored when the block is left)."""
         if self.entry is None and self.recorder.state is _RECORDING:
             status, content_type = self.status
-            entry = self.recorder.finish(clean_end=True, status=status, content_type=content_type)
+            entry = self.recorder.finish(
+                clean_end=True, status=status, content_type=content_type, eol=self.eol
+            )
             if entry is not None and self._ttl is not None:
                 entry = msgspec.structs.replace(entry, expires_at=time.time() + self._ttl)
             self.entry = entry
@@ -1050,9 +1065,10 @@ def _to_wire(entry: Entry) -> WireEntry:
         meta=entry.meta,
         count=len(events) if events is not None else 0,
         duration=events[-1].at if events else 0.0,
-        sse=serialize_sse(events) if events is not None else None,
+        sse=serialize_sse(events, eol=entry.eol) if events is not None else None,
         body=entry.body,
         expires_at=entry.expires_at,
+        eol=entry.eol,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .events import Event
+from .events import EOL, Event
 
 __all__ = ["ENTRY_FORMAT_VERSION", "Entry"]
 
@@ -20,7 +20,11 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     ``schema`` is the name of the adapter that recorded it, ``status`` the upstream HTTP status
     (always 2xx for what the engine stores), ``content_type`` the upstream's content type,
     ``created_at`` a Unix timestamp, ``meta`` small adapter facts (for instance the OpenAI
-    response id, for resume). Credentials and request headers are never part of an entry.
+    response id, for resume). ``eol`` is the line-end style of a recorded stream's wire
+    form: ``"crlf"`` when every line of the upstream's stream ended with CRLF (a replay then
+    writes CRLF, byte for byte as recorded), else ``"lf"`` (canonical; a synthesised stream,
+    an entry written before this field existed). Credentials and request headers are never
+    part of an entry.
     """
 
     schema: str
@@ -32,10 +36,13 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     meta: dict[str, str] = {}
     expires_at: float | None = None
     version: int = ENTRY_FORMAT_VERSION
+    eol: EOL = "lf"
 
     def __post_init__(self) -> None:
         if (self.events is None) == (self.body is None):
             raise ValueError("an Entry holds either events (a recorded stream) or a body")
+        if self.eol not in ("lf", "crlf"):
+            raise ValueError(f"eol must be 'lf' or 'crlf', got {self.eol!r}")
 
     @property
     def is_stream(self) -> bool:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Literal
 
 import msgspec
 
 from .errors import SSEError
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "Event", "SSEParser", "serialize_sse"]
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "EOL", "Event", "SSEParser", "serialize_sse"]
+
+EOL = Literal["lf", "crlf"]
+"""The line ends :func:`serialize_sse` writes: ``"lf"`` (canonical) or ``"crlf"``."""
 
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
 
@@ -24,6 +28,9 @@ _BOM = b"\xef\xbb\xbf"
 _EVENT_BLOCKS = re.compile(rb"event: ([^\n]*)\ndata: ([^\n]*)\n\n")
 _DATA_BLOCKS = re.compile(rb"data: ([^\n]*)\n\n")
 _utf8 = bytes.decode  # UTF-8, strict
+# What SSEParser has seen of the stream's line ends (its ``_eol``): none yet, only CRLF so
+# far, or anything else (an LF or a CR on its own): then it stops looking.
+_EOL_NONE, _EOL_CRLF, _EOL_OTHER = 0, 1, 2
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -56,13 +63,16 @@ class SSEParser:
     Invalid UTF-8 raises :class:`SSEError`, as does an event (or a single line) larger than
     ``max_event_bytes``: a hostile upstream cannot make the parser hold unbounded memory.
     ``close()`` ends the stream: per the spec, an event not terminated by a blank line is
-    discarded, and :attr:`discarded` then tells that it happened.
+    discarded, and :attr:`discarded` then tells that it happened. :attr:`crlf` tells whether
+    every line end of the stream so far was CRLF (what :func:`serialize_sse` can reproduce
+    with ``eol="crlf"``).
     """
 
     __slots__ = (
         "_at_start",
         "_data",
         "_data_size",
+        "_eol",
         "_event",
         "_id",
         "_max",
@@ -80,6 +90,7 @@ class SSEParser:
         self._pending = b""  # bytes of an unfinished line (never holds CR or LF)
         self._at_start = True  # before the first byte: a BOM may follow
         self._skip_lf = False  # the previous chunk ended with CR: drop one leading LF
+        self._eol = _EOL_NONE
         self._data: list[str] = []
         self._data_size = 0
         self._event: str | None = None
@@ -98,6 +109,7 @@ class SSEParser:
                 self._pending = buf  # could still become a BOM: wait for more bytes
                 return []
             self._at_start = False
+            self._eol = _EOL_NONE  # a new stream (the parser may be reused after close)
             if buf.startswith(_BOM):
                 buf = buf[3:]
             self._pending = b""
@@ -106,9 +118,21 @@ class SSEParser:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
+            else:
+                self._eol = _EOL_OTHER  # that CR ended a line on its own
         if b"\r" in chunk:
             self._skip_lf = chunk.endswith(b"\r")
+            if self._eol != _EOL_OTHER:
+                # Only CRLF: every LF follows a CR, and every CR precedes an LF (or ends the
+                # chunk, and the next chunk must start with its LF).
+                pairs = chunk.count(b"\r\n")
+                only_crlf = pairs == chunk.count(b"\n") and pairs + self._skip_lf == chunk.count(
+                    b"\r"
+                )
+                self._eol = _EOL_CRLF if only_crlf else _EOL_OTHER
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        elif self._eol != _EOL_OTHER and b"\n" in chunk:
+            self._eol = _EOL_OTHER  # an LF line end (the LF path pays this once per stream)
         end = chunk.rfind(b"\n")
         if end < 0:
             self._pending += chunk
@@ -129,11 +153,20 @@ class SSEParser:
         """End of input. Returns no events (an unterminated event is discarded, as the spec
         says); sets :attr:`discarded` when data was pending. The parser can be reused."""
         self.discarded = bool(self._data) or bool(self._pending and not self._at_start)
+        if self._skip_lf:
+            self._eol = _EOL_OTHER  # the stream ended with a CR on its own
         self._reset_event()
         self._pending = b""
         self._at_start = True
         self._skip_lf = False
         return []
+
+    @property
+    def crlf(self) -> bool:
+        """Every line end of the stream fed so far was CRLF (and there was at least one); a
+        stream with LF or lone CR line ends, or a mix, is False. Kept after :meth:`close`
+        until the next stream is fed."""
+        return self._eol == _EOL_CRLF
 
     def _reset_event(self) -> None:
         self._data = []
@@ -247,12 +280,14 @@ def _check_field(name: str, value: str) -> None:
         raise SSEError(f"SSE {name} field cannot contain a line break: {value!r}")
 
 
-def serialize_sse(events: Iterable[Event]) -> bytes:
+def serialize_sse(events: Iterable[Event], *, eol: EOL = "lf") -> bytes:
     """Write events in the canonical wire form.
 
     Per event: ``event: X`` (if any), ``id: X`` (if any), ``retry: N`` (if any), one
     ``data: ...`` line per data line, then a blank line. For input already in that form (what
-    OpenAI, Anthropic and most gateways emit) ``serialize_sse(parse(b)) == b``. Raises
+    OpenAI, Anthropic and most gateways emit) ``serialize_sse(parse(b)) == b``. Lines end with
+    LF, or with CRLF when ``eol="crlf"`` (the same form framed with CRLF, as Gemini's API
+    sends it: then ``serialize_sse(parse(b), eol="crlf") == b``). Raises
     :class:`SSEError` for values the wire form cannot carry (a CR in ``data``, a line break in
     ``event`` or ``id``, a NUL in ``id``).
     """
@@ -279,6 +314,12 @@ def serialize_sse(events: Iterable[Event]) -> bytes:
         else:
             append(f"data: {data}\n\n")
     try:
-        return "".join(parts).encode("utf-8")
+        raw = "".join(parts).encode("utf-8")
     except UnicodeEncodeError as exc:  # lone surrogates: no UTF-8 for them
         raise SSEError(f"SSE text must be valid Unicode: {exc}") from None
+    if eol == "lf":
+        return raw
+    if eol != "crlf":
+        raise ValueError(f"eol must be 'lf' or 'crlf', got {eol!r}")
+    # No value holds a CR or LF (checked above): every LF written is a line end.
+    return raw.replace(b"\n", b"\r\n")

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from .entry import Entry
-from .events import Event
+from .events import EOL, Event
 from .protocols import Outcome, StreamAdapter
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "Recorder", "RecorderState"]
@@ -111,6 +111,7 @@ class Recorder:
         content_type: str = "text/event-stream",
         created_at: float | None = None,
         meta: Mapping[str, str] | None = None,
+        eol: EOL = "lf",
     ) -> Entry | None:
         """The entry to store, or None (then :attr:`reason` says why).
 
@@ -118,7 +119,8 @@ class Recorder:
         A stream is stored when the HTTP status is 2xx, no event reported a failure, and
         either an event completed it (e.g. ``response.completed``: then it does not matter
         that the reader left afterwards) or the schema has no completing event
-        (``end_outcome``) and the stream ended cleanly.
+        (``end_outcome``) and the stream ended cleanly. ``eol``: the line ends the stream came
+        with (``"crlf"`` when every line ended with CRLF), for a byte-exact replay.
         """
         if self.state is not _RECORDING:
             return None
@@ -161,6 +163,7 @@ class Recorder:
             content_type=content_type,
             events=events,
             meta=info,
+            eol=eol,
         )
 
     def _verdict(self) -> Outcome:

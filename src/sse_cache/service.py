@@ -56,7 +56,7 @@ from .engine import (
 )
 from .entry import Entry
 from .errors import BackendTimeout, ConfigError, SSEError
-from .events import Event, SSEParser, serialize_sse
+from .events import EOL, Event, SSEParser, serialize_sse
 from .flight import Cursor, Head, LiveFlight, SharedStreamAborted
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
@@ -271,7 +271,7 @@ class CacheService:
             return None
         events = events_after(entry.events, after)
         base = [("content-type", entry.content_type), *_SSE_HEADERS]
-        chunks = _slices(serialize_sse(events))
+        chunks = _slices(serialize_sse(events, eol=entry.eol))
         duration = entry.events[-1].at if entry.events else 0.0
         return _hit_answer(self.hooks, key, entry, chunks, base, len(events), duration)
 
@@ -521,14 +521,14 @@ class Exchange:
 
     def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
         if wire.sse is not None:
-            chunks = _slices(wire.sse)
+            chunks = _slices(wire.sse)  # already in the recorded line ends (wire.eol)
             content_type, events, duration = wire.content_type, wire.count, wire.duration
         else:
             assert wire.body is not None
             synthesized = cache.adapter.synthesize(wire.body)
             if synthesized is None:
                 return None
-            chunks = _slices(serialize_sse(synthesized))
+            chunks = _slices(serialize_sse(synthesized))  # synthesised: canonical LF
             content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
         return self._answer(
             wire, chunks, [("content-type", content_type), *_SSE_HEADERS], events, duration
@@ -544,7 +544,8 @@ class Exchange:
             )
             content_type = entry.content_type if entry.is_stream else SSE_TYPE
             base = [("content-type", content_type), *_SSE_HEADERS]
-            chunks = _stream_chunks(stream)
+            # A recorded stream in its recorded line ends; a synthesised one in LF.
+            chunks = _stream_chunks(stream, entry.eol if entry.is_stream else "lf")
         else:
             body = cache.body_of(entry)
             if body is None:
@@ -846,6 +847,8 @@ class ResponseTee:
             # cleanly, whatever the adapter would have said (followers still got its bytes).
             self.abort("the stream ended inside an event (no final blank line)")
         elif self._live is not None and not self._failed:
+            if self._parser.crlf:  # every line ended with CRLF: replays will too
+                self._live.eol = "crlf"
             self._live.end()
             if self._flight is not None:
                 self._flight.entry = self._live.entry
@@ -1065,9 +1068,10 @@ async def _slices(data: bytes) -> AsyncIterator[bytes]:
         yield data[start : start + _CHUNK_BYTES]
 
 
-async def _stream_chunks(stream: CachedStream) -> AsyncIterator[bytes]:
+async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator[bytes]:
     # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
-    # and live streams come as they are due and are written at once.
+    # and live streams come as they are due and are written at once. ``eol``: the line ends
+    # the stream was recorded with.
     pending: list[Event] = []
     size = 0
     batches = stream.batches(_BATCH_EVENTS)
@@ -1076,7 +1080,7 @@ async def _stream_chunks(stream: CachedStream) -> AsyncIterator[bytes]:
             pending += batch
             size += sum(len(e.data) for e in batch)
             if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
-                yield serialize_sse(pending)
+                yield serialize_sse(pending, eol=eol)
                 pending, size = [], 0
     if pending:
-        yield serialize_sse(pending)
+        yield serialize_sse(pending, eol=eol)

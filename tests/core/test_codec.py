@@ -203,3 +203,69 @@ def test_event_type_indices_outside_the_table_are_corrupt() -> None:
         MsgpackCodec().decode(_forged_with_columns([*good[:2], b"\x00", *good[3:]]))
     with pytest.raises(CorruptEntry, match="inconsistent"):
         MsgpackCodec().decode(_forged_with_columns([*good[:4], ["1"], None]))
+
+
+# -- the line-end style (Entry.eol): added after format version 2, last with a default --------
+
+_crlf_entries = st.builds(
+    lambda events, **kw: Entry(events=events, **kw),
+    _events,
+    schema=st.just("generic"),
+    created_at=st.floats(0, 2e9),
+    eol=st.sampled_from(["lf", "crlf"]),
+)
+
+
+@pytest.mark.parametrize("codec", codecs, ids=["auto", "zlib", "none", "zstd+mac"])
+@given(entry=_crlf_entries)
+def test_eol_round_trips_and_frames_the_wire_part(codec: MsgpackCodec, entry: Entry) -> None:
+    data = codec.encode(entry)
+    assert codec.decode(data) == entry
+    wire = codec.decode_wire(data)
+    assert wire.eol == entry.eol
+    assert entry.events is not None
+    assert wire.sse == serialize_sse(entry.events, eol=entry.eol)
+
+
+# Written by the code before Entry.eol existed (a 9-field head): Entry(schema="generic",
+# created_at=1.0, events=(Event("a", "t", at=0.5), Event("b\nc", id="7", at=1.0)),
+# meta={"k": "v"}), MsgpackCodec(compression="none").
+OLD_ENTRY = bytes.fromhex(
+    "5353454302a16852871203ee97673e252eef103f409399a767656e65726963cb3ff0000000000000ccc8b174"
+    "6578742f6576656e742d73747265616d81a16ba176c302cb3ff0000000000000c0c429009692a161a3620a63"
+    "92a174c0c402000192cb3fe0000000000000cb3ff000000000000092c0a137c0c42a006576656e743a20740a"
+    "646174613a20610a0a69643a20370a646174613a20620a646174613a20630a0a"
+)
+
+
+def test_entries_written_before_eol_decode_as_lf() -> None:
+    codec = MsgpackCodec()
+    entry = codec.decode(OLD_ENTRY)
+    events = (Event("a", "t", at=0.5), Event("b\nc", id="7", at=1.0))
+    assert entry == Entry(schema="generic", created_at=1.0, events=events, meta={"k": "v"})
+    assert entry.eol == "lf"
+    wire = codec.decode_wire(OLD_ENTRY)
+    assert wire.eol == "lf" and wire.sse == serialize_sse(events)
+    # And a forged old head (nine fields) with other columns: LF too.
+    forged = _forged_with_columns([["x", "y"], [None], b"\x00\x00", [0.0, 1.0], None, None])
+    assert codec.decode(forged).eol == codec.decode_wire(forged).eol == "lf"
+
+
+def test_old_readers_ignore_the_new_head_field() -> None:
+    # What the code before Entry.eol reads: the head without its last field.
+    import msgspec
+
+    from sse_cache.codec import _parts_decoder
+
+    entry = Entry(schema="generic", created_at=1.0, events=(Event("a"),), eol="crlf")
+    data = MsgpackCodec(compression="none").encode(entry)
+    head = _parts_decoder.decode(data[21:])[0]
+    raw_head = msgspec.msgpack.decode(msgspec.msgpack.encode(head))
+    assert len(raw_head) == 10 and raw_head[-1] == "crlf"
+
+
+def test_eol_is_validated() -> None:
+    with pytest.raises(ValueError, match="eol"):
+        Entry(schema="g", created_at=1.0, events=(), eol="cr")  # type: ignore[arg-type]
+    body = Entry(schema="g", created_at=1.0, body=b"{}")
+    assert MsgpackCodec().decode_wire(MsgpackCodec().encode(body)).eol == "lf"

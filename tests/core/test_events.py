@@ -219,3 +219,61 @@ def parse_with_limit(raw: bytes, limit: int, cuts: list[int] | None) -> list[Eve
         out += parser.feed(raw[pos:cut])
         pos = cut
     return out + parser.feed(raw[pos:])
+
+
+# -- line-end style: SSEParser.crlf and serialize_sse(eol="crlf") -----------------------------
+
+
+def _crlf_of(raw: bytes, cuts: list[int] | None = None) -> bool:
+    parser = SSEParser()
+    pos = 0
+    for size in cuts or []:
+        parser.feed(raw[pos : pos + size])
+        pos += size
+    parser.feed(raw[pos:])
+    parser.close()
+    return parser.crlf
+
+
+@given(events_strategy, st.lists(st.integers(0, 50), max_size=10))
+def test_crlf_serialisation_round_trips_under_any_chunking(
+    events: list[Event], cuts: list[int]
+) -> None:
+    raw = serialize_sse(events, eol="crlf")
+    assert raw == serialize_sse(events).replace(b"\n", b"\r\n")
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # every line end is CRLF
+    assert parse(raw, chunks=cuts) == events
+    assert serialize_sse(parse(raw, chunks=cuts), eol="crlf") == raw
+    has_lines = bool(events)  # no events, no line ends: not CRLF
+    assert _crlf_of(raw, cuts) is _crlf_of(raw, [1] * len(raw)) is has_lines
+    assert not _crlf_of(serialize_sse(events), cuts)  # LF
+    assert not _crlf_of(serialize_sse(events).replace(b"\n", b"\r"), cuts)  # CR only
+
+
+@given(raw_stream, st.lists(st.integers(0, 40), max_size=12))
+def test_crlf_is_true_exactly_when_every_line_end_is_crlf(raw: bytes, cuts: list[int]) -> None:
+    lone = raw.replace(b"\r\n", b"")
+    expected = b"\r\n" in raw and b"\r" not in lone and b"\n" not in lone
+    assert _crlf_of(raw, cuts) is expected
+    assert _crlf_of(raw, [1] * len(raw)) is expected
+
+
+def test_crlf_edge_cases() -> None:
+    assert not _crlf_of(b"")  # no line end at all
+    assert not _crlf_of(b"data: a\r\n\r\ndata: b\n\n")  # mixed
+    assert not _crlf_of(b"data: a\r\n\r\ndata: b\r\n\r")  # ends with a CR on its own
+    assert not _crlf_of(b"data: a\r\n\r\ndata: b\r\r\n")  # a lone CR then a CRLF
+    assert _crlf_of(b"\xef\xbb\xbfdata: a\r\n\r\n", [1, 1, 1, 8])  # after a BOM
+    assert _crlf_of(b"data: a\r\n\r\n", [8, 1, 1])  # CR | LF across chunks
+    parser = SSEParser()
+    parser.feed(b"data: a\r\n\r\n")
+    parser.close()
+    assert parser.crlf  # kept after close
+    parser.feed(b"data: b\n\n")
+    parser.close()
+    assert not parser.crlf  # a reused parser judges its new stream
+
+
+def test_serialize_rejects_an_unknown_eol() -> None:
+    with pytest.raises(ValueError, match="eol"):
+        serialize_sse([Event("x")], eol="cr")  # type: ignore[arg-type]
