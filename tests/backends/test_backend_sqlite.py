@@ -21,7 +21,7 @@ from sse_cache import Event, StreamCache
 from sse_cache.adapters import GenericSSE
 from sse_cache.backends import sqlite as sqlite_module
 from sse_cache.backends.sqlite import SQLiteBackend, from_url
-from sse_cache.errors import BackendError, ConfigError
+from sse_cache.errors import BackendError, BackendUnavailable, ConfigError
 
 pytestmark = pytest.mark.anyio
 
@@ -73,6 +73,88 @@ async def test_foreign_schema_version_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(BackendError, match="schema version 99"):
         await backend.get("k")
     await backend.aclose()
+
+
+async def test_urls_name_files_as_sqlalchemy_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    relative = from_url("sqlite:///rel.db")  # three slashes: in the working directory
+    absolute = from_url(f"sqlite:////{str(tmp_path / 'abs.db').lstrip('/')}")  # four
+    monkeypatch.chdir(elsewhere)  # resolved when created: a later chdir does not move it
+    for backend in (relative, absolute):
+        await backend.set("k", b"v", None)
+        await backend.aclose()
+    assert (work / "rel.db").is_file() and (tmp_path / "abs.db").is_file()
+    assert os.listdir(elsewhere) == []
+
+
+async def test_create_false_opens_an_existing_cache_only(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    missing = from_url(f"sqlite:///{path}?create=false")
+    with pytest.raises(BackendUnavailable, match=f"{path}' does not exist.*create=false"):
+        await missing.get("k")
+    assert os.listdir(tmp_path) == []  # no file, no -wal, no -shm
+    await missing.aclose()
+
+    writer = from_url(f"sqlite:///{path}")
+    await writer.set("k", b"v", None)
+    await writer.aclose()
+    reader = from_url(f"sqlite:///{path}", create=False, check_interval=0)
+    assert await reader.get("k") == b"v"
+    path.unlink()  # deleted under an open-existing-only reader: not recreated
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        await reader.get("k")
+    assert not path.exists()
+    await reader.aclose()
+
+
+@pytest.mark.parametrize("kind", ["foreign", "empty"])
+async def test_create_false_leaves_other_files_untouched(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "other.db"
+    if kind == "foreign":
+        with closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("CREATE TABLE notes (body TEXT)")
+    else:
+        path.touch()
+    before = path.read_bytes()
+    backend = from_url(f"sqlite:///{path}?create=false")
+    with pytest.raises(BackendError, match="is not an sse_cache database"):
+        await backend.stats()
+    await backend.aclose()
+    assert path.read_bytes() == before  # not switched to WAL, no tables added
+
+
+async def test_a_relative_url_whose_absolute_twin_exists_is_noted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The URL an old absolute spelling (three slashes) leaves: sqlite:///<tmp>/cache.db now
+    # names <cwd>/<tmp>/cache.db. The file it used to name exists: the log says how to reach it.
+    twin = tmp_path / "cache.db"
+    twin.write_bytes(b"")
+    relative = str(twin).lstrip("/")
+    cwd = tmp_path / "cwd"
+    (cwd / relative).parent.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    backend = from_url(f"sqlite:///{relative}")
+    with caplog.at_level("WARNING", logger="sse_cache"):
+        await backend.set("k", b"v", None)
+    await backend.aclose()
+    assert (cwd / relative).is_file()
+    [record] = [r for r in caplog.records if r.name.startswith("sse_cache")]
+    assert f"created a new cache file {cwd / relative}" in record.getMessage()
+    assert f"write sqlite:///{twin} (four slashes)" in record.getMessage()
+    # Opening an existing file, or a relative path without such a twin, says nothing.
+    caplog.clear()
+    for url in (f"sqlite:///{relative}", "sqlite:///no-twin.db"):
+        backend = from_url(url)
+        with caplog.at_level("WARNING", logger="sse_cache"):
+            await backend.get("k")
+        await backend.aclose()
+    assert caplog.records == []
 
 
 async def test_size_budget_evicts_least_recently_used(tmp_path: Path) -> None:

@@ -89,18 +89,43 @@ def test_unix_url_without_a_path() -> None:
         from_url("unix://")
 
 
-def test_sqlite_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert from_url("sqlite:///./rel.db").path == "./rel.db"  # type: ignore[attr-defined]
-    assert from_url("sqlite:///abs/x.db").path == "/abs/x.db"  # type: ignore[attr-defined]
-    assert from_url("sqlite:////abs/x.db").path == "/abs/x.db"  # type: ignore[attr-defined]
-    assert from_url(f"sqlite:///{tmp_path}/x.db").path == f"{tmp_path}/x.db"  # type: ignore[attr-defined]
-    assert from_url("sqlite://./rel.db").path == "./rel.db"  # type: ignore[attr-defined]
-    assert from_url("sqlite:///a%20b.db").path == "/a b.db"  # type: ignore[attr-defined]
-    with pytest.raises(ConfigError, match="three slashes"):
-        from_url("sqlite://host/x.db")
-    with pytest.raises(ConfigError, match="names no file"):
-        from_url("sqlite:///")
+def test_sqlite_paths_as_sqlalchemy_reads_them(tmp_path: Path) -> None:
+    def path(url: str) -> str:
+        return from_url(url).path  # type: ignore[attr-defined,no-any-return]
+
+    # Three slashes: the path after them, relative to the working directory.
+    assert path("sqlite:///cache.db") == "cache.db"
+    assert path("sqlite:///./rel.db") == "./rel.db"
+    assert path("sqlite:///sub/dir/x.db") == "sub/dir/x.db"
+    assert path("sqlite:///a%20b.db") == "a b.db"
+    assert path("sqlite:///x.db?max_bytes=1MiB") == "x.db"
+    # Four slashes (or more): absolute.
+    assert path("sqlite:////abs/x.db") == "/abs/x.db"
+    assert path("sqlite://///abs/x.db") == "/abs/x.db"
+    assert path(f"sqlite:///{tmp_path}/x.db") == f"{tmp_path}/x.db"  # "sqlite:///" + "/tmp/..."
+    assert path("sqlite:///:memory:") == ":memory:"
+    assert path("sqlite:///~/x.db") == str(Path.home() / "x.db")
+    assert path("sqlite://./rel.db") == "./rel.db"  # two slashes and a dot: a common slip
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite://host/x.db", "has no host.*four slashes"),
+        ("sqlite:///", "names no file"),
+        ("sqlite:////", "names no file"),
+        ("sqlite://", "names no file"),
+    ],
+)
+def test_sqlite_urls_that_name_no_file(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        from_url(url)
+
+
+def test_sqlite_create_option_is_a_boolean() -> None:
+    # What create=false does is tested in test_backend_sqlite.py, against real files.
+    with pytest.raises(ConfigError, match="option 'create': expected true or false"):
+        from_url("sqlite:///x.db?create=maybe")
 
 
 def test_memcached_servers() -> None:

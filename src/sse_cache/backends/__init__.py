@@ -152,8 +152,9 @@ def open_backend(backend: Backend | str) -> tuple[Backend, bool]:
 def from_url(url: str, **options: Any) -> Backend:
     """Create a backend from a URL; keyword ``options`` override the URL's query parameters.
 
-    Built-in schemes: ``memory://``, ``sqlite:///path/to/file.db`` (``sqlite:///./rel.db`` for
-    a relative path), ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS),
+    Built-in schemes: ``memory://``, ``sqlite:///relative/file.db`` (as SQLAlchemy reads it:
+    relative to the working directory; ``sqlite:////abs/file.db`` absolute,
+    ``sqlite:///:memory:``), ``redis://[user:password@]host:port/db``, ``rediss://`` (TLS),
     ``unix:///path/redis.sock``, ``redis+cluster://host:port[,host:port...]`` (and
     ``rediss+cluster://``), ``memcached://host:port[,host:port...]``; see docs/backends.md for
     each scheme's options. Other schemes are looked up among installed plugins.

@@ -7,6 +7,7 @@ trio alike, which an asyncio-only wrapper such as aiosqlite would not be.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sqlite3
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any, Final, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 import anyio.to_thread
@@ -25,6 +26,8 @@ from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigErr
 from ._common import Options, check_open, expires_at, to_bytes
 
 __all__ = ["SQLiteBackend", "from_url"]
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: A file's identity: (st_dev, st_ino).
@@ -122,7 +125,11 @@ class SQLiteBackend:
       records its access time in memory and the next ``set`` of this backend writes it, so
       reads stay read-only (and fast) in SQLite. A single value larger than ``max_bytes`` is
       not stored; ``set`` removes the old value and raises :class:`BackendError`.
-    - *Faults*: the file is opened on first use. A missing directory, a corrupt or foreign file
+    - *Opening*: the file is opened on first use and created (an empty cache) if missing,
+      unless ``create`` is False: then a missing file raises :class:`BackendUnavailable`
+      naming the path, and an existing file that is not an sse_cache database is left
+      untouched (:class:`BackendError`) — what a command that only reads a cache wants.
+    - *Faults*: a missing directory, a corrupt or foreign file
       or a lock held too long (``read_timeout`` for reads, ``timeout`` for writes) raise
       :class:`BackendError` subclasses (the engine turns them into misses); after a corrupt or
       unreadable file the connection is reopened on the next call, so replacing the file
@@ -151,6 +158,7 @@ class SQLiteBackend:
         purge_interval: float = 60.0,
         synchronous: str = "NORMAL",
         check_interval: float = _CHECK_INTERVAL,
+        create: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -174,6 +182,7 @@ class SQLiteBackend:
         self._check_interval = check_interval
         self._watch = self.path not in ("", ":memory:")
         self._where = _absolute(self.path) if self._watch else self.path
+        self._create = create or not self._watch  # a private database is always new
         self._file: _FileId | None = None
         self._sidecars: dict[str, _FileId] = {}
         self._next_check = -math.inf
@@ -270,6 +279,8 @@ class SQLiteBackend:
         # The one place where sqlite3 errors become the BackendError family.
         try:
             yield
+        except BackendError:
+            raise  # already ours, with its own message (BackendUnavailable is an OSError)
         except sqlite3.Error as exc:
             if _is_busy(exc):
                 raise BackendTimeout(f"SQLite database {self.path!r} is locked: {exc}") from exc
@@ -315,11 +326,19 @@ class SQLiteBackend:
     def _open(self) -> None:
         for _ in range(_OPEN_ATTEMPTS):
             before = self._existing_file() if self._watch else None
+            if before is None and self._watch and not self._create:
+                raise BackendUnavailable(
+                    f"SQLite file {self._where!r} does not exist (create=false: nothing is "
+                    "created; sqlite:///name.db is relative to the working directory, "
+                    "sqlite:////abs/name.db absolute)"
+                )
             conn = sqlite3.connect(
-                self._where,
+                # mode=rw: a file removed since the check above is an error, not a new file.
+                self._where if self._create else f"file:{quote(self._where)}?mode=rw",
                 timeout=self._timeout,
                 isolation_level=None,  # autocommit; write transactions are explicit
                 check_same_thread=False,  # used from worker threads, one at a time (limiter)
+                uri=not self._create,
             )
             try:
                 self._retrying(False, partial(self._initialise, conn))
@@ -348,7 +367,7 @@ class SQLiteBackend:
         # read them as part of the new file, so the process that creates the file removes
         # them. Only files seen *before* the database existed: never a new database's own.
         current = _file_id(self._where)
-        if current is not None:
+        if current is not None or not self._create:
             return current
         orphans = self._sidecar_ids()
         try:
@@ -359,7 +378,27 @@ class SQLiteBackend:
             return None  # a missing directory, say: sqlite3 reports it
         os.close(fd)
         self._remove_if_unchanged(orphans)
+        self._note_absolute_twin()
         return _file_id(self._where)
+
+    def _note_absolute_twin(self) -> None:
+        # ``sqlite:///var/cache.db`` names var/cache.db in the working directory, as SQLAlchemy
+        # reads it; someone who meant /var/cache.db gets a new, empty cache. Say so when that
+        # file exists: a fact, not a guess, and the path is not rewritten.
+        given = self.path
+        if os.path.isabs(given) or given.startswith((".", "~")):
+            return
+        twin = os.path.normpath("/" + given)
+        if twin != self._where and os.path.isfile(twin):  # not the file just created
+            logger.warning(
+                "SQLite: created a new cache file %s; %s exists. A sqlite:/// URL with three "
+                "slashes names a path relative to the working directory: for %s write "
+                "sqlite:///%s (four slashes)",
+                self._where,
+                twin,
+                twin,
+                twin,
+            )
 
     def _sidecar_ids(self) -> dict[str, _FileId]:
         ids: dict[str, _FileId] = {}
@@ -386,6 +425,15 @@ class SQLiteBackend:
             return False  # cannot tell (a directory made unsearchable): keep the connection
 
     def _initialise(self, conn: sqlite3.Connection) -> None:
+        if not self._create:
+            # Open-existing-only: a file without our schema is somebody else's (or a fresh
+            # empty one): neither switched to WAL nor given our tables.
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            if version != _SCHEMA_VERSION:
+                raise BackendError(
+                    f"SQLite file {self._where!r} is not an sse_cache database "
+                    f"(user_version {version}; create=false leaves it untouched)"
+                )
         # WAL: readers never wait for the writer and the writer never waits for readers.
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
         if mode is None or str(mode[0]).lower() not in ("wal", "memory"):
@@ -588,33 +636,43 @@ def _check_key(key: str) -> None:
 
 
 def _path_from_url(url: str) -> str:
+    # As SQLAlchemy reads them, so that a URL means the same file to both: what follows
+    # ``sqlite:///`` is the path, so three slashes and a relative path (``sqlite:///cache.db``
+    # is ./cache.db), four slashes and an absolute one (``sqlite:////var/cache/sse.db``).
     parts = urlsplit(url)
     netloc, path = parts.netloc, unquote(parts.path)
     if netloc in (".", "..", "~"):
-        path = netloc + path  # sqlite://./x.db, a common slip
-    elif netloc:
+        return os.path.expanduser(netloc + path)  # sqlite://./x.db, a common slip
+    if netloc:
         raise ConfigError(
-            f"sqlite:// URL {url!r}: expected sqlite:///path/to/file.db (three slashes)"
+            f"sqlite:// URL {url!r}: a SQLite URL has no host; write sqlite:///relative.db "
+            "(three slashes: relative to the working directory) or "
+            "sqlite:////absolute/path.db (four slashes)"
         )
-    elif path.startswith(("/./", "/../", "/~/")):
-        path = path[1:]  # sqlite:///./x.db is relative to the working directory
-    elif path.startswith("//"):
-        path = "/" + path.lstrip("/")  # sqlite:////abs/x.db, SQLAlchemy's spelling
-    if path in ("/:memory:", ":memory:"):
+    path = path[1:]  # the slash that ends sqlite:// and its empty host
+    if path.startswith("/"):
+        path = "/" + path.lstrip("/")  # absolute: however many slashes
+    if path == ":memory:":
         return ":memory:"
     if not path or path == "/":
-        raise ConfigError(f"sqlite:// URL {url!r} names no file")
+        raise ConfigError(
+            f"sqlite:// URL {url!r} names no file: write sqlite:///relative.db, "
+            "sqlite:////absolute/path.db or sqlite:///:memory:"
+        )
     return os.path.expanduser(path)
 
 
 def from_url(url: str, **options: Any) -> SQLiteBackend:
-    """``sqlite:///abs/path.db`` or ``sqlite:///./relative.db`` -> :class:`SQLiteBackend`.
+    """``sqlite:///relative.db`` (relative to the working directory), ``sqlite:////abs/path.db``
+    or ``sqlite:///:memory:`` -> :class:`SQLiteBackend`, as SQLAlchemy reads SQLite URLs.
 
     Query options: ``max_bytes`` (size budget, ``1GiB`` by default, ``none`` for none),
     ``timeout`` (seconds a write may wait for the lock, 1.5), ``read_timeout`` (1),
     ``purge_interval`` (seconds between purges of expired rows, 60), ``synchronous``
     (SQLite's ``PRAGMA synchronous``, ``NORMAL``), ``check_interval`` (seconds between checks
-    that the path still names the open file, 1; 0: before every call).
+    that the path still names the open file, 1; 0: before every call), ``create`` (``true``:
+    a missing file becomes a new cache; ``false``: open an existing cache only, as the
+    ``sse-cache`` inspection commands do).
     """
     path = _path_from_url(url)
     opts = Options(url, options)
@@ -626,6 +684,7 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     check_interval = opts.take_float(
         "check_interval", _CHECK_INTERVAL, minimum=0.0, allow_zero=True
     )
+    create = opts.take_bool("create", True)
     clock = opts.take_raw("clock")
     opts.finish()
     if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -643,5 +702,6 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
         purge_interval=purge_interval,
         synchronous=synchronous,
         check_interval=check_interval,
+        create=create,
         clock=clock or time.time,
     )
