@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import anyio
 
 from .breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
-from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
+from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook, Notice, emit
 from .errors import ConfigError
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
@@ -161,7 +162,11 @@ class _Request:
         self.mw = mw
         self.scope = scope
         self.receive = receive
-        self.send = send
+        self.client_send = send
+        # With hooks, messages to the client pass by _send_first: it notes the first bytes.
+        self.send = self._send_first if mw.service.hooks else send
+        self.started = time.monotonic()  # the request arrived
+        self.first_byte_sent = False
         self.buffered: list[Message] = []  # request body messages, re-delivered to the app
         self.tee: ResponseTee | None = None
         self.exchange: Exchange | None = None
@@ -209,6 +214,25 @@ class _Request:
             # the same request right after this one finished is sure to find it.
             with contextlib.suppress(Exception):
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _send_first(self, message: Message) -> None:
+        if (
+            not self.first_byte_sent
+            and message["type"] == "http.response.body"
+            and message.get("body")
+        ):
+            self.first_byte_sent = True
+            self._first_byte()
+        await self.client_send(message)
+
+    def _first_byte(self) -> None:
+        # The time to first byte, by cache status (metrics): what the client waited for.
+        ex = self.exchange
+        if ex is not None:
+            seconds = time.monotonic() - self.started
+            status = ex.status.value
+            notice = Notice(kind="first_byte", key=ex.key, detail=status, seconds=seconds)
+            emit(self.mw.service.hooks, notice)
 
     async def _read_body(self) -> bytes | None:
         """The whole request body, or None when it is over the limit (then the messages read

@@ -86,11 +86,15 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     """What a hook receives. ``kind`` is one of ``hit``, ``miss``, ``bypass``, ``refresh``,
     ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``,
     ``breaker`` (the backend's breaker changed state: ``detail`` is the new one),
-    ``store_skipped`` (not written: the breaker is open), and
-    from the HTTP integrations ``replayed`` (bytes sent from the cache) and ``invalid`` (a
-    request answered 400 for a bad control header).
-    ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds``: the
-    recorded duration of a replayed stream, i.e. upstream time saved)."""
+    ``store_skipped`` (not written: the breaker is open), ``backend`` (one backend call:
+    ``detail`` is the operation, ``get``, ``set`` or ``delete``, ``seconds`` how long it took,
+    failed or not), and
+    from the HTTP integrations ``replayed`` (bytes sent from the cache), ``invalid`` (a
+    request answered 400 for a bad control header) and ``first_byte`` (a response's first
+    body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the
+    request arrived).
+    ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
+    ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
 
     kind: str
     key: str
@@ -697,7 +701,8 @@ class StreamCache:
         response id by which a stream can be resumed. Fail-open: False when the write failed."""
         ttl = None if expires_at is None else max(1.0, expires_at - time.time())
         try:
-            await self._use_backend(lambda: self.backend.set(name, key.encode("ascii"), ttl))
+            value = key.encode("ascii")
+            await self._use_backend("set", lambda: self.backend.set(name, value, ttl))
         except _Skipped:
             return False
         except Exception as exc:
@@ -717,30 +722,39 @@ class StreamCache:
 
     async def _fetch(self, key: str) -> bytes | None:
         try:
-            return await self._use_backend(lambda: self.backend.get(key))
+            return await self._use_backend("get", lambda: self.backend.get(key))
         except _Skipped:
             return None  # a miss, at no cost
         except Exception as exc:
             self._warn("read_failed", key, f"backend read failed: {exc!r}")
             return None
 
-    async def _use_backend(self, call: Callable[[], Awaitable[_R]]) -> _R:
+    async def _use_backend(self, operation: str, call: Callable[[], Awaitable[_R]]) -> _R:
         """``call()`` on the backend, bounded by ``backend_timeout``, through the breaker:
-        raises :class:`_Skipped` while it is open, and the call's own error otherwise."""
+        raises :class:`_Skipped` while it is open, and the call's own error otherwise. Its
+        duration is reported as a ``backend`` notice for ``operation``."""
         breaker = self.breaker
-        if not breaker.allow(time.monotonic()):
+        started = time.monotonic()
+        if not breaker.allow(started):
             raise _Skipped
         try:
             with anyio.fail_after(self.backend_timeout):
                 result = await call()
         except Exception as exc:
-            breaker.failure(time.monotonic(), repr(exc))
+            ended = time.monotonic()
+            breaker.failure(ended, repr(exc))
+            self._timed(operation, ended - started)
             raise
         except BaseException:
             breaker.cancelled()  # says nothing about the backend
             raise
         breaker.success()
+        self._timed(operation, time.monotonic() - started)
         return result
+
+    def _timed(self, operation: str, seconds: float) -> None:
+        if self._hooks:  # (no notice to build when no one listens)
+            self._emit(Notice(kind="backend", key="", detail=operation, seconds=seconds))
 
     def _breaker_changed(self, state: BreakerState, why: str) -> None:
         # One line per transition, not one per skipped request.
@@ -780,7 +794,7 @@ class StreamCache:
         self._forget_decoded(key)
         try:
             data = self.codec.encode(entry)
-            await self._use_backend(lambda: self.backend.set(key, data, ttl))
+            await self._use_backend("set", lambda: self.backend.set(key, data, ttl))
         except _Skipped:
             self._emit(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
             return False
@@ -794,7 +808,7 @@ class StreamCache:
         """Remove ``key`` (fail open: a backend failure is logged)."""
         self._forget_decoded(key)
         try:
-            await self._use_backend(lambda: self.backend.delete(key))
+            await self._use_backend("delete", lambda: self.backend.delete(key))
         except _Skipped:
             pass
         except Exception as exc:
@@ -944,6 +958,7 @@ class StreamCache:
         cursor = live.flight.follow()
         live.flight.producer_left()  # the producing request reads as a follower does
         assert cursor is not None
+        live.producer_cursor = cursor  # (but is not counted as one)
         stream._live_flight, stream._cursor = live, cursor
         self._emit(Notice(kind=stream.status.value, key=key))
         try:

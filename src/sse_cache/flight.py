@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -272,6 +272,7 @@ class LiveFlight(Generic[T]):
         "entry",
         "flight",
         "judge",
+        "producer_cursor",
         "production",
         "pulling",
         "remote",
@@ -295,10 +296,18 @@ class LiveFlight(Generic[T]):
         #: Read to the end for readers elsewhere (followers in other processes): the flight
         #: is not abandoned when no one here reads it.
         self.remote = False
+        #: The producer's own cursor when it reads the log as a follower does (the engine).
+        self.producer_cursor: Cursor | None = None
 
     @property
     def key(self) -> str:
         return self.flight.key
+
+    @property
+    def followers(self) -> int:
+        """How many requests follow this stream (its producer not counted)."""
+        cursors = self.flight.cursors
+        return len(cursors) - (self.producer_cursor in cursors)
 
     def _notify(self) -> None:
         if self._waiting:
@@ -509,6 +518,10 @@ class Flights:
 
     def __len__(self) -> int:
         return len(self._live)
+
+    def __iter__(self) -> Iterator[LiveFlight[Any]]:
+        # Over a copy: metrics may read the registry from another thread while it changes.
+        return iter(list(self._live.values()))
 
     def get(self, key: str) -> LiveFlight[Any] | None:
         return self._live.get(key)

@@ -373,6 +373,9 @@ async def test_hooks_see_every_step_and_cannot_break_a_stream() -> None:
     cache = StreamCache(DictBackend(), GenericSSE(), hooks=[seen.append, broken])
     await consume(cache, Upstream())
     await consume(cache, Upstream())
+    calls = [n.detail for n in seen if n.kind == "backend"]  # every backend call, timed
+    assert calls == ["get", "set", "get"]
+    seen = [n for n in seen if n.kind != "backend"]
     kinds = [n.kind for n in seen]
     assert kinds == ["miss", "store", "hit"]
     assert seen[1].events == len(EVENTS) and seen[1].bytes > 0
