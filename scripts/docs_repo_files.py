@@ -9,6 +9,7 @@ to a file that does not exist is left alone, for ``mkdocs build --strict`` to re
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 from pathlib import Path
@@ -21,14 +22,24 @@ INLINE_LINK = re.compile(r"\]\((?P<target>[^)\s]+)(?P<rest>\s+\"[^\"]*\")?\)")
 REFERENCE_DEFINITION = re.compile(r"^(?P<lead> {0,3}\[[^\]]+\]:\s*)(?P<target><?[^\s>]+>?)", re.M)
 # Generated pages live under this folder of the site.
 SOURCE_FOLDER = "repository"
-LANGUAGES = {".py": "python", ".toml": "toml", ".yaml": "yaml", ".yml": "yaml", ".sh": "sh"}
+# Highlighting by file suffix, or by whole name for files without one.
+LANGUAGES = {
+    ".py": "python",
+    ".toml": "toml",
+    ".yaml": "yaml",
+    ".yml": "yaml",
+    ".sh": "sh",
+    ".md": "markdown",
+    ".json": "json",
+    "Dockerfile": "dockerfile",
+}
 
 # Repository path (POSIX, relative to the repository root) -> src_uri of its generated page.
 _pages: dict[str, str] = {}
 
 
 def on_files(files: Files, config: Any) -> Files:
-    docs_dir = Path(config.docs_dir).resolve()
+    docs_dir = Path(os.path.abspath(config.docs_dir))
     root = docs_dir.parent
     _pages.clear()
     for file in list(files.documentation_pages()):
@@ -54,7 +65,7 @@ def on_files(files: Files, config: Any) -> Files:
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
     if page.file.abs_src_path is None or not _pages:
         return markdown
-    docs_dir = Path(config.docs_dir).resolve()
+    docs_dir = Path(os.path.abspath(config.docs_dir))
     here = Path(page.file.abs_src_path).parent
     page_folder = posixpath.dirname(page.file.src_uri)
 
@@ -79,7 +90,8 @@ def _repository_file(folder: Path, target: str, docs_dir: Path, root: Path) -> s
     target = target.strip("<>").split("#", 1)[0].split("?", 1)[0]
     if not target or "://" in target or target.startswith(("/", "mailto:")):
         return None
-    path = (folder / target).resolve()
+    # Normalised, not resolved: a link names a place in the tree, whatever a symlink points to.
+    path = Path(os.path.normpath(folder / target))
     if path.is_relative_to(docs_dir) or not path.is_relative_to(root) or not path.is_file():
         return None
     return path.relative_to(root).as_posix()
@@ -87,7 +99,8 @@ def _repository_file(folder: Path, target: str, docs_dir: Path, root: Path) -> s
 
 def _source_page(path: str, text: str) -> str:
     fence = "`" * max(3, _longest_backtick_run(text) + 1)
-    language = LANGUAGES.get(posixpath.splitext(path)[1], "text")
+    name = posixpath.basename(path)
+    language = LANGUAGES.get(posixpath.splitext(name)[1] or name, "text")
     return (
         f"# `{path}`\n\n"
         "A file of the sse-cache repository, outside the documentation, as it was when this "

@@ -38,7 +38,8 @@ def _build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
         cwd=config.parent,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
         check=False,
@@ -49,7 +50,7 @@ def _build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("site")
     built = _build(ROOT / "mkdocs.yml", out)
-    assert built.returncode == 0, built.stderr
+    assert built.returncode == 0, built.stdout
     return out
 
 
@@ -96,8 +97,9 @@ def test_strict_build_rejects_a_forgotten_page_and_a_broken_link(tmp_path: Path)
     built = _build(project / "mkdocs.yml", tmp_path / "site")
 
     assert built.returncode != 0
-    assert 'not included in the "nav" configuration:\n  - forgotten.md' in built.stderr
-    assert "'../examples/no_such_example.py'" in built.stderr
+    assert "Aborted with 2 warnings in strict mode!" in built.stdout, built.stdout
+    assert 'not included in the "nav" configuration:\n  - forgotten.md' in built.stdout
+    assert "'../examples/no_such_example.py'" in built.stdout
 
 
 @pytest.mark.parametrize("module_name", REFERENCED_MODULES)
