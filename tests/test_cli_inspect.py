@@ -1,22 +1,29 @@
-"""``sse-cache ls | show | purge | stats`` against real SQLite files (and memcached for the
-"cannot list keys" answer)."""
+"""``sse-cache ls | show | purge | stats | --version`` against real SQLite files (Redis for the
+index rows on another backend, memcached for the "cannot list keys" answer)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
+import os
+import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from sse_cache import StreamCache
+from sse_cache.adapters import OpenAIResponses
 from sse_cache.backends import from_url
-from sse_cache.cli import inspect
+from sse_cache.cli import inspect, main
 from sse_cache.codec import MsgpackCodec
 from sse_cache.entry import Entry
 from sse_cache.events import Event, serialize_sse
+from sse_cache.service import alias_key
 
 EVENTS = (
     Event(data='{"type":"response.created"}', event="response.created", at=0.0),
@@ -200,3 +207,203 @@ def test_redis_password_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("stats", "--backend", url) == 1
     err = capsys.readouterr().err
     assert "s3cret" not in err and "***" in err
+
+
+# -- index rows (aliases) ---------------------------------------------------------------------
+
+
+def add_aliases(url: str, names: dict[str, str]) -> dict[str, str]:
+    """Store aliases as the Responses resume index does (the engine's ``alias``): response
+    id -> entry key. Returns response id -> alias key."""
+    keys = {rid: alias_key(OpenAIResponses().name, "t:tenant", rid) for rid in names}
+
+    async def main() -> None:
+        async with StreamCache(url, OpenAIResponses()) as cache:
+            for rid, target in names.items():
+                assert await cache.alias(keys[rid], target)
+
+    anyio.run(main)
+    return keys
+
+
+@pytest.fixture
+def aliased(db: str) -> tuple[str, dict[str, str]]:
+    # resp_1 names aaa111 (there), resp_gone names an entry evicted since.
+    return db, add_aliases(db, {"resp_1": "aaa111", "resp_gone": "fff999"})
+
+
+def test_ls_hides_aliases_and_lists_them_as_their_own_kind(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, aliases = aliased
+    assert run_cli("ls", "--backend", db) == 0
+    assert capsys.readouterr().out.split() == ["aaa111", "bbb222", "ccc333"]
+
+    assert run_cli("ls", "-l", "--backend", db) == 0
+    out, err = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.splitlines()] == ["aaa111", "bbb222", "ccc333"]
+    assert err.strip() == "2 entries, 1 corrupt, 2 aliases (not listed; -a lists them)"
+
+    assert run_cli("ls", "-a", "--backend", db) == 0
+    assert sorted(capsys.readouterr().out.split()) == sorted(
+        ["aaa111", "bbb222", "ccc333", *aliases.values()]
+    )
+
+    assert run_cli("ls", "-la", "--backend", db) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in out.splitlines()}
+    assert rows[aliases["resp_1"]][1:] == ["alias", "aaa111"]
+    assert rows[aliases["resp_gone"]][1:] == ["alias", "fff999", "dangling"]
+    assert rows["ccc333"][1:] == ["CORRUPT"]  # a row that is neither stays corrupt
+    assert [r for r in rows.values() if "CORRUPT" in r] == [["19", "CORRUPT"]]
+    assert err.strip() == "2 entries, 1 corrupt, 2 aliases"
+
+
+def test_show_an_alias_prints_what_it_names(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, aliases = aliased
+    assert run_cli("show", aliases["resp_1"], "--backend", db) == 0
+    alias_part, entry_part = capsys.readouterr().out.split("\n\n", 1)
+    assert "kind:  alias" in alias_part and "names: aaa111" in alias_part
+    head, _, sse = entry_part.partition("\n\n")
+    assert "key:" in head and "aaa111" in head and "meta.response_id: resp_1" in head
+    assert sse.encode() == serialize_sse(EVENTS)
+    assert run_cli("show", aliases["resp_1"], "--sse-only", "--backend", db) == 0
+    assert capsys.readouterr().out.encode() == serialize_sse(EVENTS)
+
+    assert run_cli("show", aliases["resp_gone"], "--backend", db) == 1
+    out, err = capsys.readouterr()
+    assert "names: fff999" in out
+    assert "names entry 'fff999', which is not in the cache" in err
+
+
+def test_stats_counts_aliases_apart_from_entries(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, _ = aliased
+    assert run_cli("stats", "--backend", db) == 0
+    figures = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert (int(figures["entries"]), int(figures["aliases"])) == (3, 2)
+
+
+def test_purge_everything_counts_entries_and_aliases(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, _ = aliased
+    assert run_cli("purge", "--yes", "--backend", db) == 0
+    assert "purged 3 entries and 2 aliases from" in capsys.readouterr().out
+    assert run_cli("ls", "-a", "--backend", db) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_purge_keys_takes_the_aliases_naming_them(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, aliases = aliased
+    more = add_aliases(db, {"resp_b": "bbb222", "resp_b2": "bbb222"})
+    assert run_cli("purge", "aaa111", "--yes", "--backend", db) == 0
+    assert "purged 1 entry and 1 alias" in capsys.readouterr().out
+    # An alias given stands for its entry: the entry and every alias naming it go.
+    assert run_cli("purge", more["resp_b"], "--yes", "--backend", db) == 0
+    assert "purged 1 entry and 2 aliases" in capsys.readouterr().out
+    # A dangling alias given goes alone.
+    assert run_cli("purge", aliases["resp_gone"], "--yes", "--backend", db) == 0
+    assert "purged 0 entries and 1 alias" in capsys.readouterr().out
+    assert run_cli("ls", "-a", "--backend", db) == 0
+    assert capsys.readouterr().out.split() == ["ccc333"]
+
+
+def test_purge_keys_checks_every_key_first(
+    aliased: tuple[str, dict[str, str]],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    db, aliases = aliased
+    assert run_cli("purge", "aaa111", "nope", "--yes", "--backend", db) == 1
+    assert "no entry with key 'nope'" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("n\n"))
+    assert run_cli("purge", "aaa111", "--backend", db) == 1
+    assert "Delete 1 entry and 1 alias from" in capsys.readouterr().out
+    run_cli("ls", "-a", "--backend", db)
+    assert len(capsys.readouterr().out.split()) == 3 + len(aliases)  # nothing deleted
+
+
+@pytest.mark.parametrize("backend_kind", ["redis"])
+def test_aliases_on_redis(backend_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    codec = MsgpackCodec()
+    store(backend_url, {"k1": codec.encode(Entry(schema="g", created_at=0.0, body=b"b"))})
+    add_aliases(backend_url, {"resp_1": "k1"})
+    assert run_cli("ls", "-l", "--backend", backend_url) == 0
+    out, err = capsys.readouterr()
+    assert out.split("\t")[0] == "k1" and "1 entry, 1 alias (not listed" in err
+    assert run_cli("stats", "--backend", backend_url) == 0
+    figures = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert (int(figures["entries"]), int(figures["aliases"])) == (1, 1)
+    assert run_cli("purge", "k1", "--yes", "--backend", backend_url) == 0
+    assert "purged 1 entry and 1 alias" in capsys.readouterr().out
+    assert run_cli("ls", "-a", "--backend", backend_url) == 0
+    assert capsys.readouterr().out == ""
+
+
+def test_rows_are_read_for_what_they_are() -> None:
+    codec = MsgpackCodec()
+    entry = codec.encode(Entry(schema="g", created_at=0.0, body=b"b"))
+    assert inspect.read_row("k", entry, codec).kind == "entry"
+    assert inspect.read_row("alias-1", b"0123abcd", codec) == inspect.Row(
+        "alias", target="0123abcd"
+    )
+    for value in (b"", b"\xff\xfe", b"two\nlines", b"x" * 5000):
+        assert inspect.read_row("alias-1", value, codec).kind == "corrupt"
+    # A row named like a key but holding an alias's value is a corrupt entry, not an alias.
+    assert inspect.read_row("0123", b"0123abcd", codec).kind == "corrupt"
+
+
+# -- never creating a cache -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv", [["ls"], ["ls", "-l"], ["show", "k"], ["stats"], ["purge", "--yes"]]
+)
+def test_inspection_never_creates_a_cache(
+    argv: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for backend in (["--backend", "sqlite:///./typo.db"], []):  # and the default
+        assert run_cli(*argv, *backend) == 1
+        err = capsys.readouterr().err
+        name = "typo.db" if backend else "sse-cache.db"
+        assert f"SQLite file '{tmp_path / name}' does not exist" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_inspection_leaves_a_foreign_database_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "app.db"
+    with closing(sqlite3.connect(other)) as conn, conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    before = other.read_bytes()
+    assert run_cli("ls", "--backend", f"sqlite:///{other}") == 1
+    assert "is not an sse_cache database" in capsys.readouterr().err
+    assert other.read_bytes() == before
+
+
+def test_an_explicit_create_in_the_url_wins(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}?create=true"
+    assert run_cli("stats", "--backend", url) == 0
+    figures = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert int(figures["entries"]) == 0
+    assert (tmp_path / "new.db").is_file()
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"sse-cache {importlib.metadata.version('sse-cache')}\n"

@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.lowlevel
@@ -46,6 +46,7 @@ __all__ = [
     "CacheStatus",
     "CachedStream",
     "LiveRecording",
+    "LiveStreamsHook",
     "Notice",
     "SharedStreamAborted",
     "StreamCache",
@@ -105,6 +106,19 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Hook = Callable[[Notice], None]
+
+
+@runtime_checkable
+class LiveStreamsHook(Protocol):
+    """A hook that also reads a cache's live streams (metrics report them as gauges): a
+    :class:`StreamCache` given one in ``hooks`` hands it its :class:`~sse_cache.flight.Flights`
+    once, when it is built."""
+
+    def __call__(self, notice: Notice) -> None: ...
+
+    def watch(self, live: Flights) -> None: ...
+
+
 _E = TypeVar("_E", Entry, WireEntry)
 _R = TypeVar("_R")
 
@@ -627,6 +641,9 @@ class StreamCache:
         #: The live streams of this cache's keys: the single-flight state (one registry for
         #: the engine's streams and the HTTP integrations' responses).
         self.live = Flights()
+        for hook in self._hooks:
+            if isinstance(hook, LiveStreamsHook):
+                hook.watch(self.live)
 
     # -- keys ------------------------------------------------------------------------------
 

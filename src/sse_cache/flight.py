@@ -511,7 +511,7 @@ class Flights:
     """The live streams of one cache, by key: the single-flight state. :meth:`claim` is the
     only way in."""
 
-    __slots__ = ("_live",)
+    __slots__ = ("__weakref__", "_live")  # (metrics hold it weakly)
 
     def __init__(self) -> None:
         self._live: dict[str, LiveFlight[Any]] = {}

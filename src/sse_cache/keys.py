@@ -18,12 +18,18 @@ from .entry import ENTRY_FORMAT_VERSION
 from .errors import ConfigError
 
 __all__ = [
+    "ALIAS_PREFIX",
     "CREDENTIAL_HEADERS",
     "CacheRequest",
     "DefaultKeyer",
     "canonical_json",
     "tenant_scope",
 ]
+
+#: The start of every alias key: an index row that names an entry by another name (a
+#: Responses response id, to resume its stream), whose value is the entry's key in ASCII, not
+#: an entry. :class:`DefaultKeyer`'s keys are hex digests and never start with it.
+ALIAS_PREFIX = "alias-"
 
 #: Request headers whose value identifies the tenant (the caller's credential).
 CREDENTIAL_HEADERS = (

@@ -1,44 +1,189 @@
-"""Counters fed by the engine's hooks, rendered in the Prometheus text format.
+"""Prometheus metrics, fed by the engine's hooks and exposed with ``prometheus_client`` (in the
+``proxy`` extra: ``pip install 'sse-cache[proxy]'``).
 
 A :class:`Metrics` instance is a hook: pass it in ``hooks=[metrics]`` to a
 :class:`~sse_cache.engine.StreamCache`, :class:`~sse_cache.asgi.CacheMiddleware` or
-transport, and serve :meth:`Metrics.render` (the proxy does, at ``/_sse_cache/metrics``).
+transport. It counts what the notices say (requests by cache status, stores, failures, bytes
+replayed), keeps histograms of the time to first byte and of backend calls, and reads the
+caches it was given to for the live-stream gauges when it is collected.
+
+Its :attr:`Metrics.collector` is a ``prometheus_client`` collector: by default it is
+registered in a registry of the instance's own (:attr:`Metrics.registry`, never the global
+``prometheus_client.REGISTRY``), so that two instances in one process never clash;
+``Metrics(registry=app_registry)`` registers it in an application's registry instead, and
+``app_registry.register(metrics.collector)`` adds it to one more. :meth:`Metrics.render` is
+the registry in the Prometheus text format (the proxy serves it at ``/_sse_cache/metrics``).
+
+This module imports without ``prometheus_client``; building a :class:`Metrics` then raises a
+:class:`~sse_cache.errors.ConfigError` naming the extra.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
+import math
 import threading
+import weakref
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, cast
 
-from .engine import Notice
+from .engine import CacheStatus, Notice
+from .errors import ConfigError
+from .flight import Flights
 
-__all__ = ["Metrics"]
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+    from prometheus_client.registry import CollectorRegistry
 
-_STATUSES = ("hit", "miss", "bypass", "refresh", "shared")
+__all__ = ["BACKEND_BUCKETS", "CONTENT_TYPE", "FIRST_BYTE_BUCKETS", "Metrics"]
+
+#: The media type of :meth:`Metrics.render` (the Prometheus text format 0.0.4).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Default buckets (seconds) of the time to first byte: replays answer in about a
+#: millisecond, upstreams in tenths of a second to tens of seconds.
+FIRST_BYTE_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+#: Default buckets (seconds) of backend calls: memory and a local Redis take tens of
+#: microseconds, SQLite and remote servers milliseconds; ``backend_timeout`` is 2 s.
+BACKEND_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5,
+)  # fmt: skip
+
+_STATUSES = tuple(status.value for status in CacheStatus)
+_OPERATIONS = ("get", "set", "delete")
 _BREAKER_STATES = ("closed", "open", "half-open")
+# Counters without labels: (name, notice kind, help).
+_COUNTERS = (
+    ("sse_cache_stores", "store", "Entries stored."),
+    ("sse_cache_store_failures", "store_failed", "Stores that failed in the backend."),
+    ("sse_cache_store_skipped", "store_skipped", "Stores skipped: the backend breaker was open."),
+    ("sse_cache_not_stored", "not_stored", "Streams not stored (failed, cut, too large)."),
+    ("sse_cache_read_failures", "read_failed", "Backend reads that failed (served as misses)."),
+    ("sse_cache_corrupt_entries", "corrupt", "Corrupt entries found and deleted."),
+    (
+        "sse_cache_invalid_requests",
+        "invalid",
+        "Requests answered 400 for an invalid control header.",
+    ),
+)
+_REQUESTS = ("sse_cache_requests", "Requests on cached routes, by x-sse-cache status.")
+_REPLAYED = ("sse_cache_replayed_bytes", "Bytes of answers served from the cache.")
+_SAVED = (
+    "sse_cache_upstream_seconds_saved",
+    "Recorded upstream duration of the streams replayed from the cache.",
+)
+_TRANSITIONS = (
+    "sse_cache_backend_breaker_transitions",
+    "Times the backend breaker entered each state.",
+)
+_BREAKER = ("sse_cache_backend_breaker_state", "The backend breaker's state (1: current).")
+_FIRST_BYTE = (
+    "sse_cache_time_to_first_byte_seconds",
+    "Seconds from a request's arrival to its first body bytes, by x-sse-cache status.",
+)
+_BACKEND = (
+    "sse_cache_backend_operation_seconds",
+    "Seconds a backend call took (failed ones too), by operation.",
+)
+_LIVE = (
+    "sse_cache_live_streams",
+    "Streams being produced that identical requests can join (single-flight).",
+)
+_FOLLOWERS = ("sse_cache_live_stream_followers", "Requests following a live stream.")
+
+_INSTALL = "pip install 'sse-cache[proxy]'"
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative: the last one is +Inf) and the sum."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * (buckets + 1)
+        self.sum = 0.0
 
 
 class Metrics:
-    """Thread-safe counters of requests by cache status, stores, failures, bytes replayed
-    and upstream time saved (the recorded duration of every replayed stream)."""
+    """A hook that turns notices into Prometheus metrics (see the module docstring).
 
-    def __init__(self) -> None:
+    ``registry``: the ``prometheus_client`` registry to register :attr:`collector` in (None:
+    a new one of this instance's own). ``first_byte_buckets`` / ``backend_buckets``: the upper
+    bounds (seconds, increasing) of the histograms' buckets.
+
+    Thread-safe: notices may come from several threads (a sync transport's portal) while a
+    scrape collects from another.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        first_byte_buckets: Sequence[float] = FIRST_BYTE_BUCKETS,
+        backend_buckets: Sequence[float] = BACKEND_BUCKETS,
+    ) -> None:
+        try:
+            from prometheus_client.registry import CollectorRegistry
+        except ImportError:
+            raise ConfigError(f"Metrics needs prometheus_client: {_INSTALL}") from None
+        self._first_byte_bounds = _bounds("first_byte_buckets", first_byte_buckets)
+        self._backend_bounds = _bounds("backend_buckets", backend_buckets)
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._replayed_bytes = 0
         self._saved_seconds = 0.0
         self._breaker = "closed"  # the backend breaker's state, from its last notice
+        self._first_byte = {s: _Histogram(len(self._first_byte_bounds)) for s in _STATUSES}
+        self._backend = {op: _Histogram(len(self._backend_bounds)) for op in _OPERATIONS}
+        self._live: weakref.WeakSet[Flights] = weakref.WeakSet()
+        #: The ``prometheus_client`` collector of these metrics: register it in any registry.
+        self.collector = _Collector(self)
+        #: The registry :attr:`collector` was registered in when this instance was built.
+        self.registry: CollectorRegistry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(self.collector)
+
+    # -- the hook --------------------------------------------------------------------------
 
     def __call__(self, notice: Notice) -> None:
+        kind = notice.kind
         with self._lock:
-            self._counts[notice.kind] += 1
-            if notice.kind == "replayed":
+            self._counts[kind] += 1
+            if kind == "backend":
+                self._observe(self._backend, self._backend_bounds, notice.detail, notice.seconds)
+            elif kind == "first_byte":
+                bounds = self._first_byte_bounds
+                self._observe(self._first_byte, bounds, notice.detail, notice.seconds)
+            elif kind == "replayed":
                 self._replayed_bytes += notice.bytes
-            elif notice.kind == "hit":
+            elif kind == "hit":
                 self._saved_seconds += notice.seconds
-            elif notice.kind == "breaker":
+            elif kind == "breaker":
                 self._breaker = notice.detail
                 self._counts["breaker:" + notice.detail] += 1
+
+    def watch(self, live: Flights) -> None:
+        """Report the live streams of ``live`` (a cache's registry) in the gauges. A
+        :class:`~sse_cache.engine.StreamCache` given this hook calls it itself; the registry is
+        held weakly (a cache that is gone is no longer reported)."""
+        with self._lock:
+            self._live.add(live)
+
+    @staticmethod
+    def _observe(
+        histograms: dict[str, _Histogram], bounds: Sequence[float], label: str, value: float
+    ) -> None:
+        histogram = histograms.get(label)
+        if histogram is None:  # an operation or status first seen now
+            histogram = histograms[label] = _Histogram(len(bounds))
+        # bisect_left: a value equal to a bound belongs to that bucket (``le`` is inclusive).
+        histogram.counts[bisect.bisect_left(bounds, value)] += 1
+        histogram.sum += value
+
+    # -- reading ---------------------------------------------------------------------------
 
     def count(self, kind: str) -> int:
         """How many notices of ``kind`` were seen (``hit``, ``store``, ...)."""
@@ -46,50 +191,106 @@ class Metrics:
             return self._counts[kind]
 
     def render(self) -> str:
-        """The counters in the Prometheus text exposition format (version 0.0.4)."""
-        with self._lock:
+        """:attr:`registry` in the Prometheus text format (:data:`CONTENT_TYPE`)."""
+        from prometheus_client.exposition import generate_latest
+
+        return generate_latest(self.registry).decode()
+
+    def _collect(self) -> Iterator[Metric]:
+        from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
+
+        with self._lock:  # one consistent snapshot
             counts = dict(self._counts)
-            replayed, saved = self._replayed_bytes, self._saved_seconds
-            breaker = self._breaker
-        lines = [
-            "# HELP sse_cache_requests_total Requests on cached routes, by x-sse-cache status.",
-            "# TYPE sse_cache_requests_total counter",
-            *(f'sse_cache_requests_total{{status="{s}"}} {counts.get(s, 0)}' for s in _STATUSES),
-        ]
-        for name, kind, text in (
-            ("stores", "store", "Entries stored."),
-            ("store_failures", "store_failed", "Stores that failed in the backend."),
-            ("not_stored", "not_stored", "Streams not stored (failed, cut, too large)."),
-            ("read_failures", "read_failed", "Backend reads that failed (served as misses)."),
-            ("corrupt_entries", "corrupt", "Corrupt entries found and deleted."),
-            ("invalid_requests", "invalid", "Requests answered 400 for an invalid control header."),
-        ):
-            lines += [
-                f"# HELP sse_cache_{name}_total {text}",
-                f"# TYPE sse_cache_{name}_total counter",
-                f"sse_cache_{name}_total {counts.get(kind, 0)}",
-            ]
-        lines += [
-            "# HELP sse_cache_replayed_bytes_total Bytes of answers served from the cache.",
-            "# TYPE sse_cache_replayed_bytes_total counter",
-            f"sse_cache_replayed_bytes_total {replayed}",
-            "# HELP sse_cache_upstream_seconds_saved_total Recorded upstream duration of "
-            "the streams replayed from the cache.",
-            "# TYPE sse_cache_upstream_seconds_saved_total counter",
-            f"sse_cache_upstream_seconds_saved_total {saved:.6f}",
-            "# HELP sse_cache_backend_breaker_state The backend breaker's state (1: current).",
-            "# TYPE sse_cache_backend_breaker_state gauge",
-            *(
-                f'sse_cache_backend_breaker_state{{state="{state}"}} {int(state == breaker)}'
-                for state in _BREAKER_STATES
-            ),
-            "# HELP sse_cache_backend_breaker_transitions_total Times the backend breaker "
-            "entered each state.",
-            "# TYPE sse_cache_backend_breaker_transitions_total counter",
-            *(
-                f'sse_cache_backend_breaker_transitions_total{{state="{state}"}} '
-                f"{counts.get('breaker:' + state, 0)}"
-                for state in _BREAKER_STATES
-            ),
-        ]
-        return "\n".join(lines) + "\n"
+            replayed, saved, breaker = self._replayed_bytes, self._saved_seconds, self._breaker
+            first_byte = _snapshot(self._first_byte)
+            backend = _snapshot(self._backend)
+            watched = list(self._live)
+        requests = CounterMetricFamily(*_REQUESTS, labels=["status"])
+        for status in _STATUSES:
+            requests.add_metric([status], counts.get(status, 0))
+        yield requests
+        for name, kind, text in _COUNTERS:
+            yield CounterMetricFamily(name, text, value=counts.get(kind, 0))
+        yield CounterMetricFamily(*_REPLAYED, value=replayed)
+        yield CounterMetricFamily(*_SAVED, value=saved)
+        state = GaugeMetricFamily(*_BREAKER, labels=["state"])
+        transitions = CounterMetricFamily(*_TRANSITIONS, labels=["state"])
+        for name in _BREAKER_STATES:
+            state.add_metric([name], int(name == breaker))
+            transitions.add_metric([name], counts.get("breaker:" + name, 0))
+        yield state
+        yield transitions
+        yield _histogram(_FIRST_BYTE, "status", self._first_byte_bounds, first_byte)
+        yield _histogram(_BACKEND, "operation", self._backend_bounds, backend)
+        streams = followers = 0
+        for flights in watched:
+            for live in flights:
+                streams += 1
+                followers += live.followers
+        yield GaugeMetricFamily(*_LIVE, value=streams)
+        yield GaugeMetricFamily(*_FOLLOWERS, value=followers)
+
+    def _describe(self) -> Iterator[Metric]:
+        # The names, for the registry's duplicate check (two Metrics in one registry clash).
+        from prometheus_client.metrics_core import Metric
+
+        for name, _, text in _COUNTERS:
+            yield Metric(name, text, "counter")
+        for name, text in (_REQUESTS, _REPLAYED, _SAVED, _TRANSITIONS):
+            yield Metric(name, text, "counter")
+        for name, text in (_BREAKER, _LIVE, _FOLLOWERS):
+            yield Metric(name, text, "gauge")
+        for name, text in (_FIRST_BYTE, _BACKEND):
+            yield Metric(name, text, "histogram")
+
+
+class _Collector:
+    """The ``prometheus_client`` collector of one :class:`Metrics`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._metrics._collect())
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._metrics._describe())
+
+
+def _bounds(option: str, buckets: Sequence[float]) -> tuple[float, ...]:
+    bounds = tuple(float(b) for b in buckets)
+    if (
+        not bounds
+        or not all(0 < b < math.inf for b in bounds)
+        or any(a >= b for a, b in itertools.pairwise(bounds))
+    ):
+        raise ConfigError(
+            f"{option} must be positive, finite, strictly increasing seconds, got {buckets!r}"
+        )
+    return bounds
+
+
+def _snapshot(histograms: dict[str, _Histogram]) -> dict[str, tuple[list[int], float]]:
+    return {label: (list(h.counts), h.sum) for label, h in histograms.items()}
+
+
+def _histogram(
+    meta: tuple[str, str],
+    label: str,
+    bounds: Sequence[float],
+    values: dict[str, tuple[list[int], float]],
+) -> HistogramMetricFamily:
+    from prometheus_client.metrics_core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    go_string = cast(Callable[[float], str], floatToGoString)  # (untyped upstream)
+    les = [go_string(b) for b in bounds] + ["+Inf"]
+    histogram = HistogramMetricFamily(*meta, labels=[label])
+    for value, (counts, total) in values.items():
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for le, count in zip(les, counts, strict=True):
+            running += count
+            cumulative.append((le, float(running)))
+        histogram.add_metric([value], cumulative, total)
+    return histogram

@@ -58,7 +58,7 @@ from .entry import Entry
 from .errors import BackendTimeout, ConfigError, SSEError
 from .events import EOL, Event, SSEParser, serialize_sse
 from .flight import Cursor, Head, LiveFlight, SharedStreamAborted
-from .keys import CacheRequest, DefaultKeyer
+from .keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
 from .pacing import Pacing
 from .policy import CachePolicy, Decision
 from .protocols import (
@@ -1046,7 +1046,7 @@ def alias_key(schema: str, tenant: str, name: str) -> str:
     for part in ("sse-cache/alias", schema, tenant, name):
         raw = part.encode()
         h.update(len(raw).to_bytes(4, "big") + raw)
-    return "alias-" + h.hexdigest()
+    return ALIAS_PREFIX + h.hexdigest()
 
 
 def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:

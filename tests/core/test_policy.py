@@ -12,9 +12,7 @@ from hypothesis import strategies as st
 
 from sse_cache import ConfigError, Pacing
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
-from sse_cache.engine import Notice
 from sse_cache.keys import CREDENTIAL_HEADERS, tenant_scope
-from sse_cache.metrics import Metrics
 from sse_cache.policy import SHARED_TENANT, CachePolicy, Controls, parse_controls
 
 BODY = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
@@ -116,20 +114,6 @@ def test_variants_pick_within_range() -> None:
     picks = {CachePolicy.pick_variant(Controls(variants=3)) for _ in range(200)}
     assert picks == {0, 1, 2}
     assert CachePolicy.pick_variant(Controls()) == 0
-
-
-def test_metrics_render_prometheus_text() -> None:
-    metrics = Metrics()
-    for kind in ("hit", "hit", "miss", "store", "store_failed"):
-        metrics(Notice(kind=kind, key="k", seconds=1.5))
-    metrics(Notice(kind="replayed", key="k", bytes=1234))
-    text = metrics.render()
-    assert 'sse_cache_requests_total{status="hit"} 2' in text
-    assert 'sse_cache_requests_total{status="miss"} 1' in text
-    assert "sse_cache_stores_total 1" in text and "sse_cache_store_failures_total 1" in text
-    assert "sse_cache_replayed_bytes_total 1234" in text
-    assert "sse_cache_upstream_seconds_saved_total 3.0" in text
-    assert text.endswith("\n") and metrics.count("hit") == 2
 
 
 def test_key_headers_are_taken_from_the_request() -> None:

@@ -20,11 +20,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(*args: str) -> subprocess.Popen[bytes]:
+def start(*args: str, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "sse_cache", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        cwd=cwd,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()  # uvicorn's graceful shutdown: requests in flight finish first
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sse_cache", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -74,14 +96,7 @@ def servers(tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield upstream, proxy
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
+            stop(proc)
 
 
 def test_proxy_and_mock_upstream_commands(servers: tuple[str, str]) -> None:
@@ -104,6 +119,82 @@ def test_proxy_and_mock_upstream_commands(servers: tuple[str, str]) -> None:
         assert 'sse_cache_requests_total{status="hit"} 1' in metrics
     stats = httpx2.get(upstream + "/_mock/stats").json()
     assert stats["total"] == 2  # one responses miss, one chat pass-through
+
+
+def test_inspecting_what_the_proxy_stored(tmp_path: Path) -> None:
+    """The proxy's default cache lands in its working directory, and the inspection commands
+    run there see what it stored: entries, and the Responses index rows as aliases."""
+    up_port, proxy_port = free_port(), free_port()
+    upstream = f"http://127.0.0.1:{up_port}"
+    proxy = f"http://127.0.0.1:{proxy_port}"
+    procs = [start("mock-upstream", "--port", str(up_port), "--delay-ms", "1")]
+    try:
+        wait_ready(upstream + "/_mock/stats", procs[0])
+        procs.append(
+            start(
+                "proxy",
+                "--upstream",
+                upstream,
+                "--port",
+                str(proxy_port),
+                "--backend",
+                "sqlite:///sse-cache.db",
+                cwd=tmp_path,
+            )
+        )
+        wait_ready(proxy + "/_sse_cache/health", procs[1])
+        headers = {"authorization": "Bearer sk-cli"}
+        statuses = []
+        with httpx2.Client(base_url=proxy, timeout=30) as client:
+            for text in ("one", "two", "three", "one"):
+                body = {"model": "gpt-mock", "input": text, "stream": True}
+                response = client.post("/v1/responses", json=body, headers=headers)
+                statuses.append(response.headers["x-sse-cache"])
+        assert statuses == ["miss", "miss", "miss", "hit"]
+        stop(procs.pop())  # every request handled to its end, its index rows written
+    finally:
+        for proc in procs:
+            stop(proc)
+    assert (tmp_path / "sse-cache.db").is_file()  # relative to where the proxy ran
+
+    listed = cli("ls", "-l", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split("\t") for line in listed.stdout.splitlines()]
+    assert len(rows) == 3 and all(row[2] == "openai-responses" for row in rows), rows
+    assert listed.stderr.strip() == "3 entries, 3 aliases (not listed; -a lists them)"
+    keys = {row[0] for row in rows}
+
+    stats = cli("stats", cwd=tmp_path)
+    figures = dict(line.split(":", 1) for line in stats.stdout.splitlines()[1:])
+    assert (int(figures["entries"]), int(figures["aliases"])) == (3, 3), stats.stdout
+
+    every = cli("ls", "-la", cwd=tmp_path).stdout.splitlines()
+    aliases = {row[0]: row[3] for row in (line.split("\t") for line in every) if row[2] == "alias"}
+    assert len(every) == 6 and set(aliases.values()) == keys  # one alias per entry, none dangling
+
+    alias, key = next(iter(aliases.items()))
+    shown = cli("show", alias, "--sse-only", cwd=tmp_path)
+    assert (
+        shown.returncode == 0
+        and shown.stdout == cli("show", key, "--sse-only", cwd=tmp_path).stdout
+    )
+    assert "event: response.completed" in shown.stdout
+
+    purged = cli("purge", key, "--yes", cwd=tmp_path)
+    assert "purged 1 entry and 1 alias" in purged.stdout, purged.stderr
+    assert len(cli("ls", "-a", cwd=tmp_path).stdout.split()) == 4
+
+    typo = cli("ls", "--backend", "sqlite:///typo.db", cwd=tmp_path)
+    assert typo.returncode == 1
+    assert f"SQLite file '{tmp_path / 'typo.db'}' does not exist" in typo.stderr
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_version_command(tmp_path: Path) -> None:
+    from sse_cache import __version__
+
+    version = cli("--version", cwd=tmp_path)
+    assert (version.returncode, version.stdout) == (0, f"sse-cache {__version__}\n")
 
 
 def test_proxy_rejects_a_negative_decoded_cache_size() -> None:

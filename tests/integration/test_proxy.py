@@ -267,7 +267,7 @@ async def test_health_and_metrics(stack: Stack) -> None:
     replayed = next(
         line for line in text.splitlines() if line.startswith("sse_cache_replayed_bytes_total")
     )
-    assert int(replayed.split()[1]) > 1000
+    assert float(replayed.split()[1]) > 1000
 
 
 async def test_unreachable_upstream_is_a_502(serve: Serve, tmp_path: Path) -> None:

@@ -12,12 +12,14 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
     from . import demo, inspect, mock, proxy
 
     parser = argparse.ArgumentParser(
         prog="sse-cache",
         description="Record, store and replay streamed (SSE) LLM responses.",
     )
+    parser.add_argument("--version", action="version", version=f"sse-cache {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo.register(sub)
     proxy.register(sub)

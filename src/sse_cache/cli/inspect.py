@@ -1,8 +1,11 @@
-"""``sse-cache ls | show KEY | purge [--yes] | stats`` — inspect and manage a cache.
+"""``sse-cache ls | show KEY | purge [KEY...] | stats`` — inspect and manage a cache.
 
-Every subcommand takes ``--backend URL`` (default ``sqlite:///./sse-cache.db``). Exit codes:
-0 done, 1 failed (key not found, corrupt entry, storage error, purge not confirmed),
-2 the request cannot be served (bad URL or option, or a backend that cannot list keys).
+Every subcommand takes ``--backend URL`` (default ``sqlite:///./sse-cache.db``) and never
+creates a cache: a ``sqlite://`` file is opened with ``create=false``. A cache holds entries
+and index rows (aliases, ``alias-…``: another name of an entry, whose value is the entry's
+key); these commands show each as what it is. Exit codes: 0 done, 1 failed (key not found,
+corrupt entry, missing file, storage error, purge not confirmed), 2 the request cannot be
+served (bad URL or option, or a backend that cannot list keys).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import datetime as dt
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import dataclass
+from typing import Any, Literal, TextIO
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
 import anyio.to_thread
@@ -22,6 +26,7 @@ from ..codec import MsgpackCodec
 from ..entry import Entry
 from ..errors import ConfigError, CorruptEntry, SSECacheError
 from ..events import serialize_sse
+from ..keys import ALIAS_PREFIX
 from ..protocols import Backend, ScanningBackend, StatsBackend
 
 __all__ = ["DEFAULT_BACKEND", "register"]
@@ -31,6 +36,9 @@ DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
 
 EXIT_OK, EXIT_FAILED, EXIT_UNSUPPORTED = 0, 1, 2
 
+# An entry key is at most this long: a longer alias value is not a key (a corrupt row).
+_MAX_KEY_CHARS = 1024
+
 
 def register(sub: Any) -> None:
     """Add ``ls``, ``show``, ``purge`` and ``stats`` to the ``sse-cache`` subparsers."""
@@ -39,28 +47,41 @@ def register(sub: Any) -> None:
         "--backend",
         default=DEFAULT_BACKEND,
         metavar="URL",
-        help=f"cache backend URL (default: {DEFAULT_BACKEND})",
+        help=f"cache backend URL (default: {DEFAULT_BACKEND}); never created by these commands",
     )
 
-    ls = sub.add_parser("ls", parents=[common], help="list the keys in a cache")
+    ls = sub.add_parser("ls", parents=[common], help="list the keys of the entries in a cache")
     ls.add_argument("--prefix", default="", help="only keys starting with this")
     ls.add_argument(
         "-l", "--long", action="store_true", help="also show size, schema, events and age"
     )
+    ls.add_argument(
+        "-a",
+        "--all",
+        action="store_true",
+        help="also list the index rows (aliases: another name of an entry)",
+    )
     ls.set_defaults(run=_sync(_ls))
 
     show = sub.add_parser("show", parents=[common], help="print one entry: metadata and events")
-    show.add_argument("key", help="the entry's key (as `sse-cache ls` prints it)")
+    show.add_argument("key", help="the entry's key (as `sse-cache ls` prints it), or an alias")
     show.add_argument(
         "--sse-only", action="store_true", help="print only the events, as SSE (no metadata)"
     )
     show.set_defaults(run=_sync(_show))
 
-    purge = sub.add_parser("purge", parents=[common], help="delete every entry of a cache")
+    purge = sub.add_parser(
+        "purge",
+        parents=[common],
+        help="delete every entry of a cache, or the given ones and the aliases naming them",
+    )
+    purge.add_argument(
+        "keys", nargs="*", metavar="KEY", help="only these entries (default: everything)"
+    )
     purge.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(run=_sync(_purge))
 
-    stats = sub.add_parser("stats", parents=[common], help="count entries and bytes")
+    stats = sub.add_parser("stats", parents=[common], help="count entries, aliases and bytes")
     stats.set_defaults(run=_sync(_stats))
 
 
@@ -73,7 +94,7 @@ def _sync(
         from ..backends import from_url
 
         try:
-            backend = from_url(args.backend)
+            backend = from_url(args.backend, **_existing_only(args.backend))
         except ConfigError as exc:
             return _fail(f"bad --backend: {exc}", EXIT_UNSUPPORTED)
 
@@ -89,6 +110,17 @@ def _sync(
             return _fail(f"{args.command} on {_redact(args.backend)}: {exc}", EXIT_FAILED)
 
     return run
+
+
+def _existing_only(url: str) -> dict[str, Any]:
+    # Inspecting a cache must not create one: a mistyped SQLite path is an error, not a new
+    # empty file. Only sqlite:// has files to create; an explicit ``create=`` in the URL wins.
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite":
+        return {}
+    if any(name == "create" for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
+        return {}
+    return {"create": False}
 
 
 def _fail(message: str, code: int, stream: TextIO | None = None) -> int:
@@ -117,29 +149,83 @@ def _cannot_list(args: argparse.Namespace, backend: Backend) -> int:
     )
 
 
+# -- what a stored row is (no I/O) ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One stored row, read for what it is: an ``entry`` (``entry`` set), an ``alias``
+    (``target``: the key of the entry it names) or ``corrupt`` (``error`` says why)."""
+
+    kind: Literal["entry", "alias", "corrupt"]
+    entry: Entry | None = None
+    target: str = ""
+    error: str = ""
+
+
+def is_alias(key: str) -> bool:
+    """Whether ``key`` is an alias (index row) by its name; :func:`read_row` checks its value."""
+    return key.startswith(ALIAS_PREFIX)
+
+
+def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
+    """What the value ``data`` stored under ``key`` is."""
+    if is_alias(key):
+        try:
+            target = data.decode("ascii")
+        except UnicodeDecodeError:
+            return Row("corrupt", error="an alias whose value is not an ASCII key")
+        if not target or len(target) > _MAX_KEY_CHARS or not target.isprintable():
+            return Row("corrupt", error="an alias whose value is not a key")
+        return Row("alias", target=target)
+    try:
+        return Row("entry", entry=codec.decode(data))
+    except CorruptEntry as exc:
+        return Row("corrupt", error=str(exc))
+
+
+# -- the commands -----------------------------------------------------------------------------
+
+
 async def _ls(args: argparse.Namespace, backend: Backend) -> int:
     if not isinstance(backend, ScanningBackend):
         return _cannot_list(args, backend)
     codec = MsgpackCodec()
     now = time.time()
-    count = 0
+    entries = aliases = corrupt = 0
     async for key in backend.scan(args.prefix):
-        count += 1
+        alias = is_alias(key)
+        aliases += alias
+        if alias and not args.all:
+            continue
         if not args.long:
+            entries += not alias
             print(key)
             continue
         data = await backend.get(key)
         if data is None:
+            aliases -= alias
             continue  # expired or deleted since the scan saw it
-        try:
-            entry = codec.decode(data)
-        except CorruptEntry:
+        row = read_row(key, data, codec)
+        if row.kind == "alias":
+            gone = await backend.get(row.target) is None
+            print(f"{key}\t{len(data)}\talias\t{row.target}" + ("\tdangling" if gone else ""))
+        elif row.entry is not None:
+            entries += 1
+            entry = row.entry
+            kind = f"{len(entry.events)} events" if entry.events is not None else "body"
+            print(f"{key}\t{len(data)}\t{entry.schema}\t{kind}\t{_age(now - entry.created_at)}")
+        else:
+            corrupt += 1
             print(f"{key}\t{len(data)}\tCORRUPT")
-            continue
-        kind = f"{len(entry.events)} events" if entry.events is not None else "body"
-        print(f"{key}\t{len(data)}\t{entry.schema}\t{kind}\t{_age(now - entry.created_at)}")
     if args.long:
-        print(f"{count} entries", file=sys.stderr)
+        summary = _plural(entries, "entry", "entries")
+        if corrupt:
+            summary += f", {corrupt} corrupt"
+        if aliases:
+            summary += f", {_plural(aliases, 'alias', 'aliases')}"
+            summary += "" if args.all else " (not listed; -a lists them)"
+        print(summary, file=sys.stderr)
     return EXIT_OK
 
 
@@ -147,13 +233,30 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
     data = await backend.get(args.key)
     if data is None:
         return _fail(f"no entry with key {args.key!r} in {_redact(args.backend)}", EXIT_FAILED)
-    try:
-        entry = MsgpackCodec().decode(data)
-    except CorruptEntry as exc:
-        return _fail(f"entry {args.key!r} is corrupt: {exc}", EXIT_FAILED)
+    codec = MsgpackCodec()
+    row = read_row(args.key, data, codec)
     out = sys.stdout
+    key = args.key
+    if row.kind == "alias":
+        if not args.sse_only:
+            kind = "alias (another name of the entry it names)"
+            _print_rows(out, [("key", key), ("kind", kind), ("names", row.target)])
+            out.write("\n")
+            out.flush()
+        key, named = row.target, await backend.get(row.target)
+        if named is None:
+            return _fail(
+                f"alias {args.key!r} names entry {row.target!r}, which is not in the cache "
+                "(expired, evicted or purged)",
+                EXIT_FAILED,
+            )
+        data = named
+        row = read_row(key, data, codec)
+    if row.entry is None:
+        return _fail(f"entry {key!r} is corrupt: {row.error}", EXIT_FAILED)
+    entry = row.entry
     if not args.sse_only:
-        _print_metadata(out, args.key, entry, len(data))
+        _print_metadata(out, key, entry, len(data))
         out.write("\n")
     if entry.events is not None:
         out.write(serialize_sse(entry.events).decode("utf-8", "replace"))
@@ -177,10 +280,9 @@ def _print_metadata(out: TextIO, key: str, entry: Entry, stored: int) -> None:
         ),
         ("format", f"v{entry.version}"),
     ]
-    expires: float | None = getattr(entry, "expires_at", None)
-    if expires is not None:
-        left = expires - time.time()
-        when = dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(timespec="seconds")
+    if entry.expires_at is not None:
+        left = entry.expires_at - time.time()
+        when = dt.datetime.fromtimestamp(entry.expires_at, dt.UTC).isoformat(timespec="seconds")
         rows.append(("expires", f"{when} ({'in ' + _age(left) if left > 0 else 'expired'})"))
     rows.append(("stored bytes", str(stored)))
     if entry.events is not None:
@@ -189,6 +291,10 @@ def _print_metadata(out: TextIO, key: str, entry: Entry, stored: int) -> None:
     else:
         rows.append(("body bytes", str(len(entry.body or b""))))
     rows.extend((f"meta.{name}", value) for name, value in sorted(entry.meta.items()))
+    _print_rows(out, rows)
+
+
+def _print_rows(out: TextIO, rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows) + 1
     for name, value in rows:
         out.write(f"{name + ':':<{width}} {value}\n")
@@ -205,26 +311,91 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d"
 
 
+def _plural(count: int, one: str, many: str) -> str:
+    return f"{count} {one if count == 1 else many}"
+
+
+async def _count_aliases(backend: ScanningBackend) -> int:
+    # By name: an alias row's key says what it is, so its value need not be read.
+    return sum([1 async for _ in backend.scan(ALIAS_PREFIX)])
+
+
+async def _confirm(question: str) -> bool:
+    try:
+        answer = await anyio.to_thread.run_sync(input, f"{question} [y/N] ")
+    except EOFError:
+        answer = ""
+    return answer.strip().lower() in ("y", "yes")
+
+
 async def _purge(args: argparse.Namespace, backend: Backend) -> int:
     if not isinstance(backend, ScanningBackend):
         return _cannot_list(args, backend)
+    if args.keys:
+        return await _purge_keys(args, backend)
     where = _redact(args.backend)
-    if not args.yes:
-        try:
-            answer = await anyio.to_thread.run_sync(input, f"Delete every entry in {where}? [y/N] ")
-        except EOFError:
-            answer = ""
-        if answer.strip().lower() not in ("y", "yes"):
-            return _fail("purge cancelled (nothing deleted); pass --yes to skip the question", 1)
+    if not args.yes and not await _confirm(f"Delete every entry in {where}?"):
+        return _fail("purge cancelled (nothing deleted); pass --yes to skip the question", 1)
+    aliases = await _count_aliases(backend)
+    # clear() removes every row, aliases with their entries: nothing is left dangling.
     count = await backend.clear()
-    print(f"purged {count} entries from {where}")
+    aliases = min(aliases, count)
+    print(
+        f"purged {_plural(count - aliases, 'entry', 'entries')} "
+        f"and {_plural(aliases, 'alias', 'aliases')} from {where}"
+    )
+    return EXIT_OK
+
+
+async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int:
+    codec = MsgpackCodec()
+    where = _redact(args.backend)
+    # Every key first: an alias given stands for the entry it names; a key that is not in
+    # the cache stops the purge before anything is deleted.
+    entries: dict[str, None] = {}  # ordered sets
+    aliases: dict[str, None] = {}
+    named: set[str] = set()  # the keys whose aliases go too
+    for key in args.keys:
+        data = await backend.get(key)
+        if data is None:
+            return _fail(f"no entry with key {key!r} in {where} (nothing deleted)", EXIT_FAILED)
+        row = read_row(key, data, codec)
+        if row.kind == "alias":
+            aliases[key] = None
+            named.add(row.target)
+            if await backend.get(row.target) is not None:
+                entries[row.target] = None
+        else:
+            entries[key] = None
+            named.add(key)
+    async for alias in backend.scan(ALIAS_PREFIX):
+        data = None if alias in aliases else await backend.get(alias)
+        if data is not None and read_row(alias, data, codec).target in named:
+            aliases[alias] = None
+    what = (
+        f"{_plural(len(entries), 'entry', 'entries')} "
+        f"and {_plural(len(aliases), 'alias', 'aliases')}"
+    )
+    if not args.yes and not await _confirm(f"Delete {what} from {where}?"):
+        return _fail("purge cancelled (nothing deleted); pass --yes to skip the question", 1)
+    # Aliases first: if a delete fails midway, no alias is left naming a deleted entry.
+    for alias in aliases:
+        await backend.delete(alias)
+    for key in entries:
+        await backend.delete(key)
+    print(f"purged {what} from {where}")
     return EXIT_OK
 
 
 async def _stats(args: argparse.Namespace, backend: Backend) -> int:
     if not isinstance(backend, StatsBackend):
         return _fail(f"stats: {type(backend).__name__} cannot count its entries", 2)
-    figures = await backend.stats()
+    figures = dict(await backend.stats())
+    if isinstance(backend, ScanningBackend):
+        # The backend counts rows; aliases are rows but not entries.
+        aliases = min(await _count_aliases(backend), figures.get("entries", 0))
+        shown = {"entries": figures.pop("entries", 0) - aliases, "aliases": aliases}
+        figures = shown | figures
     print(f"backend: {_redact(args.backend)}")
     width = max((len(name) for name in figures), default=0) + 1
     for name, value in figures.items():
