@@ -11,15 +11,40 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_engine_quickstart(tmp_path: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "engine_quickstart.py"), str(tmp_path / "q.db")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
+def run_python(args: list[str], cwd: Path) -> str:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=True
     ).stdout
+
+
+def quickstart_block(page: Path) -> str:
+    """The Python block under the page's "Quickstart: the engine" heading."""
+    section = page.read_text().split("## Quickstart: the engine", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+@pytest.mark.parametrize("where", ["default", "absolute"])
+def test_engine_quickstart(tmp_path: Path, where: str) -> None:
+    # Run from a directory of its own: its cache must land where the URL says, i.e.
+    # sqlite:///quickstart.db in the working directory (not /quickstart.db, which running as
+    # root would silently allow), and an absolute path given as an argument at that path.
+    cwd, elsewhere = tmp_path / "cwd", tmp_path / "elsewhere"
+    cwd.mkdir()
+    elsewhere.mkdir()
+    args = [] if where == "default" else [str(elsewhere / "q.db")]
+    out = run_python([str(ROOT / "examples" / "engine_quickstart.py"), *args], cwd)
     assert out.splitlines() == ["miss Hello world!", "hit Hello world!"]
+    expected = cwd / "quickstart.db" if where == "default" else elsewhere / "q.db"
+    assert expected.is_file()
+    assert {p for d in (cwd, elsewhere) for p in d.iterdir() if p.suffix == ".db"} == {expected}
+
+
+def test_docs_quickstart_runs_and_keeps_its_cache_where_the_url_says(tmp_path: Path) -> None:
+    code = quickstart_block(ROOT / "docs" / "index.md")
+    assert '"sqlite:///quickstart.db"' in code
+    out = run_python(["-c", code], tmp_path)
+    assert out.splitlines() == ["miss Hello world!", "hit Hello world!"]
+    assert (tmp_path / "quickstart.db").is_file()
 
 
 @pytest.mark.parametrize("mode", [[], ["--in-process"]], ids=["http", "in-process"])

@@ -29,7 +29,7 @@ def classname(url: str, **options: Any) -> str:
     [
         ("memory://", "MemoryBackend"),
         ("MEMORY://?max_bytes=10MiB", "MemoryBackend"),
-        ("sqlite:///tmp/x.db", "SQLiteBackend"),
+        ("sqlite:////tmp/x.db", "SQLiteBackend"),
         ("sqlite:///./x.db", "SQLiteBackend"),
         ("sqlite:///:memory:", "SQLiteBackend"),
         ("redis://localhost:6379/0", "RedisBackend"),

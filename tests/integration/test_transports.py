@@ -677,6 +677,8 @@ def test_docs_examples_run(upstream: Upstream, tmp_path: Path, code: str) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert "hit" in result.stdout, result.stdout
+    # sqlite:///cache.db, three slashes: cache.db in the directory the program ran in.
+    assert (tmp_path / "cache.db").is_file()
 
 
 def test_docs_have_runnable_examples() -> None:
