@@ -37,12 +37,17 @@ class Server:
 
 
 @contextmanager
-def server(*args: str) -> Iterator[Server]:
+def server(*args: str, log: Path | None = None) -> Iterator[Server]:
     """Run ``args`` (``{port}`` replaced by a free port) until it accepts connections; yield
-    its URL and pid; terminate it at the end."""
+    its URL and pid; terminate it at the end. ``log``: a file that gets its stdout and stderr
+    (appended; default: discarded)."""
     port = free_port()
     argv = [a.replace("{port}", str(port)) for a in args]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if log is None:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    else:
+        with log.open("ab") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
         while True:
