@@ -3,28 +3,37 @@ proxy), streamed and not.
 
 A plain ASGI 3 class in the shape of Starlette's ``GZipMiddleware``: per-request state lives
 in a :class:`_Request` created per call; on a miss ``send`` is wrapped so every body message
-goes out first and is recorded second (no buffering, no added delay).
+goes out first and is recorded second. When others may read the same live stream, the
+client's messages go out through an :class:`_Outbox`, sent by a task of their own: a client
+that reads slowly then never paces the app (and with it the upstream and every follower).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from .breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
 from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook, Notice, emit
 from .errors import ConfigError
+from .flight import SharedStreamAborted
 from .pacing import Pacing
+from .policy import Decision
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
 from .service import DEFAULT_CROSS_PROCESS_LEASE, Answer, CacheService, Exchange, ResponseTee
 
 __all__ = ["CacheMiddleware"]
+
+logger = logging.getLogger("sse_cache")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -176,6 +185,10 @@ class _Request:
         self.background = False  # ... counted against max_background (finish_on_disconnect)
         self.abandoned = False  # the last follower left: the app was cancelled
         self.app_scope: anyio.CancelScope | None = None
+        self.tasks: anyio.abc.TaskGroup | None = None
+        self.outbox: _Outbox | None = None  # the client's messages, while others may follow
+        self.send_error: Exception | None = None  # sending to the client failed: for the app
+        self.cut = ""  # why the client was cut off (it fell too far behind the stream)
 
     async def run(self) -> None:
         scope = self.scope
@@ -193,13 +206,39 @@ class _Request:
             await _error(self.send, 400, str(exc))
             return
         try:
+            async with anyio.create_task_group() as self.tasks:
+                await self._exchange(decision)
+                outbox = self.outbox
+                if outbox is not None:
+                    # The app is done; the client gets the rest at its own pace (the end of
+                    # the response only after the answer was stored, as below).
+                    if self.held_end:
+                        outbox.put({"type": "http.response.body", "body": b"", "more_body": False})
+                    outbox.close()
+        except BaseExceptionGroup as group:
+            # The task group is an implementation detail: raise what the request raised.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        if self.cut:
+            # Visible to the client: its response is aborted, never ended cleanly.
+            raise SharedStreamAborted(self.cut)
+        if self.held_end and not self.disconnected and self.outbox is None:
+            # The answer is stored (and indexed) now: end the response. A client that sends
+            # the same request right after this one finished is sure to find it.
+            with contextlib.suppress(Exception):
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _exchange(self, decision: Decision) -> None:
+        service = self.mw.service
+        try:
             async with service.exchange(decision, publish=True) as ex:
                 self.exchange = ex
                 if ex.answer is not None:
                     await self._answer(ex)
                 else:
                     with anyio.CancelScope() as self.app_scope:
-                        await self.mw.app(scope, self._receive, self._send)
+                        await self.mw.app(self.scope, self._receive, self._send)
                     if self.app_scope.cancelled_caught and self.tee is not None:
                         self.tee.fail(
                             "every reader left before the stream ended"
@@ -209,11 +248,6 @@ class _Request:
         finally:
             if self.background:
                 self.mw._background -= 1
-        if self.held_end and not self.disconnected:
-            # The answer is stored (and indexed) now: end the response. A client that sends
-            # the same request right after this one finished is sure to find it.
-            with contextlib.suppress(Exception):
-                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_first(self, message: Message) -> None:
         if (
@@ -264,6 +298,8 @@ class _Request:
     def _client_gone(self) -> bool:
         """The client disconnected, or a send to it failed. True when the app goes on."""
         self.disconnected = True
+        if self.outbox is not None:
+            self.outbox.stop()
         if self.detached:
             return True
         tee = self.tee
@@ -295,6 +331,8 @@ class _Request:
     async def _send(self, message: Message) -> None:
         ex = self.exchange
         assert ex is not None
+        if self.send_error is not None:
+            raise self.send_error  # the client is gone and no one else reads: stop the app
         if message["type"] == "http.response.start":
             raw = message.get("headers", [])
             decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
@@ -306,8 +344,14 @@ class _Request:
                 *_encode(ex.headers()),
             ]
             await self._deliver(message)
-            if self.tee is not None:
-                await self.tee.flush()  # the head, to followers in other processes at once
+            tee = self.tee
+            if tee is not None:
+                limit = tee.lag_limit
+                if limit is not None and self.tasks is not None and not self.disconnected:
+                    # Others may read this stream: the client is sent to by its own task.
+                    self.outbox = _Outbox(self.send, self._send_failed)
+                    self.tasks.start_soon(self.outbox.run)
+                await tee.flush()  # the head, to followers in other processes at once
             return
         if message["type"] == "http.response.body":
             tee = self.tee
@@ -331,6 +375,11 @@ class _Request:
     async def _deliver(self, message: Message) -> None:
         if self.disconnected:
             return
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.put(message)
+            await self._keep_up(outbox)
+            return
         try:
             await self.send(message)
         except Exception:
@@ -340,6 +389,33 @@ class _Request:
                 if self.tee is not None:
                     self.tee.fail("sending to the client failed")
                 raise
+
+    async def _keep_up(self, outbox: _Outbox) -> None:
+        """Bound what waits for a slow client: no more than a follower may fall behind (the
+        flight's lag bound). With followers, a client further behind is cut off, as a
+        follower would be; alone, the app waits for it (the upstream is paced by its only
+        reader)."""
+        tee = self.tee
+        assert tee is not None
+        limit = tee.lag_limit
+        if limit is None or outbox.size <= limit:
+            return
+        if tee.followed:
+            self.cut = f"the client fell more than {limit} bytes behind the stream"
+            logger.info("sse_cache: %s: %s", self.exchange.key if self.exchange else "", self.cut)
+            outbox.cut()
+            if not self._client_gone():
+                tee.fail(self.cut)
+                raise SharedStreamAborted(self.cut)
+            return
+        await outbox.room(limit)
+
+    def _send_failed(self, exc: Exception) -> None:
+        # The client's own task could not send to it: the client is gone.
+        if not self._client_gone():
+            if self.tee is not None:
+                self.tee.fail("sending to the client failed")
+            self.send_error = exc
 
     async def _answer(self, ex: Exchange) -> None:
         assert ex.answer is not None
@@ -355,6 +431,74 @@ class _Request:
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
+
+
+class _Outbox:
+    """The messages for one client, sent by a task of their own (:meth:`run`), so that the
+    app producing them never waits on that client's socket. What waits is bounded by the
+    request (:meth:`_Request._keep_up`): :attr:`size` counts the body bytes queued."""
+
+    def __init__(self, send: Send, failed: Callable[[Exception], None]) -> None:
+        self._send = send
+        self._failed = failed
+        self._messages: deque[Message] = deque()
+        self.size = 0
+        self._closed = False  # nothing more will be put
+        self._stopped = False  # nothing more is sent: the client is gone or was cut off
+        self._more = anyio.Event()
+        self._room = anyio.Event()
+        self._scope = anyio.CancelScope()
+
+    def put(self, message: Message) -> None:
+        if self._stopped:
+            return
+        self._messages.append(message)
+        self.size += len(message.get("body", b""))
+        self._more.set()
+
+    def close(self) -> None:
+        """Nothing more will be put: :meth:`run` returns once the client has everything."""
+        self._closed = True
+        self._more.set()
+
+    def stop(self) -> None:
+        """Send nothing more (the client is gone)."""
+        self._stopped = True
+        self._messages.clear()
+        self.size = 0
+        self._more.set()
+        self._wake()
+
+    def cut(self) -> None:
+        """Send nothing more, and give up a send blocked on a client that does not read."""
+        self.stop()
+        self._scope.cancel()
+
+    async def room(self, limit: int) -> None:
+        """Wait until at most ``limit`` body bytes wait to be sent (or none will be)."""
+        while self.size > limit and not self._stopped:
+            await self._room.wait()
+
+    def _wake(self) -> None:
+        self._room.set()
+        self._room = anyio.Event()
+
+    async def run(self) -> None:
+        with self._scope:
+            while True:
+                while self._messages:
+                    message = self._messages.popleft()
+                    self.size -= len(message.get("body", b""))
+                    try:
+                        await self._send(message)
+                    except Exception as exc:
+                        self.stop()
+                        self._failed(exc)
+                    self._wake()
+                if self._closed or self._stopped:
+                    return
+                await self._more.wait()
+                self._more = anyio.Event()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

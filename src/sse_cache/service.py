@@ -37,6 +37,7 @@ import anyio
 import msgspec
 
 from ._decoded import DecodedEntries
+from ._logging import backend_warnings
 from .breaker import (
     DEFAULT_BREAKER_COOLDOWN,
     DEFAULT_BREAKER_FAILURES,
@@ -441,7 +442,13 @@ class Exchange:
                     return False
                 holder = await fanout.holder(lock)
             except Exception as exc:  # fail open: no single-flight across processes this time
-                logger.warning("sse_cache: cross-process lock failed for %s: %r", self.key, exc)
+                backend_warnings.warning(
+                    fanout,
+                    "lock_failed",
+                    "sse_cache: cross-process lock failed for %s: %r",
+                    self.key,
+                    exc,
+                )
                 return False
             if holder is not None and await self._follow_process(fanout, holder):
                 return True
@@ -816,6 +823,12 @@ class ResponseTee:
             self._lease.drain(self._flight)
 
     @property
+    def lag_limit(self) -> int | None:
+        """How many bytes a reader of this response may fall behind the stream before it is
+        cut off (the flight's bound); None when no one else can read it."""
+        return self._flight.flight.max_lag_bytes if self._flight is not None else None
+
+    @property
     def followed(self) -> bool:
         """Followers (here, or in other processes) read this response."""
         flight = self._flight
@@ -922,7 +935,9 @@ class _Lease:
                     return
                 await self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL)
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
-                logger.warning("sse_cache: could not renew %s: %r", self.lock, exc)
+                backend_warnings.warning(
+                    self.fanout, "renew_failed", "sse_cache: could not renew %s: %r", self.lock, exc
+                )
 
     def drain(self, live: LiveFlight[bytes]) -> None:
         """Read ``live``'s handed-over upstream to its end in a task of its own (the client
