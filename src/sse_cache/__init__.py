@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .breaker import Breaker as Breaker
 from .codec import MsgpackCodec as MsgpackCodec
 from .engine import (
     CachedStream as CachedStream,
@@ -70,6 +71,7 @@ __all__ = [
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",
+    "Breaker",
     "CacheKeyer",
     "CacheRequest",
     "CacheStatus",
