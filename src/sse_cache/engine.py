@@ -31,6 +31,7 @@ import anyio.lowlevel
 import msgspec
 
 from ._decoded import DECODED_EVENT_BYTES, DecodedEntries
+from ._logging import backend_warnings
 from .breaker import Breaker, BreakerState
 from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
@@ -829,7 +830,9 @@ class StreamCache:
         except _Skipped:
             pass
         except Exception as exc:
-            logger.warning("sse_cache: could not delete %s: %r", key, exc)
+            backend_warnings.warning(
+                self.backend, "delete_failed", "sse_cache: could not delete %s: %r", key, exc
+            )
 
     async def aclose(self) -> None:
         """Close the backend if this cache opened it from a URL."""
@@ -1069,7 +1072,8 @@ class StreamCache:
         emit(self._hooks, notice)
 
     def _warn(self, kind: str, key: str, message: str) -> None:
-        logger.warning("sse_cache: %s (key %s)", message, key)
+        # A backend that is down fails every request: one line per kind per 10 s, counted.
+        backend_warnings.warning(self.backend, kind, "sse_cache: %s (key %s)", message, key)
         self._emit(Notice(kind=kind, key=key, detail=message))
 
 

@@ -3,19 +3,23 @@
 :class:`Forwarder` is an ASGI app that forwards every request to an upstream base URL with
 httpx2, streaming both ways; :func:`create_proxy_app` puts :class:`CacheMiddleware` in front
 of it and adds the operational endpoints ``GET /_sse_cache/health`` and
-``GET /_sse_cache/metrics`` (Prometheus text).
+``GET /_sse_cache/metrics`` (Prometheus text), an access line per request on a cached route
+(:class:`~sse_cache._logging.AccessLog`), and at startup a line saying what it serves and a
+check of the backend (a warning when it cannot be reached: the proxy serves anyway, uncached).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import anyio
 
-from .asgi import CacheMiddleware, Receive, Scope, Send, send_json_error
+from ._logging import AccessLog, redact_url
+from .asgi import CacheMiddleware, Message, Receive, Scope, Send, send_json_error
 from .breaker import BreakerState
 from .errors import ConfigError
 from .metrics import Metrics
@@ -29,6 +33,10 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 __all__ = ["DEFAULT_BACKEND", "Forwarder", "ProxyApp", "create_proxy_app"]
 
 DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
+#: Seconds the health endpoint and the startup check wait for the backend.
+BACKEND_CHECK_TIMEOUT = 2.0
+
+logger = logging.getLogger("sse_cache")
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx2 sets itself.
 _HOP_BY_HOP = frozenset(
@@ -183,12 +191,26 @@ async def _lifespan(receive: Receive, send: Send, on_shutdown: Any) -> None:
 
 
 class ProxyApp:
-    """The proxy's ASGI app: operational endpoints, then the cache, then the forwarder."""
+    """The proxy's ASGI app: operational endpoints, then the cache, then the forwarder.
 
-    def __init__(self, cached: CacheMiddleware, metrics: Metrics, forwarder: Forwarder) -> None:
+    ``access_log``: the hook of ``cached`` that writes a line per request on a cached route
+    (None: no access lines). ``backend_label``: how the startup line names the backend (its
+    URL with any password redacted; default: its class)."""
+
+    def __init__(
+        self,
+        cached: CacheMiddleware,
+        metrics: Metrics,
+        forwarder: Forwarder,
+        *,
+        access_log: AccessLog | None = None,
+        backend_label: str = "",
+    ) -> None:
         self.cached = cached
         self.metrics = metrics
         self.forwarder = forwarder
+        self.access_log = access_log
+        self.backend_label = backend_label or type(cached.service.backend).__name__
         self.started = time.time()
 
     async def aclose(self) -> None:
@@ -198,10 +220,61 @@ class ProxyApp:
         await self.cached.aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/_sse_cache/"):
-            await self._ops(scope, send)
+        if scope["type"] == "http":
+            if scope["path"].startswith("/_sse_cache/"):
+                await self._ops(scope, send)
+                return
+            policy = self.cached.service.policy
+            if self.access_log is not None and policy.match(scope["method"], scope["path"]):
+                await self.access_log.serve(self.cached, scope, receive, send)
+                return
+        elif scope["type"] == "lifespan":
+            await self.cached(scope, receive, self._starting(send))
             return
         await self.cached(scope, receive, send)
+
+    def _starting(self, send: Send) -> Send:
+        # Say what is served and check the backend once startup is through, before the
+        # server reports it complete.
+        async def sending(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await self.log_startup()
+            await send(message)
+
+        return sending
+
+    async def log_startup(self) -> None:
+        """Log what the proxy serves (upstream, backend, routes; no credentials) and whether
+        the backend answers: a warning when it does not, and the proxy serves on (fail-open:
+        every request a miss until the backend is back)."""
+        routes = ", ".join(
+            f"{path}={adapter.name}" for path, adapter in self.cached.service.policy.routes.items()
+        )
+        logger.info(
+            "sse_cache: proxy for %s, backend %s, routes %s",
+            redact_url(self.forwarder.upstream),
+            self.backend_label,
+            routes,
+        )
+        problem = await self.probe_backend()
+        if problem is None:
+            logger.info("sse_cache: backend %s answers", self.backend_label)
+        else:
+            logger.warning(
+                "sse_cache: backend %s does not answer (%s): serving uncached until it does",
+                self.backend_label,
+                problem,
+            )
+
+    async def probe_backend(self) -> str | None:
+        """Read one key from the backend within :data:`BACKEND_CHECK_TIMEOUT` seconds: None
+        when that worked, else what went wrong."""
+        try:
+            with anyio.fail_after(BACKEND_CHECK_TIMEOUT):
+                await self.cached.service.backend.get("sse-cache:health-probe")
+        except Exception as exc:
+            return repr(exc)
+        return None
 
     async def _ops(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
@@ -216,12 +289,11 @@ class ProxyApp:
                 # The cache is being skipped: say so at once, without waiting on the backend.
                 status, state = 503, f"backend unavailable: circuit {breaker.value}"
             else:
-                try:
-                    with anyio.fail_after(2.0):
-                        await backend.get("sse-cache:health-probe")
+                problem = await self.probe_backend()
+                if problem is None:
                     status, state = 200, "ok"
-                except Exception as exc:
-                    status, state = 503, f"backend unavailable: {exc!r}"
+                else:
+                    status, state = 503, f"backend unavailable: {problem}"
             body = json.dumps(
                 {
                     "status": state,
@@ -257,13 +329,19 @@ def create_proxy_app(
     hooks: Iterable[Any] = (),
     upstream_timeout: float = 600.0,
     connect_timeout: float = 10.0,
+    access_log: bool = True,
     **options: Any,
 ) -> ProxyApp:
     """The caching reverse proxy for ``upstream``: cacheable routes through
     :class:`CacheMiddleware` (``options`` are its keyword options), everything else passed
     through unchanged. ``upstream_timeout`` bounds each upstream read, ``connect_timeout``
-    the connection."""
+    the connection. ``access_log``: an INFO line on the ``sse_cache.access`` logger per
+    request on a cached route (cache status, key prefix, bytes, duration, why a miss was not
+    stored)."""
     metrics = Metrics()
+    log = AccessLog() if access_log else None
     forwarder = Forwarder(upstream, timeout=upstream_timeout, connect_timeout=connect_timeout)
-    cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[metrics, *hooks], **options)
-    return ProxyApp(cached, metrics, forwarder)
+    ours = [metrics, log] if log is not None else [metrics]
+    cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[*ours, *hooks], **options)
+    label = redact_url(backend) if isinstance(backend, str) else ""
+    return ProxyApp(cached, metrics, forwarder, access_log=log, backend_label=label)
