@@ -197,11 +197,12 @@ def test_version_command(tmp_path: Path) -> None:
     assert (version.returncode, version.stdout) == (0, f"sse-cache {__version__}\n")
 
 
-def test_proxy_rejects_a_negative_decoded_cache_size() -> None:
+def test_proxy_rejects_a_negative_decoded_cache_size(capsys: pytest.CaptureFixture[str]) -> None:
     from sse_cache.cli import main
 
-    with pytest.raises(SystemExit, match="--decoded-cache-mb must be >= 0"):
+    with pytest.raises(SystemExit):
         main(["proxy", "--upstream", "http://127.0.0.1:9", "--decoded-cache-mb", "-1"])
+    assert "argument --decoded-cache-mb: expected a number of MiB >= 0" in capsys.readouterr().err
 
 
 def test_the_proxy_access_log_never_prints_a_query_key() -> None:

@@ -1,15 +1,353 @@
-"""``sse-cache proxy``: a caching reverse proxy in front of an LLM API."""
+"""``sse-cache proxy``: a caching reverse proxy in front of an LLM API.
+
+Every option is a flag and an ``SSE_CACHE_<OPTION>`` environment variable (``--port`` and
+``SSE_CACHE_PORT``, ``--cross-process`` and ``SSE_CACHE_CROSS_PROCESS=true``); a flag wins
+over its variable, a variable over the default. :data:`OPTIONS` is the one list of them: the
+parser, the environment and docs/proxy.md's table are all made from it (a test checks the
+table).
+
+With ``--workers N`` (N > 1) uvicorn runs N processes on one port. Each builds its app from
+the environment (:func:`app_from_environment`): the command writes the options it resolved
+back into ``SSE_CACHE_*`` variables, which the workers inherit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import math
+import os
 import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from .._logging import LOG_LEVELS, RedactQueryKey, proxy_log_config, redact_url
 from ..errors import ConfigError
 
-__all__ = ["register"]
+__all__ = [
+    "ENV_PREFIX",
+    "OPTIONS",
+    "Option",
+    "RedactQueryKey",
+    "add_options",
+    "app_from_environment",
+    "register",
+    "resolve",
+]
+
+ENV_PREFIX = "SSE_CACHE_"
+
+logger = logging.getLogger("sse_cache")
+
+
+# -- values ---------------------------------------------------------------------------------
+# Each parser takes the text of a flag or a variable and returns the value, or raises
+# ArgumentTypeError saying what was expected (argparse prints it after the flag's name; the
+# environment's errors name the variable).
+
+
+def _port(text: str) -> int:
+    value = _integer(text, "a port number")
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def _at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _integer(text, what)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text.strip().replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _seconds(*, zero: bool = False) -> Callable[[str], float]:
+    what = "a number of seconds >= 0" if zero else "a positive number of seconds"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of MiB >= 0, got {text!r}")
+    return value
+
+
+def _upstream(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _backend(text: str) -> str:
+    if "://" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected a backend URL (sqlite:///cache.db, redis://host:6379/0, memory://, "
+            f"...), got {text!r}"
+        )
+    return text
+
+
+def _route(text: str) -> tuple[str, str]:
+    from ..adapters import ADAPTERS
+
+    path, sep, name = text.partition("=")
+    name = name.strip()
+    if not sep or not path.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected /PATH=ADAPTER, got {text!r}")
+    if name not in ADAPTERS:
+        known = ", ".join(sorted(ADAPTERS))
+        raise argparse.ArgumentTypeError(f"unknown adapter {name!r} in {text!r}; known: {known}")
+    return path, name
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (1/0, yes/no, on/off), got {text!r}")
+
+
+# -- the options ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of ``sse-cache proxy``: its flag, what it means, its default (``shown`` as
+    the help and the docs write it), and how its text is read (None: a switch, on when given
+    or when its variable is true). ``repeat``: the flag may be given several times; its
+    variable is then a comma- or space-separated list."""
+
+    flag: str
+    help: str
+    default: Any = None
+    shown: str = "none"
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    repeat: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        """The environment variable: ``SSE_CACHE_`` and the flag in upper case."""
+        return ENV_PREFIX + self.dest.upper()
+
+    def from_text(self, text: str) -> Any:
+        """The value of the variable's ``text`` (raises ArgumentTypeError)."""
+        if self.parse is None:
+            return _switch(text)
+        if self.repeat:
+            return [self.parse(item) for item in re.split(r"[,\s]+", text.strip()) if item]
+        return self.parse(text)
+
+    def to_text(self, value: Any) -> str:
+        """``value`` as this option's variable would say it (:meth:`from_text` reads it back)."""
+        if self.parse is None:
+            return "true" if value else "false"
+        if self.repeat:
+            return ",".join(f"{path}={name}" for path, name in value)
+        return str(value)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "--upstream",
+        "base URL of the API; the request path and query are appended (http(s):// only)",
+        shown="required",
+        parse=_upstream,
+        metavar="URL",
+    ),
+    Option(
+        "--backend",
+        "cache backend URL (docs/backends.md)",
+        default="sqlite:///./sse-cache.db",
+        shown="sqlite:///./sse-cache.db",
+        parse=_backend,
+        metavar="URL",
+    ),
+    Option(
+        "--host",
+        "address to listen on (0.0.0.0: every interface, as in a container)",
+        default="127.0.0.1",
+        shown="127.0.0.1",
+        parse=str,
+        metavar="H",
+    ),
+    Option("--port", "port to listen on", default=8000, shown="8000", parse=_port, metavar="P"),
+    Option(
+        "--workers",
+        "processes serving the port; with more than one, identical streamed requests share "
+        "one upstream stream across them when the backend supports it (Redis)",
+        default=1,
+        shown="1",
+        parse=_at_least(1, "a number of workers"),
+        metavar="N",
+    ),
+    Option(
+        "--ttl",
+        "entry lifetime in seconds",
+        shown="none (no expiry)",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--shared-tenant",
+        "let all callers share entries (default: one scope per API key)",
+        default=False,
+        shown="off",
+    ),
+    Option(
+        "--route",
+        "cache this path (suffix) with an adapter (openai-responses, openai-chat, "
+        "anthropic-messages, gemini, generic); repeatable; when given, only the listed "
+        "routes are cached",
+        default=[],
+        shown="the default routes",
+        parse=_route,
+        metavar="PATH=ADAPTER",
+        repeat=True,
+    ),
+    Option(
+        "--finish-on-disconnect",
+        "when a client leaves a streamed miss, finish it in the background to fill the cache",
+        default=False,
+        shown="off",
+    ),
+    Option(
+        "--cross-process",
+        "share live streams between proxy processes on one Redis backend (on by itself with "
+        "--workers > 1 on Redis)",
+        default=False,
+        shown="off",
+    ),
+    Option(
+        "--cross-process-lease",
+        "with --cross-process: seconds a producer's lease lasts unless renewed; a killed "
+        "producer's followers take over within this long",
+        default=3.0,
+        shown="3",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--breaker-failures",
+        "consecutive backend failures after which the backend is skipped for "
+        "--breaker-cooldown seconds, then probed (0: never skip)",
+        default=5,
+        shown="5",
+        parse=_at_least(0, "a number of failures"),
+        metavar="N",
+    ),
+    Option(
+        "--breaker-cooldown",
+        "seconds an open backend breaker skips the backend",
+        default=10.0,
+        shown="10",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--max-body-bytes",
+        "larger request bodies pass through uncached (bypass)",
+        default=4 * 1024 * 1024,
+        shown="4194304 (4 MiB)",
+        parse=_at_least(1, "a number of bytes"),
+        metavar="N",
+    ),
+    Option(
+        "--upstream-timeout",
+        "seconds one upstream read may take before the proxy answers 504",
+        default=600.0,
+        shown="600",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--decoded-cache-mb",
+        "memory per process for recently decoded entries, so hot entries are not decoded on "
+        "every hit (0 turns it off)",
+        default=64.0,
+        shown="64",
+        parse=_megabytes,
+        metavar="N",
+    ),
+    Option(
+        "--graceful-timeout",
+        "on SIGTERM or SIGINT, seconds to let streams in flight finish; then they are cut "
+        "(their clients see a failed response, nothing partial is stored) and the process exits",
+        default=30.0,
+        shown="30",
+        parse=_seconds(zero=True),
+        metavar="S",
+    ),
+    Option(
+        "--log-level",
+        "level of the proxy's log lines, its own and uvicorn's: critical, error, warning, "
+        "info, debug or trace",
+        default="info",
+        shown="info",
+        parse=_log_level,
+        metavar="L",
+    ),
+)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Add every option of :data:`OPTIONS` to ``parser``. Each is None when not given, so
+    that :func:`resolve` can tell a flag from its variable and its default."""
+    for opt in OPTIONS:
+        text = f"{opt.help} (env {opt.env}; default {opt.shown})"
+        if opt.parse is None:
+            parser.add_argument(opt.flag, action="store_const", const=True, default=None, help=text)
+        else:
+            parser.add_argument(
+                opt.flag,
+                type=opt.parse,
+                default=None,
+                metavar=opt.metavar,
+                action="append" if opt.repeat else "store",
+                help=text,
+            )
 
 
 def register(sub: Any) -> None:
@@ -17,94 +355,116 @@ def register(sub: Any) -> None:
         "proxy",
         help="run a caching reverse proxy in front of an LLM API",
         description=(
-            "Serves POST /v1/responses, /v1/chat/completions and /v1/messages through the "
-            "cache (streamed and not) and passes everything else to the upstream unchanged. "
-            "GET /_sse_cache/health and /_sse_cache/metrics report on the proxy."
+            "Serves POST /v1/responses, /v1/chat/completions, /v1/messages and Gemini's "
+            "generateContent routes through the cache (streamed and not) and passes everything "
+            "else to the upstream unchanged. GET /_sse_cache/health and /_sse_cache/metrics "
+            "report on the proxy. Every option can also be set by its SSE_CACHE_* environment "
+            "variable; a flag wins over its variable."
         ),
     )
-    parser.add_argument(
-        "--upstream", required=True, help="upstream base URL, e.g. https://api.openai.com"
-    )
-    parser.add_argument(
-        "--backend",
-        default="sqlite:///./sse-cache.db",
-        help="cache backend URL (default sqlite:///./sse-cache.db)",
-    )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
-    )
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    parser.add_argument("--ttl", type=float, default=None, help="entry lifetime in seconds")
-    parser.add_argument(
-        "--shared-tenant",
-        action="store_true",
-        help="let all callers share entries (default: one scope per API key)",
-    )
-    parser.add_argument(
-        "--route",
-        action="append",
-        default=[],
-        metavar="PATH=ADAPTER",
-        help=(
-            "cache another route (path suffix) with an adapter: openai-responses, openai-chat, "
-            "anthropic-messages or generic; repeatable (replaces the default routes, which "
-            "are then listed explicitly)"
-        ),
-    )
-    parser.add_argument(
-        "--finish-on-disconnect",
-        action="store_true",
-        help="when a client leaves a streamed miss, finish it in the background to fill the cache",
-    )
-    parser.add_argument(
-        "--cross-process",
-        action="store_true",
-        help="share live streams between proxy processes on one Redis backend",
-    )
-    parser.add_argument(
-        "--cross-process-lease",
-        type=float,
-        default=3.0,
-        metavar="S",
-        help="with --cross-process: seconds a producer's lease lasts unless renewed; a killed "
-        "producer's followers take over within this long (default 3)",
-    )
-    parser.add_argument(
-        "--breaker-failures",
-        type=int,
-        default=5,
-        metavar="N",
-        help="consecutive backend failures after which the backend is skipped for "
-        "--breaker-cooldown seconds, then probed (default 5; 0: never skip)",
-    )
-    parser.add_argument(
-        "--breaker-cooldown",
-        type=float,
-        default=10.0,
-        metavar="S",
-        help="seconds an open backend breaker skips the backend (default 10)",
-    )
-    parser.add_argument(
-        "--max-body-bytes",
-        type=int,
-        default=4 * 1024 * 1024,
-        help="larger request bodies pass through uncached (default 4 MiB)",
-    )
-    parser.add_argument(
-        "--upstream-timeout",
-        type=float,
-        default=600.0,
-        help="seconds an upstream read may take before the proxy answers 504 (default 600)",
-    )
-    parser.add_argument(
-        "--decoded-cache-mb",
-        type=float,
-        default=64.0,
-        help="memory for recently decoded entries, so hot entries are not decoded on every "
-        "hit (default 64; 0 turns it off)",
-    )
-    parser.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    add_options(parser)
     parser.set_defaults(run=_run)
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Every option's value: the flag's if given, else its ``SSE_CACHE_*`` variable's (an
+    empty variable counts as unset), else the default. Raises :class:`ConfigError` naming the
+    variable and what was expected for a bad value, and for a missing upstream."""
+    out = argparse.Namespace()
+    for opt in OPTIONS:
+        value = getattr(args, opt.dest, None)
+        if value is None:
+            text = environ.get(opt.env, "").strip()
+            if text:
+                try:
+                    value = opt.from_text(text)
+                except argparse.ArgumentTypeError as exc:
+                    raise ConfigError(f"{opt.env}: {exc}") from None
+        if value is None:
+            value = list(opt.default) if isinstance(opt.default, list) else opt.default
+        setattr(out, opt.dest, value)
+    if out.upstream is None:
+        raise ConfigError("an upstream is required: --upstream URL or SSE_CACHE_UPSTREAM=URL")
+    return out
+
+
+def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for ``SSE_CACHE_*`` variables that look like a misspelt option (other
+    ``SSE_CACHE_*`` variables are left alone: other tools read some)."""
+    known = [opt.env for opt in OPTIONS]
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                warnings.append(f"ignoring {name}: not an option (did you mean {close[0]}?)")
+    return warnings
+
+
+# -- building and serving -------------------------------------------------------------------
+
+
+def build_app(settings: argparse.Namespace) -> Any:
+    """The proxy's ASGI app for resolved ``settings`` (raises :class:`ConfigError`)."""
+    from ..adapters import by_name
+    from ..proxy import create_proxy_app
+
+    routes = {path: by_name(name) for path, name in settings.route} or None
+    return create_proxy_app(
+        settings.upstream,
+        settings.backend,
+        ttl=settings.ttl,
+        tenant="shared" if settings.shared_tenant else None,
+        routes=routes,
+        finish_on_disconnect=settings.finish_on_disconnect,
+        cross_process=settings.cross_process,
+        cross_process_lease=settings.cross_process_lease,
+        breaker_failures=settings.breaker_failures,
+        breaker_cooldown=settings.breaker_cooldown,
+        max_body_bytes=settings.max_body_bytes,
+        upstream_timeout=settings.upstream_timeout,
+        decoded_cache_bytes=int(settings.decoded_cache_mb * 1024 * 1024),
+    )
+
+
+def app_from_environment() -> Any:
+    """The app of one worker of ``sse-cache proxy --workers N`` (a uvicorn factory): built
+    from the ``SSE_CACHE_*`` variables the command resolved and wrote for its workers."""
+    return build_app(resolve(argparse.Namespace(), os.environ))
+
+
+def plan_workers(settings: argparse.Namespace) -> list[str]:
+    """For ``--workers N`` (N > 1): turn on cross-process single-flight when the backend can
+    (Redis: a lock and live fan-out), and the warnings about what the workers will not share
+    otherwise. Changes ``settings``; raises :class:`ConfigError` for a bad backend URL."""
+    if settings.workers <= 1:
+        return []
+    import anyio
+
+    from ..backends import from_url
+    from ..protocols import FanoutBackend, LeasingBackend
+
+    backend = from_url(settings.backend)
+    try:
+        shares_streams = isinstance(backend, LeasingBackend) and isinstance(backend, FanoutBackend)
+        name = type(backend).__name__
+    finally:
+        anyio.run(backend.aclose)
+    n = settings.workers
+    if shares_streams:
+        settings.cross_process = True
+        return []
+    if settings.backend.split("://", 1)[0].lower() == "memory":
+        return [
+            f"--workers {n} with memory://: each worker has a cache of its own (a request is "
+            f"a hit only on the worker that stored its answer, and the memory is spent {n} "
+            "times); use sqlite:// or redis:// to share one cache"
+        ]
+    return [
+        f"--workers {n} with {name}: the workers share its entries but not live streams, so "
+        "identical requests arriving together at different workers each call the upstream; "
+        "use redis:// for cross-process single-flight"
+    ]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -112,60 +472,54 @@ def _run(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise SystemExit("sse-cache proxy needs uvicorn: pip install 'sse-cache[proxy]'") from None
-    from ..adapters import by_name
-    from ..proxy import create_proxy_app
+    import logging.config
 
     try:
-        routes = None
-        if args.route:
-            routes = {}
-            for spec in args.route:
-                path, sep, name = spec.partition("=")
-                if not sep or not path.startswith("/"):
-                    raise ConfigError(f"--route must be /PATH=ADAPTER, got {spec!r}")
-                routes[path] = by_name(name.strip())
-        app = create_proxy_app(
-            args.upstream,
-            args.backend,
-            ttl=args.ttl,
-            tenant="shared" if args.shared_tenant else None,
-            routes=routes,
-            finish_on_disconnect=args.finish_on_disconnect,
-            cross_process=args.cross_process,
-            cross_process_lease=args.cross_process_lease,
-            breaker_failures=args.breaker_failures,
-            breaker_cooldown=args.breaker_cooldown,
-            max_body_bytes=args.max_body_bytes,
-            upstream_timeout=args.upstream_timeout,
-            decoded_cache_bytes=_megabytes(args.decoded_cache_mb),
-        )
+        settings = resolve(args, os.environ)
     except ConfigError as exc:
         raise SystemExit(f"sse-cache proxy: {exc}") from None
-    # uvicorn's access log prints each request's query string: never a ?key= credential.
-    logging.getLogger("uvicorn.access").addFilter(RedactQueryKey())
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
+    log_config = proxy_log_config(settings.log_level)
+    logging.config.dictConfig(log_config)
+    for warning in _unknown_variables(os.environ):
+        logger.warning("sse_cache: %s", warning)
+    try:
+        warnings = plan_workers(settings)
+        app = build_app(settings)
+    except ConfigError as exc:
+        raise SystemExit(f"sse-cache proxy: {exc}") from None
+    for warning in warnings:
+        logger.warning("sse_cache: %s", warning)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": log_config,
+        "log_level": LOG_LEVELS[settings.log_level],
+        "lifespan": "on",
+        "timeout_graceful_shutdown": settings.graceful_timeout,
+    }
+    if settings.workers == 1:
+        uvicorn.run(app, **options)
+        return 0
+    # The app was built above only to check the configuration; each worker builds its own
+    # from the environment it inherits.
+    import anyio
+
+    anyio.run(app.aclose)
+    for opt in OPTIONS:
+        value = getattr(settings, opt.dest)
+        if value is None:
+            os.environ.pop(opt.env, None)
+        else:
+            os.environ[opt.env] = opt.to_text(value)
+    logger.info(
+        "sse_cache: %d workers on %s:%d, backend %s, cross-process single-flight %s",
+        settings.workers,
+        settings.host,
+        settings.port,
+        redact_url(settings.backend),
+        "on" if settings.cross_process else "off",
+    )
+    uvicorn.run(
+        f"{__name__}:app_from_environment", factory=True, workers=settings.workers, **options
+    )
     return 0
-
-
-_QUERY_KEY = re.compile(r"([?&]key=)[^&\s\"]*")
-
-
-class RedactQueryKey(logging.Filter):
-    """Replaces the value of a ``key=`` query parameter (Gemini's API key) in log records
-    with ``***``: in the message and in its arguments (uvicorn's access log passes the path
-    as an argument)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.msg, str):
-            record.msg = _QUERY_KEY.sub(r"\1***", record.msg)
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                _QUERY_KEY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
-        return True
-
-
-def _megabytes(value: float) -> int:
-    if not value >= 0:
-        raise SystemExit(f"sse-cache proxy: --decoded-cache-mb must be >= 0, got {value}")
-    return int(value * 1024 * 1024)

@@ -1,0 +1,690 @@
+"""``sse-cache proxy`` as operators run it: options from ``SSE_CACHE_*`` variables, validated
+values, the docs' option table, log lines (format, startup, access, rate-limited backend
+warnings), ``--workers`` as real processes on one port, ``--graceful-timeout`` under SIGTERM /
+SIGINT, and the container recipe (Dockerfile, compose.yaml) parsed through the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+import yaml
+
+from servers import free_port
+from sse_cache._logging import RateLimitedLog, redact_url
+from sse_cache.backends import from_url
+from sse_cache.cli import main
+from sse_cache.cli.proxy import OPTIONS, add_options, plan_workers, register, resolve
+from sse_cache.errors import ConfigError
+from sse_cache.mock_upstream import MockUpstream
+
+ROOT = Path(__file__).resolve().parents[2]
+HEADERS = {"authorization": "Bearer sk-ops-secret-123"}
+asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+#: A log line as the proxy writes it: UTC time to the millisecond, level, [process].
+LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (?P<level>[A-Z]+) \[(?P<pid>\d+)\] ")
+
+
+def parsed(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
+    """``sse-cache proxy ARGV`` with ``environ``: the options it would run with."""
+    parser = argparse.ArgumentParser()
+    add_options(parser)
+    return resolve(parser.parse_args(argv), environ)
+
+
+# -- options from the environment -----------------------------------------------------------
+
+#: A value for every option's variable, and what it must read as. A new option fails
+#: test_every_option_reads_its_variable until it is added here.
+SAMPLES: dict[str, tuple[str, Any]] = {
+    "SSE_CACHE_UPSTREAM": ("https://api.anthropic.com", "https://api.anthropic.com"),
+    "SSE_CACHE_BACKEND": ("redis://redis:6379/1", "redis://redis:6379/1"),
+    "SSE_CACHE_HOST": ("0.0.0.0", "0.0.0.0"),
+    "SSE_CACHE_PORT": ("9100", 9100),
+    "SSE_CACHE_WORKERS": ("4", 4),
+    "SSE_CACHE_TTL": ("86400", 86400.0),
+    "SSE_CACHE_SHARED_TENANT": ("true", True),
+    "SSE_CACHE_ROUTE": (
+        "/chat/completions=openai-chat, /responses=openai-responses",
+        [("/chat/completions", "openai-chat"), ("/responses", "openai-responses")],
+    ),
+    "SSE_CACHE_FINISH_ON_DISCONNECT": ("yes", True),
+    "SSE_CACHE_CROSS_PROCESS": ("1", True),
+    "SSE_CACHE_CROSS_PROCESS_LEASE": ("2.5", 2.5),
+    "SSE_CACHE_BREAKER_FAILURES": ("0", 0),
+    "SSE_CACHE_BREAKER_COOLDOWN": ("30", 30.0),
+    "SSE_CACHE_MAX_BODY_BYTES": ("1048576", 1048576),
+    "SSE_CACHE_UPSTREAM_TIMEOUT": ("120", 120.0),
+    "SSE_CACHE_DECODED_CACHE_MB": ("0", 0.0),
+    "SSE_CACHE_GRACEFUL_TIMEOUT": ("5", 5.0),
+    "SSE_CACHE_LOG_LEVEL": ("DEBUG", "debug"),
+}
+
+
+def test_every_option_reads_its_variable() -> None:
+    assert {opt.env for opt in OPTIONS} == set(SAMPLES)
+    settings = parsed([], {name: text for name, (text, _) in SAMPLES.items()})
+    for opt in OPTIONS:
+        assert getattr(settings, opt.dest) == SAMPLES[opt.env][1], opt.env
+
+
+def test_without_flags_or_variables_the_defaults_apply() -> None:
+    settings = parsed(["--upstream", "http://127.0.0.1:9"], {"SSE_CACHE_TTL": ""})
+    assert settings.backend == "sqlite:///./sse-cache.db"
+    assert (settings.host, settings.port, settings.workers) == ("127.0.0.1", 8000, 1)
+    assert settings.ttl is None  # an empty variable counts as unset
+    assert settings.route == [] and settings.cross_process is False
+    assert settings.graceful_timeout == 30.0 and settings.log_level == "info"
+
+
+def test_flags_win_over_variables() -> None:
+    environ = {
+        "SSE_CACHE_UPSTREAM": "https://api.openai.com",
+        "SSE_CACHE_PORT": "9002",
+        "SSE_CACHE_ROUTE": "/a=generic /b=generic",
+        "SSE_CACHE_CROSS_PROCESS": "false",
+    }
+    settings = parsed(
+        ["--port", "9001", "--route", "/v1/responses=openai-responses", "--cross-process"],
+        environ,
+    )
+    assert settings.upstream == "https://api.openai.com"  # no flag: the variable
+    assert settings.port == 9001
+    # The flags' routes replace the variable's list: they are not added to it.
+    assert settings.route == [("/v1/responses", "openai-responses")]
+    assert settings.cross_process is True
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("SSE_CACHE_PORT", "99999", "expected a port number from 1 to 65535, got '99999'"),
+        ("SSE_CACHE_PORT", "http", "expected a port number, got 'http'"),
+        ("SSE_CACHE_WORKERS", "0", "expected a number of workers >= 1, got '0'"),
+        ("SSE_CACHE_TTL", "-5", "expected a positive number of seconds, got '-5'"),
+        ("SSE_CACHE_TTL", "nan", "expected a positive number of seconds, got 'nan'"),
+        ("SSE_CACHE_GRACEFUL_TIMEOUT", "soon", "expected a number of seconds >= 0"),
+        ("SSE_CACHE_CROSS_PROCESS", "maybe", "expected true or false"),
+        ("SSE_CACHE_ROUTE", "/x=nope", "unknown adapter 'nope' in '/x=nope'; known: "),
+        ("SSE_CACHE_ROUTE", "v1/x=generic", "expected /PATH=ADAPTER, got 'v1/x=generic'"),
+        ("SSE_CACHE_BACKEND", "cache.db", "expected a backend URL"),
+        ("SSE_CACHE_LOG_LEVEL", "loud", "expected one of critical, error, warning, info"),
+        ("SSE_CACHE_DECODED_CACHE_MB", "-1", "expected a number of MiB >= 0"),
+    ],
+)
+def test_a_bad_variable_names_itself_and_what_was_expected(
+    name: str, text: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SSE_CACHE_UPSTREAM", "http://127.0.0.1:9")
+    monkeypatch.setenv(name, text)
+    with pytest.raises(SystemExit) as info:
+        main(["proxy"])
+    message = str(info.value)
+    assert message.startswith(f"sse-cache proxy: {name}: "), message
+    assert expected in message
+
+
+def test_a_missing_upstream_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSE_CACHE_UPSTREAM", raising=False)
+    with pytest.raises(SystemExit, match=r"--upstream URL or SSE_CACHE_UPSTREAM=URL"):
+        main(["proxy"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--port", "99999"], "argument --port: expected a port number from 1 to 65535"),
+        (["--port", "0"], "argument --port: expected a port number from 1 to 65535"),
+        (["--workers", "two"], "argument --workers: expected a number of workers, got 'two'"),
+        (["--breaker-failures", "-1"], "argument --breaker-failures: expected a number of"),
+        (["--max-body-bytes", "0"], "argument --max-body-bytes: expected a number of bytes"),
+        (["--upstream-timeout", "0"], "argument --upstream-timeout: expected a positive"),
+        (["--cross-process-lease", "inf"], "argument --cross-process-lease: expected a positive"),
+    ],
+)
+def test_numeric_flags_are_checked_with_a_clear_message(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["proxy", "--upstream", "http://127.0.0.1:9", *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+
+
+def test_a_port_out_of_range_is_no_traceback_from_the_command() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "sse_cache", "proxy", "--upstream", "http://x", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    assert "expected a port number from 1 to 65535, got '99999'" in run.stderr
+    assert "Traceback" not in run.stderr and "OverflowError" not in run.stderr
+
+
+def test_docs_table_lists_every_option_with_its_variable_and_default() -> None:
+    root = argparse.ArgumentParser()
+    register(root.add_subparsers())
+    # Every option the command's parser has (its destinations, as parsing nothing gives).
+    dests = set(vars(root.parse_args(["proxy"]))) - {"run"}
+    text = (ROOT / "docs" / "proxy.md").read_text()
+    header = "| flag | variable | default | meaning |"
+    assert text.count(header) == 1
+    rows = {}
+    for line in text.split(header, 1)[1].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        flag, variable, default, meaning = (c.strip() for c in line.strip("|").split(" | "))
+        rows[flag.strip("`").split()[0]] = (variable.strip("`"), default.replace("`", ""), meaning)
+    assert {flag.removeprefix("--").replace("-", "_") for flag in rows} == dests
+    for opt in OPTIONS:
+        variable, default, meaning = rows[opt.flag]
+        assert variable == opt.env, opt.flag
+        assert default == opt.shown, opt.flag
+        assert meaning, opt.flag
+
+
+def test_a_misspelt_variable_is_warned_about(tmp_path: Path) -> None:
+    # The command runs until stopped, so it is checked by what it logs before serving.
+    env = {**os.environ, "SSE_CACHE_UPSTREM": "https://api.openai.com", "SSE_CACHE_OTHER": "x"}
+    env["SSE_CACHE_UPSTREAM"] = "http://127.0.0.1:9"
+    log = tmp_path / "proxy.log"
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sse_cache", "proxy", "--port", str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            env=env,
+            cwd=tmp_path,
+        )
+    try:
+        wait_for_line(log, "Application startup complete", proc)
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "ignoring SSE_CACHE_UPSTREM: not an option (did you mean SSE_CACHE_UPSTREAM?)" in text
+    assert "SSE_CACHE_OTHER" not in text  # other tools' variables are left alone
+
+
+def test_workers_on_redis_turn_cross_process_on() -> None:
+    settings = parsed(["--upstream", "http://x", "--workers", "2"], {})
+    settings.backend = "redis://127.0.0.1:1/0"
+    assert plan_workers(settings) == [] and settings.cross_process is True
+
+
+@pytest.mark.parametrize(
+    ("backend", "expected"),
+    [
+        ("memory://", "each worker has a cache of its own"),
+        ("sqlite:///./cache.db", "share its entries but not live streams"),
+    ],
+)
+def test_workers_on_a_backend_without_live_streams_warn(backend: str, expected: str) -> None:
+    settings = parsed(["--upstream", "http://x", "--workers", "3", "--backend", backend], {})
+    (warning,) = plan_workers(settings)
+    assert warning.startswith("--workers 3 with ") and expected in warning
+    assert settings.cross_process is False
+    single = parsed(["--upstream", "http://x", "--backend", backend], {})
+    assert plan_workers(single) == []
+
+
+# -- log helpers ----------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Backend:
+    """Something warnings are about (weakly referenced by the rate limiter)."""
+
+
+def test_repeated_warnings_are_rate_limited_per_backend_and_topic(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    log = RateLimitedLog(logging.getLogger("sse_cache.test_rate"), interval=10.0, clock=clock)
+    one, two = Backend(), Backend()
+    with caplog.at_level(logging.WARNING, logger="sse_cache.test_rate"):
+        for i in range(6):
+            log.warning(one, "read_failed", "read %d failed", i)
+            clock.now += 1
+        log.warning(two, "read_failed", "another backend")  # not held back by `one`
+        log.warning(one, "store_failed", "another topic")  # nor by another topic
+        clock.now += 5  # 11 s after the first line
+        log.warning(one, "read_failed", "read %d failed", 6)
+        log.warning(one, "read_failed", "read %d failed", 7)
+    assert [r.getMessage() for r in caplog.records] == [
+        "read 0 failed",
+        "another backend",
+        "another topic",
+        "read 6 failed [5 more like this in the last 11 s]",
+    ]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:s3cret@redis:6379/0?prefix=a:", "redis://:***@redis:6379/0?prefix=a:"),
+        ("rediss://user:s3cret@h/1", "rediss://user:***@h/1"),
+        ("sqlite:///./sse-cache.db", "sqlite:///./sse-cache.db"),
+        ("sqlite:////data/sse-cache.db", "sqlite:////data/sse-cache.db"),
+        (
+            "https://g.example/v1beta?key=AIza-s3cret&alt=sse",
+            "https://g.example/v1beta?key=***&alt=sse",
+        ),
+        ("redis://h:6379/0?password=s3cret&timeout=1", "redis://h:6379/0?password=***&timeout=1"),
+    ],
+)
+def test_urls_in_log_lines_carry_no_secret(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+# -- the proxy as a process -----------------------------------------------------------------
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> str:
+    """The first line of ``log`` containing ``text``, once the process wrote it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text(errors="replace").splitlines():
+            if text in line:
+                return line
+        if proc.poll() is not None:
+            raise AssertionError(f"the proxy exited: {log.read_text(errors='replace')}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {log.read_text(errors='replace')}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Proxy:
+    def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = url
+        self.proc = proc
+        self.log = log
+
+    def lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+    def access(self) -> list[str]:
+        """The access lines of requests on cached routes."""
+        return [line for line in self.lines() if " cache=" in line]
+
+
+@asynccontextmanager
+async def proxy_process(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[Proxy]:
+    """``sse-cache proxy ARGS`` in a process of its own on a free port, its stderr in a file;
+    yields once it answers (its health may be 503: the backend may be down on purpose)."""
+    port = free_port()
+    log = tmp_path / f"proxy-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - starting a process does not block for long
+            [sys.executable, "-m", "sse_cache", "proxy", "--port", str(port), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            env={**os.environ, **(env or {})},
+            cwd=tmp_path,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with anyio.fail_after(60):
+            async with httpx2.AsyncClient() as client:
+                while True:
+                    assert proc.poll() is None, log.read_text()
+                    try:
+                        await client.get(url + "/_sse_cache/health", timeout=5)
+                        break
+                    except httpx2.HTTPError:
+                        await anyio.sleep(0.05)  # polling a process that is starting
+        yield Proxy(url, proc, log)
+    finally:
+        await anyio.to_thread.run_sync(stop, proc)
+
+
+def chat(prompt: str, stream: bool = True) -> dict[str, Any]:
+    return {
+        "model": "gpt-mock",
+        "stream": stream,
+        "messages": [{"role": "user", "content": prompt}],
+    }
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_log_lines_startup_and_access(serve: Any, tmp_path: Path) -> None:
+    upstream_app = MockUpstream(delay=0.001)
+    backend = f"sqlite:///{tmp_path / 'cache.db'}"
+    async with (
+        serve(upstream_app) as upstream,
+        proxy_process(tmp_path, "--backend", backend, env={"SSE_CACHE_UPSTREAM": upstream}) as p,
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS) as client,
+    ):
+        miss = await client.post("/v1/chat/completions", json=chat("log me"))
+        hit = await client.post("/v1/chat/completions", json=chat("log me"))
+        refused = await client.post(
+            "/v1/chat/completions", json=chat("rate limited"), headers={"x-mock-error": "429"}
+        )
+        unstored = await client.post(
+            "/v1/chat/completions", json=chat("keep out"), headers={"cache-control": "no-store"}
+        )
+        gemini = await client.post(
+            "/v1beta/models/gemini-mock:streamGenerateContent?alt=sse&key=AIza-s3cret",
+            json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+        )
+        await client.get("/v1/models")  # passed through: no access line of ours
+        await anyio.sleep(0.2)  # the last access line is written after the response ended
+        lines, access = p.lines(), p.access()
+    assert (miss.headers["x-sse-cache"], hit.headers["x-sse-cache"]) == ("miss", "hit")
+    assert refused.status_code == 429 and unstored.status_code == 200
+    assert gemini.status_code == 200
+    for line in lines:
+        assert LINE.match(line), line  # one format for uvicorn's lines and ours
+        assert "sk-ops-secret-123" not in line and "AIza-s3cret" not in line
+    startup = next(line for line in lines if "sse_cache: proxy for" in line)
+    assert f"proxy for {upstream}, backend {backend}, routes /v1/responses=openai-responses" in (
+        startup
+    )
+    assert any(f"sse_cache: backend {backend} answers" in line for line in lines)
+    key = miss.headers["x-sse-cache-key"]
+    assert len(access) == 5, access
+    first, second, third, fourth, fifth = access
+    assert (
+        f"POST /v1/chat/completions 200 cache=miss key={key[:12]} bytes={len(miss.content)}"
+        in first
+    )
+    assert first.endswith(" stored=yes") and " INFO " in first
+    assert f"cache=hit key={key[:12]} bytes={len(hit.content)}" in second
+    assert re.search(r" ms=\d+\.\d$", second) and "stored=" not in second
+    assert "cache=miss" in third and third.endswith('stored=no reason="upstream status 429"')
+    assert fourth.endswith('stored=no reason="the request said Cache-Control: no-store"')
+    assert "?alt=sse&key=*** 200 cache=miss" in fifth and "stored=yes" in fifth
+    # uvicorn's own access line: the same format, the query key redacted too.
+    assert any(
+        '"POST /v1beta/models/gemini-mock:streamGenerateContent?alt=sse&key=***' in line
+        for line in lines
+    )
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_an_unreachable_backend_is_warned_at_startup_and_rate_limited(
+    serve: Any, tmp_path: Path
+) -> None:
+    upstream_app = MockUpstream(delay=0.001)
+    down = f"redis://:s3cret@127.0.0.1:{free_port()}/0?timeout=0.2"
+    async with (
+        serve(upstream_app) as upstream,
+        proxy_process(
+            tmp_path, "--upstream", upstream, "--backend", down, "--breaker-failures", "0"
+        ) as p,
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS) as client,
+    ):
+        started = time.monotonic()
+        answers = [
+            await client.post("/v1/chat/completions", json=chat(f"fail open {i}"))
+            for i in range(20)
+        ]
+        elapsed = time.monotonic() - started
+        health = await client.get("/_sse_cache/health")
+        await anyio.sleep(0.2)
+        lines = p.lines()
+    # Fail-open: every request served, as a miss.
+    assert [a.status_code for a in answers] == [200] * 20
+    assert {a.headers["x-sse-cache"] for a in answers} == {"miss"}
+    assert health.status_code == 503
+    warned = [line for line in lines if "does not answer" in line]
+    assert len(warned) == 1 and " WARNING " in warned[0]
+    assert "backend redis://:***@127.0.0.1:" in warned[0] and "serving uncached" in warned[0]
+    assert not any("s3cret" in line for line in lines)
+    # 20 failed reads (and 20 failed writes): a line per 10 s per kind, the rest counted.
+    warnings = [line for line in lines if " cache=" not in line]  # not the access lines
+    reads = [line for line in warnings if "backend read failed" in line]
+    writes = [line for line in warnings if "backend write failed" in line]
+    allowed = 1 + int(elapsed / 10) + 1
+    assert 1 <= len(reads) <= allowed and 1 <= len(writes) <= allowed, (reads, elapsed)
+    access = [line for line in lines if " cache=miss" in line]
+    assert len(access) == 20
+    assert all(re.search(r'stored=no reason="backend write failed: ', a) for a in access)
+
+
+# -- workers --------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_two_workers_serve_one_port_and_a_herd_makes_one_upstream_call(
+    serve: Any, redis_server: Any, tmp_path: Path
+) -> None:
+    upstream_app = MockUpstream(first_delay=0.5, delay=0.002)
+    backend = f"{redis_server.url}?prefix=w{uuid.uuid4().hex[:8]}:"
+    body = {"model": "gpt-mock", "input": "one call for the whole herd", "stream": True}
+    env = {"SSE_CACHE_UPSTREAM": "", "SSE_CACHE_BACKEND": backend}
+    async with serve(upstream_app) as upstream, AsyncExitStack() as clients:
+        env["SSE_CACHE_UPSTREAM"] = upstream
+        p = await clients.enter_async_context(proxy_process(tmp_path, "--workers", "2", env=env))
+        # One connection per client, opened one after another: the kernel hands each to
+        # either worker (a herd's new connections would all go to the first to accept).
+        herd = []
+        for _ in range(40):
+            client = httpx2.AsyncClient(base_url=p.url, timeout=60)
+            herd.append(await clients.enter_async_context(client))
+            assert (await client.get("/_sse_cache/health")).status_code == 200
+        results: list[httpx2.Response] = []
+        go = anyio.Event()
+
+        async def one(client: httpx2.AsyncClient) -> None:
+            await go.wait()
+            results.append(await client.post("/v1/responses", json=body, headers=HEADERS))
+
+        async with anyio.create_task_group() as tg:
+            for client in herd:
+                tg.start_soon(one, client)
+            go.set()
+        await anyio.sleep(0.2)  # the access lines are written as the responses end
+        lines, access = p.lines(), p.access()
+    statuses = Counter(r.headers["x-sse-cache"] for r in results)
+    assert upstream_app.stats()["total"] == 1, statuses
+    assert statuses["miss"] == 1 and statuses["shared"] + statuses["hit"] == 39, statuses
+    assert len({r.content for r in results}) == 1
+    # Which process answered is in each line: both workers served the herd.
+    pids = Counter(LINE.match(line)["pid"] for line in access)  # type: ignore[index]
+    assert len(pids) == 2 and sum(pids.values()) == 40, pids
+    parent = next(line for line in lines if "2 workers on 127.0.0.1:" in line)
+    assert "cross-process single-flight on" in parent
+    starts = {LINE.match(line)["pid"] for line in lines if "sse_cache: proxy for" in line}  # type: ignore[index]
+    assert starts == set(pids)
+
+
+# -- graceful shutdown ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_shutdown_cuts_streams_in_flight_after_the_graceful_timeout(
+    sig: signal.Signals, serve: Any, tmp_path: Path
+) -> None:
+    # A stream that would run for minutes: the process ends it after --graceful-timeout.
+    upstream_app = MockUpstream(first_delay=0.01, delay=0.25)
+    db = tmp_path / "cache.db"
+    graceful = 1.0
+    async with serve(upstream_app) as upstream:
+        async with proxy_process(
+            tmp_path,
+            "--upstream", upstream,
+            "--backend", f"sqlite:///{db}",
+            "--graceful-timeout", str(graceful),
+        ) as p:  # fmt: skip
+            async with httpx2.AsyncClient(base_url=p.url, timeout=60) as client:
+                request = client.build_request(
+                    "POST",
+                    "/v1/chat/completions",
+                    json=chat("a long answer"),
+                    headers={**HEADERS, "x-mock-deltas": "2000"},
+                )
+                response = await client.send(request, stream=True)
+                assert response.status_code == 200
+                assert response.headers["x-sse-cache"] == "miss"
+                chunks = response.aiter_raw()
+                received = await chunks.__anext__()
+                signalled = time.monotonic()
+                p.proc.send_signal(sig)
+                with pytest.raises(httpx2.RemoteProtocolError):  # a cut, not a clean end
+                    async for chunk in chunks:
+                        received += chunk
+                cut = time.monotonic() - signalled
+                with anyio.fail_after(60):
+                    code = await anyio.to_thread.run_sync(p.proc.wait)
+                await response.aclose()
+            lines = p.lines()
+    # uvicorn raises the signal again once it has shut down: the process ends by it, or
+    # exits 0 where it is ignored (PID 1 in a container) or handled (asyncio's SIGINT).
+    assert code in (0, -sig)
+    assert not any("Traceback" in line for line in lines)
+    (cancelled,) = [line for line in lines if "cut by the shutdown" in line]
+    assert " WARNING " in cancelled
+    assert cut >= graceful  # the stream was given its time, then cut
+    assert b"data: [DONE]" not in received
+    assert any("timeout graceful shutdown exceeded" in line for line in lines)
+    (line,) = [line for line in lines if " cache=miss" in line]
+    assert line.endswith(" end=incomplete") and "stored=no" in line
+    # Nothing partial was stored.
+    store = from_url(f"sqlite:///{db}")
+    try:
+        keys = [key async for key in store.scan()]  # type: ignore[attr-defined]
+    finally:
+        await store.aclose()
+    assert keys == []
+
+
+# -- the container recipe -------------------------------------------------------------------
+
+
+def dockerfile_instructions() -> Iterator[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text()
+    joined = re.sub(r"\\\n", " ", text)
+    for raw in joined.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            yield word.upper(), rest.strip()
+
+
+def final_stage() -> list[tuple[str, str]]:
+    instructions = list(dockerfile_instructions())
+    starts = [i for i, (word, _) in enumerate(instructions) if word == "FROM"]
+    return instructions[starts[-1] :]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for word, rest in final_stage():
+        if word == "ENV":
+            for item in shlex.split(rest):
+                name, sep, value = item.partition("=")
+                assert sep, f"ENV {item}: use the NAME=value form"
+                env[name] = value
+    return env
+
+
+def dockerfile_command() -> list[str]:
+    found: dict[str, list[str]] = {}
+    for word, rest in final_stage():
+        if word in ("ENTRYPOINT", "CMD"):
+            found[word] = json.loads(rest)  # the exec form: signals reach the proxy itself
+    return found["ENTRYPOINT"] + found["CMD"]
+
+
+def test_the_dockerfile_runs_the_proxy_configured_from_its_environment() -> None:
+    stage = final_stage()
+    assert stage[0] == ("FROM", "python:3.11-slim")
+    users = [rest for word, rest in stage if word == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    argv = dockerfile_command()
+    assert argv[:2] == ["sse-cache", "proxy"]
+    env = dockerfile_env()
+    root = argparse.ArgumentParser()
+    register(root.add_subparsers())
+    settings = resolve(root.parse_args(argv[1:]), env)
+    assert settings.host == "0.0.0.0"  # reachable through the published port
+    assert settings.upstream.startswith("https://")
+    assert settings.backend.startswith("sqlite:////data/")  # the volume, an absolute path
+    (health,) = [rest for word, rest in stage if word == "HEALTHCHECK"]
+    command = json.loads(health.split(" CMD ", 1)[1])
+    assert command[:2] == ["python", "-c"]
+    compile(command[2], "<healthcheck>", "exec")  # valid Python
+    assert "/_sse_cache/health" in command[2] and "SSE_CACHE_PORT" in command[2]
+    installs = " ".join(rest for word, rest in stage if word == "RUN")
+    assert "-c /tmp/dev.lock" in installs and "[proxy,redis,zstd]" in installs
+
+
+def interpolate(value: str, environ: dict[str, str]) -> str:
+    """Compose's ``${NAME:-default}`` / ``${NAME}`` interpolation."""
+
+    def one(match: re.Match[str]) -> str:
+        name, _, default = match.group(1).partition(":-")
+        return environ.get(name) or default
+
+    return re.sub(r"\$\{([^}]+)\}", one, value)
+
+
+@pytest.mark.parametrize("shell_env", [{}, {"SSE_CACHE_UPSTREAM": "https://api.anthropic.com"}])
+def test_compose_runs_the_proxy_on_redis_with_a_valid_configuration(
+    shell_env: dict[str, str],
+) -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"proxy", "redis"}
+    proxy = services["proxy"]
+    env = {**dockerfile_env()}  # the image's variables, then the service's over them
+    env.update({k: interpolate(str(v), shell_env) for k, v in proxy["environment"].items()})
+    root = argparse.ArgumentParser()
+    register(root.add_subparsers())
+    settings = resolve(root.parse_args(dockerfile_command()[1:]), env)
+    assert settings.upstream == shell_env.get("SSE_CACHE_UPSTREAM", "https://api.openai.com")
+    assert settings.backend.startswith("redis://redis:6379/")  # the compose service's name
+    assert settings.workers > 1 and plan_workers(settings) == []
+    assert settings.cross_process is True  # workers on Redis share live streams
+    assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+    grace = float(str(proxy["stop_grace_period"]).removesuffix("s"))
+    assert grace > settings.graceful_timeout  # streams end before the runtime kills it
+    with pytest.raises(ConfigError):  # and the variables are read, not ignored:
+        resolve(root.parse_args(["proxy"]), {**env, "SSE_CACHE_PORT": "http"})
