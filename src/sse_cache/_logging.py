@@ -327,13 +327,15 @@ class AccessLog:
             f"bytes={line.bytes}",
             f"ms={ms:.1f}",
         ]
-        stored = line.stored
-        reason = line.reason
-        if line.cache in ("miss", "refresh"):
+        stored, reason = line.stored, line.reason
+        if line.cache in ("hit", "shared"):
+            # Nothing of these is stored; a follower may hear its producer's notices, which
+            # the producer's own line reports.
+            stored, reason = None, ""
+        elif line.cache in ("miss", "refresh"):
             if stored is None:
                 stored = False
-                if not reason:
-                    reason = _unrecorded(scope, line)
+                reason = reason or _unrecorded(scope, line)
             words.append(f"stored={'yes' if stored else 'no'}")
         if reason and not stored:
             words.append(f"reason={_quote(reason)}")
@@ -364,7 +366,10 @@ def _unrecorded(scope: Scope, line: _Line) -> str:
         return "the request said Cache-Control: no-store"
     if b"last-event-id" in headers:
         return "a resumed stream (Last-Event-ID) is never stored"
-    return "not recorded (a content type or encoding the cache does not keep)"
+    return (
+        "not a storable answer (not completed by the route's schema, or a content type or "
+        "encoding the cache does not keep)"
+    )
 
 
 def _quote(text: str) -> str:

@@ -34,6 +34,7 @@ from sse_cache.cli import main
 from sse_cache.cli.proxy import OPTIONS, add_options, plan_workers, register, resolve
 from sse_cache.errors import ConfigError
 from sse_cache.mock_upstream import MockUpstream
+from sse_cache.proxy import create_proxy_app
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADERS = {"authorization": "Bearer sk-ops-secret-123"}
@@ -440,6 +441,43 @@ async def test_log_lines_startup_and_access(serve: Any, tmp_path: Path) -> None:
         '"POST /v1beta/models/gemini-mock:streamGenerateContent?alt=sse&key=***' in line
         for line in lines
     )
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_access_lines_of_requests_served_together_each_say_their_own_outcome(
+    serve: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A herd (one producer, followers) and a failing request at the same moment: each line
+    # carries what happened to its own request, not its neighbours'.
+    upstream_app = MockUpstream(first_delay=0.3, delay=0.002)
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy, timeout=30) as client:
+            go = anyio.Event()
+
+            async def one(prompt: str, error: str = "") -> None:
+                await go.wait()
+                headers = {**HEADERS, "x-mock-error": error} if error else HEADERS
+                await client.post("/v1/chat/completions", json=chat(prompt), headers=headers)
+
+            with caplog.at_level(logging.INFO, logger="sse_cache.access"):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(8):
+                        tg.start_soon(one, "together")
+                    tg.start_soon(one, "refused", "500")
+                    go.set()
+        await app.aclose()
+    records = [r for r in caplog.records if r.name == "sse_cache.access"]
+    outcomes = Counter(
+        (r.cache_status, r.stored, r.reason.split(":")[0])  # type: ignore[attr-defined]
+        for r in records
+    )
+    assert outcomes == {
+        ("miss", True, ""): 1,
+        ("shared", None, ""): 7,
+        ("miss", False, "upstream status 500"): 1,
+    }, outcomes
 
 
 @pytest.mark.anyio
