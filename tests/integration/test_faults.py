@@ -43,6 +43,9 @@ import anyio
 import httpx2
 import pytest
 
+from sse_cache.backends import from_url
+from sse_cache.backends.redis import RedisBackend
+from sse_cache.errors import BackendTimeout
 from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import create_proxy_app
 
@@ -285,6 +288,31 @@ async def test_a_hung_redis_costs_no_answer_and_its_cache_comes_back(
     # One log line per transition of the breaker, none per skipped request.
     assert counted["open"] >= 1 and counted["closed"] >= 1, counted
     assert transitions_logged(caplog) == counted
+
+
+# -- Redis's connection pool exhausted ---------------------------------------------------------
+
+
+async def test_an_exhausted_redis_pool_is_reported_as_such(redis_server: Any) -> None:
+    # Under a burst larger than the pool (the load benchmark: 200 connections, a pool of 64,
+    # a busy event loop), operations wait for a pooled connection until their timeout. That is
+    # a timeout, and says so: not "Redis is unreachable", which sent operators to a healthy
+    # server.
+    url = f"{redis_server.url}?max_connections=1&timeout=0.2&prefix=pool-{os.getpid()}:"
+    backend = from_url(url)
+    assert isinstance(backend, RedisBackend)
+    try:
+        await backend.set("k", b"v", None)
+        pool = backend.client.connection_pool
+        busy = await pool.get_connection()  # the only connection, held by someone else
+        try:
+            with pytest.raises(BackendTimeout, match="no pooled Redis connection came free"):
+                await backend.get("k")
+        finally:
+            await pool.release(busy)
+        assert await backend.get("k") == b"v"
+    finally:
+        await backend.aclose()
 
 
 # -- Redis and memcached killed, then restarted -----------------------------------------------

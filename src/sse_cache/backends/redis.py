@@ -95,6 +95,16 @@ def map_exceptions(what: str) -> Iterator[None]:
         raise
     except (rexc.TimeoutError, TimeoutError) as exc:
         raise BackendTimeout(f"{what}: Redis did not answer in time ({exc!r})") from exc
+    except rexc.ConnectionError as exc:
+        if "No connection available" not in str(exc) or not isinstance(exc.__cause__, TimeoutError):
+            raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
+        # The blocking pool waited ``timeout`` for a free connection: a burst larger than the
+        # pool, or a slow server holding every connection. Redis itself may be fine; the
+        # message must not send an operator to look at it.
+        raise BackendTimeout(
+            f"{what}: no pooled Redis connection came free in time: more operations at once "
+            f"than ?max_connections=, or every connection waiting on a slow server ({exc})"
+        ) from exc
     except (
         rexc.ConnectionError,
         rexc.ClusterDownError,
