@@ -68,6 +68,11 @@ class CacheMiddleware:
     probed by one request; meanwhile a request pays nothing for the cache (0 failures: never
     skip). See :mod:`sse_cache.breaker`.
 
+    ``resume_window``: when a streamed miss's client leaves midway, the app streams on for
+    up to that many seconds (and then for as long as anyone reads it) so that the client can
+    come back and resume it — ``Last-Event-ID``, or Responses' ``GET /v1/responses/{id}?
+    stream=true&starting_after=N`` — and the complete answer is stored. Off (None) by default.
+
     ``finish_on_disconnect``: when a client leaves a streamed miss midway, let the app finish
     the stream anyway (its disconnect is hidden from it, its output goes nowhere) so that the
     answer is stored for the next request — at most ``max_background`` at once, each for at
@@ -103,6 +108,7 @@ class CacheMiddleware:
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
         breaker_failures: int = DEFAULT_BREAKER_FAILURES,
         breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+        resume_window: float | None = None,
     ) -> None:
         if max_background < 0 or not background_timeout > 0:
             raise ConfigError("max_background must be >= 0 and background_timeout > 0")
@@ -129,6 +135,7 @@ class CacheMiddleware:
             decoded_cache_bytes=decoded_cache_bytes,
             breaker_failures=breaker_failures,
             breaker_cooldown=breaker_cooldown,
+            resume_window=resume_window,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -139,11 +146,12 @@ class CacheMiddleware:
             await self.app(scope, receive, send)
             return
         if scope["method"] == "GET" and "/responses/" in scope["path"]:
-            # A client resuming a Responses stream: answered from the cache when stored.
+            # A client resuming a Responses stream: answered from its live stream while it is
+            # produced here, from the cache once stored.
             query = scope.get("query_string", b"").decode("latin-1")
             answer = await self.service.resume("GET", scope["path"], query, _headers(scope))
             if answer is not None:
-                await _send_answer(send, answer)
+                await _send_answer_while_connected(receive, send, answer)
                 return
         if self.service.policy.match(scope["method"], scope["path"]) is None:
             await self.app(scope, receive, send)
@@ -189,6 +197,7 @@ class _Request:
         self.outbox: _Outbox | None = None  # the client's messages, while others may follow
         self.send_error: Exception | None = None  # sending to the client failed: for the app
         self.cut = ""  # why the client was cut off (it fell too far behind the stream)
+        self.hold_scope: anyio.CancelScope | None = None  # the resume window, while it runs
 
     async def run(self) -> None:
         scope = self.scope
@@ -208,6 +217,8 @@ class _Request:
         try:
             async with anyio.create_task_group() as self.tasks:
                 await self._exchange(decision)
+                if self.hold_scope is not None:
+                    self.hold_scope.cancel()  # the stream is over: nothing more to hold
                 outbox = self.outbox
                 if outbox is not None:
                     # The app is done; the client gets the rest at its own pace (the end of
@@ -305,10 +316,11 @@ class _Request:
         tee = self.tee
         if tee is None or tee.ended or tee.cut:
             return False
-        if tee.followed and tee.client_left(self._abandon):
+        mw = self.mw
+        window = mw.service.resume_window
+        if window is None and tee.followed and tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
-        mw = self.mw
         if mw.finish_on_disconnect and mw._background < mw.max_background:
             # The app finishes the stream to store it: for the flight, the producer is still
             # reading (followers keep joining), bounded by background_timeout.
@@ -317,10 +329,24 @@ class _Request:
             if self.app_scope is not None:
                 self.app_scope.deadline = anyio.current_time() + mw.background_timeout
             return True
+        if window is not None and self.tasks is not None:
+            # The client may come back for the rest (it resumes): the app streams on for the
+            # resume window, and after it for as long as anyone reads the stream.
+            if not tee.client_left(self._abandon, hold=True):
+                return False
+            self.detached = True
+            self.hold_scope = anyio.CancelScope()
+            self.tasks.start_soon(self._hold, tee, window, self.hold_scope)
+            return True
         if tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
         return False
+
+    async def _hold(self, tee: ResponseTee, window: float, scope: anyio.CancelScope) -> None:
+        with scope:
+            await anyio.sleep(window)
+            await tee.release()
 
     async def _abandon(self) -> None:
         # The last follower left before the end: stop the app (and so its upstream call).
@@ -419,18 +445,7 @@ class _Request:
 
     async def _answer(self, ex: Exchange) -> None:
         assert ex.answer is not None
-        # A paced replay runs as long as the recorded stream did: stop it when the client
-        # leaves, instead of pacing bytes into a closed connection to the end.
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_cancel_on_disconnect, self.receive, tg.cancel_scope)
-                await _send_answer(self.send, ex.answer)
-                tg.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            # The task group is an implementation detail: raise what the replay raised.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        await _send_answer_while_connected(self.receive, self.send, ex.answer)
 
 
 class _Outbox:
@@ -499,6 +514,21 @@ class _Outbox:
                     return
                 await self._more.wait()
                 self._more = anyio.Event()
+
+
+async def _send_answer_while_connected(receive: Receive, send: Send, answer: Answer) -> None:
+    # A paced replay runs as long as the recorded stream did, a live one as long as its
+    # upstream: stop when the client leaves, instead of sending into a closed connection.
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+            await _send_answer(send, answer)
+            tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The task group is an implementation detail: raise what the answer raised.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

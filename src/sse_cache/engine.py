@@ -92,9 +92,10 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     ``detail`` is the operation, ``get``, ``set`` or ``delete``, ``seconds`` how long it took,
     failed or not), and
     from the HTTP integrations ``replayed`` (bytes sent from the cache), ``invalid`` (a
-    request answered 400 for a bad control header) and ``first_byte`` (a response's first
+    request answered 400 for a bad control header), ``first_byte`` (a response's first
     body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the
-    request arrived).
+    request arrived) and ``resumed`` (a client reconnected to a live stream and gets the
+    rest of it).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
     ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
 

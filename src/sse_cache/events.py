@@ -8,14 +8,21 @@ in chunks of any size and it returns the events those bytes complete.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 import msgspec
 
 from .errors import SSEError
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "EOL", "Event", "SSEParser", "serialize_sse"]
+__all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
+    "EOL",
+    "Event",
+    "SSEParser",
+    "resume_point",
+    "serialize_sse",
+]
 
 EOL = Literal["lf", "crlf"]
 """The line ends :func:`serialize_sse` writes: ``"lf"`` (canonical) or ``"crlf"``."""
@@ -323,3 +330,31 @@ def serialize_sse(events: Iterable[Event], *, eol: EOL = "lf") -> bytes:
         raise ValueError(f"eol must be 'lf' or 'crlf', got {eol!r}")
     # No value holds a CR or LF (checked above): every LF written is a line end.
     return raw.replace(b"\n", b"\r\n")
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def resume_point(data: bytes, seen: Callable[[Event], bool]) -> int:
+    """Where a client that reconnects to a stream picks it up: the offset in ``data`` (the
+    stream's bytes from its start) just after the last whole event for which ``seen`` is
+    true (the client has it, and everything before it); 0 when there is none. What follows
+    — the rest of the stream, a partial event included — is sent exactly as it was."""
+    parser = SSEParser()
+    point = start = previous = 0
+    for match in _LINE_END.finditer(data):
+        if match.group() == b"\r" and match.end() == len(data):
+            break  # a CR that may be the first half of a CRLF still to come
+        empty = match.start() == previous
+        previous = match.end()
+        if not empty:
+            continue
+        # A blank line: the block before it is one event (or nothing: comments, no data).
+        try:
+            events = parser.feed(data[start : match.end()])
+        except SSEError:
+            break  # bytes no client could have parsed past
+        if any(seen(event) for event in events):
+            point = match.end()
+        start = match.end()
+    return point

@@ -271,6 +271,7 @@ class LiveFlight(Generic[T]):
         "abandon",
         "entry",
         "flight",
+        "held",
         "judge",
         "producer_cursor",
         "production",
@@ -296,6 +297,9 @@ class LiveFlight(Generic[T]):
         #: Read to the end for readers elsewhere (followers in other processes): the flight
         #: is not abandoned when no one here reads it.
         self.remote = False
+        #: Kept being read while no one reads it, for a client that may come back and
+        #: resume it (a resume window), until :meth:`release` — then abandoned if unread.
+        self.held = False
         #: The producer's own cursor when it reads the log as a follower does (the engine).
         self.producer_cursor: Cursor | None = None
 
@@ -352,7 +356,7 @@ class LiveFlight(Generic[T]):
         """See :meth:`Flight.producer_left`. When nobody reads any more, the flight fails
         (before the caller abandons its upstream), so that no one joins it — unless it is
         read for readers elsewhere (:attr:`remote`)."""
-        if self.flight.producer_left() or self.remote:
+        if self.flight.producer_left() or self.remote or self.held:
             return True
         if not self.flight.done:
             self.fail("the producer's client left and no one else was reading")
@@ -495,12 +499,20 @@ class LiveFlight(Generic[T]):
     async def leave(self, cursor: Cursor) -> None:
         """A follower is done (read to the end, failed, or gone); idempotent. The last reader
         to leave a flight that is not done abandons its upstream."""
+        self.flight.unfollow(cursor)
+        await self._abandon_unread("every reader left before the stream ended")
+
+    async def release(self) -> None:
+        """The resume window is over: a flight no one reads any more is abandoned."""
+        self.held = False
+        await self._abandon_unread("no one resumed the stream within its resume window")
+
+    async def _abandon_unread(self, reason: str) -> None:
         flight = self.flight
-        flight.unfollow(cursor)
-        if flight.wanted or self.remote or flight.phase is Phase.ENDED:
+        if flight.wanted or self.remote or self.held or flight.phase is Phase.ENDED:
             return
         # The last reader left before the end (or after a failure): abandon the upstream.
-        self.fail("every reader left before the stream ended")
+        self.fail(reason)
         abandon, self.abandon, self.source = self.abandon, None, None
         if abandon is not None:
             with anyio.CancelScope(shield=True):

@@ -57,7 +57,7 @@ from .engine import (
 )
 from .entry import Entry
 from .errors import BackendTimeout, ConfigError, SSEError
-from .events import EOL, Event, SSEParser, serialize_sse
+from .events import EOL, Event, SSEParser, resume_point, serialize_sse
 from .flight import Cursor, Head, LiveFlight, SharedStreamAborted
 from .keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
 from .pacing import Pacing
@@ -111,6 +111,13 @@ class CacheService:
     :class:`StreamCache`. ``breaker_failures`` consecutive backend failures open the
     backend's breaker for ``breaker_cooldown`` seconds (:mod:`sse_cache.breaker`; 0 failures:
     never).
+
+    ``resume_window``: when a streamed miss's client leaves, its upstream is read on for up
+    to that many seconds with no one reading, so that the client can come back and resume
+    the answer (``Last-Event-ID``, or Responses' ``GET .../responses/{id}?stream=true&
+    starting_after=N``) and, when it completes, it is stored. None (default): an answer no
+    one reads any more is abandoned at once. Live streams can be resumed either way while
+    someone still reads them (docs/single-flight.md).
     """
 
     def __init__(
@@ -133,8 +140,18 @@ class CacheService:
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
         breaker_failures: int = DEFAULT_BREAKER_FAILURES,
         breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+        resume_window: float | None = None,
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
+
+        if resume_window is not None and not resume_window > 0:
+            raise ConfigError(
+                f"resume_window must be a positive number of seconds or None, got {resume_window!r}"
+            )
+        self.resume_window = resume_window
+        #: The live streams that name their response (Responses), by tenant and response id
+        #: (:func:`alias_key`): what ``GET .../responses/{id}?stream=true`` resumes.
+        self.live_responses: dict[str, LiveFlight[bytes]] = {}
 
         self.backend, self._owns_backend = open_backend(backend)
         # Cross-process single-flight needs a lock and live fan-out (Redis offers both).
@@ -262,10 +279,23 @@ class CacheService:
         tenant = self.policy.tenant_of(headers)
         if tenant is None:
             return None
-        key = await cache.resolve(alias_key(adapter.name, tenant, match["id"]))
+        alias = alias_key(adapter.name, tenant, match["id"])
+        live = self.live_responses.get(alias)
+        if live is not None and live.entry is None:
+            # Still being produced: the events after N from its log, then the rest as it
+            # comes. (Once it ended, its entry — stored, or being stored — answers.)
+            def seen(event: Event) -> bool:
+                return not events_after([event], after)
+
+            answer = await self.resume_live(cache, live, seen)
+            if answer is not None:
+                return answer
+        entry = live.entry if live is not None else None
+        key = live.key if live is not None else await cache.resolve(alias)
         if key is None:
             return None
-        entry = await cache.lookup(key)
+        if entry is None:
+            entry = await cache.lookup(key)
         # The index may outlive its entry (a refresh or an eviction stores another answer
         # under the key): only the stream of that very response is resumed.
         if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
@@ -275,6 +305,32 @@ class CacheService:
         chunks = _slices(serialize_sse(events, eol=entry.eol))
         duration = entry.events[-1].at if entry.events else 0.0
         return _hit_answer(self.hooks, key, entry, chunks, base, len(events), duration)
+
+    async def resume_live(
+        self, cache: StreamCache, live: LiveFlight[bytes], seen: Callable[[Event], bool]
+    ) -> Answer | None:
+        """Answer a client that reconnects to a live stream: the stream's exact bytes after
+        the last event it has (``seen``), then the rest as it comes, ending (or failing) as
+        the stream does. None when the stream can no longer be joined (it failed, or its log
+        outgrew ``max_entry_bytes``)."""
+        cursor = live.flight.follow()
+        if cursor is None:
+            return None
+        timeout = cache.join_timeout
+        try:
+            head = await live.wait_head(timeout)
+        except SharedStreamAborted:
+            head = None
+        if head is None:
+            await live.leave(cursor)
+            return None
+        logger.info("sse_cache: %s resumed from its live stream", live.key)
+        emit(self.hooks, Notice(kind="resumed", key=live.key))
+        return Answer(
+            status=head.status,
+            headers=_as_shared(head.headers),
+            chunks=_counted(self.hooks, live.key, _after(live.chunks(cursor, timeout), seen)),
+        )
 
 
 class Exchange:
@@ -364,11 +420,42 @@ class Exchange:
             stack.push_async_callback(live.leave, cursor)  # whatever happens to the answer
             if await self._follow(live, cursor):
                 return
+        if (
+            decision.last_event_id is not None
+            and decision.streaming
+            and controls.store
+            and cache.single_flight
+            and await self._resume_live(cache, decision.last_event_id)
+        ):
+            return
         fanout = self._service.fanout
         leads = fanout is not None and publish and self._flight is not None
         if leads and fanout is not None and await self._lead_or_follow(fanout):
             return
         emit(self._service.hooks, Notice(kind="miss", key=self.key))
+
+    async def _resume_live(self, cache: StreamCache, last_id: str) -> bool:
+        """A client reconnecting with ``Last-Event-ID`` to an answer still being produced:
+        it gets the rest of that live stream."""
+        live = cache.live.get(self.key)
+        if live is None:
+            return False
+        found = False
+
+        def seen(event: Event) -> bool:
+            # The first event with that id (as for a stored stream): the client has it.
+            nonlocal found
+            if not found and event.id == last_id:
+                found = True
+                return True
+            return False
+
+        answer = await self._service.resume_live(cache, live, seen)
+        if answer is None:
+            return False
+        self.status = CacheStatus.SHARED
+        self.answer = answer
+        return True
 
     def _pacing(self, cache: StreamCache) -> Pacing:
         return self.decision.controls.pacing or cache.pacing
@@ -646,8 +733,29 @@ class Exchange:
             )
         if tee is not None and lease is not None and head is not None:
             tee.publish_to(lease, head)
+        resumable = getattr(self.decision.adapter, "events_after", None) is not None
+        if tee is not None and live is not None and media == SSE_TYPE and resumable:
+            tee.identify = self._index_live
         self._tee = tee
         return tee
+
+    def _index_live(self, events: Sequence[Event]) -> None:
+        # The stream names its response (Responses' response.created): a client can resume
+        # it by that id while it is live, until this exchange ends (then by its entry).
+        live, adapter, stack = self._flight, self.decision.adapter, self._stack
+        assert live is not None and adapter is not None and stack is not None
+        response_id = adapter.meta(events).get("response_id")
+        if not response_id:
+            return
+        alias = alias_key(adapter.name, self.decision.tenant, response_id)
+        index = self._service.live_responses
+        index[alias] = live
+
+        def unindex() -> None:
+            if index.get(alias) is live:
+                del index[alias]
+
+        stack.callback(unindex)
 
 
 class ResponseTee:
@@ -695,6 +803,9 @@ class ResponseTee:
         self._lease: _Lease | None = None
         self._outbox: list[bytes] = []
         self.publish_failed = False
+        #: Called once with the first events recorded (then dropped): the exchange indexes
+        #: a live stream by the response it names.
+        self.identify: Callable[[Sequence[Event]], None] | None = None
 
     @property
     def failed(self) -> bool:
@@ -757,6 +868,9 @@ class ResponseTee:
                 return
             if events:
                 self._live.add(events)
+                if self.identify is not None:
+                    identify, self.identify = self.identify, None
+                    identify(events)
             return
         self._size += len(chunk)
         if self._size > self._limit:
@@ -787,17 +901,24 @@ class ResponseTee:
         if self._flight is not None:
             self._flight.fail(reason)
 
-    def client_left(self, abandon: Callable[[], Awaitable[None]] | None = None) -> bool:
+    def client_left(
+        self, abandon: Callable[[], Awaitable[None]] | None = None, *, hold: bool = False
+    ) -> bool:
         """The producer's client went away before the body ended. True when followers still
         read: then the integration must keep reading the upstream for them (and call
         :meth:`end` or :meth:`fail` as usual), until ``abandon`` is called — when the last
         follower leaves before the end. Otherwise the stream ends here: what the
         client received is stored only if it already holds the schema's completing event
         (the openai SDK stops reading at chat's ``data: [DONE]`` without waiting for the end
-        of the body); anything else is an early close, and nothing is stored."""
+        of the body); anything else is an early close, and nothing is stored.
+
+        ``hold``: keep the stream going with no one reading it (a resume window; the
+        integration calls :meth:`release` when the window is over)."""
         if self.ended or self.cut:
             return False
         flight = self._flight
+        if flight is not None and hold:
+            flight.held = True
         if flight is not None and (flight.producer_left() or self._lease is not None):
             # Followers here, or possibly in other processes (a producer cannot count those:
             # it reads its upstream to the end for them, and the answer is stored).
@@ -810,6 +931,11 @@ class ResponseTee:
             self.abort("the client closed the response before it ended")
         self.cut = "the client closed the response before it ended"
         return False
+
+    async def release(self) -> None:
+        """The resume window of a held stream is over: abandoned now if no one reads it."""
+        if self._flight is not None:
+            await self._flight.release()
 
     def hand_over(
         self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
@@ -1062,6 +1188,24 @@ def alias_key(schema: str, tenant: str, name: str) -> str:
         raw = part.encode()
         h.update(len(raw).to_bytes(4, "big") + raw)
     return ALIAS_PREFIX + h.hexdigest()
+
+
+async def _after(
+    chunks: AsyncIterator[bytes], seen: Callable[[Event], bool]
+) -> AsyncIterator[bytes]:
+    # The first batch a new reader of a live stream gets is its whole log so far: cut it
+    # after the last event the reconnecting client has; the rest goes as it comes.
+    try:
+        first = True
+        async for chunk in chunks:
+            if first:
+                first = False
+                chunk = chunk[resume_point(chunk, seen) :]
+                if not chunk:
+                    continue
+            yield chunk
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
 
 
 def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:

@@ -277,3 +277,41 @@ def test_crlf_edge_cases() -> None:
 def test_serialize_rejects_an_unknown_eol() -> None:
     with pytest.raises(ValueError, match="eol"):
         serialize_sse([Event("x")], eol="cr")  # type: ignore[arg-type]
+
+
+# -- resume_point: where a reconnecting client picks a stream up ------------------------------
+
+
+@given(
+    count=st.integers(min_value=1, max_value=12),
+    data=st.data(),
+    eol=st.sampled_from(["lf", "crlf"]),
+)
+def test_resume_point_is_the_end_of_the_event_the_client_has(
+    count: int, data: st.DataObject, eol: str
+) -> None:
+    from sse_cache.events import resume_point
+
+    events = [Event(data=f"payload {i}\nline", id=str(i), event="tick") for i in range(count)]
+    wire = serialize_sse(events, eol=eol)  # type: ignore[arg-type]
+    k = data.draw(st.integers(min_value=0, max_value=count - 1))
+    cut = data.draw(st.integers(min_value=0, max_value=len(wire)))
+    point = resume_point(wire, lambda event: event.id == str(k))
+    # Exactly after event k, whatever the line ends; the rest is the stream's own bytes.
+    assert point == len(serialize_sse(events[: k + 1], eol=eol))  # type: ignore[arg-type]
+    # On a partial log (cut anywhere), an event not yet whole is never counted as had.
+    partial = resume_point(wire[:cut], lambda event: event.id == str(k))
+    assert partial in (0, point)
+    assert partial == point or cut < point
+
+
+def test_resume_point_is_zero_when_the_client_has_nothing_of_this_stream() -> None:
+    from sse_cache.events import resume_point
+
+    wire = b"id: a\ndata: 1\n\n: keep-alive\n\nid: b\ndata: 2\n\n"
+    assert resume_point(wire, lambda event: event.id == "zzz") == 0
+    assert resume_point(wire, lambda event: event.id == "a") == len(b"id: a\ndata: 1\n\n")
+    # A CR that ends the bytes may be half of a CRLF: the event is not whole yet.
+    assert resume_point(b"data: 1\r\n\r", lambda event: True) == 0
+    # Bytes no parser could get past end the search (the client cannot have them).
+    assert resume_point(b"data: 1\n\ndata: \xff\n\ndata: 3\n\n", lambda event: True) == 9

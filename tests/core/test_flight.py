@@ -725,3 +725,49 @@ async def test_a_lone_reader_cancelled_mid_pull_abandons_the_upstream_once() -> 
 
     assert got == b"p" and upstream.abandoned == 1
     assert live.flight.phase is Phase.FAILED and flights.get(KEY) is None
+
+
+# -- a held flight (a resume window) ---------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_held_flight_is_read_on_with_no_reader_until_its_window_is_released() -> None:
+    flights = Flights()
+    live, _ = flights.claim(KEY)
+    abandoned: list[str] = []
+
+    async def abandon() -> None:
+        abandoned.append(live.flight.reason)
+
+    live.abandon = abandon
+    live.respond(HEAD)
+    live.deliver(b"event: a\ndata: 1\n\n")
+    live.held = True
+    assert live.producer_left()  # no one reads it, but it is kept: the window
+    assert flights.get(KEY) is live and live.flight.phase is Phase.STREAMING
+    # A client comes back: it reads from the start, and is a reader like any other.
+    again, cursor = flights.claim(KEY)
+    assert again is live and cursor is not None
+    await live.release()  # the window ends while it reads: nothing is abandoned
+    assert not abandoned and live.flight.phase is Phase.STREAMING
+    await live.leave(cursor)  # the last reader leaves before the end: abandoned now
+    assert live.flight.phase is Phase.FAILED and abandoned
+
+
+@pytest.mark.anyio
+async def test_a_held_flight_no_one_came_back_to_is_abandoned_when_released() -> None:
+    flights = Flights()
+    live, _ = flights.claim(KEY)
+    abandoned: list[str] = []
+
+    async def abandon() -> None:
+        abandoned.append(live.flight.reason)
+
+    live.abandon = abandon
+    live.respond(HEAD)
+    live.held = True
+    assert live.producer_left()
+    await live.release()
+    assert live.flight.phase is Phase.FAILED
+    assert abandoned == ["no one resumed the stream within its resume window"]
+    assert flights.get(KEY) is None  # not offered to anyone: a part is never an answer

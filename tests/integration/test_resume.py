@@ -1,0 +1,207 @@
+"""Resuming an answer that is still being produced, through the real proxy (uvicorn +
+forwarder): a client loses its connection midway and comes back — by Responses'
+``GET /v1/responses/{id}?stream=true&starting_after=N`` or with ``Last-Event-ID`` — and gets
+exactly the rest of the producer's bytes, from one upstream call, within the resume window.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+
+from sse_cache.adapters import GenericSSE
+from sse_cache.engine import Notice
+from sse_cache.mock_upstream import MockUpstream
+from sse_cache.proxy import create_proxy_app
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+ALICE = {"authorization": "Bearer sk-alice"}
+BOB = {"authorization": "Bearer sk-bob"}
+PAYLOAD = {"model": "gpt-mock", "input": "resume me", "stream": True}
+PACE = {"x-mock-delay-ms": "10", "x-mock-deltas": "150"}  # ~1.5 s of answer
+
+
+class Notices:
+    """A hook that lets a test wait for a notice (what the cache did, not when)."""
+
+    def __init__(self) -> None:
+        self.seen: list[Notice] = []
+        self._changed = anyio.Event()
+
+    def __call__(self, notice: Notice) -> None:
+        self.seen.append(notice)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, kind: str) -> Notice:
+        while True:
+            for notice in self.seen:
+                if notice.kind == kind:
+                    return notice
+            await self._changed.wait()
+
+
+@asynccontextmanager
+async def proxied(
+    serve: Any, upstream_app: Any, **options: Any
+) -> AsyncIterator[httpx2.AsyncClient]:
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, "memory://", **options)
+        try:
+            async with serve(app) as base, httpx2.AsyncClient(base_url=base, timeout=30) as client:
+                client.upstream = upstream  # type: ignore[attr-defined]
+                yield client
+        finally:
+            await app.aclose()
+
+
+def blocks(data: bytes) -> list[bytes]:
+    """The whole events in ``data`` (each with its blank line); a partial one is left out."""
+    out = data.split(b"\n\n")[:-1]
+    return [block + b"\n\n" for block in out]
+
+
+async def read_then_leave(client: httpx2.AsyncClient, events: int, **headers: str) -> bytes:
+    """A streamed request whose client reads ``events`` whole events, then drops the
+    connection; what it holds: the bytes up to the end of the last whole event."""
+    held = b""
+    async with client.stream(
+        "POST", "/v1/responses", json=PAYLOAD, headers={**ALICE, **PACE, **headers}
+    ) as response:
+        assert response.headers["x-sse-cache"] == "miss"
+        async for chunk in response.aiter_raw():
+            held += chunk
+            if len(blocks(held)) >= events:
+                break
+    return b"".join(blocks(held)[:events])
+
+
+def last_sequence_number(held: bytes) -> tuple[str, int]:
+    last = json.loads(blocks(held)[-1].split(b"data: ", 1)[1])
+    first = json.loads(blocks(held)[0].split(b"data: ", 1)[1])
+    return first["response"]["id"], last["sequence_number"]
+
+
+async def whole_answer(client: httpx2.AsyncClient) -> bytes:
+    """The upstream's own answer to the request (the mock is deterministic)."""
+    async with httpx2.AsyncClient(base_url=client.upstream, timeout=30) as direct:  # type: ignore[attr-defined]
+        response = await direct.post(
+            "/v1/responses", json=PAYLOAD, headers={**ALICE, **PACE, "x-mock-delay-ms": "0"}
+        )
+        return response.content
+
+
+async def test_a_client_that_left_resumes_the_rest_of_the_live_answer(serve: Any) -> None:
+    upstream_app = MockUpstream()
+    async with proxied(serve, upstream_app, resume_window=30) as client:
+        held = await read_then_leave(client, 20)
+        response_id, n = last_sequence_number(held)
+        resumed = await client.get(
+            f"/v1/responses/{response_id}",
+            params={"stream": "true", "starting_after": str(n)},
+            headers=ALICE,
+        )
+        assert resumed.status_code == 200
+        assert resumed.headers["x-sse-cache"] == "shared"
+        whole = await whole_answer(client)
+        # Exactly the producer's bytes after event N, through response.completed.
+        assert held + resumed.content == whole
+        # The answer completed in the window: it was stored from that one upstream call.
+        again = await client.post("/v1/responses", json=PAYLOAD, headers={**ALICE, **PACE})
+        assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+        metrics = (await client.get("/_sse_cache/metrics")).text
+        assert "sse_cache_resumes_total 1.0" in metrics.splitlines()
+    assert upstream_app.stats()["total"] == 2  # the one call through the proxy + whole_answer
+
+
+async def test_another_tenant_cannot_resume_the_stream(serve: Any) -> None:
+    upstream_app = MockUpstream()
+    async with proxied(serve, upstream_app, resume_window=30) as client:
+        held = await read_then_leave(client, 5)
+        response_id, n = last_sequence_number(held)
+        params = {"stream": "true", "starting_after": str(n)}
+        other = await client.get(f"/v1/responses/{response_id}", params=params, headers=BOB)
+        # Bob's request went to the upstream (which knows no such stored response).
+        assert "x-sse-cache" not in other.headers
+        assert b"response.output_text.delta" not in other.content
+        mine = await client.get(f"/v1/responses/{response_id}", params=params, headers=ALICE)
+        assert mine.headers["x-sse-cache"] == "shared"
+        assert held + mine.content == await whole_answer(client)
+
+
+async def test_after_the_window_an_abandoned_answer_is_not_resumed_from_its_partial_log(
+    serve: Any,
+) -> None:
+    upstream_app = MockUpstream()
+    notices = Notices()
+    slow = {**PACE, "x-mock-delay-ms": "50"}  # ~7.5 s: the window ends long before
+    async with proxied(serve, upstream_app, resume_window=0.2, hooks=[notices]) as client:
+        held = await read_then_leave(client, 3, **slow)
+        response_id, n = last_sequence_number(held)
+        # The window passes with no one reading: the upstream call is abandoned, nothing
+        # is stored.
+        assert (await notices.wait_for("not_stored")).detail
+        resumed = await client.get(
+            f"/v1/responses/{response_id}",
+            params={"stream": "true", "starting_after": str(n)},
+            headers=ALICE,
+        )
+        assert "x-sse-cache" not in resumed.headers  # the upstream's own answer
+        assert b"response.output_text.delta" not in resumed.content
+    assert not any(notice.kind == "resumed" for notice in notices.seen)
+
+
+class NumberedEvents:
+    """An upstream of plain SSE whose events carry ids (``id: 1`` …), paced, CRLF-framed."""
+
+    def __init__(self, count: int) -> None:
+        self.events = [
+            f'id: {i}\r\nevent: tick\r\ndata: {{"n": {i}}}\r\n\r\n'.encode()
+            for i in range(1, count + 1)
+        ]
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for event in self.events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await anyio.sleep(0.01)  # the upstream's own pace
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_last_event_id_continues_a_live_stream_after_that_event(serve: Any) -> None:
+    upstream_app = NumberedEvents(150)
+    whole = b"".join(upstream_app.events)
+    routes = {"/v1/ticks": GenericSSE()}
+    async with proxied(serve, upstream_app, resume_window=30, routes=routes) as client:
+        held = b""
+        async with client.stream("POST", "/v1/ticks", json={"stream": True}, headers=ALICE) as r:
+            assert r.headers["x-sse-cache"] == "miss"
+            async for chunk in r.aiter_raw():
+                held += chunk
+                if held.count(b"\r\n\r\n") >= 10:
+                    break
+        got, held = held, b"".join(upstream_app.events[:10])
+        assert got.startswith(held)  # the client has events 1..10 (and perhaps a part of 11)
+        resumed = await client.post(
+            "/v1/ticks", json={"stream": True}, headers={**ALICE, "last-event-id": "10"}
+        )
+        assert resumed.headers["x-sse-cache"] == "shared"
+        assert held + resumed.content == whole
+        # Another tenant with the same Last-Event-ID gets its own answer from the upstream.
+        other = await client.post(
+            "/v1/ticks", json={"stream": True}, headers={**BOB, "last-event-id": "10"}
+        )
+        assert other.headers["x-sse-cache"] == "miss" and other.content == whole
+    assert upstream_app.calls == 2
