@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
     "EOL",
     "Event",
+    "ResumeCut",
     "SSEParser",
     "resume_point",
     "serialize_sse",
@@ -335,26 +336,81 @@ def serialize_sse(events: Iterable[Event], *, eol: EOL = "lf") -> bytes:
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
-def resume_point(data: bytes, seen: Callable[[Event], bool]) -> int:
-    """Where a client that reconnects to a stream picks it up: the offset in ``data`` (the
-    stream's bytes from its start) just after the last whole event for which ``seen`` is
-    true (the client has it, and everything before it); 0 when there is none. What follows
-    — the rest of the stream, a partial event included — is sent exactly as it was."""
-    parser = SSEParser()
-    point = start = previous = 0
-    for match in _LINE_END.finditer(data):
-        if match.group() == b"\r" and match.end() == len(data):
-            break  # a CR that may be the first half of a CRLF still to come
-        empty = match.start() == previous
-        previous = match.end()
-        if not empty:
-            continue
-        # A blank line: the block before it is one event (or nothing: comments, no data).
-        try:
-            events = parser.feed(data[start : match.end()])
-        except SSEError:
-            break  # bytes no client could have parsed past
-        if any(seen(event) for event in events):
-            point = match.end()
-        start = match.end()
-    return point
+class ResumeCut:
+    """Where a client that reconnects to a stream picks it up, found as the stream's bytes
+    arrive from its start (sans-IO).
+
+    ``had(event)`` says, for each whole event, whether the client has it: True (it has this
+    event and every one before it), False (it lacks this one and every one after it) or None
+    (not known yet: the point is still to come, or the client has nothing of this stream).
+    :meth:`feed` returns the bytes to send the client — nothing while the point is not known,
+    then the stream's own bytes from just after the last event it had (a partial event
+    included), unchanged. :meth:`close` (the stream ended cleanly) returns what was held back:
+    all of it when the point never came (the client had nothing of this stream).
+    """
+
+    __slots__ = ("_block", "_had", "_line", "_parser", "_pending", "passing")
+
+    def __init__(self, had: Callable[[Event], bool | None]) -> None:
+        self._had = had
+        self._parser = SSEParser()
+        self._pending = bytearray()  # not sent yet, from just after the last event had
+        self._block = 0  # where the block being read starts, in _pending
+        self._line = 0  # where the line being read starts, in _pending
+        self.passing = False  # the point is known: everything goes through
+
+    def feed(self, data: bytes) -> bytes:
+        if self.passing:
+            return data
+        self._pending += data
+        return self._seek()
+
+    def close(self) -> bytes:
+        if self.passing:
+            return b""
+        self.passing = True
+        out = bytes(self._pending)
+        self._pending.clear()
+        return out
+
+    def _seek(self) -> bytes:
+        # Scans a copy (a bytearray being scanned cannot shrink): only the bytes whose place
+        # is not known yet, a few events at most unless the point is far off.
+        data = bytes(self._pending)
+        for match in _LINE_END.finditer(data, self._line):
+            if match.group() == b"\r" and match.end() == len(data):
+                break  # a CR that may be the first half of a CRLF still to come
+            empty = match.start() == self._line
+            self._line = end = match.end()
+            if not empty:
+                continue
+            # A blank line: the block before it is one event (or nothing: comments, no data).
+            try:
+                events = self._parser.feed(data[self._block : end])
+            except SSEError:
+                return self._pass()  # bytes no client could have parsed past
+            self._block = end
+            for event in events:
+                had = self._had(event)
+                if had is False:
+                    return self._pass()
+                if had:
+                    del self._pending[:end]
+                    self._block = self._line = 0
+                    return self._seek()
+        return b""
+
+    def _pass(self) -> bytes:
+        self.passing = True
+        out = bytes(self._pending)
+        self._pending.clear()
+        return out
+
+
+def resume_point(data: bytes, had: Callable[[Event], bool | None]) -> int:
+    """The offset in ``data`` (a stream's bytes from its start) just after the last event the
+    client had (see :class:`ResumeCut`), 0 when it had none; a partial event at the end is
+    never counted as had."""
+    cut = ResumeCut(had)
+    sent = cut.feed(data)
+    return len(data) - len(sent if cut.passing else cut.close())

@@ -57,7 +57,7 @@ from .engine import (
 )
 from .entry import Entry
 from .errors import BackendTimeout, ConfigError, SSEError
-from .events import EOL, Event, SSEParser, resume_point, serialize_sse
+from .events import EOL, Event, ResumeCut, SSEParser, serialize_sse
 from .flight import Cursor, Head, LiveFlight, SharedStreamAborted
 from .keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
 from .pacing import Pacing
@@ -284,10 +284,10 @@ class CacheService:
         if live is not None and live.entry is None:
             # Still being produced: the events after N from its log, then the rest as it
             # comes. (Once it ended, its entry — stored, or being stored — answers.)
-            def seen(event: Event) -> bool:
+            def had(event: Event) -> bool:
                 return not events_after([event], after)
 
-            answer = await self.resume_live(cache, live, seen)
+            answer = await self.resume_live(cache, live, had)
             if answer is not None:
                 return answer
         entry = live.entry if live is not None else None
@@ -307,12 +307,12 @@ class CacheService:
         return _hit_answer(self.hooks, key, entry, chunks, base, len(events), duration)
 
     async def resume_live(
-        self, cache: StreamCache, live: LiveFlight[bytes], seen: Callable[[Event], bool]
+        self, cache: StreamCache, live: LiveFlight[bytes], had: Callable[[Event], bool | None]
     ) -> Answer | None:
         """Answer a client that reconnects to a live stream: the stream's exact bytes after
-        the last event it has (``seen``), then the rest as it comes, ending (or failing) as
-        the stream does. None when the stream can no longer be joined (it failed, or its log
-        outgrew ``max_entry_bytes``)."""
+        the last event it had (``had``: see :class:`~sse_cache.events.ResumeCut`), then the
+        rest as it comes, ending (or failing) as the stream does. None when the stream can
+        no longer be joined (it failed, or its log outgrew ``max_entry_bytes``)."""
         cursor = live.flight.follow()
         if cursor is None:
             return None
@@ -329,7 +329,7 @@ class CacheService:
         return Answer(
             status=head.status,
             headers=_as_shared(head.headers),
-            chunks=_counted(self.hooks, live.key, _after(live.chunks(cursor, timeout), seen)),
+            chunks=_counted(self.hooks, live.key, _after(live.chunks(cursor, timeout), had)),
         )
 
 
@@ -442,15 +442,16 @@ class Exchange:
             return False
         found = False
 
-        def seen(event: Event) -> bool:
-            # The first event with that id (as for a stored stream): the client has it.
+        def had(event: Event) -> bool | None:
+            # The first event with that id (as for a stored stream): the client has it and
+            # those before; not found, the client saw another stream and gets all of this one.
             nonlocal found
-            if not found and event.id == last_id:
-                found = True
-                return True
-            return False
+            if found:
+                return False
+            found = event.id == last_id
+            return True if found else None
 
-        answer = await self._service.resume_live(cache, live, seen)
+        answer = await self._service.resume_live(cache, live, had)
         if answer is None:
             return False
         self.status = CacheStatus.SHARED
@@ -1191,19 +1192,17 @@ def alias_key(schema: str, tenant: str, name: str) -> str:
 
 
 async def _after(
-    chunks: AsyncIterator[bytes], seen: Callable[[Event], bool]
+    chunks: AsyncIterator[bytes], had: Callable[[Event], bool | None]
 ) -> AsyncIterator[bytes]:
-    # The first batch a new reader of a live stream gets is its whole log so far: cut it
-    # after the last event the reconnecting client has; the rest goes as it comes.
+    # A live stream read from its start, cut after the last event the reconnecting client
+    # had; what follows goes as it comes. Held back only while the point is not known.
+    cut = ResumeCut(had)
     try:
-        first = True
         async for chunk in chunks:
-            if first:
-                first = False
-                chunk = chunk[resume_point(chunk, seen) :]
-                if not chunk:
-                    continue
-            yield chunk
+            if out := cut.feed(chunk):
+                yield out
+        if tail := cut.close():  # the stream ended cleanly
+            yield tail
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
 

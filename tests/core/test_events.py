@@ -296,22 +296,51 @@ def test_resume_point_is_the_end_of_the_event_the_client_has(
     wire = serialize_sse(events, eol=eol)  # type: ignore[arg-type]
     k = data.draw(st.integers(min_value=0, max_value=count - 1))
     cut = data.draw(st.integers(min_value=0, max_value=len(wire)))
-    point = resume_point(wire, lambda event: event.id == str(k))
+
+    def had(event: Event) -> bool | None:
+        return True if event.id == str(k) else None  # the point is event k, when it comes
+
+    point = resume_point(wire, had)
     # Exactly after event k, whatever the line ends; the rest is the stream's own bytes.
     assert point == len(serialize_sse(events[: k + 1], eol=eol))  # type: ignore[arg-type]
     # On a partial log (cut anywhere), an event not yet whole is never counted as had.
-    partial = resume_point(wire[:cut], lambda event: event.id == str(k))
+    partial = resume_point(wire[:cut], had)
     assert partial in (0, point)
     assert partial == point or cut < point
 
 
 def test_resume_point_is_zero_when_the_client_has_nothing_of_this_stream() -> None:
+    # had(): True (the client has it and all before), False (it lacks it and all after),
+    # None (not known yet).
     from sse_cache.events import resume_point
 
     wire = b"id: a\ndata: 1\n\n: keep-alive\n\nid: b\ndata: 2\n\n"
-    assert resume_point(wire, lambda event: event.id == "zzz") == 0
+    assert resume_point(wire, lambda event: None) == 0  # never found: it gets all
     assert resume_point(wire, lambda event: event.id == "a") == len(b"id: a\ndata: 1\n\n")
+    assert resume_point(wire, lambda event: event.id != "b") == len(b"id: a\ndata: 1\n\n")
     # A CR that ends the bytes may be half of a CRLF: the event is not whole yet.
     assert resume_point(b"data: 1\r\n\r", lambda event: True) == 0
     # Bytes no parser could get past end the search (the client cannot have them).
     assert resume_point(b"data: 1\n\ndata: \xff\n\ndata: 3\n\n", lambda event: True) == 9
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=30),
+    n=st.integers(min_value=-1, max_value=8),
+    eol=st.sampled_from(["lf", "crlf"]),
+)
+def test_a_resume_cut_fed_in_any_pieces_sends_exactly_the_bytes_after_the_point(
+    sizes: list[int], n: int, eol: str
+) -> None:
+    from sse_cache.events import ResumeCut
+
+    events = [Event(data=f'{{"seq": {i}}}', event="e") for i in range(8)]
+    wire = b": hi\n\n" + serialize_sse(events, eol=eol)  # type: ignore[arg-type]
+    cut = ResumeCut(lambda event: int(event.data[8:-1]) <= n)  # a sequence number: had or not
+    out, at = b"", 0
+    for size in sizes:
+        out += cut.feed(wire[at : at + size])
+        at += size
+    out += cut.feed(wire[at:]) + cut.close()
+    expected = serialize_sse(events[n + 1 :], eol=eol)  # type: ignore[arg-type]
+    assert out == (wire if n < 0 else expected)
