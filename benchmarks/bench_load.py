@@ -422,7 +422,7 @@ async def bench_backend(
     log = tmp / f"proxy-{kind}.log"
     backend_port = port_of(backend) if backend.startswith("redis") else None
     figures: dict[str, list[Any]] = {}
-    with proxy_process(upstream.url, backend, log) as proxy:
+    with proxy_process(upstream.url, backend, log, *args.proxy_args.split()) as proxy:
         watch = (proxy.pid, port_of(proxy.url), port_of(upstream.url), backend_port)
         started = usage(*watch)
         print(f"  {kind}: started           {started.describe()}")
@@ -654,4 +654,9 @@ if __name__ == "__main__":
     parser.add_argument("--limit", type=float, default=120.0, help="seconds a run may take")
     parser.add_argument("--breaker-repeat", type=int, default=30)
     parser.add_argument("--skip-breaker", action="store_true")
+    parser.add_argument(
+        "--proxy-args",
+        default="",
+        help="more options for the load's sse-cache proxy, e.g. '--decoded-cache-mb 0'",
+    )
     anyio.run(main, parser.parse_args())
