@@ -58,7 +58,7 @@ from .engine import (
 from .entry import Entry
 from .errors import BackendTimeout, ConfigError, SSEError
 from .events import EOL, Event, ResumeCut, SSEParser, serialize_sse
-from .flight import Cursor, Head, LiveFlight, SharedStreamAborted
+from .flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from .keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
 from .pacing import Pacing
 from .policy import CachePolicy, Decision
@@ -293,18 +293,56 @@ class CacheService:
         entry = live.entry if live is not None else None
         key = live.key if live is not None else await cache.resolve(alias)
         if key is None:
-            return None
+            return await self._resume_remote(cache, adapter.name, tenant, match["id"], after)
         if entry is None:
             entry = await cache.lookup(key)
         # The index may outlive its entry (a refresh or an eviction stores another answer
         # under the key): only the stream of that very response is resumed.
         if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
-            return None
+            return await self._resume_remote(cache, adapter.name, tenant, match["id"], after)
         events = events_after(entry.events, after)
         base = [("content-type", entry.content_type), *_SSE_HEADERS]
         chunks = _slices(serialize_sse(events, eol=entry.eol))
         duration = entry.events[-1].at if entry.events else 0.0
         return _hit_answer(self.hooks, key, entry, chunks, base, len(events), duration)
+
+    async def _resume_remote(
+        self, cache: StreamCache, schema: str, tenant: str, response_id: str, after: int
+    ) -> Answer | None:
+        # Produced by another process (cross-process): resumed from its fan-out channel.
+        events_after = getattr(cache.adapter, "events_after", None)
+        if self.fanout is None or events_after is None:
+            return None
+        channel = await cache.resolve(alias_key(schema + "/live", tenant, response_id))
+        if channel is None:
+            return None
+
+        def had(event: Event) -> bool:
+            return not events_after([event], after)
+
+        return await self.resume_channel(cache, channel, had)
+
+    async def resume_channel(
+        self, cache: StreamCache, channel: str, had: Callable[[Event], bool | None]
+    ) -> Answer | None:
+        """:meth:`resume_live` for a stream another process produces: read from the start
+        of its fan-out ``channel``. None when that stream cannot be followed (gone, failed
+        before it answered, or Redis failed)."""
+        fanout = self.fanout
+        assert fanout is not None
+        opened = await _open_channel(fanout, channel, self.cross_process_lease, cache)
+        if opened is None:
+            return None
+        head, first, reader = opened
+        key = channel[len(_CHANNEL) :]
+        live: LiveFlight[bytes] = LiveFlight(Flight(key, max_log_bytes=cache.max_entry_bytes))
+        live.respond(head)
+        live.deliver(first)
+        cursor = live.flight.follow()
+        assert cursor is not None
+        live.producer_left()
+        live.hand_over(_ProcessSource(live, reader, cache.join_timeout), lambda: _aclose(reader))
+        return self._resumed(cache, live, cursor, head, had)
 
     async def resume_live(
         self, cache: StreamCache, live: LiveFlight[bytes], had: Callable[[Event], bool | None]
@@ -316,20 +354,30 @@ class CacheService:
         cursor = live.flight.follow()
         if cursor is None:
             return None
-        timeout = cache.join_timeout
         try:
-            head = await live.wait_head(timeout)
+            head = await live.wait_head(cache.join_timeout)
         except SharedStreamAborted:
             head = None
         if head is None:
             await live.leave(cursor)
             return None
+        return self._resumed(cache, live, cursor, head, had)
+
+    def _resumed(
+        self,
+        cache: StreamCache,
+        live: LiveFlight[bytes],
+        cursor: Cursor,
+        head: Head,
+        had: Callable[[Event], bool | None],
+    ) -> Answer:
         logger.info("sse_cache: %s resumed from its live stream", live.key)
         emit(self.hooks, Notice(kind="resumed", key=live.key))
+        chunks = _after(live.chunks(cursor, cache.join_timeout), had)
         return Answer(
             status=head.status,
             headers=_as_shared(head.headers),
-            chunks=_counted(self.hooks, live.key, _after(live.chunks(cursor, timeout), had)),
+            chunks=_counted(self.hooks, live.key, chunks),
         )
 
 
@@ -438,7 +486,8 @@ class Exchange:
         """A client reconnecting with ``Last-Event-ID`` to an answer still being produced:
         it gets the rest of that live stream."""
         live = cache.live.get(self.key)
-        if live is None:
+        fanout = self._service.fanout
+        if live is None and fanout is None:
             return False
         found = False
 
@@ -451,7 +500,18 @@ class Exchange:
             found = event.id == last_id
             return True if found else None
 
-        answer = await self._service.resume_live(cache, live, had)
+        if live is not None:
+            answer = await self._service.resume_live(cache, live, had)
+        else:  # produced by another process, perhaps (cross-process): its channel
+            assert fanout is not None
+            try:
+                holder = await fanout.holder(_CHANNEL + self.key)
+            except Exception:
+                holder = None  # fail open: the upstream answers
+            if holder is None:
+                return False
+            channel = _channel(self.key, holder)
+            answer = await self._service.resume_channel(cache, channel, had)
         if answer is None:
             return False
         self.status = CacheStatus.SHARED
@@ -547,35 +607,12 @@ class Exchange:
         assert live is not None
         cache = self._cache
         assert cache is not None
-        reader = fanout.read(_channel(self.key, holder), block=self._service.cross_process_lease)
-        head: Head | None = None
-        first: bytes | None = None  # the first body bytes (b"": the body ended empty)
-        try:
-            # A live producer sends heartbeats while its upstream thinks; one that sends
-            # nothing else for join_timeout is given up on like a silent local one. Nothing
-            # is sent to this client before the first body bytes: a producer that dies while
-            # its upstream has not answered yet is taken over, not relayed as a failure.
-            with anyio.fail_after(cache.join_timeout):
-                async for message in reader:
-                    kind = message[:1]
-                    if kind == b"h" and head is None:
-                        head = _decode_head(message[1:])
-                        if head is None:
-                            break
-                    elif kind == b"d" and head is not None:
-                        first = message[1:]
-                        break
-                    elif kind != b"k":  # the producer failed before it answered
-                        head = None
-                        break
-                else:
-                    first = b""  # the end marker: the body was empty
-        except Exception as exc:  # silent (dead?), too slow, or Redis failed: ask upstream
-            logger.info("sse_cache: not following %s: %r", self.key, exc)
-            head = None
-        if head is None or first is None:
-            await _aclose(reader)
+        opened = await _open_channel(
+            fanout, _channel(self.key, holder), self._service.cross_process_lease, cache
+        )
+        if opened is None:
             return False
+        head, first, reader = opened
         # This process's own readers of the key (this request first) follow the local live
         # stream, which pulls the other process's messages in turn.
         self.status = CacheStatus.SHARED
@@ -751,6 +788,12 @@ class Exchange:
         alias = alias_key(adapter.name, self.decision.tenant, response_id)
         index = self._service.live_responses
         index[alias] = live
+        lease, tee, cache = self._lead, self._tee, self._cache
+        if lease is not None and tee is not None and cache is not None:
+            # Other processes resume it from this producer's fan-out channel.
+            name = alias_key(adapter.name + "/live", self.decision.tenant, response_id)
+            until = time.time() + _LIVE_ALIAS_TTL
+            tee.later(lambda: cache.alias(name, lease.channel, expires_at=until))
 
         def unindex() -> None:
             if index.get(alias) is live:
@@ -807,6 +850,7 @@ class ResponseTee:
         #: Called once with the first events recorded (then dropped): the exchange indexes
         #: a live stream by the response it names.
         self.identify: Callable[[Sequence[Event]], None] | None = None
+        self._jobs: list[Callable[[], Awaitable[object]]] = []  # for the next flush
 
     @property
     def failed(self) -> bool:
@@ -824,6 +868,8 @@ class ResponseTee:
     async def flush(self) -> None:
         """Publish what was relayed since the last flush to processes following this stream
         (cross-process single-flight); nothing to do otherwise. Fail-open."""
+        while self._jobs:
+            await self._jobs.pop(0)()
         lease = self._lease
         if lease is None or not self._outbox:
             return
@@ -846,6 +892,10 @@ class ResponseTee:
             if not isinstance(exc, Exception):
                 raise
             logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
+
+    def later(self, job: Callable[[], Awaitable[object]]) -> None:
+        """Run ``job`` at the next :meth:`flush` (backend writes, from a synchronous step)."""
+        self._jobs.append(job)
 
     def relay(self, chunk: bytes) -> None:
         """``chunk`` is being handed to the producer's client: the followers get it too."""
@@ -1013,6 +1063,9 @@ class ResponseTee:
 
 
 _CHANNEL = "sf:"
+#: How long the name of another process's live stream (for a resume by response id) is
+#: kept: past the longest answer; a finished one is resumed from its entry instead.
+_LIVE_ALIAS_TTL = 3600.0
 _FANOUT_TTL = 60.0  # a finished channel stays readable this long for late followers
 _FANOUT_CLOSE_TIMEOUT = 5.0
 
@@ -1081,6 +1134,46 @@ class _Lease:
         task, self._task = self._task, None
         if task is not None:
             await asyncio.wait({task})
+
+
+async def _open_channel(
+    fanout: _FanoutBackend, channel: str, lease: float, cache: StreamCache
+) -> tuple[Head, bytes, AsyncIterator[bytes]] | None:
+    """Start reading another process's live stream from ``channel``: its head, its first body
+    bytes (``b""``: the body ended empty) and the reader, positioned after them. None when
+    it cannot be followed: the producer failed before it answered, went silent (killed?)
+    or too slow, or Redis failed.
+
+    A live producer sends heartbeats while its upstream thinks; one that sends nothing else
+    for ``join_timeout`` is given up on like a silent local one. Nothing is sent to the
+    reader's client before the first body bytes: a producer that dies while its upstream has
+    not answered yet is taken over, not relayed as a failure."""
+    reader = fanout.read(channel, block=lease)
+    head: Head | None = None
+    first: bytes | None = None
+    try:
+        with anyio.fail_after(cache.join_timeout):
+            async for message in reader:
+                kind = message[:1]
+                if kind == b"h" and head is None:
+                    head = _decode_head(message[1:])
+                    if head is None:
+                        break
+                elif kind == b"d" and head is not None:
+                    first = message[1:]
+                    break
+                elif kind != b"k":  # the producer failed before it answered
+                    head = None
+                    break
+            else:
+                first = b""  # the end marker: the body was empty
+    except Exception as exc:  # silent (dead?), too slow, or Redis failed
+        logger.info("sse_cache: not following %s: %r", channel, exc)
+        head = None
+    if head is None or first is None:
+        await _aclose(reader)
+        return None
+    return head, first, reader
 
 
 class _ProcessSource:

@@ -205,3 +205,31 @@ async def test_last_event_id_continues_a_live_stream_after_that_event(serve: Any
         )
         assert other.headers["x-sse-cache"] == "miss" and other.content == whole
     assert upstream_app.calls == 2
+
+
+async def test_a_client_resumes_through_another_proxy_process_on_the_same_redis(
+    serve: Any, redis_server: Any
+) -> None:
+    # Two `sse-cache proxy --cross-process` OS processes on one Redis: the answer is produced
+    # by the first (its client leaves midway), resumed through the second from the
+    # producer's fan-out log, once, and another tenant gets nothing of it there.
+    from test_cross_process import two_proxies
+
+    upstream_app = MockUpstream()
+    async with (
+        two_proxies(serve, redis_server.url, upstream_app) as (_, (one, _p1), (two, _p2)),
+        httpx2.AsyncClient(base_url=one, timeout=30) as first,
+        httpx2.AsyncClient(base_url=two, timeout=30) as second,
+    ):
+        held = await read_then_leave(first, 20)
+        response_id, n = last_sequence_number(held)
+        params = {"stream": "true", "starting_after": str(n)}
+        other = await second.get(f"/v1/responses/{response_id}", params=params, headers=BOB)
+        assert "x-sse-cache" not in other.headers  # the upstream's own answer
+        resumed = await second.get(f"/v1/responses/{response_id}", params=params, headers=ALICE)
+        assert resumed.status_code == 200 and resumed.headers["x-sse-cache"] == "shared"
+    assert upstream_app.stats()["streams"] == 1  # (and Bob's GET, which was passed on)
+    # The mock is deterministic: another instance gives the whole answer to compare with.
+    async with serve(MockUpstream()) as reference:
+        first.upstream = reference  # type: ignore[attr-defined]
+        assert held + resumed.content == await whole_answer(first)
