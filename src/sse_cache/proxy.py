@@ -22,6 +22,7 @@ from ._logging import AccessLog, redact_url
 from .asgi import CacheMiddleware, Message, Receive, Scope, Send, send_json_error
 from .breaker import BreakerState
 from .errors import ConfigError
+from .flight import SharedStreamAborted
 from .metrics import Metrics
 from .policy import CONTROL_HEADER_PREFIX
 
@@ -52,6 +53,13 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
     }
+)
+
+
+# How a response breaks off: the upstream's connection failed or timed out mid-body, or the
+# live stream a follower read stopped before its end.
+_BROKEN_OFF: tuple[type[Exception], ...] = (
+    (SharedStreamAborted, httpx2.HTTPError) if httpx2 is not None else (SharedStreamAborted,)
 )
 
 
@@ -142,13 +150,20 @@ class Forwarder:
                     ],
                 }
             )
-            async with anyio.create_task_group() as tg:
-                # Watch for the client leaving while the body streams: then stop reading the
-                # upstream (the cache sees the disconnect and stores nothing).
-                tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                tg.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as tg:
+                    # Watch for the client leaving while the body streams: then stop reading
+                    # the upstream (the cache sees the disconnect and stores nothing).
+                    tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
+                    async for chunk in response.aiter_raw():
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    tg.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # The task group is an implementation detail: raise what the stream raised
+                # (an upstream that broke off: httpx2's error).
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
             if not disconnected.is_set():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
@@ -224,11 +239,22 @@ class ProxyApp:
             if scope["path"].startswith("/_sse_cache/"):
                 await self._ops(scope, send)
                 return
-            policy = self.cached.service.policy
-            if self.access_log is not None and policy.match(scope["method"], scope["path"]):
-                await self.access_log.serve(self.cached, scope, receive, send)
-                return
-        elif scope["type"] == "lifespan":
+            try:
+                policy = self.cached.service.policy
+                if self.access_log is not None and policy.match(scope["method"], scope["path"]):
+                    await self.access_log.serve(self.cached, scope, receive, send)
+                else:
+                    await self.cached(scope, receive, send)
+            except _BROKEN_OFF as exc:
+                # The upstream broke off mid-answer (or the live stream this request followed
+                # did). Returning without the response's end has the server close the
+                # connection — the client's response is aborted, as by the exception — with
+                # one line saying why instead of the server's traceback of it.
+                logger.warning(
+                    "sse_cache: %s %s: response aborted: %r", scope["method"], scope["path"], exc
+                )
+            return
+        if scope["type"] == "lifespan":
             await self.cached(scope, receive, self._starting(send))
             return
         await self.cached(scope, receive, send)
