@@ -68,6 +68,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
         [("/chat/completions", "openai-chat"), ("/responses", "openai-responses")],
     ),
     "SSE_CACHE_FINISH_ON_DISCONNECT": ("yes", True),
+    "SSE_CACHE_RESUME_WINDOW": ("45", 45.0),
     "SSE_CACHE_CROSS_PROCESS": ("1", True),
     "SSE_CACHE_CROSS_PROCESS_LEASE": ("2.5", 2.5),
     "SSE_CACHE_BREAKER_FAILURES": ("0", 0),

@@ -254,6 +254,15 @@ OPTIONS: tuple[Option, ...] = (
         shown="off",
     ),
     Option(
+        "--resume-window",
+        "when a client leaves a streamed miss, keep reading its upstream this many seconds so "
+        "that the client can come back and resume it (Last-Event-ID, or GET "
+        "/v1/responses/{id}?stream=true&starting_after=N); docs/single-flight.md",
+        shown="none (abandoned at once)",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
         "--cross-process",
         "share live streams between proxy processes on one Redis backend (on by itself with "
         "--workers > 1 on Redis)",
@@ -417,6 +426,7 @@ def build_app(settings: argparse.Namespace) -> Any:
         tenant="shared" if settings.shared_tenant else None,
         routes=routes,
         finish_on_disconnect=settings.finish_on_disconnect,
+        resume_window=settings.resume_window,
         cross_process=settings.cross_process,
         cross_process_lease=settings.cross_process_lease,
         breaker_failures=settings.breaker_failures,
