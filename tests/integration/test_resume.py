@@ -233,3 +233,42 @@ async def test_a_client_resumes_through_another_proxy_process_on_the_same_redis(
     async with serve(MockUpstream()) as reference:
         first.upstream = reference  # type: ignore[attr-defined]
         assert held + resumed.content == await whole_answer(first)
+
+
+async def test_the_openai_sdk_resumes_an_answer_it_stopped_reading(serve: Any) -> None:
+    # The SDK as the oracle: its own Responses.retrieve(id, stream=True, starting_after=N)
+    # parses the rest, and the two halves make the whole answer.
+    import openai
+
+    upstream_app = MockUpstream()
+    async with proxied(serve, upstream_app, resume_window=30) as proxy_client:
+        sdk = openai.AsyncOpenAI(
+            base_url=str(proxy_client.base_url) + "/v1", api_key="sk-alice", max_retries=0
+        )
+        text, seen = "", -1
+        response_id = ""
+        stream = await sdk.responses.create(
+            model="gpt-mock", input="resume me", stream=True, extra_headers=PACE
+        )
+        async for event in stream:
+            seen = event.sequence_number
+            if event.type == "response.created":
+                response_id = event.response.id
+            elif event.type == "response.output_text.delta":
+                text += event.delta
+            if seen >= 20:
+                break
+        await stream.close()  # the connection drops midway
+        rest = await sdk.responses.retrieve(response_id, stream=True, starting_after=seen)
+        numbers, final = [], None
+        async for event in rest:
+            numbers.append(event.sequence_number)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+            final = event
+        assert numbers == list(range(seen + 1, seen + 1 + len(numbers)))
+        assert final is not None and final.type == "response.completed"
+        completed_text = final.response.output_text
+        assert text == completed_text and text
+        await sdk.close()
+    assert upstream_app.stats()["streams"] == 1
