@@ -1,0 +1,597 @@
+"""Hits at scale: cache hits through a real ``sse-cache proxy`` under concurrency, against the
+ceiling of the same run, on every backend; and the cost per event as streams grow.
+
+(a) Hits under load. A real recorded OpenAI Responses stream (``--stream``; by default the
+    largest, ``openai-responses_reasoning-4-summaries_o3-mini.sse``, 676 events, ~195 KB, from
+    ``../shared/real-streams``) is served by uvicorn from a plain ASGI app in a process of its
+    own: that server is *the ceiling* (the same bytes, served by the same HTTP server, with
+    nothing to look up) and the proxy's upstream. For each backend (``memory``, ``sqlite``,
+    ``redis``; Redis is a redis-server this script starts) an ``sse-cache proxy`` process
+    stores the stream once (a miss), then each round sends ``--requests`` (300) identical
+    streamed ``POST /v1/responses`` over ``--connections`` (100) keep-alive connections
+    (each connection opened and used once first, then all released together, each sending
+    its next request as soon as the previous answer ended) to the proxy and the same load to
+    the ceiling, in alternating order. Every answer is checked: status 200, ``x-sse-cache:
+    hit`` from the proxy, the body byte-identical to the recording. Printed per round and as
+    medians [min-max] over ``--rounds`` (3): throughput, p50 and p99 time to the last byte,
+    the CPU time per request of the server (the proxy's processes, or the ceiling's) and of
+    this client, and the ratios proxy / ceiling of the same round. ``--workers 1,2`` adds
+    the proxy with two worker processes (SQLite and Redis: a memory backend is per process).
+
+    The client is a minimal HTTP/1.1 client on asyncio streams, in this process: httpx2
+    costs ~1.4 ms of CPU per 195 KB answer here, more than either server, so with it the
+    ceiling measured the client (docs/performance.md).
+
+(b) Events scaling. ``sse-cache mock-upstream`` streams Responses answers of 100, 1,000,
+    10,000 and 100,000 text deltas at once (no pacing). For each size: the time to the last
+    byte of a miss through the proxy (a new prompt each time) against the same request
+    straight to the upstream, and of a hit against the ceiling serving the stored bytes;
+    each also per event. ``--rounds`` alternating repetitions, medians [min-max].
+
+Run: ``.venv/bin/python benchmarks/bench_scale.py [--requests 300] [--connections 100]
+[--rounds 3] [--backends memory,sqlite,redis] [--workers 1,2] [--mode hits,events]
+[--events 100,1000,10000,100000] [--json PATH]``; ``--quick`` for a smoke run (what
+tests/integration/test_bench_scale.py runs). Nothing is asserted about time; a wrong answer
+is an error (exit status 1). Client, servers and Redis share this machine's cores: compare
+the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from _servers import Server, server
+
+from servers import RedisServer, ServerMissing, find_binary
+
+CLI = [sys.executable, "-m", "sse_cache"]
+# ../shared/real-streams beside the clone (as in CI), unless the environment says otherwise.
+REAL_STREAMS = Path(
+    os.environ.get(
+        "SSE_CACHE_REAL_STREAMS",
+        str(Path(__file__).resolve().parents[2] / "shared" / "real-streams"),
+    )
+)
+DEFAULT_STREAM = "openai-responses_reasoning-4-summaries_o3-mini.sse"
+EVENT_SIZES = (100, 1_000, 10_000, 100_000)
+# The ceiling: uvicorn serving the same bytes from a plain ASGI app (the request body read,
+# the answer sent as one body message), as the proxy's own uvicorn would without a cache.
+STATIC_APP = """
+import sys, uvicorn
+body = open(sys.argv[1], "rb").read()
+head = [(b"content-type", b"text/event-stream; charset=utf-8")]
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    more = True
+    while more:
+        more = (await receive()).get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+# -- a minimal HTTP/1.1 client ----------------------------------------------------------------
+
+
+class WrongAnswer(Exception):
+    """An answer that is not what the request must get (status, cache status or bytes)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request, prebuilt: its bytes and what its answer must be."""
+
+    data: bytes
+    body: bytes  # the expected answer body
+    cache: str | None  # the expected x-sse-cache (None: not checked, the ceiling has none)
+
+    @classmethod
+    def post(
+        cls,
+        url: str,
+        payload: dict[str, Any],
+        expect: bytes,
+        cache: str | None,
+        headers: dict[str, str] | None = None,
+    ) -> Call:
+        content = json.dumps(payload).encode()
+        host = url.split("//", 1)[1].split("/", 1)[0]
+        lines = [
+            "POST /v1/responses HTTP/1.1",
+            f"host: {host}",
+            "content-type: application/json",
+            "authorization: Bearer sk-bench",
+            f"content-length: {len(content)}",
+            *(f"{k}: {v}" for k, v in (headers or {}).items()),
+        ]
+        return cls(("\r\n".join(lines) + "\r\n\r\n").encode() + content, expect, cache)
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
+) -> tuple[int, dict[bytes, bytes], bytes]:
+    """Send one request on a keep-alive connection; its (status, headers, body). Handles
+    ``content-length`` and ``chunked`` bodies, which is what uvicorn sends."""
+    writer.write(data)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head[:-4].split(b"\r\n")
+    status = int(status_line.split(b" ", 2)[1])
+    headers: dict[bytes, bytes] = {}
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        parts: list[bytes] = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")  # no trailers: the blank line
+                return status, headers, b"".join(parts)
+            parts.append((await reader.readexactly(size + 2))[:-2])
+    return status, headers, await reader.readexactly(int(headers.get(b"content-length", b"0")))
+
+
+async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, call: Call) -> None:
+    """One request; raises :class:`WrongAnswer` unless its answer is exactly the expected."""
+    status, headers, body = await exchange(reader, writer, call.data)
+    cache = headers.get(b"x-sse-cache", b"").decode()
+    if status != 200 or (call.cache is not None and cache != call.cache):
+        raise WrongAnswer(f"HTTP {status}, x-sse-cache {cache!r}: {body[:160]!r}")
+    if body != call.body:
+        raise WrongAnswer(f"a body of {len(body)} bytes differs from the expected {len(call.body)}")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by process ``pid``, its threads and its child processes
+    (uvicorn's workers), from the scheduler's nanosecond counters (``/proc/*/stat`` counts
+    in 10 ms ticks: too coarse for a short load)."""
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0  # gone
+    for tid in threads:
+        try:
+            total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended meanwhile
+    seconds = total / 1e9
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # its parent
+            seconds += tree_cpu(int(entry))
+    return seconds
+
+
+@dataclass
+class Load:
+    """One load: ``requests`` answers over ``connections`` connections."""
+
+    requests: int
+    connections: int
+    elapsed: float  # from the release to the last byte of the last answer
+    latencies: list[float]  # per request: from writing it to the last byte of its answer
+    server_cpu: float  # CPU seconds of the server's processes during the load
+    client_cpu: float  # ... of this process
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.elapsed
+
+    def pct(self, q: float) -> float:
+        return pct(self.latencies, q)
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "rate": self.rate,
+            "p50": self.pct(0.5),
+            "p99": self.pct(0.99),
+            "server_cpu_per_request": self.server_cpu / self.requests,
+            "client_cpu_per_request": self.client_cpu / self.requests,
+        }
+
+
+async def load(
+    url: str, call: Call, requests: int, connections: int, pid: int | None = None
+) -> Load:
+    """Send ``requests`` copies of ``call`` over ``connections`` connections, released
+    together, each sending its next request when the previous answer ended. ``pid``: the
+    server's process, for its CPU time (NaN without)."""
+    host, port = url.split("//", 1)[1].split(":")
+    conns = await asyncio.gather(
+        *(asyncio.open_connection(host, int(port), limit=1 << 20) for _ in range(connections))
+    )
+    try:
+        # Every connection used once first: accepted, and the server's paths warm.
+        await asyncio.gather(*(ask(r, w, call) for r, w in conns))
+        left = requests
+        latencies: list[float] = []
+        errors: list[str] = []
+
+        async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal left
+            while left > 0:
+                left -= 1
+                start = time.perf_counter()
+                try:
+                    await ask(reader, writer, call)
+                except (WrongAnswer, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                    errors.append(repr(exc))
+                    return  # the connection's state is unknown: this worker stops
+                latencies.append(time.perf_counter() - start)
+
+        server0 = tree_cpu(pid) if pid else math.nan
+        client0 = time.process_time()
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(r, w) for r, w in conns))
+        elapsed = time.perf_counter() - start
+        client_cpu = time.process_time() - client0
+        server_cpu = tree_cpu(pid) - server0 if pid else math.nan
+    finally:
+        for _, writer in conns:
+            writer.close()
+    errors += [f"{left} requests not sent"] if left > 0 else []
+    return Load(requests, connections, elapsed, latencies, server_cpu, client_cpu, errors)
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q``-quantile (0..1) of ``values``, nearest rank; NaN when empty."""
+    values = sorted(values)
+    if not values:
+        return math.nan
+    return values[min(len(values) - 1, max(0, math.ceil(q * len(values)) - 1))]
+
+
+def spread(values: list[float], unit: float = 1.0, digits: int = 0) -> str:
+    """``median [min-max]``, scaled by ``unit``."""
+    values = [v * unit for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    med = statistics.median(values)
+    return f"{med:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+# -- servers ----------------------------------------------------------------------------------
+
+
+@contextmanager
+def static_server(body: Path) -> Iterator[Server]:
+    with server(sys.executable, "-c", STATIC_APP, str(body), "{port}") as running:
+        yield running
+
+
+@contextmanager
+def proxy_server(upstream: str, backend: str, log: Path, workers: int = 1) -> Iterator[Server]:
+    cmd = [*CLI, "proxy", "--upstream", upstream, "--backend", backend, "--port", "{port}"]
+    cmd += ["--log-level", "warning", "--workers", str(workers)]
+    with server(*cmd, log=log) as running:
+        yield running
+
+
+async def one(url: str, call: Call) -> None:
+    """A single request on a connection of its own."""
+    host, port = url.split("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+    try:
+        await ask(reader, writer, call)
+    finally:
+        writer.close()
+
+
+async def timed(url: str, call: Call) -> float:
+    """Seconds to the last byte of one checked request on a new connection."""
+    start = time.perf_counter()
+    await one(url, call)
+    return time.perf_counter() - start
+
+
+@contextmanager
+def backend_urls(kinds: list[str], tmp: Path) -> Iterator[dict[str, str]]:
+    """kind -> backend URL; Redis on a redis-server of its own, stopped at the end."""
+    urls: dict[str, str] = {}
+    with ExitStack() as stack:
+        for kind in kinds:
+            if kind == "memory":
+                urls[kind] = "memory://"
+            elif kind == "sqlite":
+                urls[kind] = f"sqlite:///{tmp / 'scale.db'}"
+            elif kind == "redis":
+                redis = RedisServer(find_binary("redis-server", "redis-server"))
+                redis.start()
+                stack.callback(redis.cleanup)
+                urls[kind] = redis.url
+            else:
+                raise SystemExit(f"unknown backend {kind!r}: memory, sqlite or redis")
+        yield urls
+
+
+# -- (a) hits under load ----------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    backend: str
+    workers: int
+    rounds: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}, {self.workers} worker{'s' if self.workers > 1 else ''}"
+
+
+async def bench_hits(
+    args: argparse.Namespace, tmp: Path, stream: Path, recording: bytes
+) -> list[Config]:
+    payload = {"model": "o3-mini", "input": "bench scale", "stream": True}
+    events = recording.count(b"\n\n")
+    print(
+        f"(a) hits: {stream.name} ({events} events, {len(recording) / 1000:.0f}"
+        f" KB); {args.requests} requests over {args.connections} connections per load, "
+        f"{args.rounds} rounds; ceiling = uvicorn serving the same bytes from a plain ASGI app"
+    )
+    configs = [
+        Config(kind, workers)
+        for workers in args.workers
+        for kind in args.backends
+        if workers == 1 or kind != "memory"  # memory:// is per process: nothing to share
+    ]
+    with ExitStack() as stack:
+        ceiling = stack.enter_context(static_server(stream))
+        urls = stack.enter_context(backend_urls(args.backends, tmp))
+        proxies: dict[str, Server] = {}
+        for config in configs:
+            log = tmp / f"proxy-{config.backend}-{config.workers}.log"
+            # Each proxy a cache of its own, so that each stores the stream itself.
+            backend = urls[config.backend]
+            if config.backend == "redis":
+                backend += f"?prefix=scale-{config.workers}:"
+            elif config.backend == "sqlite":
+                backend = f"sqlite:///{tmp / f'scale-{config.workers}.db'}"
+            proxy = stack.enter_context(proxy_server(ceiling.url, backend, log, config.workers))
+            proxies[config.name] = proxy
+            # Stored once (a miss; the proxy ends the answer once it is stored), then a hit.
+            await one(proxy.url, Call.post(proxy.url, payload, recording, "miss"))
+            await one(proxy.url, Call.post(proxy.url, payload, recording, "hit"))
+        for r in range(args.rounds):
+            for config in configs:
+                proxy = proxies[config.name]
+                paths = [("ceiling", ceiling, None), ("proxy", proxy, "hit")]
+                if r % 2:
+                    paths.reverse()
+                row: dict[str, dict[str, float]] = {}
+                for name, target, cache in paths:
+                    call = Call.post(target.url, payload, recording, cache)
+                    result = await load(
+                        target.url, call, args.requests, args.connections, target.pid
+                    )
+                    config.errors += [f"{name}: {e}" for e in result.errors]
+                    row[name] = result.figures()
+                config.rounds.append(row)
+                print(f"  round {r + 1} {config.name:<18} {describe_round(row)}")
+    for config in configs:
+        summarize_hits(config)
+    return configs
+
+
+def describe_round(row: dict[str, dict[str, float]]) -> str:
+    p, c = row["proxy"], row["ceiling"]
+    return (
+        f"proxy {p['rate']:5.0f} req/s p50 {p['p50'] * 1e3:5.1f} p99 {p['p99'] * 1e3:5.1f} ms | "
+        f"ceiling {c['rate']:5.0f} req/s p50 {c['p50'] * 1e3:5.1f} p99 {c['p99'] * 1e3:5.1f} ms"
+        f" | {p['rate'] / c['rate']:.2f}x, p99 {p['p99'] / c['p99']:.2f}x"
+    )
+
+
+def summary(config: Config) -> dict[str, Any]:
+    """Medians and ranges over the rounds, and the ratios proxy / ceiling per round."""
+
+    def of(path: str, figure: str) -> list[float]:
+        return [row[path][figure] for row in config.rounds]
+
+    out: dict[str, Any] = {}
+    for path in ("proxy", "ceiling"):
+        for figure in config.rounds[0][path]:
+            values = of(path, figure)
+            out[f"{path} {figure}"] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+    for figure in ("rate", "p50", "p99", "server_cpu_per_request"):
+        values = ratios(of("proxy", figure), of("ceiling", figure))
+        out[f"ratio {figure}"] = {
+            "median": statistics.median(values),
+            "min": min(values),
+            "max": max(values),
+        }
+    return out
+
+
+def ratios(ours: list[float], base: list[float]) -> list[float]:
+    return [a / b if b else math.nan for a, b in zip(ours, base, strict=True)]
+
+
+def summarize_hits(config: Config) -> None:
+    def of(path: str, figure: str) -> list[float]:
+        return [row[path][figure] for row in config.rounds]
+
+    def ratio(figure: str) -> list[float]:
+        return ratios(of("proxy", figure), of("ceiling", figure))
+
+    print(f"\n  {config.name}: medians [min-max] over {len(config.rounds)} rounds")
+    if config.errors:
+        print(f"    ERRORS ({len(config.errors)}): {config.errors[:3]}")
+    for label, path in (("proxy", "proxy"), ("ceiling", "ceiling")):
+        print(
+            f"    {label:<8} {spread(of(path, 'rate')):>18} req/s   p50 "
+            f"{spread(of(path, 'p50'), 1e3, 1):>18} ms   p99 {spread(of(path, 'p99'), 1e3, 1):>18}"
+            f" ms   server CPU/request {spread(of(path, 'server_cpu_per_request'), 1e6):>16} us"
+            f"   client {spread(of(path, 'client_cpu_per_request'), 1e6):>14} us"
+        )
+    print(
+        f"    proxy / ceiling: throughput {spread(ratio('rate'), digits=2)}x (target >= 0.8x), "
+        f"p99 {spread(ratio('p99'), digits=2)}x (target <= 1.5x), server CPU/request "
+        f"{spread(ratio('server_cpu_per_request'), digits=2)}x"
+    )
+
+
+# -- (b) events scaling -----------------------------------------------------------------------
+
+
+async def bench_events(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    print(
+        f"\n(b) events scaling: Responses streams from sse-cache mock-upstream, unpaced; "
+        f"backend {args.events_backend}; {args.rounds} rounds; time to the last byte"
+    )
+    mock = [*CLI, "mock-upstream", "--port", "{port}", "--delay-ms", "0", "--first-ms", "0"]
+    rows: list[dict[str, Any]] = []
+    with ExitStack() as stack:
+        upstream = stack.enter_context(server(*mock))
+        proxy = stack.enter_context(
+            proxy_server(upstream.url, args.events_backend, tmp / "proxy-events.log")
+        )
+        for size in args.events:
+            headers = {"x-mock-deltas": str(size), "x-mock-summaries": "1"}
+            payload = {"model": "gpt-mock", "input": f"scale {size}", "stream": True}
+            # The upstream's answer (deterministic: the same request, the same bytes), stored
+            # through the proxy once.
+            host, port = upstream.url.split("//", 1)[1].split(":")
+            reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+            direct_call = Call.post(upstream.url, payload, b"", None, headers)
+            _, _, expect = await exchange(reader, writer, direct_call.data)
+            writer.close()
+            events = expect.count(b"\n\n")
+            body_file = tmp / f"events-{size}.sse"
+            body_file.write_bytes(expect)
+            await one(proxy.url, Call.post(proxy.url, payload, expect, "miss", headers))
+            await one(proxy.url, Call.post(proxy.url, payload, expect, "hit", headers))
+            figures: dict[str, list[float]] = {"miss": [], "direct": [], "hit": [], "ceiling": []}
+            with static_server(body_file) as ceiling:
+                for r in range(args.rounds):
+                    # A miss needs a prompt never asked: its own bytes are checked against the
+                    # upstream's answer to the same prompt, asked first.
+                    fresh = {**payload, "input": f"scale {size} miss {r}"}
+                    reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+                    start = time.perf_counter()
+                    _, _, fresh_body = await exchange(
+                        reader, writer, Call.post(upstream.url, fresh, b"", None, headers).data
+                    )
+                    figures["direct"].append(time.perf_counter() - start)
+                    writer.close()
+                    steps = [
+                        ("miss", Call.post(proxy.url, fresh, fresh_body, "miss", headers), proxy),
+                        ("hit", Call.post(proxy.url, payload, expect, "hit", headers), proxy),
+                        ("ceiling", Call.post(ceiling.url, payload, expect, None), ceiling),
+                    ]
+                    if r % 2:
+                        steps.reverse()
+                    for name, call, target in steps:
+                        figures[name].append(await timed(target.url, call))
+            row = {"deltas": size, "events": events, "bytes": len(expect), **figures}
+            rows.append(row)
+            med = statistics.median
+            print(
+                f"  {events:>7} events {len(expect) / 1e6:6.2f} MB | miss "
+                f"{spread(figures['miss'], 1e3, 1)} ms ({med(figures['miss']) / events * 1e6:.2f}"
+                f" us/event) direct {spread(figures['direct'], 1e3, 1)} ms "
+                f"({med(figures['direct']) / events * 1e6:.2f} us/event) | hit "
+                f"{spread(figures['hit'], 1e3, 1)} ms ({med(figures['hit']) / events * 1e6:.2f}"
+                f" us/event) ceiling {spread(figures['ceiling'], 1e3, 1)} ms "
+                f"({med(figures['ceiling']) / events * 1e6:.2f} us/event)"
+            )
+    return rows
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average": os.getloadavg(),
+    }
+
+
+async def main(args: argparse.Namespace) -> int:
+    stream = args.stream if args.stream.is_absolute() else REAL_STREAMS / args.stream
+    if not stream.is_file():
+        raise SystemExit(f"no recorded stream at {stream} (set SSE_CACHE_REAL_STREAMS)")
+    report: dict[str, Any] = {"machine": machine(), "args": {}}
+    report["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    errors = 0
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        if "hits" in args.mode:
+            configs = await bench_hits(args, Path(tmp), stream, stream.read_bytes())
+            report["hits"] = [{**asdict(c), "name": c.name, "summary": summary(c)} for c in configs]
+            errors += sum(len(c.errors) for c in configs)
+        if "events" in args.mode:
+            report["events"] = await bench_events(args, Path(tmp))
+    print(f"\nmachine: {report['machine']}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"written: {args.json}")
+    return 1 if errors else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    def numbers(text: str) -> list[int]:
+        return [int(n.replace("_", "")) for n in text.split(",") if n.strip()]
+
+    def names(text: str) -> list[str]:
+        return [n.strip() for n in text.split(",") if n.strip()]
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300, help="requests per load")
+    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backends", type=names, default=["memory", "sqlite", "redis"])
+    parser.add_argument("--workers", type=numbers, default=[1, 2])
+    parser.add_argument("--mode", type=names, default=["hits", "events"])
+    parser.add_argument("--events", type=numbers, default=list(EVENT_SIZES))
+    parser.add_argument("--events-backend", default="memory://")
+    parser.add_argument("--stream", type=Path, default=Path(DEFAULT_STREAM))
+    parser.add_argument("--json", type=Path, default=None, help="write the figures here")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 40 requests over 10 connections, 1 round, 100 and 1,000 events",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.connections, args.rounds = 40, 10, 1
+        args.events = [n for n in args.events if n <= 1_000]
+    return args
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(asyncio.run(main(parse_args())))
+    except ServerMissing as exc:
+        raise SystemExit(str(exc)) from None

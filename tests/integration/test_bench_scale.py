@@ -1,0 +1,79 @@
+"""The scale benchmark's smoke run: ``benchmarks/bench_scale.py --quick`` starts the ceiling
+(uvicorn serving a real recorded stream), a redis-server and a real ``sse-cache proxy`` process
+per backend (memory, SQLite, Redis; SQLite and Redis also with two workers), sends hits over
+concurrent connections and checks every answer byte for byte, then measures the events
+scaling on 100 and 1,000 events. Nothing about time is asserted: only that it runs, that
+every answer was right, and that the JSON report holds every figure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+from bench_scale import REAL_STREAMS, Call, load, static_server
+
+from servers import require_binary
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scale.py"
+STREAM = REAL_STREAMS / "openai-responses_reasoning-4-summaries_o3-mini.sse"
+
+pytestmark = pytest.mark.real_streams
+
+
+def test_the_quick_run_answers_every_request_correctly(tmp_path: Path) -> None:
+    require_binary("redis-server", "redis-server")
+    if not STREAM.is_file():
+        pytest.skip(f"no recorded streams at {REAL_STREAMS}")
+    report = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures: dict[str, Any] = json.loads(report.read_text())
+    names = [config["name"] for config in figures["hits"]]
+    assert names == [
+        "memory, 1 worker",
+        "sqlite, 1 worker",
+        "redis, 1 worker",
+        "sqlite, 2 workers",
+        "redis, 2 workers",
+    ]
+    for config in figures["hits"]:
+        assert config["errors"] == [], config["name"]
+        (row,) = config["rounds"]
+        for path in ("proxy", "ceiling"):
+            assert row[path]["rate"] > 0
+            assert 0 < row[path]["p50"] <= row[path]["p99"]
+        assert config["summary"]["ratio rate"]["median"] > 0
+    rows = figures["events"]
+    assert [row["deltas"] for row in rows] == [100, 1_000]
+    for row in rows:
+        assert row["events"] > row["deltas"]  # the deltas and the events around them
+        assert all(len(row[path]) == 1 for path in ("miss", "direct", "hit", "ceiling"))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_wrong_body_is_counted_as_an_error() -> None:
+    # The check the figures rely on: an answer that differs by one byte is an error.
+    if not STREAM.is_file():
+        pytest.skip(f"no recorded streams at {REAL_STREAMS}")
+    recording = STREAM.read_bytes()
+    altered = recording[:-3] + b"X\n\n"
+    payload = {"model": "o3-mini", "input": "check", "stream": True}
+    with static_server(STREAM) as ceiling:
+        good = await load(ceiling.url, Call.post(ceiling.url, payload, recording, None), 8, 2)
+        assert good.errors == [] and len(good.latencies) == 8
+        with pytest.raises(Exception, match="differs"):
+            await load(ceiling.url, Call.post(ceiling.url, payload, altered, None), 8, 2)
