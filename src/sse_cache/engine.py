@@ -40,7 +40,14 @@ from .events import EOL, Event, serialize_sse
 from .flight import Cursor, Flight, Flights, Head, LiveFlight, Phase, SharedStreamAborted
 from .keys import CacheRequest, DefaultKeyer
 from .pacing import Pacing
-from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter, WireCodec
+from .protocols import (
+    Backend,
+    CacheKeyer,
+    EventCodec,
+    NearCachingBackend,
+    StreamAdapter,
+    WireCodec,
+)
 from .recorder import DEFAULT_MAX_ENTRY_BYTES, EVENT_OVERHEAD, Recorder, RecorderState
 
 __all__ = [
@@ -611,6 +618,11 @@ class StreamCache:
         from .backends import open_backend  # the registry, not a concrete backend
 
         self.backend, self._owns_backend = open_backend(backend)
+        # A backend that knows some values at once is asked first (no timeout scope, no
+        # breaker, no thread: what it answers is current by its contract).
+        self._cached: Callable[[str], bytes | None] | None = (
+            self.backend.cached if isinstance(self.backend, NearCachingBackend) else None
+        )
         _check_ttl(ttl)
         if max_entry_bytes <= 0:
             raise ConfigError(f"max_entry_bytes must be positive, got {max_entry_bytes!r}")
@@ -740,6 +752,13 @@ class StreamCache:
             return None
 
     async def _fetch(self, key: str) -> bytes | None:
+        if self._cached is not None:
+            try:
+                value = self._cached(key)
+            except Exception:  # against the contract: then ask the backend as usual
+                value = None
+            if value is not None:
+                return value
         try:
             return await self._use_backend("get", lambda: self.backend.get(key))
         except _Skipped:

@@ -21,6 +21,7 @@ __all__ = [
     "FanoutBackend",
     "KeyHeadersAdapter",
     "LockingBackend",
+    "NearCachingBackend",
     "Outcome",
     "ScanningBackend",
     "StatsBackend",
@@ -164,6 +165,20 @@ class FanoutBackend(Backend, Protocol):
         """Every message of ``channel`` after position ``start`` (``"0"``: from the first),
         waiting up to ``block`` seconds for each next one, until the end marker."""
         ...
+
+
+@runtime_checkable
+class NearCachingBackend(Backend, Protocol):
+    """A backend that can answer some lookups at once, from this process's memory, without
+    I/O that waits (the engine asks it first, and calls ``get`` only when it says None).
+
+    ``cached(key)`` returns bytes only when they are what ``get(key)`` would return now: the
+    value of the last complete ``set`` that any process committed before the call, unexpired
+    (so a value replaced or deleted by anyone, ``sse-cache purge`` included, is never
+    returned afterwards); None whenever that is not known right away. It never raises and
+    never blocks on a lock, a thread or the network."""
+
+    def cached(self, key: str) -> bytes | None: ...
 
 
 class Outcome(enum.Enum):

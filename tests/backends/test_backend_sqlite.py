@@ -530,6 +530,7 @@ async def test_the_path_is_looked_at_once_per_check_interval(
     path = tmp_path / "cache.db"
     backend = SQLiteBackend(path, check_interval=3600)
     await backend.set("k", b"v", None)
+    assert await backend.get("k") == b"v"  # (opens the near cache's probe: looks once)
     looks: list[str] = []
     real = sqlite_module._file_id
 

@@ -29,7 +29,7 @@ class MemoryBackend:
     ``MemoryBackend`` instances; works under asyncio and trio (no I/O at all).
 
     Capabilities: :class:`~sse_cache.protocols.ScanningBackend`,
-    :class:`~sse_cache.protocols.StatsBackend`.
+    :class:`~sse_cache.protocols.StatsBackend`, :class:`~sse_cache.protocols.NearCachingBackend`.
     """
 
     def __init__(
@@ -53,6 +53,17 @@ class MemoryBackend:
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key``, or None when missing or expired."""
         check_open(self._closed, "MemoryBackend")
+        return self._lookup(key)
+
+    def cached(self, key: str) -> bytes | None:
+        """What :meth:`get` returns, without awaiting (every value here is near:
+        :class:`~sse_cache.protocols.NearCachingBackend`); None once closed. A key it does
+        not find is not counted as a miss: the caller asks :meth:`get` next."""
+        if self._closed:
+            return None
+        return self._lookup(key, count_miss=False)
+
+    def _lookup(self, key: str, *, count_miss: bool = True) -> bytes | None:
         item = self._data.get(key)
         if item is not None:
             value, deadline = item
@@ -61,7 +72,7 @@ class MemoryBackend:
                 self._hits += 1
                 return value
             self._remove(key)
-        self._misses += 1
+        self._misses += count_miss
         return None
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:

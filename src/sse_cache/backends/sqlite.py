@@ -3,6 +3,10 @@
 ``sqlite3`` is blocking, so every call runs in an anyio worker thread, one at a time per backend
 (a ``CapacityLimiter(1)`` guards the single connection). That keeps it usable from asyncio and
 trio alike, which an asyncio-only wrapper such as aiosqlite would not be.
+
+Hot values are also kept in a near cache (:class:`~sse_cache.backends._near.NearCache`) and
+served on the caller's thread without that hop while SQLite's ``PRAGMA data_version``, read on
+a second connection that never waits for a lock, says that no connection has committed since.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import anyio.to_thread
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ._common import Options, check_open, expires_at, to_bytes
+from ._near import NearCache
 
 __all__ = ["SQLiteBackend", "from_url"]
 
@@ -38,6 +43,7 @@ _SCHEMA_VERSION: Final = 1
 # which cannot interrupt a call already running in a worker thread.
 _WRITE_TIMEOUT: Final = 1.5
 _DEFAULT_MAX_BYTES: Final = 1024**3
+_DEFAULT_NEAR_CACHE: Final = 32 * 1024 * 1024
 # Seconds between checks that the path still names the file this backend has open.
 _CHECK_INTERVAL: Final = 1.0
 # The files SQLite keeps beside a database in WAL mode, named after it.
@@ -140,12 +146,21 @@ class SQLiteBackend:
       (creating an empty cache if nothing is there), so this backend, other processes and
       the ``sse-cache`` commands share one cache again. The old file's ``-wal`` and ``-shm``
       files, which SQLite would otherwise read as part of the new one, are removed.
+    - *Near cache*: up to ``near_cache_bytes`` of recently read values are kept in this
+      process and answered without a worker thread (also by :meth:`cached`) while
+      ``PRAGMA data_version`` on a second, read-only-in-practice connection is unchanged:
+      any commit by any connection or process (a ``set``, a ``delete``, ``sse-cache purge``,
+      an eviction) empties it before the next lookup, so a lookup never returns a value that
+      a commit made before it replaced or deleted. That version is read on the caller's
+      thread with a zero busy timeout: when it cannot be read at once, the lookup goes to
+      the worker thread as before. A file replaced at the path is noticed within
+      ``check_interval``, as above. Files only (not ``:memory:``); 0 turns it off.
 
     Works under asyncio and trio: the stdlib ``sqlite3`` module runs in anyio worker threads,
     one call at a time per backend.
 
     Capabilities: :class:`~sse_cache.protocols.ScanningBackend`,
-    :class:`~sse_cache.protocols.StatsBackend`.
+    :class:`~sse_cache.protocols.StatsBackend`, :class:`~sse_cache.protocols.NearCachingBackend`.
     """
 
     def __init__(
@@ -159,6 +174,7 @@ class SQLiteBackend:
         synchronous: str = "NORMAL",
         check_interval: float = _CHECK_INTERVAL,
         create: bool = True,
+        near_cache_bytes: int = _DEFAULT_NEAR_CACHE,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -192,6 +208,17 @@ class SQLiteBackend:
         # Access times of keys read since the last write (approximate LRU, see docstring).
         self._touched: dict[str, float] = {}
         self._touch_lock = threading.Lock()
+        # The near cache and the connection that reads its version: both used on the
+        # caller's (event loop) thread only, never by a worker thread. ``_probe_file`` is the
+        # identity of the file the probe has open, ``_probe_serial`` numbers the probes (a
+        # new connection counts data_version afresh).
+        self._near = NearCache(near_cache_bytes, option="near_cache_bytes")
+        if not self._watch:
+            self._near.max_bytes = 0  # a private database: no second connection can see it
+        self._probe: sqlite3.Connection | None = None
+        self._probe_file: _FileId | None = None
+        self._probe_serial = 0
+        self._probe_check = -math.inf
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({self.path!r}, max_bytes={self._max_bytes})"
@@ -202,7 +229,35 @@ class SQLiteBackend:
         """The value stored under ``key``, or None when missing or expired."""
         check_open(self._closed, "SQLiteBackend")
         _check_key(key)
-        return await self._call(self._get, key, read=True)
+        value = self.cached(key)
+        if value is not None:
+            return value
+        # The version is read before the row: a commit in between makes the kept value look
+        # older than it is (dropped at the next lookup), never newer.
+        version = self._version() if self._near.enabled else None
+        row = await self._call(self._get, key, read=True)
+        if row is None:
+            return None
+        value, deadline = row
+        if version is not None:
+            self._near.put(key, value, deadline, version)
+        return value
+
+    def cached(self, key: str) -> bytes | None:
+        """The value of ``key`` from the near cache when no commit has happened since it was
+        read (checked now, without waiting); None when it is not known that way. Never
+        blocks on a lock or a worker thread (:class:`~sse_cache.protocols.NearCachingBackend`)."""
+        near = self._near
+        if self._closed or not near or not isinstance(key, str):
+            return None
+        version = self._version()
+        if version is None or not near.check(version):
+            return None
+        now = self._clock()
+        value = near.get(key, now)
+        if value is not None:
+            self._touch(key, now)
+        return value
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (None: until evicted), in one
@@ -211,12 +266,14 @@ class SQLiteBackend:
         _check_key(key)
         value = to_bytes(value)
         expires_at(0.0, ttl)  # validates ttl before any I/O
+        self._near.discard(key)  # (the commit empties it anyway, at the next lookup)
         await self._call(self._set, key, value, ttl, read=False)
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
         check_open(self._closed, "SQLiteBackend")
         _check_key(key)
+        self._near.discard(key)
         await self._call(self._write, _DELETE, (key,), read=False)
 
     async def aclose(self) -> None:
@@ -225,6 +282,7 @@ class SQLiteBackend:
         if self._closed:
             return
         self._closed = True
+        self._close_probe()
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._close, limiter=self._limiter)
 
@@ -246,6 +304,7 @@ class SQLiteBackend:
     async def clear(self) -> int:
         """Delete every entry; return how many there were."""
         check_open(self._closed, "SQLiteBackend")
+        self._near.clear()
         return await self._call(self._clear, read=False)
 
     async def stats(self) -> dict[str, int]:
@@ -259,6 +318,83 @@ class SQLiteBackend:
             "max_bytes": self._max_bytes or 0,
             "file_bytes": file_bytes,
         }
+
+    # -- the near cache (caller's thread) -------------------------------------------------
+
+    def _version(self) -> tuple[int, int] | None:
+        """The database's version as the near cache counts it: (probe, ``PRAGMA
+        data_version``), read now without waiting for any lock; None when it cannot be read
+        at once (then the near cache is not used for this lookup)."""
+        if self._closed:
+            return None
+        probe = self._probe
+        if probe is not None:
+            now = time.monotonic()
+            if now >= self._probe_check:
+                # The same look at the path as the worker threads' (_connection): a file
+                # replaced at the path is the probe's to reopen too.
+                self._probe_check = now + self._check_interval
+                try:
+                    moved = _file_id(self._where) != self._probe_file
+                except OSError:
+                    moved = False
+                if moved:
+                    self._close_probe()
+                    probe = None
+        if probe is None:
+            probe = self._open_probe()
+            if probe is None:
+                return None
+        try:
+            row = probe.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:
+            self._close_probe()  # busy right now, or the file is gone: not used this time
+            return None
+        return (self._probe_serial, int(row[0]))
+
+    def _open_probe(self) -> sqlite3.Connection | None:
+        # Only on the file the worker threads' connection has open (known once it opened):
+        # a version read from another file would vouch for values it never held.
+        opened = self._file
+        if opened is None:
+            return None
+        try:
+            if _file_id(self._where) != opened:
+                return None
+            conn = sqlite3.connect(
+                f"file:{quote(self._where)}?mode=rw",  # never creates a file
+                uri=True,
+                timeout=0,  # never waits for a lock: it runs on the caller's thread
+                isolation_level=None,
+                check_same_thread=False,  # opened and used on the event loop's thread only
+            )
+        except (sqlite3.Error, OSError):
+            return None
+        try:
+            same = _file_id(self._where) == opened
+        except OSError:
+            same = False
+        if not same:
+            conn.close()
+            return None
+        self._probe, self._probe_file = conn, opened
+        self._probe_serial += 1
+        self._probe_check = time.monotonic() + self._check_interval
+        return conn
+
+    def _close_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        self._probe_file = None
+        self._near.clear()
+        if probe is not None:
+            with suppress(sqlite3.Error):
+                probe.close()
+
+    def _touch(self, key: str, now: float) -> None:
+        with self._touch_lock:
+            if len(self._touched) >= _MAX_PENDING_TOUCHES:
+                self._touched.clear()
+            self._touched[key] = now
 
     # -- thread side ----------------------------------------------------------------------
 
@@ -492,7 +628,7 @@ class SQLiteBackend:
                 pass  # best effort: losing a few access times only blurs the LRU order
         self._drop_connection()
 
-    def _get(self, conn: sqlite3.Connection, key: str) -> bytes | None:
+    def _get(self, conn: sqlite3.Connection, key: str) -> tuple[bytes, float | None] | None:
         row = conn.execute(_GET, (key,)).fetchone()
         if row is None:
             return None
@@ -500,11 +636,8 @@ class SQLiteBackend:
         now = self._clock()
         if deadline is not None and deadline <= now:
             return None
-        with self._touch_lock:
-            if len(self._touched) >= _MAX_PENDING_TOUCHES:
-                self._touched.clear()
-            self._touched[key] = now
-        return bytes(value)
+        self._touch(key, now)
+        return bytes(value), deadline
 
     def _set(self, conn: sqlite3.Connection, key: str, value: bytes, ttl: float | None) -> None:
         now = self._clock()
@@ -672,7 +805,8 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     (SQLite's ``PRAGMA synchronous``, ``NORMAL``), ``check_interval`` (seconds between checks
     that the path still names the open file, 1; 0: before every call), ``create`` (``true``:
     a missing file becomes a new cache; ``false``: open an existing cache only, as the
-    ``sse-cache`` inspection commands do).
+    ``sse-cache`` inspection commands do), ``near_cache`` (memory for hot values answered
+    without a worker thread while no commit happened, ``32MiB``; ``0`` turns it off).
     """
     path = _path_from_url(url)
     opts = Options(url, options)
@@ -685,6 +819,7 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
         "check_interval", _CHECK_INTERVAL, minimum=0.0, allow_zero=True
     )
     create = opts.take_bool("create", True)
+    near_cache = opts.take_size("near_cache", _DEFAULT_NEAR_CACHE, minimum=0) or 0
     clock = opts.take_raw("clock")
     opts.finish()
     if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
@@ -703,5 +838,6 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
         synchronous=synchronous,
         check_interval=check_interval,
         create=create,
+        near_cache_bytes=near_cache,
         clock=clock or time.time,
     )

@@ -1,0 +1,94 @@
+"""A near cache: the hot values of a shared backend, kept in this process and served without a
+round trip for as long as the backend says that nothing has changed.
+
+It holds bytes exactly as the backend returned them and trusts them only under one *version*
+of the store, a token the backend reads cheaply (SQLite's ``PRAGMA data_version``; an
+invalidation channel's state for Redis): a value is put under the version read *before* the
+value itself was read, and the whole cache is emptied as soon as the backend sees another
+version. So a write by any connection or process that committed before a lookup is never
+hidden by a value kept from before it: the worst a write costs is a round trip for every hot
+key afterwards. Expiry is checked on every use against the deadline the backend stored.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ..errors import ConfigError
+
+__all__ = ["NearCache"]
+
+# What a kept value costs besides its bytes (its key, the tuple, the dictionary slot).
+_ITEM_OVERHEAD = 200
+
+
+class NearCache:
+    """Values by key, least recently used dropped first, at most ``max_bytes`` in all (values
+    plus a per-item estimate); ``max_bytes=0`` keeps nothing. Not thread-safe: one thread
+    (the event loop's) uses it."""
+
+    def __init__(self, max_bytes: int, *, option: str = "near_cache") -> None:
+        if max_bytes < 0:
+            raise ConfigError(f"{option} must be >= 0 bytes, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.size = 0
+        #: The version of the store the kept values belong to (None: none kept yet).
+        self.version: object = None
+        self._items: OrderedDict[str, tuple[bytes, float | None, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def get(self, key: str, now: float) -> bytes | None:
+        """The value kept for ``key`` if it has not expired at ``now`` (the backend's clock).
+        The caller has checked that the store's version is still :attr:`version`."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        value, deadline, _ = item
+        if deadline is not None and deadline <= now:
+            self.discard(key)
+            return None
+        self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: bytes, deadline: float | None, version: object) -> None:
+        """Keep ``value`` (read under ``version``, expiring at ``deadline``). A value read
+        under another version than the one kept so far replaces everything: the values kept
+        under the old one cannot be trusted next to it."""
+        if version is None:
+            return
+        if version != self.version:
+            self.clear()
+            self.version = version
+        self.discard(key)
+        size = len(value) + _ITEM_OVERHEAD
+        if size > self.max_bytes:
+            return
+        self._items[key] = (value, deadline, size)
+        self.size += size
+        while self.size > self.max_bytes:
+            _, (_, _, dropped) = self._items.popitem(last=False)
+            self.size -= dropped
+
+    def check(self, version: object) -> bool:
+        """Whether ``version`` (just read from the store) is the one the kept values belong
+        to; if not, they are all dropped."""
+        if version is not None and version == self.version:
+            return True
+        self.clear()
+        return False
+
+    def discard(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.size -= item[2]
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.size = 0
+        self.version = None
