@@ -106,7 +106,6 @@ def map_exceptions(what: str) -> Iterator[None]:
             f"than ?max_connections=, or every connection waiting on a slow server ({exc})"
         ) from exc
     except (
-        rexc.ConnectionError,
         rexc.ClusterDownError,
         rexc.RedisClusterException,
         rexc.BusyLoadingError,
