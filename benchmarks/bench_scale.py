@@ -197,6 +197,7 @@ class Load:
     server_cpu: float  # CPU seconds of the server's processes during the load
     client_cpu: float  # ... of this process
     errors: list[str] = field(default_factory=list)
+    backend_cpu: float = math.nan  # ... of the backend's server (redis-server), if any
 
     @property
     def rate(self) -> float:
@@ -212,15 +213,21 @@ class Load:
             "p99": self.pct(0.99),
             "server_cpu_per_request": self.server_cpu / self.requests,
             "client_cpu_per_request": self.client_cpu / self.requests,
+            "backend_cpu_per_request": self.backend_cpu / self.requests,
         }
 
 
 async def load(
-    url: str, call: Call, requests: int, connections: int, pid: int | None = None
+    url: str,
+    call: Call,
+    requests: int,
+    connections: int,
+    pid: int | None = None,
+    backend_pid: int | None = None,
 ) -> Load:
     """Send ``requests`` copies of ``call`` over ``connections`` connections, released
     together, each sending its next request when the previous answer ended. ``pid``: the
-    server's process, for its CPU time (NaN without)."""
+    server's process, ``backend_pid`` its backend's, for their CPU time (NaN without)."""
     host, port = url.split("//", 1)[1].split(":")
     conns = await asyncio.gather(
         *(asyncio.open_connection(host, int(port), limit=1 << 20) for _ in range(connections))
@@ -245,17 +252,21 @@ async def load(
                 latencies.append(time.perf_counter() - start)
 
         server0 = tree_cpu(pid) if pid else math.nan
+        backend0 = tree_cpu(backend_pid) if backend_pid else math.nan
         client0 = time.process_time()
         start = time.perf_counter()
         await asyncio.gather(*(worker(r, w) for r, w in conns))
         elapsed = time.perf_counter() - start
         client_cpu = time.process_time() - client0
         server_cpu = tree_cpu(pid) - server0 if pid else math.nan
+        backend_cpu = tree_cpu(backend_pid) - backend0 if backend_pid else math.nan
     finally:
         for _, writer in conns:
             writer.close()
     errors += [f"{left} requests not sent"] if left > 0 else []
-    return Load(requests, connections, elapsed, latencies, server_cpu, client_cpu, errors)
+    result = Load(requests, connections, elapsed, latencies, server_cpu, client_cpu, errors)
+    result.backend_cpu = backend_cpu
+    return result
 
 
 def pct(values: list[float], q: float) -> float:
@@ -310,20 +321,22 @@ async def timed(url: str, call: Call) -> float:
 
 
 @contextmanager
-def backend_urls(kinds: list[str], tmp: Path) -> Iterator[dict[str, str]]:
-    """kind -> backend URL; Redis on a redis-server of its own, stopped at the end."""
-    urls: dict[str, str] = {}
+def backend_urls(kinds: list[str], tmp: Path) -> Iterator[dict[str, tuple[str, int | None]]]:
+    """kind -> (backend URL, the pid of its server if it has one); Redis on a redis-server of
+    its own, stopped at the end."""
+    urls: dict[str, tuple[str, int | None]] = {}
     with ExitStack() as stack:
         for kind in kinds:
             if kind == "memory":
-                urls[kind] = "memory://"
+                urls[kind] = ("memory://", None)
             elif kind == "sqlite":
-                urls[kind] = f"sqlite:///{tmp / 'scale.db'}"
+                urls[kind] = (f"sqlite:///{tmp / 'scale.db'}", None)
             elif kind == "redis":
                 redis = RedisServer(find_binary("redis-server", "redis-server"))
                 redis.start()
                 stack.callback(redis.cleanup)
-                urls[kind] = redis.url
+                assert redis.proc is not None
+                urls[kind] = (redis.url, redis.proc.pid)
             else:
                 raise SystemExit(f"unknown backend {kind!r}: memory, sqlite or redis")
         yield urls
@@ -338,6 +351,7 @@ class Config:
     workers: int
     rounds: list[dict[str, dict[str, float]]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    backend_pid: int | None = None  # redis-server's
 
     @property
     def name(self) -> str:
@@ -367,7 +381,7 @@ async def bench_hits(
         for config in configs:
             log = tmp / f"proxy-{config.backend}-{config.workers}.log"
             # Each proxy a cache of its own, so that each stores the stream itself.
-            backend = urls[config.backend]
+            backend, config.backend_pid = urls[config.backend]
             if config.backend == "redis":
                 backend += f"?prefix=scale-{config.workers}:"
             elif config.backend == "sqlite":
@@ -386,8 +400,9 @@ async def bench_hits(
                 row: dict[str, dict[str, float]] = {}
                 for name, target, cache in paths:
                     call = Call.post(target.url, payload, recording, cache)
+                    backend_pid = config.backend_pid if name == "proxy" else None
                     result = await load(
-                        target.url, call, args.requests, args.connections, target.pid
+                        target.url, call, args.requests, args.connections, target.pid, backend_pid
                     )
                     config.errors += [f"{name}: {e}" for e in result.errors]
                     row[name] = result.figures()
@@ -453,6 +468,9 @@ def summarize_hits(config: Config) -> None:
             f" ms   server CPU/request {spread(of(path, 'server_cpu_per_request'), 1e6):>16} us"
             f"   client {spread(of(path, 'client_cpu_per_request'), 1e6):>14} us"
         )
+    redis = of("proxy", "backend_cpu_per_request")
+    if not any(math.isnan(v) for v in redis):
+        print(f"    redis-server CPU/request {spread(redis, 1e6)} us (besides the proxy's)")
     print(
         f"    proxy / ceiling: throughput {spread(ratio('rate'), digits=2)}x (target >= 0.8x), "
         f"p99 {spread(ratio('p99'), digits=2)}x (target <= 1.5x), server CPU/request "
