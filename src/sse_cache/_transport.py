@@ -25,11 +25,12 @@ I/O in the caller's thread.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from functools import cache
 from types import ModuleType, TracebackType
 from typing import Any, ClassVar
@@ -165,6 +166,24 @@ class _AsyncOpen:
                 await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
 
 
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    # A task that outlives the request (a resume window): kept referenced until it ends.
+    task = asyncio.get_running_loop().create_task(work, name="sse-cache resume window")
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
 async def _aclose_iterator(iterator: object) -> None:
     aclose = getattr(iterator, "aclose", None)
     if aclose is not None:
@@ -256,9 +275,14 @@ class _AsyncTeeBody:
             if self._pending:
                 tee.feed(self._pending)
                 self._pending = b""
-            if tee.client_left():
+            # A resume window needs a task that reads on while no one reads: on asyncio, a
+            # task of the loop (trio has none outside a nursery: no window there).
+            hold = tee.resume_window is not None and _on_asyncio()
+            if tee.client_left(hold=hold):
                 self._handed_over = True
                 tee.hand_over(self._pull, self._abandon)
+                if hold:
+                    _background(tee.read_through_window())
                 return
         await self._abandon()
 
@@ -415,10 +439,15 @@ class _SyncTeeBody:
     def close(self) -> None:
         if self._handed_over:
             return
-        if self._opened.open and self._portal.call(_client_left, self._tee, self._pending):
+        tee = self._tee
+        if self._opened.open and self._portal.call(_client_left, tee, self._pending):
             self._pending = b""
             self._handed_over = True
             threading.Thread(target=self._drain, name="sse-cache-drain", daemon=True).start()
+            if tee.resume_window is not None:
+                # The drain thread reads on while the stream is held; the window's end is
+                # kept in the portal's loop.
+                self._portal.start_task_soon(_release_after, tee, tee.resume_window)
             return
         self._abandon()
 
@@ -432,7 +461,12 @@ def _client_left(tee: ResponseTee, delivered: bytes) -> bool:
     if tee.ended:
         return False
     tee.feed(delivered)
-    return tee.client_left(_nothing)
+    return tee.client_left(_nothing, hold=tee.resume_window is not None)
+
+
+async def _release_after(tee: ResponseTee, window: float) -> None:
+    await anyio.sleep(window)
+    await tee.release()
 
 
 async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
@@ -536,6 +570,7 @@ class _Options:
         decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
         breaker_failures: int = DEFAULT_BREAKER_FAILURES,
         breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
+        resume_window: float | None = None,
     ) -> None:
         self.service = CacheService(
             backend,
@@ -555,6 +590,7 @@ class _Options:
             decoded_cache_bytes=decoded_cache_bytes,
             breaker_failures=breaker_failures,
             breaker_cooldown=breaker_cooldown,
+            resume_window=resume_window,
         )
         self.transport: Any = transport if transport is not None else self._default_transport()
 
@@ -608,6 +644,16 @@ class AsyncCacheTransportBase(_Options):
     async def handle_async_request(self, request: Any) -> Any:
         lib = self._lib
         service = self.service
+        types = _stream_types(lib)
+        if request.method == "GET":
+            # A client resuming a stream by its id (Responses): from its live stream while it
+            # is produced, from the cache once stored; else the upstream answers.
+            answer = await service.resume("GET", *_resume_args(request))
+            if answer is not None:
+                opened = _AsyncOpen(_no_exchange())
+                await opened.enter()
+                body = types["AsyncAnswerBody"](answer.chunks, opened)
+                return lib.Response(answer.status, headers=answer.headers, stream=body)
         if service.policy.match(request.method, request.url.path) is None:
             return await self.transport.handle_async_request(request)
         try:
@@ -616,7 +662,6 @@ class AsyncCacheTransportBase(_Options):
             return _error_response(lib, str(exc))
         opened = _AsyncOpen(service.exchange(decision, publish=True))
         ex = await opened.enter()
-        types = _stream_types(lib)
         try:
             answer = ex.answer
             if answer is not None:
@@ -705,6 +750,15 @@ class CacheTransportBase(_Options):
     def handle_request(self, request: Any) -> Any:
         lib = self._lib
         service = self.service
+        if request.method == "GET":
+            # A client resuming a stream by its id (Responses): see the async transport.
+            portal = self.portal
+            answer = portal.call(service.resume, "GET", *_resume_args(request))
+            if answer is not None:
+                opened = _SyncOpen(portal.wrap_async_context_manager(_no_exchange()))
+                opened.enter()
+                body = _stream_types(lib)["SyncAnswerBody"](answer.chunks, opened, portal)
+                return lib.Response(answer.status, headers=answer.headers, stream=body)
         if service.policy.match(request.method, request.url.path) is None:
             return self.transport.handle_request(request)
         try:
@@ -773,6 +827,16 @@ class CacheTransportBase(_Options):
                 portal.call(portal.stop, True)
                 if thread is not None:
                     thread.join()
+
+
+def _resume_args(request: Any) -> tuple[str, str, dict[str, str]]:
+    return request.url.path, request.url.query.decode("latin-1"), _request_headers(request)
+
+
+@asynccontextmanager
+async def _no_exchange() -> AsyncIterator[Any]:
+    # The answer bodies leave an exchange when they end; a resume has none to leave.
+    yield None
 
 
 def _start_portal(backend: str) -> tuple[anyio.from_thread.BlockingPortal, threading.Thread]:

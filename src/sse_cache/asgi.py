@@ -145,9 +145,9 @@ class CacheMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if scope["method"] == "GET" and "/responses/" in scope["path"]:
-            # A client resuming a Responses stream: answered from its live stream while it is
-            # produced here, from the cache once stored.
+        if scope["method"] == "GET":
+            # A client resuming a stream by its id (Responses): answered from its live stream
+            # while it is produced here, from the cache once stored.
             query = scope.get("query_string", b"").decode("latin-1")
             answer = await self.service.resume("GET", scope["path"], query, _headers(scope))
             if answer is not None:

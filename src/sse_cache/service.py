@@ -771,6 +771,8 @@ class Exchange:
             )
         if tee is not None and lease is not None and head is not None:
             tee.publish_to(lease, head)
+        if tee is not None:
+            tee.resume_window = self._service.resume_window
         resumable = getattr(self.decision.adapter, "events_after", None) is not None
         if tee is not None and live is not None and media == SSE_TYPE and resumable:
             tee.identify = self._index_live
@@ -851,6 +853,9 @@ class ResponseTee:
         #: a live stream by the response it names.
         self.identify: Callable[[Sequence[Event]], None] | None = None
         self._jobs: list[Callable[[], Awaitable[object]]] = []  # for the next flush
+        #: Seconds a stream whose client left is read on for a client that may come back
+        #: (the service's ``resume_window``); None: not at all.
+        self.resume_window: float | None = None
 
     @property
     def failed(self) -> bool:
@@ -988,6 +993,23 @@ class ResponseTee:
         if self._flight is not None:
             await self._flight.release()
 
+    async def read_through_window(self) -> None:
+        """For a held stream whose upstream was handed over (:meth:`hand_over`): read it
+        for its resume window, taking turns with any reader, then :meth:`release` it. (The
+        window ends at the first chunk after it: an upstream read is not cut midway.)"""
+        live, window = self._flight, self.resume_window
+        assert live is not None and window is not None
+        deadline = anyio.current_time() + window
+        while live.source is not None and not live.flight.done:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                break
+            if live.pulling:
+                await live.wait(left)
+            else:
+                await live.pull()
+        await live.release()
+
     def hand_over(
         self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
     ) -> None:
@@ -1017,7 +1039,10 @@ class ResponseTee:
         still reads this response."""
         if self._lease is not None:
             return True
-        return self._flight.flight.wanted if self._flight is not None else not self.cut
+        flight = self._flight
+        if flight is None:
+            return not self.cut
+        return flight.flight.wanted or flight.held
 
     def end(self) -> None:
         """The upstream body ended by itself."""

@@ -272,3 +272,60 @@ async def test_the_openai_sdk_resumes_an_answer_it_stopped_reading(serve: Any) -
         assert text == completed_text and text
         await sdk.close()
     assert upstream_app.stats()["streams"] == 1
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_transport_resumes_a_stream_its_client_stopped_reading(
+    serve: Any, sync: bool
+) -> None:
+    # The same resume through the httpx2 transports (client-side caching): the program's
+    # own call stops reading midway, and its next call gets the rest, from one upstream call.
+    import anyio.to_thread
+
+    from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
+
+    upstream_app = MockUpstream()
+    async with serve(upstream_app) as upstream:
+        reference = httpx2.AsyncClient(base_url=upstream, timeout=30)
+        reference.upstream = upstream  # type: ignore[attr-defined]
+        whole = await whole_answer(reference)
+        await reference.aclose()
+        if sync:
+            transport = CacheTransport("memory://", resume_window=30)
+            client = httpx2.Client(transport=transport, base_url=upstream, timeout=30)
+
+            def run() -> tuple[bytes, bytes]:
+                held = b""
+                with client.stream(
+                    "POST", "/v1/responses", json=PAYLOAD, headers={**ALICE, **PACE}
+                ) as response:
+                    for chunk in response.iter_raw():
+                        held += chunk
+                        if len(blocks(held)) >= 20:
+                            break
+                held = b"".join(blocks(held)[:20])
+                response_id, n = last_sequence_number(held)
+                params = {"stream": "true", "starting_after": str(n)}
+                rest = client.get(f"/v1/responses/{response_id}", params=params, headers=ALICE)
+                assert rest.headers["x-sse-cache"] == "shared"
+                return held, rest.content
+
+            try:
+                held, rest = await anyio.to_thread.run_sync(run)
+            finally:
+                await anyio.to_thread.run_sync(client.close)
+        else:
+            transport_ = AsyncCacheTransport("memory://", resume_window=30)
+            async with httpx2.AsyncClient(
+                transport=transport_, base_url=upstream, timeout=30
+            ) as aclient:
+                held = await read_then_leave(aclient, 20)
+                response_id, n = last_sequence_number(held)
+                params = {"stream": "true", "starting_after": str(n)}
+                got = await aclient.get(
+                    f"/v1/responses/{response_id}", params=params, headers=ALICE
+                )
+                assert got.headers["x-sse-cache"] == "shared"
+                rest = got.content
+    assert held + rest == whole
+    assert upstream_app.stats()["streams"] == 2  # the cached call, and the reference
