@@ -39,6 +39,9 @@ class NearCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
     @property
     def enabled(self) -> bool:
         return self.max_bytes > 0

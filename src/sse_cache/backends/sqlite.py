@@ -248,8 +248,8 @@ class SQLiteBackend:
         read (checked now, without waiting); None when it is not known that way. Never
         blocks on a lock or a worker thread (:class:`~sse_cache.protocols.NearCachingBackend`)."""
         near = self._near
-        if self._closed or not near or not isinstance(key, str):
-            return None
+        if self._closed or key not in near:
+            return None  # (without reading the version: a key never kept costs nothing)
         version = self._version()
         if version is None or not near.check(version):
             return None
