@@ -94,13 +94,23 @@ class Controls(msgspec.Struct, frozen=True, kw_only=True):
     """``x-sse-cache-replay: instant | original | <x>x | <ms>ms``: replay speed of a hit."""
 
 
+_SHOWN_CHARS = 80
+
+
+def _shown(value: str, *, quote: bool = True) -> str:
+    # A bad header's value in its error, cut short: a 100 KB header is not echoed back.
+    short = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS]
+    text = repr(short) if quote else short
+    return text if short is value else f"{text}... ({len(value)} characters)"
+
+
 def _seconds(name: str, value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
     if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        raise ConfigError(f"{name} must be a positive number of seconds, got {_shown(value)}")
     return seconds
 
 
@@ -119,7 +129,7 @@ def parse_controls(headers: Mapping[str, str]) -> Controls:
         if value.strip().lower() in ("", "1", "true", "yes", "on"):
             options["refresh"] = True
         elif value.strip().lower() not in ("0", "false", "no", "off"):
-            raise ConfigError(f"x-sse-cache-refresh must be true or false, got {value!r}")
+            raise ConfigError(f"x-sse-cache-refresh must be true or false, got {_shown(value)}")
     if (value := headers.get("x-sse-cache-ttl")) is not None:
         options["ttl"] = _seconds("x-sse-cache-ttl", value)
     if (value := headers.get("x-sse-cache-max-age")) is not None:
@@ -129,33 +139,38 @@ def parse_controls(headers: Mapping[str, str]) -> Controls:
             max_age = -1.0
         if not max_age >= 0:
             raise ConfigError(
-                f"x-sse-cache-max-age must be a non-negative number of seconds, got {value!r}"
+                f"x-sse-cache-max-age must be a non-negative number of seconds, got {_shown(value)}"
             )
         options["max_age"] = max_age
     if (value := headers.get("x-sse-cache-namespace")) is not None:
         if not _NAMESPACE.match(value):
             raise ConfigError(
                 "x-sse-cache-namespace must be 1-128 characters of letters, digits and "
-                f"._:/@+=-, got {value!r}"
+                f"._:/@+=-, got {_shown(value)}"
             )
         options["namespace"] = value
     if (value := headers.get("x-sse-cache-variants")) is not None:
-        if not value.strip().isdigit() or not 1 <= int(value) <= _MAX_VARIANTS:
+        # isascii(): str.isdigit() also takes digits int() refuses (superscripts, in Latin-1).
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= _MAX_VARIANTS:
             raise ConfigError(
-                f"x-sse-cache-variants must be an integer from 1 to {_MAX_VARIANTS}, got {value!r}"
+                f"x-sse-cache-variants must be an integer from 1 to {_MAX_VARIANTS}, "
+                f"got {_shown(value)}"
             )
-        options["variants"] = int(value)
+        options["variants"] = int(digits)
     if (value := headers.get("x-sse-cache-ignore-fields")) is not None:
         fields = frozenset(f.strip() for f in value.split(",") if f.strip())
         bad = sorted(f for f in fields if not _FIELD.match(f))
         if bad:
-            raise ConfigError(f"x-sse-cache-ignore-fields has invalid field names: {bad}")
+            raise ConfigError(
+                f"x-sse-cache-ignore-fields has invalid field names: {_shown(', '.join(bad))}"
+            )
         options["ignore_fields"] = fields
     if (value := headers.get("x-sse-cache-replay")) is not None:
         try:
             options["pacing"] = Pacing.parse(value)
         except ConfigError as exc:
-            raise ConfigError(f"x-sse-cache-replay: {exc}") from None
+            raise ConfigError(f"x-sse-cache-replay: {_shown(str(exc), quote=False)}") from None
     return Controls(**options)
 
 
