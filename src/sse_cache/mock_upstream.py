@@ -1242,6 +1242,8 @@ class MockUpstream:
                 body = _decoder.decode(raw)
             except msgspec.DecodeError:
                 raise _BadRequest("The request body is not valid JSON") from None
+            except RecursionError:  # nested deeper than the decoder follows
+                raise _BadRequest("The request body is nested too deeply") from None
             if not isinstance(body, dict):
                 raise _BadRequest("The request body must be a JSON object")
             opts = self._options(headers)

@@ -760,6 +760,9 @@ async def test_bad_control_headers_and_bodies(app: MockUpstream) -> None:
         assert not_json.status_code == 400
         array = await http.post("/v1/messages", content=b"[]")
         assert array.status_code == 400 and array.json()["type"] == "error"
+        deep = b'{"input":' + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"}"
+        too_deep = await http.post(path, content=deep)  # deeper than the decoder follows
+        assert too_deep.status_code == 400 and "nested" in too_deep.json()["error"]["message"]
     small = MockUpstream(delay=0, max_body_bytes=10)
     assert (await post(small, path, body)).status_code == 413
     assert {"fail-mid-stream", "cut", "bad-sse", "500", "429"} == ERROR_MODES
