@@ -82,6 +82,24 @@ return 1
 """
 
 
+def _refused(exc: BaseException) -> bool:
+    """A connection attempt failed somewhere behind ``exc`` (older redis-py connect inside
+    the pool's wait: its timeout then hides a refused connection, not a busy pool)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc.__cause__, exc.__context__]
+    while stack:
+        cause = stack.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, rexc.ConnectionError) or (
+            isinstance(cause, OSError) and not isinstance(cause, TimeoutError)
+        ):
+            return True
+        stack += [cause.__cause__, cause.__context__]
+    return False
+
+
 @contextmanager
 def map_exceptions(what: str) -> Iterator[None]:
     """Translate redis-py (and socket / timeout) exceptions into the BackendError family.
@@ -96,7 +114,11 @@ def map_exceptions(what: str) -> Iterator[None]:
     except (rexc.TimeoutError, TimeoutError) as exc:
         raise BackendTimeout(f"{what}: Redis did not answer in time ({exc!r})") from exc
     except rexc.ConnectionError as exc:
-        if "No connection available" not in str(exc) or not isinstance(exc.__cause__, TimeoutError):
+        if (
+            "No connection available" not in str(exc)
+            or not isinstance(exc.__cause__, TimeoutError)
+            or _refused(exc.__cause__)
+        ):
             raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
         # The blocking pool waited ``timeout`` for a free connection: a burst larger than the
         # pool, or a slow server holding every connection. Redis itself may be fine; the
