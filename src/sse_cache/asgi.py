@@ -519,6 +519,10 @@ class _Outbox:
 async def _send_answer_while_connected(receive: Receive, send: Send, answer: Answer) -> None:
     # A paced replay runs as long as the recorded stream did, a live one as long as its
     # upstream: stop when the client leaves, instead of sending into a closed connection.
+    # (An instant hit is in memory: sent at once, it needs no watching.)
+    if answer.instant:
+        await _send_answer(send, answer)
+        return
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
@@ -543,6 +547,11 @@ async def _send_answer(send: Send, answer: Answer) -> None:
     )
     chunks = answer.chunks
     try:
+        if answer.instant:
+            # All in memory: the whole body in one message, the end of the response with it.
+            body = b"".join([chunk async for chunk in chunks])
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:

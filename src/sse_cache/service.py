@@ -79,8 +79,9 @@ logger = logging.getLogger("sse_cache")
 
 SSE_TYPE = "text/event-stream"
 JSON_TYPE = "application/json"
-# An instant replay is written in chunks of about this size: one write per event costs
-# several times more than the rest of a replay together (LIMITS.md).
+# A replay decoded event by event is written in chunks of about this size: one write per
+# event costs several times more than the rest of a replay together (docs/benchmarks.md).
+# A stored stream's own bytes go out in one write (no copies, one ASGI message).
 _CHUNK_BYTES = 64 * 1024
 _BATCH_EVENTS = 256
 _SSE_HEADERS = [("cache-control", "no-cache")]
@@ -95,6 +96,9 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     status: int
     headers: list[tuple[str, str]]
     chunks: AsyncIterator[bytes]
+    #: The body is all in memory (an instant hit): it can be sent at once, with no need to
+    #: watch for the client leaving meanwhile.
+    instant: bool = False
 
 
 def _media_type(content_type: str) -> str:
@@ -302,9 +306,11 @@ class CacheService:
             return await self._resume_remote(cache, adapter.name, tenant, match["id"], after)
         events = events_after(entry.events, after)
         base = [("content-type", entry.content_type), *_SSE_HEADERS]
-        chunks = _slices(serialize_sse(events, eol=entry.eol))
+        chunks = _one(serialize_sse(events, eol=entry.eol))
         duration = entry.events[-1].at if entry.events else 0.0
-        return _hit_answer(self.hooks, key, entry, chunks, base, len(events), duration)
+        return _hit_answer(
+            self.hooks, key, entry, chunks, base, len(events), duration, instant=True
+        )
 
     async def _resume_remote(
         self, cache: StreamCache, schema: str, tenant: str, response_id: str, after: int
@@ -653,18 +659,17 @@ class Exchange:
 
     def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
         if wire.sse is not None:
-            chunks = _slices(wire.sse)  # already in the recorded line ends (wire.eol)
+            chunks = _one(wire.sse)  # already in the recorded line ends (wire.eol)
             content_type, events, duration = wire.content_type, wire.count, wire.duration
         else:
             assert wire.body is not None
             synthesized = cache.adapter.synthesize(wire.body)
             if synthesized is None:
                 return None
-            chunks = _slices(serialize_sse(synthesized))  # synthesised: canonical LF
+            chunks = _one(serialize_sse(synthesized))  # synthesised: canonical LF
             content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
-        return self._answer(
-            wire, chunks, [("content-type", content_type), *_SSE_HEADERS], events, duration
-        )
+        base = [("content-type", content_type), *_SSE_HEADERS]
+        return self._answer(wire, chunks, base, events, duration, instant=True)
 
     def _answer_entry(self, cache: StreamCache, entry: Entry, pacing: Pacing) -> Answer | None:
         if self.decision.streaming:
@@ -686,7 +691,10 @@ class Exchange:
             base = [("content-type", content_type), ("content-length", str(len(body)))]
             chunks = _one(body)
         events = entry.events or ()
-        return self._answer(entry, chunks, base, len(events), events[-1].at if events else 0.0)
+        duration = events[-1].at if events else 0.0
+        return self._answer(
+            entry, chunks, base, len(events), duration, instant=not self.decision.streaming
+        )
 
     def _answer(
         self,
@@ -695,8 +703,11 @@ class Exchange:
         base: list[tuple[str, str]],
         events: int,
         duration: float,
+        *,
+        instant: bool = False,
     ) -> Answer:
-        return _hit_answer(self._service.hooks, self.key, entry, chunks, base, events, duration)
+        hooks = self._service.hooks
+        return _hit_answer(hooks, self.key, entry, chunks, base, events, duration, instant=instant)
 
     async def _index(self) -> None:
         # A stored stream that names its response (OpenAI Responses) is indexed by that id,
@@ -1271,6 +1282,8 @@ def _hit_answer(
     base: list[tuple[str, str]],
     events: int,
     duration: float,
+    *,
+    instant: bool = False,
 ) -> Answer:
     """A hit: ``base`` headers plus ``x-sse-cache``, the key, ``age`` and the remaining TTL;
     the hit and (once sent) the bytes replayed are reported to ``hooks``."""
@@ -1280,7 +1293,8 @@ def _hit_answer(
     if entry.expires_at is not None:
         headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
     emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
-    return Answer(status=200, headers=headers, chunks=_counted(hooks, key, chunks))
+    chunks = _counted(hooks, key, chunks)
+    return Answer(status=200, headers=headers, chunks=chunks, instant=instant)
 
 
 async def _counted(
@@ -1337,11 +1351,6 @@ def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:
     yield body
-
-
-async def _slices(data: bytes) -> AsyncIterator[bytes]:
-    for start in range(0, len(data), _CHUNK_BYTES):
-        yield data[start : start + _CHUNK_BYTES]
 
 
 async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator[bytes]:
