@@ -730,8 +730,9 @@ async def test_a_lone_reader_cancelled_mid_pull_abandons_the_upstream_once() -> 
 # -- a held flight (a resume window) ---------------------------------------------------------
 
 
-@pytest.mark.anyio
-async def test_a_held_flight_is_read_on_with_no_reader_until_its_window_is_released() -> None:
+def _held_flight() -> tuple[Flights, LiveFlight[bytes], list[str]]:
+    """A flight whose producer's client left within a resume window; the reasons it was
+    abandoned with (if it was)."""
     flights = Flights()
     live, _ = flights.claim(KEY)
     abandoned: list[str] = []
@@ -744,6 +745,12 @@ async def test_a_held_flight_is_read_on_with_no_reader_until_its_window_is_relea
     live.deliver(b"event: a\ndata: 1\n\n")
     live.held = True
     assert live.producer_left()  # no one reads it, but it is kept: the window
+    return flights, live, abandoned
+
+
+@pytest.mark.anyio
+async def test_a_held_flight_is_read_on_with_no_reader_until_its_window_is_released() -> None:
+    flights, live, abandoned = _held_flight()
     assert flights.get(KEY) is live and live.flight.phase is Phase.STREAMING
     # A client comes back: it reads from the start, and is a reader like any other.
     again, cursor = flights.claim(KEY)
@@ -756,17 +763,7 @@ async def test_a_held_flight_is_read_on_with_no_reader_until_its_window_is_relea
 
 @pytest.mark.anyio
 async def test_a_held_flight_no_one_came_back_to_is_abandoned_when_released() -> None:
-    flights = Flights()
-    live, _ = flights.claim(KEY)
-    abandoned: list[str] = []
-
-    async def abandon() -> None:
-        abandoned.append(live.flight.reason)
-
-    live.abandon = abandon
-    live.respond(HEAD)
-    live.held = True
-    assert live.producer_left()
+    flights, live, abandoned = _held_flight()
     await live.release()
     assert live.flight.phase is Phase.FAILED
     assert abandoned == ["no one resumed the stream within its resume window"]
