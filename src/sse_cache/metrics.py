@@ -14,6 +14,13 @@ registered in a registry of the instance's own (:attr:`Metrics.registry`, never 
 ``app_registry.register(metrics.collector)`` adds it to one more. :meth:`Metrics.render` is
 the registry in the Prometheus text format (the proxy serves it at ``/_sse_cache/metrics``).
 
+Several processes serving one port (``sse-cache proxy --workers N``) share their figures
+through a directory (``share_dir``): each writes its own there every ``share_interval``
+seconds and whenever it is scraped, and the one that is scraped adds the others' to its own,
+so every scrape shows the whole proxy (at most ``share_interval`` seconds old for the other
+workers). Counters of a worker that has exited stay counted (a counter never goes down); its
+gauges do not.
+
 This module imports without ``prometheus_client``; building a :class:`Metrics` then raises a
 :class:`~sse_cache.errors.ConfigError` naming the extra.
 """
@@ -21,13 +28,19 @@ This module imports without ``prometheus_client``; building a :class:`Metrics` t
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
+import json
 import math
+import os
+import secrets
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, cast
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 from .engine import CacheStatus, Notice
 from .errors import ConfigError
@@ -114,7 +127,9 @@ class Metrics:
 
     ``registry``: the ``prometheus_client`` registry to register :attr:`collector` in (None:
     a new one of this instance's own). ``first_byte_buckets`` / ``backend_buckets``: the upper
-    bounds (seconds, increasing) of the histograms' buckets.
+    bounds (seconds, increasing) of the histograms' buckets. ``share_dir``: a directory the
+    processes of one server share their figures through (see the module docstring), every
+    ``share_interval`` seconds.
 
     Thread-safe: notices may come from several threads (a sync transport's portal) while a
     scrape collects from another.
@@ -126,6 +141,8 @@ class Metrics:
         *,
         first_byte_buckets: Sequence[float] = FIRST_BYTE_BUCKETS,
         backend_buckets: Sequence[float] = BACKEND_BUCKETS,
+        share_dir: str | os.PathLike[str] | None = None,
+        share_interval: float = 1.0,
     ) -> None:
         try:
             from prometheus_client.registry import CollectorRegistry
@@ -146,6 +163,11 @@ class Metrics:
         #: The registry :attr:`collector` was registered in when this instance was built.
         self.registry: CollectorRegistry = registry if registry is not None else CollectorRegistry()
         self.registry.register(self.collector)
+        self._shared: _SharedFigures | None = None
+        if share_dir is not None:
+            if not share_interval > 0:
+                raise ConfigError(f"share_interval must be > 0 seconds, got {share_interval!r}")
+            self._shared = _SharedFigures(Path(share_dir), share_interval, self._figures)
 
     # -- the hook --------------------------------------------------------------------------
 
@@ -197,15 +219,44 @@ class Metrics:
 
         return generate_latest(self.registry).decode()
 
+    def publish(self) -> None:
+        """Write this process's figures for the others sharing ``share_dir`` now (they are
+        written every ``share_interval`` seconds anyway); nothing to do without one."""
+        if self._shared is not None:
+            self._shared.write()
+
+    def _figures(self) -> dict[str, Any]:
+        """This process's figures, as plain values (what it shares with the others)."""
+        with self._lock:  # one consistent snapshot
+            figures: dict[str, Any] = {
+                "counts": dict(self._counts),
+                "replayed": self._replayed_bytes,
+                "saved": self._saved_seconds,
+                "breaker": {self._breaker: 1},
+                "first_byte": _snapshot(self._first_byte),
+                "backend": _snapshot(self._backend),
+            }
+            watched = list(self._live)
+        streams = followers = 0
+        for flights in watched:
+            for live in flights:
+                streams += 1
+                followers += live.followers
+        figures["streams"], figures["followers"] = streams, followers
+        return figures
+
     def _collect(self) -> Iterator[Metric]:
         from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 
-        with self._lock:  # one consistent snapshot
-            counts = dict(self._counts)
-            replayed, saved, breaker = self._replayed_bytes, self._saved_seconds, self._breaker
-            first_byte = _snapshot(self._first_byte)
-            backend = _snapshot(self._backend)
-            watched = list(self._live)
+        figures = self._figures()
+        if self._shared is not None:
+            self._shared.write(figures)
+            for other, running in self._shared.others():
+                _add(figures, other, gauges=running)
+        counts: dict[str, int] = figures["counts"]
+        replayed, saved = figures["replayed"], figures["saved"]
+        breaker: dict[str, int] = figures["breaker"]  # how many processes are in each state
+        first_byte, backend = figures["first_byte"], figures["backend"]
         requests = CounterMetricFamily(*_REQUESTS, labels=["status"])
         for status in _STATUSES:
             requests.add_metric([status], counts.get(status, 0))
@@ -217,19 +268,14 @@ class Metrics:
         state = GaugeMetricFamily(*_BREAKER, labels=["state"])
         transitions = CounterMetricFamily(*_TRANSITIONS, labels=["state"])
         for name in _BREAKER_STATES:
-            state.add_metric([name], int(name == breaker))
+            state.add_metric([name], breaker.get(name, 0))
             transitions.add_metric([name], counts.get("breaker:" + name, 0))
         yield state
         yield transitions
         yield _histogram(_FIRST_BYTE, "status", self._first_byte_bounds, first_byte)
         yield _histogram(_BACKEND, "operation", self._backend_bounds, backend)
-        streams = followers = 0
-        for flights in watched:
-            for live in flights:
-                streams += 1
-                followers += live.followers
-        yield GaugeMetricFamily(*_LIVE, value=streams)
-        yield GaugeMetricFamily(*_FOLLOWERS, value=followers)
+        yield GaugeMetricFamily(*_LIVE, value=figures["streams"])
+        yield GaugeMetricFamily(*_FOLLOWERS, value=figures["followers"])
 
     def _describe(self) -> Iterator[Metric]:
         # The names, for the registry's duplicate check (two Metrics in one registry clash).
@@ -256,6 +302,76 @@ class _Collector:
 
     def describe(self) -> Iterable[Metric]:
         return list(self._metrics._describe())
+
+
+class _SharedFigures:
+    """One process's figures in the directory the processes of one server share: written
+    (atomically) every ``interval`` seconds by a daemon thread and at each scrape; the
+    others' read at each scrape."""
+
+    def __init__(
+        self, directory: Path, interval: float, figures: Callable[[], dict[str, Any]]
+    ) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.interval = interval
+        # The pid says which process; the token, which instance (tests run several in one).
+        self.path = directory / f"metrics-{os.getpid()}-{secrets.token_hex(4)}.json"
+        self._figures = figures
+        threading.Thread(target=self._run, name="sse-cache metrics", daemon=True).start()
+
+    def write(self, figures: dict[str, Any] | None = None) -> None:
+        data = json.dumps(self._figures() if figures is None else figures)
+        partial = self.path.with_suffix(".part")
+        with contextlib.suppress(OSError):  # a full or vanished directory: figures go stale
+            partial.write_text(data)
+            os.replace(partial, self.path)
+
+    def others(self) -> Iterator[tuple[dict[str, Any], bool]]:
+        """The other processes' figures, and whether each still runs (wrote lately)."""
+        now = time.time()
+        for path in self.directory.glob("metrics-*.json"):
+            if path == self.path:
+                continue
+            try:
+                running = now - path.stat().st_mtime < 3 * self.interval
+                figures = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # gone meanwhile, or not ours
+            if isinstance(figures, dict):
+                yield figures, running
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)  # a period, not an ordering: figures are this stale
+            self.write()
+
+
+def _add(into: dict[str, Any], other: dict[str, Any], *, gauges: bool) -> None:
+    """Add another process's figures to ``into``: its counters and histograms always, its
+    gauges (live streams, followers, breaker state) only while it runs."""
+    try:
+        for kind, count in other["counts"].items():
+            into["counts"][kind] = into["counts"].get(kind, 0) + count
+        into["replayed"] += other["replayed"]
+        into["saved"] += other["saved"]
+        for name in ("first_byte", "backend"):
+            mine = into[name]
+            for label, (counts, total) in other[name].items():
+                if label not in mine:
+                    mine[label] = (list(counts), total)
+                elif len(mine[label][0]) == len(counts):  # the same buckets
+                    mine[label] = (
+                        [a + b for a, b in zip(mine[label][0], counts, strict=True)],
+                        mine[label][1] + total,
+                    )
+        if gauges:
+            into["streams"] += other["streams"]
+            into["followers"] += other["followers"]
+            for state, n in other["breaker"].items():
+                into["breaker"][state] = into["breaker"].get(state, 0) + n
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass  # a file of another version, or torn: skipped
 
 
 def _bounds(option: str, buckets: Sequence[float]) -> tuple[float, ...]:

@@ -356,6 +356,7 @@ def create_proxy_app(
     upstream_timeout: float = 600.0,
     connect_timeout: float = 10.0,
     access_log: bool = True,
+    metrics_dir: str | None = None,
     **options: Any,
 ) -> ProxyApp:
     """The caching reverse proxy for ``upstream``: cacheable routes through
@@ -363,8 +364,9 @@ def create_proxy_app(
     through unchanged. ``upstream_timeout`` bounds each upstream read, ``connect_timeout``
     the connection. ``access_log``: an INFO line on the ``sse_cache.access`` logger per
     request on a cached route (cache status, key prefix, bytes, duration, why a miss was not
-    stored)."""
-    metrics = Metrics()
+    stored). ``metrics_dir``: a directory the worker processes of one proxy share their
+    metrics through, so that a scrape of any of them shows them all."""
+    metrics = Metrics(share_dir=metrics_dir)
     log = AccessLog() if access_log else None
     forwarder = Forwarder(upstream, timeout=upstream_timeout, connect_timeout=connect_timeout)
     ours = [metrics, log] if log is not None else [metrics]

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import weakref
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import prometheus_client
@@ -274,3 +275,42 @@ async def test_metrics_do_not_keep_a_cache_that_is_gone_alive() -> None:
     gc.collect()
     assert watched() is None
     assert value(metrics.render(), "sse_cache_live_streams") == 0
+
+
+# -- several processes sharing their figures (sse-cache proxy --workers N) ---------------------
+
+
+def test_processes_sharing_a_directory_each_report_all_of_them(tmp_path: Any) -> None:
+    import os
+
+    one = Metrics(share_dir=tmp_path, share_interval=60)
+    two = Metrics(share_dir=tmp_path, share_interval=60)
+    for kind in ("hit", "hit", "miss"):
+        one(Notice(kind=kind, key="k"))
+    one(Notice(kind="first_byte", key="k", detail="hit", seconds=0.002))
+    two(Notice(kind="hit", key="k"))
+    two(Notice(kind="first_byte", key="k", detail="hit", seconds=0.004))
+    two(Notice(kind="breaker", key="", detail="open"))
+    two.publish()
+    text = one.render()  # one's scrape: its own figures and two's
+    assert value(text, "sse_cache_requests_total", status="hit") == 3
+    assert value(text, "sse_cache_requests_total", status="miss") == 1
+    assert value(text, "sse_cache_time_to_first_byte_seconds_count", status="hit") == 2
+    assert value(text, "sse_cache_time_to_first_byte_seconds_sum", status="hit") == 0.006
+    # The breaker gauge counts processes per state: one closed, one open.
+    assert value(text, "sse_cache_backend_breaker_state", state="closed") == 1
+    assert value(text, "sse_cache_backend_breaker_state", state="open") == 1
+    # A process that stopped writing (exited): its counters stay, its gauges go.
+    (path,) = [p for p in tmp_path.glob("metrics-*.json") if p != one._shared.path]  # type: ignore[union-attr]
+    os.utime(path, (0, 0))
+    text = one.render()
+    assert value(text, "sse_cache_requests_total", status="hit") == 3
+    assert value(text, "sse_cache_backend_breaker_state", state="open") == 0
+    # A file that is not ours, or torn, is passed over.
+    (tmp_path / "metrics-0-bad.json").write_text("{not json")
+    assert value(one.render(), "sse_cache_requests_total", status="hit") == 3
+
+
+def test_a_bad_share_interval_is_refused(tmp_path: Any) -> None:
+    with pytest.raises(ConfigError, match="share_interval"):
+        Metrics(share_dir=tmp_path, share_interval=0)

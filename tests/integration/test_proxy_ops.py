@@ -558,6 +558,10 @@ async def test_two_workers_serve_one_port_and_a_herd_makes_one_upstream_call(
             go.set()
         await anyio.sleep(0.2)  # the access lines are written as the responses end
         lines, access = p.lines(), p.access()
+        # Whichever worker a scrape reaches, it counts the whole herd: the workers share
+        # their figures (each writes its own every second; a scrape adds the others').
+        await anyio.sleep(2.5)  # the other worker's figures are at most 1 s old: past that
+        assert [await scraped_requests(client) for client in herd] == [40] * 40
     statuses = Counter(r.headers["x-sse-cache"] for r in results)
     assert upstream_app.stats()["total"] == 1, statuses
     assert statuses["miss"] == 1 and statuses["shared"] + statuses["hit"] == 39, statuses
@@ -569,6 +573,21 @@ async def test_two_workers_serve_one_port_and_a_herd_makes_one_upstream_call(
     assert "cross-process single-flight on" in parent
     starts = {LINE.match(line)["pid"] for line in lines if "sse_cache: proxy for" in line}  # type: ignore[index]
     assert starts == set(pids)
+
+
+async def scraped_requests(client: httpx2.AsyncClient) -> int:
+    """The requests on cached routes a scrape of ``/_sse_cache/metrics`` counts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/_sse_cache/metrics")).text
+    return int(
+        sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "sse_cache_requests_total"
+        )
+    )
 
 
 # -- graceful shutdown ----------------------------------------------------------------------

@@ -413,7 +413,11 @@ def _unknown_variables(environ: Mapping[str, str]) -> list[str]:
 # -- building and serving -------------------------------------------------------------------
 
 
-def build_app(settings: argparse.Namespace) -> Any:
+#: Set by ``sse-cache proxy --workers N`` for its workers: where they share their metrics.
+METRICS_DIR_ENV = "SSE_CACHE_WORKERS_METRICS_DIR"
+
+
+def build_app(settings: argparse.Namespace, metrics_dir: str | None = None) -> Any:
     """The proxy's ASGI app for resolved ``settings`` (raises :class:`ConfigError`)."""
     from ..adapters import by_name
     from ..proxy import create_proxy_app
@@ -434,13 +438,14 @@ def build_app(settings: argparse.Namespace) -> Any:
         max_body_bytes=settings.max_body_bytes,
         upstream_timeout=settings.upstream_timeout,
         decoded_cache_bytes=int(settings.decoded_cache_mb * 1024 * 1024),
+        metrics_dir=metrics_dir,
     )
 
 
 def app_from_environment() -> Any:
     """The app of one worker of ``sse-cache proxy --workers N`` (a uvicorn factory): built
     from the ``SSE_CACHE_*`` variables the command resolved and wrote for its workers."""
-    return build_app(resolve(argparse.Namespace(), os.environ))
+    return build_app(resolve(argparse.Namespace(), os.environ), os.environ.get(METRICS_DIR_ENV))
 
 
 def plan_workers(settings: argparse.Namespace) -> list[str]:
@@ -529,7 +534,17 @@ def _run(args: argparse.Namespace) -> int:
         redact_url(settings.backend),
         "on" if settings.cross_process else "off",
     )
-    uvicorn.run(
-        f"{__name__}:app_from_environment", factory=True, workers=settings.workers, **options
-    )
+    # The workers' metrics meet in a directory of this run's own: any worker's scrape
+    # shows them all.
+    import shutil
+    import tempfile
+
+    metrics_dir = tempfile.mkdtemp(prefix="sse-cache-metrics-")
+    os.environ[METRICS_DIR_ENV] = metrics_dir
+    try:
+        uvicorn.run(
+            f"{__name__}:app_from_environment", factory=True, workers=settings.workers, **options
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
