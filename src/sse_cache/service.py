@@ -319,23 +319,30 @@ class CacheService:
         events_after = getattr(cache.adapter, "events_after", None)
         if self.fanout is None or events_after is None:
             return None
-        channel = await cache.resolve(alias_key(schema + "/live", tenant, response_id))
-        if channel is None:
+        key = await cache.resolve(alias_key(schema + "/live", tenant, response_id))
+        if key is None:
             return None
 
         def had(event: Event) -> bool:
             return not events_after([event], after)
 
-        return await self.resume_channel(cache, channel, had)
+        return await self.resume_remote(cache, key, had)
 
-    async def resume_channel(
-        self, cache: StreamCache, channel: str, had: Callable[[Event], bool | None]
+    async def resume_remote(
+        self, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
     ) -> Answer | None:
-        """:meth:`resume_live` for a stream another process produces: read from the start
-        of its fan-out ``channel``. None when that stream cannot be followed (gone, failed
-        before it answered, or Redis failed)."""
+        """:meth:`resume_live` for the stream of ``key`` that another process produces: read
+        from the start of its producer's fan-out channel. None when no process produces it,
+        or it cannot be followed (failed before it answered, or Redis failed)."""
         fanout = self.fanout
         assert fanout is not None
+        try:
+            holder = await fanout.holder(_CHANNEL + key)
+        except Exception:
+            holder = None  # fail open: the upstream answers
+        if holder is None:
+            return None
+        channel = _channel(key, holder)
         opened = await _open_channel(fanout, channel, self.cross_process_lease, cache)
         if opened is None:
             return None
@@ -509,15 +516,7 @@ class Exchange:
         if live is not None:
             answer = await self._service.resume_live(cache, live, had)
         else:  # produced by another process, perhaps (cross-process): its channel
-            assert fanout is not None
-            try:
-                holder = await fanout.holder(_CHANNEL + self.key)
-            except Exception:
-                holder = None  # fail open: the upstream answers
-            if holder is None:
-                return False
-            channel = _channel(self.key, holder)
-            answer = await self._service.resume_channel(cache, channel, had)
+            answer = await self._service.resume_remote(cache, self.key, had)
         if answer is None:
             return False
         self.status = CacheStatus.SHARED
@@ -803,10 +802,11 @@ class Exchange:
         index[alias] = live
         lease, tee, cache = self._lead, self._tee, self._cache
         if lease is not None and tee is not None and cache is not None:
-            # Other processes resume it from this producer's fan-out channel.
+            # Other processes resume it by its key, from the fan-out channel of whoever holds
+            # the key's lease (this producer, or one that took over from it).
             name = alias_key(adapter.name + "/live", self.decision.tenant, response_id)
             until = time.time() + _LIVE_ALIAS_TTL
-            tee.later(lambda: cache.alias(name, lease.channel, expires_at=until))
+            tee.later(lambda: cache.alias(name, self.key, expires_at=until))
 
         def unindex() -> None:
             if index.get(alias) is live:
