@@ -11,7 +11,7 @@ Inputs: a non-stream answer whose synthesis yields ~2,000 text deltas (per schem
   (Responses reads only the completing event; Chat and Anthropic accumulate every delta);
 - outcome(event): per-event classification rate, the cost the recorder adds on a miss.
 
-Compare ratios, not absolute rates (LIMITS.md: the machine is noisy). The engine's replay
+Compare ratios, not absolute rates (docs/benchmarks.md: the machine is noisy). The engine's replay
 rate for the same stream size is printed by ``benchmarks/bench_engine.py``.
 
     .venv/bin/python benchmarks/bench_adapters.py [--repeat 15] [--deltas 2000]

@@ -1,7 +1,8 @@
 """Engine benchmark: replay, tee and parser rates as ratios to baselines of the same run.
 
 For a 2,000-delta OpenAI Responses stream (8 characters per delta by default, the ~490 KB
-stream ``../shared/LIMITS.md`` measures; ``--delta-chars 50`` for a stress case of ~900 KB):
+stream docs/benchmarks.md ("What bounds a replay") measures; ``--delta-chars 50`` for a
+stress case of ~900 KB):
 
 (a) hit replay from the memory backend, including the backend GET, vs a raw async generator
     over the same pre-decoded events                               (target >= 0.3x)
@@ -175,7 +176,7 @@ if __name__ == "__main__":
         type=int,
         default=8,
         help="characters per text delta: 8 gives the 2,000-event, ~490 KB stream of "
-        "../shared/LIMITS.md (real deltas are a token or two); 50 is a heavier stress case",
+        "docs/benchmarks.md (real deltas are a token or two); 50 is a heavier stress case",
     )
     args = parser.parse_args()
     anyio.run(main, args.repeat, args.delta_chars)

@@ -1,6 +1,6 @@
 """Recently decoded entries, so that a hot entry is not decoded again on every hit.
 
-Decoding is what bounds a replay (``../shared/LIMITS.md``): rebuilding the events of a
+Decoding is what bounds a replay (docs/benchmarks.md): rebuilding the events of a
 2,000-event stream costs several times more than iterating over them. A hit first reads the
 entry's bytes from the backend as usual (so deletes, overwrites and expiry are seen at once),
 then reuses the decoded form when those bytes equal the bytes it was decoded from: equal

@@ -20,7 +20,7 @@ ends), which is why it did not need a new format version (a version changes ever
 
 ``columns`` and ``wire`` are compressed separately (zstd or zlib, each tagged by a leading
 method byte), so each way of reading decompresses and decodes only its own part: decoding is
-what bounds a replay (``../shared/LIMITS.md``). zstd sees the repeated text of a stream's
+what bounds a replay (docs/benchmarks.md). zstd sees the repeated text of a stream's
 ``*.done`` events inside each part, which keeps an entry ~10-20x smaller than its SSE.
 
 The digest covers everything after it; with ``secret`` it is a keyed BLAKE2b MAC, so entries

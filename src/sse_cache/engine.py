@@ -67,9 +67,9 @@ logger = logging.getLogger("sse_cache")
 Upstream = Callable[[], AsyncIterator[Event]]
 
 # An instant replay yields to the event loop after running this long without a pause (checked
-# every _CHECKPOINT_EVERY events): a checkpoint per event costs more than the event itself, one
-# per 64 events still doubles the cost of a replay (LIMITS.md), none at all would starve other
-# tasks and delay cancellation.
+# every _CHECKPOINT_EVERY events): a checkpoint per event costs more than the event itself,
+# one per 64 events still adds a quarter to a replay (docs/benchmarks.md), none at all would
+# starve other tasks and delay cancellation.
 _CHECKPOINT_EVERY = 64
 _YIELD_AFTER = 0.002
 #: Default budget of :class:`StreamCache`'s decoded-entry cache (hot entries, per process).

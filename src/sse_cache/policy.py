@@ -21,7 +21,7 @@ from .adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, Open
 from .errors import ConfigError
 from .keys import CREDENTIAL_HEADERS, tenant_scope
 from .pacing import Pacing
-from .protocols import StreamAdapter
+from .protocols import KeyHeadersAdapter, StreamAdapter
 
 __all__ = [
     "DEFAULT_ROUTES",
@@ -415,7 +415,7 @@ class CachePolicy:
             tenant=tenant,
             key_headers={
                 name: headers[name]
-                for name in getattr(adapter, "key_headers", ())
+                for name in (adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ())
                 if name in headers
             },
             last_event_id=headers.get("last-event-id"),

@@ -23,6 +23,7 @@ __all__ = [
     "LockingBackend",
     "NearCachingBackend",
     "Outcome",
+    "ResumingAdapter",
     "ScanningBackend",
     "StatsBackend",
     "StreamAdapter",
@@ -249,6 +250,17 @@ class VerifyingAdapter(StreamAdapter, Protocol):
     gaps). Optional: the recorder calls ``verify`` when an adapter has it."""
 
     def verify(self, events: Sequence[Event]) -> Outcome: ...
+
+
+@runtime_checkable
+class ResumingAdapter(StreamAdapter, Protocol):
+    """An adapter whose streams can be resumed by position (OpenAI Responses:
+    ``GET .../responses/{id}?stream=true&starting_after=N``, by sequence number). Optional:
+    the HTTP integrations answer such requests from the live stream or the stored entry."""
+
+    def events_after(self, events: Sequence[Event], starting_after: int) -> list[Event]:
+        """The events a client resuming after position ``starting_after`` still needs."""
+        ...
 
 
 @runtime_checkable

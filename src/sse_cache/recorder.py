@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 from .entry import Entry
 from .events import EOL, Event
-from .protocols import Outcome, StreamAdapter
+from .protocols import Outcome, StreamAdapter, VerifyingAdapter
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "Recorder", "RecorderState"]
 
@@ -141,8 +141,11 @@ class Recorder:
                 return None
         if verdict is not Outcome.COMPLETE:
             return None
-        verify = getattr(self._adapter, "verify", None)  # optional: see VerifyingAdapter
-        if verify is not None and verify(self._events) is not Outcome.COMPLETE:
+        adapter = self._adapter
+        if (
+            isinstance(adapter, VerifyingAdapter)
+            and adapter.verify(self._events) is not Outcome.COMPLETE
+        ):
             self._stop(RecorderState.FAILED, "the stream failed its schema's whole-stream check")
             return None
         self.state = RecorderState.COMPLETE

@@ -69,6 +69,7 @@ from .protocols import (
     FanoutBackend,
     LeasingBackend,
     Outcome,
+    ResumingAdapter,
     StreamAdapter,
 )
 from .recorder import DEFAULT_MAX_ENTRY_BYTES
@@ -276,9 +277,9 @@ class CacheService:
         if matched is None:
             return None
         _, adapter = matched
-        events_after = getattr(adapter, "events_after", None)
-        if events_after is None:
+        if not isinstance(adapter, ResumingAdapter):
             return None
+        events_after = adapter.events_after
         cache = self.cache_for(adapter)
         tenant = self.policy.tenant_of(headers)
         if tenant is None:
@@ -316,9 +317,10 @@ class CacheService:
         self, cache: StreamCache, schema: str, tenant: str, response_id: str, after: int
     ) -> Answer | None:
         # Produced by another process (cross-process): resumed from its fan-out channel.
-        events_after = getattr(cache.adapter, "events_after", None)
-        if self.fanout is None or events_after is None:
+        adapter = cache.adapter
+        if self.fanout is None or not isinstance(adapter, ResumingAdapter):
             return None
+        events_after = adapter.events_after
         key = await cache.resolve(alias_key(schema + "/live", tenant, response_id))
         if key is None:
             return None
@@ -783,7 +785,7 @@ class Exchange:
             tee.publish_to(lease, head)
         if tee is not None:
             tee.resume_window = self._service.resume_window
-        resumable = getattr(self.decision.adapter, "events_after", None) is not None
+        resumable = isinstance(self.decision.adapter, ResumingAdapter)
         if tee is not None and live is not None and media == SSE_TYPE and resumable:
             tee.identify = self._index_live
         self._tee = tee

@@ -15,10 +15,10 @@ Layout of what is stored for a key; the item's 32-bit memcached ``flags`` say wh
   stored under keys derived from the key and that write id, the manifest under the key.
   Two writes therefore never share a chunk key, and a reader fetches the chunks named
   by the manifest it read and checks every chunk's length: it returns the complete value of
-  one write or a miss, never a mix or a part. (Chunks used to be keyed by a SHA-256 of the
-  value, checked again on read: that cost a third of a chunked GET and half the overhead of
-  a chunked SET, and guarded against nothing a write id does not — integrity against a
-  memory fault or a deliberate writer is the codec's digest, checked on every entry.)
+  one write or a miss, never a mix or a part. (No hash of the value is checked on read: it
+  would cost a third of a chunked GET and guard against nothing a write id does not —
+  integrity against a memory fault or a deliberate writer is the codec's digest, checked on
+  every entry.)
   A backend remembers the write ids of chunked values it read or wrote lately (a bounded
   map) and asks for the manifest and those chunks in one round trip; it uses the chunks only
   when the manifest still names that write id, and fetches the right ones otherwise.
