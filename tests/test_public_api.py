@@ -26,6 +26,7 @@ PUBLIC_MODULES = [
     "sse_cache.keys",
     "sse_cache.metrics",
     "sse_cache.mock_upstream",
+    "sse_cache.options",
     "sse_cache.pacing",
     "sse_cache.policy",
     "sse_cache.protocols",

@@ -46,6 +46,7 @@ from .events import SSEParser as SSEParser
 from .events import serialize_sse as serialize_sse
 from .keys import CacheRequest as CacheRequest
 from .keys import DefaultKeyer as DefaultKeyer
+from .options import CacheOptions as CacheOptions
 from .pacing import Pacing as Pacing
 from .protocols import (
     Backend as Backend,
@@ -73,6 +74,7 @@ __all__ = [
     "BackendUnavailable",
     "Breaker",
     "CacheKeyer",
+    "CacheOptions",
     "CacheRequest",
     "CacheStatus",
     "CachedStream",

@@ -29,7 +29,7 @@ import asyncio
 import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from functools import cache
 from types import ModuleType, TracebackType
@@ -38,15 +38,12 @@ from typing import Any, ClassVar
 import anyio
 import anyio.from_thread
 
-from .breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
-from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
 from .errors import ConfigError
 from .flight import SharedStreamAborted
-from .pacing import Pacing
+from .options import CacheOptions
 from .policy import CONTROL_HEADER_PREFIX, Decision
-from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
-from .recorder import DEFAULT_MAX_ENTRY_BYTES
-from .service import DEFAULT_CROSS_PROCESS_LEASE, CacheService, Exchange, ResponseTee
+from .protocols import Backend
+from .service import CacheService, Exchange, ResponseTee
 
 __all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]
 
@@ -554,44 +551,10 @@ class _Options:
         backend: Backend | str,
         transport: Any = None,
         *,
-        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
-        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
-        ttl: float | None = None,
-        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
-        max_body_bytes: int = 4 * 1024 * 1024,
-        pacing: str | float | Pacing = "instant",
-        hooks: Iterable[Hook] = (),
-        backend_timeout: float = 2.0,
-        single_flight: bool = True,
-        keyer: CacheKeyer | None = None,
-        codec: EventCodec | None = None,
-        cross_process: bool = False,
-        cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
-        decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
-        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
-        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
-        resume_window: float | None = None,
+        options: CacheOptions | None = None,
+        **keywords: Any,
     ) -> None:
-        self.service = CacheService(
-            backend,
-            routes=routes,
-            tenant=tenant,
-            ttl=ttl,
-            max_entry_bytes=max_entry_bytes,
-            max_body_bytes=max_body_bytes,
-            pacing=pacing,
-            hooks=hooks,
-            backend_timeout=backend_timeout,
-            single_flight=single_flight,
-            keyer=keyer,
-            codec=codec,
-            cross_process=cross_process,
-            cross_process_lease=cross_process_lease,
-            decoded_cache_bytes=decoded_cache_bytes,
-            breaker_failures=breaker_failures,
-            breaker_cooldown=breaker_cooldown,
-            resume_window=resume_window,
-        )
+        self.service = CacheService(backend, CacheOptions.of(options, keywords))
         self.transport: Any = transport if transport is not None else self._default_transport()
 
     def _default_transport(self) -> Any:

@@ -15,21 +15,19 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import anyio
 import anyio.abc
 
-from .breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
-from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook, Notice, emit
+from .engine import Notice, emit
 from .errors import ConfigError
 from .flight import SharedStreamAborted
-from .pacing import Pacing
+from .options import CacheOptions
 from .policy import Decision
-from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
-from .recorder import DEFAULT_MAX_ENTRY_BYTES
-from .service import DEFAULT_CROSS_PROCESS_LEASE, Answer, CacheService, Exchange, ResponseTee
+from .protocols import Backend
+from .service import Answer, CacheService, Exchange, ResponseTee
 
 __all__ = ["CacheMiddleware"]
 
@@ -46,10 +44,11 @@ class CacheMiddleware:
     """Cache the streamed (and non-streamed) answers of ``app``'s LLM routes.
 
     ``backend``: a :class:`~sse_cache.protocols.Backend` or a URL (``sqlite:///cache.db``,
-    ``redis://...``). ``routes``: path (suffix) → adapter; default ``POST /v1/responses``,
-    ``/v1/chat/completions``, ``/v1/messages``, Gemini's ``/models/{model}:generateContent``
-    and ``:streamGenerateContent`` (also under prefixes such as
-    ``/openai/v1/...``). ``tenant``: None (hash of the request's credential), a callable of
+    ``redis://...``). The caching options (:class:`~sse_cache.options.CacheOptions`) come as
+    keywords, or as one ``options=``: ``routes``: path (suffix) → adapter; default
+    ``POST /v1/responses``, ``/v1/chat/completions``, ``/v1/messages``, Gemini's
+    ``/models/{model}:generateContent`` and ``:streamGenerateContent`` (also under prefixes
+    such as ``/openai/v1/...``). ``tenant``: None (hash of the request's credential), a callable of
     the lower-cased request headers, or ``"shared"`` (explicit opt-in to share entries
     between tenants). ``ttl``: default entry lifetime in seconds. ``max_body_bytes``: larger
     request bodies pass through uncached. ``decoded_cache_bytes``: memory for recently
@@ -89,26 +88,11 @@ class CacheMiddleware:
         app: ASGIApp,
         backend: Backend | str,
         *,
-        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
-        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
-        ttl: float | None = None,
-        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
-        max_body_bytes: int = 4 * 1024 * 1024,
-        pacing: str | float | Pacing = "instant",
-        hooks: Iterable[Hook] = (),
-        backend_timeout: float = 2.0,
-        single_flight: bool = True,
-        keyer: CacheKeyer | None = None,
-        codec: EventCodec | None = None,
+        options: CacheOptions | None = None,
         finish_on_disconnect: bool = False,
         max_background: int = 8,
         background_timeout: float = 120.0,
-        cross_process: bool = False,
-        cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
-        decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
-        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
-        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
-        resume_window: float | None = None,
+        **keywords: Any,
     ) -> None:
         if max_background < 0 or not background_timeout > 0:
             raise ConfigError("max_background must be >= 0 and background_timeout > 0")
@@ -117,26 +101,7 @@ class CacheMiddleware:
         self.max_background = max_background
         self.background_timeout = background_timeout
         self._background = 0
-        self.service = CacheService(
-            backend,
-            routes=routes,
-            tenant=tenant,
-            ttl=ttl,
-            max_entry_bytes=max_entry_bytes,
-            max_body_bytes=max_body_bytes,
-            pacing=pacing,
-            hooks=hooks,
-            backend_timeout=backend_timeout,
-            single_flight=single_flight,
-            keyer=keyer,
-            codec=codec,
-            cross_process=cross_process,
-            cross_process_lease=cross_process_lease,
-            decoded_cache_bytes=decoded_cache_bytes,
-            breaker_failures=breaker_failures,
-            breaker_cooldown=breaker_cooldown,
-            resume_window=resume_window,
-        )
+        self.service = CacheService(backend, CacheOptions.of(options, keywords))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

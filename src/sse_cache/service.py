@@ -31,7 +31,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, aclosing, asynccontextmanager
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -39,14 +39,11 @@ import msgspec
 from ._decoded import DecodedEntries
 from ._logging import backend_warnings
 from .breaker import (
-    DEFAULT_BREAKER_COOLDOWN,
-    DEFAULT_BREAKER_FAILURES,
     Breaker,
     BreakerState,
 )
 from .codec import MsgpackCodec, WireEntry
 from .engine import (
-    DEFAULT_DECODED_CACHE_BYTES,
     CachedStream,
     CacheStatus,
     Hook,
@@ -60,12 +57,11 @@ from .errors import BackendTimeout, ConfigError, SSEError
 from .events import EOL, Event, ResumeCut, SSEParser, serialize_sse
 from .flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from .keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
+from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .pacing import Pacing
 from .policy import CachePolicy, Decision
 from .protocols import (
     Backend,
-    CacheKeyer,
-    EventCodec,
     FanoutBackend,
     LeasingBackend,
     Outcome,
@@ -86,9 +82,6 @@ JSON_TYPE = "application/json"
 _CHUNK_BYTES = 64 * 1024
 _BATCH_EVENTS = 256
 _SSE_HEADERS = [("cache-control", "no-cache")]
-#: Default lease of a cross-process producer: renewed every third of it while it produces,
-#: so a killed producer's lease is gone (and its followers take over) within this long.
-DEFAULT_CROSS_PROCESS_LEASE = 3.0
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -109,51 +102,19 @@ def _media_type(content_type: str) -> str:
 class CacheService:
     """Policy + one :class:`StreamCache` per adapter, all on one backend.
 
-    ``backend`` is a Backend or a URL (then the service owns and closes it). ``routes``,
-    ``tenant``, ``max_body_bytes``: see :class:`CachePolicy`. ``ttl``, ``max_entry_bytes``,
-    ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``,
-    ``decoded_cache_bytes`` (one budget shared by every route's cache): see
-    :class:`StreamCache`. ``breaker_failures`` consecutive backend failures open the
-    backend's breaker for ``breaker_cooldown`` seconds (:mod:`sse_cache.breaker`; 0 failures:
-    never).
-
-    ``resume_window``: when a streamed miss's client leaves, its upstream is read on for up
-    to that many seconds with no one reading, so that the client can come back and resume
-    the answer (``Last-Event-ID``, or Responses' ``GET .../responses/{id}?stream=true&
-    starting_after=N``) and, when it completes, it is stored. None (default): an answer no
-    one reads any more is abandoned at once. Live streams can be resumed either way while
-    someone still reads them (docs/single-flight.md).
+    ``backend`` is a Backend or a URL (then the service owns and closes it). The options:
+    one :class:`~sse_cache.options.CacheOptions` (``options=``), or its fields as keywords.
+    A ``resume_window`` keeps a streamed miss whose client left being read, so that the
+    client can come back and resume it (docs/single-flight.md).
     """
 
     def __init__(
-        self,
-        backend: Backend | str,
-        *,
-        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
-        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
-        ttl: float | None = None,
-        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
-        max_body_bytes: int = 4 * 1024 * 1024,
-        pacing: str | float | Pacing = "instant",
-        hooks: Iterable[Hook] = (),
-        backend_timeout: float = 2.0,
-        single_flight: bool = True,
-        keyer: CacheKeyer | None = None,
-        codec: EventCodec | None = None,
-        cross_process: bool = False,
-        cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE,
-        decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES,
-        breaker_failures: int = DEFAULT_BREAKER_FAILURES,
-        breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN,
-        resume_window: float | None = None,
+        self, backend: Backend | str, options: CacheOptions | None = None, **keywords: Any
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
-        if resume_window is not None and not resume_window > 0:
-            raise ConfigError(
-                f"resume_window must be a positive number of seconds or None, got {resume_window!r}"
-            )
-        self.resume_window = resume_window
+        o = self.options = CacheOptions.of(options, keywords)
+        self.resume_window = o.resume_window
         #: The live streams that name their response (Responses), by tenant and response id
         #: (:func:`alias_key`): what ``GET .../responses/{id}?stream=true`` resumes.
         self.live_responses: dict[str, LiveFlight[bytes]] = {}
@@ -162,44 +123,41 @@ class CacheService:
         # Cross-process single-flight needs a lock and live fan-out (Redis offers both).
         backend_ = self.backend
         self.fanout: _FanoutBackend | None = None
-        if cross_process:
+        if o.cross_process:
             if not (isinstance(backend_, LeasingBackend) and isinstance(backend_, FanoutBackend)):
                 raise ConfigError(
                     f"cross_process needs a backend with locks and fan-out (Redis), "
                     f"not {type(backend_).__name__}"
                 )
             self.fanout = backend_
-        if not cross_process_lease > 0:
-            raise ConfigError(
-                f"cross_process_lease must be a positive number of seconds, "
-                f"got {cross_process_lease!r}"
-            )
-        self.cross_process_lease = cross_process_lease
-        self.policy = CachePolicy(routes, tenant=tenant, max_body_bytes=max_body_bytes)
-        hooks = self.hooks = tuple(hooks)
-        keyer = keyer or DefaultKeyer()
-        codec = codec or MsgpackCodec()
-        decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(decoded_cache_bytes)
+        self.cross_process_lease = o.cross_process_lease
+        self.policy = CachePolicy(o.routes, tenant=o.tenant, max_body_bytes=o.max_body_bytes)
+        hooks = self.hooks = tuple(o.hooks)
+        keyer = o.keyer or DefaultKeyer()
+        codec = o.codec or MsgpackCodec()
+        decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(o.decoded_cache_bytes)
         # One breaker for the one backend, whichever route's cache calls it.
-        self.breaker = Breaker(breaker_failures, breaker_cooldown, on_change=self._breaker_changed)
+        self.breaker = Breaker(
+            o.breaker_failures, o.breaker_cooldown, on_change=self._breaker_changed
+        )
         self._caches: dict[int, StreamCache] = {
             id(adapter): StreamCache(
                 self.backend,
                 adapter,
                 keyer=keyer,
                 codec=codec,
-                ttl=ttl,
-                max_entry_bytes=max_entry_bytes,
-                pacing=pacing,
+                ttl=o.ttl,
+                max_entry_bytes=o.max_entry_bytes,
+                pacing=o.pacing,
                 hooks=hooks,
-                backend_timeout=backend_timeout,
-                single_flight=single_flight,
+                backend_timeout=o.backend_timeout,
+                single_flight=o.single_flight,
                 decoded_cache_bytes=decoded,  # one budget for all the schemas
                 breaker=self.breaker,
             )
             for adapter in self.policy.routes.values()
         }
-        self.ttl = ttl
+        self.ttl = o.ttl
 
     def _breaker_changed(self, state: BreakerState, why: str) -> None:
         # One line per transition, not one per skipped request.

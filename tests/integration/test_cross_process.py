@@ -331,9 +331,15 @@ async def test_a_publishing_producer_reads_on_for_other_processes_when_its_clien
                 follower = await cb.send(_request(cb, payload), stream=True)
                 assert follower.headers["x-sse-cache"] == "shared"
                 body = await follower.aread()
-            holder = await tb.service.backend.holder(  # type: ignore[attr-defined]
-                "sf:" + producer.headers["x-sse-cache-key"]
-            )
+            # A releases its lease when its exchange ends, which comes just after B's last
+            # byte (B may finish first). While held, the lease is renewed: it cannot expire
+            # meanwhile, so only a release ends the wait.
+            lock = "sf:" + producer.headers["x-sse-cache-key"]
+            for _ in range(500):
+                holder = await tb.service.backend.holder(lock)  # type: ignore[attr-defined]
+                if holder is None:
+                    break
+                await anyio.sleep(0.01)
     assert complete(body) and upstream_app.stats()["total"] == 1 and holder is None
 
 
