@@ -21,7 +21,6 @@ Usage by an integration::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -29,32 +28,55 @@ import re
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, aclosing, asynccontextmanager
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import anyio
-import msgspec
 
+from ._answers import (
+    _SSE_HEADERS,
+    JSON_TYPE,
+    SSE_TYPE,
+    Answer,
+    _after,
+    _after_id,
+    _as_shared,
+    _counted,
+    _hit_answer,
+    _one,
+    _stream_chunks,
+)
 from ._decoded import DecodedEntries
+from ._fanout import (
+    _CHANNEL,
+    _FANOUT_CLOSE_TIMEOUT,
+    _FANOUT_TTL,
+    _LIVE_ALIAS_TTL,
+    _aclose,
+    _channel,
+    _FanoutBackend,
+    _Lease,
+    _open_channel,
+    _ProcessSource,
+)
 from ._logging import backend_warnings
+from ._tee import ResponseTee
 from .breaker import (
     Breaker,
     BreakerState,
 )
 from .codec import MsgpackCodec, WireEntry
 from .engine import (
-    CachedStream,
     CacheStatus,
-    Hook,
     LiveRecording,
     Notice,
     StreamCache,
     emit,
 )
 from .entry import Entry
-from .errors import BackendTimeout, ConfigError, SSEError
-from .events import EOL, Event, ResumeCut, SSEParser, serialize_sse
+from .errors import ConfigError
+from .events import Event, serialize_sse
 from .flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from .keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
@@ -68,31 +90,10 @@ from .protocols import (
     ResumingAdapter,
     StreamAdapter,
 )
-from .recorder import DEFAULT_MAX_ENTRY_BYTES
 
 __all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", "ResponseTee"]
 
 logger = logging.getLogger("sse_cache")
-
-SSE_TYPE = "text/event-stream"
-JSON_TYPE = "application/json"
-# A replay decoded event by event is written in chunks of about this size: one write per
-# event costs several times more than the rest of a replay together (docs/benchmarks.md).
-# A stored stream's own bytes go out in one write (no copies, one ASGI message).
-_CHUNK_BYTES = 64 * 1024
-_BATCH_EVENTS = 256
-_SSE_HEADERS = [("cache-control", "no-cache")]
-
-
-class Answer(msgspec.Struct, frozen=True, kw_only=True):
-    """A response the cache gives without calling the upstream."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    chunks: AsyncIterator[bytes]
-    #: The body is all in memory (an instant hit): it can be sent at once, with no need to
-    #: watch for the client leaving meanwhile.
-    instant: bool = False
 
 
 def _media_type(content_type: str) -> str:
@@ -775,501 +776,6 @@ class Exchange:
         stack.callback(unindex)
 
 
-class ResponseTee:
-    """Passes a miss's response on while it goes, unchanged, to the client: to the followers of
-    its live stream (exactly the bytes, :meth:`relay`), to other processes following it
-    (:meth:`flush`), and to the recording (:meth:`feed`).
-
-    The integration calls :meth:`relay` when it hands a chunk to its client and :meth:`feed`
-    once it was delivered; :meth:`end` when the upstream body ended by itself, :meth:`fail`
-    when it broke or the producer stopped, :meth:`client_left` when its client went away. An
-    SSE body is parsed and recorded event by event; a JSON body is kept whole and stored by
-    :meth:`close` if the adapter accepts it. What the recording makes of the bytes (an
-    unparsable byte, a body too large to store) never changes what followers receive.
-    """
-
-    def __init__(
-        self,
-        *,
-        flight: LiveFlight[bytes] | None = None,
-        recording: LiveRecording | None = None,
-        cache: StreamCache | None = None,
-        key: str = "",
-        ttl: float | None = None,
-        content_type: str = JSON_TYPE,
-        status: int = 200,
-        limit: int = DEFAULT_MAX_ENTRY_BYTES,
-        completing: bool = False,
-    ) -> None:
-        self._flight = flight
-        self._live = recording
-        self._parser = SSEParser() if recording is not None else None
-        self._has_completing_event = completing
-        self._cache = cache
-        self._key = key
-        self._ttl = ttl
-        self._content_type = content_type
-        self._status = status
-        self._limit = limit
-        self._body: list[bytes] = []
-        self._size = 0
-        # Nothing is recorded for storage when there is no recording and no JSON body to keep.
-        self._failed = "" if (recording is not None or cache is not None) else "not recorded"
-        self.ended = False  # the upstream body ended by itself
-        self.cut = ""  # why the stream stopped any other way
-        self._lease: _Lease | None = None
-        self._outbox: list[bytes] = []
-        self.publish_failed = False
-        #: Called once with the first events recorded (then dropped): the exchange indexes
-        #: a live stream by the response it names.
-        self.identify: Callable[[Sequence[Event]], None] | None = None
-        self._jobs: list[Callable[[], Awaitable[object]]] = []  # for the next flush
-        #: Seconds a stream whose client left is read on for a client that may come back
-        #: (the service's ``resume_window``); None: not at all.
-        self.resume_window: float | None = None
-
-    @property
-    def failed(self) -> bool:
-        """Nothing of this response will be stored."""
-        return bool(self._failed)
-
-    def publish_to(self, lease: _Lease, head: Head) -> None:
-        """Publish this response to other processes following it (cross-process): it is
-        then read to its end even when no one here reads it any more."""
-        self._lease = lease
-        self._outbox.append(b"h" + _encode_head(head))
-        if self._flight is not None:
-            self._flight.remote = True
-
-    async def flush(self) -> None:
-        """Publish what was relayed since the last flush to processes following this stream
-        (cross-process single-flight); nothing to do otherwise. Fail-open."""
-        while self._jobs:
-            await self._jobs.pop(0)()
-        lease = self._lease
-        if lease is None or not self._outbox:
-            return
-        outbox, self._outbox = self._outbox, []
-        if outbox[0][:1] == b"h":
-            messages = [outbox[0]]
-            if len(outbox) > 1:
-                messages.append(b"d" + b"".join(outbox[1:]))
-        else:
-            messages = [b"d" + b"".join(outbox)]
-        try:
-            for message in messages:
-                await lease.fanout.publish(lease.channel, message, ttl=_FANOUT_TTL)
-        except BaseException as exc:
-            # The followers in other processes are now missing bytes (also when this publish
-            # was cancelled midway): when this response ends they are told it failed (never
-            # a clean end), not sent what comes next.
-            self._lease = None
-            self.publish_failed = True
-            if not isinstance(exc, Exception):
-                raise
-            logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
-
-    def later(self, job: Callable[[], Awaitable[object]]) -> None:
-        """Run ``job`` at the next :meth:`flush` (backend writes, from a synchronous step)."""
-        self._jobs.append(job)
-
-    def relay(self, chunk: bytes) -> None:
-        """``chunk`` is being handed to the producer's client: the followers get it too."""
-        if not chunk:
-            return
-        if self._flight is not None:
-            self._flight.deliver(chunk)
-        if self._lease is not None:
-            self._outbox.append(chunk)
-
-    def feed(self, chunk: bytes) -> None:
-        """Record ``chunk`` (after it was delivered) for storage."""
-        if self._failed or not chunk:
-            return
-        if self._parser is not None:
-            assert self._live is not None
-            try:
-                events = self._parser.feed(chunk)
-            except SSEError as exc:
-                self.abort(f"upstream sent invalid SSE: {exc}")
-                return
-            if events:
-                self._live.add(events)
-                if self.identify is not None:
-                    identify, self.identify = self.identify, None
-                    identify(events)
-            return
-        self._size += len(chunk)
-        if self._size > self._limit:
-            self.abort(f"response body exceeds max_entry_bytes={self._limit}")
-            return
-        self._body.append(chunk)
-
-    def pass_on(self, chunk: bytes) -> None:
-        """:meth:`relay` and :meth:`feed` at once (for a chunk already delivered)."""
-        self.relay(chunk)
-        self.feed(chunk)
-
-    def abort(self, reason: str) -> None:
-        """Store nothing of this response (the followers are not affected)."""
-        if not self._failed:
-            self._failed = reason
-            self._body = []
-            if self._live is not None:
-                self._live.fail(reason)
-
-    def fail(self, reason: str) -> None:
-        """The response stopped before the upstream ended it (the upstream broke, the producer
-        was cancelled or gave up): store nothing, and every follower's stream fails."""
-        if self.ended or self.cut:
-            return
-        self.cut = reason
-        self.abort(reason)
-        if self._flight is not None:
-            self._flight.fail(reason)
-
-    def client_left(
-        self, abandon: Callable[[], Awaitable[None]] | None = None, *, hold: bool = False
-    ) -> bool:
-        """The producer's client went away before the body ended. True when followers still
-        read: then the integration must keep reading the upstream for them (and call
-        :meth:`end` or :meth:`fail` as usual), until ``abandon`` is called — when the last
-        follower leaves before the end. Otherwise the stream ends here: what the
-        client received is stored only if it already holds the schema's completing event
-        (the openai SDK stops reading at chat's ``data: [DONE]`` without waiting for the end
-        of the body); anything else is an early close, and nothing is stored.
-
-        ``hold``: keep the stream going with no one reading it (a resume window; the
-        integration calls :meth:`release` when the window is over)."""
-        if self.ended or self.cut:
-            return False
-        flight = self._flight
-        if flight is not None and hold:
-            flight.held = True
-        if flight is not None and (flight.producer_left() or self._lease is not None):
-            # Followers here, or possibly in other processes (a producer cannot count those:
-            # it reads its upstream to the end for them, and the answer is stored).
-            if abandon is not None and self._lease is None:
-                flight.abandon = abandon
-            return True
-        if self._live is not None and self._has_completing_event and not self._failed:
-            self._finish_recording()  # the recorder judges: without the event, not stored
-        else:
-            self.abort("the client closed the response before it ended")
-        self.cut = "the client closed the response before it ended"
-        return False
-
-    async def release(self) -> None:
-        """The resume window of a held stream is over: abandoned now if no one reads it."""
-        if self._flight is not None:
-            await self._flight.release()
-
-    async def read_through_window(self) -> None:
-        """For a held stream whose upstream was handed over (:meth:`hand_over`): read it
-        for its resume window, taking turns with any reader, then :meth:`release` it. (The
-        window ends at the first chunk after it: an upstream read is not cut midway.)"""
-        live, window = self._flight, self.resume_window
-        assert live is not None and window is not None
-        deadline = anyio.current_time() + window
-        while live.source is not None and not live.flight.done:
-            left = deadline - anyio.current_time()
-            if left <= 0:
-                break
-            if live.pulling:
-                await live.wait(left)
-            else:
-                await live.pull()
-        await live.release()
-
-    def hand_over(
-        self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
-    ) -> None:
-        """After :meth:`client_left` said True: followers read the upstream on through
-        ``source`` (see :meth:`~sse_cache.flight.LiveFlight.hand_over`)."""
-        assert self._flight is not None
-        self._flight.hand_over(source, abandon)
-        if self._lease is not None:
-            # Followers in other processes need the rest: read it even if no one here does.
-            self._lease.drain(self._flight)
-
-    @property
-    def lag_limit(self) -> int | None:
-        """How many bytes a reader of this response may fall behind the stream before it is
-        cut off (the flight's bound); None when no one else can read it."""
-        return self._flight.flight.max_lag_bytes if self._flight is not None else None
-
-    @property
-    def followed(self) -> bool:
-        """Followers (here, or in other processes) read this response."""
-        flight = self._flight
-        return flight is not None and (bool(flight.flight.cursors) or flight.remote)
-
-    @property
-    def wanted(self) -> bool:
-        """Someone (the client, a follower here or, while publishing, in another process)
-        still reads this response."""
-        if self._lease is not None:
-            return True
-        flight = self._flight
-        if flight is None:
-            return not self.cut
-        return flight.flight.wanted or flight.held
-
-    def end(self) -> None:
-        """The upstream body ended by itself."""
-        if self.ended or self.cut:
-            return
-        self.ended = True
-        if self._flight is not None:
-            self._flight.end()
-        self._finish_recording()
-
-    def _finish_recording(self) -> None:
-        if self._parser is None:
-            return
-        self._parser.close()
-        if self._parser.discarded:
-            # WHATWG: an unterminated last event is never dispatched; the stream did not end
-            # cleanly, whatever the adapter would have said (followers still got its bytes).
-            self.abort("the stream ended inside an event (no final blank line)")
-        elif self._live is not None and not self._failed:
-            if self._parser.crlf:  # every line ended with CRLF: replays will too
-                self._live.eol = "crlf"
-            self._live.end()
-            if self._flight is not None:
-                self._flight.entry = self._live.entry
-
-    async def close(self) -> bool:
-        """Store a completed JSON body (called when the exchange ends; SSE streams are
-        stored by their recording). True when something was stored."""
-        if self._live is not None or self._failed or not self.ended:
-            return False
-        assert self._cache is not None
-        body = b"".join(self._body)
-        if self._cache.adapter.body_outcome(body) is not Outcome.COMPLETE:
-            return False
-        entry = Entry(
-            schema=self._cache.adapter.name,
-            created_at=time.time(),
-            status=self._status,
-            content_type=self._content_type,
-            body=body,
-        )
-        return await self._cache.store(self._key, entry, ttl=self._ttl)
-
-
-_CHANNEL = "sf:"
-#: How long the name of another process's live stream (for a resume by response id) is
-#: kept: past the longest answer; a finished one is resumed from its entry instead.
-_LIVE_ALIAS_TTL = 3600.0
-_FANOUT_TTL = 60.0  # a finished channel stays readable this long for late followers
-_FANOUT_CLOSE_TIMEOUT = 5.0
-
-
-class _FanoutBackend(LeasingBackend, FanoutBackend, Protocol):
-    """A backend with both capabilities cross-process single-flight needs."""
-
-
-def _channel(key: str, token: str) -> str:
-    # One channel per producer: a follower that takes over from a dead producer publishes to
-    # a fresh one, never after the dead one's partial messages.
-    return f"{_CHANNEL}{key}:{token}"
-
-
-class _Lease:
-    """Holds a cross-process producer's lock: renews it every third of ``ttl`` and publishes
-    a heartbeat (``b"k"``) to its channel, so followers tell a producer that is still
-    waiting for its upstream from one that died (no heartbeat for ``ttl``: take over).
-
-    The keeper is an asyncio task: the only backend with leases and fan-out (Redis) runs on
-    asyncio only, and the task must outlive the request task that took the lease (a
-    transport's response is read by whoever reads it)."""
-
-    def __init__(self, fanout: _FanoutBackend, lock: str, token: str, ttl: float) -> None:
-        self.fanout = fanout
-        self.lock = lock
-        self.token = token
-        self.ttl = ttl
-        self.channel = _channel(lock[len(_CHANNEL) :], token)
-        self._task: asyncio.Task[None] | None = None
-        self._drains: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not on asyncio: the lease simply runs out
-            return
-        self._task = loop.create_task(self._keep(), name=f"sse-cache lease {lock}")
-
-    async def _keep(self) -> None:
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.ttl / 3)
-                return
-            try:
-                if not await self.fanout.renew(self.lock, self.token, self.ttl):
-                    logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
-                    return
-                await self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL)
-            except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
-                backend_warnings.warning(
-                    self.fanout, "renew_failed", "sse_cache: could not renew %s: %r", self.lock, exc
-                )
-
-    def drain(self, live: LiveFlight[bytes]) -> None:
-        """Read ``live``'s handed-over upstream to its end in a task of its own (the client
-        that was reading it has gone; followers in other processes still need it)."""
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(live.drain(), name=f"sse-cache drain {self.lock}")
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-
-    async def stop(self) -> None:
-        """Stop renewing (after the renewal under way, if any: cancelling a Redis call
-        midway would cost its connection)."""
-        self._stopping.set()
-        task, self._task = self._task, None
-        if task is not None:
-            await asyncio.wait({task})
-
-
-async def _open_channel(
-    fanout: _FanoutBackend, channel: str, lease: float, cache: StreamCache
-) -> tuple[Head, bytes, AsyncIterator[bytes]] | None:
-    """Start reading another process's live stream from ``channel``: its head, its first body
-    bytes (``b""``: the body ended empty) and the reader, positioned after them. None when
-    it cannot be followed: the producer failed before it answered, went silent (killed?)
-    or too slow, or Redis failed.
-
-    A live producer sends heartbeats while its upstream thinks; one that sends nothing else
-    for ``join_timeout`` is given up on like a silent local one. Nothing is sent to the
-    reader's client before the first body bytes: a producer that dies while its upstream has
-    not answered yet is taken over, not relayed as a failure."""
-    reader = fanout.read(channel, block=lease)
-    head: Head | None = None
-    first: bytes | None = None
-    try:
-        with anyio.fail_after(cache.join_timeout):
-            async for message in reader:
-                kind = message[:1]
-                if kind == b"h" and head is None:
-                    head = _decode_head(message[1:])
-                    if head is None:
-                        break
-                elif kind == b"d" and head is not None:
-                    first = message[1:]
-                    break
-                elif kind != b"k":  # the producer failed before it answered
-                    head = None
-                    break
-            else:
-                first = b""  # the end marker: the body was empty
-    except Exception as exc:  # silent (dead?), too slow, or Redis failed
-        logger.info("sse_cache: not following %s: %r", channel, exc)
-        head = None
-    if head is None or first is None:
-        await _aclose(reader)
-        return None
-    return head, first, reader
-
-
-class _ProcessSource:
-    """Reads another process's live stream into this process's live flight, one message a
-    call (the local readers pull it in turn)."""
-
-    def __init__(
-        self, live: LiveFlight[bytes], reader: AsyncIterator[bytes], idle_timeout: float
-    ) -> None:
-        self._live = live
-        self._reader = reader
-        self._idle_timeout = idle_timeout
-        self._last = time.monotonic()
-
-    async def __call__(self) -> bool:
-        live = self._live
-        try:
-            message = await self._reader.__anext__()
-            kind = message[:1]
-            if kind == b"d":
-                live.deliver(message[1:])
-                self._last = time.monotonic()
-                return True
-            if kind == b"k":  # alive, but silent: given up after idle_timeout, as locally
-                if time.monotonic() - self._last < self._idle_timeout:
-                    return True
-                live.fail(f"the stream sent nothing for {self._idle_timeout} s")
-            else:
-                live.fail("the process producing this stream failed")
-        except StopAsyncIteration:
-            live.end()  # the producer's end marker: its upstream ended cleanly
-        except BackendTimeout:
-            live.fail("the process producing this stream went silent (killed?)")
-        except Exception as exc:
-            live.fail(f"following the producing process failed: {exc!r}")
-        await _aclose(self._reader)
-        return False
-
-
-def _encode_head(head: Head) -> bytes:
-    return msgspec.json.encode(head)
-
-
-def _decode_head(data: bytes) -> Head | None:
-    try:
-        return msgspec.json.decode(data, type=Head)
-    except msgspec.ValidationError:
-        return None
-
-
-def _as_shared(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """A producer's response headers as a follower gets them: ``x-sse-cache: shared``."""
-    out = [(k, v) for k, v in headers if k.lower() != "x-sse-cache"]
-    out.append(("x-sse-cache", CacheStatus.SHARED.value))
-    return out
-
-
-async def _aclose(iterator: AsyncIterator[bytes]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
-
-
-def _hit_answer(
-    hooks: Iterable[Hook],
-    key: str,
-    entry: Entry | WireEntry,
-    chunks: AsyncIterator[bytes],
-    base: list[tuple[str, str]],
-    events: int,
-    duration: float,
-    *,
-    instant: bool = False,
-) -> Answer:
-    """A hit: ``base`` headers plus ``x-sse-cache``, the key, ``age`` and the remaining TTL;
-    the hit and (once sent) the bytes replayed are reported to ``hooks``."""
-    now = time.time()
-    headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
-    headers.append(("age", str(max(0, int(now - entry.created_at)))))
-    if entry.expires_at is not None:
-        headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
-    emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
-    chunks = _counted(hooks, key, chunks)
-    return Answer(status=200, headers=headers, chunks=chunks, instant=instant)
-
-
-async def _counted(
-    hooks: Iterable[Hook], key: str, chunks: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
-    sent = 0
-    try:
-        async with aclosing(chunks):  # type: ignore[type-var]
-            async for chunk in chunks:
-                sent += len(chunk)
-                yield chunk
-    finally:
-        emit(hooks, Notice(kind="replayed", key=key, bytes=sent))
-
-
 _RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
 
 
@@ -1281,51 +787,3 @@ def alias_key(schema: str, tenant: str, name: str) -> str:
         raw = part.encode()
         h.update(len(raw).to_bytes(4, "big") + raw)
     return ALIAS_PREFIX + h.hexdigest()
-
-
-async def _after(
-    chunks: AsyncIterator[bytes], had: Callable[[Event], bool | None]
-) -> AsyncIterator[bytes]:
-    # A live stream read from its start, cut after the last event the reconnecting client
-    # had; what follows goes as it comes. Held back only while the point is not known.
-    cut = ResumeCut(had)
-    try:
-        async for chunk in chunks:
-            if out := cut.feed(chunk):
-                yield out
-        if tail := cut.close():  # the stream ended cleanly
-            yield tail
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
-
-
-def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
-    # A reconnecting client (Last-Event-ID) gets what came after that event; an id that is
-    # not in the stream means it saw another stream: it gets all of this one.
-    if last_id is not None:
-        for i, event in enumerate(events):
-            if event.id == last_id:
-                return events[i + 1 :]
-    return events
-
-
-async def _one(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
-async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator[bytes]:
-    # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
-    # and live streams come as they are due and are written at once. ``eol``: the line ends
-    # the stream was recorded with.
-    pending: list[Event] = []
-    size = 0
-    batches = stream.batches(_BATCH_EVENTS)
-    async with aclosing(batches):  # type: ignore[type-var]
-        async for batch in batches:
-            pending += batch
-            size += sum(len(e.data) for e in batch)
-            if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
-                yield serialize_sse(pending, eol=eol)
-                pending, size = [], 0
-    if pending:
-        yield serialize_sse(pending, eol=eol)

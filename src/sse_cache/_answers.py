@@ -1,0 +1,135 @@
+"""Answers the cache gives without calling the upstream: hits (stored bytes, replayed or
+synthesised events) and joined or resumed live streams, and their headers and counting."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import aclosing
+
+import msgspec
+
+from .codec import WireEntry
+from .engine import (
+    CachedStream,
+    CacheStatus,
+    Hook,
+    Notice,
+    emit,
+)
+from .entry import Entry
+from .events import EOL, Event, ResumeCut, serialize_sse
+
+logger = logging.getLogger("sse_cache")
+
+SSE_TYPE = "text/event-stream"
+JSON_TYPE = "application/json"
+# A replay decoded event by event is written in chunks of about this size: one write per
+# event costs several times more than the rest of a replay together (docs/benchmarks.md).
+# A stored stream's own bytes go out in one write (no copies, one ASGI message).
+_CHUNK_BYTES = 64 * 1024
+_BATCH_EVENTS = 256
+_SSE_HEADERS = [("cache-control", "no-cache")]
+
+
+class Answer(msgspec.Struct, frozen=True, kw_only=True):
+    """A response the cache gives without calling the upstream."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    chunks: AsyncIterator[bytes]
+    #: The body is all in memory (an instant hit): it can be sent at once, with no need to
+    #: watch for the client leaving meanwhile.
+    instant: bool = False
+
+
+def _as_shared(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A producer's response headers as a follower gets them: ``x-sse-cache: shared``."""
+    out = [(k, v) for k, v in headers if k.lower() != "x-sse-cache"]
+    out.append(("x-sse-cache", CacheStatus.SHARED.value))
+    return out
+
+
+def _hit_answer(
+    hooks: Iterable[Hook],
+    key: str,
+    entry: Entry | WireEntry,
+    chunks: AsyncIterator[bytes],
+    base: list[tuple[str, str]],
+    events: int,
+    duration: float,
+    *,
+    instant: bool = False,
+) -> Answer:
+    """A hit: ``base`` headers plus ``x-sse-cache``, the key, ``age`` and the remaining TTL;
+    the hit and (once sent) the bytes replayed are reported to ``hooks``."""
+    now = time.time()
+    headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
+    headers.append(("age", str(max(0, int(now - entry.created_at)))))
+    if entry.expires_at is not None:
+        headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
+    emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
+    chunks = _counted(hooks, key, chunks)
+    return Answer(status=200, headers=headers, chunks=chunks, instant=instant)
+
+
+async def _counted(
+    hooks: Iterable[Hook], key: str, chunks: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    sent = 0
+    try:
+        async with aclosing(chunks):  # type: ignore[type-var]
+            async for chunk in chunks:
+                sent += len(chunk)
+                yield chunk
+    finally:
+        emit(hooks, Notice(kind="replayed", key=key, bytes=sent))
+
+
+async def _after(
+    chunks: AsyncIterator[bytes], had: Callable[[Event], bool | None]
+) -> AsyncIterator[bytes]:
+    # A live stream read from its start, cut after the last event the reconnecting client
+    # had; what follows goes as it comes. Held back only while the point is not known.
+    cut = ResumeCut(had)
+    try:
+        async for chunk in chunks:
+            if out := cut.feed(chunk):
+                yield out
+        if tail := cut.close():  # the stream ended cleanly
+            yield tail
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
+    # A reconnecting client (Last-Event-ID) gets what came after that event; an id that is
+    # not in the stream means it saw another stream: it gets all of this one.
+    if last_id is not None:
+        for i, event in enumerate(events):
+            if event.id == last_id:
+                return events[i + 1 :]
+    return events
+
+
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    yield body
+
+
+async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator[bytes]:
+    # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
+    # and live streams come as they are due and are written at once. ``eol``: the line ends
+    # the stream was recorded with.
+    pending: list[Event] = []
+    size = 0
+    batches = stream.batches(_BATCH_EVENTS)
+    async with aclosing(batches):  # type: ignore[type-var]
+        async for batch in batches:
+            pending += batch
+            size += sum(len(e.data) for e in batch)
+            if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
+                yield serialize_sse(pending, eol=eol)
+                pending, size = [], 0
+    if pending:
+        yield serialize_sse(pending, eol=eol)

@@ -1,0 +1,196 @@
+"""Cross-process single-flight over a backend with leases and fan-out (Redis): the
+producer's lease and heartbeats, its channel, and reading another process's stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import anyio
+import msgspec
+
+from ._logging import backend_warnings
+from .engine import (
+    StreamCache,
+)
+from .errors import BackendTimeout
+from .flight import Head, LiveFlight
+from .protocols import (
+    FanoutBackend,
+    LeasingBackend,
+)
+
+logger = logging.getLogger("sse_cache")
+
+
+_CHANNEL = "sf:"
+#: How long the name of another process's live stream (for a resume by response id) is
+#: kept: past the longest answer; a finished one is resumed from its entry instead.
+_LIVE_ALIAS_TTL = 3600.0
+_FANOUT_TTL = 60.0  # a finished channel stays readable this long for late followers
+_FANOUT_CLOSE_TIMEOUT = 5.0
+
+
+class _FanoutBackend(LeasingBackend, FanoutBackend, Protocol):
+    """A backend with both capabilities cross-process single-flight needs."""
+
+
+def _channel(key: str, token: str) -> str:
+    # One channel per producer: a follower that takes over from a dead producer publishes to
+    # a fresh one, never after the dead one's partial messages.
+    return f"{_CHANNEL}{key}:{token}"
+
+
+class _Lease:
+    """Holds a cross-process producer's lock: renews it every third of ``ttl`` and publishes
+    a heartbeat (``b"k"``) to its channel, so followers tell a producer that is still
+    waiting for its upstream from one that died (no heartbeat for ``ttl``: take over).
+
+    The keeper is an asyncio task: the only backend with leases and fan-out (Redis) runs on
+    asyncio only, and the task must outlive the request task that took the lease (a
+    transport's response is read by whoever reads it)."""
+
+    def __init__(self, fanout: _FanoutBackend, lock: str, token: str, ttl: float) -> None:
+        self.fanout = fanout
+        self.lock = lock
+        self.token = token
+        self.ttl = ttl
+        self.channel = _channel(lock[len(_CHANNEL) :], token)
+        self._task: asyncio.Task[None] | None = None
+        self._drains: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on asyncio: the lease simply runs out
+            return
+        self._task = loop.create_task(self._keep(), name=f"sse-cache lease {lock}")
+
+    async def _keep(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.ttl / 3)
+                return
+            try:
+                if not await self.fanout.renew(self.lock, self.token, self.ttl):
+                    logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
+                    return
+                await self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL)
+            except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
+                backend_warnings.warning(
+                    self.fanout, "renew_failed", "sse_cache: could not renew %s: %r", self.lock, exc
+                )
+
+    def drain(self, live: LiveFlight[bytes]) -> None:
+        """Read ``live``'s handed-over upstream to its end in a task of its own (the client
+        that was reading it has gone; followers in other processes still need it)."""
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(live.drain(), name=f"sse-cache drain {self.lock}")
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def stop(self) -> None:
+        """Stop renewing (after the renewal under way, if any: cancelling a Redis call
+        midway would cost its connection)."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            await asyncio.wait({task})
+
+
+async def _open_channel(
+    fanout: _FanoutBackend, channel: str, lease: float, cache: StreamCache
+) -> tuple[Head, bytes, AsyncIterator[bytes]] | None:
+    """Start reading another process's live stream from ``channel``: its head, its first body
+    bytes (``b""``: the body ended empty) and the reader, positioned after them. None when
+    it cannot be followed: the producer failed before it answered, went silent (killed?)
+    or too slow, or Redis failed.
+
+    A live producer sends heartbeats while its upstream thinks; one that sends nothing else
+    for ``join_timeout`` is given up on like a silent local one. Nothing is sent to the
+    reader's client before the first body bytes: a producer that dies while its upstream has
+    not answered yet is taken over, not relayed as a failure."""
+    reader = fanout.read(channel, block=lease)
+    head: Head | None = None
+    first: bytes | None = None
+    try:
+        with anyio.fail_after(cache.join_timeout):
+            async for message in reader:
+                kind = message[:1]
+                if kind == b"h" and head is None:
+                    head = _decode_head(message[1:])
+                    if head is None:
+                        break
+                elif kind == b"d" and head is not None:
+                    first = message[1:]
+                    break
+                elif kind != b"k":  # the producer failed before it answered
+                    head = None
+                    break
+            else:
+                first = b""  # the end marker: the body was empty
+    except Exception as exc:  # silent (dead?), too slow, or Redis failed
+        logger.info("sse_cache: not following %s: %r", channel, exc)
+        head = None
+    if head is None or first is None:
+        await _aclose(reader)
+        return None
+    return head, first, reader
+
+
+class _ProcessSource:
+    """Reads another process's live stream into this process's live flight, one message a
+    call (the local readers pull it in turn)."""
+
+    def __init__(
+        self, live: LiveFlight[bytes], reader: AsyncIterator[bytes], idle_timeout: float
+    ) -> None:
+        self._live = live
+        self._reader = reader
+        self._idle_timeout = idle_timeout
+        self._last = time.monotonic()
+
+    async def __call__(self) -> bool:
+        live = self._live
+        try:
+            message = await self._reader.__anext__()
+            kind = message[:1]
+            if kind == b"d":
+                live.deliver(message[1:])
+                self._last = time.monotonic()
+                return True
+            if kind == b"k":  # alive, but silent: given up after idle_timeout, as locally
+                if time.monotonic() - self._last < self._idle_timeout:
+                    return True
+                live.fail(f"the stream sent nothing for {self._idle_timeout} s")
+            else:
+                live.fail("the process producing this stream failed")
+        except StopAsyncIteration:
+            live.end()  # the producer's end marker: its upstream ended cleanly
+        except BackendTimeout:
+            live.fail("the process producing this stream went silent (killed?)")
+        except Exception as exc:
+            live.fail(f"following the producing process failed: {exc!r}")
+        await _aclose(self._reader)
+        return False
+
+
+def _encode_head(head: Head) -> bytes:
+    return msgspec.json.encode(head)
+
+
+def _decode_head(data: bytes) -> Head | None:
+    try:
+        return msgspec.json.decode(data, type=Head)
+    except msgspec.ValidationError:
+        return None
+
+
+async def _aclose(iterator: AsyncIterator[bytes]) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()

@@ -1,0 +1,310 @@
+"""``ResponseTee``: a miss's response passed on, unchanged, to its client's followers, to other
+processes following it, and to the recording."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+
+from ._answers import JSON_TYPE
+from ._fanout import _FANOUT_TTL, _encode_head, _Lease
+from .engine import (
+    LiveRecording,
+    StreamCache,
+)
+from .entry import Entry
+from .errors import SSEError
+from .events import Event, SSEParser
+from .flight import Head, LiveFlight
+from .protocols import (
+    Outcome,
+)
+from .recorder import DEFAULT_MAX_ENTRY_BYTES
+
+logger = logging.getLogger("sse_cache")
+
+
+class ResponseTee:
+    """Passes a miss's response on while it goes, unchanged, to the client: to the followers of
+    its live stream (exactly the bytes, :meth:`relay`), to other processes following it
+    (:meth:`flush`), and to the recording (:meth:`feed`).
+
+    The integration calls :meth:`relay` when it hands a chunk to its client and :meth:`feed`
+    once it was delivered; :meth:`end` when the upstream body ended by itself, :meth:`fail`
+    when it broke or the producer stopped, :meth:`client_left` when its client went away. An
+    SSE body is parsed and recorded event by event; a JSON body is kept whole and stored by
+    :meth:`close` if the adapter accepts it. What the recording makes of the bytes (an
+    unparsable byte, a body too large to store) never changes what followers receive.
+    """
+
+    def __init__(
+        self,
+        *,
+        flight: LiveFlight[bytes] | None = None,
+        recording: LiveRecording | None = None,
+        cache: StreamCache | None = None,
+        key: str = "",
+        ttl: float | None = None,
+        content_type: str = JSON_TYPE,
+        status: int = 200,
+        limit: int = DEFAULT_MAX_ENTRY_BYTES,
+        completing: bool = False,
+    ) -> None:
+        self._flight = flight
+        self._live = recording
+        self._parser = SSEParser() if recording is not None else None
+        self._has_completing_event = completing
+        self._cache = cache
+        self._key = key
+        self._ttl = ttl
+        self._content_type = content_type
+        self._status = status
+        self._limit = limit
+        self._body: list[bytes] = []
+        self._size = 0
+        # Nothing is recorded for storage when there is no recording and no JSON body to keep.
+        self._failed = "" if (recording is not None or cache is not None) else "not recorded"
+        self.ended = False  # the upstream body ended by itself
+        self.cut = ""  # why the stream stopped any other way
+        self._lease: _Lease | None = None
+        self._outbox: list[bytes] = []
+        self.publish_failed = False
+        #: Called once with the first events recorded (then dropped): the exchange indexes
+        #: a live stream by the response it names.
+        self.identify: Callable[[Sequence[Event]], None] | None = None
+        self._jobs: list[Callable[[], Awaitable[object]]] = []  # for the next flush
+        #: Seconds a stream whose client left is read on for a client that may come back
+        #: (the service's ``resume_window``); None: not at all.
+        self.resume_window: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        """Nothing of this response will be stored."""
+        return bool(self._failed)
+
+    def publish_to(self, lease: _Lease, head: Head) -> None:
+        """Publish this response to other processes following it (cross-process): it is
+        then read to its end even when no one here reads it any more."""
+        self._lease = lease
+        self._outbox.append(b"h" + _encode_head(head))
+        if self._flight is not None:
+            self._flight.remote = True
+
+    async def flush(self) -> None:
+        """Publish what was relayed since the last flush to processes following this stream
+        (cross-process single-flight); nothing to do otherwise. Fail-open."""
+        while self._jobs:
+            await self._jobs.pop(0)()
+        lease = self._lease
+        if lease is None or not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        if outbox[0][:1] == b"h":
+            messages = [outbox[0]]
+            if len(outbox) > 1:
+                messages.append(b"d" + b"".join(outbox[1:]))
+        else:
+            messages = [b"d" + b"".join(outbox)]
+        try:
+            for message in messages:
+                await lease.fanout.publish(lease.channel, message, ttl=_FANOUT_TTL)
+        except BaseException as exc:
+            # The followers in other processes are now missing bytes (also when this publish
+            # was cancelled midway): when this response ends they are told it failed (never
+            # a clean end), not sent what comes next.
+            self._lease = None
+            self.publish_failed = True
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
+
+    def later(self, job: Callable[[], Awaitable[object]]) -> None:
+        """Run ``job`` at the next :meth:`flush` (backend writes, from a synchronous step)."""
+        self._jobs.append(job)
+
+    def relay(self, chunk: bytes) -> None:
+        """``chunk`` is being handed to the producer's client: the followers get it too."""
+        if not chunk:
+            return
+        if self._flight is not None:
+            self._flight.deliver(chunk)
+        if self._lease is not None:
+            self._outbox.append(chunk)
+
+    def feed(self, chunk: bytes) -> None:
+        """Record ``chunk`` (after it was delivered) for storage."""
+        if self._failed or not chunk:
+            return
+        if self._parser is not None:
+            assert self._live is not None
+            try:
+                events = self._parser.feed(chunk)
+            except SSEError as exc:
+                self.abort(f"upstream sent invalid SSE: {exc}")
+                return
+            if events:
+                self._live.add(events)
+                if self.identify is not None:
+                    identify, self.identify = self.identify, None
+                    identify(events)
+            return
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self.abort(f"response body exceeds max_entry_bytes={self._limit}")
+            return
+        self._body.append(chunk)
+
+    def pass_on(self, chunk: bytes) -> None:
+        """:meth:`relay` and :meth:`feed` at once (for a chunk already delivered)."""
+        self.relay(chunk)
+        self.feed(chunk)
+
+    def abort(self, reason: str) -> None:
+        """Store nothing of this response (the followers are not affected)."""
+        if not self._failed:
+            self._failed = reason
+            self._body = []
+            if self._live is not None:
+                self._live.fail(reason)
+
+    def fail(self, reason: str) -> None:
+        """The response stopped before the upstream ended it (the upstream broke, the producer
+        was cancelled or gave up): store nothing, and every follower's stream fails."""
+        if self.ended or self.cut:
+            return
+        self.cut = reason
+        self.abort(reason)
+        if self._flight is not None:
+            self._flight.fail(reason)
+
+    def client_left(
+        self, abandon: Callable[[], Awaitable[None]] | None = None, *, hold: bool = False
+    ) -> bool:
+        """The producer's client went away before the body ended. True when followers still
+        read: then the integration must keep reading the upstream for them (and call
+        :meth:`end` or :meth:`fail` as usual), until ``abandon`` is called — when the last
+        follower leaves before the end. Otherwise the stream ends here: what the
+        client received is stored only if it already holds the schema's completing event
+        (the openai SDK stops reading at chat's ``data: [DONE]`` without waiting for the end
+        of the body); anything else is an early close, and nothing is stored.
+
+        ``hold``: keep the stream going with no one reading it (a resume window; the
+        integration calls :meth:`release` when the window is over)."""
+        if self.ended or self.cut:
+            return False
+        flight = self._flight
+        if flight is not None and hold:
+            flight.held = True
+        if flight is not None and (flight.producer_left() or self._lease is not None):
+            # Followers here, or possibly in other processes (a producer cannot count those:
+            # it reads its upstream to the end for them, and the answer is stored).
+            if abandon is not None and self._lease is None:
+                flight.abandon = abandon
+            return True
+        if self._live is not None and self._has_completing_event and not self._failed:
+            self._finish_recording()  # the recorder judges: without the event, not stored
+        else:
+            self.abort("the client closed the response before it ended")
+        self.cut = "the client closed the response before it ended"
+        return False
+
+    async def release(self) -> None:
+        """The resume window of a held stream is over: abandoned now if no one reads it."""
+        if self._flight is not None:
+            await self._flight.release()
+
+    async def read_through_window(self) -> None:
+        """For a held stream whose upstream was handed over (:meth:`hand_over`): read it
+        for its resume window, taking turns with any reader, then :meth:`release` it. (The
+        window ends at the first chunk after it: an upstream read is not cut midway.)"""
+        live, window = self._flight, self.resume_window
+        assert live is not None and window is not None
+        deadline = anyio.current_time() + window
+        while live.source is not None and not live.flight.done:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                break
+            if live.pulling:
+                await live.wait(left)
+            else:
+                await live.pull()
+        await live.release()
+
+    def hand_over(
+        self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
+    ) -> None:
+        """After :meth:`client_left` said True: followers read the upstream on through
+        ``source`` (see :meth:`~sse_cache.flight.LiveFlight.hand_over`)."""
+        assert self._flight is not None
+        self._flight.hand_over(source, abandon)
+        if self._lease is not None:
+            # Followers in other processes need the rest: read it even if no one here does.
+            self._lease.drain(self._flight)
+
+    @property
+    def lag_limit(self) -> int | None:
+        """How many bytes a reader of this response may fall behind the stream before it is
+        cut off (the flight's bound); None when no one else can read it."""
+        return self._flight.flight.max_lag_bytes if self._flight is not None else None
+
+    @property
+    def followed(self) -> bool:
+        """Followers (here, or in other processes) read this response."""
+        flight = self._flight
+        return flight is not None and (bool(flight.flight.cursors) or flight.remote)
+
+    @property
+    def wanted(self) -> bool:
+        """Someone (the client, a follower here or, while publishing, in another process)
+        still reads this response."""
+        if self._lease is not None:
+            return True
+        flight = self._flight
+        if flight is None:
+            return not self.cut
+        return flight.flight.wanted or flight.held
+
+    def end(self) -> None:
+        """The upstream body ended by itself."""
+        if self.ended or self.cut:
+            return
+        self.ended = True
+        if self._flight is not None:
+            self._flight.end()
+        self._finish_recording()
+
+    def _finish_recording(self) -> None:
+        if self._parser is None:
+            return
+        self._parser.close()
+        if self._parser.discarded:
+            # WHATWG: an unterminated last event is never dispatched; the stream did not end
+            # cleanly, whatever the adapter would have said (followers still got its bytes).
+            self.abort("the stream ended inside an event (no final blank line)")
+        elif self._live is not None and not self._failed:
+            if self._parser.crlf:  # every line ended with CRLF: replays will too
+                self._live.eol = "crlf"
+            self._live.end()
+            if self._flight is not None:
+                self._flight.entry = self._live.entry
+
+    async def close(self) -> bool:
+        """Store a completed JSON body (called when the exchange ends; SSE streams are
+        stored by their recording). True when something was stored."""
+        if self._live is not None or self._failed or not self.ended:
+            return False
+        assert self._cache is not None
+        body = b"".join(self._body)
+        if self._cache.adapter.body_outcome(body) is not Outcome.COMPLETE:
+            return False
+        entry = Entry(
+            schema=self._cache.adapter.name,
+            created_at=time.time(),
+            status=self._status,
+            content_type=self._content_type,
+            body=body,
+        )
+        return await self._cache.store(self._key, entry, ttl=self._ttl)
