@@ -64,3 +64,19 @@ def test_demo_command_prints_a_miss_then_an_identical_hit(mode: list[str]) -> No
     assert "identical to the original: yes" in out
     if not mode:
         assert "openai SDK" in out and "requests that reached the upstream: 1" in out
+
+
+def test_demo_without_the_metrics_package_runs_in_process() -> None:
+    # uvicorn and httpx2 installed but prometheus_client not (a partial install): the HTTP
+    # demo's proxy needs all three, so the demo runs on the engine instead of crashing.
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None\n"
+        "from sse_cache.cli import main\n"
+        "sys.exit(main(['demo', '--deltas', '5', '--delay-ms', '0', '--first-ms', '0']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "not installed: running the engine demo in process" in result.stdout
+    assert "identical to the original: yes" in result.stdout

@@ -57,8 +57,10 @@ def register(sub: Any) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.deltas < 1 or args.delay_ms < 0 or args.first_ms < 0:
         raise SystemExit("sse-cache demo: --deltas must be >= 1 and delays >= 0")
+    # The HTTP demo needs the proxy extra: uvicorn, httpx2 and prometheus_client (metrics).
     http = not args.in_process and all(
-        importlib.util.find_spec(name) is not None for name in ("uvicorn", "httpx2")
+        importlib.util.find_spec(name) is not None
+        for name in ("uvicorn", "httpx2", "prometheus_client")
     )
     with tempfile.TemporaryDirectory(prefix="sse-cache-demo-") as tmp:
         url = args.backend or f"sqlite:///{Path(tmp) / 'demo.db'}"
@@ -67,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
             ok: bool = anyio.run(run_http_demo, url, args.deltas, delay, first)
         else:
             if not args.in_process:
-                print("(uvicorn/httpx2 not installed: running the engine demo in process)")
+                print("(sse-cache[proxy] not installed: running the engine demo in process)")
             ok = anyio.run(run_engine_demo, url, args.deltas, delay, first)
     return 0 if ok else 1
 
