@@ -18,7 +18,7 @@ from .engine import (
     StreamCache,
 )
 from .errors import BackendTimeout
-from .flight import Head, LiveFlight
+from .flight import Cursor, Head, LiveFlight
 from .protocols import (
     FanoutBackend,
     LeasingBackend,
@@ -139,6 +139,25 @@ async def _open_channel(
         await _aclose(reader)
         return None
     return head, first, reader
+
+
+def _follow_channel(
+    live: LiveFlight[bytes],
+    head: Head,
+    first: bytes,
+    reader: AsyncIterator[bytes],
+    idle_timeout: float,
+) -> Cursor:
+    """Make ``live`` this process's copy of another process's stream, opened by
+    :func:`_open_channel`: it gets the head and first bytes, and its readers pull the rest
+    from ``reader`` in turn. Returns the cursor of its first reader."""
+    live.respond(head)
+    live.deliver(first)
+    cursor = live.flight.follow()
+    assert cursor is not None
+    live.producer_left()  # no producer here: the readers pull
+    live.hand_over(_ProcessSource(live, reader, idle_timeout), lambda: _aclose(reader))
+    return cursor
 
 
 class _ProcessSource:

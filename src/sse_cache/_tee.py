@@ -211,8 +211,11 @@ class ResponseTee:
         self.cut = "the client closed the response before it ended"
         return False
 
-    async def release(self) -> None:
-        """The resume window of a held stream is over: abandoned now if no one reads it."""
+    async def release_after_window(self) -> None:
+        """Wait out the resume window of a held stream whose upstream someone else reads on
+        (the app, a drain thread), then release it: abandoned if no one reads it by then."""
+        assert self.resume_window is not None
+        await anyio.sleep(self.resume_window)
         if self._flight is not None:
             await self._flight.release()
 

@@ -444,7 +444,7 @@ class _SyncTeeBody:
             if tee.resume_window is not None:
                 # The drain thread reads on while the stream is held; the window's end is
                 # kept in the portal's loop.
-                self._portal.start_task_soon(_release_after, tee, tee.resume_window)
+                self._portal.start_task_soon(tee.release_after_window)
             return
         self._abandon()
 
@@ -459,11 +459,6 @@ def _client_left(tee: ResponseTee, delivered: bytes) -> bool:
         return False
     tee.feed(delivered)
     return tee.client_left(_nothing, hold=tee.resume_window is not None)
-
-
-async def _release_after(tee: ResponseTee, window: float) -> None:
-    await anyio.sleep(window)
-    await tee.release()
 
 
 async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import anyio
@@ -179,23 +179,17 @@ class _Request:
         except ConfigError as exc:
             await _error(self.send, 400, str(exc))
             return
-        try:
-            async with anyio.create_task_group() as self.tasks:
-                await self._exchange(decision)
-                if self.hold_scope is not None:
-                    self.hold_scope.cancel()  # the stream is over: nothing more to hold
-                outbox = self.outbox
-                if outbox is not None:
-                    # The app is done; the client gets the rest at its own pace (the end of
-                    # the response only after the answer was stored, as below).
-                    if self.held_end:
-                        outbox.put({"type": "http.response.body", "body": b"", "more_body": False})
-                    outbox.close()
-        except BaseExceptionGroup as group:
-            # The task group is an implementation detail: raise what the request raised.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        async with task_group() as self.tasks:
+            await self._exchange(decision)
+            if self.hold_scope is not None:
+                self.hold_scope.cancel()  # the stream is over: nothing more to hold
+            outbox = self.outbox
+            if outbox is not None:
+                # The app is done; the client gets the rest at its own pace (the end of the
+                # response only after the answer was stored, as below).
+                if self.held_end:
+                    outbox.put({"type": "http.response.body", "body": b"", "more_body": False})
+                outbox.close()
         if self.cut:
             # Visible to the client: its response is aborted, never ended cleanly.
             raise SharedStreamAborted(self.cut)
@@ -282,7 +276,7 @@ class _Request:
         if tee is None or tee.ended or tee.cut:
             return False
         mw = self.mw
-        window = mw.service.resume_window
+        window = tee.resume_window
         if window is None and tee.followed and tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
@@ -301,17 +295,16 @@ class _Request:
                 return False
             self.detached = True
             self.hold_scope = anyio.CancelScope()
-            self.tasks.start_soon(self._hold, tee, window, self.hold_scope)
+            self.tasks.start_soon(self._hold, tee, self.hold_scope)
             return True
         if tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
         return False
 
-    async def _hold(self, tee: ResponseTee, window: float, scope: anyio.CancelScope) -> None:
-        with scope:
-            await anyio.sleep(window)
-            await tee.release()
+    async def _hold(self, tee: ResponseTee, scope: anyio.CancelScope) -> None:
+        with scope:  # cancelled when the stream ends first
+            await tee.release_after_window()
 
     async def _abandon(self) -> None:
         # The last follower left before the end: stop the app (and so its upstream call).
@@ -393,7 +386,8 @@ class _Request:
             return
         if tee.followed:
             self.cut = f"the client fell more than {limit} bytes behind the stream"
-            logger.info("sse_cache: %s: %s", self.exchange.key if self.exchange else "", self.cut)
+            assert self.exchange is not None  # (a tee is the exchange's)
+            logger.info("sse_cache: %s: %s", self.exchange.key, self.cut)
             outbox.cut()
             if not self._client_gone():
                 tee.fail(self.cut)
@@ -488,13 +482,21 @@ async def _send_answer_while_connected(receive: Receive, send: Send, answer: Ans
     if answer.instant:
         await _send_answer(send, answer)
         return
+    async with task_group() as tg:
+        tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
+        await _send_answer(send, answer)
+        tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
+    """An anyio task group that raises what failed in it, not a group of that one error: the
+    task group is the caller's implementation detail (a client sees the stream's own error,
+    uvicorn logs it as it is)."""
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-            await _send_answer(send, answer)
-            tg.cancel_scope.cancel()
+            yield tg
     except BaseExceptionGroup as group:
-        # The task group is an implementation detail: raise what the answer raised.
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise

@@ -366,12 +366,7 @@ class ResumeCut:
         return self._seek()
 
     def close(self) -> bytes:
-        if self.passing:
-            return b""
-        self.passing = True
-        out = bytes(self._pending)
-        self._pending.clear()
-        return out
+        return b"" if self.passing else self._pass()
 
     def _seek(self) -> bytes:
         # Scans a copy (a bytearray being scanned cannot shrink): only the bytes whose place

@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 
 from ._logging import AccessLog, redact_url
-from .asgi import CacheMiddleware, Message, Receive, Scope, Send, send_json_error
+from .asgi import CacheMiddleware, Message, Receive, Scope, Send, send_json_error, task_group
 from .breaker import BreakerState
 from .errors import ConfigError
 from .flight import SharedStreamAborted
@@ -150,20 +150,14 @@ class Forwarder:
                     ],
                 }
             )
-            try:
-                async with anyio.create_task_group() as tg:
-                    # Watch for the client leaving while the body streams: then stop reading
-                    # the upstream (the cache sees the disconnect and stores nothing).
-                    tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
-                    async for chunk in response.aiter_raw():
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    tg.cancel_scope.cancel()
-            except BaseExceptionGroup as group:
-                # The task group is an implementation detail: raise what the stream raised
-                # (an upstream that broke off: httpx2's error).
-                if len(group.exceptions) == 1:
-                    raise group.exceptions[0] from None
-                raise
+            # (An upstream that broke off raises httpx2's own error, not a task group's.)
+            async with task_group() as tg:
+                # Watch for the client leaving while the body streams: then stop reading the
+                # upstream (the cache sees the disconnect and stores nothing).
+                tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                tg.cancel_scope.cancel()
             if not disconnected.is_set():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

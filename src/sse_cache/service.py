@@ -53,12 +53,11 @@ from ._fanout import (
     _FANOUT_CLOSE_TIMEOUT,
     _FANOUT_TTL,
     _LIVE_ALIAS_TTL,
-    _aclose,
     _channel,
     _FanoutBackend,
+    _follow_channel,
     _Lease,
     _open_channel,
-    _ProcessSource,
 )
 from ._logging import backend_warnings
 from ._tee import ResponseTee
@@ -115,7 +114,6 @@ class CacheService:
         from .backends import open_backend  # the registry, not a concrete backend
 
         o = self.options = CacheOptions.of(options, keywords)
-        self.resume_window = o.resume_window
         #: The live streams that name their response (Responses), by tenant and response id
         #: (:func:`alias_key`): what ``GET .../responses/{id}?stream=true`` resumes.
         self.live_responses: dict[str, LiveFlight[bytes]] = {}
@@ -218,10 +216,11 @@ class CacheService:
     async def resume(
         self, method: str, path: str, query: str, headers: Mapping[str, str]
     ) -> Answer | None:
-        """Answer ``GET .../responses/{id}?stream=true&starting_after=N`` from the cache when
-        that response's stream is stored (for the same tenant): the events after sequence
-        number N. None when it is not such a request or the stream is not cached (then the
-        request goes upstream)."""
+        """Answer ``GET .../responses/{id}?stream=true&starting_after=N`` for the tenant that
+        started that response: the events after sequence number N — from its live stream
+        while it is produced (here, or by another process with ``cross_process``), from its
+        entry once stored. None when it is not such a request or the stream is neither live
+        nor cached (then the request goes upstream)."""
         match = _RESUME.search(path)
         if method != "GET" or match is None:
             return None
@@ -243,27 +242,29 @@ class CacheService:
         tenant = self.policy.tenant_of(headers)
         if tenant is None:
             return None
+
+        def had(event: Event) -> bool:
+            return not events_after([event], after)  # the client has events up to N
+
         alias = alias_key(adapter.name, tenant, match["id"])
+        live_alias = live_alias_key(adapter.name, tenant, match["id"])
         live = self.live_responses.get(alias)
         if live is not None and live.entry is None:
             # Still being produced: the events after N from its log, then the rest as it
             # comes. (Once it ended, its entry — stored, or being stored — answers.)
-            def had(event: Event) -> bool:
-                return not events_after([event], after)
-
             answer = await self.resume_live(cache, live, had)
             if answer is not None:
                 return answer
         entry = live.entry if live is not None else None
         key = live.key if live is not None else await cache.resolve(alias)
         if key is None:
-            return await self._resume_remote(cache, adapter.name, tenant, match["id"], after)
+            return await self._resume_remote(cache, live_alias, had)
         if entry is None:
             entry = await cache.lookup(key)
         # The index may outlive its entry (a refresh or an eviction stores another answer
         # under the key): only the stream of that very response is resumed.
         if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
-            return await self._resume_remote(cache, adapter.name, tenant, match["id"], after)
+            return await self._resume_remote(cache, live_alias, had)
         events = events_after(entry.events, after)
         base = [("content-type", entry.content_type), *_SSE_HEADERS]
         chunks = _one(serialize_sse(events, eol=entry.eol))
@@ -273,21 +274,14 @@ class CacheService:
         )
 
     async def _resume_remote(
-        self, cache: StreamCache, schema: str, tenant: str, response_id: str, after: int
+        self, cache: StreamCache, live_alias: str, had: Callable[[Event], bool]
     ) -> Answer | None:
-        # Produced by another process (cross-process): resumed from its fan-out channel.
-        adapter = cache.adapter
-        if self.fanout is None or not isinstance(adapter, ResumingAdapter):
+        # Produced by another process (cross-process): its producer indexed the stream's key
+        # under ``live_alias``; resumed from that producer's fan-out channel.
+        if self.fanout is None:
             return None
-        events_after = adapter.events_after
-        key = await cache.resolve(alias_key(schema + "/live", tenant, response_id))
-        if key is None:
-            return None
-
-        def had(event: Event) -> bool:
-            return not events_after([event], after)
-
-        return await self.resume_remote(cache, key, had)
+        key = await cache.resolve(live_alias)
+        return None if key is None else await self.resume_remote(cache, key, had)
 
     async def resume_remote(
         self, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
@@ -308,14 +302,9 @@ class CacheService:
         if opened is None:
             return None
         head, first, reader = opened
-        key = channel[len(_CHANNEL) :]
+        # A flight of this resumer's own (not offered to others): the channel's copy.
         live: LiveFlight[bytes] = LiveFlight(Flight(key, max_log_bytes=cache.max_entry_bytes))
-        live.respond(head)
-        live.deliver(first)
-        cursor = live.flight.follow()
-        assert cursor is not None
-        live.producer_left()
-        live.hand_over(_ProcessSource(live, reader, cache.join_timeout), lambda: _aclose(reader))
+        cursor = _follow_channel(live, head, first, reader, cache.join_timeout)
         return self._resumed(cache, live, cursor, head, had)
 
     async def resume_live(
@@ -583,12 +572,8 @@ class Exchange:
         # stream, which pulls the other process's messages in turn.
         self.status = CacheStatus.SHARED
         emit(self._service.hooks, Notice(kind="shared", key=self.key))
-        live.respond(Head(head.status, _as_shared(head.headers)))
-        live.deliver(first)
-        cursor = live.flight.follow()
-        assert cursor is not None
-        live.producer_left()
-        live.hand_over(_ProcessSource(live, reader, cache.join_timeout), lambda: _aclose(reader))
+        shared = Head(head.status, _as_shared(head.headers))
+        cursor = _follow_channel(live, shared, first, reader, cache.join_timeout)
         self._follows_process = True
         self.answer = Answer(
             status=head.status,
@@ -743,7 +728,7 @@ class Exchange:
         if tee is not None and lease is not None and head is not None:
             tee.publish_to(lease, head)
         if tee is not None:
-            tee.resume_window = self._service.resume_window
+            tee.resume_window = self._service.options.resume_window
         resumable = isinstance(self.decision.adapter, ResumingAdapter)
         if tee is not None and live is not None and media == SSE_TYPE and resumable:
             tee.identify = self._index_live
@@ -765,7 +750,7 @@ class Exchange:
         if lease is not None and tee is not None and cache is not None:
             # Other processes resume it by its key, from the fan-out channel of whoever holds
             # the key's lease (this producer, or one that took over from it).
-            name = alias_key(adapter.name + "/live", self.decision.tenant, response_id)
+            name = live_alias_key(adapter.name, self.decision.tenant, response_id)
             until = time.time() + _LIVE_ALIAS_TTL
             tee.later(lambda: cache.alias(name, self.key, expires_at=until))
 
@@ -787,3 +772,9 @@ def alias_key(schema: str, tenant: str, name: str) -> str:
         raw = part.encode()
         h.update(len(raw).to_bytes(4, "big") + raw)
     return ALIAS_PREFIX + h.hexdigest()
+
+
+def live_alias_key(schema: str, tenant: str, name: str) -> str:
+    """The backend key under which the key of a stream named ``name`` is kept while another
+    process produces it (cross-process resume), per schema and tenant."""
+    return alias_key(schema + "/live", tenant, name)

@@ -22,7 +22,7 @@ def test_keywords_and_an_options_object_configure_the_same_service() -> None:
     options = CacheOptions(ttl=60, resume_window=5)
     by_object = CacheMiddleware(_app, "memory://", options=options, max_background=2)
     assert by_keywords.service.options == by_object.service.options == options
-    assert by_keywords.service.ttl == 60 and by_keywords.service.resume_window == 5
+    assert by_keywords.service.ttl == 60 and by_keywords.service.options.resume_window == 5
     transport = AsyncCacheTransport("memory://", ttl=60, resume_window=5)
     assert transport.service.options == options
 
