@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2
@@ -63,8 +64,12 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise AssertionError(f"{url} did not come up")
 
 
-@pytest.fixture
-def servers(tmp_path: Path) -> Iterator[tuple[str, str]]:
+@contextmanager
+def mock_and_proxy(
+    *proxy_args: str, cwd: Path | None = None
+) -> Iterator[tuple[str, str, list[subprocess.Popen[bytes]]]]:
+    """``sse-cache mock-upstream`` and ``sse-cache proxy`` in front of it (with
+    ``proxy_args``), as processes: yields their URLs and the processes, stopped on exit."""
     up_port, proxy_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     proxy = f"http://127.0.0.1:{proxy_port}"
@@ -72,31 +77,32 @@ def servers(tmp_path: Path) -> Iterator[tuple[str, str]]:
     try:
         wait_ready(upstream + "/_mock/stats", procs[0])
         procs.append(
-            start(
-                "proxy",
-                "--upstream",
-                upstream,
-                "--port",
-                str(proxy_port),
-                "--backend",
-                f"sqlite:///{tmp_path / 'cache.db'}",
-                "--ttl",
-                "60",
-                "--route",
-                "/v1/responses=openai-responses",
-                "--route",
-                "/events=generic",
-                "--decoded-cache-mb",
-                "8",
-                "--log-level",
-                "warning",
-            )
+            start("proxy", "--upstream", upstream, "--port", str(proxy_port), *proxy_args, cwd=cwd)
         )
         wait_ready(proxy + "/_sse_cache/health", procs[1])
-        yield upstream, proxy
+        yield upstream, proxy, procs
     finally:
         for proc in procs:
             stop(proc)
+
+
+@pytest.fixture
+def servers(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    with mock_and_proxy(
+        "--backend",
+        f"sqlite:///{tmp_path / 'cache.db'}",
+        "--ttl",
+        "60",
+        "--route",
+        "/v1/responses=openai-responses",
+        "--route",
+        "/events=generic",
+        "--decoded-cache-mb",
+        "8",
+        "--log-level",
+        "warning",
+    ) as (upstream, proxy, _):
+        yield upstream, proxy
 
 
 def test_proxy_and_mock_upstream_commands(servers: tuple[str, str]) -> None:
@@ -124,25 +130,7 @@ def test_proxy_and_mock_upstream_commands(servers: tuple[str, str]) -> None:
 def test_inspecting_what_the_proxy_stored(tmp_path: Path) -> None:
     """The proxy's default cache lands in its working directory, and the inspection commands
     run there see what it stored: entries, and the Responses index rows as aliases."""
-    up_port, proxy_port = free_port(), free_port()
-    upstream = f"http://127.0.0.1:{up_port}"
-    proxy = f"http://127.0.0.1:{proxy_port}"
-    procs = [start("mock-upstream", "--port", str(up_port), "--delay-ms", "1")]
-    try:
-        wait_ready(upstream + "/_mock/stats", procs[0])
-        procs.append(
-            start(
-                "proxy",
-                "--upstream",
-                upstream,
-                "--port",
-                str(proxy_port),
-                "--backend",
-                "sqlite:///sse-cache.db",
-                cwd=tmp_path,
-            )
-        )
-        wait_ready(proxy + "/_sse_cache/health", procs[1])
+    with mock_and_proxy("--backend", "sqlite:///sse-cache.db", cwd=tmp_path) as (_, proxy, procs):
         headers = {"authorization": "Bearer sk-cli"}
         statuses = []
         with httpx2.Client(base_url=proxy, timeout=30) as client:
@@ -152,9 +140,6 @@ def test_inspecting_what_the_proxy_stored(tmp_path: Path) -> None:
                 statuses.append(response.headers["x-sse-cache"])
         assert statuses == ["miss", "miss", "miss", "hit"]
         stop(procs.pop())  # every request handled to its end, its index rows written
-    finally:
-        for proc in procs:
-            stop(proc)
     assert (tmp_path / "sse-cache.db").is_file()  # relative to where the proxy ran
 
     listed = cli("ls", "-l", cwd=tmp_path)

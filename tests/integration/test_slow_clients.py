@@ -179,9 +179,9 @@ async def _wait(event: threading.Event) -> None:
     await anyio.to_thread.run_sync(event.wait, abandon_on_cancel=True)
 
 
-async def follow(client: httpx2.AsyncClient, n: int, headed: anyio.Event) -> list[Any]:
-    """``n`` identical requests released together; ``headed`` is set once all have their
-    response heads (they have joined the live stream)."""
+async def follow(client: httpx2.AsyncClient, n: int, headed: anyio.Event | None) -> list[Any]:
+    """``n`` identical requests released together; ``headed`` (an upstream's gate) is set once
+    all have their response heads: they have joined the live stream."""
     go = anyio.Event()
     heads = 0
     results: list[Any] = []
@@ -192,6 +192,7 @@ async def follow(client: httpx2.AsyncClient, n: int, headed: anyio.Event) -> lis
         async with client.stream("POST", "/v1/responses", json=PAYLOAD, headers=KEY) as r:
             heads += 1
             if heads == n:
+                assert headed is not None
                 headed.set()
             try:
                 results.append((r.headers["x-sse-cache"], await r.aread()))
@@ -216,15 +217,9 @@ async def test_followers_are_not_delayed_by_a_producer_client_that_stops_reading
             proxy(serve, upstream) as base,
             httpx2.AsyncClient(base_url=base, timeout=60) as client,
         ):
-            async with SlowClient(base) as slow, anyio.create_task_group() as tg:
-                headed = anyio.Event()
-
-                async def release_end() -> None:
-                    await headed.wait()
-                    upstream.finish.set()  # type: ignore[union-attr]
-
-                tg.start_soon(release_end)
-                followers = await follow(client, 5, headed)
+            async with SlowClient(base) as slow:
+                # The upstream sends its last event once every follower has joined.
+                followers = await follow(client, 5, upstream.finish)
                 # Every follower has the whole answer while the producer's client still has
                 # read only its first bytes.
                 assert not slow.read_on.is_set()
@@ -252,15 +247,9 @@ async def test_a_producer_client_too_far_behind_its_followers_is_cut_visibly(
             proxy(serve, upstream, max_entry_bytes=bound) as base,
             httpx2.AsyncClient(base_url=base, timeout=60) as client,
         ):
-            async with SlowClient(base) as slow, anyio.create_task_group() as tg:
-                headed = anyio.Event()
-
-                async def release_rest() -> None:
-                    await headed.wait()
-                    upstream.more.set()  # type: ignore[union-attr]
-
-                tg.start_soon(release_rest)
-                followers = await follow(client, 3, headed)
+            async with SlowClient(base) as slow:
+                # The upstream sends the rest once every follower has joined.
+                followers = await follow(client, 3, upstream.more)
                 assert [status for status, _ in followers] == ["shared"] * 3
                 assert all(content == upstream.body for _, content in followers)
                 slow.read_on.set()
