@@ -145,6 +145,27 @@ async def test_small_chunks_many_writers_never_mix(url: str) -> None:
     await backend.aclose()
 
 
+async def test_pool_bound_holds_when_the_limiter_admits_too_many(url: str) -> None:
+    # anyio's CapacityLimiter on asyncio can admit one borrower more than it has tokens
+    # (anyio#1170, fixed in 4.14): pymemcache's pool then raised "Too many objects" at a
+    # writer. The pool bound is held on the thread side; here the limiter admits eight
+    # times too many, and every call must still succeed with whole values.
+    backend: Any = from_url(url + "&max_pool_size=2", chunk_size=1024)
+    backend._limiter = anyio.CapacityLimiter(16)
+    values = {f"k{i}": os.urandom(20_000) for i in range(16)}
+    read: dict[str, bytes | None] = {}
+
+    async def write_then_read(key: str) -> None:
+        await backend.set(key, values[key], None)
+        read[key] = await backend.get(key)
+
+    async with anyio.create_task_group() as tg:
+        for key in values:
+            tg.start_soon(write_then_read, key)
+    assert read == values
+    await backend.aclose()
+
+
 async def test_missing_chunk_reads_as_miss(url: str, raw: Client) -> None:
     backend: Any = from_url(url, chunk_size=4096)
     value = os.urandom(50_000)

@@ -2,6 +2,9 @@
 
 pymemcache is a blocking client: calls run in anyio worker threads (at most ``max_pool_size``
 at once, each with its own pooled connection), so the backend works under asyncio and trio.
+That bound is held by a semaphore on the thread side: pymemcache's pool raises rather than
+waits when it is exceeded, and anyio's ``CapacityLimiter`` on asyncio can admit one borrower
+too many before anyio 4.14 (anyio#1170), so the limiter alone is not enough.
 
 Layout of what is stored for a key; the item's 32-bit memcached ``flags`` say which:
 
@@ -295,7 +298,10 @@ class MemcachedBackend:
                 ignore_exc=False,
                 **common,
             )
+        # The limiter keeps waiting calls on the event loop; the semaphore is what bounds
+        # the threads inside pymemcache to its pool size (see the module docstring).
         self._limiter = anyio.CapacityLimiter(max_pool_size)
+        self._slots = threading.BoundedSemaphore(max_pool_size)
         # Chunked values this process read or wrote lately: key -> (write id, chunk count).
         self._hints = _Hints(_HINTS)
         self._closed = False
@@ -308,7 +314,7 @@ class MemcachedBackend:
         check_open(self._closed, "MemcachedBackend")
 
         def call() -> T:
-            with map_exceptions(what):
+            with self._slots, map_exceptions(what):
                 return func(*args)
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)

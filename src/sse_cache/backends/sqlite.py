@@ -1,8 +1,11 @@
 """SQLite backend: one file, shared safely by threads and processes, via the stdlib ``sqlite3``.
 
-``sqlite3`` is blocking, so every call runs in an anyio worker thread, one at a time per backend
-(a ``CapacityLimiter(1)`` guards the single connection). That keeps it usable from asyncio and
-trio alike, which an asyncio-only wrapper such as aiosqlite would not be.
+``sqlite3`` is blocking, so every call runs in an anyio worker thread, one at a time per backend:
+a ``CapacityLimiter(1)`` queues the calls on the event loop, and a lock on the thread side
+guards the single connection (anyio's limiter on asyncio can admit a second borrower before
+anyio 4.14, anyio#1170, and two threads in one connection would mix their transactions).
+That keeps it usable from asyncio and trio alike, which an asyncio-only wrapper such as
+aiosqlite would not be.
 
 Hot values are also kept in a near cache (:class:`~sse_cache.backends._near.NearCache`) and
 served on the caller's thread without that hop while SQLite's ``PRAGMA data_version``, read on
@@ -194,7 +197,7 @@ class SQLiteBackend:
         # database). ``_where`` is the path made absolute (a later chdir does not move the
         # cache), ``_file`` the identity of the file ``_conn`` has open,
         # ``_sidecars`` that of its -wal and -shm files when it was opened; only worker
-        # threads touch them, one at a time (the limiter).
+        # threads touch them, one at a time (``_conn_lock``).
         self._check_interval = check_interval
         self._watch = self.path not in ("", ":memory:")
         self._where = _absolute(self.path) if self._watch else self.path
@@ -203,6 +206,7 @@ class SQLiteBackend:
         self._sidecars: dict[str, _FileId] = {}
         self._next_check = -math.inf
         self._limiter = anyio.CapacityLimiter(1)
+        self._conn_lock = threading.Lock()
         self._closed = False
         self._last_purge = -math.inf
         # Access times of keys read since the last write (approximate LRU, see docstring).
@@ -400,7 +404,7 @@ class SQLiteBackend:
 
     async def _call(self, func: Callable[..., T], *args: Any, read: bool) -> T:
         def run() -> T:
-            with self._map_exceptions():
+            with self._conn_lock, self._map_exceptions():
                 conn = self._connection()
                 self._set_busy(conn, self._read_timeout if read else self._timeout)
                 return self._retrying(read, lambda: func(conn, *args))
@@ -619,6 +623,10 @@ class SQLiteBackend:
             self._last_purge = -math.inf  # another file: its expired rows are not ours to know
 
     def _close(self) -> None:
+        with self._conn_lock:
+            self._close_connection()
+
+    def _close_connection(self) -> None:
         conn = self._conn
         if conn is not None and not self._moved():
             try:
