@@ -23,7 +23,7 @@ from sse_cache.cli import inspect, main
 from sse_cache.codec import MsgpackCodec
 from sse_cache.entry import Entry
 from sse_cache.events import Event, serialize_sse
-from sse_cache.service import alias_key
+from sse_cache.http.service import alias_key
 
 EVENTS = (
     Event(data='{"type":"response.created"}', event="response.created", at=0.0),

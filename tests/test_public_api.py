@@ -21,18 +21,19 @@ PUBLIC_MODULES = [
     "sse_cache.errors",
     "sse_cache.events",
     "sse_cache.flight",
+    "sse_cache.http",
+    "sse_cache.http.options",
+    "sse_cache.http.policy",
+    "sse_cache.http.service",
     "sse_cache.httpx",
     "sse_cache.httpx2",
     "sse_cache.keys",
     "sse_cache.metrics",
     "sse_cache.mock_upstream",
-    "sse_cache.options",
     "sse_cache.pacing",
-    "sse_cache.policy",
     "sse_cache.protocols",
     "sse_cache.proxy",
     "sse_cache.recorder",
-    "sse_cache.service",
     "sse_cache.testing",
 ]
 
@@ -97,3 +98,14 @@ def test_importing_the_core_loads_no_optional_dependency() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["options", "policy", "service"])
+def test_moved_modules_still_import_with_a_warning(name: str) -> None:
+    # Moved under sse_cache.http; the old path works for one more release.
+    sys.modules.pop(f"sse_cache.{name}", None)
+    with pytest.warns(DeprecationWarning, match=f"sse_cache.http.{name}"):
+        old = importlib.import_module(f"sse_cache.{name}")
+    new = importlib.import_module(f"sse_cache.http.{name}")
+    assert old.__all__ == new.__all__
+    assert all(getattr(old, n) is getattr(new, n) for n in new.__all__)

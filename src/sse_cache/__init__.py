@@ -44,9 +44,9 @@ from .errors import (
 from .events import Event as Event
 from .events import SSEParser as SSEParser
 from .events import serialize_sse as serialize_sse
+from .http.options import CacheOptions as CacheOptions
 from .keys import CacheRequest as CacheRequest
 from .keys import DefaultKeyer as DefaultKeyer
-from .options import CacheOptions as CacheOptions
 from .pacing import Pacing as Pacing
 from .protocols import (
     Backend as Backend,

@@ -6,7 +6,7 @@ module. The classes here are written against that API, with the library module a
 attribute ``_lib``: :mod:`sse_cache.httpx` and :mod:`sse_cache.httpx2` subclass them together
 with that library's base transport, and nothing here imports either library.
 
-Every caching decision is the :class:`~sse_cache.service.CacheService`'s, exactly as in the
+Every caching decision is the :class:`~sse_cache.http.service.CacheService`'s, exactly as in the
 ASGI middleware (routes, keys, tenant scope, request controls, response headers, hits,
 single-flight, what is stored). A transport only translates:
 
@@ -26,10 +26,9 @@ I/O in the caller's thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
 from functools import cache
 from types import ModuleType, TracebackType
@@ -40,10 +39,11 @@ import anyio.from_thread
 
 from .errors import ConfigError
 from .flight import SharedStreamAborted
-from .options import CacheOptions
-from .policy import CONTROL_HEADER_PREFIX, Decision
+from .http._wire import close_iterator, json_error_body, merge_headers
+from .http.options import CacheOptions
+from .http.policy import CONTROL_HEADER_PREFIX, Decision
+from .http.service import CacheService, Exchange, ResponseTee
 from .protocols import Backend
-from .service import CacheService, Exchange, ResponseTee
 
 __all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]
 
@@ -93,21 +93,9 @@ def _forward(lib: ModuleType, request: Any, decision: Decision) -> Any:
     )
 
 
-def _merge_headers(
-    upstream: Iterable[tuple[bytes, bytes]], ours: list[tuple[str, str]]
-) -> list[tuple[bytes, bytes]]:
-    names = {k.encode("latin-1") for k, _ in ours}
-    return [
-        *((k, v) for k, v in upstream if k.lower() not in names),
-        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in ours),
-    ]
-
-
 def _error_response(lib: ModuleType, message: str) -> Any:
     # The same answer as the ASGI middleware's for an invalid control header.
-    body = json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "code": "sse_cache"}}
-    ).encode()
+    body = json_error_body(message)
     return lib.Response(
         400,
         headers=[("content-type", "application/json"), ("x-sse-cache", "bypass")],
@@ -181,13 +169,6 @@ def _background(work: Coroutine[Any, Any, None]) -> None:
     task.add_done_callback(_tasks.discard)
 
 
-async def _aclose_iterator(iterator: object) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with anyio.CancelScope(shield=True):
-            await aclose()
-
-
 class _AsyncTeeBody:
     """The body of a miss: the upstream's chunks, each handed to the client (and to the
     followers of its live stream) first and recorded when the client asks for the next one.
@@ -247,7 +228,7 @@ class _AsyncTeeBody:
             if self._handed_over:
                 # No client will close this response: close the upstream's (its connection
                 # goes back to the pool).
-                await _aclose_iterator(self._it)
+                await close_iterator(self._it)
                 await self._inner.aclose()
         finally:
             await self._opened.leave(exc)  # stores the answer if it completed
@@ -258,7 +239,7 @@ class _AsyncTeeBody:
 
     async def _abandon(self) -> None:
         try:
-            await _aclose_iterator(self._it)
+            await close_iterator(self._it)
             await self._inner.aclose()
         finally:
             self._tee.fail("every reader left before the stream ended")
@@ -313,7 +294,7 @@ class _AsyncAnswerBody:
 
     async def aclose(self) -> None:
         try:
-            await _aclose_iterator(self._chunks)
+            await close_iterator(self._chunks)
         finally:
             await self._opened.leave()
 
@@ -506,7 +487,7 @@ class _SyncAnswerBody:
     def close(self) -> None:
         try:
             if self._opened.open:
-                self._portal.call(_aclose_iterator, self._chunks)
+                self._portal.call(close_iterator, self._chunks)
         finally:
             self._opened.leave()
 
@@ -569,7 +550,7 @@ class _Options:
         # Nothing to record: the upstream's response as it is, plus our headers.
         return self._lib.Response(
             upstream.status_code,
-            headers=_merge_headers(upstream.headers.raw, ex.headers()),
+            headers=merge_headers(upstream.headers.raw, ex.headers()),
             stream=upstream.stream,
             extensions=upstream.extensions,
         )
@@ -583,7 +564,7 @@ class AsyncCacheTransportBase(_Options):
     the transport that reaches the network (default: the library's ``AsyncHTTPTransport()``).
     ``routes``, ``tenant``, ``ttl``, ``max_entry_bytes``, ``max_body_bytes``, ``pacing``,
     ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``: as for
-    :class:`~sse_cache.asgi.CacheMiddleware` (the same :class:`~sse_cache.service.CacheService`
+    :class:`~sse_cache.asgi.CacheMiddleware` (the same :class:`~sse_cache.http.service.CacheService`
     decides everything: routes ``POST /v1/responses``, ``/v1/chat/completions``,
     ``/v1/messages``, Gemini's ``…:generateContent`` / ``:streamGenerateContent``; tenant
     scope from the request's API keys; request controls).
@@ -646,7 +627,7 @@ class AsyncCacheTransportBase(_Options):
             )
             return lib.Response(
                 upstream.status_code,
-                headers=_merge_headers(upstream.headers.raw, ex.headers()),
+                headers=merge_headers(upstream.headers.raw, ex.headers()),
                 stream=body,
                 extensions=upstream.extensions,
             )
@@ -756,7 +737,7 @@ class CacheTransportBase(_Options):
             )
             return lib.Response(
                 upstream.status_code,
-                headers=_merge_headers(upstream.headers.raw, ex.headers()),
+                headers=merge_headers(upstream.headers.raw, ex.headers()),
                 stream=body,
                 extensions=upstream.extensions,
             )

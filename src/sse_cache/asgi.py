@@ -11,7 +11,6 @@ that reads slowly then never paces the app (and with it the upstream and every f
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections import deque
@@ -24,10 +23,11 @@ import anyio.abc
 from .engine import Notice, emit
 from .errors import ConfigError
 from .flight import SharedStreamAborted
-from .options import CacheOptions
-from .policy import Decision
+from .http._wire import close_iterator, json_error_body, merge_headers
+from .http.options import CacheOptions
+from .http.policy import Decision
+from .http.service import Answer, CacheService, Exchange, ResponseTee
 from .protocols import Backend
-from .service import Answer, CacheService, Exchange, ResponseTee
 
 __all__ = ["CacheMiddleware"]
 
@@ -44,7 +44,7 @@ class CacheMiddleware:
     """Cache the streamed (and non-streamed) answers of ``app``'s LLM routes.
 
     ``backend``: a :class:`~sse_cache.protocols.Backend` or a URL (``sqlite:///cache.db``,
-    ``redis://...``). The caching options (:class:`~sse_cache.options.CacheOptions`) come as
+    ``redis://...``). The caching options (:class:`~sse_cache.http.options.CacheOptions`) come as
     keywords, or as one ``options=``: ``routes``: path (suffix) → adapter; default
     ``POST /v1/responses``, ``/v1/chat/completions``, ``/v1/messages``, Gemini's
     ``/models/{model}:generateContent`` and ``:streamGenerateContent`` (also under prefixes
@@ -321,12 +321,8 @@ class _Request:
             raw = message.get("headers", [])
             decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
             self.tee = await ex.tee(message["status"], decoded)
-            ours = {k for k, _ in ex.headers()}
             message = dict(message)
-            message["headers"] = [
-                *(h for h in raw if h[0].decode("latin-1").lower() not in ours),
-                *_encode(ex.headers()),
-            ]
+            message["headers"] = merge_headers(raw, ex.headers())
             await self._deliver(message)
             tee = self.tee
             if tee is not None:
@@ -522,9 +518,7 @@ async def _send_answer(send: Send, answer: Answer) -> None:
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
-        if (aclose := getattr(chunks, "aclose", None)) is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
+        await close_iterator(chunks)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -556,8 +550,7 @@ async def send_json_error(
     headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> None:
     """Answer with a provider-shaped JSON error: ``{"error": {"message", "type", "code"}}``."""
-    code = "sse_cache" if kind == "invalid_request_error" else kind
-    body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+    body = json_error_body(message, kind)
     await send(
         {
             "type": "http.response.start",

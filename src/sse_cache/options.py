@@ -1,95 +1,14 @@
-"""``CacheOptions``: the one list of options of the HTTP integrations.
+"""Moved to :mod:`sse_cache.http.options`; this path keeps working, with a DeprecationWarning,
+until the release after 0.1."""
 
-:class:`~sse_cache.asgi.CacheMiddleware`, the httpx/httpx2 transports and the proxy take these
-options as keywords (or one :class:`CacheOptions` as ``options=``) and hand them, validated
-once here, to the :class:`~sse_cache.service.CacheService` they share. Adding an option means
-adding a field here, and nowhere else.
-"""
+import warnings
 
-from __future__ import annotations
+from .http.options import *  # noqa: F403
+from .http.options import __all__ as __all__
 
-import dataclasses
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
-
-from .breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
-from .engine import DEFAULT_DECODED_CACHE_BYTES, Hook
-from .errors import ConfigError
-from .pacing import Pacing
-from .protocols import CacheKeyer, EventCodec, StreamAdapter
-from .recorder import DEFAULT_MAX_ENTRY_BYTES
-
-__all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "CacheOptions"]
-
-#: Default lease of a cross-process producer: renewed every third of it while it produces,
-#: so a killed producer's lease is gone (and its followers take over) within this long.
-DEFAULT_CROSS_PROCESS_LEASE = 3.0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CacheOptions:
-    """How the HTTP integrations cache (docs/asgi.md lists each option with its meaning).
-
-    ``routes``, ``tenant``, ``max_body_bytes``: which requests are cached and for whom
-    (:class:`~sse_cache.policy.CachePolicy`). ``ttl``, ``max_entry_bytes``, ``pacing``,
-    ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``,
-    ``decoded_cache_bytes``: as for :class:`~sse_cache.engine.StreamCache` (the decoded-entry
-    budget is shared by every route). ``cross_process`` / ``cross_process_lease``:
-    single-flight across processes on a backend with leases and fan-out (Redis).
-    ``breaker_failures`` / ``breaker_cooldown``: the backend's breaker
-    (:mod:`sse_cache.breaker`). ``resume_window``: seconds a streamed miss whose client left
-    is read on, so that the client can come back and resume it (None: abandoned at once).
-    """
-
-    routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None
-    tenant: str | Callable[[Mapping[str, str]], str] | None = None
-    ttl: float | None = None
-    max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
-    max_body_bytes: int = 4 * 1024 * 1024
-    pacing: str | float | Pacing = "instant"
-    hooks: Iterable[Hook] = ()
-    backend_timeout: float = 2.0
-    single_flight: bool = True
-    keyer: CacheKeyer | None = None
-    codec: EventCodec | None = None
-    cross_process: bool = False
-    cross_process_lease: float = DEFAULT_CROSS_PROCESS_LEASE
-    decoded_cache_bytes: int = DEFAULT_DECODED_CACHE_BYTES
-    breaker_failures: int = DEFAULT_BREAKER_FAILURES
-    breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
-    resume_window: float | None = None
-
-    def __post_init__(self) -> None:
-        # What no other part checks; the policy, the engine and the breaker check their own.
-        object.__setattr__(self, "hooks", tuple(self.hooks))  # iterated once per notice
-        if not self.cross_process_lease > 0:
-            raise ConfigError(
-                f"cross_process_lease must be a positive number of seconds, "
-                f"got {self.cross_process_lease!r}"
-            )
-        if self.resume_window is not None and not self.resume_window > 0:
-            raise ConfigError(
-                f"resume_window must be a positive number of seconds or None, "
-                f"got {self.resume_window!r}"
-            )
-
-    @classmethod
-    def of(cls, options: CacheOptions | None, keywords: Mapping[str, Any]) -> CacheOptions:
-        """``options``, or options built from ``keywords`` (an integration's keyword
-        arguments); an unknown name is a :class:`~sse_cache.errors.ConfigError` naming it."""
-        if options is not None:
-            if keywords:
-                raise ConfigError(
-                    f"pass either options= or keyword options, not both: {sorted(keywords)}"
-                )
-            return options
-        unknown = sorted(set(keywords) - _NAMES)
-        if unknown:
-            raise ConfigError(
-                f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(_NAMES))})"
-            )
-        return cls(**keywords)
-
-
-_NAMES = frozenset(field.name for field in dataclasses.fields(CacheOptions))
+warnings.warn(
+    "sse_cache.options moved to sse_cache.http.options; import it from there "
+    "(the old path goes away in the release after 0.1)",
+    DeprecationWarning,
+    stacklevel=2,
+)

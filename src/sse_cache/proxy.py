@@ -23,8 +23,8 @@ from .asgi import CacheMiddleware, Message, Receive, Scope, Send, send_json_erro
 from .breaker import BreakerState
 from .errors import ConfigError
 from .flight import SharedStreamAborted
+from .http.policy import CONTROL_HEADER_PREFIX
 from .metrics import Metrics
-from .policy import CONTROL_HEADER_PREFIX
 
 try:
     import httpx2

@@ -34,8 +34,8 @@ from sse_cache import Event, Outcome, SSEParser, serialize_sse
 from sse_cache.adapters import GeminiGenerateContent, by_name, for_path
 from sse_cache.adapters.gemini import BLOCKED_FINISH_REASONS, HttpRoute
 from sse_cache.engine import CacheStatus, StreamCache
+from sse_cache.http.policy import CachePolicy
 from sse_cache.keys import CacheRequest, DefaultKeyer
-from sse_cache.policy import CachePolicy
 from sse_cache.protocols import Backend, StreamAdapter, VerifyingAdapter
 
 ADAPTER = GeminiGenerateContent()

@@ -15,7 +15,7 @@ import pytest
 from sse_cache import ConfigError, Entry, Event, MsgpackCodec, Outcome
 from sse_cache.adapters import GenericSSE
 from sse_cache.engine import CacheStatus, Notice, SharedStreamAborted, StreamCache
-from sse_cache.service import CacheService
+from sse_cache.http.service import CacheService
 from sse_cache.testing import paced, responses_stream
 
 pytestmark = pytest.mark.anyio

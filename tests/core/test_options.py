@@ -9,8 +9,8 @@ import pytest
 
 from sse_cache import CacheOptions, ConfigError
 from sse_cache.asgi import CacheMiddleware
+from sse_cache.http.service import CacheService
 from sse_cache.httpx2 import AsyncCacheTransport
-from sse_cache.service import CacheService
 
 
 async def _app(scope: object, receive: object, send: object) -> None:

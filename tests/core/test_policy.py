@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from sse_cache import ConfigError, Pacing
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
+from sse_cache.http.policy import SHARED_TENANT, CachePolicy, Controls, parse_controls
 from sse_cache.keys import CREDENTIAL_HEADERS, tenant_scope
-from sse_cache.policy import SHARED_TENANT, CachePolicy, Controls, parse_controls
 
 BODY = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
 

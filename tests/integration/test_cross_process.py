@@ -384,7 +384,7 @@ async def test_the_local_followers_of_a_remote_stream_outlive_its_first_reader(
 async def test_a_publish_cancelled_midway_never_ends_the_remote_stream_cleanly() -> None:
     # The bytes of a publish that was cancelled are lost to the other processes: when the
     # stream ends they must be told it failed, not given a clean end with a hole in it.
-    from sse_cache.service import ResponseTee, _Lease
+    from sse_cache.http.service import ResponseTee, _Lease
 
     published: list[bytes] = []
     started = anyio.Event()

@@ -10,16 +10,16 @@ from contextlib import aclosing
 
 import msgspec
 
-from .codec import WireEntry
-from .engine import (
+from ..codec import WireEntry
+from ..engine import (
     CachedStream,
     CacheStatus,
     Hook,
     Notice,
     emit,
 )
-from .entry import Entry
-from .events import EOL, Event, ResumeCut, serialize_sse
+from ..entry import Entry
+from ..events import EOL, Event, ResumeCut, serialize_sse
 
 logger = logging.getLogger("sse_cache")
 

@@ -9,20 +9,20 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 
-from ._answers import JSON_TYPE
-from ._fanout import _FANOUT_TTL, _encode_head, _Lease
-from .engine import (
+from ..engine import (
     LiveRecording,
     StreamCache,
 )
-from .entry import Entry
-from .errors import SSEError
-from .events import Event, SSEParser
-from .flight import Head, LiveFlight
-from .protocols import (
+from ..entry import Entry
+from ..errors import SSEError
+from ..events import Event, SSEParser
+from ..flight import Head, LiveFlight
+from ..protocols import (
     Outcome,
 )
-from .recorder import DEFAULT_MAX_ENTRY_BYTES
+from ..recorder import DEFAULT_MAX_ENTRY_BYTES
+from ._answers import JSON_TYPE
+from ._fanout import _FANOUT_TTL, _encode_head, _Lease
 
 logger = logging.getLogger("sse_cache")
 

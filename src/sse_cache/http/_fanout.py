@@ -13,16 +13,17 @@ from typing import Protocol
 import anyio
 import msgspec
 
-from ._logging import backend_warnings
-from .engine import (
+from .._logging import backend_warnings
+from ..engine import (
     StreamCache,
 )
-from .errors import BackendTimeout
-from .flight import Cursor, Head, LiveFlight
-from .protocols import (
+from ..errors import BackendTimeout
+from ..flight import Cursor, Head, LiveFlight
+from ..protocols import (
     FanoutBackend,
     LeasingBackend,
 )
+from ._wire import close_iterator
 
 logger = logging.getLogger("sse_cache")
 
@@ -209,7 +210,4 @@ def _decode_head(data: bytes) -> Head | None:
 
 
 async def _aclose(iterator: AsyncIterator[bytes]) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
+    await close_iterator(iterator, quiet=True)

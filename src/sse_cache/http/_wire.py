@@ -1,0 +1,45 @@
+"""Small pieces of HTTP every edge needs the same way: our headers over the upstream's, the
+provider-shaped JSON error, and closing an iterator of chunks for sure."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable
+
+import anyio
+
+
+def merge_headers(
+    upstream: Iterable[tuple[bytes, bytes]], ours: Iterable[tuple[str, str]]
+) -> list[tuple[bytes, bytes]]:
+    """The upstream's raw headers with ours after them; an upstream header that we also set
+    (``x-sse-cache``, say) is dropped, so a client never sees two values."""
+    ours = list(ours)
+    names = {k.lower() for k, _ in ours}
+    return [
+        *((k, v) for k, v in upstream if k.decode("latin-1").lower() not in names),
+        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in ours),
+    ]
+
+
+def json_error_body(message: str, kind: str = "invalid_request_error") -> bytes:
+    """``{"error": {"message", "type", "code"}}``, as the providers shape theirs, so an SDK
+    raises its usual error. The code is ``sse_cache`` for a request this library refused."""
+    code = "sse_cache" if kind == "invalid_request_error" else kind
+    return json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+
+
+async def close_iterator(iterator: object, *, quiet: bool = False) -> None:
+    """Close an async iterator that has ``aclose`` (a generator of chunks, an upstream's
+    body), shielded: a cancelled request must still release what it read from. ``quiet``
+    swallows what closing raises (for iterators of a stream that has failed already)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.CancelScope(shield=True):
+        if quiet:
+            with contextlib.suppress(Exception):
+                await aclose()
+        else:
+            await aclose()

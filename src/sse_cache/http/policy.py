@@ -1,0 +1,434 @@
+"""What the HTTP integrations cache, and how a request's headers steer it.
+
+One :class:`CachePolicy` is shared by the ASGI middleware and the httpx/httpx2 transports:
+which routes are cached with which adapter, how the tenant scope is derived, and how the
+request controls (``Cache-Control``, ``x-sse-cache-*``) are read. It is sans-IO: it turns a
+method, a path, headers and a body into a :class:`Decision`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import msgspec
+
+from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
+from ..errors import ConfigError
+from ..keys import CREDENTIAL_HEADERS, tenant_scope
+from ..pacing import Pacing
+from ..protocols import KeyHeadersAdapter, StreamAdapter
+
+__all__ = [
+    "DEFAULT_ROUTES",
+    "SHARED_TENANT",
+    "CachePolicy",
+    "Controls",
+    "Decision",
+    "parse_controls",
+]
+
+#: Route suffixes cached by default. Gateways mount the provider APIs under prefixes
+#: (``/openai/v1/responses``, ``/v1/...``): a route matches every path that ends with it.
+#: ``{name}`` in a route stands for one path segment (Gemini's model: ``/v1beta/models/...``,
+#: ``/v1/models/...`` and Vertex AI's ``/v1/projects/p/locations/l/publishers/google/models/...``).
+DEFAULT_ROUTES: Mapping[str, Callable[[], StreamAdapter]] = {
+    "/v1/responses": OpenAIResponses,
+    "/v1/chat/completions": OpenAIChat,
+    "/v1/messages": AnthropicMessages,
+    "/models/{model}:generateContent": GeminiGenerateContent,
+    "/models/{model}:streamGenerateContent": GeminiGenerateContent,
+}
+
+#: Pass as ``tenant=SHARED_TENANT`` to let every caller share entries (explicit opt-in).
+SHARED_TENANT = "shared"
+
+logger = logging.getLogger("sse_cache")
+
+_MAX_VARIANTS = 64
+_NAMESPACE = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
+_FIELD = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_json_decode = msgspec.json.Decoder().decode
+#: Request bodies nested deeper than this are not keyed (forwarded uncached, ``bypass``): real
+#: requests (tool JSON schemas included) stay far below it, and canonicalising a body is
+#: recursive.
+MAX_BODY_DEPTH = 64
+
+#: Headers an integration removes before forwarding a request upstream (our controls).
+CONTROL_HEADER_PREFIX = "x-sse-cache-"
+
+#: The query parameter that carries an API key (Gemini's ``?key=``): a credential, so it is
+#: part of the tenant scope and never of a key, a route or a log line.
+QUERY_CREDENTIAL = "key"
+# The name the query credential has among the credentials when it cannot count as the
+# x-goog-api-key header ("?" is not a header-name character: no real header is called so).
+_QUERY_CREDENTIAL_NAME = "?key"
+_GOOG_API_KEY = "x-goog-api-key"
+_ROUTE_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
+
+
+class Controls(msgspec.Struct, frozen=True, kw_only=True):
+    """The request controls, read from headers by :func:`parse_controls`."""
+
+    lookup: bool = True
+    """False for ``Cache-Control: no-cache``: answer from upstream (still stored)."""
+    store: bool = True
+    """False for ``Cache-Control: no-store``: never store this answer."""
+    refresh: bool = False
+    """``x-sse-cache-refresh``: replace the stored answer with a fresh one."""
+    ttl: float | None = None
+    """``x-sse-cache-ttl: <seconds>``: lifetime of the entry this request stores."""
+    max_age: float | None = None
+    """``x-sse-cache-max-age: <seconds>``: accept only entries younger than this."""
+    namespace: str = ""
+    """``x-sse-cache-namespace: <name>``: a separate partition of the cache."""
+    variants: int = 1
+    """``x-sse-cache-variants: N``: keep up to N different answers and serve one at random."""
+    ignore_fields: frozenset[str] = frozenset()
+    """``x-sse-cache-ignore-fields: a,b``: request fields left out of the key."""
+    pacing: Pacing | None = None
+    """``x-sse-cache-replay: instant | original | <x>x | <ms>ms``: replay speed of a hit."""
+
+
+_SHOWN_CHARS = 80
+
+
+def _shown(value: str, *, quote: bool = True) -> str:
+    # A bad header's value in its error, cut short: a 100 KB header is not echoed back.
+    short = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS]
+    text = repr(short) if quote else short
+    return text if short is value else f"{text}... ({len(value)} characters)"
+
+
+def _seconds(name: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ConfigError(f"{name} must be a positive number of seconds, got {_shown(value)}")
+    return seconds
+
+
+def parse_controls(headers: Mapping[str, str]) -> Controls:
+    """Read the request controls from ``headers`` (lower-case names). Raises
+    :class:`ConfigError` naming the header whose value is invalid."""
+    options: dict[str, Any] = {}
+    cache_control = headers.get("cache-control", "")
+    if cache_control:
+        directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
+        if "no-cache" in directives:
+            options["lookup"] = False
+        if "no-store" in directives:
+            options["store"] = False
+    if (value := headers.get("x-sse-cache-refresh")) is not None:
+        if value.strip().lower() in ("", "1", "true", "yes", "on"):
+            options["refresh"] = True
+        elif value.strip().lower() not in ("0", "false", "no", "off"):
+            raise ConfigError(f"x-sse-cache-refresh must be true or false, got {_shown(value)}")
+    if (value := headers.get("x-sse-cache-ttl")) is not None:
+        options["ttl"] = _seconds("x-sse-cache-ttl", value)
+    if (value := headers.get("x-sse-cache-max-age")) is not None:
+        try:
+            max_age = float(value)
+        except ValueError:
+            max_age = -1.0
+        if not max_age >= 0:
+            raise ConfigError(
+                f"x-sse-cache-max-age must be a non-negative number of seconds, got {_shown(value)}"
+            )
+        options["max_age"] = max_age
+    if (value := headers.get("x-sse-cache-namespace")) is not None:
+        if not _NAMESPACE.match(value):
+            raise ConfigError(
+                "x-sse-cache-namespace must be 1-128 characters of letters, digits and "
+                f"._:/@+=-, got {_shown(value)}"
+            )
+        options["namespace"] = value
+    if (value := headers.get("x-sse-cache-variants")) is not None:
+        # isascii(): str.isdigit() also takes digits int() refuses (superscripts, in Latin-1).
+        digits = value.strip()
+        if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= _MAX_VARIANTS:
+            raise ConfigError(
+                f"x-sse-cache-variants must be an integer from 1 to {_MAX_VARIANTS}, "
+                f"got {_shown(value)}"
+            )
+        options["variants"] = int(digits)
+    if (value := headers.get("x-sse-cache-ignore-fields")) is not None:
+        fields = frozenset(f.strip() for f in value.split(",") if f.strip())
+        bad = sorted(f for f in fields if not _FIELD.match(f))
+        if bad:
+            raise ConfigError(
+                f"x-sse-cache-ignore-fields has invalid field names: {_shown(', '.join(bad))}"
+            )
+        options["ignore_fields"] = fields
+    if (value := headers.get("x-sse-cache-replay")) is not None:
+        try:
+            options["pacing"] = Pacing.parse(value)
+        except ConfigError as exc:
+            raise ConfigError(f"x-sse-cache-replay: {_shown(str(exc), quote=False)}") from None
+    return Controls(**options)
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """What to do with one request. ``adapter`` is None when the request is not cacheable
+    (then ``reason`` says why and the request passes through, marked ``bypass``)."""
+
+    adapter: StreamAdapter | None = None
+    route: str = ""
+    streaming: bool = False
+    body: Mapping[str, Any] | None = None
+    tenant: str = ""
+    key_headers: Mapping[str, str] = {}
+    last_event_id: str | None = None
+    """``Last-Event-ID`` of a reconnecting client: a hit replays only what came after it."""
+    controls: Controls = Controls()
+    reason: str = ""
+
+    @property
+    def cacheable(self) -> bool:
+        return self.adapter is not None
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether the decoded JSON ``value`` nests arrays/objects more than ``limit`` deep (an
+    explicit stack over its containers: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
+def _clean_path(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/") or "/"
+
+
+def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """The query's parameters without the credential, and the credential values."""
+    if not query:
+        return [], []
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    keys = [v for k, v in pairs if k == QUERY_CREDENTIAL]
+    return [(k, v) for k, v in pairs if k != QUERY_CREDENTIAL], keys
+
+
+def _route_of(method: str, path: str, params: Iterable[tuple[str, str]]) -> str:
+    # Parameter order never changes an answer; values (e.g. Azure's api-version) may.
+    pairs = sorted(params)
+    if not pairs:
+        return f"{method.upper()} {path}"
+    return f"{method.upper()} {path}?{urllib.parse.urlencode(pairs)}"
+
+
+def _with_query_key(
+    headers: Mapping[str, str], keys: list[str], credentials: tuple[str, ...]
+) -> Mapping[str, str]:
+    """``headers`` with a ``?key=`` credential among them: as the ``x-goog-api-key`` header it
+    stands for (the same key, the same tenant) unless the request has another value there."""
+    if not keys:
+        return headers
+    value = ", ".join(keys)  # several: all of them count, as for a repeated header
+    out = dict(headers)
+    if _GOOG_API_KEY in credentials and out.get(_GOOG_API_KEY, value) == value:
+        out[_GOOG_API_KEY] = value
+    else:
+        out[_QUERY_CREDENTIAL_NAME] = value
+    return out
+
+
+def _route_matcher(route: str) -> Callable[[str], bool]:
+    """Whether a path is ``route`` or ends with it; ``{name}`` matches one path segment (or
+    the part of one before a ``:``, as in ``/models/{model}:generateContent``)."""
+    if "{" not in route:
+        return lambda path: path == route or path.endswith(route)
+    pieces = _ROUTE_PARAM.split(route)
+    if any("{" in p or "}" in p for p in pieces):
+        raise ConfigError(f"route {route!r}: write a path parameter as {{name}}")
+    pattern = re.compile(".*" + "[^/:]+".join(re.escape(p) for p in pieces) + "$", re.S)
+    return lambda path: pattern.fullmatch(path) is not None
+
+
+class CachePolicy:
+    """Routes, tenant scope and limits for the HTTP integrations.
+
+    ``routes``: path (or path suffix) → adapter, or a factory of one; default
+    :data:`DEFAULT_ROUTES`. A path matches a route when it equals it or ends with it, so
+    ``/openai/v1/responses`` and Azure-style ``/openai/deployments/x/chat/completions``
+    (add the route ``/chat/completions``) are easy to cover; ``{name}`` in a route matches
+    one path segment (``/models/{model}:generateContent``). Only ``POST`` is cached. Routes
+    given the same adapter class or factory share one adapter (and so one cache).
+
+    ``tenant``: how the tenant scope is derived — None (default) hashes the credential the
+    request carries (``Authorization``, ``x-api-key``, ``api-key``, ``x-goog-api-key``,
+    ...; a request without one is not cached: its caller cannot be told apart), a callable
+    receives the lower-cased request headers and returns a scope string, and
+    :data:`SHARED_TENANT` lets all callers share entries (explicit opt-in). A ``key`` query
+    parameter (Gemini's ``?key=``) is a credential too: it counts as the ``x-goog-api-key``
+    header (also for a callable), and is removed from the route in the key and in logs.
+    Credentials themselves are never stored.
+
+    ``max_body_bytes``: larger request bodies pass through uncached (``bypass``).
+    """
+
+    def __init__(
+        self,
+        routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
+        *,
+        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
+        credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
+        max_body_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        table = DEFAULT_ROUTES if routes is None else routes
+        self.routes: dict[str, StreamAdapter] = {}
+        made_by: dict[int, StreamAdapter] = {}  # one adapter per class or factory
+        for path, adapter in table.items():
+            if not path.startswith("/"):
+                raise ConfigError(f"route {path!r} must start with '/'")
+            made: Any = made_by.get(id(adapter))
+            if made is None:
+                # A class or factory is called; an adapter instance is used as it is. (A
+                # class must be checked first: it has every attribute the protocol asks for.)
+                made = adapter() if isinstance(adapter, type) else adapter
+                if not isinstance(made, StreamAdapter) and callable(made):
+                    made = made()
+                if not isinstance(made, StreamAdapter):
+                    raise ConfigError(f"route {path!r}: {adapter!r} is not a StreamAdapter")
+                made_by[id(adapter)] = made
+            self.routes[path.rstrip("/") or "/"] = made
+        # Longest route first: the most specific suffix wins.
+        self._ordered = [
+            (route, _route_matcher(route), adapter)
+            for route, adapter in sorted(self.routes.items(), key=lambda kv: -len(kv[0]))
+        ]
+        if isinstance(tenant, str) and tenant != SHARED_TENANT:
+            raise ConfigError(f"tenant must be None, a callable or {SHARED_TENANT!r}")
+        self._tenant = tenant
+        self._credentials = tuple(h.lower() for h in credential_headers)
+        if max_body_bytes <= 0:
+            raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
+        self.max_body_bytes = max_body_bytes
+
+    def match(self, method: str, path: str) -> tuple[str, StreamAdapter] | None:
+        """The route and adapter for a request, or None when it is not a cached route."""
+        if method.upper() != "POST":
+            return None
+        path = _clean_path(path)
+        for route, matches, adapter in self._ordered:
+            if matches(path):
+                return route, adapter
+        return None
+
+    def tenant_of(self, headers: Mapping[str, str], query: str = "") -> str | None:
+        """The tenant scope of a request; None when the default scope cannot tell who is
+        asking (no credential header, no ``key`` query parameter): such requests are not
+        cached, since their callers could not be kept apart (opt in with
+        ``tenant="shared"`` or a callable)."""
+        return self._tenant_of(headers, _split_query(query)[1])
+
+    def _tenant_of(self, headers: Mapping[str, str], keys: list[str]) -> str | None:
+        headers = _with_query_key(headers, keys, self._credentials)
+        if self._tenant is None:
+            credentials = (
+                (*self._credentials, _QUERY_CREDENTIAL_NAME) if keys else self._credentials
+            )
+            return tenant_scope(headers, credentials) or None
+        if self._tenant == SHARED_TENANT:
+            return ""
+        assert callable(self._tenant)
+        scope = self._tenant(headers)
+        if not isinstance(scope, str):
+            raise ConfigError(f"the tenant callable returned {scope!r}, not a string")
+        return "c:" + scope  # never equal to a credential hash ("t:...") or the shared scope
+
+    def decide(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        query: str = "",
+    ) -> Decision:
+        """Decide for one request. ``headers`` must have lower-case names. ``body`` is the
+        complete request body, or None when it was larger than :attr:`max_body_bytes`.
+        Raises :class:`ConfigError` for an invalid control header (answer 400).
+
+        The request's own path and query (not just the route it matched) are part of its
+        key: two Azure deployments, or two prefixes in front of different upstreams, never
+        share an entry even when the bodies are equal. The ``key`` query parameter is not
+        (it is a credential: see ``tenant``). An adapter with an ``http_route(path, params)``
+        method (Gemini: the path says whether a request streams) rewrites the path and
+        parameters in the key, says whether the request streams, and may pass it through
+        uncached (a non-empty ``reason``)."""
+        matched = self.match(method, path)
+        if matched is None:
+            return Decision(reason="not a cached route")
+        _, adapter = matched
+        clean = _clean_path(path)
+        params, keys = _split_query(query)
+        streaming: bool | None = None
+        why = ""
+        http_route = getattr(adapter, "http_route", None)
+        if http_route is not None:
+            keyed, keyed_params, streaming, why = http_route(clean, params)
+            if why:  # passed through: logged as it was asked (less its credential)
+                parse_controls(headers)
+                return self._unkeyable(_route_of(method, clean, params), why)
+            clean, params = keyed, list(keyed_params)
+        route = _route_of(method, clean, params)
+        controls = parse_controls(headers)
+        if body is None:
+            return Decision(route=route, reason=f"request body over {self.max_body_bytes} bytes")
+        if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+            return Decision(route=route, reason="compressed request body")
+        deep = f"request body nested deeper than {MAX_BODY_DEPTH} levels"
+        try:
+            parsed = _json_decode(body)
+        except msgspec.DecodeError:
+            return self._unkeyable(route, "request body is not JSON")
+        except RecursionError:  # msgspec's own bound, far deeper than ours
+            return self._unkeyable(route, deep)
+        if not isinstance(parsed, dict):
+            return self._unkeyable(route, "request body is not a JSON object")
+        if _nested_deeper_than(parsed, MAX_BODY_DEPTH):
+            return self._unkeyable(route, deep)
+        tenant = self._tenant_of(headers, keys)
+        if tenant is None:
+            return Decision(
+                route=route,
+                reason="no credential header to scope the entry by (set tenant= to cache it)",
+            )
+        return Decision(
+            adapter=adapter,
+            route=route,
+            streaming=adapter.is_streaming(parsed) if streaming is None else streaming,
+            body=parsed,
+            tenant=tenant,
+            key_headers={
+                name: headers[name]
+                for name in (adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ())
+                if name in headers
+            },
+            last_event_id=headers.get("last-event-id"),
+            controls=controls,
+        )
+
+    @staticmethod
+    def _unkeyable(route: str, reason: str) -> Decision:
+        # One concise line per such request (no traceback): it is forwarded uncached.
+        logger.info("sse_cache: %s forwarded uncached: %s", route, reason)
+        return Decision(route=route, reason=reason)
+
+    @staticmethod
+    def pick_variant(controls: Controls) -> int:
+        """Which of ``controls.variants`` stored answers this request uses."""
+        return random.randrange(controls.variants) if controls.variants > 1 else 0

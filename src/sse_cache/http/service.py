@@ -1,0 +1,780 @@
+"""The HTTP-level cache shared by every integration (ASGI middleware, httpx/httpx2 transports).
+
+An integration knows how to read a request and write a response in its framework; everything
+else lives here, once: which requests are cached (:class:`~sse_cache.http.policy.CachePolicy`),
+their keys, the lookup, answering a hit (replayed, synthesised or recovered), joining a live
+identical stream, and recording a miss's response as it passes through (:class:`ResponseTee`).
+
+Usage by an integration::
+
+    decision = service.decide(method, path, headers, body)   # ConfigError -> 400
+    async with service.exchange(decision) as ex:
+        if ex.answer is not None:         # hit or shared: no upstream call
+            send(ex.answer.status, ex.answer.headers, ex.answer.chunks)
+        else:                             # miss / bypass / refresh: call the upstream
+            tee = await ex.tee(status, response_headers)   # None: not recordable
+            for chunk in upstream_body:   # deliver each chunk first, then record it
+                send(chunk); tee and tee.feed(chunk)
+            tee and tee.end()             # the upstream body ended by itself
+    # leaving the block stores what completed (a tee that did not end stores nothing)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import time
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+
+from .._decoded import DecodedEntries
+from .._logging import backend_warnings
+from ..breaker import (
+    Breaker,
+    BreakerState,
+)
+from ..codec import MsgpackCodec, WireEntry
+from ..engine import (
+    CacheStatus,
+    LiveRecording,
+    Notice,
+    StreamCache,
+    emit,
+)
+from ..entry import Entry
+from ..errors import ConfigError
+from ..events import Event, serialize_sse
+from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
+from ..keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
+from ..pacing import Pacing
+from ..protocols import (
+    Backend,
+    FanoutBackend,
+    LeasingBackend,
+    Outcome,
+    ResumingAdapter,
+    StreamAdapter,
+)
+from ._answers import (
+    _SSE_HEADERS,
+    JSON_TYPE,
+    SSE_TYPE,
+    Answer,
+    _after,
+    _after_id,
+    _as_shared,
+    _counted,
+    _hit_answer,
+    _one,
+    _stream_chunks,
+)
+from ._fanout import (
+    _CHANNEL,
+    _FANOUT_CLOSE_TIMEOUT,
+    _FANOUT_TTL,
+    _LIVE_ALIAS_TTL,
+    _channel,
+    _FanoutBackend,
+    _follow_channel,
+    _Lease,
+    _open_channel,
+)
+from ._tee import ResponseTee
+from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
+from .policy import CachePolicy, Decision
+
+__all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", "ResponseTee"]
+
+logger = logging.getLogger("sse_cache")
+
+
+def _media_type(content_type: str) -> str:
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+class CacheService:
+    """Policy + one :class:`StreamCache` per adapter, all on one backend.
+
+    ``backend`` is a Backend or a URL (then the service owns and closes it). The options:
+    one :class:`~sse_cache.http.options.CacheOptions` (``options=``), or its fields as keywords.
+    A ``resume_window`` keeps a streamed miss whose client left being read, so that the
+    client can come back and resume it (docs/single-flight.md).
+    """
+
+    def __init__(
+        self, backend: Backend | str, options: CacheOptions | None = None, **keywords: Any
+    ) -> None:
+        from ..backends import open_backend  # the registry, not a concrete backend
+
+        o = self.options = CacheOptions.of(options, keywords)
+        #: The live streams that name their response (Responses), by tenant and response id
+        #: (:func:`alias_key`): what ``GET .../responses/{id}?stream=true`` resumes.
+        self.live_responses: dict[str, LiveFlight[bytes]] = {}
+
+        self.backend, self._owns_backend = open_backend(backend)
+        # Cross-process single-flight needs a lock and live fan-out (Redis offers both).
+        backend_ = self.backend
+        self.fanout: _FanoutBackend | None = None
+        if o.cross_process:
+            if not (isinstance(backend_, LeasingBackend) and isinstance(backend_, FanoutBackend)):
+                raise ConfigError(
+                    f"cross_process needs a backend with locks and fan-out (Redis), "
+                    f"not {type(backend_).__name__}"
+                )
+            self.fanout = backend_
+        self.cross_process_lease = o.cross_process_lease
+        self.policy = CachePolicy(o.routes, tenant=o.tenant, max_body_bytes=o.max_body_bytes)
+        hooks = self.hooks = tuple(o.hooks)
+        keyer = o.keyer or DefaultKeyer()
+        codec = o.codec or MsgpackCodec()
+        decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(o.decoded_cache_bytes)
+        # One breaker for the one backend, whichever route's cache calls it.
+        self.breaker = Breaker(
+            o.breaker_failures, o.breaker_cooldown, on_change=self._breaker_changed
+        )
+        self._caches: dict[int, StreamCache] = {
+            id(adapter): StreamCache(
+                self.backend,
+                adapter,
+                keyer=keyer,
+                codec=codec,
+                ttl=o.ttl,
+                max_entry_bytes=o.max_entry_bytes,
+                pacing=o.pacing,
+                hooks=hooks,
+                backend_timeout=o.backend_timeout,
+                single_flight=o.single_flight,
+                decoded_cache_bytes=decoded,  # one budget for all the schemas
+                breaker=self.breaker,
+            )
+            for adapter in self.policy.routes.values()
+        }
+        self.ttl = o.ttl
+
+    def _breaker_changed(self, state: BreakerState, why: str) -> None:
+        # One line per transition, not one per skipped request.
+        log = logger.info if state is BreakerState.CLOSED else logger.warning
+        log("sse_cache: backend circuit %s (%s)", state.value, why)
+        emit(self.hooks, Notice(kind="breaker", key="", detail=state.value))
+
+    def cache_for(self, adapter: StreamAdapter) -> StreamCache:
+        return self._caches[id(adapter)]
+
+    async def aclose(self) -> None:
+        if self._owns_backend:
+            await self.backend.aclose()
+
+    def decide(
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None,
+        query: str = "",
+    ) -> Decision:
+        """The policy's decision for a request (see :meth:`CachePolicy.decide`). Raises
+        :class:`~sse_cache.errors.ConfigError` for an invalid control header (answer 400)."""
+        try:
+            return self.policy.decide(method, path, headers, body, query)
+        except ConfigError as exc:
+            emit(self.hooks, Notice(kind="invalid", key="", detail=str(exc)))
+            raise
+
+    @asynccontextmanager
+    async def exchange(
+        self, decision: Decision, *, publish: bool = False
+    ) -> AsyncIterator[Exchange]:
+        """One request/response, for a :meth:`decide` decision. Leaving the block normally
+        stores what completed; leaving it with an exception stores nothing.
+
+        ``publish``: the integration calls :meth:`ResponseTee.flush` after each chunk, so a
+        miss can lead a cross-process single-flight (``cross_process=True``)."""
+        ex = Exchange(self, decision)
+        try:
+            async with AsyncExitStack() as stack:
+                if decision.adapter is not None:
+                    await ex._look(stack, publish=publish)
+                elif decision.route:
+                    emit(self.hooks, Notice(kind="bypass", key="", detail=decision.reason))
+                yield ex
+                tee = ex._tee
+                if tee is not None:
+                    if not tee.ended:
+                        tee.fail("the response did not complete")
+                    await tee.close()
+            await ex._index()
+        finally:
+            await ex._end_lead()
+
+    async def resume(
+        self, method: str, path: str, query: str, headers: Mapping[str, str]
+    ) -> Answer | None:
+        """Answer ``GET .../responses/{id}?stream=true&starting_after=N`` for the tenant that
+        started that response: the events after sequence number N — from its live stream
+        while it is produced (here, or by another process with ``cross_process``), from its
+        entry once stored. None when it is not such a request or the stream is neither live
+        nor cached (then the request goes upstream)."""
+        match = _RESUME.search(path)
+        if method != "GET" or match is None:
+            return None
+        params = urllib.parse.parse_qs(query)
+        if params.get("stream", [""])[-1].lower() != "true":
+            return None
+        try:
+            after = int(params.get("starting_after", ["-1"])[-1])
+        except ValueError:
+            return None  # the upstream answers the malformed request
+        matched = self.policy.match("POST", path[: match.start()] + "/responses")
+        if matched is None:
+            return None
+        _, adapter = matched
+        if not isinstance(adapter, ResumingAdapter):
+            return None
+        events_after = adapter.events_after
+        cache = self.cache_for(adapter)
+        tenant = self.policy.tenant_of(headers)
+        if tenant is None:
+            return None
+
+        def had(event: Event) -> bool:
+            return not events_after([event], after)  # the client has events up to N
+
+        alias = alias_key(adapter.name, tenant, match["id"])
+        live_alias = live_alias_key(adapter.name, tenant, match["id"])
+        live = self.live_responses.get(alias)
+        if live is not None and live.entry is None:
+            # Still being produced: the events after N from its log, then the rest as it
+            # comes. (Once it ended, its entry — stored, or being stored — answers.)
+            answer = await self.resume_live(cache, live, had)
+            if answer is not None:
+                return answer
+        entry = live.entry if live is not None else None
+        key = live.key if live is not None else await cache.resolve(alias)
+        if key is None:
+            return await self._resume_remote(cache, live_alias, had)
+        if entry is None:
+            entry = await cache.lookup(key)
+        # The index may outlive its entry (a refresh or an eviction stores another answer
+        # under the key): only the stream of that very response is resumed.
+        if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
+            return await self._resume_remote(cache, live_alias, had)
+        events = events_after(entry.events, after)
+        base = [("content-type", entry.content_type), *_SSE_HEADERS]
+        chunks = _one(serialize_sse(events, eol=entry.eol))
+        duration = entry.events[-1].at if entry.events else 0.0
+        return _hit_answer(
+            self.hooks, key, entry, chunks, base, len(events), duration, instant=True
+        )
+
+    async def _resume_remote(
+        self, cache: StreamCache, live_alias: str, had: Callable[[Event], bool]
+    ) -> Answer | None:
+        # Produced by another process (cross-process): its producer indexed the stream's key
+        # under ``live_alias``; resumed from that producer's fan-out channel.
+        if self.fanout is None:
+            return None
+        key = await cache.resolve(live_alias)
+        return None if key is None else await self.resume_remote(cache, key, had)
+
+    async def resume_remote(
+        self, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
+    ) -> Answer | None:
+        """:meth:`resume_live` for the stream of ``key`` that another process produces: read
+        from the start of its producer's fan-out channel. None when no process produces it,
+        or it cannot be followed (failed before it answered, or Redis failed)."""
+        fanout = self.fanout
+        assert fanout is not None
+        try:
+            holder = await fanout.holder(_CHANNEL + key)
+        except Exception:
+            holder = None  # fail open: the upstream answers
+        if holder is None:
+            return None
+        channel = _channel(key, holder)
+        opened = await _open_channel(fanout, channel, self.cross_process_lease, cache)
+        if opened is None:
+            return None
+        head, first, reader = opened
+        # A flight of this resumer's own (not offered to others): the channel's copy.
+        live: LiveFlight[bytes] = LiveFlight(Flight(key, max_log_bytes=cache.max_entry_bytes))
+        cursor = _follow_channel(live, head, first, reader, cache.join_timeout)
+        return self._resumed(cache, live, cursor, head, had)
+
+    async def resume_live(
+        self, cache: StreamCache, live: LiveFlight[bytes], had: Callable[[Event], bool | None]
+    ) -> Answer | None:
+        """Answer a client that reconnects to a live stream: the stream's exact bytes after
+        the last event it had (``had``: see :class:`~sse_cache.events.ResumeCut`), then the
+        rest as it comes, ending (or failing) as the stream does. None when the stream can
+        no longer be joined (it failed, or its log outgrew ``max_entry_bytes``)."""
+        cursor = live.flight.follow()
+        if cursor is None:
+            return None
+        try:
+            head = await live.wait_head(cache.join_timeout)
+        except SharedStreamAborted:
+            head = None
+        if head is None:
+            await live.leave(cursor)
+            return None
+        return self._resumed(cache, live, cursor, head, had)
+
+    def _resumed(
+        self,
+        cache: StreamCache,
+        live: LiveFlight[bytes],
+        cursor: Cursor,
+        head: Head,
+        had: Callable[[Event], bool | None],
+    ) -> Answer:
+        logger.info("sse_cache: %s resumed from its live stream", live.key)
+        emit(self.hooks, Notice(kind="resumed", key=live.key))
+        chunks = _after(live.chunks(cursor, cache.join_timeout), had)
+        return Answer(
+            status=head.status,
+            headers=_as_shared(head.headers),
+            chunks=_counted(self.hooks, live.key, chunks),
+        )
+
+
+class Exchange:
+    """The cache's side of one request (see :meth:`CacheService.exchange`)."""
+
+    def __init__(self, service: CacheService, decision: Decision) -> None:
+        self.decision = decision
+        self.status = CacheStatus.BYPASS
+        self.key = ""
+        self.answer: Answer | None = None
+        self._service = service
+        self._cache: StreamCache | None = None
+        self._stack: AsyncExitStack | None = None
+        self._tee: ResponseTee | None = None
+        self._live: LiveRecording | None = None
+        self._lead: _Lease | None = None  # while leading a cross-process flight
+        self._flight: LiveFlight[bytes] | None = None  # the live stream this request produces
+        self._follows_process = False  # ... fed by another process's (cross-process)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.decision.adapter is not None
+
+    def headers(self) -> list[tuple[str, str]]:
+        """The ``x-sse-cache`` headers for this request's response (none when the route is
+        not cached at all)."""
+        if self.decision.adapter is None:
+            return [("x-sse-cache", CacheStatus.BYPASS.value)] if self.decision.route else []
+        out = [("x-sse-cache", self.status.value)]
+        if self.key:
+            out.append(("x-sse-cache-key", self.key))
+        return out
+
+    async def _look(self, stack: AsyncExitStack, *, publish: bool = False) -> None:
+        decision = self.decision
+        adapter = decision.adapter
+        assert adapter is not None and decision.body is not None
+        controls = decision.controls
+        cache = self._cache = self._service.cache_for(adapter)
+        self._stack = stack
+        fields = adapter.key_fields(decision.body)
+        if controls.ignore_fields:
+            fields = {k: v for k, v in fields.items() if k not in controls.ignore_fields}
+        self.key = cache.key(
+            CacheRequest(
+                schema=adapter.name,
+                route=decision.route,
+                fields=fields,
+                tenant=decision.tenant,
+                namespace=controls.namespace,
+                variant=CachePolicy.pick_variant(controls),
+                headers=decision.key_headers,
+                ignored=tuple(sorted(controls.ignore_fields)),
+            )
+        )
+        if controls.refresh or not controls.lookup:
+            self.status = CacheStatus.REFRESH if controls.refresh else CacheStatus.BYPASS
+            emit(self._service.hooks, Notice(kind=self.status.value, key=self.key))
+            return
+        self.status = CacheStatus.MISS
+        # Only a streamed request whose answer may be stored, asking for all of it, is
+        # offered to others or joins others: a no-store request wants its own answer, a
+        # non-streamed one other bytes, a reconnecting one (Last-Event-ID) a suffix.
+        shares = (
+            decision.streaming
+            and cache.single_flight
+            and controls.store
+            and decision.last_event_id is None
+        )
+        # The one lookup order: a fresh entry, an entry being stored, a live stream, or become
+        # its producer. A follower whose producer failed before answering (it has been sent
+        # nothing) goes round once more: it joins whoever asks the upstream next, or is it.
+        for _attempt in range(2):
+            if await self._lookup(cache):
+                return
+            pending, live, cursor = cache.settle(self.key, share=shares)
+            if pending is not None:  # an entry being stored
+                self.answer = self._answer_entry(cache, pending, self._pacing(cache))
+                if self.answer is not None:
+                    self.status = CacheStatus.HIT
+                    return
+            if live is None:
+                break
+            if cursor is None:
+                self._produce(live, stack)
+                break
+            stack.push_async_callback(live.leave, cursor)  # whatever happens to the answer
+            if await self._follow(live, cursor):
+                return
+        if (
+            decision.last_event_id is not None
+            and decision.streaming
+            and controls.store
+            and cache.single_flight
+            and await self._resume_live(cache, decision.last_event_id)
+        ):
+            return
+        fanout = self._service.fanout
+        leads = fanout is not None and publish and self._flight is not None
+        if leads and fanout is not None and await self._lead_or_follow(fanout):
+            return
+        emit(self._service.hooks, Notice(kind="miss", key=self.key))
+
+    async def _resume_live(self, cache: StreamCache, last_id: str) -> bool:
+        """A client reconnecting with ``Last-Event-ID`` to an answer still being produced:
+        it gets the rest of that live stream."""
+        live = cache.live.get(self.key)
+        fanout = self._service.fanout
+        if live is None and fanout is None:
+            return False
+        found = False
+
+        def had(event: Event) -> bool | None:
+            # The first event with that id (as for a stored stream): the client has it and
+            # those before; not found, the client saw another stream and gets all of this one.
+            nonlocal found
+            if found:
+                return False
+            found = event.id == last_id
+            return True if found else None
+
+        if live is not None:
+            answer = await self._service.resume_live(cache, live, had)
+        else:  # produced by another process, perhaps (cross-process): its channel
+            answer = await self._service.resume_remote(cache, self.key, had)
+        if answer is None:
+            return False
+        self.status = CacheStatus.SHARED
+        self.answer = answer
+        return True
+
+    def _pacing(self, cache: StreamCache) -> Pacing:
+        return self.decision.controls.pacing or cache.pacing
+
+    async def _lookup(self, cache: StreamCache) -> bool:
+        """Answer from a fresh stored entry, if there is one."""
+        decision = self.decision
+        pacing = self._pacing(cache)
+        max_age = decision.controls.max_age
+        if decision.streaming and pacing.instant and decision.last_event_id is None:
+            # The fast path: a recorded stream goes out as its stored SSE bytes.
+            wire = await cache.lookup_wire(self.key, max_age=max_age)
+            if wire is not None:
+                self.answer = self._answer_wire(cache, wire)
+        else:
+            entry = await cache.lookup(self.key, max_age=max_age)
+            if entry is not None:
+                self.answer = self._answer_entry(cache, entry, pacing)
+        if self.answer is None:
+            return False
+        self.status = CacheStatus.HIT
+        return True
+
+    def _produce(self, live: LiveFlight[bytes], stack: AsyncExitStack) -> None:
+        # This request's response is the live stream of its key. Closed (no longer offered)
+        # when the exchange ends, after the store: until then a request that finds it ended
+        # is answered from its entry.
+        self._flight = live
+        stack.callback(lambda: live.close(keep_readers=self._follows_process))
+
+    async def _follow(self, live: LiveFlight[bytes], cursor: Cursor) -> bool:
+        """Answer with the live stream's bytes once its producer has its response head. False
+        when the producer failed before that (this request has been sent nothing)."""
+        cache = self._cache
+        assert cache is not None
+        try:
+            head = await live.wait_head(cache.join_timeout)
+        except SharedStreamAborted as exc:
+            logger.warning("sse_cache: not following %s: %s", self.key, exc)
+            head = None
+        if head is None:
+            await live.leave(cursor)
+            return False
+        self.status = CacheStatus.SHARED
+        emit(self._service.hooks, Notice(kind="shared", key=self.key))
+        self.answer = Answer(
+            status=head.status,
+            headers=_as_shared(head.headers),
+            chunks=self._counted(live.chunks(cursor, cache.join_timeout)),
+        )
+        return True
+
+    # -- cross-process single-flight ---------------------------------------------------------
+
+    async def _lead_or_follow(self, fanout: _FanoutBackend) -> bool:
+        """Take the key's lease (then this request leads: its response is published as it
+        passes) or, when another process holds it, follow that process's live stream. True
+        when this request is answered by following.
+
+        A follower that hears nothing from its producer for a lease's length (a killed
+        process stops renewing it and sending heartbeats) takes over: it takes the lease
+        itself, or follows whoever did."""
+        service = self._service
+        lease = service.cross_process_lease
+        lock = _CHANNEL + self.key
+        for _attempt in range(3):
+            token = uuid.uuid4().hex
+            try:
+                if await fanout.acquire(lock, token, lease):
+                    self._lead = _Lease(fanout, lock, token, lease)
+                    return False
+                holder = await fanout.holder(lock)
+            except Exception as exc:  # fail open: no single-flight across processes this time
+                backend_warnings.warning(
+                    fanout,
+                    "lock_failed",
+                    "sse_cache: cross-process lock failed for %s: %r",
+                    self.key,
+                    exc,
+                )
+                return False
+            if holder is not None and await self._follow_process(fanout, holder):
+                return True
+        return False
+
+    async def _follow_process(self, fanout: _FanoutBackend, holder: str) -> bool:
+        live = self._flight
+        assert live is not None
+        cache = self._cache
+        assert cache is not None
+        opened = await _open_channel(
+            fanout, _channel(self.key, holder), self._service.cross_process_lease, cache
+        )
+        if opened is None:
+            return False
+        head, first, reader = opened
+        # This process's own readers of the key (this request first) follow the local live
+        # stream, which pulls the other process's messages in turn.
+        self.status = CacheStatus.SHARED
+        emit(self._service.hooks, Notice(kind="shared", key=self.key))
+        shared = Head(head.status, _as_shared(head.headers))
+        cursor = _follow_channel(live, shared, first, reader, cache.join_timeout)
+        self._follows_process = True
+        self.answer = Answer(
+            status=head.status,
+            headers=_as_shared(head.headers),
+            chunks=self._counted(live.chunks(cursor, cache.join_timeout)),
+        )
+        return True
+
+    async def _end_lead(self) -> None:
+        lease, fanout = self._lead, self._service.fanout
+        if lease is None or fanout is None:
+            return
+        self._lead = None
+        tee = self._tee
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
+            try:
+                await lease.stop()
+                if tee is not None and tee.ended and not tee.cut and not tee.publish_failed:
+                    await tee.flush()
+                if tee is None or not tee.ended or tee.cut or tee.publish_failed:
+                    await fanout.publish(lease.channel, b"x", ttl=_FANOUT_TTL)
+                await fanout.finish(lease.channel, ttl=_FANOUT_TTL)
+            except Exception as exc:
+                logger.warning("sse_cache: could not end the fan-out of %s: %r", self.key, exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await fanout.release(lease.lock, lease.token)
+
+    def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
+        if wire.sse is not None:
+            chunks = _one(wire.sse)  # already in the recorded line ends (wire.eol)
+            content_type, events, duration = wire.content_type, wire.count, wire.duration
+        else:
+            assert wire.body is not None
+            synthesized = cache.adapter.synthesize(wire.body)
+            if synthesized is None:
+                return None
+            chunks = _one(serialize_sse(synthesized))  # synthesised: canonical LF
+            content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
+        base = [("content-type", content_type), *_SSE_HEADERS]
+        return self._answer(wire, chunks, base, events, duration, instant=True)
+
+    def _answer_entry(self, cache: StreamCache, entry: Entry, pacing: Pacing) -> Answer | None:
+        if self.decision.streaming:
+            events = cache.events_of(entry)
+            if events is None:
+                return None
+            stream = cache.replay(
+                entry, pacing, events=_after_id(events, self.decision.last_event_id)
+            )
+            content_type = entry.content_type if entry.is_stream else SSE_TYPE
+            base = [("content-type", content_type), *_SSE_HEADERS]
+            # A recorded stream in its recorded line ends; a synthesised one in LF.
+            chunks = _stream_chunks(stream, entry.eol if entry.is_stream else "lf")
+        else:
+            body = cache.body_of(entry)
+            if body is None:
+                return None
+            content_type = JSON_TYPE if entry.is_stream else entry.content_type
+            base = [("content-type", content_type), ("content-length", str(len(body)))]
+            chunks = _one(body)
+        events = entry.events or ()
+        duration = events[-1].at if events else 0.0
+        return self._answer(
+            entry, chunks, base, len(events), duration, instant=not self.decision.streaming
+        )
+
+    def _answer(
+        self,
+        entry: Entry | WireEntry,
+        chunks: AsyncIterator[bytes],
+        base: list[tuple[str, str]],
+        events: int,
+        duration: float,
+        *,
+        instant: bool = False,
+    ) -> Answer:
+        hooks = self._service.hooks
+        return _hit_answer(hooks, self.key, entry, chunks, base, events, duration, instant=instant)
+
+    async def _index(self) -> None:
+        # A stored stream that names its response (OpenAI Responses) is indexed by that id,
+        # per tenant, so that GET /v1/responses/{id}?stream=true can resume it.
+        live, cache = self._live, self._cache
+        if live is None or cache is None or not live.stored or live.entry is None:
+            return
+        response_id = live.entry.meta.get("response_id")
+        if response_id:
+            alias = alias_key(cache.adapter.name, self.decision.tenant, response_id)
+            await cache.alias(alias, self.key, expires_at=live.entry.expires_at)
+
+    def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return _counted(self._service.hooks, self.key, chunks)
+
+    async def tee(self, status: int, headers: Iterable[tuple[str, str]]) -> ResponseTee | None:
+        """Start passing on the upstream's response (after its status and headers arrived):
+        to the followers of this request's live stream, to other processes following it, and
+        to the recording. None when there is nothing to pass on: no one can follow this
+        request and its answer will not be stored (``no-store``, a non-2xx status, a
+        compressed body, a content type other than SSE for a stream / JSON otherwise)."""
+        if self.decision.adapter is None or self.answer is not None:
+            return None
+        assert self._cache is not None and self._stack is not None
+        headers = list(headers)
+        live = self._flight
+        lease = self._lead
+        head = None
+        if live is not None or lease is not None:
+            ours = {k for k, _ in self.headers()}
+            sent = [*((k, v) for k, v in headers if k.lower() not in ours), *self.headers()]
+            head = Head(status, sent)
+            if live is not None:
+                live.respond(head)
+        controls = self.decision.controls
+        lowered = {k.lower(): v for k, v in headers}
+        reason = ""
+        media = _media_type(lowered.get("content-type", ""))
+        if not controls.store or self.decision.last_event_id is not None:
+            # A reconnecting client may get only the rest of a stream: never store that.
+            reason = "not to be stored"
+        elif not 200 <= status < 300:
+            reason = f"upstream status {status}"
+        elif lowered.get("content-encoding", "identity").lower() not in ("", "identity"):
+            reason = "compressed response body"
+        elif media not in (SSE_TYPE, JSON_TYPE):
+            reason = f"content type {media or 'missing'}"
+        tee: ResponseTee | None = None
+        if reason:
+            logger.debug("sse_cache: not recording %s: %s", self.key, reason)
+            if live is not None or lease is not None:
+                tee = ResponseTee(flight=live)
+        elif media == SSE_TYPE:
+            recording = await self._stack.enter_async_context(
+                self._cache.recording(self.key, ttl=controls.ttl)
+            )
+            recording.respond(status, lowered.get("content-type", media))
+            self._live = recording
+            # Schemas with a completing event may be stored when the client stops right after
+            # it (see ResponseTee.client_left); generic SSE needs the real end of the body.
+            completing = self._cache.adapter.end_outcome() is not Outcome.COMPLETE
+            tee = ResponseTee(flight=live, recording=recording, completing=completing)
+        else:
+            tee = ResponseTee(
+                flight=live,
+                cache=self._cache,
+                key=self.key,
+                ttl=controls.ttl,
+                content_type=lowered.get("content-type", media),
+                status=status,
+                limit=self._cache.max_entry_bytes,
+            )
+        if tee is not None and lease is not None and head is not None:
+            tee.publish_to(lease, head)
+        if tee is not None:
+            tee.resume_window = self._service.options.resume_window
+        resumable = isinstance(self.decision.adapter, ResumingAdapter)
+        if tee is not None and live is not None and media == SSE_TYPE and resumable:
+            tee.identify = self._index_live
+        self._tee = tee
+        return tee
+
+    def _index_live(self, events: Sequence[Event]) -> None:
+        # The stream names its response (Responses' response.created): a client can resume
+        # it by that id while it is live, until this exchange ends (then by its entry).
+        live, adapter, stack = self._flight, self.decision.adapter, self._stack
+        assert live is not None and adapter is not None and stack is not None
+        response_id = adapter.meta(events).get("response_id")
+        if not response_id:
+            return
+        alias = alias_key(adapter.name, self.decision.tenant, response_id)
+        index = self._service.live_responses
+        index[alias] = live
+        lease, tee, cache = self._lead, self._tee, self._cache
+        if lease is not None and tee is not None and cache is not None:
+            # Other processes resume it by its key, from the fan-out channel of whoever holds
+            # the key's lease (this producer, or one that took over from it).
+            name = live_alias_key(adapter.name, self.decision.tenant, response_id)
+            until = time.time() + _LIVE_ALIAS_TTL
+            tee.later(lambda: cache.alias(name, self.key, expires_at=until))
+
+        def unindex() -> None:
+            if index.get(alias) is live:
+                del index[alias]
+
+        stack.callback(unindex)
+
+
+_RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
+
+
+def alias_key(schema: str, tenant: str, name: str) -> str:
+    """The backend key under which the key of an entry named ``name`` (a response id) is
+    kept, per schema and tenant."""
+    h = hashlib.blake2b(digest_size=32)
+    for part in ("sse-cache/alias", schema, tenant, name):
+        raw = part.encode()
+        h.update(len(raw).to_bytes(4, "big") + raw)
+    return ALIAS_PREFIX + h.hexdigest()
+
+
+def live_alias_key(schema: str, tenant: str, name: str) -> str:
+    """The backend key under which the key of a stream named ``name`` is kept while another
+    process produces it (cross-process resume), per schema and tenant."""
+    return alias_key(schema + "/live", tenant, name)
