@@ -29,7 +29,6 @@ PUBLIC_MODULES = [
     "sse_cache.httpx2",
     "sse_cache.keys",
     "sse_cache.metrics",
-    "sse_cache.mock_upstream",
     "sse_cache.pacing",
     "sse_cache.protocols",
     "sse_cache.proxy",
@@ -109,3 +108,20 @@ def test_moved_modules_still_import_with_a_warning(name: str) -> None:
     new = importlib.import_module(f"sse_cache.http.{name}")
     assert old.__all__ == new.__all__
     assert all(getattr(old, n) is getattr(new, n) for n in new.__all__)
+
+
+def test_the_old_mock_upstream_path_still_imports_with_a_warning() -> None:
+    # sse_cache.mock_upstream moved into sse_cache.testing; the old path works for one release.
+    sys.modules.pop("sse_cache.mock_upstream", None)
+    with pytest.warns(DeprecationWarning, match=r"import .* from sse_cache\.testing"):
+        old = importlib.import_module("sse_cache.mock_upstream")
+    testing = importlib.import_module("sse_cache.testing")
+    assert set(old.__all__) == {
+        "DEFAULT_DELTAS",
+        "DEFAULT_SUMMARIES",
+        "ERROR_MODES",
+        "MockUpstream",
+        "UpstreamCut",
+    }
+    assert all(getattr(old, n) is getattr(testing, n) for n in old.__all__)
+    sys.modules.pop("sse_cache.mock_upstream")  # later imports warn again

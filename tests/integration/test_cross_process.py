@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from sse_cache import ConfigError
 from sse_cache.asgi import CacheMiddleware
-from sse_cache.mock_upstream import MockUpstream
+from sse_cache.testing import MockUpstream
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 

@@ -46,8 +46,8 @@ import pytest
 from sse_cache.backends import from_url
 from sse_cache.backends.redis import RedisBackend
 from sse_cache.errors import BackendTimeout
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import create_proxy_app
+from sse_cache.testing import MockUpstream
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 

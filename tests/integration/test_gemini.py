@@ -23,8 +23,8 @@ from sse_cache import SSEParser
 from sse_cache.adapters import GeminiGenerateContent
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.httpx2 import AsyncCacheTransport
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import ProxyApp, create_proxy_app
+from sse_cache.testing import MockUpstream
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 

@@ -22,8 +22,8 @@ import pytest
 
 from sse_cache._uvicorn import serve
 from sse_cache.asgi import CacheMiddleware
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import ProxyApp
+from sse_cache.testing import MockUpstream
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 

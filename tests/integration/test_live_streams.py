@@ -22,8 +22,8 @@ import pytest
 
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import create_proxy_app
+from sse_cache.testing import MockUpstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

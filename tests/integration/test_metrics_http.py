@@ -17,9 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.events import serialize_sse
 from sse_cache.metrics import CONTENT_TYPE, Metrics
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import responses_stream
+from sse_cache.testing import MockUpstream, responses_stream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

@@ -1,4 +1,4 @@
-"""``sse_cache.mock_upstream.MockUpstream`` and ``sse-cache mock-upstream``, with the official
+"""``sse_cache.testing.MockUpstream`` and ``sse-cache mock-upstream``, with the official
 ``openai`` and ``anthropic`` SDKs as the oracle: every event and answer must validate as the
 SDK's own types, and each SDK's stream helpers must rebuild exactly the non-stream answer.
 
@@ -30,7 +30,7 @@ from openai.types.responses import Response, ResponseStreamEvent
 from sse_cache.cli import mock as mock_cli
 from sse_cache.errors import SSEError
 from sse_cache.events import Event, SSEParser
-from sse_cache.mock_upstream import ERROR_MODES, MockUpstream, UpstreamCut
+from sse_cache.testing import ERROR_MODES, MockUpstream, UpstreamCut
 
 pytestmark = pytest.mark.anyio
 

@@ -15,8 +15,8 @@ import openai
 import pytest
 
 from sse_cache import SSEParser
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import ProxyApp, create_proxy_app
+from sse_cache.testing import MockUpstream
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 

@@ -9,8 +9,8 @@ from typing import Any
 import httpx2
 import pytest
 
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import create_proxy_app
+from sse_cache.testing import MockUpstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

@@ -33,8 +33,8 @@ from sse_cache.backends import from_url
 from sse_cache.cli import main
 from sse_cache.cli.proxy import OPTIONS, add_options, plan_workers, register, resolve
 from sse_cache.errors import ConfigError
-from sse_cache.mock_upstream import MockUpstream
 from sse_cache.proxy import create_proxy_app
+from sse_cache.testing import MockUpstream
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADERS = {"authorization": "Bearer sk-ops-secret-123"}

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from sse_cache.mock_upstream import MockUpstream
+from sse_cache.testing import MockUpstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 

@@ -1,6 +1,6 @@
 """The httpx2 / httpx cache transports under the official SDKs, over real loopback HTTP.
 
-The upstream is :class:`sse_cache.mock_upstream.MockUpstream` served by uvicorn in a thread
+The upstream is :class:`sse_cache.testing.MockUpstream` served by uvicorn in a thread
 on a free 127.0.0.1 port; its request counters show which requests reached it. Every test
 uses its own cache file and its own prompt, so counts are per test. Async tests run on
 asyncio and trio (the sync transport's portal runs asyncio whatever the test).
@@ -30,7 +30,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 import sse_cache.httpx
 import sse_cache.httpx2
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
-from sse_cache.mock_upstream import MockUpstream
+from sse_cache.testing import MockUpstream
 
 RESPONSES = "POST /v1/responses"
 CHAT = "POST /v1/chat/completions"

@@ -22,7 +22,7 @@ import anyio
 from ..adapters import OpenAIResponses
 from ..engine import StreamCache
 from ..events import Event, SSEParser, serialize_sse
-from ..testing import paced, responses_stream
+from ..testing import MockUpstream, paced, responses_stream
 
 __all__ = ["register", "run_engine_demo", "run_http_demo"]
 
@@ -85,7 +85,6 @@ class _Run:
 async def run_http_demo(backend_url: str, deltas: int, delay: float, first: float) -> bool:
     """The HTTP demo; True when the second request was a hit equal to the first (a miss)."""
     from .._uvicorn import serve
-    from ..mock_upstream import MockUpstream
     from ..proxy import create_proxy_app
 
     use_sdk = importlib.util.find_spec("openai") is not None

@@ -1,4 +1,4 @@
-"""``sse-cache mock-upstream``: serve :class:`~sse_cache.mock_upstream.MockUpstream` with uvicorn.
+"""``sse-cache mock-upstream``: serve :class:`~sse_cache.testing.MockUpstream` with uvicorn.
 
 A deterministic OpenAI/Anthropic/Gemini-compatible upstream on loopback, for trying the proxy,
 for demos and for tests: ``POST /v1/responses``, ``/v1/chat/completions``, ``/v1/messages`` and
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..mock_upstream import DEFAULT_DELTAS, DEFAULT_SUMMARIES, ERROR_MODES, MockUpstream
+from ..testing import DEFAULT_DELTAS, DEFAULT_SUMMARIES, ERROR_MODES, MockUpstream
 
 __all__ = ["register"]
 
