@@ -22,11 +22,8 @@ Usage by an integration::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import re
 import time
-import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -51,8 +48,8 @@ from ..engine import (
 from ..entry import Entry
 from ..errors import ConfigError
 from ..events import Event, serialize_sse
-from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
-from ..keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
+from ..flight import Cursor, Head, LiveFlight, SharedStreamAborted
+from ..keys import CacheRequest, DefaultKeyer
 from ..pacing import Pacing
 from ..protocols import (
     Backend,
@@ -62,12 +59,12 @@ from ..protocols import (
     ResumingAdapter,
     StreamAdapter,
 )
+from . import _resume
 from ._answers import (
     _SSE_HEADERS,
     JSON_TYPE,
     SSE_TYPE,
     Answer,
-    _after,
     _after_id,
     _as_shared,
     _counted,
@@ -86,6 +83,7 @@ from ._fanout import (
     _Lease,
     _open_channel,
 )
+from ._resume import alias_key, live_alias_key
 from ._tee import ResponseTee
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import CachePolicy, Decision
@@ -221,67 +219,7 @@ class CacheService:
         while it is produced (here, or by another process with ``cross_process``), from its
         entry once stored. None when it is not such a request or the stream is neither live
         nor cached (then the request goes upstream)."""
-        match = _RESUME.search(path)
-        if method != "GET" or match is None:
-            return None
-        params = urllib.parse.parse_qs(query)
-        if params.get("stream", [""])[-1].lower() != "true":
-            return None
-        try:
-            after = int(params.get("starting_after", ["-1"])[-1])
-        except ValueError:
-            return None  # the upstream answers the malformed request
-        matched = self.policy.match("POST", path[: match.start()] + "/responses")
-        if matched is None:
-            return None
-        _, adapter = matched
-        if not isinstance(adapter, ResumingAdapter):
-            return None
-        events_after = adapter.events_after
-        cache = self.cache_for(adapter)
-        tenant = self.policy.tenant_of(headers)
-        if tenant is None:
-            return None
-
-        def had(event: Event) -> bool:
-            return not events_after([event], after)  # the client has events up to N
-
-        alias = alias_key(adapter.name, tenant, match["id"])
-        live_alias = live_alias_key(adapter.name, tenant, match["id"])
-        live = self.live_responses.get(alias)
-        if live is not None and live.entry is None:
-            # Still being produced: the events after N from its log, then the rest as it
-            # comes. (Once it ended, its entry — stored, or being stored — answers.)
-            answer = await self.resume_live(cache, live, had)
-            if answer is not None:
-                return answer
-        entry = live.entry if live is not None else None
-        key = live.key if live is not None else await cache.resolve(alias)
-        if key is None:
-            return await self._resume_remote(cache, live_alias, had)
-        if entry is None:
-            entry = await cache.lookup(key)
-        # The index may outlive its entry (a refresh or an eviction stores another answer
-        # under the key): only the stream of that very response is resumed.
-        if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
-            return await self._resume_remote(cache, live_alias, had)
-        events = events_after(entry.events, after)
-        base = [("content-type", entry.content_type), *_SSE_HEADERS]
-        chunks = _one(serialize_sse(events, eol=entry.eol))
-        duration = entry.events[-1].at if entry.events else 0.0
-        return _hit_answer(
-            self.hooks, key, entry, chunks, base, len(events), duration, instant=True
-        )
-
-    async def _resume_remote(
-        self, cache: StreamCache, live_alias: str, had: Callable[[Event], bool]
-    ) -> Answer | None:
-        # Produced by another process (cross-process): its producer indexed the stream's key
-        # under ``live_alias``; resumed from that producer's fan-out channel.
-        if self.fanout is None:
-            return None
-        key = await cache.resolve(live_alias)
-        return None if key is None else await self.resume_remote(cache, key, had)
+        return await _resume.resume(self, method, path, query, headers)
 
     async def resume_remote(
         self, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
@@ -289,23 +227,7 @@ class CacheService:
         """:meth:`resume_live` for the stream of ``key`` that another process produces: read
         from the start of its producer's fan-out channel. None when no process produces it,
         or it cannot be followed (failed before it answered, or Redis failed)."""
-        fanout = self.fanout
-        assert fanout is not None
-        try:
-            holder = await fanout.holder(_CHANNEL + key)
-        except Exception:
-            holder = None  # fail open: the upstream answers
-        if holder is None:
-            return None
-        channel = _channel(key, holder)
-        opened = await _open_channel(fanout, channel, self.cross_process_lease, cache)
-        if opened is None:
-            return None
-        head, first, reader = opened
-        # A flight of this resumer's own (not offered to others): the channel's copy.
-        live: LiveFlight[bytes] = LiveFlight(Flight(key, max_log_bytes=cache.max_entry_bytes))
-        cursor = _follow_channel(live, head, first, reader, cache.join_timeout)
-        return self._resumed(cache, live, cursor, head, had)
+        return await _resume.resume_remote(self, cache, key, had)
 
     async def resume_live(
         self, cache: StreamCache, live: LiveFlight[bytes], had: Callable[[Event], bool | None]
@@ -314,34 +236,7 @@ class CacheService:
         the last event it had (``had``: see :class:`~sse_cache.events.ResumeCut`), then the
         rest as it comes, ending (or failing) as the stream does. None when the stream can
         no longer be joined (it failed, or its log outgrew ``max_entry_bytes``)."""
-        cursor = live.flight.follow()
-        if cursor is None:
-            return None
-        try:
-            head = await live.wait_head(cache.join_timeout)
-        except SharedStreamAborted:
-            head = None
-        if head is None:
-            await live.leave(cursor)
-            return None
-        return self._resumed(cache, live, cursor, head, had)
-
-    def _resumed(
-        self,
-        cache: StreamCache,
-        live: LiveFlight[bytes],
-        cursor: Cursor,
-        head: Head,
-        had: Callable[[Event], bool | None],
-    ) -> Answer:
-        logger.info("sse_cache: %s resumed from its live stream", live.key)
-        emit(self.hooks, Notice(kind="resumed", key=live.key))
-        chunks = _after(live.chunks(cursor, cache.join_timeout), had)
-        return Answer(
-            status=head.status,
-            headers=_as_shared(head.headers),
-            chunks=_counted(self.hooks, live.key, chunks),
-        )
+        return await _resume.resume_live(self, cache, live, had)
 
 
 class Exchange:
@@ -759,22 +654,3 @@ class Exchange:
                 del index[alias]
 
         stack.callback(unindex)
-
-
-_RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
-
-
-def alias_key(schema: str, tenant: str, name: str) -> str:
-    """The backend key under which the key of an entry named ``name`` (a response id) is
-    kept, per schema and tenant."""
-    h = hashlib.blake2b(digest_size=32)
-    for part in ("sse-cache/alias", schema, tenant, name):
-        raw = part.encode()
-        h.update(len(raw).to_bytes(4, "big") + raw)
-    return ALIAS_PREFIX + h.hexdigest()
-
-
-def live_alias_key(schema: str, tenant: str, name: str) -> str:
-    """The backend key under which the key of a stream named ``name`` is kept while another
-    process produces it (cross-process resume), per schema and tenant."""
-    return alias_key(schema + "/live", tenant, name)

@@ -1,0 +1,172 @@
+"""Resuming a Responses stream by its id (``GET .../responses/{id}?stream=true&starting_after=N``)
+or a stream by ``Last-Event-ID``: from the live stream while it is produced — in this process,
+or by another through its fan-out channel — and from the stored entry once it is stored. The
+entry points are :meth:`CacheService.resume`, :meth:`~CacheService.resume_live` and
+:meth:`~CacheService.resume_remote`."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from ..engine import Notice, StreamCache, emit
+from ..events import Event, serialize_sse
+from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
+from ..keys import ALIAS_PREFIX
+from ..protocols import ResumingAdapter
+from ._answers import _SSE_HEADERS, Answer, _after, _as_shared, _counted, _hit_answer, _one
+from ._fanout import _CHANNEL, _channel, _follow_channel, _open_channel
+
+if TYPE_CHECKING:
+    from .service import CacheService
+
+logger = logging.getLogger("sse_cache")
+
+_RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
+
+
+def alias_key(schema: str, tenant: str, name: str) -> str:
+    """The backend key under which the key of an entry named ``name`` (a response id) is
+    kept, per schema and tenant."""
+    h = hashlib.blake2b(digest_size=32)
+    for part in ("sse-cache/alias", schema, tenant, name):
+        raw = part.encode()
+        h.update(len(raw).to_bytes(4, "big") + raw)
+    return ALIAS_PREFIX + h.hexdigest()
+
+
+def live_alias_key(schema: str, tenant: str, name: str) -> str:
+    """The backend key under which the key of a stream named ``name`` is kept while another
+    process produces it (cross-process resume), per schema and tenant."""
+    return alias_key(schema + "/live", tenant, name)
+
+
+async def resume(
+    service: CacheService, method: str, path: str, query: str, headers: Mapping[str, str]
+) -> Answer | None:
+    """:meth:`CacheService.resume`."""
+    match = _RESUME.search(path)
+    if method != "GET" or match is None:
+        return None
+    params = urllib.parse.parse_qs(query)
+    if params.get("stream", [""])[-1].lower() != "true":
+        return None
+    try:
+        after = int(params.get("starting_after", ["-1"])[-1])
+    except ValueError:
+        return None  # the upstream answers the malformed request
+    matched = service.policy.match("POST", path[: match.start()] + "/responses")
+    if matched is None:
+        return None
+    _, adapter = matched
+    if not isinstance(adapter, ResumingAdapter):
+        return None
+    events_after = adapter.events_after
+    cache = service.cache_for(adapter)
+    tenant = service.policy.tenant_of(headers)
+    if tenant is None:
+        return None
+
+    def had(event: Event) -> bool:
+        return not events_after([event], after)  # the client has events up to N
+
+    alias = alias_key(adapter.name, tenant, match["id"])
+    live_alias = live_alias_key(adapter.name, tenant, match["id"])
+    live = service.live_responses.get(alias)
+    if live is not None and live.entry is None:
+        # Still being produced: the events after N from its log, then the rest as it
+        # comes. (Once it ended, its entry — stored, or being stored — answers.)
+        answer = await resume_live(service, cache, live, had)
+        if answer is not None:
+            return answer
+    entry = live.entry if live is not None else None
+    key = live.key if live is not None else await cache.resolve(alias)
+    if key is None:
+        return await _resume_remote(service, cache, live_alias, had)
+    if entry is None:
+        entry = await cache.lookup(key)
+    # The index may outlive its entry (a refresh or an eviction stores another answer
+    # under the key): only the stream of that very response is resumed.
+    if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
+        return await _resume_remote(service, cache, live_alias, had)
+    events = events_after(entry.events, after)
+    base = [("content-type", entry.content_type), *_SSE_HEADERS]
+    chunks = _one(serialize_sse(events, eol=entry.eol))
+    duration = entry.events[-1].at if entry.events else 0.0
+    return _hit_answer(service.hooks, key, entry, chunks, base, len(events), duration, instant=True)
+
+
+async def _resume_remote(
+    service: CacheService, cache: StreamCache, live_alias: str, had: Callable[[Event], bool]
+) -> Answer | None:
+    # Produced by another process (cross-process): its producer indexed the stream's key
+    # under ``live_alias``; resumed from that producer's fan-out channel.
+    if service.fanout is None:
+        return None
+    key = await cache.resolve(live_alias)
+    return None if key is None else await resume_remote(service, cache, key, had)
+
+
+async def resume_remote(
+    service: CacheService, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
+) -> Answer | None:
+    """:meth:`CacheService.resume_remote`: from the start of the producer's channel."""
+    fanout = service.fanout
+    assert fanout is not None
+    try:
+        holder = await fanout.holder(_CHANNEL + key)
+    except Exception:
+        holder = None  # fail open: the upstream answers
+    if holder is None:
+        return None
+    channel = _channel(key, holder)
+    opened = await _open_channel(fanout, channel, service.cross_process_lease, cache)
+    if opened is None:
+        return None
+    head, first, reader = opened
+    # A flight of this resumer's own (not offered to others): the channel's copy.
+    live: LiveFlight[bytes] = LiveFlight(Flight(key, max_log_bytes=cache.max_entry_bytes))
+    cursor = _follow_channel(live, head, first, reader, cache.join_timeout)
+    return _resumed(service, cache, live, cursor, head, had)
+
+
+async def resume_live(
+    service: CacheService,
+    cache: StreamCache,
+    live: LiveFlight[bytes],
+    had: Callable[[Event], bool | None],
+) -> Answer | None:
+    """:meth:`CacheService.resume_live`."""
+    cursor = live.flight.follow()
+    if cursor is None:
+        return None
+    try:
+        head = await live.wait_head(cache.join_timeout)
+    except SharedStreamAborted:
+        head = None
+    if head is None:
+        await live.leave(cursor)
+        return None
+    return _resumed(service, cache, live, cursor, head, had)
+
+
+def _resumed(
+    service: CacheService,
+    cache: StreamCache,
+    live: LiveFlight[bytes],
+    cursor: Cursor,
+    head: Head,
+    had: Callable[[Event], bool | None],
+) -> Answer:
+    logger.info("sse_cache: %s resumed from its live stream", live.key)
+    emit(service.hooks, Notice(kind="resumed", key=live.key))
+    chunks = _after(live.chunks(cursor, cache.join_timeout), had)
+    return Answer(
+        status=head.status,
+        headers=_as_shared(head.headers),
+        chunks=_counted(service.hooks, live.key, chunks),
+    )
