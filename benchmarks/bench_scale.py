@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -70,6 +70,9 @@ REAL_STREAMS = Path(
 )
 DEFAULT_STREAM = "openai-responses_reasoning-4-summaries_o3-mini.sse"
 EVENT_SIZES = (100, 1_000, 10_000, 100_000)
+CONNECTIONS = (10, 50, 100, 200)
+MEMORY_COUNTS = (1, 10, 100, 500)
+MEMORY_DELTAS = (200, 2_000)
 # The ceiling: uvicorn serving the same bytes from a plain ASGI app (the request body read,
 # the answer sent as one body message), as the proxy's own uvicorn would without a cache.
 STATIC_APP = """
@@ -128,9 +131,14 @@ class Call:
 async def exchange(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, data: bytes
 ) -> tuple[int, dict[bytes, bytes], bytes]:
-    """Send one request on a keep-alive connection; its (status, headers, body). Handles
-    ``content-length`` and ``chunked`` bodies, which is what uvicorn sends."""
+    """Send one request on a keep-alive connection; its (status, headers, body)."""
     writer.write(data)
+    status, headers = await read_head(reader)
+    return status, headers, await read_body(reader, headers)
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes]]:
+    """An answer's status and headers (names lowercased)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status_line, *lines = head[:-4].split(b"\r\n")
     status = int(status_line.split(b" ", 2)[1])
@@ -138,25 +146,62 @@ async def exchange(
     for line in lines:
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+async def read_body(
+    reader: asyncio.StreamReader,
+    headers: dict[bytes, bytes],
+    progress: Callable[[int], None] | None = None,
+) -> bytes:
+    """An answer's body: ``content-length`` or ``chunked``, which is what uvicorn sends.
+    ``progress`` is told the bytes received so far after each chunk."""
     if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
         parts: list[bytes] = []
+        received = 0
         while True:
             size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
             if size == 0:
                 await reader.readuntil(b"\r\n")  # no trailers: the blank line
-                return status, headers, b"".join(parts)
+                return b"".join(parts)
             parts.append((await reader.readexactly(size + 2))[:-2])
-    return status, headers, await reader.readexactly(int(headers.get(b"content-length", b"0")))
+            received += size
+            if progress is not None:
+                progress(received)
+    return await reader.readexactly(int(headers.get(b"content-length", b"0")))
 
 
-async def ask(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, call: Call) -> None:
-    """One request; raises :class:`WrongAnswer` unless its answer is exactly the expected."""
-    status, headers, body = await exchange(reader, writer, call.data)
+async def ask(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    call: Call,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """One request; raises :class:`WrongAnswer` unless its answer is exactly the expected.
+    ``progress``: as for :func:`read_body`."""
+    writer.write(call.data)
+    status, headers = await read_head(reader)
+    body = await read_body(reader, headers, progress)
     cache = headers.get(b"x-sse-cache", b"").decode()
     if status != 200 or (call.cache is not None and cache != call.cache):
         raise WrongAnswer(f"HTTP {status}, x-sse-cache {cache!r}: {body[:160]!r}")
     if body != call.body:
         raise WrongAnswer(f"a body of {len(body)} bytes differs from the expected {len(call.body)}")
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (uvicorn's workers)."""
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def tree_cpu(pid: int) -> float:
@@ -173,17 +218,7 @@ def tree_cpu(pid: int) -> float:
             total += int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             continue  # a thread that ended meanwhile
-    seconds = total / 1e9
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:  # its parent
-            seconds += tree_cpu(int(entry))
-    return seconds
+    return total / 1e9 + sum(tree_cpu(child) for child in children(pid))
 
 
 @dataclass
@@ -347,15 +382,28 @@ def backend_urls(kinds: list[str], tmp: Path) -> Iterator[dict[str, tuple[str, i
 
 @dataclass
 class Config:
+    """One proxy (a backend, a number of workers) at one concurrency, and its rounds."""
+
     backend: str
     workers: int
+    connections: int
+    requests: int
     rounds: list[dict[str, dict[str, float]]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     backend_pid: int | None = None  # redis-server's
 
     @property
-    def name(self) -> str:
+    def proxy(self) -> str:
         return f"{self.backend}, {self.workers} worker{'s' if self.workers > 1 else ''}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.proxy}, {self.connections} connections"
+
+
+def requests_for(args: argparse.Namespace, connections: int) -> int:
+    """``--requests``, or three per connection by default."""
+    return int(args.requests) if args.requests else 3 * connections
 
 
 async def bench_hits(
@@ -363,37 +411,43 @@ async def bench_hits(
 ) -> list[Config]:
     payload = {"model": "o3-mini", "input": "bench scale", "stream": True}
     events = recording.count(b"\n\n")
+    loads = ", ".join(
+        f"{requests_for(args, c)} requests over {c} connections" for c in args.connections
+    )
     print(
         f"(a) hits: {stream.name} ({events} events, {len(recording) / 1000:.0f}"
-        f" KB); {args.requests} requests over {args.connections} connections per load, "
-        f"{args.rounds} rounds; ceiling = uvicorn serving the same bytes from a plain ASGI app"
+        f" KB); loads of {loads}; {args.rounds} rounds; "
+        f"ceiling = uvicorn serving the same bytes from a plain ASGI app"
     )
     configs = [
-        Config(kind, workers)
+        Config(kind, workers, connections, requests_for(args, connections))
         for workers in args.workers
         for kind in args.backends
         if workers == 1 or kind != "memory"  # memory:// is per process: nothing to share
+        for connections in args.connections
     ]
     with ExitStack() as stack:
         ceiling = stack.enter_context(static_server(stream))
         urls = stack.enter_context(backend_urls(args.backends, tmp))
         proxies: dict[str, Server] = {}
         for config in configs:
-            log = tmp / f"proxy-{config.backend}-{config.workers}.log"
             # Each proxy a cache of its own, so that each stores the stream itself.
             backend, config.backend_pid = urls[config.backend]
+            if config.proxy in proxies:
+                continue
+            log = tmp / f"proxy-{config.backend}-{config.workers}.log"
             if config.backend == "redis":
                 backend += f"?prefix=scale-{config.workers}:"
             elif config.backend == "sqlite":
                 backend = f"sqlite:///{tmp / f'scale-{config.workers}.db'}"
             proxy = stack.enter_context(proxy_server(ceiling.url, backend, log, config.workers))
-            proxies[config.name] = proxy
+            proxies[config.proxy] = proxy
             # Stored once (a miss; the proxy ends the answer once it is stored), then a hit.
             await one(proxy.url, Call.post(proxy.url, payload, recording, "miss"))
             await one(proxy.url, Call.post(proxy.url, payload, recording, "hit"))
         for r in range(args.rounds):
             for config in configs:
-                proxy = proxies[config.name]
+                proxy = proxies[config.proxy]
                 paths = [("ceiling", ceiling, None), ("proxy", proxy, "hit")]
                 if r % 2:
                     paths.reverse()
@@ -402,12 +456,17 @@ async def bench_hits(
                     call = Call.post(target.url, payload, recording, cache)
                     backend_pid = config.backend_pid if name == "proxy" else None
                     result = await load(
-                        target.url, call, args.requests, args.connections, target.pid, backend_pid
+                        target.url,
+                        call,
+                        config.requests,
+                        config.connections,
+                        target.pid,
+                        backend_pid,
                     )
                     config.errors += [f"{name}: {e}" for e in result.errors]
                     row[name] = result.figures()
                 config.rounds.append(row)
-                print(f"  round {r + 1} {config.name:<18} {describe_round(row)}")
+                print(f"  round {r + 1} {config.name:<36} {describe_round(row)}")
     for config in configs:
         summarize_hits(config)
     return configs
@@ -545,6 +604,259 @@ async def bench_events(args: argparse.Namespace, tmp: Path) -> list[dict[str, An
     return rows
 
 
+# -- (c) memory per live stream and per follower ---------------------------------------------
+
+
+def status_bytes(pid: int, name: str) -> int:
+    """``name`` (``VmRSS``, ``VmHWM``) of ``/proc/<pid>/status``, in bytes; 0 when gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and every process below it."""
+    return [pid, *(p for child in children(pid) for p in tree(child))]
+
+
+def tree_memory(pid: int, name: str) -> int:
+    return sum(status_bytes(p, name) for p in tree(pid))
+
+
+def reset_peak(pid: int) -> None:
+    """Set the peak RSS (``VmHWM``) of ``pid``'s processes back to their RSS now (Linux:
+    ``clear_refs`` 5), so that the next peak read is the peak of what follows."""
+    for p in tree(pid):
+        Path(f"/proc/{p}/clear_refs").write_text("5")
+
+
+@dataclass
+class MemoryCase:
+    """``count`` live misses at once (``misses``), or one live miss and ``count`` followers
+    joined to it (``followers``), of answers of ``deltas`` text deltas; RSS figures (bytes)
+    per round."""
+
+    kind: str
+    count: int
+    deltas: int
+    events: int = 0  # of one answer
+    bytes: int = 0  # of one answer
+    rounds: list[dict[str, int]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        what = "live misses" if self.kind == "misses" else "followers of one live miss"
+        return f"{self.count} {what}, {self.events} events ({self.bytes / 1000:.0f} KB)"
+
+    def per_stream(self) -> list[float]:
+        """Peak RSS minus the RSS before the load, per stream (miss or follower), per round."""
+        return [(r["peak"] - r["baseline"]) / self.count for r in self.rounds]
+
+
+async def fetch_answers(
+    url: str, payloads: list[dict[str, Any]], headers: dict[str, str]
+) -> list[bytes]:
+    """The upstream's answers to ``payloads``, asked straight and unpaced over a few
+    connections: what the proxy must pass on byte for byte."""
+    answers: list[bytes] = [b""] * len(payloads)
+    todo = iter(range(len(payloads)))
+    host, port = url.split("//", 1)[1].split(":")
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port), limit=1 << 20)
+        try:
+            for i in todo:
+                call = Call.post(url, payloads[i], b"", None, headers)
+                status, _, answers[i] = await exchange(reader, writer, call.data)
+                if status != 200:
+                    raise WrongAnswer(f"the upstream answered HTTP {status}: {answers[i][:160]!r}")
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(min(8, len(payloads)))))
+    return answers
+
+
+async def live_load(
+    proxy: Server, kind: str, calls: list[Call]
+) -> tuple[dict[str, int], list[str]]:
+    """Send ``calls`` to the proxy on connections of their own and read every answer to its
+    end; the proxy's RSS before, at its peak during, and after; the errors. ``misses``: all
+    released together. ``followers``: the first (the producer) alone, the others together
+    once its client has half of its answer (they catch up on the shared log, then follow)."""
+    host, port = proxy.url.split("//", 1)[1].split(":")
+    errors: list[str] = []
+
+    async def run(
+        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        call: Call,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        try:
+            await ask(*conn, call, progress)
+        except (WrongAnswer, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            errors.append(repr(exc))
+
+    baseline = tree_memory(proxy.pid, "VmRSS")
+    reset_peak(proxy.pid)
+    # The connections count: a stream needs one.
+    conns = await asyncio.gather(
+        *(asyncio.open_connection(host, int(port), limit=1 << 20) for _ in calls)
+    )
+    try:
+        if kind == "misses":
+            await asyncio.gather(
+                *(run(conn, call) for conn, call in zip(conns, calls, strict=True))
+            )
+        else:
+            first, *rest = calls
+            half = asyncio.Event()
+
+            def progress(received: int) -> None:
+                if received >= len(first.body) // 2:
+                    half.set()
+
+            producer = asyncio.create_task(run(conns[0], first, progress))
+            halfway = asyncio.create_task(half.wait())
+            # Half of the answer, or the producer's end (then the followers come too late:
+            # each gets a hit, not "shared", and counts as an error).
+            await asyncio.wait([producer, halfway], return_when=asyncio.FIRST_COMPLETED)
+            halfway.cancel()
+            await asyncio.gather(
+                *(run(conn, call) for conn, call in zip(conns[1:], rest, strict=True))
+            )
+            await producer
+    finally:
+        for _, writer in conns:
+            writer.close()
+    figures = {
+        "baseline": baseline,
+        "peak": tree_memory(proxy.pid, "VmHWM"),
+        "after": tree_memory(proxy.pid, "VmRSS"),
+    }
+    return figures, errors
+
+
+async def bench_memory(args: argparse.Namespace, tmp: Path) -> list[MemoryCase]:
+    print(
+        f"\n(c) memory: sse-cache proxy on SQLite, a new process per measurement; Responses "
+        f"answers from sse-cache mock-upstream paced over ~{args.memory_seconds:g} s each; "
+        f"{args.rounds} rounds; the proxy's peak RSS during the load (VmHWM) minus its RSS "
+        f"before it (after a warm-up)"
+    )
+    base, *longer = args.memory_deltas
+    cases = [
+        MemoryCase(kind, n, base) for kind in ("misses", "followers") for n in args.memory_counts
+    ]
+    cases += [
+        MemoryCase(kind, args.memory_length_count, d)
+        for kind in ("misses", "followers")
+        for d in longer
+    ]
+    mock = [*CLI, "mock-upstream", "--port", "{port}", "--delay-ms", "0", "--first-ms", "0"]
+    with server(*mock) as upstream:
+        unpaced = {"x-mock-summaries": "1", "x-mock-delay-ms": "0", "x-mock-first-ms": "0"}
+        warm_payload = {"model": "gpt-mock", "input": "memory warm-up", "stream": True}
+        (warm_body,) = await fetch_answers(
+            upstream.url, [warm_payload], {**unpaced, "x-mock-deltas": "20"}
+        )
+        warm_headers = {"x-mock-deltas": "20", "x-mock-summaries": "1", "x-mock-delay-ms": "2"}
+        # The answers, asked once per size: as many prompts as the most misses at once.
+        need: dict[tuple[str, int], int] = {}
+        for case in cases:
+            key = (case.kind, case.deltas)
+            need[key] = max(need.get(key, 1), case.count if case.kind == "misses" else 1)
+        prompts: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        bodies: dict[tuple[str, int], list[bytes]] = {}
+        for (kind, deltas), many in need.items():
+            prompts[kind, deltas] = [
+                {"model": "gpt-mock", "input": f"memory {kind} {i}", "stream": True}
+                for i in range(many)
+            ]
+            headers = {**unpaced, "x-mock-deltas": str(deltas)}
+            bodies[kind, deltas] = await fetch_answers(upstream.url, prompts[kind, deltas], headers)
+        for case in cases:
+            case.bytes = len(bodies[case.kind, case.deltas][0])
+            case.events = bodies[case.kind, case.deltas][0].count(b"\n\n")
+        for r in range(args.rounds):
+            for case in cases:
+                key = (case.kind, case.deltas)
+                gap = args.memory_seconds * 1000 / case.deltas
+                headers = {
+                    "x-mock-deltas": str(case.deltas),
+                    "x-mock-summaries": "1",
+                    "x-mock-delay-ms": f"{gap:.3f}",
+                    "x-mock-first-ms": "0",
+                }
+                db = tmp / f"memory-{case.kind}-{case.count}-{case.deltas}-{r}.db"
+                log = tmp / "proxy-memory.log"
+                with proxy_server(upstream.url, f"sqlite:///{db}", log) as proxy:
+                    # Warm: the code paths of a miss, a shared stream and a hit run once.
+                    warm = Call.post(proxy.url, warm_payload, warm_body, None, warm_headers)
+                    await asyncio.gather(one(proxy.url, warm), one(proxy.url, warm))
+                    await one(proxy.url, warm)
+                    if case.kind == "misses":
+                        calls = [
+                            Call.post(proxy.url, payload, body, "miss", headers)
+                            for payload, body in zip(
+                                prompts[key][: case.count], bodies[key], strict=False
+                            )
+                        ]
+                    else:
+                        payload, body = prompts[key][0], bodies[key][0]
+                        calls = [Call.post(proxy.url, payload, body, "miss", headers)]
+                        calls += [
+                            Call.post(proxy.url, payload, body, "shared", headers)
+                        ] * case.count
+                    figures, errors = await live_load(proxy, case.kind, calls)
+                case.rounds.append(figures)
+                case.errors += errors
+                rise = figures["peak"] - figures["baseline"]
+                kept = figures["after"] - figures["baseline"]
+                print(
+                    f"  round {r + 1} {case.name:<52} peak +{rise / 1e6:7.1f} MB"
+                    f" ({rise / case.count / 1e3:7.0f} KB each), after +{kept / 1e6:6.1f} MB"
+                    + (f"  ERRORS {len(errors)}: {errors[:2]}" if errors else "")
+                )
+    summarize_memory(cases)
+    return cases
+
+
+def summarize_memory(cases: list[MemoryCase]) -> None:
+    print(f"\n  memory: medians [min-max] over {len(cases[0].rounds)} rounds")
+    for case in cases:
+        each = case.per_stream()
+        times = [v / case.bytes for v in each]
+        peak = [(r["peak"] - r["baseline"]) for r in case.rounds]
+        print(
+            f"    {case.name:<52} +{spread(peak, 1e-6, 1):>20} MB, per "
+            f"{'stream' if case.kind == 'misses' else 'follower'} {spread(each, 1e-3):>18} KB"
+            f" = {spread(times, digits=2)}x the answer"
+        )
+        if case.errors:
+            print(f"      ERRORS ({len(case.errors)}): {case.errors[:3]}")
+    for kind in ("misses", "followers"):
+        sweep = sorted(
+            (c for c in cases if c.kind == kind and c.deltas == cases[0].deltas),
+            key=lambda c: c.count,
+        )
+        if len(sweep) < 2:
+            continue
+        low, high = sweep[0], sweep[-1]
+        rise = statistics.median(
+            r["peak"] - r["baseline"] for r in high.rounds
+        ) - statistics.median(r["peak"] - r["baseline"] for r in low.rounds)
+        print(
+            f"    {kind}: each one more from {low.count} to {high.count} adds "
+            f"{rise / (high.count - low.count) / 1e3:.0f} KB (medians)"
+        )
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -571,6 +883,12 @@ async def main(args: argparse.Namespace) -> int:
             errors += sum(len(c.errors) for c in configs)
         if "events" in args.mode:
             report["events"] = await bench_events(args, Path(tmp))
+        if "memory" in args.mode:
+            cases = await bench_memory(args, Path(tmp))
+            report["memory"] = [
+                {**asdict(c), "name": c.name, "per_stream": c.per_stream()} for c in cases
+            ]
+            errors += sum(len(c.errors) for c in cases)
     print(f"\nmachine: {report['machine']}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
@@ -586,25 +904,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return [n.strip() for n in text.split(",") if n.strip()]
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=300, help="requests per load")
-    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument(
+        "--requests", type=int, default=None, help="requests per load (default: 3 per connection)"
+    )
+    parser.add_argument(
+        "--connections", type=numbers, default=list(CONNECTIONS), help="concurrent connections"
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--backends", type=names, default=["memory", "sqlite", "redis"])
     parser.add_argument("--workers", type=numbers, default=[1, 2])
-    parser.add_argument("--mode", type=names, default=["hits", "events"])
+    parser.add_argument("--mode", type=names, default=["hits", "events", "memory"])
     parser.add_argument("--events", type=numbers, default=list(EVENT_SIZES))
     parser.add_argument("--events-backend", default="memory://")
+    parser.add_argument(
+        "--memory-counts",
+        type=numbers,
+        default=list(MEMORY_COUNTS),
+        help="(c): live misses at once, and followers of one live miss",
+    )
+    parser.add_argument(
+        "--memory-deltas",
+        type=numbers,
+        default=list(MEMORY_DELTAS),
+        help="(c): text deltas per answer (the counts at the first, the length count at the rest)",
+    )
+    parser.add_argument("--memory-length-count", type=int, default=100)
+    parser.add_argument(
+        "--memory-seconds", type=float, default=6.0, help="(c): how long each answer is paced over"
+    )
     parser.add_argument("--stream", type=Path, default=Path(DEFAULT_STREAM))
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 40 requests over 10 connections, 1 round, 100 and 1,000 events",
+        help=(
+            "a smoke run: 1 round; hits over 5 and 10 connections; 100 and 1,000 events; "
+            "memory with 1 and 5 streams or followers, answers of 100 and 300 deltas"
+        ),
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.requests, args.connections, args.rounds = 40, 10, 1
+        args.connections, args.rounds = [5, 10], 1
         args.events = [n for n in args.events if n <= 1_000]
+        args.memory_counts, args.memory_deltas, args.memory_length_count = [1, 5], [100, 300], 5
+        args.memory_seconds = 1.5
+    if not args.memory_deltas or min([*args.memory_counts, args.memory_length_count]) < 1:
+        parser.error("--memory-deltas needs a size and the memory counts must be >= 1")
     return args
 
 

@@ -1,9 +1,10 @@
 """The scale benchmark's smoke run: ``benchmarks/bench_scale.py --quick`` starts the ceiling
 (uvicorn serving a real recorded stream), a redis-server and a real ``sse-cache proxy`` process
 per backend (memory, SQLite, Redis; SQLite and Redis also with two workers), sends hits over
-concurrent connections and checks every answer byte for byte, then measures the events
-scaling on 100 and 1,000 events. Nothing about time is asserted: only that it runs, that
-every answer was right, and that the JSON report holds every figure."""
+concurrent connections (5 and 10) and checks every answer byte for byte, measures the events
+scaling on 100 and 1,000 events, and the proxy's memory with live misses and followers.
+Nothing about time is asserted: only that it runs, that every answer was right, and that the
+JSON report holds every figure."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from bench_scale import REAL_STREAMS, Call, load, static_server
+from bench_scale import REAL_STREAMS, Call, load, reset_peak, static_server, tree_memory
 
 from servers import require_binary
 
@@ -43,14 +44,19 @@ def test_the_quick_run_answers_every_request_correctly(tmp_path: Path) -> None:
     figures: dict[str, Any] = json.loads(report.read_text())
     names = [config["name"] for config in figures["hits"]]
     assert names == [
-        "memory, 1 worker",
-        "sqlite, 1 worker",
-        "redis, 1 worker",
-        "sqlite, 2 workers",
-        "redis, 2 workers",
+        f"{proxy}, {connections} connections"
+        for proxy in (
+            "memory, 1 worker",
+            "sqlite, 1 worker",
+            "redis, 1 worker",
+            "sqlite, 2 workers",
+            "redis, 2 workers",
+        )
+        for connections in (5, 10)
     ]
     for config in figures["hits"]:
         assert config["errors"] == [], config["name"]
+        assert config["requests"] == 3 * config["connections"]
         (row,) = config["rounds"]
         for path in ("proxy", "ceiling"):
             assert row[path]["rate"] > 0
@@ -61,6 +67,40 @@ def test_the_quick_run_answers_every_request_correctly(tmp_path: Path) -> None:
     for row in rows:
         assert row["events"] > row["deltas"]  # the deltas and the events around them
         assert all(len(row[path]) == 1 for path in ("miss", "direct", "hit", "ceiling"))
+    # Memory: live misses and followers (each follower's answer was checked to be "shared"),
+    # 1 and 5 of each, then 5 of each with a longer answer.
+    cases = [(c["kind"], c["count"], c["deltas"]) for c in figures["memory"]]
+    assert cases == [
+        ("misses", 1, 100),
+        ("misses", 5, 100),
+        ("followers", 1, 100),
+        ("followers", 5, 100),
+        ("misses", 5, 300),
+        ("followers", 5, 300),
+    ]
+    for case in figures["memory"]:
+        assert case["errors"] == [], case["name"]
+        (memory,) = case["rounds"]
+        assert 0 < memory["baseline"] <= memory["peak"]
+        assert case["bytes"] > case["deltas"] * 100  # a whole Responses answer
+    assert figures["memory"][4]["bytes"] > 2 * figures["memory"][1]["bytes"]
+
+
+def test_the_peak_rss_is_the_peak_of_what_follows_its_reset() -> None:
+    # What the memory figures rely on: after reset_peak, VmHWM forgets an earlier peak.
+    with subprocess.Popen(
+        [sys.executable, "-c", "x = bytearray(64 << 20); del x; print(flush=True); input()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    ) as child:
+        try:
+            assert child.stdout is not None
+            child.stdout.readline()  # 64 MiB touched and freed
+            assert tree_memory(child.pid, "VmHWM") > tree_memory(child.pid, "VmRSS") + (48 << 20)
+            reset_peak(child.pid)
+            assert tree_memory(child.pid, "VmHWM") < tree_memory(child.pid, "VmRSS") + (8 << 20)
+        finally:
+            child.kill()
 
 
 @pytest.mark.anyio
