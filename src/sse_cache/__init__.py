@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
+from ._notices import CacheStatus as CacheStatus
+from ._notices import Notice as Notice
 from .breaker import Breaker as Breaker
 from .codec import MsgpackCodec as MsgpackCodec
 from .engine import (
     CachedStream as CachedStream,
-)
-from .engine import (
-    CacheStatus as CacheStatus,
-)
-from .engine import (
-    Notice as Notice,
 )
 from .engine import (
     SharedStreamAborted as SharedStreamAborted,

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .engine import Notice
+    from ._notices import Notice
 
 __all__ = [
     "LOG_LEVELS",

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .engine import Notice, emit
+from ._notices import Notice, emit
 from .errors import ConfigError
 from .flight import SharedStreamAborted
 from .http._wire import close_iterator, json_error_body, merge_headers

@@ -15,7 +15,6 @@ same live stream still need it.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import operator
@@ -24,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -32,6 +31,7 @@ import msgspec
 
 from ._decoded import DECODED_EVENT_BYTES, DecodedEntries
 from ._logging import backend_warnings
+from ._notices import CacheStatus, Hook, LiveStreamsHook, Notice, emit
 from .breaker import Breaker, BreakerState
 from .codec import MsgpackCodec, WireEntry
 from .entry import Entry
@@ -79,53 +79,6 @@ _INSTANT = Pacing()
 _RECORDING = RecorderState.RECORDING
 # The engine's live streams carry events, with no HTTP head of their own.
 _EVENTS_HEAD = Head(200, [("content-type", "text/event-stream")])
-
-
-class CacheStatus(enum.StrEnum):
-    """How a request was answered; the value of the ``x-sse-cache`` response header."""
-
-    HIT = "hit"
-    MISS = "miss"
-    BYPASS = "bypass"
-    REFRESH = "refresh"
-    SHARED = "shared"
-
-
-class Notice(msgspec.Struct, frozen=True, kw_only=True):
-    """What a hook receives. ``kind`` is one of ``hit``, ``miss``, ``bypass``, ``refresh``,
-    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``,
-    ``breaker`` (the backend's breaker changed state: ``detail`` is the new one),
-    ``store_skipped`` (not written: the breaker is open), ``backend`` (one backend call:
-    ``detail`` is the operation, ``get``, ``set`` or ``delete``, ``seconds`` how long it took,
-    failed or not), and
-    from the HTTP integrations ``replayed`` (bytes sent from the cache), ``invalid`` (a
-    request answered 400 for a bad control header), ``first_byte`` (a response's first
-    body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the
-    request arrived) and ``resumed`` (a client reconnected to a live stream and gets the
-    rest of it).
-    ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
-    ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
-
-    kind: str
-    key: str
-    events: int = 0
-    bytes: int = 0
-    seconds: float = 0.0
-    detail: str = ""
-
-
-Hook = Callable[[Notice], None]
-
-
-@runtime_checkable
-class LiveStreamsHook(Protocol):
-    """A hook that also reads a cache's live streams (metrics report them as gauges): a
-    :class:`StreamCache` given one in ``hooks`` hands it its :class:`~sse_cache.flight.Flights`
-    once, when it is built."""
-
-    def __call__(self, notice: Notice) -> None: ...
-
-    def watch(self, live: Flights) -> None: ...
 
 
 _E = TypeVar("_E", Entry, WireEntry)
@@ -1126,15 +1079,6 @@ def _to_wire(entry: Entry) -> WireEntry:
         expires_at=entry.expires_at,
         eol=entry.eol,
     )
-
-
-def emit(hooks: Iterable[Hook], notice: Notice) -> None:
-    """Give ``notice`` to every hook; a hook that raises is logged and ignored."""
-    for hook in hooks:
-        try:
-            hook(notice)
-        except Exception:
-            logger.exception("sse_cache: hook %r failed", hook)
 
 
 def _check_ttl(ttl: float | None) -> None:

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .engine import CacheStatus, Notice
+from ._notices import CacheStatus, Notice
 from .errors import ConfigError
 from .flight import Flights
 

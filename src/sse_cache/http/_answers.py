@@ -10,14 +10,9 @@ from contextlib import aclosing
 
 import msgspec
 
+from .._notices import CacheStatus, Hook, Notice, emit
 from ..codec import WireEntry
-from ..engine import (
-    CachedStream,
-    CacheStatus,
-    Hook,
-    Notice,
-    emit,
-)
+from ..engine import CachedStream
 from ..entry import Entry
 from ..events import EOL, Event, ResumeCut, serialize_sse
 

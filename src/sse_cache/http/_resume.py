@@ -13,7 +13,8 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from ..engine import Notice, StreamCache, emit
+from .._notices import Notice, emit
+from ..engine import StreamCache
 from ..events import Event, serialize_sse
 from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from ..keys import ALIAS_PREFIX

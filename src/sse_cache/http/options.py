@@ -12,8 +12,9 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .._notices import Hook
 from ..breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
-from ..engine import DEFAULT_DECODED_CACHE_BYTES, Hook
+from ..engine import DEFAULT_DECODED_CACHE_BYTES
 from ..errors import ConfigError
 from ..pacing import Pacing
 from ..protocols import CacheKeyer, EventCodec, StreamAdapter

@@ -33,18 +33,13 @@ import anyio
 
 from .._decoded import DecodedEntries
 from .._logging import backend_warnings
+from .._notices import CacheStatus, Notice, emit
 from ..breaker import (
     Breaker,
     BreakerState,
 )
 from ..codec import MsgpackCodec, WireEntry
-from ..engine import (
-    CacheStatus,
-    LiveRecording,
-    Notice,
-    StreamCache,
-    emit,
-)
+from ..engine import LiveRecording, StreamCache
 from ..entry import Entry
 from ..errors import ConfigError
 from ..events import Event, serialize_sse

@@ -1,0 +1,76 @@
+"""What the cache tells its hooks (:class:`Notice`), how a request was answered
+(:class:`CacheStatus`), and handing a notice to hooks (:func:`emit`). Shared by the engine,
+the HTTP layer, logging and metrics; re-exported by :mod:`sse_cache.engine` and
+:mod:`sse_cache`."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import msgspec
+
+if TYPE_CHECKING:
+    from .flight import Flights
+
+__all__ = ["CacheStatus", "Hook", "LiveStreamsHook", "Notice", "emit"]
+
+logger = logging.getLogger("sse_cache")
+
+
+class CacheStatus(enum.StrEnum):
+    """How a request was answered; the value of the ``x-sse-cache`` response header."""
+
+    HIT = "hit"
+    MISS = "miss"
+    BYPASS = "bypass"
+    REFRESH = "refresh"
+    SHARED = "shared"
+
+
+class Notice(msgspec.Struct, frozen=True, kw_only=True):
+    """What a hook receives. ``kind`` is one of ``hit``, ``miss``, ``bypass``, ``refresh``,
+    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``,
+    ``breaker`` (the backend's breaker changed state: ``detail`` is the new one),
+    ``store_skipped`` (not written: the breaker is open), ``backend`` (one backend call:
+    ``detail`` is the operation, ``get``, ``set`` or ``delete``, ``seconds`` how long it took,
+    failed or not), and
+    from the HTTP integrations ``replayed`` (bytes sent from the cache), ``invalid`` (a
+    request answered 400 for a bad control header), ``first_byte`` (a response's first
+    body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the
+    request arrived) and ``resumed`` (a client reconnected to a live stream and gets the
+    rest of it).
+    ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
+    ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
+
+    kind: str
+    key: str
+    events: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    detail: str = ""
+
+
+Hook = Callable[[Notice], None]
+
+
+@runtime_checkable
+class LiveStreamsHook(Protocol):
+    """A hook that also reads a cache's live streams (metrics report them as gauges): a
+    :class:`StreamCache` given one in ``hooks`` hands it its :class:`~sse_cache.flight.Flights`
+    once, when it is built."""
+
+    def __call__(self, notice: Notice) -> None: ...
+
+    def watch(self, live: Flights) -> None: ...
+
+
+def emit(hooks: Iterable[Hook], notice: Notice) -> None:
+    """Give ``notice`` to every hook; a hook that raises is logged and ignored."""
+    for hook in hooks:
+        try:
+            hook(notice)
+        except Exception:
+            logger.exception("sse_cache: hook %r failed", hook)
