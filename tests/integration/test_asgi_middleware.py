@@ -14,41 +14,16 @@ import pytest
 from sse_cache import Event, serialize_sse
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
+from sse_cache.testing import GatedUpstream, UpstreamCut
 
 pytestmark = pytest.mark.anyio
 
 EVENTS = [Event(f"chunk {i}", event="tick", id=str(i)) for i in range(6)]
 
 
-class App:
+def events_app(*, status: int = 200, content_type: str = "text/event-stream") -> GatedUpstream:
     """Streams EVENTS as SSE (one body message per event); counts its calls."""
-
-    def __init__(self, *, status: int = 200, content_type: bytes = b"text/event-stream") -> None:
-        self.calls = 0
-        self.status = status
-        self.content_type = content_type
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        self.calls += 1
-        self.last_body = body
-        await send(
-            {
-                "type": "http.response.start",
-                "status": self.status,
-                "headers": [(b"content-type", self.content_type)],
-            }
-        )
-        for event in EVENTS:
-            await send(
-                {"type": "http.response.body", "body": serialize_sse([event]), "more_body": True}
-            )
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return GatedUpstream(EVENTS, status=status, content_type=content_type)
 
 
 @pytest.fixture
@@ -102,12 +77,12 @@ def body_then(body: bytes, until: Callable[[], Awaitable[object]]) -> Any:
 
 
 async def test_generic_route_and_last_event_id(client_for: Any) -> None:
-    app = App()
+    app = events_app()
     mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE})
     client = client_for(mw)
     first = await client.post("/events", json={"q": 1})
     assert first.headers["x-sse-cache"] == "miss" and first.content == serialize_sse(EVENTS)
-    assert app.last_body == b'{"q":1}'  # the app got the request body unchanged
+    assert app.bodies[-1] == b'{"q":1}'  # the app got the request body unchanged
     again = await client.post("/events", json={"q": 1})
     assert again.headers["x-sse-cache"] == "hit" and again.content == first.content
     resumed = await client.post("/events", json={"q": 1}, headers={"last-event-id": "3"})
@@ -119,26 +94,26 @@ async def test_generic_route_and_last_event_id(client_for: Any) -> None:
 
 
 async def test_non_json_and_oversized_bodies_pass_through_as_bypass(client_for: Any) -> None:
-    app = App()
+    app = events_app()
     mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, max_body_bytes=64)
     client = client_for(mw)
     r = await client.post("/events", content=b"not json")
-    assert r.headers["x-sse-cache"] == "bypass" and app.last_body == b"not json"
+    assert r.headers["x-sse-cache"] == "bypass" and app.bodies[-1] == b"not json"
     big = json.dumps({"x": "y" * 200}).encode()
     r = await client.post("/events", content=big)
-    assert r.headers["x-sse-cache"] == "bypass" and app.last_body == big
+    assert r.headers["x-sse-cache"] == "bypass" and app.bodies[-1] == big
     r = await client.post("/events", content=big)
     assert r.headers["x-sse-cache"] == "bypass" and app.calls == 3
 
 
 @pytest.mark.parametrize(
     ("status", "content_type"),
-    [(500, b"text/event-stream"), (200, b"text/plain"), (404, b"application/json")],
+    [(500, "text/event-stream"), (200, "text/plain"), (404, "application/json")],
 )
 async def test_responses_that_are_not_storable_are_passed_through(
-    client_for: Any, status: int, content_type: bytes
+    client_for: Any, status: int, content_type: str
 ) -> None:
-    app = App(status=status, content_type=content_type)
+    app = events_app(status=status, content_type=content_type)
     client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
     for _ in range(2):
         r = await client.post("/events", json={})
@@ -148,7 +123,7 @@ async def test_responses_that_are_not_storable_are_passed_through(
 
 
 async def test_custom_tenant_callable_and_shared_opt_in(client_for: Any) -> None:
-    app = App()
+    app = events_app()
     by_org = CacheMiddleware(
         app, "memory://", routes={"/events": GenericSSE}, tenant=lambda h: h.get("x-org", "")
     )
@@ -160,7 +135,8 @@ async def test_custom_tenant_callable_and_shared_opt_in(client_for: Any) -> None
     other_org = await client.post("/events", json={}, headers={"x-org": "b"})
     assert same_org.headers["x-sse-cache"] == "hit" and other_org.headers["x-sse-cache"] == "miss"
 
-    shared = CacheMiddleware(App(), "memory://", routes={"/events": GenericSSE}, tenant="shared")
+    routes = {"/events": GenericSSE}
+    shared = CacheMiddleware(events_app(), "memory://", routes=routes, tenant="shared")
     client = client_for(shared)
     await client.post("/events", json={}, headers={"authorization": "Bearer 1"})
     r = await client.post("/events", json={}, headers={"authorization": "Bearer 2"})
@@ -168,40 +144,23 @@ async def test_custom_tenant_callable_and_shared_opt_in(client_for: Any) -> None
 
 
 async def test_app_failing_mid_stream_stores_nothing(client_for: Any) -> None:
-    calls = 0
-
-    async def broken(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        nonlocal calls
-        calls += 1
-        await receive()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream")],
-            }
-        )
-        await send(
-            {"type": "http.response.body", "body": serialize_sse(EVENTS[:2]), "more_body": True}
-        )
-        raise RuntimeError("the app broke")
-
+    broken = GatedUpstream(EVENTS, cut_after=2)  # two events, then the app raises
     client = client_for(CacheMiddleware(broken, "memory://", routes={"/events": GenericSSE}))
     for _ in range(2):
-        with pytest.raises(RuntimeError, match="the app broke"):
+        with pytest.raises(UpstreamCut):
             await client.post("/events", json={})
-    assert calls == 2
+    assert broken.calls == 2
 
 
 async def test_other_methods_and_paths_are_untouched(client_for: Any) -> None:
-    app = App()
+    app = events_app()
     client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
     r = await client.get("/events")
     assert "x-sse-cache" not in r.headers and app.calls == 1
 
 
 async def test_requests_without_a_credential_are_not_cached_by_default(client_for: Any) -> None:
-    app = App()
+    app = events_app()
     client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
     del client.headers["authorization"]
     for _ in range(2):
@@ -211,7 +170,7 @@ async def test_requests_without_a_credential_are_not_cached_by_default(client_fo
 
 
 async def test_ignored_fields_are_part_of_the_key(client_for: Any) -> None:
-    app = App()
+    app = events_app()
     client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
     plain = await client.post("/events", json={"q": 1})
     # Another body that asks to ignore its extra field must not land on (or poison) the
@@ -232,7 +191,7 @@ async def test_ignored_fields_are_part_of_the_key(client_for: Any) -> None:
 
 
 async def test_paced_hit_stops_when_the_client_leaves(client_for: Any) -> None:
-    mw = CacheMiddleware(App(), "memory://", routes={"/events": GenericSSE})
+    mw = CacheMiddleware(events_app(), "memory://", routes={"/events": GenericSSE})
     first = await client_for(mw).post("/events", json={"q": "paced"})
     assert first.headers["x-sse-cache"] == "miss"
 
@@ -259,7 +218,7 @@ async def test_decoded_cache_can_be_sized_or_turned_off(client_for: Any) -> None
     # Kept: the form an HTTP hit replays (its SSE bytes).
     for size, kept in ((0, 0), (64 * 1024 * 1024, 1)):
         mw = CacheMiddleware(
-            App(), "memory://", routes={"/events": GenericSSE}, decoded_cache_bytes=size
+            events_app(), "memory://", routes={"/events": GenericSSE}, decoded_cache_bytes=size
         )
         client = client_for(mw)
         await client.post("/events", json={"q": "sized"})
@@ -272,7 +231,7 @@ async def test_decoded_cache_can_be_sized_or_turned_off(client_for: Any) -> None
 async def test_a_failing_send_during_a_hit_raises_as_itself(client_for: Any) -> None:
     # Servers match on the error type (a reset connection is an OSError): the replay's own
     # machinery must not wrap it.
-    mw = CacheMiddleware(App(), "memory://", routes={"/events": GenericSSE})
+    mw = CacheMiddleware(events_app(), "memory://", routes={"/events": GenericSSE})
     await client_for(mw).post("/events", json={"q": "reset"})
 
     async def send(message: dict[str, Any]) -> None:

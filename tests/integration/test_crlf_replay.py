@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from sse_cache import Event, SSEParser, serialize_sse
 from sse_cache.adapters import GeminiGenerateContent, GenericSSE
 from sse_cache.asgi import CacheMiddleware
-from sse_cache.testing import responses_stream
+from sse_cache.testing import GatedUpstream, responses_stream
 
 _BESIDE = Path(__file__).resolve().parents[3] / "shared" / "real-streams-gemini"
 REAL = Path(os.environ.get("SSE_CACHE_REAL_STREAMS_GEMINI", str(_BESIDE)))
@@ -44,27 +44,10 @@ def parse(raw: bytes) -> list[Event]:
     return events
 
 
-class Upstream:
-    """Answers every request with ``raw`` as an SSE stream, cut at ``cuts``."""
-
-    def __init__(self, raw: bytes, cuts: list[int] | None = None) -> None:
-        self.raw = raw
-        self.cuts = sorted({c for c in cuts or [] if 0 < c < len(raw)})
-        self.calls = 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body"):
-            pass
-        self.calls += 1
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        bounds = [0, *self.cuts, len(self.raw)]
-        for start, end in itertools.pairwise(bounds):
-            body = self.raw[start:end]
-            await send({"type": "http.response.body", "body": body, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+def upstream_cut_at(raw: bytes, cuts: list[int]) -> GatedUpstream:
+    """Answers every request with ``raw`` as an SSE stream, in pieces cut at ``cuts``."""
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(raw)}), len(raw)]
+    return GatedUpstream([raw[start:end] for start, end in itertools.pairwise(bounds)])
 
 
 def client(app: Any) -> httpx2.AsyncClient:
@@ -80,7 +63,7 @@ def client(app: Any) -> httpx2.AsyncClient:
 async def test_real_crlf_recording_hits_are_byte_identical(tmp_path: Path, pieces: int) -> None:
     raw = (real_dir() / CRLF_RECORDING).read_bytes()
     assert raw.count(b"\r\n") == raw.count(b"\n")  # the recording is CRLF throughout
-    upstream = Upstream(raw, list(range(pieces, len(raw), pieces)))
+    upstream = upstream_cut_at(raw, list(range(pieces, len(raw), pieces)))
     adapter = GeminiGenerateContent()
     routes = {
         "/models/{model}:generateContent": adapter,
@@ -119,7 +102,7 @@ _events = st.lists(
 async def miss_hit_and_suffix(
     raw: bytes, cuts: list[int], last_id: str | None
 ) -> tuple[bytes, bytes, bytes, bytes | None]:
-    upstream = Upstream(raw, cuts)
+    upstream = upstream_cut_at(raw, cuts)
     app = CacheMiddleware(upstream, "memory://", routes={"/events": GenericSSE})
     async with client(app) as http:
         miss = await http.post("/events", json={"q": 1}, headers=AUTH)
@@ -196,7 +179,7 @@ def test_mixed_and_cr_streams_replay_in_lf(
 async def test_openai_resume_of_a_crlf_stream_is_crlf() -> None:
     events = responses_stream("crlf", text_deltas=5)
     raw = serialize_sse(events, eol="crlf")
-    upstream = Upstream(raw, [3, 50, 51])
+    upstream = upstream_cut_at(raw, [3, 50, 51])
     app = CacheMiddleware(upstream, "memory://")
     body = {"model": "gpt-mock-1", "input": "crlf", "stream": True}
     async with client(app) as http:

@@ -24,7 +24,7 @@ from sse_cache.adapters import GeminiGenerateContent
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.httpx2 import AsyncCacheTransport
 from sse_cache.proxy import ProxyApp, create_proxy_app
-from sse_cache.testing import MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 
@@ -301,25 +301,10 @@ def real_dir() -> Path:
     return REAL
 
 
-class Recorded:
-    """An upstream that answers every request with one recorded stream, as it was."""
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-        self.calls = 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        while (await receive()).get("more_body"):
-            pass
-        self.calls += 1
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for start in range(0, len(self.raw), 100):  # in pieces, cut anywhere
-            piece = self.raw[start : start + 100]
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+def recorded(raw: bytes) -> GatedUpstream:
+    """An upstream that answers every request with one recorded stream, as it was, in pieces
+    of 100 bytes (cut anywhere)."""
+    return GatedUpstream([raw[start : start + 100] for start in range(0, len(raw), 100)])
 
 
 @pytest.mark.anyio
@@ -338,7 +323,7 @@ async def test_real_recordings_through_the_proxy(
     serve: Serve, tmp_path: Path, name: str, stored: bool
 ) -> None:
     raw = (real_dir() / name).read_bytes()
-    upstream = Recorded(raw)
+    upstream = recorded(raw)
     async with serve(upstream) as base:
         app = create_proxy_app(base, f"sqlite:///{tmp_path / 'c.db'}")
         try:
@@ -399,20 +384,9 @@ async def test_sdk_through_the_httpx2_transport() -> None:
 # -- completion rules through the ASGI middleware (asyncio and trio) ------------------------
 
 
-class Chunks:
-    """An upstream answering with the given chunks as an SSE stream."""
-
-    def __init__(self, *chunks: dict[str, Any]) -> None:
-        self.body = b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks)
-        self.calls = 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        self.calls += 1
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+def chunks_upstream(*chunks: dict[str, Any]) -> GatedUpstream:
+    """An upstream answering with the given chunks as an SSE stream (CRLF-framed, as Gemini's)."""
+    return GatedUpstream(b"".join(b"data: " + json.dumps(c).encode() + b"\r\n\r\n" for c in chunks))
 
 
 def _text(value: str, **extra: Any) -> dict[str, Any]:
@@ -440,7 +414,7 @@ async def test_what_the_middleware_stores(
         (GeminiGenerateContent(), stored),
         (GeminiGenerateContent(store_blocked=True), stored_blocked),
     ):
-        upstream = Chunks(*chunks)
+        upstream = chunks_upstream(*chunks)
         routes = {
             "/models/{model}:generateContent": adapter,
             "/models/{model}:streamGenerateContent": adapter,

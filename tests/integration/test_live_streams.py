@@ -20,10 +20,11 @@ import anyio.to_thread
 import httpx2
 import pytest
 
+from sse_cache import Event
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -360,37 +361,14 @@ async def test_a_cut_upstream_fails_every_reader_visibly(serve: Any, stack_kind:
 # -- an upstream that stops sending mid-stream without closing --------------------------------
 
 
-class GoesSilent:
-    """Sends the head and a few events, then nothing, without closing (a hung upstream),
-    until its client goes away."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        self.calls += 1
-        while (await receive()).get("more_body", False):
-            pass
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/event-stream")],
-            }
-        )
-        for n in range(3):
-            data = b'{"type":"response.created","sequence_number":%d}' % n
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": b"event: response.created\ndata: " + data + b"\n\n",
-                    "more_body": True,
-                }
-            )
-        while (await receive())["type"] != "http.disconnect":
-            pass
+def goes_silent() -> GatedUpstream:
+    """Sends the head and a few events, then nothing, without closing (a hung upstream), until
+    its client goes away: its gate is never opened."""
+    created = [
+        Event(f'{{"type":"response.created","sequence_number":{n}}}', "response.created")
+        for n in range(3)
+    ]
+    return GatedUpstream(created, hold_after=len(created))
 
 
 async def test_an_upstream_that_goes_silent_fails_every_reader_after_the_idle_timeout(
@@ -398,7 +376,7 @@ async def test_an_upstream_that_goes_silent_fails_every_reader_after_the_idle_ti
 ) -> None:
     # --upstream-timeout bounds each read: no byte for that long mid-stream, and every reader
     # of the stream (producer and followers) gets a visible failure; nothing is stored.
-    upstream_app = GoesSilent()
+    upstream_app = goes_silent()
     async with serve(upstream_app) as upstream:
         app = create_proxy_app(upstream, "memory://", upstream_timeout=0.5)
         async with serve(app) as base, httpx2.AsyncClient(base_url=base, timeout=30) as client:

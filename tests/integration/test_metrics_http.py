@@ -18,7 +18,7 @@ from sse_cache.asgi import CacheMiddleware
 from sse_cache.events import serialize_sse
 from sse_cache.metrics import CONTENT_TYPE, Metrics
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import MockUpstream, responses_stream
+from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -83,30 +83,10 @@ async def test_streams_through_the_proxy_move_counters_and_histograms(
     assert upstream_app.stats()["total"] == 3
 
 
-class Gated:
-    """An SSE upstream that sends its first event at once and the rest only when released."""
-
-    def __init__(self) -> None:
-        self.release = anyio.Event()
-        self.calls = 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        self.calls += 1
-        while (await receive()).get("more_body"):
-            pass
-        head = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": head})
-        first = {"type": "http.response.body", "body": serialize_sse(EVENTS[:1])}
-        await send({**first, "more_body": True})
-        await self.release.wait()
-        await send({"type": "http.response.body", "body": serialize_sse(EVENTS[1:])})
-
-
 async def test_gauges_show_a_herd_on_one_live_stream_while_it_is_in_flight(serve: Any) -> None:
     followers = 5
-    upstream_app = Gated()
+    # The first event at once, the rest only once every follower has joined.
+    upstream_app = GatedUpstream(EVENTS, hold_after=1)
     async with serve(upstream_app) as upstream:
         app = create_proxy_app(upstream, "memory://")
         limits = httpx2.Limits(max_connections=50)
@@ -140,7 +120,7 @@ async def test_gauges_show_a_herd_on_one_live_stream_while_it_is_in_flight(serve
                 go.set()  # released together
                 await everyone_reads.wait()
                 during = (await http.get("/_sse_cache/metrics")).text
-                upstream_app.release.set()
+                upstream_app.gate.set()
             after = (await http.get("/_sse_cache/metrics")).text
         await app.aclose()
     assert upstream_app.calls == 1

@@ -18,7 +18,7 @@ import pytest
 from sse_cache.adapters import GenericSSE
 from sse_cache.engine import Notice
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -158,31 +158,18 @@ async def test_after_the_window_an_abandoned_answer_is_not_resumed_from_its_part
     assert not any(notice.kind == "resumed" for notice in notices.seen)
 
 
-class NumberedEvents:
+def numbered_events(count: int) -> GatedUpstream:
     """An upstream of plain SSE whose events carry ids (``id: 1`` …), paced, CRLF-framed."""
-
-    def __init__(self, count: int) -> None:
-        self.events = [
-            f'id: {i}\r\nevent: tick\r\ndata: {{"n": {i}}}\r\n\r\n'.encode()
-            for i in range(1, count + 1)
-        ]
-        self.calls = 0
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        self.calls += 1
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for event in self.events:
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            await anyio.sleep(0.01)  # the upstream's own pace
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    events = [
+        f'id: {i}\r\nevent: tick\r\ndata: {{"n": {i}}}\r\n\r\n'.encode()
+        for i in range(1, count + 1)
+    ]
+    return GatedUpstream(events, delay=0.01)  # the upstream's own pace
 
 
 async def test_last_event_id_continues_a_live_stream_after_that_event(serve: Any) -> None:
-    upstream_app = NumberedEvents(150)
-    whole = b"".join(upstream_app.events)
+    upstream_app = numbered_events(150)
+    whole = upstream_app.body
     routes = {"/v1/ticks": GenericSSE()}
     async with proxied(serve, upstream_app, resume_window=30, routes=routes) as client:
         held = b""
@@ -192,7 +179,7 @@ async def test_last_event_id_continues_a_live_stream_after_that_event(serve: Any
                 held += chunk
                 if held.count(b"\r\n\r\n") >= 10:
                     break
-        got, held = held, b"".join(upstream_app.events[:10])
+        got, held = held, b"".join(upstream_app.pieces[:10])
         assert got.startswith(held)  # the client has events 1..10 (and perhaps a part of 11)
         resumed = await client.post(
             "/v1/ticks", json={"stream": True}, headers={**ALICE, "last-event-id": "10"}

@@ -5,22 +5,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
-from typing import Any
 
 import httpx2
 import pytest
 
 from sse_cache._uvicorn import serve
+from sse_cache.testing import GatedUpstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
-
-
-async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 200, "headers": []})
-    await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
 
 
 def _server_side_sockets(port: int) -> list[socket.socket]:
@@ -38,6 +30,7 @@ async def test_accepted_connections_send_small_writes_at_once() -> None:
     # follows an unacknowledged one waits for the peer's delayed ACK (~40 ms on Linux), and a
     # response's first event arrived that late behind its headers. asyncio turns Nagle off
     # only on sockets whose protocol says TCP, which the listening socket must therefore say.
+    app = GatedUpstream(b"data: x\n\n")
     async with serve(app) as url, httpx2.AsyncClient() as client:
         port = int(url.rsplit(":", 1)[1])
         async with client.stream("GET", url + "/") as response:

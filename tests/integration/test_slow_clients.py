@@ -25,6 +25,7 @@ import httpx2
 import pytest
 
 from sse_cache.proxy import create_proxy_app
+from sse_cache.testing import GatedUpstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -48,45 +49,6 @@ def answer(deltas: int) -> list[bytes]:
     done = {**response, "status": "completed"}
     events.append(_event("response.completed", {"sequence_number": deltas + 1, "response": done}))
     return events
-
-
-class Upstream:
-    """Streams :func:`answer` as fast as it is read; ``more`` (when set) holds everything after
-    the first event and ``finish`` the last one, until the test releases them."""
-
-    def __init__(
-        self, deltas: int, *, gated: bool = False, held_end: bool = False, mark: int = 0
-    ) -> None:
-        self.events = answer(deltas)
-        self.calls = 0
-        self.more = anyio.Event() if gated else None
-        self.finish = anyio.Event() if held_end else None
-        self.mark = mark
-        self.marked = anyio.Event()  # set once ``mark`` events were sent
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.events)
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        self.calls += 1
-        while (await receive()).get("more_body"):
-            pass
-        headers = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        first, *middle, last = self.events
-        await send({"type": "http.response.body", "body": first, "more_body": True})
-        if self.more is not None:
-            await self.more.wait()
-        for sent, chunk in enumerate(middle, 2):
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if sent == self.mark:
-                self.marked.set()
-        if self.finish is not None:
-            await self.finish.wait()
-        await send({"type": "http.response.body", "body": last, "more_body": False})
 
 
 class SlowClient:
@@ -165,7 +127,7 @@ class SlowClient:
 
 
 @asynccontextmanager
-async def proxy(serve: Any, upstream: Upstream, **options: Any) -> AsyncIterator[str]:
+async def proxy(serve: Any, upstream: GatedUpstream, **options: Any) -> AsyncIterator[str]:
     async with serve(upstream) as upstream_url:
         app = create_proxy_app(upstream_url, "memory://", **options)
         try:
@@ -211,7 +173,8 @@ async def test_followers_are_not_delayed_by_a_producer_client_that_stops_reading
 ) -> None:
     # 12 MB, held open before its last event: with the producer's client not reading, the
     # followers can only have it all if the proxy reads the upstream on without that client.
-    upstream = Upstream(1500, held_end=True)
+    events = answer(1500)
+    upstream = GatedUpstream(events, hold_after=len(events) - 1)  # held before its last event
     with anyio.fail_after(DEADLOCK_GUARD):
         async with (
             proxy(serve, upstream) as base,
@@ -219,7 +182,7 @@ async def test_followers_are_not_delayed_by_a_producer_client_that_stops_reading
         ):
             async with SlowClient(base) as slow:
                 # The upstream sends its last event once every follower has joined.
-                followers = await follow(client, 5, upstream.finish)
+                followers = await follow(client, 5, upstream.gate)
                 # Every follower has the whole answer while the producer's client still has
                 # read only its first bytes.
                 assert not slow.read_on.is_set()
@@ -240,7 +203,7 @@ async def test_a_producer_client_too_far_behind_its_followers_is_cut_visibly(
     # 30 MB with a 6 MiB bound on how far a reader may fall behind: the client that stops
     # reading falls behind (about 4 MB in the kernel's buffers, then 6 MiB waiting for it in
     # the proxy) and is cut off; the followers, which read on, get every byte.
-    upstream = Upstream(3700, gated=True)
+    upstream = GatedUpstream(answer(3700), hold_after=1)  # held after its first event
     bound = 6 * 1024 * 1024
     with anyio.fail_after(DEADLOCK_GUARD):
         async with (
@@ -249,7 +212,7 @@ async def test_a_producer_client_too_far_behind_its_followers_is_cut_visibly(
         ):
             async with SlowClient(base) as slow:
                 # The upstream sends the rest once every follower has joined.
-                followers = await follow(client, 3, upstream.more)
+                followers = await follow(client, 3, upstream.gate)
                 assert [status for status, _ in followers] == ["shared"] * 3
                 assert all(content == upstream.body for _, content in followers)
                 slow.read_on.set()
@@ -269,11 +232,11 @@ async def test_a_lone_slow_client_paces_its_upstream_and_gets_the_whole_answer(
     # both sides hold, so the proxy must hold the difference for it (before the proxy sent
     # from a task of its own, the upstream could never send that much: the deadlock guard).
     bound = 16 * 1024 * 1024
-    upstream = Upstream(3000, mark=bound // len(TEXT))
+    upstream = GatedUpstream(answer(3000))
     with anyio.fail_after(DEADLOCK_GUARD):
         async with proxy(serve, upstream, max_entry_bytes=bound) as base:
             async with SlowClient(base) as slow:
-                await upstream.marked.wait()
+                await upstream.wait_sent(bound // len(TEXT))
                 slow.read_on.set()
             assert slow.complete and slow.body == upstream.body
     assert upstream.calls == 1
