@@ -21,8 +21,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
-# The modules whose __all__ the reference must render: the package and DESIGN.md's contract
-# modules.
+# The modules whose __all__ the reference must render: the package, DESIGN.md's contract
+# modules and the testing helpers.
 REFERENCED_MODULES = [
     "sse_cache",
     "sse_cache.asgi",
@@ -31,6 +31,7 @@ REFERENCED_MODULES = [
     "sse_cache.backends",
     "sse_cache.adapters",
     "sse_cache.errors",
+    "sse_cache.testing",
 ]
 
 
