@@ -1,5 +1,6 @@
 """Hits at scale: cache hits through a real ``sse-cache proxy`` under concurrency, against the
-ceiling of the same run, on every backend; and the cost per event as streams grow.
+ceiling of the same run, on every backend; the cost per event as streams grow; and the
+proxy's memory per live stream and per follower.
 
 (a) Hits under load. A real recorded OpenAI Responses stream (``--stream``; by default the
     largest, ``openai-responses_reasoning-4-summaries_o3-mini.sse``, 676 events, ~195 KB, from
@@ -7,8 +8,9 @@ ceiling of the same run, on every backend; and the cost per event as streams gro
     own: that server is *the ceiling* (the same bytes, served by the same HTTP server, with
     nothing to look up) and the proxy's upstream. For each backend (``memory``, ``sqlite``,
     ``redis``; Redis is a redis-server this script starts) an ``sse-cache proxy`` process
-    stores the stream once (a miss), then each round sends ``--requests`` (300) identical
-    streamed ``POST /v1/responses`` over ``--connections`` (100) keep-alive connections
+    stores the stream once (a miss), then each round sends, for each of ``--connections``
+    (10, 50, 100, 200), ``--requests`` (default: 3 per connection) identical streamed
+    ``POST /v1/responses`` over that many keep-alive connections
     (each connection opened and used once first, then all released together, each sending
     its next request as soon as the previous answer ended) to the proxy and the same load to
     the ceiling, in alternating order. Every answer is checked: status 200, ``x-sse-cache:
@@ -28,11 +30,26 @@ ceiling of the same run, on every backend; and the cost per event as streams gro
     straight to the upstream, and of a hit against the ceiling serving the stored bytes;
     each also per event. ``--rounds`` alternating repetitions, medians [min-max].
 
-Run: ``.venv/bin/python benchmarks/bench_scale.py [--requests 300] [--connections 100]
-[--rounds 3] [--backends memory,sqlite,redis] [--workers 1,2] [--mode hits,events]
-[--events 100,1000,10000,100000] [--json PATH]``; ``--quick`` for a smoke run (what
-tests/integration/test_bench_scale.py runs). Nothing is asserted about time; a wrong answer
-is an error (exit status 1). Client, servers and Redis share this machine's cores: compare
+(c) Memory. The proxy on SQLite (stored entries on disk, not in the process), a new process
+    per measurement, warmed by one miss, one shared stream and one hit; its RSS is read from
+    ``/proc/<pid>/status`` and its peak (``VmHWM``) reset. Then, on connections of their
+    own, either N live misses at once (N prompts, released together) or one live miss and N
+    followers of it (identical requests sent together once the first client has half of
+    its answer: each catches up on the shared log, then follows live). The answers come
+    from ``sse-cache mock-upstream`` paced over ``--memory-seconds`` (6) each, so that all
+    are live together; every one is checked (``x-sse-cache`` ``miss`` or ``shared``, the
+    body byte-identical to the upstream's answer). Printed: the peak RSS during the load
+    minus the RSS before it, per stream (miss or follower), for N in ``--memory-counts``
+    (1, 10, 100, 500) at the first of ``--memory-deltas`` (200, 2,000), and for
+    ``--memory-length-count`` (100) at the others: whether the cost grows with N or with the
+    answer's length.
+
+Run: ``.venv/bin/python benchmarks/bench_scale.py [--requests N] [--connections 10,50,100,200]
+[--rounds 3] [--backends memory,sqlite,redis] [--workers 1,2] [--mode hits,events,memory]
+[--events 100,1000,10000,100000] [--memory-counts 1,10,100,500] [--memory-deltas 200,2000]
+[--json PATH]``; ``benchmarks/plot_scale.py`` draws the JSON's plots. ``--quick`` for a smoke
+run (what tests/integration/test_bench_scale.py runs). Nothing is asserted about time; a wrong
+answer is an error (exit status 1). Client, servers and Redis share this machine's cores: compare
 the ratios, not the absolute figures.
 """
 
@@ -40,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import os
@@ -645,7 +663,7 @@ class MemoryCase:
     deltas: int
     events: int = 0  # of one answer
     bytes: int = 0  # of one answer
-    rounds: list[dict[str, int]] = field(default_factory=list)
+    rounds: list[dict[str, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -653,9 +671,10 @@ class MemoryCase:
         what = "live misses" if self.kind == "misses" else "followers of one live miss"
         return f"{self.count} {what}, {self.events} events ({self.bytes / 1000:.0f} KB)"
 
-    def per_stream(self) -> list[float]:
-        """Peak RSS minus the RSS before the load, per stream (miss or follower), per round."""
-        return [(r["peak"] - r["baseline"]) / self.count for r in self.rounds]
+    def per_stream(self, figure: str = "peak") -> list[float]:
+        """RSS at its ``peak`` (or ``live``) minus the RSS before the load, per stream (miss
+        or follower), per round."""
+        return [(r[figure] - r["baseline"]) / self.count for r in self.rounds]
 
 
 async def fetch_answers(
@@ -684,23 +703,41 @@ async def fetch_answers(
 
 async def live_load(
     proxy: Server, kind: str, calls: list[Call]
-) -> tuple[dict[str, int], list[str]]:
+) -> tuple[dict[str, float], list[str]]:
     """Send ``calls`` to the proxy on connections of their own and read every answer to its
-    end; the proxy's RSS before, at its peak during, and after; the errors. ``misses``: all
+    end; the proxy's RSS before, at its peak during (``peak``), at the moment every client
+    had passed a mark in its answer (``live``: half for misses, three quarters for
+    followers; ``ended`` answers had ended by then) and after; the errors. ``misses``: all
     released together. ``followers``: the first (the producer) alone, the others together
     once its client has half of its answer (they catch up on the shared log, then follow)."""
     host, port = proxy.url.split("//", 1)[1].split(":")
     errors: list[str] = []
+    mark = 0.5 if kind == "misses" else 0.75
+    passed: set[int] = set()
+    ended = 0
+    figures = {"live": math.nan, "ended": math.nan}
+    half = asyncio.Event()  # the first client has half of its answer
 
-    async def run(
-        conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-        call: Call,
-        progress: Callable[[int], None] | None = None,
-    ) -> None:
+    def progress(i: int, size: int) -> Callable[[int], None]:
+        def on_bytes(received: int) -> None:
+            if i == 0 and received >= size // 2:
+                half.set()
+            if i not in passed and received >= size * mark:
+                passed.add(i)
+                if len(passed) == len(calls):
+                    figures["live"] = tree_memory(proxy.pid, "VmRSS")
+                    figures["ended"] = ended
+
+        return on_bytes
+
+    async def run(i: int, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        nonlocal ended
+        call = calls[i]
         try:
-            await ask(*conn, call, progress)
+            await ask(*conn, call, progress(i, len(call.body)))
         except (WrongAnswer, OSError, asyncio.IncompleteReadError, ValueError) as exc:
             errors.append(repr(exc))
+        ended += 1
 
     baseline = tree_memory(proxy.pid, "VmRSS")
     reset_peak(proxy.pid)
@@ -710,35 +747,22 @@ async def live_load(
     )
     try:
         if kind == "misses":
-            await asyncio.gather(
-                *(run(conn, call) for conn, call in zip(conns, calls, strict=True))
-            )
+            await asyncio.gather(*(run(i, conn) for i, conn in enumerate(conns)))
         else:
-            first, *rest = calls
-            half = asyncio.Event()
-
-            def progress(received: int) -> None:
-                if received >= len(first.body) // 2:
-                    half.set()
-
-            producer = asyncio.create_task(run(conns[0], first, progress))
+            producer = asyncio.create_task(run(0, conns[0]))
             halfway = asyncio.create_task(half.wait())
             # Half of the answer, or the producer's end (then the followers come too late:
             # each gets a hit, not "shared", and counts as an error).
             await asyncio.wait([producer, halfway], return_when=asyncio.FIRST_COMPLETED)
             halfway.cancel()
-            await asyncio.gather(
-                *(run(conn, call) for conn, call in zip(conns[1:], rest, strict=True))
-            )
+            await asyncio.gather(*(run(i, conn) for i, conn in enumerate(conns) if i))
             await producer
     finally:
         for _, writer in conns:
             writer.close()
-    figures = {
-        "baseline": baseline,
-        "peak": tree_memory(proxy.pid, "VmHWM"),
-        "after": tree_memory(proxy.pid, "VmRSS"),
-    }
+    figures["baseline"] = baseline
+    figures["peak"] = tree_memory(proxy.pid, "VmHWM")
+    figures["after"] = tree_memory(proxy.pid, "VmRSS")
     return figures, errors
 
 
@@ -817,10 +841,12 @@ async def bench_memory(args: argparse.Namespace, tmp: Path) -> list[MemoryCase]:
                 case.rounds.append(figures)
                 case.errors += errors
                 rise = figures["peak"] - figures["baseline"]
+                live = figures["live"] - figures["baseline"]
                 kept = figures["after"] - figures["baseline"]
                 print(
                     f"  round {r + 1} {case.name:<52} peak +{rise / 1e6:7.1f} MB"
-                    f" ({rise / case.count / 1e3:7.0f} KB each), after +{kept / 1e6:6.1f} MB"
+                    f" ({rise / case.count / 1e3:5.0f} KB each), live +{live / 1e6:7.1f} MB "
+                    f"({figures['ended']} ended), after +{kept / 1e6:6.1f} MB"
                     + (f"  ERRORS {len(errors)}: {errors[:2]}" if errors else "")
                 )
     summarize_memory(cases)
@@ -828,15 +854,17 @@ async def bench_memory(args: argparse.Namespace, tmp: Path) -> list[MemoryCase]:
 
 
 def summarize_memory(cases: list[MemoryCase]) -> None:
-    print(f"\n  memory: medians [min-max] over {len(cases[0].rounds)} rounds")
+    print(
+        f"\n  memory: medians [min-max] over {len(cases[0].rounds)} rounds; peak: the proxy's "
+        f"peak RSS minus its RSS before the load; live: its RSS when every client had passed "
+        f"half (misses) or three quarters (followers) of its answer"
+    )
     for case in cases:
-        each = case.per_stream()
-        times = [v / case.bytes for v in each]
-        peak = [(r["peak"] - r["baseline"]) for r in case.rounds]
+        peak, live = case.per_stream(), case.per_stream("live")
         print(
-            f"    {case.name:<52} +{spread(peak, 1e-6, 1):>20} MB, per "
-            f"{'stream' if case.kind == 'misses' else 'follower'} {spread(each, 1e-3):>18} KB"
-            f" = {spread(times, digits=2)}x the answer"
+            f"    {case.name:<52} per {'stream' if case.kind == 'misses' else 'follower'}: "
+            f"peak {spread(peak, 1e-3):>16} KB = {spread([v / case.bytes for v in peak], digits=1)}"
+            f"x the answer, live {spread(live, 1e-3):>16} KB"
         )
         if case.errors:
             print(f"      ERRORS ({len(case.errors)}): {case.errors[:3]}")
@@ -845,16 +873,21 @@ def summarize_memory(cases: list[MemoryCase]) -> None:
             (c for c in cases if c.kind == kind and c.deltas == cases[0].deltas),
             key=lambda c: c.count,
         )
-        if len(sweep) < 2:
-            continue
-        low, high = sweep[0], sweep[-1]
-        rise = statistics.median(
-            r["peak"] - r["baseline"] for r in high.rounds
-        ) - statistics.median(r["peak"] - r["baseline"] for r in low.rounds)
-        print(
-            f"    {kind}: each one more from {low.count} to {high.count} adds "
-            f"{rise / (high.count - low.count) / 1e3:.0f} KB (medians)"
-        )
+        for low, high in itertools.pairwise(sweep):
+            print(
+                f"    {kind}: each one more from {low.count} to {high.count} adds "
+                f"{marginal(low, high, 'peak') / 1e3:.0f} KB at the peak, "
+                f"{marginal(low, high, 'live') / 1e3:.0f} KB live (medians)"
+            )
+
+
+def marginal(low: MemoryCase, high: MemoryCase, figure: str) -> float:
+    """What each stream more adds, from ``low``'s count to ``high``'s (medians, bytes)."""
+
+    def med(case: MemoryCase) -> float:
+        return statistics.median(r[figure] - r["baseline"] for r in case.rounds)
+
+    return (med(high) - med(low)) / (high.count - low.count)
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -886,9 +919,16 @@ async def main(args: argparse.Namespace) -> int:
         if "memory" in args.mode:
             cases = await bench_memory(args, Path(tmp))
             report["memory"] = [
-                {**asdict(c), "name": c.name, "per_stream": c.per_stream()} for c in cases
+                {
+                    **asdict(c),
+                    "name": c.name,
+                    "per_stream": c.per_stream(),
+                    "live_per_stream": c.per_stream("live"),
+                }
+                for c in cases
             ]
             errors += sum(len(c.errors) for c in cases)
+    report["machine"]["load_average_end"] = os.getloadavg()
     print(f"\nmachine: {report['machine']}")
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
