@@ -1,0 +1,421 @@
+"""The response bodies of the httpx / httpx2 cache transports (:mod:`sse_cache._transport`):
+a miss's body hands each upstream chunk to the client and records it; an answer's body
+replays from the cache. Async bodies run on the caller's event loop; sync ones drive the
+async service through the transport's blocking portal."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from functools import cache
+from types import ModuleType
+from typing import Any, ClassVar
+
+import anyio
+import anyio.from_thread
+
+from .flight import SharedStreamAborted
+from .http._wire import close_iterator
+from .http.service import Exchange, ResponseTee
+
+
+async def _feed(tee: ResponseTee, chunk: bytes) -> None:
+    # One portal hop for both: record the chunk, and publish what was relayed to other
+    # processes following this stream (cross-process single-flight), if any.
+    tee.feed(chunk)
+    await tee.flush()
+
+
+def _aborted(lib: ModuleType, exc: SharedStreamAborted) -> Exception:
+    """What a follower's client sees when the live stream it read stopped before its end: the
+    library's error for a response cut short, as when a server drops the connection (the
+    SDKs raise their connection error)."""
+    return lib.RemoteProtocolError(f"sse-cache: {exc}")  # type: ignore[no-any-return]
+
+
+# -- async --------------------------------------------------------------------------------
+
+
+class _AsyncOpen:
+    """An exchange entered by ``handle_async_request`` and left when the response ends."""
+
+    __slots__ = ("_cm", "open")
+
+    def __init__(self, cm: AbstractAsyncContextManager[Exchange]) -> None:
+        self._cm = cm
+        self.open = False
+
+    async def enter(self) -> Exchange:
+        ex = await self._cm.__aenter__()
+        self.open = True
+        return ex
+
+    async def leave(self, exc: BaseException | None = None) -> None:
+        if not self.open:
+            return
+        self.open = False
+        # Shielded: a store that has begun finishes even if the reader is being cancelled
+        # (every backend call is bounded by ``backend_timeout``).
+        with anyio.CancelScope(shield=True):
+            if exc is None:
+                await self._cm.__aexit__(None, None, None)
+            else:
+                await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    # A task that outlives the request (a resume window): kept referenced until it ends.
+    task = asyncio.get_running_loop().create_task(work, name="sse-cache resume window")
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+class _AsyncTeeBody:
+    """The body of a miss: the upstream's chunks, each handed to the client (and to the
+    followers of its live stream) first and recorded when the client asks for the next one.
+
+    When the client closes it early while followers still read, the upstream is handed over
+    to them: they read it on, in turn, until its end (stored if it completed) or until the
+    last of them leaves (then it is closed)."""
+
+    def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen) -> None:
+        self._inner = inner
+        self._it: AsyncIterator[bytes] | None = None
+        self._tee = tee
+        self._opened = opened
+        self._pending = b""
+        self._handed_over = False
+
+    # One iterator for every ``async for``: a client that drains the rest of a response it
+    # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._handed_over:
+            raise StopAsyncIteration
+        chunk = await self._next()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def _next(self) -> bytes | None:
+        tee = self._tee
+        if self._pending:
+            tee.feed(self._pending)
+            self._pending = b""
+            await tee.flush()  # to other processes following this stream, if any
+        if not self._opened.open:
+            return None
+        it = self._it
+        if it is None:
+            it = self._it = aiter(self._inner)
+        try:
+            chunk: bytes = await it.__anext__()
+        except StopAsyncIteration:
+            tee.end()
+            await self._finish()
+            return None
+        except BaseException as exc:
+            tee.fail(f"the upstream body failed: {exc!r}")
+            await self._finish(exc)
+            raise
+        tee.relay(chunk)
+        self._pending = chunk
+        return chunk
+
+    async def _finish(self, exc: BaseException | None = None) -> None:
+        try:
+            if self._handed_over:
+                # No client will close this response: close the upstream's (its connection
+                # goes back to the pool).
+                await close_iterator(self._it)
+                await self._inner.aclose()
+        finally:
+            await self._opened.leave(exc)  # stores the answer if it completed
+
+    async def _pull(self) -> bool:
+        # For the followers, once the client has gone: one more chunk into the live stream.
+        return await self._next() is not None
+
+    async def _abandon(self) -> None:
+        try:
+            await close_iterator(self._it)
+            await self._inner.aclose()
+        finally:
+            self._tee.fail("every reader left before the stream ended")
+            await self._opened.leave()
+
+    async def aclose(self) -> None:
+        if self._handed_over:
+            return
+        tee = self._tee
+        if self._opened.open and not tee.ended:
+            if self._pending:
+                tee.feed(self._pending)
+                self._pending = b""
+            # A resume window needs a task that reads on while no one reads: on asyncio, a
+            # task of the loop (trio has none outside a nursery: no window there).
+            hold = tee.resume_window is not None and _on_asyncio()
+            if tee.client_left(hold=hold):
+                self._handed_over = True
+                tee.hand_over(self._pull, self._abandon)
+                if hold:
+                    _background(tee.read_through_window())
+                return
+        await self._abandon()
+
+
+class _AsyncAnswerBody:
+    """The body of a hit or of a joined live stream."""
+
+    _lib: ClassVar[ModuleType]
+
+    def __init__(self, chunks: AsyncIterator[bytes], opened: _AsyncOpen) -> None:
+        self._chunks = chunks
+        self._opened = opened
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self._opened.open:
+            raise StopAsyncIteration
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            await self._opened.leave()
+            raise
+        except SharedStreamAborted as exc:
+            await self._opened.leave(exc)
+            raise _aborted(self._lib, exc) from exc
+        except BaseException as exc:
+            await self._opened.leave(exc)
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            await close_iterator(self._chunks)
+        finally:
+            await self._opened.leave()
+
+
+# -- sync ---------------------------------------------------------------------------------
+
+
+class _SyncOpen:
+    """An exchange entered by ``handle_request`` (in the portal's event loop, in one task
+    for its whole life) and left when the response ends."""
+
+    __slots__ = ("_cm", "open")
+
+    def __init__(self, cm: AbstractContextManager[Exchange]) -> None:
+        self._cm = cm
+        self.open = False
+
+    def enter(self) -> Exchange:
+        ex = self._cm.__enter__()
+        self.open = True
+        return ex
+
+    def leave(self, exc: BaseException | None = None) -> None:
+        if not self.open:
+            return
+        self.open = False
+        if exc is None:
+            self._cm.__exit__(None, None, None)
+        else:
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+
+
+async def _pass(tee: ResponseTee, delivered: bytes, chunk: bytes) -> bool:
+    # One portal hop per chunk: record the chunk the client had, hand the new one to the
+    # followers, publish to other processes. False when no one wants the stream any more.
+    tee.feed(delivered)
+    tee.relay(chunk)
+    await tee.flush()
+    return tee.wanted
+
+
+def _end(tee: ResponseTee, delivered: bytes) -> None:
+    tee.feed(delivered)
+    tee.end()
+
+
+class _SyncTeeBody:
+    """The sync twin of :class:`_AsyncTeeBody`; the recording and the live stream live in
+    the portal's loop (followers of the same stream wait there). When the client closes it
+    early while followers still read, a daemon thread reads the upstream on for them."""
+
+    def __init__(
+        self,
+        inner: Any,
+        tee: ResponseTee,
+        opened: _SyncOpen,
+        portal: anyio.from_thread.BlockingPortal,
+    ) -> None:
+        self._inner = inner
+        self._it: Iterator[bytes] | None = None
+        self._tee = tee
+        self._opened = opened
+        self._portal = portal
+        self._pending = b""
+        self._handed_over = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._handed_over:
+            raise StopIteration
+        chunk = self._next()
+        if chunk is None:
+            raise StopIteration
+        return chunk
+
+    def _next(self) -> bytes | None:
+        if not self._opened.open:
+            return None
+        it = self._it
+        if it is None:
+            it = self._it = iter(self._inner)
+        try:
+            chunk: bytes = next(it)
+        except StopIteration:
+            self._portal.call(_end, self._tee, self._pending)
+            self._pending = b""
+            self._opened.leave()  # stores the answer if it completed
+            return None
+        except BaseException as exc:
+            self._portal.call(self._tee.fail, f"the upstream body failed: {exc!r}")
+            self._opened.leave(exc)
+            raise
+        self._portal.call(_pass, self._tee, self._pending, chunk)
+        self._pending = chunk
+        return chunk
+
+    def _drain(self) -> None:
+        # The client has gone and followers read on: read the upstream for them until its
+        # end, or until no one wants it any more.
+        try:
+            while self._next() is not None:
+                if not self._portal.call(lambda: self._tee.wanted):
+                    self._abandon()
+                    return
+        except BaseException:  # already failed for the followers, and the exchange left
+            return
+        finally:
+            self._inner.close()  # no client will close this response
+
+    def _abandon(self) -> None:
+        try:
+            self._inner.close()
+        finally:
+            if self._opened.open:
+                self._portal.call(self._tee.fail, "every reader left before the stream ended")
+            self._opened.leave()
+
+    def close(self) -> None:
+        if self._handed_over:
+            return
+        tee = self._tee
+        if self._opened.open and self._portal.call(_client_left, tee, self._pending):
+            self._pending = b""
+            self._handed_over = True
+            threading.Thread(target=self._drain, name="sse-cache-drain", daemon=True).start()
+            if tee.resume_window is not None:
+                # The drain thread reads on while the stream is held; the window's end is
+                # kept in the portal's loop.
+                self._portal.start_task_soon(tee.release_after_window)
+            return
+        self._abandon()
+
+
+async def _nothing() -> None:
+    """The followers of a sync producer's stream need no action to abandon it: its drain
+    thread sees that nobody wants it after its next chunk."""
+
+
+def _client_left(tee: ResponseTee, delivered: bytes) -> bool:
+    if tee.ended:
+        return False
+    tee.feed(delivered)
+    return tee.client_left(_nothing, hold=tee.resume_window is not None)
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+class _SyncAnswerBody:
+    """A hit or a joined live stream, read through the portal (replays come in ~64 KiB
+    chunks, so one portal hop costs little per event)."""
+
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        opened: _SyncOpen,
+        portal: anyio.from_thread.BlockingPortal,
+    ) -> None:
+        self._chunks = chunks
+        self._opened = opened
+        self._portal = portal
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    _lib: ClassVar[ModuleType]
+
+    def __next__(self) -> bytes:
+        if not self._opened.open:
+            raise StopIteration
+        try:
+            chunk = self._portal.call(_next_chunk, self._chunks)
+        except SharedStreamAborted as exc:
+            self._opened.leave(exc)
+            raise _aborted(self._lib, exc) from exc
+        except BaseException as exc:
+            self._opened.leave(exc)
+            raise
+        if chunk is None:
+            self._opened.leave()
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        try:
+            if self._opened.open:
+                self._portal.call(close_iterator, self._chunks)
+        finally:
+            self._opened.leave()
+
+
+@cache
+def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
+    """Our body classes as subclasses of ``lib``'s byte streams (a response only accepts
+    those)."""
+    return {
+        name: type(name, (base, getattr(lib, lib_base)), {"__module__": __name__, "_lib": lib})
+        for name, base, lib_base in (
+            ("AsyncTeeBody", _AsyncTeeBody, "AsyncByteStream"),
+            ("AsyncAnswerBody", _AsyncAnswerBody, "AsyncByteStream"),
+            ("SyncTeeBody", _SyncTeeBody, "SyncByteStream"),
+            ("SyncAnswerBody", _SyncAnswerBody, "SyncByteStream"),
+        )
+    }
