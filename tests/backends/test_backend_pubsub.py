@@ -153,15 +153,17 @@ async def test_messages_keep_the_wait_alive(fanout: RedisBackend) -> None:
     received: list[bytes] = []
 
     async def read() -> None:
-        received.extend(await collect(fanout, name, block=0.3))
+        received.extend(await collect(fanout, name, block=1.0))
 
+    # Gaps of a quarter of ``block`` (room for a loaded machine), 1.5 s in all: longer than
+    # one ``block``.
     async with anyio.create_task_group() as tg:
         tg.start_soon(read)
-        for i in range(4):
+        for i in range(6):
             await fanout.publish(name, b"%d" % i, ttl=TTL)
-            await anyio.sleep(0.15)  # 0.6 s in all: longer than one ``block``
+            await anyio.sleep(0.25)
         await fanout.finish(name, ttl=TTL)
-    assert received == [b"%d" % i for i in range(4)]
+    assert received == [b"%d" % i for i in range(6)]
 
 
 async def test_start_after_the_newest_message(fanout: RedisBackend) -> None:
