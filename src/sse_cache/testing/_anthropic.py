@@ -11,7 +11,7 @@ import msgspec
 
 from ..events import Event
 from ._errors import anthropic_error
-from ._request import Answer, Options, as_dict, as_list, last_item, positive_int
+from ._request import Answer, Options, as_dict, as_list, fails_with, last_item, positive_int
 from ._schema import fake_object
 from ._text import chunks, dumps, ident, rng, tokens, words
 
@@ -42,23 +42,12 @@ def _tool(body: Mapping[str, Any]) -> tuple[str, Any] | None:
     return tools[0]["name"], tools[0].get("input_schema")
 
 
-def anthropic_answer(
-    body: Mapping[str, Any], opts: Options, digest: str, tokens_in: int, request_id: str
-) -> Answer:
-    model = body.get("model") if isinstance(body.get("model"), str) else "claude-mock-1"
-    word_count = opts.deltas
-    limit = positive_int(body.get("max_tokens"))
-    if limit is not None:
-        word_count = max(1, min(word_count, limit))
-    thinking_req = body.get("thinking")
-    thinking = isinstance(thinking_req, dict) and thinking_req.get("type") in (
-        "enabled",
-        "adaptive",
-    )
-    tool = _tool(body)
-
+def _content(
+    digest: str, opts: Options, word_count: int, thinking: bool, tool: tuple[str, Any] | None
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]], int]:
+    """The content blocks, the deltas that stream each, and the output tokens."""
     blocks: list[dict[str, Any]] = []
-    deltas: list[list[dict[str, Any]]] = []  # per block, the deltas that stream it
+    deltas: list[list[dict[str, Any]]] = []
     output_tokens = 0
     if thinking:
         paragraphs = [words(digest, ("thinking", i), 12) for i in range(max(1, opts.summaries))]
@@ -89,33 +78,20 @@ def anthropic_answer(
         json_pieces = ["", *chunks(msgspec.json.format(dumps(arguments), indent=0))]
         deltas.append([{"type": "input_json_delta", "partial_json": c} for c in json_pieces])
         output_tokens += len(json_pieces)
-    usage = {
-        "input_tokens": tokens_in,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
-        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
-        "output_tokens": output_tokens,
-        "service_tier": "standard",
-    }
-    stop_reason = "tool_use" if tool is not None else "end_turn"
-    message = {
-        "model": model,
-        "id": f"msg_01{ident(digest, 'msg', 22)}",
-        "type": "message",
-        "role": "assistant",
-        "content": blocks,
-        "stop_reason": stop_reason,
-        "stop_sequence": None,
-        "usage": usage,
-    }
+    return blocks, deltas, output_tokens
+
+
+def _events(message: dict[str, Any], deltas: list[list[dict[str, Any]]]) -> list[Event]:
+    """The stream of ``message``, each content block streamed by its ``deltas``."""
     events: list[Event] = []
 
     def emit(kind: str, **fields: Any) -> None:
         events.append(Event(dumps({"type": kind, **fields}), kind))
 
+    usage = message["usage"]
     start = dict(message, content=[], stop_reason=None, usage=dict(usage, output_tokens=1))
     emit("message_start", message=start)
-    for index, (block, block_deltas) in enumerate(zip(blocks, deltas, strict=True)):
+    for index, (block, block_deltas) in enumerate(zip(message["content"], deltas, strict=True)):
         empty = {k: ("" if k in ("text", "thinking", "signature") else v) for k, v in block.items()}
         if block["type"] == "tool_use":
             empty["input"] = {}
@@ -126,23 +102,54 @@ def anthropic_answer(
             emit("content_block_delta", index=index, delta=delta)
         emit("content_block_stop", index=index)
     final_usage = {
-        "input_tokens": tokens_in,
+        "input_tokens": usage["input_tokens"],
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": 0,
-        "output_tokens": output_tokens,
+        "output_tokens": usage["output_tokens"],
     }
     emit(
         "message_delta",
-        delta={"stop_reason": stop_reason, "stop_sequence": None},
+        delta={"stop_reason": message["stop_reason"], "stop_sequence": None},
         usage=final_usage,
     )
     emit("message_stop")
+    return events
+
+
+def anthropic_answer(
+    body: Mapping[str, Any], opts: Options, digest: str, tokens_in: int, request_id: str
+) -> Answer:
+    """The mock's answer to a ``/messages`` request."""
+    model = body.get("model") if isinstance(body.get("model"), str) else "claude-mock-1"
+    word_count = opts.words_within(positive_int(body.get("max_tokens")))
+    thinking_req = body.get("thinking")
+    thinking = isinstance(thinking_req, dict) and thinking_req.get("type") in (
+        "enabled",
+        "adaptive",
+    )
+    tool = _tool(body)
+    blocks, deltas, output_tokens = _content(digest, opts, word_count, thinking, tool)
+    usage = {
+        "input_tokens": tokens_in,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "output_tokens": output_tokens,
+        "service_tier": "standard",
+    }
+    message = {
+        "model": model,
+        "id": f"msg_01{ident(digest, 'msg', 22)}",
+        "type": "message",
+        "role": "assistant",
+        "content": blocks,
+        "stop_reason": "tool_use" if tool is not None else "end_turn",
+        "stop_sequence": None,
+        "usage": usage,
+    }
     overloaded = anthropic_error("Overloaded", "overloaded_error", request_id)
-
-    def failure(sent: int) -> list[Event]:
-        return [Event(overloaded.decode("utf-8"), "error")]
-
     error = anthropic_error(
         "Internal server error (x-mock-error: fail-mid-stream)", "api_error", request_id
     )
-    return Answer(events, _encode(message), failure, (500, error))
+    failure = fails_with(Event(overloaded.decode("utf-8"), "error"))
+    return Answer(_events(message, deltas), _encode(message), failure, (500, error))

@@ -11,7 +11,7 @@ import msgspec
 
 from ..events import Event
 from ._errors import openai_error
-from ._request import Answer, Options, as_dict, as_list, last_item, positive_int
+from ._request import Answer, Options, as_dict, as_list, fails_with, last_item, positive_int
 from ._schema import fake_object, json_schema_format, output_text
 from ._text import chunks, dumps, hex_ident, ident, rng
 
@@ -44,15 +44,78 @@ def _tool(body: Mapping[str, Any]) -> tuple[str, Any] | None:
     return tools[0]["name"], tools[0].get("parameters")
 
 
+def _tool_call_choice(
+    index: int, tool: tuple[str, Any], digest: str
+) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """(message, deltas, tokens) of a choice that calls ``tool``."""
+    arguments = dumps(fake_object(tool[1], rng(digest, f"args{index}")))
+    call_id = f"call_{ident(digest, f'call{index}', 24)}"
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": tool[0], "arguments": arguments},
+            }
+        ],
+        "refusal": None,
+        "annotations": [],
+    }
+    head = {
+        "index": 0,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": tool[0], "arguments": ""},
+    }
+    pieces = chunks(arguments)
+    deltas: list[dict[str, Any]] = [
+        {"role": "assistant", "content": None, "refusal": None},
+        {"tool_calls": [head]},
+    ]
+    deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": p}}]} for p in pieces]
+    return message, deltas, len(pieces)
+
+
+def _text_choice(
+    index: int, digest: str, word_count: int, fmt: tuple[str, Any] | None
+) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """(message, deltas, tokens) of a choice that answers with text."""
+    pieces = output_text(digest, ("answer", index), word_count, fmt)
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(pieces),
+        "refusal": None,
+        "annotations": [],
+    }
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": "", "refusal": None}]
+    deltas += [{"content": p} for p in pieces]
+    return message, deltas, len(pieces)
+
+
+def _usage(tokens_in: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": tokens_in,
+        "completion_tokens": completion_tokens,
+        "total_tokens": tokens_in + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
 def chat_answer(body: Mapping[str, Any], opts: Options, digest: str, tokens_in: int) -> Answer:
+    """The mock's answer to a ``/chat/completions`` request."""
     model = body.get("model") if isinstance(body.get("model"), str) else "gpt-mock-1"
     created = 1_750_000_000 + int(digest[:6], 16) % 10_000_000
-    n = positive_int(body.get("n")) or 1
-    n = min(n, MAX_CHOICES)
-    word_count = opts.deltas
+    n = min(positive_int(body.get("n")) or 1, MAX_CHOICES)
     limit = positive_int(body.get("max_completion_tokens")) or positive_int(body.get("max_tokens"))
-    if limit is not None:
-        word_count = max(1, min(word_count, limit))
+    word_count = opts.words_within(limit)
     fmt = json_schema_format(body.get("response_format"))
     tool = _tool(body)
     base: dict[str, Any] = {
@@ -71,73 +134,23 @@ def chat_answer(body: Mapping[str, Any], opts: Options, digest: str, tokens_in: 
     streams: list[list[dict[str, Any]]] = []
     completion_tokens = 0
     for index in range(n):
-
-        def entry(
-            delta: dict[str, Any], finish: str | None = None, i: int = index
-        ) -> dict[str, Any]:
-            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-
         if tool is not None:
-            arguments = dumps(fake_object(tool[1], rng(digest, f"args{index}")))
-            call_id = f"call_{ident(digest, f'call{index}', 24)}"
-            message: dict[str, Any] = {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": call_id,
-                        "type": "function",
-                        "function": {"name": tool[0], "arguments": arguments},
-                    }
-                ],
-                "refusal": None,
-                "annotations": [],
-            }
-            head = {
-                "index": 0,
-                "id": call_id,
-                "type": "function",
-                "function": {"name": tool[0], "arguments": ""},
-            }
-            stream = [
-                entry({"role": "assistant", "content": None, "refusal": None}),
-                entry({"tool_calls": [head]}),
-            ]
-            pieces = chunks(arguments)
-            stream += [
-                entry({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces
-            ]
+            message, deltas, tokens = _tool_call_choice(index, tool, digest)
             finish = "tool_calls"
         else:
-            pieces = output_text(digest, ("answer", index), word_count, fmt)
-            message = {
-                "role": "assistant",
-                "content": "".join(pieces),
-                "refusal": None,
-                "annotations": [],
-            }
-            stream = [entry({"role": "assistant", "content": "", "refusal": None})]
-            stream += [entry({"content": p}) for p in pieces]
+            message, deltas, tokens = _text_choice(index, digest, word_count, fmt)
             finish = "stop"
-        stream.append(entry({}, finish))
-        streams.append(stream)
-        completion_tokens += len(pieces)
+        entries: list[dict[str, Any]] = [
+            {"index": index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas
+        ]
+        entries.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish})
+        streams.append(entries)
+        completion_tokens += tokens
         choices.append(
             {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
         )
 
-    usage = {
-        "prompt_tokens": tokens_in,
-        "completion_tokens": completion_tokens,
-        "total_tokens": tokens_in + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    }
+    usage = _usage(tokens_in, completion_tokens)
     events: list[Event] = []
     # Several choices are interleaved, one delta of each in turn, as the API sends them.
     for row in zip_longest(*streams):
@@ -162,8 +175,6 @@ def chat_answer(body: Mapping[str, Any], opts: Options, digest: str, tokens_in: 
         "server_error",
         None,
     )
-
-    def failure(sent: int) -> list[Event]:
-        return [Event(error.decode("utf-8"))]
-
-    return Answer(events, _encode(completion), failure, (500, error))
+    return Answer(
+        events, _encode(completion), fails_with(Event(error.decode("utf-8"))), (500, error)
+    )

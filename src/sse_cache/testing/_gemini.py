@@ -15,7 +15,7 @@ import msgspec
 from ..events import Event
 from ._chat import MAX_CHOICES
 from ._errors import google_error
-from ._request import Answer, Options, as_dict, as_list, last_item, positive_int
+from ._request import Answer, Options, as_dict, as_list, fails_with, last_item, positive_int
 from ._schema import fake_object, output_text
 from ._text import dumps, ident, rng, tokens, words
 
@@ -73,16 +73,87 @@ def _tool(body: Mapping[str, Any]) -> tuple[str, Any] | None:
     return decls[0]["name"], _lower_types(schema)
 
 
+def _candidate(
+    index: int,
+    digest: str,
+    opts: Options,
+    word_count: int,
+    fmt: tuple[str, Any] | None,
+    thoughts: bool,
+    tool: tuple[str, Any] | None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Candidate ``index``: the parts it is streamed in (one per chunk), and its final parts."""
+    parts: list[dict[str, Any]] = []
+    final: list[dict[str, Any]] = []
+    signature = None
+    if thoughts:
+        # Thought summaries (`thought: true` parts), then a signature (base64) for them.
+        paragraphs = [
+            f"**{words(digest, ('title', index, i), 3).capitalize()}**\n\n"
+            f"{words(digest, ('thought', index, i), 10)}\n\n"
+            for i in range(max(1, opts.summaries))
+        ]
+        thought = "".join(paragraphs)
+        parts += [{"text": p, "thought": True} for p in tokens(thought)]
+        final.append({"text": thought, "thought": True})
+        raw = hashlib.blake2b(f"{digest}\0signature{index}".encode(), digest_size=60)
+        signature = base64.b64encode(raw.digest() * 2).decode("ascii")
+    if tool is not None:
+        call: dict[str, Any] = {
+            "functionCall": {
+                "name": tool[0],
+                "args": fake_object(tool[1], rng(digest, f"args{index}")),
+            }
+        }
+        if signature is not None:
+            call["thoughtSignature"] = signature
+        parts.append(call)
+        final.append(call)
+    else:
+        pieces = output_text(digest, ("answer", index), word_count, fmt)
+        parts += [{"text": p} for p in pieces]
+        text: dict[str, Any] = {"text": "".join(pieces)}
+        if signature is not None:
+            # As the API streams it: the signature in a last part of empty text.
+            parts.append({"text": "", "thoughtSignature": signature})
+            text["thoughtSignature"] = signature
+        final.append(text)
+    return parts, final
+
+
+class _Usage:
+    """The cumulative ``usageMetadata``: thought and answer parts streamed so far."""
+
+    def __init__(self, tokens_in: int, thoughts: bool) -> None:
+        self.tokens_in = tokens_in
+        self.thoughts = thoughts
+        self.counts = {"thought": 0, "answer": 0}
+
+    def count(self, part: Mapping[str, Any]) -> None:
+        self.counts["thought" if part.get("thought") else "answer"] += 1
+
+    def metadata(self) -> dict[str, Any]:
+        counts, tokens_in = self.counts, self.tokens_in
+        out: dict[str, Any] = {
+            "promptTokenCount": tokens_in,
+            "candidatesTokenCount": counts["answer"],
+            "totalTokenCount": tokens_in + counts["answer"] + 4 * counts["thought"],
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": tokens_in}],
+        }
+        if self.thoughts:
+            out["thoughtsTokenCount"] = 4 * counts["thought"]
+        return out
+
+
 def gemini_answer(
     body: Mapping[str, Any], model: str, opts: Options, digest: str, tokens_in: int
 ) -> Answer:
+    """The mock's answer to a ``generateContent`` / ``streamGenerateContent`` request."""
     config = as_dict(_field(body, "generationConfig"))
     n = min(positive_int(_field(config, "candidateCount")) or 1, MAX_CHOICES)
-    word_count = opts.deltas
     limit = positive_int(_field(config, "maxOutputTokens"))
-    truncated = limit is not None and limit < word_count
-    if limit is not None:
-        word_count = max(1, min(word_count, limit))
+    truncated = limit is not None and limit < opts.deltas
+    word_count = opts.words_within(limit)
     thoughts = _field(as_dict(_field(config, "thinkingConfig")), "includeThoughts") is True
     fmt: tuple[str, Any] | None = None
     if _field(config, "responseMimeType") == "application/json":
@@ -90,99 +161,40 @@ def gemini_answer(
         fmt = ("json_schema", _lower_types(schema)) if schema else ("json_object", None)
     tool = _tool(body)
     finish = "MAX_TOKENS" if truncated and tool is None else "STOP"
-
-    streams: list[list[dict[str, Any]]] = []  # per candidate, one part per chunk
-    finals: list[dict[str, Any]] = []
-    kinds: list[list[str]] = []  # per candidate and chunk: "thought" or "answer" (for usage)
-    for index in range(n):
-        parts: list[dict[str, Any]] = []
-        final: list[dict[str, Any]] = []
-        signature = None
-        if thoughts:
-            # Thought summaries (`thought: true` parts), then a signature (base64) for them.
-            paragraphs = [
-                f"**{words(digest, ('title', index, i), 3).capitalize()}**\n\n"
-                f"{words(digest, ('thought', index, i), 10)}\n\n"
-                for i in range(max(1, opts.summaries))
-            ]
-            thought = "".join(paragraphs)
-            parts += [{"text": p, "thought": True} for p in tokens(thought)]
-            final.append({"text": thought, "thought": True})
-            raw = hashlib.blake2b(f"{digest}\0signature{index}".encode(), digest_size=60)
-            signature = base64.b64encode(raw.digest() * 2).decode("ascii")
-        if tool is not None:
-            call: dict[str, Any] = {
-                "functionCall": {
-                    "name": tool[0],
-                    "args": fake_object(tool[1], rng(digest, f"args{index}")),
-                }
-            }
-            if signature is not None:
-                call["thoughtSignature"] = signature
-            parts.append(call)
-            final.append(call)
-        else:
-            pieces = output_text(digest, ("answer", index), word_count, fmt)
-            parts += [{"text": p} for p in pieces]
-            text: dict[str, Any] = {"text": "".join(pieces)}
-            if signature is not None:
-                # As the API streams it: the signature in a last part of empty text.
-                parts.append({"text": "", "thoughtSignature": signature})
-                text["thoughtSignature"] = signature
-            final.append(text)
-        streams.append(parts)
-        kinds.append(["thought" if p.get("thought") else "answer" for p in parts])
-        finals.append(
-            {
-                "content": {"parts": final, "role": "model"},
-                "finishReason": finish,
-                "index": index,
-            }
-        )
-
+    candidates = [
+        _candidate(index, digest, opts, word_count, fmt, thoughts, tool) for index in range(n)
+    ]
     response_id = ident(digest, "gemini-response", 23)
-    counts = {"thought": 0, "answer": 0}
-
-    def usage() -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "promptTokenCount": tokens_in,
-            "candidatesTokenCount": counts["answer"],
-            "totalTokenCount": tokens_in + counts["answer"] + 4 * counts["thought"],
-            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": tokens_in}],
-        }
-        if thoughts:
-            out["thoughtsTokenCount"] = 4 * counts["thought"]
-        return out
-
+    usage = _Usage(tokens_in, thoughts)
     events: list[Event] = []
-    steps = max(len(p) for p in streams)
-    for step in range(steps):
+    steps = max(len(parts) for parts, _ in candidates)
+    for step in range(steps):  # one chunk per step: one part of each candidate
         entries: list[dict[str, Any]] = []
-        for index, parts in enumerate(streams):
+        for index, (parts, _) in enumerate(candidates):
             entry: dict[str, Any] = {}
             if step < len(parts):
                 entry["content"] = {"parts": [parts[step]], "role": "model"}
-                counts[kinds[index][step]] += 1
+                usage.count(parts[step])
             if step == steps - 1:
                 entry["finishReason"] = finish
             if entry:
                 entries.append({**entry, "index": index})
         chunk = {
             "candidates": entries,
-            "usageMetadata": usage(),
+            "usageMetadata": usage.metadata(),
             "modelVersion": model,
             "responseId": response_id,
         }
         events.append(Event(dumps(chunk)))
+    finals = [
+        {"content": {"parts": final, "role": "model"}, "finishReason": finish, "index": index}
+        for index, (_, final) in enumerate(candidates)
+    ]
     whole = {
         "candidates": finals,
-        "usageMetadata": usage(),
+        "usageMetadata": usage.metadata(),
         "modelVersion": model,
         "responseId": response_id,
     }
     error = google_error(500, "An internal error has occurred (x-mock-error: fail-mid-stream).")
-
-    def failure(sent: int) -> list[Event]:
-        return [Event(error.decode("utf-8"))]
-
-    return Answer(events, _encode(whole), failure, (500, error))
+    return Answer(events, _encode(whole), fails_with(Event(error.decode("utf-8"))), (500, error))

@@ -21,7 +21,7 @@ from ._errors import error_body, openai_error
 from ._gemini import NOT_ANSWER as GEMINI_NOT_ANSWER
 from ._gemini import PATH as GEMINI_PATH
 from ._gemini import gemini_answer
-from ._request import ERROR_MODES, BadRequest, Options, header_number
+from ._request import ERROR_MODES, Answer, BadRequest, Options, header_number
 from ._responses import responses_answer
 
 __all__ = ["DEFAULT_DELTAS", "DEFAULT_SUMMARIES", "MockUpstream"]
@@ -60,6 +60,20 @@ _decoder: Final = msgspec.json.Decoder()
 def _request_id_header(flavour: str, request_id: str) -> tuple[bytes, bytes]:
     name = b"request-id" if flavour == "anthropic" else b"x-request-id"
     return name, request_id.encode("ascii")
+
+
+async def _provider_error(
+    send: Send, status: int, opts: Options, request_id: str, flavour: str
+) -> None:
+    """``x-mock-error: 500`` or ``429``: the provider's JSON error at once."""
+    text = (
+        "Rate limit reached for requests (x-mock-error: 429)"
+        if status == 429
+        else "The server had an error while processing your request (x-mock-error: 500)"
+    )
+    extra = [(b"retry-after", opts.retry_after.encode("latin-1"))] if status == 429 else []
+    body = error_body(flavour, status, text, request_id)
+    await _json_answer(send, status, body, request_id, flavour, extra=extra)
 
 
 async def _json_answer(
@@ -336,27 +350,10 @@ class MockUpstream:
         query: str = "",
     ) -> None:
         flavour = schema if schema in ("anthropic", "gemini") else "openai"
-        raw = await read_body(receive, self.max_body_bytes)
-        if raw is None:
-            message = f"Request body is larger than {self.max_body_bytes} bytes"
-            await _json_answer(
-                send, 413, error_body(flavour, 413, message, request_id), request_id, flavour
-            )
+        request = await self._read_request(flavour, headers, request_id, receive, send)
+        if request is None:
             return
-        try:
-            try:
-                body = _decoder.decode(raw)
-            except msgspec.DecodeError:
-                raise BadRequest("The request body is not valid JSON") from None
-            except RecursionError:  # nested deeper than the decoder follows
-                raise BadRequest("The request body is nested too deeply") from None
-            if not isinstance(body, dict):
-                raise BadRequest("The request body must be a JSON object")
-            opts = self._options(headers)
-        except BadRequest as exc:
-            error = error_body(flavour, 400, exc.message, request_id, exc.param)
-            await _json_answer(send, 400, error, request_id, flavour)
-            return
+        raw, body, opts = request
         gemini = GEMINI_PATH.search(path) if schema == "gemini" else None
         array = False  # Gemini streamGenerateContent without alt=sse: a JSON array
         if gemini is not None:
@@ -376,38 +373,10 @@ class MockUpstream:
             }
         )
         if opts.error in ("500", "429"):
-            status = int(opts.error)
-            text = (
-                "Rate limit reached for requests (x-mock-error: 429)"
-                if status == 429
-                else "The server had an error while processing your request (x-mock-error: 500)"
-            )
-            extra = [(b"retry-after", opts.retry_after.encode("latin-1"))] if status == 429 else []
-            await _json_answer(
-                send,
-                status,
-                error_body(flavour, status, text, request_id),
-                request_id,
-                flavour,
-                extra=extra,
-            )
+            await _provider_error(send, int(opts.error), opts, request_id, flavour)
             return
-        not_answer = _NOT_ANSWER | GEMINI_NOT_ANSWER if gemini is not None else _NOT_ANSWER
-        answer_fields = {k: v for k, v in body.items() if k not in not_answer}
-        canonical = msgspec.json.encode(answer_fields, order="sorted")
-        seed = f"{self.seed!r}\0{schema}\0{opts.deltas}\0{opts.summaries}\0".encode()
-        if gemini is not None:
-            seed += f"{gemini['model']}\0".encode()  # the model is in the path
-        digest = hashlib.blake2b(seed + canonical, digest_size=16).hexdigest()
-        tokens_in = 1 + len(canonical) // 4
-        if schema == "responses":
-            answer = responses_answer(body, opts, digest, tokens_in)
-        elif schema == "chat":
-            answer = chat_answer(body, opts, digest, tokens_in)
-        elif gemini is not None:
-            answer = gemini_answer(body, gemini["model"], opts, digest, tokens_in)
-        else:
-            answer = anthropic_answer(body, opts, digest, tokens_in, request_id)
+        model = None if gemini is None else gemini["model"]
+        answer = self._answer(schema, model, body, opts, request_id)
         head = [_request_id_header(flavour, request_id)]
         self._in_flight += 1
         self._max_in_flight = max(self._max_in_flight, self._in_flight)
@@ -418,6 +387,64 @@ class MockUpstream:
                 await send_unary(answer, opts, head, receive, send, self._gone)
         finally:
             self._in_flight -= 1
+
+    async def _read_request(
+        self,
+        flavour: str,
+        headers: Mapping[str, str],
+        request_id: str,
+        receive: Receive,
+        send: Send,
+    ) -> tuple[bytes, dict[str, Any], Options] | None:
+        """The request's body (raw and decoded) and options, or None once a 413 or a 400 was
+        sent for it."""
+        raw = await read_body(receive, self.max_body_bytes)
+        if raw is None:
+            message = f"Request body is larger than {self.max_body_bytes} bytes"
+            await _json_answer(
+                send, 413, error_body(flavour, 413, message, request_id), request_id, flavour
+            )
+            return None
+        try:
+            try:
+                body = _decoder.decode(raw)
+            except msgspec.DecodeError:
+                raise BadRequest("The request body is not valid JSON") from None
+            except RecursionError:  # nested deeper than the decoder follows
+                raise BadRequest("The request body is nested too deeply") from None
+            if not isinstance(body, dict):
+                raise BadRequest("The request body must be a JSON object")
+            return raw, body, self._options(headers)
+        except BadRequest as exc:
+            error = error_body(flavour, 400, exc.message, request_id, exc.param)
+            await _json_answer(send, 400, error, request_id, flavour)
+            return None
+
+    def _answer(
+        self,
+        schema: str,
+        gemini_model: str | None,
+        body: dict[str, Any],
+        opts: Options,
+        request_id: str,
+    ) -> Answer:
+        """The answer for the request: a function of the app's seed, the route, the options
+        and the fields of the body that define an answer."""
+        not_answer = _NOT_ANSWER if gemini_model is None else _NOT_ANSWER | GEMINI_NOT_ANSWER
+        answer_fields = {k: v for k, v in body.items() if k not in not_answer}
+        canonical = msgspec.json.encode(answer_fields, order="sorted")
+        seed = f"{self.seed!r}\0{schema}\0{opts.deltas}\0{opts.summaries}\0".encode()
+        if gemini_model is not None:
+            seed += f"{gemini_model}\0".encode()  # the model is in the path
+        digest = hashlib.blake2b(seed + canonical, digest_size=16).hexdigest()
+        tokens_in = 1 + len(canonical) // 4
+        if schema == "responses":
+            return responses_answer(body, opts, digest, tokens_in)
+        if schema == "chat":
+            return chat_answer(body, opts, digest, tokens_in)
+        if gemini_model is not None:
+            return gemini_answer(body, gemini_model, opts, digest, tokens_in)
+        return anthropic_answer(body, opts, digest, tokens_in, request_id)
 
     def _gone(self) -> None:
         self._disconnects += 1

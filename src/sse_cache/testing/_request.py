@@ -16,6 +16,7 @@ __all__ = [
     "Options",
     "as_dict",
     "as_list",
+    "fails_with",
     "header_number",
     "last_item",
     "positive_int",
@@ -47,6 +48,10 @@ class Options:
     error_after: int | None
     retry_after: str
 
+    def words_within(self, limit: int | None) -> int:
+        """Words in the answer: ``deltas``, capped by the request's token ``limit``."""
+        return self.deltas if limit is None else max(1, min(self.deltas, limit))
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -56,6 +61,11 @@ class Answer:
     body: bytes  # the non-stream answer
     failure: Callable[[int], list[Event]]  # fail-mid-stream events after n events were sent
     failed_unary: tuple[int, bytes]  # fail-mid-stream answer to a non-stream request
+
+
+def fails_with(event: Event) -> Callable[[int], list[Event]]:
+    """An :attr:`Answer.failure` that is the same event wherever the stream breaks."""
+    return lambda _sent: [event]
 
 
 def header_number(headers: Mapping[str, str], name: str, *, integer: bool) -> float | None:

@@ -199,6 +199,47 @@ def _echo_tool(tool: Any) -> Any:
     return tool
 
 
+def _reasoning_item(
+    body: Mapping[str, Any], digest: str, summaries: int
+) -> tuple[dict[str, Any], int]:
+    """The reasoning output item with ``summaries`` summary parts, and its reasoning tokens."""
+    parts: list[dict[str, Any]] = []
+    reasoning_tokens = 0
+    for i in range(summaries):
+        title = words(digest, ("title", i), 3).capitalize()
+        text = f"**{title}**\n\n{words(digest, ('summary', i), 10)}"
+        parts.append({"type": "summary_text", "text": text})
+        reasoning_tokens += 4 * len(tokens(text))
+    item: dict[str, Any] = {"id": f"rs_{hex_ident(digest, 'rs', 50)}", "type": "reasoning"}
+    include = body.get("include")
+    if isinstance(include, list) and "reasoning.encrypted_content" in include:
+        item["encrypted_content"] = "gAAAAAB" + ident(digest, "enc", 120)
+    item["summary"] = parts
+    return item, reasoning_tokens
+
+
+def _function_call_item(tool: tuple[str, Any], digest: str) -> dict[str, Any]:
+    return {
+        "id": f"fc_{hex_ident(digest, 'fc', 50)}",
+        "type": "function_call",
+        "status": "completed",
+        "arguments": dumps(fake_object(tool[1], rng(digest, "args"))),
+        "call_id": f"call_{ident(digest, 'call', 24)}",
+        "name": tool[0],
+    }
+
+
+def _message_item(text: str, digest: str) -> dict[str, Any]:
+    part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
+    return {
+        "id": f"msg_{hex_ident(digest, 'msg', 50)}",
+        "type": "message",
+        "status": "completed",
+        "content": [part],
+        "role": "assistant",
+    }
+
+
 def responses_answer(body: Mapping[str, Any], opts: Options, digest: str, tokens_in: int) -> Answer:
     """The mock's answer to a ``/responses`` request."""
     model = body.get("model") if isinstance(body.get("model"), str) else "gpt-mock-1"
@@ -207,56 +248,24 @@ def responses_answer(body: Mapping[str, Any], opts: Options, digest: str, tokens
     # Asking for no summary (or no reasoning) turns the summaries off; by default they are on.
     off = "summary" in reasoning_req and reasoning_req["summary"] is None
     summaries = 0 if off or reasoning_req.get("effort") == "none" else opts.summaries
-    count = opts.deltas
-    limit = positive_int(body.get("max_output_tokens"))
-    if limit is not None:
-        count = max(1, min(count, limit))
+    count = opts.words_within(positive_int(body.get("max_output_tokens")))
     text_cfg = as_dict(body.get("text"))
     fmt = json_schema_format(text_cfg.get("format"))
 
     output: list[dict[str, Any]] = []
     reasoning_tokens = 0
     if summaries:
-        parts: list[dict[str, Any]] = []
-        for i in range(summaries):
-            title = words(digest, ("title", i), 3).capitalize()
-            text = f"**{title}**\n\n{words(digest, ('summary', i), 10)}"
-            parts.append({"type": "summary_text", "text": text})
-            reasoning_tokens += 4 * len(tokens(text))
-        item: dict[str, Any] = {"id": f"rs_{hex_ident(digest, 'rs', 50)}", "type": "reasoning"}
-        include = body.get("include")
-        if isinstance(include, list) and "reasoning.encrypted_content" in include:
-            item["encrypted_content"] = "gAAAAAB" + ident(digest, "enc", 120)
-        item["summary"] = parts
+        item, reasoning_tokens = _reasoning_item(body, digest, summaries)
         output.append(item)
     tool = _tool(body)
     text_pieces: list[str] = []
     if tool is not None:
-        arguments = dumps(fake_object(tool[1], rng(digest, "args")))
-        output.append(
-            {
-                "id": f"fc_{hex_ident(digest, 'fc', 50)}",
-                "type": "function_call",
-                "status": "completed",
-                "arguments": arguments,
-                "call_id": f"call_{ident(digest, 'call', 24)}",
-                "name": tool[0],
-            }
-        )
-        out_tokens = len(chunks(arguments))
+        item = _function_call_item(tool, digest)
+        output.append(item)
+        out_tokens = len(chunks(item["arguments"]))
     else:
         text_pieces = output_text(digest, "answer", count, fmt)
-        text = "".join(text_pieces)
-        part = {"type": "output_text", "annotations": [], "logprobs": [], "text": text}
-        output.append(
-            {
-                "id": f"msg_{hex_ident(digest, 'msg', 50)}",
-                "type": "message",
-                "status": "completed",
-                "content": [part],
-                "role": "assistant",
-            }
-        )
+        output.append(_message_item("".join(text_pieces), digest))
         out_tokens = len(text_pieces)
     reasoning = {
         "effort": reasoning_req.get("effort", "medium"),
