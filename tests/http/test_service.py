@@ -1,0 +1,166 @@
+"""CacheService without HTTP: what every integration relies on when it decides, looks up,
+tees a miss and answers from the cache. The integrations only translate to and from their
+framework (tests/integration runs them through real HTTP)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from sse_cache import CacheStatus, Notice, serialize_sse
+from sse_cache.http import CacheService, Decision
+from sse_cache.testing import responses_stream
+
+pytestmark = pytest.mark.anyio
+
+PATH = "/v1/responses"
+SSE = [("content-type", "text/event-stream")]
+
+
+def body(prompt: str = "hello") -> bytes:
+    return json.dumps({"model": "gpt-x", "input": prompt, "stream": True}).encode()
+
+
+def headers(tenant: str = "sk-one", **more: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {tenant}", "content-type": "application/json", **more}
+
+
+def upstream_bytes(prompt: str = "hello") -> bytes:
+    return serialize_sse(responses_stream(prompt, text_deltas=30))
+
+
+@pytest.fixture
+def notices() -> list[Notice]:
+    return []
+
+
+@pytest.fixture
+async def service(tmp_path: Path, notices: list[Notice]) -> AsyncIterator[CacheService]:
+    svc = CacheService(f"sqlite:///{tmp_path}/c.db", hooks=[notices.append])
+    yield svc
+    await svc.aclose()
+
+
+async def read(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+async def miss(
+    service: CacheService,
+    decision: Decision,
+    data: bytes,
+    *,
+    status: int = 200,
+    pieces: int = 7,
+) -> list[tuple[str, str]]:
+    """Tee ``data`` through an exchange as an edge does: head, chunks (delivered, then
+    recorded), end. Returns the headers the edge would add to the response."""
+    async with service.exchange(decision) as ex:
+        assert ex.answer is None
+        tee = await ex.tee(status, SSE)
+        step = max(1, len(data) // pieces)
+        for start in range(0, len(data), step):
+            chunk = data[start : start + step]
+            if tee is not None:
+                tee.relay(chunk)
+                tee.feed(chunk)
+        if tee is not None:
+            tee.end()
+        return ex.headers()
+
+
+async def test_a_completed_miss_is_answered_byte_for_byte_next_time(
+    service: CacheService, notices: list[Notice]
+) -> None:
+    data = upstream_bytes()
+    decision = service.decide("POST", PATH, headers(), body())
+    assert decision.adapter is not None
+    sent = dict(await miss(service, decision, data))
+    assert sent["x-sse-cache"] == CacheStatus.MISS.value
+
+    again = service.decide("POST", PATH, headers(), body())
+    async with service.exchange(again) as ex:
+        answer = ex.answer
+        assert answer is not None and ex.status is CacheStatus.HIT
+        assert await read(answer.chunks) == data
+        got = dict(answer.headers)
+    assert got["x-sse-cache"] == "hit"
+    assert got["x-sse-cache-key"] == sent["x-sse-cache-key"]
+    kinds = [n.kind for n in notices]
+    assert kinds.count("miss") == 1 and kinds.count("store") == 1 and kinds.count("hit") == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "cut", "extra"),
+    [
+        (500, False, {}),  # not a success
+        (200, True, {}),  # the upstream stopped before the completing event
+        (200, False, {"cache-control": "no-store"}),  # the client said not to store it
+    ],
+)
+async def test_what_is_not_stored(
+    service: CacheService, status: int, cut: bool, extra: dict[str, str]
+) -> None:
+    data = upstream_bytes()
+    if cut:
+        data = data[: len(data) // 2]
+    decision = service.decide("POST", PATH, headers(**extra), body())
+    await miss(service, decision, data, status=status)
+    again = service.decide("POST", PATH, headers(), body())
+    async with service.exchange(again) as ex:
+        assert ex.answer is None and ex.status is CacheStatus.MISS
+
+
+async def test_an_exchange_left_by_an_error_stores_nothing(service: CacheService) -> None:
+    data = upstream_bytes()
+    decision = service.decide("POST", PATH, headers(), body())
+    with pytest.raises(RuntimeError, match="client went away"):
+        async with service.exchange(decision) as ex:
+            tee = await ex.tee(200, SSE)
+            assert tee is not None
+            tee.relay(data)
+            tee.feed(data)  # every byte arrived, but the edge failed before the end
+            raise RuntimeError("client went away")
+    async with service.exchange(service.decide("POST", PATH, headers(), body())) as ex:
+        assert ex.answer is None
+
+
+async def test_tenants_do_not_share_answers(service: CacheService) -> None:
+    await miss(service, service.decide("POST", PATH, headers("sk-one"), body()), upstream_bytes())
+    other = service.decide("POST", PATH, headers("sk-two"), body())
+    async with service.exchange(other) as ex:
+        assert ex.answer is None and ex.status is CacheStatus.MISS
+
+
+async def test_a_stored_response_resumes_after_a_sequence_number(service: CacheService) -> None:
+    events = responses_stream("resume me", text_deltas=30)
+    data = serialize_sse(events)
+    await miss(service, service.decide("POST", PATH, headers(), body("resume me")), data)
+    response_id = json.loads(events[0].data)["response"]["id"]
+    after = 10
+    answer = await service.resume(
+        "GET", f"{PATH}/{response_id}", f"stream=true&starting_after={after}", headers()
+    )
+    assert answer is not None
+    rest = [e for e in events if json.loads(e.data)["sequence_number"] > after]
+    assert await read(answer.chunks) == serialize_sse(rest)
+    # Another tenant's GET goes to the upstream, whoever knows the id.
+    assert (
+        await service.resume(
+            "GET", f"{PATH}/{response_id}", "stream=true&starting_after=0", headers("sk-two")
+        )
+        is None
+    )
+
+
+async def test_an_invalid_control_header_is_a_config_error_and_a_notice(
+    service: CacheService, notices: list[Notice]
+) -> None:
+    from sse_cache import ConfigError
+
+    with pytest.raises(ConfigError, match="x-sse-cache-ttl"):
+        service.decide("POST", PATH, headers(**{"x-sse-cache-ttl": "soon"}), body())
+    assert [n.kind for n in notices] == ["invalid"]
