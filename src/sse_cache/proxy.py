@@ -36,6 +36,9 @@ __all__ = ["DEFAULT_BACKEND", "Forwarder", "ProxyApp", "create_proxy_app"]
 DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
 #: Seconds the health endpoint and the startup check wait for the backend.
 BACKEND_CHECK_TIMEOUT = 2.0
+#: Bytes the forwarder reads from the upstream ahead of what it has sent on; the upstream's
+#: reads are 64 KiB.
+READ_AHEAD_BYTES = 256 * 1024
 
 logger = logging.getLogger("sse_cache")
 
@@ -155,14 +158,71 @@ class Forwarder:
                 # Watch for the client leaving while the body streams: then stop reading the
                 # upstream (the cache sees the disconnect and stores nothing).
                 tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # The upstream's body is read by a task of its own, and everything that
+                # arrived while the last message was sent goes out as one: an upstream
+                # faster than the client costs one message (one parse, one socket write) per
+                # batch, not per chunk, and a paced one still has each chunk sent as it comes.
+                arrived = _Arrived(READ_AHEAD_BYTES)
+                tg.start_soon(arrived.fill, response.aiter_raw())
+                while (body := await arrived.take()) is not None:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
                 tg.cancel_scope.cancel()
             if not disconnected.is_set():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             with anyio.CancelScope(shield=True):
                 await response.aclose()
+
+
+class _Arrived:
+    """The upstream's body between the task reading it (:meth:`fill`) and the one sending it
+    on (:meth:`take`): every chunk that arrived since the last :meth:`take`, taken at once.
+    At most about ``limit`` bytes wait (a read may overshoot it by one read): beyond that
+    the reader waits, and a client that reads slowly paces the upstream, as it would if
+    each chunk were sent before the next is read."""
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self._ended = False
+        self._error: Exception | None = None
+        self._arrival = anyio.Event()
+        self._taken = anyio.Event()
+
+    async def fill(self, chunks: AsyncIterator[bytes]) -> None:
+        """Read ``chunks`` to their end. An error reading them is raised by :meth:`take`
+        after the chunks that came before it (the client gets every byte the upstream sent
+        before it broke off)."""
+        try:
+            async for chunk in chunks:
+                if not chunk:
+                    continue
+                self._chunks.append(chunk)
+                self._size += len(chunk)
+                self._arrival.set()
+                while self._size >= self._limit:
+                    await self._taken.wait()
+        except Exception as exc:
+            self._error = exc
+        self._ended = True
+        self._arrival.set()
+
+    async def take(self) -> bytes | None:
+        """Everything that arrived since the last call, as one ``bytes``; waits for a chunk
+        when none has (never for a second one). None once the body ended; raises what
+        broke it off instead, once everything before the break was taken."""
+        while not self._chunks:
+            if self._ended:
+                if self._error is not None:
+                    raise self._error
+                return None
+            await self._arrival.wait()
+            self._arrival = anyio.Event()
+        chunks, self._chunks, self._size = self._chunks, [], 0
+        self._taken.set()
+        self._taken = anyio.Event()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def _body(receive: Receive, disconnected: anyio.Event, first: bytes) -> AsyncIterator[bytes]:
