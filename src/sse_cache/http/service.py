@@ -189,22 +189,8 @@ class CacheService:
 
         ``publish``: the integration calls :meth:`ResponseTee.flush` after each chunk, so a
         miss can lead a cross-process single-flight (``cross_process=True``)."""
-        ex = Exchange(self, decision)
-        try:
-            async with AsyncExitStack() as stack:
-                if decision.adapter is not None:
-                    await ex._look(stack, publish=publish)
-                elif decision.route:
-                    emit(self.hooks, Notice(kind="bypass", key="", detail=decision.reason))
-                yield ex
-                tee = ex._tee
-                if tee is not None:
-                    if not tee.ended:
-                        tee.fail("the response did not complete")
-                    await tee.close()
-            await ex._index()
-        finally:
-            await ex._end_lead()
+        async with Exchange(self, decision).run(publish=publish) as ex:
+            yield ex
 
     async def resume(
         self, method: str, path: str, query: str, headers: Mapping[str, str]
@@ -250,6 +236,27 @@ class Exchange:
         self._lead: _Lease | None = None  # while leading a cross-process flight
         self._flight: LiveFlight[bytes] | None = None  # the live stream this request produces
         self._follows_process = False  # ... fed by another process's (cross-process)
+
+    @asynccontextmanager
+    async def run(self, *, publish: bool = False) -> AsyncIterator[Exchange]:
+        """Look the request up, let the integration answer or tee the upstream, then store
+        what completed and index it (see :meth:`CacheService.exchange`, the way in)."""
+        try:
+            async with AsyncExitStack() as stack:
+                if self.decision.adapter is not None:
+                    await self._look(stack, publish=publish)
+                elif self.decision.route:
+                    notice = Notice(kind="bypass", key="", detail=self.decision.reason)
+                    emit(self._service.hooks, notice)
+                yield self
+                tee = self._tee
+                if tee is not None:
+                    if not tee.ended:
+                        tee.fail("the response did not complete")
+                    await tee.close()
+            await self._index()
+        finally:
+            await self._end_lead()
 
     @property
     def cacheable(self) -> bool:
