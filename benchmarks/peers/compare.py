@@ -14,6 +14,8 @@ and measures, with one httpx2 client for both, on ``POST /v1/responses``:
   timed call is checked to be a hit and the run fails otherwise: ``x-sse-cache: hit`` for
   sse-cache, the ``x-litellm-cache-key`` header LiteLLM sends on cache hits only, and for
   both no new request at the upstream (it counts them: ``GET /_mock/stats``);
+- **miss, time to first and last byte** (a new prompt each time, one upstream call each,
+  checked), next to the same request straight to the upstream;
 - **events replayed vs original**, **byte identity** and **event identity** of a hit against
   the upstream's own answer, and whether the answer text is the same;
 - **20 simultaneous identical requests** (a new prompt; 20 connections opened first, then
@@ -24,7 +26,9 @@ and measures, with one httpx2 client for both, on ``POST /v1/responses``:
   Is it the upstream's own non-stream answer (bytes, or at least the same output text)?
 
 The upstream answers after ``--upstream-first-ms`` (300 ms, a model's time to first token)
-and then sends its events at once; hits never reach it. Prints a table per backend; ``--json
+and then sends its events at once; hits never reach it. Run: ``.venv/bin/python
+benchmarks/peers/compare.py [--rounds 15] [--backends memory,redis] [--json PATH]``
+(~10 minutes on 2 cores, plus ~2 minutes for the first venv). Prints a table per backend; ``--json
 PATH`` writes every figure and sample. Nothing here is a test: a wrong answer where a check
 says so (a timed call that was not a hit, a status that is not 200) fails the run.
 """
@@ -43,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,6 +287,8 @@ class Figures:
 
     hit_first_ms: list[float] = field(default_factory=list)
     hit_last_ms: list[float] = field(default_factory=list)
+    miss_first_ms: list[float] = field(default_factory=list)
+    miss_last_ms: list[float] = field(default_factory=list)
     events_replayed: int = 0
     events_original: int = 0
     text_deltas_replayed: int = 0
@@ -342,6 +348,29 @@ async def hits(
             figures[peer.name].hit_last_ms.append(reply.last * 1e3)
 
 
+async def misses(
+    client: httpx2.AsyncClient,
+    upstream: Upstream,
+    peers: list[Peer],
+    figures: dict[str, Figures],
+    direct: Figures,
+    prompt: str,
+    rounds: int,
+) -> None:
+    """Misses (a new prompt each time) through each proxy and straight to the upstream; each
+    checked to have made exactly one upstream call."""
+    for i in range(rounds):
+        for name, url in [("direct", upstream.url), *((p.name, p.url) for p in peers)]:
+            before = await upstream.calls(client)
+            reply = await post(client, url, request_body(f"{prompt} {name} {i}"), TENANT_A)
+            calls = await upstream.calls(client) - before
+            if calls != 1:
+                raise RuntimeError(f"{name}: a miss made {calls} upstream calls")
+            f = figures.get(name, direct)
+            f.miss_first_ms.append(reply.first * 1e3)
+            f.miss_last_ms.append(reply.last * 1e3)
+
+
 async def fan_out(upstream: Upstream, peer: Peer, f: Figures, prompt: str) -> None:
     """``FAN_OUT`` identical requests, on connections opened beforehand, released together."""
     body = request_body(prompt)
@@ -399,9 +428,11 @@ async def non_stream_after_stream(
 
 async def measure(upstream: Upstream, peers: list[Peer], kind: str, rounds: int) -> dict[str, Any]:
     figures = {peer.name: Figures() for peer in peers}
+    direct = Figures()
     run = secrets.token_hex(4)  # prompts never asked before, whatever the backend holds
     async with httpx2.AsyncClient(timeout=120) as client:
         await hits(client, upstream, peers, figures, f"peers {kind} {run} hit", rounds)
+        await misses(client, upstream, peers, figures, direct, f"peers {kind} {run}", rounds)
         for peer in peers:
             f = figures[peer.name]
             await fan_out(upstream, peer, f, f"peers {kind} {run} fan-out {peer.name}")
@@ -409,7 +440,10 @@ async def measure(upstream: Upstream, peers: list[Peer], kind: str, rounds: int)
             await cross_tenant(client, upstream, peer, f, tenants)
             non_stream = f"peers {kind} {run} non-stream {peer.name}"
             await non_stream_after_stream(client, upstream, peer, f, non_stream)
-    return {name: asdict(f) for name, f in figures.items()}
+    return {
+        **{name: asdict(f) for name, f in figures.items()},
+        "upstream direct": {"first_ms": direct.miss_first_ms, "last_ms": direct.miss_last_ms},
+    }
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -424,61 +458,57 @@ def yes(value: bool) -> str:
 
 
 def table(kind: str, litellm: str, results: dict[str, dict[str, Any]]) -> None:
-    ours, peer = results["sse-cache"], results["litellm"]
+    ours, peer, direct = results["sse-cache"], results["litellm"], results["upstream direct"]
+    med = statistics.median
+
+    def both(label: str, show: Callable[[dict[str, Any]], str]) -> tuple[str, str, str]:
+        return label, show(ours), show(peer)
+
+    def ratio(key: str) -> str:
+        return f"{med(peer[key]) / med(ours[key]):.1f}x"
+
+    def statuses(r: dict[str, Any]) -> str:
+        return ", ".join(f"{n} {s}" for s, n in sorted(r["fan_out_statuses"].items()))
+
     rows = [
-        ("hit, first byte", spread(ours["hit_first_ms"]), spread(peer["hit_first_ms"])),
-        ("hit, last byte", spread(ours["hit_last_ms"]), spread(peer["hit_last_ms"])),
-        *(
-            (
-                f"  LiteLLM / sse-cache ({what})",
-                "",
-                f"{statistics.median(peer[k]) / statistics.median(ours[k]):.1f}x",
-            )
-            for what, k in (("first byte", "hit_first_ms"), ("last byte", "hit_last_ms"))
-        ),
-        *(
-            (
-                label,
-                f"{r[a]:,} / {r[b]:,}",
-                f"{peer[a]:,} / {peer[b]:,}",
-            )
-            for label, a, b, r in (
-                ("events replayed / original", "events_replayed", "events_original", ours),
-                (
-                    "text deltas replayed / original",
-                    "text_deltas_replayed",
-                    "text_deltas_original",
-                    ours,
-                ),
-            )
-        ),
-        ("hit bytes identical", yes(ours["bytes_identical"]), yes(peer["bytes_identical"])),
-        ("hit events identical", yes(ours["events_identical"]), yes(peer["events_identical"])),
-        ("same answer text", yes(ours["answer_identical"]), yes(peer["answer_identical"])),
+        both("hit, first byte", lambda r: spread(r["hit_first_ms"])),
+        both("hit, last byte", lambda r: spread(r["hit_last_ms"])),
+        ("  LiteLLM / sse-cache, first byte", "", ratio("hit_first_ms")),
+        ("  LiteLLM / sse-cache, last byte", "", ratio("hit_last_ms")),
+        both("miss, first byte", lambda r: spread(r["miss_first_ms"])),
+        both("miss, last byte", lambda r: spread(r["miss_last_ms"])),
         (
-            f"{FAN_OUT} simultaneous: upstream calls",
-            str(ours["fan_out_upstream_calls"]),
-            str(peer["fan_out_upstream_calls"]),
+            "  the upstream alone: first / last",
+            f"{med(direct['first_ms']):.1f} / {med(direct['last_ms']):.1f} ms",
+            "",
         ),
-        (
-            "  answers (x-sse-cache / cache header)",
-            ", ".join(f"{n} {s}" for s, n in sorted(ours["fan_out_statuses"].items())),
-            ", ".join(f"{n} {s}" for s, n in sorted(peer["fan_out_statuses"].items())),
+        both(
+            "events replayed / original",
+            lambda r: f"{r['events_replayed']:,} / {r['events_original']:,}",
         ),
-        (
+        both(
+            "text deltas replayed / original",
+            lambda r: f"{r['text_deltas_replayed']:,} / {r['text_deltas_original']:,}",
+        ),
+        both("hit bytes identical", lambda r: yes(r["bytes_identical"])),
+        both("hit events identical", lambda r: yes(r["events_identical"])),
+        both("same answer text", lambda r: yes(r["answer_identical"])),
+        both(f"{FAN_OUT} simultaneous: upstream calls", lambda r: str(r["fan_out_upstream_calls"])),
+        both("  their answers", statuses),
+        both("  all the same answer text", lambda r: yes(r["fan_out_answers_identical"])),
+        both(
             "tenant B gets tenant A's entry",
-            f"{yes(ours['cross_tenant_shared'])} ({ours['cross_tenant_status']})",
-            f"{yes(peer['cross_tenant_shared'])} ({peer['cross_tenant_status']})",
+            lambda r: f"{yes(r['cross_tenant_shared'])} ({r['cross_tenant_status']})",
         ),
-        (
+        both(
             "stream=false after stream: cached",
-            f"{yes(ours['non_stream_from_cache'])} ({ours['non_stream_status']})",
-            f"{yes(peer['non_stream_from_cache'])} ({peer['non_stream_status']})",
+            lambda r: f"{yes(r['non_stream_from_cache'])} ({r['non_stream_status']})",
         ),
-        (
-            "  = upstream's JSON, bytes / text",
-            f"{yes(ours['non_stream_bytes_identical'])} / {yes(ours['non_stream_text_identical'])}",
-            f"{yes(peer['non_stream_bytes_identical'])} / {yes(peer['non_stream_text_identical'])}",
+        both(
+            "  = upstream's JSON: bytes / text",
+            lambda r: (
+                f"{yes(r['non_stream_bytes_identical'])} / {yes(r['non_stream_text_identical'])}"
+            ),
         ),
     ]
     print(f"\nbackend: {kind}")
