@@ -36,9 +36,10 @@ fails the run (exit status 1). Each round gives every server the same load, in a
 that rotates from round to round, then ``--single`` (20) requests one after the other, each
 on a new connection (time to the last byte). Printed per round and as medians [min-max] over
 ``--rounds`` (5): throughput, p50 and p99, single-request latency, the CPU time per request
-of the server's processes (all of them: granian runs its worker in a child process) and of
-this client, how many cores the server kept busy, and the ratios to ``uvicorn`` of the same
-round (> 1: better than uvicorn).
+of the server's processes (all of them: granian runs its worker in a child process), of its
+busiest thread (the Python thread: what bounds one process when it has cores to spare) and
+of this client, how many cores the server kept busy, and the ratios to ``uvicorn`` of the
+same round (> 1: better than uvicorn).
 
 ``--pin`` confines every server to CPU 1 and the client to CPU 0. On a machine where other
 work competes for the cores, a server with more threads (granian's Rust runtime beside its
@@ -269,11 +270,13 @@ async def bench(args: argparse.Namespace, tmp: Path, recording: bytes) -> list[F
                 target = running[result.variant.name]
                 call = call_for(target, result.variant, recording)
                 name = result.variant.name
+                before = thread_cpu(target.pid)
                 loaded = await within(
                     STALLED * 10,
                     load(target.url, call, args.requests, args.connections, target.pid),
                     f"{name}: a load",
                 )
+                spent = [t - before.get(k, 0) for k, t in thread_cpu(target.pid).items()]
                 result.errors += loaded.errors
                 singles = [
                     await within(STALLED, timed(target.url, call), f"{name}: a single request")
@@ -283,11 +286,49 @@ async def bench(args: argparse.Namespace, tmp: Path, recording: bytes) -> list[F
                 del figures["backend_cpu_per_request"]
                 figures["single"] = statistics.median(singles)
                 figures["server_cores"] = loaded.server_cpu / loaded.elapsed
+                # The busiest thread's share of the server's CPU (over the load and its
+                # warm-up) applied to the load's CPU per request.
+                share = max(spent) / sum(spent) if sum(spent) > 0 else math.nan
+                figures["busiest_thread_cpu_per_request"] = (
+                    share * figures["server_cpu_per_request"]
+                )
                 result.rounds.append(figures)
             print(f"  round {r + 1}")
             for result in results:
                 print(f"    {result.variant.name:<19} {describe(result.rounds[-1])}")
     return results
+
+
+def thread_cpu(pid: int) -> dict[tuple[int, int], int]:
+    """CPU nanoseconds used so far by each thread of process ``pid`` and of its child
+    processes, keyed by (process, thread)."""
+    out: dict[tuple[int, int], int] = {}
+    for proc in [pid, *children(pid)]:
+        try:
+            threads = os.listdir(f"/proc/{proc}/task")
+        except OSError:
+            continue  # gone
+        for tid in threads:
+            try:
+                ns = Path(f"/proc/{proc}/task/{tid}/schedstat").read_text().split()[0]
+            except (OSError, IndexError):
+                continue  # a thread that ended meanwhile
+            out[proc, int(tid)] = int(ns)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (granian's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
 
 
 async def within(seconds: float, work: Awaitable[T], what: str) -> T:
@@ -306,7 +347,8 @@ def describe(row: dict[str, float]) -> str:
     return (
         f"{row['rate']:5.0f} req/s  p50 {row['p50'] * 1e3:6.1f}  p99 {row['p99'] * 1e3:6.1f} ms"
         f"  single {row['single'] * 1e3:5.2f} ms  server CPU/request "
-        f"{row['server_cpu_per_request'] * 1e6:5.0f} us"
+        f"{row['server_cpu_per_request'] * 1e6:5.0f} us (busiest thread "
+        f"{row['busiest_thread_cpu_per_request'] * 1e6:4.0f})"
     )
 
 
@@ -317,6 +359,10 @@ FIGURES = (
     ("p99", "p99 ms", 1e3, 1, True),
     ("single", "single ms", 1e3, 2, True),
     ("server_cpu_per_request", "server CPU/request us", 1e6, 0, True),
+    # The thread that used the most CPU: one process cannot serve faster than this thread
+    # alone can (the Python thread, which holds the GIL; granian moves part of the HTTP
+    # work to a Rust thread beside it).
+    ("busiest_thread_cpu_per_request", "busiest thread CPU/req us", 1e6, 0, True),
     ("client_cpu_per_request", "client CPU/request us", 1e6, 0, True),
     # How much of one core the server's processes used during the load: well under 1 on
     # a machine with cores to spare means the server was not what held the load back.
@@ -336,7 +382,7 @@ def summarize(results: list[Figures]) -> dict[str, Any]:
             print(f"    ERRORS ({len(result.errors)}): {result.errors[:3]}")
         for figure, label, unit, digits, compared in FIGURES:
             values = result.of(figure)
-            line = f"    {label:<22} {spread(values, unit, digits):>22}"
+            line = f"    {label:<25} {spread(values, unit, digits):>22}"
             entry[figure] = summary_of(values)
             if compared and result is not base:
                 # Higher is better for the rate; lower for the rest: a ratio > 1 always
