@@ -8,7 +8,8 @@
 - ``scale-memory.png``: the proxy's peak RSS per live miss and per follower against how many
   there are, and against the answer's length.
 
-Every point is the median over the rounds, its bar the range [min-max].
+Every point is the median over the rounds, its bar the range [min-max]. ``--tables 100``
+prints the page's tables (Markdown; (a) at 100 connections) instead.
 
 Run: ``.venv/bin/python benchmarks/plot_scale.py [docs/img/scale.json] [--out docs/img]``.
 matplotlib is pinned in requirements/dev.lock but not installed by the dev extra:
@@ -102,7 +103,7 @@ def plot_throughput(plt: Any, report: dict[str, Any], out: Path) -> Path:
         rate_ax.legend(fontsize="small")
     stream = Path(report["args"]["stream"]).name
     fig.suptitle(
-        f"Hits of a {stream} recording through sse-cache proxy vs the ceiling\n"
+        f"Hits of the recorded {stream} through sse-cache proxy vs the ceiling\n"
         f"median and range over {report['args']['rounds']} rounds; {machine_note(report)}",
         fontsize="medium",
     )
@@ -219,6 +220,138 @@ def save(fig: Any, path: Path) -> Path:
     return path
 
 
+# -- the page's tables ------------------------------------------------------------------------
+
+X, DASH = "\u00d7", "\u2013"  # the page's multiplication sign and en dash
+
+
+def med(values: Sequence[float], unit: float = 1.0, digits: int = 0) -> str:
+    return f"{statistics.median(values) * unit:,.{digits}f}"
+
+
+def ranged(values: Sequence[float], unit: float = 1.0, digits: int = 0) -> str:
+    """``median [min-max]`` (an en dash, as on the page)."""
+    lo, hi = min(values) * unit, max(values) * unit
+    return f"{med(values, unit, digits)} [{lo:,.{digits}f}{DASH}{hi:,.{digits}f}]"
+
+
+def hits_table(report: dict[str, Any], connections: int) -> str:
+    lines = [
+        "| backend | proxy req/s | ceiling req/s | throughput ratio | proxy p99 | ceiling p99 "
+        "| p99 ratio | proxy CPU / hit | ceiling CPU / answer | CPU ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for config in report["hits"]:
+        if config["connections"] != connections:
+            continue
+        rounds = config["rounds"]
+
+        def of(path: str, figure: str) -> list[float]:
+            return [r[path][figure] for r in rounds]  # noqa: B023 (used at once)
+
+        def ratio(figure: str) -> list[float]:
+            return [p / c for p, c in zip(of("proxy", figure), of("ceiling", figure), strict=True)]
+
+        name = TITLES[config["backend"]].split(" ")[0].replace("memory://", "memory")
+        if config["workers"] > 1:
+            name += f", `--workers {config['workers']}`"
+        cpu = med(of("proxy", "server_cpu_per_request"), 1e6) + " µs"
+        backend_cpu = [v for v in of("proxy", "backend_cpu_per_request") if v == v]
+        if backend_cpu:
+            cpu += f" (+{med(backend_cpu, 1e6)} µs redis-server)"
+        lines.append(
+            f"| {name} | {ranged(of('proxy', 'rate'))} | {ranged(of('ceiling', 'rate'))} "
+            f"| {ranged(ratio('rate'), digits=2)}{X} | {med(of('proxy', 'p99'), 1e3)} ms "
+            f"| {med(of('ceiling', 'p99'), 1e3)} ms | {ranged(ratio('p99'), digits=2)}{X} | {cpu} "
+            f"| {med(of('ceiling', 'server_cpu_per_request'), 1e6)} µs "
+            f"| {med(ratio('server_cpu_per_request'), digits=2)}{X} |"
+        )
+    return "\n".join(lines)
+
+
+def sweep_table(report: dict[str, Any]) -> str:
+    counts = sorted({c["connections"] for c in report["hits"]})
+    lines = [
+        "| proxy | " + " | ".join(f"{n} connections" for n in counts) + " |",
+        "|---|" + "---:|" * len(counts),
+    ]
+    names = list(dict.fromkeys((c["backend"], c["workers"]) for c in report["hits"]))
+    for backend, workers in names:
+        cells = []
+        for n in counts:
+            (config,) = [
+                c
+                for c in report["hits"]
+                if (c["backend"], c["workers"], c["connections"]) == (backend, workers, n)
+            ]
+            rates = [r["proxy"]["rate"] / r["ceiling"]["rate"] for r in config["rounds"]]
+            p99s = [r["proxy"]["p99"] / r["ceiling"]["p99"] for r in config["rounds"]]
+            cells.append(f"{med(rates, digits=2)}{X} / {med(p99s, digits=2)}{X}")
+        name = f"{backend}, {workers} worker{'s' if workers > 1 else ''}"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def events_table(report: dict[str, Any]) -> str:
+    lines = [
+        "| events | bytes | miss | direct | miss per event | direct per event | hit | ceiling "
+        "| hit per event | ceiling per event |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in sorted(report["events"], key=lambda row: row["events"]):
+        n = row["events"]
+
+        def per(path: str) -> str:
+            value = statistics.median(row[path]) / n * 1e6  # noqa: B023 (used at once)
+            return f"{value:,.{2 if value < 10 else 0}f} µs"
+
+        def total(path: str) -> str:
+            value = statistics.median(row[path]) * 1e3  # noqa: B023 (used at once)
+            return f"{value:,.{1 if value < 100 else 0}f} ms"
+
+        lines.append(
+            f"| {n:,} | {row['bytes'] / 1e6:.2f} MB | {total('miss')} | {total('direct')} "
+            f"| {per('miss')} | {per('direct')} | {total('hit')} | {total('ceiling')} "
+            f"| {per('hit')} | {per('ceiling')} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"| what | answer | peak RSS rise | per stream (peak) | {X} the answer "
+        "| per stream (live) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for case in report["memory"]:
+        rises = [r["peak"] - r["baseline"] for r in case["rounds"]]
+        what = (
+            f"{case['count']:,} live miss{'es' if case['count'] > 1 else ''}"
+            if case["kind"] == "misses"
+            else f"1 live miss + {case['count']:,} follower{'s' if case['count'] > 1 else ''}"
+        )
+        times = [v / case["bytes"] for v in case["per_stream"]]
+        live = [v for v in case["live_per_stream"] if v == v]
+        lines.append(
+            f"| {what} | {case['events']:,} events, {case['bytes'] / 1e3:,.0f} KB "
+            f"| {ranged(rises, 1e-6, 1)} MB | {ranged(case['per_stream'], 1e-3)} KB "
+            f"| {med(times, digits=1)}{X} | {ranged(live, 1e-3) if live else 'n/a'} KB |"
+        )
+    return "\n".join(lines)
+
+
+def tables(report: dict[str, Any], connections: int) -> str:
+    parts = []
+    if report.get("hits"):
+        parts += [f"(a) at {connections} connections", hits_table(report, connections)]
+        parts += ["(a) throughput ratio / p99 ratio per concurrency", sweep_table(report)]
+    if report.get("events"):
+        parts += ["(b)", events_table(report)]
+    if report.get("memory"):
+        parts += ["(c)", memory_table(report)]
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -229,7 +362,21 @@ def main(argv: list[str] | None = None) -> int:
         help="what bench_scale.py --json wrote (default docs/img/scale.json)",
     )
     parser.add_argument("--out", type=Path, default=None, help="default: the report's folder")
+    parser.add_argument(
+        "--tables",
+        type=int,
+        metavar="CONNECTIONS",
+        default=None,
+        help="print the page's tables in Markdown ((a) at this concurrency) instead of drawing",
+    )
     args = parser.parse_args(argv)
+    if args.tables is not None:
+        try:
+            print(tables(json.loads(args.report.read_text()), args.tables))
+        except (OSError, ValueError) as exc:
+            print(f"cannot read {args.report}: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         import matplotlib
 
