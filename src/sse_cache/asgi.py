@@ -403,6 +403,10 @@ class _Request:
         await _send_answer_while_connected(self.receive, self.send, ex.answer)
 
 
+#: At most this many body bytes queued for a client are joined into one message.
+_MERGED_BYTES = 256 * 1024
+
+
 class _Outbox:
     """The messages for one client, sent by a task of their own (:meth:`run`), so that the
     app producing them never waits on that client's socket. What waits is bounded by the
@@ -453,11 +457,34 @@ class _Outbox:
         self._room.set()
         self._room = anyio.Event()
 
+    def _next(self) -> Message:
+        # Body messages queued one after another go out as one (up to _MERGED_BYTES): a client
+        # that the app outpaces gets fewer, larger writes, not one per message.
+        message = self._messages.popleft()
+        if message["type"] != "http.response.body" or not message.get("more_body", False):
+            return message
+        parts = [message.get("body", b"")]
+        size = len(parts[0])
+        last = message
+        while self._messages and size < _MERGED_BYTES:
+            following = self._messages[0]
+            if following["type"] != "http.response.body":
+                break
+            last = self._messages.popleft()
+            parts.append(last.get("body", b""))
+            size += len(parts[-1])
+            if not last.get("more_body", False):
+                break
+        if last is message:
+            return message
+        more = last.get("more_body", False)
+        return {"type": "http.response.body", "body": b"".join(parts), "more_body": more}
+
     async def run(self) -> None:
         with self._scope:
             while True:
                 while self._messages:
-                    message = self._messages.popleft()
+                    message = self._next()
                     self.size -= len(message.get("body", b""))
                     try:
                         await self._send(message)

@@ -21,6 +21,7 @@ import httpx2
 import pytest
 
 from sse_cache import SSEParser
+from sse_cache.asgi import CacheMiddleware
 from sse_cache.proxy import create_proxy_app
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
@@ -246,3 +247,36 @@ async def test_an_upstream_that_breaks_off_after_a_burst_gets_its_bytes_through_
             again = await client.post("/v1/responses", json=PAYLOAD, headers=KEY)
             assert again.headers["x-sse-cache"] == "miss"
     assert upstream.calls == 2
+
+
+async def test_the_middleware_joins_what_an_app_sent_faster_than_its_client_took_it(
+    serve: Any,
+) -> None:
+    # An app behind CacheMiddleware (not the proxy) that hands over 2,002 body messages
+    # without waiting in between, as a gateway relaying chunks it has already read does:
+    # they queue for the client's own sending task and go out joined, not one write each.
+    events = answer(2000)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for event in events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    middleware = CacheMiddleware(app, "memory://")
+    counted = Counted(middleware)
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with (
+            serve(counted) as base,
+            httpx2.AsyncClient(base_url=base, timeout=30) as client,
+        ):
+            miss = await client.post("/v1/responses", json=PAYLOAD, headers=KEY)
+            assert miss.headers["x-sse-cache"] == "miss"
+            assert miss.content == b"".join(events)
+            assert 1 <= counted.messages <= len(events) // 10
+            hit = await client.post("/v1/responses", json=PAYLOAD, headers=KEY)
+            assert hit.headers["x-sse-cache"] == "hit" and hit.content == miss.content
+    await middleware.aclose()
