@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+import plot_scale
 from bench_scale import REAL_STREAMS, Call, load, reset_peak, static_server, tree_memory
 
 from servers import require_binary
@@ -117,3 +118,22 @@ async def test_a_wrong_body_is_counted_as_an_error() -> None:
         assert good.errors == [] and len(good.latencies) == 8
         with pytest.raises(Exception, match="differs"):
             await load(ceiling.url, Call.post(ceiling.url, payload, altered, None), 8, 2)
+
+
+def test_the_plots_and_tables_come_from_the_committed_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # docs/performance.md embeds these: they must be drawable from docs/img/scale.json.
+    pytest.importorskip("matplotlib")
+    figures = Path(__file__).resolve().parents[2] / "docs" / "img" / "scale.json"
+    assert plot_scale.main([str(figures), "--out", str(tmp_path)]) == 0
+    for name in ("scale-throughput.png", "scale-events.png", "scale-memory.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    capsys.readouterr()
+    assert plot_scale.main([str(figures), "--tables", "100"]) == 0
+    tables = capsys.readouterr().out
+    assert "| memory | " in tables and "| 100,026 | " in tables and "| 500 live misses | " in tables
+    # Without matplotlib: the command that installs it, not a traceback.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert plot_scale.main([str(figures), "--out", str(tmp_path)]) == 2
+    assert "pip install -c requirements/dev.lock matplotlib" in capsys.readouterr().err
