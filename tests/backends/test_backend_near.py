@@ -77,7 +77,7 @@ class Threads:
         real = backend._call
 
         async def counting(func: Any, *args: Any, read: bool) -> Any:
-            if func == backend._get:
+            if func == backend._table.read:
                 self.reads += 1
             return await real(func, *args, read=read)
 
@@ -222,7 +222,7 @@ async def test_a_version_that_cannot_be_read_at_once_means_a_round_trip(
         def close(self) -> None:
             pass
 
-    backend._probe = Busy()  # type: ignore[assignment]
+    backend._probe.connection = Busy()  # type: ignore[assignment]
     assert backend.cached("k") is None
     assert await backend.get("k") == b"v"  # from the worker thread, and kept again
     assert threads.reads == 1
@@ -314,8 +314,8 @@ async def test_a_moved_probe_is_reopened_on_the_current_file(
     backend = SQLiteBackend(path, check_interval=3600)
     await backend.set("k", b"v", None)
     assert await backend.get("k") == b"v"
-    monkeypatch.setattr(backend, "_file", (0, 0))  # as if the connection were on another file
-    backend._close_probe()
+    monkeypatch.setattr(backend._db, "opened", (0, 0))  # as if the connection were on another file
+    backend._probe.close()
     assert await backend.get("k") == b"v"
     assert backend.cached("k") is None
     await backend.aclose()

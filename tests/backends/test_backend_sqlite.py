@@ -20,7 +20,7 @@ import pytest
 
 from sse_cache import Event, StreamCache
 from sse_cache.adapters import GenericSSE
-from sse_cache.backends import sqlite as sqlite_module
+from sse_cache.backends import _sqlite_file as sqlite_file_module
 from sse_cache.backends.sqlite import SQLiteBackend, from_url
 from sse_cache.errors import BackendError, BackendUnavailable, ConfigError
 
@@ -559,13 +559,13 @@ async def test_the_path_is_looked_at_once_per_check_interval(
     await backend.set("k", b"v", None)
     assert await backend.get("k") == b"v"  # (opens the near cache's probe: looks once)
     looks: list[str] = []
-    real = sqlite_module._file_id
+    real = sqlite_file_module.file_id
 
     def counting(name: str) -> tuple[int, int] | None:
         looks.append(name)
         return real(name)
 
-    monkeypatch.setattr(sqlite_module, "_file_id", counting)
+    monkeypatch.setattr(sqlite_file_module, "file_id", counting)
     for _ in range(50):
         assert await backend.get("k") == b"v"
     assert looks == []  # not a stat per call: once per interval
@@ -579,13 +579,13 @@ async def test_memory_databases_are_not_watched(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     looks: list[str] = []
-    real = sqlite_module._file_id
+    real = sqlite_file_module.file_id
 
     def counting(name: str) -> tuple[int, int] | None:
         looks.append(name)
         return real(name)
 
-    monkeypatch.setattr(sqlite_module, "_file_id", counting)
+    monkeypatch.setattr(sqlite_file_module, "file_id", counting)
     backend = from_url("sqlite:///:memory:?check_interval=0")
     for i in range(20):
         await backend.set(f"k{i}", b"v", None)

@@ -1,0 +1,319 @@
+"""The one connection of a SQLite backend and the file it has open: opening (or creating) the
+path, noticing that the file there was deleted, replaced or moved and its ``-wal``/``-shm``
+sidecars, the busy timeout and retries, and the translation of ``sqlite3`` errors.
+
+Used from worker threads, one at a time (a lock inside); only :meth:`DatabaseFile.current_file`
+and :attr:`DatabaseFile.opened` are read from the event loop's thread (the near cache's probe).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from functools import partial
+from typing import Final, TypeVar
+from urllib.parse import quote
+
+from ..errors import BackendError, BackendTimeout, BackendUnavailable
+from ._sqlite_store import initialise
+
+__all__ = ["DatabaseFile", "FileId", "file_id"]
+
+# The public module's name: where users look for (and configure) the backend's logging.
+logger = logging.getLogger("sse_cache.backends.sqlite")
+
+T = TypeVar("T")
+#: A file's identity: (st_dev, st_ino).
+FileId = tuple[int, int]
+
+# The files SQLite keeps beside a database in WAL mode, named after it.
+_SIDECARS: Final = ("-wal", "-shm")
+# How often opening is retried while the path keeps changing under it.
+_OPEN_ATTEMPTS: Final = 3
+
+
+def file_id(path: str) -> FileId | None:
+    """The identity of the file at ``path``, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _absolute(path: str) -> str:
+    try:
+        return os.path.abspath(path)
+    except OSError:  # the working directory was deleted
+        return path
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        # SQLITE_BUSY (5) and SQLITE_LOCKED (6), with any extended code.
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    message = str(exc).lower()
+    return "locked" in message or "busy" in message
+
+
+class DatabaseFile:
+    """The connection to the SQLite file at ``path`` (``""`` or ``":memory:"``: a private
+    database, never watched), opened on first use and reopened when the path names another
+    file (looked at at most every ``check_interval`` seconds) or after a corrupt or
+    unreadable file. ``on_replaced`` is called when the connection is dropped because the
+    file at the path changed."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        timeout: float,
+        read_timeout: float,
+        synchronous: str,
+        check_interval: float,
+        create: bool,
+        on_replaced: Callable[[], None],
+    ) -> None:
+        self.path = path
+        self.check_interval = check_interval
+        # A file on disk (not ``:memory:`` nor ``""``, a private temporary database).
+        self.watch = path not in ("", ":memory:")
+        #: The path made absolute: a later chdir does not move the cache.
+        self.where = _absolute(path) if self.watch else path
+        self.create = create or not self.watch  # a private database is always new
+        #: The identity of the file the connection has open (None: none open).
+        self.opened: FileId | None = None
+        self._timeout = timeout
+        self._read_timeout = read_timeout
+        self._synchronous = synchronous
+        self._on_replaced = on_replaced
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+        self._busy_ms = -1
+        # The identities of the -wal and -shm files when the connection opened them.
+        self._sidecars: dict[str, FileId] = {}
+        self._next_check = -math.inf
+
+    def current_file(self) -> FileId | None:
+        """The identity of the file the path names now (OSError when it cannot be told)."""
+        return file_id(self.where)
+
+    def size_on_disk(self) -> int:
+        """Bytes of the database file and its WAL."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with suppress(OSError):
+                total += os.path.getsize(self.where + suffix)
+        return total
+
+    def run(self, op: Callable[[sqlite3.Connection], T], *, read: bool) -> T:
+        """``op`` on the connection (opened or reopened first if need be), with the read or
+        write busy timeout, retried while SQLite reports the database busy; ``sqlite3`` and
+        OS errors raised as the BackendError family."""
+        with self._lock, self._translated_errors():
+            conn = self._connection()
+            self._set_busy(conn, self._read_timeout if read else self._timeout)
+            return self._retrying(read, lambda: op(conn))
+
+    def close(self, flush: Callable[[sqlite3.Connection], None]) -> None:
+        """``flush`` (best effort, briefly) unless the file has moved, then close."""
+        with self._lock:
+            conn = self._conn
+            if conn is not None and not self._moved():
+                try:
+                    self._set_busy(conn, min(self._timeout, 0.2))
+                    flush(conn)
+                except sqlite3.Error:
+                    pass  # best effort: losing a few access times only blurs the LRU order
+            self._drop_connection()
+
+    @contextmanager
+    def _translated_errors(self) -> Iterator[None]:
+        # The one place where sqlite3 errors become the BackendError family.
+        try:
+            yield
+        except BackendError:
+            raise  # already ours, with its own message (BackendUnavailable is an OSError)
+        except sqlite3.Error as exc:
+            if _is_busy(exc):
+                raise BackendTimeout(f"SQLite database {self.path!r} is locked: {exc}") from exc
+            # Corrupt, foreign, unreadable or vanished file: start afresh next time.
+            self._drop_connection()
+            if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
+                raise BackendUnavailable(f"cannot open SQLite file {self.path!r}: {exc}") from exc
+            raise BackendError(f"SQLite database {self.path!r}: {exc}") from exc
+        except OSError as exc:
+            raise BackendUnavailable(f"SQLite file {self.path!r}: {exc}") from exc
+
+    def _retrying(self, read: bool, op: Callable[[], T]) -> T:
+        # SQLite's busy handler covers most contention; some lock states (WAL recovery, a
+        # journal-mode switch, a read lock that cannot be upgraded) return SQLITE_BUSY at once,
+        # so retry with backoff until the same deadline.
+        deadline = time.monotonic() + (self._read_timeout if read else self._timeout)
+        delay = 0.002
+        while True:
+            try:
+                return op()
+            except sqlite3.Error as exc:
+                if not _is_busy(exc) or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _set_busy(self, conn: sqlite3.Connection, seconds: float) -> None:
+        ms = int(seconds * 1000)
+        if ms != self._busy_ms:
+            conn.execute(f"PRAGMA busy_timeout = {ms}")
+            self._busy_ms = ms
+
+    def _connection(self) -> sqlite3.Connection:
+        # The open connection, after a look at the path at most every ``check_interval``
+        # seconds: one os.stat in the worker thread this call runs in anyway.
+        if self._conn is not None and self.watch:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._next_check = now + self.check_interval
+                if self._moved():
+                    self._drop_connection()
+        if self._conn is None:
+            self._open()
+        assert self._conn is not None
+        return self._conn
+
+    def _open(self) -> None:
+        for _ in range(_OPEN_ATTEMPTS):
+            before = self._existing_file() if self.watch else None
+            if before is None and self.watch and not self.create:
+                raise BackendUnavailable(
+                    f"SQLite file {self.where!r} does not exist (create=false: nothing is "
+                    "created; sqlite:///name.db is relative to the working directory, "
+                    "sqlite:////abs/name.db absolute)"
+                )
+            conn = sqlite3.connect(
+                # mode=rw: a file removed since the check above is an error, not a new file.
+                self.where if self.create else f"file:{quote(self.where)}?mode=rw",
+                timeout=self._timeout,
+                isolation_level=None,  # autocommit; write transactions are explicit
+                check_same_thread=False,  # used from worker threads, one at a time (limiter)
+                uri=not self.create,
+            )
+            try:
+                prepare = partial(
+                    initialise,
+                    conn,
+                    where=self.where,
+                    synchronous=self._synchronous,
+                    create=self.create,
+                )
+                self._retrying(False, prepare)
+                after = file_id(self.where) if self.watch else None
+                sidecars = self._sidecar_ids() if self.watch else {}
+            except BaseException:
+                conn.close()
+                raise
+            if before == after and (after is not None or not self.watch):
+                break
+            # The path named another file (or none) after sqlite3 opened it than before: which
+            # one this connection holds is unknown, so it is not kept.
+            conn.close()
+        else:
+            raise BackendUnavailable(
+                f"SQLite file {self.path!r} kept changing while it was being opened"
+            )
+        self._conn, self.opened, self._sidecars = conn, after, sidecars
+        self._busy_ms = int(self._timeout * 1000)
+        self._next_check = time.monotonic() + self.check_interval
+
+    def _existing_file(self) -> FileId | None:
+        # The identity of the file at the path, which is created (empty: SQLite makes it a new
+        # database) if missing. -wal and -shm files found beside a missing database belong to
+        # a deleted one, maybe still open in a process that has not noticed yet; SQLite would
+        # read them as part of the new file, so the process that creates the file removes
+        # them. Only files seen *before* the database existed: never a new database's own.
+        current = file_id(self.where)
+        if current is not None or not self.create:
+            return current
+        orphans = self._sidecar_ids()
+        try:
+            fd = os.open(self.where, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return file_id(self.where)  # another process created it first
+        except OSError:
+            return None  # a missing directory, say: sqlite3 reports it
+        os.close(fd)
+        self._remove_if_unchanged(orphans)
+        self._note_absolute_twin()
+        return file_id(self.where)
+
+    def _note_absolute_twin(self) -> None:
+        # ``sqlite:///var/cache.db`` names var/cache.db in the working directory, as SQLAlchemy
+        # reads it; someone who meant /var/cache.db gets a new, empty cache. Say so when that
+        # file exists: a fact, not a guess, and the path is not rewritten.
+        given = self.path
+        if os.path.isabs(given) or given.startswith((".", "~")):
+            return
+        twin = os.path.normpath("/" + given)
+        if twin != self.where and os.path.isfile(twin):  # not the file just created
+            logger.warning(
+                "SQLite: created a new cache file %s; %s exists. A sqlite:/// URL with three "
+                "slashes names a path relative to the working directory: for %s write "
+                "sqlite:///%s (four slashes)",
+                self.where,
+                twin,
+                twin,
+                twin,
+            )
+
+    def _sidecar_ids(self) -> dict[str, FileId]:
+        ids: dict[str, FileId] = {}
+        for suffix in _SIDECARS:
+            ident = file_id(self.where + suffix)
+            if ident is not None:
+                ids[suffix] = ident
+        return ids
+
+    def _remove_if_unchanged(self, sidecars: dict[str, FileId]) -> None:
+        for suffix, ident in sidecars.items():
+            with suppress(OSError):
+                if file_id(self.where + suffix) == ident:
+                    os.unlink(self.where + suffix)
+
+    def _moved(self) -> bool:
+        # Whether the path no longer names the file the connection has open: deleted,
+        # replaced (a rename over it) or moved away.
+        if self.opened is None:
+            return False
+        try:
+            return file_id(self.where) != self.opened
+        except OSError:
+            return False  # cannot tell (a directory made unsearchable): keep the connection
+
+    def _drop_connection(self) -> None:
+        # When the database file was deleted, replaced or moved away, its -wal and -shm files
+        # stay at the path (SQLite names them after the path, and does not checkpoint or
+        # delete them when it closes a file that has moved). Left there, they would be read
+        # as part of whatever file the path names now and corrupt it. So: copy the WAL into
+        # the file we have open (a moved file stays whole; a deleted one costs at most one
+        # WAL's worth of writes), close it, and remove the -wal and -shm if they are still the
+        # ones it was opened with (never another database's).
+        moved = self._moved()
+        conn, self._conn = self._conn, None
+        sidecars, self._sidecars = self._sidecars, {}
+        self.opened = None
+        if conn is None:
+            return
+        if moved:
+            with suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        with suppress(sqlite3.Error):
+            conn.close()
+        if moved:
+            self._remove_if_unchanged(sidecars)
+            self._on_replaced()  # another file: its expired rows are not ours to know
