@@ -12,9 +12,11 @@ import msgspec
 
 from .._notices import CacheStatus, Hook, Notice, emit
 from ..codec import WireEntry
-from ..engine import CachedStream
+from ..engine import CachedStream, StreamCache
 from ..entry import Entry
 from ..events import EOL, Event, ResumeCut, serialize_sse
+from ..pacing import Pacing
+from .policy import Decision
 
 logger = logging.getLogger("sse_cache")
 
@@ -128,3 +130,56 @@ async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator
                 pending, size = [], 0
     if pending:
         yield serialize_sse(pending, eol=eol)
+
+
+def answer_wire(
+    hooks: Iterable[Hook], key: str, cache: StreamCache, wire: WireEntry
+) -> Answer | None:
+    """A streamed hit straight from the stored bytes (the fast path): the recorded SSE, or
+    SSE synthesised from a stored JSON body. None when the body cannot be synthesised."""
+    if wire.sse is not None:
+        chunks = _one(wire.sse)  # already in the recorded line ends (wire.eol)
+        content_type, events, duration = wire.content_type, wire.count, wire.duration
+    else:
+        assert wire.body is not None
+        synthesized = cache.adapter.synthesize(wire.body)
+        if synthesized is None:
+            return None
+        chunks = _one(serialize_sse(synthesized))  # synthesised: canonical LF
+        content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
+    base = [("content-type", content_type), *_SSE_HEADERS]
+    return _hit_answer(hooks, key, wire, chunks, base, events, duration, instant=True)
+
+
+def answer_entry(
+    hooks: Iterable[Hook],
+    key: str,
+    decision: Decision,
+    cache: StreamCache,
+    entry: Entry,
+    pacing: Pacing,
+) -> Answer | None:
+    """A hit from a decoded entry, in the shape the request asked for: SSE (paced, or after
+    ``Last-Event-ID``) for a streamed request, the JSON body otherwise. None when the entry
+    cannot give that shape."""
+    if decision.streaming:
+        events = cache.events_of(entry)
+        if events is None:
+            return None
+        stream = cache.replay(entry, pacing, events=_after_id(events, decision.last_event_id))
+        content_type = entry.content_type if entry.is_stream else SSE_TYPE
+        base = [("content-type", content_type), *_SSE_HEADERS]
+        # A recorded stream in its recorded line ends; a synthesised one in LF.
+        chunks = _stream_chunks(stream, entry.eol if entry.is_stream else "lf")
+    else:
+        body = cache.body_of(entry)
+        if body is None:
+            return None
+        content_type = JSON_TYPE if entry.is_stream else entry.content_type
+        base = [("content-type", content_type), ("content-length", str(len(body)))]
+        chunks = _one(body)
+    recorded = entry.events or ()
+    duration = recorded[-1].at if recorded else 0.0
+    return _hit_answer(
+        hooks, key, entry, chunks, base, len(recorded), duration, instant=not decision.streaming
+    )

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -23,6 +24,7 @@ from ..protocols import (
     FanoutBackend,
     LeasingBackend,
 )
+from ._answers import Answer, _as_shared
 from ._wire import close_iterator
 
 logger = logging.getLogger("sse_cache")
@@ -211,3 +213,67 @@ def _decode_head(data: bytes) -> Head | None:
 
 async def _aclose(iterator: AsyncIterator[bytes]) -> None:
     await close_iterator(iterator, quiet=True)
+
+
+async def lead_or_follow(
+    fanout: _FanoutBackend,
+    key: str,
+    live: LiveFlight[bytes],
+    cache: StreamCache,
+    lease_seconds: float,
+) -> tuple[_Lease | None, Answer | None]:
+    """Take the key's lease (then this request leads: its response is published as it
+    passes; the lease is returned) or, when another process holds it, follow that process's
+    live stream through ``live`` (this process's own readers of the key follow it, and it
+    pulls the other process's messages in turn; the answer is returned). Neither when the
+    lock failed (no single-flight across processes this time).
+
+    A follower that hears nothing from its producer for a lease's length (a killed process
+    stops renewing it and sending heartbeats) takes over: it takes the lease itself, or
+    follows whoever did."""
+    lock = _CHANNEL + key
+    for _attempt in range(3):
+        token = uuid.uuid4().hex
+        try:
+            if await fanout.acquire(lock, token, lease_seconds):
+                return _Lease(fanout, lock, token, lease_seconds), None
+            holder = await fanout.holder(lock)
+        except Exception as exc:  # fail open
+            backend_warnings.warning(
+                fanout, "lock_failed", "sse_cache: cross-process lock failed for %s: %r", key, exc
+            )
+            return None, None
+        if holder is None:
+            continue
+        opened = await _open_channel(fanout, _channel(key, holder), lease_seconds, cache)
+        if opened is None:
+            continue
+        head, first, reader = opened
+        shared = Head(head.status, _as_shared(head.headers))
+        cursor = _follow_channel(live, shared, first, reader, cache.join_timeout)
+        chunks = live.chunks(cursor, cache.join_timeout)
+        return None, Answer(status=head.status, headers=_as_shared(head.headers), chunks=chunks)
+    return None, None
+
+
+async def end_lead(
+    fanout: _FanoutBackend,
+    lease: _Lease,
+    key: str,
+    publish_rest: Callable[[], Awaitable[bool]] | None,
+) -> None:
+    """Stop leading: stop renewing the lease, publish what is left (``publish_rest``, the
+    tee's: True when the whole completed response reached the channel) or else the failure
+    marker ``b"x"``, finish the channel, release the lock. Shielded and bounded: followers in
+    other processes must hear the end."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
+        try:
+            await lease.stop()
+            if publish_rest is None or not await publish_rest():
+                await fanout.publish(lease.channel, b"x", ttl=_FANOUT_TTL)
+            await fanout.finish(lease.channel, ttl=_FANOUT_TTL)
+        except Exception as exc:
+            logger.warning("sse_cache: could not end the fan-out of %s: %r", key, exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await fanout.release(lease.lock, lease.token)

@@ -11,19 +11,30 @@ import logging
 import re
 import urllib.parse
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from .._notices import Notice, emit
+from .._notices import Hook, Notice, emit
 from ..engine import StreamCache
 from ..events import Event, serialize_sse
 from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from ..keys import ALIAS_PREFIX
-from ..protocols import ResumingAdapter
+from ..protocols import ResumingAdapter, StreamAdapter
 from ._answers import _SSE_HEADERS, Answer, _after, _as_shared, _counted, _hit_answer, _one
-from ._fanout import _CHANNEL, _channel, _follow_channel, _open_channel
+from ._fanout import _CHANNEL, _channel, _FanoutBackend, _follow_channel, _open_channel
+from .policy import CachePolicy
 
-if TYPE_CHECKING:
-    from .service import CacheService
+
+class _Service(Protocol):
+    """What resuming needs of the :class:`~sse_cache.http.service.CacheService`."""
+
+    policy: CachePolicy
+    live_responses: dict[str, LiveFlight[bytes]]
+    hooks: tuple[Hook, ...]
+    fanout: _FanoutBackend | None
+    cross_process_lease: float
+
+    def cache_for(self, adapter: StreamAdapter) -> StreamCache: ...
+
 
 logger = logging.getLogger("sse_cache")
 
@@ -47,7 +58,7 @@ def live_alias_key(schema: str, tenant: str, name: str) -> str:
 
 
 async def resume(
-    service: CacheService, method: str, path: str, query: str, headers: Mapping[str, str]
+    service: _Service, method: str, path: str, query: str, headers: Mapping[str, str]
 ) -> Answer | None:
     """:meth:`CacheService.resume`."""
     match = _RESUME.search(path)
@@ -102,7 +113,7 @@ async def resume(
 
 
 async def _resume_remote(
-    service: CacheService, cache: StreamCache, live_alias: str, had: Callable[[Event], bool]
+    service: _Service, cache: StreamCache, live_alias: str, had: Callable[[Event], bool]
 ) -> Answer | None:
     # Produced by another process (cross-process): its producer indexed the stream's key
     # under ``live_alias``; resumed from that producer's fan-out channel.
@@ -113,7 +124,7 @@ async def _resume_remote(
 
 
 async def resume_remote(
-    service: CacheService, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
+    service: _Service, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
 ) -> Answer | None:
     """:meth:`CacheService.resume_remote`: from the start of the producer's channel."""
     fanout = service.fanout
@@ -136,7 +147,7 @@ async def resume_remote(
 
 
 async def resume_live(
-    service: CacheService,
+    service: _Service,
     cache: StreamCache,
     live: LiveFlight[bytes],
     had: Callable[[Event], bool | None],
@@ -156,7 +167,7 @@ async def resume_live(
 
 
 def _resumed(
-    service: CacheService,
+    service: _Service,
     cache: StreamCache,
     live: LiveFlight[bytes],
     cursor: Cursor,

@@ -121,6 +121,15 @@ class ResponseTee:
                 raise
             logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
 
+    async def publish_rest(self) -> bool:
+        """At the end of a lead: publish what is left of a response that completed. True when
+        all of it reached the channel (followers in other processes then end cleanly), False
+        when it did not complete or a publish failed (they must be told it failed)."""
+        if not self.ended or self.cut or self.publish_failed:
+            return False
+        await self.flush()
+        return not self.publish_failed
+
     def later(self, job: Callable[[], Awaitable[object]]) -> None:
         """Run ``job`` at the next :meth:`flush` (backend writes, from a synchronous step)."""
         self._jobs.append(job)

@@ -21,18 +21,15 @@ Usage by an integration::
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-import anyio
+import msgspec
 
 from .._decoded import DecodedEntries
-from .._logging import backend_warnings
 from .._notices import CacheStatus, Notice, emit
 from ..breaker import (
     Breaker,
@@ -42,7 +39,7 @@ from ..codec import MsgpackCodec, WireEntry
 from ..engine import LiveRecording, StreamCache
 from ..entry import Entry
 from ..errors import ConfigError
-from ..events import Event, serialize_sse
+from ..events import Event
 from ..flight import Cursor, Head, LiveFlight, SharedStreamAborted
 from ..keys import CacheRequest, DefaultKeyer
 from ..pacing import Pacing
@@ -56,27 +53,20 @@ from ..protocols import (
 )
 from . import _resume
 from ._answers import (
-    _SSE_HEADERS,
     JSON_TYPE,
     SSE_TYPE,
     Answer,
-    _after_id,
     _as_shared,
     _counted,
-    _hit_answer,
-    _one,
-    _stream_chunks,
+    answer_entry,
+    answer_wire,
 )
 from ._fanout import (
-    _CHANNEL,
-    _FANOUT_CLOSE_TIMEOUT,
-    _FANOUT_TTL,
     _LIVE_ALIAS_TTL,
-    _channel,
     _FanoutBackend,
-    _follow_channel,
     _Lease,
-    _open_channel,
+    end_lead,
+    lead_or_follow,
 )
 from ._resume import alias_key, live_alias_key
 from ._tee import ResponseTee
@@ -256,7 +246,11 @@ class Exchange:
                     await tee.close()
             await self._index()
         finally:
-            await self._end_lead()
+            lease, self._lead = self._lead, None
+            fanout = self._service.fanout
+            if lease is not None and fanout is not None:
+                tee = self._tee
+                await end_lead(fanout, lease, self.key, None if tee is None else tee.publish_rest)
 
     @property
     def cacheable(self) -> bool:
@@ -316,7 +310,14 @@ class Exchange:
                 return
             pending, live, cursor = cache.settle(self.key, share=shares)
             if pending is not None:  # an entry being stored
-                self.answer = self._answer_entry(cache, pending, self._pacing(cache))
+                self.answer = answer_entry(
+                    self._service.hooks,
+                    self.key,
+                    self.decision,
+                    cache,
+                    pending,
+                    self._pacing(cache),
+                )
                 if self.answer is not None:
                     self.status = CacheStatus.HIT
                     return
@@ -337,9 +338,16 @@ class Exchange:
         ):
             return
         fanout = self._service.fanout
-        leads = fanout is not None and publish and self._flight is not None
-        if leads and fanout is not None and await self._lead_or_follow(fanout):
-            return
+        if fanout is not None and publish and self._flight is not None:
+            self._lead, answer = await lead_or_follow(
+                fanout, self.key, self._flight, cache, self._service.cross_process_lease
+            )
+            if answer is not None:
+                self.status = CacheStatus.SHARED
+                emit(self._service.hooks, Notice(kind="shared", key=self.key))
+                self._follows_process = True
+                self.answer = msgspec.structs.replace(answer, chunks=self._counted(answer.chunks))
+                return
         emit(self._service.hooks, Notice(kind="miss", key=self.key))
 
     async def _resume_live(self, cache: StreamCache, last_id: str) -> bool:
@@ -382,11 +390,13 @@ class Exchange:
             # The fast path: a recorded stream goes out as its stored SSE bytes.
             wire = await cache.lookup_wire(self.key, max_age=max_age)
             if wire is not None:
-                self.answer = self._answer_wire(cache, wire)
+                self.answer = answer_wire(self._service.hooks, self.key, cache, wire)
         else:
             entry = await cache.lookup(self.key, max_age=max_age)
             if entry is not None:
-                self.answer = self._answer_entry(cache, entry, pacing)
+                self.answer = answer_entry(
+                    self._service.hooks, self.key, self.decision, cache, entry, pacing
+                )
         if self.answer is None:
             return False
         self.status = CacheStatus.HIT
@@ -420,136 +430,6 @@ class Exchange:
             chunks=self._counted(live.chunks(cursor, cache.join_timeout)),
         )
         return True
-
-    # -- cross-process single-flight ---------------------------------------------------------
-
-    async def _lead_or_follow(self, fanout: _FanoutBackend) -> bool:
-        """Take the key's lease (then this request leads: its response is published as it
-        passes) or, when another process holds it, follow that process's live stream. True
-        when this request is answered by following.
-
-        A follower that hears nothing from its producer for a lease's length (a killed
-        process stops renewing it and sending heartbeats) takes over: it takes the lease
-        itself, or follows whoever did."""
-        service = self._service
-        lease = service.cross_process_lease
-        lock = _CHANNEL + self.key
-        for _attempt in range(3):
-            token = uuid.uuid4().hex
-            try:
-                if await fanout.acquire(lock, token, lease):
-                    self._lead = _Lease(fanout, lock, token, lease)
-                    return False
-                holder = await fanout.holder(lock)
-            except Exception as exc:  # fail open: no single-flight across processes this time
-                backend_warnings.warning(
-                    fanout,
-                    "lock_failed",
-                    "sse_cache: cross-process lock failed for %s: %r",
-                    self.key,
-                    exc,
-                )
-                return False
-            if holder is not None and await self._follow_process(fanout, holder):
-                return True
-        return False
-
-    async def _follow_process(self, fanout: _FanoutBackend, holder: str) -> bool:
-        live = self._flight
-        assert live is not None
-        cache = self._cache
-        assert cache is not None
-        opened = await _open_channel(
-            fanout, _channel(self.key, holder), self._service.cross_process_lease, cache
-        )
-        if opened is None:
-            return False
-        head, first, reader = opened
-        # This process's own readers of the key (this request first) follow the local live
-        # stream, which pulls the other process's messages in turn.
-        self.status = CacheStatus.SHARED
-        emit(self._service.hooks, Notice(kind="shared", key=self.key))
-        shared = Head(head.status, _as_shared(head.headers))
-        cursor = _follow_channel(live, shared, first, reader, cache.join_timeout)
-        self._follows_process = True
-        self.answer = Answer(
-            status=head.status,
-            headers=_as_shared(head.headers),
-            chunks=self._counted(live.chunks(cursor, cache.join_timeout)),
-        )
-        return True
-
-    async def _end_lead(self) -> None:
-        lease, fanout = self._lead, self._service.fanout
-        if lease is None or fanout is None:
-            return
-        self._lead = None
-        tee = self._tee
-        with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
-            try:
-                await lease.stop()
-                if tee is not None and tee.ended and not tee.cut and not tee.publish_failed:
-                    await tee.flush()
-                if tee is None or not tee.ended or tee.cut or tee.publish_failed:
-                    await fanout.publish(lease.channel, b"x", ttl=_FANOUT_TTL)
-                await fanout.finish(lease.channel, ttl=_FANOUT_TTL)
-            except Exception as exc:
-                logger.warning("sse_cache: could not end the fan-out of %s: %r", self.key, exc)
-            finally:
-                with contextlib.suppress(Exception):
-                    await fanout.release(lease.lock, lease.token)
-
-    def _answer_wire(self, cache: StreamCache, wire: WireEntry) -> Answer | None:
-        if wire.sse is not None:
-            chunks = _one(wire.sse)  # already in the recorded line ends (wire.eol)
-            content_type, events, duration = wire.content_type, wire.count, wire.duration
-        else:
-            assert wire.body is not None
-            synthesized = cache.adapter.synthesize(wire.body)
-            if synthesized is None:
-                return None
-            chunks = _one(serialize_sse(synthesized))  # synthesised: canonical LF
-            content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
-        base = [("content-type", content_type), *_SSE_HEADERS]
-        return self._answer(wire, chunks, base, events, duration, instant=True)
-
-    def _answer_entry(self, cache: StreamCache, entry: Entry, pacing: Pacing) -> Answer | None:
-        if self.decision.streaming:
-            events = cache.events_of(entry)
-            if events is None:
-                return None
-            stream = cache.replay(
-                entry, pacing, events=_after_id(events, self.decision.last_event_id)
-            )
-            content_type = entry.content_type if entry.is_stream else SSE_TYPE
-            base = [("content-type", content_type), *_SSE_HEADERS]
-            # A recorded stream in its recorded line ends; a synthesised one in LF.
-            chunks = _stream_chunks(stream, entry.eol if entry.is_stream else "lf")
-        else:
-            body = cache.body_of(entry)
-            if body is None:
-                return None
-            content_type = JSON_TYPE if entry.is_stream else entry.content_type
-            base = [("content-type", content_type), ("content-length", str(len(body)))]
-            chunks = _one(body)
-        events = entry.events or ()
-        duration = events[-1].at if events else 0.0
-        return self._answer(
-            entry, chunks, base, len(events), duration, instant=not self.decision.streaming
-        )
-
-    def _answer(
-        self,
-        entry: Entry | WireEntry,
-        chunks: AsyncIterator[bytes],
-        base: list[tuple[str, str]],
-        events: int,
-        duration: float,
-        *,
-        instant: bool = False,
-    ) -> Answer:
-        hooks = self._service.hooks
-        return _hit_answer(hooks, self.key, entry, chunks, base, events, duration, instant=instant)
 
     async def _index(self) -> None:
         # A stored stream that names its response (OpenAI Responses) is indexed by that id,
