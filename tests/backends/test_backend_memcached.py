@@ -13,17 +13,9 @@ import pytest
 from pymemcache.client.base import Client, PooledClient  # type: ignore[import-untyped]
 
 from sse_cache.backends import from_url
-from sse_cache.backends.memcached import (
-    _IOV_MAX,
-    _MANIFEST,
-    _MANIFEST_BODY,
-    _MANIFEST_MAGIC,
-    MemcachedBackend,
-    _expired,
-    _pack_deadline,
-    _read_replies,
-    _send_parts,
-)
+from sse_cache.backends._memcached_batch import IOV_MAX, read_replies, send_parts
+from sse_cache.backends._memcached_layout import MANIFEST, Manifest, is_expired, pack_deadline
+from sse_cache.backends.memcached import MemcachedBackend
 from sse_cache.codec import MsgpackCodec
 from sse_cache.entry import Entry
 from sse_cache.errors import BackendError, CorruptEntry
@@ -114,9 +106,10 @@ def chunk_keys(backend: MemcachedBackend, key: str) -> list[str]:
     """The chunk keys named by the manifest stored under ``key``."""
     item_key = backend._item_key(key)
     found = backend._client.get(item_key)
-    assert found is not None and found[1] == _MANIFEST, "not a manifest"
-    _, _, _, count, write_id = _MANIFEST_BODY.unpack_from(found[0], len(_MANIFEST_MAGIC))
-    return backend._chunk_keys(item_key, write_id, count)
+    assert found is not None and found[1] == MANIFEST, "not a manifest"
+    manifest = Manifest.parse(found[0])
+    assert manifest is not None, "not a manifest"
+    return backend._chunk_keys(item_key, manifest.write_id, manifest.chunk_count)
 
 
 async def test_small_chunks_many_writers_never_mix(url: str) -> None:
@@ -236,7 +229,7 @@ async def test_one_server_writes_chunks_then_manifest_in_one_round_trip(url: str
     )
     commands = recorder.commands()
     assert [key for key, _, _ in commands] == [*chunk_keys(backend, "k"), backend._item_key("k")]
-    assert [flags for _, flags, _ in commands] == [0] * 13 + [_MANIFEST]
+    assert [flags for _, flags, _ in commands] == [0] * 13 + [MANIFEST]
     assert sum(length for _, _, length in commands[:-1]) == len(value)
     assert await backend.get("k") == value
     await backend.aclose()
@@ -271,7 +264,7 @@ async def test_a_pool_write_cut_before_its_manifest_leaves_the_previous_value(
     real_set = backend._client.set
 
     def fail_on_manifest(key: str, value: bytes, **kw: Any) -> bool:
-        if kw.get("flags") == _MANIFEST:
+        if kw.get("flags") == MANIFEST:
             raise ConnectionError("server went away")
         return bool(real_set(key, value, **kw))
 
@@ -349,9 +342,9 @@ class Trickle:
 def test_send_parts_survives_partial_sends(step: int) -> None:
     parts = [os.urandom(n) for n in (5, 0, 30, 1, 0, 700, 2)] * 200  # 1,400 buffers
     sock: Any = Trickle(step)
-    _send_parts(sock, [memoryview(p) if i % 2 else p for i, p in enumerate(parts)], None)
+    send_parts(sock, [memoryview(p) if i % 2 else p for i, p in enumerate(parts)], None)
     assert sock.data == b"".join(parts)
-    assert sock.most_buffers <= _IOV_MAX
+    assert sock.most_buffers <= IOV_MAX
 
 
 def test_a_batch_is_bounded_by_one_deadline_not_one_timeout_per_call() -> None:
@@ -360,7 +353,7 @@ def test_a_batch_is_bounded_by_one_deadline_not_one_timeout_per_call() -> None:
     sock: Any = Trickle(step=100, pause=0.01)
     parts = [os.urandom(100_000)]  # 1,000 calls of 10 ms without a deadline
     with pytest.raises(TimeoutError):
-        _send_parts(sock, parts, time.monotonic() + 0.1)
+        send_parts(sock, parts, time.monotonic() + 0.1)
     assert 0 < len(sock.data) < 100_000
     assert sock.timeouts and all(t is not None and t <= 0.1 for t in sock.timeouts)
     assert sock.timeouts == sorted(sock.timeouts, reverse=True)
@@ -381,12 +374,12 @@ class Replies:
 
 def test_reply_lines_are_read_across_recv_calls_and_must_end_the_data() -> None:
     sock: Any = Replies(b"STO", b"RED\r\nNOT_", b"STORED\r\n")
-    assert _read_replies(sock, 2, None) == [b"STORED", b"NOT_STORED"]
+    assert read_replies(sock, 2, None) == [b"STORED", b"NOT_STORED"]
     for extra in (b"STORED\r\nSTORED\r\n", b"STORED\r\nSTO"):
         with pytest.raises(BackendError, match="one reply per command"):
-            _read_replies(Replies(extra), 1, None)
+            read_replies(Replies(extra), 1, None)
     with pytest.raises(ConnectionResetError):
-        _read_replies(Replies(b"STORED\r\n"), 2, None)
+        read_replies(Replies(b"STORED\r\n"), 2, None)
 
 
 async def test_more_chunks_than_one_sendmsg_takes(url: str) -> None:
@@ -497,12 +490,12 @@ def test_deadline_in_flags(now: float) -> None:
     # Expiry lives in the item flags, in 1/8 s ticks modulo 2**30 (wrapping every 4.25
     # years): never early, at most one tick late, and correct across the wrap.
     for ttl in (0.001, 0.1, 0.5, 1.0, 3600.0, 86400.0 * 365 * 2):
-        flags = _pack_deadline(now + ttl)
+        flags = pack_deadline(now + ttl)
         assert flags < 2**32 and flags & 0b11 == 1
-        assert not _expired(flags, now), ttl
-        assert not _expired(flags, now + ttl - 0.001), ttl
-        assert _expired(flags, now + ttl + 0.126), ttl
-        assert _expired(flags, now + ttl + 86400.0 * 365), ttl
+        assert not is_expired(flags, now), ttl
+        assert not is_expired(flags, now + ttl - 0.001), ttl
+        assert is_expired(flags, now + ttl + 0.126), ttl
+        assert is_expired(flags, now + ttl + 86400.0 * 365), ttl
 
 
 async def test_a_known_chunked_value_is_read_in_one_round_trip_and_changes_are_seen(

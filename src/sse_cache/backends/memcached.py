@@ -6,63 +6,36 @@ That bound is held by a semaphore on the thread side: pymemcache's pool raises r
 waits when it is exceeded, and anyio's ``CapacityLimiter`` on asyncio can admit one borrower
 too many before anyio 4.14 (anyio#1170), so the limiter alone is not enough.
 
-Layout of what is stored for a key; the item's 32-bit memcached ``flags`` say which:
-
-- kind 0 (``flags == 0``): the value as is, no TTL;
-- kind 1: the value as is, with a TTL: the upper 30 bits of the flags hold the expiry time in
-  1/8 s ticks, modulo 2**30 (see :func:`_pack_deadline`). Keeping the expiry out of the value
-  means no copy of a large value on either side, which matters: a 400 KB copy costs about as
-  much as the whole GET on a small VM;
-- kind 2: a *manifest* for a value larger than ``chunk_size``: magic, expiry time, total
-  length, chunk size, number of chunks and a random 16-byte *write id*. The chunks are
-  stored under keys derived from the key and that write id, the manifest under the key.
-  Two writes therefore never share a chunk key, and a reader fetches the chunks named
-  by the manifest it read and checks every chunk's length: it returns the complete value of
-  one write or a miss, never a mix or a part. (No hash of the value is checked on read: it
-  would cost a third of a chunked GET and guard against nothing a write id does not —
-  integrity against a memory fault or a deliberate writer is the codec's digest, checked on
-  every entry.)
-  A backend remembers the write ids of chunked values it read or wrote lately (a bounded
-  map) and asks for the manifest and those chunks in one round trip; it uses the chunks only
-  when the manifest still names that write id, and fetches the right ones otherwise.
-
-How a chunked value is written:
+How values are laid out in items (one item, or chunks named by a manifest) is in
+:mod:`~sse_cache.backends._memcached_layout`. How a chunked value is written:
 
 - one server: the chunks and then the manifest go out as one pipelined batch on one
-  connection, and the replies are read after it: one round trip. memcached runs one
-  connection's commands in order, so when the manifest is stored every chunk before it has
-  been stored or refused: a reader sees the previous value until then, the new one after,
-  never a part. If memcached refuses a chunk (larger than its item limit, out of memory) it
-  still stores the manifest: the backend deletes it and the write fails, so the key reads
-  as a miss, not as the previous value (a reader that finds the manifest before the delete
-  finds a chunk missing: a miss too; the delete may also remove a value another client
-  stored in between: a miss as well). A batch cut before its manifest arrived whole
-  (connection lost, timeout while sending) leaves the previous value. A write that fails
-  *after* its manifest was sent (a timeout waiting for the replies: the server was paused,
-  say) may still be applied when the server goes on, as a plain ``set`` that timed out may:
-  the caller saw an error, readers later see the new value, whole.
+  connection, and the replies are read after it: one round trip
+  (:mod:`~sse_cache.backends._memcached_batch`). memcached runs one connection's commands in
+  order, so when the manifest is stored every chunk before it has been stored or refused: a
+  reader sees the previous value until then, the new one after, never a part. If memcached
+  refuses a chunk (larger than its item limit, out of memory) it still stores the manifest:
+  the backend deletes it and the write fails, so the key reads as a miss, not as the previous
+  value (a reader that finds the manifest before the delete finds a chunk missing: a miss
+  too; the delete may also remove a value another client stored in between: a miss as well).
+  A batch cut before its manifest arrived whole (connection lost, timeout while sending)
+  leaves the previous value. A write that fails *after* its manifest was sent (a timeout
+  waiting for the replies: the server was paused, say) may still be applied when the server
+  goes on, as a plain ``set`` that timed out may: the caller saw an error, readers later see
+  the new value, whole.
 - a pool: chunks and manifest land on different servers, and nothing orders commands sent
   to different servers, so the manifest is written only after every chunk was acknowledged
   (two round trips); a failed write leaves the previous value.
 
-On one server every write, chunked or not, hands the value's own buffer to
-``socket.sendmsg``: pymemcache would build each command by concatenation and then join the
-batch, three fresh copies of the value (for 400 KB in 4 chunks, ~0.9 ms of work instead of
-~0.3 ms on a 2-core VM). That borrows a connection from pymemcache's pool
-(``PooledClient.client_pool``, ``Client.sock``, ``Client._connect``: private details, checked
-by ``test_pymemcache_internals_we_borrow``).
+On one server every write, chunked or not, goes through that batch, which hands the value's
+own buffer to ``socket.sendmsg`` instead of letting pymemcache copy it three times.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import secrets
-import socket
-import struct
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar
@@ -78,6 +51,20 @@ from pymemcache.exceptions import (  # type: ignore[import-untyped]
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
+from ._memcached_batch import store_batch
+from ._memcached_layout import (
+    MANIFEST,
+    RAW,
+    TIMED,
+    Manifest,
+    WriteHints,
+    chunk_keys,
+    flags_for,
+    is_expired,
+    item_key,
+    kind,
+    server_expiry,
+)
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "MemcachedBackend", "from_url", "map_exceptions"]
 
@@ -88,114 +75,17 @@ T = TypeVar("T")
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024 - 1024
 _DEFAULT_PREFIX: Final = "sse-cache:"
 _DEFAULT_TIMEOUT: Final = 0.5
-_RAW, _TIMED, _MANIFEST = 0, 1, 2
-_KIND_MASK: Final = 0b11
-_TICKS_PER_SECOND: Final = 8
-_TICK_MODULO: Final = 1 << 30
-# A deadline is "ahead" when it is less than half the modulo (about 2.1 years) in the future;
-# longer TTLs are left to memcached's own expiry.
-_MAX_CLIENT_TTL: Final = (_TICK_MODULO // 2 - 2) / _TICKS_PER_SECOND
-_MANIFEST_MAGIC: Final = b"SSEM\x02"
-_MANIFEST_BODY = struct.Struct(">dQII16s")  # deadline, total, chunk size, count, write id
-_MAX_KEY: Final = 250
-_THIRTY_DAYS: Final = 30 * 24 * 3600
 _HINTS: Final = 4096  # chunked keys remembered per backend (a few dozen bytes each)
-_IOV_MAX: Final = 1024  # buffers per sendmsg call (Linux and macOS)
-
-
-class _Hints:
-    """A small thread-safe LRU map (the backend's calls run in several worker threads)."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[str, tuple[bytes, int]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> tuple[bytes, int] | None:
-        with self._lock:
-            return self._items.get(key)
-
-    def put(self, key: str, value: tuple[bytes, int]) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            if len(self._items) > self._size:
-                self._items.popitem(last=False)
-
-    def discard(self, key: str) -> None:
-        with self._lock:
-            self._items.pop(key, None)
-
-
-def _pack_deadline(deadline: float) -> int:
-    """Flags of a kind-1 item: the deadline in 1/8 s ticks modulo 2**30, rounded *up* (an
-    entry may live up to 1/8 s longer than asked, never shorter), shifted past the kind."""
-    ticks = math.ceil(deadline * _TICKS_PER_SECOND) % _TICK_MODULO
-    return (ticks << 2) | _TIMED
-
-
-def _expired(flags: int, now: float) -> bool:
-    ticks = flags >> 2
-    now_ticks = math.floor(now * _TICKS_PER_SECOND) % _TICK_MODULO
-    # Modular distance from now to the deadline: a deadline in the past wraps to a large one.
-    ahead = (ticks - now_ticks) % _TICK_MODULO
-    return ahead == 0 or ahead >= _TICK_MODULO // 2
 
 
 class _BytesSerde:
     """Store bytes unchanged and hand back ``(bytes, flags)``: flags tell our layouts apart."""
 
     def serialize(self, key: bytes, value: bytes) -> tuple[bytes, int]:
-        return value, _RAW
+        return value, RAW
 
     def deserialize(self, key: bytes, value: bytes, flags: int) -> tuple[bytes, int]:
         return value, flags
-
-
-def _send_parts(
-    sock: socket.socket, parts: Sequence[bytes | memoryview], deadline: float | None
-) -> None:
-    """Send ``parts`` in order as one stream, without joining them into one buffer, by
-    ``deadline`` (``time.monotonic()``; None: each call bounded by the socket's timeout)."""
-    if not hasattr(sock, "sendmsg"):  # Windows
-        sock.sendall(b"".join(parts))
-        return
-    views = [memoryview(p) for p in parts]
-    i = 0
-    while i < len(views):
-        _bound(sock, deadline)
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
-        while i < len(views) and sent >= len(views[i]):
-            sent -= len(views[i])
-            i += 1
-        if sent:
-            views[i] = views[i][sent:]
-
-
-def _read_replies(sock: socket.socket, count: int, deadline: float | None) -> list[bytes]:
-    """The next ``count`` reply lines (each command of a store batch gets exactly one)."""
-    buf = b""
-    while buf.count(b"\r\n") < count:
-        _bound(sock, deadline)
-        data = sock.recv(4096)
-        if not data:
-            raise ConnectionResetError("memcached closed the connection")
-        buf += data
-    lines = buf.split(b"\r\n")
-    if len(lines) != count + 1 or lines[-1]:
-        raise BackendError(f"memcached sent more than one reply per command: {buf[:200]!r}")
-    return lines[:count]
-
-
-def _bound(sock: socket.socket, deadline: float | None) -> None:
-    # Each socket call gets what is left of the whole batch's time, as pymemcache's
-    # ``sendall`` would: a server that drains slowly cannot hold a write past the timeout.
-    if deadline is None:
-        return
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("memcached: the write took longer than the timeout")
-    sock.settimeout(left)
 
 
 @contextmanager
@@ -303,7 +193,7 @@ class MemcachedBackend:
         self._limiter = anyio.CapacityLimiter(max_pool_size)
         self._slots = threading.BoundedSemaphore(max_pool_size)
         # Chunked values this process read or wrote lately: key -> (write id, chunk count).
-        self._hints = _Hints(_HINTS)
+        self._hints = WriteHints(_HINTS)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -359,20 +249,10 @@ class MemcachedBackend:
     # -- thread side ----------------------------------------------------------------------
 
     def _item_key(self, key: str) -> str:
-        if not isinstance(key, str):
-            raise TypeError(f"key must be str, got {type(key).__name__}")
-        plain = self.prefix + "e:" + key
-        # Leave room for nothing else: chunk keys are derived from a hash, not from this.
-        if len(plain) <= _MAX_KEY and all(0x21 <= ord(c) <= 0x7E for c in plain):
-            return plain
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=20)
-        return self.prefix + "h:" + digest.hexdigest()
+        return item_key(self.prefix, key)
 
     def _chunk_keys(self, item_key: str, write_id: bytes, count: int) -> list[str]:
-        # Chunks are keyed by the item key and the write's random id: two writes never
-        # overwrite each other's chunks, so a manifest always names chunks of its own value.
-        name = hashlib.blake2b(item_key.encode() + write_id, digest_size=16).hexdigest()
-        return [f"{self.prefix}c:{name}:{i}" for i in range(count)]
+        return chunk_keys(self.prefix, item_key, write_id, count)
 
     def _get(self, item_key: str) -> bytes | None:
         hint = self._hints.get(item_key)
@@ -389,34 +269,30 @@ class MemcachedBackend:
             self._hints.discard(item_key)
             return None
         data, flags = found
-        kind = flags & _KIND_MASK
-        if flags == _MANIFEST:
+        if flags == MANIFEST:
             return self._get_chunked(item_key, data, hint, fetched)
         self._hints.discard(item_key)
-        if flags == _RAW:
+        if flags == RAW:
             return bytes(data)
-        if kind == _TIMED:
-            return None if _expired(flags, time.time()) else bytes(data)
+        if kind(flags) == TIMED:
+            return None if is_expired(flags, time.time()) else bytes(data)
         return None  # not written by this backend: a miss, never someone else's bytes
 
     def _get_chunked(
         self,
         item_key: str,
-        manifest: bytes,
+        data: bytes,
         hint: tuple[bytes, int] | None,
         fetched: dict[str, Any],
     ) -> bytes | None:
-        if len(manifest) != len(_MANIFEST_MAGIC) + _MANIFEST_BODY.size or not manifest.startswith(
-            _MANIFEST_MAGIC
-        ):
+        manifest = Manifest.parse(data)
+        if manifest is None:
             return None
-        deadline, total, size, count, write_id = _MANIFEST_BODY.unpack_from(
-            manifest, len(_MANIFEST_MAGIC)
-        )
-        if not math.isnan(deadline) and deadline <= time.time():
+        if manifest.deadline is not None and manifest.deadline <= time.time():
             return None
-        if not size or count != -(-total // size):
+        if not manifest.is_consistent():
             return None
+        write_id, count, size = manifest.write_id, manifest.chunk_count, manifest.chunk_size
         keys = self._chunk_keys(item_key, write_id, count)
         # The chunks fetched with the manifest are this write's only if it names them.
         found = fetched if hint == (write_id, count) else self._client.get_many(keys)
@@ -424,13 +300,13 @@ class MemcachedBackend:
         parts: list[bytes] = []
         for key in keys:
             chunk = found.get(key)
-            if chunk is None or chunk[1] != _RAW:
+            if chunk is None or chunk[1] != RAW:
                 return None  # evicted (or never arrived): a miss, not a partial value
             if len(chunk[0]) != size and len(parts) < count - 1:
                 return None
             parts.append(chunk[0])
         value = b"".join(parts)
-        if len(value) != total:
+        if len(value) != manifest.total:
             return None
         return value
 
@@ -441,12 +317,9 @@ class MemcachedBackend:
         if deadline is not None and deadline <= now:
             self._client.delete(item_key, noreply=False)  # non-positive TTL: expired already
             return
-        expire = self._server_expiry(now, deadline)
+        expire = server_expiry(now, deadline)
         if len(value) <= self._chunk_size:
-            if deadline is None or deadline - now > _MAX_CLIENT_TTL:
-                flags = _RAW
-            else:
-                flags = _pack_deadline(deadline)
+            flags = flags_for(now, deadline)
             if self._one_server:
                 stored = self._store_batch([(item_key, flags, value)], expire)
             else:
@@ -459,14 +332,12 @@ class MemcachedBackend:
         count = -(-len(value) // size)
         keys = self._chunk_keys(item_key, write_id, count)
         view = memoryview(value)
-        chunks = [(k, _RAW, view[i * size : (i + 1) * size]) for i, k in enumerate(keys)]
-        manifest = _MANIFEST_MAGIC + _MANIFEST_BODY.pack(
-            math.nan if deadline is None else deadline, len(value), size, count, write_id
-        )
+        chunks = [(k, RAW, view[i * size : (i + 1) * size]) for i, k in enumerate(keys)]
+        manifest = Manifest(deadline, len(value), size, count, write_id).pack()
         if self._one_server:
             # One round trip: memcached runs a connection's commands in order, so the
             # manifest (last) is stored only after every chunk was.
-            if not self._store_batch([*chunks, (item_key, _MANIFEST, manifest)], expire):
+            if not self._store_batch([*chunks, (item_key, MANIFEST, manifest)], expire):
                 # A refused chunk does not stop the manifest: remove it, so that readers
                 # miss at once instead of fetching chunks that are not there.
                 self._client.delete(item_key, noreply=False)
@@ -476,61 +347,29 @@ class MemcachedBackend:
             # the manifest waits for every chunk's reply. Until it lands, readers see the
             # previous value.
             values = {k: bytes(chunk) for k, _, chunk in chunks}
-            failed = self._client.set_many(values, expire=expire, flags=_RAW)
+            failed = self._client.set_many(values, expire=expire, flags=RAW)
             if failed:
                 raise BackendError(
                     f"memcached did not store {len(failed)} chunk(s) of {item_key!r}"
                 )
-            if not self._client.set(item_key, manifest, expire=expire, flags=_MANIFEST):
+            if not self._client.set(item_key, manifest, expire=expire, flags=MANIFEST):
                 raise BackendError(f"memcached did not store {item_key!r}")
         self._hints.put(item_key, (write_id, count))
 
     def _store_batch(
         self, items: Sequence[tuple[str, int, bytes | memoryview]], expire: int
     ) -> bool:
-        """``set`` every item, in order, in one round trip on one connection (one server
-        only); True when memcached stored them all. The values are sent from their own
-        buffers, where pymemcache would copy each one three times."""
-        parts: list[bytes | memoryview] = []
-        for key, flags, data in items:
-            header = b"set %b %d %d %d\r\n" % (key.encode(), flags, expire, len(data))
-            parts += (header, data, b"\r\n")
-        # pymemcache has no public call for this: borrow a pooled connection. On an error
-        # the pool closes it, so a half-written batch never reaches the next caller.
-        with self._client.client_pool.get_and_release(destroy_on_fail=True) as client:
-            if client.sock is None:
-                client._connect()
-            sock = client.sock
-            timeout = sock.gettimeout()
-            deadline = None if timeout is None else time.monotonic() + timeout
-            _send_parts(sock, parts, deadline)
-            replies = _read_replies(sock, len(items), deadline)
-            sock.settimeout(timeout)  # (on an error the connection is closed instead)
-            stored = all(reply == b"STORED" for reply in replies)
-            if not stored:
-                client.close()  # as pymemcache does after an error reply
-        return stored
-
-    @staticmethod
-    def _server_expiry(now: float, deadline: float | None) -> int:
-        if deadline is None:
-            return 0
-        # memcached counts whole seconds and reads values over 30 days as a Unix time; one
-        # second of slack so the server never drops an item before our own check would.
-        seconds = math.ceil(deadline - now) + 1
-        return seconds if seconds <= _THIRTY_DAYS else math.ceil(deadline) + 1
+        # One server only: the whole batch on one of its pooled connections.
+        return store_batch(self._client, items, expire)
 
     def _delete(self, item_key: str) -> None:
         self._hints.discard(item_key)
         found = self._client.get(item_key)
         self._client.delete(item_key, noreply=False)
-        if found is not None and found[1] == _MANIFEST:
-            manifest = found[0]
-            if len(manifest) == len(_MANIFEST_MAGIC) + _MANIFEST_BODY.size:
-                _, _, _, count, write_id = _MANIFEST_BODY.unpack_from(
-                    manifest, len(_MANIFEST_MAGIC)
-                )
-                keys = self._chunk_keys(item_key, write_id, count)
+        if found is not None and found[1] == MANIFEST:
+            manifest = Manifest.parse(found[0])
+            if manifest is not None:
+                keys = self._chunk_keys(item_key, manifest.write_id, manifest.chunk_count)
                 self._client.delete_many(keys, noreply=False)
 
     def _stats(self) -> dict[str, int]:
