@@ -1,0 +1,277 @@
+"""The engine's backend calls: :class:`EntryStore` reads, decodes, checks and writes the
+entries of one :class:`~sse_cache.engine.StreamCache`.
+
+Every call goes through the breaker and is bounded by the backend timeout, and fails open: a
+backend that is down, slow or returns garbage costs a miss (or a skipped store) and a
+rate-limited warning with a notice, never an error; a corrupt entry is deleted. Decoded
+entries are kept in the shared :class:`~sse_cache._decoded.DecodedEntries` budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import msgspec
+
+from ._decoded import DECODED_EVENT_BYTES, DecodedEntries
+from ._logging import backend_warnings
+from ._notices import Hook, Notice, emit
+from .breaker import Breaker, BreakerState
+from .codec import WireEntry
+from .entry import Entry
+from .errors import CorruptEntry
+from .events import serialize_sse
+from .protocols import Backend, EventCodec, NearCachingBackend, WireCodec
+
+__all__ = ["EntryStore"]
+
+logger = logging.getLogger("sse_cache")
+
+_E = TypeVar("_E", Entry, WireEntry)
+_R = TypeVar("_R")
+
+
+class _Skipped(Exception):
+    """The backend's breaker is open: the call was not made."""
+
+
+class EntryStore:
+    """Entries by key on ``backend``, for the adapter named ``schema``, encoded by ``codec``;
+    ``decoded`` keeps hot decodings, ``breaker`` skips a backend that keeps failing, each call
+    may take ``timeout`` seconds; ``hooks`` receive a :class:`Notice` for each backend call,
+    store, breaker change and failure."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        schema: str,
+        codec: EventCodec,
+        decoded: DecodedEntries[Entry | WireEntry],
+        breaker: Breaker,
+        timeout: float,
+        hooks: tuple[Hook, ...],
+    ) -> None:
+        self.backend = backend
+        # A backend that knows some values at once is asked first (no timeout scope, no
+        # breaker, no thread: what it answers is current by its contract).
+        self._cached: Callable[[str], bytes | None] | None = (
+            backend.cached if isinstance(backend, NearCachingBackend) else None
+        )
+        self.schema = schema
+        self.codec = codec
+        self.decoded = decoded
+        self.breaker = breaker
+        self.timeout = timeout
+        self._hooks = hooks
+        # Names in the decoded cache carry the codec: caches sharing one budget but not one
+        # codec (another secret, say) never use each other's decodings.
+        tag = f"{id(codec):x}"
+        self._names = (f"e{tag}:", f"w{tag}:")
+        if breaker.on_change is None:
+            breaker.on_change = self._breaker_changed
+
+    async def lookup(self, key: str, max_age: float | None) -> Entry | None:
+        """The fresh entry stored for ``key`` (see :meth:`StreamCache.lookup`)."""
+        raw = await self._fetch(key)
+        if raw is None:
+            return None
+        entry = await self._decoded(self._names[0], key, raw, Entry, self.codec.decode)
+        return None if entry is None else self._fresh(key, entry, max_age)
+
+    async def lookup_wire(self, key: str, max_age: float | None) -> WireEntry | None:
+        """The fresh entry stored for ``key`` as SSE bytes (see :meth:`StreamCache.lookup_wire`)."""
+        raw = await self._fetch(key)
+        if raw is None:
+            return None
+        codec = self.codec
+        decode: Callable[[bytes], WireEntry] = (
+            codec.decode_wire
+            if isinstance(codec, WireCodec)
+            else lambda data: _to_wire(codec.decode(data))
+        )
+        wire = await self._decoded(self._names[1], key, raw, WireEntry, decode)
+        return None if wire is None else self._fresh(key, wire, max_age)
+
+    async def store(self, key: str, entry: Entry, ttl: float | None) -> bool:
+        """Encode and store ``entry`` for ``ttl`` seconds (None: no expiry); False (logged)
+        when the backend failed or was skipped."""
+        if ttl is not None:
+            entry = msgspec.structs.replace(entry, expires_at=time.time() + ttl)
+        self._forget_decoded(key)
+        try:
+            data = self.codec.encode(entry)
+            await self._use_backend("set", lambda: self.backend.set(key, data, ttl))
+        except _Skipped:
+            self._notify(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
+            return False
+        except Exception as exc:
+            self._warn("store_failed", key, f"backend write failed: {exc!r}")
+            return False
+        self._notify(Notice(kind="store", key=key, events=len(entry.events or ()), bytes=len(data)))
+        return True
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key`` (fail open: a backend failure is logged)."""
+        self._forget_decoded(key)
+        try:
+            await self._use_backend("delete", lambda: self.backend.delete(key))
+        except _Skipped:
+            pass
+        except Exception as exc:
+            backend_warnings.warning(
+                self.backend, "delete_failed", "sse_cache: could not delete %s: %r", key, exc
+            )
+
+    async def alias(self, name: str, key: str, expires_at: float | None) -> bool:
+        """Store ``name`` as another name of ``key`` (see :meth:`StreamCache.alias`)."""
+        ttl = None if expires_at is None else max(1.0, expires_at - time.time())
+        try:
+            value = key.encode("ascii")
+            await self._use_backend("set", lambda: self.backend.set(name, value, ttl))
+        except _Skipped:
+            return False
+        except Exception as exc:
+            self._warn("store_failed", name, f"backend write of an alias failed: {exc!r}")
+            return False
+        return True
+
+    async def resolve(self, name: str) -> str | None:
+        """The key an :meth:`alias` names, or None (missing, or the backend failed)."""
+        raw = await self._fetch(name)
+        if raw is None:
+            return None
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
+    async def _decoded(
+        self, name: str, key: str, raw: bytes, kind: type[_E], decode: Callable[[bytes], _E]
+    ) -> _E | None:
+        """``raw`` decoded by ``decode``, or the form kept from an earlier decode of the same
+        bytes; None (logged, deleted) when it is corrupt."""
+        kept = self.decoded.get(name + key, raw)
+        if isinstance(kept, kind):
+            return kept
+        try:
+            value = decode(raw)
+        except CorruptEntry as exc:
+            self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
+            await self.delete(key)
+            return None
+        self.decoded.put(name + key, raw, value, _decoded_size)
+        return value
+
+    async def _fetch(self, key: str) -> bytes | None:
+        if self._cached is not None:
+            try:
+                value = self._cached(key)
+            except Exception:  # against the contract: then ask the backend as usual
+                value = None
+            if value is not None:
+                return value
+        try:
+            return await self._use_backend("get", lambda: self.backend.get(key))
+        except _Skipped:
+            return None  # a miss, at no cost
+        except Exception as exc:
+            self._warn("read_failed", key, f"backend read failed: {exc!r}")
+            return None
+
+    async def _use_backend(self, operation: str, call: Callable[[], Awaitable[_R]]) -> _R:
+        """``call()`` on the backend, bounded by the timeout, through the breaker: raises
+        :class:`_Skipped` while it is open, and the call's own error otherwise. Its duration
+        is reported as a ``backend`` notice for ``operation``."""
+        breaker = self.breaker
+        started = time.monotonic()
+        if not breaker.allow(started):
+            raise _Skipped
+        try:
+            with anyio.fail_after(self.timeout):
+                result = await call()
+        except Exception as exc:
+            ended = time.monotonic()
+            breaker.failure(ended, repr(exc))
+            self._timed(operation, ended - started)
+            raise
+        except BaseException:
+            breaker.cancelled()  # says nothing about the backend
+            raise
+        breaker.success()
+        self._timed(operation, time.monotonic() - started)
+        return result
+
+    def _timed(self, operation: str, seconds: float) -> None:
+        if self._hooks:  # (no notice to build when no one listens)
+            self._notify(Notice(kind="backend", key="", detail=operation, seconds=seconds))
+
+    def _breaker_changed(self, state: BreakerState, why: str) -> None:
+        # One line per transition, not one per skipped request.
+        log = logger.info if state is BreakerState.CLOSED else logger.warning
+        log("sse_cache: backend circuit %s (%s)", state.value, why)
+        self._notify(Notice(kind="breaker", key="", detail=state.value))
+
+    def _forget_decoded(self, key: str) -> None:
+        self.decoded.discard(self._names[0] + key)
+        self.decoded.discard(self._names[1] + key)
+
+    def _fresh(self, key: str, entry: _E, max_age: float | None) -> _E | None:
+        if entry.schema != self.schema:
+            # The key includes the schema: another schema's entry here is a collision or
+            # tampering. Not served (and not deleted: it may be valid for its own schema).
+            self._warn("corrupt", key, f"entry is of schema {entry.schema!r}")
+            return None
+        now = time.time()
+        if max_age is not None and now - entry.created_at > max_age:
+            return None
+        # Backends expire entries themselves, some at a coarse granularity (memcached:
+        # whole seconds); never serve one past its recorded end.
+        if entry.expires_at is not None and now >= entry.expires_at:
+            return None
+        return entry
+
+    def _notify(self, notice: Notice) -> None:
+        emit(self._hooks, notice)
+
+    def _warn(self, kind: str, key: str, message: str) -> None:
+        # A backend that is down fails every request: one line per kind per 10 s, counted.
+        backend_warnings.warning(self.backend, kind, "sse_cache: %s (key %s)", message, key)
+        self._notify(Notice(kind=kind, key=key, detail=message))
+
+
+_data_of = operator.attrgetter("data")
+
+
+def _decoded_size(entry: Entry | WireEntry) -> int:
+    if isinstance(entry, WireEntry):
+        return len(entry.sse or b"") + len(entry.body or b"")
+    events = entry.events
+    if events is None:
+        return len(entry.body or b"")
+    # getsizeof: the memory of each text as CPython holds it (1, 2 or 4 bytes a character).
+    texts = sum(map(sys.getsizeof, map(_data_of, events)))
+    return texts + DECODED_EVENT_BYTES * len(events)
+
+
+def _to_wire(entry: Entry) -> WireEntry:
+    events = entry.events
+    return WireEntry(
+        schema=entry.schema,
+        created_at=entry.created_at,
+        status=entry.status,
+        content_type=entry.content_type,
+        meta=entry.meta,
+        count=len(events) if events is not None else 0,
+        duration=events[-1].at if events else 0.0,
+        sse=serialize_sse(events, eol=entry.eol) if events is not None else None,
+        body=entry.body,
+        expires_at=entry.expires_at,
+        eol=entry.eol,
+    )

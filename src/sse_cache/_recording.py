@@ -1,0 +1,122 @@
+"""A stream whose events an integration pushes to the engine: :class:`LiveRecording`, what
+:meth:`StreamCache.recording <sse_cache.engine.StreamCache.recording>` yields."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from types import TracebackType
+
+import anyio
+import msgspec
+
+from ._notices import Notice
+from ._streams import Notify, StoreEntry
+from .entry import Entry
+from .events import EOL, Event
+from .recorder import Recorder, RecorderState
+
+__all__ = ["LiveRecording"]
+
+_RECORDING = RecorderState.RECORDING
+
+
+class LiveRecording:
+    """Records a stream whose events are pushed to us (see :meth:`StreamCache.recording`):
+    an integration that receives a response by push (the ASGI middleware wraps ``send``)
+    adds its events here; it is judged when it ends and stored when the block is left. The
+    live stream that identical requests follow is the integration's own (of bytes: see
+    :mod:`sse_cache.flight`). It is an async context manager: leaving it (as
+    :meth:`StreamCache.recording` does) ends the stream, as cut when an exception leaves."""
+
+    __slots__ = (
+        "_key",
+        "_notify",
+        "_started",
+        "_store",
+        "_ttl",
+        "entry",
+        "eol",
+        "recorder",
+        "status",
+        "stored",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        recorder: Recorder,
+        ttl: float | None,
+        *,
+        notify: Notify,
+        store: StoreEntry,
+    ) -> None:
+        self._notify = notify
+        self._store = store
+        self._key = key
+        self._ttl = ttl
+        self._started = time.monotonic()
+        self.recorder = recorder
+        self.status = (200, "text/event-stream")
+        #: The entry judged storable when the stream ended (None before, or if it failed).
+        self.entry: Entry | None = None
+        self.stored = False
+        #: The line ends of the stream's bytes (set by the integration that parses them):
+        #: ``"crlf"`` when every line ended with CRLF, so that its replays do too.
+        self.eol: EOL = "lf"
+
+    def add(self, events: Iterable[Event]) -> None:
+        """Record events that were just delivered to the producer's client."""
+        at = time.monotonic() - self._started
+        record = self.recorder.add
+        for event in events:
+            record(event, at)
+
+    def respond(self, status: int, content_type: str) -> None:
+        """The upstream's status and content type (a non-2xx status is never stored)."""
+        self.status = (status, content_type)
+
+    def fail(self, reason: str) -> None:
+        """Nothing of this stream will be stored (``reason`` is logged with the notice)."""
+        self.recorder.fail(reason)
+
+    def end(self) -> None:
+        """The stream ended by itself: judge it now (stored when the block is left)."""
+        if self.entry is None and self.recorder.state is _RECORDING:
+            status, content_type = self.status
+            entry = self.recorder.finish(
+                clean_end=True, status=status, content_type=content_type, eol=self.eol
+            )
+            if entry is not None and self._ttl is not None:
+                entry = msgspec.structs.replace(entry, expires_at=time.time() + self._ttl)
+            self.entry = entry
+
+    @property
+    def reason(self) -> str:
+        return self.recorder.reason
+
+    async def __aenter__(self) -> LiveRecording:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Shielded: a recording cut by cancellation is still judged, and a complete one stored.
+        with anyio.CancelScope(shield=True):
+            await self._finish(clean=exc_type is None)
+
+    async def _finish(self, clean: bool) -> None:
+        if not clean:
+            self.recorder.fail("the stream was cut before it completed")
+        elif self.entry is None:
+            self.end()
+        if self.entry is None:
+            self._notify(Notice(kind="not_stored", key=self._key, detail=self.reason))
+            return
+        if await self._store(self._key, self.entry, self._ttl):
+            self.stored = True
+        else:
+            self.recorder.reason = "the backend write failed"
