@@ -66,6 +66,9 @@ _BROKEN_OFF: tuple[type[Exception], ...] = (
 )
 
 
+_KEEPALIVE = 100  # idle upstream connections kept for reuse
+
+
 def _need_httpx2() -> None:
     if httpx2 is None:
         raise ConfigError("the proxy needs httpx2 and uvicorn: pip install 'sse-cache[proxy]'")
@@ -88,14 +91,26 @@ class Forwarder:
         *,
         timeout: float = 600.0,
         connect_timeout: float = 10.0,
+        max_connections: int | None = None,
         client: Any = None,
     ) -> None:
         _need_httpx2()
         if not upstream.startswith(("http://", "https://")):
             raise ConfigError(f"upstream must be an http(s):// URL, got {upstream!r}")
+        if max_connections is not None and max_connections < 1:
+            raise ConfigError(f"max_connections must be None or >= 1, got {max_connections!r}")
         self.upstream = upstream.rstrip("/")
+        # httpx2's default pool holds 100 connections, and a request past them waits for one
+        # with nothing sent to its client: a gateway streaming long answers would quietly stall
+        # its 101st miss. No limit unless one is asked for (an upstream's own rate limit is the
+        # upstream's to enforce); idle keep-alive connections are still capped.
+        limits = httpx2.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=min(max_connections or _KEEPALIVE, _KEEPALIVE),
+        )
         self._client = client or httpx2.AsyncClient(
             timeout=httpx2.Timeout(timeout, connect=connect_timeout),
+            limits=limits,
             follow_redirects=False,
         )
 
@@ -409,6 +424,7 @@ def create_proxy_app(
     hooks: Iterable[Any] = (),
     upstream_timeout: float = 600.0,
     connect_timeout: float = 10.0,
+    upstream_connections: int | None = None,
     access_log: bool = True,
     metrics_dir: str | None = None,
     **options: Any,
@@ -416,13 +432,20 @@ def create_proxy_app(
     """The caching reverse proxy for ``upstream``: cacheable routes through
     :class:`CacheMiddleware` (``options`` are its keyword options), everything else passed
     through unchanged. ``upstream_timeout`` bounds each upstream read, ``connect_timeout``
-    the connection. ``access_log``: an INFO line on the ``sse_cache.access`` logger per
-    request on a cached route (cache status, key prefix, bytes, duration, why a miss was not
-    stored). ``metrics_dir``: a directory the worker processes of one proxy share their
-    metrics through, so that a scrape of any of them shows them all."""
+    the connection, ``upstream_connections`` the connections open to the upstream at once
+    (None: no limit; a request past the limit waits for one). ``access_log``: an INFO line
+    on the ``sse_cache.access`` logger per request on a cached route (cache status, key
+    prefix, bytes, duration, why a miss was not stored). ``metrics_dir``: a directory the
+    worker processes of one proxy share their metrics through, so that a scrape of any of
+    them shows them all."""
     metrics = Metrics(share_dir=metrics_dir)
     log = AccessLog() if access_log else None
-    forwarder = Forwarder(upstream, timeout=upstream_timeout, connect_timeout=connect_timeout)
+    forwarder = Forwarder(
+        upstream,
+        timeout=upstream_timeout,
+        connect_timeout=connect_timeout,
+        max_connections=upstream_connections,
+    )
     ours = [metrics, log] if log is not None else [metrics]
     cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[*ours, *hooks], **options)
     label = redact_url(backend) if isinstance(backend, str) else ""

@@ -312,6 +312,14 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S",
     ),
     Option(
+        "--upstream-connections",
+        "connections open to the upstream at once; a request past them waits for one (0: no limit)",
+        default=0,
+        shown="0 (no limit)",
+        parse=_at_least(0, "a number of connections"),
+        metavar="N",
+    ),
+    Option(
         "--decoded-cache-mb",
         "memory per process for recently decoded entries, so hot entries are not decoded on "
         "every hit (0 turns it off)",
@@ -437,6 +445,7 @@ def build_app(settings: argparse.Namespace, metrics_dir: str | None = None) -> A
         breaker_cooldown=settings.breaker_cooldown,
         max_body_bytes=settings.max_body_bytes,
         upstream_timeout=settings.upstream_timeout,
+        upstream_connections=settings.upstream_connections or None,
         decoded_cache_bytes=int(settings.decoded_cache_mb * 1024 * 1024),
         metrics_dir=metrics_dir,
     )
