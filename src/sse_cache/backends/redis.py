@@ -2,28 +2,28 @@
 
 redis-py's asyncio client runs on asyncio only: under trio every operation raises
 :class:`~sse_cache.errors.BackendUnavailable` saying so (the engine then serves misses).
+Building the client and translating its errors is in
+:mod:`~sse_cache.backends._redis_client`, the fan-out streams in
+:mod:`~sse_cache.backends._redis_fanout`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import secrets
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
 from typing import Any, Final
-from urllib.parse import unquote, urlsplit
 
 import anyio
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
-from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
+from ..errors import ConfigError
+from ._common import Options, expires_at, to_bytes
+from ._redis_client import Commands, cluster_client, map_exceptions, standalone_client
+from ._redis_fanout import StreamFanout
 
 __all__ = ["RedisBackend", "from_url", "map_exceptions"]
 
@@ -46,97 +46,6 @@ end
 return 0
 """
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
-# Fan-out streams: a runaway producer cannot grow a stream past about this many messages
-# (MAXLEN ~); an LLM answer is about one event per token, tens of thousands at most. Bytes
-# are bounded by the producer (the engine's max_entry_bytes) and by the ttl.
-_STREAM_MAXLEN: Final = 100_000
-# Messages per XREAD: few at first and about _READ_BYTES per batch after that, so that a
-# batch of large messages still arrives within the per-operation timeout while a late joiner
-# catches up on small ones in few round trips.
-_READ_COUNT: Final = (8, 256)
-_READ_BYTES: Final = 2 * 1024 * 1024
-# Append one message (field ``d``) or the end marker (field ``e``), numbered ``i`` (0, 1, ...)
-# so that readers notice lost messages, tagged with the caller's nonce ``n``: redis-py retries
-# a command once after a timeout, and a retried append whose first attempt was applied (only
-# its reply was lost) must not append twice. One producer per channel, so a retry can only
-# repeat the newest entry. Appending and refreshing the expiry in one script keeps the stream
-# from living forever if the client dies in between.
-_APPEND: Final = """
-local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
-local seq = 0
-if last then
-    local fields = last[2]
-    for i = 1, #fields, 2 do
-        if fields[i] == 'n' and fields[i + 1] == ARGV[1] then
-            redis.call('PEXPIRE', KEYS[1], ARGV[3])
-            return 0
-        end
-        if fields[i] == 'i' then
-            seq = tonumber(fields[i + 1]) + 1
-        end
-    end
-end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'i', seq, 'n', ARGV[1], ARGV[4], ARGV[5])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
-
-def _refused(exc: BaseException) -> bool:
-    """A connection attempt failed somewhere behind ``exc`` (older redis-py connect inside
-    the pool's wait: its timeout then hides a refused connection, not a busy pool)."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc.__cause__, exc.__context__]
-    while stack:
-        cause = stack.pop()
-        if cause is None or id(cause) in seen:
-            continue
-        seen.add(id(cause))
-        if isinstance(cause, rexc.ConnectionError) or (
-            isinstance(cause, OSError) and not isinstance(cause, TimeoutError)
-        ):
-            return True
-        stack += [cause.__cause__, cause.__context__]
-    return False
-
-
-@contextmanager
-def map_exceptions(what: str) -> Iterator[None]:
-    """Translate redis-py (and socket / timeout) exceptions into the BackendError family.
-
-    The one edge where they are translated (as httpcore's ``map_exceptions`` does): no
-    redis exception leaves this module.
-    """
-    try:
-        yield
-    except BackendError:
-        raise
-    except (rexc.TimeoutError, TimeoutError) as exc:
-        raise BackendTimeout(f"{what}: Redis did not answer in time ({exc!r})") from exc
-    except rexc.ConnectionError as exc:
-        if (
-            "No connection available" not in str(exc)
-            or not isinstance(exc.__cause__, TimeoutError)
-            or _refused(exc.__cause__)
-        ):
-            raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
-        # The blocking pool waited ``timeout`` for a free connection: a burst larger than the
-        # pool, or a slow server holding every connection. Redis itself may be fine; the
-        # message must not send an operator to look at it.
-        raise BackendTimeout(
-            f"{what}: no pooled Redis connection came free in time: more operations at once "
-            f"than ?max_connections=, or every connection waiting on a slow server ({exc})"
-        ) from exc
-    except (
-        rexc.ClusterDownError,
-        rexc.RedisClusterException,
-        rexc.BusyLoadingError,
-        ConnectionError,
-        OSError,
-    ) as exc:
-        raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
-    except rexc.RedisError as exc:
-        raise BackendError(f"{what}: Redis error ({exc})") from exc
 
 
 class RedisBackend:
@@ -181,11 +90,11 @@ class RedisBackend:
         self.prefix = prefix
         self._data_prefix = prefix + "e:"
         self._lock_prefix = prefix + "l:"
-        self._stream_prefix = prefix + "s:"
-        # EVALSHA with a fallback to loading the script (after a restart, on a new node).
-        self._append = client.register_script(_APPEND)
         self._timeout = timeout
-        self._closed = False
+        # Every command runs in ``async with self._op(what)``: refused once closed or off
+        # asyncio, bounded in time, its errors translated.
+        self._op = Commands(client, timeout)
+        self._fanout = StreamFanout(client, self._op, prefix=prefix + "s:", timeout=timeout)
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "standalone"
@@ -195,31 +104,6 @@ class RedisBackend:
     def client(self) -> aioredis.Redis | RedisCluster:
         """The underlying redis-py client (for capabilities this class does not wrap)."""
         return self._client
-
-    @asynccontextmanager
-    async def _op(self, what: str) -> AsyncIterator[None]:
-        check_open(self._closed, "RedisBackend")
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise BackendUnavailable(
-                "the Redis backend runs on asyncio only (redis-py's asyncio client)"
-            ) from None
-        # redis-py enforces ``timeout`` itself (socket timeouts) and then drops the connection
-        # cleanly; cancelling it mid-command instead can leave a pooled connection half
-        # closed. The outer bound only catches what the socket timeouts cannot. It is
-        # asyncio.timeout, not anyio.fail_after: this code runs on asyncio only, and an anyio
-        # cancel scope costs a noticeable part of a small command.
-        with map_exceptions(what):
-            async with asyncio.timeout(self._timeout * 2 + 0.25):
-                if self._cluster:
-                    # Learn the topology before the command, once (a no-op afterwards, and
-                    # after a fault until redis-py asks for it again): redis-py's cluster
-                    # client resolves a command's routing before taking its init lock, and a
-                    # burst of concurrent first commands on a new client races there and
-                    # drops live connections ("Connection closed by server", redis-py 8.1).
-                    await self._client.initialize()
-                yield
 
     # -- the Backend protocol -------------------------------------------------------------
 
@@ -250,9 +134,9 @@ class RedisBackend:
 
     async def aclose(self) -> None:
         """Close the connection pool; later operations raise BackendUnavailable."""
-        if self._closed:
+        if self._op.closed:
             return
-        self._closed = True
+        self._op.close()
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout * 4):
                 await self._client.aclose()
@@ -372,23 +256,14 @@ class RedisBackend:
         A retried append is applied once. A stream holds about 100 000 messages at most:
         beyond that the oldest are trimmed, and readers that still needed them raise
         :class:`BackendError`."""
-        await self._add(channel, "d", to_bytes(data), ttl, "XADD")
+        await self._fanout.publish(channel, data, ttl=ttl)
 
     async def finish(self, channel: str, *, ttl: float) -> None:
         """Append the end marker to ``channel`` and keep the stream ``ttl`` more seconds
         (late readers replay it, then stop)."""
-        await self._add(channel, "e", b"", ttl, "XADD (end)")
+        await self._fanout.finish(channel, ttl=ttl)
 
-    async def _add(self, channel: str, field: str, data: bytes, ttl: float, what: str) -> None:
-        if not ttl > 0:
-            raise ConfigError(f"stream ttl must be > 0 seconds, got {ttl!r}")
-        args = (secrets.token_hex(8), _STREAM_MAXLEN, max(1, math.ceil(ttl * 1000)), field, data)
-        async with self._op(what):
-            await self._append(keys=[self._stream_prefix + channel], args=args)
-
-    async def read(
-        self, channel: str, *, start: str = "0", block: float = 5.0
-    ) -> AsyncIterator[bytes]:
+    def read(self, channel: str, *, start: str = "0", block: float = 5.0) -> AsyncIterator[bytes]:
         """Every message of ``channel`` published after stream ID ``start`` (``"0"``: all of
         them; ``"$"``: only those published from now on), in order, then the new ones as
         they are published, until the end marker.
@@ -400,118 +275,7 @@ class RedisBackend:
 
         Waiting holds one pooled connection per reader, in slices of half the operation
         timeout (``XREAD BLOCK``), so a dead server is noticed within about ``timeout``."""
-        if not block > 0:
-            raise ConfigError(f"read block must be > 0 seconds, got {block!r}")
-        name = self._stream_prefix + channel
-        last: str | bytes = start
-        if start == "$":
-            # XREAD's "$" means "newer than the newest *now*": re-sent on every slice it
-            # would drop what arrives between two slices, so pin it to an ID once.
-            async with self._op("XREVRANGE"):
-                newest: Any = await self._client.xrevrange(name, count=1)
-            last = newest[0][0] if newest else "0-0"
-        expect = 0 if last in ("0", "0-0") else None  # the first message's number, if known
-        # Slices shorter than the socket timeout: a blocked XREAD must not look like a hung
-        # server to redis-py.
-        slice_ms = max(1, int(self._timeout * 500))
-        count = _READ_COUNT[0]
-        deadline = time.monotonic() + block
-        while True:
-            wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if wait_ms <= 0:
-                raise BackendTimeout(f"XREAD: no message on stream {channel!r} for {block} seconds")
-            async with self._op("XREAD"):
-                reply: Any = await self._client.xread(
-                    {name: last}, count=count, block=min(wait_ms, slice_ms)
-                )
-            entries = _stream_entries(reply)
-            if not entries:
-                continue
-            deadline = time.monotonic() + block
-            size = sum(len(fields.get(b"d", b"")) for _, fields in entries) // len(entries)
-            count = max(1, min(_READ_COUNT[1], _READ_BYTES // max(size, 1)))
-            for entry_id, fields in entries:
-                last = entry_id
-                seq = int(fields.get(b"i", b"-1"))
-                if expect is not None and seq != expect:
-                    raise BackendError(
-                        f"XREAD: stream {channel!r} lost messages (expected #{expect}, "
-                        f"got #{seq}): trimmed or expired"
-                    )
-                expect = seq + 1
-                if b"e" in fields:
-                    return
-                yield fields[b"d"]
-
-
-def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of a one-stream ``XREAD`` reply (RESP2: ``[[name, entries]]``, RESP3:
-    ``{name: [entries]}``); empty when it timed out."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        (value,) = reply.values()
-        return list(value[0] if value and isinstance(value[0], list) else value)
-    return list(reply[0][1])
-
-
-def _cluster_client(url: str, scheme: str, kwargs: dict[str, Any]) -> RedisCluster:
-    parts = urlsplit(url)
-    if parts.path not in ("", "/", "/0"):
-        raise ConfigError(f"{scheme}:// URL: Redis Cluster has only database 0, got {parts.path!r}")
-    nodes = [ClusterNode(host, port) for host, port in parse_hosts(scheme, parts.netloc, 6379)]
-    if parts.username:
-        kwargs["username"] = unquote(parts.username)
-    if parts.password:
-        kwargs["password"] = unquote(parts.password)
-    return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"), **kwargs)
-
-
-def _standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis.Redis:
-    # The connection is described to redis-py as keyword arguments, never as a rebuilt URL:
-    # how redis-py parses URLs changes between releases (8.x rejects the ``unix:/path`` that
-    # ``urlsplit(...).geturl()`` makes of ``unix:///path``), keyword arguments have not.
-    parts = urlsplit(url)
-    if parts.username:
-        kwargs["username"] = unquote(parts.username)
-    if parts.password:
-        kwargs["password"] = unquote(parts.password)
-    connection_class: type[aioredis.connection.AbstractConnection]
-    if scheme == "unix":
-        path = unquote(parts.path)
-        if not path:
-            raise ConfigError(f"unix:// URL names no socket path: {url!r}")
-        kwargs["path"] = path
-        connection_class = aioredis.connection.UnixDomainSocketConnection
-    else:
-        if "," in parts.netloc:
-            raise ConfigError(
-                f"{scheme}:// URL has several hosts; for Redis Cluster use redis+cluster://"
-            )
-        try:
-            port = parts.port
-        except ValueError:
-            raise ConfigError(f"{scheme}:// URL: bad port in {parts.netloc!r}") from None
-        kwargs["host"] = unquote(parts.hostname or "localhost")
-        kwargs["port"] = port or 6379
-        path = parts.path.strip("/")
-        if path:
-            if not path.isdigit():
-                raise ConfigError(f"{scheme}:// URL: database must be a number, got {path!r}")
-            if "db" in kwargs:
-                raise ConfigError(f"{scheme}:// URL: database given both in path and as ?db=")
-            kwargs["db"] = int(path)
-        connection_class = (
-            aioredis.connection.SSLConnection
-            if scheme == "rediss"
-            else aioredis.connection.Connection
-        )
-    # A blocking pool: under a burst of more than max_connections operations, the extra ones
-    # wait for a connection (within the operation's deadline) instead of failing at once.
-    pool = aioredis.BlockingConnectionPool(
-        connection_class=connection_class, timeout=kwargs["socket_timeout"], **kwargs
-    )
-    return aioredis.Redis.from_pool(pool)  # the client owns (and closes) its pool
+        return self._fanout.read(channel, start=start, block=block)
 
 
 def from_url(url: str, **options: Any) -> RedisBackend:
@@ -565,9 +329,9 @@ def from_url(url: str, **options: Any) -> RedisBackend:
         if scheme.endswith("+cluster"):
             if "db" in kwargs:
                 raise ConfigError(f"{scheme}:// URL: Redis Cluster has no 'db' option")
-            client = _cluster_client(url, scheme, kwargs)
+            client = cluster_client(url, scheme, kwargs)
         elif scheme in ("redis", "rediss", "unix"):
-            client = _standalone_client(url, scheme, kwargs)
+            client = standalone_client(url, scheme, kwargs)
         else:
             raise ConfigError(f"the Redis backend does not handle {scheme}:// URLs")
     except (ValueError, rexc.RedisError, rexc.RedisClusterException) as exc:

@@ -1,0 +1,183 @@
+"""The Redis backend's edge with redis-py: building a client from a URL, running each command
+within its time bound, and translating redis-py's exceptions into the BackendError family
+(the one place where they are translated: no redis exception leaves the backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
+from urllib.parse import SplitResult, unquote, urlsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from ._common import check_open, parse_hosts
+
+__all__ = ["Commands", "cluster_client", "map_exceptions", "standalone_client"]
+
+
+def _refused(exc: BaseException) -> bool:
+    """A connection attempt failed somewhere behind ``exc`` (older redis-py connect inside
+    the pool's wait: its timeout then hides a refused connection, not a busy pool)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc.__cause__, exc.__context__]
+    while stack:
+        cause = stack.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, rexc.ConnectionError) or (
+            isinstance(cause, OSError) and not isinstance(cause, TimeoutError)
+        ):
+            return True
+        stack += [cause.__cause__, cause.__context__]
+    return False
+
+
+@contextmanager
+def map_exceptions(what: str) -> Iterator[None]:
+    """Translate redis-py (and socket / timeout) exceptions into the BackendError family.
+
+    The one edge where they are translated (as httpcore's ``map_exceptions`` does): no
+    redis exception leaves the Redis backend.
+    """
+    try:
+        yield
+    except BackendError:
+        raise
+    except (rexc.TimeoutError, TimeoutError) as exc:
+        raise BackendTimeout(f"{what}: Redis did not answer in time ({exc!r})") from exc
+    except rexc.ConnectionError as exc:
+        if (
+            "No connection available" not in str(exc)
+            or not isinstance(exc.__cause__, TimeoutError)
+            or _refused(exc.__cause__)
+        ):
+            raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
+        # The blocking pool waited ``timeout`` for a free connection: a burst larger than the
+        # pool, or a slow server holding every connection. Redis itself may be fine; the
+        # message must not send an operator to look at it.
+        raise BackendTimeout(
+            f"{what}: no pooled Redis connection came free in time: more operations at once "
+            f"than ?max_connections=, or every connection waiting on a slow server ({exc})"
+        ) from exc
+    except (
+        rexc.ClusterDownError,
+        rexc.RedisClusterException,
+        rexc.BusyLoadingError,
+        ConnectionError,
+        OSError,
+    ) as exc:
+        raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
+    except rexc.RedisError as exc:
+        raise BackendError(f"{what}: Redis error ({exc})") from exc
+
+
+class Commands:
+    """How one backend runs its Redis commands: ``async with commands("GET"): ...`` refuses
+    once :meth:`close` was called or outside asyncio (:class:`BackendUnavailable`), bounds
+    the block in time and translates its exceptions (:func:`map_exceptions`)."""
+
+    def __init__(self, client: aioredis.Redis | RedisCluster, timeout: float) -> None:
+        self.closed = False
+        self._client = client
+        self._cluster = isinstance(client, RedisCluster)
+        self._timeout = timeout
+
+    def close(self) -> None:
+        self.closed = True
+
+    @asynccontextmanager
+    async def __call__(self, what: str) -> AsyncIterator[None]:
+        check_open(self.closed, "RedisBackend")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise BackendUnavailable(
+                "the Redis backend runs on asyncio only (redis-py's asyncio client)"
+            ) from None
+        # redis-py enforces ``timeout`` itself (socket timeouts) and then drops the connection
+        # cleanly; cancelling it mid-command instead can leave a pooled connection half
+        # closed. The outer bound only catches what the socket timeouts cannot. It is
+        # asyncio.timeout, not anyio.fail_after: this code runs on asyncio only, and an anyio
+        # cancel scope costs a noticeable part of a small command.
+        with map_exceptions(what):
+            async with asyncio.timeout(self._timeout * 2 + 0.25):
+                if self._cluster:
+                    # Learn the topology before the command, once (a no-op afterwards, and
+                    # after a fault until redis-py asks for it again): redis-py's cluster
+                    # client resolves a command's routing before taking its init lock, and a
+                    # burst of concurrent first commands on a new client races there and
+                    # drops live connections ("Connection closed by server", redis-py 8.1).
+                    await self._client.initialize()
+                yield
+
+
+def _credentials(parts: SplitResult, kwargs: dict[str, Any]) -> None:
+    if parts.username:
+        kwargs["username"] = unquote(parts.username)
+    if parts.password:
+        kwargs["password"] = unquote(parts.password)
+
+
+def cluster_client(url: str, scheme: str, kwargs: dict[str, Any]) -> RedisCluster:
+    """A Redis Cluster client for ``redis+cluster://`` / ``rediss+cluster://`` ``url``, with
+    ``kwargs`` (redis-py's keyword arguments) and the URL's credentials."""
+    parts = urlsplit(url)
+    if parts.path not in ("", "/", "/0"):
+        raise ConfigError(f"{scheme}:// URL: Redis Cluster has only database 0, got {parts.path!r}")
+    nodes = [ClusterNode(host, port) for host, port in parse_hosts(scheme, parts.netloc, 6379)]
+    _credentials(parts, kwargs)
+    return RedisCluster(startup_nodes=nodes, ssl=scheme.startswith("rediss"), **kwargs)
+
+
+def standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis.Redis:
+    """A client with a blocking connection pool for a ``redis://``, ``rediss://`` or
+    ``unix://`` ``url``, with ``kwargs`` (redis-py's keyword arguments, ``socket_timeout``
+    among them) and the URL's credentials and database."""
+    # The connection is described to redis-py as keyword arguments, never as a rebuilt URL:
+    # how redis-py parses URLs changes between releases (8.x rejects the ``unix:/path`` that
+    # ``urlsplit(...).geturl()`` makes of ``unix:///path``), keyword arguments have not.
+    parts = urlsplit(url)
+    _credentials(parts, kwargs)
+    connection_class: type[aioredis.connection.AbstractConnection]
+    if scheme == "unix":
+        path = unquote(parts.path)
+        if not path:
+            raise ConfigError(f"unix:// URL names no socket path: {url!r}")
+        kwargs["path"] = path
+        connection_class = aioredis.connection.UnixDomainSocketConnection
+    else:
+        if "," in parts.netloc:
+            raise ConfigError(
+                f"{scheme}:// URL has several hosts; for Redis Cluster use redis+cluster://"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{scheme}:// URL: bad port in {parts.netloc!r}") from None
+        kwargs["host"] = unquote(parts.hostname or "localhost")
+        kwargs["port"] = port or 6379
+        path = parts.path.strip("/")
+        if path:
+            if not path.isdigit():
+                raise ConfigError(f"{scheme}:// URL: database must be a number, got {path!r}")
+            if "db" in kwargs:
+                raise ConfigError(f"{scheme}:// URL: database given both in path and as ?db=")
+            kwargs["db"] = int(path)
+        connection_class = (
+            aioredis.connection.SSLConnection
+            if scheme == "rediss"
+            else aioredis.connection.Connection
+        )
+    # A blocking pool: under a burst of more than max_connections operations, the extra ones
+    # wait for a connection (within the operation's deadline) instead of failing at once.
+    pool = aioredis.BlockingConnectionPool(
+        connection_class=connection_class, timeout=kwargs["socket_timeout"], **kwargs
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns (and closes) its pool
