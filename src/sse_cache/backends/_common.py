@@ -74,14 +74,6 @@ class Options:
             raise self._error(name, value, f"a number {bound}")
         return number
 
-    def take_opt_float(self, name: str, *, minimum: float = 0.0) -> float | None:
-        """Like :meth:`take_float`, with None (or ``none``) when absent."""
-        value = self._values.get(name)
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            self._values.pop(name, None)
-            return None
-        return self.take_float(name, 0.0, minimum=minimum)
-
     def take_int(self, name: str, default: int, *, minimum: int = 1) -> int:
         value = self._values.pop(name, default)
         if isinstance(value, bool):
