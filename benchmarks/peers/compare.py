@@ -511,7 +511,7 @@ def table(kind: str, litellm: str, results: dict[str, dict[str, Any]]) -> None:
             ),
         ),
     ]
-    print(f"\nbackend: {kind}")
+    print(f"backend: {kind}")
     print(f"{'':<38} {'sse-cache ' + __version__:<30} LiteLLM {litellm}")
     for label, a, b in rows:
         print(f"{label:<38} {a:<30} {b}")
@@ -519,6 +519,14 @@ def table(kind: str, litellm: str, results: dict[str, dict[str, Any]]) -> None:
         if r["first_difference"]:
             print(f"  {name}'s hit vs the upstream's events, first difference: ")
             print(f"    {r['first_difference']}")
+
+
+def show_logs(tmp: Path) -> None:
+    """The servers' output, when the run failed (their directory is removed next)."""
+    for log in sorted(tmp.rglob("*.log")):
+        text = log.read_text(errors="replace").strip()
+        if text:
+            print(f"\n--- {log.relative_to(tmp)} (last 4,000 characters)\n{text[-4000:]}")
 
 
 def main() -> None:
@@ -559,6 +567,7 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine, "rounds": args.rounds, "backends": {}}
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sse-cache-peers-")))
+        stack.push(lambda *exc: show_logs(tmp) if exc[0] is not None else None)
         mock = [*CLI, "mock-upstream", "--port", "{port}", "--deltas", str(DELTAS)]
         mock += ["--first-ms", str(args.upstream_first_ms), "--delay-ms", "0"]
         upstream = Upstream(stack.enter_context(server(*mock, log=tmp / "upstream.log")).url)
@@ -587,6 +596,7 @@ def main() -> None:
                     Peer("sse-cache", ours.url, "/_sse_cache/health"),
                     Peer("litellm", theirs, "/health/liveliness"),
                 ]
+                print(f"\n{kind}: " + ", ".join(f"{p.name} at {p.url}" for p in peers), flush=True)
                 figures = anyio.run(measure, upstream, peers, kind, args.rounds)
             results["backends"][kind] = figures
             table(kind, litellm, figures)
