@@ -13,31 +13,35 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import anyio
 import anyio.abc
 
+from ._asgi_io import (
+    ASGIApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    _error,
+    _headers,
+    _Outbox,
+    _send_answer_while_connected,
+    task_group,
+)
 from ._notices import Notice, emit
 from .errors import ConfigError
 from .flight import SharedStreamAborted
-from .http._wire import close_iterator, json_error_body, merge_headers
+from .http._wire import merge_headers
 from .http.options import CacheOptions
 from .http.policy import Decision
-from .http.service import Answer, CacheService, Exchange, ResponseTee
+from .http.service import CacheService, Exchange, ResponseTee
 from .protocols import Backend
 
 __all__ = ["CacheMiddleware"]
 
 logger = logging.getLogger("sse_cache")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class CacheMiddleware:
@@ -401,192 +405,3 @@ class _Request:
     async def _answer(self, ex: Exchange) -> None:
         assert ex.answer is not None
         await _send_answer_while_connected(self.receive, self.send, ex.answer)
-
-
-#: At most this many body bytes queued for a client are joined into one message.
-_MERGED_BYTES = 256 * 1024
-
-
-class _Outbox:
-    """The messages for one client, sent by a task of their own (:meth:`run`), so that the
-    app producing them never waits on that client's socket. What waits is bounded by the
-    request (:meth:`_Request._keep_up`): :attr:`size` counts the body bytes queued."""
-
-    def __init__(self, send: Send, failed: Callable[[Exception], None]) -> None:
-        self._send = send
-        self._failed = failed
-        self._messages: deque[Message] = deque()
-        self.size = 0
-        self._closed = False  # nothing more will be put
-        self._stopped = False  # nothing more is sent: the client is gone or was cut off
-        self._more = anyio.Event()
-        self._room = anyio.Event()
-        self._scope = anyio.CancelScope()
-
-    def put(self, message: Message) -> None:
-        if self._stopped:
-            return
-        self._messages.append(message)
-        self.size += len(message.get("body", b""))
-        self._more.set()
-
-    def close(self) -> None:
-        """Nothing more will be put: :meth:`run` returns once the client has everything."""
-        self._closed = True
-        self._more.set()
-
-    def stop(self) -> None:
-        """Send nothing more (the client is gone)."""
-        self._stopped = True
-        self._messages.clear()
-        self.size = 0
-        self._more.set()
-        self._wake()
-
-    def cut(self) -> None:
-        """Send nothing more, and give up a send blocked on a client that does not read."""
-        self.stop()
-        self._scope.cancel()
-
-    async def room(self, limit: int) -> None:
-        """Wait until at most ``limit`` body bytes wait to be sent (or none will be)."""
-        while self.size > limit and not self._stopped:
-            await self._room.wait()
-
-    def _wake(self) -> None:
-        self._room.set()
-        self._room = anyio.Event()
-
-    def _next(self) -> Message:
-        # Body messages queued one after another go out as one (up to _MERGED_BYTES): a client
-        # that the app outpaces gets fewer, larger writes, not one per message.
-        message = self._messages.popleft()
-        if message["type"] != "http.response.body" or not message.get("more_body", False):
-            return message
-        parts = [message.get("body", b"")]
-        size = len(parts[0])
-        last = message
-        while self._messages and size < _MERGED_BYTES:
-            following = self._messages[0]
-            if following["type"] != "http.response.body":
-                break
-            last = self._messages.popleft()
-            parts.append(last.get("body", b""))
-            size += len(parts[-1])
-            if not last.get("more_body", False):
-                break
-        if last is message:
-            return message
-        more = last.get("more_body", False)
-        return {"type": "http.response.body", "body": b"".join(parts), "more_body": more}
-
-    async def run(self) -> None:
-        with self._scope:
-            while True:
-                while self._messages:
-                    message = self._next()
-                    self.size -= len(message.get("body", b""))
-                    try:
-                        await self._send(message)
-                    except Exception as exc:
-                        self.stop()
-                        self._failed(exc)
-                    self._wake()
-                if self._closed or self._stopped:
-                    return
-                await self._more.wait()
-                self._more = anyio.Event()
-
-
-async def _send_answer_while_connected(receive: Receive, send: Send, answer: Answer) -> None:
-    # A paced replay runs as long as the recorded stream did, a live one as long as its
-    # upstream: stop when the client leaves, instead of sending into a closed connection.
-    # (An instant hit is in memory: sent at once, it needs no watching.)
-    if answer.instant:
-        await _send_answer(send, answer)
-        return
-    async with task_group() as tg:
-        tg.start_soon(_cancel_on_disconnect, receive, tg.cancel_scope)
-        await _send_answer(send, answer)
-        tg.cancel_scope.cancel()
-
-
-@contextlib.asynccontextmanager
-async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
-    """An anyio task group that raises what failed in it, not a group of that one error: the
-    task group is the caller's implementation detail (a client sees the stream's own error,
-    uvicorn logs it as it is)."""
-    try:
-        async with anyio.create_task_group() as tg:
-            yield tg
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
-        raise
-
-
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
-
-
-async def _send_answer(send: Send, answer: Answer) -> None:
-    await send(
-        {"type": "http.response.start", "status": answer.status, "headers": _encode(answer.headers)}
-    )
-    chunks = answer.chunks
-    try:
-        if answer.instant:
-            # All in memory: the whole body in one message, the end of the response with it.
-            body = b"".join([chunk async for chunk in chunks])
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-            return
-        async for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    finally:
-        await close_iterator(chunks)
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", []):
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
-
-
-def _encode(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-
-
-async def _error(send: Send, status: int, message: str) -> None:
-    await send_json_error(
-        send, status, message, "invalid_request_error", headers=[(b"x-sse-cache", b"bypass")]
-    )
-
-
-async def send_json_error(
-    send: Send,
-    status: int,
-    message: str,
-    kind: str,
-    *,
-    headers: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    """Answer with a provider-shaped JSON error: ``{"error": {"message", "type", "code"}}``."""
-    body = json_error_body(message, kind)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -18,8 +18,9 @@ from typing import Any
 
 import anyio
 
+from ._asgi_io import Message, Receive, Scope, Send, send_json_error, task_group
 from ._logging import AccessLog, redact_url
-from .asgi import CacheMiddleware, Message, Receive, Scope, Send, send_json_error, task_group
+from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
 from .flight import SharedStreamAborted
