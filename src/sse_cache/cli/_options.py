@@ -1,0 +1,381 @@
+"""The options of ``sse-cache proxy``: :data:`OPTIONS`, the one list of them, each a flag and
+an ``SSE_CACHE_<OPTION>`` environment variable, with the parsers of their values;
+:func:`add_options` puts them on a parser and :func:`resolve` reads a flag, else its
+variable, else the default."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._logging import LOG_LEVELS
+from ..errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "OPTIONS", "Option", "add_options", "resolve"]
+
+ENV_PREFIX = "SSE_CACHE_"
+
+
+# -- values ---------------------------------------------------------------------------------
+# Each parser takes the text of a flag or a variable and returns the value, or raises
+# ArgumentTypeError saying what was expected (argparse prints it after the flag's name; the
+# environment's errors name the variable).
+
+
+def _port(text: str) -> int:
+    value = _integer(text, "a port number")
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def _at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _integer(text, what)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _integer(text: str, what: str) -> int:
+    try:
+        return int(text.strip().replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def _seconds(*, zero: bool = False) -> Callable[[str], float]:
+    what = "a number of seconds >= 0" if zero else "a positive number of seconds"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _megabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of MiB >= 0, got {text!r}")
+    return value
+
+
+def _upstream(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _backend(text: str) -> str:
+    if "://" not in text:
+        raise argparse.ArgumentTypeError(
+            f"expected a backend URL (sqlite:///cache.db, redis://host:6379/0, memory://, "
+            f"...), got {text!r}"
+        )
+    return text
+
+
+def _route(text: str) -> tuple[str, str]:
+    from ..adapters import ADAPTERS
+
+    path, sep, name = text.partition("=")
+    name = name.strip()
+    if not sep or not path.startswith("/"):
+        raise argparse.ArgumentTypeError(f"expected /PATH=ADAPTER, got {text!r}")
+    if name not in ADAPTERS:
+        known = ", ".join(sorted(ADAPTERS))
+        raise argparse.ArgumentTypeError(f"unknown adapter {name!r} in {text!r}; known: {known}")
+    return path, name
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def _switch(text: str) -> bool:
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (1/0, yes/no, on/off), got {text!r}")
+
+
+# -- the options ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of ``sse-cache proxy``: its flag, what it means, its default (``shown`` as
+    the help and the docs write it), and how its text is read (None: a switch, on when given
+    or when its variable is true). ``repeat``: the flag may be given several times; its
+    variable is then a comma- or space-separated list."""
+
+    flag: str
+    help: str
+    default: Any = None
+    shown: str = "none"
+    parse: Callable[[str], Any] | None = None
+    metavar: str | None = None
+    repeat: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        """The environment variable: ``SSE_CACHE_`` and the flag in upper case."""
+        return ENV_PREFIX + self.dest.upper()
+
+    def from_text(self, text: str) -> Any:
+        """The value of the variable's ``text`` (raises ArgumentTypeError)."""
+        if self.parse is None:
+            return _switch(text)
+        if self.repeat:
+            return [self.parse(item) for item in re.split(r"[,\s]+", text.strip()) if item]
+        return self.parse(text)
+
+    def to_text(self, value: Any) -> str:
+        """``value`` as this option's variable would say it (:meth:`from_text` reads it back)."""
+        if self.parse is None:
+            return "true" if value else "false"
+        if self.repeat:
+            return ",".join(f"{path}={name}" for path, name in value)
+        return str(value)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "--upstream",
+        "base URL of the API; the request path and query are appended (http(s):// only)",
+        shown="required",
+        parse=_upstream,
+        metavar="URL",
+    ),
+    Option(
+        "--backend",
+        "cache backend URL (docs/backends.md)",
+        default="sqlite:///./sse-cache.db",
+        shown="sqlite:///./sse-cache.db",
+        parse=_backend,
+        metavar="URL",
+    ),
+    Option(
+        "--host",
+        "address to listen on (0.0.0.0: every interface, as in a container)",
+        default="127.0.0.1",
+        shown="127.0.0.1",
+        parse=str,
+        metavar="H",
+    ),
+    Option("--port", "port to listen on", default=8000, shown="8000", parse=_port, metavar="P"),
+    Option(
+        "--workers",
+        "processes serving the port; with more than one, identical streamed requests share "
+        "one upstream stream across them when the backend supports it (Redis)",
+        default=1,
+        shown="1",
+        parse=_at_least(1, "a number of workers"),
+        metavar="N",
+    ),
+    Option(
+        "--ttl",
+        "entry lifetime in seconds",
+        shown="none (no expiry)",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--shared-tenant",
+        "let all callers share entries (default: one scope per API key)",
+        default=False,
+        shown="off",
+    ),
+    Option(
+        "--route",
+        "cache this path (suffix) with an adapter (openai-responses, openai-chat, "
+        "anthropic-messages, gemini, generic); repeatable; when given, only the listed "
+        "routes are cached",
+        default=[],
+        shown="the default routes",
+        parse=_route,
+        metavar="PATH=ADAPTER",
+        repeat=True,
+    ),
+    Option(
+        "--finish-on-disconnect",
+        "when a client leaves a streamed miss, finish it in the background to fill the cache",
+        default=False,
+        shown="off",
+    ),
+    Option(
+        "--resume-window",
+        "when a client leaves a streamed miss, keep reading its upstream this many seconds so "
+        "that the client can come back and resume it (Last-Event-ID, or GET "
+        "/v1/responses/{id}?stream=true&starting_after=N); docs/single-flight.md",
+        shown="none (abandoned at once)",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--cross-process",
+        "share live streams between proxy processes on one Redis backend (on by itself with "
+        "--workers > 1 on Redis)",
+        default=False,
+        shown="off",
+    ),
+    Option(
+        "--cross-process-lease",
+        "with --cross-process: seconds a producer's lease lasts unless renewed; a killed "
+        "producer's followers take over within this long",
+        default=3.0,
+        shown="3",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--breaker-failures",
+        "consecutive backend failures after which the backend is skipped for "
+        "--breaker-cooldown seconds, then probed (0: never skip)",
+        default=5,
+        shown="5",
+        parse=_at_least(0, "a number of failures"),
+        metavar="N",
+    ),
+    Option(
+        "--breaker-cooldown",
+        "seconds an open backend breaker skips the backend",
+        default=10.0,
+        shown="10",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--max-body-bytes",
+        "larger request bodies pass through uncached (bypass)",
+        default=4 * 1024 * 1024,
+        shown="4194304 (4 MiB)",
+        parse=_at_least(1, "a number of bytes"),
+        metavar="N",
+    ),
+    Option(
+        "--upstream-timeout",
+        "seconds one upstream read may take before the proxy answers 504",
+        default=600.0,
+        shown="600",
+        parse=_seconds(),
+        metavar="S",
+    ),
+    Option(
+        "--upstream-connections",
+        "connections open to the upstream at once; a request past them waits for one (0: no limit)",
+        default=0,
+        shown="0 (no limit)",
+        parse=_at_least(0, "a number of connections"),
+        metavar="N",
+    ),
+    Option(
+        "--decoded-cache-mb",
+        "memory per process for recently decoded entries, so hot entries are not decoded on "
+        "every hit (0 turns it off)",
+        default=64.0,
+        shown="64",
+        parse=_megabytes,
+        metavar="N",
+    ),
+    Option(
+        "--graceful-timeout",
+        "on SIGTERM or SIGINT, seconds to let streams in flight finish; then they are cut "
+        "(their clients see a failed response, nothing partial is stored) and the process exits",
+        default=30.0,
+        shown="30",
+        parse=_seconds(zero=True),
+        metavar="S",
+    ),
+    Option(
+        "--log-level",
+        "level of the proxy's log lines, its own and uvicorn's: critical, error, warning, "
+        "info, debug or trace",
+        default="info",
+        shown="info",
+        parse=_log_level,
+        metavar="L",
+    ),
+)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """Add every option of :data:`OPTIONS` to ``parser``. Each is None when not given, so
+    that :func:`resolve` can tell a flag from its variable and its default."""
+    for opt in OPTIONS:
+        text = f"{opt.help} (env {opt.env}; default {opt.shown})"
+        if opt.parse is None:
+            parser.add_argument(opt.flag, action="store_const", const=True, default=None, help=text)
+        else:
+            parser.add_argument(
+                opt.flag,
+                type=opt.parse,
+                default=None,
+                metavar=opt.metavar,
+                action="append" if opt.repeat else "store",
+                help=text,
+            )
+
+
+def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> argparse.Namespace:
+    """Every option's value: the flag's if given, else its ``SSE_CACHE_*`` variable's (an
+    empty variable counts as unset), else the default. Raises :class:`ConfigError` naming the
+    variable and what was expected for a bad value, and for a missing upstream."""
+    out = argparse.Namespace()
+    for opt in OPTIONS:
+        value = getattr(args, opt.dest, None)
+        if value is None:
+            text = environ.get(opt.env, "").strip()
+            if text:
+                try:
+                    value = opt.from_text(text)
+                except argparse.ArgumentTypeError as exc:
+                    raise ConfigError(f"{opt.env}: {exc}") from None
+        if value is None:
+            value = list(opt.default) if isinstance(opt.default, list) else opt.default
+        setattr(out, opt.dest, value)
+    if out.upstream is None:
+        raise ConfigError("an upstream is required: --upstream URL or SSE_CACHE_UPSTREAM=URL")
+    return out
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warnings for ``SSE_CACHE_*`` variables that look like a misspelt option (other
+    ``SSE_CACHE_*`` variables are left alone: other tools read some)."""
+    known = [opt.env for opt in OPTIONS]
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                warnings.append(f"ignoring {name}: not an option (did you mean {close[0]}?)")
+    return warnings
