@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import types
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -19,7 +20,8 @@ from sse_cache.adapters import (
     by_name,
     for_path,
 )
-from sse_cache.adapters._common import split_text
+from sse_cache.adapters._common import payloads_of_type, split_text
+from sse_cache.events import Event
 from sse_cache.keys import CacheRequest
 from sse_cache.protocols import Outcome, StreamAdapter
 
@@ -137,6 +139,23 @@ def test_split_text_joins_back(text, size):
         assert all(len(p) <= size for p in pieces)
     else:
         assert len(pieces) == (1 if text else 0)
+
+
+def test_payloads_of_type_trusts_neither_the_event_line_nor_the_payload_alone():
+    class Typed(msgspec.Struct):
+        type: str | None = None
+        n: int = 0
+
+    events = [
+        Event('{"type":"done","n":1}'),  # no event: line, the payload names the type
+        Event('{"type":"done","n":2}', "done"),
+        Event('{"type":"done","n":3}', "delta"),  # the event: line names another type
+        Event('{"type":"delta","n":4}', "done"),  # the payload names another type
+        Event("not json", "done"),  # unreadable: skipped, not raised
+        Event('{"type":"done","n":"five"}', "done"),  # of the wrong shape: skipped
+    ]
+    decoder = msgspec.json.Decoder(Typed)
+    assert [p.n for p in payloads_of_type(events, "done", decoder)] == [1, 2]
 
 
 def test_split_text_is_word_like():

@@ -7,11 +7,12 @@ of raising, because a cache must pass through whatever an upstream sends.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any, Final
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 
+from ..events import Event
 from ..protocols import Outcome
 
 __all__ = [
@@ -19,10 +20,12 @@ __all__ = [
     "TRANSPORT_FIELDS",
     "KeyedAdapter",
     "Probe",
+    "Typed",
     "dumps",
     "is_truthy_raw",
     "loads",
     "loads_object",
+    "payloads_of_type",
     "probe",
     "split_text",
 ]
@@ -60,6 +63,33 @@ def probe(data: str) -> Probe | None:
         return _probe_decoder.decode(data)
     except msgspec.DecodeError:  # ValidationError is a DecodeError
         return None
+
+
+class Typed(Protocol):
+    """A decoded payload that says its event type (``{"type": ...}``)."""
+
+    @property
+    def type(self) -> str | None: ...
+
+
+T = TypeVar("T", bound=Typed)
+
+
+def payloads_of_type(
+    events: Iterable[Event], type_: str, decoder: msgspec.json.Decoder[T]
+) -> Iterator[T]:
+    """The payloads of the events of type ``type_``, decoded by ``decoder``: an ``event:``
+    line, when there is one, must name ``type_`` and so must the payload's ``type``. Events
+    whose payload ``decoder`` cannot read are skipped (a cache passes them through)."""
+    for ev in events:
+        if ev.event is not None and ev.event != type_:
+            continue
+        try:
+            payload = decoder.decode(ev.data)
+        except msgspec.DecodeError:
+            continue
+        if payload.type == type_:
+            yield payload
 
 
 def is_truthy_raw(raw: msgspec.Raw) -> bool:

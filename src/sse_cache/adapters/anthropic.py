@@ -22,6 +22,7 @@ from ._common import (
     is_truthy_raw,
     loads,
     loads_object,
+    payloads_of_type,
     probe,
     split_text,
 )
@@ -196,14 +197,8 @@ class AnthropicMessages(KeyedAdapter):
 
     def meta(self, events: Sequence[Event]) -> Mapping[str, str]:
         """``message_id`` and ``model`` from ``message_start``."""
-        for ev in events:
-            if ev.event not in (None, "message_start"):
-                continue
-            try:
-                start = _start_decoder.decode(ev.data)
-            except msgspec.DecodeError:
-                continue
-            if start.type == "message_start" and start.message is not None:
+        for start in payloads_of_type(events, "message_start", _start_decoder):
+            if start.message is not None:
                 out: dict[str, str] = {}
                 if start.message.id:
                     out["message_id"] = start.message.id
