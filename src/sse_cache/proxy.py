@@ -67,7 +67,7 @@ _BROKEN_OFF: tuple[type[Exception], ...] = (
 )
 
 
-_KEEPALIVE = 100  # idle upstream connections kept for reuse
+_KEEPALIVE = 20  # idle upstream connections kept for reuse (httpx2's default)
 
 
 def _need_httpx2() -> None:
