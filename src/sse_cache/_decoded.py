@@ -11,10 +11,10 @@ the others, both far cheaper than a decode.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ._lru import SizedLRU
 from .errors import ConfigError
 
 __all__ = ["DecodedEntries"]
@@ -35,43 +35,36 @@ class DecodedEntries(Generic[_T]):
         if max_bytes < 0:
             raise ConfigError(f"decoded_cache_bytes must be >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
-        self.size = 0
-        self._items: OrderedDict[str, tuple[bytes, _T, int]] = OrderedDict()
+        self._items: SizedLRU[tuple[bytes, _T]] = SizedLRU(max_bytes)
 
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def size(self) -> int:
+        return self._items.size
+
     def get(self, name: str, raw: bytes) -> _T | None:
         """The value decoded from ``raw`` under ``name``, or None when none is kept or it was
         decoded from other bytes (the entry was replaced since)."""
-        item = self._items.get(name)
+        item = self._items.peek(name)
         if item is None:
             return None
         if item[0] is not raw and item[0] != raw:
-            self.discard(name)
+            self._items.discard(name)
             return None
-        self._items.move_to_end(name)
+        self._items.touch(name)
         return item[1]
 
     def put(self, name: str, raw: bytes, value: _T, size_of: Callable[[_T], int]) -> None:
         """Keep ``value`` (decoded from ``raw``; about ``size_of(value)`` bytes in memory)."""
-        self.discard(name)
         if len(raw) > self.max_bytes:
+            self._items.discard(name)
             return  # (without sizing the value: that costs a pass over a decoded stream)
-        size = len(raw) + size_of(value)
-        if size > self.max_bytes:
-            return
-        self._items[name] = (raw, value, size)
-        self.size += size
-        while self.size > self.max_bytes:
-            _, (_, _, dropped) = self._items.popitem(last=False)
-            self.size -= dropped
+        self._items.put(name, (raw, value), len(raw) + size_of(value))
 
     def discard(self, name: str) -> None:
-        item = self._items.pop(name, None)
-        if item is not None:
-            self.size -= item[2]
+        self._items.discard(name)
 
     def clear(self) -> None:
         self._items.clear()
-        self.size = 0

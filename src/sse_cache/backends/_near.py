@@ -12,8 +12,7 @@ key afterwards. Expiry is checked on every use against the deadline the backend 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
+from .._lru import SizedLRU
 from ..errors import ConfigError
 
 __all__ = ["NearCache"]
@@ -31,10 +30,9 @@ class NearCache:
         if max_bytes < 0:
             raise ConfigError(f"{option} must be >= 0 bytes, got {max_bytes!r}")
         self.max_bytes = max_bytes
-        self.size = 0
         #: The version of the store the kept values belong to (None: none kept yet).
         self.version: object = None
-        self._items: OrderedDict[str, tuple[bytes, float | None, int]] = OrderedDict()
+        self._items: SizedLRU[tuple[bytes, float | None]] = SizedLRU(max_bytes)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -43,20 +41,24 @@ class NearCache:
         return key in self._items
 
     @property
+    def size(self) -> int:
+        return self._items.size
+
+    @property
     def enabled(self) -> bool:
         return self.max_bytes > 0
 
     def get(self, key: str, now: float) -> bytes | None:
         """The value kept for ``key`` if it has not expired at ``now`` (the backend's clock).
         The caller has checked that the store's version is still :attr:`version`."""
-        item = self._items.get(key)
+        item = self._items.peek(key)
         if item is None:
             return None
-        value, deadline, _ = item
+        value, deadline = item
         if deadline is not None and deadline <= now:
-            self.discard(key)
+            self._items.discard(key)
             return None
-        self._items.move_to_end(key)
+        self._items.touch(key)
         return value
 
     def put(self, key: str, value: bytes, deadline: float | None, version: object) -> None:
@@ -68,15 +70,7 @@ class NearCache:
         if version != self.version:
             self.clear()
             self.version = version
-        self.discard(key)
-        size = len(value) + _ITEM_OVERHEAD
-        if size > self.max_bytes:
-            return
-        self._items[key] = (value, deadline, size)
-        self.size += size
-        while self.size > self.max_bytes:
-            _, (_, _, dropped) = self._items.popitem(last=False)
-            self.size -= dropped
+        self._items.put(key, (value, deadline), len(value) + _ITEM_OVERHEAD)
 
     def check(self, version: object) -> bool:
         """Whether ``version`` (just read from the store) is the one the kept values belong
@@ -87,11 +81,8 @@ class NearCache:
         return False
 
     def discard(self, key: str) -> None:
-        item = self._items.pop(key, None)
-        if item is not None:
-            self.size -= item[2]
+        self._items.discard(key)
 
     def clear(self) -> None:
         self._items.clear()
-        self.size = 0
         self.version = None

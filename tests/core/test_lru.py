@@ -1,0 +1,61 @@
+"""SizedLRU, the byte-bounded LRU map behind the decoded-entry cache and the near cache,
+against a plain model: any sequence of puts, reads and discards keeps the same items, drops
+the least recently used first, and never holds more than its budget."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from sse_cache._lru import SizedLRU
+
+BUDGET = 100
+keys = st.sampled_from("abcdef")
+
+
+class LRUMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lru: SizedLRU[int] = SizedLRU(BUDGET)
+        self.model: list[tuple[str, int, int]] = []  # (key, value, size), oldest use first
+
+    def _drop(self, key: str) -> None:
+        self.model = [item for item in self.model if item[0] != key]
+
+    @rule(key=keys, value=st.integers(), size=st.integers(0, 130))
+    def put(self, key: str, value: int, size: int) -> None:
+        self.lru.put(key, value, size)
+        self._drop(key)
+        if size <= BUDGET:
+            self.model.append((key, value, size))
+            while sum(s for _, _, s in self.model) > BUDGET:
+                self.model.pop(0)
+
+    @rule(key=keys)
+    def read(self, key: str) -> None:
+        found = [item for item in self.model if item[0] == key]
+        assert self.lru.peek(key) == (found[0][1] if found else None)
+        if found:
+            self.lru.touch(key)
+            self._drop(key)
+            self.model.append(found[0])
+
+    @rule(key=keys)
+    def discard(self, key: str) -> None:
+        self.lru.discard(key)
+        self._drop(key)
+
+    @rule()
+    def clear(self) -> None:
+        self.lru.clear()
+        self.model = []
+
+    @invariant()
+    def same_items_within_budget(self) -> None:
+        assert len(self.lru) == len(self.model)
+        assert self.lru.size == sum(s for _, _, s in self.model) <= BUDGET
+        for key, value, _ in self.model:
+            assert key in self.lru and self.lru.peek(key) == value
+
+
+TestSizedLRU = LRUMachine.TestCase
