@@ -16,6 +16,9 @@ and measures, with one httpx2 client for both, on ``POST /v1/responses``:
   both no new request at the upstream (it counts them: ``GET /_mock/stats``);
 - **miss, time to first and last byte** (a new prompt each time, one upstream call each,
   checked), next to the same request straight to the upstream;
+- before every timed call the servers are left to settle (no process uses more than 1 ms of
+  CPU in 50 ms): no call pays for work another server does after it answered (the JSON
+  records how long each server stayed busy after each call);
 - **events replayed vs original**, **byte identity** and **event identity** of a hit against
   the upstream's own answer, and whether the answer text is the same;
 - **20 simultaneous identical requests** (a new prompt; 20 connections opened first, then
@@ -48,7 +51,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,9 +126,10 @@ def litellm_config(upstream: str, cache: dict[str, Any]) -> str:
 
 
 @contextmanager
-def litellm_server(venv_python: Path, config: str, workdir: Path) -> Iterator[str]:
-    """A LiteLLM proxy (its own CLI, one worker) on a free port, until the block ends.
-    LiteLLM takes 10-30 s to start on a small machine; its output goes to ``workdir``."""
+def litellm_server(venv_python: Path, config: str, workdir: Path) -> Iterator[tuple[str, int]]:
+    """A LiteLLM proxy (its own CLI, one worker) on a free port, until the block ends: its
+    URL and pid. LiteLLM takes 10-30 s to start on a small machine; its output goes to
+    ``workdir``."""
     workdir.mkdir(parents=True)
     (workdir / "config.yaml").write_text(config)
     shutil.copy(HERE / "litellm_auth.py", workdir / "litellm_auth.py")
@@ -152,7 +156,7 @@ def litellm_server(venv_python: Path, config: str, workdir: Path) -> Iterator[st
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"LiteLLM did not start in 180 s (log: {log})") from None
                 time.sleep(0.25)
-        yield f"http://{HOST}:{port}"
+        yield f"http://{HOST}:{port}", proc.pid
     finally:
         proc.terminate()
         try:
@@ -163,6 +167,34 @@ def litellm_server(venv_python: Path, config: str, workdir: Path) -> Iterator[st
 
 
 # -- the client -------------------------------------------------------------------------------
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time (ns) the live threads of ``pids`` have used (``/proc/PID/task/*/schedstat``)."""
+    total = 0
+    for pid in pids:
+        for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+            with suppress(OSError, ValueError, IndexError):  # a thread that just ended
+                total += int(stat.read_text().split()[0])
+    return total
+
+
+SETTLE_WINDOW = 0.05
+
+
+async def settle(pids: list[int], limit: float = 10.0) -> float:
+    """Wait until the servers ``pids`` are idle - less than 1 ms of CPU over
+    ``SETTLE_WINDOW`` - so that a timed call does not share the cores with the work a server
+    does after it answered (LiteLLM logs and stores in the background). Returns how long
+    they were still busy, in steps of ``SETTLE_WINDOW``."""
+    busy = 0.0
+    while busy < limit:
+        before = cpu_ns(pids)
+        await anyio.sleep(SETTLE_WINDOW)
+        if cpu_ns(pids) - before < 1_000_000:
+            break
+        busy += SETTLE_WINDOW
+    return busy
 
 
 class NotAHit(RuntimeError):
@@ -287,8 +319,10 @@ class Figures:
 
     hit_first_ms: list[float] = field(default_factory=list)
     hit_last_ms: list[float] = field(default_factory=list)
+    busy_after_hit_ms: list[float] = field(default_factory=list)  # the servers, after the hit
     miss_first_ms: list[float] = field(default_factory=list)
     miss_last_ms: list[float] = field(default_factory=list)
+    busy_after_miss_ms: list[float] = field(default_factory=list)
     events_replayed: int = 0
     events_original: int = 0
     text_deltas_replayed: int = 0
@@ -319,6 +353,7 @@ async def hits(
     figures: dict[str, Figures],
     prompt: str,
     rounds: int,
+    pids: list[int],
 ) -> None:
     """Hit timings, and the replayed events against the upstream's own."""
     body = request_body(prompt)
@@ -334,10 +369,12 @@ async def hits(
         f.events_identical = [(e.event, e.data) for e in got] == [(e.event, e.data) for e in want]
         f.first_difference = "" if f.events_identical else first_difference(got, want)
         f.answer_identical = answer_text(got) == answer_text(want)
+    await settle(pids)
     for i in range(rounds):
         for peer in peers if i % 2 == 0 else peers[::-1]:
             before = await upstream.calls(client)
             reply = await post(client, peer.url, body, TENANT_A)
+            figures[peer.name].busy_after_hit_ms.append(await settle(pids) * 1e3)
             calls = await upstream.calls(client) - before
             if not peer.was_hit(reply) or calls:
                 raise NotAHit(
@@ -356,17 +393,20 @@ async def misses(
     direct: Figures,
     prompt: str,
     rounds: int,
+    pids: list[int],
 ) -> None:
     """Misses (a new prompt each time) through each proxy and straight to the upstream; each
     checked to have made exactly one upstream call."""
+    await settle(pids)
     for i in range(rounds):
         for name, url in [("direct", upstream.url), *((p.name, p.url) for p in peers)]:
             before = await upstream.calls(client)
             reply = await post(client, url, request_body(f"{prompt} {name} {i}"), TENANT_A)
+            f = figures.get(name, direct)
+            f.busy_after_miss_ms.append(await settle(pids) * 1e3)
             calls = await upstream.calls(client) - before
             if calls != 1:
                 raise RuntimeError(f"{name}: a miss made {calls} upstream calls")
-            f = figures.get(name, direct)
             f.miss_first_ms.append(reply.first * 1e3)
             f.miss_last_ms.append(reply.last * 1e3)
 
@@ -426,13 +466,16 @@ async def non_stream_after_stream(
     f.non_stream_text_identical = json_output_text(reply.body) == json_output_text(original.body)
 
 
-async def measure(upstream: Upstream, peers: list[Peer], kind: str, rounds: int) -> dict[str, Any]:
+async def measure(
+    upstream: Upstream, peers: list[Peer], kind: str, rounds: int, pids: list[int]
+) -> dict[str, Any]:
+    """Every figure for ``peers`` on one backend; ``pids``: every server's process."""
     figures = {peer.name: Figures() for peer in peers}
     direct = Figures()
     run = secrets.token_hex(4)  # prompts never asked before, whatever the backend holds
     async with httpx2.AsyncClient(timeout=120) as client:
-        await hits(client, upstream, peers, figures, f"peers {kind} {run} hit", rounds)
-        await misses(client, upstream, peers, figures, direct, f"peers {kind} {run}", rounds)
+        await hits(client, upstream, peers, figures, f"peers {kind} {run} hit", rounds, pids)
+        await misses(client, upstream, peers, figures, direct, f"peers {kind} {run}", rounds, pids)
         for peer in peers:
             f = figures[peer.name]
             await fan_out(upstream, peer, f, f"peers {kind} {run} fan-out {peer.name}")
@@ -570,12 +613,16 @@ def main() -> None:
         stack.push(lambda *exc: show_logs(tmp) if exc[0] is not None else None)
         mock = [*CLI, "mock-upstream", "--port", "{port}", "--deltas", str(DELTAS)]
         mock += ["--first-ms", str(args.upstream_first_ms), "--delay-ms", "0"]
-        upstream = Upstream(stack.enter_context(server(*mock, log=tmp / "upstream.log")).url)
+        upstream_server = stack.enter_context(server(*mock, log=tmp / "upstream.log"))
+        upstream, upstream_pid = Upstream(upstream_server.url), upstream_server.pid
         redis: RedisServer | None = None
+        redis_pid: list[int] = []
         if "redis" in args.backends:
             redis = RedisServer(find_binary("redis-server", "redis-server"))
             redis.start()
             stack.callback(redis.cleanup)
+            assert redis.proc is not None
+            redis_pid.append(redis.proc.pid)
         for kind in args.backends:
             if kind == "memory":
                 ours_backend, cache = "memory://", {"type": "local"}
@@ -587,7 +634,7 @@ def main() -> None:
                 proxy = [*CLI, "proxy", "--upstream", upstream.url, "--backend", ours_backend]
                 proxy += ["--port", "{port}", "--log-level", "warning"]
                 ours = servers.enter_context(server(*proxy, log=tmp / f"proxy-{kind}.log"))
-                theirs = servers.enter_context(
+                theirs, litellm_pid = servers.enter_context(
                     litellm_server(
                         venv_python, litellm_config(upstream.url, cache), tmp / f"litellm-{kind}"
                     )
@@ -597,7 +644,8 @@ def main() -> None:
                     Peer("litellm", theirs, "/health/liveliness"),
                 ]
                 print(f"\n{kind}: " + ", ".join(f"{p.name} at {p.url}" for p in peers), flush=True)
-                figures = anyio.run(measure, upstream, peers, kind, args.rounds)
+                pids = [upstream_pid, ours.pid, litellm_pid, *redis_pid]
+                figures = anyio.run(measure, upstream, peers, kind, args.rounds, pids)
             results["backends"][kind] = figures
             table(kind, litellm, figures)
     if args.json is not None:
