@@ -16,9 +16,9 @@ and measures, with one httpx2 client for both, on ``POST /v1/responses``:
   both no new request at the upstream (it counts them: ``GET /_mock/stats``);
 - **miss, time to first and last byte** (a new prompt each time, one upstream call each,
   checked), next to the same request straight to the upstream;
-- before every timed call the servers are left to settle (no process uses more than 1 ms of
-  CPU in 50 ms): no call pays for work another server does after it answered (the JSON
-  records how long each server stayed busy after each call);
+- before every timed call the servers are left to settle (together, less than 1 ms of CPU in
+  50 ms): no call pays for work a server does after it answered (the JSON records how long
+  they stayed busy after each call);
 - **events replayed vs original**, **byte identity** and **event identity** of a hit against
   the upstream's own answer, and whether the answer text is the same;
 - **20 simultaneous identical requests** (a new prompt; 20 connections opened first, then
