@@ -148,10 +148,14 @@ class _Options:
 
     def _passthrough(self, upstream: Any, ex: Exchange) -> Any:
         # Nothing to record: the upstream's response as it is, plus our headers.
+        return self._relay(upstream, ex, upstream.stream)
+
+    def _relay(self, upstream: Any, ex: Exchange, stream: Any) -> Any:
+        """The upstream's response with our headers, its body read from ``stream``."""
         return self._lib.Response(
             upstream.status_code,
             headers=merge_headers(upstream.headers.raw, ex.headers()),
-            stream=upstream.stream,
+            stream=stream,
             extensions=upstream.extensions,
         )
 
@@ -220,17 +224,7 @@ class AsyncCacheTransportBase(_Options):
             if tee is None:
                 await opened.leave()
                 return self._passthrough(upstream, ex)
-            body = types["AsyncTeeBody"](
-                upstream.stream,
-                tee,
-                opened,
-            )
-            return lib.Response(
-                upstream.status_code,
-                headers=merge_headers(upstream.headers.raw, ex.headers()),
-                stream=body,
-                extensions=upstream.extensions,
-            )
+            return self._relay(upstream, ex, types["AsyncTeeBody"](upstream.stream, tee, opened))
         except BaseException as exc:
             await opened.leave(exc)
             raise
@@ -329,18 +323,8 @@ class CacheTransportBase(_Options):
             if tee is None:
                 opened.leave()
                 return self._passthrough(upstream, ex)
-            body = types["SyncTeeBody"](
-                upstream.stream,
-                tee,
-                opened,
-                portal,
-            )
-            return lib.Response(
-                upstream.status_code,
-                headers=merge_headers(upstream.headers.raw, ex.headers()),
-                stream=body,
-                extensions=upstream.extensions,
-            )
+            body = types["SyncTeeBody"](upstream.stream, tee, opened, portal)
+            return self._relay(upstream, ex, body)
         except BaseException as exc:
             opened.leave(exc)
             raise
