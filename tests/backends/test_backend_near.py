@@ -12,6 +12,7 @@ import os
 import sqlite3
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -318,4 +319,111 @@ async def test_a_moved_probe_is_reopened_on_the_current_file(
     backend._probe.close()
     assert await backend.get("k") == b"v"
     assert backend.cached("k") is None
+    await backend.aclose()
+
+
+class HeldRead:
+    """Holds the worker thread inside the read of one key, after its row was read, until
+    released: the backend's one connection stays busy meanwhile."""
+
+    def __init__(self, backend: SQLiteBackend, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.read_done = threading.Event()
+        self.release = threading.Event()
+        real = backend._table.read
+
+        def held(conn: Any, k: str, began: Any = None) -> Any:
+            row = real(conn, k, began)
+            if k == key and not self.read_done.is_set():
+                self.read_done.set()
+                self.release.wait(30)  # (a bound so that a broken test fails, not hangs)
+            return row
+
+        monkeypatch.setattr(backend._table, "read", held)
+
+    async def until_read(self) -> None:
+        await anyio.to_thread.run_sync(self.read_done.wait)
+
+
+async def test_hits_after_a_commit_share_one_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A commit by anyone empties the near cache; the hot key's hits that then arrive together
+    # wait for one read (two at most: the first may begin before the rest arrive), not one
+    # each on the backend's single connection.
+    path = tmp_path / "c.db"
+    backend = SQLiteBackend(path)
+    await backend.set("k", b"v" * 5000, None)
+    assert await backend.get("k") == b"v" * 5000
+    await other_process(path, "set", "another key", "x")
+    threads = Threads(backend, monkeypatch)
+    results: list[bytes | None] = []
+
+    async def look() -> None:
+        results.append(await backend.get("k"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(look)
+    assert results == [b"v" * 5000] * 50
+    assert 1 <= threads.reads <= 2
+    assert backend.cached("k") == b"v" * 5000  # kept again
+    await backend.aclose()
+
+
+async def test_a_lookup_after_a_read_began_reads_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The read under way had its row before another process's commit completed: a lookup
+    # arriving after that commit must not share it.
+    path = tmp_path / "c.db"
+    backend = SQLiteBackend(path)
+    await backend.set("k", b"old", None)
+    held = HeldRead(backend, "k", monkeypatch)
+    results: dict[str, bytes | None] = {}
+
+    async def look(name: str) -> None:
+        results[name] = await backend.get("k")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(look, "before the commit")
+        await held.until_read()
+        await other_process(path, "set", "k", "new")
+        tg.start_soon(look, "after the commit")
+        await anyio.wait_all_tasks_blocked()  # it waits for the connection
+        held.release.set()
+    assert results == {"before the commit": b"old", "after the commit": b"new"}
+    assert await backend.get("k") == b"new"
+    await backend.aclose()
+
+
+async def test_a_cancelled_lookup_does_not_strand_those_sharing_its_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled while its read waits for the connection (a client gone): the lookups that
+    # joined it read for themselves.
+    path = tmp_path / "c.db"
+    backend = SQLiteBackend(path)
+    await backend.set("busy", b"b", None)
+    await backend.set("k", b"v", None)
+    held = HeldRead(backend, "busy", monkeypatch)
+    threads = Threads(backend, monkeypatch)
+    results: dict[str, bytes | None] = {}
+
+    async def look(name: str, key: str) -> None:
+        results[name] = await backend.get(key)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(look, "busy", "busy")
+        await held.until_read()  # the connection is taken
+        with anyio.CancelScope() as first:
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(look, "first", "k")
+                await anyio.wait_all_tasks_blocked()  # "first" owns the read of "k"
+                tg.start_soon(look, "joined", "k")
+                await anyio.wait_all_tasks_blocked()
+                assert len(backend._reads) == 1  # "joined" shares the read of "first"
+                first.cancel()
+        held.release.set()
+    assert results == {"busy": b"b", "joined": b"v"}
+    assert threads.reads == 3  # busy, first (cancelled while queued), joined
     await backend.aclose()

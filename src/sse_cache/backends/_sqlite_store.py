@@ -165,8 +165,13 @@ class EntryTable:
         """Purge expired rows at the next write: the file open now is another one."""
         self._last_purge = -math.inf
 
-    def read(self, conn: sqlite3.Connection, key: str) -> tuple[bytes, float | None] | None:
-        """The value of ``key`` and its deadline, or None when missing or expired."""
+    def read(
+        self, conn: sqlite3.Connection, key: str, began: Callable[[], None] | None = None
+    ) -> tuple[bytes, float | None] | None:
+        """The value of ``key`` and its deadline, or None when missing or expired;
+        ``began`` is called right before the row is read."""
+        if began is not None:
+            began()
         row = conn.execute(_GET, (key,)).fetchone()
         if row is None:
             return None

@@ -10,6 +10,8 @@ aiosqlite would not be.
 Hot values are also kept in a near cache (:class:`~sse_cache.backends._near.NearCache`) and
 served on the caller's thread without that hop while SQLite's ``PRAGMA data_version``, read on
 a second connection that never waits for a lock, says that no connection has committed since.
+Lookups of one key that do go to the worker thread together share one read of its row
+(:class:`~sse_cache.backends._sqlite_reads.SharedReads`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ._common import Options, check_open, expires_at, to_bytes
 from ._near import NearCache
 from ._sqlite_file import DatabaseFile
 from ._sqlite_probe import VersionProbe
+from ._sqlite_reads import SharedReads
 from ._sqlite_store import EntryTable
 
 __all__ = ["SQLiteBackend", "from_url"]
@@ -86,6 +89,10 @@ class SQLiteBackend:
       thread with a zero busy timeout: when it cannot be read at once, the lookup goes to
       the worker thread as before. A file replaced at the path is noticed within
       ``check_interval``, as above. Files only (not ``:memory:``); 0 turns it off.
+    - *Shared reads*: lookups of one key that go to the worker thread while a read of it is
+      queued but not begun share that read (the row it reads is newer than any of them), so
+      the hits that arrive after a commit emptied the near cache wait for one read, not one
+      each.
 
     Works under asyncio and trio: the stdlib ``sqlite3`` module runs in anyio worker threads,
     one call at a time per backend.
@@ -133,6 +140,7 @@ class SQLiteBackend:
         if not self._db.watch:
             self._near.max_bytes = 0  # a private database: no second connection can see it
         self._probe = VersionProbe(self._db, on_close=self._near.clear)
+        self._reads: SharedReads[tuple[bytes, float | None] | None] = SharedReads()
 
     def __repr__(self) -> str:
         return f"SQLiteBackend({self.path!r}, max_bytes={self._table.max_bytes})"
@@ -149,7 +157,10 @@ class SQLiteBackend:
         # The version is read before the row: a commit in between makes the kept value look
         # older than it is (dropped at the next lookup), never newer.
         version = self._version() if self._near.enabled else None
-        row = await self._call(self._table.read, key, read=True)
+        # Lookups of this key arriving before the read begins share it (_sqlite_reads).
+        row = await self._reads.run(
+            key, lambda began: self._call(self._table.read, key, began, read=True)
+        )
         if row is None:
             return None
         value, deadline = row
