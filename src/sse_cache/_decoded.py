@@ -50,9 +50,14 @@ class DecodedEntries(Generic[_T]):
         item = self._items.peek(name)
         if item is None:
             return None
-        if item[0] is not raw and item[0] != raw:
-            self._items.discard(name)
-            return None
+        if item[0] is not raw:
+            if item[0] != raw:
+                self._items.discard(name)
+                return None
+            # The same bytes in another object (the backend read them again): keep this one,
+            # so the next hit is an identity check again, not a comparison of every byte.
+            self._items.swap(name, (raw, item[1]))
+            return item[1]
         self._items.touch(name)
         return item[1]
 

@@ -36,6 +36,13 @@ class SizedLRU(Generic[_V]):
         """Count ``key`` (kept) as just used."""
         self._items.move_to_end(key)
 
+    def swap(self, key: str, value: _V) -> None:
+        """Keep ``value`` under ``key`` (kept) in place of its value, at the same size, as
+        just used."""
+        _, size = self._items[key]
+        self._items[key] = (value, size)
+        self._items.move_to_end(key)
+
     def put(self, key: str, value: _V, size: int) -> None:
         """Keep ``value`` under ``key`` (replacing what was kept), counted as ``size`` bytes."""
         self.discard(key)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from sse_cache._decoded import DecodedEntries
 from sse_cache._lru import SizedLRU
 
 BUDGET = 100
@@ -59,3 +60,29 @@ class LRUMachine(RuleBasedStateMachine):
 
 
 TestSizedLRU = LRUMachine.TestCase
+
+
+class _CountingBytes(bytes):
+    """Bytes that count how often they are compared (``!=`` with plain bytes on the left
+    asks this subclass first)."""
+
+    comparisons = 0
+
+    def __ne__(self, other: object) -> bool:
+        type(self).comparisons += 1
+        return bytes.__ne__(self, other)  # type: ignore[operator]
+
+
+def test_equal_bytes_read_again_are_compared_once_then_trusted_by_identity() -> None:
+    # A backend that reads an entry again returns a new bytes object with the same bytes: the
+    # decoded entry is reused, and the new object kept, so that later hits are an identity
+    # check and not a comparison of every byte (a 195 KB memcmp per hit).
+    cache: DecodedEntries[str] = DecodedEntries(10_000)
+    cache.put("k", b"x" * 100, "decoded", lambda _: 10)
+    again = _CountingBytes(b"x" * 100)
+    assert cache.get("k", again) == "decoded"
+    assert cache.get("k", again) == "decoded"
+    assert cache.get("k", again) == "decoded"
+    assert _CountingBytes.comparisons == 1
+    assert cache.get("k", b"y" * 100) is None  # other bytes: forgotten
+    assert len(cache) == 0
