@@ -12,6 +12,7 @@ import pytest
 
 from sse_cache import CacheStatus, Notice, serialize_sse
 from sse_cache.http import CacheService, Decision
+from sse_cache.http._tee import media_type, not_recorded_because
 from sse_cache.testing import responses_stream
 
 pytestmark = pytest.mark.anyio
@@ -164,3 +165,27 @@ async def test_an_invalid_control_header_is_a_config_error_and_a_notice(
     with pytest.raises(ConfigError, match="x-sse-cache-ttl"):
         service.decide("POST", PATH, headers(**{"x-sse-cache-ttl": "soon"}), body())
     assert [n.kind for n in notices] == ["invalid"]
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "wanted", "why"),
+    [
+        (200, {"content-type": "text/event-stream; charset=utf-8"}, True, ""),
+        (200, {"content-type": "application/json"}, True, ""),
+        (200, {"content-type": "text/event-stream"}, False, "not to be stored"),
+        (429, {"content-type": "text/event-stream"}, True, "upstream status 429"),
+        (
+            200,
+            {"content-type": "text/event-stream", "content-encoding": "gzip"},
+            True,
+            "compressed response body",
+        ),
+        (200, {"content-type": "text/html"}, True, "content type text/html"),
+        (200, {}, True, "content type missing"),
+    ],
+)
+def test_which_upstream_answers_are_recorded(
+    status: int, headers: dict[str, str], wanted: bool, why: str
+) -> None:
+    # The reason is what the access log and the not_stored notice say.
+    assert not_recorded_because(status, headers, media_type(headers), wanted=wanted) == why

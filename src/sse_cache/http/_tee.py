@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 
@@ -21,10 +21,32 @@ from ..protocols import (
     Outcome,
 )
 from ..recorder import DEFAULT_MAX_ENTRY_BYTES
-from ._answers import JSON_TYPE
+from ._answers import JSON_TYPE, SSE_TYPE
 from ._fanout import _FANOUT_TTL, _encode_head, _Lease
 
 logger = logging.getLogger("sse_cache")
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    """The media type of a response's ``content-type`` (lower-case names), without its
+    parameters."""
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def not_recorded_because(
+    status: int, headers: Mapping[str, str], media: str, *, wanted: bool
+) -> str:
+    """Why the upstream's response (``headers`` with lower-case names) is not recorded for
+    storage, or ``""`` when it is: only a wanted 2xx, uncompressed SSE or JSON answer is."""
+    if not wanted:
+        return "not to be stored"
+    if not 200 <= status < 300:
+        return f"upstream status {status}"
+    if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+        return "compressed response body"
+    if media not in (SSE_TYPE, JSON_TYPE):
+        return f"content type {media or 'missing'}"
+    return ""
 
 
 class ResponseTee:

@@ -53,7 +53,6 @@ from ..protocols import (
 )
 from . import _resume
 from ._answers import (
-    JSON_TYPE,
     SSE_TYPE,
     Answer,
     _as_shared,
@@ -69,17 +68,13 @@ from ._fanout import (
     lead_or_follow,
 )
 from ._resume import alias_key, live_alias_key
-from ._tee import ResponseTee
+from ._tee import ResponseTee, media_type, not_recorded_because
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import CachePolicy, Decision
 
 __all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", "ResponseTee"]
 
 logger = logging.getLogger("sse_cache")
-
-
-def _media_type(content_type: str) -> str:
-    return content_type.split(";", 1)[0].strip().lower()
 
 
 class CacheService:
@@ -466,17 +461,10 @@ class Exchange:
                 live.respond(head)
         controls = self.decision.controls
         lowered = {k.lower(): v for k, v in headers}
-        reason = ""
-        media = _media_type(lowered.get("content-type", ""))
-        if not controls.store or self.decision.last_event_id is not None:
-            # A reconnecting client may get only the rest of a stream: never store that.
-            reason = "not to be stored"
-        elif not 200 <= status < 300:
-            reason = f"upstream status {status}"
-        elif lowered.get("content-encoding", "identity").lower() not in ("", "identity"):
-            reason = "compressed response body"
-        elif media not in (SSE_TYPE, JSON_TYPE):
-            reason = f"content type {media or 'missing'}"
+        media = media_type(lowered)
+        # A reconnecting client may get only the rest of a stream: never store that.
+        wanted = controls.store and self.decision.last_event_id is None
+        reason = not_recorded_because(status, lowered, media, wanted=wanted)
         tee: ResponseTee | None = None
         if reason:
             logger.debug("sse_cache: not recording %s: %s", self.key, reason)
