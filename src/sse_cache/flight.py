@@ -46,13 +46,20 @@ __all__ = [
     "Flights",
     "Head",
     "LiveFlight",
+    "MAX_JOINED_BYTES",
     "Phase",
+    "joined",
 ]
 
 T = TypeVar("T")
 
 #: Default bound of a flight's shared log (and of how far a follower may fall behind).
 DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
+#: At most this many bytes of the log are joined into one piece for a follower. The joined
+#: piece is the follower's own copy, alive until its client has taken it: a follower that
+#: catches up on a long log gets it slice by slice, each sent (and drained by a slow client)
+#: before the next is made, rather than a copy of the whole log per follower.
+MAX_JOINED_BYTES = 64 * 1024
 
 
 class SharedStreamAborted(SSECacheError):
@@ -436,11 +443,13 @@ class LiveFlight(Generic[T]):
     async def chunks(
         self: LiveFlight[bytes], cursor: Cursor, idle_timeout: float
     ) -> AsyncIterator[bytes]:
-        """:meth:`batches` of bytes, each batch joined."""
+        """:meth:`batches` of bytes, each batch joined into pieces of at most
+        :data:`MAX_JOINED_BYTES` (a longer chunk goes alone, as it is)."""
         batches = self.batches(cursor, idle_timeout)
         try:
             async for chunks in batches:
-                yield chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                for piece in joined(chunks, MAX_JOINED_BYTES):
+                    yield piece
         finally:
             await batches.aclose()  # type: ignore[attr-defined]
 
@@ -517,6 +526,22 @@ class LiveFlight(Generic[T]):
         if abandon is not None:
             with anyio.CancelScope(shield=True):
                 await abandon()
+
+
+def joined(chunks: list[bytes], limit: int) -> Iterator[bytes]:
+    """``chunks`` in order, consecutive ones joined into pieces of at most ``limit`` bytes; a
+    chunk longer than that is a piece of its own, not copied."""
+    if len(chunks) == 1:
+        yield chunks[0]
+        return
+    start, size = 0, 0
+    for i, chunk in enumerate(chunks):
+        if size and size + len(chunk) > limit:
+            yield chunks[start] if i - start == 1 else b"".join(chunks[start:i])
+            start, size = i, 0
+        size += len(chunk)
+    if start < len(chunks):
+        yield chunks[start] if len(chunks) - start == 1 else b"".join(chunks[start:])
 
 
 class Flights:
