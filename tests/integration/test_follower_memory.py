@@ -28,7 +28,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from sse_cache.flight import MAX_JOINED_BYTES, joined
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import GatedUpstream
+from sse_cache.testing import GatedUpstream, responses_text_pieces
 
 KEY = {"authorization": "Bearer sk-follower-memory"}
 PAYLOAD = {"model": "gpt-mock", "input": "a long answer to follow", "stream": True}
@@ -84,20 +84,9 @@ sys.stdout.buffer.write(bytes(body))
 """
 
 
-def _event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
-
-
 def answer(deltas: int) -> list[bytes]:
     """A Responses stream of ``deltas`` 4 KiB text deltas, one chunk per event."""
-    response = {"id": "resp_mem", "object": "response", "model": "gpt-mock", "output": []}
-    events = [_event("response.created", {"sequence_number": 0, "response": response})]
-    for i in range(deltas):
-        delta = {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": TEXT}
-        events.append(_event("response.output_text.delta", {"sequence_number": i + 1, **delta}))
-    done = {**response, "status": "completed"}
-    events.append(_event("response.completed", {"sequence_number": deltas + 1, "response": done}))
-    return events
+    return responses_text_pieces(deltas, TEXT, response_id="resp_mem")
 
 
 @asynccontextmanager

@@ -10,7 +10,6 @@ around it counts the body messages it sends.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +22,7 @@ import pytest
 from sse_cache import SSEParser
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.proxy import create_proxy_app
+from sse_cache.testing import responses_text_pieces
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -31,20 +31,9 @@ PAYLOAD = {"model": "gpt-mock", "input": "forwarded in few writes", "stream": Tr
 DEADLOCK_GUARD = 30  # seconds: only a hung test ever reaches it
 
 
-def _event(name: str, data: dict[str, Any]) -> bytes:
-    return f"event: {name}\ndata: {json.dumps({'type': name, **data})}\n\n".encode()
-
-
 def answer(deltas: int) -> list[bytes]:
     """A complete Responses stream with ``deltas`` text deltas, one ``bytes`` per event."""
-    response = {"id": "resp_batch", "object": "response", "model": "gpt-mock", "output": []}
-    events = [_event("response.created", {"sequence_number": 0, "response": response})]
-    for i in range(deltas):
-        delta = {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": f"w{i} "}
-        events.append(_event("response.output_text.delta", {"sequence_number": i + 1, **delta}))
-    done = {**response, "status": "completed"}
-    events.append(_event("response.completed", {"sequence_number": deltas + 1, "response": done}))
-    return events
+    return responses_text_pieces(deltas, lambda i: f"w{i} ", response_id="resp_batch")
 
 
 def _chunked(events: Sequence[bytes]) -> bytes:

@@ -23,6 +23,7 @@ from ._pacing import paced as paced
 from ._request import ERROR_MODES as ERROR_MODES
 from ._responses import responses_body as responses_body
 from ._responses import responses_stream as responses_stream
+from ._responses import responses_text_pieces as responses_text_pieces
 from ._text import mock_text as mock_text
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "paced",
     "responses_body",
     "responses_stream",
+    "responses_text_pieces",
 ]

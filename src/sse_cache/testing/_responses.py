@@ -15,7 +15,13 @@ from ._request import Answer, Options, as_dict, as_list, last_item, positive_int
 from ._schema import fake_object, json_schema_format, output_text
 from ._text import chunks, dumps, hex_ident, ident, mock_text, rng, split_every, tokens, words
 
-__all__ = ["responses_answer", "responses_body", "responses_events", "responses_stream"]
+__all__ = [
+    "responses_answer",
+    "responses_body",
+    "responses_events",
+    "responses_stream",
+    "responses_text_pieces",
+]
 
 _encode: Final = msgspec.json.Encoder().encode
 
@@ -325,3 +331,35 @@ def responses_answer(body: Mapping[str, Any], opts: Options, digest: str, tokens
         return [Event(dumps(payload), "response.failed")]
 
     return Answer(events, _encode(final), failure, (200, _encode(failed)))
+
+
+def responses_text_pieces(
+    deltas: int, text: str | Callable[[int], str], *, response_id: str = "resp_test"
+) -> list[bytes]:
+    """The smallest complete Responses stream, as SSE bytes one event a piece (what
+    :class:`~sse_cache.testing.GatedUpstream` sends one body message each):
+    ``response.created``, ``deltas`` text deltas (``text``, or ``text(i)`` for the i-th) and
+    ``response.completed``. For tests that need a stream of a known size or shape rather than
+    a realistic one (:func:`responses_stream`)."""
+    response = {"id": response_id, "object": "response", "model": "gpt-mock", "output": []}
+
+    def piece(kind: str, number: int, **fields: Any) -> bytes:
+        payload = {"type": kind, "sequence_number": number, **fields}
+        return f"event: {kind}\ndata: {dumps(payload)}\n\n".encode()
+
+    out = [piece("response.created", 0, response=response)]
+    for i in range(deltas):
+        delta = text(i) if callable(text) else text
+        out.append(
+            piece(
+                "response.output_text.delta",
+                i + 1,
+                item_id="msg_1",
+                output_index=0,
+                content_index=0,
+                delta=delta,
+            )
+        )
+    done = {**response, "status": "completed"}
+    out.append(piece("response.completed", deltas + 1, response=done))
+    return out
