@@ -17,6 +17,9 @@ from .engine import (
 )
 from .entry import Entry as Entry
 from .errors import (
+    BackendBusy as BackendBusy,
+)
+from .errors import (
     BackendError as BackendError,
 )
 from .errors import (
@@ -65,6 +68,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "BackendBusy",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",

@@ -25,7 +25,7 @@ from ._notices import Hook, Notice, emit
 from .breaker import Breaker, BreakerState
 from .codec import WireEntry
 from .entry import Entry
-from .errors import CorruptEntry
+from .errors import BackendBusy, CorruptEntry
 from .events import serialize_sse
 from .protocols import Backend, EventCodec, NearCachingBackend, WireCodec
 
@@ -196,6 +196,12 @@ class EntryStore:
         try:
             with anyio.fail_after(self.timeout):
                 result = await call()
+        except BackendBusy:
+            # This process is asking more at once than its pool holds: no verdict on the
+            # backend itself (see BackendBusy).
+            breaker.cancelled()
+            self._timed(operation, time.monotonic() - started)
+            raise
         except Exception as exc:
             ended = time.monotonic()
             breaker.failure(ended, repr(exc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "BackendBusy",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",
@@ -42,3 +43,10 @@ class BackendUnavailable(BackendError, ConnectionError):
 
 class BackendTimeout(BackendError, TimeoutError):
     """The backend did not answer within its per-operation timeout."""
+
+
+class BackendBusy(BackendTimeout):
+    """Every connection of this process's pool to the backend stayed in use for the whole
+    timeout: more operations at once than the pool holds. The server may be healthy, so the
+    breaker does not count it as a failure (skipping a busy backend would send every stored
+    answer upstream under load); the operation is still a miss or a skipped store."""

@@ -43,9 +43,12 @@ import anyio
 import httpx2
 import pytest
 
+from sse_cache import Breaker, Entry, Event, Notice, StreamCache
+from sse_cache.adapters import GenericSSE
 from sse_cache.backends import from_url
 from sse_cache.backends.redis import RedisBackend
-from sse_cache.errors import BackendTimeout
+from sse_cache.breaker import BreakerState
+from sse_cache.errors import BackendBusy
 from sse_cache.proxy import create_proxy_app
 from sse_cache.testing import MockUpstream
 
@@ -306,13 +309,45 @@ async def test_an_exhausted_redis_pool_is_reported_as_such(redis_server: Any) ->
         pool = backend.client.connection_pool
         busy = await pool.get_connection()  # the only connection, held by someone else
         try:
-            with pytest.raises(BackendTimeout, match="no pooled Redis connection came free"):
+            with pytest.raises(BackendBusy, match="no pooled Redis connection came free"):
                 await backend.get("k")
         finally:
             await pool.release(busy)
         assert await backend.get("k") == b"v"
     finally:
         await backend.aclose()
+
+
+async def test_a_busy_redis_pool_does_not_open_the_breaker(redis_server: Any) -> None:
+    # A burst larger than this process's pool is not a failing backend: were it counted, the
+    # breaker would skip a healthy Redis for its cooldown and send every stored answer to the
+    # (paid) upstream, under load. Each busy lookup is a miss; the breaker stays closed and
+    # the entry is found again once the pool has room. A dead server still opens it
+    # (tests/engine/test_breaker.py).
+    url = f"{redis_server.url}?max_connections=1&timeout=0.2&prefix=busy-{os.getpid()}:"
+    notices: list[Notice] = []
+    breaker = Breaker(failures=2, cooldown=3600)
+    cache = StreamCache(url, GenericSSE(), breaker=breaker, hooks=[notices.append])
+    try:
+        entry = Entry(schema="generic", created_at=1.0, status=200,
+                      content_type="text/event-stream", events=(Event("x"),))  # fmt: skip
+        assert await cache.store("k", entry)
+        backend = cache.backend
+        assert isinstance(backend, RedisBackend)
+        pool = backend.client.connection_pool
+        held = await pool.get_connection()  # the only connection, held by someone else
+        try:
+            for _ in range(4):  # twice the breaker's threshold
+                assert await cache.lookup("k") is None
+        finally:
+            await pool.release(held)
+        assert breaker.state is BreakerState.CLOSED
+        assert [n.kind for n in notices if n.kind == "read_failed"] == ["read_failed"] * 4
+        assert not [n for n in notices if n.kind == "breaker"]
+        found = await cache.lookup("k")
+        assert found is not None and found.events == entry.events
+    finally:
+        await cache.aclose()
 
 
 # -- Redis and memcached killed, then restarted -----------------------------------------------

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
-from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from ..errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ._common import check_open, parse_hosts
 
 __all__ = ["Commands", "cluster_client", "map_exceptions", "standalone_client"]
@@ -62,7 +62,7 @@ def map_exceptions(what: str) -> Iterator[None]:
         # The blocking pool waited ``timeout`` for a free connection: a burst larger than the
         # pool, or a slow server holding every connection. Redis itself may be fine; the
         # message must not send an operator to look at it.
-        raise BackendTimeout(
+        raise BackendBusy(
             f"{what}: no pooled Redis connection came free in time: more operations at once "
             f"than ?max_connections=, or every connection waiting on a slow server ({exc})"
         ) from exc
