@@ -37,17 +37,22 @@ class Server:
 
 
 @contextmanager
-def server(*args: str, log: Path | None = None) -> Iterator[Server]:
+def server(
+    *args: str, log: Path | None = None, env: dict[str, str] | None = None
+) -> Iterator[Server]:
     """Run ``args`` (``{port}`` replaced by a free port) until it accepts connections; yield
     its URL and pid; terminate it at the end. ``log``: a file that gets its stdout and stderr
-    (appended; default: discarded)."""
+    (appended; default: discarded). ``env``: variables added to this process's for it."""
     port = free_port()
     argv = [a.replace("{port}", str(port)) for a in args]
+    child_env = None if env is None else {**os.environ, **env}
     if log is None:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=child_env
+        )
     else:
         with log.open("ab") as out:  # the child keeps its own copy of the descriptor
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=child_env)
     try:
         deadline = time.monotonic() + 30
         while True:

@@ -92,10 +92,11 @@ CONNECTIONS = (10, 50, 100, 200)
 MEMORY_COUNTS = (1, 10, 100, 500)
 MEMORY_DELTAS = (200, 2_000)
 # The ceiling: uvicorn serving the same bytes from a plain ASGI app (the request body read,
-# the answer sent as one body message), as the proxy's own uvicorn would without a cache.
-STATIC_APP = """
-import sys, uvicorn
-body = open(sys.argv[1], "rb").read()
+# the answer — the file named by $BENCH_BODY — sent as one body message), as the proxy's own
+# uvicorn would without a cache. bench_server.py imports the app's source as a module.
+STATIC_APP_SOURCE = """
+import os
+body = open(os.environ["BENCH_BODY"], "rb").read()
 head = [(b"content-type", b"text/event-stream; charset=utf-8")]
 async def app(scope, receive, send):
     if scope["type"] != "http":
@@ -105,8 +106,14 @@ async def app(scope, receive, send):
         more = (await receive()).get("more_body", False)
     await send({"type": "http.response.start", "status": 200, "headers": head})
     await send({"type": "http.response.body", "body": body})
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """
+STATIC_APP = (
+    STATIC_APP_SOURCE
+    + """
+import sys, uvicorn
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+)
 
 
 # -- a minimal HTTP/1.1 client ----------------------------------------------------------------
@@ -344,7 +351,9 @@ def spread(values: list[float], unit: float = 1.0, digits: int = 0) -> str:
 
 @contextmanager
 def static_server(body: Path) -> Iterator[Server]:
-    with server(sys.executable, "-c", STATIC_APP, str(body), "{port}") as running:
+    with server(
+        sys.executable, "-c", STATIC_APP, "{port}", env={"BENCH_BODY": str(body)}
+    ) as running:
         yield running
 
 

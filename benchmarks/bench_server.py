@@ -77,6 +77,7 @@ from _servers import Server, server
 from bench_scale import (
     DEFAULT_STREAM,
     REAL_STREAMS,
+    STATIC_APP_SOURCE,
     Call,
     load,
     machine,
@@ -96,21 +97,6 @@ STALLED = 30.0
 CLIENT_CPU, SERVER_CPU = 0, 1
 FACTORY = "sse_cache.cli.proxy:app_from_environment"
 PAYLOAD = {"model": "o3-mini", "input": "bench server", "stream": True}
-# The ceiling's app as a module both servers can import (bench_scale's STATIC_APP runs
-# uvicorn itself).
-STATIC_MODULE = """
-import os
-body = open(os.environ["BENCH_BODY"], "rb").read()
-head = [(b"content-type", b"text/event-stream; charset=utf-8")]
-async def app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    more = True
-    while more:
-        more = (await receive()).get("more_body", False)
-    await send({"type": "http.response.start", "status": 200, "headers": head})
-    await send({"type": "http.response.body", "body": body})
-"""
 
 
 @dataclass(frozen=True)
@@ -229,7 +215,7 @@ class Figures:
 async def bench(args: argparse.Namespace, tmp: Path, recording: bytes) -> list[Figures]:
     body = tmp / "recording.sse"
     body.write_bytes(recording)
-    (tmp / "static_app.py").write_text(STATIC_MODULE)
+    (tmp / "static_app.py").write_text(STATIC_APP_SOURCE)
     chosen = [VARIANTS[name] for name in args.servers]
     if args.static:
         chosen += [VARIANTS["static-uvicorn"], VARIANTS["static-granian"]]
