@@ -66,6 +66,12 @@ class EntryStore:
         )
         self.schema = schema
         self.codec = codec
+        # Decided once: a runtime protocol check costs more than the rest of a hot lookup.
+        self._decode_wire: Callable[[bytes], WireEntry] = (
+            codec.decode_wire
+            if isinstance(codec, WireCodec)
+            else lambda data: _to_wire(codec.decode(data))
+        )
         self.decoded = decoded
         self.breaker = breaker
         self.timeout = timeout
@@ -90,13 +96,7 @@ class EntryStore:
         raw = await self._fetch(key)
         if raw is None:
             return None
-        codec = self.codec
-        decode: Callable[[bytes], WireEntry] = (
-            codec.decode_wire
-            if isinstance(codec, WireCodec)
-            else lambda data: _to_wire(codec.decode(data))
-        )
-        wire = await self._decoded(self._names[1], key, raw, WireEntry, decode)
+        wire = await self._decoded(self._names[1], key, raw, WireEntry, self._decode_wire)
         return None if wire is None else self._fresh(key, wire, max_age)
 
     async def store(self, key: str, entry: Entry, ttl: float | None) -> bool:

@@ -52,23 +52,55 @@ def _hit_answer(
     hooks: Iterable[Hook],
     key: str,
     entry: Entry | WireEntry,
-    chunks: AsyncIterator[bytes],
+    body: bytes | AsyncIterator[bytes],
     base: list[tuple[str, str]],
     events: int,
     duration: float,
-    *,
-    instant: bool = False,
 ) -> Answer:
     """A hit: ``base`` headers plus ``x-sse-cache``, the key, ``age`` and the remaining TTL;
-    the hit and (once sent) the bytes replayed are reported to ``hooks``."""
+    the hit and (once sent) the bytes replayed are reported to ``hooks``. ``body``: all of
+    it (an instant answer), or its chunks as they are due."""
     now = time.time()
     headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
     headers.append(("age", str(max(0, int(now - entry.created_at)))))
     if entry.expires_at is not None:
         headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
     emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
-    chunks = _counted(hooks, key, chunks)
-    return Answer(status=200, headers=headers, chunks=chunks, instant=instant)
+    if isinstance(body, bytes):
+        return Answer(status=200, headers=headers, chunks=_Whole(hooks, key, body), instant=True)
+    return Answer(status=200, headers=headers, chunks=_counted(hooks, key, body))
+
+
+class _Whole:
+    """The chunks of an instant answer: its one body, counted as replayed once taken or
+    closed. (A class, not two nested async generators: this is every hot hit's path.)"""
+
+    def __init__(self, hooks: Iterable[Hook], key: str, body: bytes) -> None:
+        self._hooks = hooks
+        self._key = key
+        self._body: bytes | None = body
+        self._sent = 0
+        self._counted = False
+
+    def __aiter__(self) -> _Whole:
+        return self
+
+    async def __anext__(self) -> bytes:
+        body, self._body = self._body, None
+        if body is None:
+            self._count()
+            raise StopAsyncIteration
+        self._sent = len(body)
+        return body
+
+    async def aclose(self) -> None:
+        self._body = None
+        self._count()
+
+    def _count(self) -> None:
+        if not self._counted:
+            self._counted = True
+            emit(self._hooks, Notice(kind="replayed", key=self._key, bytes=self._sent))
 
 
 async def _counted(
@@ -110,10 +142,6 @@ def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
     return events
 
 
-async def _one(body: bytes) -> AsyncIterator[bytes]:
-    yield body
-
-
 async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator[bytes]:
     # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
     # and live streams come as they are due and are written at once. ``eol``: the line ends
@@ -138,17 +166,17 @@ def answer_wire(
     """A streamed hit straight from the stored bytes (the fast path): the recorded SSE, or
     SSE synthesised from a stored JSON body. None when the body cannot be synthesised."""
     if wire.sse is not None:
-        chunks = _one(wire.sse)  # already in the recorded line ends (wire.eol)
+        body = wire.sse  # already in the recorded line ends (wire.eol)
         content_type, events, duration = wire.content_type, wire.count, wire.duration
     else:
         assert wire.body is not None
         synthesized = cache.adapter.synthesize(wire.body)
         if synthesized is None:
             return None
-        chunks = _one(serialize_sse(synthesized))  # synthesised: canonical LF
+        body = serialize_sse(synthesized)  # synthesised: canonical LF
         content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
     base = [("content-type", content_type), *_SSE_HEADERS]
-    return _hit_answer(hooks, key, wire, chunks, base, events, duration, instant=True)
+    return _hit_answer(hooks, key, wire, body, base, events, duration)
 
 
 def answer_entry(
@@ -170,16 +198,16 @@ def answer_entry(
         content_type = entry.content_type if entry.is_stream else SSE_TYPE
         base = [("content-type", content_type), *_SSE_HEADERS]
         # A recorded stream in its recorded line ends; a synthesised one in LF.
-        chunks = _stream_chunks(stream, entry.eol if entry.is_stream else "lf")
+        chunks: bytes | AsyncIterator[bytes] = _stream_chunks(
+            stream, entry.eol if entry.is_stream else "lf"
+        )
     else:
         body = cache.body_of(entry)
         if body is None:
             return None
         content_type = JSON_TYPE if entry.is_stream else entry.content_type
         base = [("content-type", content_type), ("content-length", str(len(body)))]
-        chunks = _one(body)
+        chunks = body
     recorded = entry.events or ()
     duration = recorded[-1].at if recorded else 0.0
-    return _hit_answer(
-        hooks, key, entry, chunks, base, len(recorded), duration, instant=not decision.streaming
-    )
+    return _hit_answer(hooks, key, entry, chunks, base, len(recorded), duration)

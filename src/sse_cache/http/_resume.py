@@ -19,7 +19,7 @@ from ..events import Event, serialize_sse
 from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from ..keys import ALIAS_PREFIX
 from ..protocols import ResumingAdapter, StreamAdapter
-from ._answers import _SSE_HEADERS, Answer, _after, _as_shared, _counted, _hit_answer, _one
+from ._answers import _SSE_HEADERS, Answer, _after, _as_shared, _counted, _hit_answer
 from ._fanout import _CHANNEL, _channel, _FanoutBackend, _follow_channel, _open_channel
 from .policy import CachePolicy
 
@@ -107,9 +107,9 @@ async def resume(
         return await _resume_remote(service, cache, live_alias, had)
     events = events_after(entry.events, after)
     base = [("content-type", entry.content_type), *_SSE_HEADERS]
-    chunks = _one(serialize_sse(events, eol=entry.eol))
+    body = serialize_sse(events, eol=entry.eol)
     duration = entry.events[-1].at if entry.events else 0.0
-    return _hit_answer(service.hooks, key, entry, chunks, base, len(events), duration, instant=True)
+    return _hit_answer(service.hooks, key, entry, body, base, len(events), duration)
 
 
 async def _resume_remote(

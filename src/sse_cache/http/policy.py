@@ -310,6 +310,12 @@ class CachePolicy:
             (route, _route_matcher(route), adapter)
             for route, adapter in sorted(self.routes.items(), key=lambda kv: -len(kv[0]))
         ]
+        # Each adapter's key headers, read once: a runtime protocol check on every request
+        # cost more than the rest of deciding it.
+        self._key_headers = {
+            id(adapter): adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ()
+            for adapter in self.routes.values()
+        }
         if isinstance(tenant, str) and tenant != SHARED_TENANT:
             raise ConfigError(f"tenant must be None, a callable or {SHARED_TENANT!r}")
         self._tenant = tenant
@@ -414,9 +420,7 @@ class CachePolicy:
             body=parsed,
             tenant=tenant,
             key_headers={
-                name: headers[name]
-                for name in (adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ())
-                if name in headers
+                name: headers[name] for name in self._key_headers[id(adapter)] if name in headers
             },
             last_event_id=headers.get("last-event-id"),
             controls=controls,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -165,17 +165,16 @@ class CacheService:
             emit(self.hooks, Notice(kind="invalid", key="", detail=str(exc)))
             raise
 
-    @asynccontextmanager
-    async def exchange(
+    def exchange(
         self, decision: Decision, *, publish: bool = False
-    ) -> AsyncIterator[Exchange]:
-        """One request/response, for a :meth:`decide` decision. Leaving the block normally
-        stores what completed; leaving it with an exception stores nothing.
+    ) -> AbstractAsyncContextManager[Exchange]:
+        """One request/response, for a :meth:`decide` decision, as an ``async with`` block.
+        Leaving the block normally stores what completed; leaving it with an exception stores
+        nothing.
 
         ``publish``: the integration calls :meth:`ResponseTee.flush` after each chunk, so a
         miss can lead a cross-process single-flight (``cross_process=True``)."""
-        async with Exchange(self, decision).run(publish=publish) as ex:
-            yield ex
+        return Exchange(self, decision).run(publish=publish)
 
     async def resume(
         self, method: str, path: str, query: str, headers: Mapping[str, str]
