@@ -159,12 +159,13 @@ async def _send_answer(send: Send, answer: Answer) -> None:
         {"type": "http.response.start", "status": answer.status, "headers": _encode(answer.headers)}
     )
     chunks = answer.chunks
+    if answer.instant:
+        # All in memory: the whole body in one message, the end of the response with it.
+        # (Taking the body ends the iterator: there is nothing left to close.)
+        body = b"".join([chunk async for chunk in chunks])
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        return
     try:
-        if answer.instant:
-            # All in memory: the whole body in one message, the end of the response with it.
-            body = b"".join([chunk async for chunk in chunks])
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-            return
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     finally:
