@@ -4,6 +4,7 @@ replaced or moved while open."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -473,13 +474,23 @@ async def test_replaced_file_is_noticed(tmp_path: Path, noticed_by: str) -> None
     await reader.aclose()
 
 
-async def test_moved_file_is_noticed_and_kept_whole(tmp_path: Path) -> None:
+async def test_moved_file_is_noticed_and_kept_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "cache.db"
     moved = tmp_path / "kept.db"
     backend = from_url(f"sqlite:///{path}?check_interval=0")  # 0: look before every call
     await fill(backend, "old")
+    assert not caplog.records
     os.rename(path, moved)  # without its -wal: what the WAL held is copied into it
-    await backend.set("new", b"v", None)
+    with caplog.at_level(logging.WARNING, logger="sse_cache.backends.sqlite"):
+        await backend.set("new", b"v", None)
+    # The operator sees that the swap was noticed, once, naming the path.
+    noticed = [r.getMessage() for r in caplog.records if "moved while open" in r.getMessage()]
+    assert noticed == [
+        f"sse_cache: the SQLite file at {path} was deleted, replaced or moved while open: "
+        "closed it, and the next call opens the file at that path"
+    ]
     assert set(rows(path)) == {"new"}
     await backend.aclose()
     assert integrity(path) == integrity(moved) == "ok"

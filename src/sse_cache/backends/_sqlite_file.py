@@ -317,3 +317,10 @@ class DatabaseFile:
         if moved:
             self._remove_if_unchanged(sidecars)
             self._on_replaced()  # another file: its expired rows are not ours to know
+            # An operator who swapped or deleted the file wants to see that it was noticed
+            # (and a surprise swap is worth a line in any log).
+            logger.warning(
+                "sse_cache: the SQLite file at %s was deleted, replaced or moved while open: "
+                "closed it, and the next call opens the file at that path",
+                self.where,
+            )
