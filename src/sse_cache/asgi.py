@@ -30,7 +30,6 @@ from ._asgi_io import (
     _send_answer_while_connected,
     task_group,
 )
-from ._notices import Notice, emit
 from .errors import ConfigError
 from .flight import SharedStreamAborted
 from .http._wire import merge_headers
@@ -237,10 +236,7 @@ class _Request:
         # The time to first byte, by cache status (metrics): what the client waited for.
         ex = self.exchange
         if ex is not None:
-            seconds = time.monotonic() - self.started
-            status = ex.status.value
-            notice = Notice(kind="first_byte", key=ex.key, detail=status, seconds=seconds)
-            emit(self.mw.service.hooks, notice)
+            ex.first_byte(time.monotonic() - self.started)
 
     async def _read_body(self) -> bytes | None:
         """The whole request body, or None when it is over the limit (then the messages read

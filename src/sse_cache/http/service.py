@@ -260,6 +260,17 @@ class Exchange:
             out.append(("x-sse-cache-key", self.key))
         return out
 
+    def first_byte(self, seconds: float) -> None:
+        """Report this response's time to first byte to the hooks: ``seconds`` from the
+        request's arrival to its first non-empty body bytes going to the client, as a
+        ``first_byte`` notice with this exchange's key and cache status in ``detail``
+        (:class:`~sse_cache.metrics.Metrics` observes it in
+        ``sse_cache_time_to_first_byte_seconds``). An integration calls it at most once per
+        response, also after the exchange was left (a passthrough), never for a response
+        that sent no body bytes."""
+        notice = Notice(kind="first_byte", key=self.key, detail=self.status.value, seconds=seconds)
+        emit(self._service.hooks, notice)
+
     async def _look(self, stack: AsyncExitStack, *, publish: bool = False) -> None:
         decision = self.decision
         adapter = decision.adapter
