@@ -17,6 +17,10 @@ single-flight, what is stored). A transport only translates:
   (deliver first, record second). The exchange is left when the body ends (stored if it
   completed) or when the client closes the response early (nothing stored).
 
+With hooks, every response on a cached route reports its time to first byte (a
+``first_byte`` notice, as from the ASGI middleware): from the start of ``handle_async_request``
+/ ``handle_request`` to its first non-empty chunk handed to the client.
+
 The sync transport drives the async service through an anyio blocking portal: one event loop
 in a daemon thread per transport, started on first use and stopped by ``close()``. The
 caller's thread never runs an event loop; the wrapped sync transport still does the network
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import ModuleType
@@ -146,9 +151,18 @@ class _Options:
             request.url.query.decode("latin-1"),
         )
 
-    def _passthrough(self, upstream: Any, ex: Exchange) -> Any:
-        # Nothing to record: the upstream's response as it is, plus our headers.
-        return self._relay(upstream, ex, upstream.stream)
+    def _started(self, started: float) -> float | None:
+        # When the request arrived, if anyone wants its time to first byte (the hooks).
+        return started if self.service.hooks else None
+
+    def _passthrough(self, upstream: Any, ex: Exchange, opened: _AsyncOpen | _SyncOpen) -> Any:
+        # Nothing to record: the upstream's response as it is, plus our headers (its body
+        # wrapped only to note its first bytes, when they are reported).
+        stream = upstream.stream
+        if opened.timing:
+            kind = "AsyncPassBody" if isinstance(opened, _AsyncOpen) else "SyncPassBody"
+            stream = _stream_types(self._lib)[kind](stream, opened)
+        return self._relay(upstream, ex, stream)
 
     def _relay(self, upstream: Any, ex: Exchange, stream: Any) -> Any:
         """The upstream's response with our headers, its body read from ``stream``."""
@@ -185,12 +199,14 @@ class AsyncCacheTransportBase(_Options):
         return self._lib.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: Any) -> Any:
+        started = time.monotonic()
         lib = self._lib
         service = self.service
         types = _stream_types(lib)
         if request.method == "GET":
             # A client resuming a stream by its id (Responses): from its live stream while it
-            # is produced, from the cache once stored; else the upstream answers.
+            # is produced, from the cache once stored; else the upstream answers. (Its time to
+            # first byte is not reported: the ASGI middleware reports none for a resume.)
             answer = await service.resume("GET", *_resume_args(request))
             if answer is not None:
                 opened = _AsyncOpen(_no_exchange())
@@ -203,7 +219,7 @@ class AsyncCacheTransportBase(_Options):
             decision = self._decide(request, await request.aread())
         except ConfigError as exc:
             return _error_response(lib, str(exc))
-        opened = _AsyncOpen(service.exchange(decision, publish=True))
+        opened = _AsyncOpen(service.exchange(decision, publish=True), self._started(started))
         ex = await opened.enter()
         try:
             answer = ex.answer
@@ -223,7 +239,7 @@ class AsyncCacheTransportBase(_Options):
                 raise
             if tee is None:
                 await opened.leave()
-                return self._passthrough(upstream, ex)
+                return self._passthrough(upstream, ex, opened)
             return self._relay(upstream, ex, types["AsyncTeeBody"](upstream.stream, tee, opened))
         except BaseException as exc:
             await opened.leave(exc)
@@ -281,6 +297,7 @@ class CacheTransportBase(_Options):
             return self._portal
 
     def handle_request(self, request: Any) -> Any:
+        started = time.monotonic()
         lib = self._lib
         service = self.service
         if request.method == "GET":
@@ -288,7 +305,7 @@ class CacheTransportBase(_Options):
             portal = self.portal
             answer = portal.call(service.resume, "GET", *_resume_args(request))
             if answer is not None:
-                opened = _SyncOpen(portal.wrap_async_context_manager(_no_exchange()))
+                opened = _SyncOpen(portal.wrap_async_context_manager(_no_exchange()), portal)
                 opened.enter()
                 body = _stream_types(lib)["SyncAnswerBody"](answer.chunks, opened, portal)
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
@@ -300,7 +317,9 @@ class CacheTransportBase(_Options):
             return _error_response(lib, str(exc))
         portal = self.portal
         opened = _SyncOpen(
-            portal.wrap_async_context_manager(service.exchange(decision, publish=True))
+            portal.wrap_async_context_manager(service.exchange(decision, publish=True)),
+            portal,
+            self._started(started),
         )
         ex = opened.enter()
         types = _stream_types(lib)
@@ -322,7 +341,7 @@ class CacheTransportBase(_Options):
                 raise
             if tee is None:
                 opened.leave()
-                return self._passthrough(upstream, ex)
+                return self._passthrough(upstream, ex, opened)
             body = types["SyncTeeBody"](upstream.stream, tee, opened, portal)
             return self._relay(upstream, ex, body)
         except BaseException as exc:

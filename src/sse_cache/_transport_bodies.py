@@ -1,12 +1,17 @@
 """The response bodies of the httpx / httpx2 cache transports (:mod:`sse_cache._transport`):
 a miss's body hands each upstream chunk to the client and records it; an answer's body
 replays from the cache. Async bodies run on the caller's event loop; sync ones drive the
-async service through the transport's blocking portal."""
+async service through the transport's blocking portal.
+
+Each body also notes when its first non-empty chunk goes to the client (only when the
+transport has hooks: one boolean check per chunk otherwise): the response's time to first
+byte, reported once through :meth:`Exchange.first_byte`, as the ASGI middleware does."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from functools import cache
@@ -39,18 +44,36 @@ def _aborted(lib: ModuleType, exc: SharedStreamAborted) -> Exception:
 
 
 class _AsyncOpen:
-    """An exchange entered by ``handle_async_request`` and left when the response ends."""
+    """An exchange entered by ``handle_async_request`` and left when the response ends.
 
-    __slots__ = ("_cm", "open")
+    ``started``: when the request arrived (``time.monotonic()``), to report the response's
+    time to first byte; None when nobody wants it (no hooks, or a resume: the middleware
+    reports none for those either)."""
 
-    def __init__(self, cm: AbstractAsyncContextManager[Exchange]) -> None:
+    __slots__ = ("_cm", "_ex", "_started", "open", "timing")
+
+    def __init__(
+        self, cm: AbstractAsyncContextManager[Exchange], started: float | None = None
+    ) -> None:
         self._cm = cm
+        self._started = started
+        self._ex: Exchange | None = None
         self.open = False
+        #: The response's first body bytes are still to be reported.
+        self.timing = False
 
     async def enter(self) -> Exchange:
-        ex = await self._cm.__aenter__()
+        ex = self._ex = await self._cm.__aenter__()
         self.open = True
+        self.timing = self._started is not None
         return ex
+
+    def first_byte(self) -> None:
+        """The response's first body bytes go to the client now: report the time it waited
+        for them (once)."""
+        self.timing = False
+        assert self._ex is not None and self._started is not None
+        self._ex.first_byte(time.monotonic() - self._started)
 
     async def leave(self, exc: BaseException | None = None) -> None:
         if not self.open:
@@ -135,6 +158,8 @@ class _AsyncTeeBody:
             raise
         tee.relay(chunk)
         self._pending = chunk
+        if self._opened.timing and chunk:
+            self._opened.first_byte()
         return chunk
 
     async def _finish(self, exc: BaseException | None = None) -> None:
@@ -160,6 +185,7 @@ class _AsyncTeeBody:
             await self._opened.leave()
 
     async def aclose(self) -> None:
+        self._opened.timing = False  # the client is gone: no byte it never had is reported
         if self._handed_over:
             return
         tee = self._tee
@@ -192,19 +218,23 @@ class _AsyncAnswerBody:
         return self
 
     async def __anext__(self) -> bytes:
-        if not self._opened.open:
+        opened = self._opened
+        if not opened.open:
             raise StopAsyncIteration
         try:
-            return await self._chunks.__anext__()
+            chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
-            await self._opened.leave()
+            await opened.leave()
             raise
         except SharedStreamAborted as exc:
-            await self._opened.leave(exc)
+            await opened.leave(exc)
             raise _aborted(self._lib, exc) from exc
         except BaseException as exc:
-            await self._opened.leave(exc)
+            await opened.leave(exc)
             raise
+        if opened.timing and chunk:
+            opened.first_byte()
+        return chunk
 
     async def aclose(self) -> None:
         try:
@@ -213,23 +243,77 @@ class _AsyncAnswerBody:
             await self._opened.leave()
 
 
+class _AsyncPassBody:
+    """The upstream's body as it came, nothing recorded (a passthrough on a cached route),
+    noting its first bytes for the time to first byte. Used only when that is wanted: else
+    the upstream's own stream is the response's."""
+
+    def __init__(self, inner: Any, opened: _AsyncOpen) -> None:
+        self._inner = inner
+        self._it: AsyncIterator[bytes] | None = None
+        self._opened = opened
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        it = self._it
+        if it is None:
+            it = self._it = aiter(self._inner)
+        chunk: bytes = await it.__anext__()
+        if self._opened.timing and chunk:
+            self._opened.first_byte()
+        return chunk
+
+    async def aclose(self) -> None:
+        try:
+            await close_iterator(self._it)
+        finally:
+            await self._inner.aclose()
+
+
 # -- sync ---------------------------------------------------------------------------------
 
 
 class _SyncOpen:
     """An exchange entered by ``handle_request`` (in the portal's event loop, in one task
-    for its whole life) and left when the response ends."""
+    for its whole life) and left when the response ends. ``started``: as for
+    :class:`_AsyncOpen`."""
 
-    __slots__ = ("_cm", "open")
+    __slots__ = ("_cm", "_ex", "_portal", "_started", "open", "timing")
 
-    def __init__(self, cm: AbstractContextManager[Exchange]) -> None:
+    def __init__(
+        self,
+        cm: AbstractContextManager[Exchange],
+        portal: anyio.from_thread.BlockingPortal,
+        started: float | None = None,
+    ) -> None:
         self._cm = cm
+        self._portal = portal
+        self._started = started
+        self._ex: Exchange | None = None
         self.open = False
+        #: The response's first body bytes are still to be reported.
+        self.timing = False
 
     def enter(self) -> Exchange:
-        ex = self._cm.__enter__()
+        ex = self._ex = self._cm.__enter__()
         self.open = True
+        self.timing = self._started is not None
         return ex
+
+    def first_byte(self) -> None:
+        """As :meth:`_AsyncOpen.first_byte`, measured in the caller's thread; the notice is
+        given to the hooks in the portal's thread, where every other notice of the exchange
+        is (hooks never see two threads at once). Once per response, only with hooks."""
+        self.timing = False
+        ex, started = self._ex, self._started
+        assert ex is not None and started is not None
+        seconds = time.monotonic() - started
+        try:
+            self._portal.call(ex.first_byte, seconds)
+        except RuntimeError:  # the transport was closed while this response was read
+            return
 
     def leave(self, exc: BaseException | None = None) -> None:
         if not self.open:
@@ -305,6 +389,8 @@ class _SyncTeeBody:
             raise
         self._portal.call(_pass, self._tee, self._pending, chunk)
         self._pending = chunk
+        if self._opened.timing and chunk:
+            self._opened.first_byte()
         return chunk
 
     def _drain(self) -> None:
@@ -329,6 +415,7 @@ class _SyncTeeBody:
             self._opened.leave()
 
     def close(self) -> None:
+        self._opened.timing = False  # the client is gone: no byte it never had is reported
         if self._handed_over:
             return
         tee = self._tee
@@ -396,6 +483,8 @@ class _SyncAnswerBody:
         if chunk is None:
             self._opened.leave()
             raise StopIteration
+        if self._opened.timing and chunk:
+            self._opened.first_byte()
         return chunk
 
     def close(self) -> None:
@@ -404,6 +493,30 @@ class _SyncAnswerBody:
                 self._portal.call(close_iterator, self._chunks)
         finally:
             self._opened.leave()
+
+
+class _SyncPassBody:
+    """The sync twin of :class:`_AsyncPassBody`."""
+
+    def __init__(self, inner: Any, opened: _SyncOpen) -> None:
+        self._inner = inner
+        self._it: Iterator[bytes] | None = None
+        self._opened = opened
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        it = self._it
+        if it is None:
+            it = self._it = iter(self._inner)
+        chunk: bytes = next(it)
+        if self._opened.timing and chunk:
+            self._opened.first_byte()
+        return chunk
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 @cache
@@ -415,7 +528,9 @@ def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
         for name, base, lib_base in (
             ("AsyncTeeBody", _AsyncTeeBody, "AsyncByteStream"),
             ("AsyncAnswerBody", _AsyncAnswerBody, "AsyncByteStream"),
+            ("AsyncPassBody", _AsyncPassBody, "AsyncByteStream"),
             ("SyncTeeBody", _SyncTeeBody, "SyncByteStream"),
             ("SyncAnswerBody", _SyncAnswerBody, "SyncByteStream"),
+            ("SyncPassBody", _SyncPassBody, "SyncByteStream"),
         )
     }
