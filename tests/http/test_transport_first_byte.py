@@ -11,11 +11,14 @@ thread while they read, and the test opens the upstream's gate through the porta
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -380,3 +383,31 @@ async def test_the_openai_sdk_hit_reports_its_first_byte(upstreams: Upstreams) -
     assert len(runs[0][2]) == len(EVENTS) and upstream.calls == 1
     key = runs[1][1]
     assert [(n.detail, n.key) for n in first_bytes(seen)] == [("miss", key), ("hit", key)]
+
+
+# -- docs -------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "httpx.md"
+
+
+def test_the_docs_metrics_example_shows_the_hit_and_the_miss(
+    upstreams: Upstreams, tmp_path: Path
+) -> None:
+    # The block of docs/httpx.md marked ``<!-- test: metrics -->``, against our upstream.
+    (block,) = DOCS.read_text().split("<!-- test: metrics -->\n```python\n")[1:]
+    code = block.split("\n```", 1)[0]
+    upstream, base = upstreams.start()
+    env = {"PATH": "/usr/bin:/bin", "OPENAI_BASE_URL": f"{base}/v1", "OPENAI_API_KEY": "sk-docs"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = set(result.stdout.splitlines())
+    assert f'{TTFB}_count{{status="hit"}} 1.0' in printed, result.stdout
+    assert f'{TTFB}_count{{status="miss"}} 1.0' in printed, result.stdout
+    assert upstream.calls == 1 and (tmp_path / "cache.db").is_file()
