@@ -148,8 +148,7 @@ class _Request:
         self.scope = scope
         self.receive = receive
         self.client_send = send
-        # With hooks, messages to the client pass by _send_first: it notes the first bytes.
-        self.send = self._send_first if mw.service.hooks else send
+        self._hooked = bool(mw.service.hooks)
         self.started = time.monotonic()  # the request arrived
         self.first_byte_sent = False
         self.buffered: list[Message] = []  # request body messages, re-delivered to the app
@@ -166,6 +165,14 @@ class _Request:
         self.send_error: Exception | None = None  # sending to the client failed: for the app
         self.cut = ""  # why the client was cut off (it fell too far behind the stream)
         self.hold_scope: anyio.CancelScope | None = None  # the resume window, while it runs
+
+    @property
+    def send(self) -> Send:
+        """What sends to the client: with hooks, by way of :meth:`_send_first`, which notes the
+        first bytes. (Made on each use, not kept: a bound method kept on this object would
+        make a reference cycle, and every request's objects garbage for the cycle
+        collector.)"""
+        return self._send_first if self._hooked else self.client_send
 
     async def run(self) -> None:
         scope = self.scope
