@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -34,7 +35,6 @@ from .errors import ConfigError
 from .flight import SharedStreamAborted
 from .http._wire import merge_headers
 from .http.options import CacheOptions
-from .http.policy import Decision
 from .http.service import CacheService, Exchange, ResponseTee
 from .protocols import Backend
 
@@ -189,8 +189,19 @@ class _Request:
         except ConfigError as exc:
             await _error(self.send, 400, str(exc))
             return
+        async with AsyncExitStack() as stack:
+            ex = await stack.enter_async_context(service.exchange(decision, publish=True))
+            self.exchange = ex
+            if ex.answer is not None:
+                # A hit, or another request's live stream: sent from here, with nothing
+                # running beside it (so no task group: most requests are hits).
+                await _send_answer_while_connected(self.receive, self.send, ex.answer)
+                return
+            # A miss: the app answers, teed. The exchange is left (the answer stored) inside
+            # the task group, before it waits for the tasks that may still send to the client.
+            leave = stack.pop_all()
         async with task_group() as self.tasks:
-            await self._exchange(decision)
+            await self._produce(leave)
             if self.hold_scope is not None:
                 self.hold_scope.cancel()  # the stream is over: nothing more to hold
             outbox = self.outbox
@@ -209,22 +220,18 @@ class _Request:
             with contextlib.suppress(Exception):
                 await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _exchange(self, decision: Decision) -> None:
-        service = self.mw.service
+    async def _produce(self, exchange: AsyncExitStack) -> None:
+        # The app's response to a miss, through the tee; leaving ``exchange`` stores it.
         try:
-            async with service.exchange(decision, publish=True) as ex:
-                self.exchange = ex
-                if ex.answer is not None:
-                    await self._answer(ex)
-                else:
-                    with anyio.CancelScope() as self.app_scope:
-                        await self.mw.app(self.scope, self._receive, self._send)
-                    if self.app_scope.cancelled_caught and self.tee is not None:
-                        self.tee.fail(
-                            "every reader left before the stream ended"
-                            if self.abandoned
-                            else "the background completion ran out of time"
-                        )
+            async with exchange:
+                with anyio.CancelScope() as self.app_scope:
+                    await self.mw.app(self.scope, self._receive, self._send)
+                if self.app_scope.cancelled_caught and self.tee is not None:
+                    self.tee.fail(
+                        "every reader left before the stream ended"
+                        if self.abandoned
+                        else "the background completion ran out of time"
+                    )
         finally:
             if self.background:
                 self.mw._background -= 1
@@ -404,7 +411,3 @@ class _Request:
             if self.tee is not None:
                 self.tee.fail("sending to the client failed")
             self.send_error = exc
-
-    async def _answer(self, ex: Exchange) -> None:
-        assert ex.answer is not None
-        await _send_answer_while_connected(self.receive, self.send, ex.answer)
