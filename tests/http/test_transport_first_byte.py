@@ -29,14 +29,13 @@ import httpx
 import httpx2
 import pytest
 from openai import AsyncOpenAI
-from prometheus_client.parser import text_string_to_metric_families
 
 import sse_cache.httpx
 import sse_cache.httpx2
 from sse_cache._uvicorn import serve
 from sse_cache.engine import Notice
 from sse_cache.metrics import Metrics
-from sse_cache.testing import GatedUpstream, responses_stream
+from sse_cache.testing import GatedUpstream, metric_value, responses_stream
 
 EVENTS = responses_stream("first byte", text_deltas=8, summaries=1)
 KEY = {"authorization": "Bearer sk-first-byte"}
@@ -95,15 +94,6 @@ def upstreams(portal: anyio.from_thread.BlockingPortal) -> Iterator[Upstreams]:
 
 def first_bytes(seen: list[Notice]) -> list[Notice]:
     return [n for n in seen if n.kind == "first_byte"]
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """One sample of the exposition text, as prometheus_client's own parser reads it."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    raise AssertionError(f"no {name}{labels} in the metrics")
 
 
 async def read(client: Any, headers: dict[str, str] | None = None) -> tuple[Any, bytes]:
@@ -327,9 +317,10 @@ def assert_counted(
     text = metrics.render()
     expected = {"miss": 1, "hit": 1, "bypass": 2, "refresh": 1, "shared": 0}
     for status, count in expected.items():
-        assert value(text, TTFB + "_count", status=status) == count, status
+        assert metric_value(text, TTFB + "_count", status=status) == count, status
     total = sum(n.seconds for n in ttfb)
-    assert sum(value(text, TTFB + "_sum", status=s) for s in expected) == pytest.approx(total)
+    sums = sum(metric_value(text, TTFB + "_sum", status=s) for s in expected)
+    assert sums == pytest.approx(total)
 
 
 @pytest.mark.anyio

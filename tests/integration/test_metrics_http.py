@@ -12,28 +12,18 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.events import serialize_sse
 from sse_cache.metrics import CONTENT_TYPE, Metrics
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
+from sse_cache.testing import GatedUpstream, MockUpstream, metric_value, responses_stream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
 KEY = {"authorization": "Bearer sk-metrics"}
 FIRST = 0.25  # the upstream's time to first byte
 EVENTS = responses_stream("metrics", text_deltas=20)
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """One sample of the exposition text, as prometheus_client's own parser reads it."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    raise AssertionError(f"no {name}{labels} in the metrics")
 
 
 def body(text: str) -> dict[str, Any]:
@@ -63,23 +53,23 @@ async def test_streams_through_the_proxy_move_counters_and_histograms(
     assert scraped.headers["content-type"] == CONTENT_TYPE
     text = scraped.text
     for status in ("miss", "hit", "bypass", "refresh"):
-        assert value(text, "sse_cache_requests_total", status=status) == 1, status
-    assert value(text, "sse_cache_requests_total", status="shared") == 0
+        assert metric_value(text, "sse_cache_requests_total", status=status) == 1, status
+    assert metric_value(text, "sse_cache_requests_total", status="shared") == 0
     ttfb = "sse_cache_time_to_first_byte_seconds"
     for status in ("miss", "hit", "bypass", "refresh"):
-        assert value(text, ttfb + "_count", status=status) == 1, status
+        assert metric_value(text, ttfb + "_count", status=status) == 1, status
     for status in ("miss", "bypass", "refresh"):  # these waited for the upstream
-        assert value(text, ttfb + "_sum", status=status) >= FIRST, status
-        assert value(text, ttfb + "_bucket", status=status, le="0.1") == 0, status
-    assert value(text, ttfb + "_count", status="shared") == 0
+        assert metric_value(text, ttfb + "_sum", status=status) >= FIRST, status
+        assert metric_value(text, ttfb + "_bucket", status=status, le="0.1") == 0, status
+    assert metric_value(text, ttfb + "_count", status="shared") == 0
     backend = "sse_cache_backend_operation_seconds_count"
     # Looked up: the miss and the hit (no-cache and refresh skip the lookup). Written: the
     # answer and its response-id alias (for resuming), by the miss, no-cache and refresh.
-    assert value(text, backend, operation="get") == 2
-    assert value(text, backend, operation="set") == 6
-    assert value(text, "sse_cache_stores_total") == 3
-    assert value(text, "sse_cache_replayed_bytes_total") == sent["hit"]
-    assert value(text, "sse_cache_live_streams") == 0
+    assert metric_value(text, backend, operation="get") == 2
+    assert metric_value(text, backend, operation="set") == 6
+    assert metric_value(text, "sse_cache_stores_total") == 3
+    assert metric_value(text, "sse_cache_replayed_bytes_total") == sent["hit"]
+    assert metric_value(text, "sse_cache_live_streams") == 0
     assert upstream_app.stats()["total"] == 3
 
 
@@ -126,13 +116,13 @@ async def test_gauges_show_a_herd_on_one_live_stream_while_it_is_in_flight(serve
     assert upstream_app.calls == 1
     assert sorted(status for status, _ in answers) == ["miss"] + ["shared"] * followers
     assert {content for _, content in answers} == {serialize_sse(EVENTS)}
-    assert value(during, "sse_cache_live_streams") == 1
-    assert value(during, "sse_cache_live_stream_followers") == followers
-    assert value(after, "sse_cache_live_streams") == 0
-    assert value(after, "sse_cache_live_stream_followers") == 0
+    assert metric_value(during, "sse_cache_live_streams") == 1
+    assert metric_value(during, "sse_cache_live_stream_followers") == followers
+    assert metric_value(after, "sse_cache_live_streams") == 0
+    assert metric_value(after, "sse_cache_live_stream_followers") == 0
     ttfb = "sse_cache_time_to_first_byte_seconds_count"
-    assert value(after, ttfb, status="miss") == 1
-    assert value(after, ttfb, status="shared") == followers
+    assert metric_value(after, ttfb, status="miss") == 1
+    assert metric_value(after, ttfb, status="shared") == followers
 
 
 async def test_an_application_serves_our_metrics_from_its_own_registry(serve: Any) -> None:
@@ -164,9 +154,10 @@ async def test_an_application_serves_our_metrics_from_its_own_registry(serve: An
         text = (await http.get("/metrics")).text
     assert statuses == ["miss", "hit"]
     # One endpoint: the application's own metric and ours, from one registry.
-    assert value(text, "gateway_requests_total") == 1  # the hit never reached the app
-    assert value(text, "sse_cache_requests_total", status="miss") == 1
-    assert value(text, "sse_cache_requests_total", status="hit") == 1
+    assert metric_value(text, "gateway_requests_total") == 1  # the hit never reached the app
+    assert metric_value(text, "sse_cache_requests_total", status="miss") == 1
+    assert metric_value(text, "sse_cache_requests_total", status="hit") == 1
     ttfb = "sse_cache_time_to_first_byte_seconds_count"
-    assert value(text, ttfb, status="miss") == 1 and value(text, ttfb, status="hit") == 1
-    assert value(text, "sse_cache_live_streams") == 0
+    assert metric_value(text, ttfb, status="miss") == 1
+    assert metric_value(text, ttfb, status="hit") == 1
+    assert metric_value(text, "sse_cache_live_streams") == 0

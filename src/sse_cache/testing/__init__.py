@@ -5,6 +5,7 @@
   ``sse-cache mock-upstream`` serves), with pacing and error modes chosen per request.
 - :class:`GatedUpstream`: a small SSE upstream serving the stream a test gives it, counting
   its calls, holding the stream at a gate the test opens, or cutting it.
+- :func:`metric_value`: one sample of a metrics scrape, as Prometheus reads it.
 - :func:`responses_stream`, :func:`responses_body`: a realistic OpenAI Responses stream and
   the response it ends with; :func:`paced` yields events at an upstream's pace;
   :func:`mock_text` makes deterministic text.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from ._asgi import UpstreamCut as UpstreamCut
 from ._gated import GatedUpstream as GatedUpstream
+from ._metrics import metric_value as metric_value
 from ._mock import DEFAULT_DELTAS as DEFAULT_DELTAS
 from ._mock import DEFAULT_SUMMARIES as DEFAULT_SUMMARIES
 from ._mock import MockUpstream as MockUpstream
@@ -33,6 +35,7 @@ __all__ = [
     "GatedUpstream",
     "MockUpstream",
     "UpstreamCut",
+    "metric_value",
     "mock_text",
     "paced",
     "responses_body",
