@@ -26,20 +26,9 @@ from typing import Any
 import anyio
 import httpx2
 from _servers import server
+from bench_scale import STATIC_APP  # the ceiling, as bench_scale and bench_server run it
 
 HEADERS = {"authorization": "Bearer sk-bench", "x-mock-deltas": "2000"}
-# The ceiling: the same bytes from a trivial ASGI app, in one body message, under uvicorn.
-STATIC_APP = """
-import sys, uvicorn
-body = open(sys.argv[1], "rb").read()
-async def app(scope, receive, send):
-    if scope["type"] != "http":
-        return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
-    await send({"type": "http.response.body", "body": body})
-uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
-"""
 # The floor of any forwarding proxy built like ours: the same httpx2 forwarder under uvicorn,
 # without the cache in front.
 BARE_FORWARDER = """
@@ -84,9 +73,13 @@ async def main(repeat: int, backend: str | None) -> None:
                     assert status == "miss"
                     static_body = Path(tmp) / "body.sse"
                     static_body.write_bytes(original)
-                    static_cmd = [sys.executable, "-c", STATIC_APP, str(static_body), "{port}"]
+                    static_cmd = [sys.executable, "-c", STATIC_APP, "{port}"]
                     bare_cmd = [sys.executable, "-c", BARE_FORWARDER, upstream, "{port}"]
-                    with server(*static_cmd) as static_server, server(*bare_cmd) as bare_server:
+                    ceiling_env = {"BENCH_BODY": str(static_body)}
+                    with (
+                        server(*static_cmd, env=ceiling_env) as static_server,
+                        server(*bare_cmd) as bare_server,
+                    ):
                         static, bare = static_server.url, bare_server.url
                         hit_last, ceiling_last = [], []
                         miss_first, direct_first, bare_first = [], [], []
