@@ -4,12 +4,16 @@ redis-py's asyncio client runs on asyncio only: under trio every operation raise
 :class:`~sse_cache.errors.BackendUnavailable` saying so (the engine then serves misses).
 Building the client and translating its errors is in
 :mod:`~sse_cache.backends._redis_client`, the fan-out streams in
-:mod:`~sse_cache.backends._redis_fanout`.
+:mod:`~sse_cache.backends._redis_fanout`, the near cache in
+:mod:`~sse_cache.backends._redis_near` (what it keeps and when it may keep it) and
+:mod:`~sse_cache.backends._redis_tracking` (the connection that carries Redis's
+invalidations to it).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -24,11 +28,14 @@ from ..errors import ConfigError
 from ._common import Options, expires_at, to_bytes
 from ._redis_client import Commands, cluster_client, map_exceptions, standalone_client
 from ._redis_fanout import StreamFanout
+from ._redis_near import TrackedValues
+from ._redis_tracking import InvalidationListener, connection_for
 
 __all__ = ["RedisBackend", "from_url", "map_exceptions"]
 
 _DEFAULT_PREFIX: Final = "sse-cache:"
 _DEFAULT_TIMEOUT: Final = 0.5
+_DEFAULT_NEAR_CACHE: Final = 32 * 1024 * 1024
 _SCAN_COUNT: Final = 500
 # Compare-and-delete: release a lock only if it still holds our token (it may have expired
 # and been taken by someone else since).
@@ -67,12 +74,23 @@ class RedisBackend:
     - *Namespace*: values live at ``{prefix}e:{key}``, locks at ``{prefix}l:{name}`` and
       fan-out streams at ``{prefix}s:{channel}``, so several applications can share one
       Redis by using different prefixes.
+    - *Near cache* (standalone servers; ``near_cache_bytes``, 0 turns it off): up to
+      ``near_cache_bytes`` of recently read values are kept in this process and answered
+      without a round trip (also by :meth:`cached`) while Redis itself reports every change
+      under ``{prefix}e:`` to a dedicated connection (``CLIENT TRACKING ... BCAST``, named
+      ``{client_name or 'sse-cache'}:invalidations``). Within this process a value is never
+      answered after a ``set``, ``delete`` or ``clear`` through this backend began; a write
+      by another client is seen once its invalidation arrives (the same server loop that
+      answers the writer sends it), and never later than the loss of that connection,
+      which empties the near cache and turns it off until tracking is back. Expiry is checked
+      on every use against the ``PTTL`` read with the value.
 
     asyncio only (redis-py's asyncio client); under trio operations raise
     :class:`BackendUnavailable`.
 
     Capabilities: :class:`~sse_cache.protocols.ScanningBackend` (``SCAN``, never ``KEYS``;
     on a cluster, every primary), :class:`~sse_cache.protocols.StatsBackend`,
+    :class:`~sse_cache.protocols.NearCachingBackend` (standalone servers),
     :class:`~sse_cache.protocols.LeasingBackend` (``SET NX PX``, compare-and-delete,
     compare-and-``PEXPIRE``),
     :class:`~sse_cache.protocols.FanoutBackend` (Redis Streams: ``XADD`` / ``XREAD BLOCK``).
@@ -84,6 +102,7 @@ class RedisBackend:
         *,
         prefix: str = _DEFAULT_PREFIX,
         timeout: float = _DEFAULT_TIMEOUT,
+        near_cache_bytes: int = _DEFAULT_NEAR_CACHE,
     ) -> None:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
@@ -95,6 +114,19 @@ class RedisBackend:
         # asyncio, bounded in time, its errors translated.
         self._op = Commands(client, timeout)
         self._fanout = StreamFanout(client, self._op, prefix=prefix + "s:", timeout=timeout)
+        # The near cache and the listener that keeps it current. Not on a cluster: there each
+        # primary reports only its own slots' keys, on a connection of its own, and the slots
+        # move; one tracking connection per node that follows the moves is not built.
+        self._values = TrackedValues(0 if self._cluster else near_cache_bytes)
+        self._listener: InvalidationListener | None = None
+        if self._values.enabled and isinstance(client, aioredis.Redis):
+            name = client.connection_pool.connection_kwargs.get("client_name") or "sse-cache"
+            self._listener = InvalidationListener(
+                connection_for(client, f"{name}:invalidations", timeout),
+                self._data_prefix,
+                self._values,
+                timeout=timeout,
+            )
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "standalone"
@@ -109,34 +141,79 @@ class RedisBackend:
 
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key``, or None when missing or expired."""
+        near = self.cached(key)
+        if near is not None:
+            return near
+        name = self._data_prefix + key
+        value: bytes | None
+        pttl: int
         async with self._op("GET"):
-            value: bytes | None = await self._client.get(self._data_prefix + key)  # type: ignore[assignment]
+            if self._listener is not None:
+                self._listener.ensure_running()
+            # Noted before the GET is sent: an invalidation handled before its reply may be
+            # for a write made after it ran (_redis_near).
+            ticket = self._values.begin(key)
+            if ticket is None:  # nothing to keep: one GET, as without a near cache
+                value = await self._client.get(name)  # type: ignore[assignment]
+                return value
+            sent = time.monotonic()
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(name)
+            pipe.pttl(name)
+            value, pttl = await pipe.execute()
+        if value is not None and pttl != -2:  # -2: gone between the two commands
+            # Counted from before the GET was sent: the kept value expires early, never late.
+            deadline = None if pttl < 0 else sent + pttl / 1000
+            self._values.complete(key, ticket, value, deadline)
         return value
+
+    def cached(self, key: str) -> bytes | None:
+        """The value of ``key`` from the near cache, while Redis's invalidations are known to
+        reach this process and it has not expired; None when it is not known that way.
+        Never blocks and never does I/O (:class:`~sse_cache.protocols.NearCachingBackend`)."""
+        if self._op.closed:
+            return None
+        return self._values.get(key, time.monotonic())
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """``SET`` ``value`` under ``key``, with ``PX`` when ``ttl`` is given (a
         non-positive ``ttl`` deletes the key: it would be expired already)."""
         value = to_bytes(value)
         expires_at(0.0, ttl)
-        async with self._op("SET"):
-            name = self._data_prefix + key
-            if ttl is None:
-                await self._client.set(name, value)
-            elif ttl <= 0:
-                await self._client.delete(name)
-            else:
-                await self._client.set(name, value, px=max(1, math.ceil(ttl * 1000)))
+        # Dropped from the near cache before the write is sent and again once it is done
+        # (whatever its outcome: a timed-out SET may have been applied), so that no reply
+        # of a GET that overlapped it is kept (_redis_near); Redis's own invalidation
+        # follows.
+        self._values.invalidate(key)
+        try:
+            async with self._op("SET"):
+                name = self._data_prefix + key
+                if ttl is None:
+                    await self._client.set(name, value)
+                elif ttl <= 0:
+                    await self._client.delete(name)
+                else:
+                    await self._client.set(name, value, px=max(1, math.ceil(ttl * 1000)))
+        finally:
+            self._values.invalidate(key)
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
-        async with self._op("DEL"):
-            await self._client.delete(self._data_prefix + key)
+        self._values.invalidate(key)
+        try:
+            async with self._op("DEL"):
+                await self._client.delete(self._data_prefix + key)
+        finally:
+            self._values.invalidate(key)
 
     async def aclose(self) -> None:
         """Close the connection pool; later operations raise BackendUnavailable."""
         if self._op.closed:
             return
         self._op.close()
+        if self._listener is not None:
+            with anyio.CancelScope(shield=True):
+                await self._listener.aclose()
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout * 4):
                 await self._client.aclose()
@@ -186,10 +263,14 @@ class RedisBackend:
         return how many were deleted. Locks are left alone."""
         count = 0
         match = self._data_prefix.translate(_GLOB_SPECIAL) + "*"
-        async for page in self._scan_pages(match):
-            if page:
-                async with self._op("UNLINK"):
-                    count += int(await self._client.unlink(*page))
+        self._values.flush()
+        try:
+            async for page in self._scan_pages(match):
+                if page:
+                    async with self._op("UNLINK"):
+                        count += int(await self._client.unlink(*page))
+        finally:
+            self._values.flush()
         return count
 
     async def stats(self) -> dict[str, int]:
@@ -285,14 +366,27 @@ def from_url(url: str, **options: Any) -> RedisBackend:
 
     Query options: ``prefix`` (key prefix, ``sse-cache:``), ``timeout`` (seconds per
     operation, 0.5), ``connect_timeout`` (defaults to ``timeout``), ``max_connections``
-    (pool size, 64), ``db`` (standalone), ``health_check_interval``, ``client_name``, and for
-    TLS ``ssl_cert_reqs`` (``required``/``optional``/``none``), ``ssl_ca_certs``,
+    (pool size, 64), ``db`` (standalone), ``health_check_interval``, ``client_name``,
+    ``near_cache`` (memory for hot values answered without a round trip while Redis reports
+    changes, ``32MiB``; ``0`` turns it off; standalone servers only), and for TLS
+    ``ssl_cert_reqs`` (``required``/``optional``/``none``), ``ssl_ca_certs``,
     ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``.
     """
     scheme = url.split("://", 1)[0].lower()
     opts = Options(url, options)
     prefix = opts.take_str("prefix", _DEFAULT_PREFIX)
     timeout = opts.take_float("timeout", _DEFAULT_TIMEOUT)
+    near_cache_given = "near_cache" in opts
+    # ``0`` or ``none``: off, as on SQLite.
+    near_cache = opts.take_size("near_cache", _DEFAULT_NEAR_CACHE, minimum=0) or 0
+    if scheme.endswith("+cluster"):
+        if near_cache_given and near_cache:  # asked for: say it cannot be had, not ignore it
+            raise ConfigError(
+                f"{scheme}:// option 'near_cache': the near cache works with a standalone "
+                "Redis only (each node of a cluster would need a tracking connection of its "
+                "own); leave it out or set it to 0"
+            )
+        near_cache = 0
     kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": opts.take_float("connect_timeout", timeout),
@@ -338,4 +432,9 @@ def from_url(url: str, **options: Any) -> RedisBackend:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
-    return RedisBackend(client, prefix=prefix, timeout=timeout)
+    return RedisBackend(
+        client,
+        prefix=prefix,
+        timeout=timeout,
+        near_cache_bytes=near_cache,
+    )

@@ -1,0 +1,324 @@
+"""The Redis backend's near cache against real redis-servers: hot keys answered without a
+``GET`` (counted by the server's ``INFO commandstats``), and never kept past what Redis
+reports: writes by other clients and other processes, expiry, ``FLUSHDB``, the tracking
+connection killed, the server paused, killed and restarted.
+
+An invalidation reaches this process on its own connection, some time after the write
+returned: the tests wait for it by polling ``cached()`` a bounded number of times."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from sse_cache.backends import from_url
+from sse_cache.backends.redis import RedisBackend
+from sse_cache.errors import ConfigError
+from sse_cache.protocols import NearCachingBackend
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+POLLS = 2000  # x 5 ms: ten seconds at most for anything that should take milliseconds
+
+# Another process writing through its own backend: URL KEY VALUE.
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from sse_cache.backends import from_url
+
+    async def main(url, key, value):
+        backend = from_url(url)
+        await backend.set(key, value.encode(), None)
+        await backend.aclose()
+
+    asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+
+async def eventually(check: Callable[[], bool], what: str) -> None:
+    for _ in range(POLLS):
+        if check():
+            return
+        await anyio.sleep(0.005)
+    pytest.fail(f"{what}: not so after {POLLS} polls")
+
+
+async def kept(backend: RedisBackend, key: str) -> bytes:
+    """Read ``key`` until the near cache keeps it (tracking comes up in the background after
+    the first read); its value."""
+    for _ in range(POLLS):
+        await backend.get(key)
+        value = backend.cached(key)
+        if value is not None:
+            return value
+        await anyio.sleep(0.005)
+    pytest.fail(f"{key!r} never kept by the near cache")
+
+
+def open_backend(url: str, **options: Any) -> RedisBackend:
+    name = f"t{uuid.uuid4().hex[:10]}"
+    query = "&".join(f"{k}={v}" for k, v in {"client_name": name, **options}.items())
+    backend = from_url(f"{url}?{query}")
+    assert isinstance(backend, RedisBackend)
+    return backend
+
+
+@pytest.fixture
+async def raw(redis_server: Any) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    yield client
+    await client.aclose()
+
+
+async def get_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+
+async def tracking_connections(raw: aioredis.Redis, backend: RedisBackend) -> list[dict[str, Any]]:
+    name = backend.client.connection_pool.connection_kwargs["client_name"] + ":invalidations"
+    return [c for c in await raw.client_list() if c["name"] == name]
+
+
+async def test_a_hot_key_is_answered_without_a_get(spawn_redis: Callable[..., Any]) -> None:
+    server = spawn_redis()
+    raw = aioredis.Redis(host="127.0.0.1", port=server.port)
+    backend = open_backend(server.url, prefix="hot:")
+    assert isinstance(backend, NearCachingBackend)
+    await backend.set("k", b"v" * 200_000, None)
+    assert await kept(backend, "k") == b"v" * 200_000
+    await raw.config_resetstat()
+    for _ in range(200):
+        assert await backend.get("k") == b"v" * 200_000
+        assert backend.cached("k") == b"v" * 200_000
+    assert await get_calls(raw) == 0
+    # One tracking connection, in BCAST mode for the data keys only, redirected to itself.
+    [conn] = await tracking_connections(raw, backend)
+    assert "t" in conn["flags"] and "B" in conn["flags"] and conn["redir"] == conn["id"]
+    await backend.aclose()
+    assert backend.cached("k") is None
+    await raw.aclose()
+
+
+async def test_near_cache_0_is_off(spawn_redis: Callable[..., Any]) -> None:
+    server = spawn_redis()
+    raw = aioredis.Redis(host="127.0.0.1", port=server.port)
+    backend = open_backend(server.url, near_cache="0")
+    await backend.set("k", b"v", None)
+    await raw.config_resetstat()
+    for _ in range(20):
+        assert await backend.get("k") == b"v"
+        assert backend.cached("k") is None
+    assert await get_calls(raw) == 20
+    assert await tracking_connections(raw, backend) == []
+    await backend.aclose()
+    await raw.aclose()
+
+
+async def test_writes_by_other_clients_and_processes_are_seen(
+    redis_server: Any, raw: aioredis.Redis
+) -> None:
+    prefix = f"w{uuid.uuid4().hex[:6]}:"
+    backend = open_backend(redis_server.url, prefix=prefix)
+    other = open_backend(redis_server.url, prefix=prefix)
+    await backend.set("k", b"one", None)
+    assert await kept(backend, "k") == b"one"
+
+    await other.set("k", b"two", None)  # another backend object, its own connections
+    await eventually(lambda: backend.cached("k") != b"one", "invalidated after another client")
+    assert await backend.get("k") == b"two"
+    assert await kept(backend, "k") == b"two"
+
+    await raw.set(f"{prefix}e:k", b"three")  # plain redis-py
+    await eventually(lambda: backend.cached("k") != b"two", "invalidated after raw SET")
+    assert await backend.get("k") == b"three"
+    assert await kept(backend, "k") == b"three"
+
+    await anyio.run_process(
+        [sys.executable, "-c", WRITER, f"{redis_server.url}?prefix={prefix}", "k", "four"]
+    )
+    await eventually(lambda: backend.cached("k") != b"three", "invalidated after a process")
+    assert await backend.get("k") == b"four"
+
+    await raw.delete(f"{prefix}e:k")
+    await eventually(lambda: backend.cached("k") is None, "invalidated after DEL")
+    assert await backend.get("k") is None
+    await backend.aclose()
+    await other.aclose()
+
+
+async def test_own_writes_are_never_followed_by_the_old_value(redis_server: Any) -> None:
+    backend = open_backend(redis_server.url, prefix=f"o{uuid.uuid4().hex[:6]}:")
+    await backend.set("k", b"old", None)
+    assert await kept(backend, "k") == b"old"
+    # Reads of the old value in flight while the write is sent: none of them is kept.
+    async with anyio.create_task_group() as tg:
+        for _ in range(20):
+            tg.start_soon(backend.get, "k")
+        await backend.set("k", b"new", None)
+        assert backend.cached("k") in (None, b"new")
+    assert backend.cached("k") in (None, b"new")
+    assert await backend.get("k") == b"new"
+    await backend.delete("k")
+    assert backend.cached("k") is None
+    assert await backend.get("k") is None
+    await backend.set("k", b"again", None)
+    await backend.clear()
+    assert backend.cached("k") is None
+    await backend.aclose()
+
+
+async def test_expiry(redis_server: Any, raw: aioredis.Redis) -> None:
+    backend = open_backend(redis_server.url, prefix=f"x{uuid.uuid4().hex[:6]}:")
+    await backend.set("k", b"short-lived", 1.0)
+    assert await kept(backend, "k") == b"short-lived"
+    await eventually(lambda: backend.cached("k") is None, "expired")
+    assert await backend.get("k") is None
+    await backend.aclose()
+
+
+async def test_expiry_is_checked_by_the_near_cache_itself(spawn_redis: Callable[..., Any]) -> None:
+    # A paused server neither expires keys nor sends invalidations (and, being paused, no
+    # one can write to it): the deadline read with the value must end it all the same.
+    server = spawn_redis()
+    backend = open_backend(server.url, timeout="30")  # (no PING timeout during the test)
+    await backend.set("k", b"short-lived", 1.0)
+    assert await kept(backend, "k") == b"short-lived"
+    server.pause()
+    try:
+        await eventually(lambda: backend.cached("k") is None, "expired while paused")
+    finally:
+        server.resume()
+    await backend.aclose()
+
+
+async def test_flush(redis_server: Any, raw: aioredis.Redis) -> None:
+    backend = open_backend(redis_server.url, prefix=f"f{uuid.uuid4().hex[:6]}:")
+    await backend.set("k", b"v", None)
+    assert await kept(backend, "k") == b"v"
+    await raw.execute_command("FLUSHDB")
+    await eventually(lambda: backend.cached("k") is None, "dropped after FLUSHDB")
+    assert await backend.get("k") is None
+    await backend.aclose()
+
+
+async def test_tracking_connection_killed(redis_server: Any, raw: aioredis.Redis) -> None:
+    prefix = f"c{uuid.uuid4().hex[:6]}:"
+    backend = open_backend(redis_server.url, prefix=prefix)
+    await backend.set("k", b"before", None)
+    assert await kept(backend, "k") == b"before"
+    [conn] = await tracking_connections(raw, backend)
+    await raw.execute_command("CLIENT", "KILL", "ID", conn["id"])
+    # Written with no tracking connection to report it: it must be seen all the same.
+    await raw.set(f"{prefix}e:k", b"after")
+    await eventually(lambda: backend.cached("k") is None, "near cache off after the kill")
+    assert await backend.get("k") == b"after"
+    # Tracking comes back by itself, and with it the near cache.
+    assert await kept(backend, "k") == b"after"
+    [again] = await tracking_connections(raw, backend)
+    assert again["id"] != conn["id"]
+    await raw.set(f"{prefix}e:k", b"later")
+    await eventually(lambda: backend.cached("k") != b"after", "invalidated after reconnect")
+    assert await backend.get("k") == b"later"
+    await backend.aclose()
+
+
+async def test_server_killed_and_restarted(spawn_redis: Callable[..., Any]) -> None:
+    server = spawn_redis()
+    backend = open_backend(server.url)
+    await backend.set("k", b"before", None)
+    assert await kept(backend, "k") == b"before"
+    server.restart()  # SIGKILL and start again on the same port: empty
+    raw = aioredis.Redis(host="127.0.0.1", port=server.port)
+    await raw.set("sse-cache:e:k", b"after")
+    await eventually(lambda: backend.cached("k") is None, "near cache off after the restart")
+    assert await _get_when_reachable(backend, "k") == b"after"
+    assert await kept(backend, "k") == b"after"
+    await raw.set("sse-cache:e:k", b"later")
+    await eventually(lambda: backend.cached("k") != b"after", "invalidated after restart")
+    assert await backend.get("k") == b"later"
+    await backend.aclose()
+    await raw.aclose()
+
+
+async def test_silent_tracking_connection_turns_it_off(spawn_redis: Callable[..., Any]) -> None:
+    # A server that stops answering (SIGSTOP: a hung server, or a partition) is noticed by
+    # the PING the listener sends after a second of silence, within ``timeout``.
+    server = spawn_redis()
+    backend = open_backend(server.url, timeout="0.2")
+    await backend.set("k", b"v", None)
+    assert await kept(backend, "k") == b"v"
+    server.pause()
+    try:
+        await eventually(lambda: backend.cached("k") is None, "near cache off while hung")
+    finally:
+        server.resume()
+    assert await kept(backend, "k") == b"v"
+    await backend.aclose()
+
+
+async def test_concurrent_reads_and_foreign_writes_settle_on_the_last_value(
+    redis_server: Any, raw: aioredis.Redis
+) -> None:
+    # The read/invalidate race with a real server: reads in flight while another client
+    # writes new values; once the writes stop and the last invalidation has been handled,
+    # the near cache never answers an older value.
+    prefix = f"r{uuid.uuid4().hex[:6]}:"
+    backend = open_backend(redis_server.url, prefix=prefix)
+    await backend.set("k", b"0", None)
+    await kept(backend, "k")
+    writes = 300
+
+    async def reader() -> None:
+        for _ in range(writes):
+            await backend.get("k")
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(reader)
+        for n in range(1, writes + 1):
+            await raw.set(f"{prefix}e:k", str(n).encode())
+    final = str(writes).encode()
+    await eventually(lambda: backend.cached("k") in (None, final), "settled")
+    for _ in range(50):
+        assert await backend.get("k") == final
+        assert backend.cached("k") in (None, final)
+    await backend.aclose()
+
+
+async def test_not_on_a_cluster(redis_cluster: Any) -> None:
+    with pytest.raises(ConfigError, match="near_cache"):
+        from_url(f"{redis_cluster.url}?near_cache=1MiB")
+    backend = from_url(f"{redis_cluster.url}?prefix=n{uuid.uuid4().hex[:6]}:")
+    await backend.set("k", b"v", None)
+    for _ in range(3):
+        assert await backend.get("k") == b"v"
+        assert backend.cached("k") is None  # type: ignore[attr-defined]
+    await backend.aclose()
+    from_url(f"{redis_cluster.url}?near_cache=0")  # off, as it is anyway: fine
+
+
+async def test_bad_near_cache_option() -> None:
+    with pytest.raises(ConfigError, match="near_cache"):
+        from_url("redis://127.0.0.1:1/0?near_cache=lots")
+    with pytest.raises(ConfigError, match="near_cache"):
+        from_url("redis://127.0.0.1:1/0?near_cache=-1")
+
+
+async def _get_when_reachable(backend: RedisBackend, key: str) -> bytes | None:
+    """``get`` once the pool has reconnected after a restart (the first try may find a dead
+    pooled connection beyond the one immediate retry)."""
+    for _ in range(POLLS):
+        try:
+            return await backend.get(key)
+        except Exception:
+            await anyio.sleep(0.005)
+    pytest.fail("the server never became reachable again")
