@@ -2,12 +2,13 @@
 round trip for as long as the backend says that nothing has changed.
 
 It holds bytes exactly as the backend returned them and trusts them only under one *version*
-of the store, a token the backend reads cheaply (SQLite's ``PRAGMA data_version``; an
-invalidation channel's state for Redis): a value is put under the version read *before* the
-value itself was read, and the whole cache is emptied as soon as the backend sees another
-version. So a write by any connection or process that committed before a lookup is never
-hidden by a value kept from before it: the worst a write costs is a round trip for every hot
-key afterwards. Expiry is checked on every use against the deadline the backend stored.
+of the store, a token the backend reads cheaply (SQLite's ``PRAGMA data_version``): a value
+is put under the version read *before* the value itself was read, and the whole cache is
+emptied as soon as the backend sees another version. So a write by any connection or process
+that committed before a lookup is never hidden by a value kept from before it: the worst a
+write costs is a round trip for every hot key afterwards. Expiry is checked on every use
+against the deadline the backend stored. (Redis drops keys one by one as the server reports
+them instead, with one constant version: :mod:`~sse_cache.backends._redis_near`.)
 """
 
 from __future__ import annotations
