@@ -33,7 +33,11 @@ async def serve(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     bound = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False)
+    # ws="none": nothing served here speaks WebSocket, and uvicorn would otherwise import
+    # the websockets package when it is installed (whose older releases warn on import).
+    config = uvicorn.Config(
+        app, log_level="warning", lifespan=lifespan, access_log=False, ws="none"
+    )
     server = uvicorn.Server(config)
     try:
         async with anyio.create_task_group() as tg:
