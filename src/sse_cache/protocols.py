@@ -173,11 +173,15 @@ class NearCachingBackend(Backend, Protocol):
     """A backend that can answer some lookups at once, from this process's memory, without
     I/O that waits (the engine asks it first, and calls ``get`` only when it says None).
 
-    ``cached(key)`` returns bytes only when they are what ``get(key)`` would return now: the
-    value of the last complete ``set`` that any process committed before the call, unexpired
-    (so a value replaced or deleted by anyone, ``sse-cache purge`` included, is never
-    returned afterwards); None whenever that is not known right away. It never raises and
-    never blocks on a lock, a thread or the network."""
+    ``cached(key)`` returns bytes only when they are what ``get(key)`` returns: unexpired,
+    never older than a ``set`` or ``delete`` made through this backend object before the call,
+    and never older than a change made elsewhere once the backend can know of it — at once
+    where it asks a version first (SQLite: the last commit of any process, ``sse-cache
+    purge`` included), or once the store's own report of the change has arrived (Redis:
+    its invalidation message, ~0.2 ms after another process's write returned; the near
+    cache is emptied and off while the connection carrying them is lost). None whenever that
+    is not known right away. It never raises and never blocks on a lock, a thread or the
+    network. See docs/backends.md for each backend's contract."""
 
     def cached(self, key: str) -> bytes | None: ...
 
