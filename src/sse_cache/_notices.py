@@ -35,8 +35,8 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``,
     ``breaker`` (the backend's breaker changed state: ``detail`` is the new one),
     ``store_skipped`` (not written: the breaker is open), ``backend`` (one backend call:
-    ``detail`` is the operation, ``get``, ``set`` or ``delete``, ``seconds`` how long it took,
-    failed or not), and
+    ``detail`` is the operation, ``get``, ``set`` or ``delete``, or with cross-process
+    single-flight ``lock`` or ``publish``; ``seconds`` how long it took, failed or not), and
     from the HTTP integrations ``replayed`` (bytes sent from the cache), ``invalid`` (a
     request answered 400 for a bad control header), ``first_byte`` (a response's first
     body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the

@@ -7,6 +7,11 @@ transport. It counts what the notices say (requests by cache status, stores, fai
 replayed), keeps histograms of the time to first byte and of backend calls, and reads the
 caches it was given to for the live-stream gauges when it is collected.
 
+The backend calls are labelled by operation: ``get``, ``set`` and ``delete`` for the entries,
+and, with cross-process single-flight, ``lock`` (taking, renewing, releasing and asking
+about a producer's lease) and ``publish`` (appending to its channel and ending it). A
+follower's wait for the next message of another process's stream is not a backend call.
+
 Its :attr:`Metrics.collector` is a ``prometheus_client`` collector: by default it is
 registered in a registry of the instance's own (:attr:`Metrics.registry`, never the global
 ``prometheus_client.REGISTRY``), so that two instances in one process never clash;
@@ -67,7 +72,7 @@ BACKEND_BUCKETS = (
 )  # fmt: skip
 
 _STATUSES = tuple(status.value for status in CacheStatus)
-_OPERATIONS = ("get", "set", "delete")
+_OPERATIONS = ("get", "set", "delete", "lock", "publish")
 _BREAKER_STATES = ("closed", "open", "half-open")
 # Counters without labels: (name, notice kind, help).
 _COUNTERS = (
@@ -101,7 +106,8 @@ _FIRST_BYTE = (
 )
 _BACKEND = (
     "sse_cache_backend_operation_seconds",
-    "Seconds a backend call took (failed ones too), by operation.",
+    "Seconds a backend call took (failed ones too), by operation: get, set, delete; "
+    "lock, publish (cross-process single-flight).",
 )
 _LIVE = (
     "sse_cache_live_streams",
@@ -130,6 +136,10 @@ class Metrics:
     bounds (seconds, increasing) of the histograms' buckets. ``share_dir``: a directory the
     processes of one server share their figures through (see the module docstring), every
     ``share_interval`` seconds.
+
+    ``sse_cache_backend_operation_seconds`` has a series per operation from the start, at 0:
+    ``get``, ``set``, ``delete``, ``lock`` and ``publish`` (the last two only move with
+    cross-process single-flight).
 
     Thread-safe: notices may come from several threads (a sync transport's portal) while a
     scrape collects from another.

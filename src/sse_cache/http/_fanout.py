@@ -1,5 +1,6 @@
 """Cross-process single-flight over a backend with leases and fan-out (Redis): the
-producer's lease and heartbeats, its channel, and reading another process's stream."""
+producer's lease and heartbeats, its channel, and reading another process's stream. Its
+Redis calls are timed for the hooks (:class:`TimedFanout`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import anyio
 import msgspec
 
 from .._logging import backend_warnings
+from .._notices import Hook, Notice, emit
 from ..engine import (
     StreamCache,
 )
@@ -38,8 +40,64 @@ _FANOUT_TTL = 60.0  # a finished channel stays readable this long for late follo
 _FANOUT_CLOSE_TIMEOUT = 5.0
 
 
+_T = TypeVar("_T")
+
+
 class _FanoutBackend(LeasingBackend, FanoutBackend, Protocol):
     """A backend with both capabilities cross-process single-flight needs."""
+
+
+class TimedFanout:
+    """The calls cross-process single-flight makes on ``backend``, each reported to ``hooks``
+    as a ``backend`` notice: ``lock`` for the lease (:meth:`acquire`, :meth:`renew`,
+    :meth:`release`, :meth:`holder`), ``publish`` for the producer's channel
+    (:meth:`publish`, :meth:`finish`). A call that fails is reported too; one cancelled
+    midway is not (its duration says nothing about the backend), as for the entry calls.
+
+    :meth:`read` is not timed: a follower's read waits for the producer's next message, so
+    its duration is the producer's pace, not the backend's latency."""
+
+    __slots__ = ("backend", "hooks")
+
+    def __init__(self, backend: _FanoutBackend, hooks: tuple[Hook, ...]) -> None:
+        self.backend = backend
+        self.hooks = hooks
+
+    async def acquire(self, name: str, token: str, ttl: float) -> bool:
+        return await self._timed("lock", self.backend.acquire(name, token, ttl))
+
+    async def renew(self, name: str, token: str, ttl: float) -> bool:
+        return await self._timed("lock", self.backend.renew(name, token, ttl))
+
+    async def release(self, name: str, token: str) -> None:
+        await self._timed("lock", self.backend.release(name, token))
+
+    async def holder(self, name: str) -> str | None:
+        return await self._timed("lock", self.backend.holder(name))
+
+    async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+        await self._timed("publish", self.backend.publish(channel, data, ttl=ttl))
+
+    async def finish(self, channel: str, *, ttl: float) -> None:
+        await self._timed("publish", self.backend.finish(channel, ttl=ttl))
+
+    def read(self, channel: str, *, block: float) -> AsyncIterator[bytes]:
+        return self.backend.read(channel, block=block)
+
+    async def _timed(self, operation: str, call: Awaitable[_T]) -> _T:
+        if not self.hooks:  # (no clock to read when no one listens)
+            return await call
+        started = time.monotonic()
+        try:
+            result = await call
+        except Exception:
+            self._report(operation, time.monotonic() - started)
+            raise
+        self._report(operation, time.monotonic() - started)
+        return result
+
+    def _report(self, operation: str, seconds: float) -> None:
+        emit(self.hooks, Notice(kind="backend", key="", detail=operation, seconds=seconds))
 
 
 def _channel(key: str, token: str) -> str:
@@ -57,7 +115,7 @@ class _Lease:
     asyncio only, and the task must outlive the request task that took the lease (a
     transport's response is read by whoever reads it)."""
 
-    def __init__(self, fanout: _FanoutBackend, lock: str, token: str, ttl: float) -> None:
+    def __init__(self, fanout: TimedFanout, lock: str, token: str, ttl: float) -> None:
         self.fanout = fanout
         self.lock = lock
         self.token = token
@@ -84,7 +142,11 @@ class _Lease:
                 await self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL)
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
                 backend_warnings.warning(
-                    self.fanout, "renew_failed", "sse_cache: could not renew %s: %r", self.lock, exc
+                    self.fanout.backend,
+                    "renew_failed",
+                    "sse_cache: could not renew %s: %r",
+                    self.lock,
+                    exc,
                 )
 
     def drain(self, live: LiveFlight[bytes]) -> None:
@@ -105,7 +167,7 @@ class _Lease:
 
 
 async def _open_channel(
-    fanout: _FanoutBackend, channel: str, lease: float, cache: StreamCache
+    fanout: TimedFanout, channel: str, lease: float, cache: StreamCache
 ) -> tuple[Head, bytes, AsyncIterator[bytes]] | None:
     """Start reading another process's live stream from ``channel``: its head, its first body
     bytes (``b""``: the body ended empty) and the reader, positioned after them. None when
@@ -216,11 +278,13 @@ async def _aclose(iterator: AsyncIterator[bytes]) -> None:
 
 
 async def lead_or_follow(
-    fanout: _FanoutBackend,
+    backend: _FanoutBackend,
     key: str,
     live: LiveFlight[bytes],
     cache: StreamCache,
     lease_seconds: float,
+    *,
+    hooks: tuple[Hook, ...],
 ) -> tuple[_Lease | None, Answer | None]:
     """Take the key's lease (then this request leads: its response is published as it
     passes; the lease is returned) or, when another process holds it, follow that process's
@@ -230,7 +294,9 @@ async def lead_or_follow(
 
     A follower that hears nothing from its producer for a lease's length (a killed process
     stops renewing it and sending heartbeats) takes over: it takes the lease itself, or
-    follows whoever did."""
+    follows whoever did. Its calls on the lease and the channel are reported to ``hooks``
+    (:class:`TimedFanout`)."""
+    fanout = TimedFanout(backend, hooks)
     lock = _CHANNEL + key
     for _attempt in range(3):
         token = uuid.uuid4().hex
@@ -240,7 +306,7 @@ async def lead_or_follow(
             holder = await fanout.holder(lock)
         except Exception as exc:  # fail open
             backend_warnings.warning(
-                fanout, "lock_failed", "sse_cache: cross-process lock failed for %s: %r", key, exc
+                backend, "lock_failed", "sse_cache: cross-process lock failed for %s: %r", key, exc
             )
             return None, None
         if holder is None:
@@ -257,7 +323,6 @@ async def lead_or_follow(
 
 
 async def end_lead(
-    fanout: _FanoutBackend,
     lease: _Lease,
     key: str,
     publish_rest: Callable[[], Awaitable[bool]] | None,
@@ -266,6 +331,7 @@ async def end_lead(
     tee's: True when the whole completed response reached the channel) or else the failure
     marker ``b"x"``, finish the channel, release the lock. Shielded and bounded: followers in
     other processes must hear the end."""
+    fanout = lease.fanout
     with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
         try:
             await lease.stop()

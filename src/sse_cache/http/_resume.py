@@ -20,7 +20,14 @@ from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from ..keys import ALIAS_PREFIX
 from ..protocols import ResumingAdapter, StreamAdapter
 from ._answers import _SSE_HEADERS, Answer, _after, _as_shared, _counted, _hit_answer
-from ._fanout import _CHANNEL, _channel, _FanoutBackend, _follow_channel, _open_channel
+from ._fanout import (
+    _CHANNEL,
+    TimedFanout,
+    _channel,
+    _FanoutBackend,
+    _follow_channel,
+    _open_channel,
+)
 from .policy import CachePolicy
 
 
@@ -127,8 +134,8 @@ async def resume_remote(
     service: _Service, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
 ) -> Answer | None:
     """:meth:`CacheService.resume_remote`: from the start of the producer's channel."""
-    fanout = service.fanout
-    assert fanout is not None
+    assert service.fanout is not None
+    fanout = TimedFanout(service.fanout, service.hooks)
     try:
         holder = await fanout.holder(_CHANNEL + key)
     except Exception:

@@ -241,10 +241,9 @@ class Exchange:
             await self._index()
         finally:
             lease, self._lead = self._lead, None
-            fanout = self._service.fanout
-            if lease is not None and fanout is not None:
+            if lease is not None:
                 tee = self._tee
-                await end_lead(fanout, lease, self.key, None if tee is None else tee.publish_rest)
+                await end_lead(lease, self.key, None if tee is None else tee.publish_rest)
 
     @property
     def cacheable(self) -> bool:
@@ -345,7 +344,12 @@ class Exchange:
         fanout = self._service.fanout
         if fanout is not None and publish and self._flight is not None:
             self._lead, answer = await lead_or_follow(
-                fanout, self.key, self._flight, cache, self._service.cross_process_lease
+                fanout,
+                self.key,
+                self._flight,
+                cache,
+                self._service.cross_process_lease,
+                hooks=self._service.hooks,
             )
             if answer is not None:
                 self.status = CacheStatus.SHARED
