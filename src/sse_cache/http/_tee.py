@@ -117,7 +117,8 @@ class ResponseTee:
 
     async def flush(self) -> None:
         """Publish what was relayed since the last flush to processes following this stream
-        (cross-process single-flight); nothing to do otherwise. Fail-open."""
+        (cross-process single-flight); nothing to do otherwise. Fail-open. (The lease's
+        fan-out times each publish for the hooks: :class:`~._fanout.TimedFanout`.)"""
         while self._jobs:
             await self._jobs.pop(0)()
         lease = self._lease
