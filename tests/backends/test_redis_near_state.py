@@ -12,8 +12,8 @@ What must hold at every step:
 - a write through this process is never followed by its old value from the near cache;
 - once the loss of tracking is noticed, nothing is answered until it is back.
 
-The last test runs the same machine on a copy without the guard and expects a failure: the
-test can tell.
+A test drives the same machine through the race step by step, with and without the guard:
+without it the machine's invariant fails, so the machine can tell.
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     invariant,
     precondition,
     rule,
-    run_state_machine_as_test,
 )
 
 from sse_cache.backends._redis_near import Ticket, TrackedValues
@@ -170,13 +169,17 @@ class NearCacheMachine(RuleBasedStateMachine):
     @precondition(_a_read_not_run)
     @rule(data=st.data())
     def read_runs_on_server(self, data: st.DataObject) -> None:
-        read = data.draw(st.sampled_from([r for r in self.reads if not r.ran]))
+        self.run(data.draw(st.sampled_from([r for r in self.reads if not r.ran])))
+
+    def run(self, read: Read) -> None:
         read.reply, read.ran = self.server.get(read.key), True
 
     @precondition(_a_read_run)
     @rule(data=st.data())
     def reply_arrives(self, data: st.DataObject) -> None:
-        read = data.draw(st.sampled_from([r for r in self.reads if r.ran]))
+        self.reply(data.draw(st.sampled_from([r for r in self.reads if r.ran])))
+
+    def reply(self, read: Read) -> None:
         self.reads.remove(read)
         if read.reply is not None:
             self.values.complete(read.key, read.ticket, read.reply, None)
@@ -251,22 +254,26 @@ class UnguardedMachine(NearCacheMachine):
     values_class = Unguarded
 
 
-def test_the_machine_catches_a_missing_guard() -> None:
-    # Either a stale value left with nothing on its way to drop it, or one answered after
-    # our own write: both are the guard's job.
-    with pytest.raises(AssertionError):
-        run_state_machine_as_test(
-            UnguardedMachine,
-            settings=settings(
-                max_examples=2000,
-                stateful_step_count=40,
-                deadline=None,
-                database=None,
-                phases=[Phase.generate],  # (found is enough: no shrinking)
-                report_multiple_bugs=False,
-                suppress_health_check=list(HealthCheck),
-            ),
-        )
+@pytest.mark.parametrize("guarded", [True, False], ids=["guarded", "unguarded"])
+def test_the_machines_invariants_catch_the_race_the_guard_is_for(guarded: bool) -> None:
+    # The read/invalidate race, step by step through the machine's own rules: without the
+    # guard its invariant fails, so the machine above can tell. (A search for it by
+    # hypothesis alone found it on the current release, not always on the oldest we test.)
+    machine = NearCacheMachine() if guarded else UnguardedMachine()
+    machine.write_elsewhere("a", delete=False)  # the server has a1
+    machine.invalidation_arrives()
+    machine.read_sent("a")
+    (read,) = machine.reads
+    machine.run(read)  # our GET runs on the server: a1
+    machine.write_elsewhere("a", delete=False)  # then another process writes a2 ...
+    machine.invalidation_arrives()  # ... and its invalidation is handled first
+    machine.reply(read)  # then our GET's reply, a1, arrives
+    if guarded:
+        machine.nothing_stale_for_good()
+        assert machine.values.get("a", 0.0) is None  # not kept: the next read asks Redis
+    else:
+        with pytest.raises(AssertionError, match="no invalidation is on its way"):
+            machine.nothing_stale_for_good()
 
 
 def test_a_ticket_taken_while_tracking_is_down_keeps_nothing() -> None:
