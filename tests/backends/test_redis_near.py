@@ -63,12 +63,26 @@ async def kept(backend: RedisBackend, key: str) -> bytes:
     pytest.fail(f"{key!r} never kept by the near cache")
 
 
+_opened: list[RedisBackend] = []
+
+
 def open_backend(url: str, **options: Any) -> RedisBackend:
     name = f"t{uuid.uuid4().hex[:10]}"
     query = "&".join(f"{k}={v}" for k, v in {"client_name": name, **options}.items())
     backend = from_url(f"{url}?{query}")
     assert isinstance(backend, RedisBackend)
+    _opened.append(backend)
     return backend
+
+
+@pytest.fixture(autouse=True)
+async def close_backends() -> AsyncIterator[None]:
+    """Every backend a test opened is closed, also when the test failed midway: a tracking
+    task left running when the test's event loop ends keeps the loop from closing (a
+    cancellation that reaches it inside redis-py's connect can be lost)."""
+    yield
+    while _opened:
+        await _opened.pop().aclose()
 
 
 @pytest.fixture
@@ -178,7 +192,8 @@ async def test_own_writes_are_never_followed_by_the_old_value(redis_server: Any)
 
 async def test_expiry(redis_server: Any, raw: aioredis.Redis) -> None:
     backend = open_backend(redis_server.url, prefix=f"x{uuid.uuid4().hex[:6]}:")
-    await backend.set("k", b"short-lived", 1.0)
+    # (3 s: long enough to be kept first on a busy machine; the test waits for the end.)
+    await backend.set("k", b"short-lived", 3.0)
     assert await kept(backend, "k") == b"short-lived"
     await eventually(lambda: backend.cached("k") is None, "expired")
     assert await backend.get("k") is None
@@ -190,7 +205,7 @@ async def test_expiry_is_checked_by_the_near_cache_itself(spawn_redis: Callable[
     # one can write to it): the deadline read with the value must end it all the same.
     server = spawn_redis()
     backend = open_backend(server.url, timeout="30")  # (no PING timeout during the test)
-    await backend.set("k", b"short-lived", 1.0)
+    await backend.set("k", b"short-lived", 3.0)
     assert await kept(backend, "k") == b"short-lived"
     server.pause()
     try:
