@@ -15,6 +15,16 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 
+# The floor of any forwarding proxy built like ours: the proxy's own httpx2 forwarder under
+# uvicorn, without the cache in front. Run it as ``server(sys.executable, "-c",
+# BARE_FORWARDER, upstream_url, "{port}")``.
+BARE_FORWARDER = """
+import sys, uvicorn
+from sse_cache.proxy import Forwarder
+uvicorn.run(Forwarder(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
+            log_level="warning", lifespan="on", access_log=False, ws="none")
+"""
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -69,7 +69,7 @@ import httpx2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from _servers import HOST, Server, server
+from _servers import BARE_FORWARDER, HOST, Server, server
 
 from servers import RedisServer, ServerMissing, find_binary
 
@@ -78,13 +78,6 @@ HEADERS = {"authorization": "Bearer sk-load", "content-type": "application/json"
 # Connections per httpx2 client: httpx2's pool costs O(connections) per request assignment
 # (see bench_fanout.py), so 200 connections are four pools of 50.
 PER_POOL = 50
-# The forwarder alone (no cache), as bench_proxy.py builds it: the floor of the breaker rows.
-BARE_FORWARDER = """
-import sys, uvicorn
-from sse_cache.proxy import Forwarder
-uvicorn.run(Forwarder(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
-            log_level="warning", lifespan="on")
-"""
 
 
 # -- what a proxy process holds ---------------------------------------------------------------

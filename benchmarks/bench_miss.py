@@ -7,8 +7,9 @@
     the proxy) the client received for the upstream's chunks.
 (b) paced: 200 events 5-20 ms apart (seeded), each stamped by the upstream with the time it
     sent it. The latency of each event (its arrival at the client minus its send time, one
-    clock: CLOCK_MONOTONIC is system-wide), through the proxy vs direct: p50 and p99, and
-    what the proxy adds.
+    clock: CLOCK_MONOTONIC is system-wide), through the proxy, through the proxy's forwarder
+    alone (no cache: the floor of a second hop built like ours) and direct: p50 and p99, what
+    the proxy adds, and how much of it the forwarder alone adds too.
 
 The upstream, the proxy (``sse-cache proxy --backend memory://``) and the client each run in
 a process of their own. Every miss is checked: ``x-sse-cache: miss``; and once per run the
@@ -28,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from _servers import server
+from _servers import BARE_FORWARDER, server
 
 # A plain ASGI upstream, in its own process: a Responses stream for the request's prompt, one
 # body message per event. ``x-bench-gaps-ms: LO-HI`` paces it (seeded by ``x-bench-seed``) and
@@ -209,39 +210,52 @@ async def unpaced(proxy: str, upstream: str, args: argparse.Namespace, run: str)
     )
 
 
-async def paced(proxy: str, upstream: str, args: argparse.Namespace, run: str) -> None:
+async def paced(paths: dict[str, str], args: argparse.Namespace, run: str) -> None:
     headers = {"x-bench-deltas": str(args.paced), "x-bench-gaps-ms": args.gaps}
     print(
         f"(b) paced: {args.paced} deltas, {args.gaps} ms apart; {args.paced_rounds} rounds; "
         "latency of each event (arrival at the client - sent by the upstream)"
     )
-    lat: dict[str, list[float]] = {"proxy": [], "direct": []}
-    p50: dict[str, list[float]] = {"proxy": [], "direct": []}
-    p99: dict[str, list[float]] = {"proxy": [], "direct": []}
+    names = list(paths)
+    lat: dict[str, list[float]] = {name: [] for name in names}
+    p50: dict[str, list[float]] = {name: [] for name in names}
+    p99: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.paced_rounds):
-        steps = [("proxy", proxy), ("direct", upstream)]
-        if r % 2:
-            steps.reverse()
-        for name, url in steps:
-            seeded = {**headers, "x-bench-seed": str(r)}  # the same gaps for both
-            answer = await ask(url, f"{run} paced {name} {r}", seeded)
+        # Each path goes first, second and last in turn: the same gaps for all (seeded).
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seeded = {**headers, "x-bench-seed": str(r)}
+            answer = await ask(paths[name], f"{run} paced {name} {r}", seeded)
             if name == "proxy":
                 check(answer, "miss", "a paced miss")
             lat[name] += answer.latencies
             p50[name].append(pct(answer.latencies, 50))
             p99[name].append(pct(answer.latencies, 99))
-    for name in ("proxy", "direct"):
+    for name in names:
         print(
-            f"    {name:6}  p50 {spread(p50[name], 1e3, 2)} ms  p99 {spread(p99[name], 1e3, 2)} ms"
-            f"  (all {len(lat[name])} events: p50 {pct(lat[name], 50) * 1e3:.2f} ms,"
+            f"    {name:9}  p50 {spread(p50[name], 1e3, 2)} ms  p99 {spread(p99[name], 1e3, 2)}"
+            f" ms  (all {len(lat[name])} events: p50 {pct(lat[name], 50) * 1e3:.2f} ms,"
             f" p99 {pct(lat[name], 99) * 1e3:.2f} ms)"
         )
-    added50 = pct(lat["proxy"], 50) - pct(lat["direct"], 50)
-    added99 = pct(lat["proxy"], 99) - pct(lat["direct"], 99)
+
+    def added(name: str, over: str = "direct") -> tuple[float, float]:
+        return tuple(pct(lat[name], q) - pct(lat[over], q) for q in (50, 99))  # type: ignore[return-value]
+
+    added50, added99 = added("proxy")
     print(
         f"    the proxy adds per event: p50 {added50 * 1e3:+.2f} ms, p99 {added99 * 1e3:+.2f} ms "
         f"(target: at most 1 ms at p99) {'ok' if added99 <= 0.001 else 'ABOVE TARGET'}"
     )
+    if "forwarder" in paths:
+        floor50, floor99 = added("forwarder")
+        own50, own99 = added("proxy", "forwarder")
+        print(
+            f"    the forwarder alone (no cache) adds: p50 {floor50 * 1e3:+.2f} ms, "
+            f"p99 {floor99 * 1e3:+.2f} ms: the second hop's floor on this machine"
+        )
+        print(
+            f"    the cache's own share (proxy - forwarder): p50 {own50 * 1e3:+.2f} ms, "
+            f"p99 {own99 * 1e3:+.2f} ms"
+        )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -252,14 +266,16 @@ async def main(args: argparse.Namespace) -> None:
             cli = [sys.executable, "-c", PROFILED_CLI, args.profile]
         proxy_cmd = [*cli, "proxy", "--upstream", upstream.url, "--backend", "memory://"]
         proxy_cmd += ["--port", "{port}", "--log-level", "warning"]
-        with server(*proxy_cmd) as proxy:
-            # Warm both (imports, first connections) before anything is timed.
-            for url in (proxy.url, upstream.url):
+        forwarder_cmd = [sys.executable, "-c", BARE_FORWARDER, upstream.url, "{port}"]
+        with server(*proxy_cmd) as proxy, server(*forwarder_cmd) as forwarder:
+            paths = {"proxy": proxy.url, "forwarder": forwarder.url, "direct": upstream.url}
+            # Warm all (imports, first connections) before anything is timed.
+            for url in paths.values():
                 await ask(url, f"{run} warm-up", {"x-bench-deltas": "50"})
             if args.deltas:
                 await unpaced(proxy.url, upstream.url, args, run)
             if args.paced:
-                await paced(proxy.url, upstream.url, args, run)
+                await paced(paths, args, run)
     if args.profile:  # written when the proxy exited
         print(f"\nthe proxy's profile ({args.profile}), by own time:")
         pstats.Stats(args.profile).sort_stats("tottime").print_stats(25)

@@ -25,18 +25,10 @@ from typing import Any
 
 import anyio
 import httpx2
-from _servers import server
+from _servers import BARE_FORWARDER, server
 from bench_scale import STATIC_APP  # the ceiling, as bench_scale and bench_server run it
 
 HEADERS = {"authorization": "Bearer sk-bench", "x-mock-deltas": "2000"}
-# The floor of any forwarding proxy built like ours: the same httpx2 forwarder under uvicorn,
-# without the cache in front.
-BARE_FORWARDER = """
-import sys, uvicorn
-from sse_cache.proxy import Forwarder
-uvicorn.run(Forwarder(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
-            log_level="warning", lifespan="on")
-"""
 
 
 async def timed(
