@@ -8,8 +8,9 @@
 (b) paced: 200 events 5-20 ms apart (seeded), each stamped by the upstream with the time it
     sent it. The latency of each event (its arrival at the client minus its send time, one
     clock: CLOCK_MONOTONIC is system-wide), through the proxy, through the proxy's forwarder
-    alone (no cache: the floor of a second hop built like ours) and direct: p50 and p99, what
-    the proxy adds, and how much of it the forwarder alone adds too.
+    alone (no cache: the floor of a second hop built like ours), through a bare asyncio TCP
+    relay (no HTTP at all: the floor of any second hop in Python) and direct: p50 and p99,
+    what the proxy adds, and how much of it each floor adds too.
 
 The upstream, the proxy (``sse-cache proxy --backend memory://``) and the client each run in
 a process of their own. Every miss is checked: ``x-sse-cache: miss``; and once per run the
@@ -72,6 +73,31 @@ async def app(scope, receive, send):
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+# The floor of any second hop in Python on this machine: an asyncio TCP relay that copies bytes
+# both ways and parses nothing (no HTTP, no cache), a process of its own.
+RELAY = """
+import asyncio, sys
+host, port = sys.argv[1].split("//", 1)[1].split(":")
+
+async def pump(reader, writer):
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+    finally:
+        writer.close()
+
+async def handle(reader, writer):
+    upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+    await asyncio.gather(pump(reader, upstream_writer), pump(upstream_reader, writer),
+                         return_exceptions=True)
+
+async def main():
+    relay = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[2]))
+    async with relay:
+        await relay.serve_forever()
+
+asyncio.run(main())
 """
 CLI = [sys.executable, "-m", "sse_cache"]
 # ``sse-cache`` under cProfile; the stats are written when the server is told to stop (uvicorn
@@ -256,6 +282,12 @@ async def paced(paths: dict[str, str], args: argparse.Namespace, run: str) -> No
             f"    the cache's own share (proxy - forwarder): p50 {own50 * 1e3:+.2f} ms, "
             f"p99 {own99 * 1e3:+.2f} ms"
         )
+    if "relay" in paths:
+        relay50, relay99 = added("relay")
+        print(
+            f"    a bare TCP relay (asyncio, parses nothing) adds: p50 {relay50 * 1e3:+.2f} ms, "
+            f"p99 {relay99 * 1e3:+.2f} ms: any second hop in Python on this machine"
+        )
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -267,8 +299,18 @@ async def main(args: argparse.Namespace) -> None:
         proxy_cmd = [*cli, "proxy", "--upstream", upstream.url, "--backend", "memory://"]
         proxy_cmd += ["--port", "{port}", "--log-level", "warning"]
         forwarder_cmd = [sys.executable, "-c", BARE_FORWARDER, upstream.url, "{port}"]
-        with server(*proxy_cmd) as proxy, server(*forwarder_cmd) as forwarder:
-            paths = {"proxy": proxy.url, "forwarder": forwarder.url, "direct": upstream.url}
+        relay_cmd = [sys.executable, "-c", RELAY, upstream.url, "{port}"]
+        with (
+            server(*proxy_cmd) as proxy,
+            server(*forwarder_cmd) as forwarder,
+            server(*relay_cmd) as relay,
+        ):
+            paths = {
+                "proxy": proxy.url,
+                "forwarder": forwarder.url,
+                "relay": relay.url,
+                "direct": upstream.url,
+            }
             # Warm all (imports, first connections) before anything is timed.
             for url in paths.values():
                 await ask(url, f"{run} warm-up", {"x-bench-deltas": "50"})
