@@ -200,17 +200,27 @@ class _Request:
             # A miss: the app answers, teed. The exchange is left (the answer stored) inside
             # the task group, before it waits for the tasks that may still send to the client.
             leave = stack.pop_all()
-        async with task_group() as self.tasks:
-            await self._produce(leave)
-            if self.hold_scope is not None:
-                self.hold_scope.cancel()  # the stream is over: nothing more to hold
-            outbox = self.outbox
-            if outbox is not None:
-                # The app is done; the client gets the rest at its own pace (the end of the
-                # response only after the answer was stored, as below).
-                if self.held_end:
-                    outbox.put({"type": "http.response.body", "body": b"", "more_body": False})
-                outbox.close()
+        producing = False
+        try:
+            async with task_group() as self.tasks:
+                producing = True  # from here on, _produce leaves the exchange
+                await self._produce(leave)
+                if self.hold_scope is not None:
+                    self.hold_scope.cancel()  # the stream is over: nothing more to hold
+                outbox = self.outbox
+                if outbox is not None:
+                    # The app is done; the client gets the rest at its own pace (the end of
+                    # the response only after the answer was stored, as below).
+                    if self.held_end:
+                        outbox.put({"type": "http.response.body", "body": b"", "more_body": False})
+                    outbox.close()
+        except BaseException as exc:
+            if not producing:
+                # The task group failed to open: leave the exchange here, failed, or its
+                # live flight would never end and every later identical request would wait
+                # on it.
+                await leave.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         if self.cut:
             # Visible to the client: its response is aborted, never ended cleanly.
             raise SharedStreamAborted(self.cut)

@@ -240,3 +240,33 @@ async def test_a_failing_send_during_a_hit_raises_as_itself(client_for: Any) -> 
 
     with pytest.raises(OSError, match="connection reset"):
         await mw(events_scope(), body_then(b'{"q": "reset"}', anyio.sleep_forever), send)
+
+
+async def test_a_miss_whose_task_group_fails_to_open_ends_its_flight(
+    client_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The middleware enters the exchange (a live flight that identical requests join) before
+    # it opens the task group a miss runs in. If opening it fails, the exchange must still be
+    # left, failed: otherwise the flight never ends and the next identical request waits on
+    # it for ever.
+    import sse_cache.asgi as asgi_module
+
+    real_task_group = asgi_module.task_group
+    failures = [MemoryError("no room for a task group")]
+
+    def task_group() -> Any:
+        if failures:
+            raise failures.pop()
+        return real_task_group()
+
+    monkeypatch.setattr(asgi_module, "task_group", task_group)
+    app = events_app()
+    client = client_for(CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}))
+    with pytest.raises(MemoryError):
+        await client.post("/events", json={"q": "flight"})
+    with anyio.fail_after(10):  # joined a flight that never ends: a hang, not an answer
+        again = await client.post("/events", json={"q": "flight"})
+    assert again.headers["x-sse-cache"] == "miss"
+    assert again.content == serialize_sse(EVENTS) and app.calls == 1
+    third = await client.post("/events", json={"q": "flight"})
+    assert third.headers["x-sse-cache"] == "hit" and third.content == again.content
