@@ -8,6 +8,7 @@ returned: the tests wait for it by polling ``cached()`` a bounded number of time
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import textwrap
 import uuid
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 import redis.asyncio as aioredis
 
@@ -39,6 +41,26 @@ WRITER = textwrap.dedent(
         await backend.aclose()
 
     asyncio.run(main(*sys.argv[1:]))
+    """
+)
+
+# A program that never closes its backend: each ``asyncio.run`` ends TURNS loop turns after
+# the first lookup started the tracking task, so that over the turns its one-shot shutdown
+# cancellation reaches the task at every step of connecting and subscribing. URL TURNS
+NEVER_CLOSED = textwrap.dedent(
+    """
+    import asyncio, sys
+    from sse_cache.backends import from_url
+
+    async def main(url, turns):
+        backend = from_url(url)
+        await backend.get("never-closed")  # starts the tracking task
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    for turns in range(int(sys.argv[2])):
+        asyncio.run(main(sys.argv[1], turns))
+    print("every loop ended")
     """
 )
 
@@ -167,6 +189,22 @@ async def test_writes_by_other_clients_and_processes_are_seen(
     assert await backend.get("k") is None
     await backend.aclose()
     await other.aclose()
+
+
+async def test_a_backend_never_closed_lets_its_event_loop_end(redis_server: Any) -> None:
+    # asyncio.run cancels the tasks left at its end once. On Python 3.11 redis-py could let
+    # that cancellation through while the tracking connection was being opened (CPython
+    # #86296), and the program hung at exit. A bounded wait: a hang fails the test.
+    def run() -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", NEVER_CLOSED, redis_server.url, "60"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    try:
+        done = await anyio.to_thread.run_sync(run)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a program whose Redis backend was never closed did not end")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "every loop ended"
 
 
 async def test_own_writes_are_never_followed_by_the_old_value(redis_server: Any) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Final
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
+from .._cancellation import checked
 from ._redis_near import TrackedValues
 
 __all__ = ["CHANNEL", "MAX_RETRY_DELAY", "PING_INTERVAL", "InvalidationListener", "connection_for"]
@@ -109,9 +110,8 @@ class InvalidationListener:
             return
         if task.get_loop() is not running:
             return  # (a loop that ended has already cancelled it)
-        # Cancelling alone is not enough: a cancellation that arrives while redis-py opens
-        # the connection can be lost (seen with redis-py 8.2), and the task would go on
-        # reading. Closing the connection ends any read, and the task checks _closed.
+        # Closing the connection too ends a read at once (the task checks _closed), where a
+        # cancellation that redis-py let through is only noticed after its next call.
         task.cancel()
         if self._conn is not None:
             await self._conn.disconnect(nowait=True)
@@ -151,17 +151,19 @@ class InvalidationListener:
             delay = min(delay * 2, MAX_RETRY_DELAY)
 
     async def _subscribe(self, conn: AbstractConnection) -> None:
-        await conn.connect()  # type: ignore[no-untyped-call]
-        await conn.send_command("CLIENT", "ID")
-        client_id = await conn.read_response()
-        await conn.send_command(
-            "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self._prefix
+        await checked(conn.connect())  # type: ignore[no-untyped-call]
+        await checked(conn.send_command("CLIENT", "ID"))
+        client_id = await checked(conn.read_response())
+        await checked(
+            conn.send_command(
+                "CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX", self._prefix
+            )
         )
-        reply = await conn.read_response()
+        reply = await checked(conn.read_response())
         if reply not in (b"OK", "OK"):
             raise ConnectionError(f"CLIENT TRACKING answered {reply!r}")
-        await conn.send_command("SUBSCRIBE", CHANNEL)
-        reply = await conn.read_response()
+        await checked(conn.send_command("SUBSCRIBE", CHANNEL))
+        reply = await checked(conn.read_response())
         if not (isinstance(reply, list) and reply and reply[0] in (b"subscribe", "subscribe")):
             raise ConnectionError(f"SUBSCRIBE {CHANNEL} answered {reply!r}")
 
@@ -169,11 +171,11 @@ class InvalidationListener:
         wait = self._ping_interval
         pinged = False
         while not self._closed:
-            reply = await conn.read_response(timeout=wait)
+            reply = await checked(conn.read_response(timeout=wait))
             if reply is None:  # silence for ``wait`` seconds
                 if pinged:
                     raise TimeoutError(f"no answer to PING within {self._timeout} s")
-                await conn.send_command("PING")
+                await checked(conn.send_command("PING"))
                 pinged, wait = True, self._timeout
                 continue
             kind = reply[0]

@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 import anyio
 import msgspec
 
+from .._cancellation import checked
 from .._logging import backend_warnings
 from .._notices import Hook, Notice, emit
 from ..engine import (
@@ -136,10 +137,11 @@ class _Lease:
                 await asyncio.wait_for(self._stopping.wait(), self.ttl / 3)
                 return
             try:
-                if not await self.fanout.renew(self.lock, self.token, self.ttl):
+                # (checked: the keeper is cancelled once, and must not go on renewing)
+                if not await checked(self.fanout.renew(self.lock, self.token, self.ttl)):
                     logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
                     return
-                await self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL)
+                await checked(self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL))
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
                 backend_warnings.warning(
                     self.fanout.backend,
