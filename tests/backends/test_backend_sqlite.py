@@ -167,7 +167,8 @@ async def test_one_connection_one_thread_when_the_limiter_admits_too_many(
     # their transactions. The connection is guarded on the thread side; here the limiter
     # admits sixteen at once, and every write and read must still be whole.
     backend: Any = SQLiteBackend(str(tmp_path / "c.db"), near_cache_bytes=0)
-    backend._limiter = anyio.CapacityLimiter(16)
+    backend._queue._turns = anyio.CapacityLimiter(16)
+    backend._queue._threads = anyio.CapacityLimiter(16)
     values = {f"k{i}": os.urandom(5_000) for i in range(16)}
     read: dict[str, bytes | None] = {}
 

@@ -350,6 +350,44 @@ async def test_a_busy_redis_pool_does_not_open_the_breaker(redis_server: Any) ->
         await cache.aclose()
 
 
+async def test_a_busy_sqlite_connection_does_not_open_the_breaker(tmp_path: Path) -> None:
+    # SQLite serves one call at a time per process. A write waiting on another process's lock
+    # holds the connection (within its own bound, ``timeout``); the lookups queued behind it
+    # give up after ``queue_timeout`` as busy, not as failures: each is a miss, the breaker
+    # stays closed, and the entry is found once the connection is free. (Before, such waits
+    # ran into the engine's backend_timeout and counted: a burst of stores on a healthy SQLite
+    # turned the cache off.)
+    path = tmp_path / "cache.db"
+    backend = from_url(f"sqlite:///{path}?timeout=30&queue_timeout=0.2&near_cache=0")
+    notices: list[Notice] = []
+    breaker = Breaker(failures=2, cooldown=3600)
+    cache = StreamCache(backend, GenericSSE(), breaker=breaker, hooks=[notices.append])
+    entry = Entry(schema="generic", created_at=1.0, status=200,
+                  content_type="text/event-stream", events=(Event("x"),))  # fmt: skip
+    try:
+        assert await cache.store("k", entry)
+        holder = sqlite3.connect(path, isolation_level=None)  # another process, mid-write
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(backend.set, "other", b"v", None)  # waits for the lock
+                await anyio.wait_all_tasks_blocked()
+                for _ in range(4):  # twice the breaker's threshold
+                    assert await cache.lookup("k") is None
+                holder.execute("ROLLBACK")
+        finally:
+            holder.close()
+        assert breaker.state is BreakerState.CLOSED
+        failed = [n for n in notices if n.kind == "read_failed"]
+        assert len(failed) == 4 and all("BackendBusy" in n.detail for n in failed), failed
+        assert not [n for n in notices if n.kind == "breaker"]
+        found = await cache.lookup("k")
+        assert found is not None and found.events == entry.events
+        assert await backend.get("other") == b"v"  # the write that held it went through
+    finally:
+        await cache.aclose()
+
+
 # -- Redis and memcached killed, then restarted -----------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """SQLite backend: one file, shared safely by threads and processes, via the stdlib ``sqlite3``.
 
 ``sqlite3`` is blocking, so every call runs in an anyio worker thread, one at a time per backend:
-a ``CapacityLimiter(1)`` queues the calls on the event loop, and a lock on the thread side
+a queue on the event loop orders the calls and bounds each one's wait for its turn
+(:class:`~sse_cache.backends._sqlite_queue.ConnectionQueue`), and a lock on the thread side
 guards the single connection (anyio's limiter on asyncio can admit a second borrower before
 anyio 4.14, anyio#1170, and two threads in one connection would mix their transactions).
 That keeps it usable from asyncio and trio alike, which an asyncio-only wrapper such as
@@ -24,14 +25,12 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
-import anyio
-import anyio.to_thread
-
 from ..errors import BackendUnavailable, ConfigError
 from ._common import Options, check_open, expires_at, to_bytes
 from ._near import NearCache
 from ._sqlite_file import DatabaseFile
 from ._sqlite_probe import VersionProbe
+from ._sqlite_queue import ConnectionQueue
 from ._sqlite_reads import SharedReads
 from ._sqlite_store import EntryTable
 
@@ -44,6 +43,9 @@ T = TypeVar("T")
 _WRITE_TIMEOUT: Final = 1.5
 _DEFAULT_MAX_BYTES: Final = 1024**3
 _DEFAULT_NEAR_CACHE: Final = 32 * 1024 * 1024
+# Seconds a call waits for its turn on the connection before it is given up (BackendBusy):
+# under the engine's default backend_timeout (2 s), with room for the call itself.
+_QUEUE_TIMEOUT: Final = 1.0
 # Seconds between checks that the path still names the file this backend has open.
 _CHECK_INTERVAL: Final = 1.0
 
@@ -74,6 +76,11 @@ class SQLiteBackend:
       :class:`BackendError` subclasses (the engine turns them into misses); after a corrupt or
       unreadable file the connection is reopened on the next call, so replacing the file
       recovers without a restart.
+    - *Queue*: calls run one at a time, in arrival order; a call that waited
+      ``queue_timeout`` seconds for its turn raises :class:`BackendBusy` (more calls at once
+      than the connection serves: the breaker does not count it), or :class:`BackendTimeout`
+      when the call holding the connection has run more than twice its own lock wait (a
+      disk that does not answer: the breaker counts it).
     - *A file deleted, replaced or moved while open*: at most every ``check_interval``
       seconds, a call compares the identity (device, inode) of the file at the path with the
       one it has open; when they differ it closes the old file and opens the path afresh
@@ -108,6 +115,7 @@ class SQLiteBackend:
         max_bytes: int | None = _DEFAULT_MAX_BYTES,
         timeout: float = _WRITE_TIMEOUT,
         read_timeout: float = 1.0,
+        queue_timeout: float = _QUEUE_TIMEOUT,
         purge_interval: float = 60.0,
         synchronous: str = "NORMAL",
         check_interval: float = _CHECK_INTERVAL,
@@ -132,7 +140,9 @@ class SQLiteBackend:
             create=create,
             on_replaced=self._table.forget_purge,
         )
-        self._limiter = anyio.CapacityLimiter(1)
+        self._read_timeout = read_timeout
+        self._write_timeout = timeout
+        self._queue = ConnectionQueue(queue_timeout)
         self._closed = False
         # The near cache and the probe that reads its version: both used on the caller's
         # (event loop) thread only, never by a worker thread.
@@ -208,8 +218,7 @@ class SQLiteBackend:
             return
         self._closed = True
         self._probe.close()
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._db.close, self._table.flush, limiter=self._limiter)
+        await self._queue.run_last(lambda: self._db.close(self._table.flush))
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -261,10 +270,11 @@ class SQLiteBackend:
                 raise BackendUnavailable("SQLiteBackend is closed")
             return self._db.run(lambda conn: func(conn, *args), read=read)
 
-        # Not abandoned on cancel: the next call would share the connection with a thread
-        # still using it. A call is bounded by ``timeout`` / ``read_timeout`` instead, which
-        # default to less than the engine's ``backend_timeout``.
-        return await anyio.to_thread.run_sync(run, limiter=self._limiter)
+        # One at a time, a bounded wait for its turn (_sqlite_queue); not abandoned once it
+        # runs: its lock wait is bounded by ``timeout`` / ``read_timeout`` instead.
+        if read:
+            return await self._queue.run(run, bound=self._read_timeout, what="SQLite read")
+        return await self._queue.run(run, bound=self._write_timeout, what="SQLite write")
 
 
 def _check_key(key: str) -> None:
@@ -305,6 +315,7 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
 
     Query options: ``max_bytes`` (size budget, ``1GiB`` by default, ``none`` for none),
     ``timeout`` (seconds a write may wait for the lock, 1.5), ``read_timeout`` (1),
+    ``queue_timeout`` (seconds a call may wait for its turn on the connection, 1),
     ``purge_interval`` (seconds between purges of expired rows, 60), ``synchronous``
     (SQLite's ``PRAGMA synchronous``, ``NORMAL``), ``check_interval`` (seconds between checks
     that the path still names the open file, 1; 0: before every call), ``create`` (``true``:
@@ -317,6 +328,7 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     max_bytes = opts.take_size("max_bytes", _DEFAULT_MAX_BYTES)
     timeout = opts.take_float("timeout", _WRITE_TIMEOUT)
     read_timeout = opts.take_float("read_timeout", 1.0)
+    queue_timeout = opts.take_float("queue_timeout", _QUEUE_TIMEOUT)
     purge_interval = opts.take_float("purge_interval", 60.0, minimum=0.0, allow_zero=True)
     synchronous = opts.take_str("synchronous", "NORMAL")
     check_interval = opts.take_float(
@@ -338,6 +350,7 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
         max_bytes=max_bytes,
         timeout=timeout,
         read_timeout=read_timeout,
+        queue_timeout=queue_timeout,
         purge_interval=purge_interval,
         synchronous=synchronous,
         check_interval=check_interval,
