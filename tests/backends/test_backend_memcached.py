@@ -144,7 +144,8 @@ async def test_pool_bound_holds_when_the_limiter_admits_too_many(url: str) -> No
     # writer. The pool bound is held on the thread side; here the limiter admits eight
     # times too many, and every call must still succeed with whole values.
     backend: Any = from_url(url + "&max_pool_size=2", chunk_size=1024)
-    backend._limiter = anyio.CapacityLimiter(16)
+    backend._queue._turns = anyio.CapacityLimiter(16)
+    backend._queue._threads = anyio.CapacityLimiter(16)
     values = {f"k{i}": os.urandom(20_000) for i in range(16)}
     read: dict[str, bytes | None] = {}
 

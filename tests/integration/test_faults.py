@@ -388,6 +388,40 @@ async def test_a_busy_sqlite_connection_does_not_open_the_breaker(tmp_path: Path
         await cache.aclose()
 
 
+async def test_a_slow_memcached_holding_every_pooled_connection_is_busy(
+    spawn_memcached: Callable[[], Any],
+) -> None:
+    # memcached paused (SIGSTOP) for less than a call's own timeout: the call holding the
+    # pool's only connection is waiting within its bound, so one queued behind it is busy
+    # (not counted by the breaker), as with Redis's pool; the held call completes once the
+    # server goes on.
+    server = spawn_memcached()
+    url = f"memcached://{server.address}?max_pool_size=1&timeout=30&queue_timeout=0.2"
+    backend = from_url(url)
+    try:
+        await backend.set("k", b"v", None)
+        results: list[bytes | None] = []
+
+        async def held_get() -> None:
+            results.append(await backend.get("k"))
+
+        server.pause()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(held_get)
+                await anyio.wait_all_tasks_blocked()  # it waits for the paused server
+                with pytest.raises(BackendBusy, match="pooled memcached connections"):
+                    await backend.get("k")
+                server.resume()
+        finally:
+            if server.paused:
+                server.resume()
+        assert results == [b"v"]
+        assert await backend.get("k") == b"v"
+    finally:
+        await backend.aclose()
+
+
 # -- Redis and memcached killed, then restarted -----------------------------------------------
 
 

@@ -40,8 +40,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar
 
-import anyio
-import anyio.to_thread
 from pymemcache.client.base import PooledClient  # type: ignore[import-untyped]
 from pymemcache.client.hash import HashClient  # type: ignore[import-untyped]
 from pymemcache.exceptions import (  # type: ignore[import-untyped]
@@ -50,6 +48,7 @@ from pymemcache.exceptions import (  # type: ignore[import-untyped]
 )
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from ._call_queue import CallQueue
 from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
 from ._memcached_batch import store_batch
 from ._memcached_layout import (
@@ -75,6 +74,9 @@ T = TypeVar("T")
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024 - 1024
 _DEFAULT_PREFIX: Final = "sse-cache:"
 _DEFAULT_TIMEOUT: Final = 0.5
+# Seconds a call waits for a pooled connection before it is given up (BackendBusy): under the
+# engine's default backend_timeout (2 s), with room for the call itself.
+_QUEUE_TIMEOUT: Final = 1.0
 _HINTS: Final = 4096  # chunked keys remembered per backend (a few dozen bytes each)
 
 
@@ -152,6 +154,7 @@ class MemcachedBackend:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_pool_size: int = 8,
         dead_timeout: float = 10.0,
+        queue_timeout: float = _QUEUE_TIMEOUT,
     ) -> None:
         if not servers:
             raise ConfigError("memcached: at least one server is needed")
@@ -188,9 +191,17 @@ class MemcachedBackend:
                 ignore_exc=False,
                 **common,
             )
-        # The limiter keeps waiting calls on the event loop; the semaphore is what bounds
-        # the threads inside pymemcache to its pool size (see the module docstring).
-        self._limiter = anyio.CapacityLimiter(max_pool_size)
+        # The queue keeps waiting calls on the event loop, and gives up a wait longer than
+        # queue_timeout as busy (_call_queue); the semaphore is what bounds the threads
+        # inside pymemcache to its pool size (see the module docstring).
+        self._timeout = timeout
+        self._queue = CallQueue(
+            max_pool_size,
+            queue_timeout,
+            resource=f"one of the {max_pool_size} pooled memcached connections",
+            advice="raise ?max_pool_size= or ?queue_timeout=, under the engine's backend_timeout",
+            stuck="memcached is not answering",
+        )
         self._slots = threading.BoundedSemaphore(max_pool_size)
         # Chunked values this process read or wrote lately: key -> (write id, chunk count).
         self._hints = WriteHints(_HINTS)
@@ -207,7 +218,7 @@ class MemcachedBackend:
             with self._slots, map_exceptions(what):
                 return func(*args)
 
-        return await anyio.to_thread.run_sync(call, limiter=self._limiter)
+        return await self._queue.run(call, bound=self._timeout, what=what)
 
     # -- the Backend protocol -------------------------------------------------------------
 
@@ -233,10 +244,9 @@ class MemcachedBackend:
         if self._closed:
             return
         self._closed = True
-        with anyio.CancelScope(shield=True):
-            # Closing the sockets of a dead server must not fail the caller.
-            with suppress(Exception):
-                await anyio.to_thread.run_sync(self._client.close, limiter=self._limiter)
+        # Closing the sockets of a dead server must not fail the caller.
+        with suppress(Exception):
+            await self._queue.run_last(self._client.close)
 
     # -- capabilities ---------------------------------------------------------------------
 
@@ -397,7 +407,8 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
     0.5), ``connect_timeout`` (defaults to ``timeout``), ``chunk_size`` (bytes per item,
     ``1023KiB`` by default; lower it for servers started with a smaller ``-I``),
     ``max_pool_size`` (connections per server and worker threads, 8), ``dead_timeout``
-    (seconds a failed pool member stays out, 10).
+    (seconds a failed pool member stays out, 10), ``queue_timeout`` (seconds a call may wait
+    for a pooled connection before it is given up as busy, 1).
     """
     scheme = url.split("://", 1)[0].lower()
     netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
@@ -409,6 +420,7 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
     chunk_size = opts.take_size("chunk_size", DEFAULT_CHUNK_SIZE, minimum=1024)
     max_pool_size = opts.take_int("max_pool_size", 8)
     dead_timeout = opts.take_float("dead_timeout", 10.0)
+    queue_timeout = opts.take_float("queue_timeout", _QUEUE_TIMEOUT)
     opts.finish()
     if chunk_size is None:
         raise ConfigError("memcached:// option 'chunk_size': expected a size, got 'none'")
@@ -420,4 +432,5 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
         chunk_size=chunk_size,
         max_pool_size=max_pool_size,
         dead_timeout=dead_timeout,
+        queue_timeout=queue_timeout,
     )

@@ -2,7 +2,7 @@
 
 ``sqlite3`` is blocking, so every call runs in an anyio worker thread, one at a time per backend:
 a queue on the event loop orders the calls and bounds each one's wait for its turn
-(:class:`~sse_cache.backends._sqlite_queue.ConnectionQueue`), and a lock on the thread side
+(:class:`~sse_cache.backends._call_queue.CallQueue`), and a lock on the thread side
 guards the single connection (anyio's limiter on asyncio can admit a second borrower before
 anyio 4.14, anyio#1170, and two threads in one connection would mix their transactions).
 That keeps it usable from asyncio and trio alike, which an asyncio-only wrapper such as
@@ -26,11 +26,11 @@ from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import BackendUnavailable, ConfigError
+from ._call_queue import CallQueue
 from ._common import Options, check_open, expires_at, to_bytes
 from ._near import NearCache
 from ._sqlite_file import DatabaseFile
 from ._sqlite_probe import VersionProbe
-from ._sqlite_queue import ConnectionQueue
 from ._sqlite_reads import SharedReads
 from ._sqlite_store import EntryTable
 
@@ -142,7 +142,13 @@ class SQLiteBackend:
         )
         self._read_timeout = read_timeout
         self._write_timeout = timeout
-        self._queue = ConnectionQueue(queue_timeout)
+        self._queue = CallQueue(
+            1,
+            queue_timeout,
+            resource="SQLite's one connection",
+            advice="raise ?queue_timeout=, under the engine's backend_timeout, or run more workers",
+            stuck="the disk or the file system is not answering",
+        )
         self._closed = False
         # The near cache and the probe that reads its version: both used on the caller's
         # (event loop) thread only, never by a worker thread.
@@ -270,7 +276,7 @@ class SQLiteBackend:
                 raise BackendUnavailable("SQLiteBackend is closed")
             return self._db.run(lambda conn: func(conn, *args), read=read)
 
-        # One at a time, a bounded wait for its turn (_sqlite_queue); not abandoned once it
+        # One at a time, a bounded wait for its turn (_call_queue); not abandoned once it
         # runs: its lock wait is bounded by ``timeout`` / ``read_timeout`` instead.
         if read:
             return await self._queue.run(run, bound=self._read_timeout, what="SQLite read")

@@ -1,0 +1,107 @@
+"""The queue in front of a blocking client's connections (SQLite's one, memcached's pool):
+calls run in worker threads, at most ``slots`` at once, in arrival order; a call waits at most
+``wait`` seconds for its turn.
+
+A call that waited that long is given up with one of two errors, which the engine's breaker
+tells apart:
+
+- :class:`~sse_cache.errors.BackendBusy` while the connections are making progress: more
+  calls at once than they serve (a burst of misses storing their answers, every hit of a key
+  whose near-cache value a commit dropped). The backend is healthy; the breaker does not
+  count it, or a burst would turn the cache off and send every stored answer upstream.
+- :class:`~sse_cache.errors.BackendTimeout` when every slot is taken and no call has finished
+  for more than twice a call's own bound (its lock wait or socket timeout): the disk or the
+  server is not answering. The breaker counts it, and opens.
+
+A call that has its turn is never abandoned (the next call would share a connection with a
+thread still using it); its own waits are bounded instead.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ..errors import BackendBusy, BackendError, BackendTimeout, ConfigError
+
+__all__ = ["CallQueue"]
+
+T = TypeVar("T")
+
+
+class CallQueue:
+    """Runs calls in worker threads, ``slots`` at a time (see the module). ``resource`` names
+    what the calls wait for and ``advice`` what to raise, in the errors; ``stuck`` says what a
+    call that never finishes means (``"the disk ... is not answering"``)."""
+
+    def __init__(self, slots: int, wait: float, *, resource: str, advice: str, stuck: str) -> None:
+        if not (math.isfinite(wait) and wait > 0):
+            raise ConfigError(f"queue_timeout must be a number of seconds > 0, got {wait!r}")
+        self.slots = slots
+        self.wait = wait
+        self._resource = resource
+        self._advice = advice
+        self._stuck = stuck
+        # FIFO: the order calls arrive in is the order they start in.
+        self._turns = anyio.CapacityLimiter(slots)
+        # The threads the calls run in (only the holders of a turn ask for one).
+        self._threads = anyio.CapacityLimiter(slots)
+        self._running = 0
+        # Since when no call has finished while some ran: the last finish, or the start of a
+        # call that found none running.
+        self._since = 0.0
+        self._bound = 0.0  # the largest bound of the calls running since then
+
+    async def run(self, func: Callable[[], T], *, bound: float, what: str) -> T:
+        """``func()`` in a worker thread once it is this call's turn; ``bound`` is how long
+        ``func`` may legitimately take (its own timeouts); ``what`` names it in errors."""
+        with anyio.move_on_after(self.wait) as waiting:
+            await self._turns.acquire()
+        if waiting.cancelled_caught:
+            raise self._gave_up(what)
+        try:
+            if self._running == 0:
+                self._since, self._bound = time.monotonic(), bound
+            else:
+                self._bound = max(self._bound, bound)
+            self._running += 1
+            return await anyio.to_thread.run_sync(func, limiter=self._threads)
+        finally:
+            self._running -= 1
+            self._since = time.monotonic()
+            if self._running == 0:
+                self._bound = 0.0
+            self._turns.release()
+
+    async def run_last(self, func: Callable[[], T]) -> T:
+        """``func()`` once every call queued before it has finished, however long that takes,
+        even when the caller is cancelled meanwhile (closing the connections)."""
+        # Every slot (each taken for a borrower of its own), so that nothing runs beside it.
+        borrowers = [object() for _ in range(self.slots)]
+        with anyio.CancelScope(shield=True):
+            for borrower in borrowers:
+                await self._turns.acquire_on_behalf_of(borrower)
+            try:
+                result = await anyio.to_thread.run_sync(func, limiter=self._threads)
+            finally:
+                for borrower in borrowers:
+                    self._turns.release_on_behalf_of(borrower)
+        return result
+
+    def _gave_up(self, what: str) -> BackendError:
+        if self._running >= self.slots:
+            quiet = time.monotonic() - self._since
+            if quiet > 2 * self._bound:
+                return BackendTimeout(
+                    f"{what}: no call to {self._resource} has finished for {quiet:.1f} s, "
+                    f"more than twice a call's {self._bound:g} s bound: {self._stuck}"
+                )
+        return BackendBusy(
+            f"{what}: waited {self.wait:g} s for {self._resource}: more calls at once than "
+            f"it serves ({self._advice})"
+        )
