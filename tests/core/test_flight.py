@@ -241,7 +241,7 @@ class FlightMachine(RuleBasedStateMachine):
             flow.live.fail(how)
             self._failed(flow)
 
-    @precondition(lambda self: any(f.phase is Phase.ENDED and not f.closed for f in self.flows))
+    @precondition(producing_in(Phase.ENDED))
     @rule(data=st.data())
     def store_fails(self, data: st.DataObject) -> None:
         # The stream ended cleanly but could not be stored: the producer closes its exchange.
