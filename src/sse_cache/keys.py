@@ -23,6 +23,7 @@ __all__ = [
     "CacheRequest",
     "DefaultKeyer",
     "canonical_json",
+    "lowered_tenant_scope",
     "tenant_scope",
 ]
 
@@ -100,9 +101,10 @@ class DefaultKeyer:
         self._salt = salt
 
     def key(self, request: CacheRequest) -> str:
-        h = hashlib.blake2b(digest_size=32)
         # Length-prefixed parts: no choice of values can make two different requests collide
-        # by shifting bytes from one part into its neighbour.
+        # by shifting bytes from one part into its neighbour. (Joined, then hashed at once:
+        # the same bytes as one update per part, in a third of the time.)
+        chunks: list[bytes] = []
         for part in (
             f"sse-cache/{ENTRY_FORMAT_VERSION}",
             self._salt,
@@ -113,19 +115,16 @@ class DefaultKeyer:
             str(request.variant),
         ):
             raw = part.encode("utf-8")
-            h.update(len(raw).to_bytes(4, "big"))
-            h.update(raw)
+            chunks += (len(raw).to_bytes(4, "big"), raw)
         if request.ignored:
             raw = canonical_json(sorted(set(request.ignored)))
-            h.update(b"\x00ignored" + len(raw).to_bytes(4, "big"))
-            h.update(raw)
+            chunks += (b"\x00ignored" + len(raw).to_bytes(4, "big"), raw)
         if request.headers:
             # Only present when set, so that keys without headers stay as they were.
             raw = canonical_json(dict(request.headers))
-            h.update(b"\x00headers" + len(raw).to_bytes(4, "big"))
-            h.update(raw)
-        h.update(canonical_json(request.fields))
-        return h.hexdigest()
+            chunks += (b"\x00headers" + len(raw).to_bytes(4, "big"), raw)
+        chunks.append(canonical_json(request.fields))
+        return hashlib.blake2b(b"".join(chunks), digest_size=32).hexdigest()
 
 
 def tenant_scope(
@@ -143,11 +142,14 @@ def tenant_scope(
     """
     items = headers.items() if isinstance(headers, Mapping) else headers
     found = {k.lower(): v for k, v in items}
-    parts = [
-        f"{name}\0{value}"
-        for name in dict.fromkeys(n.lower() for n in credential_headers)
-        if (value := found.get(name))
-    ]
+    return lowered_tenant_scope(found, tuple(dict.fromkeys(n.lower() for n in credential_headers)))
+
+
+def lowered_tenant_scope(headers: Mapping[str, str], credential_headers: tuple[str, ...]) -> str:
+    """:func:`tenant_scope` of ``headers`` whose names are lower-case already, for
+    ``credential_headers`` lower-case and without repeats (what a policy holds): the same
+    scope, without normalising both on every request."""
+    parts = [f"{name}\0{value}" for name in credential_headers if (value := headers.get(name))]
     if not parts:
         return ""
     # HTTP header values hold no NUL, so the joined parts cannot be confused with one

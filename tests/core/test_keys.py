@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from sse_cache import CacheRequest, DefaultKeyer
 from sse_cache.adapters import GenericSSE
-from sse_cache.keys import canonical_json, tenant_scope
+from sse_cache.entry import ENTRY_FORMAT_VERSION
+from sse_cache.keys import CREDENTIAL_HEADERS, canonical_json, lowered_tenant_scope, tenant_scope
 
 keyer = DefaultKeyer()
 adapter = GenericSSE()
@@ -100,3 +101,45 @@ def test_answer_defining_headers_change_the_key_only_when_present() -> None:
     v1 = CacheRequest(schema="s", route="r", fields={"a": 1}, headers={"anthropic-version": "1"})
     v2 = CacheRequest(schema="s", route="r", fields={"a": 1}, headers={"anthropic-version": "2"})
     assert len({keyer.key(base), keyer.key(v1), keyer.key(v2)}) == 3
+
+
+def test_keys_are_stable_across_releases() -> None:
+    # Stored entries are found by these digests: a change to how a key is computed would turn
+    # every stored answer into a miss after an upgrade, and keep processes of two releases
+    # sharing one backend from ever sharing an entry. (Values computed by the release before
+    # the key was built in one buffer instead of one update per part; ENTRY_FORMAT_VERSION is
+    # part of the key, so bumping it changes them on purpose.)
+    plain = CacheRequest(
+        schema="openai-responses",
+        route="POST /v1/responses",
+        fields={"model": "o3-mini", "input": "hi", "temperature": 1.0},
+        tenant="t:abc",
+    )
+    full = CacheRequest(
+        schema="anthropic-messages",
+        route="POST /v1/messages",
+        fields={"model": "claude", "messages": [{"role": "user", "content": "x"}]},
+        namespace="ns",
+        variant=2,
+        headers={"anthropic-version": "2023-06-01"},
+        ignored=("metadata", "user"),
+    )
+    assert ENTRY_FORMAT_VERSION == 2
+    assert DefaultKeyer().key(plain) == (
+        "090239905347f5f99c1db34fda25079259b46ac60d2e5317231b08cab9046cc6"
+    )
+    assert DefaultKeyer(salt="s1").key(plain) == (
+        "8a4c81704e9650118e0355a582b09947443f047ebd9ab7fda6c0970713c372ae"
+    )
+    assert DefaultKeyer().key(full) == (
+        "c1afa49aed3b51a88b3a230bb2fd3da4cc433bdfda02f102c1f600764e9e429d"
+    )
+    assert DefaultKeyer(salt="s1").key(full) == (
+        "423bd362af53d158f7836afe3b0da4b9affaa500f22dd16d15b3e9c0e0be90e5"
+    )
+    credentials = {"Authorization": "Bearer sk-1", "X-Api-Key": "k"}
+    assert tenant_scope(credentials) == "t:f99efe68013b5682acad13d2046870a3"
+    lowered = tuple(dict.fromkeys(h.lower() for h in CREDENTIAL_HEADERS))
+    assert lowered_tenant_scope({k.lower(): v for k, v in credentials.items()}, lowered) == (
+        "t:f99efe68013b5682acad13d2046870a3"
+    )

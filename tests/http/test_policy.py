@@ -204,3 +204,17 @@ def test_requests_differing_in_any_one_credential_never_share_a_scope(
     # Header names are case-insensitive, the order they came in does not matter.
     upper = {k.upper(): v for k, v in reversed(list(creds.items()))}
     assert tenant_scope(upper) == tenant_scope(creds)
+
+
+def test_matching_is_remembered_per_path_and_bounded() -> None:
+    # match() runs three times per request (middleware, access log, decide), so its answer is
+    # remembered by path; clients choose paths, so what it remembers stays bounded.
+    policy = CachePolicy()
+    assert policy.match("POST", "/v1/responses") == policy.match("post", "/v1/responses/")
+    assert policy.match("GET", "/v1/responses") is None  # the method is never remembered
+    assert policy.match("POST", "/v1/responses") is not None
+    for n in range(5_000):
+        assert policy.match("POST", f"/not/cached/{n}") is None
+    assert len(policy._matched) <= 1024
+    route, _ = policy.match("POST", "/openai/v1/chat/completions") or ("", None)
+    assert route == "/v1/chat/completions"

@@ -19,7 +19,7 @@ import msgspec
 
 from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
 from ..errors import ConfigError
-from ..keys import CREDENTIAL_HEADERS, tenant_scope
+from ..keys import CREDENTIAL_HEADERS, lowered_tenant_scope
 from ..pacing import Pacing
 from ..protocols import KeyHeadersAdapter, StreamAdapter
 
@@ -194,6 +194,10 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
         return self.adapter is not None
 
 
+# How many request paths CachePolicy.match remembers (then it starts afresh).
+_MATCHED_PATHS = 1024
+
+
 def _nested_deeper_than(value: Any, limit: int) -> bool:
     """Whether the decoded JSON ``value`` nests arrays/objects more than ``limit`` deep (an
     explicit stack over its containers: no recursion)."""
@@ -310,6 +314,7 @@ class CachePolicy:
             (route, _route_matcher(route), adapter)
             for route, adapter in sorted(self.routes.items(), key=lambda kv: -len(kv[0]))
         ]
+        self._matched: dict[str, tuple[str, StreamAdapter] | None] = {}
         # Each adapter's key headers, read once: a runtime protocol check on every request
         # cost more than the rest of deciding it.
         self._key_headers = {
@@ -319,20 +324,27 @@ class CachePolicy:
         if isinstance(tenant, str) and tenant != SHARED_TENANT:
             raise ConfigError(f"tenant must be None, a callable or {SHARED_TENANT!r}")
         self._tenant = tenant
-        self._credentials = tuple(h.lower() for h in credential_headers)
+        self._credentials = tuple(dict.fromkeys(h.lower() for h in credential_headers))
         if max_body_bytes <= 0:
             raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
         self.max_body_bytes = max_body_bytes
 
     def match(self, method: str, path: str) -> tuple[str, StreamAdapter] | None:
         """The route and adapter for a request, or None when it is not a cached route."""
-        if method.upper() != "POST":
+        if method != "POST" and method.upper() != "POST":
             return None
-        path = _clean_path(path)
-        for route, matches, adapter in self._ordered:
-            if matches(path):
-                return route, adapter
-        return None
+        # Remembered by path: a request is matched by the middleware, the proxy's access log
+        # and decide(), and the routes are fixed. Bounded, as clients choose the paths.
+        try:
+            return self._matched[path]
+        except KeyError:
+            pass
+        clean = _clean_path(path)
+        found = next(((r, a) for r, matches, a in self._ordered if matches(clean)), None)
+        if len(self._matched) >= _MATCHED_PATHS:
+            self._matched.clear()
+        self._matched[path] = found
+        return found
 
     def tenant_of(self, headers: Mapping[str, str], query: str = "") -> str | None:
         """The tenant scope of a request; None when the default scope cannot tell who is
@@ -347,7 +359,7 @@ class CachePolicy:
             credentials = (
                 (*self._credentials, _QUERY_CREDENTIAL_NAME) if keys else self._credentials
             )
-            return tenant_scope(headers, credentials) or None
+            return lowered_tenant_scope(headers, credentials) or None
         if self._tenant == SHARED_TENANT:
             return ""
         assert callable(self._tenant)
