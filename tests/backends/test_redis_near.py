@@ -239,7 +239,6 @@ async def test_expiry(redis_server: Any, raw: aioredis.Redis) -> None:
     for _ in range(POLLS):
         if await backend.get("k") is None:
             break
-        assert backend.cached("k") is None  # a read in that window is not kept past it
         await anyio.sleep(0.005)
     else:
         pytest.fail("Redis never expired the key")
