@@ -22,9 +22,20 @@ T = TypeVar("T")
 
 
 async def checked(call: Awaitable[T]) -> T:
-    """``await call`` (a redis-py call), then raise the cancellation it let through, if any."""
-    result = await call
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
+    """``await call`` (a redis-py call), then raise the cancellation it let through, if any:
+    also when the call failed instead (``wait_for`` can swallow the cancellation and raise the
+    inner error), or a caller that retries on errors would retry for ever."""
+    try:
+        result = await call
+    except Exception as exc:
+        if _cancel_requested():
+            raise asyncio.CancelledError from exc
+        raise
+    if _cancel_requested():
         raise asyncio.CancelledError
     return result
+
+
+def _cancel_requested() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
