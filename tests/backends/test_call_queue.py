@@ -134,12 +134,37 @@ async def test_closing_waits_for_every_running_call_even_when_cancelled() -> Non
         tg.start_soon(hold)
         tg.start_soon(hold)
         await anyio.wait_all_tasks_blocked()
-        with anyio.CancelScope() as scope:
-            tg.start_soon(close)
-            await anyio.wait_all_tasks_blocked()
-            scope.cancel()
-        gate.set()
+        async with anyio.create_task_group() as closing:
+            closing.start_soon(close)
+            await anyio.wait_all_tasks_blocked()  # the closer waits for both slots
+            closing.cancel_scope.cancel()  # (the caller gives up: closing goes on)
+            gate.set()
     assert order == ["held", "held", "closed"]
+
+
+async def test_a_wait_leaves_the_call_half_the_callers_deadline() -> None:
+    # Inside the engine's backend_timeout, a call waits at most half of what is left, so
+    # that it is told busy (not counted) instead of running into the deadline (counted).
+    calls = queue(1, 30)
+    gate = threading.Event()
+
+    async def hold() -> None:
+        await calls.run(lambda: gate.wait(30), bound=60, what="holder")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await anyio.wait_all_tasks_blocked()
+        try:
+            with anyio.fail_after(5):  # a TimeoutError here: it waited into the deadline
+                with pytest.raises(BackendBusy, match=r"waited 2\.\d* s"):
+                    await calls.run(lambda: "never", bound=1, what="lookup")
+        finally:
+            gate.set()
+
+
+def test_at_least_one_slot() -> None:
+    with pytest.raises(ConfigError, match="at least one connection"):
+        queue(0, 1)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

@@ -1,6 +1,8 @@
 """The queue in front of a blocking client's connections (SQLite's one, memcached's pool):
 calls run in worker threads, at most ``slots`` at once, in arrival order; a call waits at most
-``wait`` seconds for its turn.
+``wait`` seconds for its turn, and never more than half the time left before the caller's
+deadline (the engine's ``backend_timeout``, when it calls from inside one): the rest is the
+call's own, so that waiting alone never runs a call into that deadline.
 
 A call that waited that long is given up with one of two errors, which the engine's breaker
 tells apart:
@@ -10,8 +12,9 @@ tells apart:
   whose near-cache value a commit dropped). The backend is healthy; the breaker does not
   count it, or a burst would turn the cache off and send every stored answer upstream.
 - :class:`~sse_cache.errors.BackendTimeout` when every slot is taken and no call has finished
-  for more than twice a call's own bound (its lock wait or socket timeout): the disk or the
-  server is not answering. The breaker counts it, and opens.
+  for more than twice a call's bound (the longest it may take when healthy: its lock waits
+  and their retries, its socket timeouts): the disk or the server is not answering. The
+  breaker counts it, and opens.
 
 A call that has its turn is never abandoned (the next call would share a connection with a
 thread still using it); its own waits are bounded instead.
@@ -40,6 +43,8 @@ class CallQueue:
     call that never finishes means (``"the disk ... is not answering"``)."""
 
     def __init__(self, slots: int, wait: float, *, resource: str, advice: str, stuck: str) -> None:
+        if slots < 1:
+            raise ConfigError(f"{resource}: at least one connection is needed, got {slots!r}")
         if not (math.isfinite(wait) and wait > 0):
             raise ConfigError(f"queue_timeout must be a number of seconds > 0, got {wait!r}")
         self.slots = slots
@@ -59,11 +64,18 @@ class CallQueue:
 
     async def run(self, func: Callable[[], T], *, bound: float, what: str) -> T:
         """``func()`` in a worker thread once it is this call's turn; ``bound`` is how long
-        ``func`` may legitimately take (its own timeouts); ``what`` names it in errors."""
-        with anyio.move_on_after(self.wait) as waiting:
-            await self._turns.acquire()
-        if waiting.cancelled_caught:
-            raise self._gave_up(what)
+        ``func`` may take when healthy (its own timeouts); ``what`` names it in errors."""
+        try:
+            self._turns.acquire_nowait()  # (no waiters, a free slot: no cancel scope)
+        except anyio.WouldBlock:
+            # At most half the time left before the caller's deadline: a call that ran past
+            # it would be a timeout, which the breaker counts, for having waited.
+            left = anyio.current_effective_deadline() - anyio.current_time()
+            wait = min(self.wait, left / 2)
+            with anyio.move_on_after(max(wait, 0.0)) as waiting:
+                await self._turns.acquire()
+            if waiting.cancelled_caught:
+                raise self._gave_up(what, wait) from None
         try:
             if self._running == 0:
                 self._since, self._bound = time.monotonic(), bound
@@ -93,7 +105,7 @@ class CallQueue:
                     self._turns.release_on_behalf_of(borrower)
         return result
 
-    def _gave_up(self, what: str) -> BackendError:
+    def _gave_up(self, what: str, waited: float) -> BackendError:
         if self._running >= self.slots:
             quiet = time.monotonic() - self._since
             if quiet > 2 * self._bound:
@@ -102,6 +114,6 @@ class CallQueue:
                     f"more than twice a call's {self._bound:g} s bound: {self._stuck}"
                 )
         return BackendBusy(
-            f"{what}: waited {self.wait:g} s for {self._resource}: more calls at once than "
-            f"it serves ({self._advice})"
+            f"{what}: waited {max(waited, 0.0):.2g} s for {self._resource}: more calls at once "
+            f"than it serves ({self._advice})"
         )

@@ -194,7 +194,9 @@ class MemcachedBackend:
         # The queue keeps waiting calls on the event loop, and gives up a wait longer than
         # queue_timeout as busy (_call_queue); the semaphore is what bounds the threads
         # inside pymemcache to its pool size (see the module docstring).
-        self._timeout = timeout
+        # The longest a healthy call takes: a connection, then two round trips (a chunked
+        # value: its manifest, then its chunks), each within the socket timeout.
+        self._call_bound = common["connect_timeout"] + 2 * timeout
         self._queue = CallQueue(
             max_pool_size,
             queue_timeout,
@@ -218,7 +220,7 @@ class MemcachedBackend:
             with self._slots, map_exceptions(what):
                 return func(*args)
 
-        return await self._queue.run(call, bound=self._timeout, what=what)
+        return await self._queue.run(call, bound=self._call_bound, what=what)
 
     # -- the Backend protocol -------------------------------------------------------------
 

@@ -77,10 +77,12 @@ class SQLiteBackend:
       unreadable file the connection is reopened on the next call, so replacing the file
       recovers without a restart.
     - *Queue*: calls run one at a time, in arrival order; a call that waited
-      ``queue_timeout`` seconds for its turn raises :class:`BackendBusy` (more calls at once
-      than the connection serves: the breaker does not count it), or :class:`BackendTimeout`
-      when the call holding the connection has run more than twice its own lock wait (a
-      disk that does not answer: the breaker counts it).
+      ``queue_timeout`` seconds for its turn (at most half the time left before the caller's
+      deadline) raises :class:`BackendBusy` (more calls at once than the connection serves:
+      the breaker does not count it), or :class:`BackendTimeout` when the call holding the
+      connection has run more than four times the longer of ``timeout`` and ``read_timeout``
+      (twice what a healthy call may take: a disk that does not answer; the breaker counts
+      it).
     - *A file deleted, replaced or moved while open*: at most every ``check_interval``
       seconds, a call compares the identity (device, inode) of the file at the path with the
       one it has open; when they differ it closes the old file and opens the path afresh
@@ -140,8 +142,9 @@ class SQLiteBackend:
             create=create,
             on_replaced=self._table.forget_purge,
         )
-        self._read_timeout = read_timeout
-        self._write_timeout = timeout
+        # The longest a healthy call takes: its lock wait, the retries to the same deadline
+        # (the last may start just before it), a reopen with the write timeout.
+        self._call_bound = 2 * max(timeout, read_timeout)
         self._queue = CallQueue(
             1,
             queue_timeout,
@@ -278,9 +281,8 @@ class SQLiteBackend:
 
         # One at a time, a bounded wait for its turn (_call_queue); not abandoned once it
         # runs: its lock wait is bounded by ``timeout`` / ``read_timeout`` instead.
-        if read:
-            return await self._queue.run(run, bound=self._read_timeout, what="SQLite read")
-        return await self._queue.run(run, bound=self._write_timeout, what="SQLite write")
+        what = "SQLite read" if read else "SQLite write"
+        return await self._queue.run(run, bound=self._call_bound, what=what)
 
 
 def _check_key(key: str) -> None:
