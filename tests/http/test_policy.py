@@ -60,6 +60,7 @@ def test_tenant_scopes() -> None:
     a = default.tenant_of({"authorization": "Bearer a"})
     assert a != default.tenant_of({"authorization": "Bearer b"}) and a.startswith("t:")
     assert default.tenant_of({}) is None  # nobody to scope by: not cached
+    assert default.tenant_of({"Authorization": "Bearer a"}) == a  # names in any case
     body = policy_body = json.dumps({"model": "m", "input": "x"}).encode()
     assert "no credential" in default.decide("POST", "/v1/responses", {}, policy_body).reason
     assert CachePolicy(tenant=SHARED_TENANT).decide("POST", "/v1/responses", {}, body).cacheable

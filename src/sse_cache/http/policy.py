@@ -350,8 +350,9 @@ class CachePolicy:
         """The tenant scope of a request; None when the default scope cannot tell who is
         asking (no credential header, no ``key`` query parameter): such requests are not
         cached, since their callers could not be kept apart (opt in with
-        ``tenant="shared"`` or a callable)."""
-        return self._tenant_of(headers, _split_query(query)[1])
+        ``tenant="shared"`` or a callable). Header names in any case."""
+        lowered = {name.lower(): value for name, value in headers.items()}
+        return self._tenant_of(lowered, _split_query(query)[1])
 
     def _tenant_of(self, headers: Mapping[str, str], keys: list[str]) -> str | None:
         headers = _with_query_key(headers, keys, self._credentials)
