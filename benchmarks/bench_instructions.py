@@ -1,0 +1,184 @@
+"""Instructions per hit, counted by valgrind: the proxy against the ceiling, without the noise.
+
+On these shared 2-core VMs a load's throughput and CPU time move by ±30 % between rounds
+(docs/performance.md), more than most changes to the hit path. An instruction count does not
+move: ``valgrind --tool=callgrind`` counts what the server's process executed, whatever else
+the machine was doing. This script runs each server under callgrind twice, serving
+``--low`` and then ``--high`` hits after the same warm-up, and divides the difference of the
+two totals by the difference of the counts: the instructions one more request costs, the
+start-up and shut-down cancelled out.
+
+Servers: the *ceiling* (uvicorn serving the recorded stream from a plain ASGI app, as in
+bench_scale.py; it is also the proxy's upstream, run natively) and ``sse-cache proxy`` on each
+``--backends`` (memory, sqlite, redis: a redis-server is started). The client runs natively
+in this process: ``--connections`` keep-alive connections, each answer checked byte for byte
+(and ``x-sse-cache: hit`` through the proxy).
+
+An instruction is not a nanosecond (cache misses, system calls and the kernel's share are not
+in it), so this is the ratio of the CPU work in the server's own process, not of its time.
+
+Run: ``.venv/bin/python benchmarks/bench_instructions.py [--backends memory,sqlite]``
+(~2 minutes per server; needs valgrind). ``PYTHONPATH=<another checkout>/src`` measures
+another version of sse_cache with the same script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from _servers import free_port
+from bench_scale import (
+    CLI,
+    DEFAULT_STREAM,
+    REAL_STREAMS,
+    STATIC_APP,
+    Call,
+    backend_urls,
+    load,
+    one,
+    static_server,
+)
+
+PAYLOAD = {"model": "o3-mini", "input": "bench instructions", "stream": True}
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server under valgrind exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the server under valgrind did not start") from None
+            time.sleep(0.2)
+
+
+def launch(argv: list[str], tmp: Path) -> tuple[int, Path, subprocess.Popen[bytes]]:
+    """Start ``argv`` (``{port}`` replaced) under callgrind and wait until it accepts
+    connections: (its port, its callgrind output file, the process)."""
+    port = free_port()
+    out = tmp / f"callgrind.{port}.out"
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        f"--callgrind-out-file={out}",
+        f"--log-file={tmp / f'valgrind.{port}.log'}",
+        *(a.replace("{port}", str(port)) for a in argv),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, proc, 300)
+    except BaseException:
+        proc.kill()
+        raise
+    return port, out, proc
+
+
+def total_instructions(out: Path) -> int:
+    for line in out.read_text().splitlines():
+        if line.startswith("summary:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no summary in {out}")
+
+
+async def counted(
+    argv: list[str], call: Call, warm: Call | None, hits: int, connections: int, tmp: Path
+) -> int:
+    """Run ``argv`` (``{port}`` replaced) under callgrind; warm it (``warm`` once, then a
+    round of ``call`` per connection), serve ``hits`` copies of ``call``, stop it; the
+    instructions its process executed in all."""
+    port, out, proc = launch(argv, tmp)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        if warm is not None:
+            await one(url, warm)
+        served = await load(url, call, hits, connections)
+        if served.errors:
+            raise SystemExit(f"wrong answers under valgrind: {served.errors[:3]}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return total_instructions(out)
+
+
+async def per_request(
+    name: str, argv: list[str], call: Call, warm: Call | None, args: argparse.Namespace
+) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        low = await counted(argv, call, warm, args.low, args.connections, Path(tmp))
+        high = await counted(argv, call, warm, args.high, args.connections, Path(tmp))
+    each = (high - low) / (args.high - args.low)
+    print(
+        f"  {name:14} {each / 1000:9.1f} k instructions per request "
+        f"(totals {low / 1e9:.2f} G for {args.low}, {high / 1e9:.2f} G for {args.high})",
+        flush=True,
+    )
+    return each
+
+
+async def main(args: argparse.Namespace) -> None:
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is needed (apt-get install -y valgrind)")
+    stream = REAL_STREAMS / DEFAULT_STREAM
+    if not stream.exists():
+        raise SystemExit(f"no recorded stream at {stream} (set SSE_CACHE_REAL_STREAMS)")
+    recording = stream.read_bytes()
+    print(
+        f"instructions per request under callgrind: {stream.name} "
+        f"({len(recording) / 1000:.0f} KB); "
+        f"{args.low} then {args.high} requests over {args.connections} connections "
+        f"(the difference / {args.high - args.low})"
+    )
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        upstream = stack.enter_context(static_server(stream))
+        urls = stack.enter_context(backend_urls(args.backends, Path(tmp)))
+        ceiling_call = Call.post(upstream.url, PAYLOAD, recording, None)
+        ceiling_argv = [sys.executable, "-c", STATIC_APP, "{port}"]
+        os.environ["BENCH_BODY"] = str(stream)
+        ceiling = await per_request("ceiling", ceiling_argv, ceiling_call, None, args)
+        for kind in args.backends:
+            backend = urls[kind][0]
+            if kind == "sqlite":
+                backend = f"sqlite:///{Path(tmp) / f'instructions-{time.time_ns()}.db'}"
+            elif kind == "redis":
+                backend += f"?prefix=instructions-{time.time_ns()}:"
+            proxy_argv = [*CLI, "proxy", "--upstream", upstream.url, "--backend", backend]
+            proxy_argv += ["--port", "{port}", "--log-level", "warning"]
+            miss = Call.post(upstream.url, PAYLOAD, recording, None)  # stored, or already
+            hit = Call.post(upstream.url, PAYLOAD, recording, "hit")
+            # A memory:// proxy starts empty each time; the warm-up stores the answer.
+            proxy = await per_request(f"proxy {kind}", proxy_argv, hit, miss, args)
+            print(f"    proxy / ceiling: {proxy / ceiling:.2f}x the instructions per request")
+    print(f"machine: load average {statistics.fmean(os.getloadavg()):.2f} (does not matter here)")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", default="memory,sqlite,redis", type=lambda t: t.split(","))
+    parser.add_argument("--low", type=int, default=100, help="requests of the first run")
+    parser.add_argument("--high", type=int, default=400, help="requests of the second run")
+    parser.add_argument("--connections", type=int, default=10)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
