@@ -7,6 +7,8 @@ server that does not answer)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -22,6 +24,25 @@ pytestmark = pytest.mark.anyio
 
 def queue(slots: int, wait: float) -> CallQueue:
     return CallQueue(slots, wait, resource="the test's connections", advice="a", stuck="stuck")
+
+
+@asynccontextmanager
+async def held(calls: CallQueue, slots: int, bound: float) -> AsyncIterator[None]:
+    """``slots`` calls of ``bound`` seconds hold their connections, each in its thread,
+    until the block ends."""
+    gate = threading.Event()
+
+    async def hold() -> None:
+        await calls.run(lambda: gate.wait(30), bound=bound, what="holder")
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(slots):
+            tg.start_soon(hold)
+        await anyio.wait_all_tasks_blocked()  # every one of them runs, in its thread
+        try:
+            yield
+        finally:
+            gate.set()
 
 
 @pytest.mark.parametrize("slots", [1, 3])
@@ -81,21 +102,10 @@ async def test_a_call_that_waits_too_long_is_busy_or_stuck(
     slots: int, holder_bound: float, expected: type[Exception], message: str
 ) -> None:
     calls = queue(slots, 0.3)
-    gate = threading.Event()
     ran: list[str] = []
-
-    async def hold() -> None:
-        await calls.run(lambda: gate.wait(30), bound=holder_bound, what="holder")
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(slots):
-            tg.start_soon(hold)
-        await anyio.wait_all_tasks_blocked()  # every slot is held, in its thread
-        try:
-            with pytest.raises(expected, match=message):
-                await calls.run(lambda: ran.append("queued"), bound=1, what="SQLite read")
-        finally:
-            gate.set()
+    async with held(calls, slots, holder_bound):  # every slot is taken
+        with pytest.raises(expected, match=message):
+            await calls.run(lambda: ran.append("queued"), bound=1, what="SQLite read")
     assert ran == []  # given up: never ran
     assert await calls.run(lambda: "free", bound=1, what="after") == "free"
 
@@ -103,16 +113,8 @@ async def test_a_call_that_waits_too_long_is_busy_or_stuck(
 async def test_a_free_slot_means_busy_never_stuck() -> None:
     # Two slots, one held far past its bound: a call still gets the other one at once.
     calls = queue(2, 0.3)
-    gate = threading.Event()
-
-    async def hold() -> None:
-        await calls.run(lambda: gate.wait(30), bound=0.01, what="holder")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(hold)
-        await anyio.wait_all_tasks_blocked()
+    async with held(calls, 1, 0.01):
         assert await calls.run(lambda: "served", bound=1, what="beside") == "served"
-        gate.set()
 
 
 async def test_closing_waits_for_every_running_call_even_when_cancelled() -> None:
@@ -146,20 +148,10 @@ async def test_a_wait_leaves_the_call_half_the_callers_deadline() -> None:
     # Inside the engine's backend_timeout, a call waits at most half of what is left, so
     # that it is told busy (not counted) instead of running into the deadline (counted).
     calls = queue(1, 30)
-    gate = threading.Event()
-
-    async def hold() -> None:
-        await calls.run(lambda: gate.wait(30), bound=60, what="holder")
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(hold)
-        await anyio.wait_all_tasks_blocked()
-        try:
-            with anyio.fail_after(5):  # a TimeoutError here: it waited into the deadline
-                with pytest.raises(BackendBusy, match=r"waited 2\.\d* s"):
-                    await calls.run(lambda: "never", bound=1, what="lookup")
-        finally:
-            gate.set()
+    async with held(calls, 1, 60):
+        with anyio.fail_after(5):  # a TimeoutError here: it waited into the deadline
+            with pytest.raises(BackendBusy, match=r"waited 2\.\d* s"):
+                await calls.run(lambda: "never", bound=1, what="lookup")
 
 
 def test_at_least_one_slot() -> None:
