@@ -3,10 +3,10 @@
 On these shared 2-core VMs a load's throughput and CPU time move by ±30 % between rounds
 (docs/performance.md), more than most changes to the hit path. An instruction count does not
 move: ``valgrind --tool=callgrind`` counts what the server's process executed, whatever else
-the machine was doing. This script runs each server under callgrind twice, serving
-``--low`` and then ``--high`` hits after the same warm-up, and divides the difference of the
-two totals by the difference of the counts: the instructions one more request costs, the
-start-up and shut-down cancelled out.
+the machine was doing. This script starts each server under callgrind with its
+instrumentation off, warms it up (``--warm`` hits over the same connections), turns the
+instrumentation on (``callgrind_control -i on``), serves ``--hits`` hits, turns it off: the
+count is the hits' alone, without start-up, warm-up or shut-down.
 
 Servers: the *ceiling* (uvicorn serving the recorded stream from a plain ASGI app, as in
 bench_scale.py; it is also the proxy's upstream, run natively) and ``sse-cache proxy`` on each
@@ -18,7 +18,7 @@ An instruction is not a nanosecond (cache misses, system calls and the kernel's 
 in it), so this is the ratio of the CPU work in the server's own process, not of its time.
 
 Run: ``.venv/bin/python benchmarks/bench_instructions.py [--backends memory,sqlite]``
-(~2 minutes per server; needs valgrind). ``PYTHONPATH=<another checkout>/src`` measures
+(~1 minute per server; needs valgrind). ``PYTHONPATH=<another checkout>/src`` measures
 another version of sse_cache with the same script.
 """
 
@@ -70,14 +70,15 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float) -> N
 
 def launch(argv: list[str], tmp: Path) -> tuple[int, Path, subprocess.Popen[bytes]]:
     """Start ``argv`` (``{port}`` replaced) under callgrind and wait until it accepts
-    connections: (its port, its callgrind output file, the process)."""
+    connections: (its port, valgrind's log file, the process)."""
     port = free_port()
-    out = tmp / f"callgrind.{port}.out"
+    log = tmp / f"valgrind.{port}.log"
     command = [
         "valgrind",
         "--tool=callgrind",
-        f"--callgrind-out-file={out}",
-        f"--log-file={tmp / f'valgrind.{port}.log'}",
+        "--instr-atstart=no",  # (turned on once the server is warm: instrument())
+        f"--callgrind-out-file={tmp / f'callgrind.{port}.out'}",
+        f"--log-file={log}",
         *(a.replace("{port}", str(port)) for a in argv),
     ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -86,52 +87,56 @@ def launch(argv: list[str], tmp: Path) -> tuple[int, Path, subprocess.Popen[byte
     except BaseException:
         proc.kill()
         raise
-    return port, out, proc
+    return port, log, proc
 
 
-def total_instructions(out: Path) -> int:
-    for line in out.read_text().splitlines():
-        if line.startswith("summary:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no summary in {out}")
+def total_instructions(log: Path) -> int:
+    """What valgrind's log says callgrind collected (instrumented instructions only)."""
+    for line in log.read_text().splitlines():
+        if "Collected :" in line:
+            return int(line.rsplit(":", 1)[1].replace(",", "").strip())
+    raise RuntimeError(f"no count in {log}")
 
 
-async def counted(
-    argv: list[str], call: Call, warm: Call | None, hits: int, connections: int, tmp: Path
-) -> int:
-    """Run ``argv`` (``{port}`` replaced) under callgrind; warm it (``warm`` once, then a
-    round of ``call`` per connection), serve ``hits`` copies of ``call``, stop it; the
-    instructions its process executed in all."""
-    port, out, proc = launch(argv, tmp)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        if warm is not None:
-            await one(url, warm)
-        served = await load(url, call, hits, connections)
-        if served.errors:
-            raise SystemExit(f"wrong answers under valgrind: {served.errors[:3]}")
-    finally:
-        proc.send_signal(signal.SIGTERM)
+async def counted(argv: list[str], call: Call, warm: Call | None, args: argparse.Namespace) -> int:
+    """Run ``argv`` (``{port}`` replaced) under callgrind, instrumentation off; warm it
+    (``warm`` once, then ``args.warm`` copies of ``call``); count ``args.hits`` copies of
+    ``call``: the instructions its process executed for them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        port, log, proc = launch(argv, Path(tmp))
         try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    return total_instructions(out)
+            url = f"http://127.0.0.1:{port}"
+            if warm is not None:
+                await one(url, warm)
+            await served(url, call, args.warm, args.connections)
+            instrument(proc.pid, "on")
+            await served(url, call, args.hits, args.connections)
+            instrument(proc.pid, "off")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        return total_instructions(log)
+
+
+async def served(url: str, call: Call, hits: int, connections: int) -> None:
+    done = await load(url, call, hits, connections)
+    if done.errors:
+        raise SystemExit(f"wrong answers under valgrind: {done.errors[:3]}")
+
+
+def instrument(pid: int, state: str) -> None:
+    subprocess.run(["callgrind_control", "-i", state, str(pid)], check=True, capture_output=True)
 
 
 async def per_request(
     name: str, argv: list[str], call: Call, warm: Call | None, args: argparse.Namespace
 ) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        low = await counted(argv, call, warm, args.low, args.connections, Path(tmp))
-        high = await counted(argv, call, warm, args.high, args.connections, Path(tmp))
-    each = (high - low) / (args.high - args.low)
-    print(
-        f"  {name:14} {each / 1000:9.1f} k instructions per request "
-        f"(totals {low / 1e9:.2f} G for {args.low}, {high / 1e9:.2f} G for {args.high})",
-        flush=True,
-    )
+    each = await counted(argv, call, warm, args) / args.hits
+    print(f"  {name:14} {each / 1000:9.1f} k instructions per request", flush=True)
     return each
 
 
@@ -145,8 +150,8 @@ async def main(args: argparse.Namespace) -> None:
     print(
         f"instructions per request under callgrind: {stream.name} "
         f"({len(recording) / 1000:.0f} KB); "
-        f"{args.low} then {args.high} requests over {args.connections} connections "
-        f"(the difference / {args.high - args.low})"
+        f"{args.hits} requests over {args.connections} connections, counted after "
+        f"{args.warm} not counted"
     )
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         upstream = stack.enter_context(static_server(stream))
@@ -174,8 +179,8 @@ async def main(args: argparse.Namespace) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="memory,sqlite,redis", type=lambda t: t.split(","))
-    parser.add_argument("--low", type=int, default=100, help="requests of the first run")
-    parser.add_argument("--high", type=int, default=400, help="requests of the second run")
+    parser.add_argument("--warm", type=int, default=50, help="requests before counting")
+    parser.add_argument("--hits", type=int, default=300, help="requests counted")
     parser.add_argument("--connections", type=int, default=10)
     return parser.parse_args()
 
