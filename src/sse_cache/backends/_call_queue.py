@@ -23,6 +23,7 @@ thread still using it); its own waits are bounded instead.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -35,6 +36,13 @@ from ..errors import BackendBusy, BackendError, BackendTimeout, ConfigError
 __all__ = ["CallQueue"]
 
 T = TypeVar("T")
+
+
+def _would_block() -> tuple[type[Exception], ...]:
+    # anyio 4.10 (the oldest we support) lets trio's own WouldBlock out of a trio limiter's
+    # acquire_nowait.
+    trio = sys.modules.get("trio")
+    return (anyio.WouldBlock,) if trio is None else (anyio.WouldBlock, trio.WouldBlock)
 
 
 class CallQueue:
@@ -67,7 +75,9 @@ class CallQueue:
         ``func`` may take when healthy (its own timeouts); ``what`` names it in errors."""
         try:
             self._turns.acquire_nowait()  # (no waiters, a free slot: no cancel scope)
-        except anyio.WouldBlock:
+        except Exception as exc:
+            if not isinstance(exc, _would_block()):
+                raise
             # At most half the time left before the caller's deadline: a call that ran past
             # it would be a timeout, which the breaker counts, for having waited.
             left = anyio.current_effective_deadline() - anyio.current_time()
