@@ -104,21 +104,36 @@ class _Outbox:
         return {"type": "http.response.body", "body": b"".join(parts), "more_body": more}
 
     async def run(self) -> None:
-        with self._scope:
-            while True:
-                while self._messages:
-                    message = self._next()
-                    self.size -= len(message.get("body", b""))
-                    try:
-                        await self._send(message)
-                    except Exception as exc:
-                        self.stop()
-                        self._failed(exc)
-                    self._wake()
-                if self._closed or self._stopped:
-                    return
-                await self._more.wait()
-                self._more = anyio.Event()
+        try:
+            with self._scope:
+                while True:
+                    while self._messages:
+                        message = self._next()
+                        self.size -= len(message.get("body", b""))
+                        try:
+                            await self._send(message)
+                        except Exception as exc:
+                            self.stop()
+                            self._failed(exc)
+                        self._wake()
+                    if self._closed or self._stopped:
+                        return
+                    await self._more.wait()
+                    self._more = anyio.Event()
+        finally:
+            # Nothing is sent after this: let go of the request's bound methods, a reference
+            # cycle (request -> outbox -> request) that would leave the whole request for the
+            # cycle collector.
+            self.stop()
+            self._send, self._failed = _send_nothing, _ignore_failure
+
+
+async def _send_nothing(message: Message) -> None:
+    pass
+
+
+def _ignore_failure(exc: Exception) -> None:
+    pass
 
 
 async def _send_answer_while_connected(receive: Receive, send: Send, answer: Answer) -> None:
