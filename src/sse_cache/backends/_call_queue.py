@@ -33,9 +33,13 @@ import anyio.to_thread
 
 from ..errors import BackendBusy, BackendError, BackendTimeout, ConfigError
 
-__all__ = ["CallQueue"]
+__all__ = ["DEFAULT_QUEUE_TIMEOUT", "CallQueue"]
 
 T = TypeVar("T")
+
+#: Seconds a call waits for its turn by default before it is given up (BackendBusy): under the
+#: engine's default backend_timeout (2 s), with room for the call itself.
+DEFAULT_QUEUE_TIMEOUT = 1.0
 
 
 def _would_block() -> tuple[type[Exception], ...]:

@@ -48,7 +48,7 @@ from pymemcache.exceptions import (  # type: ignore[import-untyped]
 )
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
-from ._call_queue import CallQueue
+from ._call_queue import DEFAULT_QUEUE_TIMEOUT, CallQueue
 from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
 from ._memcached_batch import store_batch
 from ._memcached_layout import (
@@ -74,9 +74,6 @@ T = TypeVar("T")
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024 - 1024
 _DEFAULT_PREFIX: Final = "sse-cache:"
 _DEFAULT_TIMEOUT: Final = 0.5
-# Seconds a call waits for a pooled connection before it is given up (BackendBusy): under the
-# engine's default backend_timeout (2 s), with room for the call itself.
-_QUEUE_TIMEOUT: Final = 1.0
 _HINTS: Final = 4096  # chunked keys remembered per backend (a few dozen bytes each)
 
 
@@ -154,7 +151,7 @@ class MemcachedBackend:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_pool_size: int = 8,
         dead_timeout: float = 10.0,
-        queue_timeout: float = _QUEUE_TIMEOUT,
+        queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
     ) -> None:
         if not servers:
             raise ConfigError("memcached: at least one server is needed")
@@ -191,12 +188,12 @@ class MemcachedBackend:
                 ignore_exc=False,
                 **common,
             )
-        # The queue keeps waiting calls on the event loop, and gives up a wait longer than
-        # queue_timeout as busy (_call_queue); the semaphore is what bounds the threads
-        # inside pymemcache to its pool size (see the module docstring).
         # The longest a healthy call takes: a connection, then two round trips (a chunked
         # value: its manifest, then its chunks), each within the socket timeout.
         self._call_bound = common["connect_timeout"] + 2 * timeout
+        # The queue keeps waiting calls on the event loop, and gives up a wait longer than
+        # queue_timeout as busy (_call_queue); the semaphore is what bounds the threads
+        # inside pymemcache to its pool size (see the module docstring).
         self._queue = CallQueue(
             max_pool_size,
             queue_timeout,
@@ -422,7 +419,7 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
     chunk_size = opts.take_size("chunk_size", DEFAULT_CHUNK_SIZE, minimum=1024)
     max_pool_size = opts.take_int("max_pool_size", 8)
     dead_timeout = opts.take_float("dead_timeout", 10.0)
-    queue_timeout = opts.take_float("queue_timeout", _QUEUE_TIMEOUT)
+    queue_timeout = opts.take_float("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
     opts.finish()
     if chunk_size is None:
         raise ConfigError("memcached:// option 'chunk_size': expected a size, got 'none'")

@@ -26,7 +26,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..errors import BackendUnavailable, ConfigError
-from ._call_queue import CallQueue
+from ._call_queue import DEFAULT_QUEUE_TIMEOUT, CallQueue
 from ._common import Options, check_open, expires_at, to_bytes
 from ._near import NearCache
 from ._sqlite_file import DatabaseFile
@@ -43,9 +43,6 @@ T = TypeVar("T")
 _WRITE_TIMEOUT: Final = 1.5
 _DEFAULT_MAX_BYTES: Final = 1024**3
 _DEFAULT_NEAR_CACHE: Final = 32 * 1024 * 1024
-# Seconds a call waits for its turn on the connection before it is given up (BackendBusy):
-# under the engine's default backend_timeout (2 s), with room for the call itself.
-_QUEUE_TIMEOUT: Final = 1.0
 # Seconds between checks that the path still names the file this backend has open.
 _CHECK_INTERVAL: Final = 1.0
 
@@ -117,7 +114,7 @@ class SQLiteBackend:
         max_bytes: int | None = _DEFAULT_MAX_BYTES,
         timeout: float = _WRITE_TIMEOUT,
         read_timeout: float = 1.0,
-        queue_timeout: float = _QUEUE_TIMEOUT,
+        queue_timeout: float = DEFAULT_QUEUE_TIMEOUT,
         purge_interval: float = 60.0,
         synchronous: str = "NORMAL",
         check_interval: float = _CHECK_INTERVAL,
@@ -336,7 +333,7 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     max_bytes = opts.take_size("max_bytes", _DEFAULT_MAX_BYTES)
     timeout = opts.take_float("timeout", _WRITE_TIMEOUT)
     read_timeout = opts.take_float("read_timeout", 1.0)
-    queue_timeout = opts.take_float("queue_timeout", _QUEUE_TIMEOUT)
+    queue_timeout = opts.take_float("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
     purge_interval = opts.take_float("purge_interval", 60.0, minimum=0.0, allow_zero=True)
     synchronous = opts.take_str("synchronous", "NORMAL")
     check_interval = opts.take_float(
