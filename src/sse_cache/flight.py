@@ -453,14 +453,19 @@ class LiveFlight(Generic[T]):
         finally:
             await batches.aclose()  # type: ignore[attr-defined]
 
-    async def drain(self) -> None:
-        """Read the handed-over upstream to its end whether or not anyone here reads it
-        (followers in other processes do), taking turns with the followers that pull."""
-        while self.source is not None and not self.flight.done:
-            if self.pulling:
-                await self.wait(math.inf)
-            else:
-                await self.pull()
+    @property
+    def unread(self) -> bool:
+        """The handed-over upstream has more to read (see :meth:`drain_turn`)."""
+        return self.source is not None and not self.flight.done
+
+    async def drain_turn(self) -> None:
+        """One turn of reading the handed-over upstream whether or not anyone here reads it
+        (followers in other processes do): wait for the follower that pulls, or pull. Call
+        it while :attr:`unread`."""
+        if self.pulling:
+            await self.wait(math.inf)
+        else:
+            await self.pull()
 
     async def pull(self, bound: float = math.inf) -> None:
         """Read the next piece of the handed-over upstream into the flight, for everyone.

@@ -69,3 +69,40 @@ async def test_an_uncancelled_call_is_unchanged() -> None:
 
 async def refused() -> str:
     raise ConnectionError("refused")
+
+
+async def test_a_lease_drain_cancelled_once_stops_though_a_publish_swallowed_it() -> None:
+    # A cross-process producer whose client left drains its upstream in a task of its own,
+    # cancelled once when the program ends. The cancellation that lands in a publish to
+    # Redis (in a piece's read) can be swallowed there; the drain must stop anyway, not read
+    # its upstream to the end (here, 50 pieces later).
+    from sse_cache.flight import Flight, LiveFlight
+    from sse_cache.http._fanout import _Lease
+
+    live: LiveFlight[bytes] = LiveFlight(Flight("k"))
+    live.respond(b"head")
+    waiting = asyncio.Event()
+    turns = 0
+
+    async def piece() -> bool:
+        nonlocal turns
+        turns += 1
+        if turns == 3:
+            await swallowing(waiting, None)  # the publish that swallows it
+        else:
+            await asyncio.sleep(0)
+        live.deliver(b"data: x\n\n")
+        return turns < 50
+
+    async def abandon() -> None:
+        pass
+
+    live.hand_over(piece, abandon)
+    lease = _Lease.__new__(_Lease)
+    lease.lock, lease._drains = "lock", set()
+    lease.drain(live)
+    (task,) = lease._drains
+    await waiting.wait()
+    task.cancel()
+    await asyncio.wait([task])
+    assert task.cancelled() and turns == 3

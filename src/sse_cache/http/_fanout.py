@@ -155,7 +155,7 @@ class _Lease:
         """Read ``live``'s handed-over upstream to its end in a task of its own (the client
         that was reading it has gone; followers in other processes still need it)."""
         loop = asyncio.get_running_loop()
-        task = loop.create_task(live.drain(), name=f"sse-cache drain {self.lock}")
+        task = loop.create_task(_drain(live), name=f"sse-cache drain {self.lock}")
         self._drains.add(task)
         task.add_done_callback(self._drains.discard)
 
@@ -166,6 +166,14 @@ class _Lease:
         task, self._task = self._task, None
         if task is not None:
             await asyncio.wait({task})
+
+
+async def _drain(live: LiveFlight[bytes]) -> None:
+    # Checked after each turn: a drain is cancelled once (by ``asyncio.run`` at its end), and
+    # a cancellation that redis-py let through while publishing a piece would otherwise
+    # keep it reading its upstream to the end.
+    while live.unread:
+        await checked(live.drain_turn())
 
 
 async def _open_channel(
