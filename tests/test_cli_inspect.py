@@ -134,6 +134,38 @@ def test_show_missing_and_corrupt(db: str, capsys: pytest.CaptureFixture[str]) -
     assert "corrupt" in capsys.readouterr().err
 
 
+def test_a_row_another_program_gave_other_types_is_listed_shown_and_purged(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A text value written over an entry by the sqlite3 shell: every command goes on, and
+    # purge can remove it.
+    path = db.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute("UPDATE sse_cache_entries SET value = 'text' WHERE key = 'aaa111'")
+    assert run_cli("ls", "-l", "--backend", db) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "aaa111\t0\tCORRUPT" and "openai.chat\tbody" in lines[1]
+    assert run_cli("show", "aaa111", "--backend", db) == 1
+    assert "aaa111' is corrupt: the row of 'aaa111' holds str" in capsys.readouterr().err
+    assert run_cli("purge", "aaa111", "--yes", "--backend", db) == 0
+    assert "purged 1 entry" in capsys.readouterr().out
+    assert run_cli("ls", "--backend", db) == 0
+    assert capsys.readouterr().out.split() == ["bbb222", "ccc333"]
+
+
+def test_show_an_entry_dated_past_any_calendar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Sound, finite, and no date: anyone who can write to the cache can store it.
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    entry = Entry(
+        schema="generic", created_at=1e20, body=b"{}", **({"expires_at": 2e20} if EXPIRY else {})
+    )
+    store(url, {"k": MsgpackCodec().encode(entry)})
+    assert run_cli("show", "k", "--backend", url) == 0
+    assert "created:      1e+20 (not a date)" in capsys.readouterr().out
+
+
 def test_stats(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("stats", "--backend", db) == 0
     out = capsys.readouterr().out

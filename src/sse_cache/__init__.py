@@ -40,6 +40,9 @@ from .errors import (
 from .errors import (
     SSEError as SSEError,
 )
+from .errors import (
+    UnreadableEntry as UnreadableEntry,
+)
 from .events import Event as Event
 from .events import SSEParser as SSEParser
 from .events import serialize_sse as serialize_sse
@@ -95,5 +98,6 @@ __all__ = [
     "SharedStreamAborted",
     "StreamAdapter",
     "StreamCache",
+    "UnreadableEntry",
     "serialize_sse",
 ]

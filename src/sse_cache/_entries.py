@@ -25,7 +25,7 @@ from ._notices import Hook, Notice, emit
 from .breaker import Breaker, BreakerState
 from .codec import WireEntry
 from .entry import Entry
-from .errors import BackendBusy, CorruptEntry
+from .errors import BackendBusy, CorruptEntry, UnreadableEntry
 from .events import serialize_sse
 from .protocols import Backend, EventCodec, NearCachingBackend, WireCodec
 
@@ -156,15 +156,18 @@ class EntryStore:
         self, name: str, key: str, raw: bytes, kind: type[_E], decode: Callable[[bytes], _E]
     ) -> _E | None:
         """``raw`` decoded by ``decode``, or the form kept from an earlier decode of the same
-        bytes; None (logged, deleted) when it is corrupt."""
+        bytes; None (logged, and deleted unless other processes may read it) when it cannot be
+        decoded here."""
         kept = self.decoded.get(name + key, raw)
         if isinstance(kept, kind):
             return kept
         try:
             value = decode(raw)
+        except UnreadableEntry as exc:
+            self._warn("unreadable", key, f"cannot read stored entry (left stored): {exc}")
+            return None
         except CorruptEntry as exc:
-            self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
-            await self.delete(key)
+            await self._drop_corrupt(key, exc)
             return None
         self.decoded.put(name + key, raw, value, _decoded_size)
         return value
@@ -181,6 +184,9 @@ class EntryStore:
             return await self._use_backend("get", lambda: self.backend.get(key))
         except _Skipped:
             return None  # a miss, at no cost
+        except CorruptEntry as exc:  # a stored value the backend cannot return as bytes
+            await self._drop_corrupt(key, exc)
+            return None
         except Exception as exc:
             self._warn("read_failed", key, f"backend read failed: {exc!r}")
             return None
@@ -202,6 +208,13 @@ class EntryStore:
             breaker.cancelled()
             self._timed(operation, time.monotonic() - started)
             raise
+        except CorruptEntry:
+            # The backend answered: what it holds under the key is not ours (a value of
+            # another type, written by another program). Counted as a failure, a few lookups
+            # of one such key would turn the whole cache off.
+            breaker.success()
+            self._timed(operation, time.monotonic() - started)
+            raise
         except Exception as exc:
             ended = time.monotonic()
             breaker.failure(ended, repr(exc))
@@ -213,6 +226,10 @@ class EntryStore:
         breaker.success()
         self._timed(operation, time.monotonic() - started)
         return result
+
+    async def _drop_corrupt(self, key: str, exc: CorruptEntry) -> None:
+        self._warn("corrupt", key, f"deleting corrupt entry: {exc}")
+        await self.delete(key)
 
     def _timed(self, operation: str, seconds: float) -> None:
         if self._hooks:  # (no notice to build when no one listens)

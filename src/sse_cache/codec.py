@@ -40,7 +40,7 @@ from typing import Final, Literal
 import msgspec
 
 from .entry import ENTRY_FORMAT_VERSION, Entry
-from .errors import ConfigError, CorruptEntry
+from .errors import ConfigError, CorruptEntry, UnreadableEntry
 from .events import EOL, Event, serialize_sse
 
 _zstd: ModuleType | None
@@ -308,7 +308,7 @@ class MsgpackCodec:
             raise CorruptEntry("not an sse_cache entry (bad magic or too short)")
         version = view[4]
         if version != ENTRY_FORMAT_VERSION:
-            raise CorruptEntry(f"entry format version {version} is not supported")
+            raise UnreadableEntry(f"entry format version {version} is not supported")
         payload = view[_HEADER:]
         expected = self._digest(bytes((version,)), payload)
         if not hmac.compare_digest(expected, view[5:_HEADER]):
@@ -339,11 +339,13 @@ class MsgpackCodec:
                 return view
             if method == _ZSTD:
                 if _zstd is None or self._zstd_d is None:
-                    raise CorruptEntry("entry is zstd-compressed; install sse-cache[zstd]")
+                    raise UnreadableEntry("entry is zstd-compressed; install sse-cache[zstd]")
                 # We always write the content size; a frame without one is not ours.
                 size = _zstd.frame_content_size(view)
-                if size < 0 or size > limit:
-                    raise CorruptEntry(f"zstd frame size {size} is unknown or over {limit}")
+                if size < 0:
+                    raise CorruptEntry("zstd frame without its content size")
+                if size > limit:
+                    raise UnreadableEntry(f"entry expands past max_decoded_bytes={limit}")
                 out: bytes = self._zstd_d.decompress(view)
             elif method == _ZLIB:
                 out = zlib.decompressobj().decompress(view, limit + 1)
@@ -354,5 +356,5 @@ class MsgpackCodec:
         except Exception as exc:  # zlib.error, zstd.ZstdError: both mean damaged bytes
             raise CorruptEntry(f"entry does not decompress: {exc}") from None
         if len(out) > limit:
-            raise CorruptEntry(f"entry expands past max_decoded_bytes={limit}")
+            raise UnreadableEntry(f"entry expands past max_decoded_bytes={limit}")
         return out

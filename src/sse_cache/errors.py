@@ -11,6 +11,7 @@ __all__ = [
     "CorruptEntry",
     "SSECacheError",
     "SSEError",
+    "UnreadableEntry",
 ]
 
 
@@ -24,8 +25,17 @@ class SSEError(SSECacheError, ValueError):
 
 
 class CorruptEntry(SSECacheError, ValueError):
-    """Stored bytes cannot be trusted as a cache entry: truncated, altered, foreign, or of an
-    unknown format version. The engine deletes such entries and treats them as a miss."""
+    """Stored bytes cannot be trusted as a cache entry: truncated, altered or foreign (also a
+    stored value a backend cannot return as bytes: a text column, a Redis list). The engine
+    deletes such entries and treats them as a miss."""
+
+
+class UnreadableEntry(CorruptEntry):
+    """A sound entry that this process cannot read: compressed with zstd where
+    ``sse-cache[zstd]`` is not installed, larger than this codec's ``max_decoded_bytes``, or
+    of a format version this release does not know. A miss here, but the engine leaves it
+    stored: other processes of the same cache (another release, another configuration) may
+    read it."""
 
 
 class ConfigError(SSECacheError, ValueError):

@@ -82,6 +82,11 @@ _COUNTERS = (
     ("sse_cache_not_stored", "not_stored", "Streams not stored (failed, cut, too large)."),
     ("sse_cache_read_failures", "read_failed", "Backend reads that failed (served as misses)."),
     ("sse_cache_corrupt_entries", "corrupt", "Corrupt entries found and deleted."),
+    (
+        "sse_cache_unreadable_entries",
+        "unreadable",
+        "Sound entries this process cannot read (served as misses, left stored).",
+    ),
     ("sse_cache_resumes", "resumed", "Clients that reconnected to a live stream for its rest."),
     (
         "sse_cache_invalid_requests",

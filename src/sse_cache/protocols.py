@@ -65,7 +65,10 @@ class Backend(Protocol):
     """Bytes in, bytes out, by string key. The contract every backend meets:
 
     - ``get`` returns the bytes of the last *complete* ``set`` of that key, or ``None`` when the
-      key is missing or expired; never a mix of two writes or a partial value.
+      key is missing or expired; never a mix of two writes or a partial value. A value that
+      another program stored at the key and that is not bytes (a text column, a Redis list)
+      raises :class:`~sse_cache.errors.CorruptEntry`: the engine deletes it, as a corrupt
+      entry, and does not count it as a backend failure.
     - ``set`` stores ``value`` for ``ttl`` seconds (``None``: no expiry, though a size-bounded
       backend may still evict it); it overwrites any previous value.
     - ``delete`` removes the key; deleting a missing key is not an error.

@@ -6,6 +6,7 @@ A third-party backend can run it too: see docs/plugins.md.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 
@@ -82,11 +83,13 @@ async def test_ttl_expiry(backend: Backend) -> None:
     await backend.set("short", b"gone soon", 0.5)
     await backend.set("long", b"stays", 60)
     await backend.set("forever", b"stays too", None)
+    await backend.set("infinite", b"as None", math.inf)
     assert await backend.get("short") == b"gone soon"
     await anyio.sleep(0.9)
     assert await backend.get("short") is None
     assert await backend.get("long") == b"stays"
     assert await backend.get("forever") == b"stays too"
+    assert await backend.get("infinite") == b"as None"
 
 
 async def test_non_positive_ttl_stores_nothing(backend: Backend) -> None:

@@ -16,7 +16,7 @@ import pytest
 from sse_cache import Event, StreamCache
 from sse_cache.adapters import GenericSSE
 from sse_cache.backends import from_url
-from sse_cache.errors import BackendError, BackendTimeout, BackendUnavailable
+from sse_cache.errors import BackendError, BackendTimeout, BackendUnavailable, CorruptEntry
 from sse_cache.protocols import Backend
 
 pytestmark = pytest.mark.anyio
@@ -294,3 +294,59 @@ async def test_a_locked_sqlite_file_costs_a_store_its_write_timeout(tmp_path: Pa
         [e async for e in stream]
     assert stream.stored
     await backend.aclose()
+
+
+# -- another program's value at one of our keys -------------------------------------------
+
+
+async def foreign_value_is_a_miss_deleted(
+    backend: Backend, make_foreign: Callable[[str], Awaitable[None]]
+) -> None:
+    """Through the engine: a value of another type at an entry's key (another program's
+    SQLite text column, Redis list) is a miss and deleted, however often it is looked up,
+    and the breaker stays closed for the other keys."""
+    cache = StreamCache(backend, GenericSSE())
+    good = cache.key(cache.request({"input": "good"}))
+    bad = cache.key(cache.request({"input": "bad"}))
+    await backend.set(good, b"not looked at", None)
+    for _ in range(3 * cache.breaker.failures):
+        await backend.set(bad, b"ours", None)
+        await make_foreign(bad)
+        with pytest.raises(CorruptEntry, match="another type|holds"):
+            await backend.get(bad)
+        assert await cache.lookup(bad) is None
+        assert await backend.get(bad) is None  # deleted
+    assert cache.breaker.state.value == "closed"
+
+
+async def test_sqlite_row_of_other_types_is_a_deleted_miss(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    backend = from_url(f"sqlite:///{path}")
+
+    async def make_foreign(key: str) -> None:
+        with sqlite3.connect(path) as db:
+            db.execute("UPDATE sse_cache_entries SET value = 'text' WHERE key = ?", (key,))
+
+    try:
+        await foreign_value_is_a_miss_deleted(backend, make_foreign)
+    finally:
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_value_of_another_type_is_a_deleted_miss(redis_server: Any) -> None:
+    import redis.asyncio as aioredis
+
+    backend = from_url(redis_server.url + "?prefix=foreign-type:")
+    raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+
+    async def make_foreign(key: str) -> None:
+        (name,) = [n for n in await raw.keys("foreign-type:*") if n.endswith(key.encode())]
+        await raw.delete(name)
+        await raw.rpush(name, b"a", b"list")
+
+    try:
+        await foreign_value_is_a_miss_deleted(backend, make_foreign)
+    finally:
+        await raw.aclose()
+        await backend.aclose()

@@ -14,7 +14,13 @@ from pymemcache.client.base import Client, PooledClient  # type: ignore[import-u
 
 from sse_cache.backends import from_url
 from sse_cache.backends._memcached_batch import IOV_MAX, read_replies, send_parts
-from sse_cache.backends._memcached_layout import MANIFEST, Manifest, is_expired, pack_deadline
+from sse_cache.backends._memcached_layout import (
+    MANIFEST,
+    MAX_CHUNKS,
+    Manifest,
+    is_expired,
+    pack_deadline,
+)
 from sse_cache.backends.memcached import MemcachedBackend
 from sse_cache.codec import MsgpackCodec
 from sse_cache.entry import Entry
@@ -442,6 +448,37 @@ async def test_foreign_item_reads_as_miss(url: str, raw: Client) -> None:
     assert await backend.get("k") is None
     raw.set(backend._item_key("k"), b"short", flags=2, noreply=False)  # a bogus manifest
     assert await backend.get("k") is None
+    await backend.aclose()
+
+
+async def test_a_manifest_naming_more_chunks_than_a_value_may_take_is_not_ours(
+    url: str, raw: Client
+) -> None:
+    # Written by anyone who can reach memcached, with every chunk it names present: were it
+    # read, a manifest could make one read fetch millions of keys. It is a miss.
+    backend: Any = from_url(url, chunk_size=1024)
+    item_key, write_id = backend._item_key("k"), os.urandom(16)
+    count = MAX_CHUNKS + 1
+    for name in backend._chunk_keys(item_key, write_id, count):
+        raw.set(name, b"c" * 1024, flags=0, noreply=False)
+    manifest = Manifest(None, count * 1024, 1024, count, write_id)
+    raw.set(item_key, manifest.pack(), flags=MANIFEST, noreply=False)
+    assert await backend.get("k") is None
+    # Nor does the backend write one: it says which option to raise.
+    with pytest.raises(BackendError, match=r"raise \?chunk_size="):
+        await backend.set("k", b"v" * (count * 1024), None)
+    await backend.set("k", b"v" * (MAX_CHUNKS * 1024), None)  # the most that fits
+    assert await backend.get("k") == b"v" * (MAX_CHUNKS * 1024)
+    await backend.aclose()
+
+
+async def test_a_ttl_reaching_past_2038_is_stored(url: str) -> None:
+    # memcached reads its expiry time as a signed 32-bit Unix time; one past January 2038
+    # was an item expired already, and every read a miss.
+    backend: Any = from_url(url)
+    ttl = 2**31 + 86400 * 365 - time.time()
+    await backend.set("k", b"kept", ttl)
+    assert await backend.get("k") == b"kept"
     await backend.aclose()
 
 

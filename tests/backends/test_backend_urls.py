@@ -203,6 +203,9 @@ def test_bad_option_names_the_parameter(url: str, parameter: str) -> None:
         ("memcached://h1:x", "bad port"),
         ("memcached://h1,,h2", "empty host"),
         ("memcached://h?prefix=has space", "prefix"),
+        ("memcached://h/1", "memcached has no databases, got the path '/1'"),
+        ("memcached://h:0", "port 0"),
+        ("memcached://h?chunk_size=2GiB", "largest item"),
     ],
 )
 def test_bad_urls(url: str, match: str) -> None:

@@ -6,7 +6,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sse_cache import ConfigError, CorruptEntry, Entry, Event, MsgpackCodec, serialize_sse
+from sse_cache import (
+    ConfigError,
+    CorruptEntry,
+    Entry,
+    Event,
+    MsgpackCodec,
+    UnreadableEntry,
+    serialize_sse,
+)
 from sse_cache.entry import ENTRY_FORMAT_VERSION
 from sse_cache.testing import responses_stream
 
@@ -113,6 +121,35 @@ def test_unknown_version_is_corrupt() -> None:
     data[4] = 99
     with pytest.raises(CorruptEntry, match="version"):
         MsgpackCodec().decode(bytes(data))
+
+
+def test_what_another_process_may_read_is_unreadable_not_corrupt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The engine deletes a CorruptEntry, but leaves an UnreadableEntry for the processes of
+    # the cache that can read it.
+    import sse_cache.codec
+
+    entry = Entry(schema="generic", created_at=1.0, body=b"x" * 10_000)
+    zstd = MsgpackCodec(compression="zstd").encode(entry)
+    with pytest.raises(UnreadableEntry, match="max_decoded_bytes"):
+        MsgpackCodec(max_decoded_bytes=1000).decode(zstd)
+    with pytest.raises(UnreadableEntry, match="max_decoded_bytes"):
+        MsgpackCodec(max_decoded_bytes=1000).decode(MsgpackCodec(compression="zlib").encode(entry))
+    newer = bytearray(_sample)
+    newer[4] = 99
+    with pytest.raises(UnreadableEntry, match="version"):
+        MsgpackCodec().decode(bytes(newer))
+    monkeypatch.setattr(sse_cache.codec, "_zstd", None)
+    with pytest.raises(UnreadableEntry, match="install sse-cache"):
+        MsgpackCodec().decode(zstd)
+    # What no process can trust stays corrupt.
+    altered = bytearray(_sample)
+    altered[-1] ^= 1
+    for data in (bytes(altered), _sample[:-5], b"foreign"):
+        with pytest.raises(CorruptEntry) as info:
+            MsgpackCodec().decode(data)
+        assert not isinstance(info.value, UnreadableEntry)
 
 
 def test_bad_options_are_config_errors() -> None:

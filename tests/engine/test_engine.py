@@ -29,6 +29,7 @@ class DictBackend:
 
     def __init__(self) -> None:
         self.data: dict[str, bytes] = {}
+        self.foreign: set[str] = set()
         self.fail_get = self.fail_set = False
         self.hang = False
         self.sets = 0
@@ -207,6 +208,68 @@ async def test_corrupt_entry_is_deleted_and_missed(caplog: pytest.LogCaptureFixt
     assert "corrupt" in caplog.text
     third, _ = await consume(cache, up)  # the miss re-stored a good entry
     assert third.status is CacheStatus.HIT  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("reader", ["without zstandard", "smaller max_decoded_bytes"])
+async def test_an_entry_another_process_can_read_is_missed_here_and_left_stored(
+    reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Processes of one cache may differ: one without the optional zstandard package, one with
+    # a smaller decode bound. Neither may delete what the others wrote and read.
+    import sse_cache.codec
+
+    backend, up = DictBackend(), Upstream()
+    writer = StreamCache(backend, GenericSSE(), codec=MsgpackCodec(compression="zstd"))
+    s, _ = await consume(writer, up)
+    key, stored = s.key, backend.data[s.key]  # type: ignore[attr-defined]
+    if reader == "without zstandard":
+        monkeypatch.setattr(sse_cache.codec, "_zstd", None)
+        codec = MsgpackCodec()
+    else:
+        codec = MsgpackCodec(max_decoded_bytes=1000)
+    notices: list[Notice] = []
+    here = StreamCache(backend, GenericSSE(), codec=codec, hooks=[notices.append])
+    assert await here.lookup(key) is None
+    assert await here.lookup_wire(key) is None
+    assert backend.data[key] == stored
+    assert {n.kind for n in notices} >= {"unreadable"} and "corrupt" not in {
+        n.kind for n in notices
+    }
+    monkeypatch.undo()
+    again, events = await consume(writer, up)
+    assert again.status is CacheStatus.HIT and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
+
+
+async def test_a_value_the_backend_cannot_return_is_deleted_without_opening_the_breaker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Another program wrote a value of another type at the key (a SQLite text column, a
+    # Redis list): the backend raises CorruptEntry. Each lookup is a miss that deletes it,
+    # and however often it is asked, the breaker stays closed for every other key.
+    from sse_cache import CorruptEntry
+
+    class Foreign(DictBackend):
+        async def get(self, key: str) -> bytes | None:
+            if key in self.foreign:
+                raise CorruptEntry("a value of another type")
+            return await super().get(key)
+
+        async def delete(self, key: str) -> None:
+            self.foreign.discard(key)
+            await super().delete(key)
+
+    backend, up = Foreign(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    good, _ = await consume(cache, up)
+    bad = cache.key(cache.request({**BODY, "input": "other"}))
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        for _ in range(3 * cache.breaker.failures):
+            backend.foreign = {bad}
+            assert await cache.lookup(bad) is None
+            assert backend.foreign == set()  # deleted
+    assert "corrupt" in caplog.text
+    assert cache.breaker.state.value == "closed"
+    assert await cache.lookup(good.key) is not None  # type: ignore[attr-defined]
 
 
 async def test_entry_of_another_schema_is_not_served() -> None:

@@ -146,6 +146,8 @@ def parse_hosts(scheme: str, netloc: str, default_port: int) -> list[tuple[str, 
             raise ConfigError(f"{scheme}:// URL: bad port in {item!r}") from None
         if not parts.hostname:
             raise ConfigError(f"{scheme}:// URL: missing host in {item!r}")
+        if port == 0:
+            raise ConfigError(f"{scheme}:// URL: port 0 in {item!r}")
         hosts.append((unquote(parts.hostname), port if port is not None else default_port))
     return hosts
 
@@ -157,12 +159,13 @@ def check_open(closed: bool, name: str) -> None:
 
 
 def expires_at(now: float, ttl: float | None) -> float | None:
-    """Absolute expiry time for ``ttl`` seconds from ``now`` (None: never)."""
+    """Absolute expiry time for ``ttl`` seconds from ``now`` (None: never, for ``None`` and
+    ``math.inf`` alike)."""
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) or math.isnan(ttl):
         raise ConfigError(f"ttl must be a number of seconds or None, got {ttl!r}")
-    return now + ttl
+    return None if ttl == math.inf else now + ttl
 
 
 def to_bytes(value: bytes | bytearray | memoryview) -> bytes:

@@ -34,6 +34,8 @@ from typing import Final, NamedTuple
 
 __all__ = [
     "MANIFEST",
+    "MAX_CHUNKS",
+    "MIN_CHUNK_SIZE",
     "RAW",
     "TIMED",
     "Manifest",
@@ -58,6 +60,15 @@ _MANIFEST_MAGIC: Final = b"SSEM\x02"
 _MANIFEST_BODY = struct.Struct(">dQII16s")  # deadline, total, chunk size, count, write id
 _MAX_KEY: Final = 250
 _THIRTY_DAYS: Final = 30 * 24 * 3600
+# memcached reads ``exptime`` as a signed 32-bit number: a Unix time past January 2038 would
+# be an item that expired already.
+_LAST_UNIX_TIME: Final = 2**31 - 1
+#: The most chunks a value is stored in (4 GiB at the default chunk size, 4 MiB at the
+#: smallest): a manifest naming more is not ours. (Without a bound, a manifest written by
+#: anyone who can reach memcached could make one read build and fetch millions of keys.)
+MAX_CHUNKS: Final = 4096
+#: The smallest ``chunk_size`` a backend takes; a manifest with smaller chunks is not ours.
+MIN_CHUNK_SIZE: Final = 1024
 
 
 def kind(flags: int) -> int:
@@ -98,7 +109,11 @@ def server_expiry(now: float, deadline: float | None) -> int:
     # memcached counts whole seconds and reads values over 30 days as a Unix time; one
     # second of slack so the server never drops an item before our own check would.
     seconds = math.ceil(deadline - now) + 1
-    return seconds if seconds <= _THIRTY_DAYS else math.ceil(deadline) + 1
+    if seconds <= _THIRTY_DAYS:
+        return seconds
+    # Past 2038, the last time memcached can be given: the item may go earlier than asked
+    # (as any cached item may), never later.
+    return min(math.ceil(deadline) + 1, _LAST_UNIX_TIME)
 
 
 def item_key(prefix: str, key: str) -> str:
@@ -150,8 +165,13 @@ class Manifest(NamedTuple):
         return cls(None if math.isnan(deadline) else deadline, total, size, count, write_id)
 
     def is_consistent(self) -> bool:
-        """Whether the chunk count fits the total length and chunk size."""
-        return bool(self.chunk_size) and self.chunk_count == -(-self.total // self.chunk_size)
+        """Whether the chunk count fits the total length and chunk size, and both are
+        within what this backend writes."""
+        return (
+            self.chunk_size >= MIN_CHUNK_SIZE
+            and self.chunk_count <= MAX_CHUNKS
+            and self.chunk_count == -(-self.total // self.chunk_size)
+        )
 
 
 class WriteHints:

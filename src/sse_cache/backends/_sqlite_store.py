@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from ..errors import BackendError
+from ..errors import BackendError, CorruptEntry
 from ._common import expires_at
 
 __all__ = ["SCHEMA_VERSION", "AccessTimes", "EntryTable", "initialise"]
@@ -169,13 +169,20 @@ class EntryTable:
         self, conn: sqlite3.Connection, key: str, began: Callable[[], None] | None = None
     ) -> tuple[bytes, float | None] | None:
         """The value of ``key`` and its deadline, or None when missing or expired;
-        ``began`` is called right before the row is read."""
+        ``began`` is called right before the row is read. Raises CorruptEntry for a row
+        another writer gave other types (the engine deletes it)."""
         if began is not None:
             began()
         row = conn.execute(_GET, (key,)).fetchone()
         if row is None:
             return None
         value, deadline = row
+        # SQLite columns take any type; our rows hold a BLOB and a REAL or NULL.
+        if not isinstance(value, bytes) or not isinstance(deadline, (float, int, type(None))):
+            raise CorruptEntry(
+                f"the row of {key!r} holds {type(value).__name__} and "
+                f"{type(deadline).__name__}, not a value (blob) and a deadline (real or null)"
+            )
         now = self._clock()
         if deadline is not None and deadline <= now:
             return None

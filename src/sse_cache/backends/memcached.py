@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 from pymemcache.client.base import PooledClient  # type: ignore[import-untyped]
 from pymemcache.client.hash import HashClient  # type: ignore[import-untyped]
@@ -53,6 +54,8 @@ from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
 from ._memcached_batch import store_batch
 from ._memcached_layout import (
     MANIFEST,
+    MAX_CHUNKS,
+    MIN_CHUNK_SIZE,
     RAW,
     TIMED,
     Manifest,
@@ -72,6 +75,7 @@ T = TypeVar("T")
 #: memcached's default item limit is 1 MiB including the item header and key, so a chunk
 #: stays 1 KiB under it.
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024 - 1024
+_MAX_ITEM_SIZE: Final = 1024 * 1024 * 1024  # memcached's own bound on -I
 _DEFAULT_PREFIX: Final = "sse-cache:"
 _DEFAULT_TIMEOUT: Final = 0.5
 _HINTS: Final = 4096  # chunked keys remembered per backend (a few dozen bytes each)
@@ -160,8 +164,11 @@ class MemcachedBackend:
                 f"memcached prefix must be at most 100 printable ASCII characters without "
                 f"spaces, got {prefix!r}"
             )
-        if chunk_size < 1024:
-            raise ConfigError(f"memcached chunk_size must be >= 1024 bytes, got {chunk_size}")
+        if not MIN_CHUNK_SIZE <= chunk_size <= _MAX_ITEM_SIZE:
+            raise ConfigError(
+                f"memcached chunk_size must be from {MIN_CHUNK_SIZE} bytes to memcached's "
+                f"largest item ({_MAX_ITEM_SIZE} bytes, -I 1024m), got {chunk_size}"
+            )
         self.servers = list(servers)
         self.prefix = prefix
         self._chunk_size = chunk_size
@@ -339,6 +346,11 @@ class MemcachedBackend:
         write_id = secrets.token_bytes(16)
         size = self._chunk_size
         count = -(-len(value) // size)
+        if count > MAX_CHUNKS:
+            raise BackendError(
+                f"a value of {len(value)} bytes would take {count} chunks of chunk_size={size}, "
+                f"over the {MAX_CHUNKS} a value may take: raise ?chunk_size="
+            )
         keys = self._chunk_keys(item_key, write_id, count)
         view = memoryview(value)
         chunks = [(k, RAW, view[i * size : (i + 1) * size]) for i, k in enumerate(keys)]
@@ -412,17 +424,22 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
     scheme = url.split("://", 1)[0].lower()
     netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
     servers = parse_hosts(scheme, netloc, 11211)
+    path = urlsplit(url).path
+    if path not in ("", "/"):
+        # Not a database number, as with redis://: memcached has one keyspace.
+        raise ConfigError(f"{scheme}:// URL: memcached has no databases, got the path {path!r}")
     opts = Options(url, options)
     prefix = opts.take_str("prefix", _DEFAULT_PREFIX)
     timeout = opts.take_float("timeout", _DEFAULT_TIMEOUT)
     connect_timeout = opts.take_float("connect_timeout", timeout)
-    chunk_size = opts.take_size("chunk_size", DEFAULT_CHUNK_SIZE, minimum=1024)
+    chunk_size = opts.take_size("chunk_size", DEFAULT_CHUNK_SIZE, minimum=MIN_CHUNK_SIZE)
     max_pool_size = opts.take_int("max_pool_size", 8)
     dead_timeout = opts.take_float("dead_timeout", 10.0)
     queue_timeout = opts.take_float("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
     opts.finish()
     if chunk_size is None:
         raise ConfigError("memcached:// option 'chunk_size': expected a size, got 'none'")
+
     return MemcachedBackend(
         servers,
         prefix=prefix,

@@ -24,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from ..errors import ConfigError
+from ..errors import ConfigError, CorruptEntry
 from ._common import Options, expires_at, to_bytes
 from ._redis_client import Commands, cluster_client, map_exceptions, standalone_client
 from ._redis_fanout import StreamFanout
@@ -153,14 +153,21 @@ class RedisBackend:
             # Noted before the GET is sent: an invalidation handled before its reply may be
             # for a write made after it ran (_redis_near).
             ticket = self._values.begin(key)
-            if ticket is None:  # nothing to keep: one GET, as without a near cache
-                value = await self._client.get(name)  # type: ignore[assignment]
-                return value
-            sent = time.monotonic()
-            pipe = self._client.pipeline(transaction=False)
-            pipe.get(name)
-            pipe.pttl(name)
-            value, pttl = await pipe.execute()
+            try:
+                if ticket is None:  # nothing to keep: one GET, as without a near cache
+                    value = await self._client.get(name)  # type: ignore[assignment]
+                    return value
+                sent = time.monotonic()
+                pipe = self._client.pipeline(transaction=False)
+                pipe.get(name)
+                pipe.pttl(name)
+                value, pttl = await pipe.execute()
+            except rexc.ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):  # (in a pipeline, after its command)
+                    raise
+                # Another program's list or hash at our key: not a fault of Redis (the
+                # engine deletes it, and the breaker does not count it).
+                raise CorruptEntry(f"{name!r} holds a Redis value of another type") from exc
         if value is not None and pttl != -2:  # -2: gone between the two commands
             # Counted from before the GET was sent: the kept value expires early, never late.
             deadline = None if pttl < 0 else sent + pttl / 1000
@@ -179,7 +186,8 @@ class RedisBackend:
         """``SET`` ``value`` under ``key``, with ``PX`` when ``ttl`` is given (a
         non-positive ``ttl`` deletes the key: it would be expired already)."""
         value = to_bytes(value)
-        expires_at(0.0, ttl)
+        if expires_at(0.0, ttl) is None:
+            ttl = None  # (math.inf too)
         # Dropped from the near cache before the write is sent and again once it is done
         # (whatever its outcome: a timed-out SET may have been applied), so that no reply
         # of a GET that overlapped it is kept (_redis_near); Redis's own invalidation

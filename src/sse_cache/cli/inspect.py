@@ -184,6 +184,17 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
         return Row("corrupt", error=str(exc))
 
 
+async def stored(backend: Backend, key: str, codec: MsgpackCodec) -> tuple[bytes, Row] | None:
+    """The value stored under ``key`` and what it is; None when there is none. A value the
+    backend cannot return as bytes (another writer's text column or Redis list) is a corrupt
+    row with no bytes."""
+    try:
+        data = await backend.get(key)
+    except CorruptEntry as exc:
+        return b"", Row("corrupt", error=str(exc))
+    return None if data is None else (data, read_row(key, data, codec))
+
+
 # -- the commands -----------------------------------------------------------------------------
 
 
@@ -202,13 +213,13 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
             entries += not alias
             print(key)
             continue
-        data = await backend.get(key)
-        if data is None:
+        found = await stored(backend, key, codec)
+        if found is None:
             aliases -= alias
             continue  # expired or deleted since the scan saw it
-        row = read_row(key, data, codec)
+        data, row = found
         if row.kind == "alias":
-            gone = await backend.get(row.target) is None
+            gone = await stored(backend, row.target, codec) is None
             print(f"{key}\t{len(data)}\talias\t{row.target}" + ("\tdangling" if gone else ""))
         elif row.entry is not None:
             entries += 1
@@ -230,11 +241,11 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
 
 
 async def _show(args: argparse.Namespace, backend: Backend) -> int:
-    data = await backend.get(args.key)
-    if data is None:
-        return _fail(f"no entry with key {args.key!r} in {_redact(args.backend)}", EXIT_FAILED)
     codec = MsgpackCodec()
-    row = read_row(args.key, data, codec)
+    found = await stored(backend, args.key, codec)
+    if found is None:
+        return _fail(f"no entry with key {args.key!r} in {_redact(args.backend)}", EXIT_FAILED)
+    data, row = found
     out = sys.stdout
     key = args.key
     if row.kind == "alias":
@@ -243,15 +254,14 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
             _print_rows(out, [("key", key), ("kind", kind), ("names", row.target)])
             out.write("\n")
             out.flush()
-        key, named = row.target, await backend.get(row.target)
+        key, named = row.target, await stored(backend, row.target, codec)
         if named is None:
             return _fail(
                 f"alias {args.key!r} names entry {row.target!r}, which is not in the cache "
                 "(expired, evicted or purged)",
                 EXIT_FAILED,
             )
-        data = named
-        row = read_row(key, data, codec)
+        data, row = named
     if row.entry is None:
         return _fail(f"entry {key!r} is corrupt: {row.error}", EXIT_FAILED)
     entry = row.entry
@@ -268,7 +278,6 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
 
 
 def _print_metadata(out: TextIO, key: str, entry: Entry, stored: int) -> None:
-    created = dt.datetime.fromtimestamp(entry.created_at, dt.UTC)
     rows = [
         ("key", key),
         ("schema", entry.schema),
@@ -276,14 +285,14 @@ def _print_metadata(out: TextIO, key: str, entry: Entry, stored: int) -> None:
         ("content-type", entry.content_type),
         (
             "created",
-            f"{created.isoformat(timespec='seconds')} ({_age(time.time() - entry.created_at)} ago)",
+            f"{_when(entry.created_at)} ({_age(time.time() - entry.created_at)} ago)",
         ),
         ("format", f"v{entry.version}"),
     ]
     if entry.expires_at is not None:
         left = entry.expires_at - time.time()
-        when = dt.datetime.fromtimestamp(entry.expires_at, dt.UTC).isoformat(timespec="seconds")
-        rows.append(("expires", f"{when} ({'in ' + _age(left) if left > 0 else 'expired'})"))
+        due = f"in {_age(left)}" if left > 0 else "expired"
+        rows.append(("expires", f"{_when(entry.expires_at)} ({due})"))
     rows.append(("stored bytes", str(stored)))
     if entry.events is not None:
         duration = entry.events[-1].at if entry.events else 0.0
@@ -298,6 +307,15 @@ def _print_rows(out: TextIO, rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows) + 1
     for name, value in rows:
         out.write(f"{name + ':':<{width}} {value}\n")
+
+
+def _when(timestamp: float) -> str:
+    # An entry's times are finite (the codec checks), but anyone who can write to the cache
+    # can store a sound entry dated in the year 10^12.
+    try:
+        return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{timestamp!r} (not a date)"
 
 
 def _age(seconds: float) -> str:
@@ -356,21 +374,21 @@ async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int
     aliases: dict[str, None] = {}
     named: set[str] = set()  # the keys whose aliases go too
     for key in args.keys:
-        data = await backend.get(key)
-        if data is None:
+        found = await stored(backend, key, codec)
+        if found is None:
             return _fail(f"no entry with key {key!r} in {where} (nothing deleted)", EXIT_FAILED)
-        row = read_row(key, data, codec)
+        row = found[1]
         if row.kind == "alias":
             aliases[key] = None
             named.add(row.target)
-            if await backend.get(row.target) is not None:
+            if await stored(backend, row.target, codec) is not None:
                 entries[row.target] = None
         else:
             entries[key] = None
             named.add(key)
     async for alias in backend.scan(ALIAS_PREFIX):
-        data = None if alias in aliases else await backend.get(alias)
-        if data is not None and read_row(alias, data, codec).target in named:
+        found = None if alias in aliases else await stored(backend, alias, codec)
+        if found is not None and found[1].target in named:
             aliases[alias] = None
     what = (
         f"{_plural(len(entries), 'entry', 'entries')} "
