@@ -136,6 +136,32 @@ async def test_another_tenant_cannot_resume_the_stream(serve: Any) -> None:
         assert held + mine.content == await whole_answer(client)
 
 
+async def test_tenants_told_apart_by_the_key_parameter_resume_only_their_own(serve: Any) -> None:
+    # Behind a gateway's constant Authorization, the ?key= credential tells tenants apart, in
+    # a resume as in the POST: Bob's key does not open Alice's stored answer, Alice's does.
+    upstream_app = MockUpstream()
+    gateway = {"authorization": "Bearer the-gateway's-own", "x-mock-deltas": "20"}
+    async with proxied(serve, upstream_app) as client:
+        first = await client.post(
+            "/v1/responses", params={"key": "alice"}, json=PAYLOAD, headers=gateway
+        )
+        assert first.headers["x-sse-cache"] == "miss"
+        response_id, _ = last_sequence_number(first.content)
+        after = {"stream": "true", "starting_after": "2"}
+        path = f"/v1/responses/{response_id}"
+        bob = await client.get(path, params={**after, "key": "bob"}, headers=gateway)
+        assert "x-sse-cache" not in bob.headers  # the upstream's answer, not Alice's
+        assert b"response.output_text.delta" not in bob.content
+        alice = await client.get(path, params={**after, "key": "alice"}, headers=gateway)
+        assert alice.headers["x-sse-cache"] == "hit"
+        rest = [
+            b
+            for b in blocks(first.content)
+            if json.loads(b.split(b"data: ", 1)[1])["sequence_number"] > 2
+        ]
+        assert alice.content == b"".join(rest)
+
+
 async def test_after_the_window_an_abandoned_answer_is_not_resumed_from_its_partial_log(
     serve: Any,
 ) -> None:

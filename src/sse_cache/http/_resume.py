@@ -86,7 +86,7 @@ async def resume(
         return None
     events_after = adapter.events_after
     cache = service.cache_for(adapter)
-    tenant = service.policy.tenant_of(headers)
+    tenant = service.policy.tenant_of(headers, query)  # (the ?key= credential too, as a POST)
     if tenant is None:
         return None
 
