@@ -106,11 +106,14 @@ class RateLimitedLog:
 backend_warnings = RateLimitedLog(logging.getLogger("sse_cache"))
 
 
-_QUERY_KEY = re.compile(r"([?&]key=)[^&\s\"]*")
+# The name as the cache reads it (percent-decoded: ``%6Bey=`` is ``key=`` to it, and to the
+# upstream), so any spelling of it that scopes a tenant is redacted.
+_QUERY_KEY = re.compile(r"([?&](?:k|%6[bB])(?:e|%65)(?:y|%79)=)[^&\s\"]*")
 
 
 def redact_query_key(text: str) -> str:
-    """``text`` with the value of any ``key=`` query parameter replaced by ``***``."""
+    """``text`` with the value of any ``key=`` query parameter (its name percent-encoded or
+    not) replaced by ``***``."""
     return _QUERY_KEY.sub(r"\1***", text)
 
 

@@ -213,3 +213,11 @@ def test_the_proxy_access_log_never_prints_a_query_key() -> None:
     assert RedactQueryKey().filter(record)
     line = record.getMessage()
     assert "AIza-secret" not in line and "?alt=sse&key=***" in line
+    # The cache reads parameter names percent-decoded: each spelling is the credential.
+    for spelled in ("%6Bey", "k%65y", "%6b%65%79", "ke%79"):
+        path = f"/v1/chat/completions?{spelled}=sk-secret&x=1"
+        record.msg, record.args = "%s", (path,)
+        assert RedactQueryKey().filter(record)
+        assert record.getMessage() == f"/v1/chat/completions?{spelled}=***&x=1"
+    record.msg, record.args = "%s", ("/v1/x?monkey=1&KEY=2&keys=3",)  # not the credential
+    assert RedactQueryKey().filter(record) and "monkey=1&KEY=2&keys=3" in record.getMessage()
