@@ -10,6 +10,7 @@ byte, reported once through :meth:`Exchange.first_byte`, as the ASGI middleware 
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -275,6 +276,14 @@ class _AsyncPassBody:
 # -- sync ---------------------------------------------------------------------------------
 
 
+def _exiting() -> bool:
+    """The interpreter is exiting: the portal's daemon thread runs no more, and a call into
+    it would wait for ever. (A caller that left a streamed response unclosed has it closed by
+    the garbage collector at exit: the response is simply dropped, and nothing of it, never
+    ended, is stored.)"""
+    return sys.is_finalizing()
+
+
 class _SyncOpen:
     """An exchange entered by ``handle_request`` (in the portal's event loop, in one task
     for its whole life) and left when the response ends. ``started``: as for
@@ -416,7 +425,7 @@ class _SyncTeeBody:
 
     def close(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
-        if self._handed_over:
+        if self._handed_over or _exiting():
             return
         tee = self._tee
         if self._opened.open and self._portal.call(_client_left, tee, self._pending):
@@ -488,6 +497,8 @@ class _SyncAnswerBody:
         return chunk
 
     def close(self) -> None:
+        if _exiting():
+            return
         try:
             if self._opened.open:
                 self._portal.call(close_iterator, self._chunks)
