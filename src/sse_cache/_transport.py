@@ -48,7 +48,7 @@ from ._transport_bodies import (
 from .errors import ConfigError
 from .http._wire import json_error_body, merge_headers
 from .http.options import CacheOptions
-from .http.policy import CONTROL_HEADER_PREFIX, Decision
+from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of
 from .http.service import CacheService, Exchange
 from .protocols import Backend
 
@@ -143,12 +143,15 @@ class _Options:
 
     def _decide(self, request: Any, body: bytes) -> Decision:
         service = self.service
+        url = request.url
         return service.decide(
             request.method,
-            request.url.path,
+            url.path,
             _request_headers(request),
             _body_or_none(body, service.policy.max_body_bytes),
-            request.url.query.decode("latin-1"),
+            url.query.decode("latin-1"),
+            # The server is part of the key: two servers asked the same never share an entry.
+            origin_of(f"{url.scheme}://{url.netloc.decode('ascii')}"),
         )
 
     def _started(self, started: float) -> float | None:

@@ -10,6 +10,7 @@ check of the backend (a warning when it cannot be reached: the proxy serves anyw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -448,6 +449,12 @@ def create_proxy_app(
         max_connections=upstream_connections,
     )
     ours = [metrics, log] if log is not None else [metrics]
+    # Keyed by the upstream too: proxies of different upstreams on one backend never share.
+    given = options.get("options")
+    if given is None:
+        options.setdefault("origin", upstream)
+    elif not given.origin:
+        options["options"] = dataclasses.replace(given, origin=upstream)
     cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[*ours, *hooks], **options)
     label = redact_url(backend) if isinstance(backend, str) else ""
     return ProxyApp(cached, metrics, forwarder, access_log=log, backend_label=label)

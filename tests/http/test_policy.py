@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from sse_cache import ConfigError, Pacing
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
-from sse_cache.http.policy import SHARED_TENANT, CachePolicy, Controls, parse_controls
+from sse_cache.http.policy import (
+    SHARED_TENANT,
+    CachePolicy,
+    Controls,
+    origin_of,
+    parse_controls,
+)
 from sse_cache.keys import CREDENTIAL_HEADERS, tenant_scope
 
 BODY = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
@@ -147,6 +153,25 @@ def test_the_request_path_and_query_are_part_of_the_route() -> None:
     assert (
         policy.decide("POST", "/v1/chat/completions", {}, body).route == "POST /v1/chat/completions"
     )
+
+
+def test_the_server_answering_is_part_of_the_route() -> None:
+    body = json.dumps({"messages": [], "stream": True}).encode()
+    proxy = CachePolicy({"/chat/completions": OpenAIChat}, origin="HTTPS://Api.Example.com:443/")
+    assert proxy.origin == "https://api.example.com"
+    assert (
+        proxy.decide("POST", "/v1/chat/completions", {}, body, "x=1").route
+        == "POST https://api.example.com/v1/chat/completions?x=1"
+    )
+    # A transport's request names its own server, whatever the policy's.
+    mine = proxy.decide("POST", "/v1/chat/completions", {}, body, origin="http://127.0.0.1:8001")
+    assert mine.route == "POST http://127.0.0.1:8001/v1/chat/completions"
+    assert origin_of("http://user:secret@[::1]:8080/base/?q=1#f") == "http://[::1]:8080/base"
+    assert origin_of("http://h:80") == origin_of("http://H/") == "http://h"
+    assert origin_of("https://h:8443") == "https://h:8443"
+    for bad in ("ftp://h", "http://", "http://h:99999", "/relative"):
+        with pytest.raises(ConfigError, match="origin"):
+            origin_of(bad)
 
 
 def test_other_gateway_credential_headers_scope_tenants() -> None:

@@ -190,6 +190,27 @@ async def test_two_tenants_never_share_an_entry(stack: Stack) -> None:
     assert await stack.upstream_calls() == 3
 
 
+async def test_proxies_of_two_upstreams_on_one_cache_never_share_an_entry(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # One cache file, two upstreams, the same request and key (local servers take any):
+    # each upstream's answer is its own.
+    backend = f"sqlite:///{tmp_path / 'shared.db'}"
+    async with serve(MockUpstream()) as first, serve(MockUpstream()) as second:
+        statuses: list[str] = []
+        for upstream in (first, second, first, second):
+            app = create_proxy_app(upstream, backend)
+            try:
+                async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy) as client:
+                    response = await client.post(
+                        "/v1/responses", json=responses_body("two upstreams"), headers=KEY_A
+                    )
+                    statuses.append(response.headers["x-sse-cache"])
+            finally:
+                await app.aclose()
+    assert statuses == ["miss", "miss", "hit", "hit"]
+
+
 async def test_client_disconnect_mid_stream_stores_nothing(stack: Stack) -> None:
     body = responses_body("disconnect")
     headers = {**KEY_A, "x-mock-delay-ms": "20"}

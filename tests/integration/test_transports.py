@@ -625,6 +625,30 @@ def test_sync_transport_on_a_trio_portal(upstream: Upstream, cache_url: str, pro
     assert runs[0][1] == runs[1][1]
 
 
+def test_two_servers_asked_the_same_never_share_an_entry(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # One cache, two local servers that take any key ("EMPTY"): the second server's caller
+    # gets the second server's answer, not the first's.
+    other = Upstream()
+    other.start()
+    try:
+        statuses = []
+        for server in (upstream, other, upstream, other):
+            client = _openai_sync(server, cache_url, key="EMPTY")
+            with client:
+                raw = client.responses.with_raw_response.create(
+                    model=MODEL, input=prompt, stream=True
+                )
+                with raw.parse() as stream:
+                    list(stream)
+                statuses.append(raw.headers["x-sse-cache"])
+        assert statuses == ["miss", "miss", "hit", "hit"]
+        assert other.count(RESPONSES) == 1
+    finally:
+        other.stop()
+
+
 def test_sync_transport_runs_its_portal_only_while_open(cache_url: str) -> None:
     def portal_threads() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name == "sse-cache-portal"]

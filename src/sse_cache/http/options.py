@@ -32,10 +32,14 @@ class CacheOptions:
     """How the HTTP integrations cache (docs/asgi.md lists each option with its meaning).
 
     ``routes``, ``tenant``, ``max_body_bytes``: which requests are cached and for whom
-    (:class:`~sse_cache.http.policy.CachePolicy`). ``ttl``, ``max_entry_bytes``, ``pacing``,
-    ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``,
-    ``decoded_cache_bytes``: as for :class:`~sse_cache.engine.StreamCache` (the decoded-entry
-    budget is shared by every route). ``cross_process`` / ``cross_process_lease``:
+    (:class:`~sse_cache.http.policy.CachePolicy`). ``origin``: the server the cached routes
+    are answered by (``scheme://host[:port][/base]``), part of every key, so that caches of
+    different servers on one backend never share an entry (the proxy sets its upstream; an
+    HTTP client's transport passes each request's own instead). ``ttl``,
+    ``max_entry_bytes``, ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``,
+    ``keyer``, ``codec``, ``decoded_cache_bytes``: as for
+    :class:`~sse_cache.engine.StreamCache` (the decoded-entry budget is shared by every
+    route). ``cross_process`` / ``cross_process_lease``:
     single-flight across processes on a backend with leases and fan-out (Redis).
     ``breaker_failures`` / ``breaker_cooldown``: the backend's breaker
     (:mod:`sse_cache.breaker`). ``resume_window``: seconds a streamed miss whose client left
@@ -59,6 +63,7 @@ class CacheOptions:
     breaker_failures: int = DEFAULT_BREAKER_FAILURES
     breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
     resume_window: float | None = None
+    origin: str = ""
 
     def __post_init__(self) -> None:
         # What no other part checks; the policy, the engine and the breaker check their own.

@@ -226,12 +226,34 @@ def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
     return [(k, v) for k, v in pairs if k != QUERY_CREDENTIAL], keys
 
 
-def _route_of(method: str, path: str, params: Iterable[tuple[str, str]]) -> str:
+def _route_of(method: str, path: str, params: Iterable[tuple[str, str]], origin: str = "") -> str:
     # Parameter order never changes an answer; values (e.g. Azure's api-version) may.
     pairs = sorted(params)
     if not pairs:
-        return f"{method.upper()} {path}"
-    return f"{method.upper()} {path}?{urllib.parse.urlencode(pairs)}"
+        return f"{method.upper()} {origin}{path}"
+    return f"{method.upper()} {origin}{path}?{urllib.parse.urlencode(pairs)}"
+
+
+def origin_of(url: str) -> str:
+    """The part of ``url`` that names the server answering a route, as keys hold it:
+    ``scheme://host[:port][/base]``, the scheme and host lower-cased, a default port and a
+    trailing slash left out; never its credentials (``user:password@``), query or
+    fragment. ``""`` for ``""``."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(f"origin must be an http(s):// URL, got {url!r}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"origin {url!r} has a bad port") from None
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+        host += f":{port}"
+    return f"{scheme}://{host}{parts.path.rstrip('/')}"
 
 
 def _with_query_key(
@@ -291,8 +313,11 @@ class CachePolicy:
         tenant: str | Callable[[Mapping[str, str]], str] | None = None,
         credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
         max_body_bytes: int = 4 * 1024 * 1024,
+        origin: str = "",
     ) -> None:
         table = DEFAULT_ROUTES if routes is None else routes
+        #: The server the routes are answered by (see :func:`origin_of`), in every key.
+        self.origin = origin_of(origin)
         self.routes: dict[str, StreamAdapter] = {}
         made_by: dict[int, StreamAdapter] = {}  # one adapter per class or factory
         for path, adapter in table.items():
@@ -376,6 +401,7 @@ class CachePolicy:
         headers: Mapping[str, str],
         body: bytes | None,
         query: str = "",
+        origin: str | None = None,
     ) -> Decision:
         """Decide for one request. ``headers`` must have lower-case names. ``body`` is the
         complete request body, or None when it was larger than :attr:`max_body_bytes`.
@@ -384,14 +410,18 @@ class CachePolicy:
         The request's own path and query (not just the route it matched) are part of its
         key: two Azure deployments, or two prefixes in front of different upstreams, never
         share an entry even when the bodies are equal. The ``key`` query parameter is not
-        (it is a credential: see ``tenant``). An adapter with an ``http_route(path, params)``
-        method (Gemini: the path says whether a request streams) rewrites the path and
-        parameters in the key, says whether the request streams, and may pass it through
-        uncached (a non-empty ``reason``)."""
+        (it is a credential: see ``tenant``). The server that answers the request is:
+        ``origin`` (``scheme://host[:port]``, as :func:`origin_of` writes it; an HTTP
+        client's transport passes each request's own), else the policy's :attr:`origin`
+        (the proxy's upstream), so that two servers never share an entry. An adapter with
+        an ``http_route(path, params)`` method (Gemini: the path says whether a request
+        streams) rewrites the path and parameters in the key, says whether the request
+        streams, and may pass it through uncached (a non-empty ``reason``)."""
         matched = self.match(method, path)
         if matched is None:
             return Decision(reason="not a cached route")
         _, adapter = matched
+        where = self.origin if origin is None else origin
         clean = _clean_path(path)
         params, keys = _split_query(query)
         streaming: bool | None = None
@@ -401,9 +431,9 @@ class CachePolicy:
             keyed, keyed_params, streaming, why = http_route(clean, params)
             if why:  # passed through: logged as it was asked (less its credential)
                 parse_controls(headers)
-                return self._unkeyable(_route_of(method, clean, params), why)
+                return self._unkeyable(_route_of(method, clean, params, where), why)
             clean, params = keyed, list(keyed_params)
-        route = _route_of(method, clean, params)
+        route = _route_of(method, clean, params, where)
         controls = parse_controls(headers)
         if body is None:
             return Decision(route=route, reason=f"request body over {self.max_body_bytes} bytes")

@@ -108,7 +108,9 @@ class CacheService:
                 )
             self.fanout = backend_
         self.cross_process_lease = o.cross_process_lease
-        self.policy = CachePolicy(o.routes, tenant=o.tenant, max_body_bytes=o.max_body_bytes)
+        self.policy = CachePolicy(
+            o.routes, tenant=o.tenant, max_body_bytes=o.max_body_bytes, origin=o.origin
+        )
         hooks = self.hooks = tuple(o.hooks)
         keyer = o.keyer or DefaultKeyer()
         codec = o.codec or MsgpackCodec()
@@ -156,11 +158,12 @@ class CacheService:
         headers: Mapping[str, str],
         body: bytes | None,
         query: str = "",
+        origin: str | None = None,
     ) -> Decision:
         """The policy's decision for a request (see :meth:`CachePolicy.decide`). Raises
         :class:`~sse_cache.errors.ConfigError` for an invalid control header (answer 400)."""
         try:
-            return self.policy.decide(method, path, headers, body, query)
+            return self.policy.decide(method, path, headers, body, query, origin)
         except ConfigError as exc:
             emit(self.hooks, Notice(kind="invalid", key="", detail=str(exc)))
             raise
