@@ -343,7 +343,12 @@ class CachedStream:
                     live.pulling = True
                     try:
                         assert iterator is not None
-                        event = await iterator.__anext__()
+                        if cursor is live.producer_cursor:
+                            event = await iterator.__anext__()  # bounded by the upstream
+                        else:
+                            # A follower left alone on the upstream gives up after
+                            # join_timeout of silence, as it does with company.
+                            event = await self._within_join_timeout(iterator)
                     except StopAsyncIteration:
                         production.ended()
                         break
@@ -386,6 +391,13 @@ class CachedStream:
                 yield events[start : start + size]
             if not events and not await self._more():
                 return
+
+    async def _within_join_timeout(self, iterator: AsyncIterator[Event]) -> Event:
+        idle = self._join_timeout
+        with anyio.move_on_after(idle):
+            return await iterator.__anext__()
+        # (The upstream iterator, cancelled inside, is finished: the flight fails with it.)
+        raise SharedStreamAborted(f"the shared stream sent nothing for {idle} s")
 
     async def _more(self) -> bool:
         """Nothing is ready for this reader: pull the upstream or wait for whoever does.

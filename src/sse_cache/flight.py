@@ -157,12 +157,16 @@ class Flight(Generic[T]):
         bytes (default ``len(chunk)``)."""
         if self.phase is not Phase.STREAMING:
             return
-        total = self.total = self.total + (len(chunk) if size < 0 else size)  # type: ignore[arg-type]
+        before = self.total
+        total = self.total = before + (len(chunk) if size < 0 else size)  # type: ignore[arg-type]
         if self.cursors or self.joinable:
             self.chunks.append(chunk)
             self.ends.append(total)
-        if total > self.max_lag_bytes and self.cursors:
-            floor = total - self.max_lag_bytes
+        # Behind is what a follower has not read of what came before this piece: one piece
+        # larger than the bound (an upstream's burst) does not cut a follower that had read
+        # everything. What waits for a follower stays under the bound plus one piece.
+        if before > self.max_lag_bytes and self.cursors:
+            floor = before - self.max_lag_bytes
             for cursor in self.cursors:
                 if cursor.offset < floor and not cursor.cut:
                     cursor.cut = f"fell more than {self.max_lag_bytes} bytes behind the stream"
@@ -470,10 +474,11 @@ class LiveFlight(Generic[T]):
     async def pull(self, bound: float = math.inf) -> None:
         """Read the next piece of the handed-over upstream into the flight, for everyone.
 
-        When others share it, the pull is shielded, for at most ``bound`` seconds (the
-        readers' idle timeout): a reader cancelled midway finishes this pull for the others
-        (an async generator cancelled inside ``__anext__`` is finished for good), then leaves
-        by its own cancellation at its next checkpoint. The reader whose pull fails gets the
+        A pull that brings nothing for ``bound`` seconds (the readers' idle timeout) fails
+        the flight, whether one reader or several wait on it. When others share it, the pull
+        is shielded: a reader cancelled midway finishes this pull for the others (an async
+        generator cancelled inside ``__anext__`` is finished for good), then leaves by its
+        own cancellation at its next checkpoint. The reader whose pull fails gets the
         upstream's own error; the others see the flight fail."""
         source = self.source
         assert source is not None
@@ -494,7 +499,11 @@ class LiveFlight(Generic[T]):
                     await anyio.lowlevel.checkpoint_if_cancelled()
                     return
             else:
-                more = await source()
+                with anyio.move_on_after(bound) as scope:
+                    more = await source()
+                if scope.cancelled_caught:
+                    self.fail(f"the upstream sent nothing for {bound} s")
+                    return
             if not more:
                 self.source = None
         except Exception as exc:

@@ -193,12 +193,14 @@ class FlightMachine(RuleBasedStateMachine):
             flow.live.deliver(chunk)
             if flow.phase is not Phase.STREAMING:
                 continue
+            before = len(flow.sent)
             flow.sent += chunk
             if len(flow.sent) > self.max_log:
                 flow.overflowed = True
                 self._unregister(flow)
             for reader in flow.attached:
-                if len(reader.got) < len(flow.sent) - self.max_lag:
+                # Behind by more than the bound in what came before this chunk.
+                if len(reader.got) < before - self.max_lag:
                     reader.cut = True
 
     @precondition(producing_in(Phase.STREAMING))
@@ -349,12 +351,29 @@ def test_a_follower_exactly_max_lag_bytes_behind_is_not_cut() -> None:
     assert cursor is not None
     flight.deliver(b"12")
     assert flight.read(cursor) == [b"12"]
-    flight.deliver(b"3456")  # 4 bytes behind
+    flight.deliver(b"3456")
+    flight.deliver(b"7")  # 4 bytes behind before this one
     assert not cursor.cut
-    flight.deliver(b"7")  # one byte more than it may lag
+    flight.deliver(b"8")  # 5 before this one: one byte more than it may lag
     assert cursor.cut and flight.read(cursor) == [] and flight.state(cursor) is Phase.FAILED
     flight.end()
     assert flight.state(cursor) is Phase.FAILED  # never a clean end
+
+
+def test_one_piece_larger_than_the_lag_bound_cuts_no_follower_that_had_the_rest() -> None:
+    # An upstream's burst (the proxy forwards up to ~320 KiB at once) larger than the bound:
+    # a follower that read everything before it is not behind.
+    flight: Flight[bytes] = Flight(KEY, max_log_bytes=4, max_lag_bytes=4)
+    flight.respond(HEAD)
+    cursor = flight.follow()
+    assert cursor is not None
+    flight.deliver(b"0123456789")
+    assert not cursor.cut and flight.read(cursor) == [b"0123456789"]
+    flight.deliver(b"abcdefghij")
+    assert not cursor.cut and flight.read(cursor) == [b"abcdefghij"]
+    flight.deliver(b"x" * 10)
+    flight.deliver(b"y")  # behind by the 10 bytes before it
+    assert cursor.cut
 
 
 def test_a_log_of_exactly_max_log_bytes_is_still_offered() -> None:

@@ -272,6 +272,52 @@ async def test_a_value_the_backend_cannot_return_is_deleted_without_opening_the_
     assert await cache.lookup(good.key) is not None  # type: ignore[attr-defined]
 
 
+async def test_the_last_follower_of_a_silent_upstream_gives_up_after_join_timeout() -> None:
+    # The producer's caller leaves; one follower reads the upstream on alone, and the upstream
+    # goes silent. The follower gives up after join_timeout, as it does with company.
+    joined = anyio.Event()
+
+    def hook(notice: Notice) -> None:
+        if notice.kind == "shared":
+            joined.set()
+
+    async def upstream() -> AsyncIterator[Event]:
+        await joined.wait()
+        for event in EVENTS[:3]:
+            yield event
+        await anyio.sleep_forever()
+        yield EVENTS[3]
+
+    cache = StreamCache(DictBackend(), GenericSSE(), join_timeout=0.3, hooks=[hook])
+    producer_started = anyio.Event()
+    outcome: list[object] = []
+
+    async def producer() -> None:
+        async with cache.stream(cache.request(BODY), upstream) as s:
+            producer_started.set()
+            async with aclosing(aiter(s)) as events:
+                async for _ in events:
+                    break  # leaves after one event
+
+    async def follower() -> None:
+        try:
+            async with cache.stream(cache.request(BODY), upstream) as s:
+                outcome.append(s.status)
+                outcome.extend([e async for e in s])
+        except SharedStreamAborted as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(30):  # (a hang guard: it hung for ever)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer)
+            await producer_started.wait()
+            tg.start_soon(follower)
+    assert outcome[0] is CacheStatus.SHARED
+    assert isinstance(outcome[-1], SharedStreamAborted)
+    assert "sent nothing for 0.3 s" in str(outcome[-1])
+    assert cache.live.get(cache.key(cache.request(BODY))) is None
+
+
 async def test_entry_of_another_schema_is_not_served() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())

@@ -405,3 +405,71 @@ async def test_a_publish_cancelled_midway_never_ends_the_remote_stream_cleanly()
         await started.wait()
         tg.cancel_scope.cancel()
     assert tee.publish_failed and not published
+
+
+class BigEvents:
+    """An upstream whose events are each larger than the proxies' max_entry_bytes (a clean,
+    complete stream, too large to store), after a first byte that lets a herd gather."""
+
+    def __init__(self, size: int) -> None:
+        self.calls = 0
+        delta = json.dumps({"type": "response.output_text.delta", "delta": "x" * size})
+        self.body = [f"event: response.output_text.delta\ndata: {delta}\n\n".encode()] * 3
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await anyio.sleep(0.3)  # the upstream thinking: the herd arrives meanwhile
+        for event in self.body:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("cross_process", [False, True])
+async def test_events_larger_than_the_lag_bound_reach_a_herd_whole(
+    serve: Any, redis_server: Any, cross_process: bool
+) -> None:
+    # One message larger than max_entry_bytes (the bound on how far a reader may fall
+    # behind) is not a reader falling behind: every client of the herd, in either process,
+    # gets the whole stream (not stored: too large). Before, the producer's client and its
+    # local followers were cut as lagging, and a follower in another process got a 500.
+    from sse_cache.proxy import create_proxy_app
+
+    upstream_app = BigEvents(40_000)
+    backend = f"{redis_server.url}?prefix=b{uuid.uuid4().hex[:8]}:"
+    options: dict[str, Any] = {"max_entry_bytes": 30_000, "cross_process": cross_process}
+    payload = {"model": "gpt-mock", "input": f"big events ({cross_process})", "stream": True}
+    results: list[httpx2.Response] = []
+    async with serve(upstream_app) as upstream:
+        apps = [create_proxy_app(upstream, backend, **options) for _ in range(2)]
+        try:
+            async with serve(apps[0]) as p1, serve(apps[1]) as p2:
+                bases = (p1, p2) if cross_process else (p1,)
+                go = anyio.Event()
+                limits = httpx2.Limits(max_connections=100)
+                async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
+
+                    async def one(base: str) -> None:
+                        await go.wait()
+                        results.append(
+                            await client.post(base + "/v1/responses", json=payload, headers=HEADERS)
+                        )
+
+                    async with anyio.create_task_group() as tg:
+                        for i in range(8):
+                            tg.start_soon(one, bases[i % len(bases)])
+                        go.set()
+        finally:
+            for app in apps:
+                await app.aclose()
+    assert [r.status_code for r in results] == [200] * 8
+    assert all(r.content == b"".join(upstream_app.body) for r in results)
+    assert Counter(r.headers["x-sse-cache"] for r in results) == {"miss": 1, "shared": 7}
+    assert upstream_app.calls == 1

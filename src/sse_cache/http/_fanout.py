@@ -227,9 +227,11 @@ def _follow_channel(
     :func:`_open_channel`: it gets the head and first bytes, and its readers pull the rest
     from ``reader`` in turn. Returns the cursor of its first reader."""
     live.respond(head)
-    live.deliver(first)
+    # Following first: first bytes larger than the log's bound close the flight to
+    # newcomers, not to the reader they were fetched for.
     cursor = live.flight.follow()
-    assert cursor is not None
+    assert cursor is not None  # (a new flight, not failed: joinable)
+    live.deliver(first)
     live.producer_left()  # no producer here: the readers pull
     live.hand_over(_ProcessSource(live, reader, idle_timeout), lambda: _aclose(reader))
     return cursor
