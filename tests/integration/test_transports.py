@@ -671,37 +671,6 @@ def test_sync_transport_runs_its_portal_only_while_open(cache_url: str) -> None:
         transport.handle_request(httpx2.Request("POST", "http://upstream/v1/responses", json={}))
 
 
-# A program that stops reading a streamed response and leaves it unclosed (a `break` in a
-# loop over the SDK's stream): the garbage collector closes it as the interpreter exits.
-_LEFT_OPEN = """
-import sys, httpx2, openai
-from sse_cache.httpx2 import CacheTransport
-client = openai.OpenAI(api_key="sk-exit", base_url=sys.argv[1] + "/v1", max_retries=0,
-                       http_client=httpx2.Client(transport=CacheTransport(sys.argv[2])))
-ask = dict(model="gpt-mock-1", messages=[{"role": "user", "content": sys.argv[3]}], stream=True)
-if sys.argv[4] == "hit":
-    for _ in client.chat.completions.create(**ask):
-        pass  # stored
-for chunk in client.chat.completions.create(**ask):
-    break
-print("main done", flush=True)
-"""
-
-
-@pytest.mark.parametrize("status", ["miss", "hit"])
-def test_a_program_that_leaves_a_stream_unclosed_exits(
-    upstream: Upstream, cache_url: str, prompt: str, status: str
-) -> None:
-    # At exit the portal's daemon thread runs no more: closing the response through it
-    # waited for ever, and the program never ended.
-    command = [sys.executable, "-c", _LEFT_OPEN, upstream.url, cache_url, prompt, status]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(f"the program did not exit: {exc.stdout!r} {exc.stderr!r}") from None
-    assert (result.returncode, result.stdout) == (0, "main done\n"), result.stderr
-
-
 # -- docs ---------------------------------------------------------------------------------------
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "httpx.md"
