@@ -59,6 +59,9 @@ _HOP_BY_HOP = frozenset(
         "host",
     }
 )
+# Response headers the proxy's own server writes on every response (uvicorn's defaults):
+# the upstream's copies are dropped, as nginx does, or a response would carry two `Date`s.
+_SERVER_OWN = frozenset({"date", "server"})
 
 
 # How a response breaks off: the upstream's connection failed or timed out mid-body, or the
@@ -166,7 +169,7 @@ class Forwarder:
                     "headers": [
                         (k.encode("latin-1"), v.encode("latin-1"))
                         for k, v in response.headers.multi_items()
-                        if k.lower() not in _HOP_BY_HOP
+                        if k.lower() not in _HOP_BY_HOP and k.lower() not in _SERVER_OWN
                     ],
                 }
             )

@@ -211,6 +211,47 @@ async def test_proxies_of_two_upstreams_on_one_cache_never_share_an_entry(
     assert statuses == ["miss", "miss", "hit", "hit"]
 
 
+async def test_a_hit_answers_with_the_status_the_upstream_gave(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # Any 2xx answer is stored; a hit gives its own status back, not a 200.
+    mock = MockUpstream()
+
+    async def non_authoritative(scope: Any, receive: Any, send: Any) -> None:
+        async def sending(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "status": 203}
+            await send(message)
+
+        await mock(scope, receive, sending)
+
+    async with serve(non_authoritative) as upstream:
+        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'cache.db'}")
+        try:
+            async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy) as client:
+                answers = [
+                    await client.post("/v1/responses", json=responses_body("203"), headers=KEY_A)
+                    for _ in range(2)
+                ]
+        finally:
+            await app.aclose()
+    assert [(a.status_code, a.headers["x-sse-cache"]) for a in answers] == [
+        (203, "miss"),
+        (203, "hit"),
+    ]
+    assert answers[0].content == answers[1].content
+
+
+async def test_one_date_and_one_server_header_per_response(stack: Stack) -> None:
+    # The upstream's server writes both, and so does the proxy's: one of each goes out.
+    miss = await stack.post("/v1/responses", responses_body("one date"))
+    hit = await stack.post("/v1/responses", responses_body("one date"))
+    other = await stack.http.get("/_mock/stats")  # passed through
+    for response in (miss, hit, other):
+        assert len(response.headers.get_list("date")) == 1, response.headers
+        assert len(response.headers.get_list("server")) == 1, response.headers
+
+
 async def test_client_disconnect_mid_stream_stores_nothing(stack: Stack) -> None:
     body = responses_body("disconnect")
     headers = {**KEY_A, "x-mock-delay-ms": "20"}

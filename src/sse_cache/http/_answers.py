@@ -66,9 +66,10 @@ def _hit_answer(
     if entry.expires_at is not None:
         headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
     emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
+    status = entry.status  # the upstream's own (any 2xx is stored)
     if isinstance(body, bytes):
-        return Answer(status=200, headers=headers, chunks=_Whole(hooks, key, body), instant=True)
-    return Answer(status=200, headers=headers, chunks=_counted(hooks, key, body))
+        return Answer(status=status, headers=headers, chunks=_Whole(hooks, key, body), instant=True)
+    return Answer(status=status, headers=headers, chunks=_counted(hooks, key, body))
 
 
 class _Whole:
