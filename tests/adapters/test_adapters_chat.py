@@ -53,7 +53,8 @@ def test_final_body_is_the_sdk_accumulated_completion(chunks, ascii):
 @given(chat_streams(), delta_sizes)
 def test_synthesize_of_final_body_is_a_faithful_stream(chunks, delta_chars):
     original = chat_events(chunks)
-    adapter = OpenAIChat(delta_chars=delta_chars)
+    # (With the usage chunk: as the API streams it to a request asking for usage.)
+    adapter = OpenAIChat(delta_chars=delta_chars, usage_chunk=True)
     body = adapter.final_body(original)
     assert body is not None
     synthesized = adapter.synthesize(body)
@@ -71,7 +72,7 @@ def test_synthesize_of_final_body_is_a_faithful_stream(chunks, delta_chars):
 def test_final_body_of_synthesize_is_the_body(chunks, delta_chars):
     body = ADAPTER.final_body(chat_events(chunks))
     assert body is not None
-    adapter = OpenAIChat(delta_chars=delta_chars)
+    adapter = OpenAIChat(delta_chars=delta_chars, usage_chunk=True)
     events = adapter.synthesize(body)
     assert events is not None
     again = adapter.final_body(events)
@@ -79,14 +80,28 @@ def test_final_body_of_synthesize_is_the_body(chunks, delta_chars):
     assert json.loads(again) == json.loads(body)
 
 
-def test_usage_chunk_can_be_left_out():
+def test_a_synthesised_stream_has_a_usage_chunk_only_when_asked():
+    # A synthesised stream answers requests without include_usage (those with it key apart):
+    # as the API streams to them, every chunk has a choice, which `chunk.choices[0]` needs.
     body = _completion("hi", usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
-    with_usage = OpenAIChat().synthesize(body)
-    without = OpenAIChat(usage_chunk=False).synthesize(body)
+    without = OpenAIChat().synthesize(body)
+    with_usage = OpenAIChat(usage_chunk=True).synthesize(body)
     assert with_usage is not None and without is not None
     assert json.loads(with_usage[-2].data)["choices"] == []
     assert len(without) == len(with_usage) - 1
     assert all(json.loads(e.data)["choices"] for e in without[:-1])
+
+
+def test_a_streamed_request_asking_for_usage_keys_apart():
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    plain = ADAPTER.key_fields({**base, "stream": True})
+    assert ADAPTER.key_fields(base) == plain  # streamed or not: one answer
+    assert ADAPTER.key_fields({**base, "stream": True, "stream_options": {}}) == plain
+    off = {"include_usage": False, "include_obfuscation": True}
+    assert ADAPTER.key_fields({**base, "stream": True, "stream_options": off}) == plain
+    usage = {**base, "stream": True, "stream_options": {"include_usage": True}}
+    assert ADAPTER.key_fields(usage) != plain
+    assert ADAPTER.key_fields({**usage, "stream": False}) == plain  # (no stream: no chunks)
 
 
 def test_n_choices_are_interleaved_and_each_finishes():

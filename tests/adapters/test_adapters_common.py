@@ -99,7 +99,8 @@ def test_stream_and_non_stream_requests_share_a_key(cls):
     def key(b):
         return keyer.key(CacheRequest(schema=adapter.name, route="r", fields=adapter.key_fields(b)))
 
-    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    # (Chat's include_usage changes the streamed bytes: it keys apart, tested with Chat.)
+    streamed = {**body, "stream": True, "stream_options": {"include_obfuscation": False}}
     assert key(streamed) == key(body)
     assert adapter.is_streaming(streamed)
     assert not adapter.is_streaming(body)

@@ -18,6 +18,7 @@ from adapter_oracles import (
 from real_streams import EXPECTED, Recording, require_dir
 
 from sse_cache import Outcome, SSEParser, serialize_sse
+from sse_cache.adapters import OpenAIChat
 
 pytestmark = pytest.mark.real_streams
 
@@ -82,14 +83,18 @@ def test_final_body_matches_the_sdk(name):
 @pytest.mark.parametrize("name", COMPLETED)
 def test_synthesize_round_trip(name):
     rec = Recording(name)
-    body = rec.adapter.final_body(rec.events)
+    adapter = rec.adapter
+    if isinstance(adapter, OpenAIChat):
+        # These were recorded asking for usage: the stream a request asking for it gets.
+        adapter = OpenAIChat(usage_chunk=True)
+    body = adapter.final_body(rec.events)
     assert body is not None
-    events = rec.adapter.synthesize(body)
+    events = adapter.synthesize(body)
     assert events is not None
-    again = rec.adapter.final_body(events)
+    again = adapter.final_body(events)
     assert again is not None
     assert json.loads(again) == json.loads(body)
-    assert rec.adapter.verify(events) is Outcome.COMPLETE  # type: ignore[attr-defined]
+    assert adapter.verify(events) is Outcome.COMPLETE  # type: ignore[attr-defined]
     if name.startswith("openai-responses"):
         check_responses_consistency(events)
         assert sdk_responses_final(events, strict=False) == _lenient(json.loads(body))

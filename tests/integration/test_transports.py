@@ -347,6 +347,50 @@ async def test_chat_completions_stream_cached(
 
 
 @pytest.mark.anyio
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_a_chat_stream_has_a_usage_chunk_only_for_a_request_asking_for_it(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # A stream that asked for usage ends with a chunk of no choices: replayed to a request
+    # that did not ask, the usual `chunk.choices[0]` loop raised IndexError. Each gets the
+    # stream the API would send it, a streamed request answered from a stored non-streamed
+    # answer included.
+    async with _openai_async(upstream, cache_url) as client:
+
+        async def ask(usage: bool | None, content: str = prompt) -> tuple[str, list[Any]]:
+            extra: dict[str, Any] = {}
+            if usage is not None:
+                extra = {"stream": True}
+                if usage:
+                    extra["stream_options"] = {"include_usage": True}
+            raw = await client.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": content}], **extra
+            )
+            if usage is None:
+                return raw.headers["x-sse-cache"], [raw.parse()]
+            async with raw.parse() as stream:
+                return raw.headers["x-sse-cache"], [c async for c in stream]
+
+        statuses = []
+        for usage in (True, False, False, True):
+            status, chunks = await ask(usage)
+            statuses.append(status)
+            assert (chunks[-1].usage is not None) is usage
+            assert all(c.choices for c in chunks[:-1])
+            assert bool(chunks[-1].choices) is not usage
+        assert statuses == ["miss", "miss", "hit", "hit"]
+        # Stored as a non-streamed answer, then asked for as a stream without usage.
+        other = prompt + " (non-streamed first)"
+        assert (await ask(None, other))[0] == "miss"
+        status, chunks = await ask(False, other)
+        assert status == "hit" and all(c.choices for c in chunks)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+            (await ask(None, other))[1][0].choices[0].message.content
+        )
+    gc.collect()
+
+
+@pytest.mark.anyio
 async def test_anthropic_messages_stream_cached(
     upstream: Upstream, cache_url: str, prompt: str
 ) -> None:

@@ -74,14 +74,18 @@ class OpenAIChat(KeyedAdapter):
 
     - **key**: every request field except ``stream``, ``stream_options``, ``timeout``,
       ``request_timeout``, ``user``, ``metadata``, ``safety_identifier``,
-      ``prompt_cache_key``, ``prompt_cache_retention`` and ``ignore_fields``.
+      ``prompt_cache_key``, ``prompt_cache_retention`` and ``ignore_fields``; but a
+      streamed request with ``stream_options.include_usage`` keys apart (its stream ends
+      with a chunk of no choices, which a client that did not ask for it may not expect).
     - **outcome**: ``data: [DONE]`` completes; a payload with a truthy top-level ``error``
       (or an ``event: error``) fails; a stream that ends without ``[DONE]`` fails.
       :meth:`verify` adds the whole-stream rule that every choice got a ``finish_reason``.
     - **final_body**: the accumulated ``chat.completion`` (every choice; content, refusal,
       tool calls with their arguments joined, logprobs, usage, unknown extensions).
-    - **synthesize**: chunks as the API streams them, choices interleaved, a usage chunk
-      when the body has usage (``usage_chunk=False`` to leave it out), then ``[DONE]``.
+    - **synthesize**: chunks as the API streams them, choices interleaved, then ``[DONE]``:
+      as the API streams them to a request without ``include_usage``, the only kind a
+      synthesised stream answers (``usage_chunk=True`` adds the usage chunk before
+      ``[DONE]`` when the body has usage).
     """
 
     name = "openai-chat"
@@ -94,10 +98,24 @@ class OpenAIChat(KeyedAdapter):
         *,
         ignore_fields: Iterable[str] = (),
         delta_chars: int | None = DEFAULT_DELTA_CHARS,
-        usage_chunk: bool = True,
+        usage_chunk: bool = False,
     ) -> None:
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
         self.usage_chunk = usage_chunk
+
+    def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
+        fields = super().key_fields(body)
+        options = body.get("stream_options")
+        if (
+            body.get("stream") is True
+            and isinstance(options, dict)
+            and options.get("include_usage") is True
+        ):
+            # Only this of the transport's options changes the bytes: a final chunk with no
+            # choices, and "usage": null in every other. Requests without it (streamed or
+            # not) still share one entry.
+            fields = {**fields, "stream_options": {"include_usage": True}}
+        return fields
 
     # -- outcome ---------------------------------------------------------------------------
 
