@@ -188,6 +188,17 @@ async def _send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+def request_path(scope: Scope) -> str:
+    """The path a request is matched and keyed by: as it was sent (``raw_path``) when it holds
+    escapes, since ``/v1/chat%2Fcompletions`` or ``/v1/chat/completions%3Fx`` decode to the
+    path of another request but reach the app (the proxy: its upstream) as they are; else the
+    decoded path, which is the same."""
+    raw = scope.get("raw_path")
+    if raw and b"%" in raw:
+        return str(raw.decode("latin-1"))
+    return str(scope["path"])
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     out: dict[str, str] = {}
     for raw_name, raw_value in scope.get("headers", []):

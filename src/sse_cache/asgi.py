@@ -29,6 +29,7 @@ from ._asgi_io import (
     _headers,
     _Outbox,
     _send_answer_while_connected,
+    request_path,
     task_group,
 )
 from .errors import ConfigError
@@ -117,11 +118,11 @@ class CacheMiddleware:
             # A client resuming a stream by its id (Responses): answered from its live stream
             # while it is produced here, from the cache once stored.
             query = scope.get("query_string", b"").decode("latin-1")
-            answer = await self.service.resume("GET", scope["path"], query, _headers(scope))
+            answer = await self.service.resume("GET", request_path(scope), query, _headers(scope))
             if answer is not None:
                 await _send_answer_while_connected(receive, send, answer)
                 return
-        if self.service.policy.match(scope["method"], scope["path"]) is None:
+        if self.service.policy.match(scope["method"], request_path(scope)) is None:
             await self.app(scope, receive, send)
             return
         await _Request(self, scope, receive, send).run()
@@ -181,7 +182,7 @@ class _Request:
         try:
             decision = service.decide(
                 scope["method"],
-                scope["path"],
+                request_path(scope),
                 _headers(scope),
                 body,
                 scope.get("query_string", b"").decode("latin-1"),

@@ -19,7 +19,15 @@ from typing import Any
 
 import anyio
 
-from ._asgi_io import Message, Receive, Scope, Send, send_json_error, task_group
+from ._asgi_io import (
+    Message,
+    Receive,
+    Scope,
+    Send,
+    request_path,
+    send_json_error,
+    task_group,
+)
 from ._logging import AccessLog, redact_url
 from .asgi import CacheMiddleware
 from .breaker import BreakerState
@@ -314,9 +322,9 @@ class ProxyApp:
                 await self._ops(scope, send)
                 return
             try:
-                policy = self.cached.service.policy
-                if self.access_log is not None and policy.match(scope["method"], scope["path"]):
-                    await self.access_log.serve(self.cached, scope, receive, send)
+                log, policy = self.access_log, self.cached.service.policy
+                if log is not None and policy.match(scope["method"], request_path(scope)):
+                    await log.serve(self.cached, scope, receive, send)
                 else:
                     await self.cached(scope, receive, send)
             except _BROKEN_OFF as exc:

@@ -252,6 +252,21 @@ async def test_one_date_and_one_server_header_per_response(stack: Stack) -> None
         assert len(response.headers.get_list("server")) == 1, response.headers
 
 
+async def test_a_path_with_escapes_is_never_answered_from_the_path_it_decodes_to(
+    stack: Stack,
+) -> None:
+    # The upstream is asked the path as it was sent; an entry of the decoded path is another
+    # request's answer.
+    body = responses_body("escaped paths")
+    assert (await stack.post("/v1/responses", body)).headers["x-sse-cache"] == "miss"
+    for escaped in ("/v1%2Fresponses", "/v1/responses%3Fx=1", "/v1/respons%65s"):
+        response = await stack.http.post(
+            httpx2.URL(stack.proxy).copy_with(raw_path=escaped.encode()), json=body, headers=KEY_A
+        )
+        assert response.headers.get("x-sse-cache") != "hit", escaped
+    assert await stack.upstream_calls() == 4
+
+
 async def test_client_disconnect_mid_stream_stores_nothing(stack: Stack) -> None:
     body = responses_body("disconnect")
     headers = {**KEY_A, "x-mock-delay-ms": "20"}
