@@ -99,6 +99,27 @@ async def two_proxies(
         yield prefix, one, two
 
 
+async def herd(
+    bases: tuple[str, ...], payload: dict[str, Any], count: int
+) -> list[httpx2.Response]:
+    """``count`` identical streamed requests spread over the proxies at ``bases``, released
+    together."""
+    go = anyio.Event()
+    results: list[httpx2.Response] = []
+    limits = httpx2.Limits(max_connections=100)
+    async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
+
+        async def one(base: str) -> None:
+            await go.wait()
+            results.append(await client.post(base + "/v1/responses", json=payload, headers=HEADERS))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(one, bases[i % len(bases)])
+            go.set()
+    return results
+
+
 def complete(content: bytes) -> bool:
     return content.rstrip().split(b"\n\n")[-1].startswith(b"event: response.completed")
 
@@ -111,21 +132,7 @@ async def test_a_herd_over_two_processes_makes_one_upstream_call(
     upstream_app = MockUpstream(first_delay=0.3, delay=0.002)
     payload = {"model": "gpt-mock", "input": "one upstream call for two workers", "stream": True}
     async with two_proxies(serve, redis_server.url, upstream_app) as (_, (p1, _), (p2, _)):
-        go = anyio.Event()
-        results: list[httpx2.Response] = []
-        limits = httpx2.Limits(max_connections=100)
-        async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
-
-            async def one(base: str) -> None:
-                await go.wait()
-                results.append(
-                    await client.post(base + "/v1/responses", json=payload, headers=HEADERS)
-                )
-
-            async with anyio.create_task_group() as tg:
-                for i in range(40):
-                    tg.start_soon(one, (p1, p2)[i % 2])
-                go.set()
+        results = await herd((p1, p2), payload, 40)
     statuses = Counter(r.headers["x-sse-cache"] for r in results)
     assert upstream_app.stats()["total"] == 1, statuses
     assert statuses["miss"] == 1 and statuses["shared"] == 39, statuses
@@ -446,26 +453,11 @@ async def test_events_larger_than_the_lag_bound_reach_a_herd_whole(
     backend = f"{redis_server.url}?prefix=b{uuid.uuid4().hex[:8]}:"
     options: dict[str, Any] = {"max_entry_bytes": 30_000, "cross_process": cross_process}
     payload = {"model": "gpt-mock", "input": f"big events ({cross_process})", "stream": True}
-    results: list[httpx2.Response] = []
     async with serve(upstream_app) as upstream:
         apps = [create_proxy_app(upstream, backend, **options) for _ in range(2)]
         try:
             async with serve(apps[0]) as p1, serve(apps[1]) as p2:
-                bases = (p1, p2) if cross_process else (p1,)
-                go = anyio.Event()
-                limits = httpx2.Limits(max_connections=100)
-                async with httpx2.AsyncClient(timeout=30, limits=limits) as client:
-
-                    async def one(base: str) -> None:
-                        await go.wait()
-                        results.append(
-                            await client.post(base + "/v1/responses", json=payload, headers=HEADERS)
-                        )
-
-                    async with anyio.create_task_group() as tg:
-                        for i in range(8):
-                            tg.start_soon(one, bases[i % len(bases)])
-                        go.set()
+                results = await herd((p1, p2) if cross_process else (p1,), payload, 8)
         finally:
             for app in apps:
                 await app.aclose()
