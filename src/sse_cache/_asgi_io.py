@@ -193,10 +193,9 @@ def request_path(scope: Scope) -> str:
     escapes, since ``/v1/chat%2Fcompletions`` or ``/v1/chat/completions%3Fx`` decode to the
     path of another request but reach the app (the proxy: its upstream) as they are; else the
     decoded path, which is the same."""
-    raw = scope.get("raw_path")
-    if raw and b"%" in raw:
-        return str(raw.decode("latin-1"))
-    return str(scope["path"])
+    raw: bytes | None = scope.get("raw_path")
+    path: str = raw.decode("latin-1") if raw is not None and b"%" in raw else scope["path"]
+    return path
 
 
 def _headers(scope: Scope) -> dict[str, str]:
