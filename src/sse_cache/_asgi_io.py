@@ -71,6 +71,14 @@ class _Outbox:
         self.stop()
         self._scope.cancel()
 
+    @property
+    def behind(self) -> int:
+        """Body bytes queued past the oldest queued message: how far behind the client is,
+        as a follower's lag is measured (one message larger than the bound is not falling
+        behind)."""
+        messages = self._messages
+        return self.size - len(messages[0].get("body", b"")) if messages else 0
+
     async def room(self, limit: int) -> None:
         """Wait until at most ``limit`` body bytes wait to be sent (or none will be)."""
         while self.size > limit and not self._stopped:

@@ -383,7 +383,7 @@ class _Request:
         outbox = self.outbox
         if outbox is not None:
             outbox.put(message)
-            await self._keep_up(outbox, len(message.get("body", b"")))
+            await self._keep_up(outbox)
             return
         try:
             await self.send(message)
@@ -395,16 +395,15 @@ class _Request:
                     self.tee.fail("sending to the client failed")
                 raise
 
-    async def _keep_up(self, outbox: _Outbox, newest: int) -> None:
+    async def _keep_up(self, outbox: _Outbox) -> None:
         """Bound what waits for a slow client: no more than a follower may fall behind (the
-        flight's lag bound), not counting the ``newest`` bytes just queued (as for a
-        follower: one message larger than the bound does not cut a client that had the
-        rest). With followers, a client further behind is cut off, as a follower would be;
-        alone, the app waits for it (the upstream is paced by its only reader)."""
+        flight's lag bound, measured as a follower's: past the oldest message it has not
+        been sent). With followers, a client further behind is cut off, as a follower would
+        be; alone, the app waits for it (the upstream is paced by its only reader)."""
         tee = self.tee
         assert tee is not None
         limit = tee.lag_limit
-        if limit is None or outbox.size - newest <= limit:
+        if limit is None or outbox.behind <= limit:
             return
         if tee.followed:
             self.cut = f"the client fell more than {limit} bytes behind the stream"

@@ -157,22 +157,26 @@ class Flight(Generic[T]):
         bytes (default ``len(chunk)``)."""
         if self.phase is not Phase.STREAMING:
             return
-        before = self.total
-        total = self.total = before + (len(chunk) if size < 0 else size)  # type: ignore[arg-type]
+        total = self.total = self.total + (len(chunk) if size < 0 else size)  # type: ignore[arg-type]
         if self.cursors or self.joinable:
             self.chunks.append(chunk)
             self.ends.append(total)
-        # Behind is what a follower has not read of what came before this piece: one piece
-        # larger than the bound (an upstream's burst) does not cut a follower that had read
-        # everything. What waits for a follower stays under the bound plus one piece.
-        if before > self.max_lag_bytes and self.cursors:
-            floor = before - self.max_lag_bytes
+        if total > self.max_lag_bytes and self.cursors:
+            floor = total - self.max_lag_bytes
             for cursor in self.cursors:
-                if cursor.offset < floor and not cursor.cut:
+                if cursor.offset < floor and not cursor.cut and self._behind(cursor, floor):
                     cursor.cut = f"fell more than {self.max_lag_bytes} bytes behind the stream"
         if total > self.max_log_bytes:
             self.joinable = False
             self._trim()
+
+    def _behind(self, cursor: Cursor, floor: int) -> bool:
+        # Behind is what a follower has not read past the oldest piece it has not read: one
+        # piece larger than the bound (an upstream's burst, or several events parsed from
+        # one read and delivered at once) does not cut a follower that had everything before
+        # it. What waits for a follower stays under the bound plus one piece.
+        oldest = cursor.index - self.base
+        return oldest < len(self.ends) and self.ends[oldest] < floor
 
     def end(self) -> None:
         """The upstream's response ended by itself (cleanly), after every delivered byte."""

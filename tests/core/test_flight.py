@@ -48,6 +48,7 @@ class Reader:
         self.flow = flow
         self.cursor = cursor
         self.got = bytearray()
+        self.pieces = 0  # how many of the producer's pieces it read
         self.attached = True
         self.cut = False  # the model's view: fell more than max_lag_bytes behind
 
@@ -60,6 +61,7 @@ class Flow:
         self.flight = live.flight
         self.phase = Phase.WAITING
         self.sent = bytearray()  # the bytes the producer's client received
+        self.ends: list[int] = []  # where each piece the producer delivered ends in them
         self.producer_reading = True
         self.overflowed = False
         self.closed = False  # the producer's exchange is over: it acts on it no more
@@ -193,14 +195,15 @@ class FlightMachine(RuleBasedStateMachine):
             flow.live.deliver(chunk)
             if flow.phase is not Phase.STREAMING:
                 continue
-            before = len(flow.sent)
             flow.sent += chunk
+            flow.ends.append(len(flow.sent))
             if len(flow.sent) > self.max_log:
                 flow.overflowed = True
                 self._unregister(flow)
             for reader in flow.attached:
-                # Behind by more than the bound in what came before this chunk.
-                if len(reader.got) < before - self.max_lag:
+                # Behind by more than the bound past the oldest piece it has not read.
+                unread = flow.ends[reader.pieces :]
+                if unread and len(flow.sent) - unread[0] > self.max_lag:
                     reader.cut = True
 
     @precondition(producing_in(Phase.STREAMING))
@@ -267,6 +270,7 @@ class FlightMachine(RuleBasedStateMachine):
         while chunks := flight.read(reader.cursor):
             assert not reader.cut, "a cut follower is sent nothing more"
             reader.got += b"".join(chunks)
+            reader.pieces += len(chunks)
             assert flow.sent.startswith(reader.got)
         phase = flight.state(reader.cursor)
         if phase is Phase.ENDED:
@@ -351,18 +355,19 @@ def test_a_follower_exactly_max_lag_bytes_behind_is_not_cut() -> None:
     assert cursor is not None
     flight.deliver(b"12")
     assert flight.read(cursor) == [b"12"]
-    flight.deliver(b"3456")
-    flight.deliver(b"7")  # 4 bytes behind before this one
+    for piece in (b"3", b"4", b"5", b"6", b"7"):
+        flight.deliver(piece)  # past the oldest unread piece ("3"): at most 4 bytes
     assert not cursor.cut
-    flight.deliver(b"8")  # 5 before this one: one byte more than it may lag
+    flight.deliver(b"8")  # 5 past it: one byte more than it may lag
     assert cursor.cut and flight.read(cursor) == [] and flight.state(cursor) is Phase.FAILED
     flight.end()
     assert flight.state(cursor) is Phase.FAILED  # never a clean end
 
 
 def test_one_piece_larger_than_the_lag_bound_cuts_no_follower_that_had_the_rest() -> None:
-    # An upstream's burst (the proxy forwards up to ~320 KiB at once) larger than the bound:
-    # a follower that read everything before it is not behind.
+    # An upstream's burst (the proxy forwards up to ~320 KiB at once), or several events
+    # parsed from one read and delivered before the follower could run, larger than the
+    # bound: a follower that had everything before it is not behind.
     flight: Flight[bytes] = Flight(KEY, max_log_bytes=4, max_lag_bytes=4)
     flight.respond(HEAD)
     cursor = flight.follow()
@@ -370,9 +375,11 @@ def test_one_piece_larger_than_the_lag_bound_cuts_no_follower_that_had_the_rest(
     flight.deliver(b"0123456789")
     assert not cursor.cut and flight.read(cursor) == [b"0123456789"]
     flight.deliver(b"abcdefghij")
-    assert not cursor.cut and flight.read(cursor) == [b"abcdefghij"]
+    flight.deliver(b"k")  # the next piece, before the follower ran
+    assert not cursor.cut and flight.read(cursor) == [b"abcdefghij", b"k"]
     flight.deliver(b"x" * 10)
-    flight.deliver(b"y")  # behind by the 10 bytes before it
+    flight.deliver(b"yz")
+    flight.deliver(b"...")  # 5 bytes past the oldest piece it has not read
     assert cursor.cut
 
 
