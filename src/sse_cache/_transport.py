@@ -146,7 +146,7 @@ class _Options:
         url = request.url
         return service.decide(
             request.method,
-            url.path,
+            _request_path(url),
             _request_headers(request),
             _body_or_none(body, service.policy.max_body_bytes),
             url.query.decode("latin-1"),
@@ -216,7 +216,7 @@ class AsyncCacheTransportBase(_Options):
                 await opened.enter()
                 body = types["AsyncAnswerBody"](answer.chunks, opened)
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
-        if service.policy.match(request.method, request.url.path) is None:
+        if service.policy.match(request.method, _request_path(request.url)) is None:
             return await self.transport.handle_async_request(request)
         try:
             decision = self._decide(request, await request.aread())
@@ -312,7 +312,7 @@ class CacheTransportBase(_Options):
                 opened.enter()
                 body = _stream_types(lib)["SyncAnswerBody"](answer.chunks, opened, portal)
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
-        if service.policy.match(request.method, request.url.path) is None:
+        if service.policy.match(request.method, _request_path(request.url)) is None:
             return self.transport.handle_request(request)
         try:
             decision = self._decide(request, request.read())
@@ -375,7 +375,18 @@ class CacheTransportBase(_Options):
 
 
 def _resume_args(request: Any) -> tuple[str, str, dict[str, str]]:
-    return request.url.path, request.url.query.decode("latin-1"), _request_headers(request)
+    url = request.url
+    return _request_path(url), url.query.decode("latin-1"), _request_headers(request)
+
+
+def _request_path(url: Any) -> str:
+    """The path a request is matched and keyed by: as it is sent (``raw_path``) when it holds
+    escapes — ``/v1/chat%2Fcompletions`` decodes to another request's path but reaches the
+    server as it is — else the decoded path, which is the same (as the ASGI middleware's
+    :func:`~sse_cache._asgi_io.request_path`)."""
+    raw: bytes = url.raw_path.split(b"?", 1)[0]
+    path: str = raw.decode("latin-1") if b"%" in raw else url.path
+    return path
 
 
 @asynccontextmanager

@@ -693,6 +693,24 @@ def test_two_servers_asked_the_same_never_share_an_entry(
         other.stop()
 
 
+def test_a_path_with_escapes_is_never_answered_from_the_path_it_decodes_to(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # httpx sends the path as written: the server is asked another request, whose answer
+    # the entry of the decoded path is not.
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {"authorization": "Bearer sk-escapes"}
+    with httpx2.Client(transport=CacheTransport(cache_url), base_url=upstream.url) as client:
+        assert (
+            client.post("/v1/responses", json=body, headers=headers).headers["x-sse-cache"]
+            == "miss"
+        )
+        for escaped in (b"/v1%2Fresponses", b"/v1/respons%65s"):
+            url = httpx2.URL(upstream.url).copy_with(raw_path=escaped)
+            response = client.post(url, json=body, headers=headers)
+            assert response.headers.get("x-sse-cache") != "hit", escaped
+
+
 def test_sync_transport_runs_its_portal_only_while_open(cache_url: str) -> None:
     def portal_threads() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name == "sse-cache-portal"]
