@@ -452,23 +452,31 @@ async def test_foreign_item_reads_as_miss(url: str, raw: Client) -> None:
 
 
 async def test_a_manifest_naming_more_chunks_than_a_value_may_take_is_not_ours(
-    url: str, raw: Client
+    url: str, raw: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Written by anyone who can reach memcached, with every chunk it names present: were it
-    # read, a manifest could make one read fetch millions of keys. It is a miss.
+    # read, a manifest could make one read fetch millions of keys. It is a miss, and a delete
+    # removes the manifest without building its chunks' keys. (The bound, made small here.)
+    import sse_cache.backends._memcached_layout as layout
+    import sse_cache.backends.memcached as memcached
+
+    assert MAX_CHUNKS == 32768
+    for module in (layout, memcached):
+        monkeypatch.setattr(module, "MAX_CHUNKS", 8)
     backend: Any = from_url(url, chunk_size=1024)
     item_key, write_id = backend._item_key("k"), os.urandom(16)
-    count = MAX_CHUNKS + 1
-    for name in backend._chunk_keys(item_key, write_id, count):
+    chunks = backend._chunk_keys(item_key, write_id, 9)
+    for name in chunks:
         raw.set(name, b"c" * 1024, flags=0, noreply=False)
-    manifest = Manifest(None, count * 1024, 1024, count, write_id)
-    raw.set(item_key, manifest.pack(), flags=MANIFEST, noreply=False)
+    raw.set(item_key, Manifest(None, 9 * 1024, 1024, 9, write_id).pack(), flags=MANIFEST)
     assert await backend.get("k") is None
+    await backend.delete("k")
+    assert raw.get(item_key) is None and all(raw.get(name) is not None for name in chunks)
     # Nor does the backend write one: it says which option to raise.
     with pytest.raises(BackendError, match=r"raise \?chunk_size="):
-        await backend.set("k", b"v" * (count * 1024), None)
-    await backend.set("k", b"v" * (MAX_CHUNKS * 1024), None)  # the most that fits
-    assert await backend.get("k") == b"v" * (MAX_CHUNKS * 1024)
+        await backend.set("k", b"v" * (9 * 1024), None)
+    await backend.set("k", b"v" * (8 * 1024), None)  # the most that fits
+    assert await backend.get("k") == b"v" * (8 * 1024)
     await backend.aclose()
 
 

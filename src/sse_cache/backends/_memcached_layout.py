@@ -63,10 +63,11 @@ _THIRTY_DAYS: Final = 30 * 24 * 3600
 # memcached reads ``exptime`` as a signed 32-bit number: a Unix time past January 2038 would
 # be an item that expired already.
 _LAST_UNIX_TIME: Final = 2**31 - 1
-#: The most chunks a value is stored in (4 GiB at the default chunk size, 4 MiB at the
-#: smallest): a manifest naming more is not ours. (Without a bound, a manifest written by
-#: anyone who can reach memcached could make one read build and fetch millions of keys.)
-MAX_CHUNKS: Final = 4096
+#: The most chunks a value is stored in (32 GiB at the default chunk size; 32 MiB, the
+#: engine's default max_entry_bytes, at the smallest): a manifest naming more is not ours.
+#: (Without a bound, a manifest written by anyone who can reach memcached could make one read
+#: build and fetch millions of keys.)
+MAX_CHUNKS: Final = 32768
 #: The smallest ``chunk_size`` a backend takes; a manifest with smaller chunks is not ours.
 MIN_CHUNK_SIZE: Final = 1024
 

@@ -389,7 +389,8 @@ class MemcachedBackend:
         self._client.delete(item_key, noreply=False)
         if found is not None and found[1] == MANIFEST:
             manifest = Manifest.parse(found[0])
-            if manifest is not None:
+            # (Only a manifest this backend could have written names chunks to delete.)
+            if manifest is not None and manifest.is_consistent():
                 keys = self._chunk_keys(item_key, manifest.write_id, manifest.chunk_count)
                 self._client.delete_many(keys, noreply=False)
 
