@@ -151,7 +151,8 @@ class _Options:
             _body_or_none(body, service.policy.max_body_bytes),
             url.query.decode("latin-1"),
             # The server is part of the key: two servers asked the same never share an entry.
-            origin_of(f"{url.scheme}://{url.netloc.decode('ascii')}"),
+            # (An origin in the options wins: replicas of one service, keyed as one.)
+            None if service.policy.origin else origin_of(f"{url.scheme}://{url.netloc.decode()}"),
         )
 
     def _started(self, started: float) -> float | None:

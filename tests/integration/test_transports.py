@@ -689,6 +689,23 @@ def test_two_servers_asked_the_same_never_share_an_entry(
                 statuses.append(raw.headers["x-sse-cache"])
         assert statuses == ["miss", "miss", "hit", "hit"]
         assert other.count(RESPONSES) == 1
+        # Replicas of one service share entries when the transport names them as one.
+        statuses = []
+        for server in (upstream, other):
+            transport = CacheTransport(cache_url, origin="https://replicas.example")
+            with OpenAI(
+                base_url=f"{server.url}/v1",
+                api_key="EMPTY",
+                max_retries=0,
+                http_client=httpx2.Client(transport=transport),
+            ) as client:
+                raw = client.responses.with_raw_response.create(
+                    model=MODEL, input=prompt, stream=True
+                )
+                with raw.parse() as stream:
+                    list(stream)
+                statuses.append(raw.headers["x-sse-cache"])
+        assert statuses == ["miss", "hit"]
     finally:
         other.stop()
 

@@ -35,7 +35,7 @@ class CacheOptions:
     (:class:`~sse_cache.http.policy.CachePolicy`). ``origin``: the server the cached routes
     are answered by (``scheme://host[:port][/base]``), part of every key, so that caches of
     different servers on one backend never share an entry (the proxy sets its upstream; an
-    HTTP client's transport passes each request's own instead). ``ttl``,
+    HTTP client's transport keys each request by its own server unless one is set here). ``ttl``,
     ``max_entry_bytes``, ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``,
     ``keyer``, ``codec``, ``decoded_cache_bytes``: as for
     :class:`~sse_cache.engine.StreamCache` (the decoded-entry budget is shared by every
