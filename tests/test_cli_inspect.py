@@ -153,6 +153,28 @@ def test_a_row_another_program_gave_other_types_is_listed_shown_and_purged(
     assert capsys.readouterr().out.split() == ["bbb222", "ccc333"]
 
 
+def test_an_entry_this_installation_cannot_read_is_listed_unreadable_not_corrupt(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Written by a process with zstandard, inspected by a CLI without it: sound, and the
+    # writers' to read; not one to purge as corrupt.
+    import sse_cache.codec
+
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    entry = Entry(schema="generic", created_at=time.time(), body=b"x" * 5000)
+    store(url, {"k": MsgpackCodec(compression="zstd").encode(entry)})
+    monkeypatch.setattr(sse_cache.codec, "_zstd", None)
+    assert run_cli("ls", "-l", "--backend", url) == 0
+    captured = capsys.readouterr()
+    assert captured.out.split("\t")[2:] == [
+        "UNREADABLE",
+        "entry is zstd-compressed; install sse-cache[zstd]\n",
+    ]
+    assert "1 unreadable here" in captured.err
+    assert run_cli("show", "k", "--backend", url) == 1
+    assert "entry 'k' is unreadable: entry is zstd-compressed" in capsys.readouterr().err
+
+
 def test_show_an_entry_dated_past_any_calendar(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

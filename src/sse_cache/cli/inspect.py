@@ -24,7 +24,7 @@ import anyio.to_thread
 
 from ..codec import MsgpackCodec
 from ..entry import Entry
-from ..errors import ConfigError, CorruptEntry, SSECacheError
+from ..errors import ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
 from ..events import serialize_sse
 from ..keys import ALIAS_PREFIX
 from ..protocols import Backend, ScanningBackend, StatsBackend
@@ -155,9 +155,11 @@ def _cannot_list(args: argparse.Namespace, backend: Backend) -> int:
 @dataclass(frozen=True, slots=True)
 class Row:
     """One stored row, read for what it is: an ``entry`` (``entry`` set), an ``alias``
-    (``target``: the key of the entry it names) or ``corrupt`` (``error`` says why)."""
+    (``target``: the key of the entry it names), ``corrupt`` or ``unreadable`` (a sound entry
+    this installation cannot read, e.g. zstd-compressed without ``sse-cache[zstd]``: not to
+    be purged as corrupt); ``error`` says why."""
 
-    kind: Literal["entry", "alias", "corrupt"]
+    kind: Literal["entry", "alias", "corrupt", "unreadable"]
     entry: Entry | None = None
     target: str = ""
     error: str = ""
@@ -180,6 +182,8 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
         return Row("alias", target=target)
     try:
         return Row("entry", entry=codec.decode(data))
+    except UnreadableEntry as exc:
+        return Row("unreadable", error=str(exc))
     except CorruptEntry as exc:
         return Row("corrupt", error=str(exc))
 
@@ -203,7 +207,7 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
         return _cannot_list(args, backend)
     codec = MsgpackCodec()
     now = time.time()
-    entries = aliases = corrupt = 0
+    entries = aliases = corrupt = unreadable = 0
     async for key in backend.scan(args.prefix):
         alias = is_alias(key)
         aliases += alias
@@ -226,6 +230,9 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
             entry = row.entry
             kind = f"{len(entry.events)} events" if entry.events is not None else "body"
             print(f"{key}\t{len(data)}\t{entry.schema}\t{kind}\t{_age(now - entry.created_at)}")
+        elif row.kind == "unreadable":
+            unreadable += 1
+            print(f"{key}\t{len(data)}\tUNREADABLE\t{row.error}")
         else:
             corrupt += 1
             print(f"{key}\t{len(data)}\tCORRUPT")
@@ -233,6 +240,8 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
         summary = _plural(entries, "entry", "entries")
         if corrupt:
             summary += f", {corrupt} corrupt"
+        if unreadable:
+            summary += f", {unreadable} unreadable here"
         if aliases:
             summary += f", {_plural(aliases, 'alias', 'aliases')}"
             summary += "" if args.all else " (not listed; -a lists them)"
@@ -263,7 +272,7 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
             )
         data, row = named
     if row.entry is None:
-        return _fail(f"entry {key!r} is corrupt: {row.error}", EXIT_FAILED)
+        return _fail(f"entry {key!r} is {row.kind}: {row.error}", EXIT_FAILED)
     entry = row.entry
     if not args.sse_only:
         _print_metadata(out, key, entry, len(data))
