@@ -32,7 +32,8 @@ class CacheStatus(enum.StrEnum):
 
 class Notice(msgspec.Struct, frozen=True, kw_only=True):
     """What a hook receives. ``kind`` is one of ``hit``, ``miss``, ``bypass``, ``refresh``,
-    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``,
+    ``shared``, ``store``, ``not_stored``, ``store_failed``, ``read_failed``, ``corrupt``
+    (deleted), ``unreadable`` (a sound entry this process cannot read: a miss, not deleted),
     ``breaker`` (the backend's breaker changed state: ``detail`` is the new one),
     ``store_skipped`` (not written: the breaker is open), ``backend`` (one backend call:
     ``detail`` is the operation, ``get``, ``set`` or ``delete``, or with cross-process

@@ -322,6 +322,9 @@ class MsgpackCodec:
             head.expires_at is not None and not math.isfinite(head.expires_at)
         ):
             raise CorruptEntry("entry timestamps are not finite numbers")
+        if not 200 <= head.status < 300:
+            # Only 2xx answers are stored; a hit sends this status with a body.
+            raise CorruptEntry(f"entry status {head.status} is not a 2xx")
         return parts
 
     def _digest(self, version: bytes, payload: bytes | memoryview) -> bytes:

@@ -33,9 +33,9 @@ class CorruptEntry(SSECacheError, ValueError):
 class UnreadableEntry(CorruptEntry):
     """A sound entry that this process cannot read: compressed with zstd where
     ``sse-cache[zstd]`` is not installed, larger than this codec's ``max_decoded_bytes``, or
-    of a format version this release does not know. A miss here, but the engine leaves it
-    stored: other processes of the same cache (another release, another configuration) may
-    read it."""
+    of a format version this release does not know. A miss here, but the engine does not
+    delete it: other processes of the same cache (another configuration) may read it, until
+    this process's own answer replaces it."""
 
 
 class ConfigError(SSECacheError, ValueError):

@@ -111,9 +111,10 @@ class OpenAIChat(KeyedAdapter):
             and isinstance(options, dict)
             and options.get("include_usage") is True
         ):
-            # Only this of the transport's options changes the bytes: a final chunk with no
-            # choices, and "usage": null in every other. Requests without it (streamed or
-            # not) still share one entry.
+            # Of the transport's options, this one changes what a client can take: a final
+            # chunk with no choices ("usage": null in every other). (include_obfuscation
+            # changes bytes too, in a field clients ignore.) Requests without it, streamed
+            # or not, still share one entry.
             fields = {**fields, "stream_options": {"include_usage": True}}
         return fields
 
