@@ -150,10 +150,15 @@ class _Options:
             _request_headers(request),
             _body_or_none(body, service.policy.max_body_bytes),
             url.query.decode("latin-1"),
-            # The server is part of the key: two servers asked the same never share an entry.
-            # (An origin in the options wins: replicas of one service, keyed as one.)
-            None if service.policy.origin else origin_of(f"{url.scheme}://{url.netloc.decode()}"),
+            self._origin(url),
         )
+
+    def _origin(self, url: Any) -> str | None:
+        # The server is part of the key: two servers asked the same never share an entry.
+        # (An origin in the options wins, None: replicas of one service, keyed as one.)
+        if self.service.policy.origin:
+            return None
+        return origin_of(f"{url.scheme}://{url.netloc.decode()}")
 
     def _started(self, started: float) -> float | None:
         # When the request arrived, if anyone wants its time to first byte (the hooks).
@@ -211,7 +216,7 @@ class AsyncCacheTransportBase(_Options):
             # A client resuming a stream by its id (Responses): from its live stream while it
             # is produced, from the cache once stored; else the upstream answers. (Its time to
             # first byte is not reported: the ASGI middleware reports none for a resume.)
-            answer = await service.resume("GET", *_resume_args(request))
+            answer = await service.resume("GET", *_resume_args(request), self._origin(request.url))
             if answer is not None:
                 opened = _AsyncOpen(_no_exchange())
                 await opened.enter()
@@ -307,7 +312,9 @@ class CacheTransportBase(_Options):
         if request.method == "GET":
             # A client resuming a stream by its id (Responses): see the async transport.
             portal = self.portal
-            answer = portal.call(service.resume, "GET", *_resume_args(request))
+            answer = portal.call(
+                service.resume, "GET", *_resume_args(request), self._origin(request.url)
+            )
             if answer is not None:
                 opened = _SyncOpen(portal.wrap_async_context_manager(_no_exchange()), portal)
                 opened.enter()

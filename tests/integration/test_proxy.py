@@ -194,21 +194,28 @@ async def test_proxies_of_two_upstreams_on_one_cache_never_share_an_entry(
     serve: Serve, tmp_path: Path
 ) -> None:
     # One cache file, two upstreams, the same request and key (local servers take any):
-    # each upstream's answer is its own.
+    # each upstream's answer is its own, and so is the stream a response id resumes (the
+    # two give out the same ids: the mock is deterministic).
     backend = f"sqlite:///{tmp_path / 'shared.db'}"
+    body = responses_body("two upstreams")
     async with serve(MockUpstream()) as first, serve(MockUpstream()) as second:
         statuses: list[str] = []
+        keys: dict[str, str] = {}
         for upstream in (first, second, first, second):
             app = create_proxy_app(upstream, backend)
             try:
                 async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy) as client:
-                    response = await client.post(
-                        "/v1/responses", json=responses_body("two upstreams"), headers=KEY_A
-                    )
+                    response = await client.post("/v1/responses", json=body, headers=KEY_A)
                     statuses.append(response.headers["x-sse-cache"])
+                    keys.setdefault(upstream, response.headers["x-sse-cache-key"])
+                    created = json.loads(SSEParser().feed(response.content)[0].data)
+                    resume = f"/v1/responses/{created['response']['id']}?stream=true"
+                    resumed = await client.get(resume, headers=KEY_A)
+                    assert resumed.headers["x-sse-cache-key"] == keys[upstream]
             finally:
                 await app.aclose()
     assert statuses == ["miss", "miss", "hit", "hit"]
+    assert keys[first] != keys[second]
 
 
 async def test_a_hit_answers_with_the_status_the_upstream_gave(

@@ -48,24 +48,31 @@ logger = logging.getLogger("sse_cache")
 _RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
 
 
-def alias_key(schema: str, tenant: str, name: str) -> str:
+def alias_key(schema: str, tenant: str, name: str, origin: str = "") -> str:
     """The backend key under which the key of an entry named ``name`` (a response id) is
-    kept, per schema and tenant."""
+    kept, per schema, tenant and server (``origin``, as the entry's key holds it: two servers
+    may give out the same id)."""
     h = hashlib.blake2b(digest_size=32)
-    for part in ("sse-cache/alias", schema, tenant, name):
+    # (The origin only when there is one: the aliases of a cache without one are unchanged.)
+    for part in ("sse-cache/alias", schema, tenant, name, *((origin,) if origin else ())):
         raw = part.encode()
         h.update(len(raw).to_bytes(4, "big") + raw)
     return ALIAS_PREFIX + h.hexdigest()
 
 
-def live_alias_key(schema: str, tenant: str, name: str) -> str:
+def live_alias_key(schema: str, tenant: str, name: str, origin: str = "") -> str:
     """The backend key under which the key of a stream named ``name`` is kept while another
-    process produces it (cross-process resume), per schema and tenant."""
-    return alias_key(schema + "/live", tenant, name)
+    process produces it (cross-process resume), per schema, tenant and server."""
+    return alias_key(schema + "/live", tenant, name, origin)
 
 
 async def resume(
-    service: _Service, method: str, path: str, query: str, headers: Mapping[str, str]
+    service: _Service,
+    method: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str],
+    origin: str | None = None,
 ) -> Answer | None:
     """:meth:`CacheService.resume`."""
     match = _RESUME.search(path)
@@ -93,8 +100,9 @@ async def resume(
     def had(event: Event) -> bool:
         return not events_after([event], after)  # the client has events up to N
 
-    alias = alias_key(adapter.name, tenant, match["id"])
-    live_alias = live_alias_key(adapter.name, tenant, match["id"])
+    where = service.policy.origin if origin is None else origin
+    alias = alias_key(adapter.name, tenant, match["id"], where)
+    live_alias = live_alias_key(adapter.name, tenant, match["id"], where)
     live = service.live_responses.get(alias)
     if live is not None and live.entry is None:
         # Still being produced: the events after N from its log, then the rest as it

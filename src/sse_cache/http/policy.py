@@ -188,6 +188,8 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """``Last-Event-ID`` of a reconnecting client: a hit replays only what came after it."""
     controls: Controls = Controls()
     reason: str = ""
+    origin: str = ""
+    """The server that answers the request, as its key holds it (:meth:`CachePolicy.decide`)."""
 
     @property
     def cacheable(self) -> bool:
@@ -467,6 +469,7 @@ class CachePolicy:
             },
             last_event_id=headers.get("last-event-id"),
             controls=controls,
+            origin=where,
         )
 
     @staticmethod

@@ -180,14 +180,20 @@ class CacheService:
         return Exchange(self, decision).run(publish=publish)
 
     async def resume(
-        self, method: str, path: str, query: str, headers: Mapping[str, str]
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        origin: str | None = None,
     ) -> Answer | None:
         """Answer ``GET .../responses/{id}?stream=true&starting_after=N`` for the tenant that
-        started that response: the events after sequence number N — from its live stream
-        while it is produced (here, or by another process with ``cross_process``), from its
-        entry once stored. None when it is not such a request or the stream is neither live
-        nor cached (then the request goes upstream)."""
-        return await _resume.resume(self, method, path, query, headers)
+        started that response, on the same server (``origin``, as for :meth:`decide`): the
+        events after sequence number N — from its live stream while it is produced (here, or
+        by another process with ``cross_process``), from its entry once stored. None when it
+        is not such a request or the stream is neither live nor cached (then the request
+        goes upstream)."""
+        return await _resume.resume(self, method, path, query, headers, origin)
 
     async def resume_remote(
         self, cache: StreamCache, key: str, had: Callable[[Event], bool | None]
@@ -451,7 +457,8 @@ class Exchange:
             return
         response_id = live.entry.meta.get("response_id")
         if response_id:
-            alias = alias_key(cache.adapter.name, self.decision.tenant, response_id)
+            decision = self.decision
+            alias = alias_key(cache.adapter.name, decision.tenant, response_id, decision.origin)
             await cache.alias(alias, self.key, expires_at=live.entry.expires_at)
 
     def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -525,14 +532,15 @@ class Exchange:
         response_id = adapter.meta(events).get("response_id")
         if not response_id:
             return
-        alias = alias_key(adapter.name, self.decision.tenant, response_id)
+        decision = self.decision
+        alias = alias_key(adapter.name, decision.tenant, response_id, decision.origin)
         index = self._service.live_responses
         index[alias] = live
         lease, tee, cache = self._lead, self._tee, self._cache
         if lease is not None and tee is not None and cache is not None:
             # Other processes resume it by its key, from the fan-out channel of whoever holds
             # the key's lease (this producer, or one that took over from it).
-            name = live_alias_key(adapter.name, self.decision.tenant, response_id)
+            name = live_alias_key(adapter.name, decision.tenant, response_id, decision.origin)
             until = time.time() + _LIVE_ALIAS_TTL
             tee.later(lambda: cache.alias(name, self.key, expires_at=until))
 
