@@ -32,6 +32,7 @@ from typing import Any
 
 from ._decoded import DecodedEntries
 from ._entries import EntryStore
+from ._logging import backend_warnings
 from ._notices import CacheStatus, Hook, LiveStreamsHook, Notice, emit
 from ._recording import LiveRecording
 from ._streams import CachedStream, Production
@@ -232,15 +233,41 @@ class StreamCache:
             return entry.events
         if entry.body is None:
             return None
-        return self.adapter.synthesize(entry.body)
+        return self.synthesized(entry.body)
+
+    def synthesized(self, body: bytes) -> Sequence[Event] | None:
+        """A stream synthesised from the non-stream ``body`` by the adapter; None when it
+        cannot (also when it raises on a body it did not foresee: then logged, and the
+        request is a miss rather than a failed one)."""
+        try:
+            return self.adapter.synthesize(body)
+        except Exception as exc:
+            backend_warnings.warning(
+                self,
+                "adapter_failed",
+                "sse_cache: %s could not synthesise a stream: %r",
+                self.adapter.name,
+                exc,
+            )
+            return None
 
     def body_of(self, entry: Entry) -> bytes | None:
         """The non-stream answer for ``entry``: its body, or one recovered from its recorded
-        stream by the adapter (None if the adapter cannot)."""
+        stream by the adapter (None if the adapter cannot, or raises: logged)."""
         if entry.body is not None:
             return entry.body
         assert entry.events is not None
-        return self.adapter.final_body(entry.events)
+        try:
+            return self.adapter.final_body(entry.events)
+        except Exception as exc:
+            backend_warnings.warning(
+                self,
+                "adapter_failed",
+                "sse_cache: %s could not build a body: %r",
+                self.adapter.name,
+                exc,
+            )
+            return None
 
     def recorder(self) -> Recorder:
         """A fresh :class:`Recorder` with this cache's adapter and size limit, for drivers

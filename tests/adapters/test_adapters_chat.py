@@ -53,8 +53,7 @@ def test_final_body_is_the_sdk_accumulated_completion(chunks, ascii):
 @given(chat_streams(), delta_sizes)
 def test_synthesize_of_final_body_is_a_faithful_stream(chunks, delta_chars):
     original = chat_events(chunks)
-    # (With the usage chunk: as the API streams it to a request asking for usage.)
-    adapter = OpenAIChat(delta_chars=delta_chars, usage_chunk=True)
+    adapter = OpenAIChat(delta_chars=delta_chars)
     body = adapter.final_body(original)
     assert body is not None
     synthesized = adapter.synthesize(body)
@@ -72,7 +71,7 @@ def test_synthesize_of_final_body_is_a_faithful_stream(chunks, delta_chars):
 def test_final_body_of_synthesize_is_the_body(chunks, delta_chars):
     body = ADAPTER.final_body(chat_events(chunks))
     assert body is not None
-    adapter = OpenAIChat(delta_chars=delta_chars, usage_chunk=True)
+    adapter = OpenAIChat(delta_chars=delta_chars)
     events = adapter.synthesize(body)
     assert events is not None
     again = adapter.final_body(events)
@@ -80,28 +79,28 @@ def test_final_body_of_synthesize_is_the_body(chunks, delta_chars):
     assert json.loads(again) == json.loads(body)
 
 
-def test_a_synthesised_stream_has_a_usage_chunk_only_when_asked():
-    # A synthesised stream answers requests without include_usage (those with it key apart):
-    # as the API streams to them, every chunk has a choice, which `chunk.choices[0]` needs.
+def test_usage_chunk_can_be_left_out():
     body = _completion("hi", usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
-    without = OpenAIChat().synthesize(body)
-    with_usage = OpenAIChat(usage_chunk=True).synthesize(body)
+    with_usage = OpenAIChat().synthesize(body)
+    without = OpenAIChat(usage_chunk=False).synthesize(body)
     assert with_usage is not None and without is not None
     assert json.loads(with_usage[-2].data)["choices"] == []
     assert len(without) == len(with_usage) - 1
     assert all(json.loads(e.data)["choices"] for e in without[:-1])
 
 
-def test_a_streamed_request_asking_for_usage_keys_apart():
+def test_a_streamed_request_not_asking_for_usage_keys_apart():
+    # A stream without usage cannot answer a non-streamed request (whose body always has
+    # usage), nor a stream that asked for it; a stream that asked can answer both.
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    usage = {**base, "stream": True, "stream_options": {"include_usage": True}}
+    assert ADAPTER.key_fields(usage) == ADAPTER.key_fields(base)
+    assert ADAPTER.key_fields({**usage, "stream": False}) == ADAPTER.key_fields(base)
     plain = ADAPTER.key_fields({**base, "stream": True})
-    assert ADAPTER.key_fields(base) == plain  # streamed or not: one answer
+    assert plain != ADAPTER.key_fields(base)
     assert ADAPTER.key_fields({**base, "stream": True, "stream_options": {}}) == plain
     off = {"include_usage": False, "include_obfuscation": True}
     assert ADAPTER.key_fields({**base, "stream": True, "stream_options": off}) == plain
-    usage = {**base, "stream": True, "stream_options": {"include_usage": True}}
-    assert ADAPTER.key_fields(usage) != plain
-    assert ADAPTER.key_fields({**usage, "stream": False}) == plain  # (no stream: no chunks)
 
 
 def test_n_choices_are_interleaved_and_each_finishes():
@@ -266,3 +265,57 @@ def _completion(text, usage=None):
             "usage": usage,
         }
     ).encode()
+
+
+def _call(position: int, own_index: int | None) -> dict[str, object]:
+    call: dict[str, object] = {
+        "id": f"call_{position}",
+        "type": "function",
+        "function": {"name": f"f{position}", "arguments": f'{{"n": {position}}}'},
+    }
+    if own_index is not None:
+        call["index"] = own_index  # (some OpenAI-compatible servers keep it)
+    return call
+
+
+@pytest.mark.parametrize("indexes", [(None, None), (0, 0), (1, 2)])
+def test_tool_calls_stream_under_their_position_whatever_their_own_index(indexes):
+    body = json.loads(_completion("x"))
+    message = body["choices"][0]["message"]
+    message["content"] = None
+    message["tool_calls"] = [_call(0, indexes[0]), _call(1, indexes[1])]
+    events = ADAPTER.synthesize(json.dumps(body).encode())
+    assert events is not None
+    calls = sdk_chat_final(events)["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [
+        ("call_0", '{"n": 0}'),
+        ("call_1", '{"n": 1}'),
+    ]
+
+
+def test_a_tool_call_delta_whose_index_is_not_a_number_never_raises():
+    # A server's null `index` beside integer ones: the stream is stored; a non-streamed
+    # request answered from it gets a body (the calls in some order), not a 500.
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+    def chunk(delta: dict[str, object], finish: str | None = None) -> Event:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return Event(json.dumps({**base, "choices": [choice]}))
+
+    head = {"index": 0, "id": "a", "type": "function", "function": {"name": "f", "arguments": ""}}
+    other = {
+        "index": None,
+        "id": "b",
+        "type": "function",
+        "function": {"name": "g", "arguments": "{}"},
+    }
+    events = [
+        chunk({"role": "assistant", "content": None, "tool_calls": [head]}),
+        chunk({"tool_calls": [other]}),
+        chunk({}, "tool_calls"),
+        Event("[DONE]"),
+    ]
+    body = ADAPTER.final_body(events)
+    assert body is not None
+    ids = {c["id"] for c in json.loads(body)["choices"][0]["message"]["tool_calls"]}
+    assert ids == {"a", "b"}

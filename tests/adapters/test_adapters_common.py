@@ -67,7 +67,7 @@ RESPONSES_BODY = {
     "store": True,
     "some_future_field": 1,
     "stream": True,
-    "stream_options": {"include_obfuscation": False},
+    "stream_options": {"include_usage": True, "include_obfuscation": False},
     "timeout": 30,
 }
 
@@ -99,8 +99,10 @@ def test_stream_and_non_stream_requests_share_a_key(cls):
     def key(b):
         return keyer.key(CacheRequest(schema=adapter.name, route="r", fields=adapter.key_fields(b)))
 
-    # (Chat's include_usage changes the streamed bytes: it keys apart, tested with Chat.)
-    streamed = {**body, "stream": True, "stream_options": {"include_obfuscation": False}}
+    # (A Chat stream shares with a non-streamed request when it asks for usage, as the
+    # body has it: tested with Chat.)
+    options = {"include_usage": True, "include_obfuscation": False}
+    streamed = {**body, "stream": True, "stream_options": options}
     assert key(streamed) == key(body)
     assert adapter.is_streaming(streamed)
     assert not adapter.is_streaming(body)

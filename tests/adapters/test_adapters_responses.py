@@ -189,6 +189,21 @@ def test_logprob_tokens_drive_deltas_when_they_spell_the_text():
         (Event("garbage", "error"), Outcome.FAIL),
         (Event('{"type":"whatever","error":{"message":"boom"}}'), Outcome.FAIL),
         (Event('{"type":"whatever","error":null}'), Outcome.CONTINUE),
+        # The SDK raises on a truthy `error` whatever the event is named.
+        (
+            Event(
+                '{"type":"response.output_text.delta","error":{"message":"boom"}}',
+                "response.output_text.delta",
+            ),
+            Outcome.FAIL,
+        ),
+        (
+            Event(
+                '{"type":"response.output_text.delta","delta":"an \\"error\\""}',
+                "response.output_text.delta",
+            ),
+            Outcome.CONTINUE,
+        ),
         (Event("[DONE]"), Outcome.CONTINUE),
     ],
 )

@@ -999,3 +999,21 @@ async def test_a_follower_of_a_reader_cancelled_mid_pull_gets_each_event_once() 
         producer_scope.cancel()
     assert wire(got) == wire(EVENTS) and status == "miss"
     assert first.closed
+
+
+async def test_an_adapter_that_raises_converting_an_entry_costs_a_miss_not_a_failure() -> None:
+    # A stored answer of a shape the adapter did not foresee: the request that would be
+    # answered from it in the other mode goes upstream (a miss), logged; it never fails.
+    class Fragile(GenericSSE):
+        def final_body(self, events: Sequence[Event]) -> bytes | None:
+            raise TypeError("'<' not supported between instances of 'NoneType' and 'int'")
+
+        def synthesize(self, body: bytes) -> list[Event] | None:
+            raise KeyError("choices")
+
+    cache = StreamCache(DictBackend(), Fragile())
+    recorded = Entry(schema=cache.adapter.name, created_at=1.0, events=tuple(EVENTS))
+    stored = Entry(schema=cache.adapter.name, created_at=1.0, body=b"{}")
+    assert cache.body_of(recorded) is None
+    assert cache.events_of(stored) is None
+    assert cache.synthesized(b"{}") is None

@@ -126,11 +126,15 @@ async def test_chat_completions_and_anthropic_sdks(stack: Stack) -> None:
     chat = stack.openai().chat.completions
     messages: Any = [{"role": "user", "content": "hello chat"}]
     runs = []
+    usage: Any = {"include_usage": True}  # (a stream with usage answers non-streamed requests)
     for _ in range(2):
-        stream = await chat.create(model="gpt-mock", messages=messages, stream=True)
+        stream = await chat.create(
+            model="gpt-mock", messages=messages, stream=True, stream_options=usage
+        )
         runs.append([chunk.model_dump_json() async for chunk in stream])
     assert runs[0] == runs[1]
     whole = await chat.create(model="gpt-mock", messages=messages)
+    assert whole.usage is not None
     text = "".join(
         json.loads(c)["choices"][0]["delta"].get("content") or ""
         for c in runs[0]

@@ -352,9 +352,9 @@ async def test_a_chat_stream_has_a_usage_chunk_only_for_a_request_asking_for_it(
     upstream: Upstream, cache_url: str, prompt: str
 ) -> None:
     # A stream that asked for usage ends with a chunk of no choices: replayed to a request
-    # that did not ask, the usual `chunk.choices[0]` loop raised IndexError. Each gets the
-    # stream the API would send it, a streamed request answered from a stored non-streamed
-    # answer included.
+    # that did not ask, the usual `chunk.choices[0]` loop raised IndexError; and a stream
+    # that did not ask has no usage to give a non-streamed request, whose body always has
+    # it. Each gets what the API would send it.
     async with _openai_async(upstream, cache_url) as client:
 
         async def ask(usage: bool | None, content: str = prompt) -> tuple[str, list[Any]]:
@@ -379,14 +379,19 @@ async def test_a_chat_stream_has_a_usage_chunk_only_for_a_request_asking_for_it(
             assert all(c.choices for c in chunks[:-1])
             assert bool(chunks[-1].choices) is not usage
         assert statuses == ["miss", "miss", "hit", "hit"]
-        # Stored as a non-streamed answer, then asked for as a stream without usage.
+        # A non-streamed request is answered from the stream that carried usage, with it.
+        status, (completion,) = await ask(None)
+        assert status == "hit" and completion.usage is not None
+        # Stored as a non-streamed answer, then asked for as streams: with usage, from it.
         other = prompt + " (non-streamed first)"
-        assert (await ask(None, other))[0] == "miss"
-        status, chunks = await ask(False, other)
-        assert status == "hit" and all(c.choices for c in chunks)
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
-            (await ask(None, other))[1][0].choices[0].message.content
+        status, (completion,) = await ask(None, other)
+        assert status == "miss"
+        status, chunks = await ask(True, other)
+        assert status == "hit" and chunks[-1].usage == completion.usage
+        assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == (
+            completion.choices[0].message.content
         )
+        assert (await ask(False, other))[0] == "miss"
     gc.collect()
 
 

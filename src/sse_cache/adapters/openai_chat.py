@@ -75,17 +75,16 @@ class OpenAIChat(KeyedAdapter):
     - **key**: every request field except ``stream``, ``stream_options``, ``timeout``,
       ``request_timeout``, ``user``, ``metadata``, ``safety_identifier``,
       ``prompt_cache_key``, ``prompt_cache_retention`` and ``ignore_fields``; but a
-      streamed request with ``stream_options.include_usage`` keys apart (its stream ends
-      with a chunk of no choices, which a client that did not ask for it may not expect).
+      streamed request *without* ``stream_options.include_usage`` keys apart: a non-streamed
+      request shares its entry with streams that carry usage, as its body does.
     - **outcome**: ``data: [DONE]`` completes; a payload with a truthy top-level ``error``
       (or an ``event: error``) fails; a stream that ends without ``[DONE]`` fails.
       :meth:`verify` adds the whole-stream rule that every choice got a ``finish_reason``.
     - **final_body**: the accumulated ``chat.completion`` (every choice; content, refusal,
       tool calls with their arguments joined, logprobs, usage, unknown extensions).
-    - **synthesize**: chunks as the API streams them, choices interleaved, then ``[DONE]``:
-      as the API streams them to a request without ``include_usage``, the only kind a
-      synthesised stream answers (``usage_chunk=True`` adds the usage chunk before
-      ``[DONE]`` when the body has usage).
+    - **synthesize**: chunks as the API streams them, choices interleaved, a usage chunk
+      when the body has usage (``usage_chunk=False`` to leave it out), then ``[DONE]``: a
+      synthesised stream answers streams that asked for usage (above).
     """
 
     name = "openai-chat"
@@ -98,24 +97,24 @@ class OpenAIChat(KeyedAdapter):
         *,
         ignore_fields: Iterable[str] = (),
         delta_chars: int | None = DEFAULT_DELTA_CHARS,
-        usage_chunk: bool = False,
+        usage_chunk: bool = True,
     ) -> None:
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
         self.usage_chunk = usage_chunk
 
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         fields = super().key_fields(body)
-        options = body.get("stream_options")
-        if (
-            body.get("stream") is True
-            and isinstance(options, dict)
-            and options.get("include_usage") is True
-        ):
-            # Of the transport's options, this one changes what a client can take: a final
-            # chunk with no choices ("usage": null in every other). (include_obfuscation
-            # changes bytes too, in a field clients ignore.) Requests without it, streamed
-            # or not, still share one entry.
-            fields = {**fields, "stream_options": {"include_usage": True}}
+        if body.get("stream") is True:
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                # A stream without usage keys apart. Of the transport's options, usage alone
+                # changes what a client gets and can take: with it, the stream ends with a
+                # chunk of no choices (which the `chunk.choices[0]` loop of a client that did
+                # not ask fails on); without it, a recording has no usage to answer a
+                # non-streamed request with (whose body always has it). So a non-streamed
+                # request shares its entry with streams that asked for usage, which carry
+                # it. (include_obfuscation changes bytes too, in a field clients ignore.)
+                fields = {**fields, "stream_options": {"include_usage": False}}
         return fields
 
     # -- outcome ---------------------------------------------------------------------------
@@ -350,7 +349,7 @@ def _finish_choice(acc: dict[str, Any]) -> dict[str, Any]:
     if "tool_calls" in message:
         calls = message.pop("tool_calls")
         if isinstance(calls, list):
-            calls.sort(key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+            calls.sort(key=_call_position)
             for call in calls:
                 if isinstance(call, dict):
                     call.pop("index", None)  # a stream artefact, not in non-stream answers
@@ -359,6 +358,13 @@ def _finish_choice(acc: dict[str, Any]) -> dict[str, Any]:
     out = dict(acc)
     out["message"] = ordered
     return out
+
+
+def _call_position(call: Any) -> int:
+    # A tool call's `index` orders the calls; one that is not a number (a server's null)
+    # sorts first, never raises.
+    index = call.get("index", 0) if isinstance(call, dict) else 0
+    return index if isinstance(index, int) else 0
 
 
 def _choice_deltas(choice: dict[str, Any], chars: int | None) -> list[dict[str, Any]]:
@@ -435,7 +441,9 @@ def _tool_call_deltas(
     if not isinstance(call, dict):
         return [entry({"tool_calls": [call]})]
     function = call.get("function")
-    head = {"index": position, **{k: v for k, v in call.items() if k != "function"}}
+    # Streamed under its position: a non-stream call's own `index` (some servers keep it)
+    # must not override it, or the head and its argument deltas name different calls.
+    head = {"index": position, **{k: v for k, v in call.items() if k not in ("function", "index")}}
     if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
         if function is not None:
             head["function"] = function

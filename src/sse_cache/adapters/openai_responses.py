@@ -163,7 +163,9 @@ class OpenAIResponses(KeyedAdapter):
 
     def outcome(self, event: Event) -> Outcome:
         name = event.event
-        if name is not None and name in CONTINUE_EVENT_TYPES:
+        # Fast path: a payload without the text `"error"` cannot have an `error` key (the SDK
+        # raises on a truthy one, whatever the event's name).
+        if name is not None and name in CONTINUE_EVENT_TYPES and '"error"' not in event.data:
             return Outcome.CONTINUE
         p = probe(event.data)
         if p is None:

@@ -171,7 +171,7 @@ def answer_wire(
         content_type, events, duration = wire.content_type, wire.count, wire.duration
     else:
         assert wire.body is not None
-        synthesized = cache.adapter.synthesize(wire.body)
+        synthesized = cache.synthesized(wire.body)
         if synthesized is None:
             return None
         body = serialize_sse(synthesized)  # synthesised: canonical LF
