@@ -374,6 +374,28 @@ class ProxyApp:
                 problem,
             )
 
+    async def _checked_backend(self) -> str | None:
+        """The health check's verdict on the backend: None when it answers. While the
+        breaker skips it, at once (without waiting on it) until its cooldown has passed;
+        then this check is the breaker's probe, as a request would be. (Without traffic,
+        only the check probes it: a backend back after an outage would otherwise be reported
+        down, and the instance kept out of rotation, until a request came.)"""
+        breaker = self.cached.service.breaker
+        if breaker.state is BreakerState.CLOSED:
+            return await self.probe_backend()
+        if not breaker.allow(time.monotonic()):
+            return f"circuit {breaker.state.value}"
+        try:
+            problem = await self.probe_backend()
+        except BaseException:
+            breaker.cancelled()
+            raise
+        if problem is None:
+            breaker.success()
+        else:
+            breaker.failure(time.monotonic(), problem)
+        return problem
+
     async def probe_backend(self) -> str | None:
         """Read one key from the backend within :data:`BACKEND_CHECK_TIMEOUT` seconds: None
         when that worked, else what went wrong."""
@@ -392,16 +414,12 @@ class ProxyApp:
         elif path == "/_sse_cache/health":
             service = self.cached.service
             backend = service.backend
+            problem = await self._checked_backend()
             breaker = service.breaker.state
-            if breaker is not BreakerState.CLOSED:
-                # The cache is being skipped: say so at once, without waiting on the backend.
-                status, state = 503, f"backend unavailable: circuit {breaker.value}"
+            if problem is None:
+                status, state = 200, "ok"
             else:
-                problem = await self.probe_backend()
-                if problem is None:
-                    status, state = 200, "ok"
-                else:
-                    status, state = 503, f"backend unavailable: {problem}"
+                status, state = 503, f"backend unavailable: {problem}"
             body = json.dumps(
                 {
                     "status": state,

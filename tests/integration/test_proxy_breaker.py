@@ -58,3 +58,39 @@ async def test_a_hung_redis_opens_the_breaker_and_requests_skip_it(
             finally:
                 server.resume()
         await app.aclose()
+
+
+async def test_the_health_check_probes_a_backend_back_after_an_outage(
+    serve: Any, spawn_redis: Callable[..., Any]
+) -> None:
+    # With no traffic, only the health check asks the backend: once the cooldown has passed,
+    # it is the breaker's probe. (It said 503 until a cached request came, and a readiness
+    # probe on it kept an idle instance out of rotation for good.)
+    import anyio
+
+    server = spawn_redis()
+    cooldown = 0.5
+    async with serve(MockUpstream(delay=0)) as upstream:
+        app = create_proxy_app(
+            upstream,
+            f"redis://127.0.0.1:{server.port}?timeout=0.2",
+            backend_timeout=0.3,
+            breaker_failures=2,
+            breaker_cooldown=cooldown,
+        )
+        async with serve(app) as base, httpx2.AsyncClient(base_url=base, timeout=30) as http:
+            body = {"model": "gpt-mock", "input": "back after an outage", "stream": True}
+            server.pause()
+            try:
+                for i in range(3):
+                    await http.post("/v1/responses", json={**body, "n": i}, headers=KEY)
+                assert (await http.get("/_sse_cache/health")).json()["breaker"] == "open"
+            finally:
+                server.resume()
+            health = await http.get("/_sse_cache/health")  # cooling down: not asked yet
+            assert health.status_code == 503 and health.json()["breaker"] == "open"
+            await anyio.sleep(cooldown)  # (the breaker's own clock: it waits out the cooldown)
+            health = await http.get("/_sse_cache/health")
+            assert health.status_code == 200, health.json()
+            assert health.json()["breaker"] == "closed"
+        await app.aclose()
