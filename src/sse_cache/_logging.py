@@ -120,16 +120,24 @@ def redact_query_key(text: str) -> str:
 class RedactQueryKey(logging.Filter):
     """Replaces the value of a ``key=`` query parameter (Gemini's API key) in log records
     with ``***``: in the message and in its arguments (uvicorn's access log passes the path
-    as an argument)."""
+    as an argument, its ``trace`` level a request's whole ASGI scope, with its
+    ``query_string``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
             record.msg = redact_query_key(record.msg)
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                redact_query_key(a) if isinstance(a, str) else a for a in record.args
-            )
+            record.args = tuple(_redacted(a) for a in record.args)
         return True
+
+
+def _redacted(arg: object) -> object:
+    if isinstance(arg, str):
+        return redact_query_key(arg)
+    if isinstance(arg, dict) and isinstance(arg.get("query_string"), bytes):
+        query = "?" + arg["query_string"].decode("latin-1")
+        return {**arg, "query_string": redact_query_key(query)[1:].encode("latin-1")}
+    return arg
 
 
 class CutAtShutdown(logging.Filter):

@@ -221,3 +221,9 @@ def test_the_proxy_access_log_never_prints_a_query_key() -> None:
         assert record.getMessage() == f"/v1/chat/completions?{spelled}=***&x=1"
     record.msg, record.args = "%s", ("/v1/x?monkey=1&KEY=2&keys=3",)  # not the credential
     assert RedactQueryKey().filter(record) and "monkey=1&KEY=2&keys=3" in record.getMessage()
+    # uvicorn's trace level logs the request's ASGI scope, query string and all.
+    scope = {"type": "http", "path": "/v1/x", "query_string": b"key=AIza-secret&alt=sse"}
+    record.msg, record.args = "ASGI [%d] Started scope=%s", (2, scope)
+    assert RedactQueryKey().filter(record)
+    assert "AIza-secret" not in record.getMessage() and "key=***&alt=sse" in record.getMessage()
+    assert scope["query_string"] == b"key=AIza-secret&alt=sse"  # (the request's own is intact)
