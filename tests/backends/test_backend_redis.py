@@ -56,6 +56,15 @@ async def test_prefixes_isolate_applications(redis_server: Any) -> None:
     await two.aclose()
 
 
+async def test_a_ttl_longer_than_redis_counts_is_stored(redis_server: Any) -> None:
+    # Redis refuses a PX past 2**63 ms from now ("value is not an integer or out of range"):
+    # a `--ttl 1e16` made every store fail.
+    backend = from_url(f"{redis_server.url}?prefix=long-ttl:")
+    await backend.set("k", b"kept", 1e16)
+    assert await backend.get("k") == b"kept"
+    await backend.aclose()
+
+
 async def _burst(backend: Any, size: int) -> list[BaseException]:
     """``size`` concurrent GETs and SETs; the exceptions they raised."""
     failures: list[BaseException] = []

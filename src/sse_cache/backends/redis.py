@@ -201,7 +201,7 @@ class RedisBackend:
                 elif ttl <= 0:
                     await self._client.delete(name)
                 else:
-                    await self._client.set(name, value, px=max(1, math.ceil(ttl * 1000)))
+                    await self._client.set(name, value, px=_milliseconds(ttl))
         finally:
             self._values.invalidate(key)
 
@@ -365,6 +365,16 @@ class RedisBackend:
         Waiting holds one pooled connection per reader, in slices of half the operation
         timeout (``XREAD BLOCK``), so a dead server is noticed within about ``timeout``."""
         return self._fanout.read(channel, start=start, block=block)
+
+
+def _milliseconds(ttl: float) -> int:
+    # Redis refuses an expiry past the largest time it counts: ~285,000 years is forever.
+    return max(1, min(math.ceil(ttl * 1000), _LONGEST_PX))
+
+
+#: The longest ``PX`` sent (2**53 ms, ~285,000 years): Redis refuses one past 2**63 ms from
+#: now, and a TTL that long means "never" anyway.
+_LONGEST_PX: Final = 2**53
 
 
 def from_url(url: str, **options: Any) -> RedisBackend:

@@ -15,6 +15,7 @@ from typing import Any
 
 from .._logging import LOG_LEVELS
 from ..errors import ConfigError
+from ..http.policy import origin_of
 
 __all__ = ["ENV_PREFIX", "OPTIONS", "Option", "add_options", "resolve"]
 
@@ -77,8 +78,12 @@ def _megabytes(text: str) -> float:
 
 
 def _upstream(text: str) -> str:
-    if not text.startswith(("http://", "https://")):
-        raise argparse.ArgumentTypeError(f"expected an http:// or https:// URL, got {text!r}")
+    try:
+        origin_of(text)  # an http(s):// URL with a host and a good port
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"expected an http:// or https:// URL with a host, got {text!r}"
+        ) from None
     return text
 
 
