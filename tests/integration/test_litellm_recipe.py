@@ -110,8 +110,13 @@ def gateway_stack(serve: Serve, tmp_path: Path) -> StackFactory:
 
 
 async def stream_chat(client: openai.AsyncOpenAI, content: str = "hello gateway") -> Any:
+    # With usage, as a gateway that bills asks: such a stream also answers a non-streamed
+    # request for the same answer (a Chat stream without usage keys apart).
     raw = await client.chat.completions.with_raw_response.create(
-        model="gpt-mock", messages=[{"role": "user", "content": content}], stream=True
+        model="gpt-mock",
+        messages=[{"role": "user", "content": content}],
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = [chunk.model_dump_json() async for chunk in raw.parse()]
     return raw.headers["x-sse-cache"], chunks
