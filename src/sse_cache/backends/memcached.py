@@ -440,7 +440,6 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
     opts.finish()
     if chunk_size is None:
         raise ConfigError("memcached:// option 'chunk_size': expected a size, got 'none'")
-
     return MemcachedBackend(
         servers,
         prefix=prefix,

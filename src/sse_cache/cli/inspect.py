@@ -199,6 +199,15 @@ async def stored(backend: Backend, key: str, codec: MsgpackCodec) -> tuple[bytes
     return None if data is None else (data, read_row(key, data, codec))
 
 
+async def present(backend: Backend, key: str) -> bool:
+    """Whether anything is stored under ``key`` (read, not decoded; a value the backend
+    cannot return as bytes is there too)."""
+    try:
+        return await backend.get(key) is not None
+    except CorruptEntry:
+        return True
+
+
 # -- the commands -----------------------------------------------------------------------------
 
 
@@ -223,7 +232,7 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
             continue  # expired or deleted since the scan saw it
         data, row = found
         if row.kind == "alias":
-            gone = await stored(backend, row.target, codec) is None
+            gone = not await present(backend, row.target)
             print(f"{key}\t{len(data)}\talias\t{row.target}" + ("\tdangling" if gone else ""))
         elif row.entry is not None:
             entries += 1
@@ -390,7 +399,7 @@ async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int
         if row.kind == "alias":
             aliases[key] = None
             named.add(row.target)
-            if await stored(backend, row.target, codec) is not None:
+            if await present(backend, row.target):
                 entries[row.target] = None
         else:
             entries[key] = None
