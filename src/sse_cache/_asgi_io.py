@@ -16,6 +16,7 @@ import anyio.abc
 
 from .http._answers import Answer
 from .http._wire import close_iterator, json_error_body
+from .http.policy import path_as_sent
 
 logger = logging.getLogger("sse_cache")
 
@@ -197,15 +198,9 @@ async def _send_answer(send: Send, answer: Answer) -> None:
 
 
 def request_path(scope: Scope) -> str:
-    """The path a request is matched and keyed by: as it was sent (``raw_path``) when it holds
-    escapes, since ``/v1/chat%2Fcompletions`` or ``/v1/chat/completions%3Fx`` decode to the
-    path of another request but reach the app (the proxy: its upstream) as they are; else the
-    decoded path, which is the same."""
-    raw: bytes | None = scope.get("raw_path")
-    if raw is None or b"%" not in raw:
-        path: str = scope["path"]
-        return path
-    return raw.split(b"?", 1)[0].decode("latin-1")  # (some test clients put the query there)
+    """The path a request is matched and keyed by (:func:`~sse_cache.http.policy.path_as_sent`;
+    some test clients put the query in ``raw_path`` too)."""
+    return path_as_sent(scope.get("raw_path"), scope["path"])
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -48,7 +48,7 @@ from ._transport_bodies import (
 from .errors import ConfigError
 from .http._wire import json_error_body, merge_headers
 from .http.options import CacheOptions
-from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of
+from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of, path_as_sent
 from .http.service import CacheService, Exchange
 from .protocols import Backend
 
@@ -388,13 +388,8 @@ def _resume_args(request: Any) -> tuple[str, str, dict[str, str]]:
 
 
 def _request_path(url: Any) -> str:
-    """The path a request is matched and keyed by: as it is sent (``raw_path``) when it holds
-    escapes — ``/v1/chat%2Fcompletions`` decodes to another request's path but reaches the
-    server as it is — else the decoded path, which is the same (as the ASGI middleware's
-    :func:`~sse_cache._asgi_io.request_path`)."""
-    raw: bytes = url.raw_path.split(b"?", 1)[0]
-    path: str = raw.decode("latin-1") if b"%" in raw else url.path
-    return path
+    # (httpx's raw_path holds the query too.)
+    return path_as_sent(url.raw_path, url.path)
 
 
 @asynccontextmanager

@@ -236,6 +236,16 @@ def _route_of(method: str, path: str, params: Iterable[tuple[str, str]], origin:
     return f"{method.upper()} {origin}{path}?{urllib.parse.urlencode(pairs)}"
 
 
+def path_as_sent(raw_path: bytes | None, path: str) -> str:
+    """The path a request is matched and keyed by, from its path as sent (``raw_path``; a
+    query after it is dropped) and decoded (``path``): as sent when it holds escapes, since
+    ``/v1/chat%2Fcompletions`` or ``/v1/chat/completions%3Fx`` decode to the path of another
+    request but reach the server as they are; else the decoded path, which is the same."""
+    if raw_path is None or b"%" not in raw_path:
+        return path
+    return raw_path.split(b"?", 1)[0].decode("latin-1")
+
+
 def origin_of(url: str) -> str:
     """The part of ``url`` that names the server answering a route, as keys hold it:
     ``scheme://host[:port][/base]``, the scheme and host lower-cased, a default port and a
