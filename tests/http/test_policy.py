@@ -73,6 +73,15 @@ def test_tenant_scopes() -> None:
     assert CachePolicy(tenant=SHARED_TENANT).tenant_of({"authorization": "Bearer a"}) == ""
     custom = CachePolicy(tenant=lambda h: h.get("x-org", ""))
     assert custom.tenant_of({"x-org": "acme"}) == "c:acme"
+    # A callable that cannot tell who is asking ("" or None) does not make one scope of
+    # everyone it cannot tell apart: such requests are not cached, as by default.
+    assert custom.tenant_of({}) is None
+    assert custom.decide("POST", "/v1/responses", {}, body).reason == (
+        "the tenant callable returned no scope"
+    )
+    assert CachePolicy(tenant=lambda h: h.get("x-org")).tenant_of({}) is None
+    with pytest.raises(ConfigError, match="tenant callable returned 7"):
+        CachePolicy(tenant=lambda h: 7).tenant_of({})  # type: ignore[arg-type,return-value]
     with pytest.raises(ConfigError, match="tenant"):
         CachePolicy(tenant="everyone")
 

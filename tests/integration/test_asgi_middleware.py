@@ -134,6 +134,12 @@ async def test_custom_tenant_callable_and_shared_opt_in(client_for: Any) -> None
     )
     other_org = await client.post("/events", json={}, headers={"x-org": "b"})
     assert same_org.headers["x-sse-cache"] == "hit" and other_org.headers["x-sse-cache"] == "miss"
+    # Callers the callable cannot place (it returns "") do not share one scope: each is
+    # answered by the app, never from another's entry.
+    for _ in range(2):
+        anonymous = await client.post("/events", json={})
+        assert anonymous.headers["x-sse-cache"] == "bypass"
+    assert app.calls == 4
 
     routes = {"/events": GenericSSE}
     shared = CacheMiddleware(events_app(), "memory://", routes=routes, tenant="shared")

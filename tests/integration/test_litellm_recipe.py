@@ -318,7 +318,7 @@ async def test_litellm_proxy_behind_cache_middleware(
                     "/chat/completions", json=body, headers={"authorization": "Bearer sk-a"}
                 )
                 assert bare.headers["x-sse-cache"] == "hit"
-                # Keys in LiteLLM's own header are told apart too (a callable tenant scope).
+                # Keys in LiteLLM's own header are told apart too (the default tenant scope).
                 for key, status in (("sk-c", "miss"), ("sk-d", "miss"), ("sk-c", "hit")):
                     r = await http.post(
                         "/v1/chat/completions", json=body, headers={"x-litellm-api-key": key}

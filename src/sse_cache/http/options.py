@@ -47,7 +47,7 @@ class CacheOptions:
     """
 
     routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None
-    tenant: str | Callable[[Mapping[str, str]], str] | None = None
+    tenant: str | Callable[[Mapping[str, str]], str | None] | None = None
     ttl: float | None = None
     max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
     max_body_bytes: int = 4 * 1024 * 1024

@@ -322,7 +322,7 @@ class CachePolicy:
         self,
         routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None,
         *,
-        tenant: str | Callable[[Mapping[str, str]], str] | None = None,
+        tenant: str | Callable[[Mapping[str, str]], str | None] | None = None,
         credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
         max_body_bytes: int = 4 * 1024 * 1024,
         origin: str = "",
@@ -384,10 +384,10 @@ class CachePolicy:
         return found
 
     def tenant_of(self, headers: Mapping[str, str], query: str = "") -> str | None:
-        """The tenant scope of a request; None when the default scope cannot tell who is
-        asking (no credential header, no ``key`` query parameter): such requests are not
-        cached, since their callers could not be kept apart (opt in with
-        ``tenant="shared"`` or a callable). Header names in any case."""
+        """The tenant scope of a request; None when the scope cannot tell who is asking (by
+        default: no credential header, no ``key`` query parameter; a callable: it returned
+        None or ``""``): such requests are not cached, since their callers could not be kept
+        apart (opt in with ``tenant="shared"``). Header names in any case."""
         lowered = {name.lower(): value for name, value in headers.items()}
         return self._tenant_of(lowered, _split_query(query)[1])
 
@@ -402,8 +402,12 @@ class CachePolicy:
             return ""
         assert callable(self._tenant)
         scope = self._tenant(headers)
+        if scope is None or scope == "":
+            # The callable cannot tell who is asking either: scoping all such requests as
+            # one ("c:") would share their answers between every such caller.
+            return None
         if not isinstance(scope, str):
-            raise ConfigError(f"the tenant callable returned {scope!r}, not a string")
+            raise ConfigError(f"the tenant callable returned {scope!r}, not a string or None")
         return "c:" + scope  # never equal to a credential hash ("t:...") or the shared scope
 
     def decide(
@@ -464,10 +468,12 @@ class CachePolicy:
             return self._unkeyable(route, deep)
         tenant = self._tenant_of(headers, keys)
         if tenant is None:
-            return Decision(
-                route=route,
-                reason="no credential header to scope the entry by (set tenant= to cache it)",
+            why = (
+                "no credential header to scope the entry by (set tenant= to cache it)"
+                if self._tenant is None
+                else "the tenant callable returned no scope"
             )
+            return Decision(route=route, reason=why)
         return Decision(
             adapter=adapter,
             route=route,
