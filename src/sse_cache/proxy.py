@@ -46,6 +46,10 @@ __all__ = ["DEFAULT_BACKEND", "Forwarder", "ProxyApp", "create_proxy_app"]
 DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
 #: Seconds the health endpoint and the startup check wait for the backend.
 BACKEND_CHECK_TIMEOUT = 2.0
+#: Seconds the lifespan shutdown waits for requests still running to end before it closes
+#: the upstream client and the backend. By then the server has cancelled them (uvicorn's
+#: ``--graceful-timeout``): they only unwind, log their line and let go of what they hold.
+UNWIND_TIMEOUT = 5.0
 #: Bytes the forwarder reads from the upstream ahead of what it has sent on; the upstream's
 #: reads are 64 KiB.
 READ_AHEAD_BYTES = 256 * 1024
@@ -309,6 +313,8 @@ class ProxyApp:
         self.access_log = access_log
         self.backend_label = backend_label or type(cached.service.backend).__name__
         self.started = time.time()
+        self._running = 0  # HTTP requests in __call__
+        self._ended: anyio.Event | None = None  # set when _running falls to 0 (at shutdown)
 
     async def aclose(self) -> None:
         """Close the upstream client and the cache's backend (lifespan shutdown does this
@@ -316,11 +322,19 @@ class ProxyApp:
         await self.forwarder.aclose()
         await self.cached.aclose()
 
+    async def _requests_ended(self) -> None:
+        """Return once no HTTP request is running, or after :data:`UNWIND_TIMEOUT`."""
+        if self._running:
+            self._ended = anyio.Event()
+            with anyio.move_on_after(UNWIND_TIMEOUT):
+                await self._ended.wait()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"].startswith("/_sse_cache/"):
                 await self._ops(scope, send)
                 return
+            self._running += 1
             try:
                 log, policy = self.access_log, self.cached.service.policy
                 if log is not None and policy.match(scope["method"], request_path(scope)):
@@ -335,11 +349,28 @@ class ProxyApp:
                 logger.warning(
                     "sse_cache: %s %s: response aborted: %r", scope["method"], scope["path"], exc
                 )
+            finally:
+                self._running -= 1
+                if not self._running and self._ended is not None:
+                    self._ended.set()
             return
         if scope["type"] == "lifespan":
-            await self.cached(scope, receive, self._starting(send))
+            await self.cached(scope, self._stopping(receive), self._starting(send))
             return
         await self.cached(scope, receive, send)
+
+    def _stopping(self, receive: Receive) -> Receive:
+        # The shutdown reaches the app (which closes the upstream client and the backend)
+        # once the requests still running have ended. Those the server cancelled at the end
+        # of its graceful shutdown are only unwinding: closing under them would fail their
+        # cleanup, and the server could end the process before they log what happened.
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self._requests_ended()
+            return message
+
+        return receiving
 
     def _starting(self, send: Send) -> Send:
         # Say what is served and check the backend once startup is through, before the
