@@ -8,6 +8,8 @@ import importlib.metadata
 import io
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from contextlib import closing
 from pathlib import Path
@@ -454,6 +456,24 @@ def test_an_explicit_create_in_the_url_wins(
     figures = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
     assert int(figures["entries"]) == 0
     assert (tmp_path / "new.db").is_file()
+
+
+def test_a_reader_that_goes_away_ends_the_output_without_a_traceback(tmp_path: Path) -> None:
+    # ``sse-cache show KEY | head``: an entry of 20,000 events is far more than the pipe
+    # holds, so the command is still writing when its reader closes the pipe.
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    events = [Event(data=f'{{"delta":"{i}"}}', event="delta", at=0.0) for i in range(20_000)]
+    entry = Entry(schema="generic", created_at=time.time(), events=tuple(events))
+    store(url, {"big": MsgpackCodec().encode(entry)})
+    command = [sys.executable, "-m", "sse_cache", "show", "--backend", url, "big"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as head does once it has its lines
+        errors = proc.stderr.read().decode()
+        code = proc.wait(timeout=60)
+    assert first and errors == ""
+    assert code == 141  # as a shell reports a tool that SIGPIPE ended
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

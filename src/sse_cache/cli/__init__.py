@@ -5,6 +5,7 @@ itself on the parser here."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -28,10 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit code of a command whose reader went away: what a shell reports for a tool
+#: ended by SIGPIPE (128 + 13), as ``ls | head`` ends ``ls``.
+BROKEN_PIPE_EXIT = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    code: int = args.run(args)
+    try:
+        code: int = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the exit
+    except BrokenPipeError:
+        # ``sse-cache ls | head``: stop where the reader stopped, without a traceback, and
+        # without another one when Python flushes stdout at the exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return BROKEN_PIPE_EXIT
     return code
 
 
