@@ -115,11 +115,18 @@ def _pick(scheme: str, candidates: list[EntryPoint]) -> EntryPoint:
     return sorted(candidates, key=_dist_name)[0]
 
 
-def _load(scheme: str, ep: EntryPoint | None) -> Callable[..., Any]:
+def _described(scheme: str, ep: EntryPoint | None) -> str:
+    """How errors name the factory of ``scheme``: a plugin by its entry point and its
+    distribution (the package to look at), a built-in by its scheme."""
     target = ep.value if ep is not None else _BUILTIN[scheme]
-    where = f"backend plugin {scheme!r} ({target}" + (
+    return f"backend plugin {scheme!r} ({target}" + (
         f", from {_dist_name(ep)})" if ep is not None else ")"
     )
+
+
+def _load(scheme: str, ep: EntryPoint | None) -> Callable[..., Any]:
+    target = ep.value if ep is not None else _BUILTIN[scheme]
+    where = _described(scheme, ep)
     try:
         if ep is not None:
             factory = ep.load()
@@ -172,15 +179,16 @@ def from_url(url: str, **options: Any) -> Backend:
         raise ConfigError(f"unknown backend URL scheme {scheme!r}; known schemes: {known}")
     ep = _pick(scheme, candidates) if candidates else None
     factory = _load(scheme, ep)
+    where = _described(scheme, ep) if ep is not None else f"backend factory for {scheme}://"
     try:
         backend = factory(url, **options)
     except SSECacheError:
-        raise
+        raise  # the factory's own error (a ConfigError naming its option, say), as it is
     except Exception as exc:
-        raise ConfigError(f"backend factory for {scheme}:// failed: {exc!r}") from exc
+        raise ConfigError(f"{where} failed: {exc!r}") from exc
     if not isinstance(backend, Backend):
         raise ConfigError(
-            f"backend factory for {scheme}:// returned {type(backend).__name__}, "
+            f"{where} returned {type(backend).__name__}, "
             "which does not implement the Backend protocol"
         )
     return backend
