@@ -129,6 +129,22 @@ def test_show_sse_only_and_body(db: str, capsys: pytest.CaptureFixture[str]) -> 
     assert "application/json" in out and out.rstrip().endswith('{"id":"chatcmpl-1"}')
 
 
+def test_show_takes_the_start_of_a_key_as_access_lines_print_it(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("show", "aaa1", "--sse-only", "--backend", db) == 0
+    assert capsys.readouterr().out.encode() == serialize_sse(EVENTS)
+    assert run_cli("show", "bb", "--backend", db) == 0
+    assert "key:          bbb222" in capsys.readouterr().out
+    # The start of several keys names none of them: never the wrong entry.
+    store(db, {"aaa122": MsgpackCodec().encode(Entry(schema="x", created_at=0.0, body=b"{}"))})
+    assert run_cli("show", "aaa1", "--backend", db) == 1
+    err = capsys.readouterr().err
+    assert "'aaa1' is the start of several entries' keys (aaa111, aaa122): give more" in err
+    assert run_cli("show", "aaa12", "--sse-only", "--backend", db) == 0
+    assert capsys.readouterr().out == "{}\n"
+
+
 def test_show_missing_and_corrupt(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("show", "nope", "--backend", db) == 1
     assert "no entry with key 'nope'" in capsys.readouterr().err

@@ -64,7 +64,11 @@ def register(sub: Any) -> None:
     ls.set_defaults(run=_sync(_ls))
 
     show = sub.add_parser("show", parents=[common], help="print one entry: metadata and events")
-    show.add_argument("key", help="the entry's key (as `sse-cache ls` prints it), or an alias")
+    show.add_argument(
+        "key",
+        help="the entry's key (as `sse-cache ls` prints it), the start of one (as the proxy's "
+        "access lines print it), or an alias",
+    )
     show.add_argument(
         "--sse-only", action="store_true", help="print only the events, as SSE (no metadata)"
     )
@@ -258,14 +262,37 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
     return EXIT_OK
 
 
+async def _unique_key(backend: Backend, prefix: str) -> str | list[str]:
+    """The one entry key starting with ``prefix`` (as the proxy's access lines print keys:
+    12 characters), or the keys found when there are none or several (at most 3)."""
+    found: list[str] = []
+    if prefix and isinstance(backend, ScanningBackend):
+        async for key in backend.scan(prefix):
+            if not is_alias(key):
+                found.append(key)
+                if len(found) == 3:
+                    break
+    return found[0] if len(found) == 1 else found
+
+
 async def _show(args: argparse.Namespace, backend: Backend) -> int:
     codec = MsgpackCodec()
-    found = await stored(backend, args.key, codec)
+    key = args.key
+    found = await stored(backend, key, codec)
+    if found is None:
+        unique = await _unique_key(backend, key)
+        if isinstance(unique, str):
+            key, found = unique, await stored(backend, unique, codec)
+        elif unique:
+            return _fail(
+                f"key {key!r} is the start of several entries' keys ({', '.join(unique[:2])}"
+                f"{', ...' if len(unique) > 2 else ''}): give more of it",
+                EXIT_FAILED,
+            )
     if found is None:
         return _fail(f"no entry with key {args.key!r} in {_redact(args.backend)}", EXIT_FAILED)
     data, row = found
     out = sys.stdout
-    key = args.key
     if row.kind == "alias":
         if not args.sse_only:
             kind = "alias (another name of the entry it names)"
