@@ -334,24 +334,17 @@ class _SyncOpen:
             self._cm.__exit__(type(exc), exc, exc.__traceback__)
 
 
-async def _pass(tee: ResponseTee, delivered: bytes, chunk: bytes) -> bool:
-    # One portal hop per chunk: record the chunk the client had, hand the new one to the
-    # followers, publish to other processes. False when no one wants the stream any more.
-    tee.feed(delivered)
-    tee.relay(chunk)
-    await tee.flush()
-    return tee.wanted
-
-
-def _end(tee: ResponseTee, delivered: bytes) -> None:
-    tee.feed(delivered)
-    tee.end()
-
-
 class _SyncTeeBody:
     """The sync twin of :class:`_AsyncTeeBody`; the recording and the live stream live in
     the portal's loop (followers of the same stream wait there). When the client closes it
-    early while followers still read, a daemon thread reads the upstream on for them."""
+    early while followers still read, a daemon thread reads the upstream on for them.
+
+    The chunk the client has but the recording has not yet taken (``_delivered``) is kept
+    and changed only in the portal's loop, in the same step as the recording: a caller's
+    thread interrupted around a hop (``KeyboardInterrupt``, a signal handler's exception)
+    cannot leave the two apart. An interruption between a chunk read and its hop fails the
+    stream: the chunk may have reached the followers, the recording, both or neither, and a
+    recording with a chunk missing or doubled would be stored as a whole answer."""
 
     def __init__(
         self,
@@ -365,7 +358,7 @@ class _SyncTeeBody:
         self._tee = tee
         self._opened = opened
         self._portal = portal
-        self._pending = b""
+        self._delivered = b""  # in the portal's loop only
         self._handed_over = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -379,6 +372,32 @@ class _SyncTeeBody:
             raise StopIteration
         return chunk
 
+    # -- in the portal's loop
+
+    async def _pass(self, chunk: bytes) -> None:
+        # One hop per chunk: record the chunk the client had, hand the new one to the
+        # followers, publish to other processes.
+        tee = self._tee
+        tee.feed(self._delivered)
+        self._delivered = chunk
+        tee.relay(chunk)
+        await tee.flush()
+
+    def _end(self) -> None:
+        self._tee.feed(self._delivered)
+        self._delivered = b""
+        self._tee.end()
+
+    def _client_left(self) -> bool:
+        tee = self._tee
+        if tee.ended:
+            return False
+        tee.feed(self._delivered)
+        self._delivered = b""
+        return tee.client_left(_nothing, hold=tee.resume_window is not None)
+
+    # -- in the caller's thread (or the drain thread)
+
     def _next(self) -> bytes | None:
         if not self._opened.open:
             return None
@@ -387,17 +406,16 @@ class _SyncTeeBody:
             it = self._it = iter(self._inner)
         try:
             chunk: bytes = next(it)
+            self._portal.call(self._pass, chunk)
         except StopIteration:
-            self._portal.call(_end, self._tee, self._pending)
-            self._pending = b""
+            self._portal.call(self._end)
             self._opened.leave()  # stores the answer if it completed
             return None
         except BaseException as exc:
+            # The upstream failed, or this thread was interrupted around the hop.
             self._portal.call(self._tee.fail, f"the upstream body failed: {exc!r}")
             self._opened.leave(exc)
             raise
-        self._portal.call(_pass, self._tee, self._pending, chunk)
-        self._pending = chunk
         if self._opened.timing and chunk:
             self._opened.first_byte()
         return chunk
@@ -428,8 +446,7 @@ class _SyncTeeBody:
         if self._handed_over or _exiting():
             return
         tee = self._tee
-        if self._opened.open and self._portal.call(_client_left, tee, self._pending):
-            self._pending = b""
+        if self._opened.open and self._portal.call(self._client_left):
             self._handed_over = True
             threading.Thread(target=self._drain, name="sse-cache-drain", daemon=True).start()
             if tee.resume_window is not None:
@@ -443,13 +460,6 @@ class _SyncTeeBody:
 async def _nothing() -> None:
     """The followers of a sync producer's stream need no action to abandon it: its drain
     thread sees that nobody wants it after its next chunk."""
-
-
-def _client_left(tee: ResponseTee, delivered: bytes) -> bool:
-    if tee.ended:
-        return False
-    tee.feed(delivered)
-    return tee.client_left(_nothing, hold=tee.resume_window is not None)
 
 
 async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:

@@ -814,3 +814,77 @@ def test_public_modules(module: Any) -> None:
     sync = module.CacheTransport("memory://")
     assert isinstance(sync, lib.BaseTransport)
     sync.close()
+
+
+# -- a producer's thread interrupted around a hop ----------------------------------------------
+
+
+class Interrupted(Exception):
+    """What a signal handler raises in the thread reading a response (a timeout decorator's
+    ``SIGALRM``, ``KeyboardInterrupt`` from Ctrl-C)."""
+
+
+@pytest.mark.parametrize("when", ["after the hop began", "before the hop"])
+def test_a_producer_interrupted_around_a_hop_never_stores_a_torn_answer(
+    upstream: Upstream, cache_url: str, prompt: str, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The producer's thread reads chunk after chunk; each goes to the followers and into the
+    # recording in one hop to the portal. An interruption while the thread waits for that
+    # hop (the hop runs on regardless) or just before it must not leave the recording with a
+    # chunk doubled or missing, to be completed by the followers' reads and stored: every
+    # later hit would replay a different answer.
+    # Chat: its adapter cannot tell a chunk doubled or missing (Responses events carry
+    # sequence numbers, and such an answer would not be stored).
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    headers = {"authorization": "Bearer sk-test-a", "x-mock-delay-ms": "1", "x-mock-deltas": "60"}
+    url = "/v1/chat/completions"
+    expected = httpx2.post(upstream.url + url, json=body, headers=headers).content
+    producer = threading.current_thread()
+    hops = 0
+    real_call = anyio.from_thread.BlockingPortal.call
+
+    def call(portal: Any, func: Any, *args: Any) -> Any:
+        nonlocal hops
+        if threading.current_thread() is producer and getattr(func, "__name__", "") == "_pass":
+            hops += 1
+            if hops == 5:
+                if when == "after the hop began":
+                    portal.start_task_soon(func, *args)  # runs on, as after a real interrupt
+                raise Interrupted
+        return real_call(portal, func, *args)
+
+    monkeypatch.setattr(anyio.from_thread.BlockingPortal, "call", call)
+    follower: dict[str, Any] = {}
+    joined = threading.Event()
+    with httpx2.Client(transport=CacheTransport(cache_url), base_url=upstream.url) as client:
+        with client.stream("POST", url, json=body, headers=headers) as response:
+            assert response.headers["x-sse-cache"] == "miss"
+
+            def follow() -> None:
+                try:
+                    with client.stream("POST", url, json=body, headers=headers) as r:
+                        follower["status"] = r.headers["x-sse-cache"]
+                        joined.set()
+                        follower["body"] = r.read()
+                except httpx2.TransportError as exc:
+                    follower["error"] = exc
+
+            thread = threading.Thread(target=follow)
+            thread.start()
+            with pytest.raises(Interrupted):
+                for _ in response.iter_raw():
+                    # The follower joins at the first chunk, and reads on after the
+                    # producer's client leaves.
+                    assert joined.wait(30)
+            thread.join(30)
+        monkeypatch.undo()
+        assert follower["status"] == "shared"
+        # The follower was cut (a visible failure) or got the whole answer, never less.
+        assert "error" in follower or follower["body"] == expected
+        again = client.post(url, json=body, headers=headers)
+    assert again.content == expected  # a miss or a hit, the answer whole either way
