@@ -29,9 +29,11 @@ I/O in the caller's thread.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import ModuleType
@@ -135,8 +137,21 @@ class _Options:
         options: CacheOptions | None = None,
         **keywords: Any,
     ) -> None:
-        self.service = CacheService(backend, CacheOptions.of(options, keywords))
+        self._options = CacheOptions.of(options, keywords)
+        #: The backend's URL when the transport opened it (and so can open it again).
+        self._backend_url = backend if isinstance(backend, str) else None
+        self.service = CacheService(backend, self._options)
         self.transport: Any = transport if transport is not None else self._default_transport()
+        _transports.add(self)
+
+    def _forked(self) -> None:
+        """In a child process just forked: the backend's threads and connections (and a sync
+        transport's portal thread) are the parent's. A backend opened from a URL is opened
+        anew; the parent's objects are kept, never closed here (closing them could close
+        what the parent still uses)."""
+        self._inherited = self.service
+        if self._backend_url is not None:
+            self.service = CacheService(self._backend_url, self._options)
 
     def _default_transport(self) -> Any:
         raise NotImplementedError
@@ -181,6 +196,18 @@ class _Options:
             stream=stream,
             extensions=upstream.extensions,
         )
+
+
+#: Every transport of this process, for :func:`_after_fork_in_child`.
+_transports: weakref.WeakSet[_Options] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for transport in list(_transports):
+        transport._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class AsyncCacheTransportBase(_Options):
@@ -287,6 +314,22 @@ class CacheTransportBase(_Options):
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self._unusable = ""  # why, after a fork, this transport cannot serve
+
+    def _forked(self) -> None:
+        # The portal's thread was not forked, and a call into it would wait for ever; its
+        # lock may have been held by a thread of the parent. A portal is started anew on
+        # first use, for a backend opened anew — one given as an object cannot be.
+        used = self._portal is not None
+        self._lock = threading.Lock()
+        self._portal = self._thread = None
+        super()._forked()
+        if used and self._backend_url is None:
+            self._unusable = (
+                "this CacheTransport was used before the process forked, with a backend given "
+                "as an object, which cannot be carried into the child: create the transport "
+                "in each process after the fork, or give it the backend's URL"
+            )
 
     def _default_transport(self) -> Any:
         return self._lib.HTTPTransport()
@@ -301,6 +344,8 @@ class CacheTransportBase(_Options):
         with self._lock:
             if self._closed:
                 raise RuntimeError("this CacheTransport is closed")
+            if self._unusable:
+                raise ConfigError(self._unusable)
             if self._portal is None:
                 self._portal, self._thread = _start_portal(self._portal_backend)
             return self._portal

@@ -29,6 +29,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 import sse_cache.httpx
 import sse_cache.httpx2
+from sse_cache.backends import from_url
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
 from sse_cache.testing import MockUpstream
 
@@ -888,3 +889,71 @@ def test_a_producer_interrupted_around_a_hop_never_stores_a_torn_answer(
         assert "error" in follower or follower["body"] == expected
         again = client.post(url, json=body, headers=headers)
     assert again.content == expected  # a miss or a hit, the answer whole either way
+
+
+# -- a process forked after the transport was used ------------------------------------------
+
+
+def _in_forked_child(client: httpx2.Client, requests: list[dict[str, Any]]) -> list[Any]:
+    """What each request gives in a child forked from this process: (cache status, body) or
+    the error's type and message. A child that hangs fails the test."""
+    import multiprocessing
+
+    def child(conn: Any) -> None:
+        results: list[Any] = []
+        for body in requests:
+            try:
+                r = client.post("/v1/responses", json=body, headers={"authorization": "Bearer k"})
+                results.append((r.headers["x-sse-cache"], r.content))
+            except Exception as exc:
+                results.append((type(exc).__name__, str(exc)))
+        conn.send(results)
+
+    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+    process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+    process.start()
+    try:
+        assert parent_end.poll(60), "the forked child hung"
+        return list(parent_end.recv())
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: threads
+def test_a_process_forked_after_the_sync_transport_was_used_caches_on(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # A client built at import, warmed up, then forked workers (gunicorn, Celery): the
+    # portal thread and the backend's connections stay in the parent; the child's requests
+    # waited for ever on them.
+    stored = {"model": MODEL, "input": prompt, "stream": True}
+    other = {"model": MODEL, "input": prompt + " other", "stream": True}
+    headers = {"authorization": "Bearer k"}
+    with httpx2.Client(transport=CacheTransport(cache_url), base_url=upstream.url) as client:
+        first = client.post("/v1/responses", json=stored, headers=headers)
+        assert first.headers["x-sse-cache"] == "miss"
+        results = _in_forked_child(client, [stored, other])
+        assert results[0] == ("hit", first.content)  # the same file, opened anew
+        assert results[1][0] == "miss" and results[1][1].endswith(b"\n\n")
+        assert b"response.completed" in results[1][1]
+        # The parent's own transport is untouched by its child.
+        assert (
+            client.post("/v1/responses", json=stored, headers=headers).headers["x-sse-cache"]
+            == "hit"
+        )
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_a_forked_child_of_a_transport_given_a_backend_object_says_so(
+    upstream: Upstream, tmp_path: Path, prompt: str
+) -> None:
+    backend = from_url(f"sqlite:///{tmp_path / 'object.db'}")
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    transport = CacheTransport(backend)
+    with httpx2.Client(transport=transport, base_url=upstream.url) as client:
+        client.post("/v1/responses", json=body, headers={"authorization": "Bearer k"})
+        [(error, message)] = _in_forked_child(client, [body])
+        assert error == "ConfigError" and "used before the process forked" in message
+        transport.portal.call(backend.aclose)  # the caller's: the transport leaves it open
