@@ -247,7 +247,7 @@ class AsyncCacheTransportBase(_Options):
             if answer is not None:
                 opened = _AsyncOpen(_no_exchange())
                 await opened.enter()
-                body = types["AsyncAnswerBody"](answer.chunks, opened)
+                body = types["AsyncAnswerBody"](answer.chunks, opened, _read_timeout(request))
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
         if service.policy.match(request.method, _request_path(request.url)) is None:
             return await self.transport.handle_async_request(request)
@@ -263,7 +263,7 @@ class AsyncCacheTransportBase(_Options):
                 return lib.Response(
                     answer.status,
                     headers=answer.headers,
-                    stream=types["AsyncAnswerBody"](answer.chunks, opened),
+                    stream=types["AsyncAnswerBody"](answer.chunks, opened, _read_timeout(request)),
                 )
             upstream = await self.transport.handle_async_request(_forward(lib, request, decision))
             try:
@@ -363,7 +363,9 @@ class CacheTransportBase(_Options):
             if answer is not None:
                 opened = _SyncOpen(portal.wrap_async_context_manager(_no_exchange()), portal)
                 opened.enter()
-                body = _stream_types(lib)["SyncAnswerBody"](answer.chunks, opened, portal)
+                body = _stream_types(lib)["SyncAnswerBody"](
+                    answer.chunks, opened, portal, _read_timeout(request)
+                )
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
         if service.policy.match(request.method, _request_path(request.url)) is None:
             return self.transport.handle_request(request)
@@ -385,7 +387,9 @@ class CacheTransportBase(_Options):
                 return lib.Response(
                     answer.status,
                     headers=answer.headers,
-                    stream=types["SyncAnswerBody"](answer.chunks, opened, portal),
+                    stream=types["SyncAnswerBody"](
+                        answer.chunks, opened, portal, _read_timeout(request)
+                    ),
                 )
             upstream = self.transport.handle_request(_forward(lib, request, decision))
             try:
@@ -425,6 +429,14 @@ class CacheTransportBase(_Options):
                 portal.call(portal.stop, True)
                 if thread is not None:
                     thread.join()
+
+
+def _read_timeout(request: Any) -> float | None:
+    """The request's read timeout (httpx's ``timeout.read``): a hit or a follower waits at
+    most this long for each chunk, as a client reading the upstream would."""
+    timeout = request.extensions.get("timeout")
+    read = timeout.get("read") if isinstance(timeout, dict) else None
+    return float(read) if isinstance(read, (int, float)) else None
 
 
 def _resume_args(request: Any) -> tuple[str, str, dict[str, str]]:

@@ -34,6 +34,14 @@ async def _feed(tee: ResponseTee, chunk: bytes) -> None:
     await tee.flush()
 
 
+def _timed_out(lib: ModuleType, seconds: float) -> Exception:
+    """What a hit's or a follower's client sees when no chunk came within its read timeout:
+    the library's own error for that (the SDKs raise their timeout error)."""
+    return lib.ReadTimeout(  # type: ignore[no-any-return]
+        f"sse-cache: no chunk of the shared stream came within the read timeout ({seconds:g} s)"
+    )
+
+
 def _aborted(lib: ModuleType, exc: SharedStreamAborted) -> Exception:
     """What a follower's client sees when the live stream it read stopped before its end: the
     library's error for a response cut short, as when a server drops the connection (the
@@ -207,13 +215,18 @@ class _AsyncTeeBody:
 
 
 class _AsyncAnswerBody:
-    """The body of a hit or of a joined live stream."""
+    """The body of a hit or of a joined live stream. ``read_timeout``: the request's; a chunk
+    that does not come within it (a follower of a producer whose upstream went quiet) ends
+    the response with the library's ``ReadTimeout``, as reading the upstream would."""
 
     _lib: ClassVar[ModuleType]
 
-    def __init__(self, chunks: AsyncIterator[bytes], opened: _AsyncOpen) -> None:
+    def __init__(
+        self, chunks: AsyncIterator[bytes], opened: _AsyncOpen, read_timeout: float | None = None
+    ) -> None:
         self._chunks = chunks
         self._opened = opened
+        self._read_timeout = read_timeout
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -222,14 +235,22 @@ class _AsyncAnswerBody:
         opened = self._opened
         if not opened.open:
             raise StopAsyncIteration
+        timeout = self._read_timeout
         try:
-            chunk = await self._chunks.__anext__()
+            if timeout is None:
+                chunk = await self._chunks.__anext__()
+            else:
+                with anyio.fail_after(timeout):
+                    chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             await opened.leave()
             raise
         except SharedStreamAborted as exc:
             await opened.leave(exc)
             raise _aborted(self._lib, exc) from exc
+        except TimeoutError as exc:
+            await opened.leave(exc)
+            raise _timed_out(self._lib, timeout or 0) from exc
         except BaseException as exc:
             await opened.leave(exc)
             raise
@@ -462,26 +483,33 @@ async def _nothing() -> None:
     thread sees that nobody wants it after its next chunk."""
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+async def _next_chunk(chunks: AsyncIterator[bytes], within: float | None) -> bytes | None:
+    # ``within``: the request's read timeout, applied here, in the portal's loop.
     try:
-        return await chunks.__anext__()
+        if within is None:
+            return await chunks.__anext__()
+        with anyio.fail_after(within):
+            return await chunks.__anext__()
     except StopAsyncIteration:
         return None
 
 
 class _SyncAnswerBody:
     """A hit or a joined live stream, read through the portal (replays come in ~64 KiB
-    chunks, so one portal hop costs little per event)."""
+    chunks, so one portal hop costs little per event). ``read_timeout``: as for
+    :class:`_AsyncAnswerBody`."""
 
     def __init__(
         self,
         chunks: AsyncIterator[bytes],
         opened: _SyncOpen,
         portal: anyio.from_thread.BlockingPortal,
+        read_timeout: float | None = None,
     ) -> None:
         self._chunks = chunks
         self._opened = opened
         self._portal = portal
+        self._read_timeout = read_timeout
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -492,10 +520,13 @@ class _SyncAnswerBody:
         if not self._opened.open:
             raise StopIteration
         try:
-            chunk = self._portal.call(_next_chunk, self._chunks)
+            chunk = self._portal.call(_next_chunk, self._chunks, self._read_timeout)
         except SharedStreamAborted as exc:
             self._opened.leave(exc)
             raise _aborted(self._lib, exc) from exc
+        except TimeoutError as exc:
+            self._opened.leave(exc)
+            raise _timed_out(self._lib, self._read_timeout or 0) from exc
         except BaseException as exc:
             self._opened.leave(exc)
             raise

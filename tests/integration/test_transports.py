@@ -957,3 +957,98 @@ def test_a_forked_child_of_a_transport_given_a_backend_object_says_so(
         [(error, message)] = _in_forked_child(client, [body])
         assert error == "ConfigError" and "used before the process forked" in message
         transport.portal.call(backend.aclose)  # the caller's: the transport leaves it open
+
+
+# -- a follower's own read timeout ------------------------------------------------------------
+
+
+def test_a_follower_keeps_its_own_read_timeout(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # A follower reads the producer's upstream through the cache, not a socket of its own:
+    # its read timeout must still hold between chunks, as it would reading the upstream.
+    # The producer (a long timeout) is not disturbed, and its answer is stored.
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {
+        "authorization": "Bearer k",
+        "x-mock-delay-ms": "200",
+        "x-mock-deltas": "1",
+        "x-mock-summaries": "0",
+    }
+    patient, hasty = httpx2.Timeout(30), httpx2.Timeout(30, read=0.05)
+    with httpx2.Client(transport=CacheTransport(cache_url), base_url=upstream.url) as client:
+        with client.stream(
+            "POST", "/v1/responses", json=body, headers=headers, timeout=patient
+        ) as producer:
+            chunks = producer.iter_raw()
+            received = next(chunks)
+            with client.stream(
+                "POST", "/v1/responses", json=body, headers=headers, timeout=hasty
+            ) as follower:
+                assert follower.headers["x-sse-cache"] == "shared"
+                with pytest.raises(httpx2.ReadTimeout, match="read timeout"):
+                    for _ in follower.iter_raw():
+                        pass
+            received += b"".join(chunks)
+        again = client.post("/v1/responses", json=body, headers=headers)
+    assert again.headers["x-sse-cache"] == "hit" and again.content == received
+
+
+@pytest.mark.anyio
+async def test_an_async_follower_keeps_its_own_read_timeout(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {
+        "authorization": "Bearer k",
+        "x-mock-delay-ms": "200",
+        "x-mock-deltas": "1",
+        "x-mock-summaries": "0",
+    }
+    patient, hasty = httpx2.Timeout(30), httpx2.Timeout(30, read=0.05)
+    transport = AsyncCacheTransport(cache_url)
+    async with httpx2.AsyncClient(transport=transport, base_url=upstream.url) as client:
+        request = client.build_request(
+            "POST", "/v1/responses", json=body, headers=headers, timeout=patient
+        )
+        producer = await client.send(request, stream=True)
+        chunks = producer.aiter_raw()
+        received = await chunks.__anext__()
+        request = client.build_request(
+            "POST", "/v1/responses", json=body, headers=headers, timeout=hasty
+        )
+        follower = await client.send(request, stream=True)
+        assert follower.headers["x-sse-cache"] == "shared"
+        with pytest.raises(httpx2.ReadTimeout, match="read timeout"):
+            async for _ in follower.aiter_raw():
+                pass
+        await follower.aclose()
+        async for chunk in chunks:
+            received += chunk
+        await producer.aclose()
+        again = await client.post("/v1/responses", json=body, headers=headers)
+    assert again.headers["x-sse-cache"] == "hit" and again.content == received
+
+
+def test_one_thread_reading_the_follower_before_its_producer_is_not_stuck(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # Two identical streams opened by one thread (two samples of one prompt), the second
+    # read first: it follows the first, which only this same thread would read. It ends
+    # with a ReadTimeout after the client's read timeout (not the cache's join timeout of
+    # minutes), and the first still reads to its end.
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {"authorization": "Bearer k", "x-mock-delay-ms": "1"}
+    timeout = httpx2.Timeout(30, read=0.2)
+    with httpx2.Client(
+        transport=CacheTransport(cache_url), base_url=upstream.url, timeout=timeout
+    ) as client:
+        with client.stream("POST", "/v1/responses", json=body, headers=headers) as first:
+            with client.stream("POST", "/v1/responses", json=body, headers=headers) as second:
+                assert (first.headers["x-sse-cache"], second.headers["x-sse-cache"]) == (
+                    "miss",
+                    "shared",
+                )
+                with pytest.raises(httpx2.ReadTimeout):
+                    second.read()
+            assert b"response.completed" in first.read()
