@@ -312,12 +312,14 @@ async def test_litellm_proxy_behind_cache_middleware(
                     kinds = [e.type async for e in await raw_message.parse()]
                     assert kinds[-1] == "message_stop"
                 assert statuses == ["miss", "hit"]
-                # LiteLLM's routes without /v1 share the entries (the recipe's suffix routes).
+                # LiteLLM's routes without /v1 are cached too (the recipe's suffix routes),
+                # under their own path: keys hold the request's path, as the recipe says.
                 body = {"model": "gpt-mock", "messages": MESSAGES, "stream": True}
-                bare = await http.post(
-                    "/chat/completions", json=body, headers={"authorization": "Bearer sk-a"}
-                )
-                assert bare.headers["x-sse-cache"] == "hit"
+                for status in ("miss", "hit"):
+                    bare = await http.post(
+                        "/chat/completions", json=body, headers={"authorization": "Bearer sk-a"}
+                    )
+                    assert bare.headers["x-sse-cache"] == status
                 # Keys in LiteLLM's own header are told apart too (the default tenant scope).
                 for key, status in (("sk-c", "miss"), ("sk-d", "miss"), ("sk-c", "hit")):
                     r = await http.post(
@@ -326,5 +328,6 @@ async def test_litellm_proxy_behind_cache_middleware(
                     assert r.status_code == 200 and r.headers["x-sse-cache"] == status
                 health = await http.get("/health/liveliness")
                 assert health.status_code == 200 and "x-sse-cache" not in health.headers
-            # chat for sk-a, sk-b, sk-c and sk-d, one /v1/responses, one /v1/messages
-            assert await stack.upstream_calls() - before == 6
+            # chat for sk-a, sk-b, sk-c and sk-d and at /chat/completions, one /v1/responses,
+            # one /v1/messages
+            assert await stack.upstream_calls() - before == 7
