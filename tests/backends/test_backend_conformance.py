@@ -79,6 +79,30 @@ async def test_opaque_keys(backend: Backend) -> None:
         assert await backend.get(key) == f"value {i}".encode(), key
 
 
+@pytest.mark.parametrize("key", ["a\udc80", "\ud800", "ok-" + "\udfff" * 3])
+async def test_keys_utf8_cannot_encode_are_refused(backend: Backend, key: str) -> None:
+    # A lone surrogate: SQLite and Redis raised UnicodeEncodeError from deep inside, memory
+    # and memcached stored it. Every backend refuses it alike, with a ValueError naming the
+    # key (bad input, not a storage failure: not a BackendError), and stores nothing.
+    await backend.set("a", b"kept", None)
+    calls = {
+        "get": lambda: backend.get(key),
+        "set": lambda: backend.set(key, b"value", None),
+        "delete": lambda: backend.delete(key),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="not encodable as UTF-8") as info:
+            await call()
+        assert not isinstance(info.value, UnicodeError | BackendError), name
+        assert repr(key)[:8] in str(info.value), name
+    if isinstance(backend, ScanningBackend):
+        with pytest.raises(ValueError, match="prefix .* not encodable as UTF-8"):
+            async for _ in backend.scan(key):
+                pass
+    assert await backend.get("a") == b"kept"
+    assert await backend.get("a\ufffd") is None  # (not stored under a replacement either)
+
+
 async def test_ttl_expiry(backend: Backend) -> None:
     await backend.set("short", b"gone soon", 0.5)
     await backend.set("long", b"stays", 60)

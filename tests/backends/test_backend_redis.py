@@ -3,6 +3,8 @@ prefix) and a new cluster client under a burst of concurrent first operations.""
 
 from __future__ import annotations
 
+import math
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from sse_cache.backends import from_url
-from sse_cache.errors import BackendUnavailable
+from sse_cache.errors import BackendUnavailable, ConfigError
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -97,4 +99,55 @@ async def test_new_cluster_backend_survives_a_burst_of_first_operations(
         assert await _burst(backend, 32) == []
         assert await backend.get("k31") == b"v31"
         await backend.clear()
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("ttl", [math.inf, 1e300, 1e16])
+async def test_a_lock_ttl_longer_than_redis_counts_is_clamped(
+    redis_server: Any, ttl: float
+) -> None:
+    # The engine passes cross_process_lease as the lock ttl: inf made math.ceil raise
+    # OverflowError (not a BackendError) and 1e300 a PX Redis refuses ("value is not an
+    # integer or out of range"). Clamped to 2**53 ms as SET's PX is, both take the lock.
+    prefix = f"lk{uuid.uuid4().hex[:8]}:"
+    backend: Any = from_url(f"{redis_server.url}?prefix={prefix}")
+    raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        assert await backend.acquire("job", "tok", ttl) is True
+        assert await raw.pttl(f"{prefix}l:job") > 10**15  # (about 285,000 years)
+        assert await backend.acquire("job", "other", ttl) is False  # held
+        assert await backend.renew("job", "tok", ttl) is True
+        assert await raw.pttl(f"{prefix}l:job") > 10**15
+        assert await backend.renew("job", "other", ttl) is False
+        assert await backend.holder("job") == "tok"
+        await backend.release("job", "tok")
+        assert await backend.holder("job") is None
+    finally:
+        await raw.delete(f"{prefix}l:job")
+        await raw.aclose()
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("ttl", [0, -1, math.nan, "5", None])
+async def test_a_bad_lock_ttl_is_named(redis_server: Any, ttl: Any) -> None:
+    backend: Any = from_url(f"{redis_server.url}?prefix=lk-bad:")
+    try:
+        with pytest.raises(ConfigError, match="lock ttl must be a number of seconds > 0"):
+            await backend.acquire("job", "tok", ttl)
+        with pytest.raises(ConfigError, match="lock ttl must be a number of seconds > 0"):
+            await backend.renew("job", "tok", ttl)
+    finally:
+        await backend.aclose()
+
+
+async def test_a_fanout_ttl_or_block_of_inf_works(redis_server: Any) -> None:
+    # The stream's expiry and the reader's wait take inf as the lock does (math.ceil(inf)
+    # raised OverflowError in publish and in read).
+    backend: Any = from_url(f"{redis_server.url}?prefix=fan-inf{uuid.uuid4().hex[:6]}:")
+    try:
+        await backend.publish("ch", b"one", ttl=math.inf)
+        await backend.finish("ch", ttl=1e300)
+        got = [message async for message in backend.read("ch", block=math.inf)]
+        assert got == [b"one"]
+    finally:
         await backend.aclose()

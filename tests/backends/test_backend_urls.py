@@ -3,6 +3,9 @@ entry-point registry and third-party plugins."""
 
 from __future__ import annotations
 
+import importlib
+import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +16,7 @@ from typing import Any
 import pytest
 
 import sse_cache.backends as backends
-from sse_cache.backends import from_url, known_schemes
+from sse_cache.backends import from_url, known_schemes, open_backend
 from sse_cache.errors import ConfigError
 
 
@@ -428,3 +431,175 @@ def test_a_plugin_cannot_take_over_a_builtin_scheme(
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert classname("memory://") == "MemoryBackend"
+
+
+# -- what is not a backend ----------------------------------------------------------------
+
+
+async def _app(scope: object, receive: object, send: object) -> None:
+    raise AssertionError("not called")
+
+
+NOT_BACKENDS = [None, 42, b"redis://localhost", object(), {"url": "memory://"}]
+
+
+@pytest.mark.parametrize("value", NOT_BACKENDS)
+def test_what_is_neither_a_url_nor_a_backend_is_refused(value: Any) -> None:
+    # backend=os.environ.get("CACHE_URL") unset: every request was an uncached miss with
+    # only a logged AttributeError; now the engine, the middleware and the transports (all
+    # through open_backend) refuse it when they are built.
+    from sse_cache.adapters import GenericSSE
+    from sse_cache.asgi import CacheMiddleware
+    from sse_cache.engine import StreamCache
+    from sse_cache.http.service import CacheService
+
+    message = "backend must be a URL string or a Backend, got "
+    with pytest.raises(ConfigError, match=message + re.escape(repr(value)[:10])):
+        open_backend(value)
+    # (The engine may check its argument itself, in words of its own.)
+    with pytest.raises(ConfigError, match="backend must be"):
+        StreamCache(value, GenericSSE())
+    with pytest.raises(ConfigError, match=message):
+        CacheService(value)
+    with pytest.raises(ConfigError, match=message):
+        CacheMiddleware(_app, value)
+
+
+@pytest.mark.parametrize("library", ["sse_cache.httpx", "sse_cache.httpx2"])
+def test_the_transports_refuse_what_is_not_a_backend(library: str) -> None:
+    module = importlib.import_module(library)
+    for transport in (module.AsyncCacheTransport, module.CacheTransport):
+        with pytest.raises(ConfigError, match="backend must be a URL string or a Backend"):
+            transport(None)
+
+
+def test_a_backend_object_is_used_as_it_is() -> None:
+    backend = from_url("memory://")
+    assert open_backend(backend) == (backend, False)
+    opened, owned = open_backend("memory://")
+    assert type(opened).__name__ == "MemoryBackend" and owned
+
+
+# -- passwords never reach an error message -----------------------------------------------
+
+PASSWORD = "S3CRETPW"
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        # redis:// (standalone_client and from_url)
+        (f"redis://app:{PASSWORD}@redis.internal:63790x", "bad port in 'redis.internal:63790x'"),
+        (f"redis://:{PASSWORD}@redis.internal:port/0", "bad port in 'redis.internal:port'"),
+        (f"redis://app:{PASSWORD}@h:99999", "bad port in 'h:99999'"),
+        (f"redis://app:{PASSWORD}@h/abc", "database must be a number"),
+        (f"redis://app:{PASSWORD}@h/1?db=2", "both in path"),
+        (f"redis://app:{PASSWORD}@h1:1,h2:2", "redis\\+cluster://"),
+        (f"redis://app:{PASSWORD}@h?ssl_ca_certs=/x.pem", "rediss://"),
+        (f"redis://app:{PASSWORD}@h?timeout=0", "'timeout'"),
+        (f"redis://app:{PASSWORD}@h?max_connections=lots", "'max_connections'"),
+        (f"redis://app:{PASSWORD}@h?prefix=a&prefix=b", "given twice"),
+        (f"redis://app:{PASSWORD}@h?unknown=1", "unknown option"),
+        (f"rediss://app:{PASSWORD}@h:1x?ssl_cert_reqs=none", "bad port in 'h:1x'"),
+        (f"rediss://app:{PASSWORD}@h?ssl_cert_reqs=maybe", "'ssl_cert_reqs'"),
+        (f"unix://app:{PASSWORD}@", "names no socket path: 'unix://\\*\\*\\*@'"),
+        (f"unix://:{PASSWORD}@/?db=x", "'db'"),
+        (f"redis+cluster://app:{PASSWORD}@h1:7000/3", "database 0"),
+        (f"redis+cluster://app:{PASSWORD}@h1:7000?db=1", "no 'db'"),
+        (f"redis+cluster://app:{PASSWORD}@h1:70x", "bad port in 'h1:70x'"),
+        (f"redis+cluster://app:{PASSWORD}@h1,,h2", "empty host"),
+        (f"redis+cluster://app:{PASSWORD}@:7000", "missing host"),
+        (f"redis+cluster://app:{PASSWORD}@h1:0", "port 0"),
+        (f"redis+cluster://app:{PASSWORD}@h1?near_cache=1MiB", "'near_cache'"),
+        # A password with an unencoded '/': its tail must not be read as a host either.
+        (f"redis://app:{PASSWORD}/x@h:1x", "bad port in 'h:1x'"),
+        # sqlite:// (_path_from_url and from_url)
+        (f"sqlite://u:{PASSWORD}@h/x.db", "a SQLite URL has no host"),
+        (f"sqlite://:{PASSWORD}@/x.db", "has no host"),
+        (f"sqlite://u:{PASSWORD}@h/x.db?timeout=1", "sqlite://\\*\\*\\*@h/x.db"),
+        # the registry
+        (f"redis:/app:{PASSWORD}@h", "scheme://"),
+        (f"app:{PASSWORD}@h:6379", "scheme://"),
+    ],
+)
+def test_url_errors_never_show_the_password(url: str, match: str) -> None:
+    # `sse-cache ls/stats` print these messages: a password in them reached the terminal
+    # (and logs, CI output).
+    with pytest.raises(ConfigError, match=match) as info:
+        from_url(url)
+    assert PASSWORD not in str(info.value)
+    assert PASSWORD not in repr(info.value.__cause__ or "")
+    assert PASSWORD[:4] not in str(info.value)
+
+
+# -- numbers: integers are never rounded, timeouts are bounded ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "parameter"),
+    [
+        ("redis://localhost", {"db": 1.9}, "db"),
+        ("redis://localhost", {"max_connections": 2.7}, "max_connections"),
+        ("redis://localhost", {"max_connections": math.inf}, "max_connections"),
+        ("redis://localhost", {"max_connections": math.nan}, "max_connections"),
+        ("redis://localhost", {"health_check_interval": 0.5}, "health_check_interval"),
+        ("redis://localhost?max_connections=inf", {}, "max_connections"),
+        ("redis://localhost?max_connections=2.7", {}, "max_connections"),
+        ("redis://localhost?db=1e3", {}, "db"),
+        ("memory://", {"max_entries": 2.5}, "max_entries"),
+        ("memory://", {"max_entries": -math.inf}, "max_entries"),
+        ("memcached://h", {"max_pool_size": 2.7}, "max_pool_size"),
+        ("memcached://h", {"max_pool_size": math.inf}, "max_pool_size"),
+    ],
+)
+def test_integer_options_are_never_rounded(
+    url: str, options: dict[str, Any], parameter: str
+) -> None:
+    # db=1.9 became 1, max_connections=2.7 became 2, and inf surfaced as "backend factory
+    # for redis:// failed: OverflowError(...)" without naming the option.
+    with pytest.raises(ConfigError, match=f"option '{parameter}': expected an integer") as info:
+        from_url(url, **options)
+    assert "OverflowError" not in str(info.value)
+
+
+def test_integral_numbers_are_integers() -> None:
+    backend: Any = from_url("redis://localhost", db=3.0, max_connections="7")
+    kwargs = backend.client.connection_pool.connection_kwargs
+    assert kwargs["db"] == 3 and type(kwargs["db"]) is int
+    assert backend.client.connection_pool.max_connections == 7
+
+
+@pytest.mark.parametrize(
+    ("base", "parameter"),
+    [
+        ("redis://localhost", "timeout"),
+        ("redis://localhost", "connect_timeout"),
+        ("sqlite:///x.db", "timeout"),
+        ("sqlite:///x.db", "read_timeout"),
+        ("sqlite:///x.db", "queue_timeout"),
+        ("memcached://h", "timeout"),
+        ("memcached://h", "connect_timeout"),
+        ("memcached://h", "dead_timeout"),
+        ("memcached://h", "queue_timeout"),
+    ],
+)
+@pytest.mark.parametrize("value", ["1e300", "86401", "1e20"])
+def test_timeouts_are_at_most_a_day(base: str, parameter: str, value: str) -> None:
+    # ?timeout=1e300 passed from_url, then every operation failed with OverflowError
+    # ("timestamp out of range for platform time_t").
+    with pytest.raises(ConfigError, match=f"option '{parameter}': expected a number <= 86400"):
+        from_url(f"{base}?{parameter}={value}")
+    from_url(f"{base}?{parameter}=86400")  # one day is still fine
+
+
+@pytest.mark.parametrize("value", ["1025", "10000000", "1e7"])
+def test_memcached_pool_size_is_bounded(value: str) -> None:
+    # ?max_pool_size=10000000 made aclose() allocate one token per slot (90 s, 643 MiB).
+    with pytest.raises(ConfigError, match="'max_pool_size': expected an integer"):
+        from_url(f"memcached://h?max_pool_size={value}")
+    from_url("memcached://h?max_pool_size=1024")
+    from sse_cache.backends.memcached import MemcachedBackend
+
+    for size in (0, 1025, 10**7, 2.5, True):
+        with pytest.raises(ConfigError, match="max_pool_size must be an integer from 1 to 1024"):
+            MemcachedBackend([("h", 11211)], max_pool_size=size)  # type: ignore[arg-type]

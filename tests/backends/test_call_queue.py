@@ -7,6 +7,7 @@ server that does not answer)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from sse_cache.backends import from_url
 from sse_cache.backends._call_queue import CallQueue
-from sse_cache.errors import BackendBusy, BackendTimeout, ConfigError
+from sse_cache.errors import BackendBusy, BackendTimeout, BackendUnavailable, ConfigError
 
 pytestmark = pytest.mark.anyio
 
@@ -165,3 +166,38 @@ async def test_queue_timeout_is_validated(tmp_path: Path, value: str) -> None:
         from_url(f"sqlite:///{tmp_path / 'c.db'}?queue_timeout={value}")
     with pytest.raises(ConfigError, match="queue_timeout"):
         from_url(f"memcached://127.0.0.1:1?queue_timeout={value}")
+
+
+async def test_closing_costs_the_same_whatever_the_slots() -> None:
+    # run_last took every slot for a borrower of its own: 10**7 slots (?max_pool_size=)
+    # cost 90 s and 643 MiB to close. Now it waits until no call is pending, once.
+    calls = queue(10**6, 30)
+    assert await calls.run(lambda: "ran", bound=1, what="before") == "ran"
+    started = time.monotonic()
+    assert await calls.run_last(lambda: "closed") == "closed"
+    assert time.monotonic() - started < 0.5
+
+
+async def test_calls_after_closing_are_refused_and_queued_ones_still_run() -> None:
+    calls = queue(1, 30)
+    gate = threading.Event()
+    order: list[str] = []
+
+    def held() -> None:
+        gate.wait(30)
+        order.append("held")
+
+    async def close() -> None:
+        await calls.run_last(lambda: order.append("closed"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: calls.run(held, bound=1, what="holder"))
+        await anyio.wait_all_tasks_blocked()
+        tg.start_soon(lambda: calls.run(lambda: order.append("queued"), bound=1, what="q"))
+        await anyio.wait_all_tasks_blocked()  # queued behind the holder
+        tg.start_soon(close)
+        await anyio.wait_all_tasks_blocked()
+        with pytest.raises(BackendUnavailable, match="late: the backend is closed"):
+            await calls.run(lambda: order.append("late"), bound=1, what="late")
+        gate.set()
+    assert order == ["held", "queued", "closed"]

@@ -10,12 +10,14 @@ lazily from here for the same reason.
 from __future__ import annotations
 
 import importlib
+import reprlib
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import ConfigError, SSECacheError
 from ..protocols import Backend
+from ._common import redact_userinfo
 
 if TYPE_CHECKING:
     from .memcached import MemcachedBackend as MemcachedBackend
@@ -150,9 +152,18 @@ def _load(scheme: str, ep: EntryPoint | None) -> Callable[..., Any]:
 
 def open_backend(backend: Backend | str) -> tuple[Backend, bool]:
     """``backend`` itself, or the backend its URL names (:func:`from_url`), with whether the
-    caller opened it (and so must close it)."""
+    caller opened it (and so must close it).
+
+    Raises :class:`ConfigError` for anything else (``None``: an unset
+    ``os.environ.get("CACHE_URL")``, say), so that the engine, the middleware and the
+    transports refuse it when they are built instead of missing on every request."""
     if isinstance(backend, str):
         return from_url(backend), True
+    if not isinstance(backend, Backend):
+        raise ConfigError(
+            f"backend must be a URL string or a Backend, got {reprlib.repr(backend)} "
+            f"({type(backend).__name__})"
+        )
     return backend, False
 
 
@@ -171,7 +182,8 @@ def from_url(url: str, **options: Any) -> Backend:
     a plugin that fails to load. Creating a backend does no I/O: connections open on first use.
     """
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(f"backend URL must look like scheme://..., got {url!r}")
+        shown = redact_userinfo(url) if isinstance(url, str) else url
+        raise ConfigError(f"backend URL must look like scheme://..., got {shown!r}")
     scheme = url.split("://", 1)[0].lower()
     candidates = _scheme_entry_points().get(scheme)
     if candidates is None and scheme not in _BUILTIN:

@@ -31,7 +31,7 @@ from typing import TypeVar
 import anyio
 import anyio.to_thread
 
-from ..errors import BackendBusy, BackendError, BackendTimeout, ConfigError
+from ..errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, ConfigError
 
 __all__ = ["DEFAULT_QUEUE_TIMEOUT", "CallQueue"]
 
@@ -73,10 +73,29 @@ class CallQueue:
         # call that found none running.
         self._since = 0.0
         self._bound = 0.0  # the largest bound of the calls running since then
+        # The calls that entered :meth:`run` and have not returned (waiting for their turn or
+        # running), and what :meth:`run_last` waits on until there are none.
+        self._pending = 0
+        self._closing = False
+        self._drained: anyio.Event | None = None
 
     async def run(self, func: Callable[[], T], *, bound: float, what: str) -> T:
         """``func()`` in a worker thread once it is this call's turn; ``bound`` is how long
-        ``func`` may take when healthy (its own timeouts); ``what`` names it in errors."""
+        ``func`` may take when healthy (its own timeouts); ``what`` names it in errors.
+        Refused (:class:`BackendUnavailable`) once :meth:`run_last` was called."""
+        if self._closing:
+            raise BackendUnavailable(
+                f"{what}: the backend is closed (no more calls to {self._resource})"
+            )
+        self._pending += 1
+        try:
+            return await self._run(func, bound, what)
+        finally:
+            self._pending -= 1
+            if self._pending == 0 and self._drained is not None:
+                self._drained.set()
+
+    async def _run(self, func: Callable[[], T], bound: float, what: str) -> T:
         try:
             self._turns.acquire_nowait()  # (no waiters, a free slot: no cancel scope)
         except Exception as exc:
@@ -106,17 +125,18 @@ class CallQueue:
 
     async def run_last(self, func: Callable[[], T]) -> T:
         """``func()`` once every call queued before it has finished, however long that takes,
-        even when the caller is cancelled meanwhile (closing the connections)."""
-        # Every slot (each taken for a borrower of its own), so that nothing runs beside it.
-        borrowers = [object() for _ in range(self.slots)]
+        even when the caller is cancelled meanwhile (closing the connections). Calls made
+        from then on are refused, so nothing runs beside or after it.
+
+        Its cost does not depend on ``slots``: it waits until no call is pending, instead of
+        taking every slot for a borrower of its own (a million of them for a pool of a
+        million)."""
+        self._closing = True
         with anyio.CancelScope(shield=True):
-            for borrower in borrowers:
-                await self._turns.acquire_on_behalf_of(borrower)
-            try:
-                result = await anyio.to_thread.run_sync(func, limiter=self._threads)
-            finally:
-                for borrower in borrowers:
-                    self._turns.release_on_behalf_of(borrower)
+            while self._pending:
+                self._drained = anyio.Event()
+                await self._drained.wait()
+            result = await anyio.to_thread.run_sync(func, limiter=self._threads)
         return result
 
     def _gave_up(self, what: str, waited: float) -> BackendError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -11,12 +12,21 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from ..errors import BackendUnavailable, ConfigError
 
 __all__ = [
+    "MAX_TIMEOUT",
     "Options",
+    "check_key",
     "check_open",
     "expires_at",
+    "netloc_for_errors",
     "parse_hosts",
+    "redact_userinfo",
     "to_bytes",
 ]
+
+#: The longest timeout option a backend takes, in seconds (one day). Longer ones are refused
+#: when the backend is created: deadlines past what the platform's clocks and sockets count
+#: (``?timeout=1e300``) would otherwise fail every operation with an OverflowError.
+MAX_TIMEOUT: Final = 86400.0
 
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS: Final = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -59,31 +69,51 @@ class Options:
         return value
 
     def take_float(
-        self, name: str, default: float, *, minimum: float = 0.0, allow_zero: bool = False
+        self,
+        name: str,
+        default: float,
+        *,
+        minimum: float = 0.0,
+        allow_zero: bool = False,
+        maximum: float = math.inf,
     ) -> float:
-        """A finite number, ``> minimum`` (``>= minimum`` with ``allow_zero``)."""
+        """A finite number, ``> minimum`` (``>= minimum`` with ``allow_zero``) and
+        ``<= maximum`` (timeouts: :data:`MAX_TIMEOUT`)."""
         value = self._values.pop(name, default)
         try:
             number = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise self._error(name, value, "a number") from None
         if isinstance(value, bool) or not math.isfinite(number):
             raise self._error(name, value, "a finite number")
         if number < minimum or (number == minimum and not allow_zero):
             bound = f">= {minimum}" if allow_zero else f"> {minimum}"
             raise self._error(name, value, f"a number {bound}")
+        if number > maximum:
+            raise self._error(name, value, f"a number <= {maximum:g}")
         return number
 
-    def take_int(self, name: str, default: int, *, minimum: int = 1) -> int:
+    def take_timeout(self, name: str, default: float) -> float:
+        """A number of seconds, ``> 0`` and at most :data:`MAX_TIMEOUT` (one day)."""
+        return self.take_float(name, default, maximum=MAX_TIMEOUT)
+
+    def take_int(
+        self, name: str, default: int, *, minimum: int = 1, maximum: int | None = None
+    ) -> int:
+        """An integer ``>= minimum`` (and ``<= maximum`` when given): an ``int``, a string of
+        digits, or an integral number (``2.0``); never rounded (``1.9``, ``inf``: errors)."""
         value = self._values.pop(name, default)
         if isinstance(value, bool):
             raise self._error(name, value, "an integer")
         try:
-            number = int(value)
-        except (TypeError, ValueError):
+            number = int(value)  # (a string must be digits: int("1.9") fails)
+        except (TypeError, ValueError, OverflowError):
             raise self._error(name, value, "an integer") from None
-        if number < minimum:
-            raise self._error(name, value, f"an integer >= {minimum}")
+        if not isinstance(value, int | str) and number != value:
+            raise self._error(name, value, "an integer")  # 1.9 -> 1: refused, not rounded
+        if number < minimum or (maximum is not None and number > maximum):
+            bound = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise self._error(name, value, f"an integer {bound}")
         return number
 
     def take_opt_int(self, name: str, *, minimum: int = 1) -> int | None:
@@ -150,6 +180,41 @@ def parse_hosts(scheme: str, netloc: str, default_port: int) -> list[tuple[str, 
             raise ConfigError(f"{scheme}:// URL: port 0 in {item!r}")
         hosts.append((unquote(parts.hostname), port if port is not None else default_port))
     return hosts
+
+
+def redact_userinfo(url: str) -> str:
+    """``url`` fit for an error message: whatever precedes its last ``@`` (a user and a
+    password, even one with an unencoded ``/`` or ``?`` in it) becomes ``***``. (Not
+    :func:`sse_cache._logging.redact_url`: that keeps the user name.)"""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{head}{sep}***@{rest.rpartition('@')[2]}"
+
+
+def netloc_for_errors(url: str) -> str:
+    """The ``host:port`` part of ``url`` without its user info, for an error message."""
+    rest = url.partition("://")[2] or url
+    return re.split(r"[/?#]", rest.rpartition("@")[2], maxsplit=1)[0]
+
+
+def check_key(key: str, what: str = "key") -> None:
+    """Raise ValueError naming ``key`` when it cannot be encoded as UTF-8 (a lone surrogate,
+    such as ``"a\\udc80"``): every backend refuses such keys alike. Cheap for the engine's
+    keys, which are ASCII."""
+    if key.__class__ is str and key.isascii():
+        return
+    if not isinstance(key, str):
+        raise TypeError(f"{what} must be str, got {type(key).__name__}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} {reprlib.repr(key)} is not encodable as UTF-8: it holds the lone "
+            f"surrogate {key[exc.start]!r} at index {exc.start}"
+        ) from None
 
 
 def check_open(closed: bool, name: str) -> None:

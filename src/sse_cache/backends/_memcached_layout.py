@@ -32,6 +32,8 @@ import threading
 from collections import OrderedDict
 from typing import Final, NamedTuple
 
+from ._common import check_key
+
 __all__ = [
     "MANIFEST",
     "MAX_CHUNKS",
@@ -120,13 +122,13 @@ def server_expiry(now: float, deadline: float | None) -> int:
 def item_key(prefix: str, key: str) -> str:
     """The memcached key of the item stored for ``key``: ``{prefix}e:{key}``, or
     ``{prefix}h:{blake2b}`` for a key memcached would not take as it is."""
-    if not isinstance(key, str):
-        raise TypeError(f"key must be str, got {type(key).__name__}")
+    # A str that UTF-8 can encode, as every backend wants (a lone surrogate: ValueError).
+    check_key(key)
     plain = prefix + "e:" + key
     # Leave room for nothing else: chunk keys are derived from a hash, not from this.
     if len(plain) <= _MAX_KEY and all(0x21 <= ord(c) <= 0x7E for c in plain):
         return plain
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=20)
+    digest = hashlib.blake2b(key.encode(), digest_size=20)
     return prefix + "h:" + digest.hexdigest()
 
 

@@ -6,9 +6,10 @@ within its time bound, and translating redis-py's exceptions into the BackendErr
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Final
 from urllib.parse import SplitResult, unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -16,9 +17,21 @@ import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from ..errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, ConfigError
-from ._common import check_open, parse_hosts
+from ._common import check_open, netloc_for_errors, parse_hosts, redact_userinfo
 
-__all__ = ["Commands", "cluster_client", "map_exceptions", "standalone_client"]
+__all__ = ["Commands", "cluster_client", "map_exceptions", "milliseconds", "standalone_client"]
+
+#: The longest ``PX`` sent (2**53 ms, ~285,000 years): Redis refuses one past 2**63 ms from
+#: now, and a TTL that long means "never" anyway.
+LONGEST_PX: Final = 2**53
+
+
+def milliseconds(ttl: float) -> int:
+    """``ttl`` seconds (> 0) as the milliseconds of a ``PX`` / ``PEXPIRE``: at least 1, and
+    at most :data:`LONGEST_PX` (``inf`` and ``1e300`` included: Redis refuses an expiry past
+    the largest time it counts, and ``math.ceil(inf)`` raises OverflowError)."""
+    ms = ttl * 1000
+    return LONGEST_PX if ms >= LONGEST_PX else max(1, math.ceil(ms))
 
 
 def _refused(exc: BaseException) -> bool:
@@ -149,7 +162,7 @@ def standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis
     if scheme == "unix":
         path = unquote(parts.path)
         if not path:
-            raise ConfigError(f"unix:// URL names no socket path: {url!r}")
+            raise ConfigError(f"unix:// URL names no socket path: {redact_userinfo(url)!r}")
         kwargs["path"] = path
         connection_class = aioredis.connection.UnixDomainSocketConnection
     else:
@@ -160,7 +173,8 @@ def standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis
         try:
             port = parts.port
         except ValueError:
-            raise ConfigError(f"{scheme}:// URL: bad port in {parts.netloc!r}") from None
+            # The host and port only: the URL's user info holds its password.
+            raise ConfigError(f"{scheme}:// URL: bad port in {netloc_for_errors(url)!r}") from None
         kwargs["host"] = unquote(parts.hostname or "localhost")
         kwargs["port"] = port or 6379
         path = parts.path.strip("/")

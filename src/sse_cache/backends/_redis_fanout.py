@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from ..errors import BackendError, BackendTimeout, ConfigError
-from ._common import to_bytes
-from ._redis_client import Commands
+from ._common import check_key, to_bytes
+from ._redis_client import Commands, milliseconds
 
 __all__ = ["StreamFanout"]
 
@@ -85,13 +85,15 @@ class StreamFanout:
         await self._add(channel, "e", b"", ttl, "XADD (end)")
 
     async def _add(self, channel: str, field: str, data: bytes, ttl: float, what: str) -> None:
+        check_key(channel, "channel")
         if not ttl > 0:
             raise ConfigError(f"stream ttl must be > 0 seconds, got {ttl!r}")
-        args = (secrets.token_hex(8), _STREAM_MAXLEN, max(1, math.ceil(ttl * 1000)), field, data)
+        args = (secrets.token_hex(8), _STREAM_MAXLEN, milliseconds(ttl), field, data)
         async with self._commands(what):
             await self._append(keys=[self._prefix + channel], args=args)
 
     async def read(self, channel: str, *, start: str, block: float) -> AsyncIterator[bytes]:
+        check_key(channel, "channel")
         if not block > 0:
             raise ConfigError(f"read block must be > 0 seconds, got {block!r}")
         name = self._prefix + channel
@@ -109,13 +111,12 @@ class StreamFanout:
         count = _READ_COUNT[0]
         deadline = time.monotonic() + block
         while True:
-            wait_ms = math.ceil((deadline - time.monotonic()) * 1000)
-            if wait_ms <= 0:
+            left_ms = (deadline - time.monotonic()) * 1000  # (inf for block=inf)
+            if left_ms <= 0:
                 raise BackendTimeout(f"XREAD: no message on stream {channel!r} for {block} seconds")
+            wait_ms = slice_ms if left_ms >= slice_ms else math.ceil(left_ms)
             async with self._commands("XREAD"):
-                reply: Any = await self._client.xread(
-                    {name: last}, count=count, block=min(wait_ms, slice_ms)
-                )
+                reply: Any = await self._client.xread({name: last}, count=count, block=wait_ms)
             entries = _stream_entries(reply)
             if not entries:
                 continue

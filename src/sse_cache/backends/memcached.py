@@ -79,6 +79,9 @@ _MAX_ITEM_SIZE: Final = 1024 * 1024 * 1024  # memcached's own bound on -I
 _DEFAULT_PREFIX: Final = "sse-cache:"
 _DEFAULT_TIMEOUT: Final = 0.5
 _HINTS: Final = 4096  # chunked keys remembered per backend (a few dozen bytes each)
+#: The most connections per server (and worker threads) ``max_pool_size`` may ask for:
+#: memcached's own default connection limit (-c 1024).
+MAX_POOL_SIZE: Final = 1024
 
 
 class _BytesSerde:
@@ -163,6 +166,15 @@ class MemcachedBackend:
             raise ConfigError(
                 f"memcached prefix must be at most 100 printable ASCII characters without "
                 f"spaces, got {prefix!r}"
+            )
+        if (
+            isinstance(max_pool_size, bool)
+            or not isinstance(max_pool_size, int)
+            or not 1 <= max_pool_size <= MAX_POOL_SIZE
+        ):
+            raise ConfigError(
+                f"memcached max_pool_size must be an integer from 1 to {MAX_POOL_SIZE}, "
+                f"got {max_pool_size!r}"
             )
         if not MIN_CHUNK_SIZE <= chunk_size <= _MAX_ITEM_SIZE:
             raise ConfigError(
@@ -418,7 +430,8 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
     Query options: ``prefix`` (``sse-cache:``), ``timeout`` (seconds per socket operation,
     0.5), ``connect_timeout`` (defaults to ``timeout``), ``chunk_size`` (bytes per item,
     ``1023KiB`` by default; lower it for servers started with a smaller ``-I``),
-    ``max_pool_size`` (connections per server and worker threads, 8), ``dead_timeout``
+    ``max_pool_size`` (connections per server and worker threads, 8, at most 1024),
+    ``dead_timeout``
     (seconds a failed pool member stays out, 10), ``queue_timeout`` (seconds a call may wait
     for a pooled connection before it is given up as busy, 1).
     """
@@ -431,12 +444,12 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
         raise ConfigError(f"{scheme}:// URL: memcached has no databases, got the path {path!r}")
     opts = Options(url, options)
     prefix = opts.take_str("prefix", _DEFAULT_PREFIX)
-    timeout = opts.take_float("timeout", _DEFAULT_TIMEOUT)
-    connect_timeout = opts.take_float("connect_timeout", timeout)
+    timeout = opts.take_timeout("timeout", _DEFAULT_TIMEOUT)
+    connect_timeout = opts.take_timeout("connect_timeout", timeout)
     chunk_size = opts.take_size("chunk_size", DEFAULT_CHUNK_SIZE, minimum=MIN_CHUNK_SIZE)
-    max_pool_size = opts.take_int("max_pool_size", 8)
-    dead_timeout = opts.take_float("dead_timeout", 10.0)
-    queue_timeout = opts.take_float("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
+    max_pool_size = opts.take_int("max_pool_size", 8, maximum=MAX_POOL_SIZE)
+    dead_timeout = opts.take_timeout("dead_timeout", 10.0)
+    queue_timeout = opts.take_timeout("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
     opts.finish()
     if chunk_size is None:
         raise ConfigError("memcached:// option 'chunk_size': expected a size, got 'none'")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..errors import BackendError, ConfigError
-from ._common import Options, check_open, expires_at, to_bytes
+from ._common import Options, check_key, check_open, expires_at, to_bytes
 
 __all__ = ["MemoryBackend", "from_url"]
 
@@ -53,6 +53,7 @@ class MemoryBackend:
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key``, or None when missing or expired."""
         check_open(self._closed, "MemoryBackend")
+        check_key(key)  # (refused as by every backend: a key UTF-8 cannot encode)
         return self._lookup(key)
 
     def cached(self, key: str) -> bytes | None:
@@ -78,6 +79,7 @@ class MemoryBackend:
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (None: until evicted)."""
         check_open(self._closed, "MemoryBackend")
+        check_key(key)
         value = to_bytes(value)
         deadline = expires_at(self._clock(), ttl)
         self._remove(key)
@@ -94,6 +96,7 @@ class MemoryBackend:
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
         check_open(self._closed, "MemoryBackend")
+        check_key(key)
         self._remove(key)
 
     async def aclose(self) -> None:
@@ -107,6 +110,7 @@ class MemoryBackend:
     async def scan(self, prefix: str = "") -> AsyncIterator[str]:
         """Every live key starting with ``prefix`` (a snapshot taken when iteration starts)."""
         check_open(self._closed, "MemoryBackend")
+        check_key(prefix, "prefix")
         now = self._clock()
         keys = [
             k

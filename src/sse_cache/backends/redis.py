@@ -12,7 +12,6 @@ invalidations to it).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -25,8 +24,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from ..errors import ConfigError, CorruptEntry
-from ._common import Options, expires_at, to_bytes
-from ._redis_client import Commands, cluster_client, map_exceptions, standalone_client
+from ._common import Options, check_key, expires_at, redact_userinfo, to_bytes
+from ._redis_client import (
+    Commands,
+    cluster_client,
+    map_exceptions,
+    milliseconds,
+    standalone_client,
+)
 from ._redis_fanout import StreamFanout
 from ._redis_near import TrackedValues
 from ._redis_tracking import InvalidationListener, connection_for
@@ -141,6 +146,7 @@ class RedisBackend:
 
     async def get(self, key: str) -> bytes | None:
         """The value stored under ``key``, or None when missing or expired."""
+        check_key(key)
         near = self.cached(key)
         if near is not None:
             return near
@@ -185,6 +191,7 @@ class RedisBackend:
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """``SET`` ``value`` under ``key``, with ``PX`` when ``ttl`` is given (a
         non-positive ``ttl`` deletes the key: it would be expired already)."""
+        check_key(key)
         value = to_bytes(value)
         if expires_at(0.0, ttl) is None:
             ttl = None  # (math.inf too)
@@ -201,12 +208,13 @@ class RedisBackend:
                 elif ttl <= 0:
                     await self._client.delete(name)
                 else:
-                    await self._client.set(name, value, px=_milliseconds(ttl))
+                    await self._client.set(name, value, px=milliseconds(ttl))
         finally:
             self._values.invalidate(key)
 
     async def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""
+        check_key(key)
         self._values.invalidate(key)
         try:
             async with self._op("DEL"):
@@ -233,6 +241,7 @@ class RedisBackend:
     async def scan(self, prefix: str = "") -> AsyncIterator[str]:
         """Every key starting with ``prefix`` (``SCAN MATCH``, one bounded call per page;
         on a cluster, each primary in turn). Keys written during the scan may be missed."""
+        check_key(prefix, "prefix")
         match = (self._data_prefix + prefix).translate(_GLOB_SPECIAL) + "*"
         start = len(self._data_prefix)
         async for page in self._scan_pages(match):
@@ -306,32 +315,29 @@ class RedisBackend:
     async def acquire(self, name: str, token: str, ttl: float) -> bool:
         """Take lock ``name`` for ``token`` for ``ttl`` seconds unless someone holds it
         (``SET NX PX``, atomic); True when taken."""
-        if not ttl > 0:
-            raise ConfigError(f"lock ttl must be > 0 seconds, got {ttl!r}")
+        px = _lock_milliseconds(name, token, ttl)
         async with self._op("SET NX"):
-            taken = await self._client.set(
-                self._lock_prefix + name, token, nx=True, px=max(1, math.ceil(ttl * 1000))
-            )
+            taken = await self._client.set(self._lock_prefix + name, token, nx=True, px=px)
         return bool(taken)
 
     async def release(self, name: str, token: str) -> None:
         """Release ``name`` if ``token`` still holds it (atomic compare-and-delete in Lua)."""
+        check_key(name, "lock name")
+        check_key(token, "lock token")
         async with self._op("EVAL"):
             await self._client.eval(_RELEASE, 1, self._lock_prefix + name, token)
 
     async def renew(self, name: str, token: str, ttl: float) -> bool:
         """Extend ``name`` to ``ttl`` seconds from now if ``token`` still holds it (atomic
         compare-and-``PEXPIRE`` in Lua)."""
-        if not ttl > 0:
-            raise ConfigError(f"lock ttl must be > 0 seconds, got {ttl!r}")
+        px = _lock_milliseconds(name, token, ttl)
         async with self._op("EVAL"):
-            renewed = await self._client.eval(
-                _RENEW, 1, self._lock_prefix + name, token, max(1, math.ceil(ttl * 1000))
-            )
+            renewed = await self._client.eval(_RENEW, 1, self._lock_prefix + name, token, px)
         return bool(renewed)
 
     async def holder(self, name: str) -> str | None:
         """The token holding lock ``name``, or None."""
+        check_key(name, "lock name")
         async with self._op("GET"):
             raw = await self._client.get(self._lock_prefix + name)
         if raw is None:
@@ -367,14 +373,14 @@ class RedisBackend:
         return self._fanout.read(channel, start=start, block=block)
 
 
-def _milliseconds(ttl: float) -> int:
-    # Redis refuses an expiry past the largest time it counts: ~285,000 years is forever.
-    return max(1, min(math.ceil(ttl * 1000), _LONGEST_PX))
-
-
-#: The longest ``PX`` sent (2**53 ms, ~285,000 years): Redis refuses one past 2**63 ms from
-#: now, and a TTL that long means "never" anyway.
-_LONGEST_PX: Final = 2**53
+def _lock_milliseconds(name: str, token: str, ttl: float) -> int:
+    """The ``PX`` of a lock taken or renewed for ``ttl`` seconds (``inf``, ``1e300``: the
+    longest Redis counts), after checking the lock's arguments."""
+    check_key(name, "lock name")
+    check_key(token, "lock token")
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0:
+        raise ConfigError(f"lock ttl must be a number of seconds > 0, got {ttl!r}")
+    return milliseconds(ttl)
 
 
 def from_url(url: str, **options: Any) -> RedisBackend:
@@ -393,7 +399,7 @@ def from_url(url: str, **options: Any) -> RedisBackend:
     scheme = url.split("://", 1)[0].lower()
     opts = Options(url, options)
     prefix = opts.take_str("prefix", _DEFAULT_PREFIX)
-    timeout = opts.take_float("timeout", _DEFAULT_TIMEOUT)
+    timeout = opts.take_timeout("timeout", _DEFAULT_TIMEOUT)
     near_cache_given = "near_cache" in opts
     # ``0`` or ``none``: off, as on SQLite.
     near_cache = opts.take_size("near_cache", _DEFAULT_NEAR_CACHE, minimum=0) or 0
@@ -407,7 +413,7 @@ def from_url(url: str, **options: Any) -> RedisBackend:
         near_cache = 0
     kwargs: dict[str, Any] = {
         "socket_timeout": timeout,
-        "socket_connect_timeout": opts.take_float("connect_timeout", timeout),
+        "socket_connect_timeout": opts.take_timeout("connect_timeout", timeout),
         "max_connections": opts.take_int("max_connections", 64),
         # One immediate retry: after a server restart the pooled connections are dead, and
         # the retry on a fresh connection lets the same backend object recover at once.
@@ -449,7 +455,8 @@ def from_url(url: str, **options: Any) -> RedisBackend:
     except (ValueError, rexc.RedisError, rexc.RedisClusterException) as exc:
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"bad Redis URL {url!r}: {exc}") from exc
+        # Never the URL as given: its password would be in the message (sse-cache ls prints it).
+        raise ConfigError(f"bad Redis URL {redact_userinfo(url)!r}: {exc}") from exc
     return RedisBackend(
         client,
         prefix=prefix,

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..errors import BackendUnavailable, ConfigError
 from ._call_queue import DEFAULT_QUEUE_TIMEOUT, CallQueue
-from ._common import Options, check_open, expires_at, to_bytes
+from ._common import Options, check_key, check_open, expires_at, redact_userinfo, to_bytes
 from ._near import NearCache
 from ._sqlite_file import DatabaseFile
 from ._sqlite_probe import VersionProbe
@@ -231,6 +231,7 @@ class SQLiteBackend:
     async def scan(self, prefix: str = "") -> AsyncIterator[str]:
         """Every live key starting with ``prefix``, in key order, read in pages of 500."""
         check_open(self._closed, "SQLiteBackend")
+        check_key(prefix, "prefix")
         after: str | None = None
         while True:
             page = await self._call(self._table.scan_page, prefix, after, read=True)
@@ -283,8 +284,9 @@ class SQLiteBackend:
 
 
 def _check_key(key: str) -> None:
-    if not isinstance(key, str):
-        raise TypeError(f"key must be str, got {type(key).__name__}")
+    # A str (TypeError) that UTF-8 can encode (ValueError: sqlite3 would raise
+    # UnicodeEncodeError in the worker thread).
+    check_key(key)
 
 
 def _path_from_url(url: str) -> str:
@@ -297,7 +299,8 @@ def _path_from_url(url: str) -> str:
         return os.path.expanduser(netloc + path)  # sqlite://./x.db, a common slip
     if netloc:
         raise ConfigError(
-            f"sqlite:// URL {url!r}: a SQLite URL has no host; write sqlite:///relative.db "
+            f"sqlite:// URL {redact_userinfo(url)!r}: a SQLite URL has no host; "
+            "write sqlite:///relative.db "
             "(three slashes: relative to the working directory) or "
             "sqlite:////absolute/path.db (four slashes)"
         )
@@ -308,7 +311,7 @@ def _path_from_url(url: str) -> str:
         return ":memory:"
     if not path or path == "/":
         raise ConfigError(
-            f"sqlite:// URL {url!r} names no file: write sqlite:///relative.db, "
+            f"sqlite:// URL {redact_userinfo(url)!r} names no file: write sqlite:///relative.db, "
             "sqlite:////absolute/path.db or sqlite:///:memory:"
         )
     return os.path.expanduser(path)
@@ -331,9 +334,9 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     path = _path_from_url(url)
     opts = Options(url, options)
     max_bytes = opts.take_size("max_bytes", _DEFAULT_MAX_BYTES)
-    timeout = opts.take_float("timeout", _WRITE_TIMEOUT)
-    read_timeout = opts.take_float("read_timeout", 1.0)
-    queue_timeout = opts.take_float("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
+    timeout = opts.take_timeout("timeout", _WRITE_TIMEOUT)
+    read_timeout = opts.take_timeout("read_timeout", 1.0)
+    queue_timeout = opts.take_timeout("queue_timeout", DEFAULT_QUEUE_TIMEOUT)
     purge_interval = opts.take_float("purge_interval", 60.0, minimum=0.0, allow_zero=True)
     synchronous = opts.take_str("synchronous", "NORMAL")
     check_interval = opts.take_float(
