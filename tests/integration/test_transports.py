@@ -961,6 +961,14 @@ def test_a_forked_child_of_a_transport_given_a_backend_object_says_so(
 
 # -- a follower's own read timeout ------------------------------------------------------------
 
+#: A short answer with gaps of 200 ms between its events.
+PACED = {
+    "authorization": "Bearer k",
+    "x-mock-delay-ms": "200",
+    "x-mock-deltas": "1",
+    "x-mock-summaries": "0",
+}
+
 
 def test_a_follower_keeps_its_own_read_timeout(
     upstream: Upstream, cache_url: str, prompt: str
@@ -969,13 +977,7 @@ def test_a_follower_keeps_its_own_read_timeout(
     # its read timeout must still hold between chunks, as it would reading the upstream.
     # The producer (a long timeout) is not disturbed, and its answer is stored.
     body = {"model": MODEL, "input": prompt, "stream": True}
-    headers = {
-        "authorization": "Bearer k",
-        "x-mock-delay-ms": "200",
-        "x-mock-deltas": "1",
-        "x-mock-summaries": "0",
-    }
-    patient, hasty = httpx2.Timeout(30), httpx2.Timeout(30, read=0.05)
+    headers, patient, hasty = PACED, httpx2.Timeout(30), httpx2.Timeout(30, read=0.05)
     with httpx2.Client(transport=CacheTransport(cache_url), base_url=upstream.url) as client:
         with client.stream(
             "POST", "/v1/responses", json=body, headers=headers, timeout=patient
@@ -999,13 +1001,7 @@ async def test_an_async_follower_keeps_its_own_read_timeout(
     upstream: Upstream, cache_url: str, prompt: str
 ) -> None:
     body = {"model": MODEL, "input": prompt, "stream": True}
-    headers = {
-        "authorization": "Bearer k",
-        "x-mock-delay-ms": "200",
-        "x-mock-deltas": "1",
-        "x-mock-summaries": "0",
-    }
-    patient, hasty = httpx2.Timeout(30), httpx2.Timeout(30, read=0.05)
+    headers, patient, hasty = PACED, httpx2.Timeout(30), httpx2.Timeout(30, read=0.05)
     transport = AsyncCacheTransport(cache_url)
     async with httpx2.AsyncClient(transport=transport, base_url=upstream.url) as client:
         request = client.build_request(
