@@ -37,6 +37,10 @@ _E = TypeVar("_E", Entry, WireEntry)
 _R = TypeVar("_R")
 
 
+#: Why an entry was not stored when the backend write failed or was skipped.
+_WRITE_FAILED = "the backend write failed"
+
+
 class _Skipped(Exception):
     """The backend's breaker is open: the call was not made."""
 
@@ -101,21 +105,35 @@ class EntryStore:
 
     async def store(self, key: str, entry: Entry, ttl: float | None) -> bool:
         """Encode and store ``entry`` for ``ttl`` seconds (None: no expiry); False (logged)
-        when the backend failed or was skipped."""
+        when it could not be encoded, or the backend failed or was skipped."""
+        return not await self.save(key, entry, ttl)
+
+    async def save(self, key: str, entry: Entry, ttl: float | None) -> str:
+        """:meth:`store`, returning why ``entry`` was not stored (``""``: it was). An entry
+        the codec refuses (an event of wrong field types, from the caller's upstream) is not
+        a backend failure: the backend is not called, and the reason says so."""
         if ttl is not None:
             entry = msgspec.structs.replace(entry, expires_at=time.time() + ttl)
         self._forget_decoded(key)
         try:
             data = self.codec.encode(entry)
+        except Exception as exc:
+            why = f"the entry could not be encoded: {_unencodable(entry, exc)}"
+            backend_warnings.warning(
+                self.codec, "encode_failed", "sse_cache: %s (key %s)", why, key
+            )
+            self._notify(Notice(kind="not_stored", key=key, detail=why))
+            return why
+        try:
             await self._use_backend("set", lambda: self.backend.set(key, data, ttl))
         except _Skipped:
             self._notify(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
-            return False
+            return _WRITE_FAILED
         except Exception as exc:
             self._warn("store_failed", key, f"backend write failed: {exc!r}")
-            return False
+            return _WRITE_FAILED
         self._notify(Notice(kind="store", key=key, events=len(entry.events or ()), bytes=len(data)))
-        return True
+        return ""
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (fail open: a backend failure is logged)."""
@@ -270,6 +288,29 @@ class EntryStore:
 
 
 _data_of = operator.attrgetter("data")
+
+
+# The types an Event's fields must have (the codec relies on them).
+_EVENT_FIELDS = (
+    ("data", (str,), "a str"),
+    ("event", (str, type(None)), "a str or None"),
+    ("id", (str, type(None)), "a str or None"),
+    ("retry", (int, type(None)), "an int or None"),
+    ("at", (float, int), "a number"),
+)
+
+
+def _unencodable(entry: Entry, exc: Exception) -> str:
+    """Why the codec refused ``entry`` (only on that path): the first event field of a wrong
+    type, else the codec's error."""
+    for number, event in enumerate(entry.events or ()):
+        for name, types, what in _EVENT_FIELDS:
+            value = getattr(event, name, None)
+            if not isinstance(value, types) or isinstance(value, bool):
+                shown = repr(value)
+                shown = shown if len(shown) <= 80 else shown[:80] + "..."
+                return f"event {number} has {name}={shown}, it must be {what} ({exc!r})"
+    return repr(exc)
 
 
 def _decoded_size(entry: Entry | WireEntry) -> int:

@@ -31,7 +31,15 @@ from .flight import Cursor, Head, LiveFlight, Phase, SharedStreamAborted
 from .pacing import Pacing
 from .recorder import EVENT_OVERHEAD, Recorder, RecorderState
 
-__all__ = ["CachedStream", "Notify", "Production", "Rejoin", "StoreEntry"]
+__all__ = [
+    "CachedStream",
+    "Notify",
+    "Production",
+    "Rejoin",
+    "SaveEntry",
+    "StoreEntry",
+    "not_an_event",
+]
 
 logger = logging.getLogger("sse_cache")
 
@@ -40,6 +48,9 @@ Notify = Callable[[Notice], None]
 #: Stores a judged entry under a key for a lifetime in seconds (None: none); False when the
 #: backend write failed.
 StoreEntry = Callable[[str, Entry, float | None], Awaitable[bool]]
+#: Like :data:`StoreEntry`, returning why the entry was not stored (the entry could not be
+#: encoded, the backend write failed), ``""`` when it was.
+SaveEntry = Callable[[str, Entry, float | None], Awaitable[str]]
 #: Takes a follower whose flight failed before sending it anything round the lookup order
 #: once more: it follows another flight (:meth:`CachedStream.follow`) or produces one.
 Rejoin = Callable[["CachedStream"], None]
@@ -61,7 +72,7 @@ class Production:
     """The engine's side of a live stream it produces: the upstream iterator (the flight's
     source, pulled in turn by whichever reader needs the next event), the recording, and the
     verdict — judged once (a ``not_stored`` notice to ``notify`` when it cannot be stored),
-    stored once (by ``store``)."""
+    stored once (by ``store``, which says why when it could not)."""
 
     __slots__ = (
         "abandoned",
@@ -91,7 +102,7 @@ class Production:
         ttl: float | None,
         *,
         notify: Notify,
-        store: StoreEntry,
+        store: SaveEntry,
     ) -> None:
         self.notify = notify
         self.store = store
@@ -118,6 +129,8 @@ class Production:
         assert self.iterator is not None
         try:
             event = await self.iterator.__anext__()
+            if type(event) is not Event and not isinstance(event, Event):
+                raise not_an_event(event)
         except StopAsyncIteration:
             self.ended()
             return False
@@ -177,10 +190,11 @@ class Production:
         self.settled = True
         assert self.entry is not None
         try:
-            if await self.store(self.key, self.entry, self.ttl):
-                self.stored = True
+            why = await self.store(self.key, self.entry, self.ttl)
+            if why:
+                self.recorder.reason = why
             else:
-                self.recorder.reason = "the backend write failed"
+                self.stored = True
         finally:
             self.live.close()  # from now on identical requests find the stored entry
 
@@ -349,6 +363,8 @@ class CachedStream:
                             # A follower left alone on the upstream gives up after
                             # join_timeout of silence, as it does with company.
                             event = await self._within_join_timeout(iterator)
+                        if type(event) is not Event and not isinstance(event, Event):
+                            raise not_an_event(event)
                     except StopAsyncIteration:
                         production.ended()
                         break
@@ -458,6 +474,17 @@ class CachedStream:
             self.reason = "left a shared stream early"
         else:
             self.reason = production.recorder.reason
+
+
+def not_an_event(item: object) -> TypeError:
+    """The error for an upstream that yielded ``item``, which is not an :class:`Event`."""
+    shown = repr(item)
+    if len(shown) > 80:
+        shown = shown[:80] + "..."
+    return TypeError(
+        f"the upstream yielded {type(item).__name__} {shown}: it must yield sse_cache.Event "
+        "objects (e.g. Event(data=...))"
+    )
 
 
 async def _aclose_quietly(iterator: AsyncIterator[Event] | None) -> None:

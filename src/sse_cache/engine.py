@@ -21,7 +21,6 @@ hands out (:class:`CachedStream`, and the production of a live stream) in
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -30,6 +29,16 @@ from functools import partial
 from types import TracebackType
 from typing import Any
 
+from ._checks import (
+    BYTES,
+    POSITIVE_BYTES,
+    boolean,
+    callables,
+    instance_of,
+    integer,
+    pacing_of,
+    positive_number,
+)
 from ._decoded import DecodedEntries
 from ._entries import EntryStore
 from ._logging import backend_warnings
@@ -110,29 +119,36 @@ class StreamCache:
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
-        self.backend, self._owns_backend = open_backend(backend)
+        # Every argument is checked here, once, naming it (the checkers CacheOptions uses).
+        if not isinstance(backend, str):
+            instance_of("backend", backend, Backend)
+        instance_of("adapter", adapter, StreamAdapter)
+        instance_of("keyer", keyer, CacheKeyer, optional=True)
+        instance_of("codec", codec, EventCodec, optional=True)
         _check_ttl(ttl)
-        if max_entry_bytes <= 0:
-            raise ConfigError(f"max_entry_bytes must be positive, got {max_entry_bytes!r}")
-        if not backend_timeout > 0:
-            raise ConfigError(f"backend_timeout must be positive, got {backend_timeout!r}")
+        integer("max_entry_bytes", max_entry_bytes, what=POSITIVE_BYTES)
+        self.pacing = pacing_of("pacing", pacing)
+        self._hooks = callables("hooks", hooks)
+        positive_number("backend_timeout", backend_timeout)
+        boolean("single_flight", single_flight)
+        positive_number("join_timeout", join_timeout, finite=False)
+        if not isinstance(decoded_cache_bytes, DecodedEntries):
+            integer("decoded_cache_bytes", decoded_cache_bytes, minimum=0, what=BYTES)
+        instance_of("breaker", breaker, Breaker, optional=True)
+        self.backend, self._owns_backend = open_backend(backend)
         self.adapter = adapter
-        self.keyer: CacheKeyer = keyer or DefaultKeyer()
-        self.codec: EventCodec = codec or MsgpackCodec()
+        self.keyer: CacheKeyer = DefaultKeyer() if keyer is None else keyer
+        self.codec: EventCodec = MsgpackCodec() if codec is None else codec
         self.ttl = ttl
         self.max_entry_bytes = max_entry_bytes
-        self.pacing = Pacing.parse(pacing)
         self.backend_timeout = backend_timeout
         self.single_flight = single_flight
-        if not join_timeout > 0:
-            raise ConfigError(f"join_timeout must be positive, got {join_timeout!r}")
         self.join_timeout = join_timeout
         self.decoded: DecodedEntries[Entry | WireEntry] = (
             decoded_cache_bytes
             if isinstance(decoded_cache_bytes, DecodedEntries)
             else DecodedEntries(decoded_cache_bytes)
         )
-        self._hooks = tuple(hooks)
         self._notify = partial(emit, self._hooks)
         self.breaker = breaker if breaker is not None else Breaker()
         self._entries = EntryStore(
@@ -200,8 +216,8 @@ class StreamCache:
         return await self._entries.resolve(name)
 
     async def store(self, key: str, entry: Entry, *, ttl: float | None = None) -> bool:
-        """Encode and store ``entry``; False (logged) when the backend failed. ``ttl`` falls
-        back to the cache's default."""
+        """Encode and store ``entry``; False (logged) when it could not be encoded or the
+        backend failed. ``ttl`` falls back to the cache's default."""
         return await self._entries.store(key, entry, self.ttl if ttl is None else ttl)
 
     async def delete(self, key: str) -> None:
@@ -376,7 +392,7 @@ class StreamCache:
         if not store:
             recorder.fail("the request asked not to store (no-store)")
         production = Production(
-            live, key, recorder, ttl, notify=self._notify, store=self._entries.store
+            live, key, recorder, ttl, notify=self._notify, store=self._entries.save
         )
         cursor = live.flight.follow()
         live.flight.producer_left()  # the producing request reads as a follower does
@@ -462,5 +478,5 @@ class StreamCache:
 
 
 def _check_ttl(ttl: float | None) -> None:
-    if ttl is not None and not (ttl > 0 and math.isfinite(ttl)):
-        raise ConfigError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    if ttl is not None:
+        positive_number("ttl", ttl)

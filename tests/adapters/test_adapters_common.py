@@ -119,6 +119,15 @@ def test_ignore_fields(cls):
         cls(ignore_fields="seed")
 
 
+def test_generic_ignore_fields_refuses_a_string():
+    # A string is an iterable of its characters: "user" dropped the fields u, s, e and r, so
+    # requests differing only in a field "e" shared one entry.
+    with pytest.raises(TypeError, match="not a string"):
+        GenericSSE(ignore_fields="user")
+    adapter = GenericSSE(ignore_fields=["user"])
+    assert adapter.key_fields({"user": "a", "e": 1, "model": "m"}) == {"e": 1, "model": "m"}
+
+
 def test_registry():
     assert isinstance(by_name("generic"), GenericSSE)
     assert by_name("openai-responses", store_incomplete=True).store_incomplete  # type: ignore[attr-defined]

@@ -1017,3 +1017,117 @@ async def test_an_adapter_that_raises_converting_an_entry_costs_a_miss_not_a_fai
     assert cache.body_of(recorded) is None
     assert cache.events_of(stored) is None
     assert cache.synthesized(b"{}") is None
+
+
+def _yielding(*items: object) -> Any:
+    """An upstream yielding ``items`` as they are (events or not), counting its calls."""
+    calls: list[int] = []
+
+    def upstream() -> AsyncIterator[Any]:
+        calls.append(1)
+
+        async def gen() -> AsyncIterator[Any]:
+            for item in items:
+                yield item
+
+        return gen()
+
+    upstream.calls = calls  # type: ignore[attr-defined]
+    return upstream
+
+
+@pytest.mark.parametrize(
+    ("item", "shown"),
+    [
+        ("text", "str 'text'"),
+        (b"x", "bytes b'x'"),
+        (None, "NoneType None"),
+        ({"data": "x"}, "dict"),
+    ],
+)
+async def test_an_upstream_yielding_no_event_gets_a_type_error_naming_what_it_yielded(
+    item: object, shown: str
+) -> None:
+    # It was a bare AttributeError: 'str' object has no attribute 'data'.
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    upstream = _yielding(Event("first"), item)
+    got: list[Event] = []
+    with pytest.raises(
+        TypeError, match=rf"the upstream yielded {shown}.*must yield sse_cache\.Event"
+    ):
+        async with cache.stream(cache.request(BODY), upstream) as s:
+            async for event in s:
+                got.append(event)
+    assert [e.data for e in got] == ["first"] and not s.stored and backend.sets == 0
+    # The flight failed with it: the next identical request asks the upstream again.
+    good = _yielding(Event("a"), Event("b"))
+    again, events = await consume(cache, good)
+    assert again.status is CacheStatus.MISS and [e.data for e in events] == ["a", "b"]  # type: ignore[attr-defined]
+    assert good.calls == [1]
+
+
+async def test_a_shared_upstream_yielding_no_event_gets_a_type_error_too() -> None:
+    # With a follower, the events are pulled through the flight (not the lone reader's fast
+    # path): the check is there too.
+    cache = StreamCache(DictBackend(), GenericSSE())
+    upstream = _yielding(Event("first"), "not an event")
+    errors: list[BaseException] = []
+    statuses: list[CacheStatus] = []
+    first_read, joined = anyio.Event(), anyio.Event()
+
+    async def read(leader: bool) -> None:
+        try:
+            async with cache.stream(cache.request(BODY), upstream) as s:
+                statuses.append(s.status)
+                if not leader:
+                    joined.set()
+                async for _ in s:
+                    if leader and not first_read.is_set():
+                        first_read.set()
+                        await joined.wait()  # (not pulling while the follower joins)
+        except Exception as exc:
+            errors.append(exc)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read, True)
+            await first_read.wait()
+            tg.start_soon(read, False)
+    assert statuses == [CacheStatus.MISS, CacheStatus.SHARED]
+    assert len(errors) == 2 and upstream.calls == [1]
+    assert any(
+        isinstance(e, TypeError) and "the upstream yielded str 'not an event'" in str(e)
+        for e in errors
+    ), errors
+    assert all(isinstance(e, TypeError | SharedStreamAborted) for e in errors), errors
+
+
+@pytest.mark.parametrize(
+    ("event", "why"),
+    [
+        (Event("ok", id=5), "event 0 has id=5, it must be a str or None"),  # type: ignore[arg-type]
+        (Event("ok", retry="5"), "event 0 has retry='5', it must be an int or None"),  # type: ignore[arg-type]
+        (Event(b"x"), "event 0 has data=b'x', it must be a str"),  # type: ignore[arg-type]
+    ],
+)
+async def test_an_event_the_codec_refuses_is_not_blamed_on_the_backend(
+    event: Event, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # It was "the backend write failed" with a store_failed warning, though the backend was
+    # never called: the codec refused the entry.
+    backend = DictBackend()
+    notices: list[Notice] = []
+    cache = StreamCache(backend, GenericSSE(), hooks=[notices.append])
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        s, events = await consume(cache, _yielding(event))
+    assert events == [event] and not s.stored  # type: ignore[attr-defined]  # delivered
+    assert s.reason.startswith(f"the entry could not be encoded: {why}")  # type: ignore[attr-defined]
+    assert backend.sets == 0
+    kinds = [n.kind for n in notices]
+    assert "store_failed" not in kinds and "store" not in kinds
+    assert [n.detail for n in notices if n.kind == "not_stored"] == [s.reason]  # type: ignore[attr-defined]
+    assert "backend write failed" not in caplog.text
+    assert "could not be encoded" in caplog.text
+    # The public store says False, not an exception.
+    assert not await cache.store("k", Entry(schema="generic", created_at=1.0, events=[event]))

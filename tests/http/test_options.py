@@ -7,8 +7,9 @@ import inspect
 
 import pytest
 
-from sse_cache import CacheOptions, ConfigError
+from sse_cache import CacheOptions, ConfigError, DefaultKeyer, MsgpackCodec
 from sse_cache.asgi import CacheMiddleware
+from sse_cache.http.policy import SHARED_TENANT
 from sse_cache.http.service import CacheService
 from sse_cache.httpx2 import AsyncCacheTransport
 
@@ -40,6 +41,115 @@ def test_an_unknown_option_is_named() -> None:
 def test_bad_values_are_refused_once_with_their_name(name: str, value: float) -> None:
     with pytest.raises(ConfigError, match=name):
         CacheOptions(**{name: value})
+
+
+@pytest.mark.parametrize("lease", [float("inf"), 1e300, 86400.5, float("nan")])
+def test_cross_process_lease_must_be_finite_and_at_most_a_day(lease: float) -> None:
+    # An infinite or astronomical lease cannot be given to the backend's lock: every
+    # cross-process lock then failed, silently.
+    with pytest.raises(ConfigError, match=r"^cross_process_lease must be .* at most 86400, got"):
+        CacheOptions(cross_process_lease=lease)
+    with pytest.raises(ConfigError, match="cross_process_lease"):
+        CacheMiddleware(_app, "memory://", cross_process_lease=lease)
+    assert CacheOptions(cross_process_lease=86400).cross_process_lease == 86400
+
+
+NAN = float("nan")
+
+
+def _metrics(notice: object) -> None:
+    pass
+
+
+async def _async_hook(notice: object) -> None:
+    pass
+
+
+class _AsyncCallable:
+    async def __call__(self, notice: object) -> None:
+        pass
+
+
+# (option, value): each was accepted (a limit silently off, a string taken as true, a default
+# silently used) or failed later with an error that did not name the option.
+BAD_OPTIONS = [
+    ("max_entry_bytes", NAN),
+    ("max_entry_bytes", "32MiB"),
+    ("max_entry_bytes", 0),
+    ("max_entry_bytes", True),
+    ("max_body_bytes", NAN),
+    ("max_body_bytes", "4MiB"),
+    ("decoded_cache_bytes", NAN),
+    ("decoded_cache_bytes", -1),
+    ("ttl", "10"),
+    ("ttl", True),
+    ("ttl", NAN),
+    ("ttl", float("inf")),
+    ("backend_timeout", None),
+    ("backend_timeout", NAN),
+    ("backend_timeout", "2"),
+    ("breaker_failures", True),
+    ("breaker_failures", 2.5),
+    ("breaker_cooldown", NAN),
+    ("resume_window", NAN),
+    ("resume_window", "30"),
+    ("single_flight", "false"),
+    ("single_flight", 0),
+    ("cross_process", "false"),
+    ("cross_process", None),
+    ("hooks", _metrics),
+    ("hooks", [_metrics, "not callable"]),
+    ("hooks", [_async_hook]),
+    ("hooks", [_AsyncCallable()]),
+    ("hooks", "metrics"),
+    ("routes", []),
+    ("routes", "/v1/responses"),
+    ("origin", 1.5),
+    ("origin", None),
+    ("keyer", ""),
+    ("keyer", DefaultKeyer),  # the class, not an instance
+    ("codec", 0),
+    ("codec", MsgpackCodec),
+    ("pacing", NAN),
+    ("pacing", "fast"),
+    ("tenant", True),
+    ("tenant", ["x-org-id"]),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_OPTIONS)
+def test_wrong_types_and_nan_are_refused_at_construction_naming_the_option(
+    name: str, value: object
+) -> None:
+    with pytest.raises(ConfigError, match=rf"^{name}\b"):
+        CacheOptions(**{name: value})
+    # The middleware and the transports take the same options, checked the same way.
+    with pytest.raises(ConfigError, match=rf"^{name}\b"):
+        CacheMiddleware(_app, "memory://", **{name: value})
+    with pytest.raises(ConfigError, match=rf"^{name}\b"):
+        AsyncCacheTransport("memory://", **{name: value})
+
+
+def test_good_values_still_pass() -> None:
+    options = CacheOptions(
+        ttl=60,
+        max_entry_bytes=1024,
+        pacing=2,
+        hooks=[_metrics],
+        backend_timeout=0.5,
+        single_flight=False,
+        keyer=DefaultKeyer(),
+        codec=MsgpackCodec(),
+        cross_process_lease=10,
+        decoded_cache_bytes=0,
+        breaker_failures=0,
+        resume_window=30.0,
+        tenant=SHARED_TENANT,
+        routes={},
+        origin="https://api.example.com",
+    )
+    assert options.hooks == (_metrics,)  # a list becomes a tuple, iterated once per notice
+    assert CacheOptions(tenant=lambda headers: headers.get("x-org")).tenant is not None
 
 
 def test_the_option_list_exists_once() -> None:

@@ -80,10 +80,49 @@ def test_tenant_scopes() -> None:
         "the tenant callable returned no scope"
     )
     assert CachePolicy(tenant=lambda h: h.get("x-org")).tenant_of({}) is None
-    with pytest.raises(ConfigError, match="tenant callable returned 7"):
-        CachePolicy(tenant=lambda h: 7).tenant_of({})  # type: ignore[arg-type,return-value]
     with pytest.raises(ConfigError, match="tenant"):
         CachePolicy(tenant="everyone")
+
+
+@pytest.mark.parametrize("tenant", [True, ["x-org-id"], {"x-org-id": "a"}, 7, b"shared"])
+def test_a_tenant_of_a_wrong_type_is_refused_at_construction(tenant: object) -> None:
+    # Accepted before, it failed every cached request later (AssertionError, or a TypeError
+    # under -O).
+    with pytest.raises(ConfigError, match=r"^tenant must be None, a callable or 'shared', got"):
+        CachePolicy(tenant=tenant)  # type: ignore[arg-type]
+
+
+def test_a_tenant_callable_returning_a_non_string_is_logged_and_not_cached(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The server's callable is wrong, not the request: no ConfigError (which the HTTP layer
+    # answers 400 invalid_request_error), but a warning and a request forwarded uncached.
+    policy = CachePolicy(tenant=lambda h: 42)  # type: ignore[arg-type,return-value]
+    body = json.dumps({"model": "m", "input": "x"}).encode()
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        assert policy.tenant_of({}) is None
+        decision = policy.decide("POST", "/v1/responses", {}, body)
+    assert not decision.cacheable
+    assert "tenant callable" in decision.reason and "returned 42" in decision.reason
+    assert decision.route == "POST /v1/responses"
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned and "returned 42, not a string or None" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("options", "name"),
+    [
+        ({"routes": []}, "routes"),
+        ({"routes": "/v1/responses"}, "routes"),
+        ({"origin": 1.5}, "origin"),
+        ({"max_body_bytes": float("nan")}, "max_body_bytes"),
+        ({"max_body_bytes": "4MiB"}, "max_body_bytes"),
+        ({"max_body_bytes": True}, "max_body_bytes"),
+    ],
+)
+def test_bad_policy_options_are_refused_naming_them(options: dict[str, object], name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{name} must be .*, got "):
+        CachePolicy(**options)  # type: ignore[arg-type]
 
 
 def test_controls_parse() -> None:

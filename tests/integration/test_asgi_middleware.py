@@ -276,3 +276,29 @@ async def test_a_miss_whose_task_group_fails_to_open_ends_its_flight(
     assert again.content == serialize_sse(EVENTS) and app.calls == 1
     third = await client.post("/events", json={"q": "flight"})
     assert third.headers["x-sse-cache"] == "hit" and third.content == again.content
+
+
+async def test_a_tenant_callable_returning_a_non_string_bypasses_and_is_logged_not_a_400(
+    client_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A wrong tenant callable is the server's misconfiguration: never answered 400
+    # invalid_request_error (which blames the client), but logged, and the request forwarded
+    # uncached.
+    app = events_app()
+    mw = CacheMiddleware(
+        app,
+        "memory://",
+        routes={"/events": GenericSSE},
+        tenant=lambda headers: 42,  # type: ignore[arg-type,return-value]
+    )
+    client = client_for(mw)
+    with caplog.at_level("WARNING", logger="sse_cache"):
+        first = await client.post("/events", json={"q": "tenant"})
+        second = await client.post("/events", json={"q": "tenant"})
+    for response in (first, second):
+        assert response.status_code == 200, response.text
+        assert response.headers["x-sse-cache"] == "bypass"
+        assert response.content == serialize_sse(EVENTS)
+    assert app.calls == 2  # not cached
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("tenant callable" in w and "returned 42" in w for w in warnings), warnings

@@ -25,6 +25,9 @@ class GenericSSE:
     name = "generic"
 
     def __init__(self, *, ignore_fields: Iterable[str] = ()) -> None:
+        if isinstance(ignore_fields, str):
+            # (A string is an iterable of its characters: "user" would drop u, s, e and r.)
+            raise TypeError("ignore_fields must be an iterable of field names, not a string")
         self._drop = TRANSPORT_FIELDS | frozenset(ignore_fields)
 
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -12,6 +12,18 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .._checks import (
+    BYTES,
+    POSITIVE_BYTES,
+    boolean,
+    callables,
+    instance_of,
+    integer,
+    mapping,
+    pacing_of,
+    positive_number,
+    text,
+)
 from .._notices import Hook
 from ..breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
 from ..engine import DEFAULT_DECODED_CACHE_BYTES
@@ -19,12 +31,16 @@ from ..errors import ConfigError
 from ..pacing import Pacing
 from ..protocols import CacheKeyer, EventCodec, StreamAdapter
 from ..recorder import DEFAULT_MAX_ENTRY_BYTES
+from .policy import check_tenant
 
-__all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "CacheOptions"]
+__all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "MAX_CROSS_PROCESS_LEASE", "CacheOptions"]
 
 #: Default lease of a cross-process producer: renewed every third of it while it produces,
 #: so a killed producer's lease is gone (and its followers take over) within this long.
 DEFAULT_CROSS_PROCESS_LEASE = 3.0
+#: The longest lease ``cross_process_lease`` may ask for (one day): a longer one (or ``inf``)
+#: cannot be given to the backend's lock, and a killed producer would block its key for as long.
+MAX_CROSS_PROCESS_LEASE = 86400.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,18 +82,37 @@ class CacheOptions:
     origin: str = ""
 
     def __post_init__(self) -> None:
-        # What no other part checks; the policy, the engine and the breaker check their own.
-        object.__setattr__(self, "hooks", tuple(self.hooks))  # iterated once per notice
-        if not self.cross_process_lease > 0:
-            raise ConfigError(
-                f"cross_process_lease must be a positive number of seconds, "
-                f"got {self.cross_process_lease!r}"
+        # Every option is checked here, once, naming it: a wrong type, NaN or a value out of
+        # range is a ConfigError now, never a bare TypeError at the first request or a limit
+        # silently turned off. (The policy, the engine and the breaker check theirs again
+        # with the same checkers when they are built directly.)
+        if self.routes is not None:
+            mapping("routes", self.routes, what="a mapping of path to adapter")
+        check_tenant(self.tenant)
+        if self.ttl is not None:
+            positive_number("ttl", self.ttl)
+        integer("max_entry_bytes", self.max_entry_bytes, what=POSITIVE_BYTES)
+        integer("max_body_bytes", self.max_body_bytes, what=POSITIVE_BYTES)
+        pacing_of("pacing", self.pacing)
+        object.__setattr__(self, "hooks", callables("hooks", self.hooks))
+        positive_number("backend_timeout", self.backend_timeout)
+        boolean("single_flight", self.single_flight)
+        instance_of("keyer", self.keyer, CacheKeyer, optional=True)
+        instance_of("codec", self.codec, EventCodec, optional=True)
+        boolean("cross_process", self.cross_process)
+        positive_number(
+            "cross_process_lease", self.cross_process_lease, maximum=MAX_CROSS_PROCESS_LEASE
+        )
+        integer("decoded_cache_bytes", self.decoded_cache_bytes, minimum=0, what=BYTES)
+        integer("breaker_failures", self.breaker_failures, minimum=0)
+        positive_number("breaker_cooldown", self.breaker_cooldown)
+        if self.resume_window is not None:
+            positive_number(
+                "resume_window",
+                self.resume_window,
+                what="a positive number of seconds or None",
             )
-        if self.resume_window is not None and not self.resume_window > 0:
-            raise ConfigError(
-                f"resume_window must be a positive number of seconds or None, "
-                f"got {self.resume_window!r}"
-            )
+        text("origin", self.origin)
 
     @classmethod
     def of(cls, options: CacheOptions | None, keywords: Mapping[str, Any]) -> CacheOptions:

@@ -17,6 +17,8 @@ from typing import Any
 
 import msgspec
 
+from .._checks import POSITIVE_BYTES, integer, mapping, text
+from .._logging import RateLimitedLog
 from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
 from ..errors import ConfigError
 from ..keys import CREDENTIAL_HEADERS, lowered_tenant_scope
@@ -48,6 +50,8 @@ DEFAULT_ROUTES: Mapping[str, Callable[[], StreamAdapter]] = {
 SHARED_TENANT = "shared"
 
 logger = logging.getLogger("sse_cache")
+# A tenant callable that returns a wrong type does so for every request: one line per 10 s.
+_bad_tenant_warnings = RateLimitedLog(logger)
 
 _MAX_VARIANTS = 64
 _NAMESPACE = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
@@ -296,6 +300,19 @@ def _route_matcher(route: str) -> Callable[[str], bool]:
     return lambda path: pattern.fullmatch(path) is not None
 
 
+class _NoScope(Exception):
+    """The tenant callable returned something other than a string or None (logged)."""
+
+
+def check_tenant(tenant: object) -> None:
+    """Check the ``tenant`` option: None, :data:`SHARED_TENANT` or a callable (anything else
+    is a :class:`ConfigError` naming it, at construction, not a failure of every request)."""
+    if tenant is None or (isinstance(tenant, str) and tenant == SHARED_TENANT):
+        return
+    if isinstance(tenant, str) or not callable(tenant):
+        raise ConfigError(f"tenant must be None, a callable or {SHARED_TENANT!r}, got {tenant!r}")
+
+
 class CachePolicy:
     """Routes, tenant scope and limits for the HTTP integrations.
 
@@ -328,6 +345,10 @@ class CachePolicy:
         origin: str = "",
     ) -> None:
         table = DEFAULT_ROUTES if routes is None else routes
+        mapping("routes", table, what="a mapping of path to adapter")
+        text("origin", origin)
+        check_tenant(tenant)
+        integer("max_body_bytes", max_body_bytes, what=POSITIVE_BYTES)
         #: The server the routes are answered by (see :func:`origin_of`), in every key.
         self.origin = origin_of(origin)
         self.routes: dict[str, StreamAdapter] = {}
@@ -358,12 +379,8 @@ class CachePolicy:
             id(adapter): adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ()
             for adapter in self.routes.values()
         }
-        if isinstance(tenant, str) and tenant != SHARED_TENANT:
-            raise ConfigError(f"tenant must be None, a callable or {SHARED_TENANT!r}")
         self._tenant = tenant
         self._credentials = tuple(dict.fromkeys(h.lower() for h in credential_headers))
-        if max_body_bytes <= 0:
-            raise ConfigError(f"max_body_bytes must be positive, got {max_body_bytes!r}")
         self.max_body_bytes = max_body_bytes
 
     def match(self, method: str, path: str) -> tuple[str, StreamAdapter] | None:
@@ -386,10 +403,14 @@ class CachePolicy:
     def tenant_of(self, headers: Mapping[str, str], query: str = "") -> str | None:
         """The tenant scope of a request; None when the scope cannot tell who is asking (by
         default: no credential header, no ``key`` query parameter; a callable: it returned
-        None or ``""``): such requests are not cached, since their callers could not be kept
+        None or ``""``, or something other than a string, which is logged as a warning):
+        such requests are not cached, since their callers could not be kept
         apart (opt in with ``tenant="shared"``). Header names in any case."""
         lowered = {name.lower(): value for name, value in headers.items()}
-        return self._tenant_of(lowered, _split_query(query)[1])
+        try:
+            return self._tenant_of(lowered, _split_query(query)[1])
+        except _NoScope:  # (logged)
+            return None
 
     def _tenant_of(self, headers: Mapping[str, str], keys: list[str]) -> str | None:
         headers = _with_query_key(headers, keys, self._credentials)
@@ -400,14 +421,21 @@ class CachePolicy:
             return lowered_tenant_scope(headers, credentials) or None
         if self._tenant == SHARED_TENANT:
             return ""
-        assert callable(self._tenant)
+        assert callable(self._tenant)  # (check_tenant: a str is SHARED_TENANT)
         scope = self._tenant(headers)
         if scope is None or scope == "":
             # The callable cannot tell who is asking either: scoping all such requests as
             # one ("c:") would share their answers between every such caller.
             return None
         if not isinstance(scope, str):
-            raise ConfigError(f"the tenant callable returned {scope!r}, not a string or None")
+            # The server's own callable is wrong, not the request: logged, and the request
+            # is forwarded uncached (never answered 400, which would blame the client).
+            why = (
+                f"the tenant callable {self._tenant!r} returned "
+                f"{_shown(repr(scope), quote=False)}, not a string or None"
+            )
+            _bad_tenant_warnings.warning(self, "tenant", "sse_cache: %s: not cached", why)
+            raise _NoScope(why)
         return "c:" + scope  # never equal to a credential hash ("t:...") or the shared scope
 
     def decide(
@@ -466,7 +494,10 @@ class CachePolicy:
             return self._unkeyable(route, "request body is not a JSON object")
         if _nested_deeper_than(parsed, MAX_BODY_DEPTH):
             return self._unkeyable(route, deep)
-        tenant = self._tenant_of(headers, keys)
+        try:
+            tenant = self._tenant_of(headers, keys)
+        except _NoScope as exc:  # the server's tenant callable is wrong: logged, forwarded
+            return Decision(route=route, reason=str(exc))
         if tenant is None:
             why = (
                 "no credential header to scope the entry by (set tenant= to cache it)"

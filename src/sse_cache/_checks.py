@@ -1,0 +1,141 @@
+"""The option checkers of the constructors (:class:`~sse_cache.http.options.CacheOptions`,
+:class:`~sse_cache.engine.StreamCache`, :class:`~sse_cache.http.policy.CachePolicy`).
+
+Each takes the option's name and value and raises :class:`~sse_cache.errors.ConfigError`
+``"{name} must be ..., got {value!r}"`` when the value is wrong: of the wrong type (a string
+from an environment variable, a bool where a number is meant), NaN (which passes every
+``x <= 0`` check and would silently turn a limit off) or out of range. They run once, at
+construction: nothing here is on a request's path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from .errors import ConfigError
+from .pacing import Pacing
+
+__all__ = [
+    "BYTES",
+    "POSITIVE_BYTES",
+    "boolean",
+    "callables",
+    "instance_of",
+    "integer",
+    "mapping",
+    "pacing_of",
+    "positive_number",
+    "text",
+]
+
+#: What a byte limit must be, in the errors of :func:`integer`.
+POSITIVE_BYTES = "a positive number of bytes (an int)"
+#: What a byte budget must be, in the errors of :func:`integer` (0 turns it off).
+BYTES = "a number of bytes >= 0 (an int; 0 turns it off)"
+
+
+def positive_number(
+    name: str,
+    value: object,
+    *,
+    finite: bool = True,
+    maximum: float | None = None,
+    what: str = "a positive number of seconds",
+) -> None:
+    """Check that ``value`` is a real number (not a bool) ``> 0``: finite unless
+    ``finite=False``, at most ``maximum`` when given."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not value > 0  # (NaN included)
+        or (finite and not math.isfinite(value))
+        or (maximum is not None and value > maximum)
+    ):
+        at_most = "" if maximum is None else f" of at most {maximum:g}"
+        raise ConfigError(f"{name} must be {what}{at_most}, got {value!r}")
+
+
+def integer(name: str, value: object, *, minimum: int = 1, what: str = "") -> None:
+    """Check that ``value`` is an int (not a bool, not a float) ``>= minimum``; ``what`` says
+    what it must be in the error (by default: a positive integer, an integer >= minimum)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = what or ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def boolean(name: str, value: object) -> None:
+    """Check that ``value`` is a bool: a string such as ``"false"`` (from an environment
+    variable) is not taken as true."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+def text(name: str, value: object) -> None:
+    """Check that ``value`` is a str."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+
+
+def mapping(name: str, value: object, *, what: str = "a mapping") -> None:
+    """Check that ``value`` is a :class:`~collections.abc.Mapping` (a dict)."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name} must be {what}, got {value!r}")
+
+
+def callables(name: str, value: object) -> tuple[Callable[..., Any], ...]:
+    """``value`` as a tuple: an iterable (a list) of plain callables. One callable alone, a
+    non-callable item, or an ``async def`` one (its coroutine would never be awaited) is
+    refused."""
+    if callable(value) or isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(f"{name} must be a list of callables, got {value!r}")
+    items = tuple(value)
+    for item in items:
+        if not callable(item):
+            raise ConfigError(f"{name} must be a list of callables, got {item!r} in it")
+        if _is_async(item):
+            raise ConfigError(
+                f"{name} must be plain (not async) callables: they are called, never "
+                f"awaited, got {item!r}"
+            )
+    return items
+
+
+def _is_async(item: object) -> bool:
+    # An ``async def`` function (also behind functools.partial), or an object whose
+    # ``__call__`` is one.
+    call = inspect.getattr_static(type(item), "__call__", None)
+    return inspect.iscoroutinefunction(item) or inspect.iscoroutinefunction(call)
+
+
+def instance_of(name: str, value: object, kind: type, *, optional: bool = False) -> None:
+    """Check that ``value`` is an instance of ``kind`` (a class, or a runtime-checkable
+    protocol); None too when ``optional``. A class is refused even when it has every
+    attribute the protocol asks for (an adapter class given where its instance is meant)."""
+    if value is None and optional:
+        return
+    if isinstance(value, type):
+        raise ConfigError(
+            f"{name} must be {_a(kind.__name__)} instance, got the class {value.__name__} "
+            f"(call it: {value.__name__}())"
+        )
+    if not isinstance(value, kind):
+        none = " or None" if optional else ""
+        raise ConfigError(f"{name} must be {_a(kind.__name__)}{none}, got {value!r}")
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "AEIOU" else f"a {noun}"
+
+
+def pacing_of(name: str, value: object) -> Pacing:
+    """``value`` read as a :class:`~sse_cache.pacing.Pacing` (a pacing string, a finite
+    positive speed factor, or a Pacing), the error naming the option."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        positive_number(name, value, what="a pacing string or a positive speed factor")
+    try:
+        return Pacing.parse(value)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise ConfigError(f"{name}: {exc}") from None

@@ -1,0 +1,104 @@
+"""StreamCache's arguments are checked at construction, each error naming the argument."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+
+from sse_cache import ConfigError, DefaultKeyer, MsgpackCodec
+from sse_cache.adapters import GenericSSE, OpenAIResponses
+from sse_cache.breaker import Breaker
+from sse_cache.engine import StreamCache
+
+NAN = float("nan")
+
+
+def _metrics(notice: object) -> None:
+    pass
+
+
+async def _async_hook(notice: object) -> None:
+    pass
+
+
+class _AsyncCallable:
+    async def __call__(self, notice: object) -> None:
+        pass
+
+
+# (argument, value): each was accepted (a limit silently off, a string taken as true, a
+# default silently used, a hook never awaited) or failed later without naming the argument.
+BAD_ARGUMENTS = [
+    ("breaker", 0),
+    ("breaker", Breaker),
+    ("max_entry_bytes", NAN),
+    ("max_entry_bytes", "32MiB"),
+    ("max_entry_bytes", 1.5),
+    ("decoded_cache_bytes", NAN),
+    ("decoded_cache_bytes", "64MiB"),
+    ("ttl", True),
+    ("ttl", "10"),
+    ("ttl", NAN),
+    ("backend_timeout", None),
+    ("backend_timeout", NAN),
+    ("join_timeout", NAN),
+    ("join_timeout", "300"),
+    ("single_flight", "false"),
+    ("hooks", _metrics),
+    ("hooks", [_async_hook]),
+    ("hooks", [functools.partial(_async_hook)]),
+    ("hooks", [_AsyncCallable()]),
+    ("hooks", [None]),
+    ("keyer", ""),
+    ("keyer", DefaultKeyer),
+    ("codec", 0),
+    ("codec", MsgpackCodec),
+    ("pacing", NAN),
+    ("pacing", "fast"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_ARGUMENTS)
+def test_bad_arguments_are_refused_naming_them(name: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=rf"^{name}\b"):
+        StreamCache("memory://", GenericSSE(), **{name: value})
+
+
+def test_the_adapter_class_is_refused_with_a_hint() -> None:
+    # Accepted before: the first request then failed (its name is a property object, its
+    # methods unbound).
+    with pytest.raises(
+        ConfigError,
+        match=r"^adapter must be a StreamAdapter instance, got the "
+        r"class OpenAIResponses \(call it: OpenAIResponses\(\)\)",
+    ):
+        StreamCache("memory://", OpenAIResponses)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="^adapter must be a StreamAdapter, got None"):
+        StreamCache("memory://", None)  # type: ignore[arg-type]
+
+
+def test_a_backend_that_is_not_one_is_refused() -> None:
+    with pytest.raises(ConfigError, match="^backend must be a Backend, got"):
+        StreamCache(object(), GenericSSE())  # type: ignore[arg-type]
+
+
+def test_good_arguments_still_pass() -> None:
+    kept: list[Any] = []
+    cache = StreamCache(
+        "memory://",
+        GenericSSE(),
+        keyer=DefaultKeyer(),
+        codec=MsgpackCodec(),
+        ttl=5,
+        max_entry_bytes=1024,
+        pacing=2,
+        hooks=[kept.append, _metrics],
+        backend_timeout=0.5,
+        single_flight=False,
+        join_timeout=float("inf"),
+        decoded_cache_bytes=0,
+        breaker=Breaker(failures=0),
+    )
+    assert cache.pacing.factor == 2 and cache.ttl == 5 and cache.max_entry_bytes == 1024
