@@ -236,13 +236,26 @@ class _Request:
         try:
             async with exchange:
                 with anyio.CancelScope() as self.app_scope:
-                    await self.mw.app(self.scope, self._receive, self._send)
-                if self.app_scope.cancelled_caught and self.tee is not None:
-                    self.tee.fail(
-                        "every reader left before the stream ended"
-                        if self.abandoned
-                        else "the background completion ran out of time"
-                    )
+                    try:
+                        await self.mw.app(self.scope, self._receive, self._send)
+                    except BaseException as exc:
+                        if self.held_end and self.tee is not None:
+                            # After its last body message (Starlette's BaseHTTPMiddleware
+                            # sends it, then re-raises the app's error): not an end.
+                            self.tee.fail(f"the app raised after its last body message: {exc!r}")
+                        raise
+                tee = self.tee
+                if tee is not None:
+                    if self.held_end:
+                        # The response's end counts once the app has returned: until then
+                        # an error may still undo it (see _send).
+                        tee.end()
+                    elif self.app_scope.cancelled_caught:
+                        tee.fail(
+                            "every reader left before the stream ended"
+                            if self.abandoned
+                            else "the background completion ran out of time"
+                        )
         finally:
             if self.background:
                 self.mw._background -= 1
@@ -300,6 +313,11 @@ class _Request:
         tee = self.tee
         if tee is None or tee.ended or tee.cut:
             return False
+        if self.held_end:
+            # The app sent all of its body and works on after it (a background task): it
+            # finishes, and its end counts then, whoever still reads.
+            self.detached = True
+            return True
         mw = self.mw
         window = tee.resume_window
         if window is None and tee.followed and tee.client_left(self._abandon):
@@ -332,7 +350,17 @@ class _Request:
             await tee.release_after_window()
 
     async def _abandon(self) -> None:
-        # The last follower left before the end: stop the app (and so its upstream call).
+        # The last follower left before the end (the producer's client had left already).
+        mw = self.mw
+        if mw.finish_on_disconnect and not self.background and mw._background < mw.max_background:
+            # As for a client that leaves alone: the app finishes the stream to store it,
+            # within background_timeout. (No one can join it any more: the flight is over.)
+            mw._background += 1
+            self.background = True
+            if self.app_scope is not None:
+                self.app_scope.deadline = anyio.current_time() + mw.background_timeout
+            return
+        # Stop the app (and so its upstream call).
         self.abandoned = True
         if self.app_scope is not None:
             self.app_scope.cancel()
@@ -365,14 +393,16 @@ class _Request:
             if tee is not None and final:
                 # Deliver all of the body now, but hold the end of the response until the
                 # exchange has stored the answer (read-your-writes for the next request).
+                # For the followers and the recording too, the end is held until the app has
+                # returned (_produce): an app may still raise after its last body message
+                # (Starlette's BaseHTTPMiddleware sends one for an app that failed mid-way),
+                # and that stream was cut, not complete.
                 self.held_end = True
                 message = {**message, "more_body": True}
             if chunk or not final or tee is None:
                 await self._deliver(message)  # deliver first, pass on second
             if tee is not None:
                 tee.pass_on(chunk)
-                if final:
-                    tee.end()
                 await tee.flush()
             return
         await self._deliver(message)

@@ -22,6 +22,7 @@ import pytest
 
 from sse_cache import Event
 from sse_cache.asgi import CacheMiddleware
+from sse_cache.engine import Notice
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
 from sse_cache.proxy import create_proxy_app
 from sse_cache.testing import GatedUpstream, MockUpstream
@@ -410,6 +411,44 @@ async def test_a_handed_over_upstream_is_closed_and_its_connection_reused(serve:
             _, bodies = await _leave_early(c, body("one connection"))
             nxt = await c.post("/v1/responses", json=body("the next one"), headers=KEY)
     assert complete(bodies[0]) and nxt.status_code == 200 and complete(nxt.content)
+
+
+async def test_finish_on_disconnect_fills_the_cache_when_every_reader_of_a_stream_left(
+    serve: Any,
+) -> None:
+    # With finish_on_disconnect, a stream whose client left is finished to fill the cache:
+    # also when others followed it and left too (the last of them used to stop the app, so
+    # the most asked answers were the ones never stored).
+    upstream_app = MockUpstream(first_delay=0.05, delay=0.01)
+    stored = anyio.Event()
+
+    def on_notice(notice: Notice) -> None:
+        if notice.kind == "store":
+            stored.set()
+
+    async with serve(upstream_app) as upstream:
+        app = CacheMiddleware(
+            upstream_app, "memory://", finish_on_disconnect=True, hooks=[on_notice]
+        )
+        async with serve(app) as base, httpx2.AsyncClient(base_url=base, timeout=30) as client:
+            payload = body("everyone leaves")
+            request = client.build_request("POST", "/v1/responses", json=payload, headers=KEY)
+            producer = await client.send(request, stream=True)
+            follower = await client.send(request, stream=True)
+            assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
+                "miss",
+                "shared",
+            ]
+            for response in (producer, follower):
+                await response.aiter_raw().__anext__()  # a first chunk, then the client leaves
+                await response.aclose()
+            with anyio.fail_after(30):
+                await stored.wait()
+            again = await client.post("/v1/responses", json=payload, headers=KEY)
+            expected = await direct(upstream, payload)
+        await app.aclose()
+    assert again.headers["x-sse-cache"] == "hit" and again.content == expected
+    assert upstream_app.stats()["requests"]["POST /v1/responses"] == 2  # ours, and direct()
 
 
 async def test_followers_outlive_a_background_completion_deadline(serve: Any) -> None:

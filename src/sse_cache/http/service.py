@@ -477,6 +477,13 @@ class Exchange:
         live = self._flight
         lease = self._lead
         head = None
+        encoding = next((v for k, v in headers if k.lower() == "content-encoding"), "")
+        if live is not None and encoding.strip().lower() not in ("", "identity"):
+            # Encoded as this request asked (its Accept-Encoding): an identical request need
+            # not have asked the same, and may not read it. Not offered to followers: those
+            # waiting have been sent nothing, and go round to ask for themselves.
+            live.fail(f"the response is encoded ({encoding}): not shared")
+            live = None
         if live is not None or lease is not None:
             ours = {k for k, _ in self.headers()}
             sent = [*((k, v) for k, v in headers if k.lower() not in ours), *self.headers()]

@@ -1,0 +1,137 @@
+"""The middleware composed with what gateways already run (Starlette's BaseHTTPMiddleware,
+GZip), over real HTTP: a partial answer never looks complete to any client, and a follower
+never gets bytes its request did not ask for."""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from sse_cache.adapters import GenericSSE
+from sse_cache.asgi import CacheMiddleware
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+KEY = {"authorization": "Bearer sk-compose"}
+ROUTES = {"/v1/generate": GenericSSE}  # a clean end is a complete answer
+
+
+class PassThrough(BaseHTTPMiddleware):
+    """An auth or logging layer written the usual Starlette way."""
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+
+async def read(response: httpx2.Response) -> tuple[str, bytes]:
+    """("ended", body) for a response that ended cleanly, ("cut", body) for one aborted."""
+    body = b""
+    try:
+        async for chunk in response.aiter_raw():
+            body += chunk
+    except httpx2.TransportError:
+        return "cut", body
+    return "ended", body
+
+
+async def test_an_app_failing_after_basehttpmiddleware_ended_its_response_is_cut_for_all(
+    serve: Any,
+) -> None:
+    # BaseHTTPMiddleware answers an app that raised mid-stream with the end of the body
+    # (more_body False) and only then re-raises. That end is not the stream's: the producer's
+    # client is aborted, a follower must be too, and nothing is stored.
+    release = anyio.Event()
+    calls = 0
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"n":1}\n\n'
+        await release.wait()
+        yield b'data: {"n":2}\n\n'
+        raise RuntimeError("the upstream broke off")
+
+    async def generate(request: Request) -> Response:
+        nonlocal calls
+        calls += 1
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    app = CacheMiddleware(
+        Starlette(
+            routes=[Route("/v1/generate", generate, methods=["POST"])],
+            middleware=[Middleware(PassThrough)],
+        ),
+        "memory://",
+        routes=ROUTES,
+    )
+    async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=30) as client:
+        request = client.build_request("POST", "/v1/generate", json={"q": 1}, headers=KEY)
+        producer = await client.send(request, stream=True)
+        assert producer.headers["x-sse-cache"] == "miss"
+        chunks = producer.aiter_raw()
+        assert await chunks.__anext__() == b'data: {"n":1}\n\n'
+        follower = await client.send(request, stream=True)
+        assert follower.headers["x-sse-cache"] == "shared"
+        release.set()
+        with pytest.raises(httpx2.TransportError):
+            async for _ in chunks:
+                pass
+        outcome, body = await read(follower)
+        assert outcome == "cut", body
+        await producer.aclose()
+        await follower.aclose()
+        again = await client.send(request, stream=True)
+        assert again.headers["x-sse-cache"] == "miss"  # nothing was stored
+        await again.aclose()
+    assert calls == 2
+
+
+async def test_a_follower_never_gets_an_encoding_it_did_not_ask_for(serve: Any) -> None:
+    # GZip set to compress event streams too: the first request asked for gzip and gets it.
+    # An identical request that did not ask must not follow it into gzip bytes: it asks for
+    # itself (its own miss), and reads plain SSE. Compressed answers are never stored.
+    release = anyio.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"n":1}\n\n' * 40
+        await release.wait()
+        yield b'data: {"n":2}\n\n'
+
+    async def generate(request: Request) -> Response:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    inner = Starlette(routes=[Route("/v1/generate", generate, methods=["POST"])])
+    app = CacheMiddleware(
+        GZipMiddleware(inner, minimum_size=0, exclude_content_types=()), "memory://", routes=ROUTES
+    )
+    async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=30) as client:
+        gzipped = client.build_request(
+            "POST", "/v1/generate", json={}, headers={**KEY, "accept-encoding": "gzip"}
+        )
+        plain = client.build_request(
+            "POST", "/v1/generate", json={}, headers={**KEY, "accept-encoding": "identity"}
+        )
+        first = await client.send(gzipped, stream=True)
+        assert first.headers["content-encoding"] == "gzip"
+        chunks = first.aiter_raw()
+        head = await chunks.__anext__()  # the stream is live, its head sent
+        second = await client.send(plain, stream=True)
+        assert "content-encoding" not in second.headers
+        assert second.headers["x-sse-cache"] == "miss"
+        release.set()
+        outcome, body = await read(second)
+        assert outcome == "ended" and body.endswith(b'data: {"n":2}\n\n')
+        rest = b"".join([chunk async for chunk in chunks])
+        assert gzip.decompress(head + rest).endswith(b'data: {"n":2}\n\n')
+        await first.aclose()
+        await second.aclose()
