@@ -239,9 +239,12 @@ class _Request:
                     try:
                         await self.mw.app(self.scope, self._receive, self._send)
                     except BaseException as exc:
-                        if self.held_end and self.tee is not None:
-                            # After its last body message (Starlette's BaseHTTPMiddleware
-                            # sends it, then re-raises the app's error): not an end.
+                        # After its last body message, an error (Starlette's
+                        # BaseHTTPMiddleware sends that message, then re-raises the app's
+                        # error) is not an end. (Stopped by us after it, say at the background
+                        # deadline, the response was whole: it ends below.)
+                        stopped = self.app_scope.cancel_called
+                        if self.held_end and self.tee is not None and not stopped:
                             self.tee.fail(f"the app raised after its last body message: {exc!r}")
                         raise
                 tee = self.tee
