@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -32,9 +33,9 @@ __all__ = [
 ]
 
 #: What a byte limit must be, in the errors of :func:`integer`.
-POSITIVE_BYTES = "a positive number of bytes (an int)"
+POSITIVE_BYTES = "a positive whole number of bytes"
 #: What a byte budget must be, in the errors of :func:`integer` (0 turns it off).
-BYTES = "a number of bytes >= 0 (an int; 0 turns it off)"
+BYTES = "a whole number of bytes >= 0 (0 turns it off)"
 
 
 def positive_number(
@@ -44,26 +45,34 @@ def positive_number(
     finite: bool = True,
     maximum: float | None = None,
     what: str = "a positive number of seconds",
-) -> None:
-    """Check that ``value`` is a real number (not a bool) ``> 0``: finite unless
-    ``finite=False``, at most ``maximum`` when given."""
+) -> float:
+    """``value`` as a float, checked to be a real number (an int, a float, a numpy scalar; not
+    a bool) ``> 0``: finite unless ``finite=False``, at most ``maximum`` when given."""
+    number = float(value) if isinstance(value, numbers.Real) else math.nan
     if (
         isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not value > 0  # (NaN included)
-        or (finite and not math.isfinite(value))
-        or (maximum is not None and value > maximum)
+        or not number > 0  # (NaN included: not a number at all, too)
+        or (finite and not math.isfinite(number))
+        or (maximum is not None and number > maximum)
     ):
         at_most = "" if maximum is None else f" of at most {maximum:g}"
         raise ConfigError(f"{name} must be {what}{at_most}, got {value!r}")
+    return number
 
 
-def integer(name: str, value: object, *, minimum: int = 1, what: str = "") -> None:
-    """Check that ``value`` is an int (not a bool, not a float) ``>= minimum``; ``what`` says
-    what it must be in the error (by default: a positive integer, an integer >= minimum)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def integer(name: str, value: object, *, minimum: int = 1, what: str = "") -> int:
+    """``value`` as an int, checked to be a whole number ``>= minimum``: an int (a numpy
+    integer too) or a float with nothing after the point (``1e6``); never a bool, never
+    rounded (``1.5`` is refused). ``what`` says what it must be in the error (by default: a
+    positive integer, an integer >= minimum)."""
+    whole = (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
+    number: int | None = int(value) if whole else None  # type: ignore[call-overload]
+    if number is None or number < minimum:
         what = what or ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
         raise ConfigError(f"{name} must be {what}, got {value!r}")
+    return number
 
 
 def boolean(name: str, value: object) -> None:

@@ -321,18 +321,13 @@ class _Request:
             # finishes, and its end counts then, whoever still reads.
             self.detached = True
             return True
-        mw = self.mw
         window = tee.resume_window
         if window is None and tee.followed and tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
-        if mw.finish_on_disconnect and mw._background < mw.max_background:
-            # The app finishes the stream to store it: for the flight, the producer is still
-            # reading (followers keep joining), bounded by background_timeout.
-            mw._background += 1
-            self.detached = self.background = True
-            if self.app_scope is not None:
-                self.app_scope.deadline = anyio.current_time() + mw.background_timeout
+        if self._finish_in_background():
+            # For the flight, the producer is still reading (followers keep joining).
+            self.detached = True
             return True
         if window is not None and self.tasks is not None:
             # The client may come back for the rest (it resumes): the app streams on for the
@@ -352,18 +347,27 @@ class _Request:
         with scope:  # cancelled when the stream ends first
             await tee.release_after_window()
 
-    async def _abandon(self) -> None:
-        # The last follower left before the end (the producer's client had left already).
+    def _finish_in_background(self) -> bool:
+        """With ``finish_on_disconnect``, while fewer than ``max_background`` do: the app
+        finishes this stream, that no client reads any more, to store it, within
+        ``background_timeout``. False otherwise."""
         mw = self.mw
-        if mw.finish_on_disconnect and not self.background and mw._background < mw.max_background:
-            # As for a client that leaves alone: the app finishes the stream to store it,
-            # within background_timeout. (No one can join it any more: the flight is over.)
-            mw._background += 1
-            self.background = True
-            if self.app_scope is not None:
-                self.app_scope.deadline = anyio.current_time() + mw.background_timeout
+        if self.background:
+            return True
+        if not mw.finish_on_disconnect or mw._background >= mw.max_background:
+            return False
+        mw._background += 1  # (given back when the app is done: _produce)
+        self.background = True
+        if self.app_scope is not None:
+            self.app_scope.deadline = anyio.current_time() + mw.background_timeout
+        return True
+
+    async def _abandon(self) -> None:
+        # The last follower left before the end (the producer's client had left already):
+        # finish the stream in the background, as for a client that leaves alone (no one can
+        # join it any more: the flight is over), or stop the app (and its upstream call).
+        if self._finish_in_background():
             return
-        # Stop the app (and so its upstream call).
         self.abandoned = True
         if self.app_scope is not None:
             self.app_scope.cancel()

@@ -125,15 +125,17 @@ class StreamCache:
         instance_of("adapter", adapter, StreamAdapter)
         instance_of("keyer", keyer, CacheKeyer, optional=True)
         instance_of("codec", codec, EventCodec, optional=True)
-        _check_ttl(ttl)
-        integer("max_entry_bytes", max_entry_bytes, what=POSITIVE_BYTES)
+        ttl = None if ttl is None else positive_number("ttl", ttl)
+        max_entry_bytes = integer("max_entry_bytes", max_entry_bytes, what=POSITIVE_BYTES)
         self.pacing = pacing_of("pacing", pacing)
         self._hooks = callables("hooks", hooks)
-        positive_number("backend_timeout", backend_timeout)
+        backend_timeout = positive_number("backend_timeout", backend_timeout)
         boolean("single_flight", single_flight)
-        positive_number("join_timeout", join_timeout, finite=False)
+        join_timeout = positive_number("join_timeout", join_timeout, finite=False)
         if not isinstance(decoded_cache_bytes, DecodedEntries):
-            integer("decoded_cache_bytes", decoded_cache_bytes, minimum=0, what=BYTES)
+            decoded_cache_bytes = integer(
+                "decoded_cache_bytes", decoded_cache_bytes, minimum=0, what=BYTES
+            )
         instance_of("breaker", breaker, Breaker, optional=True)
         self.backend, self._owns_backend = open_backend(backend)
         self.adapter = adapter

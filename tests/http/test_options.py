@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from fractions import Fraction
 
 import pytest
 
-from sse_cache import CacheOptions, ConfigError, DefaultKeyer, MsgpackCodec
+from sse_cache import CacheOptions, ConfigError, DefaultKeyer, MsgpackCodec, StreamCache
+from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.http.policy import SHARED_TENANT
 from sse_cache.http.service import CacheService
@@ -150,6 +152,22 @@ def test_good_values_still_pass() -> None:
     )
     assert options.hooks == (_metrics,)  # a list becomes a tuple, iterated once per notice
     assert CacheOptions(tenant=lambda headers: headers.get("x-org")).tenant is not None
+
+
+def test_numbers_are_taken_in_any_exact_form_and_kept_as_the_parts_use_them() -> None:
+    # Sizes written as floats (1e6), numbers of other real types (a Fraction, as a numpy
+    # scalar is): accepted, and stored as the int or float the cache computes with. A
+    # fraction of a byte is refused, never rounded.
+    options = CacheOptions(
+        max_entry_bytes=1e6, max_body_bytes=2.5e6, decoded_cache_bytes=0.0, ttl=Fraction(3, 2)
+    )
+    assert (options.max_entry_bytes, options.max_body_bytes) == (1_000_000, 2_500_000)
+    assert type(options.max_entry_bytes) is int and options.decoded_cache_bytes == 0
+    assert options.ttl == 1.5 and type(options.ttl) is float
+    with pytest.raises(ConfigError, match=r"max_entry_bytes must be .*got 1000\.5"):
+        CacheOptions(max_entry_bytes=1000.5)
+    cache = StreamCache("memory://", GenericSSE(), max_entry_bytes=2e6, ttl=Fraction(1, 2))
+    assert (cache.max_entry_bytes, cache.ttl) == (2_000_000, 0.5)
 
 
 def test_the_option_list_exists_once() -> None:

@@ -5,6 +5,7 @@ never gets bytes its request did not ask for."""
 from __future__ import annotations
 
 import gzip
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -135,3 +136,57 @@ async def test_a_follower_never_gets_an_encoding_it_did_not_ask_for(serve: Any) 
         assert gzip.decompress(head + rest).endswith(b'data: {"n":2}\n\n')
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_follower_in_another_process_never_gets_an_encoding_it_did_not_ask_for(
+    serve: Any, redis_server: Any
+) -> None:
+    # Two workers on one Redis with cross-process single-flight: the gzip answer of one is
+    # not published to an identical request in the other that did not ask for gzip. It
+    # leads its own answer, plain.
+    release = anyio.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"n":1}\n\n' * 40
+        await release.wait()
+        yield b'data: {"n":2}\n\n'
+
+    async def generate(request: Request) -> Response:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    inner = Starlette(routes=[Route("/v1/generate", generate, methods=["POST"])])
+    url = f"{redis_server.url}?prefix=gzip{uuid.uuid4().hex[:8]}:"
+
+    def worker() -> CacheMiddleware:
+        compressing = GZipMiddleware(inner, minimum_size=0, exclude_content_types=())
+        return CacheMiddleware(compressing, url, routes=ROUTES, cross_process=True)
+
+    a, b = worker(), worker()
+    async with (
+        serve(a) as url_a,
+        serve(b) as url_b,
+        httpx2.AsyncClient(base_url=url_a, timeout=30) as client_a,
+        httpx2.AsyncClient(base_url=url_b, timeout=30) as client_b,
+    ):
+        gzipped = client_a.build_request(
+            "POST", "/v1/generate", json={}, headers={**KEY, "accept-encoding": "gzip"}
+        )
+        first = await client_a.send(gzipped, stream=True)
+        assert first.headers["content-encoding"] == "gzip"
+        chunks = first.aiter_raw()
+        await chunks.__anext__()  # worker A's stream is live, its head sent
+        plain = client_b.build_request(
+            "POST", "/v1/generate", json={}, headers={**KEY, "accept-encoding": "identity"}
+        )
+        second = await client_b.send(plain, stream=True)
+        assert "content-encoding" not in second.headers
+        assert second.headers["x-sse-cache"] == "miss"
+        release.set()
+        outcome, body = await read(second)
+        assert outcome == "ended" and body.endswith(b'data: {"n":2}\n\n')
+        async for _ in chunks:
+            pass
+        await first.aclose()
+        await second.aclose()
+    await a.aclose()
+    await b.aclose()

@@ -33,6 +33,13 @@ def media_type(headers: Mapping[str, str]) -> str:
     return headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
+def encoding_of(headers: Mapping[str, str]) -> str:
+    """The content coding of a response (``headers`` with lower-case names): ``""`` for
+    none (``identity``), else ``gzip``, ``br``..."""
+    coding = headers.get("content-encoding", "").strip().lower()
+    return "" if coding == "identity" else coding
+
+
 def not_recorded_because(
     status: int, headers: Mapping[str, str], media: str, *, wanted: bool
 ) -> str:
@@ -42,7 +49,7 @@ def not_recorded_because(
         return "not to be stored"
     if not 200 <= status < 300:
         return f"upstream status {status}"
-    if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+    if encoding_of(headers):
         return "compressed response body"
     if media not in (SSE_TYPE, JSON_TYPE):
         return f"content type {media or 'missing'}"

@@ -89,29 +89,37 @@ class CacheOptions:
         if self.routes is not None:
             mapping("routes", self.routes, what="a mapping of path to adapter")
         check_tenant(self.tenant)
-        if self.ttl is not None:
-            positive_number("ttl", self.ttl)
-        integer("max_entry_bytes", self.max_entry_bytes, what=POSITIVE_BYTES)
-        integer("max_body_bytes", self.max_body_bytes, what=POSITIVE_BYTES)
         pacing_of("pacing", self.pacing)
-        object.__setattr__(self, "hooks", callables("hooks", self.hooks))
-        positive_number("backend_timeout", self.backend_timeout)
         boolean("single_flight", self.single_flight)
         instance_of("keyer", self.keyer, CacheKeyer, optional=True)
         instance_of("codec", self.codec, EventCodec, optional=True)
         boolean("cross_process", self.cross_process)
-        positive_number(
-            "cross_process_lease", self.cross_process_lease, maximum=MAX_CROSS_PROCESS_LEASE
-        )
-        integer("decoded_cache_bytes", self.decoded_cache_bytes, minimum=0, what=BYTES)
-        integer("breaker_failures", self.breaker_failures, minimum=0)
-        positive_number("breaker_cooldown", self.breaker_cooldown)
+        # The numbers as the parts built from these options use them (1e6 bytes: an int).
+        lease = MAX_CROSS_PROCESS_LEASE
+        checked: dict[str, Any] = {
+            "hooks": callables("hooks", self.hooks),
+            "max_entry_bytes": integer(
+                "max_entry_bytes", self.max_entry_bytes, what=POSITIVE_BYTES
+            ),
+            "max_body_bytes": integer("max_body_bytes", self.max_body_bytes, what=POSITIVE_BYTES),
+            "backend_timeout": positive_number("backend_timeout", self.backend_timeout),
+            "cross_process_lease": positive_number(
+                "cross_process_lease", self.cross_process_lease, maximum=lease
+            ),
+            "decoded_cache_bytes": integer(
+                "decoded_cache_bytes", self.decoded_cache_bytes, minimum=0, what=BYTES
+            ),
+            "breaker_failures": integer("breaker_failures", self.breaker_failures, minimum=0),
+            "breaker_cooldown": positive_number("breaker_cooldown", self.breaker_cooldown),
+        }
+        if self.ttl is not None:
+            checked["ttl"] = positive_number("ttl", self.ttl)
         if self.resume_window is not None:
-            positive_number(
-                "resume_window",
-                self.resume_window,
-                what="a positive number of seconds or None",
+            checked["resume_window"] = positive_number(
+                "resume_window", self.resume_window, what="a positive number of seconds or None"
             )
+        for field, value in checked.items():
+            object.__setattr__(self, field, value)
         text("origin", self.origin)
 
     @classmethod

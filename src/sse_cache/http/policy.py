@@ -348,7 +348,7 @@ class CachePolicy:
         mapping("routes", table, what="a mapping of path to adapter")
         text("origin", origin)
         check_tenant(tenant)
-        integer("max_body_bytes", max_body_bytes, what=POSITIVE_BYTES)
+        max_body_bytes = integer("max_body_bytes", max_body_bytes, what=POSITIVE_BYTES)
         #: The server the routes are answered by (see :func:`origin_of`), in every key.
         self.origin = origin_of(origin)
         self.routes: dict[str, StreamAdapter] = {}

@@ -68,7 +68,7 @@ from ._fanout import (
     lead_or_follow,
 )
 from ._resume import alias_key, live_alias_key
-from ._tee import ResponseTee, media_type, not_recorded_because
+from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import CachePolicy, Decision
 
@@ -474,16 +474,24 @@ class Exchange:
             return None
         assert self._cache is not None and self._stack is not None
         headers = list(headers)
+        lowered = {k.lower(): v for k, v in headers}
         live = self._flight
         lease = self._lead
         head = None
-        encoding = next((v for k, v in headers if k.lower() == "content-encoding"), "")
-        if live is not None and encoding.strip().lower() not in ("", "identity"):
+        encoding = encoding_of(lowered)
+        if encoding and (live is not None or lease is not None):
             # Encoded as this request asked (its Accept-Encoding): an identical request need
-            # not have asked the same, and may not read it. Not offered to followers: those
-            # waiting have been sent nothing, and go round to ask for themselves.
-            live.fail(f"the response is encoded ({encoding}): not shared")
-            live = None
+            # not have asked the same, and may not read it. Not shared: the followers waiting
+            # here or in other processes have been sent nothing, and ask for themselves.
+            if live is not None:
+                live.fail(f"the response is encoded ({encoding}): not shared")
+                live = None
+            if lease is not None:
+                # The failure marker, then the lock freed: those in other processes go
+                # round and one of them leads in turn.
+                self._lead = None
+                await end_lead(lease, self.key, None)
+                lease = None
         if live is not None or lease is not None:
             ours = {k for k, _ in self.headers()}
             sent = [*((k, v) for k, v in headers if k.lower() not in ours), *self.headers()]
@@ -491,7 +499,6 @@ class Exchange:
             if live is not None:
                 live.respond(head)
         controls = self.decision.controls
-        lowered = {k.lower(): v for k, v in headers}
         media = media_type(lowered)
         # A reconnecting client may get only the rest of a stream: never store that.
         wanted = controls.store and self.decision.last_event_id is None
