@@ -97,11 +97,9 @@ async def test_an_app_failing_after_basehttpmiddleware_ended_its_response_is_cut
     assert calls == 2
 
 
-async def test_a_follower_never_gets_an_encoding_it_did_not_ask_for(serve: Any) -> None:
-    # GZip set to compress event streams too: the first request asked for gzip and gets it.
-    # An identical request that did not ask must not follow it into gzip bytes: it asks for
-    # itself (its own miss), and reads plain SSE. Compressed answers are never stored.
-    release = anyio.Event()
+def gzipping(release: anyio.Event) -> GZipMiddleware:
+    """An app streaming SSE behind a GZip layer set to compress event streams too: a first
+    piece, then the rest once ``release`` is set."""
 
     async def events() -> AsyncIterator[bytes]:
         yield b'data: {"n":1}\n\n' * 40
@@ -112,9 +110,15 @@ async def test_a_follower_never_gets_an_encoding_it_did_not_ask_for(serve: Any) 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     inner = Starlette(routes=[Route("/v1/generate", generate, methods=["POST"])])
-    app = CacheMiddleware(
-        GZipMiddleware(inner, minimum_size=0, exclude_content_types=()), "memory://", routes=ROUTES
-    )
+    return GZipMiddleware(inner, minimum_size=0, exclude_content_types=())
+
+
+async def test_a_follower_never_gets_an_encoding_it_did_not_ask_for(serve: Any) -> None:
+    # GZip set to compress event streams too: the first request asked for gzip and gets it.
+    # An identical request that did not ask must not follow it into gzip bytes: it asks for
+    # itself (its own miss), and reads plain SSE. Compressed answers are never stored.
+    release = anyio.Event()
+    app = CacheMiddleware(gzipping(release), "memory://", routes=ROUTES)
     async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=30) as client:
         gzipped = client.build_request(
             "POST", "/v1/generate", json={}, headers={**KEY, "accept-encoding": "gzip"}
@@ -145,23 +149,10 @@ async def test_a_follower_in_another_process_never_gets_an_encoding_it_did_not_a
     # not published to an identical request in the other that did not ask for gzip. It
     # leads its own answer, plain.
     release = anyio.Event()
-
-    async def events() -> AsyncIterator[bytes]:
-        yield b'data: {"n":1}\n\n' * 40
-        await release.wait()
-        yield b'data: {"n":2}\n\n'
-
-    async def generate(request: Request) -> Response:
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    inner = Starlette(routes=[Route("/v1/generate", generate, methods=["POST"])])
     url = f"{redis_server.url}?prefix=gzip{uuid.uuid4().hex[:8]}:"
-
-    def worker() -> CacheMiddleware:
-        compressing = GZipMiddleware(inner, minimum_size=0, exclude_content_types=())
-        return CacheMiddleware(compressing, url, routes=ROUTES, cross_process=True)
-
-    a, b = worker(), worker()
+    a, b = (
+        CacheMiddleware(gzipping(release), url, routes=ROUTES, cross_process=True) for _ in range(2)
+    )
     async with (
         serve(a) as url_a,
         serve(b) as url_b,
