@@ -71,9 +71,10 @@ _HOP_BY_HOP = frozenset(
         "host",
     }
 )
-# Response headers the proxy's own server writes on every response (uvicorn's defaults):
-# the upstream's copies are dropped, as nginx does, or a response would carry two `Date`s.
-_SERVER_OWN = frozenset({"date", "server"})
+# Response headers not passed on: the hop-by-hop ones, and those the proxy's own server
+# writes on every response (uvicorn's defaults: the upstream's copies are dropped, as nginx
+# does, or a response would carry two `Date`s).
+_NOT_PASSED_BACK = _HOP_BY_HOP | {"date", "server"}
 
 
 # How a response breaks off: the upstream's connection failed or timed out mid-body, or the
@@ -181,7 +182,7 @@ class Forwarder:
                     "headers": [
                         (k.encode("latin-1"), v.encode("latin-1"))
                         for k, v in response.headers.multi_items()
-                        if k.lower() not in _HOP_BY_HOP and k.lower() not in _SERVER_OWN
+                        if k.lower() not in _NOT_PASSED_BACK
                     ],
                 }
             )
