@@ -125,7 +125,7 @@ class StreamCache:
         instance_of("adapter", adapter, StreamAdapter)
         instance_of("keyer", keyer, CacheKeyer, optional=True)
         instance_of("codec", codec, EventCodec, optional=True)
-        ttl = None if ttl is None else positive_number("ttl", ttl)
+        ttl = _checked_ttl(ttl)
         max_entry_bytes = integer("max_entry_bytes", max_entry_bytes, what=POSITIVE_BYTES)
         self.pacing = pacing_of("pacing", pacing)
         self._hooks = callables("hooks", hooks)
@@ -339,7 +339,7 @@ class StreamCache:
         ended cleanly; otherwise iterating it raises :class:`SharedStreamAborted` (the
         reader pulling the upstream when it failed gets the upstream's own error).
         """
-        _check_ttl(ttl)
+        ttl = _checked_ttl(ttl)
         key = self.key(request)
         pace = self.pacing if pacing is None else Pacing.parse(pacing)
         use_cache = lookup and not refresh
@@ -464,7 +464,7 @@ class StreamCache:
         Leaving the block ends the stream: cleanly when the block exits normally (then the
         stream is judged and stored if complete), as cut when it raises.
         """
-        _check_ttl(ttl)
+        ttl = _checked_ttl(ttl)
         recorder = self.recorder()
         if not store:
             recorder.fail("the request asked not to store (no-store)")
@@ -479,6 +479,6 @@ class StreamCache:
             yield recording
 
 
-def _check_ttl(ttl: float | None) -> None:
-    if ttl is not None:
-        positive_number("ttl", ttl)
+def _checked_ttl(ttl: float | None) -> float | None:
+    """``ttl`` as the cache uses it (seconds as a float), or None; checked, naming it."""
+    return None if ttl is None else positive_number("ttl", ttl)
