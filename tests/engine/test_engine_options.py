@@ -7,26 +7,11 @@ from typing import Any
 
 import pytest
 
+from option_values import NAN, AsyncCallable, async_hook, metrics_hook
 from sse_cache import ConfigError, DefaultKeyer, MsgpackCodec
 from sse_cache.adapters import GenericSSE, OpenAIResponses
 from sse_cache.breaker import Breaker
 from sse_cache.engine import StreamCache
-
-NAN = float("nan")
-
-
-def _metrics(notice: object) -> None:
-    pass
-
-
-async def _async_hook(notice: object) -> None:
-    pass
-
-
-class _AsyncCallable:
-    async def __call__(self, notice: object) -> None:
-        pass
-
 
 # (argument, value): each was accepted (a limit silently off, a string taken as true, a
 # default silently used, a hook never awaited) or failed later without naming the argument.
@@ -46,10 +31,10 @@ BAD_ARGUMENTS = [
     ("join_timeout", NAN),
     ("join_timeout", "300"),
     ("single_flight", "false"),
-    ("hooks", _metrics),
-    ("hooks", [_async_hook]),
-    ("hooks", [functools.partial(_async_hook)]),
-    ("hooks", [_AsyncCallable()]),
+    ("hooks", metrics_hook),
+    ("hooks", [async_hook]),
+    ("hooks", [functools.partial(async_hook)]),
+    ("hooks", [AsyncCallable()]),
     ("hooks", [None]),
     ("keyer", ""),
     ("keyer", DefaultKeyer),
@@ -94,7 +79,7 @@ def test_good_arguments_still_pass() -> None:
         ttl=5,
         max_entry_bytes=1024,
         pacing=2,
-        hooks=[kept.append, _metrics],
+        hooks=[kept.append, metrics_hook],
         backend_timeout=0.5,
         single_flight=False,
         join_timeout=float("inf"),

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import pytest
 
+from option_values import NAN, AsyncCallable, async_hook, metrics_hook
 from sse_cache import CacheOptions, ConfigError, DefaultKeyer, MsgpackCodec, StreamCache
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
@@ -56,22 +57,6 @@ def test_cross_process_lease_must_be_finite_and_at_most_a_day(lease: float) -> N
     assert CacheOptions(cross_process_lease=86400).cross_process_lease == 86400
 
 
-NAN = float("nan")
-
-
-def _metrics(notice: object) -> None:
-    pass
-
-
-async def _async_hook(notice: object) -> None:
-    pass
-
-
-class _AsyncCallable:
-    async def __call__(self, notice: object) -> None:
-        pass
-
-
 # (option, value): each was accepted (a limit silently off, a string taken as true, a default
 # silently used) or failed later with an error that did not name the option.
 BAD_OPTIONS = [
@@ -99,10 +84,10 @@ BAD_OPTIONS = [
     ("single_flight", 0),
     ("cross_process", "false"),
     ("cross_process", None),
-    ("hooks", _metrics),
-    ("hooks", [_metrics, "not callable"]),
-    ("hooks", [_async_hook]),
-    ("hooks", [_AsyncCallable()]),
+    ("hooks", metrics_hook),
+    ("hooks", [metrics_hook, "not callable"]),
+    ("hooks", [async_hook]),
+    ("hooks", [AsyncCallable()]),
     ("hooks", "metrics"),
     ("routes", []),
     ("routes", "/v1/responses"),
@@ -137,7 +122,7 @@ def test_good_values_still_pass() -> None:
         ttl=60,
         max_entry_bytes=1024,
         pacing=2,
-        hooks=[_metrics],
+        hooks=[metrics_hook],
         backend_timeout=0.5,
         single_flight=False,
         keyer=DefaultKeyer(),
@@ -150,7 +135,7 @@ def test_good_values_still_pass() -> None:
         routes={},
         origin="https://api.example.com",
     )
-    assert options.hooks == (_metrics,)  # a list becomes a tuple, iterated once per notice
+    assert options.hooks == (metrics_hook,)  # a list becomes a tuple, iterated once per notice
     assert CacheOptions(tenant=lambda headers: headers.get("x-org")).tenant is not None
 
 
