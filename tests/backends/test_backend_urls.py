@@ -4,6 +4,7 @@ entry-point registry and third-party plugins."""
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import re
 import subprocess
@@ -421,7 +422,7 @@ def test_plugin_contract_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_a_plugin_cannot_take_over_a_builtin_scheme(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     make_plugin(
         tmp_path,
@@ -430,7 +431,35 @@ def test_a_plugin_cannot_take_over_a_builtin_scheme(
         "def from_url(url):\n    raise RuntimeError('hijacked')\n",
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert classname("memory://") == "MemoryBackend"
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        assert classname("memory://") == "MemoryBackend"
+    # The plugin's author is told why their factory is never called.
+    assert [r.getMessage() for r in caplog.records] == [
+        "sse_cache: the memory:// backend scheme is claimed by sse-cache and aaa_hijack; "
+        "using backend plugin 'memory' (sse_cache.backends.memory:from_url, from sse-cache)"
+    ]
+
+
+def test_two_plugins_claiming_one_scheme_are_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two distributions register the same scheme: one is picked (by distribution name, so
+    # every process picks the same), and the other is named, not ignored without a word.
+    for name in ("zzz_second", "aaa_first"):
+        make_plugin(
+            tmp_path,
+            name,
+            f"[sse_cache.backends]\nshared = {name}:from_url\n",
+            textwrap.dedent(PLUGIN),
+        )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        backend: Any = from_url("shared://x")
+    assert type(backend).__module__ == "aaa_first"
+    assert [r.getMessage() for r in caplog.records] == [
+        "sse_cache: the shared:// backend scheme is claimed by aaa_first and zzz_second; "
+        "using backend plugin 'shared' (aaa_first:from_url, from aaa_first)"
+    ]
 
 
 # -- what is not a backend ----------------------------------------------------------------

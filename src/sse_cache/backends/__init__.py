@@ -10,6 +10,7 @@ lazily from here for the same reason.
 from __future__ import annotations
 
 import importlib
+import logging
 import reprlib
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
@@ -89,6 +90,9 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
+_log = logging.getLogger("sse_cache")
+
+
 def _scheme_entry_points() -> dict[str, list[EntryPoint]]:
     found: dict[str, list[EntryPoint]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -108,13 +112,25 @@ def _dist_name(ep: EntryPoint) -> str:
 
 def _pick(scheme: str, candidates: list[EntryPoint]) -> EntryPoint:
     # Two distributions may claim one scheme (or one may be installed twice). Our own
-    # registration wins for built-in schemes so a plugin cannot silently take over `redis`;
-    # otherwise the choice is deterministic (by distribution name).
+    # registration wins for built-in schemes so a plugin cannot take over `redis`; otherwise
+    # the choice is deterministic (by distribution name). Either way the losers are named in
+    # a warning: a user who installed a plugin for a scheme must not find another one serving
+    # it without a word.
+    chosen = sorted(candidates, key=_dist_name)[0]
     if len(candidates) > 1 and scheme in _BUILTIN:
         own = [ep for ep in candidates if _dist_name(ep).replace("_", "-").lower() == _DIST]
         if own:
-            return own[0]
-    return sorted(candidates, key=_dist_name)[0]
+            chosen = own[0]
+    others = sorted({_dist_name(ep) for ep in candidates} - {_dist_name(chosen)})
+    if others:
+        _log.warning(
+            "sse_cache: the %s:// backend scheme is claimed by %s and %s; using %s",
+            scheme,
+            _dist_name(chosen),
+            ", ".join(others),
+            _described(scheme, chosen),
+        )
+    return chosen
 
 
 def _described(scheme: str, ep: EntryPoint | None) -> str:
