@@ -44,8 +44,10 @@ import anyio.from_thread
 
 from ._transport_bodies import (
     _AsyncOpen,
+    _closed_under,
     _stream_types,
     _SyncOpen,
+    _TransportClosed,
 )
 from .errors import ConfigError
 from .http._wire import json_error_body, merge_headers
@@ -314,6 +316,9 @@ class CacheTransportBase(_Options):
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        #: Set as close() begins: responses still read in other threads end with the
+        #: library's ReadError (see _SyncOpen.call).
+        self._closing = threading.Event()
         self._unusable = ""  # why, after a fork, this transport cannot serve
 
     def _forked(self) -> None:
@@ -361,7 +366,11 @@ class CacheTransportBase(_Options):
                 service.resume, "GET", *_resume_args(request), self._origin(request.url)
             )
             if answer is not None:
-                opened = _SyncOpen(portal.wrap_async_context_manager(_no_exchange()), portal)
+                opened = _SyncOpen(
+                    portal.wrap_async_context_manager(_no_exchange()),
+                    portal,
+                    closing=self._closing,
+                )
                 opened.enter()
                 body = _stream_types(lib)["SyncAnswerBody"](
                     answer.chunks, opened, portal, _read_timeout(request)
@@ -378,6 +387,7 @@ class CacheTransportBase(_Options):
             portal.wrap_async_context_manager(service.exchange(decision, publish=True)),
             portal,
             self._started(started),
+            self._closing,
         )
         ex = opened.enter()
         types = _stream_types(lib)
@@ -393,9 +403,9 @@ class CacheTransportBase(_Options):
                 )
             upstream = self.transport.handle_request(_forward(lib, request, decision))
             try:
-                tee = portal.call(ex.tee, upstream.status_code, upstream.headers.multi_items())
+                tee = opened.call(ex.tee, upstream.status_code, upstream.headers.multi_items())
                 if tee is not None:
-                    portal.call(tee.flush)  # the head, to followers in other processes at once
+                    opened.call(tee.flush)  # the head, to followers in other processes at once
             except BaseException:
                 upstream.close()
                 raise
@@ -404,6 +414,9 @@ class CacheTransportBase(_Options):
                 return self._passthrough(upstream, ex, opened)
             body = types["SyncTeeBody"](upstream.stream, tee, opened, portal)
             return self._relay(upstream, ex, body)
+        except _TransportClosed as exc:
+            opened.leave()
+            raise _closed_under(lib) from exc
         except BaseException as exc:
             opened.leave(exc)
             raise
@@ -415,6 +428,7 @@ class CacheTransportBase(_Options):
         program from exiting: its portal runs in a daemon thread."""
         if self._closed:
             return
+        self._closing.set()
         try:
             self.transport.close()
         finally:

@@ -13,7 +13,8 @@ import asyncio
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from concurrent.futures import CancelledError
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from functools import cache
 from types import ModuleType
@@ -47,6 +48,20 @@ def _aborted(lib: ModuleType, exc: SharedStreamAborted) -> Exception:
     library's error for a response cut short, as when a server drops the connection (the
     SDKs raise their connection error)."""
     return lib.RemoteProtocolError(f"sse-cache: {exc}")  # type: ignore[no-any-return]
+
+
+def _closed_under(lib: ModuleType) -> Exception:
+    """What a sync response's reader sees when its transport was closed while it read (from
+    another thread): the library's error for a connection closed under a reader (the SDKs
+    raise their connection error), not the portal's bare ``RuntimeError``."""
+    return lib.ReadError(  # type: ignore[no-any-return]
+        "sse-cache: the CacheTransport was closed while this response was read"
+    )
+
+
+class _TransportClosed(Exception):
+    """A call into the portal of a transport that is closing or closed (see
+    :meth:`_SyncOpen.call`); the bodies turn it into :func:`_closed_under`."""
 
 
 # -- async --------------------------------------------------------------------------------
@@ -310,21 +325,38 @@ class _SyncOpen:
     for its whole life) and left when the response ends. ``started``: as for
     :class:`_AsyncOpen`."""
 
-    __slots__ = ("_cm", "_ex", "_portal", "_started", "open", "timing")
+    __slots__ = ("_closing", "_cm", "_ex", "_portal", "_started", "open", "timing")
 
     def __init__(
         self,
         cm: AbstractContextManager[Exchange],
         portal: anyio.from_thread.BlockingPortal,
         started: float | None = None,
+        closing: threading.Event | None = None,
     ) -> None:
         self._cm = cm
         self._portal = portal
         self._started = started
+        #: Set when the transport begins to close: its portal stops, and with it the task
+        #: that holds this exchange (which then fails, so nothing of the response is stored).
+        self._closing = closing if closing is not None else threading.Event()
         self._ex: Exchange | None = None
         self.open = False
         #: The response's first body bytes are still to be reported.
         self.timing = False
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the portal's loop. Raises :class:`_TransportClosed` when the
+        transport is closing or closed (another thread called ``close()``): the portal
+        refuses the call (``RuntimeError``) or cancels it while it stops."""
+        if self._closing.is_set():
+            raise _TransportClosed
+        try:
+            return self._portal.call(fn, *args)
+        except (RuntimeError, CancelledError) as exc:
+            if self._closing.is_set():
+                raise _TransportClosed from exc
+            raise
 
     def enter(self) -> Exchange:
         ex = self._ex = self._cm.__enter__()
@@ -341,14 +373,16 @@ class _SyncOpen:
         assert ex is not None and started is not None
         seconds = time.monotonic() - started
         try:
-            self._portal.call(ex.first_byte, seconds)
-        except RuntimeError:  # the transport was closed while this response was read
+            self.call(ex.first_byte, seconds)
+        except _TransportClosed:  # the next read says so
             return
 
     def leave(self, exc: BaseException | None = None) -> None:
         if not self.open:
             return
         self.open = False
+        if self._closing.is_set():
+            return  # the portal's stop ends the exchange (failed: nothing stored)
         if exc is None:
             self._cm.__exit__(None, None, None)
         else:
@@ -388,10 +422,15 @@ class _SyncTeeBody:
     def __next__(self) -> bytes:
         if self._handed_over:
             raise StopIteration
-        chunk = self._next()
+        try:
+            chunk = self._next()
+        except _TransportClosed as exc:
+            raise _closed_under(self._lib) from exc
         if chunk is None:
             raise StopIteration
         return chunk
+
+    _lib: ClassVar[ModuleType]
 
     # -- in the portal's loop
 
@@ -425,17 +464,21 @@ class _SyncTeeBody:
         it = self._it
         if it is None:
             it = self._it = iter(self._inner)
+        opened = self._opened
         try:
             chunk: bytes = next(it)
-            self._portal.call(self._pass, chunk)
+            opened.call(self._pass, chunk)
         except StopIteration:
-            self._portal.call(self._end)
-            self._opened.leave()  # stores the answer if it completed
+            opened.call(self._end)
+            opened.leave()  # stores the answer if it completed
             return None
+        except _TransportClosed:
+            opened.leave()
+            raise
         except BaseException as exc:
             # The upstream failed, or this thread was interrupted around the hop.
-            self._portal.call(self._tee.fail, f"the upstream body failed: {exc!r}")
-            self._opened.leave(exc)
+            opened.call(self._tee.fail, f"the upstream body failed: {exc!r}")
+            opened.leave(exc)
             raise
         if self._opened.timing and chunk:
             self._opened.first_byte()
@@ -446,7 +489,7 @@ class _SyncTeeBody:
         # end, or until no one wants it any more.
         try:
             while self._next() is not None:
-                if not self._portal.call(lambda: self._tee.wanted):
+                if not self._opened.call(lambda: self._tee.wanted):
                     self._abandon()
                     return
         except BaseException:  # already failed for the followers, and the exchange left
@@ -458,8 +501,11 @@ class _SyncTeeBody:
         try:
             self._inner.close()
         finally:
-            if self._opened.open:
-                self._portal.call(self._tee.fail, "every reader left before the stream ended")
+            try:
+                if self._opened.open:
+                    self._opened.call(self._tee.fail, "every reader left before the stream ended")
+            except _TransportClosed:
+                pass  # the stream ended with the transport
             self._opened.leave()
 
     def close(self) -> None:
@@ -467,7 +513,11 @@ class _SyncTeeBody:
         if self._handed_over or _exiting():
             return
         tee = self._tee
-        if self._opened.open and self._portal.call(self._client_left):
+        try:
+            handed_over = self._opened.open and self._opened.call(self._client_left)
+        except _TransportClosed:
+            handed_over = False
+        if handed_over:
             self._handed_over = True
             threading.Thread(target=self._drain, name="sse-cache-drain", daemon=True).start()
             if tee.resume_window is not None:
@@ -520,7 +570,10 @@ class _SyncAnswerBody:
         if not self._opened.open:
             raise StopIteration
         try:
-            chunk = self._portal.call(_next_chunk, self._chunks, self._read_timeout)
+            chunk: bytes | None = self._opened.call(_next_chunk, self._chunks, self._read_timeout)
+        except _TransportClosed as exc:
+            self._opened.leave()
+            raise _closed_under(self._lib) from exc
         except SharedStreamAborted as exc:
             self._opened.leave(exc)
             raise _aborted(self._lib, exc) from exc
@@ -542,7 +595,9 @@ class _SyncAnswerBody:
             return
         try:
             if self._opened.open:
-                self._portal.call(close_iterator, self._chunks)
+                self._opened.call(close_iterator, self._chunks)
+        except _TransportClosed:
+            pass  # the portal's stop ended the replay
         finally:
             self._opened.leave()
 

@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import httpx
 import httpx2
+import openai
 import pytest
 import uvicorn
 from anthropic import Anthropic, AsyncAnthropic
@@ -1048,3 +1049,73 @@ def test_one_thread_reading_the_follower_before_its_producer_is_not_stuck(
                 with pytest.raises(httpx2.ReadTimeout):
                     second.read()
             assert b"response.completed" in first.read()
+
+
+# -- a sync transport closed while other threads read -----------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_closing_a_sync_transport_ends_the_streams_read_in_other_threads_as_transport_errors(
+    serve: Any, tmp_path: Path, anyio_backend: str
+) -> None:
+    # A worker shuts its client down (``client.close()``) while other threads still read
+    # streams through it: a producer and a follower of its live stream. Each gets the HTTP
+    # library's own error for a connection closed under it (the SDK's APIConnectionError),
+    # not the portal's bare "RuntimeError: This portal is not running"; nothing of the cut
+    # answer is stored.
+    from sse_cache.testing import GatedUpstream, responses_stream
+
+    events = responses_stream("closed under its readers", text_deltas=5)
+    gated = GatedUpstream(events, hold_after=1)
+    cache = f"sqlite:///{tmp_path / 'closed.db'}"
+    async with serve(gated) as url:
+        transport = CacheTransport(cache)
+        client = OpenAI(
+            api_key="sk-closed",
+            base_url=url + "/v1",
+            http_client=httpx2.Client(transport=transport),
+            max_retries=0,
+        )
+        arrived = {"producer": threading.Event(), "follower": threading.Event()}
+        outcome: dict[str, Any] = {}
+
+        def read(name: str) -> None:
+            try:
+                with client.responses.create(model=MODEL, input="closed", stream=True) as stream:
+                    outcome[name + " status"] = stream.response.headers["x-sse-cache"]
+                    for _ in stream:
+                        arrived[name].set()
+                outcome[name] = "ended"
+            except Exception as exc:
+                outcome[name] = exc
+            finally:
+                arrived[name].set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, read, "producer")
+            await anyio.to_thread.run_sync(arrived["producer"].wait)
+            tg.start_soon(anyio.to_thread.run_sync, read, "follower")
+            await anyio.to_thread.run_sync(arrived["follower"].wait)
+            await anyio.to_thread.run_sync(client.close)
+            gated.gate.set()
+        for name, status in (("producer", "miss"), ("follower", "shared")):
+            assert outcome[name + " status"] == status
+            error = outcome[name]
+            assert isinstance(error, openai.APIConnectionError), (name, error)
+            assert isinstance(error.__cause__, httpx2.TransportError), (name, error.__cause__)
+        follower_error = outcome["follower"].__cause__
+        assert isinstance(follower_error, httpx2.ReadError)
+        assert "CacheTransport was closed while this response was read" in str(follower_error)
+
+        # Nothing of the cut answer was stored: the next client asks the upstream again.
+        def ask_again() -> httpx2.Response:
+            with httpx2.Client(transport=CacheTransport(cache), base_url=url) as again:
+                return again.post(
+                    "/v1/responses",
+                    json={"model": MODEL, "input": "closed", "stream": True},
+                    headers={"authorization": "Bearer sk-closed"},
+                )
+
+        answer = await anyio.to_thread.run_sync(ask_again)
+        assert answer.headers["x-sse-cache"] == "miss"
+        assert gated.calls == 2
