@@ -119,6 +119,13 @@ def _is_sse(headers: Any) -> bool:
 # -- transports ---------------------------------------------------------------------------
 
 
+_CLOSED_WITH_ITS_BACKEND = (
+    "this AsyncCacheTransport is closed, and the backend it opened from its URL with it "
+    "(closing its client closes it: `await client.aclose()`, or leaving `async with client:`). "
+    "Build the transport with each client, or give it a Backend object, which it never closes"
+)
+
+
 class _Options:
     """The constructor shared by both transports (the same options as ``CacheMiddleware``)."""
 
@@ -144,6 +151,8 @@ class _Options:
         self._backend_url = backend if isinstance(backend, str) else None
         self.service = CacheService(backend, self._options)
         self.transport: Any = transport if transport is not None else self._default_transport()
+        #: Why requests are refused (the async transport after aclose()), or "".
+        self._refused = ""
         _transports.add(self)
 
     def _forked(self) -> None:
@@ -237,6 +246,9 @@ class AsyncCacheTransportBase(_Options):
         return self._lib.AsyncHTTPTransport()
 
     async def handle_async_request(self, request: Any) -> Any:
+        if self._refused:
+            # Served on, every request would be an uncached miss with a warning at most.
+            raise RuntimeError(self._refused)
         started = time.monotonic()
         lib = self._lib
         service = self.service
@@ -284,10 +296,14 @@ class AsyncCacheTransportBase(_Options):
             raise
 
     async def aclose(self) -> None:
-        """Close the wrapped transport, and the backend if it was opened from a URL."""
+        """Close the wrapped transport, and the backend if it was opened from a URL. A
+        transport whose backend closed with it refuses requests afterwards (``RuntimeError``);
+        one given a backend object serves on (that backend is the caller's to close)."""
         try:
             await self.transport.aclose()
         finally:
+            if self._backend_url is not None:
+                self._refused = _CLOSED_WITH_ITS_BACKEND
             await self.service.aclose()
 
 

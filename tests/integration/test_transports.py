@@ -757,6 +757,36 @@ def test_sync_transport_runs_its_portal_only_while_open(cache_url: str) -> None:
         transport.handle_request(httpx2.Request("POST", "http://upstream/v1/responses", json={}))
 
 
+@pytest.mark.anyio
+async def test_an_async_transport_closed_with_its_backend_says_so(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # `async with AsyncClient(transport=t)` in each handler closes `t` at the first
+    # handler's end, and with it the backend it opened from its URL. It served on before,
+    # every request an uncached miss with at most a logged warning; now it says why.
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {"authorization": "Bearer sk-test-a"}
+    transport = AsyncCacheTransport(cache_url)
+    before = upstream.count(RESPONSES)
+    async with httpx2.AsyncClient(transport=transport, base_url=upstream.url) as client:
+        first = await client.post("/v1/responses", json=body, headers=headers)
+        assert first.headers["x-sse-cache"] == "miss"
+    async with httpx2.AsyncClient(transport=transport, base_url=upstream.url) as client:
+        with pytest.raises(RuntimeError, match="AsyncCacheTransport is closed, and the backend"):
+            await client.post("/v1/responses", json=body, headers=headers)
+    assert upstream.count(RESPONSES) == before + 1
+    # A backend given as an object is the caller's: the transport closes only its wrapped
+    # transport, and serves on, from the same cache.
+    backend = from_url(cache_url)
+    transport = AsyncCacheTransport(backend)
+    for _ in range(2):
+        async with httpx2.AsyncClient(transport=transport, base_url=upstream.url) as client:
+            again = await client.post("/v1/responses", json=body, headers=headers)
+            assert again.headers["x-sse-cache"] == "hit"
+            assert again.content == first.content
+    await backend.aclose()
+
+
 # -- docs ---------------------------------------------------------------------------------------
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "httpx.md"
