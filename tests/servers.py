@@ -23,7 +23,10 @@ __all__ = [
     "RedisServer",
     "ServerMissing",
     "free_port",
+    "in_ci",
     "require_binary",
+    "require_dir",
+    "require_file",
 ]
 
 HOST = "127.0.0.1"
@@ -34,7 +37,30 @@ class ServerMissing(RuntimeError):
 
 
 def in_ci() -> bool:
+    """Running under CI (``CI=true``, as CI services set it; also ``1`` or ``yes``): what
+    would be a skip elsewhere is a failure there."""
     return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require_file(path: Path, what: str) -> Path:
+    """``path``; outside CI a missing file skips the test, in CI it fails it (the recorded
+    streams of ``../shared`` are beside every CI clone)."""
+    return _required(path, path.is_file(), what)
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """As :func:`require_file`, for a directory."""
+    return _required(path, path.is_dir(), what)
+
+
+def _required(path: Path, present: bool, what: str) -> Path:
+    import pytest
+
+    if not present:
+        if in_ci():
+            pytest.fail(f"CI=true and {what} is missing: {path}", pytrace=False)
+        pytest.skip(f"{what} not present: {path}")
+    return path
 
 
 def find_binary(name: str, apt_package: str) -> str:

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sse_cache.adapters
+from servers import require_dir
 from sse_cache import Event, Outcome, SSEParser, serialize_sse
 from sse_cache.adapters import GeminiGenerateContent, by_name, for_path
 from sse_cache.adapters.gemini import BLOCKED_FINISH_REASONS, HttpRoute
@@ -522,12 +523,8 @@ RECORDINGS = {
 
 
 def real_dir() -> Path:
-    """The recordings; skipped when absent, except under CI (``CI=true``): a failure."""
-    if not REAL.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"real Gemini streams directory {REAL} is missing on CI")
-        pytest.skip(f"real Gemini streams directory {REAL} not present")
-    return REAL
+    """The recordings; skipped when absent, except under CI: a failure."""
+    return require_dir(REAL, "the real Gemini streams directory")
 
 
 def recording(name: str) -> tuple[bytes, list[Event]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import require_binary
+from servers import require_binary, require_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
@@ -27,8 +27,7 @@ pytestmark = pytest.mark.real_streams
 
 def test_the_hits_are_counted_under_valgrind(tmp_path: Path) -> None:
     require_binary("valgrind", "valgrind")
-    if not STREAM.is_file():
-        pytest.skip(f"no recorded streams at {REAL_STREAMS}")
+    require_file(STREAM, "the recorded stream")
     done = subprocess.run(
         [
             sys.executable,

@@ -9,7 +9,6 @@ JSON report holds every figure."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import plot_scale
 from bench_scale import REAL_STREAMS, Call, load, reset_peak, static_server, tree_memory
 
-from servers import require_binary
+from servers import in_ci, require_binary, require_file
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_scale.py"
 STREAM = REAL_STREAMS / "openai-responses_reasoning-4-summaries_o3-mini.sse"
@@ -32,8 +31,7 @@ pytestmark = pytest.mark.real_streams
 
 def test_the_quick_run_answers_every_request_correctly(tmp_path: Path) -> None:
     require_binary("redis-server", "redis-server")
-    if not STREAM.is_file():
-        pytest.skip(f"no recorded streams at {REAL_STREAMS}")
+    require_file(STREAM, "the recorded stream")
     report = tmp_path / "scale.json"
     done = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--json", str(report)],
@@ -109,8 +107,7 @@ def test_the_peak_rss_is_the_peak_of_what_follows_its_reset() -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_wrong_body_is_counted_as_an_error() -> None:
     # The check the figures rely on: an answer that differs by one byte is an error.
-    if not STREAM.is_file():
-        pytest.skip(f"no recorded streams at {REAL_STREAMS}")
+    require_file(STREAM, "the recorded stream")
     recording = STREAM.read_bytes()
     altered = recording[:-3] + b"X\n\n"
     payload = {"model": "o3-mini", "input": "check", "stream": True}
@@ -125,7 +122,7 @@ def test_the_plots_and_tables_come_from_the_committed_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # docs/performance.md embeds these: they must be drawable from docs/img/scale.json.
-    if os.environ.get("CI") == "true":
+    if in_ci():
         import matplotlib  # noqa: F401  (CI installs it: a missing one fails, never skips)
     else:
         pytest.importorskip("matplotlib")

@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 from bench_scale import REAL_STREAMS
 
+from servers import require_file
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_server.py"
 STREAM = REAL_STREAMS / "openai-responses_reasoning-4-summaries_o3-mini.sse"
 
@@ -24,8 +26,7 @@ pytestmark = pytest.mark.real_streams
 
 
 def test_the_quick_run_serves_every_hit_correctly(tmp_path: Path) -> None:
-    if not STREAM.is_file():
-        pytest.skip(f"no recorded streams at {REAL_STREAMS}")
+    require_file(STREAM, "the recorded stream")
     report = tmp_path / "servers.json"
     done = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--json", str(report)],

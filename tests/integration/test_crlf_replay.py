@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from servers import require_dir
 from sse_cache import Event, SSEParser, serialize_sse
 from sse_cache.adapters import GeminiGenerateContent, GenericSSE
 from sse_cache.asgi import CacheMiddleware
@@ -30,11 +31,8 @@ AUTH = {"authorization": "Bearer sk-test"}
 
 
 def real_dir() -> Path:
-    if not REAL.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"real Gemini streams directory {REAL} is missing on CI")
-        pytest.skip(f"real Gemini streams directory {REAL} not present")
-    return REAL
+    """The recordings; skipped when absent, except under CI: a failure."""
+    return require_dir(REAL, "the real Gemini streams directory")
 
 
 def parse(raw: bytes) -> list[Event]:

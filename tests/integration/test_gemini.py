@@ -19,6 +19,7 @@ from google.genai import types
 from google.genai.models import _GenerateContentResponse_from_mldev as _from_mldev
 from google.genai.models import _GenerateContentResponse_from_vertex as _from_vertex
 
+from servers import require_dir
 from sse_cache import SSEParser
 from sse_cache.adapters import GeminiGenerateContent
 from sse_cache.asgi import CacheMiddleware
@@ -294,11 +295,8 @@ REAL = Path(os.environ.get("SSE_CACHE_REAL_STREAMS_GEMINI", str(_BESIDE)))
 
 
 def real_dir() -> Path:
-    if not REAL.is_dir():
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"real Gemini streams directory {REAL} is missing on CI")
-        pytest.skip(f"real Gemini streams directory {REAL} not present")
-    return REAL
+    """The recordings; skipped when absent, except under CI: a failure."""
+    return require_dir(REAL, "the real Gemini streams directory")
 
 
 def recorded(raw: bytes) -> GatedUpstream:
