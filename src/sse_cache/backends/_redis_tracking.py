@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection
 
 from .._cancellation import checked
+from ._fork import keep
 from ._redis_near import TrackedValues
 
 __all__ = ["CHANNEL", "MAX_RETRY_DELAY", "PING_INTERVAL", "InvalidationListener", "connection_for"]
@@ -85,6 +86,26 @@ class InvalidationListener:
         self._task: asyncio.Task[None] | None = None
         self._conn: AbstractConnection | None = None
         self._closed = False
+
+    def running_here(self) -> bool:
+        """Whether the task runs on the running loop (False outside one): a value kept
+        while it ran elsewhere — on a loop that ended without cancelling it, or in the
+        parent of a forked child — is no longer known to be current."""
+        task = self._task
+        if task is None or task.done():
+            return False
+        try:
+            return task.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+
+    def forked(self) -> None:
+        """In a child of a fork: the task and its connection are the parent's (the parent's
+        listener alone reads that socket's invalidations); first use starts anew here."""
+        if self._conn is not None:
+            keep(self._conn)
+        self._task = self._conn = None
+        self._values.tracking_lost()
 
     def ensure_running(self) -> None:
         """Start the task on the running loop unless it runs there already (a backend used

@@ -21,6 +21,7 @@ from typing import Final, TypeVar
 from urllib.parse import quote
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable
+from ._fork import reopen_after_fork
 from ._sqlite_store import initialise
 
 __all__ = ["DatabaseFile", "FileId", "file_id"]
@@ -99,6 +100,22 @@ class DatabaseFile:
         self._busy_ms = -1
         # The identities of the -wal and -shm files when the connection opened them.
         self._sidecars: dict[str, FileId] = {}
+        self._next_check = -math.inf
+        reopen_after_fork(self)
+
+    def _forked(self) -> None:
+        # A child of a fork: the parent's connection is not ours to use (SQLite forbids
+        # it). Unlike other inherited connections (_fork), it is closed here: SQLite counts
+        # the locks of every connection to a file per process, and a new connection next to
+        # an inherited one would count the parent's locks as its own and take none; the
+        # parent, closing, would then see no other user and delete the WAL the child writes
+        # to. Closed in the child, it releases only that count (the parent's locks are
+        # its own). The lock may have been held by a parent's thread.
+        if self._conn is not None:
+            self._conn.close()
+        self._conn, self.opened, self._sidecars = None, None, {}
+        self._lock = threading.Lock()
+        self._busy_ms = -1
         self._next_check = -math.inf
 
     def current_file(self) -> FileId | None:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from urllib.parse import quote
 
+from ._fork import reopen_after_fork
 from ._sqlite_file import DatabaseFile, FileId
 
 __all__ = ["VersionProbe"]
@@ -33,6 +34,16 @@ class VersionProbe:
         self._file: FileId | None = None
         self._serial = 0
         self._next_check = -math.inf
+        reopen_after_fork(self)
+
+    def _forked(self) -> None:
+        # A child of a fork: the inherited connection is the parent's, closed here for the
+        # reason DatabaseFile._forked gives; the values kept under its versions go with it.
+        if self.connection is not None:
+            self.connection.close()
+        self.connection, self._file = None, None
+        self._serial += 1
+        self._on_close()
 
     def version(self) -> tuple[int, int] | None:
         """The database's version as the near cache counts it: (probe, ``PRAGMA

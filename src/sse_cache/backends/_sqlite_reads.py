@@ -20,6 +20,8 @@ from typing import Generic, TypeVar
 
 import anyio
 
+from ._fork import reopen_after_fork
+
 __all__ = ["SharedReads"]
 
 T = TypeVar("T")
@@ -44,6 +46,13 @@ class SharedReads(Generic[T]):
 
     def __init__(self) -> None:
         self._waiting: dict[str, _Read[T]] = {}
+        self._lock = threading.Lock()
+        reopen_after_fork(self)
+
+    def _forked(self) -> None:
+        # A child of a fork: the reads the parent had waiting run in its threads, not here;
+        # a lookup that joined one would wait for ever.
+        self._waiting = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:

@@ -51,6 +51,7 @@ from pymemcache.exceptions import (  # type: ignore[import-untyped]
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ._call_queue import DEFAULT_QUEUE_TIMEOUT, CallQueue
 from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
+from ._fork import keep, reopen_after_fork
 from ._memcached_batch import store_batch
 from ._memcached_layout import (
     MANIFEST,
@@ -193,7 +194,25 @@ class MemcachedBackend:
             "default_noreply": False,  # we must know that chunks landed before the manifest
             "max_pool_size": max_pool_size,
         }
+        self._connection_options = common
+        self._dead_timeout = dead_timeout
+        self._queue_timeout = queue_timeout
         self._client: Any
+        self._queue: CallQueue
+        self._slots: threading.BoundedSemaphore
+        self._connect()
+        # The longest a healthy call takes: a connection, then two round trips (a chunked
+        # value: its manifest, then its chunks), each within the socket timeout.
+        self._call_bound = common["connect_timeout"] + 2 * timeout
+        reopen_after_fork(self)
+        # Chunked values this process read or wrote lately: key -> (write id, chunk count).
+        self._hints = WriteHints(_HINTS)
+        self._closed = False
+
+    def _connect(self) -> None:
+        """The pooled clients, and what bounds the calls into them."""
+        common = self._connection_options
+        max_pool_size = common["max_pool_size"]
         if self._one_server:
             self._client = PooledClient(self.servers[0], **common)
         else:
@@ -203,27 +222,28 @@ class MemcachedBackend:
                 self.servers,
                 use_pooling=True,
                 retry_attempts=0,
-                dead_timeout=dead_timeout,
+                dead_timeout=self._dead_timeout,
                 ignore_exc=False,
                 **common,
             )
-        # The longest a healthy call takes: a connection, then two round trips (a chunked
-        # value: its manifest, then its chunks), each within the socket timeout.
-        self._call_bound = common["connect_timeout"] + 2 * timeout
         # The queue keeps waiting calls on the event loop, and gives up a wait longer than
         # queue_timeout as busy (_call_queue); the semaphore is what bounds the threads
         # inside pymemcache to its pool size (see the module docstring).
         self._queue = CallQueue(
             max_pool_size,
-            queue_timeout,
+            self._queue_timeout,
             resource=f"one of the {max_pool_size} pooled memcached connections",
             advice="raise ?max_pool_size= or ?queue_timeout=, under the engine's backend_timeout",
             stuck="memcached is not answering",
         )
         self._slots = threading.BoundedSemaphore(max_pool_size)
-        # Chunked values this process read or wrote lately: key -> (write id, chunk count).
-        self._hints = WriteHints(_HINTS)
-        self._closed = False
+
+    def _forked(self) -> None:
+        # A child of a fork: the pooled sockets are the parent's (both processes' requests
+        # and replies would share them), and calls in flight at the fork held slots for
+        # the parent's threads (_fork).
+        keep(self._client)
+        self._connect()
 
     def __repr__(self) -> str:
         servers = ",".join(f"{h}:{p}" for h, p in self.servers)

@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 
 from ..errors import ConfigError, CorruptEntry
 from ._common import Options, check_key, expires_at, redact_userinfo, to_bytes
+from ._fork import keep, reopen_after_fork
 from ._redis_client import (
     Commands,
     cluster_client,
@@ -132,6 +133,23 @@ class RedisBackend:
                 self._values,
                 timeout=timeout,
             )
+        reopen_after_fork(self)
+
+    def _forked(self) -> None:
+        # A child of a fork: the pooled connections and the tracking connection are the
+        # parent's (_fork); the child's first use connects anew. (A cluster client's
+        # per-node pools are not reset: build a cluster backend in each process.)
+        if self._listener is not None:
+            self._listener.forked()
+        if isinstance(self._client, aioredis.Redis):
+            pool = self._client.connection_pool
+            keep(
+                (
+                    getattr(pool, "_available_connections", None),
+                    list(getattr(pool, "_in_use_connections", ())),
+                )
+            )
+            pool.reset()  # type: ignore[no-untyped-call]
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "standalone"
@@ -185,6 +203,12 @@ class RedisBackend:
         reach this process and it has not expired; None when it is not known that way.
         Never blocks and never does I/O (:class:`~sse_cache.protocols.NearCachingBackend`)."""
         if self._op.closed:
+            return None
+        listener = self._listener
+        if listener is None or not listener.running_here():
+            # (Its task is checked, not only the state it set: a task that ran on a loop
+            # which ended without cancelling it, or in the parent of a forked child, never
+            # reported that it stopped hearing Redis.)
             return None
         return self._values.get(key, time.monotonic())
 
