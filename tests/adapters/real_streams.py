@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sse_cache import Event, SSEParser
 from sse_cache.adapters import AnthropicMessages, OpenAIChat, OpenAIResponses
 from sse_cache.protocols import Outcome, StreamAdapter
+from sse_cache.recorder import Recorder, RecorderState
 
 # ../shared/real-streams beside the clone (as in CI), unless the environment says otherwise.
 _BESIDE = Path(__file__).resolve().parents[3] / "shared" / "real-streams"
@@ -101,11 +104,40 @@ class Recording:
     def is_sse(self) -> bool:
         return self.name.endswith(".sse")
 
+    def record(self, *, whole_stream_check: bool = True) -> Recorder:
+        """The library's own :class:`Recorder` fed this stream, which then ended cleanly
+        (``finish(clean_end=True)``): its ``state`` and ``reason`` say what it concluded.
+        ``whole_stream_check=False``: judged by the per-event rules alone (``outcome`` and
+        ``end_outcome``), without the adapter's ``verify``."""
+        adapter: Any = self.adapter if whole_stream_check else _EventRules(self.adapter)
+        recorder = Recorder(adapter)
+        for i, ev in enumerate(self.events):
+            recorder.add(ev, i / 1000)
+        recorder.finish(clean_end=True)
+        return recorder
+
     def verdict(self) -> Outcome:
-        """What the engine's recorder concludes: the first non-CONTINUE outcome, else the
-        adapter's end_outcome (a clean end without the completing event)."""
-        for ev in self.events:
-            outcome = self.adapter.outcome(ev)
-            if outcome is not Outcome.CONTINUE:
-                return outcome
-        return self.adapter.end_outcome()
+        """What the recorder concludes from the events alone (``outcome`` of each, a later
+        failure overriding a completion; ``end_outcome`` at a clean end without the
+        completing event): COMPLETE or FAIL."""
+        state = self.record(whole_stream_check=False).state
+        return Outcome.COMPLETE if state is RecorderState.COMPLETE else Outcome.FAIL
+
+
+class _EventRules:
+    """An adapter's per-event rules without its whole-stream check: the :class:`Recorder`
+    runs ``verify`` only for an adapter that has one (``VerifyingAdapter``), so this view
+    lets the tests tell the two verdicts apart."""
+
+    def __init__(self, adapter: StreamAdapter) -> None:
+        self._adapter = adapter
+        self.name = adapter.name
+
+    def outcome(self, event: Event) -> Outcome:
+        return self._adapter.outcome(event)
+
+    def end_outcome(self) -> Outcome:
+        return self._adapter.end_outcome()
+
+    def meta(self, events: Sequence[Event]) -> Mapping[str, str]:
+        return self._adapter.meta(events)

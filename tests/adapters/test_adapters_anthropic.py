@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from sse_cache import Event, Outcome, SSEParser, serialize_sse
 from sse_cache.adapters import AnthropicMessages
+from sse_cache.recorder import Recorder
 
 ADAPTER = AnthropicMessages()
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -199,3 +200,71 @@ def test_synthesize_survives_wrong_shapes(content, usage):
     out = ADAPTER.synthesize(json.dumps(body).encode())
     assert out is not None
     assert ADAPTER.final_body(out) is not None
+
+
+# A truthy `error` object fails the stream whatever the event is named: a gateway or a future
+# API version may report a failure on an event that is not `event: error`, and an answer that
+# says it failed must never be stored (a falsy `error` is no failure).
+_ERROR = '"error":{"type":"overloaded_error","message":"Overloaded"}'
+
+
+@pytest.mark.parametrize(
+    ("event", "expected"),
+    [
+        # Named like the completing event: without the check it would *complete* the stream.
+        (Event('{"type":"message_stop",' + _ERROR + "}", "message_stop"), Outcome.FAIL),
+        (Event('{"type":"future_event",' + _ERROR + "}", "future_event"), Outcome.FAIL),
+        (Event('{"type":"future_event",' + _ERROR + "}"), Outcome.FAIL),
+        (Event('{"type":"message_stop","error":null}', "message_stop"), Outcome.COMPLETE),
+        (Event('{"type":"future_event","error":false}', "future_event"), Outcome.CONTINUE),
+    ],
+)
+def test_an_error_object_fails_whatever_the_event_name(event, expected):
+    assert ADAPTER.outcome(event) is expected
+
+
+def _named(payload):
+    return Event(json.dumps(payload), payload["type"])
+
+
+_START = {
+    "type": "message_start",
+    "message": {"id": "msg_1", "type": "message", "role": "assistant", "content": []},
+}
+_DELTAS = [
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+    {"type": "content_block_stop", "index": 0},
+    {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {}},
+]
+_STOP = {"type": "message_stop"}
+
+
+@pytest.mark.parametrize(
+    "payloads",
+    [
+        [_STOP],
+        [*_DELTAS, _STOP],
+        # The start must come before the completing event, not after it.
+        [*_DELTAS, _STOP, _START],
+    ],
+    ids=["stop-only", "deltas-and-stop", "start-after-stop"],
+)
+def test_a_stream_without_message_start_before_its_stop_is_not_verified(payloads):
+    # A stream whose head was lost (a gateway that dropped it, a resumed read) has no
+    # message: replayed, the SDK would fail on it. It completes event by event, so only the
+    # whole-stream check keeps it out of the cache.
+    events = [_named(p) for p in payloads]
+    assert ADAPTER.verify(events) is Outcome.FAIL
+    recorder = Recorder(ADAPTER)
+    for ev in events:
+        recorder.add(ev, 0.0)
+    assert recorder.finish(clean_end=True) is None
+    assert "whole-stream" in recorder.reason
+    # The same stream with its head is stored.
+    whole = [_named(p) for p in [_START, *_DELTAS, _STOP]]
+    assert ADAPTER.verify(whole) is Outcome.COMPLETE
+    recorder = Recorder(ADAPTER)
+    for ev in whole:
+        recorder.add(ev, 0.0)
+    assert recorder.finish(clean_end=True) is not None

@@ -18,6 +18,7 @@ from adapter_oracles import (
 from real_streams import EXPECTED, Recording, require_dir
 
 from sse_cache import Outcome, SSEParser, serialize_sse
+from sse_cache.recorder import RecorderState
 
 pytestmark = pytest.mark.real_streams
 
@@ -34,8 +35,14 @@ def test_every_recording_is_classified():
 def test_classification(name):
     expected, verified = EXPECTED[name]
     rec = Recording(name)
+    # The library's own Recorder judges (a later failure overrides a completion), not a
+    # re-implementation of its rule that could drift from it.
     assert rec.verdict() is expected
     assert rec.adapter.verify(rec.events) is verified  # type: ignore[attr-defined]
+    # With the whole-stream check too: stored exactly when both verdicts say COMPLETE.
+    recorder = rec.record()
+    stored = expected is Outcome.COMPLETE and verified is Outcome.COMPLETE
+    assert (recorder.state is RecorderState.COMPLETE) is stored, recorder.reason
     if name.endswith(".jsonl") and name.startswith("openai-responses"):
         # Without `event:` lines (a gateway that drops them) the payload type decides.
         bare = Recording(name, named=False)

@@ -10,7 +10,7 @@ import pytest
 from sse_cache import ConfigError, Event, Outcome
 from sse_cache.adapters import GenericSSE
 from sse_cache.pacing import Pacing
-from sse_cache.recorder import Recorder, RecorderState
+from sse_cache.recorder import EVENT_OVERHEAD, Recorder, RecorderState
 
 
 class Completing(GenericSSE):
@@ -134,3 +134,50 @@ def test_whole_stream_check_runs_before_storing() -> None:
     ok.add(Event("x", "delta"), 0.0)
     ok.add(Event("y", "done"), 0.0)
     assert ok.finish(clean_end=True) is not None
+
+
+def test_a_stream_of_many_empty_events_is_still_bounded() -> None:
+    # Each event costs storage beyond its text (its columns in the entry): a stream of empty
+    # keep-alives has no text at all, yet must not grow a recording without limit.
+    rec = Recorder(GenericSSE(), max_entry_bytes=1000)
+    for i in range(1000):
+        rec.add(Event(""), i / 1000)
+    assert rec.state is RecorderState.OVERSIZE and rec.events == []
+    assert rec.finish(clean_end=True) is None
+    assert "max_entry_bytes=1000" in rec.reason
+
+
+def _counted(data: str) -> int:
+    # What the recorder counts against max_entry_bytes for one event (recorder.Recorder.add).
+    return len(data.encode()) + EVENT_OVERHEAD
+
+
+@pytest.mark.parametrize("data", ["", "x" * 10, "0123456789" * 7])
+def test_max_entry_bytes_is_an_inclusive_limit(data: str) -> None:
+    # A stream that reaches max_entry_bytes exactly is stored, whole; one byte more and it
+    # is not (and nothing partial is stored).
+    events = [Event(data, "delta"), Event(data, "delta"), Event(data, "done")]
+    exact = sum(_counted(e.data) for e in events)
+    stored = Recorder(Completing(), max_entry_bytes=exact)
+    for ev in events:
+        stored.add(ev, 0.0)
+    assert stored.size == exact
+    entry = stored.finish(clean_end=True)
+    assert entry is not None and [e.data for e in entry.events] == [data] * 3
+    dropped = Recorder(Completing(), max_entry_bytes=exact - 1)
+    for ev in events:
+        dropped.add(ev, 0.0)
+    assert dropped.state is RecorderState.OVERSIZE
+    assert dropped.finish(clean_end=True) is None and "max_entry_bytes" in dropped.reason
+
+
+def test_max_entry_bytes_counts_the_bytes_of_non_ascii_text() -> None:
+    # max_entry_bytes bounds what is stored (backends size their values by it, e.g.
+    # memcached's chunk count): text of 3-byte characters takes three bytes each.
+    data = "日本語" * 100  # 300 characters, 900 bytes in UTF-8
+    events = [Event(data, "delta"), Event("", "done")]
+    in_bytes = sum(len(e.data.encode()) + EVENT_OVERHEAD for e in events)
+    rec = Recorder(Completing(), max_entry_bytes=in_bytes - 1)
+    for ev in events:
+        rec.add(ev, 0.0)
+    assert rec.finish(clean_end=True) is None

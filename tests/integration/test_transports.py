@@ -1149,3 +1149,109 @@ async def test_closing_a_sync_transport_ends_the_streams_read_in_other_threads_a
         answer = await anyio.to_thread.run_sync(ask_again)
         assert answer.headers["x-sse-cache"] == "miss"
         assert gated.calls == 2
+
+
+# -- an async follower of a producer whose upstream is cut ------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings(_ABANDONED)
+@pytest.mark.parametrize("client_kind", ["httpx2", "openai"])
+async def test_an_async_follower_of_a_cut_stream_gets_an_error_never_a_clean_end(
+    upstream: Upstream, cache_url: str, prompt: str, client_kind: str
+) -> None:
+    # The async twin of the sync producer's torn-answer test: the producer's upstream drops
+    # the connection mid-answer while a follower reads the same live stream. The follower
+    # must see the failure as its HTTP library's error for a response cut short (the SDK's
+    # APIConnectionError), as reading the upstream itself would: a clean end would hand it a
+    # truncated answer as if it were whole. Nothing of it is stored.
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    cut = {
+        "authorization": "Bearer sk-test-a",
+        "x-mock-delay-ms": "1",
+        "x-mock-error": "cut",
+        "x-mock-error-after": "6",
+    }
+    transport = AsyncCacheTransport(cache_url)
+    async with httpx2.AsyncClient(transport=transport, base_url=upstream.url) as client:
+        sdk = AsyncOpenAI(
+            base_url=f"{upstream.url}/v1", api_key="sk-test-a", max_retries=0, http_client=client
+        )
+
+        async def open_stream() -> tuple[str, Any]:
+            if client_kind == "httpx2":
+                request = client.build_request("POST", "/v1/responses", json=body, headers=cut)
+                response = await client.send(request, stream=True)
+                return response.headers["x-sse-cache"], response
+            raw = await sdk.responses.with_raw_response.create(
+                model=MODEL, input=prompt, stream=True, extra_headers=cut
+            )
+            return raw.headers["x-sse-cache"], raw.parse()
+
+        def items(stream: Any) -> Any:
+            return stream.aiter_raw() if client_kind == "httpx2" else stream.__aiter__()
+
+        failure = (
+            httpx2.RemoteProtocolError if client_kind == "httpx2" else openai.APIConnectionError
+        )
+
+        status, producer = await open_stream()
+        assert status == "miss"
+        produced = items(producer)
+        received = [await produced.__anext__()]
+        # The producer streams: the follower joins now (one task: no race on who is first).
+        status, follower = await open_stream()
+        assert status == "shared"
+        with pytest.raises(failure):
+            async for item in produced:
+                received.append(item)
+        got = []
+        with pytest.raises(failure) as raised:
+            async for item in items(follower):
+                got.append(item)
+        await producer.aclose()
+        await follower.aclose()
+        if client_kind == "httpx2":
+            assert b"".join(got) == b"".join(received)  # every byte up to the cut, then the error
+            assert "sse-cache" in str(raised.value)
+        else:
+            assert _dump(got) == _dump(received)
+            assert isinstance(raised.value.__cause__, httpx2.RemoteProtocolError)
+        # The cut answer was not stored: the same request, not cut, asks the upstream again.
+        headers = {"authorization": "Bearer sk-test-a"}
+        again = await client.post("/v1/responses", json=body, headers=headers)
+        assert again.headers["x-sse-cache"] == "miss"
+    gc.collect()
+
+
+# -- an async client that closes right after chat's terminal event -----------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_an_async_client_closing_right_after_done_still_has_the_answer_stored(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # A client that stops at chat's `data: [DONE]` and closes the response without reading
+    # the body's end (the openai SDK does so over HTTP/2): the chunk with `[DONE]` reached
+    # the client but is recorded only when the next one is asked for, which never happens.
+    # Closing must record it, so the complete answer is stored and replayed byte for byte.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "stream": True}
+    headers = {"authorization": "Bearer sk-test-a"}
+    url = "/v1/chat/completions"
+    transport = AsyncCacheTransport(cache_url)
+    async with httpx2.AsyncClient(transport=transport, base_url=upstream.url) as client:
+        before = upstream.count(CHAT)
+        received = b""
+        async with client.stream("POST", url, json=body, headers=headers) as first:
+            assert first.headers["x-sse-cache"] == "miss"
+            async for chunk in first.aiter_raw():
+                received += chunk
+                if received.endswith(b"data: [DONE]\n\n"):
+                    break
+        assert received.endswith(b"data: [DONE]\n\n")
+        again = await client.post(url, json=body, headers=headers)
+        assert again.headers["x-sse-cache"] == "hit"
+        assert again.content == received
+        assert upstream.count(CHAT) == before + 1
+    gc.collect()
