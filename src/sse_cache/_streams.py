@@ -143,7 +143,10 @@ class Production:
     def record(self, event: Event) -> int:
         """Record ``event``; its size."""
         recorder = self.recorder
-        size = len(event.data) + EVENT_OVERHEAD
+        data = event.data  # counted in UTF-8 bytes, as Recorder.add counts it
+        size = (
+            len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        ) + EVENT_OVERHEAD
         if recorder.state is _RECORDING:
             total = recorder.size = recorder.size + size
             if total > self.limit:

@@ -75,7 +75,12 @@ class Recorder:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
         if self.state is not _RECORDING:
             return
-        self.size += len(event.data) + EVENT_OVERHEAD
+        data = event.data
+        # Bytes, as stored (UTF-8), not characters: non-ASCII text takes up to 4 a character.
+        # (isascii() is O(1) on CPython: ASCII text costs no encode.)
+        self.size += (
+            len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+        ) + EVENT_OVERHEAD
         if self.size > self._limit:
             self.overflow()
             return
@@ -86,10 +91,11 @@ class Recorder:
         """For a driver's hot loop, which cannot afford a method call per event: the appends
         of the event list and of the time list, and ``max_entry_bytes``.
 
-        The caller must, for each event while :attr:`active`: add ``len(event.data) +``
-        :data:`EVENT_OVERHEAD` to :attr:`size` (on the recorder: several loops may feed one
-        recorder in turn), call :meth:`overflow` once it is over the limit, and otherwise
-        append the event and its time. :meth:`add` does exactly this.
+        The caller must, for each event while :attr:`active`: add the UTF-8 length of
+        ``event.data`` plus :data:`EVENT_OVERHEAD` to :attr:`size` (on the recorder:
+        several loops may feed one recorder in turn), call :meth:`overflow` once it is
+        over the limit, and otherwise append the event and its time. :meth:`add` does
+        exactly this.
         """
         return self._events.append, self._times.append, self._limit
 

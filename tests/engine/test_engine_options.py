@@ -87,3 +87,37 @@ def test_good_arguments_still_pass() -> None:
         breaker=Breaker(failures=0),
     )
     assert cache.pacing.factor == 2 and cache.ttl == 5 and cache.max_entry_bytes == 1024
+
+
+@pytest.mark.anyio
+async def test_max_entry_bytes_counts_utf8_bytes_on_the_live_path() -> None:
+    # The engine's own recording loop counts what it keeps as the entry will store it, in
+    # UTF-8: 400 characters of 3-byte text are 1,200 bytes, over a 1,000-byte limit, so
+    # the answer is delivered but not stored (it was stored at up to 4x the limit).
+    from sse_cache import Event
+
+    text = "日本語の答え" * 50  # 300 characters, 900 bytes
+    events = [Event(text, "delta"), Event(text[:100], "delta"), Event("", "done")]
+
+    async def upstream() -> Any:
+        for event in events:
+            yield event
+
+    class Done(GenericSSE):
+        def outcome(self, event: Event) -> Any:
+            from sse_cache.protocols import Outcome
+
+            return Outcome.COMPLETE if event.event == "done" else Outcome.CONTINUE
+
+    cache = StreamCache("memory://", Done(), max_entry_bytes=1000)
+    async with cache.stream("k", upstream) as stream:
+        got = [event.data async for event in stream]
+    assert got == [e.data for e in events]
+    assert not stream.stored and "max_entry_bytes=1000" in stream.reason
+    assert await cache.lookup("k") is None
+    # ASCII text of the same length in characters fits, as before.
+    events = [Event("a" * 300, "delta"), Event("b" * 100, "delta"), Event("", "done")]
+    async with cache.stream("k", upstream) as stream:
+        assert [event.data async for event in stream] == [e.data for e in events]
+    assert stream.stored
+    await cache.aclose()
