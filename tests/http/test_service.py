@@ -13,7 +13,7 @@ import pytest
 from sse_cache import CacheStatus, Notice, serialize_sse
 from sse_cache.http import CacheService, Decision
 from sse_cache.http._tee import media_type, not_recorded_because
-from sse_cache.testing import responses_stream
+from sse_cache.testing import responses_body, responses_stream
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +189,145 @@ def test_which_upstream_answers_are_recorded(
 ) -> None:
     # The reason is what the access log and the not_stored notice say.
     assert not_recorded_because(status, headers, media_type(headers), wanted=wanted) == why
+
+
+# -- what a miss's tee must refuse to store (found by a mutation audit) ------------------------
+
+JSON = [("content-type", "application/json")]
+CHAT = "/v1/chat/completions"
+
+
+def unary(prompt: str = "hello") -> bytes:
+    return json.dumps({"model": "gpt-x", "input": prompt}).encode()
+
+
+async def unary_miss(service: CacheService, path: str, request: bytes, answer: bytes) -> None:
+    """A non-streamed miss answered ``answer`` (200, JSON), delivered in two chunks."""
+    async with service.exchange(service.decide("POST", path, headers(), request)) as ex:
+        assert ex.answer is None and ex.status is CacheStatus.MISS
+        tee = await ex.tee(200, JSON)
+        assert tee is not None
+        half = len(answer) // 2
+        for chunk in (answer[:half], answer[half:]):
+            tee.relay(chunk)
+            tee.feed(chunk)
+        tee.end()
+
+
+async def status_of(service: CacheService, path: str, request: bytes) -> CacheStatus:
+    async with service.exchange(service.decide("POST", path, headers(), request)) as ex:
+        return ex.status
+
+
+def chat_request(prompt: str) -> bytes:
+    messages = [{"role": "user", "content": prompt}]
+    return json.dumps({"model": "gpt-x", "messages": messages}).encode()
+
+
+def chat_answer(finish_reason: str | None) -> bytes:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "hi"},
+        "finish_reason": finish_reason,
+    }
+    return json.dumps(
+        {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-x", "choices": [choice]}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "request_", "answer", "stored"),
+    [
+        # A Responses object that failed, though the HTTP status is 200 (what the API sends
+        # for a non-streamed request whose generation failed): never a cache entry.
+        (
+            PATH,
+            unary("failed"),
+            json.dumps({**responses_body("failed"), "status": "failed"}),
+            False,
+        ),
+        (PATH, unary("completed"), json.dumps(responses_body("completed")), True),
+        # A chat completion whose choice has no finish_reason was cut short.
+        (CHAT, chat_request("cut"), chat_answer(None).decode(), False),
+        (CHAT, chat_request("done"), chat_answer("stop").decode(), True),
+    ],
+    ids=["responses-failed", "responses-completed", "chat-no-finish-reason", "chat-finished"],
+)
+async def test_a_json_answer_is_stored_only_when_its_adapter_judges_it_complete(
+    service: CacheService, path: str, request_: bytes, answer: str, stored: bool
+) -> None:
+    # (Mutation audit T9: ResponseTee.close stored any JSON body that ended.)
+    await unary_miss(service, path, request_, answer.encode())
+    expected = CacheStatus.HIT if stored else CacheStatus.MISS
+    assert await status_of(service, path, request_) is expected
+
+
+@pytest.mark.parametrize("over", [0, 1], ids=["exactly-the-limit", "one-byte-over"])
+async def test_a_json_answer_is_stored_up_to_max_entry_bytes_exactly(
+    tmp_path: Path, over: int
+) -> None:
+    # (Mutation audit T8: the JSON body limit.) The body is padded with JSON whitespace to
+    # max_entry_bytes (+1): the limit itself is allowed, one byte more is not stored.
+    base = json.dumps(responses_body("sized")).encode()
+    limit = len(base) + 100
+    answer = base + b" " * (limit - len(base) + over)
+    assert len(answer) == limit + over
+    svc = CacheService(f"sqlite:///{tmp_path}/c.db", max_entry_bytes=limit)
+    try:
+        await unary_miss(svc, PATH, unary("sized"), answer)
+        expected = CacheStatus.MISS if over else CacheStatus.HIT
+        assert await status_of(svc, PATH, unary("sized")) is expected
+    finally:
+        await svc.aclose()
+
+
+class EntryWritesFail:
+    """A memory backend whose writes of one key (:attr:`failing`) fail, as a backend that
+    dies between two writes would; every other write (an alias) succeeds."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.failing = ""
+
+    async def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        if key == self.failing:
+            raise ConnectionError("backend down")
+        self.data[key] = value
+
+    async def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_stream_whose_write_failed_gets_no_response_id_alias() -> None:
+    # (Mutation audit L3: the recording said "stored" whatever the write gave.) The alias by
+    # which GET /v1/responses/{id} resumes a stored stream must not name a key that holds
+    # nothing: nothing was written under the key, and nothing names it either.
+    from sse_cache.http._resume import alias_key
+
+    backend = EntryWritesFail()
+    service = CacheService(backend)
+    events = responses_stream("write fails", text_deltas=5)
+    data = serialize_sse(events)
+    decision = service.decide("POST", PATH, headers(), body("write fails"))
+    async with service.exchange(decision) as ex:
+        backend.failing = ex.key  # the entry's write fails
+        tee = await ex.tee(200, SSE)
+        assert tee is not None
+        tee.relay(data)
+        tee.feed(data)
+        tee.end()
+    response_id = json.loads(events[0].data)["response"]["id"]
+    assert decision.adapter is not None
+    alias = alias_key(decision.adapter.name, decision.tenant, response_id, decision.origin)
+    assert ex.key not in backend.data
+    assert alias not in backend.data, "an alias names an entry that was never stored"
+    # The write works again: the next identical request stores it, and is indexed then.
+    backend.failing = ""
+    await miss(service, service.decide("POST", PATH, headers(), body("write fails")), data)
+    assert ex.key in backend.data and backend.data[alias] == ex.key.encode()

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -23,9 +23,9 @@ import httpx2
 import pytest
 import redis.asyncio as aioredis
 
-from sse_cache import ConfigError
+from sse_cache import ConfigError, serialize_sse
 from sse_cache.asgi import CacheMiddleware
-from sse_cache.testing import MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
 
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
@@ -386,32 +386,132 @@ async def test_the_local_followers_of_a_remote_stream_outlive_its_first_reader(
     assert complete(whole) and upstream_app.stats()["total"] == 1
 
 
+DEADLOCK_GUARD = 30  # seconds: only a hung test ever reaches it
+SSE = [("content-type", "text/event-stream")]
+
+
+class LosePublishes:
+    """Makes a service's Redis lose one fan-out publish, the next after :meth:`arm` (the
+    others go through; restored when the block is left): it fails (``"fails"``, a Redis
+    error) or hangs until cancelled midway (``"cancelled"``, a producer stopped while
+    publishing). :attr:`started` is set once that publish began."""
+
+    def __init__(self, backend: Any, mode: str) -> None:
+        self.backend = backend
+        self.mode = mode
+        self.started = anyio.Event()
+        self._publish = backend.publish
+
+    async def losing(self, channel: str, data: bytes, *, ttl: float) -> None:
+        self.backend.publish = self._publish  # only this one is lost
+        self.started.set()
+        if self.mode == "fails":
+            raise ConnectionError("redis went away for one publish")
+        await anyio.sleep_forever()
+
+    def arm(self) -> None:
+        """Lose the next publish."""
+        self.backend.publish = self.losing
+
+    def __enter__(self) -> LosePublishes:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.backend.publish = self._publish
+
+
 @pytest.mark.anyio
 @asyncio_only
-async def test_a_publish_cancelled_midway_never_ends_the_remote_stream_cleanly() -> None:
-    # The bytes of a publish that was cancelled are lost to the other processes: when the
-    # stream ends they must be told it failed, not given a clean end with a hole in it.
-    from sse_cache.http.service import ResponseTee, _Lease
+@pytest.mark.parametrize(
+    ("mode", "where"),
+    [("fails", "midway"), ("cancelled", "midway"), ("fails", "at-the-end")],
+)
+async def test_a_follower_in_another_process_is_never_told_a_stream_with_a_hole_ended_cleanly(
+    redis_server: Any, mode: str, where: str
+) -> None:
+    # Two services on one Redis, as two workers. A leads and publishes, B follows it over
+    # Redis. One of A's publishes is lost (Redis failed, or A was cancelled midway through
+    # it): midway through the stream, or the last one, made when A ends its lead. B misses
+    # those bytes. A's upstream ended cleanly (A's own client has it all), yet B must be told
+    # the stream failed (the failure marker), never given a clean end with a hole in it.
+    # (Mutation audit T6: publish_rest ignoring publish_failed. Replaces a test that only
+    # read a private flag of a stubbed lease.)
+    from sse_cache.flight import SharedStreamAborted
+    from sse_cache.http import CacheService
 
-    published: list[bytes] = []
-    started = anyio.Event()
+    url = f"{redis_server.url}?prefix=p{uuid.uuid4().hex[:8]}:"
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
+    a, b = CacheService(url, **options), CacheService(url, **options)
+    request_headers = {**HEADERS, "content-type": "application/json"}
+    prompt = f"a hole ({mode}, {where})"
+    body = json.dumps({"model": "gpt-mock", "input": prompt, "stream": True}).encode()
+    data = serialize_sse(responses_stream(prompt, text_deltas=6))
+    first, lost, last = data[:100], data[100:200], data[200:]
+    try:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with AsyncExitStack() as b_side:
+                with LosePublishes(a.backend, mode) as losing:
+                    async with a.exchange(
+                        a.decide("POST", "/v1/responses", request_headers, body), publish=True
+                    ) as producer:
+                        assert producer.status.value == "miss"
+                        tee = await producer.tee(200, SSE)
+                        assert tee is not None
+                        tee.pass_on(first)
+                        await tee.flush()  # the head and the first bytes reach the channel
+                        follower = await b_side.enter_async_context(
+                            b.exchange(
+                                b.decide("POST", "/v1/responses", request_headers, body),
+                                publish=True,
+                            )
+                        )
+                        assert follower.status.value == "shared" and follower.answer is not None
+                        chunks = follower.answer.chunks
+                        assert await chunks.__anext__() == first
+                        if where == "midway":
+                            losing.arm()
+                            tee.pass_on(lost)
+                            async with anyio.create_task_group() as tg:
+                                tg.start_soon(tee.flush)
+                                await losing.started.wait()
+                                tg.cancel_scope.cancel()  # (a "fails" flush is over already)
+                            tee.pass_on(last)
+                            await tee.flush()
+                        else:
+                            tee.pass_on(lost + last)  # published when A ends its lead...
+                            losing.arm()  # ... and lost then
+                        tee.end()
+                    # A's lead is over (its exchange was left): B hears how it ended.
+                    assert losing.started.is_set()
+                rest: list[bytes] = []
+                with pytest.raises(SharedStreamAborted):
+                    async for chunk in chunks:
+                        rest.append(chunk)
+                assert not (first + b"".join(rest)).endswith(last)
+    finally:
+        await a.aclose()
+        await b.aclose()
 
-    class SlowFanout:
-        async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
-            started.set()
-            await anyio.sleep_forever()
-            published.append(data)
 
-    lease = _Lease.__new__(_Lease)
-    lease.fanout, lease.channel = SlowFanout(), "c"  # type: ignore[assignment]
-    tee = ResponseTee()
-    tee._lease = lease
-    tee.relay(b"data: 1\n\n")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(tee.flush)
-        await started.wait()
-        tg.cancel_scope.cancel()
-    assert tee.publish_failed and not published
+class Joined:
+    """A hook counting the requests that joined a live stream (``shared`` notices, in any
+    of the proxies it is given to)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._more = anyio.Event()
+
+    def __call__(self, notice: Any) -> None:
+        if notice.kind == "shared":
+            self.count += 1
+            self._more.set()
+
+    async def then_open(self, followers: int, gate: anyio.Event) -> None:
+        """Set ``gate`` once ``followers`` requests have joined."""
+        while self.count < followers:
+            await self._more.wait()
+            self._more = anyio.Event()
+        gate.set()
 
 
 def _delta(text: str) -> bytes:
@@ -420,13 +520,16 @@ def _delta(text: str) -> bytes:
 
 
 class BigEvents:
-    """An upstream whose first event is larger than the proxies' max_entry_bytes, then two
-    small ones (a clean stream, too large to store), after a first byte that lets a herd
-    gather. (Only one large piece: readers may fall behind by the bound plus one piece.)"""
+    """An upstream whose stream holds an event larger than the proxies' max_entry_bytes
+    between small ones (a clean stream, too large to store). It sends its first small event,
+    then waits for :attr:`gate` (the test opens it once the herd has gathered) before the
+    rest. (Only one large piece: readers may fall behind by the bound plus one piece.)"""
 
     def __init__(self, size: int) -> None:
         self.calls = 0
+        self.gate = anyio.Event()
         self.body = [
+            _delta("first"),
             _delta("x" * size),
             _delta("small"),
             b'event: response.completed\ndata: {"type":"response.completed"}\n\n',
@@ -440,8 +543,10 @@ class BigEvents:
             pass
         head = [(b"content-type", b"text/event-stream")]
         await send({"type": "http.response.start", "status": 200, "headers": head})
-        await anyio.sleep(0.3)  # the upstream thinking: the herd arrives meanwhile
-        for event in self.body:
+        for i, event in enumerate(self.body):
+            if i == 1:
+                # (The first bytes let a follower in another process open the stream.)
+                await self.gate.wait()
             await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
@@ -461,13 +566,22 @@ async def test_an_event_larger_than_the_lag_bound_reaches_a_herd_whole(
 
     upstream_app = BigEvents(40_000)
     backend = f"{redis_server.url}?prefix=b{uuid.uuid4().hex[:8]}:"
-    options: dict[str, Any] = {"max_entry_bytes": 30_000, "cross_process": cross_process}
+    joined = Joined()
+    options: dict[str, Any] = {
+        "max_entry_bytes": 30_000,
+        "cross_process": cross_process,
+        "hooks": [joined],
+    }
     payload = {"model": "gpt-mock", "input": f"big events ({cross_process})", "stream": True}
     async with serve(upstream_app) as upstream:
         apps = [create_proxy_app(upstream, backend, **options) for _ in range(2)]
         try:
             async with serve(apps[0]) as p1, serve(apps[1]) as p2:
-                results = await herd((p1, p2) if cross_process else (p1,), payload, 8)
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    async with anyio.create_task_group() as tg:
+                        # The big event goes out once the 7 followers have joined the stream.
+                        tg.start_soon(joined.then_open, 7, upstream_app.gate)
+                        results = await herd((p1, p2) if cross_process else (p1,), payload, 8)
         finally:
             for app in apps:
                 await app.aclose()
@@ -475,3 +589,69 @@ async def test_an_event_larger_than_the_lag_bound_reaches_a_herd_whole(
     assert all(r.content == b"".join(upstream_app.body) for r in results)
     assert Counter(r.headers["x-sse-cache"] for r in results) == {"miss": 1, "shared": 7}
     assert upstream_app.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_proxy_reads_on_for_another_process_when_its_own_client_leaves(
+    serve: Any, redis_server: Any
+) -> None:
+    # Two proxies (the middleware, as two workers) on one Redis. A leads; its only follower
+    # is B's client, in the other process, which A cannot count. A's client leaves mid-stream:
+    # A must read its upstream on for B (not stop it as for a lone client), so B gets the
+    # complete answer, once, and it is stored. (Mutation audit T11: client_left ignoring
+    # the lease.)
+    from sse_cache.proxy import create_proxy_app
+
+    events = responses_stream("read on for the other process", text_deltas=6)
+    upstream_app = GatedUpstream(events, hold_after=2)  # held until A's client has left
+    backend = f"{redis_server.url}?prefix=r{uuid.uuid4().hex[:8]}:"
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
+    payload = {"model": "gpt-mock", "input": "read on for the other process", "stream": True}
+    left = anyio.Event()
+
+    async with serve(upstream_app) as upstream:
+        app_a = create_proxy_app(upstream, backend, **options)
+        app_b = create_proxy_app(upstream, backend, **options)
+
+        async def watched_a(scope: Any, receive: Any, send: Any) -> None:
+            # Proxy A, telling when it hears that its client left: once the receive that
+            # says so returns, A has handled it (synchronously, before its next await).
+            async def receiving() -> Any:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    left.set()
+                return message
+
+            await app_a(scope, receiving if scope["type"] == "http" else receive, send)
+
+        try:
+            async with (
+                serve(watched_a) as pa,
+                serve(app_b) as pb,
+                httpx2.AsyncClient(timeout=30) as client,
+            ):
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    request = client.build_request(
+                        "POST", pa + "/v1/responses", json=payload, headers=HEADERS
+                    )
+                    producer = await client.send(request, stream=True)
+                    assert producer.headers["x-sse-cache"] == "miss"
+                    async for _ in producer.aiter_raw():
+                        break  # A's client has its first bytes...
+                    request = client.build_request(
+                        "POST", pb + "/v1/responses", json=payload, headers=HEADERS
+                    )
+                    follower = await client.send(request, stream=True)
+                    assert follower.headers["x-sse-cache"] == "shared"
+                    await producer.aclose()  # ... and leaves, while B follows
+                    await left.wait()
+                    upstream_app.gate.set()
+                    whole = await follower.aread()
+                    again = await client.post(pb + "/v1/responses", json=payload, headers=HEADERS)
+        finally:
+            await app_a.aclose()
+            await app_b.aclose()
+    assert whole == upstream_app.body
+    assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+    assert upstream_app.calls == 1 and upstream_app.disconnects == 0

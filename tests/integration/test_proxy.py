@@ -14,9 +14,10 @@ import httpx2
 import openai
 import pytest
 
-from sse_cache import SSEParser
+from sse_cache import Notice, SSEParser, serialize_sse
+from sse_cache.adapters import GenericSSE, OpenAIResponses
 from sse_cache.proxy import ProxyApp, create_proxy_app
-from sse_cache.testing import MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 
@@ -26,11 +27,38 @@ KEY_A = {"authorization": "Bearer sk-tenant-a"}
 KEY_B = {"authorization": "Bearer sk-tenant-b"}
 
 
+DEADLOCK_GUARD = 30  # seconds: only a hung test ever reaches it
+
+
+class Notices:
+    """The proxy's notices (a hook), and a way to wait for one of them."""
+
+    def __init__(self) -> None:
+        self.seen: list[Notice] = []
+        self._more = anyio.Event()
+
+    def __call__(self, notice: Notice) -> None:
+        self.seen.append(notice)
+        self._more.set()
+
+    async def wait(self, kind: str, key: str) -> Notice:
+        while True:
+            for notice in self.seen:
+                if notice.kind == kind and notice.key == key:
+                    return notice
+            await self._more.wait()
+            self._more = anyio.Event()
+
+
 class Stack:
-    def __init__(self, upstream: str, proxy: str, app: ProxyApp) -> None:
+    def __init__(
+        self, upstream: str, proxy: str, app: ProxyApp, upstream_app: MockUpstream, notices: Notices
+    ) -> None:
         self.upstream = upstream
         self.proxy = proxy
         self.app = app
+        self.upstream_app = upstream_app
+        self.notices = notices
         self.http = httpx2.AsyncClient(base_url=proxy, timeout=30)
         self.clients: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = []
 
@@ -62,9 +90,12 @@ class Stack:
 async def stack(serve: Serve, tmp_path: Path) -> AsyncIterator[Stack]:
     upstream_app = MockUpstream(delay=0.001, first_delay=0.005)
     async with serve(upstream_app) as upstream:
-        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'cache.db'}", ttl=600)
+        notices = Notices()
+        app = create_proxy_app(
+            upstream, f"sqlite:///{tmp_path / 'cache.db'}", ttl=600, hooks=[notices]
+        )
         async with serve(app) as proxy:
-            s = Stack(upstream, proxy, app)
+            s = Stack(upstream, proxy, app, upstream_app, notices)
             try:
                 yield s
             finally:
@@ -283,9 +314,16 @@ async def test_client_disconnect_mid_stream_stores_nothing(stack: Stack) -> None
     headers = {**KEY_A, "x-mock-delay-ms": "20"}
     async with stack.http.stream("POST", "/v1/responses", json=body, headers=headers) as r:
         assert r.headers["x-sse-cache"] == "miss"
+        key = r.headers["x-sse-cache-key"]
         async for _ in r.aiter_raw():
             break  # leave after the first chunk: the connection is closed
-    await anyio.sleep(0.5)  # let the proxy notice and finish
+    with anyio.fail_after(DEADLOCK_GUARD):
+        # The proxy noticed and gave up the recording (its exchange is over: the flight
+        # failed), and stopped its upstream call: observable, no time to guess.
+        notice = await stack.notices.wait("not_stored", key)
+        while stack.upstream_app.stats()["disconnects"] < 1:  # noqa: ASYNC110
+            await anyio.sleep(0.01)  # the upstream's own view: there is no event to wait on
+    assert notice.detail
     again = await stack.post("/v1/responses", body)
     assert again.headers["x-sse-cache"] == "miss"
 
@@ -423,3 +461,38 @@ async def test_a_deeply_nested_body_is_forwarded_uncached_not_a_500(
     assert (proxied.status_code, proxied.content) == (direct.status_code, direct.content)
     assert proxied.headers["x-sse-cache"] == "bypass"
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("route", ["/v1/responses", "/v1/generic"])
+@pytest.mark.parametrize(
+    "tail",
+    [b"", b'data: {"type":"keepalive"}', b'data: {"type":"keepalive"}\n'],
+    ids=["terminated", "no-line-end", "no-blank-line"],
+)
+async def test_a_stream_that_ends_inside_an_event_is_passed_on_but_never_stored(
+    serve: Serve, tmp_path: Path, route: str, tail: bytes
+) -> None:
+    # (Mutation audit T3.) A complete Responses stream — response.completed included — and
+    # then the start of one more event that the body ends inside (no blank line after it).
+    # Per WHATWG that last event is never dispatched: the stream did not end cleanly, so
+    # neither the schema-aware route nor the generic one (complete at a clean end) stores it.
+    # The client still gets every byte. ("terminated": the same stream without that tail,
+    # stored on both routes: the setup itself stores.)
+    pieces = [serialize_sse(responses_stream("ends inside an event", text_deltas=4))]
+    if tail:
+        pieces.append(tail)
+    upstream_app = GatedUpstream(pieces)
+    routes = {"/v1/responses": OpenAIResponses(), "/v1/generic": GenericSSE()}
+    body = responses_body(f"ends inside an event {route}")
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'c.db'}", routes=routes)
+        try:
+            async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy) as client:
+                first = await client.post(route, json=body, headers=KEY_A)
+                again = await client.post(route, json=body, headers=KEY_A)
+        finally:
+            await app.aclose()
+    assert first.headers["x-sse-cache"] == "miss" and first.content == upstream_app.body
+    assert again.content == upstream_app.body
+    assert again.headers["x-sse-cache"] == ("miss" if tail else "hit")
+    assert upstream_app.calls == (2 if tail else 1)
