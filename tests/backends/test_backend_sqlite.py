@@ -68,14 +68,42 @@ async def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
     await again.aclose()
 
 
-async def test_foreign_schema_version_is_an_error(tmp_path: Path) -> None:
-    path = tmp_path / "c.db"
-    with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version = 99")
+FOREIGN_FILES = {
+    # An application's own database, given as the cache's file by mistake.
+    "another program's tables": (
+        [
+            "CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)",
+            "INSERT INTO users VALUES (1, 'a')",
+        ],
+        "it holds users",
+    ),
+    "another user_version": (["PRAGMA user_version = 99"], "user_version 99"),
+    "our user_version without our table": (
+        ["PRAGMA user_version = 1", "CREATE TABLE notes (body TEXT)"],
+        "user_version 1 but no sse_cache_entries table",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", FOREIGN_FILES)
+async def test_another_programs_file_is_refused_and_left_as_it_is(
+    tmp_path: Path, kind: str
+) -> None:
+    # With the default create=true too: the file was switched to WAL and given our tables
+    # (or switched, then every call failed) before.
+    path = tmp_path / "app.db"
+    statements, why = FOREIGN_FILES[kind]
+    with closing(sqlite3.connect(path)) as conn, conn:
+        for statement in statements:
+            conn.execute(statement)
+    before = path.read_bytes()
     backend = from_url(f"sqlite:///{path}")
-    with pytest.raises(BackendError, match="schema version 99"):
-        await backend.get("k")
+    for _ in range(2):  # and again: nothing was changed by the first attempt
+        with pytest.raises(BackendError, match=f"is not an sse_cache database \\({why}"):
+            await backend.set("k", b"v", None)
     await backend.aclose()
+    assert path.read_bytes() == before  # not switched to WAL, no tables added
+    assert sorted(os.listdir(tmp_path)) == ["app.db"]  # no -wal, no -shm
 
 
 async def test_urls_name_files_as_sqlalchemy_reads_them(

@@ -82,15 +82,18 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
 
     Raises :class:`BackendError` for a file that is not an sse_cache database when
     ``create`` is False, and ``sqlite3`` errors otherwise (translated by the caller)."""
-    if not create:
+    # Whose file it is, decided before anything is changed in it: a file of another
+    # program (an application's database given by mistake) is refused as it is, never
+    # switched to WAL nor given our tables.
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if not create and version != SCHEMA_VERSION:
         # Open-existing-only: a file without our schema is somebody else's (or a fresh
-        # empty one): neither switched to WAL nor given our tables.
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version != SCHEMA_VERSION:
-            raise BackendError(
-                f"SQLite file {where!r} is not an sse_cache database "
-                f"(user_version {version}; create=false leaves it untouched)"
-            )
+        # empty one).
+        raise BackendError(
+            f"SQLite file {where!r} is not an sse_cache database "
+            f"(user_version {version}; create=false leaves it untouched)"
+        )
+    _check_ours(conn, where, version)
     # WAL: readers never wait for the writer and the writer never waits for readers.
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if mode is None or str(mode[0]).lower() not in ("wal", "memory"):
@@ -99,8 +102,7 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version == SCHEMA_VERSION:
         return
-    if version not in (0, SCHEMA_VERSION):
-        raise sqlite3.DatabaseError(f"unknown sse_cache schema version {version}")
+    _check_ours(conn, where, version)  # (another process may have written it meanwhile)
     conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in _statements(_SCHEMA):
@@ -109,6 +111,27 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _check_ours(conn: sqlite3.Connection, where: str, version: int) -> None:
+    """Raise :class:`BackendError` unless the file holds our schema (``user_version`` ours
+    and our table there) or nothing at all (``user_version`` 0, no table: a new file)."""
+    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    if version == SCHEMA_VERSION and _TABLE in names:
+        return
+    if version == 0 and not names:
+        return
+    if version == SCHEMA_VERSION:
+        what = f"user_version {version} but no {_TABLE} table"
+    elif version == 0:
+        shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+        what = f"it holds {shown}"
+    else:
+        what = f"user_version {version}: another program's, or another sse_cache schema"
+    raise BackendError(
+        f"SQLite file {where!r} is not an sse_cache database ({what}); it is left as it "
+        "is: give the cache a file of its own"
+    )
 
 
 def _statements(script: str) -> list[str]:
