@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
@@ -306,9 +307,17 @@ class MemcachedServer(_Process):
     probe = b"version\r\n"
     expect = b"VERSION"
 
-    def __init__(self, binary: str, port: int | None = None, *, memory_mb: int = 128) -> None:
+    def __init__(
+        self,
+        binary: str,
+        port: int | None = None,
+        *,
+        memory_mb: int = 128,
+        options: Sequence[str] = (),
+    ) -> None:
         super().__init__(binary, port)
         self.memory_mb = memory_mb
+        self.options = list(options)  # more command-line options (-I 256k, say)
 
     @property
     def address(self) -> str:
@@ -317,7 +326,7 @@ class MemcachedServer(_Process):
     def command(self) -> list[str]:
         # -U 0: no UDP; -t 2: two worker threads are plenty on loopback.
         cmd = [self.binary, "-l", HOST, "-p", str(self.port), "-U", "0", "-t", "2"]
-        cmd += ["-m", str(self.memory_mb)]
+        cmd += ["-m", str(self.memory_mb), *self.options]
         if os.geteuid() == 0:
             cmd += ["-u", "root"]  # memcached refuses to run as root without it
         return cmd

@@ -574,3 +574,37 @@ async def test_a_known_chunked_value_is_read_in_one_round_trip_and_changes_are_s
     assert await reader.get("k") is None
     await reader.aclose()
     await other.aclose()
+
+
+async def test_an_item_over_the_servers_size_limit_is_named_with_what_to_change(
+    tmp_path: Any,
+) -> None:
+    # A memcached started with a smaller item size limit (-I 256k) than the backend's
+    # chunk_size (1 MiB - 1 KiB by default) refuses every large value: the error says so,
+    # with memcached's own reply and the option to change, not only "did not store".
+    from servers import MemcachedServer, require_binary
+
+    server = MemcachedServer(
+        require_binary("memcached", "memcached"),
+        memory_mb=16,
+        options=["-I", "256k", "-o", "slab_chunk_max=131072"],
+    )
+    server.start()
+    try:
+        backend = from_url(f"memcached://{server.address}")
+        for size in (300_000, 3_000_000):  # one item, then a chunked value
+            with pytest.raises(BackendError) as raised:
+                await backend.set("big", os.urandom(size), None)
+            message = str(raised.value)
+            assert "SERVER_ERROR object too large for cache" in message
+            assert "lower ?chunk_size= (now 1047552)" in message and "memcached -I" in message
+            assert await backend.get("big") is None  # nothing partial is readable
+        # Below the limit it stores, chunked to fit: the option the message names works.
+        fitted = from_url(f"memcached://{server.address}?chunk_size=200000")
+        value = os.urandom(3_000_000)
+        await fitted.set("big", value, None)
+        assert await fitted.get("big") == value
+        await fitted.aclose()
+        await backend.aclose()
+    finally:
+        server.cleanup()

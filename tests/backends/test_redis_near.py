@@ -8,6 +8,7 @@ returned: the tests wait for it by polling ``cached()`` a bounded number of time
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -394,3 +395,29 @@ async def _get_when_reachable(backend: RedisBackend, key: str) -> bytes | None:
         except Exception:
             await anyio.sleep(0.005)
     pytest.fail("the server never became reachable again")
+
+
+async def test_a_user_not_allowed_to_track_is_told_why(
+    redis_server: Any, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An ACL user without CLIENT TRACKING: the near cache stays off (every lookup a GET), and
+    # the warning says why in Redis's words, where redis-py's repr of the error gave only
+    # "auth:NoPermissionError".
+    user = f"no-tracking-{uuid.uuid4().hex[:8]}"
+    await raw.execute_command(
+        "ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-client|tracking"
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="sse_cache.backends.redis"):
+            url = f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"
+            backend = open_backend(url, prefix="acl:")
+            await backend.set("k", b"v", None)
+            with anyio.fail_after(30):  # a deadlock guard: the warning comes at once
+                while not any("tracking" in r.getMessage() for r in caplog.records):
+                    assert await backend.get("k") == b"v"
+                    await anyio.sleep(0.01)  # the listener runs in a task of its own
+            assert backend.cached("k") is None  # off: nothing answered without Redis
+        [warning] = [r.getMessage() for r in caplog.records if "tracking" in r.getMessage()]
+        assert "NoPermissionError" in warning and "client|tracking" in warning.lower()
+    finally:
+        await raw.execute_command("ACL", "DELUSER", user)

@@ -24,11 +24,13 @@ IOV_MAX: Final = 1024  # buffers per sendmsg call (Linux and macOS)
 
 def store_batch(
     pooled: Any, items: Sequence[tuple[str, int, bytes | memoryview]], expire: int
-) -> bool:
+) -> bytes | None:
     """``set`` every ``(key, flags, value)`` of ``items``, in order, in one round trip on one
-    connection of ``pooled`` (a pymemcache ``PooledClient``); True when memcached stored
-    them all. memcached runs one connection's commands in order, so an item is stored only
-    after every item before it was stored or refused. Raises the socket's errors
+    connection of ``pooled`` (a pymemcache ``PooledClient``); None when memcached stored
+    them all, else its first reply that was not ``STORED`` (``SERVER_ERROR object too
+    large for cache``, say: what an error message should say). memcached runs one
+    connection's commands in order, so an item is stored only after every item before it
+    was stored or refused. Raises the socket's errors
     (``TimeoutError`` when the whole batch took longer than the socket timeout)."""
     parts: list[bytes | memoryview] = []
     for key, flags, data in items:
@@ -45,10 +47,10 @@ def store_batch(
         send_parts(sock, parts, deadline)
         replies = read_replies(sock, len(items), deadline)
         sock.settimeout(timeout)  # (on an error the connection is closed instead)
-        stored = all(reply == b"STORED" for reply in replies)
-        if not stored:
+        refused = next((reply for reply in replies if reply != b"STORED"), None)
+        if refused is not None:
             client.close()  # as pymemcache does after an error reply
-    return stored
+    return refused
 
 
 def send_parts(

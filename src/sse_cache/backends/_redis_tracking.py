@@ -157,8 +157,13 @@ class InvalidationListener:
                 await self._listen(conn)
             except Exception as exc:
                 if not failing and not self._closed:
+                    # The type and the message both: some of redis-py's errors have a repr
+                    # without their message ("auth:NoPermissionError", with the command
+                    # refused only in str()).
                     logger.warning(
-                        "Redis near cache off until its tracking connection is back: %r", exc
+                        "Redis near cache off until its tracking connection is back: %s: %s",
+                        type(exc).__name__,
+                        exc,
                     )
                 failing = True
             finally:

@@ -369,10 +369,10 @@ class MemcachedBackend:
         if len(value) <= self._chunk_size:
             flags = flags_for(now, deadline)
             if self._one_server:
-                stored = self._store_batch([(item_key, flags, value)], expire)
-            else:
-                stored = self._client.set(item_key, value, expire=expire, flags=flags)
-            if not stored:
+                refused = self._store_batch([(item_key, flags, value)], expire)
+                if refused is not None:
+                    raise self._refused(item_key, len(value), refused)
+            elif not self._client.set(item_key, value, expire=expire, flags=flags):
                 raise BackendError(f"memcached did not store {item_key!r}")
             return
         write_id = secrets.token_bytes(16)
@@ -390,11 +390,12 @@ class MemcachedBackend:
         if self._one_server:
             # One round trip: memcached runs a connection's commands in order, so the
             # manifest (last) is stored only after every chunk was.
-            if not self._store_batch([*chunks, (item_key, MANIFEST, manifest)], expire):
+            refused = self._store_batch([*chunks, (item_key, MANIFEST, manifest)], expire)
+            if refused is not None:
                 # A refused chunk does not stop the manifest: remove it, so that readers
                 # miss at once instead of fetching chunks that are not there.
                 self._client.delete(item_key, noreply=False)
-                raise BackendError(f"memcached did not store every item of {item_key!r}")
+                raise self._refused(item_key, size, refused)
         else:
             # Chunks and manifest live on different servers, written one after another:
             # the manifest waits for every chunk's reply. Until it lands, readers see the
@@ -411,9 +412,22 @@ class MemcachedBackend:
 
     def _store_batch(
         self, items: Sequence[tuple[str, int, bytes | memoryview]], expire: int
-    ) -> bool:
+    ) -> bytes | None:
         # One server only: the whole batch on one of its pooled connections.
         return store_batch(self._client, items, expire)
+
+    def _refused(self, item_key: str, item_bytes: int, reply: bytes) -> BackendError:
+        """The error for a ``set`` memcached answered with ``reply``, saying what to change
+        when the item was too large for the server's ``-I`` (item size limit)."""
+        said = reply.decode("ascii", "replace").strip()
+        hint = ""
+        if "too large" in said:
+            hint = (
+                f": items of {item_bytes} bytes are over the server's item size limit "
+                f"(memcached -I); lower ?chunk_size= (now {self._chunk_size}) below it, or "
+                "raise -I"
+            )
+        return BackendError(f"memcached did not store {item_key!r} ({said}){hint}")
 
     def _delete(self, item_key: str) -> None:
         self._hints.discard(item_key)
