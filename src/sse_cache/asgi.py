@@ -105,6 +105,7 @@ class CacheMiddleware:
         self.max_background = max_background
         self.background_timeout = background_timeout
         self._background = 0
+        self._outer_checked = False
         self.service = CacheService(backend, CacheOptions.of(options, keywords))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -114,6 +115,9 @@ class CacheMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if not self._outer_checked:
+            self._outer_checked = True
+            _warn_if_inside_base_http_middleware(send)
         if scope["method"] == "GET":
             # A client resuming a stream by its id (Responses): answered from its live stream
             # while it is produced here, from the cache once stored.
@@ -139,6 +143,22 @@ class CacheMiddleware:
             await send(message)
 
         await self.app(scope, receive, sending)
+
+
+def _warn_if_inside_base_http_middleware(send: Send) -> None:
+    """Warn (once per middleware) when it runs inside Starlette's ``BaseHTTPMiddleware``
+    (FastAPI's ``@app.middleware("http")``): that layer ends a response cleanly when the app
+    inside it raises mid-stream, so every stream the cache aborts (a follower whose
+    producer's upstream failed, an upstream cut mid-answer) would reach the client as a
+    clean, truncated end: a partial answer that looks complete."""
+    if "BaseHTTPMiddleware" in getattr(send, "__qualname__", ""):
+        logger.warning(
+            "sse_cache: CacheMiddleware runs inside Starlette's BaseHTTPMiddleware (FastAPI's "
+            "@app.middleware('http')), which ends a response cleanly when the app inside it "
+            "fails mid-stream: a stream cut short would reach clients as a clean, truncated "
+            "answer. Write that layer as a pure ASGI middleware, or, if it need not run for "
+            "hits, add CacheMiddleware after it (outside it) (docs/asgi.md, 'Order matters')."
+        )
 
 
 class _Request:

@@ -181,3 +181,43 @@ async def test_a_follower_in_another_process_never_gets_an_encoding_it_did_not_a
         await second.aclose()
     await a.aclose()
     await b.aclose()
+
+
+@pytest.mark.parametrize("cache", ["inside", "outside"])
+async def test_the_cache_inside_basehttpmiddleware_warns_that_cut_streams_would_end_cleanly(
+    serve: Any, cache: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Behind an outer BaseHTTPMiddleware, an answer the cache aborts (here: the upstream
+    # breaks off mid-answer) reaches the client as a clean end of a truncated body: that
+    # layer sends the end of the body before it re-raises, whatever the app inside does.
+    # The cache cannot undo that; it says so, once, at its first request. Outside it (the
+    # cache added after it), the client sees the cut.
+    async def events() -> AsyncIterator[bytes]:
+        yield b'data: {"n":1}\n\n'
+        raise RuntimeError("the upstream broke off")
+
+    async def generate(request: Request) -> Response:
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    endpoint = Starlette(routes=[Route("/v1/generate", generate, methods=["POST"])])
+    app: Any
+    if cache == "inside":
+        app = PassThrough(CacheMiddleware(endpoint, "memory://", routes=ROUTES))
+    else:
+        app = CacheMiddleware(PassThrough(endpoint), "memory://", routes=ROUTES)
+    with caplog.at_level("WARNING", logger="sse_cache"):
+        async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            for n in range(2):
+                request = client.build_request("POST", "/v1/generate", json={"q": n}, headers=KEY)
+                response = await client.send(request, stream=True)
+                outcome, body = await read(response)
+                await response.aclose()
+                assert body == b'data: {"n":1}\n\n'
+                # What the warning is about: a clean end of a cut answer, inside only.
+                assert outcome == ("ended" if cache == "inside" else "cut")
+    warnings = [r.getMessage() for r in caplog.records if "BaseHTTPMiddleware" in r.getMessage()]
+    if cache == "inside":
+        assert len(warnings) == 1  # once, not per request
+        assert "pure ASGI middleware" in warnings[0]
+    else:
+        assert warnings == []
