@@ -9,7 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import sqlite3
 import sys
+import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -149,3 +154,58 @@ def test_a_backend_used_before_a_fork_starts_afresh_in_the_child(backend_url: st
     assert last == [
         f"{who}-{i}".encode() for who in ("parent", "child") for i in range(ROUNDS - 7, ROUNDS)
     ]
+
+
+def test_a_fork_while_a_sqlite_query_runs_in_another_thread_does_not_hang_the_child(
+    tmp_path: Path,
+) -> None:
+    # A worker thread of the parent is inside SQLite (a long query) when another thread
+    # forks: in the child, SQLite's mutex of that connection is held for ever. Closing the
+    # inherited connection there would wait on it for ever; the child must start, and use
+    # the cache on a connection of its own.
+    backend: Any = from_url(f"sqlite:///{tmp_path / 'busy.db'}")
+    asyncio.run(backend.set("k", b"v", None))
+    db = backend._db  # the one connection's owner (_sqlite_file.DatabaseFile)
+    running = threading.Event()
+    failed: list[BaseException] = []
+
+    def long_query(conn: sqlite3.Connection) -> None:
+        # Told from inside SQLite's own loop (the progress handler runs there, the
+        # connection's mutex held), not before it: SQLite's global mutexes, which it takes
+        # while it begins a read, are free again by then.
+        conn.set_progress_handler(lambda: running.set(), 1000)
+        conn.execute(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+            "SELECT count(*) FROM c"  # no end of its own: interrupted below
+        ).fetchone()
+
+    def worker() -> None:
+        try:
+            db.run(long_query, read=True)
+        except BaseException as exc:  # interrupted, as intended
+            failed.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert running.wait(DEADLINE)
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            code = 0 if asyncio.run(backend.get("k")) == b"v" else 2
+        finally:
+            os._exit(code)
+    try:
+        end = time.monotonic() + DEADLINE  # a deadlock guard: a hung child never exits
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child hung at the fork (closing a connection in use)")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        db._conn.interrupt()  # the parent's long query ends
+        thread.join(DEADLINE)
+        asyncio.run(backend.aclose())
+    assert failed and "interrupted" in str(failed[0])

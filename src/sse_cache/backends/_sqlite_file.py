@@ -21,7 +21,7 @@ from typing import Final, TypeVar
 from urllib.parse import quote
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable
-from ._fork import reopen_after_fork
+from ._fork import keep, reopen_after_fork
 from ._sqlite_store import initialise
 
 __all__ = ["DatabaseFile", "FileId", "file_id"]
@@ -110,9 +110,14 @@ class DatabaseFile:
         # an inherited one would count the parent's locks as its own and take none; the
         # parent, closing, would then see no other user and delete the WAL the child writes
         # to. Closed in the child, it releases only that count (the parent's locks are
-        # its own). The lock may have been held by a parent's thread.
+        # its own). Unless a parent's thread was using it at the fork (our lock held):
+        # SQLite's own mutex would then be held for ever in the child, and closing would
+        # hang it; it is kept instead (_fork), and the child's first use waits for nothing.
         if self._conn is not None:
-            self._conn.close()
+            if self._lock.locked():
+                keep(self._conn)
+            else:
+                self._conn.close()
         self._conn, self.opened, self._sidecars = None, None, {}
         self._lock = threading.Lock()
         self._busy_ms = -1
