@@ -65,7 +65,15 @@ class Flow:
         self.producer_reading = True
         self.overflowed = False
         self.closed = False  # the producer's exchange is over: it acts on it no more
+        # Its upstream was handed over (LiveFlight.hand_over): its followers pull it, also
+        # after the producer's exchange is over (a cross-process follower's local readers).
+        self.source = False
         self.readers: list[Reader] = []
+
+    @property
+    def upstream_open(self) -> bool:
+        """Its upstream may still send: the producer is there, or a source is handed over."""
+        return not self.closed or (self.source and self.phase not in DONE)
 
     @property
     def attached(self) -> list[Reader]:
@@ -79,10 +87,10 @@ class Flow:
 
 
 def producing_in(*phases: Phase) -> Callable[[FlightMachine], bool]:
-    """A precondition: some flight whose producer is still there is in one of ``phases``."""
+    """A precondition: some flight whose upstream may still send is in one of ``phases``."""
 
     def can(machine: FlightMachine) -> bool:
-        return any(not f.closed and f.phase in phases for f in machine.flows)
+        return any(f.upstream_open and f.phase in phases for f in machine.flows)
 
     return can
 
@@ -118,12 +126,13 @@ class FlightMachine(RuleBasedStateMachine):
         # LiveFlight.fail: a flight that is not done fails; either way it is offered no more.
         if flow.phase not in DONE:
             flow.phase = Phase.FAILED
+            flow.source = False  # nothing more is read from it
         self._unregister(flow)
 
     def _producing(self, data: st.DataObject, *phases: Phase) -> Flow:
-        # A flight whose producer is still there, in the first of ``phases`` that has one,
+        # A flight whose upstream may still send, in the first of ``phases`` that has one,
         # newest first (it shrinks towards the live one).
-        producing = [f for f in reversed(self.flows) if not f.closed]
+        producing = [f for f in reversed(self.flows) if f.upstream_open]
         for phase in phases:
             if in_phase := [f for f in producing if f.phase is phase]:
                 return data.draw(st.sampled_from(in_phase))
@@ -133,7 +142,10 @@ class FlightMachine(RuleBasedStateMachine):
         return data.draw(st.sampled_from([r for r in reversed(self.readers) if r.attached]))
 
     def _has_producer(self) -> bool:
-        return any(not f.closed for f in self.flows)
+        return any(f.upstream_open for f in self.flows)
+
+    def _can_hand_over(self) -> bool:
+        return any(not f.closed and not f.source and f.phase not in DONE for f in self.flows)
 
     def _has_reader(self) -> bool:
         return any(r.attached for r in self.readers)
@@ -214,17 +226,45 @@ class FlightMachine(RuleBasedStateMachine):
         if flow.phase is Phase.STREAMING:
             flow.phase = Phase.ENDED
 
+    @precondition(_can_hand_over)
+    @rule(data=st.data())
+    def producer_hands_over(self, data: st.DataObject) -> None:
+        # The producer hands its upstream to the followers (the engine does at once). The
+        # machine has no event loop: the source is only ever looked at, never awaited; its
+        # pulls are upstream_chunks and upstream_end.
+        flow = data.draw(
+            st.sampled_from(
+                [f for f in self.flows if not f.closed and not f.source and f.phase not in DONE]
+            )
+        )
+
+        async def source() -> bool:  # pragma: no cover  (never awaited here)
+            raise AssertionError("the sans-IO machine never pulls")
+
+        async def abandon() -> None:  # pragma: no cover
+            raise AssertionError("the sans-IO machine never abandons")
+
+        flow.live.hand_over(source, abandon)
+        flow.source = True
+
     @precondition(_has_producer)
     @rule(data=st.data())
     def producer_side_stops(self, data: st.DataObject) -> None:
         # One rule for every way the producer's side stops, so that streams live long
         # enough (rules are drawn uniformly) to outgrow their log and cut slow followers.
         flow = self._producing(data)
+        if flow.closed:
+            # A handed-over upstream its followers pull after the exchange is over: it can
+            # only break.
+            flow.live.fail("the upstream was cut")
+            self._failed(flow)
+            return
         how = data.draw(
             st.sampled_from(
                 [
                     *(["the client left"] if flow.producer_reading else []),
                     "the exchange closed",
+                    "the exchange closed, keeping its readers",
                     "the upstream was cut",
                     "the producer was cancelled",
                     "the producer's process died",
@@ -241,6 +281,17 @@ class FlightMachine(RuleBasedStateMachine):
         elif how == "the exchange closed":
             flow.live.close()
             self._failed(flow)  # not done: it failed; done: it is offered no more
+            flow.closed = True
+        elif how == "the exchange closed, keeping its readers":
+            # A follower process's exchange (HTTP service): its local readers go on only
+            # while a handed-over source still feeds them. Readers of a flight nothing
+            # feeds any more must fail now, not wait out their idle timeout; and a source
+            # no one here reads is not kept either.
+            flow.live.close(keep_readers=True)
+            if flow.source and flow.attached and flow.phase not in DONE:
+                self._unregister(flow)  # goes on for its readers, offered to no one new
+            else:
+                self._failed(flow)
             flow.closed = True
         else:
             flow.live.fail(how)
@@ -334,6 +385,12 @@ class FlightMachine(RuleBasedStateMachine):
             assert kept >= needed, "a follower's next bytes were dropped"
             if not flow.joinable:
                 assert kept <= needed, "an unjoinable flight keeps what no follower needs"
+
+    @invariant()
+    def sources_are_where_the_model_says(self) -> None:
+        for flow in self.flows:
+            if flow.phase not in DONE:
+                assert (flow.live.source is not None) is flow.source
 
     @invariant()
     def wanted_while_someone_reads(self) -> None:
@@ -794,3 +851,74 @@ async def test_a_held_flight_no_one_came_back_to_is_abandoned_when_released() ->
     assert live.flight.phase is Phase.FAILED
     assert abandoned == ["no one resumed the stream within its resume window"]
     assert flights.get(KEY) is None  # not offered to anyone: a part is never an answer
+
+
+# -- closing a follower process's exchange (close(keep_readers=True)) ----------------------------
+
+
+@pytest.mark.anyio
+async def test_closing_with_keep_readers_fails_the_readers_nothing_feeds_at_once() -> None:
+    # A follower process's exchange ends while its local readers wait on a flight that no
+    # handed-over source feeds: nothing will ever come, so they fail now (they hold part of
+    # an answer), not after their idle timeout (an hour here).
+    flights, live, (cursor,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"p")
+    got = bytearray()
+    has_first = anyio.Event()
+    outcome: list[object] = []
+
+    async def reader() -> None:
+        try:
+            async with aclosing(live.chunks(cursor, 3600)) as chunks:  # type: ignore[type-var]
+                async for chunk in chunks:
+                    got.extend(chunk)
+                    has_first.set()
+            outcome.append("clean end")
+        except SharedStreamAborted as exc:
+            outcome.append(exc)
+
+    with anyio.fail_after(30):  # a deadlock guard, not a timing assertion
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            await has_first.wait()  # it has the log and waits for more
+            live.close(keep_readers=True)
+    assert got == b"p" and len(outcome) == 1
+    assert isinstance(outcome[0], SharedStreamAborted), outcome
+    assert live.flight.phase is Phase.FAILED and flights.get(KEY) is None
+
+
+@pytest.mark.anyio
+async def test_closing_with_keep_readers_and_no_reader_keeps_no_source() -> None:
+    # A handed-over source that no reader here pulls is not kept going: the flight fails
+    # (it is not done, and no one would ever read it to its end).
+    flights, live, (cursor,) = produce(1)
+    live.respond(HEAD)
+    upstream = HandedOver.of(live, pieces(3))
+    live.hand_over(upstream.source, upstream.abandon)
+    await live.leave(cursor)  # the producer's client still reads: nothing is abandoned
+    assert live.flight.phase is Phase.STREAMING
+    live.close(keep_readers=True)
+    assert live.flight.phase is Phase.FAILED and live.source is None
+    assert flights.get(KEY) is None and live.flight.follow() is None
+
+
+@pytest.mark.anyio
+async def test_closing_with_keep_readers_lets_a_fed_flight_go_on_for_its_readers() -> None:
+    # The same close while a handed-over source feeds the flight: its readers read it to its
+    # clean end, and no newcomer joins it.
+    flights, live, (cursor,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"p")
+    assert live.producer_left() is True
+    rest = pieces(5)
+    upstream = HandedOver.of(live, rest)
+    live.hand_over(upstream.source, upstream.abandon)
+    live.close(keep_readers=True)
+    assert live.flight.phase is Phase.STREAMING
+    assert flights.get(KEY) is None and live.flight.follow() is None
+    got = bytearray()
+    with anyio.fail_after(30):  # a deadlock guard
+        await read_all(live, cursor, got)
+    assert got == b"p" + b"".join(rest) and live.flight.phase is Phase.ENDED
+    assert upstream.abandoned == 0

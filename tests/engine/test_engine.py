@@ -691,13 +691,33 @@ async def test_decoded_cache_respects_its_budget_and_can_be_turned_off() -> None
         CacheService(DictBackend(), decoded_cache_bytes=-1)
 
 
-async def test_expiry_applies_to_a_hot_entry() -> None:
+class FakeWallClock:
+    """Stands for the ``time`` module where the engine stamps and checks expiry: ``time()``
+    is what the test says, everything else is the real module's."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+async def test_expiry_applies_to_a_hot_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a fake wall clock: no real wait, and no bound on how fast the test must run.
+    import sse_cache._entries
+
+    clock = FakeWallClock(1_000_000.0)
+    monkeypatch.setattr(sse_cache._entries, "time", clock)
     backend, up = DictBackend(), Upstream()
-    cache = StreamCache(backend, GenericSSE(), ttl=0.3)  # DictBackend never expires anything
+    cache = StreamCache(backend, GenericSSE(), ttl=30)  # DictBackend never expires anything
     await consume(cache, up)
+    clock.now += 29.9
     s, _ = await consume(cache, up)
-    assert s.status == "hit"  # type: ignore[attr-defined]
-    await anyio.sleep(0.35)
+    assert s.status == "hit"  # type: ignore[attr-defined]  # now kept decoded (hot)
+    clock.now += 0.1  # its recorded end: never served past it, hot or not
     s, _ = await consume(cache, up)
     assert s.status == "miss" and up.calls == 2  # type: ignore[attr-defined]
 
@@ -813,73 +833,113 @@ async def test_caches_sharing_a_decoded_budget_but_not_a_codec_do_not_share_deco
 
 
 async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others() -> None:
-    # The first request reads slowly, so the one that joined it is the one pulling the
-    # upstream when its own client gives up: the pull it started completes for the others,
-    # and the first request gets its whole stream, which is stored.
+    # The first request holds after its first event, so the one that joined it is the one
+    # pulling the upstream when its own client gives up: the pull it started completes for
+    # the others, and the first request gets its whole stream, which is stored.
     events = [Event(str(n)) for n in range(12)]
     cache = StreamCache(DictBackend(), GenericSSE())
-    up = Upstream(events, delay=0.03)
+    pulling, gate = anyio.Event(), anyio.Event()
+    calls = closed = 0
+
+    def upstream() -> AsyncIterator[Event]:
+        nonlocal calls
+        calls += 1
+
+        async def gen() -> AsyncIterator[Event]:
+            nonlocal closed
+            try:
+                for n, event in enumerate(events):
+                    if n == 1:  # the second pull (the joiner's) waits for the test
+                        pulling.set()
+                        await gate.wait()
+                    yield event
+            finally:
+                closed += 1
+
+        return gen()
+
     got: list[str] = []
-    reading = anyio.Event()
+    reading, owner_go = anyio.Event(), anyio.Event()
+    joiner_scope = anyio.CancelScope()
+    outcome: dict[str, object] = {}
 
     async def owner() -> None:
-        async with cache.stream(cache.request(BODY), up) as s:
+        async with cache.stream(cache.request(BODY), upstream) as s:
             async for event in s:
                 got.append(event.data)
-                reading.set()
-                await anyio.sleep(0.05)  # a slow consumer
-        assert s.status == "miss" and s.stored
+                if not reading.is_set():
+                    reading.set()
+                    await owner_go.wait()  # not pulling: the joiner pulls next
+        outcome["owner"] = (s.status, s.stored)
 
     async def joiner() -> None:
-        await reading.wait()
-        with anyio.move_on_after(0.15) as scope:
-            async with cache.stream(cache.request(BODY), up) as s:
-                assert s.status == "shared"
+        with joiner_scope:
+            async with cache.stream(cache.request(BODY), upstream) as s:
+                outcome["joiner"] = s.status
                 async for _ in s:
                     pass
-        assert scope.cancelled_caught
+        outcome["joiner cancelled"] = joiner_scope.cancelled_caught
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(owner)
-        tg.start_soon(joiner)
-    assert got == [e.data for e in events] and up.calls == 1 and up.closed == 1
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(owner)
+            await reading.wait()
+            tg.start_soon(joiner)
+            await pulling.wait()  # the joiner is inside the shared pull
+            joiner_scope.cancel()  # its client gives up mid-pull
+            gate.set()
+            owner_go.set()
+    assert outcome == {
+        "owner": (CacheStatus.MISS, True),
+        "joiner": CacheStatus.SHARED,
+        "joiner cancelled": True,
+    }
+    assert got == [e.data for e in events] and calls == 1 and closed == 1
 
 
 async def test_a_shared_pull_that_never_ends_is_bounded() -> None:
     # The bound is the readers' idle timeout (join_timeout).
 
+    pulling = anyio.Event()
+
     async def hung() -> AsyncIterator[Event]:
         yield Event("first")
+        pulling.set()
         await anyio.sleep_forever()
         yield Event("never")
 
     cache = StreamCache(DictBackend(), GenericSSE(), join_timeout=0.2)
     outcome: list[str] = []
-    reading = anyio.Event()
+    reading, joiner_left = anyio.Event(), anyio.Event()
+    joiner_scope = anyio.CancelScope()
 
     async def owner() -> None:
         try:
             async with cache.stream(cache.request(BODY), hung) as s:
                 async for _ in s:
                     reading.set()
-                    await anyio.sleep(0.05)  # slow: the joiner pulls next
-        except SharedStreamAborted:
-            outcome.append("owner aborted")
+                    await joiner_left.wait()  # not pulling: the joiner pulls next
+        except SharedStreamAborted as exc:
+            outcome.append(f"owner aborted: {exc}")
 
     async def joiner() -> None:
-        await reading.wait()
-        with anyio.move_on_after(0.1):
+        with joiner_scope:
             async with cache.stream(cache.request(BODY), hung) as s:
                 async for _ in s:
                     pass
         outcome.append("joiner left")
+        joiner_left.set()
 
-    with anyio.fail_after(5):
+    with anyio.fail_after(30):  # a deadlock guard: without the bound it hangs for ever
         async with anyio.create_task_group() as tg:
             tg.start_soon(owner)
+            await reading.wait()
             tg.start_soon(joiner)
-    # The cancelled joiner waited for its pull at most the hand-over bound, not forever.
-    assert sorted(outcome) == ["joiner left", "owner aborted"]
+            await pulling.wait()  # the joiner is inside the shared (shielded) pull
+            joiner_scope.cancel()
+    # The cancelled joiner's pull ran out its bound, failing the flight for the owner.
+    assert outcome == ["joiner left", "owner aborted: the shared stream stopped: "
+                       "the upstream sent nothing for 0.2 s"]  # fmt: skip
 
 
 async def test_a_follower_sent_nothing_asks_the_upstream_itself_once() -> None:
@@ -1131,3 +1191,149 @@ async def test_an_event_the_codec_refuses_is_not_blamed_on_the_backend(
     assert "could not be encoded" in caplog.text
     # The public store says False, not an exception.
     assert not await cache.store("k", Entry(schema="generic", created_at=1.0, events=[event]))
+
+
+async def test_a_follower_waiting_on_a_lone_pull_that_raises_is_aborted_at_once() -> None:
+    # The producer pulls its upstream alone (the hot loop); a follower joins meanwhile, reads
+    # what is logged and waits for the next event. The upstream then raises: the follower,
+    # which holds part of the answer, must be told at once (SharedStreamAborted), not after
+    # join_timeout of silence (an hour here), and never get a clean end of a cut stream.
+    inside, gate = anyio.Event(), anyio.Event()
+
+    async def upstream() -> AsyncIterator[Event]:
+        yield Event("first")
+        inside.set()
+        await gate.wait()
+        raise ConnectionError("upstream cut")
+        yield Event("never")  # pragma: no cover  (makes it an async generator)
+
+    cache = StreamCache(DictBackend(), GenericSSE(), join_timeout=3600)
+    producer_got: list[str] = []
+    follower_got: list[str] = []
+    follower_has_first = anyio.Event()
+    outcomes: dict[str, object] = {}
+
+    async def producer() -> None:
+        try:
+            async with cache.stream(cache.request(BODY), upstream) as s:
+                async for event in s:
+                    producer_got.append(event.data)
+        except ConnectionError as exc:
+            outcomes["producer"] = exc
+
+    async def follower() -> None:
+        try:
+            async with cache.stream(cache.request(BODY), upstream) as s:
+                outcomes["status"] = s.status
+                async for event in s:
+                    follower_got.append(event.data)
+                    follower_has_first.set()
+            outcomes["follower"] = "clean end"
+        except SharedStreamAborted as exc:
+            outcomes["follower"] = exc
+
+    with anyio.fail_after(30):  # a deadlock guard, not a timing assertion
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer)
+            await inside.wait()  # the producer's reader is pulling alone, after "first"
+            tg.start_soon(follower)
+            await follower_has_first.wait()  # joined, read the log, now waits for more
+            gate.set()
+    assert outcomes["status"] is CacheStatus.SHARED
+    assert isinstance(outcomes["producer"], ConnectionError)  # the upstream's own error
+    assert isinstance(outcomes["follower"], SharedStreamAborted), outcomes["follower"]
+    assert producer_got == follower_got == ["first"]
+
+
+async def test_a_no_store_request_is_not_joined_by_an_identical_one() -> None:
+    # A no-store request (e.g. Cache-Control: no-store) must never become the producer others
+    # join: they would get an answer that is never stored. Released together, in whichever
+    # order they run, both ask the upstream (both "miss"); only the normal one is stored.
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    go, both_in = anyio.Event(), anyio.Event()
+    statuses: dict[bool, CacheStatus] = {}
+    streams: dict[bool, Any] = {}
+    got: dict[bool, list[Event]] = {}
+    calls = 0
+
+    def upstream() -> AsyncIterator[Event]:
+        nonlocal calls
+        calls += 1
+
+        async def gen() -> AsyncIterator[Event]:
+            # Holds after the first event until both requests have their status: they are
+            # in flight together, whichever came first.
+            for n, event in enumerate(EVENTS):
+                if n == 1:
+                    await both_in.wait()
+                yield event
+
+        return gen()
+
+    async def one(store: bool) -> None:
+        await go.wait()
+        async with cache.stream(cache.request(BODY), upstream, store=store) as s:
+            statuses[store] = s.status
+            if len(statuses) == 2:
+                both_in.set()
+            got[store] = [e async for e in s]
+        streams[store] = s
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, False)
+            tg.start_soon(one, True)
+            go.set()
+    assert statuses == {False: CacheStatus.MISS, True: CacheStatus.MISS}
+    assert calls == 2
+    assert wire(got[False]) == wire(got[True]) == wire(EVENTS)
+    assert streams[True].stored and not streams[False].stored and backend.sets == 1
+    third, events = await consume(cache, Upstream())
+    assert third.status is CacheStatus.HIT and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
+
+
+async def test_a_follower_that_asks_the_upstream_again_stores_its_answer() -> None:
+    # The producer's upstream fails before sending anything, while a follower waits on it:
+    # the follower asks the upstream itself (status "miss") and its complete answer is
+    # stored like any miss's, so the next identical request is a hit.
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    inside, gate = anyio.Event(), anyio.Event()
+
+    async def failing() -> AsyncIterator[Event]:
+        inside.set()
+        await gate.wait()
+        raise ConnectionError("upstream refused")
+        yield Event("never")  # pragma: no cover  (makes it an async generator)
+
+    upstreams = iter([failing, Upstream()])
+    results: dict[str, Any] = {}
+
+    async def producer() -> None:
+        with pytest.raises(ConnectionError):
+            async with cache.stream(cache.request(BODY), lambda: next(upstreams)()) as s:
+                [e async for e in s]
+
+    async def follower() -> None:
+        async with cache.stream(cache.request(BODY), lambda: next(upstreams)()) as s:
+            results["joined as"] = s.status
+            results["events"] = [e async for e in s]
+        results["stream"] = s
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer)
+            await inside.wait()  # the producer is inside its first pull
+            tg.start_soon(follower)
+            live = cache.live.get(cache.key(cache.request(BODY)))
+            assert live is not None
+            while live.followers < 1:  # until the follower has joined
+                await anyio.lowlevel.checkpoint()
+            gate.set()
+    assert results["joined as"] is CacheStatus.SHARED
+    s = results["stream"]
+    assert s.status is CacheStatus.MISS and s.stored and backend.sets == 1
+    assert wire(results["events"]) == wire(EVENTS)
+    again, events = await consume(cache, Upstream())
+    assert again.status is CacheStatus.HIT and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
