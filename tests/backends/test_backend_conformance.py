@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.lowlevel
@@ -20,6 +22,32 @@ from sse_cache.protocols import Backend, LockingBackend, ScanningBackend, StatsB
 pytestmark = pytest.mark.anyio
 
 MiB = 1024 * 1024
+# A deadlock guard for waiting on expiry: a value with a TTL under a second is gone long
+# before it, unless expiry is broken.
+GUARD = 30.0
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``check`` until it holds (a real server's clock: nothing to wait on)."""
+    with anyio.move_on_after(GUARD):
+        while not await check():  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+        return
+    raise AssertionError(f"{what} (in {GUARD} s)")
+
+
+async def readable_before_expiry(backend: Backend, key: str, value: bytes, ttl: float) -> None:
+    """``set(key, value, ttl)`` then ``get(key)``: the value, whenever the read returns
+    within the TTL. A stalled machine may make the read late, and then it cannot tell: write
+    again until a read lands in time (no timing is asserted, only what a timely read sees)."""
+    with anyio.fail_after(GUARD):
+        while True:
+            start = time.monotonic()
+            await backend.set(key, value, ttl)
+            got = await backend.get(key)
+            if time.monotonic() - start < ttl:
+                assert got == value, f"{key!r} expired before its {ttl} s TTL"
+                return
 
 
 async def test_missing_key_is_none(backend: Backend) -> None:
@@ -104,16 +132,19 @@ async def test_keys_utf8_cannot_encode_are_refused(backend: Backend, key: str) -
 
 
 async def test_ttl_expiry(backend: Backend) -> None:
-    await backend.set("short", b"gone soon", 0.5)
-    await backend.set("long", b"stays", 60)
+    await backend.set("long", b"stays", 600)  # (600 s: outlives GUARD many times over)
     await backend.set("forever", b"stays too", None)
     await backend.set("infinite", b"as None", math.inf)
-    assert await backend.get("short") == b"gone soon"
-    await anyio.sleep(0.9)
-    assert await backend.get("short") is None
+    assert await backend.get("long") == b"stays"
+    await readable_before_expiry(backend, "short", b"gone soon", 0.5)
+    await until(lambda: _missing(backend, "short"), "'short' never expired")
     assert await backend.get("long") == b"stays"
     assert await backend.get("forever") == b"stays too"
     assert await backend.get("infinite") == b"as None"
+
+
+async def _missing(backend: Backend, key: str) -> bool:
+    return await backend.get(key) is None
 
 
 async def test_non_positive_ttl_stores_nothing(backend: Backend) -> None:
@@ -229,7 +260,8 @@ async def test_scan_and_clear(backend: Backend, backend_kind: str) -> None:
     for key in keys:
         await backend.set(key, b"x", None)
     await backend.set("gone", b"x", 0.2)
-    await anyio.sleep(0.4)
+    # Expired: not listed, whether or not the backend has removed it yet.
+    await anyio.sleep(0.4)  # a lower bound: past its TTL, however late this wakes
     assert {k async for k in backend.scan()} == keys
     assert {k async for k in backend.scan("b/")} == {f"b/{i}" for i in range(5)}
     assert [k async for k in backend.scan("zzz")] == []
@@ -278,8 +310,9 @@ async def test_lock(backend: Backend, backend_kind: str) -> None:
     assert not await backend.acquire("job", "token-b", 5)
     await backend.release("job", "token-a")
     assert await backend.acquire("job", "token-b", 0.3)
-    await anyio.sleep(0.5)  # expired
-    assert await backend.acquire("job", "token-c", 5)
+    # An expired lock is free again (another holder may take it).
+    await until(lambda: backend.acquire("job", "token-c", 5), "the lock never expired")
+    assert not await backend.acquire("job", "token-d", 5)  # token-c holds it now
     # A lock is not an entry.
     assert await backend.get("job") is None
     if isinstance(backend, ScanningBackend):

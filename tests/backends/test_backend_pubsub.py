@@ -7,11 +7,12 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from sse_cache.backends import from_url
 from sse_cache.backends.redis import RedisBackend
@@ -21,7 +22,13 @@ from sse_cache.protocols import FanoutBackend
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
 TTL = 30.0
-QUICK = 3.0  # seconds: a bound on "does not hang" with room for a loaded CI machine
+# A deadlock guard only: what must happen (a reader woken, a fault noticed) takes a few
+# milliseconds, and what a bug would cost (a whole XREAD slice, the whole ``block``) is longer.
+GUARD = 30.0
+# Readers made by the ``reader`` fixture: per-operation timeout (their XREAD slices are half
+# of it, 60 s), beyond GUARD, so that a read woken by a slice ending rather than by a message
+# shows as a hang.
+READER_TIMEOUT = 120.0
 
 
 @pytest.fixture(params=["redis", "redis-cluster"])
@@ -35,6 +42,55 @@ def fanout(backend: Any) -> RedisBackend:
     assert isinstance(backend, FanoutBackend)
     assert isinstance(backend, RedisBackend)
     return backend
+
+
+@pytest.fixture
+async def reader(backend_url: str, anyio_backend: str) -> AsyncIterator[RedisBackend]:
+    """Another backend on the same storage (as another process would have), whose
+    connections are named so that the server tells when its reads are blocked."""
+    del anyio_backend  # requested so that this async fixture runs on the test's loop
+    created = from_url(backend_url, timeout=READER_TIMEOUT, client_name=reader_name())
+    assert isinstance(created, RedisBackend)
+    try:
+        yield created
+    finally:
+        await created.aclose()
+
+
+def reader_name() -> str:
+    return f"reader-{uuid.uuid4().hex[:8]}"
+
+
+async def blocked_in_xread(probe: Any, name: str) -> bool:
+    """Whether a connection named ``name`` is blocked in XREAD on the server (any node of a
+    cluster) right now; ``probe`` is a redis-py client on the same server(s)."""
+    if isinstance(probe, RedisCluster):
+        by_node = await probe.client_list(target_nodes=RedisCluster.ALL_NODES)
+        clients = [c for listed in by_node.values() for c in listed]
+    else:
+        clients = await probe.client_list()
+    return any(
+        c.get("name") == name and c.get("cmd") == "xread" and "b" in c.get("flags", "")
+        for c in clients
+    )
+
+
+async def until_blocked(backend: RedisBackend, probe: Any = None) -> None:
+    """Wait until one of ``backend``'s connections (named: see ``reader``) is blocked in
+    XREAD, polling the server (``probe``, by default ``backend``'s own client)."""
+    client: Any = backend.client
+    name = client.get_connection_kwargs().get("client_name")
+    assert name, "the reader's connections need a client_name"
+    with anyio.fail_after(GUARD):
+        while not await blocked_in_xread(probe or client, name):  # noqa: ASYNC110
+            await anyio.sleep(0.01)  # nothing to wait on: the state is the server's
+
+
+async def until_gone(client: Any, key: str) -> None:
+    """Wait until the server has expired ``key``."""
+    with anyio.fail_after(GUARD):
+        while await client.exists(key):  # noqa: ASYNC110
+            await anyio.sleep(0.05)  # nothing to wait on: expiry is the server's
 
 
 def channel() -> str:
@@ -54,36 +110,48 @@ async def publish_all(backend: FanoutBackend, name: str, messages: list[bytes]) 
 # -- the contract -------------------------------------------------------------------------
 
 
-async def test_many_messages_in_order_while_published(fanout: RedisBackend) -> None:
+async def test_many_messages_in_order_while_published(
+    fanout: RedisBackend, reader: RedisBackend
+) -> None:
     name = channel()
     messages = [f"event {i}".encode() for i in range(1000)]
     received: list[bytes] = []
 
     async def read() -> None:
-        received.extend(await collect(fanout, name))
+        received.extend(await collect(reader, name))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read)  # joins before the stream even exists
-        await anyio.sleep(0.05)
-        await publish_all(fanout, name, messages)
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await until_blocked(reader)  # it joined before the stream even exists
+            await publish_all(fanout, name, messages)
     assert received == messages
 
 
-async def test_late_joiner_gets_everything_from_the_start(fanout: RedisBackend) -> None:
+async def test_late_joiner_gets_everything_from_the_start(
+    fanout: RedisBackend, reader: RedisBackend
+) -> None:
     name = channel()
     first = [f"early {i}".encode() for i in range(100)]
     second = [f"late {i}".encode() for i in range(100)]
     for message in first:
         await fanout.publish(name, message, ttl=TTL)
     received: list[bytes] = []
+    caught_up = anyio.Event()
 
     async def read() -> None:
-        received.extend(await collect(fanout, name))
+        async for message in reader.read(name):
+            received.append(message)
+            if len(received) == len(first):
+                caught_up.set()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read)
-        await anyio.sleep(0.05)
-        await publish_all(fanout, name, second)
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            # It replayed what was there, then waits for more: the rest arrives live.
+            await caught_up.wait()
+            await until_blocked(reader)
+            await publish_all(fanout, name, second)
     assert received == first + second
     # Once finished, the stream is still replayed whole to a reader that comes later still.
     assert await collect(fanout, name) == first + second
@@ -110,21 +178,25 @@ async def test_concurrent_readers_see_the_same_sequence(fanout: RedisBackend) ->
     assert results == [messages, messages, messages]
 
 
-async def test_end_marker_stops_readers(fanout: RedisBackend) -> None:
+async def test_end_marker_stops_readers(fanout: RedisBackend, reader: RedisBackend) -> None:
     name = channel()
-    done_at: list[float] = []
+    received: list[bytes] = []
+    got_one = anyio.Event()
 
     async def read() -> None:
-        assert await collect(fanout, name, block=10) == [b"only"]
-        done_at.append(time.monotonic())
+        async for message in reader.read(name, block=10 * GUARD):
+            received.append(message)
+            got_one.set()
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read)
-        await fanout.publish(name, b"only", ttl=TTL)
-        await anyio.sleep(0.2)  # the reader is now blocked waiting for more
-        finished = time.monotonic()
-        await fanout.finish(name, ttl=TTL)
-    assert done_at[0] - finished < 1.0  # woken by the marker, not by its 10 s block
+    # Woken by the marker: not by its block nor by its XREAD slice ending, both past GUARD.
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await fanout.publish(name, b"only", ttl=TTL)
+            await got_one.wait()
+            await until_blocked(reader)  # read it, now waits for more
+            await fanout.finish(name, ttl=TTL)
+    assert received == [b"only"]
     # Anything appended after the marker is never read.
     await fanout.publish(name, b"after the end", ttl=TTL)
     assert await collect(fanout, name) == [b"only"]
@@ -136,14 +208,14 @@ async def test_silent_producer_costs_a_timeout(fanout: RedisBackend) -> None:
         await fanout.publish(name, message, ttl=TTL)
     received: list[bytes] = []
     start = time.monotonic()
-    with pytest.raises(BackendTimeout):
+    with anyio.fail_after(GUARD), pytest.raises(BackendTimeout):
         async for message in fanout.read(name, block=0.4):
             received.append(message)
     elapsed = time.monotonic() - start
     assert received == [b"a", b"b", b"c"]
-    assert 0.35 < elapsed < QUICK
+    assert elapsed > 0.35  # it did wait for more (its block), then gave up by itself
     # A channel nobody ever published to is just as silent.
-    with pytest.raises(BackendTimeout):
+    with anyio.fail_after(GUARD), pytest.raises(BackendTimeout):
         await collect(fanout, channel(), block=0.2)
 
 
@@ -166,18 +238,19 @@ async def test_messages_keep_the_wait_alive(fanout: RedisBackend) -> None:
     assert received == [b"%d" % i for i in range(6)]
 
 
-async def test_start_after_the_newest_message(fanout: RedisBackend) -> None:
+async def test_start_after_the_newest_message(fanout: RedisBackend, reader: RedisBackend) -> None:
     name = channel()
     await fanout.publish(name, b"old", ttl=TTL)
     received: list[bytes] = []
 
     async def read() -> None:
-        received.extend(await collect(fanout, name, start="$"))
+        received.extend(await collect(reader, name, start="$"))
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(read)
-        await anyio.sleep(0.1)
-        await publish_all(fanout, name, [b"new 1", b"new 2"])
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read)
+            await until_blocked(reader)  # "$" is pinned: it waits for what comes next
+            await publish_all(fanout, name, [b"new 1", b"new 2"])
     assert received == [b"new 1", b"new 2"]
 
 
@@ -186,13 +259,12 @@ async def test_stream_key_expiry(fanout: RedisBackend) -> None:
     key = f"{fanout.prefix}s:{name}"
     client: Any = fanout.client
     await fanout.publish(name, b"x", ttl=30)
-    assert 25_000 < await client.pttl(key) <= 30_000
-    await fanout.publish(name, b"y", ttl=60)  # every append refreshes it
-    assert 55_000 < await client.pttl(key) <= 60_000
+    assert 0 < await client.pttl(key) <= 30_000
+    await fanout.publish(name, b"y", ttl=600)  # every append refreshes it
+    assert 30_000 < await client.pttl(key) <= 600_000
     await fanout.finish(name, ttl=0.3)
-    assert 0 < await client.pttl(key) <= 300
-    await anyio.sleep(0.5)
-    assert await client.exists(key) == 0
+    assert await client.pttl(key) <= 300  # (or -2: gone already)
+    await until_gone(client, key)
     with pytest.raises(BackendTimeout):  # gone: nothing to replay
         await collect(fanout, name, block=0.2)
     with pytest.raises(ConfigError):
@@ -231,12 +303,14 @@ async def test_lost_messages_are_an_error_not_a_gap(fanout: RedisBackend) -> Non
         await collect(fanout, name)
     # The stream expired under a reader and the producer started a new one.
     name = channel()
-    await fanout.publish(name, b"first", ttl=0.2)
-    reader = fanout.read(name, block=2)
+    key = f"{fanout.prefix}s:{name}"
+    await fanout.publish(name, b"first", ttl=TTL)
+    reader = fanout.read(name, block=GUARD)
     assert await reader.__anext__() == b"first"
-    await anyio.sleep(0.4)
+    await client.pexpire(key, 100)  # it expires now, under the reader
+    await until_gone(client, key)
     await fanout.publish(name, b"second", ttl=TTL)
-    with pytest.raises(BackendError, match="lost messages"):
+    with anyio.fail_after(GUARD), pytest.raises(BackendError, match="lost messages"):
         await reader.__anext__()
 
 
@@ -268,30 +342,29 @@ async def test_channels_are_separate_from_entries_and_locks(fanout: RedisBackend
 
 async def test_server_stopped_mid_read_then_restarted(spawn_redis: Callable[[], Any]) -> None:
     server = spawn_redis()
-    backend = from_url(server.url, timeout=0.3)
-    assert isinstance(backend, FanoutBackend)
+    backend = from_url(server.url, timeout=0.3, client_name=reader_name())
+    assert isinstance(backend, RedisBackend)
     name = channel()
     try:
         await backend.publish(name, b"before", ttl=TTL)
         received: list[bytes] = []
-        failure: list[tuple[BaseException, float]] = []
+        failure: list[BaseException] = []
 
         async def read() -> None:
             try:
-                async for message in backend.read(name, block=30):
+                async for message in backend.read(name, block=10 * GUARD):
                     received.append(message)
             except BackendError as exc:
-                failure.append((exc, time.monotonic()))
+                failure.append(exc)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(read)
-            await anyio.sleep(0.3)  # blocked in XREAD
-            stopped = time.monotonic()
-            server.stop()
+        # Noticed as the server going away, not after the read's whole block (past GUARD).
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                await until_blocked(backend)  # read "before", blocked in XREAD for more
+                server.stop()
         assert received == [b"before"]
-        error, at = failure[0]
-        assert isinstance(error, BackendUnavailable)
-        assert at - stopped < QUICK
+        assert len(failure) == 1 and isinstance(failure[0], BackendUnavailable), failure
         with pytest.raises(BackendUnavailable):
             await backend.publish(name, b"during", ttl=TTL)
         server.start()  # same port, empty: the same backend object recovers
@@ -308,13 +381,12 @@ async def test_server_hung_mid_read_costs_a_timeout(spawn_redis: Callable[[], An
     name = channel()
     try:
         await backend.publish(name, b"before", ttl=TTL)
-        reader = backend.read(name, block=30)
+        reader = backend.read(name, block=10 * GUARD)
         assert await reader.__anext__() == b"before"
         server.pause()
-        start = time.monotonic()
-        with pytest.raises(BackendTimeout):
+        # The per-operation timeout notices the hung server (not the read's block, past GUARD).
+        with anyio.fail_after(GUARD), pytest.raises(BackendTimeout):
             await reader.__anext__()
-        assert time.monotonic() - start < QUICK
         server.resume()
         await backend.finish(name, ttl=TTL)
         assert await collect(backend, name) == [b"before"]
@@ -325,17 +397,26 @@ async def test_server_hung_mid_read_costs_a_timeout(spawn_redis: Callable[[], An
 async def test_cancelled_reader_gives_its_connection_back(redis_server: Any) -> None:
     # A client that goes away while its reader waits: the pooled connection (here the only
     # one) must come back usable, not stay stuck in XREAD BLOCK.
-    backend = from_url(f"{redis_server.url}?max_connections=1&prefix={uuid.uuid4().hex}:")
-    assert isinstance(backend, FanoutBackend)
+    backend = from_url(
+        f"{redis_server.url}?max_connections=1&prefix={uuid.uuid4().hex}:",
+        client_name=reader_name(),
+    )
+    assert isinstance(backend, RedisBackend)
+    probe = from_url(redis_server.url)  # its only connection is busy: ask on another one
+    assert isinstance(probe, RedisBackend)
     name = channel()
     try:
-        with anyio.move_on_after(0.2):
-            await collect(backend, name, block=10)
+        with anyio.fail_after(GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: collect(backend, name, block=10 * GUARD))
+                await until_blocked(backend, probe.client)
+                tg.cancel_scope.cancel()
         await publish_all(backend, name, [b"still works"])
         assert await collect(backend, name) == [b"still works"]
         await backend.set("k", b"v", None)
         assert await backend.get("k") == b"v"
     finally:
+        await probe.aclose()
         await backend.aclose()
 
 

@@ -13,8 +13,9 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anthropic
@@ -38,6 +39,11 @@ pytestmark = pytest.mark.anyio
 # garbage collector; trio reports that as a ResourceWarning, which `filterwarnings = error` turns
 # into a failure. Tests that iterate SDK streams therefore run on asyncio only.
 sdk_streams = pytest.mark.parametrize("anyio_backend", ["asyncio"])
+
+# A deadlock guard only: what it guards takes milliseconds, what a bug would cost is an hour
+# (the apps of those tests wait an hour between events).
+GUARD = 30.0
+HOUR = 3600.0
 
 RESPONSE_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(ResponseStreamEvent)
 ANTHROPIC_EVENT: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(RawMessageStreamEvent)
@@ -126,9 +132,12 @@ async def call(
     *,
     method: str = "POST",
     headers: Mapping[str, str] | None = None,
-    disconnect_after: float | None = None,
+    leave: anyio.Event | None = None,
+    on_send: Callable[[dict[str, Any]], None] | None = None,
 ) -> Sent:
-    """One direct ASGI call: every message the app sends, with its time since the call."""
+    """One direct ASGI call: every message the app sends, with its time since the call.
+    ``leave``: the client disconnects once it is set (else once the body is complete);
+    ``on_send`` sees each message as it is sent."""
     sent: Sent = []
     finished = anyio.Event()
     payload = json.dumps(body).encode() if body is not None else b""
@@ -140,14 +149,13 @@ async def call(
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": payload, "more_body": False}
-        if disconnect_after is None:
-            await finished.wait()
-        else:
-            await anyio.sleep(disconnect_after)
+        await (finished if leave is None else leave).wait()
         return {"type": "http.disconnect"}
 
     async def send(message: Any) -> None:
         sent.append((time.perf_counter() - start, dict(message)))
+        if on_send is not None:
+            on_send(message)
         if message["type"] == "http.response.body" and not message.get("more_body"):
             finished.set()
 
@@ -558,22 +566,39 @@ async def test_stream_and_non_stream_carry_the_same_answer(app: MockUpstream, ro
 
 
 async def test_pacing_first_delay_then_delay() -> None:
-    # Lower bounds are exact (a sleep never ends early); upper bounds are loose, a fraction
-    # of the first delay, so that a loaded machine cannot fail the test.
+    # Lower bounds only: a sleep never ends early, and how much later it ends is the machine's.
     first_delay = 0.3
     app = MockUpstream(delay=0.004, first_delay=first_delay)
     path, body = ROUTES["chat"]
     sent = await call(app, path, {**body, "stream": True}, headers={"x-mock-deltas": "6"})
     times = body_times(sent)
     assert sent[0][1]["type"] == "http.response.start"
-    assert sent[0][0] < first_delay / 2  # headers go out at once, not with the first event
     assert times[0] >= first_delay - 0.005
     assert len(times) == 9  # role chunk, 6 deltas, finish chunk, [DONE]
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.003
-    # Per-request override: no delays at all.
-    fast = await call(app, path, {**body, "stream": True}, headers={"x-mock-delay-ms": "0"})
-    assert body_times(fast)[-1] < first_delay / 2
+
+
+async def test_headers_go_out_at_once_and_delays_can_be_turned_off() -> None:
+    # The first event an hour away: the headers arrive anyway (not with the first event),
+    # and then the client leaves.
+    app = MockUpstream(delay=0, first_delay=HOUR)
+    path, body = ROUTES["chat"]
+    leave = anyio.Event()
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            leave.set()
+
+    with anyio.fail_after(GUARD):
+        sent = await call(app, path, {**body, "stream": True}, leave=leave, on_send=on_send)
+    assert [m["type"] for _, m in sent] == ["http.response.start"]
+    assert sent[0][1]["status"] == 200
+    # Per-request override: no delays at all (not even the hour before the first event).
+    with anyio.fail_after(GUARD):
+        fast = await call(app, path, {**body, "stream": True}, headers={"x-mock-delay-ms": "0"})
+    assert body_of(fast).endswith(b"data: [DONE]\n\n")
+    assert fast[-1][1].get("more_body") is False
 
 
 async def test_non_stream_answer_takes_the_generation_time() -> None:
@@ -827,25 +852,45 @@ async def test_counters_and_reset(app: MockUpstream) -> None:
 
 
 async def test_in_flight_and_disconnects() -> None:
-    app = MockUpstream(delay=0.01)
+    # An hour between events: every answer stays in flight until its client leaves, or asks
+    # for no delays (``x-mock-delay-ms: 0``). A call that returns at all was stopped.
+    app = MockUpstream(delay=HOUR, first_delay=0)
     path, body = ROUTES["chat"]
-    async with anyio.create_task_group() as tg:
-        for _ in range(3):
-            tg.start_soon(call, app, path, {**body, "stream": True})
-        await anyio.sleep(0.03)
-        assert app.stats()["in_flight"] == 3
+    stream = {**body, "stream": True}
+    leave = anyio.Event()
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(partial(call, app, path, stream, leave=leave))
+            while app.stats()["in_flight"] < 3:  # noqa: ASYNC110 - a counter, no event
+                await anyio.sleep(0.005)
+            assert app.stats()["in_flight"] == 3
+            leave.set()
     assert app.stats()["in_flight"] == 0
     assert app.stats()["max_in_flight"] == 3
-    assert app.stats()["disconnects"] == 0
+    assert app.stats()["disconnects"] == 3
 
-    start = time.perf_counter()
-    sent = await call(app, path, {**body, "stream": True}, disconnect_after=0.05)
-    assert time.perf_counter() - start < 0.3  # the stream stopped when the client left
-    assert sent[-1][1].get("more_body") is True
-    assert app.stats()["disconnects"] == 1
+    # A client that stays to the end is no disconnect.
+    await call(app, path, stream, headers={"x-mock-delay-ms": "0"})
+    assert app.stats()["disconnects"] == 3
+    # One that leaves after the first event stops the stream (the next is an hour away).
+    left = anyio.Event()
+
+    def on_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            left.set()
+
+    with anyio.fail_after(GUARD):
+        sent = await call(app, path, stream, leave=left, on_send=on_send)
+    assert [m.get("more_body") for _, m in sent[1:]] == [True]  # one event, then nothing
+    assert app.stats()["disconnects"] == 4
     assert app.stats()["in_flight"] == 0
-    await call(app, path, body, disconnect_after=0.01)  # non-stream: nothing is sent
-    assert app.stats()["disconnects"] == 2
+    gone = anyio.Event()
+    gone.set()
+    with anyio.fail_after(GUARD):  # non-stream: nothing is sent
+        sent = await call(app, path, body, leave=gone)
+    assert sent == []
+    assert app.stats()["disconnects"] == 5
 
 
 async def test_lifespan(app: MockUpstream) -> None:

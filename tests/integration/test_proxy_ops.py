@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -350,6 +350,19 @@ class Proxy:
         """The access lines of requests on cached routes."""
         return [line for line in self.lines() if " cache=" in line]
 
+    async def until(self, ready: Callable[[list[str]], bool], what: str) -> list[str]:
+        """The log's lines once ``ready(lines)`` holds: as :func:`wait_for_line`, polled
+        within its deadline (the process writes a line when it will: an access line after
+        its response has ended)."""
+        deadline = time.monotonic() + 30
+        while not ready(lines := self.lines()):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the proxy exited: {lines}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} in {lines}")
+            await anyio.sleep(0.05)
+        return lines
+
 
 @asynccontextmanager
 async def proxy_process(
@@ -414,7 +427,13 @@ async def test_log_lines_startup_and_access(serve: Any, tmp_path: Path) -> None:
             json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
         )
         await client.get("/v1/models")  # passed through: no access line of ours
-        await anyio.sleep(0.2)  # the last access line is written after the response ended
+        await p.until(
+            lambda lines: (
+                sum(" cache=" in line for line in lines) >= 5
+                and any('"GET /v1/models' in line for line in lines)
+            ),
+            "access lines of all six requests",
+        )
         lines, access = p.lines(), p.access()
     assert (miss.headers["x-sse-cache"], hit.headers["x-sse-cache"]) == ("miss", "hit")
     assert refused.status_code == 429 and unstored.status_code == 200
@@ -505,8 +524,10 @@ async def test_an_unreachable_backend_is_warned_at_startup_and_rate_limited(
         ]
         elapsed = time.monotonic() - started
         health = await client.get("/_sse_cache/health")
-        await anyio.sleep(0.2)
-        lines = p.lines()
+        lines = await p.until(
+            lambda lines: sum(" cache=miss" in line for line in lines) >= 20,
+            "20 access lines",
+        )
     # Fail-open: every request served, as a miss.
     assert [a.status_code for a in answers] == [200] * 20
     assert {a.headers["x-sse-cache"] for a in answers} == {"miss"}
@@ -559,12 +580,16 @@ async def test_two_workers_serve_one_port_and_a_herd_makes_one_upstream_call(
             for client in herd:
                 tg.start_soon(one, client)
             go.set()
-        await anyio.sleep(0.2)  # the access lines are written as the responses end
+        # The access lines are written as the responses end.
+        await p.until(lambda lines: sum(" cache=" in li for li in lines) >= 40, "40 lines")
         lines, access = p.lines(), p.access()
         # Whichever worker a scrape reaches, it counts the whole herd: the workers share
-        # their figures (each writes its own every second; a scrape adds the others').
-        await anyio.sleep(2.5)  # the other worker's figures are at most 1 s old: past that
-        assert [await scraped_requests(client) for client in herd] == [40] * 40
+        # their figures (each writes its own every second; a scrape adds the others'), so
+        # every scrape says 40 once the other worker's latest figures are written.
+        with anyio.move_on_after(30):
+            while (counts := [await scraped_requests(c) for c in herd]) != [40] * 40:  # noqa: ASYNC110
+                await anyio.sleep(0.1)  # nothing to wait on: each worker writes every second
+        assert counts == [40] * 40
     statuses = Counter(r.headers["x-sse-cache"] for r in results)
     assert upstream_app.stats()["total"] == 1, statuses
     assert statuses["miss"] == 1 and statuses["shared"] + statuses["hit"] == 39, statuses
