@@ -125,11 +125,27 @@ class _Lease:
         self._task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        # One write to the channel at a time, the response's and the heartbeats alike. A
+        # write that timed out is sent again by redis-py while the first may still be
+        # applied (a stalled server runs both once it resumes); the channel's append tells
+        # a repeat only by the newest entry (_redis_fanout), so a heartbeat written between
+        # the two made followers read that piece of the answer twice, and end cleanly.
+        self._writing = asyncio.Lock()
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on asyncio: the lease simply runs out
             return
         self._task = loop.create_task(self._keep(), name=f"sse-cache lease {lock}")
+
+    async def publish(self, message: bytes) -> None:
+        """Append ``message`` to the channel, after any write to it under way."""
+        async with self._writing:
+            await self.fanout.publish(self.channel, message, ttl=_FANOUT_TTL)
+
+    async def finish(self) -> None:
+        """Append the end marker, after any write to the channel under way."""
+        async with self._writing:
+            await self.fanout.finish(self.channel, ttl=_FANOUT_TTL)
 
     async def _keep(self) -> None:
         while not self._stopping.is_set():
@@ -141,7 +157,8 @@ class _Lease:
                 if not await checked(self.fanout.renew(self.lock, self.token, self.ttl)):
                     logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
                     return
-                await checked(self.fanout.publish(self.channel, b"k", ttl=_FANOUT_TTL))
+                if not self._writing.locked():  # (a write under way shows life enough)
+                    await checked(self.publish(b"k"))
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
                 backend_warnings.warning(
                     self.fanout.backend,
@@ -348,8 +365,8 @@ async def end_lead(
         try:
             await lease.stop()
             if publish_rest is None or not await publish_rest():
-                await fanout.publish(lease.channel, b"x", ttl=_FANOUT_TTL)
-            await fanout.finish(lease.channel, ttl=_FANOUT_TTL)
+                await lease.publish(b"x")
+            await lease.finish()
         except Exception as exc:
             logger.warning("sse_cache: could not end the fan-out of %s: %r", key, exc)
         finally:

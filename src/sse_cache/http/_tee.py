@@ -22,7 +22,7 @@ from ..protocols import (
 )
 from ..recorder import DEFAULT_MAX_ENTRY_BYTES
 from ._answers import JSON_TYPE, SSE_TYPE
-from ._fanout import _FANOUT_TTL, _encode_head, _Lease
+from ._fanout import _encode_head, _Lease
 
 logger = logging.getLogger("sse_cache")
 
@@ -140,7 +140,7 @@ class ResponseTee:
             messages = [b"d" + b"".join(outbox)]
         try:
             for message in messages:
-                await lease.fanout.publish(lease.channel, message, ttl=_FANOUT_TTL)
+                await lease.publish(message)
         except BaseException as exc:
             # The followers in other processes are now missing bytes (also when this publish
             # was cancelled midway): when this response ends they are told it failed (never

@@ -1,0 +1,83 @@
+"""The cross-process producer's writes to its channel (sse_cache.http._fanout): one at a
+time, the response's pieces and the lease keeper's heartbeats alike.
+
+A write that timed out is sent again by redis-py while the first may still be applied (a
+stalled Redis runs both once it resumes). The channel's append recognises a repeat only as
+the newest entry, so a heartbeat written between the two made every follower in another
+process read that piece of the answer twice, then end cleanly (found with a SIGSTOPped
+redis-server under two proxies: 11 of 110 runs)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from sse_cache.http._fanout import TimedFanout, _Lease
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+DEADLOCK_GUARD = 30  # seconds: only a hung test reaches it
+
+
+class SlowChannel:
+    """A fan-out backend whose appends wait until the test opens :attr:`gate`, counting how
+    many are in flight at once; renewals (the keeper's other call) return at once."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.renewals = 0
+        self.renewed_thrice = anyio.Event()
+        self.written: list[bytes] = []
+
+    async def acquire(self, name: str, token: str, ttl: float) -> bool:
+        return True
+
+    async def renew(self, name: str, token: str, ttl: float) -> bool:
+        self.renewals += 1
+        if self.renewals == 3:
+            self.renewed_thrice.set()
+        return True
+
+    async def release(self, name: str, token: str) -> None:
+        pass
+
+    async def holder(self, name: str) -> str | None:
+        return None
+
+    async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await self.gate.wait()
+            self.written.append(data)
+        finally:
+            self.in_flight -= 1
+
+    async def finish(self, channel: str, *, ttl: float) -> None:
+        await self.publish(channel, b"<end>", ttl=ttl)
+
+    def read(self, channel: str, *, block: float) -> AsyncIterator[bytes]:
+        raise AssertionError("not read here")
+
+
+async def test_a_heartbeat_waits_for_the_write_under_way() -> None:
+    channel = SlowChannel()
+    # A short lease: its keeper renews and writes a heartbeat every 10 ms.
+    lease = _Lease(TimedFanout(channel, ()), "sf:key", "token", ttl=0.03)  # type: ignore[arg-type]
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(lease.publish, b"d piece of the answer")
+            # The piece is in flight (a stalled Redis): the keeper goes on renewing...
+            await channel.renewed_thrice.wait()
+            # ...but writes no heartbeat beside it (nor waits to: the lease stays renewed).
+            assert channel.in_flight == 1 and channel.written == []
+            channel.gate.set()
+        await lease.stop()
+        await lease.finish()
+    assert channel.most_in_flight == 1
+    assert channel.written[0] == b"d piece of the answer"
+    assert set(channel.written[1:-1]) <= {b"k"} and channel.written[-1] == b"<end>"
