@@ -17,11 +17,12 @@ an inherited connection would otherwise share with the child's new ones.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from typing import Protocol
 
-__all__ = ["Forkable", "keep", "reopen_after_fork"]
+__all__ = ["Forkable", "Quiet", "hold_over_fork", "keep", "reopen_after_fork"]
 
 
 class Forkable(Protocol):
@@ -44,9 +45,46 @@ def keep(obj: object) -> None:
     _inherited.append(obj)
 
 
+#: Locks held over a fork (:func:`hold_over_fork`): each guards a SQLite connection of ours,
+#: held while a thread of ours is inside SQLite with it.
+_quiet: weakref.WeakSet[Quiet] = weakref.WeakSet()
+
+
+class Quiet(Protocol):
+    def _fork_begins(self) -> None:
+        """In the parent, before the fork: wait (bounded) until no thread of ours is inside
+        SQLite with this connection, and keep it so until :meth:`_fork_ended`."""
+
+    def _fork_ended(self) -> None:
+        """In the parent and in the child, after the fork: let go of what
+        :meth:`_fork_begins` took."""
+
+
+def hold_over_fork(obj: Quiet) -> None:
+    """Have ``obj`` quiet over every fork from now on: SQLite's locks are per process, and a
+    thread of the parent inside SQLite at the fork (on any connection to a file) leaves them
+    held for ever in the child, where closing an inherited connection to that file waits on
+    them."""
+    _quiet.add(obj)
+
+
+def _before() -> None:
+    for obj in list(_quiet):
+        obj._fork_begins()
+
+
+def _in_parent() -> None:
+    for obj in list(_quiet):
+        obj._fork_ended()
+
+
 def _in_child() -> None:
     for obj in list(_registered):
-        obj._forked()
+        # One backend's failure must not leave the others on the parent's connections.
+        with contextlib.suppress(Exception):
+            obj._forked()
+    for quiet in list(_quiet):
+        quiet._fork_ended()
 
 
-os.register_at_fork(after_in_child=_in_child)
+os.register_at_fork(before=_before, after_in_parent=_in_parent, after_in_child=_in_child)

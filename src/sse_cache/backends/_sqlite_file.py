@@ -21,7 +21,7 @@ from typing import Final, TypeVar
 from urllib.parse import quote
 
 from ..errors import BackendError, BackendTimeout, BackendUnavailable
-from ._fork import keep, reopen_after_fork
+from ._fork import hold_over_fork, keep, reopen_after_fork
 from ._sqlite_store import initialise
 
 __all__ = ["DatabaseFile", "FileId", "file_id"]
@@ -101,7 +101,19 @@ class DatabaseFile:
         # The identities of the -wal and -shm files when the connection opened them.
         self._sidecars: dict[str, FileId] = {}
         self._next_check = -math.inf
+        self._held_over_fork = False
         reopen_after_fork(self)
+        hold_over_fork(self)
+
+    def _fork_begins(self) -> None:
+        # Bounded: a call stuck past its own timeouts leaves the connection to be kept in
+        # the child rather than the fork waiting for ever.
+        self._held_over_fork = self._lock.acquire(timeout=self._timeout + 1)
+
+    def _fork_ended(self) -> None:
+        if self._held_over_fork:
+            self._held_over_fork = False
+            self._lock.release()
 
     def _forked(self) -> None:
         # A child of a fork: the parent's connection is not ours to use (SQLite forbids
@@ -110,16 +122,17 @@ class DatabaseFile:
         # an inherited one would count the parent's locks as its own and take none; the
         # parent, closing, would then see no other user and delete the WAL the child writes
         # to. Closed in the child, it releases only that count (the parent's locks are
-        # its own). Unless a parent's thread was using it at the fork (our lock held):
-        # SQLite's own mutex would then be held for ever in the child, and closing would
-        # hang it; it is kept instead (_fork), and the child's first use waits for nothing.
+        # its own). Every connection of ours was quiet over the fork (_fork_begins: no
+        # thread of ours inside SQLite, whose locks would otherwise stay held in the child
+        # and hang the close); one that could not be made quiet is kept instead (_fork).
         if self._conn is not None:
-            if self._lock.locked():
-                keep(self._conn)
+            if self._held_over_fork:
+                with suppress(sqlite3.Error):
+                    self._conn.close()
             else:
-                self._conn.close()
+                keep(self._conn)
+                self._lock = threading.Lock()  # (held by a thread the child does not have)
         self._conn, self.opened, self._sidecars = None, None, {}
-        self._lock = threading.Lock()
         self._busy_ms = -1
         self._next_check = -math.inf
 

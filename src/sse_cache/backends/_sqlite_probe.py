@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from urllib.parse import quote
 
-from ._fork import reopen_after_fork
+from ._fork import hold_over_fork, keep, reopen_after_fork
 from ._sqlite_file import DatabaseFile, FileId
 
 __all__ = ["VersionProbe"]
@@ -34,13 +35,31 @@ class VersionProbe:
         self._file: FileId | None = None
         self._serial = 0
         self._next_check = -math.inf
+        # Held while the probe is inside SQLite, so that a fork waits for it (_fork).
+        self._busy = threading.Lock()
+        self._held_over_fork = False
         reopen_after_fork(self)
+        hold_over_fork(self)
+
+    def _fork_begins(self) -> None:
+        self._held_over_fork = self._busy.acquire(timeout=5.0)
+
+    def _fork_ended(self) -> None:
+        if self._held_over_fork:
+            self._held_over_fork = False
+            self._busy.release()
 
     def _forked(self) -> None:
         # A child of a fork: the inherited connection is the parent's, closed here for the
-        # reason DatabaseFile._forked gives; the values kept under its versions go with it.
+        # reason DatabaseFile._forked gives (kept if it could not be made quiet); the values
+        # kept under its versions go with it.
         if self.connection is not None:
-            self.connection.close()
+            if self._held_over_fork:
+                with suppress(sqlite3.Error):
+                    self.connection.close()
+            else:
+                keep(self.connection)
+                self._busy = threading.Lock()
         self.connection, self._file = None, None
         self._serial += 1
         self._on_close()
@@ -68,7 +87,8 @@ class VersionProbe:
             if probe is None:
                 return None
         try:
-            row = probe.execute("PRAGMA data_version").fetchone()
+            with self._busy:
+                row = probe.execute("PRAGMA data_version").fetchone()
         except sqlite3.Error:
             self.close()  # busy right now, or the file is gone: not used this time
             return None
@@ -84,13 +104,14 @@ class VersionProbe:
         try:
             if self._db.current_file() != opened:
                 return None
-            conn = sqlite3.connect(
-                f"file:{quote(where)}?mode=rw",  # never creates a file
-                uri=True,
-                timeout=0,  # never waits for a lock: it runs on the caller's thread
-                isolation_level=None,
-                check_same_thread=False,  # opened and used on the event loop's thread only
-            )
+            with self._busy:
+                conn = sqlite3.connect(
+                    f"file:{quote(where)}?mode=rw",  # never creates a file
+                    uri=True,
+                    timeout=0,  # never waits for a lock: it runs on the caller's thread
+                    isolation_level=None,
+                    check_same_thread=False,  # opened and used on the event loop's thread only
+                )
         except (sqlite3.Error, OSError):
             return None
         try:
@@ -98,7 +119,8 @@ class VersionProbe:
         except OSError:
             same = False
         if not same:
-            conn.close()
+            with self._busy:
+                conn.close()
             return None
         self.connection, self._file = conn, opened
         self._serial += 1
@@ -111,5 +133,5 @@ class VersionProbe:
         self._file = None
         self._on_close()
         if probe is not None:
-            with suppress(sqlite3.Error):
+            with self._busy, suppress(sqlite3.Error):
                 probe.close()
