@@ -12,6 +12,7 @@ invalidations to it).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -150,6 +151,9 @@ class RedisBackend:
                 )
             )
             pool.reset()  # type: ignore[no-untyped-call]
+            if hasattr(pool, "_lock"):
+                # (Its lock may have been held, or bound to the parent's loop, at the fork.)
+                pool._lock = asyncio.Lock()
 
     def __repr__(self) -> str:
         kind = "cluster" if self._cluster else "standalone"
