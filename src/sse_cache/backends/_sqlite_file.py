@@ -64,6 +64,52 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in message or "busy" in message
 
 
+class InsideSQLite:
+    """A lock held while a thread of ours is inside SQLite with one connection (``with``),
+    and held over every fork too (waiting at most ``wait`` seconds for it): SQLite's locks
+    are per process, and a thread of the parent inside SQLite at the fork leaves them held
+    for ever in the child, where closing the inherited connection would wait on them."""
+
+    def __init__(self, wait: float) -> None:
+        self._wait = wait
+        self._lock = threading.Lock()
+        self._held_over_fork = False
+        hold_over_fork(self)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def _fork_begins(self) -> None:
+        # Bounded: a call stuck past its own timeouts leaves its connection to be kept in
+        # the child rather than the fork waiting for ever.
+        self._held_over_fork = self._lock.acquire(timeout=self._wait)
+
+    def _fork_ended(self) -> None:
+        if self._held_over_fork:
+            self._held_over_fork = False
+            self._lock.release()
+
+    def drop_inherited(self, conn: sqlite3.Connection | None) -> None:
+        """In a child of a fork: the connection it inherited is the parent's. Closed, as SQLite
+        counts the locks of every connection to a file per process: a new connection next to
+        an inherited one would count the parent's locks as its own and take none, and the
+        parent, closing, would see no other user and delete the WAL the child writes to.
+        Closed in the child, it releases only that count. One that could not be made quiet
+        over the fork is kept instead (:func:`~sse_cache.backends._fork.keep`), with a lock
+        of its own (the old one is held by a thread the child does not have)."""
+        if conn is None:
+            return
+        if self._held_over_fork:
+            with suppress(sqlite3.Error):
+                conn.close()
+        else:
+            keep(conn)
+            self._lock = threading.Lock()
+
+
 class DatabaseFile:
     """The connection to the SQLite file at ``path`` (``""`` or ``":memory:"``: a private
     database, never watched), opened on first use and reopened when the path names another
@@ -96,42 +142,16 @@ class DatabaseFile:
         self._synchronous = synchronous
         self._on_replaced = on_replaced
         self._conn: sqlite3.Connection | None = None
-        self._lock = threading.Lock()
+        self._lock = InsideSQLite(wait=timeout + 1)
         self._busy_ms = -1
         # The identities of the -wal and -shm files when the connection opened them.
         self._sidecars: dict[str, FileId] = {}
         self._next_check = -math.inf
-        self._held_over_fork = False
         reopen_after_fork(self)
-        hold_over_fork(self)
-
-    def _fork_begins(self) -> None:
-        # Bounded: a call stuck past its own timeouts leaves the connection to be kept in
-        # the child rather than the fork waiting for ever.
-        self._held_over_fork = self._lock.acquire(timeout=self._timeout + 1)
-
-    def _fork_ended(self) -> None:
-        if self._held_over_fork:
-            self._held_over_fork = False
-            self._lock.release()
 
     def _forked(self) -> None:
-        # A child of a fork: the parent's connection is not ours to use (SQLite forbids
-        # it). Unlike other inherited connections (_fork), it is closed here: SQLite counts
-        # the locks of every connection to a file per process, and a new connection next to
-        # an inherited one would count the parent's locks as its own and take none; the
-        # parent, closing, would then see no other user and delete the WAL the child writes
-        # to. Closed in the child, it releases only that count (the parent's locks are
-        # its own). Every connection of ours was quiet over the fork (_fork_begins: no
-        # thread of ours inside SQLite, whose locks would otherwise stay held in the child
-        # and hang the close); one that could not be made quiet is kept instead (_fork).
-        if self._conn is not None:
-            if self._held_over_fork:
-                with suppress(sqlite3.Error):
-                    self._conn.close()
-            else:
-                keep(self._conn)
-                self._lock = threading.Lock()  # (held by a thread the child does not have)
+        # A child of a fork: the parent's connection is not ours to use (SQLite forbids it).
+        self._lock.drop_inherited(self._conn)
         self._conn, self.opened, self._sidecars = None, None, {}
         self._busy_ms = -1
         self._next_check = -math.inf

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from contextlib import suppress
 from urllib.parse import quote
 
-from ._fork import hold_over_fork, keep, reopen_after_fork
-from ._sqlite_file import DatabaseFile, FileId
+from ._fork import reopen_after_fork
+from ._sqlite_file import DatabaseFile, FileId, InsideSQLite
 
 __all__ = ["VersionProbe"]
 
@@ -35,31 +34,14 @@ class VersionProbe:
         self._file: FileId | None = None
         self._serial = 0
         self._next_check = -math.inf
-        # Held while the probe is inside SQLite, so that a fork waits for it (_fork).
-        self._busy = threading.Lock()
-        self._held_over_fork = False
+        # Held while the probe is inside SQLite, so that a fork waits for it.
+        self._busy = InsideSQLite(wait=5.0)
         reopen_after_fork(self)
-        hold_over_fork(self)
-
-    def _fork_begins(self) -> None:
-        self._held_over_fork = self._busy.acquire(timeout=5.0)
-
-    def _fork_ended(self) -> None:
-        if self._held_over_fork:
-            self._held_over_fork = False
-            self._busy.release()
 
     def _forked(self) -> None:
-        # A child of a fork: the inherited connection is the parent's, closed here for the
-        # reason DatabaseFile._forked gives (kept if it could not be made quiet); the values
-        # kept under its versions go with it.
-        if self.connection is not None:
-            if self._held_over_fork:
-                with suppress(sqlite3.Error):
-                    self.connection.close()
-            else:
-                keep(self.connection)
-                self._busy = threading.Lock()
+        # A child of a fork: the inherited connection is the parent's; the values kept
+        # under its versions go with it.
+        self._busy.drop_inherited(self.connection)
         self.connection, self._file = None, None
         self._serial += 1
         self._on_close()
