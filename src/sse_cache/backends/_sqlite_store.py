@@ -85,7 +85,7 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
     # Whose file it is, decided before anything is changed in it: a file of another
     # program (an application's database given by mistake) is refused as it is, never
     # switched to WAL nor given our tables.
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    version, names = _contents(conn)
     if not create and version != SCHEMA_VERSION:
         # Open-existing-only: a file without our schema is somebody else's (or a fresh
         # empty one).
@@ -93,16 +93,16 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
             f"SQLite file {where!r} is not an sse_cache database "
             f"(user_version {version}; create=false leaves it untouched)"
         )
-    _check_ours(conn, where, version)
+    _check_ours(where, version, names)
     # WAL: readers never wait for the writer and the writer never waits for readers.
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if mode is None or str(mode[0]).lower() not in ("wal", "memory"):
         raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    version, names = _contents(conn)  # (another process may have created it meanwhile)
+    _check_ours(where, version, names)
     if version == SCHEMA_VERSION:
         return
-    _check_ours(conn, where, version)  # (another process may have written it meanwhile)
     conn.execute("BEGIN IMMEDIATE")
     try:
         for statement in _statements(_SCHEMA):
@@ -113,10 +113,22 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
         raise
 
 
-def _check_ours(conn: sqlite3.Connection, where: str, version: int) -> None:
+def _contents(conn: sqlite3.Connection) -> tuple[int, set[str]]:
+    """The file's ``user_version`` and the names in its schema, read in one transaction:
+    another process creating our schema in the same file (in one transaction of its own)
+    is seen either not at all or whole, never as tables without their version."""
+    conn.execute("BEGIN")
+    try:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    finally:
+        conn.execute("COMMIT")
+    return int(version), names
+
+
+def _check_ours(where: str, version: int, names: set[str]) -> None:
     """Raise :class:`BackendError` unless the file holds our schema (``user_version`` ours
     and our table there) or nothing at all (``user_version`` 0, no table: a new file)."""
-    names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     if version == SCHEMA_VERSION and _TABLE in names:
         return
     if version == 0 and not names:
