@@ -29,7 +29,7 @@ from .entry import Entry
 from .events import Event
 from .flight import Cursor, Head, LiveFlight, Phase, SharedStreamAborted
 from .pacing import Pacing
-from .recorder import EVENT_OVERHEAD, Recorder, RecorderState
+from .recorder import Recorder, RecorderState, event_size
 
 __all__ = [
     "CachedStream",
@@ -143,10 +143,7 @@ class Production:
     def record(self, event: Event) -> int:
         """Record ``event``; its size."""
         recorder = self.recorder
-        data = event.data  # counted in UTF-8 bytes, as Recorder.add counts it
-        size = (
-            len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
-        ) + EVENT_OVERHEAD
+        size = event_size(event)
         if recorder.state is _RECORDING:
             total = recorder.size = recorder.size + size
             if total > self.limit:

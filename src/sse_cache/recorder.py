@@ -24,6 +24,15 @@ DEFAULT_MAX_ENTRY_BYTES = 32 * 1024 * 1024
 EVENT_OVERHEAD = 16
 
 
+def event_size(event: Event) -> int:
+    """What ``event`` counts against ``max_entry_bytes``: its text in UTF-8 bytes, as stored
+    (non-ASCII text takes up to 4 a character), plus :data:`EVENT_OVERHEAD`. (isascii() is
+    O(1) on CPython: ASCII text costs no encode.)"""
+    data = event.data
+    text = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
+    return text + EVENT_OVERHEAD
+
+
 class RecorderState(enum.Enum):
     RECORDING = "recording"
     """Events are coming; no verdict yet."""
@@ -75,12 +84,7 @@ class Recorder:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
         if self.state is not _RECORDING:
             return
-        data = event.data
-        # Bytes, as stored (UTF-8), not characters: non-ASCII text takes up to 4 a character.
-        # (isascii() is O(1) on CPython: ASCII text costs no encode.)
-        self.size += (
-            len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
-        ) + EVENT_OVERHEAD
+        self.size += event_size(event)
         if self.size > self._limit:
             self.overflow()
             return
@@ -91,11 +95,10 @@ class Recorder:
         """For a driver's hot loop, which cannot afford a method call per event: the appends
         of the event list and of the time list, and ``max_entry_bytes``.
 
-        The caller must, for each event while :attr:`active`: add the UTF-8 length of
-        ``event.data`` plus :data:`EVENT_OVERHEAD` to :attr:`size` (on the recorder:
-        several loops may feed one recorder in turn), call :meth:`overflow` once it is
-        over the limit, and otherwise append the event and its time. :meth:`add` does
-        exactly this.
+        The caller must, for each event while :attr:`active`: add :func:`event_size` to
+        :attr:`size` (on the recorder: several loops may feed one recorder in turn), call
+        :meth:`overflow` once it is over the limit, and otherwise append the event and its
+        time. :meth:`add` does exactly this.
         """
         return self._events.append, self._times.append, self._limit
 
