@@ -440,6 +440,26 @@ def test_one_piece_larger_than_the_lag_bound_cuts_no_follower_that_had_the_rest(
     assert cursor.cut
 
 
+def test_a_closed_flight_drops_what_only_a_follower_it_cut_would_have_read() -> None:
+    # CI's hypothesis run found it: closed to newcomers, a flight whose last reading follower
+    # is cut by a new piece (an empty one, so the log stays under max_log_bytes) kept the
+    # pieces no one will read, until that follower left.
+    flight: Flight[bytes] = Flight(KEY, max_log_bytes=1, max_lag_bytes=0)
+    flight.respond(HEAD)
+    flight.deliver(b"")
+    flight.deliver(b"x")
+    cursor = flight.follow()
+    assert cursor is not None
+    flight.close_to_newcomers()
+    assert flight.chunks == [b"", b"x"]  # its follower has not read them yet
+    flight.deliver(b"")
+    assert cursor.cut
+    assert flight.chunks == []
+    flight.deliver(b"")  # and nothing is kept for it afterwards
+    assert flight.chunks == [] and flight.read(cursor) == []
+    assert flight.state(cursor) is Phase.FAILED
+
+
 def test_a_log_of_exactly_max_log_bytes_is_still_offered() -> None:
     flights = Flights()
     live, _ = flights.claim(KEY, max_log_bytes=4)
