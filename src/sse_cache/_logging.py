@@ -294,10 +294,15 @@ class AccessLog:
         elif notice.kind in ("bypass", "invalid") and notice.detail:
             line.reason = notice.detail
 
+    @property
+    def enabled(self) -> bool:
+        """Whether lines are written (its logger takes INFO records)."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     async def serve(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         """Run ``app`` for this HTTP request and log its line when it ends (also when it
         fails or is cancelled)."""
-        if not self.logger.isEnabledFor(logging.INFO):
+        if not self.enabled:
             await app(scope, receive, send)
             return
         line = _Line()

@@ -118,18 +118,19 @@ class CacheMiddleware:
         if not self._outer_checked:
             self._outer_checked = True
             _warn_if_inside_base_http_middleware(send)
+        path = request_path(scope)
         if scope["method"] == "GET":
             # A client resuming a stream by its id (Responses): answered from its live stream
             # while it is produced here, from the cache once stored.
             query = scope.get("query_string", b"").decode("latin-1")
-            answer = await self.service.resume("GET", request_path(scope), query, _headers(scope))
+            answer = await self.service.resume("GET", path, query, _headers(scope))
             if answer is not None:
                 await _send_answer_while_connected(receive, send, answer)
                 return
-        if self.service.policy.match(scope["method"], request_path(scope)) is None:
+        if self.service.policy.match(scope["method"], path) is None:
             await self.app(scope, receive, send)
             return
-        await _Request(self, scope, receive, send).run()
+        await _Request(self, scope, receive, send).run(path)
 
     async def aclose(self) -> None:
         """Close the backend if the middleware opened it from a URL."""
@@ -195,14 +196,15 @@ class _Request:
         collector.)"""
         return self._send_first if self._hooked else self.client_send
 
-    async def run(self) -> None:
+    async def run(self, path: str) -> None:
+        """Answer the request to ``path`` (:func:`request_path` of its scope)."""
         scope = self.scope
         body = await self._read_body()
         service = self.mw.service
         try:
             decision = service.decide(
                 scope["method"],
-                request_path(scope),
+                path,
                 _headers(scope),
                 body,
                 scope.get("query_string", b"").decode("latin-1"),
@@ -314,6 +316,9 @@ class _Request:
                 return None
             if not message.get("more_body", False):
                 break
+        if len(self.buffered) == 1:  # (most bodies come in one message)
+            body: bytes = message.get("body", b"")
+            return body
         return b"".join(m.get("body", b"") for m in self.buffered)
 
     async def _receive(self) -> Message:

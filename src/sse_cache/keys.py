@@ -43,6 +43,8 @@ CREDENTIAL_HEADERS = (
 )
 
 _json_encoder = msgspec.json.Encoder(order="sorted")
+# How many key heads (see DefaultKeyer) a keyer remembers.
+_REMEMBERED_HEADS = 1024
 
 
 class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +72,8 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
 def _normalise(value: Any) -> Any:
     # JSON does not tell 1 from 1.0 apart; Python does. An integral float keys like the int
     # so that `"temperature": 1` and `"temperature": 1.0` share an entry.
+    if isinstance(value, str):  # (the most common value: first)
+        return value
     if isinstance(value, float):
         return int(value) if value.is_integer() else value
     if isinstance(value, dict):
@@ -99,23 +103,24 @@ class DefaultKeyer:
 
     def __init__(self, *, salt: str = "") -> None:
         self._salt = salt
+        # The length-prefixed parts before the request's own (the version, the salt, the
+        # schema, route, tenant, namespace and variant) by what they are made of: they
+        # repeat from request to request (one route, one tenant), and writing them is most
+        # of a key's cost. Bounded, as tenants are many; forgotten all at once when full.
+        self._heads: dict[tuple[str, str, str, str, int], bytes] = {}
 
     def key(self, request: CacheRequest) -> str:
         # Length-prefixed parts: no choice of values can make two different requests collide
         # by shifting bytes from one part into its neighbour. (Joined, then hashed at once:
         # the same bytes as one update per part, in a third of the time.)
-        chunks: list[bytes] = []
-        for part in (
-            f"sse-cache/{ENTRY_FORMAT_VERSION}",
-            self._salt,
-            request.schema,
-            request.route,
-            request.tenant,
-            request.namespace,
-            str(request.variant),
-        ):
-            raw = part.encode("utf-8")
-            chunks += (len(raw).to_bytes(4, "big"), raw)
+        parts = (request.schema, request.route, request.tenant, request.namespace, request.variant)
+        head = self._heads.get(parts)
+        if head is None:
+            head = self._head(*parts)
+            if len(self._heads) >= _REMEMBERED_HEADS:
+                self._heads.clear()
+            self._heads[parts] = head
+        chunks = [head]
         if request.ignored:
             raw = canonical_json(sorted(set(request.ignored)))
             chunks += (b"\x00ignored" + len(raw).to_bytes(4, "big"), raw)
@@ -125,6 +130,21 @@ class DefaultKeyer:
             chunks += (b"\x00headers" + len(raw).to_bytes(4, "big"), raw)
         chunks.append(canonical_json(request.fields))
         return hashlib.blake2b(b"".join(chunks), digest_size=32).hexdigest()
+
+    def _head(self, schema: str, route: str, tenant: str, namespace: str, variant: int) -> bytes:
+        chunks: list[bytes] = []
+        for part in (
+            f"sse-cache/{ENTRY_FORMAT_VERSION}",
+            self._salt,
+            schema,
+            route,
+            tenant,
+            namespace,
+            str(variant),
+        ):
+            raw = part.encode("utf-8")
+            chunks += (len(raw).to_bytes(4, "big"), raw)
+        return b"".join(chunks)
 
 
 def tenant_scope(

@@ -338,7 +338,12 @@ class ProxyApp:
             self._running += 1
             try:
                 log, policy = self.access_log, self.cached.service.policy
-                if log is not None and policy.match(scope["method"], request_path(scope)):
+                # (The route is matched only when there is a line to write.)
+                if (
+                    log is not None
+                    and log.enabled
+                    and policy.match(scope["method"], request_path(scope))
+                ):
                     await log.serve(self.cached, scope, receive, send)
                 else:
                     await self.cached(scope, receive, send)

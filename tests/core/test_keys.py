@@ -143,3 +143,28 @@ def test_keys_are_stable_across_releases() -> None:
     assert lowered_tenant_scope({k.lower(): v for k, v in credentials.items()}, lowered) == (
         "t:f99efe68013b5682acad13d2046870a3"
     )
+
+
+def test_a_keyer_that_remembers_many_key_heads_keys_as_a_new_one() -> None:
+    # The keyer remembers the fixed head of a key (schema, route, tenant, namespace, variant)
+    # and forgets them all when it holds too many: a remembered head, and one written again
+    # after that, give the key a new keyer gives; a head is never another request's.
+    used = DefaultKeyer(salt="s1")
+
+    def request(tenant: str, variant: int = 0) -> CacheRequest:
+        return CacheRequest(
+            schema="openai-responses",
+            route="POST /v1/responses",
+            fields={"model": "o3-mini", "input": "hi"},
+            tenant=tenant,
+            variant=variant,
+        )
+
+    for round_ in range(3):  # fresh, remembered, then after the memory was cleared (twice)
+        for n in range(1500):
+            tenant = f"t:{n:032x}"
+            assert used.key(request(tenant, n % 3)) == DefaultKeyer(salt="s1").key(
+                request(tenant, n % 3)
+            ), (round_, n)
+    assert used.key(request("t:a")) != used.key(request("t:b"))
+    assert used.key(request("t:a", 1)) != used.key(request("t:a", 2))
