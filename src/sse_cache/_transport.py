@@ -48,6 +48,7 @@ from ._transport_bodies import (
     _stream_types,
     _SyncOpen,
     _TransportClosed,
+    unless_closed,
 )
 from .errors import ConfigError
 from .http._wire import json_error_body, merge_headers
@@ -378,20 +379,28 @@ class CacheTransportBase(_Options):
         if request.method == "GET":
             # A client resuming a stream by its id (Responses): see the async transport.
             portal = self.portal
-            answer = portal.call(
-                service.resume, "GET", *_resume_args(request), self._origin(request.url)
-            )
-            if answer is not None:
-                opened = _SyncOpen(
-                    portal.wrap_async_context_manager(_no_exchange()),
-                    portal,
-                    closing=self._closing,
+            try:
+                answer = unless_closed(
+                    self._closing,
+                    portal.call,
+                    service.resume,
+                    "GET",
+                    *_resume_args(request),
+                    self._origin(request.url),
                 )
-                opened.enter()
-                body = _stream_types(lib)["SyncAnswerBody"](
-                    answer.chunks, opened, portal, _read_timeout(request)
-                )
-                return lib.Response(answer.status, headers=answer.headers, stream=body)
+                if answer is not None:
+                    opened = _SyncOpen(
+                        portal.wrap_async_context_manager(_no_exchange()),
+                        portal,
+                        closing=self._closing,
+                    )
+                    opened.enter()
+                    body = _stream_types(lib)["SyncAnswerBody"](
+                        answer.chunks, opened, portal, _read_timeout(request)
+                    )
+                    return lib.Response(answer.status, headers=answer.headers, stream=body)
+            except _TransportClosed as exc:
+                raise _closed_under(lib) from exc
         if service.policy.match(request.method, _request_path(request.url)) is None:
             return self.transport.handle_request(request)
         try:
@@ -405,9 +414,9 @@ class CacheTransportBase(_Options):
             self._started(started),
             self._closing,
         )
-        ex = opened.enter()
         types = _stream_types(lib)
         try:
+            ex = opened.enter()
             answer = ex.answer
             if answer is not None:
                 return lib.Response(

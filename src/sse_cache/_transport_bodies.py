@@ -14,11 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from concurrent.futures import CancelledError
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from functools import cache
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import anyio.from_thread
@@ -26,6 +25,8 @@ import anyio.from_thread
 from .flight import SharedStreamAborted
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
+
+_R = TypeVar("_R")
 
 
 async def _feed(tee: ResponseTee, chunk: bytes) -> None:
@@ -320,6 +321,25 @@ def _exiting() -> bool:
     return sys.is_finalizing()
 
 
+def unless_closed(closing: threading.Event, fn: Callable[..., _R], *args: Any) -> _R:
+    """``fn(*args)``, a call into a sync transport's portal from the caller's thread. Raises
+    :class:`_TransportClosed` when ``closing`` is set (another thread called ``close()``):
+    before the call, or when the call failed as the portal stopped — it refuses calls
+    (``RuntimeError``) and cancels those under way, and the cancellation of its loop
+    (asyncio's ``CancelledError``, trio's ``Cancelled``: not exceptions) then reaches this
+    thread, which must not die of it."""
+    if closing.is_set():
+        raise _TransportClosed
+    try:
+        return fn(*args)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        if closing.is_set():
+            raise _TransportClosed from exc
+        raise
+
+
 class _SyncOpen:
     """An exchange entered by ``handle_request`` (in the portal's event loop, in one task
     for its whole life) and left when the response ends. ``started``: as for
@@ -347,19 +367,11 @@ class _SyncOpen:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in the portal's loop. Raises :class:`_TransportClosed` when the
-        transport is closing or closed (another thread called ``close()``): the portal
-        refuses the call (``RuntimeError``) or cancels it while it stops."""
-        if self._closing.is_set():
-            raise _TransportClosed
-        try:
-            return self._portal.call(fn, *args)
-        except (RuntimeError, CancelledError) as exc:
-            if self._closing.is_set():
-                raise _TransportClosed from exc
-            raise
+        transport is closing or closed (see :func:`unless_closed`)."""
+        return unless_closed(self._closing, self._portal.call, fn, *args)
 
     def enter(self) -> Exchange:
-        ex = self._ex = self._cm.__enter__()
+        ex = self._ex = unless_closed(self._closing, self._cm.__enter__)
         self.open = True
         self.timing = self._started is not None
         return ex

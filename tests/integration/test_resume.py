@@ -342,3 +342,50 @@ async def test_a_transport_resumes_a_stream_its_client_stopped_reading(
                 rest = got.content
     assert held + rest == whole
     assert upstream_app.stats()["streams"] == 2  # the cached call, and the reference
+
+
+async def test_an_upstream_cut_inside_a_transports_resume_window_is_no_unhandled_task_error(
+    serve: Any,
+) -> None:
+    # The client leaves; the transport's window task reads the upstream on for a resume; the
+    # upstream is cut. The flight fails (a resumer is aborted), and that is all: the task's
+    # error was left unretrieved, and asyncio logged "Task exception was never retrieved"
+    # with a traceback, at ERROR, for every such stream.
+    import asyncio
+    import gc
+
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    unhandled: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    cut = {"x-mock-error": "cut", "x-mock-error-after": "30"}
+    upstream_app = MockUpstream()
+    try:
+        async with serve(upstream_app) as upstream:
+            async with httpx2.AsyncClient(
+                transport=AsyncCacheTransport("memory://", resume_window=30),
+                base_url=upstream,
+                timeout=30,
+            ) as client:
+                await read_then_leave(client, 3, **cut)
+
+                reading_on = [
+                    t for t in asyncio.all_tasks() if t.get_name() == "sse-cache resume window"
+                ]
+                assert reading_on
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    # (asyncio.wait does not retrieve a task's exception: awaiting would)
+                    await asyncio.wait(reading_on)
+                del reading_on
+                gc.collect()
+                # The cut stream was not stored: the same request asks the upstream again.
+                async with client.stream(
+                    "POST", "/v1/responses", json=PAYLOAD, headers={**ALICE, **PACE}
+                ) as again:
+                    assert again.headers["x-sse-cache"] == "miss"
+                    await again.aread()
+    finally:
+        loop.set_exception_handler(None)
+    assert unhandled == []
+    assert upstream_app.stats()["streams"] == 2

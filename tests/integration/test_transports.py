@@ -1084,6 +1084,84 @@ def test_one_thread_reading_the_follower_before_its_producer_is_not_stuck(
 # -- a sync transport closed while other threads read -----------------------------------------
 
 
+class _FlightsSeen:
+    """A hook that is handed the cache's live streams (as the metrics are): how many
+    requests follow them, seen from the test."""
+
+    def __init__(self) -> None:
+        self.flights: list[Any] = []
+
+    def __call__(self, notice: Any) -> None:
+        pass
+
+    def watch(self, live: Any) -> None:
+        self.flights.append(live)
+
+    def followers(self) -> int:
+        return sum(flight.followers for flights in self.flights for flight in flights)
+
+
+@pytest.mark.parametrize("portal", ["asyncio", "trio"])
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_closing_a_sync_transport_while_followers_wait_for_the_head_raises_transport_errors(
+    serve: Any, portal: str, anyio_backend: str
+) -> None:
+    # Followers wait for their producer's response head (its upstream has not answered)
+    # when another thread closes the client. Each must get the HTTP library's ReadError: the
+    # portal's own cancellation (asyncio's CancelledError, trio's Cancelled) is no Exception,
+    # and reached the callers' threads, killing them past every ``except Exception`` (the
+    # SDKs neither convert nor retry it).
+    head = anyio.Event()
+
+    async def slow_to_answer(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        with anyio.move_on_after(30):
+            await head.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    seen = _FlightsSeen()
+    followers = 4
+    async with serve(slow_to_answer) as url:
+        client = httpx2.Client(
+            transport=CacheTransport("memory://", portal_backend=portal, hooks=[seen]),
+            base_url=url,
+            timeout=30,
+        )
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        outcome: dict[int, BaseException | str] = {}
+
+        def ask(i: int) -> None:
+            try:
+                with client.stream(
+                    "POST", "/v1/chat/completions", json=body, headers={"authorization": "Bearer k"}
+                ) as response:
+                    response.read()
+                outcome[i] = "ended"
+            except BaseException as exc:  # (what reaches the thread is the point)
+                outcome[i] = exc
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(followers + 1)]
+        for thread in threads:
+            thread.start()
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            while seen.followers() < followers:  # noqa: ASYNC110 - a count in other threads
+                await anyio.sleep(0.01)
+        await anyio.to_thread.run_sync(client.close)
+        head.set()
+        for thread in threads:
+            await anyio.to_thread.run_sync(thread.join)
+    errors = list(outcome.values())
+    assert len(errors) == followers + 1
+    for error in errors:
+        assert isinstance(error, httpx2.TransportError), error
+    closed = [e for e in errors if "CacheTransport was closed" in str(e)]
+    assert len(closed) >= followers, errors  # the followers; the producer's upstream call too
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_closing_a_sync_transport_ends_the_streams_read_in_other_threads_as_transport_errors(
     serve: Any, tmp_path: Path, anyio_backend: str

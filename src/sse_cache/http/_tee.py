@@ -265,15 +265,21 @@ class ResponseTee:
         live, window = self._flight, self.resume_window
         assert live is not None and window is not None
         deadline = anyio.current_time() + window
-        while live.source is not None and not live.flight.done:
-            left = deadline - anyio.current_time()
-            if left <= 0:
-                break
-            if live.pulling:
-                await live.wait(left)
-            else:
-                await live.pull()
-        await live.release()
+        try:
+            while live.source is not None and not live.flight.done:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    break
+                if live.pulling:
+                    await live.wait(left)
+                else:
+                    await live.pull()
+        except Exception as exc:
+            # The upstream failed: the flight has failed with it, for its readers and for
+            # anyone resuming. No one awaits this task to be told again.
+            logger.debug("sse_cache: the held stream of %s failed: %r", live.key, exc)
+        finally:
+            await live.release()
 
     def hand_over(
         self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
