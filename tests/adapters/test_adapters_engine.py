@@ -75,16 +75,26 @@ async def through(cache: StreamCache, body: dict[str, object], upstream: object)
     return s, got
 
 
-@pytest.mark.parametrize("schema", sorted(SCHEMAS))
+# Drawn by @given, before the event loop runs, never with ``data.draw`` in the test: a draw
+# that hypothesis ends early (an input grown too large: ~10 % of these streams) raises its
+# StopTest, no Exception, which killed anyio's runner task and the async ``backend`` fixture
+# it holds, failing every later example (CI, at one seed in eight).
+_SCHEMA_AND_EVENTS = st.sampled_from(sorted(SCHEMAS)).flatmap(
+    lambda schema: st.tuples(st.just(schema), SCHEMAS[schema][1])
+)
+
+
 @settings(
-    max_examples=8,
+    max_examples=24,  # ~8 of each schema
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
-@given(data=st.data())
-async def test_record_store_replay_on_every_backend(backend: Backend, schema: str, data):
-    make, strategy, sdk_final = SCHEMAS[schema]
-    events = data.draw(strategy)
+@given(case=_SCHEMA_AND_EVENTS)
+async def test_record_store_replay_on_every_backend(
+    backend: Backend, case: tuple[str, list[Event]]
+) -> None:
+    schema, events = case
+    make, _, sdk_final = SCHEMAS[schema]
     adapter: StreamAdapter = make()
     cache = StreamCache(backend, adapter)
     # (Asking for usage: a Chat stream that did not shares no entry with a non-streamed
