@@ -317,8 +317,7 @@ class _Request:
             if not message.get("more_body", False):
                 break
         if len(self.buffered) == 1:  # (most bodies come in one message)
-            body: bytes = message.get("body", b"")
-            return body
+            return bytes(message.get("body", b""))  # (no copy of bytes)
         return b"".join(m.get("body", b"") for m in self.buffered)
 
     async def _receive(self) -> Message:

@@ -114,8 +114,12 @@ class DefaultKeyer:
         # by shifting bytes from one part into its neighbour. (Joined, then hashed at once:
         # the same bytes as one update per part, in a third of the time.)
         parts = (request.schema, request.route, request.tenant, request.namespace, request.variant)
-        head = self._heads.get(parts)
-        if head is None:
+        head: bytes | None
+        if type(request.variant) is not int:
+            # (True == 1 and 1.0 == 1 share a slot, but not their str(): remembered by
+            # value, the first of them seen would decide the others' keys.)
+            head = self._head(*parts)
+        elif (head := self._heads.get(parts)) is None:
             head = self._head(*parts)
             if len(self._heads) >= _REMEMBERED_HEADS:
                 self._heads.clear()

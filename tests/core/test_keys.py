@@ -168,3 +168,15 @@ def test_a_keyer_that_remembers_many_key_heads_keys_as_a_new_one() -> None:
             ), (round_, n)
     assert used.key(request("t:a")) != used.key(request("t:b"))
     assert used.key(request("t:a", 1)) != used.key(request("t:a", 2))
+
+
+def test_a_key_never_depends_on_the_requests_keyed_before_it() -> None:
+    # Equal values of other types share a remembered head's slot (True == 1, 1.0 == 1,
+    # -0.0 == 0.0) but not their text: a key must still be what a new keyer computes.
+    def request(variant: object) -> CacheRequest:
+        return CacheRequest(schema="s", route="r", fields={"a": 1}, tenant="t", variant=variant)  # type: ignore[arg-type]
+
+    for first, second in [(1, True), (True, 1), (1, 1.0), (0, False), (0.0, -0.0)]:
+        used = DefaultKeyer()
+        used.key(request(first))
+        assert used.key(request(second)) == DefaultKeyer().key(request(second)), (first, second)

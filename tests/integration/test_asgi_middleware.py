@@ -248,6 +248,25 @@ async def test_a_failing_send_during_a_hit_raises_as_itself(client_for: Any) -> 
         await mw(events_scope(), body_then(b'{"q": "reset"}', anyio.sleep_forever), send)
 
 
+async def test_a_request_body_that_is_a_buffer_but_not_bytes_is_keyed_as_its_bytes(
+    client_for: Any,
+) -> None:
+    # ASGI says bytes; a server may hand a memoryview or a bytearray. The body is keyed as
+    # its bytes: the request is a hit of the same request sent as bytes.
+    mw = CacheMiddleware(events_app(), "memory://", routes={"/events": GenericSSE})
+    await client_for(mw).post("/events", content=b'{"q": "buffer"}')
+    for body in (memoryview(b'{"q": "buffer"}'), bytearray(b'{"q": "buffer"}')):
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any], sent: list[dict[str, Any]] = sent) -> None:
+            sent.append(message)
+
+        await mw(events_scope(), body_then(body, anyio.sleep_forever), send)  # type: ignore[arg-type]
+        start = dict(sent[0]["headers"])
+        assert (sent[0]["status"], start[b"x-sse-cache"]) == (200, b"hit"), type(body)
+        assert b"".join(m.get("body", b"") for m in sent[1:]) == serialize_sse(EVENTS)
+
+
 async def test_a_miss_whose_task_group_fails_to_open_ends_its_flight(
     client_for: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

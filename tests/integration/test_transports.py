@@ -1081,6 +1081,58 @@ def test_one_thread_reading_the_follower_before_its_producer_is_not_stuck(
             assert b"response.completed" in first.read()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_async_miss_dropped_unclosed_does_not_keep_its_key_live(
+    anyio_backend: str,
+) -> None:
+    # A program drops a streamed miss without closing it (an SDK stream left by ``break``
+    # outside ``async with``). Once the response is collected its exchange is left: its
+    # flight closes, and the next identical request asks the upstream itself, where it
+    # followed a producer that would never feed it (then failed at its read timeout).
+    import asyncio
+    import gc
+
+    from sse_cache.events import serialize_sse
+    from sse_cache.testing import responses_stream
+
+    raw = serialize_sse(responses_stream("dropped", text_deltas=4))
+    never = anyio.Event()
+    calls = 0
+
+    class Stalls(httpx2.AsyncByteStream):
+        async def __aiter__(self) -> Any:
+            yield raw[:40]
+            await never.wait()
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            stream: Any = Stalls()
+            return httpx2.Response(
+                200, headers={"content-type": "text/event-stream"}, stream=stream
+            )
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=raw)
+
+    seen = _FlightsSeen()
+    transport = AsyncCacheTransport("memory://", httpx2.MockTransport(upstream), hooks=[seen])
+    body = {"model": MODEL, "input": "dropped", "stream": True}
+    headers = {"authorization": "Bearer sk-dropped"}
+    async with httpx2.AsyncClient(base_url="http://up", transport=transport, timeout=30) as client:
+        request = client.build_request("POST", "/v1/responses", json=body, headers=headers)
+        dropped = await client.send(request, stream=True)
+        assert dropped.headers["x-sse-cache"] == "miss"
+        del dropped, request
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            while sum(len(list(flights)) for flights in seen.flights):
+                gc.collect()  # (the loop's finalizer closes what was collected, in a task)
+                await asyncio.sleep(0.01)
+        async with client.stream("POST", "/v1/responses", json=body, headers=headers) as again:
+            assert again.headers["x-sse-cache"] == "miss"
+            assert await again.aread() == raw
+    assert calls == 2
+
+
 # -- a sync transport closed while other threads read -----------------------------------------
 
 
