@@ -10,9 +10,11 @@ byte, reported once through :meth:`Exchange.first_byte`, as the ASGI middleware 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from functools import cache
@@ -27,6 +29,8 @@ from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
 
 _R = TypeVar("_R")
+
+logger = logging.getLogger("sse_cache")
 
 
 async def _feed(tee: ResponseTee, chunk: bytes) -> None:
@@ -427,6 +431,11 @@ class _SyncTeeBody:
         self._portal = portal
         self._delivered = b""  # in the portal's loop only
         self._handed_over = False
+        # A response its program drops without closing it (an SDK stream left by ``break``
+        # outside ``with``) is never left by its body, and its live stream would be offered
+        # for good to identical requests, which would wait on it until their read timeout.
+        # Once the body is collected, its exchange is left (failed) instead.
+        weakref.finalize(self, _left_unclosed, opened).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -538,6 +547,27 @@ class _SyncTeeBody:
                 self._portal.start_task_soon(tee.release_after_window)
             return
         self._abandon()
+
+
+class _Dropped(Exception):
+    """A sync miss's response was collected before it was read to its end or closed."""
+
+
+def _left_unclosed(opened: _SyncOpen) -> None:
+    # A finalizer runs in whichever thread collected the body, the portal's own included,
+    # where a blocking call into the portal would wait for ever: the exchange is left from
+    # a thread of its own.
+    if opened.open:
+        threading.Thread(
+            target=_leave_dropped, args=(opened,), name="sse-cache-dropped", daemon=True
+        ).start()
+
+
+def _leave_dropped(opened: _SyncOpen) -> None:
+    try:
+        opened.leave(_Dropped("the response was dropped before it ended"))
+    except Exception as exc:  # (the transport closed meanwhile, or the backend failed)
+        logger.debug("sse_cache: leaving a dropped response failed: %r", exc)
 
 
 async def _nothing() -> None:

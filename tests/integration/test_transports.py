@@ -1133,6 +1133,57 @@ async def test_an_async_miss_dropped_unclosed_does_not_keep_its_key_live(
     assert calls == 2
 
 
+def test_a_sync_miss_dropped_unclosed_does_not_keep_its_key_live() -> None:
+    # The same through the sync transport: nothing there is an async generator the loop
+    # would finalize; the tee body's finalizer leaves the exchange (from a thread of its
+    # own) once the response is collected.
+    import gc
+
+    from sse_cache.events import serialize_sse
+    from sse_cache.testing import responses_stream
+
+    raw = serialize_sse(responses_stream("dropped", text_deltas=4))
+    never = threading.Event()
+    calls = 0
+
+    class Stalls(httpx2.SyncByteStream):
+        def __iter__(self) -> Iterator[bytes]:
+            yield raw[:40]
+            never.wait(30)
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            stream: Any = Stalls()
+            return httpx2.Response(
+                200, headers={"content-type": "text/event-stream"}, stream=stream
+            )
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=raw)
+
+    seen = _FlightsSeen()
+    transport = CacheTransport("memory://", httpx2.MockTransport(upstream), hooks=[seen])
+    body = {"model": MODEL, "input": "dropped", "stream": True}
+    headers = {"authorization": "Bearer sk-dropped"}
+    try:
+        with httpx2.Client(base_url="http://up", transport=transport, timeout=30) as client:
+            request = client.build_request("POST", "/v1/responses", json=body, headers=headers)
+            dropped = client.send(request, stream=True)
+            assert dropped.headers["x-sse-cache"] == "miss"
+            del dropped, request
+            gc.collect()
+            deadline = time.monotonic() + 30  # a deadlock guard, not a timing bound
+            while sum(len(list(flights)) for flights in seen.flights):
+                assert time.monotonic() < deadline, "the dropped response's flight stayed live"
+                time.sleep(0.01)
+            with client.stream("POST", "/v1/responses", json=body, headers=headers) as again:
+                assert again.headers["x-sse-cache"] == "miss"
+                assert again.read() == raw
+    finally:
+        never.set()
+    assert calls == 2
+
+
 # -- a sync transport closed while other threads read -----------------------------------------
 
 
