@@ -655,3 +655,60 @@ async def test_a_proxy_reads_on_for_another_process_when_its_own_client_leaves(
     assert whole == upstream_app.body
     assert again.headers["x-sse-cache"] == "hit" and again.content == whole
     assert upstream_app.calls == 1 and upstream_app.disconnects == 0
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_process_that_leads_after_another_stored_the_answer_replays_it(
+    serve: Any, redis_server: Any
+) -> None:
+    # Worker B looks the key up while worker A's stream is live (a miss), then A stores its
+    # answer and lets go of the key, then B takes the lease: B must answer from A's entry,
+    # not ask the upstream a second time (found in 11 of 100 end-of-stream herds across two
+    # processes). The order is forced: B's lookup answers what it read before A ended.
+    from sse_cache.backends.redis import RedisBackend
+    from sse_cache.backends.redis import from_url as redis_from_url
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    looked, a_done = anyio.Event(), anyio.Event()
+
+    class LookedBeforeTheEnd(RedisBackend):
+        async def get(self, key: str) -> bytes | None:
+            value = await super().get(key)
+            if not looked.is_set():
+                looked.set()
+                await a_done.wait()  # A ends meanwhile; B goes on with what it read
+            return value
+
+    upstream_app = MockUpstream(delay=0.005)
+    url = f"{redis_server.url}?prefix=e{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "gpt-mock", "input": "stored meanwhile", "stream": True}
+    backend_b = redis_from_url(url)
+    backend_b.__class__ = LookedBeforeTheEnd
+    async with serve(upstream_app) as upstream:
+        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        tb = AsyncCacheTransport(backend_b, cross_process=True, cross_process_lease=LEASE)
+        try:
+            async with (
+                httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
+                httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
+            ):
+                producer = await ca.send(_request(ca, payload), stream=True)
+                assert producer.headers["x-sse-cache"] == "miss"
+                answers: dict[str, Any] = {}
+
+                async def b_asks() -> None:
+                    response = await cb.send(_request(cb, payload), stream=True)
+                    answers["status"] = response.headers["x-sse-cache"]
+                    answers["body"] = await response.aread()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(b_asks)
+                    await looked.wait()
+                    whole = await producer.aread()  # A stores, then lets go of the key
+                    a_done.set()
+        finally:
+            await backend_b.aclose()
+    assert complete(whole)
+    assert (answers["status"], answers["body"]) == ("hit", whole)
+    assert upstream_app.stats()["total"] == 1

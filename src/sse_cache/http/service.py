@@ -388,6 +388,12 @@ class Exchange:
                 self._follows_process = True
                 self.answer = msgspec.structs.replace(answer, chunks=self._counted(answer.chunks))
                 return
+            # Leading now: another process's producer may have stored its answer and let go of
+            # the key since this request looked (it stores, then releases): that answer, not a
+            # second upstream call. (The lease is let go on the way out; a process that
+            # followed it meanwhile sees it fail before its head, and looks again.)
+            if self._lead is not None and await self._lookup(cache):
+                return
         emit(self._service.hooks, Notice(kind="miss", key=self.key))
 
     async def _resume_live(self, cache: StreamCache, last_id: str) -> bool:
