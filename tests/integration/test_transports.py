@@ -1081,6 +1081,21 @@ def test_one_thread_reading_the_follower_before_its_producer_is_not_stuck(
             assert b"response.completed" in first.read()
 
 
+class _FirstAnswerStalls:
+    """A ``MockTransport`` handler: its first answer's body is ``stalled`` (a stream that
+    stalls midway), every later one is ``raw`` whole; :attr:`calls` counts the requests."""
+
+    def __init__(self, raw: bytes, stalled: Any) -> None:
+        self.raw, self.stalled, self.calls = raw, stalled, 0
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        self.calls += 1
+        headers = {"content-type": "text/event-stream"}
+        if self.calls == 1:
+            return httpx2.Response(200, headers=headers, stream=self.stalled)
+        return httpx2.Response(200, headers=headers, content=self.raw)
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_async_miss_dropped_unclosed_does_not_keep_its_key_live(
     anyio_backend: str,
@@ -1097,23 +1112,13 @@ async def test_an_async_miss_dropped_unclosed_does_not_keep_its_key_live(
 
     raw = serialize_sse(responses_stream("dropped", text_deltas=4))
     never = anyio.Event()
-    calls = 0
 
     class Stalls(httpx2.AsyncByteStream):
         async def __aiter__(self) -> Any:
             yield raw[:40]
             await never.wait()
 
-    def upstream(request: httpx2.Request) -> httpx2.Response:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            stream: Any = Stalls()
-            return httpx2.Response(
-                200, headers={"content-type": "text/event-stream"}, stream=stream
-            )
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=raw)
-
+    upstream = _FirstAnswerStalls(raw, Stalls())
     seen = _FlightsSeen()
     transport = AsyncCacheTransport("memory://", httpx2.MockTransport(upstream), hooks=[seen])
     body = {"model": MODEL, "input": "dropped", "stream": True}
@@ -1130,7 +1135,7 @@ async def test_an_async_miss_dropped_unclosed_does_not_keep_its_key_live(
         async with client.stream("POST", "/v1/responses", json=body, headers=headers) as again:
             assert again.headers["x-sse-cache"] == "miss"
             assert await again.aread() == raw
-    assert calls == 2
+    assert upstream.calls == 2
 
 
 def test_a_sync_miss_dropped_unclosed_does_not_keep_its_key_live() -> None:
@@ -1144,23 +1149,13 @@ def test_a_sync_miss_dropped_unclosed_does_not_keep_its_key_live() -> None:
 
     raw = serialize_sse(responses_stream("dropped", text_deltas=4))
     never = threading.Event()
-    calls = 0
 
     class Stalls(httpx2.SyncByteStream):
         def __iter__(self) -> Iterator[bytes]:
             yield raw[:40]
             never.wait(30)
 
-    def upstream(request: httpx2.Request) -> httpx2.Response:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            stream: Any = Stalls()
-            return httpx2.Response(
-                200, headers={"content-type": "text/event-stream"}, stream=stream
-            )
-        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=raw)
-
+    upstream = _FirstAnswerStalls(raw, Stalls())
     seen = _FlightsSeen()
     transport = CacheTransport("memory://", httpx2.MockTransport(upstream), hooks=[seen])
     body = {"model": MODEL, "input": "dropped", "stream": True}
@@ -1181,7 +1176,7 @@ def test_a_sync_miss_dropped_unclosed_does_not_keep_its_key_live() -> None:
                 assert again.read() == raw
     finally:
         never.set()
-    assert calls == 2
+    assert upstream.calls == 2
 
 
 # -- a sync transport closed while other threads read -----------------------------------------
