@@ -168,9 +168,11 @@ class Flight(Generic[T]):
                     cursor.cut = f"fell more than {self.max_lag_bytes} bytes behind the stream"
         if total > self.max_log_bytes:
             self.joinable = False
-        # Closed to newcomers, the log keeps only what an uncut follower has not read: not
-        # this piece when every follower is cut (by it or before it).
-        self._trim()
+        if not self.joinable:
+            # Closed to newcomers, the log keeps only what an uncut follower has not read:
+            # not this piece when every follower is cut (by it or before it). (Checked here:
+            # no call per piece while the flight is joinable, the common case.)
+            self._trim()
 
     def _behind(self, cursor: Cursor, floor: int) -> bool:
         # Behind is what a follower has not read past the oldest piece it has not read: one
