@@ -204,8 +204,16 @@ def request_path(scope: Scope) -> str:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for raw_name, raw_value in scope.get("headers", []):
+    raw = scope.get("headers", ())
+    if not isinstance(raw, list | tuple):  # (ASGI allows any iterable)
+        raw = list(raw)
+    # Names seldom repeat: one comprehension, and the loop that joins repeated names only
+    # when they do (a request from an SDK carries ~17 headers; this is every request's path).
+    out = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+    if len(out) == len(raw):
+        return out
+    out = {}
+    for raw_name, raw_value in raw:
         name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
         out[name] = f"{out[name]}, {value}" if name in out else value

@@ -149,6 +149,39 @@ async def test_custom_tenant_callable_and_shared_opt_in(client_for: Any) -> None
     assert r.headers["x-sse-cache"] == "hit"
 
 
+async def test_a_repeated_credential_header_scopes_the_entry_by_every_line() -> None:
+    # A request may carry a header line twice (a client's and a gateway's credential): the
+    # entry's tenant is all of them, as joined by the request, never the first or the last.
+    app = events_app()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE})
+
+    async def ask(*credentials: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+        scope = events_scope(*((b"authorization", c) for c in credentials))
+        scope["headers"] = scope["headers"][1:]  # only the credentials asked for
+        head: dict[bytes, bytes] = {}
+        body = bytearray()
+        status = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                head.update(message["headers"])
+            else:
+                body.extend(message.get("body", b""))
+
+        await mw(scope, body_then(b'{"q": "twice"}', anyio.Event().wait), send)
+        return status, head, bytes(body)
+
+    first = await ask(b"Bearer a", b"Bearer b")
+    assert first[0] == 200 and first[1][b"x-sse-cache"] == b"miss"
+    for others in ((b"Bearer a", b"Bearer c"), (b"Bearer c", b"Bearer b"), (b"Bearer a",)):
+        assert (await ask(*others))[1][b"x-sse-cache"] == b"miss", others
+    _, head, body = await ask(b"Bearer a", b"Bearer b")
+    assert head[b"x-sse-cache"] == b"hit" and body == serialize_sse(EVENTS)
+    assert app.calls == 4
+
+
 async def test_app_failing_mid_stream_stores_nothing(client_for: Any) -> None:
     broken = GatedUpstream(EVENTS, cut_after=2)  # two events, then the app raises
     client = client_for(CacheMiddleware(broken, "memory://", routes={"/events": GenericSSE}))
