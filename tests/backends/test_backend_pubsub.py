@@ -198,8 +198,10 @@ async def test_end_marker_stops_readers(fanout: RedisBackend, reader: RedisBacke
             await until_blocked(reader)  # read it, now waits for more
             await fanout.finish(name, ttl=TTL)
     assert received == [b"only"]
-    # Anything appended after the marker is never read.
-    await fanout.publish(name, b"after the end", ttl=TTL)
+    # Nothing can be appended after the marker (a producer's own count is over), and
+    # nothing after it is read.
+    with pytest.raises(BackendError, match="lost messages"):
+        await fanout.publish(name, b"after the end", ttl=TTL)
     assert await collect(fanout, name) == [b"only"]
 
 
@@ -310,9 +312,13 @@ async def test_lost_messages_are_an_error_not_a_gap(fanout: RedisBackend) -> Non
     assert await reader.__anext__() == b"first"
     await client.pexpire(key, 100)  # it expires now, under the reader
     await until_gone(client, key)
-    await fanout.publish(name, b"second", ttl=TTL)
+    # The producer's next message would be the new stream's first: refused, and marked.
+    with pytest.raises(BackendError, match="lost messages"):
+        await fanout.publish(name, b"second", ttl=TTL)
     with anyio.fail_after(GUARD), pytest.raises(BackendError, match="lost messages"):
         await reader.__anext__()
+    with pytest.raises(BackendError, match="lost messages"):
+        await collect(fanout, name)  # a late reader, from the start
 
 
 async def test_retried_publish_is_applied_once(
@@ -374,8 +380,46 @@ async def test_server_stopped_mid_read_then_restarted(spawn_redis: Callable[[], 
         with pytest.raises(BackendUnavailable):
             await backend.publish(name, b"during", ttl=TTL)
         server.start()  # same port, empty: the same backend object recovers
-        await publish_all(backend, name, [b"after"])
-        assert await collect(backend, name) == [b"after"]
+        # The channel lost its beginning: the producer cannot go on with it (a reader from
+        # the start would take its rest for the whole), but a new one works.
+        with pytest.raises(BackendError, match="lost messages"):
+            await backend.publish(name, b"after", ttl=TTL)
+        fresh = channel()
+        await publish_all(backend, fresh, [b"after"])
+        assert await collect(backend, fresh) == [b"after"]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_stream_whose_newest_messages_the_server_lost_is_an_error_not_a_gap(
+    spawn_redis: Callable[[], Any],
+) -> None:
+    # Redis restarted from an older snapshot (or a replica promoted before it had the newest
+    # entries) lost the stream's tail while its producer lived. The producer carried on, and
+    # numbered its next message right after what survived: a reader found no gap and ended
+    # cleanly, the lost middle missing from an answer that looked whole.
+    server = spawn_redis()
+    backend = from_url(server.url, timeout=0.3)
+    assert isinstance(backend, RedisBackend)
+    name = channel()
+    try:
+        for i in range(5):
+            await backend.publish(name, f"m{i};".encode(), ttl=TTL)
+        reader = backend.read(name, block=GUARD)
+        had = [await reader.__anext__() for _ in range(5)]
+        await backend.client.save()  # the snapshot holds m0..m4
+        for i in range(5, 10):
+            await backend.publish(name, f"m{i};".encode(), ttl=TTL)
+        server.restart()  # from the snapshot: m5..m9 are gone
+        with pytest.raises(BackendError, match="lost messages"):
+            await backend.publish(name, b"m10;", ttl=TTL)
+        with pytest.raises(BackendError, match="lost messages"):
+            await backend.finish(name, ttl=TTL)
+        assert had == [f"m{i};".encode() for i in range(5)]
+        with anyio.fail_after(GUARD), pytest.raises(BackendError, match="lost messages"):
+            await reader.__anext__()  # a reader that had what survived
+        with pytest.raises(BackendError, match="lost messages"):
+            await collect(backend, name)  # a reader from the start
     finally:
         await backend.aclose()
 

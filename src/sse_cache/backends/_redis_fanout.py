@@ -36,25 +36,50 @@ _READ_BYTES: Final = 2 * 1024 * 1024
 # its reply was lost) must not append twice. One producer per channel, so a retry can only
 # repeat the newest entry. Appending and refreshing the expiry in one script keeps the stream
 # from living forever if the client dies in between.
+#
+# The number is the producer's own count (ARGV[6]), not the stream's: a Redis restarted from
+# an older snapshot, or a replica promoted before it had the newest entries, has lost the
+# stream's tail, and a producer that carried on would number its next message right after
+# what survived — a reader would find no gap, and end cleanly without the lost middle. Such an
+# append is refused ({-1, ...}) and a marker numbered -1 appended instead, at which every
+# reader raises; a stream so marked refuses every later append (a retry of the refused one
+# included). ARGV[7]: how many appends of unknown outcome (they raised) came before, any of
+# which may have been applied.
 _APPEND: Final = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 local seq = 0
 if last then
     local fields = last[2]
+    local newest, nonce = -1, nil
     for i = 1, #fields, 2 do
-        if fields[i] == 'n' and fields[i + 1] == ARGV[1] then
-            redis.call('PEXPIRE', KEYS[1], ARGV[3])
-            return 0
-        end
         if fields[i] == 'i' then
-            seq = tonumber(fields[i + 1]) + 1
+            newest = tonumber(fields[i + 1])
+        elseif fields[i] == 'n' then
+            nonce = fields[i + 1]
         end
     end
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    if newest < 0 then
+        return {-1, -1}
+    end
+    if nonce == ARGV[1] then
+        return {0, newest}
+    end
+    seq = newest + 1
+end
+if seq < tonumber(ARGV[6]) or seq > tonumber(ARGV[6]) + tonumber(ARGV[7]) then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'i', -1, 'n', ARGV[1])
+    redis.call('PEXPIRE', KEYS[1], ARGV[3])
+    return {-1, seq}
 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'i', seq, 'n', ARGV[1], ARGV[4], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+return {1, seq}
 """
+# Channels this process publishes to, remembered (their next number) until finished; a
+# producer that never finishes (its process kept on, its lease lost) is forgotten after this
+# many others began (its next append is then refused: safe).
+_MAX_CHANNELS: Final = 4096
 
 
 class StreamFanout:
@@ -77,6 +102,8 @@ class StreamFanout:
         self._timeout = timeout
         # EVALSHA with a fallback to loading the script (after a restart, on a new node).
         self._append = client.register_script(_APPEND)
+        # channel -> (the number of its next message, appends of unknown outcome since)
+        self._next: dict[str, tuple[int, int]] = {}
 
     async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
         await self._add(channel, "d", to_bytes(data), ttl, "XADD")
@@ -88,9 +115,35 @@ class StreamFanout:
         check_key(channel, "channel")
         if not ttl > 0:
             raise ConfigError(f"stream ttl must be > 0 seconds, got {ttl!r}")
-        args = (secrets.token_hex(8), _STREAM_MAXLEN, milliseconds(ttl), field, data)
-        async with self._commands(what):
-            await self._append(keys=[self._prefix + channel], args=args)
+        known = self._next
+        expected, unknown = known.pop(channel, (0, 0))  # (re-inserted: the newest last)
+        nonce = secrets.token_hex(8)
+        args = (nonce, _STREAM_MAXLEN, milliseconds(ttl), field, data, expected, unknown)
+        try:
+            async with self._commands(what):
+                status, seq = await self._append(keys=[self._prefix + channel], args=args)
+        except BaseException:
+            # Applied or not (a timeout, a cancellation): the next append may follow either.
+            if field != "e":
+                self._remember(channel, expected, unknown + 1)
+            raise
+        if int(status) < 0:
+            # (Kept, so that every later append to it is refused too.)
+            if field != "e":
+                self._remember(channel, expected, unknown)
+            raise BackendError(
+                f"{what}: stream {channel!r} lost messages (it ends before #{expected}, which "
+                "this process was to append next): the server lost writes (restarted from an "
+                "older snapshot, failed over, or the stream expired)"
+            )
+        if field != "e":
+            self._remember(channel, int(seq) + 1, 0)
+
+    def _remember(self, channel: str, expected: int, unknown: int) -> None:
+        known = self._next
+        known[channel] = (expected, unknown)
+        if len(known) > _MAX_CHANNELS:
+            del known[next(iter(known))]
 
     async def read(self, channel: str, *, start: str, block: float) -> AsyncIterator[bytes]:
         check_key(channel, "channel")
@@ -126,6 +179,11 @@ class StreamFanout:
             for entry_id, fields in entries:
                 last = entry_id
                 seq = int(fields.get(b"i", b"-1"))
+                if seq < 0:  # marked by its producer, who found its newest messages gone
+                    raise BackendError(
+                        f"XREAD: stream {channel!r} lost messages: the server lost writes "
+                        "(restarted from an older snapshot, or failed over)"
+                    )
                 if expect is not None and seq != expect:
                     raise BackendError(
                         f"XREAD: stream {channel!r} lost messages (expected #{expect}, "
