@@ -80,12 +80,13 @@ class LiveRecording:
         """Nothing of this stream will be stored (``reason`` is logged with the notice)."""
         self.recorder.fail(reason)
 
-    def end(self) -> None:
-        """The stream ended by itself: judge it now (stored when the block is left)."""
+    def end(self, *, clean: bool = True) -> None:
+        """The stream ended by itself (``clean``), or stopped before its end and cannot go
+        on: judge it now (stored when the block is left)."""
         if self.entry is None and self.recorder.state is _RECORDING:
             status, content_type = self.status
             entry = self.recorder.finish(
-                clean_end=True, status=status, content_type=content_type, eol=self.eol
+                clean_end=clean, status=status, content_type=content_type, eol=self.eol
             )
             if entry is not None and self._ttl is not None:
                 entry = msgspec.structs.replace(entry, expires_at=time.time() + self._ttl)

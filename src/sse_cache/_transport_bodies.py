@@ -182,7 +182,14 @@ class _AsyncTeeBody:
             await self._finish()
             return None
         except BaseException as exc:
-            tee.fail(f"the upstream body failed: {exc!r}")
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                # The reader was cancelled midway (a timeout around its read; the openai SDK
+                # drains the body after chat's [DONE] for 0.1 s at most): the HTTP library
+                # has closed the upstream. What was recorded is the answer if it holds its
+                # completing event, for the cache and for the followers alike.
+                tee.stop(f"the read of the upstream was cancelled: {exc!r}")
+            else:
+                tee.fail(f"the upstream body failed: {exc!r}")
             await self._finish(exc)
             raise
         tee.relay(chunk)

@@ -9,6 +9,7 @@ asyncio and trio (the sync transport's portal runs asyncio whatever the test).
 from __future__ import annotations
 
 import gc
+import json
 import socket
 import subprocess
 import sys
@@ -1435,3 +1436,174 @@ async def test_an_async_client_closing_right_after_done_still_has_the_answer_sto
         assert again.content == received
         assert upstream.count(CHAT) == before + 1
     gc.collect()
+
+
+# -- a miss whose read is cancelled, or cut after its completing event -------------------------
+
+
+def _chat_chunk(text: str, finish: str | None = None) -> bytes:
+    delta = {"content": text} if text else {}
+    chunk = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+_CHAT_PIECES = [_chat_chunk("Hel"), _chat_chunk("lo"), _chat_chunk("", "stop"), b"data: [DONE]\n\n"]
+_CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+@pytest.mark.parametrize("followers", [0, 3])
+async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_followers(
+    serve: Any, anyio_backend: str, followers: int
+) -> None:
+    # The openai SDK drains a chat stream's body after `data: [DONE]` for 0.1 s at most
+    # (over HTTP/1.1), by cancelling its read: an upstream slower than that to end its body
+    # had the complete answer treated as an upstream failure — not stored, and every
+    # follower of the stream aborted. The read is cancelled here while the upstream holds
+    # its body's end back, the followers having joined.
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES))
+    seen = _FlightsSeen()
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-cancel"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            done = anyio.Event()
+            answers: list[tuple[str, bytes]] = []
+
+            async def produce(scope: anyio.CancelScope) -> None:
+                with scope:
+                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                        assert r.headers["x-sse-cache"] == "miss"
+                        received = b""
+                        async for chunk in r.aiter_raw():
+                            received += chunk
+                            if received.endswith(b"data: [DONE]\n\n"):
+                                done.set()  # and read on, for the body's end
+                assert scope.cancelled_caught
+
+            async def follow() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    answers.append((r.headers["x-sse-cache"], await r.aread()))
+
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+                tg.start_soon(produce, scope)
+                await done.wait()
+                for _ in range(followers):
+                    tg.start_soon(follow)
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    while seen.followers() < followers:  # noqa: ASYNC110 - a count in the cache
+                        await anyio.sleep(0.01)
+                scope.cancel()
+            whole = b"".join(_CHAT_PIECES)
+            assert answers == [("shared", whole)] * followers
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+        gated.gate.set()
+    assert gated.calls == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_miss_whose_read_is_cancelled_before_its_completing_event_fails_its_followers(
+    serve: Any, anyio_backend: str
+) -> None:
+    # The other side of the test above: cancelled mid-answer, the upstream is closed for good
+    # by the HTTP library. A follower must see an error, never a clean end of part of the
+    # answer, and nothing is stored.
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
+    seen = _FlightsSeen()
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-cancel"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            started = anyio.Event()
+            outcome: list[BaseException] = []
+
+            async def produce(scope: anyio.CancelScope) -> None:
+                with scope:
+                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                        async for _ in r.aiter_raw():
+                            started.set()
+
+            async def follow() -> None:
+                try:
+                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                        await r.aread()
+                except httpx2.HTTPError as exc:
+                    outcome.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+                tg.start_soon(produce, scope)
+                await started.wait()
+                tg.start_soon(follow)
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
+                        await anyio.sleep(0.01)
+                scope.cancel()
+            assert len(outcome) == 1 and isinstance(outcome[0], httpx2.RemoteProtocolError)
+            gated.gate.set()
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "miss"
+    assert gated.calls == 2
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("sync", [False, True])
+async def test_a_client_leaving_after_done_with_a_line_begun_after_it_has_the_answer_stored(
+    serve: Any, anyio_backend: str, sync: bool
+) -> None:
+    # The chunk that brings `data: [DONE]` also brings the start of a keep-alive comment
+    # whose end comes later; the client stops at [DONE] and closes. The answer is complete:
+    # what follows its completing event is no part of it (the recording refused it as "ended
+    # inside an event").
+    from sse_cache.testing import GatedUpstream
+
+    pieces = [*_CHAT_PIECES[:-1], b"data: [DONE]\n\n: keep", b"-alive\n\n"]
+    gated = GatedUpstream(pieces, hold_after=len(pieces) - 1)
+    headers = {"authorization": "Bearer sk-comment"}
+    whole = b"".join(_CHAT_PIECES)
+
+    def read_to_done(client: Any) -> bytes:
+        received = b""
+        with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+            assert r.headers["x-sse-cache"] == "miss"
+            for chunk in r.iter_raw():
+                received += chunk
+                if b"data: [DONE]\n\n" in received:
+                    break
+        return received
+
+    async with serve(gated) as url:
+        if sync:
+            with httpx2.Client(
+                transport=CacheTransport("memory://"), base_url=url, headers=headers
+            ) as client:
+                received = await anyio.to_thread.run_sync(read_to_done, client)
+                again = await anyio.to_thread.run_sync(
+                    lambda: client.post("/v1/chat/completions", json=_CHAT_BODY)
+                )
+        else:
+            transport = AsyncCacheTransport("memory://")
+            async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as ac:
+                received = b""
+                async with ac.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    async for chunk in r.aiter_raw():
+                        received += chunk
+                        if b"data: [DONE]\n\n" in received:
+                            break
+                again = await ac.post("/v1/chat/completions", json=_CHAT_BODY)
+        gated.gate.set()
+    assert received.startswith(whole)
+    assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+    assert gated.calls == 1

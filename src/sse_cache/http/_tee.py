@@ -244,7 +244,7 @@ class ResponseTee:
                 flight.abandon = abandon
             return True
         if self._live is not None and self._has_completing_event and not self._failed:
-            self._finish_recording()  # the recorder judges: without the event, not stored
+            self._finish_recording(cut=True)  # the recorder judges: without the event, not stored
         else:
             self.abort("the client closed the response before it ended")
         self.cut = "the client closed the response before it ended"
@@ -324,18 +324,40 @@ class ResponseTee:
             self._flight.end()
         self._finish_recording()
 
-    def _finish_recording(self) -> None:
+    def stop(self, reason: str) -> None:
+        """The response stops here, before the upstream ended it, and cannot go on (the read
+        of the upstream was cancelled: the HTTP library closes the upstream then). Complete
+        if what was recorded already holds the schema's completing event: then it is stored
+        and the followers' streams end cleanly (what follows that event is not part of the
+        answer). Anything else fails, as :meth:`fail`."""
+        if self.ended or self.cut:
+            return
+        live = self._live
+        if live is not None and self._has_completing_event and not self._failed:
+            self._finish_recording(cut=True)
+            if live.entry is not None:
+                self.ended = True
+                if self._flight is not None:
+                    self._flight.end()
+                return
+        self.fail(reason)
+
+    def _finish_recording(self, *, cut: bool = False) -> None:
+        # ``cut``: the stream stopped before its upstream's end (its client left, its read was
+        # cancelled): stored only if it holds its completing event, and a line left
+        # unterminated after that event does not matter (bytes after it are no part of the
+        # answer; the client that left never read them either).
         if self._parser is None:
             return
         self._parser.close()
-        if self._parser.discarded:
+        if self._parser.discarded and not cut:
             # WHATWG: an unterminated last event is never dispatched; the stream did not end
             # cleanly, whatever the adapter would have said (followers still got its bytes).
             self.abort("the stream ended inside an event (no final blank line)")
         elif self._live is not None and not self._failed:
             if self._parser.crlf:  # every line ended with CRLF: replays will too
                 self._live.eol = "crlf"
-            self._live.end()
+            self._live.end(clean=not cut)
             if self._flight is not None:
                 self._flight.entry = self._live.entry
 
