@@ -17,6 +17,9 @@ import argparse
 import gc
 import logging
 import os
+import shutil
+import signal
+import threading
 from typing import Any
 
 from .._logging import LOG_LEVELS, RedactQueryKey, proxy_log_config, redact_url
@@ -89,9 +92,47 @@ def build_app(settings: argparse.Namespace, metrics_dir: str | None = None) -> A
 def app_from_environment() -> Any:
     """The app of one worker of ``sse-cache proxy --workers N`` (a uvicorn factory): built
     from the ``SSE_CACHE_*`` variables the command resolved and wrote for its workers."""
-    app = build_app(resolve(argparse.Namespace(), os.environ), os.environ.get(METRICS_DIR_ENV))
+    metrics_dir = os.environ.get(METRICS_DIR_ENV)
+    app = build_app(resolve(argparse.Namespace(), os.environ), metrics_dir)
+    leave_with_supervisor(metrics_dir)
     freeze_startup_objects()
     return app
+
+
+def leave_with_supervisor(metrics_dir: str | None) -> None:
+    """In a worker uvicorn spawned: shut down as on ``SIGTERM`` (requests in flight finish,
+    within ``--graceful-timeout``) once the supervising process is gone.
+
+    A supervisor killed by ``SIGKILL`` (the OOM killer, ``kill -9``, a runtime that kills only
+    PID 1) neither stops its workers nor removes the metrics directory; the workers, now
+    orphans, would serve its port for ever and a new proxy could not bind it. multiprocessing
+    gives each worker a sentinel of its parent (the end of a pipe the parent alone holds
+    open), ready once the parent has died by any means, or at once if it died before this
+    runs: a thread waits on it, no polling and no race. A process that is not a
+    multiprocessing child (a single-process server) has no supervisor to follow."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    sentinel, supervisor = parent.sentinel, parent.pid
+
+    def follow() -> None:
+        multiprocessing.connection.wait([sentinel])
+        logger.warning("sse_cache: supervisor [%s] is gone; shutting down", supervisor)
+        if metrics_dir is not None:
+            # The supervisor removes it at exit; it will not now. Whichever worker is first
+            # removes it for all: nothing creates it again (a worker writes its figures
+            # only into the directory as it is), but another's write may land during a
+            # removal, hence the retries. Done before the SIGTERM, which ends the process.
+            for _ in range(5):
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+                if not os.path.exists(metrics_dir):
+                    break
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own graceful shutdown
+
+    threading.Thread(target=follow, name="sse-cache supervisor", daemon=True).start()
 
 
 def freeze_startup_objects() -> None:
@@ -192,7 +233,6 @@ def _run(args: argparse.Namespace) -> int:
     )
     # The workers' metrics meet in a directory of this run's own: any worker's scrape
     # shows them all.
-    import shutil
     import tempfile
 
     metrics_dir = tempfile.mkdtemp(prefix="sse-cache-metrics-")
