@@ -217,7 +217,13 @@ class _AsyncTeeBody:
             await close_iterator(self._it)
             await self._inner.aclose()
         finally:
-            self._tee.fail("every reader left before the stream ended")
+            # Every reader left (each had what was relayed): complete if that holds the
+            # completing event (the SDKs stop at chat's [DONE]), else failed.
+            tee = self._tee
+            if self._pending:
+                tee.feed(self._pending)
+                self._pending = b""
+            tee.stop("every reader left before the stream ended")
             await self._opened.leave()
 
     async def aclose(self) -> None:
@@ -476,6 +482,13 @@ class _SyncTeeBody:
         self._delivered = b""
         self._tee.end()
 
+    def _stop_unread(self) -> None:
+        # Every reader left (each had what was relayed): complete if that holds the
+        # completing event (the SDKs stop at chat's [DONE]), else failed.
+        self._tee.feed(self._delivered)
+        self._delivered = b""
+        self._tee.stop("every reader left before the stream ended")
+
     def _client_left(self) -> bool:
         tee = self._tee
         if tee.ended:
@@ -531,7 +544,7 @@ class _SyncTeeBody:
         finally:
             try:
                 if self._opened.open:
-                    self._opened.call(self._tee.fail, "every reader left before the stream ended")
+                    self._opened.call(self._stop_unread)
             except _TransportClosed:
                 pass  # the stream ended with the transport
             self._opened.leave()

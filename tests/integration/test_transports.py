@@ -1607,3 +1607,42 @@ async def test_a_client_leaving_after_done_with_a_line_begun_after_it_has_the_an
     assert received.startswith(whole)
     assert again.headers["x-sse-cache"] == "hit" and again.content == whole
     assert gated.calls == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+async def test_every_reader_leaving_after_done_has_the_answer_stored(
+    serve: Any, anyio_backend: str
+) -> None:
+    # The producer's client and its followers each stop at chat's `data: [DONE]` and close
+    # (as the SDKs do) while the upstream has not ended its body: the last to leave abandons
+    # the upstream. What they all had is the complete answer: stored, as it is for a client
+    # alone (it was "every reader left before the stream ended": nothing stored).
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES))
+    whole = b"".join(_CHAT_PIECES)
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://")
+        headers = {"authorization": "Bearer sk-leave"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+
+            async def read_to_done(response: Any) -> bytes:
+                received = b""
+                async for chunk in response.aiter_raw():
+                    received += chunk
+                    if received.endswith(b"data: [DONE]\n\n"):
+                        break
+                await response.aclose()
+                return received
+
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            producer = await client.send(request, stream=True)
+            assert producer.headers["x-sse-cache"] == "miss"
+            follower = await client.send(request, stream=True)
+            assert follower.headers["x-sse-cache"] == "shared"
+            assert await read_to_done(producer) == whole  # then hands its upstream over
+            assert await read_to_done(follower) == whole  # the last reader leaves
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+        gated.gate.set()
+    assert gated.calls == 1
