@@ -276,7 +276,10 @@ class _Request:
                         # an error may still undo it (see _send).
                         tee.end()
                     elif self.app_scope.cancelled_caught:
-                        tee.fail(
+                        # Stopped before its end: complete if what was read holds the
+                        # completing event (every reader stopped at chat's [DONE], as the
+                        # SDKs do), else failed.
+                        tee.stop(
                             "every reader left before the stream ended"
                             if self.abandoned
                             else "the background completion ran out of time"

@@ -354,3 +354,63 @@ async def test_a_tenant_callable_returning_a_non_string_bypasses_and_is_logged_n
     assert app.calls == 2  # not cached
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("tenant callable" in w and "returned 42" in w for w in warnings), warnings
+
+
+def _chat_piece(text: str, finish: str | None = None) -> bytes:
+    delta = {"content": text} if text else {}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return b"data: " + json.dumps({**chunk, "choices": [choice]}).encode() + b"\n\n"
+
+
+async def test_every_reader_leaving_after_the_completing_event_has_the_answer_stored() -> None:
+    # The producer's client and a follower each stop at chat's `data: [DONE]` and leave (as
+    # the SDKs do) while the app has not ended its body: the last to leave stops the app.
+    # What they both had is the whole answer: stored, as for a client that leaves alone
+    # after it (it was failed: "every reader left before the stream ended").
+    pieces = [_chat_piece("Hel"), _chat_piece("lo"), _chat_piece("", "stop"), b"data: [DONE]\n\n"]
+    whole = b"".join(pieces)
+    app = GatedUpstream(pieces, hold_after=len(pieces))
+    mw = CacheMiddleware(app, "memory://")
+    request = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+
+    def chat_scope() -> dict[str, Any]:
+        scope = events_scope()
+        scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+        return scope
+
+    async def ask(headed: anyio.Event | None = None) -> tuple[dict[bytes, bytes], bytes]:
+        head: dict[bytes, bytes] = {}
+        got = bytearray()
+        done = anyio.Event()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                head.update(message["headers"])
+                if headed is not None:
+                    headed.set()
+            else:
+                got.extend(message.get("body", b""))
+                if got.endswith(b"data: [DONE]\n\n"):
+                    done.set()  # the client stops here, and leaves
+
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            await mw(chat_scope(), body_then(request, done.wait), send)
+        return head, bytes(got)
+
+    answers: list[tuple[dict[bytes, bytes], bytes]] = []
+
+    async def keep(headed: anyio.Event | None = None) -> None:
+        answers.append(await ask(headed))
+
+    async with anyio.create_task_group() as tg:
+        headed = anyio.Event()
+        tg.start_soon(keep, headed)
+        await headed.wait()  # the producer has its head: the next request follows it
+        tg.start_soon(keep)
+    assert sorted(head[b"x-sse-cache"] for head, _ in answers) == [b"miss", b"shared"]
+    assert [got for _, got in answers] == [whole, whole]
+    head, got = await ask()
+    assert head[b"x-sse-cache"] == b"hit" and got == whole
+    app.gate.set()
+    assert app.calls == 1
