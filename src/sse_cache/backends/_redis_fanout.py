@@ -115,8 +115,8 @@ class StreamFanout:
         check_key(channel, "channel")
         if not ttl > 0:
             raise ConfigError(f"stream ttl must be > 0 seconds, got {ttl!r}")
-        known = self._next
-        expected, unknown = known.pop(channel, (0, 0))  # (re-inserted: the newest last)
+        counted = self._next.pop(channel, None)  # (re-inserted below: the newest last)
+        expected, unknown = (0, 0) if counted is None else counted
         nonce = secrets.token_hex(8)
         args = (nonce, _STREAM_MAXLEN, milliseconds(ttl), field, data, expected, unknown)
         try:
@@ -131,6 +131,12 @@ class StreamFanout:
             # (Kept, so that every later append to it is refused too.)
             if field != "e":
                 self._remember(channel, expected, unknown)
+            if counted is None:
+                raise BackendError(
+                    f"{what}: stream {channel!r} has messages this process did not append "
+                    "(another publisher, a publish after its end, or one of more than "
+                    f"{_MAX_CHANNELS} channels this process had under way)"
+                )
             raise BackendError(
                 f"{what}: stream {channel!r} lost messages (it ends before #{expected}, which "
                 "this process was to append next): the server lost writes (restarted from an "
