@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -339,6 +340,8 @@ class CacheTransportBase(_Options):
         #: library's ReadError (see _SyncOpen.call).
         self._closing = threading.Event()
         self._unusable = ""  # why, after a fork, this transport cannot serve
+        #: Misses whose clients have all left while a drain thread reads on (see close).
+        self._draining: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def _forked(self) -> None:
         # The portal's thread was not forked, and a call into it would wait for ever; its
@@ -439,7 +442,7 @@ class CacheTransportBase(_Options):
             if tee is None:
                 opened.leave()
                 return self._passthrough(upstream, ex, opened)
-            body = types["SyncTeeBody"](upstream.stream, tee, opened, portal)
+            body = types["SyncTeeBody"](upstream.stream, tee, opened, portal, self._draining)
             return self._relay(upstream, ex, body)
         except _TransportClosed as exc:
             opened.leave()
@@ -450,11 +453,16 @@ class CacheTransportBase(_Options):
 
     def close(self) -> None:
         """Close the wrapped transport and the backend (if opened from a URL), then stop
-        the portal thread. Responses still open are abandoned (nothing of them is stored).
+        the portal thread. Responses still open are abandoned (nothing of them is stored),
+        except a stream every client of which has left while its upstream was read on for
+        them: it is stored if what they had holds the answer's completing event (each client
+        stopped at chat's [DONE], as the SDKs do, and the program closes at once).
         The transport cannot be used afterwards. A transport never closed does not keep the
         program from exiting: its portal runs in a daemon thread."""
         if self._closed:
             return
+        for body in list(self._draining):
+            body.settle()  # before the backend closes: its answer may be stored
         self._closing.set()
         try:
             self.transport.close()

@@ -362,7 +362,7 @@ class _SyncOpen:
     for its whole life) and left when the response ends. ``started``: as for
     :class:`_AsyncOpen`."""
 
-    __slots__ = ("_closing", "_cm", "_ex", "_portal", "_started", "open", "timing")
+    __slots__ = ("_closing", "_cm", "_ex", "_leaving", "_portal", "_started", "open", "timing")
 
     def __init__(
         self,
@@ -379,6 +379,8 @@ class _SyncOpen:
         self._closing = closing if closing is not None else threading.Event()
         self._ex: Exchange | None = None
         self.open = False
+        # (A drain thread and the closing transport's thread may both leave at once.)
+        self._leaving = threading.Lock()
         #: The response's first body bytes are still to be reported.
         self.timing = False
 
@@ -407,9 +409,10 @@ class _SyncOpen:
             return
 
     def leave(self, exc: BaseException | None = None) -> None:
-        if not self.open:
-            return
-        self.open = False
+        with self._leaving:
+            if not self.open:
+                return
+            self.open = False
         if self._closing.is_set():
             return  # the portal's stop ends the exchange (failed: nothing stored)
         if exc is None:
@@ -436,12 +439,14 @@ class _SyncTeeBody:
         tee: ResponseTee,
         opened: _SyncOpen,
         portal: anyio.from_thread.BlockingPortal,
+        draining: weakref.WeakSet[Any] | None = None,
     ) -> None:
         self._inner = inner
         self._it: Iterator[bytes] | None = None
         self._tee = tee
         self._opened = opened
         self._portal = portal
+        self._draining = draining  # the transport's: settled when it closes
         self._delivered = b""  # in the portal's loop only
         self._handed_over = False
         # A response its program drops without closing it (an SDK stream left by ``break``
@@ -472,6 +477,8 @@ class _SyncTeeBody:
         # One hop per chunk: record the chunk the client had, hand the new one to the
         # followers, publish to other processes.
         tee = self._tee
+        if tee.ended or tee.cut:  # (settled meanwhile: nothing more goes anywhere)
+            return
         tee.feed(self._delivered)
         self._delivered = chunk
         tee.relay(chunk)
@@ -536,7 +543,23 @@ class _SyncTeeBody:
         except BaseException:  # already failed for the followers, and the exchange left
             return
         finally:
+            if self._draining is not None:
+                self._draining.discard(self)
             self._inner.close()  # no client will close this response
+
+    def settle(self) -> None:
+        """The transport closes while this drain reads the upstream on: if no one reads it
+        any more, judge what was relayed now (stored, as the exchange is left, if it holds
+        the completing event) and leave, before the backend closes. (The drain thread
+        finds the exchange left at its next step.)"""
+        opened = self._opened
+        try:
+            if not opened.open or opened.call(lambda: self._tee.wanted):
+                return  # still read (it is abandoned with the transport)
+            opened.call(self._stop_unread)
+        except _TransportClosed:
+            return
+        opened.leave()
 
     def _abandon(self) -> None:
         try:
@@ -560,6 +583,8 @@ class _SyncTeeBody:
             handed_over = False
         if handed_over:
             self._handed_over = True
+            if self._draining is not None:
+                self._draining.add(self)
             threading.Thread(target=self._drain, name="sse-cache-drain", daemon=True).start()
             if tee.resume_window is not None:
                 # The drain thread reads on while the stream is held; the window's end is

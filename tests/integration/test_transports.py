@@ -1646,3 +1646,50 @@ async def test_every_reader_leaving_after_done_has_the_answer_stored(
             assert again.headers["x-sse-cache"] == "hit" and again.content == whole
         gated.gate.set()
     assert gated.calls == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+async def test_a_sync_transport_closed_right_after_every_reader_left_stores_the_answer(
+    serve: Any, anyio_backend: str, tmp_path: Path
+) -> None:
+    # Threads each read a shared chat stream up to `data: [DONE]` and close it (as the SDKs
+    # do), and the program closes its client at once. The upstream's body has not ended:
+    # a drain thread still reads it on for them, and closing the transport cut it. What
+    # they all had is the complete answer: stored before the backend closes.
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES))
+    whole = b"".join(_CHAT_PIECES)
+    cache = f"sqlite:///{tmp_path / 'closed.db'}"
+    headers = {"authorization": "Bearer sk-close"}
+
+    def read_to_done(response: Any) -> bytes:
+        received = b""
+        for chunk in response.iter_raw():
+            received += chunk
+            if received.endswith(b"data: [DONE]\n\n"):
+                break
+        response.close()
+        return received
+
+    def run(url: str) -> list[tuple[str, bytes]]:
+        with httpx2.Client(
+            transport=CacheTransport(cache), base_url=url, headers=headers
+        ) as client:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            producer = client.send(request, stream=True)
+            follower = client.send(request, stream=True)  # joins the producer's stream
+            read = [read_to_done(producer), read_to_done(follower)]  # the last reader left
+            statuses = [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]]
+        # (closed: a new transport on the same file)
+        with httpx2.Client(
+            transport=CacheTransport(cache), base_url=url, headers=headers
+        ) as client:
+            again = client.post("/v1/chat/completions", json=_CHAT_BODY)
+        return [*zip(statuses, read, strict=True), (again.headers["x-sse-cache"], again.content)]
+
+    async with serve(gated) as url:
+        outcome = await anyio.to_thread.run_sync(run, url)
+        gated.gate.set()
+    assert outcome == [("miss", whole), ("shared", whole), ("hit", whole)]
+    assert gated.calls == 1
