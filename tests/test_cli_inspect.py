@@ -497,3 +497,28 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"sse-cache {importlib.metadata.version('sse-cache')}\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("show", "a\udcff"), ("purge", "-y", "k", "a\udcff"), ("ls", "--prefix", "a\udcff")],
+)
+def test_a_key_no_backend_can_hold_is_a_usage_error(
+    argv: tuple[str, ...], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Bytes that are not UTF-8 on the command line (a lone surrogate) were a traceback.
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    store(url, {"k": b"x"})
+    assert run_cli(*argv, "--backend", url) == inspect.EXIT_UNSUPPORTED
+    err = capsys.readouterr().err
+    assert err.startswith("sse-cache: ") and "not encodable as UTF-8" in err
+    assert err.count("\n") == 1
+
+
+def test_an_unreadable_backend_url_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # A NUL in the SQLite path and an unclosed IPv6 bracket were tracebacks.
+    assert run_cli("ls", "--backend", "sqlite:///y%00.db") == inspect.EXIT_UNSUPPORTED
+    assert "NUL" in capsys.readouterr().err
+    assert run_cli("ls", "--backend", "redis://:hunter2@[::1") == inspect.EXIT_UNSUPPORTED
+    err = capsys.readouterr().err
+    assert err.startswith("sse-cache: bad --backend") and "hunter2" not in err

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import queue
 import threading
-import weakref
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -149,6 +148,10 @@ class _Options:
         **keywords: Any,
     ) -> None:
         self._options = CacheOptions.of(options, keywords)
+        if transport is not None:
+            # Checked before the backend is opened: else a wrong object (a URL, the class
+            # itself, a sync transport in an async one) fails only at the first request.
+            self._check_transport(transport)
         #: The backend's URL when the transport opened it (and so can open it again).
         self._backend_url = backend if isinstance(backend, str) else None
         self.service = CacheService(backend, self._options)
@@ -156,6 +159,24 @@ class _Options:
         #: Why requests are refused (the async transport after aclose()), or "".
         self._refused = ""
         _transports.add(self)
+
+    def _check_transport(self, transport: object) -> None:
+        lib = self._lib.__name__
+        method, example = (
+            ("handle_async_request", "AsyncHTTPTransport")
+            if isinstance(self, AsyncCacheTransportBase)
+            else ("handle_request", "HTTPTransport")
+        )
+        if isinstance(transport, type) or not callable(getattr(transport, method, None)):
+            given = (
+                f"the class {transport.__name__} (call it)"
+                if isinstance(transport, type)
+                else repr(transport)
+            )
+            raise ConfigError(
+                f"transport must be a transport object with a {method} method, such as "
+                f"{lib}.{example}(), got {given}"
+            )
 
     def _forked(self) -> None:
         """In a child process just forked: the backend's threads and connections (and a sync

@@ -32,6 +32,7 @@ from ._asgi_io import (
     request_path,
     task_group,
 )
+from ._checks import boolean, integer, positive_number
 from .errors import ConfigError
 from .flight import SharedStreamAborted
 from .http._wire import merge_headers
@@ -98,12 +99,15 @@ class CacheMiddleware:
         background_timeout: float = 120.0,
         **keywords: Any,
     ) -> None:
-        if max_background < 0 or not background_timeout > 0:
-            raise ConfigError("max_background must be >= 0 and background_timeout > 0")
+        # Checked as the caching options are (a string such as "no" is not taken as true,
+        # NaN or infinity never turns the limits off), each error naming the option.
+        boolean("finish_on_disconnect", finish_on_disconnect)
         self.app = app
         self.finish_on_disconnect = finish_on_disconnect
-        self.max_background = max_background
-        self.background_timeout = background_timeout
+        self.max_background = integer(
+            "max_background", max_background, minimum=0, what="a whole number >= 0"
+        )
+        self.background_timeout = positive_number("background_timeout", background_timeout)
         self._background = 0
         self._outer_checked = False
         self.service = CacheService(backend, CacheOptions.of(options, keywords))

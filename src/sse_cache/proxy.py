@@ -33,7 +33,7 @@ from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
 from .flight import SharedStreamAborted
-from .http.policy import CONTROL_HEADER_PREFIX
+from .http.policy import CONTROL_HEADER_PREFIX, base_url_of
 from .metrics import Metrics
 
 try:
@@ -113,11 +113,13 @@ class Forwarder:
         client: Any = None,
     ) -> None:
         _need_httpx2()
-        if not upstream.startswith(("http://", "https://")):
-            raise ConfigError(f"upstream must be an http(s):// URL, got {upstream!r}")
+        # An http(s):// URL with a host and a good port (its scheme in any case), and no query
+        # or fragment, which the request's path would be appended after (every request would
+        # then miss its route upstream). Errors show it without its password.
+        upstream = base_url_of(upstream)
         if max_connections is not None and max_connections < 1:
             raise ConfigError(f"max_connections must be None or >= 1, got {max_connections!r}")
-        self.upstream = upstream.rstrip("/")
+        self.upstream = upstream
         # httpx2's default pool holds 100 connections, and a request past them waits for one
         # with nothing sent to its client: a gateway streaming long answers would quietly stall
         # its 101st miss. No limit unless one is asked for (an upstream's own rate limit is the

@@ -161,3 +161,15 @@ def test_the_option_list_exists_once() -> None:
     for constructor in (CacheMiddleware, AsyncCacheTransport, CacheService):
         parameters = set(inspect.signature(constructor).parameters)
         assert not parameters & fields, constructor
+
+
+def test_options_must_be_a_cache_options_object() -> None:
+    # A dict of options (a common slip) failed only later, with an AttributeError.
+    for wrapper in (
+        lambda options: CacheMiddleware(_app, "memory://", options=options),
+        lambda options: AsyncCacheTransport("memory://", options=options),
+    ):
+        with pytest.raises(ConfigError, match=r"options must be a CacheOptions.*keywords.*'ttl'"):
+            wrapper({"ttl": 5})
+        with pytest.raises(ConfigError, match="options must be a CacheOptions"):
+            wrapper(60)

@@ -16,6 +16,7 @@ from sse_cache.http.policy import (
     SHARED_TENANT,
     CachePolicy,
     Controls,
+    base_url_of,
     origin_of,
     parse_controls,
 )
@@ -292,3 +293,26 @@ def test_matching_is_remembered_per_path_and_bounded() -> None:
     assert len(policy._matched) <= 1024
     route, _ = policy.match("POST", "/openai/v1/chat/completions") or ("", None)
     assert route == "/v1/chat/completions"
+
+
+def test_a_bad_origin_is_a_config_error_without_its_password() -> None:
+    for bad, why in (
+        ("http://u:hunter2@h:99999", "bad port"),
+        ("http://u:hunter2@[::1", "IPv6"),
+        ("ftp://u:hunter2@h", "http"),
+    ):
+        with pytest.raises(ConfigError, match=why) as info:
+            origin_of(bad)
+        assert "origin" in str(info.value) and "***@" in str(info.value)
+        assert "hunter2" not in str(info.value)
+    # Another name for the same checks: the proxy's upstream.
+    with pytest.raises(ConfigError, match=r"^upstream .*'http://\*\*\*@h:99999'"):
+        origin_of("http://u:hunter2@h:99999", "upstream")
+
+
+def test_an_upstream_is_a_base_url_without_query_or_fragment() -> None:
+    assert base_url_of("HTTPS://u:pw@Host:8443/v1/") == "https://u:pw@Host:8443/v1"
+    for bad in ("http://h?key=SECRET", "http://u:hunter2@h/v1#f", "http://h/?"):
+        with pytest.raises(ConfigError, match=r"upstream must be a base URL .*query") as info:
+            base_url_of(bad)
+        assert "SECRET" not in str(info.value) and "hunter2" not in str(info.value)

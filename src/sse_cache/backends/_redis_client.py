@@ -138,10 +138,21 @@ def _credentials(parts: SplitResult, kwargs: dict[str, Any]) -> None:
         kwargs["password"] = unquote(parts.password)
 
 
+def split_url(url: str, scheme: str) -> SplitResult:
+    """``urlsplit(url)``, a URL it cannot read (``redis://:pw@[::1``, an unclosed IPv6
+    bracket) being a :class:`ConfigError` that shows it without its password (urlsplit's own
+    message may quote the netloc)."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        why = "an unclosed [ ] around an IPv6 address" if "IPv6" in str(exc) else "unparsable"
+        raise ConfigError(f"{scheme}:// URL: {why} in {redact_userinfo(url)!r}") from None
+
+
 def cluster_client(url: str, scheme: str, kwargs: dict[str, Any]) -> RedisCluster:
     """A Redis Cluster client for ``redis+cluster://`` / ``rediss+cluster://`` ``url``, with
     ``kwargs`` (redis-py's keyword arguments) and the URL's credentials."""
-    parts = urlsplit(url)
+    parts = split_url(url, scheme)
     if parts.path not in ("", "/", "/0"):
         raise ConfigError(f"{scheme}:// URL: Redis Cluster has only database 0, got {parts.path!r}")
     nodes = [ClusterNode(host, port) for host, port in parse_hosts(scheme, parts.netloc, 6379)]
@@ -156,7 +167,7 @@ def standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis
     # The connection is described to redis-py as keyword arguments, never as a rebuilt URL:
     # how redis-py parses URLs changes between releases (8.x rejects the ``unix:/path`` that
     # ``urlsplit(...).geturl()`` makes of ``unix:///path``), keyword arguments have not.
-    parts = urlsplit(url)
+    parts = split_url(url, scheme)
     _credentials(parts, kwargs)
     connection_class: type[aioredis.connection.AbstractConnection]
     if scheme == "unix":

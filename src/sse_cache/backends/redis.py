@@ -32,6 +32,7 @@ from ._redis_client import (
     cluster_client,
     map_exceptions,
     milliseconds,
+    split_url,
     standalone_client,
 )
 from ._redis_fanout import StreamFanout
@@ -425,6 +426,7 @@ def from_url(url: str, **options: Any) -> RedisBackend:
     ``ssl_certfile``, ``ssl_keyfile``, ``ssl_check_hostname``.
     """
     scheme = url.split("://", 1)[0].lower()
+    split_url(url, scheme)  # (an unreadable URL is a ConfigError before its options are read)
     opts = Options(url, options)
     prefix = opts.take_str("prefix", _DEFAULT_PREFIX)
     timeout = opts.take_timeout("timeout", _DEFAULT_TIMEOUT)

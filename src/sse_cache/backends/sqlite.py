@@ -127,6 +127,9 @@ class SQLiteBackend:
         if not (math.isfinite(check_interval) and check_interval >= 0):
             raise ConfigError(f"check_interval must be a number >= 0: {check_interval!r}")
         self.path = os.fspath(path)
+        if "\0" in self.path:
+            # Else every call would fail open (ValueError from the file system) for ever.
+            raise ConfigError(f"path {self.path!r} holds a NUL character, which no file name can")
         self._clock = clock
         self._table = EntryTable(max_bytes=max_bytes, purge_interval=purge_interval, clock=clock)
         # The connection and the file it has open: used by worker threads, one at a time.
@@ -295,6 +298,12 @@ def _path_from_url(url: str) -> str:
     # is ./cache.db), four slashes and an absolute one (``sqlite:////var/cache/sse.db``).
     parts = urlsplit(url)
     netloc, path = parts.netloc, unquote(parts.path)
+    if "\0" in path:
+        # No file name can hold one: refused here, not by every call failing open for ever.
+        raise ConfigError(
+            f"sqlite:// URL {redact_userinfo(url)!r}: the path holds a NUL character (%00), "
+            "which no file name can"
+        )
     if netloc in (".", "..", "~"):
         return os.path.expanduser(netloc + path)  # sqlite://./x.db, a common slip
     if netloc:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .._logging import LOG_LEVELS
 from ..errors import ConfigError
-from ..http.policy import origin_of
+from ..http.policy import base_url_of
 
 __all__ = ["ENV_PREFIX", "OPTIONS", "Option", "add_options", "resolve"]
 
@@ -78,12 +78,13 @@ def _megabytes(text: str) -> float:
 
 
 def _upstream(text: str) -> str:
+    # The checks Forwarder makes (an http(s):// base URL with a host, a good port, no query
+    # or fragment), made here so that a bad value is a usage error naming the flag. Their
+    # messages show the URL without its password.
     try:
-        origin_of(text)  # an http(s):// URL with a host and a good port
-    except ConfigError:
-        raise argparse.ArgumentTypeError(
-            f"expected an http:// or https:// URL with a host, got {text!r}"
-        ) from None
+        base_url_of(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -103,6 +104,13 @@ def _route(text: str) -> tuple[str, str]:
     name = name.strip()
     if not sep or not path.startswith("/"):
         raise argparse.ArgumentTypeError(f"expected /PATH=ADAPTER, got {text!r}")
+    if re.search(r"[,\s]", path):
+        # SSE_CACHE_ROUTE (how --workers hands the routes to its workers) is a list split on
+        # commas and spaces: such a path would be cut in two there. (A request's path never
+        # holds a space, so that route could never match anyway.)
+        raise argparse.ArgumentTypeError(
+            f"a route path cannot hold a comma or whitespace, got {path!r} in {text!r}"
+        )
     if name not in ADAPTERS:
         known = ", ".join(sorted(ADAPTERS))
         raise argparse.ArgumentTypeError(f"unknown adapter {name!r} in {text!r}; known: {known}")

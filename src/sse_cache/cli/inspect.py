@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import anyio
 import anyio.to_thread
 
+from ..backends._common import check_key, redact_userinfo
 from ..codec import MsgpackCodec
 from ..entry import Entry
 from ..errors import ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
@@ -97,6 +98,9 @@ def _sync(
     def run(args: argparse.Namespace) -> int:
         from ..backends import from_url
 
+        bad_key = _bad_key(args)
+        if bad_key:
+            return _fail(bad_key, EXIT_UNSUPPORTED)
         try:
             backend = from_url(args.backend, **_existing_only(args.backend))
         except ConfigError as exc:
@@ -116,10 +120,28 @@ def _sync(
     return run
 
 
+def _bad_key(args: argparse.Namespace) -> str:
+    """Why a key or prefix on the command line can be no key, or "". Bytes that are not
+    UTF-8 reach Python as lone surrogates (``a\\udcff``), which every backend refuses with a
+    ValueError: said here as a usage error, before a backend is opened."""
+    given = [("key", getattr(args, "key", None)), ("--prefix", getattr(args, "prefix", None))]
+    given += [("KEY", key) for key in getattr(args, "keys", None) or ()]
+    for what, key in given:
+        if key is not None:
+            try:
+                check_key(key, what)
+            except ValueError as exc:
+                return str(exc)
+    return ""
+
+
 def _existing_only(url: str) -> dict[str, Any]:
     # Inspecting a cache must not create one: a mistyped SQLite path is an error, not a new
     # empty file. Only sqlite:// has files to create; an explicit ``create=`` in the URL wins.
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return {}  # (unreadable: from_url says why, as a ConfigError)
     if parts.scheme.lower() != "sqlite":
         return {}
     if any(name == "create" for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
@@ -133,7 +155,10 @@ def _fail(message: str, code: int, stream: TextIO | None = None) -> int:
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_userinfo(url)  # unreadable: all of its user info goes
     if parts.password is None:
         return url
     netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)

@@ -127,6 +127,14 @@ class CacheOptions:
         """``options``, or options built from ``keywords`` (an integration's keyword
         arguments); an unknown name is a :class:`~sse_cache.errors.ConfigError` naming it."""
         if options is not None:
+            if not isinstance(options, cls):
+                # A dict of options is a common slip: say how to pass them instead.
+                hint = (
+                    " (pass them as keywords, or as CacheOptions(**...))"
+                    if isinstance(options, Mapping)
+                    else ""
+                )
+                raise ConfigError(f"options must be a CacheOptions{hint}, got {options!r}")
             if keywords:
                 raise ConfigError(
                     f"pass either options= or keyword options, not both: {sorted(keywords)}"

@@ -18,8 +18,9 @@ from typing import Any
 import msgspec
 
 from .._checks import POSITIVE_BYTES, integer, mapping, text
-from .._logging import RateLimitedLog
+from .._logging import RateLimitedLog, redact_query_key, redact_url
 from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
+from ..backends._common import redact_userinfo
 from ..errors import ConfigError
 from ..keys import CREDENTIAL_HEADERS, lowered_tenant_scope
 from ..pacing import Pacing
@@ -250,26 +251,59 @@ def path_as_sent(raw_path: bytes | None, path: str) -> str:
     return raw_path.split(b"?", 1)[0].decode("latin-1")
 
 
-def origin_of(url: str) -> str:
+def origin_of(url: str, name: str = "origin") -> str:
     """The part of ``url`` that names the server answering a route, as keys hold it:
     ``scheme://host[:port][/base]``, the scheme and host lower-cased, a default port and a
     trailing slash left out; never its credentials (``user:password@``), query or
-    fragment. ``""`` for ``""``."""
+    fragment. ``""`` for ``""``. A URL that is not one raises
+    :class:`~sse_cache.errors.ConfigError` naming ``name`` and the URL without its password."""
     if not url:
         return ""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        # urlsplit's own message may quote the netloc, password and all: never shown.
+        why = "an unclosed [ ] around an IPv6 address" if "IPv6" in str(exc) else "unparsable"
+        raise ConfigError(f"{name} is not a valid URL ({why}): {_url_shown(url)!r}") from None
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if scheme not in ("http", "https") or not host:
-        raise ConfigError(f"origin must be an http(s):// URL, got {url!r}")
+        raise ConfigError(f"{name} must be an http(s):// URL with a host, got {_url_shown(url)!r}")
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"origin {url!r} has a bad port") from None
+        raise ConfigError(f"{name} {_url_shown(url)!r} has a bad port") from None
     if ":" in host:
         host = f"[{host}]"  # IPv6
     if port is not None and port != {"http": 80, "https": 443}[scheme]:
         host += f":{port}"
     return f"{scheme}://{host}{parts.path.rstrip('/')}"
+
+
+def base_url_of(url: str, name: str = "upstream") -> str:
+    """``url`` checked to be a base URL the request's path and query can be appended to (a
+    proxy's upstream): an http(s):// URL with a host (see :func:`origin_of`) and no query
+    or fragment, which would end up before the appended path. Returned with its scheme
+    lower-cased (``HTTPS://`` is ``https://``) and no trailing slash; its credentials are
+    kept (they are the upstream's to read), never shown in an error."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{name} must be an http(s):// URL, got {type(url).__name__}")
+    origin_of(url, name)
+    if "?" in url or "#" in url:  # (even an empty one: ``http://h?`` + ``/v1/x``)
+        raise ConfigError(
+            f"{name} must be a base URL without a query (?...) or fragment (#...): the "
+            f"request's path would be appended after them; got {_url_shown(url)!r}"
+        )
+    scheme, rest = url.split(":", 1)
+    return f"{scheme.lower()}:{rest.rstrip('/')}"
+
+
+def _url_shown(url: str) -> str:
+    """``url`` fit for an error message: its user info and its credential-looking query
+    values (``key=``, ``token=``...) as ``***``."""
+    url = redact_userinfo(url)
+    redacted = redact_url(url)
+    # An unparsable URL: redact_url cannot read its query; the ``key=`` values at least go.
+    return redact_query_key(url) if redacted == "<unparsable URL>" else redacted
 
 
 def _with_query_key(

@@ -1,0 +1,179 @@
+"""Bad arguments are refused at construction (or at the command line) with a ConfigError or
+a usage error that names what is wrong, and never shows a password from a URL."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+import httpx
+import httpx2
+import pytest
+
+import sse_cache.httpx
+import sse_cache.httpx2
+from sse_cache import ConfigError
+from sse_cache.asgi import CacheMiddleware
+from sse_cache.backends import from_url
+from sse_cache.backends.sqlite import SQLiteBackend
+from sse_cache.cli import build_parser
+from sse_cache.cli._options import OPTIONS, resolve
+from sse_cache.proxy import Forwarder, create_proxy_app
+
+SECRET = "hunter2"
+
+
+async def _app(scope: object, receive: object, send: object) -> None:
+    raise AssertionError("not called")
+
+
+def _usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    # Parsed only, never run: a value wrongly accepted must not start a proxy.
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["proxy", *argv])
+    assert info.value.code == 2
+    return capsys.readouterr().err
+
+
+# -- the proxy's upstream -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("upstream", "why"),
+    [
+        (f"http://user:{SECRET}@host:99999", "bad port"),
+        (f"http://user:{SECRET}@[::1", "not a valid URL .*IPv6"),
+        (f"ftp://user:{SECRET}@host", "must be an http"),
+        (f"http://user:{SECRET}@host/v1?key={SECRET}", "without a query"),
+        (f"http://user:{SECRET}@host/v1#frag", "without a query .* or fragment"),
+    ],
+)
+def test_a_bad_upstream_is_refused_without_its_password(
+    upstream: str, why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = _usage_error(capsys, "--upstream", upstream)
+    assert "argument --upstream: upstream" in err and "://***@" in err
+    assert re.search(why, err) and SECRET not in err
+    with pytest.raises(ConfigError, match=f"SSE_CACHE_UPSTREAM: upstream .*{why}") as info:
+        resolve(argparse.Namespace(), {"SSE_CACHE_UPSTREAM": upstream})
+    assert SECRET not in str(info.value)
+    for build in (Forwarder, lambda url: create_proxy_app(url, "memory://")):
+        with pytest.raises(ConfigError, match=f"^upstream .*{why}") as info:
+            build(upstream)
+        assert SECRET not in str(info.value)
+
+
+def test_an_upstream_scheme_in_upper_case_is_accepted_everywhere() -> None:
+    args = resolve(argparse.Namespace(), {"SSE_CACHE_UPSTREAM": f"HTTPS://u:{SECRET}@h/v1/"})
+    forwarder = Forwarder(args.upstream)
+    assert forwarder.upstream == f"https://u:{SECRET}@h/v1"  # (the upstream reads its password)
+
+
+# -- the proxy's routes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/a,b", "/v1/a b", "/v1/a\tb", "/v1/a "])
+def test_a_route_path_with_a_comma_or_whitespace_is_refused(
+    path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The workers of --workers N read the routes from SSE_CACHE_ROUTE, a list split on commas
+    # and whitespace: such a path passed the flag's check and then killed every worker.
+    err = _usage_error(capsys, "--upstream", "http://h", "--route", f"{path}=openai-chat")
+    assert "argument --route: a route path cannot hold a comma or whitespace" in err
+    assert repr(path) in err
+
+
+def test_routes_given_as_flags_reach_the_workers_unchanged() -> None:
+    (route,) = (opt for opt in OPTIONS if opt.flag == "--route")
+    value = [("/v1/chat/completions", "openai-chat"), ("/a/{m}:x", "gemini")]
+    assert route.from_text(route.to_text(value)) == value
+
+
+# -- CacheMiddleware's own options -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("finish_on_disconnect", "no"),
+        ("finish_on_disconnect", 1),
+        ("max_background", "8"),
+        ("max_background", 1.5),
+        ("max_background", math.nan),
+        ("max_background", -1),
+        ("max_background", True),
+        ("background_timeout", "5"),
+        ("background_timeout", math.inf),
+        ("background_timeout", math.nan),
+        ("background_timeout", 0),
+        ("background_timeout", -1),
+    ],
+)
+def test_the_middleware_checks_its_own_options(name: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"^{name} must be .*, got {value!r}$"):
+        CacheMiddleware(_app, "memory://", **{name: value})  # type: ignore[arg-type]
+
+
+def test_the_middleware_own_options_keep_their_good_values() -> None:
+    mw = CacheMiddleware(
+        _app, "memory://", finish_on_disconnect=True, max_background=0, background_timeout=0.5
+    )
+    assert (mw.finish_on_disconnect, mw.max_background, mw.background_timeout) == (True, 0, 0.5)
+    assert type(CacheMiddleware(_app, "memory://", max_background=4.0).max_background) is int
+
+
+def test_a_bad_origin_is_refused_without_its_password() -> None:
+    for origin, why in (
+        (f"http://u:{SECRET}@h:99999", "bad port"),
+        (f"http://u:{SECRET}@[::1", "IPv6"),
+    ):
+        with pytest.raises(ConfigError, match=why) as info:
+            CacheMiddleware(_app, "memory://", origin=origin)
+        assert "origin" in str(info.value) and SECRET not in str(info.value)
+
+
+# -- the transports' transport= ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module", [sse_cache.httpx2, sse_cache.httpx])
+def test_a_transport_that_cannot_send_is_refused_at_construction(module: object) -> None:
+    lib = httpx2 if module is sse_cache.httpx2 else httpx
+    async_cls, sync_cls = module.AsyncCacheTransport, module.CacheTransport  # type: ignore[attr-defined]
+    for bad in ("x", 5, lib.HTTPTransport(), lib.AsyncHTTPTransport):
+        with pytest.raises(ConfigError, match=r"^transport must be .*handle_async_request"):
+            async_cls("memory://", transport=bad)
+    for bad in ("x", lib.AsyncHTTPTransport(), lib.HTTPTransport):
+        with pytest.raises(ConfigError, match=r"^transport must be .*handle_request"):
+            sync_cls("memory://", transport=bad)
+    # What a transport is given in practice is still taken.
+    mock = lib.MockTransport(lambda request: lib.Response(200))
+    for good in (lib.AsyncHTTPTransport(), lib.ASGITransport(app=_app), mock, None):
+        async_cls("memory://", transport=good)
+    for good in (lib.HTTPTransport(), mock, None):
+        sync_cls("memory://", transport=good).close()
+
+
+# -- backend URLs ---------------------------------------------------------------------------
+
+
+def test_a_nul_in_a_sqlite_path_is_refused() -> None:
+    # No file name can hold one: the backend failed open on every call, for ever.
+    with pytest.raises(ConfigError, match=r"sqlite:// URL 'sqlite:///y%00.db'.*NUL"):
+        from_url("sqlite:///y%00.db")
+    with pytest.raises(ConfigError, match="path 'a\\\\x00b' holds a NUL"):
+        SQLiteBackend("a\0b")
+
+
+def test_an_unreadable_redis_url_is_a_config_error_without_its_password() -> None:
+    from sse_cache.backends import from_url
+    from sse_cache.backends._redis_client import cluster_client, standalone_client
+
+    for client, scheme in ((standalone_client, "redis"), (cluster_client, "redis+cluster")):
+        with pytest.raises(ConfigError, match=f"^{re.escape(scheme)}:// URL: .*IPv6") as info:
+            client(f"{scheme}://:{SECRET}@[::1", scheme, {"socket_timeout": 1.0})
+        assert SECRET not in str(info.value) and "***@" in str(info.value)
+        # The way in users take: named as the URL's fault, not a plugin's failure.
+        with pytest.raises(ConfigError, match=f"^{re.escape(scheme)}:// URL: .*IPv6") as info:
+            from_url(f"{scheme}://:{SECRET}@[::1")
+        assert SECRET not in str(info.value)
