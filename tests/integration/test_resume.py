@@ -389,3 +389,248 @@ async def test_an_upstream_cut_inside_a_transports_resume_window_is_no_unhandled
         loop.set_exception_handler(None)
     assert unhandled == []
     assert upstream_app.stats()["streams"] == 2
+
+
+class _TwoAnswers:
+    """A Responses upstream whose every call is a new response (its own id, as a model's):
+    the first is cut after six events, the second holds after six until :attr:`gate`."""
+
+    def __init__(self) -> None:
+        from sse_cache import serialize_sse
+        from sse_cache.testing import responses_stream
+
+        events = responses_stream("two answers", text_deltas=6, summaries=0)
+        self.template = serialize_sse(events)
+        self.old_id = json.loads(events[0].data)["response"]["id"]
+        self.gate = anyio.Event()
+        self.calls = 0
+
+    def answer_id(self, call: int) -> str:
+        return f"resp_call{call:020d}"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from sse_cache.testing import UpstreamCut
+
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.calls += 1
+        call = self.calls
+        body = self.template.replace(self.old_id.encode(), self.answer_id(call).encode())
+        pieces = blocks(body)
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for piece in pieces[:6]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        if call == 1:
+            raise UpstreamCut("the first answer is cut")
+        await self.gate.wait()
+        for piece in pieces[6:]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_a_resume_in_another_process_never_gets_the_next_answers_events(
+    serve: Any, redis_server: Any
+) -> None:
+    # Answer R1 is cut upstream (not stored); the same request is asked again, and R2 is live
+    # from another producer. A client resuming R1 by its id through another process was
+    # answered from whoever held the key's lease: R2's events after N, ending cleanly — R1's
+    # start spliced to R2's end, looking whole. It must get R1's own rest, or fail.
+    import uuid
+
+    from sse_cache.asgi import CacheMiddleware
+
+    upstream = _TwoAnswers()
+    backend = f"{redis_server.url}?prefix=r{uuid.uuid4().hex[:8]}:"
+    one = CacheMiddleware(upstream, backend, cross_process=True)
+    two = CacheMiddleware(upstream, backend, cross_process=True)
+    try:
+        async with (
+            serve(one) as one_url,
+            serve(two) as two_url,
+            httpx2.AsyncClient(timeout=30, headers=ALICE) as client,
+        ):
+            payload = {"model": "m", "input": "two answers", "stream": True}
+            with pytest.raises(httpx2.RemoteProtocolError):
+                async with client.stream("POST", one_url + "/v1/responses", json=payload) as r:
+                    async for _ in r.aiter_raw():
+                        pass
+            first = upstream.answer_id(1)
+            async with client.stream("POST", one_url + "/v1/responses", json=payload) as live:
+                held = b""
+                async for chunk in live.aiter_raw():
+                    held += chunk
+                    if len(blocks(held)) >= 3:
+                        break  # R2 is live (and named), held upstream after six events
+                got = b""
+                aborted = False
+                url = f"{two_url}/v1/responses/{first}"
+                params = {"stream": "true", "starting_after": "2"}
+                try:
+                    async with client.stream("GET", url, params=params) as resumed:
+                        upstream.gate.set()
+                        async for chunk in resumed.aiter_raw():
+                            got += chunk
+                except httpx2.RemoteProtocolError:
+                    aborted = True
+                upstream.gate.set()
+        second = upstream.answer_id(2).encode()
+        assert second not in got
+        assert aborted or b"response.completed" not in got
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_a_resume_while_the_answer_is_being_stored_is_answered_not_passed_on() -> None:
+    # The stream has ended and its entry is being written: the live stream's index was
+    # dropped before the entry's was written, and a resume by id in between found neither —
+    # it went to the upstream (which, for a real model, may not know the id yet, or answers
+    # again). It is answered from the stream (or its entry) here.
+    from sse_cache import serialize_sse
+    from sse_cache.asgi import CacheMiddleware
+    from sse_cache.backends.memory import MemoryBackend
+    from sse_cache.testing import responses_stream
+
+    class StoreHeld(MemoryBackend):
+        """Holds its first write (the entry) until :attr:`release`."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.storing = anyio.Event()
+            self.release = anyio.Event()
+
+        async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+            if not self.storing.is_set():
+                self.storing.set()
+                await self.release.wait()
+            await super().set(key, value, ttl)
+
+    events = responses_stream("stored meanwhile", text_deltas=6, summaries=0)
+    response_id = json.loads(events[0].data)["response"]["id"]
+    upstream = GatedUpstream(events)
+    backend = StoreHeld()
+    mw = CacheMiddleware(upstream, backend)
+
+    async def call(method: str, path: str, query: bytes, body: bytes) -> tuple[int, bytes]:
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query,
+            "headers": [(b"authorization", b"Bearer sk-alice")],
+        }
+        answered = anyio.Event()
+        status, got = 0, bytearray()
+
+        async def receive() -> dict[str, Any]:
+            if not answered.is_set():
+                answered.set()
+                return {"type": "http.request", "body": body, "more_body": False}
+            await anyio.sleep_forever()
+            raise AssertionError  # (never reached)
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            else:
+                got.extend(message.get("body", b""))
+
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            await mw(scope, receive, send)
+        return status, bytes(got)
+
+    request = json.dumps({"model": "m", "input": "stored meanwhile", "stream": True}).encode()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, "POST", "/v1/responses", b"", request)
+        await backend.storing.wait()  # the stream ended; its entry is being written
+        status, got = await call(
+            "GET", f"/v1/responses/{response_id}", b"stream=true&starting_after=4", b""
+        )
+        backend.release.set()
+    assert status == 200 and got == serialize_sse(events[5:])
+    assert upstream.calls == 1
+
+
+async def test_a_resume_in_another_process_after_the_producer_let_go_reads_its_channel(
+    redis_server: Any,
+) -> None:
+    # The producer in process A has ended and released the key's lease, and its answer is
+    # not indexed as an entry (here its store failed; in the race, not yet). A resume by id
+    # in process B asked who held the lease — no one — and went to the upstream. The
+    # producer's own channel still holds the whole stream (a minute after its end): B
+    # answers from it.
+    import uuid
+
+    from sse_cache import serialize_sse
+    from sse_cache.asgi import CacheMiddleware
+    from sse_cache.backends import from_url
+    from sse_cache.errors import BackendUnavailable
+    from sse_cache.keys import ALIAS_PREFIX
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("after the lease", text_deltas=6, summaries=0)
+    response_id = json.loads(events[0].data)["response"]["id"]
+    upstream = GatedUpstream(events)
+    url = f"{redis_server.url}?prefix=r{uuid.uuid4().hex[:8]}:"
+    producing, resuming = from_url(url), from_url(url)
+    stored = producing.set
+
+    async def entries_fail(key: str, value: bytes, ttl: float | None = None) -> None:
+        if not key.startswith(ALIAS_PREFIX):
+            raise BackendUnavailable("this test's entries are never written")
+        await stored(key, value, ttl)
+
+    producing.set = entries_fail  # type: ignore[method-assign]
+    one = CacheMiddleware(upstream, producing, cross_process=True)
+    two = CacheMiddleware(upstream, resuming, cross_process=True)
+
+    async def call(mw: Any, method: str, path: str, query: bytes, body: bytes) -> Any:
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query,
+            "headers": [(b"authorization", b"Bearer sk-alice")],
+        }
+        answered = anyio.Event()
+        head: dict[bytes, bytes] = {}
+        got = bytearray()
+
+        async def receive() -> dict[str, Any]:
+            if not answered.is_set():
+                answered.set()
+                return {"type": "http.request", "body": body, "more_body": False}
+            await anyio.sleep_forever()
+            raise AssertionError  # (never reached)
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                head.update(message["headers"])
+                head[b"status"] = str(message["status"]).encode()
+            else:
+                got.extend(message.get("body", b""))
+
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            await mw(scope, receive, send)
+        return head, bytes(got)
+
+    try:
+        request = json.dumps({"model": "m", "input": "after the lease", "stream": True}).encode()
+        head, got = await call(one, "POST", "/v1/responses", b"", request)
+        assert head[b"x-sse-cache"] == b"miss" and got == serialize_sse(events)
+        query = b"stream=true&starting_after=4"
+        head, got = await call(two, "GET", f"/v1/responses/{response_id}", query, b"")
+        assert head[b"status"] == b"200" and head[b"x-sse-cache"] == b"shared"
+        assert got == serialize_sse(events[5:])
+        assert upstream.calls == 1
+    finally:
+        await one.aclose()
+        await two.aclose()
+        await producing.aclose()  # (given as objects: the middleware leaves them open)
+        await resuming.aclose()

@@ -61,9 +61,16 @@ def alias_key(schema: str, tenant: str, name: str, origin: str = "") -> str:
 
 
 def live_alias_key(schema: str, tenant: str, name: str, origin: str = "") -> str:
-    """The backend key under which the key of a stream named ``name`` is kept while another
-    process produces it (cross-process resume), per schema, tenant and server."""
+    """The backend key under which the producer of a stream named ``name`` is kept while
+    another process produces it (cross-process resume), per schema, tenant and server: its
+    :func:`live_alias_target`."""
     return alias_key(schema + "/live", tenant, name, origin)
+
+
+def live_alias_target(key: str, token: str) -> str:
+    """What a live alias holds: the stream's key and its producer's lease token, which name
+    that producer's fan-out channel."""
+    return f"{key} {token}"
 
 
 async def resume(
@@ -130,12 +137,17 @@ async def resume(
 async def _resume_remote(
     service: _Service, cache: StreamCache, live_alias: str, had: Callable[[Event], bool]
 ) -> Answer | None:
-    # Produced by another process (cross-process): its producer indexed the stream's key
-    # under ``live_alias``; resumed from that producer's fan-out channel.
+    # Produced by another process (cross-process): its producer indexed its channel (the
+    # stream's key and its lease token) under ``live_alias``; resumed from that very channel,
+    # also once the producer ended (the channel outlives it by a minute; its entry may not be
+    # indexed yet). Never from the key's current holder: that may stream another response.
     if service.fanout is None:
         return None
-    key = await cache.resolve(live_alias)
-    return None if key is None else await resume_remote(service, cache, key, had)
+    target = await cache.resolve(live_alias)
+    key, _, token = (target or "").partition(" ")
+    if not key or not token:
+        return None  # (none, or written by an older version: the upstream answers)
+    return await _from_channel(service, cache, key, token, had)
 
 
 async def resume_remote(
@@ -150,7 +162,21 @@ async def resume_remote(
         holder = None  # fail open: the upstream answers
     if holder is None:
         return None
-    channel = _channel(key, holder)
+    return await _from_channel(service, cache, key, holder, had)
+
+
+async def _from_channel(
+    service: _Service,
+    cache: StreamCache,
+    key: str,
+    token: str,
+    had: Callable[[Event], bool | None],
+) -> Answer | None:
+    """From the start of the fan-out channel of the producer holding (or that held) ``key``'s
+    lease as ``token``; None when it cannot be followed."""
+    assert service.fanout is not None
+    fanout = TimedFanout(service.fanout, service.hooks)
+    channel = _channel(key, token)
     opened = await _open_channel(fanout, channel, service.cross_process_lease, cache)
     if opened is None:
         return None

@@ -68,7 +68,7 @@ from ._fanout import (
     end_lead,
     lead_or_follow,
 )
-from ._resume import alias_key, live_alias_key
+from ._resume import alias_key, live_alias_key, live_alias_target
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import CachePolicy, Decision
@@ -233,6 +233,7 @@ class Exchange:
         self._lead: _Lease | None = None  # while leading a cross-process flight
         self._flight: LiveFlight[bytes] | None = None  # the live stream this request produces
         self._follows_process = False  # ... fed by another process's (cross-process)
+        self._unindex: Callable[[], None] | None = None  # drops this stream's live index
 
     async def __aenter__(self) -> Exchange:
         """Look the request up: then the integration answers, or tees the upstream."""
@@ -271,6 +272,9 @@ class Exchange:
             await self._index()
             return exc is not None
         finally:
+            unindex, self._unindex = self._unindex, None
+            if unindex is not None:
+                unindex()
             lease, self._lead = self._lead, None
             if lease is not None:
                 tee = self._tee
@@ -580,14 +584,20 @@ class Exchange:
         index[alias] = live
         lease, tee, cache = self._lead, self._tee, self._cache
         if lease is not None and tee is not None and cache is not None:
-            # Other processes resume it by its key, from the fan-out channel of whoever holds
-            # the key's lease (this producer, or one that took over from it).
+            # Other processes resume it from this producer's own fan-out channel (key and
+            # token): not from whoever holds the key's lease when they ask — a producer that
+            # took over, or the next request's after this one failed, asked the upstream
+            # again and streams another response, whose end is no suffix of this one. (The
+            # channel outlives the stream by a minute: a resume just after the end reads it.)
             name = live_alias_key(adapter.name, decision.tenant, response_id, decision.origin)
             until = time.time() + _LIVE_ALIAS_TTL
-            tee.later(lambda: cache.alias(name, self.key, expires_at=until))
+            target = live_alias_target(self.key, lease.token)
+            tee.later(lambda: cache.alias(name, target, expires_at=until))
 
         def unindex() -> None:
             if index.get(alias) is live:
                 del index[alias]
 
-        stack.callback(unindex)
+        # Dropped once the stored entry is indexed (__aexit__): a resume in between would
+        # find neither, and go to the upstream.
+        self._unindex = unindex
