@@ -157,6 +157,35 @@ async def test_a_stored_response_resumes_after_a_sequence_number(service: CacheS
     )
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "stream=true&starting_after=3_0",  # int() reads 30
+        "stream=true&starting_after=%2B3",  # "+3"
+        "stream=true&starting_after=%203",  # " 3"
+        "stream=true&starting_after=%D9%A3",  # an Arabic-Indic 3
+        "stream=true&starting_after=",  # empty: was read as absent (the whole stream)
+        "stream=true&starting_after=2&starting_after=5",  # which one?
+        "stream=true&starting_after=abc",
+    ],
+)
+async def test_a_resume_whose_point_is_not_one_plain_integer_goes_to_the_upstream(
+    service: CacheService, query: str
+) -> None:
+    # Answered from the cache, such a request got the rest after a point the API may not
+    # read the same way (or would refuse): the upstream answers it, as it would uncached.
+    events = responses_stream("resume me", text_deltas=8)
+    await miss(
+        service, service.decide("POST", PATH, headers(), body("resume me")), serialize_sse(events)
+    )
+    response_id = json.loads(events[0].data)["response"]["id"]
+    assert await service.resume("GET", f"{PATH}/{response_id}", query, headers()) is None
+    plain = await service.resume(
+        "GET", f"{PATH}/{response_id}", "stream=true&starting_after=3", headers()
+    )
+    assert plain is not None
+
+
 async def test_an_invalid_control_header_is_a_config_error_and_a_notice(
     service: CacheService, notices: list[Notice]
 ) -> None:

@@ -46,6 +46,7 @@ class _Service(Protocol):
 logger = logging.getLogger("sse_cache")
 
 _RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
+_SEQUENCE_NUMBER = re.compile(r"-?[0-9]{1,18}")
 
 
 def alias_key(schema: str, tenant: str, name: str, origin: str = "") -> str:
@@ -85,13 +86,15 @@ async def resume(
     match = _RESUME.search(path)
     if method != "GET" or match is None:
         return None
-    params = urllib.parse.parse_qs(query)
+    params = urllib.parse.parse_qs(query, keep_blank_values=True)
     if params.get("stream", [""])[-1].lower() != "true":
         return None
-    try:
-        after = int(params.get("starting_after", ["-1"])[-1])
-    except ValueError:
-        return None  # the upstream answers the malformed request
+    given = params.get("starting_after", ["-1"])
+    if len(given) != 1 or not _SEQUENCE_NUMBER.fullmatch(given[0]):
+        # The upstream answers what is not one plain integer (empty, repeated, "3_0", "+3",
+        # " 3", other scripts' digits: int() would take them, the API may not).
+        return None
+    after = int(given[0])
     matched = service.policy.match("POST", path[: match.start()] + "/responses")
     if matched is None:
         return None
