@@ -391,6 +391,42 @@ async def test_an_upstream_cut_inside_a_transports_resume_window_is_no_unhandled
     assert upstream_app.stats()["streams"] == 2
 
 
+async def asgi_call(
+    app: Any, method: str, path: str, query: bytes, body: bytes
+) -> tuple[dict[bytes, bytes], bytes]:
+    """One request straight to the ASGI ``app`` as Alice (no HTTP): its response headers
+    (and ``b"status"``) and body. Its client never leaves."""
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "headers": [(b"authorization", ALICE["authorization"].encode())],
+    }
+    asked = anyio.Event()
+    head: dict[bytes, bytes] = {}
+    got = bytearray()
+
+    async def receive() -> dict[str, Any]:
+        if not asked.is_set():
+            asked.set()
+            return {"type": "http.request", "body": body, "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError  # (never reached)
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            head.update(message["headers"])
+            head[b"status"] = str(message["status"]).encode()
+        else:
+            got.extend(message.get("body", b""))
+
+    with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+        await app(scope, receive, send)
+    return head, bytes(got)
+
+
 class _TwoAnswers:
     """A Responses upstream whose every call is a new response (its own id, as a model's):
     the first is cut after six events, the second holds after six until :attr:`gate`."""
@@ -514,45 +550,14 @@ async def test_a_resume_while_the_answer_is_being_stored_is_answered_not_passed_
     backend = StoreHeld()
     mw = CacheMiddleware(upstream, backend)
 
-    async def call(method: str, path: str, query: bytes, body: bytes) -> tuple[int, bytes]:
-        scope = {
-            "type": "http",
-            "method": method,
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query,
-            "headers": [(b"authorization", b"Bearer sk-alice")],
-        }
-        answered = anyio.Event()
-        status, got = 0, bytearray()
-
-        async def receive() -> dict[str, Any]:
-            if not answered.is_set():
-                answered.set()
-                return {"type": "http.request", "body": body, "more_body": False}
-            await anyio.sleep_forever()
-            raise AssertionError  # (never reached)
-
-        async def send(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            else:
-                got.extend(message.get("body", b""))
-
-        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-            await mw(scope, receive, send)
-        return status, bytes(got)
-
     request = json.dumps({"model": "m", "input": "stored meanwhile", "stream": True}).encode()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(call, "POST", "/v1/responses", b"", request)
+        tg.start_soon(asgi_call, mw, "POST", "/v1/responses", b"", request)
         await backend.storing.wait()  # the stream ended; its entry is being written
-        status, got = await call(
-            "GET", f"/v1/responses/{response_id}", b"stream=true&starting_after=4", b""
-        )
+        query = b"stream=true&starting_after=4"
+        head, got = await asgi_call(mw, "GET", f"/v1/responses/{response_id}", query, b"")
         backend.release.set()
-    assert status == 200 and got == serialize_sse(events[5:])
+    assert head[b"status"] == b"200" and got == serialize_sse(events[5:])
     assert upstream.calls == 1
 
 
@@ -589,43 +594,12 @@ async def test_a_resume_in_another_process_after_the_producer_let_go_reads_its_c
     one = CacheMiddleware(upstream, producing, cross_process=True)
     two = CacheMiddleware(upstream, resuming, cross_process=True)
 
-    async def call(mw: Any, method: str, path: str, query: bytes, body: bytes) -> Any:
-        scope = {
-            "type": "http",
-            "method": method,
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query,
-            "headers": [(b"authorization", b"Bearer sk-alice")],
-        }
-        answered = anyio.Event()
-        head: dict[bytes, bytes] = {}
-        got = bytearray()
-
-        async def receive() -> dict[str, Any]:
-            if not answered.is_set():
-                answered.set()
-                return {"type": "http.request", "body": body, "more_body": False}
-            await anyio.sleep_forever()
-            raise AssertionError  # (never reached)
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                head.update(message["headers"])
-                head[b"status"] = str(message["status"]).encode()
-            else:
-                got.extend(message.get("body", b""))
-
-        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-            await mw(scope, receive, send)
-        return head, bytes(got)
-
     try:
         request = json.dumps({"model": "m", "input": "after the lease", "stream": True}).encode()
-        head, got = await call(one, "POST", "/v1/responses", b"", request)
+        head, got = await asgi_call(one, "POST", "/v1/responses", b"", request)
         assert head[b"x-sse-cache"] == b"miss" and got == serialize_sse(events)
         query = b"stream=true&starting_after=4"
-        head, got = await call(two, "GET", f"/v1/responses/{response_id}", query, b"")
+        head, got = await asgi_call(two, "GET", f"/v1/responses/{response_id}", query, b"")
         assert head[b"status"] == b"200" and head[b"x-sse-cache"] == b"shared"
         assert got == serialize_sse(events[5:])
         assert upstream.calls == 1
