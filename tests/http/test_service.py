@@ -360,3 +360,25 @@ async def test_a_stream_whose_write_failed_gets_no_response_id_alias() -> None:
     backend.failing = ""
     await miss(service, service.decide("POST", PATH, headers(), body("write fails")), data)
     assert ex.key in backend.data and backend.data[alias] == ex.key.encode()
+
+
+async def test_an_answer_being_stored_is_no_hit_for_a_request_wanting_none_so_old(
+    service: CacheService,
+) -> None:
+    # The producer's stream ended and its entry is judged, not yet stored (its exchange is
+    # still open): an identical request is answered from it. One that asks for no answer
+    # older than max-age must get what it would get from the backend's copy: none older.
+    data = upstream_bytes()
+    async with service.exchange(service.decide("POST", PATH, headers(), body())) as producer:
+        tee = await producer.tee(200, SSE)
+        assert tee is not None
+        tee.relay(data)
+        tee.feed(data)
+        tee.end()  # judged: complete
+        plain = service.decide("POST", PATH, headers(), body())
+        async with service.exchange(plain) as ex:
+            assert ex.status is CacheStatus.HIT and ex.answer is not None
+            assert await read(ex.answer.chunks) == data
+        strict = service.decide("POST", PATH, headers(**{"x-sse-cache-max-age": "0"}), body())
+        async with service.exchange(strict) as ex:
+            assert ex.answer is None and ex.status is CacheStatus.MISS
