@@ -157,11 +157,13 @@ class SSEParser:
             raise SSEError(f"SSE event exceeds max_event_bytes={self._max}")
         return events
 
-    def close(self) -> list[Event]:
+    def close(self, *, cut: bool = False) -> list[Event]:
         """End of input. Returns no events (an unterminated event is discarded, as the spec
-        says); sets :attr:`discarded` when data was pending. The parser can be reused."""
+        says); sets :attr:`discarded` when data was pending. The parser can be reused.
+        ``cut``: the input stopped before the stream's end (its reader left): a CR it ended
+        with may be the first half of a CRLF, and does not make the line ends mixed."""
         self.discarded = bool(self._data) or bool(self._pending and not self._at_start)
-        if self._skip_lf:
+        if self._skip_lf and not cut:
             self._eol = _EOL_OTHER  # the stream ended with a CR on its own
         self._reset_event()
         self._pending = b""

@@ -274,6 +274,19 @@ def test_crlf_edge_cases() -> None:
     assert not parser.crlf  # a reused parser judges its new stream
 
 
+def test_a_stream_cut_between_cr_and_lf_keeps_its_crlf() -> None:
+    # Its reader left after the CR of a CRLF (the completing event's blank line, say): that
+    # CR is half of a CRLF as far as anyone knows, and the stream's replays keep CRLF.
+    parser = SSEParser()
+    events = parser.feed(b"data: a\r\n\r\ndata: b\r\n\r")
+    assert [e.data for e in events] == ["a", "b"]
+    parser.close(cut=True)
+    assert parser.crlf and not parser.discarded
+    parser.feed(b"data: a\r\n\r\ndata: b\r\n\r")
+    parser.close()  # the stream's own end: a CR on its own
+    assert not parser.crlf
+
+
 def test_serialize_rejects_an_unknown_eol() -> None:
     with pytest.raises(ValueError, match="eol"):
         serialize_sse([Event("x")], eol="cr")  # type: ignore[arg-type]

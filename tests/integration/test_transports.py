@@ -1693,3 +1693,31 @@ async def test_a_sync_transport_closed_right_after_every_reader_left_stores_the_
         gated.gate.set()
     assert outcome == [("miss", whole), ("shared", whole), ("hit", whole)]
     assert gated.calls == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+async def test_a_crlf_answer_left_between_cr_and_lf_replays_in_crlf(
+    serve: Any, anyio_backend: str
+) -> None:
+    # The chunk with `data: [DONE]` ends with the CR of its blank line's CRLF, and the
+    # client leaves there. That CR is half of a CRLF: the stream was CRLF throughout, and a
+    # hit replays it so, byte for byte (it was taken for a lone CR: mixed, replayed in LF).
+    from sse_cache.testing import GatedUpstream
+
+    whole = b"".join(_CHAT_PIECES).replace(b"\n", b"\r\n")
+    pieces = [whole[:-1], whole[-1:]]  # ... "data: [DONE]\r\n\r" | "\n"
+    gated = GatedUpstream(pieces, hold_after=1)
+    headers = {"authorization": "Bearer sk-crlf"}
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://")
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            received = b""
+            async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                async for chunk in r.aiter_raw():
+                    received += chunk
+                    if received.endswith(b"data: [DONE]\r\n\r"):
+                        break
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+        gated.gate.set()
+    assert received == whole[:-1]
+    assert again.headers["x-sse-cache"] == "hit" and again.content == whole

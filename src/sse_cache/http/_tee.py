@@ -349,7 +349,7 @@ class ResponseTee:
         # answer; the client that left never read them either).
         if self._parser is None:
             return
-        self._parser.close()
+        self._parser.close(cut=cut)
         if self._parser.discarded and not cut:
             # WHATWG: an unterminated last event is never dispatched; the stream did not end
             # cleanly, whatever the adapter would have said (followers still got its bytes).
