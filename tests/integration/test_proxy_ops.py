@@ -161,8 +161,8 @@ def test_a_missing_upstream_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch
         (["--max-body-bytes", "0"], "argument --max-body-bytes: expected a number of bytes"),
         (["--upstream-timeout", "0"], "argument --upstream-timeout: expected a positive"),
         (["--cross-process-lease", "inf"], "argument --cross-process-lease: expected a positive"),
-        (["--upstream", "http://"], "argument --upstream: expected an http:// or https:// URL"),
-        (["--upstream", "http://h:99999"], "argument --upstream: expected an http:// or"),
+        (["--upstream", "http://"], "argument --upstream: upstream must be an http(s):// URL"),
+        (["--upstream", "http://h:99999"], "argument --upstream: upstream 'http://h:99999' has a"),
     ],
 )
 def test_numeric_flags_are_checked_with_a_clear_message(
