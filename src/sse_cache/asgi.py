@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -156,7 +157,7 @@ def _warn_if_inside_base_http_middleware(send: Send) -> None:
     inside it raises mid-stream, so every stream the cache aborts (a follower whose
     producer's upstream failed, an upstream cut mid-answer) would reach the client as a
     clean, truncated end: a partial answer that looks complete."""
-    if "BaseHTTPMiddleware" in getattr(send, "__qualname__", ""):
+    if "BaseHTTPMiddleware" in getattr(send, "__qualname__", "") or _under_base_http_middleware():
         logger.warning(
             "sse_cache: CacheMiddleware runs inside Starlette's BaseHTTPMiddleware (FastAPI's "
             "@app.middleware('http')), which ends a response cleanly when the app inside it "
@@ -164,6 +165,20 @@ def _warn_if_inside_base_http_middleware(send: Send) -> None:
             "answer. Write that layer as a pure ASGI middleware, or, if it need not run for "
             "hits, add CacheMiddleware after it (outside it) (docs/asgi.md, 'Order matters')."
         )
+
+
+def _under_base_http_middleware() -> bool:
+    """This request runs inside Starlette's ``BaseHTTPMiddleware``, also with layers between
+    (GZip's or CORS's own ``send`` hides its ``send``): the app task it starts runs a
+    function of ``starlette/middleware/base.py``, which is on this task's stack. (Looked at
+    once, at the middleware's first request.)"""
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if name.endswith("/starlette/middleware/base.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _Request:

@@ -15,6 +15,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import GZipMiddleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -183,7 +184,7 @@ async def test_a_follower_in_another_process_never_gets_an_encoding_it_did_not_a
     await b.aclose()
 
 
-@pytest.mark.parametrize("cache", ["inside", "outside"])
+@pytest.mark.parametrize("cache", ["inside", "inside, under gzip", "inside, under cors", "outside"])
 async def test_the_cache_inside_basehttpmiddleware_warns_that_cut_streams_would_end_cleanly(
     serve: Any, cache: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -201,22 +202,31 @@ async def test_the_cache_inside_basehttpmiddleware_warns_that_cut_streams_would_
 
     endpoint = Starlette(routes=[Route("/v1/generate", generate, methods=["POST"])])
     app: Any
+    cached = CacheMiddleware(endpoint, "memory://", routes=ROUTES)
     if cache == "inside":
-        app = PassThrough(CacheMiddleware(endpoint, "memory://", routes=ROUTES))
+        app = PassThrough(cached)
+    elif cache == "inside, under gzip":  # (a layer between: the send it is given is GZip's)
+        app = PassThrough(GZipMiddleware(cached))
+    elif cache == "inside, under cors":  # (CORS wraps send in a functools.partial)
+        app = PassThrough(CORSMiddleware(cached, allow_origins=["*"]))
     else:
         app = CacheMiddleware(PassThrough(endpoint), "memory://", routes=ROUTES)
+    inside = cache != "outside"
     with caplog.at_level("WARNING", logger="sse_cache"):
         async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=30) as client:
             for n in range(2):
-                request = client.build_request("POST", "/v1/generate", json={"q": n}, headers=KEY)
+                headers = {**KEY, "origin": "https://app.example"}
+                request = client.build_request(
+                    "POST", "/v1/generate", json={"q": n}, headers=headers
+                )
                 response = await client.send(request, stream=True)
                 outcome, body = await read(response)
                 await response.aclose()
                 assert body == b'data: {"n":1}\n\n'
                 # What the warning is about: a clean end of a cut answer, inside only.
-                assert outcome == ("ended" if cache == "inside" else "cut")
+                assert outcome == ("ended" if inside else "cut")
     warnings = [r.getMessage() for r in caplog.records if "BaseHTTPMiddleware" in r.getMessage()]
-    if cache == "inside":
+    if inside:
         assert len(warnings) == 1  # once, not per request
         assert "pure ASGI middleware" in warnings[0]
     else:
