@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from contextlib import AsyncExitStack
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -172,7 +173,7 @@ def _under_base_http_middleware() -> bool:
     (GZip's or CORS's own ``send`` hides its ``send``): the app task it starts runs a
     function of ``starlette/middleware/base.py``, which is on this task's stack. (Looked at
     once, at the middleware's first request.)"""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         name = frame.f_code.co_filename.replace("\\", "/")
         if name.endswith("/starlette/middleware/base.py"):
