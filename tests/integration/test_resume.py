@@ -608,3 +608,38 @@ async def test_a_resume_in_another_process_after_the_producer_let_go_reads_its_c
         await two.aclose()
         await producing.aclose()  # (given as objects: the middleware leaves them open)
         await resuming.aclose()
+
+
+async def test_a_finished_streams_live_alias_lasts_as_long_as_its_channel(
+    redis_server: Any,
+) -> None:
+    # Across processes a stream is resumable by its id through a live alias, written to last
+    # an hour (a stream may be that long). Once the stream is over it points at a channel
+    # that lives a minute more: kept for the hour, it was one dead row per answer in Redis.
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from sse_cache.asgi import CacheMiddleware
+    from sse_cache.keys import ALIAS_PREFIX
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("alias lifetime", text_deltas=4, summaries=0)
+    prefix = f"r{uuid.uuid4().hex[:8]}:"
+    mw = CacheMiddleware(
+        GatedUpstream(events), f"{redis_server.url}?prefix={prefix}", cross_process=True
+    )
+    client = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        request = json.dumps({"model": "m", "input": "alias lifetime", "stream": True}).encode()
+        head, _ = await asgi_call(mw, "POST", "/v1/responses", b"", request)
+        assert head[b"x-sse-cache"] == b"miss"
+        live_aliases = []
+        async for name in client.scan_iter(match=f"{prefix}*{ALIAS_PREFIX}*"):
+            if b" " in (await client.get(name) or b""):  # key and token: a live alias
+                live_aliases.append(name)
+        assert len(live_aliases) == 1
+        assert 0 < await client.ttl(live_aliases[0]) <= 60
+    finally:
+        await mw.aclose()
+        await client.aclose()

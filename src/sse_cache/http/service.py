@@ -28,6 +28,7 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any
 
+import anyio
 import msgspec
 
 from .._decoded import DecodedEntries
@@ -62,6 +63,7 @@ from ._answers import (
     answer_wire,
 )
 from ._fanout import (
+    _FANOUT_TTL,
     _LIVE_ALIAS_TTL,
     _FanoutBackend,
     _Lease,
@@ -234,6 +236,7 @@ class Exchange:
         self._flight: LiveFlight[bytes] | None = None  # the live stream this request produces
         self._follows_process = False  # ... fed by another process's (cross-process)
         self._unindex: Callable[[], None] | None = None  # drops this stream's live index
+        self._live_alias: tuple[str, str] | None = None  # (its name, what it names), if any
 
     async def __aenter__(self) -> Exchange:
         """Look the request up: then the integration answers, or tees the upstream."""
@@ -275,6 +278,9 @@ class Exchange:
             unindex, self._unindex = self._unindex, None
             if unindex is not None:
                 unindex()
+            if self._live_alias is not None:
+                with anyio.CancelScope(shield=True):  # (bounded by the backend's timeout)
+                    await self._expire_live_alias()
             lease, self._lead = self._lead, None
             if lease is not None:
                 tee = self._tee
@@ -483,6 +489,15 @@ class Exchange:
         )
         return True
 
+    async def _expire_live_alias(self) -> None:
+        # The stream is over: its live alias (written to last an hour, as a stream may) now
+        # lasts as long as the channel it names, a minute; not one row per answer for an
+        # hour in Redis.
+        named, cache = self._live_alias, self._cache
+        if named is not None and cache is not None:
+            self._live_alias = None
+            await cache.alias(*named, expires_at=time.time() + _FANOUT_TTL)
+
     async def _index(self) -> None:
         # A stored stream that names its response (OpenAI Responses) is indexed by that id,
         # per tenant, so that GET /v1/responses/{id}?stream=true can resume it.
@@ -595,6 +610,7 @@ class Exchange:
             until = time.time() + _LIVE_ALIAS_TTL
             target = live_alias_target(self.key, lease.token)
             tee.later(lambda: cache.alias(name, target, expires_at=until))
+            self._live_alias = (name, target)
 
         def unindex() -> None:
             if index.get(alias) is live:
