@@ -270,7 +270,7 @@ class EntryStore:
             self._warn("corrupt", key, f"entry is of schema {entry.schema!r}")
             return None
         now = time.time()
-        if max_age is not None and now - entry.created_at > max_age:
+        if too_old(entry, max_age, now):
             return None
         # Backends expire entries themselves, some at a coarse granularity (memcached:
         # whole seconds); never serve one past its recorded end.
@@ -298,6 +298,11 @@ _EVENT_FIELDS = (
     ("retry", (int, type(None)), "an int or None"),
     ("at", (float, int), "a number"),
 )
+
+
+def too_old(entry: Entry | WireEntry, max_age: float | None, now: float) -> bool:
+    """``entry`` is older than a request's ``max_age`` seconds (None: any age will do)."""
+    return max_age is not None and now - entry.created_at > max_age
 
 
 def _unencodable(entry: Entry, exc: Exception) -> str:

@@ -40,7 +40,7 @@ from ._checks import (
     positive_number,
 )
 from ._decoded import DecodedEntries
-from ._entries import EntryStore
+from ._entries import EntryStore, too_old
 from ._logging import backend_warnings
 from ._notices import CacheStatus, Hook, LiveStreamsHook, Notice, emit
 from ._recording import LiveRecording
@@ -351,7 +351,7 @@ class StreamCache:
             if entry is not None and (hit := self._hit(key, entry, pace)) is not None:
                 yield hit
                 return
-            pending, live, cursor = self.settle(key, share=store)
+            pending, live, cursor = self.settle(key, share=store, max_age=max_age)
             if pending is not None and (hit := self._hit(key, pending, pace)) is not None:
                 yield hit
                 return
@@ -422,13 +422,14 @@ class StreamCache:
         self._produce(stream, live, upstream, store=True, ttl=self.ttl)
 
     def settle(
-        self, key: str, *, share: bool = True
+        self, key: str, *, share: bool = True, max_age: float | None = None
     ) -> tuple[Any, LiveFlight[Any] | None, Cursor | None]:
         """The rest of the one lookup order, once the backend had no fresh entry for
         ``key``: an entry being stored (``(entry, None, None)``), the live stream to follow
         (``(None, live, cursor)``), or the new live stream the caller produces, registered
         before its upstream call (``(None, live, None)``); ``(None, None, None)`` when the
-        caller must not share (``share=False``, or single-flight is off).
+        caller must not share (``share=False``, or single-flight is off), or when the entry
+        being stored is older than ``max_age`` (held to it as its stored copy would be).
 
         Synchronous, hence atomic: no identical request can slip in between the look and
         the claim. The engine's :meth:`stream` and every HTTP integration go through it.
@@ -441,6 +442,8 @@ class StreamCache:
             live.judge()
             live = self.live.get(key)
         if live is not None and live.entry is not None:
+            if too_old(live.entry, max_age, time.time()):
+                return None, None, None
             return live.entry, None, None
         if not share or not self.single_flight:
             return None, None, None

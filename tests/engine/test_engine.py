@@ -342,6 +342,20 @@ async def test_request_controls() -> None:
     assert s.status is CacheStatus.MISS  # type: ignore[attr-defined]
 
 
+async def test_an_answer_being_stored_is_no_hit_for_a_request_wanting_none_so_old() -> None:
+    # The producer's upstream ended and its entry is judged, not yet stored (its block is
+    # still open): an identical request is answered from it — but one that asks for no
+    # answer older than max_age gets what the stored copy would give it: none so old.
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+    async with cache.stream(cache.request(BODY), up) as producer:
+        assert wire([e async for e in producer]) == wire(EVENTS)
+        plain, _ = await consume(cache, up)
+        strict, _ = await consume(cache, up, max_age=0.0)
+    assert plain.status is CacheStatus.HIT  # type: ignore[attr-defined]
+    assert strict.status is CacheStatus.MISS and up.calls == 2  # type: ignore[attr-defined]
+
+
 async def test_ttl_is_passed_to_the_backend_and_validated() -> None:
     seen: list[float | None] = []
     backend = DictBackend()

@@ -353,9 +353,7 @@ class Exchange:
         for _attempt in range(2):
             if await self._lookup(cache):
                 return
-            pending, live, cursor = cache.settle(self.key, share=shares)
-            if pending is not None and not _younger(pending, controls.max_age):
-                pending = None  # (as the backend's copy would be: too old for this request)
+            pending, live, cursor = cache.settle(self.key, share=shares, max_age=controls.max_age)
             if pending is not None:  # an entry being stored
                 self.answer = answer_entry(
                     self._service.hooks,
@@ -619,8 +617,3 @@ class Exchange:
         # Dropped once the stored entry is indexed (__aexit__): a resume in between would
         # find neither, and go to the upstream.
         self._unindex = unindex
-
-
-def _younger(entry: Entry, max_age: float | None) -> bool:
-    """``entry`` is no older than ``max_age`` seconds (a request's ``max-age`` control)."""
-    return max_age is None or time.time() - entry.created_at <= max_age
