@@ -194,6 +194,12 @@ def redact_userinfo(url: str) -> str:
     return f"{head}{sep}***@{rest.rpartition('@')[2]}"
 
 
+def unreadable_url(exc: ValueError) -> str:
+    """Why ``urlsplit`` could not read a URL, said without quoting it (its own message may
+    quote the netloc, password and all)."""
+    return "an unclosed [ ] around an IPv6 address" if "IPv6" in str(exc) else "unparsable"
+
+
 def netloc_for_errors(url: str) -> str:
     """The ``host:port`` part of ``url`` without its user info, for an error message."""
     rest = url.partition("://")[2] or url

@@ -17,7 +17,13 @@ import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from ..errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, ConfigError
-from ._common import check_open, netloc_for_errors, parse_hosts, redact_userinfo
+from ._common import (
+    check_open,
+    netloc_for_errors,
+    parse_hosts,
+    redact_userinfo,
+    unreadable_url,
+)
 
 __all__ = ["Commands", "cluster_client", "map_exceptions", "milliseconds", "standalone_client"]
 
@@ -145,7 +151,7 @@ def split_url(url: str, scheme: str) -> SplitResult:
     try:
         return urlsplit(url)
     except ValueError as exc:
-        why = "an unclosed [ ] around an IPv6 address" if "IPv6" in str(exc) else "unparsable"
+        why = unreadable_url(exc)
         raise ConfigError(f"{scheme}:// URL: {why} in {redact_userinfo(url)!r}") from None
 
 

@@ -20,7 +20,7 @@ import msgspec
 from .._checks import POSITIVE_BYTES, integer, mapping, text
 from .._logging import RateLimitedLog, redact_query_key, redact_url
 from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
-from ..backends._common import redact_userinfo
+from ..backends._common import redact_userinfo, unreadable_url
 from ..errors import ConfigError
 from ..keys import CREDENTIAL_HEADERS, lowered_tenant_scope
 from ..pacing import Pacing
@@ -262,8 +262,7 @@ def origin_of(url: str, name: str = "origin") -> str:
     try:
         parts = urllib.parse.urlsplit(url)
     except ValueError as exc:
-        # urlsplit's own message may quote the netloc, password and all: never shown.
-        why = "an unclosed [ ] around an IPv6 address" if "IPv6" in str(exc) else "unparsable"
+        why = unreadable_url(exc)
         raise ConfigError(f"{name} is not a valid URL ({why}): {_url_shown(url)!r}") from None
     scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
     if scheme not in ("http", "https") or not host:
