@@ -119,18 +119,18 @@ class StreamFanout:
         expected, unknown = (0, 0) if counted is None else counted
         nonce = secrets.token_hex(8)
         args = (nonce, _STREAM_MAXLEN, milliseconds(ttl), field, data, expected, unknown)
+        # What the next append must follow (nothing after the end marker: forgotten). A
+        # refused channel is kept as it was, so that every later append is refused too.
+        after = (expected, unknown + 1)  # applied or not (a timeout, a cancellation): either
         try:
             async with self._commands(what):
                 status, seq = await self._append(keys=[self._prefix + channel], args=args)
-        except BaseException:
-            # Applied or not (a timeout, a cancellation): the next append may follow either.
+            refused = int(status) < 0
+            after = (expected, unknown) if refused else (int(seq) + 1, 0)
+        finally:
             if field != "e":
-                self._remember(channel, expected, unknown + 1)
-            raise
-        if int(status) < 0:
-            # (Kept, so that every later append to it is refused too.)
-            if field != "e":
-                self._remember(channel, expected, unknown)
+                self._remember(channel, *after)
+        if refused:
             if counted is None:
                 raise BackendError(
                     f"{what}: stream {channel!r} has messages this process did not append "
@@ -142,8 +142,6 @@ class StreamFanout:
                 "this process was to append next): the server lost writes (restarted from an "
                 "older snapshot, failed over, or the stream expired)"
             )
-        if field != "e":
-            self._remember(channel, int(seq) + 1, 0)
 
     def _remember(self, channel: str, expected: int, unknown: int) -> None:
         known = self._next
