@@ -325,11 +325,12 @@ class ResponseTee:
         self._finish_recording()
 
     def stop(self, reason: str) -> None:
-        """The response stops here, before the upstream ended it, and cannot go on (the read
-        of the upstream was cancelled: the HTTP library closes the upstream then). Complete
-        if what was recorded already holds the schema's completing event: then it is stored
-        and the followers' streams end cleanly (what follows that event is not part of the
-        answer). Anything else fails, as :meth:`fail`."""
+        """The response stops here, before the upstream ended it, and will not go on: its
+        read was cancelled (the HTTP library closes the upstream then), every reader left,
+        or the app was stopped. Complete if what was recorded already holds the schema's
+        completing event: then it is stored and the followers' streams end cleanly (what
+        follows that event is not part of the answer). Anything else fails, as
+        :meth:`fail`."""
         if self.ended or self.cut:
             return
         live = self._live
