@@ -294,6 +294,43 @@ async def test_one_date_and_one_server_header_per_response(stack: Stack) -> None
         assert len(response.headers.get_list("server")) == 1, response.headers
 
 
+async def _raw_post(proxy: str, body: dict[str, Any], version: str) -> tuple[bytes, bytes]:
+    """POST over a raw socket (``version``: ``1.0`` or ``1.1``, closing): the response's head
+    and everything after it until the server closed the connection."""
+    host, port = proxy.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/responses HTTP/{version}\r\nhost: {host}\r\n"
+        f"authorization: {KEY_A['authorization']}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(payload)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    async with await anyio.connect_tcp(host, int(port)) as sock:
+        await sock.send(head + payload)
+        raw = b""
+        while True:
+            try:
+                raw += await sock.receive()
+            except anyio.EndOfStream:
+                break
+    response_head, _, rest = raw.partition(b"\r\n\r\n")
+    return response_head.lower(), rest
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_a_hit_says_its_length_so_a_cut_answer_can_be_told_from_a_whole_one(
+    stack: Stack, version: str
+) -> None:
+    # A hit's body is known in full before it is sent: its length goes in the head, and no
+    # chunk framing. An HTTP/1.0 client (no chunked encoding: the end of the body is the end
+    # of the connection) can then tell a hit cut short from a whole one.
+    miss = await stack.post("/v1/responses", responses_body("say the length"))
+    head, body = await _raw_post(stack.proxy, responses_body("say the length"), version)
+    assert b"\r\nx-sse-cache: hit" in head, head
+    assert f"\r\ncontent-length: {len(miss.content)}".encode() in head, head
+    assert b"transfer-encoding" not in head, head
+    assert body == miss.content
+
+
 async def test_a_path_with_escapes_is_never_answered_from_the_path_it_decodes_to(
     stack: Stack,
 ) -> None:

@@ -176,7 +176,9 @@ def answer_wire(
             return None
         body = serialize_sse(synthesized)  # synthesised: canonical LF
         content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
-    base = [("content-type", content_type), *_SSE_HEADERS]
+    # The length is known: a client can tell a cut answer from a whole one without the
+    # chunked framing (and an HTTP/1.0 client at all), and the server frames no chunks.
+    base = [("content-type", content_type), *_SSE_HEADERS, ("content-length", str(len(body)))]
     return _hit_answer(hooks, key, wire, body, base, events, duration)
 
 
