@@ -92,12 +92,16 @@ CONNECTIONS = (10, 50, 100, 200)
 MEMORY_COUNTS = (1, 10, 100, 500)
 MEMORY_DELTAS = (200, 2_000)
 # The ceiling: uvicorn serving the same bytes from a plain ASGI app (the request body read,
-# the answer — the file named by $BENCH_BODY — sent as one body message), as the proxy's own
-# uvicorn would without a cache. bench_server.py imports the app's source as a module.
+# the answer — the file named by $BENCH_BODY — sent as one body message, chunked), as the
+# proxy's own uvicorn would without a cache. bench_server.py imports the app's source as a
+# module. With $BENCH_CONTENT_LENGTH set it also says the body's length, as the proxy's hits
+# do (bench_instructions.py's second reference).
 STATIC_APP_SOURCE = """
 import os
 body = open(os.environ["BENCH_BODY"], "rb").read()
 head = [(b"content-type", b"text/event-stream; charset=utf-8")]
+if os.environ.get("BENCH_CONTENT_LENGTH"):
+    head.append((b"content-length", str(len(body)).encode()))
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
