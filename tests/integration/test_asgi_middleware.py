@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -91,6 +92,82 @@ async def test_generic_route_and_last_event_id(client_for: Any) -> None:
     unknown = await client.post("/events", json={"q": 1}, headers={"last-event-id": "nope"})
     assert unknown.content == serialize_sse(EVENTS)
     assert app.calls == 1
+
+
+async def test_an_instant_hit_says_its_length_unless_it_may_have_no_body(
+    client_for: Any,
+) -> None:
+    # All in memory, an instant hit says its length (no chunk framing: a cut one shows even
+    # to an HTTP/1.0 client); a paced or Last-Event-ID one is sent as it is due, without. A
+    # stored 204 says none: it has no body, and a 204 must not carry the header.
+    mw = CacheMiddleware(events_app(), "memory://", routes={"/events": GenericSSE})
+    client = client_for(mw)
+    await client.post("/events", json={"q": 1})
+    hit = await client.post("/events", json={"q": 1})
+    assert hit.headers["x-sse-cache"] == "hit"
+    assert hit.headers.get_list("content-length") == [str(len(hit.content))]
+    for controls in ({"last-event-id": "3"}, {"x-sse-cache-replay": "0ms"}):
+        later = await client.post("/events", json={"q": 1}, headers=controls)
+        assert later.headers["x-sse-cache"] == "hit" and "content-length" not in later.headers
+    empty = CacheMiddleware(
+        GatedUpstream(b"", status=204), "memory://", routes={"/events": GenericSSE}
+    )
+    client = client_for(empty)
+    await client.post("/events", json={"q": 1})
+    hit = await client.post("/events", json={"q": 1})
+    assert (hit.status_code, hit.headers["x-sse-cache"]) == (204, "hit")
+    assert "content-length" not in hit.headers
+
+
+async def test_a_last_event_id_resume_of_a_live_stream_does_not_say_the_whole_length(
+    client_for: Any,
+) -> None:
+    # The upstream says its body's length; a reconnecting client (Last-Event-ID) joins its
+    # live stream and is sent only what follows that event: the producer's content-length
+    # (the whole body's) would declare bytes that never come (uvicorn's h11 then breaks the
+    # response off: "Too little data for declared Content-Length").
+    body = serialize_sse(EVENTS)
+    held = anyio.Event()
+    gate = anyio.Event()
+    resumed_joined = anyio.Event()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for i, event in enumerate(EVENTS):
+            if i == 3:
+                held.set()
+                await gate.wait()
+            data = serialize_sse([event])
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def hook(notice: Any) -> None:
+        if notice.kind == "resumed":
+            resumed_joined.set()
+
+    mw = CacheMiddleware(
+        upstream, "memory://", routes={"/events": GenericSSE}, hooks=[hook], resume_window=30
+    )
+    client = client_for(mw)
+    answers: dict[str, httpx2.Response] = {}
+
+    async def ask(name: str, **headers: str) -> None:
+        answers[name] = await client.post("/events", json={"q": 1}, headers=headers)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ask, "producer")
+        await held.wait()
+        tg.start_soon(partial(ask, "resumed", **{"last-event-id": "1"}))
+        await resumed_joined.wait()
+        gate.set()
+    producer, resumed = answers["producer"], answers["resumed"]
+    assert producer.content == body
+    assert resumed.headers["x-sse-cache"] == "shared"
+    assert resumed.content == serialize_sse(EVENTS[2:])
+    assert resumed.headers.get_list("content-length") in ([], [str(len(resumed.content))])
 
 
 async def test_non_json_and_oversized_bodies_pass_through_as_bypass(client_for: Any) -> None:

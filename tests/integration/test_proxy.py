@@ -449,6 +449,7 @@ async def test_resume_a_responses_stream_from_the_cache(stack: Stack) -> None:
     resumed = await stack.http.get(url, headers=KEY_A)
     assert resumed.status_code == 200 and resumed.headers["x-sse-cache"] == "hit"
     assert int(resumed.headers["age"]) >= 0 and int(resumed.headers["x-sse-cache-ttl"]) <= 600
+    assert resumed.headers["content-length"] == str(len(resumed.content))  # all in memory
     tail = SSEParser().feed(resumed.content)
     assert [json.loads(e.data)["sequence_number"] for e in tail] == list(range(6, len(events)))
     assert [e.data for e in tail] == [e.data for e in events[6:]]

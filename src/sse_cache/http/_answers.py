@@ -48,6 +48,12 @@ def _as_shared(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
+def _without_length(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A producer's response headers for a reader sent only part of its body (a resume):
+    the upstream's ``content-length`` counts the whole of it."""
+    return [(k, v) for k, v in headers if k.lower() != "content-length"]
+
+
 def _hit_answer(
     hooks: Iterable[Hook],
     key: str,
@@ -59,14 +65,20 @@ def _hit_answer(
 ) -> Answer:
     """A hit: ``base`` headers plus ``x-sse-cache``, the key, ``age`` and the remaining TTL;
     the hit and (once sent) the bytes replayed are reported to ``hooks``. ``body``: all of
-    it (an instant answer), or its chunks as they are due."""
+    it (an instant answer, which says its length), or its chunks as they are due."""
     now = time.time()
-    headers = [*base, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
+    status = entry.status  # the upstream's own (any 2xx is stored)
+    headers = base
+    if isinstance(body, bytes) and status != 204:
+        # The length is known: a client can tell a cut answer from a whole one without the
+        # chunked framing (an HTTP/1.0 client, which has none, at all), and the server frames
+        # no chunks. (A 204 has no body, and must not say a length.)
+        headers = [*base, ("content-length", str(len(body)))]
+    headers = [*headers, ("x-sse-cache", CacheStatus.HIT.value), ("x-sse-cache-key", key)]
     headers.append(("age", str(max(0, int(now - entry.created_at)))))
     if entry.expires_at is not None:
         headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
     emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
-    status = entry.status  # the upstream's own (any 2xx is stored)
     if isinstance(body, bytes):
         return Answer(status=status, headers=headers, chunks=_Whole(hooks, key, body), instant=True)
     return Answer(status=status, headers=headers, chunks=_counted(hooks, key, body))
@@ -176,9 +188,7 @@ def answer_wire(
             return None
         body = serialize_sse(synthesized)  # synthesised: canonical LF
         content_type, events, duration = SSE_TYPE, len(synthesized), 0.0
-    # The length is known: a client can tell a cut answer from a whole one without the
-    # chunked framing (and an HTTP/1.0 client at all), and the server frames no chunks.
-    base = [("content-type", content_type), *_SSE_HEADERS, ("content-length", str(len(body)))]
+    base = [("content-type", content_type), *_SSE_HEADERS]
     return _hit_answer(hooks, key, wire, body, base, events, duration)
 
 
@@ -209,7 +219,7 @@ def answer_entry(
         if body is None:
             return None
         content_type = JSON_TYPE if entry.is_stream else entry.content_type
-        base = [("content-type", content_type), ("content-length", str(len(body)))]
+        base = [("content-type", content_type)]
         chunks = body
     recorded = entry.events or ()
     duration = recorded[-1].at if recorded else 0.0

@@ -19,7 +19,15 @@ from ..events import Event, serialize_sse
 from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from ..keys import ALIAS_PREFIX
 from ..protocols import ResumingAdapter, StreamAdapter
-from ._answers import _SSE_HEADERS, Answer, _after, _as_shared, _counted, _hit_answer
+from ._answers import (
+    _SSE_HEADERS,
+    Answer,
+    _after,
+    _as_shared,
+    _counted,
+    _hit_answer,
+    _without_length,
+)
 from ._fanout import (
     _CHANNEL,
     TimedFanout,
@@ -223,6 +231,6 @@ def _resumed(
     chunks = _after(live.chunks(cursor, cache.join_timeout), had)
     return Answer(
         status=head.status,
-        headers=_as_shared(head.headers),
+        headers=_as_shared(_without_length(head.headers)),
         chunks=_counted(service.hooks, live.key, chunks),
     )
