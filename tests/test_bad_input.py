@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 
 import httpx
@@ -17,6 +18,7 @@ from sse_cache import ConfigError
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import from_url
 from sse_cache.backends.sqlite import SQLiteBackend
+from sse_cache.cli import _options as cli_options
 from sse_cache.cli import build_parser
 from sse_cache.cli._options import OPTIONS, resolve
 from sse_cache.proxy import Forwarder, create_proxy_app
@@ -88,6 +90,57 @@ def test_routes_given_as_flags_reach_the_workers_unchanged() -> None:
     (route,) = (opt for opt in OPTIONS if opt.flag == "--route")
     value = [("/v1/chat/completions", "openai-chat"), ("/a/{m}:x", "gemini")]
     assert route.from_text(route.to_text(value)) == value
+
+
+# -- the proxy's --ttl and --workers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", ["1e308", "inf", "31536001"])
+def test_a_ttl_past_a_year_is_refused_naming_the_limit(
+    ttl: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was stored, and each hit carried a 309-digit x-sse-cache-ttl.
+    limit = f"expected a positive number of seconds of at most 31536000 (one year), got {ttl!r}"
+    assert f"argument --ttl: {limit}" in _usage_error(
+        capsys, "--upstream", "http://h", "--ttl", ttl
+    )
+    with pytest.raises(ConfigError) as info:
+        resolve(argparse.Namespace(), {"SSE_CACHE_UPSTREAM": "http://h", "SSE_CACHE_TTL": ttl})
+    assert str(info.value) == f"SSE_CACHE_TTL: {limit}"
+    # (The proxy built in code takes its ttl through CacheOptions, checked the same way.)
+    with pytest.raises(ConfigError, match=r"^ttl must be at most 31536000 seconds \(one year\)"):
+        create_proxy_app("http://h", "memory://", ttl=float(ttl))
+
+
+def test_a_ttl_of_a_year_is_taken() -> None:
+    environ = {"SSE_CACHE_UPSTREAM": "http://h", "SSE_CACHE_TTL": "31536000"}
+    assert resolve(argparse.Namespace(), environ).ttl == 31536000.0
+
+
+def test_more_workers_than_eight_per_cpu_are_refused(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --workers 100000 forked processes until the OOM killer came. Parsed only: no proxy
+    # is started here.
+    monkeypatch.setattr(cli_options, "usable_cpus", lambda: 4)
+    err = _usage_error(capsys, "--upstream", "http://h", "--workers", "33")
+    assert (
+        "argument --workers: expected at most 32 workers (8 per CPU, 4 CPUs here), got '33'" in err
+    )
+    environ = {"SSE_CACHE_UPSTREAM": "http://h", "SSE_CACHE_WORKERS": "100000"}
+    with pytest.raises(ConfigError, match=r"^SSE_CACHE_WORKERS: expected at most 32 workers"):
+        resolve(argparse.Namespace(), environ)
+    assert resolve(argparse.Namespace(), {**environ, "SSE_CACHE_WORKERS": "32"}).workers == 32
+    monkeypatch.setattr(cli_options, "usable_cpus", lambda: 1)
+    err = _usage_error(capsys, "--upstream", "http://h", "--workers", "9")
+    assert "expected at most 8 workers (8 per CPU, 1 CPU here), got '9'" in err
+
+
+def test_the_workers_bound_counts_the_cpus_this_process_may_use() -> None:
+    cpus = cli_options.usable_cpus()
+    assert 1 <= cpus <= (os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        assert cpus == len(os.sched_getaffinity(0))
 
 
 # -- CacheMiddleware's own options -----------------------------------------------------------

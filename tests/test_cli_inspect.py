@@ -247,6 +247,58 @@ def test_default_backend_is_sqlite_in_cwd(
     assert capsys.readouterr().out.split() == ["k1"]
 
 
+@pytest.mark.parametrize("command", [("ls",), ("show", "aaa111"), ("stats",), ("purge", "-y")])
+def test_the_backend_is_read_from_sse_cache_backend_as_the_proxy_reads_it(
+    command: tuple[str, ...],
+    db: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # An operator who ran the proxy with SSE_CACHE_BACKEND=... and then `sse-cache ls`
+    # inspected the default SQLite file of the working directory instead.
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("SSE_CACHE_BACKEND", db)
+    assert run_cli(*command) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    # ls and show print the entry; stats and purge name the cache they looked at.
+    assert "aaa111" in out if command[0] in ("ls", "show") else db in out, out
+    assert not (workdir / "sse-cache.db").exists()
+
+
+def test_the_backend_flag_wins_over_sse_cache_backend(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    store(other, {"zzz999": b"x"})
+    monkeypatch.setenv("SSE_CACHE_BACKEND", db)
+    assert run_cli("ls", "--backend", other) == 0
+    assert capsys.readouterr().out.split() == ["zzz999"]
+    monkeypatch.setenv("SSE_CACHE_BACKEND", "")  # empty: unset, as for the proxy
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("ls") == 1
+    assert "sse-cache.db' does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("cache.db", "bad SSE_CACHE_BACKEND: expected a backend URL (sqlite:///cache.db"),
+        ("nosuch://x", "bad SSE_CACHE_BACKEND: unknown backend URL scheme 'nosuch'"),
+        ("redis://:hunter2@[::1", "bad SSE_CACHE_BACKEND: redis:// URL: "),
+    ],
+)
+def test_a_bad_sse_cache_backend_is_a_usage_error_naming_it(
+    value: str, expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SSE_CACHE_BACKEND", value)
+    assert run_cli("stats") == inspect.EXIT_UNSUPPORTED
+    err = capsys.readouterr().err
+    assert err.startswith(f"sse-cache: {expected}") and "hunter2" not in err
+
+
 def test_bad_backend_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("ls", "--backend", "nosuch://x") == 2
     err = capsys.readouterr().err

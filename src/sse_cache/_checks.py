@@ -21,6 +21,8 @@ from .pacing import Pacing
 
 __all__ = [
     "BYTES",
+    "MAX_TTL",
+    "MAX_TTL_SHOWN",
     "POSITIVE_BYTES",
     "boolean",
     "callables",
@@ -30,12 +32,24 @@ __all__ = [
     "pacing_of",
     "positive_number",
     "text",
+    "ttl_of",
 ]
 
 #: What a byte limit must be, in the errors of :func:`integer`.
 POSITIVE_BYTES = "a positive whole number of bytes"
 #: What a byte budget must be, in the errors of :func:`integer` (0 turns it off).
 BYTES = "a whole number of bytes >= 0 (0 turns it off)"
+
+#: The longest lifetime an entry may be given, in seconds: one year (365 days), for every
+#: ``ttl`` option, ``--ttl`` / ``SSE_CACHE_TTL`` and the ``x-sse-cache-ttl`` header; also the
+#: largest ``x-sse-cache-max-age``. Longer values are refused, not cut: a "1e308 seconds"
+#: lifetime is a mistake, not an intention (no expiry is ``ttl=None``). A year is what HTTP
+#: itself allowed for an ``Expires`` date (RFC 2616 §14.21), and every backend keeps it as
+#: asked: memcached cannot be given an expiry past January 2038 (it would end sooner),
+#: Redis's ``PX`` and SQLite's expiry times are far from their limits.
+MAX_TTL = 365 * 86400
+#: :data:`MAX_TTL` as the errors say it.
+MAX_TTL_SHOWN = "one year"
 
 
 def positive_number(
@@ -148,3 +162,15 @@ def pacing_of(name: str, value: object) -> Pacing:
         return Pacing.parse(value)  # type: ignore[arg-type]
     except ConfigError as exc:
         raise ConfigError(f"{name}: {exc}") from None
+
+
+def ttl_of(name: str, value: object) -> float:
+    """A lifetime given as an option: a positive number of seconds, at most :data:`MAX_TTL`
+    (infinity too is refused: no expiry is None, which the caller lets through)."""
+    seconds = positive_number(name, value, finite=False)
+    if seconds > MAX_TTL:
+        raise ConfigError(
+            f"{name} must be at most {MAX_TTL} seconds ({MAX_TTL_SHOWN}) or None for no "
+            f"expiry, got {value!r}"
+        )
+    return seconds

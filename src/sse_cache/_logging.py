@@ -3,7 +3,8 @@
 - :class:`RateLimitedLog`: a warning that repeats for every request while a backend is down
   (a failed read, a failed write) is written at most once per interval per backend, the next
   line saying how many were left out.
-- :class:`RedactQueryKey` and :func:`redact_url`: credentials never reach a log line (a
+- :class:`RedactQueryKey`, :func:`redact_url` and :func:`redact_userinfo` (and
+  :func:`unreadable_url`): credentials never reach a log line or an error message (a
   ``key=`` query parameter, a URL's password).
 - :class:`AccessLog`: the proxy's line per request on a cached route, with the cache status,
   key prefix, bytes, duration and, for a miss that was not stored, why. It is an engine hook
@@ -39,6 +40,8 @@ __all__ = [
     "backend_warnings",
     "proxy_log_config",
     "redact_url",
+    "redact_userinfo",
+    "unreadable_url",
 ]
 
 #: The ``--log-level`` names and their numeric levels (``trace`` is uvicorn's level 5).
@@ -178,6 +181,25 @@ def redact_url(url: str) -> str:
         )
         url = url.replace("?" + parts.query, "?" + query, 1)
     return url
+
+
+def redact_userinfo(url: str) -> str:
+    """``url`` fit for an error message: whatever precedes its last ``@`` (a user and a
+    password, even one with an unencoded ``/`` or ``?`` in it) becomes ``***``. Unlike
+    :func:`redact_url`, which keeps the user name and needs a URL it can parse, it reads
+    nothing but the ``://`` and the last ``@``: for URLs that may be unparsable."""
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{head}{sep}***@{rest.rpartition('@')[2]}"
+
+
+def unreadable_url(exc: ValueError) -> str:
+    """Why ``urlsplit`` could not read a URL, said without quoting it (its own message may
+    quote the netloc, password and all)."""
+    return "an unclosed [ ] around an IPv6 address" if "IPv6" in str(exc) else "unparsable"
 
 
 class ProxyFormatter(logging.Formatter):

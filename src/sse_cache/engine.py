@@ -38,6 +38,7 @@ from ._checks import (
     integer,
     pacing_of,
     positive_number,
+    ttl_of,
 )
 from ._decoded import DecodedEntries
 from ._entries import EntryStore, too_old
@@ -484,4 +485,4 @@ class StreamCache:
 
 def _checked_ttl(ttl: float | None) -> float | None:
     """``ttl`` as the cache uses it (seconds as a float), or None; checked, naming it."""
-    return None if ttl is None else positive_number("ttl", ttl)
+    return None if ttl is None else ttl_of("ttl", ttl)

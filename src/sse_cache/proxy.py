@@ -3,9 +3,10 @@
 :class:`Forwarder` is an ASGI app that forwards every request to an upstream base URL with
 httpx2, streaming both ways; :func:`create_proxy_app` puts :class:`CacheMiddleware` in front
 of it and adds the operational endpoints ``GET /_sse_cache/health`` and
-``GET /_sse_cache/metrics`` (Prometheus text), an access line per request on a cached route
-(:class:`~sse_cache._logging.AccessLog`), and at startup a line saying what it serves and a
-check of the backend (a warning when it cannot be reached: the proxy serves anyway, uncached).
+``GET /_sse_cache/metrics`` (Prometheus text; ``HEAD`` too, any other method is ``405``), an
+access line per request on a cached route (:class:`~sse_cache._logging.AccessLog`), and at
+startup a line saying what it serves and a check of the backend (a warning when it cannot be
+reached: the proxy serves anyway, uncached).
 """
 
 from __future__ import annotations
@@ -447,10 +448,27 @@ class ProxyApp:
 
     async def _ops(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
+        if path not in _OPS_PATHS:
+            await send_json_error(send, 404, f"unknown endpoint {path}", "not_found")
+            return
+        method = scope["method"].upper()
+        if method not in _OPS_METHODS:
+            # They only report: a POST or a DELETE there is a client's mistake, answered as
+            # one (never a 200 that reads as if something was done).
+            allow = ", ".join(_OPS_METHODS)
+            await send_json_error(
+                send,
+                405,
+                f"{path} answers {' and '.join(_OPS_METHODS)} only, not {method}",
+                "method_not_allowed",
+                headers=[(b"allow", allow.encode())],
+            )
+            return
+        head = method == "HEAD"
         if path == "/_sse_cache/metrics":
             body = self.metrics.render().encode()
-            await _plain(send, 200, body, "text/plain; version=0.0.4; charset=utf-8")
-        elif path == "/_sse_cache/health":
+            await _plain(send, 200, body, "text/plain; version=0.0.4; charset=utf-8", head=head)
+        else:
             service = self.cached.service
             backend = service.backend
             problem = await self._checked_backend()
@@ -467,12 +485,18 @@ class ProxyApp:
                     "uptime_seconds": round(time.time() - self.started, 3),
                 }
             ).encode()
-            await _plain(send, status, body, "application/json")
-        else:
-            await send_json_error(send, 404, f"unknown endpoint {path}", "not_found")
+            await _plain(send, status, body, "application/json", head=head)
 
 
-async def _plain(send: Send, status: int, body: bytes, content_type: str) -> None:
+#: The proxy's own endpoints (:meth:`ProxyApp._ops`), and the methods they answer.
+_OPS_PATHS = frozenset({"/_sse_cache/health", "/_sse_cache/metrics"})
+_OPS_METHODS = ("GET", "HEAD")
+
+
+async def _plain(
+    send: Send, status: int, body: bytes, content_type: str, *, head: bool = False
+) -> None:
+    # A HEAD answer has the GET answer's headers (its length included) and no body.
     await send(
         {
             "type": "http.response.start",
@@ -483,7 +507,7 @@ async def _plain(send: Send, status: int, body: bytes, content_type: str) -> Non
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
 
 def create_proxy_app(

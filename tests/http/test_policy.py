@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from sse_cache import ConfigError, Pacing
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
 from sse_cache.http.policy import (
+    MAX_TTL,
     SHARED_TENANT,
     CachePolicy,
     Controls,
@@ -151,7 +152,10 @@ def test_controls_parse() -> None:
         ("x-sse-cache-ttl", "abc"),
         ("x-sse-cache-ttl", "-5"),
         ("x-sse-cache-ttl", "inf"),
+        ("x-sse-cache-ttl", "1e308"),
         ("x-sse-cache-max-age", "-1"),
+        ("x-sse-cache-max-age", "nan"),
+        ("x-sse-cache-max-age", "inf"),
         ("x-sse-cache-namespace", "has space"),
         ("x-sse-cache-namespace", "x" * 200),
         ("x-sse-cache-variants", "0"),
@@ -164,6 +168,45 @@ def test_controls_parse() -> None:
 def test_bad_control_values_name_the_header(header: str, value: str) -> None:
     with pytest.raises(ConfigError, match=header):
         parse_controls({header: value})
+
+
+@pytest.mark.parametrize("header", ["x-sse-cache-ttl", "x-sse-cache-max-age"])
+@pytest.mark.parametrize("value", ["1e308", "inf", "1e999", "Infinity", str(MAX_TTL + 1)])
+def test_seconds_past_a_year_are_refused_naming_the_header_and_the_limit(
+    header: str, value: str
+) -> None:
+    # A TTL of 1e308 was stored, and each hit carried a 309-digit x-sse-cache-ttl.
+    with pytest.raises(ConfigError) as info:
+        parse_controls({header: value})
+    assert str(info.value) == f"{header} must be at most 31536000 seconds (one year), got {value!r}"
+
+
+def test_seconds_up_to_a_year_are_taken() -> None:
+    assert MAX_TTL == 365 * 86400
+    controls = parse_controls({"x-sse-cache-ttl": str(MAX_TTL), "x-sse-cache-max-age": "0"})
+    assert (controls.ttl, controls.max_age) == (MAX_TTL, 0.0)
+    assert parse_controls({"x-sse-cache-max-age": str(MAX_TTL)}).max_age == MAX_TTL
+    for header in ("x-sse-cache-ttl", "x-sse-cache-max-age"):
+        with pytest.raises(
+            ConfigError, match=f"^{header} must be a .* number of seconds, got 'nan'"
+        ):
+            parse_controls({header: "nan"})
+
+
+def test_a_url_in_an_error_message_never_shows_its_password() -> None:
+    # Whatever precedes the last "@" goes, even in URLs no parser reads (a password with an
+    # unencoded "/" or "?", an unclosed IPv6 bracket).
+    from sse_cache._logging import redact_userinfo
+
+    cases = {
+        "redis://user:pa/ss?w@host:6379/0": "redis://***@host:6379/0",
+        "redis://:s3cret@[::1": "redis://***@[::1",
+        "user:pw@host": "***@host",
+        "sqlite:///./x.db": "sqlite:///./x.db",
+        "http://a@b@c/p": "http://***@c/p",
+    }
+    for url, shown in cases.items():
+        assert redact_userinfo(url) == shown, url
 
 
 def test_variants_pick_within_range() -> None:

@@ -116,6 +116,19 @@ def test_flags_win_over_variables() -> None:
     assert settings.cross_process is True
 
 
+@pytest.fixture
+def never_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests of options the command must refuse: were a check to regress, the command
+    would serve (with ``--workers 100000``: fork a process per worker) instead of failing."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the command started a server: an option check let it through")
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", refuse)
+
+
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
     [
@@ -134,7 +147,7 @@ def test_flags_win_over_variables() -> None:
     ],
 )
 def test_a_bad_variable_names_itself_and_what_was_expected(
-    name: str, text: str, expected: str, monkeypatch: pytest.MonkeyPatch
+    name: str, text: str, expected: str, monkeypatch: pytest.MonkeyPatch, never_served: None
 ) -> None:
     monkeypatch.setenv("SSE_CACHE_UPSTREAM", "http://127.0.0.1:9")
     monkeypatch.setenv(name, text)
@@ -145,7 +158,9 @@ def test_a_bad_variable_names_itself_and_what_was_expected(
     assert expected in message
 
 
-def test_a_missing_upstream_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_upstream_says_how_to_give_one(
+    monkeypatch: pytest.MonkeyPatch, never_served: None
+) -> None:
     monkeypatch.delenv("SSE_CACHE_UPSTREAM", raising=False)
     with pytest.raises(SystemExit, match=r"--upstream URL or SSE_CACHE_UPSTREAM=URL"):
         main(["proxy"])
@@ -166,7 +181,7 @@ def test_a_missing_upstream_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch
     ],
 )
 def test_numeric_flags_are_checked_with_a_clear_message(
-    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str], never_served: None
 ) -> None:
     with pytest.raises(SystemExit) as info:
         main(["proxy", "--upstream", "http://127.0.0.1:9", *argv])
@@ -545,6 +560,45 @@ async def test_an_unreachable_backend_is_warned_at_startup_and_rate_limited(
     access = [line for line in lines if " cache=miss" in line]
     assert len(access) == 20
     assert all(re.search(r'stored=no reason="backend write failed: ', a) for a in access)
+
+
+# -- the operational endpoints -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_health_and_metrics_answer_get_and_head_and_refuse_other_methods(
+    serve: Any,
+) -> None:
+    # They answered any method: a POST or a DELETE got a 200 as if it had done something.
+    app = create_proxy_app(f"http://127.0.0.1:{free_port()}", "memory://")
+    try:
+        async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy, timeout=30) as client:
+            for path in ("/_sse_cache/health", "/_sse_cache/metrics"):
+                got = await client.get(path)
+                assert got.status_code == 200 and got.content, path
+                head = await client.head(path)
+                assert head.status_code == 200 and head.content == b"", path
+                assert head.headers["content-type"] == got.headers["content-type"]
+                assert int(head.headers["content-length"]) > 0
+                for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+                    refused = await client.request(method, path, json={})
+                    assert refused.status_code == 405, (method, path)
+                    assert refused.headers["allow"] == "GET, HEAD"
+                    assert refused.headers["content-type"] == "application/json"
+                    assert refused.json() == {
+                        "error": {
+                            "message": f"{path} answers GET and HEAD only, not {method}",
+                            "type": "method_not_allowed",
+                            "code": "method_not_allowed",
+                        }
+                    }
+            # An unknown endpoint stays unknown, whatever the method.
+            for method in ("GET", "POST"):
+                missing = await client.request(method, "/_sse_cache/nope")
+                assert missing.status_code == 404 and "allow" not in missing.headers
+    finally:
+        await app.aclose()
 
 
 # -- workers --------------------------------------------------------------------------------

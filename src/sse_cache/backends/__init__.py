@@ -16,9 +16,9 @@ from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Final
 
+from .._logging import redact_userinfo
 from ..errors import ConfigError, SSECacheError
 from ..protocols import Backend
-from ._common import redact_userinfo
 
 if TYPE_CHECKING:
     from .memcached import MemcachedBackend as MemcachedBackend

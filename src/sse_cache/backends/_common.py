@@ -19,7 +19,6 @@ __all__ = [
     "expires_at",
     "netloc_for_errors",
     "parse_hosts",
-    "redact_userinfo",
     "to_bytes",
 ]
 
@@ -180,24 +179,6 @@ def parse_hosts(scheme: str, netloc: str, default_port: int) -> list[tuple[str, 
             raise ConfigError(f"{scheme}:// URL: port 0 in {item!r}")
         hosts.append((unquote(parts.hostname), port if port is not None else default_port))
     return hosts
-
-
-def redact_userinfo(url: str) -> str:
-    """``url`` fit for an error message: whatever precedes its last ``@`` (a user and a
-    password, even one with an unencoded ``/`` or ``?`` in it) becomes ``***``. (Not
-    :func:`sse_cache._logging.redact_url`: that keeps the user name.)"""
-    head, sep, rest = url.partition("://")
-    if not sep:
-        head, rest = "", url
-    if "@" not in rest:
-        return url
-    return f"{head}{sep}***@{rest.rpartition('@')[2]}"
-
-
-def unreadable_url(exc: ValueError) -> str:
-    """Why ``urlsplit`` could not read a URL, said without quoting it (its own message may
-    quote the netloc, password and all)."""
-    return "an unclosed [ ] around an IPv6 address" if "IPv6" in str(exc) else "unparsable"
 
 
 def netloc_for_errors(url: str) -> str:

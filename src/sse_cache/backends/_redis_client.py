@@ -16,14 +16,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from .._logging import redact_userinfo, unreadable_url
 from ..errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, ConfigError
-from ._common import (
-    check_open,
-    netloc_for_errors,
-    parse_hosts,
-    redact_userinfo,
-    unreadable_url,
-)
+from ._common import check_open, netloc_for_errors, parse_hosts
 
 __all__ = ["Commands", "cluster_client", "map_exceptions", "milliseconds", "standalone_client"]
 

@@ -24,8 +24,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from .._logging import redact_userinfo
 from ..errors import ConfigError, CorruptEntry
-from ._common import Options, check_key, expires_at, redact_userinfo, to_bytes
+from ._common import Options, check_key, expires_at, to_bytes
 from ._fork import keep, reopen_after_fork
 from ._redis_client import (
     Commands,

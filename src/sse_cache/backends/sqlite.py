@@ -25,9 +25,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from .._logging import redact_userinfo
 from ..errors import BackendUnavailable, ConfigError
 from ._call_queue import DEFAULT_QUEUE_TIMEOUT, CallQueue
-from ._common import Options, check_key, check_open, expires_at, redact_userinfo, to_bytes
+from ._common import Options, check_key, check_open, expires_at, to_bytes
 from ._near import NearCache
 from ._sqlite_file import DatabaseFile
 from ._sqlite_probe import VersionProbe

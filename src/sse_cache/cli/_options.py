@@ -1,23 +1,26 @@
 """The options of ``sse-cache proxy``: :data:`OPTIONS`, the one list of them, each a flag and
 an ``SSE_CACHE_<OPTION>`` environment variable, with the parsers of their values;
 :func:`add_options` puts them on a parser and :func:`resolve` reads a flag, else its
-variable, else the default."""
+variable, else the default (:func:`value_of`, which the inspection commands use for
+``--backend`` too)."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._checks import MAX_TTL, MAX_TTL_SHOWN
 from .._logging import LOG_LEVELS
 from ..errors import ConfigError
 from ..http.policy import base_url_of
 
-__all__ = ["ENV_PREFIX", "OPTIONS", "Option", "add_options", "resolve"]
+__all__ = ["ENV_PREFIX", "OPTIONS", "Option", "add_options", "option", "resolve", "value_of"]
 
 ENV_PREFIX = "SSE_CACHE_"
 
@@ -45,6 +48,38 @@ def _at_least(low: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+#: The most ``--workers`` a proxy may run per CPU it can use (:func:`usable_cpus`). Each
+#: worker is a Python process with its own app, upstream connections and decoded-entry
+#: memory (``--decoded-cache-mb``, 64 MiB by default), and one keeps a CPU busy on its own:
+#: past a few per CPU they add memory and context switches, no throughput. Eight per CPU is
+#: four times the usual ``2 * CPUs + 1``, and still refuses a mistyped ``--workers 100000``
+#: before it forks a process per worker (which once took a VM to the OOM killer).
+WORKERS_PER_CPU = 8
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where there is one (``taskset``,
+    a container's cpuset), else all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # (no affinity on macOS and Windows)
+        return os.cpu_count() or 1
+
+
+def _workers(text: str) -> int:
+    value = _integer(text, "a number of workers")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of workers >= 1, got {text!r}")
+    cpus = usable_cpus()
+    most = WORKERS_PER_CPU * cpus
+    if value > most:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {most} workers ({WORKERS_PER_CPU} per CPU, {cpus} CPU"
+            f"{'s' if cpus > 1 else ''} here), got {text!r}"
+        )
+    return value
+
+
 def _integer(text: str, what: str) -> int:
     try:
         return int(text.strip().replace("_", ""))
@@ -52,7 +87,8 @@ def _integer(text: str, what: str) -> int:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
-def _seconds(*, zero: bool = False) -> Callable[[str], float]:
+def _seconds(*, zero: bool = False, longest: bool = False) -> Callable[[str], float]:
+    """Seconds > 0 (>= 0 with ``zero``), finite; at most :data:`MAX_TTL` with ``longest``."""
     what = "a number of seconds >= 0" if zero else "a positive number of seconds"
 
     def parse(text: str) -> float:
@@ -60,7 +96,13 @@ def _seconds(*, zero: bool = False) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        if math.isnan(value) or value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if longest and value > MAX_TTL:
+            raise argparse.ArgumentTypeError(
+                f"expected {what} of at most {MAX_TTL} ({MAX_TTL_SHOWN}), got {text!r}"
+            )
+        if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -209,17 +251,18 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--workers",
         "processes serving the port; with more than one, identical streamed requests share "
-        "one upstream stream across them when the backend supports it (Redis)",
+        "one upstream stream across them when the backend supports it (Redis); at most "
+        f"{WORKERS_PER_CPU} per CPU",
         default=1,
         shown="1",
-        parse=_at_least(1, "a number of workers"),
+        parse=_workers,
         metavar="N",
     ),
     Option(
         "--ttl",
-        "entry lifetime in seconds",
+        f"entry lifetime in seconds, at most {MAX_TTL} ({MAX_TTL_SHOWN})",
         shown="none (no expiry)",
-        parse=_seconds(),
+        parse=_seconds(longest=True),
         metavar="S",
     ),
     Option(
@@ -365,20 +408,31 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> argparse.Na
     variable and what was expected for a bad value, and for a missing upstream."""
     out = argparse.Namespace()
     for opt in OPTIONS:
-        value = getattr(args, opt.dest, None)
-        if value is None:
-            text = environ.get(opt.env, "").strip()
-            if text:
-                try:
-                    value = opt.from_text(text)
-                except argparse.ArgumentTypeError as exc:
-                    raise ConfigError(f"{opt.env}: {exc}") from None
-        if value is None:
-            value = list(opt.default) if isinstance(opt.default, list) else opt.default
-        setattr(out, opt.dest, value)
+        setattr(out, opt.dest, value_of(opt, getattr(args, opt.dest, None), environ))
     if out.upstream is None:
         raise ConfigError("an upstream is required: --upstream URL or SSE_CACHE_UPSTREAM=URL")
     return out
+
+
+def option(flag: str) -> Option:
+    """The option of :data:`OPTIONS` whose flag is ``flag`` (``"--backend"``)."""
+    return next(opt for opt in OPTIONS if opt.flag == flag)
+
+
+def value_of(opt: Option, given: Any, environ: Mapping[str, str]) -> Any:
+    """One option's value: ``given`` (its flag's, already parsed) unless None, else its
+    ``SSE_CACHE_*`` variable's (an empty variable counts as unset), else its default.
+    Raises :class:`ConfigError` naming the variable and what was expected for a bad value.
+    (:func:`resolve` reads every option so; the inspection commands read ``--backend`` so.)"""
+    if given is not None:
+        return given
+    text = environ.get(opt.env, "").strip()
+    if text:
+        try:
+            return opt.from_text(text)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"{opt.env}: {exc}") from None
+    return list(opt.default) if isinstance(opt.default, list) else opt.default
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

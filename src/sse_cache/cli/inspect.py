@@ -1,8 +1,9 @@
 """``sse-cache ls | show KEY | purge [KEY...] | stats`` — inspect and manage a cache.
 
-Every subcommand takes ``--backend URL`` (default ``sqlite:///./sse-cache.db``) and never
-creates a cache: a ``sqlite://`` file is opened with ``create=false``. A cache holds entries
-and index rows (aliases, ``alias-…``: another name of an entry, whose value is the entry's
+Every subcommand takes ``--backend URL``, else reads ``SSE_CACHE_BACKEND`` as ``sse-cache
+proxy`` does (the flag wins; default ``sqlite:///./sse-cache.db``), and never creates a
+cache: a ``sqlite://`` file is opened with ``create=false``. A cache holds entries and index
+rows (aliases, ``alias-…``: another name of an entry, whose value is the entry's
 key); these commands show each as what it is. Exit codes: 0 done, 1 failed (key not found,
 corrupt entry, missing file, storage error, purge not confirmed), 2 the request cannot be
 served (bad URL or option, or a backend that cannot list keys).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -22,18 +24,23 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 import anyio
 import anyio.to_thread
 
-from ..backends._common import check_key, redact_userinfo
+from .._logging import redact_userinfo
+from ..backends._common import check_key
 from ..codec import MsgpackCodec
 from ..entry import Entry
 from ..errors import ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
 from ..events import serialize_sse
 from ..keys import ALIAS_PREFIX
 from ..protocols import Backend, ScanningBackend, StatsBackend
+from ._options import option, value_of
 
 __all__ = ["DEFAULT_BACKEND", "register"]
 
-#: The backend every inspection command uses unless ``--backend`` says otherwise.
-DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
+#: The proxy's ``--backend`` option: its ``SSE_CACHE_BACKEND`` variable and its default.
+_BACKEND = option("--backend")
+#: The backend every inspection command uses unless ``--backend`` or ``SSE_CACHE_BACKEND``
+#: says otherwise: the proxy's default.
+DEFAULT_BACKEND: str = _BACKEND.default
 
 EXIT_OK, EXIT_FAILED, EXIT_UNSUPPORTED = 0, 1, 2
 
@@ -46,9 +53,10 @@ def register(sub: Any) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--backend",
-        default=DEFAULT_BACKEND,
+        default=None,  # then SSE_CACHE_BACKEND, then DEFAULT_BACKEND: see _sync
         metavar="URL",
-        help=f"cache backend URL (default: {DEFAULT_BACKEND}); never created by these commands",
+        help=f"cache backend URL (env {_BACKEND.env}, as for sse-cache proxy; default: "
+        f"{DEFAULT_BACKEND}); never created by these commands",
     )
 
     ls = sub.add_parser("ls", parents=[common], help="list the keys of the entries in a cache")
@@ -101,10 +109,18 @@ def _sync(
         bad_key = _bad_key(args)
         if bad_key:
             return _fail(bad_key, EXIT_UNSUPPORTED)
+        # The flag, else SSE_CACHE_BACKEND, else the default: as `sse-cache proxy` reads
+        # it, so that these commands look at the cache the proxy beside them uses.
+        from_env = args.backend is None and bool(os.environ.get(_BACKEND.env, "").strip())
+        source = _BACKEND.env if from_env else "--backend"
+        try:
+            args.backend = value_of(_BACKEND, args.backend, os.environ)
+        except ConfigError as exc:  # (it names the variable)
+            return _fail(f"bad {exc}", EXIT_UNSUPPORTED)
         try:
             backend = from_url(args.backend, **_existing_only(args.backend))
         except ConfigError as exc:
-            return _fail(f"bad --backend: {exc}", EXIT_UNSUPPORTED)
+            return _fail(f"bad {source}: {exc}", EXIT_UNSUPPORTED)
 
         async def main() -> int:
             try:

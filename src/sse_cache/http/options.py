@@ -23,6 +23,7 @@ from .._checks import (
     pacing_of,
     positive_number,
     text,
+    ttl_of,
 )
 from .._notices import Hook
 from ..breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
@@ -51,7 +52,8 @@ class CacheOptions:
     (:class:`~sse_cache.http.policy.CachePolicy`). ``origin``: the server the cached routes
     are answered by (``scheme://host[:port][/base]``), part of every key, so that caches of
     different servers on one backend never share an entry (the proxy sets its upstream; an
-    HTTP client's transport keys each request by its own server unless one is set here). ``ttl``,
+    HTTP client's transport keys each request by its own server unless one is set here). ``ttl``
+    (at most :data:`~sse_cache.http.policy.MAX_TTL`, one year; None: no expiry),
     ``max_entry_bytes``, ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``,
     ``keyer``, ``codec``, ``decoded_cache_bytes``: as for
     :class:`~sse_cache.engine.StreamCache` (the decoded-entry budget is shared by every
@@ -113,7 +115,7 @@ class CacheOptions:
             "breaker_cooldown": positive_number("breaker_cooldown", self.breaker_cooldown),
         }
         if self.ttl is not None:
-            checked["ttl"] = positive_number("ttl", self.ttl)
+            checked["ttl"] = ttl_of("ttl", self.ttl)
         if self.resume_window is not None:
             checked["resume_window"] = positive_number(
                 "resume_window", self.resume_window, what="a positive number of seconds or None"

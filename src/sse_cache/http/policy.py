@@ -9,6 +9,7 @@ method, a path, headers and a body into a :class:`Decision`.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import re
 import urllib.parse
@@ -17,10 +18,15 @@ from typing import Any
 
 import msgspec
 
-from .._checks import POSITIVE_BYTES, integer, mapping, text
-from .._logging import RateLimitedLog, redact_query_key, redact_url
+from .._checks import MAX_TTL, MAX_TTL_SHOWN, POSITIVE_BYTES, integer, mapping, text
+from .._logging import (
+    RateLimitedLog,
+    redact_query_key,
+    redact_url,
+    redact_userinfo,
+    unreadable_url,
+)
 from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
-from ..backends._common import redact_userinfo, unreadable_url
 from ..errors import ConfigError
 from ..keys import CREDENTIAL_HEADERS, lowered_tenant_scope
 from ..pacing import Pacing
@@ -28,6 +34,7 @@ from ..protocols import KeyHeadersAdapter, StreamAdapter
 
 __all__ = [
     "DEFAULT_ROUTES",
+    "MAX_TTL",
     "SHARED_TENANT",
     "CachePolicy",
     "Controls",
@@ -53,6 +60,7 @@ SHARED_TENANT = "shared"
 logger = logging.getLogger("sse_cache")
 # A tenant callable that returns a wrong type does so for every request: one line per 10 s.
 _bad_tenant_warnings = RateLimitedLog(logger)
+
 
 _MAX_VARIANTS = 64
 _NAMESPACE = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
@@ -86,9 +94,11 @@ class Controls(msgspec.Struct, frozen=True, kw_only=True):
     refresh: bool = False
     """``x-sse-cache-refresh``: replace the stored answer with a fresh one."""
     ttl: float | None = None
-    """``x-sse-cache-ttl: <seconds>``: lifetime of the entry this request stores."""
+    """``x-sse-cache-ttl: <seconds>``: lifetime of the entry this request stores (at most
+    :data:`MAX_TTL`)."""
     max_age: float | None = None
-    """``x-sse-cache-max-age: <seconds>``: accept only entries younger than this."""
+    """``x-sse-cache-max-age: <seconds>``: accept only entries younger than this (at most
+    :data:`MAX_TTL`)."""
     namespace: str = ""
     """``x-sse-cache-namespace: <name>``: a separate partition of the cache."""
     variants: int = 1
@@ -109,13 +119,20 @@ def _shown(value: str, *, quote: bool = True) -> str:
     return text if short is value else f"{text}... ({len(value)} characters)"
 
 
-def _seconds(name: str, value: str) -> float:
+def _seconds(name: str, value: str, *, zero: bool = False) -> float:
+    """``value`` as a finite number of seconds > 0 (>= 0 with ``zero``) and at most
+    :data:`MAX_TTL`, else a :class:`ConfigError` naming ``name`` and what it must be."""
     try:
         seconds = float(value)
     except ValueError:
-        seconds = -1.0
-    if not seconds > 0 or seconds == float("inf"):
-        raise ConfigError(f"{name} must be a positive number of seconds, got {_shown(value)}")
+        seconds = math.nan
+    if not (seconds >= 0 if zero else seconds > 0):  # (NaN too)
+        what = "a non-negative" if zero else "a positive"
+        raise ConfigError(f"{name} must be {what} number of seconds, got {_shown(value)}")
+    if seconds > MAX_TTL:  # (inf too)
+        raise ConfigError(
+            f"{name} must be at most {MAX_TTL} seconds ({MAX_TTL_SHOWN}), got {_shown(value)}"
+        )
     return seconds
 
 
@@ -138,15 +155,7 @@ def parse_controls(headers: Mapping[str, str]) -> Controls:
     if (value := headers.get("x-sse-cache-ttl")) is not None:
         options["ttl"] = _seconds("x-sse-cache-ttl", value)
     if (value := headers.get("x-sse-cache-max-age")) is not None:
-        try:
-            max_age = float(value)
-        except ValueError:
-            max_age = -1.0
-        if not max_age >= 0:
-            raise ConfigError(
-                f"x-sse-cache-max-age must be a non-negative number of seconds, got {_shown(value)}"
-            )
-        options["max_age"] = max_age
+        options["max_age"] = _seconds("x-sse-cache-max-age", value, zero=True)
     if (value := headers.get("x-sse-cache-namespace")) is not None:
         if not _NAMESPACE.match(value):
             raise ConfigError(
