@@ -155,7 +155,6 @@ def test_controls_parse() -> None:
         ("x-sse-cache-ttl", "1e308"),
         ("x-sse-cache-max-age", "-1"),
         ("x-sse-cache-max-age", "nan"),
-        ("x-sse-cache-max-age", "inf"),
         ("x-sse-cache-namespace", "has space"),
         ("x-sse-cache-namespace", "x" * 200),
         ("x-sse-cache-variants", "0"),
@@ -170,15 +169,15 @@ def test_bad_control_values_name_the_header(header: str, value: str) -> None:
         parse_controls({header: value})
 
 
-@pytest.mark.parametrize("header", ["x-sse-cache-ttl", "x-sse-cache-max-age"])
 @pytest.mark.parametrize("value", ["1e308", "inf", "1e999", "Infinity", str(MAX_TTL + 1)])
-def test_seconds_past_a_year_are_refused_naming_the_header_and_the_limit(
-    header: str, value: str
-) -> None:
-    # A TTL of 1e308 was stored, and each hit carried a 309-digit x-sse-cache-ttl.
+def test_a_ttl_past_a_year_is_refused_naming_the_header_and_the_limit(value: str) -> None:
+    # A TTL of 1e308 was stored, and each hit carried a 309-digit x-sse-cache-ttl. A max-age
+    # that long only accepts any entry (one stored without a TTL may be older than a year).
     with pytest.raises(ConfigError) as info:
-        parse_controls({header: value})
-    assert str(info.value) == f"{header} must be at most 31536000 seconds (one year), got {value!r}"
+        parse_controls({"x-sse-cache-ttl": value})
+    expected = f"x-sse-cache-ttl must be at most 31536000 seconds (one year), got {value!r}"
+    assert str(info.value) == expected
+    assert parse_controls({"x-sse-cache-max-age": value}).max_age == float(value)
 
 
 def test_seconds_up_to_a_year_are_taken() -> None:

@@ -120,8 +120,8 @@ def _shown(value: str, *, quote: bool = True) -> str:
 
 
 def _seconds(name: str, value: str, *, zero: bool = False) -> float:
-    """``value`` as a finite number of seconds > 0 (>= 0 with ``zero``) and at most
-    :data:`MAX_TTL`, else a :class:`ConfigError` naming ``name`` and what it must be."""
+    """``value`` as a number of seconds > 0 (>= 0 with ``zero``), else a
+    :class:`ConfigError` naming ``name`` and what it must be."""
     try:
         seconds = float(value)
     except ValueError:
@@ -129,6 +129,13 @@ def _seconds(name: str, value: str, *, zero: bool = False) -> float:
     if not (seconds >= 0 if zero else seconds > 0):  # (NaN too)
         what = "a non-negative" if zero else "a positive"
         raise ConfigError(f"{name} must be {what} number of seconds, got {_shown(value)}")
+    return seconds
+
+
+def _lifetime(name: str, value: str) -> float:
+    """:func:`_seconds`, at most :data:`MAX_TTL`: an entry's lifetime (echoed on every hit
+    as ``x-sse-cache-ttl``; a "1e308 seconds" lifetime is a mistake, not an intention)."""
+    seconds = _seconds(name, value)
     if seconds > MAX_TTL:  # (inf too)
         raise ConfigError(
             f"{name} must be at most {MAX_TTL} seconds ({MAX_TTL_SHOWN}), got {_shown(value)}"
@@ -153,8 +160,10 @@ def parse_controls(headers: Mapping[str, str]) -> Controls:
         elif value.strip().lower() not in ("0", "false", "no", "off"):
             raise ConfigError(f"x-sse-cache-refresh must be true or false, got {_shown(value)}")
     if (value := headers.get("x-sse-cache-ttl")) is not None:
-        options["ttl"] = _seconds("x-sse-cache-ttl", value)
+        options["ttl"] = _lifetime("x-sse-cache-ttl", value)
     if (value := headers.get("x-sse-cache-max-age")) is not None:
+        # (No upper bound: any age, ``inf`` included, accepts every entry; an entry
+        # stored without a TTL may be older than a year.)
         options["max_age"] = _seconds("x-sse-cache-max-age", value, zero=True)
     if (value := headers.get("x-sse-cache-namespace")) is not None:
         if not _NAMESPACE.match(value):
