@@ -29,3 +29,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if dropped:
         items[:] = [item for item in items if not item.get_closest_marker("litellm")]
         config.hook.pytest_deselected(items=dropped)
+
+
+@pytest.fixture
+def never_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests of options the command must refuse: were a check to regress, the command
+    would serve (with ``--workers 100000``: fork a process per worker) instead of failing."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the command started a server: an option check let it through")
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", refuse)

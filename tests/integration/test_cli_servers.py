@@ -182,7 +182,9 @@ def test_version_command(tmp_path: Path) -> None:
     assert (version.returncode, version.stdout) == (0, f"sse-cache {__version__}\n")
 
 
-def test_proxy_rejects_a_negative_decoded_cache_size(capsys: pytest.CaptureFixture[str]) -> None:
+def test_proxy_rejects_a_negative_decoded_cache_size(
+    capsys: pytest.CaptureFixture[str], never_served: None
+) -> None:
     from sse_cache.cli import main
 
     with pytest.raises(SystemExit):

@@ -116,19 +116,6 @@ def test_flags_win_over_variables() -> None:
     assert settings.cross_process is True
 
 
-@pytest.fixture
-def never_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    """For tests of options the command must refuse: were a check to regress, the command
-    would serve (with ``--workers 100000``: fork a process per worker) instead of failing."""
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the command started a server: an option check let it through")
-
-    import uvicorn
-
-    monkeypatch.setattr(uvicorn, "run", refuse)
-
-
 @pytest.mark.parametrize(
     ("name", "text", "expected"),
     [
