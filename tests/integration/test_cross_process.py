@@ -493,6 +493,64 @@ async def test_a_follower_in_another_process_is_never_told_a_stream_with_a_hole_
         await b.aclose()
 
 
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("mode", ["cancelled", "fails"])
+async def test_a_producer_whose_publish_is_lost_fails_its_remote_followers_at_once(
+    serve: Any, redis_server: Any, mode: str
+) -> None:
+    # Worker A (a transport) leads and publishes; worker B follows it over Redis. A publish
+    # of what A relayed is lost — A's read is cancelled meanwhile (a timeout around the SDK's
+    # iteration), or Redis fails it — then A's client closes the response mid-stream. B has
+    # lost those bytes: it must be told the stream failed at once, the lease released and
+    # the upstream closed — not be kept on heartbeats until its read timeout with A's lease
+    # renewed for ever (helper-66: the lost publish had dropped the lease, yet A still
+    # counted as read for other processes, so it handed its upstream over to no one).
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    upstream_app = MockUpstream(first_delay=0.2, delay=0.01)
+    url = f"{redis_server.url}?prefix=q{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "gpt-mock", "input": "cancelled while publishing", "stream": True}
+    async with serve(upstream_app) as upstream:
+        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        async with (
+            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
+            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
+        ):
+            with (
+                anyio.fail_after(DEADLOCK_GUARD),
+                LosePublishes(ta.service.backend, mode) as losing,
+            ):
+                producer = await ca.send(_request(ca, payload), stream=True)
+                assert producer.headers["x-sse-cache"] == "miss"
+                chunks = producer.aiter_raw()
+                await chunks.__anext__()
+                await chunks.__anext__()  # the head and first bytes are on the channel
+                follower = await cb.send(_request(cb, payload), stream=True)
+                assert follower.headers["x-sse-cache"] == "shared"
+                losing.arm()
+                if mode == "cancelled":
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(chunks.__anext__)  # publishes what it relayed, first
+                        await losing.started.wait()
+                        tg.cancel_scope.cancel()
+                else:
+                    await chunks.__anext__()  # the publish fails; the read goes on
+                    assert losing.started.is_set()
+                await producer.aclose()
+                with pytest.raises(httpx2.HTTPError):
+                    await follower.aread()
+                lock = "sf:" + producer.headers["x-sse-cache-key"]
+                backend: Any = tb.service.backend
+                # (Polling: another service's lease, in Redis, and the upstream's count.)
+                while await backend.holder(lock) is not None:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                while upstream_app.stats()["in_flight"]:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+    assert upstream_app.stats()["total"] == 1
+
+
 class Joined:
     """A hook counting the requests that joined a live stream (``shared`` notices, in any
     of the proxies it is given to)."""

@@ -144,9 +144,12 @@ class ResponseTee:
         except BaseException as exc:
             # The followers in other processes are now missing bytes (also when this publish
             # was cancelled midway): when this response ends they are told it failed (never
-            # a clean end), not sent what comes next.
+            # a clean end), not sent what comes next — nor read on for: the stream is no
+            # longer read to its end for them when no one here reads it.
             self._lease = None
             self.publish_failed = True
+            if self._flight is not None:
+                self._flight.remote = False
             if not isinstance(exc, Exception):
                 raise
             logger.warning("sse_cache: fan-out publish failed, followers will fail: %r", exc)
