@@ -135,13 +135,20 @@ def _background(work: Coroutine[Any, Any, None]) -> None:
     task.add_done_callback(_tasks.discard)
 
 
+async def _read_one(chunks: AsyncIterator[bytes]) -> bytes:
+    return await chunks.__anext__()
+
+
 class _AsyncTeeBody:
     """The body of a miss: the upstream's chunks, each handed to the client (and to the
     followers of its live stream) first and recorded when the client asks for the next one.
 
     When the client closes it early while followers still read, the upstream is handed over
     to them: they read it on, in turn, until its end (stored if it completed) or until the
-    last of them leaves (then it is closed)."""
+    last of them leaves (then it is closed). So it is when the client's read is cancelled
+    while followers read, on asyncio: a read begun while the stream was followed runs in a
+    task of its own, which the caller's cancellation leaves running (the HTTP library closes
+    the upstream under a cancelled read)."""
 
     def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen) -> None:
         self._inner = inner
@@ -150,6 +157,9 @@ class _AsyncTeeBody:
         self._opened = opened
         self._pending = b""
         self._handed_over = False
+        # The read of the upstream's next chunk running in a task, while its result (or
+        # error) has not been taken: whoever reads next takes it.
+        self._reading: asyncio.Future[bytes] | None = None
 
     # One iterator for every ``async for``: a client that drains the rest of a response it
     # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
@@ -176,13 +186,23 @@ class _AsyncTeeBody:
         if it is None:
             it = self._it = aiter(self._inner)
         try:
-            chunk: bytes = await it.__anext__()
+            chunk = await self._read(it)
         except StopAsyncIteration:
             tee.end()
             await self._finish()
             return None
         except BaseException as exc:
             if isinstance(exc, anyio.get_cancelled_exc_class()):
+                if self._reading is not None:
+                    # The caller was cancelled, not the read (its own task): followers read
+                    # on from it, as when a client closes early — unless the answer is
+                    # complete already. The openai SDK drains a chat body after [DONE] by
+                    # cancelling its read: the followers' streams end now, with the answer
+                    # stored, rather than when the upstream ends its body.
+                    self._opened.timing = False
+                    if not tee.answered and self._hand_over():
+                        raise
+                    await self._stop_reading()
                 # The reader was cancelled midway (a timeout around its read; the openai SDK
                 # drains the body after chat's [DONE] for 0.1 s at most): the HTTP library
                 # has closed the upstream. What was recorded is the answer if it holds its
@@ -197,6 +217,56 @@ class _AsyncTeeBody:
         if self._opened.timing and chunk:
             self._opened.first_byte()
         return chunk
+
+    async def _read(self, chunks: AsyncIterator[bytes]) -> bytes:
+        reading = self._reading
+        if reading is None:
+            if not (self._tee.followed and _on_asyncio()):
+                return await chunks.__anext__()  # (a task per chunk costs ~9 µs: not alone)
+            reading = self._reading = asyncio.ensure_future(_read_one(chunks))
+        try:
+            chunk = await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            if reading.cancelled():  # the read itself (_stop_reading), not only the caller
+                self._reading = None
+            raise  # the caller's: the read goes on, its chunk is the next one taken
+        except BaseException:
+            self._reading = None
+            raise
+        self._reading = None
+        return chunk
+
+    async def _stop_reading(self) -> None:
+        # No one will take the read running in its task: stop it (the HTTP library closes
+        # the upstream) before the upstream's iterator is closed.
+        reading, self._reading = self._reading, None
+        if reading is None:
+            return
+        reading.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([reading])
+        if not reading.cancelled():
+            reading.exception()  # (taken: asyncio logs an error never retrieved)
+
+    def _hand_over(self) -> bool:
+        # The client went (closed early, or its read was cancelled): True when followers
+        # (or a resume window) read on, and the upstream is theirs now.
+        tee = self._tee
+        if not self._opened.open or tee.ended:
+            return False
+        if self._pending:
+            tee.feed(self._pending)
+            self._pending = b""
+        # A resume window needs a task that reads on while no one reads: on asyncio, a
+        # task of the loop (trio has none outside a nursery: no window there).
+        hold = tee.resume_window is not None and _on_asyncio()
+        if not tee.client_left(hold=hold):
+            return False
+        self._handed_over = True
+        tee.hand_over(self._pull, self._abandon)
+        if hold:
+            _background(tee.read_through_window())
+        return True
 
     async def _finish(self, exc: BaseException | None = None) -> None:
         try:
@@ -214,6 +284,7 @@ class _AsyncTeeBody:
 
     async def _abandon(self) -> None:
         try:
+            await self._stop_reading()
             await close_iterator(self._it)
             await self._inner.aclose()
         finally:
@@ -228,22 +299,8 @@ class _AsyncTeeBody:
 
     async def aclose(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
-        if self._handed_over:
+        if self._handed_over or self._hand_over():
             return
-        tee = self._tee
-        if self._opened.open and not tee.ended:
-            if self._pending:
-                tee.feed(self._pending)
-                self._pending = b""
-            # A resume window needs a task that reads on while no one reads: on asyncio, a
-            # task of the loop (trio has none outside a nursery: no window there).
-            hold = tee.resume_window is not None and _on_asyncio()
-            if tee.client_left(hold=hold):
-                self._handed_over = True
-                tee.hand_over(self._pull, self._abandon)
-                if hold:
-                    _background(tee.read_through_window())
-                return
         await self._abandon()
 
 

@@ -80,6 +80,13 @@ class Recorder:
         """Whether events are still being kept."""
         return self.state is _RECORDING
 
+    @property
+    def completing_seen(self) -> bool:
+        """The events recorded so far hold the schema's completing event, and no failure:
+        the stream is an answer wherever it stops now (:meth:`finish` still runs the
+        whole-stream check). Judges every event, as :meth:`finish` does: not for a hot path."""
+        return self.state is _RECORDING and self._verdict() is Outcome.COMPLETE
+
     def add(self, event: Event, at: float) -> None:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
         if self.state is not _RECORDING:

@@ -30,6 +30,19 @@ class Completing(GenericSSE):
         return {"count": str(len(events))}
 
 
+def test_completing_seen_says_whether_the_stream_is_an_answer_wherever_it_stops() -> None:
+    # A transport asks this when its producer's read is cancelled while others follow:
+    # complete already (end their streams now, store) or not (hand the upstream over).
+    rec = Recorder(Completing())
+    rec.add(Event("a"), 0)
+    assert not rec.completing_seen
+    rec.add(Event("b", event="done"), 0.1)
+    assert rec.completing_seen and rec.state is RecorderState.RECORDING  # (judged, not ended)
+    rec.add(Event("late", event="error"), 0.2)
+    assert not rec.completing_seen  # a later failure event: never an answer
+    assert rec.finish(clean_end=False) is None and rec.state is RecorderState.FAILED
+
+
 def test_generic_clean_end_is_stored() -> None:
     rec = Recorder(GenericSSE())
     for i in range(3):

@@ -1458,15 +1458,18 @@ _CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
-@pytest.mark.parametrize("followers", [0, 3])
+@pytest.mark.parametrize(("followers", "followed_read"), [(0, False), (3, False), (3, True)])
 async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_followers(
-    serve: Any, anyio_backend: str, followers: int
+    serve: Any, anyio_backend: str, followers: int, followed_read: bool
 ) -> None:
     # The openai SDK drains a chat stream's body after `data: [DONE]` for 0.1 s at most
     # (over HTTP/1.1), by cancelling its read: an upstream slower than that to end its body
     # had the complete answer treated as an upstream failure — not stored, and every
     # follower of the stream aborted. The read is cancelled here while the upstream holds
-    # its body's end back, the followers having joined.
+    # its body's end back, the followers having joined — before that read began
+    # (``followed_read``: then it runs in a task of its own, which a cancelled read mid-answer
+    # hands over; after the completing event it must not: the followers would wait for the
+    # body's end — helper-66, 10 of 10 timed out — instead of ending at once).
     from sse_cache.testing import GatedUpstream
 
     gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES))
@@ -1475,7 +1478,7 @@ async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_
         transport = AsyncCacheTransport("memory://", hooks=[seen])
         headers = {"authorization": "Bearer sk-cancel"}
         async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
-            done = anyio.Event()
+            done, read_on = anyio.Event(), anyio.Event()
             answers: list[tuple[str, bytes]] = []
 
             async def produce(scope: anyio.CancelScope) -> None:
@@ -1487,6 +1490,8 @@ async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_
                             received += chunk
                             if received.endswith(b"data: [DONE]\n\n"):
                                 done.set()  # and read on, for the body's end
+                                if followed_read:
+                                    await read_on.wait()
                 assert scope.cancelled_caught
 
             async def follow() -> None:
@@ -1502,7 +1507,12 @@ async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_
                 with anyio.fail_after(30):  # a deadlock guard, not a timing bound
                     while seen.followers() < followers:  # noqa: ASYNC110 - a count in the cache
                         await anyio.sleep(0.01)
+                read_on.set()
+                await anyio.wait_all_tasks_blocked()  # (the producer reads on)
                 scope.cancel()
+                with anyio.fail_after(30):  # a deadlock guard: the body's end is held
+                    while len(answers) < followers:  # noqa: ASYNC110 - the followers' answers
+                        await anyio.sleep(0.01)
             whole = b"".join(_CHAT_PIECES)
             assert answers == [("shared", whole)] * followers
             again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
@@ -1515,9 +1525,10 @@ async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_
 async def test_a_miss_whose_read_is_cancelled_before_its_completing_event_fails_its_followers(
     serve: Any, anyio_backend: str
 ) -> None:
-    # The other side of the test above: cancelled mid-answer, the upstream is closed for good
-    # by the HTTP library. A follower must see an error, never a clean end of part of the
-    # answer, and nothing is stored.
+    # The other side of the test above: cancelled mid-answer, in a read begun before anyone
+    # followed the stream (the producer's own read, in its own task), the upstream is closed
+    # for good by the HTTP library. A follower must see an error, never a clean end of part
+    # of the answer, and nothing is stored.
     from sse_cache.testing import GatedUpstream
 
     gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
@@ -1556,6 +1567,73 @@ async def test_a_miss_whose_read_is_cancelled_before_its_completing_event_fails_
             again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
             assert again.headers["x-sse-cache"] == "miss"
     assert gated.calls == 2
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("window", "follower_leaves"), [(None, False), (30.0, False), (None, True)]
+)
+async def test_a_followed_miss_whose_read_is_cancelled_midway_hands_the_upstream_over(
+    serve: Any, anyio_backend: str, window: float | None, follower_leaves: bool
+) -> None:
+    # A gateway cancels the producer's read mid-answer (its client went away, a timeout
+    # around the read) while another request follows the stream. The read, begun once the
+    # stream was followed, runs in a task of its own: the follower reads the upstream on to
+    # its end and gets the whole answer, which is stored (it used to be aborted with the
+    # producer: the HTTP library closes the upstream under a cancelled read). The same with
+    # a resume window. If the follower leaves too, with that read still running, the
+    # upstream is closed and nothing is stored.
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
+    seen = _FlightsSeen()
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen], resume_window=window)
+        headers = {"authorization": "Bearer sk-cancel-followed"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            reading = anyio.Event()
+            answers: list[tuple[str, bytes]] = []
+
+            async def produce(scope: anyio.CancelScope) -> None:
+                with scope:
+                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                        chunks = r.aiter_raw()
+                        await chunks.__anext__()
+                        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                            while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
+                                await anyio.sleep(0.01)
+                        reading.set()
+                        async for _ in chunks:  # held at the gate, until cancelled
+                            pass
+                assert scope.cancelled_caught
+
+            async def follow(scope: anyio.CancelScope) -> None:
+                with scope:
+                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                        answers.append((r.headers["x-sse-cache"], await r.aread()))
+
+            async with anyio.create_task_group() as tg:
+                producer, follower = anyio.CancelScope(), anyio.CancelScope()
+                tg.start_soon(produce, producer)
+                tg.start_soon(follow, follower)
+                await reading.wait()
+                await gated.wait_sent(2)
+                producer.cancel()
+                await anyio.wait_all_tasks_blocked()
+                if follower_leaves:
+                    follower.cancel()
+                    with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                        while gated.disconnects < 1:  # noqa: ASYNC110 - the upstream's count
+                            await anyio.sleep(0.01)
+                gated.gate.set()
+            whole = b"".join(_CHAT_PIECES)
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            if follower_leaves:
+                assert answers == [] and again.headers["x-sse-cache"] == "miss"
+            else:
+                assert answers == [("shared", whole)]
+                assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+    assert gated.calls == 1 + follower_leaves
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

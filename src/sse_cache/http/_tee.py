@@ -296,6 +296,18 @@ class ResponseTee:
             self._lease.drain(self._flight)
 
     @property
+    def answered(self) -> bool:
+        """What was recorded already holds the schema's completing event: stopped now, the
+        response is complete (:meth:`stop` stores it and ends the followers' streams)."""
+        live = self._live
+        return (
+            live is not None
+            and self._has_completing_event
+            and not self._failed
+            and live.recorder.completing_seen
+        )
+
+    @property
     def lag_limit(self) -> int | None:
         """How many bytes a reader of this response may fall behind the stream before it is
         cut off (the flight's bound); None when no one else can read it."""
