@@ -199,8 +199,10 @@ class _AsyncTeeBody:
                     # complete already. The openai SDK drains a chat body after [DONE] by
                     # cancelling its read: the followers' streams end now, with the answer
                     # stored, rather than when the upstream ends its body.
+                    # (A follower pulling the upstream handed over to it is no producer: its
+                    # pull was alone, nothing to hand over to — the flight ends with it.)
                     self._opened.timing = False
-                    if not tee.answered and self._hand_over():
+                    if not self._handed_over and not tee.answered and self._hand_over():
                         raise
                     await self._stop_reading()
                 # The reader was cancelled midway (a timeout around its read; the openai SDK

@@ -490,7 +490,11 @@ class LiveFlight(Generic[T]):
         upstream's own error; the others see the flight fail."""
         source = self.source
         assert source is not None
-        shared = len(self.flight.cursors) > 1 or self.flight.producer_reading
+        # Shared too when the stream is read on for readers elsewhere (other processes) or
+        # held for a client that may come back: a lone reader cancelled midway must not end
+        # it for them.
+        flight = self.flight
+        shared = len(flight.cursors) > 1 or flight.producer_reading or self.remote or self.held
         if shared:
             await anyio.lowlevel.checkpoint_if_cancelled()
             if self.pulling or self.source is not source:

@@ -643,3 +643,55 @@ async def test_a_finished_streams_live_alias_lasts_as_long_as_its_channel(
     finally:
         await mw.aclose()
         await client.aclose()
+
+
+async def test_a_follower_cancelled_while_it_pulls_a_held_stream_leaves_it_resumable(
+    serve: Any,
+) -> None:
+    # Through a transport with a resume window: the producer's client leaves (the stream is
+    # held for it), a follower reading on is cancelled while it pulls the upstream, alone.
+    # Its cancellation must not end the stream for the client that comes back within the
+    # window: the resume gets exactly the rest, from the one upstream call (helper-66: 18 of
+    # 84 such trials failed the stream, as a pull cancelled midway with no one else reading).
+    from sse_cache.httpx2 import AsyncCacheTransport
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("held for the client", text_deltas=6)
+    gated = GatedUpstream(events, hold_after=3)
+    async with serve(gated) as upstream:
+        transport = AsyncCacheTransport("memory://", resume_window=30)
+        async with httpx2.AsyncClient(
+            transport=transport, base_url=upstream, timeout=30, headers=ALICE
+        ) as client:
+            producer = await client.send(
+                client.build_request("POST", "/v1/responses", json=PAYLOAD), stream=True
+            )
+            assert producer.headers["x-sse-cache"] == "miss"
+            held = b""
+            async for chunk in producer.aiter_raw():
+                held += chunk
+                if len(blocks(held)) >= 2:
+                    break
+            held = b"".join(blocks(held)[:2])
+            follower = await client.send(
+                client.build_request("POST", "/v1/responses", json=PAYLOAD), stream=True
+            )
+            assert follower.headers["x-sse-cache"] == "shared"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(follower.aread)  # it reads on, waiting at the gate
+                await gated.wait_sent(3)
+                await producer.aclose()  # held: the follower pulls the upstream now
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+                # (A reader cancelled midway finishes its pull for the others: the next
+                # chunk ends it.)
+                gated.gate.set()
+            await follower.aclose()
+            response_id, n = last_sequence_number(held)
+            params = {"stream": "true", "starting_after": str(n)}
+            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                rest = await client.get(f"/v1/responses/{response_id}", params=params)
+    # (Live still, or stored by then: either way, the rest of the one answer.)
+    assert rest.status_code == 200 and rest.headers["x-sse-cache"] in ("shared", "hit")
+    assert held + rest.content == gated.body
+    assert gated.calls == 1
