@@ -24,6 +24,7 @@ from typing import Any, ClassVar, TypeVar
 import anyio
 import anyio.from_thread
 
+from ._cancellation import on_asyncio
 from .flight import SharedStreamAborted
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
@@ -118,14 +119,6 @@ class _AsyncOpen:
 
 
 _tasks: set[asyncio.Task[None]] = set()
-
-
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # trio
-        return False
-    return True
 
 
 def _background(work: Coroutine[Any, Any, None]) -> None:
@@ -223,8 +216,10 @@ class _AsyncTeeBody:
     async def _read(self, chunks: AsyncIterator[bytes]) -> bytes:
         reading = self._reading
         if reading is None:
-            if not (self._tee.followed and _on_asyncio()):
-                return await chunks.__anext__()  # (a task per chunk costs ~9 µs: not alone)
+            # (A task per chunk costs ~9 µs: only for the producer's reads while followed.
+            # Once handed over, the followers' shared pulls run in a task already.)
+            if self._handed_over or not (self._tee.followed and on_asyncio()):
+                return await chunks.__anext__()
             reading = self._reading = asyncio.ensure_future(_read_one(chunks))
         try:
             chunk = await asyncio.shield(reading)
@@ -261,7 +256,7 @@ class _AsyncTeeBody:
             self._pending = b""
         # A resume window needs a task that reads on while no one reads: on asyncio, a
         # task of the loop (trio has none outside a nursery: no window there).
-        hold = tee.resume_window is not None and _on_asyncio()
+        hold = tee.resume_window is not None and on_asyncio()
         if not tee.client_left(hold=hold):
             return False
         self._handed_over = True

@@ -36,6 +36,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
+from ._cancellation import finished
 from .errors import SSECacheError
 
 __all__ = [
@@ -291,6 +292,7 @@ class LiveFlight(Generic[T]):
         "entry",
         "flight",
         "held",
+        "isolated",
         "judge",
         "producer_cursor",
         "production",
@@ -307,6 +309,7 @@ class LiveFlight(Generic[T]):
         self.source: Callable[[], Awaitable[bool]] | None = None
         self.abandon: Callable[[], Awaitable[None]] | None = None
         self.pulling = False
+        self.isolated = False  # (see hand_over)
         #: The entry judged storable once the stream ended (being stored: a new request is
         #: answered from it), and ``judge``, which judges it on demand when that is deferred.
         self.entry: Any = None
@@ -382,12 +385,23 @@ class LiveFlight(Generic[T]):
         return False
 
     def hand_over(
-        self, source: Callable[[], Awaitable[bool]], abandon: Callable[[], Awaitable[None]]
+        self,
+        source: Callable[[], Awaitable[bool]],
+        abandon: Callable[[], Awaitable[None]],
+        *,
+        isolated: bool = False,
     ) -> None:
         """The producer's client has gone: followers read the upstream through ``source``
-        from now on; ``abandon`` closes it when the last of them leaves first."""
+        from now on; ``abandon`` closes it when the last of them leaves first.
+
+        ``isolated``: on asyncio, a pull shared with other readers runs in a task of its own
+        (see :meth:`pull`), for sources that read the network (an HTTP upstream's body,
+        another process's stream), where a task per read costs little. The engine's sources
+        give one event a pull, often without waiting: there a task per pull doubled the
+        cost of a followed stream."""
         self.source = source
         self.abandon = abandon
+        self.isolated = isolated
         self._notify()  # a follower waiting for the producer pulls now
 
     def close(self, *, keep_readers: bool = False) -> None:
@@ -486,7 +500,11 @@ class LiveFlight(Generic[T]):
         the flight, whether one reader or several wait on it. When others share it, the pull
         is shielded: a reader cancelled midway finishes this pull for the others (an async
         generator cancelled inside ``__anext__`` is finished for good), then leaves by its
-        own cancellation at its next checkpoint. The reader whose pull fails gets the
+        own cancellation. asyncio's own cancellation (``task.cancel()``, ``asyncio.timeout``)
+        is not stopped by anyio's shield: the pull is finished for the others only when the
+        source was handed over ``isolated`` (then it runs in a task of its own:
+        :func:`~._cancellation.finished`); otherwise the upstream's read is cut midway and
+        the flight fails, visibly, for everyone. The reader whose pull fails gets the
         upstream's own error; the others see the flight fail."""
         source = self.source
         assert source is not None
@@ -500,23 +518,17 @@ class LiveFlight(Generic[T]):
             if self.pulling or self.source is not source:
                 return
         self.pulling = True
+        cancelled: BaseException | None = None  # asyncio's own, while a shared pull ran
         try:
             if shared:
-                with anyio.CancelScope(shield=True) as scope:
-                    scope.deadline = anyio.current_time() + bound
-                    more = await source()
-                if scope.cancelled_caught:
-                    self.fail(f"the upstream sent nothing for {bound} s")
-                    # A reader cancelled meanwhile leaves by its cancellation, not this error.
-                    await anyio.lowlevel.checkpoint_if_cancelled()
-                    return
+                more, timed_out, cancelled = await finished(source, bound, in_task=self.isolated)
             else:
                 with anyio.move_on_after(bound) as scope:
                     more = await source()
-                if scope.cancelled_caught:
-                    self.fail(f"the upstream sent nothing for {bound} s")
-                    return
-            if not more:
+                timed_out = scope.cancelled_caught
+            if timed_out:
+                self.fail(f"the upstream sent nothing for {bound} s")
+            elif not more:
                 self.source = None
         except Exception as exc:
             self.fail(f"the upstream failed: {exc!r}")
@@ -530,6 +542,13 @@ class LiveFlight(Generic[T]):
         finally:
             self.pulling = False
             self._notify()
+        # A reader cancelled during a shared pull leaves by its cancellation now that the
+        # pull is over for the others (anyio's: at its next checkpoint; after a timeout, by
+        # its cancellation rather than the timeout's error).
+        if cancelled is not None:
+            raise cancelled
+        if shared and timed_out:
+            await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def leave(self, cursor: Cursor) -> None:
         """A follower is done (read to the end, failed, or gone); idempotent. The last reader

@@ -752,6 +752,77 @@ async def test_follower_cancelled_while_pulling_does_not_break_the_stream() -> N
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
+@pytest.mark.parametrize("held", [False, True])
+@pytest.mark.parametrize("isolated", [True, False])
+async def test_a_follower_cancelled_by_asyncio_while_pulling_finishes_the_pull(
+    anyio_backend: str, how: str, held: bool, isolated: bool
+) -> None:
+    # The test above with asyncio's own cancellation, which anyio's shield does not stop
+    # (gateways wrap reads in asyncio.timeout): A's pull of a source handed over
+    # ``isolated`` (the HTTP layer's) must still end for B, and A leave by its cancellation
+    # (helper-67: B was aborted, "cancelled mid-read", 10 of 10). ``held``: A pulls alone a
+    # stream held for a client that may resume it. Not isolated (the engine's per-event
+    # sources), the read is cut: the flight fails, visibly, never a clean end of a part.
+    import asyncio
+
+    from sse_cache.flight import SharedStreamAborted
+
+    _, live, cursors = produce(1 if held else 2)
+    live.respond(HEAD)
+    live.deliver(b"p")
+    assert live.producer_left() is True
+    live.held = held
+    inside, gate = anyio.Event(), anyio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        inside.set()
+        await gate.wait()
+        yield b"1"
+        yield b"2"
+
+    upstream = HandedOver(live, slow())
+    live.hand_over(upstream.source, upstream.abandon, isolated=isolated)
+    a_got = bytearray()
+    timeouts: list[asyncio.Timeout] = []
+
+    async def follower_a() -> None:
+        async with asyncio.timeout(None) as timeout:
+            timeouts.append(timeout)
+            await read_all(live, cursors[0], a_got)
+
+    a = asyncio.ensure_future(follower_a())
+    await inside.wait()  # A pulls the upstream
+    assert live.pulling
+    if how == "task.cancel":
+        a.cancel()
+    else:
+        timeouts[0].reschedule(asyncio.get_running_loop().time())  # expires now
+    await anyio.wait_all_tasks_blocked()
+    gate.set()
+    with pytest.raises(TimeoutError if how == "asyncio.timeout" else asyncio.CancelledError):
+        await a
+    if not isolated:
+        assert live.flight.phase is Phase.FAILED
+        if not held:
+            with pytest.raises(SharedStreamAborted):
+                await read_all(live, cursors[1], bytearray())
+        return
+    assert live.flight.phase is not Phase.FAILED and live.source is not None
+    if held:
+        live.held = False  # (the client comes back: it reads what is left)
+        b = live.flight.follow()
+        assert b is not None
+    else:
+        b = cursors[1]
+    b_got = bytearray()
+    await read_all(live, b, b_got)
+    assert b"p12".startswith(a_got) and b_got == b"p12"
+    assert live.flight.phase is Phase.ENDED and upstream.abandoned == 0
+
+
+@pytest.mark.anyio
 async def test_follower_joining_a_lone_pull_never_gets_a_truncated_clean_end() -> None:
     # The producer's client left while one follower (A) read; A pulls the upstream alone,
     # so unshielded. While A waits inside that pull, an identical request (B) joins. Then

@@ -386,6 +386,48 @@ async def test_the_local_followers_of_a_remote_stream_outlive_its_first_reader(
     assert complete(whole) and upstream_app.stats()["total"] == 1
 
 
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("cancelled", [0, 1])
+async def test_a_local_follower_of_a_remote_stream_cancelled_by_asyncio_spares_the_other(
+    serve: Any, redis_server: Any, cancelled: int
+) -> None:
+    # B1 and B2 follow worker A's stream over Redis, from worker B, reading its channel in
+    # turn. One of them is cancelled by asyncio itself (``task.cancel()``, as
+    # ``asyncio.timeout`` does; anyio's shield does not stop it) while they wait for A's
+    # next piece: the pull under way must finish for the other, who gets the whole answer
+    # (helper-67). Each is cancelled in one of the cases: one of them is the one pulling.
+    import asyncio
+
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    upstream_app = MockUpstream(first_delay=0.3, delay=0.01)
+    url = f"{redis_server.url}?prefix=n{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "gpt-mock", "input": f"asyncio cancels B{cancelled + 1}", "stream": True}
+    async with serve(upstream_app) as upstream:
+        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        async with (
+            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
+            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
+        ):
+            a = await ca.send(_request(ca, payload), stream=True)
+            producing = asyncio.ensure_future(a.aread())  # A's client paces its upstream
+            bs = [await cb.send(_request(cb, payload), stream=True) for _ in range(2)]
+            assert [r.headers["x-sse-cache"] for r in (a, *bs)] == ["miss", "shared", "shared"]
+            reads = [asyncio.ensure_future(b.aread()) for b in bs]
+            await anyio.wait_all_tasks_blocked()
+            reads[cancelled].cancel()
+            with anyio.fail_after(DEADLOCK_GUARD):
+                whole = await reads[1 - cancelled]
+                with pytest.raises(asyncio.CancelledError):
+                    await reads[cancelled]
+                await producing
+            for b in bs:
+                await b.aclose()
+    assert whole == a.content and complete(whole) and upstream_app.stats()["total"] == 1
+
+
 DEADLOCK_GUARD = 30  # seconds: only a hung test ever reaches it
 SSE = [("content-type", "text/event-stream")]
 

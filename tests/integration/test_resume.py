@@ -7,7 +7,7 @@ exactly the rest of the producer's bytes, from one upstream call, within the res
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -645,14 +645,19 @@ async def test_a_finished_streams_live_alias_lasts_as_long_as_its_channel(
         await client.aclose()
 
 
+@pytest.mark.parametrize("how", ["anyio", "task.cancel"])
 async def test_a_follower_cancelled_while_it_pulls_a_held_stream_leaves_it_resumable(
-    serve: Any,
+    serve: Any, how: str
 ) -> None:
     # Through a transport with a resume window: the producer's client leaves (the stream is
     # held for it), a follower reading on is cancelled while it pulls the upstream, alone.
     # Its cancellation must not end the stream for the client that comes back within the
     # window: the resume gets exactly the rest, from the one upstream call (helper-66: 18 of
     # 84 such trials failed the stream, as a pull cancelled midway with no one else reading).
+    # Cancelled by anyio, or by asyncio itself (``task.cancel()``, as ``asyncio.timeout``
+    # does), which anyio's shield does not stop (helper-67).
+    import asyncio
+
     from sse_cache.httpx2 import AsyncCacheTransport
     from sse_cache.testing import responses_stream
 
@@ -677,15 +682,25 @@ async def test_a_follower_cancelled_while_it_pulls_a_held_stream_leaves_it_resum
                 client.build_request("POST", "/v1/responses", json=PAYLOAD), stream=True
             )
             assert follower.headers["x-sse-cache"] == "shared"
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(follower.aread)  # it reads on, waiting at the gate
+
+            async def leave_while_it_pulls(cancel: Callable[[], object]) -> None:
                 await gated.wait_sent(3)
                 await producer.aclose()  # held: the follower pulls the upstream now
                 await anyio.wait_all_tasks_blocked()
-                tg.cancel_scope.cancel()
+                cancel()
                 # (A reader cancelled midway finishes its pull for the others: the next
                 # chunk ends it.)
                 gated.gate.set()
+
+            if how == "anyio":
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(follower.aread)  # it reads on, waiting at the gate
+                    await leave_while_it_pulls(tg.cancel_scope.cancel)
+            else:
+                reading = asyncio.ensure_future(follower.aread())
+                await leave_while_it_pulls(reading.cancel)
+                with pytest.raises(asyncio.CancelledError):
+                    await reading
             await follower.aclose()
             response_id, n = last_sequence_number(held)
             params = {"stream": "true", "starting_after": str(n)}

@@ -1637,6 +1637,58 @@ async def test_a_followed_miss_whose_read_is_cancelled_midway_hands_the_upstream
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("cancelled", [0, 1])
+async def test_a_follower_cancelled_by_asyncio_while_it_pulls_does_not_abort_the_others(
+    serve: Any, anyio_backend: str, cancelled: int
+) -> None:
+    # The producer's client leaves early; two followers read the upstream on, in turn. One
+    # of them is cancelled by asyncio itself (``task.cancel()``, as ``asyncio.timeout``
+    # does) while the upstream holds its next piece: whichever was pulling must finish that
+    # pull for the other, who gets the whole answer, stored (helper-67: the other was
+    # aborted in 10 of 10 trials — anyio's shield does not stop asyncio's cancellation).
+    # Each follower is cancelled in one of the cases: one of them is the one pulling.
+    import asyncio
+
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
+    seen = _FlightsSeen()
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-cancel-asyncio"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            producer = await client.send(
+                client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY),
+                stream=True,
+            )
+            assert producer.headers["x-sse-cache"] == "miss"
+            followers = [
+                await client.send(
+                    client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY),
+                    stream=True,
+                )
+                for _ in range(2)
+            ]
+            assert [f.headers["x-sse-cache"] for f in followers] == ["shared", "shared"]
+            reads = [asyncio.ensure_future(f.aread()) for f in followers]
+            await gated.wait_sent(2)
+            await producer.aclose()  # the followers read the upstream on, in turn
+            await anyio.wait_all_tasks_blocked()
+            reads[cancelled].cancel()
+            gated.gate.set()
+            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                whole = await reads[1 - cancelled]
+                with pytest.raises(asyncio.CancelledError):
+                    await reads[cancelled]
+            for follower in followers:
+                await follower.aclose()
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+    assert whole == b"".join(_CHAT_PIECES)
+    assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+    assert gated.calls == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("sync", [False, True])
 async def test_a_client_leaving_after_done_with_a_line_begun_after_it_has_the_answer_stored(
     serve: Any, anyio_backend: str, sync: bool

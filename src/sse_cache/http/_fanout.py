@@ -250,7 +250,8 @@ def _follow_channel(
     assert cursor is not None  # (a new flight, not failed: joinable)
     live.deliver(first)
     live.producer_left()  # no producer here: the readers pull
-    live.hand_over(_ProcessSource(live, reader, idle_timeout), lambda: _aclose(reader))
+    source = _ProcessSource(live, reader, idle_timeout)
+    live.hand_over(source, lambda: _aclose(reader), isolated=True)  # (reads Redis)
     return cursor
 
 

@@ -290,7 +290,7 @@ class ResponseTee:
         """After :meth:`client_left` said True: followers read the upstream on through
         ``source`` (see :meth:`~sse_cache.flight.LiveFlight.hand_over`)."""
         assert self._flight is not None
-        self._flight.hand_over(source, abandon)
+        self._flight.hand_over(source, abandon, isolated=True)  # (reads the network)
         if self._lease is not None:
             # Followers in other processes need the rest: read it even if no one here does.
             self._lease.drain(self._flight)
