@@ -195,7 +195,7 @@ class _AsyncTeeBody:
                     # (A follower pulling the upstream handed over to it is no producer: its
                     # pull was alone, nothing to hand over to — the flight ends with it.)
                     self._opened.timing = False
-                    if not self._handed_over and not tee.answered and self._hand_over():
+                    if not self._handed_over and self._hand_over():
                         raise
                     await self._stop_reading()
                 # The reader was cancelled midway (a timeout around its read; the openai SDK

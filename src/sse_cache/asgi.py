@@ -372,6 +372,8 @@ class _Request:
         if window is None and tee.followed and tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
+        if tee.ended:  # complete already: stored, and the followers' streams ended with it
+            return False
         if self._finish_in_background():
             # For the flight, the producer is still reading (followers keep joining).
             self.detached = True

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import httpx2
 import pytest
@@ -395,6 +397,103 @@ async def test_an_upstream_that_goes_silent_fails_every_reader_after_the_idle_ti
 
 
 # -- regressions found in review ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("way", ["proxy", "middleware", "transport", "sync-transport"])
+async def test_a_producer_leaving_at_its_completing_event_ends_its_followers_with_it(
+    serve: Any, way: str
+) -> None:
+    # The producer's client stops at the completing event (`response.completed`: the SDKs
+    # stop reading there) while the upstream has not ended its body yet. The answer is
+    # complete: its followers' streams must end now, with the whole of it, and it is stored
+    # — not wait for the upstream's body end, read on for them (helper-67: 140 of 140 waited
+    # out the upstream's hold).
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("left at the completing event", text_deltas=6)
+    gated = GatedUpstream(events, hold_after=len(events))  # complete, its end held back
+    whole = gated.body
+    payload = body(f"left at the completing event ({way})")
+    answers: list[tuple[str, bytes]] = []
+    async with AsyncExitStack() as stack:
+        if way in ("transport", "sync-transport"):
+            base = await stack.enter_async_context(serve(gated))
+        else:
+            upstream = await stack.enter_async_context(serve(gated))
+            app: Any = (
+                create_proxy_app(upstream, "memory://")
+                if way == "proxy"
+                else CacheMiddleware(gated, "memory://")
+            )
+            stack.push_async_callback(app.aclose)
+            base = await stack.enter_async_context(serve(app))
+        if way == "sync-transport":
+            sync_client = httpx2.Client(
+                transport=CacheTransport("memory://"), base_url=base, timeout=30, headers=KEY
+            )
+            stack.push_async_callback(anyio.to_thread.run_sync, sync_client.close)
+
+            def leave_at_the_end(followers: int) -> None:
+                with sync_client.stream("POST", "/v1/responses", json=payload) as r:
+                    assert r.headers["x-sse-cache"] == "miss"
+                    received = b""
+                    for chunk in r.iter_raw():
+                        received += chunk
+                        if complete(received):
+                            break
+                        if received and followers:
+                            anyio.from_thread.run(join, followers)
+                            followers = 0
+
+            def post_sync() -> httpx2.Response:
+                return sync_client.post("/v1/responses", json=payload)
+
+            post: Callable[[], Awaitable[httpx2.Response]] = partial(
+                anyio.to_thread.run_sync, post_sync
+            )
+        else:
+            transport = AsyncCacheTransport("memory://") if way == "transport" else None
+            client = await stack.enter_async_context(
+                httpx2.AsyncClient(transport=transport, base_url=base, timeout=30, headers=KEY)
+            )
+
+            async def post() -> httpx2.Response:
+                return await client.post("/v1/responses", json=payload)
+
+        async def follow() -> None:
+            response = await post()
+            answers.append((response.headers["x-sse-cache"], response.content))
+
+        async with anyio.create_task_group() as tg:
+            joined = anyio.Event()
+
+            async def join(followers: int) -> None:
+                for _ in range(followers):
+                    tg.start_soon(follow)
+                await gated.wait_sent(1)  # (the stream is live: they join it)
+                await anyio.wait_all_tasks_blocked()
+                joined.set()
+
+            with anyio.fail_after(30):  # a deadlock guard: the upstream's end is held
+                if way == "sync-transport":
+                    await anyio.to_thread.run_sync(leave_at_the_end, 3)
+                else:
+                    async with client.stream("POST", "/v1/responses", json=payload) as r:
+                        assert r.headers["x-sse-cache"] == "miss"
+                        received = b""
+                        async for chunk in r.aiter_raw():
+                            received += chunk
+                            if complete(received):
+                                break
+                            if not joined.is_set():
+                                await join(3)
+                while len(answers) < 3:  # noqa: ASYNC110 - the followers' answers
+                    await anyio.sleep(0.01)
+        again = await post()
+        gated.gate.set()
+    assert answers == [("shared", whole)] * 3
+    assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+    assert gated.calls == 1
 
 
 async def test_a_handed_over_upstream_is_closed_and_its_connection_reused(serve: Any) -> None:

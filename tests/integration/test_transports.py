@@ -1521,6 +1521,54 @@ async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_
     assert gated.calls == 1
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+async def test_a_producer_closing_after_its_completing_event_ends_its_followers_at_once(
+    serve: Any, anyio_backend: str
+) -> None:
+    # The usual client stops at the completing event (`break` after chat's `[DONE]`) and
+    # closes the response while the upstream has not ended its body. The answer is complete:
+    # it is stored and the followers' streams end now, with it — handed the upstream over,
+    # they waited for the body's end (helper-67: 140 of 140 waited out the upstream's hold),
+    # as a cancelled read after that event already does not.
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES))
+    seen = _FlightsSeen()
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-close-after-done"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            answers: list[tuple[str, bytes]] = []
+
+            async def follow() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    answers.append((r.headers["x-sse-cache"], await r.aread()))
+
+            async with anyio.create_task_group() as tg:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    assert r.headers["x-sse-cache"] == "miss"
+                    received = b""
+                    async for chunk in r.aiter_raw():
+                        received += chunk
+                        if received.endswith(b"data: [DONE]\n\n"):
+                            break
+                        if len(received) > len(_CHAT_PIECES[0]) and not seen.followers():
+                            for _ in range(3):  # joined mid-answer
+                                tg.start_soon(follow)
+                            with anyio.fail_after(30):  # a deadlock guard
+                                while seen.followers() < 3:  # noqa: ASYNC110 - a count in the cache
+                                    await anyio.sleep(0.01)
+                with anyio.fail_after(30):  # a deadlock guard: the body's end is held
+                    while len(answers) < 3:  # noqa: ASYNC110 - the followers' answers
+                        await anyio.sleep(0.01)
+            whole = b"".join(_CHAT_PIECES)
+            assert answers == [("shared", whole)] * 3
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+        gated.gate.set()
+    assert gated.calls == 1
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_miss_whose_read_is_cancelled_before_its_completing_event_fails_its_followers(
     serve: Any, anyio_backend: str

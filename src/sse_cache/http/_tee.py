@@ -234,8 +234,16 @@ class ResponseTee:
         of the body); anything else is an early close, and nothing is stored.
 
         ``hold``: keep the stream going with no one reading it (a resume window; the
-        integration calls :meth:`release` when the window is over)."""
+        integration calls :meth:`release` when the window is over).
+
+        Once what was recorded holds the completing event (the client stopped there, or the
+        openai SDK drains a chat body after ``[DONE]`` by cancelling its read), the answer
+        is complete whoever still reads: it is stored and the followers' streams end now, as
+        by :meth:`stop` — read on, they would wait for the upstream to end its body."""
         if self.ended or self.cut:
+            return False
+        if self.answered:
+            self.stop("the client left after the completing event")
             return False
         flight = self._flight
         if flight is not None and hold:
