@@ -84,8 +84,9 @@ class Recorder:
     def completing_seen(self) -> bool:
         """The events recorded so far hold the schema's completing event, and no failure:
         the stream is an answer wherever it stops now (:meth:`finish` still runs the
-        whole-stream check). Judges every event, as :meth:`finish` does: not for a hot path."""
-        return self.state is _RECORDING and self._verdict() is Outcome.COMPLETE
+        whole-stream check). Judges every event, as :meth:`finish` does: not for a hot path.
+        (Only asks: the recording goes on as it was.)"""
+        return self.state is _RECORDING and self._judged()[0] is Outcome.COMPLETE
 
     def add(self, event: Event, at: float) -> None:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
@@ -186,8 +187,15 @@ class Recorder:
         )
 
     def _verdict(self) -> Outcome:
-        # COMPLETE once a completing event was seen, FAIL as soon as any event failed
-        # (a late "completion" cannot revive a failed stream), else CONTINUE.
+        # The events' verdict (below); a failure stops the recording.
+        verdict, failing = self._judged()
+        if failing is not None:
+            self._stop(RecorderState.FAILED, f"the stream reported a failure ({failing.event})")
+        return verdict
+
+    def _judged(self) -> tuple[Outcome, Event | None]:
+        # COMPLETE once a completing event was seen, FAIL (with the event) as soon as any
+        # event failed (a late "completion" cannot revive a failed stream), else CONTINUE.
         outcome = self._adapter.outcome
         verdict = Outcome.CONTINUE
         cont, fail = Outcome.CONTINUE, Outcome.FAIL
@@ -196,10 +204,9 @@ class Recorder:
             if result is cont:
                 continue
             if result is fail:
-                self._stop(RecorderState.FAILED, f"the stream reported a failure ({event.event})")
-                return fail
+                return fail, event
             verdict = result
-        return verdict
+        return verdict, None
 
     def _stop(self, state: RecorderState, reason: str) -> None:
         self.state = state

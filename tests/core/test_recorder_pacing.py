@@ -40,7 +40,9 @@ def test_completing_seen_says_whether_the_stream_is_an_answer_wherever_it_stops(
     assert rec.completing_seen and rec.state is RecorderState.RECORDING  # (judged, not ended)
     rec.add(Event("late", event="error"), 0.2)
     assert not rec.completing_seen  # a later failure event: never an answer
+    assert rec.state is RecorderState.RECORDING  # (asking changes nothing)
     assert rec.finish(clean_end=False) is None and rec.state is RecorderState.FAILED
+    assert rec.reason == "the stream reported a failure (error)"
 
 
 def test_generic_clean_end_is_stored() -> None:
