@@ -24,9 +24,13 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"no {name} in the metrics")
 
 
+@pytest.mark.parametrize("cross_process", [False, True])
 async def test_a_hung_redis_opens_the_breaker_and_requests_skip_it(
-    serve: Any, spawn_redis: Callable[..., Any]
+    serve: Any, spawn_redis: Callable[..., Any], cross_process: bool
 ) -> None:
+    # With cross-process single-flight, the lease's lock is skipped too while the breaker
+    # is open (helper-68: every miss waited for a lock call's timeout on the hung Redis,
+    # ~1 s, with the breaker open).
     server = spawn_redis()
     upstream_app = MockUpstream(delay=0)
     async with serve(upstream_app) as upstream:
@@ -36,6 +40,7 @@ async def test_a_hung_redis_opens_the_breaker_and_requests_skip_it(
             backend_timeout=0.3,
             breaker_failures=2,
             breaker_cooldown=3600,
+            cross_process=cross_process,
         )
         async with serve(app) as base, httpx2.AsyncClient(base_url=base, timeout=30) as http:
             body = {"model": "gpt-mock", "input": "breaker", "stream": True}
@@ -50,11 +55,14 @@ async def test_a_hung_redis_opens_the_breaker_and_requests_skip_it(
                 text = (await http.get("/_sse_cache/metrics")).text
                 assert metric(text, 'sse_cache_backend_breaker_state{state="open"}') == 1
                 failures = metric(text, "sse_cache_read_failures_total")
+                locks = 'sse_cache_backend_operation_seconds_count{operation="lock"}'
+                lock_calls = metric(text, locks)
                 r = await http.post("/v1/responses", json=body, headers=KEY)
                 assert r.status_code == 200 and b"response.completed" in r.content
                 text = (await http.get("/_sse_cache/metrics")).text
-                # Skipped, not tried: no new backend failure for this request.
+                # Skipped, not tried: no new backend failure for this request, no lock call.
                 assert metric(text, "sse_cache_read_failures_total") == failures
+                assert metric(text, locks) == lock_calls
             finally:
                 server.resume()
         await app.aclose()

@@ -383,7 +383,14 @@ class Exchange:
         ):
             return
         fanout = self._service.fanout
-        if fanout is not None and publish and self._flight is not None:
+        if (
+            fanout is not None
+            and publish
+            and self._flight is not None
+            # While the breaker keeps the backend out, so are its locks: a hung Redis would
+            # cost every miss a lock call's timeout (no single-flight across processes then).
+            and self._service.breaker.state is BreakerState.CLOSED
+        ):
             self._lead, answer = await lead_or_follow(
                 fanout,
                 self.key,
