@@ -99,6 +99,25 @@ async def two_proxies(
         yield prefix, one, two
 
 
+@asynccontextmanager
+async def two_workers(
+    serve: Any, redis_url: str, upstream_app: Any
+) -> AsyncIterator[tuple[Any, httpx2.AsyncClient, Any, httpx2.AsyncClient]]:
+    """The upstream, and two async transports with cross-process single-flight on one Redis
+    (a fresh prefix), as two workers: yields each transport and its client."""
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    url = f"{redis_url}?prefix=w{uuid.uuid4().hex[:8]}:"
+    async with serve(upstream_app) as upstream:
+        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        async with (
+            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
+            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
+        ):
+            yield ta, ca, tb, cb
+
+
 async def herd(
     bases: tuple[str, ...], payload: dict[str, Any], count: int
 ) -> list[httpx2.Response]:
@@ -308,45 +327,37 @@ async def test_a_publishing_producer_reads_on_for_other_processes_when_its_clien
     # Worker A leads, worker B follows it over Redis. A's client (and A's own follower, if
     # any) leave early: A cannot count B's readers, so it reads its upstream to the end for
     # them — B gets the whole answer, once, and the lease is released.
-    from sse_cache.httpx2 import AsyncCacheTransport
 
     upstream_app = MockUpstream(first_delay=0.3, delay=0.01)
-    url = f"{redis_server.url}?prefix=h{uuid.uuid4().hex[:8]}:"
     payload = {"model": "gpt-mock", "input": f"read on ({local_follower})", "stream": True}
-    async with serve(upstream_app) as upstream:
-        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        async with (
-            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
-            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
-        ):
-            producer = await ca.send(_request(ca, payload), stream=True)
-            assert producer.headers["x-sse-cache"] == "miss"
-            own = await ca.send(_request(ca, payload), stream=True) if local_follower else None
+    async with two_workers(serve, redis_server.url, upstream_app) as (_ta, ca, tb, cb):
+        producer = await ca.send(_request(ca, payload), stream=True)
+        assert producer.headers["x-sse-cache"] == "miss"
+        own = await ca.send(_request(ca, payload), stream=True) if local_follower else None
 
-            async def read_a_little_and_leave() -> None:
-                # Through a transport the producer's client pulls the upstream: it reads
-                # (here, one chunk) while B waits for the first bytes, then leaves.
-                for response in (producer, own):
-                    if response is not None:
-                        async for _ in response.aiter_raw():
-                            break
-                        await response.aclose()
+        async def read_a_little_and_leave() -> None:
+            # Through a transport the producer's client pulls the upstream: it reads
+            # (here, one chunk) while B waits for the first bytes, then leaves.
+            for response in (producer, own):
+                if response is not None:
+                    async for _ in response.aiter_raw():
+                        break
+                    await response.aclose()
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(read_a_little_and_leave)
-                follower = await cb.send(_request(cb, payload), stream=True)
-                assert follower.headers["x-sse-cache"] == "shared"
-                body = await follower.aread()
-            # A releases its lease when its exchange ends, which comes just after B's last
-            # byte (B may finish first). While held, the lease is renewed: it cannot expire
-            # meanwhile, so only a release ends the wait.
-            lock = "sf:" + producer.headers["x-sse-cache-key"]
-            for _ in range(500):
-                holder = await tb.service.backend.holder(lock)  # type: ignore[attr-defined]
-                if holder is None:
-                    break
-                await anyio.sleep(0.01)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_a_little_and_leave)
+            follower = await cb.send(_request(cb, payload), stream=True)
+            assert follower.headers["x-sse-cache"] == "shared"
+            body = await follower.aread()
+        # A releases its lease when its exchange ends, which comes just after B's last
+        # byte (B may finish first). While held, the lease is renewed: it cannot expire
+        # meanwhile, so only a release ends the wait.
+        lock = "sf:" + producer.headers["x-sse-cache-key"]
+        for _ in range(500):
+            holder = await tb.service.backend.holder(lock)  # type: ignore[attr-defined]
+            if holder is None:
+                break
+            await anyio.sleep(0.01)
     assert complete(body) and upstream_app.stats()["total"] == 1 and holder is None
 
 
@@ -357,32 +368,24 @@ async def test_the_local_followers_of_a_remote_stream_outlive_its_first_reader(
 ) -> None:
     # Worker B's first request (B1) follows worker A over Redis; B2 follows B1 in B. B1's
     # client leaves: B2 still gets the whole answer.
-    from sse_cache.httpx2 import AsyncCacheTransport
 
     upstream_app = MockUpstream(first_delay=0.3, delay=0.01)
-    url = f"{redis_server.url}?prefix=c{uuid.uuid4().hex[:8]}:"
     payload = {"model": "gpt-mock", "input": "local followers of a remote stream", "stream": True}
-    async with serve(upstream_app) as upstream:
-        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        async with (
-            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
-            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
-        ):
-            a = await ca.send(_request(ca, payload), stream=True)
-            async with anyio.create_task_group() as tg:
-                # Each client reads its own response: through a transport, the producer's
-                # client paces the upstream (it pulls it).
-                tg.start_soon(a.aread)
-                b1 = await cb.send(_request(cb, payload), stream=True)
-                b2 = await cb.send(_request(cb, payload), stream=True)
-                statuses = [r.headers["x-sse-cache"] for r in (a, b1, b2)]
-                assert statuses == ["miss", "shared", "shared"]
-                async for _ in b1.aiter_raw():
-                    break
-                await b1.aclose()
-                whole = await b2.aread()
-            assert whole == a.content
+    async with two_workers(serve, redis_server.url, upstream_app) as (_ta, ca, _tb, cb):
+        a = await ca.send(_request(ca, payload), stream=True)
+        async with anyio.create_task_group() as tg:
+            # Each client reads its own response: through a transport, the producer's
+            # client paces the upstream (it pulls it).
+            tg.start_soon(a.aread)
+            b1 = await cb.send(_request(cb, payload), stream=True)
+            b2 = await cb.send(_request(cb, payload), stream=True)
+            statuses = [r.headers["x-sse-cache"] for r in (a, b1, b2)]
+            assert statuses == ["miss", "shared", "shared"]
+            async for _ in b1.aiter_raw():
+                break
+            await b1.aclose()
+            whole = await b2.aread()
+        assert whole == a.content
     assert complete(whole) and upstream_app.stats()["total"] == 1
 
 
@@ -399,32 +402,23 @@ async def test_a_local_follower_of_a_remote_stream_cancelled_by_asyncio_spares_t
     # (helper-67). Each is cancelled in one of the cases: one of them is the one pulling.
     import asyncio
 
-    from sse_cache.httpx2 import AsyncCacheTransport
-
     upstream_app = MockUpstream(first_delay=0.3, delay=0.01)
-    url = f"{redis_server.url}?prefix=n{uuid.uuid4().hex[:8]}:"
     payload = {"model": "gpt-mock", "input": f"asyncio cancels B{cancelled + 1}", "stream": True}
-    async with serve(upstream_app) as upstream:
-        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        async with (
-            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
-            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
-        ):
-            a = await ca.send(_request(ca, payload), stream=True)
-            producing = asyncio.ensure_future(a.aread())  # A's client paces its upstream
-            bs = [await cb.send(_request(cb, payload), stream=True) for _ in range(2)]
-            assert [r.headers["x-sse-cache"] for r in (a, *bs)] == ["miss", "shared", "shared"]
-            reads = [asyncio.ensure_future(b.aread()) for b in bs]
-            await anyio.wait_all_tasks_blocked()
-            reads[cancelled].cancel()
-            with anyio.fail_after(DEADLOCK_GUARD):
-                whole = await reads[1 - cancelled]
-                with pytest.raises(asyncio.CancelledError):
-                    await reads[cancelled]
-                await producing
-            for b in bs:
-                await b.aclose()
+    async with two_workers(serve, redis_server.url, upstream_app) as (_ta, ca, _tb, cb):
+        a = await ca.send(_request(ca, payload), stream=True)
+        producing = asyncio.ensure_future(a.aread())  # A's client paces its upstream
+        bs = [await cb.send(_request(cb, payload), stream=True) for _ in range(2)]
+        assert [r.headers["x-sse-cache"] for r in (a, *bs)] == ["miss", "shared", "shared"]
+        reads = [asyncio.ensure_future(b.aread()) for b in bs]
+        await anyio.wait_all_tasks_blocked()
+        reads[cancelled].cancel()
+        with anyio.fail_after(DEADLOCK_GUARD):
+            whole = await reads[1 - cancelled]
+            with pytest.raises(asyncio.CancelledError):
+                await reads[cancelled]
+            await producing
+        for b in bs:
+            await b.aclose()
     assert whole == a.content and complete(whole) and upstream_app.stats()["total"] == 1
 
 
@@ -548,48 +542,40 @@ async def test_a_producer_whose_publish_is_lost_fails_its_remote_followers_at_on
     # the upstream closed — not be kept on heartbeats until its read timeout with A's lease
     # renewed for ever (helper-66: the lost publish had dropped the lease, yet A still
     # counted as read for other processes, so it handed its upstream over to no one).
-    from sse_cache.httpx2 import AsyncCacheTransport
 
     upstream_app = MockUpstream(first_delay=0.2, delay=0.01)
-    url = f"{redis_server.url}?prefix=q{uuid.uuid4().hex[:8]}:"
     payload = {"model": "gpt-mock", "input": "cancelled while publishing", "stream": True}
-    async with serve(upstream_app) as upstream:
-        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
-        async with (
-            httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
-            httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb,
+    async with two_workers(serve, redis_server.url, upstream_app) as (ta, ca, tb, cb):
+        with (
+            anyio.fail_after(DEADLOCK_GUARD),
+            LosePublishes(ta.service.backend, mode) as losing,
         ):
-            with (
-                anyio.fail_after(DEADLOCK_GUARD),
-                LosePublishes(ta.service.backend, mode) as losing,
-            ):
-                producer = await ca.send(_request(ca, payload), stream=True)
-                assert producer.headers["x-sse-cache"] == "miss"
-                chunks = producer.aiter_raw()
-                await chunks.__anext__()
-                await chunks.__anext__()  # the head and first bytes are on the channel
-                follower = await cb.send(_request(cb, payload), stream=True)
-                assert follower.headers["x-sse-cache"] == "shared"
-                losing.arm()
-                if mode == "cancelled":
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(chunks.__anext__)  # publishes what it relayed, first
-                        await losing.started.wait()
-                        tg.cancel_scope.cancel()
-                else:
-                    await chunks.__anext__()  # the publish fails; the read goes on
-                    assert losing.started.is_set()
-                await producer.aclose()
-                with pytest.raises(httpx2.HTTPError):
-                    await follower.aread()
-                lock = "sf:" + producer.headers["x-sse-cache-key"]
-                backend: Any = tb.service.backend
-                # (Polling: another service's lease, in Redis, and the upstream's count.)
-                while await backend.holder(lock) is not None:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
-                while upstream_app.stats()["in_flight"]:  # noqa: ASYNC110
-                    await anyio.sleep(0.01)
+            producer = await ca.send(_request(ca, payload), stream=True)
+            assert producer.headers["x-sse-cache"] == "miss"
+            chunks = producer.aiter_raw()
+            await chunks.__anext__()
+            await chunks.__anext__()  # the head and first bytes are on the channel
+            follower = await cb.send(_request(cb, payload), stream=True)
+            assert follower.headers["x-sse-cache"] == "shared"
+            losing.arm()
+            if mode == "cancelled":
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(chunks.__anext__)  # publishes what it relayed, first
+                    await losing.started.wait()
+                    tg.cancel_scope.cancel()
+            else:
+                await chunks.__anext__()  # the publish fails; the read goes on
+                assert losing.started.is_set()
+            await producer.aclose()
+            with pytest.raises(httpx2.HTTPError):
+                await follower.aread()
+            lock = "sf:" + producer.headers["x-sse-cache-key"]
+            backend: Any = tb.service.backend
+            # (Polling: another service's lease, in Redis, and the upstream's count.)
+            while await backend.holder(lock) is not None:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            while upstream_app.stats()["in_flight"]:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
     assert upstream_app.stats()["total"] == 1
 
 
