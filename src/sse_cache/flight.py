@@ -27,6 +27,7 @@ The rules, which every integration relies on:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -36,7 +37,7 @@ import anyio
 import anyio.lowlevel
 import msgspec
 
-from ._cancellation import finished
+from ._cancellation import on_asyncio
 from .errors import SSECacheError
 
 __all__ = [
@@ -287,6 +288,7 @@ class LiveFlight(Generic[T]):
     __slots__ = (
         "_changed",
         "_flights",
+        "_pull_task",
         "_waiting",
         "abandon",
         "entry",
@@ -310,6 +312,7 @@ class LiveFlight(Generic[T]):
         self.abandon: Callable[[], Awaitable[None]] | None = None
         self.pulling = False
         self.isolated = False  # (see hand_over)
+        self._pull_task: asyncio.Task[None] | None = None  # (see pull)
         #: The entry judged storable once the stream ended (being stored: a new request is
         #: answered from it), and ``judge``, which judges it on demand when that is deferred.
         self.entry: Any = None
@@ -497,15 +500,16 @@ class LiveFlight(Generic[T]):
         """Read the next piece of the handed-over upstream into the flight, for everyone.
 
         A pull that brings nothing for ``bound`` seconds (the readers' idle timeout) fails
-        the flight, whether one reader or several wait on it. When others share it, the pull
-        is shielded: a reader cancelled midway finishes this pull for the others (an async
-        generator cancelled inside ``__anext__`` is finished for good), then leaves by its
-        own cancellation. asyncio's own cancellation (``task.cancel()``, ``asyncio.timeout``)
-        is not stopped by anyio's shield: the pull is finished for the others only when the
-        source was handed over ``isolated`` (then it runs in a task of its own:
-        :func:`~._cancellation.finished`); otherwise the upstream's read is cut midway and
-        the flight fails, visibly, for everyone. The reader whose pull fails gets the
-        upstream's own error; the others see the flight fail."""
+        the flight, whether one reader or several wait on it. When others share it, a reader
+        cancelled midway does not cut it for them (an async generator cancelled inside
+        ``__anext__`` is finished for good): a source handed over ``isolated`` is pulled in
+        a task of its own, on asyncio, which goes on for the others while the reader leaves
+        at once, whatever cancelled it — anyio, or asyncio itself (``task.cancel()``,
+        ``asyncio.timeout``), which anyio's shield does not stop. Any other shared pull is
+        shielded: the reader finishes it for the others, then leaves by its (anyio)
+        cancellation; cancelled by asyncio itself, the upstream's read is cut midway and the
+        flight fails, visibly, for everyone. The reader whose pull fails gets the upstream's
+        own error; the others see the flight fail."""
         source = self.source
         assert source is not None
         # Shared too when the stream is read on for readers elsewhere (other processes) or
@@ -517,18 +521,31 @@ class LiveFlight(Generic[T]):
             await anyio.lowlevel.checkpoint_if_cancelled()
             if self.pulling or self.source is not source:
                 return
+            if self.isolated and on_asyncio():
+                self.pulling = True
+                task = asyncio.get_running_loop().create_task(self._pull_apart(source, bound))
+                self._pull_task = task
+                task.add_done_callback(_retrieved)
+                await asyncio.shield(task)  # (cancelled, the reader leaves; the pull goes on)
+                return
         self.pulling = True
-        cancelled: BaseException | None = None  # asyncio's own, while a shared pull ran
         try:
             if shared:
-                more, timed_out, cancelled = await finished(source, bound, in_task=self.isolated)
+                with anyio.CancelScope(shield=True) as scope:
+                    scope.deadline = anyio.current_time() + bound
+                    more = await source()
+                if scope.cancelled_caught:
+                    self.fail(f"the upstream sent nothing for {bound} s")
+                    # A reader cancelled meanwhile leaves by its cancellation, not this error.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    return
             else:
                 with anyio.move_on_after(bound) as scope:
                     more = await source()
-                timed_out = scope.cancelled_caught
-            if timed_out:
-                self.fail(f"the upstream sent nothing for {bound} s")
-            elif not more:
+                if scope.cancelled_caught:
+                    self.fail(f"the upstream sent nothing for {bound} s")
+                    return
+            if not more:
                 self.source = None
         except Exception as exc:
             self.fail(f"the upstream failed: {exc!r}")
@@ -542,13 +559,27 @@ class LiveFlight(Generic[T]):
         finally:
             self.pulling = False
             self._notify()
-        # A reader cancelled during a shared pull leaves by its cancellation now that the
-        # pull is over for the others (anyio's: at its next checkpoint; after a timeout, by
-        # its cancellation rather than the timeout's error).
-        if cancelled is not None:
-            raise cancelled
-        if shared and timed_out:
-            await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def _pull_apart(self, source: Callable[[], Awaitable[bool]], bound: float) -> None:
+        # A shared pull of an isolated source, in a task of its own (see pull): cancelled
+        # only when the flight is abandoned (_abandon_unread).
+        try:
+            with anyio.move_on_after(bound) as scope:
+                more = await source()
+            if scope.cancelled_caught:
+                self.fail(f"the upstream sent nothing for {bound} s")
+            elif not more:
+                self.source = None
+        except Exception as exc:
+            self.fail(f"the upstream failed: {exc!r}")
+            raise
+        except BaseException:
+            self.fail("the flight was abandoned while its upstream was read")
+            raise
+        finally:
+            self.pulling = False
+            self._pull_task = None
+            self._notify()
 
     async def leave(self, cursor: Cursor) -> None:
         """A follower is done (read to the end, failed, or gone); idempotent. The last reader
@@ -568,9 +599,22 @@ class LiveFlight(Generic[T]):
         # The last reader left before the end (or after a failure): abandon the upstream.
         self.fail(reason)
         abandon, self.abandon, self.source = self.abandon, None, None
-        if abandon is not None:
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            task = self._pull_task
+            if task is not None:
+                # A pull its reader left goes on in its task: stopped before the upstream
+                # it reads is closed.
+                task.cancel()
+                await asyncio.wait({task})
+            if abandon is not None:
                 await abandon()
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    # A pull whose reader left: its error, if any, was the flight's failure (asyncio would
+    # log it as never retrieved).
+    if not task.cancelled():
+        task.exception()
 
 
 def joined(chunks: list[bytes], limit: int) -> Iterator[bytes]:

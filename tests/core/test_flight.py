@@ -762,7 +762,7 @@ async def test_a_follower_cancelled_by_asyncio_while_pulling_finishes_the_pull(
     # The test above with asyncio's own cancellation, which anyio's shield does not stop
     # (gateways wrap reads in asyncio.timeout): A's pull of a source handed over
     # ``isolated`` (the HTTP layer's) must still end for B, and A leave by its cancellation
-    # (helper-67: B was aborted, "cancelled mid-read", 10 of 10). ``held``: A pulls alone a
+    # at once (helper-67: B was aborted, "cancelled mid-read", 10 of 10). ``held``: A pulls alone a
     # stream held for a client that may resume it. Not isolated (the engine's per-event
     # sources), the read is cut: the flight fails, visibly, never a clean end of a part.
     import asyncio
@@ -799,10 +799,11 @@ async def test_a_follower_cancelled_by_asyncio_while_pulling_finishes_the_pull(
         a.cancel()
     else:
         timeouts[0].reschedule(asyncio.get_running_loop().time())  # expires now
-    await anyio.wait_all_tasks_blocked()
-    gate.set()
+    # A leaves at once, by its cancellation (a gateway's stall guard is kept: helper-69 saw
+    # a timeout come only with the upstream's next piece), while the upstream holds it.
     with pytest.raises(TimeoutError if how == "asyncio.timeout" else asyncio.CancelledError):
         await a
+    gate.set()
     if not isolated:
         assert live.flight.phase is Phase.FAILED
         if not held:
