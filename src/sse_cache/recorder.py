@@ -81,12 +81,18 @@ class Recorder:
         return self.state is _RECORDING
 
     @property
-    def completing_seen(self) -> bool:
-        """The events recorded so far hold the schema's completing event, and no failure:
-        the stream is an answer wherever it stops now (:meth:`finish` still runs the
-        whole-stream check). Judges every event, as :meth:`finish` does: not for a hot path.
-        (Only asks: the recording goes on as it was.)"""
-        return self.state is _RECORDING and self._judged()[0] is Outcome.COMPLETE
+    def holds_answer(self) -> bool:
+        """The events recorded so far are a complete answer wherever the stream stops now:
+        its schema's completing event, no failure, and the schema's whole-stream check
+        passes — what :meth:`finish` would store. Judges every event, as :meth:`finish`
+        does: not for a hot path. (Only asks: the recording goes on as it was.)"""
+        if self.state is not _RECORDING or self._judged()[0] is not Outcome.COMPLETE:
+            return False
+        adapter = self._adapter
+        return (
+            not isinstance(adapter, VerifyingAdapter)
+            or adapter.verify(self._events) is Outcome.COMPLETE
+        )
 
     def add(self, event: Event, at: float) -> None:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""

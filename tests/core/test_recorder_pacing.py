@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,19 +31,39 @@ class Completing(GenericSSE):
         return {"count": str(len(events))}
 
 
-def test_completing_seen_says_whether_the_stream_is_an_answer_wherever_it_stops() -> None:
+def test_holds_answer_says_whether_the_stream_is_an_answer_wherever_it_stops() -> None:
     # A transport asks this when its producer's read is cancelled while others follow:
     # complete already (end their streams now, store) or not (hand the upstream over).
     rec = Recorder(Completing())
     rec.add(Event("a"), 0)
-    assert not rec.completing_seen
+    assert not rec.holds_answer
     rec.add(Event("b", event="done"), 0.1)
-    assert rec.completing_seen and rec.state is RecorderState.RECORDING  # (judged, not ended)
+    assert rec.holds_answer and rec.state is RecorderState.RECORDING  # (judged, not ended)
     rec.add(Event("late", event="error"), 0.2)
-    assert not rec.completing_seen  # a later failure event: never an answer
+    assert not rec.holds_answer  # a later failure event: never an answer
     assert rec.state is RecorderState.RECORDING  # (asking changes nothing)
     assert rec.finish(clean_end=False) is None and rec.state is RecorderState.FAILED
     assert rec.reason == "the stream reported a failure (error)"
+
+
+def test_holds_answer_runs_the_schemas_whole_stream_check() -> None:
+    # Chat's [DONE] after a choice that never got its finish_reason (an upstream cut that
+    # still sent [DONE]) is no answer: not stored, so not an answer to end followers with.
+    from sse_cache.adapters import OpenAIChat
+
+    def chunk(delta: dict[str, str], finish: str | None) -> Event:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return Event(json.dumps({"object": "chat.completion.chunk", "choices": [choice]}))
+
+    cut = Recorder(OpenAIChat())
+    cut.add(chunk({"content": "Hel"}, None), 0)
+    cut.add(Event("[DONE]"), 0.1)
+    assert not cut.holds_answer
+    whole = Recorder(OpenAIChat())
+    whole.add(chunk({"content": "Hel"}, None), 0)
+    whole.add(chunk({}, "stop"), 0.1)
+    whole.add(Event("[DONE]"), 0.2)
+    assert whole.holds_answer and whole.finish(clean_end=False) is not None
 
 
 def test_generic_clean_end_is_stored() -> None:

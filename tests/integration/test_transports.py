@@ -1569,6 +1569,50 @@ async def test_a_producer_closing_after_its_completing_event_ends_its_followers_
     assert gated.calls == 1
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+async def test_a_producer_closing_after_a_done_that_is_no_answer_leaves_its_followers_whole(
+    serve: Any, anyio_backend: str
+) -> None:
+    # The same close after `[DONE]`, but the stream is no answer: its choice never got a
+    # finish_reason (an upstream cut that still sent [DONE]), so it is not stored. Its
+    # followers must still get every byte the upstream sends and a clean end, as before —
+    # not an error because the answer they would have ended with does not exist (helper-69).
+    from sse_cache.testing import GatedUpstream
+
+    pieces = [_chat_chunk("Hel"), _chat_chunk("lo"), b"data: [DONE]\n\n"]
+    gated = GatedUpstream(pieces, hold_after=len(pieces))
+    seen = _FlightsSeen()
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-done-no-answer"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            answers: list[tuple[str, bytes]] = []
+
+            async def follow() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    answers.append((r.headers["x-sse-cache"], await r.aread()))
+
+            async with anyio.create_task_group() as tg:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    assert r.headers["x-sse-cache"] == "miss"
+                    received = b""
+                    async for chunk in r.aiter_raw():
+                        received += chunk
+                        if received.endswith(b"data: [DONE]\n\n"):
+                            break
+                        if not seen.followers():
+                            for _ in range(3):  # joined mid-answer
+                                tg.start_soon(follow)
+                            with anyio.fail_after(30):  # a deadlock guard
+                                while seen.followers() < 3:  # noqa: ASYNC110 - a count in the cache
+                                    await anyio.sleep(0.01)
+                gated.gate.set()  # the upstream ends its body
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+    assert answers == [("shared", b"".join(pieces))] * 3
+    assert again.headers["x-sse-cache"] == "miss"
+    assert gated.calls == 2
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_miss_whose_read_is_cancelled_before_its_completing_event_fails_its_followers(
     serve: Any, anyio_backend: str

@@ -305,14 +305,16 @@ class ResponseTee:
 
     @property
     def answered(self) -> bool:
-        """What was recorded already holds the schema's completing event: stopped now, the
-        response is complete (:meth:`stop` stores it and ends the followers' streams)."""
+        """What was recorded already is the complete answer (the schema's completing event,
+        and its whole-stream check passes): stopped now, the response is complete
+        (:meth:`stop` stores it and ends the followers' streams). A stream that cannot be
+        stored (too large, not to be stored) is never answered: its followers read on."""
         live = self._live
         return (
             live is not None
             and self._has_completing_event
             and not self._failed
-            and live.recorder.completing_seen
+            and live.recorder.holds_answer
         )
 
     @property
