@@ -106,3 +106,40 @@ async def test_a_lease_drain_cancelled_once_stops_though_a_publish_swallowed_it(
     task.cancel()
     await asyncio.wait([task])
     assert task.cancelled() and turns == 3
+
+
+async def in_a_redis_command(call: Awaitable[str]) -> str:
+    """``call`` as the Redis backend runs each command (what redis-py's client awaits)."""
+    from sse_cache.backends._redis_client import Commands
+
+    async with Commands(object(), timeout=60)("GET"):  # type: ignore[arg-type]
+        return await call
+
+
+@pytest.mark.parametrize("outcome", [None, ConnectionError("reset")], ids=["returns", "fails"])
+async def test_a_redis_command_that_swallowed_a_cancellation_raises_it(
+    outcome: Exception | None,
+) -> None:
+    # A follower's asyncio.timeout fired while it looked its key up in Redis: redis-py let
+    # the cancellation through, and the follower read the whole stream 3 s past its
+    # timeout (helper-70: 47 followers in 160 trials).
+    assert await cancelled_once(in_a_redis_command, outcome) == "cancelled"
+
+
+async def test_a_redis_command_in_a_cleanup_after_a_cancellation_runs() -> None:
+    # A cancellation requested before the command (a shielded cleanup while it goes on, as
+    # a lead's end publishes its failure marker) is not the command's to raise.
+    waiting = asyncio.Event()
+
+    async def run() -> str:
+        try:
+            waiting.set()
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            return await in_a_redis_command(asyncio.sleep(0, "cleaned up"))
+        return "not cancelled"
+
+    task = asyncio.create_task(run())
+    await waiting.wait()
+    task.cancel()
+    assert await task == "cleaned up"
