@@ -503,9 +503,10 @@ class LiveFlight(Generic[T]):
         the flight, whether one reader or several wait on it. When others share it, a reader
         cancelled midway does not cut it for them (an async generator cancelled inside
         ``__anext__`` is finished for good): a source handed over ``isolated`` is pulled in
-        a task of its own, on asyncio, which goes on for the others while the reader leaves
-        at once, whatever cancelled it — anyio, or asyncio itself (``task.cancel()``,
-        ``asyncio.timeout``), which anyio's shield does not stop. Any other shared pull is
+        a task of its own, on asyncio — every pull, as others may join one begun alone —
+        which goes on for the others while the reader leaves at once, whatever cancelled it
+        — anyio, or asyncio itself (``task.cancel()``, ``asyncio.timeout``), which anyio's
+        shield does not stop; when no one is left, it is stopped. Any other shared pull is
         shielded: the reader finishes it for the others, then leaves by its (anyio)
         cancellation; cancelled by asyncio itself, the upstream's read is cut midway and the
         flight fails, visibly, for everyone. The reader whose pull fails gets the upstream's
@@ -517,16 +518,20 @@ class LiveFlight(Generic[T]):
         # it for them.
         flight = self.flight
         shared = len(flight.cursors) > 1 or flight.producer_reading or self.remote or self.held
-        if shared:
+        if self.isolated and on_asyncio():
+            # Every pull, also one begun alone: another reader may join while it waits.
             await anyio.lowlevel.checkpoint_if_cancelled()
             if self.pulling or self.source is not source:
                 return
-            if self.isolated and on_asyncio():
-                self.pulling = True
-                task = asyncio.get_running_loop().create_task(self._pull_apart(source, bound))
-                self._pull_task = task
-                task.add_done_callback(_retrieved)
-                await asyncio.shield(task)  # (cancelled, the reader leaves; the pull goes on)
+            self.pulling = True
+            task = asyncio.get_running_loop().create_task(self._pull_apart(source, bound))
+            self._pull_task = task
+            task.add_done_callback(_retrieved)
+            await asyncio.shield(task)  # (cancelled, the reader leaves; the pull goes on)
+            return
+        if shared:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+            if self.pulling or self.source is not source:
                 return
         self.pulling = True
         try:

@@ -1781,6 +1781,71 @@ async def test_a_follower_cancelled_by_asyncio_while_it_pulls_does_not_abort_the
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("how", ["task.cancel", "anyio"])
+async def test_a_follower_joining_a_pull_begun_alone_survives_the_puller_leaving(
+    serve: Any, anyio_backend: str, how: str
+) -> None:
+    # The producer's client leaves: follower A reads the upstream on, alone, and waits in
+    # that pull while the upstream holds its next piece. B joins then. A is cancelled: the
+    # pull, begun alone, must go on for B, who gets the whole answer (helper-70: B was
+    # aborted every time, "the read of the upstream was cancelled").
+    import asyncio
+
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://")
+        headers = {"authorization": "Bearer sk-join-a-lone-pull"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+
+            async def send() -> httpx2.Response:
+                request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+                return await client.send(request, stream=True)
+
+            producer = await send()
+            a = await send()
+            assert [producer.headers["x-sse-cache"], a.headers["x-sse-cache"]] == [
+                "miss",
+                "shared",
+            ]
+            async with anyio.create_task_group() as tg:
+                a_scope = anyio.CancelScope()
+
+                async def read_a() -> None:
+                    with a_scope:
+                        await a.aread()
+
+                a_reading = asyncio.ensure_future(read_a())
+                await gated.wait_sent(2)
+                await producer.aclose()  # A reads on, alone, held at the upstream's gate
+                await anyio.wait_all_tasks_blocked()
+                b = await send()
+                assert b.headers["x-sse-cache"] == "shared"
+                b_answer: list[bytes] = []
+
+                async def read_b() -> None:
+                    b_answer.append(await b.aread())
+
+                tg.start_soon(read_b)
+                await anyio.wait_all_tasks_blocked()
+                if how == "anyio":
+                    a_scope.cancel()
+                    await a_reading
+                else:
+                    a_reading.cancel()
+                    with pytest.raises(asyncio.CancelledError):
+                        await a_reading
+                gated.gate.set()
+            for response in (a, b):
+                await response.aclose()
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+    assert b_answer == [b"".join(_CHAT_PIECES)]
+    assert again.headers["x-sse-cache"] == "hit" and again.content == b_answer[0]
+    assert gated.calls == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("sync", [False, True])
 async def test_a_client_leaving_after_done_with_a_line_begun_after_it_has_the_answer_stored(
     serve: Any, anyio_backend: str, sync: bool
