@@ -277,7 +277,18 @@ class _AsyncTeeBody:
 
     async def _pull(self) -> bool:
         # For the followers, once the client has gone: one more chunk into the live stream.
-        return await self._next() is not None
+        # No client delivers it first: it is recorded (and published) at once, and a
+        # complete answer ends the stream with it.
+        if await self._next() is None:
+            return False
+        tee = self._tee
+        tee.feed(self._pending)
+        self._pending = b""
+        await tee.flush()
+        if not tee.end_if_answered():
+            return True
+        await self._finish()  # closes the upstream (its body's end is not waited for)
+        return False
 
     async def _abandon(self) -> None:
         try:
@@ -543,6 +554,13 @@ class _SyncTeeBody:
         self._delivered = b""
         self._tee.end()
 
+    def _end_if_answered(self) -> bool:
+        # No client delivers what the drain reads: recorded at once, and a complete answer
+        # ends the stream with it (ResponseTee.end_if_answered).
+        self._tee.feed(self._delivered)
+        self._delivered = b""
+        return self._tee.end_if_answered()
+
     def _stop_unread(self) -> None:
         # Every reader left (each had what was relayed): complete if that holds the
         # completing event (the SDKs stop at chat's [DONE]), else failed.
@@ -591,6 +609,9 @@ class _SyncTeeBody:
         # end, or until no one wants it any more.
         try:
             while self._next() is not None:
+                if self._opened.call(self._end_if_answered):
+                    self._opened.leave()  # stores the answer
+                    return
                 if not self._opened.call(lambda: self._tee.wanted):
                     self._abandon()
                     return

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from .entry import Entry
 from .events import EOL, Event
@@ -93,6 +93,12 @@ class Recorder:
             not isinstance(adapter, VerifyingAdapter)
             or adapter.verify(self._events) is Outcome.COMPLETE
         )
+
+    def completes(self, events: Sequence[Event]) -> bool:
+        """Whether one of ``events`` is the schema's completing event (judged apart from the
+        recording: for a caller watching a stream that has no one to wait for)."""
+        outcome = self._adapter.outcome
+        return any(outcome(event) is Outcome.COMPLETE for event in events)
 
     def add(self, event: Event, at: float) -> None:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""

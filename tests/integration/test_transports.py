@@ -1569,6 +1569,127 @@ async def test_a_producer_closing_after_its_completing_event_ends_its_followers_
     assert gated.calls == 1
 
 
+class _DoneLater:
+    """A chat upstream that sends its answer up to the finish_reason chunk, then ``[DONE]``
+    once :attr:`done` is set, then ends its body once :attr:`end` is set."""
+
+    def __init__(self) -> None:
+        self.done, self.end = anyio.Event(), anyio.Event()
+        self.calls = self.disconnects = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for piece in _CHAT_PIECES[:-1]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await self.done.wait()
+        await send({"type": "http.response.body", "body": _CHAT_PIECES[-1], "more_body": True})
+        with anyio.CancelScope() as scope_:
+            async with anyio.create_task_group() as tg:
+
+                async def gone() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    self.disconnects += 1
+                    scope_.cancel()
+
+                tg.start_soon(gone)
+                await self.end.wait()
+                await send({"type": "http.response.body", "body": b""})
+                tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+@pytest.mark.parametrize("sync", [False, True])
+async def test_followers_read_on_end_with_the_completing_event_not_the_body(
+    serve: Any, anyio_backend: str, sync: bool
+) -> None:
+    # The producer's client stops at the finish_reason chunk (an SDK user breaking there),
+    # before `[DONE]` arrived: the followers read on. `[DONE]` completes the answer: their
+    # streams end with it, stored, and the upstream is closed — not when the upstream ends
+    # its body, which here it does not (helper-69: they ended only then, 3 s later).
+    upstream = _DoneLater()
+    seen = _FlightsSeen()
+    whole = b"".join(_CHAT_PIECES)
+    headers = {"authorization": f"Bearer sk-done-later-{sync}"}
+    answers: list[tuple[str, bytes]] = []
+    async with serve(upstream) as url:
+        if sync:
+            sync_client = httpx2.Client(
+                transport=CacheTransport("memory://", hooks=[seen]), base_url=url, timeout=30
+            )
+
+            def post() -> httpx2.Response:
+                return sync_client.post("/v1/chat/completions", json=_CHAT_BODY, headers=headers)
+
+            async def follow() -> None:
+                r = await anyio.to_thread.run_sync(post)
+                answers.append((r.headers["x-sse-cache"], r.content))
+
+            def stop_at_finish() -> None:
+                with sync_client.stream(
+                    "POST", "/v1/chat/completions", json=_CHAT_BODY, headers=headers
+                ) as r:
+                    received = b""
+                    for chunk in r.iter_raw():
+                        received += chunk
+                        if received.endswith(_CHAT_PIECES[2]):
+                            anyio.from_thread.run(joined)
+                            break
+
+            async def produce() -> None:
+                await anyio.to_thread.run_sync(stop_at_finish)
+
+        else:
+            transport = AsyncCacheTransport("memory://", hooks=[seen])
+            client = httpx2.AsyncClient(transport=transport, base_url=url, headers=headers)
+
+            async def follow() -> None:
+                r = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+                answers.append((r.headers["x-sse-cache"], r.content))
+
+            async def produce() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    received = b""
+                    async for chunk in r.aiter_raw():
+                        received += chunk
+                        if received.endswith(_CHAT_PIECES[2]):
+                            await joined()
+                            break
+
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def joined() -> None:
+                    for _ in range(3):
+                        tg.start_soon(follow)
+                    with anyio.fail_after(30):  # a deadlock guard
+                        while seen.followers() < 3:  # noqa: ASYNC110 - a count in the cache
+                            await anyio.sleep(0.01)
+
+                await produce()  # its client left at the finish_reason chunk
+                upstream.done.set()
+                with anyio.fail_after(30):  # a deadlock guard: the body's end never comes
+                    while len(answers) < 3:  # noqa: ASYNC110 - the followers' answers
+                        await anyio.sleep(0.01)
+                    while not upstream.disconnects:  # noqa: ASYNC110 - the upstream's count
+                        await anyio.sleep(0.01)
+            await follow()  # stored: a hit
+        finally:
+            upstream.end.set()
+            if sync:
+                await anyio.to_thread.run_sync(sync_client.close)
+            else:
+                await client.aclose()
+    assert answers == [("shared", whole)] * 3 + [("hit", whole)]
+    assert upstream.calls == 1
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
 async def test_a_producer_closing_after_a_done_that_is_no_answer_leaves_its_followers_whole(
     serve: Any, anyio_backend: str

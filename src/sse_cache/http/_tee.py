@@ -86,6 +86,10 @@ class ResponseTee:
         self._live = recording
         self._parser = SSEParser() if recording is not None else None
         self._has_completing_event = completing
+        # Once the producer's client left and followers read on: each event fed is judged,
+        # and a completing one noted (:meth:`end_if_answered`).
+        self._watching = False
+        self._completing_fed = False
         self._cache = cache
         self._key = key
         self._ttl = ttl
@@ -189,6 +193,8 @@ class ResponseTee:
                 return
             if events:
                 self._live.add(events)
+                if self._watching and not self._completing_fed:
+                    self._completing_fed = self._live.recorder.completes(events)
                 if self.identify is not None:
                     identify, self.identify = self.identify, None
                     identify(events)
@@ -253,6 +259,7 @@ class ResponseTee:
             # it reads its upstream to the end for them, and the answer is stored).
             if abandon is not None and self._lease is None:
                 flight.abandon = abandon
+            self._watching = self._has_completing_event
             return True
         if self._live is not None and self._has_completing_event and not self._failed:
             self._finish_recording(cut=True)  # the recorder judges: without the event, not stored
@@ -302,6 +309,17 @@ class ResponseTee:
         if self._lease is not None:
             # Followers in other processes need the rest: read it even if no one here does.
             self._lease.drain(self._flight)
+
+    def end_if_answered(self) -> bool:
+        """After :meth:`client_left` said True, once a chunk read on for the followers was
+        fed: if what was recorded is now the complete answer, the stream stops here, as by
+        :meth:`stop` (stored, the followers' streams end) — the upstream may take its time
+        to end its body after the completing event. True then: the integration closes the
+        upstream. (Judged in full once a completing event was fed, not at every chunk.)"""
+        if not self._completing_fed or self.ended or self.cut or not self.answered:
+            return False
+        self.stop("the answer is complete")
+        return self.ended
 
     @property
     def answered(self) -> bool:
