@@ -1522,21 +1522,27 @@ async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
-async def test_a_producer_closing_after_its_completing_event_ends_its_followers_at_once(
-    serve: Any, anyio_backend: str
+@pytest.mark.parametrize("answer", ["whole", "no finish_reason"])
+async def test_a_producer_closing_after_done_ends_its_followers_with_the_answer(
+    serve: Any, anyio_backend: str, answer: str
 ) -> None:
     # The usual client stops at the completing event (`break` after chat's `[DONE]`) and
     # closes the response while the upstream has not ended its body. The answer is complete:
     # it is stored and the followers' streams end now, with it — handed the upstream over,
     # they waited for the body's end (helper-67: 140 of 140 waited out the upstream's hold),
-    # as a cancelled read after that event already does not.
+    # as a cancelled read after that event already does not. Unless the stream is no answer
+    # (``"no finish_reason"``: an upstream cut that still sent [DONE], not stored): then
+    # its followers still get every byte the upstream sends and a clean end — not an error
+    # because the answer they would have ended with does not exist (helper-69).
     from sse_cache.testing import GatedUpstream
 
-    gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES))
+    whole = answer == "whole"
+    pieces = _CHAT_PIECES if whole else [_chat_chunk("Hel"), _chat_chunk("lo"), _CHAT_PIECES[-1]]
+    gated = GatedUpstream(pieces, hold_after=len(pieces))  # complete, its end held back
     seen = _FlightsSeen()
     async with serve(gated) as url:
         transport = AsyncCacheTransport("memory://", hooks=[seen])
-        headers = {"authorization": "Bearer sk-close-after-done"}
+        headers = {"authorization": f"Bearer sk-close-after-done-{whole}"}
         async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
             answers: list[tuple[str, bytes]] = []
 
@@ -1552,21 +1558,21 @@ async def test_a_producer_closing_after_its_completing_event_ends_its_followers_
                         received += chunk
                         if received.endswith(b"data: [DONE]\n\n"):
                             break
-                        if len(received) > len(_CHAT_PIECES[0]) and not seen.followers():
+                        if not seen.followers():
                             for _ in range(3):  # joined mid-answer
                                 tg.start_soon(follow)
                             with anyio.fail_after(30):  # a deadlock guard
                                 while seen.followers() < 3:  # noqa: ASYNC110 - a count in the cache
                                     await anyio.sleep(0.01)
-                with anyio.fail_after(30):  # a deadlock guard: the body's end is held
-                    while len(answers) < 3:  # noqa: ASYNC110 - the followers' answers
-                        await anyio.sleep(0.01)
-            whole = b"".join(_CHAT_PIECES)
-            assert answers == [("shared", whole)] * 3
+                if whole:
+                    with anyio.fail_after(30):  # a deadlock guard: the body's end is held
+                        while len(answers) < 3:  # noqa: ASYNC110 - the followers' answers
+                            await anyio.sleep(0.01)
+                gated.gate.set()  # the upstream ends its body
             again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
-            assert again.headers["x-sse-cache"] == "hit" and again.content == whole
-        gated.gate.set()
-    assert gated.calls == 1
+    assert answers == [("shared", b"".join(pieces))] * 3
+    assert again.headers["x-sse-cache"] == ("hit" if whole else "miss")
+    assert gated.calls == (1 if whole else 2)
 
 
 class _DoneLater:
@@ -1688,50 +1694,6 @@ async def test_followers_read_on_end_with_the_completing_event_not_the_body(
                 await client.aclose()
     assert answers == [("shared", whole)] * 3 + [("hit", whole)]
     assert upstream.calls == 1
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
-async def test_a_producer_closing_after_a_done_that_is_no_answer_leaves_its_followers_whole(
-    serve: Any, anyio_backend: str
-) -> None:
-    # The same close after `[DONE]`, but the stream is no answer: its choice never got a
-    # finish_reason (an upstream cut that still sent [DONE]), so it is not stored. Its
-    # followers must still get every byte the upstream sends and a clean end, as before —
-    # not an error because the answer they would have ended with does not exist (helper-69).
-    from sse_cache.testing import GatedUpstream
-
-    pieces = [_chat_chunk("Hel"), _chat_chunk("lo"), b"data: [DONE]\n\n"]
-    gated = GatedUpstream(pieces, hold_after=len(pieces))
-    seen = _FlightsSeen()
-    async with serve(gated) as url:
-        transport = AsyncCacheTransport("memory://", hooks=[seen])
-        headers = {"authorization": "Bearer sk-done-no-answer"}
-        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
-            answers: list[tuple[str, bytes]] = []
-
-            async def follow() -> None:
-                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
-                    answers.append((r.headers["x-sse-cache"], await r.aread()))
-
-            async with anyio.create_task_group() as tg:
-                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
-                    assert r.headers["x-sse-cache"] == "miss"
-                    received = b""
-                    async for chunk in r.aiter_raw():
-                        received += chunk
-                        if received.endswith(b"data: [DONE]\n\n"):
-                            break
-                        if not seen.followers():
-                            for _ in range(3):  # joined mid-answer
-                                tg.start_soon(follow)
-                            with anyio.fail_after(30):  # a deadlock guard
-                                while seen.followers() < 3:  # noqa: ASYNC110 - a count in the cache
-                                    await anyio.sleep(0.01)
-                gated.gate.set()  # the upstream ends its body
-            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
-    assert answers == [("shared", b"".join(pieces))] * 3
-    assert again.headers["x-sse-cache"] == "miss"
-    assert gated.calls == 2
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
