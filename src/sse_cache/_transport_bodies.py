@@ -217,7 +217,7 @@ class _AsyncTeeBody:
         reading = self._reading
         if reading is None:
             # (A task per chunk costs ~9 µs: only for the producer's reads while followed.
-            # Once handed over, the followers' shared pulls run in a task already.)
+            # Once handed over, the followers' pulls run in a task already.)
             if self._handed_over or not (self._tee.followed and on_asyncio()):
                 return await chunks.__anext__()
             reading = self._reading = asyncio.ensure_future(_read_one(chunks))

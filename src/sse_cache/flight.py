@@ -397,8 +397,8 @@ class LiveFlight(Generic[T]):
         """The producer's client has gone: followers read the upstream through ``source``
         from now on; ``abandon`` closes it when the last of them leaves first.
 
-        ``isolated``: on asyncio, a pull shared with other readers runs in a task of its own
-        (see :meth:`pull`), for sources that read the network (an HTTP upstream's body,
+        ``isolated``: on asyncio, each pull runs in a task of its own (see :meth:`pull`),
+        for sources that read the network (an HTTP upstream's body,
         another process's stream), where a task per read costs little. The engine's sources
         give one event a pull, often without waiting: there a task per pull doubled the
         cost of a followed stream."""
@@ -513,11 +513,6 @@ class LiveFlight(Generic[T]):
         own error; the others see the flight fail."""
         source = self.source
         assert source is not None
-        # Shared too when the stream is read on for readers elsewhere (other processes) or
-        # held for a client that may come back: a lone reader cancelled midway must not end
-        # it for them.
-        flight = self.flight
-        shared = len(flight.cursors) > 1 or flight.producer_reading or self.remote or self.held
         if self.isolated and on_asyncio():
             # Every pull, also one begun alone: another reader may join while it waits.
             await anyio.lowlevel.checkpoint_if_cancelled()
@@ -529,6 +524,11 @@ class LiveFlight(Generic[T]):
             task.add_done_callback(_retrieved)
             await asyncio.shield(task)  # (cancelled, the reader leaves; the pull goes on)
             return
+        # Shared too when the stream is read on for readers elsewhere (other processes) or
+        # held for a client that may come back: a lone reader cancelled midway must not end
+        # it for them.
+        flight = self.flight
+        shared = len(flight.cursors) > 1 or flight.producer_reading or self.remote or self.held
         if shared:
             await anyio.lowlevel.checkpoint_if_cancelled()
             if self.pulling or self.source is not source:
@@ -566,8 +566,8 @@ class LiveFlight(Generic[T]):
             self._notify()
 
     async def _pull_apart(self, source: Callable[[], Awaitable[bool]], bound: float) -> None:
-        # A shared pull of an isolated source, in a task of its own (see pull): cancelled
-        # only when the flight is abandoned (_abandon_unread).
+        # A pull of an isolated source, in a task of its own (see pull): cancelled only
+        # when the flight is abandoned (_abandon_unread).
         try:
             with anyio.move_on_after(bound) as scope:
                 more = await source()

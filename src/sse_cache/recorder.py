@@ -88,11 +88,7 @@ class Recorder:
         does: not for a hot path. (Only asks: the recording goes on as it was.)"""
         if self.state is not _RECORDING or self._judged()[0] is not Outcome.COMPLETE:
             return False
-        adapter = self._adapter
-        return (
-            not isinstance(adapter, VerifyingAdapter)
-            or adapter.verify(self._events) is Outcome.COMPLETE
-        )
+        return self._verified()
 
     def completes(self, events: Sequence[Event]) -> bool:
         """Whether one of ``events`` is the schema's completing event (judged apart from the
@@ -170,11 +166,7 @@ class Recorder:
                 return None
         if verdict is not Outcome.COMPLETE:
             return None
-        adapter = self._adapter
-        if (
-            isinstance(adapter, VerifyingAdapter)
-            and adapter.verify(self._events) is not Outcome.COMPLETE
-        ):
+        if not self._verified():
             self._stop(RecorderState.FAILED, "the stream failed its schema's whole-stream check")
             return None
         self.state = RecorderState.COMPLETE
@@ -204,6 +196,14 @@ class Recorder:
         if failing is not None:
             self._stop(RecorderState.FAILED, f"the stream reported a failure ({failing.event})")
         return verdict
+
+    def _verified(self) -> bool:
+        # The schema's whole-stream check, if it has one, passes on the events.
+        adapter = self._adapter
+        return (
+            not isinstance(adapter, VerifyingAdapter)
+            or adapter.verify(self._events) is Outcome.COMPLETE
+        )
 
     def _judged(self) -> tuple[Outcome, Event | None]:
         # COMPLETE once a completing event was seen, FAIL (with the event) as soon as any
