@@ -16,31 +16,47 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
+from types import TracebackType
 from typing import TypeVar
 
-__all__ = ["checked", "on_asyncio"]
+__all__ = ["RaiseSwallowed", "checked", "on_asyncio"]
 
 T = TypeVar("T")
 
 
-async def checked(call: Awaitable[T]) -> T:
-    """``await call`` (a redis-py call), then raise the cancellation it let through, if any:
-    also when the call failed instead (``wait_for`` can swallow the cancellation and raise the
-    inner error), or a caller that retries on errors would retry for ever."""
-    try:
-        result = await call
-    except Exception as exc:
-        if _cancel_requested():
+class RaiseSwallowed:
+    """``with RaiseSwallowed():`` around redis-py calls: a cancellation of the current task
+    requested during the block and not raised by it is raised when the block ends — also
+    when the block failed instead (``wait_for`` can swallow the cancellation and raise the
+    inner error), or a caller that retries on errors would retry for ever. One requested
+    before the block (a shielded cleanup while a cancellation goes on) is the caller's
+    business and left alone."""
+
+    __slots__ = ("_before", "_task")
+
+    def __enter__(self) -> None:
+        task = self._task = asyncio.current_task()
+        self._before = task.cancelling() if task is not None else 0
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        task = self._task
+        if task is None or task.cancelling() <= self._before:
+            return
+        if exc is None:
+            raise asyncio.CancelledError
+        if isinstance(exc, Exception):
             raise asyncio.CancelledError from exc
-        raise
-    if _cancel_requested():
-        raise asyncio.CancelledError
-    return result
 
 
-def _cancel_requested() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
+async def checked(call: Awaitable[T]) -> T:
+    """``await call`` (a redis-py call) in :class:`RaiseSwallowed`."""
+    with RaiseSwallowed():
+        return await call
 
 
 def on_asyncio() -> bool:

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
+from .._cancellation import RaiseSwallowed
 from .._logging import redact_userinfo, unreadable_url
 from ..errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, ConfigError
 from ._common import check_open, netloc_for_errors, parse_hosts
@@ -123,29 +124,17 @@ class Commands:
         # redis-py sends each command through asyncio.wait_for, which on Python 3.11 drops a
         # cancellation that arrives as the command completes (CPython #86296): a caller's
         # asyncio.timeout, cancelled once, would never fire (helper-70: a follower read a
-        # whole stream 3 s past its timeout). One requested during the command and not
-        # raised is raised here; one requested before it (a shielded cleanup while a
-        # cancellation goes on) is the caller's business.
-        task = asyncio.current_task()
-        before = task.cancelling() if task is not None else 0
-        try:
-            with map_exceptions(what):
-                async with asyncio.timeout(self._timeout * 2 + 0.25):
-                    if self._cluster:
-                        # Learn the topology before the command, once (a no-op afterwards,
-                        # and after a fault until redis-py asks for it again): redis-py's
-                        # cluster client resolves a command's routing before taking its init
-                        # lock, and a burst of concurrent first commands on a new client
-                        # races there and drops live connections ("Connection closed by
-                        # server", redis-py 8.1).
-                        await self._client.initialize()
-                    yield
-        except Exception as exc:
-            if task is not None and task.cancelling() > before:
-                raise asyncio.CancelledError from exc
-            raise
-        if task is not None and task.cancelling() > before:
-            raise asyncio.CancelledError
+        # whole stream 3 s past its timeout).
+        with RaiseSwallowed(), map_exceptions(what):
+            async with asyncio.timeout(self._timeout * 2 + 0.25):
+                if self._cluster:
+                    # Learn the topology before the command, once (a no-op afterwards, and
+                    # after a fault until redis-py asks for it again): redis-py's cluster
+                    # client resolves a command's routing before taking its init lock, and a
+                    # burst of concurrent first commands on a new client races there and
+                    # drops live connections ("Connection closed by server", redis-py 8.1).
+                    await self._client.initialize()
+                yield
 
 
 def _credentials(parts: SplitResult, kwargs: dict[str, Any]) -> None:

@@ -261,7 +261,7 @@ class ResponseTee:
                 flight.abandon = abandon
             self._watching = self._has_completing_event
             return True
-        if self._live is not None and self._has_completing_event and not self._failed:
+        if self._completable is not None:
             self._finish_recording(cut=True)  # the recorder judges: without the event, not stored
         else:
             self.abort("the client closed the response before it ended")
@@ -327,13 +327,16 @@ class ResponseTee:
         and its whole-stream check passes): stopped now, the response is complete
         (:meth:`stop` stores it and ends the followers' streams). A stream that cannot be
         stored (too large, not to be stored) is never answered: its followers read on."""
-        live = self._live
-        return (
-            live is not None
-            and self._has_completing_event
-            and not self._failed
-            and live.recorder.holds_answer
-        )
+        live = self._completable
+        return live is not None and live.recorder.holds_answer
+
+    @property
+    def _completable(self) -> LiveRecording | None:
+        # The recording, when what was read may be the whole answer (recorded, not failed,
+        # and the schema has a completing event; the recorder judges whether it is).
+        if self._has_completing_event and not self._failed:
+            return self._live
+        return None
 
     @property
     def lag_limit(self) -> int | None:
@@ -376,8 +379,8 @@ class ResponseTee:
         :meth:`fail`."""
         if self.ended or self.cut:
             return
-        live = self._live
-        if live is not None and self._has_completing_event and not self._failed:
+        live = self._completable
+        if live is not None:
             self._finish_recording(cut=True)
             if live.entry is not None:
                 self.ended = True
