@@ -713,9 +713,12 @@ async def test_last_follower_leaving_early_abandons_the_upstream_once() -> None:
     assert all(longest.startswith(g) for g in got) and longest.startswith(b"data: first\n\n")
 
 
-@pytest.mark.anyio
-async def test_follower_cancelled_while_pulling_does_not_break_the_stream() -> None:
-    _, live, (a, b) = produce(2)
+def gated_upstream(
+    live: LiveFlight[bytes], *, isolated: bool = False
+) -> tuple[HandedOver, anyio.Event, anyio.Event]:
+    """``live``'s producer sent its head and ``p``, then left while followers read: its
+    upstream, handed over, yields ``1`` and ``2`` once ``gate`` is set (``inside``: a pull
+    waits for it)."""
     live.respond(HEAD)
     live.deliver(b"p")
     assert live.producer_left() is True
@@ -728,7 +731,14 @@ async def test_follower_cancelled_while_pulling_does_not_break_the_stream() -> N
         yield b"2"
 
     upstream = HandedOver(live, slow())
-    live.hand_over(upstream.source, upstream.abandon)
+    live.hand_over(upstream.source, upstream.abandon, isolated=isolated)
+    return upstream, inside, gate
+
+
+@pytest.mark.anyio
+async def test_follower_cancelled_while_pulling_does_not_break_the_stream() -> None:
+    _, live, (a, b) = produce(2)
+    upstream, inside, gate = gated_upstream(live)
     a_got, b_got = bytearray(), bytearray()
     a_scope = anyio.CancelScope()
     a_done = anyio.Event()
@@ -770,20 +780,8 @@ async def test_a_follower_cancelled_by_asyncio_while_pulling_finishes_the_pull(
     from sse_cache.flight import SharedStreamAborted
 
     _, live, cursors = produce(1 if held else 2)
-    live.respond(HEAD)
-    live.deliver(b"p")
-    assert live.producer_left() is True
+    upstream, inside, gate = gated_upstream(live, isolated=isolated)
     live.held = held
-    inside, gate = anyio.Event(), anyio.Event()
-
-    async def slow() -> AsyncIterator[bytes]:
-        inside.set()
-        await gate.wait()
-        yield b"1"
-        yield b"2"
-
-    upstream = HandedOver(live, slow())
-    live.hand_over(upstream.source, upstream.abandon, isolated=isolated)
     a_got = bytearray()
     timeouts: list[asyncio.Timeout] = []
 
@@ -831,19 +829,7 @@ async def test_follower_joining_a_lone_pull_never_gets_a_truncated_clean_end() -
     # finished for good. B must not take the upstream's early StopAsyncIteration for its
     # end: it gets the whole answer or a visible failure, never a clean end of a part of it.
     flights, live, (a,) = produce(1)
-    live.respond(HEAD)
-    live.deliver(b"p")
-    assert live.producer_left() is True
-    inside, gate = anyio.Event(), anyio.Event()
-
-    async def slow() -> AsyncIterator[bytes]:
-        inside.set()
-        await gate.wait()
-        yield b"1"
-        yield b"2"
-
-    upstream = HandedOver(live, slow())
-    live.hand_over(upstream.source, upstream.abandon)
+    upstream, inside, gate = gated_upstream(live)
     a_scope = anyio.CancelScope()
     a_done = anyio.Event()
     b_got = bytearray()

@@ -16,7 +16,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -1696,6 +1697,24 @@ async def test_followers_read_on_end_with_the_completing_event_not_the_body(
     assert upstream.calls == 1
 
 
+@asynccontextmanager
+async def _gated_chat(
+    serve: Any, token: str, **options: Any
+) -> AsyncIterator[tuple[httpx2.AsyncClient, Any, _FlightsSeen]]:
+    """A client (credential ``token``) of an :class:`AsyncCacheTransport` on ``memory://``
+    with ``options``, in front of a chat upstream that holds its answer after the second
+    piece until ``gated.gate`` is set; ``seen`` counts the followers."""
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
+    seen = _FlightsSeen()
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen], **options)
+        headers = {"authorization": f"Bearer {token}"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            yield client, gated, seen
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_a_miss_whose_read_is_cancelled_before_its_completing_event_fails_its_followers(
     serve: Any, anyio_backend: str
@@ -1704,43 +1723,36 @@ async def test_a_miss_whose_read_is_cancelled_before_its_completing_event_fails_
     # followed the stream (the producer's own read, in its own task), the upstream is closed
     # for good by the HTTP library. A follower must see an error, never a clean end of part
     # of the answer, and nothing is stored.
-    from sse_cache.testing import GatedUpstream
+    async with _gated_chat(serve, "sk-cancel") as (client, gated, seen):
+        started = anyio.Event()
+        outcome: list[BaseException] = []
 
-    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
-    seen = _FlightsSeen()
-    async with serve(gated) as url:
-        transport = AsyncCacheTransport("memory://", hooks=[seen])
-        headers = {"authorization": "Bearer sk-cancel"}
-        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
-            started = anyio.Event()
-            outcome: list[BaseException] = []
+        async def produce(scope: anyio.CancelScope) -> None:
+            with scope:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    async for _ in r.aiter_raw():
+                        started.set()
 
-            async def produce(scope: anyio.CancelScope) -> None:
-                with scope:
-                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
-                        async for _ in r.aiter_raw():
-                            started.set()
+        async def follow() -> None:
+            try:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    await r.aread()
+            except httpx2.HTTPError as exc:
+                outcome.append(exc)
 
-            async def follow() -> None:
-                try:
-                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
-                        await r.aread()
-                except httpx2.HTTPError as exc:
-                    outcome.append(exc)
-
-            async with anyio.create_task_group() as tg:
-                scope = anyio.CancelScope()
-                tg.start_soon(produce, scope)
-                await started.wait()
-                tg.start_soon(follow)
-                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-                    while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
-                        await anyio.sleep(0.01)
-                scope.cancel()
-            assert len(outcome) == 1 and isinstance(outcome[0], httpx2.RemoteProtocolError)
-            gated.gate.set()
-            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
-            assert again.headers["x-sse-cache"] == "miss"
+        async with anyio.create_task_group() as tg:
+            scope = anyio.CancelScope()
+            tg.start_soon(produce, scope)
+            await started.wait()
+            tg.start_soon(follow)
+            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
+                    await anyio.sleep(0.01)
+            scope.cancel()
+        assert len(outcome) == 1 and isinstance(outcome[0], httpx2.RemoteProtocolError)
+        gated.gate.set()
+        again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+        assert again.headers["x-sse-cache"] == "miss"
     assert gated.calls == 2
 
 
@@ -1758,56 +1770,53 @@ async def test_a_followed_miss_whose_read_is_cancelled_midway_hands_the_upstream
     # producer: the HTTP library closes the upstream under a cancelled read). The same with
     # a resume window. If the follower leaves too, with that read still running, the
     # upstream is closed and nothing is stored.
-    from sse_cache.testing import GatedUpstream
+    async with _gated_chat(serve, "sk-cancel-followed", resume_window=window) as (
+        client,
+        gated,
+        seen,
+    ):
+        reading = anyio.Event()
+        answers: list[tuple[str, bytes]] = []
 
-    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
-    seen = _FlightsSeen()
-    async with serve(gated) as url:
-        transport = AsyncCacheTransport("memory://", hooks=[seen], resume_window=window)
-        headers = {"authorization": "Bearer sk-cancel-followed"}
-        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
-            reading = anyio.Event()
-            answers: list[tuple[str, bytes]] = []
-
-            async def produce(scope: anyio.CancelScope) -> None:
-                with scope:
-                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
-                        chunks = r.aiter_raw()
-                        await chunks.__anext__()
-                        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-                            while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
-                                await anyio.sleep(0.01)
-                        reading.set()
-                        async for _ in chunks:  # held at the gate, until cancelled
-                            pass
-                assert scope.cancelled_caught
-
-            async def follow(scope: anyio.CancelScope) -> None:
-                with scope:
-                    async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
-                        answers.append((r.headers["x-sse-cache"], await r.aread()))
-
-            async with anyio.create_task_group() as tg:
-                producer, follower = anyio.CancelScope(), anyio.CancelScope()
-                tg.start_soon(produce, producer)
-                tg.start_soon(follow, follower)
-                await reading.wait()
-                await gated.wait_sent(2)
-                producer.cancel()
-                await anyio.wait_all_tasks_blocked()
-                if follower_leaves:
-                    follower.cancel()
+        async def produce(scope: anyio.CancelScope) -> None:
+            with scope:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    chunks = r.aiter_raw()
+                    await chunks.__anext__()
                     with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-                        while gated.disconnects < 1:  # noqa: ASYNC110 - the upstream's count
+                        while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
                             await anyio.sleep(0.01)
-                gated.gate.set()
-            whole = b"".join(_CHAT_PIECES)
-            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+                    reading.set()
+                    async for _ in chunks:  # held at the gate, until cancelled
+                        pass
+            assert scope.cancelled_caught
+
+        async def follow(scope: anyio.CancelScope) -> None:
+            with scope:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    answers.append((r.headers["x-sse-cache"], await r.aread()))
+
+        async with anyio.create_task_group() as tg:
+            producer, follower = anyio.CancelScope(), anyio.CancelScope()
+            tg.start_soon(produce, producer)
+            tg.start_soon(follow, follower)
+            await reading.wait()
+            await gated.wait_sent(2)
+            producer.cancel()
+            await anyio.wait_all_tasks_blocked()
             if follower_leaves:
-                assert answers == [] and again.headers["x-sse-cache"] == "miss"
-            else:
-                assert answers == [("shared", whole)]
-                assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+                follower.cancel()
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    while gated.disconnects < 1:  # noqa: ASYNC110 - the upstream's count
+                        await anyio.sleep(0.01)
+            gated.gate.set()
+        whole = b"".join(_CHAT_PIECES)
+        again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+        if follower_leaves:
+            assert answers == [] and again.headers["x-sse-cache"] == "miss"
+        else:
+            assert answers == [("shared", whole)]
+            assert again.headers["x-sse-cache"] == "hit" and again.content == whole
     assert gated.calls == 1 + follower_leaves
 
 
@@ -1824,40 +1833,33 @@ async def test_a_follower_cancelled_by_asyncio_while_it_pulls_does_not_abort_the
     # Each follower is cancelled in one of the cases: one of them is the one pulling.
     import asyncio
 
-    from sse_cache.testing import GatedUpstream
-
-    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
-    seen = _FlightsSeen()
-    async with serve(gated) as url:
-        transport = AsyncCacheTransport("memory://", hooks=[seen])
-        headers = {"authorization": "Bearer sk-cancel-asyncio"}
-        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
-            producer = await client.send(
+    async with _gated_chat(serve, "sk-cancel-asyncio") as (client, gated, _):
+        producer = await client.send(
+            client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY),
+            stream=True,
+        )
+        assert producer.headers["x-sse-cache"] == "miss"
+        followers = [
+            await client.send(
                 client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY),
                 stream=True,
             )
-            assert producer.headers["x-sse-cache"] == "miss"
-            followers = [
-                await client.send(
-                    client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY),
-                    stream=True,
-                )
-                for _ in range(2)
-            ]
-            assert [f.headers["x-sse-cache"] for f in followers] == ["shared", "shared"]
-            reads = [asyncio.ensure_future(f.aread()) for f in followers]
-            await gated.wait_sent(2)
-            await producer.aclose()  # the followers read the upstream on, in turn
-            await anyio.wait_all_tasks_blocked()
-            reads[cancelled].cancel()
-            gated.gate.set()
-            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-                whole = await reads[1 - cancelled]
-                with pytest.raises(asyncio.CancelledError):
-                    await reads[cancelled]
-            for follower in followers:
-                await follower.aclose()
-            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            for _ in range(2)
+        ]
+        assert [f.headers["x-sse-cache"] for f in followers] == ["shared", "shared"]
+        reads = [asyncio.ensure_future(f.aread()) for f in followers]
+        await gated.wait_sent(2)
+        await producer.aclose()  # the followers read the upstream on, in turn
+        await anyio.wait_all_tasks_blocked()
+        reads[cancelled].cancel()
+        gated.gate.set()
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            whole = await reads[1 - cancelled]
+            with pytest.raises(asyncio.CancelledError):
+                await reads[cancelled]
+        for follower in followers:
+            await follower.aclose()
+        again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
     assert whole == b"".join(_CHAT_PIECES)
     assert again.headers["x-sse-cache"] == "hit" and again.content == whole
     assert gated.calls == 1
@@ -1874,55 +1876,49 @@ async def test_a_follower_joining_a_pull_begun_alone_survives_the_puller_leaving
     # aborted every time, "the read of the upstream was cancelled").
     import asyncio
 
-    from sse_cache.testing import GatedUpstream
+    async with _gated_chat(serve, "sk-join-a-lone-pull") as (client, gated, _):
 
-    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
-    async with serve(gated) as url:
-        transport = AsyncCacheTransport("memory://")
-        headers = {"authorization": "Bearer sk-join-a-lone-pull"}
-        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+        async def send() -> httpx2.Response:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            return await client.send(request, stream=True)
 
-            async def send() -> httpx2.Response:
-                request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
-                return await client.send(request, stream=True)
+        producer = await send()
+        a = await send()
+        assert [producer.headers["x-sse-cache"], a.headers["x-sse-cache"]] == [
+            "miss",
+            "shared",
+        ]
+        async with anyio.create_task_group() as tg:
+            a_scope = anyio.CancelScope()
 
-            producer = await send()
-            a = await send()
-            assert [producer.headers["x-sse-cache"], a.headers["x-sse-cache"]] == [
-                "miss",
-                "shared",
-            ]
-            async with anyio.create_task_group() as tg:
-                a_scope = anyio.CancelScope()
+            async def read_a() -> None:
+                with a_scope:
+                    await a.aread()
 
-                async def read_a() -> None:
-                    with a_scope:
-                        await a.aread()
+            a_reading = asyncio.ensure_future(read_a())
+            await gated.wait_sent(2)
+            await producer.aclose()  # A reads on, alone, held at the upstream's gate
+            await anyio.wait_all_tasks_blocked()
+            b = await send()
+            assert b.headers["x-sse-cache"] == "shared"
+            b_answer: list[bytes] = []
 
-                a_reading = asyncio.ensure_future(read_a())
-                await gated.wait_sent(2)
-                await producer.aclose()  # A reads on, alone, held at the upstream's gate
-                await anyio.wait_all_tasks_blocked()
-                b = await send()
-                assert b.headers["x-sse-cache"] == "shared"
-                b_answer: list[bytes] = []
+            async def read_b() -> None:
+                b_answer.append(await b.aread())
 
-                async def read_b() -> None:
-                    b_answer.append(await b.aread())
-
-                tg.start_soon(read_b)
-                await anyio.wait_all_tasks_blocked()
-                if how == "anyio":
-                    a_scope.cancel()
+            tg.start_soon(read_b)
+            await anyio.wait_all_tasks_blocked()
+            if how == "anyio":
+                a_scope.cancel()
+                await a_reading
+            else:
+                a_reading.cancel()
+                with pytest.raises(asyncio.CancelledError):
                     await a_reading
-                else:
-                    a_reading.cancel()
-                    with pytest.raises(asyncio.CancelledError):
-                        await a_reading
-                gated.gate.set()
-            for response in (a, b):
-                await response.aclose()
-            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            gated.gate.set()
+        for response in (a, b):
+            await response.aclose()
+        again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
     assert b_answer == [b"".join(_CHAT_PIECES)]
     assert again.headers["x-sse-cache"] == "hit" and again.content == b_answer[0]
     assert gated.calls == 1
