@@ -182,13 +182,13 @@ async def _send_answer(send: Send, answer: Answer) -> None:
     await send(
         {"type": "http.response.start", "status": answer.status, "headers": _encode(answer.headers)}
     )
-    chunks = answer.chunks
     if answer.instant:
         # All in memory: the whole body in one message, the end of the response with it.
-        # (Taking the body ends the iterator: there is nothing left to close.)
-        body = b"".join([chunk async for chunk in chunks])
+        # (Taking the body ends its chunks: there is nothing left to close.)
+        body = answer.take_body()
         await send({"type": "http.response.body", "body": body, "more_body": False})
         return
+    chunks = answer.chunks
     try:
         async for chunk in chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -37,8 +37,15 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
     headers: list[tuple[str, str]]
     chunks: AsyncIterator[bytes]
     #: The body is all in memory (an instant hit): it can be sent at once, with no need to
-    #: watch for the client leaving meanwhile.
+    #: watch for the client leaving meanwhile (:meth:`take_body`).
     instant: bool = False
+
+    def take_body(self) -> bytes:
+        """All of an :attr:`instant` answer's body at once: what its chunks would give,
+        counted as replayed as they would be (its chunks are then at their end)."""
+        chunks = self.chunks
+        assert isinstance(chunks, _Whole), "not an instant answer"
+        return chunks.take()
 
 
 def _as_shared(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -109,6 +116,13 @@ class _Whole:
     async def aclose(self) -> None:
         self._body = None
         self._count()
+
+    def take(self) -> bytes:
+        body, self._body = self._body, None
+        if body is not None:
+            self._sent = len(body)
+        self._count()
+        return body or b""
 
     def _count(self) -> None:
         if not self._counted:
