@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+from urllib.parse import unquote
 
 import anyio
 
@@ -145,17 +147,22 @@ class Forwarder:
         if scope["type"] != "http":
             return
         path = scope.get("raw_path") or scope["path"].encode()
+        if not path.startswith(b"/"):
+            # The upstream's URL is its base URL and this path: anything else there
+            # ("@host/...", ":port/...", ".example.com/...") would name another server.
+            # (ProxyApp turns an absolute-form target into its path before this.)
+            shown = path[:100].decode("latin-1")
+            await send_json_error(
+                send,
+                400,
+                f"the request target must be a path starting with '/', got {shown!r}",
+                "invalid_request_error",
+            )
+            return
         url = self.upstream + path.decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in scope.get("headers", [])
-            if k.decode("latin-1").lower() not in _HOP_BY_HOP
-            and not k.decode("latin-1").lower().startswith(CONTROL_HEADER_PREFIX)
-            and k.decode("latin-1").lower() != "accept-encoding"
-        ]
-        headers.append(("accept-encoding", "identity"))
+        headers = _forwarded_headers(scope.get("headers", []))
         disconnected = anyio.Event()
         # A body that came whole (every LLM request: the cache middleware has read it already)
         # goes upstream whole, with its length: one write, no chunked encoding. Only a body
@@ -171,6 +178,10 @@ class Forwarder:
         request = self._client.build_request(scope["method"], url, headers=headers, content=content)
         try:
             response = await self._client.send(request, stream=True)
+        except _ClientLeft:
+            # The client left before its body was complete: the upstream's request was cut
+            # off mid-body, never sent whole (an abandoned upload must not run upstream).
+            return
         except httpx2.TimeoutException as exc:
             await send_json_error(send, 504, f"upstream timed out: {exc!r}", "upstream_timeout")
             return
@@ -182,11 +193,7 @@ class Forwarder:
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": [
-                        (k.encode("latin-1"), v.encode("latin-1"))
-                        for k, v in response.headers.multi_items()
-                        if k.lower() not in _NOT_PASSED_BACK
-                    ],
+                    "headers": _passed_back_headers(response.headers.multi_items()),
                 }
             )
             # (An upstream that broke off raises httpx2's own error, not a task group's.)
@@ -261,6 +268,72 @@ class _Arrived:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+# The scheme and authority of an absolute-form request target (``POST http://host/v1/...``).
+_ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
+
+
+def _in_origin_form(scope: Scope) -> Scope:
+    """``scope`` with an absolute-form request target (RFC 9112 §3.2.2: a server must accept
+    it) turned into its path, by which the request is matched, keyed and forwarded: the
+    proxy answers for its one upstream whatever authority the target names. Any other
+    target that is no path is left as it is: the forwarder refuses it."""
+    raw = scope.get("raw_path")
+    if raw is None or raw.startswith(b"/"):  # (nearly every request)
+        return scope
+    found = _ABSOLUTE_FORM.match(raw)
+    if found is None:
+        return scope
+    path = raw[found.end() :] or b"/"
+    return {**scope, "raw_path": path, "path": unquote(path.decode("latin-1"))}
+
+
+def _nominated(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """The header names a message's ``Connection`` header lists: hop-by-hop too (RFC 9110
+    §7.6.1), so a proxy drops them."""
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+
+
+def _forwarded_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The client's request headers as the upstream gets them: without the hop-by-hop ones
+    (also those its ``Connection`` header names), the cache's ``x-sse-cache-*`` controls and
+    its ``accept-encoding`` (``identity`` is asked for, so that answers stay readable and
+    storable); without its ``content-length`` when it framed its body chunked (RFC 9112
+    §6.3: the length it declared is not the body's; httpx2 frames the body itself)."""
+    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
+    dropped = _HOP_BY_HOP | _nominated(headers) | {"accept-encoding"}
+    if any(name.lower() == "transfer-encoding" for name, _ in headers):
+        dropped |= {"content-length"}
+    forwarded = [
+        (name, value)
+        for name, value in headers
+        if (lowered := name.lower()) not in dropped
+        and not lowered.startswith(CONTROL_HEADER_PREFIX)
+    ]
+    forwarded.append(("accept-encoding", "identity"))
+    return forwarded
+
+
+def _passed_back_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers as the client gets them: without the hop-by-hop ones
+    (also those its ``Connection`` header names) and those the proxy's server writes."""
+    headers = list(headers)
+    dropped = _NOT_PASSED_BACK | _nominated(headers)
+    return [
+        (name.encode("latin-1"), value.encode("latin-1"))
+        for name, value in headers
+        if name.lower() not in dropped
+    ]
+
+
+class _ClientLeft(Exception):
+    """The client disconnected before its request body was complete."""
+
+
 async def _body(receive: Receive, disconnected: anyio.Event, first: bytes) -> AsyncIterator[bytes]:
     if first:
         yield first
@@ -268,7 +341,10 @@ async def _body(receive: Receive, disconnected: anyio.Event, first: bytes) -> As
         message = await receive()
         if message["type"] == "http.disconnect":
             disconnected.set()
-            return
+            # Raised into httpx2's upload: the upstream's request is cut off mid-body. (Ending
+            # the body here would end the upload cleanly: the upstream would run the part of
+            # the request that came, or the whole of it under a chunked framing.)
+            raise _ClientLeft
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
@@ -335,6 +411,7 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            scope = _in_origin_form(scope)
             if scope["path"].startswith("/_sse_cache/"):
                 await self._ops(scope, send)
                 return

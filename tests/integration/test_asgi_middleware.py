@@ -15,6 +15,7 @@ import pytest
 from sse_cache import Event, serialize_sse
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
+from sse_cache.backends import MemoryBackend
 from sse_cache.testing import GatedUpstream, UpstreamCut
 
 pytestmark = pytest.mark.anyio
@@ -491,3 +492,80 @@ async def test_every_reader_leaving_after_the_completing_event_has_the_answer_st
     assert head[b"x-sse-cache"] == b"hit" and got == whole
     app.gate.set()
     assert app.calls == 1
+
+
+class _WritesSeen(MemoryBackend):
+    """A memory backend that notes, as each entry write begins, what the client has been
+    sent by then (``sent``: the client's ASGI messages, kept by the test)."""
+
+    def __init__(self, sent: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self._sent = sent
+        self.at_write: list[list[dict[str, Any]]] = []
+
+    async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        self.at_write.append(list(self._sent))
+        await super().set(key, value, ttl)
+
+
+def _whole_for_the_client(sent: list[dict[str, Any]]) -> bool:
+    """The response's messages so far make a whole response: its declared length reached,
+    or (chunked) its end sent."""
+    head = dict(sent[0]["headers"]) if sent else {}
+    got = sum(len(m.get("body", b"")) for m in sent[1:])
+    if b"content-length" in head:
+        return got >= int(head[b"content-length"])
+    return any(not m.get("more_body", False) for m in sent[1:])
+
+
+@pytest.mark.parametrize(
+    ("framing", "pieces"),
+    [
+        ("sse", 3),  # chunked: the last (empty) chunk ends it
+        ("json", 1),  # one message with its length
+        ("json", 3),  # ... in three, the last one empty
+    ],
+)
+async def test_a_miss_ends_for_its_client_only_once_its_answer_is_stored(
+    framing: str, pieces: int
+) -> None:
+    # Read-your-writes: a client that has its whole answer and asks again at once finds it
+    # stored. With a content-length, the bytes completing it end the response for the
+    # client, whatever end message follows: they went out before the store, and a client
+    # asking again right away (another worker) missed in 13 of 30 (helper-73).
+    if framing == "sse":
+        body = b"".join([_chat_piece("Hel"), _chat_piece("lo", "stop"), b"data: [DONE]\n\n"])
+        media, streams = b"text/event-stream", True
+    else:
+        message = {"role": "assistant", "content": "Hello"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        body = json.dumps({"id": "c1", "object": "chat.completion", "choices": [choice]}).encode()
+        media, streams = b"application/json", False
+    half = len(body) // 2
+    split = [body[:half], body[half:], b""] if pieces > 1 else [body]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        head = [(b"content-type", media)]
+        if framing == "json":
+            head.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for i, piece in enumerate(split):
+            last = i == len(split) - 1
+            await send({"type": "http.response.body", "body": piece, "more_body": not last})
+
+    sent: list[dict[str, Any]] = []
+    backend = _WritesSeen(sent)
+    mw = CacheMiddleware(app, backend)
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    payload = json.dumps({"model": "m", "messages": [], "stream": streams}).encode()
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await mw(scope, body_then(payload, anyio.sleep_forever), send)
+    assert backend.at_write, "nothing was stored"
+    assert not _whole_for_the_client(backend.at_write[0]), backend.at_write[0]
+    assert _whole_for_the_client(sent) and not sent[-1].get("more_body", False)
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == body
+    assert dict(sent[0]["headers"])[b"x-sse-cache"] == b"miss"

@@ -13,14 +13,24 @@ import anyio
 def merge_headers(
     upstream: Iterable[tuple[bytes, bytes]], ours: Iterable[tuple[str, str]]
 ) -> list[tuple[bytes, bytes]]:
-    """The upstream's raw headers with ours after them; an upstream header that we also set
-    (``x-sse-cache``, say) is dropped, so a client never sees two values."""
+    """The upstream's raw headers with ours after them. An upstream header that we also set
+    is dropped, so a client never sees two values, and so is any other of our namespace
+    (``x-sse-cache-*``): another cache's in front of the upstream (its ``x-sse-cache-ttl``
+    on this cache's miss) would be taken for this one's."""
     ours = list(ours)
     names = {k.lower() for k, _ in ours}
     return [
-        *((k, v) for k, v in upstream if k.decode("latin-1").lower() not in names),
+        *(
+            (k, v)
+            for k, v in upstream
+            if (name := k.decode("latin-1").lower()) not in names
+            and not name.startswith(_OUR_PREFIX)
+        ),
         *((k.encode("latin-1"), v.encode("latin-1")) for k, v in ours),
     ]
+
+
+_OUR_PREFIX = "x-sse-cache"
 
 
 def json_error_body(message: str, kind: str = "invalid_request_error") -> bytes:

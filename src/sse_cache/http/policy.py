@@ -518,6 +518,9 @@ class CachePolicy:
         _, adapter = matched
         where = self.origin if origin is None else origin
         clean = _clean_path(path)
+        # Matched without its trailing slashes, keyed with them: the upstream may answer
+        # /v1/chat/completions/ otherwise (a 404, say).
+        slashes = "" if clean == "/" else path.split("?", 1)[0][len(clean) :]
         params, keys = _split_query(query)
         streaming: bool | None = None
         why = ""
@@ -526,9 +529,9 @@ class CachePolicy:
             keyed, keyed_params, streaming, why = http_route(clean, params)
             if why:  # passed through: logged as it was asked (less its credential)
                 parse_controls(headers)
-                return self._unkeyable(_route_of(method, clean, params, where), why)
+                return self._unkeyable(_route_of(method, clean + slashes, params, where), why)
             clean, params = keyed, list(keyed_params)
-        route = _route_of(method, clean, params, where)
+        route = _route_of(method, clean + slashes, params, where)
         controls = parse_controls(headers)
         if body is None:
             return Decision(route=route, reason=f"request body over {self.max_body_bytes} bytes")

@@ -1,0 +1,301 @@
+"""What the proxy sends upstream and back, over real loopback HTTP: raw requests (sockets), as
+clients and other proxies may send them, against an upstream that records what it got."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from sse_cache import Notice
+from sse_cache.proxy import ProxyApp, create_proxy_app
+
+Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
+
+DEADLOCK_GUARD = 30  # seconds: only a hung test ever reaches it
+CHAT = "/v1/chat/completions"
+CREDENTIAL = "authorization: Bearer sk-forwarding"
+
+
+@dataclass
+class Received:
+    """One request as the upstream got it."""
+
+    method: str
+    path: bytes
+    headers: dict[str, str]
+    body: bytes = b""
+    whole: bool = False  # the body came to its end (not cut off by a disconnect)
+
+
+@dataclass
+class RecordingUpstream:
+    """An ASGI upstream that records every request and answers a streamed chat answer (or,
+    for ``"stream": false``, its JSON, with a length), adding ``extra`` response headers."""
+
+    extra: list[tuple[bytes, bytes]] = field(default_factory=list)
+    requests: list[Received] = field(default_factory=list)
+    ended: anyio.Event = field(default_factory=anyio.Event)  # a request ended, either way
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        got = Received(
+            scope["method"],
+            scope.get("raw_path") or scope["path"].encode(),
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+        )
+        self.requests.append(got)
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                got.body += message.get("body", b"")
+                if not message.get("more_body", False):
+                    got.whole = True
+                    break
+        finally:
+            self.ended.set()
+        prompt = json.loads(got.body)
+        body = chat_sse(json.dumps(prompt.get("messages")))
+        if prompt.get("stream") is False:
+            body = json.dumps({"object": "chat.completion", "id": "c1", "choices": []}).encode()
+            head = [(b"content-type", b"application/json")]
+            head.append((b"content-length", str(len(body)).encode()))
+        else:
+            head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head + self.extra})
+        await send({"type": "http.response.body", "body": body})
+
+
+def chat_sse(text: str) -> bytes:
+    """A whole streamed chat answer saying ``text``."""
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-mock"}
+    said = {"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}
+    done = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    pieces = [json.dumps({**chunk, "choices": [c]}) for c in (said, done)] + ["[DONE]"]
+    return b"".join(f"data: {piece}\n\n".encode() for piece in pieces)
+
+
+class Hooked:
+    """The proxy's notices, and a way to wait for one of a kind."""
+
+    def __init__(self) -> None:
+        self.seen: list[Notice] = []
+        self._more = anyio.Event()
+
+    def __call__(self, notice: Notice) -> None:
+        self.seen.append(notice)
+        self._more.set()
+
+    async def wait(self, kind: str) -> Notice:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            while True:
+                for notice in self.seen:
+                    if notice.kind == kind:
+                        return notice
+                await self._more.wait()
+                self._more = anyio.Event()
+
+
+@dataclass
+class Proxy:
+    url: str
+    app: ProxyApp
+    upstream: RecordingUpstream
+    notices: Hooked
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").split(":")
+        return host, int(port)
+
+
+@pytest.fixture
+async def proxy(serve: Serve, tmp_path: Path) -> AsyncIterator[Proxy]:
+    upstream = RecordingUpstream(extra=[(b"x-sse-cache-ttl", b"98"), (b"x-sse-cache", b"hit")])
+    async with serve(upstream) as upstream_url:
+        notices = Hooked()
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}", hooks=[notices])
+        async with serve(app) as url:
+            try:
+                yield Proxy(url, app, upstream, notices)
+            finally:
+                await app.aclose()
+
+
+def chat_body(prompt: str, *, stream: bool = True) -> bytes:
+    return json.dumps(
+        {"model": "gpt-mock", "messages": [{"role": "user", "content": prompt}], "stream": stream}
+    ).encode()
+
+
+async def exchange(address: tuple[str, int], request: bytes) -> tuple[int, bytes, bytes]:
+    """Send ``request`` (raw, asking to close) and read the response until the server
+    closes: its status, head (lower-cased) and body (as sent: chunked framing kept)."""
+    async with await anyio.connect_tcp(*address) as sock:
+        await sock.send(request)
+        raw = b""
+        with anyio.fail_after(DEADLOCK_GUARD):
+            while True:
+                try:
+                    raw += await sock.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.lower(), body
+
+
+def post(target: str, body: bytes, *extra: str) -> bytes:
+    lines = [f"POST {target} HTTP/1.1", "host: proxy", CREDENTIAL, "connection: close"]
+    lines += ["content-type: application/json", f"content-length: {len(body)}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+@pytest.mark.parametrize(
+    "target", ["@{host}:{port}/v1/models", ":{port}/v1/models", ".example.com/v1/models", "*"]
+)
+async def test_a_request_target_that_is_no_path_never_reaches_another_server(
+    serve: Serve, proxy: Proxy, target: str
+) -> None:
+    # The upstream's URL is the base URL and the request's path: appended to it, "@host/..."
+    # made the part before it a user name and sent the request, credentials and all, to
+    # another server (helper-73), ":port/..." another port of the upstream's host.
+    elsewhere = RecordingUpstream()
+    async with serve(elsewhere) as other:
+        host, port = other.removeprefix("http://").split(":")
+        shown = target.format(host=host, port=port)
+        for method in ("GET", "POST"):
+            request = post(shown, chat_body("elsewhere")).replace(b"POST", method.encode(), 1)
+            status, _, body = await exchange(proxy.address, request)
+            assert status == 400, (method, body)
+            assert "must be a path starting with '/'" in json.loads(body)["error"]["message"]
+    assert elsewhere.requests == [] and proxy.upstream.requests == []
+
+
+async def test_an_absolute_form_target_is_served_as_its_path(proxy: Proxy) -> None:
+    # RFC 9112 §3.2.2: a server must accept a target in absolute form. It was forwarded as
+    # the upstream's URL followed by the whole target: a 500 (helper-73). Its path is matched,
+    # keyed and forwarded, whatever authority it names.
+    body = chat_body("absolute form")
+    status, head, _ = await exchange(proxy.address, post(f"http://elsewhere:1{CHAT}", body))
+    assert status == 200 and b"\r\nx-sse-cache: miss" in head, head
+    assert [r.path for r in proxy.upstream.requests] == [CHAT.encode()]
+    status, head, _ = await exchange(proxy.address, post(CHAT, body))
+    assert status == 200 and b"\r\nx-sse-cache: hit" in head, head
+    assert len(proxy.upstream.requests) == 1
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/not-cached"])
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+async def test_an_upload_the_client_abandons_never_runs_upstream(
+    proxy: Proxy, path: str, framing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client sends part of its body, then leaves. The proxy ended its own upload to the
+    # upstream cleanly: the upstream ran the request (the whole of it, for a chunked body
+    # whose last chunk never came; helper-73), where the docs say it is cancelled. A body
+    # shorter than its declared length failed in the upstream's client instead: a
+    # traceback in the log ("Exception in ASGI application").
+    body = chat_body("abandoned upload")
+    if framing == "chunked":
+        framed = b"%x\r\n%s\r\n" % (len(body), body)  # no last (empty) chunk
+        head = post(path, b"", "transfer-encoding: chunked").replace(b"content-length: 0\r\n", b"")
+    else:
+        framed = body[: len(body) // 2]
+        head = post(path, body).removesuffix(body)
+    async with await anyio.connect_tcp(*proxy.address) as sock:
+        await sock.send(head + framed)
+        if path == CHAT:
+            # (A cached route reads the body before anything goes upstream: the proxy
+            # notes the request passed through uncached, once the client has left.)
+            left = proxy.notices.wait("bypass")
+        else:
+            # The upstream has the request's head, and waits for the rest of its body.
+            with anyio.fail_after(DEADLOCK_GUARD):
+                while not proxy.upstream.requests:  # noqa: ASYNC110 - the upstream's record
+                    await anyio.sleep(0.01)
+            left = None
+    if left is not None:
+        notice = await left
+        assert notice.detail == "the client left before its request body was complete"
+    else:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            await proxy.upstream.ended.wait()
+    assert not any(r.whole for r in proxy.upstream.requests), proxy.upstream.requests
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # The proxy serves on, and the whole request is answered.
+    status, head, _ = await exchange(proxy.address, post(CHAT, body))
+    assert status == 200 and b"\r\nx-sse-cache: miss" in head
+
+
+async def test_a_chunked_body_that_also_declares_a_length_goes_upstream_by_its_chunks(
+    proxy: Proxy,
+) -> None:
+    # RFC 9112 §6.3: with Transfer-Encoding, Content-Length is not the body's length, and a
+    # proxy must not forward it. Forwarded, the upstream's client found the body longer or
+    # shorter than declared: a 500 (helper-73).
+    body = chat_body("both framings")
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    for path in (CHAT, "/v1/not-cached"):
+        request = post(path, b"", "transfer-encoding: chunked").replace(
+            b"content-length: 0", b"content-length: 5"
+        )
+        status, _, _ = await exchange(proxy.address, request + chunked)
+        assert status == 200
+    assert [r.body for r in proxy.upstream.requests] == [body, body]
+    assert all(r.headers.get("content-length") != "5" for r in proxy.upstream.requests)
+
+
+async def test_headers_named_by_connection_are_not_forwarded_either_way(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # RFC 9110 §7.6.1: the header names a Connection header lists are hop-by-hop too.
+    upstream = RecordingUpstream(extra=[(b"connection", b"x-hop-back"), (b"x-hop-back", b"1")])
+    async with serve(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            for path in (CHAT, "/v1/not-cached"):
+                request = post(path, chat_body("hop"), "x-hop: 1", "x-kept: 1")
+                request = request.replace(b"connection: close", b"connection: close, X-Hop")
+                status, head, _ = await exchange((host, int(port)), request)
+                assert status == 200 and b"\r\nx-hop-back:" not in head, head
+            await app.aclose()
+    assert len(upstream.requests) == 2
+    for received in upstream.requests:
+        assert "x-hop" not in received.headers and received.headers["x-kept"] == "1"
+
+
+async def test_a_miss_never_carries_the_upstreams_own_cache_headers(proxy: Proxy) -> None:
+    # A cache in front of another (or an upstream that sends x-sse-cache-* headers of its
+    # own): the headers of this cache's namespace are its own, never the upstream's. A miss
+    # carried the inner cache's x-sse-cache-ttl beside its own status (helper-73).
+    body = chat_body("inner cache")
+    status, head, _ = await exchange(proxy.address, post(CHAT, body))
+    assert status == 200 and head.count(b"\r\nx-sse-cache:") == 1, head
+    assert b"\r\nx-sse-cache: miss" in head and b"x-sse-cache-ttl" not in head, head
+    status, head, _ = await exchange(proxy.address, post(CHAT, body))
+    assert b"\r\nx-sse-cache: hit" in head and head.count(b"\r\nx-sse-cache-ttl:") <= 1, head
+
+
+async def test_a_path_with_a_trailing_slash_is_keyed_by_it(proxy: Proxy) -> None:
+    # Keys use the request's own path: /v1/chat/completions/ may be another resource
+    # upstream (a 404, say). It was answered from /v1/chat/completions's entry (helper-73).
+    body = chat_body("trailing slash")
+    for path in (CHAT, CHAT + "/", CHAT + "//"):
+        status, head, _ = await exchange(proxy.address, post(path, body))
+        assert status == 200 and b"\r\nx-sse-cache: miss" in head, (path, head)
+    assert [r.path for r in proxy.upstream.requests] == [
+        p.encode() for p in (CHAT, CHAT + "/", CHAT + "//")
+    ]
+    status, head, _ = await exchange(proxy.address, post(CHAT + "/", body))
+    assert b"\r\nx-sse-cache: hit" in head, head
