@@ -43,6 +43,9 @@ from .errors import (
 from .errors import (
     UnreadableEntry as UnreadableEntry,
 )
+from .errors import (
+    ValueTooLarge as ValueTooLarge,
+)
 from .events import Event as Event
 from .events import SSEParser as SSEParser
 from .events import serialize_sse as serialize_sse
@@ -99,5 +102,6 @@ __all__ = [
     "StreamAdapter",
     "StreamCache",
     "UnreadableEntry",
+    "ValueTooLarge",
     "serialize_sse",
 ]

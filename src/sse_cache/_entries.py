@@ -25,7 +25,7 @@ from ._notices import Hook, Notice, emit
 from .breaker import Breaker, BreakerState
 from .codec import WireEntry
 from .entry import Entry
-from .errors import BackendBusy, CorruptEntry, UnreadableEntry
+from .errors import BackendBusy, CorruptEntry, UnreadableEntry, ValueTooLarge
 from .events import serialize_sse
 from .protocols import Backend, EventCodec, NearCachingBackend, WireCodec
 
@@ -129,6 +129,10 @@ class EntryStore:
         except _Skipped:
             self._notify(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
             return _WRITE_FAILED
+        except ValueTooLarge as exc:
+            why = f"the backend refused it: {exc}"
+            self._warn("not_stored", key, why)
+            return why
         except Exception as exc:
             self._warn("store_failed", key, f"backend write failed: {exc!r}")
             return _WRITE_FAILED
@@ -226,10 +230,11 @@ class EntryStore:
             breaker.cancelled()
             self._timed(operation, time.monotonic() - started)
             raise
-        except CorruptEntry:
+        except (CorruptEntry, ValueTooLarge):
             # The backend answered: what it holds under the key is not ours (a value of
-            # another type, written by another program). Counted as a failure, a few lookups
-            # of one such key would turn the whole cache off.
+            # another type, written by another program), or it refused a value over its
+            # size limit. Counted as failures, a few lookups of one such key, or a burst of
+            # large answers, would turn the whole cache off (helper-72: five at once did).
             breaker.success()
             self._timed(operation, time.monotonic() - started)
             raise

@@ -47,6 +47,13 @@ class BackendError(SSECacheError):
     (write) and logs a warning: it never reaches the client of a stream."""
 
 
+class ValueTooLarge(BackendError, ValueError):
+    """The backend refused a value larger than it may hold (its ``max_bytes``, memcached's
+    item size limit). It answered: the breaker does not count this as a failure (a burst of
+    large answers would turn the whole cache off); the answer is not stored, and the
+    warning says which limit to change."""
+
+
 class BackendUnavailable(BackendError, ConnectionError):
     """The backend cannot be reached (server down, connection refused, closed backend)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
@@ -1351,3 +1352,35 @@ async def test_a_follower_that_asks_the_upstream_again_stores_its_answer() -> No
     assert wire(results["events"]) == wire(EVENTS)
     again, events = await consume(cache, Upstream())
     assert again.status is CacheStatus.HIT and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("url", ["memory://?max_bytes=4096", "sqlite:///{tmp}/c.db?max_bytes=4096"])
+async def test_answers_over_the_backends_size_limit_leave_the_breaker_closed(
+    tmp_path: Any, url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The backend refuses a value over its max_bytes: it answered, and is fine. Counted as
+    # backend failures, a burst of five large answers opened the breaker, and every stored
+    # answer went upstream for its cooldown (helper-72, through the proxy on SQLite).
+    from sse_cache import ValueTooLarge
+    from sse_cache.backends import from_url
+
+    backend = from_url(url.format(tmp=tmp_path))
+    seen: list[Notice] = []
+    cache = StreamCache(backend, GenericSSE(), hooks=[seen.append])
+    try:
+        small, _ = await consume(cache, Upstream())
+        assert small.stored  # type: ignore[attr-defined]
+        noise = secrets.token_urlsafe(12_000)  # (incompressible: over 4096 bytes stored)
+        large = Entry(schema="generic", created_at=time.time(), events=(Event(noise),))
+        with pytest.raises(ValueTooLarge, match="max_bytes=4096"):
+            await backend.set("direct", MsgpackCodec().encode(large), None)
+        with caplog.at_level(logging.WARNING, logger="sse_cache"):
+            stored = [await cache.store(f"large-{i}", large) for i in range(3 * 5)]
+        assert stored == [False] * 15
+        assert cache.breaker.state.value == "closed"
+        refused = [n for n in seen if n.kind == "not_stored" and n.key.startswith("large-")]
+        assert len(refused) == 15 and "larger than max_bytes=4096" in refused[0].detail
+        assert "larger than max_bytes=4096" in caplog.text
+        assert await cache.lookup(small.key) is not None  # type: ignore[attr-defined]
+    finally:
+        await backend.aclose()

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from ..errors import BackendError, CorruptEntry
+from ..errors import BackendError, CorruptEntry, ValueTooLarge
 from ._common import expires_at
 
 __all__ = ["SCHEMA_VERSION", "AccessTimes", "EntryTable", "initialise"]
@@ -226,7 +226,7 @@ class EntryTable:
 
     def write(self, conn: sqlite3.Connection, key: str, value: bytes, ttl: float | None) -> None:
         """Store ``value`` for ``ttl`` seconds, purging and evicting in the same transaction.
-        A value larger than ``max_bytes`` removes the old one and raises BackendError."""
+        A value larger than ``max_bytes`` removes the old one and raises ValueTooLarge."""
         now = self._clock()
         deadline = expires_at(now, ttl)
 
@@ -247,7 +247,7 @@ class EntryTable:
 
         self.transaction(conn, body)
         if too_large:
-            raise BackendError(
+            raise ValueTooLarge(
                 f"value of {len(value)} bytes is larger than max_bytes={self.max_bytes}"
             )
 

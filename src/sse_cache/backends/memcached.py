@@ -48,7 +48,13 @@ from pymemcache.exceptions import (  # type: ignore[import-untyped]
     MemcacheUnexpectedCloseError,
 )
 
-from ..errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from ..errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+    ValueTooLarge,
+)
 from ._call_queue import DEFAULT_QUEUE_TIMEOUT, CallQueue
 from ._common import Options, check_open, expires_at, parse_hosts, to_bytes
 from ._fork import keep, reopen_after_fork
@@ -450,7 +456,8 @@ class MemcachedBackend:
                 f"(memcached -I); lower ?chunk_size= (now {self._chunk_size}) below it, or "
                 "raise -I"
             )
-        return BackendError(f"memcached did not store {item_key!r} ({said}){hint}")
+        error = ValueTooLarge if hint else BackendError
+        return error(f"memcached did not store {item_key!r} ({said}){hint}")
 
     def _delete(self, item_key: str) -> None:
         self._hints.discard(item_key)

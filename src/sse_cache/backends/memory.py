@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ..errors import BackendError, ConfigError
+from ..errors import ConfigError, ValueTooLarge
 from ._common import Options, check_key, check_open, expires_at, to_bytes
 
 __all__ = ["MemoryBackend", "from_url"]
@@ -25,7 +25,7 @@ class MemoryBackend:
     number more than ``max_entries``: a ``set`` evicts least-recently-*used* entries (``get``
     counts as a use) until the new value fits. A single value larger than ``max_bytes`` is not
     stored: ``set`` removes any previous value of the key and raises
-    :class:`~sse_cache.errors.BackendError`. Nothing is shared between processes or between two
+    :class:`~sse_cache.errors.ValueTooLarge`. Nothing is shared between processes or between two
     ``MemoryBackend`` instances; works under asyncio and trio (no I/O at all).
 
     Capabilities: :class:`~sse_cache.protocols.ScanningBackend`,
@@ -84,7 +84,7 @@ class MemoryBackend:
         deadline = expires_at(self._clock(), ttl)
         self._remove(key)
         if self._max_bytes is not None and len(value) > self._max_bytes:
-            raise BackendError(
+            raise ValueTooLarge(
                 f"value of {len(value)} bytes is larger than max_bytes={self._max_bytes}"
             )
         if deadline is not None and deadline <= self._clock():

@@ -64,7 +64,7 @@ class SQLiteBackend:
       expired rows go first, then the least recently used. Use is approximate: a ``get``
       records its access time in memory and the next ``set`` of this backend writes it, so
       reads stay read-only (and fast) in SQLite. A single value larger than ``max_bytes`` is
-      not stored; ``set`` removes the old value and raises :class:`BackendError`.
+      not stored; ``set`` removes the old value and raises :class:`~sse_cache.errors.ValueTooLarge`.
     - *Opening*: the file is opened on first use and created (an empty cache) if missing,
       unless ``create`` is False: then a missing file raises :class:`BackendUnavailable`
       naming the path, and an existing file that is not an sse_cache database is left
