@@ -4,7 +4,9 @@ replaced or moved while open."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -463,6 +465,40 @@ async def test_a_new_opener_ignores_the_deleted_files_wal(tmp_path: Path) -> Non
         await newcomer.aclose()
         await backend.aclose()
     assert integrity(path) == "ok"
+
+
+async def test_values_read_from_a_replacing_file_are_never_kept_under_the_old_ones_version(
+    tmp_path: Path,
+) -> None:
+    # The file is replaced at the path. The worker threads' connection looks at the path
+    # (on its own check_interval) before the near cache's probe does, and reads K from the
+    # new file: kept under the old file's data_version, which nothing changes any more, K
+    # was served from memory after another process overwrote it, until the probe's own look
+    # (helper-72: 9 of 9 lookups, up to check_interval). The probe's look is made never due
+    # here: the worker's coming first is the interleaving.
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path, check_interval=INTERVAL)
+    other = SQLiteBackend(path)
+    try:
+        await backend.set("other", b"x", None)
+        assert await backend.get("other") == b"x"  # the probe has the old file open
+        backend._probe._next_check = math.inf
+        replacement = tmp_path / "replacement.db"
+        writer = SQLiteBackend(replacement)
+        await writer.set("K", b"v1", None)
+        await writer.aclose()
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}{suffix}")
+        os.replace(replacement, path)
+        await wait_out()  # the worker's look at the path is due
+        assert await backend.get("K") == b"v1"  # read from the new file
+        assert await backend.get("K") == b"v1"
+        await other.set("K", b"v2", None)  # another process, on the new file
+        assert await backend.get("K") == b"v2"
+    finally:
+        await other.aclose()
+        await backend.aclose()
 
 
 @pytest.mark.parametrize("noticed_by", ["a call", "aclose"])

@@ -51,6 +51,14 @@ class VersionProbe:
         data_version``), read now without waiting for any lock; None when it cannot be read
         at once (then the near cache is not used for this lookup)."""
         probe = self.connection
+        if probe is not None and self._file != self._db.opened:
+            # The worker threads' connection has moved to a file replaced at the path
+            # before this probe looked: values read from that file would be kept under this
+            # file's versions, which its commits never change (helper-72: a value another
+            # process had overwritten was served until the probe's own look, up to
+            # check_interval later).
+            self.close()
+            probe = None
         if probe is not None:
             now = time.monotonic()
             if now >= self._next_check:
