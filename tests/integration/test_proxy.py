@@ -14,10 +14,10 @@ import httpx2
 import openai
 import pytest
 
-from sse_cache import Notice, SSEParser, serialize_sse
+from sse_cache import SSEParser, serialize_sse
 from sse_cache.adapters import GenericSSE, OpenAIResponses
 from sse_cache.proxy import ProxyApp, create_proxy_app
-from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
+from sse_cache.testing import GatedUpstream, MockUpstream, NoticeLog, responses_stream
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 
@@ -30,29 +30,14 @@ KEY_B = {"authorization": "Bearer sk-tenant-b"}
 DEADLOCK_GUARD = 30  # seconds: only a hung test ever reaches it
 
 
-class Notices:
-    """The proxy's notices (a hook), and a way to wait for one of them."""
-
-    def __init__(self) -> None:
-        self.seen: list[Notice] = []
-        self._more = anyio.Event()
-
-    def __call__(self, notice: Notice) -> None:
-        self.seen.append(notice)
-        self._more.set()
-
-    async def wait(self, kind: str, key: str) -> Notice:
-        while True:
-            for notice in self.seen:
-                if notice.kind == kind and notice.key == key:
-                    return notice
-            await self._more.wait()
-            self._more = anyio.Event()
-
-
 class Stack:
     def __init__(
-        self, upstream: str, proxy: str, app: ProxyApp, upstream_app: MockUpstream, notices: Notices
+        self,
+        upstream: str,
+        proxy: str,
+        app: ProxyApp,
+        upstream_app: MockUpstream,
+        notices: NoticeLog,
     ) -> None:
         self.upstream = upstream
         self.proxy = proxy
@@ -90,7 +75,7 @@ class Stack:
 async def stack(serve: Serve, tmp_path: Path) -> AsyncIterator[Stack]:
     upstream_app = MockUpstream(delay=0.001, first_delay=0.005)
     async with serve(upstream_app) as upstream:
-        notices = Notices()
+        notices = NoticeLog()
         app = create_proxy_app(
             upstream, f"sqlite:///{tmp_path / 'cache.db'}", ttl=600, hooks=[notices]
         )

@@ -13,8 +13,8 @@ from typing import Any
 import anyio
 import pytest
 
-from sse_cache import Notice
 from sse_cache.proxy import ProxyApp, create_proxy_app
+from sse_cache.testing import NoticeLog
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 
@@ -86,33 +86,12 @@ def chat_sse(text: str) -> bytes:
     return b"".join(f"data: {piece}\n\n".encode() for piece in pieces)
 
 
-class Hooked:
-    """The proxy's notices, and a way to wait for one of a kind."""
-
-    def __init__(self) -> None:
-        self.seen: list[Notice] = []
-        self._more = anyio.Event()
-
-    def __call__(self, notice: Notice) -> None:
-        self.seen.append(notice)
-        self._more.set()
-
-    async def wait(self, kind: str) -> Notice:
-        with anyio.fail_after(DEADLOCK_GUARD):
-            while True:
-                for notice in self.seen:
-                    if notice.kind == kind:
-                        return notice
-                await self._more.wait()
-                self._more = anyio.Event()
-
-
 @dataclass
 class Proxy:
     url: str
     app: ProxyApp
     upstream: RecordingUpstream
-    notices: Hooked
+    notices: NoticeLog
 
     @property
     def address(self) -> tuple[str, int]:
@@ -124,7 +103,7 @@ class Proxy:
 async def proxy(serve: Serve, tmp_path: Path) -> AsyncIterator[Proxy]:
     upstream = RecordingUpstream(extra=[(b"x-sse-cache-ttl", b"98"), (b"x-sse-cache", b"hit")])
     async with serve(upstream) as upstream_url:
-        notices = Hooked()
+        notices = NoticeLog()
         app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}", hooks=[notices])
         async with serve(app) as url:
             try:
@@ -217,7 +196,7 @@ async def test_an_upload_the_client_abandons_never_runs_upstream(
         if path == CHAT:
             # (A cached route reads the body before anything goes upstream: the proxy
             # notes the request passed through uncached, once the client has left.)
-            left = proxy.notices.wait("bypass")
+            left = proxy.notices.wait("bypass")  # (awaited below, within a deadlock guard)
         else:
             # The upstream has the request's head, and waits for the rest of its body.
             with anyio.fail_after(DEADLOCK_GUARD):
@@ -225,7 +204,8 @@ async def test_an_upload_the_client_abandons_never_runs_upstream(
                     await anyio.sleep(0.01)
             left = None
     if left is not None:
-        notice = await left
+        with anyio.fail_after(DEADLOCK_GUARD):
+            notice = await left
         assert notice.detail == "the client left before its request body was complete"
     else:
         with anyio.fail_after(DEADLOCK_GUARD):

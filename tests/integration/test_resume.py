@@ -16,9 +16,8 @@ import httpx2
 import pytest
 
 from sse_cache.adapters import GenericSSE
-from sse_cache.engine import Notice
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import GatedUpstream, MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream, NoticeLog
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -26,26 +25,6 @@ ALICE = {"authorization": "Bearer sk-alice"}
 BOB = {"authorization": "Bearer sk-bob"}
 PAYLOAD = {"model": "gpt-mock", "input": "resume me", "stream": True}
 PACE = {"x-mock-delay-ms": "10", "x-mock-deltas": "150"}  # ~1.5 s of answer
-
-
-class Notices:
-    """A hook that lets a test wait for a notice (what the cache did, not when)."""
-
-    def __init__(self) -> None:
-        self.seen: list[Notice] = []
-        self._changed = anyio.Event()
-
-    def __call__(self, notice: Notice) -> None:
-        self.seen.append(notice)
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    async def wait_for(self, kind: str) -> Notice:
-        while True:
-            for notice in self.seen:
-                if notice.kind == kind:
-                    return notice
-            await self._changed.wait()
 
 
 @asynccontextmanager
@@ -166,14 +145,14 @@ async def test_after_the_window_an_abandoned_answer_is_not_resumed_from_its_part
     serve: Any,
 ) -> None:
     upstream_app = MockUpstream()
-    notices = Notices()
+    notices = NoticeLog()
     slow = {**PACE, "x-mock-delay-ms": "50"}  # ~7.5 s: the window ends long before
     async with proxied(serve, upstream_app, resume_window=0.2, hooks=[notices]) as client:
         held = await read_then_leave(client, 3, **slow)
         response_id, n = last_sequence_number(held)
         # The window passes with no one reading: the upstream call is abandoned, nothing
         # is stored.
-        assert (await notices.wait_for("not_stored")).detail
+        assert (await notices.wait("not_stored")).detail
         resumed = await client.get(
             f"/v1/responses/{response_id}",
             params={"stream": "true", "starting_after": str(n)},

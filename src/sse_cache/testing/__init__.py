@@ -6,6 +6,7 @@
 - :class:`GatedUpstream`: a small SSE upstream serving the stream a test gives it, counting
   its calls, holding the stream at a gate the test opens, or cutting it.
 - :func:`metric_value`: one sample of a metrics scrape, as Prometheus reads it.
+- :class:`NoticeLog`: a hook that keeps the cache's notices, and lets a test wait for one.
 - :func:`responses_stream`, :func:`responses_body`: a realistic OpenAI Responses stream and
   the response it ends with; :func:`paced` yields events at an upstream's pace;
   :func:`mock_text` makes deterministic text.
@@ -21,6 +22,7 @@ from ._metrics import metric_value as metric_value
 from ._mock import DEFAULT_DELTAS as DEFAULT_DELTAS
 from ._mock import DEFAULT_SUMMARIES as DEFAULT_SUMMARIES
 from ._mock import MockUpstream as MockUpstream
+from ._notices import NoticeLog as NoticeLog
 from ._pacing import paced as paced
 from ._request import ERROR_MODES as ERROR_MODES
 from ._responses import responses_body as responses_body
@@ -34,6 +36,7 @@ __all__ = [
     "ERROR_MODES",
     "GatedUpstream",
     "MockUpstream",
+    "NoticeLog",
     "UpstreamCut",
     "metric_value",
     "mock_text",
