@@ -513,6 +513,12 @@ class _Request:
                 await self._deliver(message)
             tee.pass_on(chunk)
             await tee.flush()
+            if self.detached and tee.end_if_answered():
+                # The producer's client left and followers read on: the answer is complete
+                # (stored, their streams ended with it), whenever the app would end its body.
+                # No one is left to read: the app is stopped (the proxy closes the upstream).
+                assert self.app_scope is not None
+                self.app_scope.cancel()
             return
         await self._deliver(message)
 

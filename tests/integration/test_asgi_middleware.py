@@ -16,7 +16,7 @@ from sse_cache import Event, serialize_sse
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import MemoryBackend
-from sse_cache.testing import GatedUpstream, UpstreamCut
+from sse_cache.testing import GatedUpstream, NoticeLog, UpstreamCut
 
 pytestmark = pytest.mark.anyio
 
@@ -569,3 +569,84 @@ async def test_a_miss_ends_for_its_client_only_once_its_answer_is_stored(
     assert _whole_for_the_client(sent) and not sent[-1].get("more_body", False)
     assert b"".join(m.get("body", b"") for m in sent[1:]) == body
     assert dict(sent[0]["headers"])[b"x-sse-cache"] == b"miss"
+
+
+async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_body() -> None:
+    # The producer's client leaves before the completing event while a follower reads: the
+    # app goes on for it. `[DONE]` completes the answer: the follower's stream ends with it,
+    # stored, and the app is stopped — not when the app ends its body, which here it never
+    # does (it ended only then, as the transports' followers did before helper-69's fix).
+    pieces = [_chat_piece("Hel"), _chat_piece("lo"), _chat_piece("", "stop"), b"data: [DONE]\n\n"]
+    whole = b"".join(pieces)
+    done, stopped = anyio.Event(), anyio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for piece in pieces[:-1]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_the_client_leaves() -> None:  # (as the proxy's forwarder)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_when_the_client_leaves)
+            await done.wait()
+            await send({"type": "http.response.body", "body": pieces[-1], "more_body": True})
+            try:
+                await anyio.sleep_forever()  # the body's end never comes
+            finally:
+                stopped.set()
+
+    log = NoticeLog()
+    mw = CacheMiddleware(app, "memory://", hooks=[log])
+    request = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+
+    def chat_scope() -> dict[str, Any]:
+        scope = events_scope()
+        scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+        return scope
+
+    async def ask(leave: Callable[[], Awaitable[object]]) -> tuple[dict[bytes, bytes], bytes]:
+        head: dict[bytes, bytes] = {}
+        got = bytearray()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                head.update(message["headers"])
+            else:
+                got.extend(message.get("body", b""))
+
+        await mw(chat_scope(), body_then(request, leave), send)
+        return head, bytes(got)
+
+    answers: list[tuple[dict[bytes, bytes], bytes]] = []
+
+    async def follow() -> None:
+        answers.append(await ask(anyio.sleep_forever))
+
+    with anyio.fail_after(30):  # a deadlock guard: without the fix, the follower never ends
+        async with anyio.create_task_group() as tg:
+            left = anyio.Event()
+
+            async def leave() -> None:
+                await log.wait("shared")  # a follower reads the producer's stream
+                left.set()
+
+            async def produce() -> None:
+                await ask(leave)  # its client leaves once the follower joined
+
+            tg.start_soon(produce)
+            await log.wait("miss")  # the producer is on its way to the app
+            tg.start_soon(follow)
+            await left.wait()
+            await anyio.wait_all_tasks_blocked()  # the middleware has seen the client leave
+            done.set()
+        await stopped.wait()
+    assert [(head[b"x-sse-cache"], got) for head, got in answers] == [(b"shared", whole)]
+    head, got = await ask(anyio.sleep_forever)
+    assert head[b"x-sse-cache"] == b"hit" and got == whole
