@@ -272,6 +272,25 @@ class _Arrived:
 _ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 
 
+def _as_forwarded(scope: Scope) -> Scope:
+    """``scope`` as the upstream is asked it, where the cache must see the same: its target
+    in origin form (:func:`_in_origin_form`), and without the headers its ``Connection``
+    header names. The forwarder drops those (hop-by-hop): kept for the key, a client naming
+    ``openai-beta`` there had the upstream's answer without it stored under a key with it,
+    served to every other client asking with it (helper-74)."""
+    scope = _in_origin_form(scope)
+    headers = scope.get("headers", ())
+    named: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    named -= {b"close", b"keep-alive", b""}
+    if not named:  # (nearly every request)
+        return scope
+    kept = [(name, value) for name, value in headers if name.lower() not in named]
+    return {**scope, "headers": kept}
+
+
 def _in_origin_form(scope: Scope) -> Scope:
     """``scope`` with an absolute-form request target (RFC 9112 §3.2.2: a server must accept
     it) turned into its path, by which the request is matched, keyed and forwarded: the
@@ -411,7 +430,7 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope = _in_origin_form(scope)
+            scope = _as_forwarded(scope)
             if scope["path"].startswith("/_sse_cache/"):
                 await self._ops(scope, send)
                 return

@@ -279,3 +279,25 @@ async def test_a_path_with_a_trailing_slash_is_keyed_by_it(proxy: Proxy) -> None
     ]
     status, head, _ = await exchange(proxy.address, post(CHAT + "/", body))
     assert b"\r\nx-sse-cache: hit" in head, head
+
+
+async def test_a_header_named_by_connection_never_keys_what_the_upstream_was_not_asked(
+    proxy: Proxy,
+) -> None:
+    # openai-beta keys an entry (the upstream may answer otherwise with it). Named by the
+    # client's Connection header, it is not forwarded: it must not key the entry either.
+    # It did: the upstream's answer without the beta was stored under a key with it, and
+    # served to the next client asking with it (helper-74: cache poisoning).
+    body = chat_body("beta")
+    beta = "openai-beta: assistants=v2"
+    trick = post(CHAT, body, beta).replace(b"connection: close", b"connection: close, openai-beta")
+    status, head, _ = await exchange(proxy.address, trick)
+    assert status == 200 and b"\r\nx-sse-cache: miss" in head, head
+    status, head, _ = await exchange(proxy.address, post(CHAT, body, beta))
+    assert status == 200 and b"\r\nx-sse-cache: miss" in head, head  # not the first answer
+    assert [r.headers.get("openai-beta") for r in proxy.upstream.requests] == [
+        None,
+        "assistants=v2",
+    ]
+    status, head, _ = await exchange(proxy.address, post(CHAT, body))  # asked as the first was
+    assert b"\r\nx-sse-cache: hit" in head, head
