@@ -203,7 +203,7 @@ class _Leaving:
     __slots__ = ("_exchange",)
 
     def __init__(self, exchange: AbstractAsyncContextManager[Exchange]) -> None:
-        self._exchange = exchange
+        self._exchange: AbstractAsyncContextManager[Exchange] | None = exchange
 
     async def __aenter__(self) -> None:
         return None
@@ -214,7 +214,10 @@ class _Leaving:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        return await self._exchange.__aexit__(exc_type, exc, tb)
+        exchange, self._exchange = self._exchange, None
+        if exchange is None:
+            return None  # left already: the answer was whole before the app returned
+        return await exchange.__aexit__(exc_type, exc, tb)
 
 
 class _Request:
@@ -246,6 +249,7 @@ class _Request:
         self.send_error: Exception | None = None  # sending to the client failed: for the app
         self.cut = ""  # why the client was cut off (it fell too far behind the stream)
         self.hold_scope: anyio.CancelScope | None = None  # the resume window, while it runs
+        self.leaving: _Leaving | None = None  # leaves a miss's exchange (stores its answer)
 
     @property
     def send(self) -> Send:
@@ -288,6 +292,7 @@ class _Request:
             return
         # A miss: the app answers, teed. The exchange is left (the answer stored) inside the
         # task group, before it waits for the tasks that may still send to the client.
+        self.leaving = leave
         producing = False
         try:
             async with task_group() as self.tasks:
@@ -513,7 +518,9 @@ class _Request:
                 await self._deliver(message)
             tee.pass_on(chunk)
             await tee.flush()
-            if self.detached and tee.end_if_answered():
+            if final and (self.length_left == 0 or tee.answered):
+                await self._end_whole(tee)
+            elif self.detached and tee.end_if_answered():
                 # The producer's client left and followers read on: the answer is complete
                 # (stored, their streams ended with it), whenever the app would end its body.
                 # No one is left to read: the app is stopped (the proxy closes the upstream).
@@ -529,12 +536,36 @@ class _Request:
         does for a chunked one: sent before the answer is stored, a client asking again
         right away could miss it (helper-73: 13 of 30 with two workers)."""
         left = self.length_left
-        assert left is not None
-        self.length_left = max(0, left - len(chunk))
-        if not 0 < left <= len(chunk):
+        assert left is not None and self.tee is not None
+        if len(chunk) > left:
+            # More than it declared: the app broke its own length (the server refuses the
+            # excess, and the response fails). No answer to store or share.
+            # What it sent goes out as it was sent, the byte held first.
+            self.length_left = None
+            self.tee.fail("the app sent more than its content-length")
+            tail, self.held_tail = self.held_tail, b""
+            return tail + chunk
+        self.length_left = left - len(chunk)
+        if self.length_left:
             return chunk
-        self.held_tail = chunk[left - 1 : left]
-        return chunk[: left - 1]
+        self.held_tail = chunk[-1:]
+        return chunk[:-1]
+
+    async def _end_whole(self, tee: ResponseTee) -> None:
+        """The app's last body message completed an answer that cannot be undone: all the
+        bytes its ``content-length`` declared, or the schema's completing event, checked.
+        It is stored and the response ended now, not once the app returns: work the app
+        does after its body (Starlette's background tasks) does not hold the client's end.
+        (An answer that may yet be undone — generic SSE, which has no completing event —
+        ends once the app has returned: see _produce.)"""
+        if self.cut or self.leaving is None:
+            return
+        tee.end()
+        if not tee.ended:
+            return
+        self.held_end = False
+        await self.leaving.__aexit__(None, None, None)  # stores it, ends the followers' reads
+        await self._deliver(self._end())
 
     def _end(self) -> Message:
         # The response's end, held until the answer was stored: with the byte completing

@@ -650,3 +650,107 @@ async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_b
     assert [(head[b"x-sse-cache"], got) for head, got in answers] == [(b"shared", whole)]
     head, got = await ask(anyio.sleep_forever)
     assert head[b"x-sse-cache"] == b"hit" and got == whole
+
+
+@pytest.mark.parametrize("framing", ["json", "sse"])
+async def test_work_the_app_does_after_a_whole_answer_does_not_hold_the_clients_end(
+    framing: str,
+) -> None:
+    # Starlette's background tasks run after the response's last body message, within the
+    # app's call. A whole answer (all of its declared length, or chat's [DONE] after its
+    # finish_reason) is stored and ended then; it used to end only once the app returned
+    # (helper-74: a JSON answer's last byte came 2 s late, behind a background task).
+    if framing == "sse":
+        pieces = [_chat_piece("Hel"), _chat_piece("lo", "stop"), b"data: [DONE]\n\n"]
+        head = [(b"content-type", b"text/event-stream")]
+        streams = True
+    else:
+        message = {"role": "assistant", "content": "Hello"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        body = json.dumps({"id": "c1", "object": "chat.completion", "choices": [choice]}).encode()
+        pieces = [body[:10], body[10:]]
+        head = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        streams = False
+    background = anyio.Event()
+    app_returned = False
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal app_returned
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for i, piece in enumerate(pieces):
+            more = i < len(pieces) - 1
+            await send({"type": "http.response.body", "body": piece, "more_body": more})
+        await background.wait()  # a background task, after the response
+        app_returned = True
+
+    mw = CacheMiddleware(app, "memory://")
+    request = json.dumps({"model": "m", "messages": [], "stream": streams}).encode()
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+
+    async def ask(ended: anyio.Event) -> tuple[dict[bytes, bytes], bytes]:
+        got_head: dict[bytes, bytes] = {}
+        got = bytearray()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                got_head.update(message["headers"])
+                return
+            got.extend(message.get("body", b""))
+            if not message.get("more_body", False):
+                ended.set()
+
+        await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
+        return got_head, bytes(got)
+
+    whole = b"".join(pieces)
+    with anyio.fail_after(30):  # a deadlock guard: the end came only once the app returned
+        async with anyio.create_task_group() as tg:
+            first_ended = anyio.Event()
+            tg.start_soon(ask, first_ended)
+            await first_ended.wait()  # the client has its whole answer ...
+            assert not app_returned  # ... while the app works on
+            again, got = await ask(anyio.Event())  # asked again at once: stored
+            assert again[b"x-sse-cache"] == b"hit" and got == whole
+            background.set()
+
+
+@pytest.mark.parametrize("excess", ["after", "within"])
+async def test_an_app_sending_more_than_its_length_is_passed_on_as_sent_and_not_stored(
+    excess: str,
+) -> None:
+    # The byte completing a declared length is held until the answer is stored. An app that
+    # then sends more broke its own length: its bytes go on in the order it sent them (the
+    # server refuses the excess), and nothing is stored. They were reordered (helper-74:
+    # "hell" + "X" + "o"), and the excess recorded: the stored hit was longer than declared.
+    message = {"role": "assistant", "content": "hello"}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    declared = json.dumps({"choices": [choice]}).encode()
+    sends = [declared, b"X"] if excess == "after" else [declared + b"X"]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        length = b"%d" % len(declared)
+        head = [(b"content-type", b"application/json"), (b"content-length", length)]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for i, piece in enumerate(sends):
+            more = i < len(sends) - 1
+            await send({"type": "http.response.body", "body": piece, "more_body": more})
+
+    mw = CacheMiddleware(app, "memory://")
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
+    got = bytearray()
+
+    async def send(message: dict[str, Any]) -> None:
+        got.extend(message.get("body", b""))
+
+    await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
+    assert bytes(got) == b"".join(sends)
+    got.clear()
+    await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
+    assert bytes(got) == b"".join(sends)  # the app again: nothing was stored
