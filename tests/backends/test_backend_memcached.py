@@ -24,7 +24,7 @@ from sse_cache.backends._memcached_layout import (
 from sse_cache.backends.memcached import MemcachedBackend
 from sse_cache.codec import MsgpackCodec
 from sse_cache.entry import Entry
-from sse_cache.errors import BackendError, CorruptEntry
+from sse_cache.errors import BackendError, CorruptEntry, ValueTooLarge
 from sse_cache.events import Event
 
 pytestmark = pytest.mark.anyio
@@ -656,3 +656,21 @@ async def test_an_item_over_the_servers_size_limit_is_named_with_what_to_change(
         await backend.aclose()
     finally:
         server.cleanup()
+
+
+@pytest.mark.parametrize("servers", ["one", "pool"])
+async def test_an_item_over_the_servers_size_limit_is_value_too_large(
+    servers: str, url: str, pool_url: str
+) -> None:
+    # The server answered (it refused an item over its -I): not a failure the breaker counts
+    # (ValueTooLarge). A pool's refusal was a plain BackendError (helper-74): a burst of
+    # large answers could turn the cache off.
+    backend: Any = from_url(url if servers == "one" else pool_url, chunk_size=2 * 1024 * 1024)
+    try:
+        for size in (1024 * 1024 + 1, 4 * 1024 * 1024 + 500_000):  # one item; chunks
+            with pytest.raises(ValueTooLarge, match="-I"):
+                await backend.set("k", os.urandom(size), None)
+        await backend.set("k", b"fine", None)
+        assert await backend.get("k") == b"fine"
+    finally:
+        await backend.aclose()

@@ -101,6 +101,13 @@ class _BytesSerde:
         return value, flags
 
 
+# What to change when a server refuses an item over its item size limit.
+_TOO_LARGE_HINT = (
+    ": the item is over the server's item size limit (memcached -I); lower ?chunk_size= "
+    "below it, or raise -I"
+)
+
+
 @contextmanager
 def map_exceptions(what: str) -> Iterator[None]:
     """Translate pymemcache / socket exceptions into the BackendError family (the one edge
@@ -116,6 +123,8 @@ def map_exceptions(what: str) -> Iterator[None]:
     except MemcacheError as exc:
         if "down" in str(exc):  # HashClient: "All servers seem to be down right now"
             raise BackendUnavailable(f"{what}: {exc}") from exc
+        if "too large" in str(exc):  # a pool's server refused an item over its -I
+            raise ValueTooLarge(f"{what}: memcached error ({exc}){_TOO_LARGE_HINT}") from exc
         raise BackendError(f"{what}: memcached error ({exc})") from exc
     except Exception as exc:
         # pymemcache's pool bookkeeping is not built for threads; whatever escapes it is a
@@ -408,7 +417,7 @@ class MemcachedBackend:
         size = self._chunk_size
         count = -(-len(value) // size)
         if count > MAX_CHUNKS:
-            raise BackendError(
+            raise ValueTooLarge(
                 f"a value of {len(value)} bytes would take {count} chunks of chunk_size={size}, "
                 f"over the {MAX_CHUNKS} a value may take: raise ?chunk_size="
             )
