@@ -147,16 +147,11 @@ class Forwarder:
         if scope["type"] != "http":
             return
         path = scope.get("raw_path") or scope["path"].encode()
-        if not path.startswith(b"/"):
-            # The upstream's URL is its base URL and this path: anything else there
-            # ("@host/...", ":port/...", ".example.com/...") would name another server.
-            # (ProxyApp turns an absolute-form target into its path before this.)
+        problem = _not_a_path_under(path)
+        if problem:
             shown = path[:100].decode("latin-1")
             await send_json_error(
-                send,
-                400,
-                f"the request target must be a path starting with '/', got {shown!r}",
-                "invalid_request_error",
+                send, 400, f"the request target {problem}, got {shown!r}", "invalid_request_error"
             )
             return
         url = self.upstream + path.decode("latin-1")
@@ -304,6 +299,19 @@ def _in_origin_form(scope: Scope) -> Scope:
         return scope
     path = raw[found.end() :] or b"/"
     return {**scope, "raw_path": path, "path": unquote(path.decode("latin-1"))}
+
+
+def _not_a_path_under(path: bytes) -> str:
+    """Why ``path`` (a request's raw path) cannot be appended to the upstream's base URL, or
+    "". The URL is the base URL and this path: anything but a path there ("@host/...",
+    ":port/...", ".example.com/...") would name another server, and a dot segment
+    ("/../admin") would leave the base URL's own path once resolved (httpx2 resolves them).
+    (ProxyApp turns an absolute-form target into its path before this.)"""
+    if not path.startswith(b"/"):
+        return "must be a path starting with '/'"
+    if b"/." in path and any(part in (b".", b"..") for part in path.split(b"/")):
+        return "must not hold '.' or '..' segments"
+    return ""
 
 
 def _nominated(headers: Iterable[tuple[str, str]]) -> set[str]:
