@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import islice
 
 from .entry import Entry
 from .events import EOL, Event
@@ -57,7 +58,18 @@ class Recorder:
     (the upstream broke, the request asked not to store).
     """
 
-    __slots__ = ("_adapter", "_events", "_limit", "_times", "reason", "size", "state")
+    __slots__ = (
+        "_adapter",
+        "_events",
+        "_judged_upto",
+        "_judgement",
+        "_limit",
+        "_times",
+        "_verification",
+        "reason",
+        "size",
+        "state",
+    )
 
     def __init__(
         self, adapter: StreamAdapter, *, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
@@ -69,6 +81,12 @@ class Recorder:
         self.size = 0  # bytes counted against max_entry_bytes so far
         self.state = RecorderState.RECORDING
         self.reason = ""
+        # The verdict on the first ``_judged_upto`` events, and the whole-stream check's on
+        # the events counted: events are only appended while recording, so a second look
+        # (holds_answer, then finish) judges only what came since, and checks nothing again.
+        self._judged_upto = 0
+        self._judgement: tuple[Outcome, Event | None] = (Outcome.CONTINUE, None)
+        self._verification: tuple[int, bool] = (-1, False)
 
     @property
     def events(self) -> list[Event]:
@@ -199,29 +217,42 @@ class Recorder:
 
     def _verified(self) -> bool:
         # The schema's whole-stream check, if it has one, passes on the events.
-        adapter = self._adapter
-        return (
-            not isinstance(adapter, VerifyingAdapter)
-            or adapter.verify(self._events) is Outcome.COMPLETE
-        )
+        count = len(self._events)
+        checked_at, passed = self._verification
+        if checked_at != count:
+            adapter = self._adapter
+            passed = (
+                not isinstance(adapter, VerifyingAdapter)
+                or adapter.verify(self._events) is Outcome.COMPLETE
+            )
+            self._verification = (count, passed)
+        return passed
 
     def _judged(self) -> tuple[Outcome, Event | None]:
         # COMPLETE once a completing event was seen, FAIL (with the event) as soon as any
         # event failed (a late "completion" cannot revive a failed stream), else CONTINUE.
-        outcome = self._adapter.outcome
-        verdict = Outcome.CONTINUE
-        cont, fail = Outcome.CONTINUE, Outcome.FAIL
-        for event in self._events:
-            result = outcome(event)
-            if result is cont:
-                continue
-            if result is fail:
-                return fail, event
-            verdict = result
-        return verdict, None
+        # The events judged before are not judged again.
+        verdict, failing = self._judgement
+        events = self._events
+        if failing is None:
+            outcome = self._adapter.outcome
+            cont, fail = Outcome.CONTINUE, Outcome.FAIL
+            for event in islice(events, self._judged_upto, None):
+                result = outcome(event)
+                if result is cont:
+                    continue
+                if result is fail:
+                    verdict, failing = fail, event
+                    break
+                verdict = result
+            self._judgement = (verdict, failing)
+        self._judged_upto = len(events)
+        return verdict, failing
 
     def _stop(self, state: RecorderState, reason: str) -> None:
         self.state = state
         self.reason = reason
         self._events = []
         self._times = []
+        self._judged_upto, self._judgement = 0, (Outcome.CONTINUE, None)
+        self._verification = (-1, False)

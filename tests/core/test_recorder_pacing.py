@@ -66,6 +66,34 @@ def test_holds_answer_runs_the_schemas_whole_stream_check() -> None:
     assert whole.holds_answer and whole.finish(clean_end=False) is not None
 
 
+def test_judging_again_judges_only_the_events_since_and_checks_the_stream_once() -> None:
+    # A follower reading on judges the recording at each completing event fed (Gemini: each
+    # candidate's finish), and a whole answer is judged, then finished. Each judged every
+    # event again, and ran the whole-stream check again: 4,000 chunks after a completing
+    # event that did not complete the answer blocked the event loop for 16 s (helper-76).
+    judged: list[Event] = []
+    checks: list[int] = []
+
+    class Counting(Completing):
+        def outcome(self, event: Event) -> Outcome:
+            judged.append(event)
+            return super().outcome(event)
+
+        def verify(self, events: Sequence[Event]) -> Outcome:
+            checks.append(len(events))
+            return Outcome.COMPLETE
+
+    rec = Recorder(Counting())
+    for i in range(100):
+        rec.add(Event(str(i)), i)
+        assert not rec.holds_answer
+    assert len(judged) == 100 and checks == []
+    rec.add(Event("end", event="done"), 100)
+    assert rec.holds_answer and rec.holds_answer
+    assert rec.finish(clean_end=False) is not None
+    assert len(judged) == 101 and checks == [101]
+
+
 def test_generic_clean_end_is_stored() -> None:
     rec = Recorder(GenericSSE())
     for i in range(3):

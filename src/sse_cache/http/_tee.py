@@ -193,8 +193,8 @@ class ResponseTee:
                 return
             if events:
                 self._live.add(events)
-                if self._watching and not self._completing_fed:
-                    self._completing_fed = self._live.recorder.completes(events)
+                if self._watching and self._live.recorder.completes(events):
+                    self._completing_fed = True  # (judged by end_if_answered, once)
                 if self.identify is not None:
                     identify, self.identify = self.identify, None
                     identify(events)
@@ -315,8 +315,13 @@ class ResponseTee:
         fed: if what was recorded is now the complete answer, the stream stops here, as by
         :meth:`stop` (stored, the followers' streams end) — the upstream may take its time
         to end its body after the completing event. True then: the integration closes the
-        upstream. (Judged in full once a completing event was fed, not at every chunk.)"""
-        if not self._completing_fed or self.ended or self.cut or not self.answered:
+        upstream. (Judged once per completing event fed, not at every chunk: a stream whose
+        completing event does not complete it, Gemini's first of two candidates finishing,
+        is not judged again at every chunk after it.)"""
+        if not self._completing_fed or self.ended or self.cut:
+            return False
+        self._completing_fed = False
+        if not self.answered:
             return False
         self.stop("the answer is complete")
         return self.ended
