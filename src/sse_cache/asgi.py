@@ -250,6 +250,7 @@ class _Request:
         self.cut = ""  # why the client was cut off (it fell too far behind the stream)
         self.hold_scope: anyio.CancelScope | None = None  # the resume window, while it runs
         self.leaving: _Leaving | None = None  # leaves a miss's exchange (stores its answer)
+        self.ended_whole = False  # ... left before the app returned: its answer was whole
 
     @property
     def send(self) -> Send:
@@ -294,10 +295,18 @@ class _Request:
         # task group, before it waits for the tasks that may still send to the client.
         self.leaving = leave
         producing = False
+        raised_after: Exception | None = None  # the app's error after its whole answer
         try:
             async with task_group() as self.tasks:
                 producing = True  # from here on, _produce leaves the exchange
-                await self._produce(leave)
+                try:
+                    await self._produce(leave)
+                except Exception as exc:
+                    if not self.ended_whole:
+                        raise
+                    # After its whole answer was stored and ended (a background task that
+                    # failed): the client still gets all of it, then the error is raised.
+                    raised_after = exc
                 if self.hold_scope is not None:
                     self.hold_scope.cancel()  # the stream is over: nothing more to hold
                 outbox = self.outbox
@@ -314,6 +323,8 @@ class _Request:
                 # on it.
                 await leave.__aexit__(type(exc), exc, exc.__traceback__)
             raise
+        if raised_after is not None:
+            raise raised_after
         if self.cut:
             # Visible to the client: its response is aborted, never ended cleanly.
             raise SharedStreamAborted(self.cut)
@@ -564,7 +575,13 @@ class _Request:
         if not tee.ended:
             return
         self.held_end = False
-        await self.leaving.__aexit__(None, None, None)  # stores it, ends the followers' reads
+        self.ended_whole = True
+        # Stores it, ends the followers' reads. Shielded: this runs inside the app's send,
+        # in its cancel scopes (Starlette cancels a response's send when its client leaves),
+        # and a cut exit would drop the answer's index (its response id) with the stored
+        # entry kept. (The backend's timeout bounds it.)
+        with anyio.CancelScope(shield=True):
+            await self.leaving.__aexit__(None, None, None)
         await self._deliver(self._end())
 
     def _end(self) -> Message:

@@ -5,6 +5,7 @@ never gets bytes its request did not ask for."""
 from __future__ import annotations
 
 import gzip
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -231,3 +232,173 @@ async def test_the_cache_inside_basehttpmiddleware_warns_that_cut_streams_would_
         assert "pure ASGI middleware" in warnings[0]
     else:
         assert warnings == []
+
+
+def _chat_sse(text: str) -> list[bytes]:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    said = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+    done = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    pieces = [json.dumps({**chunk, "choices": [c]}) for c in (said, done)] + ["[DONE]"]
+    return [f"data: {piece}\n\n".encode() for piece in pieces]
+
+
+def _in_process_scope(method: str, path: str, query: bytes = b"") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query,
+        "headers": [
+            (b"authorization", b"Bearer sk-compose"),
+            (b"content-type", b"application/json"),
+        ],
+    }
+
+
+def _receiving(body: bytes, leave: anyio.Event | None = None) -> Any:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        if leave is None:
+            await anyio.sleep_forever()
+        else:
+            await leave.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def test_a_background_task_failing_after_a_whole_answer_leaves_its_client_all_of_it() -> None:
+    # Starlette runs a response's background task after its last body message. The answer
+    # was whole then: stored, and ended for the followers. A task that fails must not take
+    # the rest from a client still behind (its sending was cancelled with the app's error:
+    # an aborted response for an answer the cache stored; helper-76).
+    from starlette.background import BackgroundTask
+
+    pieces = _chat_sse("Hello")
+    failing = anyio.Event()
+
+    async def fail() -> None:
+        failing.set()
+        raise RuntimeError("background task failed")
+
+    async def create(request: Request) -> Response:
+        await request.body()
+
+        async def body() -> AsyncIterator[bytes]:
+            for piece in pieces:
+                yield piece
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", background=BackgroundTask(fail)
+        )
+
+    app = Starlette(routes=[Route("/v1/chat/completions", create, methods=["POST"])])
+    mw = CacheMiddleware(app, "memory://")
+    request = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+
+    async def ask(slow: bool) -> tuple[bytes, bytes, bool, BaseException | None]:
+        head: dict[bytes, bytes] = {}
+        got = bytearray()
+        ended = False
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal ended
+            if message["type"] == "http.response.start":
+                head.update(message["headers"])
+                return
+            if slow:
+                # The client is behind when the task fails, and still when the app's error
+                # has reached the middleware.
+                await failing.wait()
+                await anyio.wait_all_tasks_blocked()
+            got.extend(message.get("body", b""))
+            ended = not message.get("more_body", False)
+
+        error = None
+        try:
+            await mw(_in_process_scope("POST", "/v1/chat/completions"), _receiving(request), send)
+        except Exception as exc:
+            error = exc
+        return head[b"x-sse-cache"], bytes(got), ended, error
+
+    with anyio.fail_after(30):  # a deadlock guard
+        status, got, ended, error = await ask(slow=True)
+    assert (status, got, ended) == (b"miss", b"".join(pieces), True)
+    assert isinstance(error, RuntimeError)  # the app's error, raised once the client had it
+    status, got, ended, _ = await ask(slow=False)
+    assert (status, got, ended) == (b"hit", b"".join(pieces), True)
+
+
+async def test_a_client_leaving_while_its_whole_answer_is_stored_keeps_its_response_id() -> None:
+    # The answer is stored when the app's last body message completes it, inside the app's
+    # send. Under Starlette's StreamingResponse (ASGI spec < 2.4) a client leaving then
+    # cancels that send: the store's end, indexing the response id, was cut, and
+    # GET /v1/responses/{id}?stream=true went to the app for good (helper-76).
+    from sse_cache.backends import MemoryBackend
+    from sse_cache.events import serialize_sse
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("keep my id", text_deltas=3)
+    pieces = [serialize_sse([event]) for event in events]
+    response_id = json.loads(events[0].data)["response"]["id"]
+    storing, stored = anyio.Event(), anyio.Event()
+
+    class HeldStore(MemoryBackend):
+        async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+            storing.set()
+            await stored.wait()
+            await super().set(key, value, ttl)
+
+    async def create(request: Request) -> Response:
+        await request.body()
+
+        async def body() -> AsyncIterator[bytes]:
+            for piece in pieces:
+                yield piece
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async def by_id(request: Request) -> Response:
+        return Response("reached the app", status_code=404)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/responses", create, methods=["POST"]),
+            Route("/v1/responses/{rid}", by_id, methods=["GET"]),
+        ]
+    )
+    mw = CacheMiddleware(app, HeldStore())
+    request = json.dumps({"model": "m", "input": "keep my id", "stream": True}).encode()
+    leave = anyio.Event()
+
+    async def ignore(message: dict[str, Any]) -> None:
+        pass
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            scope = _in_process_scope("POST", "/v1/responses")
+            tg.start_soon(mw, scope, _receiving(request, leave), ignore)
+            await storing.wait()  # the whole answer is being stored ...
+            leave.set()  # ... when its client leaves
+            await anyio.wait_all_tasks_blocked()
+            stored.set()
+    got = bytearray()
+    head: dict[str, Any] = {}
+
+    async def keep(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            head.update(status=message["status"], **{k.decode(): v for k, v in message["headers"]})
+        else:
+            got.extend(message.get("body", b""))
+
+    scope = _in_process_scope("GET", f"/v1/responses/{response_id}", b"stream=true")
+    await mw(scope, _receiving(b""), keep)
+    assert head["status"] == 200 and head["x-sse-cache"] == b"hit", head
+    assert bytes(got) == b"".join(pieces)

@@ -754,3 +754,107 @@ async def test_an_app_sending_more_than_its_length_is_passed_on_as_sent_and_not_
     got.clear()
     await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
     assert bytes(got) == b"".join(sends)  # the app again: nothing was stored
+
+
+async def test_a_completing_event_that_does_not_complete_is_judged_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Gemini with two candidates: the first finishes in a chunk of its own (a completing
+    # event) while the second streams on. The producer's client has left and a follower
+    # reads on: the recording was judged whole at every chunk after that one, each time
+    # checking every event (helper-76: 4,000 chunks blocked the event loop for 16 s).
+    from sse_cache.adapters import GeminiGenerateContent
+
+    checks: list[int] = []
+    real_verify = GeminiGenerateContent.verify
+
+    def counted(self: GeminiGenerateContent, events: Any) -> Any:
+        checks.append(len(events))
+        return real_verify(self, events)
+
+    monkeypatch.setattr(GeminiGenerateContent, "verify", counted)
+
+    def chunk(*candidates: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps({"candidates": list(candidates)}).encode() + b"\r\n\r\n"
+
+    def said(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "index": index,
+            "content": {"role": "model", "parts": [{"text": text}]},
+        }
+        return {**out, "finishReason": finish} if finish else out
+
+    pieces = [chunk(said(0, "a"), said(1, "b")), chunk(said(0, "end", "STOP"))]
+    pieces += [chunk(said(1, f"{i} ")) for i in range(200)] + [chunk(said(1, "end", "STOP"))]
+    log = NoticeLog()
+    producer_left = anyio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": pieces[0], "more_body": True})
+        async with anyio.create_task_group() as tg:
+
+            async def stop_when_the_client_leaves() -> None:  # (as the proxy's forwarder)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_when_the_client_leaves)
+            await producer_left.wait()
+            for i, piece in enumerate(pieces[1:], start=1):
+                more = i < len(pieces) - 1
+                await send({"type": "http.response.body", "body": piece, "more_body": more})
+            tg.cancel_scope.cancel()
+
+    mw = CacheMiddleware(app, "memory://", hooks=[log])
+    path = "/v1beta/models/m:streamGenerateContent"
+    request = json.dumps({"contents": [], "generationConfig": {"candidateCount": 2}}).encode()
+
+    async def ask(leave: Callable[[], Awaitable[object]]) -> tuple[bytes, bytes]:
+        head: dict[bytes, bytes] = {}
+        got = bytearray()
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                head.update(message["headers"])
+            else:
+                got.extend(message.get("body", b""))
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"alt=sse",
+            "headers": [(b"x-goog-api-key", b"k"), (b"content-type", b"application/json")],
+        }
+        await mw(scope, body_then(request, leave), send)
+        return head[b"x-sse-cache"], bytes(got)
+
+    answers: list[tuple[bytes, bytes]] = []
+
+    async def follow() -> None:
+        answers.append(await ask(anyio.sleep_forever))
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            joined = anyio.Event()
+
+            async def leave() -> None:
+                await log.wait("shared")
+                joined.set()
+
+            async def produce() -> None:
+                await ask(leave)
+
+            tg.start_soon(produce)
+            await log.wait("miss")
+            tg.start_soon(follow)
+            await joined.wait()
+            await anyio.wait_all_tasks_blocked()  # the middleware has seen the client leave
+            producer_left.set()
+    assert answers == [(b"shared", b"".join(pieces))]
+    assert len(checks) <= 3, checks  # once per completing event (and the store's own)
