@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, unquote_to_bytes
 
 import anyio
 
@@ -309,7 +309,10 @@ def _not_a_path_under(path: bytes) -> str:
     (ProxyApp turns an absolute-form target into its path before this.)"""
     if not path.startswith(b"/"):
         return "must be a path starting with '/'"
-    if b"/." in path and any(part in (b".", b"..") for part in path.split(b"/")):
+    # Also escaped: an upstream that decodes before it resolves (nginx does; RFC 3986
+    # §6.2.2.2 says %2E is ".") would resolve "/%2e%2e/" too (helper-76).
+    dotted = b"/." in path or b"%2e" in path.lower()
+    if dotted and any(unquote_to_bytes(part) in (b".", b"..") for part in path.split(b"/")):
         return "must not hold '.' or '..' segments"
     return ""
 

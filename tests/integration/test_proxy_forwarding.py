@@ -150,6 +150,9 @@ def post(target: str, body: bytes, *extra: str) -> bytes:
         "/../v1/models",
         "/v1/./models",
         "/v1/chat/..",
+        "/v1/%2e%2e/admin",
+        "/v1/.%2E/admin",
+        "/v1/%2e/models",
     ],
 )
 async def test_a_request_target_that_is_no_path_never_reaches_another_server(
