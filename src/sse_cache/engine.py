@@ -459,28 +459,28 @@ class StreamCache:
         self._notify(Notice(kind="hit", key=key, events=len(events), seconds=seconds))
         return CachedStream(CacheStatus.HIT, key, entry=entry, events=events, pacing=pacing)
 
-    @asynccontextmanager
-    async def recording(
+    def recording(
         self, key: str, *, store: bool = True, ttl: float | None = None
-    ) -> AsyncIterator[LiveRecording]:
-        """Record a stream whose events are pushed to us (see :class:`LiveRecording`).
+    ) -> LiveRecording:
+        """Record a stream whose events are pushed to us: ``async with cache.recording(key)
+        as live`` (see :class:`LiveRecording`).
 
         Leaving the block ends the stream: cleanly when the block exits normally (then the
-        stream is judged and stored if complete), as cut when it raises.
+        stream is judged and stored if complete), as cut when it raises. (The recording is
+        its own context manager, no generator: one left unclosed at the loop's end is
+        finalized once, not twice.)
         """
         ttl = _checked_ttl(ttl)
         recorder = self.recorder()
         if not store:
             recorder.fail("the request asked not to store (no-store)")
-        recording = LiveRecording(
+        return LiveRecording(
             key,
             recorder,
             self.ttl if ttl is None else ttl,
             notify=self._notify,
             store=self._entries.store,
         )
-        async with recording:
-            yield recording
 
 
 def _checked_ttl(ttl: float | None) -> float | None:
