@@ -495,7 +495,7 @@ async def test_every_reader_leaving_after_the_completing_event_has_the_answer_st
 
 
 class _WritesSeen(MemoryBackend):
-    """A memory backend that notes, as each entry write begins, what the client has been
+    """A memory backend that notes, as each entry write is made, what the client has been
     sent by then (``sent``: the client's ASGI messages, kept by the test)."""
 
     def __init__(self, sent: list[dict[str, Any]]) -> None:
@@ -504,6 +504,8 @@ class _WritesSeen(MemoryBackend):
         self.at_write: list[list[dict[str, Any]]] = []
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        # A write takes a while (a disk, a network): every other task runs meanwhile.
+        await anyio.wait_all_tasks_blocked()
         self.at_write.append(list(self._sent))
         await super().set(key, value, ttl)
 
@@ -858,3 +860,40 @@ async def test_a_completing_event_that_does_not_complete_is_judged_once(
             producer_left.set()
     assert answers == [(b"shared", b"".join(pieces))]
     assert len(checks) <= 3, checks  # once per completing event (and the store's own)
+
+
+async def test_a_follower_ends_only_once_the_answer_is_stored() -> None:
+    # Read-your-writes for followers too: a follower's client asking again at once (on
+    # another worker, sharing the backend) must find the answer stored. The followers'
+    # streams ended before the store (helper-76: a miss, and a second upstream call).
+    pieces = [_chat_piece("Hel"), _chat_piece("lo", "stop"), b"data: [DONE]\n\n"]
+    app = GatedUpstream(pieces, hold_after=1)
+    follower_sent: list[dict[str, Any]] = []
+    backend = _WritesSeen(follower_sent)
+    log = NoticeLog()
+    mw = CacheMiddleware(app, backend, hooks=[log])
+    request = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+
+    def chat_scope() -> dict[str, Any]:
+        scope = events_scope()
+        scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+        return scope
+
+    async def producer_send(message: dict[str, Any]) -> None:
+        pass
+
+    async def follower_send(message: dict[str, Any]) -> None:
+        follower_sent.append(message)
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, chat_scope(), body_then(request, anyio.sleep_forever), producer_send)
+            await app.wait_sent(1)
+            tg.start_soon(mw, chat_scope(), body_then(request, anyio.sleep_forever), follower_send)
+            await log.wait("shared")
+            app.gate.set()
+    assert backend.at_write, "nothing was stored"
+    assert not _whole_for_the_client(backend.at_write[0]), backend.at_write[0]
+    assert dict(follower_sent[0]["headers"])[b"x-sse-cache"] == b"shared"
+    assert _whole_for_the_client(follower_sent)
+    assert b"".join(m.get("body", b"") for m in follower_sent[1:]) == b"".join(pieces)

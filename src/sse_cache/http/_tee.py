@@ -112,6 +112,11 @@ class ResponseTee:
         #: Seconds a stream whose client left is read on for a client that may come back
         #: (the service's ``resume_window``); None: not at all.
         self.resume_window: float | None = None
+        #: The followers' end waits for the answer's store (set by the exchange, which calls
+        #: :meth:`release_followers` once it stored): a follower whose client asks again at
+        #: once finds the answer stored, in this process or another.
+        self.holds_followers_end = False
+        self._followers_end_due = False
 
     @property
     def failed(self) -> bool:
@@ -371,8 +376,7 @@ class ResponseTee:
         if self.ended or self.cut:
             return
         self.ended = True
-        if self._flight is not None:
-            self._flight.end()
+        self._end_followers()
         self._finish_recording()
 
     def stop(self, reason: str) -> None:
@@ -389,10 +393,25 @@ class ResponseTee:
             self._finish_recording(cut=True)
             if live.entry is not None:
                 self.ended = True
-                if self._flight is not None:
-                    self._flight.end()
+                self._end_followers()
                 return
         self.fail(reason)
+
+    def _end_followers(self) -> None:
+        if self._flight is None:
+            return
+        if self.holds_followers_end:
+            self._followers_end_due = True
+        else:
+            self._flight.end()
+
+    def release_followers(self) -> None:
+        """The answer was stored (or could not be): the followers' streams end now, if the
+        stream ended (see :attr:`holds_followers_end`)."""
+        if self._followers_end_due:
+            self._followers_end_due = False
+            assert self._flight is not None
+            self._flight.end()
 
     def _finish_recording(self, *, cut: bool = False) -> None:
         # ``cut``: the stream stopped before its upstream's end (its client left, its read was

@@ -546,6 +546,10 @@ class Exchange:
                 self._lead = None
                 await end_lead(lease, self.key, None)
                 lease = None
+        if live is not None:
+            # After the store (the recording's, below, is left first), before the flight is
+            # closed: followers end once the answer is stored.
+            self._stack.callback(self._release_followers)
         if live is not None or lease is not None:
             ours = {k for k, _ in self.headers()}
             sent = [*((k, v) for k, v in headers if k.lower() not in ours), *self.headers()]
@@ -586,11 +590,16 @@ class Exchange:
             tee.publish_to(lease, head)
         if tee is not None:
             tee.resume_window = self._service.options.resume_window
+            tee.holds_followers_end = live is not None
         resumable = isinstance(self.decision.adapter, ResumingAdapter)
         if tee is not None and live is not None and media == SSE_TYPE and resumable:
             tee.identify = self._index_live
         self._tee = tee
         return tee
+
+    def _release_followers(self) -> None:
+        if self._tee is not None:
+            self._tee.release_followers()
 
     def _index_live(self, events: Sequence[Event]) -> None:
         # The stream names its response (Responses' response.created): a client can resume
