@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from asgi_calls import body_then
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 
@@ -257,23 +258,6 @@ def _in_process_scope(method: str, path: str, query: bytes = b"") -> dict[str, A
     }
 
 
-def _receiving(body: bytes, leave: anyio.Event | None = None) -> Any:
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        if leave is None:
-            await anyio.sleep_forever()
-        else:
-            await leave.wait()
-        return {"type": "http.disconnect"}
-
-    return receive
-
-
 async def test_a_background_task_failing_after_a_whole_answer_leaves_its_client_all_of_it() -> None:
     # Starlette runs a response's background task after its last body message. The answer
     # was whole then: stored, and ended for the followers. A task that fails must not take
@@ -323,7 +307,7 @@ async def test_a_background_task_failing_after_a_whole_answer_leaves_its_client_
 
         error = None
         try:
-            await mw(_in_process_scope("POST", "/v1/chat/completions"), _receiving(request), send)
+            await mw(_in_process_scope("POST", "/v1/chat/completions"), body_then(request), send)
         except Exception as exc:
             error = exc
         return head[b"x-sse-cache"], bytes(got), ended, error
@@ -384,7 +368,7 @@ async def test_a_client_leaving_while_its_whole_answer_is_stored_keeps_its_respo
     with anyio.fail_after(30):  # a deadlock guard
         async with anyio.create_task_group() as tg:
             scope = _in_process_scope("POST", "/v1/responses")
-            tg.start_soon(mw, scope, _receiving(request, leave), ignore)
+            tg.start_soon(mw, scope, body_then(request, leave.wait), ignore)
             await storing.wait()  # the whole answer is being stored ...
             leave.set()  # ... when its client leaves
             await anyio.wait_all_tasks_blocked()
@@ -399,6 +383,6 @@ async def test_a_client_leaving_while_its_whole_answer_is_stored_keeps_its_respo
             got.extend(message.get("body", b""))
 
     scope = _in_process_scope("GET", f"/v1/responses/{response_id}", b"stream=true")
-    await mw(scope, _receiving(b""), keep)
+    await mw(scope, body_then(b""), keep)
     assert head["status"] == 200 and head["x-sse-cache"] == b"hit", head
     assert bytes(got) == b"".join(pieces)

@@ -12,6 +12,7 @@ import anyio
 import httpx2
 import pytest
 
+from asgi_calls import body_then, call, stopped_when_the_client_leaves
 from sse_cache import Event, serialize_sse
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
@@ -60,22 +61,6 @@ def events_scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
             *headers,
         ],
     }
-
-
-def body_then(body: bytes, until: Callable[[], Awaitable[object]]) -> Any:
-    """An ASGI ``receive``: the whole request ``body``, then ``http.disconnect`` once ``until``
-    returns."""
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await until()
-        return {"type": "http.disconnect"}
-
-    return receive
 
 
 async def test_generic_route_and_last_event_id(client_for: Any) -> None:
@@ -589,14 +574,7 @@ async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_b
         await send({"type": "http.response.start", "status": 200, "headers": head})
         for piece in pieces[:-1]:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
-        async with anyio.create_task_group() as tg:
-
-            async def stop_when_the_client_leaves() -> None:  # (as the proxy's forwarder)
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_when_the_client_leaves)
+        async with stopped_when_the_client_leaves(receive):
             await done.wait()
             await send({"type": "http.response.body", "body": pieces[-1], "more_body": True})
             try:
@@ -614,17 +592,8 @@ async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_b
         return scope
 
     async def ask(leave: Callable[[], Awaitable[object]]) -> tuple[dict[bytes, bytes], bytes]:
-        head: dict[bytes, bytes] = {}
-        got = bytearray()
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                head.update(message["headers"])
-            else:
-                got.extend(message.get("body", b""))
-
-        await mw(chat_scope(), body_then(request, leave), send)
-        return head, bytes(got)
+        answered = await call(mw, chat_scope(), body_then(request, leave))
+        return answered.headers, answered.body
 
     answers: list[tuple[dict[bytes, bytes], bytes]] = []
 
@@ -797,34 +766,17 @@ async def test_a_completing_event_that_does_not_complete_is_judged_once(
         head = [(b"content-type", b"text/event-stream")]
         await send({"type": "http.response.start", "status": 200, "headers": head})
         await send({"type": "http.response.body", "body": pieces[0], "more_body": True})
-        async with anyio.create_task_group() as tg:
-
-            async def stop_when_the_client_leaves() -> None:  # (as the proxy's forwarder)
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_when_the_client_leaves)
+        async with stopped_when_the_client_leaves(receive):
             await producer_left.wait()
             for i, piece in enumerate(pieces[1:], start=1):
                 more = i < len(pieces) - 1
                 await send({"type": "http.response.body", "body": piece, "more_body": more})
-            tg.cancel_scope.cancel()
 
     mw = CacheMiddleware(app, "memory://", hooks=[log])
     path = "/v1beta/models/m:streamGenerateContent"
     request = json.dumps({"contents": [], "generationConfig": {"candidateCount": 2}}).encode()
 
     async def ask(leave: Callable[[], Awaitable[object]]) -> tuple[bytes, bytes]:
-        head: dict[bytes, bytes] = {}
-        got = bytearray()
-
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                head.update(message["headers"])
-            else:
-                got.extend(message.get("body", b""))
-
         scope = {
             "type": "http",
             "method": "POST",
@@ -833,8 +785,8 @@ async def test_a_completing_event_that_does_not_complete_is_judged_once(
             "query_string": b"alt=sse",
             "headers": [(b"x-goog-api-key", b"k"), (b"content-type", b"application/json")],
         }
-        await mw(scope, body_then(request, leave), send)
-        return head[b"x-sse-cache"], bytes(got)
+        answered = await call(mw, scope, body_then(request, leave))
+        return answered.headers[b"x-sse-cache"], answered.body
 
     answers: list[tuple[bytes, bytes]] = []
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio
 import httpx2
 import pytest
 from google import genai
@@ -19,6 +18,7 @@ from google.genai import types
 from google.genai.models import _GenerateContentResponse_from_mldev as _from_mldev
 from google.genai.models import _GenerateContentResponse_from_vertex as _from_vertex
 
+from asgi_calls import body_then
 from servers import require_dir
 from sse_cache import SSEParser
 from sse_cache.adapters import GeminiGenerateContent
@@ -448,15 +448,7 @@ async def test_mock_upstream_streams_paced_gemini_chunks() -> None:
     app = MockUpstream(delay=0.0, deltas=5, summaries=2)
     messages: list[dict[str, Any]] = []
     body = json.dumps(request_body("paced", thinkingConfig={"includeThoughts": True})).encode()
-    sent = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await anyio.sleep_forever()
-        raise AssertionError
+    receive = body_then(body)
 
     async def send(message: dict[str, Any]) -> None:
         messages.append(message)
