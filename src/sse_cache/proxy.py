@@ -273,17 +273,24 @@ def _as_forwarded(scope: Scope) -> Scope:
     header names. The forwarder drops those (hop-by-hop): kept for the key, a client naming
     ``openai-beta`` there had the upstream's answer without it stored under a key with it,
     served to every other client asking with it (helper-74)."""
-    scope = _in_origin_form(scope)
+    raw = scope.get("raw_path")
+    if raw is not None and not raw.startswith(b"/"):
+        scope = _in_origin_form(scope)
     headers = scope.get("headers", ())
-    named: set[bytes] = set()
+    named: set[bytes] | None = None
     for name, value in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    named -= {b"close", b"keep-alive", b""}
-    if not named:  # (nearly every request)
+        if name == b"connection":  # (ASGI header names are lower-case)
+            tokens = {token.strip().lower() for token in value.split(b",")} - _PLAIN_CONNECTION
+            if tokens:
+                named = tokens if named is None else named | tokens
+    if named is None:  # (nearly every request)
         return scope
     kept = [(name, value) for name, value in headers if name.lower() not in named]
     return {**scope, "headers": kept}
+
+
+# What a Connection header says that names no other header.
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b""})
 
 
 def _in_origin_form(scope: Scope) -> Scope:
@@ -292,7 +299,7 @@ def _in_origin_form(scope: Scope) -> Scope:
     proxy answers for its one upstream whatever authority the target names. Any other
     target that is no path is left as it is: the forwarder refuses it."""
     raw = scope.get("raw_path")
-    if raw is None or raw.startswith(b"/"):  # (nearly every request)
+    if raw is None or raw.startswith(b"/"):
         return scope
     found = _ABSOLUTE_FORM.match(raw)
     if found is None:

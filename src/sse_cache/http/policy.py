@@ -520,7 +520,9 @@ class CachePolicy:
         clean = _clean_path(path)
         # Matched without its trailing slashes, keyed with them: the upstream may answer
         # /v1/chat/completions/ otherwise (a 404, say).
-        slashes = "" if clean == "/" else path.split("?", 1)[0][len(clean) :]
+        slashes = ""
+        if clean != "/" and path.endswith("/"):  # (seldom)
+            slashes = path.partition("?")[0][len(clean) :]
         params, keys = _split_query(query)
         streaming: bool | None = None
         why = ""
