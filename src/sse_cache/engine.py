@@ -459,9 +459,7 @@ class StreamCache:
         self._notify(Notice(kind="hit", key=key, events=len(events), seconds=seconds))
         return CachedStream(CacheStatus.HIT, key, entry=entry, events=events, pacing=pacing)
 
-    def recording(
-        self, key: str, *, store: bool = True, ttl: float | None = None
-    ) -> LiveRecording:
+    def recording(self, key: str, *, store: bool = True, ttl: float | None = None) -> LiveRecording:
         """Record a stream whose events are pushed to us: ``async with cache.recording(key)
         as live`` (see :class:`LiveRecording`).
 
