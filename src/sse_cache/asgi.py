@@ -200,10 +200,13 @@ class _Leaving:
     """``async with`` it leaves an exchange already entered, as ``async with`` the exchange
     would have (what an ``AsyncExitStack``'s ``pop_all`` does, for less on every hit)."""
 
-    __slots__ = ("_exchange",)
+    __slots__ = ("_exchange", "whole")
 
     def __init__(self, exchange: AbstractAsyncContextManager[Exchange]) -> None:
         self._exchange: AbstractAsyncContextManager[Exchange] | None = exchange
+        #: The answer was whole before the app ended: left as such whatever ends the block
+        #: (the app raising or stopped after it), the error going on.
+        self.whole = False
 
     async def __aenter__(self) -> None:
         return None
@@ -217,6 +220,9 @@ class _Leaving:
         exchange, self._exchange = self._exchange, None
         if exchange is None:
             return None  # left already: the answer was whole before the app returned
+        if self.whole:
+            await exchange.__aexit__(None, None, None)
+            return None
         return await exchange.__aexit__(exc_type, exc, tb)
 
 
@@ -429,12 +435,16 @@ class _Request:
             # finishes, and its end counts then, whoever still reads.
             self.detached = True
             return True
+        if tee.answered:
+            # The client left with the whole answer (the SDKs close at chat's [DONE]).
+            tee.stop("the client left after the completing event")
+        if tee.ended:
+            self._leave_now()
+            return False
         window = tee.resume_window
         if window is None and tee.followed and tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
-        if tee.ended:  # complete already: stored, and the followers' streams ended with it
-            return False
         if self._finish_in_background():
             # For the flight, the producer is still reading (followers keep joining).
             self.detached = True
@@ -452,6 +462,22 @@ class _Request:
             self.detached = True  # for as long as followers read
             return True
         return False
+
+    def _leave_now(self) -> None:
+        """The stream ended, whole, before the app did: it is stored and the followers'
+        streams end now, not once the app returns (it learns its client left, but may take
+        its time: a sync generator in a thread stops only at its upstream's next chunk)."""
+        leaving = self.leaving
+        if leaving is None or self.tasks is None or self.ended_whole:
+            return
+        self.ended_whole = True
+        leaving.whole = True
+        self.tasks.start_soon(self._leave_shielded, leaving)
+
+    @staticmethod
+    async def _leave_shielded(leaving: _Leaving) -> None:
+        with anyio.CancelScope(shield=True):  # (the backend's timeout bounds it)
+            await leaving.__aexit__(None, None, None)
 
     async def _hold(self, tee: ResponseTee, scope: anyio.CancelScope) -> None:
         with scope:  # cancelled when the stream ends first
@@ -576,6 +602,7 @@ class _Request:
             return
         self.held_end = False
         self.ended_whole = True
+        self.leaving.whole = True
         # Stores it, ends the followers' reads. Shielded: this runs inside the app's send,
         # in its cancel scopes (Starlette cancels a response's send when its client leaves),
         # and a cut exit would drop the answer's index (its response id) with the stored

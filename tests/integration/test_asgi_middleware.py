@@ -12,7 +12,7 @@ import anyio
 import httpx2
 import pytest
 
-from asgi_calls import body_then, call, stopped_when_the_client_leaves
+from asgi_calls import Answered, body_then, call, stopped_when_the_client_leaves
 from sse_cache import Event, serialize_sse
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
@@ -849,3 +849,129 @@ async def test_a_follower_ends_only_once_the_answer_is_stored() -> None:
     assert dict(follower_sent[0]["headers"])[b"x-sse-cache"] == b"shared"
     assert _whole_for_the_client(follower_sent)
     assert b"".join(m.get("body", b"") for m in follower_sent[1:]) == b"".join(pieces)
+
+
+@pytest.mark.parametrize("followers", [1, 0])
+async def test_a_client_leaving_with_the_whole_answer_ends_it_for_all_before_the_app_stops(
+    followers: int,
+) -> None:
+    # The producer's client closes at chat's [DONE] (the SDKs do), before the app ends its
+    # body; the app learns it but goes on (a sync generator in a thread stops only at its
+    # upstream's next chunk). The answer is whole: stored, and the followers' streams end,
+    # now — they waited for the app (helper-77: 3.2 s, the upstream's end). Alone, with
+    # finish_on_disconnect, it was finished in the background and stored only then.
+    pieces = [_chat_piece("Hel"), _chat_piece("lo", "stop"), b"data: [DONE]\n\n"]
+    whole = b"".join(pieces)
+    follower_in = anyio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": pieces[0], "more_body": True})
+        if followers:
+            await follower_in.wait()
+        for piece in pieces[1:]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        await anyio.sleep_forever()  # it learnt its client left, and goes on
+
+    log = NoticeLog()
+    mw = CacheMiddleware(app, "memory://", hooks=[log], finish_on_disconnect=not followers)
+    request = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    answers: list[Answered] = []
+    producer_got = bytearray()
+    producer_done = anyio.Event()
+
+    async def producer_send(message: dict[str, Any]) -> None:
+        producer_got.extend(message.get("body", b""))
+        if producer_got.endswith(b"data: [DONE]\n\n"):
+            producer_done.set()  # its client closes here
+
+    async def follow() -> None:
+        answers.append(await call(mw, dict(scope), body_then(request)))
+
+    with anyio.fail_after(30):  # a deadlock guard: the follower, or the store, waited
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(mw, dict(scope), body_then(request, producer_done.wait), producer_send)
+            if followers:
+                await log.wait("miss")
+                tg.start_soon(follow)
+                await log.wait("shared")
+                follower_in.set()
+                while not answers:  # noqa: ASYNC110 - the follower's answer
+                    await anyio.sleep(0.01)
+            await log.wait("store")
+            tg.cancel_scope.cancel()  # the app would go on for ever
+    if followers:
+        assert answers[0].headers[b"x-sse-cache"] == b"shared"
+        assert answers[0].body == whole and answers[0].ended
+    again = await call(mw, dict(scope), body_then(request))
+    assert again.headers[b"x-sse-cache"] == b"hit" and again.body == whole
+
+
+@pytest.mark.parametrize("stream_first", [True, False])
+async def test_a_non_stream_answer_never_replaces_a_recorded_stream(stream_first: bool) -> None:
+    # A streamed and a non-streamed request for the same prompt miss at once (a non-stream
+    # request never follows a live stream). The modes share an entry, each answering the
+    # other: the recording of the upstream's own bytes must be what stays, not a body from
+    # which a stream is synthesised — whichever is stored last (helper-78: 13 of 40).
+    from sse_cache.testing import responses_body, responses_stream
+
+    pieces = [serialize_sse([event]) for event in responses_stream("both", text_deltas=3)]
+    body = json.dumps(responses_body("both", text_deltas=3)).encode()
+    stream_gate, body_gate = anyio.Event(), anyio.Event()
+    log = NoticeLog()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = b""
+        while True:
+            message = await receive()
+            request += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if json.loads(request)["stream"]:
+            head = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            await stream_gate.wait()
+            for piece in pieces:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await body_gate.wait()
+            length = b"%d" % len(body)
+            head = [(b"content-type", b"application/json"), (b"content-length", length)]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            await send({"type": "http.response.body", "body": body})
+
+    mw = CacheMiddleware(app, "memory://", hooks=[log])
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/responses", b"/v1/responses"
+
+    def request(stream: bool) -> bytes:
+        return json.dumps({"model": "m", "input": "both", "stream": stream}).encode()
+
+    answered = {True: anyio.Event(), False: anyio.Event()}
+
+    async def ask(stream: bool) -> None:
+        await call(mw, dict(scope), body_then(request(stream)))
+        answered[stream].set()
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, True)
+            tg.start_soon(ask, False)
+            while sum(n.kind == "miss" for n in log.seen) < 2:
+                await log.wait("miss")
+                await anyio.wait_all_tasks_blocked()
+            gates = {True: stream_gate, False: body_gate}
+            gates[stream_first].set()
+            await answered[stream_first].wait()  # (and stored, if it is)
+            gates[not stream_first].set()
+    hit = await call(mw, dict(scope), body_then(request(True)))
+    assert len({n.key for n in log.seen if n.kind == "miss"}) == 1  # (the modes share it)
+    assert hit.headers[b"x-sse-cache"] == b"hit" and hit.body == b"".join(pieces)

@@ -16,7 +16,7 @@ from ..engine import (
 from ..entry import Entry
 from ..errors import SSEError
 from ..events import Event, SSEParser
-from ..flight import Head, LiveFlight
+from ..flight import Head, LiveFlight, Phase
 from ..protocols import (
     Outcome,
 )
@@ -441,6 +441,9 @@ class ResponseTee:
         body = b"".join(self._body)
         if self._cache.adapter.body_outcome(body) is not Outcome.COMPLETE:
             return False
+        if await self._stream_kept():
+            logger.debug("sse_cache: %s: a recorded stream of it is kept, not this body", self._key)
+            return False
         entry = Entry(
             schema=self._cache.adapter.name,
             created_at=time.time(),
@@ -449,3 +452,16 @@ class ResponseTee:
             body=body,
         )
         return await self._cache.store(self._key, entry, ttl=self._ttl)
+
+    async def _stream_kept(self) -> bool:
+        # A streamed request of the same key (the modes share entries: each answers the
+        # other) recorded here now, or stored: its entry replays the upstream's own bytes,
+        # where one made from this body is synthesised. The last store would win: a stream
+        # and a non-stream miss at once replaced the recording 13 times in 40 (helper-78).
+        cache = self._cache
+        assert cache is not None
+        live = cache.live.get(self._key) if cache.single_flight else None
+        if live is not None and live.flight.phase is not Phase.FAILED:
+            return True
+        stored = await cache.lookup_wire(self._key)
+        return stored is not None and stored.is_stream
