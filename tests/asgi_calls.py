@@ -10,7 +10,7 @@ from typing import Any
 
 import anyio
 
-__all__ = ["Answered", "body_then", "call", "stopped_when_the_client_leaves"]
+__all__ = ["Answered", "body_then", "call", "start_sse", "stopped_when_the_client_leaves"]
 
 
 @dataclass
@@ -71,3 +71,14 @@ async def stopped_when_the_client_leaves(receive: Any) -> AsyncIterator[None]:
         tg.start_soon(watch)
         yield
         tg.cancel_scope.cancel()
+
+
+async def start_sse(receive: Any, send: Any, pieces: list[bytes]) -> None:
+    """For an app: read the request's body, then send an SSE response's head and ``pieces``,
+    the body not ended."""
+    while (await receive()).get("more_body"):
+        pass
+    head = [(b"content-type", b"text/event-stream")]
+    await send({"type": "http.response.start", "status": 200, "headers": head})
+    for piece in pieces:
+        await send({"type": "http.response.body", "body": piece, "more_body": True})

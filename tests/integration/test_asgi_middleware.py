@@ -12,7 +12,7 @@ import anyio
 import httpx2
 import pytest
 
-from asgi_calls import Answered, body_then, call, stopped_when_the_client_leaves
+from asgi_calls import Answered, body_then, call, start_sse, stopped_when_the_client_leaves
 from sse_cache import Event, serialize_sse
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
@@ -568,12 +568,7 @@ async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_b
     done, stopped = anyio.Event(), anyio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        head = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": head})
-        for piece in pieces[:-1]:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await start_sse(receive, send, pieces[:-1])
         async with stopped_when_the_client_leaves(receive):
             await done.wait()
             await send({"type": "http.response.body", "body": pieces[-1], "more_body": True})
@@ -761,11 +756,7 @@ async def test_a_completing_event_that_does_not_complete_is_judged_once(
     producer_left = anyio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        head = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": head})
-        await send({"type": "http.response.body", "body": pieces[0], "more_body": True})
+        await start_sse(receive, send, pieces[:1])
         async with stopped_when_the_client_leaves(receive):
             await producer_left.wait()
             for i, piece in enumerate(pieces[1:], start=1):
@@ -865,11 +856,7 @@ async def test_a_client_leaving_with_the_whole_answer_ends_it_for_all_before_the
     follower_in = anyio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        head = [(b"content-type", b"text/event-stream")]
-        await send({"type": "http.response.start", "status": 200, "headers": head})
-        await send({"type": "http.response.body", "body": pieces[0], "more_body": True})
+        await start_sse(receive, send, pieces[:1])
         if followers:
             await follower_in.wait()
         for piece in pieces[1:]:
