@@ -221,7 +221,8 @@ class _Leaving:
         if exchange is None:
             return None  # left already: the answer was whole before the app returned
         if self.whole:
-            await exchange.__aexit__(None, None, None)
+            with anyio.CancelScope(shield=True):  # (as _leave_shielded: a cancel would cut it)
+                await exchange.__aexit__(None, None, None)
             return None
         return await exchange.__aexit__(exc_type, exc, tb)
 

@@ -962,3 +962,49 @@ async def test_a_non_stream_answer_never_replaces_a_recorded_stream(stream_first
     hit = await call(mw, dict(scope), body_then(request(True)))
     assert len({n.key for n in log.seen if n.kind == "miss"}) == 1  # (the modes share it)
     assert hit.headers[b"x-sse-cache"] == b"hit" and hit.body == b"".join(pieces)
+
+
+async def test_a_non_stream_answer_asked_fresh_replaces_a_recorded_stream() -> None:
+    # A recorded stream is kept over a non-stream body of the same request (above), but not
+    # over one asked for fresh: a refresh, or an entry found too old, replaces it (it was
+    # dropped: every such request went upstream; helper-79). And a streamed request whose
+    # upstream answered JSON stores it (its own live stream counted as "a recorded stream").
+    from sse_cache.testing import responses_body, responses_stream
+
+    pieces = [serialize_sse([event]) for event in responses_stream("fresh", text_deltas=3)]
+    calls = 0
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal calls
+        calls += 1
+        request = json.loads((await receive())["body"])
+        if request["stream"] and request["input"] == "fresh":
+            head = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            await send({"type": "http.response.body", "body": b"".join(pieces)})
+            return
+        body = json.dumps({**responses_body(request["input"], text_deltas=3), "n": calls})
+        length = b"%d" % len(body)
+        head = [(b"content-type", b"application/json"), (b"content-length", length)]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    mw = CacheMiddleware(app, "memory://")
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/responses", b"/v1/responses"
+
+    async def ask(prompt: str, stream: bool, *headers: tuple[bytes, bytes]) -> Answered:
+        asked = dict(scope, headers=[*scope["headers"], *headers])
+        body = json.dumps({"model": "m", "input": prompt, "stream": stream}).encode()
+        return await call(mw, asked, body_then(body))
+
+    assert (await ask("fresh", True)).headers[b"x-sse-cache"] == b"miss"  # the stream, stored
+    refreshed = await ask("fresh", False, (b"x-sse-cache-refresh", b"true"))
+    assert refreshed.headers[b"x-sse-cache"] == b"refresh"
+    again = await ask("fresh", False)
+    assert again.headers[b"x-sse-cache"] == b"hit" and again.body == refreshed.body
+    assert calls == 2
+    # A streamed request answered with JSON: stored as any body.
+    first = await ask("json for a stream", True)
+    second = await ask("json for a stream", True)
+    assert first.headers[b"x-sse-cache"] == b"miss" and second.headers[b"x-sse-cache"] == b"hit"

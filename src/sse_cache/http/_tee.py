@@ -16,7 +16,7 @@ from ..engine import (
 from ..entry import Entry
 from ..errors import SSEError
 from ..events import Event, SSEParser
-from ..flight import Head, LiveFlight, Phase
+from ..flight import Head, LiveFlight
 from ..protocols import (
     Outcome,
 )
@@ -81,6 +81,7 @@ class ResponseTee:
         status: int = 200,
         limit: int = DEFAULT_MAX_ENTRY_BYTES,
         completing: bool = False,
+        keep_stream: bool = False,
     ) -> None:
         self._flight = flight
         self._live = recording
@@ -96,6 +97,7 @@ class ResponseTee:
         self._content_type = content_type
         self._status = status
         self._limit = limit
+        self._keep_stream = keep_stream  # a JSON body is not stored over a recorded stream
         self._body: list[bytes] = []
         self._size = 0
         # Nothing is recorded for storage when there is no recording and no JSON body to keep.
@@ -455,13 +457,13 @@ class ResponseTee:
 
     async def _stream_kept(self) -> bool:
         # A streamed request of the same key (the modes share entries: each answers the
-        # other) recorded here now, or stored: its entry replays the upstream's own bytes,
+        # other) stored its recording meanwhile: its entry replays the upstream's own bytes,
         # where one made from this body is synthesised. The last store would win: a stream
         # and a non-stream miss at once replaced the recording 13 times in 40 (helper-78).
-        cache = self._cache
-        assert cache is not None
-        live = cache.live.get(self._key) if cache.single_flight else None
-        if live is not None and live.flight.phase is not Phase.FAILED:
-            return True
-        stored = await cache.lookup_wire(self._key)
+        # (A stream still being recorded stores after this body, and replaces it: no need
+        # to wait for it, which may yet fail.)
+        if not self._keep_stream:
+            return False
+        assert self._cache is not None
+        stored = await self._cache.lookup_wire(self._key)
         return stored is not None and stored.is_stream

@@ -585,6 +585,9 @@ class Exchange:
                 content_type=lowered.get("content-type", media),
                 status=status,
                 limit=self._cache.max_entry_bytes,
+                # A request that takes the stored entry as it is: a recorded stream there
+                # is kept (one that refreshes it, or found it too old, replaces it).
+                keep_stream=controls.lookup and not controls.refresh and controls.max_age is None,
             )
         if tee is not None and lease is not None and head is not None:
             tee.publish_to(lease, head)
