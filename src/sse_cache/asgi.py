@@ -221,7 +221,11 @@ class _Leaving:
         if exchange is None:
             return None  # left already: the answer was whole before the app returned
         if self.whole:
-            with anyio.CancelScope(shield=True):  # (as _leave_shielded: a cancel would cut it)
+            # Shielded: it may run inside the app's send, in its cancel scopes (Starlette
+            # cancels a response's send when its client leaves), and a cut exit would drop
+            # the answer's index (its response id) with the stored entry kept. (The
+            # backend's timeout bounds it.)
+            with anyio.CancelScope(shield=True):
                 await exchange.__aexit__(None, None, None)
             return None
         return await exchange.__aexit__(exc_type, exc, tb)
@@ -257,7 +261,6 @@ class _Request:
         self.cut = ""  # why the client was cut off (it fell too far behind the stream)
         self.hold_scope: anyio.CancelScope | None = None  # the resume window, while it runs
         self.leaving: _Leaving | None = None  # leaves a miss's exchange (stores its answer)
-        self.ended_whole = False  # ... left before the app returned: its answer was whole
 
     @property
     def send(self) -> Send:
@@ -309,7 +312,7 @@ class _Request:
                 try:
                     await self._produce(leave)
                 except Exception as exc:
-                    if not self.ended_whole:
+                    if not leave.whole:
                         raise
                     # After its whole answer was stored and ended (a background task that
                     # failed): the client still gets all of it, then the error is raised.
@@ -469,16 +472,10 @@ class _Request:
         streams end now, not once the app returns (it learns its client left, but may take
         its time: a sync generator in a thread stops only at its upstream's next chunk)."""
         leaving = self.leaving
-        if leaving is None or self.tasks is None or self.ended_whole:
+        if leaving is None or self.tasks is None or leaving.whole:
             return
-        self.ended_whole = True
         leaving.whole = True
-        self.tasks.start_soon(self._leave_shielded, leaving)
-
-    @staticmethod
-    async def _leave_shielded(leaving: _Leaving) -> None:
-        with anyio.CancelScope(shield=True):  # (the backend's timeout bounds it)
-            await leaving.__aexit__(None, None, None)
+        self.tasks.start_soon(leaving.__aexit__, None, None, None)
 
     async def _hold(self, tee: ResponseTee, scope: anyio.CancelScope) -> None:
         with scope:  # cancelled when the stream ends first
@@ -602,14 +599,8 @@ class _Request:
         if not tee.ended:
             return
         self.held_end = False
-        self.ended_whole = True
         self.leaving.whole = True
-        # Stores it, ends the followers' reads. Shielded: this runs inside the app's send,
-        # in its cancel scopes (Starlette cancels a response's send when its client leaves),
-        # and a cut exit would drop the answer's index (its response id) with the stored
-        # entry kept. (The backend's timeout bounds it.)
-        with anyio.CancelScope(shield=True):
-            await self.leaving.__aexit__(None, None, None)
+        await self.leaving.__aexit__(None, None, None)  # stores it, ends the followers' reads
         await self._deliver(self._end())
 
     def _end(self) -> Message:

@@ -275,7 +275,7 @@ def _as_forwarded(scope: Scope) -> Scope:
     served to every other client asking with it (helper-74)."""
     raw = scope.get("raw_path")
     if raw is not None and not raw.startswith(b"/"):
-        scope = _in_origin_form(scope)
+        scope = _in_origin_form(scope, raw)
     headers = scope.get("headers", ())
     named: set[bytes] | None = None
     for name, value in headers:
@@ -293,14 +293,11 @@ def _as_forwarded(scope: Scope) -> Scope:
 _PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b""})
 
 
-def _in_origin_form(scope: Scope) -> Scope:
-    """``scope`` with an absolute-form request target (RFC 9112 §3.2.2: a server must accept
-    it) turned into its path, by which the request is matched, keyed and forwarded: the
-    proxy answers for its one upstream whatever authority the target names. Any other
-    target that is no path is left as it is: the forwarder refuses it."""
-    raw = scope.get("raw_path")
-    if raw is None or raw.startswith(b"/"):
-        return scope
+def _in_origin_form(scope: Scope, raw: bytes) -> Scope:
+    """``scope``, whose request target ``raw`` is no path, with an absolute-form target (RFC
+    9112 §3.2.2: a server must accept it) turned into its path, by which the request is
+    matched, keyed and forwarded: the proxy answers for its one upstream whatever authority
+    the target names. Any other target is left as it is: the forwarder refuses it."""
     found = _ABSOLUTE_FORM.match(raw)
     if found is None:
         return scope

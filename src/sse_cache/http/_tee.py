@@ -114,10 +114,9 @@ class ResponseTee:
         #: Seconds a stream whose client left is read on for a client that may come back
         #: (the service's ``resume_window``); None: not at all.
         self.resume_window: float | None = None
-        #: The followers' end waits for the answer's store (set by the exchange, which calls
-        #: :meth:`release_followers` once it stored): a follower whose client asks again at
-        #: once finds the answer stored, in this process or another.
-        self.holds_followers_end = False
+        # The followers' end waits for the answer's store: the exchange calls
+        # release_followers once it stored (a follower whose client asks again at once finds
+        # the answer stored, in this process or another).
         self._followers_end_due = False
 
     @property
@@ -400,16 +399,12 @@ class ResponseTee:
         self.fail(reason)
 
     def _end_followers(self) -> None:
-        if self._flight is None:
-            return
-        if self.holds_followers_end:
-            self._followers_end_due = True
-        else:
-            self._flight.end()
+        if self._flight is not None:
+            self._followers_end_due = True  # (by release_followers, after the store)
 
     def release_followers(self) -> None:
         """The answer was stored (or could not be): the followers' streams end now, if the
-        stream ended (see :attr:`holds_followers_end`)."""
+        stream ended. (The exchange calls it as it leaves, after the store.)"""
         if self._followers_end_due:
             self._followers_end_due = False
             assert self._flight is not None

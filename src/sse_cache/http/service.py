@@ -593,7 +593,6 @@ class Exchange:
             tee.publish_to(lease, head)
         if tee is not None:
             tee.resume_window = self._service.options.resume_window
-            tee.holds_followers_end = live is not None
         resumable = isinstance(self.decision.adapter, ResumingAdapter)
         if tee is not None and live is not None and media == SSE_TYPE and resumable:
             tee.identify = self._index_live
