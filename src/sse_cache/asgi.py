@@ -313,10 +313,13 @@ class _Request:
                     await self._produce(leave)
                 except Exception as exc:
                     if not leave.whole:
+                        await self._send_held_tail()
                         raise
                     # After its whole answer was stored and ended (a background task that
                     # failed): the client still gets all of it, then the error is raised.
                     raised_after = exc
+                else:
+                    await self._send_held_tail()
                 if self.hold_scope is not None:
                     self.hold_scope.cancel()  # the stream is over: nothing more to hold
                 outbox = self.outbox
@@ -586,6 +589,17 @@ class _Request:
         self.held_tail = chunk[-1:]
         return chunk[:-1]
 
+    async def _send_held_tail(self) -> None:
+        """The app stopped without its final body message, its whole declared length sent
+        (it broke ASGI, or it raised there): the byte held goes out as the app sent it, not
+        as an end. Its client had every byte without the middleware (uvicorn then closes
+        the connection); nothing is stored, the response never ended."""
+        if not self.held_tail or self.held_end:
+            return  # none held, or it goes with the end (_end)
+        tail, self.held_tail = self.held_tail, b""
+        with contextlib.suppress(Exception):  # (a client gone has nothing more to get)
+            await self._deliver({"type": "http.response.body", "body": tail, "more_body": True})
+
     async def _end_whole(self, tee: ResponseTee) -> None:
         """The app's last body message completed an answer that cannot be undone: all the
         bytes its ``content-length`` declared, or the schema's completing event, checked.
@@ -606,7 +620,8 @@ class _Request:
     def _end(self) -> Message:
         # The response's end, held until the answer was stored: with the byte completing
         # its declared length, if it has one.
-        return {"type": "http.response.body", "body": self.held_tail, "more_body": False}
+        tail, self.held_tail = self.held_tail, b""
+        return {"type": "http.response.body", "body": tail, "more_body": False}
 
     async def _deliver(self, message: Message) -> None:
         if self.disconnected:

@@ -722,6 +722,50 @@ async def test_an_app_sending_more_than_its_length_is_passed_on_as_sent_and_not_
     assert bytes(got) == b"".join(sends)  # the app again: nothing was stored
 
 
+@pytest.mark.parametrize("then", ["returns", "raises"])
+async def test_an_app_that_never_ends_its_declared_length_still_has_all_of_it_sent(
+    then: str,
+) -> None:
+    # The byte completing a declared length is held until the app's final body message.
+    # An app that sends its whole length, then returns (or raises) without that message
+    # broke ASGI, but its client had every byte of it without the middleware (uvicorn then
+    # closes the connection): it must not lose the byte held (helper-74: one byte short).
+    # Nothing is stored: the response never ended.
+    message = {"role": "assistant", "content": "hello"}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    declared = json.dumps({"choices": [choice]}).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        length = b"%d" % len(declared)
+        head = [(b"content-type", b"application/json"), (b"content-length", length)]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": declared, "more_body": True})
+        if then == "raises":
+            raise RuntimeError("the app failed after its body")
+
+    mw = CacheMiddleware(app, "memory://")
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
+    got: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        got.append(message)
+
+    for _ in range(2):  # the second: the app again, nothing was stored
+        got.clear()
+        if then == "raises":
+            with pytest.raises(RuntimeError, match="after its body"):
+                await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
+        else:
+            await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
+        assert b"".join(m.get("body", b"") for m in got[1:]) == declared
+        assert dict(got[0]["headers"])[b"x-sse-cache"] == b"miss"
+        assert all(m.get("more_body") for m in got[1:])  # never ended by the middleware
+
+
 async def test_a_completing_event_that_does_not_complete_is_judged_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
