@@ -62,22 +62,23 @@ logger = logging.getLogger("sse_cache")
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx2 sets itself.
 _HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
     }
 )
 # Response headers not passed on: the hop-by-hop ones, and those the proxy's own server
 # writes on every response (uvicorn's defaults: the upstream's copies are dropped, as nginx
 # does, or a response would carry two `Date`s).
-_NOT_PASSED_BACK = _HOP_BY_HOP | {"date", "server"}
+_NOT_PASSED_BACK = _HOP_BY_HOP | {b"date", b"server"}
+_CONTROL_HEADERS = CONTROL_HEADER_PREFIX.encode()
 
 
 # How a response breaks off: the upstream's connection failed or timed out mid-body, or the
@@ -157,7 +158,7 @@ class Forwarder:
         url = self.upstream + path.decode("latin-1")
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
-        headers = _forwarded_headers(scope.get("headers", []))
+        headers = _forwarded_headers(list(scope.get("headers", ())))
         disconnected = anyio.Event()
         # A body that came whole (every LLM request: the cache middleware has read it already)
         # goes upstream whole, with its length: one write, no chunked encoding. Only a body
@@ -188,7 +189,7 @@ class Forwarder:
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": _passed_back_headers(response.headers.multi_items()),
+                    "headers": _passed_back_headers(response.headers.raw),
                 }
             )
             # (An upstream that broke off raises httpx2's own error, not a task group's.)
@@ -277,13 +278,8 @@ def _as_forwarded(scope: Scope) -> Scope:
     if raw is not None and not raw.startswith(b"/"):
         scope = _in_origin_form(scope, raw)
     headers = scope.get("headers", ())
-    named: set[bytes] | None = None
-    for name, value in headers:
-        if name == b"connection":  # (ASGI header names are lower-case)
-            tokens = {token.strip().lower() for token in value.split(b",")} - _PLAIN_CONNECTION
-            if tokens:
-                named = tokens if named is None else named | tokens
-    if named is None:  # (nearly every request)
+    named = _nominated(headers) - _PLAIN_CONNECTION
+    if not named:  # (nearly every request)
         return scope
     kept = [(name, value) for name, value in headers if name.lower() not in named]
     return {**scope, "headers": kept}
@@ -321,47 +317,41 @@ def _not_a_path_under(path: bytes) -> str:
     return ""
 
 
-def _nominated(headers: Iterable[tuple[str, str]]) -> set[str]:
-    """The header names a message's ``Connection`` header lists: hop-by-hop too (RFC 9110
-    §7.6.1), so a proxy drops them."""
-    return {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
+def _nominated(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """The header names (lower-case) a message's ``Connection`` header lists: hop-by-hop
+    too (RFC 9110 §7.6.1), so a proxy drops them."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return named
 
 
-def _forwarded_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The client's request headers as the upstream gets them: without the hop-by-hop ones
     (also those its ``Connection`` header names), the cache's ``x-sse-cache-*`` controls and
     its ``accept-encoding`` (``identity`` is asked for, so that answers stay readable and
     storable); without its ``content-length`` when it framed its body chunked (RFC 9112
     §6.3: the length it declared is not the body's; httpx2 frames the body itself)."""
-    headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-    dropped = _HOP_BY_HOP | _nominated(headers) | {"accept-encoding"}
-    if any(name.lower() == "transfer-encoding" for name, _ in headers):
-        dropped |= {"content-length"}
+    dropped = _HOP_BY_HOP | _nominated(headers) | {b"accept-encoding"}
+    if any(name.lower() == b"transfer-encoding" for name, _ in headers):
+        dropped |= {b"content-length"}
     forwarded = [
         (name, value)
         for name, value in headers
-        if (lowered := name.lower()) not in dropped
-        and not lowered.startswith(CONTROL_HEADER_PREFIX)
+        if (lowered := name.lower()) not in dropped and not lowered.startswith(_CONTROL_HEADERS)
     ]
-    forwarded.append(("accept-encoding", "identity"))
+    forwarded.append((b"accept-encoding", b"identity"))
     return forwarded
 
 
-def _passed_back_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+def _passed_back_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers as the client gets them: without the hop-by-hop ones
-    (also those its ``Connection`` header names) and those the proxy's server writes."""
-    headers = list(headers)
-    dropped = _NOT_PASSED_BACK | _nominated(headers)
-    return [
-        (name.encode("latin-1"), value.encode("latin-1"))
-        for name, value in headers
-        if name.lower() not in dropped
-    ]
+    (also those its ``Connection`` header names) and those the proxy's server writes; their
+    names lower-case, as ASGI has them."""
+    lowered = [(name.lower(), value) for name, value in headers]
+    dropped = _NOT_PASSED_BACK | _nominated(lowered)
+    return [(name, value) for name, value in lowered if name not in dropped]
 
 
 class _ClientLeft(Exception):
