@@ -253,6 +253,25 @@ def test_the_request_path_and_query_are_part_of_the_route() -> None:
     )
 
 
+def test_queries_an_upstream_may_read_apart_never_share_a_route() -> None:
+    # Keyed as the upstream reads them (helper-80): the order of a name's values (the first
+    # or the last wins upstream, by its framework), and the bytes an escape stands for (any
+    # invalid UTF-8 was one U+FFFD: %ff, %fe and %EF%BF%BD shared an entry).
+    policy = CachePolicy({"/events": GenericSSE})
+    body = json.dumps({"q": 1}).encode()
+
+    def route(query: str) -> str:
+        return policy.decide("POST", "/events", {}, body, query).route
+
+    assert route("v=2024&v=2025") != route("v=2025&v=2024")
+    assert route("v=2024&x=1&v=2025") == route("x=1&v=2024&v=2025")  # other names: any order
+    escaped = {route(q) for q in ("x=%ff", "x=%fe", "x=%EF%BF%BD", "x=%C3%A9")}
+    assert len(escaped) == 4
+    assert route("x=%C3%A9") == "POST /events?x=%C3%A9"  # UTF-8 as before
+    # The ?key= credential too: each key its own tenant.
+    assert policy.tenant_of({}, "key=%ff") != policy.tenant_of({}, "key=%fe")
+
+
 def test_the_server_answering_is_part_of_the_route() -> None:
     body = json.dumps({"messages": [], "stream": True}).encode()
     proxy = CachePolicy({"/chat/completions": OpenAIChat}, origin="HTTPS://Api.Example.com:443/")

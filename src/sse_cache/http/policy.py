@@ -243,20 +243,28 @@ def _clean_path(path: str) -> str:
 
 
 def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """The query's parameters without the credential, and the credential values."""
+    """The query's parameters without the credential, and the credential values: decoded
+    byte for byte (Latin-1), as a server may read them — as UTF-8, every invalid escape was
+    one U+FFFD, and ``x=%ff`` shared an entry with ``x=%fe`` (helper-80)."""
     if not query:
         return [], []
-    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, encoding="latin-1")
     keys = [v for k, v in pairs if k == QUERY_CREDENTIAL]
     return [(k, v) for k, v in pairs if k != QUERY_CREDENTIAL], keys
 
 
 def _route_of(method: str, path: str, params: Iterable[tuple[str, str]], origin: str = "") -> str:
-    # Parameter order never changes an answer; values (e.g. Azure's api-version) may.
-    pairs = sorted(params)
+    # The order of names never changes an answer; values (e.g. Azure's api-version) may, and
+    # so may the order of one name's values (a server reads the first or the last): sorted
+    # by name alone, which keeps that order. Escaped as the bytes they were (_split_query).
+    pairs = sorted(params, key=_name_of)
     if not pairs:
         return f"{method.upper()} {origin}{path}"
-    return f"{method.upper()} {origin}{path}?{urllib.parse.urlencode(pairs)}"
+    return f"{method.upper()} {origin}{path}?{urllib.parse.urlencode(pairs, encoding='latin-1')}"
+
+
+def _name_of(pair: tuple[str, str]) -> str:
+    return pair[0]
 
 
 def path_as_sent(raw_path: bytes | None, path: str) -> str:
