@@ -212,6 +212,54 @@ async def test_custom_tenant_callable_and_shared_opt_in(client_for: Any) -> None
     assert r.headers["x-sse-cache"] == "hit"
 
 
+async def test_a_follower_gets_what_describes_the_body_never_the_producers_own_headers() -> None:
+    # With tenant="shared", a follower of a live stream is another tenant: it got the whole
+    # head the upstream sent the producer's caller (helper-80: its session cookie, its
+    # organisation). It now gets what a hit would: the body's own headers.
+    head = [
+        (b"content-type", b"text/event-stream"),
+        (b"set-cookie", b"__session=alice"),
+        (b"openai-organization", b"org-alice"),
+        (b"x-request-id", b"req-alice"),
+        (b"x-accel-buffering", b"no"),
+    ]
+    gate = anyio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await gate.wait()
+        await send({"type": "http.response.body", "body": b"data: 2\n\n", "more_body": False})
+
+    log = NoticeLog()
+    mw = CacheMiddleware(
+        app, "memory://", routes={"/events": GenericSSE}, tenant="shared", hooks=[log]
+    )
+    answers: dict[bytes, Answered] = {}
+
+    async def ask(credential: bytes) -> None:
+        scope = events_scope()
+        scope["headers"] = [(b"authorization", credential)]
+        answers[credential] = await call(mw, scope, body_then(b"{}"))
+
+    with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, b"Bearer alice")
+            tg.start_soon(ask, b"Bearer bob")
+            await log.wait("shared")  # one follows the other's live stream
+            gate.set()
+    statuses = {a.headers[b"x-sse-cache"]: a for a in answers.values()}
+    producer, follower = statuses[b"miss"], statuses[b"shared"]
+    assert producer.body == follower.body == b"data: 1\n\ndata: 2\n\n"
+    assert producer.headers[b"set-cookie"] == b"__session=alice"  # its own caller's
+    for own in (b"set-cookie", b"openai-organization", b"x-request-id"):
+        assert own not in follower.headers
+    assert follower.headers[b"content-type"] == b"text/event-stream"
+    assert follower.headers[b"x-accel-buffering"] == b"no"
+
+
 async def test_a_repeated_credential_header_scopes_the_entry_by_every_line() -> None:
     # A request may carry a header line twice (a client's and a gateway's credential): the
     # entry's tenant is all of them, as joined by the request, never the first or the last.

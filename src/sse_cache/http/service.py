@@ -79,6 +79,10 @@ __all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", 
 
 logger = logging.getLogger("sse_cache")
 
+#: The upstream's response headers a follower of its live stream gets (as a hit's, they
+#: describe the body); ``x-accel-buffering`` keeps a proxy in front from holding it back.
+_SHARED_HEAD = frozenset({"content-type", "content-length", "cache-control", "x-accel-buffering"})
+
 
 class CacheService:
     """Policy + one :class:`StreamCache` per adapter, all on one backend.
@@ -551,9 +555,12 @@ class Exchange:
             # closed: followers end once the answer is stored.
             self._stack.callback(self._release_followers)
         if live is not None or lease is not None:
-            ours = {k for k, _ in self.headers()}
-            sent = [*((k, v) for k, v in headers if k.lower() not in ours), *self.headers()]
-            head = Head(status, sent)
+            # What a follower is sent of the upstream's head: what describes the body, as a
+            # hit has it, never what the upstream said to the producer's caller alone (its
+            # cookies, request id, organisation, rate limits: another tenant's, with
+            # tenant="shared"; helper-80).
+            sent = [(k, v) for k, v in headers if k.lower() in _SHARED_HEAD]
+            head = Head(status, [*sent, *self.headers()])
             if live is not None:
                 live.respond(head)
         controls = self.decision.controls
