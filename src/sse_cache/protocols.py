@@ -25,6 +25,7 @@ __all__ = [
     "Outcome",
     "ResumingAdapter",
     "ScanningBackend",
+    "ScreeningAdapter",
     "StatsBackend",
     "StreamAdapter",
     "VerifyingAdapter",
@@ -267,6 +268,19 @@ class ResumingAdapter(StreamAdapter, Protocol):
 
     def events_after(self, events: Sequence[Event], starting_after: int) -> list[Event]:
         """The events a client resuming after position ``starting_after`` still needs."""
+        ...
+
+
+@runtime_checkable
+class ScreeningAdapter(StreamAdapter, Protocol):
+    """An adapter that passes some requests through uncached: those whose answer it could
+    not key or replay faithfully (a ``stream`` flag that is neither true nor false, which an
+    upstream may read either way), or that change state upstream (a Responses request that
+    continues a ``conversation``). Optional: the HTTP integrations call ``uncached_reason``
+    when an adapter has it."""
+
+    def uncached_reason(self, body: Mapping[str, Any]) -> str:
+        """Why the request with this decoded body is passed through uncached, or ``""``."""
         ...
 
 

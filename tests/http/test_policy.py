@@ -226,6 +226,15 @@ def test_key_headers_are_taken_from_the_request() -> None:
     decision = policy.decide("POST", "/v1/messages", headers, body)
     assert decision.key_headers == {"anthropic-version": "2023-06-01", "anthropic-beta": "x"}
     assert policy.decide("POST", "/v1/responses", headers, BODY).key_headers == {}
+    # One API key in several OpenAI organisations or projects: each its own answers.
+    # Gemini's response field mask: an answer without the fields it leaves out.
+    openai = {"authorization": "Bearer k", "openai-organization": "org-1", "openai-project": "p"}
+    for route in ("/v1/responses", "/v1/chat/completions"):
+        keyed = policy.decide("POST", route, openai, BODY).key_headers
+        assert keyed == {"openai-organization": "org-1", "openai-project": "p"}
+    masked = {"x-goog-api-key": "k", "x-goog-fieldmask": "candidates.content"}
+    gemini = policy.decide("POST", "/v1beta/models/g:generateContent", masked, b"{}")
+    assert gemini.key_headers == {"x-goog-fieldmask": "candidates.content"}
 
 
 def test_the_request_path_and_query_are_part_of_the_route() -> None:
@@ -384,3 +393,42 @@ def test_an_upstream_is_a_base_url_without_query_or_fragment() -> None:
         with pytest.raises(ConfigError, match=r"upstream must be a base URL .*query") as info:
             base_url_of(bad)
         assert "SECRET" not in str(info.value) and "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "why"),
+    [
+        ("/v1/chat/completions", {"stream": 1}, "stream is 1, not true or false"),
+        ("/v1/responses", {"stream": "true"}, "stream is 'true', not true or false"),
+        ("/v1/messages", {"stream": 0}, "stream is 0, not true or false"),
+        (
+            "/v1/chat/completions",
+            {"stream": True, "stream_options": {"include_usage": 1}},
+            "stream_options.include_usage is 1, not true or false",
+        ),
+        ("/v1/chat/completions", {"stream_options": "usage"}, "stream_options is not an object"),
+        ("/v1/responses", {"conversation": "conv_1"}, "continues a conversation"),
+        ("/v1/responses", {"conversation": {"id": "conv_1"}}, "continues a conversation"),
+    ],
+)
+def test_requests_an_upstream_may_read_otherwise_than_the_key_are_not_cached(
+    route: str, body: dict[str, object], why: str
+) -> None:
+    # The cache reads only true as true; a lenient upstream (vLLM, LiteLLM) reads 1 and
+    # "true" as true too: "stream": 1 was keyed as a non-stream and streamed, and stored
+    # under the key of the non-streams (helper-80). Such a request, and one whose answer
+    # the upstream adds to a conversation (state a replay would skip), go uncached.
+    policy = CachePolicy()
+    request = json.dumps({"model": "m", "input": "hi", **body}).encode()
+    decision = policy.decide("POST", route, {"authorization": "Bearer k"}, request)
+    assert decision.adapter is None and why in decision.reason
+
+
+@pytest.mark.parametrize("stream", [True, False, None])
+def test_a_stream_flag_that_is_true_false_or_null_is_cached(stream: bool | None) -> None:
+    policy = CachePolicy({"/events": GenericSSE, "/chat/completions": OpenAIChat})
+    for route in ("/events", "/v1/chat/completions"):
+        options = {"include_usage": stream}
+        body = json.dumps({"model": "m", "stream": stream, "stream_options": options}).encode()
+        decision = policy.decide("POST", route, {"authorization": "Bearer k"}, body)
+        assert decision.adapter is not None, decision.reason

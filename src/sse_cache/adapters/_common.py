@@ -28,6 +28,7 @@ __all__ = [
     "payloads_of_type",
     "probe",
     "split_text",
+    "unclear_flag",
 ]
 
 #: Request fields that change how an answer is delivered, never what it is (as GenericSSE).
@@ -147,6 +148,19 @@ def _words(text: str, max_chars: int) -> list[str]:
     return out
 
 
+def unclear_flag(fields: Mapping[str, Any], name: str, where: str = "") -> str:
+    """Why the flag ``name`` of ``fields`` cannot be trusted to mean what the cache takes it
+    to, or ``""``: present, not null, and neither true nor false. The cache reads only
+    ``true`` as true; a lenient upstream (pydantic's lax mode: vLLM, LiteLLM) reads ``1`` or
+    ``"yes"`` as true too, and its answer would be stored under the key of the other
+    (helper-80: ``"stream": 1`` was keyed as a non-stream and streamed)."""
+    value = fields.get(name)
+    if value is None or isinstance(value, bool):
+        return ""
+    shown = repr(value) if len(repr(value)) <= 40 else f"a {type(value).__name__}"
+    return f"{where}{name} is {shown}, not true or false"
+
+
 class KeyedAdapter:
     """Common request-side behaviour: key fields, streaming flag, no completion at a bare end.
 
@@ -174,6 +188,10 @@ class KeyedAdapter:
     def is_streaming(self, body: Mapping[str, Any]) -> bool:
         """These APIs stream only when asked to (``"stream": true``)."""
         return body.get("stream") is True
+
+    def uncached_reason(self, body: Mapping[str, Any]) -> str:
+        """Why this request is passed through uncached, or ``""``: see :func:`unclear_flag`."""
+        return unclear_flag(body, "stream")
 
     def end_outcome(self) -> Outcome:
         """A stream that ended without its completing event is never stored."""

@@ -137,6 +137,9 @@ class GeminiGenerateContent(KeyedAdapter):
     """
 
     name = "gemini"
+    #: Request headers that change the answer: a response field mask (the answer without
+    #: the fields it leaves out) is part of the key in the HTTP integrations.
+    key_headers: tuple[str, ...] = ("x-goog-fieldmask",)
     excluded_fields = EXCLUDED_FIELDS
 
     def __init__(

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..events import Event
 from ..protocols import Outcome
+from ._common import unclear_flag
 
 __all__ = ["TRANSPORT_FIELDS", "GenericSSE"]
 
@@ -35,6 +36,10 @@ class GenericSSE:
 
     def is_streaming(self, body: Mapping[str, Any]) -> bool:
         return body.get("stream", True) is not False
+
+    def uncached_reason(self, body: Mapping[str, Any]) -> str:
+        """A ``stream`` that is neither true nor false (see :func:`unclear_flag`)."""
+        return unclear_flag(body, "stream")
 
     def outcome(self, event: Event) -> Outcome:
         return Outcome.CONTINUE

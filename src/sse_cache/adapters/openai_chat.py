@@ -23,6 +23,7 @@ from ._common import (
     loads_object,
     probe,
     split_text,
+    unclear_flag,
 )
 
 __all__ = ["EXCLUDED_FIELDS", "OpenAIChat"]
@@ -88,8 +89,9 @@ class OpenAIChat(KeyedAdapter):
     """
 
     name = "openai-chat"
-    #: Request headers that change the answer: part of the key in the HTTP integrations.
-    key_headers: tuple[str, ...] = ("openai-beta",)
+    #: Request headers that change the answer, or whose answer it is (an organisation or
+    #: project of one API key): part of the key in the HTTP integrations.
+    key_headers: tuple[str, ...] = ("openai-beta", "openai-organization", "openai-project")
     excluded_fields = EXCLUDED_FIELDS
 
     def __init__(
@@ -116,6 +118,17 @@ class OpenAIChat(KeyedAdapter):
                 # it. (include_obfuscation changes bytes too, in a field clients ignore.)
                 fields = {**fields, "stream_options": {"include_usage": False}}
         return fields
+
+    def uncached_reason(self, body: Mapping[str, Any]) -> str:
+        """Also a ``stream_options`` that is not an object, or whose ``include_usage`` is
+        neither true nor false: usage keys apart (above), so it must mean what it says."""
+        why = super().uncached_reason(body)
+        options = body.get("stream_options")
+        if why or options is None:
+            return why
+        if not isinstance(options, dict):
+            return "stream_options is not an object"
+        return unclear_flag(options, "include_usage", "stream_options.")
 
     # -- outcome ---------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ payload carrying ``type`` and (since mid-2025) a ``sequence_number`` counting fr
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
@@ -140,8 +140,9 @@ class OpenAIResponses(KeyedAdapter):
     """
 
     name = "openai-responses"
-    #: Request headers that change the answer: part of the key in the HTTP integrations.
-    key_headers: tuple[str, ...] = ("openai-beta",)
+    #: Request headers that change the answer, or whose answer it is (an organisation or
+    #: project of one API key): part of the key in the HTTP integrations.
+    key_headers: tuple[str, ...] = ("openai-beta", "openai-organization", "openai-project")
     excluded_fields = EXCLUDED_FIELDS
 
     def __init__(
@@ -158,6 +159,15 @@ class OpenAIResponses(KeyedAdapter):
             if store_incomplete
             else {"response.completed"}
         )
+
+    def uncached_reason(self, body: Mapping[str, Any]) -> str:
+        """Also a request that continues a ``conversation``: the upstream adds every answer
+        to it (its items are state on the server), and a replayed answer would neither be
+        added nor follow what the conversation holds by then."""
+        why = super().uncached_reason(body)
+        if not why and body.get("conversation") is not None:
+            return "the request continues a conversation (its state is the upstream's)"
+        return why
 
     # -- outcome ---------------------------------------------------------------------------
 

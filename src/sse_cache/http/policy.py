@@ -30,7 +30,7 @@ from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, Ope
 from ..errors import ConfigError
 from ..keys import CREDENTIAL_HEADERS, lowered_tenant_scope
 from ..pacing import Pacing
-from ..protocols import KeyHeadersAdapter, StreamAdapter
+from ..protocols import KeyHeadersAdapter, ScreeningAdapter, StreamAdapter
 
 __all__ = [
     "DEFAULT_ROUTES",
@@ -438,6 +438,11 @@ class CachePolicy:
             id(adapter): adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ()
             for adapter in self.routes.values()
         }
+        # ... and what says which requests it passes through uncached, if anything does.
+        self._screens = {
+            id(adapter): adapter.uncached_reason if isinstance(adapter, ScreeningAdapter) else None
+            for adapter in self.routes.values()
+        }
         self._tenant = tenant
         self._credentials = tuple(dict.fromkeys(h.lower() for h in credential_headers))
         self.max_body_bytes = max_body_bytes
@@ -561,6 +566,11 @@ class CachePolicy:
         few = body.count(b"{") + body.count(b"[") <= MAX_BODY_DEPTH
         if not few and _nested_deeper_than(parsed, MAX_BODY_DEPTH):
             return self._unkeyable(route, deep)
+        screen = self._screens[id(adapter)]
+        if screen is not None:
+            why = screen(parsed)
+            if why:
+                return self._unkeyable(route, why)
         try:
             tenant = self._tenant_of(headers, keys)
         except _NoScope as exc:  # the server's tenant callable is wrong: logged, forwarded
