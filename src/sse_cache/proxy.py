@@ -285,6 +285,14 @@ def _as_forwarded(scope: Scope) -> Scope:
     return {**scope, "headers": kept}
 
 
+def _two_framings(scope: Scope) -> bool:
+    """Whether the request declares both a chunked and a counted body: a server in front
+    that reads the other framing than uvicorn's would take part of this body for the next
+    request on the connection (request smuggling)."""
+    names = {name for name, _ in scope.get("headers", ())}
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
 # What a Connection header says that names no other header.
 _PLAIN_CONNECTION = frozenset({b"close", b"keep-alive", b""})
 
@@ -435,6 +443,16 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if _two_framings(scope):
+                await send_json_error(
+                    send,
+                    400,
+                    "the request declares both Transfer-Encoding and Content-Length"
+                    " (RFC 9112 §6.1): refused, and the connection closed",
+                    "invalid_request_error",
+                    headers=[(b"connection", b"close")],  # (the server closes it)
+                )
+                return
             scope = _as_forwarded(scope)
             if scope["path"].startswith("/_sse_cache/"):
                 await self._ops(scope, send)
