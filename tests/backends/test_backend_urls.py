@@ -406,7 +406,7 @@ def test_plugin_contract_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         def returns_wrong_type(url):
             return object()
         def factory_fails(url):
-            raise RuntimeError("cannot reach the moon")
+            raise RuntimeError(f"cannot reach the moon at {url}")
         """,
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -419,6 +419,10 @@ def test_plugin_contract_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         from_url("wrongtype://x")
     with pytest.raises(ConfigError, match=named.format("factoryfails") + "failed: .*the moon"):
         from_url("factoryfails://x")
+    # The URL its error shows is shown without its password, as everywhere else.
+    with pytest.raises(ConfigError, match=r"moon at factoryfails://\*\*\*@h") as info:
+        from_url("factoryfails://u:hunter2@h")
+    assert "hunter2" not in str(info.value)
 
 
 def test_a_plugin_cannot_take_over_a_builtin_scheme(

@@ -131,6 +131,10 @@ def test_flags_win_over_variables() -> None:
         ("SSE_CACHE_BACKEND", "cache.db", "expected a backend URL"),
         ("SSE_CACHE_LOG_LEVEL", "loud", "expected one of critical, error, warning, info"),
         ("SSE_CACHE_DECODED_CACHE_MB", "-1", "expected a number of MiB >= 0"),
+        ("SSE_CACHE_CROSS_PROCESS_LEASE", "86401", "at most 86400, got '86401'"),
+        # Not parsed by the options but by the backend or the app: named all the same.
+        ("SSE_CACHE_BACKEND", "redis://h/0?bogus=1", "unknown option(s) 'bogus'"),
+        ("SSE_CACHE_CROSS_PROCESS", "1", "needs a backend with locks and fan-out"),
     ],
 )
 def test_a_bad_variable_names_itself_and_what_was_expected(
@@ -141,8 +145,24 @@ def test_a_bad_variable_names_itself_and_what_was_expected(
     with pytest.raises(SystemExit) as info:
         main(["proxy"])
     message = str(info.value)
-    assert message.startswith(f"sse-cache proxy: {name}: "), message
+    assert re.match(f"sse-cache proxy: {name}:? ", message), message
     assert expected in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--backend", "redis://h/0?bogus=1"], "--backend: redis:// URL: unknown option(s)"),
+        (["--backend", "nope://x"], "--backend: unknown backend URL scheme 'nope'"),
+        (["--backend", "memory://", "--cross-process"], "--cross-process needs a backend with"),
+    ],
+)
+def test_an_option_the_app_refuses_is_named_as_it_was_given(
+    argv: list[str], expected: str, never_served: None
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["proxy", "--upstream", "http://127.0.0.1:9", *argv])
+    assert str(info.value).startswith(f"sse-cache proxy: {expected}"), info.value
 
 
 def test_a_missing_upstream_says_how_to_give_one(
@@ -165,6 +185,10 @@ def test_a_missing_upstream_says_how_to_give_one(
         (["--cross-process-lease", "inf"], "argument --cross-process-lease: expected a positive"),
         (["--upstream", "http://"], "argument --upstream: upstream must be an http(s):// URL"),
         (["--upstream", "http://h:99999"], "argument --upstream: upstream 'http://h:99999' has a"),
+        (["--cross-process-lease", "86401"], "--cross-process-lease: expected a positive number"),
+        # Empty, it was uvicorn's "every interface": a proxy forwarding API keys, open to all.
+        (["--host", ""], "argument --host: expected an address to listen on"),
+        (["--host", " "], "argument --host: expected an address to listen on"),
     ],
 )
 def test_numeric_flags_are_checked_with_a_clear_message(

@@ -213,7 +213,9 @@ def from_url(url: str, **options: Any) -> Backend:
     except SSECacheError:
         raise  # the factory's own error (a ConfigError naming its option, say), as it is
     except Exception as exc:
-        raise ConfigError(f"{where} failed: {exc!r}") from exc
+        # (Its message may show the URL it was given: never with the password.)
+        said = repr(exc).replace(url, redact_userinfo(url))
+        raise ConfigError(f"{where} failed: {said}") from exc
     if not isinstance(backend, Backend):
         raise ConfigError(
             f"{where} returned {type(backend).__name__}, "

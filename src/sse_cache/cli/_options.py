@@ -18,6 +18,7 @@ from typing import Any
 from .._checks import MAX_TTL, MAX_TTL_SHOWN
 from .._logging import LOG_LEVELS
 from ..errors import ConfigError
+from ..http.options import MAX_CROSS_PROCESS_LEASE
 from ..http.policy import base_url_of
 
 __all__ = ["ENV_PREFIX", "OPTIONS", "Option", "add_options", "option", "resolve", "value_of"]
@@ -87,8 +88,10 @@ def _integer(text: str, what: str) -> int:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
 
 
-def _seconds(*, zero: bool = False, longest: bool = False) -> Callable[[str], float]:
-    """Seconds > 0 (>= 0 with ``zero``), finite; at most :data:`MAX_TTL` with ``longest``."""
+def _seconds(
+    *, zero: bool = False, most: float | None = None, shown: str = ""
+) -> Callable[[str], float]:
+    """Seconds > 0 (>= 0 with ``zero``), finite; at most ``most`` (said as ``shown``)."""
     what = "a number of seconds >= 0" if zero else "a positive number of seconds"
 
     def parse(text: str) -> float:
@@ -98,10 +101,9 @@ def _seconds(*, zero: bool = False, longest: bool = False) -> Callable[[str], fl
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if math.isnan(value) or value < 0 or (value == 0 and not zero):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        if longest and value > MAX_TTL:
-            raise argparse.ArgumentTypeError(
-                f"expected {what} of at most {MAX_TTL} ({MAX_TTL_SHOWN}), got {text!r}"
-            )
+        if most is not None and value > most:
+            limit = f"{most:.0f}" + (f" ({shown})" if shown else "")
+            raise argparse.ArgumentTypeError(f"expected {what} of at most {limit}, got {text!r}")
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
@@ -128,6 +130,16 @@ def _upstream(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _host(text: str) -> str:
+    # An empty address is uvicorn's "every interface": a `--host "$HOST"` with HOST unset
+    # must not open a proxy that forwards its callers' API keys to the network.
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected an address to listen on (127.0.0.1, 0.0.0.0, ::1, ...), got {text!r}"
+        )
+    return text.strip()
 
 
 def _backend(text: str) -> str:
@@ -244,7 +256,7 @@ OPTIONS: tuple[Option, ...] = (
         "address to listen on (0.0.0.0: every interface, as in a container)",
         default="127.0.0.1",
         shown="127.0.0.1",
-        parse=str,
+        parse=_host,
         metavar="H",
     ),
     Option("--port", "port to listen on", default=8000, shown="8000", parse=_port, metavar="P"),
@@ -262,7 +274,7 @@ OPTIONS: tuple[Option, ...] = (
         "--ttl",
         f"entry lifetime in seconds, at most {MAX_TTL} ({MAX_TTL_SHOWN})",
         shown="none (no expiry)",
-        parse=_seconds(longest=True),
+        parse=_seconds(most=MAX_TTL, shown=MAX_TTL_SHOWN),
         metavar="S",
     ),
     Option(
@@ -307,10 +319,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--cross-process-lease",
         "with --cross-process: seconds a producer's lease lasts unless renewed; a killed "
-        "producer's followers take over within this long",
+        f"producer's followers take over within this long; at most {MAX_CROSS_PROCESS_LEASE:.0f}",
         default=3.0,
         shown="3",
-        parse=_seconds(),
+        parse=_seconds(most=MAX_CROSS_PROCESS_LEASE),
         metavar="S",
     ),
     Option(

@@ -24,7 +24,15 @@ from typing import Any
 
 from .._logging import LOG_LEVELS, RedactQueryKey, proxy_log_config, redact_url
 from ..errors import ConfigError
-from ._options import ENV_PREFIX, OPTIONS, Option, add_options, resolve, unknown_variables
+from ._options import (
+    ENV_PREFIX,
+    OPTIONS,
+    Option,
+    add_options,
+    option,
+    resolve,
+    unknown_variables,
+)
 
 __all__ = [
     "ENV_PREFIX",
@@ -144,6 +152,34 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def check_backend(url: str) -> None:
+    """Raise :class:`ConfigError` for a backend URL that cannot be used (creating a backend
+    does no I/O: it is made and closed)."""
+    import anyio
+
+    from ..backends import from_url
+
+    anyio.run(from_url(url).aclose)
+
+
+def _given_as(opt: Option, args: argparse.Namespace) -> str:
+    """How the user gave ``opt``: its flag, else its variable if set, else its flag."""
+    if getattr(args, opt.dest, None) is None and os.environ.get(opt.env, "").strip():
+        return opt.env
+    return opt.flag
+
+
+def _naming_the_option(message: str, args: argparse.Namespace) -> str:
+    """``message`` of a :class:`ConfigError` from building the app, its first word — the
+    keyword argument it is about (``cross_process_lease must be ...``) — replaced by the
+    flag or the variable the user gave it by."""
+    name, sep, rest = message.partition(" ")
+    for opt in OPTIONS:
+        if opt.dest == name and sep:
+            return f"{_given_as(opt, args)} {rest}"
+    return message
+
+
 def plan_workers(settings: argparse.Namespace) -> list[str]:
     """For ``--workers N`` (N > 1): turn on cross-process single-flight when the backend can
     (Redis: a lock and live fan-out), and the warnings about what the workers will not share
@@ -194,10 +230,15 @@ def _run(args: argparse.Namespace) -> int:
     for warning in unknown_variables(os.environ):
         logger.warning("sse_cache: %s", warning)
     try:
+        check_backend(settings.backend)
+    except ConfigError as exc:
+        given = _given_as(option("--backend"), args)
+        raise SystemExit(f"sse-cache proxy: {given}: {exc}") from None
+    try:
         warnings = plan_workers(settings)
         app = build_app(settings)
     except ConfigError as exc:
-        raise SystemExit(f"sse-cache proxy: {exc}") from None
+        raise SystemExit(f"sse-cache proxy: {_naming_the_option(str(exc), args)}") from None
     for warning in warnings:
         logger.warning("sse_cache: %s", warning)
     options: dict[str, Any] = {
