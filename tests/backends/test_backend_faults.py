@@ -80,6 +80,34 @@ async def test_redis_hung_costs_a_timeout(spawn_redis: Callable[[], Any]) -> Non
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_that_never_answers_is_asked_once_per_operation() -> None:
+    # A connection error is tried again at once, on a new connection (after a restart the
+    # pooled ones are dead); a timeout was too, and an operation on a hung server cost twice
+    # its timeout (helper-81: a miss took 2 s on a stopped Redis with the default 0.5 s).
+    connections = 0
+
+    async def silent(client: anyio.abc.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        async with client:
+            async for _ in client:  # reads every command, answers none
+                pass
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, silent)
+        backend = from_url(f"redis://127.0.0.1:{port}/0?near_cache=0", timeout=TIMEOUT)
+        try:
+            for n, op in enumerate((lambda: backend.get("k"), lambda: backend.delete("k"))):
+                await fails_promptly(op, BackendTimeout)
+                assert connections == n + 1  # one try each: no second connection
+        finally:
+            await backend.aclose()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_redis_nothing_listening() -> None:
     backend = from_url("redis://127.0.0.1:1/0", timeout=TIMEOUT)
     await fails_promptly(lambda: backend.get("k"), BackendUnavailable)
@@ -371,3 +399,39 @@ async def test_redis_value_of_another_type_is_a_deleted_miss(redis_server: Any) 
     finally:
         await raw.aclose()
         await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_stats_count_on_past_a_key_of_another_type(redis_server: Any) -> None:
+    # `sse-cache stats` failed outright (WRONGTYPE) while such a key was under the prefix,
+    # which `ls` shows as a corrupt entry (helper-81).
+    import redis.asyncio as aioredis
+
+    backend = from_url(redis_server.url + "?prefix=stats-foreign:")
+    raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        await backend.set("good", b"abc", None)
+        await raw.rpush("stats-foreign:e:listkey", b"a")
+        assert await backend.stats() == {"entries": 1, "bytes": 3, "servers": 1}
+    finally:
+        await raw.aclose()
+        await backend.aclose()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_redis_refuses_an_empty_prefix() -> None:
+    # Its entries were at e:{key}, among other applications' keys: `ls` listed theirs as
+    # corrupt entries and `purge` deleted them (helper-81).
+    import redis.asyncio as aioredis
+
+    from sse_cache import ConfigError
+    from sse_cache.backends.redis import RedisBackend
+
+    with pytest.raises(ConfigError, match="prefix must be a non-empty string"):
+        from_url("redis://127.0.0.1:1/0?prefix=")
+    client = aioredis.Redis(port=1)
+    try:
+        with pytest.raises(ConfigError, match="prefix must be a non-empty string"):
+            RedisBackend(client, prefix="")
+    finally:
+        await client.aclose()

@@ -210,6 +210,11 @@ def test_bad_option_names_the_parameter(url: str, parameter: str) -> None:
         ("memcached://h/1", "memcached has no databases, got the path '/1'"),
         ("memcached://h:0", "port 0"),
         ("memcached://h?chunk_size=2GiB", "largest item"),
+        # It went to 6379: maybe another Redis (helper-81).
+        ("redis://h:0", "port 0"),
+        ("rediss://h:0/1", "port 0"),
+        # Dropped without a word: the server was used without them (helper-81).
+        ("memcached://admin:secret@h:11211", "memcached has no authentication"),
     ],
 )
 def test_bad_urls(url: str, match: str) -> None:

@@ -192,8 +192,11 @@ def standalone_client(url: str, scheme: str, kwargs: dict[str, Any]) -> aioredis
         except ValueError:
             # The host and port only: the URL's user info holds its password.
             raise ConfigError(f"{scheme}:// URL: bad port in {netloc_for_errors(url)!r}") from None
+        if port == 0:
+            # (It went to 6379, maybe another Redis; redis+cluster:// refuses it too.)
+            raise ConfigError(f"{scheme}:// URL: port 0 in {netloc_for_errors(url)!r}")
         kwargs["host"] = unquote(parts.hostname or "localhost")
-        kwargs["port"] = port or 6379
+        kwargs["port"] = 6379 if port is None else port
         path = parts.path.strip("/")
         if path:
             if not path.isdigit():

@@ -510,6 +510,13 @@ def from_url(url: str, **options: Any) -> MemcachedBackend:
     """
     scheme = url.split("://", 1)[0].lower()
     netloc = url.split("://", 1)[1].split("/", 1)[0].split("?", 1)[0]
+    if "@" in netloc:
+        # pymemcache speaks the text protocol, which has no authentication: credentials
+        # would be dropped without a word, and the server used without them.
+        raise ConfigError(
+            f"{scheme}:// URL: memcached has no authentication (the text protocol), but the "
+            "URL names a user or password: leave them out"
+        )
     servers = parse_hosts(scheme, netloc, 11211)
     path = urlsplit(url).path
     if path not in ("", "/"):

@@ -113,6 +113,14 @@ class RedisBackend:
         timeout: float = _DEFAULT_TIMEOUT,
         near_cache_bytes: int = _DEFAULT_NEAR_CACHE,
     ) -> None:
+        if not isinstance(prefix, str) or not prefix:
+            # Entries at e:{key}, among the keys of whatever else uses the server: `sse-cache
+            # ls` showed another application's e:* keys as corrupt entries, and `purge`
+            # deleted them (helper-81).
+            raise ConfigError(
+                f"prefix must be a non-empty string (sse-cache:, myapp:...), got {prefix!r}: "
+                "the cache's keys need a namespace of their own"
+            )
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
         self.prefix = prefix
@@ -332,7 +340,9 @@ class RedisBackend:
                 pipe = self._client.pipeline()
                 for name in page:
                     pipe.strlen(name)
-                lengths = await pipe.execute()
+                # A key of another type (not ours: `ls` shows it as corrupt) is an error
+                # in its place, not the end of the count.
+                lengths = await pipe.execute(raise_on_error=False)
             for length in lengths:
                 if isinstance(length, int) and length > 0:  # 0: expired meanwhile
                     entries += 1
@@ -447,8 +457,10 @@ def from_url(url: str, **options: Any) -> RedisBackend:
         "socket_connect_timeout": opts.take_timeout("connect_timeout", timeout),
         "max_connections": opts.take_int("max_connections", 64),
         # One immediate retry: after a server restart the pooled connections are dead, and
-        # the retry on a fresh connection lets the same backend object recover at once.
-        "retry": Retry(NoBackoff(), 1),
+        # the retry on a fresh connection lets the same backend object recover at once. Not
+        # after a timeout: a server that hangs would cost each operation twice its timeout
+        # (helper-81: a miss took 2 s on a stopped Redis with the default 0.5 s).
+        "retry": Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
     }
     if "health_check_interval" in opts:
         kwargs["health_check_interval"] = opts.take_int("health_check_interval", 0, minimum=0)
