@@ -27,6 +27,7 @@ from .codec import WireEntry
 from .entry import Entry
 from .errors import BackendBusy, CorruptEntry, UnreadableEntry, ValueTooLarge
 from .events import serialize_sse
+from .keys import check_key
 from .protocols import Backend, EventCodec, NearCachingBackend, WireCodec
 
 __all__ = ["EntryStore"]
@@ -37,8 +38,10 @@ _E = TypeVar("_E", Entry, WireEntry)
 _R = TypeVar("_R")
 
 
-#: Why an entry was not stored when the backend write failed or was skipped.
+#: Why an entry was not stored when the backend write failed ...
 _WRITE_FAILED = "the backend write failed"
+#: ... or was not tried: the breaker had turned the backend off for a while.
+_SKIPPED = "the backend was skipped (its circuit breaker is open)"
 
 
 class _Skipped(Exception):
@@ -112,6 +115,7 @@ class EntryStore:
         """:meth:`store`, returning why ``entry`` was not stored (``""``: it was). An entry
         the codec refuses (an event of wrong field types, from the caller's upstream) is not
         a backend failure: the backend is not called, and the reason says so."""
+        check_key(key)  # (the caller's mistake: raised, never counted against the backend)
         if ttl is not None:
             entry = msgspec.structs.replace(entry, expires_at=time.time() + ttl)
         self._forget_decoded(key)
@@ -128,7 +132,7 @@ class EntryStore:
             await self._use_backend("set", lambda: self.backend.set(key, data, ttl))
         except _Skipped:
             self._notify(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
-            return _WRITE_FAILED
+            return _SKIPPED
         except ValueTooLarge as exc:
             why = f"the backend refused it: {exc}"
             self._warn("not_stored", key, why)
@@ -141,6 +145,7 @@ class EntryStore:
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (fail open: a backend failure is logged)."""
+        check_key(key)
         self._forget_decoded(key)
         try:
             await self._use_backend("delete", lambda: self.backend.delete(key))
@@ -153,6 +158,8 @@ class EntryStore:
 
     async def alias(self, name: str, key: str, expires_at: float | None) -> bool:
         """Store ``name`` as another name of ``key`` (see :meth:`StreamCache.alias`)."""
+        check_key(name, "alias name")
+        check_key(key)
         ttl = None if expires_at is None else max(1.0, expires_at - time.time())
         try:
             value = key.encode("ascii")
@@ -195,6 +202,10 @@ class EntryStore:
         return value
 
     async def _fetch(self, key: str) -> bytes | None:
+        # A key no backend takes (not a str, a lone surrogate) is the caller's mistake:
+        # raised to it. Counted as the backend's failure, a few such requests turned the
+        # cache off for every other caller (helper-82).
+        check_key(key)
         if self._cached is not None:
             try:
                 value = self._cached(key)

@@ -11,7 +11,7 @@ import anyio
 import msgspec
 
 from ._notices import Notice
-from ._streams import Notify, StoreEntry
+from ._streams import Notify, SaveEntry
 from .entry import Entry
 from .events import EOL, Event
 from .recorder import Recorder, RecorderState
@@ -49,7 +49,7 @@ class LiveRecording:
         ttl: float | None,
         *,
         notify: Notify,
-        store: StoreEntry,
+        store: SaveEntry,
     ) -> None:
         self._notify = notify
         self._store = store
@@ -117,7 +117,8 @@ class LiveRecording:
         if self.entry is None:
             self._notify(Notice(kind="not_stored", key=self._key, detail=self.reason))
             return
-        if await self._store(self._key, self.entry, self._ttl):
-            self.stored = True
+        why = await self._store(self._key, self.entry, self._ttl)
+        if why:
+            self.recorder.reason = why
         else:
-            self.recorder.reason = "the backend write failed"
+            self.stored = True

@@ -37,7 +37,6 @@ __all__ = [
     "Production",
     "Rejoin",
     "SaveEntry",
-    "StoreEntry",
     "not_an_event",
 ]
 
@@ -45,11 +44,9 @@ logger = logging.getLogger("sse_cache")
 
 #: Hands a :class:`Notice` to the cache's hooks.
 Notify = Callable[[Notice], None]
-#: Stores a judged entry under a key for a lifetime in seconds (None: none); False when the
-#: backend write failed.
-StoreEntry = Callable[[str, Entry, float | None], Awaitable[bool]]
-#: Like :data:`StoreEntry`, returning why the entry was not stored (the entry could not be
-#: encoded, the backend write failed), ``""`` when it was.
+#: Stores a judged entry under a key for a lifetime in seconds (None: none), returning why it
+#: was not stored (the entry could not be encoded, the backend write failed or was skipped),
+#: ``""`` when it was.
 SaveEntry = Callable[[str, Entry, float | None], Awaitable[str]]
 #: Takes a follower whose flight failed before sending it anything round the lookup order
 #: once more: it follows another flight (:meth:`CachedStream.follow`) or produces one.

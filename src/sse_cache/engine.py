@@ -52,7 +52,7 @@ from .entry import Entry
 from .errors import ConfigError
 from .events import Event
 from .flight import Cursor, Flight, Flights, LiveFlight, Phase, SharedStreamAborted
-from .keys import CacheRequest, DefaultKeyer
+from .keys import CacheRequest, DefaultKeyer, check_key
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
@@ -193,8 +193,18 @@ class StreamCache:
         )
 
     def key(self, request: CacheRequest | str) -> str:
-        """The key of ``request`` (a string is taken as a key already)."""
-        return request if isinstance(request, str) else self.keyer.key(request)
+        """The key of ``request`` (a string is taken as a key already). Raises TypeError
+        for anything else, ValueError for a string no backend takes as a key (see
+        :func:`~sse_cache.keys.check_key`)."""
+        if isinstance(request, str):
+            check_key(request)
+            return request
+        if not isinstance(request, CacheRequest):
+            raise TypeError(
+                f"expected a CacheRequest (cache.request(body)) or a key (str), "
+                f"got {type(request).__name__}"
+            )
+        return self.keyer.key(request)
 
     # -- storage (fail open) ---------------------------------------------------------------
 
@@ -477,7 +487,7 @@ class StreamCache:
             recorder,
             self.ttl if ttl is None else ttl,
             notify=self._notify,
-            store=self._entries.store,
+            store=self._entries.save,
         )
 
 

@@ -9,6 +9,7 @@ those are is the adapter's decision (:meth:`StreamAdapter.key_fields`); the keye
 from __future__ import annotations
 
 import hashlib
+import reprlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ __all__ = [
     "CacheRequest",
     "DefaultKeyer",
     "canonical_json",
+    "check_key",
     "lowered_tenant_scope",
     "tenant_scope",
 ]
@@ -180,3 +182,21 @@ def lowered_tenant_scope(headers: Mapping[str, str], credential_headers: tuple[s
     # another; with one credential this is the digest earlier versions used.
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=16)
     return "t:" + digest.hexdigest()
+
+
+def check_key(key: str, what: str = "key") -> None:
+    """Raise ValueError naming ``key`` when it cannot be encoded as UTF-8 (a lone surrogate,
+    such as ``"a\\udc80"``), TypeError when it is not a ``str``: every backend refuses such
+    keys alike, and the engine before it asks one (a caller's mistake, not a failure of the
+    backend). Cheap for the engine's keys, which are ASCII."""
+    if key.__class__ is str and key.isascii():
+        return
+    if not isinstance(key, str):
+        raise TypeError(f"{what} must be str, got {type(key).__name__}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} {reprlib.repr(key)} is not encodable as UTF-8: it holds the lone "
+            f"surrogate {key[exc.start]!r} at index {exc.start}"
+        ) from None

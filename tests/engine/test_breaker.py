@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_cache import ConfigError, StreamCache
+from sse_cache import ConfigError, Entry, StreamCache
 from sse_cache.adapters import GenericSSE
 from sse_cache.breaker import Breaker, BreakerState
 from sse_cache.engine import Notice
@@ -212,3 +212,51 @@ async def test_a_stopped_redis_is_skipped_then_used_again(
         assert [n.detail for n in notices if n.kind == "breaker"][-1] == "closed"
     finally:
         await cache.backend.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_callers_bad_key_is_its_error_and_never_turns_the_cache_off() -> None:
+    # A key no backend takes (not a str; a str with a lone surrogate) was logged as a
+    # failed backend read and counted by the breaker: a few such calls, and every other
+    # caller's correct requests went unstored for the cooldown (helper-82).
+    backend = CountingBackend()
+    cache = StreamCache(backend, GenericSSE(), breaker=Breaker(failures=2, cooldown=3600))
+    bad_keys: list[Any] = ["k-\udc80", 5, b"k"]
+    for bad in bad_keys:
+        error = ValueError if isinstance(bad, str) else TypeError
+        for _ in range(3):
+            with pytest.raises(error):
+                await cache.lookup(bad)
+            with pytest.raises(error):
+                await cache.store(bad, Entry(schema="generic", created_at=1.0, events=[]))
+            with pytest.raises(error):
+                await cache.delete(bad)
+            with pytest.raises(error):
+                async with cache.stream(bad, lambda: None):  # type: ignore[arg-type]
+                    pass
+    with pytest.raises(TypeError, match="expected a CacheRequest .* or a key"):
+        cache.key({"model": "m"})  # type: ignore[arg-type]
+    assert backend.calls == 0 and cache.breaker.state is BreakerState.CLOSED
+    assert await consume(cache, "good") == "miss"
+    assert await consume(cache, "good") == "hit"
+
+
+@pytest.mark.anyio
+async def test_a_store_skipped_by_the_breaker_says_so() -> None:
+    # It said "the backend write failed": no write was tried (helper-82).
+    backend = CountingBackend()
+    cache = StreamCache(
+        backend, GenericSSE(), backend_timeout=0.05, breaker=Breaker(failures=1, cooldown=3600)
+    )
+    backend.hang = True
+    await consume(cache, "opens it")
+    assert cache.breaker.state is BreakerState.OPEN
+
+    async def upstream() -> Any:
+        for event in EVENTS:
+            yield event
+
+    async with cache.stream(cache.request({"input": "skipped"}), upstream) as stream:
+        async for _ in stream:
+            pass
+    assert not stream.stored and "circuit breaker is open" in stream.reason

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-import reprlib
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ..errors import BackendUnavailable, ConfigError
+from ..keys import check_key as check_key  # (every backend refuses such keys alike)
 
 __all__ = [
     "MAX_TIMEOUT",
@@ -185,23 +185,6 @@ def netloc_for_errors(url: str) -> str:
     """The ``host:port`` part of ``url`` without its user info, for an error message."""
     rest = url.partition("://")[2] or url
     return re.split(r"[/?#]", rest.rpartition("@")[2], maxsplit=1)[0]
-
-
-def check_key(key: str, what: str = "key") -> None:
-    """Raise ValueError naming ``key`` when it cannot be encoded as UTF-8 (a lone surrogate,
-    such as ``"a\\udc80"``): every backend refuses such keys alike. Cheap for the engine's
-    keys, which are ASCII."""
-    if key.__class__ is str and key.isascii():
-        return
-    if not isinstance(key, str):
-        raise TypeError(f"{what} must be str, got {type(key).__name__}")
-    try:
-        key.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"{what} {reprlib.repr(key)} is not encodable as UTF-8: it holds the lone "
-            f"surrogate {key[exc.start]!r} at index {exc.start}"
-        ) from None
 
 
 def check_open(closed: bool, name: str) -> None:
