@@ -45,6 +45,10 @@ def _usage_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     ("upstream", "why"),
     [
         (f"http://user:{SECRET}@host:99999", "bad port"),
+        # No server answers on port 0, and urlsplit takes "h h" for a host and drops tabs.
+        (f"http://user:{SECRET}@host:0", r"bad port \(0\)"),
+        (f"http://user:{SECRET}@ho st", "bad host name or whitespace"),
+        (f"http://user:{SECRET}@host/v\t1", "bad host name or whitespace"),
         (f"http://user:{SECRET}@[::1", "not a valid URL .*IPv6"),
         (f"ftp://user:{SECRET}@host", "must be an http"),
         (f"http://user:{SECRET}@host/v1?key={SECRET}", "without a query"),

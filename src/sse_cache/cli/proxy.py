@@ -152,6 +152,11 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def _stop_gracefully(signum: int, frame: object) -> None:
+    logger.info("sse_cache: SIGHUP: stopping as on SIGTERM (one process: nothing restarts it)")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def check_backend(url: str) -> None:
     """Raise :class:`ConfigError` for a backend URL that cannot be used (creating a backend
     does no I/O: it is made and closed)."""
@@ -189,23 +194,28 @@ def plan_workers(settings: argparse.Namespace) -> list[str]:
     import anyio
 
     from ..backends import from_url
+    from ..backends.memory import MemoryBackend
+    from ..backends.sqlite import SQLiteBackend
     from ..protocols import FanoutBackend, LeasingBackend
 
     backend = from_url(settings.backend)
     try:
         shares_streams = isinstance(backend, LeasingBackend) and isinstance(backend, FanoutBackend)
         name = type(backend).__name__
+        private = isinstance(backend, MemoryBackend) or (
+            isinstance(backend, SQLiteBackend) and backend.path == ":memory:"
+        )
     finally:
         anyio.run(backend.aclose)
     n = settings.workers
     if shares_streams:
         settings.cross_process = True
         return []
-    if settings.backend.split("://", 1)[0].lower() == "memory":
+    if private:
         return [
-            f"--workers {n} with memory://: each worker has a cache of its own (a request is "
-            f"a hit only on the worker that stored its answer, and the memory is spent {n} "
-            "times); use sqlite:// or redis:// to share one cache"
+            f"--workers {n} with {redact_url(settings.backend)}: each worker has a cache of "
+            "its own (a request is a hit only on the worker that stored its answer, and the "
+            f"memory is spent {n} times); use sqlite:// on a file or redis:// to share one cache"
         ]
     return [
         f"--workers {n} with {name}: the workers share its entries but not live streams, so "
@@ -251,6 +261,10 @@ def _run(args: argparse.Namespace) -> int:
     }
     if settings.workers == 1:
         freeze_startup_objects()
+        # With --workers N, uvicorn's supervisor restarts its workers on SIGHUP; one process
+        # has no one to restart it, and SIGHUP's default ended it at once, cutting every
+        # stream without a word (helper-81). It stops as on SIGTERM instead: gracefully.
+        signal.signal(signal.SIGHUP, _stop_gracefully)
         uvicorn.run(app, **options)
         return 0
     # The app was built above only to check the configuration; each worker builds its own

@@ -297,6 +297,11 @@ def origin_of(url: str, name: str = "origin") -> str:
         port = parts.port
     except ValueError:
         raise ConfigError(f"{name} {_url_shown(url)!r} has a bad port") from None
+    if port == 0:  # (no server answers on port 0: the URL was mistyped)
+        raise ConfigError(f"{name} {_url_shown(url)!r} has a bad port (0)")
+    if any(c in '<>"{}|\\^`' for c in host) or any(c.isspace() for c in url):
+        # (urlsplit drops tabs and newlines, and takes "h h" for a host name)
+        raise ConfigError(f"{name} {_url_shown(url)!r} has a bad host name or whitespace")
     if ":" in host:
         host = f"[{host}]"  # IPv6
     if port is not None and port != {"http": 80, "https": 443}[scheme]:
