@@ -31,7 +31,14 @@ from servers import free_port
 from sse_cache._logging import RateLimitedLog, redact_url
 from sse_cache.backends import from_url
 from sse_cache.cli import main
-from sse_cache.cli.proxy import OPTIONS, add_options, plan_workers, register, resolve
+from sse_cache.cli.proxy import (
+    OPTIONS,
+    add_options,
+    forwards_to_itself,
+    plan_workers,
+    register,
+    resolve,
+)
 from sse_cache.errors import ConfigError
 from sse_cache.proxy import create_proxy_app
 from sse_cache.testing import MockUpstream
@@ -280,6 +287,30 @@ def test_workers_on_a_backend_without_live_streams_warn(backend: str, expected: 
     assert settings.cross_process is False
     single = parsed(["--upstream", "http://x", "--backend", backend], {})
     assert plan_workers(single) == []
+
+
+@pytest.mark.parametrize(
+    ("upstream", "host", "loops"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1", True),
+        ("http://localhost:8000/v1", "127.0.0.1", True),
+        ("http://127.0.0.1:8000", "0.0.0.0", True),
+        ("http://[::1]:8000", "::", True),
+        ("http://10.0.0.5:8000", "10.0.0.5", True),
+        ("http://127.0.0.1:8001", "127.0.0.1", False),  # another port
+        ("http://10.0.0.5:8000", "127.0.0.1", False),  # another address
+        ("http://api.example.com:8000", "0.0.0.0", False),
+    ],
+)
+def test_an_upstream_that_is_the_proxy_itself_is_refused(
+    upstream: str, host: str, loops: bool
+) -> None:
+    # Each request came back to the proxy, until it ran out of file descriptors (helper-81).
+    settings = parsed(["--upstream", upstream, "--host", host, "--port", "8000"], {})
+    assert forwards_to_itself(settings) is loops
+    if loops:
+        with pytest.raises(SystemExit, match="is this proxy itself"):
+            main(["proxy", "--upstream", upstream, "--host", host, "--port", "8000"])
 
 
 # -- log helpers ----------------------------------------------------------------------------

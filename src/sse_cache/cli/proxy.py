@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import threading
+import urllib.parse
 from typing import Any
 
 from .._logging import LOG_LEVELS, RedactQueryKey, proxy_log_config, redact_url
@@ -152,6 +153,30 @@ def freeze_startup_objects() -> None:
     gc.freeze()
 
 
+def forwards_to_itself(settings: argparse.Namespace) -> bool:
+    """Whether ``--upstream`` names the address this proxy listens on: each request would
+    come back to it, until the process ran out of file descriptors (helper-81). Only what is
+    sure from the settings: a loopback name or the listening address, on its port."""
+    parts = urllib.parse.urlsplit(settings.upstream)
+    port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    if port != settings.port:
+        return False
+    upstream = (parts.hostname or "").lower()
+    listening = settings.host.strip("[]").lower()
+    if upstream == listening:
+        return True
+    loopback = upstream in ("localhost", "::1") or upstream.startswith("127.")
+    return loopback and (
+        listening in _EVERY_INTERFACE
+        or listening in ("localhost", "::1")
+        or listening.startswith("127.")
+    )
+
+
+#: The addresses that listen on every interface, loopback included.
+_EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
+
+
 def _stop_gracefully(signum: int, frame: object) -> None:
     logger.info("sse_cache: SIGHUP: stopping as on SIGTERM (one process: nothing restarts it)")
     os.kill(os.getpid(), signal.SIGTERM)
@@ -239,6 +264,12 @@ def _run(args: argparse.Namespace) -> int:
     logging.config.dictConfig(log_config)
     for warning in unknown_variables(os.environ):
         logger.warning("sse_cache: %s", warning)
+    if forwards_to_itself(settings):
+        raise SystemExit(
+            f"sse-cache proxy: --upstream {redact_url(settings.upstream)} is this proxy itself "
+            f"(--host {settings.host} --port {settings.port}): every request would be "
+            "forwarded to itself, again and again"
+        )
     try:
         check_backend(settings.backend)
     except ConfigError as exc:
