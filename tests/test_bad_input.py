@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import re
+from typing import Any
 
 import httpx
 import httpx2
@@ -14,7 +15,14 @@ import pytest
 
 import sse_cache.httpx
 import sse_cache.httpx2
-from sse_cache import ConfigError
+from sse_cache import ConfigError, DefaultKeyer, MsgpackCodec, Recorder, SSEParser
+from sse_cache.adapters import (
+    AnthropicMessages,
+    GeminiGenerateContent,
+    GenericSSE,
+    OpenAIChat,
+    OpenAIResponses,
+)
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import from_url
 from sse_cache.backends.sqlite import SQLiteBackend
@@ -234,3 +242,35 @@ def test_an_unreadable_redis_url_is_a_config_error_without_its_password() -> Non
         with pytest.raises(ConfigError, match=f"^{re.escape(scheme)}:// URL: .*IPv6") as info:
             from_url(f"{scheme}://:{SECRET}@[::1")
         assert SECRET not in str(info.value)
+
+
+# -- the core's own classes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: MsgpackCodec(secret="not bytes"), "secret must be bytes, got str"),  # type: ignore[arg-type]
+        (lambda: MsgpackCodec(max_decoded_bytes=0), "max_decoded_bytes must be a positive"),
+        (lambda: DefaultKeyer(salt=5), "salt must be a str, got int"),  # type: ignore[arg-type]
+        (lambda: OpenAIResponses(delta_chars=0), "delta_chars must be None or an int >= 1"),
+        (lambda: OpenAIChat(delta_chars=8.5), "delta_chars must be None or an int >= 1"),  # type: ignore[arg-type]
+        (lambda: OpenAIResponses(store_incomplete="no"), "store_incomplete must be True or"),  # type: ignore[arg-type]
+        (lambda: OpenAIChat(usage_chunk="false"), "usage_chunk must be True or False"),  # type: ignore[arg-type]
+        (lambda: AnthropicMessages(ping=1), "ping must be True or False"),  # type: ignore[arg-type]
+        (lambda: GeminiGenerateContent(store_blocked="yes"), "store_blocked must be True"),  # type: ignore[arg-type]
+    ],
+)
+def test_the_cores_classes_refuse_bad_arguments_when_built(build: Any, message: str) -> None:
+    # They were taken, and failed later: a str secret at the first encode (nothing was ever
+    # stored), a salt at the first key, delta_chars in synthesize; "no" was a true
+    # store_incomplete (helper-82).
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build()
+
+
+def test_the_parser_and_the_recorder_name_what_they_take() -> None:
+    with pytest.raises(TypeError, match="feed\\(\\) takes bytes .* got str"):
+        SSEParser().feed("data: x\n\n")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="add\\(\\) takes an Event, got str"):
+        Recorder(GenericSSE()).add("x", 0.0)  # type: ignore[arg-type]

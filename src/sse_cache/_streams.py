@@ -467,8 +467,13 @@ class CachedStream:
         self.stored = production.stored
         if production.stored:
             self.reason = ""
-        elif self.status is CacheStatus.SHARED and not live.flight.done:
-            self.reason = "left a shared stream early"
+        elif not live.flight.done:
+            # Whether it is stored is for those still reading to learn (it said nothing).
+            self.reason = (
+                "left a shared stream early"
+                if self.status is CacheStatus.SHARED
+                else "left before the end: the stream went on for the readers following it"
+            )
         else:
             self.reason = production.recorder.reason
 

@@ -39,6 +39,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from ._checks import integer
 from .entry import ENTRY_FORMAT_VERSION, Entry
 from .errors import ConfigError, CorruptEntry, UnreadableEntry
 from .events import EOL, Event, serialize_sse
@@ -153,8 +154,14 @@ class MsgpackCodec:
             raise ConfigError(
                 "compression='zstd' needs the zstandard package: pip install 'sse-cache[zstd]'"
             )
+        if secret is not None and not isinstance(secret, bytes | bytearray):
+            # (a str failed at the first encode: nothing was ever stored)
+            raise ConfigError(f"secret must be bytes, got {type(secret).__name__}")
         if secret is not None and not 1 <= len(secret) <= 64:
             raise ConfigError("secret must be 1 to 64 bytes long")
+        level = integer("level", level, minimum=-(2**31))
+        min_compress_bytes = integer("min_compress_bytes", min_compress_bytes, minimum=0)
+        max_decoded_bytes = integer("max_decoded_bytes", max_decoded_bytes)
         self.compression: str = compression
         self._method = _NAMES[compression]
         self._level = level

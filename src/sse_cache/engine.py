@@ -120,9 +120,9 @@ class StreamCache:
     ) -> None:
         from .backends import open_backend  # the registry, not a concrete backend
 
-        # Every argument is checked here, once, naming it (the checkers CacheOptions uses).
-        if not isinstance(backend, str):
-            instance_of("backend", backend, Backend)
+        # Every argument is checked here, once, naming it (the checkers CacheOptions uses;
+        # the backend last, by open_backend, as the middleware and the transports check it:
+        # a URL opens a backend only once everything else was found right).
         instance_of("adapter", adapter, StreamAdapter)
         instance_of("keyer", keyer, CacheKeyer, optional=True)
         instance_of("codec", codec, EventCodec, optional=True)
@@ -182,7 +182,18 @@ class StreamCache:
         variant: int = 0,
     ) -> CacheRequest:
         """The :class:`CacheRequest` for a decoded JSON request body (the adapter picks the
-        answer-defining fields)."""
+        answer-defining fields). Raises TypeError for a body that is not a mapping (a JSON
+        object) or a part of the key of the wrong type, ValueError for a negative variant."""
+        if not isinstance(body, Mapping):
+            raise TypeError(
+                f"body must be the decoded JSON object of the request (a mapping), "
+                f"got {type(body).__name__}"
+            )
+        for name, part in (("route", route), ("tenant", tenant), ("namespace", namespace)):
+            if not isinstance(part, str):
+                raise TypeError(f"{name} must be a str, got {type(part).__name__}")
+        if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
+            raise ValueError(f"variant must be an int >= 0, got {variant!r}")
         return CacheRequest(
             schema=self.adapter.name,
             route=route,

@@ -111,6 +111,8 @@ class SSEParser:
         """Parse ``chunk`` and return the events it completes, in order."""
         if not chunk:
             return []
+        if isinstance(chunk, str):  # (the user's mistake, whatever the annotation says)
+            raise TypeError("feed() takes bytes (the stream as received), got str")
         if self._at_start:
             buf = self._pending + chunk
             if len(buf) < 3 and _BOM.startswith(buf):

@@ -104,6 +104,8 @@ class DefaultKeyer:
     """
 
     def __init__(self, *, salt: str = "") -> None:
+        if not isinstance(salt, str):  # (an int failed at the first key)
+            raise ConfigError(f"salt must be a str, got {type(salt).__name__}")
         self._salt = salt
         # The length-prefixed parts before the request's own (the version, the salt, the
         # schema, route, tenant, namespace and variant) by what they are made of: they

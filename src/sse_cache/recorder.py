@@ -116,6 +116,8 @@ class Recorder:
 
     def add(self, event: Event, at: float) -> None:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
+        if not isinstance(event, Event):
+            raise TypeError(f"add() takes an Event, got {type(event).__name__}")
         if self.state is not _RECORDING:
             return
         self.size += event_size(event)

@@ -397,13 +397,14 @@ async def test_shared_stream_survives_the_leader_leaving() -> None:
     cache = StreamCache(backend, GenericSSE())
     follower: list[Event] = []
     inside, joined = anyio.Event(), anyio.Event()
+    left: list[Any] = []
 
     async def leader() -> None:
         async with cache.stream(cache.request(BODY), up) as s:
             await s.__anext__()
             inside.set()
             await joined.wait()
-        # left after one event
+        left.append(s)  # left after one event
 
     async def late_follower() -> None:
         await inside.wait()
@@ -417,6 +418,9 @@ async def test_shared_stream_survives_the_leader_leaving() -> None:
         tg.start_soon(late_follower)
     assert up.calls == 1 and up.closed == 1
     assert wire(follower) == wire(EVENTS) and backend.sets == 1
+    # The leader's own stream says why it knows nothing of the store (it said stored=False
+    # and no reason, as if stored: helper-82).
+    assert not left[0].stored and "went on for the readers following it" in left[0].reason
 
 
 async def test_followers_see_the_upstream_failure() -> None:

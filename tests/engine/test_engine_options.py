@@ -65,8 +65,31 @@ def test_the_adapter_class_is_refused_with_a_hint() -> None:
 
 
 def test_a_backend_that_is_not_one_is_refused() -> None:
-    with pytest.raises(ConfigError, match="^backend must be a Backend, got"):
+    # In the words the middleware and the transports use (docs/backends.md quotes them).
+    with pytest.raises(ConfigError, match=r"^backend must be a URL string or a Backend, got"):
         StreamCache(object(), GenericSSE())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"got None \(NoneType\)"):
+        StreamCache(None, GenericSSE())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda c: c.request(["m"]), TypeError, "body must be the decoded JSON object"),
+        (lambda c: c.request({}, tenant=None), TypeError, "tenant must be a str, got NoneType"),
+        (lambda c: c.request({}, route=b"/x"), TypeError, "route must be a str, got bytes"),
+        (lambda c: c.request({}, variant=-1), ValueError, "variant must be an int >= 0"),
+        (lambda c: c.request({}, variant=True), ValueError, "variant must be an int >= 0"),
+    ],
+)
+def test_a_request_of_the_wrong_shape_is_refused_naming_it(
+    call: Any, error: type[Exception], message: str
+) -> None:
+    # They failed with AttributeError from deep inside ('list' object has no attribute
+    # 'items'), or were accepted (variant=-1: helper-82).
+    cache = StreamCache("memory://", GenericSSE())
+    with pytest.raises(error, match=message):
+        call(cache)
 
 
 def test_good_arguments_still_pass() -> None:

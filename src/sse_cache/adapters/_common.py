@@ -12,6 +12,7 @@ from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 
+from .._checks import integer
 from ..events import Event
 from ..protocols import Outcome
 
@@ -177,6 +178,8 @@ class KeyedAdapter:
         if isinstance(ignore_fields, str):
             raise TypeError("ignore_fields must be an iterable of field names, not a string")
         self._drop = self.excluded_fields | frozenset(ignore_fields)
+        if delta_chars is not None:  # (0, -1 or 8.5 failed in synthesize, or split nothing)
+            delta_chars = integer("delta_chars", delta_chars, what="None or an int >= 1")
         self.delta_chars = delta_chars
 
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import msgspec
 
+from .._checks import boolean
 from ..events import Event
 from ..protocols import Outcome
 from ._common import (
@@ -97,6 +98,7 @@ class AnthropicMessages(KeyedAdapter):
         ping: bool = True,
     ) -> None:
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
+        boolean("ping", ping)  # ("no" is truthy)
         self.ping = ping
 
     # -- outcome ---------------------------------------------------------------------------

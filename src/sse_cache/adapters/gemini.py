@@ -17,6 +17,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
+from .._checks import boolean
 from ..events import Event
 from ..protocols import Outcome
 from ._common import DEFAULT_DELTA_CHARS, TRANSPORT_FIELDS, KeyedAdapter, is_truthy_raw
@@ -153,6 +154,7 @@ class GeminiGenerateContent(KeyedAdapter):
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
         if isinstance(finish_reasons, str):
             raise TypeError("finish_reasons must be an iterable of finish reasons, not a string")
+        boolean("store_blocked", store_blocked)  # ("no" is truthy)
         self.store_blocked = store_blocked
         self.finish_reasons = frozenset(finish_reasons)
         self._stored = self.finish_reasons | (

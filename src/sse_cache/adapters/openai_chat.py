@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import msgspec
 
+from .._checks import boolean
 from ..events import Event
 from ..protocols import Outcome
 from ._common import (
@@ -102,6 +103,7 @@ class OpenAIChat(KeyedAdapter):
         usage_chunk: bool = True,
     ) -> None:
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
+        boolean("usage_chunk", usage_chunk)  # ("no" is truthy)
         self.usage_chunk = usage_chunk
 
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:

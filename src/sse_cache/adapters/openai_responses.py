@@ -11,6 +11,7 @@ from typing import Any, Final
 
 import msgspec
 
+from .._checks import boolean
 from ..events import Event
 from ..protocols import Outcome
 from ._common import DEFAULT_DELTA_CHARS, TRANSPORT_FIELDS, KeyedAdapter, is_truthy_raw, probe
@@ -153,6 +154,7 @@ class OpenAIResponses(KeyedAdapter):
         store_incomplete: bool = False,
     ) -> None:
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
+        boolean("store_incomplete", store_incomplete)  # ("no" is truthy)
         self.store_incomplete = store_incomplete
         self._done: frozenset[str] = frozenset(
             {"response.completed", "response.incomplete"}
