@@ -217,6 +217,16 @@ def test_a_transport_that_cannot_send_is_refused_at_construction(module: object)
         async_cls("memory://", transport=good)
     for good in (lib.HTTPTransport(), mock, None):
         sync_cls("memory://", transport=good).close()
+    # The other library's transport has the method, but not its requests and responses:
+    # every cached request failed inside it with a bare AssertionError (helper-82).
+    other = httpx if lib is httpx2 else httpx2
+    with pytest.raises(ConfigError, match=r"^transport is \w+'s AsyncHTTPTransport, and this"):
+        async_cls("memory://", transport=other.AsyncHTTPTransport())
+    with pytest.raises(ConfigError, match=r"^transport is \w+'s HTTPTransport, and this"):
+        sync_cls("memory://", transport=other.HTTPTransport())
+    # A portal on an event loop anyio does not have failed at the first request.
+    with pytest.raises(ConfigError, match=r"^portal_backend must be one of 'asyncio', 'trio'"):
+        sync_cls("memory://", portal_backend="curio")
 
 
 # -- backend URLs ---------------------------------------------------------------------------

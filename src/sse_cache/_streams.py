@@ -198,7 +198,9 @@ class Production:
 
 class CachedStream:
     """The events of one request, from the cache or the upstream. Iterate it with
-    ``async for``; :attr:`status` and :attr:`key` are known before the first event.
+    ``async for``, once, inside its ``async with`` block (it is an iterator, as a file is:
+    a second ``async for`` gets nothing more); :attr:`status` and :attr:`key` are known
+    before the first event.
 
     After the stream, :attr:`stored` tells whether it was stored and :attr:`reason` why not.
 
@@ -273,6 +275,11 @@ class CachedStream:
         # Plain async generators, created once: no resource lives in them (the upstream is
         # closed by the ``async with`` around the stream), so abandoning one is harmless on
         # asyncio and trio alike, and they are the cheapest way to yield events.
+        if self._left:
+            # (It said the shared stream stopped because every reader left: misleading.)
+            raise RuntimeError(
+                "this stream's block was left: iterate it inside `async with cache.stream(...)`"
+            )
         it = self._it
         if it is None:
             if self._batched:

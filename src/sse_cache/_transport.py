@@ -127,6 +127,10 @@ _CLOSED_WITH_ITS_BACKEND = (
 )
 
 
+#: The event loops a sync transport's portal can run.
+_PORTAL_BACKENDS = ("asyncio", "trio")
+
+
 class _Options:
     """The constructor shared by both transports (the same options as ``CacheMiddleware``)."""
 
@@ -176,6 +180,15 @@ class _Options:
             raise ConfigError(
                 f"transport must be a transport object with a {method} method, such as "
                 f"{lib}.{example}(), got {given}"
+            )
+        other = "httpx" if lib == "httpx2" else "httpx2"
+        if type(transport).__module__.partition(".")[0] == other:
+            # It has the method, but speaks the other library's requests and responses:
+            # every cached request failed inside it (a bare AssertionError; helper-82).
+            raise ConfigError(
+                f"transport is {other}'s {type(transport).__name__}, and this is the transport "
+                f"of sse_cache.{lib}, for {lib} clients: give it a {lib} transport, or use "
+                f"sse_cache.{other} with {other}"
             )
 
     def _forked(self) -> None:
@@ -351,6 +364,11 @@ class CacheTransportBase(_Options):
         portal_backend: str = "asyncio",
         **options: Any,
     ) -> None:
+        if portal_backend not in _PORTAL_BACKENDS:  # (before a backend is opened)
+            raise ConfigError(
+                f"portal_backend must be one of {', '.join(map(repr, _PORTAL_BACKENDS))}, "
+                f"got {portal_backend!r}"
+            )
         super().__init__(backend, transport, **options)
         self._portal_backend = portal_backend
         self._portal: anyio.from_thread.BlockingPortal | None = None

@@ -1388,3 +1388,13 @@ async def test_answers_over_the_backends_size_limit_leave_the_breaker_closed(
         assert await cache.lookup(small.key) is not None  # type: ignore[attr-defined]
     finally:
         await backend.aclose()
+
+
+async def test_a_miss_iterated_after_its_block_was_left_says_so() -> None:
+    # It raised SharedStreamAborted, "every reader left": nothing was shared (helper-82).
+    cache = StreamCache(DictBackend(), GenericSSE())
+    async with cache.stream(cache.request(BODY), Upstream()) as s:
+        assert s.status is CacheStatus.MISS
+    with pytest.raises(RuntimeError, match="block was left: iterate it inside"):
+        async for _ in s:
+            pass
