@@ -38,10 +38,12 @@ __all__ = [
     "RateLimitedLog",
     "RedactQueryKey",
     "backend_warnings",
+    "logged_path",
     "proxy_log_config",
     "redact_url",
     "redact_userinfo",
     "unreadable_url",
+    "without_controls",
 ]
 
 #: The ``--log-level`` names and their numeric levels (``trace`` is uvicorn's level 5).
@@ -159,6 +161,27 @@ class CutAtShutdown(logging.Filter):
 
 
 _SECRET_PARAMS = re.compile(r"key|password|passwd|secret|token", re.IGNORECASE)
+
+
+def logged_path(scope: Scope) -> str:
+    """A request's path fit for a log line: as sent (``raw_path``: escapes kept, as uvicorn's
+    access line has it), never with a control character. Decoded, ``%0a`` wrote a forged log
+    line of the client's choosing and ``%1b`` raw terminal escapes (helper-83)."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope.get("path", "")
+    return without_controls(path)
+
+
+def without_controls(text: str) -> str:
+    """``text`` with each control character (C0, DEL, C1) written as ``\\xNN``."""
+    return _CONTROL.sub(_escaped, text) if _CONTROL.search(text) else text
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    return f"\\x{ord(found.group()):02x}"
 
 
 def redact_url(url: str) -> str:
@@ -354,9 +377,9 @@ class AccessLog:
             self._write(scope, line, (time.perf_counter() - started) * 1000)
 
     def _write(self, scope: Scope, line: _Line, ms: float) -> None:
-        path = scope.get("path", "")
+        path = logged_path(scope)
         if scope.get("query_string"):
-            path += "?" + scope["query_string"].decode("latin-1")
+            path += "?" + without_controls(scope["query_string"].decode("latin-1"))
         path = redact_query_key(path)
         words = [
             f"sse_cache: {scope.get('method', '')} {path} {line.status or '-'}",

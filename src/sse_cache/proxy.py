@@ -31,7 +31,7 @@ from ._asgi_io import (
     send_json_error,
     task_group,
 )
-from ._logging import AccessLog, redact_url
+from ._logging import AccessLog, logged_path, redact_url
 from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
@@ -475,7 +475,10 @@ class ProxyApp:
                 # connection — the client's response is aborted, as by the exception — with
                 # one line saying why instead of the server's traceback of it.
                 logger.warning(
-                    "sse_cache: %s %s: response aborted: %r", scope["method"], scope["path"], exc
+                    "sse_cache: %s %s: response aborted: %r",
+                    scope["method"],
+                    logged_path(scope),
+                    exc,
                 )
             finally:
                 self._running -= 1

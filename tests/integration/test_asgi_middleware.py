@@ -14,6 +14,7 @@ import pytest
 
 from asgi_calls import Answered, body_then, call, start_sse, stopped_when_the_client_leaves
 from sse_cache import Event, serialize_sse
+from sse_cache._asgi_io import INSTANT_SLICE_BYTES
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import MemoryBackend
@@ -103,6 +104,29 @@ async def test_an_instant_hit_says_its_length_unless_it_may_have_no_body(
     hit = await client.post("/events", json={"q": 1})
     assert (hit.status_code, hit.headers["x-sse-cache"]) == (204, "hit")
     assert "content-length" not in hit.headers
+
+
+@pytest.mark.parametrize("size", [INSTANT_SLICE_BYTES, 3 * INSTANT_SLICE_BYTES + 5])
+async def test_a_large_instant_hit_goes_out_a_slice_at_a_time(size: int) -> None:
+    # The server copies each message into the connection's buffer, then waits for it to
+    # drain: sent whole, every client that stopped reading held a copy of the answer for as
+    # long as it kept its connection (helper-83: 20 of them, 560 MiB for a 30 MB answer).
+    data = "x" * (size - len("data: \n\n"))
+    mw = CacheMiddleware(GatedUpstream([Event(data)]), "memory://", routes={"/events": GenericSSE})
+    body = b'{"q": 1}'
+    await call(mw, events_scope(), body_then(body))  # the miss, stored
+    messages: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    await mw(events_scope(), body_then(body), send)
+    assert dict(messages[0]["headers"])[b"x-sse-cache"] == b"hit"
+    bodies = messages[1:]
+    assert b"".join(m["body"] for m in bodies) == serialize_sse([Event(data)])
+    assert all(len(m["body"]) <= INSTANT_SLICE_BYTES for m in bodies)
+    assert [m["more_body"] for m in bodies] == [True] * (len(bodies) - 1) + [False]
+    assert len(bodies) == -(-size // INSTANT_SLICE_BYTES)  # no more messages than slices
 
 
 async def test_a_last_event_id_resume_of_a_live_stream_does_not_say_the_whole_length(

@@ -527,6 +527,30 @@ async def test_log_lines_startup_and_access(serve: Any, tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 @asyncio_only
+async def test_a_path_never_writes_a_log_line_or_a_terminal_escape(
+    serve: Any, tmp_path: Path
+) -> None:
+    # The access line (and the "response aborted" warning) printed the decoded path: %0a
+    # wrote a whole forged line of the client's choosing, %1b raw terminal escapes
+    # (helper-83). Now the path as sent, a control character escaped all the same.
+    forged = "2026-01-01T00:00:00.000Z INFO [1] sse_cache: FORGED"
+    path = f"/x%0a{forged.replace(' ', '%20')}%1b[2J/v1/chat/completions"
+    async with (
+        serve(MockUpstream(delay=0.001)) as upstream,
+        proxy_process(tmp_path, "--backend", "memory://", "--upstream", upstream) as p,
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS) as client,
+    ):
+        await client.post(path, json=chat("forge"))
+        await p.until(lambda lines: any(" cache=" in line for line in lines), "the access line")
+        lines = p.lines()
+    assert not any(line.startswith(forged[:24]) for line in lines), lines
+    assert not any("\x1b" in line for line in lines)
+    (access,) = [line for line in lines if " cache=" in line]
+    assert "POST /x%0a2026-01-01T00:00:00.000Z%20INFO" in access, access
+
+
+@pytest.mark.anyio
+@asyncio_only
 async def test_access_lines_of_requests_served_together_each_say_their_own_outcome(
     serve: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
