@@ -70,6 +70,12 @@ _json_decode = msgspec.json.Decoder().decode
 #: requests (tool JSON schemas included) stay far below it, and canonicalising a body is
 #: recursive.
 MAX_BODY_DEPTH = 64
+#: Request bodies with more objects and arrays than this are not keyed either: checking,
+#: keying and canonicalising a body walk every one of them in Python, on the event loop
+#: (~1 µs each), and a 4 MiB body of empty objects held it for a second (helper-83). Real
+#: requests hold far fewer (a long conversation: a few per message). Counted by their
+#: opening brackets, in C, before the body is decoded (brackets in strings count too).
+MAX_BODY_CONTAINERS = 100_000
 
 #: Headers an integration removes before forwarding a request upstream (our controls).
 CONTROL_HEADER_PREFIX = "x-sse-cache-"
@@ -558,6 +564,10 @@ class CachePolicy:
         if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
             return Decision(route=route, reason="compressed request body")
         deep = f"request body nested deeper than {MAX_BODY_DEPTH} levels"
+        brackets = body.count(b"{") + body.count(b"[")
+        if brackets > MAX_BODY_CONTAINERS:
+            why = f"request body holds more than {MAX_BODY_CONTAINERS} objects and arrays"
+            return self._unkeyable(route, why)
         try:
             parsed = _json_decode(body)
         except msgspec.DecodeError:
@@ -568,8 +578,7 @@ class CachePolicy:
             return self._unkeyable(route, "request body is not a JSON object")
         # Each level of nesting opens with a bracket of its own: a body with no more brackets
         # than the bound (most, as brackets in strings count too) need not be walked.
-        few = body.count(b"{") + body.count(b"[") <= MAX_BODY_DEPTH
-        if not few and _nested_deeper_than(parsed, MAX_BODY_DEPTH):
+        if brackets > MAX_BODY_DEPTH and _nested_deeper_than(parsed, MAX_BODY_DEPTH):
             return self._unkeyable(route, deep)
         screen = self._screens[id(adapter)]
         if screen is not None:
