@@ -253,6 +253,7 @@ class _Request:
         self.held_tail = b""  # ... that byte, once sent by the app
         self.detached = False  # the client left; the app goes on for followers or the cache
         self.background = False  # ... counted against max_background (finish_on_disconnect)
+        self.holding = False  # ... counted against it too: read on for a resume window
         self.abandoned = False  # the last follower left: the app was cancelled
         self.app_scope: anyio.CancelScope | None = None
         self.tasks: anyio.abc.TaskGroup | None = None
@@ -379,8 +380,7 @@ class _Request:
                             else "the background completion ran out of time"
                         )
         finally:
-            if self.background:
-                self.mw._background -= 1
+            self.mw._background -= self.background + self.holding
 
     async def _send_first(self, message: Message) -> None:
         if (
@@ -456,11 +456,17 @@ class _Request:
             # For the flight, the producer is still reading (followers keep joining).
             self.detached = True
             return True
-        if window is not None and self.tasks is not None:
+        mw = self.mw
+        if window is not None and self.tasks is not None and mw._background < mw.max_background:
             # The client may come back for the rest (it resumes): the app streams on for the
-            # resume window, and after it for as long as anyone reads the stream.
+            # resume window, and after it for as long as anyone reads the stream. At most
+            # max_background at once, with the background completions: each holds an
+            # upstream call and up to two copies of max_entry_bytes (helper-83: 20 clients
+            # leaving at once passed 1.5 GB). Past that, as without a window.
             if not tee.client_left(self._abandon, hold=True):
                 return False
+            mw._background += 1  # (given back when the app is done: _produce)
+            self.holding = True
             self.detached = True
             self.hold_scope = anyio.CancelScope()
             self.tasks.start_soon(self._hold, tee, self.hold_scope)

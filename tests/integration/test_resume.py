@@ -47,12 +47,14 @@ def blocks(data: bytes) -> list[bytes]:
     return [block + b"\n\n" for block in out]
 
 
-async def read_then_leave(client: httpx2.AsyncClient, events: int, **headers: str) -> bytes:
+async def read_then_leave(
+    client: httpx2.AsyncClient, events: int, payload: Any = PAYLOAD, **headers: str
+) -> bytes:
     """A streamed request whose client reads ``events`` whole events, then drops the
     connection; what it holds: the bytes up to the end of the last whole event."""
     held = b""
     async with client.stream(
-        "POST", "/v1/responses", json=PAYLOAD, headers={**ALICE, **PACE, **headers}
+        "POST", "/v1/responses", json=payload, headers={**ALICE, **PACE, **headers}
     ) as response:
         assert response.headers["x-sse-cache"] == "miss"
         async for chunk in response.aiter_raw():
@@ -161,6 +163,38 @@ async def test_after_the_window_an_abandoned_answer_is_not_resumed_from_its_part
         assert "x-sse-cache" not in resumed.headers  # the upstream's own answer
         assert b"response.output_text.delta" not in resumed.content
     assert not any(notice.kind == "resumed" for notice in notices.seen)
+
+
+async def test_at_most_max_background_answers_are_read_on_for_their_clients_at_once(
+    serve: Any,
+) -> None:
+    # Each answer read on for its client holds an upstream call and up to two copies of
+    # max_entry_bytes: there was no bound (helper-83: 20 clients leaving at once passed
+    # 1.5 GB). Counted with the background completions, against max_background.
+    upstream_app = MockUpstream()
+    notices = NoticeLog()
+    slow = {"x-mock-delay-ms": "50", "x-mock-deltas": "60"}  # ~3 s: both stream on below
+    options = {"resume_window": 30, "max_background": 1, "hooks": [notices]}
+    async with proxied(serve, upstream_app, **options) as client:
+        held = await read_then_leave(client, 3, **slow)
+        other = {**PAYLOAD, "input": "and me"}
+        dropped = await read_then_leave(client, 3, other, **slow)
+        # One is read on (max_background=1); the other is abandoned at once, as without
+        # a window: its upstream call is cut, nothing is stored.
+        with anyio.fail_after(30):  # a deadlock guard: both were read on to their end
+            assert "cut or abandoned" in (await notices.wait("not_stored")).detail
+        answers = []
+        for got in (held, dropped):
+            response_id, n = last_sequence_number(got)
+            answers.append(
+                await client.get(
+                    f"/v1/responses/{response_id}",
+                    params={"stream": "true", "starting_after": str(n)},
+                    headers=ALICE,
+                )
+            )
+        assert answers[0].headers["x-sse-cache"] == "shared"
+        assert "x-sse-cache" not in answers[1].headers  # the upstream's own answer
 
 
 def numbered_events(count: int) -> GatedUpstream:
