@@ -21,8 +21,12 @@ __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "Recorder", "RecorderState"]
 DEFAULT_MAX_ENTRY_BYTES = 32 * 1024 * 1024
 
 # Per-event overhead counted on top of the text, so that a stream of tiny events is also
-# bounded (msgpack columns cost a few bytes per event and field).
-EVENT_OVERHEAD = 16
+# bounded. Stored, an event costs a few bytes beyond its text (msgpack columns); recorded, it
+# is ~120 bytes of Python objects, and ~200 once its entry is built: counted as 16, a stream
+# of 1.9M one-letter events (17 MB on the wire) passed as 32 MB and took 600 MiB of memory
+# to record and store (helper-83). 48 keeps real answers storable (100,000 events of
+# ~260 bytes are 31 MB) and such a stream's memory at ~4x the limit, not ~20x.
+EVENT_OVERHEAD = 48
 
 
 def event_size(event: Event) -> int:
@@ -90,7 +94,8 @@ class Recorder:
 
     @property
     def events(self) -> list[Event]:
-        """The events recorded so far (emptied once the stream cannot be stored)."""
+        """The events recorded so far (emptied once the stream cannot be stored, or once its
+        entry is built)."""
         return self._events
 
     @property
@@ -197,6 +202,9 @@ class Recorder:
                 for e, t in zip(self._events, self._times, strict=True)
             ]
         )
+        # The entry holds the events now: the recording's own lists go (a second copy of
+        # every event, for as long as the recorder lives).
+        self._events, self._times = [], []
         info = dict(self._adapter.meta(events))
         if meta:
             info.update(meta)
