@@ -210,6 +210,19 @@ def test_size_guard_counts_every_field_however_the_bytes_are_split(field: bytes)
             parse_with_limit(raw, 1024, cuts)
 
 
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_a_long_line_in_many_pieces_is_one_event_and_still_bounded(eol: bytes) -> None:
+    # A line without its end is grown in place piece by piece (it was copied whole for each
+    # piece: an 8 MiB line in 1 KiB pieces cost a second of CPU; helper-83).
+    text = "".join(chr(0x41 + i % 26) for i in range(300_000)) + "日本"
+    raw = b"event: long" + eol + b"data: " + text.encode() + eol + eol
+    parser = SSEParser()
+    events = [ev for i in range(0, len(raw), 1000) for ev in parser.feed(raw[i : i + 1000])]
+    assert [(e.event, e.data) for e in events] == [("long", text)]
+    with pytest.raises(SSEError, match="max_event_bytes"):
+        parse_with_limit(raw, 100_000, list(range(1000, len(raw), 1000)))
+
+
 def parse_with_limit(raw: bytes, limit: int, cuts: list[int] | None) -> list[Event]:
     parser = SSEParser(max_event_bytes=limit)
     if cuts is None:
