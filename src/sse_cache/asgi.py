@@ -293,6 +293,9 @@ class _Request:
         except ConfigError as exc:
             await _error(self.send, 400, str(exc))
             return
+        # The joined body is decided: the app gets the messages as they came (kept in
+        # self.buffered), and a body of many is not held twice while the answer streams.
+        del body
         exchange = service.exchange(decision, publish=True)
         ex = self.exchange = await exchange.__aenter__()
         leave = _Leaving(exchange)
