@@ -272,7 +272,13 @@ async def test_a_hung_redis_costs_no_answer_and_its_cache_comes_back(
             # upstream, the cache skipped.
             hung = await c.herd([*stored, "while hung 0", "while hung 1"])
             await c.assert_answered(hung)
-            assert {r.cache for r in hung} == {"miss"}
+            assert {r.cache for r in hung[len(stored) :]} == {"miss"}
+            # A stored answer may still be a hit from the near cache until its tracking
+            # connection's PING goes unanswered (within PING_INTERVAL + timeout): what it
+            # holds is what Redis held when it stopped, and nothing can change a stopped
+            # Redis. (Operations give up after one timeout, not two, since helper-81: this
+            # herd now comes before the PING does.)
+            assert {r.cache for r in hung[: len(stored)]} <= {"miss", "hit"}
             status, health = await c.health()
             assert status == 503 and health["breaker"] != "closed", health
         finally:
