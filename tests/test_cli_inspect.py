@@ -7,6 +7,8 @@ import argparse
 import importlib.metadata
 import io
 import os
+import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from sse_cache.backends import from_url
 from sse_cache.cli import inspect, main
 from sse_cache.codec import MsgpackCodec
 from sse_cache.entry import Entry
+from sse_cache.errors import SSECacheError
 from sse_cache.events import Event, serialize_sse
 from sse_cache.http.service import alias_key
 
@@ -574,3 +577,181 @@ def test_an_unreadable_backend_url_is_a_usage_error(capsys: pytest.CaptureFixtur
     assert run_cli("ls", "--backend", "redis://:hunter2@[::1") == inspect.EXIT_UNSUPPORTED
     err = capsys.readouterr().err
     assert err.startswith("sse-cache: bad --backend") and "hunter2" not in err
+
+
+# -- Ctrl-C at the purge prompt ---------------------------------------------------------------
+
+
+def read_until(fd: int, marker: bytes | None) -> bytes:
+    """What ``fd`` gives up to and including ``marker`` (the prompt), or (None) up to its
+    end: blocking reads, no timing. Raises when the writer closes before the marker."""
+    seen = b""
+    while marker is None or marker not in seen:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # (a terminal whose other side closed: EIO)
+            chunk = b""
+        if not chunk:
+            if marker is None:
+                return seen
+            raise AssertionError(f"{marker!r} never came; got {seen!r}")
+        seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("stdin", ["terminal", "pipe"])
+def test_ctrl_c_at_the_purge_prompt_exits_at_once_deleting_nothing(
+    db: str, stdin: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The prompt's input() ran in an anyio worker thread: Ctrl-C printed a KeyboardInterrupt
+    # traceback, then the process waited in input() for Enter (a terminal) or for the end of
+    # input (a pipe, which here never comes: the test holds it open).
+    import pty
+
+    command = [sys.executable, "-m", "sse_cache", "purge", "--backend", db]
+    if stdin == "terminal":
+        # All three a terminal, as in a shell (input() then writes its prompt to stderr).
+        output, terminal = pty.openpty()
+        proc = subprocess.Popen(command, stdin=terminal, stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        errors_fd = output
+    else:
+        proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        output, errors_fd = proc.stdout.fileno(), proc.stderr.fileno()
+    try:
+        assert b"Delete every entry in" in read_until(output, b"[y/N] ")
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)  # (a guard against a hang, not a timing assertion)
+        errors = read_until(errors_fd, None).decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        if stdin == "terminal":
+            os.close(output)
+    assert code == 130, errors
+    assert "Traceback" not in errors
+    assert errors.strip().splitlines()[-1] == "sse-cache: interrupted: nothing deleted"
+    assert run_cli("ls", "--backend", db) == 0
+    assert capsys.readouterr().out.split() == ["aaa111", "bbb222", "ccc333"]
+
+
+# -- caches that live inside each process -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("memory://", "memory://"),
+        ("memory://?max_bytes=1MiB", "memory://"),
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ],
+)
+@pytest.mark.parametrize(
+    "argv", [["ls"], ["ls", "-l"], ["show", "k"], ["stats"], ["purge", "--yes"], ["purge", "k"]]
+)
+def test_a_cache_inside_each_process_is_refused_not_reported_empty(
+    url: str,
+    named: str,
+    argv: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A proxy run with SSE_CACHE_BACKEND=memory:// keeps its cache in its own memory: these
+    # commands opened a new, empty one of their own ("purged 0 entries", exit 0).
+    for backend in (["--backend", url], []):
+        monkeypatch.setenv("SSE_CACHE_BACKEND", url)
+        assert run_cli(*argv, *backend) == inspect.EXIT_UNSUPPORTED
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err == (
+            f"sse-cache: {argv[0]}: {named} lives inside each process: there is nothing "
+            "another process can inspect (a cache to inspect is a sqlite:// file or a Redis "
+            "or memcached server)\n"
+        )
+
+
+# -- counting each row once -------------------------------------------------------------------
+
+
+def test_a_corrupt_alias_row_is_counted_once_as_corrupt(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An alias row whose value is no key was counted both as corrupt and as an alias.
+    db, _ = aliased
+    path = db.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute("INSERT INTO sse_cache_entries VALUES ('alias-bad', 3, 0, 0, NULL, X'FFFE00')")
+    assert run_cli("ls", "-la", "--backend", db) == 0
+    out, err = capsys.readouterr()
+    assert "alias-bad\t3\tCORRUPT" in out.splitlines()
+    assert len(out.splitlines()) == 6
+    assert err.strip() == "2 entries, 2 corrupt, 2 aliases"  # 6 rows
+    # Without -a the aliases are not read: counted by their names.
+    assert run_cli("ls", "-l", "--backend", db) == 0
+    assert capsys.readouterr().err.strip() == (
+        "2 entries, 1 corrupt, 3 aliases (not listed; -a lists them)"
+    )
+
+
+# -- a key prefix where keys cannot be listed -------------------------------------------------
+
+
+def test_show_says_a_key_prefix_cannot_be_resolved_where_keys_cannot_be_listed(
+    memcached_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The access lines print 12 characters of a key; memcached cannot list keys to find the
+    # one they start, and `show` said "no entry".
+    url = f"memcached://{memcached_server.address}?prefix=cliprefix:"
+    key = "e5273d1298d8b35ad8e629b617cf3d318a0112a819a33b8b6079e1e76ca4b392"
+    store(url, {key: MsgpackCodec().encode(Entry(schema="g", created_at=0.0, body=b"b"))})
+    assert run_cli("show", key[:12], "--backend", url) == inspect.EXIT_UNSUPPORTED
+    assert capsys.readouterr().err == (
+        "sse-cache: memcached:// cannot resolve a key prefix (it cannot list keys): give the "
+        "whole key, as the x-sse-cache-key header has it\n"
+    )
+    assert run_cli("show", key, "--backend", url) == 0
+    assert f"key:          {key}" in capsys.readouterr().out
+    # A whole key that is not there, or a name that is no key's start, is simply not there.
+    for missing in ("f" * 64, "nope"):
+        assert run_cli("show", missing, "--backend", url) == 1
+        assert f"no entry with key {missing!r}" in capsys.readouterr().err
+
+
+# -- a file of a newer sse_cache --------------------------------------------------------------
+
+
+def test_a_file_of_a_newer_sse_cache_is_named_so_and_left_as_it_is(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It was "not an sse_cache database (user_version 2; ...)".
+    from sse_cache.backends._sqlite_store import SCHEMA_VERSION
+
+    path = Path(db.removeprefix("sqlite:///"))
+    with closing(sqlite3.connect(path)) as raw:
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        raw.execute("PRAGMA journal_mode = DELETE")  # (one file to compare, no -wal)
+    before = path.read_bytes()
+    expected = (
+        f"SQLite file '{path}' was written by a newer sse_cache (schema {SCHEMA_VERSION + 1}; "
+        f"this version reads {SCHEMA_VERSION}): upgrade sse-cache to read it"
+    )
+    assert run_cli("ls", "--backend", db) == 1
+    assert expected in capsys.readouterr().err
+
+    async def write() -> None:  # a backend that may create: refused the same way
+        backend = from_url(db)
+        try:
+            with pytest.raises(SSECacheError, match=re.escape(expected)):
+                await backend.set("k", b"v", None)
+        finally:
+            await backend.aclose()
+
+    anyio.run(write)
+    assert path.read_bytes() == before

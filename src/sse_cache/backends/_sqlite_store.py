@@ -86,6 +86,7 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
     # program (an application's database given by mistake) is refused as it is, never
     # switched to WAL nor given our tables.
     version, names = _contents(conn)
+    _check_not_newer(where, version, names)
     if not create and version != SCHEMA_VERSION:
         # Open-existing-only: a file without our schema is somebody else's (or a fresh
         # empty one).
@@ -100,6 +101,7 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
         raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     version, names = _contents(conn)  # (another process may have created it meanwhile)
+    _check_not_newer(where, version, names)
     _check_ours(where, version, names)
     if version == SCHEMA_VERSION:
         return
@@ -124,6 +126,17 @@ def _contents(conn: sqlite3.Connection) -> tuple[int, set[str]]:
     finally:
         conn.execute("COMMIT")
     return int(version), names
+
+
+def _check_not_newer(where: str, version: int, names: set[str]) -> None:
+    """Raise :class:`BackendError` for a file of a newer sse_cache: our table, and a
+    ``user_version`` above ours. It is ours, and it is left as it is: a newer release wrote
+    it and reads it, this one cannot."""
+    if version > SCHEMA_VERSION and _TABLE in names:
+        raise BackendError(
+            f"SQLite file {where!r} was written by a newer sse_cache (schema {version}; this "
+            f"version reads {SCHEMA_VERSION}): upgrade sse-cache to read it; it is left as it is"
+        )
 
 
 def _check_ours(where: str, version: int, names: set[str]) -> None:

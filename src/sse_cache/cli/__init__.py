@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: The exit code of a command whose reader went away: what a shell reports for a tool
 #: ended by SIGPIPE (128 + 13), as ``ls | head`` ends ``ls``.
 BROKEN_PIPE_EXIT = 141
+#: The exit code of a command stopped by Ctrl-C: what a shell reports for a tool ended by
+#: SIGINT (128 + 2).
+INTERRUPTED_EXIT = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         # without another one when Python flushes stdout at the exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE_EXIT
+    except KeyboardInterrupt:
+        # Ctrl-C is how a user stops a command, not a failure to show as a traceback.
+        print("sse-cache: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
     return code
 
 

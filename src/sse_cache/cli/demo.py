@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import tempfile
 import time
 import uuid
@@ -20,9 +21,12 @@ from typing import Any
 import anyio
 
 from ..adapters import OpenAIResponses
+from ..backends import from_url
 from ..engine import StreamCache
+from ..errors import ConfigError
 from ..events import Event, SSEParser, serialize_sse
 from ..testing import MockUpstream, paced, responses_stream
+from .mock import milliseconds
 
 __all__ = ["register", "run_engine_demo", "run_http_demo"]
 
@@ -43,10 +47,16 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--deltas", type=int, default=120, help="text deltas (default 120)")
     parser.add_argument(
-        "--delay-ms", type=float, default=8.0, help="upstream gap between events (default 8)"
+        "--delay-ms",
+        type=milliseconds,
+        default=8.0,
+        help="upstream gap between events (default 8)",
     )
     parser.add_argument(
-        "--first-ms", type=float, default=250.0, help="upstream time to first event (default 250)"
+        "--first-ms",
+        type=milliseconds,
+        default=250.0,
+        help="upstream time to first event (default 250)",
     )
     parser.add_argument(
         "--in-process", action="store_true", help="skip HTTP: run the engine in process"
@@ -55,8 +65,13 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.deltas < 1 or args.delay_ms < 0 or args.first_ms < 0:
-        raise SystemExit("sse-cache demo: --deltas must be >= 1 and delays >= 0")
+    if args.deltas < 1:
+        raise SystemExit("sse-cache demo: --deltas must be >= 1")
+    if args.backend is not None:
+        problem = _backend_problem(args.backend)
+        if problem:
+            print(f"sse-cache demo: --backend: {problem}", file=sys.stderr)
+            return 2
     # The HTTP demo needs the proxy extra: uvicorn, httpx2 and prometheus_client (metrics).
     http = not args.in_process and all(
         importlib.util.find_spec(name) is not None
@@ -72,6 +87,17 @@ def _run(args: argparse.Namespace) -> int:
                 print("(sse-cache[proxy] not installed: running the engine demo in process)")
             ok = anyio.run(run_engine_demo, url, args.deltas, delay, first)
     return 0 if ok else 1
+
+
+def _backend_problem(url: str) -> str:
+    """Why ``url`` is no backend URL (the ConfigError's message), or "": said before any
+    server starts, not as a traceback from inside them. Creating a backend does no I/O."""
+    try:
+        backend = from_url(url)
+    except ConfigError as exc:
+        return str(exc)
+    anyio.run(backend.aclose)
+    return ""
 
 
 class _Run:

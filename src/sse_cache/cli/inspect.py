@@ -6,14 +6,17 @@ cache: a ``sqlite://`` file is opened with ``create=false``. A cache holds entri
 rows (aliases, ``alias-…``: another name of an entry, whose value is the entry's
 key); these commands show each as what it is. Exit codes: 0 done, 1 failed (key not found,
 corrupt entry, missing file, storage error, purge not confirmed), 2 the request cannot be
-served (bad URL or option, or a backend that cannot list keys).
+served (bad URL or option, a backend that cannot list keys, or one that lives inside each
+process: ``memory://``, ``sqlite:///:memory:``), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import os
+import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +35,7 @@ from ..errors import ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
 from ..events import serialize_sse
 from ..keys import ALIAS_PREFIX
 from ..protocols import Backend, ScanningBackend, StatsBackend
+from . import INTERRUPTED_EXIT
 from ._options import option, value_of
 
 __all__ = ["DEFAULT_BACKEND", "register"]
@@ -46,6 +50,9 @@ EXIT_OK, EXIT_FAILED, EXIT_UNSUPPORTED = 0, 1, 2
 
 # An entry key is at most this long: a longer alias value is not a key (a corrupt row).
 _MAX_KEY_CHARS = 1024
+# The length of the keys the default keyer makes (hex BLAKE2b-256 digests), which the
+# proxy's access lines shorten to their first 12 characters.
+_KEY_CHARS = 64
 
 
 def register(sub: Any) -> None:
@@ -124,6 +131,9 @@ def _sync(
 
         async def main() -> int:
             try:
+                private = _process_private(backend)
+                if private:
+                    return _fail(f"{args.command}: {private}", EXIT_UNSUPPORTED)
                 return await command(args, backend)
             finally:
                 await backend.aclose()
@@ -134,6 +144,24 @@ def _sync(
             return _fail(f"{args.command} on {_redact(args.backend)}: {exc}", EXIT_FAILED)
 
     return run
+
+
+def _process_private(backend: Backend) -> str:
+    """Why ``backend`` is a cache no other process can see, or "". Opened here it would be
+    a new, empty one of this command's own, not the proxy's: every answer about it (no
+    entries, "purged 0 entries") would be about nothing."""
+    from ..backends import MemoryBackend, SQLiteBackend
+
+    if isinstance(backend, MemoryBackend):
+        where = "memory://"
+    elif isinstance(backend, SQLiteBackend) and backend.path in ("", ":memory:"):
+        where = "sqlite:///:memory:"
+    else:
+        return ""
+    return (
+        f"{where} lives inside each process: there is nothing another process can inspect "
+        "(a cache to inspect is a sqlite:// file or a Redis or memcached server)"
+    )
 
 
 def _bad_key(args: argparse.Namespace) -> str:
@@ -264,19 +292,19 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
     entries = aliases = corrupt = unreadable = 0
     async for key in backend.scan(args.prefix):
         alias = is_alias(key)
-        aliases += alias
         if alias and not args.all:
+            aliases += 1  # (by its name: not read, so not known to be corrupt)
             continue
         if not args.long:
-            entries += not alias
             print(key)
             continue
         found = await stored(backend, key, codec)
         if found is None:
-            aliases -= alias
             continue  # expired or deleted since the scan saw it
+        # Each row read is counted once, as what it is: a corrupt alias is corrupt.
         data, row = found
         if row.kind == "alias":
+            aliases += 1
             gone = not await present(backend, row.target)
             print(f"{key}\t{len(data)}\talias\t{row.target}" + ("\tdangling" if gone else ""))
         elif row.entry is not None:
@@ -316,6 +344,12 @@ async def _unique_key(backend: Backend, prefix: str) -> str | list[str]:
     return found[0] if len(found) == 1 else found
 
 
+def _may_be_a_key_start(text: str) -> bool:
+    """Whether ``text`` may be the start of a key, as the access lines print keys: hex
+    digits, fewer than a whole key has."""
+    return 0 < len(text) < _KEY_CHARS and all(c in "0123456789abcdef" for c in text)
+
+
 async def _show(args: argparse.Namespace, backend: Backend) -> int:
     codec = MsgpackCodec()
     key = args.key
@@ -330,6 +364,14 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
                 f"{', ...' if len(unique) > 2 else ''}): give more of it",
                 EXIT_FAILED,
             )
+    if found is None and not isinstance(backend, ScanningBackend) and _may_be_a_key_start(key):
+        # Not "no entry": the entry may well be there, under the whole key.
+        scheme = urlsplit(args.backend).scheme.lower()
+        return _fail(
+            f"{scheme}:// cannot resolve a key prefix (it cannot list keys): give the whole "
+            "key, as the x-sse-cache-key header has it",
+            EXIT_UNSUPPORTED,
+        )
     if found is None:
         return _fail(f"no entry with key {args.key!r} in {_redact(args.backend)}", EXIT_FAILED)
     data, row = found
@@ -424,12 +466,81 @@ async def _count_aliases(backend: ScanningBackend) -> int:
     return sum([1 async for _ in backend.scan(ALIAS_PREFIX)])
 
 
-async def _confirm(question: str) -> bool:
+async def _confirm(question: str) -> bool | None:
+    """Whether the answer to ``question`` is yes (the end of input is no); None when Ctrl-C
+    was pressed instead."""
+    prompt = f"{question} [y/N] "
+    loop = asyncio.get_running_loop()
+    # The line typed, or None for Ctrl-C: whichever comes first.
+    answer: asyncio.Future[str | None] = loop.create_future()
+    typed = bytearray()
+
+    def on_readable() -> None:
+        try:
+            chunk = os.read(stdin, 1024)
+        except (BlockingIOError, InterruptedError):
+            return  # (a stdin another process made non-blocking: read again when ready)
+        except OSError as exc:
+            if not answer.done():
+                answer.set_exception(exc)
+            return
+        typed.extend(chunk)
+        if (not chunk or b"\n" in chunk) and not answer.done():
+            answer.set_result(typed.split(b"\n", 1)[0].decode(errors="replace"))
+
+    def on_ctrl_c() -> None:
+        if not answer.done():
+            answer.set_result(None)
+
+    # The answer is read by the event loop, not by input() in a thread: input() cannot be
+    # interrupted, and after Ctrl-C its thread kept the process alive until Enter or the end
+    # of input (and a daemon thread blocked in sys.stdin aborts the interpreter's exit).
     try:
-        answer = await anyio.to_thread.run_sync(input, f"{question} [y/N] ")
-    except EOFError:
-        answer = ""
-    return answer.strip().lower() in ("y", "yes")
+        stdin = sys.stdin.fileno()
+        loop.add_reader(stdin, on_readable)
+    except (AttributeError, OSError, ValueError, NotImplementedError):
+        # Not something to wait on: a file (epoll refuses those: they never block), no file
+        # at all (a test's StringIO), or an event loop that cannot watch it (Windows).
+        try:
+            return _is_yes(await anyio.to_thread.run_sync(input, prompt))
+        except EOFError:
+            return False
+    # Ctrl-C is taken as an answer, from before the question is seen. Left to asyncio, it
+    # would cancel the command and raise KeyboardInterrupt.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
+        catching = True
+    except (NotImplementedError, RuntimeError, ValueError):
+        catching = False  # (not the main thread: Ctrl-C stays a KeyboardInterrupt)
+    try:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        line = await answer
+    finally:
+        loop.remove_reader(stdin)
+        if catching:
+            loop.remove_signal_handler(signal.SIGINT)
+            signal.signal(signal.SIGINT, previous)
+    return None if line is None else _is_yes(line)
+
+
+def _is_yes(line: str) -> bool:
+    return line.strip().lower() in ("y", "yes")
+
+
+async def _declined(args: argparse.Namespace, question: str) -> int | None:
+    """Ask ``question`` unless ``--yes`` was given: None to go on, else the exit code of a
+    purge that stops here, with nothing deleted."""
+    if args.yes:
+        return None
+    answer = await _confirm(question)
+    if answer is None:
+        print(flush=True)  # ends the prompt's line
+        return _fail("interrupted: nothing deleted", INTERRUPTED_EXIT)
+    if not answer:
+        return _fail("purge cancelled (nothing deleted); pass --yes to skip the question", 1)
+    return None
 
 
 async def _purge(args: argparse.Namespace, backend: Backend) -> int:
@@ -438,8 +549,9 @@ async def _purge(args: argparse.Namespace, backend: Backend) -> int:
     if args.keys:
         return await _purge_keys(args, backend)
     where = _redact(args.backend)
-    if not args.yes and not await _confirm(f"Delete every entry in {where}?"):
-        return _fail("purge cancelled (nothing deleted); pass --yes to skip the question", 1)
+    declined = await _declined(args, f"Delete every entry in {where}?")
+    if declined is not None:
+        return declined
     aliases = await _count_aliases(backend)
     # clear() removes every row, aliases with their entries: nothing is left dangling.
     count = await backend.clear()
@@ -480,8 +592,9 @@ async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int
         f"{_plural(len(entries), 'entry', 'entries')} "
         f"and {_plural(len(aliases), 'alias', 'aliases')}"
     )
-    if not args.yes and not await _confirm(f"Delete {what} from {where}?"):
-        return _fail("purge cancelled (nothing deleted); pass --yes to skip the question", 1)
+    declined = await _declined(args, f"Delete {what} from {where}?")
+    if declined is not None:
+        return declined
     # Aliases first: if a delete fails midway, no alias is left naming a deleted entry.
     for alias in aliases:
         await backend.delete(alias)

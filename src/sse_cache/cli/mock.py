@@ -9,14 +9,29 @@ paced like a model, with error modes selected by request headers.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
 
 from ..testing import DEFAULT_DELTAS, DEFAULT_SUMMARIES, ERROR_MODES, MockUpstream
 
-__all__ = ["register"]
+__all__ = ["milliseconds", "register"]
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+# The exit code of a server that did not start (its port taken, say): uvicorn.run's.
+_STARTUP_FAILURE = 3
+
+
+def milliseconds(text: str) -> float:
+    """A delay in milliseconds, as a flag gives it: a finite number >= 0 (``inf`` waits for
+    ever; ``nan`` passes any ``value < 0`` check unnoticed)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a number of milliseconds >= 0, got {text!r}")
+    return value
 
 
 def register(sub: Any) -> None:
@@ -34,13 +49,15 @@ def register(sub: Any) -> None:
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8001, help="port (default 8001)")
     parser.add_argument(
-        "--delay-ms", type=float, default=20.0, help="gap between events in ms (default 20)"
+        "--port", type=int, default=8001, help="port (default 8001; 0: a free one, printed)"
+    )
+    parser.add_argument(
+        "--delay-ms", type=milliseconds, default=20.0, help="gap between events in ms (default 20)"
     )
     parser.add_argument(
         "--first-ms",
-        type=float,
+        type=milliseconds,
         default=None,
         help="time to the first event in ms (default: the --delay-ms value)",
     )
@@ -67,8 +84,6 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.delay_ms < 0 or (args.first_ms is not None and args.first_ms < 0):
-        raise SystemExit("sse-cache mock-upstream: --delay-ms and --first-ms must be >= 0")
     if args.deltas < 1 or args.summaries < 0:
         raise SystemExit("sse-cache mock-upstream: --deltas must be >= 1, --summaries >= 0")
     if not 0 <= args.port <= 65535:
@@ -88,8 +103,20 @@ def _run(args: argparse.Namespace) -> int:
         deltas=args.deltas,
         summaries=args.summaries,
     )
+    options: dict[str, Any] = {"log_level": args.log_level, "lifespan": "on"}
+    port, listener = args.port, None
+    if port == 0:
+        # Port 0 asks the system for a free port, and is given to learn which one: bind
+        # here to print it. (uvicorn would bind without saying, or with "localhost" bind
+        # two sockets on two different ports.)
+        config = uvicorn.Config(app, host=args.host, port=0, **options)
+        listener = config.bind_socket()
+        # Listening from now: a client that read the port connects (and waits in the
+        # backlog for uvicorn to start) rather than being refused.
+        listener.listen(config.backlog)
+        port = listener.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"sse-cache mock-upstream on http://{host}:{args.port}", flush=True)
+    print(f"sse-cache mock-upstream on http://{host}:{port}", flush=True)
     print(
         "  POST /v1/responses  /v1/chat/completions  /v1/messages  |  GET /v1/models"
         "  |  GET /_mock/stats  POST /_mock/reset",
@@ -98,5 +125,14 @@ def _run(args: argparse.Namespace) -> int:
     if args.host not in _LOOPBACK:
         # A mock answers anyone without credentials: say so when it leaves loopback.
         print(f"  warning: listening on {args.host}, not loopback only", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
-    return 0
+    if listener is None:
+        uvicorn.run(app, host=args.host, port=port, **options)
+        return 0
+    # What uvicorn.run does, on the socket bound above (uvicorn.run takes none).
+    server = uvicorn.Server(config)
+    try:
+        with listener:
+            server.run(sockets=[listener])
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn raises it again once it has shut down
+        pass
+    return 0 if server.started else _STARTUP_FAILURE

@@ -1,0 +1,70 @@
+"""``sse-cache mock-upstream`` as a user runs it: the port it serves on (``--port 0``: the one
+the system gave, printed) and the delays it refuses. What the mock answers is tested in
+tests/integration/test_mock_upstream.py."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import httpx2
+import pytest
+
+from sse_cache.cli import main
+
+
+def test_port_0_serves_on_a_free_port_and_prints_it() -> None:
+    # It printed "on http://127.0.0.1:0": the port asked for, never the one bound.
+    command = [sys.executable, "-m", "sse_cache", "mock-upstream", "--port", "0"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # printed once the socket is bound
+        prefix = "sse-cache mock-upstream on http://127.0.0.1:"
+        assert first.startswith(prefix), first
+        port = int(first.removeprefix(prefix))
+        assert port != 0
+        # Bound before it was printed: a connection waits in the backlog until uvicorn has
+        # started, then is answered.
+        response = httpx2.get(f"http://127.0.0.1:{port}/_mock/stats", timeout=60)
+        assert response.status_code == 200 and "requests" in response.json()
+        # Ctrl-C stops it as uvicorn.run's servers stop: shut down, exit 0, no traceback.
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0  # (a guard against a hang, not a timing assertion)
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # (by its own pid)
+            proc.wait()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def never_served(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were a check to let a bad delay through, the command would serve for ever."""
+    import uvicorn
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the command started a server: a check let a bad value through")
+
+    monkeypatch.setattr(uvicorn, "run", refuse)
+    monkeypatch.setattr(uvicorn.Server, "run", refuse)
+
+
+@pytest.mark.usefixtures("never_served")
+@pytest.mark.parametrize("flag", ["--delay-ms", "--first-ms"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-1", "1e400", "soon"])
+def test_a_delay_is_a_finite_number_of_milliseconds(
+    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # inf paced every answer for ever; nan was taken silently (as no delay).
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mock-upstream", f"{flag}={value}"])  # (= : "-inf" is no option)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a number of milliseconds >= 0, got {value!r}" in err
