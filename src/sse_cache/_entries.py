@@ -204,8 +204,10 @@ class EntryStore:
     async def _fetch(self, key: str) -> bytes | None:
         # A key no backend takes (not a str, a lone surrogate) is the caller's mistake:
         # raised to it. Counted as the backend's failure, a few such requests turned the
-        # cache off for every other caller (helper-82).
-        check_key(key)
+        # cache off for every other caller (helper-82). (Inline for the engine's own keys,
+        # ASCII strs: every lookup passes here.)
+        if key.__class__ is not str or not key.isascii():
+            check_key(key)
         if self._cached is not None:
             try:
                 value = self._cached(key)

@@ -268,29 +268,37 @@ class _Arrived:
 _ABSOLUTE_FORM = re.compile(rb"[A-Za-z][A-Za-z0-9+.-]*://[^/]*")
 
 
-def _as_forwarded(scope: Scope) -> Scope:
+def _as_forwarded(scope: Scope) -> Scope | None:
     """``scope`` as the upstream is asked it, where the cache must see the same: its target
     in origin form (:func:`_in_origin_form`), and without the headers its ``Connection``
     header names. The forwarder drops those (hop-by-hop): kept for the key, a client naming
     ``openai-beta`` there had the upstream's answer without it stored under a key with it,
-    served to every other client asking with it (helper-74)."""
+    served to every other client asking with it (helper-74).
+
+    None for a request that declares both a chunked and a counted body: a server in front
+    that reads the other framing than uvicorn's would take part of this body for the next
+    request on the connection (request smuggling; refused). (One pass over the headers for
+    both: every request, hits included, comes here.)"""
     raw = scope.get("raw_path")
     if raw is not None and not raw.startswith(b"/"):
         scope = _in_origin_form(scope, raw)
     headers = scope.get("headers", ())
-    named = _nominated(headers) - _PLAIN_CONNECTION
+    named: set[bytes] | None = None
+    chunked = counted = False
+    for name, value in headers:  # (ASGI header names are lower-case)
+        if name == b"connection":
+            tokens = {token.strip().lower() for token in value.split(b",")} - _PLAIN_CONNECTION
+            named = tokens if named is None else named | tokens
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"content-length":
+            counted = True
+    if chunked and counted:
+        return None
     if not named:  # (nearly every request)
         return scope
-    kept = [(name, value) for name, value in headers if name.lower() not in named]
+    kept = [(name, value) for name, value in headers if name not in named]
     return {**scope, "headers": kept}
-
-
-def _two_framings(scope: Scope) -> bool:
-    """Whether the request declares both a chunked and a counted body: a server in front
-    that reads the other framing than uvicorn's would take part of this body for the next
-    request on the connection (request smuggling)."""
-    names = {name for name, _ in scope.get("headers", ())}
-    return b"transfer-encoding" in names and b"content-length" in names
 
 
 # What a Connection header says that names no other header.
@@ -443,7 +451,8 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if _two_framings(scope):
+            forwarded = _as_forwarded(scope)
+            if forwarded is None:
                 await send_json_error(
                     send,
                     400,
@@ -453,7 +462,7 @@ class ProxyApp:
                     headers=[(b"connection", b"close")],  # (the server closes it)
                 )
                 return
-            scope = _as_forwarded(scope)
+            scope = forwarded
             if scope["path"].startswith("/_sse_cache/"):
                 await self._ops(scope, send)
                 return

@@ -194,6 +194,9 @@ class KeyedAdapter:
 
     def uncached_reason(self, body: Mapping[str, Any]) -> str:
         """Why this request is passed through uncached, or ``""``: see :func:`unclear_flag`."""
+        stream = body.get("stream")
+        if stream is None or stream.__class__ is bool:  # (every request: no call)
+            return ""
         return unclear_flag(body, "stream")
 
     def end_outcome(self) -> Outcome:

@@ -124,10 +124,12 @@ class OpenAIChat(KeyedAdapter):
     def uncached_reason(self, body: Mapping[str, Any]) -> str:
         """Also a ``stream_options`` that is not an object, or whose ``include_usage`` is
         neither true nor false: usage keys apart (above), so it must mean what it says."""
-        why = super().uncached_reason(body)
+        stream = body.get("stream")
+        if stream is not None and stream.__class__ is not bool:
+            return unclear_flag(body, "stream")
         options = body.get("stream_options")
-        if why or options is None:
-            return why
+        if options is None:
+            return ""
         if not isinstance(options, dict):
             return "stream_options is not an object"
         return unclear_flag(options, "include_usage", "stream_options.")

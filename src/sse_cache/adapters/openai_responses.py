@@ -14,7 +14,14 @@ import msgspec
 from .._checks import boolean
 from ..events import Event
 from ..protocols import Outcome
-from ._common import DEFAULT_DELTA_CHARS, TRANSPORT_FIELDS, KeyedAdapter, is_truthy_raw, probe
+from ._common import (
+    DEFAULT_DELTA_CHARS,
+    TRANSPORT_FIELDS,
+    KeyedAdapter,
+    is_truthy_raw,
+    probe,
+    unclear_flag,
+)
 from ._responses_body import events_from_response, response_with_output
 
 __all__ = ["CONTINUE_EVENT_TYPES", "EXCLUDED_FIELDS", "OpenAIResponses"]
@@ -166,10 +173,12 @@ class OpenAIResponses(KeyedAdapter):
         """Also a request that continues a ``conversation``: the upstream adds every answer
         to it (its items are state on the server), and a replayed answer would neither be
         added nor follow what the conversation holds by then."""
-        why = super().uncached_reason(body)
-        if not why and body.get("conversation") is not None:
+        stream = body.get("stream")
+        if stream is not None and stream.__class__ is not bool:
+            return unclear_flag(body, "stream")
+        if body.get("conversation") is not None:
             return "the request continues a conversation (its state is the upstream's)"
-        return why
+        return ""
 
     # -- outcome ---------------------------------------------------------------------------
 
