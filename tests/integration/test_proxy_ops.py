@@ -83,6 +83,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "SSE_CACHE_MAX_BODY_BYTES": ("1048576", 1048576),
     "SSE_CACHE_UPSTREAM_TIMEOUT": ("120", 120.0),
     "SSE_CACHE_UPSTREAM_CONNECTIONS": ("500", 500),
+    "SSE_CACHE_LIMIT_CONCURRENCY": ("1000", 1000),
     "SSE_CACHE_DECODED_CACHE_MB": ("0", 0.0),
     "SSE_CACHE_GRACEFUL_TIMEOUT": ("5", 5.0),
     "SSE_CACHE_LOG_LEVEL": ("DEBUG", "debug"),
@@ -523,6 +524,55 @@ async def test_log_lines_startup_and_access(serve: Any, tmp_path: Path) -> None:
         '"POST /v1beta/models/gemini-mock:streamGenerateContent?alt=sse&key=***' in line
         for line in lines
     )
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_limit_concurrency_answers_503_past_it_while_streams_are_held(
+    serve: Any, tmp_path: Path
+) -> None:
+    # Slow or stalled clients each hold a connection (and a stalled miss up to
+    # max_entry_bytes): --limit-concurrency bounds them per process (helper-83). uvicorn
+    # counts open connections (an idle keep-alive one too) and requests.
+    limit = 3
+    async with (
+        serve(MockUpstream(first_delay=0.01, delay=0.05)) as upstream,
+        proxy_process(
+            tmp_path,
+            "--backend",
+            "memory://",
+            "--upstream",
+            upstream,
+            "--limit-concurrency",
+            str(limit),
+        ) as p,  # fmt: skip
+    ):
+        clients = [
+            httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS)
+            for _ in range(limit + 1)
+        ]
+        held = []
+        try:
+            statuses = []
+            for i, client in enumerate(clients):
+                request = client.build_request(
+                    "POST",
+                    "/v1/chat/completions",
+                    json=chat(f"held {i}"),
+                    headers={"x-mock-deltas": "400"},  # ~20 s: held through the test
+                )
+                response = await client.send(request, stream=True)
+                held.append(response)
+                statuses.append(response.status_code)
+                if response.status_code == 503:
+                    break
+            assert statuses[0] == 200 and statuses[-1] == 503, statuses
+            assert len(statuses) <= limit + 1
+        finally:
+            for response in held:
+                await response.aclose()
+            for client in clients:
+                await client.aclose()
 
 
 @pytest.mark.anyio

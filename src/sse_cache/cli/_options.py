@@ -367,6 +367,15 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "--limit-concurrency",
+        "connections and requests each process serves at once; past it, a new request is "
+        "answered 503 at once (0: no limit). Bounds what slow or stalled clients can hold",
+        default=0,
+        shown="0 (no limit)",
+        parse=_at_least(0, "a number of connections"),
+        metavar="N",
+    ),
+    Option(
         "--decoded-cache-mb",
         "memory per process for recently decoded entries, so hot entries are not decoded on "
         "every hit (0 turns it off)",

@@ -289,6 +289,8 @@ def _run(args: argparse.Namespace) -> int:
         "log_level": LOG_LEVELS[settings.log_level],
         "lifespan": "on",
         "timeout_graceful_shutdown": settings.graceful_timeout,
+        # (uvicorn's own: past it, new requests get its 503 before reaching the app)
+        "limit_concurrency": settings.limit_concurrency or None,
     }
     if settings.workers == 1:
         freeze_startup_objects()
