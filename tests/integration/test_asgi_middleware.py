@@ -1124,3 +1124,34 @@ async def test_a_non_stream_answer_asked_fresh_replaces_a_recorded_stream() -> N
     first = await ask("json for a stream", True)
     second = await ask("json for a stream", True)
     assert first.headers[b"x-sse-cache"] == b"miss" and second.headers[b"x-sse-cache"] == b"hit"
+
+
+@pytest.mark.parametrize("case", ["oversize", "incomplete"])
+async def test_a_json_answer_not_stored_says_why(case: str) -> None:
+    # A stream's recording says why it was not stored; a JSON body said nothing, and the
+    # proxy's access line guessed "not a storable answer" for one over max_entry_bytes
+    # (helper-83).
+    choice = {"index": 0, "message": {"role": "assistant", "content": "x" * 300}}
+    if case == "oversize":
+        choice["finish_reason"] = "stop"
+    body = json.dumps({"object": "chat.completion", "id": "c", "choices": [choice]}).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+
+    log = NoticeLog()
+    mw = CacheMiddleware(app, "memory://", max_entry_bytes=200, hooks=[log])
+    if case == "incomplete":
+        mw = CacheMiddleware(app, "memory://", hooks=[log])
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
+    answered = await call(mw, scope, body_then(request))
+    assert answered.body == body and answered.ended
+    (why,) = [n.detail for n in log.seen if n.kind == "not_stored"]
+    expected = "exceeds max_entry_bytes=200" if case == "oversize" else "not a complete answer"
+    assert expected in why

@@ -107,6 +107,8 @@ class ResponseTee:
         self._lease: _Lease | None = None
         self._outbox: list[bytes] = []
         self.publish_failed = False
+        #: Why a JSON body was not stored, once :meth:`close` ran ("": stored, or not one).
+        self.body_not_stored = ""
         #: Called once with the first events recorded (then dropped): the exchange indexes
         #: a live stream by the response it names.
         self.identify: Callable[[Sequence[Event]], None] | None = None
@@ -431,15 +433,22 @@ class ResponseTee:
 
     async def close(self) -> bool:
         """Store a completed JSON body (called when the exchange ends; SSE streams are
-        stored by their recording). True when something was stored."""
-        if self._live is not None or self._failed or not self.ended:
+        stored by their recording). True when something was stored; else
+        :attr:`body_not_stored` says why, for a JSON body (a recording says so itself)."""
+        if self._live is not None or (not self.ended and not self._failed):
+            return False
+        if self._failed:
+            if self._cache is not None and self._failed != "not recorded":
+                self.body_not_stored = self._failed  # (over max_entry_bytes, cut...)
             return False
         assert self._cache is not None
         body = b"".join(self._body)
         if self._cache.adapter.body_outcome(body) is not Outcome.COMPLETE:
+            self.body_not_stored = "the body is not a complete answer of the route's schema"
             return False
         if await self._stream_kept():
             logger.debug("sse_cache: %s: a recorded stream of it is kept, not this body", self._key)
+            self.body_not_stored = "a recorded stream of the same request is kept instead"
             return False
         entry = Entry(
             schema=self._cache.adapter.name,

@@ -276,6 +276,10 @@ class Exchange:
                         if not tee.ended:
                             tee.fail("the response did not complete")
                         await tee.close()
+                        if tee.body_not_stored:  # (the access line's reason, say)
+                            why = tee.body_not_stored
+                            notice = Notice(kind="not_stored", key=self.key, detail=why)
+                            emit(self._service.hooks, notice)
             await self._index()
             return exc is not None
         finally:
