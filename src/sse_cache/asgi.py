@@ -606,8 +606,14 @@ class _Request:
         if not self.held_tail or self.held_end:
             return  # none held, or it goes with the end (_end)
         tail, self.held_tail = self.held_tail, b""
-        with contextlib.suppress(Exception):  # (a client gone has nothing more to get)
-            await self._deliver({"type": "http.response.body", "body": tail, "more_body": True})
+        message = {"type": "http.response.body", "body": tail, "more_body": True}
+        # Not through _deliver: the app is done, and a client found gone now must not be
+        # given to the background (_client_gone), whose count _produce gave back already.
+        if self.outbox is not None:
+            self.outbox.put(message)
+        elif not self.disconnected:
+            with contextlib.suppress(Exception):  # (a client gone has nothing more to get)
+                await self.send(message)
 
     async def _end_whole(self, tee: ResponseTee) -> None:
         """The app's last body message completed an answer that cannot be undone: all the

@@ -149,7 +149,8 @@ class SSEParser:
         if end < 0:
             pending = self._pending
             if not pending:
-                self._pending = chunk
+                # (Kept as bytes: a caller's bytearray may be reused, and is never grown here.)
+                self._pending = chunk if chunk.__class__ is bytes else bytes(chunk)
             else:
                 # A long line coming in pieces: grown in place, not copied whole again for
                 # each piece (an 8 MiB line in 1 KiB pieces cost a second of CPU; helper-83).

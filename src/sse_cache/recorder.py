@@ -25,7 +25,8 @@ DEFAULT_MAX_ENTRY_BYTES = 32 * 1024 * 1024
 # is ~120 bytes of Python objects, and ~200 once its entry is built: counted as 16, a stream
 # of 1.9M one-letter events (17 MB on the wire) passed as 32 MB and took 600 MiB of memory
 # to record and store (helper-83). 48 keeps real answers storable (100,000 events of
-# ~260 bytes are 31 MB) and such a stream's memory at ~4x the limit, not ~20x.
+# ~260 bytes are 31 MB) and such a stream's memory at ~2-3x the limit while it is recorded
+# (~4x for a moment as its entry is built), not ~20x.
 EVENT_OVERHEAD = 48
 
 

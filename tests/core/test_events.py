@@ -223,6 +223,18 @@ def test_a_long_line_in_many_pieces_is_one_event_and_still_bounded(eol: bytes) -
         parse_with_limit(raw, 100_000, list(range(1000, len(raw), 1000)))
 
 
+def test_a_callers_bytearray_is_neither_kept_nor_changed() -> None:
+    # A line without its end was kept as the caller's own object, then grown in place: a
+    # caller reusing its buffer changed the line, and found bytes added to it (helper-85).
+    parser = SSEParser()
+    buffer = bytearray(b"data: hel")
+    assert parser.feed(buffer) == []
+    buffer[:] = b"XYZ"  # the caller reuses its buffer
+    assert parser.feed(bytearray(b"lo")) == []
+    assert buffer == b"XYZ"
+    assert [e.data for e in parser.feed(b"\n\n")] == ["hello"]
+
+
 def parse_with_limit(raw: bytes, limit: int, cuts: list[int] | None) -> list[Event]:
     parser = SSEParser(max_event_bytes=limit)
     if cuts is None:

@@ -278,6 +278,9 @@ def test_queries_an_upstream_may_read_apart_never_share_a_route() -> None:
     escaped = {route(q) for q in ("x=%ff", "x=%fe", "x=%EF%BF%BD", "x=%C3%A9")}
     assert len(escaped) == 4
     assert route("x=%C3%A9") == "POST /events?x=%C3%A9"  # UTF-8 as before
+    # A query given decoded (the public decide(); the integrations pass it raw): its
+    # characters as their UTF-8 bytes, as a client sends them, never an error.
+    assert route("x=café€") == route("x=caf%C3%A9%E2%82%AC") == "POST /events?x=caf%C3%A9%E2%82%AC"
     # The ?key= credential too: each key its own tenant.
     assert policy.tenant_of({}, "key=%ff") != policy.tenant_of({}, "key=%fe")
 

@@ -246,6 +246,7 @@ async def test_a_follower_gets_what_describes_the_body_never_the_producers_own_h
         (b"openai-organization", b"org-alice"),
         (b"x-request-id", b"req-alice"),
         (b"x-accel-buffering", b"no"),
+        (b"retry-after", b"20"),  # (what a client acts on: a 429's, shared by its flight too)
     ]
     gate = anyio.Event()
 
@@ -282,6 +283,7 @@ async def test_a_follower_gets_what_describes_the_body_never_the_producers_own_h
         assert own not in follower.headers
     assert follower.headers[b"content-type"] == b"text/event-stream"
     assert follower.headers[b"x-accel-buffering"] == b"no"
+    assert follower.headers[b"retry-after"] == b"20"
 
 
 async def test_a_repeated_credential_header_scopes_the_entry_by_every_line() -> None:
@@ -836,6 +838,39 @@ async def test_an_app_that_never_ends_its_declared_length_still_has_all_of_it_se
         assert b"".join(m.get("body", b"") for m in got[1:]) == declared
         assert dict(got[0]["headers"])[b"x-sse-cache"] == b"miss"
         assert all(m.get("more_body") for m in got[1:])  # never ended by the middleware
+
+
+async def test_a_client_gone_at_the_held_byte_after_the_app_raised_takes_no_background_slot() -> (
+    None
+):
+    # The byte held for the end goes out after the app is done; a client found gone then
+    # was handed to the background (finish_on_disconnect), whose count the app's end had
+    # given back already: each such request took a slot for good, and after max_background
+    # of them no stream was finished in the background any more (helper-85).
+    message = {"role": "assistant", "content": "hello"}
+    choice = {"index": 0, "message": message, "finish_reason": "stop"}
+    declared = json.dumps({"choices": [choice]}).encode()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        length = b"%d" % len(declared)
+        head = [(b"content-type", b"application/json"), (b"content-length", length)]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": declared, "more_body": True})
+        raise RuntimeError("the app failed after its body")
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body") == declared[-1:]:
+            raise OSError("the client is gone")  # only at the held byte
+
+    mw = CacheMiddleware(app, "memory://", finish_on_disconnect=True, single_flight=False)
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
+    with pytest.raises(RuntimeError, match="after its body"):
+        await mw(dict(scope), body_then(request), send)
+    assert mw._background == 0  # (the slots finish_on_disconnect counts)
 
 
 async def test_a_completing_event_that_does_not_complete_is_judged_once(

@@ -301,6 +301,11 @@ def test_workers_on_a_backend_without_live_streams_warn(backend: str, expected: 
         ("http://127.0.0.1:8001", "127.0.0.1", False),  # another port
         ("http://10.0.0.5:8000", "127.0.0.1", False),  # another address
         ("http://api.example.com:8000", "0.0.0.0", False),
+        # Other sockets on the same port (helper-85): never refused.
+        ("http://127.0.0.2:8000", "127.0.0.1", False),
+        ("http://127.0.0.1:8000", "::1", False),
+        ("http://[::1]:8000", "127.0.0.1", False),
+        ("http://localhost:8000", "::1", True),
     ],
 )
 def test_an_upstream_that_is_the_proxy_itself_is_refused(

@@ -32,8 +32,9 @@ _READ_COUNT: Final = (8, 256)
 _READ_BYTES: Final = 2 * 1024 * 1024
 # Append one message (field ``d``) or the end marker (field ``e``), numbered ``i`` (0, 1, ...)
 # so that readers notice lost messages, tagged with the caller's nonce ``n``: redis-py retries
-# a command once after a timeout, and a retried append whose first attempt was applied (only
-# its reply was lost) must not append twice. One producer per channel, so a retry can only
+# a command once after a connection error (the cluster client after a timeout too), and a
+# retried append whose first attempt was applied (only its reply was lost) must not append
+# twice. One producer per channel, so a retry can only
 # repeat the newest entry. Appending and refreshing the expiry in one script keeps the stream
 # from living forever if the client dies in between.
 #

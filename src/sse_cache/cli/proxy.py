@@ -156,7 +156,9 @@ def freeze_startup_objects() -> None:
 def forwards_to_itself(settings: argparse.Namespace) -> bool:
     """Whether ``--upstream`` names the address this proxy listens on: each request would
     come back to it, until the process ran out of file descriptors (helper-81). Only what is
-    sure from the settings: a loopback name or the listening address, on its port."""
+    sure from the settings, on the proxy's port: the very address it listens on; a loopback
+    address when it listens on every interface; ``localhost`` beside a loopback address
+    (it names 127.0.0.1 or ::1). (127.0.0.2, or ::1 beside 127.0.0.1, are other sockets.)"""
     parts = urllib.parse.urlsplit(settings.upstream)
     port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
     if port != settings.port:
@@ -165,16 +167,18 @@ def forwards_to_itself(settings: argparse.Namespace) -> bool:
     listening = settings.host.strip("[]").lower()
     if upstream == listening:
         return True
-    loopback = upstream in ("localhost", "::1") or upstream.startswith("127.")
-    return loopback and (
-        listening in _EVERY_INTERFACE
-        or listening in ("localhost", "::1")
-        or listening.startswith("127.")
+    loopback = upstream in _LOCALHOST or upstream.startswith("127.")
+    if listening in _EVERY_INTERFACE:
+        return loopback
+    return (upstream == "localhost" and listening in _LOCALHOST) or (
+        listening == "localhost" and upstream in _LOCALHOST
     )
 
 
 #: The addresses that listen on every interface, loopback included.
 _EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
+#: What ``localhost`` names.
+_LOCALHOST = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _stop_gracefully(signum: int, frame: object) -> None:
@@ -297,7 +301,8 @@ def _run(args: argparse.Namespace) -> int:
         # With --workers N, uvicorn's supervisor restarts its workers on SIGHUP; one process
         # has no one to restart it, and SIGHUP's default ended it at once, cutting every
         # stream without a word (helper-81). It stops as on SIGTERM instead: gracefully.
-        signal.signal(signal.SIGHUP, _stop_gracefully)
+        if hasattr(signal, "SIGHUP"):  # (not on Windows)
+            signal.signal(signal.SIGHUP, _stop_gracefully)
         uvicorn.run(app, **options)
         return 0
     # The app was built above only to check the configuration; each worker builds its own

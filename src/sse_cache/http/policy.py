@@ -254,6 +254,10 @@ def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
     one U+FFFD, and ``x=%ff`` shared an entry with ``x=%fe`` (helper-80)."""
     if not query:
         return [], []
+    if not query.isascii() and max(query) > "\xff":
+        # Given decoded (the HTTP integrations pass the raw query, Latin-1): its characters
+        # as their UTF-8 bytes, as a client sends them.
+        query = query.encode("utf-8", "surrogateescape").decode("latin-1")
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, encoding="latin-1")
     keys = [v for k, v in pairs if k == QUERY_CREDENTIAL]
     return [(k, v) for k, v in pairs if k != QUERY_CREDENTIAL], keys
@@ -283,6 +287,10 @@ def path_as_sent(raw_path: bytes | None, path: str) -> str:
     return raw_path.split(b"?", 1)[0].decode("latin-1")
 
 
+_BAD_HOST = re.compile(r'[<>"{}|\\^`]')
+_WHITESPACE = re.compile(r"\s")
+
+
 def origin_of(url: str, name: str = "origin") -> str:
     """The part of ``url`` that names the server answering a route, as keys hold it:
     ``scheme://host[:port][/base]``, the scheme and host lower-cased, a default port and a
@@ -305,7 +313,7 @@ def origin_of(url: str, name: str = "origin") -> str:
         raise ConfigError(f"{name} {_url_shown(url)!r} has a bad port") from None
     if port == 0:  # (no server answers on port 0: the URL was mistyped)
         raise ConfigError(f"{name} {_url_shown(url)!r} has a bad port (0)")
-    if any(c in '<>"{}|\\^`' for c in host) or any(c.isspace() for c in url):
+    if _BAD_HOST.search(host) or _WHITESPACE.search(url):
         # (urlsplit drops tabs and newlines, and takes "h h" for a host name)
         raise ConfigError(f"{name} {_url_shown(url)!r} has a bad host name or whitespace")
     if ":" in host:

@@ -79,9 +79,27 @@ __all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", 
 
 logger = logging.getLogger("sse_cache")
 
-#: The upstream's response headers a follower of its live stream gets (as a hit's, they
-#: describe the body); ``x-accel-buffering`` keeps a proxy in front from holding it back.
-_SHARED_HEAD = frozenset({"content-type", "content-length", "cache-control", "x-accel-buffering"})
+#: The upstream's response headers a follower of its live stream gets: those that describe
+#: the body, as a hit's do (``x-accel-buffering`` keeps a proxy in front from holding it
+#: back), and those a client needs to act on an answer that is no success, which a flight
+#: shares too (a 429's ``retry-after``, a 401's ``www-authenticate``, a redirect's
+#: ``location``). Never what the upstream said to the producer's caller alone: its cookies,
+#: request id, organisation, rate limits.
+_SHARED_HEAD = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "content-language",
+        "cache-control",
+        "vary",
+        "x-accel-buffering",
+        "retry-after",
+        "retry-after-ms",
+        "www-authenticate",
+        "location",
+        "allow",
+    }
+)
 
 
 class CacheService:
