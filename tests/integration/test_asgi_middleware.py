@@ -64,6 +64,46 @@ def events_scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
     }
 
 
+#: A whole chat completion, as an app answers with a content-length.
+DECLARED = json.dumps(
+    {
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hello"},
+                "finish_reason": "stop",
+            }
+        ]
+    }
+).encode()
+CHAT_REQUEST = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
+
+
+def chat_scope() -> dict[str, Any]:
+    """:func:`events_scope` on the Chat Completions route."""
+    scope = chat_scope()
+    return scope
+
+
+def declared_app(pieces: list[bytes], *, ends: bool = True, then: Exception | None = None) -> Any:
+    """An app answering with :data:`DECLARED`'s content-length and the body ``pieces``, the
+    last one ending the response unless not ``ends``; then raising ``then``, if given."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        length = b"%d" % len(DECLARED)
+        head = [(b"content-type", b"application/json"), (b"content-length", length)]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        for i, piece in enumerate(pieces):
+            more = i < len(pieces) - 1 or not ends
+            await send({"type": "http.response.body", "body": piece, "more_body": more})
+        if then is not None:
+            raise then
+
+    return app
+
+
 async def test_generic_route_and_last_event_id(client_for: Any) -> None:
     app = events_app()
     mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE})
@@ -617,8 +657,7 @@ async def test_a_miss_ends_for_its_client_only_once_its_answer_is_stored(
     sent: list[dict[str, Any]] = []
     backend = _WritesSeen(sent)
     mw = CacheMiddleware(app, backend)
-    scope = events_scope()
-    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    scope = chat_scope()
     payload = json.dumps({"model": "m", "messages": [], "stream": streams}).encode()
 
     async def send(message: dict[str, Any]) -> None:
@@ -727,8 +766,7 @@ async def test_work_the_app_does_after_a_whole_answer_does_not_hold_the_clients_
 
     mw = CacheMiddleware(app, "memory://")
     request = json.dumps({"model": "m", "messages": [], "stream": streams}).encode()
-    scope = events_scope()
-    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    scope = chat_scope()
 
     async def ask(ended: anyio.Event) -> tuple[dict[bytes, bytes], bytes]:
         got_head: dict[bytes, bytes] = {}
@@ -765,25 +803,9 @@ async def test_an_app_sending_more_than_its_length_is_passed_on_as_sent_and_not_
     # then sends more broke its own length: its bytes go on in the order it sent them (the
     # server refuses the excess), and nothing is stored. They were reordered (helper-74:
     # "hell" + "X" + "o"), and the excess recorded: the stored hit was longer than declared.
-    message = {"role": "assistant", "content": "hello"}
-    choice = {"index": 0, "message": message, "finish_reason": "stop"}
-    declared = json.dumps({"choices": [choice]}).encode()
-    sends = [declared, b"X"] if excess == "after" else [declared + b"X"]
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        length = b"%d" % len(declared)
-        head = [(b"content-type", b"application/json"), (b"content-length", length)]
-        await send({"type": "http.response.start", "status": 200, "headers": head})
-        for i, piece in enumerate(sends):
-            more = i < len(sends) - 1
-            await send({"type": "http.response.body", "body": piece, "more_body": more})
-
-    mw = CacheMiddleware(app, "memory://")
-    scope = events_scope()
-    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
-    request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
+    sends = [DECLARED, b"X"] if excess == "after" else [DECLARED + b"X"]
+    mw = CacheMiddleware(declared_app(sends), "memory://")
+    scope, request = chat_scope(), CHAT_REQUEST
     got = bytearray()
 
     async def send(message: dict[str, Any]) -> None:
@@ -805,24 +827,9 @@ async def test_an_app_that_never_ends_its_declared_length_still_has_all_of_it_se
     # broke ASGI, but its client had every byte of it without the middleware (uvicorn then
     # closes the connection): it must not lose the byte held (helper-74: one byte short).
     # Nothing is stored: the response never ended.
-    message = {"role": "assistant", "content": "hello"}
-    choice = {"index": 0, "message": message, "finish_reason": "stop"}
-    declared = json.dumps({"choices": [choice]}).encode()
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        length = b"%d" % len(declared)
-        head = [(b"content-type", b"application/json"), (b"content-length", length)]
-        await send({"type": "http.response.start", "status": 200, "headers": head})
-        await send({"type": "http.response.body", "body": declared, "more_body": True})
-        if then == "raises":
-            raise RuntimeError("the app failed after its body")
-
-    mw = CacheMiddleware(app, "memory://")
-    scope = events_scope()
-    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
-    request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
+    failure = RuntimeError("the app failed after its body") if then == "raises" else None
+    mw = CacheMiddleware(declared_app([DECLARED], ends=False, then=failure), "memory://")
+    scope, request = chat_scope(), CHAT_REQUEST
     got: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
@@ -835,7 +842,7 @@ async def test_an_app_that_never_ends_its_declared_length_still_has_all_of_it_se
                 await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
         else:
             await mw(dict(scope), body_then(request, anyio.sleep_forever), send)
-        assert b"".join(m.get("body", b"") for m in got[1:]) == declared
+        assert b"".join(m.get("body", b"") for m in got[1:]) == DECLARED
         assert dict(got[0]["headers"])[b"x-sse-cache"] == b"miss"
         assert all(m.get("more_body") for m in got[1:])  # never ended by the middleware
 
@@ -847,29 +854,16 @@ async def test_a_client_gone_at_the_held_byte_after_the_app_raised_takes_no_back
     # was handed to the background (finish_on_disconnect), whose count the app's end had
     # given back already: each such request took a slot for good, and after max_background
     # of them no stream was finished in the background any more (helper-85).
-    message = {"role": "assistant", "content": "hello"}
-    choice = {"index": 0, "message": message, "finish_reason": "stop"}
-    declared = json.dumps({"choices": [choice]}).encode()
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        while (await receive()).get("more_body"):
-            pass
-        length = b"%d" % len(declared)
-        head = [(b"content-type", b"application/json"), (b"content-length", length)]
-        await send({"type": "http.response.start", "status": 200, "headers": head})
-        await send({"type": "http.response.body", "body": declared, "more_body": True})
-        raise RuntimeError("the app failed after its body")
+    failure = RuntimeError("the app failed after its body")
+    app = declared_app([DECLARED], ends=False, then=failure)
 
     async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body") == declared[-1:]:
+        if message["type"] == "http.response.body" and message.get("body") == DECLARED[-1:]:
             raise OSError("the client is gone")  # only at the held byte
 
     mw = CacheMiddleware(app, "memory://", finish_on_disconnect=True, single_flight=False)
-    scope = events_scope()
-    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
-    request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
     with pytest.raises(RuntimeError, match="after its body"):
-        await mw(dict(scope), body_then(request), send)
+        await mw(chat_scope(), body_then(CHAT_REQUEST), send)
     assert mw._background == 0  # (the slots finish_on_disconnect counts)
 
 
@@ -1019,8 +1013,7 @@ async def test_a_client_leaving_with_the_whole_answer_ends_it_for_all_before_the
     log = NoticeLog()
     mw = CacheMiddleware(app, "memory://", hooks=[log], finish_on_disconnect=not followers)
     request = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
-    scope = events_scope()
-    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    scope = chat_scope()
     answers: list[Answered] = []
     producer_got = bytearray()
     producer_done = anyio.Event()
@@ -1182,8 +1175,7 @@ async def test_a_json_answer_not_stored_says_why(case: str) -> None:
     mw = CacheMiddleware(app, "memory://", max_entry_bytes=200, hooks=[log])
     if case == "incomplete":
         mw = CacheMiddleware(app, "memory://", hooks=[log])
-    scope = events_scope()
-    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
+    scope = chat_scope()
     request = json.dumps({"model": "m", "messages": [], "stream": False}).encode()
     answered = await call(mw, scope, body_then(request))
     assert answered.body == body and answered.ended
