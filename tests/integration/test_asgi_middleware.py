@@ -81,7 +81,8 @@ CHAT_REQUEST = json.dumps({"model": "m", "messages": [], "stream": False}).encod
 
 def chat_scope() -> dict[str, Any]:
     """:func:`events_scope` on the Chat Completions route."""
-    scope = chat_scope()
+    scope = events_scope()
+    scope["path"], scope["raw_path"] = "/v1/chat/completions", b"/v1/chat/completions"
     return scope
 
 
