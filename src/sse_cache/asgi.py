@@ -297,6 +297,7 @@ class _Request:
         # self.buffered), and a body of many is not held twice while the answer streams.
         del body
         exchange = service.exchange(decision, publish=True)
+        del decision  # (the exchange keeps what it needs of it: not the decoded body)
         ex = self.exchange = await exchange.__aenter__()
         leave = _Leaving(exchange)
         if ex.answer is not None:

@@ -1183,3 +1183,29 @@ async def test_a_json_answer_not_stored_says_why(case: str) -> None:
     (why,) = [n.detail for n in log.seen if n.kind == "not_stored"]
     expected = "exceeds max_entry_bytes=200" if case == "oversize" else "not a complete answer"
     assert expected in why
+
+
+async def test_a_miss_streams_on_without_its_decoded_request_body() -> None:
+    # The decoded body is needed to key the request, and was kept for as long as its answer
+    # streamed: a long conversation decodes to ~6 times its size (helper-85: a 2.85 MiB body,
+    # 17.8 MiB). Measured while the answer is held mid-stream: about the request's own bytes.
+    import tracemalloc
+
+    messages = [{"role": "user", "content": f"message {i}"} for i in range(40_000)]
+    request = json.dumps({"model": "m", "messages": messages, "stream": True}).encode()
+    upstream = GatedUpstream([_chat_piece("Hel"), _chat_piece("lo", "stop")], hold_after=1)
+    mw = CacheMiddleware(upstream, "memory://")
+    held_at: list[int] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        if message.get("body") and not held_at:
+            held_at.append(tracemalloc.get_traced_memory()[0])
+            upstream.gate.set()
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        await mw(chat_scope(), body_then(request), send)
+    finally:
+        tracemalloc.stop()
+    assert held_at[0] - before < 2 * len(request), (held_at[0] - before, len(request))

@@ -438,6 +438,9 @@ class Exchange:
             if self._lead is not None and await self._lookup(cache):
                 return
         emit(self._service.hooks, Notice(kind="miss", key=self.key))
+        # Keyed: the decoded body is not needed any more, and a miss may stream for minutes
+        # (a long conversation's body decodes to ~6 times its size; helper-85).
+        self.decision = msgspec.structs.replace(decision, body=None)
 
     async def _resume_live(self, cache: StreamCache, last_id: str) -> bool:
         """A client reconnecting with ``Last-Event-ID`` to an answer still being produced:
