@@ -254,6 +254,7 @@ class _Request:
         self.detached = False  # the client left; the app goes on for followers or the cache
         self.background = False  # ... counted against max_background (finish_on_disconnect)
         self.holding = False  # ... counted against it too: read on for a resume window
+        self.app_done = False  # the app has returned or raised: the counts are given back
         self.abandoned = False  # the last follower left: the app was cancelled
         self.app_scope: anyio.CancelScope | None = None
         self.tasks: anyio.abc.TaskGroup | None = None
@@ -385,6 +386,7 @@ class _Request:
                         )
         finally:
             self.mw._background -= self.background + self.holding
+            self.app_done = True  # nothing left to finish or hold: never counted again
 
     async def _send_first(self, message: Message) -> None:
         if (
@@ -461,7 +463,12 @@ class _Request:
             self.detached = True
             return True
         mw = self.mw
-        if window is not None and self.tasks is not None and mw._background < mw.max_background:
+        if (
+            window is not None
+            and self.tasks is not None
+            and not self.app_done
+            and mw._background < mw.max_background
+        ):
             # The client may come back for the rest (it resumes): the app streams on for the
             # resume window, and after it for as long as anyone reads the stream. At most
             # max_background at once, with the background completions: each holds an
@@ -501,7 +508,10 @@ class _Request:
         mw = self.mw
         if self.background:
             return True
-        if not mw.finish_on_disconnect or mw._background >= mw.max_background:
+        if self.app_done or not mw.finish_on_disconnect or mw._background >= mw.max_background:
+            # (Done: the last follower of a failed stream leaves after the app, and a slot
+            # taken then was never given back; helper-86: eight such, and no stream was
+            # finished in the background any more.)
             return False
         mw._background += 1  # (given back when the app is done: _produce)
         self.background = True

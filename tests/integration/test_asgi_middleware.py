@@ -3,6 +3,7 @@ routes, Last-Event-ID, body limits, custom tenants, and apps that misbehave."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
@@ -18,6 +19,7 @@ from sse_cache._asgi_io import INSTANT_SLICE_BYTES
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import MemoryBackend
+from sse_cache.engine import SharedStreamAborted
 from sse_cache.testing import GatedUpstream, NoticeLog, UpstreamCut
 
 pytestmark = pytest.mark.anyio
@@ -1209,3 +1211,36 @@ async def test_a_miss_streams_on_without_its_decoded_request_body() -> None:
     finally:
         tracemalloc.stop()
     assert held_at[0] - before < 2 * len(request), (held_at[0] - before, len(request))
+
+
+async def test_the_last_follower_of_a_failed_stream_takes_no_background_slot() -> None:
+    # The producer's client leaves while a follower reads; the upstream then breaks. The
+    # follower's stream is aborted, and its leaving asked the app, done by then, to finish
+    # in the background: a slot taken for good (helper-86: after eight, no stream whose
+    # client left was finished in the background any more).
+    pieces = [_chat_piece("Hel"), _chat_piece("lo"), _chat_piece("", "stop"), b"data: [DONE]\n\n"]
+    upstream = GatedUpstream(pieces, hold_after=1, cut_after=2)
+    log = NoticeLog()
+    mw = CacheMiddleware(upstream, "memory://", finish_on_disconnect=True, hooks=[log])
+    request = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+
+    async def producer_client(message: dict[str, Any]) -> None:
+        if message.get("body") == pieces[1]:
+            raise OSError("the producer's client is gone")
+
+    async def follower() -> None:
+        with pytest.raises(SharedStreamAborted):
+            await call(mw, chat_scope(), body_then(request))
+
+    async def producer() -> None:
+        with contextlib.suppress(UpstreamCut, OSError):
+            await mw(chat_scope(), body_then(request), producer_client)
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer)
+            await upstream.wait_sent(1)
+            tg.start_soon(follower)
+            await log.wait("shared")
+            upstream.gate.set()
+    assert mw._background == 0  # (the slots finish_on_disconnect counts)
