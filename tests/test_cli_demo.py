@@ -1,5 +1,6 @@
-"""``sse-cache demo``: what it refuses before any server starts (a bad ``--backend``, a delay
-that is not a finite number of milliseconds). The demo itself runs in tests/test_examples.py."""
+"""``sse-cache demo``: what it refuses before any server starts (a bad ``--backend``; a delay
+that is not a finite number of milliseconds: tests/test_cli_mock_upstream.py, for both
+commands). The demo itself runs in tests/test_examples.py."""
 
 from __future__ import annotations
 
@@ -48,20 +49,6 @@ def test_a_bad_backend_is_said_in_one_line_before_any_server_starts(
     assert captured.out == ""
     assert captured.err.startswith(f"sse-cache demo: --backend: {said}")
     assert captured.err.count("\n") == 1 and "hunter2" not in captured.err
-
-
-@pytest.mark.usefixtures("never_run")
-@pytest.mark.parametrize("flag", ["--delay-ms", "--first-ms"])
-@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-1", "1e400", "soon"])
-def test_a_delay_is_a_finite_number_of_milliseconds(
-    flag: str, value: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # --delay-ms inf waited for ever; nan was taken silently (and paced nothing).
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--in-process", f"{flag}={value}"])  # (= : "-inf" is no option)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {flag}: expected a number of milliseconds >= 0, got {value!r}" in err
 
 
 def test_good_delays_are_taken_as_given() -> None:

@@ -1,6 +1,6 @@
 """``sse-cache mock-upstream`` as a user runs it: the port it serves on (``--port 0``: the one
 the system gave, printed) and the delays it refuses. What the mock answers is tested in
-tests/integration/test_mock_upstream.py."""
+tests/integration/test_mock_upstream.py. (The delays are ``sse-cache demo``'s too.)"""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
-from sse_cache.cli import main
+from sse_cache.cli import demo, main
 
 
 def test_port_0_serves_on_a_free_port_and_prints_it() -> None:
@@ -45,26 +45,30 @@ def test_port_0_serves_on_a_free_port_and_prints_it() -> None:
 
 
 @pytest.fixture
-def never_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Were a check to let a bad delay through, the command would serve for ever."""
+def nothing_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were a check to let a bad delay through, the command would serve (or pace) for ever:
+    it fails instead."""
     import uvicorn
 
     def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("the command started a server: a check let a bad value through")
+        raise AssertionError("the command started: a check let a bad value through")
 
     monkeypatch.setattr(uvicorn, "run", refuse)
     monkeypatch.setattr(uvicorn.Server, "run", refuse)
+    monkeypatch.setattr(demo, "run_http_demo", refuse)
+    monkeypatch.setattr(demo, "run_engine_demo", refuse)
 
 
-@pytest.mark.usefixtures("never_served")
+@pytest.mark.usefixtures("nothing_starts")
+@pytest.mark.parametrize("command", [["mock-upstream"], ["demo", "--in-process"]])
 @pytest.mark.parametrize("flag", ["--delay-ms", "--first-ms"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "-1", "1e400", "soon"])
 def test_a_delay_is_a_finite_number_of_milliseconds(
-    flag: str, value: str, capsys: pytest.CaptureFixture[str]
+    command: list[str], flag: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # inf paced every answer for ever; nan was taken silently (as no delay).
+    # inf paced every answer (the mock's, the demo's) for ever; nan was taken silently.
     with pytest.raises(SystemExit) as exit_info:
-        main(["mock-upstream", f"{flag}={value}"])  # (= : "-inf" is no option)
+        main([*command, f"{flag}={value}"])  # (= : "-inf" is no option)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: expected a number of milliseconds >= 0, got {value!r}" in err

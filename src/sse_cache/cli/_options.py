@@ -21,7 +21,18 @@ from ..errors import ConfigError
 from ..http.options import MAX_CROSS_PROCESS_LEASE
 from ..http.policy import base_url_of
 
-__all__ = ["ENV_PREFIX", "OPTIONS", "Option", "add_options", "option", "resolve", "value_of"]
+__all__ = [
+    "ENV_PREFIX",
+    "LOOPBACK_NAMES",
+    "OPTIONS",
+    "Option",
+    "add_options",
+    "check_backend",
+    "option",
+    "process_private",
+    "resolve",
+    "value_of",
+]
 
 ENV_PREFIX = "SSE_CACHE_"
 
@@ -140,6 +151,32 @@ def _host(text: str) -> str:
             f"expected an address to listen on (127.0.0.1, 0.0.0.0, ::1, ...), got {text!r}"
         )
     return text.strip()
+
+
+#: The names of this machine's loopback interface (``localhost`` names 127.0.0.1 or ::1).
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def check_backend(url: str) -> None:
+    """Raise :class:`ConfigError` for a backend URL that cannot be used, before any server
+    starts (creating a backend does no I/O: it is made and closed)."""
+    import anyio
+
+    from ..backends import from_url
+
+    anyio.run(from_url(url).aclose)
+
+
+def process_private(backend: Any) -> str:
+    """The URL of ``backend`` when it is a cache that lives inside its process (``memory://``,
+    ``sqlite:///:memory:``), which no other process, nor another worker, can see; else ""."""
+    from ..backends import MemoryBackend, SQLiteBackend
+
+    if isinstance(backend, MemoryBackend):
+        return "memory://"
+    if isinstance(backend, SQLiteBackend) and backend.path in ("", ":memory:"):
+        return "sqlite:///:memory:"
+    return ""
 
 
 def _backend(text: str) -> str:

@@ -21,11 +21,11 @@ from typing import Any
 import anyio
 
 from ..adapters import OpenAIResponses
-from ..backends import from_url
 from ..engine import StreamCache
 from ..errors import ConfigError
 from ..events import Event, SSEParser, serialize_sse
 from ..testing import MockUpstream, paced, responses_stream
+from ._options import check_backend
 from .mock import milliseconds
 
 __all__ = ["register", "run_engine_demo", "run_http_demo"]
@@ -68,9 +68,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.deltas < 1:
         raise SystemExit("sse-cache demo: --deltas must be >= 1")
     if args.backend is not None:
-        problem = _backend_problem(args.backend)
-        if problem:
-            print(f"sse-cache demo: --backend: {problem}", file=sys.stderr)
+        # Said before any server starts, not as a traceback from inside them.
+        try:
+            check_backend(args.backend)
+        except ConfigError as exc:
+            print(f"sse-cache demo: --backend: {exc}", file=sys.stderr)
             return 2
     # The HTTP demo needs the proxy extra: uvicorn, httpx2 and prometheus_client (metrics).
     http = not args.in_process and all(
@@ -87,17 +89,6 @@ def _run(args: argparse.Namespace) -> int:
                 print("(sse-cache[proxy] not installed: running the engine demo in process)")
             ok = anyio.run(run_engine_demo, url, args.deltas, delay, first)
     return 0 if ok else 1
-
-
-def _backend_problem(url: str) -> str:
-    """Why ``url`` is no backend URL (the ConfigError's message), or "": said before any
-    server starts, not as a traceback from inside them. Creating a backend does no I/O."""
-    try:
-        backend = from_url(url)
-    except ConfigError as exc:
-        return str(exc)
-    anyio.run(backend.aclose)
-    return ""
 
 
 class _Run:

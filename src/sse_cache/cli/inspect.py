@@ -36,7 +36,7 @@ from ..events import serialize_sse
 from ..keys import ALIAS_PREFIX
 from ..protocols import Backend, ScanningBackend, StatsBackend
 from . import INTERRUPTED_EXIT
-from ._options import option, value_of
+from ._options import option, process_private, value_of
 
 __all__ = ["DEFAULT_BACKEND", "register"]
 
@@ -131,9 +131,16 @@ def _sync(
 
         async def main() -> int:
             try:
-                private = _process_private(backend)
+                private = process_private(backend)
                 if private:
-                    return _fail(f"{args.command}: {private}", EXIT_UNSUPPORTED)
+                    # Opened here it would be a new, empty cache of this command's own, not
+                    # the proxy's: every answer about it ("purged 0 entries") about nothing.
+                    return _fail(
+                        f"{args.command}: {private} lives inside each process: there is "
+                        "nothing another process can inspect (a cache to inspect is a "
+                        "sqlite:// file or a Redis or memcached server)",
+                        EXIT_UNSUPPORTED,
+                    )
                 return await command(args, backend)
             finally:
                 await backend.aclose()
@@ -144,24 +151,6 @@ def _sync(
             return _fail(f"{args.command} on {_redact(args.backend)}: {exc}", EXIT_FAILED)
 
     return run
-
-
-def _process_private(backend: Backend) -> str:
-    """Why ``backend`` is a cache no other process can see, or "". Opened here it would be
-    a new, empty one of this command's own, not the proxy's: every answer about it (no
-    entries, "purged 0 entries") would be about nothing."""
-    from ..backends import MemoryBackend, SQLiteBackend
-
-    if isinstance(backend, MemoryBackend):
-        where = "memory://"
-    elif isinstance(backend, SQLiteBackend) and backend.path in ("", ":memory:"):
-        where = "sqlite:///:memory:"
-    else:
-        return ""
-    return (
-        f"{where} lives inside each process: there is nothing another process can inspect "
-        "(a cache to inspect is a sqlite:// file or a Redis or memcached server)"
-    )
 
 
 def _bad_key(args: argparse.Namespace) -> str:

@@ -14,10 +14,10 @@ import sys
 from typing import Any
 
 from ..testing import DEFAULT_DELTAS, DEFAULT_SUMMARIES, ERROR_MODES, MockUpstream
+from ._options import LOOPBACK_NAMES
 
 __all__ = ["milliseconds", "register"]
 
-_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 # The exit code of a server that did not start (its port taken, say): uvicorn.run's.
 _STARTUP_FAILURE = 3
 
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
         "  |  GET /_mock/stats  POST /_mock/reset",
         flush=True,
     )
-    if args.host not in _LOOPBACK:
+    if args.host not in LOOPBACK_NAMES:
         # A mock answers anyone without credentials: say so when it leaves loopback.
         print(f"  warning: listening on {args.host}, not loopback only", file=sys.stderr)
     if listener is None:

@@ -27,10 +27,13 @@ from .._logging import LOG_LEVELS, RedactQueryKey, proxy_log_config, redact_url
 from ..errors import ConfigError
 from ._options import (
     ENV_PREFIX,
+    LOOPBACK_NAMES,
     OPTIONS,
     Option,
     add_options,
+    check_backend,
     option,
+    process_private,
     resolve,
     unknown_variables,
 )
@@ -167,33 +170,21 @@ def forwards_to_itself(settings: argparse.Namespace) -> bool:
     listening = settings.host.strip("[]").lower()
     if upstream == listening:
         return True
-    loopback = upstream in _LOCALHOST or upstream.startswith("127.")
+    loopback = upstream in LOOPBACK_NAMES or upstream.startswith("127.")
     if listening in _EVERY_INTERFACE:
         return loopback
-    return (upstream == "localhost" and listening in _LOCALHOST) or (
-        listening == "localhost" and upstream in _LOCALHOST
+    return (upstream == "localhost" and listening in LOOPBACK_NAMES) or (
+        listening == "localhost" and upstream in LOOPBACK_NAMES
     )
 
 
 #: The addresses that listen on every interface, loopback included.
 _EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
-#: What ``localhost`` names.
-_LOCALHOST = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def _stop_gracefully(signum: int, frame: object) -> None:
     logger.info("sse_cache: SIGHUP: stopping as on SIGTERM (one process: nothing restarts it)")
     os.kill(os.getpid(), signal.SIGTERM)
-
-
-def check_backend(url: str) -> None:
-    """Raise :class:`ConfigError` for a backend URL that cannot be used (creating a backend
-    does no I/O: it is made and closed)."""
-    import anyio
-
-    from ..backends import from_url
-
-    anyio.run(from_url(url).aclose)
 
 
 def _given_as(opt: Option, args: argparse.Namespace) -> str:
@@ -223,17 +214,13 @@ def plan_workers(settings: argparse.Namespace) -> list[str]:
     import anyio
 
     from ..backends import from_url
-    from ..backends.memory import MemoryBackend
-    from ..backends.sqlite import SQLiteBackend
     from ..protocols import FanoutBackend, LeasingBackend
 
     backend = from_url(settings.backend)
     try:
         shares_streams = isinstance(backend, LeasingBackend) and isinstance(backend, FanoutBackend)
         name = type(backend).__name__
-        private = isinstance(backend, MemoryBackend) or (
-            isinstance(backend, SQLiteBackend) and backend.path == ":memory:"
-        )
+        private = process_private(backend)
     finally:
         anyio.run(backend.aclose)
     n = settings.workers
