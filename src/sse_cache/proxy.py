@@ -287,7 +287,7 @@ def _as_forwarded(scope: Scope) -> Scope | None:
     chunked = counted = False
     for name, value in headers:  # (ASGI header names are lower-case)
         if name == b"connection":
-            tokens = {token.strip().lower() for token in value.split(b",")} - _PLAIN_CONNECTION
+            tokens = _connection_tokens(value) - _PLAIN_CONNECTION
             named = tokens if named is None else named | tokens
         elif name == b"transfer-encoding":
             chunked = True
@@ -339,8 +339,13 @@ def _nominated(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
+            named |= _connection_tokens(value)
     return named
+
+
+def _connection_tokens(value: bytes) -> set[bytes]:
+    """The names a ``Connection`` header's value lists, lower-case."""
+    return {token.strip().lower() for token in value.split(b",")}
 
 
 def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
