@@ -462,13 +462,7 @@ class _Request:
             # For the flight, the producer is still reading (followers keep joining).
             self.detached = True
             return True
-        mw = self.mw
-        if (
-            window is not None
-            and self.tasks is not None
-            and not self.app_done
-            and mw._background < mw.max_background
-        ):
+        if window is not None and self.tasks is not None and self._slot_free():
             # The client may come back for the rest (it resumes): the app streams on for the
             # resume window, and after it for as long as anyone reads the stream. At most
             # max_background at once, with the background completions: each holds an
@@ -476,7 +470,7 @@ class _Request:
             # leaving at once passed 1.5 GB). Past that, as without a window.
             if not tee.client_left(self._abandon, hold=True):
                 return False
-            mw._background += 1  # (given back when the app is done: _produce)
+            self.mw._background += 1  # (given back when the app is done: _produce)
             self.holding = True
             self.detached = True
             self.hold_scope = anyio.CancelScope()
@@ -501,6 +495,14 @@ class _Request:
         with scope:  # cancelled when the stream ends first
             await tee.release_after_window()
 
+    def _slot_free(self) -> bool:
+        """Whether this request may take one of the ``max_background`` slots (background
+        completions and resume windows share them): never once the app is done, whose end
+        gave the counts back (_produce). (The last follower of a failed stream leaves after
+        the app: a slot taken then was never given back; helper-86: after eight, no stream
+        was finished in the background any more.)"""
+        return not self.app_done and self.mw._background < self.mw.max_background
+
     def _finish_in_background(self) -> bool:
         """With ``finish_on_disconnect``, while fewer than ``max_background`` do: the app
         finishes this stream, that no client reads any more, to store it, within
@@ -508,10 +510,7 @@ class _Request:
         mw = self.mw
         if self.background:
             return True
-        if self.app_done or not mw.finish_on_disconnect or mw._background >= mw.max_background:
-            # (Done: the last follower of a failed stream leaves after the app, and a slot
-            # taken then was never given back; helper-86: eight such, and no stream was
-            # finished in the background any more.)
+        if not mw.finish_on_disconnect or not self._slot_free():
             return False
         mw._background += 1  # (given back when the app is done: _produce)
         self.background = True
