@@ -171,6 +171,9 @@ class KeyedAdapter:
 
     name: str = ""
     excluded_fields: frozenset[str] = TRANSPORT_FIELDS
+    #: Request fields that make the upstream change state it keeps (present and not null),
+    #: each with why such a request is passed through uncached: a replay would skip that.
+    stateful_fields: tuple[tuple[str, str], ...] = ()
 
     def __init__(
         self, *, ignore_fields: Iterable[str] = (), delta_chars: int | None = DEFAULT_DELTA_CHARS
@@ -193,11 +196,16 @@ class KeyedAdapter:
         return body.get("stream") is True
 
     def uncached_reason(self, body: Mapping[str, Any]) -> str:
-        """Why this request is passed through uncached, or ``""``: see :func:`unclear_flag`."""
+        """Why this request is passed through uncached, or ``""``: a ``stream`` flag that is
+        neither true nor false (see :func:`unclear_flag`), or one of the
+        :attr:`stateful_fields`."""
         stream = body.get("stream")
-        if stream is None or stream.__class__ is bool:  # (every request: no call)
-            return ""
-        return unclear_flag(body, "stream")
+        if stream is not None and stream.__class__ is not bool:  # (every request: no call)
+            return unclear_flag(body, "stream")
+        for field, why in self.stateful_fields:
+            if body.get(field) is not None:
+                return why
+        return ""
 
     def end_outcome(self) -> Outcome:
         """A stream that ended without its completing event is never stored."""

@@ -124,12 +124,10 @@ class OpenAIChat(KeyedAdapter):
     def uncached_reason(self, body: Mapping[str, Any]) -> str:
         """Also a ``stream_options`` that is not an object, or whose ``include_usage`` is
         neither true nor false: usage keys apart (above), so it must mean what it says."""
-        stream = body.get("stream")
-        if stream is not None and stream.__class__ is not bool:
-            return unclear_flag(body, "stream")
+        why = super().uncached_reason(body)
         options = body.get("stream_options")
-        if options is None:
-            return ""
+        if why or options is None:
+            return why
         if not isinstance(options, dict):
             return "stream_options is not an object"
         return unclear_flag(options, "include_usage", "stream_options.")

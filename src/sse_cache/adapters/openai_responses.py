@@ -7,7 +7,7 @@ payload carrying ``type`` and (since mid-2025) a ``sequence_number`` counting fr
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 
@@ -20,7 +20,6 @@ from ._common import (
     KeyedAdapter,
     is_truthy_raw,
     probe,
-    unclear_flag,
 )
 from ._responses_body import events_from_response, response_with_output
 
@@ -152,6 +151,12 @@ class OpenAIResponses(KeyedAdapter):
     #: project of one API key): part of the key in the HTTP integrations.
     key_headers: tuple[str, ...] = ("openai-beta", "openai-organization", "openai-project")
     excluded_fields = EXCLUDED_FIELDS
+    #: A request that continues a ``conversation``: the upstream adds every answer to it (its
+    #: items are state on the server), and a replayed answer would neither be added nor
+    #: follow what the conversation holds by then.
+    stateful_fields = (
+        ("conversation", "the request continues a conversation (its state is the upstream's)"),
+    )
 
     def __init__(
         self,
@@ -168,17 +173,6 @@ class OpenAIResponses(KeyedAdapter):
             if store_incomplete
             else {"response.completed"}
         )
-
-    def uncached_reason(self, body: Mapping[str, Any]) -> str:
-        """Also a request that continues a ``conversation``: the upstream adds every answer
-        to it (its items are state on the server), and a replayed answer would neither be
-        added nor follow what the conversation holds by then."""
-        stream = body.get("stream")
-        if stream is not None and stream.__class__ is not bool:
-            return unclear_flag(body, "stream")
-        if body.get("conversation") is not None:
-            return "the request continues a conversation (its state is the upstream's)"
-        return ""
 
     # -- outcome ---------------------------------------------------------------------------
 
