@@ -287,6 +287,8 @@ def _as_forwarded(scope: Scope) -> Scope | None:
     chunked = counted = False
     for name, value in headers:  # (ASGI header names are lower-case)
         if name == b"connection":
+            if value.lower() in _PLAIN_CONNECTION:
+                continue  # (what the SDKs send: httpx's "keep-alive")
             tokens = _connection_tokens(value) - _PLAIN_CONNECTION
             named = tokens if named is None else named | tokens
         elif name == b"transfer-encoding":
