@@ -42,7 +42,9 @@ from typing import Any, ClassVar
 import anyio
 import anyio.from_thread
 
+from ._checks import integer
 from ._transport_bodies import (
+    HoldSlots,
     _AsyncOpen,
     _closed_under,
     _stream_types,
@@ -149,9 +151,14 @@ class _Options:
         transport: Any = None,
         *,
         options: CacheOptions | None = None,
+        max_background: int = 8,
         **keywords: Any,
     ) -> None:
         self._options = CacheOptions.of(options, keywords)
+        #: At most ``max_background`` streams are read on for a resume window at once.
+        self._holds = HoldSlots(
+            integer("max_background", max_background, minimum=0, what="a whole number >= 0")
+        )
         if transport is not None:
             # Checked before the backend is opened: else a wrong object (a URL, the class
             # itself, a sync transport in an async one) fails only at the first request.
@@ -276,6 +283,10 @@ class AsyncCacheTransportBase(_Options):
     before its end stores nothing (unless the completing event had already been delivered:
     the openai SDK stops at chat's ``[DONE]``). An invalid control header is answered ``400``
     without calling the upstream. Other requests pass through untouched.
+
+    ``resume_window``: a response closed early is read on for up to that many seconds (on
+    asyncio), so that the program can resume it — at most ``max_background`` (8) at once,
+    as in the middleware; past that, as without a window.
     """
 
     def _default_transport(self) -> Any:
@@ -328,7 +339,9 @@ class AsyncCacheTransportBase(_Options):
             if tee is None:
                 await opened.leave()
                 return self._passthrough(upstream, ex, opened)
-            return self._relay(upstream, ex, types["AsyncTeeBody"](upstream.stream, tee, opened))
+            return self._relay(
+                upstream, ex, types["AsyncTeeBody"](upstream.stream, tee, opened, self._holds)
+            )
         except BaseException as exc:
             await opened.leave(exc)
             raise
@@ -481,7 +494,9 @@ class CacheTransportBase(_Options):
             if tee is None:
                 opened.leave()
                 return self._passthrough(upstream, ex, opened)
-            body = types["SyncTeeBody"](upstream.stream, tee, opened, portal, self._draining)
+            body = types["SyncTeeBody"](
+                upstream.stream, tee, opened, portal, self._holds, self._draining
+            )
             return self._relay(upstream, ex, body)
         except _TransportClosed as exc:
             opened.leave()

@@ -70,6 +70,30 @@ class _TransportClosed(Exception):
     :meth:`_SyncOpen.call`); the bodies turn it into :func:`_closed_under`."""
 
 
+class HoldSlots:
+    """A transport's bound on the streams read on for a resume window after their client
+    left (its ``max_background``, as the middleware's): each holds an upstream call and up
+    to two copies of ``max_entry_bytes``, and a program whose clients leave faster than the
+    window passes would hold without bound. Past it, a client that leaves is treated as
+    without a window (its answer abandoned at once, unless followers read it). Taken and
+    given back in one event loop (the async transport's, the sync one's portal)."""
+
+    __slots__ = ("bound", "taken")
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.taken = 0
+
+    def take(self) -> bool:
+        if self.taken >= self.bound:
+            return False
+        self.taken += 1
+        return True
+
+    def give(self) -> None:
+        self.taken -= 1
+
+
 # -- async --------------------------------------------------------------------------------
 
 
@@ -143,11 +167,12 @@ class _AsyncTeeBody:
     task of its own, which the caller's cancellation leaves running (the HTTP library closes
     the upstream under a cancelled read)."""
 
-    def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen) -> None:
+    def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen, holds: HoldSlots) -> None:
         self._inner = inner
         self._it: AsyncIterator[bytes] | None = None
         self._tee = tee
         self._opened = opened
+        self._holds = holds
         self._pending = b""
         self._handed_over = False
         # The read of the upstream's next chunk running in a task, while its result (or
@@ -256,14 +281,22 @@ class _AsyncTeeBody:
             self._pending = b""
         # A resume window needs a task that reads on while no one reads: on asyncio, a
         # task of the loop (trio has none outside a nursery: no window there).
-        hold = tee.resume_window is not None and on_asyncio()
+        hold = tee.resume_window is not None and on_asyncio() and self._holds.take()
         if not tee.client_left(hold=hold):
+            if hold:
+                self._holds.give()
             return False
         self._handed_over = True
         tee.hand_over(self._pull, self._abandon)
         if hold:
-            _background(tee.read_through_window())
+            _background(self._read_through_window())
         return True
+
+    async def _read_through_window(self) -> None:
+        try:
+            await self._tee.read_through_window()
+        finally:
+            self._holds.give()
 
     async def _finish(self, exc: BaseException | None = None) -> None:
         try:
@@ -504,6 +537,7 @@ class _SyncTeeBody:
         tee: ResponseTee,
         opened: _SyncOpen,
         portal: anyio.from_thread.BlockingPortal,
+        holds: HoldSlots,
         draining: weakref.WeakSet[Any] | None = None,
     ) -> None:
         self._inner = inner
@@ -511,6 +545,8 @@ class _SyncTeeBody:
         self._tee = tee
         self._opened = opened
         self._portal = portal
+        self._holds = holds  # taken and given back in the portal's loop
+        self._holding = False  # one of them is taken: the stream is held for its window
         self._draining = draining  # the transport's: settled when it closes
         self._delivered = b""  # in the portal's loop only
         self._handed_over = False
@@ -574,7 +610,19 @@ class _SyncTeeBody:
             return False
         tee.feed(self._delivered)
         self._delivered = b""
-        return tee.client_left(_nothing, hold=tee.resume_window is not None)
+        hold = tee.resume_window is not None and self._holds.take()
+        if tee.client_left(_nothing, hold=hold):
+            self._holding = hold
+            return True
+        if hold:
+            self._holds.give()
+        return False
+
+    async def _release_after_window(self) -> None:
+        try:
+            await self._tee.release_after_window()
+        finally:
+            self._holds.give()
 
     # -- in the caller's thread (or the drain thread)
 
@@ -651,7 +699,6 @@ class _SyncTeeBody:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
         if self._handed_over or _exiting():
             return
-        tee = self._tee
         try:
             handed_over = self._opened.open and self._opened.call(self._client_left)
         except _TransportClosed:
@@ -661,10 +708,10 @@ class _SyncTeeBody:
             if self._draining is not None:
                 self._draining.add(self)
             threading.Thread(target=self._drain, name="sse-cache-drain", daemon=True).start()
-            if tee.resume_window is not None:
+            if self._holding:
                 # The drain thread reads on while the stream is held; the window's end is
                 # kept in the portal's loop.
-                self._portal.start_task_soon(tee.release_after_window)
+                self._portal.start_task_soon(self._release_after_window)
             return
         self._abandon()
 

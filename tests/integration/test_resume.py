@@ -357,6 +357,86 @@ async def test_a_transport_resumes_a_stream_its_client_stopped_reading(
     assert upstream_app.stats()["streams"] == 2  # the cached call, and the reference
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_transport_reads_on_at_most_max_background_streams_for_their_clients(
+    serve: Any, sync: bool
+) -> None:
+    # As the middleware's (helper-83: each held stream holds an upstream call and up to two
+    # copies of max_entry_bytes): a program whose clients leave faster than the window
+    # passes held without bound. With max_background=1, one stream is read on for its
+    # client; a second is abandoned at once; once the first has ended, its place is free.
+    import anyio.to_thread
+
+    from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
+
+    slow = {**ALICE, "x-mock-delay-ms": "20", "x-mock-deltas": "60"}
+    payloads = [{**PAYLOAD, "input": f"stream {i}"} for i in range(3)]
+    upstream_app = MockUpstream()
+    async with serve(upstream_app) as upstream:
+        if sync:
+            transport: Any = CacheTransport("memory://", resume_window=600, max_background=1)
+            sync_client = httpx2.Client(transport=transport, base_url=upstream, timeout=30)
+
+            def sync_leave(payload: Any) -> bytes:
+                held = b""
+                with sync_client.stream("POST", "/v1/responses", json=payload, headers=slow) as r:
+                    assert r.headers["x-sse-cache"] == "miss"
+                    for chunk in r.iter_raw():
+                        held += chunk
+                        if len(blocks(held)) >= 3:
+                            break
+                return b"".join(blocks(held)[:3])
+
+            async def leave(payload: Any) -> bytes:
+                return await anyio.to_thread.run_sync(sync_leave, payload)
+
+            async def resume(held: bytes) -> httpx2.Response:
+                response_id, n = last_sequence_number(held)
+                params = {"stream": "true", "starting_after": str(n)}
+                return await anyio.to_thread.run_sync(
+                    lambda: sync_client.get(
+                        f"/v1/responses/{response_id}", params=params, headers=ALICE
+                    )
+                )
+
+            holds = lambda: transport.portal.call(lambda: transport._holds.taken)  # noqa: E731
+            close: Any = lambda: anyio.to_thread.run_sync(sync_client.close)  # noqa: E731
+        else:
+            transport = AsyncCacheTransport("memory://", resume_window=600, max_background=1)
+            client = httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=30)
+
+            async def leave(payload: Any) -> bytes:
+                return await read_then_leave(client, 3, payload, **slow)
+
+            async def resume(held: bytes) -> httpx2.Response:
+                response_id, n = last_sequence_number(held)
+                params = {"stream": "true", "starting_after": str(n)}
+                return await client.get(
+                    f"/v1/responses/{response_id}", params=params, headers=ALICE
+                )
+
+            holds = lambda: transport._holds.taken  # noqa: E731
+            close = client.aclose
+        try:
+            first = await leave(payloads[0])
+            second = await leave(payloads[1])  # past the bound: abandoned at once
+            abandoned = await resume(second)
+            assert "x-sse-cache" not in abandoned.headers  # the upstream's own answer
+            rest = await resume(first)  # read on for its client: the rest of it
+            assert rest.headers["x-sse-cache"] == "shared"
+            assert b"response.completed" in rest.content
+            # A deadlock guard, far inside the window: the stream gives its place back when
+            # it ends, not when its window does.
+            with anyio.fail_after(60):
+                while holds():  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+            third = await leave(payloads[2])
+            again = await resume(third)
+            assert again.headers["x-sse-cache"] == "shared"  # held: the place was given back
+        finally:
+            await close()
+
+
 async def test_an_upstream_cut_inside_a_transports_resume_window_is_no_unhandled_task_error(
     serve: Any,
 ) -> None:

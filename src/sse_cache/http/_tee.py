@@ -278,11 +278,19 @@ class ResponseTee:
 
     async def release_after_window(self) -> None:
         """Wait out the resume window of a held stream whose upstream someone else reads on
-        (the app, a drain thread), then release it: abandoned if no one reads it by then."""
-        assert self.resume_window is not None
-        await anyio.sleep(self.resume_window)
-        if self._flight is not None:
-            await self._flight.release()
+        (the app, a drain thread), then release it: abandoned if no one reads it by then.
+        A stream that ends sooner is released when it ends (its hold is counted against a
+        bound: ``max_background``)."""
+        live, window = self._flight, self.resume_window
+        assert window is not None
+        if live is None:
+            return
+        deadline = anyio.current_time() + window
+        while not live.flight.done:
+            left = deadline - anyio.current_time()
+            if left <= 0 or not await live.wait(left):
+                break
+        await live.release()
 
     async def read_through_window(self) -> None:
         """For a held stream whose upstream was handed over (:meth:`hand_over`): read it
