@@ -166,9 +166,11 @@ _SECRET_PARAMS = re.compile(r"key|password|passwd|secret|token", re.IGNORECASE)
 def logged_path(scope: Scope) -> str:
     """A request's path fit for a log line: as sent (``raw_path``: escapes kept, as uvicorn's
     access line has it), never with a control character. Decoded, ``%0a`` wrote a forged log
-    line of the client's choosing and ``%1b`` raw terminal escapes (helper-83)."""
+    line of the client's choosing and ``%1b`` raw terminal escapes (helper-83). Without its
+    query, which ASGI keeps apart (``query_string``; a server that leaves it in ``raw_path``
+    too would have it logged twice)."""
     raw = scope.get("raw_path")
-    path = raw.decode("latin-1") if raw else scope.get("path", "")
+    path = raw.split(b"?", 1)[0].decode("latin-1") if raw else scope.get("path", "")
     return without_controls(path)
 
 

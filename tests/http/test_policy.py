@@ -209,6 +209,21 @@ def test_a_url_in_an_error_message_never_shows_its_password() -> None:
         assert redact_userinfo(url) == shown, url
 
 
+def test_a_logged_path_is_the_path_as_sent_without_its_query_or_controls() -> None:
+    # ASGI keeps the query apart (query_string), and the access line appends it; a server
+    # (or test client) that leaves it in raw_path too had it logged twice.
+    from sse_cache._logging import logged_path
+
+    cases = {
+        b"/v1/chat/completions?api-version=1": "/v1/chat/completions",
+        b"/v1/chat%2Fcompletions": "/v1/chat%2Fcompletions",
+        b"/x\nforged?q=1": "/x\\x0aforged",
+    }
+    for raw, shown in cases.items():
+        assert logged_path({"raw_path": raw, "path": "/decoded"}) == shown, raw
+    assert logged_path({"path": "/v1/messages"}) == "/v1/messages"
+
+
 def test_variants_pick_within_range() -> None:
     picks = {CachePolicy.pick_variant(Controls(variants=3)) for _ in range(200)}
     assert picks == {0, 1, 2}
