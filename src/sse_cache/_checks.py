@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -124,6 +125,22 @@ def callables(name: str, value: object) -> tuple[Callable[..., Any], ...]:
                 f"awaited, got {item!r}"
             )
     return items
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+
+
+def header_names(name: str, value: object) -> tuple[str, ...]:
+    """``value`` as a tuple of lower-case header names, without repeats: an iterable (a
+    list) of names. One name alone (a ``str``: its letters would be taken for names) or an
+    item that is no header name is refused."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise ConfigError(f"{name} must be a list of header names, got {value!r}")
+    items = tuple(value)
+    for item in items:
+        if not isinstance(item, str) or not _HEADER_NAME.fullmatch(item):
+            raise ConfigError(f"{name} must be a list of header names, got {item!r} in it")
+    return tuple(dict.fromkeys(item.lower() for item in items))
 
 
 def _is_async(item: object) -> bool:

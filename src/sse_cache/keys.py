@@ -21,6 +21,7 @@ from .errors import ConfigError
 __all__ = [
     "ALIAS_PREFIX",
     "CREDENTIAL_HEADERS",
+    "CREDENTIAL_SUFFIXES",
     "CacheRequest",
     "DefaultKeyer",
     "canonical_json",
@@ -42,7 +43,19 @@ CREDENTIAL_HEADERS = (
     "x-goog-api-key",
     "ocp-apim-subscription-key",
     "x-litellm-api-key",
+    # AI gateways' own credentials, which their clients send beside a placeholder (or the
+    # same provider) ``Authorization`` (helper-88: two Portkey users shared an entry).
+    "x-portkey-api-key",
+    "x-portkey-virtual-key",
+    "cf-aig-authorization",
+    "helicone-auth",
 )
+
+#: Endings of header names that are read as credentials too (``x-acme-api-key``,
+#: ``x-acme-authorization``, ``acme-auth``, ``x-acme-token``): a gateway's own credential
+#: that no list names. A header wrongly taken for one only splits its callers' entries; a
+#: credential missed would share them.
+CREDENTIAL_SUFFIXES = ("authorization", "api-key", "apikey", "-auth", "-token", "-secret")
 
 _json_encoder = msgspec.json.Encoder(order="sorted")
 # How many key heads (see DefaultKeyer) a keyer remembers.
@@ -158,26 +171,40 @@ class DefaultKeyer:
 def tenant_scope(
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
     credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
+    suffixes: Iterable[str] = CREDENTIAL_SUFFIXES,
 ) -> str:
     """The default tenant scope: a hash of the credentials the request carried.
 
     Every one of ``credential_headers`` (case-insensitive) present in ``headers`` is part of
-    the scope — name and value, in the order of ``credential_headers`` — hashed together
-    (BLAKE2b-128, hex): requests that differ in any one credential never share a scope, even
-    when another (a gateway's constant ``Authorization``, say) is the same. ``""`` (the
-    anonymous scope) when none is present. The credentials themselves are never stored or
-    logged.
+    the scope — name and value, in the order of ``credential_headers`` — and so is every
+    other header whose name ends with one of ``suffixes`` (:data:`CREDENTIAL_SUFFIXES`), in
+    the order of their names, all hashed together (BLAKE2b-128, hex): requests that differ in
+    any one credential never share a scope, even when another (a gateway's constant
+    ``Authorization``, say) is the same. ``""`` (the anonymous scope) when none is present.
+    The credentials themselves are never stored or logged.
     """
     items = headers.items() if isinstance(headers, Mapping) else headers
     found = {k.lower(): v for k, v in items}
-    return lowered_tenant_scope(found, tuple(dict.fromkeys(n.lower() for n in credential_headers)))
+    names = tuple(dict.fromkeys(n.lower() for n in credential_headers))
+    return lowered_tenant_scope(found, names, tuple(s.lower() for s in suffixes))
 
 
-def lowered_tenant_scope(headers: Mapping[str, str], credential_headers: tuple[str, ...]) -> str:
+def lowered_tenant_scope(
+    headers: Mapping[str, str],
+    credential_headers: tuple[str, ...],
+    suffixes: tuple[str, ...] = CREDENTIAL_SUFFIXES,
+) -> str:
     """:func:`tenant_scope` of ``headers`` whose names are lower-case already, for
-    ``credential_headers`` lower-case and without repeats (what a policy holds): the same
-    scope, without normalising both on every request."""
+    ``credential_headers`` lower-case and without repeats and ``suffixes`` lower-case (what
+    a policy holds): the same scope, without normalising both on every request."""
     parts = [f"{name}\0{value}" for name in credential_headers if (value := headers.get(name))]
+    if suffixes:
+        # (After the listed ones: a request with only those has the scope it always had.)
+        parts += [
+            f"{name}\0{headers[name]}"
+            for name in sorted(headers)
+            if name.endswith(suffixes) and headers[name] and name not in credential_headers
+        ]
     if not parts:
         return ""
     # HTTP header values hold no NUL, so the joined parts cannot be confused with one

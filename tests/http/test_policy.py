@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_cache import ConfigError, Pacing
+from sse_cache import CacheOptions, ConfigError, Pacing
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
 from sse_cache.http.policy import (
     MAX_BODY_CONTAINERS,
@@ -324,6 +324,67 @@ def test_other_gateway_credential_headers_scope_tenants() -> None:
     for header in ("x-goog-api-key", "ocp-apim-subscription-key", "x-litellm-api-key"):
         assert policy.tenant_of({header: "a"}) != policy.tenant_of({header: "b"})
         assert policy.tenant_of({header: "a"}) != ""
+
+
+def test_an_ai_gateways_own_credential_scopes_tenants_beside_a_placeholder_authorization() -> None:
+    # Clients of an AI gateway send the SDK's (placeholder or shared) Authorization and their
+    # own identity in the gateway's header: two Portkey users shared an entry (helper-88).
+    policy = CachePolicy()
+    placeholder = {"authorization": "Bearer placeholder"}
+    for header in (
+        "x-portkey-api-key",
+        "x-portkey-virtual-key",
+        "cf-aig-authorization",
+        "helicone-auth",
+        # No list names them: their names end like a credential's.
+        "x-acme-api-key",
+        "x-acme-authorization",
+        "acme-auth",
+        "x-acme-token",
+        "x-acme-secret",
+        "x-acme-apikey",
+    ):
+        a = policy.tenant_of({**placeholder, header: "user-1"})
+        b = policy.tenant_of({**placeholder, header: "user-2"})
+        assert a != b and None not in (a, b), header
+        assert a != policy.tenant_of(placeholder), header
+        # Alone, it scopes a request that carries no other credential.
+        assert policy.tenant_of({header: "user-1"}) not in (None, ""), header
+    # Headers that only look alike are no credentials: no scope without one.
+    for header in ("x-stainless-retry-count", "idempotency-key", "x-request-id", "x-tokens"):
+        assert policy.tenant_of({header: "x"}) is None, header
+        assert policy.tenant_of({**placeholder, header: "x"}) == policy.tenant_of(placeholder)
+
+
+def test_more_credential_and_key_headers_are_options() -> None:
+    from sse_cache.http.service import CacheService
+
+    service = CacheService(
+        "memory://", CacheOptions(credential_headers=["X-Session"], key_headers=["X-Account"])
+    )
+    policy = service.policy
+    body = json.dumps({"model": "m", "input": "hi", "stream": True}).encode()
+    a = policy.decide("POST", "/v1/responses", {"x-session": "a"}, body)
+    b = policy.decide("POST", "/v1/responses", {"x-session": "b"}, body)
+    assert a.cacheable and b.cacheable and a.tenant != b.tenant
+    one = policy.decide("POST", "/v1/responses", {"x-session": "a", "x-account": "1"}, body)
+    two = policy.decide("POST", "/v1/responses", {"x-session": "a", "x-account": "2"}, body)
+    assert one.key_headers == {"x-account": "1"} and two.key_headers == {"x-account": "2"}
+    # A gateway's routing headers key every route already; the adapters' own stay keyed.
+    routed = policy.decide(
+        "POST",
+        "/v1/responses",
+        {"authorization": "k", "x-portkey-provider": "openai", "openai-project": "p"},
+        body,
+    )
+    assert routed.key_headers == {"openai-project": "p", "x-portkey-provider": "openai"}
+    # Alone, a routing header is no credential: such a request is not cached.
+    assert not policy.decide("POST", "/v1/responses", {"x-account": "1"}, body).cacheable
+    for bad in ("x-session", ["bad name"], [7]):
+        with pytest.raises(ConfigError, match="^credential_headers must be a list of header"):
+            CacheOptions(credential_headers=bad)
+    with pytest.raises(ConfigError, match="^key_headers must be a list of header"):
+        CacheOptions(key_headers="x-account")
 
 
 @pytest.mark.parametrize("depth", [64, 500, 50_000])

@@ -74,6 +74,8 @@ SAMPLES: dict[str, tuple[str, Any]] = {
         "/chat/completions=openai-chat, /responses=openai-responses",
         [("/chat/completions", "openai-chat"), ("/responses", "openai-responses")],
     ),
+    "SSE_CACHE_CREDENTIAL_HEADER": ("X-Session, x-team-key", ["x-session", "x-team-key"]),
+    "SSE_CACHE_KEY_HEADER": ("x-account", ["x-account"]),
     "SSE_CACHE_FINISH_ON_DISCONNECT": ("yes", True),
     "SSE_CACHE_RESUME_WINDOW": ("45", 45.0),
     "SSE_CACHE_CROSS_PROCESS": ("1", True),
@@ -137,6 +139,7 @@ def test_flags_win_over_variables() -> None:
         ("SSE_CACHE_ROUTE", "/x=nope", "unknown adapter 'nope' in '/x=nope'; known: "),
         ("SSE_CACHE_ROUTE", "v1/x=generic", "expected /PATH=ADAPTER, got 'v1/x=generic'"),
         ("SSE_CACHE_BACKEND", "cache.db", "expected a backend URL"),
+        ("SSE_CACHE_KEY_HEADER", "x-a,x b:c", "expected a header name, got 'b:c'"),
         ("SSE_CACHE_LOG_LEVEL", "loud", "expected one of critical, error, warning, info"),
         ("SSE_CACHE_DECODED_CACHE_MB", "-1", "expected a number of MiB >= 0"),
         ("SSE_CACHE_CROSS_PROCESS_LEASE", "86401", "at most 86400, got '86401'"),
@@ -960,3 +963,58 @@ def test_compose_runs_the_proxy_on_redis_with_a_valid_configuration(
     assert grace > settings.graceful_timeout  # streams end before the runtime kills it
     with pytest.raises(ConfigError):  # and the variables are read, not ignored:
         resolve(root.parse_args(["proxy"]), {**env, "SSE_CACHE_PORT": "http"})
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_gateways_credential_and_routing_headers_keep_callers_apart(
+    serve: Any, tmp_path: Path
+) -> None:
+    # Clients of an AI gateway send one placeholder Authorization and their identity in the
+    # gateway's own header; its routing headers pick the provider. Each such caller and
+    # route is answered by its own upstream call (helper-88: all of them shared one entry),
+    # and the operator names the gateway's other headers by flag or by variable.
+    placeholder = {"authorization": "Bearer placeholder"}
+    upstream_app = MockUpstream(delay=0.001)
+    async with (
+        serve(upstream_app) as upstream,
+        proxy_process(
+            tmp_path,
+            "--backend",
+            "memory://",
+            "--upstream",
+            upstream,
+            "--credential-header",
+            "X-Session",
+            env={"SSE_CACHE_KEY_HEADER": "x-account,x-region"},
+        ) as p,
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=placeholder) as client,
+    ):
+
+        async def status(**headers: str) -> str:
+            response = await client.post(
+                "/v1/chat/completions", json=chat("gateway"), headers=headers
+            )
+            assert response.status_code == 200
+            return response.headers["x-sse-cache"]
+
+        callers = [
+            {"x-portkey-api-key": "pk-user-1"},
+            {"x-portkey-api-key": "pk-user-2"},
+            {"x-portkey-api-key": "pk-user-1", "x-portkey-provider": "anthropic"},
+            {"cf-aig-authorization": "Bearer cf-user-1"},
+            {"x-session": "s-1"},
+            {"x-session": "s-2"},
+            {"x-session": "s-1", "x-account": "a-2"},
+            {"x-session": "s-1", "x-region": "eu"},
+        ]
+        assert [await status(**caller) for caller in callers] == ["miss"] * len(callers)
+        assert [await status(**caller) for caller in callers] == ["hit"] * len(callers)
+        assert upstream_app.stats()["total"] == len(callers)
+        # A routing header alone says nothing of who asks: not cached.
+        anonymous = await client.post(
+            "/v1/chat/completions",
+            json=chat("gateway"),
+            headers={"authorization": "", "x-account": "a-2"},
+        )
+        assert anonymous.headers["x-sse-cache"] == "bypass"

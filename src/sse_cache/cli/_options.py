@@ -208,6 +208,13 @@ def _route(text: str) -> tuple[str, str]:
     return path, name
 
 
+def _header_name(text: str) -> str:
+    name = text.strip()
+    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+        raise argparse.ArgumentTypeError(f"expected a header name, got {text!r}")
+    return name.lower()
+
+
 def _log_level(text: str) -> str:
     level = text.strip().lower()
     if level not in LOG_LEVELS:
@@ -267,8 +274,8 @@ class Option:
         """``value`` as this option's variable would say it (:meth:`from_text` reads it back)."""
         if self.parse is None:
             return "true" if value else "false"
-        if self.repeat:
-            return ",".join(f"{path}={name}" for path, name in value)
+        if self.repeat:  # (a route is a pair: PATH=ADAPTER)
+            return ",".join(item if isinstance(item, str) else "=".join(item) for item in value)
         return str(value)
 
 
@@ -329,6 +336,27 @@ OPTIONS: tuple[Option, ...] = (
         shown="the default routes",
         parse=_route,
         metavar="PATH=ADAPTER",
+        repeat=True,
+    ),
+    Option(
+        "--credential-header",
+        "a request header that carries a caller's credential (a gateway's own), part of the "
+        "tenant scope beside Authorization, x-api-key and the others (docs/asgi.md, Tenant "
+        "scope); repeatable",
+        default=[],
+        shown="the known ones",
+        parse=_header_name,
+        metavar="NAME",
+        repeat=True,
+    ),
+    Option(
+        "--key-header",
+        "a request header that changes the answer (a gateway's choice of provider or "
+        "account), part of every key; repeatable",
+        default=[],
+        shown="the adapters' own",
+        parse=_header_name,
+        metavar="NAME",
         repeat=True,
     ),
     Option(

@@ -86,6 +86,8 @@ def build_app(settings: argparse.Namespace, metrics_dir: str | None = None) -> A
         settings.backend,
         ttl=settings.ttl,
         tenant="shared" if settings.shared_tenant else None,
+        credential_headers=settings.credential_header,
+        key_headers=settings.key_header,
         routes=routes,
         finish_on_disconnect=settings.finish_on_disconnect,
         resume_window=settings.resume_window,

@@ -17,6 +17,7 @@ from .._checks import (
     POSITIVE_BYTES,
     boolean,
     callables,
+    header_names,
     instance_of,
     integer,
     mapping,
@@ -62,6 +63,12 @@ class CacheOptions:
     ``breaker_failures`` / ``breaker_cooldown``: the backend's breaker
     (:mod:`sse_cache.breaker`). ``resume_window``: seconds a streamed miss whose client left
     is read on, so that the client can come back and resume it (None: abandoned at once).
+    ``credential_headers``: more request headers that carry a caller's credential (a
+    gateway's own), part of the default tenant scope beside
+    :data:`~sse_cache.keys.CREDENTIAL_HEADERS` and the names ending like one.
+    ``key_headers``: more request headers that change the answer on every route (a
+    gateway's routing), keyed beside each adapter's own and
+    :data:`~sse_cache.http.policy.GATEWAY_KEY_HEADERS`.
     """
 
     routes: Mapping[str, StreamAdapter | Callable[[], StreamAdapter]] | None = None
@@ -82,6 +89,8 @@ class CacheOptions:
     breaker_cooldown: float = DEFAULT_BREAKER_COOLDOWN
     resume_window: float | None = None
     origin: str = ""
+    credential_headers: Iterable[str] = ()
+    key_headers: Iterable[str] = ()
 
     def __post_init__(self) -> None:
         # Every option is checked here, once, naming it: a wrong type, NaN or a value out of
@@ -113,6 +122,8 @@ class CacheOptions:
             ),
             "breaker_failures": integer("breaker_failures", self.breaker_failures, minimum=0),
             "breaker_cooldown": positive_number("breaker_cooldown", self.breaker_cooldown),
+            "credential_headers": header_names("credential_headers", self.credential_headers),
+            "key_headers": header_names("key_headers", self.key_headers),
         }
         if self.ttl is not None:
             checked["ttl"] = ttl_of("ttl", self.ttl)

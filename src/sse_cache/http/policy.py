@@ -18,7 +18,15 @@ from typing import Any
 
 import msgspec
 
-from .._checks import MAX_TTL, MAX_TTL_SHOWN, POSITIVE_BYTES, integer, mapping, text
+from .._checks import (
+    MAX_TTL,
+    MAX_TTL_SHOWN,
+    POSITIVE_BYTES,
+    header_names,
+    integer,
+    mapping,
+    text,
+)
 from .._logging import (
     RateLimitedLog,
     redact_query_key,
@@ -76,6 +84,11 @@ MAX_BODY_DEPTH = 64
 #: requests hold far fewer (a long conversation: a few per message). Counted by their
 #: opening brackets, in C, before the body is decoded (brackets in strings count too).
 MAX_BODY_CONTAINERS = 100_000
+
+#: Request headers that change the answer on every route, beside each adapter's own key
+#: headers: an AI gateway's choice of provider and of its configuration (Portkey's), which
+#: its clients send with one credential for all of them (helper-88).
+GATEWAY_KEY_HEADERS = ("x-portkey-provider", "x-portkey-config", "x-portkey-custom-host")
 
 #: Headers an integration removes before forwarding a request upstream (our controls).
 CONTROL_HEADER_PREFIX = "x-sse-cache-"
@@ -401,14 +414,19 @@ class CachePolicy:
     one path segment (``/models/{model}:generateContent``). Only ``POST`` is cached. Routes
     given the same adapter class or factory share one adapter (and so one cache).
 
-    ``tenant``: how the tenant scope is derived — None (default) hashes the credential the
-    request carries (``Authorization``, ``x-api-key``, ``api-key``, ``x-goog-api-key``,
-    ...; a request without one is not cached: its caller cannot be told apart), a callable
+    ``tenant``: how the tenant scope is derived — None (default) hashes the credentials the
+    request carries (``credential_headers``: ``Authorization``, ``x-api-key``, ``api-key``,
+    ``x-goog-api-key``, AI gateways' own...; and any header whose name ends like one:
+    :data:`~sse_cache.keys.CREDENTIAL_SUFFIXES`; a request without one is not cached: its
+    caller cannot be told apart), a callable
     receives the lower-cased request headers and returns a scope string, and
     :data:`SHARED_TENANT` lets all callers share entries (explicit opt-in). A ``key`` query
     parameter (Gemini's ``?key=``) is a credential too: it counts as the ``x-goog-api-key``
     header (also for a callable), and is removed from the route in the key and in logs.
     Credentials themselves are never stored.
+
+    ``key_headers``: request headers that key the answer on every route, beside each
+    adapter's own (:data:`GATEWAY_KEY_HEADERS` by default: a gateway's choice of provider).
 
     ``max_body_bytes``: larger request bodies pass through uncached (``bypass``).
     """
@@ -419,6 +437,7 @@ class CachePolicy:
         *,
         tenant: str | Callable[[Mapping[str, str]], str | None] | None = None,
         credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
+        key_headers: Iterable[str] = GATEWAY_KEY_HEADERS,
         max_body_bytes: int = 4 * 1024 * 1024,
         origin: str = "",
     ) -> None:
@@ -453,8 +472,17 @@ class CachePolicy:
         self._matched: dict[str, tuple[str, StreamAdapter] | None] = {}
         # Each adapter's key headers, read once: a runtime protocol check on every request
         # cost more than the rest of deciding it.
+        # (With the headers that key every route's answers.)
+        everywhere = header_names("key_headers", key_headers)
         self._key_headers = {
-            id(adapter): adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ()
+            id(adapter): tuple(
+                dict.fromkeys(
+                    (
+                        *(adapter.key_headers if isinstance(adapter, KeyHeadersAdapter) else ()),
+                        *everywhere,
+                    )
+                )
+            )
             for adapter in self.routes.values()
         }
         # ... and what says which requests it passes through uncached, if anything does.
@@ -463,7 +491,7 @@ class CachePolicy:
             for adapter in self.routes.values()
         }
         self._tenant = tenant
-        self._credentials = tuple(dict.fromkeys(h.lower() for h in credential_headers))
+        self._credentials = header_names("credential_headers", credential_headers)
         self.max_body_bytes = max_body_bytes
 
     def match(self, method: str, path: str) -> tuple[str, StreamAdapter] | None:

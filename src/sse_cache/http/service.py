@@ -43,7 +43,7 @@ from ..entry import Entry
 from ..errors import ConfigError
 from ..events import Event
 from ..flight import Cursor, Head, LiveFlight, SharedStreamAborted
-from ..keys import CacheRequest, DefaultKeyer
+from ..keys import CREDENTIAL_HEADERS, CacheRequest, DefaultKeyer
 from ..pacing import Pacing
 from ..protocols import (
     Backend,
@@ -73,7 +73,7 @@ from ._fanout import (
 from ._resume import alias_key, live_alias_key, live_alias_target
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
-from .policy import CachePolicy, Decision
+from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
 
 __all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", "ResponseTee"]
 
@@ -134,7 +134,12 @@ class CacheService:
             self.fanout = backend_
         self.cross_process_lease = o.cross_process_lease
         self.policy = CachePolicy(
-            o.routes, tenant=o.tenant, max_body_bytes=o.max_body_bytes, origin=o.origin
+            o.routes,
+            tenant=o.tenant,
+            credential_headers=(*CREDENTIAL_HEADERS, *o.credential_headers),
+            key_headers=(*GATEWAY_KEY_HEADERS, *o.key_headers),
+            max_body_bytes=o.max_body_bytes,
+            origin=o.origin,
         )
         hooks = self.hooks = tuple(o.hooks)
         keyer = o.keyer or DefaultKeyer()
