@@ -95,7 +95,9 @@ def test_a_streamed_request_not_asking_for_usage_keys_apart():
     base = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     usage = {**base, "stream": True, "stream_options": {"include_usage": True}}
     assert ADAPTER.key_fields(usage) == ADAPTER.key_fields(base)
-    assert ADAPTER.key_fields({**usage, "stream": False}) == ADAPTER.key_fields(base)
+    # stream_options on a request that does not stream: OpenAI refuses it (400), so it keys
+    # apart, and the upstream answers it (helper-88: it was a 200 hit of the valid request).
+    assert ADAPTER.key_fields({**usage, "stream": False}) != ADAPTER.key_fields(base)
     plain = ADAPTER.key_fields({**base, "stream": True})
     assert plain != ADAPTER.key_fields(base)
     assert ADAPTER.key_fields({**base, "stream": True, "stream_options": {}}) == plain
@@ -319,3 +321,20 @@ def test_a_tool_call_delta_whose_index_is_not_a_number_never_raises():
     assert body is not None
     ids = {c["id"] for c in json.loads(body)["choices"][0]["message"]["tool_calls"]}
     assert ids == {"a", "b"}
+
+
+def test_metadata_keys_the_answer_of_a_completion_stored_upstream():
+    # With store: true the completion is kept upstream with its metadata (listed, filtered
+    # by): a hit handed bob the id of a completion tagged end_user: alice (helper-88).
+    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "store": True}
+    alice = ADAPTER.key_fields({**base, "metadata": {"end_user": "alice"}})
+    bob = ADAPTER.key_fields({**base, "metadata": {"end_user": "bob"}})
+    assert alice != bob
+    # Not stored upstream: bookkeeping, left out as before.
+    unstored = {**base, "store": False}
+    assert ADAPTER.key_fields({**unstored, "metadata": {"end_user": "alice"}}) == (
+        ADAPTER.key_fields(unstored)
+    )
+    # ignore_fields still leaves it out.
+    ignoring = OpenAIChat(ignore_fields=["metadata"])
+    assert ignoring.key_fields({**base, "metadata": {"a": 1}}) == ignoring.key_fields(base)

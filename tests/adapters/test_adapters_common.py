@@ -76,11 +76,10 @@ RESPONSES_BODY = {
     ("cls", "dropped"),
     [
         (OpenAIResponses, {"stream", "stream_options", "timeout"}),
-        (
-            OpenAIChat,
-            {"stream", "stream_options", "timeout", "user", "metadata"},
-        ),
-        (AnthropicMessages, {"stream", "stream_options", "timeout", "metadata"}),
+        # (metadata is kept: the body stores the completion upstream, store: true)
+        (OpenAIChat, {"stream", "stream_options", "timeout", "user"}),
+        # (stream_options is no field of this API; this metadata is not its shape)
+        (AnthropicMessages, {"stream", "timeout"}),
     ],
 )
 def test_key_fields_drop_only_transport_and_named_metadata(cls, dropped):
@@ -100,10 +99,14 @@ def test_stream_and_non_stream_requests_share_a_key(cls):
         return keyer.key(CacheRequest(schema=adapter.name, route="r", fields=adapter.key_fields(b)))
 
     # (A Chat stream shares with a non-streamed request when it asks for usage, as the
-    # body has it: tested with Chat.)
+    # body has it: tested with Chat. Anthropic has no stream_options.)
     options = {"include_usage": True, "include_obfuscation": False}
-    streamed = {**body, "stream": True, "stream_options": options}
+    openai = cls is not AnthropicMessages
+    streamed = {**body, "stream": True, **({"stream_options": options} if openai else {})}
     assert key(streamed) == key(body)
+    # A stream_options the API refuses (on a request that does not stream; any on
+    # Anthropic) keys apart: the upstream answers it, never a valid request's entry.
+    assert key({**body, "stream_options": options}) != key(body)
     assert adapter.is_streaming(streamed)
     assert not adapter.is_streaming(body)
     assert not adapter.is_streaming({**body, "stream": False})
@@ -192,3 +195,19 @@ def test_docs_example_adapter_runs():
     adapter = module.adapter
     assert isinstance(adapter, StreamAdapter)
     assert "labels" not in adapter.key_fields({"labels": {}, "contents": []})  # type: ignore[attr-defined]
+
+
+def test_anthropic_metadata_of_the_apis_shape_is_left_out_and_any_other_keys():
+    # The API takes metadata {"user_id": str | null} and refuses any other member (400):
+    # such a request was answered 200 from a valid request's entry (helper-88).
+    adapter = AnthropicMessages()
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+    plain = adapter.key_fields(body)
+    for shape in ({"user_id": "u-1"}, {"user_id": None}, {}):
+        assert adapter.key_fields({**body, "metadata": shape}) == plain, shape
+    for refused in ({"user_id": "u", "foo": 1}, {"user_id": 7}, "u-1", ["u"]):
+        fields = adapter.key_fields({**body, "metadata": refused})
+        assert fields == {**plain, "metadata": refused}, refused
+    assert AnthropicMessages(ignore_fields=["metadata"]).key_fields(
+        {**body, "metadata": {"foo": 1}}
+    ) == AnthropicMessages(ignore_fields=["metadata"]).key_fields(body)

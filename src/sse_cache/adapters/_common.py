@@ -180,16 +180,31 @@ class KeyedAdapter:
     ) -> None:
         if isinstance(ignore_fields, str):
             raise TypeError("ignore_fields must be an iterable of field names, not a string")
-        self._drop = self.excluded_fields | frozenset(ignore_fields)
+        self._ignored = frozenset(ignore_fields)
+        self._drop = self.excluded_fields | self._ignored
         if delta_chars is not None:  # (0, -1 or 8.5 failed in synthesize, or split nothing)
             delta_chars = integer("delta_chars", delta_chars, what="None or an int >= 1")
         self.delta_chars = delta_chars
 
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         """Every request field except the excluded ones: unknown new fields are kept, so a
-        field that might change the answer never makes two requests share an entry."""
+        field that might change the answer never makes two requests share an entry. An
+        excluded field whose value the upstream reads otherwise (:meth:`excluded_but_read`)
+        is kept too, unless ``ignore_fields`` names it."""
         drop = self._drop
-        return {k: v for k, v in body.items() if k not in drop}
+        fields = {k: v for k, v in body.items() if k not in drop}
+        for name in self.excluded_but_read(body):
+            if name not in self._ignored:
+                fields[name] = body[name]
+        return fields
+
+    def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
+        """The excluded fields of ``body`` the upstream does not take as bookkeeping here:
+        a ``stream_options`` on a request that does not stream (OpenAI answers it 400: left
+        out, such a request was answered 200 from a valid request's entry; helper-88)."""
+        if "stream_options" in body and body.get("stream") is not True:
+            return ("stream_options",)
+        return ()
 
     def is_streaming(self, body: Mapping[str, Any]) -> bool:
         """These APIs stream only when asked to (``"stream": true``)."""

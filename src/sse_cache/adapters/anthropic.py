@@ -31,8 +31,9 @@ from ._common import (
 __all__ = ["CONTINUE_EVENT_TYPES", "EXCLUDED_FIELDS", "AnthropicMessages"]
 
 #: Request fields left out of the key: transport, plus ``metadata`` (``user_id``: who asked,
-#: never echoed in the message and never changing it).
-EXCLUDED_FIELDS: Final = TRANSPORT_FIELDS | frozenset({"metadata"})
+#: never echoed in the message and never changing it). Not ``stream_options``, which is no
+#: field of this API (it refuses it: such a request keys apart, as any unknown field).
+EXCLUDED_FIELDS: Final = (TRANSPORT_FIELDS - {"stream_options"}) | frozenset({"metadata"})
 
 #: ``event:`` names answered CONTINUE without decoding the payload.
 CONTINUE_EVENT_TYPES: Final = frozenset(
@@ -73,8 +74,9 @@ _start_decoder: Final = msgspec.json.Decoder(_Start)
 class AnthropicMessages(KeyedAdapter):
     """Adapter for the Anthropic Messages API.
 
-    - **key**: every request field except ``stream``, ``stream_options``, ``timeout``,
-      ``request_timeout``, ``metadata`` and ``ignore_fields``.
+    - **key**: every request field except ``stream``, ``timeout``, ``request_timeout``,
+      ``metadata`` (unless it holds more than a ``user_id`` string, which the API refuses)
+      and ``ignore_fields``.
     - **outcome**: ``message_stop`` completes; ``event: error`` (or an ``error`` payload)
       fails; a ``message_stop`` whose payload is unreadable fails. Events without an
       ``event:`` line are passed through but never complete a stream (the SDK ignores them).
@@ -100,6 +102,20 @@ class AnthropicMessages(KeyedAdapter):
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
         boolean("ping", ping)  # ("no" is truthy)
         self.ping = ping
+
+    def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
+        """Also a ``metadata`` that is more than ``{"user_id": ...}`` (a string or null):
+        the API refuses any other member (400), and left out, such a request was answered
+        200 from a valid request's entry (helper-88)."""
+        read = super().excluded_but_read(body)
+        metadata = body.get("metadata")
+        if metadata is None or (
+            isinstance(metadata, dict)
+            and metadata.keys() <= {"user_id"}
+            and isinstance(metadata.get("user_id", ""), str | None)
+        ):
+            return read
+        return (*read, "metadata")
 
     # -- outcome ---------------------------------------------------------------------------
 

@@ -32,8 +32,9 @@ __all__ = [
 ]
 
 #: Request fields left out of the key: transport, plus Vertex ``labels`` (billing metadata,
-#: never echoed in an answer and never changing it).
-EXCLUDED_FIELDS: Final = TRANSPORT_FIELDS | frozenset({"labels"})
+#: never echoed in an answer and never changing it). Not ``stream_options``, which is no
+#: field of this API (such a request keys apart, as any unknown field).
+EXCLUDED_FIELDS: Final = (TRANSPORT_FIELDS - {"stream_options"}) | frozenset({"labels"})
 
 #: Finish reasons of an answer that is stored by default: the model ended by itself, or at
 #: the token limit the request set (both are what the same request gets again).

@@ -74,9 +74,10 @@ class _Parts(list[str]):
 class OpenAIChat(KeyedAdapter):
     """Adapter for OpenAI Chat Completions and OpenAI-compatible servers.
 
-    - **key**: every request field except ``stream``, ``stream_options``, ``timeout``,
-      ``request_timeout``, ``user``, ``metadata``, ``safety_identifier``,
-      ``prompt_cache_key``, ``prompt_cache_retention`` and ``ignore_fields``; but a
+    - **key**: every request field except ``stream``, ``stream_options`` (of a streamed
+      request), ``timeout``, ``request_timeout``, ``user``, ``metadata`` (unless ``store``
+      is true), ``safety_identifier``, ``prompt_cache_key``, ``prompt_cache_retention`` and
+      ``ignore_fields``; but a
       streamed request *without* ``stream_options.include_usage`` keys apart: a non-streamed
       request shares its entry with streams that carry usage, as its body does.
     - **outcome**: ``data: [DONE]`` completes; a payload with a truthy top-level ``error``
@@ -105,6 +106,15 @@ class OpenAIChat(KeyedAdapter):
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
         boolean("usage_chunk", usage_chunk)  # ("no" is truthy)
         self.usage_chunk = usage_chunk
+
+    def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
+        """Also ``metadata`` when the completion is stored upstream (``store: true``): it is
+        kept with it (listed, filtered by, used for evals), and a hit would hand the caller
+        the id of a completion tagged with another caller's metadata (helper-88)."""
+        read = super().excluded_but_read(body)
+        if body.get("store") is True and "metadata" in body:
+            return (*read, "metadata")
+        return read
 
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         fields = super().key_fields(body)
