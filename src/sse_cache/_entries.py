@@ -13,6 +13,7 @@ import logging
 import operator
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -42,6 +43,14 @@ _R = TypeVar("_R")
 _WRITE_FAILED = "the backend write failed"
 #: ... or was not tried: the breaker had turned the backend off for a while.
 _SKIPPED = "the backend was skipped (its circuit breaker is open)"
+
+
+#: Why an answer was not stored: a request that replaces the key's entry (a refresh) began
+#: after this answer's request did, and its answer is the one to keep.
+SUPERSEDED = "a refresh of the same request began while this answer streamed"
+#: How many keys' refreshes a store remembers (see :meth:`EntryStore.fence`): only answers
+#: still streaming when one began need it, so the oldest go first.
+_FENCES = 4096
 
 
 class _Skipped(Exception):
@@ -87,6 +96,8 @@ class EntryStore:
         # codec (another secret, say) never use each other's decodings.
         tag = f"{id(codec):x}"
         self._names = (f"e{tag}:", f"w{tag}:")
+        #: When the latest refresh of each key began (``time.monotonic()``; see fence).
+        self._fences: OrderedDict[str, float] = OrderedDict()
         if breaker.on_change is None:
             breaker.on_change = self._breaker_changed
 
@@ -106,16 +117,38 @@ class EntryStore:
         wire = await self._decoded(self._names[1], key, raw, WireEntry, self._decode_wire)
         return None if wire is None else self._fresh(key, wire, max_age)
 
-    async def store(self, key: str, entry: Entry, ttl: float | None) -> bool:
+    async def store(
+        self, key: str, entry: Entry, ttl: float | None, began: float | None = None
+    ) -> bool:
         """Encode and store ``entry`` for ``ttl`` seconds (None: no expiry); False (logged)
-        when it could not be encoded, or the backend failed or was skipped."""
-        return not await self.save(key, entry, ttl)
+        when it could not be encoded, or the backend failed or was skipped, or a refresh of
+        ``key`` began after ``began`` (see :meth:`save`)."""
+        return not await self.save(key, entry, ttl, began)
 
-    async def save(self, key: str, entry: Entry, ttl: float | None) -> str:
+    def fence(self, key: str, began: float) -> None:
+        """A request that replaces ``key``'s entry (a refresh) began at ``began``
+        (``time.monotonic()``): an answer to an identical request that began before it, and
+        ends after it, is not stored over its answer (helper-89: an operator's refresh, to
+        evict an answer from a provider's bad minute, was undone by a request of that minute
+        still streaming). In this process: another process's answer is stored as it ends."""
+        fences = self._fences
+        fences[key] = began
+        fences.move_to_end(key)
+        if len(fences) > _FENCES:
+            fences.popitem(last=False)
+
+    async def save(
+        self, key: str, entry: Entry, ttl: float | None, began: float | None = None
+    ) -> str:
         """:meth:`store`, returning why ``entry`` was not stored (``""``: it was). An entry
         the codec refuses (an event of wrong field types, from the caller's upstream) is not
-        a backend failure: the backend is not called, and the reason says so."""
+        a backend failure: the backend is not called, and the reason says so. ``began``: when
+        the request it answers began (``time.monotonic()``), if a later refresh of the same
+        key (:meth:`fence`) is to win over it."""
         check_key(key)  # (the caller's mistake: raised, never counted against the backend)
+        if began is not None and began < self._fences.get(key, began):
+            self._notify(Notice(kind="not_stored", key=key, detail=SUPERSEDED))
+            return SUPERSEDED
         if ttl is not None:
             entry = msgspec.structs.replace(entry, expires_at=time.time() + ttl)
         self._forget_decoded(key)

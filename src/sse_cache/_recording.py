@@ -30,6 +30,7 @@ class LiveRecording:
     :meth:`StreamCache.recording` does) ends the stream, as cut when an exception leaves."""
 
     __slots__ = (
+        "_began",
         "_key",
         "_notify",
         "_started",
@@ -50,12 +51,15 @@ class LiveRecording:
         *,
         notify: Notify,
         store: SaveEntry,
+        began: float | None = None,
     ) -> None:
         self._notify = notify
         self._store = store
         self._key = key
         self._ttl = ttl
         self._started = time.monotonic()
+        # When the request began: a refresh of the same key begun later wins (EntryStore.fence).
+        self._began = self._started if began is None else began
         self.recorder = recorder
         self.status = (200, "text/event-stream")
         #: The entry judged storable when the stream ended (None before, or if it failed).
@@ -117,7 +121,7 @@ class LiveRecording:
         if self.entry is None:
             self._notify(Notice(kind="not_stored", key=self._key, detail=self.reason))
             return
-        why = await self._store(self._key, self.entry, self._ttl)
+        why = await self._store(self._key, self.entry, self._ttl, self._began)
         if why:
             self.recorder.reason = why
         else:

@@ -44,10 +44,11 @@ logger = logging.getLogger("sse_cache")
 
 #: Hands a :class:`Notice` to the cache's hooks.
 Notify = Callable[[Notice], None]
-#: Stores a judged entry under a key for a lifetime in seconds (None: none), returning why it
-#: was not stored (the entry could not be encoded, the backend write failed or was skipped),
-#: ``""`` when it was.
-SaveEntry = Callable[[str, Entry, float | None], Awaitable[str]]
+#: Stores a judged entry under a key for a lifetime in seconds (None: none), for a request
+#: that began at a ``time.monotonic()`` time, returning why it was not stored (the entry
+#: could not be encoded, the backend write failed or was skipped, a refresh began after the
+#: request: see EntryStore.fence), ``""`` when it was.
+SaveEntry = Callable[[str, Entry, float | None, float | None], Awaitable[str]]
 #: Takes a follower whose flight failed before sending it anything round the lookup order
 #: once more: it follows another flight (:meth:`CachedStream.follow`) or produces one.
 Rejoin = Callable[["CachedStream"], None]
@@ -73,6 +74,7 @@ class Production:
 
     __slots__ = (
         "abandoned",
+        "began",
         "clock",
         "entry",
         "iterator",
@@ -100,9 +102,12 @@ class Production:
         *,
         notify: Notify,
         store: SaveEntry,
+        began: float | None = None,
     ) -> None:
         self.notify = notify
         self.store = store
+        #: When the request began (``time.monotonic()``): a refresh begun later wins.
+        self.began = time.monotonic() if began is None else began
         self.live = live
         self.key = key
         self.recorder = recorder
@@ -187,7 +192,7 @@ class Production:
         self.settled = True
         assert self.entry is not None
         try:
-            why = await self.store(self.key, self.entry, self.ttl)
+            why = await self.store(self.key, self.entry, self.ttl, self.began)
             if why:
                 self.recorder.reason = why
             else:

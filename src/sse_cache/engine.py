@@ -239,10 +239,13 @@ class StreamCache:
         """The key an :meth:`alias` names, or None (missing, or the backend failed)."""
         return await self._entries.resolve(name)
 
-    async def store(self, key: str, entry: Entry, *, ttl: float | None = None) -> bool:
+    async def store(
+        self, key: str, entry: Entry, *, ttl: float | None = None, began: float | None = None
+    ) -> bool:
         """Encode and store ``entry``; False (logged) when it could not be encoded or the
-        backend failed. ``ttl`` falls back to the cache's default."""
-        return await self._entries.store(key, entry, self.ttl if ttl is None else ttl)
+        backend failed, or a refresh of ``key`` began after ``began`` (see :meth:`fence`).
+        ``ttl`` falls back to the cache's default."""
+        return await self._entries.store(key, entry, self.ttl if ttl is None else ttl, began)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (fail open: a backend failure is logged)."""
@@ -362,10 +365,15 @@ class StreamCache:
         reader pulling the upstream when it failed gets the upstream's own error).
         """
         ttl = _checked_ttl(ttl)
+        began = time.monotonic()
         key = self.key(request)
         pace = self.pacing if pacing is None else Pacing.parse(pacing)
         use_cache = lookup and not refresh
         ttl = self.ttl if ttl is None else ttl
+        if refresh and store:
+            # Its answer replaces the entry: one to a request begun before it, still
+            # streaming, is not stored over it.
+            self._entries.fence(key, began)
         live: LiveFlight[Event] | None = None
         cursor: Cursor | None = None
         if use_cache:
@@ -378,9 +386,10 @@ class StreamCache:
                 yield hit
                 return
             if live is not None and cursor is not None:
-                shared = CachedStream(
-                    CacheStatus.SHARED, key, rejoin=partial(self._rejoin, upstream=upstream)
-                )
+                # (A follower that takes over stores its own answer with its own ttl:
+                # helper-89 found it stored without expiry.)
+                rejoin = partial(self._rejoin, upstream=upstream, ttl=ttl, began=began)
+                shared = CachedStream(CacheStatus.SHARED, key, rejoin=rejoin)
                 shared.follow(live, cursor, self.join_timeout)
                 self._notify(Notice(kind="shared", key=key))
                 async with shared:
@@ -392,7 +401,7 @@ class StreamCache:
             else (CacheStatus.REFRESH if refresh else CacheStatus.BYPASS)
         )
         stream = CachedStream(status, key)
-        self._produce(stream, live, upstream, store=store, ttl=ttl)
+        self._produce(stream, live, upstream, store=store, ttl=ttl, began=began)
         async with stream:
             yield stream
 
@@ -404,9 +413,11 @@ class StreamCache:
         *,
         store: bool,
         ttl: float | None,
+        began: float,
     ) -> None:
         """Make ``stream`` the producer of ``live`` (registered by :meth:`settle`), or of a
-        flight of its own that no one else can join: its upstream is opened now."""
+        flight of its own that no one else can join: its upstream is opened now. ``began``:
+        when its request began (``time.monotonic()``)."""
         key = stream.key
         if live is None:
             # Not offered to others (no-cache, no-store, single-flight off): its log keeps
@@ -416,7 +427,7 @@ class StreamCache:
         if not store:
             recorder.fail("the request asked not to store (no-store)")
         production = Production(
-            live, key, recorder, ttl, notify=self._notify, store=self._entries.save
+            live, key, recorder, ttl, notify=self._notify, store=self._entries.save, began=began
         )
         cursor = live.flight.follow()
         live.flight.producer_left()  # the producing request reads as a follower does
@@ -432,16 +443,18 @@ class StreamCache:
             raise
         live.hand_over(production.pull, production.abandon)
 
-    def _rejoin(self, stream: CachedStream, upstream: Upstream) -> None:
+    def _rejoin(
+        self, stream: CachedStream, upstream: Upstream, ttl: float | None, began: float
+    ) -> None:
         """``stream`` followed a flight that failed before it was sent anything: it goes
         round the lookup order once more (without the backend read), joining whoever asks
-        the upstream next — or being it (status ``miss``)."""
+        the upstream next — or being it (status ``miss``), with the request's ``ttl``."""
         _, live, cursor = self.settle(stream.key)
         if live is not None and cursor is not None:
             stream.follow(live, cursor, self.join_timeout)
             return
         stream.status = CacheStatus.MISS
-        self._produce(stream, live, upstream, store=True, ttl=self.ttl)
+        self._produce(stream, live, upstream, store=True, ttl=ttl, began=began)
 
     def settle(
         self, key: str, *, share: bool = True, max_age: float | None = None
@@ -480,14 +493,22 @@ class StreamCache:
         self._notify(Notice(kind="hit", key=key, events=len(events), seconds=seconds))
         return CachedStream(CacheStatus.HIT, key, entry=entry, events=events, pacing=pacing)
 
-    def recording(self, key: str, *, store: bool = True, ttl: float | None = None) -> LiveRecording:
+    def recording(
+        self,
+        key: str,
+        *,
+        store: bool = True,
+        ttl: float | None = None,
+        began: float | None = None,
+    ) -> LiveRecording:
         """Record a stream whose events are pushed to us: ``async with cache.recording(key)
         as live`` (see :class:`LiveRecording`).
 
         Leaving the block ends the stream: cleanly when the block exits normally (then the
         stream is judged and stored if complete), as cut when it raises. (The recording is
         its own context manager, no generator: one left unclosed at the loop's end is
-        finalized once, not twice.)
+        finalized once, not twice.) ``began``: when the request began (``time.monotonic()``;
+        default now), so that a refresh of the key begun after it wins (:meth:`fence`).
         """
         ttl = _checked_ttl(ttl)
         recorder = self.recorder()
@@ -499,7 +520,15 @@ class StreamCache:
             self.ttl if ttl is None else ttl,
             notify=self._notify,
             store=self._entries.save,
+            began=began,
         )
+
+    def fence(self, key: str, began: float) -> None:
+        """A request that replaces ``key``'s entry (a refresh) began at ``began``
+        (``time.monotonic()``): an answer to an identical request begun before it and still
+        streaming is not stored over its answer (in this process; :meth:`stream` does this
+        for ``refresh=True``)."""
+        self._entries.fence(key, began)
 
 
 def _checked_ttl(ttl: float | None) -> float | None:

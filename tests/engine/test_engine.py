@@ -1398,3 +1398,101 @@ async def test_a_miss_iterated_after_its_block_was_left_says_so() -> None:
     with pytest.raises(RuntimeError, match="block was left: iterate it inside"):
         async for _ in s:
             pass
+
+
+async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_streaming() -> None:
+    # An operator refreshes an entry to evict a bad answer; a request begun before the
+    # refresh, still streaming when it ends, stored its answer over the refreshed one, for
+    # the entry's whole lifetime, with nothing to say so (helper-89).
+    backend = DictBackend()
+    cache = StreamCache(backend, GenericSSE())
+    old = responses_stream("from the bad minute", text_deltas=3)
+    new = responses_stream("refreshed", text_deltas=3)
+    gate, streaming = anyio.Event(), anyio.Event()
+
+    async def slow_upstream() -> AsyncIterator[Event]:
+        yield old[0]
+        streaming.set()
+        await gate.wait()
+        for event in old[1:]:
+            yield event
+
+    async def fast_upstream() -> AsyncIterator[Event]:
+        for event in new:
+            yield event
+
+    outcome: list[Any] = []
+
+    async def older() -> None:
+        async with cache.stream(cache.request(BODY), slow_upstream) as s:
+            got = [e async for e in s]
+        outcome.append((s, got))
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(older)
+            await streaming.wait()
+            async with cache.stream(cache.request(BODY), fast_upstream, refresh=True) as r:
+                assert [e async for e in r] == list(new)
+            assert r.status is CacheStatus.REFRESH and r.stored
+            gate.set()
+    ((s, got),) = outcome
+    assert wire(got) == wire(old)  # its own client got its whole answer ...
+    assert s.status is CacheStatus.MISS and not s.stored  # ... not stored over the refresh
+    assert "refresh" in s.reason
+    hit, replayed = await consume(cache, Upstream())
+    assert hit.status is CacheStatus.HIT and wire(replayed) == wire(new)  # type: ignore[attr-defined]
+    # A request begun after the refresh stores as ever.
+    later, _ = await consume(cache, Upstream(old), refresh=True)
+    assert later.stored  # type: ignore[attr-defined]
+
+
+async def test_a_follower_that_takes_over_stores_with_its_own_ttl() -> None:
+    # The producer's upstream fails before its first event; its follower goes round the
+    # lookup order again and produces: its answer was stored without the ttl it asked for
+    # (helper-89: never expiring).
+    seen: list[float | None] = []
+    backend = DictBackend()
+    original = backend.set
+
+    async def spy(key: str, value: bytes, ttl: float | None = None) -> None:
+        seen.append(ttl)
+        await original(key, value, ttl)
+
+    backend.set = spy  # type: ignore[method-assign]
+    joined, followed = anyio.Event(), anyio.Event()
+
+    def hook(notice: Notice) -> None:
+        if notice.kind == "shared":
+            joined.set()
+
+    cache = StreamCache(backend, GenericSSE(), hooks=[hook])
+
+    async def failing() -> AsyncIterator[Event]:
+        await followed.wait()
+        raise RuntimeError("the upstream failed before its first event")
+        yield EVENTS[0]  # pragma: no cover
+
+    async def producer() -> None:
+        with pytest.raises(RuntimeError):
+            async with cache.stream(cache.request(BODY), failing, ttl=600) as s:
+                [e async for e in s]
+
+    statuses: list[object] = []
+
+    async def follower() -> None:
+        async with cache.stream(cache.request(BODY), Upstream(), ttl=7) as s:
+            statuses.append(s.status)
+            followed.set()
+            [e async for e in s]
+        statuses.append(s.status)
+        assert s.stored
+
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(producer)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(follower)
+            await joined.wait()
+    assert statuses == [CacheStatus.SHARED, CacheStatus.MISS]
+    assert seen == [7]

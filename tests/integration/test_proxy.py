@@ -519,3 +519,45 @@ async def test_a_stream_that_ends_inside_an_event_is_passed_on_but_never_stored(
     assert again.content == upstream_app.body
     assert again.headers["x-sse-cache"] == ("miss" if tail else "hit")
     assert upstream_app.calls == (2 if tail else 1)
+
+
+async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_streaming(
+    serve: Serve,
+) -> None:
+    # An operator refreshes an entry (x-sse-cache-refresh) to evict a bad answer; a request
+    # begun before the refresh and still streaming stored its answer over the refreshed one
+    # when it ended (helper-89). Its own client still gets all of it; the entry stays the
+    # refresh's.
+    old = GatedUpstream(responses_stream("from the bad minute", text_deltas=4), hold_after=2)
+    new = GatedUpstream(responses_stream("refreshed", text_deltas=4))
+    calls: list[Any] = []
+
+    async def upstream_app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            calls.append(scope["path"])
+        await (old if len(calls) <= 1 else new)(scope, receive, send)
+
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, "memory://")
+        try:
+            async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy, timeout=30) as c:
+                body = responses_body("refresh me")
+                async with c.stream("POST", "/v1/responses", json=body, headers=KEY_A) as older:
+                    assert older.headers["x-sse-cache"] == "miss"
+                    await old.wait_sent(2)
+                    refreshed = await c.post(
+                        "/v1/responses",
+                        json=body,
+                        headers={**KEY_A, "x-sse-cache-refresh": "1"},
+                    )
+                    assert refreshed.headers["x-sse-cache"] == "refresh"
+                    assert refreshed.content == b"".join(new.pieces)
+                    old.gate.set()
+                    held = await older.aread()
+                assert held == b"".join(old.pieces)  # its own client got all of its answer
+                later = await c.post("/v1/responses", json=body, headers=KEY_A)
+                assert later.headers["x-sse-cache"] == "hit"
+                assert later.content == refreshed.content
+        finally:
+            await app.aclose()
+    assert len(calls) == 2

@@ -82,8 +82,10 @@ class ResponseTee:
         limit: int = DEFAULT_MAX_ENTRY_BYTES,
         completing: bool = False,
         keep_stream: bool = False,
+        began: float | None = None,
     ) -> None:
         self._flight = flight
+        self._began = began  # when the request began: a refresh begun later wins
         self._live = recording
         self._parser = SSEParser() if recording is not None else None
         self._has_completing_event = completing
@@ -465,7 +467,7 @@ class ResponseTee:
             content_type=self._content_type,
             body=body,
         )
-        return await self._cache.store(self._key, entry, ttl=self._ttl)
+        return await self._cache.store(self._key, entry, ttl=self._ttl, began=self._began)
 
     async def _stream_kept(self) -> bool:
         # A streamed request of the same key (the modes share entries: each answers the

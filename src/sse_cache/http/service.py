@@ -264,6 +264,9 @@ class Exchange:
         self._follows_process = False  # ... fed by another process's (cross-process)
         self._unindex: Callable[[], None] | None = None  # drops this stream's live index
         self._live_alias: tuple[str, str] | None = None  # (its name, what it names), if any
+        #: When this request went to the upstream (``time.monotonic()``), if it does: a
+        #: refresh of the same key begun later wins over its answer (EntryStore.fence).
+        self._began: float | None = None
 
     async def __aenter__(self) -> Exchange:
         """Look the request up: then the integration answers, or tees the upstream."""
@@ -366,6 +369,11 @@ class Exchange:
         )
         if controls.refresh or not controls.lookup:
             self.status = CacheStatus.REFRESH if controls.refresh else CacheStatus.BYPASS
+            began = self._began = time.monotonic()
+            if controls.refresh and controls.store:
+                # Its answer replaces the entry: one to an identical request begun before it,
+                # still streaming, is not stored over it (helper-89: a refresh was undone).
+                cache.fence(self.key, began)
             emit(self._service.hooks, Notice(kind=self.status.value, key=self.key))
             return
         self.status = CacheStatus.MISS
@@ -442,6 +450,7 @@ class Exchange:
             # followed it meanwhile sees it fail before its head, and looks again.)
             if self._lead is not None and await self._lookup(cache):
                 return
+        self._began = time.monotonic()
         emit(self._service.hooks, Notice(kind="miss", key=self.key))
         # Keyed: the decoded body is not needed any more, and a miss may stream for minutes
         # (a long conversation's body decodes to ~6 times its size; helper-85).
@@ -605,7 +614,7 @@ class Exchange:
                 tee = ResponseTee(flight=live)
         elif media == SSE_TYPE:
             recording = await self._stack.enter_async_context(
-                self._cache.recording(self.key, ttl=controls.ttl)
+                self._cache.recording(self.key, ttl=controls.ttl, began=self._began)
             )
             recording.respond(status, lowered.get("content-type", media))
             self._live = recording
@@ -625,6 +634,7 @@ class Exchange:
                 # A request that takes the stored entry as it is: a recorded stream there
                 # is kept (one that refreshes it, or found it too old, replaces it).
                 keep_stream=controls.lookup and not controls.refresh and controls.max_age is None,
+                began=self._began,
             )
         if tee is not None and lease is not None and head is not None:
             tee.publish_to(lease, head)
