@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from types import TracebackType
 
 import anyio
@@ -298,21 +299,29 @@ class CachedStream:
             self._it = it
         return it
 
-    def batches(self, max_events: int = 256) -> AsyncIterator[list[Event]]:
+    def batches(
+        self, max_events: int = 256, *, idle_tick: float | None = None
+    ) -> AsyncIterator[list[Event]]:
         """The same events in lists of whatever is ready (at most ``max_events`` each): lets
         an HTTP integration write many events at once, which is far cheaper than one write
-        per event. Paced replays still come one event per list, at their time. Use either
+        per event. Paced replays still come one event per list, at their time; with
+        ``idle_tick``, an empty list every ``idle_tick`` seconds of a longer wait, so that
+        the integration can keep its connection alive (the keep-alive comments of the
+        original are not recorded: without them a paced hit was silent until its first
+        event, and proxies and clients with an idle timeout cut it; helper-89). Use either
         this or plain iteration on a stream, not both."""
         if self._it is not None or self._batched:
             raise RuntimeError("this stream is already being iterated")
         if max_events < 1:
             raise ValueError(f"max_events must be >= 1, got {max_events!r}")
+        if idle_tick is not None and not idle_tick > 0:
+            raise ValueError(f"idle_tick must be > 0 seconds or None, got {idle_tick!r}")
         self._batched = True
         if self._live_flight is not None:
             return self._live_batches(max_events)
         if self._pacing.instant:
             return self._instant_batches(max_events)
-        return self._single(self._paced())
+        return self._paced_batches(idle_tick)
 
     async def _instant(self) -> AsyncIterator[Event]:
         events = self._events
@@ -332,16 +341,23 @@ class CachedStream:
             await anyio.lowlevel.checkpoint()
 
     async def _paced(self) -> AsyncIterator[Event]:
+        async with aclosing(self._paced_batches(None)) as batches:
+            async for (event,) in batches:
+                yield event
+
+    async def _paced_batches(self, tick: float | None) -> AsyncGenerator[list[Event], None]:
+        # One event a list, at its time; with ``tick``, an empty list for every ``tick``
+        # seconds of a longer wait.
         pacing = self._pacing
         begin = time.monotonic()
         for i, event in enumerate(self._events):
             due = begin + (pacing.delay(event.at) if pacing.mode == "original" else pacing.gap * i)
-            await anyio.sleep(max(0.0, due - time.monotonic()))
-            yield event
-
-    @staticmethod
-    async def _single(events: AsyncIterator[Event]) -> AsyncIterator[list[Event]]:
-        async for event in events:
+            left = due - time.monotonic()
+            while tick is not None and left > tick:
+                await anyio.sleep(tick)
+                yield []
+                left = due - time.monotonic()
+            await anyio.sleep(max(0.0, left))
             yield [event]
 
     async def _live(self) -> AsyncIterator[Event]:

@@ -14,7 +14,7 @@ import httpx2
 import pytest
 
 from asgi_calls import Answered, body_then, call, start_sse, stopped_when_the_client_leaves
-from sse_cache import Event, serialize_sse
+from sse_cache import Event, SSEParser, serialize_sse
 from sse_cache._asgi_io import INSTANT_SLICE_BYTES
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
@@ -1244,3 +1244,31 @@ async def test_the_last_follower_of_a_failed_stream_takes_no_background_slot() -
             await log.wait("shared")
             upstream.gate.set()
     assert mw._background == 0  # (the slots finish_on_disconnect counts)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_paced_hit_keeps_its_connection_alive_through_a_long_wait(
+    client_for: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The original's keep-alive comments are not recorded: a paced hit (pacing "original")
+    # waiting as long as the original did for its next event sent nothing meanwhile, and a
+    # proxy or client with an idle timeout cut it (helper-89). It sends a comment instead,
+    # which every SSE client ignores: the events are the same.
+    import sse_cache.http._answers as answers
+
+    monkeypatch.setattr(answers, "PACED_KEEPALIVE_SECONDS", 0.05)
+    upstream = GatedUpstream(EVENTS[:3], delay=0.3)  # the upstream's own pace
+    routes = {"/events": GenericSSE()}
+    client = client_for(CacheMiddleware(upstream, MemoryBackend(), routes=routes))
+    miss = await client.post("/events", json={"q": "slow"})
+    paced = await client.post(
+        "/events", json={"q": "slow"}, headers={"x-sse-cache-replay": "original"}
+    )
+    assert miss.headers["x-sse-cache"] == "miss" and paced.headers["x-sse-cache"] == "hit"
+    assert b": keep-alive\n\n" in paced.content
+    parser = SSEParser()
+    assert parser.feed(paced.content) == list(EVENTS[:3])
+    assert paced.content.replace(b": keep-alive\n\n", b"") == miss.content
+    # An instant hit has no wait, and no comment: the recorded bytes as they are.
+    instant = await client.post("/events", json={"q": "slow"})
+    assert instant.content == miss.content

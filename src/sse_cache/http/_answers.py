@@ -27,6 +27,12 @@ JSON_TYPE = "application/json"
 # A stored stream's own bytes go out in one write (no copies, one ASGI message).
 _CHUNK_BYTES = 64 * 1024
 _BATCH_EVENTS = 256
+#: A paced replay waiting longer than this for its next event sends an SSE comment (which
+#: every client ignores) at this interval: the keep-alive comments of the original are not
+#: recorded, and a proxy or client with an idle timeout (nginx's 60 s) cut a paced hit that
+#: waited for its first event as long as the original did (helper-89).
+PACED_KEEPALIVE_SECONDS = 15.0
+_KEEPALIVE = {"lf": b": keep-alive\n\n", "crlf": b": keep-alive\r\n\r\n"}
 _SSE_HEADERS = [("cache-control", "no-cache")]
 
 
@@ -171,13 +177,16 @@ def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
 
 async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator[bytes]:
     # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
-    # and live streams come as they are due and are written at once. ``eol``: the line ends
-    # the stream was recorded with.
+    # and live streams come as they are due and are written at once (a paced one with a
+    # keep-alive comment in a long wait). ``eol``: the line ends the stream was recorded with.
     pending: list[Event] = []
     size = 0
-    batches = stream.batches(_BATCH_EVENTS)
+    batches = stream.batches(_BATCH_EVENTS, idle_tick=PACED_KEEPALIVE_SECONDS)
     async with aclosing(batches):  # type: ignore[type-var]
         async for batch in batches:
+            if not batch:  # a paced replay's long wait: keep the connection alive
+                yield _KEEPALIVE[eol]
+                continue
             pending += batch
             size += sum(len(e.data) for e in batch)
             if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
