@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import math
 import zlib
+from collections.abc import Iterable
 from itertools import repeat
 from types import ModuleType
 from typing import Final, Literal
@@ -122,6 +123,20 @@ _parts_decoder = msgspec.msgpack.Decoder(tuple[_Head, bytes, bytes])
 _columns_decoder = msgspec.msgpack.Decoder(_Columns)
 
 
+def _digest(version: bytes, payload: bytes | memoryview, key: bytes) -> bytes:
+    h = hashlib.blake2b(version, digest_size=_DIGEST, key=key)
+    h.update(payload)
+    return h.digest()
+
+
+def _check_secret(name: str, secret: object) -> None:
+    if not isinstance(secret, bytes | bytearray):
+        # (a str failed at the first encode: nothing was ever stored)
+        raise ConfigError(f"{name} must be bytes, got {type(secret).__name__}")
+    if not 1 <= len(secret) <= 64:
+        raise ConfigError(f"{name} must be 1 to 64 bytes long")
+
+
 class MsgpackCodec:
     """The default :class:`~sse_cache.protocols.EventCodec` (also a
     :class:`~sse_cache.protocols.WireCodec`).
@@ -130,7 +145,13 @@ class MsgpackCodec:
     ``"none"``; parts under ``min_compress_bytes`` are stored uncompressed. Decoding reads
     whatever compression an entry says it has, so the setting can change on a live cache.
     ``max_decoded_bytes`` bounds decompression (a hostile entry cannot expand without limit).
-    ``secret`` turns the checksum into a MAC. ``decode``/``decode_wire`` raise
+    ``secret`` turns the checksum into a MAC. ``accepted_secrets``: more secrets whose
+    entries are read (never written), to change the secret without emptying the cache —
+    entries under a secret the reader does not know fail as corrupt and are deleted, so two
+    fleets with different secrets on one backend delete each other's (helper-89). Rotate in
+    three steps: every process gets ``accepted_secrets=[new]``; then ``secret=new,
+    accepted_secrets=[old]``; then ``secret=new`` alone (``None`` in the list stands for no
+    secret: to add one to a cache written without). ``decode``/``decode_wire`` raise
     :class:`CorruptEntry` for any input they cannot trust, and never return another entry than
     the one encoded.
     """
@@ -143,6 +164,7 @@ class MsgpackCodec:
         min_compress_bytes: int = 1024,
         max_decoded_bytes: int = 256 * 1024 * 1024,
         secret: bytes | None = None,
+        accepted_secrets: Iterable[bytes | None] = (),
     ) -> None:
         if compression == "auto":
             compression = "zstd" if _zstd is not None else "zlib"
@@ -154,11 +176,18 @@ class MsgpackCodec:
             raise ConfigError(
                 "compression='zstd' needs the zstandard package: pip install 'sse-cache[zstd]'"
             )
-        if secret is not None and not isinstance(secret, bytes | bytearray):
-            # (a str failed at the first encode: nothing was ever stored)
-            raise ConfigError(f"secret must be bytes, got {type(secret).__name__}")
-        if secret is not None and not 1 <= len(secret) <= 64:
-            raise ConfigError("secret must be 1 to 64 bytes long")
+        if secret is not None:
+            _check_secret("secret", secret)
+        if isinstance(accepted_secrets, bytes | bytearray | str) or not isinstance(
+            accepted_secrets, Iterable
+        ):
+            raise ConfigError(
+                f"accepted_secrets must be a list of secrets (bytes), got {accepted_secrets!r}"
+            )
+        accepted = tuple(accepted_secrets)
+        for item in accepted:
+            if item is not None:  # (None: entries written without a secret)
+                _check_secret("accepted_secrets", item)
         level = integer("level", level, minimum=-(2**31))
         min_compress_bytes = integer("min_compress_bytes", min_compress_bytes, minimum=0)
         max_decoded_bytes = integer("max_decoded_bytes", max_decoded_bytes)
@@ -168,6 +197,8 @@ class MsgpackCodec:
         self._min_compress = min_compress_bytes
         self._max_decoded = max_decoded_bytes
         self._key = secret or b""
+        #: Keys an entry's digest may be made with, the written one first.
+        self._keys = tuple(dict.fromkeys((self._key, *(bytes(k or b"") for k in accepted))))
         self._zstd_c = _zstd.ZstdCompressor(level=level) if _zstd is not None else None
         self._zstd_d = _zstd.ZstdDecompressor() if _zstd is not None else None
 
@@ -230,7 +261,7 @@ class MsgpackCodec:
             wire = self._pack(serialize_sse(events, eol=entry.eol))
         payload = _encoder.encode((head, columns, wire))
         version = bytes((ENTRY_FORMAT_VERSION,))
-        return _MAGIC + version + self._digest(version, payload) + payload
+        return _MAGIC + version + _digest(version, payload, self._key) + payload
 
     def _pack(self, raw: bytes) -> bytes:
         method = self._method if len(raw) >= self._min_compress else _NONE
@@ -317,8 +348,10 @@ class MsgpackCodec:
         if version != ENTRY_FORMAT_VERSION:
             raise UnreadableEntry(f"entry format version {version} is not supported")
         payload = view[_HEADER:]
-        expected = self._digest(bytes((version,)), payload)
-        if not hmac.compare_digest(expected, view[5:_HEADER]):
+        found, tag = view[5:_HEADER], bytes((version,))
+        if not hmac.compare_digest(_digest(tag, payload, self._key), found) and not any(
+            hmac.compare_digest(_digest(tag, payload, key), found) for key in self._keys[1:]
+        ):
             raise CorruptEntry("entry checksum mismatch (altered, truncated or foreign bytes)")
         try:
             parts = _parts_decoder.decode(payload)
@@ -333,11 +366,6 @@ class MsgpackCodec:
             # Only 2xx answers are stored; a hit sends this status with a body.
             raise CorruptEntry(f"entry status {head.status} is not a 2xx")
         return parts
-
-    def _digest(self, version: bytes, payload: bytes | memoryview) -> bytes:
-        h = hashlib.blake2b(version, digest_size=_DIGEST, key=self._key)
-        h.update(payload)
-        return h.digest()
 
     def _unpack(self, part: bytes) -> bytes | memoryview:
         if not part:

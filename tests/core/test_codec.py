@@ -318,3 +318,32 @@ def test_eol_is_validated() -> None:
         Entry(schema="g", created_at=1.0, events=(), eol="cr")  # type: ignore[arg-type]
     body = Entry(schema="g", created_at=1.0, body=b"{}")
     assert MsgpackCodec().decode_wire(MsgpackCodec().encode(body)).eol == "lf"
+
+
+def test_a_secret_is_rotated_without_emptying_the_cache() -> None:
+    # Entries under a secret the reader does not know fail as corrupt and are deleted: two
+    # fleets with different secrets on one backend deleted each other's (helper-89). With
+    # accepted_secrets, a reader takes the next (or the previous) secret's entries too, and
+    # writes with its own.
+    entry = Entry(schema="s", created_at=1.0, body=b'{"a": 1}')
+    old, new = b"old-secret", b"new-secret"
+    written_old = MsgpackCodec(secret=old).encode(entry)
+    step_one = MsgpackCodec(secret=old, accepted_secrets=[new])
+    step_two = MsgpackCodec(secret=new, accepted_secrets=[old])
+    written_new = step_two.encode(entry)
+    assert written_new == MsgpackCodec(secret=new).encode(entry)  # written with its own
+    for reader in (step_one, step_two):
+        assert reader.decode(written_old) == entry
+        assert reader.decode(written_new) == entry
+    with pytest.raises(CorruptEntry):
+        MsgpackCodec(secret=new).decode(written_old)  # the last step reads only its own
+    with pytest.raises(CorruptEntry):
+        step_two.decode(MsgpackCodec(secret=b"a third").encode(entry))
+    # None stands for no secret: a cache written without one takes one on.
+    unkeyed = MsgpackCodec().encode(entry)
+    assert MsgpackCodec(secret=new, accepted_secrets=[None]).decode(unkeyed) == entry
+    with pytest.raises(CorruptEntry):
+        MsgpackCodec(secret=new).decode(unkeyed)
+    for bad in (b"new-secret", "s", [b""], ["s"], 7):
+        with pytest.raises(ConfigError, match="accepted_secrets"):
+            MsgpackCodec(accepted_secrets=bad)  # type: ignore[arg-type]
