@@ -117,6 +117,43 @@ async def test_another_tenant_cannot_resume_the_stream(serve: Any) -> None:
         assert held + mine.content == await whole_answer(client)
 
 
+async def test_a_resume_in_another_organisation_project_or_prefix_is_not_answered(
+    serve: Any,
+) -> None:
+    # One API key, answers keyed apart by organisation, project and path prefix (a gateway's
+    # /team-a/v1 and /team-b/v1 answer for other accounts): a resume by response id was
+    # answered from the other's stream, stored or live, where the upstream answers 404
+    # (helper-88). Each resumes only its own.
+    upstream_app = MockUpstream()
+    org = {"openai-organization": "org-1", "openai-project": "proj-1"}
+    async with proxied(serve, upstream_app, resume_window=30) as client:
+        held = await read_then_leave(client, 5, **org)  # live: read on for its client
+        response_id, n = last_sequence_number(held)
+        params = {"stream": "true", "starting_after": str(n)}
+        path = f"/v1/responses/{response_id}"
+        others = [
+            ("/v1", {"openai-organization": "org-2", "openai-project": "proj-1"}),
+            ("/v1", {"openai-organization": "org-1", "openai-project": "proj-2"}),
+            ("/v1", {}),
+            ("/team-b/v1", org),
+        ]
+
+        async def nobody_else_resumes() -> None:
+            for prefix, headers in others:
+                got = await client.get(
+                    prefix + path.removeprefix("/v1"), params=params, headers={**ALICE, **headers}
+                )
+                assert "x-sse-cache" not in got.headers, (prefix, headers)  # the upstream's
+
+        await nobody_else_resumes()
+        mine = await client.get(path, params=params, headers={**ALICE, **org})
+        assert mine.headers["x-sse-cache"] == "shared"
+        # Stored now (the answer completed): the index of the stored entry holds them too.
+        stored = await client.get(path, params=params, headers={**ALICE, **org})
+        assert stored.headers["x-sse-cache"] == "hit" and stored.content == mine.content
+        await nobody_else_resumes()
+
+
 async def test_tenants_told_apart_by_the_key_parameter_resume_only_their_own(serve: Any) -> None:
     # Behind a gateway's constant Authorization, the ?key= credential tells tenants apart, in
     # a resume as in the POST: Bob's key does not open Alice's stored answer, Alice's does.

@@ -57,23 +57,38 @@ _RESUME = re.compile(r"/responses/(?P<id>[A-Za-z0-9_.:-]{1,200})/?$")
 _SEQUENCE_NUMBER = re.compile(r"-?[0-9]{1,18}")
 
 
-def alias_key(schema: str, tenant: str, name: str, origin: str = "") -> str:
+def alias_key(schema: str, tenant: str, name: str, origin: str = "", scope: str = "") -> str:
     """The backend key under which the key of an entry named ``name`` (a response id) is
-    kept, per schema, tenant and server (``origin``, as the entry's key holds it: two servers
-    may give out the same id)."""
+    kept, per schema, tenant, server (``origin``, as the entry's key holds it: two servers
+    may give out the same id) and ``scope`` (:func:`alias_scope`)."""
     h = hashlib.blake2b(digest_size=32)
-    # (The origin only when there is one: the aliases of a cache without one are unchanged.)
-    for part in ("sse-cache/alias", schema, tenant, name, *((origin,) if origin else ())):
+    # (The origin and scope only when there are: the aliases of a cache without are unchanged.)
+    parts = ("sse-cache/alias", schema, tenant, name, *((origin,) if origin or scope else ()))
+    for part in (*parts, *((scope,) if scope else ())):
         raw = part.encode()
         h.update(len(raw).to_bytes(4, "big") + raw)
     return ALIAS_PREFIX + h.hexdigest()
 
 
-def live_alias_key(schema: str, tenant: str, name: str, origin: str = "") -> str:
+def live_alias_key(schema: str, tenant: str, name: str, origin: str = "", scope: str = "") -> str:
     """The backend key under which the producer of a stream named ``name`` is kept while
-    another process produces it (cross-process resume), per schema, tenant and server: its
-    :func:`live_alias_target`."""
-    return alias_key(schema + "/live", tenant, name, origin)
+    another process produces it (cross-process resume), per schema, tenant, server and
+    scope: its :func:`live_alias_target`."""
+    return alias_key(schema + "/live", tenant, name, origin, scope)
+
+
+def alias_scope(path: str, key_headers: Mapping[str, str]) -> str:
+    """What else an answer's key held that a resume by response id must match: the path
+    before ``/responses`` (a gateway's ``/team-a/v1`` and ``/team-b/v1`` answer for other
+    accounts) and the request headers that key it (an ``openai-organization`` or
+    ``openai-project`` of one API key): else a resume in another organisation, project or
+    prefix was answered from this one's stream, where the upstream answers 404 (helper-88).
+    ``""`` for the plain ``/v1`` with no such header (the aliases of earlier versions)."""
+    cut = path.rfind("/responses")
+    prefix = path[:cut] if cut >= 0 else path
+    if prefix == "/v1" and not key_headers:
+        return ""
+    return "\0".join((prefix, *(f"{k}={v}" for k, v in sorted(key_headers.items()))))
 
 
 def live_alias_target(key: str, token: str) -> str:
@@ -119,8 +134,9 @@ async def resume(
         return not events_after([event], after)  # the client has events up to N
 
     where = service.policy.origin if origin is None else origin
-    alias = alias_key(adapter.name, tenant, match["id"], where)
-    live_alias = live_alias_key(adapter.name, tenant, match["id"], where)
+    scope = alias_scope(path[: match.start()], service.policy.key_headers_of(adapter, headers))
+    alias = alias_key(adapter.name, tenant, match["id"], where, scope)
+    live_alias = live_alias_key(adapter.name, tenant, match["id"], where, scope)
     live = service.live_responses.get(alias)
     if live is not None and live.entry is None:
         # Still being produced: the events after N from its log, then the rest as it

@@ -511,6 +511,13 @@ class CachePolicy:
         self._matched[path] = found
         return found
 
+    def key_headers_of(self, adapter: StreamAdapter, headers: Mapping[str, str]) -> dict[str, str]:
+        """The request headers that key ``adapter``'s answers, as a decision holds them
+        (names lower-cased; those ``headers`` carry)."""
+        lowered = {name.lower(): value for name, value in headers.items()}
+        names = self._key_headers.get(id(adapter), ())
+        return {name: lowered[name] for name in names if name in lowered}
+
     def tenant_of(self, headers: Mapping[str, str], query: str = "") -> str | None:
         """The tenant scope of a request; None when the scope cannot tell who is asking (by
         default: no credential header, no ``key`` query parameter; a callable: it returned

@@ -70,7 +70,7 @@ from ._fanout import (
     end_lead,
     lead_or_follow,
 )
-from ._resume import alias_key, live_alias_key, live_alias_target
+from ._resume import alias_key, alias_scope, live_alias_key, live_alias_target
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
@@ -555,7 +555,13 @@ class Exchange:
         response_id = live.entry.meta.get("response_id")
         if response_id:
             decision = self.decision
-            alias = alias_key(cache.adapter.name, decision.tenant, response_id, decision.origin)
+            alias = alias_key(
+                cache.adapter.name,
+                decision.tenant,
+                response_id,
+                decision.origin,
+                _alias_scope_of(decision),
+            )
             await cache.alias(alias, self.key, expires_at=live.entry.expires_at)
 
     def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -659,7 +665,8 @@ class Exchange:
         if not response_id:
             return
         decision = self.decision
-        alias = alias_key(adapter.name, decision.tenant, response_id, decision.origin)
+        scope = _alias_scope_of(decision)
+        alias = alias_key(adapter.name, decision.tenant, response_id, decision.origin, scope)
         index = self._service.live_responses
         index[alias] = live
         lease, tee, cache = self._lead, self._tee, self._cache
@@ -669,7 +676,9 @@ class Exchange:
             # took over, or the next request's after this one failed, asked the upstream
             # again and streams another response, whose end is no suffix of this one. (The
             # channel outlives the stream by a minute: a resume just after the end reads it.)
-            name = live_alias_key(adapter.name, decision.tenant, response_id, decision.origin)
+            name = live_alias_key(
+                adapter.name, decision.tenant, response_id, decision.origin, scope
+            )
             until = time.time() + _LIVE_ALIAS_TTL
             target = live_alias_target(self.key, lease.token)
             tee.later(lambda: cache.alias(name, target, expires_at=until))
@@ -682,3 +691,10 @@ class Exchange:
         # Dropped once the stored entry is indexed (__aexit__): a resume in between would
         # find neither, and go to the upstream.
         self._unindex = unindex
+
+
+def _alias_scope_of(decision: Decision) -> str:
+    """:func:`~sse_cache.http._resume.alias_scope` of the request ``decision`` answers: its
+    path (from its route: ``METHOD origin/path?query``) and key headers."""
+    path = decision.route.partition(" ")[2][len(decision.origin) :].partition("?")[0]
+    return alias_scope(path, decision.key_headers)
