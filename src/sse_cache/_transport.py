@@ -154,7 +154,11 @@ class _Options:
         max_background: int = 8,
         **keywords: Any,
     ) -> None:
-        self._options = CacheOptions.of(options, keywords)
+        own = (
+            "max_background",
+            *(("portal_backend",) if isinstance(self, CacheTransportBase) else ()),
+        )
+        self._options = CacheOptions.of(options, keywords, own)
         #: At most ``max_background`` streams are read on for a resume window at once.
         self._holds = HoldSlots(
             integer("max_background", max_background, minimum=0, what="a whole number >= 0")

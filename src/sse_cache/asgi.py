@@ -113,7 +113,8 @@ class CacheMiddleware:
         self.background_timeout = positive_number("background_timeout", background_timeout)
         self._background = 0
         self._outer_checked = False
-        self.service = CacheService(backend, CacheOptions.of(options, keywords))
+        own = ("finish_on_disconnect", "max_background", "background_timeout")
+        self.service = CacheService(backend, CacheOptions.of(options, keywords, own))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -14,7 +14,7 @@ from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.http.policy import SHARED_TENANT
 from sse_cache.http.service import CacheService
-from sse_cache.httpx2 import AsyncCacheTransport
+from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
 
 
 async def _app(scope: object, receive: object, send: object) -> None:
@@ -36,6 +36,15 @@ def test_an_unknown_option_is_named() -> None:
         CacheMiddleware(_app, "memory://", resume_windw=5)
     with pytest.raises(ConfigError, match="either options= or keyword options"):
         CacheService("memory://", CacheOptions(), ttl=5)
+    # The integration's own options are listed too: a misspelt one is shown its spelling.
+    with pytest.raises(
+        ConfigError, match=r"unknown option max_backround \(known: .*max_background"
+    ):
+        CacheMiddleware(_app, "memory://", max_backround=5)
+    with pytest.raises(ConfigError, match=r"\(known: .*max_background.*portal_backend"):
+        CacheTransport("memory://", max_backround=5)
+    with pytest.raises(ConfigError, match=r"\(known: .*max_background"):
+        AsyncCacheTransport("memory://", max_backround=5)
 
 
 @pytest.mark.parametrize(

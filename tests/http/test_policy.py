@@ -49,9 +49,10 @@ def test_custom_routes_accept_classes_factories_and_instances() -> None:
         CachePolicy({"/x": 42})  # type: ignore[dict-item]
 
 
-def test_decide_bypasses_what_it_cannot_key() -> None:
+def test_decide_bypasses_what_it_cannot_key(caplog: pytest.LogCaptureFixture) -> None:
     policy = CachePolicy(max_body_bytes=100)
     headers = {"authorization": "Bearer k"}
+    caplog.set_level(logging.INFO, logger="sse_cache")
     assert (
         policy.decide("POST", "/v1/responses", headers, b"not json").reason
         == "request body is not JSON"
@@ -60,6 +61,10 @@ def test_decide_bypasses_what_it_cannot_key() -> None:
     assert "over 100 bytes" in policy.decide("POST", "/v1/responses", headers, None).reason
     gz = {**headers, "content-encoding": "gzip"}
     assert policy.decide("POST", "/v1/responses", gz, BODY).reason == "compressed request body"
+    # Each in one log line, as docs/asgi.md says (a large or compressed body was silent).
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 4 and "over 100 bytes" in logged[2], logged
+    assert logged[3] == "sse_cache: POST /v1/responses forwarded uncached: compressed request body"
     decision = policy.decide("POST", "/v1/responses", headers, BODY)
     assert decision.cacheable and decision.streaming and decision.route == "POST /v1/responses"
 

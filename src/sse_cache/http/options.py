@@ -136,9 +136,16 @@ class CacheOptions:
         text("origin", self.origin)
 
     @classmethod
-    def of(cls, options: CacheOptions | None, keywords: Mapping[str, Any]) -> CacheOptions:
+    def of(
+        cls,
+        options: CacheOptions | None,
+        keywords: Mapping[str, Any],
+        own: Iterable[str] = (),
+    ) -> CacheOptions:
         """``options``, or options built from ``keywords`` (an integration's keyword
-        arguments); an unknown name is a :class:`~sse_cache.errors.ConfigError` naming it."""
+        arguments); an unknown name is a :class:`~sse_cache.errors.ConfigError` naming it and
+        listing the known ones, with the integration's ``own`` options (so that a misspelt
+        ``max_backround=`` is shown its spelling)."""
         if options is not None:
             if not isinstance(options, cls):
                 # A dict of options is a common slip: say how to pass them instead.
@@ -157,7 +164,7 @@ class CacheOptions:
         if unknown:
             raise ConfigError(
                 f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                f"(known: {', '.join(sorted(_NAMES))})"
+                f"(known: {', '.join(sorted(_NAMES | set(own)))})"
             )
         return cls(**keywords)
 

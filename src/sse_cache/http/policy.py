@@ -602,10 +602,11 @@ class CachePolicy:
             clean, params = keyed, list(keyed_params)
         route = _route_of(method, clean + slashes, params, where)
         controls = parse_controls(headers)
+        # (Each logged in one line, as every request passed through uncached: helper-87.)
         if body is None:
-            return Decision(route=route, reason=f"request body over {self.max_body_bytes} bytes")
+            return self._unkeyable(route, f"request body over {self.max_body_bytes} bytes")
         if headers.get("content-encoding", "identity").lower() not in ("", "identity"):
-            return Decision(route=route, reason="compressed request body")
+            return self._unkeyable(route, "compressed request body")
         deep = f"request body nested deeper than {MAX_BODY_DEPTH} levels"
         brackets = body.count(b"{") + body.count(b"[")
         if brackets > MAX_BODY_CONTAINERS:
