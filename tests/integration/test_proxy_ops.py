@@ -140,6 +140,8 @@ def test_flags_win_over_variables() -> None:
         ("SSE_CACHE_ROUTE", "v1/x=generic", "expected /PATH=ADAPTER, got 'v1/x=generic'"),
         ("SSE_CACHE_BACKEND", "cache.db", "expected a backend URL"),
         ("SSE_CACHE_KEY_HEADER", "x-a,x b:c", "expected a header name, got 'b:c'"),
+        ("SSE_CACHE_HOST", "@@bad@@", "expected an address to listen on"),
+        ("SSE_CACHE_HOST", "[::1]", "expected an address to listen on"),
         ("SSE_CACHE_LOG_LEVEL", "loud", "expected one of critical, error, warning, info"),
         ("SSE_CACHE_DECODED_CACHE_MB", "-1", "expected a number of MiB >= 0"),
         ("SSE_CACHE_CROSS_PROCESS_LEASE", "86401", "at most 86400, got '86401'"),

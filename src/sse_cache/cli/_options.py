@@ -146,11 +146,17 @@ def _upstream(text: str) -> str:
 def _host(text: str) -> str:
     # An empty address is uvicorn's "every interface": a `--host "$HOST"` with HOST unset
     # must not open a proxy that forwards its callers' API keys to the network.
-    if not text.strip():
+    host = text.strip()
+    # A name or address (IPv6 without brackets, as uvicorn takes it): anything else failed
+    # only once uvicorn had started, naming neither the flag nor the variable (helper-87).
+    if not _HOST.fullmatch(host):
         raise argparse.ArgumentTypeError(
-            f"expected an address to listen on (127.0.0.1, 0.0.0.0, ::1, ...), got {text!r}"
+            f"expected an address to listen on (127.0.0.1, 0.0.0.0, ::1, a host name), got {text!r}"
         )
-    return text.strip()
+    return host
+
+
+_HOST = re.compile(r"[A-Za-z0-9_.-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9_.-]+)?")
 
 
 #: The names of this machine's loopback interface (``localhost`` names 127.0.0.1 or ::1).

@@ -118,8 +118,9 @@ def _run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sse-cache mock-upstream on http://{host}:{port}", flush=True)
     print(
-        "  POST /v1/responses  /v1/chat/completions  /v1/messages  |  GET /v1/models"
-        "  |  GET /_mock/stats  POST /_mock/reset",
+        "  POST /v1/responses  /v1/chat/completions  /v1/messages"
+        "  /v1beta/models/{model}:generateContent  :streamGenerateContent"
+        "  |  GET /v1/models  |  GET /_mock/stats  POST /_mock/reset",
         flush=True,
     )
     if args.host not in LOOPBACK_NAMES:
