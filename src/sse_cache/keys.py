@@ -200,17 +200,36 @@ def lowered_tenant_scope(
     parts = [f"{name}\0{value}" for name in credential_headers if (value := headers.get(name))]
     if suffixes:
         # (After the listed ones: a request with only those has the scope it always had.)
-        parts += [
-            f"{name}\0{headers[name]}"
-            for name in sorted(headers)
-            if name.endswith(suffixes) and headers[name] and name not in credential_headers
-        ]
+        named = _named_like(tuple(headers), credential_headers, suffixes)
+        if named:  # (seldom)
+            parts += [f"{name}\0{headers[name]}" for name in named if headers[name]]
     if not parts:
         return ""
     # HTTP header values hold no NUL, so the joined parts cannot be confused with one
     # another; with one credential this is the digest earlier versions used.
     digest = hashlib.blake2b("\0".join(parts).encode(), digest_size=16)
     return "t:" + digest.hexdigest()
+
+
+def _named_like(
+    names: tuple[str, ...], listed: tuple[str, ...], suffixes: tuple[str, ...]
+) -> list[str]:
+    """The ``names`` not ``listed`` that end with one of ``suffixes``, sorted. Remembered by
+    the names a request came with, which are the same on every request of one client: an
+    ``endswith`` per header and a sort cost ~10k instructions on every hit, this a tenth."""
+    key = (names, listed, suffixes)
+    found = _NAMED_LIKE.get(key)
+    if found is None:
+        if len(_NAMED_LIKE) >= _REMEMBERED_NAME_SETS:  # (clients choose their headers)
+            _NAMED_LIKE.clear()
+        found = _NAMED_LIKE[key] = sorted(
+            n for n in names if n.endswith(suffixes) and n not in listed
+        )
+    return found
+
+
+_NAMED_LIKE: dict[tuple[tuple[str, ...], ...], list[str]] = {}
+_REMEMBERED_NAME_SETS = 256
 
 
 def check_key(key: str, what: str = "key") -> None:

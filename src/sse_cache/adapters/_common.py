@@ -174,6 +174,9 @@ class KeyedAdapter:
     #: Request fields that make the upstream change state it keeps (present and not null),
     #: each with why such a request is passed through uncached: a replay would skip that.
     stateful_fields: tuple[tuple[str, str], ...] = ()
+    #: The excluded fields :meth:`excluded_but_read` may keep (it is asked only when the
+    #: body has one of them).
+    maybe_read: frozenset[str] = frozenset({"stream_options"})
 
     def __init__(
         self, *, ignore_fields: Iterable[str] = (), delta_chars: int | None = DEFAULT_DELTA_CHARS
@@ -193,9 +196,10 @@ class KeyedAdapter:
         is kept too, unless ``ignore_fields`` names it."""
         drop = self._drop
         fields = {k: v for k, v in body.items() if k not in drop}
-        for name in self.excluded_but_read(body):
-            if name not in self._ignored:
-                fields[name] = body[name]
+        if not self.maybe_read.isdisjoint(body):  # (most bodies have none: no call)
+            for name in self.excluded_but_read(body):
+                if name not in self._ignored:
+                    fields[name] = body[name]
         return fields
 
     def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:

@@ -91,6 +91,7 @@ class AnthropicMessages(KeyedAdapter):
     #: Request headers that change the answer: part of the key in the HTTP integrations.
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta")
     excluded_fields = EXCLUDED_FIELDS
+    maybe_read = KeyedAdapter.maybe_read | {"metadata"}
 
     def __init__(
         self,

@@ -95,6 +95,7 @@ class OpenAIChat(KeyedAdapter):
     #: project of one API key): part of the key in the HTTP integrations.
     key_headers: tuple[str, ...] = ("openai-beta", "openai-organization", "openai-project")
     excluded_fields = EXCLUDED_FIELDS
+    maybe_read = KeyedAdapter.maybe_read | {"metadata"}
 
     def __init__(
         self,
