@@ -13,7 +13,6 @@ import logging
 import operator
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -45,12 +44,12 @@ _WRITE_FAILED = "the backend write failed"
 _SKIPPED = "the backend was skipped (its circuit breaker is open)"
 
 
-#: Why an answer was not stored: a request that replaces the key's entry (a refresh) began
-#: after this answer's request did, and its answer is the one to keep.
-SUPERSEDED = "a refresh of the same request began while this answer streamed"
-#: How many keys' refreshes a store remembers (see :meth:`EntryStore.fence`): only answers
-#: still streaming when one began need it, so the oldest go first.
-_FENCES = 4096
+#: Why an answer was not stored: an entry was stored under its key after its request began
+#: (a refresh's, say), and is kept (see :meth:`EntryStore.save`).
+SUPERSEDED = "a newer answer was stored while this one streamed (a refresh, say)"
+#: How far in the future an entry's creation time may be and still count as newer: a time
+#: further ahead is another host's clock, which must not keep every answer from being stored.
+_CLOCK_SLACK = 5.0
 
 
 class _Skipped(Exception):
@@ -96,8 +95,7 @@ class EntryStore:
         # codec (another secret, say) never use each other's decodings.
         tag = f"{id(codec):x}"
         self._names = (f"e{tag}:", f"w{tag}:")
-        #: When the latest refresh of each key began (``time.monotonic()``; see fence).
-        self._fences: OrderedDict[str, float] = OrderedDict()
+
         if breaker.on_change is None:
             breaker.on_change = self._breaker_changed
 
@@ -121,32 +119,24 @@ class EntryStore:
         self, key: str, entry: Entry, ttl: float | None, began: float | None = None
     ) -> bool:
         """Encode and store ``entry`` for ``ttl`` seconds (None: no expiry); False (logged)
-        when it could not be encoded, or the backend failed or was skipped, or a refresh of
-        ``key`` began after ``began`` (see :meth:`save`)."""
+        when it could not be encoded, or the backend failed or was skipped, or an entry
+        newer than ``began`` is stored (see :meth:`save`)."""
         return not await self.save(key, entry, ttl, began)
-
-    def fence(self, key: str, began: float) -> None:
-        """A request that replaces ``key``'s entry (a refresh) began at ``began``
-        (``time.monotonic()``): an answer to an identical request that began before it, and
-        ends after it, is not stored over its answer (helper-89: an operator's refresh, to
-        evict an answer from a provider's bad minute, was undone by a request of that minute
-        still streaming). In this process: another process's answer is stored as it ends."""
-        fences = self._fences
-        fences[key] = began
-        fences.move_to_end(key)
-        if len(fences) > _FENCES:
-            fences.popitem(last=False)
 
     async def save(
         self, key: str, entry: Entry, ttl: float | None, began: float | None = None
     ) -> str:
         """:meth:`store`, returning why ``entry`` was not stored (``""``: it was). An entry
         the codec refuses (an event of wrong field types, from the caller's upstream) is not
-        a backend failure: the backend is not called, and the reason says so. ``began``: when
-        the request it answers began (``time.monotonic()``), if a later refresh of the same
-        key (:meth:`fence`) is to win over it."""
+        a backend failure: the backend is not called, and the reason says so.
+
+        ``began``: when the request ``entry`` answers began (``time.time()``). Then it is not
+        stored over an entry created since (in any process): an answer is never replaced by
+        an older one. Else a request still streaming when a refresh of the same request
+        ended, or begun in the provider's bad minute an operator refreshed to evict, put its
+        answer back for the entry's whole lifetime (helper-89). One read more a store."""
         check_key(key)  # (the caller's mistake: raised, never counted against the backend)
-        if began is not None and began < self._fences.get(key, began):
+        if began is not None and await self._newer_stored(key, began, entry.events is not None):
             self._notify(Notice(kind="not_stored", key=key, detail=SUPERSEDED))
             return SUPERSEDED
         if ttl is not None:
@@ -175,6 +165,23 @@ class EntryStore:
             return _WRITE_FAILED
         self._notify(Notice(kind="store", key=key, events=len(entry.events or ()), bytes=len(data)))
         return ""
+
+    async def _newer_stored(self, key: str, began: float, stream: bool) -> bool:
+        # (Fails open: a store that cannot look is tried, as before.)
+        try:
+            raw = await self._fetch(key, verdict=False)
+            current = None
+            if raw is not None:
+                wire = await self._decoded(self._names[1], key, raw, WireEntry, self._decode_wire)
+                current = None if wire is None else self._fresh(key, wire, None)
+        except Exception:
+            return False
+        if current is None or not began < current.created_at <= time.time() + _CLOCK_SLACK:
+            return False
+        # A recorded stream still replaces a non-stream body stored meanwhile: it answers
+        # both kinds of request, a stream with its original bytes (so a non-streamed refresh
+        # can be undone by a stream of the same request begun before it).
+        return not (stream and current.sse is None)
 
     async def delete(self, key: str) -> None:
         """Remove ``key`` (fail open: a backend failure is logged)."""
@@ -234,7 +241,7 @@ class EntryStore:
         self.decoded.put(name + key, raw, value, _decoded_size)
         return value
 
-    async def _fetch(self, key: str) -> bytes | None:
+    async def _fetch(self, key: str, *, verdict: bool = True) -> bytes | None:
         # A key no backend takes (not a str, a lone surrogate) is the caller's mistake:
         # raised to it. Counted as the backend's failure, a few such requests turned the
         # cache off for every other caller (helper-82). (Inline for the engine's own keys,
@@ -249,7 +256,7 @@ class EntryStore:
             if value is not None:
                 return value
         try:
-            return await self._use_backend("get", lambda: self.backend.get(key))
+            return await self._use_backend("get", lambda: self.backend.get(key), verdict)
         except _Skipped:
             return None  # a miss, at no cost
         except CorruptEntry as exc:  # a stored value the backend cannot return as bytes
@@ -259,10 +266,14 @@ class EntryStore:
             self._warn("read_failed", key, f"backend read failed: {exc!r}")
             return None
 
-    async def _use_backend(self, operation: str, call: Callable[[], Awaitable[_R]]) -> _R:
+    async def _use_backend(
+        self, operation: str, call: Callable[[], Awaitable[_R]], verdict: bool = True
+    ) -> _R:
         """``call()`` on the backend, bounded by the timeout, through the breaker: raises
         :class:`_Skipped` while it is open, and the call's own error otherwise. Its duration
-        is reported as a ``backend`` notice for ``operation``."""
+        is reported as a ``backend`` notice for ``operation``. ``verdict=False``: a success
+        says nothing to the breaker (a read made only to decide a write, between a lookup and
+        that write, would reset its count of failing writes; a failure still counts)."""
         breaker = self.breaker
         started = time.monotonic()
         if not breaker.allow(started):
@@ -292,7 +303,10 @@ class EntryStore:
         except BaseException:
             breaker.cancelled()  # says nothing about the backend
             raise
-        breaker.success()
+        if verdict:
+            breaker.success()
+        else:
+            breaker.cancelled()  # (the breaker's probe, if this was one, is left to others)
         self._timed(operation, time.monotonic() - started)
         return result
 

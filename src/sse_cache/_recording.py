@@ -58,8 +58,8 @@ class LiveRecording:
         self._key = key
         self._ttl = ttl
         self._started = time.monotonic()
-        # When the request began: a refresh of the same key begun later wins (EntryStore.fence).
-        self._began = self._started if began is None else began
+        # When the request began (time.time()): not stored over an entry created since.
+        self._began = began
         self.recorder = recorder
         self.status = (200, "text/event-stream")
         #: The entry judged storable when the stream ended (None before, or if it failed).

@@ -46,9 +46,9 @@ logger = logging.getLogger("sse_cache")
 #: Hands a :class:`Notice` to the cache's hooks.
 Notify = Callable[[Notice], None]
 #: Stores a judged entry under a key for a lifetime in seconds (None: none), for a request
-#: that began at a ``time.monotonic()`` time, returning why it was not stored (the entry
-#: could not be encoded, the backend write failed or was skipped, a refresh began after the
-#: request: see EntryStore.fence), ``""`` when it was.
+#: that began at a ``time.time()`` (None: unknown), returning why it was not stored (the
+#: entry could not be encoded, the backend write failed or was skipped, a newer entry is
+#: stored: see EntryStore.save), ``""`` when it was.
 SaveEntry = Callable[[str, Entry, float | None, float | None], Awaitable[str]]
 #: Takes a follower whose flight failed before sending it anything round the lookup order
 #: once more: it follows another flight (:meth:`CachedStream.follow`) or produces one.
@@ -107,8 +107,8 @@ class Production:
     ) -> None:
         self.notify = notify
         self.store = store
-        #: When the request began (``time.monotonic()``): a refresh begun later wins.
-        self.began = time.monotonic() if began is None else began
+        #: When the request began (``time.time()``): not stored over an entry created since.
+        self.began = began
         self.live = live
         self.key = key
         self.recorder = recorder

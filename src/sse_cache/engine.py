@@ -243,8 +243,9 @@ class StreamCache:
         self, key: str, entry: Entry, *, ttl: float | None = None, began: float | None = None
     ) -> bool:
         """Encode and store ``entry``; False (logged) when it could not be encoded or the
-        backend failed, or a refresh of ``key`` began after ``began`` (see :meth:`fence`).
-        ``ttl`` falls back to the cache's default."""
+        backend failed, or (with ``began``, when the request it answers began, by
+        ``time.time()``) an entry created since is stored: an answer never replaces a newer
+        one. ``ttl`` falls back to the cache's default."""
         return await self._entries.store(key, entry, self.ttl if ttl is None else ttl, began)
 
     async def delete(self, key: str) -> None:
@@ -365,15 +366,12 @@ class StreamCache:
         reader pulling the upstream when it failed gets the upstream's own error).
         """
         ttl = _checked_ttl(ttl)
-        began = time.monotonic()
+        # (An answer is not stored over an entry created since: EntryStore.save.)
+        began = time.time()
         key = self.key(request)
         pace = self.pacing if pacing is None else Pacing.parse(pacing)
         use_cache = lookup and not refresh
         ttl = self.ttl if ttl is None else ttl
-        if refresh and store:
-            # Its answer replaces the entry: one to a request begun before it, still
-            # streaming, is not stored over it.
-            self._entries.fence(key, began)
         live: LiveFlight[Event] | None = None
         cursor: Cursor | None = None
         if use_cache:
@@ -417,7 +415,7 @@ class StreamCache:
     ) -> None:
         """Make ``stream`` the producer of ``live`` (registered by :meth:`settle`), or of a
         flight of its own that no one else can join: its upstream is opened now. ``began``:
-        when its request began (``time.monotonic()``)."""
+        when its request began (``time.time()``)."""
         key = stream.key
         if live is None:
             # Not offered to others (no-cache, no-store, single-flight off): its log keeps
@@ -507,8 +505,8 @@ class StreamCache:
         Leaving the block ends the stream: cleanly when the block exits normally (then the
         stream is judged and stored if complete), as cut when it raises. (The recording is
         its own context manager, no generator: one left unclosed at the loop's end is
-        finalized once, not twice.) ``began``: when the request began (``time.monotonic()``;
-        default now), so that a refresh of the key begun after it wins (:meth:`fence`).
+        finalized once, not twice.) ``began``: when the request began (``time.time()``):
+        then its answer is not stored over an entry created since (None: stored as it ends).
         """
         ttl = _checked_ttl(ttl)
         recorder = self.recorder()
@@ -522,13 +520,6 @@ class StreamCache:
             store=self._entries.save,
             began=began,
         )
-
-    def fence(self, key: str, began: float) -> None:
-        """A request that replaces ``key``'s entry (a refresh) began at ``began``
-        (``time.monotonic()``): an answer to an identical request begun before it and still
-        streaming is not stored over its answer (in this process; :meth:`stream` does this
-        for ``refresh=True``)."""
-        self._entries.fence(key, began)
 
 
 def _checked_ttl(ttl: float | None) -> float | None:

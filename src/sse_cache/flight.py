@@ -287,6 +287,7 @@ class LiveFlight(Generic[T]):
 
     __slots__ = (
         "_changed",
+        "_done",
         "_flights",
         "_pull_task",
         "_waiting",
@@ -308,6 +309,7 @@ class LiveFlight(Generic[T]):
         self._flights = flights
         self._changed = anyio.Event()
         self._waiting = 0
+        self._done: anyio.Event | None = None  # (see wait_done)
         self.source: Callable[[], Awaitable[bool]] | None = None
         self.abandon: Callable[[], Awaitable[None]] | None = None
         self.pulling = False
@@ -343,6 +345,21 @@ class LiveFlight(Generic[T]):
             self._changed.set()
             self._changed = anyio.Event()
 
+    async def wait_done(self, seconds: float) -> bool:
+        """Wait until the flight has ended or failed, for at most ``seconds``; True
+        when it has. (Woken once, where :meth:`wait` is woken by every chunk.)"""
+        if self.flight.done:
+            return True
+        if self._done is None:
+            self._done = anyio.Event()
+        with anyio.move_on_after(seconds):
+            await self._done.wait()
+        return self.flight.done
+
+    def _ended(self) -> None:
+        if self._done is not None:
+            self._done.set()
+
     async def wait(self, idle_timeout: float) -> bool:
         """Wait for a change; False when nothing changed for ``idle_timeout`` seconds."""
         self._waiting += 1
@@ -370,12 +387,14 @@ class LiveFlight(Generic[T]):
     def end(self) -> None:
         self.flight.end()
         self._notify()
+        self._ended()
 
     def fail(self, reason: str) -> None:
         self.flight.fail(reason)
         self.source = None  # nothing more is read from it (its abandon closes it)
         self._unlist()
         self._notify()
+        self._ended()
 
     def producer_left(self) -> bool:
         """See :meth:`Flight.producer_left`. When nobody reads any more, the flight fails

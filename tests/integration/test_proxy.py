@@ -521,13 +521,14 @@ async def test_a_stream_that_ends_inside_an_event_is_passed_on_but_never_stored(
     assert upstream_app.calls == (2 if tail else 1)
 
 
+@pytest.mark.parametrize("processes", ["one proxy", "two proxies"])
 async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_streaming(
-    serve: Serve,
+    serve: Serve, tmp_path: Path, processes: str
 ) -> None:
     # An operator refreshes an entry (x-sse-cache-refresh) to evict a bad answer; a request
     # begun before the refresh and still streaming stored its answer over the refreshed one
     # when it ended (helper-89). Its own client still gets all of it; the entry stays the
-    # refresh's.
+    # refresh's — also when the refresh went through another proxy on the same cache.
     old = GatedUpstream(responses_stream("from the bad minute", text_deltas=4), hold_after=2)
     new = GatedUpstream(responses_stream("refreshed", text_deltas=4))
     calls: list[Any] = []
@@ -537,15 +538,22 @@ async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_stream
             calls.append(scope["path"])
         await (old if len(calls) <= 1 else new)(scope, receive, send)
 
+    backend = f"sqlite:///{tmp_path / 'shared.db'}"
     async with serve(upstream_app) as upstream:
-        app = create_proxy_app(upstream, "memory://")
+        app = create_proxy_app(upstream, backend)
+        other = create_proxy_app(upstream, backend) if processes == "two proxies" else app
         try:
-            async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy, timeout=30) as c:
+            async with (
+                serve(app) as proxy,
+                serve(other) as other_proxy,
+                httpx2.AsyncClient(base_url=proxy, timeout=30) as c,
+                httpx2.AsyncClient(base_url=other_proxy, timeout=30) as refreshing,
+            ):
                 body = responses_body("refresh me")
                 async with c.stream("POST", "/v1/responses", json=body, headers=KEY_A) as older:
                     assert older.headers["x-sse-cache"] == "miss"
                     await old.wait_sent(2)
-                    refreshed = await c.post(
+                    refreshed = await refreshing.post(
                         "/v1/responses",
                         json=body,
                         headers={**KEY_A, "x-sse-cache-refresh": "1"},
@@ -560,4 +568,5 @@ async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_stream
                 assert later.content == refreshed.content
         finally:
             await app.aclose()
+            await other.aclose()
     assert len(calls) == 2

@@ -85,7 +85,7 @@ class ResponseTee:
         began: float | None = None,
     ) -> None:
         self._flight = flight
-        self._began = began  # when the request began: a refresh begun later wins
+        self._began = began  # when the request began: not stored over a newer entry
         self._live = recording
         self._parser = SSEParser() if recording is not None else None
         self._has_completing_event = completing
@@ -287,11 +287,7 @@ class ResponseTee:
         assert window is not None
         if live is None:
             return
-        deadline = anyio.current_time() + window
-        while not live.flight.done:
-            left = deadline - anyio.current_time()
-            if left <= 0 or not await live.wait(left):
-                break
+        await live.wait_done(window)
         await live.release()
 
     async def read_through_window(self) -> None:

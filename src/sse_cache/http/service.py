@@ -264,8 +264,8 @@ class Exchange:
         self._follows_process = False  # ... fed by another process's (cross-process)
         self._unindex: Callable[[], None] | None = None  # drops this stream's live index
         self._live_alias: tuple[str, str] | None = None  # (its name, what it names), if any
-        #: When this request went to the upstream (``time.monotonic()``), if it does: a
-        #: refresh of the same key begun later wins over its answer (EntryStore.fence).
+        #: When this request went to the upstream (``time.time()``), if it does: its answer
+        #: is not stored over an entry created since (a refresh's; EntryStore.save).
         self._began: float | None = None
 
     async def __aenter__(self) -> Exchange:
@@ -369,11 +369,7 @@ class Exchange:
         )
         if controls.refresh or not controls.lookup:
             self.status = CacheStatus.REFRESH if controls.refresh else CacheStatus.BYPASS
-            began = self._began = time.monotonic()
-            if controls.refresh and controls.store:
-                # Its answer replaces the entry: one to an identical request begun before it,
-                # still streaming, is not stored over it (helper-89: a refresh was undone).
-                cache.fence(self.key, began)
+            self._began = time.time()
             emit(self._service.hooks, Notice(kind=self.status.value, key=self.key))
             return
         self.status = CacheStatus.MISS
@@ -450,7 +446,7 @@ class Exchange:
             # followed it meanwhile sees it fail before its head, and looks again.)
             if self._lead is not None and await self._lookup(cache):
                 return
-        self._began = time.monotonic()
+        self._began = time.time()
         emit(self._service.hooks, Notice(kind="miss", key=self.key))
         # Keyed: the decoded body is not needed any more, and a miss may stream for minutes
         # (a long conversation's body decodes to ~6 times its size; helper-85).
