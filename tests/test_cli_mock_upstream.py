@@ -72,3 +72,16 @@ def test_a_delay_is_a_finite_number_of_milliseconds(
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: expected a number of milliseconds >= 0, got {value!r}" in err
+
+
+@pytest.mark.usefixtures("nothing_starts")
+@pytest.mark.parametrize("value", ["", " ", "@@bad@@", "[::1]"])
+def test_the_mock_listens_only_on_an_address_it_can_name(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An empty --host is uvicorn's every interface: a mock that answers anyone (as the
+    # proxy's own --host refuses it; helper-90).
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mock-upstream", f"--host={value}"])
+    assert exit_info.value.code == 2
+    assert "argument --host: expected an address to listen on" in capsys.readouterr().err

@@ -171,21 +171,24 @@ class DefaultKeyer:
 def tenant_scope(
     headers: Mapping[str, str] | Iterable[tuple[str, str]],
     credential_headers: Iterable[str] = CREDENTIAL_HEADERS,
-    suffixes: Iterable[str] = CREDENTIAL_SUFFIXES,
+    suffixes: Iterable[str] | None = None,
 ) -> str:
     """The default tenant scope: a hash of the credentials the request carried.
 
     Every one of ``credential_headers`` (case-insensitive) present in ``headers`` is part of
     the scope — name and value, in the order of ``credential_headers`` — and so is every
-    other header whose name ends with one of ``suffixes`` (:data:`CREDENTIAL_SUFFIXES`), in
-    the order of their names, all hashed together (BLAKE2b-128, hex): requests that differ in
-    any one credential never share a scope, even when another (a gateway's constant
-    ``Authorization``, say) is the same. ``""`` (the anonymous scope) when none is present.
-    The credentials themselves are never stored or logged.
+    other header whose name ends with one of ``suffixes`` (None: :data:`CREDENTIAL_SUFFIXES`
+    with the default ``credential_headers``, none with a list of your own, which then says
+    all there is), in the order of their names, all hashed together (BLAKE2b-128, hex):
+    requests that differ in any one credential never share a scope, even when another (a
+    gateway's constant ``Authorization``, say) is the same. ``""`` (the anonymous scope)
+    when none is present. The credentials themselves are never stored or logged.
     """
     items = headers.items() if isinstance(headers, Mapping) else headers
     found = {k.lower(): v for k, v in items}
     names = tuple(dict.fromkeys(n.lower() for n in credential_headers))
+    if suffixes is None:
+        suffixes = CREDENTIAL_SUFFIXES if credential_headers is CREDENTIAL_HEADERS else ()
     return lowered_tenant_scope(found, names, tuple(s.lower() for s in suffixes))
 
 

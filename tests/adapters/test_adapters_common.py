@@ -211,3 +211,14 @@ def test_anthropic_metadata_of_the_apis_shape_is_left_out_and_any_other_keys():
     assert AnthropicMessages(ignore_fields=["metadata"]).key_fields(
         {**body, "metadata": {"foo": 1}}
     ) == AnthropicMessages(ignore_fields=["metadata"]).key_fields(body)
+
+
+@pytest.mark.parametrize("cls", [OpenAIResponses, OpenAIChat])
+def test_a_null_left_out_field_keys_as_absent(cls):
+    # A null is read as absent: keyed apart, it only lost hits (helper-90).
+    adapter = cls()
+    body = {"model": "m", "input": "x", "store": True}
+    plain = adapter.key_fields(body)
+    assert adapter.key_fields({**body, "stream_options": None}) == plain
+    if cls is OpenAIChat:
+        assert adapter.key_fields({**body, "metadata": None}) == plain

@@ -180,3 +180,14 @@ def test_a_key_never_depends_on_the_requests_keyed_before_it() -> None:
         used = DefaultKeyer()
         used.key(request(first))
         assert used.key(request(second)) == DefaultKeyer().key(request(second)), (first, second)
+
+
+def test_a_list_of_credential_headers_of_ones_own_says_all_there_is() -> None:
+    # tenant_scope(h, [...]) with a list of one's own (a tenant callable's) scopes by that
+    # list alone: names ending like a credential's join only the default list (helper-90).
+    mine = ["x-my-key"]
+    a = {"x-my-key": "k", "authorization": "Bearer one", "x-acme-token": "t1"}
+    b = {"x-my-key": "k", "authorization": "Bearer two", "x-acme-token": "t2"}
+    assert tenant_scope(a, mine) == tenant_scope(b, mine) != ""
+    assert tenant_scope(a) != tenant_scope(b)
+    assert tenant_scope(a, mine, suffixes=["-token"]) != tenant_scope(b, mine, suffixes=["-token"])

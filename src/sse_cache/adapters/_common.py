@@ -206,7 +206,8 @@ class KeyedAdapter:
         """The excluded fields of ``body`` the upstream does not take as bookkeeping here:
         a ``stream_options`` on a request that does not stream (OpenAI answers it 400: left
         out, such a request was answered 200 from a valid request's entry; helper-88)."""
-        if "stream_options" in body and body.get("stream") is not True:
+        # (A null is read as absent: it keys as one, helper-90.)
+        if body.get("stream_options") is not None and body.get("stream") is not True:
             return ("stream_options",)
         return ()
 

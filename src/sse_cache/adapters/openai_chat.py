@@ -113,7 +113,7 @@ class OpenAIChat(KeyedAdapter):
         kept with it (listed, filtered by, used for evals), and a hit would hand the caller
         the id of a completion tagged with another caller's metadata (helper-88)."""
         read = super().excluded_but_read(body)
-        if body.get("store") is True and "metadata" in body:
+        if body.get("store") is True and body.get("metadata") is not None:
             return (*read, "metadata")
         return read
 

@@ -143,7 +143,8 @@ def _upstream(text: str) -> str:
     return text
 
 
-def _host(text: str) -> str:
+def host(text: str) -> str:
+    """An address to listen on, as ``--host`` takes it (argparse ``type``)."""
     # An empty address is uvicorn's "every interface": a `--host "$HOST"` with HOST unset
     # must not open a proxy that forwards its callers' API keys to the network.
     host = text.strip()
@@ -306,7 +307,7 @@ OPTIONS: tuple[Option, ...] = (
         "address to listen on (0.0.0.0: every interface, as in a container)",
         default="127.0.0.1",
         shown="127.0.0.1",
-        parse=_host,
+        parse=host,
         metavar="H",
     ),
     Option("--port", "port to listen on", default=8000, shown="8000", parse=_port, metavar="P"),

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ..testing import DEFAULT_DELTAS, DEFAULT_SUMMARIES, ERROR_MODES, MockUpstream
-from ._options import LOOPBACK_NAMES
+from ._options import LOOPBACK_NAMES, host
 
 __all__ = ["milliseconds", "register"]
 
@@ -48,7 +48,9 @@ def register(sub: Any) -> None:
             f"x-mock-error ({' | '.join(sorted(ERROR_MODES))}), x-mock-error-after."
         ),
     )
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument(
+        "--host", type=host, default="127.0.0.1", help="bind address (default 127.0.0.1)"
+    )
     parser.add_argument(
         "--port", type=int, default=8001, help="port (default 8001; 0: a free one, printed)"
     )
