@@ -65,6 +65,11 @@ def _closed_under(lib: ModuleType) -> Exception:
     )
 
 
+class _ClosedUnderReader(Exception):
+    """A client's read of a miss ended after the client closed the response from another
+    task: the reader gets the library's ReadError."""
+
+
 class _TransportClosed(Exception):
     """A call into the portal of a transport that is closing or closed (see
     :meth:`_SyncOpen.call`); the bodies turn it into :func:`_closed_under`."""
@@ -167,6 +172,8 @@ class _AsyncTeeBody:
     task of its own, which the caller's cancellation leaves running (the HTTP library closes
     the upstream under a cancelled read)."""
 
+    _lib: ClassVar[ModuleType]
+
     def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen, holds: HoldSlots) -> None:
         self._inner = inner
         self._it: AsyncIterator[bytes] | None = None
@@ -178,6 +185,11 @@ class _AsyncTeeBody:
         # The read of the upstream's next chunk running in a task, while its result (or
         # error) has not been taken: whoever reads next takes it.
         self._reading: asyncio.Future[bytes] | None = None
+        # The client closed this response (aclose), perhaps from another task than the one
+        # reading it ("stop generation"): that reader's read ends with the library's
+        # ReadError, as without the cache, never with a chunk or a clean end.
+        self._closed = False
+        self._reading_inline = False  # a read not in a task of its own is under way
 
     # One iterator for every ``async for``: a client that drains the rest of a response it
     # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
@@ -185,6 +197,8 @@ class _AsyncTeeBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._closed:
+            raise self._closed_error()
         if self._handed_over:
             raise StopAsyncIteration
         chunk = await self._next()
@@ -192,24 +206,41 @@ class _AsyncTeeBody:
             raise StopAsyncIteration
         return chunk
 
-    async def _next(self) -> bytes | None:
+    def _closed_error(self) -> Exception:
+        return self._lib.ReadError(  # type: ignore[no-any-return]
+            "sse-cache: the response was closed while it was read"
+        )
+
+    async def _next(self, *, pulling: bool = False) -> bytes | None:
+        # ``pulling``: for the followers, once the client has gone (_pull); else the client's.
         tee = self._tee
         if self._pending:
             tee.feed(self._pending)
             self._pending = b""
             await tee.flush()  # to other processes following this stream, if any
         if not self._opened.open:
+            if self._closed and not pulling:
+                raise self._closed_error()
             return None
         it = self._it
         if it is None:
             it = self._it = aiter(self._inner)
         try:
-            chunk = await self._read(it)
+            chunk = await self._read(it, pulling)
+        except _ClosedUnderReader:
+            # The client closed this response from another task while this read of its own
+            # was under way: the chunk, if one came, is the followers' (their puller relays
+            # it), and the close settled the rest.
+            raise self._closed_error() from None
         except StopAsyncIteration:
             tee.end()
             await self._finish()
             return None
         except BaseException as exc:
+            if self._closed and not pulling:
+                # The upstream's connection was closed under this read by the client's own
+                # close, from another task: settled by that close already.
+                raise self._closed_error() from exc
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 if self._reading is not None:
                     # The caller was cancelled, not the read (its own task): followers read
@@ -232,30 +263,46 @@ class _AsyncTeeBody:
                 tee.fail(f"the upstream body failed: {exc!r}")
             await self._finish(exc)
             raise
+        if self._closed and not pulling:
+            raise self._closed_error()  # (closed by another task as this read ended)
         tee.relay(chunk)
         self._pending = chunk
         if self._opened.timing and chunk:
             self._opened.first_byte()
         return chunk
 
-    async def _read(self, chunks: AsyncIterator[bytes]) -> bytes:
+    async def _read(self, chunks: AsyncIterator[bytes], pulling: bool = False) -> bytes:
         reading = self._reading
         if reading is None:
             # (A task per chunk costs ~9 µs: only for the producer's reads while followed.
             # Once handed over, the followers' pulls run in a task already.)
             if self._handed_over or not (self._tee.followed and on_asyncio()):
-                return await chunks.__anext__()
+                self._reading_inline = True
+                try:
+                    return await chunks.__anext__()
+                finally:
+                    self._reading_inline = False
             reading = self._reading = asyncio.ensure_future(_read_one(chunks))
         try:
             chunk = await asyncio.shield(reading)
         except asyncio.CancelledError:
-            if reading.cancelled():  # the read itself (_stop_reading), not only the caller
+            # The read itself (_stop_reading), not only the caller: no one takes it.
+            if reading.cancelled() and self._reading is reading:
                 self._reading = None
             raise  # the caller's: the read goes on, its chunk is the next one taken
         except BaseException:
-            self._reading = None
+            if self._closed and not pulling:
+                raise _ClosedUnderReader from None  # (the followers' puller takes it)
+            if self._reading is reading:
+                self._reading = None
             raise
-        self._reading = None
+        if self._closed and not pulling:
+            # Closed (and handed over) while this read was under way: the chunk is taken by
+            # the followers' puller, which awaits the same read (helper-91: both relayed it,
+            # and a follower got it twice).
+            raise _ClosedUnderReader
+        if self._reading is reading:
+            self._reading = None
         return chunk
 
     async def _stop_reading(self) -> None:
@@ -312,7 +359,7 @@ class _AsyncTeeBody:
         # For the followers, once the client has gone: one more chunk into the live stream.
         # No client delivers it first: it is recorded (and published) at once, and a
         # complete answer ends the stream with it.
-        if await self._next() is None:
+        if await self._next(pulling=True) is None:
             return False
         tee = self._tee
         tee.feed(self._pending)
@@ -326,7 +373,10 @@ class _AsyncTeeBody:
     async def _abandon(self) -> None:
         try:
             await self._stop_reading()
-            await close_iterator(self._it)
+            if not self._reading_inline:
+                await close_iterator(self._it)
+            # (else another task is inside the iterator, which cannot be closed under it:
+            # closing the upstream's response ends that read with an error instead.)
             await self._inner.aclose()
         finally:
             # Every reader left (each had what was relayed): complete if that holds the
@@ -340,6 +390,7 @@ class _AsyncTeeBody:
 
     async def aclose(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
+        self._closed = True
         if self._handed_over or self._hand_over():
             return
         await self._abandon()

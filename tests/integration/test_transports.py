@@ -2087,3 +2087,61 @@ async def test_a_crlf_answer_left_between_cr_and_lf_replays_in_crlf(
         gated.gate.set()
     assert received == whole[:-1]
     assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("followed", [True, False], ids=["followed", "alone"])
+async def test_a_response_closed_by_another_task_while_it_is_read(
+    serve: Any, anyio_backend: str, followed: bool
+) -> None:
+    # A "stop generation" handler closes a streamed response from another task while its
+    # reader waits for the next chunk. Followed: the pending read's chunk went both to the
+    # followers' puller and to the reader, which relayed it too, and a follower got an event
+    # twice in an answer that ended cleanly (helper-91). Alone: close() raised the async
+    # generator's RuntimeError, the reader got a clean end of part of the answer and the
+    # upstream connection was never closed. Now, as without the cache: the reader gets the
+    # library's ReadError, close() returns, the followers get exactly the upstream's bytes.
+    async with _gated_chat(serve, f"sk-close-{followed}") as (client, gated, seen):
+        joined = anyio.Event()
+        producer_got: list[bytes] = []
+        outcome: list[BaseException | str] = []
+        follower_got: list[bytes] = []
+        request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+        producer = await client.send(request, stream=True)
+        assert producer.headers["x-sse-cache"] == "miss"
+
+        async def read_producer() -> None:
+            try:
+                async for chunk in producer.aiter_raw():
+                    producer_got.append(chunk)
+                    await joined.wait()  # (its next read begins once the stream is followed)
+                outcome.append("clean end")
+            except httpx2.HTTPError as exc:
+                outcome.append(exc)
+
+        async def follow() -> None:
+            async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                assert r.headers["x-sse-cache"] == "shared"
+                follower_got.append(await r.aread())
+
+        with anyio.fail_after(30):  # a deadlock guard
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_producer)
+                if followed:
+                    tg.start_soon(follow)
+                    while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
+                        await anyio.sleep(0.01)
+                joined.set()
+                await anyio.wait_all_tasks_blocked()  # the reader waits at the gate
+                await producer.aclose()  # from this task: it returns
+                gated.gate.set()
+        (error,) = outcome
+        assert isinstance(error, httpx2.ReadError), error
+        assert b"".join(producer_got) == b"".join(_CHAT_PIECES[:2])
+        if followed:
+            assert follower_got == [b"".join(_CHAT_PIECES)]  # every byte, once
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "hit" and again.content == follower_got[0]
+        else:
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "miss"  # nothing of it was stored
