@@ -65,6 +65,16 @@ def _closed_under(lib: ModuleType) -> Exception:
     )
 
 
+def _closed_by_client(lib: ModuleType) -> Exception:
+    """What a response's reader sees when the response was closed (from another task or
+    thread: a stop handler) while it read: the library's error for a connection closed under
+    a reader, as without the cache (the SDKs raise their connection error), never a clean end
+    of part of the answer."""
+    return lib.ReadError(  # type: ignore[no-any-return]
+        "sse-cache: the response was closed while it was read"
+    )
+
+
 class _ClosedUnderReader(Exception):
     """A client's read of a miss ended after the client closed the response from another
     task: the reader gets the library's ReadError."""
@@ -198,18 +208,13 @@ class _AsyncTeeBody:
 
     async def __anext__(self) -> bytes:
         if self._closed:
-            raise self._closed_error()
+            raise _closed_by_client(self._lib)
         if self._handed_over:
             raise StopAsyncIteration
         chunk = await self._next()
         if chunk is None:
             raise StopAsyncIteration
         return chunk
-
-    def _closed_error(self) -> Exception:
-        return self._lib.ReadError(  # type: ignore[no-any-return]
-            "sse-cache: the response was closed while it was read"
-        )
 
     async def _next(self, *, pulling: bool = False) -> bytes | None:
         # ``pulling``: for the followers, once the client has gone (_pull); else the client's.
@@ -220,7 +225,7 @@ class _AsyncTeeBody:
             await tee.flush()  # to other processes following this stream, if any
         if not self._opened.open:
             if self._closed and not pulling:
-                raise self._closed_error()
+                raise _closed_by_client(self._lib)
             return None
         it = self._it
         if it is None:
@@ -231,7 +236,7 @@ class _AsyncTeeBody:
             # The client closed this response from another task while this read of its own
             # was under way: the chunk, if one came, is the followers' (their puller relays
             # it), and the close settled the rest.
-            raise self._closed_error() from None
+            raise _closed_by_client(self._lib) from None
         except StopAsyncIteration:
             tee.end()
             await self._finish()
@@ -240,7 +245,7 @@ class _AsyncTeeBody:
             if self._closed and not pulling:
                 # The upstream's connection was closed under this read by the client's own
                 # close, from another task: settled by that close already.
-                raise self._closed_error() from exc
+                raise _closed_by_client(self._lib) from exc
             if isinstance(exc, anyio.get_cancelled_exc_class()):
                 if self._reading is not None:
                     # The caller was cancelled, not the read (its own task): followers read
@@ -264,7 +269,7 @@ class _AsyncTeeBody:
             await self._finish(exc)
             raise
         if self._closed and not pulling:
-            raise self._closed_error()  # (closed by another task as this read ended)
+            raise _closed_by_client(self._lib)  # (closed by another task as this read ended)
         tee.relay(chunk)
         self._pending = chunk
         if self._opened.timing and chunk:
@@ -409,21 +414,34 @@ class _AsyncAnswerBody:
         self._chunks = chunks
         self._opened = opened
         self._read_timeout = read_timeout
+        # The read under way, which a close from another task cancels (the iterator cannot
+        # be closed under it: "asynchronous generator is already running"; helper-91).
+        self._scope: anyio.CancelScope | None = None
+        self._closed = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
         opened = self._opened
+        if self._closed:
+            raise _closed_by_client(self._lib)
         if not opened.open:
             raise StopAsyncIteration
         timeout = self._read_timeout
         try:
-            if timeout is None:
-                chunk = await self._chunks.__anext__()
-            else:
-                with anyio.fail_after(timeout):
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if timeout is None:
                     chunk = await self._chunks.__anext__()
+                else:
+                    with anyio.fail_after(timeout):
+                        chunk = await self._chunks.__anext__()
+            self._scope = None
+            if scope.cancel_called:  # closed by another task under this read
+                await close_iterator(self._chunks)
+                await opened.leave()
+                raise _closed_by_client(self._lib)
         except StopAsyncIteration:
             await opened.leave()
             raise
@@ -436,11 +454,18 @@ class _AsyncAnswerBody:
         except BaseException as exc:
             await opened.leave(exc)
             raise
+        finally:
+            self._scope = None
         if opened.timing and chunk:
             opened.first_byte()
         return chunk
 
     async def aclose(self) -> None:
+        self._closed = True
+        if self._scope is not None:
+            # Another task reads: its read is stopped, and it closes and leaves.
+            self._scope.cancel()
+            return
         try:
             await close_iterator(self._chunks)
         finally:

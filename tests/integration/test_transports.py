@@ -2145,3 +2145,58 @@ async def test_a_response_closed_by_another_task_while_it_is_read(
         else:
             again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
             assert again.headers["x-sse-cache"] == "miss"  # nothing of it was stored
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+async def test_a_hit_or_a_follower_closed_by_another_task_while_it_is_read(
+    serve: Any, anyio_backend: str
+) -> None:
+    # The same stop handler on a hit (a paced replay, waiting for its next event) and on a
+    # follower of a live stream (waiting for the producer's next chunk): close() raised the
+    # generator's RuntimeError, and the reader got a clean end of part of the answer
+    # (helper-91). The reader gets the library's ReadError; the producer's answer is whole.
+    async with _gated_chat(serve, f"sk-close-answer-{anyio_backend}") as (client, gated, _):
+        outcomes: dict[str, BaseException | str] = {}
+        body = b"".join(_CHAT_PIECES)
+
+        async def read(name: str, response: httpx2.Response) -> None:
+            try:
+                async for _ in response.aiter_raw():
+                    pass
+                outcomes[name] = "clean end"
+            except httpx2.HTTPError as exc:
+                outcomes[name] = exc
+
+        with anyio.fail_after(30):  # a deadlock guard
+            async with anyio.create_task_group() as tg:
+                producer = await client.send(
+                    client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY),
+                    stream=True,
+                )
+                follower = await client.send(
+                    client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY),
+                    stream=True,
+                )
+                assert follower.headers["x-sse-cache"] == "shared"
+                tg.start_soon(read, "producer", producer)
+                tg.start_soon(read, "follower", follower)
+                await anyio.wait_all_tasks_blocked()  # both wait at the gate
+                await follower.aclose()  # from this task: it returns
+                gated.gate.set()
+            assert outcomes["producer"] == "clean end"
+            assert isinstance(outcomes["follower"], httpx2.ReadError), outcomes
+            paced = {"x-sse-cache-replay": "1000ms"}  # a second between two events
+            hit = await client.send(
+                client.build_request(
+                    "POST", "/v1/chat/completions", json=_CHAT_BODY, headers=paced
+                ),
+                stream=True,
+            )
+            assert hit.headers["x-sse-cache"] == "hit"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read, "hit", hit)
+                await anyio.wait_all_tasks_blocked()  # waiting for its next event
+                await hit.aclose()
+            assert isinstance(outcomes["hit"], httpx2.ReadError), outcomes
+        again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+        assert again.headers["x-sse-cache"] == "hit" and again.content == body
