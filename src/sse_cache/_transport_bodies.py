@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, suppress
 from functools import cache
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
@@ -626,6 +626,14 @@ class _SyncTeeBody:
         self._draining = draining  # the transport's: settled when it closes
         self._delivered = b""  # in the portal's loop only
         self._handed_over = False
+        # The client closed this response, perhaps from another thread than the one reading
+        # it (a stop handler): that reader's next read ends with the library's ReadError.
+        self._closed = False
+        # One read of the upstream (and its hop) at a time: the reader's, or the drain
+        # thread's once the client has gone — closed from another thread under a read, the
+        # drain read the generator at once ("generator already executing"), and every
+        # follower was aborted (helper-91).
+        self._reading = threading.Lock()
         # A response its program drops without closing it (an SDK stream left by ``break``
         # outside ``with``) is never left by its body, and its live stream would be offered
         # for good to identical requests, which would wait on it until their read timeout.
@@ -636,13 +644,21 @@ class _SyncTeeBody:
         return self
 
     def __next__(self) -> bytes:
+        if self._closed:
+            raise _closed_by_client(self._lib)
         if self._handed_over:
             raise StopIteration
         try:
             chunk = self._next()
         except _TransportClosed as exc:
             raise _closed_under(self._lib) from exc
+        except Exception as exc:
+            if self._closed:  # (its upstream closed under this read, by the close)
+                raise _closed_by_client(self._lib) from exc
+            raise
         if chunk is None:
+            if self._closed:
+                raise _closed_by_client(self._lib)
             raise StopIteration
         return chunk
 
@@ -703,6 +719,10 @@ class _SyncTeeBody:
     # -- in the caller's thread (or the drain thread)
 
     def _next(self) -> bytes | None:
+        with self._reading:
+            return self._next_read()
+
+    def _next_read(self) -> bytes | None:
         if not self._opened.open:
             return None
         it = self._it
@@ -773,6 +793,7 @@ class _SyncTeeBody:
 
     def close(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
+        self._closed = True
         if self._handed_over or _exiting():
             return
         try:
@@ -845,17 +866,47 @@ class _SyncAnswerBody:
         self._opened = opened
         self._portal = portal
         self._read_timeout = read_timeout
+        # As for _AsyncAnswerBody, in the portal's loop: the read under way, which a close
+        # from another thread cancels.
+        self._scope: anyio.CancelScope | None = None
+        self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     _lib: ClassVar[ModuleType]
 
+    async def _read(self) -> bytes | None:
+        # In the portal's loop.
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            try:
+                return await _next_chunk(self._chunks, self._read_timeout)
+            finally:
+                self._scope = None
+        raise _ClosedUnderReader  # (cancelled by close() from another thread)
+
+    async def _close(self) -> bool:
+        # In the portal's loop: True when a reader in another thread is stopped, and leaves.
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+            return True
+        await close_iterator(self._chunks)
+        return False
+
     def __next__(self) -> bytes:
+        if self._closed:
+            raise _closed_by_client(self._lib)
         if not self._opened.open:
             raise StopIteration
         try:
-            chunk: bytes | None = self._opened.call(_next_chunk, self._chunks, self._read_timeout)
+            chunk: bytes | None = self._opened.call(self._read)
+        except _ClosedUnderReader:
+            with suppress(_TransportClosed):
+                self._opened.call(close_iterator, self._chunks)
+            self._opened.leave()
+            raise _closed_by_client(self._lib) from None
         except _TransportClosed as exc:
             self._opened.leave()
             raise _closed_under(self._lib) from exc
@@ -879,12 +930,11 @@ class _SyncAnswerBody:
         if _exiting():
             return
         try:
-            if self._opened.open:
-                self._opened.call(close_iterator, self._chunks)
+            if self._opened.open and self._opened.call(self._close):
+                return  # another thread reads: it leaves, with the library's ReadError
         except _TransportClosed:
             pass  # the portal's stop ended the replay
-        finally:
-            self._opened.leave()
+        self._opened.leave()
 
 
 class _SyncPassBody:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import httpx
 import httpx2
 import openai
@@ -2200,3 +2201,139 @@ async def test_a_hit_or_a_follower_closed_by_another_task_while_it_is_read(
             assert isinstance(outcomes["hit"], httpx2.ReadError), outcomes
         again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
         assert again.headers["x-sse-cache"] == "hit" and again.content == body
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+@pytest.mark.parametrize("followed", [True, False], ids=["followed", "alone"])
+async def test_a_sync_response_closed_by_another_thread_while_it_is_read(
+    serve: Any, anyio_backend: str, followed: bool
+) -> None:
+    # A stop handler in another thread closes a sync streamed response while its reader
+    # thread waits in a read. Followed: the drain thread that reads on for the followers
+    # read the upstream's generator at once ("generator already executing") and every
+    # follower was aborted (helper-91). Now, as without the cache: the reader gets the
+    # library's ReadError, the followers the whole answer, which is stored.
+    import threading
+    import time
+
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
+    whole = b"".join(_CHAT_PIECES)
+    headers = {"authorization": f"Bearer sk-sync-close-{followed}"}
+
+    def run(url: str) -> dict[str, Any]:
+        outcome: dict[str, Any] = {}
+        with httpx2.Client(
+            transport=CacheTransport("memory://"), base_url=url, headers=headers, timeout=30
+        ) as client:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            producer = client.send(request, stream=True)
+            follower = client.send(request, stream=True) if followed else None
+
+            def read(name: str, response: Any) -> None:
+                got = b""
+                try:
+                    for chunk in response.iter_raw():
+                        got += chunk
+                    outcome[name] = got
+                except httpx2.HTTPError as exc:
+                    outcome[name] = exc
+
+            readers = [threading.Thread(target=read, args=("producer", producer))]
+            if follower is not None:
+                readers.append(threading.Thread(target=read, args=("follower", follower)))
+            for thread in readers:
+                thread.start()
+            deadline = time.monotonic() + 30  # a deadlock guard
+            while not producer.stream._stream._reading.locked():  # its reader is in a read
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            producer.close()  # from this thread: it returns
+            outcome["closed"] = True
+            anyio.from_thread.run_sync(gated.gate.set)  # (in the loop serving it)
+            for thread in readers:
+                thread.join(30)
+            outcome["again"] = client.post("/v1/chat/completions", json=_CHAT_BODY)
+        return outcome
+
+    async with serve(gated) as url:
+        outcome = await anyio.to_thread.run_sync(run, url)
+    assert isinstance(outcome["producer"], httpx2.ReadError), outcome
+    again = outcome["again"]
+    if followed:
+        assert outcome["follower"] == whole  # every byte, once
+        assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+    else:
+        assert again.headers["x-sse-cache"] == "miss"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+async def test_a_sync_hit_or_follower_closed_by_another_thread_while_it_is_read(
+    serve: Any, anyio_backend: str
+) -> None:
+    # The sync twin of the async test: close() raised the generator's RuntimeError and the
+    # reader got a clean end of part of the answer (helper-91).
+    import threading
+    import time
+
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
+    whole = b"".join(_CHAT_PIECES)
+    headers = {"authorization": "Bearer sk-sync-close-answer"}
+
+    def read(outcome: dict[str, Any], name: str, response: Any) -> None:
+        got = b""
+        try:
+            for chunk in response.iter_raw():
+                got += chunk
+            outcome[name] = got
+        except httpx2.HTTPError as exc:
+            outcome[name] = exc
+
+    def close_while_read(outcome: dict[str, Any], name: str, response: Any) -> None:
+        reader = threading.Thread(target=read, args=(outcome, name, response))
+        reader.start()
+        deadline = time.monotonic() + 30  # a deadlock guard
+        while response.stream._stream._scope is None:  # its reader is in a read
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        response.close()  # from this thread: it returns
+        reader.join(30)
+
+    def run(url: str) -> dict[str, Any]:
+        outcome: dict[str, Any] = {}
+        with httpx2.Client(
+            transport=CacheTransport("memory://"), base_url=url, headers=headers, timeout=30
+        ) as client:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            producer = client.send(request, stream=True)
+            follower = client.send(request, stream=True)
+            outcome["statuses"] = (producer.headers["x-sse-cache"], follower.headers["x-sse-cache"])
+            producer_reader = threading.Thread(target=read, args=(outcome, "producer", producer))
+            producer_reader.start()
+            close_while_read(outcome, "follower", follower)
+            anyio.from_thread.run_sync(gated.gate.set)  # (in the loop serving it)
+            producer_reader.join(30)
+            paced = client.build_request(
+                "POST",
+                "/v1/chat/completions",
+                json=_CHAT_BODY,
+                headers={"x-sse-cache-replay": "1000ms"},
+            )
+            hit = client.send(paced, stream=True)
+            outcome["hit status"] = hit.headers["x-sse-cache"]
+            close_while_read(outcome, "hit", hit)
+            outcome["again"] = client.post("/v1/chat/completions", json=_CHAT_BODY)
+        return outcome
+
+    async with serve(gated) as url:
+        outcome = await anyio.to_thread.run_sync(run, url)
+    assert outcome["statuses"] == ("miss", "shared")
+    assert outcome["producer"] == whole
+    assert isinstance(outcome["follower"], httpx2.ReadError), outcome
+    assert outcome["hit status"] == "hit"
+    assert isinstance(outcome["hit"], httpx2.ReadError), outcome
+    again = outcome["again"]
+    assert again.headers["x-sse-cache"] == "hit" and again.content == whole
