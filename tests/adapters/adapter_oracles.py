@@ -221,6 +221,11 @@ def normalize_chat(dump: dict[str, Any]) -> dict[str, Any]:
     for choice in dump["choices"]:
         for call in choice["message"].get("tool_calls") or []:
             call.pop("index", None)  # the SDK keeps the stream's index on each tool call
+        # No annotations: null in the SDK's accumulation of a stream (which sends them only
+        # when there are), [] in the API's non-stream answer, and in a body built from a
+        # stream (as a client asking non-stream gets it).
+        if choice["message"].get("annotations") is None:
+            choice["message"]["annotations"] = []
     return strip_sdk_keys(
         ChatCompletion.model_validate(dump).model_dump(mode="json", warnings=False)
     )

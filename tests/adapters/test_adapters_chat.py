@@ -338,3 +338,24 @@ def test_metadata_keys_the_answer_of_a_completion_stored_upstream():
     # ignore_fields still leaves it out.
     ignoring = OpenAIChat(ignore_fields=["metadata"])
     assert ignoring.key_fields({**base, "metadata": {"a": 1}}) == ignoring.key_fields(base)
+
+
+def test_no_annotations_are_an_empty_list_in_a_body_and_absent_from_a_stream():
+    # OpenAI's non-stream message always carries annotations ([] without web search); its
+    # stream sends them only when there are. A body built from a stream had null (code
+    # iterating message.annotations failed), and a stream built from a body sent [] in its
+    # first delta (helper-91).
+    body = json.loads(_completion("hi"))
+    body["choices"][0]["message"]["annotations"] = []
+    events = ADAPTER.synthesize(json.dumps(body).encode())
+    assert events is not None
+    first = json.loads(events[0].data)["choices"][0]["delta"]
+    assert "annotations" not in first
+    rebuilt = ADAPTER.final_body(events)
+    assert rebuilt is not None
+    assert json.loads(rebuilt)["choices"][0]["message"]["annotations"] == []
+    cited = [{"type": "url_citation", "url_citation": {"url": "https://x", "title": "x"}}]
+    body["choices"][0]["message"]["annotations"] = cited
+    events = ADAPTER.synthesize(json.dumps(body).encode())
+    assert events is not None
+    assert json.loads(events[0].data)["choices"][0]["delta"]["annotations"] == cited

@@ -381,6 +381,10 @@ def _finish_choice(acc: dict[str, Any]) -> dict[str, Any]:
                     call.pop("index", None)  # a stream artefact, not in non-stream answers
         ordered["tool_calls"] = calls
     ordered.update(message)
+    # OpenAI's non-stream message always has its annotations (a list, empty but for web
+    # search); its stream sends them only when there are: a body built from a stream had
+    # null, where code iterating message.annotations expects a list (helper-91).
+    ordered.setdefault("annotations", [])
     out = dict(acc)
     out["message"] = ordered
     return out
@@ -414,8 +418,8 @@ def _choice_deltas(choice: dict[str, Any], chars: int | None) -> list[dict[str, 
     # once; strings among them (e.g. `reasoning_content`) are streamed below.
     streamed_extra: list[tuple[str, str]] = []
     for key, value in message.items():
-        if key in _STREAMED_MESSAGE_KEYS:
-            continue
+        if key in _STREAMED_MESSAGE_KEYS or (key == "annotations" and value == []):
+            continue  # (an empty annotations list is not streamed: see _finish_choice)
         if isinstance(value, str):
             first[key] = ""
             streamed_extra.append((key, value))
