@@ -200,12 +200,8 @@ def lowered_tenant_scope(
     """:func:`tenant_scope` of ``headers`` whose names are lower-case already, for
     ``credential_headers`` lower-case and without repeats and ``suffixes`` lower-case (what
     a policy holds): the same scope, without normalising both on every request."""
-    parts = [f"{name}\0{value}" for name in credential_headers if (value := headers.get(name))]
-    if suffixes:
-        # (After the listed ones: a request with only those has the scope it always had.)
-        named = _named_like(tuple(headers), credential_headers, suffixes)
-        if named:  # (seldom)
-            parts += [f"{name}\0{headers[name]}" for name in named if headers[name]]
+    names = _credential_names(tuple(headers), credential_headers, suffixes)
+    parts = [f"{name}\0{value}" for name in names if (value := headers[name])]
     if not parts:
         return ""
     # HTTP header values hold no NUL, so the joined parts cannot be confused with one
@@ -214,24 +210,29 @@ def lowered_tenant_scope(
     return "t:" + digest.hexdigest()
 
 
-def _named_like(
+def _credential_names(
     names: tuple[str, ...], listed: tuple[str, ...], suffixes: tuple[str, ...]
-) -> list[str]:
-    """The ``names`` not ``listed`` that end with one of ``suffixes``, sorted. Remembered by
-    the names a request came with, which are the same on every request of one client: an
-    ``endswith`` per header and a sort cost ~10k instructions on every hit, this a tenth."""
+) -> tuple[str, ...]:
+    """Which of a request's header ``names`` are credentials: the ``listed`` ones it has, in
+    their order, then those that end with one of ``suffixes``, sorted (after the listed
+    ones: a request with only those has the scope it always had). Remembered by the names a
+    request came with, which are the same on every request of one client: a lookup per
+    listed name, an ``endswith`` per header and a sort cost ~10k instructions on every hit,
+    this a tenth."""
     key = (names, listed, suffixes)
-    found = _NAMED_LIKE.get(key)
+    found = _CREDENTIAL_NAMES.get(key)
     if found is None:
-        if len(_NAMED_LIKE) >= _REMEMBERED_NAME_SETS:  # (clients choose their headers)
-            _NAMED_LIKE.clear()
-        found = _NAMED_LIKE[key] = sorted(
-            n for n in names if n.endswith(suffixes) and n not in listed
+        if len(_CREDENTIAL_NAMES) >= _REMEMBERED_NAME_SETS:  # (clients choose their headers)
+            _CREDENTIAL_NAMES.clear()
+        present = set(names)
+        found = _CREDENTIAL_NAMES[key] = (
+            *(n for n in listed if n in present),
+            *sorted(n for n in names if suffixes and n.endswith(suffixes) and n not in listed),
         )
     return found
 
 
-_NAMED_LIKE: dict[tuple[tuple[str, ...], ...], list[str]] = {}
+_CREDENTIAL_NAMES: dict[tuple[tuple[str, ...], ...], tuple[str, ...]] = {}
 _REMEMBERED_NAME_SETS = 256
 
 
