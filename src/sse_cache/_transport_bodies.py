@@ -65,6 +65,13 @@ def _closed_under(lib: ModuleType) -> Exception:
     )
 
 
+def _being_cancelled() -> bool:
+    """Whether the current asyncio task has a cancellation pending (its own, not a shielded
+    future's)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _closed_by_client(lib: ModuleType) -> Exception:
     """What a response's reader sees when the response was closed (from another task or
     thread: a stop handler) while it read: the library's error for a connection closed under
@@ -199,7 +206,10 @@ class _AsyncTeeBody:
         # reading it ("stop generation"): that reader's read ends with the library's
         # ReadError, as without the cache, never with a chunk or a clean end.
         self._closed = False
-        self._reading_inline = False  # a read not in a task of its own is under way
+        # The client's own read runs inline (not in a task), and what a puller waiting for
+        # its end waits on.
+        self._client_reading = False
+        self._client_read_done: anyio.Event | None = None
 
     # One iterator for every ``async for``: a client that drains the rest of a response it
     # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
@@ -223,9 +233,11 @@ class _AsyncTeeBody:
             tee.feed(self._pending)
             self._pending = b""
             await tee.flush()  # to other processes following this stream, if any
+        if self._closed and not pulling:
+            # (Closed meanwhile, perhaps while the flush waited: the upstream is the
+            # followers' now, or closed.)
+            raise _closed_by_client(self._lib)
         if not self._opened.open:
-            if self._closed and not pulling:
-                raise _closed_by_client(self._lib)
             return None
         it = self._it
         if it is None:
@@ -234,19 +246,26 @@ class _AsyncTeeBody:
             chunk = await self._read(it, pulling)
         except _ClosedUnderReader:
             # The client closed this response from another task while this read of its own
-            # was under way: the chunk, if one came, is the followers' (their puller relays
-            # it), and the close settled the rest.
+            # was under way in a task: its chunk, if one came, is the followers' (their
+            # puller awaits the same read), and the close settled the rest.
             raise _closed_by_client(self._lib) from None
         except StopAsyncIteration:
             tee.end()
             await self._finish()
+            if self._closed and not pulling:
+                raise _closed_by_client(self._lib) from None
             return None
         except BaseException as exc:
-            if self._closed and not pulling:
-                # The upstream's connection was closed under this read by the client's own
-                # close, from another task: settled by that close already.
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            if self._closed and not pulling and self._reading is not None:
+                # The client closed this response from another task, and its read runs on
+                # in its task for the followers (handed over): theirs to settle. A
+                # cancellation of this task stays one (helper-92: it became a ReadError,
+                # and stopped the followers' read).
+                if cancelled:
+                    raise
                 raise _closed_by_client(self._lib) from exc
-            if isinstance(exc, anyio.get_cancelled_exc_class()):
+            if cancelled:
                 if self._reading is not None:
                     # The caller was cancelled, not the read (its own task): followers read
                     # on from it, as when a client closes early — unless the answer is
@@ -267,11 +286,19 @@ class _AsyncTeeBody:
             else:
                 tee.fail(f"the upstream body failed: {exc!r}")
             await self._finish(exc)
+            if self._closed and not pulling and not cancelled:
+                # The upstream's connection was closed under this read by the client's own
+                # close, from another task (a cancellation stays one).
+                raise _closed_by_client(self._lib) from exc
             raise
-        if self._closed and not pulling:
-            raise _closed_by_client(self._lib)  # (closed by another task as this read ended)
         tee.relay(chunk)
         self._pending = chunk
+        if self._closed and not pulling:
+            # Closed by another task while this inline read was under way: its chunk is
+            # passed on to the followers all the same (above: the puller waited for it;
+            # helper-92: dropped, a follower's answer missed it and was stored so), and the
+            # reader is told its response was closed.
+            raise _closed_by_client(self._lib)
         if self._opened.timing and chunk:
             self._opened.first_byte()
         return chunk
@@ -282,11 +309,19 @@ class _AsyncTeeBody:
             # (A task per chunk costs ~9 µs: only for the producer's reads while followed.
             # Once handed over, the followers' pulls run in a task already.)
             if self._handed_over or not (self._tee.followed and on_asyncio()):
-                self._reading_inline = True
+                if pulling:
+                    return await chunks.__anext__()
+                # The client's own read, inline: a close from another task while it is under
+                # way hands the upstream over, and the followers' puller waits for this read
+                # to end (and pass its chunk on) before it reads (see _pull).
+                self._client_reading = True
                 try:
                     return await chunks.__anext__()
                 finally:
-                    self._reading_inline = False
+                    self._client_reading = False
+                    waiting, self._client_read_done = self._client_read_done, None
+                    if waiting is not None:
+                        waiting.set()
             reading = self._reading = asyncio.ensure_future(_read_one(chunks))
         try:
             chunk = await asyncio.shield(reading)
@@ -294,6 +329,10 @@ class _AsyncTeeBody:
             # The read itself (_stop_reading), not only the caller: no one takes it.
             if reading.cancelled() and self._reading is reading:
                 self._reading = None
+            if self._closed and not pulling and not _being_cancelled():
+                # Stopped by the client's own close from another task (no one followed):
+                # not a cancellation of this task.
+                raise _ClosedUnderReader from None
             raise  # the caller's: the read goes on, its chunk is the next one taken
         except BaseException:
             if self._closed and not pulling:
@@ -354,9 +393,11 @@ class _AsyncTeeBody:
         try:
             if self._handed_over:
                 # No client will close this response: close the upstream's (its connection
-                # goes back to the pool).
-                await close_iterator(self._it)
-                await self._inner.aclose()
+                # goes back to the pool), also if its iterator cannot be closed.
+                try:
+                    await close_iterator(self._it)
+                finally:
+                    await self._inner.aclose()
         finally:
             await self._opened.leave(exc)  # stores the answer if it completed
 
@@ -364,7 +405,18 @@ class _AsyncTeeBody:
         # For the followers, once the client has gone: one more chunk into the live stream.
         # No client delivers it first: it is recorded (and published) at once, and a
         # complete answer ends the stream with it.
-        if await self._next(pulling=True) is None:
+        if self._client_reading:
+            # The client's own read was under way when it closed this response (from another
+            # task): it passes that read's chunk (or end, or failure) on; reading the
+            # upstream under it raised the generator's RuntimeError (helper-92).
+            if self._client_read_done is None:
+                self._client_read_done = anyio.Event()
+            await self._client_read_done.wait()
+            if not self._opened.open or self._tee.ended or self._tee.cut:
+                return False
+            if not self._pending:
+                return True  # (nothing came: read on)
+        elif await self._next(pulling=True) is None:
             return False
         tee = self._tee
         tee.feed(self._pending)
@@ -378,11 +430,13 @@ class _AsyncTeeBody:
     async def _abandon(self) -> None:
         try:
             await self._stop_reading()
-            if not self._reading_inline:
-                await close_iterator(self._it)
-            # (else another task is inside the iterator, which cannot be closed under it:
-            # closing the upstream's response ends that read with an error instead.)
-            await self._inner.aclose()
+            try:
+                if not self._client_reading:
+                    await close_iterator(self._it)
+                # (else another task is inside the iterator, which cannot be closed under
+                # it: closing the upstream's response ends that read with an error.)
+            finally:
+                await self._inner.aclose()
         finally:
             # Every reader left (each had what was relayed): complete if that holds the
             # completing event (the SDKs stop at chat's [DONE]), else failed.
@@ -649,7 +703,7 @@ class _SyncTeeBody:
         if self._handed_over:
             raise StopIteration
         try:
-            chunk = self._next()
+            chunk = self._next(reader=True)
         except _TransportClosed as exc:
             raise _closed_under(self._lib) from exc
         except Exception as exc:
@@ -718,8 +772,13 @@ class _SyncTeeBody:
 
     # -- in the caller's thread (or the drain thread)
 
-    def _next(self) -> bytes | None:
+    def _next(self, *, reader: bool = False) -> bytes | None:
+        # ``reader``: the client's read (else the drain thread's).
         with self._reading:
+            if reader and self._closed:
+                # Closed while this thread waited for the lock: the drain thread reads for
+                # the followers now (helper-92: this read took a chunk from between theirs).
+                raise _closed_by_client(self._lib)
             return self._next_read()
 
     def _next_read(self) -> bytes | None:
@@ -878,13 +937,20 @@ class _SyncAnswerBody:
 
     async def _read(self) -> bytes | None:
         # In the portal's loop.
+        if self._closed:  # (closed while this thread made its way here: helper-92)
+            raise _ClosedUnderReader
+        chunk: bytes | None = None
         with anyio.CancelScope() as scope:
             self._scope = scope
             try:
-                return await _next_chunk(self._chunks, self._read_timeout)
+                chunk = await _next_chunk(self._chunks, self._read_timeout)
             finally:
                 self._scope = None
-        raise _ClosedUnderReader  # (cancelled by close() from another thread)
+        if scope.cancel_called:
+            # Cancelled by close() from another thread — also when its chunk came in the
+            # same turn: close() left the exchange to this reader (helper-92: else never).
+            raise _ClosedUnderReader
+        return chunk
 
     async def _close(self) -> bool:
         # In the portal's loop: True when a reader in another thread is stopped, and leaves.
@@ -897,6 +963,7 @@ class _SyncAnswerBody:
 
     def __next__(self) -> bytes:
         if self._closed:
+            self._opened.leave()
             raise _closed_by_client(self._lib)
         if not self._opened.open:
             raise StopIteration
