@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -2090,6 +2091,29 @@ async def test_a_crlf_answer_left_between_cr_and_lf_replays_in_crlf(
     assert again.headers["x-sse-cache"] == "hit" and again.content == whole
 
 
+def _read_into(outcome: dict[str, Any], name: str, response: Any) -> None:
+    """Read a sync streamed ``response`` to its end: ``outcome[name]`` is its bytes, or the
+    library's error that ended it."""
+    got = b""
+    try:
+        for chunk in response.iter_raw():
+            got += chunk
+        outcome[name] = got
+    except httpx2.HTTPError as exc:
+        outcome[name] = exc
+
+
+async def _aread_into(outcome: dict[str, Any], name: str, response: httpx2.Response) -> None:
+    """:func:`_read_into` for an async response."""
+    got = b""
+    try:
+        async for chunk in response.aiter_raw():
+            got += chunk
+        outcome[name] = got
+    except httpx2.HTTPError as exc:
+        outcome[name] = exc
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("followed", [True, False], ids=["followed", "alone"])
 async def test_a_response_closed_by_another_task_while_it_is_read(
@@ -2157,16 +2181,10 @@ async def test_a_hit_or_a_follower_closed_by_another_task_while_it_is_read(
     # generator's RuntimeError, and the reader got a clean end of part of the answer
     # (helper-91). The reader gets the library's ReadError; the producer's answer is whole.
     async with _gated_chat(serve, f"sk-close-answer-{anyio_backend}") as (client, gated, _):
-        outcomes: dict[str, BaseException | str] = {}
+        outcomes: dict[str, Any] = {}
         body = b"".join(_CHAT_PIECES)
 
-        async def read(name: str, response: httpx2.Response) -> None:
-            try:
-                async for _ in response.aiter_raw():
-                    pass
-                outcomes[name] = "clean end"
-            except httpx2.HTTPError as exc:
-                outcomes[name] = exc
+        read = partial(_aread_into, outcomes)
 
         with anyio.fail_after(30):  # a deadlock guard
             async with anyio.create_task_group() as tg:
@@ -2184,7 +2202,7 @@ async def test_a_hit_or_a_follower_closed_by_another_task_while_it_is_read(
                 await anyio.wait_all_tasks_blocked()  # both wait at the gate
                 await follower.aclose()  # from this task: it returns
                 gated.gate.set()
-            assert outcomes["producer"] == "clean end"
+            assert outcomes["producer"] == body
             assert isinstance(outcomes["follower"], httpx2.ReadError), outcomes
             paced = {"x-sse-cache-replay": "1000ms"}  # a second between two events
             hit = await client.send(
@@ -2231,18 +2249,11 @@ async def test_a_sync_response_closed_by_another_thread_while_it_is_read(
             producer = client.send(request, stream=True)
             follower = client.send(request, stream=True) if followed else None
 
-            def read(name: str, response: Any) -> None:
-                got = b""
-                try:
-                    for chunk in response.iter_raw():
-                        got += chunk
-                    outcome[name] = got
-                except httpx2.HTTPError as exc:
-                    outcome[name] = exc
-
-            readers = [threading.Thread(target=read, args=("producer", producer))]
+            readers = [threading.Thread(target=_read_into, args=(outcome, "producer", producer))]
             if follower is not None:
-                readers.append(threading.Thread(target=read, args=("follower", follower)))
+                readers.append(
+                    threading.Thread(target=_read_into, args=(outcome, "follower", follower))
+                )
             for thread in readers:
                 thread.start()
             deadline = time.monotonic() + 30  # a deadlock guard
@@ -2283,17 +2294,8 @@ async def test_a_sync_hit_or_follower_closed_by_another_thread_while_it_is_read(
     whole = b"".join(_CHAT_PIECES)
     headers = {"authorization": "Bearer sk-sync-close-answer"}
 
-    def read(outcome: dict[str, Any], name: str, response: Any) -> None:
-        got = b""
-        try:
-            for chunk in response.iter_raw():
-                got += chunk
-            outcome[name] = got
-        except httpx2.HTTPError as exc:
-            outcome[name] = exc
-
     def close_while_read(outcome: dict[str, Any], name: str, response: Any) -> None:
-        reader = threading.Thread(target=read, args=(outcome, name, response))
+        reader = threading.Thread(target=_read_into, args=(outcome, name, response))
         reader.start()
         deadline = time.monotonic() + 30  # a deadlock guard
         while response.stream._stream._scope is None:  # its reader is in a read
@@ -2311,7 +2313,9 @@ async def test_a_sync_hit_or_follower_closed_by_another_thread_while_it_is_read(
             producer = client.send(request, stream=True)
             follower = client.send(request, stream=True)
             outcome["statuses"] = (producer.headers["x-sse-cache"], follower.headers["x-sse-cache"])
-            producer_reader = threading.Thread(target=read, args=(outcome, "producer", producer))
+            producer_reader = threading.Thread(
+                target=_read_into, args=(outcome, "producer", producer)
+            )
             producer_reader.start()
             close_while_read(outcome, "follower", follower)
             anyio.from_thread.run_sync(gated.gate.set)  # (in the loop serving it)
@@ -2389,14 +2393,7 @@ async def test_a_miss_closed_while_its_read_begun_before_anyone_followed_is_unde
             request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
             producer = await client.send(request, stream=True)
 
-            async def read(name: str, response: httpx2.Response) -> None:
-                got = b""
-                try:
-                    async for chunk in response.aiter_raw():
-                        got += chunk
-                    outcome[name] = got
-                except httpx2.HTTPError as exc:
-                    outcome[name] = exc
+            read = partial(_aread_into, outcome)
 
             with anyio.fail_after(30):  # a deadlock guard
                 async with anyio.create_task_group() as tg:
