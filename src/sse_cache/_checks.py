@@ -130,6 +130,11 @@ def callables(name: str, value: object) -> tuple[Callable[..., Any], ...]:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
 
 
+def is_header_name(text: object) -> bool:
+    """Whether ``text`` is a header name (RFC 9110's token)."""
+    return isinstance(text, str) and _HEADER_NAME.fullmatch(text) is not None
+
+
 def header_names(name: str, value: object) -> tuple[str, ...]:
     """``value`` as a tuple of lower-case header names, without repeats: an iterable (a
     list) of names. One name alone (a ``str``: its letters would be taken for names) or an
@@ -138,7 +143,7 @@ def header_names(name: str, value: object) -> tuple[str, ...]:
         raise ConfigError(f"{name} must be a list of header names, got {value!r}")
     items = tuple(value)
     for item in items:
-        if not isinstance(item, str) or not _HEADER_NAME.fullmatch(item):
+        if not is_header_name(item):
             raise ConfigError(f"{name} must be a list of header names, got {item!r} in it")
     return tuple(dict.fromkeys(item.lower() for item in items))
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import MAX_TTL, MAX_TTL_SHOWN
+from .._checks import MAX_TTL, MAX_TTL_SHOWN, is_header_name
 from .._logging import LOG_LEVELS
 from ..errors import ConfigError
 from ..http.options import MAX_CROSS_PROCESS_LEASE
@@ -217,7 +217,7 @@ def _route(text: str) -> tuple[str, str]:
 
 def _header_name(text: str) -> str:
     name = text.strip()
-    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+    if not is_header_name(name):
         raise argparse.ArgumentTypeError(f"expected a header name, got {text!r}")
     return name.lower()
 
