@@ -95,7 +95,6 @@ class EntryStore:
         # codec (another secret, say) never use each other's decodings.
         tag = f"{id(codec):x}"
         self._names = (f"e{tag}:", f"w{tag}:")
-
         if breaker.on_change is None:
             breaker.on_change = self._breaker_changed
 
@@ -107,9 +106,12 @@ class EntryStore:
         entry = await self._decoded(self._names[0], key, raw, Entry, self.codec.decode)
         return None if entry is None else self._fresh(key, entry, max_age)
 
-    async def lookup_wire(self, key: str, max_age: float | None) -> WireEntry | None:
-        """The fresh entry stored for ``key`` as SSE bytes (see :meth:`StreamCache.lookup_wire`)."""
-        raw = await self._fetch(key)
+    async def lookup_wire(
+        self, key: str, max_age: float | None, *, verdict: bool = True
+    ) -> WireEntry | None:
+        """The fresh entry stored for ``key`` as SSE bytes (see :meth:`StreamCache.lookup_wire`).
+        ``verdict``: as for :meth:`_use_backend`."""
+        raw = await self._fetch(key, verdict=verdict)
         if raw is None:
             return None
         wire = await self._decoded(self._names[1], key, raw, WireEntry, self._decode_wire)
@@ -169,11 +171,7 @@ class EntryStore:
     async def _newer_stored(self, key: str, began: float, stream: bool) -> bool:
         # (Fails open: a store that cannot look is tried, as before.)
         try:
-            raw = await self._fetch(key, verdict=False)
-            current = None
-            if raw is not None:
-                wire = await self._decoded(self._names[1], key, raw, WireEntry, self._decode_wire)
-                current = None if wire is None else self._fresh(key, wire, None)
+            current = await self.lookup_wire(key, None, verdict=False)
         except Exception:
             return False
         if current is None or not began < current.created_at <= time.time() + _CLOCK_SLACK:
