@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, suppress
 from functools import cache
 from types import ModuleType
@@ -114,6 +114,13 @@ class HoldSlots:
 
     def give(self) -> None:
         self.taken -= 1
+
+    async def held_for(self, window: Callable[[], Awaitable[None]]) -> None:
+        """Run ``window()`` (a held stream's resume window), then give its place back."""
+        try:
+            await window()
+        finally:
+            self.give()
 
 
 # -- async --------------------------------------------------------------------------------
@@ -380,14 +387,8 @@ class _AsyncTeeBody:
         self._handed_over = True
         tee.hand_over(self._pull, self._abandon)
         if hold:
-            _background(self._read_through_window())
+            _background(self._holds.held_for(tee.read_through_window))
         return True
-
-    async def _read_through_window(self) -> None:
-        try:
-            await self._tee.read_through_window()
-        finally:
-            self._holds.give()
 
     async def _finish(self, exc: BaseException | None = None) -> None:
         try:
@@ -491,7 +492,6 @@ class _AsyncAnswerBody:
                 else:
                     with anyio.fail_after(timeout):
                         chunk = await self._chunks.__anext__()
-            self._scope = None
             if scope.cancel_called:  # closed by another task under this read
                 await close_iterator(self._chunks)
                 await opened.leave()
@@ -764,12 +764,6 @@ class _SyncTeeBody:
             self._holds.give()
         return False
 
-    async def _release_after_window(self) -> None:
-        try:
-            await self._tee.release_after_window()
-        finally:
-            self._holds.give()
-
     # -- in the caller's thread (or the drain thread)
 
     def _next(self, *, reader: bool = False) -> bytes | None:
@@ -867,7 +861,7 @@ class _SyncTeeBody:
             if self._holding:
                 # The drain thread reads on while the stream is held; the window's end is
                 # kept in the portal's loop.
-                self._portal.start_task_soon(self._release_after_window)
+                self._portal.start_task_soon(self._holds.held_for, self._tee.release_after_window)
             return
         self._abandon()
 
