@@ -91,7 +91,8 @@ class AnthropicMessages(KeyedAdapter):
     #: Request headers that change the answer: part of the key in the HTTP integrations.
     key_headers: tuple[str, ...] = ("anthropic-version", "anthropic-beta")
     excluded_fields = EXCLUDED_FIELDS
-    maybe_read = KeyedAdapter.maybe_read | {"metadata"}
+    # (Not stream_options: no field of this API, never left out, so never read back.)
+    maybe_read = frozenset({"metadata"})
 
     def __init__(
         self,
@@ -105,18 +106,17 @@ class AnthropicMessages(KeyedAdapter):
         self.ping = ping
 
     def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
-        """Also a ``metadata`` that is more than ``{"user_id": ...}`` (a string or null):
+        """A ``metadata`` that is more than ``{"user_id": ...}`` (a string or null):
         the API refuses any other member (400), and left out, such a request was answered
         200 from a valid request's entry (helper-88)."""
-        read = super().excluded_but_read(body)
         metadata = body.get("metadata")
         if metadata is None or (
             isinstance(metadata, dict)
             and metadata.keys() <= {"user_id"}
             and isinstance(metadata.get("user_id", ""), str | None)
         ):
-            return read
-        return (*read, "metadata")
+            return ()
+        return ("metadata",)
 
     # -- outcome ---------------------------------------------------------------------------
 

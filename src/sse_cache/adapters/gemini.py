@@ -143,6 +143,7 @@ class GeminiGenerateContent(KeyedAdapter):
     #: the fields it leaves out) is part of the key in the HTTP integrations.
     key_headers: tuple[str, ...] = ("x-goog-fieldmask",)
     excluded_fields = EXCLUDED_FIELDS
+    maybe_read: frozenset[str] = frozenset()  # (stream_options is no field of this API)
 
     def __init__(
         self,
