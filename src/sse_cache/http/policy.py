@@ -514,9 +514,10 @@ class CachePolicy:
     def key_headers_of(self, adapter: StreamAdapter, headers: Mapping[str, str]) -> dict[str, str]:
         """The request headers that key ``adapter``'s answers, as a decision holds them
         (names lower-cased; those ``headers`` carry)."""
-        lowered = {name.lower(): value for name, value in headers.items()}
-        names = self._key_headers.get(id(adapter), ())
-        return {name: lowered[name] for name in names if name in lowered}
+        return self._key_headers_in(adapter, {n.lower(): v for n, v in headers.items()})
+
+    def _key_headers_in(self, adapter: StreamAdapter, lowered: Mapping[str, str]) -> dict[str, str]:
+        return {name: lowered[name] for name in self._key_headers[id(adapter)] if name in lowered}
 
     def tenant_of(self, headers: Mapping[str, str], query: str = "") -> str | None:
         """The tenant scope of a request; None when the scope cannot tell who is asking (by
@@ -646,9 +647,7 @@ class CachePolicy:
             streaming=adapter.is_streaming(parsed) if streaming is None else streaming,
             body=parsed,
             tenant=tenant,
-            key_headers={
-                name: headers[name] for name in self._key_headers[id(adapter)] if name in headers
-            },
+            key_headers=self._key_headers_in(adapter, headers),
             last_event_id=headers.get("last-event-id"),
             controls=controls,
             origin=where,
