@@ -36,22 +36,17 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import cache
 from types import ModuleType
 from typing import Any, ClassVar
 
 import anyio
 import anyio.from_thread
 
+from ._async_bodies import _AsyncAnswerBody, _AsyncOpen, _AsyncPassBody, _AsyncTeeBody
 from ._checks import integer
-from ._transport_bodies import (
-    HoldSlots,
-    _AsyncOpen,
-    _closed_under,
-    _stream_types,
-    _SyncOpen,
-    _TransportClosed,
-    unless_closed,
-)
+from ._sync_bodies import _SyncAnswerBody, _SyncOpen, _SyncPassBody, _SyncTeeBody, unless_closed
+from ._transport_bodies import HoldSlots, _closed_under, _TransportClosed
 from .errors import ConfigError
 from .http._wire import json_error_body, merge_headers
 from .http.options import CacheOptions
@@ -63,6 +58,23 @@ __all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]
 
 _SSE = "text/event-stream"
 _CONTROL = CONTROL_HEADER_PREFIX.encode("latin-1")
+
+
+@cache
+def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
+    """Our body classes as subclasses of ``lib``'s byte streams (a response only accepts
+    those)."""
+    return {
+        name: type(name, (base, getattr(lib, lib_base)), {"__module__": __name__, "_lib": lib})
+        for name, base, lib_base in (
+            ("AsyncTeeBody", _AsyncTeeBody, "AsyncByteStream"),
+            ("AsyncAnswerBody", _AsyncAnswerBody, "AsyncByteStream"),
+            ("AsyncPassBody", _AsyncPassBody, "AsyncByteStream"),
+            ("SyncTeeBody", _SyncTeeBody, "SyncByteStream"),
+            ("SyncAnswerBody", _SyncAnswerBody, "SyncByteStream"),
+            ("SyncPassBody", _SyncPassBody, "SyncByteStream"),
+        )
+    }
 
 
 # -- requests ----------------------------------------------------------------------------

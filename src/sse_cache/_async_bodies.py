@@ -1,0 +1,467 @@
+"""The response bodies of the async httpx / httpx2 cache transport
+(:class:`sse_cache._transport.AsyncCacheTransportBase`), run on the caller's event loop: a
+miss's body hands each upstream chunk to the client and records it; an answer's body replays
+from the cache; a pass's body relays the upstream's.
+
+Each body also notes when its first non-empty chunk goes to the client (only when the
+transport has hooks: one boolean check per chunk otherwise): the response's time to first
+byte, reported once through :meth:`Exchange.first_byte`, as the ASGI middleware does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import AbstractAsyncContextManager
+from types import ModuleType
+from typing import Any, ClassVar
+
+import anyio
+
+from ._cancellation import on_asyncio
+from ._transport_bodies import (
+    HoldSlots,
+    _aborted,
+    _closed_by_client,
+    _ClosedUnderReader,
+    _timed_out,
+)
+from .flight import SharedStreamAborted
+from .http._wire import close_iterator
+from .http.service import Exchange, ResponseTee
+
+
+def _being_cancelled() -> bool:
+    """Whether the current asyncio task has a cancellation pending (its own, not a shielded
+    future's)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class _AsyncOpen:
+    """An exchange entered by ``handle_async_request`` and left when the response ends.
+
+    ``started``: when the request arrived (``time.monotonic()``), to report the response's
+    time to first byte; None when nobody wants it (no hooks, or a resume: the middleware
+    reports none for those either)."""
+
+    __slots__ = ("_cm", "_ex", "_started", "open", "timing")
+
+    def __init__(
+        self, cm: AbstractAsyncContextManager[Exchange], started: float | None = None
+    ) -> None:
+        self._cm = cm
+        self._started = started
+        self._ex: Exchange | None = None
+        self.open = False
+        #: The response's first body bytes are still to be reported.
+        self.timing = False
+
+    async def enter(self) -> Exchange:
+        ex = self._ex = await self._cm.__aenter__()
+        self.open = True
+        self.timing = self._started is not None
+        return ex
+
+    def first_byte(self) -> None:
+        """The response's first body bytes go to the client now: report the time it waited
+        for them (once)."""
+        self.timing = False
+        assert self._ex is not None and self._started is not None
+        self._ex.first_byte(time.monotonic() - self._started)
+
+    async def leave(self, exc: BaseException | None = None) -> None:
+        if not self.open:
+            return
+        self.open = False
+        # Shielded: a store that has begun finishes even if the reader is being cancelled
+        # (every backend call is bounded by ``backend_timeout``).
+        with anyio.CancelScope(shield=True):
+            if exc is None:
+                await self._cm.__aexit__(None, None, None)
+            else:
+                await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+
+
+_tasks: set[asyncio.Task[None]] = set()
+
+
+def _background(work: Coroutine[Any, Any, None]) -> None:
+    # A task that outlives the request (a resume window): kept referenced until it ends.
+    task = asyncio.get_running_loop().create_task(work, name="sse-cache resume window")
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+async def _read_one(chunks: AsyncIterator[bytes]) -> bytes:
+    return await chunks.__anext__()
+
+
+class _AsyncTeeBody:
+    """The body of a miss: the upstream's chunks, each handed to the client (and to the
+    followers of its live stream) first and recorded when the client asks for the next one.
+
+    When the client closes it early while followers still read, the upstream is handed over
+    to them: they read it on, in turn, until its end (stored if it completed) or until the
+    last of them leaves (then it is closed). So it is when the client's read is cancelled
+    while followers read, on asyncio: a read begun while the stream was followed runs in a
+    task of its own, which the caller's cancellation leaves running (the HTTP library closes
+    the upstream under a cancelled read)."""
+
+    _lib: ClassVar[ModuleType]
+
+    def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen, holds: HoldSlots) -> None:
+        self._inner = inner
+        self._it: AsyncIterator[bytes] | None = None
+        self._tee = tee
+        self._opened = opened
+        self._holds = holds
+        self._pending = b""
+        self._handed_over = False
+        # The read of the upstream's next chunk running in a task, while its result (or
+        # error) has not been taken: whoever reads next takes it.
+        self._reading: asyncio.Future[bytes] | None = None
+        # The client closed this response (aclose), perhaps from another task than the one
+        # reading it ("stop generation"): that reader's read ends with the library's
+        # ReadError, as without the cache, never with a chunk or a clean end.
+        self._closed = False
+        # The client's own read runs inline (not in a task), and what a puller waiting for
+        # its end waits on.
+        self._client_reading = False
+        self._client_read_done: anyio.Event | None = None
+
+    # One iterator for every ``async for``: a client that drains the rest of a response it
+    # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._closed:
+            raise _closed_by_client(self._lib)
+        if self._handed_over:
+            raise StopAsyncIteration
+        chunk = await self._next()
+        if chunk is None:
+            raise StopAsyncIteration
+        return chunk
+
+    async def _next(self, *, pulling: bool = False) -> bytes | None:
+        # ``pulling``: for the followers, once the client has gone (_pull); else the client's.
+        tee = self._tee
+        if self._pending:
+            tee.feed(self._pending)
+            self._pending = b""
+            await tee.flush()  # to other processes following this stream, if any
+        if self._closed and not pulling:
+            # (Closed meanwhile, perhaps while the flush waited: the upstream is the
+            # followers' now, or closed.)
+            raise _closed_by_client(self._lib)
+        if not self._opened.open:
+            return None
+        it = self._it
+        if it is None:
+            it = self._it = aiter(self._inner)
+        try:
+            chunk = await self._read(it, pulling)
+        except _ClosedUnderReader:
+            # The client closed this response from another task while this read of its own
+            # was under way in a task: its chunk, if one came, is the followers' (their
+            # puller awaits the same read), and the close settled the rest.
+            raise _closed_by_client(self._lib) from None
+        except StopAsyncIteration:
+            tee.end()
+            await self._finish()
+            if self._closed and not pulling:
+                raise _closed_by_client(self._lib) from None
+            return None
+        except BaseException as exc:
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            if self._closed and not pulling and self._reading is not None:
+                # The client closed this response from another task, and its read runs on
+                # in its task for the followers (handed over): theirs to settle. A
+                # cancellation of this task stays one (helper-92: it became a ReadError,
+                # and stopped the followers' read).
+                if cancelled:
+                    raise
+                raise _closed_by_client(self._lib) from exc
+            if cancelled:
+                if self._reading is not None:
+                    # The caller was cancelled, not the read (its own task): followers read
+                    # on from it, as when a client closes early — unless the answer is
+                    # complete already. The openai SDK drains a chat body after [DONE] by
+                    # cancelling its read: the followers' streams end now, with the answer
+                    # stored, rather than when the upstream ends its body.
+                    # (A follower pulling the upstream handed over to it is no producer: its
+                    # pull was alone, nothing to hand over to — the flight ends with it.)
+                    self._opened.timing = False
+                    if not self._handed_over and self._hand_over():
+                        raise
+                    await self._stop_reading()
+                # The reader was cancelled midway (a timeout around its read; the openai SDK
+                # drains the body after chat's [DONE] for 0.1 s at most): the HTTP library
+                # has closed the upstream. What was recorded is the answer if it holds its
+                # completing event, for the cache and for the followers alike.
+                tee.stop(f"the read of the upstream was cancelled: {exc!r}")
+            else:
+                tee.fail(f"the upstream body failed: {exc!r}")
+            await self._finish(exc)
+            if self._closed and not pulling and not cancelled:
+                # The upstream's connection was closed under this read by the client's own
+                # close, from another task (a cancellation stays one).
+                raise _closed_by_client(self._lib) from exc
+            raise
+        tee.relay(chunk)
+        self._pending = chunk
+        if self._closed and not pulling:
+            # Closed by another task while this inline read was under way: its chunk is
+            # passed on to the followers all the same (above: the puller waited for it;
+            # helper-92: dropped, a follower's answer missed it and was stored so), and the
+            # reader is told its response was closed.
+            raise _closed_by_client(self._lib)
+        if self._opened.timing and chunk:
+            self._opened.first_byte()
+        return chunk
+
+    async def _read(self, chunks: AsyncIterator[bytes], pulling: bool = False) -> bytes:
+        reading = self._reading
+        if reading is None:
+            # (A task per chunk costs ~9 µs: only for the producer's reads while followed.
+            # Once handed over, the followers' pulls run in a task already.)
+            if self._handed_over or not (self._tee.followed and on_asyncio()):
+                if pulling:
+                    return await chunks.__anext__()
+                # The client's own read, inline: a close from another task while it is under
+                # way hands the upstream over, and the followers' puller waits for this read
+                # to end (and pass its chunk on) before it reads (see _pull).
+                self._client_reading = True
+                try:
+                    return await chunks.__anext__()
+                finally:
+                    self._client_reading = False
+                    waiting, self._client_read_done = self._client_read_done, None
+                    if waiting is not None:
+                        waiting.set()
+            reading = self._reading = asyncio.ensure_future(_read_one(chunks))
+        try:
+            chunk = await asyncio.shield(reading)
+        except asyncio.CancelledError:
+            # The read itself (_stop_reading), not only the caller: no one takes it.
+            if reading.cancelled() and self._reading is reading:
+                self._reading = None
+            if self._closed and not pulling and not _being_cancelled():
+                # Stopped by the client's own close from another task (no one followed):
+                # not a cancellation of this task.
+                raise _ClosedUnderReader from None
+            raise  # the caller's: the read goes on, its chunk is the next one taken
+        except BaseException:
+            if self._closed and not pulling:
+                raise _ClosedUnderReader from None  # (the followers' puller takes it)
+            if self._reading is reading:
+                self._reading = None
+            raise
+        if self._closed and not pulling:
+            # Closed (and handed over) while this read was under way: the chunk is taken by
+            # the followers' puller, which awaits the same read (helper-91: both relayed it,
+            # and a follower got it twice).
+            raise _ClosedUnderReader
+        if self._reading is reading:
+            self._reading = None
+        return chunk
+
+    async def _stop_reading(self) -> None:
+        # No one will take the read running in its task: stop it (the HTTP library closes
+        # the upstream) before the upstream's iterator is closed.
+        reading, self._reading = self._reading, None
+        if reading is None:
+            return
+        reading.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wait([reading])
+        if not reading.cancelled():
+            reading.exception()  # (taken: asyncio logs an error never retrieved)
+
+    def _hand_over(self) -> bool:
+        # The client went (closed early, or its read was cancelled): True when followers
+        # (or a resume window) read on, and the upstream is theirs now.
+        tee = self._tee
+        if not self._opened.open or tee.ended:
+            return False
+        if self._pending:
+            tee.feed(self._pending)
+            self._pending = b""
+        # A resume window needs a task that reads on while no one reads: on asyncio, a
+        # task of the loop (trio has none outside a nursery: no window there).
+        hold = tee.resume_window is not None and on_asyncio() and self._holds.take()
+        if not tee.client_left(hold=hold):
+            if hold:
+                self._holds.give()
+            return False
+        self._handed_over = True
+        tee.hand_over(self._pull, self._abandon)
+        if hold:
+            _background(self._holds.held_for(tee.read_through_window))
+        return True
+
+    async def _finish(self, exc: BaseException | None = None) -> None:
+        try:
+            if self._handed_over:
+                # No client will close this response: close the upstream's (its connection
+                # goes back to the pool), also if its iterator cannot be closed.
+                try:
+                    await close_iterator(self._it)
+                finally:
+                    await self._inner.aclose()
+        finally:
+            await self._opened.leave(exc)  # stores the answer if it completed
+
+    async def _pull(self) -> bool:
+        # For the followers, once the client has gone: one more chunk into the live stream.
+        # No client delivers it first: it is recorded (and published) at once, and a
+        # complete answer ends the stream with it.
+        if self._client_reading:
+            # The client's own read was under way when it closed this response (from another
+            # task): it passes that read's chunk (or end, or failure) on; reading the
+            # upstream under it raised the generator's RuntimeError (helper-92).
+            if self._client_read_done is None:
+                self._client_read_done = anyio.Event()
+            await self._client_read_done.wait()
+            if not self._opened.open or self._tee.ended or self._tee.cut:
+                return False
+            if not self._pending:
+                return True  # (nothing came: read on)
+        elif await self._next(pulling=True) is None:
+            return False
+        tee = self._tee
+        tee.feed(self._pending)
+        self._pending = b""
+        await tee.flush()
+        if not tee.end_if_answered():
+            return True
+        await self._finish()  # closes the upstream (its body's end is not waited for)
+        return False
+
+    async def _abandon(self) -> None:
+        try:
+            await self._stop_reading()
+            try:
+                if not self._client_reading:
+                    await close_iterator(self._it)
+                # (else another task is inside the iterator, which cannot be closed under
+                # it: closing the upstream's response ends that read with an error.)
+            finally:
+                await self._inner.aclose()
+        finally:
+            # Every reader left (each had what was relayed): complete if that holds the
+            # completing event (the SDKs stop at chat's [DONE]), else failed.
+            tee = self._tee
+            if self._pending:
+                tee.feed(self._pending)
+                self._pending = b""
+            tee.stop("every reader left before the stream ended")
+            await self._opened.leave()
+
+    async def aclose(self) -> None:
+        self._opened.timing = False  # the client is gone: no byte it never had is reported
+        self._closed = True
+        if self._handed_over or self._hand_over():
+            return
+        await self._abandon()
+
+
+class _AsyncAnswerBody:
+    """The body of a hit or of a joined live stream. ``read_timeout``: the request's; a chunk
+    that does not come within it (a follower of a producer whose upstream went quiet) ends
+    the response with the library's ``ReadTimeout``, as reading the upstream would."""
+
+    _lib: ClassVar[ModuleType]
+
+    def __init__(
+        self, chunks: AsyncIterator[bytes], opened: _AsyncOpen, read_timeout: float | None = None
+    ) -> None:
+        self._chunks = chunks
+        self._opened = opened
+        self._read_timeout = read_timeout
+        # The read under way, which a close from another task cancels (the iterator cannot
+        # be closed under it: "asynchronous generator is already running"; helper-91).
+        self._scope: anyio.CancelScope | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        opened = self._opened
+        if self._closed:
+            raise _closed_by_client(self._lib)
+        if not opened.open:
+            raise StopAsyncIteration
+        timeout = self._read_timeout
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if timeout is None:
+                    chunk = await self._chunks.__anext__()
+                else:
+                    with anyio.fail_after(timeout):
+                        chunk = await self._chunks.__anext__()
+            if scope.cancel_called:  # closed by another task under this read
+                await close_iterator(self._chunks)
+                await opened.leave()
+                raise _closed_by_client(self._lib)
+        except StopAsyncIteration:
+            await opened.leave()
+            raise
+        except SharedStreamAborted as exc:
+            await opened.leave(exc)
+            raise _aborted(self._lib, exc) from exc
+        except TimeoutError as exc:
+            await opened.leave(exc)
+            raise _timed_out(self._lib, timeout or 0) from exc
+        except BaseException as exc:
+            await opened.leave(exc)
+            raise
+        finally:
+            self._scope = None
+        if opened.timing and chunk:
+            opened.first_byte()
+        return chunk
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._scope is not None:
+            # Another task reads: its read is stopped, and it closes and leaves.
+            self._scope.cancel()
+            return
+        try:
+            await close_iterator(self._chunks)
+        finally:
+            await self._opened.leave()
+
+
+class _AsyncPassBody:
+    """The upstream's body as it came, nothing recorded (a passthrough on a cached route),
+    noting its first bytes for the time to first byte. Used only when that is wanted: else
+    the upstream's own stream is the response's."""
+
+    def __init__(self, inner: Any, opened: _AsyncOpen) -> None:
+        self._inner = inner
+        self._it: AsyncIterator[bytes] | None = None
+        self._opened = opened
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        it = self._it
+        if it is None:
+            it = self._it = aiter(self._inner)
+        chunk: bytes = await it.__anext__()
+        if self._opened.timing and chunk:
+            self._opened.first_byte()
+        return chunk
+
+    async def aclose(self) -> None:
+        try:
+            await close_iterator(self._it)
+        finally:
+            await self._inner.aclose()
