@@ -132,6 +132,22 @@ def test_show_sse_only_and_body(db: str, capsys: pytest.CaptureFixture[str]) -> 
     assert "application/json" in out and out.rstrip().endswith('{"id":"chatcmpl-1"}')
 
 
+def test_show_gives_a_stream_stored_as_its_bytes_as_they_came(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    wire = b"data: a\nid: 1\n\n: ping\n\ndata: b\n\n"
+    entry = Entry(
+        schema="generic", created_at=0.0, events=(Event("a", id="1"), Event("b")), wire=wire
+    )
+    store(db, {"ddd444": MsgpackCodec().encode(entry)})
+    assert run_cli("show", "ddd444", "--sse-only", "--backend", db) == 0
+    assert capsys.readouterr().out.encode() == wire
+    assert run_cli("show", "ddd444", "--backend", db) == 0
+    assert "framing:" in capsys.readouterr().out.split("\n\n")[0]
+    assert run_cli("show", "aaa111", "--backend", db) == 0
+    assert "\nframing:          canonical, LF\n" in capsys.readouterr().out
+
+
 def test_show_takes_the_start_of_a_key_as_access_lines_print_it(
     db: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

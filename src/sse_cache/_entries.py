@@ -402,7 +402,13 @@ def _to_wire(entry: Entry) -> WireEntry:
         meta=entry.meta,
         count=len(events) if events is not None else 0,
         duration=events[-1].at if events else 0.0,
-        sse=serialize_sse(events, eol=entry.eol) if events is not None else None,
+        sse=(
+            None
+            if events is None
+            else entry.wire
+            if entry.wire is not None
+            else serialize_sse(events, eol=entry.eol)
+        ),
         body=entry.body,
         expires_at=entry.expires_at,
         eol=entry.eol,

@@ -13,7 +13,8 @@ import msgspec
 from ._notices import Notice
 from ._streams import Notify, SaveEntry
 from .entry import Entry
-from .events import EOL, Event
+from .errors import SSEError
+from .events import EOL, Event, recorded_wire
 from .recorder import Recorder, RecorderState
 
 __all__ = ["LiveRecording"]
@@ -38,6 +39,7 @@ class LiveRecording:
         "_ttl",
         "entry",
         "eol",
+        "recorded",
         "recorder",
         "status",
         "stored",
@@ -68,6 +70,10 @@ class LiveRecording:
         #: The line ends of the stream's bytes (set by the integration that parses them):
         #: ``"crlf"`` when every line ended with CRLF, so that its replays do too.
         self.eol: EOL = "lf"
+        #: What the integration kept of a stream whose bytes were not all in the canonical
+        #: form: how many events were, in which line ends, and every byte after them (see
+        #: :func:`~sse_cache.events.recorded_wire`); None when they all were.
+        self.recorded: tuple[int, EOL, bytes] | None = None
 
     def add(self, events: Iterable[Event]) -> None:
         """Record events that were just delivered to the producer's client."""
@@ -94,7 +100,22 @@ class LiveRecording:
             )
             if entry is not None and self._ttl is not None:
                 entry = msgspec.structs.replace(entry, expires_at=time.time() + self._ttl)
+            if entry is not None and self.recorded is not None:
+                entry = self._with_wire(entry, clean)
+            self.recorded = None
             self.entry = entry
+
+    def _with_wire(self, entry: Entry, clean: bool) -> Entry | None:
+        # The stream's own bytes, where the canonical form would not give them back; None
+        # (not stored) when they cannot be kept: a hit is those bytes or nothing.
+        assert self.recorded is not None and entry.events is not None
+        head, head_eol, tail = self.recorded
+        try:
+            wire = recorded_wire(entry.events, head, head_eol, tail, whole=clean, eol=self.eol)
+        except SSEError as exc:
+            self.recorder.reason = f"its bytes cannot be kept as they came: {exc}"
+            return None
+        return entry if wire is None else msgspec.structs.replace(entry, wire=wire)
 
     @property
     def reason(self) -> str:

@@ -10,13 +10,17 @@ The payload is a MessagePack array ``[head, columns, wire]``:
   uncompressed);
 - ``columns``: the events column by column (every ``data``, every type, every ``at``, ...),
   or the non-stream body — what :meth:`MsgpackCodec.decode` needs to rebuild ``Event``\\ s;
-- ``wire``: the events already written as canonical SSE bytes — what an HTTP integration
-  sends on an instant replay, without building a single ``Event`` (:meth:`decode_wire`).
+- ``wire``: the events already written as SSE bytes — what an HTTP integration sends on an
+  instant replay, without building a single ``Event`` (:meth:`decode_wire`): the canonical
+  form, or the stream's recorded bytes when it was not in that form (``Entry.wire``; the
+  head says which).
 
 Schema evolution (msgspec's rules for array-like structs): a new field goes last, with a
 default. Decoding an older payload fills the default in; an older reader ignores trailing
 fields it does not know. ``_Head.eol`` came so (an entry without it replays with LF line
-ends), which is why it did not need a new format version (a version changes every key).
+ends), and ``_Head.verbatim`` (an older reader sends those bytes on an instant replay, and
+writes its paced replays in the canonical form), which is why neither needed a new format
+version (a version changes every key).
 
 ``columns`` and ``wire`` are compressed separately (zstd or zlib, each tagged by a leading
 method byte), so each way of reading decompresses and decodes only its own part: decoding is
@@ -69,8 +73,9 @@ def zstd_available() -> bool:
 
 class WireEntry(msgspec.Struct, frozen=True, kw_only=True):
     """An entry as an HTTP integration replays it: the recorded events as SSE bytes (``sse``,
-    in the canonical form with the recorded line ends, ``eol``; None for a non-stream entry,
-    whose ``body`` is set instead)."""
+    in the canonical form with the recorded line ends, ``eol``, or the recorded bytes
+    themselves, :attr:`Entry.wire`; None for a non-stream entry, whose ``body`` is set
+    instead)."""
 
     schema: str
     created_at: float
@@ -101,6 +106,8 @@ class _Head(msgspec.Struct, array_like=True):
     expires_at: float | None
     # Added after format version 2 shipped: last, with a default (see the module docstring).
     eol: EOL = "lf"
+    # The wire part is the stream's recorded bytes (Entry.wire), not the canonical form.
+    verbatim: bool = False
 
 
 class _Columns(msgspec.Struct, array_like=True):
@@ -256,9 +263,12 @@ class MsgpackCodec:
                 events[-1].at if events else 0.0,
                 entry.expires_at,
                 entry.eol,
+                entry.wire is not None,
             )
             columns = self._pack(_encoder.encode(cols))
-            wire = self._pack(serialize_sse(events, eol=entry.eol))
+            wire = self._pack(
+                entry.wire if entry.wire is not None else serialize_sse(events, eol=entry.eol)
+            )
         payload = _encoder.encode((head, columns, wire))
         version = bytes((ENTRY_FORMAT_VERSION,))
         return _MAGIC + version + _digest(version, payload, self._key) + payload
@@ -277,7 +287,7 @@ class MsgpackCodec:
 
     def decode(self, data: bytes) -> Entry:
         """Parse bytes written by :meth:`encode`; :class:`CorruptEntry` on anything else."""
-        head, columns, _ = self._open(data)
+        head, columns, wire = self._open(data)
         body = self._unpack(columns)
         if not head.stream:
             return Entry(
@@ -316,6 +326,7 @@ class MsgpackCodec:
             meta=head.meta,
             expires_at=head.expires_at,
             eol=head.eol,
+            wire=bytes(self._unpack(wire)) if head.verbatim else None,
         )
 
     def decode_wire(self, data: bytes) -> WireEntry:

@@ -23,8 +23,13 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     response id, for resume). ``eol`` is the line-end style of a recorded stream's wire
     form: ``"crlf"`` when every line of the upstream's stream ended with CRLF (a replay then
     writes CRLF, byte for byte as recorded), else ``"lf"`` (canonical; a synthesised stream,
-    an entry written before this field existed). Credentials and request headers are never
-    part of an entry.
+    an entry written before this field existed). ``wire`` is the recorded stream's own bytes
+    when writing ``events`` in the canonical form (:func:`~sse_cache.events.serialize_sse`
+    with ``eol``) would not give them back: fields in another order (an ``id:`` after
+    ``data:``), comment lines, ``data:`` without its space, mixed line ends; None otherwise
+    (almost always: the providers' streams are in the canonical form). Replays send these
+    bytes, and they parse to ``events``. Credentials and request headers are never part of
+    an entry.
     """
 
     schema: str
@@ -37,12 +42,15 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: float | None = None
     version: int = ENTRY_FORMAT_VERSION
     eol: EOL = "lf"
+    wire: bytes | None = None
 
     def __post_init__(self) -> None:
         if (self.events is None) == (self.body is None):
             raise ValueError("an Entry holds either events (a recorded stream) or a body")
         if self.eol not in ("lf", "crlf"):
             raise ValueError(f"eol must be 'lf' or 'crlf', got {self.eol!r}")
+        if self.wire is not None and self.events is None:
+            raise ValueError("only a recorded stream (events) has wire bytes")
 
     @property
     def is_stream(self) -> bool:

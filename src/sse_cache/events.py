@@ -8,7 +8,7 @@ in chunks of any size and it returns the events those bytes complete.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import msgspec
@@ -21,6 +21,7 @@ __all__ = [
     "Event",
     "ResumeCut",
     "SSEParser",
+    "event_ends",
     "resume_point",
     "serialize_sse",
 ]
@@ -37,8 +38,8 @@ _EVENT_BLOCKS = re.compile(rb"event: ([^\n]*)\ndata: ([^\n]*)\n\n")
 _DATA_BLOCKS = re.compile(rb"data: ([^\n]*)\n\n")
 _utf8 = bytes.decode  # UTF-8, strict
 # What SSEParser has seen of the stream's line ends (its ``_eol``): none yet, only CRLF so
-# far, or anything else (an LF or a CR on its own): then it stops looking.
-_EOL_NONE, _EOL_CRLF, _EOL_OTHER = 0, 1, 2
+# far, only LF so far, or a mix (or a CR on its own): then it stops looking.
+_EOL_NONE, _EOL_CRLF, _EOL_LF, _EOL_MIXED = 0, 1, 2, 3
 
 
 class Event(msgspec.Struct, frozen=True):
@@ -66,14 +67,16 @@ class SSEParser:
     positions yields the same events. Line ends may be LF, CR or CRLF (a CR that ends one chunk
     and an LF that starts the next are one line end). A leading UTF-8 BOM is skipped, ``:``
     comment lines ignored, one space after a field's colon removed, ``retry`` kept only when it
-    is all ASCII digits, and blocks without ``data`` lines are not dispatched.
+    is all ASCII digits (at most 18 of them), and blocks without ``data`` lines are not dispatched.
 
     Invalid UTF-8 raises :class:`SSEError`, as does an event (or a single line) larger than
     ``max_event_bytes``: a hostile upstream cannot make the parser hold unbounded memory.
     ``close()`` ends the stream: per the spec, an event not terminated by a blank line is
     discarded, and :attr:`discarded` then tells that it happened. :attr:`crlf` tells whether
     every line end of the stream so far was CRLF (what :func:`serialize_sse` can reproduce
-    with ``eol="crlf"``).
+    with ``eol="crlf"``); :attr:`exact`, whether the bytes so far are exactly what
+    :func:`serialize_sse` writes for their events (with those line ends), and :attr:`idle`,
+    whether they end where an event ended (nothing of a line or an event is pending).
     """
 
     __slots__ = (
@@ -83,6 +86,7 @@ class SSEParser:
         "_eol",
         "_event",
         "_id",
+        "_irregular",
         "_max",
         "_pending",
         "_retry",
@@ -101,6 +105,8 @@ class SSEParser:
         self._at_start = True  # before the first byte: a BOM may follow
         self._skip_lf = False  # the previous chunk ended with CR: drop one leading LF
         self._eol = _EOL_NONE
+        # Something of the stream that serialize_sse would not write back (see ``exact``).
+        self._irregular = False
         self._data: list[str] = []
         self._data_size = 0
         self._event: str | None = None
@@ -122,8 +128,10 @@ class SSEParser:
                 return []
             self._at_start = False
             self._eol = _EOL_NONE  # a new stream (the parser may be reused after close)
+            self._irregular = False
             if buf.startswith(_BOM):
                 buf = buf[3:]
+                self._irregular = True  # (a replay does not write it)
             self._pending = b""
             chunk = buf
         if self._skip_lf:
@@ -131,20 +139,23 @@ class SSEParser:
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
             else:
-                self._eol = _EOL_OTHER  # that CR ended a line on its own
+                self._eol = _EOL_MIXED  # that CR ended a line on its own
         if b"\r" in chunk:
             self._skip_lf = chunk.endswith(b"\r")
-            if self._eol != _EOL_OTHER:
+            if self._eol <= _EOL_CRLF:
                 # Only CRLF: every LF follows a CR, and every CR precedes an LF (or ends the
                 # chunk, and the next chunk must start with its LF).
                 pairs = chunk.count(b"\r\n")
                 only_crlf = pairs == chunk.count(b"\n") and pairs + self._skip_lf == chunk.count(
                     b"\r"
                 )
-                self._eol = _EOL_CRLF if only_crlf else _EOL_OTHER
+                self._eol = _EOL_CRLF if only_crlf else _EOL_MIXED
+            else:
+                self._eol = _EOL_MIXED  # a CR after LF line ends
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        elif self._eol != _EOL_OTHER and b"\n" in chunk:
-            self._eol = _EOL_OTHER  # an LF line end (the LF path pays this once per stream)
+        elif self._eol < _EOL_LF and b"\n" in chunk:
+            # An LF line end (the LF path pays this once per stream): after CRLFs, a mix.
+            self._eol = _EOL_LF if self._eol == _EOL_NONE else _EOL_MIXED
         end = chunk.rfind(b"\n")
         if end < 0:
             pending = self._pending
@@ -177,7 +188,7 @@ class SSEParser:
         with may be the first half of a CRLF, and does not make the line ends mixed."""
         self.discarded = bool(self._data) or bool(self._pending and not self._at_start)
         if self._skip_lf and not cut:
-            self._eol = _EOL_OTHER  # the stream ended with a CR on its own
+            self._eol = _EOL_MIXED  # the stream ended with a CR on its own
         self._reset_event()
         self._pending = b""
         self._at_start = True
@@ -190,6 +201,29 @@ class SSEParser:
         stream with LF or lone CR line ends, or a mix, is False. Kept after :meth:`close`
         until the next stream is fed."""
         return self._eol == _EOL_CRLF
+
+    @property
+    def exact(self) -> bool:
+        """The bytes fed so far are exactly what :func:`serialize_sse` writes for the events
+        they held (with ``eol="crlf"`` when :attr:`crlf`), up to what is pending (see
+        :attr:`idle`): every event's fields in the canonical order and form, nothing else. A
+        comment, a field after ``data``, ``data:`` without its space, a block that dispatches
+        nothing, a BOM or mixed line ends make it False for the rest of the stream: then only
+        the bytes themselves give the stream back. Kept after :meth:`close`."""
+        return not self._irregular and self._eol != _EOL_MIXED
+
+    @property
+    def idle(self) -> bool:
+        """The bytes fed so far end where an event ended (or before any): no part of a line
+        or of an event is pending."""
+        return not (
+            self._pending
+            or self._skip_lf
+            or self._data
+            or self._event is not None
+            or self._id is not None
+            or self._retry is not None
+        )
 
     def _reset_event(self) -> None:
         self._data = []
@@ -249,10 +283,14 @@ class SSEParser:
         return out
 
     def _lines(self, lines: list[str]) -> list[Event]:
+        # Also judges whether the lines are in serialize_sse's form (``_irregular``): per
+        # event, ``event: ``, ``id: ``, ``retry: `` (each at most once, in that order, before
+        # any data), then ``data: `` lines, then a blank line that dispatches the event.
         out: list[Event] = []
         data = self._data
         size = self._data_size
         limit = self._max
+        regular = not self._irregular
         for line in lines:
             if not line:
                 if data:
@@ -263,6 +301,8 @@ class SSEParser:
                     )
                     data = []
                     size = 0
+                else:
+                    regular = False  # a blank line that dispatches nothing
                 self._event = self._id = self._retry = None
                 continue
             # The hot path: "data: ..." is almost every line of an LLM stream.
@@ -271,7 +311,9 @@ class SSEParser:
                     value = line[6:]
                 elif line == "data" or line[4] == ":":
                     value = line[5:]
+                    regular = False
                 else:
+                    regular = False
                     continue  # a field named like "datax": unknown, ignored
                 data.append(value)
                 size += len(value) + 1
@@ -279,22 +321,38 @@ class SSEParser:
                     raise SSEError(f"SSE event exceeds max_event_bytes={limit}")
                 continue
             if line[0] == ":":
+                regular = False
                 continue
             if len(line) + size > limit:  # any field line counts, not only data
                 raise SSEError(f"SSE event exceeds max_event_bytes={limit}")
             name, _, value = line.partition(":")
             if value[:1] == " ":
                 value = value[1:]
+            else:
+                regular = False  # no space after the colon: written back with one
             if name == "event":
+                if data or (self._event, self._id, self._retry) != (None, None, None):
+                    regular = False
                 self._event = value
             elif name == "id":
-                if "\0" not in value:  # the spec ignores ids containing NUL
+                if "\0" in value:
+                    regular = False  # the spec ignores ids containing NUL
+                else:
+                    if data or self._id is not None or self._retry is not None:
+                        regular = False
                     self._id = value
                     self.last_event_id = value
-            elif name == "retry" and value.isascii() and value.isdigit():
+            elif name == "retry" and value.isascii() and value.isdigit() and len(value) <= 18:
+                # (Longer is no reconnection time, ~30 million years, and past what an int
+                # converts from a string: ignored, as any invalid value.)
+                if data or self._retry is not None or value != str(int(value)):
+                    regular = False
                 self._retry = int(value)
+            else:
+                regular = False  # an unknown field, or a retry that is not a number
         self._data = data
         self._data_size = size
+        self._irregular = not regular
         return out
 
 
@@ -415,6 +473,54 @@ class ResumeCut:
         out = bytes(self._pending)
         self._pending.clear()
         return out
+
+
+def event_ends(data: bytes) -> list[int]:
+    """The offsets in ``data`` (a whole stream's bytes, as recorded) just after each event it
+    dispatches, in order: where its bytes can be cut between events (a paced replay of a
+    stream stored as its bytes, a resume). What precedes an event (comments, a BOM) goes
+    with it; what follows the last one is after the last offset."""
+    parser = SSEParser()
+    ends: list[int] = []
+    block = line = 0
+    for match in _LINE_END.finditer(data):
+        blank = match.start() == line
+        line = match.end()
+        if blank:
+            # A blank line: the block before it is one event, or nothing (comments only).
+            if parser.feed(data[block:line]):
+                ends.append(line)
+            block = line
+    return ends
+
+
+def recorded_wire(
+    events: Sequence[Event], head: int, head_eol: EOL, tail: bytes, *, whole: bool, eol: EOL
+) -> bytes | None:
+    """The bytes of a recorded stream that was not all in the canonical form, rebuilt for its
+    stored ``events``: the first ``head`` of them were (written back with ``head_eol``), and
+    ``tail`` is every byte received after them. ``whole``: the stream ended by itself (what
+    followed its last event, comments say, is kept; else it is not part of the answer).
+
+    None when these bytes are the canonical form with ``eol`` after all (then nothing need be
+    kept). Raises :class:`SSEError` when they do not parse back to ``events`` (not expected:
+    then no replay could give the stream back)."""
+    held = len(events) - head  # stored events among the tail's
+    if held < 0:
+        return None  # every stored event came before the first irregular byte
+    ends = event_ends(tail)
+    if held > len(ends):
+        raise SSEError("the recorded bytes do not hold the stored events")
+    if held < len(ends) or not whole:
+        tail = tail[: ends[held - 1]] if held else b""
+    wire = serialize_sse(events[:head], eol=head_eol) + tail
+    parsed = SSEParser().feed(wire)
+    if len(parsed) != len(events) or any(
+        (a.data, a.event, a.id, a.retry) != (b.data, b.event, b.id, b.retry)
+        for a, b in zip(parsed, events, strict=True)
+    ):
+        raise SSEError("the recorded bytes do not parse to the stored events")
+    return None if wire == serialize_sse(events, eol=eol) else wire
 
 
 def resume_point(data: bytes, had: Callable[[Event], bool | None]) -> int:

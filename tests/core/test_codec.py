@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -300,17 +301,61 @@ def test_entries_written_before_eol_decode_as_lf() -> None:
     assert codec.decode(forged).eol == codec.decode_wire(forged).eol == "lf"
 
 
-def test_old_readers_ignore_the_new_head_field() -> None:
-    # What the code before Entry.eol reads: the head without its last field.
-    import msgspec
+class _HeadBeforeEol(msgspec.Struct, array_like=True):
+    # What the code before Entry.eol reads: the head without its last two fields.
+    schema: str
+    created_at: float
+    status: int
+    content_type: str
+    meta: dict[str, str]
+    stream: bool
+    count: int
+    duration: float
+    expires_at: float | None
 
-    from sse_cache.codec import _parts_decoder
 
-    entry = Entry(schema="generic", created_at=1.0, events=(Event("a"),), eol="crlf")
+class _HeadBeforeVerbatim(_HeadBeforeEol, array_like=True):
+    eol: str = "lf"
+
+
+def test_old_readers_ignore_the_new_head_fields() -> None:
+    entry = Entry(
+        schema="generic",
+        created_at=1.0,
+        events=(Event("a", id="1"),),
+        eol="crlf",
+        wire=b"data: a\r\nid: 1\r\n\r\n",
+    )
     data = MsgpackCodec(compression="none").encode(entry)
-    head = _parts_decoder.decode(data[21:])[0]
-    raw_head = msgspec.msgpack.decode(msgspec.msgpack.encode(head))
-    assert len(raw_head) == 10 and raw_head[-1] == "crlf"
+    for head_type in (_HeadBeforeEol, _HeadBeforeVerbatim):
+        head, _, wire = msgspec.msgpack.decode(data[21:], type=tuple[head_type, bytes, bytes])
+        assert head.count == 1
+        assert wire == b"\x00" + entry.wire  # an old reader's instant replay: these bytes
+    assert (
+        msgspec.msgpack.decode(data[21:], type=tuple[_HeadBeforeVerbatim, bytes, bytes])[0].eol
+        == "crlf"
+    )
+
+
+@pytest.mark.parametrize("compression", ["none", "zlib", "auto"])
+def test_a_stream_stored_as_its_bytes_round_trips(compression: str) -> None:
+    # A stream that was not in the canonical form keeps the bytes it came in: decode gives
+    # them back with the events, and the instant replay's wire part is those bytes.
+    events = (Event("a", "t", id="1"), Event("b\nc", at=0.5))
+    wire = b": hi\ndata: a\nevent: t\nid: 1\n\ndata:b\ndata: c\n\n"
+    entry = Entry(schema="generic", created_at=1.0, events=events, wire=wire)
+    codec = MsgpackCodec(compression=compression)  # type: ignore[arg-type]
+    data = codec.encode(entry)
+    assert codec.decode(data) == entry
+    assert codec.decode_wire(data).sse == wire
+    canonical = Entry(schema="generic", created_at=1.0, events=events)
+    assert codec.decode(codec.encode(canonical)).wire is None
+    assert codec.decode_wire(codec.encode(canonical)).sse == serialize_sse(events)
+
+
+def test_only_a_recorded_stream_has_wire_bytes() -> None:
+    with pytest.raises(ValueError, match="wire"):
+        Entry(schema="g", created_at=1.0, body=b"{}", wire=b"data: x\n\n")
 
 
 def test_eol_is_validated() -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 from httpx_sse._decoders import SSEDecoder, SSELineDecoder
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sse_cache import Event, SSEError, SSEParser, serialize_sse
+from sse_cache.events import event_ends, recorded_wire
+from sse_renderings import renderings
 
 
 def parse(data: bytes, chunks: list[int] | None = None) -> list[Event]:
@@ -315,6 +317,139 @@ def test_a_stream_cut_between_cr_and_lf_keeps_its_crlf() -> None:
 def test_serialize_rejects_an_unknown_eol() -> None:
     with pytest.raises(ValueError, match="eol"):
         serialize_sse([Event("x")], eol="cr")  # type: ignore[arg-type]
+
+
+# -- exactness: SSEParser.exact / idle, event_ends, recorded_wire -----------------------------
+
+
+def _fed(raw: bytes, cuts: list[int]) -> tuple[SSEParser, list[Event], list[bool]]:
+    """A parser fed ``raw`` in pieces cut at ``cuts``; the events; ``idle`` after each piece."""
+    parser, events, idle, pos = SSEParser(), [], [], 0
+    for cut in [*sorted(c for c in cuts if 0 < c < len(raw)), len(raw)]:
+        events += parser.feed(raw[pos:cut])
+        idle.append(parser.idle)
+        pos = cut
+    return parser, events, idle
+
+
+@settings(max_examples=300)
+@given(renderings(), st.lists(st.integers(0, 400), max_size=12))
+def test_exact_says_whether_serialize_sse_gives_the_bytes_back(
+    rendering: tuple[list[bytes], bytes, list[Event]], cuts: list[int]
+) -> None:
+    pieces, trailer, events = rendering
+    raw = b"".join(pieces) + trailer
+    parser, got, _ = _fed(raw, cuts)
+    assume(got == events)  # (a CR before an empty line's LF makes one CRLF)
+    eol = "crlf" if parser.crlf else "lf"
+    assert parser.exact is (raw == serialize_sse(events, eol=eol))
+    assert _fed(raw, list(range(len(raw))))[0].exact is parser.exact  # byte by byte
+
+
+@given(events_strategy, st.sampled_from(["lf", "crlf"]), st.lists(st.integers(0, 400), max_size=12))
+def test_canonical_streams_are_exact_and_idle_only_between_events(
+    events: list[Event], eol: str, cuts: list[int]
+) -> None:
+    raw = serialize_sse(events, eol=eol)  # type: ignore[arg-type]
+    parser, _, idle = _fed(raw, cuts)
+    assert parser.exact and idle[-1]
+    boundaries = {len(serialize_sse(events[:i], eol=eol)) for i in range(len(events) + 1)}  # type: ignore[arg-type]
+    positions = [*sorted(c for c in cuts if 0 < c < len(raw)), len(raw)]
+    for pos, was_idle in zip(positions, idle, strict=True):
+        assert was_idle is (pos in boundaries)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"data: a\nid: 1\n\n",  # a field after data (FastAPI's own SSE writes id last)
+        b"id: 1\nevent: x\ndata: a\n\n",  # id before event (sse-starlette)
+        b"data:a\n\n",  # no space after the colon
+        b"event:x\ndata: a\n\n",
+        b": ping\n\ndata: a\n\n",  # a comment
+        b"data: a\n\n\n",  # a blank line that dispatches nothing
+        b"event: x\n\ndata: a\n\n",  # a block without data
+        b"\xef\xbb\xbfdata: a\n\n",  # a BOM
+        b"data: a\r\n\r\ndata: b\n\n",  # mixed line ends
+        b"data: a\rdata: b\r\r",  # CR line ends
+        b"retry: 007\ndata: a\n\n",  # a number written otherwise
+        b"retry: x\ndata: a\n\n",  # an invalid retry, ignored
+        b"id: a\x00b\ndata: a\n\n",  # an id with NUL, ignored
+        b"foo: bar\ndata: a\n\n",  # an unknown field
+        b"data\n\n",  # a bare field name
+        b"event: x\nevent: y\ndata: a\n\n",  # a field twice
+    ],
+)
+def test_what_serialize_sse_does_not_write_back_is_not_exact(raw: bytes) -> None:
+    parser = SSEParser()
+    events = parser.feed(raw)
+    assert events and not parser.exact
+    assert parser.idle is not raw.endswith(b"\r")  # (a CR may be half of a CRLF still)
+
+
+def test_exact_is_judged_anew_for_a_new_stream() -> None:
+    parser = SSEParser()
+    parser.feed(b": hi\n\ndata: a\n\n")
+    parser.close()
+    assert not parser.exact  # kept after close
+    parser.feed(b"event: x\nid: 1\nretry: 10\ndata: a\ndata: b\n\n")
+    assert parser.exact
+
+
+def test_a_huge_retry_is_ignored_not_an_error() -> None:
+    # More digits than an int converts from a string (4,300) raised a bare ValueError out of
+    # the parser: a hostile upstream broke the recording.
+    for digits in (19, 5000):
+        parser = SSEParser()
+        events = parser.feed(b"retry: " + b"9" * digits + b"\ndata: a\n\n")
+        assert events == [Event("a")] and not parser.exact
+
+
+@settings(max_examples=200)
+@given(renderings())
+def test_event_ends_are_where_each_event_ended(
+    rendering: tuple[list[bytes], bytes, list[Event]],
+) -> None:
+    pieces, trailer, events = rendering
+    raw = b"".join(pieces) + trailer
+    assume(parse(raw) == events)
+    ends = [len(b"".join(pieces[: i + 1])) for i in range(len(pieces))]
+    assert event_ends(raw) == ends
+
+
+@settings(max_examples=200)
+@given(renderings(), st.data())
+def test_recorded_wire_gives_the_bytes_of_the_stored_events(
+    rendering: tuple[list[bytes], bytes, list[Event]], data: st.DataObject
+) -> None:
+    pieces, trailer, events = rendering
+    raw = b"".join(pieces) + trailer
+    assume(parse(raw) == events)
+    parser = SSEParser()
+    parser.feed(raw)
+    eol = "crlf" if parser.crlf else "lf"
+    # The events before the first irregular one, as the recording keeps them.
+    head = 0
+    while head < len(events) and b"".join(pieces[: head + 1]) == serialize_sse(
+        events[: head + 1], eol=eol
+    ):
+        head += 1
+    tail = raw[len(b"".join(pieces[:head])) :]
+    stored = data.draw(st.integers(head, len(events)))  # the recorder may stop early
+    whole = stored == len(events) and data.draw(st.booleans())
+    wire = recorded_wire(events[:stored], head, eol, tail, whole=whole, eol=eol)  # type: ignore[arg-type]
+    expected = b"".join(pieces[:stored]) + (trailer if whole else b"")
+    if expected == serialize_sse(events[:stored], eol=eol):  # type: ignore[arg-type]
+        assert wire is None  # nothing to keep: the canonical form is these bytes
+    else:
+        assert wire == expected
+
+
+def test_recorded_wire_refuses_bytes_that_do_not_hold_the_events() -> None:
+    with pytest.raises(SSEError, match="do not"):
+        recorded_wire([Event("a"), Event("b")], 0, "lf", b"data:a\n\n", whole=True, eol="lf")
+    with pytest.raises(SSEError, match="do not parse"):
+        recorded_wire([Event("b")], 0, "lf", b"data:a\n\n", whole=True, eol="lf")
 
 
 # -- resume_point: where a reconnecting client picks a stream up ------------------------------

@@ -1,7 +1,8 @@
 """Byte-exact replay of CRLF-framed streams (Gemini's API frames SSE with CRLF): a stream whose
 every line ended with CRLF is recorded as such and replayed with CRLF on every replay path
-(the instant wire path, paced replays, Last-Event-ID suffixes, OpenAI resume); LF, CR-only
-and mixed streams replay in the canonical LF form as before."""
+(the instant wire path, paced replays, Last-Event-ID suffixes, OpenAI resume); LF streams
+as before; CR-only and mixed streams as they came (stored as their bytes: see
+test_verbatim_replay.py)."""
 
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def test_lf_streams_replay_as_before(events: list[Event], cuts: list[int]) -> No
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_events, st.lists(st.integers(1, 400), max_size=12), st.data())
-def test_mixed_and_cr_streams_replay_in_lf(
+def test_mixed_and_cr_streams_replay_as_they_came(
     events: list[Event], cuts: list[int], data: st.DataObject
 ) -> None:
     lf = serialize_sse(events)
@@ -167,7 +168,7 @@ def test_mixed_and_cr_streams_replay_in_lf(
     raw = b"".join(line + end for line, end in zip(lines, ends, strict=False))
     assume(parse(raw) == events)  # a CR then an LF across an empty line would be one CRLF
     _, hit, paced, _ = anyio.run(miss_hit_and_suffix, raw, cuts, None)
-    assert hit == lf and paced == lf
+    assert hit == raw and paced == raw  # (before: written back with LF line ends)
 
 
 # -- OpenAI resume (GET /v1/responses/{id}?stream=true&starting_after=N) ----------------------

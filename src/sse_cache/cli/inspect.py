@@ -386,7 +386,8 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
         _print_metadata(out, key, entry, len(data))
         out.write("\n")
     if entry.events is not None:
-        out.write(serialize_sse(entry.events).decode("utf-8", "replace"))
+        sse = entry.wire if entry.wire is not None else serialize_sse(entry.events)
+        out.write(sse.decode("utf-8", "replace"))
     elif entry.body is not None:
         out.write(entry.body.decode("utf-8", "replace"))
         out.write("\n")
@@ -414,6 +415,8 @@ def _print_metadata(out: TextIO, key: str, entry: Entry, stored: int) -> None:
     if entry.events is not None:
         duration = entry.events[-1].at if entry.events else 0.0
         rows.append(("events", f"{len(entry.events)} over {duration:.3f} s"))
+        framing = "canonical, " + entry.eol.upper() if entry.wire is None else "as received"
+        rows.append(("framing", framing))
     else:
         rows.append(("body bytes", str(len(entry.body or b""))))
     rows.extend((f"meta.{name}", value) for name, value in sorted(entry.meta.items()))

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing
+from functools import partial
 
 import msgspec
 
@@ -14,7 +15,7 @@ from .._notices import CacheStatus, Hook, Notice, emit
 from ..codec import WireEntry
 from ..engine import CachedStream, StreamCache
 from ..entry import Entry
-from ..events import EOL, Event, ResumeCut, serialize_sse
+from ..events import EOL, Event, ResumeCut, event_ends, serialize_sse
 from ..pacing import Pacing
 from .policy import Decision
 
@@ -175,10 +176,48 @@ def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
     return events
 
 
-async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator[bytes]:
+class RecordedBytes:
+    """A stream stored as the bytes it came in (:attr:`Entry.wire`), written back event by
+    event: :meth:`write` gives the bytes of the next events, from the ``start``-th on (what
+    precedes an event goes with it, what follows the last one with the last)."""
+
+    __slots__ = ("_ends", "_next", "_pos", "_wire")
+
+    def __init__(self, wire: bytes, start: int = 0) -> None:
+        self._wire = wire
+        self._ends = event_ends(wire)
+        self._next = start
+        self._pos = self._ends[start - 1] if start else 0
+
+    def write(self, events: Sequence[Event]) -> bytes:
+        upto = self._next + len(events)
+        end = self._ends[upto - 1] if upto < len(self._ends) else len(self._wire)
+        out = self._wire[self._pos : end]
+        self._next, self._pos = upto, end
+        return out
+
+
+def _writer(entry: Entry, start: int) -> Callable[[Sequence[Event]], bytes]:
+    """How a replay of ``entry``'s events from the ``start``-th writes them: its recorded
+    bytes, or the canonical form in its line ends (a synthesised stream's: LF)."""
+    if entry.wire is not None:
+        return RecordedBytes(entry.wire, start).write
+    return partial(serialize_sse, eol=entry.eol if entry.is_stream else "lf")
+
+
+def recorded_after(entry: Entry, events: Sequence[Event]) -> bytes:
+    """The bytes of ``events``, the last of a recorded stream's (a resume), as it sent them."""
+    assert entry.events is not None
+    return _writer(entry, len(entry.events) - len(events))(events)
+
+
+async def _stream_chunks(
+    stream: CachedStream, eol: EOL, write: Callable[[Sequence[Event]], bytes]
+) -> AsyncIterator[bytes]:
     # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
     # and live streams come as they are due and are written at once (a paced one with a
-    # keep-alive comment in a long wait). ``eol``: the line ends the stream was recorded with.
+    # keep-alive comment in a long wait). ``eol``: the line ends the stream was recorded
+    # with; ``write``: the bytes of events (see _writer).
     pending: list[Event] = []
     size = 0
     batches = stream.batches(_BATCH_EVENTS, idle_tick=PACED_KEEPALIVE_SECONDS)
@@ -190,10 +229,10 @@ async def _stream_chunks(stream: CachedStream, eol: EOL = "lf") -> AsyncIterator
             pending += batch
             size += sum(len(e.data) for e in batch)
             if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
-                yield serialize_sse(pending, eol=eol)
+                yield write(pending)
                 pending, size = [], 0
     if pending:
-        yield serialize_sse(pending, eol=eol)
+        yield write(pending)
 
 
 def answer_wire(
@@ -230,12 +269,14 @@ def answer_entry(
         events = cache.events_of(entry)
         if events is None:
             return None
-        stream = cache.replay(entry, pacing, events=_after_id(events, decision.last_event_id))
+        after = _after_id(events, decision.last_event_id)
+        stream = cache.replay(entry, pacing, events=after)
         content_type = entry.content_type if entry.is_stream else SSE_TYPE
         base = [("content-type", content_type), *_SSE_HEADERS]
-        # A recorded stream in its recorded line ends; a synthesised one in LF.
+        # A recorded stream as it was recorded; a synthesised one in LF.
+        write = _writer(entry, len(events) - len(after))
         chunks: bytes | AsyncIterator[bytes] = _stream_chunks(
-            stream, entry.eol if entry.is_stream else "lf"
+            stream, entry.eol if entry.is_stream else "lf", write
         )
     else:
         body = cache.body_of(entry)

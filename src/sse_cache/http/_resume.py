@@ -15,7 +15,7 @@ from typing import Protocol
 
 from .._notices import Hook, Notice, emit
 from ..engine import StreamCache
-from ..events import Event, serialize_sse
+from ..events import Event
 from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
 from ..keys import ALIAS_PREFIX
 from ..protocols import ResumingAdapter, StreamAdapter
@@ -27,6 +27,7 @@ from ._answers import (
     _counted,
     _hit_answer,
     _without_length,
+    recorded_after,
 )
 from ._fanout import (
     _CHANNEL,
@@ -156,7 +157,7 @@ async def resume(
         return await _resume_remote(service, cache, live_alias, had)
     events = events_after(entry.events, after)
     base = [("content-type", entry.content_type), *_SSE_HEADERS]
-    body = serialize_sse(events, eol=entry.eol)
+    body = recorded_after(entry, events)
     duration = entry.events[-1].at if entry.events else 0.0
     return _hit_answer(service.hooks, key, entry, body, base, len(events), duration)
 

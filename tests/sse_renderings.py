@@ -1,0 +1,87 @@
+"""Hypothesis strategies: SSE events, and the many ways an upstream may write them on the wire
+(fields in any order, ``data:`` with or without its space, comments, extra blank lines, a
+BOM, LF, CRLF, CR or mixed line ends), for the tests of byte-exact replay."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from sse_cache import Event
+
+_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20)
+_field = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\x00"), max_size=10)
+
+#: Events whose values the wire can carry (no CR or LF in a value, no NUL in an id).
+events = st.lists(
+    st.builds(
+        Event,
+        data=st.lists(_text, min_size=1, max_size=3).map("\n".join),
+        event=st.none() | _field,
+        id=st.none() | st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True),
+        retry=st.none() | st.integers(0, 10**6),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+_LINE_ENDS = {"lf": [b"\n"], "crlf": [b"\r\n"], "cr": [b"\r"], "mixed": [b"\n", b"\r\n", b"\r"]}
+
+
+@st.composite
+def renderings(draw: st.DrawFn) -> tuple[list[bytes], bytes, list[Event]]:
+    """``(pieces, trailer, events)``: each event's bytes as an upstream might send them (what
+    precedes it, comments say, included), the bytes after the last event, and the events.
+    The bytes parse to exactly these events (an empty line after a CR never ends with an LF:
+    the two would make one CRLF)."""
+    evs = draw(events)
+    ends = _LINE_ENDS[draw(st.sampled_from(sorted(_LINE_ENDS)))]
+    canonical_only = draw(st.booleans())  # a stream in serialize_sse's form, but for the ends
+
+    previous = [b""]  # the last line end written
+
+    def line(text: str) -> bytes:
+        # An empty line after a CR must not end with an LF: the two would be one CRLF.
+        choices = [e for e in ends if text or previous[0] != b"\r" or e != b"\n"]
+        previous[0] = draw(st.sampled_from(choices))
+        return text.encode() + previous[0]
+
+    def extras() -> bytes:
+        if canonical_only:
+            return b""
+        out = b""
+        for _ in range(draw(st.integers(0, 2))):
+            kind = draw(st.sampled_from(["comment", "blank", "unknown"]))
+            if kind == "comment":
+                out += line(":" + draw(_text))
+            elif kind == "blank":
+                out += line("")
+            else:  # an unknown field, ignored by the parser, alone in its block
+                out += line("x-unknown: " + draw(_field)) + line("")
+        return out
+
+    pieces: list[bytes] = []
+    for index, event in enumerate(evs):
+        fields = []
+        if event.event is not None:
+            fields.append(("event", event.event))
+        if event.id is not None:
+            fields.append(("id", event.id))
+        if event.retry is not None:
+            fields.append(("retry", str(event.retry)))
+        data = [("data", value) for value in event.data.split("\n")]
+        if not canonical_only:
+            # Fields anywhere among the data lines (which keep their order).
+            for field in draw(st.permutations(fields)):
+                data.insert(draw(st.integers(0, len(data))), field)
+            fields = []
+        piece = (
+            b"\xef\xbb\xbf" if index == 0 and not canonical_only and draw(st.booleans()) else b""
+        )
+        piece += extras()
+        for name, value in [*fields, *data]:
+            # No space after the colon only where the value does not start with one.
+            bare = not canonical_only and not value.startswith(" ") and draw(st.booleans())
+            piece += line(f"{name}:{value}" if bare else f"{name}: {value}")
+        piece += line("")
+        pieces.append(piece)
+    return pieces, extras(), evs
