@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .http._answers import Answer
 from .http._wire import close_iterator, json_error_body
@@ -200,6 +201,10 @@ async def _send_answer(send: Send, answer: Answer) -> None:
             piece = body[start : start + INSTANT_SLICE_BYTES]
             await send({"type": "http.response.body", "body": piece, "more_body": True})
             start += INSTANT_SLICE_BYTES
+            # A send that fits the socket's buffers never yields: a client that reset the
+            # connection would be written every slice before the server heard it left
+            # (asyncio then logs a warning for each write past the fifth; helper-95).
+            await anyio.lowlevel.checkpoint()
         last = body[start:] if start else body
         await send({"type": "http.response.body", "body": last, "more_body": False})
         return

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,8 +25,9 @@ import h11
 import httpx2
 import pytest
 
+from sse_cache.asgi import CacheMiddleware
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import GatedUpstream, responses_text_pieces
+from sse_cache.testing import GatedUpstream, responses_stream, responses_text_pieces
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -229,3 +231,44 @@ async def test_a_lone_slow_client_paces_its_upstream_and_gets_the_whole_answer(
                 slow.read_on.set()
             assert slow.complete and slow.body == upstream.body
     assert upstream.calls == 1
+
+
+# A client in a process of its own (as in production: in the test's process, its thread and
+# the server share the GIL, and the server never got ahead of it): it sends the request,
+# reads the first bytes, and closes with unread bytes in its buffer (the kernel resets).
+_LEAVING_CLIENT = """
+import socket, sys
+host, port, body, key = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode(), sys.argv[4]
+head = (
+    f"POST /v1/responses HTTP/1.1\\r\\nhost: {host}\\r\\ncontent-type: application/json\\r\\n"
+    f"content-length: {len(body)}\\r\\nauthorization: {key}\\r\\n\\r\\n"
+).encode()
+with socket.create_connection((host, port)) as sock:
+    sock.sendall(head + body)
+    got = b""
+    while len(got) < 1000:
+        got += sock.recv(65536)
+"""
+
+
+async def test_a_client_that_leaves_a_large_hit_is_no_longer_written_to(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An instant hit larger than a slice goes out slice by slice. When its client left
+    # after the first bytes, each slice still went to the dead transport before uvicorn
+    # heard of it: asyncio logged "socket.send() raised exception." for every one past its
+    # fifth (helper-95: 15 a dropped 5 MB hit). Between slices the server now hears of it.
+    upstream = GatedUpstream(responses_stream("large", text_deltas=20000))  # ~5 MB
+    async with serve(CacheMiddleware(upstream, "memory://")) as base:
+        async with httpx2.AsyncClient(base_url=base) as client:
+            miss = await client.post("/v1/responses", json=PAYLOAD, headers=KEY)
+            assert miss.headers["x-sse-cache"] == "miss"
+        host, port = base.removeprefix("http://").split(":")
+        body, key = json.dumps(PAYLOAD), KEY["authorization"]
+        for _ in range(3):
+            await anyio.run_process([sys.executable, "-c", _LEAVING_CLIENT, host, port, body, key])
+        async with httpx2.AsyncClient(base_url=base) as client:  # the server went on
+            hit = await client.post("/v1/responses", json=PAYLOAD, headers=KEY)
+    assert hit.headers["x-sse-cache"] == "hit" and hit.content == miss.content
+    lost = [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+    assert lost == []
