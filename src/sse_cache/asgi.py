@@ -145,13 +145,21 @@ class CacheMiddleware:
         await self.service.aclose()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Pass the lifespan protocol through, and close our backend at shutdown.
+        # Pass the lifespan protocol through, and close our backend at shutdown (opened again
+        # at the next startup: an app served again, as a test client serves it once per
+        # ``with`` block, found its cache closed for good; helper-95).
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.service.reopen()
+            return message
+
         async def sending(message: Message) -> None:
             if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await self.aclose()
             await send(message)
 
-        await self.app(scope, receive, sending)
+        await self.app(scope, receiving, sending)
 
 
 #: Why a request passed through uncached when its client left before sending all of its body

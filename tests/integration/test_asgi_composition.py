@@ -23,6 +23,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_calls import body_then
+from sse_cache._uvicorn import serve as serve_app
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 
@@ -386,3 +387,38 @@ async def test_a_client_leaving_while_its_whole_answer_is_stored_keeps_its_respo
     await mw(scope, body_then(b""), keep)
     assert head["status"] == 200 and head["x-sse-cache"] == b"hit", head
     assert bytes(got) == b"".join(pieces)
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_an_app_served_again_caches_again(backend: str, tmp_path: Any) -> None:
+    # The middleware closes a backend it opened from a URL at the lifespan's shutdown. An
+    # app served again (a test client per test on one module-level app, a server restarted
+    # in process) found it closed for good: every request a miss, warnings, the breaker
+    # open (helper-95). It is opened again at the next startup.
+    calls = 0
+
+    async def generate(request: Request) -> StreamingResponse:
+        nonlocal calls
+        calls += 1
+        return StreamingResponse(
+            iter([b"data: one\n\n", b"data: two\n\n"]), media_type="text/event-stream"
+        )
+
+    url = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'c.db'}"
+    app = Starlette(
+        routes=[Route("/v1/generate", generate, methods=["POST"])],
+        middleware=[Middleware(CacheMiddleware, backend=url, routes=ROUTES)],
+    )
+    seen = []
+    for _ in range(2):
+        async with serve_app(app, lifespan="on") as base, httpx2.AsyncClient(base_url=base) as http:
+            for _ in range(2):
+                answer = await http.post("/v1/generate", json={"q": 1}, headers=KEY)
+                assert answer.content == b"data: one\n\ndata: two\n\n"
+                seen.append(answer.headers["x-sse-cache"])
+    # memory:// is a new, empty cache each time it is opened; a SQLite file keeps its answers.
+    expected = (
+        ["miss", "hit", "miss", "hit"] if backend == "memory" else ["miss", "hit", "hit", "hit"]
+    )
+    assert seen == expected
+    assert calls == expected.count("miss")

@@ -121,17 +121,9 @@ class CacheService:
         #: (:func:`alias_key`): what ``GET .../responses/{id}?stream=true`` resumes.
         self.live_responses: dict[str, LiveFlight[bytes]] = {}
 
+        self._backend_url = backend if isinstance(backend, str) else None
+        self._closed = False
         self.backend, self._owns_backend = open_backend(backend)
-        # Cross-process single-flight needs a lock and live fan-out (Redis offers both).
-        backend_ = self.backend
-        self.fanout: _FanoutBackend | None = None
-        if o.cross_process:
-            if not (isinstance(backend_, LeasingBackend) and isinstance(backend_, FanoutBackend)):
-                raise ConfigError(
-                    f"cross_process needs a backend with locks and fan-out (Redis), "
-                    f"not {type(backend_).__name__}"
-                )
-            self.fanout = backend_
         self.cross_process_lease = o.cross_process_lease
         self.policy = CachePolicy(
             o.routes,
@@ -141,24 +133,38 @@ class CacheService:
             max_body_bytes=o.max_body_bytes,
             origin=o.origin,
         )
-        hooks = self.hooks = tuple(o.hooks)
-        keyer = o.keyer or DefaultKeyer()
-        codec = o.codec or MsgpackCodec()
-        decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(o.decoded_cache_bytes)
+        self.hooks = tuple(o.hooks)
+        self._keyer = o.keyer or DefaultKeyer()
+        self._codec = o.codec or MsgpackCodec()
         # One breaker for the one backend, whichever route's cache calls it.
         self.breaker = Breaker(
             o.breaker_failures, o.breaker_cooldown, on_change=self._breaker_changed
         )
+        self.ttl = o.ttl
+        self._use(self.backend)
+
+    def _use(self, backend: Backend) -> None:
+        # What works on the backend: the fan-out of live streams and one cache per adapter.
+        o = self.options
+        self.fanout: _FanoutBackend | None = None
+        if o.cross_process:
+            if not (isinstance(backend, LeasingBackend) and isinstance(backend, FanoutBackend)):
+                raise ConfigError(
+                    f"cross_process needs a backend with locks and fan-out (Redis), "
+                    f"not {type(backend).__name__}"
+                )
+            self.fanout = backend
+        decoded: DecodedEntries[Entry | WireEntry] = DecodedEntries(o.decoded_cache_bytes)
         self._caches: dict[int, StreamCache] = {
             id(adapter): StreamCache(
-                self.backend,
+                backend,
                 adapter,
-                keyer=keyer,
-                codec=codec,
+                keyer=self._keyer,
+                codec=self._codec,
                 ttl=o.ttl,
                 max_entry_bytes=o.max_entry_bytes,
                 pacing=o.pacing,
-                hooks=hooks,
+                hooks=self.hooks,
                 backend_timeout=o.backend_timeout,
                 single_flight=o.single_flight,
                 decoded_cache_bytes=decoded,  # one budget for all the schemas
@@ -166,7 +172,6 @@ class CacheService:
             )
             for adapter in self.policy.routes.values()
         }
-        self.ttl = o.ttl
 
     def _breaker_changed(self, state: BreakerState, why: str) -> None:
         # One line per transition, not one per skipped request.
@@ -178,8 +183,19 @@ class CacheService:
         return self._caches[id(adapter)]
 
     async def aclose(self) -> None:
-        if self._owns_backend:
+        if self._owns_backend and not self._closed:
+            self._closed = True
             await self.backend.aclose()
+
+    def reopen(self) -> None:
+        """Open the backend again from its URL after :meth:`aclose` (an app served again,
+        as a test client serves it once per ``with`` block); nothing to do otherwise."""
+        from ..backends import open_backend
+
+        if self._closed and self._backend_url is not None:
+            self.backend, _ = open_backend(self._backend_url)
+            self._use(self.backend)
+            self._closed = False
 
     def decide(
         self,
