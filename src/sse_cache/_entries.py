@@ -389,7 +389,8 @@ def _decoded_size(entry: Entry | WireEntry) -> int:
         return len(entry.body or b"")
     # getsizeof: the memory of each text as CPython holds it (1, 2 or 4 bytes a character).
     texts = sum(map(sys.getsizeof, map(_data_of, events)))
-    return texts + DECODED_EVENT_BYTES * len(events)
+    # A stream stored as its bytes holds them too.
+    return texts + DECODED_EVENT_BYTES * len(events) + len(entry.wire or b"")
 
 
 def _to_wire(entry: Entry) -> WireEntry:

@@ -10,6 +10,7 @@ from types import TracebackType
 import anyio
 import msgspec
 
+from ._kept_bytes import KeptStream
 from ._notices import Notice
 from ._streams import Notify, SaveEntry
 from .entry import Entry
@@ -73,7 +74,7 @@ class LiveRecording:
         #: What the integration kept of a stream whose bytes were not all in the canonical
         #: form: how many events were, in which line ends, and every byte after them (see
         #: :func:`~sse_cache.events.recorded_wire`); None when they all were.
-        self.recorded: tuple[int, EOL, bytes] | None = None
+        self.recorded: KeptStream | None = None
 
     def add(self, events: Iterable[Event]) -> None:
         """Record events that were just delivered to the producer's client."""
@@ -109,9 +110,11 @@ class LiveRecording:
         # The stream's own bytes, where the canonical form would not give them back; None
         # (not stored) when they cannot be kept: a hit is those bytes or nothing.
         assert self.recorded is not None and entry.events is not None
-        head, head_eol, tail = self.recorded
+        head, head_eol, tail, total = self.recorded
         try:
-            wire = recorded_wire(entry.events, head, head_eol, tail, whole=clean, eol=self.eol)
+            wire = recorded_wire(
+                entry.events, head, head_eol, tail, whole=clean, eol=self.eol, total=total
+            )
         except SSEError as exc:
             self.recorder.reason = f"its bytes cannot be kept as they came: {exc}"
             return None

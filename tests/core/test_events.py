@@ -446,10 +446,22 @@ def test_recorded_wire_gives_the_bytes_of_the_stored_events(
 
 
 def test_recorded_wire_refuses_bytes_that_do_not_hold_the_events() -> None:
-    with pytest.raises(SSEError, match="do not"):
+    with pytest.raises(SSEError, match="do not hold"):
         recorded_wire([Event("a"), Event("b")], 0, "lf", b"data:a\n\n", whole=True, eol="lf")
-    with pytest.raises(SSEError, match="do not parse"):
-        recorded_wire([Event("b")], 0, "lf", b"data:a\n\n", whole=True, eol="lf")
+
+
+def test_event_ends_know_a_bom_only_at_the_start() -> None:
+    # U+FEFF starting a line later in the stream is part of that line (a field named
+    # "\ufeffdata": unknown), as the parser reads it; counting it as a BOM made an entry
+    # whose irregular bytes began past the first 16 KiB impossible to store (helper-98).
+    bom = "\ufeff".encode()
+    assert event_ends(bom + b"data: a\n\n") == [len(bom) + 9]
+    raw = b"data: a\n\n" + bom + b"data: b\n\ndata: c\n\n"
+    assert parse(raw) == [Event("a"), Event("c")]
+    assert event_ends(raw) == [9, len(raw)]
+    # The bytes kept from the first irregular one on (the line with U+FEFF) begin there.
+    events = [Event("a"), Event("c")]
+    assert recorded_wire(events, 1, "lf", raw[9:], whole=True, eol="lf") == raw
 
 
 # -- resume_point: where a reconnecting client picks a stream up ------------------------------

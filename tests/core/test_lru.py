@@ -86,3 +86,17 @@ def test_equal_bytes_read_again_are_compared_once_then_trusted_by_identity() -> 
     assert _CountingBytes.comparisons == 1
     assert cache.get("k", b"y" * 100) is None  # other bytes: forgotten
     assert len(cache) == 0
+
+
+def test_a_decoded_entry_counts_the_bytes_it_was_stored_as() -> None:
+    # An entry stored with its own bytes (a stream not in the canonical form) holds them
+    # too: 24 such entries of 8 MiB of comments each counted 35 KB against the 64 MiB budget
+    # while holding 201 MB (helper-98).
+    from sse_cache import Entry, Event
+    from sse_cache._entries import _decoded_size
+
+    events = (Event("a"), Event("b"))
+    plain = Entry(schema="s", created_at=0.0, events=events)
+    wire = b": ping\n\n" * 100_000 + b"data: a\n\ndata: b\n\n"
+    kept = Entry(schema="s", created_at=0.0, events=events, wire=wire)
+    assert _decoded_size(kept) == _decoded_size(plain) + len(wire)

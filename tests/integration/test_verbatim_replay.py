@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import httpx2
+import msgspec
 import pytest
 from fastapi import FastAPI
 from fastapi.sse import EventSourceResponse, ServerSentEvent
@@ -24,7 +25,7 @@ from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import MemoryBackend
 from sse_cache.httpx2 import AsyncCacheTransport
-from sse_cache.testing import GatedUpstream, responses_stream
+from sse_cache.testing import GatedUpstream, NoticeLog, responses_stream
 from sse_renderings import renderings
 
 AUTH = {"authorization": "Bearer sk-test"}
@@ -202,3 +203,77 @@ async def test_the_transport_replays_the_bytes_that_came() -> None:
         hit = await http.post("/v1/responses", json=body, headers=AUTH)
     assert miss.content == raw and hit.content == raw
     assert hit.headers["x-sse-cache"] == "hit" and upstream.calls == 1
+
+
+# -- bounds and edges (helper-98) -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_kept_bytes_past_max_entry_bytes_are_not_stored_but_all_delivered() -> None:
+    # Two events and 256 KiB of comments: the events alone fit the limit, the bytes a replay
+    # would need do not. The bytes were kept (and stored) whatever their size.
+    pings = b": ping\n\n" * (256 * 1024 // 8)
+    raw = b"data: a\n\n" + pings + b"data: b\n\n"
+    upstream = upstream_cut_at(raw, list(range(4096, len(raw), 4096)))
+    notices = NoticeLog()
+    app = CacheMiddleware(
+        upstream,
+        "memory://",
+        routes={"/events": GenericSSE},
+        max_entry_bytes=64 * 1024,
+        hooks=[notices],
+    )
+    async with client(app) as http:
+        miss = await http.post("/events", json={"q": 1}, headers=AUTH)
+        again = await http.post("/events", json={"q": 1}, headers=AUTH)
+    assert miss.content == raw and again.content == raw
+    assert [miss.headers["x-sse-cache"], again.headers["x-sse-cache"]] == ["miss", "miss"]
+    assert "max_entry_bytes=65536" in (await notices.wait("not_stored")).detail
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("last", [b"event: done\n", b"id: 9\n", b"retry: 5000\n", b": bye\n"])
+async def test_fields_after_the_last_event_are_replayed(last: bytes) -> None:
+    # A stream ending with a field line and no blank line: no event, but bytes the first
+    # client got. The canonical form dropped them from every hit.
+    raw = b"data: a\n\ndata: b\n\n" + last
+    upstream = upstream_cut_at(raw, [])
+    app = CacheMiddleware(upstream, "memory://", routes={"/events": GenericSSE})
+    async with client(app) as http:
+        miss = await http.post("/events", json={"q": 1}, headers=AUTH)
+        hit = await http.post("/events", json={"q": 1}, headers=AUTH)
+        paced = await http.post(
+            "/events", json={"q": 1}, headers={**AUTH, "x-sse-cache-replay": "0ms"}
+        )
+    assert hit.headers["x-sse-cache"] == "hit"
+    assert miss.content == hit.content == paced.content == raw
+
+
+@pytest.mark.anyio
+async def test_a_paced_replay_keeps_a_leading_bom_before_its_keep_alives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A paced replay waiting for its first event sends keep-alive comments; a BOM the stream
+    # started with then came after one, inside a line: the client lost the first event.
+    import sse_cache.http._answers as answers
+
+    monkeypatch.setattr(answers, "PACED_KEEPALIVE_SECONDS", 0.01)
+    bom = b"\xef\xbb\xbf"
+    raw = bom + b"data: first\n\ndata: second\n\n"
+    entry_events = (Event("first", at=0.2), Event("second", at=0.25))
+    backend = MemoryBackend()
+    app = CacheMiddleware(upstream_cut_at(raw, []), backend, routes={"/events": GenericSSE})
+    async with client(app) as http:
+        miss = await http.post("/events", json={"q": 1}, headers=AUTH)
+        key = miss.headers["x-sse-cache-key"]
+        stored = MsgpackCodec().decode(await backend.get(key) or b"")
+        assert stored.wire == raw
+        # The same entry with its first event late (a reasoning model's first token).
+        late = msgspec.structs.replace(stored, events=entry_events)
+        await backend.set(key, MsgpackCodec().encode(late), None)
+        paced = await http.post(
+            "/events", json={"q": 1}, headers={**AUTH, "x-sse-cache-replay": "original"}
+        )
+    assert paced.headers["x-sse-cache"] == "hit"
+    assert paced.content.startswith(bom) and b": keep-alive" in paced.content
+    assert [e.data for e in parse(paced.content)] == ["first", "second"]

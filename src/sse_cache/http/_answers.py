@@ -176,18 +176,25 @@ def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
     return events
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+
+
 class RecordedBytes:
     """A stream stored as the bytes it came in (:attr:`Entry.wire`), written back event by
     event: :meth:`write` gives the bytes of the next events, from the ``start``-th on (what
-    precedes an event goes with it, what follows the last one with the last)."""
+    precedes an event goes with it, what follows the last one with the last). :attr:`lead`:
+    what must go before anything else, keep-alive comments included (a BOM the stream
+    started with: after a comment it would be part of a line)."""
 
-    __slots__ = ("_ends", "_next", "_pos", "_wire")
+    __slots__ = ("_ends", "_next", "_pos", "_wire", "lead")
 
     def __init__(self, wire: bytes, start: int = 0) -> None:
         self._wire = wire
         self._ends = event_ends(wire)
         self._next = start
         self._pos = self._ends[start - 1] if start else 0
+        self.lead = _BOM if start == 0 and wire.startswith(_BOM) else b""
+        self._pos += len(self.lead)
 
     def write(self, events: Sequence[Event]) -> bytes:
         upto = self._next + len(events)
@@ -197,27 +204,32 @@ class RecordedBytes:
         return out
 
 
-def _writer(entry: Entry, start: int) -> Callable[[Sequence[Event]], bytes]:
-    """How a replay of ``entry``'s events from the ``start``-th writes them: its recorded
-    bytes, or the canonical form in its line ends (a synthesised stream's: LF)."""
+def _writer(entry: Entry, start: int) -> tuple[bytes, Callable[[Sequence[Event]], bytes]]:
+    """How a replay of ``entry``'s events from the ``start``-th writes them: what goes first,
+    and the bytes of events: its recorded bytes, or the canonical form in its line ends (a
+    synthesised stream's: LF)."""
     if entry.wire is not None:
-        return RecordedBytes(entry.wire, start).write
-    return partial(serialize_sse, eol=entry.eol if entry.is_stream else "lf")
+        recorded = RecordedBytes(entry.wire, start)
+        return recorded.lead, recorded.write
+    return b"", partial(serialize_sse, eol=entry.eol if entry.is_stream else "lf")
 
 
 def recorded_after(entry: Entry, events: Sequence[Event]) -> bytes:
     """The bytes of ``events``, the last of a recorded stream's (a resume), as it sent them."""
     assert entry.events is not None
-    return _writer(entry, len(entry.events) - len(events))(events)
+    lead, write = _writer(entry, len(entry.events) - len(events))
+    return lead + write(events)
 
 
 async def _stream_chunks(
-    stream: CachedStream, eol: EOL, write: Callable[[Sequence[Event]], bytes]
+    stream: CachedStream, eol: EOL, lead: bytes, write: Callable[[Sequence[Event]], bytes]
 ) -> AsyncIterator[bytes]:
     # Instant replays come in large batches: coalesce them into ~64 KiB writes. Paced replays
     # and live streams come as they are due and are written at once (a paced one with a
     # keep-alive comment in a long wait). ``eol``: the line ends the stream was recorded
-    # with; ``write``: the bytes of events (see _writer).
+    # with; ``lead`` and ``write``: what goes first, and the bytes of events (see _writer).
+    if lead:
+        yield lead
     pending: list[Event] = []
     size = 0
     batches = stream.batches(_BATCH_EVENTS, idle_tick=PACED_KEEPALIVE_SECONDS)
@@ -274,9 +286,9 @@ def answer_entry(
         content_type = entry.content_type if entry.is_stream else SSE_TYPE
         base = [("content-type", content_type), *_SSE_HEADERS]
         # A recorded stream as it was recorded; a synthesised one in LF.
-        write = _writer(entry, len(events) - len(after))
+        lead, write = _writer(entry, len(events) - len(after))
         chunks: bytes | AsyncIterator[bytes] = _stream_chunks(
-            stream, entry.eol if entry.is_stream else "lf", write
+            stream, entry.eol if entry.is_stream else "lf", lead, write
         )
     else:
         body = cache.body_of(entry)

@@ -4,19 +4,19 @@ processes following it, and to the recording."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 
+from .._kept_bytes import KeptBytes
 from ..engine import (
     LiveRecording,
     StreamCache,
 )
 from ..entry import Entry
 from ..errors import SSEError
-from ..events import EOL, Event, SSEParser
+from ..events import Event, SSEParser
 from ..flight import Head, LiveFlight
 from ..protocols import (
     Outcome,
@@ -26,10 +26,6 @@ from ._answers import JSON_TYPE, SSE_TYPE
 from ._fanout import _encode_head, _Lease
 
 logger = logging.getLogger("sse_cache")
-
-# How many bytes of a recorded stream are kept before looking whether they can be forgotten
-# (see ResponseTee._settle): a look costs more than keeping a chunk.
-_SETTLE_BYTES = 16 * 1024
 
 
 def media_type(headers: Mapping[str, str]) -> str:
@@ -93,15 +89,8 @@ class ResponseTee:
         self._began = began  # when the request began: not stored over a newer entry
         self._live = recording
         self._parser = SSEParser() if recording is not None else None
-        # The bytes since the stream was last seen exactly in the canonical form up to an
-        # event's end (looked at every _SETTLE_BYTES: a few KiB at most, and every byte once
-        # it is not: see LiveRecording.recorded), how many events came before them and in
-        # which line ends.
-        self._raw: list[bytes] = []
-        self._raw_size: float = 0
-        self._canonical_events = 0
-        self._canonical_eol: EOL = "lf"
-        self._events_fed = 0
+        # The stream's own bytes, where the canonical form would not give them back.
+        self._kept = KeptBytes(self._parser, limit) if self._parser is not None else None
         self._has_completing_event = completing
         # Once the producer's client left and followers read on: each event fed is judged,
         # and a completing one noted (:meth:`end_if_answered`).
@@ -216,18 +205,17 @@ class ResponseTee:
             except SSEError as exc:
                 self.abort(f"upstream sent invalid SSE: {exc}")
                 return
-            self._raw.append(chunk if chunk.__class__ is bytes else bytes(chunk))
-            self._raw_size += len(chunk)
+            assert self._kept is not None
+            if not self._kept.add(chunk, len(events)):
+                self.abort(f"the stream's bytes exceed max_entry_bytes={self._limit}")
+                return
             if events:
-                self._events_fed += len(events)
                 self._live.add(events)
                 if self._watching and self._live.recorder.completes(events):
                     self._completing_fed = True  # (judged by end_if_answered, once)
                 if self.identify is not None:
                     identify, self.identify = self.identify, None
                     identify(events)
-            if self._raw_size >= _SETTLE_BYTES:
-                self._settle(parser)
             return
         self._size += len(chunk)
         if self._size > self._limit:
@@ -240,23 +228,12 @@ class ResponseTee:
         self.relay(chunk)
         self.feed(chunk)
 
-    def _settle(self, parser: SSEParser) -> None:
-        # Forget the bytes kept so far if serialize_sse gives them back (the canonical form,
-        # up to an event's end); keep every byte from now on once it never will.
-        if not parser.exact:
-            self._raw_size = -math.inf  # (never looked at again)
-        elif parser.idle:
-            self._raw.clear()
-            self._raw_size = 0
-            self._canonical_events = self._events_fed
-            self._canonical_eol = "crlf" if parser.crlf else "lf"
-
     def abort(self, reason: str) -> None:
         """Store nothing of this response (the followers are not affected)."""
         if not self._failed:
             self._failed = reason
             self._body = []
-            self._raw = []
+            self._kept = None
             if self._live is not None:
                 self._live.fail(reason)
 
@@ -457,6 +434,7 @@ class ResponseTee:
         # answer; the client that left never read them either).
         if self._parser is None:
             return
+        between_events = cut or self._parser.idle
         self._parser.close(cut=cut)
         if self._parser.discarded and not cut:
             # WHATWG: an unterminated last event is never dispatched; the stream did not end
@@ -465,10 +443,9 @@ class ResponseTee:
         elif self._live is not None and not self._failed:
             if self._parser.crlf:  # every line ended with CRLF: replays will too
                 self._live.eol = "crlf"
-            if not self._parser.exact:  # replays send the bytes that came
-                tail = b"".join(self._raw)
-                self._live.recorded = (self._canonical_events, self._canonical_eol, tail)
-            self._raw = []
+            if self._kept is not None:  # replays send the bytes that came, if need be
+                self._live.recorded = self._kept.recorded(between_events=between_events)
+                self._kept = None
             self._live.end(clean=not cut)
             if self._flight is not None:
                 self._flight.entry = self._live.entry

@@ -639,7 +639,12 @@ class Exchange:
             # Schemas with a completing event may be stored when the client stops right after
             # it (see ResponseTee.client_left); generic SSE needs the real end of the body.
             completing = self._cache.adapter.end_outcome() is not Outcome.COMPLETE
-            tee = ResponseTee(flight=live, recording=recording, completing=completing)
+            tee = ResponseTee(
+                flight=live,
+                recording=recording,
+                completing=completing,
+                limit=self._cache.max_entry_bytes,  # (of the stream's bytes kept, if any)
+            )
         else:
             tee = ResponseTee(
                 flight=live,
