@@ -21,10 +21,10 @@ the registry in the Prometheus text format (the proxy serves it at ``/_sse_cache
 
 Several processes serving one port (``sse-cache proxy --workers N``) share their figures
 through a directory (``share_dir``): each writes its own there every ``share_interval``
-seconds and whenever it is scraped, and the one that is scraped adds the others' to its own,
-so every scrape shows the whole proxy (at most ``share_interval`` seconds old for the other
-workers). Counters of a worker that has exited stay counted (a counter never goes down); its
-gauges do not.
+seconds, whenever it is scraped and as it shuts down (:meth:`Metrics.publish`), and the one
+that is scraped adds the others' to its own, so every scrape shows the whole proxy (at most
+``share_interval`` seconds old for the other workers). Counters of a worker that has exited
+stay counted (a counter never goes down); its gauges do not.
 
 This module imports without ``prometheus_client``; building a :class:`Metrics` then raises a
 :class:`~sse_cache.errors.ConfigError` naming the extra.
@@ -236,7 +236,9 @@ class Metrics:
 
     def publish(self) -> None:
         """Write this process's figures for the others sharing ``share_dir`` now (they are
-        written every ``share_interval`` seconds anyway); nothing to do without one."""
+        written every ``share_interval`` seconds anyway); nothing to do without one. A server
+        calls it as it shuts down: what it counted since its last periodic write would
+        otherwise be lost to the others (the proxy does, at its lifespan shutdown)."""
         if self._shared is not None:
             self._shared.write()
 
@@ -265,7 +267,7 @@ class Metrics:
 
         figures = self._figures()
         if self._shared is not None:
-            self._shared.write(figures)
+            self._shared.write()
             for other, running in self._shared.others():
                 _add(figures, other, gauges=running)
         counts: dict[str, int] = figures["counts"]
@@ -333,14 +335,19 @@ class _SharedFigures:
         # The pid says which process; the token, which instance (tests run several in one).
         self.path = directory / f"metrics-{os.getpid()}-{secrets.token_hex(4)}.json"
         self._figures = figures
+        self._writing = threading.Lock()
         threading.Thread(target=self._run, name="sse-cache metrics", daemon=True).start()
 
-    def write(self, figures: dict[str, Any] | None = None) -> None:
-        data = json.dumps(self._figures() if figures is None else figures)
-        partial = self.path.with_suffix(".part")
-        with contextlib.suppress(OSError):  # a full or vanished directory: figures go stale
-            partial.write_text(data)
-            os.replace(partial, self.path)
+    def write(self) -> None:
+        # The figures are taken and written under one lock: writes from the thread, a scrape
+        # and the shutdown never land out of order (a snapshot taken before the last one,
+        # written after it, would undo the counts in between: the shutdown's, for ever).
+        with self._writing:
+            data = json.dumps(self._figures())
+            partial = self.path.with_suffix(".part")
+            with contextlib.suppress(OSError):  # a full or vanished directory: figures go stale
+                partial.write_text(data)
+                os.replace(partial, self.path)
 
     def others(self) -> Iterator[tuple[dict[str, Any], bool]]:
         """The other processes' figures, and whether each still runs (wrote lately)."""

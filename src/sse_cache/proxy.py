@@ -433,7 +433,10 @@ class ProxyApp:
         *,
         access_log: AccessLog | None = None,
         backend_label: str = "",
+        limit_concurrency: int | None = None,
     ) -> None:
+        if limit_concurrency is not None and limit_concurrency < 1:
+            raise ConfigError(f"limit_concurrency must be None or >= 1, got {limit_concurrency!r}")
         self.cached = cached
         self.metrics = metrics
         self.forwarder = forwarder
@@ -442,12 +445,18 @@ class ProxyApp:
         self.started = time.time()
         self._running = 0  # HTTP requests in __call__
         self._ended: anyio.Event | None = None  # set when _running falls to 0 (at shutdown)
+        self.limit_concurrency = limit_concurrency
+        self._admitted = 0  # requests counted against limit_concurrency
 
     async def aclose(self) -> None:
-        """Close the upstream client and the cache's backend (lifespan shutdown does this
-        when the server runs the lifespan protocol)."""
-        await self.forwarder.aclose()
-        await self.cached.aclose()
+        """Close the upstream client and the cache's backend, and publish the metrics a last
+        time for the other processes sharing them (lifespan shutdown does this when the
+        server runs the lifespan protocol)."""
+        try:
+            await self.forwarder.aclose()
+            await self.cached.aclose()
+        finally:
+            self.metrics.publish()
 
     async def _requests_ended(self) -> None:
         """Return once no HTTP request is running, or after :data:`UNWIND_TIMEOUT`."""
@@ -471,8 +480,17 @@ class ProxyApp:
                 return
             scope = forwarded
             if scope["path"].startswith("/_sse_cache/"):
+                # (Never refused for being busy: a health check must not fail a proxy
+                # because it is serving its limit.)
                 await self._ops(scope, send)
                 return
+            admission: _Admission | None = None
+            if self.limit_concurrency is not None:
+                if self._admitted >= self.limit_concurrency:
+                    await self._refuse_busy(send)
+                    return
+                admission = _Admission(self)
+                send = admission.sending(send)
             self._running += 1
             try:
                 log, policy = self.access_log, self.cached.service.policy
@@ -497,6 +515,8 @@ class ProxyApp:
                     exc,
                 )
             finally:
+                if admission is not None:
+                    admission.release()
                 self._running -= 1
                 if not self._running and self._ended is not None:
                     self._ended.set()
@@ -505,6 +525,17 @@ class ProxyApp:
             await self.cached(scope, self._stopping(receive), self._starting(send))
             return
         await self.cached(scope, receive, send)
+
+    async def _refuse_busy(self, send: Send) -> None:
+        limit = self.limit_concurrency
+        await send_json_error(
+            send,
+            503,
+            f"the proxy is serving its limit of {limit} requests at once "
+            "(--limit-concurrency); retry shortly",
+            "overloaded",
+            headers=[(b"retry-after", RETRY_AFTER_BUSY)],
+        )
 
     def _stopping(self, receive: Receive) -> Receive:
         # The shutdown reaches the app (which closes the upstream client and the backend)
@@ -525,6 +556,11 @@ class ProxyApp:
         async def sending(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
                 await self.log_startup()
+            elif message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                # The requests have ended (see _stopping): what they counted since the last
+                # periodic write goes to the other workers now, or never (a restart or a
+                # scale-down of --workers N lost up to a second of counts: helper-97).
+                self.metrics.publish()
             await send(message)
 
         return sending
@@ -626,6 +662,37 @@ class ProxyApp:
             await _plain(send, status, body, "application/json", head=head)
 
 
+class _Admission:
+    """One request counted against :attr:`ProxyApp.limit_concurrency`, from its arrival to
+    its response's end (a stream's last byte), released once. Released as the response's
+    last message is sent, not after: a client that read the end of one answer and sends the
+    next request at once must find the place free, whatever the first request still does
+    after its end (storing it)."""
+
+    __slots__ = ("_app", "_held")
+
+    def __init__(self, app: ProxyApp) -> None:
+        self._app = app
+        self._held = True
+        app._admitted += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._app._admitted -= 1
+
+    def sending(self, send: Send) -> Send:
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self.release()
+            await send(message)
+
+        return sending
+
+
+#: The ``retry-after`` of a request refused for ``limit_concurrency`` (seconds).
+RETRY_AFTER_BUSY = b"1"
+
 #: The proxy's own endpoints (:meth:`ProxyApp._ops`), and the methods they answer.
 _OPS_PATHS = frozenset({"/_sse_cache/health", "/_sse_cache/metrics"})
 _OPS_METHODS = ("GET", "HEAD")
@@ -659,6 +726,8 @@ def create_proxy_app(
     upstream_connections: int | None = None,
     access_log: bool = True,
     metrics_dir: str | None = None,
+    metrics_interval: float = 1.0,
+    limit_concurrency: int | None = None,
     **options: Any,
 ) -> ProxyApp:
     """The caching reverse proxy for ``upstream``: cacheable routes through
@@ -669,8 +738,12 @@ def create_proxy_app(
     on the ``sse_cache.access`` logger per request on a cached route (cache status, key
     prefix, bytes, duration, why a miss was not stored). ``metrics_dir``: a directory the
     worker processes of one proxy share their metrics through, so that a scrape of any of
-    them shows them all."""
-    metrics = Metrics(share_dir=metrics_dir)
+    them shows them all, each writing its figures every ``metrics_interval`` seconds, at
+    each scrape and as it shuts down. ``limit_concurrency``: requests served at once (None:
+    no limit), each counted from its arrival to its response's end (a stream's last byte);
+    past it a request is answered ``503`` with ``retry-after``. ``/_sse_cache/health`` and
+    ``/_sse_cache/metrics`` are never refused, and are not counted."""
+    metrics = Metrics(share_dir=metrics_dir, share_interval=metrics_interval)
     log = AccessLog() if access_log else None
     forwarder = Forwarder(
         upstream,
@@ -687,4 +760,11 @@ def create_proxy_app(
         options["options"] = dataclasses.replace(given, origin=upstream)
     cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[*ours, *hooks], **options)
     label = redact_url(backend) if isinstance(backend, str) else ""
-    return ProxyApp(cached, metrics, forwarder, access_log=log, backend_label=label)
+    return ProxyApp(
+        cached,
+        metrics,
+        forwarder,
+        access_log=log,
+        backend_label=label,
+        limit_concurrency=limit_concurrency,
+    )

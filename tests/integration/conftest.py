@@ -41,4 +41,7 @@ def never_served(monkeypatch: pytest.MonkeyPatch) -> None:
 
     import uvicorn
 
+    import sse_cache.cli.proxy
+
     monkeypatch.setattr(uvicorn, "run", refuse)
+    monkeypatch.setattr(sse_cache.cli.proxy, "serve_workers", refuse)

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ from sse_cache.cli.proxy import (
 )
 from sse_cache.errors import ConfigError
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADERS = {"authorization": "Bearer sk-ops-secret-123"}
@@ -538,15 +539,20 @@ async def test_log_lines_startup_and_access(serve: Any, tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 @asyncio_only
-async def test_limit_concurrency_answers_503_past_it_while_streams_are_held(
-    serve: Any, tmp_path: Path
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_limit_concurrency_serves_n_requests_at_once_and_503_past_them(
+    limit: int, serve: Any, tmp_path: Path
 ) -> None:
-    # Slow or stalled clients each hold a connection (and a stalled miss up to
-    # max_entry_bytes): --limit-concurrency bounds them per process (helper-83). uvicorn
-    # counts open connections (an idle keep-alive one too) and requests.
-    limit = 3
+    # Slow or stalled clients each hold a request (and a stalled miss up to max_entry_bytes):
+    # --limit-concurrency bounds them per process (helper-83). N requests are served at once,
+    # whatever else is connected: idle keep-alive connections do not count, the health check
+    # and the metrics answer while the limit is reached (uvicorn's own limit counted the
+    # connections, the new request's own included, and refused /_sse_cache/health when busy;
+    # --limit-concurrency 1 refused everything: helper-97).
+    gated = GatedUpstream(responses_stream("held", text_deltas=3), hold_after=1)
+    gated.gate.set()  # open until the streams to hold
     async with (
-        serve(MockUpstream(first_delay=0.01, delay=0.05)) as upstream,
+        serve(gated) as upstream,
         proxy_process(
             tmp_path,
             "--backend",
@@ -556,33 +562,67 @@ async def test_limit_concurrency_answers_503_past_it_while_streams_are_held(
             "--limit-concurrency",
             str(limit),
         ) as p,  # fmt: skip
+        AsyncExitStack() as stack,
     ):
         clients = [
-            httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS)
-            for _ in range(limit + 1)
+            await stack.enter_async_context(
+                httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS)
+            )
+            for _ in range(limit + 2)
         ]
-        held = []
-        try:
-            statuses = []
-            for i, client in enumerate(clients):
-                request = client.build_request(
-                    "POST",
-                    "/v1/chat/completions",
-                    json=chat(f"held {i}"),
-                    headers={"x-mock-deltas": "400"},  # ~20 s: held through the test
-                )
-                response = await client.send(request, stream=True)
-                held.append(response)
-                statuses.append(response.status_code)
-                if response.status_code == 503:
-                    break
-            assert statuses[0] == 200 and statuses[-1] == 503, statuses
-            assert len(statuses) <= limit + 1
-        finally:
-            for response in held:
-                await response.aclose()
-            for client in clients:
-                await client.aclose()
+
+        def asking(prompt: str) -> dict[str, Any]:
+            return {"model": "gpt-mock", "input": prompt, "stream": True}
+
+        # One request at a time, each on a connection of its own left open: all served.
+        for i, client in enumerate(clients):
+            answer = await client.post("/v1/responses", json=asking(f"one at a time {i}"))
+            assert answer.status_code == 200, (i, answer.text)
+        # N streams, released together, each on one of those idle connections: all served,
+        # and held after their first event.
+        gated.gate = anyio.Event()
+        go = anyio.Event()
+        held: list[httpx2.Response] = []
+
+        async def hold(client: httpx2.AsyncClient, i: int) -> None:
+            request = client.build_request("POST", "/v1/responses", json=asking(f"held {i}"))
+            await go.wait()
+            held.append(await stack.enter_async_context(_opened(client, request)))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(limit):
+                tg.start_soon(hold, clients[i], i)
+            go.set()
+        assert [r.status_code for r in held] == [200] * limit
+        # One more: refused at once, saying why and when to come back.
+        extra = clients[limit]
+        busy = await extra.post("/v1/responses", json=asking("one too many"))
+        assert busy.status_code == 503
+        assert busy.headers["retry-after"] == "1"
+        message = busy.json()["error"]["message"]
+        assert f"limit of {limit} requests" in message and "--limit-concurrency" in message
+        # A passed-through route counts too.
+        assert (await extra.get("/v1/models")).status_code == 503
+        # The proxy's own endpoints answer, on a new connection and on an idle one.
+        for client in (clients[limit + 1], extra):
+            assert (await client.get("/_sse_cache/health")).status_code == 200
+            assert (await client.get("/_sse_cache/metrics")).status_code == 200
+        # A held stream read to its end gives its place back: the next request is served.
+        gated.gate.set()
+        assert await held[0].aread() == gated.body
+        again = await extra.post("/v1/responses", json=asking("after one ended"))
+        assert again.status_code == 200, again.text
+
+
+@asynccontextmanager
+async def _opened(
+    client: httpx2.AsyncClient, request: httpx2.Request
+) -> AsyncIterator[httpx2.Response]:
+    response = await client.send(request, stream=True)
+    try:
+        yield response
+    finally:
+        await response.aclose()
 
 
 @pytest.mark.anyio
@@ -783,6 +823,101 @@ async def test_two_workers_serve_one_port_and_a_herd_makes_one_upstream_call(
     assert "cross-process single-flight on" in parent
     starts = {LINE.match(line)["pid"] for line in lines if "sse_cache: proxy for" in line}  # type: ignore[index]
     assert starts == set(pids)
+
+
+def worker_pids(lines: list[str], text: str) -> set[str]:
+    """The processes that wrote a line holding ``text``."""
+    return {LINE.match(line)["pid"] for line in lines if text in line}  # type: ignore[index]
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_worker_publishes_its_last_counts_as_it_shuts_down(
+    serve: Any, tmp_path: Path
+) -> None:
+    # A worker writes its figures for the others every second (here: every hour, so that
+    # only what it writes as it shuts down can be seen). Those it counted since its last
+    # write were lost at a restart (SIGHUP) or a shutdown (helper-97).
+    env = {"SSE_CACHE_WORKERS_METRICS_INTERVAL": "3600"}
+    served = 12
+    async with (
+        serve(MockUpstream(delay=0.001)) as upstream,
+        proxy_process(
+            tmp_path,
+            "--workers",
+            "2",
+            "--upstream",
+            upstream,
+            "--backend",
+            f"sqlite:///{tmp_path / 'cache.db'}",
+            env=env,
+        ) as p,  # fmt: skip
+    ):
+        ready = "Application startup complete"
+        lines = await p.until(lambda lines: len(worker_pids(lines, ready)) == 2, "two workers")
+        old = worker_pids(lines, ready)
+        for i in range(served):  # a connection each: the kernel hands them to either worker
+            async with httpx2.AsyncClient(base_url=p.url, timeout=30) as client:
+                answer = await client.post(
+                    "/v1/chat/completions", json=chat(f"counted {i}"), headers=HEADERS
+                )
+                assert answer.status_code == 200
+        await p.until(lambda lines: sum(" cache=" in li for li in lines) >= served, "lines")
+        p.proc.send_signal(signal.SIGHUP)  # a restart: new workers first, then the old end
+        finished = "Finished server process"
+        await p.until(lambda lines: old <= worker_pids(lines, finished), "the old workers' end")
+        async with httpx2.AsyncClient(base_url=p.url, timeout=30) as client:
+            assert await scraped_requests(client) == served
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_workers_refuse_new_connections_at_once_after_sigterm(
+    serve: Any, tmp_path: Path
+) -> None:
+    # After SIGTERM the workers close their listening sockets and drain their streams. The
+    # supervisor kept its copy open: new connections were accepted into the backlog and hung
+    # until the last stream ended, then were reset (helper-97). One process refuses them at
+    # once; so do N.
+    gated = GatedUpstream(responses_stream("draining", text_deltas=3), hold_after=1)
+    async with (
+        serve(gated) as upstream,
+        proxy_process(
+            tmp_path,
+            "--workers",
+            "2",
+            "--upstream",
+            upstream,
+            "--backend",
+            f"sqlite:///{tmp_path / 'cache.db'}",
+        ) as p,  # fmt: skip
+        httpx2.AsyncClient(base_url=p.url, timeout=60) as client,
+    ):
+        ready = "Application startup complete"
+        lines = await p.until(lambda lines: len(worker_pids(lines, ready)) == 2, "two workers")
+        workers = worker_pids(lines, ready)
+        body = {"model": "gpt-mock", "input": "a stream in flight", "stream": True}
+        request = client.build_request("POST", "/v1/responses", json=body, headers=HEADERS)
+        async with _opened(client, request) as stream:
+            assert stream.status_code == 200
+            p.proc.send_signal(signal.SIGTERM)
+
+            # Each worker has closed its listening socket once it says it waits for its
+            # connections, or that it has finished (uvicorn closes it before either line).
+            def closed(lines: list[str]) -> bool:
+                waiting = worker_pids(lines, "Waiting for connections to close")
+                return workers <= waiting | worker_pids(lines, "Finished server process")
+
+            await p.until(closed, "both workers' sockets closed")
+            port = int(p.url.rsplit(":", 1)[1])
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=30).close()
+            # The stream in flight is still served to its end.
+            gated.gate.set()
+            assert await stream.aread() == gated.body
+        with anyio.fail_after(60):
+            await anyio.to_thread.run_sync(p.proc.wait)
+    assert not any("Traceback" in line for line in p.lines())
 
 
 async def scraped_requests(client: httpx2.AsyncClient) -> int:

@@ -440,11 +440,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--limit-concurrency",
-        "connections and requests each process serves at once; past it, a new request is "
-        "answered 503 at once (0: no limit). Bounds what slow or stalled clients can hold",
+        "requests each process serves at once, each counted until its response's end (a "
+        "stream's last byte); past it, a new request is answered 503 with retry-after at "
+        "once (0: no limit). Idle keep-alive connections do not count, and "
+        "/_sse_cache/health and /_sse_cache/metrics always answer. Bounds what slow or "
+        "stalled clients can hold",
         default=0,
         shown="0 (no limit)",
-        parse=_at_least(0, "a number of connections"),
+        parse=_at_least(0, "a number of requests"),
         metavar="N",
     ),
     Option(

@@ -73,9 +73,14 @@ def register(sub: Any) -> None:
 
 #: Set by ``sse-cache proxy --workers N`` for its workers: where they share their metrics.
 METRICS_DIR_ENV = "SSE_CACHE_WORKERS_METRICS_DIR"
+#: Seconds between two writes of a worker's metrics (default 1): a tests' seam, not an
+#: option (a test sets it long to see what a worker publishes as it shuts down).
+METRICS_INTERVAL_ENV = "SSE_CACHE_WORKERS_METRICS_INTERVAL"
 
 
-def build_app(settings: argparse.Namespace, metrics_dir: str | None = None) -> Any:
+def build_app(
+    settings: argparse.Namespace, metrics_dir: str | None = None, metrics_interval: float = 1.0
+) -> Any:
     """The proxy's ASGI app for resolved ``settings`` (raises :class:`ConfigError`)."""
     from ..adapters import by_name
     from ..proxy import create_proxy_app
@@ -100,6 +105,8 @@ def build_app(settings: argparse.Namespace, metrics_dir: str | None = None) -> A
         upstream_connections=settings.upstream_connections or None,
         decoded_cache_bytes=int(settings.decoded_cache_mb * 1024 * 1024),
         metrics_dir=metrics_dir,
+        metrics_interval=metrics_interval,
+        limit_concurrency=settings.limit_concurrency or None,
     )
 
 
@@ -107,7 +114,8 @@ def app_from_environment() -> Any:
     """The app of one worker of ``sse-cache proxy --workers N`` (a uvicorn factory): built
     from the ``SSE_CACHE_*`` variables the command resolved and wrote for its workers."""
     metrics_dir = os.environ.get(METRICS_DIR_ENV)
-    app = build_app(resolve(argparse.Namespace(), os.environ), metrics_dir)
+    interval = float(os.environ.get(METRICS_INTERVAL_ENV) or 1.0)
+    app = build_app(resolve(argparse.Namespace(), os.environ), metrics_dir, interval)
     leave_with_supervisor(metrics_dir)
     freeze_startup_objects()
     return app
@@ -282,8 +290,9 @@ def _run(args: argparse.Namespace) -> int:
         "log_level": LOG_LEVELS[settings.log_level],
         "lifespan": "on",
         "timeout_graceful_shutdown": settings.graceful_timeout,
-        # (uvicorn's own: past it, new requests get its 503 before reaching the app)
-        "limit_concurrency": settings.limit_concurrency or None,
+        # (Not uvicorn's limit_concurrency: it counts open connections, idle keep-alive ones
+        # and the new request's own included, and refuses the health check when busy. The
+        # app counts requests itself: --limit-concurrency there.)
     }
     if settings.workers == 1:
         freeze_startup_objects()
@@ -320,9 +329,50 @@ def _run(args: argparse.Namespace) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="sse-cache-metrics-")
     os.environ[METRICS_DIR_ENV] = metrics_dir
     try:
-        uvicorn.run(
+        config = uvicorn.Config(
             f"{__name__}:app_from_environment", factory=True, workers=settings.workers, **options
         )
+        serve_workers(config)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def serve_workers(config: Any) -> None:
+    """Run uvicorn's supervisor of ``config.workers`` processes (as ``uvicorn.run`` does),
+    one that stops accepting connections as soon as it is told to exit.
+
+    uvicorn's supervisor keeps its copy of the listening socket open until it exits: after a
+    ``SIGTERM`` the workers close theirs and drain their streams, while the kernel goes on
+    accepting new connections into the socket's backlog, where they hang unanswered until
+    the last stream ended, then are reset. One process refuses them at once, and so does
+    this supervisor: it closes its copy on ``SIGTERM``/``SIGINT`` (a balancer sees the
+    refusal and retries elsewhere). ``SIGHUP`` (a restart) keeps it: the new workers
+    inherit it."""
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class Supervisor(Multiprocess):
+        def handle_int(self) -> None:
+            self.stop_accepting()
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            self.stop_accepting()
+            super().handle_term()
+
+        def handle_break(self) -> None:  # pragma: no cover - Windows
+            self.stop_accepting()
+            super().handle_break()
+
+        def stop_accepting(self) -> None:
+            # (The workers have their own copies: they close them as they shut down.)
+            for sock in self.sockets:
+                sock.close()
+
+    sock = config.bind_socket()
+    try:
+        Supervisor(config, sockets=[sock]).run()
+    except KeyboardInterrupt:  # (as uvicorn.run)
+        pass
+    finally:
+        sock.close()
