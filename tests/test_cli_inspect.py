@@ -8,6 +8,7 @@ import importlib.metadata
 import io
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -543,6 +544,101 @@ def test_an_explicit_create_in_the_url_wins(
     figures = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
     assert int(figures["entries"]) == 0
     assert (tmp_path / "new.db").is_file()
+
+
+# -- reading commands read only ---------------------------------------------------------------
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file in ``directory`` and its bytes."""
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def access_times(path: Path) -> list[tuple[str, float]]:
+    uri = f"file:{path}?mode=ro&immutable=1"  # (reads without a trace)
+    with closing(sqlite3.connect(uri, uri=True)) as conn:
+        return conn.execute(
+            "SELECT key, accessed_at FROM sse_cache_entries ORDER BY key"
+        ).fetchall()
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_reading_commands_change_nothing_in_a_sqlite_cache(
+    db: str, journal: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `show` and `ls -l` wrote the access times of what they read at exit (changing which
+    # entry the proxy's size budget evicts next), and every command switched a
+    # rollback-journal file to WAL (helper-97). They change nothing now: not a byte of the
+    # file, no file beside it.
+    path = tmp_path / "cache.db"
+    if journal == "delete":
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA journal_mode = DELETE")
+    before, times = snapshot(tmp_path), access_times(path)
+    time.sleep(0.01)  # a clock that has moved on: any access time written would differ
+    for argv in (["show", "aaa111"], ["show", "aaa", "--sse-only"], ["ls", "-l", "-a"], ["ls"]):
+        assert run_cli(*argv, "--backend", db) == 0, argv
+    assert run_cli("stats", "--backend", db) == 0
+    assert capsys.readouterr().err == "2 entries, 1 corrupt\n"  # (ls -l's summary)
+    assert snapshot(tmp_path) == before
+    assert access_times(path) == times
+    # Purging writes, as it must.
+    assert run_cli("purge", "--yes", "bbb222", "--backend", db) == 0
+    assert [key for key, _ in access_times(path)] == ["aaa111", "ccc333"]
+
+
+def as_operator(command: list[str]) -> list[str]:
+    """``command`` as a user whom file modes apply to: root without its DAC override (which
+    writes to a 0444 file anyway), else as it is."""
+    if os.geteuid() != 0:
+        return command
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: file modes do not apply to root")
+    dropped = "-dac_override,-dac_read_search,-fowner"
+    return ["setpriv", "--bounding-set", dropped, "--", *command]
+
+
+@pytest.mark.parametrize("journal", ["wal", "delete"])
+def test_reading_commands_read_a_file_they_may_not_write(
+    db: str, journal: str, tmp_path: Path
+) -> None:
+    # A cache file the operator may read but not write, in a directory they may not write
+    # either (the proxy stopped: no -wal or -shm beside it). Every reading command failed
+    # with "attempt to write a readonly database" (helper-97).
+    path = tmp_path / "cache.db"
+    if journal == "delete":
+        with closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA journal_mode = DELETE")
+    before = snapshot(tmp_path)
+    path.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        runs = {
+            " ".join(argv): subprocess.run(
+                as_operator([sys.executable, "-m", "sse_cache", *argv, "--backend", db]),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            for argv in (["ls", "-l"], ["show", "aaa111"], ["stats"])
+        }
+        purge = subprocess.run(
+            as_operator([sys.executable, "-m", "sse_cache", "purge", "--yes", "--backend", db]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        tmp_path.chmod(0o755)
+        path.chmod(0o644)
+    for command, run in runs.items():
+        assert run.returncode == 0, (command, run.stderr)
+    assert runs["ls -l"].stdout.splitlines()[0].startswith("aaa111\t")
+    assert "4 over 0.250 s" in runs["show aaa111"].stdout
+    assert "entries:    3" in runs["stats"].stdout
+    # Writing it is refused, and says why.
+    assert purge.returncode == 1 and "readonly" in purge.stderr, purge.stderr
+    assert snapshot(tmp_path) == before
 
 
 def test_a_reader_that_goes_away_ends_the_output_without_a_traceback(tmp_path: Path) -> None:

@@ -745,3 +745,23 @@ async def test_replacing_the_file_with_its_wal_removed_first(tmp_path: Path) -> 
         await newcomer.aclose()
         await running.aclose()
     assert integrity(path) == "ok"
+
+
+async def test_readonly_reads_and_refuses_writes_changing_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "cache.db"
+    writer = SQLiteBackend(path)
+    await writer.set("k", b"v", None)
+    await writer.aclose()
+    before = files(tmp_path)
+    reader = from_url(f"sqlite:///{path}?readonly=true")
+    assert await reader.get("k") == b"v"
+    assert [key async for key in reader.scan()] == ["k"]
+    for write in (reader.set("k", b"w", None), reader.delete("k"), reader.clear()):
+        with pytest.raises(BackendError, match="opened read-only"):
+            await write
+    await reader.aclose()  # (nothing to flush: the read is not recorded)
+    assert files(tmp_path) == before
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}

@@ -127,6 +127,7 @@ class DatabaseFile:
         check_interval: float,
         create: bool,
         on_replaced: Callable[[], None],
+        readonly: bool = False,
     ) -> None:
         self.path = path
         self.check_interval = check_interval
@@ -134,7 +135,9 @@ class DatabaseFile:
         self.watch = path not in ("", ":memory:")
         #: The path made absolute: a later chdir does not move the cache.
         self.where = _absolute(path) if self.watch else path
-        self.create = create or not self.watch  # a private database is always new
+        #: Opened read-only (a file on disk only): nothing in it, nor beside it, is changed.
+        self.readonly = readonly and self.watch
+        self.create = (create and not self.readonly) or not self.watch  # (private: always new)
         #: The identity of the file the connection has open (None: none open).
         self.opened: FileId | None = None
         self._timeout = timeout
@@ -172,6 +175,11 @@ class DatabaseFile:
         """``op`` on the connection (opened or reopened first if need be), with the read or
         write busy timeout, retried while SQLite reports the database busy; ``sqlite3`` and
         OS errors raised as the BackendError family."""
+        if self.readonly and not read:
+            raise BackendError(
+                f"SQLite file {self.path!r} is opened read-only (readonly=true): "
+                "nothing is written to it"
+            )
         with self._lock, self._translated_errors():
             conn = self._connection()
             self._set_busy(conn, self._read_timeout if read else self._timeout)
@@ -181,7 +189,7 @@ class DatabaseFile:
         """``flush`` (best effort, briefly) unless the file has moved, then close."""
         with self._lock:
             conn = self._conn
-            if conn is not None and not self._moved():
+            if conn is not None and not self.readonly and not self._moved():
                 try:
                     self._set_busy(conn, min(self._timeout, 0.2))
                     flush(conn)
@@ -251,23 +259,16 @@ class DatabaseFile:
                     "created; sqlite:///name.db is relative to the working directory, "
                     "sqlite:////abs/name.db absolute)"
                 )
-            conn = sqlite3.connect(
-                # mode=rw: a file removed since the check above is an error, not a new file.
-                self.where if self.create else f"file:{quote(self.where)}?mode=rw",
-                timeout=self._timeout,
-                isolation_level=None,  # autocommit; write transactions are explicit
-                check_same_thread=False,  # used from worker threads, one at a time (limiter)
-                uri=not self.create,
-            )
+            conn = self._connect(self._read_only_mode() if self.readonly else "rw")
             try:
                 prepare = partial(
                     initialise,
-                    conn,
                     where=self.where,
                     synchronous=self._synchronous,
                     create=self.create,
+                    readonly=self.readonly,
                 )
-                self._retrying(False, prepare)
+                self._retrying(False, partial(prepare, conn))
                 after = file_id(self.where) if self.watch else None
                 sidecars = self._sidecar_ids() if self.watch else {}
             except BaseException:
@@ -285,6 +286,36 @@ class DatabaseFile:
         self._conn, self.opened, self._sidecars = conn, after, sidecars
         self._busy_ms = int(self._timeout * 1000)
         self._next_check = time.monotonic() + self.check_interval
+
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        return sqlite3.connect(
+            # mode=rw: a file removed since the check above is an error, not a new file;
+            # mode=ro: nothing is written (opened read-only, readonly=true).
+            self.where if self.create else f"file:{quote(self.where)}?mode={mode}",
+            timeout=self._timeout,
+            isolation_level=None,  # autocommit; write transactions are explicit
+            check_same_thread=False,  # used from worker threads, one at a time (limiter)
+            uri=not self.create,
+        )
+
+    def _read_only_mode(self) -> str:
+        # A WAL file that no process has open (no -wal beside it: the last connection
+        # removed it as it closed) holds every committed row in itself. Opened read-only,
+        # SQLite would still create a -wal and a -shm beside it, and leave them (a reader
+        # cannot checkpoint): files of this process's user, which a proxy running as another
+        # may not write; in a directory this process cannot write, it fails ("unable to
+        # open"). Read as immutable instead, nothing is created. (A writer that opens the
+        # file meanwhile may make a read fail, a page read mid-checkpoint, never change it.)
+        # A rollback-journal file, or one a process has open, is read as any reader would.
+        try:
+            with open(self.where, "rb") as file:
+                header = file.read(20)
+        except OSError:
+            return "ro"  # (sqlite3 says what is wrong)
+        wal = len(header) == 20 and header[:16] == b"SQLite format 3\x00" and header[18] == 2
+        if wal and not os.path.exists(self.where + "-wal"):
+            return "ro&immutable=1"
+        return "ro"
 
     def _existing_file(self) -> FileId | None:
         # The identity of the file at the path, which is created (empty: SQLite makes it a new
@@ -364,13 +395,14 @@ class DatabaseFile:
         self.opened = None
         if conn is None:
             return
-        if moved:
+        if moved and not self.readonly:
             with suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         with suppress(sqlite3.Error):
             conn.close()
         if moved:
-            self._remove_if_unchanged(sidecars)
+            if not self.readonly:
+                self._remove_if_unchanged(sidecars)
             self._on_replaced()  # another file: its expired rows are not ours to know
             # An operator who swapped or deleted the file wants to see that it was noticed
             # (and a surprise swap is worth a line in any log).

@@ -76,9 +76,18 @@ _EVICT_BATCH: Final = 64
 _PURGE_BATCH: Final = 1000
 
 
-def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create: bool) -> None:
+def initialise(
+    conn: sqlite3.Connection,
+    *,
+    where: str,
+    synchronous: str,
+    create: bool,
+    readonly: bool = False,
+) -> None:
     """Switch a freshly opened connection to WAL and give its file our schema (in one
-    transaction), or, with ``create`` False, check that the file already has it.
+    transaction), or, with ``create`` False, check that the file already has it; with
+    ``readonly``, only check (the file keeps its journal mode: a rollback-journal file
+    stays one).
 
     Raises :class:`BackendError` for a file that is not an sse_cache database when
     ``create`` is False, and ``sqlite3`` errors otherwise (translated by the caller)."""
@@ -95,6 +104,8 @@ def initialise(conn: sqlite3.Connection, *, where: str, synchronous: str, create
             f"(user_version {version}; create=false leaves it untouched)"
         )
     _check_ours(where, version, names)
+    if readonly:
+        return
     # WAL: readers never wait for the writer and the writer never waits for readers.
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
     if mode is None or str(mode[0]).lower() not in ("wal", "memory"):

@@ -68,7 +68,12 @@ class SQLiteBackend:
     - *Opening*: the file is opened on first use and created (an empty cache) if missing,
       unless ``create`` is False: then a missing file raises :class:`BackendUnavailable`
       naming the path, and an existing file that is not an sse_cache database is left
-      untouched (:class:`BackendError`) — what a command that only reads a cache wants.
+      untouched (:class:`BackendError`). With ``readonly`` (implies not ``create``) the file
+      is opened read-only: nothing in it changes, not its journal mode, nor the access times
+      (the LRU order: reads are not recorded), and a file this process may not write is
+      read (with no ``-wal`` beside it, and a directory it cannot write, as an immutable
+      file); ``set``, ``delete`` and ``clear`` raise :class:`BackendError` — what a command
+      that only reads a cache wants (``sse-cache ls``, ``show``, ``stats``).
     - *Faults*: a missing directory, a corrupt or foreign file
       or a lock held too long (``read_timeout`` for reads, ``timeout`` for writes) raise
       :class:`BackendError` subclasses (the engine turns them into misses); after a corrupt or
@@ -122,6 +127,7 @@ class SQLiteBackend:
         create: bool = True,
         near_cache_bytes: int = _DEFAULT_NEAR_CACHE,
         clock: Callable[[], float] = time.time,
+        readonly: bool = False,
     ) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigError(f"synchronous must be OFF, NORMAL, FULL or EXTRA: {synchronous!r}")
@@ -142,6 +148,7 @@ class SQLiteBackend:
             check_interval=check_interval,
             create=create,
             on_replaced=self._table.forget_purge,
+            readonly=readonly,
         )
         # The longest a healthy call takes: its lock wait, the retries to the same deadline
         # (the last may start just before it), a reopen with the write timeout.
@@ -157,8 +164,10 @@ class SQLiteBackend:
         # The near cache and the probe that reads its version: both used on the caller's
         # (event loop) thread only, never by a worker thread.
         self._near = NearCache(near_cache_bytes, option="near_cache_bytes")
-        if not self._db.watch:
-            self._near.max_bytes = 0  # a private database: no second connection can see it
+        if not self._db.watch or self._db.readonly:
+            # A private database: no second connection can see it. Read-only: what is read
+            # once is shown once (and the probe's connection would open the file to write).
+            self._near.max_bytes = 0
         self._probe = VersionProbe(self._db, on_close=self._near.clear)
         self._reads: SharedReads[tuple[bytes, float | None] | None] = SharedReads()
 
@@ -222,8 +231,8 @@ class SQLiteBackend:
         await self._call(self._table.delete, key, read=False)
 
     async def aclose(self) -> None:
-        """Write pending access times (best effort) and close the connection; later
-        operations raise BackendUnavailable. Closing twice is fine."""
+        """Write pending access times (best effort; not when opened ``readonly``) and close
+        the connection; later operations raise BackendUnavailable. Closing twice is fine."""
         if self._closed:
             return
         self._closed = True
@@ -338,8 +347,10 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
     (SQLite's ``PRAGMA synchronous``, ``NORMAL``), ``check_interval`` (seconds between checks
     that the path still names the open file, 1; 0: before every call), ``create`` (``true``:
     a missing file becomes a new cache; ``false``: open an existing cache only, as the
-    ``sse-cache`` inspection commands do), ``near_cache`` (memory for hot values answered
-    without a worker thread while no commit happened, ``32MiB``; ``0`` turns it off).
+    ``sse-cache`` inspection commands do), ``readonly`` (``true``: open the file read-only
+    and change nothing in it, as ``sse-cache ls``, ``show`` and ``stats`` do),
+    ``near_cache`` (memory for hot values answered without a worker thread while no commit
+    happened, ``32MiB``; ``0`` turns it off).
     """
     path = _path_from_url(url)
     opts = Options(url, options)
@@ -353,6 +364,7 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
         "check_interval", _CHECK_INTERVAL, minimum=0.0, allow_zero=True
     )
     create = opts.take_bool("create", True)
+    readonly = opts.take_bool("readonly", False)
     near_cache = opts.take_size("near_cache", _DEFAULT_NEAR_CACHE, minimum=0) or 0
     clock = opts.take_raw("clock")
     opts.finish()
@@ -375,4 +387,5 @@ def from_url(url: str, **options: Any) -> SQLiteBackend:
         create=create,
         near_cache_bytes=near_cache,
         clock=clock or time.time,
+        readonly=readonly,
     )

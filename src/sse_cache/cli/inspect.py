@@ -125,7 +125,7 @@ def _sync(
         except ConfigError as exc:  # (it names the variable)
             return _fail(f"bad {exc}", EXIT_UNSUPPORTED)
         try:
-            backend = from_url(args.backend, **_existing_only(args.backend))
+            backend = from_url(args.backend, **_existing_only(args.backend, args.command))
         except ConfigError as exc:
             return _fail(f"bad {source}: {exc}", EXIT_UNSUPPORTED)
 
@@ -168,18 +168,31 @@ def _bad_key(args: argparse.Namespace) -> str:
     return ""
 
 
-def _existing_only(url: str) -> dict[str, Any]:
+#: The commands that only read: they open a SQLite file read-only.
+_READING = frozenset({"ls", "show", "stats"})
+
+
+def _existing_only(url: str, command: str) -> dict[str, Any]:
     # Inspecting a cache must not create one: a mistyped SQLite path is an error, not a new
     # empty file. Only sqlite:// has files to create; an explicit ``create=`` in the URL wins.
+    # A command that only reads opens the file read-only: it changes nothing in it (not the
+    # access times that order its evictions, nor its journal mode), and reads a file it may
+    # not write. An explicit ``readonly=`` or ``create=`` in the URL wins (a cache to create
+    # is a file to write).
     try:
         parts = urlsplit(url)
     except ValueError:
         return {}  # (unreadable: from_url says why, as a ConfigError)
     if parts.scheme.lower() != "sqlite":
         return {}
-    if any(name == "create" for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
-        return {}
-    return {"create": False}
+    given = {name for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    options: dict[str, Any] = {}
+    if "create" in given:
+        return options
+    options["create"] = False
+    if command in _READING and "readonly" not in given:
+        options["readonly"] = True
+    return options
 
 
 def _fail(message: str, code: int, stream: TextIO | None = None) -> int:
