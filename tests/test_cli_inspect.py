@@ -213,6 +213,53 @@ def test_an_entry_this_installation_cannot_read_is_listed_unreadable_not_corrupt
     assert "entry 'k' is unreadable: entry is zstd-compressed" in capsys.readouterr().err
 
 
+def test_entries_written_with_a_secret_are_unreadable_without_it_and_read_with_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache written with MsgpackCodec(secret=...): its sound entries were listed CORRUPT
+    # (inviting a purge of a healthy cache), and nothing could give the commands the secret
+    # (helper-97). Given as the proxy takes it (SSE_CACHE_SECRET, or --secret), they read.
+    monkeypatch.delenv("SSE_CACHE_SECRET", raising=False)
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    secret = MsgpackCodec(secret=b"fleet secret")
+    entry = Entry(schema="generic", created_at=time.time(), events=EVENTS)
+    store(
+        url,
+        {
+            "k1": secret.encode(entry),
+            "k2": MsgpackCodec().encode(entry),  # (before the secret: read with it too)
+            "k3": secret.encode(entry)[:-1],  # truncated: corrupt whatever the secret
+        },
+    )
+    assert run_cli("ls", "-l", "--backend", url) == 0
+    out, err = capsys.readouterr()
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert rows[0][2] == "UNREADABLE" and "SSE_CACHE_SECRET" in rows[0][3]
+    assert rows[1][2:4] == ["generic", "4 events"]
+    assert rows[2][2] == "CORRUPT"
+    assert err == "1 entry, 1 corrupt, 1 unreadable here\n"
+    assert run_cli("show", "k1", "--backend", url) == 1
+    assert "entry 'k1' is unreadable: its checksum matches no secret" in capsys.readouterr().err
+    for given in (["--secret", "fleet secret"], []):
+        if not given:
+            monkeypatch.setenv("SSE_CACHE_SECRET", "fleet secret")
+        assert run_cli("ls", "-l", *given, "--backend", url) == 0
+        out, err = capsys.readouterr()
+        assert [line.split("\t")[2] for line in out.splitlines()] == [
+            "generic",
+            "generic",
+            "CORRUPT",
+        ]
+        assert run_cli("show", "k1", "--sse-only", *given, "--backend", url) == 0
+        assert capsys.readouterr().out == serialize_sse(EVENTS).decode()
+    # Another secret: unreadable again, never corrupt.
+    assert run_cli("ls", "-l", "--secret", "another", "--backend", url) == 0
+    assert capsys.readouterr().out.split("\n")[0].split("\t")[2] == "UNREADABLE"
+    monkeypatch.setenv("SSE_CACHE_SECRET", "x" * 65)
+    assert run_cli("ls", "--backend", url) == 2
+    assert "SSE_CACHE_SECRET: expected a secret of 1 to 64 bytes" in capsys.readouterr().err
+
+
 def test_show_an_entry_dated_past_any_calendar(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

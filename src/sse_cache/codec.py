@@ -378,6 +378,25 @@ class MsgpackCodec:
             raise CorruptEntry(f"entry status {head.status} is not a 2xx")
         return parts
 
+    def sound_but_for_checksum(self, data: bytes) -> bool:
+        """Whether ``data``, whose checksum this codec refuses, is an entry in every other
+        way (its envelope and head decode and hold sane values): one written with another
+        secret, most likely. For tools that report entries (``sse-cache ls -l``); decoding
+        never relies on it."""
+        view = memoryview(data)
+        if len(view) < _HEADER or view[:4].tobytes() != _MAGIC:
+            return False
+        if view[4] != ENTRY_FORMAT_VERSION:
+            return False
+        try:
+            head = _parts_decoder.decode(view[_HEADER:])[0]
+        except msgspec.DecodeError:
+            return False
+        finite = math.isfinite(head.created_at) and (
+            head.expires_at is None or math.isfinite(head.expires_at)
+        )
+        return finite and 200 <= head.status < 300
+
     def _unpack(self, part: bytes) -> bytes | memoryview:
         if not part:
             raise CorruptEntry("entry part is empty")

@@ -88,6 +88,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "SSE_CACHE_UPSTREAM_CONNECTIONS": ("500", 500),
     "SSE_CACHE_LIMIT_CONCURRENCY": ("1000", 1000),
     "SSE_CACHE_DECODED_CACHE_MB": ("0", 0.0),
+    "SSE_CACHE_SECRET": ("fleet secret", "fleet secret"),
     "SSE_CACHE_GRACEFUL_TIMEOUT": ("5", 5.0),
     "SSE_CACHE_LOG_LEVEL": ("DEBUG", "debug"),
 }
@@ -767,6 +768,37 @@ async def test_health_and_metrics_answer_get_and_head_and_refuse_other_methods(
                 assert missing.status_code == 404 and "allow" not in missing.headers
     finally:
         await app.aclose()
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_secret_makes_the_entries_checksum_a_mac(serve: Any, tmp_path: Path) -> None:
+    # SSE_CACHE_SECRET (or --secret): the proxy writes as MsgpackCodec(secret=...) does, and
+    # the inspection commands read with the same variable (test_cli_inspect).
+    from sse_cache.cli.proxy import build_app
+    from sse_cache.codec import MsgpackCodec
+    from sse_cache.errors import CorruptEntry
+
+    url = f"sqlite:///{tmp_path / 'cache.db'}"
+    async with serve(MockUpstream(delay=0.001)) as upstream:
+        settings = parsed(
+            ["--backend", url], {"SSE_CACHE_UPSTREAM": upstream, "SSE_CACHE_SECRET": "fleet secret"}
+        )
+        app = build_app(settings)
+        async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy) as client:
+            answer = await client.post("/v1/chat/completions", json=chat("mac"), headers=HEADERS)
+            assert answer.headers["x-sse-cache"] == "miss"
+        await app.aclose()
+    store = from_url(url)
+    try:
+        (key,) = [key async for key in store.scan()]  # type: ignore[attr-defined]
+        data = await store.get(key)
+    finally:
+        await store.aclose()
+    assert data is not None
+    assert MsgpackCodec(secret=b"fleet secret").decode(data).events
+    with pytest.raises(CorruptEntry, match="checksum mismatch"):
+        MsgpackCodec().decode(data)
 
 
 # -- workers --------------------------------------------------------------------------------

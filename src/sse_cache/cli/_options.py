@@ -31,6 +31,7 @@ __all__ = [
     "option",
     "process_private",
     "resolve",
+    "secret_bytes",
     "value_of",
 ]
 
@@ -120,6 +121,19 @@ def _seconds(
         return value
 
     return parse
+
+
+def _secret(text: str) -> str:
+    # The codec takes 1 to 64 bytes (a keyed BLAKE2b); the text is their UTF-8.
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if not 1 <= size <= 64:
+        raise argparse.ArgumentTypeError(f"expected a secret of 1 to 64 bytes, got {size} bytes")
+    return text
+
+
+def secret_bytes(text: str | None) -> bytes | None:
+    """The codec's secret for ``--secret``'s value (None: no secret)."""
+    return None if text is None else text.encode("utf-8", "surrogateescape")
 
 
 def _megabytes(text: str) -> float:
@@ -458,6 +472,15 @@ OPTIONS: tuple[Option, ...] = (
         shown="64",
         parse=_megabytes,
         metavar="N",
+    ),
+    Option(
+        "--secret",
+        "the entries' checksum becomes a MAC keyed with this text (MsgpackCodec(secret=...)): "
+        "entries written without it are not read (misses, deleted as corrupt). Give it by "
+        "its variable, not on a command line that `ps` shows; sse-cache ls/show read it too",
+        shown="none (a checksum, not a MAC)",
+        parse=_secret,
+        metavar="TEXT",
     ),
     Option(
         "--graceful-timeout",

@@ -36,12 +36,14 @@ from ..events import serialize_sse
 from ..keys import ALIAS_PREFIX
 from ..protocols import Backend, ScanningBackend, StatsBackend
 from . import INTERRUPTED_EXIT
-from ._options import option, process_private, value_of
+from ._options import option, process_private, secret_bytes, value_of
 
 __all__ = ["DEFAULT_BACKEND", "register"]
 
 #: The proxy's ``--backend`` option: its ``SSE_CACHE_BACKEND`` variable and its default.
 _BACKEND = option("--backend")
+#: The proxy's ``--secret`` option: the codec's secret, from ``SSE_CACHE_SECRET`` too.
+_SECRET = option("--secret")
 #: The backend every inspection command uses unless ``--backend`` or ``SSE_CACHE_BACKEND``
 #: says otherwise: the proxy's default.
 DEFAULT_BACKEND: str = _BACKEND.default
@@ -64,6 +66,15 @@ def register(sub: Any) -> None:
         metavar="URL",
         help=f"cache backend URL (env {_BACKEND.env}, as for sse-cache proxy; default: "
         f"{DEFAULT_BACKEND}); never created by these commands",
+    )
+    common.add_argument(
+        "--secret",
+        default=None,  # then SSE_CACHE_SECRET, as for sse-cache proxy
+        type=_SECRET.from_text,
+        metavar="TEXT",
+        help=f"the secret the entries were written with (MsgpackCodec(secret=...); env "
+        f"{_SECRET.env}, as for sse-cache proxy: prefer it to the flag, which ps shows); "
+        "entries without one are read too",
     )
 
     ls = sub.add_parser("ls", parents=[common], help="list the keys of the entries in a cache")
@@ -122,6 +133,7 @@ def _sync(
         source = _BACKEND.env if from_env else "--backend"
         try:
             args.backend = value_of(_BACKEND, args.backend, os.environ)
+            args.secret = value_of(_SECRET, getattr(args, "secret", None), os.environ)
         except ConfigError as exc:  # (it names the variable)
             return _fail(f"bad {exc}", EXIT_UNSUPPORTED)
         try:
@@ -245,6 +257,15 @@ def is_alias(key: str) -> bool:
     return key.startswith(ALIAS_PREFIX)
 
 
+def _codec(args: argparse.Namespace) -> MsgpackCodec:
+    """The codec that reads the entries: with ``--secret``, entries written with it or
+    without any (a cache that has just been given one holds both)."""
+    secret = secret_bytes(getattr(args, "secret", None))
+    if secret is None:
+        return MsgpackCodec()
+    return MsgpackCodec(secret=secret, accepted_secrets=[None])
+
+
 def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
     """What the value ``data`` stored under ``key`` is."""
     if is_alias(key):
@@ -260,7 +281,18 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
     except UnreadableEntry as exc:
         return Row("unreadable", error=str(exc))
     except CorruptEntry as exc:
+        if codec.sound_but_for_checksum(data):
+            # Sound in every other way: written with a secret this codec does not have (a
+            # MAC, not a checksum), which the processes that wrote it read. Not one to purge.
+            return Row("unreadable", error=_MAC_MISMATCH)
         return Row("corrupt", error=str(exc))
+
+
+#: Why a sound entry whose checksum does not match is unreadable here.
+_MAC_MISMATCH = (
+    "its checksum matches no secret given here: written with another secret "
+    f"(MsgpackCodec(secret=...))? give it with {_SECRET.env} or --secret"
+)
 
 
 async def stored(backend: Backend, key: str, codec: MsgpackCodec) -> tuple[bytes, Row] | None:
@@ -289,7 +321,7 @@ async def present(backend: Backend, key: str) -> bool:
 async def _ls(args: argparse.Namespace, backend: Backend) -> int:
     if not isinstance(backend, ScanningBackend):
         return _cannot_list(args, backend)
-    codec = MsgpackCodec()
+    codec = _codec(args)
     now = time.time()
     entries = aliases = corrupt = unreadable = 0
     async for key in backend.scan(args.prefix):
@@ -353,7 +385,7 @@ def _may_be_a_key_start(text: str) -> bool:
 
 
 async def _show(args: argparse.Namespace, backend: Backend) -> int:
-    codec = MsgpackCodec()
+    codec = _codec(args)
     key = args.key
     found = await stored(backend, key, codec)
     if found is None:
@@ -569,7 +601,7 @@ async def _purge(args: argparse.Namespace, backend: Backend) -> int:
 
 
 async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int:
-    codec = MsgpackCodec()
+    codec = _codec(args)
     where = _redact(args.backend)
     # Every key first: an alias given stands for the entry it names; a key that is not in
     # the cache stops the purge before anything is deleted.

@@ -35,6 +35,7 @@ from ._options import (
     option,
     process_private,
     resolve,
+    secret_bytes,
     unknown_variables,
 )
 
@@ -83,9 +84,12 @@ def build_app(
 ) -> Any:
     """The proxy's ASGI app for resolved ``settings`` (raises :class:`ConfigError`)."""
     from ..adapters import by_name
+    from ..codec import MsgpackCodec
     from ..proxy import create_proxy_app
 
     routes = {path: by_name(name) for path, name in settings.route} or None
+    secret = secret_bytes(settings.secret)
+    extra: dict[str, Any] = {} if secret is None else {"codec": MsgpackCodec(secret=secret)}
     return create_proxy_app(
         settings.upstream,
         settings.backend,
@@ -107,6 +111,7 @@ def build_app(
         metrics_dir=metrics_dir,
         metrics_interval=metrics_interval,
         limit_concurrency=settings.limit_concurrency or None,
+        **extra,
     )
 
 
