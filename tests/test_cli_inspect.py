@@ -688,14 +688,18 @@ def test_reading_commands_read_a_file_they_may_not_write(
     assert snapshot(tmp_path) == before
 
 
-def test_a_reader_that_goes_away_ends_the_output_without_a_traceback(tmp_path: Path) -> None:
+@pytest.mark.parametrize("only", [[], ["--sse-only"]], ids=["show", "sse-only"])
+def test_a_reader_that_goes_away_ends_the_output_without_a_traceback(
+    tmp_path: Path, only: list[str]
+) -> None:
     # ``sse-cache show KEY | head``: an entry of 20,000 events is far more than the pipe
-    # holds, so the command is still writing when its reader closes the pipe.
+    # holds, so the command is still writing when its reader closes the pipe. (With
+    # --sse-only, the events were one write of it all: exit 0, the output cut; helper-97.)
     url = f"sqlite:///{tmp_path / 'big.db'}"
     events = [Event(data=f'{{"delta":"{i}"}}', event="delta", at=0.0) for i in range(20_000)]
     entry = Entry(schema="generic", created_at=time.time(), events=tuple(events))
     store(url, {"big": MsgpackCodec().encode(entry)})
-    command = [sys.executable, "-m", "sse_cache", "show", "--backend", url, "big"]
+    command = [sys.executable, "-m", "sse_cache", "show", *only, "--backend", url, "big"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         first = proc.stdout.readline()

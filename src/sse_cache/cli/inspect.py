@@ -432,12 +432,24 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
         out.write("\n")
     if entry.events is not None:
         sse = entry.wire if entry.wire is not None else serialize_sse(entry.events)
-        out.write(sse.decode("utf-8", "replace"))
+        _write_in_slices(out, sse.decode("utf-8", "replace"))
     elif entry.body is not None:
-        out.write(entry.body.decode("utf-8", "replace"))
+        _write_in_slices(out, entry.body.decode("utf-8", "replace"))
         out.write("\n")
     out.flush()
     return EXIT_OK
+
+
+#: Characters written to stdout at a time by ``show``.
+_SLICE = 64 * 1024
+
+
+def _write_in_slices(out: TextIO, text: str) -> None:
+    # One write of megabytes into a pipe whose reader leaves (`show KEY --sse-only | head`)
+    # ended the process with 0 and the output cut (helper-97): written a slice at a time,
+    # the next write after the reader left raises BrokenPipeError (exit 141, as `ls | head`).
+    for start in range(0, len(text), _SLICE):
+        out.write(text[start : start + _SLICE])
 
 
 def _print_metadata(out: TextIO, key: str, entry: Entry, stored: int) -> None:
