@@ -67,6 +67,11 @@ def map_exceptions(what: str) -> Iterator[None]:
         raise
     except (rexc.TimeoutError, TimeoutError) as exc:
         raise BackendTimeout(f"{what}: Redis did not answer in time ({exc!r})") from exc
+    except rexc.AuthenticationError as exc:
+        # (A ConnectionError to redis-py; "unreachable" sent operators to the network.)
+        raise BackendUnavailable(
+            f"{what}: Redis refused the credentials: check the user and password in the URL ({exc})"
+        ) from exc
     except rexc.ConnectionError as exc:
         if (
             "No connection available" not in str(exc)
