@@ -537,6 +537,33 @@ def test_aliases_on_redis(backend_url: str, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("backend_kind", ["redis"])
+def test_a_key_that_is_not_utf8_is_reported_and_the_listing_goes_on(
+    backend_url: str, redis_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Another program wrote a key under the cache's prefix whose bytes are not UTF-8: `ls -l`
+    # ended in a ValueError traceback (helper-97). It is reported, and the listing goes on.
+    import redis
+
+    codec = MsgpackCodec()
+    entry = codec.encode(Entry(schema="g", created_at=0.0, body=b"b"))
+    store(backend_url, {"k1": entry, "k3": entry})
+    prefix = backend_url.split("prefix=", 1)[1].split("&", 1)[0]
+    raw = redis.Redis(host="127.0.0.1", port=int(redis_server.url.rsplit(":", 1)[1].split("/")[0]))
+    try:
+        raw.set(prefix.encode() + b"e:k2\xff", b"hello")
+    finally:
+        raw.close()
+    assert run_cli("ls", "-l", "--backend", backend_url) == 0
+    out, err = capsys.readouterr()
+    rows = sorted(line.split("\t") for line in out.splitlines())
+    assert [row[0] for row in rows] == ["k1", "k2\\xff", "k3"]
+    assert rows[1][2] == "UNREADABLE" and "not UTF-8" in rows[1][3]
+    assert err == "2 entries, 1 unreadable here\n"
+    assert run_cli("ls", "--backend", backend_url) == 0
+    assert sorted(capsys.readouterr().out.split()) == ["k1", "k2\\xff", "k3"]
+
+
 def test_rows_are_read_for_what_they_are() -> None:
     codec = MsgpackCodec()
     entry = codec.encode(Entry(schema="g", created_at=0.0, body=b"b"))

@@ -329,8 +329,15 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
         if alias and not args.all:
             aliases += 1  # (by its name: not read, so not known to be corrupt)
             continue
+        foreign = _not_a_key(key)
         if not args.long:
-            print(key)
+            print(_shown(key) if foreign else key)
+            continue
+        if foreign:
+            # A key under the prefix that another program wrote, not UTF-8 (helper-97:
+            # its read raised ValueError, a traceback that ended the listing).
+            unreadable += 1
+            print(f"{_shown(key)}\t-\tUNREADABLE\t{foreign}")
             continue
         found = await stored(backend, key, codec)
         if found is None:
@@ -363,6 +370,21 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
             summary += "" if args.all else " (not listed; -a lists them)"
         print(summary, file=sys.stderr)
     return EXIT_OK
+
+
+def _not_a_key(key: str) -> str:
+    """Why ``key`` (as a backend listed it) cannot be read through it, or "": bytes that
+    are not UTF-8 come as lone surrogates, which no backend takes."""
+    try:
+        check_key(key)
+    except ValueError:
+        return "its key is not UTF-8 (another program's?): no cache reads or writes it"
+    return ""
+
+
+def _shown(key: str) -> str:
+    """``key`` printable whatever its bytes: those that are not UTF-8 as ``\\xff``."""
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 async def _unique_key(backend: Backend, prefix: str) -> str | list[str]:
