@@ -281,6 +281,33 @@ def test_stats(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert int(figures["bytes"]) > 100
 
 
+def test_stats_counts_what_ls_lists_not_expired_rows(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Rows expired but not purged yet (SQLite deletes them at a later write) were counted as
+    # entries, and expired aliases as entries too (helper-97).
+    value = MsgpackCodec().encode(Entry(schema="g", created_at=time.time(), body=b"b"))
+
+    async def write_in_the_past() -> None:
+        backend = from_url(db, clock=lambda: time.time() - 100)
+        try:
+            for i in range(4):
+                await backend.set(f"old{i}", value, 1)  # expired 99 s ago
+                alias = alias_key(OpenAIResponses().name, "t:tenant", f"resp_old{i}")
+                await backend.set(alias, f"old{i}".encode(), 1)
+        finally:
+            await backend.aclose()
+
+    add_aliases(db, {"resp_live": "aaa111"})
+    anyio.run(write_in_the_past)  # (last: a write with today's clock purges them)
+    assert run_cli("ls", "-a", "--backend", db) == 0
+    listed = capsys.readouterr().out.split()
+    assert len(listed) == 4  # aaa111, bbb222, ccc333 and the live alias
+    assert run_cli("stats", "--backend", db) == 0
+    figures = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert (int(figures["entries"]), int(figures["aliases"])) == (3, 1)
+
+
 def test_purge_with_yes(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("purge", "--yes", "--backend", db) == 0
     assert "purged 3 entries" in capsys.readouterr().out

@@ -680,10 +680,12 @@ async def _stats(args: argparse.Namespace, backend: Backend) -> int:
         return _fail(f"stats: {type(backend).__name__} cannot count its entries", 2)
     figures = dict(await backend.stats())
     if isinstance(backend, ScanningBackend):
-        # The backend counts rows; aliases are rows but not entries.
-        aliases = min(await _count_aliases(backend), figures.get("entries", 0))
-        shown = {"entries": figures.pop("entries", 0) - aliases, "aliases": aliases}
-        figures = shown | figures
+        # Counted as `ls` lists them: live rows (the backend's own count has the expired
+        # ones not purged yet: SQLite's did, helper-97), aliases apart from entries.
+        rows = sum([1 async for _ in backend.scan()])
+        aliases = await _count_aliases(backend)
+        figures.pop("entries", None)
+        figures = {"entries": max(rows - aliases, 0), "aliases": aliases} | figures
     print(f"backend: {_redact(args.backend)}")
     width = max((len(name) for name in figures), default=0) + 1
     for name, value in figures.items():
