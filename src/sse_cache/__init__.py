@@ -23,6 +23,9 @@ from .errors import (
     BackendError as BackendError,
 )
 from .errors import (
+    BackendFull as BackendFull,
+)
+from .errors import (
     BackendTimeout as BackendTimeout,
 )
 from .errors import (
@@ -75,6 +78,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "BackendBusy",
+    "BackendFull",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",

@@ -25,7 +25,7 @@ from ._notices import Hook, Notice, emit
 from .breaker import Breaker, BreakerState
 from .codec import WireEntry
 from .entry import Entry
-from .errors import BackendBusy, CorruptEntry, UnreadableEntry, ValueTooLarge
+from .errors import BackendBusy, BackendFull, CorruptEntry, UnreadableEntry, ValueTooLarge
 from .events import serialize_sse
 from .keys import check_key
 from .protocols import Backend, EventCodec, NearCachingBackend, WireCodec
@@ -158,7 +158,7 @@ class EntryStore:
         except _Skipped:
             self._notify(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
             return _SKIPPED
-        except ValueTooLarge as exc:
+        except (ValueTooLarge, BackendFull) as exc:
             why = f"the backend refused it: {exc}"
             self._warn("not_stored", key, why)
             return why
@@ -285,11 +285,13 @@ class EntryStore:
             breaker.cancelled()
             self._timed(operation, time.monotonic() - started)
             raise
-        except (CorruptEntry, ValueTooLarge):
+        except (CorruptEntry, ValueTooLarge, BackendFull):
             # The backend answered: what it holds under the key is not ours (a value of
             # another type, written by another program), or it refused a value over its
-            # size limit. Counted as failures, a few lookups of one such key, or a burst of
-            # large answers, would turn the whole cache off (helper-72: five at once did).
+            # size limit, or because it is full. Counted as failures, a few lookups of one
+            # such key, or a burst of large answers or of stores to a full backend, would
+            # turn the whole cache off, its reads too (helper-72: five at once did;
+            # helper-94: a Redis at its maxmemory with noeviction).
             breaker.success()
             self._timed(operation, time.monotonic() - started)
             raise

@@ -54,6 +54,14 @@ class ValueTooLarge(BackendError, ValueError):
     warning says which limit to change."""
 
 
+class BackendFull(BackendError):
+    """The backend refused to store a value because it is full: Redis at its ``maxmemory``
+    with a policy that evicts nothing, memcached out of memory (``-M``), SQLite's disk full.
+    It answered, and it still reads: the breaker does not count this as a failure (a burst
+    of refused stores would send every stored answer upstream for the breaker's cooldown);
+    the answer is not stored, and the warning says the backend is full."""
+
+
 class BackendUnavailable(BackendError, ConnectionError):
     """The backend cannot be reached (server down, connection refused, closed backend)."""
 

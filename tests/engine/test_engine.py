@@ -1385,6 +1385,99 @@ async def test_answers_over_the_backends_size_limit_leave_the_breaker_closed(
         await backend.aclose()
 
 
+def _fill_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", str(used + 2 * 1024 * 1024))
+        junk = b"x" * 100_000
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(1000):
+                client.set(f"junk-{i}", junk)
+    finally:
+        client.close()
+
+
+def _fill_memcached(address: str) -> None:
+    from pymemcache.client.base import Client
+    from pymemcache.exceptions import MemcacheServerError
+
+    host, port = address.split(":")
+    client = Client((host, int(port)))
+    try:
+        with pytest.raises(MemcacheServerError, match="out of memory"):
+            for i in range(1000):
+                client.set(f"junk-{i}", b"x" * 100_000, noreply=False)
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the Redis backend's loop)
+@pytest.mark.parametrize("kind", ["redis", "memcached", "sqlite"])
+async def test_a_full_backend_still_answers_what_it_holds(
+    kind: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A backend that refuses writes because it is full (Redis at maxmemory with noeviction,
+    # memcached -M out of memory, SQLite's disk full) still reads: its refusals counted as
+    # failures opened the breaker after five stores, and every stored answer went upstream
+    # for the cooldown, again after each probe (helper-94).
+    from servers import MemcachedServer, RedisServer, require_binary
+    from sse_cache import BackendFull
+    from sse_cache.backends import _sqlite_file as sqlite_file
+    from sse_cache.backends import from_url
+
+    server: Any = None
+    if kind == "redis":
+        server = RedisServer(require_binary("redis-server", "redis-server"))
+        server.start()
+        url = server.url
+    elif kind == "memcached":
+        binary = require_binary("memcached", "memcached")
+        server = MemcachedServer(binary, memory_mb=8, options=["-M"])
+        server.start()
+        url = f"memcached://{server.address}"
+    else:
+        # SQLite's own "database or disk is full" (SQLITE_FULL), from a page limit set on
+        # the backend's connection as it is opened (a full disk needs a small filesystem).
+        real = sqlite_file.initialise
+
+        def limited(conn: Any, **kw: Any) -> None:
+            real(conn, **kw)
+            conn.execute("PRAGMA max_page_count = 400")  # 400 x 4 KiB
+
+        monkeypatch.setattr(sqlite_file, "initialise", limited)
+        url = f"sqlite:///{tmp_path / 'c.db'}?near_cache=0"
+    backend = from_url(url)
+    seen: list[Notice] = []
+    cache = StreamCache(backend, GenericSSE(), hooks=[seen.append])
+    try:
+        small, _ = await consume(cache, Upstream())
+        assert small.stored  # type: ignore[attr-defined]
+        noise = secrets.token_urlsafe(200_000)  # (incompressible)
+        large = Entry(schema="generic", created_at=time.time(), events=(Event(noise),))
+        if kind == "redis":
+            await anyio.to_thread.run_sync(_fill_redis, url)
+        elif kind == "memcached":
+            await anyio.to_thread.run_sync(_fill_memcached, server.address)
+        with pytest.raises(BackendFull, match="full"):
+            for i in range(100):  # (SQLite: until its pages are used up)
+                await backend.set(f"direct-{i}", MsgpackCodec().encode(large), None)
+        with caplog.at_level(logging.WARNING, logger="sse_cache"):
+            stored = [await cache.store(f"large-{i}", large) for i in range(3 * 5)]
+        assert stored == [False] * 15
+        assert cache.breaker.state.value == "closed"
+        refused = [n for n in seen if n.kind == "not_stored" and n.key.startswith("large-")]
+        assert len(refused) == 15 and "full" in refused[0].detail
+        assert await cache.lookup(small.key) is not None  # type: ignore[attr-defined]
+    finally:
+        await backend.aclose()
+        if server is not None:
+            server.cleanup()
+
+
 async def test_a_miss_iterated_after_its_block_was_left_says_so() -> None:
     # It raised SharedStreamAborted, "every reader left": nothing was shared (helper-82).
     cache = StreamCache(DictBackend(), GenericSSE())

@@ -18,7 +18,14 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from .._cancellation import RaiseSwallowed
 from .._logging import redact_userinfo, unreadable_url
-from ..errors import BackendBusy, BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from ..errors import (
+    BackendBusy,
+    BackendError,
+    BackendFull,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+)
 from ._common import check_open, netloc_for_errors, parse_hosts
 
 __all__ = ["Commands", "cluster_client", "map_exceptions", "milliseconds", "standalone_client"]
@@ -67,6 +74,11 @@ def map_exceptions(what: str) -> Iterator[None]:
         raise
     except (rexc.TimeoutError, TimeoutError) as exc:
         raise BackendTimeout(f"{what}: Redis did not answer in time ({exc!r})") from exc
+    except rexc.OutOfMemoryError as exc:
+        raise BackendFull(
+            f"{what}: Redis is full: at its maxmemory, with a policy that evicts nothing "
+            f"for this key (raise maxmemory, or set maxmemory-policy allkeys-lru) ({exc})"
+        ) from exc
     except rexc.AuthenticationError as exc:
         # (A ConnectionError to redis-py; "unreachable" sent operators to the network.)
         raise BackendUnavailable(

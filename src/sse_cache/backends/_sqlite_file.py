@@ -20,7 +20,7 @@ from functools import partial
 from typing import Final, TypeVar
 from urllib.parse import quote
 
-from ..errors import BackendError, BackendTimeout, BackendUnavailable
+from ..errors import BackendError, BackendFull, BackendTimeout, BackendUnavailable
 from ._fork import hold_over_fork, keep, reopen_after_fork
 from ._sqlite_store import initialise
 
@@ -207,8 +207,15 @@ class DatabaseFile:
         except sqlite3.Error as exc:
             if _is_busy(exc):
                 raise BackendTimeout(f"SQLite database {self.path!r} is locked: {exc}") from exc
-            # Corrupt, foreign, unreadable or vanished file: start afresh next time.
+            # Corrupt, foreign, unreadable or vanished file: start afresh next time. (Also a
+            # full disk: the write's transaction is left behind with the connection.)
             self._drop_connection()
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                # The file is sound and still reads: not a failure of the backend.
+                raise BackendFull(
+                    f"SQLite database {self.path!r} is full: its disk has no room for this "
+                    f"write ({exc}); free some, or lower ?max_bytes= to what it holds"
+                ) from exc
             if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
                 raise BackendUnavailable(f"cannot open SQLite file {self.path!r}: {exc}") from exc
             raise BackendError(f"SQLite database {self.path!r}: {exc}") from exc

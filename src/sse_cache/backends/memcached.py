@@ -50,6 +50,7 @@ from pymemcache.exceptions import (  # type: ignore[import-untyped]
 
 from ..errors import (
     BackendError,
+    BackendFull,
     BackendTimeout,
     BackendUnavailable,
     ConfigError,
@@ -464,6 +465,12 @@ class MemcachedBackend:
                 f": items of {item_bytes} bytes are over the server's item size limit "
                 f"(memcached -I); lower ?chunk_size= (now {self._chunk_size}) below it, or "
                 "raise -I"
+            )
+        if "out of memory" in said:
+            # Out of memory with -M (no eviction): memcached answered, and still reads.
+            return BackendFull(
+                f"memcached did not store {item_key!r} ({said}): it is full and evicts "
+                "nothing (-M); raise -m, or run it without -M"
             )
         error = ValueTooLarge if hint else BackendError
         return error(f"memcached did not store {item_key!r} ({said}){hint}")
