@@ -42,7 +42,8 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     request answered 400 for a bad control header), ``first_byte`` (a response's first
     body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the
     request arrived) and ``resumed`` (a client reconnected to a live stream and gets the
-    rest of it).
+    rest of it); from the proxy ``refused`` (a request answered 503: the proxy serves its
+    ``--limit-concurrency``).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
     ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
 

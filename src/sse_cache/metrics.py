@@ -93,6 +93,11 @@ _COUNTERS = (
         "invalid",
         "Requests answered 400 for an invalid control header.",
     ),
+    (
+        "sse_cache_refused_requests",
+        "refused",
+        "Requests the proxy answered 503 for being at its --limit-concurrency.",
+    ),
 )
 _REQUESTS = ("sse_cache_requests", "Requests on cached routes, by x-sse-cache status.")
 _REPLAYED = ("sse_cache_replayed_bytes", "Bytes of answers served from the cache.")

@@ -31,7 +31,8 @@ from ._asgi_io import (
     send_json_error,
     task_group,
 )
-from ._logging import AccessLog, logged_path, redact_url
+from ._logging import AccessLog, RateLimitedLog, logged_path, redact_url
+from ._notices import Notice
 from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
@@ -58,6 +59,8 @@ UNWIND_TIMEOUT = 5.0
 READ_AHEAD_BYTES = 256 * 1024
 
 logger = logging.getLogger("sse_cache")
+# One line per 10 s while requests are refused for --limit-concurrency, not one per request.
+_busy_warnings = RateLimitedLog(logger)
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx2 sets itself.
 _HOP_BY_HOP = frozenset(
@@ -528,6 +531,10 @@ class ProxyApp:
 
     async def _refuse_busy(self, send: Send) -> None:
         limit = self.limit_concurrency
+        self.metrics(Notice(kind="refused", key="", detail="limit_concurrency"))
+        _busy_warnings.warning(
+            self, "busy", "sse_cache: serving --limit-concurrency %s requests: refusing more", limit
+        )
         await send_json_error(
             send,
             503,

@@ -42,7 +42,7 @@ from sse_cache.cli.proxy import (
 )
 from sse_cache.errors import ConfigError
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
+from sse_cache.testing import GatedUpstream, MockUpstream, metric_value, responses_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADERS = {"authorization": "Bearer sk-ops-secret-123"}
@@ -608,6 +608,9 @@ async def test_limit_concurrency_serves_n_requests_at_once_and_503_past_them(
         for client in (clients[limit + 1], extra):
             assert (await client.get("/_sse_cache/health")).status_code == 200
             assert (await client.get("/_sse_cache/metrics")).status_code == 200
+        # Counted, for the operator to see (and logged, once per 10 s).
+        scrape = (await extra.get("/_sse_cache/metrics")).text
+        assert metric_value(scrape, "sse_cache_refused_requests_total") == 2
         # A held stream read to its end gives its place back: the next request is served.
         gated.gate.set()
         assert await held[0].aread() == gated.body
