@@ -1,12 +1,18 @@
-"""Hypothesis strategies: SSE events, and the many ways an upstream may write them on the wire
-(fields in any order, ``data:`` with or without its space, comments, extra blank lines, a
-BOM, LF, CRLF, CR or mixed line ends), for the tests of byte-exact replay."""
+"""For the tests of byte-exact replay: hypothesis strategies of SSE events and of the many
+ways an upstream may write them on the wire (fields in any order, ``data:`` with or without
+its space, comments, extra blank lines, a BOM, LF, CRLF, CR or mixed line ends), an upstream
+serving given bytes in given pieces, and a client for an ASGI app."""
 
 from __future__ import annotations
 
+import itertools
+from typing import Any
+
+import httpx2
 from hypothesis import strategies as st
 
-from sse_cache import Event
+from sse_cache import Event, SSEParser
+from sse_cache.testing import GatedUpstream
 
 _text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20)
 _field = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\x00"), max_size=10)
@@ -85,3 +91,22 @@ def renderings(draw: st.DrawFn) -> tuple[list[bytes], bytes, list[Event]]:
         piece += line("")
         pieces.append(piece)
     return pieces, extras(), evs
+
+
+def parse(raw: bytes) -> list[Event]:
+    """The events of a whole stream."""
+    parser = SSEParser()
+    events = parser.feed(raw)
+    parser.close()
+    return events
+
+
+def upstream_cut_at(raw: bytes, cuts: list[int]) -> GatedUpstream:
+    """Answers every request with ``raw`` as an SSE stream, in pieces cut at ``cuts``."""
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(raw)}), len(raw)]
+    return GatedUpstream([raw[start:end] for start, end in itertools.pairwise(bounds)])
+
+
+def client(app: Any) -> httpx2.AsyncClient:
+    """A client of ``app`` through httpx2's ASGI transport."""
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://t")

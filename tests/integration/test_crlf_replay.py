@@ -6,23 +6,22 @@ test_verbatim_replay.py)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import anyio
-import httpx2
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from servers import require_dir
-from sse_cache import Event, SSEParser, serialize_sse
+from sse_cache import Event, serialize_sse
 from sse_cache.adapters import GeminiGenerateContent, GenericSSE
 from sse_cache.asgi import CacheMiddleware
-from sse_cache.testing import GatedUpstream, responses_stream
+from sse_cache.testing import responses_stream
+from sse_renderings import client, parse, upstream_cut_at
+from sse_renderings import events as _events
 
 _BESIDE = Path(__file__).resolve().parents[3] / "shared" / "real-streams-gemini"
 REAL = Path(os.environ.get("SSE_CACHE_REAL_STREAMS_GEMINI", str(_BESIDE)))
@@ -34,23 +33,6 @@ AUTH = {"authorization": "Bearer sk-test"}
 def real_dir() -> Path:
     """The recordings; skipped when absent, except under CI: a failure."""
     return require_dir(REAL, "the real Gemini streams directory")
-
-
-def parse(raw: bytes) -> list[Event]:
-    parser = SSEParser()
-    events = parser.feed(raw)
-    parser.close()
-    return events
-
-
-def upstream_cut_at(raw: bytes, cuts: list[int]) -> GatedUpstream:
-    """Answers every request with ``raw`` as an SSE stream, in pieces cut at ``cuts``."""
-    bounds = [0, *sorted({c for c in cuts if 0 < c < len(raw)}), len(raw)]
-    return GatedUpstream([raw[start:end] for start, end in itertools.pairwise(bounds)])
-
-
-def client(app: Any) -> httpx2.AsyncClient:
-    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://t")
 
 
 # -- the real CRLF recording, through the middleware on a byte-storing backend ---------------
@@ -82,20 +64,6 @@ async def test_real_crlf_recording_hits_are_byte_identical(tmp_path: Path, piece
 
 
 # -- property: random CRLF streams, random chunk splits ---------------------------------------
-
-_text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20)
-_field = st.text(st.characters(codec="utf-8", exclude_characters="\r\n\x00"), max_size=10)
-_events = st.lists(
-    st.builds(
-        Event,
-        data=st.lists(_text, min_size=1, max_size=3).map("\n".join),
-        event=st.none() | _field,
-        id=st.none() | st.from_regex(r"[a-z0-9]{1,6}", fullmatch=True),
-        retry=st.none() | st.integers(0, 10**6),
-    ),
-    min_size=1,
-    max_size=12,
-)
 
 
 async def miss_hit_and_suffix(

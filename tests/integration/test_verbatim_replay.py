@@ -7,7 +7,6 @@ space, extra blank lines, a BOM, mixed line ends. Such a stream is stored as its
 
 from __future__ import annotations
 
-import itertools
 import json
 from typing import Any
 
@@ -20,31 +19,15 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sse_cache import Event, MsgpackCodec, SSEParser, serialize_sse
+from sse_cache import Event, MsgpackCodec, serialize_sse
 from sse_cache.adapters import GenericSSE
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import MemoryBackend
 from sse_cache.httpx2 import AsyncCacheTransport
 from sse_cache.testing import GatedUpstream, NoticeLog, responses_stream
-from sse_renderings import renderings
+from sse_renderings import client, parse, renderings, upstream_cut_at
 
 AUTH = {"authorization": "Bearer sk-test"}
-
-
-def parse(raw: bytes) -> list[Event]:
-    parser = SSEParser()
-    events = parser.feed(raw)
-    parser.close()
-    return events
-
-
-def upstream_cut_at(raw: bytes, cuts: list[int]) -> GatedUpstream:
-    bounds = [0, *sorted({c for c in cuts if 0 < c < len(raw)}), len(raw)]
-    return GatedUpstream([raw[start:end] for start, end in itertools.pairwise(bounds)])
-
-
-def client(app: Any) -> httpx2.AsyncClient:
-    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://t")
 
 
 async def replays(
