@@ -378,18 +378,22 @@ class MsgpackCodec:
             raise CorruptEntry(f"entry status {head.status} is not a 2xx")
         return parts
 
-    def sound_but_for_checksum(self, data: bytes) -> bool:
-        """Whether ``data``, whose checksum this codec refuses, is an entry in every other
-        way (its envelope and head decode and hold sane values): one written with another
-        secret, most likely. For tools that report entries (``sse-cache ls -l``); decoding
-        never relies on it."""
+    def checksum_refused(self, data: bytes) -> bool:
+        """Whether this codec refuses ``data`` for its checksum alone: the envelope and the
+        head are sound, and the digest matches none of this codec's secrets — an entry
+        written with another secret, or one altered since (the two cannot be told apart).
+        For tools that report entries (``sse-cache ls -l``); decoding never relies on it."""
         view = memoryview(data)
         if len(view) < _HEADER or view[:4].tobytes() != _MAGIC:
             return False
-        if view[4] != ENTRY_FORMAT_VERSION:
+        version = view[4]
+        if version != ENTRY_FORMAT_VERSION:
             return False
+        payload, found, tag = view[_HEADER:], view[5:_HEADER], bytes((version,))
+        if any(hmac.compare_digest(_digest(tag, payload, key), found) for key in self._keys):
+            return False  # the checksum matched: refused for something else
         try:
-            head = _parts_decoder.decode(view[_HEADER:])[0]
+            head = _parts_decoder.decode(payload)[0]
         except msgspec.DecodeError:
             return False
         finite = math.isfinite(head.created_at) and (

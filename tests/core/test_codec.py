@@ -255,6 +255,25 @@ def test_event_type_indices_outside_the_table_are_corrupt() -> None:
         MsgpackCodec().decode(_forged_with_columns([*good[:4], ["1"], None]))
 
 
+def test_a_checksum_refusal_is_told_from_other_corruption() -> None:
+    # What sse-cache ls reports as "another secret, or altered" (not as corrupt): only an
+    # entry refused for its checksum, never one whose checksum matched but whose contents
+    # do not decode (helper-99: those were blamed on a secret too).
+    entry = Entry(schema="generic", created_at=1.0, events=(Event("a"),))
+    other = MsgpackCodec(secret=b"another").encode(entry)
+    mine = MsgpackCodec()
+    with pytest.raises(CorruptEntry, match="checksum"):
+        mine.decode(other)
+    assert mine.checksum_refused(other)
+    assert not MsgpackCodec(secret=b"another").checksum_refused(other)  # (it reads it)
+    inconsistent = _forged_with_columns([["a", "b"], ["t"], b"\x00", [0.0], None, None])
+    with pytest.raises(CorruptEntry, match="inconsistent"):
+        mine.decode(inconsistent)
+    assert not mine.checksum_refused(inconsistent)  # its checksum matched
+    assert not mine.checksum_refused(other[:-1])  # truncated: no sound envelope
+    assert not mine.checksum_refused(b"not an entry")
+
+
 # -- the line-end style (Entry.eol): added after format version 2, last with a default --------
 
 _crlf_entries = st.builds(

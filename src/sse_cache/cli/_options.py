@@ -124,10 +124,14 @@ def _seconds(
 
 
 def _secret(text: str) -> str:
-    # The codec takes 1 to 64 bytes (a keyed BLAKE2b); the text is their UTF-8.
+    # The codec takes 1 to 64 bytes (a keyed BLAKE2b); the text is their UTF-8. No space at
+    # either end: a variable's value is read as it is, but a value that differs only there
+    # from another keys another MAC, silently (every entry then a miss, deleted as corrupt).
     size = len(text.encode("utf-8", "surrogateescape"))
     if not 1 <= size <= 64:
         raise argparse.ArgumentTypeError(f"expected a secret of 1 to 64 bytes, got {size} bytes")
+    if text != text.strip():
+        raise argparse.ArgumentTypeError("a secret cannot begin or end with whitespace")
     return text
 
 
@@ -273,6 +277,9 @@ class Option:
     parse: Callable[[str], Any] | None = None
     metavar: str | None = None
     repeat: bool = False
+    #: Its variable's text is read as it is (not stripped), and set but blank is an error
+    #: (not unset): a secret.
+    verbatim: bool = False
 
     @property
     def dest(self) -> str:
@@ -481,6 +488,7 @@ OPTIONS: tuple[Option, ...] = (
         shown="none (a checksum, not a MAC)",
         parse=_secret,
         metavar="TEXT",
+        verbatim=True,
     ),
     Option(
         "--graceful-timeout",
@@ -545,7 +553,10 @@ def value_of(opt: Option, given: Any, environ: Mapping[str, str]) -> Any:
     (:func:`resolve` reads every option so; the inspection commands read ``--backend`` so.)"""
     if given is not None:
         return given
-    text = environ.get(opt.env, "").strip()
+    raw = environ.get(opt.env, "")
+    text = raw if opt.verbatim else raw.strip()
+    if opt.verbatim and raw and not raw.strip():
+        raise ConfigError(f"{opt.env} is set but blank: unset it, or give a value")
     if text:
         try:
             return opt.from_text(text)

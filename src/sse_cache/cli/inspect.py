@@ -258,12 +258,9 @@ def is_alias(key: str) -> bool:
 
 
 def _codec(args: argparse.Namespace) -> MsgpackCodec:
-    """The codec that reads the entries: with ``--secret``, entries written with it or
-    without any (a cache that has just been given one holds both)."""
-    secret = secret_bytes(getattr(args, "secret", None))
-    if secret is None:
-        return MsgpackCodec()
-    return MsgpackCodec(secret=secret, accepted_secrets=[None])
+    """The codec that reads the entries as the proxy given the same ``--secret`` does: an
+    entry written without it is not read (the proxy deletes it as corrupt)."""
+    return MsgpackCodec(secret=secret_bytes(getattr(args, "secret", None)))
 
 
 def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
@@ -281,9 +278,10 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
     except UnreadableEntry as exc:
         return Row("unreadable", error=str(exc))
     except CorruptEntry as exc:
-        if codec.sound_but_for_checksum(data):
-            # Sound in every other way: written with a secret this codec does not have (a
-            # MAC, not a checksum), which the processes that wrote it read. Not one to purge.
+        if codec.checksum_refused(data):
+            # Sound but for its checksum: written with a secret this codec does not have (a
+            # MAC, not a checksum), which the processes that wrote it read, or altered. Not
+            # called corrupt: it may be a fleet's entry, not one to purge.
             return Row("unreadable", error=_MAC_MISMATCH)
         return Row("corrupt", error=str(exc))
 
@@ -291,7 +289,7 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
 #: Why a sound entry whose checksum does not match is unreadable here.
 _MAC_MISMATCH = (
     "its checksum matches no secret given here: written with another secret "
-    f"(MsgpackCodec(secret=...))? give it with {_SECRET.env} or --secret"
+    f"(MsgpackCodec(secret=...): give it with {_SECRET.env} or --secret), or altered"
 )
 
 
