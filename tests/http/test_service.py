@@ -382,3 +382,20 @@ async def test_an_answer_being_stored_is_no_hit_for_a_request_wanting_none_so_ol
         strict = service.decide("POST", PATH, headers(**{"x-sse-cache-max-age": "0"}), body())
         async with service.exchange(strict) as ex:
             assert ex.answer is None and ex.status is CacheStatus.MISS
+
+
+async def test_a_service_opened_again_starts_with_a_closed_breaker() -> None:
+    # Calls to the closed backend (requests served without a lifespan between two servings)
+    # open the breaker; the backend opened again is a new one, which an open breaker would
+    # skip for its cooldown: every stored answer upstream (helper-99).
+    import time
+
+    service = CacheService("memory://")
+    await service.aclose()
+    for _ in range(10):
+        service.breaker.failure(time.monotonic(), "BackendUnavailable('MemoryBackend is closed')")
+    assert service.breaker.state.value == "open"
+    service.reopen()
+    assert service.breaker.state.value == "closed"
+    assert service.breaker.allow(time.monotonic())  # the new backend is asked
+    await service.aclose()

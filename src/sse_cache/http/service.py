@@ -194,6 +194,12 @@ class CacheService:
 
         if self._closed and self._backend_url is not None:
             self.backend, _ = open_backend(self._backend_url)
+            # A new backend, a new breaker: one opened by calls to the closed one (requests
+            # served without a lifespan meanwhile) would skip it for its cooldown (helper-99).
+            o = self.options
+            self.breaker = Breaker(
+                o.breaker_failures, o.breaker_cooldown, on_change=self._breaker_changed
+            )
             self._use(self.backend)
             self._closed = False
 
