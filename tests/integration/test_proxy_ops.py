@@ -955,6 +955,33 @@ async def test_workers_refuse_new_connections_at_once_after_sigterm(
     assert not any("Traceback" in line for line in p.lines())
 
 
+@pytest.mark.anyio
+@asyncio_only
+async def test_workers_exit_when_more_workers_are_asked_for_after_sigterm(
+    tmp_path: Path,
+) -> None:
+    # SIGTERM closes the supervisor's socket; a SIGTTIN (one more worker) or SIGHUP (a
+    # restart) right behind it started a worker on the closed socket: the supervisor's loop
+    # raised, and it never stopped its workers nor exited (helper-99).
+    async with proxy_process(
+        tmp_path,
+        "--workers",
+        "2",
+        "--upstream",
+        "http://127.0.0.1:9",  # (never asked)
+        "--backend",
+        f"sqlite:///{tmp_path / 'cache.db'}",
+    ) as p:
+        ready = "Application startup complete"
+        await p.until(lambda lines: len(worker_pids(lines, ready)) == 2, "two workers")
+        p.proc.send_signal(signal.SIGTERM)
+        p.proc.send_signal(signal.SIGTTIN)
+        p.proc.send_signal(signal.SIGHUP)
+        with anyio.fail_after(60):
+            await anyio.to_thread.run_sync(p.proc.wait, abandon_on_cancel=True)
+    assert not any("Traceback" in line for line in p.lines())
+
+
 async def scraped_requests(client: httpx2.AsyncClient) -> int:
     """The requests on cached routes a scrape of ``/_sse_cache/metrics`` counts."""
     from prometheus_client.parser import text_string_to_metric_families

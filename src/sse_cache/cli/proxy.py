@@ -369,6 +369,17 @@ def serve_workers(config: Any) -> None:
             self.stop_accepting()
             super().handle_break()
 
+        def handle_hup(self) -> None:
+            # A restart (or one more worker) asked for once told to exit: a worker started
+            # now would get the closed socket (helper-99: SIGTERM then SIGTTIN raised in the
+            # supervisor's loop, which then never stopped its workers nor exited).
+            if not self.should_exit.is_set():
+                super().handle_hup()
+
+        def handle_ttin(self) -> None:
+            if not self.should_exit.is_set():
+                super().handle_ttin()
+
         def stop_accepting(self) -> None:
             # (The workers have their own copies: they close them as they shut down.)
             for sock in self.sockets:
