@@ -494,6 +494,7 @@ class ProxyApp:
                     return
                 admission = _Admission(self)
                 send = admission.sending(send)
+                receive = admission.receiving(receive)
             self._running += 1
             try:
                 log, policy = self.access_log, self.cached.service.policy
@@ -671,10 +672,13 @@ class ProxyApp:
 
 class _Admission:
     """One request counted against :attr:`ProxyApp.limit_concurrency`, from its arrival to
-    its response's end (a stream's last byte), released once. Released as the response's
-    last message is sent, not after: a client that read the end of one answer and sends the
-    next request at once must find the place free, whatever the first request still does
-    after its end (storing it)."""
+    its response's end (a stream's last byte) or its client's leaving, released once.
+    Released as the response's last message is sent, not after: a client that read the end
+    of one answer and sends the next request at once must find the place free, whatever the
+    first request still does after its end (storing it). Released as the client is known
+    gone: a stream read on for others (a resume window, followers, finish-on-disconnect)
+    counts against ``max_background``, not against this; held, it refused the client's own
+    resume for as long as the upstream streamed (helper-99)."""
 
     __slots__ = ("_app", "_held")
 
@@ -695,6 +699,15 @@ class _Admission:
             await send(message)
 
         return sending
+
+    def receiving(self, receive: Receive) -> Receive:
+        async def receiving() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.release()
+            return message
+
+        return receiving
 
 
 #: The ``retry-after`` of a request refused for ``limit_concurrency`` (seconds).

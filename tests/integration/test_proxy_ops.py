@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from servers import free_port
+from sse_cache import serialize_sse
 from sse_cache._logging import RateLimitedLog, redact_url
 from sse_cache.backends import from_url
 from sse_cache.cli import main
@@ -616,6 +617,64 @@ async def test_limit_concurrency_serves_n_requests_at_once_and_503_past_them(
         assert await held[0].aread() == gated.body
         again = await extra.post("/v1/responses", json=asking("after one ended"))
         assert again.status_code == 200, again.text
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_client_that_left_does_not_hold_its_place_against_its_own_resume(
+    serve: Any, tmp_path: Path
+) -> None:
+    # With a resume window, the stream of a client that left is read on for it: counted
+    # against --limit-concurrency until the upstream ended, it refused the client's own
+    # resume (503) all that time (helper-99). A request's place is given back as its client
+    # is known gone.
+    events = responses_stream("come back", text_deltas=6)
+    gated = GatedUpstream(events, hold_after=3)
+    async with (
+        serve(gated) as upstream,
+        proxy_process(
+            tmp_path,
+            "--backend",
+            "memory://",
+            "--upstream",
+            upstream,
+            "--limit-concurrency",
+            "1",
+            "--resume-window",
+            "60",
+        ) as p,  # fmt: skip
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS) as client,
+    ):
+        body = {"model": "gpt-mock", "input": "come back", "stream": True}
+        request = client.build_request("POST", "/v1/responses", json=body)
+        async with _opened(client, request) as first:
+            assert first.status_code == 200
+            seen = b""
+            async for chunk in first.aiter_raw():
+                seen += chunk
+                if seen.count(b"\n\n") >= 3:
+                    break
+        # (Closed: the client left, the upstream held after its third event.)
+        response_id = json.loads(events[0].data)["response"]["id"]
+        params = {"stream": "true", "starting_after": "2"}
+        with anyio.fail_after(30):
+            while True:  # until the proxy has heard the first client leave
+                resumed = await client.send(
+                    client.build_request("GET", f"/v1/responses/{response_id}", params=params),
+                    stream=True,
+                )
+                if resumed.status_code != 503:
+                    break
+                await resumed.aclose()
+                await anyio.sleep(0.05)  # (retry-after says 1 s: a client's own pace)
+        try:
+            assert resumed.status_code == 200 and resumed.headers["x-sse-cache"] == "shared"
+            gated.gate.set()
+            rest = await resumed.aread()
+        finally:
+            await resumed.aclose()
+        after = [e for e in events if json.loads(e.data)["sequence_number"] > 2]
+        assert rest == serialize_sse(after)
 
 
 @asynccontextmanager
