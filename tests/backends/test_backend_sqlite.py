@@ -763,5 +763,27 @@ async def test_readonly_reads_and_refuses_writes_changing_nothing(tmp_path: Path
     assert files(tmp_path) == before
 
 
+async def test_a_readonly_reader_sees_what_a_writer_stored_since(tmp_path: Path) -> None:
+    # Opened while no process had the file (no -wal beside it), it is read as immutable:
+    # such a reader never saw a row written after it opened, not even once the writer had
+    # closed and checkpointed (helper-99). It reads the file again once a writer has it.
+    path = tmp_path / "cache.db"
+    writer = SQLiteBackend(path)
+    await writer.set("a", b"old", None)
+    await writer.aclose()
+    reader = from_url(f"sqlite:///{path}?readonly=true")
+    try:
+        assert await reader.get("a") == b"old"
+        writer = SQLiteBackend(path)
+        await writer.set("b", b"new", None)
+        await writer.set("a", b"changed", None)
+        assert (await reader.get("b"), await reader.get("a")) == (b"new", b"changed")
+        await writer.set("c", b"later", None)
+        await writer.aclose()
+        assert [await reader.get(k) for k in "abc"] == [b"changed", b"new", b"later"]
+    finally:
+        await reader.aclose()
+
+
 def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()}

@@ -150,12 +150,16 @@ class DatabaseFile:
         # The identities of the -wal and -shm files when the connection opened them.
         self._sidecars: dict[str, FileId] = {}
         self._next_check = -math.inf
+        # Opened immutable (see _read_only_mode): the file's size and change time then, which
+        # say when a writer has changed it since (None: not opened so).
+        self._immutable: tuple[int, int] | None = None
         reopen_after_fork(self)
 
     def _forked(self) -> None:
         # A child of a fork: the parent's connection is not ours to use (SQLite forbids it).
         self._lock.drop_inherited(self._conn)
         self._conn, self.opened, self._sidecars = None, None, {}
+        self._immutable = None
         self._busy_ms = -1
         self._next_check = -math.inf
 
@@ -183,7 +187,17 @@ class DatabaseFile:
         with self._lock, self._translated_errors():
             conn = self._connection()
             self._set_busy(conn, self._read_timeout if read else self._timeout)
-            return self._retrying(read, lambda: op(conn))
+            try:
+                return self._retrying(read, lambda: op(conn))
+            except sqlite3.DatabaseError:
+                if self._immutable is None:
+                    raise
+                # Read as immutable, the file was changed under the read by a writer that
+                # opened it since (SQLite then says "malformed" of a sound file; helper-99):
+                # read it again, opened as the file now is.
+                self._drop_connection()
+                conn = self._connection()
+                return self._retrying(read, lambda: op(conn))
 
     def close(self, flush: Callable[[sqlite3.Connection], None]) -> None:
         """``flush`` (best effort, briefly) unless the file has moved, then close."""
@@ -246,6 +260,8 @@ class DatabaseFile:
     def _connection(self) -> sqlite3.Connection:
         # The open connection, after a look at the path at most every ``check_interval``
         # seconds: one os.stat in the worker thread this call runs in anyway.
+        if self._conn is not None and self._immutable is not None and self._changed():
+            self._drop_connection()  # a writer has it now: read what it holds now
         if self._conn is not None and self.watch:
             now = time.monotonic()
             if now >= self._next_check:
@@ -266,7 +282,8 @@ class DatabaseFile:
                     "created; sqlite:///name.db is relative to the working directory, "
                     "sqlite:////abs/name.db absolute)"
                 )
-            conn = self._connect(self._read_only_mode() if self.readonly else "rw")
+            mode = self._read_only_mode() if self.readonly else "rw"
+            conn = self._connect(mode)
             try:
                 prepare = partial(
                     initialise,
@@ -291,6 +308,7 @@ class DatabaseFile:
                 f"SQLite file {self.path!r} kept changing while it was being opened"
             )
         self._conn, self.opened, self._sidecars = conn, after, sidecars
+        self._immutable = self._stamp() if mode.endswith("immutable=1") else None
         self._busy_ms = int(self._timeout * 1000)
         self._next_check = time.monotonic() + self.check_interval
 
@@ -378,6 +396,17 @@ class DatabaseFile:
                 if file_id(self.where + suffix) == ident:
                     os.unlink(self.where + suffix)
 
+    def _stamp(self) -> tuple[int, int] | None:
+        with suppress(OSError):
+            stat = os.stat(self.where)
+            return stat.st_size, stat.st_mtime_ns
+        return None
+
+    def _changed(self) -> bool:
+        # Whether a file opened immutable may hold other rows now: a writer has it open (a
+        # -wal beside it), or wrote it since (a checkpoint).
+        return os.path.exists(self.where + "-wal") or self._stamp() != self._immutable
+
     def _moved(self) -> bool:
         # Whether the path no longer names the file the connection has open: deleted,
         # replaced (a rename over it) or moved away.
@@ -400,6 +429,7 @@ class DatabaseFile:
         conn, self._conn = self._conn, None
         sidecars, self._sidecars = self._sidecars, {}
         self.opened = None
+        self._immutable = None
         if conn is None:
             return
         if moved and not self.readonly:
