@@ -12,6 +12,8 @@ import httpx2
 from hypothesis import strategies as st
 
 from sse_cache import Event, SSEParser
+from sse_cache.adapters import GenericSSE
+from sse_cache.asgi import CacheMiddleware
 from sse_cache.testing import GatedUpstream
 
 _text = st.text(st.characters(codec="utf-8", exclude_characters="\r\n"), max_size=20)
@@ -110,3 +112,29 @@ def upstream_cut_at(raw: bytes, cuts: list[int]) -> GatedUpstream:
 def client(app: Any) -> httpx2.AsyncClient:
     """A client of ``app`` through httpx2's ASGI transport."""
     return httpx2.AsyncClient(transport=httpx2.ASGITransport(app), base_url="http://t")
+
+
+async def replays(
+    raw: bytes, cuts: list[int], last_id: str | None, headers: dict[str, str]
+) -> tuple[bytes, bytes, bytes, bytes | None]:
+    """The miss, the instant hit, a paced hit and (with ``last_id``) a Last-Event-ID hit of
+    ``raw`` served in pieces cut at ``cuts`` to a generic SSE route through the middleware,
+    asked with ``headers`` (a credential); checks that the upstream was called once."""
+    upstream = upstream_cut_at(raw, cuts)
+    app = CacheMiddleware(upstream, "memory://", routes={"/events": GenericSSE})
+    async with client(app) as http:
+        miss = await http.post("/events", json={"q": 1}, headers=headers)
+        hit = await http.post("/events", json={"q": 1}, headers=headers)
+        paced_headers = {**headers, "x-sse-cache-replay": "0ms"}
+        paced = await http.post("/events", json={"q": 1}, headers=paced_headers)
+        suffix = None
+        if last_id is not None:
+            resumed = await http.post(
+                "/events", json={"q": 1}, headers={**headers, "last-event-id": last_id}
+            )
+            assert resumed.headers["x-sse-cache"] == "hit"
+            suffix = resumed.content
+    assert miss.headers["x-sse-cache"] == "miss"
+    assert [hit.headers["x-sse-cache"], paced.headers["x-sse-cache"]] == ["hit", "hit"]
+    assert upstream.calls == 1
+    return miss.content, hit.content, paced.content, suffix

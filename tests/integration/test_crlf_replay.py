@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 
 from servers import require_dir
 from sse_cache import Event, serialize_sse
-from sse_cache.adapters import GeminiGenerateContent, GenericSSE
+from sse_cache.adapters import GeminiGenerateContent
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.testing import responses_stream
-from sse_renderings import client, parse, upstream_cut_at
+from sse_renderings import client, parse, replays, upstream_cut_at
 from sse_renderings import events as _events
 
 _BESIDE = Path(__file__).resolve().parents[3] / "shared" / "real-streams-gemini"
@@ -69,24 +69,9 @@ async def test_real_crlf_recording_hits_are_byte_identical(tmp_path: Path, piece
 async def miss_hit_and_suffix(
     raw: bytes, cuts: list[int], last_id: str | None
 ) -> tuple[bytes, bytes, bytes, bytes | None]:
-    upstream = upstream_cut_at(raw, cuts)
-    app = CacheMiddleware(upstream, "memory://", routes={"/events": GenericSSE})
-    async with client(app) as http:
-        miss = await http.post("/events", json={"q": 1}, headers=AUTH)
-        hit = await http.post("/events", json={"q": 1}, headers=AUTH)
-        paced_headers = {**AUTH, "x-sse-cache-replay": "0ms"}
-        paced = await http.post("/events", json={"q": 1}, headers=paced_headers)
-        suffix = None
-        if last_id is not None:
-            resumed = await http.post(
-                "/events", json={"q": 1}, headers={**AUTH, "last-event-id": last_id}
-            )
-            assert resumed.headers["x-sse-cache"] == "hit"
-            suffix = resumed.content
-    assert miss.headers["x-sse-cache"] == "miss" and miss.content == raw
-    assert [hit.headers["x-sse-cache"], paced.headers["x-sse-cache"]] == ["hit", "hit"]
-    assert upstream.calls == 1
-    return miss.content, hit.content, paced.content, suffix
+    miss, hit, paced, suffix = await replays(raw, cuts, last_id, AUTH)
+    assert miss == raw
+    return miss, hit, paced, suffix
 
 
 def _suffix_after(events: list[Event], last_id: str) -> list[Event]:

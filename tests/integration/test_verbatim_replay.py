@@ -25,35 +25,9 @@ from sse_cache.asgi import CacheMiddleware
 from sse_cache.backends import MemoryBackend
 from sse_cache.httpx2 import AsyncCacheTransport
 from sse_cache.testing import GatedUpstream, NoticeLog, responses_stream
-from sse_renderings import client, parse, renderings, upstream_cut_at
+from sse_renderings import client, parse, renderings, replays, upstream_cut_at
 
 AUTH = {"authorization": "Bearer sk-test"}
-
-
-async def replays(
-    raw: bytes, cuts: list[int], last_id: str | None
-) -> tuple[bytes, bytes, bytes, bytes | None]:
-    """The miss, the instant hit, a paced hit and (with ``last_id``) a Last-Event-ID hit of
-    ``raw`` served in pieces cut at ``cuts``, through the middleware."""
-    upstream = upstream_cut_at(raw, cuts)
-    app = CacheMiddleware(upstream, "memory://", routes={"/events": GenericSSE})
-    async with client(app) as http:
-        miss = await http.post("/events", json={"q": 1}, headers=AUTH)
-        hit = await http.post("/events", json={"q": 1}, headers=AUTH)
-        paced = await http.post(
-            "/events", json={"q": 1}, headers={**AUTH, "x-sse-cache-replay": "0ms"}
-        )
-        suffix = None
-        if last_id is not None:
-            resumed = await http.post(
-                "/events", json={"q": 1}, headers={**AUTH, "last-event-id": last_id}
-            )
-            assert resumed.headers["x-sse-cache"] == "hit"
-            suffix = resumed.content
-    assert miss.headers["x-sse-cache"] == "miss"
-    assert [hit.headers["x-sse-cache"], paced.headers["x-sse-cache"]] == ["hit", "hit"]
-    assert upstream.calls == 1
-    return miss.content, hit.content, paced.content, suffix
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -69,7 +43,7 @@ def test_every_replay_is_the_bytes_that_came(
     last_id = events[index].id if index is not None else None
     if last_id is not None:
         index = next(i for i, event in enumerate(events) if event.id == last_id)  # the first
-    miss, hit, paced, suffix = anyio.run(replays, raw, cuts, last_id)
+    miss, hit, paced, suffix = anyio.run(replays, raw, cuts, last_id, AUTH)
     assert miss == raw and hit == raw and paced == raw
     if index is not None:
         # What came after that event, as it came: what precedes an event goes with it, what
