@@ -61,6 +61,19 @@ def _refused(exc: BaseException) -> bool:
     return False
 
 
+def _refusal(exc: BaseException) -> BaseException | None:
+    # The AuthenticationError behind ``exc``: itself, or (redis-py 5.0 retries a refused
+    # AUTH until the pool's timeout) one that its "No connection available" came from.
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, rexc.AuthenticationError):
+            return current
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
 @contextmanager
 def map_exceptions(what: str) -> Iterator[None]:
     """Translate redis-py (and socket / timeout) exceptions into the BackendError family.
@@ -79,12 +92,14 @@ def map_exceptions(what: str) -> Iterator[None]:
             f"{what}: Redis is full: at its maxmemory, with a policy that evicts nothing "
             f"for this key (raise maxmemory, or set maxmemory-policy allkeys-lru) ({exc})"
         ) from exc
-    except rexc.AuthenticationError as exc:
-        # (A ConnectionError to redis-py; "unreachable" sent operators to the network.)
-        raise BackendUnavailable(
-            f"{what}: Redis refused the credentials: check the user and password in the URL ({exc})"
-        ) from exc
     except rexc.ConnectionError as exc:
+        refusal = _refusal(exc)
+        if refusal is not None:
+            # (A ConnectionError to redis-py; "unreachable" sent operators to the network.)
+            raise BackendUnavailable(
+                f"{what}: Redis refused the credentials: check the user and password in the "
+                f"URL ({refusal})"
+            ) from exc
         if (
             "No connection available" not in str(exc)
             or not isinstance(exc.__cause__, TimeoutError)
