@@ -31,7 +31,8 @@ EOL = Literal["lf", "crlf"]
 
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
 
-_BOM = b"\xef\xbb\xbf"
+#: UTF-8's byte order mark, which a stream may begin with.
+BOM = b"\xef\xbb\xbf"
 # The fast paths match bytes, not text: a regular expression runs several times faster over
 # bytes than over the str of a non-ASCII stream, and only the matched values are decoded.
 _EVENT_BLOCKS = re.compile(rb"event: ([^\n]*)\ndata: ([^\n]*)\n\n")
@@ -123,13 +124,13 @@ class SSEParser:
             raise TypeError("feed() takes bytes (the stream as received), got str")
         if self._at_start:
             buf = b"".join((self._pending, chunk)) if self._pending else chunk
-            if len(buf) < 3 and _BOM.startswith(buf):
+            if len(buf) < 3 and BOM.startswith(buf):
                 self._pending = buf  # could still become a BOM: wait for more bytes
                 return []
             self._at_start = False
             self._eol = _EOL_NONE  # a new stream (the parser may be reused after close)
             self._irregular = False
-            if buf.startswith(_BOM):
+            if buf.startswith(BOM):
                 buf = buf[3:]
                 self._irregular = True  # (a replay does not write it)
             self._pending = b""

@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
@@ -492,7 +492,8 @@ class ProxyApp:
                 if self._admitted >= self.limit_concurrency:
                     await self._refuse_busy(send)
                     return
-                admission = _Admission(self)
+                self._admitted += 1
+                admission = _Admission(self._release_admission)
                 send = admission.sending(send)
                 receive = admission.receiving(receive)
             self._running += 1
@@ -529,6 +530,9 @@ class ProxyApp:
             await self.cached(scope, self._stopping(receive), self._starting(send))
             return
         await self.cached(scope, receive, send)
+
+    def _release_admission(self) -> None:
+        self._admitted -= 1
 
     async def _refuse_busy(self, send: Send) -> None:
         limit = self.limit_concurrency
@@ -680,17 +684,16 @@ class _Admission:
     counts against ``max_background``, not against this; held, it refused the client's own
     resume for as long as the upstream streamed (helper-99)."""
 
-    __slots__ = ("_app", "_held")
+    __slots__ = ("_held", "_on_release")
 
-    def __init__(self, app: ProxyApp) -> None:
-        self._app = app
+    def __init__(self, on_release: Callable[[], None]) -> None:
+        self._on_release = on_release  # (gives the place back)
         self._held = True
-        app._admitted += 1
 
     def release(self) -> None:
         if self._held:
             self._held = False
-            self._app._admitted -= 1
+            self._on_release()
 
     def sending(self, send: Send) -> Send:
         async def sending(message: Message) -> None:

@@ -680,8 +680,10 @@ async def _stats(args: argparse.Namespace, backend: Backend) -> int:
     if isinstance(backend, ScanningBackend):
         # Counted as `ls` lists them: live rows (the backend's own count has the expired
         # ones not purged yet: SQLite's did, helper-97), aliases apart from entries.
-        rows = sum([1 async for _ in backend.scan()])
-        aliases = await _count_aliases(backend)
+        rows = aliases = 0
+        async for key in backend.scan():  # (one pass: aliases are known by their keys)
+            rows += 1
+            aliases += is_alias(key)
         figures.pop("entries", None)
         figures = {"entries": max(rows - aliases, 0), "aliases": aliases} | figures
     print(f"backend: {_redact(args.backend)}")

@@ -15,7 +15,7 @@ from .._notices import CacheStatus, Hook, Notice, emit
 from ..codec import WireEntry
 from ..engine import CachedStream, StreamCache
 from ..entry import Entry
-from ..events import EOL, Event, ResumeCut, event_ends, serialize_sse
+from ..events import BOM, EOL, Event, ResumeCut, event_ends, serialize_sse
 from ..pacing import Pacing
 from .policy import Decision
 
@@ -176,9 +176,6 @@ def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:
     return events
 
 
-_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
-
-
 class RecordedBytes:
     """A stream stored as the bytes it came in (:attr:`Entry.wire`), written back event by
     event: :meth:`write` gives the bytes of the next events, from the ``start``-th on (what
@@ -193,7 +190,7 @@ class RecordedBytes:
         self._ends = event_ends(wire)
         self._next = start
         self._pos = self._ends[start - 1] if start else 0
-        self.lead = _BOM if start == 0 and wire.startswith(_BOM) else b""
+        self.lead = BOM if start == 0 and wire.startswith(BOM) else b""
         self._pos += len(self.lead)
 
     def write(self, events: Sequence[Event]) -> bytes:
@@ -204,20 +201,19 @@ class RecordedBytes:
         return out
 
 
-def _writer(entry: Entry, start: int) -> tuple[bytes, Callable[[Sequence[Event]], bytes]]:
+def _writer(entry: Entry, start: int, eol: EOL) -> tuple[bytes, Callable[[Sequence[Event]], bytes]]:
     """How a replay of ``entry``'s events from the ``start``-th writes them: what goes first,
-    and the bytes of events: its recorded bytes, or the canonical form in its line ends (a
-    synthesised stream's: LF)."""
+    and the bytes of events: its recorded bytes, or the canonical form with ``eol``."""
     if entry.wire is not None:
         recorded = RecordedBytes(entry.wire, start)
         return recorded.lead, recorded.write
-    return b"", partial(serialize_sse, eol=entry.eol if entry.is_stream else "lf")
+    return b"", partial(serialize_sse, eol=eol)
 
 
 def recorded_after(entry: Entry, events: Sequence[Event]) -> bytes:
     """The bytes of ``events``, the last of a recorded stream's (a resume), as it sent them."""
     assert entry.events is not None
-    lead, write = _writer(entry, len(entry.events) - len(events))
+    lead, write = _writer(entry, len(entry.events) - len(events), entry.eol)
     return lead + write(events)
 
 
@@ -286,10 +282,9 @@ def answer_entry(
         content_type = entry.content_type if entry.is_stream else SSE_TYPE
         base = [("content-type", content_type), *_SSE_HEADERS]
         # A recorded stream as it was recorded; a synthesised one in LF.
-        lead, write = _writer(entry, len(events) - len(after))
-        chunks: bytes | AsyncIterator[bytes] = _stream_chunks(
-            stream, entry.eol if entry.is_stream else "lf", lead, write
-        )
+        eol: EOL = entry.eol if entry.is_stream else "lf"
+        lead, write = _writer(entry, len(events) - len(after), eol)
+        chunks: bytes | AsyncIterator[bytes] = _stream_chunks(stream, eol, lead, write)
     else:
         body = cache.body_of(entry)
         if body is None:

@@ -136,16 +136,19 @@ class CacheService:
         self.hooks = tuple(o.hooks)
         self._keyer = o.keyer or DefaultKeyer()
         self._codec = o.codec or MsgpackCodec()
-        # One breaker for the one backend, whichever route's cache calls it.
-        self.breaker = Breaker(
-            o.breaker_failures, o.breaker_cooldown, on_change=self._breaker_changed
-        )
         self.ttl = o.ttl
         self._use(self.backend)
 
     def _use(self, backend: Backend) -> None:
-        # What works on the backend: the fan-out of live streams and one cache per adapter.
+        # What works on the backend: its breaker, the fan-out of live streams and one cache
+        # per adapter. A new backend (reopened) gets a new breaker: one opened by calls to
+        # the closed one (requests served without a lifespan meanwhile) would skip the new
+        # one for its cooldown (helper-99).
         o = self.options
+        # One breaker for the one backend, whichever route's cache calls it.
+        self.breaker = Breaker(
+            o.breaker_failures, o.breaker_cooldown, on_change=self._breaker_changed
+        )
         self.fanout: _FanoutBackend | None = None
         if o.cross_process:
             if not (isinstance(backend, LeasingBackend) and isinstance(backend, FanoutBackend)):
@@ -194,12 +197,6 @@ class CacheService:
 
         if self._closed and self._backend_url is not None:
             self.backend, _ = open_backend(self._backend_url)
-            # A new backend, a new breaker: one opened by calls to the closed one (requests
-            # served without a lifespan meanwhile) would skip it for its cooldown (helper-99).
-            o = self.options
-            self.breaker = Breaker(
-                o.breaker_failures, o.breaker_cooldown, on_change=self._breaker_changed
-            )
             self._use(self.backend)
             self._closed = False
 
