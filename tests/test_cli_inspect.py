@@ -14,6 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tracemalloc
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,37 @@ def test_ls_long(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert lines[0].startswith("aaa111\t") and "openai.responses\t4 events\t90s" in lines[0]
     assert "openai.chat\tbody" in lines[1]
     assert lines[2].endswith("CORRUPT")
+
+
+def test_ls_long_holds_one_entrys_bytes_not_its_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An operator lists a cache of long answers: each entry is read as a hit reads it (its
+    # SSE bytes), not rebuilt as Event objects, which took three times its SSE size
+    # (helper-96: three 43 MB entries, 265 MB of RSS).
+    url = f"sqlite:///{tmp_path / 'long.db'}"
+    events = tuple(
+        Event(data=f'{{"delta":"word {i}"}}', event="response.output_text.delta", at=i / 1e3)
+        for i in range(50_000)
+    )
+    sse_size = len(serialize_sse(events))
+    entry = Entry(
+        schema="openai.responses",
+        created_at=time.time(),
+        status=200,
+        content_type="text/event-stream",
+        events=events,
+    )
+    store(url, {"long": MsgpackCodec().encode(entry)})
+    del events, entry
+    tracemalloc.start()
+    try:
+        assert run_cli("ls", "-l", "--backend", url) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "openai.responses\t50000 events" in capsys.readouterr().out
+    assert peak < 2 * sse_size, (peak, sse_size)
 
 
 def test_show_prints_metadata_then_sse(db: str, capsys: pytest.CaptureFixture[str]) -> None:

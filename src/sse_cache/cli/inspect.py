@@ -29,7 +29,7 @@ import anyio.to_thread
 
 from .._logging import redact_userinfo
 from ..backends._common import check_key
-from ..codec import MsgpackCodec
+from ..codec import MsgpackCodec, WireEntry
 from ..entry import Entry
 from ..errors import ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
 from ..events import serialize_sse
@@ -241,13 +241,15 @@ def _cannot_list(args: argparse.Namespace, backend: Backend) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Row:
-    """One stored row, read for what it is: an ``entry`` (``entry`` set), an ``alias``
-    (``target``: the key of the entry it names), ``corrupt`` or ``unreadable`` (a sound entry
-    this installation cannot read, e.g. zstd-compressed without ``sse-cache[zstd]``: not to
-    be purged as corrupt); ``error`` says why."""
+    """One stored row, read for what it is: an ``entry`` (``entry`` set, or ``listed`` when
+    read for a listing), an ``alias`` (``target``: the key of the entry it names),
+    ``corrupt`` or ``unreadable`` (a sound entry this installation cannot read, e.g.
+    zstd-compressed without ``sse-cache[zstd]``: not to be purged as corrupt); ``error`` says
+    why."""
 
     kind: Literal["entry", "alias", "corrupt", "unreadable"]
     entry: Entry | None = None
+    listed: WireEntry | None = None
     target: str = ""
     error: str = ""
 
@@ -263,8 +265,11 @@ def _codec(args: argparse.Namespace) -> MsgpackCodec:
     return MsgpackCodec(secret=secret_bytes(getattr(args, "secret", None)))
 
 
-def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
-    """What the value ``data`` stored under ``key`` is."""
+def read_row(key: str, data: bytes, codec: MsgpackCodec, *, listing: bool = False) -> Row:
+    """What the value ``data`` stored under ``key`` is. ``listing`` reads an entry as an
+    instant hit does (:meth:`MsgpackCodec.decode_wire`: its head and its SSE bytes, no
+    ``Event`` built), which is what a listing needs: a whole decode of a 43 MB entry took
+    ~90 MB of Python objects (helper-96)."""
     if is_alias(key):
         try:
             target = data.decode("ascii")
@@ -274,6 +279,8 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec) -> Row:
             return Row("corrupt", error="an alias whose value is not a key")
         return Row("alias", target=target)
     try:
+        if listing:
+            return Row("entry", listed=codec.decode_wire(data))
         return Row("entry", entry=codec.decode(data))
     except UnreadableEntry as exc:
         return Row("unreadable", error=str(exc))
@@ -293,15 +300,17 @@ _MAC_MISMATCH = (
 )
 
 
-async def stored(backend: Backend, key: str, codec: MsgpackCodec) -> tuple[bytes, Row] | None:
-    """The value stored under ``key`` and what it is; None when there is none. A value the
-    backend cannot return as bytes (another writer's text column or Redis list) is a corrupt
-    row with no bytes."""
+async def stored(
+    backend: Backend, key: str, codec: MsgpackCodec, *, listing: bool = False
+) -> tuple[bytes, Row] | None:
+    """The value stored under ``key`` and what it is (``listing``: see :func:`read_row`);
+    None when there is none. A value the backend cannot return as bytes (another writer's
+    text column or Redis list) is a corrupt row with no bytes."""
     try:
         data = await backend.get(key)
     except CorruptEntry as exc:
         return b"", Row("corrupt", error=str(exc))
-    return None if data is None else (data, read_row(key, data, codec))
+    return None if data is None else (data, read_row(key, data, codec, listing=listing))
 
 
 async def present(backend: Backend, key: str) -> bool:
@@ -337,7 +346,7 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
             unreadable += 1
             print(f"{_shown(key)}\t-\tUNREADABLE\t{foreign}")
             continue
-        found = await stored(backend, key, codec)
+        found = await stored(backend, key, codec, listing=True)
         if found is None:
             continue  # expired or deleted since the scan saw it
         # Each row read is counted once, as what it is: a corrupt alias is corrupt.
@@ -346,10 +355,10 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
             aliases += 1
             gone = not await present(backend, row.target)
             print(f"{key}\t{len(data)}\talias\t{row.target}" + ("\tdangling" if gone else ""))
-        elif row.entry is not None:
+        elif row.listed is not None:
             entries += 1
-            entry = row.entry
-            kind = f"{len(entry.events)} events" if entry.events is not None else "body"
+            entry = row.listed
+            kind = f"{entry.count} events" if entry.is_stream else "body"
             print(f"{key}\t{len(data)}\t{entry.schema}\t{kind}\t{_age(now - entry.created_at)}")
         elif row.kind == "unreadable":
             unreadable += 1
@@ -641,7 +650,7 @@ async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int
     aliases: dict[str, None] = {}
     named: set[str] = set()  # the keys whose aliases go too
     for key in args.keys:
-        found = await stored(backend, key, codec)
+        found = await stored(backend, key, codec, listing=True)
         if found is None:
             return _fail(f"no entry with key {key!r} in {where} (nothing deleted)", EXIT_FAILED)
         row = found[1]
