@@ -798,3 +798,73 @@ async def test_a_process_that_leads_after_another_stored_the_answer_replays_it(
     assert complete(whole)
     assert (answers["status"], answers["body"]) == ("hit", whole)
     assert upstream_app.stats()["total"] == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("taken", [False, True], ids=["evicted", "evicted-then-taken"])
+async def test_a_producer_that_lost_its_lease_keeps_its_followers(
+    serve: Any, redis_server: Any, taken: bool
+) -> None:
+    # Redis under memory pressure (allkeys-lru) evicts a lease like any other key. The
+    # producer's keeper stopped at the failed renewal, and its heartbeats with it, so its
+    # follower in the other process gave the stream up as dead on the next upstream pause
+    # of a lease's length (helper-94). Now it takes the lease back; and when another process
+    # took it meanwhile (a newcomer that found no lease), it still beats for its own
+    # followers, on its own channel.
+    from sse_cache.proxy import create_proxy_app
+
+    lease = 0.3
+    events = responses_stream("the lease was evicted", text_deltas=6)
+    upstream_app = GatedUpstream(events, hold_after=2)  # the upstream thinks, a long while
+    prefix = f"e{uuid.uuid4().hex[:8]}:"
+    backend = f"{redis_server.url}?prefix={prefix}"
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": lease}
+    payload = {"model": "gpt-mock", "input": "the lease was evicted", "stream": True}
+    redis = aioredis.from_url(redis_server.url)
+    async with serve(upstream_app) as upstream:
+        app_a = create_proxy_app(upstream, backend, **options)
+        app_b = create_proxy_app(upstream, backend, **options)
+        try:
+            async with (
+                serve(app_a) as pa,
+                serve(app_b) as pb,
+                httpx2.AsyncClient(timeout=30) as client,
+            ):
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    request = client.build_request(
+                        "POST", pa + "/v1/responses", json=payload, headers=HEADERS
+                    )
+                    producer = await client.send(request, stream=True)
+                    assert producer.headers["x-sse-cache"] == "miss"
+                    request = client.build_request(
+                        "POST", pb + "/v1/responses", json=payload, headers=HEADERS
+                    )
+                    follower = await client.send(request, stream=True)
+                    assert follower.headers["x-sse-cache"] == "shared"
+                    lock = f"{prefix}l:sf:{producer.headers['x-sse-cache-key']}"
+                    token = await redis.get(lock)
+                    assert token is not None
+                    await redis.delete(lock)  # evicted
+                    if taken:
+                        await redis.set(lock, b"another-process", px=60_000)
+                    else:
+                        with anyio.fail_after(10 * lease):
+                            # Another process's state: polled, there is no event to wait on.
+                            while await redis.get(lock) != token:  # noqa: ASYNC110
+                                await anyio.sleep(0.01)  # until the producer took it back
+                    # The upstream goes on thinking for three leases: the follower is
+                    # kept by the heartbeats alone.
+                    await anyio.sleep(3 * lease)
+                    upstream_app.gate.set()
+                    produced = await producer.aread()
+                    followed = await follower.aread()
+                    held = await redis.get(lock)
+        finally:
+            await app_a.aclose()
+            await app_b.aclose()
+            await redis.aclose()
+    assert produced == followed == upstream_app.body
+    assert upstream_app.calls == 1
+    if taken:  # (and its release left the other process's lease alone)
+        assert held == b"another-process"

@@ -125,6 +125,7 @@ class _Lease:
         self._task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._lost = False  # (said once: the keeper tries to take it back every round)
         # One write to the channel at a time, the response's and the heartbeats alike. A
         # write that timed out is sent again by redis-py while the first may still be
         # applied (a stalled server runs both once it resumes); the channel's append tells
@@ -154,9 +155,12 @@ class _Lease:
                 return
             try:
                 # (checked: the keeper is cancelled once, and must not go on renewing)
-                if not await checked(self.fanout.renew(self.lock, self.token, self.ttl)):
-                    logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
-                    return
+                if not await checked(self._hold()):
+                    # Another process leads the key now; this one still answers its own
+                    # followers, on its own channel, so its heartbeats go on.
+                    lost, self._lost = not self._lost, True
+                    if lost:
+                        logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
                 if not self._writing.locked():  # (a write under way shows life enough)
                     await checked(self.publish(b"k"))
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
@@ -167,6 +171,15 @@ class _Lease:
                     self.lock,
                     exc,
                 )
+
+    async def _hold(self) -> bool:
+        """Renew the lease, or take it again when it is gone: Redis evicts a lease like any
+        key under memory pressure (``allkeys-lru``), and the keeper used to stop there, its
+        heartbeats with it, so its followers in other processes failed on the next upstream
+        pause of a lease's length (helper-94). False when another process holds it."""
+        if await self.fanout.renew(self.lock, self.token, self.ttl):
+            return True
+        return await self.fanout.acquire(self.lock, self.token, self.ttl)
 
     def drain(self, live: LiveFlight[bytes]) -> None:
         """Read ``live``'s handed-over upstream to its end in a task of its own (the client
