@@ -148,11 +148,15 @@ class RedisBackend:
 
     def _forked(self) -> None:
         # A child of a fork: the pooled connections and the tracking connection are the
-        # parent's (_fork); the child's first use connects anew. (A cluster client's
-        # per-node pools are not reset: build a cluster backend in each process.)
+        # parent's (_fork); the child's first use connects anew.
         if self._listener is not None:
             self._listener.forked()
-        if isinstance(self._client, aioredis.Redis):
+        if self._cluster:
+            if not _forget_cluster_connections(self._client):
+                # A redis-py whose cluster client is laid out otherwise: refused (misses,
+                # each with a warning) rather than used over the parent's sockets.
+                self._op.close()
+        elif isinstance(self._client, aioredis.Redis):
             pool = self._client.connection_pool
             keep(
                 (
@@ -411,6 +415,35 @@ class RedisBackend:
         Waiting holds one pooled connection per reader, in slices of half the operation
         timeout (``XREAD BLOCK``), so a dead server is noticed within about ``timeout``."""
         return self._fanout.read(channel, start=start, block=block)
+
+
+def _forget_cluster_connections(client: object) -> bool:
+    """In a forked child, drop (:func:`~._fork.keep`) every connection of a cluster client's
+    nodes, which the parent holds too: each node connects anew on first use. Before, the
+    child and its siblings sent their commands over the parent's sockets and read one
+    another's replies (another key's value, answered as this one's). The client's asyncio
+    locks are made anew (bound to the parent's loop if they ever had to wait there). False,
+    with nothing changed, when the client is not laid out as redis-py 5.0 to 8.x lay it
+    out."""
+    nodes = getattr(client, "nodes_manager", None)
+    every = {
+        id(node): node
+        for table in ("nodes_cache", "startup_nodes")
+        for node in getattr(nodes, table, {}).values()
+    }
+    # ClusterNode: its connections, and the idle ones among them.
+    pools = [(getattr(n, "_connections", None), getattr(n, "_free", None)) for n in every.values()]
+    if not every or any(not isinstance(held, list) or idle is None for held, idle in pools):
+        return False
+    for held, idle in pools:
+        assert held is not None and idle is not None  # (checked above)
+        keep((list(held), list(idle)))
+        held.clear()
+        idle.clear()
+    for owner, name in ((client, "_usage_lock"), (client, "_lock"), (nodes, "_initialize_lock")):
+        if isinstance(getattr(owner, name, None), asyncio.Lock):
+            setattr(owner, name, asyncio.Lock())
+    return True
 
 
 def _lock_milliseconds(name: str, token: str, ttl: float) -> int:
