@@ -421,10 +421,10 @@ def _forget_cluster_connections(client: object) -> bool:
     """In a forked child, drop (:func:`~._fork.keep`) every connection of a cluster client's
     nodes, which the parent holds too: each node connects anew on first use. Before, every
     call in the child failed on them (their streams belong to the parent's event loop), and
-    a child that shared the parent's loop would have read its siblings' replies. The client's asyncio
-    locks are made anew (bound to the parent's loop if they ever had to wait there). False,
-    with nothing changed, when the client is not laid out as redis-py 5.0 to 8.x lay it
-    out."""
+    a child that shared the parent's loop would have read its siblings' replies. The
+    client's asyncio locks are made anew (bound to the parent's loop if they ever had to wait
+    there). False, with nothing changed, when the client is not laid out as redis-py 5.0 to
+    8.x lay it out."""
     nodes = getattr(client, "nodes_manager", None)
     every = {
         id(node): node
