@@ -135,18 +135,29 @@ class Forwarder:
             max_connections=max_connections,
             max_keepalive_connections=min(max_connections or _KEEPALIVE, _KEEPALIVE),
         )
-        self._client = client or httpx2.AsyncClient(
-            timeout=httpx2.Timeout(timeout, connect=connect_timeout),
-            limits=limits,
-            follow_redirects=False,
-        )
+        self._new_client: Callable[[], Any] | None = None
+        if client is None:
+            self._new_client = lambda: httpx2.AsyncClient(
+                timeout=httpx2.Timeout(timeout, connect=connect_timeout),
+                limits=limits,
+                follow_redirects=False,
+            )
+            client = self._new_client()
+        self._client = client
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    def reopen(self) -> None:
+        """Open the upstream client again if :meth:`aclose` closed it (the lifespan's
+        startup: an app served again, a test client per test on one app), unless it was
+        given (``client=``: its owner's to open)."""
+        if self._new_client is not None and self._client.is_closed:
+            self._client = self._new_client()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send, self.aclose)
+            await _lifespan(receive, send, self.reopen, self.aclose)
             return
         if scope["type"] != "http":
             return
@@ -410,10 +421,13 @@ async def _watch_disconnect(receive: Receive, flag: anyio.Event, scope: anyio.Ca
             scope.cancel()
 
 
-async def _lifespan(receive: Receive, send: Send, on_shutdown: Any) -> None:
+async def _lifespan(
+    receive: Receive, send: Send, on_startup: Callable[[], None], on_shutdown: Any
+) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            on_startup()
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await on_shutdown()

@@ -570,3 +570,32 @@ async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_stream
             await app.aclose()
             await other.aclose()
     assert len(calls) == 2
+
+
+async def test_a_proxy_app_served_again_forwards_and_caches_again(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # The lifespan's shutdown closes the app's upstream client and the backend it opened.
+    # Served again (a test client per test on one app, a server restarted in process), its
+    # cache was reopened but its upstream client was not: every request that went upstream
+    # failed with a 500 ("the client has been closed").
+    from sse_cache._uvicorn import serve as serve_with
+
+    upstream_app = MockUpstream(delay=0.001, first_delay=0.005)
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'cache.db'}")
+        seen = []
+        for prompt in ("first serving", "second serving"):
+            async with (
+                serve_with(app, lifespan="on") as proxy,
+                httpx2.AsyncClient(base_url=proxy, timeout=30) as http,
+            ):
+                models = await http.get("/v1/models", headers=KEY_A)
+                assert models.status_code == 200, models.text
+                for _ in range(2):
+                    answer = await http.post(
+                        "/v1/responses", json=responses_body(prompt), headers=KEY_A
+                    )
+                    assert answer.status_code == 200, answer.text
+                    seen.append(answer.headers["x-sse-cache"])
+    assert seen == ["miss", "hit", "miss", "hit"]
