@@ -139,6 +139,14 @@ async def herd(
     return results
 
 
+async def streamed(
+    client: httpx2.AsyncClient, base: str, payload: dict[str, Any]
+) -> httpx2.Response:
+    """The streamed response of one request to the proxy at ``base``, body not read yet."""
+    request = client.build_request("POST", base + "/v1/responses", json=payload, headers=HEADERS)
+    return await client.send(request, stream=True)
+
+
 def complete(content: bytes) -> bool:
     return content.rstrip().split(b"\n\n")[-1].startswith(b"event: response.completed")
 
@@ -180,17 +188,11 @@ async def test_a_killed_producer_fails_its_followers_visibly_and_frees_its_lease
     async with two_proxies(serve, redis_server.url, upstream_app) as (prefix, one, two):
         (p1, proc1), (p2, _) = one, two
         async with httpx2.AsyncClient(timeout=30) as client:
-            request = client.build_request(
-                "POST", p1 + "/v1/responses", json=payload, headers=HEADERS
-            )
-            producer = await client.send(request, stream=True)
+            producer = await streamed(client, p1, payload)
             assert producer.headers["x-sse-cache"] == "miss"
             produced = producer.aiter_raw()
             first = await produced.__anext__()
-            request = client.build_request(
-                "POST", p2 + "/v1/responses", json=payload, headers=HEADERS
-            )
-            follower = await client.send(request, stream=True)
+            follower = await streamed(client, p2, payload)
             assert follower.headers["x-sse-cache"] == "shared"
             followed = follower.aiter_raw()
             got = await followed.__anext__()
@@ -718,17 +720,11 @@ async def test_a_proxy_reads_on_for_another_process_when_its_own_client_leaves(
                 httpx2.AsyncClient(timeout=30) as client,
             ):
                 with anyio.fail_after(DEADLOCK_GUARD):
-                    request = client.build_request(
-                        "POST", pa + "/v1/responses", json=payload, headers=HEADERS
-                    )
-                    producer = await client.send(request, stream=True)
+                    producer = await streamed(client, pa, payload)
                     assert producer.headers["x-sse-cache"] == "miss"
                     async for _ in producer.aiter_raw():
                         break  # A's client has its first bytes...
-                    request = client.build_request(
-                        "POST", pb + "/v1/responses", json=payload, headers=HEADERS
-                    )
-                    follower = await client.send(request, stream=True)
+                    follower = await streamed(client, pb, payload)
                     assert follower.headers["x-sse-cache"] == "shared"
                     await producer.aclose()  # ... and leaves, while B follows
                     await left.wait()
@@ -832,15 +828,9 @@ async def test_a_producer_that_lost_its_lease_keeps_its_followers(
                 httpx2.AsyncClient(timeout=30) as client,
             ):
                 with anyio.fail_after(DEADLOCK_GUARD):
-                    request = client.build_request(
-                        "POST", pa + "/v1/responses", json=payload, headers=HEADERS
-                    )
-                    producer = await client.send(request, stream=True)
+                    producer = await streamed(client, pa, payload)
                     assert producer.headers["x-sse-cache"] == "miss"
-                    request = client.build_request(
-                        "POST", pb + "/v1/responses", json=payload, headers=HEADERS
-                    )
-                    follower = await client.send(request, stream=True)
+                    follower = await streamed(client, pb, payload)
                     assert follower.headers["x-sse-cache"] == "shared"
                     lock = f"{prefix}l:sf:{producer.headers['x-sse-cache-key']}"
                     token = await redis.get(lock)
