@@ -149,6 +149,33 @@ async def test_a_hot_key_is_answered_without_a_get(spawn_redis: Callable[..., An
     await raw.aclose()
 
 
+async def test_keys_answered_from_memory_are_used_in_redis_s_eyes(
+    spawn_redis: Callable[..., Any],
+) -> None:
+    # Redis evicts by when a key was last used (allkeys-lru) or how often (allkeys-lfu). Hits
+    # from the near cache never reached it, so the hottest answers looked the least used
+    # and were evicted first, then dropped from every near cache: the next request for them
+    # went upstream. The keys the near cache answered are TOUCHed (at most once a second).
+    server = spawn_redis()
+    raw = aioredis.Redis(host="127.0.0.1", port=server.port)
+    backend = open_backend(server.url, prefix="lru:")
+    await backend.set("hot", b"h" * 1000, None)
+    await backend.set("cold", b"c" * 1000, None)
+    assert await kept(backend, "hot") == b"h" * 1000
+    await raw.config_resetstat()
+    # Hits from memory while Redis's clock (seconds) runs on for three seconds.
+    start = int((await raw.time())[0])
+    while int((await raw.time())[0]) < start + 3:
+        assert await backend.get("hot") == b"h" * 1000
+        await anyio.sleep(0.02)  # (a request every 20 ms)
+    assert await get_calls(raw) == 0  # still answered from memory
+    idle_hot = await raw.object("idletime", "lru:e:hot")
+    idle_cold = await raw.object("idletime", "lru:e:cold")
+    assert idle_cold >= 2 and idle_hot < idle_cold, (idle_hot, idle_cold)
+    await backend.aclose()
+    await raw.aclose()
+
+
 async def test_near_cache_0_is_off(spawn_redis: Callable[..., Any]) -> None:
     server = spawn_redis()
     raw = aioredis.Redis(host="127.0.0.1", port=server.port)
@@ -419,5 +446,32 @@ async def test_a_user_not_allowed_to_track_is_told_why(
             assert backend.cached("k") is None  # off: nothing answered without Redis
         [warning] = [r.getMessage() for r in caplog.records if "tracking" in r.getMessage()]
         assert "NoPermissionError" in warning and "client|tracking" in warning.lower()
+    finally:
+        await raw.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_user_not_allowed_to_touch_is_told_once_and_still_answered_from_memory(
+    redis_server: Any, raw: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    user = f"no-touch-{uuid.uuid4().hex[:8]}"
+    await raw.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-touch")
+    try:
+        with caplog.at_level(logging.WARNING, logger="sse_cache.backends.redis"):
+            url = f"redis://{user}:pw@127.0.0.1:{redis_server.port}/0"
+            backend = open_backend(url, prefix="acl-touch:")
+            await backend.set("k", b"v", None)
+            assert await kept(backend, "k") == b"v"
+            with anyio.fail_after(30):  # a deadlock guard: a round runs every second
+                while not any("TOUCH" in r.getMessage() for r in caplog.records):
+                    assert await backend.get("k") == b"v"
+                    await anyio.sleep(0.05)  # (a request every 50 ms)
+            # Another round refused: not said again.
+            await raw.config_resetstat()
+            with anyio.fail_after(30):
+                while "cmdstat_touch" not in await raw.info("commandstats"):
+                    assert backend.cached("k") == b"v"  # still answered from memory
+                    await anyio.sleep(0.05)
+        touches = [r.getMessage() for r in caplog.records if "TOUCH" in r.getMessage()]
+        assert len(touches) == 1 and "NoPermissionError" in touches[0], touches
     finally:
         await raw.execute_command("ACL", "DELUSER", user)

@@ -38,6 +38,7 @@ from ._redis_client import (
 )
 from ._redis_fanout import StreamFanout
 from ._redis_near import TrackedValues
+from ._redis_touch import Toucher
 from ._redis_tracking import InvalidationListener, connection_for
 
 __all__ = ["RedisBackend", "from_url", "map_exceptions"]
@@ -136,6 +137,7 @@ class RedisBackend:
         # move; one tracking connection per node that follows the moves is not built.
         self._values = TrackedValues(0 if self._cluster else near_cache_bytes)
         self._listener: InvalidationListener | None = None
+        self._toucher: Toucher | None = None
         if self._values.enabled and isinstance(client, aioredis.Redis):
             name = client.connection_pool.connection_kwargs.get("client_name") or "sse-cache"
             self._listener = InvalidationListener(
@@ -144,6 +146,7 @@ class RedisBackend:
                 self._values,
                 timeout=timeout,
             )
+            self._toucher = Toucher(client, self._data_prefix, timeout=timeout)
         reopen_after_fork(self)
 
     def _forked(self) -> None:
@@ -151,6 +154,8 @@ class RedisBackend:
         # parent's (_fork); the child's first use connects anew.
         if self._listener is not None:
             self._listener.forked()
+        if self._toucher is not None:
+            self._toucher.forked()
         if self._cluster:
             if not _forget_cluster_connections(self._client):
                 # A redis-py whose cluster client is laid out otherwise: refused (misses,
@@ -192,6 +197,8 @@ class RedisBackend:
         async with self._op("GET"):
             if self._listener is not None:
                 self._listener.ensure_running()
+            if self._toucher is not None:
+                self._toucher.ensure_running()
             # Noted before the GET is sent: an invalidation handled before its reply may be
             # for a write made after it ran (_redis_near).
             ticket = self._values.begin(key)
@@ -228,7 +235,10 @@ class RedisBackend:
             # which ended without cancelling it, or in the parent of a forked child, never
             # reported that it stopped hearing Redis.)
             return None
-        return self._values.get(key, time.monotonic())
+        value = self._values.get(key, time.monotonic())
+        if value is not None and self._toucher is not None:
+            self._toucher.note(key)  # (a use Redis's eviction must see: _redis_touch)
+        return value
 
     async def set(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """``SET`` ``value`` under ``key``, with ``PX`` when ``ttl`` is given (a
@@ -272,6 +282,9 @@ class RedisBackend:
         if self._listener is not None:
             with anyio.CancelScope(shield=True):
                 await self._listener.aclose()
+        if self._toucher is not None:
+            with anyio.CancelScope(shield=True):
+                await self._toucher.aclose()
         try:
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout * 4):
                 await self._client.aclose()

@@ -1,0 +1,118 @@
+"""Telling Redis which keys the Redis backend's near cache answered.
+
+Redis chooses what to evict under memory pressure (``allkeys-lru``, ``allkeys-lfu`` and the
+``volatile-*`` policies) by when each key was last used, or how often. A hit answered from
+the near cache never reaches Redis, so the entries a process answers most looked the least
+used there, and were evicted first: every near cache then dropped them (Redis reports an
+eviction as a change), and the next request for the hottest answer went upstream. So the
+keys the near cache answered are sent back to Redis every :data:`TOUCH_INTERVAL` seconds as
+``TOUCH`` commands (a use that changes nothing, and that no tracking client is told of): one
+round trip a second at most, whatever the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+import redis.asyncio as aioredis
+
+from .._cancellation import checked
+
+__all__ = ["TOUCH_INTERVAL", "Toucher"]
+
+logger = logging.getLogger("sse_cache.backends.redis")
+
+#: Seconds between two rounds of ``TOUCH``: the resolution of Redis's own LRU clock.
+TOUCH_INTERVAL: Final = 1.0
+#: Keys named in one ``TOUCH`` command.
+_BATCH: Final = 500
+#: Keys noted between two rounds at most (a round that cannot run, on a loop that ended,
+#: must not let the set grow with every key ever answered).
+_MAX_KEYS: Final = 20_000
+
+
+class Toucher:
+    """Collects the keys answered from memory (:meth:`note`, synchronous and cheap: on the
+    hit path) and ``TOUCH``\\ es them (``key_prefix`` + key) in a task of the event loop
+    that last called :meth:`ensure_running`, until :meth:`aclose`. Best effort: a round
+    that fails is logged once and dropped (a missed touch only ages a key)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        key_prefix: str,
+        *,
+        timeout: float,
+        interval: float = TOUCH_INTERVAL,
+    ) -> None:
+        self._client = client
+        self._prefix = key_prefix
+        self._timeout = timeout
+        self._interval = interval
+        self._keys: set[str] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._failing = False
+
+    def note(self, key: str) -> None:
+        """``key`` was answered from memory: touch it in the next round."""
+        keys = self._keys
+        if len(keys) < _MAX_KEYS:
+            keys.add(key)
+
+    def ensure_running(self) -> None:
+        """Start the task on the running loop unless it runs there already."""
+        if self._closed:
+            return
+        task = self._task
+        loop = asyncio.get_running_loop()
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._task = loop.create_task(self._run(), name="sse-cache redis touches")
+
+    def forked(self) -> None:
+        """In a child of a fork: the task is the parent's; what it had noted is too."""
+        self._task = None
+        self._keys = set()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if task.get_loop() is not running:
+            return  # (a loop that ended has already cancelled it)
+        task.cancel()
+        await asyncio.wait([task], timeout=self._timeout * 4)
+
+    async def _run(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self._interval)
+            if self._keys:
+                keys, self._keys = self._keys, set()
+                await self._touch([self._prefix + key for key in keys])
+
+    async def _touch(self, names: list[str]) -> None:
+        try:
+            for start in range(0, len(names), _BATCH):
+                async with asyncio.timeout(self._timeout * 2 + 0.25):
+                    await checked(self._client.touch(*names[start : start + _BATCH]))
+        except Exception as exc:
+            if not self._failing:
+                logger.warning(
+                    "Redis near cache: could not TOUCH the keys it answered (Redis may evict "
+                    "them as unused): %s: %s",
+                    type(exc).__name__,
+                    exc,
+                )
+            self._failing = True
+            return
+        if self._failing:
+            logger.info("Redis near cache: TOUCH works again")
+        self._failing = False
