@@ -87,7 +87,11 @@ _COUNTERS = (
         "unreadable",
         "Sound entries this process cannot read (served as misses, left stored).",
     ),
-    ("sse_cache_resumes", "resumed", "Clients that reconnected to a live stream for its rest."),
+    (
+        "sse_cache_resumes",
+        "resumed",
+        "Clients that came back for the rest of an answer (live or stored).",
+    ),
     (
         "sse_cache_invalid_requests",
         "invalid",

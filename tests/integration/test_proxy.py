@@ -17,7 +17,13 @@ import pytest
 from sse_cache import SSEParser, serialize_sse
 from sse_cache.adapters import GenericSSE, OpenAIResponses
 from sse_cache.proxy import ProxyApp, create_proxy_app
-from sse_cache.testing import GatedUpstream, MockUpstream, NoticeLog, responses_stream
+from sse_cache.testing import (
+    GatedUpstream,
+    MockUpstream,
+    NoticeLog,
+    metric_value,
+    responses_stream,
+)
 
 Serve = Any  # the `serve` fixture (tests/integration/conftest.py)
 
@@ -442,6 +448,12 @@ async def test_resume_a_responses_stream_from_the_cache(stack: Stack) -> None:
     other = await stack.http.get(url, headers=KEY_B)
     assert "x-sse-cache" not in other.headers
     assert await stack.upstream_calls() == 2
+    # Counted as a resume, as one from the live stream is: not as a request on a cached
+    # route (it was a hit there, and no resume).
+    text = (await stack.http.get("/_sse_cache/metrics")).text
+    assert metric_value(text, "sse_cache_resumes_total") == 1
+    assert metric_value(text, "sse_cache_requests_total", status="hit") == 0
+    assert metric_value(text, "sse_cache_requests_total", status="miss") == 1
 
 
 async def test_finish_on_disconnect_fills_the_cache_in_the_background(

@@ -270,6 +270,27 @@ async def test_last_event_id_continues_a_live_stream_after_that_event(serve: Any
     assert upstream_app.calls == 2
 
 
+async def test_last_event_id_continues_a_stored_stream_and_is_counted_as_a_resume(
+    serve: Any,
+) -> None:
+    # From the entry, as from the live stream: the events after that id, and a `resumed`
+    # notice (it was a hit alone: sse_cache_resumes_total missed every resume the cache
+    # answered from an entry).
+    upstream_app = numbered_events(30)
+    notices = NoticeLog()
+    routes = {"/v1/ticks": GenericSSE()}
+    async with proxied(serve, upstream_app, routes=routes, hooks=[notices]) as client:
+        whole = await client.post("/v1/ticks", json={"stream": True}, headers=ALICE)
+        assert whole.headers["x-sse-cache"] == "miss" and whole.content == upstream_app.body
+        resumed = await client.post(
+            "/v1/ticks", json={"stream": True}, headers={**ALICE, "last-event-id": "10"}
+        )
+    assert resumed.headers["x-sse-cache"] == "hit"
+    assert resumed.content == b"".join(upstream_app.pieces[10:])
+    assert [n.kind for n in notices.seen if n.kind in ("hit", "resumed")] == ["hit", "resumed"]
+    assert upstream_app.calls == 1
+
+
 async def test_a_client_resumes_through_another_proxy_process_on_the_same_redis(
     serve: Any, redis_server: Any
 ) -> None:

@@ -74,7 +74,7 @@ def register(sub: Any) -> None:
         metavar="TEXT",
         help=f"the secret the entries were written with (MsgpackCodec(secret=...); env "
         f"{_SECRET.env}, as for sse-cache proxy: prefer it to the flag, which ps shows); "
-        "entries without one are read too",
+        "entries written with another secret, or with none, are listed as unreadable",
     )
 
     ls = sub.add_parser("ls", parents=[common], help="list the keys of the entries in a cache")

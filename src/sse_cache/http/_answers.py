@@ -76,10 +76,13 @@ def _hit_answer(
     base: list[tuple[str, str]],
     events: int,
     duration: float,
+    notice: str = "hit",
 ) -> Answer:
     """A hit: ``base`` headers plus ``x-sse-cache``, the key, ``age`` and the remaining TTL;
-    the hit and (once sent) the bytes replayed are reported to ``hooks``. ``body``: all of
-    it (an instant answer, which says its length), or its chunks as they are due."""
+    the hit (a ``notice`` of that kind: ``resumed`` for a stream resumed by its response id,
+    which is no request on a cached route) and, once sent, the bytes replayed are reported
+    to ``hooks``. ``body``: all of it (an instant answer, which says its length), or its
+    chunks as they are due."""
     now = time.time()
     status = entry.status  # the upstream's own (any 2xx is stored)
     headers = base
@@ -92,7 +95,7 @@ def _hit_answer(
     headers.append(("age", str(max(0, int(now - entry.created_at)))))
     if entry.expires_at is not None:
         headers.append(("x-sse-cache-ttl", str(max(0, int(entry.expires_at - now)))))
-    emit(hooks, Notice(kind="hit", key=key, events=events, seconds=duration))
+    emit(hooks, Notice(kind=notice, key=key, events=events, seconds=duration))
     if isinstance(body, bytes):
         return Answer(status=status, headers=headers, chunks=_Whole(hooks, key, body), instant=True)
     return Answer(status=status, headers=headers, chunks=_counted(hooks, key, body))

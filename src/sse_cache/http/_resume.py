@@ -159,7 +159,11 @@ async def resume(
     base = [("content-type", entry.content_type), *_SSE_HEADERS]
     body = recorded_after(entry, events)
     duration = entry.events[-1].at if entry.events else 0.0
-    return _hit_answer(service.hooks, key, entry, body, base, len(events), duration)
+    # A resume as from the live stream: a `resumed` notice and a line, not a hit (it is no
+    # request on a cached route; helper-101: counted as one, it was a hit in
+    # sse_cache_requests_total, no resume, and logged nothing).
+    logger.info("sse_cache: %s resumed from its stored entry", key)
+    return _hit_answer(service.hooks, key, entry, body, base, len(events), duration, "resumed")
 
 
 async def _resume_remote(
