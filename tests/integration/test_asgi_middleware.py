@@ -139,6 +139,9 @@ async def test_an_instant_hit_says_its_length_unless_it_may_have_no_body(
     for controls in ({"last-event-id": "3"}, {"x-sse-cache-replay": "0ms"}):
         later = await client.post("/events", json={"q": 1}, headers=controls)
         assert later.headers["x-sse-cache"] == "hit" and "content-length" not in later.headers
+        # Sent over time: a proxy in front (nginx) must not hold it back (helper-101: a
+        # paced hit had no x-accel-buffering, where a miss and its followers have it).
+        assert later.headers["x-accel-buffering"] == "no"
     empty = CacheMiddleware(
         GatedUpstream(b"", status=204), "memory://", routes={"/events": GenericSSE}
     )

@@ -35,6 +35,8 @@ _BATCH_EVENTS = 256
 PACED_KEEPALIVE_SECONDS = 15.0
 _KEEPALIVE = {"lf": b": keep-alive\n\n", "crlf": b": keep-alive\r\n\r\n"}
 _SSE_HEADERS = [("cache-control", "no-cache")]
+#: On an answer sent over time (paced, or after Last-Event-ID): not held back by nginx.
+_NO_BUFFERING = ("x-accel-buffering", "no")
 
 
 class Answer(msgspec.Struct, frozen=True, kw_only=True):
@@ -283,7 +285,8 @@ def answer_entry(
         after = _after_id(events, decision.last_event_id)
         stream = cache.replay(entry, pacing, events=after)
         content_type = entry.content_type if entry.is_stream else SSE_TYPE
-        base = [("content-type", content_type), *_SSE_HEADERS]
+        # Sent as it is due, not at once: a proxy in front (nginx) must pass it on so.
+        base = [("content-type", content_type), *_SSE_HEADERS, _NO_BUFFERING]
         # A recorded stream as it was recorded; a synthesised one in LF.
         eol: EOL = entry.eol if entry.is_stream else "lf"
         lead, write = _writer(entry, len(events) - len(after), eol)
