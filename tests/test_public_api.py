@@ -79,6 +79,22 @@ def test_contract_names_are_exported(name: str, names: list[str]) -> None:
     assert set(names) <= set(module.__all__)
 
 
+def test_every_exception_the_package_exports_is_in_its_errors_module() -> None:
+    # docs/exceptions.md lists them all under sse_cache.errors: SharedStreamAborted, in
+    # sse_cache.flight alone, raised ImportError there, and BackendFull and ValueTooLarge
+    # were not in its __all__ (helper-101).
+    import sse_cache
+    from sse_cache import errors
+
+    raised = {
+        name
+        for name in sse_cache.__all__
+        if isinstance(getattr(sse_cache, name), type)
+        and issubclass(getattr(sse_cache, name), BaseException)
+    }
+    assert raised <= set(errors.__all__), raised - set(errors.__all__)
+
+
 def test_errors_share_one_root_and_subclass_useful_builtins() -> None:
     from sse_cache import errors
 

@@ -6,12 +6,15 @@ __all__ = [
     "BackendBusy",
     "BackendError",
     "BackendTimeout",
+    "BackendFull",
     "BackendUnavailable",
     "ConfigError",
     "CorruptEntry",
     "SSECacheError",
     "SSEError",
+    "SharedStreamAborted",
     "UnreadableEntry",
+    "ValueTooLarge",
 ]
 
 
@@ -75,3 +78,10 @@ class BackendBusy(BackendTimeout):
     timeout: more operations at once than the pool holds. The server may be healthy, so the
     breaker does not count it as a failure (skipping a busy backend would send every stored
     answer upstream under load); the operation is still a miss or a skipped store."""
+
+
+class SharedStreamAborted(SSECacheError):
+    """A live stream this request had joined stopped before the upstream completed it (the
+    upstream was cut, the producer failed, was cancelled or its process died, the reader fell
+    too far behind): what the reader holds is a part of an answer, never a whole one. (Also
+    importable from :mod:`sse_cache.flight`, where single-flight raises it.)"""

@@ -38,7 +38,7 @@ import anyio.lowlevel
 import msgspec
 
 from ._cancellation import on_asyncio
-from .errors import SSECacheError
+from .errors import SharedStreamAborted
 
 __all__ = [
     "DEFAULT_MAX_LOG_BYTES",
@@ -62,12 +62,6 @@ DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
 #: catches up on a long log gets it slice by slice, each sent (and drained by a slow client)
 #: before the next is made, rather than a copy of the whole log per follower.
 MAX_JOINED_BYTES = 64 * 1024
-
-
-class SharedStreamAborted(SSECacheError):
-    """A live stream this request had joined stopped before the upstream completed it (the
-    upstream was cut, the producer failed, was cancelled or its process died, the reader fell
-    too far behind): what the reader holds is a part of an answer, never a whole one."""
 
 
 class Head(msgspec.Struct, frozen=True):
