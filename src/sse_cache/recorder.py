@@ -223,7 +223,7 @@ class Recorder:
         # The events' verdict (below); a failure stops the recording.
         verdict, failing = self._judged()
         if failing is not None:
-            self._stop(RecorderState.FAILED, f"the stream reported a failure ({failing.event})")
+            self._stop(RecorderState.FAILED, f"the stream reported a failure ({_named(failing)})")
         return verdict
 
     def _verified(self) -> bool:
@@ -267,3 +267,12 @@ class Recorder:
         self._times = []
         self._judged_upto, self._judgement = 0, (Outcome.CONTINUE, None)
         self._verification = (-1, False)
+
+
+def _named(event: Event) -> str:
+    """How a failure's reason names the event that reported it: its type, or (a data-only
+    event, as Chat Completions sends its errors) the start of its data. It said "None"."""
+    if event.event is not None:
+        return event.event
+    data = event.data if len(event.data) <= 120 else event.data[:117] + "..."
+    return f"data: {data}"

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sse_cache import ConfigError, Event, Outcome
-from sse_cache.adapters import GenericSSE
+from sse_cache.adapters import GenericSSE, OpenAIChat
 from sse_cache.pacing import Pacing
 from sse_cache.recorder import EVENT_OVERHEAD, Recorder, RecorderState
 
@@ -44,6 +44,22 @@ def test_holds_answer_says_whether_the_stream_is_an_answer_wherever_it_stops() -
     assert rec.state is RecorderState.RECORDING  # (asking changes nothing)
     assert rec.finish(clean_end=False) is None and rec.state is RecorderState.FAILED
     assert rec.reason == "the stream reported a failure (error)"
+
+
+def test_a_data_only_failure_is_named_by_its_data() -> None:
+    # Chat Completions reports an error in a data-only event: the reason said "(None)".
+    rec = Recorder(OpenAIChat())
+    rec.add(Event('{"error": {"message": "The server had an error", "type": "server_error"}}'), 0)
+    assert rec.finish(clean_end=True) is None and rec.state is RecorderState.FAILED
+    assert rec.reason == (
+        'the stream reported a failure (data: {"error": {"message": "The server had an '
+        'error", "type": "server_error"}})'
+    )
+    long = Recorder(OpenAIChat())
+    long.add(Event('{"error": {"message": "' + "x" * 500 + '"}}'), 0)
+    long.finish(clean_end=True)
+    assert long.reason is not None and long.reason.endswith("xxx...)")
+    assert len(long.reason) < 200
 
 
 def test_holds_answer_runs_the_schemas_whole_stream_check() -> None:

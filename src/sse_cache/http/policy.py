@@ -636,7 +636,8 @@ class CachePolicy:
             return Decision(route=route, reason=str(exc))
         if tenant is None:
             why = (
-                "no credential header to scope the entry by (set tenant= to cache it)"
+                "no credential header to scope the entry by (to cache it: tenant= in code; "
+                "sse-cache proxy --credential-header NAME or --shared-tenant)"
                 if self._tenant is None
                 else "the tenant callable returned no scope"
             )
