@@ -3,6 +3,7 @@ proxy`` as real processes on loopback, then raw HTTP through them."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -229,3 +230,31 @@ def test_the_proxy_access_log_never_prints_a_query_key() -> None:
     assert RedactQueryKey().filter(record)
     assert "AIza-secret" not in record.getMessage() and "key=***&alt=sse" in record.getMessage()
     assert scope["query_string"] == b"key=AIza-secret&alt=sse"  # (the request's own is intact)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "said"),
+    [
+        (["--port", "99999"], {}, "argument --port: expected a port number"),
+        ([], {"SSE_CACHE_PORT": "99999"}, "SSE_CACHE_PORT: expected a port number"),
+        (["--backend", "bogus://x"], {}, "--backend: unknown backend URL scheme 'bogus'"),
+    ],
+    ids=["flag", "variable", "backend"],
+)
+def test_a_refused_configuration_exits_2_however_it_was_given(
+    args: list[str], env: dict[str, str], said: str, tmp_path: Path
+) -> None:
+    # A bad value as a flag exited 2 (argparse's), the same value as a variable 1, and a bad
+    # backend URL 1 (helper-101): a wrapper script could not tell a refused configuration
+    # from a proxy that failed at run time.
+    refused = subprocess.run(
+        [sys.executable, "-m", "sse_cache", "proxy", "--upstream", "http://127.0.0.1:9", *args],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert said in refused.stderr and refused.stderr.count(said) == 1
+    assert "Traceback" not in refused.stderr

@@ -163,6 +163,8 @@ def test_a_bad_variable_names_itself_and_what_was_expected(
     message = str(info.value)
     assert re.match(f"sse-cache proxy: {name}:? ", message), message
     assert expected in message
+    # As the same value given as a flag (argparse's 2): it exited 1 (helper-101).
+    assert info.value.code == 2
 
 
 @pytest.mark.parametrize(
@@ -179,6 +181,7 @@ def test_an_option_the_app_refuses_is_named_as_it_was_given(
     with pytest.raises(SystemExit) as info:
         main(["proxy", "--upstream", "http://127.0.0.1:9", *argv])
     assert str(info.value).startswith(f"sse-cache proxy: {expected}"), info.value
+    assert info.value.code == 2
 
 
 def test_a_missing_upstream_says_how_to_give_one(

@@ -38,6 +38,8 @@ INTERRUPTED_EXIT = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._options import Refused
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -48,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # without another one when Python flushes stdout at the exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return BROKEN_PIPE_EXIT
+    except Refused as refused:
+        print(refused.message, file=sys.stderr)
+        raise
     except KeyboardInterrupt:
         # Ctrl-C is how a user stops a command, not a failure to show as a traceback.
         print("sse-cache: interrupted", file=sys.stderr)

@@ -26,6 +26,7 @@ __all__ = [
     "LOOPBACK_NAMES",
     "OPTIONS",
     "Option",
+    "Refused",
     "add_options",
     "check_backend",
     "option",
@@ -36,6 +37,20 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SSE_CACHE_"
+
+
+class Refused(SystemExit):
+    """A command's refusal of how it was asked to run (a bad option value, as a flag or as a
+    variable; a missing extra): ``message`` on stderr (:func:`sse_cache.cli.main` prints
+    it) and exit status 2, as argparse's own refusals. A bad ``SSE_CACHE_PORT`` exited 1
+    where the same ``--port`` exited 2 (helper-101)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # -- values ---------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..engine import StreamCache
 from ..errors import ConfigError
 from ..events import Event, SSEParser, serialize_sse
 from ..testing import MockUpstream, paced, responses_stream
-from ._options import check_backend
+from ._options import Refused, check_backend
 from .mock import milliseconds
 
 __all__ = ["register", "run_engine_demo", "run_http_demo"]
@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.deltas < 1:
-        raise SystemExit("sse-cache demo: --deltas must be >= 1")
+        raise Refused("sse-cache demo: --deltas must be >= 1")
     if args.backend is not None:
         # Said before any server starts, not as a traceback from inside them.
         try:

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from ..testing import DEFAULT_DELTAS, DEFAULT_SUMMARIES, ERROR_MODES, MockUpstream
-from ._options import LOOPBACK_NAMES, host
+from ._options import LOOPBACK_NAMES, Refused, host
 
 __all__ = ["milliseconds", "register"]
 
@@ -87,9 +87,9 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.deltas < 1 or args.summaries < 0:
-        raise SystemExit("sse-cache mock-upstream: --deltas must be >= 1, --summaries >= 0")
+        raise Refused("sse-cache mock-upstream: --deltas must be >= 1, --summaries >= 0")
     if not 0 <= args.port <= 65535:
-        raise SystemExit(f"sse-cache mock-upstream: invalid --port {args.port}")
+        raise Refused(f"sse-cache mock-upstream: invalid --port {args.port}")
     try:
         import uvicorn  # lazily: only this subcommand needs a server
     except ImportError:

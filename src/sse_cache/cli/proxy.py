@@ -30,6 +30,7 @@ from ._options import (
     LOOPBACK_NAMES,
     OPTIONS,
     Option,
+    Refused,
     add_options,
     check_backend,
     option,
@@ -259,19 +260,19 @@ def _run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
     except ImportError:
-        raise SystemExit("sse-cache proxy needs uvicorn: pip install 'sse-cache[proxy]'") from None
+        raise Refused("sse-cache proxy needs uvicorn: pip install 'sse-cache[proxy]'") from None
     import logging.config
 
     try:
         settings = resolve(args, os.environ)
     except ConfigError as exc:
-        raise SystemExit(f"sse-cache proxy: {exc}") from None
+        raise Refused(f"sse-cache proxy: {exc}") from None
     log_config = proxy_log_config(settings.log_level)
     logging.config.dictConfig(log_config)
     for warning in unknown_variables(os.environ):
         logger.warning("sse_cache: %s", warning)
     if forwards_to_itself(settings):
-        raise SystemExit(
+        raise Refused(
             f"sse-cache proxy: --upstream {redact_url(settings.upstream)} is this proxy itself "
             f"(--host {settings.host} --port {settings.port}): every request would be "
             "forwarded to itself, again and again"
@@ -280,12 +281,12 @@ def _run(args: argparse.Namespace) -> int:
         check_backend(settings.backend)
     except ConfigError as exc:
         given = _given_as(option("--backend"), args)
-        raise SystemExit(f"sse-cache proxy: {given}: {exc}") from None
+        raise Refused(f"sse-cache proxy: {given}: {exc}") from None
     try:
         warnings = plan_workers(settings)
         app = build_app(settings)
     except ConfigError as exc:
-        raise SystemExit(f"sse-cache proxy: {_naming_the_option(str(exc), args)}") from None
+        raise Refused(f"sse-cache proxy: {_naming_the_option(str(exc), args)}") from None
     for warning in warnings:
         logger.warning("sse_cache: %s", warning)
     options: dict[str, Any] = {
