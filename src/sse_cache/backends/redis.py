@@ -179,6 +179,12 @@ class RedisBackend:
         return f"RedisBackend({kind}, prefix={self.prefix!r}, timeout={self._timeout})"
 
     @property
+    def timeout(self) -> float:
+        """Seconds a command may take (``?timeout=``): what bounds a cross-process
+        producer's writes to its channel, and so the shortest safe lease."""
+        return self._timeout
+
+    @property
     def client(self) -> aioredis.Redis | RedisCluster:
         """The underlying redis-py client (for capabilities this class does not wrap)."""
         return self._client

@@ -102,6 +102,28 @@ _SHARED_HEAD = frozenset(
 )
 
 
+def _check_lease(lease: float, backend: object) -> None:
+    """Warn of a lease too short for the backend's timeout. A producer's write to its channel
+    may take twice that timeout plus 0.25 s, and its followers wait a lease's length for its
+    next message: a lease not above a third of itself plus that, 3 x timeout + 0.375 s, lets
+    a slow write that succeeds make its followers give up on a live producer (aborted,
+    never a clean end). Accepted silently before (helper-101)."""
+    timeout = getattr(backend, "timeout", None)
+    if not isinstance(timeout, (int, float)):
+        return
+    shortest = 3 * timeout + 0.375
+    if lease <= shortest:
+        logger.warning(
+            "sse_cache: cross_process_lease=%g s is too short for the backend's timeout of "
+            "%g s: keep it above %g s (3 x timeout + 0.375), or a write that is slow but "
+            "succeeds makes the followers of a live producer give up on it (their responses "
+            "are aborted)",
+            lease,
+            timeout,
+            shortest,
+        )
+
+
 class CacheService:
     """Policy + one :class:`StreamCache` per adapter, all on one backend.
 
@@ -138,6 +160,8 @@ class CacheService:
         self._codec = o.codec or MsgpackCodec()
         self.ttl = o.ttl
         self._use(self.backend)
+        if self.fanout is not None:
+            _check_lease(o.cross_process_lease, self.fanout)
 
     def _use(self, backend: Backend) -> None:
         # What works on the backend: its breaker, the fan-out of live streams and one cache
