@@ -1,7 +1,10 @@
 """Schema adapters: one per event schema, pure functions of requests and events.
 
 ``by_name(name)`` builds an adapter from its schema name (the name stored in every entry);
-``for_path(path)`` picks the adapter for a well-known API route.
+``for_path(path)`` picks the adapter for a well-known API route. ``KeyedAdapter`` (the
+request side every built-in adapter shares: key fields, the streaming flag) and
+``split_text`` (text into delta-sized pieces) are for adapters of other schemas
+(docs/adapters.md).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from typing import Any, Final
 
 from ..errors import ConfigError
 from ..protocols import StreamAdapter
+from ._common import KeyedAdapter as KeyedAdapter
+from ._common import split_text as split_text
 from .anthropic import AnthropicMessages as AnthropicMessages
 from .gemini import GeminiGenerateContent as GeminiGenerateContent
 from .generic import GenericSSE as GenericSSE
@@ -22,10 +27,12 @@ __all__ = [
     "AnthropicMessages",
     "GeminiGenerateContent",
     "GenericSSE",
+    "KeyedAdapter",
     "OpenAIChat",
     "OpenAIResponses",
     "by_name",
     "for_path",
+    "split_text",
 ]
 
 #: Adapter classes by schema name.
