@@ -97,7 +97,9 @@ def register(sub: Any) -> None:
         "access lines print it), or an alias",
     )
     show.add_argument(
-        "--sse-only", action="store_true", help="print only the events, as SSE (no metadata)"
+        "--sse-only",
+        action="store_true",
+        help="print only the events, as SSE (no metadata; a stored non-stream answer: its body)",
     )
     show.set_defaults(run=_sync(_show))
 
