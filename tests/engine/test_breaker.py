@@ -3,13 +3,15 @@ keeps failing (against a real Redis stopped with SIGSTOP)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sse_cache import ConfigError, Entry, StreamCache
 from sse_cache.adapters import GenericSSE
@@ -262,3 +264,96 @@ async def test_a_store_skipped_by_the_breaker_says_so() -> None:
         async for _ in stream:
             pass
     assert not stream.stored and "circuit breaker is open" in stream.reason
+
+
+class BreakerMachine(RuleBasedStateMachine):
+    """Any interleaving of calls let through, and ending as they end in production (a
+    success, a failure, a cancellation; in any order, also after the state they were let
+    through in has passed), against what the breaker promises: closed lets every call
+    through, open lets none through for its cooldown, half-open lets one probe through at a
+    time, ``failures`` failures in a row open it, a success closes it, and every transition
+    is reported once, as it happens."""
+
+    FAILURES = 3
+    COOLDOWN = 10.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reported: list[BreakerState] = []
+        self.breaker = Breaker(self.FAILURES, self.COOLDOWN)
+        self.breaker.on_change = lambda state, why: self.reported.append(state)
+        self.now = 0.0
+        self.opened_at = 0.0
+        self.in_a_row = 0  # failures since the last success or opening, while closed
+        self.calls: dict[int, tuple[BreakerState, int]] = {}  # let through: in, half-open #
+        self.next_call = 0
+        self.half_opens = 0  # half-open periods so far
+        self.stale_ended = False  # a call from before this half-open ended during it
+
+    def _changed_to(self, before: BreakerState) -> None:
+        state = self.breaker.state
+        if state is not before:
+            assert self.reported[-1] is state  # reported as it happened
+            if state is BreakerState.OPEN:
+                self.opened_at, self.in_a_row = self.now, 0
+            elif state is BreakerState.HALF_OPEN:
+                self.half_opens += 1
+                self.stale_ended = False
+
+    @rule(seconds=st.sampled_from([0.0, 0.5, 3.0, 9.9, 10.0, 25.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.now += seconds
+
+    @rule()
+    def call(self) -> None:
+        before = self.breaker.state
+        allowed = self.breaker.allow(self.now)
+        if before is BreakerState.CLOSED:
+            assert allowed
+        if before is BreakerState.OPEN and self.now - self.opened_at < self.COOLDOWN:
+            assert not allowed and self.breaker.state is BreakerState.OPEN
+        self._changed_to(before)
+        if not allowed:
+            return
+        state = self.breaker.state
+        if state is BreakerState.HALF_OPEN and not self.stale_ended:
+            probes = [c for c in self.calls.values() if c == (state, self.half_opens)]
+            assert not probes, "a second probe while one is under way"
+        self.calls[self.next_call] = (state, self.half_opens)
+        self.next_call += 1
+
+    @precondition(lambda self: self.calls)
+    @rule(data=st.data(), how=st.sampled_from(["success", "failure", "cancelled"]))
+    def call_ends(self, data: st.DataObject, how: str) -> None:
+        which = data.draw(st.sampled_from(sorted(self.calls)))
+        let_in, period = self.calls.pop(which)
+        if self.breaker.state is BreakerState.HALF_OPEN and (
+            let_in is not BreakerState.HALF_OPEN or period != self.half_opens
+        ):
+            self.stale_ended = True
+        before = self.breaker.state
+        if how == "success":
+            self.breaker.success()
+            assert self.breaker.state is BreakerState.CLOSED
+            self.in_a_row = 0
+        elif how == "failure":
+            self.breaker.failure(self.now, "boom")
+            if before is BreakerState.CLOSED:
+                self.in_a_row += 1
+                opened = self.in_a_row >= self.FAILURES
+                assert (self.breaker.state is BreakerState.OPEN) == opened
+            else:  # a probe, or a call from before, failed: open for another cooldown
+                assert self.breaker.state is BreakerState.OPEN
+        else:
+            self.breaker.cancelled()
+            assert self.breaker.state is before  # says nothing about the backend
+        self._changed_to(before)
+
+    @invariant()
+    def each_transition_is_reported_once(self) -> None:
+        assert all(a is not b for a, b in itertools.pairwise(self.reported))
+        assert (self.reported[-1] if self.reported else BreakerState.CLOSED) is self.breaker.state
+
+
+TestBreakerMachine = BreakerMachine.TestCase
+TestBreakerMachine.settings = settings(max_examples=300, stateful_step_count=40)
