@@ -439,15 +439,27 @@ class ResumeCut:
         self._pending += data
         return self._seek()
 
-    def close(self) -> bytes:
-        return b"" if self.passing else self._pass()
+    @property
+    def held(self) -> bytes:
+        """What is held back so far: the bytes whose place is not known yet (a partial log,
+        as :func:`resume_point` reads one: a CR at its end may be half of a CRLF)."""
+        return b"" if self.passing else bytes(self._pending)
 
-    def _seek(self) -> bytes:
+    def close(self) -> bytes:
+        if self.passing:
+            return b""
+        # The stream ended: a CR at its very end ends a line, and may end its last event,
+        # which is judged before anything held back goes out (helper-100: it was not, so a
+        # client that had every event of a CR-framed stream got all of it again).
+        out = self._seek(ended=True)
+        return out if self.passing else out + self._pass()
+
+    def _seek(self, *, ended: bool = False) -> bytes:
         # Scans a copy (a bytearray being scanned cannot shrink): only the bytes whose place
         # is not known yet, a few events at most unless the point is far off.
         data = bytes(self._pending)
         for match in _LINE_END.finditer(data, self._line):
-            if match.group() == b"\r" and match.end() == len(data):
+            if match.group() == b"\r" and match.end() == len(data) and not ended:
                 break  # a CR that may be the first half of a CRLF still to come
             empty = match.start() == self._line
             self._line = end = match.end()
@@ -466,7 +478,7 @@ class ResumeCut:
                 if had:
                     del self._pending[:end]
                     self._block = self._line = 0
-                    return self._seek()
+                    return self._seek(ended=ended)
         return b""
 
     def _pass(self) -> bytes:
@@ -549,4 +561,4 @@ def resume_point(data: bytes, had: Callable[[Event], bool | None]) -> int:
     never counted as had."""
     cut = ResumeCut(had)
     sent = cut.feed(data)
-    return len(data) - len(sent if cut.passing else cut.close())
+    return len(data) - len(sent if cut.passing else cut.held)

@@ -25,6 +25,8 @@ from sse_cache.testing import GatedUpstream, NoticeLog, UpstreamCut
 pytestmark = pytest.mark.anyio
 
 EVENTS = [Event(f"chunk {i}", event="tick", id=str(i)) for i in range(6)]
+SSE_HEAD = [(b"content-type", b"text/event-stream")]
+DEADLOCK_GUARD = 30  # seconds: only a hung test reaches it
 
 
 def events_app(*, status: int = 200, content_type: str = "text/event-stream") -> GatedUpstream:
@@ -1275,3 +1277,61 @@ async def test_a_paced_hit_keeps_its_connection_alive_through_a_long_wait(
     # An instant hit has no wait, and no comment: the recorded bytes as they are.
     instant = await client.post("/events", json={"q": "slow"})
     assert instant.content == miss.content
+
+
+async def test_what_an_app_sends_after_it_was_stopped_at_the_answers_end_reaches_no_one() -> None:
+    # The producer's client left; a follower reads on. At the completing event the answer is
+    # stored, the follower's stream ends, and the app is stopped. An app that had read more
+    # sends it before it reaches a checkpoint (the proxy's forwarder, what arrived while the
+    # answer was published to Redis): the follower got those bytes past the stored answer,
+    # then a clean end, and recording them raised AssertionError (helper-100).
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("stopped at its end", text_deltas=3)
+    first, rest = serialize_sse(events[:2]), serialize_sse(events[2:])  # rest: completed
+    go, sent_first, left = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def stream(send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEAD})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        sent_first.set()
+        await go.wait()
+        await send({"type": "http.response.body", "body": rest, "more_body": True})
+        # Read already: sent at once, no checkpoint between (the stop comes at the next).
+        await send({"type": "http.response.body", "body": b": more\n\n", "more_body": True})
+        await anyio.sleep_forever()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # As a server's app (the proxy's forwarder): it stops when its client leaves, which
+        # the middleware keeps from it while followers read on.
+        if scope["type"] != "http":
+            return
+        await receive()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream, send)
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+    mw = CacheMiddleware(app, "memory://")
+    request = json.dumps({"model": "m", "input": "stopped at its end", "stream": True}).encode()
+    scope = {**events_scope(), "path": "/v1/responses", "raw_path": b"/v1/responses"}
+    answers: dict[str, Answered] = {}
+
+    async def ask(name: str, receive: Any) -> None:
+        answers[name] = await call(mw, scope, receive)
+
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "producer", body_then(request, until=left.wait))
+            await sent_first.wait()
+            tg.start_soon(ask, "follower", body_then(request))
+            await anyio.wait_all_tasks_blocked()  # it follows the live stream
+            left.set()  # the producer's client leaves; the follower reads on
+            await anyio.wait_all_tasks_blocked()
+            go.set()
+        again = await call(mw, scope, body_then(request))
+    follower = answers["follower"]
+    assert follower.headers[b"x-sse-cache"] == b"shared"
+    assert follower.body == first + rest and follower.ended
+    assert again.headers[b"x-sse-cache"] == b"hit" and again.body == first + rest

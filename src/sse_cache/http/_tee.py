@@ -185,8 +185,11 @@ class ResponseTee:
         self._jobs.append(job)
 
     def relay(self, chunk: bytes) -> None:
-        """``chunk`` is being handed to the producer's client: the followers get it too."""
-        if not chunk:
+        """``chunk`` is being handed to the producer's client: the followers get it too.
+        Nothing once the response stopped or ended: an app stopped there may still send
+        what it had read before it noticed (helper-100: the followers got bytes past the
+        stored answer, then its clean end)."""
+        if not chunk or self.ended or self.cut:
             return
         if self._flight is not None:
             self._flight.deliver(chunk)
@@ -194,8 +197,9 @@ class ResponseTee:
             self._outbox.append(chunk)
 
     def feed(self, chunk: bytes) -> None:
-        """Record ``chunk`` (after it was delivered) for storage."""
-        if self._failed or not chunk:
+        """Record ``chunk`` (after it was delivered) for storage; nothing once the response
+        stopped or ended (its recording is finished: an AssertionError, helper-100)."""
+        if self._failed or not chunk or self.ended or self.cut:
             return
         if self._parser is not None:
             assert self._live is not None
