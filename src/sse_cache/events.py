@@ -214,6 +214,12 @@ class SSEParser:
         return not self._irregular and self._eol != _EOL_MIXED
 
     @property
+    def mid_crlf(self) -> bool:
+        """The bytes fed so far end with a CR that ends a line, and the stream's line ends
+        so far were all CRLF: its LF is still to come (in the next chunk)."""
+        return self._skip_lf and self._eol == _EOL_CRLF
+
+    @property
     def idle(self) -> bool:
         """The bytes fed so far end where an event ended (or before any): no part of a line
         or of an event is pending."""

@@ -1279,16 +1279,26 @@ async def test_a_paced_hit_keeps_its_connection_alive_through_a_long_wait(
     assert instant.content == miss.content
 
 
-async def test_what_an_app_sends_after_it_was_stopped_at_the_answers_end_reaches_no_one() -> None:
+@pytest.mark.parametrize("split", ["more-after-the-end", "crlf-split-at-the-end"])
+async def test_a_stream_stopped_at_its_answers_end_ends_its_followers_there(split: str) -> None:
     # The producer's client left; a follower reads on. At the completing event the answer is
-    # stored, the follower's stream ends, and the app is stopped. An app that had read more
-    # sends it before it reaches a checkpoint (the proxy's forwarder, what arrived while the
-    # answer was published to Redis): the follower got those bytes past the stored answer,
-    # then a clean end, and recording them raised AssertionError (helper-100).
+    # stored, the follower's stream ends, and the app is stopped.
+    # - An app that had read more sends it before it reaches a checkpoint (the proxy's
+    #   forwarder, what arrived while the answer was published to Redis): the follower got
+    #   those bytes past the stored answer, then a clean end, and recording them raised
+    #   AssertionError (helper-100).
+    # - A CRLF-framed stream whose last CR and LF came apart: stopped at the CR, the
+    #   follower's stream and a stream kept as its bytes ended without the LF (helper-100).
     from sse_cache.testing import responses_stream
 
     events = responses_stream("stopped at its end", text_deltas=3)
     first, rest = serialize_sse(events[:2]), serialize_sse(events[2:])  # rest: completed
+    pieces = [rest, b": more\n\n"]
+    if split == "crlf-split-at-the-end":
+        # (A comment: not the canonical form, so kept as its bytes.)
+        first = b": hi\r\n\r\n" + serialize_sse(events[:2], eol="crlf")
+        rest = serialize_sse(events[2:], eol="crlf")
+        pieces = [rest[:-1], rest[-1:]]
     go, sent_first, left = anyio.Event(), anyio.Event(), anyio.Event()
 
     async def stream(send: Any) -> None:
@@ -1296,9 +1306,8 @@ async def test_what_an_app_sends_after_it_was_stopped_at_the_answers_end_reaches
         await send({"type": "http.response.body", "body": first, "more_body": True})
         sent_first.set()
         await go.wait()
-        await send({"type": "http.response.body", "body": rest, "more_body": True})
-        # Read already: sent at once, no checkpoint between (the stop comes at the next).
-        await send({"type": "http.response.body", "body": b": more\n\n", "more_body": True})
+        for piece in pieces:  # read already: sent at once, no checkpoint between
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
         await anyio.sleep_forever()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -347,6 +347,11 @@ class ResponseTee:
         is not judged again at every chunk after it.)"""
         if not self._completing_fed or self.ended or self.cut:
             return False
+        if self._parser is not None and self._parser.mid_crlf:
+            # Judged at the next chunk, which brings the LF of this CRLF: stopped now, the
+            # followers' streams (and a stream kept as its bytes) ended without it
+            # (helper-100).
+            return False
         self._completing_fed = False
         if not self.answered:
             return False
