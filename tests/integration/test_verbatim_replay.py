@@ -192,8 +192,10 @@ async def test_kept_bytes_past_max_entry_bytes_are_not_stored_but_all_delivered(
 @pytest.mark.parametrize("last", [b"event: done\n", b"id: 9\n", b"retry: 5000\n", b": bye\n"])
 async def test_fields_after_the_last_event_are_replayed(last: bytes) -> None:
     # A stream ending with a field line and no blank line: no event, but bytes the first
-    # client got. The canonical form dropped them from every hit.
-    raw = b"data: a\n\ndata: b\n\n" + last
+    # client got. The canonical form dropped them from every hit. A client that had the
+    # last event gets them too, as from a resume by id or from the live stream (it got
+    # nothing: helper-100).
+    raw = b"id: 1\ndata: a\n\nid: 2\ndata: b\n\n" + last
     upstream = upstream_cut_at(raw, [])
     app = CacheMiddleware(upstream, "memory://", routes={"/events": GenericSSE})
     async with client(app) as http:
@@ -202,8 +204,10 @@ async def test_fields_after_the_last_event_are_replayed(last: bytes) -> None:
         paced = await http.post(
             "/events", json={"q": 1}, headers={**AUTH, "x-sse-cache-replay": "0ms"}
         )
-    assert hit.headers["x-sse-cache"] == "hit"
+        resumed = await http.post("/events", json={"q": 1}, headers={**AUTH, "last-event-id": "2"})
+    assert hit.headers["x-sse-cache"] == resumed.headers["x-sse-cache"] == "hit"
     assert miss.content == hit.content == paced.content == raw
+    assert resumed.content == last
 
 
 @pytest.mark.anyio

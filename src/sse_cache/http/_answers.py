@@ -233,6 +233,7 @@ async def _stream_chunks(
         yield lead
     pending: list[Event] = []
     size = 0
+    written = False
     batches = stream.batches(_BATCH_EVENTS, idle_tick=PACED_KEEPALIVE_SECONDS)
     async with aclosing(batches):  # type: ignore[type-var]
         async for batch in batches:
@@ -243,9 +244,11 @@ async def _stream_chunks(
             size += sum(len(e.data) for e in batch)
             if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
                 yield write(pending)
-                pending, size = [], 0
-    if pending:
-        yield write(pending)
+                pending, size, written = [], 0, True
+    # (No event at all, after a Last-Event-ID naming the last one: what the stream sent after
+    # its last event still goes, as a resume by id and a live resume send it.)
+    if (pending or not written) and (out := write(pending)):
+        yield out
 
 
 def answer_wire(
