@@ -1,5 +1,5 @@
 # sse-cache proxy in a container: `docker build -t sse-cache .`, then
-#   docker run -p 8000:8000 -e SSE_CACHE_UPSTREAM=https://api.openai.com sse-cache
+#   docker run -p 127.0.0.1:8000:8000 -e SSE_CACHE_UPSTREAM=https://api.openai.com sse-cache
 # Every option of `sse-cache proxy` is an SSE_CACHE_* variable (docs/proxy.md); compose.yaml
 # runs it with Redis.
 
