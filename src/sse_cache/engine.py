@@ -73,6 +73,9 @@ Upstream = Callable[[], AsyncIterator[Event]]
 
 #: Default budget of :class:`StreamCache`'s decoded-entry cache (hot entries, per process).
 DEFAULT_DECODED_CACHE_BYTES = 64 * 1024 * 1024
+#: Default seconds a follower of a live stream waits for its head, and then for each next
+#: piece, before it gives up on it (:class:`~sse_cache.engine.SharedStreamAborted`).
+DEFAULT_JOIN_TIMEOUT = 300.0
 
 
 class StreamCache:
@@ -112,7 +115,7 @@ class StreamCache:
         hooks: Iterable[Hook] = (),
         backend_timeout: float = 2.0,
         single_flight: bool = True,
-        join_timeout: float = 300.0,
+        join_timeout: float = DEFAULT_JOIN_TIMEOUT,
         decoded_cache_bytes: int | DecodedEntries[Entry | WireEntry] = (
             DEFAULT_DECODED_CACHE_BYTES
         ),

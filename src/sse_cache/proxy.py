@@ -769,17 +769,19 @@ def create_proxy_app(
 ) -> ProxyApp:
     """The caching reverse proxy for ``upstream``: cacheable routes through
     :class:`CacheMiddleware` (``options`` are its keyword options), everything else passed
-    through unchanged. ``upstream_timeout`` bounds each upstream read, ``connect_timeout``
-    the connection, ``upstream_connections`` the connections open to the upstream at once
-    (None: no limit; a request past the limit waits for one). ``access_log``: an INFO line
-    on the ``sse_cache.access`` logger per request on a cached route (cache status, key
-    prefix, bytes, duration, why a miss was not stored). ``metrics_dir``: a directory the
-    worker processes of one proxy share their metrics through, so that a scrape of any of
-    them shows them all, each writing its figures every ``metrics_interval`` seconds, at
-    each scrape and as it shuts down. ``limit_concurrency``: requests served at once (None:
-    no limit), each counted from its arrival to its response's end (a stream's last byte);
-    past it a request is answered ``503`` with ``retry-after``. ``/_sse_cache/health`` and
-    ``/_sse_cache/metrics`` are never refused, and are not counted."""
+    through unchanged. ``upstream_timeout`` bounds each upstream read (and, unless
+    ``join_timeout`` is given, a follower's wait for a live stream's next piece),
+    ``connect_timeout`` the connection, ``upstream_connections`` the connections open to the
+    upstream at once (None: no limit; a request past the limit waits for one).
+    ``access_log``: an INFO line on the ``sse_cache.access`` logger per request on a cached
+    route (cache status, key prefix, bytes, duration, why a miss was not stored).
+    ``metrics_dir``: a directory the worker processes of one proxy share their metrics
+    through, so that a scrape of any of them shows them all, each writing its figures every
+    ``metrics_interval`` seconds, at each scrape and as it shuts down.
+    ``limit_concurrency``: requests served at once (None: no limit), each counted from its
+    arrival to its response's end (a stream's last byte); past it a request is answered
+    ``503`` with ``retry-after``. ``/_sse_cache/health`` and ``/_sse_cache/metrics`` are
+    never refused, and are not counted."""
     metrics = Metrics(share_dir=metrics_dir, share_interval=metrics_interval)
     log = AccessLog() if access_log else None
     forwarder = Forwarder(
@@ -790,9 +792,13 @@ def create_proxy_app(
     )
     ours = [metrics, log] if log is not None else [metrics]
     # Keyed by the upstream too: proxies of different upstreams on one backend never share.
+    # And a follower waits for a live stream's next piece as long as its producer waits for
+    # the upstream's (followers gave up at 300 s of a reasoning model's silence, while the
+    # producer, which waits upstream_timeout, went on; helper-102).
     given = options.get("options")
     if given is None:
         options.setdefault("origin", upstream)
+        options.setdefault("join_timeout", upstream_timeout)
     elif not given.origin:
         options["options"] = dataclasses.replace(given, origin=upstream)
     cached = CacheMiddleware(forwarder, backend, ttl=ttl, hooks=[*ours, *hooks], **options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from fractions import Fraction
+from typing import Any
 
 import pytest
 
@@ -182,3 +183,10 @@ def test_options_must_be_a_cache_options_object() -> None:
             wrapper({"ttl": 5})
         with pytest.raises(ConfigError, match="options must be a CacheOptions"):
             wrapper(60)
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), "300", True])
+def test_join_timeout_is_a_positive_number_of_seconds(value: Any) -> None:
+    with pytest.raises(ConfigError, match="join_timeout"):
+        CacheOptions(join_timeout=value)
+    assert CacheOptions(join_timeout=float("inf")).join_timeout == float("inf")

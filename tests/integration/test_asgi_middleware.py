@@ -1344,3 +1344,60 @@ async def test_a_stream_stopped_at_its_answers_end_ends_its_followers_there(spli
     assert follower.headers[b"x-sse-cache"] == b"shared"
     assert follower.body == first + rest and follower.ended
     assert again.headers[b"x-sse-cache"] == b"hit" and again.body == first + rest
+
+
+@pytest.mark.parametrize("join_timeout", [0.2, float("inf")])
+async def test_a_follower_waits_for_the_next_piece_as_long_as_join_timeout(
+    join_timeout: float,
+) -> None:
+    # A reasoning model may think for minutes without an event. A follower gave up at 300 s
+    # of silence, whatever its own read timeout (and the proxy's producer, which waits 600 s
+    # by default, went on): join_timeout is an option now (the proxy sets it to
+    # --upstream-timeout). Shorter than the silence, the follower is aborted (never ended
+    # cleanly) and the producer goes on; longer, it gets the whole answer.
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("a long think", text_deltas=3)
+    first, rest = serialize_sse(events[:2]), serialize_sse(events[2:])
+    go, sent_first = anyio.Event(), anyio.Event()
+    answers: dict[str, Answered | BaseException] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEAD})
+        await send({"type": "http.response.body", "body": first, "more_body": True})
+        sent_first.set()
+        await go.wait()  # thinking
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    mw = CacheMiddleware(app, "memory://", join_timeout=join_timeout)
+    request = json.dumps({"model": "m", "input": "a long think", "stream": True}).encode()
+    scope = {**events_scope(), "path": "/v1/responses", "raw_path": b"/v1/responses"}
+
+    async def ask(name: str) -> None:
+        try:
+            answers[name] = await call(mw, scope, body_then(request))
+        except Exception as exc:  # an aborted response, in process
+            answers[name] = exc
+
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "producer")
+            await sent_first.wait()
+            tg.start_soon(ask, "follower")
+            if join_timeout < 1:
+                while "follower" not in answers:  # noqa: ASYNC110 - until it gave up
+                    await anyio.sleep(0.01)
+            else:
+                await anyio.wait_all_tasks_blocked()  # it follows, and waits
+            go.set()
+    producer, follower = answers["producer"], answers["follower"]
+    assert isinstance(producer, Answered) and producer.body == first + rest and producer.ended
+    if join_timeout < 1:
+        aborted = isinstance(follower, BaseException) or not follower.ended
+        assert aborted, follower
+    else:
+        assert isinstance(follower, Answered) and follower.body == first + rest
+        assert follower.ended and follower.headers[b"x-sse-cache"] == b"shared"

@@ -611,3 +611,23 @@ async def test_a_proxy_app_served_again_forwards_and_caches_again(
                     assert answer.status_code == 200, answer.text
                     seen.append(answer.headers["x-sse-cache"])
     assert seen == ["miss", "hit", "miss", "hit"]
+
+
+async def test_a_proxys_followers_are_as_patient_as_its_upstream_reads() -> None:
+    # Followers gave up at 300 s of silence while the request they followed, reading its
+    # upstream, would wait --upstream-timeout (600 s by default): a reasoning model that
+    # thought for 5 to 10 minutes without an event aborted every follower (helper-102).
+    def patience(app: ProxyApp) -> float:
+        service = app.cached.service
+        matched = service.policy.match("POST", "/v1/responses")
+        assert matched is not None
+        return service.cache_for(matched[1]).join_timeout
+
+    defaults = create_proxy_app("http://127.0.0.1:9", "memory://")
+    longer = create_proxy_app("http://127.0.0.1:9", "memory://", upstream_timeout=1800)
+    chosen = create_proxy_app("http://127.0.0.1:9", "memory://", join_timeout=30)
+    try:
+        assert (patience(defaults), patience(longer), patience(chosen)) == (600, 1800, 30)
+    finally:
+        for app in (defaults, longer, chosen):
+            await app.aclose()

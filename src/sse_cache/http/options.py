@@ -28,7 +28,7 @@ from .._checks import (
 )
 from .._notices import Hook
 from ..breaker import DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_FAILURES
-from ..engine import DEFAULT_DECODED_CACHE_BYTES
+from ..engine import DEFAULT_DECODED_CACHE_BYTES, DEFAULT_JOIN_TIMEOUT
 from ..errors import ConfigError
 from ..pacing import Pacing
 from ..protocols import CacheKeyer, EventCodec, StreamAdapter
@@ -56,7 +56,7 @@ class CacheOptions:
     HTTP client's transport keys each request by its own server unless one is set here). ``ttl``
     (at most :data:`~sse_cache.http.policy.MAX_TTL`, one year; None: no expiry),
     ``max_entry_bytes``, ``pacing``, ``hooks``, ``backend_timeout``, ``single_flight``,
-    ``keyer``, ``codec``, ``decoded_cache_bytes``: as for
+    ``join_timeout``, ``keyer``, ``codec``, ``decoded_cache_bytes``: as for
     :class:`~sse_cache.engine.StreamCache` (the decoded-entry budget is shared by every
     route). ``cross_process`` / ``cross_process_lease``:
     single-flight across processes on a backend with leases and fan-out (Redis).
@@ -80,6 +80,7 @@ class CacheOptions:
     hooks: Iterable[Hook] = ()
     backend_timeout: float = 2.0
     single_flight: bool = True
+    join_timeout: float = DEFAULT_JOIN_TIMEOUT
     keyer: CacheKeyer | None = None
     codec: EventCodec | None = None
     cross_process: bool = False
@@ -114,6 +115,7 @@ class CacheOptions:
             ),
             "max_body_bytes": integer("max_body_bytes", self.max_body_bytes, what=POSITIVE_BYTES),
             "backend_timeout": positive_number("backend_timeout", self.backend_timeout),
+            "join_timeout": positive_number("join_timeout", self.join_timeout, finite=False),
             "cross_process_lease": positive_number(
                 "cross_process_lease", self.cross_process_lease, maximum=lease
             ),

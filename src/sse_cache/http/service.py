@@ -194,6 +194,7 @@ class CacheService:
                 hooks=self.hooks,
                 backend_timeout=o.backend_timeout,
                 single_flight=o.single_flight,
+                join_timeout=o.join_timeout,
                 decoded_cache_bytes=decoded,  # one budget for all the schemas
                 breaker=self.breaker,
             )
