@@ -46,7 +46,15 @@ CONTRACT = {
         "BackendError",
         "ConfigError",
     ],
-    "sse_cache.protocols": ["CacheKeyer", "EventCodec", "Backend", "StreamAdapter"],
+    # (LeasingBackend: what a plugin backend implements for cross-process single-flight.)
+    "sse_cache.protocols": [
+        "CacheKeyer",
+        "EventCodec",
+        "Backend",
+        "StreamAdapter",
+        "LeasingBackend",
+        "FanoutBackend",
+    ],
     "sse_cache.keys": ["DefaultKeyer"],
     "sse_cache.codec": ["MsgpackCodec"],
     "sse_cache.adapters": ["OpenAIResponses", "OpenAIChat", "AnthropicMessages", "GenericSSE"],

@@ -20,6 +20,7 @@ __all__ = [
     "EventCodec",
     "FanoutBackend",
     "KeyHeadersAdapter",
+    "LeasingBackend",
     "LockingBackend",
     "NearCachingBackend",
     "Outcome",
