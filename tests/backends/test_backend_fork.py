@@ -175,9 +175,10 @@ def test_a_fork_while_a_sqlite_query_runs_in_another_thread_does_not_hang_the_ch
 
     def thinking() -> int:
         # Inside SQLite (its connection's mutex held, in a statement's step) until released.
-        # (A long recursive query took SQLite's global allocator mutex now and then: a fork
-        # at such a moment hangs any child's first use of SQLite, in every program, not
-        # this test's point; it made the test fail at random under load.)
+        # (A long recursive query allocates as it runs, under SQLite's global allocator
+        # mutex when SQLite counts its memory, as by default: a fork at such a moment can
+        # hang any child's first use of SQLite, in any program, which is not this test's
+        # point; the test hung once in a loaded run.)
         running.set()
         release.wait(DEADLINE)
         return 1
