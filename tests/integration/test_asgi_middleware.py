@@ -1401,3 +1401,51 @@ async def test_a_follower_waits_for_the_next_piece_as_long_as_join_timeout(
     else:
         assert isinstance(follower, Answered) and follower.body == first + rest
         assert follower.ended and follower.headers[b"x-sse-cache"] == b"shared"
+
+
+async def test_a_producers_client_leaving_between_the_cr_and_lf_of_the_end_keeps_the_lf() -> None:
+    # The producer's client leaves right after the chunk that ends with the CR of the
+    # completing event's last CRLF (the LF comes in the next): the answer is complete and
+    # stopped there. Its followers' streams and the bytes kept ended without the LF
+    # (helper-104); the LF its framing owes is added.
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("left at the cr", text_deltas=3)
+    whole = b": hi\r\n\r\n" + serialize_sse(events, eol="crlf")  # kept as its bytes
+    sent_all_but_lf, left = anyio.Event(), anyio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEAD})
+        await send({"type": "http.response.body", "body": whole[:200], "more_body": True})
+        await send({"type": "http.response.body", "body": whole[200:-1], "more_body": True})
+        sent_all_but_lf.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    mw = CacheMiddleware(app, "memory://")
+    request = json.dumps({"model": "m", "input": "left at the cr", "stream": True}).encode()
+    scope = {**events_scope(), "path": "/v1/responses", "raw_path": b"/v1/responses"}
+    answers: dict[str, Answered] = {}
+
+    async def ask(name: str, receive: Any) -> None:
+        answers[name] = await call(mw, scope, receive)
+
+    async def until_all_but_the_lf_was_sent() -> None:
+        await sent_all_but_lf.wait()
+        await left.wait()
+
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "producer", body_then(request, until=until_all_but_the_lf_was_sent))
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(ask, "follower", body_then(request))
+            await anyio.wait_all_tasks_blocked()  # it follows the live stream
+            left.set()
+        again = await call(mw, scope, body_then(request))
+    follower = answers["follower"]
+    assert follower.headers[b"x-sse-cache"] == b"shared" and follower.ended
+    assert follower.body == whole
+    assert again.headers[b"x-sse-cache"] == b"hit" and again.body == whole

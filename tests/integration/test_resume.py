@@ -291,6 +291,22 @@ async def test_last_event_id_continues_a_stored_stream_and_is_counted_as_a_resum
     assert upstream_app.calls == 1
 
 
+async def test_a_non_streamed_request_with_a_last_event_id_is_no_resume(serve: Any) -> None:
+    # It gets the whole answer as JSON: a hit, not a resume (helper-104: counted as one).
+    notices = NoticeLog()
+    async with proxied(serve, MockUpstream(), hooks=[notices]) as client:
+        streamed = {**PAYLOAD, "stream": True}
+        await client.post("/v1/responses", json=streamed, headers=ALICE)
+        whole = await client.post(
+            "/v1/responses",
+            json={**PAYLOAD, "stream": False},
+            headers={**ALICE, "last-event-id": "zzz"},
+        )
+    assert whole.headers["x-sse-cache"] == "hit"
+    assert whole.headers["content-type"].startswith("application/json")
+    assert not [n for n in notices.seen if n.kind == "resumed"]
+
+
 async def test_a_client_resumes_through_another_proxy_process_on_the_same_redis(
     serve: Any, redis_server: Any
 ) -> None:

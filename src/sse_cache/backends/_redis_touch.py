@@ -6,8 +6,8 @@ the near cache never reaches Redis, so the entries a process answers most looked
 used there, and were evicted first: every near cache then dropped them (Redis reports an
 eviction as a change), and the next request for the hottest answer went upstream. So the
 keys the near cache answered are sent back to Redis every :data:`TOUCH_INTERVAL` seconds as
-``TOUCH`` commands (a use that changes nothing, and that no tracking client is told of): one
-round trip a second at most, whatever the traffic.
+``TOUCH`` commands (a use that changes nothing, and that no tracking client is told of): a
+round trip per 500 keys a second at most, whatever the traffic.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 from typing import Final
 
 import redis.asyncio as aioredis
+import redis.exceptions as rexc
 
 from .._cancellation import checked
 
@@ -103,6 +104,15 @@ class Toucher:
             for start in range(0, len(names), _BATCH):
                 async with asyncio.timeout(self._timeout * 2 + 0.25):
                     await checked(self._client.touch(*names[start : start + _BATCH]))
+        except rexc.NoPermissionError as exc:
+            # The user's ACL refuses TOUCH: it will not change, so no more rounds (one
+            # refused command a second, for ever, otherwise; helper-104).
+            self._closed = True
+            logger.warning(
+                "Redis near cache: TOUCH is refused by the ACL (%s): Redis may evict the "
+                "keys it answers as unused; allow +touch for this user",
+                exc,
+            )
         except Exception as exc:
             if not self._failing:
                 logger.warning(

@@ -13,6 +13,7 @@ invalidations to it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
@@ -62,6 +63,7 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+logger = logging.getLogger("sse_cache.backends.redis")
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "*?[]\\"})
 
 
@@ -159,8 +161,14 @@ class RedisBackend:
         if self._cluster:
             if not _forget_cluster_connections(self._client):
                 # A redis-py whose cluster client is laid out otherwise: refused (misses,
-                # each with a warning) rather than used over the parent's sockets.
+                # each with a warning) rather than used over the parent's sockets, and said
+                # once, with why (each miss's warning says only "closed"; helper-104).
                 self._op.close()
+                logger.warning(
+                    "sse_cache: this Redis Cluster backend was used before fork(), and this "
+                    "redis-py's cluster client cannot be reset in the child: the cache is "
+                    "off in this process; build the backend in each process instead"
+                )
         elif isinstance(self._client, aioredis.Redis):
             pool = self._client.connection_pool
             keep(

@@ -347,11 +347,6 @@ class ResponseTee:
         is not judged again at every chunk after it.)"""
         if not self._completing_fed or self.ended or self.cut:
             return False
-        if self._parser is not None and self._parser.mid_crlf:
-            # Judged at the next chunk, which brings the LF of this CRLF: stopped now, the
-            # followers' streams (and a stream kept as its bytes) ended without it
-            # (helper-100).
-            return False
         self._completing_fed = False
         if not self.answered:
             return False
@@ -417,6 +412,12 @@ class ResponseTee:
             return
         live = self._completable
         if live is not None:
+            if self._parser is not None and self._parser.mid_crlf:
+                # Stopped between the CR and the LF of a CRLF-framed stream's line end (its
+                # chunks came apart there): the followers' streams and the bytes kept would
+                # end without the LF its framing owes (helper-100, helper-104). It is added,
+                # as the upstream would have sent it.
+                self.pass_on(b"\n")
             self._finish_recording(cut=True)
             if live.entry is not None:
                 self.ended = True

@@ -546,9 +546,10 @@ class Exchange:
         if self.answer is None:
             return False
         self.status = CacheStatus.HIT
-        if decision.last_event_id is not None:
+        if decision.streaming and decision.last_event_id is not None:
             # A client reconnecting for the rest of a stored answer: a resume, as from the
-            # live stream (also a hit: a request on a cached route).
+            # live stream (also a hit: a request on a cached route). (A non-streamed request
+            # with the header gets the whole body: no resume; helper-104.)
             logger.info("sse_cache: %s resumed from its stored entry", self.key)
             emit(self._service.hooks, Notice(kind="resumed", key=self.key))
         return True
