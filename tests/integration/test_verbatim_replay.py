@@ -46,10 +46,10 @@ def test_every_replay_is_the_bytes_that_came(
     miss, hit, paced, suffix = anyio.run(replays, raw, cuts, last_id, AUTH)
     assert miss == raw and hit == raw and paced == raw
     if index is not None:
-        # What came after that event, as it came: what precedes an event goes with it, what
-        # follows the last one with the last (a client that had it needs nothing more).
-        rest = pieces[index + 1 :]
-        assert suffix == (b"".join(rest) + trailer if rest else b"")
+        # What came after that event, as it came: what precedes an event goes with it, and
+        # what follows the last one comes last (also to a client that had the last event,
+        # as the resumes by id and from the live stream send it).
+        assert suffix == b"".join(pieces[index + 1 :]) + trailer
 
 
 @pytest.mark.anyio
