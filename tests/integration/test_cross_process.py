@@ -882,3 +882,45 @@ async def test_a_producer_that_lost_its_lease_keeps_its_followers(
     assert upstream_app.calls == 1
     if taken:  # (and its release left the other process's lease alone)
         assert held == b"another-process"
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_body_piece_that_begins_with_h_reaches_the_other_processes_followers(
+    serve: Any, redis_server: Any
+) -> None:
+    # The channel's messages are a kind byte and a payload: "h" the head, "d" body bytes.
+    # The producer told its pending head from its pending body by the first byte of what it
+    # held, so an upstream read that began with "h" ("hatcmpl-...", "https...", "hello") was
+    # published as a head, and every follower in another process failed on it (helper-103:
+    # 4 to 8 of 40 pairs, with no fault at all).
+    from sse_cache.proxy import create_proxy_app
+
+    raw = serialize_sse(responses_stream("hello there", text_deltas=6))
+    cut = raw.index(b"h", raw.index(b"\n\n") + 2)  # a piece that begins with "h"
+    upstream_app = GatedUpstream([raw[:cut], raw[cut:]], hold_after=1)
+    backend = f"{redis_server.url}?prefix=h{uuid.uuid4().hex[:8]}:"
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
+    payload = {"model": "gpt-mock", "input": "hello there", "stream": True}
+    async with serve(upstream_app) as upstream:
+        app_a = create_proxy_app(upstream, backend, **options)
+        app_b = create_proxy_app(upstream, backend, **options)
+        try:
+            async with (
+                serve(app_a) as pa,
+                serve(app_b) as pb,
+                httpx2.AsyncClient(timeout=30) as client,
+            ):
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    producer = await streamed(client, pa, payload)
+                    assert producer.headers["x-sse-cache"] == "miss"
+                    follower = await streamed(client, pb, payload)
+                    assert follower.headers["x-sse-cache"] == "shared"
+                    upstream_app.gate.set()
+                    produced = await producer.aread()
+                    followed = await follower.aread()
+        finally:
+            await app_a.aclose()
+            await app_b.aclose()
+    assert produced == followed == raw
+    assert upstream_app.calls == 1

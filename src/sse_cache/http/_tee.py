@@ -110,7 +110,8 @@ class ResponseTee:
         self.ended = False  # the upstream body ended by itself
         self.cut = ""  # why the stream stopped any other way
         self._lease: _Lease | None = None
-        self._outbox: list[bytes] = []
+        self._outbox: list[bytes] = []  # body relayed, not yet published
+        self._head_message = b""  # the head, not yet published
         self.publish_failed = False
         #: Why a JSON body was not stored, once :meth:`close` ran ("": stored, or not one).
         self.body_not_stored = ""
@@ -135,7 +136,7 @@ class ResponseTee:
         """Publish this response to other processes following it (cross-process): it is
         then read to its end even when no one here reads it any more."""
         self._lease = lease
-        self._outbox.append(b"h" + _encode_head(head))
+        self._head_message = b"h" + _encode_head(head)
         if self._flight is not None:
             self._flight.remote = True
 
@@ -146,15 +147,17 @@ class ResponseTee:
         while self._jobs:
             await self._jobs.pop(0)()
         lease = self._lease
-        if lease is None or not self._outbox:
+        if lease is None or not (self._outbox or self._head_message):
             return
-        outbox, self._outbox = self._outbox, []
-        if outbox[0][:1] == b"h":
-            messages = [outbox[0]]
-            if len(outbox) > 1:
-                messages.append(b"d" + b"".join(outbox[1:]))
-        else:
-            messages = [b"d" + b"".join(outbox)]
+        # The head, if not published yet, then the body relayed since, as one piece. (The
+        # head is kept apart: told from the body by its first byte, a body chunk that began
+        # with "h" was published as a head, and every follower in another process failed on
+        # it; helper-103.)
+        messages = [self._head_message] if self._head_message else []
+        self._head_message = b""
+        if self._outbox:
+            messages.append(b"d" + b"".join(self._outbox))
+            self._outbox = []
         try:
             for message in messages:
                 await lease.publish(message)
