@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 import redis.exceptions as rexc
 
 from .._cancellation import checked
+from ._loop_task import LoopTask
 
 __all__ = ["TOUCH_INTERVAL", "Toucher"]
 
@@ -53,7 +54,7 @@ class Toucher:
         self._timeout = timeout
         self._interval = interval
         self._keys: set[str] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._task = LoopTask(self._run, "sse-cache redis touches")
         self._closed = False
         self._failing = False
 
@@ -65,30 +66,24 @@ class Toucher:
 
     def ensure_running(self) -> None:
         """Start the task on the running loop unless it runs there already."""
-        if self._closed:
-            return
-        task = self._task
-        loop = asyncio.get_running_loop()
-        if task is not None and not task.done() and task.get_loop() is loop:
-            return
-        self._task = loop.create_task(self._run(), name="sse-cache redis touches")
+        if not self._closed:
+            self._task.ensure()
 
     def forked(self) -> None:
         """In a child of a fork: the task is the parent's; what it had noted is too."""
-        self._task = None
+        self._task.forget()
         self._keys = set()
+
+    @property
+    def running(self) -> bool:
+        """Whether the rounds go on (on the running loop)."""
+        return self._task.running_here()
 
     async def aclose(self) -> None:
         self._closed = True
-        task, self._task = self._task, None
-        if task is None or task.done():
+        task = self._task.take_here()
+        if task is None:
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if task.get_loop() is not running:
-            return  # (a loop that ended has already cancelled it)
         task.cancel()
         await asyncio.wait([task], timeout=self._timeout * 4)
 

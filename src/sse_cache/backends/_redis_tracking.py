@@ -27,6 +27,7 @@ from redis.asyncio.connection import AbstractConnection
 
 from .._cancellation import checked
 from ._fork import keep
+from ._loop_task import LoopTask
 from ._redis_near import TrackedValues
 
 __all__ = ["CHANNEL", "MAX_RETRY_DELAY", "PING_INTERVAL", "InvalidationListener", "connection_for"]
@@ -83,7 +84,7 @@ class InvalidationListener:
         self._values = values
         self._timeout = timeout
         self._ping_interval = ping_interval
-        self._task: asyncio.Task[None] | None = None
+        self._task = LoopTask(self._run, "sse-cache redis invalidations")
         self._conn: AbstractConnection | None = None
         self._closed = False
 
@@ -91,46 +92,31 @@ class InvalidationListener:
         """Whether the task runs on the running loop (False outside one): a value kept
         while it ran elsewhere — on a loop that ended without cancelling it, or in the
         parent of a forked child — is no longer known to be current."""
-        task = self._task
-        if task is None or task.done():
-            return False
-        try:
-            return task.get_loop() is asyncio.get_running_loop()
-        except RuntimeError:
-            return False
+        return self._task.running_here()
 
     def forked(self) -> None:
         """In a child of a fork: the task and its connection are the parent's (the parent's
         listener alone reads that socket's invalidations); first use starts anew here."""
         if self._conn is not None:
             keep(self._conn)
-        self._task = self._conn = None
+        self._conn = None
+        self._task.forget()
         self._values.tracking_lost()
 
     def ensure_running(self) -> None:
         """Start the task on the running loop unless it runs there already (a backend used
         from a new loop, after the old one ended, starts again)."""
-        task = self._task
-        if self._closed:
-            return
-        loop = asyncio.get_running_loop()
-        if task is not None and not task.done() and task.get_loop() is loop:
+        if self._closed or self._task.running_here():
             return
         self._values.tracking_lost()  # (whatever the old task knew does not hold here)
-        self._task = loop.create_task(self._run(), name="sse-cache redis invalidations")
+        self._task.ensure()
 
     async def aclose(self) -> None:
         self._closed = True
-        task, self._task = self._task, None
+        task = self._task.take_here()
         self._values.tracking_lost()
-        if task is None or task.done():
+        if task is None:
             return
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if task.get_loop() is not running:
-            return  # (a loop that ended has already cancelled it)
         # Closing the connection too ends a read at once (the task checks _closed), where a
         # cancellation that redis-py let through is only noticed after its next call.
         task.cancel()
