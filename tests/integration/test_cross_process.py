@@ -148,6 +148,42 @@ async def streamed(
     return await client.send(request, stream=True)
 
 
+@asynccontextmanager
+async def two_proxy_apps(
+    serve: Any, upstream_app: Any, backend: str, lease: float = LEASE
+) -> AsyncIterator[tuple[str, str, httpx2.AsyncClient]]:
+    """The upstream, and two proxies with cross-process single-flight in this process (two
+    workers' apps) on ``backend``: yields their URLs and a client."""
+    from sse_cache.proxy import create_proxy_app
+
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": lease}
+    async with serve(upstream_app) as upstream:
+        app_a = create_proxy_app(upstream, backend, **options)
+        app_b = create_proxy_app(upstream, backend, **options)
+        try:
+            async with (
+                serve(app_a) as pa,
+                serve(app_b) as pb,
+                httpx2.AsyncClient(timeout=30) as client,
+            ):
+                yield pa, pb, client
+        finally:
+            await app_a.aclose()
+            await app_b.aclose()
+
+
+async def lead_and_follow(
+    client: httpx2.AsyncClient, pa: str, pb: str, payload: dict[str, Any]
+) -> tuple[httpx2.Response, httpx2.Response]:
+    """The same streamed request to the proxy at ``pa`` (it leads) then at ``pb`` (it
+    follows the first over Redis); their responses, bodies not read yet."""
+    producer = await streamed(client, pa, payload)
+    assert producer.headers["x-sse-cache"] == "miss"
+    follower = await streamed(client, pb, payload)
+    assert follower.headers["x-sse-cache"] == "shared"
+    return producer, follower
+
+
 def complete(content: bytes) -> bool:
     return content.rstrip().split(b"\n\n")[-1].startswith(b"event: response.completed")
 
@@ -832,52 +868,37 @@ async def test_a_producer_that_lost_its_lease_keeps_its_followers(
     # of a lease's length (helper-94). Now it takes the lease back; and when another process
     # took it meanwhile (a newcomer that found no lease), it still beats for its own
     # followers, on its own channel.
-    from sse_cache.proxy import create_proxy_app
-
     lease = 0.3
     events = responses_stream("the lease was evicted", text_deltas=6)
     upstream_app = GatedUpstream(events, hold_after=2)  # the upstream thinks, a long while
     prefix = f"e{uuid.uuid4().hex[:8]}:"
     backend = f"{redis_server.url}?prefix={prefix}"
-    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": lease}
     payload = {"model": "gpt-mock", "input": "the lease was evicted", "stream": True}
     redis = aioredis.from_url(redis_server.url)
-    async with serve(upstream_app) as upstream:
-        app_a = create_proxy_app(upstream, backend, **options)
-        app_b = create_proxy_app(upstream, backend, **options)
-        try:
-            async with (
-                serve(app_a) as pa,
-                serve(app_b) as pb,
-                httpx2.AsyncClient(timeout=30) as client,
-            ):
-                with anyio.fail_after(DEADLOCK_GUARD):
-                    producer = await streamed(client, pa, payload)
-                    assert producer.headers["x-sse-cache"] == "miss"
-                    follower = await streamed(client, pb, payload)
-                    assert follower.headers["x-sse-cache"] == "shared"
-                    lock = f"{prefix}l:sf:{producer.headers['x-sse-cache-key']}"
-                    token = await redis.get(lock)
-                    assert token is not None
-                    await redis.delete(lock)  # evicted
-                    if taken:
-                        await redis.set(lock, b"another-process", px=60_000)
-                    else:
-                        with anyio.fail_after(10 * lease):
-                            # Another process's state: polled, there is no event to wait on.
-                            while await redis.get(lock) != token:  # noqa: ASYNC110
-                                await anyio.sleep(0.01)  # until the producer took it back
-                    # The upstream goes on thinking for three leases: the follower is
-                    # kept by the heartbeats alone.
-                    await anyio.sleep(3 * lease)
-                    upstream_app.gate.set()
-                    produced = await producer.aread()
-                    followed = await follower.aread()
-                    held = await redis.get(lock)
-        finally:
-            await app_a.aclose()
-            await app_b.aclose()
-            await redis.aclose()
+    try:
+        async with two_proxy_apps(serve, upstream_app, backend, lease) as (pa, pb, client):
+            with anyio.fail_after(DEADLOCK_GUARD):
+                producer, follower = await lead_and_follow(client, pa, pb, payload)
+                lock = f"{prefix}l:sf:{producer.headers['x-sse-cache-key']}"
+                token = await redis.get(lock)
+                assert token is not None
+                await redis.delete(lock)  # evicted
+                if taken:
+                    await redis.set(lock, b"another-process", px=60_000)
+                else:
+                    with anyio.fail_after(10 * lease):
+                        # Another process's state: polled, there is no event to wait on.
+                        while await redis.get(lock) != token:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)  # until the producer took it back
+                # The upstream goes on thinking for three leases: the follower is kept by
+                # the heartbeats alone.
+                await anyio.sleep(3 * lease)
+                upstream_app.gate.set()
+                produced = await producer.aread()
+                followed = await follower.aread()
+                held = await redis.get(lock)
+    finally:
+        await redis.aclose()
     assert produced == followed == upstream_app.body
     assert upstream_app.calls == 1
     if taken:  # (and its release left the other process's lease alone)
@@ -894,33 +915,16 @@ async def test_a_body_piece_that_begins_with_h_reaches_the_other_processes_follo
     # held, so an upstream read that began with "h" ("hatcmpl-...", "https...", "hello") was
     # published as a head, and every follower in another process failed on it (helper-103:
     # 4 to 8 of 40 pairs, with no fault at all).
-    from sse_cache.proxy import create_proxy_app
-
     raw = serialize_sse(responses_stream("hello there", text_deltas=6))
     cut = raw.index(b"h", raw.index(b"\n\n") + 2)  # a piece that begins with "h"
     upstream_app = GatedUpstream([raw[:cut], raw[cut:]], hold_after=1)
     backend = f"{redis_server.url}?prefix=h{uuid.uuid4().hex[:8]}:"
-    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
     payload = {"model": "gpt-mock", "input": "hello there", "stream": True}
-    async with serve(upstream_app) as upstream:
-        app_a = create_proxy_app(upstream, backend, **options)
-        app_b = create_proxy_app(upstream, backend, **options)
-        try:
-            async with (
-                serve(app_a) as pa,
-                serve(app_b) as pb,
-                httpx2.AsyncClient(timeout=30) as client,
-            ):
-                with anyio.fail_after(DEADLOCK_GUARD):
-                    producer = await streamed(client, pa, payload)
-                    assert producer.headers["x-sse-cache"] == "miss"
-                    follower = await streamed(client, pb, payload)
-                    assert follower.headers["x-sse-cache"] == "shared"
-                    upstream_app.gate.set()
-                    produced = await producer.aread()
-                    followed = await follower.aread()
-        finally:
-            await app_a.aclose()
-            await app_b.aclose()
+    async with two_proxy_apps(serve, upstream_app, backend) as (pa, pb, client):
+        with anyio.fail_after(DEADLOCK_GUARD):
+            producer, follower = await lead_and_follow(client, pa, pb, payload)
+            upstream_app.gate.set()
+            produced = await producer.aread()
+            followed = await follower.aread()
     assert produced == followed == raw
     assert upstream_app.calls == 1
