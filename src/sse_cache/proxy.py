@@ -31,7 +31,14 @@ from ._asgi_io import (
     send_json_error,
     task_group,
 )
-from ._logging import AccessLog, RateLimitedLog, logged_path, redact_url
+from ._logging import (
+    LOG_LEVELS,
+    AccessLog,
+    RateLimitedLog,
+    logged_path,
+    proxy_log_config,
+    redact_url,
+)
 from ._notices import Notice
 from .asgi import CacheMiddleware
 from .breaker import BreakerState
@@ -45,7 +52,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     httpx2 = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_BACKEND", "Forwarder", "ProxyApp", "create_proxy_app"]
+__all__ = ["DEFAULT_BACKEND", "Forwarder", "ProxyApp", "create_proxy_app", "log_config"]
 
 DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
 #: Seconds the health endpoint and the startup check wait for the backend.
@@ -750,6 +757,20 @@ async def _plain(
         }
     )
     await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
+
+
+def log_config(level: str = "info") -> dict[str, Any]:
+    """The logging ``sse-cache proxy`` sets up, as a :func:`logging.config.dictConfig` dict,
+    for an app made by :func:`create_proxy_app` and served another way
+    (``uvicorn.run(app, log_config=log_config())``, or ``dictConfig`` in the app's module
+    under ``uvicorn module:app``): the ``sse_cache`` and ``uvicorn`` loggers at ``level``
+    (``critical``, ``error``, ``warning``, ``info``, ``debug``), one line format on stderr,
+    the value of a ``key=`` query parameter shown as ``***`` in every line. Without it the
+    ``sse_cache`` loggers have no handler (no startup line, no access lines) and uvicorn's
+    access line shows Gemini's ``key=`` in full."""
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return proxy_log_config(level)
 
 
 def create_proxy_app(

@@ -42,7 +42,7 @@ from sse_cache.cli.proxy import (
     resolve,
 )
 from sse_cache.errors import ConfigError
-from sse_cache.proxy import create_proxy_app
+from sse_cache.proxy import create_proxy_app, log_config
 from sse_cache.testing import GatedUpstream, MockUpstream, metric_value, responses_stream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -442,15 +442,21 @@ class Proxy:
 
 @asynccontextmanager
 async def proxy_process(
-    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None, script: Path | None = None
 ) -> AsyncIterator[Proxy]:
-    """``sse-cache proxy ARGS`` in a process of its own on a free port, its stderr in a file;
-    yields once it answers (its health may be 503: the backend may be down on purpose)."""
+    """``sse-cache proxy ARGS`` (or the Python ``script`` given the port) in a process of its
+    own on a free port, its stderr in a file; yields once it answers (its health may be
+    503: the backend may be down on purpose)."""
     port = free_port()
     log = tmp_path / f"proxy-{port}.log"
+    command = (
+        [sys.executable, str(script), str(port)]
+        if script is not None
+        else [sys.executable, "-m", "sse_cache", "proxy", "--port", str(port), *args]
+    )
     with log.open("wb") as out:
         proc = subprocess.Popen(  # noqa: ASYNC220 - starting a process does not block for long
-            [sys.executable, "-m", "sse_cache", "proxy", "--port", str(port), *args],
+            command,
             stdout=subprocess.DEVNULL,
             stderr=out,
             env={**os.environ, **(env or {})},
@@ -478,6 +484,44 @@ def chat(prompt: str, stream: bool = True) -> dict[str, Any]:
         "stream": stream,
         "messages": [{"role": "user", "content": prompt}],
     }
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_an_app_served_by_plain_uvicorn_logs_as_the_proxy_with_log_config(
+    serve: Any, tmp_path: Path
+) -> None:
+    # create_proxy_app served another way logged none of our lines (no handler on
+    # sse_cache), and uvicorn's access line showed Gemini's key= in full (helper-101; the
+    # docs' workaround imported from the CLI's module). log_config() is the proxy's logging.
+    script = tmp_path / "my_proxy.py"
+    script.write_text(
+        "import os, sys\n"
+        "import uvicorn\n"
+        "from sse_cache.proxy import create_proxy_app, log_config\n"
+        "app = create_proxy_app(os.environ['SSE_CACHE_UPSTREAM'], 'memory://')\n"
+        "uvicorn.run(app, host='127.0.0.1', port=int(sys.argv[1]), log_config=log_config())\n"
+    )
+    async with (
+        serve(MockUpstream(delay=0.001)) as upstream,
+        proxy_process(tmp_path, env={"SSE_CACHE_UPSTREAM": upstream}, script=script) as p,
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS) as client,
+    ):
+        gemini = await client.post(
+            "/v1beta/models/gemini-mock:streamGenerateContent?alt=sse&key=AIza-s3cret",
+            json={"contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+        )
+        await p.until(
+            lambda lines: sum("streamGenerateContent" in line for line in lines) >= 2,
+            "our access line and uvicorn's",
+        )
+        lines = p.lines()
+    assert gemini.status_code == 200
+    assert any("sse_cache: proxy for" in line for line in lines)  # the startup line
+    assert any(" cache=miss " in line and "key=***" in line for line in lines)  # ours
+    assert all(LINE.match(line) and "AIza-s3cret" not in line for line in lines), lines
+    with pytest.raises(ConfigError, match="log level must be one of"):
+        log_config("verbose")
 
 
 @pytest.mark.anyio
