@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from sse_cache.http._fanout import TimedFanout, _Lease
@@ -81,3 +82,32 @@ async def test_a_heartbeat_waits_for_the_write_under_way() -> None:
     assert channel.most_in_flight == 1
     assert channel.written[0] == b"d piece of the answer"
     assert set(channel.written[1:-1]) <= {b"k"} and channel.written[-1] == b"<end>"
+
+
+async def test_a_publish_under_way_is_finished_when_its_producer_is_cancelled() -> None:
+    # The producer's client leaves at the answer's end (the openai SDK closes a chat stream
+    # at [DONE]) and the proxy stops its app at once, while the last piece is being
+    # published. Cancelled midway, that publish (which Redis may well have applied) counted
+    # as failed: every follower in another process got the whole answer, then an abort
+    # (helper-105). It is finished first.
+    from sse_cache.flight import Head
+    from sse_cache.http._tee import ResponseTee
+
+    channel = SlowChannel()
+    channel.gate.set()  # the head goes through
+    lease = _Lease(TimedFanout(channel, ()), "sf:key", "token", ttl=60)  # type: ignore[arg-type]
+    tee = ResponseTee()
+    tee.publish_to(lease, Head(200, [("content-type", "text/event-stream")]))
+    await tee.flush()
+    channel.gate = anyio.Event()  # the next publish waits (a slow Redis)
+    tee.relay(b"data: [DONE]\n\n")
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(tee.flush)
+            while channel.in_flight == 0:
+                await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()  # the app is stopped
+            channel.gate.set()
+        await lease.stop()
+    assert b"d" + b"data: [DONE]\n\n" in channel.written
+    assert not tee.publish_failed

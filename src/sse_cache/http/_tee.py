@@ -159,8 +159,14 @@ class ResponseTee:
             messages.append(b"d" + b"".join(self._outbox))
             self._outbox = []
         try:
-            for message in messages:
-                await lease.publish(message)
+            # Shielded: a publish cancelled midway (the client left; the proxy stops its
+            # app at once) may have reached Redis all the same, and is then counted failed:
+            # every follower in another process got the whole answer, then an abort
+            # (helper-105: the openai SDK closing a chat stream at [DONE]). Each publish is
+            # bounded by the backend's own timeout.
+            with anyio.CancelScope(shield=True):
+                for message in messages:
+                    await lease.publish(message)
         except BaseException as exc:
             # The followers in other processes are now missing bytes (also when this publish
             # was cancelled midway): when this response ends they are told it failed (never
