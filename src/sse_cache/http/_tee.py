@@ -162,11 +162,14 @@ class ResponseTee:
             # Shielded: a publish cancelled midway (the client left; the proxy stops its
             # app at once) may have reached Redis all the same, and is then counted failed:
             # every follower in another process got the whole answer, then an abort
-            # (helper-105: the openai SDK closing a chat stream at [DONE]). Each publish is
-            # bounded by the backend's own timeout.
-            with anyio.CancelScope(shield=True):
+            # (helper-105: the openai SDK closing a chat stream at [DONE]). Bounded by the
+            # lease's length, which is as long as the followers wait for the next message.
+            deadline = anyio.current_time() + lease.ttl
+            with anyio.CancelScope(shield=True, deadline=deadline) as publishing:
                 for message in messages:
                     await lease.publish(message)
+            if publishing.cancelled_caught:
+                raise TimeoutError(f"publishing took longer than the lease ({lease.ttl} s)")
         except BaseException as exc:
             # The followers in other processes are now missing bytes (also when this publish
             # was cancelled midway): when this response ends they are told it failed (never
