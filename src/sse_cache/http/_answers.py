@@ -233,7 +233,6 @@ async def _stream_chunks(
         yield lead
     pending: list[Event] = []
     size = 0
-    written = False
     batches = stream.batches(_BATCH_EVENTS, idle_tick=PACED_KEEPALIVE_SECONDS)
     async with aclosing(batches):  # type: ignore[type-var]
         async for batch in batches:
@@ -244,10 +243,11 @@ async def _stream_chunks(
             size += sum(len(e.data) for e in batch)
             if size >= _CHUNK_BYTES or len(batch) < _BATCH_EVENTS:
                 yield write(pending)
-                pending, size, written = [], 0, True
-    # (No event at all, after a Last-Event-ID naming the last one: what the stream sent after
-    # its last event still goes, as a resume by id and a live resume send it.)
-    if (pending or not written) and (out := write(pending)):
+                pending, size = [], 0
+    # The rest, and what the stream sent after its last event: also with no event left at
+    # all (a Last-Event-ID naming the last one), as a resume by id and a live resume send
+    # it. (Once the last event was written, this is empty.)
+    if out := write(pending):
         yield out
 
 
