@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Final
 from urllib.parse import SplitResult, unquote, urlsplit
@@ -43,35 +43,34 @@ def milliseconds(ttl: float) -> int:
     return LONGEST_PX if ms >= LONGEST_PX else max(1, math.ceil(ms))
 
 
-def _refused(exc: BaseException) -> bool:
-    """A connection attempt failed somewhere behind ``exc`` (older redis-py connect inside
-    the pool's wait: its timeout then hides a refused connection, not a busy pool)."""
+def _behind(exc: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first exception in ``exc``'s chain that ``match`` accepts: ``exc``, then its
+    causes and contexts, and theirs."""
     seen: set[int] = set()
-    stack: list[BaseException | None] = [exc.__cause__, exc.__context__]
+    stack: list[BaseException | None] = [exc]
     while stack:
-        cause = stack.pop()
-        if cause is None or id(cause) in seen:
+        current = stack.pop()
+        if current is None or id(current) in seen:
             continue
-        seen.add(id(cause))
-        if isinstance(cause, rexc.ConnectionError) or (
-            isinstance(cause, OSError) and not isinstance(cause, TimeoutError)
-        ):
-            return True
-        stack += [cause.__cause__, cause.__context__]
-    return False
-
-
-def _refusal(exc: BaseException) -> BaseException | None:
-    # The AuthenticationError behind ``exc``: itself, or (redis-py 5.0 retries a refused
-    # AUTH until the pool's timeout) one that its "No connection available" came from.
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:
-        if isinstance(current, rexc.AuthenticationError):
+        if match(current):
             return current
-        current = current.__cause__ or current.__context__
-        seen += 1
+        seen.add(id(current))
+        stack += [current.__cause__, current.__context__]
     return None
+
+
+def _connect_failed(exc: BaseException) -> bool:
+    # A connection attempt failed (older redis-py connects inside the pool's wait: its
+    # timeout then hides a refused connection, not a busy pool).
+    return isinstance(exc, rexc.ConnectionError) or (
+        isinstance(exc, OSError) and not isinstance(exc, TimeoutError)
+    )
+
+
+def _auth_refused(exc: BaseException) -> bool:
+    # (redis-py 5.0 retries a refused AUTH until the pool's timeout: the AuthenticationError
+    # is then behind its "No connection available".)
+    return isinstance(exc, rexc.AuthenticationError)
 
 
 @contextmanager
@@ -93,7 +92,7 @@ def map_exceptions(what: str) -> Iterator[None]:
             f"for this key (raise maxmemory, or set maxmemory-policy allkeys-lru) ({exc})"
         ) from exc
     except rexc.ConnectionError as exc:
-        refusal = _refusal(exc)
+        refusal = _behind(exc, _auth_refused)
         if refusal is not None:
             # (A ConnectionError to redis-py; "unreachable" sent operators to the network.)
             raise BackendUnavailable(
@@ -103,7 +102,7 @@ def map_exceptions(what: str) -> Iterator[None]:
         if (
             "No connection available" not in str(exc)
             or not isinstance(exc.__cause__, TimeoutError)
-            or _refused(exc.__cause__)
+            or _behind(exc.__cause__, _connect_failed) is not None
         ):
             raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
         # The blocking pool waited ``timeout`` for a free connection: a burst larger than the
