@@ -27,6 +27,8 @@ import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from ._notices import Notice
 
@@ -241,8 +243,11 @@ class ProxyFormatter(logging.Formatter):
 
 def proxy_log_config(level: str) -> dict[str, Any]:
     """A :func:`logging.config.dictConfig` dict: the ``sse_cache`` and ``uvicorn`` loggers at
-    ``level`` (a :data:`LOG_LEVELS` name), one line format, to stderr, ``key=`` redacted."""
-    number = LOG_LEVELS[level]
+    ``level`` (a :data:`LOG_LEVELS` name, else :class:`~sse_cache.errors.ConfigError`), one
+    line format, to stderr, ``key=`` redacted."""
+    number = LOG_LEVELS.get(level)
+    if number is None:
+        raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
     handler = {"handlers": ["stderr"], "level": number, "propagate": False}
     return {
         "version": 1,
