@@ -68,6 +68,13 @@ def events_scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
     }
 
 
+def responses_request(prompt: str) -> tuple[dict[str, Any], bytes]:
+    """A raw ASGI scope and body for a streamed ``POST /v1/responses`` of ``prompt`` from the
+    test client's tenant (the middleware's default routes)."""
+    scope = {**events_scope(), "path": "/v1/responses", "raw_path": b"/v1/responses"}
+    return scope, json.dumps({"model": "m", "input": prompt, "stream": True}).encode()
+
+
 #: A whole chat completion, as an app answers with a content-length.
 DECLARED = json.dumps(
     {
@@ -1323,8 +1330,7 @@ async def test_a_stream_stopped_at_its_answers_end_ends_its_followers_there(spli
             tg.cancel_scope.cancel()
 
     mw = CacheMiddleware(app, "memory://")
-    request = json.dumps({"model": "m", "input": "stopped at its end", "stream": True}).encode()
-    scope = {**events_scope(), "path": "/v1/responses", "raw_path": b"/v1/responses"}
+    scope, request = responses_request("stopped at its end")
     answers: dict[str, Answered] = {}
 
     async def ask(name: str, receive: Any) -> None:
@@ -1373,8 +1379,7 @@ async def test_a_follower_waits_for_the_next_piece_as_long_as_join_timeout(
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     mw = CacheMiddleware(app, "memory://", join_timeout=join_timeout)
-    request = json.dumps({"model": "m", "input": "a long think", "stream": True}).encode()
-    scope = {**events_scope(), "path": "/v1/responses", "raw_path": b"/v1/responses"}
+    scope, request = responses_request("a long think")
 
     async def ask(name: str) -> None:
         try:
@@ -1426,8 +1431,7 @@ async def test_a_producers_client_leaving_between_the_cr_and_lf_of_the_end_keeps
             pass
 
     mw = CacheMiddleware(app, "memory://")
-    request = json.dumps({"model": "m", "input": "left at the cr", "stream": True}).encode()
-    scope = {**events_scope(), "path": "/v1/responses", "raw_path": b"/v1/responses"}
+    scope, request = responses_request("left at the cr")
     answers: dict[str, Answered] = {}
 
     async def ask(name: str, receive: Any) -> None:
