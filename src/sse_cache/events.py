@@ -7,6 +7,7 @@ in chunks of any size and it returns the events those bytes complete.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
@@ -231,6 +232,28 @@ class SSEParser:
             or self._id is not None
             or self._retry is not None
         )
+
+    def copy(self) -> SSEParser:
+        """A parser in this one's state, fed apart from it from now on."""
+        twin = copy.copy(self)
+        twin._data = list(self._data)
+        twin._pending = bytes(self._pending)  # (a bytearray while a long line grows)
+        return twin
+
+    def dispatch_end(self, chunk: bytes, count: int) -> int:
+        """The offset in ``chunk`` just after the ``count``-th event that feeding it to this
+        parser would dispatch (with the LF of a CRLF that ends it), or ``len(chunk)`` if it
+        would dispatch fewer: where to cut a chunk after its last event. Only looks: a copy
+        of this parser is fed, line by line (a rare path: it costs a feed per line)."""
+        probe = self.copy()
+        dispatched = start = 0
+        for line_end in _LINE_END.finditer(chunk):
+            end = line_end.end()
+            dispatched += len(probe.feed(chunk[start:end]))
+            if dispatched >= count:
+                return end
+            start = end
+        return len(chunk)
 
     def _reset_event(self) -> None:
         self._data = []

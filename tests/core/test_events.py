@@ -171,6 +171,29 @@ def test_chunking_never_changes_the_events(raw: bytes, cuts: list[int]) -> None:
     assert parse(raw, chunks=[1] * len(raw)) == parse(raw)
 
 
+@given(raw_stream, st.lists(st.integers(0, 40), max_size=12))
+def test_dispatch_end_is_where_a_chunks_nth_event_ends(raw: bytes, cuts: list[int]) -> None:
+    # Where a stream stopped at its answer cuts the chunk that completed it, for the
+    # followers (ResponseTee): just after the event, its whole line end with it.
+    parser, pos, got = SSEParser(), 0, []
+    for cut in [*sorted(c for c in cuts if 0 < c < len(raw)), len(raw)]:
+        chunk, pos = raw[pos:cut], cut
+        before = parser.copy()
+        events = parser.feed(chunk)
+        got += events
+        for n in range(1, len(events) + 1):
+            end = before.dispatch_end(chunk, n)
+            head, tail = before.copy(), before.copy()
+            assert head.feed(chunk[:end]) == events[:n]
+            assert tail.feed(chunk[:end]) + tail.feed(chunk[end:]) == events
+            assert not (chunk[end - 1 : end] == b"\r" and chunk[end : end + 1] == b"\n")
+            line_end = 2 if chunk[end - 2 : end] == b"\r\n" else 1
+            assert len(before.copy().feed(chunk[: end - line_end])) == n - 1
+        assert before.dispatch_end(chunk, len(events) + 1) == len(chunk)
+        assert before.copy().feed(chunk) == events  # (only looked)
+    assert got == parse(raw)
+
+
 @given(events_strategy)
 def test_parse_of_serialize_is_identity(events: list[Event]) -> None:
     assert parse(serialize_sse(events)) == events

@@ -686,13 +686,19 @@ async def test_a_miss_ends_for_its_client_only_once_its_answer_is_stored(
     assert dict(sent[0]["headers"])[b"x-sse-cache"] == b"miss"
 
 
-async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_body() -> None:
+@pytest.mark.parametrize("after", [b"", b": keep-alive\n\n", b": keep-al", b": x\r\ndata: {"])
+async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_body(
+    after: bytes,
+) -> None:
     # The producer's client leaves before the completing event while a follower reads: the
     # app goes on for it. `[DONE]` completes the answer: the follower's stream ends with it,
     # stored, and the app is stopped — not when the app ends its body, which here it never
     # does (it ended only then, as the transports' followers did before helper-69's fix).
+    # What the app sent after it in the same piece (`after`) is no part of the answer: the
+    # follower got it, and the entry did not hold it (helper-105).
     pieces = [_chat_piece("Hel"), _chat_piece("lo"), _chat_piece("", "stop"), b"data: [DONE]\n\n"]
     whole = b"".join(pieces)
+    pieces[-1] += after
     done, stopped = anyio.Event(), anyio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -1580,9 +1580,11 @@ async def test_a_producer_closing_after_done_ends_its_followers_with_the_answer(
 
 class _DoneLater:
     """A chat upstream that sends its answer up to the finish_reason chunk, then ``[DONE]``
-    once :attr:`done` is set, then ends its body once :attr:`end` is set."""
+    once :attr:`done` is set (followed in the same piece by ``after``), then ends its body
+    once :attr:`end` is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, after: bytes = b"") -> None:
+        self.after = after
         self.done, self.end = anyio.Event(), anyio.Event()
         self.calls = self.disconnects = 0
 
@@ -1597,7 +1599,8 @@ class _DoneLater:
         for piece in _CHAT_PIECES[:-1]:
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await self.done.wait()
-        await send({"type": "http.response.body", "body": _CHAT_PIECES[-1], "more_body": True})
+        last = _CHAT_PIECES[-1] + self.after
+        await send({"type": "http.response.body", "body": last, "more_body": True})
         with anyio.CancelScope() as scope_:
             async with anyio.create_task_group() as tg:
 
@@ -1615,17 +1618,20 @@ class _DoneLater:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
 @pytest.mark.parametrize("sync", [False, True])
+@pytest.mark.parametrize("after", [b"", b": keep-alive\n\n: keep-al"])
 async def test_followers_read_on_end_with_the_completing_event_not_the_body(
-    serve: Any, anyio_backend: str, sync: bool
+    serve: Any, anyio_backend: str, sync: bool, after: bytes
 ) -> None:
     # The producer's client stops at the finish_reason chunk (an SDK user breaking there),
     # before `[DONE]` arrived: the followers read on. `[DONE]` completes the answer: their
     # streams end with it, stored, and the upstream is closed — not when the upstream ends
-    # its body, which here it does not (helper-69: they ended only then, 3 s later).
-    upstream = _DoneLater()
+    # its body, which here it does not (helper-69: they ended only then, 3 s later). What
+    # came after it in the same piece (``after``) is no part of the answer: the followers
+    # got it, and the entry did not hold it (helper-105).
+    upstream = _DoneLater(after)
     seen = _FlightsSeen()
     whole = b"".join(_CHAT_PIECES)
-    headers = {"authorization": f"Bearer sk-done-later-{sync}"}
+    headers = {"authorization": f"Bearer sk-done-later-{sync}-{len(after)}"}
     answers: list[tuple[str, bytes]] = []
     async with serve(upstream) as url:
         if sync:

@@ -96,6 +96,10 @@ class ResponseTee:
         # and a completing one noted (:meth:`end_if_answered`).
         self._watching = False
         self._completing_fed = False
+        # While watching: the chunk relayed and not yet passed on (see relay), and where in it
+        # the answer ends when it fed a completing event.
+        self._unrelayed = b""
+        self._answer_end: int | None = None
         self._cache = cache
         self._key = key
         self._ttl = ttl
@@ -200,9 +204,23 @@ class ResponseTee:
         """``chunk`` is being handed to the producer's client: the followers get it too.
         Nothing once the response stopped or ended: an app stopped there may still send
         what it had read before it noticed (helper-100: the followers got bytes past the
-        stored answer, then its clean end)."""
+        stored answer, then its clean end).
+
+        Once the producer's client left and followers read on, the chunk (which no client of
+        this exchange reads first) goes to them when it is fed (:meth:`feed`, called right
+        after): if it completes the answer and :meth:`end_if_answered` stops the stream
+        there, they get it up to the answer's last event, as later hits do — not what came
+        after it in the same chunk (a comment, part of another event), which the entry
+        does not hold (helper-105)."""
         if not chunk or self.ended or self.cut:
             return
+        if self._watching:
+            self._pass_unrelayed()
+            self._unrelayed = chunk
+            return
+        self._deliver(chunk)
+
+    def _deliver(self, chunk: bytes) -> None:
         if self._flight is not None:
             self._flight.deliver(chunk)
         if self._lease is not None:
@@ -211,11 +229,18 @@ class ResponseTee:
     def feed(self, chunk: bytes) -> None:
         """Record ``chunk`` (after it was delivered) for storage; nothing once the response
         stopped or ended (its recording is finished: an AssertionError, helper-100)."""
-        if self._failed or not chunk or self.ended or self.cut:
-            return
+        if not (self._failed or not chunk or self.ended or self.cut):
+            self._record(chunk)
+        if self._unrelayed and self._answer_end is None:
+            self._pass_unrelayed()  # (else held until end_if_answered judges the answer)
+
+    def _record(self, chunk: bytes) -> None:
         if self._parser is not None:
             assert self._live is not None
             parser = self._parser
+            # Watching, a chunk held for the followers: where its events end, if it
+            # completes the answer, is found from the parser as it was before it.
+            before = parser.copy() if self._unrelayed == chunk else None
             try:
                 events = parser.feed(chunk)
             except SSEError as exc:
@@ -229,6 +254,8 @@ class ResponseTee:
                 self._live.add(events)
                 if self._watching and self._live.recorder.completes(events):
                     self._completing_fed = True  # (judged by end_if_answered, once)
+                    if before is not None:
+                        self._answer_end = before.dispatch_end(chunk, len(events))
                 if self.identify is not None:
                     identify, self.identify = self.identify, None
                     identify(events)
@@ -238,6 +265,17 @@ class ResponseTee:
             self.abort(f"response body exceeds max_entry_bytes={self._limit}")
             return
         self._body.append(chunk)
+
+    def _pass_unrelayed(self, *, answer_only: bool = False) -> bool:
+        # The chunk held while watching goes to the followers: only up to the end of the
+        # answer it completed (nothing if it completed none) when ``answer_only``. True when
+        # some of it was kept from them.
+        held, end = self._unrelayed, self._answer_end
+        self._unrelayed, self._answer_end = b"", None
+        chunk = (held[:end] if end is not None else b"") if answer_only else held
+        if chunk:
+            self._deliver(chunk)
+        return len(chunk) < len(held)
 
     def pass_on(self, chunk: bytes) -> None:
         """:meth:`relay` and :meth:`feed` at once (for a chunk already delivered)."""
@@ -258,6 +296,7 @@ class ResponseTee:
         was cancelled or gave up): store nothing, and every follower's stream fails."""
         if self.ended or self.cut:
             return
+        self._unrelayed = b""  # (the followers' streams fail)
         self.cut = reason
         self.abort(reason)
         if self._flight is not None:
@@ -361,6 +400,7 @@ class ResponseTee:
             return False
         self._completing_fed = False
         if not self.answered:
+            self._pass_unrelayed()
             return False
         self.stop("the answer is complete")
         return self.ended
@@ -409,6 +449,7 @@ class ResponseTee:
         """The upstream body ended by itself."""
         if self.ended or self.cut:
             return
+        self._pass_unrelayed()
         self.ended = True
         self._end_followers()
         self._finish_recording()
@@ -424,7 +465,10 @@ class ResponseTee:
             return
         live = self._completable
         if live is not None:
-            if self._parser is not None and self._parser.mid_crlf:
+            # Of a chunk held for the followers, they get its part of the answer.
+            self._watching = False
+            cut_short = self._pass_unrelayed(answer_only=True)
+            if self._parser is not None and self._parser.mid_crlf and not cut_short:
                 # Stopped between the CR and the LF of a CRLF-framed stream's line end (its
                 # chunks came apart there): the followers' streams and the bytes kept would
                 # end without the LF its framing owes (helper-100, helper-104). It is added,
