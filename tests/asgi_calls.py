@@ -15,8 +15,10 @@ __all__ = ["Answered", "body_then", "call", "start_sse", "stopped_when_the_clien
 
 @dataclass
 class Answered:
-    """What a client was sent: the head's headers, the body, and whether it ended."""
+    """What a client was sent: the status, the head's headers, the body, and whether it
+    ended."""
 
+    status: int = 0
     headers: dict[bytes, bytes] = field(default_factory=dict)
     body: bytes = b""
     ended: bool = False
@@ -29,6 +31,7 @@ async def call(app: Any, scope: dict[str, Any], receive: Any) -> Answered:
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
+            answered.status = message["status"]
             answered.headers.update(message["headers"])
             return
         body.extend(message.get("body", b""))

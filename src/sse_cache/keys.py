@@ -26,6 +26,7 @@ __all__ = [
     "DefaultKeyer",
     "canonical_json",
     "check_key",
+    "credential_scoped",
     "lowered_tenant_scope",
     "tenant_scope",
 ]
@@ -190,6 +191,12 @@ def tenant_scope(
     if suffixes is None:
         suffixes = CREDENTIAL_SUFFIXES if credential_headers is CREDENTIAL_HEADERS else ()
     return lowered_tenant_scope(found, names, tuple(s.lower() for s in suffixes))
+
+
+def credential_scoped(scope: str) -> bool:
+    """Whether the tenant scope ``scope`` is one of :func:`tenant_scope`'s: the same only for
+    requests with the same credentials (not the shared scope, nor a tenant callable's)."""
+    return scope.startswith("t:")
 
 
 def lowered_tenant_scope(

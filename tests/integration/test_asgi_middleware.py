@@ -341,6 +341,64 @@ async def test_a_follower_gets_what_describes_the_body_never_the_producers_own_h
     assert follower.headers[b"retry-after"] == b"20"
 
 
+@pytest.mark.parametrize("tenant", ["shared", "callable"])
+async def test_an_error_to_one_callers_credentials_is_not_shared_under_a_wider_scope(
+    tenant: str,
+) -> None:
+    # Under a scope that is not the credentials, a request sent with a bad key was the
+    # producer of its live stream, and every identical request of other callers joining it
+    # got its 401 — the upstream's text naming the rejected key (helper-106). They ask for
+    # themselves now: one of them leads, the other follows it, and both get their answer.
+    gate = anyio.Event()
+    callers: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        caller = dict(scope["headers"])[b"authorization"]
+        callers.append(caller)
+        await gate.wait()
+        if caller == b"Bearer sk-bad":
+            head = [(b"content-type", b"application/json")]
+            body = b'{"error": {"message": "Incorrect API key provided: sk-bad"}}'
+            await send({"type": "http.response.start", "status": 401, "headers": head})
+            await send({"type": "http.response.body", "body": body})
+            return
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": b"data: answered to " + caller + b"\n\n"})
+
+    log = NoticeLog()
+    mw = CacheMiddleware(
+        app,
+        "memory://",
+        routes={"/events": GenericSSE},
+        tenant="shared" if tenant == "shared" else (lambda headers: "org-1"),
+        hooks=[log],
+    )
+    answers: dict[bytes, Answered] = {}
+
+    async def ask(caller: bytes) -> None:
+        scope = events_scope()
+        scope["headers"] = [(b"authorization", caller), (b"content-type", b"application/json")]
+        answers[caller] = await call(mw, scope, body_then(b"{}"))
+
+    with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, b"Bearer sk-bad")
+            await log.wait("miss")  # its request is at the upstream
+            tg.start_soon(ask, b"Bearer sk-good-1")
+            tg.start_soon(ask, b"Bearer sk-good-2")
+            await anyio.wait_all_tasks_blocked()  # both wait for its answer
+            gate.set()
+    assert answers[b"Bearer sk-bad"].status == 401
+    good = [answers[b"Bearer sk-good-1"], answers[b"Bearer sk-good-2"]]
+    assert [answer.status for answer in good] == [200, 200]
+    assert good[0].body == good[1].body and good[0].body.startswith(b"data: answered to ")
+    assert sorted(answer.headers[b"x-sse-cache"] for answer in good) == [b"miss", b"shared"]
+    assert len(callers) == 2
+
+
 async def test_a_repeated_credential_header_scopes_the_entry_by_every_line() -> None:
     # A request may carry a header line twice (a client's and a gateway's credential): the
     # entry's tenant is all of them, as joined by the request, never the first or the last.

@@ -150,13 +150,13 @@ async def streamed(
 
 @asynccontextmanager
 async def two_proxy_apps(
-    serve: Any, upstream_app: Any, backend: str, lease: float = LEASE
+    serve: Any, upstream_app: Any, backend: str, lease: float = LEASE, **more: Any
 ) -> AsyncIterator[tuple[str, str, httpx2.AsyncClient]]:
     """The upstream, and two proxies with cross-process single-flight in this process (two
-    workers' apps) on ``backend``: yields their URLs and a client."""
+    workers' apps) on ``backend`` (with ``more`` options): yields their URLs and a client."""
     from sse_cache.proxy import create_proxy_app
 
-    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": lease}
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": lease, **more}
     async with serve(upstream_app) as upstream:
         app_a = create_proxy_app(upstream, backend, **options)
         app_b = create_proxy_app(upstream, backend, **options)
@@ -201,6 +201,17 @@ async def test_a_herd_over_two_processes_makes_one_upstream_call(
     assert upstream_app.stats()["total"] == 1, statuses
     assert statuses["miss"] == 1 and statuses["shared"] == 39, statuses
     assert len({r.content for r in results}) == 1 and complete(results[0].content)
+
+
+async def a_read_blocks(redis_url: str) -> None:
+    """Return once a client of the Redis at ``redis_url`` is blocked in ``XREAD``: a follower
+    in another process waits for its producer's next message (here, its head)."""
+    client = aioredis.from_url(redis_url)
+    try:
+        while not any(c["cmd"] == "xread" for c in await client.client_list()):  # noqa: ASYNC110
+            await anyio.sleep(0.01)  # (Redis's count of blocked readers: nothing to wait on)
+    finally:
+        await client.aclose()
 
 
 async def lock_ttls(redis_url: str, prefix: str) -> list[int]:
@@ -928,3 +939,54 @@ async def test_a_body_piece_that_begins_with_h_reaches_the_other_processes_follo
             followed = await follower.aread()
     assert produced == followed == raw
     assert upstream_app.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_an_error_to_one_callers_credentials_reaches_no_follower_in_another_process(
+    serve: Any, redis_server: Any
+) -> None:
+    # With --shared-tenant, a request sent with a bad key leads in proxy A; an identical
+    # request with a good key in proxy B follows it over Redis. A's 401 names the rejected
+    # key: B's caller must not get it (helper-106), but ask for itself, and get its answer.
+    gate, at_upstream = anyio.Event(), anyio.Event()
+    mock = MockUpstream()
+    callers: list[str] = []
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await mock(scope, receive, send)
+        caller = dict(scope["headers"]).get(b"authorization", b"").decode()
+        callers.append(caller)
+        at_upstream.set()
+        await gate.wait()
+        if caller != "Bearer sk-bad":
+            return await mock(scope, receive, send)
+        body = b'{"error": {"message": "Incorrect API key provided: sk-bad"}}'
+        head = [(b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 401, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+
+    payload = {"model": "gpt-mock", "input": "an error for one caller", "stream": True}
+    backend = f"{redis_server.url}?prefix=e{uuid.uuid4().hex[:8]}:"
+    answers: dict[str, httpx2.Response] = {}
+    async with two_proxy_apps(serve, upstream, backend, tenant="shared") as (pa, pb, client):
+
+        async def ask(proxy: str, caller: str) -> None:
+            headers = {"authorization": caller}
+            answers[caller] = await client.post(
+                proxy + "/v1/responses", json=payload, headers=headers
+            )
+
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask, pa, "Bearer sk-bad")
+                await at_upstream.wait()  # A leads
+                tg.start_soon(ask, pb, "Bearer sk-good")
+                await a_read_blocks(redis_server.url)  # B follows A, waiting for its head
+                gate.set()
+    assert answers["Bearer sk-bad"].status_code == 401
+    good = answers["Bearer sk-good"]
+    assert good.status_code == 200 and complete(good.content), good.content[:200]
+    assert good.headers["x-sse-cache"] == "miss"
+    assert callers == ["Bearer sk-bad", "Bearer sk-good"]

@@ -43,7 +43,7 @@ from ..entry import Entry
 from ..errors import ConfigError
 from ..events import Event
 from ..flight import Cursor, Head, LiveFlight, SharedStreamAborted
-from ..keys import CREDENTIAL_HEADERS, CacheRequest, DefaultKeyer
+from ..keys import CREDENTIAL_HEADERS, CacheRequest, DefaultKeyer, credential_scoped
 from ..pacing import Pacing
 from ..protocols import (
     Backend,
@@ -627,13 +627,12 @@ class Exchange:
         live = self._flight
         lease = self._lead
         head = None
-        encoding = encoding_of(lowered)
-        if encoding and (live is not None or lease is not None):
-            # Encoded as this request asked (its Accept-Encoding): an identical request need
-            # not have asked the same, and may not read it. Not shared: the followers waiting
-            # here or in other processes have been sent nothing, and ask for themselves.
+        unshared = _not_shared_because(status, encoding_of(lowered), self.decision.tenant)
+        if unshared and (live is not None or lease is not None):
+            # Not an answer every identical request may have: the followers waiting here or
+            # in other processes have been sent nothing, and ask for themselves.
             if live is not None:
-                live.fail(f"the response is encoded ({encoding}): not shared")
+                live.fail(f"{unshared}: not shared")
                 live = None
             if lease is not None:
                 # The failure marker, then the lock freed: those in other processes go
@@ -742,6 +741,23 @@ class Exchange:
         # Dropped once the stored entry is indexed (__aexit__): a resume in between would
         # find neither, and go to the upstream.
         self._unindex = unindex
+
+
+def _not_shared_because(status: int, encoding: str, tenant: str) -> str:
+    """Why a response with this status and ``content-encoding`` is not passed on to the
+    identical requests following it under the tenant scope ``tenant`` ("": it is)."""
+    if encoding:
+        # Encoded as this request asked (its Accept-Encoding): an identical request need not
+        # have asked the same, and may not read it.
+        return f"the response is encoded ({encoding})"
+    if not 200 <= status < 300 and not credential_scoped(tenant):
+        # An error answers the caller's credentials as much as the request (a rejected or
+        # missing key, its rate limit, its organisation's access): under a scope that is not
+        # the credentials (tenant="shared", a tenant callable), another caller's — the
+        # upstream's text naming the rejected key, the rate limit of another account, to
+        # every caller joining a request sent with a bad key (helper-106).
+        return f"the upstream answered {status} to this caller's credentials"
+    return ""
 
 
 def _alias_scope_of(decision: Decision) -> str:
