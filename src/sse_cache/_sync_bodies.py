@@ -12,7 +12,8 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, suppress
+from concurrent.futures import Future
+from contextlib import AbstractAsyncContextManager, suppress
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
@@ -67,19 +68,42 @@ def unless_closed(closing: threading.Event, fn: Callable[..., _R], *args: Any) -
 class _SyncOpen:
     """An exchange entered by ``handle_request`` (in the portal's event loop, in one task
     for its whole life) and left when the response ends. ``started``: as for
-    :class:`_AsyncOpen`."""
+    :class:`_AsyncOpen`.
 
-    __slots__ = ("_closing", "_cm", "_ex", "_leaving", "_portal", "_started", "open", "timing")
+    (anyio's ``wrap_async_context_manager`` does the same, but a caller's thread interrupted
+    while the exchange is entered — Ctrl-C during the lookup, or while a follower waits for
+    its producer's head — left its task entering it regardless, then waiting for good: the
+    request stayed its key's producer, never answering, and every identical request waited
+    twice its ``join_timeout`` for it; helper-108. The task is cancelled then.)"""
+
+    __slots__ = (
+        "_abandoned",
+        "_closing",
+        "_cm",
+        "_ex",
+        "_exit",
+        "_held",
+        "_leave",
+        "_leaving",
+        "_portal",
+        "_started",
+        "open",
+        "timing",
+    )
 
     def __init__(
         self,
-        cm: AbstractContextManager[Exchange],
+        cm: AbstractAsyncContextManager[Exchange],
         portal: anyio.from_thread.BlockingPortal,
         started: float | None = None,
         closing: threading.Event | None = None,
     ) -> None:
         self._cm = cm
         self._portal = portal
+        self._held: Future[None] | None = None  # the task holding the exchange
+        self._leave: anyio.Event | None = None  # set (in the loop) when it is to be left
+        self._exit: BaseException | None = None  # what it is left with
+        self._abandoned = False  # the caller's thread was interrupted while it was entered
         self._started = started
         #: Set when the transport begins to close: its portal stops, and with it the task
         #: that holds this exchange (which then fails, so nothing of the response is stored).
@@ -97,10 +121,45 @@ class _SyncOpen:
         return unless_closed(self._closing, self._portal.call, fn, *args)
 
     def enter(self) -> Exchange:
-        ex = self._ex = unless_closed(self._closing, self._cm.__enter__)
+        entered: Future[Exchange] = Future()
+        self._held = unless_closed(self._closing, self._portal.start_task_soon, self._hold, entered)
+        try:
+            ex = self._ex = unless_closed(self._closing, entered.result)
+        except BaseException:
+            # Whatever stopped this thread's wait (an interruption: the task entering the
+            # exchange runs on), the task is stopped: it leaves the exchange, failed, if it
+            # got in. (Done already if entering the exchange raised.)
+            self._abandoned = True
+            self._held.cancel()
+            raise
         self.open = True
         self.timing = self._started is not None
         return ex
+
+    async def _hold(self, entered: Future[Exchange]) -> None:
+        # The exchange's whole life, in one task of the portal's loop (its task groups and
+        # cancel scopes are entered and left in the same task).
+        self._leave = anyio.Event()
+        try:
+            ex = await self._cm.__aenter__()
+        except BaseException as exc:
+            entered.set_exception(exc)
+            raise
+        entered.set_result(ex)
+        try:
+            await self._leave.wait()
+        except BaseException as exc:
+            # Cancelled: the portal stops (the transport closes), or the caller's thread was
+            # interrupted while it entered. Left failed, then; in the second case shielded,
+            # for its flight and lease are released in full (nothing else will).
+            with anyio.CancelScope(shield=self._abandoned):
+                await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        exit = self._exit
+        if exit is None:
+            await self._cm.__aexit__(None, None, None)
+        else:
+            await self._cm.__aexit__(type(exit), exit, exit.__traceback__)
 
     def first_byte(self) -> None:
         """As :meth:`_AsyncOpen.first_byte`, measured in the caller's thread; the notice is
@@ -122,10 +181,11 @@ class _SyncOpen:
             self.open = False
         if self._closing.is_set():
             return  # the portal's stop ends the exchange (failed: nothing stored)
-        if exc is None:
-            self._cm.__exit__(None, None, None)
-        else:
-            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+        held, leave = self._held, self._leave
+        assert held is not None and leave is not None
+        self._exit = exc
+        self._portal.call(leave.set)
+        held.result()  # (once the exchange was left: the answer stored, say)
 
 
 class _SyncTeeBody:

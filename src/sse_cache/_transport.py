@@ -404,6 +404,8 @@ class CacheTransportBase(_Options):
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        # One close() at a time: another thread's waits for it, then has nothing to do.
+        self._closing_lock = threading.Lock()
         #: Set as close() begins: responses still read in other threads end with the
         #: library's ReadError (see _SyncOpen.call).
         self._closing = threading.Event()
@@ -417,7 +419,11 @@ class CacheTransportBase(_Options):
         # first use, for a backend opened anew — one given as an object cannot be.
         used = self._portal is not None
         self._lock = threading.Lock()
+        self._closing_lock = threading.Lock()
         self._portal = self._thread = None
+        # The parent's drain threads were not forked: their misses are the parent's (a close
+        # here settled them through the parent's portal, and waited for ever; helper-108).
+        self._draining = weakref.WeakSet()
         super()._forked()
         if used and self._backend_url is None:
             self._unusable = (
@@ -463,7 +469,7 @@ class CacheTransportBase(_Options):
                 )
                 if answer is not None:
                     opened = _SyncOpen(
-                        portal.wrap_async_context_manager(_no_exchange()),
+                        _no_exchange(),
                         portal,
                         closing=self._closing,
                     )
@@ -482,7 +488,7 @@ class CacheTransportBase(_Options):
             return _error_response(lib, str(exc))
         portal = self.portal
         opened = _SyncOpen(
-            portal.wrap_async_context_manager(service.exchange(decision, publish=True)),
+            service.exchange(decision, publish=True),
             portal,
             self._started(started),
             self._closing,
@@ -529,25 +535,36 @@ class CacheTransportBase(_Options):
         stopped at chat's [DONE], as the SDKs do, and the program closes at once).
         The transport cannot be used afterwards. A transport never closed does not keep the
         program from exiting: its portal runs in a daemon thread."""
-        if self._closed:
-            return
-        for body in list(self._draining):
-            body.settle()  # before the backend closes: its answer may be stored
-        self._closing.set()
-        try:
-            self.transport.close()
-        finally:
-            portal = self.portal  # the backend is async: it is closed on the portal's loop
+        with self._closing_lock:
+            if self._closed:
+                return
+            for body in list(self._draining):
+                body.settle()  # before the backend closes: its answer may be stored
+            self._closing.set()
+            try:
+                self.transport.close()
+            finally:
+                self._stop()
+
+    def _stop(self) -> None:
+        if self._unusable:
+            # In a child forked after use, with a backend given as an object: it and the
+            # portal it ran on are the parent's (nothing of them runs here; never closed
+            # here). Closing is all the same allowed: leaving `with client:` calls it.
             with self._lock:
                 self._closed = True
-                thread = self._thread
-                self._portal = self._thread = None
-            try:
-                portal.call(self.service.aclose)
-            finally:
-                portal.call(portal.stop, True)
-                if thread is not None:
-                    thread.join()
+            return
+        portal = self.portal  # the backend is async: it is closed on the portal's loop
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+            self._portal = self._thread = None
+        try:
+            portal.call(self.service.aclose)
+        finally:
+            portal.call(portal.stop, True)
+            if thread is not None:
+                thread.join()
 
 
 def _read_timeout(request: Any) -> float | None:

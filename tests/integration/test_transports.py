@@ -926,12 +926,161 @@ def test_a_producer_interrupted_around_a_hop_never_stores_a_torn_answer(
     assert again.content == expected  # a miss or a hit, the answer whole either way
 
 
+class _LookupHeld:
+    """A memory backend whose first read waits until :attr:`release` is set (in the cache's
+    loop): a slow lookup. :attr:`reading` is set once it waits."""
+
+    def __init__(self) -> None:
+        from sse_cache.backends import MemoryBackend
+
+        self.backend = MemoryBackend()
+        self.reading = threading.Event()
+        self.release: anyio.Event | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    async def get(self, key: str) -> bytes | None:
+        if self.release is None:
+            self.release = anyio.Event()
+            self.reading.set()
+            await self.release.wait()
+        return await self.backend.get(key)
+
+
+def test_a_request_interrupted_during_its_lookup_leaves_no_producer_behind(
+    upstream: Upstream, prompt: str
+) -> None:
+    # Ctrl-C while a sync request waits for its lookup: the exchange was entered in the
+    # cache's loop regardless, became its key's producer and waited for good; every identical
+    # request followed it and waited twice its join_timeout (helper-108).
+    import signal
+
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {"authorization": "Bearer sk-test-a"}
+    expected = httpx2.post(upstream.url + "/v1/responses", json=body, headers=headers).content
+    asked = upstream.count("POST /v1/responses")
+    backend = _LookupHeld()
+    transport = CacheTransport(backend, join_timeout=3600)  # type: ignore[arg-type]
+    main = threading.get_ident()
+
+    def interrupt() -> None:
+        assert backend.reading.wait(30)
+        signal.pthread_kill(main, signal.SIGINT)  # a real Ctrl-C
+
+    with httpx2.Client(transport=transport, base_url=upstream.url) as client:
+        interrupter = threading.Thread(target=interrupt)
+        interrupter.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.post("/v1/responses", json=body, headers=headers)
+        interrupter.join()
+        assert backend.release is not None
+        transport.portal.call(backend.release.set)
+        answers: list[httpx2.Response] = []
+        again = threading.Thread(
+            target=lambda: answers.append(client.post("/v1/responses", json=body, headers=headers))
+        )
+        again.start()
+        again.join(30)
+        assert not again.is_alive(), "the request follows a producer that never answers"
+    assert answers[0].headers["x-sse-cache"] == "miss" and answers[0].content == expected
+    assert upstream.count("POST /v1/responses") == asked + 1  # that one alone
+
+
+def test_followers_of_an_error_retry_as_the_upstream_told_the_sdk(prompt: str) -> None:
+    # The upstream answers 500 with `x-should-retry: false`, which the openai SDK obeys
+    # before the status: without the cache each caller makes one attempt. The followers got
+    # the 500 without that header, and each retried twice (helper-108).
+    gate = threading.Event()
+    calls = 0
+
+    async def failing(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        if scope["type"] != "http":
+            return
+        calls += 1
+        await anyio.to_thread.run_sync(gate.wait)
+        head = [(b"content-type", b"application/json"), (b"x-should-retry", b"false")]
+        await send({"type": "http.response.start", "status": 500, "headers": head})
+        await send({"type": "http.response.body", "body": b'{"error": {"message": "down"}}'})
+
+    server = Upstream(failing)
+    server.start()
+    seen = _FlightsSeen()
+    transport = CacheTransport("memory://", hooks=[seen])
+    client = OpenAI(
+        base_url=f"{server.url}/v1",
+        api_key="sk-test-a",
+        max_retries=2,
+        http_client=httpx2.Client(transport=transport),
+    )
+    errors: list[openai.APIStatusError] = []
+
+    def ask() -> None:
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.responses.create(model=MODEL, input=prompt, stream=True)
+        errors.append(caught.value)
+
+    try:
+        threads = [threading.Thread(target=ask) for _ in range(4)]
+        threads[0].start()
+        deadline = time.monotonic() + 30  # a deadlock guard
+        while calls < 1:  # (the upstream's count: its request arrived)
+            assert time.monotonic() < deadline, "the first request never reached the upstream"
+            time.sleep(0.01)
+        for thread in threads[1:]:
+            thread.start()
+        while seen.followers() < 3:
+            assert time.monotonic() < deadline, "the followers never joined"
+            time.sleep(0.01)
+        gate.set()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        gate.set()
+        client.close()
+        server.stop()
+    assert len(errors) == 4
+    assert sorted(e.response.headers["x-sse-cache"] for e in errors) == ["miss"] + ["shared"] * 3
+    assert all(e.response.headers["x-should-retry"] == "false" for e in errors)
+    assert calls == 1
+
+
+@pytest.mark.parametrize("round_", range(5))
+def test_threads_closing_one_transport_at_once_all_return(upstream: Upstream, round_: int) -> None:
+    # Closing twice is a no-op; two threads closing at once (a shutdown hook and a `with`
+    # leaving) raised "this CacheTransport is closed" in one of them (helper-108: 19 times in
+    # 30). Rounds: a race each.
+    transport = CacheTransport("memory://")
+    together = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def close() -> None:
+        together.wait()
+        try:
+            transport.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    with httpx2.Client(transport=transport, base_url=upstream.url) as client:
+        client.get("/_mock/stats")  # (not cached: the portal is started all the same)
+        threads = [threading.Thread(target=close) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert errors == []
+    assert not any(t.name == "sse-cache-portal" and t.is_alive() for t in threading.enumerate())
+
+
 # -- a process forked after the transport was used ------------------------------------------
 
 
 def _in_forked_child(client: httpx2.Client, requests: list[dict[str, Any]]) -> list[Any]:
     """What each request gives in a child forked from this process: (cache status, body) or
-    the error's type and message. A child that hangs fails the test."""
+    the error's type and message; then what closing the client there gives ("closed", "")
+    or the error (a worker closes its client as it stops). A child that hangs fails the
+    test."""
     import multiprocessing
 
     def child(conn: Any) -> None:
@@ -942,6 +1091,11 @@ def _in_forked_child(client: httpx2.Client, requests: list[dict[str, Any]]) -> l
                 results.append((r.headers["x-sse-cache"], r.content))
             except Exception as exc:
                 results.append((type(exc).__name__, str(exc)))
+        try:
+            client.close()
+            results.append(("closed", ""))
+        except Exception as exc:
+            results.append((type(exc).__name__, str(exc)))
         conn.send(results)
 
     parent_end, child_end = multiprocessing.get_context("fork").Pipe()
@@ -973,6 +1127,7 @@ def test_a_process_forked_after_the_sync_transport_was_used_caches_on(
         assert results[0] == ("hit", first.content)  # the same file, opened anew
         assert results[1][0] == "miss" and results[1][1].endswith(b"\n\n")
         assert b"response.completed" in results[1][1]
+        assert results[2] == ("closed", "")
         # The parent's own transport is untouched by its child.
         assert (
             client.post("/v1/responses", json=stored, headers=headers).headers["x-sse-cache"]
@@ -989,9 +1144,48 @@ def test_a_forked_child_of_a_transport_given_a_backend_object_says_so(
     transport = CacheTransport(backend)
     with httpx2.Client(transport=transport, base_url=upstream.url) as client:
         client.post("/v1/responses", json=body, headers={"authorization": "Bearer k"})
-        [(error, message)] = _in_forked_child(client, [body])
+        [(error, message), closed] = _in_forked_child(client, [body])
         assert error == "ConfigError" and "used before the process forked" in message
+        # Closed all the same (leaving `with client:` does): the parent's backend and portal
+        # are left alone (helper-108: close raised the ConfigError too).
+        assert closed == ("closed", "")
+        again = client.post("/v1/responses", json=body, headers={"authorization": "Bearer k"})
+        assert again.headers["x-sse-cache"] == "hit"
         transport.portal.call(backend.aclose)  # the caller's: the transport leaves it open
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_a_child_forked_while_a_drain_thread_reads_on_closes_its_client(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # The parent's producer left early and its drain thread reads the upstream on for a
+    # follower when a worker forks: closing the client in the child settled the parent's
+    # drain through the parent's portal, which has no thread there — it waited for ever
+    # (helper-108).
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {**PACED, "x-mock-deltas": "20"}  # (4 s of answer: read on at the fork)
+    seen = _FlightsSeen()
+    transport = CacheTransport(cache_url, hooks=[seen])
+    with httpx2.Client(transport=transport, base_url=upstream.url, timeout=30) as client:
+        follower: list[bytes] = []
+
+        def follow() -> None:
+            follower.append(client.post("/v1/responses", json=body, headers=headers).content)
+
+        thread = threading.Thread(target=follow)
+        with client.stream("POST", "/v1/responses", json=body, headers=headers) as producer:
+            chunks = producer.iter_raw()  # (kept: a generator dropped would close it)
+            next(chunks)
+            thread.start()
+            deadline = time.monotonic() + 30  # a deadlock guard
+            while seen.followers() < 1:
+                assert time.monotonic() < deadline, "the follower never joined"
+                time.sleep(0.01)
+        # The producer's client left; a drain thread reads on for the follower.
+        assert any(t.name == "sse-cache-drain" for t in threading.enumerate())
+        assert _in_forked_child(client, []) == [("closed", "")]
+        thread.join(30)
+    assert follower and b"response.completed" in follower[0]
 
 
 # -- a follower's own read timeout ------------------------------------------------------------

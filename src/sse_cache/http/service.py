@@ -83,8 +83,10 @@ logger = logging.getLogger("sse_cache")
 #: the body, as a hit's do (``x-accel-buffering`` keeps a proxy in front from holding it
 #: back), and those a client needs to act on an answer that is no success, which a flight
 #: shares too (a 429's ``retry-after``, a 401's ``www-authenticate``, a redirect's
-#: ``location``). Never what the upstream said to the producer's caller alone: its cookies,
-#: request id, organisation, rate limits.
+#: ``location``, and ``x-should-retry``, which the openai and anthropic SDKs obey before the
+#: status: without it the followers retried what the producer's SDK did not, or not what it
+#: did; helper-108). Never what the upstream said to the producer's caller alone: its
+#: cookies, request id, organisation, rate limits.
 _SHARED_HEAD = frozenset(
     {
         "content-type",
@@ -95,6 +97,7 @@ _SHARED_HEAD = frozenset(
         "x-accel-buffering",
         "retry-after",
         "retry-after-ms",
+        "x-should-retry",
         "www-authenticate",
         "location",
         "allow",
