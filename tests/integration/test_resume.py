@@ -877,3 +877,46 @@ async def test_a_follower_cancelled_while_it_pulls_a_held_stream_leaves_it_resum
     assert rest.status_code == 200 and rest.headers["x-sse-cache"] in ("shared", "hit")
     assert held + rest.content == gated.body
     assert gated.calls == 1
+
+
+@pytest.mark.parametrize("when", ["live", "stored"])
+async def test_a_stream_without_sequence_numbers_is_resumed_by_the_upstream(when: str) -> None:
+    # The Responses API's streams before 2025-04 carried no sequence_number: a resume of one
+    # by position (any starting_after, or none: all of it) was answered here with an empty
+    # stream, as a hit or from the live stream (helper-109, the real 2025-03 recordings).
+    # The cache cannot tell where such a client is: the upstream answers.
+    from sse_cache import Event
+    from sse_cache.asgi import CacheMiddleware
+    from sse_cache.testing import responses_stream
+
+    def unnumbered(event: Event) -> Event:
+        fields = json.loads(event.data)
+        del fields["sequence_number"]
+        return Event(json.dumps(fields), event.event)
+
+    events = [unnumbered(e) for e in responses_stream("legacy", text_deltas=6, summaries=0)]
+    response_id = json.loads(events[0].data)["response"]["id"]
+    live = when == "live"
+    upstream = GatedUpstream(events, hold_after=3 if live else None)
+    mw = CacheMiddleware(upstream, "memory://")
+    request = json.dumps({"model": "m", "input": "legacy", "stream": True}).encode()
+    resumes: list[tuple[dict[bytes, bytes], bytes]] = []
+    async with anyio.create_task_group() as tg:
+        if live:
+            tg.start_soon(asgi_call, mw, "POST", "/v1/responses", b"", request)
+            await upstream.wait_sent(3)  # (its response.created is recorded: it is indexed)
+        else:
+            head, _ = await asgi_call(mw, "POST", "/v1/responses", b"", request)
+            assert head[b"x-sse-cache"] == b"miss"
+
+        async def resume(query: bytes) -> None:
+            resumes.append(await asgi_call(mw, "GET", f"/v1/responses/{response_id}", query, b""))
+
+        for query in (b"stream=true&starting_after=1", b"stream=true"):
+            tg.start_soon(resume, query)
+        await anyio.wait_all_tasks_blocked()  # (live: the upstream holds their streams too)
+        upstream.gate.set()
+    for head, got in resumes:
+        assert b"x-sse-cache" not in head  # the upstream's answer (here: its one stream)
+        assert got == b"".join(upstream.pieces)
+    assert upstream.calls == 3

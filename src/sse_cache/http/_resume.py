@@ -10,7 +10,7 @@ import hashlib
 import logging
 import re
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from .._notices import Hook, Notice, emit
@@ -92,6 +92,14 @@ def alias_scope(path: str, key_headers: Mapping[str, str]) -> str:
     return "\0".join((prefix, *(f"{k}={v}" for k, v in sorted(key_headers.items()))))
 
 
+def resumable(adapter: ResumingAdapter, events: Sequence[Event]) -> bool:
+    """Whether a stream beginning with ``events`` can be resumed by position: the adapter
+    gives them back when asked for all of it (``starting_after=-1``). A Responses stream
+    without sequence numbers (the API's own, before 2025-04) cannot: every resume of it was
+    answered with an empty stream, as a hit (helper-109); the upstream answers those."""
+    return bool(events) and len(adapter.events_after(events, -1)) == len(events)
+
+
 def live_alias_target(key: str, token: str) -> str:
     """What a live alias holds: the stream's key and its producer's lease token, which name
     that producer's fan-out channel."""
@@ -155,6 +163,8 @@ async def resume(
     # under the key): only the stream of that very response is resumed.
     if entry is None or entry.events is None or entry.meta.get("response_id") != match["id"]:
         return await _resume_remote(service, cache, live_alias, had)
+    if not resumable(adapter, entry.events):
+        return None
     events = events_after(entry.events, after)
     base = [("content-type", entry.content_type), *_SSE_HEADERS]
     body = recorded_after(entry, events)

@@ -70,7 +70,7 @@ from ._fanout import (
     end_lead,
     lead_or_follow,
 )
-from ._resume import alias_key, alias_scope, live_alias_key, live_alias_target
+from ._resume import alias_key, alias_scope, live_alias_key, live_alias_target, resumable
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
@@ -699,8 +699,8 @@ class Exchange:
             tee.publish_to(lease, head)
         if tee is not None:
             tee.resume_window = self._service.options.resume_window
-        resumable = isinstance(self.decision.adapter, ResumingAdapter)
-        if tee is not None and live is not None and media == SSE_TYPE and resumable:
+        by_id = isinstance(self.decision.adapter, ResumingAdapter)
+        if tee is not None and live is not None and media == SSE_TYPE and by_id:
             tee.identify = self._index_live
         self._tee = tee
         return tee
@@ -713,9 +713,9 @@ class Exchange:
         # The stream names its response (Responses' response.created): a client can resume
         # it by that id while it is live, until this exchange ends (then by its entry).
         live, adapter, stack = self._flight, self.decision.adapter, self._stack
-        assert live is not None and adapter is not None and stack is not None
+        assert live is not None and isinstance(adapter, ResumingAdapter) and stack is not None
         response_id = adapter.meta(events).get("response_id")
-        if not response_id:
+        if not response_id or not resumable(adapter, events):
             return
         decision = self.decision
         scope = _alias_scope_of(decision)
