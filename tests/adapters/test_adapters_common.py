@@ -222,3 +222,27 @@ def test_a_null_left_out_field_keys_as_absent(cls):
     assert adapter.key_fields({**body, "stream_options": None}) == plain
     if cls is OpenAIChat:
         assert adapter.key_fields({**body, "metadata": None}) == plain
+
+
+@settings(max_examples=200)
+@given(st.lists(st.sampled_from(["as is", "\\u%04x", "\\u%04X"]), min_size=5, max_size=5))
+def test_an_error_member_spelled_with_escapes_fails_the_stream(spelling: list[str]) -> None:
+    # The SDKs read `{"\u0065rror": {...}}` as an `error` member and raise; the adapters'
+    # fast path looked for the text `"error"` only, and such a chunk was stored and replayed
+    # (helper-109).
+    import json
+
+    name = "".join(
+        letter if how == "as is" else how % ord(letter)
+        for letter, how in zip("error", spelling, strict=True)
+    )
+    member = f'"{name}":{{"type":"overloaded_error","message":"Overloaded"}}'
+    chat = Event("{" + member + "}")
+    delta = "response.output_text.delta"
+    responses = Event(f'{{"type":"{delta}","delta":"Hi",{member}}}', delta)
+    anthropic = Event('{"type":"ping",' + member + "}")  # (unnamed: read for its error only)
+    for event in (chat, responses, anthropic):
+        assert "error" in json.loads(event.data)
+    assert OpenAIChat().outcome(chat) is Outcome.FAIL
+    assert OpenAIResponses().outcome(responses) is Outcome.FAIL
+    assert AnthropicMessages().outcome(anthropic) is Outcome.FAIL

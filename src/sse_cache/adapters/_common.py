@@ -26,6 +26,7 @@ __all__ = [
     "is_truthy_raw",
     "loads",
     "loads_object",
+    "may_hold_error",
     "payloads_of_type",
     "probe",
     "split_text",
@@ -92,6 +93,19 @@ def payloads_of_type(
             continue
         if payload.type == type_:
             yield payload
+
+
+# An escape that spells a letter of `error` (e, r, o): a JSON reader takes `"\u0065rror"` for
+# `"error"`, so a member of that name may hide where the text `"error"` is not.
+_ERROR_LETTER: Final = re.compile(r"\\u00(?:65|72|6[fF])")
+
+
+def may_hold_error(data: str) -> bool:
+    """Whether the JSON text ``data`` may have a member named ``error`` (the SDKs raise on a
+    truthy one): it holds ``"error"``, or an escape that could spell it. False is sure; True
+    means decode it (the fast path of every adapter's outcome: helper-109 found a chunk
+    with ``{"\\u0065rror": ...}``, which the SDK raised on, stored and replayed)."""
+    return '"error"' in data or ("\\u00" in data and _ERROR_LETTER.search(data) is not None)
 
 
 def is_truthy_raw(raw: msgspec.Raw) -> bool:

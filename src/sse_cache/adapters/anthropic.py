@@ -23,6 +23,7 @@ from ._common import (
     is_truthy_raw,
     loads,
     loads_object,
+    may_hold_error,
     payloads_of_type,
     probe,
     split_text,
@@ -126,7 +127,7 @@ class AnthropicMessages(KeyedAdapter):
             return Outcome.CONTINUE
         if name == "error":
             return Outcome.FAIL
-        if name is None and '"error"' not in event.data:
+        if name is None and not may_hold_error(event.data):
             return Outcome.CONTINUE  # the SDK skips it; only an error payload matters here
         p = probe(event.data)
         if p is None:

@@ -22,6 +22,7 @@ from ._common import (
     dumps,
     is_truthy_raw,
     loads_object,
+    may_hold_error,
     probe,
     split_text,
     unclear_flag,
@@ -151,8 +152,8 @@ class OpenAIChat(KeyedAdapter):
             return Outcome.FAIL
         if data.startswith(_DONE):  # the SDK stops at anything starting with [DONE]
             return Outcome.COMPLETE
-        # Fast path: a payload without the text `"error"` cannot have an `error` key.
-        if '"error"' not in data:
+        # Fast path: a payload that cannot have an `error` member is not decoded.
+        if not may_hold_error(data):
             return Outcome.CONTINUE
         p = probe(data)
         return Outcome.FAIL if p is not None and is_truthy_raw(p.error) else Outcome.CONTINUE

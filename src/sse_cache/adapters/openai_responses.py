@@ -19,6 +19,7 @@ from ._common import (
     TRANSPORT_FIELDS,
     KeyedAdapter,
     is_truthy_raw,
+    may_hold_error,
     probe,
 )
 from ._responses_body import events_from_response, response_with_output
@@ -178,9 +179,9 @@ class OpenAIResponses(KeyedAdapter):
 
     def outcome(self, event: Event) -> Outcome:
         name = event.event
-        # Fast path: a payload without the text `"error"` cannot have an `error` key (the SDK
+        # Fast path: a payload that cannot have an `error` member is not decoded (the SDK
         # raises on a truthy one, whatever the event's name).
-        if name is not None and name in CONTINUE_EVENT_TYPES and '"error"' not in event.data:
+        if name is not None and name in CONTINUE_EVENT_TYPES and not may_hold_error(event.data):
             return Outcome.CONTINUE
         p = probe(event.data)
         if p is None:
