@@ -269,6 +269,8 @@ def test_an_unreadable_redis_url_is_a_config_error_without_its_password() -> Non
         (lambda: OpenAIChat(usage_chunk="false"), "usage_chunk must be True or False"),  # type: ignore[arg-type]
         (lambda: AnthropicMessages(ping=1), "ping must be True or False"),  # type: ignore[arg-type]
         (lambda: GeminiGenerateContent(store_blocked="yes"), "store_blocked must be True"),  # type: ignore[arg-type]
+        (lambda: OpenAIChat(store_blocked="no"), "store_blocked must be True or False"),  # type: ignore[arg-type]
+        (lambda: AnthropicMessages(store_blocked=1), "store_blocked must be True or False"),  # type: ignore[arg-type]
     ],
 )
 def test_the_cores_classes_refuse_bad_arguments_when_built(build: Any, message: str) -> None:

@@ -268,3 +268,18 @@ def test_a_stream_without_message_start_before_its_stop_is_not_verified(payloads
     for ev in whole:
         recorder.add(ev, 0.0)
     assert recorder.finish(clean_end=True) is not None
+
+
+@pytest.mark.parametrize("store_blocked", [False, True])
+def test_an_answer_the_classifiers_stopped_is_stored_only_if_asked(store_blocked):
+    # Claude's streaming classifiers stop an answer midway with stop_reason "refusal": cut
+    # off, and it may pass when asked again. Stored, it was replayed for the entry's
+    # lifetime; Gemini's SAFETY never was (helper-109).
+    adapter = AnthropicMessages(store_blocked=store_blocked)
+    refused = {"type": "message_delta", "delta": {"stop_reason": "refusal"}, "usage": {}}
+    events = [_named(p) for p in (_START, *_DELTAS[:3], refused, _STOP)]
+    body = {"type": "message", "role": "assistant", "content": [], "stop_reason": "refusal"}
+    expected = Outcome.COMPLETE if store_blocked else Outcome.FAIL
+    assert adapter.verify(events) is expected
+    assert adapter.body_outcome(json.dumps(body).encode()) is expected
+    assert adapter.verify([_named(p) for p in (_START, *_DELTAS, _STOP)]) is Outcome.COMPLETE

@@ -359,3 +359,25 @@ def test_no_annotations_are_an_empty_list_in_a_body_and_absent_from_a_stream():
     events = ADAPTER.synthesize(json.dumps(body).encode())
     assert events is not None
     assert json.loads(events[0].data)["choices"][0]["delta"]["annotations"] == cited
+
+
+@pytest.mark.parametrize("store_blocked", [False, True])
+def test_an_answer_a_content_filter_cut_is_stored_only_if_asked(store_blocked):
+    # Azure OpenAI's content filter ends a choice with finish_reason "content_filter": an
+    # answer cut off, which may pass when asked again. Stored, it was replayed for the
+    # entry's lifetime; Gemini's SAFETY never was (helper-109).
+    adapter = OpenAIChat(store_blocked=store_blocked)
+    start = {"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+    cut = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}
+    stream = [Event(json.dumps(start)), Event(json.dumps(cut)), Event("[DONE]")]
+    body = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "finish_reason": "content_filter"}],
+    }
+    expected = Outcome.COMPLETE if store_blocked else Outcome.FAIL
+    assert adapter.verify(stream) is expected
+    assert adapter.body_outcome(json.dumps(body).encode()) is expected
+    assert (
+        adapter.verify([*stream[:1], Event(json.dumps(start).replace("null", '"stop"')), stream[2]])
+        is Outcome.COMPLETE
+    )

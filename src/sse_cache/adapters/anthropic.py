@@ -68,7 +68,16 @@ class _Start(msgspec.Struct):
     message: _Info | None = None
 
 
+class _StopDelta(msgspec.Struct):
+    stop_reason: str | None = None
+
+
+class _MessageDelta(msgspec.Struct):
+    delta: _StopDelta = msgspec.field(default_factory=_StopDelta)
+
+
 _stop_decoder: Final = msgspec.json.Decoder(_StopReason)
+_delta_stop_decoder: Final = msgspec.json.Decoder(_MessageDelta)
 _start_decoder: Final = msgspec.json.Decoder(_Start)
 
 
@@ -81,6 +90,8 @@ class AnthropicMessages(KeyedAdapter):
     - **outcome**: ``message_stop`` completes; ``event: error`` (or an ``error`` payload)
       fails; a ``message_stop`` whose payload is unreadable fails. Events without an
       ``event:`` line are passed through but never complete a stream (the SDK ignores them).
+      :meth:`verify` and :meth:`body_outcome` also fail ``stop_reason: "refusal"`` (the
+      streaming classifiers stopped the answer midway) unless ``store_blocked=True``.
     - **final_body**: the accumulated ``message``: text with citations, thinking with its
       signature, redacted thinking, tool use (client and server) with ``input`` parsed from
       the ``partial_json`` deltas, tool results, stop reason and usage from ``message_delta``.
@@ -101,10 +112,13 @@ class AnthropicMessages(KeyedAdapter):
         ignore_fields: Iterable[str] = (),
         delta_chars: int | None = DEFAULT_DELTA_CHARS,
         ping: bool = True,
+        store_blocked: bool = False,
     ) -> None:
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
         boolean("ping", ping)  # ("no" is truthy)
+        boolean("store_blocked", store_blocked)
         self.ping = ping
+        self.store_blocked = store_blocked
 
     def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
         """A ``metadata`` that is more than ``{"user_id": ...}`` (a string or null):
@@ -142,7 +156,7 @@ class AnthropicMessages(KeyedAdapter):
 
     def verify(self, events: Sequence[Event]) -> Outcome:
         """Whole-stream check: a ``message_start`` before the completing ``message_stop``,
-        and no failing event."""
+        no failing event, and no ``stop_reason: "refusal"`` unless ``store_blocked``."""
         started = False
         verdict = Outcome.FAIL
         for ev in events:
@@ -153,6 +167,13 @@ class AnthropicMessages(KeyedAdapter):
                 verdict = Outcome.COMPLETE
             if ev.event == "message_start":
                 started = True
+            elif ev.event == "message_delta" and not self.store_blocked:
+                try:
+                    reason = _delta_stop_decoder.decode(ev.data).delta.stop_reason
+                except msgspec.DecodeError:
+                    continue
+                if self._blocked(reason):
+                    return Outcome.FAIL
         return verdict
 
     def body_outcome(self, body: bytes) -> Outcome:
@@ -162,7 +183,12 @@ class AnthropicMessages(KeyedAdapter):
             return Outcome.FAIL
         if s.type != "message" or is_truthy_raw(s.error) or s.stop_reason is None:
             return Outcome.FAIL
-        return Outcome.COMPLETE
+        return Outcome.FAIL if self._blocked(s.stop_reason) else Outcome.COMPLETE
+
+    def _blocked(self, stop_reason: str | None) -> bool:
+        # The streaming classifiers stopped the answer midway (Claude's `refusal`): not
+        # stored, as Gemini's SAFETY is not — asked again, it may pass (helper-109).
+        return stop_reason == "refusal" and not self.store_blocked
 
     # -- stream -> body --------------------------------------------------------------------
 

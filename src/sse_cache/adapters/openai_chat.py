@@ -83,7 +83,9 @@ class OpenAIChat(KeyedAdapter):
       request shares its entry with streams that carry usage, as its body does.
     - **outcome**: ``data: [DONE]`` completes; a payload with a truthy top-level ``error``
       (or an ``event: error``) fails; a stream that ends without ``[DONE]`` fails.
-      :meth:`verify` adds the whole-stream rule that every choice got a ``finish_reason``.
+      :meth:`verify` adds the whole-stream rule that every choice got a ``finish_reason``,
+      and none ``content_filter`` (an answer a filter cut off, which may pass when asked
+      again) unless ``store_blocked=True``; so does :meth:`body_outcome`.
     - **final_body**: the accumulated ``chat.completion`` (every choice; content, refusal,
       tool calls with their arguments joined, logprobs, usage, unknown extensions).
     - **synthesize**: chunks as the API streams them, choices interleaved, a usage chunk
@@ -104,10 +106,13 @@ class OpenAIChat(KeyedAdapter):
         ignore_fields: Iterable[str] = (),
         delta_chars: int | None = DEFAULT_DELTA_CHARS,
         usage_chunk: bool = True,
+        store_blocked: bool = False,
     ) -> None:
         super().__init__(ignore_fields=ignore_fields, delta_chars=delta_chars)
         boolean("usage_chunk", usage_chunk)  # ("no" is truthy)
+        boolean("store_blocked", store_blocked)
         self.usage_chunk = usage_chunk
+        self.store_blocked = store_blocked
 
     def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
         """Also ``metadata`` when the completion is stored upstream (``store: true``): it is
@@ -177,6 +182,8 @@ class OpenAIChat(KeyedAdapter):
             for choice in chunk.choices or ():
                 open_choices.add(choice.index)
                 if choice.finish_reason is not None:
+                    if self._blocked(choice.finish_reason):
+                        return Outcome.FAIL
                     finished.add(choice.index)
         else:
             return Outcome.FAIL  # no [DONE]
@@ -191,9 +198,14 @@ class OpenAIChat(KeyedAdapter):
             return Outcome.FAIL
         if is_truthy_raw(s.error) or not s.choices or s.object not in (None, "chat.completion"):
             return Outcome.FAIL
-        if any(c.finish_reason is None for c in s.choices):
+        if any(c.finish_reason is None or self._blocked(c.finish_reason) for c in s.choices):
             return Outcome.FAIL
         return Outcome.COMPLETE
+
+    def _blocked(self, finish_reason: str) -> bool:
+        # A filter cut the answer off (Azure OpenAI's content filter, mostly): not stored, as
+        # Gemini's SAFETY is not — asked again, it may pass (helper-109).
+        return finish_reason == "content_filter" and not self.store_blocked
 
     # -- stream -> body --------------------------------------------------------------------
 
