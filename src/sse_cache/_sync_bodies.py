@@ -86,6 +86,7 @@ class _SyncOpen:
         "_leave",
         "_leaving",
         "_portal",
+        "_scope",
         "_started",
         "open",
         "timing",
@@ -101,6 +102,7 @@ class _SyncOpen:
         self._cm = cm
         self._portal = portal
         self._held: Future[None] | None = None  # the task holding the exchange
+        self._scope: anyio.CancelScope | None = None  # its scope, once it runs
         self._leave: anyio.Event | None = None  # set (in the loop) when it is to be left
         self._exit: BaseException | None = None  # what it is left with
         self._abandoned = False  # the caller's thread was interrupted while it was entered
@@ -122,44 +124,57 @@ class _SyncOpen:
 
     def enter(self) -> Exchange:
         entered: Future[Exchange] = Future()
-        self._held = unless_closed(self._closing, self._portal.start_task_soon, self._hold, entered)
         try:
+            self._held = unless_closed(
+                self._closing, self._portal.start_task_soon, self._hold, entered
+            )
             ex = self._ex = unless_closed(self._closing, entered.result)
+            self.open = True
         except BaseException:
             # Whatever stopped this thread's wait (an interruption: the task entering the
-            # exchange runs on), the task is stopped: it leaves the exchange, failed, if it
-            # got in. (Done already if entering the exchange raised.)
+            # exchange runs on; it may even land while the task is being started), the task
+            # is stopped: it leaves the exchange, failed, if it got in, or never enters it.
+            # (Done already if entering the exchange raised.)
+            self.open = False
             self._abandoned = True
-            self._held.cancel()
+            scope = self._scope
+            if scope is not None:
+                with suppress(RuntimeError):  # (the portal stops: so does the task)
+                    self._portal.call(scope.cancel)
             raise
-        self.open = True
         self.timing = self._started is not None
         return ex
 
     async def _hold(self, entered: Future[Exchange]) -> None:
         # The exchange's whole life, in one task of the portal's loop (its task groups and
-        # cancel scopes are entered and left in the same task).
-        self._leave = anyio.Event()
-        try:
-            ex = await self._cm.__aenter__()
-        except BaseException as exc:
-            entered.set_exception(exc)
-            raise
-        entered.set_result(ex)
-        try:
-            await self._leave.wait()
-        except BaseException as exc:
-            # Cancelled: the portal stops (the transport closes), or the caller's thread was
-            # interrupted while it entered. Left failed, then; in the second case shielded,
-            # for its flight and lease are released in full (nothing else will).
-            with anyio.CancelScope(shield=self._abandoned):
-                await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        exit = self._exit
-        if exit is None:
-            await self._cm.__aexit__(None, None, None)
-        else:
-            await self._cm.__aexit__(type(exit), exit, exit.__traceback__)
+        # cancel scopes are entered and left in the same task). Its scope is what enter()
+        # cancels when its thread was interrupted: set before _abandoned is read here, as
+        # enter() sets _abandoned before it reads the scope, so one of them sees the other.
+        with anyio.CancelScope() as self._scope:
+            if self._abandoned:
+                return
+            self._leave = anyio.Event()
+            try:
+                ex = await self._cm.__aenter__()
+            except BaseException as exc:
+                entered.set_exception(exc)
+                raise
+            entered.set_result(ex)
+            try:
+                await self._leave.wait()
+            except BaseException as exc:
+                # Cancelled: the portal stops (the transport closes), or the caller's thread
+                # was interrupted while it entered. Left failed, then; in the second case
+                # shielded, for its flight and lease are released in full (nothing else
+                # will).
+                with anyio.CancelScope(shield=self._abandoned):
+                    await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+                raise
+            failure = self._exit
+            if failure is None:
+                await self._cm.__aexit__(None, None, None)
+            else:
+                await self._cm.__aexit__(type(failure), failure, failure.__traceback__)
 
     def first_byte(self) -> None:
         """As :meth:`_AsyncOpen.first_byte`, measured in the caller's thread; the notice is
@@ -261,13 +276,21 @@ class _SyncTeeBody:
 
     async def _pass(self, chunk: bytes) -> None:
         # One hop per chunk: record the chunk the client had, hand the new one to the
-        # followers, publish to other processes.
+        # followers, publish to other processes. Once the client left (the drain's reads,
+        # or a read of the client's under way when it closed), no client delivers the new
+        # chunk: it is recorded at once (ResponseTee.relay withholds it until then; fed at
+        # the next hop, it reached other processes one upstream chunk late, and a chunk
+        # completing the answer went out whole; helper-110).
         tee = self._tee
         if tee.ended or tee.cut:  # (settled meanwhile: nothing more goes anywhere)
             return
         tee.feed(self._delivered)
-        self._delivered = chunk
+        self._delivered = b""
         tee.relay(chunk)
+        if tee.watching:
+            tee.feed(chunk)
+        else:
+            self._delivered = chunk
         await tee.flush()
 
     def _end(self) -> None:
@@ -275,12 +298,15 @@ class _SyncTeeBody:
         self._delivered = b""
         self._tee.end()
 
-    def _end_if_answered(self) -> bool:
-        # No client delivers what the drain reads: recorded at once, and a complete answer
-        # ends the stream with it (ResponseTee.end_if_answered).
-        self._tee.feed(self._delivered)
+    async def _end_if_answered(self) -> bool:
+        # No client delivers what the drain reads: a complete answer ends the stream with it
+        # (ResponseTee.end_if_answered); else what was withheld goes out now.
+        tee = self._tee
+        tee.feed(self._delivered)
         self._delivered = b""
-        return self._tee.end_if_answered()
+        answered = tee.end_if_answered()
+        await tee.flush()
+        return answered
 
     def _stop_unread(self) -> None:
         # Every reader left (each had what was relayed): complete if that holds the
@@ -344,12 +370,19 @@ class _SyncTeeBody:
         # The client has gone and followers read on: read the upstream for them until its
         # end, or until no one wants it any more.
         try:
-            while self._next() is not None:
-                if self._opened.call(self._end_if_answered):
+            while True:
+                # Judged before each read, the first time once the client's read under way
+                # when it closed has passed its chunk on (it may complete the answer).
+                with self._reading:
+                    answered = self._opened.call(self._end_if_answered)
+                    wanted = not answered and self._opened.call(lambda: self._tee.wanted)
+                if answered:
                     self._opened.leave()  # stores the answer
                     return
-                if not self._opened.call(lambda: self._tee.wanted):
+                if not wanted:
                     self._abandon()
+                    return
+                if self._next() is None:
                     return
         except BaseException:  # already failed for the followers, and the exchange left
             return

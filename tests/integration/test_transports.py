@@ -2649,3 +2649,145 @@ async def test_a_reader_cancelled_after_its_followed_response_was_closed_is_canc
             assert await follower.aread() == b"".join(_CHAT_PIECES)
             await follower.aclose()
         assert got == ["cancelled"], got
+
+
+class _HeldChat:
+    """A chat upstream: a first piece, then, once :attr:`gate` is set, ``rest`` (in one
+    piece, or one piece each after :attr:`after_each` is set), then its body's end once
+    :attr:`end` is set. Threading events: the test sets them from its own threads."""
+
+    def __init__(self, rest: list[bytes]) -> None:
+        self.rest = rest
+        self.gate, self.end = threading.Event(), threading.Event()
+        self.after_each: list[threading.Event] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": _CHAT_PIECES[0], "more_body": True})
+        await anyio.to_thread.run_sync(self.gate.wait)
+        for i, piece in enumerate(self.rest):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            if i < len(self.after_each):
+                # (a deadlock guard: the test fails, not hangs, if it never comes)
+                await anyio.to_thread.run_sync(self.after_each[i].wait, 30)
+        await anyio.to_thread.run_sync(self.end.wait, 60)
+        await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_read_under_way_when_another_thread_closes_the_stream_reaches_the_followers_at_once(
+    prompt: str,
+) -> None:
+    # A stop handler closes the producer's response while its reader waits for the upstream;
+    # a follower reads on. The chunk that read brings completes the answer, a comment after
+    # it: the follower got it only when the upstream sent more (here, never: it waited for
+    # the body's end), and whole, where the entry ends at [DONE] (helper-110).
+    answer = b"".join(_CHAT_PIECES)
+    upstream = _HeldChat([b"".join(_CHAT_PIECES[1:]) + b": keep-al"])
+    server = Upstream(upstream)
+    server.start()
+    seen = _FlightsSeen()
+    client = httpx2.Client(
+        transport=CacheTransport("memory://", hooks=[seen]),
+        base_url=server.url,
+        headers={"authorization": "Bearer sk-closed-mid-read"},
+        timeout=30,
+    )
+    body = {**_CHAT_BODY, "messages": [{"role": "user", "content": prompt}]}
+    follower: dict[str, Any] = {}
+
+    def follow() -> None:
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            follower["status"] = r.headers["x-sse-cache"]
+            follower["body"] = r.read()
+
+    try:
+        request = client.build_request("POST", "/v1/chat/completions", json=body)
+        producer = client.send(request, stream=True)
+        chunks = producer.iter_raw()
+        next(chunks)
+        following = threading.Thread(target=follow)
+        following.start()
+        deadline = time.monotonic() + 30  # a deadlock guard
+        while seen.followers() < 1:
+            assert time.monotonic() < deadline, "the follower never joined"
+            time.sleep(0.01)
+        reader = threading.Thread(target=lambda: next(chunks, None))
+        reader.start()
+        transport_body = producer.stream._stream  # type: ignore[attr-defined]
+        while not transport_body._reading.locked():  # its read waits for the upstream
+            assert time.monotonic() < deadline, "the reader never read"
+            time.sleep(0.01)
+        producer.close()  # (from this thread)
+        upstream.gate.set()
+        following.join(30)
+        assert not following.is_alive(), "the follower waits for the upstream's end"
+        upstream.end.set()
+        reader.join(30)
+        assert follower == {"status": "shared", "body": answer}
+        again = client.post("/v1/chat/completions", json=body)
+        assert again.headers["x-sse-cache"] == "hit" and again.content == answer
+    finally:
+        upstream.gate.set()
+        upstream.end.set()
+        client.close()
+        server.stop()
+
+
+def test_a_sync_producer_reading_on_publishes_each_chunk_as_it_comes(
+    redis_server: Any, prompt: str
+) -> None:
+    # Two sync transports on one Redis (two processes' clients). The producer's client
+    # leaves; its drain thread reads on for the follower in the other one. Each chunk
+    # reached it only when the upstream sent the next (helper-110: seconds late, behind a
+    # model's pause): here the upstream sends the next only once the follower has this one.
+    upstream = _HeldChat(_CHAT_PIECES[1:])
+    upstream.after_each = [threading.Event() for _ in _CHAT_PIECES[1:-1]]
+    server = Upstream(upstream)
+    server.start()
+    backend = f"{redis_server.url}?prefix=lag{uuid.uuid4().hex[:8]}:"
+    ours, theirs = (
+        httpx2.Client(
+            transport=CacheTransport(backend, cross_process=True),
+            base_url=server.url,
+            headers={"authorization": "Bearer sk-reading-on"},
+            timeout=30,
+        )
+        for _ in range(2)
+    )
+    body = {**_CHAT_BODY, "messages": [{"role": "user", "content": prompt}]}
+    follower: dict[str, Any] = {"chunks": b""}
+    joined = threading.Event()
+
+    def follow() -> None:
+        with theirs.stream("POST", "/v1/chat/completions", json=body) as r:
+            follower["status"] = r.headers["x-sse-cache"]
+            for chunk in r.iter_raw():
+                follower["chunks"] += chunk
+                joined.set()
+                for i, piece in enumerate(_CHAT_PIECES[1:-1]):
+                    if follower["chunks"].endswith(piece):
+                        upstream.after_each[i].set()  # it has this one: the next may come
+
+    try:
+        with ours.stream("POST", "/v1/chat/completions", json=body) as producer:
+            chunks = producer.iter_raw()
+            next(chunks)
+            following = threading.Thread(target=follow)
+            following.start()
+            assert joined.wait(30)  # it has the first piece, from the other transport
+        upstream.gate.set()  # the producer's client has left: its drain reads on
+        following.join(60)
+        upstream.end.set()
+        assert all(event.is_set() for event in upstream.after_each)
+        assert follower == {"status": "shared", "chunks": b"".join(_CHAT_PIECES)}
+    finally:
+        for event in (upstream.gate, upstream.end, *upstream.after_each):
+            event.set()
+        ours.close()
+        theirs.close()
+        server.stop()

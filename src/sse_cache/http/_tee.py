@@ -96,9 +96,9 @@ class ResponseTee:
         # and a completing one noted (:meth:`end_if_answered`).
         self._watching = False
         self._completing_fed = False
-        # While watching: the chunk relayed and not yet passed on (see relay), and where in it
-        # the answer ends when it fed a completing event.
-        self._unrelayed = b""
+        # While watching: the chunk relayed but withheld from the followers until it is fed
+        # (see relay), and where in it the answer ends when it completed one.
+        self._withheld = b""
         self._answer_end: int | None = None
         self._cache = cache
         self._key = key
@@ -206,17 +206,18 @@ class ResponseTee:
         what it had read before it noticed (helper-100: the followers got bytes past the
         stored answer, then its clean end).
 
-        Once the producer's client left and followers read on, the chunk (which no client of
-        this exchange reads first) goes to them when it is fed (:meth:`feed`, called right
-        after): if it completes the answer and :meth:`end_if_answered` stops the stream
-        there, they get it up to the answer's last event, as later hits do — not what came
-        after it in the same chunk (a comment, part of another event), which the entry
-        does not hold (helper-105)."""
+        Once the producer's client left and followers read on (:attr:`watching`), the chunk
+        (which no client of this exchange reads) is withheld until it is fed: the caller must
+        :meth:`feed` it right after, then :meth:`flush` and, if it fed a completing event,
+        call :meth:`end_if_answered`. If it completes the answer and the stream stops there,
+        the followers get it up to the answer's last event, as later hits do — not what came
+        after it in the same chunk (a comment, part of another event), which the entry does
+        not hold (helper-105)."""
         if not chunk or self.ended or self.cut:
             return
         if self._watching:
-            self._pass_unrelayed()
-            self._unrelayed = chunk
+            self._pass_withheld()
+            self._withheld = chunk
             return
         self._deliver(chunk)
 
@@ -228,11 +229,13 @@ class ResponseTee:
 
     def feed(self, chunk: bytes) -> None:
         """Record ``chunk`` (after it was delivered) for storage; nothing once the response
-        stopped or ended (its recording is finished: an AssertionError, helper-100)."""
+        stopped or ended (its recording is finished: an AssertionError, helper-100). While
+        :attr:`watching`, the chunk withheld by :meth:`relay` goes to the followers now, but
+        one that completes the answer waits for :meth:`end_if_answered`."""
         if not (self._failed or not chunk or self.ended or self.cut):
             self._record(chunk)
-        if self._unrelayed and self._answer_end is None:
-            self._pass_unrelayed()  # (else held until end_if_answered judges the answer)
+        if self._withheld and self._answer_end is None:
+            self._pass_withheld()  # (else held until end_if_answered judges the answer)
 
     def _record(self, chunk: bytes) -> None:
         if self._parser is not None:
@@ -240,7 +243,7 @@ class ResponseTee:
             parser = self._parser
             # Watching, a chunk held for the followers: where its events end, if it
             # completes the answer, is found from the parser as it was before it.
-            before = parser.copy() if self._unrelayed == chunk else None
+            before = parser.copy() if self._withheld == chunk else None
             try:
                 events = parser.feed(chunk)
             except SSEError as exc:
@@ -266,12 +269,12 @@ class ResponseTee:
             return
         self._body.append(chunk)
 
-    def _pass_unrelayed(self, *, answer_only: bool = False) -> bool:
+    def _pass_withheld(self, *, answer_only: bool = False) -> bool:
         # The chunk held while watching goes to the followers: only up to the end of the
         # answer it completed (nothing if it completed none) when ``answer_only``. True when
         # some of it was kept from them.
-        held, end = self._unrelayed, self._answer_end
-        self._unrelayed, self._answer_end = b"", None
+        held, end = self._withheld, self._answer_end
+        self._withheld, self._answer_end = b"", None
         chunk = (held[:end] if end is not None else b"") if answer_only else held
         if chunk:
             self._deliver(chunk)
@@ -296,7 +299,7 @@ class ResponseTee:
         was cancelled or gave up): store nothing, and every follower's stream fails."""
         if self.ended or self.cut:
             return
-        self._unrelayed = b""  # (the followers' streams fail)
+        self._withheld = b""  # (the followers' streams fail)
         self.cut = reason
         self.abort(reason)
         if self._flight is not None:
@@ -400,10 +403,17 @@ class ResponseTee:
             return False
         self._completing_fed = False
         if not self.answered:
-            self._pass_unrelayed()
+            self._pass_withheld()
             return False
         self.stop("the answer is complete")
         return self.ended
+
+    @property
+    def watching(self) -> bool:
+        """The producer's client left and followers read on, for an answer that may complete
+        before the upstream's end: each chunk is fed as soon as it is relayed (see
+        :meth:`relay`)."""
+        return self._watching
 
     @property
     def answered(self) -> bool:
@@ -449,7 +459,7 @@ class ResponseTee:
         """The upstream body ended by itself."""
         if self.ended or self.cut:
             return
-        self._pass_unrelayed()
+        self._pass_withheld()
         self.ended = True
         self._end_followers()
         self._finish_recording()
@@ -467,7 +477,7 @@ class ResponseTee:
         if live is not None:
             # Of a chunk held for the followers, they get its part of the answer.
             self._watching = False
-            cut_short = self._pass_unrelayed(answer_only=True)
+            cut_short = self._pass_withheld(answer_only=True)
             if self._parser is not None and self._parser.mid_crlf and not cut_short:
                 # Stopped between the CR and the LF of a CRLF-framed stream's line end (its
                 # chunks came apart there): the followers' streams and the bytes kept would
