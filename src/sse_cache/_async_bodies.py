@@ -336,7 +336,6 @@ class _AsyncTeeBody:
         self._pending = b""
         await tee.flush()
         if not tee.end_if_answered():
-            await tee.flush()  # (a completing chunk withheld, then passed on whole)
             return True
         await self._finish()  # closes the upstream (its body's end is not waited for)
         return False

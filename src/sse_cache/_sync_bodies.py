@@ -298,15 +298,12 @@ class _SyncTeeBody:
         self._delivered = b""
         self._tee.end()
 
-    async def _end_if_answered(self) -> bool:
+    def _end_if_answered(self) -> bool:
         # No client delivers what the drain reads: a complete answer ends the stream with it
-        # (ResponseTee.end_if_answered); else what was withheld goes out now.
-        tee = self._tee
-        tee.feed(self._delivered)
+        # (ResponseTee.end_if_answered).
+        self._tee.feed(self._delivered)
         self._delivered = b""
-        answered = tee.end_if_answered()
-        await tee.flush()
-        return answered
+        return self._tee.end_if_answered()
 
     def _stop_unread(self) -> None:
         # Every reader left (each had what was relayed): complete if that holds the

@@ -592,8 +592,6 @@ class _Request:
                 # No one is left to read: the app is stopped (the proxy closes the upstream).
                 assert self.app_scope is not None
                 self.app_scope.cancel()
-            elif self.detached:
-                await tee.flush()  # (a completing chunk withheld, then passed on whole)
             return
         await self._deliver(message)
 

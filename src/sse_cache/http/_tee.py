@@ -92,10 +92,10 @@ class ResponseTee:
         # The stream's own bytes, where the canonical form would not give them back.
         self._kept = KeptBytes(self._parser, limit) if self._parser is not None else None
         self._has_completing_event = completing
-        # Once the producer's client left and followers read on: each event fed is judged,
-        # and a completing one noted (:meth:`end_if_answered`).
+        # Once the producer's client left and followers read on: a completing event fed is
+        # judged at once, and one that completes the answer noted (:meth:`end_if_answered`).
         self._watching = False
-        self._completing_fed = False
+        self._answer_fed = False
         # While watching: the chunk relayed but withheld from the followers until it is fed
         # (see relay), and where in it the answer ends when it completed one.
         self._withheld = b""
@@ -231,11 +231,12 @@ class ResponseTee:
         """Record ``chunk`` (after it was delivered) for storage; nothing once the response
         stopped or ended (its recording is finished: an AssertionError, helper-100). While
         :attr:`watching`, the chunk withheld by :meth:`relay` goes to the followers now, but
-        one that completes the answer waits for :meth:`end_if_answered`."""
+        one that completes the answer waits for :meth:`end_if_answered` (which stops the
+        stream there)."""
         if not (self._failed or not chunk or self.ended or self.cut):
             self._record(chunk)
         if self._withheld and self._answer_end is None:
-            self._pass_withheld()  # (else held until end_if_answered judges the answer)
+            self._pass_withheld()  # (else held until end_if_answered stops the stream)
 
     def _record(self, chunk: bytes) -> None:
         if self._parser is not None:
@@ -255,8 +256,12 @@ class ResponseTee:
                 return
             if events:
                 self._live.add(events)
-                if self._watching and self._live.recorder.completes(events):
-                    self._completing_fed = True  # (judged by end_if_answered, once)
+                if (
+                    self._watching
+                    and self._live.recorder.completes(events)
+                    and self.answered  # (judged once per completing event fed)
+                ):
+                    self._answer_fed = True
                     if before is not None:
                         self._answer_end = before.dispatch_end(chunk, len(events))
                 if self.identify is not None:
@@ -399,12 +404,9 @@ class ResponseTee:
         upstream. (Judged once per completing event fed, not at every chunk: a stream whose
         completing event does not complete it, Gemini's first of two candidates finishing,
         is not judged again at every chunk after it.)"""
-        if not self._completing_fed or self.ended or self.cut:
+        if not self._answer_fed or self.ended or self.cut:
             return False
-        self._completing_fed = False
-        if not self.answered:
-            self._pass_withheld()
-            return False
+        self._answer_fed = False
         self.stop("the answer is complete")
         return self.ended
 
