@@ -116,7 +116,8 @@ class _AsyncTeeBody:
         self._tee = tee
         self._opened = opened
         self._holds = holds
-        self._pending = b""
+        # A chunk was relayed since the last publish to other processes (at the next read).
+        self._unpublished = False
         self._handed_over = False
         # The read of the upstream's next chunk running in a task, while its result (or
         # error) has not been taken: whoever reads next takes it.
@@ -148,9 +149,8 @@ class _AsyncTeeBody:
     async def _next(self, *, pulling: bool = False) -> bytes | None:
         # ``pulling``: for the followers, once the client has gone (_pull); else the client's.
         tee = self._tee
-        if self._pending:
-            tee.feed(self._pending)
-            self._pending = b""
+        if self._unpublished:
+            self._unpublished = False
             await tee.flush()  # to other processes following this stream, if any
         if self._closed and not pulling:
             # (Closed meanwhile, perhaps while the flush waited: the upstream is the
@@ -211,7 +211,7 @@ class _AsyncTeeBody:
                 raise _closed_by_client(self._lib) from exc
             raise
         tee.relay(chunk)
-        self._pending = chunk
+        self._unpublished = True
         if self._closed and not pulling:
             # Closed by another task while this inline read was under way: its chunk is
             # passed on to the followers all the same (above: the puller waited for it;
@@ -286,9 +286,6 @@ class _AsyncTeeBody:
         tee = self._tee
         if not self._opened.open or tee.ended:
             return False
-        if self._pending:
-            tee.feed(self._pending)
-            self._pending = b""
         # A resume window needs a task that reads on while no one reads: on asyncio, a
         # task of the loop (trio has none outside a nursery: no window there).
         hold = tee.resume_window is not None and on_asyncio() and self._holds.take()
@@ -315,9 +312,8 @@ class _AsyncTeeBody:
             await self._opened.leave(exc)  # stores the answer if it completed
 
     async def _pull(self) -> bool:
-        # For the followers, once the client has gone: one more chunk into the live stream.
-        # No client delivers it first: it is recorded (and published) at once, and a
-        # complete answer ends the stream with it.
+        # For the followers, once the client has gone: one more chunk into the live stream,
+        # published at once; a complete answer ends the stream with it.
         if self._client_reading:
             # The client's own read was under way when it closed this response (from another
             # task): it passes that read's chunk (or end, or failure) on; reading the
@@ -327,13 +323,12 @@ class _AsyncTeeBody:
             await self._client_read_done.wait()
             if not self._opened.open or self._tee.ended or self._tee.cut:
                 return False
-            if not self._pending:
+            if not self._unpublished:
                 return True  # (nothing came: read on)
         elif await self._next(pulling=True) is None:
             return False
         tee = self._tee
-        tee.feed(self._pending)
-        self._pending = b""
+        self._unpublished = False
         await tee.flush()
         if not tee.end_if_answered():
             return True
@@ -354,9 +349,6 @@ class _AsyncTeeBody:
             # Every reader left (each had what was relayed): complete if that holds the
             # completing event (the SDKs stop at chat's [DONE]), else failed.
             tee = self._tee
-            if self._pending:
-                tee.feed(self._pending)
-                self._pending = b""
             tee.stop("every reader left before the stream ended")
             await self._opened.leave()
 

@@ -208,12 +208,11 @@ class _SyncTeeBody:
     the portal's loop (followers of the same stream wait there). When the client closes it
     early while followers still read, a daemon thread reads the upstream on for them.
 
-    The chunk the client has but the recording has not yet taken (``_delivered``) is kept
-    and changed only in the portal's loop, in the same step as the recording: a caller's
-    thread interrupted around a hop (``KeyboardInterrupt``, a signal handler's exception)
-    cannot leave the two apart. An interruption between a chunk read and its hop fails the
-    stream: the chunk may have reached the followers, the recording, both or neither, and a
-    recording with a chunk missing or doubled would be stored as a whole answer."""
+    A chunk is recorded and handed to the followers in one step in the portal's loop (its
+    hop), before the client has it. An interruption between a chunk read and its hop
+    (``KeyboardInterrupt``, a signal handler's exception in the caller's thread) fails the
+    stream: the chunk may have reached the followers and the recording or neither, and a
+    recording with a chunk missing would be stored as a whole answer."""
 
     def __init__(
         self,
@@ -232,7 +231,6 @@ class _SyncTeeBody:
         self._holds = holds  # taken and given back in the portal's loop
         self._holding = False  # one of them is taken: the stream is held for its window
         self._draining = draining  # the transport's: settled when it closes
-        self._delivered = b""  # in the portal's loop only
         self._handed_over = False
         # The client closed this response, perhaps from another thread than the one reading
         # it (a stop handler): that reader's next read ends with the library's ReadError.
@@ -275,49 +273,32 @@ class _SyncTeeBody:
     # -- in the portal's loop
 
     async def _pass(self, chunk: bytes) -> None:
-        # One hop per chunk: record the chunk the client had, hand the new one to the
-        # followers, publish to other processes. Once the client left (the drain's reads,
-        # or a read of the client's under way when it closed), no client delivers the new
-        # chunk: it is recorded at once (ResponseTee.relay withholds it until then; fed at
-        # the next hop, it reached other processes one upstream chunk late, and a chunk
-        # completing the answer went out whole; helper-110).
+        # One hop per chunk: record it and hand it to the followers, publish it to other
+        # processes (at once: held until the next hop, it reached them one upstream chunk
+        # late, a model's pause late; helper-110).
         tee = self._tee
         if tee.ended or tee.cut:  # (settled meanwhile: nothing more goes anywhere)
             return
-        tee.feed(self._delivered)
-        self._delivered = b""
         tee.relay(chunk)
-        if tee.watching:
-            tee.feed(chunk)
-        else:
-            self._delivered = chunk
         await tee.flush()
 
     def _end(self) -> None:
-        self._tee.feed(self._delivered)
-        self._delivered = b""
         self._tee.end()
 
     def _end_if_answered(self) -> bool:
         # No client delivers what the drain reads: a complete answer ends the stream with it
         # (ResponseTee.end_if_answered).
-        self._tee.feed(self._delivered)
-        self._delivered = b""
         return self._tee.end_if_answered()
 
     def _stop_unread(self) -> None:
         # Every reader left (each had what was relayed): complete if that holds the
         # completing event (the SDKs stop at chat's [DONE]), else failed.
-        self._tee.feed(self._delivered)
-        self._delivered = b""
         self._tee.stop("every reader left before the stream ended")
 
     def _client_left(self) -> bool:
         tee = self._tee
         if tee.ended:
             return False
-        tee.feed(self._delivered)
-        self._delivered = b""
         hold = tee.resume_window is not None and self._holds.take()
         if tee.client_left(_nothing, hold=hold):
             self._holding = hold

@@ -582,7 +582,7 @@ class _Request:
                 if final or sent is not chunk:
                     message = {**message, "body": sent, "more_body": True}
                 await self._deliver(message)
-            tee.pass_on(chunk)
+            tee.relay(chunk)
             await tee.flush()
             if final and (self.length_left == 0 or tee.answered):
                 await self._end_whole(tee)

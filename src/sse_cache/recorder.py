@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from itertools import islice
 
 from .entry import Entry
@@ -65,6 +65,7 @@ class Recorder:
 
     __slots__ = (
         "_adapter",
+        "_completions",
         "_events",
         "_judged_upto",
         "_judgement",
@@ -92,6 +93,7 @@ class Recorder:
         self._judged_upto = 0
         self._judgement: tuple[Outcome, Event | None] = (Outcome.CONTINUE, None)
         self._verification: tuple[int, bool] = (-1, False)
+        self._completions = 0  # completing events judged so far
 
     @property
     def events(self) -> list[Event]:
@@ -114,11 +116,19 @@ class Recorder:
             return False
         return self._verified()
 
-    def completes(self, events: Sequence[Event]) -> bool:
-        """Whether one of ``events`` is the schema's completing event (judged apart from the
-        recording: for a caller watching a stream that has no one to wait for)."""
-        outcome = self._adapter.outcome
-        return any(outcome(event) is Outcome.COMPLETE for event in events)
+    def answered_by_last(self) -> bool:
+        """Judges the events recorded since the last look: True when one of them is the
+        schema's completing event and the events so far are a complete answer, as
+        :meth:`holds_answer`. For a caller judging a stream as it comes: the whole-stream
+        check runs once per completing event, not at every look (a stream whose completing
+        event does not complete it, Gemini's first of two candidates finishing, is not
+        checked again at every chunk after it)."""
+        if self.state is not _RECORDING:
+            return False
+        seen = self._completions
+        if self._judged()[0] is not Outcome.COMPLETE or self._completions == seen:
+            return False
+        return self._verified()
 
     def add(self, event: Event, at: float) -> None:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
@@ -256,6 +266,7 @@ class Recorder:
                     verdict, failing = fail, event
                     break
                 verdict = result
+                self._completions += 1
             self._judgement = (verdict, failing)
         self._judged_upto = len(events)
         return verdict, failing

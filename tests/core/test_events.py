@@ -191,7 +191,27 @@ def test_dispatch_end_is_where_a_chunks_nth_event_ends(raw: bytes, cuts: list[in
             assert len(before.copy().feed(chunk[: end - line_end])) == n - 1
         assert before.dispatch_end(chunk, len(events) + 1) == len(chunk)
         assert before.copy().feed(chunk) == events  # (only looked)
+        if len(events) > 1:
+            # Put back before the chunk, then fed up to its first event only (a recording
+            # that keeps only the answer of a chunk that completed it): the rest follows on.
+            fed = parser.copy()
+            fed.restore(before)
+            end = before.dispatch_end(chunk, 1)
+            assert fed.feed(chunk[:end]) == events[:1]
+            assert fed.feed(chunk[end:]) == events[1:]
     assert got == parse(raw)
+
+
+def test_a_copy_of_a_parser_has_every_part_of_its_state() -> None:
+    # copy() and restore() name each slot by hand: one added to the parser and not to them
+    # would be missing from every copy (an AttributeError here), or shared with it.
+    parser = SSEParser()
+    parser.feed(b"\xef\xbb\xbfid: 7\r\nevent: e\r\nretry: 5\r\ndata: a\r\ndata: b\r\nda")
+    twin = parser.copy()
+    for name in SSEParser.__slots__:
+        assert getattr(twin, name) == getattr(parser, name), name
+    assert twin._data is not parser._data
+    assert twin.feed(b"ta: c\r\n\r\n") == parser.feed(b"ta: c\r\n\r\n")
 
 
 @given(events_strategy)

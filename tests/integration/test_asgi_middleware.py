@@ -745,25 +745,29 @@ async def test_a_miss_ends_for_its_client_only_once_its_answer_is_stored(
 
 
 @pytest.mark.parametrize("after", [b"", b": keep-alive\n\n", b": keep-al", b": x\r\ndata: {"])
+@pytest.mark.parametrize("stop_at", ["finish", "done"])
 async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_body(
-    after: bytes,
+    after: bytes, stop_at: str
 ) -> None:
     # The producer's client leaves before the completing event while a follower reads: the
     # app goes on for it. `[DONE]` completes the answer: the follower's stream ends with it,
     # stored, and the app is stopped — not when the app ends its body, which here it never
     # does (it ended only then, as the transports' followers did before helper-69's fix).
     # What the app sent after it in the same piece (`after`) is no part of the answer: the
-    # follower got it, and the entry did not hold it (helper-105).
+    # follower got it, and the entry did not hold it (helper-105). Or the client has `[DONE]`
+    # and leaves then (``stop_at="done"``), the follower having joined before it came: the
+    # same (helper-111: the follower got `after`, which no hit replays).
     pieces = [_chat_piece("Hel"), _chat_piece("lo"), _chat_piece("", "stop"), b"data: [DONE]\n\n"]
     whole = b"".join(pieces)
     pieces[-1] += after
-    done, stopped = anyio.Event(), anyio.Event()
+    done, sent, stopped = anyio.Event(), anyio.Event(), anyio.Event()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await start_sse(receive, send, pieces[:-1])
         async with stopped_when_the_client_leaves(receive):
             await done.wait()
             await send({"type": "http.response.body", "body": pieces[-1], "more_body": True})
+            sent.set()  # (delivered to the producer's client)
             try:
                 await anyio.sleep_forever()  # the body's end never comes
             finally:
@@ -793,6 +797,9 @@ async def test_followers_reading_on_end_with_the_completing_event_not_the_apps_b
 
             async def leave() -> None:
                 await log.wait("shared")  # a follower reads the producer's stream
+                if stop_at == "done":
+                    done.set()
+                    await sent.wait()
                 left.set()
 
             async def produce() -> None:

@@ -566,7 +566,7 @@ async def test_a_follower_in_another_process_is_never_told_a_stream_with_a_hole_
                         assert producer.status.value == "miss"
                         tee = await producer.tee(200, SSE)
                         assert tee is not None
-                        tee.pass_on(first)
+                        tee.relay(first)
                         await tee.flush()  # the head and the first bytes reach the channel
                         follower = await b_side.enter_async_context(
                             b.exchange(
@@ -579,15 +579,15 @@ async def test_a_follower_in_another_process_is_never_told_a_stream_with_a_hole_
                         assert await chunks.__anext__() == first
                         if where == "midway":
                             losing.arm()
-                            tee.pass_on(lost)
+                            tee.relay(lost)
                             async with anyio.create_task_group() as tg:
                                 tg.start_soon(tee.flush)
                                 await losing.started.wait()
                                 tg.cancel_scope.cancel()  # (a "fails" flush is over already)
-                            tee.pass_on(last)
+                            tee.relay(last)
                             await tee.flush()
                         else:
-                            tee.pass_on(lost + last)  # published when A ends its lead...
+                            tee.relay(lost + last)  # published when A ends its lead...
                             losing.arm()  # ... and lost then
                         tee.end()
                     # A's lead is over (its exchange was left): B hears how it ended.

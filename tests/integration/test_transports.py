@@ -1812,16 +1812,19 @@ class _DoneLater:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
 @pytest.mark.parametrize("sync", [False, True])
-@pytest.mark.parametrize("after", [b"", b": keep-alive\n\n: keep-al"])
+@pytest.mark.parametrize("after", [b"", b": keep-alive\n\n: keep-al", b'data: {"x'])
+@pytest.mark.parametrize("stop_at", ["finish", "done"])
 async def test_followers_read_on_end_with_the_completing_event_not_the_body(
-    serve: Any, anyio_backend: str, sync: bool, after: bytes
+    serve: Any, anyio_backend: str, sync: bool, after: bytes, stop_at: str
 ) -> None:
     # The producer's client stops at the finish_reason chunk (an SDK user breaking there),
     # before `[DONE]` arrived: the followers read on. `[DONE]` completes the answer: their
     # streams end with it, stored, and the upstream is closed — not when the upstream ends
     # its body, which here it does not (helper-69: they ended only then, 3 s later). What
     # came after it in the same piece (``after``) is no part of the answer: the followers
-    # got it, and the entry did not hold it (helper-105).
+    # got it, and the entry did not hold it (helper-105). Or the client reads on to `[DONE]`
+    # and stops there (``stop_at="done"``, as the SDKs do), the followers having joined
+    # before it came: the same (helper-111: they got ``after``, which no hit replays).
     upstream = _DoneLater(after)
     seen = _FlightsSeen()
     whole = b"".join(_CHAT_PIECES)
@@ -1849,6 +1852,9 @@ async def test_followers_read_on_end_with_the_completing_event_not_the_body(
                         received += chunk
                         if received.endswith(_CHAT_PIECES[2]):
                             anyio.from_thread.run(joined)
+                            if stop_at == "finish":
+                                break
+                        elif b"data: [DONE]\n\n" in received:
                             break
 
             async def produce() -> None:
@@ -1869,6 +1875,9 @@ async def test_followers_read_on_end_with_the_completing_event_not_the_body(
                         received += chunk
                         if received.endswith(_CHAT_PIECES[2]):
                             await joined()
+                            if stop_at == "finish":
+                                break
+                        elif b"data: [DONE]\n\n" in received:
                             break
 
         try:
@@ -1880,8 +1889,10 @@ async def test_followers_read_on_end_with_the_completing_event_not_the_body(
                     with anyio.fail_after(30):  # a deadlock guard
                         while seen.followers() < 3:  # noqa: ASYNC110 - a count in the cache
                             await anyio.sleep(0.01)
+                    if stop_at == "done":
+                        upstream.done.set()  # the client reads on to it
 
-                await produce()  # its client left at the finish_reason chunk
+                await produce()  # its client left at the finish_reason chunk, or [DONE]
                 upstream.done.set()
                 with anyio.fail_after(30):  # a deadlock guard: the body's end never comes
                     while len(answers) < 3:  # noqa: ASYNC110 - the followers' answers

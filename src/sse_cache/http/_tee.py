@@ -58,16 +58,18 @@ def not_recorded_because(
 
 
 class ResponseTee:
-    """Passes a miss's response on while it goes, unchanged, to the client: to the followers of
-    its live stream (exactly the bytes, :meth:`relay`), to other processes following it
-    (:meth:`flush`), and to the recording (:meth:`feed`).
+    """Passes a miss's response on while it goes, unchanged, to the client: to the recording
+    and the followers of its live stream (:meth:`relay`), and to other processes following
+    it (:meth:`flush`).
 
-    The integration calls :meth:`relay` when it hands a chunk to its client and :meth:`feed`
-    once it was delivered; :meth:`end` when the upstream body ended by itself, :meth:`fail`
-    when it broke or the producer stopped, :meth:`client_left` when its client went away. An
-    SSE body is parsed and recorded event by event; a JSON body is kept whole and stored by
-    :meth:`close` if the adapter accepts it. What the recording makes of the bytes (an
-    unparsable byte, a body too large to store) never changes what followers receive.
+    The integration calls :meth:`relay` with each chunk it hands to its client; :meth:`end`
+    when the upstream body ended by itself, :meth:`fail` when it broke or the producer
+    stopped, :meth:`client_left` when its client went away. An SSE body is parsed and
+    recorded event by event; a JSON body is kept whole and stored by :meth:`close` if the
+    adapter accepts it. The followers get exactly the bytes the entry will hold (a stream
+    stopped at its answer holds nothing after it: see :meth:`relay`); what the recording
+    makes of the bytes (an unparsable byte, a body too large to store) never changes what
+    they receive.
     """
 
     def __init__(
@@ -92,14 +94,12 @@ class ResponseTee:
         # The stream's own bytes, where the canonical form would not give them back.
         self._kept = KeptBytes(self._parser, limit) if self._parser is not None else None
         self._has_completing_event = completing
-        # Once the producer's client left and followers read on: a completing event fed is
-        # judged at once, and one that completes the answer noted (:meth:`end_if_answered`).
-        self._watching = False
-        self._answer_fed = False
-        # While watching: the chunk relayed but withheld from the followers until it is fed
-        # (see relay), and where in it the answer ends when it completed one.
-        self._withheld = b""
-        self._answer_end: int | None = None
+        # Of a stream others may follow: the recording is judged as each chunk comes, and
+        # once it holds the complete answer (then True) what comes after the answer waits in
+        # ``_after_answer`` for the upstream's end (see relay).
+        self._answer_recorded = False
+        self._after_answer: list[bytes] | None = None
+        self._after_size = 0
         self._cache = cache
         self._key = key
         self._ttl = ttl
@@ -201,110 +201,106 @@ class ResponseTee:
         self._jobs.append(job)
 
     def relay(self, chunk: bytes) -> None:
-        """``chunk`` is being handed to the producer's client: the followers get it too.
-        Nothing once the response stopped or ended: an app stopped there may still send
-        what it had read before it noticed (helper-100: the followers got bytes past the
-        stored answer, then its clean end).
+        """``chunk`` is being handed to the producer's client: it is recorded, and the
+        followers get it too. Nothing once the response stopped or ended: an app stopped
+        there may still send what it had read before it noticed (helper-100: the followers
+        got bytes past the stored answer, then its clean end).
 
-        Once the producer's client left and followers read on (:attr:`watching`), the chunk
-        (which no client of this exchange reads) is withheld until it is fed: the caller must
-        :meth:`feed` it right after, then :meth:`flush` and, if it fed a completing event,
-        call :meth:`end_if_answered`. If it completes the answer and the stream stops there,
-        the followers get it up to the answer's last event, as later hits do — not what came
-        after it in the same chunk (a comment, part of another event), which the entry does
-        not hold (helper-105)."""
+        What the followers get is what the entry holds, whenever the stream stops. Once the
+        recording holds the complete answer, what the upstream sends after it (a comment,
+        part of an event it may never finish) waits here: it goes to the followers, and into
+        the recording, when the upstream ends its body; if the stream stops before that (the
+        producer's client left at the answer, its read was cancelled), the answer is what
+        the entry holds and the followers end with — not bytes after it that no hit would
+        replay (helper-105, helper-111). A chunk that completes the answer is cut there
+        (after its last event)."""
         if not chunk or self.ended or self.cut:
             return
-        if self._watching:
-            self._pass_withheld()
-            self._withheld = chunk
+        held = self._after_answer
+        if held is not None:
+            held.append(chunk)
+            self._after_size += len(chunk)
+            if self._after_size > self._limit:
+                # More after the answer than an entry may hold: the answer is what is kept.
+                self.stop("the upstream sent more after the completing event than max_entry_bytes")
             return
+        if not self._failed:
+            end = self._record(chunk)
+            if end is not None:
+                rest = chunk[end:]
+                chunk = chunk[:end]
+                self._after_answer = [rest] if rest else []
+                self._after_size = len(rest)
         self._deliver(chunk)
 
     def _deliver(self, chunk: bytes) -> None:
+        if not chunk:
+            return
         if self._flight is not None:
             self._flight.deliver(chunk)
         if self._lease is not None:
             self._outbox.append(chunk)
 
-    def feed(self, chunk: bytes) -> None:
-        """Record ``chunk`` (after it was delivered) for storage; nothing once the response
-        stopped or ended (its recording is finished: an AssertionError, helper-100). While
-        :attr:`watching`, the chunk withheld by :meth:`relay` goes to the followers now, but
-        one that completes the answer waits for :meth:`end_if_answered` (which stops the
-        stream there)."""
-        if not (self._failed or not chunk or self.ended or self.cut):
-            self._record(chunk)
-        if self._withheld and self._answer_end is None:
-            self._pass_withheld()  # (else held until end_if_answered stops the stream)
-
-    def _record(self, chunk: bytes) -> None:
-        if self._parser is not None:
-            assert self._live is not None
-            parser = self._parser
-            # Watching, a chunk held for the followers: where its events end, if it
-            # completes the answer, is found from the parser as it was before it.
-            before = parser.copy() if self._withheld == chunk else None
-            try:
-                events = parser.feed(chunk)
-            except SSEError as exc:
-                self.abort(f"upstream sent invalid SSE: {exc}")
-                return
-            assert self._kept is not None
-            if not self._kept.add(chunk, len(events)):
-                self.abort(f"the stream's bytes exceed max_entry_bytes={self._limit}")
-                return
-            if events:
-                self._live.add(events)
-                if (
-                    self._watching
-                    and self._live.recorder.completes(events)
-                    and self.answered  # (judged once per completing event fed)
-                ):
-                    self._answer_fed = True
-                    if before is not None:
-                        self._answer_end = before.dispatch_end(chunk, len(events))
-                if self.identify is not None:
-                    identify, self.identify = self.identify, None
-                    identify(events)
-            return
-        self._size += len(chunk)
-        if self._size > self._limit:
-            self.abort(f"response body exceeds max_entry_bytes={self._limit}")
-            return
-        self._body.append(chunk)
-
-    def _pass_withheld(self, *, answer_only: bool = False) -> bool:
-        # The chunk held while watching goes to the followers: only up to the end of the
-        # answer it completed (nothing if it completed none) when ``answer_only``. True when
-        # some of it was kept from them.
-        held, end = self._withheld, self._answer_end
-        self._withheld, self._answer_end = b"", None
-        chunk = (held[:end] if end is not None else b"") if answer_only else held
-        if chunk:
-            self._deliver(chunk)
-        return len(chunk) < len(held)
-
-    def pass_on(self, chunk: bytes) -> None:
-        """:meth:`relay` and :meth:`feed` at once (for a chunk already delivered)."""
-        self.relay(chunk)
-        self.feed(chunk)
+    def _record(self, chunk: bytes) -> int | None:
+        # Records ``chunk``. Of a stream others may follow whose answer it completes: where
+        # in it the answer ends (after its last event; the bytes after it are not recorded).
+        parser = self._parser
+        if parser is None:
+            self._size += len(chunk)
+            if self._size > self._limit:
+                self.abort(f"response body exceeds max_entry_bytes={self._limit}")
+            else:
+                self._body.append(chunk)
+            return None
+        assert self._live is not None and self._kept is not None
+        # Judged as it comes only where a follower may end with it (a flight here, or one
+        # in other processes); else the recording is judged once, at its end.
+        judged = self._has_completing_event and not self._answer_recorded
+        before = parser.copy() if judged and self.followable else None
+        try:
+            events = parser.feed(chunk)
+        except SSEError as exc:
+            self.abort(f"upstream sent invalid SSE: {exc}")
+            return None
+        end: int | None = None
+        if events:
+            self._live.add(events)
+            if before is not None and self._live.recorder.answered_by_last():
+                self._answer_recorded = True
+                end = before.dispatch_end(chunk, len(events))
+                if end < len(chunk):
+                    # Recorded up to the answer's end only: what follows is the upstream's
+                    # to finish (relay), and a stop leaves it out of the entry.
+                    parser.restore(before)
+                    parser.feed(chunk[:end])
+                    chunk = chunk[:end]
+            if self.identify is not None:
+                identify, self.identify = self.identify, None
+                identify(events)
+        if not self._kept.add(chunk, len(events)):
+            self.abort(f"the stream's bytes exceed max_entry_bytes={self._limit}")
+            return None
+        return end
 
     def abort(self, reason: str) -> None:
-        """Store nothing of this response (the followers are not affected)."""
+        """Store nothing of this response (the followers are not affected: what was held
+        after its answer goes to them now, and what comes next as it comes)."""
         if not self._failed:
             self._failed = reason
             self._body = []
             self._kept = None
             if self._live is not None:
                 self._live.fail(reason)
+            held, self._after_answer = self._after_answer, None
+            for chunk in held or ():
+                self._deliver(chunk)
 
     def fail(self, reason: str) -> None:
         """The response stopped before the upstream ended it (the upstream broke, the producer
         was cancelled or gave up): store nothing, and every follower's stream fails."""
         if self.ended or self.cut:
             return
-        self._withheld = b""  # (the followers' streams fail)
+        self._after_answer = None  # (the followers' streams fail)
         self.cut = reason
         self.abort(reason)
         if self._flight is not None:
@@ -341,7 +337,6 @@ class ResponseTee:
             # it reads its upstream to the end for them, and the answer is stored).
             if abandon is not None and self._lease is None:
                 flight.abandon = abandon
-            self._watching = self._has_completing_event
             return True
         if self._completable is not None:
             self._finish_recording(cut=True)  # the recorder judges: without the event, not stored
@@ -398,24 +393,20 @@ class ResponseTee:
 
     def end_if_answered(self) -> bool:
         """After :meth:`client_left` said True, once a chunk read on for the followers was
-        fed: if what was recorded is now the complete answer, the stream stops here, as by
-        :meth:`stop` (stored, the followers' streams end) — the upstream may take its time
-        to end its body after the completing event. True then: the integration closes the
-        upstream. (Judged once per completing event fed, not at every chunk: a stream whose
-        completing event does not complete it, Gemini's first of two candidates finishing,
-        is not judged again at every chunk after it.)"""
-        if not self._answer_fed or self.ended or self.cut:
+        relayed: if what was recorded is now the complete answer, the stream stops here, as
+        by :meth:`stop` (stored, the followers' streams end) — the upstream may take its
+        time to end its body after the completing event. True then: the integration closes
+        the upstream."""
+        if not self._answer_recorded or self.ended or self.cut:
             return False
-        self._answer_fed = False
         self.stop("the answer is complete")
         return self.ended
 
     @property
-    def watching(self) -> bool:
-        """The producer's client left and followers read on, for an answer that may complete
-        before the upstream's end: each chunk is fed as soon as it is relayed (see
-        :meth:`relay`)."""
-        return self._watching
+    def followable(self) -> bool:
+        """Others may follow this response: here (a live flight, which a request may join
+        at any time) or in other processes (it is published)."""
+        return self._flight is not None or self._lease is not None
 
     @property
     def answered(self) -> bool:
@@ -461,7 +452,13 @@ class ResponseTee:
         """The upstream body ended by itself."""
         if self.ended or self.cut:
             return
-        self._pass_withheld()
+        held, self._after_answer = self._after_answer, None
+        for chunk in held or ():
+            # What came after the answer is part of the stream the upstream ended: recorded,
+            # and passed on.
+            if not self._failed:
+                self._record(chunk)
+            self._deliver(chunk)
         self.ended = True
         self._end_followers()
         self._finish_recording()
@@ -477,15 +474,15 @@ class ResponseTee:
             return
         live = self._completable
         if live is not None:
-            # Of a chunk held for the followers, they get its part of the answer.
-            self._watching = False
-            cut_short = self._pass_withheld(answer_only=True)
-            if self._parser is not None and self._parser.mid_crlf and not cut_short:
+            # What came after the answer is no part of it: neither recorded nor passed on.
+            self._after_answer = None
+            if self._parser is not None and self._parser.mid_crlf:
                 # Stopped between the CR and the LF of a CRLF-framed stream's line end (its
                 # chunks came apart there): the followers' streams and the bytes kept would
                 # end without the LF its framing owes (helper-100, helper-104). It is added,
                 # as the upstream would have sent it.
-                self.pass_on(b"\n")
+                self._record(b"\n")
+                self._deliver(b"\n")
             self._finish_recording(cut=True)
             if live.entry is not None:
                 self.ended = True

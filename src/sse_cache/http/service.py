@@ -13,8 +13,8 @@ Usage by an integration::
             send(ex.answer.status, ex.answer.headers, ex.answer.chunks)
         else:                             # miss / bypass / refresh: call the upstream
             tee = await ex.tee(status, response_headers)   # None: not recordable
-            for chunk in upstream_body:   # deliver each chunk first, then record it
-                send(chunk); tee and tee.feed(chunk)
+            for chunk in upstream_body:   # deliver each chunk, then record and relay it
+                send(chunk); tee and tee.relay(chunk)
             tee and tee.end()             # the upstream body ended by itself
     # leaving the block stores what completed (a tee that did not end stores nothing)
 """

@@ -1,0 +1,120 @@
+"""What the followers of a live stream end with, against what the cache then holds: a
+follower that ends cleanly has exactly the bytes a later hit replays, wherever the
+upstream's chunks came apart, whatever it sent after the completing event, and wherever the
+producer's client left. Driven through :class:`CacheService` as an integration drives it
+(tests/integration runs the integrations themselves through real HTTP)."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sse_cache import CacheStatus
+from sse_cache.http import CacheService
+
+pytestmark = pytest.mark.anyio
+
+PATH = "/v1/chat/completions"
+SSE = [("content-type", "text/event-stream")]
+HEADERS = {"authorization": "Bearer sk-tee", "content-type": "application/json"}
+REQUEST = json.dumps({"model": "m", "messages": [], "stream": True}).encode()
+
+
+def _chat(content: str, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": {"content": content}, "finish_reason": finish}
+    return b"data: " + json.dumps({"id": "c1", "choices": [choice]}).encode() + b"\n\n"
+
+
+ANSWER = _chat("Hel") + _chat("lo") + _chat("", "stop") + b"data: [DONE]\n\n"
+
+# What an upstream may send after `[DONE]` before it ends its body: keep-alive comments, part
+# of one, part of an event it never finishes.
+AFTER = st.sampled_from([b"", b": keep-alive\n\n", b": keep-al", b'data: {"x', b": a\n\n: b\n\n"])
+
+
+@st.composite
+def plays(draw: st.DrawFn) -> tuple[list[bytes], int | None, int, bool]:
+    """The upstream's chunks, after which one the producer's client leaves (None: it reads
+    to the end), before which one the follower joins, and whether the upstream ends its
+    body after the last chunk."""
+    data = ANSWER + draw(AFTER)
+    cuts = sorted(set(draw(st.lists(st.integers(1, len(data) - 1), max_size=8))))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    leave = draw(st.none() | st.integers(0, len(chunks) - 1))
+    join = draw(st.integers(0, len(chunks)))
+    return chunks, leave, join, draw(st.booleans())
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(play=plays())
+async def test_a_follower_that_ends_cleanly_has_what_a_hit_replays(
+    anyio_backend: str, play: tuple[list[bytes], int | None, int, bool]
+) -> None:
+    chunks, leave, join, ends = play
+    service = CacheService("memory://")
+    followed: list[bytes | Exception] = []
+
+    async def follow() -> None:
+        async with service.exchange(service.decide("POST", PATH, HEADERS, REQUEST)) as ex:
+            assert ex.status is CacheStatus.SHARED and ex.answer is not None
+            got = b""
+            try:
+                async for chunk in ex.answer.chunks:
+                    got += chunk
+            except Exception as exc:  # its stream failed: never a clean end
+                followed.append(exc)
+                return
+            followed.append(got)
+
+    try:
+        with anyio.fail_after(30):  # a deadlock guard
+            async with anyio.create_task_group() as tg:
+                decision = service.decide("POST", PATH, HEADERS, REQUEST)
+                async with service.exchange(decision) as producer:
+                    assert producer.status is CacheStatus.MISS
+                    tee = await producer.tee(200, SSE)
+                    assert tee is not None
+                    reading = True  # the producer's client
+                    for i, chunk in enumerate(chunks):
+                        if i == join:
+                            tg.start_soon(follow)
+                            await anyio.wait_all_tasks_blocked()  # it follows the stream
+                        tee.relay(chunk)
+                        await tee.flush()
+                        if not reading and tee.end_if_answered():
+                            break  # stopped at the answer: the upstream is closed
+                        if i == leave:
+                            reading = False
+                            if not tee.client_left():
+                                break  # no one reads on: stored if it holds the answer
+                    else:
+                        if join == len(chunks):
+                            tg.start_soon(follow)
+                            await anyio.wait_all_tasks_blocked()
+                        if ends:
+                            tee.end()
+                        else:
+                            tee.stop("every reader left before the stream ended")
+        async with service.exchange(service.decide("POST", PATH, HEADERS, REQUEST)) as again:
+            hit = None
+            if again.status is CacheStatus.HIT:
+                assert again.answer is not None
+                hit = b"".join([c async for c in again.answer.chunks])
+    finally:
+        await service.aclose()
+    sent = b"".join(chunks)
+    for got in followed:
+        if isinstance(got, Exception):
+            continue  # (failed: the client knows it has no whole answer)
+        # Ended cleanly: the whole answer, as the upstream sent it, and where it was stored
+        # exactly what the hits replay.
+        assert got.startswith(ANSWER) and sent.startswith(got), got
+        if hit is not None:
+            assert got == hit, (got, hit)
+    if hit is not None:
+        assert hit.startswith(ANSWER) and sent.startswith(hit)
