@@ -10,7 +10,6 @@ from __future__ import annotations
 import enum
 import time
 from collections.abc import Callable, Mapping
-from itertools import islice
 
 from .entry import Entry
 from .events import EOL, Event
@@ -51,6 +50,7 @@ class RecorderState(enum.Enum):
 
 
 _RECORDING = RecorderState.RECORDING  # enum member lookups are slow: the hot path uses this
+_CONTINUE, _COMPLETE, _FAIL = Outcome.CONTINUE, Outcome.COMPLETE, Outcome.FAIL
 
 
 class Recorder:
@@ -123,10 +123,10 @@ class Recorder:
         check runs once per completing event, not at every look (a stream whose completing
         event does not complete it, Gemini's first of two candidates finishing, is not
         checked again at every chunk after it)."""
-        if self.state is not _RECORDING:
+        if self.state is not _RECORDING or self._judged_upto == len(self._events):
             return False
         seen = self._completions
-        if self._judged()[0] is not Outcome.COMPLETE or self._completions == seen:
+        if self._judged()[0] is not _COMPLETE or self._completions == seen:
             return False
         return self._verified()
 
@@ -253,23 +253,26 @@ class Recorder:
         # COMPLETE once a completing event was seen, FAIL (with the event) as soon as any
         # event failed (a late "completion" cannot revive a failed stream), else CONTINUE.
         # The events judged before are not judged again.
-        verdict, failing = self._judgement
+        judgement = self._judgement
         events = self._events
-        if failing is None:
+        if judgement[1] is None:
+            verdict = judgement[0]
             outcome = self._adapter.outcome
-            cont, fail = Outcome.CONTINUE, Outcome.FAIL
-            for event in islice(events, self._judged_upto, None):
+            # (A slice: islice would step over every event judged before, at every look.)
+            for event in events[self._judged_upto :]:
                 result = outcome(event)
-                if result is cont:
+                if result is _CONTINUE:
                     continue
-                if result is fail:
-                    verdict, failing = fail, event
+                if result is _FAIL:
+                    self._judgement = judgement = (_FAIL, event)
                     break
                 verdict = result
                 self._completions += 1
-            self._judgement = (verdict, failing)
+            else:
+                if verdict is not judgement[0]:
+                    self._judgement = judgement = (verdict, None)
         self._judged_upto = len(events)
-        return verdict, failing
+        return judgement
 
     def _stop(self, state: RecorderState, reason: str) -> None:
         self.state = state

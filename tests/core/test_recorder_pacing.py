@@ -110,6 +110,38 @@ def test_judging_again_judges_only_the_events_since_and_checks_the_stream_once()
     assert len(judged) == 101 and checks == [101]
 
 
+def test_answered_by_last_says_once_that_the_events_just_recorded_completed_the_answer() -> None:
+    # A recording judged as each chunk comes (a stream others may follow): the chunk that
+    # completes the answer is told once; a completing event that does not complete it (the
+    # whole-stream check fails: Gemini's first of two candidates finishing) is checked once,
+    # not again at every chunk after it; a failure after the answer is never one.
+    checks: list[int] = []
+
+    class TwoCandidates(Completing):
+        def verify(self, events: Sequence[Event]) -> Outcome:
+            checks.append(len(events))
+            done = sum(event.event == "done" for event in events)
+            return Outcome.COMPLETE if done == 2 else Outcome.FAIL
+
+    rec = Recorder(TwoCandidates())
+    rec.add(Event("a"), 0)
+    assert not rec.answered_by_last()
+    rec.add(Event("first", event="done"), 0.1)
+    assert not rec.answered_by_last() and checks == [2]
+    for i in range(50):
+        rec.add(Event(str(i)), 0.2)
+        assert not rec.answered_by_last()
+    assert not rec.answered_by_last()  # (nothing new)
+    assert checks == [2]
+    rec.add(Event("second", event="done"), 0.3)
+    assert rec.answered_by_last() and checks == [2, 53]
+    assert not rec.answered_by_last()  # told once
+    rec.add(Event("x"), 0.4)
+    assert not rec.answered_by_last() and rec.holds_answer
+    rec.add(Event("late", event="error"), 0.5)
+    assert not rec.answered_by_last() and not rec.holds_answer
+
+
 def test_generic_clean_end_is_stored() -> None:
     rec = Recorder(GenericSSE())
     for i in range(3):

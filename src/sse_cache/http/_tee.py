@@ -255,8 +255,13 @@ class ResponseTee:
         assert self._live is not None and self._kept is not None
         # Judged as it comes only where a follower may end with it (a flight here, or one
         # in other processes); else the recording is judged once, at its end.
-        judged = self._has_completing_event and not self._answer_recorded
-        before = parser.copy() if judged and self.followable else None
+        before = (
+            parser.copy()
+            if self._has_completing_event
+            and not self._answer_recorded
+            and (self._flight is not None or self._lease is not None)
+            else None
+        )
         try:
             events = parser.feed(chunk)
         except SSEError as exc:
