@@ -408,12 +408,6 @@ class ResponseTee:
         return self.ended
 
     @property
-    def followable(self) -> bool:
-        """Others may follow this response: here (a live flight, which a request may join
-        at any time) or in other processes (it is published)."""
-        return self._flight is not None or self._lease is not None
-
-    @property
     def answered(self) -> bool:
         """What was recorded already is the complete answer (the schema's completing event,
         and its whole-stream check passes): stopped now, the response is complete
