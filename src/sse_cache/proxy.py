@@ -169,6 +169,9 @@ class Forwarder:
             return
         path = scope.get("raw_path") or scope["path"].encode()
         problem = _not_a_path_under(path)
+        if not problem and b"#" in scope.get("query_string", b""):
+            path += b"?" + scope["query_string"]
+            problem = _FRAGMENT
         if problem:
             shown = path[:100].decode("latin-1")
             await send_json_error(
@@ -347,12 +350,25 @@ def _not_a_path_under(path: bytes) -> str:
     (ProxyApp turns an absolute-form target into its path before this.)"""
     if not path.startswith(b"/"):
         return "must be a path starting with '/'"
+    if b"#" in path:
+        return _FRAGMENT
     # Also escaped: an upstream that decodes before it resolves (nginx does; RFC 3986
-    # §6.2.2.2 says %2E is ".") would resolve "/%2e%2e/" too (helper-76).
-    dotted = b"/." in path or b"%2e" in path.lower()
-    if dotted and any(unquote_to_bytes(part) in (b".", b"..") for part in path.split(b"/")):
-        return "must not hold '.' or '..' segments"
+    # §6.2.2.2 says %2E is ".") would resolve "/%2e%2e/" too (helper-76) — and "..%2f" or
+    # "..%5c", whose "/" or "\" it decodes first (helper-113: they reached the base URL's
+    # parent). So the path is decoded, then split at both.
+    decoded = unquote_to_bytes(path) if b"%" in path else path
+    if b"." in decoded and any(part in (b".", b"..") for part in _SEGMENTS.split(decoded)):
+        return "must not hold '.' or '..' segments (also escaped: %2e, %2f, %5c)"
     return ""
+
+
+# Where an upstream may end a path segment: at "/", and at "\" (Windows servers, and
+# WHATWG URL parsers for http URLs).
+_SEGMENTS = re.compile(rb"[/\\]")
+# RFC 9112 §3.2: a request target never holds a fragment. HTTP clients drop it from the
+# URL they send (the upstream got "/v1/embeddings" for "/v1/embeddings#/v1/chat/completions",
+# which the cache had matched and keyed as a chat completion; helper-113).
+_FRAGMENT = "must not hold a fragment ('#')"
 
 
 def _nominated(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
