@@ -4,8 +4,8 @@
   (a failed read, a failed write) is written at most once per interval per backend, the next
   line saying how many were left out.
 - :class:`RedactQueryKey`, :func:`redact_url` and :func:`redact_userinfo` (and
-  :func:`unreadable_url`): credentials never reach a log line or an error message (a
-  ``key=`` query parameter, a URL's password).
+  :func:`unreadable_url`): credentials never reach a log line or an error message (a query
+  parameter that carries one, a URL's password).
 - :class:`AccessLog`: the proxy's line per request on a cached route, with the cache status,
   key prefix, bytes, duration and, for a miss that was not stored, why. It is an engine hook
   (it hears the notices of the request it is serving) and an ASGI wrapper around the cache.
@@ -113,22 +113,59 @@ class RateLimitedLog:
 backend_warnings = RateLimitedLog(logging.getLogger("sse_cache"))
 
 
-# The name as the cache reads it (percent-decoded: ``%6Bey=`` is ``key=`` to it, and to the
-# upstream), so any spelling of it that scopes a tenant is redacted.
-_QUERY_KEY = re.compile(r"([?&](?:k|%6[bB])(?:e|%65)(?:y|%79)=)[^&\s\"]*")
+_QUERY_PARAM = re.compile(r"([?&])([^=&#\s\"]+)=([^&\s\"]*)")
+# The words of a parameter's name that make it a credential: Gemini's ``key``, Azure's
+# ``api-key``, OAuth's ``access_token``, a SAS's ``sig``, S3's ``X-Amz-Signature``... Whole
+# words, so that ``monkey`` or ``keys`` stay readable.
+_SECRET_WORDS = frozenset(
+    [
+        "key",
+        "apikey",
+        "token",
+        "apitoken",
+        "accesstoken",
+        "authtoken",
+        "secret",
+        "password",
+        "passwd",
+        "pwd",
+        "sig",
+        "signature",
+        "credential",
+        "credentials",
+        "auth",
+    ]
+)
+_WORD_BREAK = re.compile(r"[^a-z0-9]+")
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+
+
+def secret_name(name: str) -> bool:
+    """Whether a query parameter named ``name`` (as written in the URL: it is decoded
+    first, as the upstream decodes it — ``%6Bey`` is ``key``) carries a credential."""
+    if "%" in name or "+" in name:
+        name = urllib.parse.unquote_plus(name)
+    words = _WORD_BREAK.split(_CAMEL.sub(r"\1_\2", name).lower())
+    return any(word in _SECRET_WORDS for word in words)
+
+
+def _redact_param(found: re.Match[str]) -> str:
+    sep, name, _value = found.groups()
+    return f"{sep}{name}=***" if secret_name(name) else found.group()
 
 
 def redact_query_key(text: str) -> str:
-    """``text`` with the value of any ``key=`` query parameter (its name percent-encoded or
-    not) replaced by ``***``."""
-    return _QUERY_KEY.sub(r"\1***", text)
+    """``text`` with the value of every query parameter that carries a credential (Gemini's
+    ``key=``, ``api-key=``, ``access_token=``..., see :func:`secret_name`) replaced by
+    ``***``."""
+    return _QUERY_PARAM.sub(_redact_param, text) if "=" in text else text
 
 
 class RedactQueryKey(logging.Filter):
-    """Replaces the value of a ``key=`` query parameter (Gemini's API key) in log records
-    with ``***``: in the message and in its arguments (uvicorn's access log passes the path
-    as an argument, its ``trace`` level a request's whole ASGI scope, with its
-    ``query_string``)."""
+    """Replaces the value of every query parameter that carries a credential (Gemini's
+    ``key=``, an ``api-key=``, an ``access_token=``...) in log records with ``***``: in the
+    message and in its arguments (uvicorn's access log passes the path as an argument, its
+    ``trace`` level a request's whole ASGI scope, with its ``query_string``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
@@ -160,9 +197,6 @@ class CutAtShutdown(logging.Filter):
             record.exc_info = record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
-
-
-_SECRET_PARAMS = re.compile(r"key|password|passwd|secret|token", re.IGNORECASE)
 
 
 def logged_path(scope: Scope) -> str:
@@ -203,9 +237,7 @@ def redact_url(url: str) -> str:
         url = url.replace(parts.netloc, netloc, 1)
     if parts.query:
         pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        query = "&".join(
-            f"{name}={'***' if _SECRET_PARAMS.search(name) else value}" for name, value in pairs
-        )
+        query = "&".join(f"{name}={'***' if secret_name(name) else value}" for name, value in pairs)
         url = url.replace("?" + parts.query, "?" + query, 1)
     return url
 

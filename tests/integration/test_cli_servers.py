@@ -193,7 +193,7 @@ def test_proxy_rejects_a_negative_decoded_cache_size(
     assert "argument --decoded-cache-mb: expected a number of MiB >= 0" in capsys.readouterr().err
 
 
-def test_the_proxy_access_log_never_prints_a_query_key() -> None:
+def test_the_proxy_access_log_never_prints_a_credential_in_a_query() -> None:
     import logging
 
     from sse_cache.cli.proxy import RedactQueryKey
@@ -222,8 +222,14 @@ def test_the_proxy_access_log_never_prints_a_query_key() -> None:
         record.msg, record.args = "%s", (path,)
         assert RedactQueryKey().filter(record)
         assert record.getMessage() == f"/v1/chat/completions?{spelled}=***&x=1"
-    record.msg, record.args = "%s", ("/v1/x?monkey=1&KEY=2&keys=3",)  # not the credential
-    assert RedactQueryKey().filter(record) and "monkey=1&KEY=2&keys=3" in record.getMessage()
+    # Any parameter that carries a credential (helper-113: api-key= and access_token= were
+    # logged as they came), and none that does not.
+    secret = "api-key=1&access_token=2&apiKey=3&X-Amz-Signature=4&sig=5&KEY=6&client_secret=7"
+    plain = "monkey=1&keys=2&api-version=3&alt=sse&author=4&tokens_max=5"
+    record.msg, record.args = "%s", (f"/v1/x?{plain}&{secret}",)
+    assert RedactQueryKey().filter(record)
+    redacted = "&".join(pair.split("=")[0] + "=***" for pair in secret.split("&"))
+    assert record.getMessage() == f"/v1/x?{plain}&{redacted}"
     # uvicorn's trace level logs the request's ASGI scope, query string and all.
     scope = {"type": "http", "path": "/v1/x", "query_string": b"key=AIza-secret&alt=sse"}
     record.msg, record.args = "ASGI [%d] Started scope=%s", (2, scope)
