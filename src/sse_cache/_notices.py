@@ -43,7 +43,8 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the
     request arrived) and ``resumed`` (a client reconnected to a live stream and gets the
     rest of it); from the proxy ``refused`` (a request answered 503: the proxy serves its
-    ``--limit-concurrency``).
+    ``--limit-concurrency``, ``detail`` ``limit_concurrency``; or 408: its body stopped
+    coming, ``detail`` ``body_timeout``).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
     ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
 

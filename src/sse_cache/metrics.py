@@ -100,7 +100,8 @@ _COUNTERS = (
     (
         "sse_cache_refused_requests",
         "refused",
-        "Requests the proxy answered 503 for being at its --limit-concurrency.",
+        "Requests the proxy refused: 503 at its --limit-concurrency, 408 for a request body"
+        " that stopped coming (body_timeout).",
     ),
 )
 _REQUESTS = ("sse_cache_requests", "Requests on cached routes, by x-sse-cache status.")

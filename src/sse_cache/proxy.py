@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -64,9 +65,14 @@ UNWIND_TIMEOUT = 5.0
 #: reads are 64 KiB.
 READ_AHEAD_BYTES = 256 * 1024
 
+#: Seconds a request's body may go without a byte arriving (``body_timeout``): nginx's
+#: ``client_body_timeout``.
+DEFAULT_BODY_TIMEOUT = 60.0
+
 logger = logging.getLogger("sse_cache")
-# One line per 10 s while requests are refused for --limit-concurrency, not one per request.
-_busy_warnings = RateLimitedLog(logger)
+# One line per 10 s while requests are refused (for --limit-concurrency, or a stalled body),
+# not one per request.
+_refusal_warnings = RateLimitedLog(logger)
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus those httpx2 sets itself.
 _HOP_BY_HOP = frozenset(
@@ -473,9 +479,13 @@ class ProxyApp:
         access_log: AccessLog | None = None,
         backend_label: str = "",
         limit_concurrency: int | None = None,
+        body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
     ) -> None:
         if limit_concurrency is not None and limit_concurrency < 1:
             raise ConfigError(f"limit_concurrency must be None or >= 1, got {limit_concurrency!r}")
+        if body_timeout is not None and not 0 < body_timeout < math.inf:
+            raise ConfigError(f"body_timeout must be None or > 0 seconds, got {body_timeout!r}")
+        self.body_timeout = body_timeout
         self.cached = cached
         self.metrics = metrics
         self.forwarder = forwarder
@@ -523,6 +533,8 @@ class ProxyApp:
                 # because it is serving its limit.)
                 await self._ops(scope, send)
                 return
+            if self.body_timeout is not None:
+                receive = _body_in_time(receive, self.body_timeout)
             admission: _Admission | None = None
             if self.limit_concurrency is not None:
                 if self._admitted >= self.limit_concurrency:
@@ -544,6 +556,17 @@ class ProxyApp:
                     await log.serve(self.cached, scope, receive, send)
                 else:
                     await self.cached(scope, receive, send)
+            except _BodyStalled as exc:
+                # No response was started: every way through reads the whole body first.
+                _refusal_warnings.warning(self, "stalled", "sse_cache: %s", exc)
+                self.metrics(Notice(kind="refused", key="", detail="body_timeout"))
+                await send_json_error(
+                    send,
+                    408,
+                    f"{exc}: the request is refused, and the connection closed",
+                    "request_timeout",
+                    headers=[(b"connection", b"close")],  # (the server closes it)
+                )
             except _BROKEN_OFF as exc:
                 # The upstream broke off mid-answer (or the live stream this request followed
                 # did). Returning without the response's end has the server close the
@@ -573,7 +596,7 @@ class ProxyApp:
     async def _refuse_busy(self, send: Send) -> None:
         limit = self.limit_concurrency
         self.metrics(Notice(kind="refused", key="", detail="limit_concurrency"))
-        _busy_warnings.warning(
+        _refusal_warnings.warning(
             self, "busy", "sse_cache: serving --limit-concurrency %s requests: refusing more", limit
         )
         await send_json_error(
@@ -710,6 +733,31 @@ class ProxyApp:
             await _plain(send, status, body, "application/json", head=head)
 
 
+class _BodyStalled(Exception):
+    """The client sent nothing of its request body for ``body_timeout`` seconds."""
+
+
+def _body_in_time(receive: Receive, timeout: float) -> Receive:
+    """``receive``, each wait for a piece of the request body bounded by ``timeout`` (then
+    :class:`_BodyStalled`); unbounded once the body is complete (a wait for the client's
+    disconnect may last as long as the response). A client that sent its head and then
+    nothing, or part of its body, held its request's place (``--limit-concurrency``) for
+    good: two of them locked every other caller out (helper-113)."""
+    complete = False
+
+    async def receiving() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        with anyio.move_on_after(timeout):
+            message = await receive()
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+        raise _BodyStalled(f"no byte of the request body came for {timeout:g} s (body_timeout)")
+
+    return receiving
+
+
 class _Admission:
     """One request counted against :attr:`ProxyApp.limit_concurrency`, from its arrival to
     its response's end (a stream's last byte) or its client's leaving, released once.
@@ -800,6 +848,7 @@ def create_proxy_app(
     metrics_dir: str | None = None,
     metrics_interval: float = 1.0,
     limit_concurrency: int | None = None,
+    body_timeout: float | None = DEFAULT_BODY_TIMEOUT,
     **options: Any,
 ) -> ProxyApp:
     """The caching reverse proxy for ``upstream``: cacheable routes through
@@ -816,7 +865,9 @@ def create_proxy_app(
     ``limit_concurrency``: requests served at once (None: no limit), each counted from its
     arrival to its response's end (a stream's last byte); past it a request is answered
     ``503`` with ``retry-after``. ``/_sse_cache/health`` and ``/_sse_cache/metrics`` are
-    never refused, and are not counted."""
+    never refused, and are not counted. ``body_timeout``: seconds a request's body may go
+    without a byte arriving (None: no limit); then it is answered ``408`` and its connection
+    closed."""
     metrics = Metrics(share_dir=metrics_dir, share_interval=metrics_interval)
     log = AccessLog() if access_log else None
     forwarder = Forwarder(
@@ -845,4 +896,5 @@ def create_proxy_app(
         access_log=log,
         backend_label=label,
         limit_concurrency=limit_concurrency,
+        body_timeout=body_timeout,
     )

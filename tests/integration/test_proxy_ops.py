@@ -88,6 +88,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "SSE_CACHE_UPSTREAM_TIMEOUT": ("120", 120.0),
     "SSE_CACHE_UPSTREAM_CONNECTIONS": ("500", 500),
     "SSE_CACHE_LIMIT_CONCURRENCY": ("1000", 1000),
+    "SSE_CACHE_BODY_TIMEOUT": ("12.5", 12.5),
     "SSE_CACHE_DECODED_CACHE_MB": ("0", 0.0),
     "SSE_CACHE_SECRET": ("fleet secret", "fleet secret"),
     "SSE_CACHE_GRACEFUL_TIMEOUT": ("5", 5.0),
@@ -138,6 +139,7 @@ def test_flags_win_over_variables() -> None:
         ("SSE_CACHE_TTL", "-5", "expected a positive number of seconds, got '-5'"),
         ("SSE_CACHE_TTL", "nan", "expected a positive number of seconds, got 'nan'"),
         ("SSE_CACHE_GRACEFUL_TIMEOUT", "soon", "expected a number of seconds >= 0"),
+        ("SSE_CACHE_BODY_TIMEOUT", "-1", "expected a number of seconds >= 0, got '-1'"),
         ("SSE_CACHE_CROSS_PROCESS", "maybe", "expected true or false"),
         ("SSE_CACHE_ROUTE", "/x=nope", "unknown adapter 'nope' in '/x=nope'; known: "),
         ("SSE_CACHE_ROUTE", "v1/x=generic", "expected /PATH=ADAPTER, got 'v1/x=generic'"),
@@ -665,6 +667,74 @@ async def test_limit_concurrency_serves_n_requests_at_once_and_503_past_them(
         assert await held[0].aread() == gated.body
         again = await extra.post("/v1/responses", json=asking("after one ended"))
         assert again.status_code == 200, again.text
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_request_body_that_stops_coming_is_answered_408_and_gives_its_place_back(
+    serve: Any, tmp_path: Path
+) -> None:
+    # A client that sent its request's head and then nothing, or part of its body, held its
+    # place in --limit-concurrency for good: two of them locked every other caller out, and
+    # the graceful shutdown waited for them (helper-113). Past --body-timeout without a byte
+    # it is answered 408, its connection closed, and nothing runs upstream.
+    upstream_app = GatedUpstream(responses_stream("after the stall", text_deltas=2))
+    async with (
+        serve(upstream_app) as upstream,
+        proxy_process(
+            tmp_path,
+            "--backend",
+            "memory://",
+            "--upstream",
+            upstream,
+            "--limit-concurrency",
+            "1",
+            "--body-timeout",
+            "0.5",
+        ) as p,  # fmt: skip
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS) as client,
+    ):
+        host, port = p.url.removeprefix("http://").split(":")
+        body = json.dumps({"model": "gpt-mock", "input": "stalled", "stream": True}).encode()
+        for path, sent in (
+            ("/v1/responses", b""),  # the head, then nothing (a cached route)
+            ("/v1/responses", body[:8]),  # part of the body
+            ("/v1/files", body[:8]),  # part of a body streamed through to the upstream
+        ):
+            head = (
+                f"POST {path} HTTP/1.1\r\nhost: proxy\r\n"
+                f"authorization: {HEADERS['authorization']}\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            ).encode()
+            async with await anyio.connect_tcp(host, int(port)) as sock:
+                await sock.send(head + sent)
+                raw = b""
+                with anyio.fail_after(30):  # a deadlock guard: without the bound, never
+                    while True:
+                        try:
+                            raw += await sock.receive()
+                        except (anyio.EndOfStream, anyio.BrokenResourceError):
+                            break  # the proxy closed the connection
+            said, _, answer = raw.partition(b"\r\n\r\n")
+            assert said.startswith(b"HTTP/1.1 408 "), raw
+            assert b"\r\nconnection: close" in said.lower()
+            message = json.loads(answer)["error"]["message"]
+            assert "no byte of the request body came for 0.5 s" in message, message
+            # Its place was given back: the next request is served.
+            served = await client.post(
+                "/v1/responses", json={"model": "gpt-mock", "input": path, "stream": True}
+            )
+            assert served.status_code == 200, served.text
+        # The two served; of the stalled ones, only the one streamed through reached the
+        # upstream, cut off mid-body: never whole, so never run.
+        with anyio.fail_after(30):  # a deadlock guard
+            while len(upstream_app.bodies) < 3:  # noqa: ASYNC110 - the upstream's requests
+                await anyio.sleep(0.01)
+        assert body not in upstream_app.bodies and body[:8] in upstream_app.bodies
+        assert upstream_app.calls == 3
+        scrape = (await client.get("/_sse_cache/metrics")).text
+        assert metric_value(scrape, "sse_cache_refused_requests_total") == 3
+    assert sum("no byte of the request body came" in line for line in p.lines()) == 1  # (per 10 s)
 
 
 @pytest.mark.anyio

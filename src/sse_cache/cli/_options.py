@@ -487,6 +487,16 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
     ),
     Option(
+        "--body-timeout",
+        "seconds a request's body may go without a byte arriving; then it is answered 408 and "
+        "its connection closed (0: no limit). A client that sends its request's head and "
+        "then nothing would otherwise hold its place for good",
+        default=60.0,
+        shown="60",
+        parse=_seconds(zero=True),
+        metavar="S",
+    ),
+    Option(
         "--decoded-cache-mb",
         "memory per process for recently decoded entries, so hot entries are not decoded on "
         "every hit (0 turns it off)",

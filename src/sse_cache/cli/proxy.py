@@ -112,6 +112,7 @@ def build_app(
         metrics_dir=metrics_dir,
         metrics_interval=metrics_interval,
         limit_concurrency=settings.limit_concurrency or None,
+        body_timeout=settings.body_timeout or None,
         **extra,
     )
 
