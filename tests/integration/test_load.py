@@ -105,8 +105,10 @@ async def test_concurrent_load_through_the_proxy_process(
         assert result.wrong_bodies == 0
         for o in run.outcomes:
             # A distinct prompt is always a miss; a stored one is replayed ("hit") unless its
-            # read failed under load, which is served as a miss (fail open).
-            allowed = {"hit", "miss"} if o.request.expect == "hit" else {"miss"}
+            # read failed under load, which is served as a miss (fail open) — and an
+            # identical request whose read failed too while that miss streamed follows it
+            # ("shared"; seen once on a loaded machine).
+            allowed = {"hit", "miss", "shared"} if o.request.expect == "hit" else {"miss"}
             assert o.cache in allowed, (o.request, o.cache)
         assert run.statuses["hit"] > 0
 
