@@ -17,7 +17,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+import types
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from typing import Any
 from urllib.parse import unquote, unquote_to_bytes
 
@@ -749,13 +750,52 @@ def _body_in_time(receive: Receive, timeout: float) -> Receive:
         nonlocal complete
         if complete:
             return await receive()
-        with anyio.move_on_after(timeout):
-            message = await receive()
-            complete = message["type"] != "http.request" or not message.get("more_body", False)
-            return message
-        raise _BodyStalled(f"no byte of the request body came for {timeout:g} s (body_timeout)")
+        # A piece already there (a request's whole body, nearly always) is taken without a
+        # timer: a cancel scope per request was ~50k instructions a hit, 5 % of the proxy's.
+        # Only a receive that waits is bounded, from where it waits.
+        call = receive().__await__()
+        message: Message | None
+        try:
+            waiting_on = call.send(None)
+        except StopIteration as done:
+            message = done.value
+        else:
+            message = None
+            with anyio.move_on_after(timeout):
+                message = await _go_on(call, waiting_on)
+            if message is None:
+                raise _BodyStalled(
+                    f"no byte of the request body came for {timeout:g} s (body_timeout)"
+                )
+        assert message is not None
+        complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
 
     return receiving
+
+
+@types.coroutine
+def _go_on(call: Generator[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    """Await ``call`` (an awaitable's ``__await__()``), started by hand and now waiting on
+    ``waiting_on`` (what its first ``send`` gave): what ``await`` would have done from there,
+    as ``yield from`` does — what it waits on goes up to the event loop, what comes back (a
+    result, a cancellation) goes down to it."""
+    while True:
+        try:
+            sent = yield waiting_on
+        except GeneratorExit:
+            call.close()
+            raise
+        except BaseException as exc:
+            try:
+                waiting_on = call.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting_on = call.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 class _Admission:
