@@ -282,14 +282,6 @@ class _SyncTeeBody:
         tee.relay(chunk)
         await tee.flush()
 
-    def _end(self) -> None:
-        self._tee.end()
-
-    def _end_if_answered(self) -> bool:
-        # No client delivers what the drain reads: a complete answer ends the stream with it
-        # (ResponseTee.end_if_answered).
-        return self._tee.end_if_answered()
-
     def _stop_unread(self) -> None:
         # Every reader left (each had what was relayed): complete if that holds the
         # completing event (the SDKs stop at chat's [DONE]), else failed.
@@ -329,7 +321,7 @@ class _SyncTeeBody:
             chunk: bytes = next(it)
             opened.call(self._pass, chunk)
         except StopIteration:
-            opened.call(self._end)
+            opened.call(self._tee.end)
             opened.leave()  # stores the answer if it completed
             return None
         except _TransportClosed:
@@ -350,9 +342,10 @@ class _SyncTeeBody:
         try:
             while True:
                 # Judged before each read, the first time once the client's read under way
-                # when it closed has passed its chunk on (it may complete the answer).
+                # when it closed has passed its chunk on (it may complete the answer): no
+                # client delivers what the drain reads, a complete answer ends the stream.
                 with self._reading:
-                    answered = self._opened.call(self._end_if_answered)
+                    answered = self._opened.call(self._tee.end_if_answered)
                     wanted = not answered and self._opened.call(lambda: self._tee.wanted)
                 if answered:
                     self._opened.leave()  # stores the answer

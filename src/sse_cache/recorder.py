@@ -253,10 +253,9 @@ class Recorder:
         # COMPLETE once a completing event was seen, FAIL (with the event) as soon as any
         # event failed (a late "completion" cannot revive a failed stream), else CONTINUE.
         # The events judged before are not judged again.
-        judgement = self._judgement
+        verdict, failing = self._judgement
         events = self._events
-        if judgement[1] is None:
-            verdict = judgement[0]
+        if failing is None:
             outcome = self._adapter.outcome
             # (A slice: islice would step over every event judged before, at every look.)
             for event in events[self._judged_upto :]:
@@ -264,15 +263,13 @@ class Recorder:
                 if result is _CONTINUE:
                     continue
                 if result is _FAIL:
-                    self._judgement = judgement = (_FAIL, event)
+                    verdict, failing = _FAIL, event
                     break
                 verdict = result
                 self._completions += 1
-            else:
-                if verdict is not judgement[0]:
-                    self._judgement = judgement = (verdict, None)
+            self._judgement = (verdict, failing)
         self._judged_upto = len(events)
-        return judgement
+        return verdict, failing
 
     def _stop(self, state: RecorderState, reason: str) -> None:
         self.state = state

@@ -295,17 +295,13 @@ class ResponseTee:
         return end
 
     def abort(self, reason: str) -> None:
-        """Store nothing of this response (the followers are not affected: what was held
-        after its answer goes to them now, and what comes next as it comes)."""
+        """Store nothing of this response (the followers are not affected)."""
         if not self._failed:
             self._failed = reason
             self._body = []
             self._kept = None
             if self._live is not None:
                 self._live.fail(reason)
-            held, self._after_answer = self._after_answer, None
-            for chunk in held or ():
-                self._deliver(chunk)
 
     def fail(self, reason: str) -> None:
         """The response stopped before the upstream ended it (the upstream broke, the producer
@@ -487,8 +483,7 @@ class ResponseTee:
                 # chunks came apart there): the followers' streams and the bytes kept would
                 # end without the LF its framing owes (helper-100, helper-104). It is added,
                 # as the upstream would have sent it.
-                self._record(b"\n")
-                self._deliver(b"\n")
+                self.relay(b"\n")
             self._finish_recording(cut=True)
             if live.entry is not None:
                 self.ended = True
