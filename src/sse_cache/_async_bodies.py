@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager
 from types import ModuleType
 from typing import Any, ClassVar
@@ -43,9 +43,21 @@ class _AsyncOpen:
 
     ``started``: when the request arrived (``time.monotonic()``), to report the response's
     time to first byte; None when nobody wants it (no hooks, or a resume: the middleware
-    reports none for those either)."""
+    reports none for those either).
 
-    __slots__ = ("_cm", "_ex", "_started", "open", "timing")
+    A program may drop its response without closing it (an SDK stream left by ``break``
+    outside ``async with``; google-genai never closes a stream it stops): its body never
+    leaves the exchange then. While it is open, an async generator of its own
+    (:func:`_left_when_collected`) waits here; when the response is collected, the event
+    loop's finalizer closes that generator, in a task, and it leaves the exchange — else the
+    flight would stay offered to identical requests that no one would ever feed, and a
+    cross-process lease would be renewed for good. The program's own ``finally: await
+    response.aclose()``, collected with it, may run at the same time: whichever comes first
+    leaves, the other finds it left (helper-115: two tasks drove the exchange's exit at
+    once; the answer was lost, or asyncio logged ``anext(): asynchronous generator is
+    already running``)."""
+
+    __slots__ = ("_cm", "_ex", "_started", "_watch", "open", "timing")
 
     def __init__(
         self, cm: AbstractAsyncContextManager[Exchange], started: float | None = None
@@ -53,6 +65,7 @@ class _AsyncOpen:
         self._cm = cm
         self._started = started
         self._ex: Exchange | None = None
+        self._watch: AsyncGenerator[None, None] | None = None
         self.open = False
         #: The response's first body bytes are still to be reported.
         self.timing = False
@@ -61,6 +74,9 @@ class _AsyncOpen:
         ex = self._ex = await self._cm.__aenter__()
         self.open = True
         self.timing = self._started is not None
+        if ex is not None:  # (a resume's answer has no exchange to leave)
+            watch = self._watch = _left_when_collected(self)
+            await anext(watch)  # (started: only a started generator is finalized)
         return ex
 
     def first_byte(self) -> None:
@@ -74,13 +90,41 @@ class _AsyncOpen:
         if not self.open:
             return
         self.open = False
+        watch, self._watch = self._watch, None
         # Shielded: a store that has begun finishes even if the reader is being cancelled
         # (every backend call is bounded by ``backend_timeout``).
         with anyio.CancelScope(shield=True):
-            if exc is None:
-                await self._cm.__aexit__(None, None, None)
-            else:
-                await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+            try:
+                if exc is None:
+                    await self._cm.__aexit__(None, None, None)
+                else:
+                    await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+            finally:
+                if watch is not None:
+                    await watch.aclose()  # (it finds the exchange left: nothing to do)
+
+    async def collected(self) -> None:
+        """The response was collected unclosed: its client is gone. What it recorded is
+        stored if it holds the complete answer (its followers' streams end there); else the
+        stream fails for its followers. Also when the program's own close, collected with
+        it and run just before, handed the upstream over to them: that upstream was
+        collected too, and its iterator, closed by its own finalizer, would end "cleanly"
+        (helper-115's race: followers ended cleanly with part of the answer)."""
+        if not self.open:
+            return
+        self._watch = None  # (the generator running this)
+        assert self._ex is not None
+        self._ex.stop("the response was dropped before it ended")
+        await self.leave()
+
+
+async def _left_when_collected(opened: _AsyncOpen) -> AsyncGenerator[None, None]:
+    # (See _AsyncOpen.) Referenced only by ``opened`` while it is open (a cycle, which its
+    # leaving breaks: a finished generator drops its frame).
+    try:
+        yield
+    finally:
+        await opened.collected()
 
 
 _tasks: set[asyncio.Task[None]] = set()

@@ -35,7 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from functools import cache
 from types import ModuleType
 from typing import Any, ClassVar
@@ -332,9 +332,7 @@ class AsyncCacheTransportBase(_Options):
             decision = self._decide(request, await request.aread())
         except ConfigError as exc:
             return _error_response(lib, str(exc))
-        opened = _AsyncOpen(
-            _collectable(service.exchange(decision, publish=True)), self._started(started)
-        )
+        opened = _AsyncOpen(service.exchange(decision, publish=True), self._started(started))
         ex = await opened.enter()
         try:
             answer = ex.answer
@@ -583,18 +581,6 @@ def _resume_args(request: Any) -> tuple[str, str, dict[str, str]]:
 def _request_path(url: Any) -> str:
     # (httpx's raw_path holds the query too.)
     return path_as_sent(url.raw_path, url.path)
-
-
-@asynccontextmanager
-async def _collectable(exchange: AbstractAsyncContextManager[Exchange]) -> AsyncIterator[Exchange]:
-    # An async response its program drops without closing it (an SDK stream left by
-    # ``break`` outside ``async with``) is never left by its body. Held in an async
-    # generator, the exchange is left all the same when the response is collected: the
-    # loop's finalizer closes the generator, which closes its flight (identical requests
-    # would follow a producer that never feeds them, until their read timeout) and ends its
-    # cross-process lease (whose keeper would renew it for good).
-    async with exchange as ex:
-        yield ex
 
 
 @asynccontextmanager

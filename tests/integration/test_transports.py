@@ -1635,6 +1635,110 @@ async def test_an_async_client_closing_right_after_done_still_has_the_answer_sto
     gc.collect()
 
 
+# -- a followed miss whose program drops it, unclosed, in a reference cycle --------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+@pytest.mark.parametrize("answer", ["whole", "part"])
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize("first", ["the program", "the transport"])
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_a_followed_miss_collected_unclosed_with_its_program_ends_its_followers_once(
+    serve: Any, anyio_backend: str, answer: str, backend: str, first: str, tmp_path: Path
+) -> None:
+    # google-genai reads a stream in a generator of its own whose ``finally`` closes the
+    # response, and drops both, unclosed, in reference cycles: when the collector finds them,
+    # the loop closes that generator and the transport's own watch of the response, in two
+    # tasks at once. Both left the exchange: with the transport's first, on memory:// the
+    # followers of a whole answer failed and nothing was stored; on SQLite asyncio logged
+    # "anext(): asynchronous generator is already running" (helper-115). A whole answer is
+    # stored and ends the followers' streams; a part fails them (never a clean end: the
+    # upstream was collected too, and its closed iterator would end "cleanly").
+    # ``first``: whose finalizer runs first — the collector finalizes the older objects
+    # first, and a collection now makes what exists already older than what comes after.
+    from sse_cache.testing import GatedUpstream
+
+    whole = b"".join(_CHAT_PIECES)
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES) if answer == "whole" else 1)
+    url_of_cache = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'c.db'}"
+    seen = _FlightsSeen()
+    logged: list[dict[str, Any]] = []
+    import asyncio
+
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context))
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport(url_of_cache, hooks=[seen])
+        headers = {"authorization": "Bearer sk-dropped"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+
+            async def program() -> AsyncIterator[bytes]:
+                response = yield b""  # (the response to read, sent in)
+                try:
+                    async for chunk in response.aiter_raw():
+                        yield chunk
+                finally:
+                    await response.aclose()
+
+            stream = program()
+            if first == "the program":
+                await stream.__anext__()
+                gc.collect()
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            response = await client.send(request, stream=True)
+            assert response.headers["x-sse-cache"] == "miss"
+            if first == "the transport":
+                gc.collect()
+                await stream.__anext__()
+            received = await stream.asend(response)
+            while answer == "whole" and not received.endswith(b"data: [DONE]\n\n"):
+                received += await stream.__anext__()
+            outcomes: list[str | bytes] = []
+
+            async def follow() -> None:
+                try:
+                    async with client.stream(
+                        "POST", "/v1/chat/completions", json=_CHAT_BODY
+                    ) as followed:
+                        assert followed.headers["x-sse-cache"] == "shared"
+                        outcomes.append(await followed.aread())
+                except httpx2.RemoteProtocolError as exc:
+                    outcomes.append(str(exc))
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(2):
+                    tg.start_soon(follow)
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    while seen.followers() < 2:  # noqa: ASYNC110 - a count in the cache
+                        await anyio.sleep(0.01)
+                cycle: list[Any] = [stream, response]
+                cycle.append(cycle)
+                del stream, response, request, cycle
+                gc.collect()
+            gated.gate.set()
+            if answer == "whole":
+                assert outcomes == [whole, whole]
+                again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+                assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+                assert gated.calls == 1
+            else:
+                assert len(outcomes) == 2
+                assert all(isinstance(o, str) and "sse-cache" in o for o in outcomes), outcomes
+                again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+                assert again.headers["x-sse-cache"] == "miss" and again.content == whole
+                assert gated.calls == 2
+    gc.collect()
+    # (httpcore's own finalizers may race each other over the connection the program left
+    # open — an error logged from its frames alone, as without the cache.)
+    ours = [c for c in logged if "sse_cache" in "".join(_traceback_of(c.get("exception")))]
+    assert ours == []
+
+
+def _traceback_of(exc: BaseException | None) -> list[str]:
+    import traceback
+
+    return [] if exc is None else traceback.format_exception(exc)
+
+
 # -- a miss whose read is cancelled, or cut after its completing event -------------------------
 
 
