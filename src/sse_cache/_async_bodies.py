@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ from ._transport_bodies import (
     _ClosedUnderReader,
     _timed_out,
 )
-from .flight import SharedStreamAborted
+from .flight import Cursor, LiveFlight, SharedStreamAborted
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
 
@@ -127,6 +128,13 @@ async def _left_when_collected(opened: _AsyncOpen) -> AsyncGenerator[None, None]
         await opened.collected()
 
 
+@asynccontextmanager
+async def no_exchange() -> AsyncIterator[Any]:
+    """For an :class:`_AsyncOpen` with no exchange to leave (a resume's answer; a producer's
+    client reading on from its live stream)."""
+    yield None
+
+
 _tasks: set[asyncio.Task[None]] = set()
 
 
@@ -153,6 +161,7 @@ class _AsyncTeeBody:
     the upstream under a cancelled read)."""
 
     _lib: ClassVar[ModuleType]
+    _answer_body: ClassVar[type[_AsyncAnswerBody]]  # (the same library's)
 
     def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen, holds: HoldSlots) -> None:
         self._inner = inner
@@ -174,6 +183,22 @@ class _AsyncTeeBody:
         # its end waits on.
         self._client_reading = False
         self._client_read_done: anyio.Event | None = None
+        # The client's reads begun, and whether one is under way: a follower that waited
+        # for a piece finds out from them whether the client stopped reading (_stalled).
+        self._reads = 0
+        self._reads_seen = -1
+        self._asking = False
+        # Once the followers took the upstream over from a client that had stopped reading:
+        # that client's reads on, from its live stream as a follower's, and its place there.
+        self._reading_on: _AsyncAnswerBody | None = None
+        self._place: tuple[LiveFlight[bytes], Cursor] | None = None
+        body = weakref.ref(self)  # (not kept alive by its flight: it may be dropped unclosed)
+
+        async def stalled() -> bool:
+            this = body()
+            return this is not None and await this._stalled()
+
+        tee.watch_client(stalled)
 
     # One iterator for every ``async for``: a client that drains the rest of a response it
     # stopped reading (the openai SDK after ``[DONE]``) continues where it was.
@@ -184,11 +209,49 @@ class _AsyncTeeBody:
         if self._closed:
             raise _closed_by_client(self._lib)
         if self._handed_over:
-            raise StopAsyncIteration
-        chunk = await self._next()
+            reading_on = self._reading_on
+            if reading_on is None:
+                raise StopAsyncIteration
+            return await reading_on.__anext__()
+        self._asking = True
+        try:
+            chunk = await self._next()
+        finally:
+            self._asking = False
+            self._reads += 1
         if chunk is None:
             raise StopAsyncIteration
         return chunk
+
+    async def _stalled(self) -> bool:
+        # Asked by a follower that waited STALL_LOOK seconds for a piece: a client that asked
+        # for none since the last look, and asks for none now, stopped reading — a program
+        # that dropped the response without closing it (google-genai does so with every
+        # stream it stops: its followers, and every identical request after them, waited out
+        # their read timeout, until a collection found the response; helper-115), or one slow
+        # to read on. The followers take the upstream over, as from a client that closed its
+        # response: they read on, and a complete answer is stored (one complete already ends
+        # their streams now). The client, if it reads again, reads on from the live stream,
+        # as they do, from where it was. True: taken over.
+        reads = self._reads
+        if self._asking or reads != self._reads_seen:
+            self._reads_seen = reads
+            return False
+        if self._closed or self._handed_over or not self._opened.open:
+            return False
+        place = self._tee.follow_on()
+        if place is None:
+            return False
+        flight, cursor = place
+        opened = _AsyncOpen(no_exchange())
+        await opened.enter()
+        self._place = place
+        self._reading_on = self._answer_body(flight.chunks(cursor, self._tee.join_timeout), opened)
+        if not self._hand_over():
+            # Nothing more to read for anyone: the answer is complete (stored now; the
+            # streams end with it), or the stream stopped.
+            await self._abandon()
+        return True
 
     async def _next(self, *, pulling: bool = False) -> bytes | None:
         # ``pulling``: for the followers, once the client has gone (_pull); else the client's.
@@ -399,6 +462,17 @@ class _AsyncTeeBody:
     async def aclose(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
         self._closed = True
+        reading_on, self._reading_on = self._reading_on, None
+        if reading_on is not None:
+            # Taken over (_stalled): the client leaves its place in the live stream, as a
+            # follower does — also if it never read from it (its reader never began).
+            assert self._place is not None
+            flight, cursor = self._place
+            try:
+                await reading_on.aclose()
+            finally:
+                await flight.leave(cursor)  # (the last reader to leave closes the upstream)
+            return
         if self._handed_over or self._hand_over():
             return
         await self._abandon()

@@ -34,8 +34,6 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import cache
 from types import ModuleType
 from typing import Any, ClassVar
@@ -43,7 +41,13 @@ from typing import Any, ClassVar
 import anyio
 import anyio.from_thread
 
-from ._async_bodies import _AsyncAnswerBody, _AsyncOpen, _AsyncPassBody, _AsyncTeeBody
+from ._async_bodies import (
+    _AsyncAnswerBody,
+    _AsyncOpen,
+    _AsyncPassBody,
+    _AsyncTeeBody,
+    no_exchange,
+)
 from ._checks import integer
 from ._sync_bodies import _SyncAnswerBody, _SyncOpen, _SyncPassBody, _SyncTeeBody, unless_closed
 from ._transport_bodies import HoldSlots, _closed_under, _TransportClosed
@@ -64,7 +68,7 @@ _CONTROL = CONTROL_HEADER_PREFIX.encode("latin-1")
 def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
     """Our body classes as subclasses of ``lib``'s byte streams (a response only accepts
     those)."""
-    return {
+    types = {
         name: type(name, (base, getattr(lib, lib_base)), {"__module__": __name__, "_lib": lib})
         for name, base, lib_base in (
             ("AsyncTeeBody", _AsyncTeeBody, "AsyncByteStream"),
@@ -75,6 +79,8 @@ def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
             ("SyncPassBody", _SyncPassBody, "SyncByteStream"),
         )
     }
+    types["AsyncTeeBody"]._answer_body = types["AsyncAnswerBody"]  # type: ignore[attr-defined]
+    return types
 
 
 # -- requests ----------------------------------------------------------------------------
@@ -322,7 +328,7 @@ class AsyncCacheTransportBase(_Options):
             # first byte is not reported: the ASGI middleware reports none for a resume.)
             answer = await service.resume("GET", *_resume_args(request), self._origin(request.url))
             if answer is not None:
-                opened = _AsyncOpen(_no_exchange())
+                opened = _AsyncOpen(no_exchange())
                 await opened.enter()
                 body = types["AsyncAnswerBody"](answer.chunks, opened, _read_timeout(request))
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
@@ -467,7 +473,7 @@ class CacheTransportBase(_Options):
                 )
                 if answer is not None:
                     opened = _SyncOpen(
-                        _no_exchange(),
+                        no_exchange(),
                         portal,
                         closing=self._closing,
                     )
@@ -581,12 +587,6 @@ def _resume_args(request: Any) -> tuple[str, str, dict[str, str]]:
 def _request_path(url: Any) -> str:
     # (httpx's raw_path holds the query too.)
     return path_as_sent(url.raw_path, url.path)
-
-
-@asynccontextmanager
-async def _no_exchange() -> AsyncIterator[Any]:
-    # The answer bodies leave an exchange when they end; a resume has none to leave.
-    yield None
 
 
 def _start_portal(backend: str) -> tuple[anyio.from_thread.BlockingPortal, threading.Thread]:

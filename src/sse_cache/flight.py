@@ -62,6 +62,11 @@ DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
 #: catches up on a long log gets it slice by slice, each sent (and drained by a slow client)
 #: before the next is made, rather than a copy of the whole log per follower.
 MAX_JOINED_BYTES = 64 * 1024
+#: Seconds a follower waits for a piece before it asks whether the producer's client stopped
+#: reading (:attr:`LiveFlight.stalled`). A client that asked for nothing between two looks
+#: stopped: google-genai drops a stream it stops without closing it, and its followers (and
+#: every identical request after them) would wait out their read timeout.
+STALL_LOOK = 1.0
 
 
 class Head(msgspec.Struct, frozen=True):
@@ -222,6 +227,18 @@ class Flight(Generic[T]):
         self.cursors.add(cursor)
         return cursor
 
+    def follow_on(self) -> Cursor | None:
+        """A reader from what was delivered so far on (the producer's client, which had it
+        all, reading on as followers do), also once closed to newcomers; None when the
+        flight failed."""
+        if self.phase is Phase.FAILED:
+            return None
+        cursor = Cursor()
+        cursor.index = self.base + len(self.chunks)
+        cursor.offset = self.total
+        self.cursors.add(cursor)
+        return cursor
+
     def unfollow(self, cursor: Cursor) -> None:
         """A follower left (done, or gone)."""
         self.cursors.discard(cursor)
@@ -296,6 +313,7 @@ class LiveFlight(Generic[T]):
         "pulling",
         "remote",
         "source",
+        "stalled",
     )
 
     def __init__(self, flight: Flight[T], flights: Flights | None = None) -> None:
@@ -323,6 +341,10 @@ class LiveFlight(Generic[T]):
         self.held = False
         #: The producer's own cursor when it reads the log as a follower does (the engine).
         self.producer_cursor: Cursor | None = None
+        #: Asked by a follower that waited :data:`STALL_LOOK` seconds for a piece (when set:
+        #: the async transport's producers): whether the producer's client stopped reading,
+        #: then hands the upstream over to the readers (True when it did).
+        self.stalled: Callable[[], Awaitable[bool]] | None = None
 
     @property
     def key(self) -> str:
@@ -475,12 +497,28 @@ class LiveFlight(Generic[T]):
                 if self.source is not None and not self.pulling:
                     await self.pull(idle_timeout)
                     continue
-                if not await self.wait(idle_timeout):
+                if not await self._wait_for_more(idle_timeout):
                     raise SharedStreamAborted(
                         f"the shared stream sent nothing for {idle_timeout} s"
                     )
         finally:
             await self.leave(cursor)
+
+    async def _wait_for_more(self, idle_timeout: float) -> bool:
+        # wait(), looking every STALL_LOOK seconds whether the producer's client stopped
+        # reading (then the upstream is handed over: True, and the follower pulls).
+        if self.stalled is None:
+            return await self.wait(idle_timeout)
+        left = idle_timeout
+        while left > 0:
+            look = min(left, STALL_LOOK)
+            if await self.wait(look):
+                return True
+            left -= look
+            stalled = self.stalled
+            if stalled is not None and await stalled():
+                return True
+        return False
 
     async def chunks(
         self: LiveFlight[bytes], cursor: Cursor, idle_timeout: float

@@ -1635,6 +1635,105 @@ async def test_an_async_client_closing_right_after_done_still_has_the_answer_sto
     gc.collect()
 
 
+# -- a producer whose client stops reading, without closing its response ----------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+@pytest.mark.parametrize(
+    ("stopped", "then"),
+    [
+        ("at the answer", "reads on"),
+        ("at the answer", "closes"),
+        ("mid-answer", "reads on"),
+        ("mid-answer", "closes"),
+        ("mid-answer", "reads on alone"),
+    ],
+)
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_followers_take_over_from_a_producer_that_stopped_reading(
+    serve: Any, anyio_backend: str, stopped: str, then: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # google-genai stops a stream (at its finishReason chunk, or on an error chunk) without
+    # closing the response, and keeps it until a collection finds it: the followers, which
+    # held the whole answer, waited out their read timeout, and so did every identical
+    # request after them, for minutes (helper-115). A follower that waited a while
+    # (STALL_LOOK) for a producer that asked for nothing takes the upstream over: the
+    # followers read on, the answer is stored. The producer, if it reads again, reads on
+    # from where it was ("reads on alone": after its followers left, it reads the upstream
+    # through its live stream itself), and gets exactly the upstream's answer.
+    import sse_cache.flight
+    from sse_cache.testing import GatedUpstream
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
+    whole = b"".join(_CHAT_PIECES)
+    gated = GatedUpstream(
+        _CHAT_PIECES, hold_after=len(_CHAT_PIECES) if stopped == "at the answer" else 1
+    )
+    seen = _FlightsSeen()
+    followers = 1 if then == "reads on alone" else 2
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-stopped"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            response = await client.send(request, stream=True)
+            assert response.headers["x-sse-cache"] == "miss"
+            produced = response.aiter_raw()
+            received = await produced.__anext__()
+            while stopped == "at the answer" and not received.endswith(b"data: [DONE]\n\n"):
+                received += await produced.__anext__()
+            # The producer asks for nothing more from here on (until told otherwise).
+            answers: list[tuple[str, bytes]] = []
+
+            async def follow() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    if then == "reads on alone":
+                        got = b""
+                        with leaves:  # (cancelled once the upstream was taken over)
+                            async for chunk in r.aiter_raw():
+                                got += chunk
+                        answers.append((r.headers["x-sse-cache"], got))
+                    else:
+                        answers.append((r.headers["x-sse-cache"], await r.aread()))
+
+            leaves = anyio.CancelScope()
+            async with anyio.create_task_group() as tg:
+                for _ in range(followers):
+                    tg.start_soon(follow)
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    while seen.followers() < followers:  # noqa: ASYNC110 - a count in the cache
+                        await anyio.sleep(0.01)
+                    if then == "reads on alone":
+                        while not _taken_over(seen):  # noqa: ASYNC110 - a state in the cache
+                            await anyio.sleep(0.01)
+                        leaves.cancel()  # the follower's client leaves mid-answer
+                if stopped == "mid-answer" and then != "reads on alone":
+                    gated.gate.set()
+            if then == "reads on alone":
+                assert answers == [("shared", received)]
+                gated.gate.set()
+            else:
+                assert answers == [("shared", whole)] * followers
+                again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+                assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+            if then == "closes":
+                await response.aclose()
+            else:
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    async for chunk in produced:
+                        received += chunk
+                assert received == whole
+                again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+                assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+        gated.gate.set()
+    assert gated.calls == 1
+
+
+def _taken_over(seen: _FlightsSeen) -> bool:
+    # A live stream whose upstream its readers pull (handed over).
+    return any(flight.source is not None for flights in seen.flights for flight in flights)
+
+
 # -- a followed miss whose program drops it, unclosed, in a reference cycle --------------------
 
 

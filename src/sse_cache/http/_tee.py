@@ -11,13 +11,14 @@ import anyio
 
 from .._kept_bytes import KeptBytes
 from ..engine import (
+    DEFAULT_JOIN_TIMEOUT,
     LiveRecording,
     StreamCache,
 )
 from ..entry import Entry
 from ..errors import SSEError
 from ..events import Event, SSEParser
-from ..flight import Head, LiveFlight
+from ..flight import Cursor, Head, LiveFlight
 from ..protocols import (
     Outcome,
 )
@@ -126,6 +127,9 @@ class ResponseTee:
         #: Seconds a stream whose client left is read on for a client that may come back
         #: (the service's ``resume_window``); None: not at all.
         self.resume_window: float | None = None
+        #: Seconds a reader of its live stream waits for a piece (the cache's
+        #: ``join_timeout``): also the producer's client once it reads on as one (follow_on).
+        self.join_timeout = DEFAULT_JOIN_TIMEOUT
         # The followers' end waits for the answer's store: the exchange calls
         # release_followers once it stored (a follower whose client asks again at once finds
         # the answer stored, in this process or another).
@@ -398,6 +402,21 @@ class ResponseTee:
         if self._lease is not None:
             # Followers in other processes need the rest: read it even if no one here does.
             self._lease.drain(self._flight)
+
+    def watch_client(self, stalled: Callable[[], Awaitable[bool]]) -> None:
+        """Followers of this response ask ``stalled`` when they have waited a while for the
+        next piece (see :attr:`~sse_cache.flight.LiveFlight.stalled`)."""
+        if self._flight is not None:
+            self._flight.stalled = stalled
+
+    def follow_on(self) -> tuple[LiveFlight[bytes], Cursor] | None:
+        """The producer's client reads on as a follower, from what it has: its live stream
+        and its cursor there (None when the stream failed, or no one else can read it)."""
+        flight = self._flight
+        if flight is None or self.cut:
+            return None
+        cursor = flight.flight.follow_on()
+        return None if cursor is None else (flight, cursor)
 
     def end_if_answered(self) -> bool:
         """After :meth:`client_left` said True, once a chunk read on for the followers was

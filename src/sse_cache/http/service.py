@@ -707,6 +707,7 @@ class Exchange:
             tee.publish_to(lease, head)
         if tee is not None:
             tee.resume_window = self._service.options.resume_window
+            tee.join_timeout = self._cache.join_timeout
         by_id = isinstance(self.decision.adapter, ResumingAdapter)
         if tee is not None and live is not None and media == SSE_TYPE and by_id:
             tee.identify = self._index_live
