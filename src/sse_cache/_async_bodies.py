@@ -13,12 +13,13 @@ import asyncio
 import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from types import ModuleType
 from typing import Any, ClassVar
 
 import anyio
 
+from . import flight
 from ._cancellation import on_asyncio
 from ._transport_bodies import (
     HoldSlots,
@@ -128,11 +129,16 @@ async def _left_when_collected(opened: _AsyncOpen) -> AsyncGenerator[None, None]
         await opened.collected()
 
 
-@asynccontextmanager
-async def no_exchange() -> AsyncIterator[Any]:
-    """For an :class:`_AsyncOpen` with no exchange to leave (a resume's answer; a producer's
-    client reading on from its live stream)."""
-    yield None
+class NoExchange:
+    """What an :class:`_AsyncOpen` (or the sync transport's) enters and leaves when there is
+    no exchange to leave: a resume's answer, a producer's client reading on from its live
+    stream."""
+
+    async def __aenter__(self) -> Any:  # (None, where an exchange would be)
+        return None
+
+    async def __aexit__(self, *exc: object) -> bool:
+        return False
 
 
 _tasks: set[asyncio.Task[None]] = set()
@@ -187,7 +193,11 @@ class _AsyncTeeBody:
         # for a piece finds out from them whether the client stopped reading (_stalled).
         self._reads = 0
         self._reads_seen = -1
+        self._seen_at = 0.0
         self._asking = False
+        # The answer was stored while the client did not read: its reads pass the rest of
+        # the upstream's body on, unrecorded (see _stalled).
+        self._passing = False
         # Once the followers took the upstream over from a client that had stopped reading:
         # that client's reads on, from its live stream as a follower's, and its place there.
         self._reading_on: _AsyncAnswerBody | None = None
@@ -209,9 +219,14 @@ class _AsyncTeeBody:
         if self._closed:
             raise _closed_by_client(self._lib)
         if self._handed_over:
+            if self._passing:
+                return await self._passed_on()
             reading_on = self._reading_on
             if reading_on is None:
                 raise StopAsyncIteration
+            assert self._place is not None
+            live, cursor = self._place
+            live.flight.claim(cursor)  # (it came back: its place is wanted now)
             return await reading_on.__anext__()
         self._asking = True
         try:
@@ -229,29 +244,52 @@ class _AsyncTeeBody:
         # that dropped the response without closing it (google-genai does so with every
         # stream it stops: its followers, and every identical request after them, waited out
         # their read timeout, until a collection found the response; helper-115), or one slow
-        # to read on. The followers take the upstream over, as from a client that closed its
-        # response: they read on, and a complete answer is stored (one complete already ends
-        # their streams now). The client, if it reads again, reads on from the live stream,
-        # as they do, from where it was. True: taken over.
+        # to read on. True: the followers went on without it.
         reads = self._reads
+        now = time.monotonic()
         if self._asking or reads != self._reads_seen:
             self._reads_seen = reads
+            self._seen_at = now
+            return False
+        # (Looks from several followers come together: a whole look's time since the
+        # client's reads were last seen to change, or to go on.)
+        if now - self._seen_at < flight.STALL_LOOK:
             return False
         if self._closed or self._handed_over or not self._opened.open:
             return False
-        place = self._tee.follow_on()
-        if place is None:
-            return False
-        flight, cursor = place
-        opened = _AsyncOpen(no_exchange())
-        await opened.enter()
-        self._place = place
-        self._reading_on = self._answer_body(flight.chunks(cursor, self._tee.join_timeout), opened)
+        tee = self._tee
+        self._opened.timing = False  # (what the followers pull is no byte this client had)
+        # Decided before anything is awaited: another follower's look, or the client's next
+        # read, sees it at once.
+        self._handed_over = True
+        if tee.answered:
+            # The answer is complete: it is stored, and the followers' streams end, now. The
+            # client, if it reads again, gets the rest of the upstream's body as it comes,
+            # not recorded: exactly the upstream's bytes (read on from the live stream, it
+            # ended with the answer, after half a trailing comment: helper-116).
+            self._passing = True
+            tee.stop("the client stopped reading after the completing event")
+            await self._opened.leave()
+            return True
+        # Mid-answer: the followers take the upstream over, as from a client that closed its
+        # response, and read on (a complete answer is stored). The client, if it reads
+        # again, reads on from the live stream, as they do, from a place kept where it was.
+        place = tee.follow_on()
+        if place is not None:
+            live, cursor = place
+            opened = _AsyncOpen(NoExchange())
+            opened.open = True  # (nothing to enter)
+            self._place = place
+            self._reading_on = self._answer_body(live.chunks(cursor, tee.join_timeout), opened)
         if not self._hand_over():
-            # Nothing more to read for anyone: the answer is complete (stored now; the
-            # streams end with it), or the stream stopped.
-            await self._abandon()
+            await self._abandon()  # (no one reads on: the stream stopped)
         return True
+
+    async def _passed_on(self) -> bytes:
+        # After the answer, stored without this client (_stalled): the upstream's body on.
+        if self._it is None:
+            raise StopAsyncIteration
+        return await self._it.__anext__()
 
     async def _next(self, *, pulling: bool = False) -> bytes | None:
         # ``pulling``: for the followers, once the client has gone (_pull); else the client's.
@@ -462,6 +500,13 @@ class _AsyncTeeBody:
     async def aclose(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
         self._closed = True
+        if self._passing:
+            # (Its exchange was left when the answer was stored: see _stalled.)
+            try:
+                await close_iterator(self._it, quiet=True)  # (quiet: perhaps read elsewhere)
+            finally:
+                await self._inner.aclose()
+            return
         reading_on, self._reading_on = self._reading_on, None
         if reading_on is not None:
             # Taken over (_stalled): the client leaves its place in the live stream, as a

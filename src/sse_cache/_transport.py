@@ -42,11 +42,11 @@ import anyio
 import anyio.from_thread
 
 from ._async_bodies import (
+    NoExchange,
     _AsyncAnswerBody,
     _AsyncOpen,
     _AsyncPassBody,
     _AsyncTeeBody,
-    no_exchange,
 )
 from ._checks import integer
 from ._sync_bodies import _SyncAnswerBody, _SyncOpen, _SyncPassBody, _SyncTeeBody, unless_closed
@@ -328,7 +328,7 @@ class AsyncCacheTransportBase(_Options):
             # first byte is not reported: the ASGI middleware reports none for a resume.)
             answer = await service.resume("GET", *_resume_args(request), self._origin(request.url))
             if answer is not None:
-                opened = _AsyncOpen(no_exchange())
+                opened = _AsyncOpen(NoExchange())
                 await opened.enter()
                 body = types["AsyncAnswerBody"](answer.chunks, opened, _read_timeout(request))
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
@@ -473,7 +473,7 @@ class CacheTransportBase(_Options):
                 )
                 if answer is not None:
                     opened = _SyncOpen(
-                        no_exchange(),
+                        NoExchange(),
                         portal,
                         closing=self._closing,
                     )

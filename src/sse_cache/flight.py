@@ -91,12 +91,13 @@ class Cursor:
     """One follower's place in a flight: the next chunk (an absolute index into the log) and
     the bytes read so far."""
 
-    __slots__ = ("cut", "index", "offset")
+    __slots__ = ("cut", "index", "offset", "reserved")
 
     def __init__(self) -> None:
         self.index = 0
         self.offset = 0
         self.cut = ""  # why this follower was cut off (fell too far behind)
+        self.reserved = False  # (see Flight.follow_on)
 
 
 class Flight(Generic[T]):
@@ -119,6 +120,7 @@ class Flight(Generic[T]):
         "phase",
         "producer_reading",
         "reason",
+        "reserved",
         "total",
     )
 
@@ -140,6 +142,7 @@ class Flight(Generic[T]):
         self.base = 0  # pieces dropped from the front of the log
         self.total = 0  # bytes delivered in all
         self.cursors: set[Cursor] = set()
+        self.reserved = 0  # cursors kept for a reader that has not come back (follow_on)
         self.producer_reading = True
         self.joinable = True
         self.max_log_bytes = max_log_bytes
@@ -205,12 +208,13 @@ class Flight(Generic[T]):
         """The producer's client has gone. True when followers still read: the upstream must
         keep being read for them."""
         self.producer_reading = False
-        return bool(self.cursors)
+        return len(self.cursors) > self.reserved
 
     @property
     def wanted(self) -> bool:
-        """Someone still reads this flight (its producer's client or a follower)."""
-        return self.producer_reading or bool(self.cursors)
+        """Someone still reads this flight (its producer's client or a follower; not a
+        reserved place whose reader has not come back)."""
+        return self.producer_reading or len(self.cursors) > self.reserved
 
     @property
     def done(self) -> bool:
@@ -228,20 +232,35 @@ class Flight(Generic[T]):
         return cursor
 
     def follow_on(self) -> Cursor | None:
-        """A reader from what was delivered so far on (the producer's client, which had it
-        all, reading on as followers do), also once closed to newcomers; None when the
-        flight failed."""
+        """A place for a reader from what was delivered so far on (the producer's client,
+        which had it all and stopped reading, to read on as followers do if it comes back),
+        also once closed to newcomers; None when the flight failed. Reserved: the log is
+        kept for it, but until the reader comes back (:meth:`claim`) it wants nothing — the
+        last follower to leave abandons the upstream, and the reader that comes back then
+        finds the flight failed."""
         if self.phase is Phase.FAILED:
             return None
         cursor = Cursor()
         cursor.index = self.base + len(self.chunks)
         cursor.offset = self.total
+        cursor.reserved = True
         self.cursors.add(cursor)
+        self.reserved += 1
         return cursor
+
+    def claim(self, cursor: Cursor) -> None:
+        """The reader of a reserved place (:meth:`follow_on`) came back: it reads on."""
+        if cursor.reserved and cursor in self.cursors:
+            cursor.reserved = False
+            self.reserved -= 1
 
     def unfollow(self, cursor: Cursor) -> None:
         """A follower left (done, or gone)."""
-        self.cursors.discard(cursor)
+        if cursor in self.cursors:
+            self.cursors.discard(cursor)
+            if cursor.reserved:
+                cursor.reserved = False
+                self.reserved -= 1
         self._trim()
 
     def read(self, cursor: Cursor) -> list[T]:
@@ -354,7 +373,7 @@ class LiveFlight(Generic[T]):
     def followers(self) -> int:
         """How many requests follow this stream (its producer not counted)."""
         cursors = self.flight.cursors
-        return len(cursors) - (self.producer_cursor in cursors)
+        return len(cursors) - (self.producer_cursor in cursors) - self.flight.reserved
 
     def _notify(self) -> None:
         if self._waiting:
@@ -483,10 +502,12 @@ class LiveFlight(Generic[T]):
         A reader that waits ``idle_timeout`` seconds for a piece gives up (fails). Leaving
         (closing the iterator) unfollows."""
         flight = self.flight
+        quiet = 0.0  # seconds waited for a piece, looking for a stalled producer meanwhile
         try:
             while True:
                 chunks = flight.read(cursor)
                 if chunks:
+                    quiet = 0.0
                     yield chunks
                     continue
                 phase = flight.state(cursor)
@@ -497,28 +518,28 @@ class LiveFlight(Generic[T]):
                 if self.source is not None and not self.pulling:
                     await self.pull(idle_timeout)
                     continue
-                if not await self._wait_for_more(idle_timeout):
-                    raise SharedStreamAborted(
-                        f"the shared stream sent nothing for {idle_timeout} s"
-                    )
+                stalled = self.stalled
+                if stalled is None:
+                    if not await self.wait(idle_timeout):
+                        raise SharedStreamAborted(
+                            f"the shared stream sent nothing for {idle_timeout} s"
+                        )
+                    continue
+                # Every STALL_LOOK seconds without a piece: has the producer's client
+                # stopped reading (then the upstream is handed over, and this reader pulls)?
+                # The flight's state is looked at again after each look (a change that
+                # came as a look timed out wakes no one: the property test hung so).
+                look = min(idle_timeout - quiet, STALL_LOOK)
+                if await self.wait(look):
+                    quiet = 0.0
+                elif not await stalled():
+                    quiet += look
+                    if quiet >= idle_timeout:
+                        raise SharedStreamAborted(
+                            f"the shared stream sent nothing for {idle_timeout} s"
+                        )
         finally:
             await self.leave(cursor)
-
-    async def _wait_for_more(self, idle_timeout: float) -> bool:
-        # wait(), looking every STALL_LOOK seconds whether the producer's client stopped
-        # reading (then the upstream is handed over: True, and the follower pulls).
-        if self.stalled is None:
-            return await self.wait(idle_timeout)
-        left = idle_timeout
-        while left > 0:
-            look = min(left, STALL_LOOK)
-            if await self.wait(look):
-                return True
-            left -= look
-            stalled = self.stalled
-            if stalled is not None and await stalled():
-                return True
-        return False
 
     async def chunks(
         self: LiveFlight[bytes], cursor: Cursor, idle_timeout: float

@@ -1658,9 +1658,12 @@ async def test_followers_take_over_from_a_producer_that_stopped_reading(
     # held the whole answer, waited out their read timeout, and so did every identical
     # request after them, for minutes (helper-115). A follower that waited a while
     # (STALL_LOOK) for a producer that asked for nothing takes the upstream over: the
-    # followers read on, the answer is stored. The producer, if it reads again, reads on
-    # from where it was ("reads on alone": after its followers left, it reads the upstream
-    # through its live stream itself), and gets exactly the upstream's answer.
+    # followers read on, the answer is stored. The producer, if it reads again, gets
+    # exactly the upstream's answer: past a stored answer, the rest of the upstream's body
+    # as it comes; mid-answer, from where it was in the live stream. ("reads on alone": its
+    # followers left before the end; the last of them closed the upstream — the producer's
+    # place does not keep a stream no one may ever read, a dropped response's upstream
+    # open — and the producer reading again gets an error, never a clean end of part.)
     import sse_cache.flight
     from sse_cache.testing import GatedUpstream
 
@@ -1719,7 +1722,17 @@ async def test_followers_take_over_from_a_producer_that_stopped_reading(
             if then == "closes":
                 await response.aclose()
             else:
+                # Its reads on pass the upstream's body on as it comes (at the answer: past
+                # it, the body's end, which the upstream holds till now), or read on from
+                # the live stream (mid-answer).
+                gated.gate.set()
                 with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    if then == "reads on alone":
+                        with pytest.raises(httpx2.RemoteProtocolError, match="sse-cache"):
+                            async for chunk in produced:
+                                received += chunk
+                        assert whole.startswith(received) and received != whole
+                        return
                     async for chunk in produced:
                         received += chunk
                 assert received == whole
