@@ -1000,3 +1000,84 @@ async def test_closing_with_keep_readers_lets_a_fed_flight_go_on_for_its_readers
         await read_all(live, cursor, got)
     assert got == b"p" + b"".join(rest) and live.flight.phase is Phase.ENDED
     assert upstream.abandoned == 0
+
+
+# -- a producer's client that stopped reading: its followers go on without it ------------------
+
+
+@pytest.mark.anyio
+async def test_a_reserved_place_keeps_the_log_for_its_reader_but_keeps_nothing_going() -> None:
+    # The producer's client stopped reading; its followers take the upstream over and keep a
+    # place for it where it was (follow_on). The place is no follower and wants nothing:
+    # when the last follower leaves before the end, the upstream is abandoned — a dropped
+    # response's reader never comes — and the reader coming back finds the stream failed,
+    # never a clean end of part of it.
+    flights, live, (follower,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"a")
+    place = live.flight.follow_on()
+    assert place is not None and place.reserved
+    assert live.followers == 1
+    assert live.producer_left() is True
+    upstream = HandedOver.of(live, pieces(3))
+    live.hand_over(upstream.source, upstream.abandon)
+    assert live.flight.read(follower) == [b"a"]
+    await live.pull()
+    await live.leave(follower)
+    assert upstream.abandoned == 1 and live.flight.phase is Phase.FAILED
+    live.flight.claim(place)
+    assert live.flight.read(place) == [b"data: 0\n\n"]  # kept for it, from where it was
+    assert live.flight.state(place) is Phase.FAILED
+    assert flights.get(KEY) is None
+
+
+@pytest.mark.anyio
+async def test_a_reader_coming_back_to_its_place_reads_on_from_it_to_the_end() -> None:
+    _, live, (follower,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"a")
+    place = live.flight.follow_on()
+    assert place is not None and live.flight.read(place) == []  # it had "a" already
+    assert live.producer_left() is True
+    upstream = HandedOver.of(live, pieces(3))
+    live.hand_over(upstream.source, upstream.abandon)
+    live.flight.claim(place)
+    assert not place.reserved and live.followers == 2
+    got, theirs = bytearray(), bytearray()
+    with anyio.fail_after(30):  # a deadlock guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read_all, live, place, got)
+            tg.start_soon(read_all, live, follower, theirs)
+    assert bytes(got) == b"".join(pieces(3)) and bytes(theirs) == b"a" + bytes(got)
+    assert upstream.abandoned == 0
+
+
+@pytest.mark.anyio
+async def test_a_waiting_follower_asks_whether_the_producer_stopped_then_pulls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No piece comes: every STALL_LOOK seconds the follower asks ``stalled``; once it says
+    # the producer's client stopped (handing the upstream over), the follower pulls it.
+    import sse_cache.flight
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.001)
+    _, live, (follower,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"a")
+    upstream = HandedOver.of(live, pieces(2))
+    looks = 0
+
+    async def stalled() -> bool:
+        nonlocal looks
+        looks += 1
+        if looks < 3:
+            return False  # (still reading, say)
+        assert live.producer_left() is True
+        live.hand_over(upstream.source, upstream.abandon)
+        return True
+
+    live.stalled = stalled
+    got = bytearray()
+    with anyio.fail_after(30):  # a deadlock guard
+        await read_all(live, follower, got)
+    assert bytes(got) == b"a" + b"".join(pieces(2)) and looks == 3
