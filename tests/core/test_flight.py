@@ -1005,6 +1005,20 @@ async def test_closing_with_keep_readers_lets_a_fed_flight_go_on_for_its_readers
 # -- a producer's client that stopped reading: its followers go on without it ------------------
 
 
+def taken_over() -> tuple[Flights, LiveFlight[bytes], Cursor, Cursor, HandedOver]:
+    """A flight whose producer's client had ``a`` and stopped reading: a place is kept for
+    it there (follow_on), and its one follower reads the upstream on (three pieces)."""
+    flights, live, (follower,) = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"a")
+    place = live.flight.follow_on()
+    assert place is not None
+    assert live.producer_left() is True
+    upstream = HandedOver.of(live, pieces(3))
+    live.hand_over(upstream.source, upstream.abandon)
+    return flights, live, follower, place, upstream
+
+
 @pytest.mark.anyio
 async def test_a_reserved_place_keeps_the_log_for_its_reader_but_keeps_nothing_going() -> None:
     # The producer's client stopped reading; its followers take the upstream over and keep a
@@ -1012,15 +1026,8 @@ async def test_a_reserved_place_keeps_the_log_for_its_reader_but_keeps_nothing_g
     # when the last follower leaves before the end, the upstream is abandoned — a dropped
     # response's reader never comes — and the reader coming back finds the stream failed,
     # never a clean end of part of it.
-    flights, live, (follower,) = produce(1)
-    live.respond(HEAD)
-    live.deliver(b"a")
-    place = live.flight.follow_on()
-    assert place is not None and place.reserved
-    assert live.followers == 1
-    assert live.producer_left() is True
-    upstream = HandedOver.of(live, pieces(3))
-    live.hand_over(upstream.source, upstream.abandon)
+    flights, live, follower, place, upstream = taken_over()
+    assert place.reserved and live.followers == 1
     assert live.flight.read(follower) == [b"a"]
     await live.pull()
     await live.leave(follower)
@@ -1033,14 +1040,8 @@ async def test_a_reserved_place_keeps_the_log_for_its_reader_but_keeps_nothing_g
 
 @pytest.mark.anyio
 async def test_a_reader_coming_back_to_its_place_reads_on_from_it_to_the_end() -> None:
-    _, live, (follower,) = produce(1)
-    live.respond(HEAD)
-    live.deliver(b"a")
-    place = live.flight.follow_on()
-    assert place is not None and live.flight.read(place) == []  # it had "a" already
-    assert live.producer_left() is True
-    upstream = HandedOver.of(live, pieces(3))
-    live.hand_over(upstream.source, upstream.abandon)
+    _, live, follower, place, upstream = taken_over()
+    assert live.flight.read(place) == []  # it had "a" already
     live.flight.claim(place)
     assert not place.reserved and live.followers == 2
     got, theirs = bytearray(), bytearray()
