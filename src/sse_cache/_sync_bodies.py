@@ -15,11 +15,13 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
 from contextlib import AbstractAsyncContextManager, suppress
 from types import ModuleType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import anyio
 import anyio.from_thread
 
+from . import flight
+from ._async_bodies import NoExchange
 from ._transport_bodies import (
     HoldSlots,
     _aborted,
@@ -29,7 +31,7 @@ from ._transport_bodies import (
     _timed_out,
     _TransportClosed,
 )
-from .flight import SharedStreamAborted
+from .flight import Cursor, LiveFlight, SharedStreamAborted
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
 
@@ -85,6 +87,7 @@ class _SyncOpen:
         "_held",
         "_leave",
         "_leaving",
+        "_left",
         "_portal",
         "_scope",
         "_started",
@@ -104,6 +107,7 @@ class _SyncOpen:
         self._held: Future[None] | None = None  # the task holding the exchange
         self._scope: anyio.CancelScope | None = None  # its scope, once it runs
         self._leave: anyio.Event | None = None  # set (in the loop) when it is to be left
+        self._left: anyio.Event | None = None  # set (in the loop) once the task has ended
         self._exit: BaseException | None = None  # what it is left with
         self._abandoned = False  # the caller's thread was interrupted while it was entered
         self._started = started
@@ -154,27 +158,34 @@ class _SyncOpen:
             if self._abandoned:
                 return
             self._leave = anyio.Event()
+            left = self._left = anyio.Event()
             try:
-                ex = await self._cm.__aenter__()
-            except BaseException as exc:
-                entered.set_exception(exc)
-                raise
-            entered.set_result(ex)
-            try:
-                await self._leave.wait()
-            except BaseException as exc:
-                # Cancelled: the portal stops (the transport closes), or the caller's thread
-                # was interrupted while it entered. Left failed, then; in the second case
-                # shielded, for its flight and lease are released in full (nothing else
-                # will).
-                with anyio.CancelScope(shield=self._abandoned):
-                    await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
-                raise
-            failure = self._exit
-            if failure is None:
-                await self._cm.__aexit__(None, None, None)
-            else:
-                await self._cm.__aexit__(type(failure), failure, failure.__traceback__)
+                await self._held_until_left(entered, self._leave)
+            finally:
+                left.set()
+
+    async def _held_until_left(self, entered: Future[Exchange], leave: anyio.Event) -> None:
+        try:
+            ex = await self._cm.__aenter__()
+        except BaseException as exc:
+            entered.set_exception(exc)
+            raise
+        entered.set_result(ex)
+        try:
+            await leave.wait()
+        except BaseException as exc:
+            # Cancelled: the portal stops (the transport closes), or the caller's thread
+            # was interrupted while it entered. Left failed, then; in the second case
+            # shielded, for its flight and lease are released in full (nothing else
+            # will).
+            with anyio.CancelScope(shield=self._abandoned):
+                await self._cm.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        failure = self._exit
+        if failure is None:
+            await self._cm.__aexit__(None, None, None)
+        else:
+            await self._cm.__aexit__(type(failure), failure, failure.__traceback__)
 
     def first_byte(self) -> None:
         """As :meth:`_AsyncOpen.first_byte`, measured in the caller's thread; the notice is
@@ -189,13 +200,42 @@ class _SyncOpen:
         except _TransportClosed:  # the next read says so
             return
 
-    def leave(self, exc: BaseException | None = None) -> None:
+    def collected(self) -> None:
+        """The response was collected unclosed (see :func:`_left_unclosed`): as
+        :meth:`_AsyncOpen.collected`, a miss whose recording holds the complete answer has it
+        stored (its followers' streams end there), else its stream fails; then the exchange
+        is left (once, whoever else leaves too)."""
+        if not self.open:
+            return
+        ex = self._ex
+        if ex is not None:  # (None: no exchange, a resume's answer)
+            self.call(ex.stop, "the response was dropped before it ended")
+        self.leave()
+
+    def _leaves(self) -> bool:
+        # Whether this caller leaves the exchange (the first to, while the portal runs: its
+        # stop ends the exchange, failed, nothing stored).
         with self._leaving:
             if not self.open:
-                return
+                return False
             self.open = False
-        if self._closing.is_set():
-            return  # the portal's stop ends the exchange (failed: nothing stored)
+        return not self._closing.is_set()
+
+    async def leave_here(self) -> None:
+        """:meth:`leave`, from a task of the portal's loop (where :meth:`leave` would wait
+        for ever): waits until the exchange was left (the answer stored, say)."""
+        if not self._leaves():
+            return
+        leave, left = self._leave, self._left
+        assert leave is not None and left is not None
+        self._exit = None
+        leave.set()
+        with anyio.CancelScope(shield=True):
+            await left.wait()
+
+    def leave(self, exc: BaseException | None = None) -> None:
+        if not self._leaves():
+            return
         held, leave = self._held, self._leave
         assert held is not None and leave is not None
         self._exit = exc
@@ -212,7 +252,13 @@ class _SyncTeeBody:
     hop), before the client has it. An interruption between a chunk read and its hop
     (``KeyboardInterrupt``, a signal handler's exception in the caller's thread) fails the
     stream: the chunk may have reached the followers and the recording or neither, and a
-    recording with a chunk missing would be stored as a whole answer."""
+    recording with a chunk missing would be stored as a whole answer.
+
+    A client that stops reading without closing its response (google-genai) is found out
+    by the followers' looks (:meth:`_stalled`), and they go on without it, as
+    :class:`_AsyncTeeBody`'s do."""
+
+    _answer_body: ClassVar[type[_SyncAnswerBody]]  # (the same library's)
 
     def __init__(
         self,
@@ -240,11 +286,40 @@ class _SyncTeeBody:
         # drain read the generator at once ("generator already executing"), and every
         # follower was aborted (helper-91).
         self._reading = threading.Lock()
+        # The client's reads begun (counted under _reading, which a read under way holds),
+        # their count at the followers' last look and when it was seen to change (in the
+        # portal's loop): see _stalled.
+        self._reads = 0
+        self._reads_seen = -1
+        self._seen_at = 0.0
+        # The followers' decision to go on without the client, and the client's close, each
+        # in one step (never blocking: taken in the portal's loop).
+        self._turn = threading.Lock()
+        # The answer was stored while the client did not read: its reads pass the rest of
+        # the upstream's body on, unrecorded (see _stalled).
+        self._passing = False
+        # Mid-answer: the client's place in the live stream, kept where it was, and its
+        # reads on from there once it reads again (see _stalled). ``places`` is the
+        # finalizer's (it must not hold the body): the place is left when the body is
+        # collected.
+        self._place: tuple[LiveFlight[bytes], Cursor] | None = None
+        self._reading_on: _SyncAnswerBody | None = None
+        places: list[tuple[LiveFlight[bytes], Cursor]] = []
+        self._places = places
+        body = weakref.ref(self)  # (not kept alive by its flight: it may be dropped unclosed)
+
+        async def stalled() -> bool:
+            this = body()
+            return this is not None and await this._stalled()
+
+        tee.watch_client(stalled)
         # A response its program drops without closing it (an SDK stream left by ``break``
-        # outside ``with``) is never left by its body, and its live stream would be offered
-        # for good to identical requests, which would wait on it until their read timeout.
-        # Once the body is collected, its exchange is left (failed) instead.
-        weakref.finalize(self, _left_unclosed, opened).atexit = False
+        # outside ``with``; google-genai's; httpx's sync responses are in a reference cycle:
+        # only a collection finds them) is never left by its body, and its live stream would
+        # be offered for good to identical requests, which would wait on it until their read
+        # timeout. Once the body is collected, its exchange is left as the async transport's
+        # is (_SyncOpen.collected: a complete answer is stored), and its place if it has one.
+        weakref.finalize(self, _left_unclosed, opened, places).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -253,7 +328,7 @@ class _SyncTeeBody:
         if self._closed:
             raise _closed_by_client(self._lib)
         if self._handed_over:
-            raise StopIteration
+            return self._after_left()
         try:
             chunk = self._next(reader=True)
         except _TransportClosed as exc:
@@ -262,11 +337,63 @@ class _SyncTeeBody:
             if self._closed:  # (its upstream closed under this read, by the close)
                 raise _closed_by_client(self._lib) from exc
             raise
+        if chunk is _LEFT_BEHIND:
+            return self._after_left()  # (the followers went on without it meanwhile)
         if chunk is None:
             if self._closed:
                 raise _closed_by_client(self._lib)
             raise StopIteration
         return chunk
+
+    def _after_left(self) -> bytes:
+        # The client reads again after the followers went on without it (_stalled): past a
+        # stored answer, the upstream's body as it comes; mid-answer, from its place in the
+        # live stream. (Handed over by its own close: nothing more.)
+        if self._passing:
+            return self._passed_on()
+        if self._place is None:
+            raise StopIteration
+        return self._read_on()
+
+    def _passed_on(self) -> bytes:
+        it = self._it
+        if it is None:
+            it = self._it = iter(self._inner)
+        try:
+            chunk: bytes = next(it)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            if self._closed:  # (its upstream closed under this read, by the close)
+                raise _closed_by_client(self._lib) from exc
+            raise
+        return chunk
+
+    def _read_on(self) -> bytes:
+        # From the client's place in the live stream, as a follower reads (through an answer
+        # body, as a resume's: no exchange of its own to leave).
+        reading_on = self._reading_on
+        if reading_on is None:
+            assert self._place is not None
+            live, cursor = self._place
+            opened = _SyncOpen(NoExchange(), self._portal, closing=self._opened._closing)
+            try:
+                opened.enter()
+                opened.call(live.flight.claim, cursor)  # (it came back: its place is wanted)
+            except _TransportClosed as exc:
+                opened.leave()
+                raise _closed_under(self._lib) from exc
+            reading_on = self._answer_body(
+                live.chunks(cursor, self._tee.join_timeout), opened, self._portal
+            )
+            with self._turn:
+                closed = self._closed
+                if not closed:
+                    self._reading_on = reading_on
+            if closed:  # (closed by another thread meanwhile: it left the place)
+                reading_on.close()
+                raise _closed_by_client(self._lib)
+        return next(reading_on)
 
     _lib: ClassVar[ModuleType]
 
@@ -287,6 +414,58 @@ class _SyncTeeBody:
         # completing event (the SDKs stop at chat's [DONE]), else failed.
         self._tee.stop("every reader left before the stream ended")
 
+    async def _stalled(self) -> bool:
+        # Asked by a follower that waited STALL_LOOK seconds for a piece (as
+        # _AsyncTeeBody._stalled): a client that began no read for a whole look's time, and
+        # is in none now, stopped reading — google-genai drops every stream it stops without
+        # closing it (its followers, and every identical request after them, waited out
+        # their read timeout, until a collection found the response; helper-117). The
+        # followers go on without it. Decided under the client's read lock, taken without
+        # waiting (its holder may be waiting for this loop), before anything is awaited: a
+        # read begun after it, or another follower's look, finds it decided. True: the
+        # followers went on without the client.
+        now = time.monotonic()
+        if not self._reading.acquire(blocking=False):
+            self._reads_seen = self._reads  # (a read is under way)
+            self._seen_at = now
+            return False
+        try:
+            reads = self._reads
+            if reads != self._reads_seen:
+                self._reads_seen = reads
+                self._seen_at = now
+                return False
+            # (Looks from several followers come together: a whole look's time since the
+            # client's reads were last seen to change, or to go on.)
+            if now - self._seen_at < flight.STALL_LOOK:
+                return False
+            tee = self._tee
+            with self._turn:
+                if self._closed or self._handed_over or not self._opened.open:
+                    return False
+                self._opened.timing = False  # (what the followers pull is no byte it had)
+                self._handed_over = True
+                answered = self._passing = tee.answered
+                if not answered:
+                    # Mid-answer: a place kept where the client was in the live stream.
+                    place = self._place = tee.follow_on()
+                    if place is not None:
+                        self._places.append(place)
+        finally:
+            self._reading.release()
+        if answered:
+            # The answer is complete: it is stored, and the followers' streams end, now. The
+            # client, if it reads again, gets the rest of the upstream's body as it comes,
+            # not recorded: exactly the upstream's bytes.
+            tee.stop("the client stopped reading after the completing event")
+            await self._opened.leave_here()
+            return True
+        # Mid-answer: the followers take the upstream over, as from a client that closed
+        # its response (a drain thread reads on for them; else it ends here: both block,
+        # so in a thread). The client, if it reads again, reads on from its place.
+        threading.Thread(target=self._let_go_quietly, name="sse-cache-drain", daemon=True).start()
+        return True
+
     def _client_left(self) -> bool:
         tee = self._tee
         if tee.ended:
@@ -304,10 +483,15 @@ class _SyncTeeBody:
     def _next(self, *, reader: bool = False) -> bytes | None:
         # ``reader``: the client's read (else the drain thread's).
         with self._reading:
-            if reader and self._closed:
-                # Closed while this thread waited for the lock: the drain thread reads for
-                # the followers now (helper-92: this read took a chunk from between theirs).
-                raise _closed_by_client(self._lib)
+            if reader:
+                if self._closed:
+                    # Closed while this thread waited for the lock: the drain thread reads
+                    # for the followers now (helper-92: this read took a chunk from between
+                    # theirs).
+                    raise _closed_by_client(self._lib)
+                if self._handed_over:
+                    return cast("bytes", _LEFT_BEHIND)  # (by the followers: see _stalled)
+                self._reads += 1
             return self._next_read()
 
     def _next_read(self) -> bytes | None:
@@ -389,9 +573,43 @@ class _SyncTeeBody:
 
     def close(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
-        self._closed = True
-        if self._handed_over or _exiting():
+        with self._turn:
+            self._closed = True
+            handed_over, passing = self._handed_over, self._passing
+            place, self._place = self._place, None
+            reading_on, self._reading_on = self._reading_on, None
+        if _exiting():
             return
+        if passing:
+            # (Its exchange was left when the answer was stored: see _stalled.)
+            self._inner.close()
+            return
+        if place is not None:
+            # The followers went on without the client (_stalled): it leaves its place in
+            # the live stream, as a follower does — also if it never read from it.
+            try:
+                if reading_on is not None:
+                    reading_on.close()
+            finally:
+                live, cursor = place
+                with suppress(_TransportClosed):
+                    self._opened.call(live.leave, cursor)  # (idempotent)
+                self._places.clear()
+            return
+        if handed_over:
+            return
+        self._let_go()
+
+    def _let_go_quietly(self) -> None:
+        # (A thread's: see _stalled.)
+        try:
+            self._let_go()
+        except Exception as exc:  # (the transport closed meanwhile, or the backend failed)
+            logger.debug("sse_cache: going on without a stalled client failed: %r", exc)
+
+    def _let_go(self) -> None:
+        # The client went (closed its response, or stopped reading: _stalled): the followers
+        # read the upstream on (a drain thread), else the stream ends here.
         try:
             handed_over = self._opened.open and self._opened.call(self._client_left)
         except _TransportClosed:
@@ -409,25 +627,31 @@ class _SyncTeeBody:
         self._abandon()
 
 
-class _Dropped(Exception):
-    """A sync miss's response was collected before it was read to its end or closed."""
+_Place = tuple[LiveFlight[bytes], Cursor]
 
 
-def _left_unclosed(opened: _SyncOpen) -> None:
+def _left_unclosed(opened: _SyncOpen, places: list[_Place] | None = None) -> None:
     # A finalizer runs in whichever thread collected the body, the portal's own included,
     # where a blocking call into the portal would wait for ever: the exchange is left from
     # a thread of its own.
-    if opened.open:
+    if (opened.open or places) and not _exiting():
         threading.Thread(
-            target=_leave_dropped, args=(opened,), name="sse-cache-dropped", daemon=True
+            target=_leave_dropped, args=(opened, places), name="sse-cache-dropped", daemon=True
         ).start()
 
 
-def _leave_dropped(opened: _SyncOpen) -> None:
+def _leave_dropped(opened: _SyncOpen, places: list[_Place] | None) -> None:
     try:
-        opened.leave(_Dropped("the response was dropped before it ended"))
+        try:
+            opened.collected()
+        finally:
+            for live, cursor in places or ():
+                opened.call(live.leave, cursor)  # (idempotent)
     except Exception as exc:  # (the transport closed meanwhile, or the backend failed)
         logger.debug("sse_cache: leaving a dropped response failed: %r", exc)
+
+
+_LEFT_BEHIND = object()  # (_next: the followers went on without the client)
 
 
 async def _nothing() -> None:
@@ -466,6 +690,9 @@ class _SyncAnswerBody:
         # from another thread cancels.
         self._scope: anyio.CancelScope | None = None
         self._closed = False
+        # Dropped unclosed (a hit, a follower, a producer's client reading on), its exchange
+        # would never be left: its task would wait in the portal for good.
+        weakref.finalize(self, _left_unclosed, opened).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self

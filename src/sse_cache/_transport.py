@@ -80,6 +80,7 @@ def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
         )
     }
     types["AsyncTeeBody"]._answer_body = types["AsyncAnswerBody"]  # type: ignore[attr-defined]
+    types["SyncTeeBody"]._answer_body = types["SyncAnswerBody"]  # type: ignore[attr-defined]
     return types
 
 
