@@ -258,29 +258,33 @@ class _AsyncTeeBody:
         if self._closed or self._handed_over or not self._opened.open:
             return False
         tee = self._tee
-        self._opened.timing = False  # (what the followers pull is no byte this client had)
         # Decided before anything is awaited: another follower's look, or the client's next
         # read, sees it at once.
-        self._handed_over = True
         if tee.answered:
             # The answer is complete: it is stored, and the followers' streams end, now. The
             # client, if it reads again, gets the rest of the upstream's body as it comes,
             # not recorded: exactly the upstream's bytes (read on from the live stream, it
             # ended with the answer, after half a trailing comment: helper-116).
-            self._passing = True
+            self._handed_over = self._passing = True
+            self._opened.timing = False  # (no byte of it reaches the client now)
             tee.stop("the client stopped reading after the completing event")
             await self._opened.leave()
             return True
         # Mid-answer: the followers take the upstream over, as from a client that closed its
         # response, and read on (a complete answer is stored). The client, if it reads
-        # again, reads on from the live stream, as they do, from a place kept where it was.
+        # again, reads on from the live stream, as they do, from a place kept where it was
+        # (none: the stream failed — then nothing is taken over, and the client's next read
+        # says so, never a clean end).
         place = tee.follow_on()
-        if place is not None:
-            live, cursor = place
-            opened = _AsyncOpen(NoExchange())
-            opened.open = True  # (nothing to enter)
-            self._place = place
-            self._reading_on = self._answer_body(live.chunks(cursor, tee.join_timeout), opened)
+        if place is None:
+            return False
+        live, cursor = place
+        opened = _AsyncOpen(NoExchange())
+        opened.open = True  # (nothing to enter)
+        self._handed_over = True
+        self._opened.timing = False  # (what the followers pull is no byte this client had)
+        self._place = place
+        self._reading_on = self._answer_body(live.chunks(cursor, tee.join_timeout), opened)
         if not self._hand_over():
             await self._abandon()  # (no one reads on: the stream stopped)
         return True
@@ -512,11 +516,11 @@ class _AsyncTeeBody:
             # Taken over (_stalled): the client leaves its place in the live stream, as a
             # follower does — also if it never read from it (its reader never began).
             assert self._place is not None
-            flight, cursor = self._place
+            live, cursor = self._place
             try:
                 await reading_on.aclose()
             finally:
-                await flight.leave(cursor)  # (the last reader to leave closes the upstream)
+                await live.leave(cursor)  # (the last reader to leave closes the upstream)
             return
         if self._handed_over or self._hand_over():
             return

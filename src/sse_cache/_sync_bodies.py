@@ -443,14 +443,19 @@ class _SyncTeeBody:
             with self._turn:
                 if self._closed or self._handed_over or not self._opened.open:
                     return False
-                self._opened.timing = False  # (what the followers pull is no byte it had)
-                self._handed_over = True
-                answered = self._passing = tee.answered
+                answered = tee.answered
                 if not answered:
-                    # Mid-answer: a place kept where the client was in the live stream.
-                    place = self._place = tee.follow_on()
-                    if place is not None:
-                        self._places.append(place)
+                    # Mid-answer: a place kept where the client was in the live stream
+                    # (none: the stream failed — then nothing is taken over, and the
+                    # client's next read says so, never a clean end).
+                    place = tee.follow_on()
+                    if place is None:
+                        return False
+                    self._place = place
+                    self._places.append(place)
+                self._opened.timing = False  # (what the followers pull is no byte it had)
+                self._passing = answered
+                self._handed_over = True
         finally:
             self._reading.release()
         if answered:
