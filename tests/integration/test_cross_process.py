@@ -436,6 +436,48 @@ async def test_a_publishing_producer_reads_on_for_other_processes_when_its_clien
 
 @pytest.mark.anyio
 @asyncio_only
+@pytest.mark.parametrize("stopped", ["at the answer", "mid-answer"])
+async def test_followers_in_another_process_go_on_without_a_producer_that_stopped_reading(
+    serve: Any, redis_server: Any, stopped: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker A's client stops reading without closing its response (google-genai does), and
+    # no follower in A looks whether it did: B's follower waited out its read timeout with
+    # the answer in hand (helper-116). A's lease keeper looks for them: B's follower gets
+    # the whole answer, it is stored, and A's client reading again gets the upstream's
+    # bytes exactly.
+    import sse_cache.flight
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
+    events = responses_stream("stopped reading", text_deltas=4)
+    gated = GatedUpstream(events, hold_after=len(events) if stopped == "at the answer" else 2)
+    whole = b"".join(gated.pieces)
+    payload = {"model": "gpt-mock", "input": f"stopped ({stopped})", "stream": True}
+    async with two_workers(serve, redis_server.url, gated) as (_ta, ca, _tb, cb):
+        producer = await ca.send(_request(ca, payload), stream=True)
+        assert producer.headers["x-sse-cache"] == "miss"
+        pieces = producer.aiter_raw()
+        received = await pieces.__anext__()
+        while stopped == "at the answer" and not complete(received):
+            received += await pieces.__anext__()
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            follower = await cb.send(_request(cb, payload), stream=True)
+            assert follower.headers["x-sse-cache"] == "shared"
+            if stopped == "mid-answer":
+                gated.gate.set()
+            assert await follower.aread() == whole
+        again = await cb.post("/v1/responses", headers=HEADERS, json=payload)
+        assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+        gated.gate.set()
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            async for piece in pieces:
+                received += piece
+        assert received == whole
+        await producer.aclose()
+    assert gated.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
 async def test_the_local_followers_of_a_remote_stream_outlive_its_first_reader(
     serve: Any, redis_server: Any
 ) -> None:

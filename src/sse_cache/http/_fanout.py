@@ -15,6 +15,7 @@ from typing import Protocol, TypeVar
 import anyio
 import msgspec
 
+from .. import flight
 from .._cancellation import checked
 from .._logging import backend_warnings
 from .._notices import Hook, Notice, emit
@@ -126,6 +127,11 @@ class _Lease:
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._lost = False  # (said once: the keeper tries to take it back every round)
+        #: The producer's client is watched (:meth:`ResponseTee.watch_client`): the keeper
+        #: asks it every ``STALL_LOOK`` seconds whether the client stopped reading, for the
+        #: followers in other processes, who cannot ask (their local followers ask too).
+        self.stalled: Callable[[], Awaitable[bool]] | None = None
+        self._looking: asyncio.Task[None] | None = None
         # One write to the channel at a time, the response's and the heartbeats alike. A
         # write that timed out is sent again by redis-py while the first may still be
         # applied (a stalled server runs both once it resumes); the channel's append tells
@@ -149,10 +155,20 @@ class _Lease:
             await self.fanout.finish(self.channel, ttl=_FANOUT_TTL)
 
     async def _keep(self) -> None:
+        loop = asyncio.get_running_loop()
+        renew_at = loop.time() + self.ttl / 3
         while not self._stopping.is_set():
+            wait = renew_at - loop.time()
+            if self.stalled is not None:
+                wait = min(wait, flight.STALL_LOOK)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.ttl / 3)
+                await asyncio.wait_for(self._stopping.wait(), max(wait, 0.0))
                 return
+            if self.stalled is not None:
+                self._look()
+            if loop.time() < renew_at:
+                continue
+            renew_at = loop.time() + self.ttl / 3
             try:
                 # (checked: the keeper is cancelled once, and must not go on renewing)
                 if not await checked(self._hold()):
@@ -171,6 +187,24 @@ class _Lease:
                     self.lock,
                     exc,
                 )
+
+    def _look(self) -> None:
+        # In a task of its own: going on without the client may end this stream, and its
+        # exchange stops this keeper (and waits for it) as it leaves.
+        stalled = self.stalled
+        if stalled is None or (self._looking is not None and not self._looking.done()):
+            return
+
+        async def look() -> None:
+            try:
+                if await stalled():
+                    self.stalled = None  # (the followers went on without the client)
+            except Exception as exc:  # (the backend failed: the followers see it)
+                logger.debug("sse_cache: looking at %s's client failed: %r", self.lock, exc)
+
+        self._looking = asyncio.get_running_loop().create_task(
+            look(), name=f"sse-cache look {self.lock}"
+        )
 
     async def _hold(self) -> bool:
         """Renew the lease, or take it again when it is gone: Redis evicts a lease like any

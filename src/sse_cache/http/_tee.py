@@ -405,9 +405,12 @@ class ResponseTee:
 
     def watch_client(self, stalled: Callable[[], Awaitable[bool]]) -> None:
         """Followers of this response ask ``stalled`` when they have waited a while for the
-        next piece (see :attr:`~sse_cache.flight.LiveFlight.stalled`)."""
+        next piece (see :attr:`~sse_cache.flight.LiveFlight.stalled`); so does the keeper
+        of its cross-process lease, for the followers in other processes."""
         if self._flight is not None:
             self._flight.stalled = stalled
+        if self._lease is not None:
+            self._lease.stalled = stalled
 
     def follow_on(self) -> tuple[LiveFlight[bytes], Cursor] | None:
         """The producer's client reads on as a follower, from what it has: its live stream
