@@ -274,7 +274,10 @@ class _AsyncTeeBody:
         # response, and read on (a complete answer is stored). The client, if it reads
         # again, reads on from the live stream, as they do, from a place kept where it was
         # (none: the stream failed — then nothing is taken over, and the client's next read
-        # says so, never a clean end).
+        # says so, never a clean end). Not when no one else reads on (a cross-process
+        # publish failed, say, and its keeper looked: the client, slow, was cut; helper-119).
+        if not tee.read_elsewhere:
+            return False
         place = tee.follow_on()
         if place is None:
             return False

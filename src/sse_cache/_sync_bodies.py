@@ -348,11 +348,13 @@ class _SyncTeeBody:
     def _after_left(self) -> bytes:
         # The client reads again after the followers went on without it (_stalled): past a
         # stored answer, the upstream's body as it comes; mid-answer, from its place in the
-        # live stream. (Handed over by its own close: nothing more.)
+        # live stream. Closed meanwhile (by another thread, since this read's check): the
+        # library's error, as for any read of a closed response — never a clean end
+        # (helper-119: a stop button's close ended the reader with 179 of 536 bytes).
+        if self._closed or (not self._passing and self._place is None):
+            raise _closed_by_client(self._lib)
         if self._passing:
             return self._passed_on()
-        if self._place is None:
-            raise StopIteration
         return self._read_on()
 
     def _passed_on(self) -> bytes:
@@ -444,6 +446,8 @@ class _SyncTeeBody:
                 if self._closed or self._handed_over or not self._opened.open:
                     return False
                 answered = tee.answered
+                if not answered and not tee.read_elsewhere:
+                    return False  # (no one reads on: as _AsyncTeeBody._stalled)
                 if not answered:
                     # Mid-answer: a place kept where the client was in the live stream
                     # (none: the stream failed — then nothing is taken over, and the

@@ -694,6 +694,41 @@ async def test_a_producer_whose_publish_is_lost_fails_its_remote_followers_at_on
     assert upstream_app.stats()["total"] == 1
 
 
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_slow_producer_whose_publish_failed_is_not_gone_on_without(
+    serve: Any, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A leads and publishes; no one follows, anywhere. A publish fails (fail-open: A's own
+    # client must not notice), then A's client pauses, as a slow one does. The lease
+    # keeper went on looking for followers in other processes — there were none left — and
+    # took the stream over: with no one to read on, it was cut, and A's client's next read
+    # failed (helper-119). It gets the whole body.
+    import sse_cache.flight
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
+    events = responses_stream("slow and alone", text_deltas=6)
+    gated = GatedUpstream(events, hold_after=2)
+    whole = b"".join(gated.pieces)
+    payload = {"model": "gpt-mock", "input": "slow and alone", "stream": True}
+    async with two_workers(serve, redis_server.url, gated) as (ta, ca, _tb, _cb):
+        with anyio.fail_after(DEADLOCK_GUARD), LosePublishes(ta.service.backend, "fails") as losing:
+            producer = await ca.send(_request(ca, payload), stream=True)
+            assert producer.headers["x-sse-cache"] == "miss"
+            pieces = producer.aiter_raw()
+            received = await pieces.__anext__()
+            losing.arm()
+            received += await pieces.__anext__()  # publishes what came first: it fails
+            assert losing.started.is_set()
+            await anyio.sleep(1.2)  # the client pauses (the keeper looks every 0.05 s)
+            gated.gate.set()
+            async for piece in pieces:
+                received += piece
+            assert received == whole
+            await producer.aclose()
+    assert gated.calls == 1
+
+
 class Joined:
     """A hook counting the requests that joined a live stream (``shared`` notices, in any
     of the proxies it is given to)."""

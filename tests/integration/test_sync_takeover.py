@@ -210,6 +210,52 @@ def _taken_over(seen: _FlightsSeen) -> bool:
     return any(not flight.flight.producer_reading for flight in seen.live())
 
 
+async def test_a_producer_closed_by_another_thread_as_it_reads_again_is_told_so(
+    serve: Any, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stop button: another thread closes the producer's response just as its reader comes
+    # back after its followers took over mid-answer — after that read's own look at the
+    # close (the close is run at that point here, as a thread switch would). The reader
+    # ended cleanly with part of the answer (helper-119: 179 of 536 bytes); it gets the
+    # library's error for a response closed under a read, and the follower the whole answer.
+    from sse_cache import _sync_bodies
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
+    gated = GatedUpstream(PIECES, hold_after=1)
+    seen = _FlightsSeen()
+    read_again = _sync_bodies._SyncTeeBody._after_left
+
+    def closed_meanwhile(self: Any) -> bytes:
+        closing = threading.Thread(target=self.close)
+        closing.start()
+        closing.join(GUARD)
+        return read_again(self)
+
+    def run(url: str) -> None:
+        transport = CacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-stop-button"}
+        with httpx2.Client(transport=transport, base_url=url, headers=headers) as client:
+            response = client.send(client.build_request("POST", ROUTE, json=BODY), stream=True)
+            produced = response.iter_raw()
+            received = _read_to(produced, "mid-answer")
+            answers: list[tuple[str, bytes | str]] = []
+            threads = [_follow(client, answers)]
+            _until(lambda: _taken_over(seen), "the upstream was never taken over")
+            monkeypatch.setattr(_sync_bodies._SyncTeeBody, "_after_left", closed_meanwhile)
+            with pytest.raises(httpx2.ReadError, match="closed while it was read"):
+                for chunk in produced:
+                    received += chunk
+            anyio.from_thread.run_sync(gated.gate.set)
+            _joined(threads)
+            assert answers == [("shared", WHOLE)]
+
+    async with serve(gated) as url:
+        with anyio.fail_after(GUARD * 3):  # a deadlock guard, not a timing bound
+            await anyio.to_thread.run_sync(run, url)
+        gated.gate.set()
+    assert gated.calls == 1
+
+
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 async def test_a_sync_miss_dropped_unclosed_holding_its_answer_ends_its_followers_with_it(
     serve: Any, anyio_backend: str, backend: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch

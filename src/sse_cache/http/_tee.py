@@ -183,6 +183,7 @@ class ResponseTee:
             # was cancelled midway): when this response ends they are told it failed (never
             # a clean end), not sent what comes next — nor read on for: the stream is no
             # longer read to its end for them when no one here reads it.
+            lease.stalled = None  # (its keeper looks for no one now: helper-119)
             self._lease = None
             self.publish_failed = True
             if self._flight is not None:
@@ -411,6 +412,14 @@ class ResponseTee:
             self._flight.stalled = stalled
         if self._lease is not None:
             self._lease.stalled = stalled
+
+    @property
+    def read_elsewhere(self) -> bool:
+        """Someone besides the producer's client reads this response (a follower here, not
+        a place kept for that client) or may (followers in other processes)."""
+        flight = self._flight
+        followed = flight is not None and len(flight.flight.cursors) > flight.flight.reserved
+        return followed or self._lease is not None
 
     def follow_on(self) -> tuple[LiveFlight[bytes], Cursor] | None:
         """The producer's client reads on as a follower, from what it has: its live stream
