@@ -63,9 +63,9 @@ DEFAULT_MAX_LOG_BYTES = 32 * 1024 * 1024
 #: before the next is made, rather than a copy of the whole log per follower.
 MAX_JOINED_BYTES = 64 * 1024
 #: Seconds a follower waits for a piece before it asks whether the producer's client stopped
-#: reading (:attr:`LiveFlight.stalled`). A client that asked for nothing between two looks
-#: stopped: google-genai drops a stream it stops without closing it, and its followers (and
-#: every identical request after them) would wait out their read timeout.
+#: reading (:attr:`LiveFlight.stalled`). A client that asked for nothing for a whole look's
+#: time stopped: google-genai drops a stream it stops without closing it, and its followers
+#: (and every identical request after them) would wait out their read timeout.
 STALL_LOOK = 1.0
 
 
@@ -361,8 +361,8 @@ class LiveFlight(Generic[T]):
         #: The producer's own cursor when it reads the log as a follower does (the engine).
         self.producer_cursor: Cursor | None = None
         #: Asked by a follower that waited :data:`STALL_LOOK` seconds for a piece (when set:
-        #: the async transport's producers): whether the producer's client stopped reading,
-        #: then hands the upstream over to the readers (True when it did).
+        #: the transports' producers): whether the producer's client stopped reading; if so
+        #: the readers go on without it (True).
         self.stalled: Callable[[], Awaitable[bool]] | None = None
 
     @property
