@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from contextlib import AbstractAsyncContextManager
 from types import ModuleType
@@ -27,6 +26,7 @@ from ._transport_bodies import (
     _closed_by_client,
     _ClosedUnderReader,
     _timed_out,
+    watch_client,
 )
 from .flight import Cursor, LiveFlight, SharedStreamAborted
 from .http._wire import close_iterator
@@ -202,13 +202,7 @@ class _AsyncTeeBody:
         # that client's reads on, from its live stream as a follower's, and its place there.
         self._reading_on: _AsyncAnswerBody | None = None
         self._place: tuple[LiveFlight[bytes], Cursor] | None = None
-        body = weakref.ref(self)  # (not kept alive by its flight: it may be dropped unclosed)
-
-        async def stalled() -> bool:
-            this = body()
-            return this is not None and await this._stalled()
-
-        tee.watch_client(stalled)
+        watch_client(tee, self)
 
     # One iterator for every ``async for``: a client that drains the rest of a response it
     # stopped reading (the openai SDK after ``[DONE]``) continues where it was.

@@ -30,6 +30,7 @@ from ._transport_bodies import (
     _ClosedUnderReader,
     _timed_out,
     _TransportClosed,
+    watch_client,
 )
 from .flight import Cursor, LiveFlight, SharedStreamAborted
 from .http._wire import close_iterator
@@ -306,13 +307,7 @@ class _SyncTeeBody:
         self._reading_on: _SyncAnswerBody | None = None
         places: list[tuple[LiveFlight[bytes], Cursor]] = []
         self._places = places
-        body = weakref.ref(self)  # (not kept alive by its flight: it may be dropped unclosed)
-
-        async def stalled() -> bool:
-            this = body()
-            return this is not None and await this._stalled()
-
-        tee.watch_client(stalled)
+        watch_client(tee, self)
         # A response its program drops without closing it (an SDK stream left by ``break``
         # outside ``with``; google-genai's; httpx's sync responses are in a reference cycle:
         # only a collection finds them) is never left by its body, and its live stream would

@@ -4,10 +4,13 @@ as the HTTP library's own, and the bound on streams held for a resume window."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Awaitable, Callable
 from types import ModuleType
+from typing import Any
 
 from .flight import SharedStreamAborted
+from .http._tee import ResponseTee
 
 
 def _timed_out(lib: ModuleType, seconds: float) -> Exception:
@@ -83,3 +86,16 @@ class HoldSlots:
             await window()
         finally:
             self.give()
+
+
+def watch_client(tee: ResponseTee, body: Any) -> None:
+    """Have ``tee``'s followers (and its lease's keeper) ask ``body._stalled()`` whether the
+    producer's client stopped reading (both transports' tee bodies). Through a weak
+    reference: the flight must not keep a response its program dropped unclosed alive."""
+    ref = weakref.ref(body)
+
+    async def stalled() -> bool:
+        this = ref()
+        return this is not None and bool(await this._stalled())
+
+    tee.watch_client(stalled)
