@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from types import ModuleType
 from typing import Any, ClassVar
@@ -57,9 +58,10 @@ class _AsyncOpen:
     response.aclose()``, collected with it, may run at the same time: whichever comes first
     leaves, the other finds it left (helper-115: two tasks drove the exchange's exit at
     once; the answer was lost, or asyncio logged ``anext(): asynchronous generator is
-    already running``)."""
+    already running``). A miss's body takes the watch over (:meth:`watched_by`): it goes
+    on without its client rather than leave at once."""
 
-    __slots__ = ("_cm", "_ex", "_started", "_watch", "open", "timing")
+    __slots__ = ("_cm", "_ex", "_on_collected", "_started", "_watch", "open", "timing")
 
     def __init__(
         self, cm: AbstractAsyncContextManager[Exchange], started: float | None = None
@@ -68,6 +70,9 @@ class _AsyncOpen:
         self._started = started
         self._ex: Exchange | None = None
         self._watch: AsyncGenerator[None, None] | None = None
+        # What the watch does once collected, when the response's body watches for itself
+        # (a miss's: see watched_by).
+        self._on_collected: Callable[[], Awaitable[None]] | None = None
         self.open = False
         #: The response's first body bytes are still to be reported.
         self.timing = False
@@ -87,6 +92,16 @@ class _AsyncOpen:
         self.timing = False
         assert self._ex is not None and self._started is not None
         self._ex.first_byte(time.monotonic() - self._started)
+
+    def watched_by(self, collected: Callable[[], Awaitable[None]]) -> AsyncGenerator[None, None]:
+        """The watch, given to the client's side of a miss's body (its shell) to hold:
+        once that is collected, ``collected()`` runs in place of :meth:`collected` — the body
+        goes on without its client (see :class:`_AsyncTeeStream`). It is no longer closed
+        as the exchange is left: it is finalized with the shell, and finds nothing to do."""
+        watch, self._watch = self._watch, None
+        assert watch is not None
+        self._on_collected = collected
+        return watch
 
     async def leave(self, exc: BaseException | None = None) -> None:
         if not self.open:
@@ -112,6 +127,10 @@ class _AsyncOpen:
         it and run just before, handed the upstream over to them: that upstream was
         collected too, and its iterator, closed by its own finalizer, would end "cleanly"
         (helper-115's race: followers ended cleanly with part of the answer)."""
+        on_collected = self._on_collected
+        if on_collected is not None:
+            await on_collected()
+            return
         if not self.open:
             return
         self._watch = None  # (the generator running this)
@@ -164,7 +183,9 @@ class _AsyncTeeBody:
     last of them leaves (then it is closed). So it is when the client's read is cancelled
     while followers read, on asyncio: a read begun while the stream was followed runs in a
     task of its own, which the caller's cancellation leaves running (the HTTP library closes
-    the upstream under a cancelled read)."""
+    the upstream under a cancelled read). And so it is when the client's response is
+    collected unclosed (:meth:`collected`: the client holds a shell of this body,
+    :class:`_AsyncTeeStream`)."""
 
     _lib: ClassVar[ModuleType]
     _answer_body: ClassVar[type[_AsyncAnswerBody]]  # (the same library's)
@@ -202,6 +223,9 @@ class _AsyncTeeBody:
         # that client's reads on, from its live stream as a follower's, and its place there.
         self._reading_on: _AsyncAnswerBody | None = None
         self._place: tuple[LiveFlight[bytes], Cursor] | None = None
+        # The watch of the client's side (its shell: _AsyncTeeStream), which calls
+        # collected() once that is collected; closed (quietly) when the client closes.
+        self._watch: weakref.ref[AsyncGenerator[None, None]] | None = None
         watch_client(tee, self)
 
     # One iterator for every ``async for``: a client that drains the rest of a response it
@@ -498,9 +522,25 @@ class _AsyncTeeBody:
             tee.stop("every reader left before the stream ended")
             await self._opened.leave()
 
+    async def collected(self) -> None:
+        # The client's side of this body (its shell) was collected unclosed: its program
+        # dropped the response. This body was not collected with it (the shell's finalizer
+        # held it), nor was its upstream: it goes on as if the client had closed it — the
+        # followers read the upstream on (a complete answer is stored), else the upstream is
+        # closed and what was recorded judged. (Collected with the response, the upstream
+        # was closed by its own finalizers, and the followers failed: helper-116's D11.)
+        self._watch = None  # (the generator running this)
+        await self.aclose()
+
     async def aclose(self) -> None:
+        if self._closed:  # (once: the program's close and the collector's may both come)
+            return
         self._opened.timing = False  # the client is gone: no byte it never had is reported
         self._closed = True
+        watch = None if self._watch is None else self._watch()
+        self._watch = None
+        if watch is not None:
+            await watch.aclose()  # (it finds this body closed: nothing to do)
         if self._passing:
             # (Its exchange was left when the answer was stored: see _stalled.)
             try:
@@ -522,6 +562,37 @@ class _AsyncTeeBody:
         if self._handed_over or self._hand_over():
             return
         await self._abandon()
+
+
+class _AsyncTeeStream:
+    """What the client's response holds of a miss's body (an :class:`_AsyncTeeBody`): its
+    reads and its close are the body's.
+
+    Apart from the body for a program that drops its response unclosed: the collector then
+    finds this shell and its watch (:meth:`_AsyncOpen.watched_by`), never the body, which a
+    finalizer of the shell holds until the shell is gone — nor the body's upstream, which
+    the followers may still read on (:meth:`_AsyncTeeBody.collected`)."""
+
+    _lib: ClassVar[ModuleType]
+
+    def __init__(self, body: _AsyncTeeBody) -> None:
+        self._body = body
+        watch = self._watch = body._opened.watched_by(body.collected)
+        body._watch = weakref.ref(watch)
+        weakref.finalize(self, _kept, body).atexit = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __anext__(self) -> Awaitable[bytes]:
+        return self._body.__anext__()
+
+    def aclose(self) -> Awaitable[None]:
+        return self._body.aclose()
+
+
+def _kept(body: _AsyncTeeBody) -> None:
+    """(A finalizer's: it only holds ``body`` while its shell lives.)"""
 
 
 class _AsyncAnswerBody:

@@ -202,10 +202,9 @@ class _SyncOpen:
             return
 
     def collected(self) -> None:
-        """The response was collected unclosed (see :func:`_left_unclosed`): as
-        :meth:`_AsyncOpen.collected`, a miss whose recording holds the complete answer has it
-        stored (its followers' streams end there), else its stream fails; then the exchange
-        is left (once, whoever else leaves too)."""
+        """The response was collected unclosed (see :func:`_left_unclosed`: a hit's or a
+        follower's; a miss's body is closed instead, see :class:`_SyncTeeStream`): as
+        :meth:`_AsyncOpen.collected`, the exchange is left (once, whoever else leaves too)."""
         if not self.open:
             return
         ex = self._ex
@@ -257,7 +256,8 @@ class _SyncTeeBody:
 
     A client that stops reading without closing its response (google-genai) is found out
     by the followers' looks (:meth:`_stalled`), and they go on without it, as
-    :class:`_AsyncTeeBody`'s do."""
+    :class:`_AsyncTeeBody`'s do. One whose response is collected unclosed is closed then
+    (the client holds a shell of this body: :class:`_SyncTeeStream`)."""
 
     _answer_body: ClassVar[type[_SyncAnswerBody]]  # (the same library's)
 
@@ -300,21 +300,10 @@ class _SyncTeeBody:
         # the upstream's body on, unrecorded (see _stalled).
         self._passing = False
         # Mid-answer: the client's place in the live stream, kept where it was, and its
-        # reads on from there once it reads again (see _stalled). ``places`` is the
-        # finalizer's (it must not hold the body): the place is left when the body is
-        # collected.
+        # reads on from there once it reads again (see _stalled).
         self._place: tuple[LiveFlight[bytes], Cursor] | None = None
         self._reading_on: _SyncAnswerBody | None = None
-        places: list[tuple[LiveFlight[bytes], Cursor]] = []
-        self._places = places
         watch_client(tee, self)
-        # A response its program drops without closing it (an SDK stream left by ``break``
-        # outside ``with``; google-genai's; httpx's sync responses are in a reference cycle:
-        # only a collection finds them) is never left by its body, and its live stream would
-        # be offered for good to identical requests, which would wait on it until their read
-        # timeout. Once the body is collected, its exchange is left as the async transport's
-        # is (_SyncOpen.collected: a complete answer is stored), and its place if it has one.
-        weakref.finalize(self, _left_unclosed, opened, places).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -451,7 +440,6 @@ class _SyncTeeBody:
                     if place is None:
                         return False
                     self._place = place
-                    self._places.append(place)
                 self._opened.timing = False  # (what the followers pull is no byte it had)
                 self._passing = answered
                 self._handed_over = True
@@ -578,6 +566,8 @@ class _SyncTeeBody:
     def close(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported
         with self._turn:
+            if self._closed:  # (once)
+                return
             self._closed = True
             handed_over, passing = self._handed_over, self._passing
             place, self._place = self._place, None
@@ -598,7 +588,6 @@ class _SyncTeeBody:
                 live, cursor = place
                 with suppress(_TransportClosed):
                     self._opened.call(live.leave, cursor)  # (idempotent)
-                self._places.clear()
             return
         if handed_over:
             return
@@ -631,26 +620,65 @@ class _SyncTeeBody:
         self._abandon()
 
 
-_Place = tuple[LiveFlight[bytes], Cursor]
+class _SyncTeeStream:
+    """What the client's response holds of a miss's body (a :class:`_SyncTeeBody`): its
+    reads and its close are the body's.
+
+    A response its program drops without closing it (an SDK stream left by ``break``
+    outside ``with``; google-genai's; httpx's sync responses are in a reference cycle: only
+    a collection finds them) is never closed by its client, and its live stream would be
+    offered for good to identical requests, which would wait on it until their read
+    timeout. Once this shell is collected, the body goes on as if its client had closed it:
+    the followers read the upstream on (a complete answer is stored), else it is closed
+    and what was recorded judged. The body is never collected with the shell (the shell's
+    finalizer holds it), nor is its upstream, which the followers may still read on
+    (collected with the response, the upstream was closed by its own finalizers, and the
+    followers failed: helper-116's D11)."""
+
+    _lib: ClassVar[ModuleType]
+
+    def __init__(self, body: _SyncTeeBody) -> None:
+        self._body = body
+        weakref.finalize(self, _closed_when_collected, body).atexit = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        return self._body.__next__()
+
+    def close(self) -> None:
+        self._body.close()
 
 
-def _left_unclosed(opened: _SyncOpen, places: list[_Place] | None = None) -> None:
-    # A finalizer runs in whichever thread collected the body, the portal's own included,
-    # where a blocking call into the portal would wait for ever: the exchange is left from
-    # a thread of its own.
-    if (opened.open or places) and not _exiting():
+def _closed_when_collected(body: _SyncTeeBody) -> None:
+    # A finalizer runs in whichever thread collected the shell, the portal's own included,
+    # where a blocking call into the portal would wait for ever: closed from a thread of
+    # its own.
+    if not body._closed and not _exiting():
         threading.Thread(
-            target=_leave_dropped, args=(opened, places), name="sse-cache-dropped", daemon=True
+            target=_close_dropped, args=(body,), name="sse-cache-dropped", daemon=True
         ).start()
 
 
-def _leave_dropped(opened: _SyncOpen, places: list[_Place] | None) -> None:
+def _close_dropped(body: _SyncTeeBody) -> None:
     try:
-        try:
-            opened.collected()
-        finally:
-            for live, cursor in places or ():
-                opened.call(live.leave, cursor)  # (idempotent)
+        body.close()
+    except Exception as exc:  # (the transport closed meanwhile, or the backend failed)
+        logger.debug("sse_cache: closing a dropped response failed: %r", exc)
+
+
+def _left_unclosed(opened: _SyncOpen) -> None:
+    # (As _closed_when_collected, for a hit or a follower: its exchange is left.)
+    if opened.open and not _exiting():
+        threading.Thread(
+            target=_leave_dropped, args=(opened,), name="sse-cache-dropped", daemon=True
+        ).start()
+
+
+def _leave_dropped(opened: _SyncOpen) -> None:
+    try:
+        opened.collected()
     except Exception as exc:  # (the transport closed meanwhile, or the backend failed)
         logger.debug("sse_cache: leaving a dropped response failed: %r", exc)
 

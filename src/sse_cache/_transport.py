@@ -47,9 +47,17 @@ from ._async_bodies import (
     _AsyncOpen,
     _AsyncPassBody,
     _AsyncTeeBody,
+    _AsyncTeeStream,
 )
 from ._checks import integer
-from ._sync_bodies import _SyncAnswerBody, _SyncOpen, _SyncPassBody, _SyncTeeBody, unless_closed
+from ._sync_bodies import (
+    _SyncAnswerBody,
+    _SyncOpen,
+    _SyncPassBody,
+    _SyncTeeBody,
+    _SyncTeeStream,
+    unless_closed,
+)
 from ._transport_bodies import HoldSlots, _closed_under, _TransportClosed
 from .errors import ConfigError
 from .http._wire import json_error_body, merge_headers
@@ -72,9 +80,11 @@ def _stream_types(lib: ModuleType) -> dict[str, type[Any]]:
         name: type(name, (base, getattr(lib, lib_base)), {"__module__": __name__, "_lib": lib})
         for name, base, lib_base in (
             ("AsyncTeeBody", _AsyncTeeBody, "AsyncByteStream"),
+            ("AsyncTeeStream", _AsyncTeeStream, "AsyncByteStream"),
             ("AsyncAnswerBody", _AsyncAnswerBody, "AsyncByteStream"),
             ("AsyncPassBody", _AsyncPassBody, "AsyncByteStream"),
             ("SyncTeeBody", _SyncTeeBody, "SyncByteStream"),
+            ("SyncTeeStream", _SyncTeeStream, "SyncByteStream"),
             ("SyncAnswerBody", _SyncAnswerBody, "SyncByteStream"),
             ("SyncPassBody", _SyncPassBody, "SyncByteStream"),
         )
@@ -360,9 +370,8 @@ class AsyncCacheTransportBase(_Options):
             if tee is None:
                 await opened.leave()
                 return self._passthrough(upstream, ex, opened)
-            return self._relay(
-                upstream, ex, types["AsyncTeeBody"](upstream.stream, tee, opened, self._holds)
-            )
+            body = types["AsyncTeeBody"](upstream.stream, tee, opened, self._holds)
+            return self._relay(upstream, ex, types["AsyncTeeStream"](body))
         except BaseException as exc:
             await opened.leave(exc)
             raise
@@ -524,7 +533,7 @@ class CacheTransportBase(_Options):
             body = types["SyncTeeBody"](
                 upstream.stream, tee, opened, portal, self._holds, self._draining
             )
-            return self._relay(upstream, ex, body)
+            return self._relay(upstream, ex, types["SyncTeeStream"](body))
         except _TransportClosed as exc:
             opened.leave()
             raise _closed_under(lib) from exc

@@ -91,7 +91,8 @@ class HoldSlots:
 def watch_client(tee: ResponseTee, body: Any) -> None:
     """Have ``tee``'s followers (and its lease's keeper) ask ``body._stalled()`` whether the
     producer's client stopped reading (both transports' tee bodies). Through a weak
-    reference: the flight must not keep a response its program dropped unclosed alive."""
+    reference: a body lives as long as its client's side (its shell) and what it still
+    reads for its followers, not as long as the flight."""
     ref = weakref.ref(body)
 
     async def stalled() -> bool:

@@ -1,7 +1,7 @@
 """The sync transport's followers go on without a producer whose client stopped reading
 without closing its response (google-genai's sync client drops every stream it stops), as the
-async transport's do; and a sync miss collected unclosed holding its complete answer has it
-stored and ends its followers' streams with it.
+async transport's do; and the followers of a sync miss collected unclosed go on as if its
+client had closed it.
 
 The upstream (:class:`sse_cache.testing.GatedUpstream`) is served in the test's event loop;
 the sync clients run in threads."""
@@ -256,19 +256,28 @@ async def test_a_producer_closed_by_another_thread_as_it_reads_again_is_told_so(
     assert gated.calls == 1
 
 
+@pytest.mark.parametrize("answer", ["whole", "part"])
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
-async def test_a_sync_miss_dropped_unclosed_holding_its_answer_ends_its_followers_with_it(
-    serve: Any, anyio_backend: str, backend: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+async def test_a_sync_miss_dropped_unclosed_is_read_on_by_its_followers(
+    serve: Any,
+    anyio_backend: str,
+    answer: str,
+    backend: str,
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A program reads a sync miss up to its completing event and drops the response without
-    # closing it; the collector finds it while followers wait for the rest. As the async
-    # transport does, the answer the producer had is stored and the followers' streams end
-    # with it, and the next identical request is a hit (the exchange was left failed by the
-    # finalizer, before the program's own close: the followers failed, nothing was stored,
-    # and the next request asked the upstream again; helper-117).
+    # A program reads a sync miss up to its completing event (or only its first piece) and
+    # drops the response without closing it; the collector finds it while followers wait
+    # for the rest. As the async transport does, the followers go on as if the program had
+    # closed it: holding the whole answer, it is stored and their streams end with it (the
+    # exchange was left failed by the finalizer, before the program's own close: the
+    # followers failed, nothing was stored, and the next request asked the upstream again;
+    # helper-117); mid-answer, they read the upstream on to its end (they failed: the
+    # upstream was collected with the response; helper-116's D11). The next identical
+    # request is a hit.
     # (The followers do not look for a stalled producer here: the collection settles it.)
     monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)
-    gated = GatedUpstream(PIECES, hold_after=len(PIECES))
+    gated = GatedUpstream(PIECES, hold_after=len(PIECES) if answer == "whole" else 1)
     seen = _FlightsSeen()
     cache = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'dropped.db'}"
 
@@ -280,7 +289,10 @@ async def test_a_sync_miss_dropped_unclosed_holding_its_answer_ends_its_follower
             response = client.send(request, stream=True)
             assert response.headers["x-sse-cache"] == "miss"
             produced = response.iter_raw()
-            assert _read_to(produced, "at the answer") == WHOLE
+            if answer == "whole":
+                assert _read_to(produced, "at the answer") == WHOLE
+            else:
+                assert WHOLE.startswith(next(produced))
             answers: list[tuple[str, bytes | str]] = []
             threads = [_follow(client, answers) for _ in range(2)]
             _until(lambda: seen.followers() >= 2, "the followers never joined")
@@ -292,6 +304,7 @@ async def test_a_sync_miss_dropped_unclosed_holding_its_answer_ends_its_follower
             cycle.append(cycle)
             del response, produced, request, cycle
             gc.collect()
+            anyio.from_thread.run_sync(gated.gate.set)  # (in the loop serving it)
             _joined(threads)
             assert answers == [("shared", WHOLE)] * 2
             again = client.post(ROUTE, json=BODY)

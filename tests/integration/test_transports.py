@@ -1742,6 +1742,11 @@ async def test_followers_take_over_from_a_producer_that_stopped_reading(
     assert gated.calls == 1
 
 
+def _live(seen: _FlightsSeen) -> bool:
+    # A live stream is offered to identical requests.
+    return any(True for flights in seen.flights for _ in flights)
+
+
 def _taken_over(seen: _FlightsSeen) -> bool:
     # A live stream whose upstream its readers pull (handed over).
     return any(flight.source is not None for flights in seen.flights for flight in flights)
@@ -1756,19 +1761,30 @@ def _taken_over(seen: _FlightsSeen) -> bool:
 @pytest.mark.parametrize("first", ["the program", "the transport"])
 @pytest.mark.filterwarnings(_ABANDONED)
 async def test_a_followed_miss_collected_unclosed_with_its_program_ends_its_followers_once(
-    serve: Any, anyio_backend: str, answer: str, backend: str, first: str, tmp_path: Path
+    serve: Any,
+    anyio_backend: str,
+    answer: str,
+    backend: str,
+    first: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # google-genai reads a stream in a generator of its own whose ``finally`` closes the
     # response, and drops both, unclosed, in reference cycles: when the collector finds them,
     # the loop closes that generator and the transport's own watch of the response, in two
     # tasks at once. Both left the exchange: with the transport's first, on memory:// the
     # followers of a whole answer failed and nothing was stored; on SQLite asyncio logged
-    # "anext(): asynchronous generator is already running" (helper-115). A whole answer is
-    # stored and ends the followers' streams; a part fails them (never a clean end: the
-    # upstream was collected too, and its closed iterator would end "cleanly").
+    # "anext(): asynchronous generator is already running" (helper-115). The followers read
+    # the upstream on, to the whole answer, stored once: also when the response is dropped
+    # mid-answer (its upstream was collected with it, and the followers failed: helper-116's
+    # D11), never a clean end of part of it. No look at a stalled producer rescues them
+    # here (STALL_LOOK): the collection alone does.
     # ``first``: whose finalizer runs first — the collector finalizes the older objects
     # first, and a collection now makes what exists already older than what comes after.
+    import sse_cache.flight
     from sse_cache.testing import GatedUpstream
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)
 
     whole = b"".join(_CHAT_PIECES)
     gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES) if answer == "whole" else 1)
@@ -1826,21 +1842,85 @@ async def test_a_followed_miss_collected_unclosed_with_its_program_ends_its_foll
                 cycle.append(cycle)
                 del stream, response, request, cycle
                 gc.collect()
-            gated.gate.set()
-            if answer == "whole":
-                assert outcomes == [whole, whole]
-                again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
-                assert again.headers["x-sse-cache"] == "hit" and again.content == whole
-                assert gated.calls == 1
-            else:
-                assert len(outcomes) == 2
-                assert all(isinstance(o, str) and "sse-cache" in o for o in outcomes), outcomes
-                again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
-                assert again.headers["x-sse-cache"] == "miss" and again.content == whole
-                assert gated.calls == 2
+                gated.gate.set()
+            assert outcomes == [whole, whole]
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+            assert gated.calls == 1
     gc.collect()
     # (httpcore's own finalizers may race each other over the connection the program left
     # open — an error logged from its frames alone, as without the cache.)
+    ours = [c for c in logged if "sse_cache" in "".join(_traceback_of(c.get("exception")))]
+    assert ours == []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+@pytest.mark.parametrize("followers", [0, 2])
+@pytest.mark.parametrize("in_a_cycle", [False, True])
+@pytest.mark.filterwarnings(_ABANDONED)
+async def test_a_miss_dropped_mid_answer_unclosed_is_read_on_by_its_followers(
+    serve: Any,
+    anyio_backend: str,
+    followers: int,
+    in_a_cycle: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A program that drops a streamed response mid-answer without closing it (``break``
+    # out of an SDK stream outside ``async with``): collected at once (no cycle) or by a
+    # collection, before any follower looked at it (STALL_LOOK). Its followers read the
+    # upstream on and get the whole answer, stored once (they failed: the upstream was
+    # collected with the response; helper-116's D11). With no follower, the upstream is
+    # closed and nothing is stored: the next request is a miss of its own.
+    import asyncio
+
+    import sse_cache.flight
+    from sse_cache.testing import GatedUpstream
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)
+    whole = b"".join(_CHAT_PIECES)
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=1)
+    seen = _FlightsSeen()
+    logged: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context))
+    async with serve(gated) as url:
+        transport = AsyncCacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-dropped-mid"}
+        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            response = await client.send(request, stream=True)
+            assert response.headers["x-sse-cache"] == "miss"
+            chunks = response.aiter_raw()
+            assert whole.startswith(await chunks.__anext__())
+            outcomes: list[bytes] = []
+
+            async def follow() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    assert r.headers["x-sse-cache"] == "shared"
+                    outcomes.append(await r.aread())
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(followers):
+                    tg.start_soon(follow)
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    while seen.followers() < followers:  # noqa: ASYNC110 - a count in the cache
+                        await anyio.sleep(0.01)
+                if in_a_cycle:
+                    cycle: list[Any] = [chunks, response]
+                    cycle.append(cycle)
+                    del cycle
+                del chunks, response, request
+                gc.collect()
+                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                    # (With no follower: until the stream was left, not offered any more.)
+                    while followers == 0 and _live(seen):  # noqa: ASYNC110 - a state
+                        await anyio.sleep(0.01)
+                gated.gate.set()
+            assert outcomes == [whole] * followers
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.content == whole
+            assert again.headers["x-sse-cache"] == ("hit" if followers else "miss")
+            assert gated.calls == (1 if followers else 2)
+    gc.collect()
     ours = [c for c in logged if "sse_cache" in "".join(_traceback_of(c.get("exception")))]
     assert ours == []
 
@@ -2684,7 +2764,7 @@ async def test_a_sync_response_closed_by_another_thread_while_it_is_read(
             for thread in readers:
                 thread.start()
             deadline = time.monotonic() + 30  # a deadlock guard
-            while not producer.stream._stream._reading.locked():  # its reader is in a read
+            while not producer.stream._stream._body._reading.locked():  # its reader is in a read
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             producer.close()  # from this thread: it returns
@@ -2945,7 +3025,7 @@ def test_a_read_under_way_when_another_thread_closes_the_stream_reaches_the_foll
             time.sleep(0.01)
         reader = threading.Thread(target=lambda: next(chunks, None))
         reader.start()
-        transport_body = producer.stream._stream  # type: ignore[attr-defined]
+        transport_body = producer.stream._stream._body  # type: ignore[attr-defined]
         while not transport_body._reading.locked():  # its read waits for the upstream
             assert time.monotonic() < deadline, "the reader never read"
             time.sleep(0.01)
