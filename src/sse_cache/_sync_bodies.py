@@ -202,7 +202,7 @@ class _SyncOpen:
             return
 
     def collected(self) -> None:
-        """The response was collected unclosed (see :func:`_left_unclosed`: a hit's or a
+        """The response was collected unclosed (see :func:`_settled_when_collected`: a hit's or a
         follower's; a miss's body is closed instead, see :class:`_SyncTeeStream`): as
         :meth:`_AsyncOpen.collected`, the exchange is left (once, whoever else leaves too)."""
         if not self.open:
@@ -639,7 +639,8 @@ class _SyncTeeStream:
 
     def __init__(self, body: _SyncTeeBody) -> None:
         self._body = body
-        weakref.finalize(self, _closed_when_collected, body).atexit = False
+        unclosed = lambda: not body._closed  # noqa: E731 - (the finalizer must not hold self)
+        weakref.finalize(self, _settled_when_collected, unclosed, body.close).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self
@@ -651,36 +652,22 @@ class _SyncTeeStream:
         self._body.close()
 
 
-def _closed_when_collected(body: _SyncTeeBody) -> None:
-    # A finalizer runs in whichever thread collected the shell, the portal's own included,
-    # where a blocking call into the portal would wait for ever: closed from a thread of
-    # its own.
-    if not body._closed and not _exiting():
+def _settled_when_collected(pending: Callable[[], bool], settle: Callable[[], None]) -> None:
+    # A response's finalizer: ``settle()`` (a miss's body is closed, a hit's or a follower's
+    # exchange left) unless ``pending()`` says there is nothing left to do. A finalizer runs
+    # in whichever thread collected the response, the portal's own included, where a
+    # blocking call into the portal would wait for ever: settled from a thread of its own.
+    if pending() and not _exiting():
         threading.Thread(
-            target=_close_dropped, args=(body,), name="sse-cache-dropped", daemon=True
+            target=_settle_quietly, args=(settle,), name="sse-cache-dropped", daemon=True
         ).start()
 
 
-def _close_dropped(body: _SyncTeeBody) -> None:
+def _settle_quietly(settle: Callable[[], None]) -> None:
     try:
-        body.close()
+        settle()
     except Exception as exc:  # (the transport closed meanwhile, or the backend failed)
-        logger.debug("sse_cache: closing a dropped response failed: %r", exc)
-
-
-def _left_unclosed(opened: _SyncOpen) -> None:
-    # (As _closed_when_collected, for a hit or a follower: its exchange is left.)
-    if opened.open and not _exiting():
-        threading.Thread(
-            target=_leave_dropped, args=(opened,), name="sse-cache-dropped", daemon=True
-        ).start()
-
-
-def _leave_dropped(opened: _SyncOpen) -> None:
-    try:
-        opened.collected()
-    except Exception as exc:  # (the transport closed meanwhile, or the backend failed)
-        logger.debug("sse_cache: leaving a dropped response failed: %r", exc)
+        logger.debug("sse_cache: settling a dropped response failed: %r", exc)
 
 
 _LEFT_BEHIND = object()  # (_next: the followers went on without the client)
@@ -724,7 +711,8 @@ class _SyncAnswerBody:
         self._closed = False
         # Dropped unclosed (a hit, a follower, a producer's client reading on), its exchange
         # would never be left: its task would wait in the portal for good.
-        weakref.finalize(self, _left_unclosed, opened).atexit = False
+        unleft = lambda: opened.open  # noqa: E731 - (the finalizer must not hold self)
+        weakref.finalize(self, _settled_when_collected, unleft, opened.collected).atexit = False
 
     def __iter__(self) -> Iterator[bytes]:
         return self

@@ -21,6 +21,7 @@ import httpx2
 import pytest
 
 import sse_cache.flight
+from flights_seen import FlightsSeen
 from sse_cache.httpx2 import CacheTransport
 from sse_cache.testing import GatedUpstream
 
@@ -47,25 +48,6 @@ WHOLE = b"".join(PIECES)
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
 ROUTE = "/v1/chat/completions"
 GUARD = 30.0  # seconds: a deadlock guard, never a timing bound
-
-
-class _FlightsSeen:
-    """A hook that is handed the cache's live streams (as the metrics are)."""
-
-    def __init__(self) -> None:
-        self.flights: list[Any] = []
-
-    def __call__(self, notice: Any) -> None:
-        pass
-
-    def watch(self, live: Any) -> None:
-        self.flights.append(live)
-
-    def followers(self) -> int:
-        return sum(flight.followers for flights in self.flights for flight in flights)
-
-    def live(self) -> list[Any]:
-        return [flight for flights in self.flights for flight in flights]
 
 
 def _until(done: Callable[[], bool], what: str) -> None:
@@ -126,7 +108,7 @@ async def test_sync_followers_take_over_from_a_producer_that_stopped_reading(
     # Without the takeover the followers waited out their read timeout.
     monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
     gated = GatedUpstream(PIECES, hold_after=len(PIECES) if stopped == "at the answer" else 1)
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     followers = 1 if then == "reads on alone" else 2
 
     def open_gate() -> None:
@@ -165,7 +147,7 @@ async def test_sync_followers_take_over_from_a_producer_that_stopped_reading(
                 threads = [_follow(client, answers) for _ in range(followers)]
             _until(lambda: seen.followers() >= followers, "the followers never joined")
             if then == "reads on alone":
-                _until(lambda: _taken_over(seen), "the upstream was never taken over")
+                _until(lambda: seen.taken_over(), "the upstream was never taken over")
                 following[0].close()
             if stopped == "mid-answer" and then != "reads on alone":
                 open_gate()
@@ -205,11 +187,6 @@ async def test_sync_followers_take_over_from_a_producer_that_stopped_reading(
     assert gated.calls == 1
 
 
-def _taken_over(seen: _FlightsSeen) -> bool:
-    # A live stream whose producer's client has gone (the upstream is read for the others).
-    return any(not flight.flight.producer_reading for flight in seen.live())
-
-
 async def test_a_producer_closed_by_another_thread_as_it_reads_again_is_told_so(
     serve: Any, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -222,7 +199,7 @@ async def test_a_producer_closed_by_another_thread_as_it_reads_again_is_told_so(
 
     monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
     gated = GatedUpstream(PIECES, hold_after=1)
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     read_again = _sync_bodies._SyncTeeBody._after_left
 
     def closed_meanwhile(self: Any) -> bytes:
@@ -240,7 +217,7 @@ async def test_a_producer_closed_by_another_thread_as_it_reads_again_is_told_so(
             received = _read_to(produced, "mid-answer")
             answers: list[tuple[str, bytes | str]] = []
             threads = [_follow(client, answers)]
-            _until(lambda: _taken_over(seen), "the upstream was never taken over")
+            _until(lambda: seen.taken_over(), "the upstream was never taken over")
             monkeypatch.setattr(_sync_bodies._SyncTeeBody, "_after_left", closed_meanwhile)
             with pytest.raises(httpx2.ReadError, match="closed while it was read"):
                 for chunk in produced:
@@ -278,7 +255,7 @@ async def test_a_sync_miss_dropped_unclosed_is_read_on_by_its_followers(
     # (The followers do not look for a stalled producer here: the collection settles it.)
     monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)
     gated = GatedUpstream(PIECES, hold_after=len(PIECES) if answer == "whole" else 1)
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     cache = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'dropped.db'}"
 
     def run(url: str) -> None:

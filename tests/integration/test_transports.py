@@ -34,6 +34,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 
 import sse_cache.httpx
 import sse_cache.httpx2
+from flights_seen import FlightsSeen
 from sse_cache.backends import from_url
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
 from sse_cache.testing import MockUpstream
@@ -1006,7 +1007,7 @@ def test_followers_of_an_error_retry_as_the_upstream_told_the_sdk(prompt: str) -
 
     server = Upstream(failing)
     server.start()
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     transport = CacheTransport("memory://", hooks=[seen])
     client = OpenAI(
         base_url=f"{server.url}/v1",
@@ -1164,7 +1165,7 @@ def test_a_child_forked_while_a_drain_thread_reads_on_closes_its_client(
     # (helper-108).
     body = {"model": MODEL, "input": prompt, "stream": True}
     headers = {**PACED, "x-mock-deltas": "20"}  # (4 s of answer: read on at the fork)
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     transport = CacheTransport(cache_url, hooks=[seen])
     with httpx2.Client(transport=transport, base_url=upstream.url, timeout=30) as client:
         follower: list[bytes] = []
@@ -1317,7 +1318,7 @@ async def test_an_async_miss_dropped_unclosed_does_not_keep_its_key_live(
             await never.wait()
 
     upstream = _FirstAnswerStalls(raw, Stalls())
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     transport = AsyncCacheTransport("memory://", httpx2.MockTransport(upstream), hooks=[seen])
     body = {"model": MODEL, "input": "dropped", "stream": True}
     headers = {"authorization": "Bearer sk-dropped"}
@@ -1354,7 +1355,7 @@ def test_a_sync_miss_dropped_unclosed_does_not_keep_its_key_live() -> None:
             never.wait(30)
 
     upstream = _FirstAnswerStalls(raw, Stalls())
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     transport = CacheTransport("memory://", httpx2.MockTransport(upstream), hooks=[seen])
     body = {"model": MODEL, "input": "dropped", "stream": True}
     headers = {"authorization": "Bearer sk-dropped"}
@@ -1380,23 +1381,6 @@ def test_a_sync_miss_dropped_unclosed_does_not_keep_its_key_live() -> None:
 # -- a sync transport closed while other threads read -----------------------------------------
 
 
-class _FlightsSeen:
-    """A hook that is handed the cache's live streams (as the metrics are): how many
-    requests follow them, seen from the test."""
-
-    def __init__(self) -> None:
-        self.flights: list[Any] = []
-
-    def __call__(self, notice: Any) -> None:
-        pass
-
-    def watch(self, live: Any) -> None:
-        self.flights.append(live)
-
-    def followers(self) -> int:
-        return sum(flight.followers for flights in self.flights for flight in flights)
-
-
 @pytest.mark.parametrize("portal", ["asyncio", "trio"])
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_closing_a_sync_transport_while_followers_wait_for_the_head_raises_transport_errors(
@@ -1419,7 +1403,7 @@ async def test_closing_a_sync_transport_while_followers_wait_for_the_head_raises
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     followers = 4
     async with serve(slow_to_answer) as url:
         client = httpx2.Client(
@@ -1672,7 +1656,7 @@ async def test_followers_take_over_from_a_producer_that_stopped_reading(
     gated = GatedUpstream(
         _CHAT_PIECES, hold_after=len(_CHAT_PIECES) if stopped == "at the answer" else 1
     )
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     followers = 1 if then == "reads on alone" else 2
     async with serve(gated) as url:
         transport = AsyncCacheTransport("memory://", hooks=[seen])
@@ -1707,7 +1691,7 @@ async def test_followers_take_over_from_a_producer_that_stopped_reading(
                     while seen.followers() < followers:  # noqa: ASYNC110 - a count in the cache
                         await anyio.sleep(0.01)
                     if then == "reads on alone":
-                        while not _taken_over(seen):  # noqa: ASYNC110 - a state in the cache
+                        while not seen.taken_over():  # noqa: ASYNC110 - a state in the cache
                             await anyio.sleep(0.01)
                         leaves.cancel()  # the follower's client leaves mid-answer
                 if stopped == "mid-answer" and then != "reads on alone":
@@ -1740,16 +1724,6 @@ async def test_followers_take_over_from_a_producer_that_stopped_reading(
                 assert again.headers["x-sse-cache"] == "hit" and again.content == whole
         gated.gate.set()
     assert gated.calls == 1
-
-
-def _live(seen: _FlightsSeen) -> bool:
-    # A live stream is offered to identical requests.
-    return any(True for flights in seen.flights for _ in flights)
-
-
-def _taken_over(seen: _FlightsSeen) -> bool:
-    # A live stream whose upstream its readers pull (handed over).
-    return any(flight.source is not None for flights in seen.flights for flight in flights)
 
 
 # -- a followed miss whose program drops it, unclosed, in a reference cycle --------------------
@@ -1789,7 +1763,7 @@ async def test_a_followed_miss_collected_unclosed_with_its_program_ends_its_foll
     whole = b"".join(_CHAT_PIECES)
     gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES) if answer == "whole" else 1)
     url_of_cache = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'c.db'}"
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     logged: list[dict[str, Any]] = []
     import asyncio
 
@@ -1879,7 +1853,7 @@ async def test_a_miss_dropped_mid_answer_unclosed_is_read_on_by_its_followers(
     monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)
     whole = b"".join(_CHAT_PIECES)
     gated = GatedUpstream(_CHAT_PIECES, hold_after=1)
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     logged: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context))
     async with serve(gated) as url:
@@ -1912,7 +1886,7 @@ async def test_a_miss_dropped_mid_answer_unclosed_is_read_on_by_its_followers(
                 gc.collect()
                 with anyio.fail_after(30):  # a deadlock guard, not a timing bound
                     # (With no follower: until the stream was left, not offered any more.)
-                    while followers == 0 and _live(seen):  # noqa: ASYNC110 - a state
+                    while followers == 0 and seen.live():  # noqa: ASYNC110 - a state
                         await anyio.sleep(0.01)
                 gated.gate.set()
             assert outcomes == [whole] * followers
@@ -1966,7 +1940,7 @@ async def test_a_miss_whose_read_is_cancelled_after_done_is_stored_and_ends_its_
     from sse_cache.testing import GatedUpstream
 
     gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES))
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     async with serve(gated) as url:
         transport = AsyncCacheTransport("memory://", hooks=[seen])
         headers = {"authorization": "Bearer sk-cancel"}
@@ -2032,7 +2006,7 @@ async def test_a_producer_closing_after_done_ends_its_followers_with_the_answer(
     whole = answer == "whole"
     pieces = _CHAT_PIECES if whole else [_chat_chunk("Hel"), _chat_chunk("lo"), _CHAT_PIECES[-1]]
     gated = GatedUpstream(pieces, hold_after=len(pieces))  # complete, its end held back
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     async with serve(gated) as url:
         transport = AsyncCacheTransport("memory://", hooks=[seen])
         headers = {"authorization": f"Bearer sk-close-after-done-{whole}"}
@@ -2122,7 +2096,7 @@ async def test_followers_read_on_end_with_the_completing_event_not_the_body(
     # and stops there (``stop_at="done"``, as the SDKs do), the followers having joined
     # before it came: the same (helper-111: they got ``after``, which no hit replays).
     upstream = _DoneLater(after)
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     whole = b"".join(_CHAT_PIECES)
     headers = {"authorization": f"Bearer sk-done-later-{sync}-{len(after)}"}
     answers: list[tuple[str, bytes]] = []
@@ -2209,14 +2183,14 @@ async def test_followers_read_on_end_with_the_completing_event_not_the_body(
 @asynccontextmanager
 async def _gated_chat(
     serve: Any, token: str, **options: Any
-) -> AsyncIterator[tuple[httpx2.AsyncClient, Any, _FlightsSeen]]:
+) -> AsyncIterator[tuple[httpx2.AsyncClient, Any, FlightsSeen]]:
     """A client (credential ``token``) of an :class:`AsyncCacheTransport` on ``memory://``
     with ``options``, in front of a chat upstream that holds its answer after the second
     piece until ``gated.gate`` is set; ``seen`` counts the followers."""
     from sse_cache.testing import GatedUpstream
 
     gated = GatedUpstream(_CHAT_PIECES, hold_after=2)
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     async with serve(gated) as url:
         transport = AsyncCacheTransport("memory://", hooks=[seen], **options)
         headers = {"authorization": f"Bearer {token}"}
@@ -2889,7 +2863,7 @@ async def test_a_miss_closed_while_its_read_begun_before_anyone_followed_is_unde
     # follower gets every byte once, the answer is stored, the reader gets ReadError.
     server = Upstream(_OpenableGate(_CHAT_PIECES, hold_after=1))
     server.start()
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     transport = AsyncCacheTransport("memory://", hooks=[seen])
     headers = {"authorization": f"Bearer sk-inline-{anyio_backend}"}
     outcome: dict[str, Any] = {}
@@ -2997,7 +2971,7 @@ def test_a_read_under_way_when_another_thread_closes_the_stream_reaches_the_foll
     upstream = _HeldChat([b"".join(_CHAT_PIECES[1:]) + b": keep-al"])
     server = Upstream(upstream)
     server.start()
-    seen = _FlightsSeen()
+    seen = FlightsSeen()
     client = httpx2.Client(
         transport=CacheTransport("memory://", hooks=[seen]),
         base_url=server.url,
