@@ -24,6 +24,7 @@ import httpx2
 import pytest
 import redis.asyncio as aioredis
 
+from flights_seen import FlightsSeen
 from sse_cache import ConfigError, serialize_sse
 from sse_cache.asgi import CacheMiddleware
 from sse_cache.testing import GatedUpstream, MockUpstream, responses_stream
@@ -726,6 +727,49 @@ async def test_a_slow_producer_whose_publish_failed_is_not_gone_on_without(
                 received += piece
             assert received == whole
             await producer.aclose()
+    assert gated.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_slow_producer_that_no_process_follows_is_not_gone_on_without(
+    serve: Any, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A leads; no one follows, in any process. A's client pauses, as a slow one does. A's
+    # lease keeper looks at the client for followers in other processes: with none, it took
+    # the stream over all the same — the upstream was read on at full speed into memory, and
+    # the client's place there cut once it fell max_entry_bytes behind (helper-119). It looks
+    # only while a process follows (holds the channel's presence): the client reads its
+    # upstream itself, and gets the whole body.
+    import sse_cache.flight
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
+    events = responses_stream("slow and followed by no one", text_deltas=6)
+    gated = GatedUpstream(events, hold_after=2)
+    whole = b"".join(gated.pieces)
+    payload = {"model": "gpt-mock", "input": "slow, no one follows", "stream": True}
+    seen = FlightsSeen()
+    url = f"{redis_server.url}?prefix=w{uuid.uuid4().hex[:8]}:"
+    async with serve(gated) as upstream:
+        transport = AsyncCacheTransport(
+            url, cross_process=True, cross_process_lease=LEASE, hooks=[seen]
+        )
+        async with httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=30) as ca:
+            with anyio.fail_after(DEADLOCK_GUARD):
+                producer = await ca.send(_request(ca, payload), stream=True)
+                assert producer.headers["x-sse-cache"] == "miss"
+                pieces = producer.aiter_raw()
+                received = await pieces.__anext__()
+                gated.gate.set()
+                await anyio.sleep(1.2)  # the client pauses (the keeper looks every 0.05 s)
+                # Its live stream is still its own (taken over, it was read to its end
+                # meanwhile, and ended).
+                assert [flight.flight.producer_reading for flight in seen.live()] == [True]
+                async for piece in pieces:
+                    received += piece
+                assert received == whole
+                await producer.aclose()
     assert gated.calls == 1
 
 

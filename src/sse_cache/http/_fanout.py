@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,7 @@ logger = logging.getLogger("sse_cache")
 
 
 _CHANNEL = "sf:"
+_PRESENCE = "sfr:"
 #: How long the name of another process's live stream (for a resume by response id) is
 #: kept: past the longest answer; a finished one is resumed from its entry instead.
 _LIVE_ALIAS_TTL = 3600.0
@@ -108,6 +110,46 @@ def _channel(key: str, token: str) -> str:
     return f"{_CHANNEL}{key}:{token}"
 
 
+def _presence(key: str, token: str) -> str:
+    # The lock a process following producer ``token``'s channel holds while it reads it
+    # (one per channel: whichever follower took it last), so that the producer knows it is
+    # read elsewhere (see _Lease._followed_elsewhere). Named apart from every lease ("sf:").
+    return f"{_PRESENCE}{key}:{token}"
+
+
+class _Presence:
+    """A follower process's hold on a channel's presence lock (:func:`_presence`): taken as
+    it begins to read, renewed (or taken again, once another follower's hold ran out) every
+    third of ``ttl`` while it reads, released when it stops. Fail-open: a Redis error costs
+    the producer's knowing, nothing else (its client is then not gone on without)."""
+
+    def __init__(self, fanout: TimedFanout, key: str, holder: str, ttl: float) -> None:
+        self._fanout = fanout
+        self._name = _presence(key, holder)
+        self._token = uuid.uuid4().hex
+        self._ttl = ttl
+        self._kept_at = -math.inf
+
+    async def keep(self) -> None:
+        """Hold it now, unless held within the last third of ``ttl``."""
+        now = time.monotonic()
+        if now - self._kept_at < self._ttl / 3:
+            return
+        self._kept_at = now
+        fanout, name, token, ttl = self._fanout, self._name, self._token, self._ttl
+        try:
+            if not await fanout.renew(name, token, ttl):
+                await fanout.acquire(name, token, ttl)  # (False: another follower holds it)
+        except Exception as exc:
+            logger.debug("sse_cache: could not say %s is followed: %r", self._name, exc)
+
+    async def release(self) -> None:
+        try:
+            await self._fanout.release(self._name, self._token)
+        except Exception as exc:  # (it runs out by itself)
+            logger.debug("sse_cache: could not release %s: %r", self._name, exc)
+
+
 class _Lease:
     """Holds a cross-process producer's lock: renews it every third of ``ttl`` and publishes
     a heartbeat (``b"k"``) to its channel, so followers tell a producer that is still
@@ -123,13 +165,18 @@ class _Lease:
         self.token = token
         self.ttl = ttl
         self.channel = _channel(lock[len(_CHANNEL) :], token)
+        self._presence = _presence(lock[len(_CHANNEL) :], token)
+        # Whether a process follows this stream, and when that was last asked.
+        self._followed = False
+        self._followed_asked_at = -math.inf
         self._task: asyncio.Task[None] | None = None
         self._drains: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._lost = False  # (said once: the keeper tries to take it back every round)
         #: The producer's client is watched (:meth:`ResponseTee.watch_client`): the keeper
         #: asks it every ``STALL_LOOK`` seconds whether the client stopped reading, for the
-        #: followers in other processes, who cannot ask (their local followers ask too).
+        #: followers in other processes, who cannot ask (their local followers ask too) —
+        #: only while some process follows it (:meth:`_followed_elsewhere`).
         self.stalled: Callable[[], Awaitable[bool]] | None = None
         self._looking: asyncio.Task[None] | None = None
         # One write to the channel at a time, the response's and the heartbeats alike. A
@@ -197,7 +244,7 @@ class _Lease:
 
         async def look() -> None:
             try:
-                if await stalled():
+                if await self._followed_elsewhere() and await stalled():
                     self.stalled = None  # (the followers went on without the client)
             except Exception as exc:  # (the backend failed: the followers see it)
                 logger.debug("sse_cache: looking at %s's client failed: %r", self.lock, exc)
@@ -205,6 +252,18 @@ class _Lease:
         self._looking = asyncio.get_running_loop().create_task(
             look(), name=f"sse-cache look {self.lock}"
         )
+
+    async def _followed_elsewhere(self) -> bool:
+        """Whether a process follows this stream: its presence lock is held (:class:`_Presence`).
+        Asked of Redis at most every third of ``ttl``, as a follower renews it. Else a
+        merely slow client with no follower anywhere was gone on without: its upstream was
+        read on at full speed into memory, where it lagged, and cut once it fell
+        ``max_entry_bytes`` behind (helper-119)."""
+        now = time.monotonic()
+        if now - self._followed_asked_at >= self.ttl / 3:
+            self._followed_asked_at = now
+            self._followed = await self.fanout.holder(self._presence) is not None
+        return self._followed
 
     async def _hold(self) -> bool:
         """Renew the lease, or take it again when it is gone: Redis evicts a lease like any
@@ -241,7 +300,7 @@ async def _drain(live: LiveFlight[bytes]) -> None:
 
 
 async def _open_channel(
-    fanout: TimedFanout, channel: str, lease: float, cache: StreamCache
+    fanout: TimedFanout, channel: str, lease: float, cache: StreamCache, presence: _Presence
 ) -> tuple[Head, bytes, AsyncIterator[bytes]] | None:
     """Start reading another process's live stream from ``channel``: its head, its first body
     bytes (``b""``: the body ended empty) and the reader, positioned after them. None when
@@ -251,13 +310,19 @@ async def _open_channel(
     A live producer sends heartbeats while its upstream thinks; one that sends nothing else
     for ``join_timeout`` is given up on like a silent local one. Nothing is sent to the
     reader's client before the first body bytes: a producer that dies while its upstream has
-    not answered yet is taken over, not relayed as a failure."""
+    not answered yet is taken over, not relayed as a failure.
+
+    The channel's ``presence`` is held from the start: the producer's keeper looks at its
+    client for followers elsewhere only while it is (its first bytes may wait for that
+    look: a client that stopped reading before they were published)."""
     reader = fanout.read(channel, block=lease)
     head: Head | None = None
     first: bytes | None = None
     try:
         with anyio.fail_after(cache.join_timeout):
+            await presence.keep()
             async for message in reader:
+                await presence.keep()  # (heartbeats come every third of the lease)
                 kind = message[:1]
                 if kind == b"h" and head is None:
                     head = _decode_head(message[1:])
@@ -275,7 +340,10 @@ async def _open_channel(
         logger.info("sse_cache: not following %s: %r", channel, exc)
         head = None
     if head is None or first is None:
-        await _aclose(reader)
+        try:
+            await _aclose(reader)
+        finally:
+            await presence.release()
         return None
     return head, first, reader
 
@@ -286,10 +354,12 @@ def _follow_channel(
     first: bytes,
     reader: AsyncIterator[bytes],
     idle_timeout: float,
+    presence: _Presence,
 ) -> Cursor:
     """Make ``live`` this process's copy of another process's stream, opened by
     :func:`_open_channel`: it gets the head and first bytes, and its readers pull the rest
-    from ``reader`` in turn. Returns the cursor of its first reader."""
+    from ``reader`` in turn, holding the channel's ``presence`` meanwhile. Returns the
+    cursor of its first reader."""
     live.respond(head)
     # Following first: first bytes larger than the log's bound close the flight to
     # newcomers, not to the reader they were fetched for.
@@ -297,8 +367,8 @@ def _follow_channel(
     assert cursor is not None  # (a new flight, not failed: joinable)
     live.deliver(first)
     live.producer_left()  # no producer here: the readers pull
-    source = _ProcessSource(live, reader, idle_timeout)
-    live.hand_over(source, lambda: _aclose(reader), isolated=True)  # (reads Redis)
+    source = _ProcessSource(live, reader, idle_timeout, presence)
+    live.hand_over(source, source.stop, isolated=True)  # (reads Redis)
     return cursor
 
 
@@ -307,16 +377,24 @@ class _ProcessSource:
     call (the local readers pull it in turn)."""
 
     def __init__(
-        self, live: LiveFlight[bytes], reader: AsyncIterator[bytes], idle_timeout: float
+        self,
+        live: LiveFlight[bytes],
+        reader: AsyncIterator[bytes],
+        idle_timeout: float,
+        presence: _Presence,
     ) -> None:
         self._live = live
         self._reader = reader
         self._idle_timeout = idle_timeout
+        self._presence = presence
         self._last = time.monotonic()
 
     async def __call__(self) -> bool:
         live = self._live
         try:
+            # (The producer's heartbeats come every third of its lease: a call at least as
+            # often, while it lives.)
+            await self._presence.keep()
             message = await self._reader.__anext__()
             kind = message[:1]
             if kind == b"d":
@@ -335,8 +413,15 @@ class _ProcessSource:
             live.fail("the process producing this stream went silent (killed?)")
         except Exception as exc:
             live.fail(f"following the producing process failed: {exc!r}")
-        await _aclose(self._reader)
+        await self.stop()
         return False
+
+    async def stop(self) -> None:
+        """Stop reading the channel (its end, or every reader here left)."""
+        try:
+            await _aclose(self._reader)
+        finally:
+            await self._presence.release()
 
 
 def _encode_head(head: Head) -> bytes:
@@ -388,12 +473,14 @@ async def lead_or_follow(
             return None, None
         if holder is None:
             continue
-        opened = await _open_channel(fanout, _channel(key, holder), lease_seconds, cache)
+        presence = _Presence(fanout, key, holder, lease_seconds)
+        channel = _channel(key, holder)
+        opened = await _open_channel(fanout, channel, lease_seconds, cache, presence)
         if opened is None:
             continue
         head, first, reader = opened
         shared = Head(head.status, _as_shared(head.headers))
-        cursor = _follow_channel(live, shared, first, reader, cache.join_timeout)
+        cursor = _follow_channel(live, shared, first, reader, cache.join_timeout, presence)
         chunks = live.chunks(cursor, cache.join_timeout)
         return None, Answer(status=head.status, headers=_as_shared(head.headers), chunks=chunks)
     return None, None

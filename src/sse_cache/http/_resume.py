@@ -36,6 +36,7 @@ from ._fanout import (
     _FanoutBackend,
     _follow_channel,
     _open_channel,
+    _Presence,
 )
 from .policy import CachePolicy
 
@@ -220,13 +221,14 @@ async def _from_channel(
     assert service.fanout is not None
     fanout = TimedFanout(service.fanout, service.hooks)
     channel = _channel(key, token)
-    opened = await _open_channel(fanout, channel, service.cross_process_lease, cache)
+    presence = _Presence(fanout, key, token, service.cross_process_lease)
+    opened = await _open_channel(fanout, channel, service.cross_process_lease, cache, presence)
     if opened is None:
         return None
     head, first, reader = opened
     # A flight of this resumer's own (not offered to others): the channel's copy.
     live: LiveFlight[bytes] = LiveFlight(Flight(key, max_log_bytes=cache.max_entry_bytes))
-    cursor = _follow_channel(live, head, first, reader, cache.join_timeout)
+    cursor = _follow_channel(live, head, first, reader, cache.join_timeout, presence)
     return _resumed(service, cache, live, cursor, head, had)
 
 
