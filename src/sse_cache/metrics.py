@@ -24,7 +24,21 @@ through a directory (``share_dir``): each writes its own there every ``share_int
 seconds, whenever it is scraped and as it shuts down (:meth:`Metrics.publish`), and the one
 that is scraped adds the others' to its own, so every scrape shows the whole proxy (at most
 ``share_interval`` seconds old for the other workers). Counters of a worker that has exited
-stay counted (a counter never goes down); its gauges do not.
+stay counted (a counter never goes down); its gauges do not: a file not rewritten for
+``3 * share_interval`` seconds is a worker that no longer runs.
+
+A worker that has exited (its file not rewritten for ``3 * share_interval`` seconds, and no
+process of its pid left) is folded, at the next scrape or periodic write of any worker, into
+one file of retired totals (``metrics.retired.json``: its counters and histograms added, its
+gauges dropped), and its own file is deleted: however many workers were replaced (crashes,
+``SIGHUP`` restarts), the directory holds one file per running worker, the retired totals and
+a lock file (``metrics.lock``), and a scrape reads no more. A fold holds the lock
+(``flock``; a worker that finds it held leaves the fold to its holder) and replaces the
+retired file atomically, naming in it the files it absorbed until they are gone (deleted
+after): no count is lost or counted twice, also with two folds at once or one cut short (its
+process killed). A scrape never waits for the lock: it reads the retired file before and
+after the others', and again if a fold ended in between. Without ``fcntl`` (Windows),
+nothing is folded.
 
 This module imports without ``prometheus_client``; building a :class:`Metrics` then raises a
 :class:`~sse_cache.errors.ConfigError` naming the extra.
@@ -34,22 +48,27 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import copy
 import itertools
 import json
 import math
 import os
 import secrets
+import sys
 import threading
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from ._notices import CacheStatus, Notice
 from .errors import ConfigError
 from .flight import Flights
+
+if sys.platform != "win32":
+    import fcntl
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import HistogramMetricFamily, Metric
@@ -331,10 +350,26 @@ class _Collector:
         return list(self._metrics._describe())
 
 
+#: In the shared directory: the figures of the workers that have exited, added up, and the
+#: lock a fold holds (see the module docstring).
+_RETIRED = "metrics.retired.json"
+_LOCK = "metrics.lock"
+
+
+class _Retired(NamedTuple):
+    """The retired totals: the figures of the processes that have exited, added up; the
+    names of the files absorbed that may still be there; and how many folds wrote them."""
+
+    figures: dict[str, Any]
+    absorbed: frozenset[str]
+    generation: int
+
+
 class _SharedFigures:
     """One process's figures in the directory the processes of one server share: written
     (atomically) every ``interval`` seconds by a daemon thread and at each scrape; the
-    others' read at each scrape."""
+    others' read at each scrape, those of the processes that have exited folded into the
+    retired totals first (:meth:`fold`, also after each periodic write)."""
 
     def __init__(
         self, directory: Path, interval: float, figures: Callable[[], dict[str, Any]]
@@ -344,6 +379,7 @@ class _SharedFigures:
         self.interval = interval
         # The pid says which process; the token, which instance (tests run several in one).
         self.path = directory / f"metrics-{os.getpid()}-{secrets.token_hex(4)}.json"
+        self.retired = directory / _RETIRED
         self._figures = figures
         self._writing = threading.Lock()
         threading.Thread(target=self._run, name="sse-cache metrics", daemon=True).start()
@@ -359,43 +395,235 @@ class _SharedFigures:
                 partial.write_text(data)
                 os.replace(partial, self.path)
 
-    def others(self) -> Iterator[tuple[dict[str, Any], bool]]:
-        """The other processes' figures, and whether each still runs (wrote lately)."""
+    def others(self) -> list[tuple[dict[str, Any], bool]]:
+        """The other processes' figures, and whether each still runs (wrote lately); the
+        retired totals among them (not running). Those of the processes that have exited are
+        folded first, unless another process is folding them.
+
+        A scrape reads without the lock (it runs on a server's event loop, which must not
+        wait for another process): the retired file, the others', the retired file again.
+        Each fold writes it with a new generation: the same one twice means that no fold
+        ended in between, and that the files its totals absorbed which the scrape read are
+        named in it (passed over). Otherwise it reads again, and after three tries (folds
+        ending one after another as fast as it reads) reads holding the lock."""
+        self.fold()
+        for _ in range(3):
+            found = self._read(consistent=True)
+            if found is not None:
+                return found
+        with self._locked(wait=True):  # pragma: no cover - folds as fast as it reads
+            return self._read(consistent=False) or []
+
+    def fold(self) -> None:
+        """Fold the figures of the processes that have exited into the retired totals and
+        delete their files, unless another process holds the lock (it is folding them).
+        Takes the lock only when there is such a file."""
         now = time.time()
+        if not any(self._exited(path, now) for path in self._leftovers()):
+            return
+        with self._locked(wait=False) as locked:
+            retired = self._read_retired()
+            if locked and retired is not None:
+                self._fold(retired, time.time())
+
+    def _read(self, *, consistent: bool) -> list[tuple[dict[str, Any], bool]] | None:
+        """The others' figures (:meth:`others`); None if ``consistent`` and a fold ended
+        meanwhile."""
+        retired = self._read_retired()
+        now = time.time()
+        found: list[tuple[str, dict[str, Any], bool]] = []
         for path in self.directory.glob("metrics-*.json"):
             if path == self.path:
                 continue
             try:
                 running = now - path.stat().st_mtime < 3 * self.interval
-                figures = json.loads(path.read_text())
+                other = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue  # gone meanwhile, or not ours
-            if isinstance(figures, dict):
-                yield figures, running
+            if isinstance(other, dict):
+                found.append((path.name, other, running))
+        if consistent:
+            again = self._read_retired()
+            if (None if retired is None else retired.generation) != (
+                None if again is None else again.generation
+            ):
+                return None
+        if retired is None:  # unreadable: nothing absorbed that can be told
+            return [(figures, running) for _, figures, running in found]
+        others = [(f, running) for name, f, running in found if name not in retired.absorbed]
+        if retired.generation:
+            others.append((retired.figures, False))
+        return others
+
+    def _fold(self, retired: _Retired, now: float) -> None:
+        """Fold, holding the lock: add the exited processes' figures to the retired totals,
+        then delete their files.
+
+        The order makes a fold cut short harmless. The totals and the names of the files
+        they absorbed are written as one file, atomically (a temporary file, then
+        ``os.replace``), and only then are those files deleted: a fold that dies before the
+        replace leaves the retired file as it was and the exited files in place (the next
+        fold does it all again); one that dies after it leaves files the retired file names,
+        which every reader passes over and the next fold deletes without adding them again.
+        A name is kept while its file is there, and dropped by the first fold that finds it
+        gone (its process has exited: nothing writes it again)."""
+        figures = retired.figures
+        names = {path.name for path in self.directory.glob("metrics-*.json")}
+        taken: list[str] = []
+        for name in sorted(names - retired.absorbed):
+            path = self.directory / name
+            if not self._exited(path, now):
+                continue
+            try:
+                other = json.loads(path.read_text())
+            except FileNotFoundError:
+                continue
+            except OSError:
+                continue  # unreadable for now: left to a later fold
+            except ValueError:
+                other = None  # not ours: nothing to add, and deleted
+            if isinstance(other, dict):
+                added = _added(figures, other, gauges=False)
+                figures = figures if added is None else added
+            taken.append(name)
+        kept = (retired.absorbed & names).union(taken)
+        if taken or kept != retired.absorbed:
+            data = {"generation": retired.generation + 1, "figures": figures}
+            data["absorbed"] = sorted(kept)
+            partial = self.retired.with_suffix(".part")  # (only the lock's holder writes it)
+            try:
+                partial.write_text(json.dumps(data))
+                os.replace(partial, self.retired)
+            except OSError:
+                return  # nothing written: nothing deleted either
+        for name in kept:
+            path = self.directory / name
+            for leftover in (path, path.with_suffix(".part")):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+        # A process killed as it wrote its file the first time left only the temporary one.
+        for path in self.directory.glob("metrics-*.part"):
+            if path.with_suffix(".json").name not in names and self._exited(path, now):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+
+    def _leftovers(self) -> Iterator[Path]:
+        yield from self.directory.glob("metrics-*.json")
+        yield from self.directory.glob("metrics-*.part")
+
+    def _exited(self, path: Path, now: float) -> bool:
+        """Whether the process that wrote ``path`` (``metrics-<pid>-<token>``) has exited:
+        the file not rewritten for as long as makes it not running (its gauges drop out),
+        and no process of its pid left. A process of that pid (a zombie not yet reaped, the
+        pid taken again) keeps its file: folded later, never too early."""
+        try:
+            if now - path.stat().st_mtime < 3 * self.interval:
+                return False
+            pid = int(path.name.split("-")[1])
+        except (OSError, IndexError, ValueError):
+            return False
+        if pid <= 0 or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)  # (signal 0: only whether there is such a process)
+        except ProcessLookupError:
+            return True
+        except OSError:  # there is one, of another user
+            return False
+        return False
+
+    def _read_retired(self) -> _Retired | None:
+        """The retired totals (before the first fold: none, generation 0); None when the
+        file is unreadable (then nothing is folded into it)."""
+        try:
+            data = json.loads(self.retired.read_text())
+        except FileNotFoundError:
+            return _Retired(_no_figures(), frozenset(), 0)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict):
+            return None
+        figures, absorbed, generation = (data.get(k) for k in ("figures", "absorbed", "generation"))
+        if (
+            not isinstance(figures, dict)
+            or not isinstance(absorbed, list)
+            or not isinstance(generation, int)
+        ):
+            return None
+        return _Retired(figures, frozenset(n for n in absorbed if isinstance(n, str)), generation)
+
+    @contextlib.contextmanager
+    def _locked(self, *, wait: bool) -> Iterator[bool]:
+        """Hold the directory's lock (exclusively; ``wait``: for as long as another holds
+        it): True, or False if not held (held by another, no ``fcntl``, a directory gone).
+        The system releases it when its process exits, however it exits."""
+        if sys.platform == "win32":  # pragma: no cover
+            yield False
+            return
+        try:
+            fd = os.open(self.directory / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # (BlockingIOError: another holds it)
+                locked = False
+            else:
+                locked = True
+            yield locked
+        finally:
+            os.close(fd)  # (releases the lock)
 
     def _run(self) -> None:
         while True:
             time.sleep(self.interval)  # a period, not an ordering: figures are this stale
             self.write()
+            self.fold()
+
+
+def _no_figures() -> dict[str, Any]:
+    """Figures with nothing counted: the retired totals before the first fold."""
+    return {
+        "counts": {},
+        "replayed": 0,
+        "saved": 0.0,
+        "breaker": {},
+        "first_byte": {},
+        "backend": {},
+        "streams": 0,
+        "followers": 0,
+    }
 
 
 def _add(into: dict[str, Any], other: dict[str, Any], *, gauges: bool) -> None:
     """Add another process's figures to ``into``: its counters and histograms always, its
-    gauges (live streams, followers, breaker state) only while it runs."""
+    gauges (live streams, followers, breaker state) only while it runs. All or nothing: a
+    file of another version, or torn, adds nothing."""
+    added = _added(into, other, gauges=gauges)
+    if added is not None:
+        into.update(added)
+
+
+def _added(mine: dict[str, Any], other: dict[str, Any], *, gauges: bool) -> dict[str, Any] | None:
+    """New figures: ``mine`` with ``other`` added (:func:`_add`); None when ``other`` cannot
+    be read."""
+    into = copy.deepcopy(mine)
     try:
         for kind, count in other["counts"].items():
             into["counts"][kind] = into["counts"].get(kind, 0) + count
         into["replayed"] += other["replayed"]
         into["saved"] += other["saved"]
         for name in ("first_byte", "backend"):
-            mine = into[name]
+            histograms = into[name]
             for label, (counts, total) in other[name].items():
-                if label not in mine:
-                    mine[label] = (list(counts), total)
-                elif len(mine[label][0]) == len(counts):  # the same buckets
-                    mine[label] = (
-                        [a + b for a, b in zip(mine[label][0], counts, strict=True)],
-                        mine[label][1] + total,
+                if label not in histograms:
+                    histograms[label] = (list(counts), total)
+                elif len(histograms[label][0]) == len(counts):  # the same buckets
+                    histograms[label] = (
+                        [a + b for a, b in zip(histograms[label][0], counts, strict=True)],
+                        histograms[label][1] + total,
                     )
         if gauges:
             into["streams"] += other["streams"]
@@ -403,7 +631,8 @@ def _add(into: dict[str, Any], other: dict[str, Any], *, gauges: bool) -> None:
             for state, n in other["breaker"].items():
                 into["breaker"][state] = into["breaker"].get(state, 0) + n
     except (KeyError, TypeError, ValueError, AttributeError):
-        pass  # a file of another version, or torn: skipped
+        return None
+    return into
 
 
 def _bounds(option: str, buckets: Sequence[float]) -> tuple[float, ...]:

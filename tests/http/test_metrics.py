@@ -6,11 +6,16 @@ unless asked)."""
 from __future__ import annotations
 
 import gc
+import inspect
+import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
 import weakref
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -282,8 +287,6 @@ async def test_metrics_do_not_keep_a_cache_that_is_gone_alive() -> None:
 
 
 def test_processes_sharing_a_directory_each_report_all_of_them(tmp_path: Any) -> None:
-    import os
-
     one = Metrics(share_dir=tmp_path, share_interval=60)
     two = Metrics(share_dir=tmp_path, share_interval=60)
     for kind in ("hit", "hit", "miss"):
@@ -315,3 +318,204 @@ def test_processes_sharing_a_directory_each_report_all_of_them(tmp_path: Any) ->
 def test_a_bad_share_interval_is_refused(tmp_path: Any) -> None:
     with pytest.raises(ConfigError, match="share_interval"):
         Metrics(share_dir=tmp_path, share_interval=0)
+
+
+# -- workers that exit: folded into the retired totals -----------------------------------------
+
+
+def count(metrics: Metrics, n: int) -> None:
+    """What a worker below counts: ``n`` hits, and some of every kind of figure (the values
+    are sums of powers of two: added in any order, they add up exactly)."""
+    for i in range(n):
+        metrics(Notice(kind="hit", key="k", seconds=0.5))
+        metrics(Notice(kind="first_byte", key="k", detail="hit", seconds=0.25 * (i % 4)))
+        metrics(Notice(kind="backend", key="k", detail="get", seconds=0.0625 * (i % 3)))
+        metrics(Notice(kind="replayed", key="k", bytes=100 + i))
+    metrics(Notice(kind="miss", key="k"))
+    metrics(Notice(kind="breaker", key="", detail="open"))
+
+
+# Runs workers in processes of their own, as uvicorn's supervisor does: each counts, shares
+# its figures (an hour between its periodic writes: it writes when told) and then, as the
+# plan says, exits, is killed (SIGKILL) mid-run, is scraped at the same moment as the other
+# "scrape" workers (a barrier), or dies (SIGKILL) in the fold its scrape starts, before or
+# after it replaced the retired file. Prints the exit codes and the scrapes.
+WORKERS = """
+import json, multiprocessing, os, pathlib, signal, sys
+from sse_cache.engine import Notice
+from sse_cache.metrics import Metrics
+
+COUNT
+
+def work(n, how, directory, started, barrier, scrapes):
+    metrics = Metrics(share_dir=directory, share_interval=3600)
+    count(metrics, n)
+    metrics.publish()
+    if how == "kill":
+        count(metrics, 1000)  # counted, never written: lost with the process
+        started.set()
+        signal.pause()
+    elif how == "scrape":
+        barrier.wait(timeout=60)
+        scrapes.put(metrics.render())
+    elif how == "die-after-replace":  # before deleting what the retired file absorbed
+        pathlib.Path.unlink = lambda *_, **__: os.kill(os.getpid(), signal.SIGKILL)
+        metrics.render()
+    elif how == "die-before-replace":
+        replace = os.replace
+        def dying(src, dst):
+            if pathlib.Path(dst).name == "metrics.retired.json":
+                os.kill(os.getpid(), signal.SIGKILL)
+            replace(src, dst)
+        os.replace = dying
+        metrics.render()
+
+directory, plan = sys.argv[1], json.loads(sys.argv[2])
+fork = multiprocessing.get_context("fork")  # (this process has no other thread)
+started, scrapes = fork.Event(), fork.SimpleQueue()
+barrier = fork.Barrier(sum(how == "scrape" for _, how in plan) or 1)
+processes = []
+for n, how in plan:
+    process = fork.Process(target=work, args=(n, how, directory, started, barrier, scrapes))
+    process.start()
+    processes.append(process)
+    if how == "kill":
+        assert started.wait(timeout=60)
+        started.clear()
+        process.kill()
+    if how != "scrape":
+        process.join()
+texts = [scrapes.get() for _, how in plan if how == "scrape"]
+for process in processes:
+    process.join()
+print(json.dumps({"exitcodes": [p.exitcode for p in processes], "scrapes": texts}))
+"""
+RETIRED = "metrics.retired.json"
+LOCK = "metrics.lock"
+
+
+def workers(directory: Path, *plan: tuple[int, str]) -> dict[str, Any]:
+    script = WORKERS.replace("COUNT", textwrap.dedent(inspect.getsource(count)))
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(directory), json.dumps(plan)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def counted(text: str) -> Samples:
+    """The counters and histograms of a scrape (the gauges left out)."""
+    return {
+        key: sample
+        for key, sample in samples(text).items()
+        if key[0].endswith(("_total", "_bucket", "_count", "_sum"))
+    }
+
+
+def expected(*ns: int) -> Samples:
+    """What one process counting what each worker shared scrapes."""
+    metrics = Metrics()
+    for n in ns:
+        count(metrics, n)
+    return counted(metrics.render())
+
+
+def stop_writing(directory: Path, *keep: Path) -> None:
+    """As if the processes of the files had not written for long: a file is taken for an
+    exited worker's once ``3 * share_interval`` has passed (and its pid is gone); aged here
+    rather than waited for."""
+    for path in directory.glob("metrics-*"):
+        if path not in keep:
+            os.utime(path, (0, 0))
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def shared_path(metrics: Metrics) -> Path:
+    assert metrics._shared is not None
+    return metrics._shared.path
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork() and flock() are POSIX")
+def test_exited_and_killed_workers_are_folded_into_one_file_and_counted_exactly_once(
+    tmp_path: Path,
+) -> None:
+    scraper = Metrics(share_dir=tmp_path, share_interval=3600)
+    own = shared_path(scraper)
+    shared: list[int] = []
+    for first in (1, 9, 17, 25):  # 32 workers come and go, one in three killed
+        plan = [(n, "kill" if n % 3 == 0 else "exit") for n in range(first, first + 8)]
+        done = workers(tmp_path, *plan)
+        assert done["exitcodes"] == [-signal.SIGKILL if how == "kill" else 0 for _, how in plan]
+        shared += [n for n, _ in plan]
+        # Written lately: not taken for exited yet, read as they are.
+        assert counted(scraper.render()) == expected(*shared)
+        assert len(list(tmp_path.glob("metrics-*.json"))) == 1 + len(plan)
+        stop_writing(tmp_path, own)
+        # Folded: the same totals, and the directory holds the scraped worker's file, the
+        # retired totals and the lock, however many workers have come and gone.
+        assert counted(scraper.render()) == expected(*shared)
+        assert files(tmp_path) == sorted([own.name, RETIRED, LOCK])
+        assert counted(scraper.render()) == expected(*shared)  # scraped again: once still
+    text = scraper.render()  # their gauges are gone, the scraped worker's stay
+    assert value(text, "sse_cache_backend_breaker_state", state="open") == 0
+    assert value(text, "sse_cache_backend_breaker_state", state="closed") == 1
+    # Another worker folds the same way, and scrapes what the first does.
+    other = Metrics(share_dir=tmp_path, share_interval=3600)
+    assert counted(other.render()) == expected(*shared)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork() and flock() are POSIX")
+def test_two_workers_folding_at_the_same_moment_count_each_exited_one_once(
+    tmp_path: Path,
+) -> None:
+    exited = [(n, "exit" if n % 2 else "kill") for n in range(1, 13)]
+    workers(tmp_path, *exited)
+    stop_writing(tmp_path)
+    done = workers(tmp_path, (20, "scrape"), (30, "scrape"))  # released together
+    shared = [n for n, _ in exited] + [20, 30]
+    assert done["exitcodes"] == [0, 0]
+    for text in done["scrapes"]:
+        assert counted(text) == expected(*shared)
+    # Their own two files are left (their processes have exited: folded at the next fold).
+    assert len(list(tmp_path.glob("metrics-*.json"))) == 2
+    stop_writing(tmp_path)
+    scraper = Metrics(share_dir=tmp_path, share_interval=3600)
+    assert counted(scraper.render()) == expected(*shared)
+    assert files(tmp_path) == sorted([shared_path(scraper).name, RETIRED, LOCK])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="fork() and flock() are POSIX")
+@pytest.mark.parametrize("where", ["before-replace", "after-replace"])
+def test_a_fold_killed_midway_loses_and_doubles_no_count(tmp_path: Path, where: str) -> None:
+    import fcntl
+
+    workers(tmp_path, (3, "exit"), (4, "kill"))
+    stop_writing(tmp_path)
+    exited = sorted(path.name for path in tmp_path.glob("metrics-*.json"))
+    done = workers(tmp_path, (5, "die-" + where))
+    assert done["exitcodes"] == [-signal.SIGKILL]
+    # The two exited workers' files are still there; after the replace, the retired file
+    # has their figures and names them.
+    assert set(exited) <= {path.name for path in tmp_path.glob("metrics-*.json")}
+    if where == "after-replace":
+        retired = json.loads((tmp_path / RETIRED).read_text())
+        assert retired["absorbed"] == exited
+        assert retired["figures"]["counts"]["hit"] == 3 + 4
+    else:
+        assert not (tmp_path / RETIRED).exists()
+    scraper = Metrics(share_dir=tmp_path, share_interval=3600)
+    with (tmp_path / LOCK).open("a") as lock:  # another worker folding: read as they are
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        assert counted(scraper.render()) == expected(3, 4, 5)
+    assert counted(scraper.render()) == expected(3, 4, 5)  # folded now
+    stop_writing(tmp_path, shared_path(scraper))
+    assert counted(scraper.render()) == expected(3, 4, 5)
+    assert files(tmp_path) == sorted([shared_path(scraper).name, RETIRED, LOCK])
