@@ -1726,47 +1726,64 @@ async def test_followers_take_over_from_a_producer_that_stopped_reading(
     assert gated.calls == 1
 
 
-# -- a followed miss whose program drops it, unclosed, in a reference cycle --------------------
+# -- a miss whose program drops it, unclosed ----------------------------------------------------
+
+
+_DROPPED = [
+    # (how the program drops it, what it had read, the cache, its followers)
+    *[
+        (dropped, answer, backend, 2)
+        for dropped in ("with its generator, finalized first", "with its generator, finalized last")
+        for answer in ("whole", "part")
+        for backend in ("memory", "sqlite")
+    ],
+    *[
+        (dropped, "part", "memory", followers)
+        for dropped in ("in a cycle", "at once")
+        for followers in (0, 2)
+    ],
+]
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
-@pytest.mark.parametrize("answer", ["whole", "part"])
-@pytest.mark.parametrize("backend", ["memory", "sqlite"])
-@pytest.mark.parametrize("first", ["the program", "the transport"])
+@pytest.mark.parametrize(("dropped", "answer", "backend", "followers"), _DROPPED)
 @pytest.mark.filterwarnings(_ABANDONED)
-async def test_a_followed_miss_collected_unclosed_with_its_program_ends_its_followers_once(
+async def test_a_miss_dropped_unclosed_goes_on_as_if_its_program_had_closed_it(
     serve: Any,
     anyio_backend: str,
+    dropped: str,
     answer: str,
     backend: str,
-    first: str,
+    followers: int,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A program drops a streamed miss without closing it (``break`` out of an SDK stream
+    # outside ``async with``), having read its whole answer or part of it; it is collected
+    # at once, or by a collection. Its followers read the upstream on and get the whole
+    # answer, stored once — also mid-answer (the upstream was collected with the response,
+    # and the followers failed: helper-116's D11), never a clean end of part of it; with no
+    # follower, the upstream is closed and nothing is stored: the next request is a miss.
     # google-genai reads a stream in a generator of its own whose ``finally`` closes the
-    # response, and drops both, unclosed, in reference cycles: when the collector finds them,
-    # the loop closes that generator and the transport's own watch of the response, in two
-    # tasks at once. Both left the exchange: with the transport's first, on memory:// the
-    # followers of a whole answer failed and nothing was stored; on SQLite asyncio logged
-    # "anext(): asynchronous generator is already running" (helper-115). The followers read
-    # the upstream on, to the whole answer, stored once: also when the response is dropped
-    # mid-answer (its upstream was collected with it, and the followers failed: helper-116's
-    # D11), never a clean end of part of it. No look at a stalled producer rescues them
-    # here (STALL_LOOK): the collection alone does.
-    # ``first``: whose finalizer runs first — the collector finalizes the older objects
-    # first, and a collection now makes what exists already older than what comes after.
+    # response, and drops both in reference cycles: when the collector finds them, the loop
+    # closes that generator and the transport's own watch of the response, in two tasks at
+    # once. Both left the exchange: with the transport's first, on memory:// the followers
+    # of a whole answer failed and nothing was stored; on SQLite asyncio logged "anext():
+    # asynchronous generator is already running" (helper-115). Which finalizer runs first:
+    # the collector finalizes the older objects first, and a collection now makes what
+    # exists already older than what comes after. No look at a stalled producer rescues
+    # the followers here (STALL_LOOK): the collection alone does.
+    import asyncio
+
     import sse_cache.flight
     from sse_cache.testing import GatedUpstream
 
     monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)
-
     whole = b"".join(_CHAT_PIECES)
     gated = GatedUpstream(_CHAT_PIECES, hold_after=len(_CHAT_PIECES) if answer == "whole" else 1)
     url_of_cache = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'c.db'}"
     seen = FlightsSeen()
     logged: list[dict[str, Any]] = []
-    import asyncio
-
     asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context))
     async with serve(gated) as url:
         transport = AsyncCacheTransport(url_of_cache, hooks=[seen])
@@ -1781,90 +1798,23 @@ async def test_a_followed_miss_collected_unclosed_with_its_program_ends_its_foll
                 finally:
                     await response.aclose()
 
-            stream = program()
-            if first == "the program":
+            stream = program() if dropped.startswith("with its generator") else None
+            if dropped.endswith("finalized first"):
+                assert stream is not None
                 await stream.__anext__()
                 gc.collect()
             request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
             response = await client.send(request, stream=True)
             assert response.headers["x-sse-cache"] == "miss"
-            if first == "the transport":
+            if dropped.endswith("finalized last"):
+                assert stream is not None
                 gc.collect()
                 await stream.__anext__()
-            received = await stream.asend(response)
+            chunks = response.aiter_raw() if stream is None else stream
+            received = await (chunks.__anext__() if stream is None else stream.asend(response))
             while answer == "whole" and not received.endswith(b"data: [DONE]\n\n"):
-                received += await stream.__anext__()
-            outcomes: list[str | bytes] = []
-
-            async def follow() -> None:
-                try:
-                    async with client.stream(
-                        "POST", "/v1/chat/completions", json=_CHAT_BODY
-                    ) as followed:
-                        assert followed.headers["x-sse-cache"] == "shared"
-                        outcomes.append(await followed.aread())
-                except httpx2.RemoteProtocolError as exc:
-                    outcomes.append(str(exc))
-
-            async with anyio.create_task_group() as tg:
-                for _ in range(2):
-                    tg.start_soon(follow)
-                with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-                    while seen.followers() < 2:  # noqa: ASYNC110 - a count in the cache
-                        await anyio.sleep(0.01)
-                cycle: list[Any] = [stream, response]
-                cycle.append(cycle)
-                del stream, response, request, cycle
-                gc.collect()
-                gated.gate.set()
-            assert outcomes == [whole, whole]
-            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
-            assert again.headers["x-sse-cache"] == "hit" and again.content == whole
-            assert gated.calls == 1
-    gc.collect()
-    # (httpcore's own finalizers may race each other over the connection the program left
-    # open — an error logged from its frames alone, as without the cache.)
-    ours = [c for c in logged if "sse_cache" in "".join(_traceback_of(c.get("exception")))]
-    assert ours == []
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
-@pytest.mark.parametrize("followers", [0, 2])
-@pytest.mark.parametrize("in_a_cycle", [False, True])
-@pytest.mark.filterwarnings(_ABANDONED)
-async def test_a_miss_dropped_mid_answer_unclosed_is_read_on_by_its_followers(
-    serve: Any,
-    anyio_backend: str,
-    followers: int,
-    in_a_cycle: bool,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # A program that drops a streamed response mid-answer without closing it (``break``
-    # out of an SDK stream outside ``async with``): collected at once (no cycle) or by a
-    # collection, before any follower looked at it (STALL_LOOK). Its followers read the
-    # upstream on and get the whole answer, stored once (they failed: the upstream was
-    # collected with the response; helper-116's D11). With no follower, the upstream is
-    # closed and nothing is stored: the next request is a miss of its own.
-    import asyncio
-
-    import sse_cache.flight
-    from sse_cache.testing import GatedUpstream
-
-    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)
-    whole = b"".join(_CHAT_PIECES)
-    gated = GatedUpstream(_CHAT_PIECES, hold_after=1)
-    seen = FlightsSeen()
-    logged: list[dict[str, Any]] = []
-    asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context))
-    async with serve(gated) as url:
-        transport = AsyncCacheTransport("memory://", hooks=[seen])
-        headers = {"authorization": "Bearer sk-dropped-mid"}
-        async with httpx2.AsyncClient(transport=transport, base_url=url, headers=headers) as client:
-            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
-            response = await client.send(request, stream=True)
-            assert response.headers["x-sse-cache"] == "miss"
-            chunks = response.aiter_raw()
-            assert whole.startswith(await chunks.__anext__())
+                received += await chunks.__anext__()
+            assert whole.startswith(received)
             outcomes: list[bytes] = []
 
             async def follow() -> None:
@@ -1878,11 +1828,11 @@ async def test_a_miss_dropped_mid_answer_unclosed_is_read_on_by_its_followers(
                 with anyio.fail_after(30):  # a deadlock guard, not a timing bound
                     while seen.followers() < followers:  # noqa: ASYNC110 - a count in the cache
                         await anyio.sleep(0.01)
-                if in_a_cycle:
+                if dropped != "at once":
                     cycle: list[Any] = [chunks, response]
                     cycle.append(cycle)
                     del cycle
-                del chunks, response, request
+                del chunks, stream, response, request
                 gc.collect()
                 with anyio.fail_after(30):  # a deadlock guard, not a timing bound
                     # (With no follower: until the stream was left, not offered any more.)
@@ -1895,6 +1845,8 @@ async def test_a_miss_dropped_mid_answer_unclosed_is_read_on_by_its_followers(
             assert again.headers["x-sse-cache"] == ("hit" if followers else "miss")
             assert gated.calls == (1 if followers else 2)
     gc.collect()
+    # (httpcore's own finalizers may race each other over the connection the program left
+    # open — an error logged from its frames alone, as without the cache.)
     ours = [c for c in logged if "sse_cache" in "".join(_traceback_of(c.get("exception")))]
     assert ours == []
 
