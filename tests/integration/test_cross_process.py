@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -103,15 +103,16 @@ async def two_proxies(
 
 @asynccontextmanager
 async def two_workers(
-    serve: Any, redis_url: str, upstream_app: Any
+    serve: Any, redis_url: str, upstream_app: Any, hooks: Sequence[Any] = ()
 ) -> AsyncIterator[tuple[Any, httpx2.AsyncClient, Any, httpx2.AsyncClient]]:
     """The upstream, and two async transports with cross-process single-flight on one Redis
-    (a fresh prefix), as two workers: yields each transport and its client."""
+    (a fresh prefix), as two workers: yields each transport and its client. ``hooks``: the
+    first worker's."""
     from sse_cache.httpx2 import AsyncCacheTransport
 
     url = f"{redis_url}?prefix=w{uuid.uuid4().hex[:8]}:"
     async with serve(upstream_app) as upstream:
-        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
+        ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE, hooks=hooks)
         tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=LEASE)
         async with (
             httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30) as ca,
@@ -697,79 +698,45 @@ async def test_a_producer_whose_publish_is_lost_fails_its_remote_followers_at_on
 
 @pytest.mark.anyio
 @asyncio_only
-async def test_a_slow_producer_whose_publish_failed_is_not_gone_on_without(
-    serve: Any, redis_server: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A leads and publishes; no one follows, anywhere. A publish fails (fail-open: A's own
-    # client must not notice), then A's client pauses, as a slow one does. The lease
-    # keeper went on looking for followers in other processes — there were none left — and
-    # took the stream over: with no one to read on, it was cut, and A's client's next read
-    # failed (helper-119). It gets the whole body.
-    import sse_cache.flight
-
-    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
-    events = responses_stream("slow and alone", text_deltas=6)
-    gated = GatedUpstream(events, hold_after=2)
-    whole = b"".join(gated.pieces)
-    payload = {"model": "gpt-mock", "input": "slow and alone", "stream": True}
-    async with two_workers(serve, redis_server.url, gated) as (ta, ca, _tb, _cb):
-        with anyio.fail_after(DEADLOCK_GUARD), LosePublishes(ta.service.backend, "fails") as losing:
-            producer = await ca.send(_request(ca, payload), stream=True)
-            assert producer.headers["x-sse-cache"] == "miss"
-            pieces = producer.aiter_raw()
-            received = await pieces.__anext__()
-            losing.arm()
-            received += await pieces.__anext__()  # publishes what came first: it fails
-            assert losing.started.is_set()
-            await anyio.sleep(1.2)  # the client pauses (the keeper looks every 0.05 s)
-            gated.gate.set()
-            async for piece in pieces:
-                received += piece
-            assert received == whole
-            await producer.aclose()
-    assert gated.calls == 1
-
-
-@pytest.mark.anyio
-@asyncio_only
+@pytest.mark.parametrize("publish", ["goes through", "fails"])
 async def test_a_slow_producer_that_no_process_follows_is_not_gone_on_without(
-    serve: Any, redis_server: Any, monkeypatch: pytest.MonkeyPatch
+    serve: Any, redis_server: Any, publish: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A leads; no one follows, in any process. A's client pauses, as a slow one does. A's
-    # lease keeper looks at the client for followers in other processes: with none, it took
-    # the stream over all the same — the upstream was read on at full speed into memory, and
-    # the client's place there cut once it fell max_entry_bytes behind (helper-119). It looks
-    # only while a process follows (holds the channel's presence): the client reads its
-    # upstream itself, and gets the whole body.
+    # A leads and publishes; no one follows, in any process. A's client pauses, as a slow
+    # one does. A's lease keeper looked at the client for followers in other processes
+    # whether or not there were any, and took the stream over: the upstream was read on at
+    # full speed into memory, and the client's place there cut once it fell max_entry_bytes
+    # behind — or at once, after a publish that failed (fail-open: A's own client must not
+    # notice), with no one left to read on (helper-119). The keeper looks only while a
+    # process follows (holds the channel's presence), and not after a failed publish: the
+    # client reads its upstream itself, and gets the whole body.
     import sse_cache.flight
-    from sse_cache.httpx2 import AsyncCacheTransport
 
     monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 0.05)
     events = responses_stream("slow and followed by no one", text_deltas=6)
     gated = GatedUpstream(events, hold_after=2)
     whole = b"".join(gated.pieces)
-    payload = {"model": "gpt-mock", "input": "slow, no one follows", "stream": True}
+    payload = {"model": "gpt-mock", "input": f"slow, no one follows ({publish})", "stream": True}
     seen = FlightsSeen()
-    url = f"{redis_server.url}?prefix=w{uuid.uuid4().hex[:8]}:"
-    async with serve(gated) as upstream:
-        transport = AsyncCacheTransport(
-            url, cross_process=True, cross_process_lease=LEASE, hooks=[seen]
-        )
-        async with httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=30) as ca:
-            with anyio.fail_after(DEADLOCK_GUARD):
-                producer = await ca.send(_request(ca, payload), stream=True)
-                assert producer.headers["x-sse-cache"] == "miss"
-                pieces = producer.aiter_raw()
-                received = await pieces.__anext__()
-                gated.gate.set()
-                await anyio.sleep(1.2)  # the client pauses (the keeper looks every 0.05 s)
-                # Its live stream is still its own (taken over, it was read to its end
-                # meanwhile, and ended).
-                assert [flight.flight.producer_reading for flight in seen.live()] == [True]
-                async for piece in pieces:
-                    received += piece
-                assert received == whole
-                await producer.aclose()
+    async with two_workers(serve, redis_server.url, gated, hooks=[seen]) as (ta, ca, _tb, _cb):
+        with anyio.fail_after(DEADLOCK_GUARD), LosePublishes(ta.service.backend, "fails") as losing:
+            producer = await ca.send(_request(ca, payload), stream=True)
+            assert producer.headers["x-sse-cache"] == "miss"
+            pieces = producer.aiter_raw()
+            received = await pieces.__anext__()
+            if publish == "fails":
+                losing.arm()
+                received += await pieces.__anext__()  # publishes what came first: it fails
+                assert losing.started.is_set()
+            gated.gate.set()
+            await anyio.sleep(1.2)  # the client pauses (the keeper looks every 0.05 s)
+            # Its live stream is still its own (taken over, it was read to its end meanwhile
+            # and ended, or cut).
+            assert [flight.flight.producer_reading for flight in seen.live()] == [True]
+            async for piece in pieces:
+                received += piece
+            assert received == whole
+            await producer.aclose()
     assert gated.calls == 1
 
 
