@@ -103,6 +103,12 @@ class _AsyncOpen:
         self._on_collected = collected
         return watch
 
+    def watched_by_nothing(self) -> None:
+        """The body that took the watch over (:meth:`watched_by`) was closed: once collected,
+        the watch does nothing (not :meth:`collected`'s own work: that body's followers may
+        read on)."""
+        self._on_collected = _nothing_to_do
+
     async def leave(self, exc: BaseException | None = None) -> None:
         if not self.open:
             return
@@ -137,6 +143,10 @@ class _AsyncOpen:
         assert self._ex is not None
         self._ex.stop("the response was dropped before it ended")
         await self.leave()
+
+
+async def _nothing_to_do() -> None:
+    pass
 
 
 async def _left_when_collected(opened: _AsyncOpen) -> AsyncGenerator[None, None]:
@@ -541,6 +551,10 @@ class _AsyncTeeBody:
         self._watch = None
         if watch is not None:
             await watch.aclose()  # (it finds this body closed: nothing to do)
+        # Nothing more for the watch to do: the exchange lets go of this body, which holds
+        # it (a cycle that kept every closed miss's body, recording and upstream stream
+        # until the next collection: helper-121).
+        self._opened.watched_by_nothing()
         if self._passing:
             # (Its exchange was left when the answer was stored: see _stalled.)
             try:
