@@ -97,7 +97,8 @@ class _AsyncOpen:
         """The watch, given to the client's side of a miss's body (its shell) to hold:
         once that is collected, ``collected()`` runs in place of :meth:`collected` — the body
         goes on without its client (see :class:`_AsyncTeeStream`). It is no longer closed
-        as the exchange is left: it is finalized with the shell, and finds nothing to do."""
+        as the exchange is left: the body closes it as it closes, else it is finalized with
+        the shell and finds nothing to do."""
         watch, self._watch = self._watch, None
         assert watch is not None
         self._on_collected = collected
