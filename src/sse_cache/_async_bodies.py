@@ -128,12 +128,9 @@ class _AsyncOpen:
                     await watch.aclose()  # (it finds the exchange left: nothing to do)
 
     async def collected(self) -> None:
-        """The response was collected unclosed: its client is gone. What it recorded is
-        stored if it holds the complete answer (its followers' streams end there); else the
-        stream fails for its followers. Also when the program's own close, collected with
-        it and run just before, handed the upstream over to them: that upstream was
-        collected too, and its iterator, closed by its own finalizer, would end "cleanly"
-        (helper-115's race: followers ended cleanly with part of the answer)."""
+        """The response was collected unclosed: its client is gone. A hit's or a follower's
+        exchange is left (once, whoever else leaves too); a miss's body, which took the
+        watch over (:meth:`watched_by`), goes on without its client."""
         on_collected = self._on_collected
         if on_collected is not None:
             await on_collected()
@@ -141,8 +138,6 @@ class _AsyncOpen:
         if not self.open:
             return
         self._watch = None  # (the generator running this)
-        assert self._ex is not None
-        self._ex.stop("the response was dropped before it ended")
         await self.leave()
 
 

@@ -207,9 +207,6 @@ class _SyncOpen:
         :meth:`_AsyncOpen.collected`, the exchange is left (once, whoever else leaves too)."""
         if not self.open:
             return
-        ex = self._ex
-        if ex is not None:  # (None: no exchange, a resume's answer)
-            self.call(ex.stop, "the response was dropped before it ended")
         self.leave()
 
     def _leaves(self) -> bool:

@@ -164,8 +164,9 @@ class _Lease:
         self.lock = lock
         self.token = token
         self.ttl = ttl
-        self.channel = _channel(lock[len(_CHANNEL) :], token)
-        self._presence = _presence(lock[len(_CHANNEL) :], token)
+        key = lock[len(_CHANNEL) :]
+        self.channel = _channel(key, token)
+        self._presence = _presence(key, token)
         # Whether a process follows this stream, and when that was last asked.
         self._followed = False
         self._followed_asked_at = -math.inf

@@ -417,8 +417,7 @@ class ResponseTee:
     def read_elsewhere(self) -> bool:
         """Someone besides the producer's client reads this response (a follower here, not
         a place kept for that client) or may (followers in other processes)."""
-        flight = self._flight
-        followed = flight is not None and len(flight.flight.cursors) > flight.flight.reserved
+        followed = self._flight is not None and self._flight.followers > 0
         return followed or self._lease is not None
 
     def follow_on(self) -> tuple[LiveFlight[bytes], Cursor] | None:

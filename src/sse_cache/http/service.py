@@ -381,14 +381,6 @@ class Exchange:
             out.append(("x-sse-cache-key", self.key))
         return out
 
-    def stop(self, reason: str) -> None:
-        """Nothing will read the integration's response on (its response was collected
-        unclosed: the upstream it read was collected with it): a response being recorded is
-        complete if what it recorded holds the answer (stored as the block is left; its
-        followers' streams end there), else it fails (see :meth:`ResponseTee.stop`)."""
-        if self._tee is not None:
-            self._tee.stop(reason)
-
     def first_byte(self, seconds: float) -> None:
         """Report this response's time to first byte to the hooks: ``seconds`` from the
         request's arrival to its first non-empty body bytes going to the client, as a
