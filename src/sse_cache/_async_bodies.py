@@ -81,9 +81,8 @@ class _AsyncOpen:
         ex = self._ex = await self._cm.__aenter__()
         self.open = True
         self.timing = self._started is not None
-        if ex is not None:  # (a resume's answer has no exchange to leave)
-            watch = self._watch = _left_when_collected(self)
-            await anext(watch)  # (started: only a started generator is finalized)
+        watch = self._watch = _left_when_collected(self)
+        await anext(watch)  # (started: only a started generator is finalized)
         return ex
 
     def first_byte(self) -> None:
@@ -157,12 +156,21 @@ async def _left_when_collected(opened: _AsyncOpen) -> AsyncGenerator[None, None]
 class NoExchange:
     """What an :class:`_AsyncOpen` (or the sync transport's) enters and leaves when there is
     no exchange to leave: a resume's answer, a producer's client reading on from its live
-    stream."""
+    stream. ``chunks``: the answer's, closed as it is left, as an exchange closes its answer
+    (a resume's: the live stream it follows is left so, also when its response was dropped
+    unread); None where the body closes its own."""
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self, chunks: AsyncIterator[bytes] | None = None) -> None:
+        self._chunks = chunks
 
     async def __aenter__(self) -> Any:  # (None, where an exchange would be)
         return None
 
     async def __aexit__(self, *exc: object) -> bool:
+        if self._chunks is not None:
+            await close_iterator(self._chunks, quiet=True)
         return False
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -47,6 +47,7 @@ __all__ = [
     "SharedStreamAborted",
     "Flights",
     "Head",
+    "LiveChunks",
     "LiveFlight",
     "MAX_JOINED_BYTES",
     "Phase",
@@ -495,64 +496,52 @@ class LiveFlight(Generic[T]):
                 )
         return flight.head
 
-    async def batches(self, cursor: Cursor, idle_timeout: float) -> AsyncIterator[list[T]]:
-        """The follower's pieces as they come, in lists of what is ready: ends where the
-        flight ended cleanly, raises :class:`SharedStreamAborted` where it did not (the
-        reader that was pulling the upstream when it failed gets the upstream's own error).
-        A reader that waits ``idle_timeout`` seconds for a piece gives up (fails). Leaving
-        (closing the iterator) unfollows."""
+    async def next_batch(self, cursor: Cursor, idle_timeout: float) -> list[T] | None:
+        """The follower's next pieces, in a list of what is ready; None where the flight ended
+        cleanly; raises :class:`SharedStreamAborted` where it did not (the reader that was
+        pulling the upstream when it failed gets the upstream's own error). A reader that
+        waits ``idle_timeout`` seconds for a piece gives up (fails). The reader leaves
+        (:meth:`leave`) when it is done, whatever ended it: :meth:`chunks` does."""
         flight = self.flight
         quiet = 0.0  # seconds waited for a piece, looking for a stalled producer meanwhile
-        try:
-            while True:
-                chunks = flight.read(cursor)
-                if chunks:
-                    quiet = 0.0
-                    yield chunks
-                    continue
-                phase = flight.state(cursor)
-                if phase is Phase.ENDED:
-                    return
-                if phase is Phase.FAILED:
-                    raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
-                if self.source is not None and not self.pulling:
-                    await self.pull(idle_timeout)
-                    continue
-                stalled = self.stalled
-                if stalled is None:
-                    if not await self.wait(idle_timeout):
-                        raise SharedStreamAborted(
-                            f"the shared stream sent nothing for {idle_timeout} s"
-                        )
-                    continue
-                # Every STALL_LOOK seconds without a piece: has the producer's client
-                # stopped reading (then the upstream is handed over, and this reader pulls)?
-                # The flight's state is looked at again after each look (a change that
-                # came as a look timed out wakes no one: the property test hung so).
-                look = min(idle_timeout - quiet, STALL_LOOK)
-                if await self.wait(look):
-                    quiet = 0.0
-                elif not await stalled():
-                    quiet += look
-                    if quiet >= idle_timeout:
-                        raise SharedStreamAborted(
-                            f"the shared stream sent nothing for {idle_timeout} s"
-                        )
-        finally:
-            await self.leave(cursor)
+        while True:
+            chunks = flight.read(cursor)
+            if chunks:
+                return chunks
+            phase = flight.state(cursor)
+            if phase is Phase.ENDED:
+                return None
+            if phase is Phase.FAILED:
+                raise SharedStreamAborted(f"the shared stream stopped: {flight.why(cursor)}")
+            if self.source is not None and not self.pulling:
+                await self.pull(idle_timeout)
+                continue
+            stalled = self.stalled
+            if stalled is None:
+                if not await self.wait(idle_timeout):
+                    raise SharedStreamAborted(
+                        f"the shared stream sent nothing for {idle_timeout} s"
+                    )
+                continue
+            # Every STALL_LOOK seconds without a piece: has the producer's client stopped
+            # reading (then the upstream is handed over, and this reader pulls)? The
+            # flight's state is looked at again after each look (a change that came as a
+            # look timed out wakes no one: the property test hung so).
+            look = min(idle_timeout - quiet, STALL_LOOK)
+            if await self.wait(look):
+                quiet = 0.0
+            elif not await stalled():
+                quiet += look
+                if quiet >= idle_timeout:
+                    raise SharedStreamAborted(
+                        f"the shared stream sent nothing for {idle_timeout} s"
+                    )
 
-    async def chunks(
-        self: LiveFlight[bytes], cursor: Cursor, idle_timeout: float
-    ) -> AsyncIterator[bytes]:
-        """:meth:`batches` of bytes, each batch joined into pieces of at most
-        :data:`MAX_JOINED_BYTES` (a longer chunk goes alone, as it is)."""
-        batches = self.batches(cursor, idle_timeout)
-        try:
-            async for chunks in batches:
-                for piece in joined(chunks, MAX_JOINED_BYTES):
-                    yield piece
-        finally:
-            await batches.aclose()  # type: ignore[attr-defined]
+    def chunks(self: LiveFlight[bytes], cursor: Cursor, idle_timeout: float) -> LiveChunks:
+        """The follower's bytes as they come (:meth:`next_batch`), each batch joined into
+        pieces of at most :data:`MAX_JOINED_BYTES` (a longer chunk goes alone, as it is).
+        Leaving (closing the iterator) unfollows."""
+        return LiveChunks(self, cursor, idle_timeout)
 
     @property
     def unread(self) -> bool:
@@ -692,6 +681,56 @@ def _retrieved(task: asyncio.Task[None]) -> None:
     # log it as never retrieved).
     if not task.cancelled():
         task.exception()
+
+
+class LiveChunks:
+    """A follower's bytes of a live stream (:meth:`LiveFlight.chunks`): an async iterator
+    that leaves the flight once it ends, fails or is closed (``aclose``: idempotent).
+
+    A class, not an async generator: it is read inside the async generator of an answer
+    (the hooks' count of the bytes sent), and a response dropped unclosed drops both in
+    one collection; the event loop then closes each generator in a task of its own, at
+    once, and the second found the first closing it (a follower that was the last reader
+    waits there for its upstream to close) and logged "aclose(): asynchronous generator is
+    already running" (helper-121). No loop finalizes this: whoever holds it closes it."""
+
+    __slots__ = ("_cursor", "_idle_timeout", "_left", "_live", "_pieces")
+
+    def __init__(self, live: LiveFlight[bytes], cursor: Cursor, idle_timeout: float) -> None:
+        self._live = live
+        self._cursor = cursor
+        self._idle_timeout = idle_timeout
+        self._pieces: Iterator[bytes] | None = None  # what is left of the last batch
+        self._left = False
+
+    def __aiter__(self) -> LiveChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        pieces = self._pieces
+        if pieces is not None:
+            piece = next(pieces, None)
+            if piece is not None:
+                return piece
+            self._pieces = None
+        if self._left:
+            raise StopAsyncIteration
+        try:
+            batch = await self._live.next_batch(self._cursor, self._idle_timeout)
+        except BaseException:
+            await self.aclose()
+            raise
+        if batch is None:
+            await self.aclose()
+            raise StopAsyncIteration
+        pieces = self._pieces = joined(batch, MAX_JOINED_BYTES)
+        return next(pieces)
+
+    async def aclose(self) -> None:
+        if not self._left:
+            self._left = True
+            self._pieces = None
+            await self._live.leave(self._cursor)
 
 
 def joined(chunks: list[bytes], limit: int) -> Iterator[bytes]:

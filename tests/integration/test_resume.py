@@ -431,6 +431,52 @@ async def test_a_transport_resumes_a_stream_its_client_stopped_reading(
     assert upstream_app.stats()["streams"] == 2  # the cached call, and the reference
 
 
+@pytest.mark.parametrize("read", ["part", "nothing"])
+async def test_a_transport_resume_dropped_unclosed_leaves_its_place(serve: Any, read: str) -> None:
+    # A program drops a resumed response without closing it (read in part, or not at all),
+    # in a reference cycle: once collected it leaves its place in the live stream (a resume
+    # has no exchange: its answer is closed as the response is let go of; one never read
+    # held its place until the stream ended), and a later resume gets the rest, whole.
+    import gc
+
+    from flights_seen import FlightsSeen
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    seen = FlightsSeen()
+    upstream_app = MockUpstream()
+    async with serve(upstream_app) as upstream:
+        reference = httpx2.AsyncClient(base_url=upstream, timeout=30)
+        reference.upstream = upstream  # type: ignore[attr-defined]
+        whole = await whole_answer(reference)
+        await reference.aclose()
+        transport = AsyncCacheTransport("memory://", resume_window=30, hooks=[seen])
+        async with httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=30) as client:
+            held = await read_then_leave(client, 20)
+            response_id, n = last_sequence_number(held)
+            params = {"stream": "true", "starting_after": str(n)}
+            request = client.build_request(
+                "GET", f"/v1/responses/{response_id}", params=params, headers=ALICE
+            )
+            dropped = await client.send(request, stream=True)
+            assert dropped.headers["x-sse-cache"] == "shared"
+            chunks = dropped.aiter_raw()
+            if read == "part":
+                await chunks.__anext__()
+            assert seen.followers() == 1
+            cycle: list[Any] = [chunks, dropped]
+            cycle.append(cycle)
+            del cycle, chunks, dropped, request
+            gc.collect()
+            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                while seen.followers():  # noqa: ASYNC110 - a count in the cache
+                    await anyio.sleep(0.01)
+            assert seen.live()  # (still produced: the window reads it on)
+            got = await client.get(f"/v1/responses/{response_id}", params=params, headers=ALICE)
+            assert got.headers["x-sse-cache"] == "shared"
+            assert held + got.content == whole
+    assert upstream_app.stats()["streams"] == 2  # the cached call, and the reference
+
+
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 async def test_a_transport_reads_on_at_most_max_background_streams_for_their_clients(
     serve: Any, sync: bool

@@ -294,6 +294,53 @@ async def test_a_sync_miss_dropped_unclosed_is_read_on_by_its_followers(
     assert gated.calls == 1
 
 
+@pytest.mark.parametrize("read", ["part", "nothing"])
+async def test_a_sync_follower_dropped_unclosed_as_the_last_reader_leaves_quietly(
+    serve: Any, anyio_backend: str, read: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sync twin of the async transports' test: a follower's response dropped unclosed
+    # in a reference cycle once the producer's client closed, so that it was the last
+    # reader: its answer's async generators were closed by the portal's loop in tasks of
+    # their own at once, and it logged "aclose(): asynchronous generator is already
+    # running" (helper-121). The stream is left, nothing stored, nothing logged.
+    gated = GatedUpstream(PIECES, hold_after=1)
+    seen = FlightsSeen()
+
+    def run(url: str) -> None:
+        transport = CacheTransport("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-sync-follower-dropped"}
+        with httpx2.Client(transport=transport, base_url=url, headers=headers) as client:
+            produced = client.send(client.build_request("POST", ROUTE, json=BODY), stream=True)
+            assert produced.headers["x-sse-cache"] == "miss"
+            producing = produced.iter_raw()
+            assert next(producing) == PIECES[0]
+            followed = client.send(client.build_request("POST", ROUTE, json=BODY), stream=True)
+            assert followed.headers["x-sse-cache"] == "shared"
+            chunks = followed.iter_raw()
+            if read == "part":
+                assert next(chunks) == PIECES[0]
+            produced.close()  # (the follower reads the upstream on now)
+            cycle: list[Any] = [chunks, followed]
+            cycle.append(cycle)
+            del cycle, chunks, followed
+            gc.collect()
+            _until(lambda: not seen.live(), "the stream was not left")
+            # (The drain thread reading the upstream for the followers closes it at its next
+            # chunk: a blocking read is not cut from another thread.)
+            anyio.from_thread.run_sync(gated.gate.set)  # (in the loop serving it)
+            again = client.post(ROUTE, json=BODY)
+            assert again.headers["x-sse-cache"] == "miss" and again.content == WHOLE
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        async with serve(gated) as url:
+            with anyio.fail_after(GUARD * 3):  # a deadlock guard, not a timing bound
+                await anyio.to_thread.run_sync(run, url)
+            gated.gate.set()
+        gc.collect()
+    assert gated.calls == 2
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
+
+
 async def test_a_sync_hit_dropped_unclosed_leaves_its_exchange(
     serve: Any, anyio_backend: str
 ) -> None:

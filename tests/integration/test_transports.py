@@ -1884,6 +1884,63 @@ async def test_a_closed_miss_lets_go_of_its_body_without_a_collection(
                 gc.enable()
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the upstream runs in this loop)
+@pytest.mark.parametrize("lib", ["httpx", "httpx2"])
+@pytest.mark.parametrize("read", ["part", "nothing"])
+async def test_a_follower_dropped_unclosed_as_the_last_reader_leaves_quietly(
+    serve: Any, anyio_backend: str, lib: str, read: str
+) -> None:
+    # A program drops a follower's response, unclosed, in a reference cycle (httpx's async
+    # responses always are in one) after the producer's client closed: the follower was the
+    # last reader, and leaving abandons the upstream. The answer's iterators, collected
+    # together, were async generators, each closed by the loop in a task of its own at once:
+    # the second found the first closing it and asyncio logged "aclose(): asynchronous
+    # generator is already running" (helper-121). The upstream is closed, nothing is
+    # stored (the next request is a miss), and nothing is logged.
+    import asyncio
+
+    from sse_cache.testing import GatedUpstream
+
+    gated = GatedUpstream(_CHAT_PIECES, hold_after=1)
+    seen = FlightsSeen()
+    logged: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: logged.append(context))
+    transports = {"httpx": sse_cache.httpx.AsyncCacheTransport, "httpx2": AsyncCacheTransport}
+    clients = {"httpx": httpx.AsyncClient, "httpx2": httpx2.AsyncClient}
+    async with serve(gated) as url:
+        transport = transports[lib]("memory://", hooks=[seen])
+        headers = {"authorization": "Bearer sk-follower-dropped"}
+        async with clients[lib](transport=transport, base_url=url, headers=headers) as client:
+            produced = await client.send(
+                client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY), stream=True
+            )
+            assert produced.headers["x-sse-cache"] == "miss"
+            assert await produced.aiter_raw().__anext__() == _CHAT_PIECES[0]
+            followed = await client.send(
+                client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY), stream=True
+            )
+            assert followed.headers["x-sse-cache"] == "shared"
+            chunks = followed.aiter_raw()
+            if read == "part":
+                assert await chunks.__anext__() == _CHAT_PIECES[0]
+            await produced.aclose()  # (the follower reads the upstream on now)
+            cycle: list[Any] = [chunks, followed]
+            cycle.append(cycle)
+            del cycle, chunks, followed
+            gc.collect()
+            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                while seen.live() or gated.disconnects == 0:  # noqa: ASYNC110 - a state
+                    await anyio.sleep(0.01)
+            gated.gate.set()
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+            assert again.headers["x-sse-cache"] == "miss"
+            assert again.content == b"".join(_CHAT_PIECES)
+    gc.collect()
+    assert gated.calls == 2
+    ours = [c for c in logged if "sse_cache" in "".join(_traceback_of(c.get("exception")))]
+    assert ours == []
+
+
 def _traceback_of(exc: BaseException | None) -> list[str]:
     import traceback
 

@@ -17,6 +17,7 @@ from ..engine import CachedStream, StreamCache
 from ..entry import Entry
 from ..events import BOM, EOL, Event, ResumeCut, event_ends, serialize_sse
 from ..pacing import Pacing
+from ._wire import close_iterator
 from .policy import Decision
 
 logger = logging.getLogger("sse_cache")
@@ -100,7 +101,7 @@ def _hit_answer(
     emit(hooks, Notice(kind=notice, key=key, events=events, seconds=duration))
     if isinstance(body, bytes):
         return Answer(status=status, headers=headers, chunks=_Whole(hooks, key, body), instant=True)
-    return Answer(status=status, headers=headers, chunks=_counted(hooks, key, body))
+    return Answer(status=status, headers=headers, chunks=_Counted(hooks, key, body))
 
 
 class _Whole:
@@ -142,33 +143,87 @@ class _Whole:
             emit(self._hooks, Notice(kind="replayed", key=self._key, bytes=self._sent))
 
 
-async def _counted(
-    hooks: Iterable[Hook], key: str, chunks: AsyncIterator[bytes]
-) -> AsyncIterator[bytes]:
-    sent = 0
-    try:
-        async with aclosing(chunks):  # type: ignore[type-var]
-            async for chunk in chunks:
-                sent += len(chunk)
-                yield chunk
-    finally:
-        emit(hooks, Notice(kind="replayed", key=key, bytes=sent))
+class _Counted:
+    """An answer's chunks (``chunks``), the bytes sent reported to ``hooks`` once (a
+    ``replayed`` notice) as it ends, fails or is closed; closing it closes ``chunks``.
+
+    A class, not an async generator, as is everything it may read (a live stream's
+    :class:`~sse_cache.flight.LiveChunks`, a resume's :class:`_After`): a response dropped
+    unclosed drops them together, and the event loop closed each generator in a task of its
+    own, at once — the second found the first closing it (a follower, the last reader of
+    its stream, waits there for the upstream to close) and logged "aclose(): asynchronous
+    generator is already running" (helper-121). Nor would a generator never read have
+    closed what it held: the exchange closes its answer as it ends (also one never read),
+    and a transport's response whose program dropped it leaves its exchange."""
+
+    __slots__ = ("_chunks", "_done", "_hooks", "_key", "_sent")
+
+    def __init__(self, hooks: Iterable[Hook], key: str, chunks: AsyncIterator[bytes]) -> None:
+        self._hooks = hooks
+        self._key = key
+        self._chunks = chunks
+        self._sent = 0
+        self._done = False
+
+    def __aiter__(self) -> _Counted:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            chunk = await self._chunks.__anext__()
+        except BaseException:  # (its end too)
+            await self.aclose()
+            raise
+        self._sent += len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            await close_iterator(self._chunks)
+        finally:
+            emit(self._hooks, Notice(kind="replayed", key=self._key, bytes=self._sent))
 
 
-async def _after(
-    chunks: AsyncIterator[bytes], had: Callable[[Event], bool | None]
-) -> AsyncIterator[bytes]:
-    # A live stream read from its start, cut after the last event the reconnecting client
-    # had; what follows goes as it comes. Held back only while the point is not known.
-    cut = ResumeCut(had)
-    try:
-        async for chunk in chunks:
+class _After:
+    """A live stream read from its start, cut after the last event the reconnecting client
+    had; what follows goes as it comes. Held back only while the point is not known. (A
+    class, not an async generator: see :class:`_Counted`.)"""
+
+    __slots__ = ("_chunks", "_cut", "_ended")
+
+    def __init__(self, chunks: AsyncIterator[bytes], had: Callable[[Event], bool | None]) -> None:
+        self._chunks = chunks
+        self._cut = ResumeCut(had)
+        self._ended = False
+
+    def __aiter__(self) -> _After:
+        return self
+
+    async def __anext__(self) -> bytes:
+        cut = self._cut
+        while not self._ended:
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:  # the stream ended cleanly
+                self._ended = True
+                if tail := cut.close():
+                    return tail
+                break
+            except BaseException:
+                await self.aclose()
+                raise
             if out := cut.feed(chunk):
-                yield out
-        if tail := cut.close():  # the stream ended cleanly
-            yield tail
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+                return out
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        self._ended = True
+        await close_iterator(self._chunks)
 
 
 def _after_id(events: Sequence[Event], last_id: str | None) -> Sequence[Event]:

@@ -22,9 +22,9 @@ from ..protocols import ResumingAdapter, StreamAdapter
 from ._answers import (
     _SSE_HEADERS,
     Answer,
-    _after,
+    _After,
     _as_shared,
-    _counted,
+    _Counted,
     _hit_answer,
     _without_length,
     recorded_after,
@@ -262,9 +262,9 @@ def _resumed(
 ) -> Answer:
     logger.info("sse_cache: %s resumed from its live stream", live.key)
     emit(service.hooks, Notice(kind="resumed", key=live.key))
-    chunks = _after(live.chunks(cursor, cache.join_timeout), had)
+    chunks = _After(live.chunks(cursor, cache.join_timeout), had)
     return Answer(
         status=head.status,
         headers=_as_shared(_without_length(head.headers)),
-        chunks=_counted(service.hooks, live.key, chunks),
+        chunks=_Counted(service.hooks, live.key, chunks),
     )

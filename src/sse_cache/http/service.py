@@ -58,7 +58,7 @@ from ._answers import (
     SSE_TYPE,
     Answer,
     _as_shared,
-    _counted,
+    _Counted,
     answer_entry,
     answer_wire,
 )
@@ -72,6 +72,7 @@ from ._fanout import (
 )
 from ._resume import alias_key, alias_scope, live_alias_key, live_alias_target, resumable
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
+from ._wire import close_iterator
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
 
@@ -338,6 +339,12 @@ class Exchange:
         completed; nothing when the block raised) and index what was stored: as an ``async
         with`` of :attr:`_stack` around the block, then :meth:`_index`, would."""
         try:
+            answer = self.answer
+            if answer is not None:
+                # Closed by the integration as it sent it (then this does nothing), or never
+                # read (a response dropped unread): what it reads is let go of, the live
+                # stream it follows left.
+                await close_iterator(answer.chunks, quiet=True)
             if exc is not None:
                 suppressed = await self._stack.__aexit__(exc_type, exc, tb)
                 if not suppressed:
@@ -614,7 +621,7 @@ class Exchange:
             await cache.alias(alias, self.key, expires_at=live.entry.expires_at)
 
     def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        return _counted(self._service.hooks, self.key, chunks)
+        return _Counted(self._service.hooks, self.key, chunks)
 
     async def tee(self, status: int, headers: Iterable[tuple[str, str]]) -> ResponseTee | None:
         """Start passing on the upstream's response (after its status and headers arrived):
