@@ -340,10 +340,11 @@ class Exchange:
         with`` of :attr:`_stack` around the block, then :meth:`_index`, would."""
         try:
             answer = self.answer
-            if answer is not None:
+            if answer is not None and not answer.instant:
                 # Closed by the integration as it sent it (then this does nothing), or never
                 # read (a response dropped unread): what it reads is let go of, the live
-                # stream it follows left.
+                # stream it follows left. (An instant hit's body holds nothing else: every
+                # hot hit, spared a shielded scope.)
                 await close_iterator(answer.chunks, quiet=True)
             if exc is not None:
                 suppressed = await self._stack.__aexit__(exc_type, exc, tb)
