@@ -70,9 +70,11 @@ def last_sequence_number(held: bytes) -> tuple[str, int]:
     return first["response"]["id"], last["sequence_number"]
 
 
-async def whole_answer(client: httpx2.AsyncClient) -> bytes:
-    """The upstream's own answer to the request (the mock is deterministic)."""
-    async with httpx2.AsyncClient(base_url=client.upstream, timeout=30) as direct:  # type: ignore[attr-defined]
+async def whole_answer(client: httpx2.AsyncClient | str) -> bytes:
+    """The upstream's own answer to the request (the mock is deterministic): the upstream
+    of a client of :func:`proxied`, or at that URL."""
+    upstream = client if isinstance(client, str) else client.upstream  # type: ignore[attr-defined]
+    async with httpx2.AsyncClient(base_url=upstream, timeout=30) as direct:
         response = await direct.post(
             "/v1/responses", json=PAYLOAD, headers={**ALICE, **PACE, "x-mock-delay-ms": "0"}
         )
@@ -386,10 +388,7 @@ async def test_a_transport_resumes_a_stream_its_client_stopped_reading(
 
     upstream_app = MockUpstream()
     async with serve(upstream_app) as upstream:
-        reference = httpx2.AsyncClient(base_url=upstream, timeout=30)
-        reference.upstream = upstream  # type: ignore[attr-defined]
-        whole = await whole_answer(reference)
-        await reference.aclose()
+        whole = await whole_answer(upstream)
         if sync:
             transport = CacheTransport("memory://", resume_window=30)
             client = httpx2.Client(transport=transport, base_url=upstream, timeout=30)
@@ -445,10 +444,7 @@ async def test_a_transport_resume_dropped_unclosed_leaves_its_place(serve: Any, 
     seen = FlightsSeen()
     upstream_app = MockUpstream()
     async with serve(upstream_app) as upstream:
-        reference = httpx2.AsyncClient(base_url=upstream, timeout=30)
-        reference.upstream = upstream  # type: ignore[attr-defined]
-        whole = await whole_answer(reference)
-        await reference.aclose()
+        whole = await whole_answer(upstream)
         transport = AsyncCacheTransport("memory://", resume_window=30, hooks=[seen])
         async with httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=30) as client:
             held = await read_then_leave(client, 20)
