@@ -156,6 +156,37 @@ async def test_a_resume_in_another_organisation_project_or_prefix_is_not_answere
         await nobody_else_resumes()
 
 
+async def test_a_resume_is_answered_only_under_the_prefix_its_stream_was_asked_under(
+    serve: Any,
+) -> None:
+    # A gateway's prefix may hold "/responses" itself: the resume side cut the prefix it had
+    # already cut once more, so a stream asked under /v1 was resumed under
+    # /responses-team/v1 (and /responses/v1), and one asked under /responses-team/v1 never
+    # resumed at all (helper-123). The root prefix (/responses itself) is a scope of its own.
+    from sse_cache.adapters import OpenAIResponses
+
+    upstream_app = MockUpstream()
+    prefixes = ["/v1", "/responses-team/v1", "/responses/v1", ""]
+    async with proxied(serve, upstream_app, routes={"/responses": OpenAIResponses}) as client:
+        for asked in prefixes:
+            payload = {**PAYLOAD, "input": f"resume me under {asked!r}"}
+            whole = await client.post(
+                f"{asked}/responses", json=payload, headers={**ALICE, "x-mock-deltas": "5"}
+            )
+            assert whole.headers["x-sse-cache"] == "miss"
+            response_id, _ = last_sequence_number(whole.content)
+            params = {"stream": "true", "starting_after": "3"}
+            for resumed in prefixes:
+                got = await client.get(
+                    f"{resumed}/responses/{response_id}", params=params, headers=ALICE
+                )
+                if resumed == asked:
+                    assert got.headers["x-sse-cache"] == "hit", resumed
+                    assert whole.content.endswith(got.content) and got.content
+                else:
+                    assert "x-sse-cache" not in got.headers, (asked, resumed)  # the upstream's
+
+
 async def test_tenants_told_apart_by_the_key_parameter_resume_only_their_own(serve: Any) -> None:
     # Behind a gateway's constant Authorization, the ?key= credential tells tenants apart, in
     # a resume as in the POST: Bob's key does not open Alice's stored answer, Alice's does.

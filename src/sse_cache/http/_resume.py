@@ -79,17 +79,19 @@ def live_alias_key(schema: str, tenant: str, name: str, origin: str = "", scope:
     return alias_key(schema + "/live", tenant, name, origin, scope)
 
 
-def alias_scope(path: str, key_headers: Mapping[str, str]) -> str:
+def alias_scope(prefix: str, key_headers: Mapping[str, str]) -> str:
     """What else an answer's key held that a resume by response id must match: the path
-    before ``/responses`` (a gateway's ``/team-a/v1`` and ``/team-b/v1`` answer for other
-    accounts) and the request headers that key it (an ``openai-organization`` or
+    before ``/responses`` (``prefix``: a gateway's ``/team-a/v1`` and ``/team-b/v1`` answer
+    for other accounts) and the request headers that key it (an ``openai-organization`` or
     ``openai-project`` of one API key): else a resume in another organisation, project or
     prefix was answered from this one's stream, where the upstream answers 404 (helper-88).
-    ``""`` for the plain ``/v1`` with no such header (the aliases of earlier versions)."""
-    cut = path.rfind("/responses")
-    prefix = path[:cut] if cut >= 0 else path
-    if prefix == "/v1" and not key_headers:
-        return ""
+    ``""`` for the plain ``/v1`` with no such header (the aliases of earlier versions); the
+    empty prefix (``/responses`` itself) is another scope."""
+    if not key_headers:
+        if prefix == "/v1":
+            return ""
+        if not prefix:
+            return "\0"
     return "\0".join((prefix, *(f"{k}={v}" for k, v in sorted(key_headers.items()))))
 
 

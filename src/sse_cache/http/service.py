@@ -773,7 +773,10 @@ def _not_shared_because(status: int, encoding: str, tenant: str) -> str:
 
 
 def _alias_scope_of(decision: Decision) -> str:
-    """:func:`~sse_cache.http._resume.alias_scope` of the request ``decision`` answers: its
-    path (from its route: ``METHOD origin/path?query``) and key headers."""
+    """:func:`~sse_cache.http._resume.alias_scope` of the request ``decision`` answers: the
+    prefix of its path (from its route: ``METHOD origin/path?query``) before its last
+    ``/responses`` (a prefix may hold one: ``/responses-team/v1``; helper-123) and its key
+    headers."""
     path = decision.route.partition(" ")[2][len(decision.origin) :].partition("?")[0]
-    return alias_scope(path, decision.key_headers)
+    cut = path.rfind("/responses")
+    return alias_scope(path[:cut] if cut >= 0 else path, decision.key_headers)
