@@ -224,12 +224,22 @@ def test_the_proxy_access_log_never_prints_a_credential_in_a_query() -> None:
         assert record.getMessage() == f"/v1/chat/completions?{spelled}=***&x=1"
     # Any parameter that carries a credential (helper-113: api-key= and access_token= were
     # logged as they came), and none that does not.
-    secret = "api-key=1&access_token=2&apiKey=3&X-Amz-Signature=4&sig=5&KEY=6&client_secret=7"
+    secret = (
+        "api-key=1&access_token=2&apiKey=3&X-Amz-Signature=4&sig=5&KEY=6&client_secret=7"
+        "&authorization=Bearer%208&bearer=9&key=10%2211"  # (helper-123: these went unredacted)
+    )
     plain = "monkey=1&keys=2&api-version=3&alt=sse&author=4&tokens_max=5"
     record.msg, record.args = "%s", (f"/v1/x?{plain}&{secret}",)
     assert RedactQueryKey().filter(record)
     redacted = "&".join(pair.split("=")[0] + "=***" for pair in secret.split("&"))
     assert record.getMessage() == f"/v1/x?{plain}&{redacted}"
+    # A raw quote in a value is part of it (the redaction stopped there), a closing one not.
+    record.msg, record.args = '"%s"', ('/v1/x?key=a"SECRET&alt=sse',)
+    assert RedactQueryKey().filter(record)
+    assert record.getMessage() == '"/v1/x?key=***&alt=sse"'
+    record.msg, record.args = 'url="/v1/x?key=SECRET"', ()
+    assert RedactQueryKey().filter(record)
+    assert record.getMessage() == 'url="/v1/x?key=***"'
     # uvicorn's trace level logs the request's ASGI scope, query string and all.
     scope = {"type": "http", "path": "/v1/x", "query_string": b"key=AIza-secret&alt=sse"}
     record.msg, record.args = "ASGI [%d] Started scope=%s", (2, scope)

@@ -656,8 +656,11 @@ class CachePolicy:
 
     @staticmethod
     def _unkeyable(route: str, reason: str) -> Decision:
-        # One concise line per such request (no traceback): it is forwarded uncached.
-        logger.info("sse_cache: %s forwarded uncached: %s", route, reason)
+        # One concise line per such request (no traceback): it is forwarded uncached. Its
+        # query's credentials are redacted here, not only by the proxy's log filter: in an
+        # app's own logging (the middleware, the transports) they were written as they came
+        # (helper-123: ?access_token=, ?subscription-key=).
+        logger.info("sse_cache: %s forwarded uncached: %s", redact_query_key(route), reason)
         return Decision(route=route, reason=reason)
 
     @staticmethod
