@@ -50,13 +50,28 @@ CREDENTIAL_HEADERS = (
     "x-portkey-virtual-key",
     "cf-aig-authorization",
     "helicone-auth",
+    # Azure Functions' key, which an Azure-hosted model or gateway may ask for beside a
+    # placeholder ``Authorization`` (helper-123: its callers shared entries).
+    "x-functions-key",
 )
 
 #: Endings of header names that are read as credentials too (``x-acme-api-key``,
 #: ``x-acme-authorization``, ``acme-auth``, ``x-acme-token``): a gateway's own credential
-#: that no list names. A header wrongly taken for one only splits its callers' entries; a
-#: credential missed would share them.
-CREDENTIAL_SUFFIXES = ("authorization", "api-key", "apikey", "-auth", "-token", "-secret")
+#: that no list names. Spelt with ``_`` too (``x_api_key``: a server behind CGI or WSGI
+#: reads it as ``x-api-key``; helper-123). A header wrongly taken for one only splits its
+#: callers' entries; a credential missed would share them.
+CREDENTIAL_SUFFIXES = (
+    "authorization",
+    "api-key",
+    "apikey",
+    "-auth",
+    "-token",
+    "-secret",
+    "api_key",
+    "_auth",
+    "_token",
+    "_secret",
+)
 
 _json_encoder = msgspec.json.Encoder(order="sorted")
 # How many key heads (see DefaultKeyer) a keyer remembers.

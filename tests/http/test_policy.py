@@ -359,6 +359,10 @@ def test_an_ai_gateways_own_credential_scopes_tenants_beside_a_placeholder_autho
         "x-acme-token",
         "x-acme-secret",
         "x-acme-apikey",
+        # Azure Functions' key; a credential spelt with "_" (helper-123: both shared entries).
+        "x-functions-key",
+        "x_api_key",
+        "x_acme_token",
     ):
         a = policy.tenant_of({**placeholder, header: "user-1"})
         b = policy.tenant_of({**placeholder, header: "user-2"})
