@@ -267,6 +267,10 @@ def test_key_headers_are_taken_from_the_request() -> None:
     masked = {"x-goog-api-key": "k", "x-goog-fieldmask": "candidates.content"}
     gemini = policy.decide("POST", "/v1beta/models/g:generateContent", masked, b"{}")
     assert gemini.key_headers == {"x-goog-fieldmask": "candidates.content"}
+    # One OAuth token, several Google Cloud projects (helper-123: they shared entries).
+    billed = {"authorization": "Bearer ya29", "x-goog-user-project": "proj-a"}
+    vertex = policy.decide("POST", "/v1beta/models/g:generateContent", billed, b"{}")
+    assert vertex.key_headers == {"x-goog-user-project": "proj-a"}
 
 
 def test_the_request_path_and_query_are_part_of_the_route() -> None:

@@ -140,8 +140,11 @@ class GeminiGenerateContent(KeyedAdapter):
 
     name = "gemini"
     #: Request headers that change the answer: a response field mask (the answer without
-    #: the fields it leaves out) is part of the key in the HTTP integrations.
-    key_headers: tuple[str, ...] = ("x-goog-fieldmask",)
+    #: the fields it leaves out) is part of the key in the HTTP integrations; so is the
+    #: project a Vertex AI caller's request is billed to and authorised in
+    #: (``x-goog-user-project``: one OAuth token may reach several projects, as one OpenAI
+    #: key several ``openai-project`` s; helper-123).
+    key_headers: tuple[str, ...] = ("x-goog-fieldmask", "x-goog-user-project")
     excluded_fields = EXCLUDED_FIELDS
     maybe_read: frozenset[str] = frozenset()  # (stream_options is no field of this API)
 
