@@ -184,6 +184,18 @@ INSTANT_SLICE_BYTES = 256 * 1024
 
 
 async def _send_answer(send: Send, answer: Answer) -> None:
+    # The answer is closed however this ends: also when the client is gone before its head
+    # (a resume has no exchange to close it: its place in the live stream stayed taken, and
+    # its upstream was read to the end after the resume window; helper-122). (Sent, an
+    # instant answer has nothing to close, and every hot hit is one: not closed again.)
+    try:
+        await _send_answer_to(send, answer)
+    except BaseException:
+        await close_iterator(answer.chunks)
+        raise
+
+
+async def _send_answer_to(send: Send, answer: Answer) -> None:
     await send(
         {"type": "http.response.start", "status": answer.status, "headers": _encode(answer.headers)}
     )
@@ -208,12 +220,9 @@ async def _send_answer(send: Send, answer: Answer) -> None:
         last = body[start:] if start else body
         await send({"type": "http.response.body", "body": last, "more_body": False})
         return
-    chunks = answer.chunks
-    try:
-        async for chunk in chunks:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    finally:
-        await close_iterator(chunks)
+    async for chunk in answer.chunks:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await close_iterator(answer.chunks)  # (before the end: a hit's bytes are counted so)
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -256,7 +256,10 @@ class Flight(Generic[T]):
             self.reserved -= 1
 
     def unfollow(self, cursor: Cursor) -> None:
-        """A follower left (done, or gone)."""
+        """A follower left (done, or gone). Its cursor reads nothing more: a read still under
+        way with it fails (the log may be trimmed past its place)."""
+        if not cursor.cut:
+            cursor.cut = "this reader left the stream"
         if cursor in self.cursors:
             self.cursors.discard(cursor)
             if cursor.reserved:
@@ -720,6 +723,10 @@ class LiveChunks:
         except BaseException:
             await self.aclose()
             raise
+        if self._left:
+            # Closed by another task while this read waited (no caller does: each cancels its
+            # reader instead): never a piece it might have skipped, nor a clean end.
+            raise SharedStreamAborted("the reader was closed while it read")
         if batch is None:
             await self.aclose()
             raise StopAsyncIteration

@@ -864,6 +864,43 @@ async def test_follower_joining_a_lone_pull_never_gets_a_truncated_clean_end() -
 
 
 @pytest.mark.anyio
+async def test_a_reader_closed_by_another_task_under_its_read_fails_never_skips() -> None:
+    # A follower's chunks closed from another task while its read waits (no caller does:
+    # each cancels its reader instead; the async generator refused, the class did not):
+    # it left the flight under the reader, the log was trimmed past its place once the
+    # other follower read on, and the waiting read gave the pieces after the trimmed ones,
+    # skipping two (helper-122). Now it fails; the other follower reads on, whole.
+    flight: Flight[bytes] = Flight(KEY, max_log_bytes=1, max_lag_bytes=10**6)
+    live = LiveFlight(flight)
+    a, b = flight.follow(), flight.follow()
+    assert a is not None and b is not None
+    live.respond(Head(200, []))
+    live.deliver(b"c0")
+    live.deliver(b"c1")  # (the log outgrew max_log_bytes: closed to newcomers, trimmed)
+    chunks_a, chunks_b = live.chunks(a, IDLE), live.chunks(b, IDLE)
+    assert await chunks_a.__anext__() == b"c0c1" and await chunks_b.__anext__() == b"c0c1"
+    got: list[bytes | str] = []
+
+    async def read_a() -> None:
+        try:
+            got.append(await chunks_a.__anext__())
+        except SharedStreamAborted as exc:
+            got.append(str(exc))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read_a)
+        await anyio.wait_all_tasks_blocked()  # (A waits for its next piece)
+        await chunks_a.aclose()
+        live.deliver(b"c2")
+        live.deliver(b"c3")
+        assert await chunks_b.__anext__() == b"c2c3"
+        live.deliver(b"c4")
+    assert got == ["the shared stream stopped: this reader left the stream"]
+    assert await chunks_b.__anext__() == b"c4"
+    await chunks_b.aclose()
+
+
+@pytest.mark.anyio
 async def test_a_lone_reader_cancelled_mid_pull_abandons_the_upstream_once() -> None:
     flights, live, (a,) = produce(1)
     live.respond(HEAD)

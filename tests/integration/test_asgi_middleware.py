@@ -235,6 +235,47 @@ async def test_a_last_event_id_resume_of_a_live_stream_does_not_say_the_whole_le
     assert resumed.headers.get_list("content-length") in ([], [str(len(resumed.content))])
 
 
+async def test_a_resume_whose_client_is_gone_before_its_head_leaves_its_place() -> None:
+    # A resume by response id (no exchange owns its answer) whose client was gone before its
+    # head went: the send raised before the answer's chunks were read, and they were never
+    # closed — its place in the live stream stayed taken, and its upstream was read to the
+    # end after the resume window (helper-122). Now it leaves at once.
+    from flights_seen import FlightsSeen
+    from sse_cache.testing import responses_stream
+
+    pieces = responses_stream("resume me", text_deltas=6)
+    gated = GatedUpstream(pieces, hold_after=4)
+    seen = FlightsSeen()
+    mw = CacheMiddleware(gated, "memory://", resume_window=30, hooks=[seen])
+    scope, body = responses_request("resume me")
+    left = anyio.Event()
+    first = pieces[0]
+    assert isinstance(first, Event)
+    response_id = json.loads(first.data)["response"]["id"]
+
+    async def gone(message: dict[str, Any]) -> None:
+        raise OSError("the client is gone")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, mw, scope, body_then(body, left.wait))
+        await gated.wait_sent(4)
+        left.set()  # (the producer's client leaves: the window reads on)
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            while not seen.live() or seen.live()[0].flight.producer_reading:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        resume = {
+            **scope,
+            "method": "GET",
+            "path": f"/v1/responses/{response_id}",
+            "raw_path": f"/v1/responses/{response_id}".encode(),
+            "query_string": b"stream=true&starting_after=1",
+        }
+        with pytest.raises(OSError, match="gone"):
+            await mw(resume, body_then(b""), gone)
+        assert seen.followers() == 0
+        gated.gate.set()
+
+
 async def test_non_json_and_oversized_bodies_pass_through_as_bypass(client_for: Any) -> None:
     app = events_app()
     mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, max_body_bytes=64)
