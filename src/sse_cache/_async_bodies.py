@@ -588,8 +588,19 @@ class _AsyncTeeStream:
 
     Apart from the body for a program that drops its response unclosed: the collector then
     finds this shell and its watch (:meth:`_AsyncOpen.watched_by`), never the body, which a
-    finalizer of the shell holds until the shell is gone — nor the body's upstream, which
-    the followers may still read on (:meth:`_AsyncTeeBody.collected`)."""
+    finalizer of the watch holds until the watch is gone — nor the body's upstream, which
+    the followers may still read on (:meth:`_AsyncTeeBody.collected`).
+
+    Of the watch, not of this shell: the collector kills the weakrefs to what it finds in a
+    cycle before it runs any finalizer, also when a finalizer then brings it all back. A
+    young collection that found this shell, not the watch (older: made as the exchange was
+    entered), let go of the body while the event loop's finalizer of the program's own
+    generator in the cycle (httpx's ``aiter_raw()``) brought the shell and the watch back,
+    unfinalized: the next collection found the body with them, and the loop closed the
+    generators under its upstream (httpx's, httpcore's) as it closed the watch — the
+    followers it handed the upstream to read a closed iterator: a clean end of part of the
+    answer (helper-124). The watch's finalizer runs in the collection that kills its weakref
+    (the loop's hook keeps the watch, and with it the body, until it has run)."""
 
     _lib: ClassVar[ModuleType]
 
@@ -597,7 +608,7 @@ class _AsyncTeeStream:
         self._body = body
         watch = self._watch = body._opened.watched_by(body.collected)
         body._watch = weakref.ref(watch)
-        weakref.finalize(self, _kept, body).atexit = False
+        weakref.finalize(watch, _kept, body).atexit = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -610,7 +621,7 @@ class _AsyncTeeStream:
 
 
 def _kept(body: _AsyncTeeBody) -> None:
-    """(A finalizer's: it only holds ``body`` while its shell lives.)"""
+    """(A finalizer's: it only holds ``body`` while its shell's watch lives.)"""
 
 
 class _AsyncAnswerBody:

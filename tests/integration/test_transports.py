@@ -3114,3 +3114,88 @@ def test_a_sync_producer_reading_on_publishes_each_chunk_as_it_comes(
         ours.close()
         theirs.close()
         server.stop()
+
+
+class _OlderWatch(httpx.AsyncHTTPTransport):
+    """httpx's transport, with a full collection as the first request is forwarded: the
+    exchange's watch, made as it was entered, is older from then on than the client's side of
+    the miss's body (its shell) and the response holding it, made after the upstream answered
+    — as when the collector ran while the upstream was asked (it allocates plenty)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forwarded = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.forwarded += 1
+        if self.forwarded == 1:
+            gc.collect()
+        return await super().handle_async_request(request)
+
+
+@pytest.mark.filterwarnings("ignore:Async generator:ResourceWarning")
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_miss_dropped_in_a_cycle_a_young_collection_found_first_is_read_on(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A program reads part of a streamed miss and drops it unclosed, in a reference cycle with
+    # its httpx ``aiter_raw()`` generator. A young collection finds the cycle (the client's
+    # side of the body, its shell, is young) but not the exchange's watch, older: the shell's
+    # weakref dies then — weakrefs to cyclic garbage die before finalizers run — while the
+    # loop's finalizer of the program's generator brings the whole cycle back, watch
+    # included, unfinalized. The body was held only for as long as that weakref lived: the
+    # next collection found it, with httpx's and httpcore's generators under its upstream, in
+    # the same garbage as the watch, and the loop closed those generators too; the
+    # followers, handed the upstream by the watch, read its closed iterator: a clean end
+    # (StopAsyncIteration) of part of the answer (helper-124: trio, httpx, 3 herds in 5,000
+    # of the soak). The body is held until the watch itself is collected: they read it all.
+    import sse_cache.flight
+    from sse_cache.httpx import AsyncCacheTransport as HttpxCacheTransport
+
+    monkeypatch.setattr(sse_cache.flight, "STALL_LOOK", 3600.0)  # (the collections alone)
+    server = Upstream(_OpenableGate(_CHAT_PIECES, hold_after=1))
+    server.start()
+    seen = FlightsSeen()
+    transport = HttpxCacheTransport("memory://", hooks=[seen], transport=_OlderWatch())
+    headers = {"authorization": f"Bearer sk-young-{anyio_backend}"}
+    outcome: dict[str, Any] = {}
+    whole = b"".join(_CHAT_PIECES)
+    gc.collect()
+    gc.disable()  # (no collection but the test's: which objects are young is the test's)
+    try:
+        async with httpx.AsyncClient(
+            transport=transport, base_url=server.url, headers=headers, timeout=30
+        ) as client:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            response = await client.send(request, stream=True)
+            assert response.headers["x-sse-cache"] == "miss"
+            chunks = response.aiter_raw()
+            received = await chunks.__anext__()
+            assert whole.startswith(received) and received != whole
+
+            async def follow() -> None:
+                async with client.stream("POST", "/v1/chat/completions", json=_CHAT_BODY) as r:
+                    assert r.headers["x-sse-cache"] == "shared"
+                    outcome["follower"] = await r.aread()
+
+            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(follow)
+                    while seen.followers() < 1:  # noqa: ASYNC110 - a count in the cache
+                        await anyio.sleep(0.01)
+                    await anyio.wait_all_tasks_blocked()
+                    cycle: list[Any] = [chunks, response]
+                    cycle.append(cycle)
+                    del cycle, chunks, response, request
+                    gc.collect(1)  # young: the cycle, not the watch
+                    await anyio.wait_all_tasks_blocked()  # (the program's generators closed)
+                    gc.collect()  # the watch: the followers take the upstream over
+                    await anyio.wait_all_tasks_blocked()
+                    async with httpx.AsyncClient() as opener:
+                        await opener.post(server.url + "/_open")
+            again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+    finally:
+        gc.enable()
+        server.stop()
+    assert outcome["follower"] == whole  # never a clean end of part of it
+    assert again.headers["x-sse-cache"] == "hit" and again.content == whole
