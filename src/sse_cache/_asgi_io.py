@@ -191,7 +191,7 @@ async def _send_answer(send: Send, answer: Answer) -> None:
     try:
         await _send_answer_to(send, answer)
     except BaseException:
-        await close_iterator(answer.chunks)
+        await close_iterator(answer.chunks, quiet=True)  # (the error is the send's)
         raise
 
 

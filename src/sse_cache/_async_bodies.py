@@ -666,9 +666,17 @@ class _AsyncAnswerBody:
                 raise _closed_by_client(self._lib)
         except StopAsyncIteration:
             await opened.leave()
+            if self._closed:  # (see below)
+                raise _closed_by_client(self._lib) from None
             raise
         except SharedStreamAborted as exc:
             await opened.leave(exc)
+            if self._closed:
+                # Closed by the client from another task, whose close left the stream under
+                # this read before its cancellation landed (a piece came in the same turn:
+                # the read was woken, and anyio delivers no cancellation to it then): the
+                # library's ReadError, as for any read under a close (helper-125: an abort).
+                raise _closed_by_client(self._lib) from exc
             raise _aborted(self._lib, exc) from exc
         except TimeoutError as exc:
             await opened.leave(exc)

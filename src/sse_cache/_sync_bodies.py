@@ -760,6 +760,8 @@ class _SyncAnswerBody:
             raise _closed_under(self._lib) from exc
         except SharedStreamAborted as exc:
             self._opened.leave(exc)
+            if self._closed:  # (as _AsyncAnswerBody: a close from another thread under it)
+                raise _closed_by_client(self._lib) from exc
             raise _aborted(self._lib, exc) from exc
         except TimeoutError as exc:
             self._opened.leave(exc)
@@ -769,6 +771,8 @@ class _SyncAnswerBody:
             raise
         if chunk is None:
             self._opened.leave()
+            if self._closed:
+                raise _closed_by_client(self._lib)
             raise StopIteration
         if self._opened.timing and chunk:
             self._opened.first_byte()

@@ -724,8 +724,9 @@ class LiveChunks:
             await self.aclose()
             raise
         if self._left:
-            # Closed by another task while this read waited (no caller does: each cancels its
-            # reader instead): never a piece it might have skipped, nor a clean end.
+            # Closed by another task while this read waited (a client's close cancels its
+            # read, which may have been woken already, and leaves): never a piece it might
+            # have skipped, nor a clean end.
             raise SharedStreamAborted("the reader was closed while it read")
         if batch is None:
             await self.aclose()

@@ -865,8 +865,9 @@ async def test_follower_joining_a_lone_pull_never_gets_a_truncated_clean_end() -
 
 @pytest.mark.anyio
 async def test_a_reader_closed_by_another_task_under_its_read_fails_never_skips() -> None:
-    # A follower's chunks closed from another task while its read waits (no caller does:
-    # each cancels its reader instead; the async generator refused, the class did not):
+    # A follower's chunks closed from another task while its read waits (a client's close
+    # may leave the stream under a read its cancellation does not reach; the async
+    # generator refused to close, the class did not):
     # it left the flight under the reader, the log was trimmed past its place once the
     # other follower read on, and the waiting read gave the pieces after the trimmed ones,
     # skipping two (helper-122). Now it fails; the other follower reads on, whole.

@@ -172,3 +172,46 @@ async def test_readers_of_a_producer_that_stopped_reading_end_whole_or_not_at_al
         # A whole answer was read: it is stored — unless it was read to an upstream's end
         # that cut a trailing line short (the stream did not end cleanly).
         assert hit is not None or (ends and not sent.endswith(b"\n")), (followed, produced)
+
+
+@pytest.mark.anyio
+async def test_a_client_closing_from_another_task_as_a_piece_comes_gets_its_close() -> None:
+    # The producer's client reads on from its place in the live stream (the followers took
+    # the upstream over) and closes its response from another task ("stop generation") in
+    # the loop turn a piece comes: the close cancels the read and leaves the place under it,
+    # but the read, woken by the piece, gets no cancellation (anyio delivers none to a task
+    # whose wait is done) and found its place left: an abort (RemoteProtocolError), where
+    # every read under the client's own close ends with the library's ReadError
+    # (helper-125). The body's own parts, as _AsyncTeeBody puts them together.
+    import httpx
+
+    from sse_cache._async_bodies import NoExchange, _AsyncOpen
+    from sse_cache._transport import _stream_types
+    from sse_cache.flight import Flight, Head, LiveFlight
+
+    live: LiveFlight[bytes] = LiveFlight(Flight("k"))
+    live.respond(Head(200, []))
+    live.deliver(b"a")
+    place = live.flight.follow_on()  # (the producer's client's kept place)
+    assert place is not None
+    live.flight.claim(place)  # (it came back to read on)
+    opened = _AsyncOpen(NoExchange())
+    opened.open = True
+    body = _stream_types(httpx)["AsyncAnswerBody"](live.chunks(place, 30.0), opened)
+    assert live.flight.follow() is not None  # (a follower: the stream is wanted)
+    got: list[bytes | BaseException] = []
+
+    async def read() -> None:
+        try:
+            got.append(await body.__anext__())
+        except httpx.HTTPError as exc:
+            got.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        await anyio.wait_all_tasks_blocked()  # (its read waits for a piece)
+        live.deliver(b"b")
+        await body.aclose()
+        await live.leave(place)
+    (outcome,) = got
+    assert isinstance(outcome, httpx.ReadError), repr(outcome)
