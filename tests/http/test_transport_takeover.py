@@ -10,10 +10,12 @@ own reads. In process (``httpx2.MockTransport``); tests/integration runs it over
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 import anyio
+import anyio.from_thread
 import httpx2
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -213,5 +215,54 @@ async def test_a_client_closing_from_another_task_as_a_piece_comes_gets_its_clos
         live.deliver(b"b")
         await body.aclose()
         await live.leave(place)
+    (outcome,) = got
+    assert isinstance(outcome, httpx.ReadError), repr(outcome)
+
+
+def test_a_sync_client_closing_from_another_thread_as_a_piece_comes_gets_its_close() -> None:
+    # The sync twin: the client's read waits in the transport's loop for its next piece; the
+    # close from another thread comes in the loop turn the piece does (helper-125).
+    import threading
+
+    import httpx
+
+    from sse_cache._async_bodies import NoExchange
+    from sse_cache._sync_bodies import _SyncOpen
+    from sse_cache._transport import _stream_types
+    from sse_cache.flight import Flight, Head, LiveFlight
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        live: LiveFlight[bytes] = portal.call(lambda: LiveFlight(Flight("k")))  # (in its loop)
+        portal.call(live.respond, Head(200, []))
+        portal.call(live.deliver, b"a")
+        place = live.flight.follow_on()  # (the producer's client's kept place)
+        assert place is not None
+        live.flight.claim(place)  # (it came back to read on)
+        assert live.flight.follow() is not None  # (a follower: the stream is wanted)
+        opened = _SyncOpen(NoExchange(), portal)
+        opened.enter()
+        body = _stream_types(httpx)["SyncAnswerBody"](live.chunks(place, 30.0), opened, portal)
+        got: list[bytes | BaseException] = []
+
+        def read() -> None:
+            try:
+                got.append(next(body))
+            except httpx.HTTPError as exc:
+                got.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        deadline = time.monotonic() + 30  # a deadlock guard, not a timing bound
+        while body._scope is None:  # (its read waits in the loop for a piece)
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+        async def one_turn() -> None:
+            live.deliver(b"b")
+            await body._close()
+            await live.leave(place)
+
+        portal.call(one_turn)
+        reader.join(30)
     (outcome,) = got
     assert isinstance(outcome, httpx.ReadError), repr(outcome)
