@@ -723,11 +723,6 @@ class LiveChunks:
         except BaseException:
             await self.aclose()
             raise
-        if self._left:
-            # Closed by another task while this read waited (a client's close cancels its
-            # read, which may have been woken already, and leaves): never a piece it might
-            # have skipped, nor a clean end.
-            raise SharedStreamAborted("the reader was closed while it read")
         if batch is None:
             await self.aclose()
             raise StopAsyncIteration
@@ -735,6 +730,9 @@ class LiveChunks:
         return next(pieces)
 
     async def aclose(self) -> None:
+        # Also from another task while a read waits (a client's close cancels its read,
+        # which may have been woken already): leaving cuts the cursor, so that read fails,
+        # never gives a piece past a trimmed part of the log, nor a clean end.
         if not self._left:
             self._left = True
             self._pieces = None
