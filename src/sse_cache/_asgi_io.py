@@ -184,18 +184,7 @@ INSTANT_SLICE_BYTES = 256 * 1024
 
 
 async def _send_answer(send: Send, answer: Answer) -> None:
-    # The answer is closed however this ends: also when the client is gone before its head
-    # (a resume has no exchange to close it: its place in the live stream stayed taken, and
-    # its upstream was read to the end after the resume window; helper-122). (Sent, an
-    # instant answer has nothing to close, and every hot hit is one: not closed again.)
-    try:
-        await _send_answer_to(send, answer)
-    except BaseException:
-        await close_iterator(answer.chunks, quiet=True)  # (the error is the send's)
-        raise
-
-
-async def _send_answer_to(send: Send, answer: Answer) -> None:
+    # (A failed send leaves the answer to its holder, who closes it: see Answer.aclose.)
     await send(
         {"type": "http.response.start", "status": answer.status, "headers": _encode(answer.headers)}
     )

@@ -30,6 +30,7 @@ from ._transport_bodies import (
     watch_client,
 )
 from .flight import Cursor, LiveFlight, SharedStreamAborted
+from .http._answers import Answer
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
 
@@ -156,21 +157,21 @@ async def _left_when_collected(opened: _AsyncOpen) -> AsyncGenerator[None, None]
 class NoExchange:
     """What an :class:`_AsyncOpen` (or the sync transport's) enters and leaves when there is
     no exchange to leave: a resume's answer, a producer's client reading on from its live
-    stream. ``chunks``: the answer's, closed as it is left, as an exchange closes its answer
-    (a resume's: the live stream it follows is left so, also when its response was dropped
-    unread); None where the body closes its own."""
+    stream. ``answer``: a resume's, closed as it is left, as an exchange closes its own (the
+    live stream it follows is left so, also when its response was dropped unread); None
+    where the body closes what it reads."""
 
-    __slots__ = ("_chunks",)
+    __slots__ = ("_answer",)
 
-    def __init__(self, chunks: AsyncIterator[bytes] | None = None) -> None:
-        self._chunks = chunks
+    def __init__(self, answer: Answer | None = None) -> None:
+        self._answer = answer
 
     async def __aenter__(self) -> Any:  # (None, where an exchange would be)
         return None
 
     async def __aexit__(self, *exc: object) -> bool:
-        if self._chunks is not None:
-            await close_iterator(self._chunks, quiet=True)
+        if self._answer is not None:
+            await self._answer.aclose()
         return False
 
 

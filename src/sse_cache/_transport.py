@@ -339,7 +339,7 @@ class AsyncCacheTransportBase(_Options):
             # first byte is not reported: the ASGI middleware reports none for a resume.)
             answer = await service.resume("GET", *_resume_args(request), self._origin(request.url))
             if answer is not None:
-                opened = _AsyncOpen(NoExchange(answer.chunks))
+                opened = _AsyncOpen(NoExchange(answer))
                 await opened.enter()
                 body = types["AsyncAnswerBody"](answer.chunks, opened, _read_timeout(request))
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
@@ -483,7 +483,7 @@ class CacheTransportBase(_Options):
                 )
                 if answer is not None:
                     opened = _SyncOpen(
-                        NoExchange(answer.chunks),
+                        NoExchange(answer),
                         portal,
                         closing=self._closing,
                     )

@@ -133,7 +133,11 @@ class CacheMiddleware:
             query = scope.get("query_string", b"").decode("latin-1")
             answer = await self.service.resume("GET", path, query, _headers(scope))
             if answer is not None:
-                await _send_answer_while_connected(receive, send, answer)
+                # No exchange holds a resume's answer: closed here however its send ends
+                # (a client gone before its head left its place in the live stream taken,
+                # and its upstream read to the end after the resume window; helper-122).
+                async with contextlib.aclosing(answer):
+                    await _send_answer_while_connected(receive, send, answer)
                 return
         if self.service.policy.match(scope["method"], path) is None:
             await self.app(scope, receive, send)

@@ -57,6 +57,16 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True):
         assert isinstance(chunks, _Whole), "not an instant answer"
         return chunks.take()
 
+    async def aclose(self) -> None:
+        """Let go of what the answer reads from: the live stream it follows (its place is
+        left), its paced replay. Idempotent and quiet (what a stream that failed raises on
+        closing is that stream's error, already reported). Whoever holds an answer closes
+        it, sent or not: an :class:`~sse_cache.http.Exchange` its own as it is left, the
+        integration a :meth:`~sse_cache.http.CacheService.resume`'s (``async with
+        contextlib.aclosing(answer)``), which no exchange holds."""
+        if not self.instant:  # (an instant answer's body holds nothing else)
+            await close_iterator(self.chunks, quiet=True)
+
 
 def _as_shared(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """A producer's response headers as a follower gets them: ``x-sse-cache: shared``."""

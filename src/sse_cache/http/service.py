@@ -72,7 +72,6 @@ from ._fanout import (
 )
 from ._resume import alias_key, alias_scope, live_alias_key, live_alias_target, resumable
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
-from ._wire import close_iterator
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
 
@@ -270,7 +269,8 @@ class CacheService:
         events after sequence number N — from its live stream while it is produced (here, or
         by another process with ``cross_process``), from its entry once stored. None when it
         is not such a request or the stream is neither live nor cached (then the request
-        goes upstream)."""
+        goes upstream). No exchange holds the answer: the caller closes it
+        (:meth:`Answer.aclose`) however its sending ends."""
         return await _resume.resume(self, method, path, query, headers, origin)
 
     async def resume_remote(
@@ -344,8 +344,8 @@ class Exchange:
                 # Closed by the integration as it sent it (then this does nothing), or never
                 # read (a response dropped unread): what it reads is let go of, the live
                 # stream it follows left. (An instant hit's body holds nothing else: every
-                # hot hit, spared a shielded scope.)
-                await close_iterator(answer.chunks, quiet=True)
+                # hot hit, spared the call.)
+                await answer.aclose()
             if exc is not None:
                 suppressed = await self._stack.__aexit__(exc_type, exc, tb)
                 if not suppressed:
