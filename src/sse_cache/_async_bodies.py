@@ -22,7 +22,6 @@ import anyio
 from . import flight
 from ._cancellation import on_asyncio
 from ._transport_bodies import (
-    HoldSlots,
     _aborted,
     _closed_by_client,
     _ClosedUnderReader,
@@ -31,6 +30,7 @@ from ._transport_bodies import (
 )
 from .flight import Cursor, LiveFlight, SharedStreamAborted
 from .http._answers import Answer
+from .http._tee import BackgroundSlots
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
 
@@ -205,7 +205,9 @@ class _AsyncTeeBody:
     _lib: ClassVar[ModuleType]
     _answer_body: ClassVar[type[_AsyncAnswerBody]]  # (the same library's)
 
-    def __init__(self, inner: Any, tee: ResponseTee, opened: _AsyncOpen, holds: HoldSlots) -> None:
+    def __init__(
+        self, inner: Any, tee: ResponseTee, opened: _AsyncOpen, holds: BackgroundSlots
+    ) -> None:
         self._inner = inner
         self._it: AsyncIterator[bytes] | None = None
         self._tee = tee

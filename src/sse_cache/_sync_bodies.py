@@ -23,7 +23,6 @@ import anyio.from_thread
 from . import flight
 from ._async_bodies import NoExchange
 from ._transport_bodies import (
-    HoldSlots,
     _aborted,
     _closed_by_client,
     _closed_under,
@@ -33,6 +32,7 @@ from ._transport_bodies import (
     watch_client,
 )
 from .flight import Cursor, LiveFlight, SharedStreamAborted
+from .http._tee import BackgroundSlots
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
 
@@ -264,7 +264,7 @@ class _SyncTeeBody:
         tee: ResponseTee,
         opened: _SyncOpen,
         portal: anyio.from_thread.BlockingPortal,
-        holds: HoldSlots,
+        holds: BackgroundSlots,
         draining: weakref.WeakSet[Any] | None = None,
     ) -> None:
         self._inner = inner

@@ -58,8 +58,9 @@ from ._sync_bodies import (
     _SyncTeeStream,
     unless_closed,
 )
-from ._transport_bodies import HoldSlots, _closed_under, _TransportClosed
+from ._transport_bodies import _closed_under, _TransportClosed
 from .errors import ConfigError
+from .http._tee import BackgroundSlots
 from .http._wire import json_error_body, merge_headers
 from .http.options import CacheOptions
 from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of, path_as_sent
@@ -189,7 +190,7 @@ class _Options:
         )
         self._options = CacheOptions.of(options, keywords, own)
         #: At most ``max_background`` streams are read on for a resume window at once.
-        self._holds = HoldSlots(
+        self._holds = BackgroundSlots(
             integer("max_background", max_background, minimum=0, what="a whole number >= 0")
         )
         if transport is not None:

@@ -1,11 +1,10 @@
 """What the response bodies of the httpx / httpx2 cache transports share
 (:mod:`sse_cache._async_bodies`, :mod:`sse_cache._sync_bodies`): the errors their readers see,
-as the HTTP library's own, and the bound on streams held for a resume window."""
+as the HTTP library's own."""
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any
 
@@ -55,37 +54,6 @@ class _ClosedUnderReader(Exception):
 class _TransportClosed(Exception):
     """A call into the portal of a transport that is closing or closed (see
     :meth:`_SyncOpen.call`); the bodies turn it into :func:`_closed_under`."""
-
-
-class HoldSlots:
-    """A transport's bound on the streams read on for a resume window after their client
-    left (its ``max_background``, as the middleware's): each holds an upstream call and up
-    to two copies of ``max_entry_bytes``, and a program whose clients leave faster than the
-    window passes would hold without bound. Past it, a client that leaves is treated as
-    without a window (its answer abandoned at once, unless followers read it). Taken and
-    given back in one event loop (the async transport's, the sync one's portal)."""
-
-    __slots__ = ("bound", "taken")
-
-    def __init__(self, bound: int) -> None:
-        self.bound = bound
-        self.taken = 0
-
-    def take(self) -> bool:
-        if self.taken >= self.bound:
-            return False
-        self.taken += 1
-        return True
-
-    def give(self) -> None:
-        self.taken -= 1
-
-    async def held_for(self, window: Callable[[], Awaitable[None]]) -> None:
-        """Run ``window()`` (a held stream's resume window), then give its place back."""
-        try:
-            await window()
-        finally:
-            self.give()
 
 
 def watch_client(tee: ResponseTee, body: Any) -> None:

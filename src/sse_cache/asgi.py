@@ -38,6 +38,7 @@ from ._checks import boolean, integer, positive_number
 from ._notices import Notice, emit
 from .errors import ConfigError
 from .flight import SharedStreamAborted
+from .http._tee import BackgroundSlots
 from .http._wire import merge_headers
 from .http.options import CacheOptions
 from .http.service import CacheService, Exchange, ResponseTee
@@ -111,7 +112,8 @@ class CacheMiddleware:
             "max_background", max_background, minimum=0, what="a whole number >= 0"
         )
         self.background_timeout = positive_number("background_timeout", background_timeout)
-        self._background = 0
+        #: Streams read on without their client (background completions, resume windows).
+        self.slots = BackgroundSlots(self.max_background)
         self._outer_checked = False
         own = ("finish_on_disconnect", "max_background", "background_timeout")
         self.service = CacheService(backend, CacheOptions.of(options, keywords, own))
@@ -398,7 +400,9 @@ class _Request:
                             else "the background completion ran out of time"
                         )
         finally:
-            self.mw._background -= self.background + self.holding
+            slots = self.mw.slots
+            for _ in range(self.background + self.holding):
+                slots.give()
             self.app_done = True  # nothing left to finish or hold: never counted again
 
     async def _send_first(self, message: Message) -> None:
@@ -483,7 +487,7 @@ class _Request:
             # leaving at once passed 1.5 GB). Past that, as without a window.
             if not tee.client_left(self._abandon, hold=True):
                 return False
-            self.mw._background += 1  # (given back when the app is done: _produce)
+            self.mw.slots.take()  # (free: _slot_free; given back when the app is done: _produce)
             self.holding = True
             self.detached = True
             self.hold_scope = anyio.CancelScope()
@@ -514,7 +518,7 @@ class _Request:
         gave the counts back (_produce). (The last follower of a failed stream leaves after
         the app: a slot taken then was never given back; helper-86: after eight, no stream
         was finished in the background any more.)"""
-        return not self.app_done and self.mw._background < self.mw.max_background
+        return not self.app_done and self.mw.slots.free()
 
     def _finish_in_background(self) -> bool:
         """With ``finish_on_disconnect``, while fewer than ``max_background`` do: the app
@@ -525,7 +529,7 @@ class _Request:
             return True
         if not mw.finish_on_disconnect or not self._slot_free():
             return False
-        mw._background += 1  # (given back when the app is done: _produce)
+        mw.slots.take()  # (free: _slot_free; given back when the app is done: _produce)
         self.background = True
         if self.app_scope is not None:
             self.app_scope.deadline = anyio.current_time() + mw.background_timeout

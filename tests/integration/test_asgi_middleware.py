@@ -991,7 +991,7 @@ async def test_a_client_gone_at_the_held_byte_after_the_app_raised_takes_no_back
     mw = CacheMiddleware(app, "memory://", finish_on_disconnect=True, single_flight=False)
     with pytest.raises(RuntimeError, match="after its body"):
         await mw(chat_scope(), body_then(CHAT_REQUEST), send)
-    assert mw._background == 0  # (the slots finish_on_disconnect counts)
+    assert mw.slots.taken == 0  # (the slots finish_on_disconnect and resume windows take)
 
 
 async def test_a_completing_event_that_does_not_complete_is_judged_once(
@@ -1367,7 +1367,7 @@ async def test_the_last_follower_of_a_failed_stream_takes_no_background_slot() -
             tg.start_soon(follower)
             await log.wait("shared")
             upstream.gate.set()
-    assert mw._background == 0  # (the slots finish_on_disconnect counts)
+    assert mw.slots.taken == 0  # (the slots finish_on_disconnect and resume windows take)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
