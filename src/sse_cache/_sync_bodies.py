@@ -122,6 +122,11 @@ class _SyncOpen:
         #: The response's first body bytes are still to be reported.
         self.timing = False
 
+    def beside(self, cm: AbstractAsyncContextManager[Any]) -> _SyncOpen:
+        """Another exchange (or a :class:`NoExchange`), held as this one is: in the same
+        portal, failing as this one does once the transport begins to close."""
+        return _SyncOpen(cm, self._portal, closing=self._closing)
+
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in the portal's loop. Raises :class:`_TransportClosed` when the
         transport is closing or closed (see :func:`unless_closed`)."""
@@ -359,7 +364,7 @@ class _SyncTeeBody:
         if reading_on is None:
             assert self._place is not None
             live, cursor = self._place
-            opened = _SyncOpen(NoExchange(), self._portal, closing=self._opened._closing)
+            opened = self._opened.beside(NoExchange())
             try:
                 opened.enter()
                 opened.call(live.flight.claim, cursor)  # (it came back: its place is wanted)
