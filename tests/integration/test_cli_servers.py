@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -246,6 +247,43 @@ def test_the_proxy_access_log_never_prints_a_credential_in_a_query() -> None:
     assert RedactQueryKey().filter(record)
     assert "AIza-secret" not in record.getMessage() and "key=***&alt=sse" in record.getMessage()
     assert scope["query_string"] == b"key=AIza-secret&alt=sse"  # (the request's own is intact)
+
+
+def test_inspecting_what_a_cross_process_proxy_stored(
+    tmp_path: Path, redis_server: Any, request: pytest.FixtureRequest
+) -> None:
+    """A cross-process proxy on Redis also indexes each Responses stream's producer under a
+    *live alias* ("key token"), for a resume by id from another process; the inspection
+    commands read it as naming its entry (helper-126: ``ls -la`` called it dangling, ``show``
+    failed on it, ``purge KEY`` left it behind)."""
+    url = f"{redis_server.url}?prefix=cli-live-{request.node.name}:"
+    with mock_and_proxy("--backend", url, "--cross-process", cwd=tmp_path) as (_, proxy, procs):
+        body = {"model": "gpt-mock", "input": "live aliases", "stream": True}
+        with httpx2.Client(base_url=proxy, timeout=30) as client:
+            response = client.post(
+                "/v1/responses", json=body, headers={"authorization": "Bearer sk-cli"}
+            )
+        assert response.headers["x-sse-cache"] == "miss"
+        stop(procs.pop())  # its index rows written
+    every = [
+        line.split("\t")
+        for line in cli("ls", "-la", "--backend", url, cwd=tmp_path).stdout.splitlines()
+    ]
+    entries = [row[0] for row in every if row[2] == "openai-responses"]
+    kinds = sorted(row[2] for row in every if row[0] not in entries)
+    assert len(entries) == 1 and kinds == ["alias", "live-alias"], every
+    (key,) = entries
+    live = next(row for row in every if row[2] == "live-alias")
+    assert live[3:] == [key]  # its entry, not dangling
+
+    shown = cli("show", live[0], "--backend", url, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "kind:  live alias" in shown.stdout and f"names: {key}" in shown.stdout
+    assert "event: response.completed" in shown.stdout  # and then the entry it names
+
+    purged = cli("purge", key, "--yes", "--backend", url, cwd=tmp_path)
+    assert "purged 1 entry and 2 aliases" in purged.stdout, purged.stderr
+    assert cli("ls", "-a", "--backend", url, cwd=tmp_path).stdout == ""
 
 
 @pytest.mark.parametrize(

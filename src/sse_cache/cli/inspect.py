@@ -244,7 +244,8 @@ def _cannot_list(args: argparse.Namespace, backend: Backend) -> int:
 @dataclass(frozen=True, slots=True)
 class Row:
     """One stored row, read for what it is: an ``entry`` (``entry`` set, or ``listed`` when
-    read for a listing), an ``alias`` (``target``: the key of the entry it names),
+    read for a listing), an ``alias`` (``target``: the key of the entry it names; ``live``:
+    a cross-process stream's, which names its producer too, and its entry once stored),
     ``corrupt`` or ``unreadable`` (a sound entry this installation cannot read, e.g.
     zstd-compressed without ``sse-cache[zstd]``: not to be purged as corrupt); ``error`` says
     why."""
@@ -254,6 +255,7 @@ class Row:
     listed: WireEntry | None = None
     target: str = ""
     error: str = ""
+    live: bool = False
 
 
 def is_alias(key: str) -> bool:
@@ -277,9 +279,14 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec, *, listing: bool = Fals
             target = data.decode("ascii")
         except UnicodeDecodeError:
             return Row("corrupt", error="an alias whose value is not an ASCII key")
+        # A live alias (a Responses stream produced by another process, for a resume by
+        # id) holds its stream's key and its producer's lease token: it names that entry.
+        target, live, token = target.partition(" ")
         if not target or len(target) > _MAX_KEY_CHARS or not target.isprintable():
             return Row("corrupt", error="an alias whose value is not a key")
-        return Row("alias", target=target)
+        if live and not (token and token.isprintable() and " " not in token):
+            return Row("corrupt", error="a live alias whose value is not a key and a token")
+        return Row("alias", target=target, live=bool(live))
     try:
         if listing:
             return Row("entry", listed=codec.decode_wire(data))
@@ -356,7 +363,8 @@ async def _ls(args: argparse.Namespace, backend: Backend) -> int:
         if row.kind == "alias":
             aliases += 1
             gone = not await present(backend, row.target)
-            print(f"{key}\t{len(data)}\talias\t{row.target}" + ("\tdangling" if gone else ""))
+            kind = "live-alias" if row.live else "alias"
+            print(f"{key}\t{len(data)}\t{kind}\t{row.target}" + ("\tdangling" if gone else ""))
         elif row.listed is not None:
             entries += 1
             entry = row.listed
@@ -443,7 +451,12 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
     out = sys.stdout
     if row.kind == "alias":
         if not args.sse_only:
-            kind = "alias (another name of the entry it names)"
+            kind = (
+                "live alias (names a stream another process produced, for a resume by id: "
+                "its entry once stored)"
+                if row.live
+                else "alias (another name of the entry it names)"
+            )
             _print_rows(out, [("key", key), ("kind", kind), ("names", row.target)])
             out.write("\n")
             out.flush()
