@@ -304,7 +304,7 @@ def test_entries_written_with_a_secret_are_unreadable_without_it_and_read_with_i
     assert "cannot begin or end with whitespace" in capsys.readouterr().err
     monkeypatch.setenv("SSE_CACHE_SECRET", "   ")  # set but blank: not "no secret"
     assert run_cli("ls", "--backend", url) == 2
-    assert "SSE_CACHE_SECRET is set but blank" in capsys.readouterr().err
+    assert "bad SSE_CACHE_SECRET: set but blank" in capsys.readouterr().err
 
 
 def test_show_an_entry_dated_past_any_calendar(
@@ -407,6 +407,19 @@ def test_the_backend_is_read_from_sse_cache_backend_as_the_proxy_reads_it(
     # ls and show print the entry; stats and purge name the cache they looked at.
     assert "aaa111" in out if command[0] in ("ls", "show") else db in out, out
     assert not (workdir / "sse-cache.db").exists()
+
+
+def test_a_misspelt_sse_cache_backend_is_said(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It looked at the default cache of the working directory without a word (helper-126).
+    monkeypatch.delenv("SSE_CACHE_BACKEND", raising=False)
+    monkeypatch.setenv("SSE_CACHE_BACKNED", db)
+    monkeypatch.chdir(tmp_path)
+    assert run_cli("ls") == 1
+    err = capsys.readouterr().err
+    assert "ignoring SSE_CACHE_BACKNED: not an option (did you mean SSE_CACHE_BACKEND?)" in err
+    assert "sse-cache.db' does not exist" in err
 
 
 def test_the_backend_flag_wins_over_sse_cache_backend(

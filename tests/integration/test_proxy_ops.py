@@ -279,6 +279,28 @@ def test_a_misspelt_variable_is_warned_about(tmp_path: Path) -> None:
     assert "SSE_CACHE_OTHER" not in text  # other tools' variables are left alone
 
 
+def test_a_refusal_names_a_misspelt_variable_too(tmp_path: Path) -> None:
+    # The misspelt variable is why there is no upstream: the warning, logged only once the
+    # configuration resolved, was lost with the refusal (helper-126).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSE_CACHE_")}
+    env["SSE_CACHE_UPSTREM"] = "http://127.0.0.1:9"
+    refused = subprocess.run(
+        [sys.executable, "-m", "sse_cache", "proxy"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 2
+    lines = refused.stderr.splitlines()
+    assert lines[0].startswith("sse-cache proxy: an upstream is required")
+    assert lines[1:] == [
+        "sse-cache proxy: ignoring SSE_CACHE_UPSTREM: not an option "
+        "(did you mean SSE_CACHE_UPSTREAM?)"
+    ]
+
+
 def test_workers_on_redis_turn_cross_process_on() -> None:
     settings = parsed(["--upstream", "http://x", "--workers", "2"], {})
     settings.backend = "redis://127.0.0.1:1/0"

@@ -581,7 +581,7 @@ def value_of(opt: Option, given: Any, environ: Mapping[str, str]) -> Any:
     raw = environ.get(opt.env, "")
     text = raw if opt.verbatim else raw.strip()
     if opt.verbatim and raw and not raw.strip():
-        raise ConfigError(f"{opt.env} is set but blank: unset it, or give a value")
+        raise ConfigError(f"{opt.env}: set but blank: unset it, or give a value")
     if text:
         try:
             return opt.from_text(text)

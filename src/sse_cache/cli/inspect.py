@@ -36,7 +36,7 @@ from ..events import serialize_sse
 from ..keys import ALIAS_PREFIX
 from ..protocols import Backend, ScanningBackend, StatsBackend
 from . import INTERRUPTED_EXIT
-from ._options import option, process_private, secret_bytes, value_of
+from ._options import option, process_private, secret_bytes, unknown_variables, value_of
 
 __all__ = ["DEFAULT_BACKEND", "register"]
 
@@ -130,7 +130,10 @@ def _sync(
         if bad_key:
             return _fail(bad_key, EXIT_UNSUPPORTED)
         # The flag, else SSE_CACHE_BACKEND, else the default: as `sse-cache proxy` reads
-        # it, so that these commands look at the cache the proxy beside them uses.
+        # it, so that these commands look at the cache the proxy beside them uses. (A
+        # misspelt SSE_CACHE_BACKEND looked at the default cache without a word.)
+        for warning in unknown_variables(os.environ):
+            print(f"sse-cache: {warning}", file=sys.stderr)
         from_env = args.backend is None and bool(os.environ.get(_BACKEND.env, "").strip())
         source = _BACKEND.env if from_env else "--backend"
         try:

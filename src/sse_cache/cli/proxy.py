@@ -258,6 +258,20 @@ def plan_workers(settings: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    # A misspelt variable is often why a value is missing or refused. Its warning is logged
+    # once the configuration resolves (then taken off the list), and was lost with a
+    # refusal before that (helper-126: SSE_CACHE_UPSTREM=... gave "an upstream is
+    # required" and no word of the typo): the refusal says it then.
+    typos = unknown_variables(os.environ)
+    try:
+        return _serve(args, typos)
+    except Refused as refused:
+        for warning in typos:
+            refused.message += f"\nsse-cache proxy: {warning}"
+        raise
+
+
+def _serve(args: argparse.Namespace, typos: list[str]) -> int:
     try:
         import uvicorn
     except ImportError:
@@ -270,8 +284,9 @@ def _run(args: argparse.Namespace) -> int:
         raise Refused(f"sse-cache proxy: {exc}") from None
     log_config = proxy_log_config(settings.log_level)
     logging.config.dictConfig(log_config)
-    for warning in unknown_variables(os.environ):
+    for warning in typos:
         logger.warning("sse_cache: %s", warning)
+    typos.clear()
     if forwards_to_itself(settings):
         raise Refused(
             f"sse-cache proxy: --upstream {redact_url(settings.upstream)} is this proxy itself "
