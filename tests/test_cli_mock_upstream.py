@@ -85,3 +85,31 @@ def test_the_mock_listens_only_on_an_address_it_can_name(
         main(["mock-upstream", f"--host={value}"])
     assert exit_info.value.code == 2
     assert "argument --host: expected an address to listen on" in capsys.readouterr().err
+
+
+def test_a_port_in_use_is_said_before_anything_claims_to_serve() -> None:
+    # It printed "sse-cache mock-upstream on http://127.0.0.1:PORT" and its routes, then
+    # uvicorn's error (helper-126): bound first now, it says only what failed.
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "sse_cache", "mock-upstream", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode != 0
+    assert done.stdout == ""
+    assert "address already in use" in done.stderr.lower() and "Traceback" not in done.stderr
+
+
+@pytest.mark.usefixtures("nothing_starts")
+def test_a_port_out_of_range_says_the_range(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["mock-upstream", "--port", "99999"])
+    assert exit_info.value.code == 2
+    assert "argument --port: expected a port number from 0 to 65535" in capsys.readouterr().err

@@ -89,7 +89,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.deltas < 1 or args.summaries < 0:
         raise Refused("sse-cache mock-upstream: --deltas must be >= 1, --summaries >= 0")
     if not 0 <= args.port <= 65535:
-        raise Refused(f"sse-cache mock-upstream: invalid --port {args.port}")
+        raise Refused(
+            f"sse-cache mock-upstream: argument --port: expected a port number from 0 to "
+            f"65535 (0: a free one), got {args.port}"
+        )
     try:
         import uvicorn  # lazily: only this subcommand needs a server
     except ImportError:
@@ -106,17 +109,19 @@ def _run(args: argparse.Namespace) -> int:
         summaries=args.summaries,
     )
     options: dict[str, Any] = {"log_level": args.log_level, "lifespan": "on"}
-    port, listener = args.port, None
-    if port == 0:
-        # Port 0 asks the system for a free port, and is given to learn which one: bind
-        # here to print it. (uvicorn would bind without saying, or with "localhost" bind
-        # two sockets on two different ports.)
-        config = uvicorn.Config(app, host=args.host, port=0, **options)
+    # Bound here, before the banner says where it serves (helper-126: with the port taken,
+    # it printed its address, then uvicorn's error). Port 0 asks the system for a free
+    # port, and is given to learn which one. (uvicorn would bind without saying, or with
+    # "localhost" bind two sockets on two different ports.)
+    config = uvicorn.Config(app, host=args.host, port=args.port, **options)
+    try:
         listener = config.bind_socket()
-        # Listening from now: a client that read the port connects (and waits in the
-        # backlog for uvicorn to start) rather than being refused.
-        listener.listen(config.backlog)
-        port = listener.getsockname()[1]
+    except SystemExit as exc:  # (uvicorn has logged why: the address in use, say)
+        return exc.code if isinstance(exc.code, int) else 1
+    # Listening from now: a client that read the port connects (and waits in the backlog
+    # for uvicorn to start) rather than being refused.
+    listener.listen(config.backlog)
+    port = listener.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sse-cache mock-upstream on http://{host}:{port}", flush=True)
     print(
@@ -128,9 +133,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK_NAMES:
         # A mock answers anyone without credentials: say so when it leaves loopback.
         print(f"  warning: listening on {args.host}, not loopback only", file=sys.stderr)
-    if listener is None:
-        uvicorn.run(app, host=args.host, port=port, **options)
-        return 0
     # What uvicorn.run does, on the socket bound above (uvicorn.run takes none).
     server = uvicorn.Server(config)
     try:
