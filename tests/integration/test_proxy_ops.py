@@ -341,6 +341,12 @@ def test_workers_on_a_backend_without_live_streams_warn(backend: str, expected: 
         ("http://127.0.0.1:8000", "::1", False),
         ("http://[::1]:8000", "127.0.0.1", False),
         ("http://localhost:8000", "::1", True),
+        # A wildcard address connected to is this host's loopback (helper-126).
+        ("http://0.0.0.0:8000", "127.0.0.1", True),
+        ("http://0.0.0.0:8000", "localhost", True),
+        ("http://[::]:8000", "::1", True),
+        ("http://0.0.0.0:8000", "::1", False),
+        ("http://0.0.0.0:8000", "10.0.0.5", False),
     ],
 )
 def test_an_upstream_that_is_the_proxy_itself_is_refused(

@@ -187,6 +187,11 @@ def forwards_to_itself(settings: argparse.Namespace) -> bool:
     listening = settings.host.strip("[]").lower()
     if upstream == listening:
         return True
+    # Connected to, a wildcard address is this host's loopback (Linux: 0.0.0.0 is 127.0.0.1,
+    # :: is ::1; helper-126: `--upstream http://0.0.0.0:PORT` on the proxy's own port).
+    upstream = _CONNECTED_AS.get(upstream, upstream)
+    if upstream == listening:
+        return True
     loopback = upstream in LOOPBACK_NAMES or upstream.startswith("127.")
     if listening in _EVERY_INTERFACE:
         return loopback
@@ -197,6 +202,8 @@ def forwards_to_itself(settings: argparse.Namespace) -> bool:
 
 #: The addresses that listen on every interface, loopback included.
 _EVERY_INTERFACE = frozenset({"0.0.0.0", "::", ""})
+#: What a connection to a wildcard address reaches.
+_CONNECTED_AS = {"0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
 def _stop_gracefully(signum: int, frame: object) -> None:
