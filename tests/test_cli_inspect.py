@@ -479,6 +479,29 @@ def test_memcached_cannot_list(memcached_server: Any, capsys: pytest.CaptureFixt
     assert "entries:" in capsys.readouterr().out
 
 
+def test_purge_of_known_keys_where_keys_cannot_be_listed(
+    memcached_server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every purge was refused: nothing deleted a known bad entry on memcached (helper-126).
+    # The keys given go (an alias given: with the entry it names); other aliases naming
+    # them cannot be found, and it says so.
+    url = f"memcached://{memcached_server.address}?prefix=clipurge:"
+    entry = MsgpackCodec().encode(Entry(schema="g", created_at=0.0, body=b"b"))
+    store(url, {"k1": entry, "k2": entry, "k3": entry})
+    (alias,) = add_aliases(url, {"resp_2": "k2"}).values()
+    assert run_cli("purge", "k1", "nope", "--yes", "--backend", url) == 1
+    assert "no entry with key 'nope'" in capsys.readouterr().err
+    assert run_cli("show", "k1", "--backend", url) == 0  # nothing deleted
+    capsys.readouterr()
+    assert run_cli("purge", "k1", alias, "--yes", "--backend", url) == 0
+    out, err = capsys.readouterr()
+    assert "purged 2 entries and 1 alias" in out
+    assert "cannot list its keys: other aliases naming these entries are not found" in err
+    for gone in ("k1", "k2", alias):
+        assert run_cli("show", gone, "--backend", url) == 1
+    assert run_cli("show", "k3", "--backend", url) == 0
+
+
 def test_redis_password_is_redacted(capsys: pytest.CaptureFixture[str]) -> None:
     # An unreachable Redis: the error names the URL without its password.
     url = "redis://user:s3cret@127.0.0.1:1/0?timeout=0.2"

@@ -2,8 +2,9 @@
 :class:`~sse_cache.engine.StreamCache`, :class:`~sse_cache.http.policy.CachePolicy`).
 
 Each takes the option's name and value and raises :class:`~sse_cache.errors.ConfigError`
-``"{name} must be ..., got {value!r}"`` when the value is wrong: of the wrong type (a string
-from an environment variable, a bool where a number is meant), NaN (which passes every
+``"{name} must be ..., got {value!r}"`` (``got the string '5'`` for text) when the value
+is wrong: of the wrong type (a string from an environment variable, a bool where a number
+is meant), NaN (which passes every
 ``x <= 0`` check and would silently turn a limit off) or out of range. They run once, at
 construction: nothing here is on a request's path.
 """
@@ -71,7 +72,7 @@ def positive_number(
         or (maximum is not None and number > maximum)
     ):
         at_most = "" if maximum is None else f" of at most {maximum:g}"
-        raise ConfigError(f"{name} must be {what}{at_most}, got {value!r}")
+        raise ConfigError(f"{name} must be {what}{at_most}, got {_as_given(value)}")
     return number
 
 
@@ -86,27 +87,33 @@ def integer(name: str, value: object, *, minimum: int = 1, what: str = "") -> in
     number: int | None = int(value) if whole else None  # type: ignore[call-overload]
     if number is None or number < minimum:
         what = what or ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
-        raise ConfigError(f"{name} must be {what}, got {value!r}")
+        raise ConfigError(f"{name} must be {what}, got {_as_given(value)}")
     return number
+
+
+def _as_given(value: object) -> str:
+    """A wrong value as an error shows it: a number given as text says so (``ttl="5"`` read
+    as a range error, "got '5'"; helper-126)."""
+    return f"the string {value!r}" if isinstance(value, str) else repr(value)
 
 
 def boolean(name: str, value: object) -> None:
     """Check that ``value`` is a bool: a string such as ``"false"`` (from an environment
     variable) is not taken as true."""
     if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}")
+        raise ConfigError(f"{name} must be True or False, got {_as_given(value)}")
 
 
 def text(name: str, value: object) -> None:
     """Check that ``value`` is a str."""
     if not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {value!r}")
+        raise ConfigError(f"{name} must be a string, got {_as_given(value)}")
 
 
 def mapping(name: str, value: object, *, what: str = "a mapping") -> None:
     """Check that ``value`` is a :class:`~collections.abc.Mapping` (a dict)."""
     if not isinstance(value, Mapping):
-        raise ConfigError(f"{name} must be {what}, got {value!r}")
+        raise ConfigError(f"{name} must be {what}, got {_as_given(value)}")
 
 
 def callables(name: str, value: object) -> tuple[Callable[..., Any], ...]:
@@ -114,7 +121,7 @@ def callables(name: str, value: object) -> tuple[Callable[..., Any], ...]:
     non-callable item, or an ``async def`` one (its coroutine would never be awaited) is
     refused."""
     if callable(value) or isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ConfigError(f"{name} must be a list of callables, got {value!r}")
+        raise ConfigError(f"{name} must be a list of callables, got {_as_given(value)}")
     items = tuple(value)
     for item in items:
         if not callable(item):
@@ -140,7 +147,7 @@ def header_names(name: str, value: object) -> tuple[str, ...]:
     list) of names. One name alone (a ``str``: its letters would be taken for names) or an
     item that is no header name is refused."""
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise ConfigError(f"{name} must be a list of header names, got {value!r}")
+        raise ConfigError(f"{name} must be a list of header names, got {_as_given(value)}")
     items = tuple(value)
     for item in items:
         if not is_header_name(item):
@@ -168,7 +175,7 @@ def instance_of(name: str, value: object, kind: type, *, optional: bool = False)
         )
     if not isinstance(value, kind):
         none = " or None" if optional else ""
-        raise ConfigError(f"{name} must be {_a(kind.__name__)}{none}, got {value!r}")
+        raise ConfigError(f"{name} must be {_a(kind.__name__)}{none}, got {_as_given(value)}")
 
 
 def _a(noun: str) -> str:

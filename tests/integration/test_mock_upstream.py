@@ -994,15 +994,22 @@ def test_cli_serves_the_configured_app(
 ) -> None:
     import uvicorn
 
-    calls: list[tuple[Any, dict[str, Any]]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
-    args = parse_cli("--port", "9123", "--delay-ms", "5", "--first-ms", "300", "--seed", "3")
+    calls: list[tuple[Any, tuple[str, int]]] = []
+
+    def run(server: uvicorn.Server, sockets: Any = None) -> None:
+        (listener,) = sockets  # served on the socket bound before the banner
+        calls.append((server.config, listener.getsockname()))
+        server.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    args = parse_cli("--port", "0", "--delay-ms", "5", "--first-ms", "300", "--seed", "3")
     assert args.run(args) == 0
-    [(app, options)] = calls
+    [(config, (host, port))] = calls
+    app = config.app
     assert isinstance(app, MockUpstream)
     assert (app.delay, app.first_delay, app.seed) == (0.005, 0.3, 3)
-    assert options["host"] == "127.0.0.1" and options["port"] == 9123
-    assert "http://127.0.0.1:9123" in capsys.readouterr().out
+    assert host == "127.0.0.1" and port != 0
+    assert f"http://127.0.0.1:{port}" in capsys.readouterr().out
 
 
 def test_cli_without_uvicorn(

@@ -74,7 +74,7 @@ def register(sub: Any) -> None:
         metavar="TEXT",
         help=f"the secret the entries were written with (MsgpackCodec(secret=...); env "
         f"{_SECRET.env}, as for sse-cache proxy: prefer it to the flag, which ps shows); "
-        "entries written with another secret, or with none, are listed as unreadable",
+        "entries written with another secret, or with none, are unreadable here",
     )
 
     ls = sub.add_parser("ls", parents=[common], help="list the keys of the entries in a cache")
@@ -640,10 +640,10 @@ async def _declined(args: argparse.Namespace, question: str) -> int | None:
 
 
 async def _purge(args: argparse.Namespace, backend: Backend) -> int:
-    if not isinstance(backend, ScanningBackend):
-        return _cannot_list(args, backend)
     if args.keys:
         return await _purge_keys(args, backend)
+    if not isinstance(backend, ScanningBackend):
+        return _cannot_list(args, backend)
     where = _redact(args.backend)
     declined = await _declined(args, f"Delete every entry in {where}?")
     if declined is not None:
@@ -659,7 +659,11 @@ async def _purge(args: argparse.Namespace, backend: Backend) -> int:
     return EXIT_OK
 
 
-async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int:
+async def _purge_keys(args: argparse.Namespace, backend: Backend) -> int:
+    # On a backend that cannot list its keys (memcached) the keys given go, and the entry an
+    # alias given names; other aliases naming them cannot be found: they are left to expire
+    # (a resume by id through one finds no entry, and the upstream answers). It refused
+    # every purge, and nothing else deletes a known bad entry there (helper-126).
     codec = _codec(args)
     where = _redact(args.backend)
     # Every key first: an alias given stands for the entry it names; a key that is not in
@@ -680,14 +684,22 @@ async def _purge_keys(args: argparse.Namespace, backend: ScanningBackend) -> int
         else:
             entries[key] = None
             named.add(key)
-    async for alias in backend.scan(ALIAS_PREFIX):
-        found = None if alias in aliases else await stored(backend, alias, codec)
-        if found is not None and found[1].target in named:
-            aliases[alias] = None
+    listed = isinstance(backend, ScanningBackend)
+    if isinstance(backend, ScanningBackend):
+        async for alias in backend.scan(ALIAS_PREFIX):
+            found = None if alias in aliases else await stored(backend, alias, codec)
+            if found is not None and found[1].target in named:
+                aliases[alias] = None
     what = (
         f"{_plural(len(entries), 'entry', 'entries')} "
         f"and {_plural(len(aliases), 'alias', 'aliases')}"
     )
+    if not listed:
+        print(
+            f"sse-cache: {type(backend).__name__} cannot list its keys: other aliases naming "
+            "these entries are not found, and expire with their TTL",
+            file=sys.stderr,
+        )
     declined = await _declined(args, f"Delete {what} from {where}?")
     if declined is not None:
         return declined
