@@ -12,12 +12,19 @@ from typing import Any
 
 import anyio
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from sse_cache.backends import from_url
 from sse_cache.backends.redis import RedisBackend
-from sse_cache.errors import BackendError, BackendTimeout, BackendUnavailable, ConfigError
+from sse_cache.errors import (
+    BackendError,
+    BackendFull,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+)
 from sse_cache.protocols import FanoutBackend
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
@@ -387,6 +394,40 @@ async def test_server_stopped_mid_read_then_restarted(spawn_redis: Callable[[], 
         fresh = channel()
         await publish_all(backend, fresh, [b"after"])
         assert await collect(backend, fresh) == [b"after"]
+    finally:
+        await backend.aclose()
+
+
+async def test_a_full_server_refuses_an_append_to_a_live_stream(
+    spawn_redis: Callable[[], Any],
+) -> None:
+    # Redis at its maxmemory (noeviction) refuses writes: the append to a stream already
+    # under way went through past maxmemory (the script refreshed the expiry first, and
+    # Redis checks a script for memory at its first write only; helper-128). Refused, the
+    # producer's publish fails, and its followers in other processes are aborted (as the
+    # reliability page says), never fed past the operator's limit.
+    server = spawn_redis()
+    backend = from_url(server.url, timeout=5)
+    assert isinstance(backend, RedisBackend)
+    name = channel()
+    try:
+        await backend.publish(name, b"before", ttl=TTL)
+        client = aioredis.Redis(host="127.0.0.1", port=server.port)
+        try:
+            used = int((await client.info("memory"))["used_memory"])
+            await client.config_set("maxmemory-policy", "noeviction")
+            await client.config_set("maxmemory", str(used + 1024 * 1024))
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for i in range(100):
+                    await client.set(f"junk-{i}", b"x" * 100_000)
+            with pytest.raises(BackendFull):
+                await backend.publish(name, b"x" * 100_000, ttl=TTL)
+            await client.config_set("maxmemory", "0")  # room again: the stream goes on
+            await backend.publish(name, b"after", ttl=TTL)
+            await backend.finish(name, ttl=TTL)
+        finally:
+            await client.aclose()
+        assert await collect(backend, name) == [b"before", b"after"]
     finally:
         await backend.aclose()
 

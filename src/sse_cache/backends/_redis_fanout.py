@@ -46,6 +46,10 @@ _READ_BYTES: Final = 2 * 1024 * 1024
 # reader raises; a stream so marked refuses every later append (a retry of the refused one
 # included). ARGV[7]: how many appends of unknown outcome (they raised) came before, any of
 # which may have been applied.
+#
+# XADD is the script's first write wherever it appends: Redis checks a script against its
+# maxmemory at the first write only, and a PEXPIRE (which it lets through when full) first
+# let every append after it past maxmemory (helper-128). A full Redis refuses the append.
 _APPEND: Final = """
 local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
 local seq = 0
@@ -59,11 +63,11 @@ if last then
             nonce = fields[i + 1]
         end
     end
-    redis.call('PEXPIRE', KEYS[1], ARGV[3])
-    if newest < 0 then
-        return {-1, -1}
-    end
-    if nonce == ARGV[1] then
+    if newest < 0 or nonce == ARGV[1] then
+        redis.call('PEXPIRE', KEYS[1], ARGV[3])
+        if newest < 0 then
+            return {-1, -1}
+        end
         return {0, newest}
     end
     seq = newest + 1
