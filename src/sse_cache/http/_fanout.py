@@ -410,8 +410,11 @@ class _ProcessSource:
                 live.fail("the process producing this stream failed")
         except StopAsyncIteration:
             live.end()  # the producer's end marker: its upstream ended cleanly
-        except BackendTimeout:
-            live.fail("the process producing this stream went silent (killed?)")
+        except BackendTimeout as exc:
+            # Its own silence for the read's block (killed?), or Redis not answering a
+            # command in time (a stalled Redis): the error tells which (they read alike,
+            # and a Redis stall of a second was logged as a producer gone; helper-128).
+            live.fail(f"following the producing process timed out: {exc}")
         except Exception as exc:
             live.fail(f"following the producing process failed: {exc!r}")
         await self.stop()
