@@ -271,7 +271,7 @@ def test_entries_written_with_a_secret_are_unreadable_without_it_and_read_with_i
     assert rows[2][2] == "CORRUPT"
     assert err == "1 entry, 1 corrupt, 1 unreadable here\n"
     assert run_cli("show", "k1", "--backend", url) == 1
-    assert "entry 'k1' is unreadable: its checksum matches no secret" in capsys.readouterr().err
+    assert "entry 'k1' is unreadable: its checksum does not match" in capsys.readouterr().err
     for given in (["--secret", "fleet secret"], []):
         if not given:
             monkeypatch.setenv("SSE_CACHE_SECRET", "fleet secret")

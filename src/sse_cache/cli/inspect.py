@@ -307,8 +307,8 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec, *, listing: bool = Fals
 
 #: Why a sound entry whose checksum does not match is unreadable here.
 _MAC_MISMATCH = (
-    "its checksum matches no secret given here: written with another secret "
-    f"(MsgpackCodec(secret=...): give it with {_SECRET.env} or --secret), or altered"
+    "its checksum does not match: altered since it was written, or written with a secret "
+    f"not given here (MsgpackCodec(secret=...): give it with {_SECRET.env} or --secret)"
 )
 
 
