@@ -57,14 +57,20 @@ def test_decide_bypasses_what_it_cannot_key(caplog: pytest.LogCaptureFixture) ->
         policy.decide("POST", "/v1/responses", headers, b"not json").reason
         == "request body is not JSON"
     )
+    # A string that is not UTF-8 (msgspec before 0.23 raised UnicodeDecodeError, which
+    # escaped: the proxy answered 500; helper-127. The oldest-versions run checks the floor.)
+    assert (
+        policy.decide("POST", "/v1/responses", headers, b'{"input": "\xff"}').reason
+        == "request body is not JSON"
+    )
     assert "not a JSON object" in policy.decide("POST", "/v1/responses", headers, b"[1]").reason
     assert "over 100 bytes" in policy.decide("POST", "/v1/responses", headers, None).reason
     gz = {**headers, "content-encoding": "gzip"}
     assert policy.decide("POST", "/v1/responses", gz, BODY).reason == "compressed request body"
     # Each in one log line, as docs/asgi.md says (a large or compressed body was silent).
     logged = [r.getMessage() for r in caplog.records]
-    assert len(logged) == 4 and "over 100 bytes" in logged[2], logged
-    assert logged[3] == "sse_cache: POST /v1/responses forwarded uncached: compressed request body"
+    assert len(logged) == 5 and "over 100 bytes" in logged[3], logged
+    assert logged[4] == "sse_cache: POST /v1/responses forwarded uncached: compressed request body"
     # The query's credentials are not in the line: in an app's own logging, nothing else
     # redacts them (helper-123: ?access_token= and ?subscription-key= were written out).
     caplog.clear()

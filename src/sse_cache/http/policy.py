@@ -615,7 +615,7 @@ class CachePolicy:
             return self._unkeyable(route, why)
         try:
             parsed = _json_decode(body)
-        except msgspec.DecodeError:
+        except msgspec.DecodeError:  # (a string not UTF-8 too: msgspec >= 0.23)
             return self._unkeyable(route, "request body is not JSON")
         except RecursionError:  # msgspec's own bound, far deeper than ours
             return self._unkeyable(route, deep)
