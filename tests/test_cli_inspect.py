@@ -560,6 +560,30 @@ def test_ls_hides_aliases_and_lists_them_as_their_own_kind(
     assert err.strip() == "2 entries, 1 corrupt, 2 aliases"
 
 
+def test_a_live_alias_is_read_by_its_token(db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # A cross-process proxy's live alias holds "KEY TOKEN" (its producer's lease token,
+    # uuid4 hex): it names KEY. A value with a space and no such token is a plain alias of
+    # the whole value (a custom keyer's key may hold a space).
+    token = "0123456789abcdef0123456789abcdef"
+    values = {
+        "resp_live": f"aaa111 {token}",
+        "resp_gone": f"fff999 {token}",
+        "resp_spaced": "a key with spaces",
+        "resp_short": "aaa111 0123",
+    }
+    aliases = add_aliases(db, values)
+    assert run_cli("ls", "-la", "--backend", db) == 0
+    rows = {
+        line.split("\t")[0]: line.split("\t")[2:] for line in capsys.readouterr().out.splitlines()
+    }
+    assert rows[aliases["resp_live"]] == ["live-alias", "aaa111"]
+    assert rows[aliases["resp_gone"]] == ["live-alias", "fff999", "dangling"]
+    assert rows[aliases["resp_spaced"]] == ["alias", "a key with spaces", "dangling"]
+    assert rows[aliases["resp_short"]] == ["alias", "aaa111 0123", "dangling"]
+    assert run_cli("show", aliases["resp_gone"], "--backend", db) == 1
+    assert "which is not stored (yet: its stream may still be live" in capsys.readouterr().err
+
+
 def test_show_an_alias_prints_what_it_names(
     aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import re
 import signal
 import sys
 import time
@@ -282,14 +283,15 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec, *, listing: bool = Fals
             target = data.decode("ascii")
         except UnicodeDecodeError:
             return Row("corrupt", error="an alias whose value is not an ASCII key")
-        # A live alias (a Responses stream produced by another process, for a resume by
-        # id) holds its stream's key and its producer's lease token: it names that entry.
-        target, live, token = target.partition(" ")
         if not target or len(target) > _MAX_KEY_CHARS or not target.isprintable():
             return Row("corrupt", error="an alias whose value is not a key")
-        if live and not (token and token.isprintable() and " " not in token):
-            return Row("corrupt", error="a live alias whose value is not a key and a token")
-        return Row("alias", target=target, live=bool(live))
+        # A live alias (a Responses stream produced by another process, for a resume by
+        # id) holds its stream's key and its producer's lease token: it names that entry.
+        # (By the token's form: a key of a custom keyer may hold a space.)
+        key, _, token = target.rpartition(" ")
+        if key and _LEASE_TOKEN.fullmatch(token):
+            return Row("alias", target=key, live=True)
+        return Row("alias", target=target)
     try:
         if listing:
             return Row("entry", listed=codec.decode_wire(data))
@@ -304,6 +306,9 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec, *, listing: bool = Fals
             return Row("unreadable", error=_MAC_MISMATCH)
         return Row("corrupt", error=str(exc))
 
+
+#: A cross-process producer's lease token, as a live alias holds it (``uuid4().hex``).
+_LEASE_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 #: Why a sound entry whose checksum does not match is unreadable here.
 _MAC_MISMATCH = (
@@ -465,10 +470,13 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
             out.flush()
         key, named = row.target, await stored(backend, row.target, codec)
         if named is None:
+            why = (
+                "not stored (yet: its stream may still be live; or it failed, or expired)"
+                if row.live
+                else "not in the cache (expired, evicted or purged)"
+            )
             return _fail(
-                f"alias {args.key!r} names entry {row.target!r}, which is not in the cache "
-                "(expired, evicted or purged)",
-                EXIT_FAILED,
+                f"alias {args.key!r} names entry {row.target!r}, which is {why}", EXIT_FAILED
             )
         data, row = named
     if row.entry is None:
