@@ -4,6 +4,7 @@ tests/integration/test_mock_upstream.py. (The delays are ``sse-cache demo``'s to
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -113,3 +114,41 @@ def test_a_port_out_of_range_says_the_range(capsys: pytest.CaptureFixture[str]) 
         main(["mock-upstream", "--port", "99999"])
     assert exit_info.value.code == 2
     assert "argument --port: expected a port number from 0 to 65535" in capsys.readouterr().err
+
+
+def test_a_host_name_is_served_on_every_address_it_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bound before the banner, "localhost" was bound on its first address only, where
+    # uvicorn.run binds each (a client trying ::1 first was refused; helper-129). This
+    # machine may name 127.0.0.1 only: the name is made to name both.
+    import socket
+
+    import uvicorn
+
+    from sse_cache.cli import mock
+
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            if os.environ.get("CI"):
+                raise  # (CI's machines have one: never skipped there)
+            pytest.skip("no IPv6 loopback on this machine")
+    real = socket.getaddrinfo
+
+    def both(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
+        if host != "localhost":
+            return real(host, port, *args, **kwargs)
+        v4 = real("127.0.0.1", port, *args, **kwargs)
+        v6 = real("::1", port, *args, **kwargs)
+        return [*v4, *v6]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+    config = uvicorn.Config(lambda: None, host="localhost", port=0)
+    sockets = mock._bind(config)
+    try:
+        names = sorted((s.family, s.getsockname()[0]) for s in sockets)
+        assert names == [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")]
+        assert len({s.getsockname()[1] for s in sockets}) == 1  # one port for both
+    finally:
+        for s in sockets:
+            s.close()

@@ -9,7 +9,11 @@ paced like a model, with error modes selected by request headers.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ipaddress
+import logging
 import math
+import socket
 import sys
 from typing import Any
 
@@ -115,13 +119,14 @@ def _run(args: argparse.Namespace) -> int:
     # "localhost" bind two sockets on two different ports.)
     config = uvicorn.Config(app, host=args.host, port=args.port, **options)
     try:
-        listener = config.bind_socket()
+        listeners = _bind(config)
     except SystemExit as exc:  # (uvicorn has logged why: the address in use, say)
         return exc.code if isinstance(exc.code, int) else 1
     # Listening from now: a client that read the port connects (and waits in the backlog
     # for uvicorn to start) rather than being refused.
-    listener.listen(config.backlog)
-    port = listener.getsockname()[1]
+    for listener in listeners:
+        listener.listen(config.backlog)
+    port = listeners[0].getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"sse-cache mock-upstream on http://{host}:{port}", flush=True)
     print(
@@ -133,11 +138,47 @@ def _run(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK_NAMES:
         # A mock answers anyone without credentials: say so when it leaves loopback.
         print(f"  warning: listening on {args.host}, not loopback only", file=sys.stderr)
-    # What uvicorn.run does, on the socket bound above (uvicorn.run takes none).
+    # What uvicorn.run does, on the sockets bound above (uvicorn.run takes none).
     server = uvicorn.Server(config)
     try:
-        with listener:
-            server.run(sockets=[listener])
+        with contextlib.ExitStack() as stack:
+            for listener in listeners:
+                stack.enter_context(listener)
+            server.run(sockets=listeners)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn raises it again once it has shut down
         pass
     return 0 if server.started else _STARTUP_FAILURE
+
+
+def _bind(config: Any) -> list[socket.socket]:
+    """The sockets to serve on: uvicorn's (the host's first address), and one on the same
+    port for each other address a host name resolves to (``localhost``: ``::1`` too, where
+    the system names it so), as ``uvicorn.run`` binds them (helper-129). Exits as uvicorn
+    does, having logged why, when one cannot be bound."""
+    first = config.bind_socket()
+    sockets = [first]
+    host, port = config.host, first.getsockname()[1]
+    try:
+        ipaddress.ip_address(host)
+        return sockets  # an address: that one
+    except ValueError:
+        pass
+    taken = {first.getsockname()[0]}
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        if address[0] in taken:
+            continue
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            for bound in (*sockets, sock):
+                bound.close()
+            logging.getLogger("uvicorn.error").error(exc)
+            raise SystemExit(_STARTUP_FAILURE) from None
+        sock.set_inheritable(True)
+        sockets.append(sock)
+        taken.add(address[0])
+    return sockets
