@@ -32,7 +32,7 @@ from ._transport_bodies import (
     watch_client,
 )
 from .flight import Cursor, LiveFlight, SharedStreamAborted
-from .http._tee import BackgroundSlots
+from .http._slots import BackgroundSlots
 from .http._wire import close_iterator
 from .http.service import Exchange, ResponseTee
 

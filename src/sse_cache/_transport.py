@@ -60,7 +60,7 @@ from ._sync_bodies import (
 )
 from ._transport_bodies import _closed_under, _TransportClosed
 from .errors import ConfigError
-from .http._tee import BackgroundSlots
+from .http._slots import BackgroundSlots
 from .http._wire import json_error_body, merge_headers
 from .http.options import CacheOptions
 from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of, path_as_sent

@@ -38,7 +38,7 @@ from ._checks import boolean, integer, positive_number
 from ._notices import Notice, emit
 from .errors import ConfigError
 from .flight import SharedStreamAborted
-from .http._tee import BackgroundSlots
+from .http._slots import BackgroundSlots
 from .http._wire import merge_headers
 from .http.options import CacheOptions
 from .http.service import CacheService, Exchange, ResponseTee
@@ -108,15 +108,19 @@ class CacheMiddleware:
         boolean("finish_on_disconnect", finish_on_disconnect)
         self.app = app
         self.finish_on_disconnect = finish_on_disconnect
-        self.max_background = integer(
-            "max_background", max_background, minimum=0, what="a whole number >= 0"
+        #: Streams read on without their client (background completions, resume windows).
+        self.slots = BackgroundSlots(
+            integer("max_background", max_background, minimum=0, what="a whole number >= 0")
         )
         self.background_timeout = positive_number("background_timeout", background_timeout)
-        #: Streams read on without their client (background completions, resume windows).
-        self.slots = BackgroundSlots(self.max_background)
         self._outer_checked = False
         own = ("finish_on_disconnect", "max_background", "background_timeout")
         self.service = CacheService(backend, CacheOptions.of(options, keywords, own))
+
+    @property
+    def max_background(self) -> int:
+        """At most this many streams are read on without their client at once."""
+        return self.slots.bound
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
