@@ -111,3 +111,31 @@ async def test_a_publish_under_way_is_finished_when_its_producer_is_cancelled() 
         await lease.stop()
     assert b"d" + b"data: [DONE]\n\n" in channel.written
     assert not tee.publish_failed
+
+
+class FullChannel(SlowChannel):
+    """Renewals succeed; every write is refused (a Redis at its maxmemory refuses appends,
+    where the lease's renewal, which adds nothing, goes through)."""
+
+    async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+        from sse_cache.errors import BackendFull
+
+        raise BackendFull("XADD: Redis is full")
+
+
+async def test_a_refused_heartbeat_is_not_called_a_failed_renewal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Both were one warning, "could not renew <lock>", while the lease was renewed each time
+    # (helper-129). Now the heartbeat's failure says so, and names the channel.
+    import logging
+
+    channel = FullChannel()
+    lease = _Lease(TimedFanout(channel, ()), "sf:key", "token", ttl=0.03)  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        with anyio.fail_after(DEADLOCK_GUARD):
+            await channel.renewed_thrice.wait()
+        await lease.stop()
+    said = [r.getMessage() for r in caplog.records]
+    assert said and all("could not write a heartbeat to" in m for m in said), said
+    assert "BackendFull" in said[0]

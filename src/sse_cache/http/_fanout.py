@@ -219,20 +219,32 @@ class _Lease:
             renew_at = loop.time() + self.ttl / 3
             try:
                 # (checked: the keeper is cancelled once, and must not go on renewing)
-                if not await checked(self._hold()):
-                    # Another process leads the key now; this one still answers its own
-                    # followers, on its own channel, so its heartbeats go on.
-                    lost, self._lost = not self._lost, True
-                    if lost:
-                        logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
-                if not self._writing.locked():  # (a write under way shows life enough)
-                    await checked(self.publish(b"k"))
+                held = await checked(self._hold())
             except Exception as exc:  # Redis hiccup: try again next round, the lease may hold
                 backend_warnings.warning(
                     self.fanout.backend,
                     "renew_failed",
                     "sse_cache: could not renew %s: %r",
                     self.lock,
+                    exc,
+                )
+                continue
+            if not held:
+                # Another process leads the key now; this one still answers its own
+                # followers, on its own channel, so its heartbeats go on.
+                lost, self._lost = not self._lost, True
+                if lost:
+                    logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
+            if self._writing.locked():
+                continue  # (a write under way shows life enough)
+            try:
+                await checked(self.publish(b"k"))
+            except Exception as exc:  # (said apart: a full Redis refuses it, the lease held)
+                backend_warnings.warning(
+                    self.fanout.backend,
+                    "heartbeat_failed",
+                    "sse_cache: could not write a heartbeat to %s: %r",
+                    self.channel,
                     exc,
                 )
 
