@@ -692,22 +692,21 @@ async def _purge_keys(args: argparse.Namespace, backend: Backend) -> int:
         else:
             entries[key] = None
             named.add(key)
-    listed = isinstance(backend, ScanningBackend)
     if isinstance(backend, ScanningBackend):
         async for alias in backend.scan(ALIAS_PREFIX):
             found = None if alias in aliases else await stored(backend, alias, codec)
             if found is not None and found[1].target in named:
                 aliases[alias] = None
-    what = (
-        f"{_plural(len(entries), 'entry', 'entries')} "
-        f"and {_plural(len(aliases), 'alias', 'aliases')}"
-    )
-    if not listed:
+    else:
         print(
             f"sse-cache: {type(backend).__name__} cannot list its keys: other aliases naming "
             "these entries are not found, and expire with their TTL",
             file=sys.stderr,
         )
+    what = (
+        f"{_plural(len(entries), 'entry', 'entries')} "
+        f"and {_plural(len(aliases), 'alias', 'aliases')}"
+    )
     declined = await _declined(args, f"Delete {what} from {where}?")
     if declined is not None:
         return declined
