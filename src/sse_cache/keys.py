@@ -9,7 +9,9 @@ those are is the adapter's decision (:meth:`StreamAdapter.key_fields`); the keye
 from __future__ import annotations
 
 import hashlib
+import re
 import reprlib
+import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,6 +37,33 @@ __all__ = [
 #: Responses response id, to resume its stream), whose value is the entry's key in ASCII, not
 #: an entry. :class:`DefaultKeyer`'s keys are hex digests and never start with it.
 ALIAS_PREFIX = "alias-"
+
+
+def new_lease_token() -> str:
+    """A fresh token for a cross-process producer's lease (32 lowercase hex digits), the form
+    :func:`parse_live_alias_target` knows it by."""
+    return uuid.uuid4().hex
+
+
+def live_alias_target(key: str, token: str) -> str:
+    """What a live alias holds (an alias of a Responses stream another process produces, to
+    resume it by id): the stream's key and its producer's lease token, which name that
+    producer's fan-out channel."""
+    return f"{key} {token}"
+
+
+def parse_live_alias_target(target: str) -> tuple[str, str] | None:
+    """The stream's key and its producer's lease token in ``target``, the value of an alias
+    (:func:`live_alias_target`), or None when it is a plain alias (an entry's key). Told by the
+    token's form after the last space: a custom keyer's key may hold spaces."""
+    key, _, token = target.rpartition(" ")
+    if key and _LEASE_TOKEN.fullmatch(token):
+        return key, token
+    return None
+
+
+_LEASE_TOKEN = re.compile(r"[0-9a-f]{32}")
+
 
 #: Request headers whose value identifies the tenant (the caller's credential).
 CREDENTIAL_HEADERS = (

@@ -191,3 +191,16 @@ def test_a_list_of_credential_headers_of_ones_own_says_all_there_is() -> None:
     assert tenant_scope(a, mine) == tenant_scope(b, mine) != ""
     assert tenant_scope(a) != tenant_scope(b)
     assert tenant_scope(a, mine, suffixes=["-token"]) != tenant_scope(b, mine, suffixes=["-token"])
+
+
+@given(st.text(st.characters(codec="ascii", categories=("L", "N", "P", "Zs")), min_size=1))
+def test_a_live_alias_gives_back_the_key_and_token_it_was_made_of(key: str) -> None:
+    # A live alias ("KEY TOKEN") is read on the resuming side and by inspection alike; a
+    # custom keyer's key may hold spaces, and a plain alias (an entry's key) is none.
+    from sse_cache.keys import live_alias_target, new_lease_token, parse_live_alias_target
+
+    token = new_lease_token()
+    assert parse_live_alias_target(live_alias_target(key, token)) == (key, token)
+    entry_key = DefaultKeyer().key(CacheRequest(schema="s", route="POST /v1/x", fields={}))
+    assert parse_live_alias_target(entry_key) is None
+    assert parse_live_alias_target(key + " not-a-token") is None

@@ -850,6 +850,57 @@ async def test_a_resume_in_another_process_after_the_producer_let_go_reads_its_c
         await resuming.aclose()
 
 
+async def test_a_custom_keyers_key_with_a_space_is_resumed_in_another_process(
+    redis_server: Any,
+) -> None:
+    # A live alias holds "KEY TOKEN". The resuming side split it at its first space, so a
+    # custom keyer's key holding a space named another channel: the resume went upstream
+    # (inspection split at the last space and read it right). One parse serves both.
+    import uuid
+
+    from sse_cache import serialize_sse
+    from sse_cache.asgi import CacheMiddleware
+    from sse_cache.backends import from_url
+    from sse_cache.errors import BackendUnavailable
+    from sse_cache.keys import ALIAS_PREFIX, CacheRequest, DefaultKeyer
+    from sse_cache.testing import responses_stream
+
+    class SpacedKeyer:
+        def key(self, request: CacheRequest) -> str:
+            return "team one " + DefaultKeyer().key(request)
+
+    events = responses_stream("a spaced key", text_deltas=6, summaries=0)
+    response_id = json.loads(events[0].data)["response"]["id"]
+    upstream = GatedUpstream(events)
+    url = f"{redis_server.url}?prefix=r{uuid.uuid4().hex[:8]}:"
+    producing, resuming = from_url(url), from_url(url)
+    stored = producing.set
+
+    async def entries_fail(key: str, value: bytes, ttl: float | None = None) -> None:
+        if not key.startswith(ALIAS_PREFIX):  # (so the resume must read the channel)
+            raise BackendUnavailable("this test's entries are never written")
+        await stored(key, value, ttl)
+
+    producing.set = entries_fail  # type: ignore[method-assign]
+    one = CacheMiddleware(upstream, producing, cross_process=True, keyer=SpacedKeyer())
+    two = CacheMiddleware(upstream, resuming, cross_process=True, keyer=SpacedKeyer())
+    try:
+        request = json.dumps({"model": "m", "input": "a spaced key", "stream": True}).encode()
+        head, got = await asgi_call(one, "POST", "/v1/responses", b"", request)
+        assert head[b"x-sse-cache"] == b"miss" and got == serialize_sse(events)
+        assert head[b"x-sse-cache-key"].startswith(b"team one ")
+        query = b"stream=true&starting_after=4"
+        head, got = await asgi_call(two, "GET", f"/v1/responses/{response_id}", query, b"")
+        assert head[b"status"] == b"200" and head[b"x-sse-cache"] == b"shared"
+        assert got == serialize_sse(events[5:])
+        assert upstream.calls == 1
+    finally:
+        await one.aclose()
+        await two.aclose()
+        await producing.aclose()
+        await resuming.aclose()
+
+
 async def test_a_finished_streams_live_alias_lasts_as_long_as_its_channel(
     redis_server: Any,
 ) -> None:

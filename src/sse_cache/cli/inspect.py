@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import datetime as dt
 import os
-import re
 import signal
 import sys
 import time
@@ -34,7 +33,7 @@ from ..codec import MsgpackCodec, WireEntry
 from ..entry import Entry
 from ..errors import ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
 from ..events import serialize_sse
-from ..keys import ALIAS_PREFIX
+from ..keys import ALIAS_PREFIX, parse_live_alias_target
 from ..protocols import Backend, ScanningBackend, StatsBackend
 from . import INTERRUPTED_EXIT
 from ._options import option, process_private, secret_bytes, unknown_variables, value_of
@@ -288,9 +287,9 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec, *, listing: bool = Fals
         # A live alias (a Responses stream produced by another process, for a resume by
         # id) holds its stream's key and its producer's lease token: it names that entry.
         # (By the token's form: a key of a custom keyer may hold a space.)
-        key, _, token = target.rpartition(" ")
-        if key and _LEASE_TOKEN.fullmatch(token):
-            return Row("alias", target=key, live=True)
+        channel = parse_live_alias_target(target)
+        if channel is not None:
+            return Row("alias", target=channel[0], live=True)
         return Row("alias", target=target)
     try:
         if listing:
@@ -306,9 +305,6 @@ def read_row(key: str, data: bytes, codec: MsgpackCodec, *, listing: bool = Fals
             return Row("unreadable", error=_MAC_MISMATCH)
         return Row("corrupt", error=str(exc))
 
-
-#: A cross-process producer's lease token, as a live alias holds it (``uuid4().hex``).
-_LEASE_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 #: Why a sound entry whose checksum does not match is unreadable here.
 _MAC_MISMATCH = (

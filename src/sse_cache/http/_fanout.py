@@ -25,6 +25,7 @@ from ..engine import (
 )
 from ..errors import BackendTimeout
 from ..flight import Cursor, Head, LiveFlight
+from ..keys import new_lease_token
 from ..protocols import (
     FanoutBackend,
     LeasingBackend,
@@ -477,7 +478,7 @@ async def lead_or_follow(
     fanout = TimedFanout(backend, hooks)
     lock = _CHANNEL + key
     for _attempt in range(3):
-        token = uuid.uuid4().hex
+        token = new_lease_token()
         try:
             if await fanout.acquire(lock, token, lease_seconds):
                 return _Lease(fanout, lock, token, lease_seconds), None

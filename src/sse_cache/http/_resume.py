@@ -17,7 +17,7 @@ from .._notices import Hook, Notice, emit
 from ..engine import StreamCache
 from ..events import Event
 from ..flight import Cursor, Flight, Head, LiveFlight, SharedStreamAborted
-from ..keys import ALIAS_PREFIX
+from ..keys import ALIAS_PREFIX, parse_live_alias_target
 from ..protocols import ResumingAdapter, StreamAdapter
 from ._answers import (
     _SSE_HEADERS,
@@ -75,7 +75,7 @@ def alias_key(schema: str, tenant: str, name: str, origin: str = "", scope: str 
 def live_alias_key(schema: str, tenant: str, name: str, origin: str = "", scope: str = "") -> str:
     """The backend key under which the producer of a stream named ``name`` is kept while
     another process produces it (cross-process resume), per schema, tenant, server and
-    scope: its :func:`live_alias_target`."""
+    scope: its :func:`~sse_cache.keys.live_alias_target`."""
     return alias_key(schema + "/live", tenant, name, origin, scope)
 
 
@@ -102,12 +102,6 @@ def resumable(adapter: ResumingAdapter, events: Sequence[Event]) -> bool:
     answered with an empty stream, as a hit (helper-109); the upstream answers those."""
     # (Once one event is given back, every one after it is: the first one tells.)
     return bool(adapter.events_after(events[:1], -1))
-
-
-def live_alias_target(key: str, token: str) -> str:
-    """What a live alias holds: the stream's key and its producer's lease token, which name
-    that producer's fan-out channel."""
-    return f"{key} {token}"
 
 
 async def resume(
@@ -190,9 +184,10 @@ async def _resume_remote(
     if service.fanout is None:
         return None
     target = await cache.resolve(live_alias)
-    key, _, token = (target or "").partition(" ")
-    if not key or not token:
+    channel = parse_live_alias_target(target) if target else None
+    if channel is None:
         return None  # (none, or written by an older version: the upstream answers)
+    key, token = channel
     return await _from_channel(service, cache, key, token, had)
 
 

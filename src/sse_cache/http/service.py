@@ -43,7 +43,13 @@ from ..entry import Entry
 from ..errors import ConfigError
 from ..events import Event
 from ..flight import Cursor, Head, LiveFlight, SharedStreamAborted
-from ..keys import CREDENTIAL_HEADERS, CacheRequest, DefaultKeyer, credential_scoped
+from ..keys import (
+    CREDENTIAL_HEADERS,
+    CacheRequest,
+    DefaultKeyer,
+    credential_scoped,
+    live_alias_target,
+)
 from ..pacing import Pacing
 from ..protocols import (
     Backend,
@@ -70,7 +76,7 @@ from ._fanout import (
     end_lead,
     lead_or_follow,
 )
-from ._resume import alias_key, alias_scope, live_alias_key, live_alias_target, resumable
+from ._resume import alias_key, alias_scope, live_alias_key, resumable
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
