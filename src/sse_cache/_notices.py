@@ -41,8 +41,10 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     from the HTTP integrations ``replayed`` (bytes sent from the cache), ``invalid`` (a
     request answered 400 for a bad control header), ``first_byte`` (a response's first
     body bytes went out: ``detail`` is its cache status, ``seconds`` the time since the
-    request arrived) and ``resumed`` (a client reconnected to a live stream and gets the
-    rest of it); from the proxy ``refused`` (a request answered 503: the proxy serves its
+    request arrived), ``resumed`` (a client reconnected to a live stream and gets the
+    rest of it) and ``background_full`` (a stream whose client left was not read on,
+    neither held for its resume window nor finished to be stored: ``max_background`` were
+    already); from the proxy ``refused`` (a request answered 503: the proxy serves its
     ``--limit-concurrency``, ``detail`` ``limit_concurrency``; or 408: its body stopped
     coming, ``detail`` ``body_timeout``).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a

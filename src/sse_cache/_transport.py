@@ -191,7 +191,8 @@ class _Options:
         self._options = CacheOptions.of(options, keywords, own)
         #: At most ``max_background`` streams are read on for a resume window at once.
         self._holds = BackgroundSlots(
-            integer("max_background", max_background, minimum=0, what="a whole number >= 0")
+            integer("max_background", max_background, minimum=0, what="a whole number >= 0"),
+            self._options.hooks,
         )
         if transport is not None:
             # Checked before the backend is opened: else a wrong object (a URL, the class

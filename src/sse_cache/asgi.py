@@ -108,14 +108,13 @@ class CacheMiddleware:
         boolean("finish_on_disconnect", finish_on_disconnect)
         self.app = app
         self.finish_on_disconnect = finish_on_disconnect
-        #: Streams read on without their client (background completions, resume windows).
-        self.slots = BackgroundSlots(
-            integer("max_background", max_background, minimum=0, what="a whole number >= 0")
-        )
+        bound = integer("max_background", max_background, minimum=0, what="a whole number >= 0")
         self.background_timeout = positive_number("background_timeout", background_timeout)
         self._outer_checked = False
         own = ("finish_on_disconnect", "max_background", "background_timeout")
         self.service = CacheService(backend, CacheOptions.of(options, keywords, own))
+        #: Streams read on without their client (background completions, resume windows).
+        self.slots = BackgroundSlots(bound, self.service.hooks)
 
     @property
     def max_background(self) -> int:
@@ -483,16 +482,16 @@ class _Request:
             # For the flight, the producer is still reading (followers keep joining).
             self.detached = True
             return True
-        if window is not None and self.tasks is not None and self._slot_free():
+        if window is not None and self.tasks is not None and self._take_slot():
             # The client may come back for the rest (it resumes): the app streams on for the
             # resume window, and after it for as long as anyone reads the stream. At most
             # max_background at once, with the background completions: each holds an
             # upstream call and up to two copies of max_entry_bytes (helper-83: 20 clients
             # leaving at once passed 1.5 GB). Past that, as without a window.
             if not tee.client_left(self._abandon, hold=True):
+                self.mw.slots.give()
                 return False
-            self.mw.slots.take()  # (free: _slot_free; given back when the app is done: _produce)
-            self.holding = True
+            self.holding = True  # (its slot is given back when the app is done: _produce)
             self.detached = True
             self.hold_scope = anyio.CancelScope()
             self.tasks.start_soon(self._hold, tee, self.hold_scope)
@@ -516,13 +515,13 @@ class _Request:
         with scope:  # cancelled when the stream ends first
             await tee.release_after_window()
 
-    def _slot_free(self) -> bool:
-        """Whether this request may take one of the ``max_background`` slots (background
-        completions and resume windows share them): never once the app is done, whose end
-        gave the counts back (_produce). (The last follower of a failed stream leaves after
-        the app: a slot taken then was never given back; helper-86: after eight, no stream
-        was finished in the background any more.)"""
-        return not self.app_done and self.mw.slots.free()
+    def _take_slot(self) -> bool:
+        """Take one of the ``max_background`` slots (background completions and resume
+        windows share them), if one is free: never once the app is done, whose end gave the
+        counts back (_produce). (The last follower of a failed stream leaves after the app: a
+        slot taken then was never given back; helper-86: after eight, no stream was finished
+        in the background any more.)"""
+        return not self.app_done and self.mw.slots.take()
 
     def _finish_in_background(self) -> bool:
         """With ``finish_on_disconnect``, while fewer than ``max_background`` do: the app
@@ -531,10 +530,9 @@ class _Request:
         mw = self.mw
         if self.background:
             return True
-        if not mw.finish_on_disconnect or not self._slot_free():
+        if not mw.finish_on_disconnect or not self._take_slot():
             return False
-        mw.slots.take()  # (free: _slot_free; given back when the app is done: _produce)
-        self.background = True
+        self.background = True  # (its slot is given back when the app is done: _produce)
         if self.app_scope is not None:
             self.app_scope.deadline = anyio.current_time() + mw.background_timeout
         return True

@@ -117,6 +117,12 @@ _COUNTERS = (
         "Requests answered 400 for an invalid control header.",
     ),
     (
+        "sse_cache_background_refused",
+        "background_full",
+        "Streams whose client left that were not read on (held for a resume window, or"
+        " finished to be stored): max_background were already.",
+    ),
+    (
         "sse_cache_refused_requests",
         "refused",
         "Requests the proxy refused: 503 at its --limit-concurrency, 408 for a request body"

@@ -265,6 +265,8 @@ async def test_at_most_max_background_answers_are_read_on_for_their_clients_at_o
             )
         assert answers[0].headers["x-sse-cache"] == "shared"
         assert "x-sse-cache" not in answers[1].headers  # the upstream's own answer
+        # Told, for the metrics (sse_cache_background_refused_total): the one not read on.
+        assert [n.kind for n in notices.seen].count("background_full") == 1
 
 
 def numbered_events(count: int) -> GatedUpstream:
@@ -519,9 +521,12 @@ async def test_a_transport_reads_on_at_most_max_background_streams_for_their_cli
     slow = {**ALICE, "x-mock-delay-ms": "20", "x-mock-deltas": "60"}
     payloads = [{**PAYLOAD, "input": f"stream {i}"} for i in range(3)]
     upstream_app = MockUpstream()
+    told: list[Any] = []
     async with serve(upstream_app) as upstream:
         if sync:
-            transport: Any = CacheTransport("memory://", resume_window=600, max_background=1)
+            transport: Any = CacheTransport(
+                "memory://", resume_window=600, max_background=1, hooks=[told.append]
+            )
             sync_client = httpx2.Client(transport=transport, base_url=upstream, timeout=30)
 
             def sync_leave(payload: Any) -> bytes:
@@ -549,7 +554,9 @@ async def test_a_transport_reads_on_at_most_max_background_streams_for_their_cli
             holds = lambda: transport.portal.call(lambda: transport._holds.taken)  # noqa: E731
             close: Any = lambda: anyio.to_thread.run_sync(sync_client.close)  # noqa: E731
         else:
-            transport = AsyncCacheTransport("memory://", resume_window=600, max_background=1)
+            transport = AsyncCacheTransport(
+                "memory://", resume_window=600, max_background=1, hooks=[told.append]
+            )
             client = httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=30)
 
             async def leave(payload: Any) -> bytes:
@@ -580,6 +587,7 @@ async def test_a_transport_reads_on_at_most_max_background_streams_for_their_cli
             third = await leave(payloads[2])
             again = await resume(third)
             assert again.headers["x-sse-cache"] == "shared"  # held: the place was given back
+            assert [n.kind for n in told].count("background_full") == 1  # the second
         finally:
             await close()
 

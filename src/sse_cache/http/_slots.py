@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from .._logging import backend_warnings
+from .._notices import Hook, Notice, emit
 
 
 class BackgroundSlots:
@@ -17,32 +18,25 @@ class BackgroundSlots:
     Past it, a client that leaves is treated as without them (its answer abandoned at once,
     unless followers read it). Taken and given back in one event loop (the middleware's,
     the async transport's, the sync one's portal). A refusal is logged (at most one warning
-    per 10 s): a resume by id of a stream not held answers from the upstream, and nothing
-    said why (helper-130)."""
+    per 10 s) and counted (``sse_cache_background_refused``): a resume by id of a stream not
+    held answers from the upstream, and nothing said why (helper-130)."""
 
-    __slots__ = ("__weakref__", "bound", "taken")
+    __slots__ = ("__weakref__", "bound", "hooks", "taken")
 
-    def __init__(self, bound: int) -> None:
+    def __init__(self, bound: int, hooks: Iterable[Hook] = ()) -> None:
         self.bound = bound
+        #: Told of each refusal (a ``background_full`` notice).
+        self.hooks = tuple(hooks)
         self.taken = 0
 
-    def free(self) -> bool:
-        """Whether one is free (:meth:`take` would take it); a refusal is logged."""
-        if self.taken < self.bound:
-            return True
-        self._refused()
-        return False
-
     def take(self) -> bool:
-        """Take one; False (logged) when none is free."""
-        if self.taken >= self.bound:
-            self._refused()
-            return False
-        self.taken += 1
-        return True
-
-    def _refused(self) -> None:
+        """Take one; False when none is free (a refusal: logged, and a ``background_full``
+        notice)."""
+        if self.taken < self.bound:
+            self.taken += 1
+            return True
         if self.bound:  # (0: none wanted, by the operator's choice)
+            emit(self.hooks, Notice(kind="background_full", key=""))
             backend_warnings.warning(
                 self,
                 "background_full",
@@ -50,6 +44,7 @@ class BackgroundSlots:
                 "window, or finished in the background): max_background=%d already are",
                 self.bound,
             )
+        return False
 
     def give(self) -> None:
         """Give one taken back."""
