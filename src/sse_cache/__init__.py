@@ -26,6 +26,9 @@ from .errors import (
     BackendFull as BackendFull,
 )
 from .errors import (
+    BackendReadOnly as BackendReadOnly,
+)
+from .errors import (
     BackendTimeout as BackendTimeout,
 )
 from .errors import (
@@ -79,6 +82,7 @@ __all__ = [
     "Backend",
     "BackendBusy",
     "BackendFull",
+    "BackendReadOnly",
     "BackendError",
     "BackendTimeout",
     "BackendUnavailable",

@@ -25,7 +25,14 @@ from ._notices import Hook, Notice, emit
 from .breaker import Breaker, BreakerState
 from .codec import WireEntry
 from .entry import Entry
-from .errors import BackendBusy, BackendFull, CorruptEntry, UnreadableEntry, ValueTooLarge
+from .errors import (
+    BackendBusy,
+    BackendFull,
+    BackendReadOnly,
+    CorruptEntry,
+    UnreadableEntry,
+    ValueTooLarge,
+)
 from .events import serialize_sse
 from .keys import check_key
 from .protocols import Backend, EventCodec, NearCachingBackend, WireCodec
@@ -158,7 +165,7 @@ class EntryStore:
         except _Skipped:
             self._notify(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
             return _SKIPPED
-        except (ValueTooLarge, BackendFull) as exc:
+        except (ValueTooLarge, BackendFull, BackendReadOnly) as exc:
             why = f"the backend refused it: {exc}"
             self._warn("not_stored", key, why)
             return why
@@ -285,13 +292,14 @@ class EntryStore:
             breaker.cancelled()
             self._timed(operation, time.monotonic() - started)
             raise
-        except (CorruptEntry, ValueTooLarge, BackendFull):
+        except (CorruptEntry, ValueTooLarge, BackendFull, BackendReadOnly):
             # The backend answered: what it holds under the key is not ours (a value of
             # another type, written by another program), or it refused a value over its
-            # size limit, or because it is full. Counted as failures, a few lookups of one
-            # such key, or a burst of large answers or of stores to a full backend, would
-            # turn the whole cache off, its reads too (helper-72: five at once did;
-            # helper-94: a Redis at its maxmemory with noeviction).
+            # size limit, or because it is full, or read-only to this process. Counted as
+            # failures, a few lookups of one such key, or a burst of large answers or of
+            # stores to a full or read-only backend, would turn the whole cache off, its
+            # reads too (helper-72: five at once did; helper-94: a Redis at its maxmemory
+            # with noeviction).
             breaker.success()
             self._timed(operation, time.monotonic() - started)
             raise

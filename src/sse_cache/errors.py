@@ -7,6 +7,7 @@ __all__ = [
     "BackendError",
     "BackendTimeout",
     "BackendFull",
+    "BackendReadOnly",
     "BackendUnavailable",
     "ConfigError",
     "CorruptEntry",
@@ -63,6 +64,15 @@ class BackendFull(BackendError):
     It answered, and it still reads: the breaker does not count this as a failure (a burst
     of refused stores would send every stored answer upstream for the breaker's cooldown);
     the answer is not stored, and the warning says the backend is full."""
+
+
+class BackendReadOnly(BackendError):
+    """The backend refused to store a value because this process may only read it: an SQLite
+    file it may not write (the file's owner and mode, a read-only mount, ``readonly=true``),
+    a Redis replica (``READONLY``). It answered, and it still reads: as for
+    :class:`BackendFull`, the breaker does not count this as a failure (else every stored
+    answer went upstream for the breaker's cooldown); the answer is not stored, and the
+    warning says why."""
 
 
 class BackendUnavailable(BackendError, ConnectionError):

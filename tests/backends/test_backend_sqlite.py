@@ -630,6 +630,88 @@ async def test_read_only_replacement_fails_open(tmp_path: Path, how: str) -> Non
     assert integrity(path) == "ok"
 
 
+_AS_ANOTHER_USER = textwrap.dedent(
+    """
+    import json, os, sys, anyio
+    from sse_cache import StreamCache
+    from sse_cache.adapters import GenericSSE
+    from sse_cache.backends import from_url
+    from sse_cache.entry import Entry
+    from sse_cache.events import Event
+    import email.parser, queue  # (what is imported lazily, before the user is dropped)
+
+    async def main(url):
+        said = []
+        backend = from_url(url)
+        await backend.aclose()
+        if os.geteuid() == 0:
+            os.setgid(65534)
+            os.setuid(65534)  # nobody: the file and its directory are root's
+        backend = from_url(url)
+        for call in (lambda: backend.get("held"), lambda: backend.set("new", b"n", None)):
+            try:
+                said.append(["ok", await call()])
+            except Exception as exc:
+                said.append([type(exc).__name__, str(exc)])
+        cache = StreamCache(backend, GenericSSE())
+        entry = Entry(schema="generic", created_at=0.0, events=(Event("x"),))
+        for i in range(15):
+            await cache.store(f"entry-{i}", entry)
+        said.append(["breaker", cache.breaker.state.value])
+        await backend.aclose()
+        print(json.dumps(said, default=lambda b: b.decode()))
+
+    anyio.run(main, sys.argv[1])
+    """
+)
+
+
+@pytest.mark.parametrize("directory", ["writable", "read-only"])
+@pytest.mark.parametrize("query", ["", "?readonly=true"])
+def test_a_file_this_process_may_not_write_serves_what_it_holds(directory: str, query: str) -> None:
+    # A proxy running as another user than the file's owner (a file copied in by a deploy,
+    # a shared volume): SQLite opens it read-only. Its stores failed as errors, counted by
+    # the breaker, which then sent every stored answer upstream for its cooldown; now the
+    # stores are refused (BackendReadOnly) and the hits served. Where the directory is not
+    # writable either, SQLite cannot open a WAL file at all (it writes -wal and -shm beside
+    # it): that is said, naming ?readonly=true, which serves it.
+    import json
+    import tempfile
+
+    where = Path(tempfile.mkdtemp(prefix="sse-cache-ro-"))  # (tmp_path: only root may enter)
+    try:
+        path = where / "cache.db"
+        with closing(sqlite3.connect(path)):
+            pass
+        anyio.run(_hold_one, path)
+        path.chmod(0o444)
+        where.chmod(0o777 if directory == "writable" else 0o555)
+        done = subprocess.run(
+            [sys.executable, "-c", _AS_ANOTHER_USER, f"sqlite:///{path}{query}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        got, put, breaker = json.loads(done.stdout)
+        if directory == "read-only" and not query:
+            assert got[0] == put[0] == "BackendUnavailable"
+            assert "cannot be opened by this process" in got[1] and "?readonly=true" in got[1]
+            return
+        assert got == ["ok", "kept"]
+        assert put[0] == "BackendReadOnly"
+        assert breaker == ["breaker", "closed"]
+    finally:
+        where.chmod(0o700)
+        shutil.rmtree(where)
+
+
+async def _hold_one(path: Path) -> None:
+    backend = SQLiteBackend(path)
+    await backend.set("held", b"kept", None)
+    await backend.aclose()
+
+
 async def test_the_path_is_looked_at_once_per_check_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1478,6 +1478,96 @@ async def test_a_full_backend_still_answers_what_it_holds(
             server.cleanup()
 
 
+def _follow(replica_url: str, primary_url: str) -> None:
+    # Make the server at ``replica_url`` a replica of the primary, and wait until it holds
+    # what the primary does (a condition, not a time: replication is asynchronous).
+    import redis
+
+    primary, replica = redis.Redis.from_url(primary_url), redis.Redis.from_url(replica_url)
+    try:
+        host, port = (
+            primary.connection_pool.connection_kwargs["host"],
+            primary.connection_pool.connection_kwargs["port"],
+        )
+        replica.execute_command("REPLICAOF", host, str(port))
+        deadline = time.monotonic() + 30  # a deadlock guard
+        while replica.info("replication").get("master_link_status") != "up" or sorted(
+            replica.keys()
+        ) != sorted(primary.keys()):
+            assert time.monotonic() < deadline, "the replica never caught up"
+            time.sleep(0.01)
+    finally:
+        primary.close()
+        replica.close()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (the Redis backend's loop)
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+async def test_a_read_only_backend_still_answers_what_it_holds(
+    kind: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A backend this process may only read (a Redis replica after a failover or a wrong
+    # URL; an SQLite file owned by another user, which SQLite opens read-only) refused every
+    # store as an error: counted by the breaker, five of them turned the whole cache off,
+    # its reads too, and every stored answer went upstream for the cooldown.
+    from servers import RedisServer, require_binary
+    from sse_cache import BackendReadOnly
+    from sse_cache.backends import _sqlite_file as sqlite_file
+    from sse_cache.backends import from_url
+
+    servers: list[Any] = []
+    writer: Any = None
+    if kind == "redis":
+        binary = require_binary("redis-server", "redis-server")
+        servers = [RedisServer(binary), RedisServer(binary)]
+        for server in servers:
+            server.start()
+        writer = from_url(servers[0].url)
+        url = servers[1].url
+    else:
+        # SQLite's own "attempt to write a readonly database" (SQLITE_READONLY), from a
+        # pragma set on the backend's connection as it is opened; the file's permissions
+        # are tested apart (test_backend_sqlite: root ignores them).
+        real = sqlite_file.initialise
+        read_only = False
+
+        def limited(conn: Any, **kw: Any) -> None:
+            real(conn, **kw)
+            if read_only:
+                conn.execute("PRAGMA query_only = 1")
+
+        monkeypatch.setattr(sqlite_file, "initialise", limited)
+        url = f"sqlite:///{tmp_path / 'c.db'}?near_cache=0"
+        writer = from_url(url)
+    seen: list[Notice] = []
+    try:
+        small, _ = await consume(StreamCache(writer, GenericSSE()), Upstream())
+        assert small.stored  # type: ignore[attr-defined]
+        if kind == "redis":
+            await anyio.to_thread.run_sync(_follow, url, servers[0].url)
+        else:
+            read_only = True
+        backend = from_url(url)
+        cache = StreamCache(backend, GenericSSE(), hooks=[seen.append])
+        try:
+            entry = Entry(schema="generic", created_at=time.time(), events=(Event("x"),))
+            with pytest.raises(BackendReadOnly, match="read-only"):
+                await backend.set("direct", MsgpackCodec().encode(entry), None)
+            with caplog.at_level(logging.WARNING, logger="sse_cache"):
+                stored = [await cache.store(f"new-{i}", entry) for i in range(3 * 5)]
+            assert stored == [False] * 15
+            assert cache.breaker.state.value == "closed"
+            refused = [n for n in seen if n.kind == "not_stored" and n.key.startswith("new-")]
+            assert len(refused) == 15 and "read-only" in refused[0].detail
+            assert await cache.lookup(small.key) is not None  # type: ignore[attr-defined]
+        finally:
+            await backend.aclose()
+    finally:
+        await writer.aclose()
+        for server in servers:
+            server.cleanup()
+
+
 async def test_a_miss_iterated_after_its_block_was_left_says_so() -> None:
     # It raised SharedStreamAborted, "every reader left": nothing was shared (helper-82).
     cache = StreamCache(DictBackend(), GenericSSE())

@@ -22,6 +22,7 @@ from ..errors import (
     BackendBusy,
     BackendError,
     BackendFull,
+    BackendReadOnly,
     BackendTimeout,
     BackendUnavailable,
     ConfigError,
@@ -90,6 +91,11 @@ def map_exceptions(what: str) -> Iterator[None]:
         raise BackendFull(
             f"{what}: Redis is full: at its maxmemory, with a policy that evicts nothing "
             f"for this key (raise maxmemory, or set maxmemory-policy allkeys-lru) ({exc})"
+        ) from exc
+    except rexc.ReadOnlyError as exc:
+        raise BackendReadOnly(
+            f"{what}: Redis is a read-only replica: its answers are served, none is stored "
+            f"(point the URL at the primary, or through a proxy that follows it) ({exc})"
         ) from exc
     except rexc.ConnectionError as exc:
         refusal = _behind(exc, _auth_refused)

@@ -20,7 +20,13 @@ from functools import partial
 from typing import Final, TypeVar
 from urllib.parse import quote
 
-from ..errors import BackendError, BackendFull, BackendTimeout, BackendUnavailable
+from ..errors import (
+    BackendError,
+    BackendFull,
+    BackendReadOnly,
+    BackendTimeout,
+    BackendUnavailable,
+)
 from ._fork import hold_over_fork, keep, reopen_after_fork
 from ._sqlite_store import initialise
 
@@ -180,11 +186,11 @@ class DatabaseFile:
         write busy timeout, retried while SQLite reports the database busy; ``sqlite3`` and
         OS errors raised as the BackendError family."""
         if self.readonly and not read:
-            raise BackendError(
+            raise BackendReadOnly(
                 f"SQLite file {self.path!r} is opened read-only (readonly=true): "
                 "nothing is written to it"
             )
-        with self._lock, self._translated_errors():
+        with self._lock, self._translated_errors(read):
             conn = self._connection()
             self._set_busy(conn, self._read_timeout if read else self._timeout)
             try:
@@ -212,7 +218,7 @@ class DatabaseFile:
             self._drop_connection()
 
     @contextmanager
-    def _translated_errors(self) -> Iterator[None]:
+    def _translated_errors(self, read: bool) -> Iterator[None]:
         # The one place where sqlite3 errors become the BackendError family.
         try:
             yield
@@ -223,12 +229,32 @@ class DatabaseFile:
                 raise BackendTimeout(f"SQLite database {self.path!r} is locked: {exc}") from exc
             # Corrupt, foreign, unreadable or vanished file: start afresh next time. (Also a
             # full disk: the write's transaction is left behind with the connection.)
+            opened = self._conn is not None
             self._drop_connection()
             if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
                 # The file is sound and still reads: not a failure of the backend.
                 raise BackendFull(
                     f"SQLite database {self.path!r} is full: its disk has no room for this "
                     f"write ({exc}); free some, or lower ?max_bytes= to what it holds"
+                ) from exc
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+                if opened and not read:
+                    # Opened for reading only (SQLite falls back to that when this process
+                    # may not write the file): it still reads, as for a full disk.
+                    raise BackendReadOnly(
+                        f"SQLite file {self.path!r} is read-only to this process ({exc}): "
+                        "its answers are served, none is stored; let the process's user "
+                        "write the file, its directory and its -wal and -shm files"
+                    ) from exc
+                # Not even opened: opening a WAL file writes its -wal and -shm files beside
+                # it, which this process may not do in a directory it cannot write.
+                raise BackendUnavailable(
+                    f"SQLite file {self.path!r} cannot be opened by this process ({exc}): "
+                    "SQLite opens it read-only (its owner and mode, its directory's, a "
+                    "read-only mount, or a write version above 2 in its header) and cannot "
+                    "write the -wal and -shm files a WAL file needs; make it writable to "
+                    "this process's user, or open it with ?readonly=true to serve what it "
+                    "holds without storing"
                 ) from exc
             if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
                 raise BackendUnavailable(f"cannot open SQLite file {self.path!r}: {exc}") from exc
