@@ -265,35 +265,29 @@ def plan_workers(settings: argparse.Namespace) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    # A misspelt variable is often why a value is missing or refused. Its warning is logged
-    # once the configuration resolves (then taken off the list), and was lost with a
-    # refusal before that (helper-126: SSE_CACHE_UPSTREM=... gave "an upstream is
-    # required" and no word of the typo): the refusal says it then.
+    # A misspelt variable is often why a value is missing or refused: a refusal of the
+    # configuration says it (helper-126: SSE_CACHE_UPSTREM=... gave "an upstream is
+    # required" and no word of the typo); once it resolves, it is logged as a warning.
     typos = unknown_variables(os.environ)
     try:
-        return _serve(args, typos)
-    except Refused as refused:
-        for warning in typos:
-            refused.message += f"\nsse-cache proxy: {warning}"
-        raise
+        settings = resolve(args, os.environ)
+    except ConfigError as exc:
+        said = [f"sse-cache proxy: {exc}", *(f"sse-cache proxy: {typo}" for typo in typos)]
+        raise Refused("\n".join(said)) from None
+    return _serve(args, settings, typos)
 
 
-def _serve(args: argparse.Namespace, typos: list[str]) -> int:
+def _serve(args: argparse.Namespace, settings: argparse.Namespace, typos: list[str]) -> int:
     try:
         import uvicorn
     except ImportError:
         raise Refused("sse-cache proxy needs uvicorn: pip install 'sse-cache[proxy]'") from None
     import logging.config
 
-    try:
-        settings = resolve(args, os.environ)
-    except ConfigError as exc:
-        raise Refused(f"sse-cache proxy: {exc}") from None
     log_config = proxy_log_config(settings.log_level)
     logging.config.dictConfig(log_config)
     for warning in typos:
         logger.warning("sse_cache: %s", warning)
-    typos.clear()
     if forwards_to_itself(settings):
         raise Refused(
             f"sse-cache proxy: --upstream {redact_url(settings.upstream)} is this proxy itself "
