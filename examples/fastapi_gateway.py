@@ -33,6 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from sse_cache.asgi import CacheMiddleware
+from sse_cache.proxy import no_cookies
 
 # Request headers that define or shape the answer and go upstream as they are. The client's
 # credential does not: the gateway calls the upstream with its own key.
@@ -80,11 +81,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Ask for identity encoding: a gzip-compressed answer passes through the cache
-        # unstored.
+        # unstored. One client forwards every caller's requests: it keeps no cookie (its
+        # default jar would send one caller's session cookie with everyone's requests).
         async with httpx2.AsyncClient(
             base_url=upstream_url,
             headers={"accept-encoding": "identity"},
             timeout=httpx2.Timeout(600.0, connect=10.0),
+            cookies=no_cookies(),
         ) as client:
             app.state.upstream = client
             yield

@@ -12,6 +12,7 @@ reached: the proxy serves anyway, uncached).
 from __future__ import annotations
 
 import dataclasses
+import http.cookiejar
 import json
 import logging
 import math
@@ -53,7 +54,14 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     httpx2 = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_BACKEND", "Forwarder", "ProxyApp", "create_proxy_app", "log_config"]
+__all__ = [
+    "DEFAULT_BACKEND",
+    "Forwarder",
+    "ProxyApp",
+    "create_proxy_app",
+    "log_config",
+    "no_cookies",
+]
 
 DEFAULT_BACKEND = "sqlite:///./sse-cache.db"
 #: Seconds the health endpoint and the startup check wait for the backend.
@@ -112,6 +120,19 @@ def _need_httpx2() -> None:
         raise ConfigError("the proxy needs httpx2 and uvicorn: pip install 'sse-cache[proxy]'")
 
 
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: Any) -> bool:
+        return False
+
+
+def no_cookies() -> http.cookiejar.CookieJar:
+    """A cookie jar that keeps none, for an HTTP client that forwards many callers' requests:
+    httpx2's own keeps every ``Set-Cookie`` an upstream sends and adds it to every later
+    request, whoever sends it (one tenant's session cookie reached the upstream with
+    another's request; helper-132), and grows with each cookie name."""
+    return http.cookiejar.CookieJar(policy=_NoCookies())
+
+
 class Forwarder:
     """Forward requests to ``upstream`` (a base URL: the request path is appended).
 
@@ -154,6 +175,7 @@ class Forwarder:
                 timeout=httpx2.Timeout(timeout, connect=connect_timeout),
                 limits=limits,
                 follow_redirects=False,
+                cookies=no_cookies(),
             )
             client = self._new_client()
         self._client = client

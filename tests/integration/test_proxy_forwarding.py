@@ -332,3 +332,30 @@ async def test_a_header_named_by_connection_never_keys_what_the_upstream_was_not
     ]
     status, head, _ = await exchange(proxy.address, post(CHAT, body))  # asked as the first was
     assert b"\r\nx-sse-cache: hit" in head, head
+
+
+async def test_an_upstreams_cookie_is_never_sent_with_another_callers_request(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # httpx2's client keeps every Set-Cookie in its jar and adds it to every later request:
+    # one tenant's session cookie went upstream with another tenant's request (and each new
+    # cookie name grew every request); helper-132. The proxy forwards for many callers: it
+    # keeps none. The caller that was answered gets its Set-Cookie; a client's own Cookie
+    # header goes upstream as it is.
+    upstream = RecordingUpstream(extra=[(b"set-cookie", b"session=tenant-a; Path=/")])
+    async with serve(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            for path in (CHAT, "/v1/not-cached"):
+                first = post(path, chat_body(f"a {path}")).replace(b"sk-forwarding", b"sk-a")
+                status, head, _ = await exchange((host, int(port)), first)
+                assert status == 200 and b"\r\nset-cookie: session=tenant-a" in head, head
+                other = post(path, chat_body(f"b {path}")).replace(b"sk-forwarding", b"sk-b")
+                status, _, _ = await exchange((host, int(port)), other)
+                assert status == 200
+            own = post("/v1/not-cached", chat_body("own"), "cookie: mine=1")
+            await exchange((host, int(port)), own)
+            await app.aclose()
+    assert len(upstream.requests) == 5
+    assert [r.headers.get("cookie") for r in upstream.requests] == [None] * 4 + ["mine=1"]
