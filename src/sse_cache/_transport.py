@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 import weakref
-from functools import cache
+from functools import cache, partial
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -64,7 +64,7 @@ from .http._slots import BackgroundSlots
 from .http._wire import json_error_body, merge_headers
 from .http.options import CacheOptions
 from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of, path_as_sent
-from .http.service import CacheService, Exchange
+from .http.service import CacheService, Exchange, body_ends_by_itself
 from .protocols import Backend
 
 __all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]
@@ -363,7 +363,11 @@ class AsyncCacheTransportBase(_Options):
                 )
             upstream = await self.transport.handle_async_request(_forward(lib, request, decision))
             try:
-                tee = await ex.tee(upstream.status_code, upstream.headers.multi_items())
+                tee = await ex.tee(
+                    upstream.status_code,
+                    upstream.headers.multi_items(),
+                    ends_by_itself=_ends_by_itself(upstream),
+                )
                 if tee is not None:
                     await tee.flush()  # the head, to followers in other processes at once
             except BaseException:
@@ -523,7 +527,11 @@ class CacheTransportBase(_Options):
                 )
             upstream = self.transport.handle_request(_forward(lib, request, decision))
             try:
-                tee = opened.call(ex.tee, upstream.status_code, upstream.headers.multi_items())
+                tee = opened.call(
+                    partial(ex.tee, ends_by_itself=_ends_by_itself(upstream)),
+                    upstream.status_code,
+                    upstream.headers.multi_items(),
+                )
                 if tee is not None:
                     opened.call(tee.flush)  # the head, to followers in other processes at once
             except BaseException:
@@ -625,3 +633,8 @@ def _start_portal(backend: str) -> tuple[anyio.from_thread.BlockingPortal, threa
     if isinstance(result, BaseException):
         raise result
     return result, thread
+
+
+def _ends_by_itself(upstream: Any) -> bool:
+    # (The transport's response: its headers as the upstream sent them, framing included.)
+    return body_ends_by_itself(upstream.extensions.get("http_version"), upstream.headers)

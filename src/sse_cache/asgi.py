@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 
 from ._asgi_io import (
+    ENDS_BY_ITSELF,
     ASGIApp,
     Message,
     Receive,
@@ -555,7 +556,8 @@ class _Request:
         if message["type"] == "http.response.start":
             raw = message.get("headers", [])
             decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
-            self.tee = await ex.tee(message["status"], decoded)
+            ends = message.get(ENDS_BY_ITSELF, True)  # (the proxy's forwarder says)
+            self.tee = await ex.tee(message["status"], decoded, ends_by_itself=ends)
             if self.tee is not None:
                 self.length_left = _declared_length(decoded)
             message = dict(message)

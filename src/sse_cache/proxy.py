@@ -26,6 +26,7 @@ from urllib.parse import unquote, unquote_to_bytes
 import anyio
 
 from ._asgi_io import (
+    ENDS_BY_ITSELF,
     Message,
     Receive,
     Scope,
@@ -47,6 +48,7 @@ from .breaker import BreakerState
 from .errors import ConfigError
 from .flight import SharedStreamAborted
 from .http.policy import CONTROL_HEADER_PREFIX, base_url_of
+from .http.service import body_ends_by_itself
 from .metrics import Metrics
 
 try:
@@ -242,6 +244,10 @@ class Forwarder:
                     "type": "http.response.start",
                     "status": response.status_code,
                     "headers": _passed_back_headers(response.headers.raw),
+                    # (to the cache middleware: whether a cut can be told from the end)
+                    ENDS_BY_ITSELF: body_ends_by_itself(
+                        response.extensions.get("http_version"), response.headers
+                    ),
                 }
             )
             # (An upstream that broke off raises httpx2's own error, not a task group's.)

@@ -3,6 +3,7 @@ clients and other proxies may send them, against an upstream that records what i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -11,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 
+from sse_cache.adapters import GenericSSE
 from sse_cache.proxy import ProxyApp, create_proxy_app
 from sse_cache.testing import NoticeLog
 
@@ -359,3 +362,86 @@ async def test_an_upstreams_cookie_is_never_sent_with_another_callers_request(
             await app.aclose()
     assert len(upstream.requests) == 5
     assert [r.headers.get("cookie") for r in upstream.requests] == [None] * 4 + ["mine=1"]
+
+
+@dataclass
+class RawUpstream:
+    """An HTTP/1.1 upstream on a socket of its own, answering every request with ``body``
+    (SSE) framed as ``framing`` says: ``close`` (no length, no chunks: the body ends as the
+    connection closes, which a cut does too), ``chunked`` or ``length``."""
+
+    body: bytes
+    framing: str
+    calls: int = 0
+
+    async def handle(self, sock: Any) -> None:
+        async with sock:
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += await sock.receive()
+            head, _, body = got.partition(b"\r\n\r\n")
+            length = [
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ]
+            while length and len(body) < length[0]:
+                body += await sock.receive()
+            self.calls += 1
+            head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            if self.framing == "close":
+                await sock.send(head + b"connection: close\r\n\r\n" + self.body)
+            elif self.framing == "length":
+                await sock.send(head + b"content-length: %d\r\n\r\n" % len(self.body) + self.body)
+            else:
+                chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(self.body), self.body)
+                await sock.send(head + b"transfer-encoding: chunked\r\n\r\n" + chunk)
+
+
+@contextlib.asynccontextmanager
+async def raw_upstream(upstream: RawUpstream) -> AsyncIterator[str]:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, upstream.handle)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            tg.cancel_scope.cancel()
+
+
+CUT_GENERIC = b"data: part 1 of 5\n\ndata: part 2 of 5\n\n"  # and then the connection closed
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "framing", "stored"),
+    [
+        ("generic", CUT_GENERIC, "close", False),  # a cut cannot be told from the end
+        ("generic", CUT_GENERIC, "chunked", True),  # the upstream said this is the end
+        ("generic", CUT_GENERIC, "length", True),
+        ("chat", chat_sse("whole"), "close", True),  # its completing event says it is whole
+    ],
+    ids=["generic-close", "generic-chunked", "generic-length", "chat-close"],
+)
+async def test_a_generic_body_that_ends_as_its_connection_closes_is_not_stored(
+    serve: Serve, tmp_path: Path, route: str, body: bytes, framing: str, stored: bool
+) -> None:
+    # An HTTP/1 upstream that sends no length and no chunks ends its body by closing the
+    # connection, as a cut does: a generic stream (no completing event) cut after two of
+    # five events was stored and replayed as a whole answer (helper-132). Its client gets
+    # the bytes as they came, as it would from the upstream; nothing is stored or shared.
+    upstream = RawUpstream(body, framing)
+    async with raw_upstream(upstream) as upstream_url:
+        path = "/v1/generate" if route == "generic" else CHAT
+        routes = {"/v1/generate": GenericSSE} if route == "generic" else None
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}", routes=routes)
+        async with serve(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            said = []
+            for _ in range(2):
+                status, head, got = await exchange((host, int(port)), post(path, chat_body("cut")))
+                assert status == 200 and body.splitlines()[-3] in got
+                said.append(head.split(b"\r\nx-sse-cache: ")[1].split(b"\r\n")[0])
+            await app.aclose()
+    assert said == ([b"miss", b"hit"] if stored else [b"miss", b"miss"])
+    assert upstream.calls == (1 if stored else 2)

@@ -3199,3 +3199,47 @@ async def test_a_miss_dropped_in_a_cycle_a_young_collection_found_first_is_read_
         server.stop()
     assert outcome["follower"] == whole  # never a clean end of part of it
     assert again.headers["x-sse-cache"] == "hit" and again.content == whole
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("lib", ["httpx2", "httpx"])
+@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
+async def test_a_generic_body_that_ends_as_its_connection_closes_is_not_stored(
+    lib: str, sync: bool
+) -> None:
+    # As through the proxy (test_proxy_forwarding): an HTTP/1 body with no length and no
+    # chunks ends as the upstream closes its connection, as a cut does; a generic stream
+    # (no completing event) cut there was stored as a whole answer (helper-132).
+    from test_proxy_forwarding import CUT_GENERIC, RawUpstream, raw_upstream
+
+    from sse_cache.adapters import GenericSSE
+
+    module: Any = sse_cache.httpx2 if lib == "httpx2" else sse_cache.httpx
+    client_lib: Any = httpx2 if lib == "httpx2" else httpx
+    upstream = RawUpstream(CUT_GENERIC, "close")
+    routes = {"/v1/generate": GenericSSE}
+    ask, key = {"prompt": "cut", "stream": True}, {"authorization": "Bearer sk-cut"}
+    async with raw_upstream(upstream) as url:
+        if sync:
+            transport = module.CacheTransport("memory://", routes=routes)
+
+            def twice() -> list[str]:
+                with client_lib.Client(transport=transport, base_url=url) as client:
+                    return [
+                        client.post("/v1/generate", json=ask, headers=key).headers["x-sse-cache"]
+                        for _ in range(2)
+                    ]
+
+            said = await anyio.to_thread.run_sync(twice)
+        else:
+            transport = module.AsyncCacheTransport("memory://", routes=routes)
+            async with client_lib.AsyncClient(transport=transport, base_url=url) as client:
+                said = [
+                    (await client.post("/v1/generate", json=ask, headers=key)).headers[
+                        "x-sse-cache"
+                    ]
+                    for _ in range(2)
+                ]
+    assert said == ["miss", "miss"]
+    assert upstream.calls == 2

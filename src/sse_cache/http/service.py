@@ -630,12 +630,18 @@ class Exchange:
     def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         return _Counted(self._service.hooks, self.key, chunks)
 
-    async def tee(self, status: int, headers: Iterable[tuple[str, str]]) -> ResponseTee | None:
+    async def tee(
+        self, status: int, headers: Iterable[tuple[str, str]], *, ends_by_itself: bool = True
+    ) -> ResponseTee | None:
         """Start passing on the upstream's response (after its status and headers arrived):
         to the followers of this request's live stream, to other processes following it, and
         to the recording. None when there is nothing to pass on: no one can follow this
         request and its answer will not be stored (``no-store``, a non-2xx status, a
-        compressed body, a content type other than SSE for a stream / JSON otherwise)."""
+        compressed body, a content type other than SSE for a stream / JSON otherwise).
+        ``ends_by_itself``: False for a body that ends only as the upstream closes its
+        connection (HTTP/1 without a length or chunks: :func:`body_ends_by_itself`), whose
+        end cannot be told from a cut; an SSE answer whose adapter has no completing event
+        (``generic``) is then neither shared nor stored."""
         if self.decision.adapter is None or self.answer is not None:
             return None
         assert self._cache is not None and self._stack is not None
@@ -644,7 +650,15 @@ class Exchange:
         live = self._flight
         lease = self._lead
         head = None
+        media = media_type(lowered)
         unshared = _not_shared_because(status, encoding_of(lowered), self.decision.tenant)
+        if (
+            not ends_by_itself
+            and not unshared
+            and media == SSE_TYPE
+            and self._cache.adapter.end_outcome() is Outcome.COMPLETE
+        ):
+            unshared = _END_UNTOLD
         if unshared and (live is not None or lease is not None):
             # Not an answer every identical request may have: the followers waiting here or
             # in other processes have been sent nothing, and ask for themselves.
@@ -671,10 +685,11 @@ class Exchange:
             if live is not None:
                 live.respond(head)
         controls = self.decision.controls
-        media = media_type(lowered)
         # A reconnecting client may get only the rest of a stream: never store that.
         wanted = controls.store and self.decision.last_event_id is None
         reason = not_recorded_because(status, lowered, media, wanted=wanted)
+        if not reason and unshared == _END_UNTOLD:
+            reason = _END_UNTOLD
         tee: ResponseTee | None = None
         if reason:
             logger.debug("sse_cache: not recording %s: %s", self.key, reason)
@@ -759,6 +774,28 @@ class Exchange:
         # Dropped once the stored entry is indexed (__aexit__): a resume in between would
         # find neither, and go to the upstream.
         self._unindex = unindex
+
+
+#: Why a generic SSE answer whose body ends only as its connection closes is neither shared
+#: nor stored: a cut looks like its end (helper-132: two of five events stored, replayed).
+_END_UNTOLD = "its body ends only as the upstream closes its connection (a cut looks the same)"
+
+
+def body_ends_by_itself(http_version: str | bytes | None, headers: Mapping[str, str]) -> bool:
+    """Whether an upstream response's body has an end of its own, by which a cut is told
+    from its end: a length, chunked framing, or HTTP/2 or later (``headers`` with lower-case
+    names). False for an HTTP/1 body delimited by the connection's close alone. An unknown
+    version (an in-process transport) is trusted."""
+    if http_version is None:
+        return True
+    version = (
+        http_version.decode("ascii", "replace") if isinstance(http_version, bytes) else http_version
+    )
+    if not version.upper().startswith("HTTP/1"):
+        return True
+    if "content-length" in headers:
+        return True
+    return "chunked" in headers.get("transfer-encoding", "").lower()
 
 
 def _not_shared_because(status: int, encoding: str, tenant: str) -> str:
