@@ -89,6 +89,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "SSE_CACHE_UPSTREAM_CONNECTIONS": ("500", 500),
     "SSE_CACHE_LIMIT_CONCURRENCY": ("1000", 1000),
     "SSE_CACHE_BODY_TIMEOUT": ("12.5", 12.5),
+    "SSE_CACHE_HEADER_TIMEOUT": ("7", 7.0),
     "SSE_CACHE_DECODED_CACHE_MB": ("0", 0.0),
     "SSE_CACHE_SECRET": ("fleet secret", "fleet secret"),
     "SSE_CACHE_GRACEFUL_TIMEOUT": ("5", 5.0),
@@ -764,6 +765,63 @@ async def test_a_request_body_that_stops_coming_is_answered_408_and_gives_its_pl
         scrape = (await client.get("/_sse_cache/metrics")).text
         assert metric_value(scrape, "sse_cache_refused_requests_total") == 3
     assert sum("no byte of the request body came" in line for line in p.lines()) == 1  # (per 10 s)
+
+
+async def _until_closed(host: str, port: int, sent: bytes) -> bytes:
+    """What the proxy sends on a new connection given ``sent``, until it closes it."""
+    async with await anyio.connect_tcp(host, port) as sock:
+        if sent:
+            await sock.send(sent)
+        raw = b""
+        with anyio.fail_after(30):  # a deadlock guard: without the deadline, never
+            while True:
+                try:
+                    raw += await sock.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return raw  # the proxy closed the connection
+
+
+@pytest.mark.anyio
+@asyncio_only
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_connection_whose_request_head_does_not_come_is_closed(
+    serve: Any, tmp_path: Path, workers: str
+) -> None:
+    # uvicorn times a connection out only after a response, and each byte cancels that: 300
+    # connections that sent nothing, or trickled a head, held a proxy limited to 256 file
+    # descriptors off the air, its health check included, for good (helper-132). Past
+    # --header-timeout the proxy closes them (408 if part of a head came); a request whose
+    # head came is served however long its answer takes. (Workers are spawned: they get
+    # the protocol by name.)
+    upstream_app = GatedUpstream(responses_stream("in time", text_deltas=2), delay=0.1)
+    async with (
+        serve(upstream_app) as upstream,
+        proxy_process(
+            tmp_path,
+            "--backend",
+            "memory://",
+            "--upstream",
+            upstream,
+            "--header-timeout",
+            "0.3",
+            "--workers",
+            workers,
+        ) as p,  # fmt: skip
+        httpx2.AsyncClient(base_url=p.url, timeout=30, headers=HEADERS) as client,
+    ):
+        host, port = p.url.removeprefix("http://").split(":")
+        assert await _until_closed(host, int(port), b"") == b""  # nothing came: closed
+        partial = b"POST /v1/responses HTTP/1.1\r\nhost: pr"
+        said = await _until_closed(host, int(port), partial)
+        assert said.startswith(b"HTTP/1.1 408 "), said
+        assert said.endswith(b"the request's head did not come in time")
+        # An answer longer than the deadline (its events 0.1 s apart) is served whole.
+        served = await client.post(
+            "/v1/responses", json={"model": "gpt-mock", "input": "slow", "stream": True}
+        )
+        assert served.status_code == 200 and b"response.completed" in served.content
+        assert (await client.get("/_sse_cache/health")).status_code == 200
+    assert any("request's head did not come within --header-timeout" in x for x in p.lines())
 
 
 @pytest.mark.anyio

@@ -497,6 +497,17 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S",
     ),
     Option(
+        "--header-timeout",
+        "seconds a connection may wait for a request's head (a new connection, or one whose "
+        "last response ended); then it is closed, answered 408 if part of a head came (0: "
+        "no limit). A client that connects and sends nothing, or its head a byte at a time, "
+        "would otherwise hold its connection, and a file descriptor, for good",
+        default=60.0,
+        shown="60",
+        parse=_seconds(zero=True),
+        metavar="S",
+    ),
+    Option(
         "--decoded-cache-mb",
         "memory per process for recently decoded entries, so hot entries are not decoded on "
         "every hit (0 turns it off)",

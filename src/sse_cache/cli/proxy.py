@@ -284,6 +284,8 @@ def _serve(args: argparse.Namespace, settings: argparse.Namespace, typos: list[s
         raise Refused("sse-cache proxy needs uvicorn: pip install 'sse-cache[proxy]'") from None
     import logging.config
 
+    from ._head_deadline import http_protocol
+
     log_config = proxy_log_config(settings.log_level)
     logging.config.dictConfig(log_config)
     for warning in typos:
@@ -313,6 +315,8 @@ def _serve(args: argparse.Namespace, settings: argparse.Namespace, typos: list[s
         "log_level": LOG_LEVELS[settings.log_level],
         "lifespan": "on",
         "timeout_graceful_shutdown": settings.graceful_timeout,
+        # A deadline for each request's head, which uvicorn has not (see _head_deadline).
+        "http": http_protocol(settings.header_timeout),
         # (Not uvicorn's limit_concurrency: it counts open connections, idle keep-alive ones
         # and the new request's own included, and refuses the health check when busy. The
         # app counts requests itself: --limit-concurrency there.)

@@ -1,0 +1,129 @@
+"""A deadline for a request's head on the proxy's connections (nginx's
+``client_header_timeout``): uvicorn's own protocols, given one.
+
+uvicorn times a connection out only after a response (its keep-alive timeout), and every
+byte received cancels that: a connection that sends nothing, or trickles its request's head
+a byte at a time, is held for ever, with its file descriptor (helper-132: 300 such sockets
+took a proxy limited to 256 descriptors off the air, its health check included). The
+proxy's ``--body-timeout`` starts once a head has come; ``--limit-concurrency`` counts
+requests, and these are none yet. Here a connection waiting for a request's head — a new
+one, or one whose last response ended — is closed ``head_timeout`` seconds after it began
+waiting, answered ``408`` first if part of a head came.
+
+Imported by the proxy's command only (it needs uvicorn). The protocol classes are
+module-level (the workers of ``--workers N`` are spawned, and get them by name)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from .._logging import RateLimitedLog
+
+logger = logging.getLogger("sse_cache")
+
+_warnings = RateLimitedLog(logger)
+
+
+class _Topic:
+    """What the rate-limited warnings are about: every connection of this process."""
+
+
+_CONNECTIONS = _Topic()
+
+_SAID = b"the request's head did not come in time"
+_TIMED_OUT = (
+    b"HTTP/1.1 408 Request Timeout\r\n"
+    b"content-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\n"
+    b"connection: close\r\n"
+    b"\r\n%s" % (len(_SAID), _SAID)
+)
+
+
+class _HeadDeadline:
+    """The deadline, for a uvicorn HTTP/1 protocol class (its ``cycle``: the latest
+    request's, None before the first; ``loop``; ``transport``)."""
+
+    cycle: Any
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
+
+    def __init__(self, *args: Any, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._waited_after: Any = None  # the request whose end the wait began at
+        self._head_bytes = False  # bytes came since the wait began
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        self._head_bytes = True
+        super().data_received(data)  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        self._await_head()  # (before: a pipelined request may start at once, in there)
+        super().on_response_complete()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()  # (it would hold this protocol for its length)
+            self._head_timer = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _await_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._waited_after = self.cycle
+        self._head_bytes = False
+        self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        cycle = self.cycle
+        if cycle is not self._waited_after or (cycle is not None and not cycle.response_complete):
+            return  # a request came (and is served, or was): its head was in time
+        if self.transport.is_closing():
+            return
+        if self._head_bytes:
+            self.transport.write(_TIMED_OUT)
+        self.transport.close()
+        _warnings.warning(
+            _CONNECTIONS,
+            "head_timeout",
+            "sse_cache: closed a connection whose request's head did not come within "
+            "--header-timeout %g s (%s)",
+            self._head_timeout,
+            "part of it came" if self._head_bytes else "nothing came",
+        )
+
+
+class HeadTimedH11Protocol(_HeadDeadline, H11Protocol):
+    """uvicorn's h11 protocol, with the deadline."""
+
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # (httptools is not installed: uvicorn uses h11)
+    HeadTimedHttpToolsProtocol: Any = None
+else:
+
+    class HeadTimedHttpToolsProtocol(_HeadDeadline, HttpToolsProtocol):  # type: ignore[no-redef]
+        """uvicorn's httptools protocol, with the deadline."""
+
+
+def http_protocol(head_timeout: float) -> Any:
+    """uvicorn's ``http`` setting for the proxy: its HTTP/1 protocol as ``"auto"`` picks it
+    (httptools where it is installed, else h11), with a deadline of ``head_timeout`` seconds
+    for each request's head; uvicorn's own (``"auto"``) for 0."""
+    if not head_timeout:
+        return "auto"
+    base = HeadTimedHttpToolsProtocol or HeadTimedH11Protocol
+    return functools.partial(base, head_timeout=head_timeout)
