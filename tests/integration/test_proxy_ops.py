@@ -699,6 +699,20 @@ async def test_limit_concurrency_serves_n_requests_at_once_and_503_past_them(
         assert again.status_code == 200, again.text
 
 
+async def _until_closed(host: str, port: int, sent: bytes) -> bytes:
+    """What the proxy sends on a new connection given ``sent``, until it closes it."""
+    async with await anyio.connect_tcp(host, port) as sock:
+        if sent:
+            await sock.send(sent)
+        raw = b""
+        with anyio.fail_after(30):  # a deadlock guard: without the deadline, never
+            while True:
+                try:
+                    raw += await sock.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    return raw  # the proxy closed the connection
+
+
 @pytest.mark.anyio
 @asyncio_only
 async def test_a_request_body_that_stops_coming_is_answered_408_and_gives_its_place_back(
@@ -736,15 +750,7 @@ async def test_a_request_body_that_stops_coming_is_answered_408_and_gives_its_pl
                 f"authorization: {HEADERS['authorization']}\r\n"
                 f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
             ).encode()
-            async with await anyio.connect_tcp(host, int(port)) as sock:
-                await sock.send(head + sent)
-                raw = b""
-                with anyio.fail_after(30):  # a deadlock guard: without the bound, never
-                    while True:
-                        try:
-                            raw += await sock.receive()
-                        except (anyio.EndOfStream, anyio.BrokenResourceError):
-                            break  # the proxy closed the connection
+            raw = await _until_closed(host, int(port), head + sent)
             said, _, answer = raw.partition(b"\r\n\r\n")
             assert said.startswith(b"HTTP/1.1 408 "), raw
             assert b"\r\nconnection: close" in said.lower()
@@ -765,20 +771,6 @@ async def test_a_request_body_that_stops_coming_is_answered_408_and_gives_its_pl
         scrape = (await client.get("/_sse_cache/metrics")).text
         assert metric_value(scrape, "sse_cache_refused_requests_total") == 3
     assert sum("no byte of the request body came" in line for line in p.lines()) == 1  # (per 10 s)
-
-
-async def _until_closed(host: str, port: int, sent: bytes) -> bytes:
-    """What the proxy sends on a new connection given ``sent``, until it closes it."""
-    async with await anyio.connect_tcp(host, port) as sock:
-        if sent:
-            await sock.send(sent)
-        raw = b""
-        with anyio.fail_after(30):  # a deadlock guard: without the deadline, never
-            while True:
-                try:
-                    raw += await sock.receive()
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    return raw  # the proxy closed the connection
 
 
 @pytest.mark.anyio
