@@ -30,7 +30,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: A key of an ``http.response.start`` message from the proxy's forwarder to the cache
 #: middleware around it: False when the upstream's body ends only as its connection closes
-#: (:func:`~sse_cache.http.service.body_ends_by_itself`). Servers ignore it.
+#: (:func:`~sse_cache.http._wire.body_ends_by_itself`). Servers ignore it.
 ENDS_BY_ITSELF = "sse_cache.ends_by_itself"
 
 #: At most this many body bytes queued for a client are joined into one message.

@@ -61,10 +61,10 @@ from ._sync_bodies import (
 from ._transport_bodies import _closed_under, _TransportClosed
 from .errors import ConfigError
 from .http._slots import BackgroundSlots
-from .http._wire import json_error_body, merge_headers
+from .http._wire import body_ends_by_itself, json_error_body, merge_headers
 from .http.options import CacheOptions
 from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of, path_as_sent
-from .http.service import CacheService, Exchange, body_ends_by_itself
+from .http.service import CacheService, Exchange
 from .protocols import Backend
 
 __all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]

@@ -47,8 +47,8 @@ from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
 from .flight import SharedStreamAborted
+from .http._wire import body_ends_by_itself
 from .http.policy import CONTROL_HEADER_PREFIX, base_url_of
-from .http.service import body_ends_by_itself
 from .metrics import Metrics
 
 try:

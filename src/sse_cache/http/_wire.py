@@ -1,11 +1,12 @@
 """Small pieces of HTTP every edge needs the same way: our headers over the upstream's, the
-provider-shaped JSON error, and closing an iterator of chunks for sure."""
+provider-shaped JSON error, whether a body's end can be told from a cut, and closing an
+iterator of chunks for sure."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import anyio
 
@@ -31,6 +32,23 @@ def merge_headers(
 
 
 _OUR_PREFIX = "x-sse-cache"
+
+
+def body_ends_by_itself(http_version: str | bytes | None, headers: Mapping[str, str]) -> bool:
+    """Whether an upstream response's body has an end of its own, by which a cut is told
+    from its end: a length, chunked framing, or HTTP/2 or later (``headers`` with lower-case
+    names). False for an HTTP/1 body delimited by the connection's close alone. An unknown
+    version (an in-process transport) is trusted."""
+    if http_version is None:
+        return True
+    version = (
+        http_version.decode("ascii", "replace") if isinstance(http_version, bytes) else http_version
+    )
+    if not version.upper().startswith("HTTP/1"):
+        return True
+    if "content-length" in headers:
+        return True
+    return "chunked" in headers.get("transfer-encoding", "").lower()
 
 
 def json_error_body(message: str, kind: str = "invalid_request_error") -> bytes:

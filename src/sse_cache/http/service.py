@@ -639,9 +639,10 @@ class Exchange:
         request and its answer will not be stored (``no-store``, a non-2xx status, a
         compressed body, a content type other than SSE for a stream / JSON otherwise).
         ``ends_by_itself``: False for a body that ends only as the upstream closes its
-        connection (HTTP/1 without a length or chunks: :func:`body_ends_by_itself`), whose
-        end cannot be told from a cut; an SSE answer whose adapter has no completing event
-        (``generic``) is then neither shared nor stored."""
+        connection (HTTP/1 without a length or chunks:
+        :func:`~sse_cache.http._wire.body_ends_by_itself`), whose end cannot be told from a
+        cut; an SSE answer whose adapter has no completing event (``generic``) is then
+        neither shared nor stored."""
         if self.decision.adapter is None or self.answer is not None:
             return None
         assert self._cache is not None and self._stack is not None
@@ -779,23 +780,6 @@ class Exchange:
 #: Why a generic SSE answer whose body ends only as its connection closes is neither shared
 #: nor stored: a cut looks like its end (helper-132: two of five events stored, replayed).
 _END_UNTOLD = "its body ends only as the upstream closes its connection (a cut looks the same)"
-
-
-def body_ends_by_itself(http_version: str | bytes | None, headers: Mapping[str, str]) -> bool:
-    """Whether an upstream response's body has an end of its own, by which a cut is told
-    from its end: a length, chunked framing, or HTTP/2 or later (``headers`` with lower-case
-    names). False for an HTTP/1 body delimited by the connection's close alone. An unknown
-    version (an in-process transport) is trusted."""
-    if http_version is None:
-        return True
-    version = (
-        http_version.decode("ascii", "replace") if isinstance(http_version, bytes) else http_version
-    )
-    if not version.upper().startswith("HTTP/1"):
-        return True
-    if "content-length" in headers:
-        return True
-    return "chunked" in headers.get("transfer-encoding", "").lower()
 
 
 def _not_shared_because(status: int, encoding: str, tenant: str) -> str:
