@@ -173,12 +173,21 @@ class Forwarder:
         )
         self._new_client: Callable[[], Any] | None = None
         if client is None:
-            self._new_client = lambda: httpx2.AsyncClient(
-                timeout=httpx2.Timeout(timeout, connect=connect_timeout),
-                limits=limits,
-                follow_redirects=False,
-                cookies=no_cookies(),
-            )
+
+            def new_client() -> Any:
+                made = httpx2.AsyncClient(
+                    timeout=httpx2.Timeout(timeout, connect=connect_timeout),
+                    limits=limits,
+                    follow_redirects=False,
+                    cookies=no_cookies(),
+                )
+                # The client's request headers go as they came: httpx2's defaults added its
+                # own user-agent and accept to a request that had none (helper-132).
+                for name in ("user-agent", "accept"):
+                    del made.headers[name]
+                return made
+
+            self._new_client = new_client
             client = self._new_client()
         self._client = client
 

@@ -445,3 +445,15 @@ async def test_a_generic_body_that_ends_as_its_connection_closes_is_not_stored(
             await app.aclose()
     assert said == ([b"miss", b"hit"] if stored else [b"miss", b"miss"])
     assert upstream.calls == (1 if stored else 2)
+
+
+async def test_a_request_without_a_user_agent_or_accept_goes_upstream_without_them(
+    proxy: Proxy,
+) -> None:
+    # The forwarding client's defaults (python-httpx2's user-agent, accept: */*) were added
+    # to a request that had neither (helper-132): the upstream was told of another client.
+    await exchange(proxy.address, post(CHAT, chat_body("no agent")))
+    await exchange(proxy.address, post(CHAT, chat_body("an agent"), "user-agent: mine/1"))
+    first, second = proxy.upstream.requests
+    assert "user-agent" not in first.headers and "accept" not in first.headers
+    assert second.headers["user-agent"] == "mine/1"
