@@ -29,6 +29,8 @@ I/O in the caller's thread.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 import threading
@@ -51,6 +53,7 @@ from ._async_bodies import (
 )
 from ._checks import integer
 from ._sync_bodies import (
+    _exiting,
     _SyncAnswerBody,
     _SyncOpen,
     _SyncPassBody,
@@ -66,6 +69,8 @@ from .http.options import CacheOptions
 from .http.policy import CONTROL_HEADER_PREFIX, Decision, origin_of, path_as_sent
 from .http.service import CacheService, Exchange
 from .protocols import Backend
+
+logger = logging.getLogger("sse_cache")
 
 __all__ = ["AsyncCacheTransportBase", "CacheTransportBase"]
 
@@ -427,8 +432,11 @@ class CacheTransportBase(_Options):
         # One close() at a time: another thread's waits for it, then has nothing to do.
         self._closing_lock = threading.Lock()
         #: Set as close() begins: responses still read in other threads end with the
-        #: library's ReadError (see _SyncOpen.call).
+        #: library's ReadError (see _SyncOpen.call). Held by this transport and each of its
+        #: open exchanges (_SyncOpen): once it is collected, no response of this transport
+        #: is open or can be, and its portal is stopped (_stop_dropped).
         self._closing = threading.Event()
+        self._dropped: weakref.finalize[Any, Any] | None = None
         self._unusable = ""  # why, after a fork, this transport cannot serve
         #: Misses whose clients have all left while a drain thread reads on (see close).
         self._draining: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -438,6 +446,9 @@ class CacheTransportBase(_Options):
         # lock may have been held by a thread of the parent. A portal is started anew on
         # first use, for a backend opened anew — one given as an object cannot be.
         used = self._portal is not None
+        if self._dropped is not None:
+            self._dropped.detach()  # (the parent's portal: not running here)
+            self._dropped = None
         self._lock = threading.Lock()
         self._closing_lock = threading.Lock()
         self._portal = self._thread = None
@@ -469,6 +480,13 @@ class CacheTransportBase(_Options):
                 raise ConfigError(self._unusable)
             if self._portal is None:
                 self._portal, self._thread = _start_portal(self._portal_backend)
+                # A transport dropped unclosed (a client made per call and never closed, as
+                # the sync SDKs are used) kept its thread, its loop and an owned backend's
+                # sockets for the life of the process (helper-131: 20 dropped, 20 threads).
+                self._dropped = weakref.finalize(
+                    self._closing, _stop_dropped, self._portal, self.service
+                )
+                self._dropped.atexit = False
             return self._portal
 
     def handle_request(self, request: Any) -> Any:
@@ -583,6 +601,9 @@ class CacheTransportBase(_Options):
             self._closed = True
             thread = self._thread
             self._portal = self._thread = None
+            if self._dropped is not None:
+                self._dropped.detach()  # (stopped here)
+                self._dropped = None
         try:
             portal.call(self.service.aclose)
         finally:
@@ -638,3 +659,25 @@ def _start_portal(backend: str) -> tuple[anyio.from_thread.BlockingPortal, threa
 def _ends_by_itself(upstream: Any) -> bool:
     # (The transport's response: its headers as the upstream sent them, framing included.)
     return body_ends_by_itself(upstream.extensions.get("http_version"), upstream.headers)
+
+
+def _stop_dropped(portal: anyio.from_thread.BlockingPortal, service: CacheService) -> None:
+    # A sync transport collected unclosed, with every response of it (see its _closing):
+    # its portal and a backend it opened go too. A finalizer runs in whichever thread
+    # collected it, the portal's own included, where a blocking call into the portal would
+    # wait for ever: stopped from a thread of its own. (Not at exit: the daemon thread ends.)
+    if _exiting():
+        return
+    threading.Thread(
+        target=_stop_quietly, args=(portal, service), name="sse-cache-dropped", daemon=True
+    ).start()
+
+
+def _stop_quietly(portal: anyio.from_thread.BlockingPortal, service: CacheService) -> None:
+    try:
+        portal.call(service.aclose)
+    except Exception as exc:  # (the backend failed to close: its sockets go with it)
+        logger.debug("sse_cache: closing a dropped transport's backend failed: %r", exc)
+    finally:
+        with contextlib.suppress(Exception):
+            portal.call(portal.stop, True)

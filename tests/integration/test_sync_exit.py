@@ -105,3 +105,60 @@ async def test_a_stream_left_unclosed_does_not_keep_the_program_alive(
         done = await anyio.to_thread.run_sync(run)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "main done\n"
+
+
+# Clients made per call and never closed: each transport's portal thread, its loop and its
+# backend's connections went on for the life of the process (helper-131: 20 dropped, 20
+# threads and 60-100 descriptors). They go with the transport and its last open response.
+DROPPED = """
+    import gc, os, sys, threading, time, httpx2
+    from sse_cache.httpx2 import CacheTransport
+    url, backend = sys.argv[1], sys.argv[2]
+    body, key = {"model": "gpt-mock", "input": "dropped", "stream": True}, {"authorization": "k"}
+    fds = lambda: len(os.listdir("/proc/self/fd"))
+    portals = lambda: sum(t.name == "sse-cache-portal" for t in threading.enumerate())
+    with httpx2.Client(transport=CacheTransport(backend), base_url=url) as client:
+        client.post("/v1/responses", json=body, headers=key)  # (imports, first connections)
+    before = fds()
+    # A response that outlives its client: read whole, however the client went.
+    client = httpx2.Client(transport=CacheTransport(backend), base_url=url)
+    held = client.send(client.build_request("POST", "/v1/responses", json=body, headers=key),
+                       stream=True)
+    del client
+    gc.collect()
+    print(portals(), b"response.completed" in held.read())
+    held.close()
+    del held
+    for _ in range(10):
+        client = httpx2.Client(transport=CacheTransport(backend), base_url=url)
+        client.post("/v1/responses", json=body, headers=key).read()
+        del client  # never closed
+    deadline = time.monotonic() + 30  # a deadlock guard: before, never
+    while portals() or fds() > before:
+        gc.collect()
+        assert time.monotonic() < deadline, (portals(), fds(), before)
+        time.sleep(0.02)  # (a condition polled: the stopping threads run on their own)
+    print("released", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite", "redis"])
+async def test_a_sync_transport_dropped_unclosed_lets_go_of_its_thread_and_sockets(
+    serve: Any, backend: str, tmp_path: Any, request: pytest.FixtureRequest
+) -> None:
+    url = {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path / 'c.db'}"}.get(backend)
+    if url is None:
+        url = request.getfixturevalue("redis_server").url
+    async with serve(MockUpstream(delay=0)) as upstream:
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-c", textwrap.dedent(DROPPED), upstream, url],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+
+        done = await anyio.to_thread.run_sync(run)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["1 True", "released"]
