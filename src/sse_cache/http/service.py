@@ -641,8 +641,8 @@ class Exchange:
         ``ends_by_itself``: False for a body that ends only as the upstream closes its
         connection (HTTP/1 without a length or chunks:
         :func:`~sse_cache.http._wire.body_ends_by_itself`), whose end cannot be told from a
-        cut; an SSE answer whose adapter has no completing event (``generic``) is then
-        neither shared nor stored."""
+        cut; an answer (a stream or a JSON body) whose adapter has no completing event
+        (``generic``) is then neither shared nor stored."""
         if self.decision.adapter is None or self.answer is not None:
             return None
         assert self._cache is not None and self._stack is not None
@@ -656,9 +656,9 @@ class Exchange:
         if (
             not ends_by_itself
             and not unshared
-            and media == SSE_TYPE
             and self._cache.adapter.end_outcome() is Outcome.COMPLETE
         ):
+            # (A stream or a JSON body alike: generic takes any body whole.)
             unshared = _END_UNTOLD
         if unshared and (live is not None or lease is not None):
             # Not an answer every identical request may have: the followers waiting here or
