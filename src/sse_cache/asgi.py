@@ -274,6 +274,7 @@ class _Request:
         self.background = False  # ... counted against max_background (finish_on_disconnect)
         self.holding = False  # ... counted against it too: read on for a resume window
         self.app_done = False  # the app has returned or raised: the counts are given back
+        self.slot_refused = False  # a slot was refused it: said once (_take_slot)
         self.abandoned = False  # the last follower left: the app was cancelled
         self.app_scope: anyio.CancelScope | None = None
         self.tasks: anyio.abc.TaskGroup | None = None
@@ -522,7 +523,13 @@ class _Request:
         counts back (_produce). (The last follower of a failed stream leaves after the app: a
         slot taken then was never given back; helper-86: after eight, no stream was finished
         in the background any more.)"""
-        return not self.app_done and self.mw.slots.take()
+        if self.app_done:
+            return False
+        # One stream asks up to three times (background completion, resume window, its last
+        # follower leaving): its refusal is told once (helper-133: counted thrice).
+        taken = self.mw.slots.take(tell=not self.slot_refused)
+        self.slot_refused = self.slot_refused or not taken
+        return taken
 
     def _finish_in_background(self) -> bool:
         """With ``finish_on_disconnect``, while fewer than ``max_background`` do: the app

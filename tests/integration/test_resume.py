@@ -235,8 +235,9 @@ async def test_after_the_window_an_abandoned_answer_is_not_resumed_from_its_part
     assert not any(notice.kind == "resumed" for notice in notices.seen)
 
 
+@pytest.mark.parametrize("finish", [False, True], ids=["window", "window-and-finish"])
 async def test_at_most_max_background_answers_are_read_on_for_their_clients_at_once(
-    serve: Any,
+    serve: Any, finish: bool
 ) -> None:
     # Each answer read on for its client holds an upstream call and up to two copies of
     # max_entry_bytes: there was no bound (helper-83: 20 clients leaving at once passed
@@ -244,7 +245,12 @@ async def test_at_most_max_background_answers_are_read_on_for_their_clients_at_o
     upstream_app = MockUpstream()
     notices = NoticeLog()
     slow = {"x-mock-delay-ms": "50", "x-mock-deltas": "60"}  # ~3 s: both stream on below
-    options = {"resume_window": 30, "max_background": 1, "hooks": [notices]}
+    options = {
+        "resume_window": 30,
+        "max_background": 1,
+        "hooks": [notices],
+        "finish_on_disconnect": finish,  # (then each stream asks twice: told once)
+    }
     async with proxied(serve, upstream_app, **options) as client:
         held = await read_then_leave(client, 3, **slow)
         other = {**PAYLOAD, "input": "and me"}

@@ -29,13 +29,13 @@ class BackgroundSlots:
         self.hooks = tuple(hooks)
         self.taken = 0
 
-    def take(self) -> bool:
-        """Take one; False when none is free (a refusal: logged, and a ``background_full``
-        notice)."""
+    def take(self, *, tell: bool = True) -> bool:
+        """Take one; False when none is free: a refusal, logged and told to the hooks (a
+        ``background_full`` notice) unless ``tell`` is false (the same stream asking again)."""
         if self.taken < self.bound:
             self.taken += 1
             return True
-        if self.bound:  # (0: none wanted, by the operator's choice)
+        if self.bound and tell:  # (0: none wanted, by the operator's choice)
             emit(self.hooks, Notice(kind="background_full", key=""))
             backend_warnings.warning(
                 self,
