@@ -636,9 +636,14 @@ _AS_ANOTHER_USER = textwrap.dedent(
     from sse_cache import StreamCache
     from sse_cache.adapters import GenericSSE
     from sse_cache.backends import from_url
+    from sse_cache.backends._sqlite_file import DatabaseFile
     from sse_cache.entry import Entry
     from sse_cache.events import Event
     import email.parser, queue  # (what is imported lazily, before the user is dropped)
+
+    opened = []  # (how many times the file was opened: not once per refused store)
+    real_open = DatabaseFile._open
+    DatabaseFile._open = lambda self: (opened.append(1), real_open(self))[1]
 
     async def main(url):
         said = []
@@ -657,7 +662,7 @@ _AS_ANOTHER_USER = textwrap.dedent(
         entry = Entry(schema="generic", created_at=0.0, events=(Event("x"),))
         for i in range(15):
             await cache.store(f"entry-{i}", entry)
-        said.append(["breaker", cache.breaker.state.value])
+        said.append(["breaker", cache.breaker.state.value, opened])
         await backend.aclose()
         print(json.dumps(said, default=lambda b: b.decode()))
 
@@ -667,7 +672,7 @@ _AS_ANOTHER_USER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("directory", ["writable", "read-only"])
-@pytest.mark.parametrize("query", ["", "?readonly=true"])
+@pytest.mark.parametrize("query", ["", "&readonly=true"])
 def test_a_file_this_process_may_not_write_serves_what_it_holds(directory: str, query: str) -> None:
     # A proxy running as another user than the file's owner (a file copied in by a deploy,
     # a shared volume): SQLite opens it read-only. Its stores failed as errors, counted by
@@ -687,20 +692,26 @@ def test_a_file_this_process_may_not_write_serves_what_it_holds(directory: str, 
         path.chmod(0o444)
         where.chmod(0o777 if directory == "writable" else 0o555)
         done = subprocess.run(
-            [sys.executable, "-c", _AS_ANOTHER_USER, f"sqlite:///{path}{query}"],
+            [
+                sys.executable,
+                "-c",
+                _AS_ANOTHER_USER,
+                f"sqlite:///{path}?check_interval=3600{query}",
+            ],
             capture_output=True,
             text=True,
             timeout=120,
         )
         assert done.returncode == 0, done.stderr
-        got, put, breaker = json.loads(done.stdout)
+        got, put, (_, state, opened) = json.loads(done.stdout)
         if directory == "read-only" and not query:
             assert got[0] == put[0] == "BackendUnavailable"
             assert "cannot be opened by this process" in got[1] and "?readonly=true" in got[1]
             return
         assert got == ["ok", "kept"]
         assert put[0] == "BackendReadOnly"
-        assert breaker == ["breaker", "closed"]
+        assert state == "closed"
+        assert len(opened) == 1  # (once per check interval, an hour here)
     finally:
         where.chmod(0o700)
         shutil.rmtree(where)

@@ -227,6 +227,20 @@ class DatabaseFile:
         except sqlite3.Error as exc:
             if _is_busy(exc):
                 raise BackendTimeout(f"SQLite database {self.path!r} is locked: {exc}") from exc
+            read_only = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY
+            if read_only and self._conn is not None and not read:
+                # Opened for reading only (SQLite falls back to that when this process may
+                # not write the file): it still reads, as for a full disk. The write's
+                # transaction was rolled back; the connection is reopened at most once per
+                # check interval (made writable since, the file is written then), not for
+                # each refused store, which cost every hit meanwhile (helper-133).
+                if time.monotonic() >= self._next_check:
+                    self._drop_connection()
+                raise BackendReadOnly(
+                    f"SQLite file {self.path!r} is read-only to this process ({exc}): its "
+                    "answers are served, none is stored; let the process's user write the "
+                    "file, its directory and its -wal and -shm files"
+                ) from exc
             # Corrupt, foreign, unreadable or vanished file: start afresh next time. (Also a
             # full disk: the write's transaction is left behind with the connection.)
             opened = self._conn is not None
@@ -237,15 +251,7 @@ class DatabaseFile:
                     f"SQLite database {self.path!r} is full: its disk has no room for this "
                     f"write ({exc}); free some, or lower ?max_bytes= to what it holds"
                 ) from exc
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
-                if opened and not read:
-                    # Opened for reading only (SQLite falls back to that when this process
-                    # may not write the file): it still reads, as for a full disk.
-                    raise BackendReadOnly(
-                        f"SQLite file {self.path!r} is read-only to this process ({exc}): "
-                        "its answers are served, none is stored; let the process's user "
-                        "write the file, its directory and its -wal and -shm files"
-                    ) from exc
+            if read_only and not opened:
                 # Not even opened: opening a WAL file writes its -wal and -shm files beside
                 # it, which this process may not do in a directory it cannot write.
                 raise BackendUnavailable(
