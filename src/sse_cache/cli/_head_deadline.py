@@ -8,7 +8,9 @@ took a proxy limited to 256 descriptors off the air, its health check included).
 proxy's ``--body-timeout`` starts once a head has come; ``--limit-concurrency`` counts
 requests, and these are none yet. Here a connection waiting for a request's head — a new
 one, or one whose last response ended — is closed ``head_timeout`` seconds after it began
-waiting, answered ``408`` first if part of a head came.
+waiting, answered ``408`` first if part of a head came. (A head that came in pieces while
+the previous response was still going out is closed without it: the wait began after. An
+upload still moving after its request was answered early is waited for.)
 
 Imported by the proxy's command only (it needs uvicorn). The protocol classes are
 module-level (the workers of ``--workers N`` are spawned, and get them by name)."""
@@ -91,6 +93,13 @@ class _HeadDeadline:
         if cycle is not self._waited_after or (cycle is not None and not cycle.response_complete):
             return  # a request came (and is served, or was): its head was in time
         if self.transport.is_closing():
+            return
+        if self._head_bytes and cycle is not None and cycle.more_body:
+            # What came may be the rest of a request answered before its body was all in (a
+            # 503, a 400): an upload whose answer went out is not cut while it moves
+            # (helper-133); the wait begins again. (uvicorn leaves more_body set once the
+            # answer went first: a connection that then goes quiet is closed at the next.)
+            self._await_head()
             return
         if self._head_bytes:
             self.transport.write(_TIMED_OUT)
