@@ -154,3 +154,37 @@ async def test_a_fanout_ttl_or_block_of_inf_works(redis_server: Any) -> None:
         assert got == [b"one"]
     finally:
         await backend.aclose()
+
+
+async def test_a_backend_dropped_unclosed_stops_its_tasks_and_closes_its_connections(
+    redis_server: Any,
+) -> None:
+    # Its near cache's two tasks (the invalidation listener, the TOUCH rounds) hold the
+    # client, not the backend: each backend dropped without aclose() (an async transport
+    # made per call) left both tasks and their connections for the life of the loop
+    # (helper-131: 20 dropped, 40 sockets). They go once the backend is collected.
+    import asyncio
+    import gc
+    import time
+
+    raw = aioredis.Redis(host="127.0.0.1", port=redis_server.port)
+    try:
+        before = len(await raw.client_list())
+        for i in range(10):
+            backend: Any = from_url(f"{redis_server.url}?prefix=dropped{i}:")
+            await backend.set("k", b"v", None)
+            assert await backend.get("k") == b"v"
+            assert await backend.get("k") == b"v"  # (from the near cache: its tasks run)
+            del backend  # never closed
+        names = ("sse-cache redis touches", "sse-cache redis invalidations")
+        deadline = time.monotonic() + 30  # a deadlock guard: before, never
+        while True:
+            gc.collect()
+            left = [t for t in asyncio.all_tasks() if t.get_name() in names]
+            connected = len(await raw.client_list())
+            if not left and connected <= before:
+                break
+            assert time.monotonic() < deadline, (left, connected, before)
+            await asyncio.sleep(0.02)  # (a condition polled: the closing runs on its own)
+    finally:
+        await raw.aclose()

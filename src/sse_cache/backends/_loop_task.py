@@ -43,6 +43,16 @@ class LoopTask:
         self.task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
         return True
 
+    def cancel_soon(self) -> None:
+        """Cancel the task on its loop, from any thread, waiting for nothing (its owner was
+        dropped unclosed); nothing to do if it is done or its loop has ended."""
+        task = self.task
+        if task is None or task.done():
+            return
+        loop = task.get_loop()
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(task.cancel)
+
     def forget(self) -> None:
         """In a forked child: the task is the parent's."""
         self.task = None

@@ -79,6 +79,16 @@ class Toucher:
         """Whether the rounds go on (on the running loop)."""
         return self._task.running_here()
 
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop its task runs on, None if it runs on none."""
+        task = self._task.task
+        return None if task is None or task.done() else task.get_loop()
+
+    def abandon(self) -> None:
+        """Its backend was dropped unclosed: stop, from any thread, awaiting nothing."""
+        self._closed = True
+        self._task.cancel_soon()
+
     async def aclose(self) -> None:
         self._closed = True
         task = self._task.take_here()

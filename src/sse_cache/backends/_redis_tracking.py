@@ -111,6 +111,11 @@ class InvalidationListener:
         self._values.tracking_lost()  # (whatever the old task knew does not hold here)
         self._task.ensure()
 
+    def abandon(self) -> None:
+        """Its backend was dropped unclosed: stop, from any thread, awaiting nothing."""
+        self._closed = True
+        self._task.cancel_soon()
+
     async def aclose(self) -> None:
         self._closed = True
         task = self._task.take_here()

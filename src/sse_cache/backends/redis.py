@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -149,6 +150,11 @@ class RedisBackend:
                 timeout=timeout,
             )
             self._toucher = Toucher(client, self._data_prefix, timeout=timeout)
+            # Their tasks hold the client, not the backend: one dropped unclosed (a transport
+            # made per call, never closed) left both tasks and their sockets running for the
+            # life of the loop (helper-131). They stop once it is collected.
+            finalizer = weakref.finalize(self, _abandon, self._listener, self._toucher, client)
+            finalizer.atexit = False
         reopen_after_fork(self)
 
     def _forked(self) -> None:
@@ -566,3 +572,23 @@ def from_url(url: str, **options: Any) -> RedisBackend:
         timeout=timeout,
         near_cache_bytes=near_cache,
     )
+
+
+def _abandon(listener: InvalidationListener, toucher: Toucher, client: aioredis.Redis) -> None:
+    # A backend collected unclosed: its background tasks stop and its pool closes, on the
+    # loop they ran on (from whichever thread collected it). Where they never ran, its
+    # pool's connections (opened on some loop) go as the loop ends them.
+    loop = toucher.loop()
+    listener.abandon()
+    toucher.abandon()
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(_close_pool, client)
+
+
+def _close_pool(client: aioredis.Redis) -> None:
+    task = asyncio.get_running_loop().create_task(client.aclose())
+    _CLOSING.add(task)  # (the loop holds its tasks weakly)
+    task.add_done_callback(_CLOSING.discard)
+
+
+_CLOSING: set[asyncio.Task[None]] = set()
