@@ -144,6 +144,10 @@ class Forwarder:
     cannot be reached is answered ``502``, one that times out ``504``, both as JSON; a
     stream that breaks midway is cut for the client too. When the client disconnects, the
     upstream request is cancelled.
+
+    The client it builds keeps no cookies and adds no header of its own (no user-agent):
+    it forwards for every caller. A ``client`` given is used as it is, its cookie jar and
+    default headers included: give it ``cookies=no_cookies()``.
     """
 
     def __init__(

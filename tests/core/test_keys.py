@@ -10,7 +10,15 @@ from hypothesis import strategies as st
 from sse_cache import CacheRequest, DefaultKeyer
 from sse_cache.adapters import GenericSSE
 from sse_cache.entry import ENTRY_FORMAT_VERSION
-from sse_cache.keys import CREDENTIAL_HEADERS, canonical_json, lowered_tenant_scope, tenant_scope
+from sse_cache.keys import (
+    CREDENTIAL_HEADERS,
+    canonical_json,
+    live_alias_target,
+    lowered_tenant_scope,
+    new_lease_token,
+    parse_live_alias_target,
+    tenant_scope,
+)
 
 keyer = DefaultKeyer()
 adapter = GenericSSE()
@@ -197,8 +205,6 @@ def test_a_list_of_credential_headers_of_ones_own_says_all_there_is() -> None:
 def test_a_live_alias_gives_back_the_key_and_token_it_was_made_of(key: str) -> None:
     # A live alias ("KEY TOKEN") is read on the resuming side and by inspection alike; a
     # custom keyer's key may hold spaces, and a plain alias (an entry's key) is none.
-    from sse_cache.keys import live_alias_target, new_lease_token, parse_live_alias_target
-
     token = new_lease_token()
     assert parse_live_alias_target(live_alias_target(key, token)) == (key, token)
     entry_key = DefaultKeyer().key(CacheRequest(schema="s", route="POST /v1/x", fields={}))
