@@ -373,6 +373,8 @@ class RawUpstream:
     body: bytes
     framing: str
     calls: int = 0
+    gate: anyio.Event | None = None  # set: the answers go out (None: at once)
+    arrived: anyio.Event = field(default_factory=anyio.Event)  # a request came
 
     async def handle(self, sock: Any) -> None:
         async with sock:
@@ -388,6 +390,9 @@ class RawUpstream:
             while length and len(body) < length[0]:
                 body += await sock.receive()
             self.calls += 1
+            self.arrived.set()
+            if self.gate is not None:
+                await self.gate.wait()
             kind = b"application/json" if self.body.startswith(b"{") else b"text/event-stream"
             head = b"HTTP/1.1 200 OK\r\ncontent-type: " + kind + b"\r\n"
             if self.framing == "close":
@@ -461,3 +466,43 @@ async def test_a_request_without_a_user_agent_or_accept_goes_upstream_without_th
     first, second = proxy.upstream.requests
     assert "user-agent" not in first.headers and "accept" not in first.headers
     assert second.headers["user-agent"] == "mine/1"
+
+
+async def test_a_generic_body_that_ends_as_its_connection_closes_is_not_shared(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # Not stored, and not passed on to an identical request following it live either: its
+    # end says nothing of a cut. The follower asks the upstream for itself (never a partial
+    # answer ended cleanly as a shared one).
+    import httpx2
+
+    from sse_cache.testing import metric_value
+
+    upstream = RawUpstream(CUT_GENERIC, "close", gate=anyio.Event())
+    routes = {"/v1/generate": GenericSSE}
+    async with raw_upstream(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}", routes=routes)
+        async with serve(app) as url, httpx2.AsyncClient(base_url=url, timeout=30) as client:
+            said: list[str] = []
+
+            async def ask() -> None:
+                body = {"prompt": "herd", "stream": True}
+                key = {"authorization": "k"}
+                answer = await client.post("/v1/generate", json=body, headers=key)
+                assert answer.status_code == 200 and b"part 2 of 5" in answer.content
+                said.append(answer.headers["x-sse-cache"])
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ask)
+                await upstream.arrived.wait()  # the first is upstream, its answer held
+                tg.start_soon(ask)
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    while True:  # the second follows the first's live stream
+                        scrape = (await client.get("/_sse_cache/metrics")).text
+                        if metric_value(scrape, "sse_cache_live_stream_followers") == 1:
+                            break
+                        await anyio.sleep(0.01)  # (a condition polled on another server)
+                upstream.gate.set()
+            await app.aclose()
+    assert said == ["miss", "miss"]
+    assert upstream.calls == 2
