@@ -141,6 +141,7 @@ class RedisBackend:
         self._values = TrackedValues(0 if self._cluster else near_cache_bytes)
         self._listener: InvalidationListener | None = None
         self._toucher: Toucher | None = None
+        self._dropped: weakref.finalize[Any, Any] | None = None
         if self._values.enabled and isinstance(client, aioredis.Redis):
             name = client.connection_pool.connection_kwargs.get("client_name") or "sse-cache"
             self._listener = InvalidationListener(
@@ -153,8 +154,8 @@ class RedisBackend:
             # Their tasks hold the client, not the backend: one dropped unclosed (a transport
             # made per call, never closed) left both tasks and their sockets running for the
             # life of the loop (helper-131). They stop once it is collected.
-            finalizer = weakref.finalize(self, _abandon, self._listener, self._toucher, client)
-            finalizer.atexit = False
+            self._dropped = weakref.finalize(self, _abandon, self._listener, self._toucher, client)
+            self._dropped.atexit = False
         reopen_after_fork(self)
 
     def _forked(self) -> None:
@@ -299,6 +300,8 @@ class RedisBackend:
         if self._op.closed:
             return
         self._op.close()
+        if self._dropped is not None:
+            self._dropped.detach()  # (closed here)
         if self._listener is not None:
             with anyio.CancelScope(shield=True):
                 await self._listener.aclose()
