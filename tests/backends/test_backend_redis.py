@@ -188,3 +188,42 @@ async def test_a_backend_dropped_unclosed_stops_its_tasks_and_closes_its_connect
             await asyncio.sleep(0.02)  # (a condition polled: the closing runs on its own)
     finally:
         await raw.aclose()
+
+
+async def test_a_backend_used_from_one_event_loop_after_another_serves_on_each(
+    redis_server: Any,
+) -> None:
+    # Its pooled connections belong to the loop they were opened on: on the next loop (an
+    # asyncio.run once more; a sync transport's next portal) the first command took one of
+    # the ended loop's and failed, "Event loop is closed" — every other loop's lookups were
+    # misses and its writes failed (helper-134). (In a process of its own: each loop ends
+    # with the backend's connections open, the pattern under test, and asyncio warns of
+    # their transports as they are collected.)
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from sse_cache.backends import from_url
+        backend = from_url(sys.argv[1] + "?prefix=loops:")
+
+        async def use(i):
+            await backend.set(f"k{i}", b"v", None)
+            return await backend.get(f"k{i}"), await backend.get("k0")
+
+        print([asyncio.run(use(i)) for i in range(4)])  # each loop ends before the next
+        asyncio.run(backend.aclose())
+        """
+    )
+    done = await anyio.to_thread.run_sync(
+        lambda: subprocess.run(
+            [sys.executable, "-c", script, redis_server.url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str([(b"v", b"v")] * 4), done.stderr

@@ -140,19 +140,35 @@ class Commands:
         self._client = client
         self._cluster = isinstance(client, RedisCluster)
         self._timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None  # where the pool was last used
 
     def close(self) -> None:
         self.closed = True
+
+    def _moved_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Pooled connections belong to the loop they were opened on. Used from another once
+        # that one ended (asyncio.run once more, a sync transport's next portal), the first
+        # command took a connection of the ended loop and failed ("Event loop is closed"):
+        # every other loop's first lookup was a miss, its write failed (helper-134). They
+        # are let go (their sockets went with their loop) and the pool opens new ones here.
+        # (Not while the other loop runs: a backend used from two at once is not supported,
+        # and that loop's commands may be in flight.)
+        previous, self._loop = self._loop, loop
+        client = self._client
+        if previous is not None and previous.is_closed() and isinstance(client, aioredis.Redis):
+            client.connection_pool.reset()  # type: ignore[no-untyped-call]
 
     @asynccontextmanager
     async def __call__(self, what: str) -> AsyncIterator[None]:
         check_open(self.closed, "RedisBackend")
         try:
-            asyncio.get_running_loop()
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             raise BackendUnavailable(
                 "the Redis backend runs on asyncio only (redis-py's asyncio client)"
             ) from None
+        if loop is not self._loop:
+            self._moved_to(loop)
         # redis-py enforces ``timeout`` itself (socket timeouts) and then drops the connection
         # cleanly; cancelling it mid-command instead can leave a pooled connection half
         # closed. The outer bound only catches what the socket timeouts cannot. It is
