@@ -469,7 +469,8 @@ class CacheTransportBase(_Options):
     @property
     def portal(self) -> anyio.from_thread.BlockingPortal:
         """The blocking portal the cache runs on (started on first use): run your own
-        coroutines against the same backend with ``transport.portal.call(fn, *args)``."""
+        coroutines against the same backend with ``transport.portal.call(fn, *args)``, while
+        you hold the transport (one dropped unclosed stops its portal once collected)."""
         portal = self._portal
         if portal is not None:
             return portal
