@@ -777,8 +777,9 @@ class Exchange:
         self._unindex = unindex
 
 
-#: Why a generic SSE answer whose body ends only as its connection closes is neither shared
-#: nor stored: a cut looks like its end (helper-132: two of five events stored, replayed).
+#: Why a generic answer (a stream or a JSON body) whose body ends only as its connection
+#: closes is neither shared nor stored: a cut looks like its end (helper-132: two of five
+#: events stored, replayed).
 _END_UNTOLD = "its body ends only as the upstream closes its connection (a cut looks the same)"
 
 
