@@ -228,7 +228,8 @@ class DatabaseFile:
             if _is_busy(exc):
                 raise BackendTimeout(f"SQLite database {self.path!r} is locked: {exc}") from exc
             read_only = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY
-            if read_only and self._conn is not None and not read:
+            opened = self._conn is not None
+            if read_only and opened and not read:
                 # Opened for reading only (SQLite falls back to that when this process may
                 # not write the file): it still reads, as for a full disk. The write's
                 # transaction was rolled back; the connection is reopened at most once per
@@ -243,7 +244,6 @@ class DatabaseFile:
                 ) from exc
             # Corrupt, foreign, unreadable or vanished file: start afresh next time. (Also a
             # full disk: the write's transaction is left behind with the connection.)
-            opened = self._conn is not None
             self._drop_connection()
             if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
                 # The file is sound and still reads: not a failure of the backend.
