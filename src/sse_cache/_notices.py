@@ -46,7 +46,10 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     neither held for its resume window nor finished to be stored: ``max_background`` were
     already); from the proxy ``refused`` (a request answered 503: the proxy serves its
     ``--limit-concurrency``, ``detail`` ``limit_concurrency``; or 408: its body stopped
-    coming, ``detail`` ``body_timeout``).
+    coming, ``detail`` ``body_timeout``); from the ``sse-cache proxy`` command's server
+    ``head_timeout`` (a connection closed: a request's head did not come within
+    ``--header-timeout``; ``detail`` ``partial`` when part of it had, answered 408, else
+    ``nothing``).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
     ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
 

@@ -128,6 +128,12 @@ _COUNTERS = (
         "Requests the proxy refused: 503 at its --limit-concurrency, 408 for a request body"
         " that stopped coming (body_timeout).",
     ),
+    (
+        "sse_cache_head_timeouts",
+        "head_timeout",
+        "Connections the proxy closed because a request's head did not come within"
+        " --header-timeout (answered 408 when part of it had come).",
+    ),
 )
 _REQUESTS = ("sse_cache_requests", "Requests on cached routes, by x-sse-cache status.")
 _REPLAYED = ("sse_cache_replayed_bytes", "Bytes of answers served from the cache.")

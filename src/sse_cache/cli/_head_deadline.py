@@ -25,6 +25,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .._logging import RateLimitedLog
+from .._notices import Hook, Notice
 
 logger = logging.getLogger("sse_cache")
 
@@ -36,6 +37,18 @@ class _Topic:
 
 
 _CONNECTIONS = _Topic()
+
+#: Who is told of each connection closed (the metrics of the proxy this process serves):
+#: the protocol is built by uvicorn, per connection, and does not reach the app.
+_told: list[Hook] = []
+
+
+def tell_closes_to(hook: Hook) -> None:
+    """Tell ``hook`` of each connection this process closes for its head's deadline (a
+    ``head_timeout`` notice), in place of whoever was told before: a process serves one
+    proxy app."""
+    _told[:] = [hook]
+
 
 _SAID = b"the request's head did not come in time"
 _TIMED_OUT = (
@@ -109,6 +122,12 @@ class _HeadDeadline:
         if self._head_bytes:
             self.transport.write(_TIMED_OUT)
         self.transport.close()
+        for hook in _told:
+            hook(
+                Notice(
+                    kind="head_timeout", key="", detail="partial" if self._head_bytes else "nothing"
+                )
+            )
         _warnings.warning(
             _CONNECTIONS,
             "head_timeout",

@@ -87,11 +87,12 @@ def build_app(
     from ..adapters import by_name
     from ..codec import MsgpackCodec
     from ..proxy import create_proxy_app
+    from ._head_deadline import tell_closes_to
 
     routes = {path: by_name(name) for path, name in settings.route} or None
     secret = secret_bytes(settings.secret)
     extra: dict[str, Any] = {} if secret is None else {"codec": MsgpackCodec(secret=secret)}
-    return create_proxy_app(
+    app = create_proxy_app(
         settings.upstream,
         settings.backend,
         ttl=settings.ttl,
@@ -115,6 +116,10 @@ def build_app(
         body_timeout=settings.body_timeout or None,
         **extra,
     )
+    # The connections closed for --header-timeout are the server's doing, not the app's:
+    # counted in the app's metrics all the same (a process serves the app it built last).
+    tell_closes_to(app.metrics)
+    return app
 
 
 def app_from_environment() -> Any:
