@@ -25,7 +25,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .._logging import RateLimitedLog
-from .._notices import Hook, Notice
+from .._notices import Hook, Notice, emit
 
 logger = logging.getLogger("sse_cache")
 
@@ -122,12 +122,12 @@ class _HeadDeadline:
         if self._head_bytes:
             self.transport.write(_TIMED_OUT)
         self.transport.close()
-        for hook in _told:
-            hook(
-                Notice(
-                    kind="head_timeout", key="", detail="partial" if self._head_bytes else "nothing"
-                )
-            )
+        emit(
+            _told,
+            Notice(
+                kind="head_timeout", key="", detail="partial" if self._head_bytes else "nothing"
+            ),
+        )
         _warnings.warning(
             _CONNECTIONS,
             "head_timeout",
