@@ -271,6 +271,8 @@ class _Request:
         self.length_left: int | None = None
         self.held_tail = b""  # ... that byte, once sent by the app
         self.detached = False  # the client left; the app goes on for followers or the cache
+        self.teed = False  # the response's head went through the tee (or was not teed)
+        self.left_before_head = False  # ... the client left before, unknown to the app
         self.background = False  # ... counted against max_background (finish_on_disconnect)
         self.holding = False  # ... counted against it too: read on for a resume window
         self.app_done = False  # the app has returned or raised: the counts are given back
@@ -463,7 +465,9 @@ class _Request:
         if self.detached:
             return True
         tee = self.tee
-        if tee is None or tee.ended or tee.cut:
+        if tee is None:
+            return False if self.teed else self._gone_before_head()
+        if tee.ended or tee.cut:
             return False
         if self.held_end:
             # The app sent all of its body and works on after it (a background task): it
@@ -501,6 +505,28 @@ class _Request:
         if tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
+        return False
+
+    def _gone_before_head(self) -> bool:
+        """The client left before the response's head went through the tee: the app waits
+        for its upstream's head (the time to first byte, when clients time out and herds
+        gather). The app goes on (True) when others wait for this stream, or it is to be
+        finished or held for a resume: judged again once the head has come (_send), as after
+        it. Otherwise the app is told, and nothing it sends after that is shared or stored:
+        an app may answer a client that left with a clean end (Starlette's
+        BaseHTTPMiddleware does), which is no end of the upstream's (helper-135: a truncated
+        stream stored, and followers ended cleanly on it)."""
+        ex = self.exchange
+        if ex is None or self.tasks is None or self.app_done:
+            return False
+        if ex.followed or (
+            ex.may_store
+            and (self._finish_in_background() or self.mw.service.options.resume_window is not None)
+        ):
+            self.detached = True
+            self.left_before_head = True
+            return True
+        ex.let_go("the client left before the response began")
         return False
 
     def _leave_now(self) -> None:
@@ -551,6 +577,10 @@ class _Request:
         # join it any more: the flight is over), or stop the app (and its upstream call).
         if self._finish_in_background():
             return
+        self._stop_app()
+
+    def _stop_app(self) -> None:
+        # No one reads this stream any more: the app is stopped (and its upstream call).
         self.abandoned = True
         if self.app_scope is not None:
             self.app_scope.cancel()
@@ -565,8 +595,19 @@ class _Request:
             decoded = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
             ends = message.get(ENDS_BY_ITSELF, True)  # (the proxy's forwarder says)
             self.tee = await ex.tee(message["status"], decoded, ends_by_itself=ends)
+            self.teed = True
             if self.tee is not None:
                 self.length_left = _declared_length(decoded)
+            if self.left_before_head:
+                # Its client left before this head (while the tee was made, too): now that
+                # the stream is known, the app goes on only if it is still wanted.
+                self.left_before_head = self.detached = False
+                if not self._client_gone():
+                    self._stop_app()
+                    return
+            elif self.disconnected and self.tee is not None:
+                # ... and the app was told (during the tee's making: let go since).
+                self.tee.fail("the client left before the response began")
             message = dict(message)
             message["headers"] = merge_headers(raw, ex.headers())
             await self._deliver(message)

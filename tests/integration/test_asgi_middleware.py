@@ -1565,3 +1565,213 @@ async def test_a_producers_client_leaving_between_the_cr_and_lf_of_the_end_keeps
     assert follower.headers[b"x-sse-cache"] == b"shared" and follower.ended
     assert follower.body == whole
     assert again.headers[b"x-sse-cache"] == b"hit" and again.body == whole
+
+
+# -- a client leaving before the response's head --------------------------------------------
+
+
+class SlowHead:
+    """An app that waits for its upstream's head (until :attr:`head` is set) while it
+    listens for its client leaving, as gateways do (Starlette's ``StreamingResponse`` and
+    ``request.is_disconnected()`` read ``receive``). Told its client left, it answers the
+    way Starlette's ``BaseHTTPMiddleware`` does: what it has, and a clean end."""
+
+    def __init__(self) -> None:
+        self.head = anyio.Event()
+        self.calls = 0
+        self.entered = 0  # calls waiting for the head, or past it
+        self.told = anyio.Event()  # a call was told its client left
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        self.calls += 1
+        self.entered += 1
+        left = False
+        async with anyio.create_task_group() as tg:
+
+            async def listen() -> None:
+                nonlocal left
+                left = (await receive())["type"] == "http.disconnect"
+                if left:
+                    self.told.set()
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(listen)
+            await self.head.wait()
+            tg.cancel_scope.cancel()
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEAD})
+        pieces = EVENTS[:2] if left else EVENTS
+        for event in pieces:
+            await send(
+                {"type": "http.response.body", "body": serialize_sse([event]), "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b""})
+
+
+def leaving(body: bytes, left: anyio.Event, read: anyio.Event) -> Any:
+    """:func:`body_then`, the disconnect once ``left`` is set; ``read`` is set as it is read
+    (the middleware has judged it by the time a task waiting on ``read`` runs)."""
+
+    async def until() -> None:
+        await left.wait()
+        read.set()
+
+    return body_then(body, until)
+
+
+async def until_true(check: Callable[[], bool]) -> None:
+    with anyio.fail_after(DEADLOCK_GUARD):
+        while not check():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def test_a_clean_end_after_the_client_left_before_the_head_is_never_stored(
+    client_for: Any,
+) -> None:
+    # The client left during the time to first byte, with no one else waiting: the app is
+    # told, and answers with part of the stream and a clean end (as BaseHTTPMiddleware
+    # does). That end is not the upstream's: nothing is stored (helper-135: the part was
+    # stored, and replayed as a whole hit).
+    app = SlowHead()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE})
+    left, read = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, mw, events_scope(), leaving(b"{}", left, read))
+        await until_true(lambda: app.entered == 1)
+        left.set()
+        with anyio.fail_after(DEADLOCK_GUARD):
+            await app.told.wait()
+        app.head.set()
+    again = await client_for(mw).post("/events", json={})
+    assert again.headers["x-sse-cache"] == "miss"
+    assert again.content == serialize_sse(EVENTS)
+    assert app.calls == 2
+
+
+@pytest.mark.parametrize("followers", [1, 3])
+async def test_followers_of_a_stream_whose_client_left_before_the_head_get_all_of_it(
+    client_for: Any, followers: int
+) -> None:
+    # Identical requests joined during the time to first byte; the first one's client
+    # leaves before the head: the app is not told, and streams on for them (helper-135: it
+    # was told, and they got a clean end after two events, or were all aborted).
+    from flights_seen import FlightsSeen
+
+    app, seen = SlowHead(), FlightsSeen()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, hooks=[seen])
+    left, read = anyio.Event(), anyio.Event()
+    answers: list[Answered] = []
+
+    async def follow() -> None:
+        answers.append(await call(mw, events_scope(), body_then(b"{}")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, mw, events_scope(), leaving(b"{}", left, read))
+        await until_true(lambda: app.entered == 1)
+        for _ in range(followers):
+            tg.start_soon(follow)
+        await until_true(lambda: seen.followers() == followers)
+        left.set()
+        with anyio.fail_after(DEADLOCK_GUARD):
+            await read.wait()
+        app.head.set()
+    assert not app.told.is_set()
+    assert [(a.headers[b"x-sse-cache"], a.body, a.ended) for a in answers] == [
+        (b"shared", serialize_sse(EVENTS), True)
+    ] * followers
+    hit = await client_for(mw).post("/events", json={})
+    assert hit.headers["x-sse-cache"] == "hit" and hit.content == serialize_sse(EVENTS)
+    assert app.calls == 1
+
+
+async def test_a_request_after_the_client_left_before_the_head_asks_for_itself(
+    client_for: Any,
+) -> None:
+    # With no one waiting, the stream of a client that left before its head is stopped: an
+    # identical request that comes next (a client's retry after its timeout) does not join
+    # it (helper-135: it joined, and was cut off or ended cleanly on part of it) but asks the
+    # app itself, and gets all of it.
+    app = SlowHead()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE})
+    left, read = anyio.Event(), anyio.Event()
+    retried: list[Answered] = []
+
+    async def retry() -> None:
+        retried.append(await call(mw, events_scope(), body_then(b"{}")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, mw, events_scope(), leaving(b"{}", left, read))
+        await until_true(lambda: app.entered == 1)
+        left.set()
+        with anyio.fail_after(DEADLOCK_GUARD):
+            await app.told.wait()
+        tg.start_soon(retry)
+        await until_true(lambda: app.entered == 2)
+        app.head.set()
+    [answer] = retried
+    assert (answer.headers[b"x-sse-cache"], answer.body, answer.ended) == (
+        b"miss",
+        serialize_sse(EVENTS),
+        True,
+    )
+    hit = await client_for(mw).post("/events", json={})
+    assert hit.headers["x-sse-cache"] == "hit" and hit.content == serialize_sse(EVENTS)
+
+
+async def test_finish_on_disconnect_finishes_a_stream_whose_client_left_before_the_head(
+    client_for: Any,
+) -> None:
+    # finish_on_disconnect: a client that leaves before the head is finished in the
+    # background as one that leaves after it (helper-135: it was told, and nothing stored).
+    app = SlowHead()
+    mw = CacheMiddleware(
+        app, "memory://", routes={"/events": GenericSSE}, finish_on_disconnect=True
+    )
+    left, read = anyio.Event(), anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, mw, events_scope(), leaving(b"{}", left, read))
+        await until_true(lambda: app.entered == 1)
+        left.set()
+        with anyio.fail_after(DEADLOCK_GUARD):
+            await read.wait()
+        app.head.set()
+    assert not app.told.is_set()
+    hit = await client_for(mw).post("/events", json={})
+    assert hit.headers["x-sse-cache"] == "hit" and hit.content == serialize_sse(EVENTS)
+    assert app.calls == 1
+
+
+async def test_a_stream_whose_client_and_followers_all_left_before_the_head_is_stopped(
+    client_for: Any,
+) -> None:
+    # Its followers waited, so the app was not told its client left; they leave too before
+    # the head: once it comes, no one reads the stream, and the app is stopped, nothing
+    # stored.
+    from flights_seen import FlightsSeen
+
+    app, seen = SlowHead(), FlightsSeen()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, hooks=[seen])
+    left, read = anyio.Event(), anyio.Event()
+    sent_after_head: list[bool] = []
+
+    async def producer() -> None:
+        answered = await call(mw, events_scope(), leaving(b"{}", left, read))
+        sent_after_head.append(answered.status != 0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(producer)
+        await until_true(lambda: app.entered == 1)
+        async with anyio.create_task_group() as follower:
+            follower.start_soon(call, mw, events_scope(), body_then(b"{}"))
+            await until_true(lambda: seen.followers() == 1)
+            left.set()
+            with anyio.fail_after(DEADLOCK_GUARD):
+                await read.wait()
+            follower.cancel_scope.cancel()  # (the follower's client leaves too)
+        assert seen.followers() == 0
+        app.head.set()
+    assert sent_after_head == [False]  # (its client was gone: nothing went to it)
+    again = await client_for(mw).post("/events", json={})
+    assert again.headers["x-sse-cache"] == "miss" and again.content == serialize_sse(EVENTS)
+    assert app.calls == 2

@@ -321,6 +321,7 @@ class Exchange:
         #: When this request went to the upstream (``time.time()``), if it does: its answer
         #: is not stored over an entry created since (a refresh's; EntryStore.save).
         self._began: float | None = None
+        self._let_go = ""  # why its client's leaving before the head ended the stream
 
     async def __aenter__(self) -> Exchange:
         """Look the request up: then the integration answers, or tees the upstream."""
@@ -384,6 +385,36 @@ class Exchange:
     @property
     def cacheable(self) -> bool:
         return self.decision.adapter is not None
+
+    @property
+    def may_store(self) -> bool:
+        """Whether the upstream's answer to this request may be stored (once its head says
+        what it is): a cached route, a miss, no ``no-store``, not a reconnection that gets
+        the rest of a stream only."""
+        decision = self.decision
+        return (
+            decision.adapter is not None
+            and self.answer is None
+            and decision.controls.store
+            and decision.last_event_id is None
+        )
+
+    @property
+    def followed(self) -> bool:
+        """Others read this request's live stream, or may: followers here, or in other
+        processes (it leads a cross-process flight, whose followers cannot be counted)."""
+        live = self._flight
+        return self._lead is not None or (live is not None and live.followers > 0)
+
+    def let_go(self, reason: str) -> None:
+        """Before the upstream's head came, the client left and no one reads on (see
+        :attr:`followed`): the live stream fails now, so that no identical request joins a
+        stream about to be stopped (each asks the upstream itself), and nothing that comes
+        after is shared or stored (:meth:`tee` returns None)."""
+        self._let_go = reason
+        live = self._flight
+        if live is not None:
+            live.fail(reason)
 
     def headers(self) -> list[tuple[str, str]]:
         """The ``x-sse-cache`` headers for this request's response (none when the route is
@@ -637,13 +668,14 @@ class Exchange:
         to the followers of this request's live stream, to other processes following it, and
         to the recording. None when there is nothing to pass on: no one can follow this
         request and its answer will not be stored (``no-store``, a non-2xx status, a
-        compressed body, a content type other than SSE for a stream / JSON otherwise).
+        compressed body, a content type other than SSE for a stream / JSON otherwise), or
+        the request was let go (:meth:`let_go`).
         ``ends_by_itself``: False for a body that ends only as the upstream closes its
         connection (HTTP/1 without a length or chunks:
         :func:`~sse_cache.http._wire.body_ends_by_itself`), whose end cannot be told from a
         cut; an answer (a stream or a JSON body) whose adapter has no completing event
         (``generic``) is then neither shared nor stored."""
-        if self.decision.adapter is None or self.answer is not None:
+        if self.decision.adapter is None or self.answer is not None or self._let_go:
             return None
         assert self._cache is not None and self._stack is not None
         headers = list(headers)
