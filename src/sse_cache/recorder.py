@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from .entry import Entry
 from .events import EOL, Event
@@ -129,6 +129,16 @@ class Recorder:
         if self._judged()[0] is not _COMPLETE or self._completions == seen:
             return False
         return self._verified()
+
+    def failure_among(self, events: Iterable[Event]) -> str:
+        """Why the stream failed, if one of ``events`` (not recorded: what came after the
+        answer) is one the schema judges a failure, as :meth:`finish` would have had they
+        been recorded; "" otherwise."""
+        outcome = self._adapter.outcome
+        for event in events:
+            if outcome(event) is _FAIL:
+                return f"the stream reported a failure after its answer ({_named(event)})"
+        return ""
 
     def add(self, event: Event, at: float) -> None:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""

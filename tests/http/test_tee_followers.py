@@ -33,8 +33,17 @@ def _chat(content: str, finish: str | None = None) -> bytes:
 ANSWER = _chat("Hel") + _chat("lo") + _chat("", "stop") + b"data: [DONE]\n\n"
 
 # What an upstream may send after `[DONE]` before it ends its body: keep-alive comments, part
-# of one, part of an event it never finishes.
-AFTER = st.sampled_from([b"", b": keep-alive\n\n", b": keep-al", b'data: {"x', b": a\n\n: b\n\n"])
+# of one, part of an event it never finishes, an error.
+AFTER = st.sampled_from(
+    [
+        b"",
+        b": keep-alive\n\n",
+        b": keep-al",
+        b'data: {"x',
+        b": a\n\n: b\n\n",
+        b'data: {"error": {"message": "overloaded"}}\n\n',
+    ]
+)
 
 
 Play = tuple[list[bytes], int | None, int, bool]
@@ -211,3 +220,93 @@ async def test_a_long_line_in_many_pieces_is_not_copied_at_each_piece(
     finally:
         await service.aclose()
     assert copies == 2  # the piece with the line's end, and [DONE]
+
+
+def _sse(name: str, data: dict[str, object]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+MESSAGE = (
+    _sse("message_start", {"type": "message_start", "message": {"id": "msg_1", "content": []}})
+    + _sse(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+    )
+    + _sse("message_stop", {"type": "message_stop"})
+)
+OVERLOADED = _sse(
+    "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+)
+MESSAGES = json.dumps({"model": "claude", "max_tokens": 9, "messages": [], "stream": True}).encode()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    ("pieces", "stopped_by", "stored"),
+    [
+        # The producer's client got the error event after message_stop (its SDK raised, and
+        # closed the response): the stream failed, for the followers and the cache alike
+        # (helper-136: stored, and replayed as a clean answer).
+        ([MESSAGE + OVERLOADED], "client_left", False),
+        ([MESSAGE, OVERLOADED], "client_left", False),
+        ([MESSAGE, OVERLOADED], "stop", False),
+        ([MESSAGE, OVERLOADED[:30], OVERLOADED[30:]], "stop", False),
+        # Part of an error event is no event (the upstream may never finish it): the answer
+        # is whole.
+        ([MESSAGE, OVERLOADED[:30]], "stop", True),
+        ([MESSAGE + OVERLOADED[:30]], "client_left", True),
+        # Not a failure: a comment after the answer.
+        ([MESSAGE, b": keep-alive\n\n"], "stop", True),
+    ],
+)
+async def test_a_failure_after_the_answer_that_its_client_got_fails_the_stream(
+    anyio_backend: str, pieces: list[bytes], stopped_by: str, stored: bool
+) -> None:
+    service = CacheService("memory://")
+    followed: list[bytes | Exception] = []
+
+    async def follow() -> None:
+        async with service.exchange(
+            service.decide("POST", "/v1/messages", HEADERS, MESSAGES)
+        ) as ex:
+            assert ex.status is CacheStatus.SHARED and ex.answer is not None
+            got = b""
+            try:
+                async for chunk in ex.answer.chunks:
+                    got += chunk
+            except Exception as exc:
+                followed.append(exc)
+                return
+            followed.append(got)
+
+    try:
+        with anyio.fail_after(30):  # a deadlock guard
+            async with anyio.create_task_group() as tg:
+                decision = service.decide("POST", "/v1/messages", HEADERS, MESSAGES)
+                async with service.exchange(decision) as producer:
+                    tee = await producer.tee(200, SSE)
+                    assert tee is not None
+                    tg.start_soon(follow)
+                    await anyio.wait_all_tasks_blocked()  # it follows the stream
+                    for piece in pieces:
+                        tee.relay(piece)
+                        await tee.flush()
+                    if stopped_by == "stop":
+                        tee.stop("every reader left before the stream ended")
+                    elif tee.client_left():
+                        # Not answered (the failure came in the answer's own chunk): read
+                        # on for the follower, to the upstream's end.
+                        tee.end()
+        again = service.exchange(service.decide("POST", "/v1/messages", HEADERS, MESSAGES))
+        async with again as ex:
+            status = ex.status
+    finally:
+        await service.aclose()
+    [got] = followed
+    if stored:
+        assert got == MESSAGE and status is CacheStatus.HIT
+    else:
+        # Never a clean end without the failure: the follower failed, or read the
+        # upstream's own end, the error event included.
+        assert isinstance(got, Exception) or got.endswith(OVERLOADED), got
+        assert status is CacheStatus.MISS

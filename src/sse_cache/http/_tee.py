@@ -507,7 +507,11 @@ class ResponseTee:
         live = self._completable
         if live is not None:
             # What came after the answer is no part of it: neither recorded nor passed on.
-            self._after_answer = None
+            held, self._after_answer = self._after_answer, None
+            failure = self._failure_after_answer(held)
+            if failure:
+                self.fail(failure)
+                return
             if self._parser is not None and self._parser.mid_crlf:
                 # Stopped between the CR and the LF of a CRLF-framed stream's line end (its
                 # chunks came apart there): the followers' streams and the bytes kept would
@@ -520,6 +524,20 @@ class ResponseTee:
                 self._end_followers()
                 return
         self.fail(reason)
+
+    def _failure_after_answer(self, held: list[bytes] | None) -> str:
+        # A whole event after the answer that the schema judges a failure (an ``event:
+        # error`` after Anthropic's message_stop): the producer's client got it (its SDK
+        # raised, then closed the response), and had the upstream ended its body there the
+        # stream would have failed. It fails stopped too (helper-136: the answer was stored,
+        # and the followers and every hit after ended cleanly). Part of an event is no event.
+        if not held or self._parser is None or self._live is None:
+            return ""
+        try:
+            events = self._parser.copy().feed(b"".join(held))
+        except SSEError:
+            return ""  # (not SSE: no event the schema could judge)
+        return self._live.recorder.failure_among(events)
 
     def _end_followers(self) -> None:
         if self._flight is not None:
