@@ -466,7 +466,10 @@ async def test_a_stream_whose_newest_messages_the_server_lost_is_an_error_not_a_
                 raise AssertionError("accepted by a server that lost what came before")
             raise AssertionError("the restarted server stayed unreachable")
 
-        assert "lost messages" in await refused(lambda: backend.publish(name, b"m10;", ttl=TTL))
+        said = await refused(lambda: backend.publish(name, b"m10;", ttl=TTL))
+        # (Every cause Redis cannot tell apart is named: an eviction was taken for a
+        # failover; helper-137.)
+        assert "lost messages" in said and "evicted" in said and "lost writes" in said
         assert "lost messages" in await refused(lambda: backend.finish(name, ttl=TTL))
         assert had == [f"m{i};".encode() for i in range(5)]
         with anyio.fail_after(GUARD), pytest.raises(BackendError):

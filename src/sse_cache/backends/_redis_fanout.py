@@ -28,6 +28,13 @@ _STREAM_MAXLEN: Final = 100_000
 # Messages per XREAD: few at first and about _READ_BYTES per batch after that, so that a
 # batch of large messages still arrives within the per-operation timeout while a late joiner
 # catches up on small ones in few round trips.
+#: Why a stream's messages may be gone, which the server cannot tell apart (helper-137: an
+#: eviction was reported as a failover, sending operators looking for one that never was).
+_LOST: Final = (
+    "the stream was evicted (maxmemory-policy: INFO stats evicted_keys counts them), deleted "
+    "or flushed, expired, or the server lost writes (restarted from an older snapshot, or "
+    "failed over)"
+)
 _READ_COUNT: Final = (8, 256)
 _READ_BYTES: Final = 2 * 1024 * 1024
 # Append one message (field ``d``) or the end marker (field ``e``), numbered ``i`` (0, 1, ...)
@@ -144,8 +151,7 @@ class StreamFanout:
                 )
             raise BackendError(
                 f"{what}: stream {channel!r} lost messages (it ends before #{expected}, which "
-                "this process was to append next): the server lost writes (restarted from an "
-                "older snapshot, failed over, or the stream expired)"
+                f"this process was to append next): {_LOST}"
             )
 
     def _remember(self, channel: str, expected: int, unknown: int) -> None:
@@ -189,10 +195,7 @@ class StreamFanout:
                 last = entry_id
                 seq = int(fields.get(b"i", b"-1"))
                 if seq < 0:  # marked by its producer, who found its newest messages gone
-                    raise BackendError(
-                        f"XREAD: stream {channel!r} lost messages: the server lost writes "
-                        "(restarted from an older snapshot, or failed over)"
-                    )
+                    raise BackendError(f"XREAD: stream {channel!r} lost messages: {_LOST}")
                 if expect is not None and seq != expect:
                     raise BackendError(
                         f"XREAD: stream {channel!r} lost messages (expected #{expect}, "
