@@ -511,18 +511,18 @@ class _Request:
         """The client left before the response's head went through the tee: the app waits
         for its upstream's head (the time to first byte, when clients time out and herds
         gather). The app goes on (True) when others wait for this stream, or it is to be
-        finished or held for a resume: judged again once the head has come (_send), as after
-        it. Otherwise the app is told, and nothing it sends after that is shared or stored:
-        an app may answer a client that left with a clean end (Starlette's
-        BaseHTTPMiddleware does), which is no end of the upstream's (helper-135: a truncated
-        stream stored, and followers ended cleanly on it)."""
+        finished in the background (a slot taken, its deadline set): judged again once the
+        head has come (_send), as after it. Not for a resume window: a client gone before
+        the head has nothing to resume by (no event, no response id), and holding for it
+        took no slot and had no deadline (helper-138). Otherwise the app is told, and
+        nothing it sends after that is shared or stored: an app may answer a client that
+        left with a clean end (Starlette's BaseHTTPMiddleware does), which is no end of the
+        upstream's (helper-135: a truncated stream stored, and followers ended cleanly on
+        it)."""
         ex = self.exchange
         if ex is None or self.tasks is None or self.app_done:
             return False
-        if ex.followed or (
-            ex.may_store
-            and (self._finish_in_background() or self.mw.service.options.resume_window is not None)
-        ):
+        if ex.followed or (ex.may_store and self._finish_in_background()):
             self.detached = True
             self.left_before_head = True
             return True

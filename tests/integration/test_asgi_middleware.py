@@ -1626,15 +1626,17 @@ async def until_true(check: Callable[[], bool]) -> None:
             await anyio.sleep(0.01)
 
 
+@pytest.mark.parametrize("options", [{}, {"resume_window": 30}])
 async def test_a_clean_end_after_the_client_left_before_the_head_is_never_stored(
-    client_for: Any,
+    client_for: Any, options: dict[str, Any]
 ) -> None:
     # The client left during the time to first byte, with no one else waiting: the app is
     # told, and answers with part of the stream and a clean end (as BaseHTTPMiddleware
     # does). That end is not the upstream's: nothing is stored (helper-135: the part was
-    # stored, and replayed as a whole hit).
+    # stored, and replayed as a whole hit). A resume window does not keep it going: there
+    # is nothing to resume by yet, and it took no slot (helper-138).
     app = SlowHead()
-    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE})
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, **options)
     left, read = anyio.Event(), anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(call, mw, events_scope(), leaving(b"{}", left, read))
