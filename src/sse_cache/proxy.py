@@ -205,6 +205,26 @@ class Forwarder:
         if self._new_client is not None and self._client.is_closed:
             self._client = self._new_client()
 
+    async def _sent(
+        self, request: httpx2.Request, receive: Receive, disconnected: anyio.Event
+    ) -> httpx2.Response | None:
+        """The upstream's response to ``request``, its head awaited while the client is
+        watched: None when the client left first (the upstream's request is cancelled). The
+        cache middleware hides the departure from this app while others wait for the
+        stream: then the head is awaited for them. (helper-138: a client gone during the
+        upstream's time to first byte was noticed only once the head came.)"""
+        response: httpx2.Response | None = None
+        async with task_group() as tg:
+            tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
+            response = await self._client.send(request, stream=True)
+            tg.cancel_scope.cancel()
+        if disconnected.is_set():
+            if response is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+            return None
+        return response
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send, self.reopen, self.aclose)
@@ -240,7 +260,12 @@ class Forwarder:
             content = first.get("body", b"")
         request = self._client.build_request(scope["method"], url, headers=headers, content=content)
         try:
-            response = await self._client.send(request, stream=True)
+            if isinstance(content, bytes):
+                response = await self._sent(request, receive, disconnected)
+                if response is None:
+                    return  # the client left before the upstream's head: nothing to send
+            else:
+                response = await self._client.send(request, stream=True)
         except _ClientLeft:
             # The client left before its body was complete: the upstream's request was cut
             # off mid-body, never sent whole (an abandoned upload must not run upstream).

@@ -506,3 +506,109 @@ async def test_a_generic_body_that_ends_as_its_connection_closes_is_not_shared(
             await app.aclose()
     assert said == ["miss", "miss"]
     assert upstream.calls == 2
+
+
+@dataclass
+class SlowHeadUpstream:
+    """An upstream that answers a streamed chat answer once :attr:`head` is set (its time to
+    first byte), and notes when its client (the proxy) leaves before that."""
+
+    head: anyio.Event = field(default_factory=anyio.Event)
+    calls: int = 0
+    gone: int = 0  # requests whose client left before the head
+    left: anyio.Event = field(default_factory=anyio.Event)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        self.calls += 1
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                if (await receive())["type"] == "http.disconnect":
+                    self.gone += 1
+                    self.left.set()
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await self.head.wait()
+            tg.cancel_scope.cancel()
+        if self.left.is_set():
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEAD})
+        await send({"type": "http.response.body", "body": chat_sse(body.decode())})
+
+
+SSE_HEAD = [(b"content-type", b"text/event-stream")]
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/embeddings"])
+async def test_a_client_leaving_before_the_upstreams_head_cancels_the_upstream_request(
+    serve: Serve, path: str
+) -> None:
+    # No one else waits: the upstream's request is cancelled as the client leaves, during
+    # the upstream's time to first byte — not once the head comes (helper-138: the proxy
+    # watched its client only after sending the head; the docs say it is cancelled).
+    upstream = SlowHeadUpstream()
+    async with serve(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, "memory://")
+        try:
+            async with serve(app) as url:
+                host, port = url.removeprefix("http://").split(":")
+                async with await anyio.connect_tcp(host, int(port)) as sock:
+                    await sock.send(post(path, chat_body("leaving early")))
+                    with anyio.fail_after(DEADLOCK_GUARD):
+                        while not upstream.calls:  # noqa: ASYNC110 - the upstream's record
+                            await anyio.sleep(0.01)
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    await upstream.left.wait()  # (the head is never released)
+                assert upstream.gone == 1
+        finally:
+            await app.aclose()
+
+
+async def test_followers_keep_the_upstream_of_a_client_that_left_before_its_head(
+    serve: Serve,
+) -> None:
+    # Identical requests wait for the stream: the first one's client leaving (whether the
+    # proxy sees it before the head or after) does not cut the upstream's answer for them.
+    from flights_seen import FlightsSeen
+
+    upstream, seen = SlowHeadUpstream(), FlightsSeen()
+    body = chat_body("a herd")
+    async with serve(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, "memory://", hooks=[seen])
+        try:
+            async with serve(app) as url:
+                host, port = url.removeprefix("http://").split(":")
+                followers: list[tuple[int, bytes, bytes]] = []
+
+                async def follow() -> None:
+                    followers.append(await exchange((host, int(port)), post(CHAT, body)))
+
+                async with anyio.create_task_group() as tg:
+                    async with await anyio.connect_tcp(host, int(port)) as sock:
+                        await sock.send(post(CHAT, body))
+                        with anyio.fail_after(DEADLOCK_GUARD):
+                            while not upstream.calls:  # noqa: ASYNC110 - the upstream's record
+                                await anyio.sleep(0.01)
+                        for _ in range(3):
+                            tg.start_soon(follow)
+                        with anyio.fail_after(DEADLOCK_GUARD):
+                            while seen.followers() < 3:  # noqa: ASYNC110
+                                await anyio.sleep(0.01)
+                    upstream.head.set()  # (the first client has closed its connection)
+                shared = [
+                    (status, b"\r\nx-sse-cache: shared" in head) for status, head, _ in followers
+                ]
+                assert shared == [(200, True)] * 3
+                assert all(b"[DONE]" in got for _, _, got in followers)
+                assert (upstream.calls, upstream.gone) == (1, 0)
+        finally:
+            await app.aclose()
