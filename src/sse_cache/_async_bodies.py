@@ -467,6 +467,12 @@ class _AsyncTeeBody:
         if not reading.cancelled():
             reading.exception()  # (taken: asyncio logs an error never retrieved)
 
+    def hand_over(self) -> bool:
+        """The client went before this body was handed to it (its request was cancelled
+        after the head): True when followers read on, and the upstream and the exchange
+        are theirs now; else the caller closes the upstream and leaves the exchange."""
+        return self._hand_over()
+
     def _hand_over(self) -> bool:
         # The client went (closed early, or its read was cancelled): True when followers
         # (or a resume window) read on, and the upstream is theirs now.

@@ -358,6 +358,7 @@ class AsyncCacheTransportBase(_Options):
             return _error_response(lib, str(exc))
         opened = _AsyncOpen(service.exchange(decision, publish=True), self._started(started))
         ex = await opened.enter()
+        handed_over = False  # ... to its followers, with the exchange: theirs to leave
         try:
             answer = ex.answer
             if answer is not None:
@@ -367,6 +368,7 @@ class AsyncCacheTransportBase(_Options):
                     stream=types["AsyncAnswerBody"](answer.chunks, opened, _read_timeout(request)),
                 )
             upstream = await self.transport.handle_async_request(_forward(lib, request, decision))
+            tee = None
             try:
                 tee = await ex.tee(
                     upstream.status_code,
@@ -376,7 +378,14 @@ class AsyncCacheTransportBase(_Options):
                 if tee is not None:
                     await tee.flush()  # the head, to followers in other processes at once
             except BaseException:
-                await upstream.aclose()
+                if tee is not None:
+                    # Cancelled while the head went to other processes: the followers here
+                    # have it, and read the upstream on, as after a close at the head
+                    # (helper-139: they were all aborted, the upstream cut).
+                    body = types["AsyncTeeBody"](upstream.stream, tee, opened, self._holds)
+                    handed_over = body.hand_over()
+                if not handed_over:
+                    await upstream.aclose()
                 raise
             if tee is None:
                 await opened.leave()
@@ -384,7 +393,8 @@ class AsyncCacheTransportBase(_Options):
             body = types["AsyncTeeBody"](upstream.stream, tee, opened, self._holds)
             return self._relay(upstream, ex, types["AsyncTeeStream"](body))
         except BaseException as exc:
-            await opened.leave(exc)
+            if not handed_over:
+                await opened.leave(exc)
             raise
 
     async def aclose(self) -> None:

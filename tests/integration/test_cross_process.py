@@ -1078,3 +1078,63 @@ async def test_an_error_to_one_callers_credentials_reaches_no_follower_in_anothe
     assert good.status_code == 200 and complete(good.content), good.content[:200]
     assert good.headers["x-sse-cache"] == "miss"
     assert callers == ["Bearer sk-bad", "Bearer sk-good"]
+
+
+class HeadWhenTold:
+    """An upstream that answers a Responses stream once :attr:`head` is set (its time to
+    first byte); :attr:`calls` counts its requests."""
+
+    def __init__(self) -> None:
+        self.head = anyio.Event()
+        self.calls = 0
+        self.events = responses_stream("head when told", text_deltas=4)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.calls += 1
+        await self.head.wait()
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": serialize_sse(self.events)})
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_local_followers_read_on_when_the_producer_is_cancelled_as_its_head_is_published(
+    serve: Any, redis_server: Any
+) -> None:
+    # The producer's task is cancelled (asyncio's own cancellation: a timeout around the
+    # call) while the upstream's head goes to Redis for other processes: the followers in
+    # its own process have the head already. They read the upstream on and get all of it
+    # (helper-139: every one was aborted after the head, and the upstream cut).
+    import asyncio
+
+    upstream_app, seen = HeadWhenTold(), FlightsSeen()
+    payload = {"model": "gpt-mock", "input": "cancelled at the head", "stream": True}
+    async with two_workers(serve, redis_server.url, upstream_app, hooks=[seen]) as (ta, ca, _, _):
+        with (
+            anyio.fail_after(DEADLOCK_GUARD),
+            LosePublishes(ta.service.backend, "cancelled") as losing,
+        ):
+            losing.arm()  # the next publish, the head's, hangs until cancelled
+            producer = asyncio.ensure_future(ca.send(_request(ca, payload), stream=True))
+            while not upstream_app.calls:  # noqa: ASYNC110 - the upstream's count
+                await anyio.sleep(0.01)
+            followers = [
+                asyncio.ensure_future(ca.send(_request(ca, payload), stream=True)) for _ in range(3)
+            ]
+            while seen.followers() < 3:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            upstream_app.head.set()
+            await losing.started.wait()
+            producer.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await producer
+            for follower in followers:
+                response = await follower
+                assert response.headers["x-sse-cache"] == "shared"
+                assert await response.aread() == serialize_sse(upstream_app.events)
+    assert upstream_app.calls == 1
