@@ -1138,3 +1138,43 @@ async def test_local_followers_read_on_when_the_producer_is_cancelled_as_its_hea
                 assert response.headers["x-sse-cache"] == "shared"
                 assert await response.aread() == serialize_sse(upstream_app.events)
     assert upstream_app.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_drain_whose_transport_closes_under_it_leaves_no_unretrieved_error(
+    serve: Any, redis_server: Any
+) -> None:
+    # The producer's client closed its response at the head: a task reads the upstream on
+    # for possible followers in other processes. The program then closes its client (and so
+    # the transport): that read fails, and asyncio printed "Task exception was never
+    # retrieved" with the traceback (helper-139). The failure is the flight's, and said.
+    import asyncio
+    import gc
+
+    upstream_app = GatedUpstream(responses_stream("drained", text_deltas=4), hold_after=2)
+    payload = {"model": "gpt-mock", "input": "closed under the drain", "stream": True}
+    loop = asyncio.get_running_loop()
+
+    def draining() -> bool:
+        return any(t.get_name().startswith("sse-cache drain") for t in asyncio.all_tasks())
+
+    unretrieved: list[dict[str, Any]] = []
+    handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        async with two_workers(serve, redis_server.url, upstream_app) as (_, ca, _, _):
+            with anyio.fail_after(DEADLOCK_GUARD):
+                producer = await ca.send(_request(ca, payload), stream=True)
+                assert producer.headers["x-sse-cache"] == "miss"
+                await producer.aclose()  # at the head: the drain reads on
+                while not draining():  # noqa: ASYNC110 - the event loop's tasks
+                    await anyio.sleep(0.01)
+        with anyio.fail_after(DEADLOCK_GUARD):
+            while draining():  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(handler)
+        upstream_app.gate.set()
+    assert not unretrieved, unretrieved

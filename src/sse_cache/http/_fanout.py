@@ -309,8 +309,14 @@ async def _drain(live: LiveFlight[bytes]) -> None:
     # Checked after each turn: a drain is cancelled once (by ``asyncio.run`` at its end), and
     # a cancellation that redis-py let through while publishing a piece would otherwise
     # keep it reading its upstream to the end.
-    while live.unread:
-        await checked(live.drain_turn())
+    try:
+        while live.unread:
+            await checked(live.drain_turn())
+    except Exception as exc:
+        # The upstream failed (its transport closed under it, say): the flight has failed
+        # with it, for every reader. No one awaits this task to be told again (helper-139:
+        # asyncio printed "Task exception was never retrieved" with its traceback).
+        logger.debug("sse_cache: the handed-over stream of %s failed: %r", live.key, exc)
 
 
 async def _open_channel(
