@@ -543,6 +543,7 @@ class CacheTransportBase(_Options):
             self._closing,
         )
         types = _stream_types(lib)
+        settled = False  # the exchange is the body's to leave (handed over, or left)
         try:
             ex = opened.enter()
             answer = ex.answer
@@ -555,6 +556,7 @@ class CacheTransportBase(_Options):
                     ),
                 )
             upstream = self.transport.handle_request(_forward(lib, request, decision))
+            tee = None
             try:
                 tee = opened.call(
                     partial(ex.tee, ends_by_itself=_ends_by_itself(upstream)),
@@ -564,7 +566,19 @@ class CacheTransportBase(_Options):
                 if tee is not None:
                     opened.call(tee.flush)  # the head, to followers in other processes at once
             except BaseException:
-                upstream.close()
+                if tee is None:
+                    upstream.close()
+                    raise
+                # Interrupted (a signal's exception in this thread) while the head went to
+                # other processes: the followers here have it, and read the upstream on, as
+                # after a close at the head (the body's close hands it over, or closes it
+                # and leaves the exchange; helper-139: they were all aborted). (The head's
+                # publish goes on in the portal meanwhile: the channel's writes are queued
+                # behind it.)
+                types["SyncTeeBody"](
+                    upstream.stream, tee, opened, portal, self._holds, self._draining
+                ).close()
+                settled = True
                 raise
             if tee is None:
                 opened.leave()
@@ -574,10 +588,12 @@ class CacheTransportBase(_Options):
             )
             return self._relay(upstream, ex, types["SyncTeeStream"](body))
         except _TransportClosed as exc:
-            opened.leave()
+            if not settled:
+                opened.leave()
             raise _closed_under(lib) from exc
         except BaseException as exc:
-            opened.leave(exc)
+            if not settled:
+                opened.leave(exc)
             raise
 
     def close(self) -> None:

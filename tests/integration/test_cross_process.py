@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -1178,3 +1179,95 @@ async def test_a_drain_whose_transport_closes_under_it_leaves_no_unretrieved_err
         loop.set_exception_handler(handler)
         upstream_app.gate.set()
     assert not unretrieved, unretrieved
+
+
+class _Interrupted(Exception):
+    """What a signal handler raises in the main thread (as a program's timeout alarm does)."""
+
+
+def test_sync_followers_read_on_when_the_producer_is_interrupted_as_its_head_is_published(
+    redis_server: Any,
+) -> None:
+    # The sync twin of the test above: the producer's thread (the main one: signals are
+    # delivered there) is interrupted by a signal handler's exception while the head goes to
+    # Redis; the followers in other threads of the process have it, and read the upstream
+    # on (helper-139: every one was aborted).
+    import signal
+    import threading
+
+    import anyio.from_thread
+
+    from sse_cache._uvicorn import serve as serve_app
+    from sse_cache.httpx2 import CacheTransport
+
+    upstream_app, seen = HeadWhenTold(), FlightsSeen()
+    payload = {"model": "gpt-mock", "input": "interrupted at the head", "stream": True}
+    main = threading.main_thread().ident
+    assert threading.get_ident() == main
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    followed: list[tuple[str, bytes | str]] = []
+    try:
+        with (
+            anyio.from_thread.start_blocking_portal() as portal,
+            portal.wrap_async_context_manager(serve_app(upstream_app)) as upstream,
+        ):
+            url = f"{redis_server.url}?prefix=s{uuid.uuid4().hex[:8]}:"
+            transport = CacheTransport(
+                url, cross_process=True, cross_process_lease=LEASE, hooks=[seen]
+            )
+            with (
+                httpx2.Client(
+                    transport=transport, base_url=upstream, headers=HEADERS, timeout=30
+                ) as client,
+                LosePublishes(transport.service.backend, "cancelled") as losing,
+            ):
+
+                def follow() -> None:
+                    try:
+                        with client.stream("POST", "/v1/responses", json=payload) as response:
+                            followed.append((response.headers["x-sse-cache"], response.read()))
+                    except httpx2.HTTPError as exc:
+                        followed.append(("error", repr(exc)))
+
+                followers = [threading.Thread(target=follow, daemon=True) for _ in range(3)]
+
+                def conduct() -> None:
+                    deadline = time.monotonic() + DEADLOCK_GUARD
+                    while not upstream_app.calls:  # the producer asked the upstream
+                        assert time.monotonic() < deadline
+                        time.sleep(0.01)
+                    for thread in followers:
+                        thread.start()
+                    while seen.followers() < 3:
+                        assert time.monotonic() < deadline
+                        time.sleep(0.01)
+                    portal.call(upstream_app.head.set)
+                    while not losing.started.is_set():  # the head's publish hangs
+                        assert time.monotonic() < deadline
+                        time.sleep(0.01)
+                    signal.pthread_kill(main, signal.SIGUSR1)
+
+                conductor = threading.Thread(target=conduct, daemon=True)
+                conductor.start()
+                losing.arm()  # the next publish, the head's, hangs (until the lease's length)
+                with pytest.raises(_Interrupted):
+                    client.send(client.build_request("POST", "/v1/responses", json=payload))
+                conductor.join(DEADLOCK_GUARD)
+                for thread in followers:
+                    thread.join(DEADLOCK_GUARD)
+                    assert not thread.is_alive(), "a follower never ended"
+                # The thread that read the upstream on for them leaves the exchange (the
+                # answer stored, the lease ended) before the client closes the transport. (A
+                # transport closed while one leaves stops its portal under it: a Redis
+                # connection is left unclosed.)
+                for thread in threading.enumerate():
+                    if thread.name == "sse-cache-drain":
+                        thread.join(DEADLOCK_GUARD)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert followed == [("shared", serialize_sse(upstream_app.events))] * 3
+    assert upstream_app.calls == 1
