@@ -470,10 +470,12 @@ class _AsyncTeeBody:
     def hand_over(self) -> bool:
         """The client went before this body was handed to it (its request was cancelled
         after the head): True when followers read on, and the upstream and the exchange
-        are theirs now; else the caller closes the upstream and leaves the exchange."""
-        return self._hand_over()
+        are theirs now; else the caller closes the upstream and leaves the exchange. No
+        resume window holds the stream: the client had nothing to resume by."""
+        self._opened.timing = False  # (no byte went to the client: no first byte to report)
+        return self._hand_over(resumable=False)
 
-    def _hand_over(self) -> bool:
+    def _hand_over(self, *, resumable: bool = True) -> bool:
         # The client went (closed early, or its read was cancelled): True when followers
         # (or a resume window) read on, and the upstream is theirs now.
         tee = self._tee
@@ -481,7 +483,7 @@ class _AsyncTeeBody:
             return False
         # A resume window needs a task that reads on while no one reads: on asyncio, a
         # task of the loop (trio has none outside a nursery: no window there).
-        hold = tee.resume_window is not None and on_asyncio() and self._holds.take()
+        hold = resumable and tee.resume_window is not None and on_asyncio() and self._holds.take()
         if not tee.client_left(hold=hold):
             if hold:
                 self._holds.give()

@@ -305,6 +305,7 @@ class _SyncTeeBody:
         # reads on from there once it reads again (see _stalled).
         self._place: tuple[LiveFlight[bytes], Cursor] | None = None
         self._reading_on: _SyncAnswerBody | None = None
+        self._resumable = True  # a resume window may hold the stream once the client left
         watch_client(tee, self)
 
     def __iter__(self) -> Iterator[bytes]:
@@ -464,7 +465,7 @@ class _SyncTeeBody:
         tee = self._tee
         if tee.ended:
             return False
-        hold = tee.resume_window is not None and self._holds.take()
+        hold = self._resumable and tee.resume_window is not None and self._holds.take()
         if tee.client_left(_nothing, hold=hold):
             self._holding = hold
             return True
@@ -564,6 +565,14 @@ class _SyncTeeBody:
             except _TransportClosed:
                 pass  # the stream ended with the transport
             self._opened.leave()
+
+    def close_unread(self) -> None:
+        """Close this body, never handed to its client (its request was interrupted after
+        the head): as :meth:`close` — the followers read on, or the upstream is closed and
+        the exchange left — but no resume window holds the stream: the client had nothing
+        to resume by."""
+        self._resumable = False
+        self.close()
 
     def close(self) -> None:
         self._opened.timing = False  # the client is gone: no byte it never had is reported

@@ -570,14 +570,14 @@ class CacheTransportBase(_Options):
                     upstream.close()
                     raise
                 # Interrupted (a signal's exception in this thread) while the head went to
-                # other processes: the followers here have it, and read the upstream on, as
-                # after a close at the head (the body's close hands it over, or closes it
-                # and leaves the exchange; helper-139: they were all aborted). (The head's
-                # publish goes on in the portal meanwhile: the channel's writes are queued
-                # behind it.)
+                # other processes — or the transport closed meanwhile: the followers here
+                # have the head, and read the upstream on, as after a close at the head (the
+                # body's close hands it over, or closes it and leaves the exchange;
+                # helper-139: they were all aborted). (The head's publish goes on in the
+                # portal meanwhile: the channel's writes are queued behind it.)
                 types["SyncTeeBody"](
                     upstream.stream, tee, opened, portal, self._holds, self._draining
-                ).close()
+                ).close_unread()
                 settled = True
                 raise
             if tee is None:

@@ -457,8 +457,10 @@ class _Request:
             await anyio.sleep_forever()
         return message
 
-    def _client_gone(self) -> bool:
-        """The client disconnected, or a send to it failed. True when the app goes on."""
+    def _client_gone(self, *, resumable: bool = True) -> bool:
+        """The client disconnected, or a send to it failed. True when the app goes on.
+        ``resumable``: False for a client that left before the head (judged once it came),
+        which has nothing to resume by: no resume window holds its stream."""
         self.disconnected = True
         if self.outbox is not None:
             self.outbox.stop()
@@ -480,7 +482,11 @@ class _Request:
         if tee.ended:
             self._leave_now()
             return False
-        window = tee.resume_window
+        if tee.cut:
+            # Stopped, and failed (a failure event after the answer): nothing to finish or
+            # hold (helper-140: a slot was taken to run it out for nothing).
+            return False
+        window = tee.resume_window if resumable else None
         if window is None and tee.followed and tee.client_left(self._abandon):
             self.detached = True  # for as long as followers read
             return True
@@ -602,7 +608,7 @@ class _Request:
                 # Its client left before this head (while the tee was made, too): now that
                 # the stream is known, the app goes on only if it is still wanted.
                 self.left_before_head = self.detached = False
-                if not self._client_gone():
+                if not self._client_gone(resumable=False):
                     self._stop_app()
                     return
             elif self.disconnected and self.tee is not None:

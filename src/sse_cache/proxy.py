@@ -206,16 +206,26 @@ class Forwarder:
             self._client = self._new_client()
 
     async def _sent(
-        self, request: httpx2.Request, receive: Receive, disconnected: anyio.Event
+        self,
+        request: httpx2.Request,
+        receive: Receive,
+        disconnected: anyio.Event,
+        whole: anyio.Event,
     ) -> httpx2.Response | None:
         """The upstream's response to ``request``, its head awaited while the client is
-        watched: None when the client left first (the upstream's request is cancelled). The
-        cache middleware hides the departure from this app while others wait for the
+        watched once its body has all gone upstream (``whole``: until then the upload reads
+        ``receive``): None when the client left first (the upstream's request is cancelled).
+        The cache middleware hides the departure from this app while others wait for the
         stream: then the head is awaited for them. (helper-138: a client gone during the
         upstream's time to first byte was noticed only once the head came.)"""
         response: httpx2.Response | None = None
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            await whole.wait()
+            await _watch_disconnect(receive, disconnected, scope)
+
         async with task_group() as tg:
-            tg.start_soon(_watch_disconnect, receive, disconnected, tg.cancel_scope)
+            tg.start_soon(watch, tg.cancel_scope)
             response = await self._client.send(request, stream=True)
             tg.cancel_scope.cancel()
         if disconnected.is_set():
@@ -254,18 +264,17 @@ class Forwarder:
         content: bytes | AsyncIterator[bytes]
         if first["type"] == "http.disconnect":
             return
+        whole = anyio.Event()  # the request's body has all gone upstream
         if first.get("more_body", False):
-            content = _body(receive, disconnected, first.get("body", b""))
+            content = _body(receive, disconnected, first.get("body", b""), whole)
         else:
             content = first.get("body", b"")
+            whole.set()
         request = self._client.build_request(scope["method"], url, headers=headers, content=content)
         try:
-            if isinstance(content, bytes):
-                response = await self._sent(request, receive, disconnected)
-                if response is None:
-                    return  # the client left before the upstream's head: nothing to send
-            else:
-                response = await self._client.send(request, stream=True)
+            response = await self._sent(request, receive, disconnected, whole)
+            if response is None:
+                return  # the client left before the upstream's head: nothing to send
         except _ClientLeft:
             # The client left before its body was complete: the upstream's request was cut
             # off mid-body, never sent whole (an abandoned upload must not run upstream).
@@ -490,7 +499,10 @@ class _ClientLeft(Exception):
     """The client disconnected before its request body was complete."""
 
 
-async def _body(receive: Receive, disconnected: anyio.Event, first: bytes) -> AsyncIterator[bytes]:
+async def _body(
+    receive: Receive, disconnected: anyio.Event, first: bytes, whole: anyio.Event
+) -> AsyncIterator[bytes]:
+    # The request's body as it comes; ``whole`` is set once all of it was read.
     if first:
         yield first
     while True:
@@ -502,9 +514,11 @@ async def _body(receive: Receive, disconnected: anyio.Event, first: bytes) -> As
             # the request that came, or the whole of it under a chunked framing.)
             raise _ClientLeft
         chunk = message.get("body", b"")
+        if not message.get("more_body", False):
+            whole.set()
         if chunk:
             yield chunk
-        if not message.get("more_body", False):
+        if whole.is_set():
             return
 
 

@@ -1645,6 +1645,7 @@ async def test_a_clean_end_after_the_client_left_before_the_head_is_never_stored
         with anyio.fail_after(DEADLOCK_GUARD):
             await app.told.wait()
         app.head.set()
+    assert mw.slots.taken == 0
     again = await client_for(mw).post("/events", json={})
     assert again.headers["x-sse-cache"] == "miss"
     assert again.content == serialize_sse(EVENTS)
@@ -1744,16 +1745,19 @@ async def test_finish_on_disconnect_finishes_a_stream_whose_client_left_before_t
     assert app.calls == 1
 
 
+@pytest.mark.parametrize("options", [{}, {"resume_window": 30}])
 async def test_a_stream_whose_client_and_followers_all_left_before_the_head_is_stopped(
-    client_for: Any,
+    client_for: Any, options: dict[str, Any]
 ) -> None:
     # Its followers waited, so the app was not told its client left; they leave too before
     # the head: once it comes, no one reads the stream, and the app is stopped, nothing
-    # stored.
+    # stored — a resume window or not: the client has nothing to resume by (helper-140: it
+    # was held for the window, a slot taken).
     from flights_seen import FlightsSeen
 
     app, seen = SlowHead(), FlightsSeen()
-    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, hooks=[seen])
+    routes = {"/events": GenericSSE}
+    mw = CacheMiddleware(app, "memory://", routes=routes, hooks=[seen], **options)
     left, read = anyio.Event(), anyio.Event()
     sent_after_head: list[bool] = []
 
@@ -1774,6 +1778,48 @@ async def test_a_stream_whose_client_and_followers_all_left_before_the_head_is_s
         assert seen.followers() == 0
         app.head.set()
     assert sent_after_head == [False]  # (its client was gone: nothing went to it)
+    assert mw.slots.taken == 0
     again = await client_for(mw).post("/events", json={})
     assert again.headers["x-sse-cache"] == "miss" and again.content == serialize_sse(EVENTS)
     assert app.calls == 2
+
+
+async def test_a_client_leaving_after_a_failure_past_the_answer_is_not_finished_for_nothing() -> (
+    None
+):
+    # The answer's completing event, then an error event, then the client leaves (its SDK
+    # raised): the stream failed, so finish_on_disconnect has nothing to finish — no slot
+    # taken, the app told at once, nothing stored (helper-140: the app ran on to its
+    # background deadline, a slot held).
+    def sse(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+    pieces = [
+        sse("message_start", {"type": "message_start", "message": {"id": "m1", "content": []}}),
+        sse("message_stop", {"type": "message_stop"}),
+        sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "x"}}),
+    ]
+    told = anyio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEAD})
+        for piece in pieces:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        if (await receive())["type"] == "http.disconnect":
+            told.set()
+
+    mw = CacheMiddleware(app, "memory://", finish_on_disconnect=True)
+    scope = {**events_scope(), "path": "/v1/messages", "raw_path": b"/v1/messages"}
+    body = json.dumps({"model": "m", "max_tokens": 9, "messages": [], "stream": True}).encode()
+    left = anyio.Event()
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, mw, scope, body_then(body, left.wait))
+            left.set()
+            await told.wait()
+    assert mw.slots.taken == 0
+    with anyio.fail_after(DEADLOCK_GUARD):  # (asked again, and left again: not stored)
+        again = await call(mw, scope, body_then(body, left.wait))
+    assert again.headers[b"x-sse-cache"] == b"miss"

@@ -1271,3 +1271,41 @@ def test_sync_followers_read_on_when_the_producer_is_interrupted_as_its_head_is_
         signal.signal(signal.SIGUSR1, previous)
     assert followed == [("shared", serialize_sse(upstream_app.events))] * 3
     assert upstream_app.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_producer_cancelled_as_its_head_is_published_is_not_held_for_a_resume(
+    serve: Any, redis_server: Any
+) -> None:
+    # No follower in its process, and a resume window: its client had nothing to resume by
+    # (no event, no response id), so no window holds the stream, no slot is taken, and its
+    # upstream is closed (helper-140: held for the window, a slot taken).
+    import asyncio
+
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    upstream_app = HeadWhenTold()
+    payload = {"model": "gpt-mock", "input": "not held", "stream": True}
+    url = f"{redis_server.url}?prefix=r{uuid.uuid4().hex[:8]}:"
+    async with serve(upstream_app) as upstream:
+        transport = AsyncCacheTransport(
+            url, cross_process=True, cross_process_lease=LEASE, resume_window=30
+        )
+        async with httpx2.AsyncClient(transport=transport, base_url=upstream, timeout=30) as client:
+            with (
+                anyio.fail_after(DEADLOCK_GUARD),
+                LosePublishes(transport.service.backend, "cancelled") as losing,
+            ):
+                losing.arm()
+                producer = asyncio.ensure_future(
+                    client.send(_request(client, payload), stream=True)
+                )
+                while not upstream_app.calls:  # noqa: ASYNC110 - the upstream's count
+                    await anyio.sleep(0.01)
+                upstream_app.head.set()
+                await losing.started.wait()
+                producer.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await producer
+                assert transport._holds.taken == 0

@@ -548,13 +548,16 @@ class SlowHeadUpstream:
 SSE_HEAD = [(b"content-type", b"text/event-stream")]
 
 
+@pytest.mark.parametrize("prompt", [10, 400_000], ids=["one-message", "many-messages"])
 @pytest.mark.parametrize("path", [CHAT, "/v1/embeddings"])
 async def test_a_client_leaving_before_the_upstreams_head_cancels_the_upstream_request(
-    serve: Serve, path: str
+    serve: Serve, path: str, prompt: int
 ) -> None:
     # No one else waits: the upstream's request is cancelled as the client leaves, during
     # the upstream's time to first byte — not once the head comes (helper-138: the proxy
-    # watched its client only after sending the head; the docs say it is cancelled).
+    # watched its client only after sending the head; the docs say it is cancelled). Also
+    # for a body that came in many messages (a long prompt: the server reads a socket
+    # ~256 KiB at a time), watched once all of it has gone upstream (helper-140).
     upstream = SlowHeadUpstream()
     async with serve(upstream) as upstream_url:
         app = create_proxy_app(upstream_url, "memory://")
@@ -562,7 +565,7 @@ async def test_a_client_leaving_before_the_upstreams_head_cancels_the_upstream_r
             async with serve(app) as url:
                 host, port = url.removeprefix("http://").split(":")
                 async with await anyio.connect_tcp(host, int(port)) as sock:
-                    await sock.send(post(path, chat_body("leaving early")))
+                    await sock.send(post(path, chat_body("leaving early" + "x" * prompt)))
                     with anyio.fail_after(DEADLOCK_GUARD):
                         while not upstream.calls:  # noqa: ASYNC110 - the upstream's record
                             await anyio.sleep(0.01)
@@ -576,16 +579,28 @@ async def test_a_client_leaving_before_the_upstreams_head_cancels_the_upstream_r
 async def test_followers_keep_the_upstream_of_a_client_that_left_before_its_head(
     serve: Serve,
 ) -> None:
-    # Identical requests wait for the stream: the first one's client leaving (whether the
-    # proxy sees it before the head or after) does not cut the upstream's answer for them.
+    # Identical requests wait for the stream; the first one's client leaves, and the proxy
+    # reads its disconnect before the upstream's head comes: the upstream's answer is not
+    # cut for them.
     from flights_seen import FlightsSeen
 
     upstream, seen = SlowHeadUpstream(), FlightsSeen()
     body = chat_body("a herd")
+    gone_read = anyio.Event()  # the proxy read a client's disconnect
+
+    async def probed(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def receiving() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone_read.set()
+            return message
+
+        await app(scope, receiving, send)
+
     async with serve(upstream) as upstream_url:
         app = create_proxy_app(upstream_url, "memory://", hooks=[seen])
         try:
-            async with serve(app) as url:
+            async with serve(probed) as url:
                 host, port = url.removeprefix("http://").split(":")
                 followers: list[tuple[int, bytes, bytes]] = []
 
@@ -603,7 +618,9 @@ async def test_followers_keep_the_upstream_of_a_client_that_left_before_its_head
                         with anyio.fail_after(DEADLOCK_GUARD):
                             while seen.followers() < 3:  # noqa: ASYNC110
                                 await anyio.sleep(0.01)
-                    upstream.head.set()  # (the first client has closed its connection)
+                    with anyio.fail_after(DEADLOCK_GUARD):
+                        await gone_read.wait()
+                    upstream.head.set()
                 shared = [
                     (status, b"\r\nx-sse-cache: shared" in head) for status, head, _ in followers
                 ]

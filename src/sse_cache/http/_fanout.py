@@ -316,7 +316,9 @@ async def _drain(live: LiveFlight[bytes]) -> None:
         # The upstream failed (its transport closed under it, say): the flight has failed
         # with it, for every reader. No one awaits this task to be told again (helper-139:
         # asyncio printed "Task exception was never retrieved" with its traceback).
-        logger.debug("sse_cache: the handed-over stream of %s failed: %r", live.key, exc)
+        logger.debug(
+            "sse_cache: the handed-over stream of %s failed: %r", live.key, exc, exc_info=True
+        )
 
 
 async def _open_channel(
