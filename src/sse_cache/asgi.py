@@ -42,7 +42,7 @@ from .flight import SharedStreamAborted
 from .http._slots import BackgroundSlots
 from .http._wire import merge_headers
 from .http.options import CacheOptions
-from .http.service import CacheService, Exchange, ResponseTee
+from .http.service import CacheService, Exchange, FollowerLeft, ResponseTee
 from .protocols import Backend
 
 __all__ = ["CacheMiddleware"]
@@ -175,6 +175,8 @@ class CacheMiddleware:
 #: Why a request passed through uncached when its client left before sending all of its body
 #: (the ``bypass`` notice's ``detail``: the access log's reason).
 LEFT_MID_BODY = "the client left before its request body was complete"
+#: ... and why a request following a live stream was not answered.
+LEFT_WAITING = "the client left while it waited for the head of the live stream it follows"
 
 
 def _declared_length(headers: list[tuple[str, str]]) -> int | None:
@@ -319,9 +321,15 @@ class _Request:
         # The joined body is decided: the app gets the messages as they came (kept in
         # self.buffered), and a body of many is not held twice while the answer streams.
         del body
-        exchange = service.exchange(decision, publish=True)
+        exchange = service.exchange(decision, publish=True, client_gone=self._until_gone)
         del decision  # (the exchange keeps what it needs of it: not the decoded body)
-        ex = self.exchange = await exchange.__aenter__()
+        try:
+            ex = self.exchange = await exchange.__aenter__()
+        except FollowerLeft:
+            # Its client left while it waited for the head of the live stream it follows:
+            # no one to answer (its place there is given back).
+            emit(service.hooks, Notice(kind="bypass", key="", detail=LEFT_WAITING))
+            return
         leave = _Leaving(exchange)
         if ex.answer is not None:
             # A hit, or another request's live stream: sent from here, with nothing
@@ -428,6 +436,12 @@ class _Request:
         if ex is not None:
             ex.first_byte(time.monotonic() - self.started)
 
+    async def _until_gone(self) -> None:
+        # Returns once the client has left (its body was read whole: what comes next is the
+        # disconnect).
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
     async def _read_body(self) -> bytes | None:
         """The whole request body, or None when it is over the limit (then the messages read
         so far are kept and re-delivered; the rest is read by the app itself)."""
@@ -528,7 +542,7 @@ class _Request:
         ex = self.exchange
         if ex is None or self.tasks is None or self.app_done:
             return False
-        if ex.followed or (ex.may_store and self._finish_in_background()):
+        if ex.read_on_for_others(self._abandon) or (ex.may_store and self._finish_in_background()):
             self.detached = True
             self.left_before_head = True
             return True

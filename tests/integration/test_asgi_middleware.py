@@ -1823,3 +1823,73 @@ async def test_a_client_leaving_after_a_failure_past_the_answer_is_not_finished_
     with anyio.fail_after(DEADLOCK_GUARD):  # (asked again, and left again: not stored)
         again = await call(mw, scope, body_then(body, left.wait))
     assert again.headers[b"x-sse-cache"] == b"miss"
+
+
+async def test_a_follower_whose_client_leaves_before_the_head_leaves_at_once(
+    client_for: Any,
+) -> None:
+    # A follower waiting for the live stream's head watches its client: gone, it gives its
+    # place back then — not once the head comes (helper-138: it held it until then, and
+    # after join_timeout went to the upstream for a client long gone). The stream goes on
+    # for its own client.
+    from flights_seen import FlightsSeen
+
+    app, seen, notices = SlowHead(), FlightsSeen(), NoticeLog()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, hooks=[seen, notices])
+    left, read = anyio.Event(), anyio.Event()
+    produced: list[Answered] = []
+
+    async def produce() -> None:
+        produced.append(await call(mw, events_scope(), body_then(b"{}")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(produce)
+        await until_true(lambda: app.entered == 1)
+        tg.start_soon(call, mw, events_scope(), leaving(b"{}", left, read))
+        await until_true(lambda: seen.followers() == 1)
+        left.set()
+        await until_true(lambda: seen.followers() == 0)  # (before the head)
+        app.head.set()
+    [answer] = produced
+    assert (answer.headers[b"x-sse-cache"], answer.body) == (b"miss", serialize_sse(EVENTS))
+    assert app.calls == 1
+    assert any(
+        n.kind == "bypass"
+        and n.detail == "the client left while it waited for the head of the live stream it follows"
+        for n in notices.seen
+    )
+
+
+async def test_a_stream_no_one_waits_for_any_more_is_stopped_before_its_head(
+    client_for: Any,
+) -> None:
+    # The producer's client left (hidden: a follower waited), then the follower's client
+    # left too, both before the head: no one reads the stream, and the app is stopped then,
+    # not once its upstream's head comes (helper-138: it ran until then, for no one).
+    from flights_seen import FlightsSeen
+
+    app, seen = SlowHead(), FlightsSeen()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, hooks=[seen])
+    producer_left, producer_read = anyio.Event(), anyio.Event()
+    follower_left, follower_read = anyio.Event(), anyio.Event()
+    stopped = anyio.Event()
+
+    async def produce() -> None:
+        await call(mw, events_scope(), leaving(b"{}", producer_left, producer_read))
+        stopped.set()
+
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(produce)
+            await until_true(lambda: app.entered == 1)
+            tg.start_soon(call, mw, events_scope(), leaving(b"{}", follower_left, follower_read))
+            await until_true(lambda: seen.followers() == 1)
+            producer_left.set()
+            await producer_read.wait()  # (hidden from the app: a follower waits)
+            follower_left.set()
+            await stopped.wait()  # the app stopped, its head never released
+    assert not app.told.is_set()
+    assert app.calls == 1 and mw.slots.taken == 0
+    app.head.set()  # (for the next request)
+    again = await client_for(mw).post("/events", json={})
+    assert again.headers["x-sse-cache"] == "miss"  # nothing was stored

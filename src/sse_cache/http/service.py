@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from types import TracebackType
 from typing import Any
@@ -252,15 +252,22 @@ class CacheService:
             raise
 
     def exchange(
-        self, decision: Decision, *, publish: bool = False
+        self,
+        decision: Decision,
+        *,
+        publish: bool = False,
+        client_gone: Callable[[], Awaitable[object]] | None = None,
     ) -> AbstractAsyncContextManager[Exchange]:
         """One request/response, for a :meth:`decide` decision, as an ``async with`` block.
         Leaving the block normally stores what completed; leaving it with an exception stores
         nothing.
 
         ``publish``: the integration calls :meth:`ResponseTee.flush` after each chunk, so a
-        miss can lead a cross-process single-flight (``cross_process=True``)."""
-        return Exchange(self, decision, publish=publish)
+        miss can lead a cross-process single-flight (``cross_process=True``).
+        ``client_gone``: returns once the request's client has left (an ASGI server's
+        ``http.disconnect``): a request waiting for the head of the live stream it follows
+        leaves it then, and entering raises :class:`FollowerLeft`."""
+        return Exchange(self, decision, publish=publish, client_gone=client_gone)
 
     async def resume(
         self,
@@ -297,13 +304,26 @@ class CacheService:
         return await _resume.resume_live(self, cache, live, had)
 
 
+class FollowerLeft(Exception):
+    """Raised entering an exchange whose client left while it waited for the head of the live
+    stream it follows (:meth:`CacheService.exchange`'s ``client_gone``): nothing to answer."""
+
+
 class Exchange:
     """The cache's side of one request (see :meth:`CacheService.exchange`): an ``async with``
     block. (A class of its own, not an ``asynccontextmanager``: that costs three times as
     much to enter and leave, on every request.)"""
 
-    def __init__(self, service: CacheService, decision: Decision, *, publish: bool = False) -> None:
+    def __init__(
+        self,
+        service: CacheService,
+        decision: Decision,
+        *,
+        publish: bool = False,
+        client_gone: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
         self.decision = decision
+        self._client_gone = client_gone
         self.status = CacheStatus.BYPASS
         self.key = ""
         self.answer: Answer | None = None
@@ -399,16 +419,24 @@ class Exchange:
             and decision.last_event_id is None
         )
 
-    @property
-    def followed(self) -> bool:
-        """Others read this request's live stream, or may: followers here, or in other
-        processes (it leads a cross-process flight, whose followers cannot be counted)."""
+    def read_on_for_others(self, abandon: Callable[[], Awaitable[None]]) -> bool:
+        """Before the upstream's head came, the client left. True when others read this
+        request's live stream, or may: followers here — then ``abandon`` is called if the
+        last of them leaves before its end — or in other processes (it leads a cross-process
+        flight, whose followers cannot be counted). False, with nothing changed, otherwise
+        (see :meth:`let_go`)."""
+        if self._lead is not None:
+            return True
         live = self._flight
-        return self._lead is not None or (live is not None and live.followers > 0)
+        if live is None or not live.followers:
+            return False
+        live.producer_left()  # (followers read: it goes on for them)
+        live.abandon = abandon
+        return True
 
     def let_go(self, reason: str) -> None:
         """Before the upstream's head came, the client left and no one reads on (see
-        :attr:`followed`): the live stream fails now, so that no identical request joins a
+        :meth:`read_on_for_others`): the live stream fails now, so that no identical request joins a
         stream about to be stopped (each asks the upstream itself), and nothing that comes
         after is shared or stored (:meth:`tee` returns None)."""
         self._let_go = reason
@@ -615,7 +643,7 @@ class Exchange:
         cache = self._cache
         assert cache is not None
         try:
-            head = await live.wait_head(cache.join_timeout)
+            head = await self._head_of(live, cache.join_timeout)
         except SharedStreamAborted as exc:
             logger.warning("sse_cache: not following %s: %s", self.key, exc)
             head = None
@@ -630,6 +658,32 @@ class Exchange:
             chunks=self._counted(live.chunks(cursor, cache.join_timeout)),
         )
         return True
+
+    async def _head_of(self, live: LiveFlight[bytes], idle_timeout: float) -> Head | None:
+        # The live stream's head, while the client is watched (if it can be): a follower
+        # whose client left before the head held its place until it came, kept a producer
+        # whose own client had left running for no one, and after join_timeout asked the
+        # upstream for a client long gone (helper-138). (A task group on this path only:
+        # hits never wait here.)
+        gone = self._client_gone
+        if gone is None:
+            return await live.wait_head(idle_timeout)
+        left = False
+        head: Head | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                nonlocal left
+                await gone()
+                left = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            head = await live.wait_head(idle_timeout)
+            tg.cancel_scope.cancel()
+        if left:
+            raise FollowerLeft(f"the client left while it waited for {self.key}'s live stream")
+        return head
 
     async def _expire_live_alias(self) -> None:
         # The stream is over: its live alias (written to last an hour, as a stream may) now
