@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from contextlib import AbstractAsyncContextManager
+from functools import partial
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -252,6 +253,13 @@ class _Leaving:
         return await exchange.__aexit__(exc_type, exc, tb)
 
 
+async def _until_gone(receive: Receive) -> None:
+    # Returns once the client has left (its body was read whole: what comes next is the
+    # disconnect).
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class _Request:
     """The state of one request through the middleware."""
 
@@ -321,7 +329,10 @@ class _Request:
         # The joined body is decided: the app gets the messages as they came (kept in
         # self.buffered), and a body of many is not held twice while the answer streams.
         del body
-        exchange = service.exchange(decision, publish=True, client_gone=self._until_gone)
+        # (Not a bound method of this request: the exchange keeps it, and a cycle would leave
+        # every request's objects to the cycle collector; see `send`.)
+        gone = partial(_until_gone, self.receive)
+        exchange = service.exchange(decision, publish=True, client_gone=gone)
         del decision  # (the exchange keeps what it needs of it: not the decoded body)
         try:
             ex = self.exchange = await exchange.__aenter__()
@@ -435,12 +446,6 @@ class _Request:
         ex = self.exchange
         if ex is not None:
             ex.first_byte(time.monotonic() - self.started)
-
-    async def _until_gone(self) -> None:
-        # Returns once the client has left (its body was read whole: what comes next is the
-        # disconnect).
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
 
     async def _read_body(self) -> bytes | None:
         """The whole request body, or None when it is over the limit (then the messages read
