@@ -773,7 +773,7 @@ class Exchange:
                 live.respond(head)
         controls = self.decision.controls
         # A reconnecting client may get only the rest of a stream: never store that.
-        wanted = controls.store and self.decision.last_event_id is None
+        wanted = self.may_store
         reason = not_recorded_because(status, lowered, media, wanted=wanted)
         if not reason and unshared == _END_UNTOLD:
             reason = _END_UNTOLD
