@@ -1309,3 +1309,141 @@ async def test_a_producer_cancelled_as_its_head_is_published_is_not_held_for_a_r
                 with pytest.raises(asyncio.CancelledError):
                     await producer
                 assert transport._holds.taken == 0
+
+
+def _responses_scope() -> dict[str, Any]:
+    """A raw ASGI scope for ``POST /v1/responses`` from the tests' tenant."""
+    headers = [(b"authorization", HEADERS["authorization"].encode())]
+    headers.append((b"content-type", b"application/json"))
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/responses",
+        "raw_path": b"/v1/responses",
+        "query_string": b"",
+        "headers": headers,
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 80),
+        "client": ("127.0.0.1", 1234),
+        "root_path": "",
+    }
+
+
+async def _presences(redis_url: str, prefix: str) -> list[bytes]:
+    """The presence locks held in Redis under ``prefix``: one per channel read elsewhere."""
+    client = aioredis.from_url(redis_url)
+    try:
+        return list(await client.keys(f"{prefix}*sfr:*"))
+    finally:
+        await client.aclose()
+
+
+LEFT_WAITING = "the client left while it waited for the head of the live stream it follows"
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_follower_in_another_process_whose_client_leaves_before_the_head_leaves_at_once(
+    redis_server: Any,
+) -> None:
+    # Two middlewares (two workers) on one Redis: A leads, B's request follows A's channel
+    # and waits for its head. B's client leaves: B gives its place back then, presence
+    # included (A's keeper counts B's presence as someone reading), not once the head comes
+    # (it held it until then, and after join_timeout went on for a client long gone, as the
+    # local followers did before helper-138's fix). A's stream goes on for its own client.
+    from asgi_calls import Answered, body_then, call
+    from sse_cache.testing import NoticeLog
+
+    upstream, notices = HeadWhenTold(), NoticeLog()
+    prefix = f"l{uuid.uuid4().hex[:8]}:"
+    backend = f"{redis_server.url}?prefix={prefix}"
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
+    a = CacheMiddleware(upstream, backend, **options)
+    b = CacheMiddleware(upstream, backend, hooks=[notices], **options)
+    body = json.dumps({"model": "gpt-mock", "input": "left waiting", "stream": True}).encode()
+    left = anyio.Event()
+    produced: list[Answered] = []
+
+    async def produce() -> None:
+        produced.append(await call(a, _responses_scope(), body_then(body)))
+
+    try:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(produce)
+                while not upstream.calls:  # noqa: ASYNC110 - A leads, its upstream thinks
+                    await anyio.sleep(0.01)
+                tg.start_soon(call, b, _responses_scope(), body_then(body, left.wait))
+                while not await _presences(redis_server.url, prefix):  # noqa: ASYNC110 - B reads
+                    await anyio.sleep(0.01)
+                left.set()
+                notice = await notices.wait("bypass")
+                assert notice.detail == LEFT_WAITING
+                assert await _presences(redis_server.url, prefix) == []  # (given back)
+                upstream.head.set()
+    finally:
+        await a.aclose()
+        await b.aclose()
+    [answer] = produced
+    assert (answer.headers[b"x-sse-cache"], answer.body) == (
+        b"miss",
+        serialize_sse(upstream.events),
+    )
+    assert upstream.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_follower_of_another_process_whose_client_leaves_waits_on_for_its_own_followers(
+    redis_server: Any,
+) -> None:
+    # B's first request follows A's channel for B's process: a second identical request on B
+    # follows it there. The first's client leaves before the head: the wait goes on for the
+    # second, which gets all of the stream (not a failure before the head, and a second
+    # reading of A's channel).
+    from asgi_calls import Answered, body_then, call
+    from sse_cache.testing import NoticeLog
+
+    upstream, notices, seen = HeadWhenTold(), NoticeLog(), FlightsSeen()
+    prefix = f"l{uuid.uuid4().hex[:8]}:"
+    backend = f"{redis_server.url}?prefix={prefix}"
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
+    a = CacheMiddleware(upstream, backend, **options)
+    b = CacheMiddleware(upstream, backend, hooks=[notices, seen], **options)
+    body = json.dumps({"model": "gpt-mock", "input": "waits on", "stream": True}).encode()
+    left, read = anyio.Event(), anyio.Event()
+    followed: list[Answered] = []
+
+    async def leaving() -> None:
+        await left.wait()
+        read.set()
+
+    async def follow() -> None:
+        followed.append(await call(b, _responses_scope(), body_then(body)))
+
+    try:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, a, _responses_scope(), body_then(body))
+                while not upstream.calls:  # noqa: ASYNC110 - A leads, its upstream thinks
+                    await anyio.sleep(0.01)
+                tg.start_soon(call, b, _responses_scope(), body_then(body, leaving))
+                while not await _presences(redis_server.url, prefix):  # noqa: ASYNC110 - B reads
+                    await anyio.sleep(0.01)
+                tg.start_soon(follow)
+                while seen.followers() < 1:  # noqa: ASYNC110 - B's second request follows
+                    await anyio.sleep(0.01)
+                left.set()
+                await read.wait()
+                upstream.head.set()
+    finally:
+        await a.aclose()
+        await b.aclose()
+    [answer] = followed
+    assert (answer.headers[b"x-sse-cache"], answer.body) == (
+        b"shared",
+        serialize_sse(upstream.events),
+    )
+    assert not [n for n in notices.seen if n.kind == "bypass"]
+    assert upstream.calls == 1

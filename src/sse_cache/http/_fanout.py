@@ -31,6 +31,7 @@ from ..protocols import (
     LeasingBackend,
 )
 from ._answers import Answer, _as_shared
+from ._watch import ClientGone, FollowerLeft, unless_gone
 from ._wire import close_iterator
 
 logger = logging.getLogger("sse_cache")
@@ -322,12 +323,20 @@ async def _drain(live: LiveFlight[bytes]) -> None:
 
 
 async def _open_channel(
-    fanout: TimedFanout, channel: str, lease: float, cache: StreamCache, presence: _Presence
+    fanout: TimedFanout,
+    channel: str,
+    lease: float,
+    cache: StreamCache,
+    presence: _Presence,
+    *,
+    gone: ClientGone | None = None,
+    stays: Callable[[], bool] | None = None,
 ) -> tuple[Head, bytes, AsyncIterator[bytes]] | None:
     """Start reading another process's live stream from ``channel``: its head, its first body
     bytes (``b""``: the body ended empty) and the reader, positioned after them. None when
     it cannot be followed: the producer failed before it answered, went silent (killed?)
-    or too slow, or Redis failed.
+    or too slow, or Redis failed. Its client's leaving meanwhile (``gone``) raises
+    :class:`FollowerLeft`, unless ``stays()`` (see :func:`unless_gone`).
 
     A live producer sends heartbeats while its upstream thinks; one that sends nothing else
     for ``join_timeout`` is given up on like a silent local one. Nothing is sent to the
@@ -340,7 +349,9 @@ async def _open_channel(
     reader = fanout.read(channel, block=lease)
     head: Head | None = None
     first: bytes | None = None
-    try:
+
+    async def opening() -> None:
+        nonlocal head, first
         with anyio.fail_after(cache.join_timeout):
             await presence.keep()
             async for message in reader:
@@ -358,15 +369,25 @@ async def _open_channel(
                     break
             else:
                 first = b""  # the end marker: the body was empty
+
+    opened = False
+    try:
+        await unless_gone(opening, gone, f"{channel}'s head", stays=stays)
+        opened = head is not None and first is not None
+    except FollowerLeft:
+        raise
     except Exception as exc:  # silent (dead?), too slow, or Redis failed
         logger.info("sse_cache: not following %s: %r", channel, exc)
-        head = None
-    if head is None or first is None:
-        try:
-            await _aclose(reader)
-        finally:
-            await presence.release()
+    finally:
+        if not opened:  # (also when its client left: its presence is given back at once)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
+                try:
+                    await _aclose(reader)
+                finally:
+                    await presence.release()
+    if not opened:
         return None
+    assert head is not None and first is not None
     return head, first, reader
 
 
@@ -472,6 +493,7 @@ async def lead_or_follow(
     lease_seconds: float,
     *,
     hooks: tuple[Hook, ...],
+    gone: ClientGone | None = None,
 ) -> tuple[_Lease | None, Answer | None]:
     """Take the key's lease (then this request leads: its response is published as it
     passes; the lease is returned) or, when another process holds it, follow that process's
@@ -482,7 +504,11 @@ async def lead_or_follow(
     A follower that hears nothing from its producer for a lease's length (a killed process
     stops renewing it and sending heartbeats) takes over: it takes the lease itself, or
     follows whoever did. Its calls on the lease and the channel are reported to ``hooks``
-    (:class:`TimedFanout`)."""
+    (:class:`TimedFanout`).
+
+    Its client's leaving while it waits for the other process's head (``gone``) raises
+    :class:`FollowerLeft` — unless readers here follow ``live`` by then: it waits on for
+    them."""
     fanout = TimedFanout(backend, hooks)
     lock = _CHANNEL + key
     for _attempt in range(3):
@@ -500,7 +526,15 @@ async def lead_or_follow(
             continue
         presence = _Presence(fanout, key, holder, lease_seconds)
         channel = _channel(key, holder)
-        opened = await _open_channel(fanout, channel, lease_seconds, cache, presence)
+        opened = await _open_channel(
+            fanout,
+            channel,
+            lease_seconds,
+            cache,
+            presence,
+            gone=gone,
+            stays=lambda: bool(live.followers),
+        )
         if opened is None:
             continue
         head, first, reader = opened

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -78,10 +79,18 @@ from ._fanout import (
 )
 from ._resume import alias_key, alias_scope, live_alias_key, resumable
 from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
+from ._watch import ClientGone, FollowerLeft, unless_gone
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
 
-__all__ = ["DEFAULT_CROSS_PROCESS_LEASE", "Answer", "CacheService", "Exchange", "ResponseTee"]
+__all__ = [
+    "DEFAULT_CROSS_PROCESS_LEASE",
+    "Answer",
+    "CacheService",
+    "Exchange",
+    "FollowerLeft",
+    "ResponseTee",
+]
 
 logger = logging.getLogger("sse_cache")
 
@@ -256,7 +265,7 @@ class CacheService:
         decision: Decision,
         *,
         publish: bool = False,
-        client_gone: Callable[[], Awaitable[object]] | None = None,
+        client_gone: ClientGone | None = None,
     ) -> AbstractAsyncContextManager[Exchange]:
         """One request/response, for a :meth:`decide` decision, as an ``async with`` block.
         Leaving the block normally stores what completed; leaving it with an exception stores
@@ -304,11 +313,6 @@ class CacheService:
         return await _resume.resume_live(self, cache, live, had)
 
 
-class FollowerLeft(Exception):
-    """Raised entering an exchange whose client left while it waited for the head of the live
-    stream it follows (:meth:`CacheService.exchange`'s ``client_gone``): nothing to answer."""
-
-
 class Exchange:
     """The cache's side of one request (see :meth:`CacheService.exchange`): an ``async with``
     block. (A class of its own, not an ``asynccontextmanager``: that costs three times as
@@ -320,7 +324,7 @@ class Exchange:
         decision: Decision,
         *,
         publish: bool = False,
-        client_gone: Callable[[], Awaitable[object]] | None = None,
+        client_gone: ClientGone | None = None,
     ) -> None:
         self.decision = decision
         self._client_gone = client_gone
@@ -553,6 +557,7 @@ class Exchange:
                 cache,
                 self._service.cross_process_lease,
                 hooks=self._service.hooks,
+                gone=self._client_gone,
             )
             if answer is not None:
                 self.status = CacheStatus.SHARED
@@ -660,30 +665,10 @@ class Exchange:
         return True
 
     async def _head_of(self, live: LiveFlight[bytes], idle_timeout: float) -> Head | None:
-        # The live stream's head, while the client is watched (if it can be): a follower
-        # whose client left before the head held its place until it came, kept a producer
-        # whose own client had left running for no one, and after join_timeout asked the
-        # upstream for a client long gone (helper-138). (A task group on this path only:
-        # hits never wait here.)
-        gone = self._client_gone
-        if gone is None:
-            return await live.wait_head(idle_timeout)
-        left = False
-        head: Head | None = None
-        async with anyio.create_task_group() as tg:
-
-            async def watch() -> None:
-                nonlocal left
-                await gone()
-                left = True
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(watch)
-            head = await live.wait_head(idle_timeout)
-            tg.cancel_scope.cancel()
-        if left:
-            raise FollowerLeft(f"the client left while it waited for {self.key}'s live stream")
-        return head
+        # The live stream's head, while the client is watched (if it can be).
+        return await unless_gone(
+            partial(live.wait_head, idle_timeout), self._client_gone, f"{self.key}'s live stream"
+        )
 
     async def _expire_live_alias(self) -> None:
         # The stream is over: its live alias (written to last an hour, as a stream may) now
