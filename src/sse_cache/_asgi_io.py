@@ -178,9 +178,15 @@ async def task_group() -> AsyncIterator[anyio.abc.TaskGroup]:
         raise
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+async def until_disconnect(receive: Receive) -> None:
+    """Return once the client has left (``http.disconnect``). What else comes meanwhile is
+    dropped: a request's body has been read whole by the time anyone waits here."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    await until_disconnect(receive)
     scope.cancel()
 
 

@@ -35,6 +35,7 @@ from ._asgi_io import (
     _send_answer_while_connected,
     request_path,
     task_group,
+    until_disconnect,
 )
 from ._checks import boolean, integer, positive_number
 from ._notices import Notice, emit
@@ -253,13 +254,6 @@ class _Leaving:
         return await exchange.__aexit__(exc_type, exc, tb)
 
 
-async def _until_gone(receive: Receive) -> None:
-    # Returns once the client has left (its body was read whole: what comes next is the
-    # disconnect).
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 class _Request:
     """The state of one request through the middleware."""
 
@@ -331,7 +325,7 @@ class _Request:
         del body
         # (Not a bound method of this request: the exchange keeps it, and a cycle would leave
         # every request's objects to the cycle collector; see `send`.)
-        gone = partial(_until_gone, self.receive)
+        gone = partial(until_disconnect, self.receive)
         exchange = service.exchange(decision, publish=True, client_gone=gone)
         del decision  # (the exchange keeps what it needs of it: not the decoded body)
         try:

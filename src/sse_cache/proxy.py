@@ -34,6 +34,7 @@ from ._asgi_io import (
     request_path,
     send_json_error,
     task_group,
+    until_disconnect,
 )
 from ._logging import (
     AccessLog,
@@ -523,11 +524,11 @@ async def _body(
 
 
 async def _watch_disconnect(receive: Receive, flag: anyio.Event, scope: anyio.CancelScope) -> None:
-    while not flag.is_set():
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            flag.set()
-            scope.cancel()
+    if flag.is_set():  # (the upload saw it: the request has failed already)
+        return
+    await until_disconnect(receive)
+    flag.set()
+    scope.cancel()
 
 
 async def _lifespan(
