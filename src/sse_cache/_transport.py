@@ -400,8 +400,14 @@ class AsyncCacheTransportBase(_Options):
     async def aclose(self) -> None:
         """Close the wrapped transport, and the backend if it was opened from a URL. A
         transport whose backend closed with it refuses requests afterwards (``RuntimeError``);
-        one given a backend object serves on (that backend is the caller's to close)."""
+        one given a backend object serves on (that backend is the caller's to close).
+
+        A stream whose client has gone while it is read on for others (followers, in other
+        processes too, or a resume window) ends first, failed for its readers (stored if
+        what was relayed holds the completing event), while its upstream and backend are
+        open: followers elsewhere are told at once, not after a lease's silence."""
         try:
+            await self.service.end_handed_over("the transport was closed")
             await self.transport.aclose()
         finally:
             if self._backend_url is not None:

@@ -398,6 +398,8 @@ class LiveFlight(Generic[T]):
     def _ended(self) -> None:
         if self._done is not None:
             self._done.set()
+        if self._flights is not None:
+            self._flights.settled(self)
 
     async def wait(self, idle_timeout: float) -> bool:
         """Wait for a change; False when nothing changed for ``idle_timeout`` seconds."""
@@ -463,6 +465,8 @@ class LiveFlight(Generic[T]):
         self.source = source
         self.abandon = abandon
         self.isolated = isolated
+        if self._flights is not None:
+            self._flights.handed_over(self)
         self._notify()  # a follower waiting for the producer pulls now
 
     def close(self, *, keep_readers: bool = False) -> None:
@@ -667,6 +671,19 @@ class LiveFlight(Generic[T]):
             return
         # The last reader left before the end (or after a failure): abandon the upstream.
         self.fail(reason)
+        await self._abandon_source()
+
+    async def end_now(self, reason: str) -> None:
+        """Its cache is closing: a handed-over upstream is read no more, whoever reads it or
+        would (followers here and in other processes, a resume window) — the flight fails
+        now, for every reader, and ``abandon`` is called (it leaves the producer's
+        exchange while the backend is still open)."""
+        if self.flight.done:
+            return  # (ended, or failed: whoever ended it leaves the exchange)
+        self.fail(reason)
+        await self._abandon_source()
+
+    async def _abandon_source(self) -> None:
         abandon, self.abandon, self.source = self.abandon, None, None
         with anyio.CancelScope(shield=True):
             task = self._pull_task
@@ -759,10 +776,14 @@ class Flights:
     """The live streams of one cache, by key: the single-flight state. :meth:`claim` is the
     only way in."""
 
-    __slots__ = ("__weakref__", "_live")  # (metrics hold it weakly)
+    __slots__ = ("__weakref__", "_handed_over", "_live")  # (metrics hold it weakly)
 
     def __init__(self) -> None:
         self._live: dict[str, LiveFlight[Any]] = {}
+        # Flights whose upstream was handed over (see LiveFlight.hand_over) and that have
+        # not ended: listed or not (one whose log outgrew its bound is closed to newcomers,
+        # and read on all the same).
+        self._handed_over: set[LiveFlight[Any]] = set()
 
     def __len__(self) -> int:
         return len(self._live)
@@ -792,3 +813,17 @@ class Flights:
     def discard(self, live: LiveFlight[Any]) -> None:
         if self._live.get(live.key) is live:
             del self._live[live.key]
+
+    def handed_over(self, live: LiveFlight[Any]) -> None:
+        self._handed_over.add(live)
+
+    def settled(self, live: LiveFlight[Any]) -> None:
+        self._handed_over.discard(live)
+
+    async def end_handed_over(self, reason: str) -> None:
+        """End every flight whose upstream is read on with no producer (:meth:`LiveFlight.end_now`):
+        its integration is closing, and the upstream and backend they read and write are
+        about to close under them."""
+        for live in list(self._handed_over):
+            self._handed_over.discard(live)
+            await live.end_now(reason)

@@ -1447,3 +1447,52 @@ async def test_a_follower_of_another_process_whose_client_leaves_waits_on_for_it
     )
     assert not [n for n in notices.seen if n.kind == "bypass"]
     assert upstream.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_closing_a_transport_whose_stream_is_read_on_for_another_process_tells_it_at_once(
+    serve: Any, redis_server: Any
+) -> None:
+    # The producer's client closed its response: its transport reads the upstream on for a
+    # follower in another worker. The program then closes its client: the stream ends then,
+    # failed, its lease released and the failure published before the backend closes —
+    # the follower fails at once, visibly (it waited a lease's silence, the lease left
+    # behind, the backend closed under the exchange).
+    from sse_cache.httpx2 import AsyncCacheTransport
+
+    upstream_app = GatedUpstream(
+        responses_stream("closed while drained", text_deltas=6), hold_after=2
+    )
+    payload = {"model": "gpt-mock", "input": "closed while drained", "stream": True}
+    prefix = f"w{uuid.uuid4().hex[:8]}:"
+    url = f"{redis_server.url}?prefix={prefix}"
+    # A lease far longer than the test: only the producer's own release ends it in time.
+    lease = 60.0
+    try:
+        async with serve(upstream_app) as upstream:
+            ta = AsyncCacheTransport(url, cross_process=True, cross_process_lease=lease)
+            tb = AsyncCacheTransport(url, cross_process=True, cross_process_lease=lease)
+            ca = httpx2.AsyncClient(transport=ta, base_url=upstream, timeout=30)
+            async with httpx2.AsyncClient(transport=tb, base_url=upstream, timeout=30) as cb:
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    producer = await ca.send(_request(ca, payload), stream=True)
+                    assert producer.headers["x-sse-cache"] == "miss"
+                    async for _ in producer.aiter_raw():
+                        break  # (its client reads: its first bytes go to Redis)
+                    follower = await cb.send(_request(cb, payload), stream=True)
+                    assert follower.headers["x-sse-cache"] == "shared"
+                    followed = follower.aiter_raw()
+                    await followed.__anext__()
+                    await producer.aclose()  # the upstream is read on for the follower
+                    await ca.aclose()
+                    assert await lock_ttls(redis_server.url, prefix) == []
+                    with pytest.raises(httpx2.HTTPError):
+                        async for _ in followed:
+                            pass
+                    upstream_app.gate.set()
+                    again = await cb.post("/v1/responses", json=payload, headers=HEADERS)
+    finally:
+        upstream_app.gate.set()
+    assert again.headers["x-sse-cache"] == "miss"
+    assert again.content == upstream_app.body

@@ -228,6 +228,15 @@ class CacheService:
     def cache_for(self, adapter: StreamAdapter) -> StreamCache:
         return self._caches[id(adapter)]
 
+    async def end_handed_over(self, reason: str) -> None:
+        """End every live stream read on with no producer — its client gone, its upstream
+        read for followers here or in other processes, or for a resume window — as its
+        integration closes: it fails now for its readers (here, and elsewhere at once rather
+        than after a lease's silence), its upstream is closed and its exchange left (what
+        completed is stored, a cross-process lease released) while the backend is open."""
+        for cache in {id(cache): cache for cache in self._caches.values()}.values():
+            await cache.live.end_handed_over(reason)
+
     async def aclose(self) -> None:
         if self._owns_backend and not self._closed:
             self._closed = True
