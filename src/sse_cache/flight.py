@@ -658,6 +658,7 @@ class LiveFlight(Generic[T]):
         """A follower is done (read to the end, failed, or gone); idempotent. The last reader
         to leave a flight that is not done abandons its upstream."""
         self.flight.unfollow(cursor)
+        self._notify()  # (a producer whose own client left may wait for no reader left)
         await self._abandon_unread("every reader left before the stream ended")
 
     async def release(self) -> None:

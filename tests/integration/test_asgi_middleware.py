@@ -1860,6 +1860,28 @@ async def test_a_follower_whose_client_leaves_before_the_head_leaves_at_once(
     )
 
 
+async def test_a_follower_whose_producer_stays_silent_before_the_head_asks_for_itself() -> None:
+    # The follower watches its client while it waits for the head; its producer sends
+    # nothing for join_timeout: the follower goes round, and asks the app itself (helper-143:
+    # the watch's task group raised the silence as an ExceptionGroup, which went past the
+    # handler and failed the request).
+    app = SlowHead()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, join_timeout=0.2)
+    answers: list[Answered] = []
+
+    async def follow() -> None:
+        answers.append(await call(mw, events_scope(), body_then(b"{}")))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, mw, events_scope(), body_then(b"{}"))
+        await until_true(lambda: app.entered == 1)
+        tg.start_soon(follow)
+        await until_true(lambda: app.entered == 2)  # (it gave up waiting: its own call)
+        app.head.set()
+    [answer] = answers
+    assert (answer.headers[b"x-sse-cache"], answer.body) == (b"miss", serialize_sse(EVENTS))
+
+
 async def test_a_stream_no_one_waits_for_any_more_is_stopped_before_its_head(
     client_for: Any,
 ) -> None:

@@ -1496,3 +1496,59 @@ async def test_closing_a_transport_whose_stream_is_read_on_for_another_process_t
         upstream_app.gate.set()
     assert again.headers["x-sse-cache"] == "miss"
     assert again.content == upstream_app.body
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_follower_of_another_process_left_for_its_own_followers_leaves_after_them(
+    redis_server: Any,
+) -> None:
+    # B's first request follows A's channel; its client leaves while a second request on B
+    # follows it, so it waits on for that one. Then the second's client leaves too, still
+    # before A's head: the first gives its place and the presence back then (helper-143: it
+    # looked once, held them until the head, and had A died meanwhile it would have taken
+    # the lease over and asked the upstream for no one).
+    from asgi_calls import body_then, call
+    from sse_cache.testing import NoticeLog
+
+    upstream, notices, seen = HeadWhenTold(), NoticeLog(), FlightsSeen()
+    prefix = f"l{uuid.uuid4().hex[:8]}:"
+    backend = f"{redis_server.url}?prefix={prefix}"
+    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
+    a = CacheMiddleware(upstream, backend, **options)
+    b = CacheMiddleware(upstream, backend, hooks=[notices, seen], **options)
+    body = json.dumps({"model": "gpt-mock", "input": "leaves after", "stream": True}).encode()
+    first_left, first_read, second_left = anyio.Event(), anyio.Event(), anyio.Event()
+
+    async def leaving() -> None:
+        await first_left.wait()
+        first_read.set()
+
+    def bypasses() -> int:
+        return sum(n.kind == "bypass" and n.detail == LEFT_WAITING for n in notices.seen)
+
+    try:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, a, _responses_scope(), body_then(body))
+                while not upstream.calls:  # noqa: ASYNC110 - A leads, its upstream thinks
+                    await anyio.sleep(0.01)
+                tg.start_soon(call, b, _responses_scope(), body_then(body, leaving))
+                while not await _presences(redis_server.url, prefix):  # noqa: ASYNC110 - B reads
+                    await anyio.sleep(0.01)
+                tg.start_soon(call, b, _responses_scope(), body_then(body, second_left.wait))
+                while seen.followers() < 1:  # noqa: ASYNC110 - B's second request follows
+                    await anyio.sleep(0.01)
+                first_left.set()
+                await first_read.wait()
+                await anyio.wait_all_tasks_blocked()  # (the first waits on for the second)
+                assert bypasses() == 0 and await _presences(redis_server.url, prefix)
+                second_left.set()
+                while bypasses() < 2:  # noqa: ASYNC110 - both give their places back
+                    await anyio.sleep(0.01)
+                assert await _presences(redis_server.url, prefix) == []
+                upstream.head.set()
+    finally:
+        await a.aclose()
+        await b.aclose()
+    assert upstream.calls == 1

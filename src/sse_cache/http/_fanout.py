@@ -330,13 +330,13 @@ async def _open_channel(
     presence: _Presence,
     *,
     gone: ClientGone | None = None,
-    stays: Callable[[], bool] | None = None,
+    others: Callable[[], Awaitable[object]] | None = None,
 ) -> tuple[Head, bytes, AsyncIterator[bytes]] | None:
     """Start reading another process's live stream from ``channel``: its head, its first body
     bytes (``b""``: the body ended empty) and the reader, positioned after them. None when
     it cannot be followed: the producer failed before it answered, went silent (killed?)
     or too slow, or Redis failed. Its client's leaving meanwhile (``gone``) raises
-    :class:`FollowerLeft`, unless ``stays()`` (see :func:`unless_gone`).
+    :class:`FollowerLeft`, once ``others()`` returned (see :func:`unless_gone`).
 
     A live producer sends heartbeats while its upstream thinks; one that sends nothing else
     for ``join_timeout`` is given up on like a silent local one. Nothing is sent to the
@@ -372,7 +372,7 @@ async def _open_channel(
 
     opened = False
     try:
-        await unless_gone(opening, gone, f"{channel}'s head", stays=stays)
+        await unless_gone(opening, gone, f"{channel}'s head", others=others)
         opened = head is not None and first is not None
     except FollowerLeft:
         raise
@@ -507,10 +507,17 @@ async def lead_or_follow(
     (:class:`TimedFanout`).
 
     Its client's leaving while it waits for the other process's head (``gone``) raises
-    :class:`FollowerLeft` — unless readers here follow ``live`` by then: it waits on for
-    them."""
+    :class:`FollowerLeft` once no reader here follows ``live`` (until then it waits on for
+    them)."""
     fanout = TimedFanout(backend, hooks)
     lock = _CHANNEL + key
+
+    async def unfollowed() -> None:
+        # (Looked at again as each reader leaves: helper-143 found it looked once, and a
+        # request whose own readers all left after it held its place until the head.)
+        while live.followers:
+            await live.wait(math.inf)
+
     for _attempt in range(3):
         token = new_lease_token()
         try:
@@ -533,7 +540,7 @@ async def lead_or_follow(
             cache,
             presence,
             gone=gone,
-            stays=lambda: bool(live.followers),
+            others=unfollowed,
         )
         if opened is None:
             continue

@@ -24,11 +24,12 @@ async def unless_gone(
     gone: ClientGone | None,
     what: str,
     *,
-    stays: Callable[[], bool] | None = None,
+    others: Callable[[], Awaitable[object]] | None = None,
 ) -> T:
     """``await wait()``, while the client is watched (``gone``, if it can be): its leaving
-    first cancels the wait and raises :class:`FollowerLeft` naming ``what`` — unless
-    ``stays()`` then says the wait goes on for others (it is not watched further).
+    first cancels the wait and raises :class:`FollowerLeft` naming ``what`` — once
+    ``others()`` has returned, if given: it returns when no one else waits on this wait
+    (until then it goes on for them). What ``wait()`` raises is raised as it is.
 
     A follower whose client left before the head held its place until it came, kept a
     producer whose own client had left running for no one, and after ``join_timeout`` asked
@@ -37,18 +38,29 @@ async def unless_gone(
     if gone is None:
         return await wait()
     left = False
+    failure: Exception | None = None
     async with anyio.create_task_group() as tg:
 
         async def watch() -> None:
             nonlocal left
             await gone()
-            if stays is None or not stays():
-                left = True
-                tg.cancel_scope.cancel()
+            if others is not None:
+                await others()
+            left = True
+            tg.cancel_scope.cancel()
 
         tg.start_soon(watch)
-        result = await wait()
+        try:
+            result = await wait()
+        except Exception as exc:
+            # Raised after the group, as it is: from inside, the task group would raise it
+            # in an ExceptionGroup, which the caller's handlers do not catch (helper-143: a
+            # follower whose producer stayed silent past join_timeout failed its request
+            # instead of going round).
+            failure = exc
         tg.cancel_scope.cancel()
     if left:
         raise FollowerLeft(f"the client left while it waited for {what}")
+    if failure is not None:
+        raise failure
     return result
