@@ -235,6 +235,14 @@ class _SyncOpen:
         with anyio.CancelScope(shield=True):
             await left.wait()
 
+    def wait_left(self) -> None:
+        """Wait until the exchange was left, by whichever thread leaves it (a closing
+        transport waits for a drain thread's leaving: the backend closes after it)."""
+        held = self._held
+        if held is not None:
+            with suppress(Exception):  # (its failure is the leaver's)
+                held.result()
+
     def leave(self, exc: BaseException | None = None) -> None:
         if not self._leaves():
             return
@@ -542,18 +550,31 @@ class _SyncTeeBody:
             self._inner.close()  # no client will close this response
 
     def settle(self) -> None:
-        """The transport closes while this drain reads the upstream on: if no one reads it
-        any more, judge what was relayed now (stored, as the exchange is left, if it holds
-        the completing event) and leave, before the backend closes. (The drain thread
-        finds the exchange left at its next step.)"""
+        """The transport closes while this drain reads the upstream on: the stream ends now
+        and its exchange is left before the backend closes — what was relayed judged (stored
+        if it holds the completing event) when no one reads it any more, else failed for its
+        readers, here and in other processes (told at once, its lease released, rather than
+        after a lease's silence). A leaving under way in the drain thread (the answer
+        stored, say) is waited for. (The drain thread finds the exchange left at its next
+        step.)"""
         opened = self._opened
-        try:
-            if not opened.open or opened.call(lambda: self._tee.wanted):
-                return  # still read (it is abandoned with the transport)
-            opened.call(self._stop_unread)
-        except _TransportClosed:
+        if opened.open:
+            try:
+                opened.call(self._end_for_closing)
+            except _TransportClosed:
+                return
+            opened.leave()
+        opened.wait_left()
+
+    def _end_for_closing(self) -> None:
+        # (The portal's: see settle.)
+        tee = self._tee
+        if tee.ended:
             return
-        opened.leave()
+        if tee.wanted:
+            tee.fail("the transport was closed")
+        else:
+            self._stop_unread()
 
     def _abandon(self) -> None:
         try:

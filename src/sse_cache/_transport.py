@@ -607,7 +607,9 @@ class CacheTransportBase(_Options):
         the portal thread. Responses still open are abandoned (nothing of them is stored),
         except a stream every client of which has left while its upstream was read on for
         them: it is stored if what they had holds the answer's completing event (each client
-        stopped at chat's [DONE], as the SDKs do, and the program closes at once).
+        stopped at chat's [DONE], as the SDKs do, and the program closes at once); one still
+        read on for followers (here, or in other processes with ``cross_process``) fails
+        first, so that they are told at once and its lease is released.
         The transport cannot be used afterwards. A transport never closed does not keep the
         program from exiting: its portal runs in a daemon thread."""
         with self._closing_lock:

@@ -1260,13 +1260,10 @@ def test_sync_followers_read_on_when_the_producer_is_interrupted_as_its_head_is_
                 for thread in followers:
                     thread.join(DEADLOCK_GUARD)
                     assert not thread.is_alive(), "a follower never ended"
-                # The thread that read the upstream on for them leaves the exchange (the
-                # answer stored, the lease ended) before the client closes the transport. (A
-                # transport closed while one leaves stops its portal under it: a Redis
-                # connection is left unclosed.)
-                for thread in threading.enumerate():
-                    if thread.name == "sse-cache-drain":
-                        thread.join(DEADLOCK_GUARD)
+                # The thread that read the upstream on for them may still be leaving the
+                # exchange (the answer stored, the lease ended) as the client closes the
+                # transport: the close waits for it (it stopped the portal under it, and a
+                # Redis connection was left unclosed).
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert followed == [("shared", serialize_sse(upstream_app.events))] * 3
@@ -1552,3 +1549,55 @@ async def test_a_follower_of_another_process_left_for_its_own_followers_leaves_a
         await a.aclose()
         await b.aclose()
     assert upstream.calls == 1
+
+
+def test_closing_a_sync_transport_whose_stream_is_read_on_for_another_process_tells_it_at_once(
+    redis_server: Any,
+) -> None:
+    # The sync twin of the async test above: the producer's client closed its response, a
+    # drain thread reads the upstream on for a follower of another transport (a worker);
+    # closing the producer's client fails the stream first, while the backend is open —
+    # the failure published and the lease released (the follower waited a lease's silence,
+    # the lease left behind).
+    import anyio.from_thread
+    import redis
+
+    from sse_cache._uvicorn import serve as serve_app
+    from sse_cache.httpx2 import CacheTransport
+
+    upstream_app = GatedUpstream(responses_stream("sync drained", text_deltas=6), hold_after=2)
+    payload = {"model": "gpt-mock", "input": "sync drained", "stream": True}
+    prefix = f"s{uuid.uuid4().hex[:8]}:"
+    url = f"{redis_server.url}?prefix={prefix}"
+    lease = 60.0  # far longer than the test: only the producer's own release ends it in time
+    store = redis.Redis.from_url(redis_server.url)
+    try:
+        with (
+            anyio.from_thread.start_blocking_portal() as portal,
+            portal.wrap_async_context_manager(serve_app(upstream_app)) as upstream,
+        ):
+            options: dict[str, Any] = {"base_url": upstream, "headers": HEADERS, "timeout": 30}
+            ta = CacheTransport(url, cross_process=True, cross_process_lease=lease)
+            tb = CacheTransport(url, cross_process=True, cross_process_lease=lease)
+            ca = httpx2.Client(transport=ta, **options)
+            with httpx2.Client(transport=tb, **options) as cb:
+                request = ca.build_request("POST", "/v1/responses", json=payload)
+                producer = ca.send(request, stream=True)
+                assert producer.headers["x-sse-cache"] == "miss"
+                next(producer.iter_raw())  # (its client reads: its first bytes go to Redis)
+                with cb.stream("POST", "/v1/responses", json=payload) as follower:
+                    assert follower.headers["x-sse-cache"] == "shared"
+                    followed = follower.iter_raw()
+                    next(followed)
+                    producer.close()  # a thread reads the upstream on for the follower
+                    ca.close()
+                    assert list(store.scan_iter(match=f"{prefix}l:sf:*")) == []
+                    with pytest.raises(httpx2.HTTPError):
+                        for _ in followed:
+                            pass
+                portal.call(upstream_app.gate.set)
+                again = cb.post("/v1/responses", json=payload)
+    finally:
+        store.close()
+    assert again.headers["x-sse-cache"] == "miss"
+    assert again.content == upstream_app.body
