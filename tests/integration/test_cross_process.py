@@ -1327,16 +1327,68 @@ def _responses_scope() -> dict[str, Any]:
     }
 
 
-async def _presences(redis_url: str, prefix: str) -> list[bytes]:
-    """The presence locks held in Redis under ``prefix``: one per channel read elsewhere."""
-    client = aioredis.from_url(redis_url)
-    try:
-        return list(await client.keys(f"{prefix}*sfr:*"))
-    finally:
-        await client.aclose()
-
-
 LEFT_WAITING = "the client left while it waited for the head of the live stream it follows"
+
+
+class MiddlewarePair:
+    """Two middlewares (two workers' apps) with cross-process single-flight on one Redis (a
+    fresh prefix) in front of one upstream whose head waits (:class:`HeadWhenTold`), called in
+    process: A leads a request, B's identical requests follow it over Redis. B's notices
+    and live streams are seen (:attr:`notices`, :attr:`seen`)."""
+
+    def __init__(self, redis_url: str, text: str) -> None:
+        from sse_cache.testing import NoticeLog
+
+        self.upstream, self.notices, self.seen = HeadWhenTold(), NoticeLog(), FlightsSeen()
+        self.redis_url, self.prefix = redis_url, f"l{uuid.uuid4().hex[:8]}:"
+        backend = f"{redis_url}?prefix={self.prefix}"
+        options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
+        self.a = CacheMiddleware(self.upstream, backend, **options)
+        self.b = CacheMiddleware(self.upstream, backend, hooks=[self.notices, self.seen], **options)
+        self.body = json.dumps({"model": "gpt-mock", "input": text, "stream": True}).encode()
+
+    async def ask(self, app: Any, answers: list[Any], until: Any = anyio.sleep_forever) -> None:
+        """One request to ``app``, its answer appended to ``answers``; its client leaves once
+        ``until`` returns."""
+        from asgi_calls import body_then, call
+
+        answers.append(await call(app, _responses_scope(), body_then(self.body, until)))
+
+    async def lead(self, tg: anyio.abc.TaskGroup, answers: list[Any]) -> None:
+        """A's request, started: returns once A has asked its upstream (its head waits)."""
+        tg.start_soon(self.ask, self.a, answers)
+        while not self.upstream.calls:  # noqa: ASYNC110 - the upstream's count
+            await anyio.sleep(0.01)
+
+    async def follow(self, tg: anyio.abc.TaskGroup, answers: list[Any], until: Any) -> None:
+        """B's first request, started: returns once it reads A's channel."""
+        tg.start_soon(self.ask, self.b, answers, until)
+        while not await self.presences():  # noqa: ASYNC110 - Redis's keys
+            await anyio.sleep(0.01)
+
+    async def presences(self) -> list[bytes]:
+        """The presence locks held in Redis: one per channel read elsewhere."""
+        client = aioredis.from_url(self.redis_url)
+        try:
+            return list(await client.keys(f"{self.prefix}*sfr:*"))
+        finally:
+            await client.aclose()
+
+    def left_waiting(self) -> int:
+        """B's requests whose clients left while they waited for the head."""
+        return sum(n.kind == "bypass" and n.detail == LEFT_WAITING for n in self.notices.seen)
+
+    async def aclose(self) -> None:
+        await self.a.aclose()
+        await self.b.aclose()
+
+
+def _leaving(left: anyio.Event, read: anyio.Event) -> Any:
+    async def until() -> None:
+        await left.wait()
+        read.set()
+
+    return until
 
 
 @pytest.mark.anyio
@@ -1346,48 +1398,28 @@ async def test_a_follower_in_another_process_whose_client_leaves_before_the_head
 ) -> None:
     # Two middlewares (two workers) on one Redis: A leads, B's request follows A's channel
     # and waits for its head. B's client leaves: B gives its place back then, presence
-    # included (A's keeper counts B's presence as someone reading), not once the head comes
-    # (it held it until then, and after join_timeout went on for a client long gone, as the
-    # local followers did before helper-138's fix). A's stream goes on for its own client.
-    from asgi_calls import Answered, body_then, call
-    from sse_cache.testing import NoticeLog
-
-    upstream, notices = HeadWhenTold(), NoticeLog()
-    prefix = f"l{uuid.uuid4().hex[:8]}:"
-    backend = f"{redis_server.url}?prefix={prefix}"
-    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
-    a = CacheMiddleware(upstream, backend, **options)
-    b = CacheMiddleware(upstream, backend, hooks=[notices], **options)
-    body = json.dumps({"model": "gpt-mock", "input": "left waiting", "stream": True}).encode()
-    left = anyio.Event()
-    produced: list[Answered] = []
-
-    async def produce() -> None:
-        produced.append(await call(a, _responses_scope(), body_then(body)))
-
+    # included, not once the head comes (it held it until then, and after join_timeout went
+    # on for a client long gone, as the local followers did before helper-138's fix). A's
+    # stream goes on for its own client.
+    pair = MiddlewarePair(redis_server.url, "left waiting")
+    left, read = anyio.Event(), anyio.Event()
+    produced: list[Any] = []
     try:
         with anyio.fail_after(DEADLOCK_GUARD):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(produce)
-                while not upstream.calls:  # noqa: ASYNC110 - A leads, its upstream thinks
-                    await anyio.sleep(0.01)
-                tg.start_soon(call, b, _responses_scope(), body_then(body, left.wait))
-                while not await _presences(redis_server.url, prefix):  # noqa: ASYNC110 - B reads
-                    await anyio.sleep(0.01)
+                await pair.lead(tg, produced)
+                await pair.follow(tg, [], _leaving(left, read))
                 left.set()
-                notice = await notices.wait("bypass")
-                assert notice.detail == LEFT_WAITING
-                assert await _presences(redis_server.url, prefix) == []  # (given back)
-                upstream.head.set()
+                await pair.notices.wait("bypass")
+                assert pair.left_waiting() == 1
+                assert await pair.presences() == []  # (given back)
+                pair.upstream.head.set()
     finally:
-        await a.aclose()
-        await b.aclose()
+        await pair.aclose()
     [answer] = produced
-    assert (answer.headers[b"x-sse-cache"], answer.body) == (
-        b"miss",
-        serialize_sse(upstream.events),
-    )
-    assert upstream.calls == 1
+    assert answer.headers[b"x-sse-cache"] == b"miss"
+    assert answer.body == serialize_sse(pair.upstream.events)
+    assert pair.upstream.calls == 1
 
 
 @pytest.mark.anyio
@@ -1399,51 +1431,61 @@ async def test_a_follower_of_another_process_whose_client_leaves_waits_on_for_it
     # follows it there. The first's client leaves before the head: the wait goes on for the
     # second, which gets all of the stream (not a failure before the head, and a second
     # reading of A's channel).
-    from asgi_calls import Answered, body_then, call
-    from sse_cache.testing import NoticeLog
-
-    upstream, notices, seen = HeadWhenTold(), NoticeLog(), FlightsSeen()
-    prefix = f"l{uuid.uuid4().hex[:8]}:"
-    backend = f"{redis_server.url}?prefix={prefix}"
-    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
-    a = CacheMiddleware(upstream, backend, **options)
-    b = CacheMiddleware(upstream, backend, hooks=[notices, seen], **options)
-    body = json.dumps({"model": "gpt-mock", "input": "waits on", "stream": True}).encode()
+    pair = MiddlewarePair(redis_server.url, "waits on")
     left, read = anyio.Event(), anyio.Event()
-    followed: list[Answered] = []
-
-    async def leaving() -> None:
-        await left.wait()
-        read.set()
-
-    async def follow() -> None:
-        followed.append(await call(b, _responses_scope(), body_then(body)))
-
+    followed: list[Any] = []
     try:
         with anyio.fail_after(DEADLOCK_GUARD):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(call, a, _responses_scope(), body_then(body))
-                while not upstream.calls:  # noqa: ASYNC110 - A leads, its upstream thinks
-                    await anyio.sleep(0.01)
-                tg.start_soon(call, b, _responses_scope(), body_then(body, leaving))
-                while not await _presences(redis_server.url, prefix):  # noqa: ASYNC110 - B reads
-                    await anyio.sleep(0.01)
-                tg.start_soon(follow)
-                while seen.followers() < 1:  # noqa: ASYNC110 - B's second request follows
+                await pair.lead(tg, [])
+                await pair.follow(tg, [], _leaving(left, read))
+                tg.start_soon(pair.ask, pair.b, followed)
+                while pair.seen.followers() < 1:  # noqa: ASYNC110 - B's second request
                     await anyio.sleep(0.01)
                 left.set()
                 await read.wait()
-                upstream.head.set()
+                pair.upstream.head.set()
     finally:
-        await a.aclose()
-        await b.aclose()
+        await pair.aclose()
     [answer] = followed
-    assert (answer.headers[b"x-sse-cache"], answer.body) == (
-        b"shared",
-        serialize_sse(upstream.events),
-    )
-    assert not [n for n in notices.seen if n.kind == "bypass"]
-    assert upstream.calls == 1
+    assert answer.headers[b"x-sse-cache"] == b"shared"
+    assert answer.body == serialize_sse(pair.upstream.events)
+    assert pair.left_waiting() == 0
+    assert pair.upstream.calls == 1
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_follower_of_another_process_left_for_its_own_followers_leaves_after_them(
+    redis_server: Any,
+) -> None:
+    # B's first request follows A's channel; its client leaves while a second request on B
+    # follows it, so it waits on for that one. Then the second's client leaves too, still
+    # before A's head: the first gives its place and the presence back then (helper-143: it
+    # looked once, held them until the head, and had A died meanwhile it would have taken
+    # the lease over and asked the upstream for no one).
+    pair = MiddlewarePair(redis_server.url, "leaves after")
+    first_left, first_read, second_left = anyio.Event(), anyio.Event(), anyio.Event()
+    try:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with anyio.create_task_group() as tg:
+                await pair.lead(tg, [])
+                await pair.follow(tg, [], _leaving(first_left, first_read))
+                tg.start_soon(pair.ask, pair.b, [], second_left.wait)
+                while pair.seen.followers() < 1:  # noqa: ASYNC110 - B's second request
+                    await anyio.sleep(0.01)
+                first_left.set()
+                await first_read.wait()
+                await anyio.wait_all_tasks_blocked()  # (the first waits on for the second)
+                assert pair.left_waiting() == 0 and await pair.presences()
+                second_left.set()
+                while pair.left_waiting() < 2:  # noqa: ASYNC110 - both give their places back
+                    await anyio.sleep(0.01)
+                assert await pair.presences() == []
+                pair.upstream.head.set()
+    finally:
+        await pair.aclose()
+    assert pair.upstream.calls == 1
 
 
 @pytest.mark.anyio
@@ -1493,62 +1535,6 @@ async def test_closing_a_transport_whose_stream_is_read_on_for_another_process_t
         upstream_app.gate.set()
     assert again.headers["x-sse-cache"] == "miss"
     assert again.content == upstream_app.body
-
-
-@pytest.mark.anyio
-@asyncio_only
-async def test_a_follower_of_another_process_left_for_its_own_followers_leaves_after_them(
-    redis_server: Any,
-) -> None:
-    # B's first request follows A's channel; its client leaves while a second request on B
-    # follows it, so it waits on for that one. Then the second's client leaves too, still
-    # before A's head: the first gives its place and the presence back then (helper-143: it
-    # looked once, held them until the head, and had A died meanwhile it would have taken
-    # the lease over and asked the upstream for no one).
-    from asgi_calls import body_then, call
-    from sse_cache.testing import NoticeLog
-
-    upstream, notices, seen = HeadWhenTold(), NoticeLog(), FlightsSeen()
-    prefix = f"l{uuid.uuid4().hex[:8]}:"
-    backend = f"{redis_server.url}?prefix={prefix}"
-    options: dict[str, Any] = {"cross_process": True, "cross_process_lease": LEASE}
-    a = CacheMiddleware(upstream, backend, **options)
-    b = CacheMiddleware(upstream, backend, hooks=[notices, seen], **options)
-    body = json.dumps({"model": "gpt-mock", "input": "leaves after", "stream": True}).encode()
-    first_left, first_read, second_left = anyio.Event(), anyio.Event(), anyio.Event()
-
-    async def leaving() -> None:
-        await first_left.wait()
-        first_read.set()
-
-    def bypasses() -> int:
-        return sum(n.kind == "bypass" and n.detail == LEFT_WAITING for n in notices.seen)
-
-    try:
-        with anyio.fail_after(DEADLOCK_GUARD):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call, a, _responses_scope(), body_then(body))
-                while not upstream.calls:  # noqa: ASYNC110 - A leads, its upstream thinks
-                    await anyio.sleep(0.01)
-                tg.start_soon(call, b, _responses_scope(), body_then(body, leaving))
-                while not await _presences(redis_server.url, prefix):  # noqa: ASYNC110 - B reads
-                    await anyio.sleep(0.01)
-                tg.start_soon(call, b, _responses_scope(), body_then(body, second_left.wait))
-                while seen.followers() < 1:  # noqa: ASYNC110 - B's second request follows
-                    await anyio.sleep(0.01)
-                first_left.set()
-                await first_read.wait()
-                await anyio.wait_all_tasks_blocked()  # (the first waits on for the second)
-                assert bypasses() == 0 and await _presences(redis_server.url, prefix)
-                second_left.set()
-                while bypasses() < 2:  # noqa: ASYNC110 - both give their places back
-                    await anyio.sleep(0.01)
-                assert await _presences(redis_server.url, prefix) == []
-                upstream.head.set()
-    finally:
-        await a.aclose()
-        await b.aclose()
-    assert upstream.calls == 1
 
 
 def test_closing_a_sync_transport_whose_stream_is_read_on_for_another_process_tells_it_at_once(
