@@ -1257,6 +1257,65 @@ async def test_workers_refuse_new_connections_at_once_after_sigterm(
 
 @pytest.mark.anyio
 @asyncio_only
+async def test_workers_told_to_exit_during_a_restart_stop_accepting_at_once(
+    serve: Any, tmp_path: Path
+) -> None:
+    # SIGHUP replaces the workers one at a time, each old one draining its streams first
+    # (up to the grace period). uvicorn's supervisor only queued a SIGTERM meanwhile: new
+    # connections were served until the whole restart was over, and the exit came
+    # ~(busy workers + 1) x the grace later (helper-142). Told during the restart, every
+    # worker stops accepting at once; the stream in flight still drains to its end.
+    gated = GatedUpstream(responses_stream("restarting", text_deltas=3), hold_after=1)
+    async with (
+        serve(gated) as upstream,
+        proxy_process(
+            tmp_path,
+            "--workers",
+            "2",
+            "--upstream",
+            upstream,
+            "--backend",
+            f"sqlite:///{tmp_path / 'cache.db'}",
+            "--graceful-timeout",
+            "600",
+        ) as p,  # fmt: skip
+        httpx2.AsyncClient(base_url=p.url, timeout=60) as client,
+    ):
+        ready = "Application startup complete"
+        lines = await p.until(lambda lines: len(worker_pids(lines, ready)) == 2, "two workers")
+        old = worker_pids(lines, ready)
+        body = {"model": "gpt-mock", "input": "a stream across a restart", "stream": True}
+        request = client.build_request("POST", "/v1/responses", json=body, headers=HEADERS)
+        async with _opened(client, request) as stream:
+            assert stream.status_code == 200
+            p.proc.send_signal(signal.SIGHUP)
+
+            # The restart waits for the old worker that holds the stream: a new worker is
+            # in, and that old one was told to stop (it drains its stream first).
+            def waiting(lines: list[str]) -> bool:
+                new = worker_pids(lines, ready) - old
+                draining = old - worker_pids(lines, "Finished server process")
+                return bool(new) and bool(draining & worker_pids(lines, "Shutting down"))
+
+            await p.until(waiting, "the restart waiting for the stream's worker")
+            p.proc.send_signal(signal.SIGTERM)
+            port = int(p.url.rsplit(":", 1)[1])
+            with anyio.fail_after(60):  # (the grace is 600 s)
+                while True:
+                    try:
+                        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                    except ConnectionRefusedError:
+                        break
+                    await anyio.sleep(0.05)  # polling the port: nothing to wait on
+            gated.gate.set()
+            assert await stream.aread() == gated.body
+        with anyio.fail_after(60):
+            await anyio.to_thread.run_sync(p.proc.wait, abandon_on_cancel=True)
+    assert not any("Traceback" in line for line in p.lines())
+
+
+@pytest.mark.anyio
+@asyncio_only
 async def test_workers_exit_when_more_workers_are_asked_for_after_sigterm(
     tmp_path: Path,
 ) -> None:

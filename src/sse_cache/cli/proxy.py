@@ -14,6 +14,7 @@ back into ``SSE_CACHE_*`` variables, which the workers inherit.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -380,10 +381,68 @@ def serve_workers(config: Any) -> None:
     the last stream ended, then are reset. One process refuses them at once, and so does
     this supervisor: it closes its copy on ``SIGTERM``/``SIGINT`` (a balancer sees the
     refusal and retries elsewhere). ``SIGHUP`` (a restart) keeps it: the new workers
-    inherit it."""
-    from uvicorn.supervisors.multiprocess import Multiprocess
+    inherit it.
+
+    A restart replaces the workers one at a time, waiting for each old one to drain its
+    streams (up to the grace period) while uvicorn's supervisor only queues signals: a
+    ``SIGTERM`` or ``SIGINT`` then went unheard until the whole restart was over — new
+    connections served meanwhile, the exit ~(busy workers + 1) x the grace later, past a
+    container's kill deadline (helper-142). Told to exit during a restart, this one stops
+    accepting and tells every worker to stop at once (the one already draining is left to
+    its grace: a second signal would not shorten it), from the signal handler."""
+    from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
     class Supervisor(Multiprocess):
+        def __init__(self, config: Any, sockets: list[Any]) -> None:
+            super().__init__(config, sockets)
+            self._restarting = False
+            self._starting: Process | None = None  # a restart's new worker, not yet swapped in
+            self._retiring: Process | None = None  # the old worker it waits for
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, self._told_to_exit)
+
+        def _told_to_exit(self, sig: int, frame: Any) -> None:
+            self.signal_queue.append(sig)  # (handled as uvicorn's handler would have it)
+            if not self._restarting:
+                return
+            self.should_exit.set()  # (restart_all starts no other worker)
+            self.stop_accepting()
+            for process in (*self.processes, self._starting):
+                if process is None or process is self._retiring or process.pid is None:
+                    continue
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+
+        def restart_all(self) -> None:
+            # uvicorn's (0.51-0.55), with the workers it waits for in sight of the handler.
+            self._restarting = True
+            try:
+                for idx, old_process in enumerate(self.processes):
+                    if self.should_exit.is_set():
+                        return
+                    new_process = self._starting = Process(self.config, self.sockets)
+                    new_process.start()
+                    timeout = self.config.timeout_worker_healthcheck
+                    if not new_process.wait_until_ready(timeout, self.should_exit):
+                        new_process.kill()
+                        new_process.join()
+                        if not self.should_exit.is_set():
+                            logging.getLogger("uvicorn.error").error(
+                                "New child process [%s] was not ready in time; keeping worker "
+                                "[%s] and aborting the restart.",
+                                new_process.pid,
+                                old_process.pid,
+                            )
+                        return
+                    self._retiring = old_process
+                    old_process.terminate()
+                    old_process.join()
+                    self.processes[idx] = new_process
+                    self._starting = self._retiring = None
+            finally:
+                self._restarting = False
+                self._starting = self._retiring = None
+
         def handle_int(self) -> None:
             self.stop_accepting()
             super().handle_int()
