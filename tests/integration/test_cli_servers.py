@@ -3,6 +3,7 @@ proxy`` as real processes on loopback, then raw HTTP through them."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -247,6 +248,22 @@ def test_the_proxy_access_log_never_prints_a_credential_in_a_query() -> None:
     assert RedactQueryKey().filter(record)
     assert "AIza-secret" not in record.getMessage() and "key=***&alt=sse" in record.getMessage()
     assert scope["query_string"] == b"key=AIza-secret&alt=sse"  # (the request's own is intact)
+
+
+def test_a_shutdown_that_cut_nothing_logs_no_error() -> None:
+    # uvicorn's graceful shutdown logs "Cancel N running task(s)" as an error when its
+    # deadline passes, also with N = 0: the last stream ended as it came (it looks every
+    # 0.1 s), nothing was cut, and an alert on error lines fired (helper-142).
+    from sse_cache._logging import CutAtShutdown
+
+    def record(cancelled: int) -> logging.LogRecord:
+        text = "Cancel %s running task(s), timeout graceful shutdown exceeded"
+        return logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, text, (cancelled,), None)
+
+    quiet, cut = record(0), record(2)
+    assert CutAtShutdown().filter(quiet) and CutAtShutdown().filter(cut)
+    assert quiet.levelname == "INFO" and "nothing to cut" in quiet.getMessage()
+    assert cut.levelname == "ERROR" and cut.getMessage().startswith("Cancel 2 running task(s)")
 
 
 def test_inspecting_what_a_cross_process_proxy_stored(
