@@ -213,7 +213,11 @@ class CutAtShutdown(logging.Filter):
             record.msg = "sse_cache: the graceful shutdown's deadline passed: nothing to cut"
             record.args = ()
             record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
+        else:
+            return True
+        # (A handler's filter runs after its logger's level check: a line made less severe
+        # is dropped here when its logger would not have written it; helper-144.)
+        return record.levelno >= logging.getLogger(record.name).getEffectiveLevel()
 
 
 #: uvicorn's line as its graceful shutdown's deadline passes (0.51-0.55).

@@ -329,6 +329,9 @@ class AsyncCacheTransportBase(_Options):
     as in the middleware; past that, as without a window.
     """
 
+    #: Set while :meth:`aclose` runs: another close waits for it.
+    _closing_now: anyio.Event | None = None
+
     def _default_transport(self) -> Any:
         return self._lib.AsyncHTTPTransport()
 
@@ -405,14 +408,30 @@ class AsyncCacheTransportBase(_Options):
         A stream whose client has gone while it is read on for others (followers, in other
         processes too, or a resume window) ends first, failed for its readers (stored if
         what was relayed holds the completing event), while its upstream and backend are
-        open: followers elsewhere are told at once, not after a lease's silence."""
+        open: followers elsewhere are told at once, not after a lease's silence. A close
+        called while another is under way (from another task) waits for that one."""
+        closing = self._closing_now
+        if closing is not None:
+            # (helper-144: a second close found the streams taken by the first, and closed
+            # the backend while the first still published their failures.)
+            await closing.wait()
+            return
+        closing = self._closing_now = anyio.Event()
         try:
-            await self.service.end_handed_over("the transport was closed")
+            # Shielded: cancelled midway, the streams not ended yet would have the backend
+            # closed under them all the same (each one's end is bounded by the backend's
+            # timeouts).
+            with anyio.CancelScope(shield=True):
+                await self.service.end_handed_over("the transport was closed")
             await self.transport.aclose()
         finally:
-            if self._backend_url is not None:
-                self._refused = _CLOSED_WITH_ITS_BACKEND
-            await self.service.aclose()
+            try:
+                if self._backend_url is not None:
+                    self._refused = _CLOSED_WITH_ITS_BACKEND
+                await self.service.aclose()
+            finally:
+                self._closing_now = None
+                closing.set()
 
 
 class CacheTransportBase(_Options):

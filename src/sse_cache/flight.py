@@ -590,7 +590,17 @@ class LiveFlight(Generic[T]):
             task = asyncio.get_running_loop().create_task(self._pull_apart(source, bound))
             self._pull_task = task
             task.add_done_callback(_retrieved)
-            await asyncio.shield(task)  # (cancelled, the reader leaves; the pull goes on)
+            try:
+                await asyncio.shield(task)  # (cancelled, the reader leaves; the pull goes on)
+            except asyncio.CancelledError:
+                # The pull itself was stopped (its flight ended at once: end_now), not this
+                # reader, which sees the flight's failure rather than a cancellation no one
+                # asked of it (helper-144: a follower's SDK call raised CancelledError, and
+                # an asyncio.TaskGroup around it ended quietly on part of the answer).
+                reader = asyncio.current_task()
+                if task.cancelled() and reader is not None and not reader.cancelling():
+                    return
+                raise
             return
         # Shared too when the stream is read on for readers elsewhere (other processes) or
         # held for a client that may come back: a lone reader cancelled midway must not end

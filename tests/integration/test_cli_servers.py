@@ -261,9 +261,18 @@ def test_a_shutdown_that_cut_nothing_logs_no_error() -> None:
         return logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, text, (cancelled,), None)
 
     quiet, cut = record(0), record(2)
-    assert CutAtShutdown().filter(quiet) and CutAtShutdown().filter(cut)
-    assert quiet.levelname == "INFO" and "nothing to cut" in quiet.getMessage()
-    assert cut.levelname == "ERROR" and cut.getMessage().startswith("Cancel 2 running task(s)")
+    uvicorn_error = logging.getLogger("uvicorn.error")
+    level = uvicorn_error.level
+    try:
+        uvicorn_error.setLevel(logging.INFO)
+        assert CutAtShutdown().filter(quiet) and CutAtShutdown().filter(cut)
+        assert quiet.levelname == "INFO" and "nothing to cut" in quiet.getMessage()
+        assert cut.levelname == "ERROR"
+        assert cut.getMessage().startswith("Cancel 2 running task(s)")
+        uvicorn_error.setLevel(logging.ERROR)  # (--log-level error: the info line is not written)
+        assert not CutAtShutdown().filter(record(0)) and CutAtShutdown().filter(record(2))
+    finally:
+        uvicorn_error.setLevel(level)
 
 
 def test_inspecting_what_a_cross_process_proxy_stored(

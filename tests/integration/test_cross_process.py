@@ -1490,14 +1490,17 @@ async def test_a_follower_of_another_process_left_for_its_own_followers_leaves_a
 
 @pytest.mark.anyio
 @asyncio_only
+@pytest.mark.parametrize("closes", [1, 2])
 async def test_closing_a_transport_whose_stream_is_read_on_for_another_process_tells_it_at_once(
-    serve: Any, redis_server: Any
+    serve: Any, redis_server: Any, closes: int
 ) -> None:
     # The producer's client closed its response: its transport reads the upstream on for a
     # follower in another worker. The program then closes its client: the stream ends then,
     # failed, its lease released and the failure published before the backend closes —
     # the follower fails at once, visibly (it waited a lease's silence, the lease left
-    # behind, the backend closed under the exchange).
+    # behind, the backend closed under the exchange). Also when the client and the
+    # transport are closed at once from two tasks (helper-144: the second closed the
+    # backend while the first still ended the stream).
     from sse_cache.httpx2 import AsyncCacheTransport
 
     upstream_app = GatedUpstream(
@@ -1524,7 +1527,10 @@ async def test_closing_a_transport_whose_stream_is_read_on_for_another_process_t
                     followed = follower.aiter_raw()
                     await followed.__anext__()
                     await producer.aclose()  # the upstream is read on for the follower
-                    await ca.aclose()
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(ca.aclose)
+                        if closes == 2:
+                            tg.start_soon(ta.aclose)
                     assert await lock_ttls(redis_server.url, prefix) == []
                     with pytest.raises(httpx2.HTTPError):
                         async for _ in followed:

@@ -1257,14 +1257,17 @@ async def test_workers_refuse_new_connections_at_once_after_sigterm(
 
 @pytest.mark.anyio
 @asyncio_only
+@pytest.mark.parametrize("when", ["during the restart", "right behind the SIGHUP"])
 async def test_workers_told_to_exit_during_a_restart_stop_accepting_at_once(
-    serve: Any, tmp_path: Path
+    serve: Any, tmp_path: Path, when: str
 ) -> None:
     # SIGHUP replaces the workers one at a time, each old one draining its streams first
     # (up to the grace period). uvicorn's supervisor only queued a SIGTERM meanwhile: new
     # connections were served until the whole restart was over, and the exit came
-    # ~(busy workers + 1) x the grace later (helper-142). Told during the restart, every
-    # worker stops accepting at once; the stream in flight still drains to its end.
+    # ~(busy workers + 1) x the grace later (helper-142). Told during the restart, or
+    # before it began (`kill -HUP; kill -TERM`: the supervisor looks at its signals every
+    # 0.5 s; helper-144), every worker stops accepting at once; the stream in flight still
+    # drains to its end.
     gated = GatedUpstream(responses_stream("restarting", text_deltas=3), hold_after=1)
     async with (
         serve(gated) as upstream,
@@ -1297,7 +1300,8 @@ async def test_workers_told_to_exit_during_a_restart_stop_accepting_at_once(
                 draining = old - worker_pids(lines, "Finished server process")
                 return bool(new) and bool(draining & worker_pids(lines, "Shutting down"))
 
-            await p.until(waiting, "the restart waiting for the stream's worker")
+            if when == "during the restart":
+                await p.until(waiting, "the restart waiting for the stream's worker")
             p.proc.send_signal(signal.SIGTERM)
             port = int(p.url.rsplit(":", 1)[1])
             with anyio.fail_after(60):  # (the grace is 600 s)
@@ -1311,6 +1315,7 @@ async def test_workers_told_to_exit_during_a_restart_stop_accepting_at_once(
             assert await stream.aread() == gated.body
         with anyio.fail_after(60):
             await anyio.to_thread.run_sync(p.proc.wait, abandon_on_cancel=True)
+    assert any("Received SIGTERM, exiting." in line for line in p.lines())
     assert not any("Traceback" in line for line in p.lines())
 
 

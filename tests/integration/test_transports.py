@@ -2391,6 +2391,43 @@ async def test_a_follower_cancelled_by_asyncio_while_it_pulls_does_not_abort_the
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("window", [None, 30])
+async def test_closing_the_transport_under_a_pulling_follower_fails_it_with_an_http_error(
+    serve: Any, anyio_backend: str, window: float | None
+) -> None:
+    # The producer's client left: its follower reads the upstream on, held at its gate, and
+    # the program closes its client. The stream ends failed (the transport's close ends what
+    # it reads on for others): the follower's read raises the library's error, never a
+    # CancelledError no one asked of it (helper-144: it did, which an asyncio.TaskGroup takes
+    # for a cancelled child, ending quietly on part of the answer).
+    import asyncio
+
+    options = {} if window is None else {"resume_window": window}
+    async with _gated_chat(serve, "sk-close-under-a-pull", **options) as (client, gated, seen):
+        producer = await client.send(
+            client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY), stream=True
+        )
+        follower = await client.send(
+            client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY), stream=True
+        )
+        assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
+            "miss",
+            "shared",
+        ]
+        reading = asyncio.ensure_future(follower.aread())
+        await gated.wait_sent(2)
+        await producer.aclose()  # the follower reads the upstream on, held at its gate
+        with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+            while not any(live.pulling for live in seen.live()):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            await client.aclose()
+            with pytest.raises(httpx2.HTTPError):
+                await reading
+        gated.gate.set()
+    assert gated.calls == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("how", ["task.cancel", "anyio"])
 async def test_a_follower_joining_a_pull_begun_alone_survives_the_puller_leaving(
     serve: Any, anyio_backend: str, how: str

@@ -403,9 +403,17 @@ def serve_workers(config: Any) -> None:
 
         def _told_to_exit(self, sig: int, frame: Any) -> None:
             self.signal_queue.append(sig)  # (handled as uvicorn's handler would have it)
-            if not self._restarting:
+            # During a restart, or with one asked for and not begun yet (the supervisor looks
+            # at its signals every 0.5 s, in order: helper-144 found `kill -HUP; kill -TERM`
+            # waited for the whole restart all the same).
+            if not self._restarting and signal.SIGHUP not in self.signal_queue:
                 return
-            self.should_exit.set()  # (restart_all starts no other worker)
+            # (Its loop ends once should_exit is set, the signal unhandled: said here. The
+            # logging lock is re-entrant: a handler that interrupted a write may write too.)
+            logging.getLogger("uvicorn.error").info(
+                "Received %s, exiting.", signal.Signals(sig).name
+            )
+            self.should_exit.set()  # (restart_all starts no other worker, nor handle_hup)
             self.stop_accepting()
             for process in (*self.processes, self._starting):
                 if process is None or process is self._retiring or process.pid is None:
