@@ -465,7 +465,7 @@ class LiveFlight(Generic[T]):
         self.source = source
         self.abandon = abandon
         self.isolated = isolated
-        if self._flights is not None:
+        if self._flights is not None and not self.flight.done:  # (listed until it ends)
             self._flights.handed_over(self)
         self._notify()  # a follower waiting for the producer pulls now
 
