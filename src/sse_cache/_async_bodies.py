@@ -227,6 +227,9 @@ class _AsyncTeeBody:
         # its end waits on.
         self._client_reading = False
         self._client_read_done: anyio.Event | None = None
+        # A follower's pull is inside the upstream's iterator (on trio, in the follower's
+        # own task: asyncio pulls in a task that is stopped before the upstream is closed).
+        self._follower_reading = False
         # The client's reads begun, and whether one is under way: a follower that waited
         # for a piece finds out from them whether the client stopped reading (_stalled).
         self._reads = 0
@@ -520,8 +523,14 @@ class _AsyncTeeBody:
                 return False
             if not self._unpublished:
                 return True  # (nothing came: read on)
-        elif await self._next(pulling=True) is None:
-            return False
+        else:
+            self._follower_reading = True
+            try:
+                chunk = await self._next(pulling=True)
+            finally:
+                self._follower_reading = False
+            if chunk is None:
+                return False
         tee = self._tee
         self._unpublished = False
         await tee.flush()
@@ -534,10 +543,12 @@ class _AsyncTeeBody:
         try:
             await self._stop_reading()
             try:
-                if not self._client_reading:
+                if not (self._client_reading or self._follower_reading):
                     await close_iterator(self._it)
                 # (else another task is inside the iterator, which cannot be closed under
-                # it: closing the upstream's response ends that read with an error.)
+                # it: closing the upstream's response ends that read with an error. So it
+                # is when the transport closes under a follower's pull on trio: it raised
+                # "aclose(): asynchronous generator is already running"; helper-145.)
             finally:
                 await self._inner.aclose()
         finally:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
@@ -39,6 +40,8 @@ import msgspec
 
 from ._cancellation import on_asyncio
 from .errors import SharedStreamAborted
+
+logger = logging.getLogger("sse_cache")
 
 __all__ = [
     "DEFAULT_MAX_LOG_BYTES",
@@ -399,7 +402,7 @@ class LiveFlight(Generic[T]):
         if self._done is not None:
             self._done.set()
         if self._flights is not None:
-            self._flights.settled(self)
+            self._flights.discard_handed_over(self)
 
     async def wait(self, idle_timeout: float) -> bool:
         """Wait for a change; False when nothing changed for ``idle_timeout`` seconds."""
@@ -466,7 +469,7 @@ class LiveFlight(Generic[T]):
         self.abandon = abandon
         self.isolated = isolated
         if self._flights is not None and not self.flight.done:  # (listed until it ends)
-            self._flights.handed_over(self)
+            self._flights.add_handed_over(self)
         self._notify()  # a follower waiting for the producer pulls now
 
     def close(self, *, keep_readers: bool = False) -> None:
@@ -825,16 +828,20 @@ class Flights:
         if self._live.get(live.key) is live:
             del self._live[live.key]
 
-    def handed_over(self, live: LiveFlight[Any]) -> None:
+    def add_handed_over(self, live: LiveFlight[Any]) -> None:
         self._handed_over.add(live)
 
-    def settled(self, live: LiveFlight[Any]) -> None:
+    def discard_handed_over(self, live: LiveFlight[Any]) -> None:
         self._handed_over.discard(live)
 
     async def end_handed_over(self, reason: str) -> None:
-        """End every flight whose upstream is read on with no producer (:meth:`LiveFlight.end_now`):
-        its integration is closing, and the upstream and backend they read and write are
-        about to close under them."""
-        for live in list(self._handed_over):
-            self._handed_over.discard(live)
-            await live.end_now(reason)
+        """End every flight whose upstream is read on with no producer (:meth:`LiveFlight.end_now`),
+        also one handed over meanwhile: its integration is closing, and the upstream and
+        backend they read and write are about to close under them. One whose end fails
+        (its upstream's close, say) is logged, and the others are ended all the same."""
+        while self._handed_over:
+            live = self._handed_over.pop()
+            try:
+                await live.end_now(reason)
+            except Exception as exc:
+                logger.warning("sse_cache: ending the stream of %s failed: %r", live.key, exc)

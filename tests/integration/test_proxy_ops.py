@@ -1321,6 +1321,46 @@ async def test_workers_told_to_exit_during_a_restart_stop_accepting_at_once(
 
 @pytest.mark.anyio
 @asyncio_only
+async def test_workers_told_to_exit_as_a_restart_spawns_a_worker_are_all_stopped(
+    tmp_path: Path,
+) -> None:
+    # The exit signal comes as the restart spawns its first new worker (the handler runs in
+    # the supervisor's main thread, between any two bytecodes): closing the listening socket
+    # then failed the spawn ("bad value(s) in fds_to_keep"), which escaped the supervisor,
+    # and it exited with a traceback, its workers never joined (helper-145).
+    script = tmp_path / "proxy_signalled_as_it_spawns.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from uvicorn.supervisors import multiprocess\n"
+        "from sse_cache.cli import main\n"
+        "spawned = 0\n"
+        "start = multiprocess.Process.start\n"
+        "def signalled_start(self):\n"
+        "    global spawned\n"
+        "    spawned += 1\n"
+        "    if spawned == 3:  # the restart's first new worker\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    start(self)\n"
+        "if __name__ == '__main__':  # (the workers are spawned: they import this module)\n"
+        "    multiprocess.Process.start = signalled_start\n"
+        "    sys.exit(main(['proxy', '--port', sys.argv[1], '--workers', '2',\n"
+        "                   '--upstream', 'http://127.0.0.1:9',\n"
+        f"                   '--backend', 'sqlite:///{tmp_path / 'cache.db'}']))\n"
+    )
+    async with proxy_process(tmp_path, script=script) as p:
+        ready = "Application startup complete"
+        await p.until(lambda lines: len(worker_pids(lines, ready)) == 2, "two workers")
+        p.proc.send_signal(signal.SIGHUP)
+        with anyio.fail_after(60):
+            code = await anyio.to_thread.run_sync(p.proc.wait, abandon_on_cancel=True)
+    lines = p.lines()
+    assert code == 0, lines
+    assert not any("Traceback" in line for line in lines), lines
+    assert any("Received SIGTERM, exiting." in line for line in lines)
+
+
+@pytest.mark.anyio
+@asyncio_only
 async def test_workers_exit_when_more_workers_are_asked_for_after_sigterm(
     tmp_path: Path,
 ) -> None:

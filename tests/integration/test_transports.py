@@ -2390,41 +2390,48 @@ async def test_a_follower_cancelled_by_asyncio_while_it_pulls_does_not_abort_the
     assert gated.calls == 1
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 @pytest.mark.parametrize("window", [None, 30])
 async def test_closing_the_transport_under_a_pulling_follower_fails_it_with_an_http_error(
-    serve: Any, anyio_backend: str, window: float | None
+    anyio_backend: str, window: float | None
 ) -> None:
     # The producer's client left: its follower reads the upstream on, held at its gate, and
     # the program closes its client. The stream ends failed (the transport's close ends what
-    # it reads on for others): the follower's read raises the library's error, never a
-    # CancelledError no one asked of it (helper-144: it did, which an asyncio.TaskGroup takes
-    # for a cancelled child, ending quietly on part of the answer).
-    import asyncio
-
+    # it reads on for others), and the follower's read raises the library's error. On
+    # asyncio it raised a CancelledError no one asked of it (helper-144), which an
+    # asyncio.TaskGroup takes for a cancelled child, ending quietly on part of the answer;
+    # on trio the close itself raised ("asynchronous generator is already running"), the
+    # wrapped transport left open (helper-145).
+    server = Upstream(_OpenableGate(_CHAT_PIECES, hold_after=2))
+    server.start()
+    seen = FlightsSeen()
     options = {} if window is None else {"resume_window": window}
-    async with _gated_chat(serve, "sk-close-under-a-pull", **options) as (client, gated, seen):
-        producer = await client.send(
-            client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY), stream=True
+    transport = AsyncCacheTransport("memory://", hooks=[seen], **options)
+    headers = {"authorization": f"Bearer sk-close-under-a-pull-{anyio_backend}"}
+    outcome: dict[str, Any] = {}
+    try:
+        client = httpx2.AsyncClient(
+            transport=transport, base_url=server.url, headers=headers, timeout=30
         )
-        follower = await client.send(
-            client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY), stream=True
-        )
+        request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+        producer = await client.send(request, stream=True)
+        follower = await client.send(request, stream=True)
         assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
             "miss",
             "shared",
         ]
-        reading = asyncio.ensure_future(follower.aread())
-        await gated.wait_sent(2)
-        await producer.aclose()  # the follower reads the upstream on, held at its gate
         with anyio.fail_after(30):  # a deadlock guard, not a timing bound
-            while not any(live.pulling for live in seen.live()):  # noqa: ASYNC110
-                await anyio.sleep(0.01)
-            await client.aclose()
-            with pytest.raises(httpx2.HTTPError):
-                await reading
-        gated.gate.set()
-    assert gated.calls == 1
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_aread_into, outcome, "follower", follower)
+                await producer.aclose()  # the follower reads the upstream on
+                while not any(live.pulling for live in seen.live()):  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                await client.aclose()
+        assert isinstance(outcome["follower"], httpx2.HTTPError), outcome
+    finally:
+        async with httpx2.AsyncClient() as opener:
+            await opener.post(server.url + "/_open")
+        server.stop()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

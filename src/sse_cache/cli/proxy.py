@@ -387,9 +387,11 @@ def serve_workers(config: Any) -> None:
     streams (up to the grace period) while uvicorn's supervisor only queues signals: a
     ``SIGTERM`` or ``SIGINT`` then went unheard until the whole restart was over — new
     connections served meanwhile, the exit ~(busy workers + 1) x the grace later, past a
-    container's kill deadline (helper-142). Told to exit during a restart, this one stops
-    accepting and tells every worker to stop at once (the one already draining is left to
-    its grace: a second signal would not shorten it), from the signal handler."""
+    container's kill deadline (helper-142). Told to exit during a restart (or with one
+    asked for and not begun), this one stops accepting and tells every worker to stop at
+    once, from the signal handler (the one already draining is left to its grace: a second
+    signal would not shorten it; a worker being spawned gets the socket closed once it is
+    spawned; a new worker not yet ready is let stop, not killed)."""
     from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
     class Supervisor(Multiprocess):
@@ -398,28 +400,39 @@ def serve_workers(config: Any) -> None:
             self._restarting = False
             self._starting: Process | None = None  # a restart's new worker, not yet swapped in
             self._retiring: Process | None = None  # the old worker it waits for
+            # A worker is being spawned: the listening socket is passed to it, and closing
+            # it then fails the spawn (helper-145: "bad value(s) in fds_to_keep", raised out
+            # of the supervisor, which left its workers unjoined).
+            self._spawning = False
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, self._told_to_exit)
 
         def _told_to_exit(self, sig: int, frame: Any) -> None:
-            self.signal_queue.append(sig)  # (handled as uvicorn's handler would have it)
+            # (A signal handler: it runs between any two bytecodes of the main thread, so it
+            # writes nothing — the log line is the main loop's, as it handles the queue.)
+            self.signal_queue.append(sig)
             # During a restart, or with one asked for and not begun yet (the supervisor looks
             # at its signals every 0.5 s, in order: helper-144 found `kill -HUP; kill -TERM`
             # waited for the whole restart all the same).
             if not self._restarting and signal.SIGHUP not in self.signal_queue:
                 return
-            # (Its loop ends once should_exit is set, the signal unhandled: said here. The
-            # logging lock is re-entrant: a handler that interrupted a write may write too.)
-            logging.getLogger("uvicorn.error").info(
-                "Received %s, exiting.", signal.Signals(sig).name
-            )
             self.should_exit.set()  # (restart_all starts no other worker, nor handle_hup)
-            self.stop_accepting()
+            if not self._spawning:
+                self.stop_accepting()  # (else once the spawn is over: see _spawned)
             for process in (*self.processes, self._starting):
                 if process is None or process is self._retiring or process.pid is None:
                     continue
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
+
+        def _spawn(self, process: Process) -> None:
+            self._spawning = True
+            try:
+                process.start()
+            finally:
+                self._spawning = False
+            if self.should_exit.is_set():
+                self.stop_accepting()
 
         def restart_all(self) -> None:
             # uvicorn's (0.51-0.55), with the workers it waits for in sight of the handler.
@@ -429,11 +442,10 @@ def serve_workers(config: Any) -> None:
                     if self.should_exit.is_set():
                         return
                     new_process = self._starting = Process(self.config, self.sockets)
-                    new_process.start()
+                    self._spawn(new_process)
                     timeout = self.config.timeout_worker_healthcheck
                     if not new_process.wait_until_ready(timeout, self.should_exit):
-                        new_process.kill()
-                        new_process.join()
+                        self._retire(new_process)
                         if not self.should_exit.is_set():
                             logging.getLogger("uvicorn.error").error(
                                 "New child process [%s] was not ready in time; keeping worker "
@@ -450,6 +462,31 @@ def serve_workers(config: Any) -> None:
             finally:
                 self._restarting = False
                 self._starting = self._retiring = None
+
+        def _retire(self, new_process: Process) -> None:
+            # A new worker the restart does not keep. Told to exit meanwhile, the handler
+            # told it too, and it may have begun serving: it is let stop as the others do
+            # (within the grace), not killed with its connections (helper-145).
+            if self.should_exit.is_set():
+                new_process.terminate()
+                new_process.process.join(self.config.timeout_graceful_shutdown)
+            if new_process.process.is_alive() or not self.should_exit.is_set():
+                new_process.kill()
+            new_process.join()
+
+        def keep_subprocess_alive(self) -> None:
+            self._spawning = True  # (it may start a worker in place of a dead one)
+            try:
+                super().keep_subprocess_alive()
+            finally:
+                self._spawning = False
+
+        def terminate_all(self) -> None:
+            # The loop ends as soon as should_exit is set, by the handler too: the signals
+            # it left queued are handled first (the line saying so; the socket closed before
+            # the workers are told to stop).
+            self.handle_signals()
+            super().terminate_all()
 
         def handle_int(self) -> None:
             self.stop_accepting()
@@ -468,11 +505,21 @@ def serve_workers(config: Any) -> None:
             # now would get the closed socket (helper-99: SIGTERM then SIGTTIN raised in the
             # supervisor's loop, which then never stopped its workers nor exited).
             if not self.should_exit.is_set():
-                super().handle_hup()
+                # (Restarting from here on: uvicorn's line before restart_all may block on a
+                # full log pipe, and a signal then was only queued; helper-145.)
+                self._restarting = True
+                try:
+                    super().handle_hup()
+                finally:
+                    self._restarting = False
 
         def handle_ttin(self) -> None:
             if not self.should_exit.is_set():
-                super().handle_ttin()
+                self._spawning = True
+                try:
+                    super().handle_ttin()
+                finally:
+                    self._spawning = False
 
         def stop_accepting(self) -> None:
             # (The workers have their own copies: they close them as they shut down.)

@@ -380,10 +380,10 @@ async def _open_channel(
         logger.info("sse_cache: not following %s: %r", channel, exc)
     finally:
         if not opened:  # (also when its client left: its presence is given back at once)
-            with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
-                try:
+            with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
                     await _aclose(reader)
-                finally:
+                with anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
                     await presence.release()
     if not opened:
         return None
