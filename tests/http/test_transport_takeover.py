@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from typing import Any
 
 import anyio
 import anyio.from_thread
@@ -266,3 +267,62 @@ def test_a_sync_client_closing_from_another_thread_as_a_piece_comes_gets_its_clo
         reader.join(30)
     (outcome,) = got
     assert isinstance(outcome, httpx.ReadError), repr(outcome)
+
+
+def test_waiting_for_a_sync_exchange_to_be_left_waits_for_the_leaving_under_way() -> None:
+    # A drain thread leaves its exchange (the answer stored, a lease ended) as the transport
+    # closes: the close waits for that leaving before it closes the backend (it stopped the
+    # portal under it, and a Redis connection was left unclosed; helper-145 found nothing
+    # tested the wait).
+    import threading
+
+    from sse_cache._sync_bodies import _SyncOpen
+
+    exiting, exited, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowToLeave:
+        def __init__(self) -> None:
+            self.go_on = anyio.Event()
+
+        async def __aenter__(self) -> None:
+            return None
+
+        async def __aexit__(self, *exc: object) -> bool:
+            exiting.set()
+            await self.go_on.wait()
+            exited.set()
+            return False
+
+    seen_when_left: list[bool] = []
+
+    def wait_left() -> None:
+        opened.wait_left()
+        seen_when_left.append(exited.is_set())
+
+    waiter = threading.Thread(target=wait_left)
+
+    class Told:
+        # The exchange's task, telling when the waiter waits on it.
+        def __init__(self, held: Any) -> None:
+            self.held = held
+
+        def result(self) -> Any:
+            if threading.current_thread() is waiter:
+                waiting.set()
+            return self.held.result()
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        cm = portal.call(SlowToLeave)  # (its event made in the portal's loop)
+        opened = _SyncOpen(cm, portal)
+        opened.enter()
+        opened._held = Told(opened._held)  # type: ignore[assignment]
+        leaver = threading.Thread(target=opened.leave)  # the drain thread's leaving
+        leaver.start()
+        assert exiting.wait(30)  # (deadlock guards, not timing bounds)
+        opened.leave()  # (the closing transport's own: one is under way already)
+        waiter.start()
+        assert waiting.wait(30), "the close did not wait for the leaving under way"
+        portal.call(cm.go_on.set)
+        waiter.join(30)
+        leaver.join(30)
+    assert seen_when_left == [True]
