@@ -383,90 +383,98 @@ def serve_workers(config: Any) -> None:
     refusal and retries elsewhere). ``SIGHUP`` (a restart) keeps it: the new workers
     inherit it.
 
-    A restart replaces the workers one at a time, waiting for each old one to drain its
-    streams (up to the grace period) while uvicorn's supervisor only queues signals: a
-    ``SIGTERM`` or ``SIGINT`` then went unheard until the whole restart was over — new
-    connections served meanwhile, the exit ~(busy workers + 1) x the grace later, past a
-    container's kill deadline (helper-142). Told to exit during a restart (or with one
-    asked for and not begun), this one stops accepting and tells every worker to stop at
-    once, from the signal handler (the one already draining is left to its grace: a second
-    signal would not shorten it; a worker being spawned gets the socket closed once it is
-    spawned; a new worker not yet ready is let stop, not killed)."""
-    from uvicorn.supervisors.multiprocess import Multiprocess, Process
+    A restart (``SIGHUP``) replaces the workers one at a time, and one fewer (``SIGTTOU``)
+    retires one, each time waiting for an old worker to drain its streams (up to the grace
+    period), and uvicorn's supervisor looks at its signals only between those waits: a
+    ``SIGTERM`` or ``SIGINT`` then went unheard until the restart was over — new
+    connections served, the exit ~(busy workers + 1) x the grace later, past a container's
+    kill deadline (helper-142). This one looks at its queue of signals during each wait (on
+    its main thread: the signal handler stays uvicorn's, which only queues — work done in a
+    handler, which runs between any two bytecodes, deadlocked on the exit event's lock and
+    closed the socket under a worker's spawn; helper-145, helper-146): told to exit, it stops
+    accepting, tells every worker to stop at once (the one draining goes on within its
+    grace; a new worker not yet ready is let stop, not killed) and starts no other."""
+    from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess, Process
+
+    log = logging.getLogger("uvicorn.error")
+    exit_signals = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK")
+                    if hasattr(signal, name)}  # fmt: skip
 
     class Supervisor(Multiprocess):
         def __init__(self, config: Any, sockets: list[Any]) -> None:
             super().__init__(config, sockets)
-            self._restarting = False
             self._starting: Process | None = None  # a restart's new worker, not yet swapped in
-            self._retiring: Process | None = None  # the old worker it waits for
-            # A worker is being spawned: the listening socket is passed to it, and closing
-            # it then fails the spawn (helper-145: "bad value(s) in fds_to_keep", raised out
-            # of the supervisor, which left its workers unjoined).
-            self._spawning = False
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, self._told_to_exit)
+            self._retiring: Process | None = None  # the old worker being waited for
+            outer = self
 
-        def _told_to_exit(self, sig: int, frame: Any) -> None:
-            # (A signal handler: it runs between any two bytecodes of the main thread, so it
-            # writes nothing — the log line is the main loop's, as it handles the queue.)
-            self.signal_queue.append(sig)
-            # During a restart, or with one asked for and not begun yet (the supervisor looks
-            # at its signals every 0.5 s, in order: helper-144 found `kill -HUP; kill -TERM`
-            # waited for the whole restart all the same).
-            if not self._restarting and signal.SIGHUP not in self.signal_queue:
-                return
-            self.should_exit.set()  # (restart_all starts no other worker, nor handle_hup)
-            if not self._spawning:
-                self.stop_accepting()  # (else once the spawn is over: see _spawned)
+            class ExitAsked(threading.Event):
+                # What uvicorn's wait for a new worker looks at (its ``should_exit``).
+                def is_set(self) -> bool:
+                    return outer._exit_asked()
+
+            self._exit_asked_event = ExitAsked()
+
+        def _exit_asked(self) -> bool:
+            """Whether the supervisor is to exit; an exit signal queued meanwhile is acted on
+            now (see serve_workers)."""
+            if self.should_exit.is_set():
+                return True
+            queued = [sig for sig in self.signal_queue if sig in exit_signals]
+            if not queued:
+                return False
+            for sig in queued:
+                self.signal_queue.remove(sig)
+            log.info("Received %s, exiting.", signal.Signals(queued[0]).name)
+            self.should_exit.set()
+            self.stop_accepting()
             for process in (*self.processes, self._starting):
                 if process is None or process is self._retiring or process.pid is None:
                     continue
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGTERM)
+            return True
 
-        def _spawn(self, process: Process) -> None:
-            self._spawning = True
+        def _join(self, process: Process) -> None:
+            # An old worker draining its streams (up to the grace): the queue is looked at
+            # meanwhile (a tenth of a second, as uvicorn's workers look at their own state).
+            self._retiring = process
             try:
-                process.start()
+                while process.process.is_alive():
+                    process.process.join(0.1)
+                    self._exit_asked()
+                process.join()
             finally:
-                self._spawning = False
-            if self.should_exit.is_set():
-                self.stop_accepting()
+                self._retiring = None
 
         def restart_all(self) -> None:
-            # uvicorn's (0.51-0.55), with the workers it waits for in sight of the handler.
-            self._restarting = True
-            try:
-                for idx, old_process in enumerate(self.processes):
-                    if self.should_exit.is_set():
-                        return
-                    new_process = self._starting = Process(self.config, self.sockets)
-                    self._spawn(new_process)
+            # uvicorn's (0.51-0.55), looking at the queue while it waits.
+            for idx, old_process in enumerate(self.processes):
+                if self._exit_asked():
+                    return
+                new_process = self._starting = Process(self.config, self.sockets)
+                try:
+                    new_process.start()
                     timeout = self.config.timeout_worker_healthcheck
-                    if not new_process.wait_until_ready(timeout, self.should_exit):
+                    if not new_process.wait_until_ready(timeout, self._exit_asked_event):
                         self._retire(new_process)
                         if not self.should_exit.is_set():
-                            logging.getLogger("uvicorn.error").error(
+                            log.error(
                                 "New child process [%s] was not ready in time; keeping worker "
                                 "[%s] and aborting the restart.",
                                 new_process.pid,
                                 old_process.pid,
                             )
                         return
-                    self._retiring = old_process
                     old_process.terminate()
-                    old_process.join()
+                    self._join(old_process)
                     self.processes[idx] = new_process
-                    self._starting = self._retiring = None
-            finally:
-                self._restarting = False
-                self._starting = self._retiring = None
+                finally:
+                    self._starting = None
 
         def _retire(self, new_process: Process) -> None:
-            # A new worker the restart does not keep. Told to exit meanwhile, the handler
-            # told it too, and it may have begun serving: it is let stop as the others do
-            # (within the grace), not killed with its connections (helper-145).
+            # A new worker the restart does not keep. Told to exit meanwhile, it was told
+            # too, and it may have begun serving: it is let stop as the others do (within
+            # the grace), not killed with its connections (helper-145).
             if self.should_exit.is_set():
                 new_process.terminate()
                 new_process.process.join(self.config.timeout_graceful_shutdown)
@@ -474,19 +482,28 @@ def serve_workers(config: Any) -> None:
                 new_process.kill()
             new_process.join()
 
-        def keep_subprocess_alive(self) -> None:
-            self._spawning = True  # (it may start a worker in place of a dead one)
-            try:
-                super().keep_subprocess_alive()
-            finally:
-                self._spawning = False
+        def handle_ttou(self) -> None:
+            # uvicorn's, looking at the queue while the retired worker drains.
+            if self._exit_asked():
+                return
+            log.info("Received SIGTTOU, decreasing number of processes.")
+            if self.processes_num <= 1:
+                log.info("Already reached one process, cannot decrease the number anymore.")
+                return
+            self.processes_num -= 1
+            process = self.processes.pop()
+            process.terminate()
+            self._join(process)
 
-        def terminate_all(self) -> None:
-            # The loop ends as soon as should_exit is set, by the handler too: the signals
-            # it left queued are handled first (the line saying so; the socket closed before
-            # the workers are told to stop).
-            self.handle_signals()
-            super().terminate_all()
+        def handle_signals(self) -> None:
+            # uvicorn's, one signal at a time: _exit_asked may take exit signals off the
+            # queue while a handler waits (uvicorn's went through a copy of the queue, and
+            # removed each signal of it).
+            while self.signal_queue:
+                name = SIGNALS[self.signal_queue.pop(0)]
+                handler = getattr(self, f"handle_{name.lower()}", None)
+                if handler is not None:
+                    handler()
 
         def handle_int(self) -> None:
             self.stop_accepting()
@@ -503,23 +520,14 @@ def serve_workers(config: Any) -> None:
         def handle_hup(self) -> None:
             # A restart (or one more worker) asked for once told to exit: a worker started
             # now would get the closed socket (helper-99: SIGTERM then SIGTTIN raised in the
-            # supervisor's loop, which then never stopped its workers nor exited).
-            if not self.should_exit.is_set():
-                # (Restarting from here on: uvicorn's line before restart_all may block on a
-                # full log pipe, and a signal then was only queued; helper-145.)
-                self._restarting = True
-                try:
-                    super().handle_hup()
-                finally:
-                    self._restarting = False
+            # supervisor's loop, which then never stopped its workers nor exited); so with
+            # an exit signal queued behind it (`kill -HUP; kill -TERM`; helper-144).
+            if not self._exit_asked():
+                super().handle_hup()
 
         def handle_ttin(self) -> None:
-            if not self.should_exit.is_set():
-                self._spawning = True
-                try:
-                    super().handle_ttin()
-                finally:
-                    self._spawning = False
+            if not self._exit_asked():
+                super().handle_ttin()
 
         def stop_accepting(self) -> None:
             # (The workers have their own copies: they close them as they shut down.)
