@@ -438,11 +438,12 @@ def serve_workers(config: Any) -> None:
             # An old worker draining its streams (up to the grace): the queue is looked at
             # meanwhile (a tenth of a second, as uvicorn's workers look at their own state).
             self._retiring = process
+            log.info("Waiting for child process [%s]", process.pid)  # (uvicorn's line)
             try:
                 while process.process.is_alive():
                     process.process.join(0.1)
                     self._exit_asked()
-                process.join()
+                process.process.join()
             finally:
                 self._retiring = None
 
