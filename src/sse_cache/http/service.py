@@ -234,7 +234,7 @@ class CacheService:
         integration closes: it fails now for its readers (here, and elsewhere at once rather
         than after a lease's silence), its upstream is closed and its exchange left (what
         completed is stored, a cross-process lease released) while the backend is open."""
-        for cache in {id(cache): cache for cache in self._caches.values()}.values():
+        for cache in self._caches.values():  # (one per adapter)
             await cache.live.end_handed_over(reason)
 
     async def aclose(self) -> None:
