@@ -338,6 +338,7 @@ class LiveFlight(Generic[T]):
         "production",
         "pulling",
         "remote",
+        "settling",
         "source",
         "stalled",
     )
@@ -362,6 +363,10 @@ class LiveFlight(Generic[T]):
         #: Read to the end for readers elsewhere (followers in other processes): the flight
         #: is not abandoned when no one here reads it.
         self.remote = False
+        #: The stream is whole (its upstream ended it, or its answer is complete): what is
+        #: left is its producer's exchange (the answer stored, a lease released), then the
+        #: followers' streams end (:meth:`end`).
+        self.settling = False
         #: Kept being read while no one reads it, for a client that may come back and
         #: resume it (a resume window), until :meth:`release` — then abandoned if unread.
         self.held = False
@@ -401,8 +406,16 @@ class LiveFlight(Generic[T]):
     def _ended(self) -> None:
         if self._done is not None:
             self._done.set()
-        if self._flights is not None:
+        if self._flights is not None and not self.pulling:
+            # (Ended by a pull, which then leaves the exchange: listed until it returns.)
             self._flights.discard_handed_over(self)
+
+    def _pulled(self) -> None:
+        # A pull has returned: a flight it ended is no longer read on.
+        self.pulling = False
+        if self.flight.done and self._flights is not None:
+            self._flights.discard_handed_over(self)
+        self._notify()
 
     async def wait(self, idle_timeout: float) -> bool:
         """Wait for a change; False when nothing changed for ``idle_timeout`` seconds."""
@@ -643,8 +656,7 @@ class LiveFlight(Generic[T]):
             self.fail("the reader pulling the upstream was cancelled mid-read")
             raise
         finally:
-            self.pulling = False
-            self._notify()
+            self._pulled()
 
     async def _pull_apart(self, source: Callable[[], Awaitable[bool]], bound: float) -> None:
         # A pull of an isolated source, in a task of its own (see pull): cancelled only
@@ -663,9 +675,8 @@ class LiveFlight(Generic[T]):
             self.fail("the flight was abandoned while its upstream was read")
             raise
         finally:
-            self.pulling = False
             self._pull_task = None
-            self._notify()
+            self._pulled()
 
     async def leave(self, cursor: Cursor) -> None:
         """A follower is done (read to the end, failed, or gone); idempotent. The last reader
@@ -691,11 +702,19 @@ class LiveFlight(Generic[T]):
         """Its cache is closing: a handed-over upstream is read no more, whoever reads it or
         would (followers here and in other processes, a resume window) — the flight fails
         now, for every reader, and ``abandon`` is called (it leaves the producer's
-        exchange while the backend is still open)."""
-        if self.flight.done:
-            return  # (ended, or failed: whoever ended it leaves the exchange)
-        self.fail(reason)
-        await self._abandon_source()
+        exchange while the backend is still open).
+
+        A stream already whole (:attr:`settling`), ended or failed is left to the pull that
+        made it so, which leaves the exchange: waited for, while the backend is open. (The
+        close failed a whole answer being stored, for its followers too, and stopped its
+        store.)"""
+        if not (self.flight.done or self.settling):
+            self.fail(reason)
+            await self._abandon_source()
+            return
+        with anyio.CancelScope(shield=True):
+            while self.pulling:
+                await self.wait(math.inf)
 
     async def _abandon_source(self) -> None:
         abandon, self.abandon, self.source = self.abandon, None, None

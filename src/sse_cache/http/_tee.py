@@ -542,6 +542,7 @@ class ResponseTee:
     def _end_followers(self) -> None:
         if self._flight is not None:
             self._followers_end_due = True  # (by release_followers, after the store)
+            self._flight.settling = True
 
     def release_followers(self) -> None:
         """The answer was stored (or could not be): the followers' streams end now, if the
