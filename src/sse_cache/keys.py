@@ -96,10 +96,16 @@ CREDENTIAL_SUFFIXES = (
     "-auth",
     "-token",
     "-secret",
+    # Cloudflare's legacy ``X-Auth-Key``, an ``x-access-key`` (helper-147: their callers
+    # shared entries behind a constant ``Authorization``).
+    "auth-key",
+    "access-key",
     "api_key",
     "_auth",
     "_token",
     "_secret",
+    "auth_key",
+    "access_key",
 )
 
 _json_encoder = msgspec.json.Encoder(order="sorted")

@@ -105,6 +105,24 @@ def test_a_streamed_request_not_asking_for_usage_keys_apart():
     assert ADAPTER.key_fields({**base, "stream": True, "stream_options": off}) == plain
 
 
+@pytest.mark.parametrize("stream", [False, None])
+@pytest.mark.parametrize("options", [{"include_usage": False}, {}])
+def test_a_request_not_streaming_never_shares_the_key_of_a_stream_without_usage(
+    stream: bool | None, options: dict[str, bool]
+) -> None:
+    # A non-streamed request sending stream_options (OpenAI refuses it: 400) kept them in its
+    # key, and the key of a stream without usage was its stream_options set to {"include_usage":
+    # false}: the same. It was answered 200 from such a stream's entry, without the usage a
+    # non-streamed body always has (helper-147).
+    base: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    refused = {**base, "stream_options": options}
+    if stream is not None:
+        refused["stream"] = stream
+    without_usage = ADAPTER.key_fields({**base, "stream": True})
+    assert ADAPTER.key_fields(refused) != without_usage
+    assert ADAPTER.key_fields(refused) != ADAPTER.key_fields(base)
+
+
 def test_n_choices_are_interleaved_and_each_finishes():
     body = json.loads(_completion("one two three"))
     body["choices"].append({**body["choices"][0], "index": 1})
@@ -323,18 +341,20 @@ def test_a_tool_call_delta_whose_index_is_not_a_number_never_raises():
     assert ids == {"a", "b"}
 
 
-def test_metadata_keys_the_answer_of_a_completion_stored_upstream():
+@pytest.mark.parametrize("store", [True, False, None])
+def test_metadata_keys_the_answer(store: bool | None) -> None:
     # With store: true the completion is kept upstream with its metadata (listed, filtered
     # by): a hit handed bob the id of a completion tagged end_user: alice (helper-88).
-    base = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "store": True}
+    # Without it, OpenAI refuses metadata (400: answered from a valid request's entry, it
+    # was 200), and a gateway routes on it (LiteLLM's metadata.tags picks the deployment: a
+    # "paid" request was answered by the "free" one's entry; helper-147).
+    base: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    if store is not None:
+        base["store"] = store
     alice = ADAPTER.key_fields({**base, "metadata": {"end_user": "alice"}})
-    bob = ADAPTER.key_fields({**base, "metadata": {"end_user": "bob"}})
-    assert alice != bob
-    # Not stored upstream: bookkeeping, left out as before.
-    unstored = {**base, "store": False}
-    assert ADAPTER.key_fields({**unstored, "metadata": {"end_user": "alice"}}) == (
-        ADAPTER.key_fields(unstored)
-    )
+    bob = ADAPTER.key_fields({**base, "metadata": {"tags": ["paid"]}})
+    keyed = [alice, bob, ADAPTER.key_fields(base)]
+    assert len({json.dumps(fields, sort_keys=True) for fields in keyed}) == 3
     # ignore_fields still leaves it out.
     ignoring = OpenAIChat(ignore_fields=["metadata"])
     assert ignoring.key_fields({**base, "metadata": {"a": 1}}) == ignoring.key_fields(base)

@@ -75,11 +75,12 @@ RESPONSES_BODY = {
 @pytest.mark.parametrize(
     ("cls", "dropped"),
     [
-        (OpenAIResponses, {"stream", "stream_options", "timeout"}),
-        # (metadata is kept: the body stores the completion upstream, store: true)
-        (OpenAIChat, {"stream", "stream_options", "timeout", "user"}),
+        # (timeout is kept: the providers refuse it, 400; helper-147)
+        (OpenAIResponses, {"stream", "stream_options"}),
+        # (metadata is kept: refused without store: true, kept upstream with it)
+        (OpenAIChat, {"stream", "stream_options", "user"}),
         # (stream_options is no field of this API; this metadata is not its shape)
-        (AnthropicMessages, {"stream", "timeout"}),
+        (AnthropicMessages, {"stream"}),
     ],
 )
 def test_key_fields_drop_only_transport_and_named_metadata(cls, dropped):
@@ -213,6 +214,38 @@ def test_anthropic_metadata_of_the_apis_shape_is_left_out_and_any_other_keys():
     ) == AnthropicMessages(ignore_fields=["metadata"]).key_fields(body)
 
 
+@pytest.mark.parametrize("field", ["timeout", "request_timeout"])
+@pytest.mark.parametrize("cls", ALL)
+def test_a_timeout_in_the_body_keys_apart_except_for_generic_streams(cls, field):
+    # The providers' APIs refuse a timeout in the body (400 "Unrecognized request argument",
+    # "Extra inputs are not permitted", "Unknown name"): left out of the key, such a request
+    # was answered 200 from a valid request's entry (helper-147). GenericSSE serves any
+    # upstream: there it is transport.
+    adapter = cls()
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True}
+    assert adapter.key_fields({**body, field: 30}) != adapter.key_fields(body)
+    assert adapter.key_fields({**body, field: 30}) == adapter.key_fields({**body, field: 30})
+    assert cls(ignore_fields=[field]).key_fields({**body, field: 30}) == adapter.key_fields(body)
+    generic = GenericSSE()
+    assert generic.key_fields({**body, field: 30}) == generic.key_fields(body)
+
+
+def test_a_generic_stream_keys_whether_it_asked_for_usage():
+    # An OpenAI-compatible stream that asked for usage (legacy completions, vLLM) ends with a
+    # chunk of no choices, which a client that did not ask fails on (helper-147); the rest
+    # of stream_options is transport, and ignore_fields still leaves all of it out.
+    adapter = GenericSSE()
+    body = {"model": "m", "prompt": "x", "stream": True}
+    plain = adapter.key_fields(body)
+    asked = adapter.key_fields({**body, "stream_options": {"include_usage": True}})
+    declined = {"include_usage": False, "include_obfuscation": True}
+    assert asked != plain
+    assert adapter.key_fields({**body, "stream_options": declined}) not in (plain, asked)
+    assert adapter.key_fields({**body, "stream_options": {"include_obfuscation": True}}) == plain
+    ignoring = GenericSSE(ignore_fields=["stream_options"])
+    assert ignoring.key_fields({**body, "stream_options": {"include_usage": True}}) == plain
+
+
 @pytest.mark.parametrize("cls", [OpenAIResponses, OpenAIChat])
 def test_a_null_left_out_field_keys_as_absent(cls):
     # A null is read as absent: keyed apart, it only lost hits (helper-90).
@@ -220,8 +253,6 @@ def test_a_null_left_out_field_keys_as_absent(cls):
     body = {"model": "m", "input": "x", "store": True}
     plain = adapter.key_fields(body)
     assert adapter.key_fields({**body, "stream_options": None}) == plain
-    if cls is OpenAIChat:
-        assert adapter.key_fields({**body, "metadata": None}) == plain
 
 
 @settings(max_examples=200)

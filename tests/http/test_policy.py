@@ -373,6 +373,10 @@ def test_an_ai_gateways_own_credential_scopes_tenants_beside_a_placeholder_autho
         "x-functions-key",
         "x_api_key",
         "x_acme_token",
+        # Cloudflare's legacy key, an access key (helper-147).
+        "x-auth-key",
+        "x-access-key",
+        "x_auth_key",
     ):
         a = policy.tenant_of({**placeholder, header: "user-1"})
         b = policy.tenant_of({**placeholder, header: "user-2"})
@@ -408,6 +412,12 @@ def test_more_credential_and_key_headers_are_options() -> None:
         body,
     )
     assert routed.key_headers == {"openai-project": "p", "x-portkey-provider": "openai"}
+    # LiteLLM's tag-based routing picks the deployment (helper-147: a "paid" request was
+    # answered from a "free" one's entry).
+    tagged = policy.decide(
+        "POST", "/v1/responses", {"authorization": "k", "x-litellm-tags": "a"}, body
+    )
+    assert tagged.key_headers == {"x-litellm-tags": "a"}
     # Alone, a routing header is no credential: such a request is not cached.
     assert not policy.decide("POST", "/v1/responses", {"x-account": "1"}, body).cacheable
     for bad in ("x-session", ["bad name"], [7]):

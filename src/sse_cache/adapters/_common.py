@@ -33,8 +33,11 @@ __all__ = [
     "unclear_flag",
 ]
 
-#: Request fields that change how an answer is delivered, never what it is (as GenericSSE).
-TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options", "timeout", "request_timeout"})
+#: Request fields that change how an answer is delivered, never what it is. Not ``timeout``
+#: or ``request_timeout`` (GenericSSE leaves them out): the providers' APIs refuse them (400),
+#: so such a request keys apart and gets the upstream's error, never a valid request's entry;
+#: a gateway that takes them (LiteLLM) answers it once and its entry serves it after.
+TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options"})
 
 #: Default upper bound of characters per synthesised text delta. Real deltas are one token
 #: (2-10 characters); splitting at word starts with this cap gives deltas of that size.

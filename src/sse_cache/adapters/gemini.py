@@ -20,7 +20,7 @@ import msgspec
 from .._checks import boolean
 from ..events import Event
 from ..protocols import Outcome
-from ._common import DEFAULT_DELTA_CHARS, TRANSPORT_FIELDS, KeyedAdapter, is_truthy_raw
+from ._common import DEFAULT_DELTA_CHARS, KeyedAdapter, is_truthy_raw
 from ._gemini_body import answer_from_chunks, candidate_index, chunks_from_answer
 
 __all__ = [
@@ -31,10 +31,11 @@ __all__ = [
     "HttpRoute",
 ]
 
-#: Request fields left out of the key: transport, plus Vertex ``labels`` (billing metadata,
-#: never echoed in an answer and never changing it). Not ``stream_options``, which is no
-#: field of this API (such a request keys apart, as any unknown field).
-EXCLUDED_FIELDS: Final = (TRANSPORT_FIELDS - {"stream_options"}) | frozenset({"labels"})
+#: Request fields left out of the key: Vertex ``labels`` (billing metadata, never echoed in
+#: an answer and never changing it). Not ``stream`` or ``stream_options``, which are no
+#: fields of this API (a request streams by its path; it refuses them: such a request keys
+#: apart, as any unknown field).
+EXCLUDED_FIELDS: Final = frozenset({"labels"})
 
 #: Finish reasons of an answer that is stored by default: the model ended by itself, or at
 #: the token limit the request set (both are what the same request gets again).

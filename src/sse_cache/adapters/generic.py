@@ -19,7 +19,8 @@ class GenericSSE:
     """Any SSE stream: complete when the upstream ends cleanly (with a 2xx status).
 
     Keys on every request field except the transport-only ones (``stream``,
-    ``stream_options``, ``timeout``, ``request_timeout``, plus ``ignore_fields``). There is no
+    ``stream_options`` but its ``include_usage``, ``timeout``, ``request_timeout``, plus
+    ``ignore_fields``). There is no
     schema to recover a non-stream answer from, so cross-mode answers are not offered.
     """
 
@@ -29,10 +30,20 @@ class GenericSSE:
         if isinstance(ignore_fields, str):
             # (A string is an iterable of its characters: "user" would drop u, s, e and r.)
             raise TypeError("ignore_fields must be an iterable of field names, not a string")
-        self._drop = TRANSPORT_FIELDS | frozenset(ignore_fields)
+        ignored = frozenset(ignore_fields)
+        self._drop = TRANSPORT_FIELDS | ignored
+        self._usage_keyed = "stream_options" not in ignored
 
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
-        return {k: v for k, v in body.items() if k not in self._drop}
+        """Every field but the transport's and ``ignore_fields``; of ``stream_options``, its
+        ``include_usage``: an OpenAI-compatible stream (legacy completions, vLLM) that asked
+        for usage ends with a chunk of no choices, which the ``chunk.choices[0]`` loop of a
+        client that did not ask fails on (helper-147)."""
+        fields = {k: v for k, v in body.items() if k not in self._drop}
+        options = body.get("stream_options")
+        if isinstance(options, dict) and "include_usage" in options and self._usage_keyed:
+            fields["stream_options"] = {"include_usage": options["include_usage"]}
+        return fields
 
     def is_streaming(self, body: Mapping[str, Any]) -> bool:
         return body.get("stream", True) is not False

@@ -31,10 +31,21 @@ from ._common import (
 __all__ = ["EXCLUDED_FIELDS", "OpenAIChat"]
 
 #: Request fields left out of the key: transport, plus caller bookkeeping that a chat
-#: completion never echoes and that cannot change the generated message.
+#: completion never echoes and that cannot change the generated message. Not ``metadata``:
+#: OpenAI refuses it without ``store: true`` (400), keeps it with a stored completion (a hit
+#: would hand out the id of one tagged with another caller's: helper-88), and gateways route
+#: on it (LiteLLM's ``metadata.tags`` picks the deployment: helper-147).
 EXCLUDED_FIELDS: Final = TRANSPORT_FIELDS | frozenset(
-    {"user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
+    {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
 )
+
+#: What keys a stream that did not ask for usage apart, in place of its ``stream_options``:
+#: not an object, so no request's own ``stream_options`` (kept when it does not stream) is
+#: ever equal to it — one that is not an object is passed through uncached. (It was
+#: ``{"include_usage": false}``, which a non-streamed request could send: OpenAI refuses
+#: that, and it was answered 200 from a stream's entry, without the usage its body always
+#: has; helper-147.)
+_STREAMED_WITHOUT_USAGE: Final = "streamed without usage"
 
 _DONE: Final = "[DONE]"
 _CHUNK: Final = "chat.completion.chunk"
@@ -98,7 +109,6 @@ class OpenAIChat(KeyedAdapter):
     #: project of one API key): part of the key in the HTTP integrations.
     key_headers: tuple[str, ...] = ("openai-beta", "openai-organization", "openai-project")
     excluded_fields = EXCLUDED_FIELDS
-    maybe_read = KeyedAdapter.maybe_read | {"metadata"}
 
     def __init__(
         self,
@@ -114,15 +124,6 @@ class OpenAIChat(KeyedAdapter):
         self.usage_chunk = usage_chunk
         self.store_blocked = store_blocked
 
-    def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
-        """Also ``metadata`` when the completion is stored upstream (``store: true``): it is
-        kept with it (listed, filtered by, used for evals), and a hit would hand the caller
-        the id of a completion tagged with another caller's metadata (helper-88)."""
-        read = super().excluded_but_read(body)
-        if body.get("store") is True and body.get("metadata") is not None:
-            return (*read, "metadata")
-        return read
-
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         fields = super().key_fields(body)
         if body.get("stream") is True:
@@ -135,7 +136,7 @@ class OpenAIChat(KeyedAdapter):
                 # non-streamed request with (whose body always has it). So a non-streamed
                 # request shares its entry with streams that asked for usage, which carry
                 # it. (include_obfuscation changes bytes too, in a field clients ignore.)
-                fields = {**fields, "stream_options": {"include_usage": False}}
+                fields = {**fields, "stream_options": _STREAMED_WITHOUT_USAGE}
         return fields
 
     def uncached_reason(self, body: Mapping[str, Any]) -> str:

@@ -88,7 +88,12 @@ MAX_BODY_CONTAINERS = 100_000
 #: Request headers that change the answer on every route, beside each adapter's own key
 #: headers: an AI gateway's choice of provider and of its configuration (Portkey's), which
 #: its clients send with one credential for all of them (helper-88).
-GATEWAY_KEY_HEADERS = ("x-portkey-provider", "x-portkey-config", "x-portkey-custom-host")
+GATEWAY_KEY_HEADERS = (
+    "x-portkey-provider",
+    "x-portkey-config",
+    "x-portkey-custom-host",
+    "x-litellm-tags",  # (LiteLLM's tag-based routing picks the deployment: helper-147)
+)
 
 #: Headers an integration removes before forwarding a request upstream (our controls).
 CONTROL_HEADER_PREFIX = "x-sse-cache-"
