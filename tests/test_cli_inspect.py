@@ -204,14 +204,18 @@ def test_show_missing_and_corrupt(db: str, capsys: pytest.CaptureFixture[str]) -
     assert "corrupt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "text", ["'text'", "CAST(X'53534543ff' AS TEXT)"], ids=["utf-8", "not-utf-8"]
+)
 def test_a_row_another_program_gave_other_types_is_listed_shown_and_purged(
-    db: str, capsys: pytest.CaptureFixture[str]
+    db: str, text: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # A text value written over an entry by the sqlite3 shell: every command goes on, and
-    # purge can remove it.
+    # purge can remove it. (Text that is not UTF-8, what a bit flipped on disk makes of a
+    # value, stopped `ls -l` at that row: sqlite3 could not decode it; helper-148.)
     path = db.removeprefix("sqlite:///")
     with closing(sqlite3.connect(path)) as raw, raw:
-        raw.execute("UPDATE sse_cache_entries SET value = 'text' WHERE key = 'aaa111'")
+        raw.execute(f"UPDATE sse_cache_entries SET value = {text} WHERE key = 'aaa111'")
     assert run_cli("ls", "-l", "--backend", db) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "aaa111\t0\tCORRUPT" and "openai.chat\tbody" in lines[1]
@@ -1022,6 +1026,87 @@ def test_a_corrupt_alias_row_is_counted_once_as_corrupt(
     assert capsys.readouterr().err.strip() == (
         "2 entries, 1 corrupt, 3 aliases (not listed; -a lists them)"
     )
+
+
+def test_an_alias_holding_text_that_is_not_utf8_is_corrupt_and_purged(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `purge KEY` of such an alias, or of any entry (every alias is read, to find those
+    # naming it), failed: sqlite3 could not decode the value (helper-148).
+    db, aliases = aliased
+    path = db.removeprefix("sqlite:///")
+    bad = aliases["resp_gone"]
+    with closing(sqlite3.connect(path)) as raw, raw:
+        raw.execute(
+            "UPDATE sse_cache_entries SET value = CAST(X'616161ff' AS TEXT) WHERE key = ?", (bad,)
+        )
+    assert run_cli("ls", "-la", "--backend", db) == 0
+    out, err = capsys.readouterr()
+    assert f"{bad}\t0\tCORRUPT" in out.splitlines() and len(out.splitlines()) == 5
+    assert err.strip() == "2 entries, 2 corrupt, 1 alias"
+    assert run_cli("purge", "aaa111", "--yes", "--backend", db) == 0
+    assert "purged 1 entry and 1 alias" in capsys.readouterr().out
+    assert run_cli("purge", bad, "--yes", "--backend", db) == 0
+    assert "purged 1 entry and 0 aliases" in capsys.readouterr().out
+    assert run_cli("ls", "-a", "--backend", db) == 0
+    assert capsys.readouterr().out.split() == ["bbb222", "ccc333"]
+
+
+def test_a_sqlite_key_that_is_not_utf8_is_listed_unreadable_and_the_listing_goes_on(
+    aliased: tuple[str, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A key that is not UTF-8 (another program's, or a bit flipped on disk) failed `ls` and
+    # `stats` as a whole: sqlite3 could not decode it (helper-148). As on Redis, it is
+    # listed UNREADABLE and the listing goes on; the other commands pass it by.
+    db, _ = aliased
+    path = db.removeprefix("sqlite:///")
+    with closing(sqlite3.connect(path)) as raw, raw:
+        for key in ("6b32ff", "616c6961732dff"):  # k2\xff and alias-\xff
+            raw.execute(
+                f"INSERT INTO sse_cache_entries VALUES (CAST(X'{key}' AS TEXT), 1, 0, 0, NULL,"
+                " CAST('aaa111' AS BLOB))"
+            )
+    assert run_cli("ls", "--backend", db) == 0
+    assert capsys.readouterr().out.split() == ["aaa111", "bbb222", "ccc333", "k2\\xff"]
+    assert run_cli("ls", "-l", "-a", "--backend", db) == 0
+    out, err = capsys.readouterr()
+    rows = {line.split("\t", 1)[0]: line.split("\t")[1:] for line in out.splitlines()}
+    assert len(rows) == 7  # 3 entries, 2 aliases and those two
+    assert list(rows)[-4:] == ["alias-\\xff", "bbb222", "ccc333", "k2\\xff"]  # (key order)
+    for key in ("alias-\\xff", "k2\\xff"):
+        assert rows[key][:2] == ["-", "UNREADABLE"] and "not UTF-8" in rows[key][2]
+    assert err == "2 entries, 1 corrupt, 2 unreadable here, 2 aliases\n"
+    assert run_cli("stats", "--backend", db) == 0
+    figures = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert (int(figures["entries"]), int(figures["aliases"])) == (4, 3)
+    # `show` of a start of keys that only such a key has: none to show (it was a ValueError
+    # traceback: no backend takes that key).
+    assert run_cli("show", "k2", "--backend", db) == 1
+    assert "no entry with key 'k2'" in capsys.readouterr().err
+    assert run_cli("purge", "aaa111", "--yes", "--backend", db) == 0
+    assert "purged 1 entry and 1 alias" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv", [["ls"], ["ls", "-l"], ["show", "k"], ["stats"], ["purge", "--yes"]]
+)
+def test_a_sqlite_path_that_names_a_fifo_fails_at_once_naming_it(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    # The reading commands open the file read-only, and looked at its header first with a
+    # plain open(), which waits for a writer when the path is a FIFO: `sse-cache ls` hung for
+    # ever (helper-148). (The timeout only guards against that hang.)
+    fifo = tmp_path / "cache.db"
+    os.mkfifo(fifo)
+    done = subprocess.run(
+        [sys.executable, "-m", "sse_cache", *argv, "--backend", f"sqlite:///{fifo}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"SQLite file {str(fifo)!r} is not a regular file: it is a FIFO" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # -- a key prefix where keys cannot be listed -------------------------------------------------

@@ -880,3 +880,186 @@ async def test_a_readonly_reader_sees_what_a_writer_stored_since(tmp_path: Path)
 
 def files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+# -- rows another program wrote, or that a bit flipped on disk changed ------------------------
+
+
+def flip_on_disk(path: Path, find: bytes, change: Callable[[bytearray, int], None]) -> None:
+    """Apply ``change`` to the bytes of the closed (checkpointed) file at ``path``, at each
+    place ``find`` occurs: what one bit gone wrong on the disk does, which ``PRAGMA
+    integrity_check`` does not see when it leaves the row's record well formed."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(find)
+    assert at >= 0, find
+    while at >= 0:
+        change(raw, at)
+        at = raw.find(find, at + 1)
+    path.write_bytes(raw)
+    assert not Path(f"{path}-wal").exists()  # (all of it in the file itself)
+    assert integrity(path) == "ok"
+
+
+def value_made_text(path: Path, key: str, how: str) -> None:
+    """Make the value of ``key`` a TEXT one, as ``how`` says."""
+    if how == "bit flipped on disk":
+        # The record's header ends with the value's serial type (a BLOB's is even, a TEXT's
+        # odd, with the same length): its last byte comes right before the key's bytes, the
+        # first of the row's body. (The key index's records hold the key too, not the value.)
+        def flip(raw: bytearray, at: int) -> None:
+            if b"VALUE" in raw[at : at + 64]:
+                raw[at - 1] ^= 1
+
+        flip_on_disk(path, key.encode(), flip)
+        return
+    text = {"not UTF-8": "CAST(X'56414c5545ff' AS TEXT)", "UTF-8": "'VALUE as text'"}[how]
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(f"UPDATE sse_cache_entries SET value = {text} WHERE key = ?", (key,))
+
+
+@pytest.mark.parametrize("how", ["bit flipped on disk", "not UTF-8", "UTF-8"])
+async def test_a_value_made_text_is_corrupt_deleted_and_not_counted_by_the_breaker(
+    tmp_path: Path, how: str
+) -> None:
+    # A value that is TEXT and not UTF-8 (one bit flipped on disk makes a BLOB's serial type
+    # TEXT's; integrity_check says ok) failed every read of its key with a BackendError from
+    # sqlite3's decoding, before the check that raises CorruptEntry: never deleted, and
+    # counted by the breaker, five lookups of it turned the cache off for every key
+    # (helper-148). As documented: CorruptEntry, the engine deletes it, the breaker stays
+    # closed.
+    from sse_cache.entry import Entry
+    from sse_cache.errors import CorruptEntry
+
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path)
+    await backend.set("sound", b"VALUE of a sound row", None)
+    await backend.set("turned", b"VALUE\xff that turns text", None)
+    await backend.aclose()  # (the last connection: its WAL is copied into the file)
+    value_made_text(path, "turned", how)
+
+    backend = SQLiteBackend(path)
+    with pytest.raises(CorruptEntry, match="holds str"):
+        await backend.get("turned")
+    assert await backend.get("sound") == b"VALUE of a sound row"  # the connection goes on
+    await backend.aclose()
+
+    cache = StreamCache(f"sqlite:///{path}", GenericSSE())
+    try:
+        entry = Entry(schema="generic", created_at=0.0, events=(Event("one"),))
+        await cache.store("entry", entry)
+        for _ in range(8):
+            assert await cache.lookup("turned") is None
+        assert cache.breaker.state.value == "closed"
+        assert await cache.lookup("entry") is not None  # served: the cache is still on
+    finally:
+        await cache.aclose()
+    assert "turned" not in rows(path)  # deleted by the engine, at the first lookup
+    assert "sound" in rows(path)
+
+
+# b"0a1b2\xe3": the key 0a1b2c with one bit flipped (it still sorts where it did: the key
+# index stays in order), as the backend reads it.
+BAD_KEY = "0a1b2\udce3"
+
+
+def key_made_not_utf8(path: Path, how: str) -> None:
+    """Turn the key ``0a1b2c`` into one that is not UTF-8 (``BAD_KEY``), as ``how`` says."""
+    if how == "bit flipped on disk":
+
+        def flip(raw: bytearray, at: int) -> None:
+            raw[at + 5] ^= 0x80  # in the row and in the key index alike: 'c' -> 0xe3
+
+        flip_on_disk(path, b"0a1b2c", flip)
+        return
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute(
+            "UPDATE sse_cache_entries SET key = CAST(X'3061316232e3' AS TEXT) WHERE key = '0a1b2c'"
+        )
+
+
+def raw_keys(path: Path) -> list[bytes]:
+    with closing(sqlite3.connect(path)) as conn:
+        return [k for (k,) in conn.execute("SELECT CAST(key AS BLOB) FROM sse_cache_entries")]
+
+
+@pytest.mark.parametrize("how", ["bit flipped on disk", "written by another program"])
+async def test_a_key_that_is_not_utf8_is_listed_and_evicted_when_the_file_is_full(
+    tmp_path: Path, how: str
+) -> None:
+    # A key that is not UTF-8 stopped eviction (sqlite3 could not decode the victims' keys):
+    # once the file was full, every store failed with a BackendError the breaker counts, and
+    # every scan failed as a whole (`sse-cache ls` and `stats`; helper-148). Now it is listed,
+    # its bytes as lone surrogates as Redis' scan gives them, and evicted like any row.
+    path = tmp_path / "cache.db"
+    backend = from_url(f"sqlite:///{path}?max_bytes=10KiB")
+    await backend.set("0a1b2c", b"x" * 1000, None)  # the least recently used
+    for i in range(5):
+        await backend.set(f"k{i}", b"y" * 1000, None)
+    await backend.aclose()
+    key_made_not_utf8(path, how)
+    assert b"0a1b2\xe3" in raw_keys(path)
+
+    backend = from_url(f"sqlite:///{path}?max_bytes=10KiB")
+    try:
+        assert [key async for key in backend.scan()] == [BAD_KEY, *(f"k{i}" for i in range(5))]
+        assert [key async for key in backend.scan("k")] == [f"k{i}" for i in range(5)]
+        for i in range(5, 12):  # past the budget: the oldest rows go, that one first
+            await backend.set(f"k{i}", b"z" * 1000, None)
+        assert b"0a1b2\xe3" not in raw_keys(path)
+        assert await backend.get("k11") == b"z" * 1000
+        assert (await backend.stats())["bytes"] <= 10 * 1024
+    finally:
+        await backend.aclose()
+    assert integrity(path) == "ok"
+
+
+async def test_a_scan_goes_on_past_a_page_that_ends_with_a_key_that_is_not_utf8(
+    tmp_path: Path,
+) -> None:
+    # The next page is asked for after the last key of this one, bound to the statement: a
+    # key with lone surrogates cannot be bound as a str (UnicodeEncodeError).
+    path = tmp_path / "cache.db"
+    backend = SQLiteBackend(path)
+    await backend.set("b", b"v", None)
+    await backend.aclose()
+    with closing(sqlite3.connect(path)) as conn, conn:
+        conn.executemany(
+            "INSERT INTO sse_cache_entries VALUES (?, 1, 0, 0, NULL, X'00')",
+            [(f"a{i:03}",) for i in range(499)],
+        )
+        # After every a000..a498 (0xff sorts above any digit): the 500th key, the page's last.
+        conn.execute(
+            "INSERT INTO sse_cache_entries VALUES (CAST(X'61ff' AS TEXT), 1, 0, 0, NULL, X'00')"
+        )
+    backend = SQLiteBackend(path)
+    try:
+        listed = [key async for key in backend.scan()]
+    finally:
+        await backend.aclose()
+    assert listed == [*(f"a{i:03}" for i in range(499)), "a\udcff", "b"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+@pytest.mark.parametrize("query", ["", "?create=false"])
+async def test_a_path_that_is_not_a_regular_file_is_said_at_once(
+    tmp_path: Path, kind: str, query: str
+) -> None:
+    # A FIFO at the path (a mistake, or a file swapped for one): SQLite said "disk I/O
+    # error", and a read-only open (sse-cache ls) waited for a writer for ever (helper-148;
+    # see test_cli_inspect for that one, in a process of its own).
+    path = tmp_path / "cache.db"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    backend = from_url(f"sqlite:///{path}{query}")
+    what = "a FIFO (named pipe)" if kind == "fifo" else "a directory"
+    try:
+        for _ in range(2):
+            with pytest.raises(BackendUnavailable) as raised:
+                await backend.get("k")
+            assert f"SQLite file {str(path)!r} is not a regular file: it is {what}" in str(
+                raised.value
+            )
+    finally:
+        await backend.aclose()

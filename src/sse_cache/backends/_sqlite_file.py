@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,6 +44,21 @@ FileId = tuple[int, int]
 _SIDECARS: Final = ("-wal", "-shm")
 # How often opening is retried while the path keeps changing under it.
 _OPEN_ATTEMPTS: Final = 3
+# How the connection reads TEXT: as str, the bytes that are not UTF-8 as lone surrogates
+# (``a\udcff``), as the Redis backend lists such keys. sqlite3's own decoding raises on them
+# (OperationalError "Could not decode to UTF-8 column"), which failed the whole call: a key
+# another program wrote, or one bit flipped on disk, stopped every eviction and listing, and a
+# value turned TEXT (a flipped serial type) failed every read of its key as a backend fault,
+# never deleted (helper-148). Called only for TEXT values: a hit reads a BLOB and a REAL.
+_TEXT: Final = partial(str, encoding="utf-8", errors="surrogateescape")
+# What a path that is not a regular file names, by its st_mode.
+_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def file_id(path: str) -> FileId | None:
@@ -52,6 +68,13 @@ def file_id(path: str) -> FileId | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return (st.st_dev, st.st_ino)
+
+
+def _not_regular(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is when it is not a regular file, or ""."""
+    if stat.S_ISREG(mode):
+        return ""
+    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
 
 
 def _absolute(path: str) -> str:
@@ -308,6 +331,8 @@ class DatabaseFile:
     def _open(self) -> None:
         for _ in range(_OPEN_ATTEMPTS):
             before = self._existing_file() if self.watch else None
+            if before is not None:
+                self._check_regular()
             if before is None and self.watch and not self.create:
                 raise BackendUnavailable(
                     f"SQLite file {self.where!r} does not exist (create=false: nothing is "
@@ -344,8 +369,25 @@ class DatabaseFile:
         self._busy_ms = int(self._timeout * 1000)
         self._next_check = time.monotonic() + self.check_interval
 
+    def _check_regular(self, mode: int | None = None) -> None:
+        # A path naming a FIFO (a mistake, or a file swapped for one) hung for ever: opening
+        # it to read waits for a writer (helper-148), and SQLite's own open reads nothing from
+        # it ("disk I/O error"). A database is a regular file: anything else is said as what
+        # it is, at once. ``mode``: the st_mode already read, else the path is looked at.
+        if mode is None:
+            try:
+                mode = os.stat(self.where).st_mode
+            except OSError:
+                return  # gone since, or cannot be told: sqlite3 says what is wrong
+        kind = _not_regular(mode)
+        if kind:
+            raise BackendUnavailable(
+                f"SQLite file {self.where!r} is not a regular file: it is {kind}; give the "
+                "cache the path of a database file (or of none, to create one)"
+            )
+
     def _connect(self, mode: str) -> sqlite3.Connection:
-        return sqlite3.connect(
+        conn = sqlite3.connect(
             # mode=rw: a file removed since the check above is an error, not a new file;
             # mode=ro: nothing is written (opened read-only, readonly=true).
             self.where if self.create else f"file:{quote(self.where)}?mode={mode}",
@@ -354,6 +396,8 @@ class DatabaseFile:
             check_same_thread=False,  # used from worker threads, one at a time (limiter)
             uri=not self.create,
         )
+        conn.text_factory = _TEXT
+        return conn
 
     def _read_only_mode(self) -> str:
         # A WAL file that no process has open (no -wal beside it: the last connection
@@ -365,10 +409,19 @@ class DatabaseFile:
         # file meanwhile may make a read fail, a page read mid-checkpoint, never change it.)
         # A rollback-journal file, or one a process has open, is read as any reader would.
         try:
-            with open(self.where, "rb") as file:
-                header = file.read(20)
+            # O_NONBLOCK: a FIFO put at the path since _check_regular looked would make a
+            # plain open wait for a writer, for ever.
+            fd = os.open(self.where, os.O_RDONLY | os.O_NONBLOCK)
         except OSError:
             return "ro"  # (sqlite3 says what is wrong)
+        try:
+            mode = os.fstat(fd).st_mode
+            header = os.pread(fd, 20, 0) if stat.S_ISREG(mode) else b""
+        except OSError:
+            return "ro"
+        finally:
+            os.close(fd)
+        self._check_regular(mode)  # (SQLite's read-only open of a FIFO would wait too)
         wal = len(header) == 20 and header[:16] == b"SQLite format 3\x00" and header[18] == 2
         if wal and not os.path.exists(self.where + "-wal"):
             return "ro&immutable=1"

@@ -68,7 +68,10 @@ _PURGE: Final = f"""
 DELETE FROM {_TABLE} WHERE key IN (
     SELECT key FROM {_TABLE} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)
 """
-_OLDEST: Final = f"SELECT key FROM {_TABLE} WHERE key != ? ORDER BY accessed_at LIMIT ?"
+# Victims by rowid: their key text is never read, nor bound again (a key that is not UTF-8,
+# another program's, came back as a str with lone surrogates, which no statement can bind).
+_OLDEST: Final = f"SELECT rowid FROM {_TABLE} WHERE key != ? ORDER BY accessed_at LIMIT ?"
+_DELETE_ROW: Final = f"DELETE FROM {_TABLE} WHERE rowid = ?"
 _TOTALS: Final = "SELECT entries, bytes FROM sse_cache_totals WHERE id = 0"
 _SCAN_PAGE: Final = 500
 _MAX_PENDING_TOUCHES: Final = 4096
@@ -289,7 +292,7 @@ class EntryTable:
                 return
             # Evict in small steps: each batch is the least recently used of what is left.
             for (victim,) in victims:
-                conn.execute(_DELETE, (victim,))
+                conn.execute(_DELETE_ROW, (victim,))
                 _, total = conn.execute(_TOTALS).fetchone()
                 if total <= max_bytes:
                     return
@@ -318,13 +321,19 @@ class EntryTable:
 
     def scan_page(self, conn: sqlite3.Connection, prefix: str, after: str | None) -> list[str]:
         """Up to 500 live keys starting with ``prefix``, in key order, after ``after``
-        (None: from the first)."""
+        (None: from the first). A key whose bytes are not UTF-8 (another program's) comes
+        with them as lone surrogates (``k2\\udcff``, the connection's text factory), as the
+        Redis backend lists such keys: listed, and the scan goes on."""
         now = self._clock()
         op = ">=" if after is None else ">"
+        # The bound as the bytes of the key it came from, made TEXT again in SQL: a key with
+        # lone surrogates cannot be bound as a str (UnicodeEncodeError), and the last key of
+        # a page may be one. (A constant expression: the key index still serves the range.)
+        bound = (prefix if after is None else after).encode("utf-8", "surrogateescape")
         rows = conn.execute(
-            f"SELECT key FROM {_TABLE} WHERE key {op} ? AND substr(key, 1, ?) = ?"
+            f"SELECT key FROM {_TABLE} WHERE key {op} CAST(? AS TEXT) AND substr(key, 1, ?) = ?"
             f" AND (expires_at IS NULL OR expires_at > ?) ORDER BY key LIMIT {_SCAN_PAGE}",
-            (prefix if after is None else after, len(prefix), prefix, now),
+            (bound, len(prefix), prefix, now),
         ).fetchall()
         return [k for (k,) in rows]
 

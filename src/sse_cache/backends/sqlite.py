@@ -78,7 +78,11 @@ class SQLiteBackend:
       or a lock held too long (``read_timeout`` for reads, ``timeout`` for writes) raise
       :class:`BackendError` subclasses (the engine turns them into misses); after a corrupt or
       unreadable file the connection is reopened on the next call, so replacing the file
-      recovers without a restart.
+      recovers without a restart. A path that is not a regular file (a FIFO, a directory)
+      raises :class:`BackendUnavailable` at once, saying what it is. A row of other types (a
+      text value, UTF-8 or not: a bit flipped on disk) raises
+      :class:`~sse_cache.errors.CorruptEntry` (the engine deletes it); a key that is not
+      UTF-8 is listed by ``scan`` with its bytes as lone surrogates, and evicted like any row.
     - *Queue*: calls run one at a time, in arrival order; a call that waited
       ``queue_timeout`` seconds for its turn (at most half the time left before the caller's
       deadline) raises :class:`BackendBusy` (more calls at once than the connection serves:

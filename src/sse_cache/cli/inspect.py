@@ -414,7 +414,8 @@ async def _unique_key(backend: Backend, prefix: str) -> str | list[str]:
     found: list[str] = []
     if prefix and isinstance(backend, ScanningBackend):
         async for key in backend.scan(prefix):
-            if not is_alias(key):
+            # (Not a key that is not UTF-8, another program's: no backend reads it.)
+            if not is_alias(key) and not _not_a_key(key):
                 found.append(key)
                 if len(found) == 3:
                     break
@@ -690,6 +691,8 @@ async def _purge_keys(args: argparse.Namespace, backend: Backend) -> int:
             named.add(key)
     if isinstance(backend, ScanningBackend):
         async for alias in backend.scan(ALIAS_PREFIX):
+            if _not_a_key(alias):
+                continue  # not UTF-8, another program's: no backend reads it (nor wrote it)
             found = None if alias in aliases else await stored(backend, alias, codec)
             if found is not None and found[1].target in named:
                 aliases[alias] = None
