@@ -392,15 +392,18 @@ class CachedStream:
                             raise not_an_event(event)
                     except StopAsyncIteration:
                         production.ended()
+                        live.pulled()  # (ended by this pull: no longer read on)
                         break
                     except Exception as exc:
                         production.recorder.fail(f"the upstream stream failed: {exc!r}")
                         live.fail(f"the upstream failed: {exc!r}")
+                        live.pulled()
                         raise
                     except BaseException:
                         # Cancelled inside the pull: the upstream iterator is finished for
                         # good (see LiveFlight.pull); whoever joined meanwhile must fail.
                         live.fail("the reader pulling the upstream was cancelled mid-read")
+                        live.pulled()
                         raise
                     finally:
                         live.pulling = False

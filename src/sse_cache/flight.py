@@ -410,8 +410,9 @@ class LiveFlight(Generic[T]):
             # (Ended by a pull, which then leaves the exchange: listed until it returns.)
             self._flights.discard_handed_over(self)
 
-    def _pulled(self) -> None:
-        # A pull has returned: a flight it ended is no longer read on.
+    def pulled(self) -> None:
+        """A pull has returned (whoever set :attr:`pulling`): a flight it ended or failed is
+        no longer read on."""
         self.pulling = False
         if self.flight.done and self._flights is not None:
             self._flights.discard_handed_over(self)
@@ -656,7 +657,7 @@ class LiveFlight(Generic[T]):
             self.fail("the reader pulling the upstream was cancelled mid-read")
             raise
         finally:
-            self._pulled()
+            self.pulled()
 
     async def _pull_apart(self, source: Callable[[], Awaitable[bool]], bound: float) -> None:
         # A pull of an isolated source, in a task of its own (see pull): cancelled only
@@ -676,7 +677,7 @@ class LiveFlight(Generic[T]):
             raise
         finally:
             self._pull_task = None
-            self._pulled()
+            self.pulled()
 
     async def leave(self, cursor: Cursor) -> None:
         """A follower is done (read to the end, failed, or gone); idempotent. The last reader
@@ -694,6 +695,11 @@ class LiveFlight(Generic[T]):
         flight = self.flight
         if flight.wanted or self.remote or self.held or flight.phase is Phase.ENDED:
             return
+        if self.settling:
+            # Whole, and being settled by whoever made it so (a pull storing the answer):
+            # the last reader leaving — with the whole answer, as the SDKs leave at chat's
+            # [DONE] — does not stop the store (it was cut, and nothing was stored).
+            return
         # The last reader left before the end (or after a failure): abandon the upstream.
         self.fail(reason)
         await self._abandon_source()
@@ -704,16 +710,17 @@ class LiveFlight(Generic[T]):
         now, for every reader, and ``abandon`` is called (it leaves the producer's
         exchange while the backend is still open).
 
-        A stream already whole (:attr:`settling`), ended or failed is left to the pull that
-        made it so, which leaves the exchange: waited for, while the backend is open. (The
-        close failed a whole answer being stored, for its followers too, and stopped its
-        store.)"""
+        A stream already whole (:attr:`settling`), ended or failed is left to whoever made it
+        so (a pull, or the producer's client's own read), which leaves the exchange: waited
+        for, while the backend is open — the pull under way, and a whole stream's end (its
+        answer stored). (The close failed a whole answer being stored, for its followers too,
+        and stopped its store.)"""
         if not (self.flight.done or self.settling):
             self.fail(reason)
             await self._abandon_source()
             return
         with anyio.CancelScope(shield=True):
-            while self.pulling:
+            while self.pulling or not self.flight.done:
                 await self.wait(math.inf)
 
     async def _abandon_source(self) -> None:
@@ -846,6 +853,12 @@ class Flights:
     def discard(self, live: LiveFlight[Any]) -> None:
         if self._live.get(live.key) is live:
             del self._live[live.key]
+
+    @property
+    def handed_over(self) -> int:
+        """How many flights are read on with no producer (:meth:`LiveFlight.hand_over`) and
+        are not over yet (their last pull not returned)."""
+        return len(self._handed_over)
 
     def add_handed_over(self, live: LiveFlight[Any]) -> None:
         self._handed_over.add(live)

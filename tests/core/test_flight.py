@@ -393,6 +393,13 @@ class FlightMachine(RuleBasedStateMachine):
                 assert (flow.live.source is not None) is flow.source
 
     @invariant()
+    def handed_over_flights_are_listed_until_they_are_over(self) -> None:
+        # (What a closing transport ends: one left listed was kept for ever, its log and
+        # entry with it.)
+        over = [f for f in self.flows if f.source and f.phase not in DONE]
+        assert self.flights.handed_over == len(over)
+
+    @invariant()
     def wanted_while_someone_reads(self) -> None:
         for flow in self.flows:
             assert flow.flight.wanted is (flow.producer_reading or bool(flow.attached))
@@ -1120,3 +1127,49 @@ async def test_a_waiting_follower_asks_whether_the_producer_stopped_then_pulls(
     with anyio.fail_after(30):  # a deadlock guard
         await read_all(live, follower, got)
     assert bytes(got) == b"a" + b"".join(pieces(2)) and looks == 3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("pulling", [False, True])
+async def test_ending_a_whole_stream_waits_for_it_to_be_settled(pulling: bool) -> None:
+    # A closing integration ends what is read on for others (end_handed_over). A stream
+    # already whole (settling: its answer being stored by whoever read its end — a pull, or
+    # the producer's client's own read) is not failed: the close waits until it has ended,
+    # and for the pull under way, while the backend is still open (helper-151: a store in
+    # the client's own read was not waited for).
+    flights = Flights()
+    live, _ = flights.claim("k")
+    cursor = live.flight.follow()
+    assert cursor is not None
+    live.respond(Head(200, []))
+    live.deliver(b"data: x\n\n")
+
+    async def source() -> bool:  # pragma: no cover  (never pulled here)
+        raise AssertionError("a whole stream is not read on")
+
+    async def abandon() -> None:  # pragma: no cover
+        raise AssertionError("a whole stream is not abandoned")
+
+    live.hand_over(source, abandon, isolated=True)
+    live.settling = True  # (by the tee: its answer is being stored)
+    live.pulling = pulling
+    done = False
+
+    async def end() -> None:
+        nonlocal done
+        await flights.end_handed_over("the transport was closed")
+        done = True
+
+    with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(end)
+            await anyio.wait_all_tasks_blocked()
+            assert not done  # still being settled
+            live.end()  # stored: the followers' streams end (release_followers)
+            await anyio.wait_all_tasks_blocked()
+            assert done is not pulling  # (and the pull under way returns)
+            if pulling:
+                live.pulled()
+    assert done
+    assert live.flight.phase is Phase.ENDED  # not failed: its followers end cleanly
+    assert flights.handed_over == 0

@@ -150,6 +150,25 @@ async def test_reader_leaving_early_stores_nothing_and_closes_upstream() -> None
     assert again.status is CacheStatus.MISS  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("outcome", ["complete", "cut"])
+async def test_a_miss_leaves_no_flight_behind(outcome: str) -> None:
+    # The engine hands every miss's upstream over to its flight: once the stream is over,
+    # the flight is no longer listed as read on (helper-151: each clean miss's flight, its
+    # entry and recording with it, stayed listed for good: ~30 KB a miss).
+    up = Upstream() if outcome == "complete" else Upstream(fail_after=2)
+    cache = StreamCache(DictBackend(), GenericSSE())
+    for n in range(3):
+        try:
+            async with cache.stream(cache.request({**BODY, "n": n}), up) as s:  # type: ignore[arg-type]
+                async for _ in s:
+                    pass
+        except ConnectionError:
+            assert outcome == "cut"
+    assert up.calls == 3
+    assert len(cache.live) == 0
+    assert cache.live.handed_over == 0
+
+
 async def test_cancelled_reader_stores_nothing_and_closes_upstream() -> None:
     backend, up = DictBackend(), Upstream(delay=0.01)
     cache = StreamCache(backend, GenericSSE())

@@ -3355,3 +3355,72 @@ async def test_closing_the_transport_while_a_follower_stores_the_answer_waits_fo
         assert hit.content == b"".join(_CHAT_PIECES)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (trio: the pull is the reader's)
+async def test_the_last_follower_leaving_while_its_pull_stores_the_answer_keeps_the_store(
+    anyio_backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The producer's client left: its follower read the upstream on to the answer's end, and
+    # that pull (a task of its own) now stores it, the backend slow to take it. The
+    # follower's read is cancelled then (its caller's timeout) and it leaves, the last
+    # reader: the stream is whole, so the store goes on (the pull was stopped mid-store, and
+    # nothing was stored).
+    from sse_cache.backends.sqlite import SQLiteBackend
+
+    storing, stored = anyio.Event(), anyio.Event()
+    real_set = SQLiteBackend.set
+
+    async def slow_set(self: Any, key: str, value: bytes, ttl: float | None = None) -> None:
+        if not storing.is_set():
+            storing.set()
+            await stored.wait()
+        await real_set(self, key, value, ttl)
+
+    monkeypatch.setattr(SQLiteBackend, "set", slow_set)
+    server = Upstream(_OpenableGate(_CHAT_PIECES, hold_after=2))
+    server.start()
+    url = f"sqlite:///{tmp_path / 'leaving.db'}"
+    headers = {"authorization": "Bearer sk-leave-while-storing"}
+    seen = FlightsSeen()
+    try:
+        async with httpx2.AsyncClient(
+            transport=AsyncCacheTransport(url, hooks=[seen]),
+            base_url=server.url,
+            headers=headers,
+            timeout=30,
+        ) as client:
+            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+            producer = await client.send(request, stream=True)
+            follower = await client.send(request, stream=True)
+            assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
+                "miss",
+                "shared",
+            ]
+            with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+                async with anyio.create_task_group() as tg:
+                    reading = anyio.CancelScope()
+
+                    async def read() -> None:
+                        with reading:
+                            async for _ in follower.aiter_raw():
+                                pass
+
+                    tg.start_soon(read)
+                    await producer.aclose()  # the follower reads the upstream on
+                    async with httpx2.AsyncClient() as opener:
+                        await opener.post(server.url + "/_open")
+                    await storing.wait()  # its pull stores the answer
+                    reading.cancel()
+                await follower.aclose()  # the last reader leaves
+                stored.set()
+                while seen.live():  # (the pull stores, then ends the stream)  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+        async with httpx2.AsyncClient(
+            transport=AsyncCacheTransport(url), base_url=server.url, headers=headers
+        ) as again_client:
+            again = await again_client.post("/v1/chat/completions", json=_CHAT_BODY)
+        assert again.headers["x-sse-cache"] == "hit"
+        assert again.content == b"".join(_CHAT_PIECES)
+    finally:
+        server.stop()
