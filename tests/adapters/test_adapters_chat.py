@@ -342,22 +342,29 @@ def test_a_tool_call_delta_whose_index_is_not_a_number_never_raises():
 
 
 @pytest.mark.parametrize("store", [True, False, None])
-def test_metadata_keys_the_answer(store: bool | None) -> None:
+def test_metadata_keys_what_may_change_the_answer(store: bool | None) -> None:
     # With store: true the completion is kept upstream with its metadata (listed, filtered
-    # by): a hit handed bob the id of a completion tagged end_user: alice (helper-88).
-    # Without it, OpenAI refuses metadata (400: answered from a valid request's entry, it
-    # was 200), and a gateway routes on it (LiteLLM's metadata.tags picks the deployment: a
-    # "paid" request was answered by the "free" one's entry; helper-147).
+    # by): a hit handed bob the id of a completion tagged end_user: alice (helper-88). A
+    # gateway routes on its tags (LiteLLM's metadata.tags picks the deployment: a "paid"
+    # request was answered from the "free" one's entry; helper-147). The rest is a gateway's
+    # bookkeeping (a trace id per request): left out, or no such request would ever hit.
     base: dict[str, object] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     if store is not None:
         base["store"] = store
-    alice = ADAPTER.key_fields({**base, "metadata": {"end_user": "alice"}})
-    bob = ADAPTER.key_fields({**base, "metadata": {"tags": ["paid"]}})
-    keyed = [alice, bob, ADAPTER.key_fields(base)]
-    assert len({json.dumps(fields, sort_keys=True) for fields in keyed}) == 3
+
+    def key(**metadata: object) -> str:
+        return json.dumps(ADAPTER.key_fields({**base, "metadata": metadata}), sort_keys=True)
+
+    assert key(tags=["free"]) != key(tags=["paid"])
+    assert key(tags=["free"]) != json.dumps(ADAPTER.key_fields(base), sort_keys=True)
+    traced = key(tags=["free"], trace_id="t1") == key(tags=["free"], trace_id="t2")
+    assert traced is (store is not True)
+    untagged = key(trace_id="t1") == json.dumps(ADAPTER.key_fields(base), sort_keys=True)
+    assert untagged is (store is not True)
     # ignore_fields still leaves it out.
     ignoring = OpenAIChat(ignore_fields=["metadata"])
-    assert ignoring.key_fields({**base, "metadata": {"a": 1}}) == ignoring.key_fields(base)
+    tagged = {**base, "metadata": {"tags": ["a"]}}
+    assert ignoring.key_fields(tagged) == ignoring.key_fields(base)
 
 
 def test_no_annotations_are_an_empty_list_in_a_body_and_absent_from_a_stream():

@@ -84,9 +84,8 @@ _start_decoder: Final = msgspec.json.Decoder(_Start)
 class AnthropicMessages(KeyedAdapter):
     """Adapter for the Anthropic Messages API.
 
-    - **key**: every request field except ``stream``, ``timeout``, ``request_timeout``,
-      ``metadata`` (unless it holds more than a ``user_id`` string, which the API refuses)
-      and ``ignore_fields``.
+    - **key**: every request field except ``stream``, ``metadata`` (unless it holds more
+      than a ``user_id`` string, which the API refuses) and ``ignore_fields``.
     - **outcome**: ``message_stop`` completes; ``event: error`` (or an ``error`` payload)
       fails; a ``message_stop`` whose payload is unreadable fails. Events without an
       ``event:`` line are passed through but never complete a stream (the SDK ignores them).

@@ -41,8 +41,10 @@ class GenericSSE:
         client that did not ask fails on (helper-147)."""
         fields = {k: v for k, v in body.items() if k not in self._drop}
         options = body.get("stream_options")
-        if isinstance(options, dict) and "include_usage" in options and self._usage_keyed:
-            fields["stream_options"] = {"include_usage": options["include_usage"]}
+        if isinstance(options, dict) and self._usage_keyed:
+            usage = options.get("include_usage")
+            if usage is not None and usage is not False:  # (false asks what absent does)
+                fields["stream_options"] = {"include_usage": usage}
         return fields
 
     def is_streaming(self, body: Mapping[str, Any]) -> bool:

@@ -31,12 +31,10 @@ from ._common import (
 __all__ = ["EXCLUDED_FIELDS", "OpenAIChat"]
 
 #: Request fields left out of the key: transport, plus caller bookkeeping that a chat
-#: completion never echoes and that cannot change the generated message. Not ``metadata``:
-#: OpenAI refuses it without ``store: true`` (400), keeps it with a stored completion (a hit
-#: would hand out the id of one tagged with another caller's: helper-88), and gateways route
-#: on it (LiteLLM's ``metadata.tags`` picks the deployment: helper-147).
+#: completion never echoes and that cannot change the generated message. (Of ``metadata``,
+#: what may change the answer keys all the same: see OpenAIChat.excluded_but_read.)
 EXCLUDED_FIELDS: Final = TRANSPORT_FIELDS | frozenset(
-    {"user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
+    {"user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
 )
 
 #: What keys a stream that did not ask for usage apart, in place of its ``stream_options``:
@@ -87,9 +85,9 @@ class OpenAIChat(KeyedAdapter):
     """Adapter for OpenAI Chat Completions and OpenAI-compatible servers.
 
     - **key**: every request field except ``stream``, ``stream_options`` (of a streamed
-      request), ``timeout``, ``request_timeout``, ``user``, ``metadata`` (unless ``store``
-      is true), ``safety_identifier``, ``prompt_cache_key``, ``prompt_cache_retention`` and
-      ``ignore_fields``; but a
+      request), ``user``, ``metadata`` (but its ``tags``, a gateway's routing, and all of
+      it when ``store`` is true), ``safety_identifier``, ``prompt_cache_key``,
+      ``prompt_cache_retention`` and ``ignore_fields``; but a
       streamed request *without* ``stream_options.include_usage`` keys apart: a non-streamed
       request shares its entry with streams that carry usage, as its body does.
     - **outcome**: ``data: [DONE]`` completes; a payload with a truthy top-level ``error``
@@ -109,6 +107,7 @@ class OpenAIChat(KeyedAdapter):
     #: project of one API key): part of the key in the HTTP integrations.
     key_headers: tuple[str, ...] = ("openai-beta", "openai-organization", "openai-project")
     excluded_fields = EXCLUDED_FIELDS
+    maybe_read = KeyedAdapter.maybe_read | {"metadata"}
 
     def __init__(
         self,
@@ -124,8 +123,24 @@ class OpenAIChat(KeyedAdapter):
         self.usage_chunk = usage_chunk
         self.store_blocked = store_blocked
 
+    def excluded_but_read(self, body: Mapping[str, Any]) -> tuple[str, ...]:
+        """Also ``metadata`` when the completion is stored upstream (``store: true``): it is
+        kept with it (listed, filtered by, used for evals), and a hit would hand the caller
+        the id of a completion tagged with another caller's metadata (helper-88)."""
+        read = super().excluded_but_read(body)
+        if body.get("store") is True and body.get("metadata") is not None:
+            return (*read, "metadata")
+        return read
+
     def key_fields(self, body: Mapping[str, Any]) -> Mapping[str, Any]:
         fields = super().key_fields(body)
+        if "metadata" not in fields and "metadata" not in self._ignored:
+            metadata = body.get("metadata")
+            if isinstance(metadata, dict) and metadata.get("tags") is not None:
+                # A gateway's routing tags (LiteLLM's ``metadata.tags`` picks the deployment:
+                # a "paid" request was answered from the "free" one's entry; helper-147).
+                # The rest of it (a trace id per request, say) is bookkeeping: left out.
+                fields = {**fields, "metadata": {"tags": metadata["tags"]}}
         if body.get("stream") is True:
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):

@@ -135,7 +135,7 @@ class OpenAIResponses(KeyedAdapter):
     """Adapter for the OpenAI Responses API.
 
     - **key**: every request field except ``stream``, ``stream_options`` (of a streamed
-      request), ``timeout``, ``request_timeout`` and ``ignore_fields``.
+      request) and ``ignore_fields``.
     - **outcome**: ``response.completed`` completes; ``response.failed``, ``error`` (and any
       payload with a truthy top-level ``error``) fail; ``response.incomplete`` fails unless
       ``store_incomplete=True``. A terminal ``event:`` line whose payload is unreadable or
