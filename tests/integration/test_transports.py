@@ -2413,13 +2413,7 @@ async def test_closing_the_transport_under_a_pulling_follower_fails_it_with_an_h
         client = httpx2.AsyncClient(
             transport=transport, base_url=server.url, headers=headers, timeout=30
         )
-        request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
-        producer = await client.send(request, stream=True)
-        follower = await client.send(request, stream=True)
-        assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
-            "miss",
-            "shared",
-        ]
+        producer, follower = await _miss_and_follower(client)
         with anyio.fail_after(30):  # a deadlock guard, not a timing bound
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_aread_into, outcome, "follower", follower)
@@ -3289,6 +3283,46 @@ async def test_a_generic_body_that_ends_as_its_connection_closes_is_not_stored(
     assert upstream.calls == 2
 
 
+class _HeldStore:
+    """The SQLite backend's first store held until :attr:`stored` is set (:attr:`storing`
+    says it began); ``order`` notes each store done and each close of a backend."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from sse_cache.backends.sqlite import SQLiteBackend
+
+        self.storing, self.stored = anyio.Event(), anyio.Event()
+        self.order: list[str] = []
+        real_set, real_close = SQLiteBackend.set, SQLiteBackend.aclose
+
+        async def held_set(backend: Any, key: str, value: bytes, ttl: float | None = None) -> None:
+            if not self.storing.is_set():
+                self.storing.set()
+                await self.stored.wait()
+            await real_set(backend, key, value, ttl)
+            self.order.append("stored")
+
+        async def close(backend: Any) -> None:
+            self.order.append("closed")
+            await real_close(backend)
+
+        monkeypatch.setattr(SQLiteBackend, "set", held_set)
+        monkeypatch.setattr(SQLiteBackend, "aclose", close)
+
+
+async def _miss_and_follower(
+    client: httpx2.AsyncClient,
+) -> tuple[httpx2.Response, httpx2.Response]:
+    """A producer's response to :data:`_CHAT_BODY` and a follower's, both streamed."""
+    request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
+    producer = await client.send(request, stream=True)
+    follower = await client.send(request, stream=True)
+    assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
+        "miss",
+        "shared",
+    ]
+    return producer, follower
+
+
 # (On trio, httpcore's generator left suspended when the answer is complete before the
 # body's end: see the test above.)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -3300,25 +3334,7 @@ async def test_closing_the_transport_while_a_follower_stores_the_answer_waits_fo
     # pull now stores the answer (the backend slow to take it) as the program closes its
     # client. The close waits for the store, then closes the backend: the answer is kept.
     # It closed the backend under the store (the flight had ended, so the close skipped it).
-    from sse_cache.backends.sqlite import SQLiteBackend
-
-    order: list[str] = []
-    storing, stored = anyio.Event(), anyio.Event()
-    real_set, real_close = SQLiteBackend.set, SQLiteBackend.aclose
-
-    async def slow_set(self: Any, key: str, value: bytes, ttl: float | None = None) -> None:
-        if not storing.is_set():
-            storing.set()
-            await stored.wait()
-        await real_set(self, key, value, ttl)
-        order.append("stored")
-
-    async def close(self: Any) -> None:
-        order.append("closed")
-        await real_close(self)
-
-    monkeypatch.setattr(SQLiteBackend, "set", slow_set)
-    monkeypatch.setattr(SQLiteBackend, "aclose", close)
+    held = _HeldStore(monkeypatch)
     server = Upstream(_OpenableGate(_CHAT_PIECES, hold_after=2))
     server.start()
     url = f"sqlite:///{tmp_path / 'closing.db'}"
@@ -3328,25 +3344,19 @@ async def test_closing_the_transport_while_a_follower_stores_the_answer_waits_fo
         client = httpx2.AsyncClient(
             transport=AsyncCacheTransport(url), base_url=server.url, headers=headers, timeout=30
         )
-        request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
-        producer = await client.send(request, stream=True)
-        follower = await client.send(request, stream=True)
-        assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
-            "miss",
-            "shared",
-        ]
+        producer, follower = await _miss_and_follower(client)
         with anyio.fail_after(30):  # a deadlock guard, not a timing bound
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_aread_into, outcome, "follower", follower)
                 await producer.aclose()  # the follower reads the upstream on
                 async with httpx2.AsyncClient() as opener:
                     await opener.post(server.url + "/_open")
-                await storing.wait()  # the follower's pull stores the answer
+                await held.storing.wait()  # the follower's pull stores the answer
                 tg.start_soon(client.aclose)
                 await anyio.wait_all_tasks_blocked()
-                stored.set()
+                held.stored.set()
         assert outcome["follower"] == b"".join(_CHAT_PIECES)
-        assert order == ["stored", "closed"]
+        assert held.order == ["stored", "closed"]
         async with httpx2.AsyncClient(
             transport=AsyncCacheTransport(url), base_url=server.url, headers=headers
         ) as again:
@@ -3366,18 +3376,7 @@ async def test_the_last_follower_leaving_while_its_pull_stores_the_answer_keeps_
     # follower's read is cancelled then (its caller's timeout) and it leaves, the last
     # reader: the stream is whole, so the store goes on (the pull was stopped mid-store, and
     # nothing was stored).
-    from sse_cache.backends.sqlite import SQLiteBackend
-
-    storing, stored = anyio.Event(), anyio.Event()
-    real_set = SQLiteBackend.set
-
-    async def slow_set(self: Any, key: str, value: bytes, ttl: float | None = None) -> None:
-        if not storing.is_set():
-            storing.set()
-            await stored.wait()
-        await real_set(self, key, value, ttl)
-
-    monkeypatch.setattr(SQLiteBackend, "set", slow_set)
+    held = _HeldStore(monkeypatch)
     server = Upstream(_OpenableGate(_CHAT_PIECES, hold_after=2))
     server.start()
     url = f"sqlite:///{tmp_path / 'leaving.db'}"
@@ -3390,13 +3389,7 @@ async def test_the_last_follower_leaving_while_its_pull_stores_the_answer_keeps_
             headers=headers,
             timeout=30,
         ) as client:
-            request = client.build_request("POST", "/v1/chat/completions", json=_CHAT_BODY)
-            producer = await client.send(request, stream=True)
-            follower = await client.send(request, stream=True)
-            assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
-                "miss",
-                "shared",
-            ]
+            producer, follower = await _miss_and_follower(client)
             with anyio.fail_after(30):  # a deadlock guard, not a timing bound
                 async with anyio.create_task_group() as tg:
                     reading = anyio.CancelScope()
@@ -3410,10 +3403,10 @@ async def test_the_last_follower_leaving_while_its_pull_stores_the_answer_keeps_
                     await producer.aclose()  # the follower reads the upstream on
                     async with httpx2.AsyncClient() as opener:
                         await opener.post(server.url + "/_open")
-                    await storing.wait()  # its pull stores the answer
+                    await held.storing.wait()  # its pull stores the answer
                     reading.cancel()
                 await follower.aclose()  # the last reader leaves
-                stored.set()
+                held.stored.set()
                 while seen.live():  # (the pull stores, then ends the stream)  # noqa: ASYNC110
                     await anyio.sleep(0.01)
         async with httpx2.AsyncClient(
