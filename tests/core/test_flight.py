@@ -69,10 +69,14 @@ class Flow:
         # after the producer's exchange is over (a cross-process follower's local readers).
         self.source = False
         self.readers: list[Reader] = []
+        self.settling = False
+        self.abandoned = 0
 
     @property
     def upstream_open(self) -> bool:
         """Its upstream may still send: the producer is there, or a source is handed over."""
+        if self.settling:
+            return False
         return not self.closed or (self.source and self.phase not in DONE)
 
     @property
@@ -151,13 +155,15 @@ class FlightMachine(RuleBasedStateMachine):
         return any(r.attached for r in self.readers)
 
     def _leave(self, reader: Reader) -> None:
-        # The synchronous part of LiveFlight.leave: the last reader to leave a flight that is
-        # not done fails it (its upstream is abandoned).
+        # LiveFlight.leave (its own event loop: the machine has none): the last reader to
+        # leave a flight that is not done fails it (its upstream is abandoned) — unless the
+        # stream is whole, which whoever made it so ends (helper-152).
         flow = reader.flow
-        flow.flight.unfollow(reader.cursor)
+        anyio.run(flow.live.leave, reader.cursor)
         reader.attached = False
         if not flow.producer_reading and not flow.attached and flow.phase not in DONE:
-            flow.live.fail("every reader left before the stream ended")
+            if flow.settling:
+                return  # whole: its settler ends it (release_followers)
             self._failed(flow)
 
     # -- requests ---------------------------------------------------------------------------
@@ -241,8 +247,9 @@ class FlightMachine(RuleBasedStateMachine):
         async def source() -> bool:  # pragma: no cover  (never awaited here)
             raise AssertionError("the sans-IO machine never pulls")
 
-        async def abandon() -> None:  # pragma: no cover
-            raise AssertionError("the sans-IO machine never abandons")
+        async def abandon() -> None:
+            assert not flow.settling, "a whole stream's upstream was abandoned"
+            flow.abandoned += 1
 
         flow.live.hand_over(source, abandon)
         flow.source = True
@@ -309,6 +316,30 @@ class FlightMachine(RuleBasedStateMachine):
         assert flow.flight.phase is Phase.ENDED
         self._unregister(flow)
         flow.closed = True
+
+    @precondition(producing_in(Phase.STREAMING))
+    @rule(data=st.data())
+    def stream_whole(self, data: st.DataObject) -> None:
+        # ResponseTee._end_followers: the upstream ended (or the answer is complete); the
+        # followers' end waits for the store.
+        flow = self._producing(data, Phase.STREAMING)
+        flow.live.settling = True
+        flow.settling = True
+
+    @precondition(lambda m: any(f.settling and f.phase is Phase.STREAMING for f in m.flows))
+    @rule(data=st.data())
+    def stored_then_released(self, data: st.DataObject) -> None:
+        # The exchange left: the answer stored, the followers' streams end (release_followers).
+        whole = [f for f in self.flows if f.settling and f.phase is Phase.STREAMING]
+        flow = data.draw(st.sampled_from(whole))
+        flow.live.end()
+        flow.phase = Phase.ENDED
+
+    @invariant()
+    def a_whole_stream_never_fails(self) -> None:
+        for flow in self.flows:
+            if flow.settling:
+                assert flow.flight.phase is not Phase.FAILED
 
     # -- followers --------------------------------------------------------------------------
 
