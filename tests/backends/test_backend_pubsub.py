@@ -4,6 +4,7 @@ a silent producer, expiry, binary and large messages, lost messages, server faul
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 import uuid
@@ -398,6 +399,77 @@ async def test_server_stopped_mid_read_then_restarted(spawn_redis: Callable[[], 
         await backend.aclose()
 
 
+async def test_a_stall_shorter_than_the_block_is_silence_to_a_reader_and_a_publisher(
+    spawn_redis: Callable[[], Any],
+) -> None:
+    # A Redis that stops answering for a moment (stalled, paused for a failover: SIGSTOP
+    # here) while a reader waits and a producer appends: each command that times out is
+    # sent again — the reader's XREAD until ``block`` passed with nothing, the append until
+    # its ttl (the same append: applied once). One timed-out command failed every follower
+    # of the stream mid-answer, and the producer's channel for good (helper-150: a stall of
+    # 0.6 s, a failover's CLIENT PAUSE).
+    server = spawn_redis()
+    publisher = from_url(server.url, timeout=0.2)
+    follower = from_url(server.url, timeout=0.2)
+    assert isinstance(publisher, RedisBackend) and isinstance(follower, RedisBackend)
+    name = channel()
+    calls = {"xread": 0, "append": 0}
+    xread, append = follower._fanout._client.xread, publisher._fanout._append
+
+    async def counted_xread(*args: Any, **kwargs: Any) -> Any:
+        calls["xread"] += 1
+        return await xread(*args, **kwargs)
+
+    async def counted_append(*args: Any, **kwargs: Any) -> Any:
+        calls["append"] += 1
+        return await append(*args, **kwargs)
+
+    follower._fanout._client.xread = counted_xread  # type: ignore[method-assign]
+    publisher._fanout._append = counted_append  # type: ignore[assignment]
+    received: list[bytes] = []
+    failure: list[BaseException] = []
+    over = anyio.Event()
+
+    async def read() -> None:
+        try:
+            async for message in follower.read(name, block=GUARD):
+                received.append(message)
+        except BackendError as exc:
+            failure.append(exc)
+        finally:
+            over.set()
+
+    try:
+        await publisher.publish(name, b"one", ttl=TTL)
+        with anyio.fail_after(GUARD):  # a deadlock guard, not a timing bound
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read)
+                while not received and not over.is_set():  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                server.pause()
+                try:
+                    before = dict(calls)
+                    tg.start_soon(functools.partial(publisher.publish, name, b"two", ttl=TTL))
+                    # Nothing answers while it is stopped: a command ends by its timeout.
+                    # Each side sent one again (or the reader gave up).
+                    while not over.is_set() and (  # noqa: ASYNC110
+                        calls["xread"] < before["xread"] + 2
+                        or calls["append"] < before["append"] + 2
+                    ):
+                        await anyio.sleep(0.01)
+                finally:
+                    server.resume()
+                with anyio.fail_after(GUARD):
+                    while len(received) < 2 and not over.is_set():  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                await publisher.finish(name, ttl=TTL)
+        assert failure == []
+        assert received == [b"one", b"two"]  # each once: the repeated append applied once
+    finally:
+        await publisher.aclose()
+        await follower.aclose()
+
+
 async def test_a_full_server_refuses_an_append_to_a_live_stream(
     spawn_redis: Callable[[], Any],
 ) -> None:
@@ -479,18 +551,19 @@ async def test_a_stream_whose_newest_messages_the_server_lost_is_an_error_not_a_
         await backend.aclose()
 
 
-async def test_server_hung_mid_read_costs_a_timeout(spawn_redis: Callable[[], Any]) -> None:
+async def test_server_hung_mid_read_costs_the_block(spawn_redis: Callable[[], Any]) -> None:
     server = spawn_redis()
     backend = from_url(server.url, timeout=0.3)
     assert isinstance(backend, FanoutBackend)
     name = channel()
     try:
         await backend.publish(name, b"before", ttl=TTL)
-        reader = backend.read(name, block=10 * GUARD)
+        reader = backend.read(name, block=1.0)
         assert await reader.__anext__() == b"before"
         server.pause()
-        # The per-operation timeout notices the hung server (not the read's block, past GUARD).
-        with anyio.fail_after(GUARD), pytest.raises(BackendTimeout):
+        # A hung server is silence (a stall may end: see the test above) for the read's
+        # block, then a timeout that says it was Redis, not the producer.
+        with anyio.fail_after(GUARD), pytest.raises(BackendTimeout, match="did not answer"):
             await reader.__anext__()
         server.resume()
         await backend.finish(name, ttl=TTL)

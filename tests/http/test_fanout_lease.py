@@ -139,3 +139,50 @@ async def test_a_refused_heartbeat_is_not_called_a_failed_renewal(
     said = [r.getMessage() for r in caplog.records]
     assert said and all("could not write a heartbeat to" in m for m in said), said
     assert "BackendFull" in said[0]
+
+
+class FailingOnce(SlowChannel):
+    """The first write of the answer's body times out (a Redis stalled past the lease);
+    every write after it goes through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate.set()
+        self.failed = False
+
+    async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+        from sse_cache.errors import BackendTimeout
+
+        if data.startswith(b"d") and not self.failed:
+            self.failed = True
+            raise BackendTimeout("XADD: Redis did not answer in time")
+        await super().publish(channel, data, ttl=ttl)
+
+
+async def test_a_failed_publish_is_told_to_the_followers_by_the_keeper() -> None:
+    # A piece of the answer could not be published: the followers in other processes miss
+    # it. The keeper's heartbeats kept them waiting, alive but silent, until the response
+    # ended (helper-150: 7.5 s; minutes for a long answer), then they were told. The keeper
+    # writes the failure marker in place of its next heartbeat, once, and the end of the
+    # lead does not write it again.
+    from sse_cache.flight import Head
+    from sse_cache.http._fanout import end_lead
+    from sse_cache.http._tee import ResponseTee
+
+    channel = FailingOnce()
+    lease = _Lease(TimedFanout(channel, ()), "sf:key", "token", ttl=0.03)  # type: ignore[arg-type]
+    tee = ResponseTee()
+    tee.publish_to(lease, Head(200, [("content-type", "text/event-stream")]))
+    tee.relay(b"data: 1\n\n")
+    await tee.flush()
+    assert tee.publish_failed
+    with anyio.fail_after(DEADLOCK_GUARD):
+        while b"x" not in channel.written:  # noqa: ASYNC110  (the keeper's next round)
+            await anyio.sleep(0.01)
+        while channel.renewals < 6:  # noqa: ASYNC110  (rounds after it: nothing more)
+            await anyio.sleep(0.01)
+    await end_lead(lease, "key", tee.publish_rest)
+    written = channel.written
+    assert written[0].startswith(b"h") and written[-1] == b"<end>"
+    assert written[1:-1].count(b"x") == 1
+    assert written.index(b"x") == len(written) - 2  # no heartbeat after it

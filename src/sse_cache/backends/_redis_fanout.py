@@ -134,9 +134,21 @@ class StreamFanout:
         # What the next append must follow (nothing after the end marker: forgotten). A
         # refused channel is kept as it was, so that every later append is refused too.
         after = (expected, unknown + 1)  # applied or not (a timeout, a cancellation): either
+        deadline = time.monotonic() + ttl
         try:
-            async with self._commands(what):
-                status, seq = await self._append(keys=[self._prefix + channel], args=args)
+            while True:
+                try:
+                    async with self._commands(what):
+                        status, seq = await self._append(keys=[self._prefix + channel], args=args)
+                    break
+                except BackendTimeout:
+                    # Redis did not answer in time (stalled, paused for a failover): the
+                    # same append again — its nonce: one that was applied is not applied
+                    # twice — until the stream's ttl passed (callers bound it further: a
+                    # response's publish by its lease). One such command failed the channel
+                    # for good, every follower elsewhere cut mid-answer (helper-150).
+                    if time.monotonic() >= deadline:
+                        raise
             refused = int(status) < 0
             after = (expected, unknown) if refused else (int(seq) + 1, 0)
         finally:
@@ -178,13 +190,25 @@ class StreamFanout:
         slice_ms = max(1, int(self._timeout * 500))
         count = _READ_COUNT[0]
         deadline = time.monotonic() + block
+        stalled: BackendTimeout | None = None  # the last read Redis did not answer in time
         while True:
             left_ms = (deadline - time.monotonic()) * 1000  # (inf for block=inf)
             if left_ms <= 0:
+                if stalled is not None:
+                    raise stalled  # (it says Redis stalled, not the producer)
                 raise BackendTimeout(f"XREAD: no message on stream {channel!r} for {block} seconds")
             wait_ms = slice_ms if left_ms >= slice_ms else math.ceil(left_ms)
-            async with self._commands("XREAD"):
-                reply: Any = await self._client.xread({name: last}, count=count, block=wait_ms)
+            try:
+                async with self._commands("XREAD"):
+                    reply: Any = await self._client.xread({name: last}, count=count, block=wait_ms)
+            except BackendTimeout as exc:
+                # Redis did not answer in time (stalled, paused for a failover): silence, as
+                # a slice with no message — read again (from the same entry: nothing is
+                # lost) until ``block`` seconds passed with nothing. One such command failed
+                # every follower of the stream mid-answer (a stall of 0.6 s; helper-150).
+                stalled = exc
+                continue
+            stalled = None
             entries = _stream_entries(reply)
             if not entries:
                 continue

@@ -428,7 +428,9 @@ class RedisBackend:
         """Append ``data`` to the stream ``{prefix}s:{channel}`` (``XADD MAXLEN ~``, in a
         script that also sets the stream's expiry to ``ttl`` seconds).
 
-        A retried append is applied once. A stream holds about 100 000 messages at most:
+        A retried append is applied once: one Redis does not answer in time (a stall, a
+        failover's pause) is sent again until ``ttl`` seconds passed (bound it further
+        yourself). A stream holds about 100 000 messages at most:
         beyond that the oldest are trimmed, and readers that still needed them raise
         :class:`BackendError`."""
         await self._fanout.publish(channel, data, ttl=ttl)
@@ -449,7 +451,9 @@ class RedisBackend:
         and the usual :class:`BackendError` family when Redis fails.
 
         Waiting holds one pooled connection per reader, in slices of half the operation
-        timeout (``XREAD BLOCK``), so a dead server is noticed within about ``timeout``."""
+        timeout (``XREAD BLOCK``), so a dead server (refusing connections) is noticed within
+        about ``timeout``; one that does not answer in time (stalled, paused for a failover)
+        counts as silence, read again until ``block`` seconds passed with nothing."""
         return self._fanout.read(channel, start=start, block=block)
 
 

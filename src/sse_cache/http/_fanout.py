@@ -188,6 +188,9 @@ class _Lease:
         # a repeat only by the newest entry (_redis_fanout), so a heartbeat written between
         # the two made followers read that piece of the answer twice, and end cleanly.
         self._writing = asyncio.Lock()
+        # A publish failed (see failed); and whether the failure marker was written since.
+        self._failed = False
+        self.told_failed = False
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # not on asyncio: the lease simply runs out
@@ -203,6 +206,13 @@ class _Lease:
         """Append the end marker, after any write to the channel under way."""
         async with self._writing:
             await self.fanout.finish(self.channel, ttl=_FANOUT_TTL)
+
+    def failed(self) -> None:
+        """A publish failed: the followers in other processes miss bytes. The keeper tells
+        them (the failure marker ``b"x"``, in place of its next heartbeat) rather than keep
+        them waiting, alive but silent, until the response ends — minutes for a long answer
+        (helper-150)."""
+        self._failed = True
 
     async def _keep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -237,10 +247,12 @@ class _Lease:
                 lost, self._lost = not self._lost, True
                 if lost:
                     logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
-            if self._writing.locked():
-                continue  # (a write under way shows life enough)
+            if self._writing.locked() or self.told_failed:
+                continue  # (a write under way shows life enough; or nothing more to say)
+            failed = self._failed
             try:
-                await checked(self.publish(b"k"))
+                await checked(self.publish(b"x" if failed else b"k"))
+                self.told_failed = failed
             except Exception as exc:  # (said apart: a full Redis refuses it, the lease held)
                 backend_warnings.warning(
                     self.fanout.backend,
@@ -449,7 +461,8 @@ class _ProcessSource:
                     return True
                 live.fail(f"the stream sent nothing for {self._idle_timeout} s")
             else:
-                live.fail("the process producing this stream failed")
+                # (Its upstream failed, or its publishing did: it could not send all of it.)
+                live.fail("the process producing this stream failed to deliver all of it")
         except StopAsyncIteration:
             live.end()  # the producer's end marker: its upstream ended cleanly
         except BackendTimeout as exc:
@@ -565,7 +578,8 @@ async def end_lead(
     with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
         try:
             await lease.stop()
-            if publish_rest is None or not await publish_rest():
+            whole = publish_rest is not None and await publish_rest()
+            if not whole and not lease.told_failed:
                 await lease.publish(b"x")
             await lease.finish()
         except Exception as exc:

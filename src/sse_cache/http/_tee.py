@@ -184,6 +184,7 @@ class ResponseTee:
             # a clean end), not sent what comes next — nor read on for: the stream is no
             # longer read to its end for them when no one here reads it.
             lease.stalled = None  # (its keeper looks for no one now: helper-119)
+            lease.failed()  # (and tells them, once Redis answers)
             self._lease = None
             self.publish_failed = True
             if self._flight is not None:
