@@ -575,7 +575,11 @@ async def end_lead(
     marker ``b"x"``, finish the channel, release the lock. Shielded and bounded: followers in
     other processes must hear the end."""
     fanout = lease.fanout
-    with anyio.CancelScope(shield=True), anyio.move_on_after(_FANOUT_CLOSE_TIMEOUT):
+    # Bounded by the lease too: followers wait no longer than that for the next message, so
+    # writing on past it helps no one, and the response's end may wait for this (a stalled
+    # Redis: its appends are sent again until their bound).
+    bound = min(_FANOUT_CLOSE_TIMEOUT, lease.ttl)
+    with anyio.CancelScope(shield=True), anyio.move_on_after(bound):
         try:
             await lease.stop()
             whole = publish_rest is not None and await publish_rest()
