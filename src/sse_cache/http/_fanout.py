@@ -188,8 +188,8 @@ class _Lease:
         # a repeat only by the newest entry (_redis_fanout), so a heartbeat written between
         # the two made followers read that piece of the answer twice, and end cleanly.
         self._writing = asyncio.Lock()
-        # A publish failed (see failed); and whether the failure marker was written since.
-        self._failed = False
+        #: A publish failed (:meth:`failed`); and whether the failure marker was written since.
+        self.failing = False
         self.told_failed = False
         try:
             loop = asyncio.get_running_loop()
@@ -212,7 +212,7 @@ class _Lease:
         them (the failure marker ``b"x"``, in place of its next heartbeat) rather than keep
         them waiting, alive but silent, until the response ends — minutes for a long answer
         (helper-150)."""
-        self._failed = True
+        self.failing = True
 
     async def _keep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -249,7 +249,7 @@ class _Lease:
                     logger.warning("sse_cache: lost the cross-process lease of %s", self.lock)
             if self._writing.locked() or self.told_failed:
                 continue  # (a write under way shows life enough; or nothing more to say)
-            failed = self._failed
+            failed = self.failing
             try:
                 await checked(self.publish(b"x" if failed else b"k"))
                 self.told_failed = failed
@@ -577,8 +577,10 @@ async def end_lead(
     fanout = lease.fanout
     # Bounded by the lease too: followers wait no longer than that for the next message, so
     # writing on past it helps no one, and the response's end may wait for this (a stalled
-    # Redis: its appends are sent again until their bound).
-    bound = min(_FANOUT_CLOSE_TIMEOUT, lease.ttl)
+    # Redis: its appends are sent again until their bound). After a publish that failed
+    # (Redis did not take it within a lease), a third of that: one more try, not a lease's
+    # wait on a Redis already known to hang.
+    bound = min(_FANOUT_CLOSE_TIMEOUT, lease.ttl / 3 if lease.failing else lease.ttl)
     with anyio.CancelScope(shield=True), anyio.move_on_after(bound):
         try:
             await lease.stop()
