@@ -402,6 +402,10 @@ class AccessLog:
             line.stored, line.reason = False, notice.detail
         elif notice.kind in ("bypass", "invalid") and notice.detail:
             line.reason = notice.detail
+        elif notice.kind == "shared" and notice.detail:
+            # A follower that left before its stream's head: no response, so no header says
+            # what it was (its line: cache=shared, the key, and why it has no answer).
+            line.cache, line.key, line.reason = "shared", notice.key, notice.detail
 
     @property
     def enabled(self) -> bool:
@@ -455,8 +459,8 @@ class AccessLog:
         stored, reason = line.stored, line.reason
         if line.cache in ("hit", "shared"):
             # Nothing of these is stored; a follower may hear its producer's notices, which
-            # the producer's own line reports.
-            stored, reason = None, ""
+            # the producer's own line reports. (One with no response says why.)
+            stored, reason = None, reason if not line.status else ""
         elif line.cache in ("miss", "refresh"):
             if stored is None:
                 stored = False

@@ -332,8 +332,11 @@ class _Request:
             ex = self.exchange = await exchange.__aenter__()
         except FollowerLeft:
             # Its client left while it waited for the head of the live stream it follows:
-            # no one to answer (its place there is given back).
-            emit(service.hooks, Notice(kind="bypass", key="", detail=LEFT_WAITING))
+            # no one to answer (its place there is given back). Counted as what it was, a
+            # follower, with why it has no answer (a "bypass" it was counted as: uncacheable
+            # traffic rose as users gave up on a slow first token; helper-154).
+            notice = Notice(kind="shared", key=exchange.key, detail=LEFT_WAITING)
+            emit(service.hooks, notice)
             return
         leave = _Leaving(exchange)
         if ex.answer is not None:

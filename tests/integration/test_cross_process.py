@@ -1376,7 +1376,7 @@ class MiddlewarePair:
 
     def left_waiting(self) -> int:
         """B's requests whose clients left while they waited for the head."""
-        return sum(n.kind == "bypass" and n.detail == LEFT_WAITING for n in self.notices.seen)
+        return sum(n.kind == "shared" and n.detail == LEFT_WAITING for n in self.notices.seen)
 
     async def aclose(self) -> None:
         await self.a.aclose()
@@ -1410,7 +1410,7 @@ async def test_a_follower_in_another_process_whose_client_leaves_before_the_head
                 await pair.lead(tg, produced)
                 await pair.follow(tg, [], _leaving(left, read))
                 left.set()
-                await pair.notices.wait("bypass")
+                await pair.notices.wait("shared")
                 assert pair.left_waiting() == 1
                 assert await pair.presences() == []  # (given back)
                 pair.upstream.head.set()

@@ -20,6 +20,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -988,6 +989,74 @@ async def test_access_lines_of_requests_served_together_each_say_their_own_outco
         ("shared", None, ""): 7,
         ("miss", False, "upstream status 500"): 1,
     }, outcomes
+
+
+class _HeldHead:
+    """An SSE upstream whose response head waits for :attr:`gate`."""
+
+    def __init__(self) -> None:
+        self.gate = anyio.Event()
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        self.calls += 1
+        await self.gate.wait()
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        body = serialize_sse(responses_stream("held", text_deltas=2))
+        await send({"type": "http.response.body", "body": body})
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_a_follower_that_left_before_the_head_is_counted_and_logged_as_a_follower(
+    serve: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its client gave up on a slow first token: it was counted a bypass (uncacheable
+    # traffic), its line said cache=- key=- (helper-154). It was a follower: shared, its key,
+    # and why it has no answer.
+    upstream_app = _HeldHead()
+    body = {"model": "gpt-mock", "input": "held head", "stream": True}
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy, timeout=30) as client:
+            with caplog.at_level(logging.INFO, logger="sse_cache.access"):
+                with anyio.fail_after(30):  # a deadlock guard
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(
+                            partial(client.post, "/v1/responses", json=body, headers=HEADERS)
+                        )
+                        while upstream_app.calls == 0:  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
+                        follower = anyio.CancelScope()
+                        tg.start_soon(partial(_post_within, follower, client, body))
+                        while "shared" not in await _live_status(client):  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
+                        follower.cancel()  # its client leaves
+                        while not any(  # noqa: ASYNC110
+                            "left while it waited" in r.getMessage() for r in caplog.records
+                        ):
+                            await anyio.sleep(0.01)
+                        upstream_app.gate.set()
+                scrape = (await client.get("/_sse_cache/metrics")).text
+        await app.aclose()
+    assert metric_value(scrape, "sse_cache_requests_total", status="shared") == 1
+    assert metric_value(scrape, "sse_cache_requests_total", status="bypass") == 0
+    [left] = [r for r in caplog.records if "left while it waited" in r.getMessage()]
+    assert left.cache_status == "shared"  # type: ignore[attr-defined]
+    assert re.search(r" cache=shared key=[0-9a-f]{8,} ", left.getMessage()), left.getMessage()
+
+
+async def _post_within(scope: anyio.CancelScope, client: httpx2.AsyncClient, body: Any) -> None:
+    with scope:
+        await client.post("/v1/responses", json=body, headers=HEADERS)
+
+
+async def _live_status(client: httpx2.AsyncClient) -> str:
+    scrape = (await client.get("/_sse_cache/metrics")).text
+    return "shared" if metric_value(scrape, "sse_cache_live_stream_followers") >= 1 else ""
 
 
 @pytest.mark.anyio

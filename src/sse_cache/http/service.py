@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from contextlib import AsyncExitStack
 from functools import partial
 from types import TracebackType
 from typing import Any
@@ -275,7 +275,7 @@ class CacheService:
         *,
         publish: bool = False,
         client_gone: ClientGone | None = None,
-    ) -> AbstractAsyncContextManager[Exchange]:
+    ) -> Exchange:
         """One request/response, for a :meth:`decide` decision, as an ``async with`` block.
         Leaving the block normally stores what completed; leaving it with an exception stores
         nothing.
