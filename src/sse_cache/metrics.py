@@ -452,6 +452,11 @@ class _SharedFigures:
                 other = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue  # gone meanwhile, or not ours
+            if running and _gone(path):
+                # Exited since its last write (a worker stopping writes its figures as it
+                # goes): its gauges drop out now, not once the file is old (helper-154: a
+                # restart's old workers kept their gauges in the totals ~3 s).
+                running = False
             if isinstance(other, dict):
                 found.append((path.name, other, running))
         if consistent:
@@ -531,18 +536,9 @@ class _SharedFigures:
         try:
             if now - path.stat().st_mtime < 3 * self.interval:
                 return False
-            pid = int(path.name.split("-")[1])
-        except (OSError, IndexError, ValueError):
+        except OSError:
             return False
-        if pid <= 0 or pid == os.getpid():
-            return False
-        try:
-            os.kill(pid, 0)  # (signal 0: only whether there is such a process)
-        except ProcessLookupError:
-            return True
-        except OSError:  # there is one, of another user
-            return False
-        return False
+        return _gone(path)
 
     def _read_retired(self) -> _Retired | None:
         """The retired totals (before the first fold: none, generation 0); None when the
@@ -593,6 +589,24 @@ class _SharedFigures:
             time.sleep(self.interval)  # a period, not an ordering: figures are this stale
             self.write()
             self.fold()
+
+
+def _gone(path: Path) -> bool:
+    """Whether no process has the pid that wrote ``path`` (``metrics-<pid>-<token>``): it
+    has exited and was reaped. (A zombie, or the pid taken again, counts as there.)"""
+    try:
+        pid = int(path.name.split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # (signal 0: only whether there is such a process)
+    except ProcessLookupError:
+        return True
+    except OSError:  # there is one, of another user
+        return False
+    return False
 
 
 def _no_figures() -> dict[str, Any]:
