@@ -461,7 +461,9 @@ class AccessLog:
             # Nothing of these is stored; a follower may hear its producer's notices, which
             # the producer's own line reports. (One with no response says why.)
             stored, reason = None, reason if not line.status else ""
-        elif line.cache in ("miss", "refresh"):
+        elif line.cache in ("miss", "refresh") or stored is not None:
+            # (A bypass that was stored or refused says so too: Cache-Control: no-cache
+            # stores what it gets; helper-154.)
             if stored is None:
                 stored = False
                 reason = reason or _unrecorded(scope, line)

@@ -991,6 +991,27 @@ async def test_access_lines_of_requests_served_together_each_say_their_own_outco
     }, outcomes
 
 
+@pytest.mark.anyio
+@asyncio_only
+async def test_the_access_line_of_a_no_cache_request_says_whether_it_was_stored(
+    serve: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Cache-Control: no-cache answers from the upstream (x-sse-cache: bypass) and stores what
+    # it gets: its line said nothing of it (helper-154).
+    async with serve(MockUpstream()) as upstream:
+        app = create_proxy_app(upstream, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(app) as proxy, httpx2.AsyncClient(base_url=proxy, timeout=30) as client:
+            with caplog.at_level(logging.INFO, logger="sse_cache.access"):
+                fresh = {**HEADERS, "cache-control": "no-cache"}
+                first = await client.post("/v1/chat/completions", json=chat("nc"), headers=fresh)
+            again = await client.post("/v1/chat/completions", json=chat("nc"), headers=HEADERS)
+        await app.aclose()
+    assert first.headers["x-sse-cache"] == "bypass" and again.headers["x-sse-cache"] == "hit"
+    lines = [r.getMessage() for r in caplog.records if r.name == "sse_cache.access"]
+    [line] = [line for line in lines if " cache=bypass " in line]
+    assert " stored=yes" in line, line
+
+
 class _HeldHead:
     """An SSE upstream whose response head waits for :attr:`gate`."""
 
