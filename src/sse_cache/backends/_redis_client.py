@@ -44,6 +44,10 @@ def milliseconds(ttl: float) -> int:
     return LONGEST_PX if ms >= LONGEST_PX else max(1, math.ceil(ms))
 
 
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, rexc.TimeoutError | TimeoutError)
+
+
 def _behind(exc: BaseException, match: Callable[[BaseException], bool]) -> BaseException | None:
     """The first exception in ``exc``'s chain that ``match`` accepts: ``exc``, then its
     causes and contexts, and theirs."""
@@ -118,13 +122,16 @@ def map_exceptions(what: str) -> Iterator[None]:
             f"{what}: no pooled Redis connection came free in time: more operations at once "
             f"than ?max_connections=, or every connection waiting on a slow server ({exc})"
         ) from exc
-    except (
-        rexc.ClusterDownError,
-        rexc.RedisClusterException,
-        rexc.BusyLoadingError,
-        ConnectionError,
-        OSError,
-    ) as exc:
+    except (rexc.ClusterDownError, rexc.RedisClusterException) as exc:
+        timeout = _behind(exc, _timed_out)
+        if timeout is not None:
+            # The cluster client's refresh of its topology (asked for by a command that
+            # timed out) timed out too: a stalled node, as a command that timed out — which
+            # a stall may end — not a cluster gone (helper-153: the fan-out's reads and
+            # appends, which wait through a stall, gave up on the first).
+            raise BackendTimeout(f"{what}: Redis did not answer in time ({exc})") from exc
+        raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
+    except (rexc.BusyLoadingError, ConnectionError, OSError) as exc:
         raise BackendUnavailable(f"{what}: Redis is unreachable ({exc})") from exc
     except rexc.RedisError as exc:
         raise BackendError(f"{what}: Redis error ({exc})") from exc
