@@ -186,3 +186,23 @@ async def test_a_failed_publish_is_told_to_the_followers_by_the_keeper() -> None
     assert written[0].startswith(b"h") and written[-1] == b"<end>"
     assert written[1:-1].count(b"x") == 1
     assert written.index(b"x") == len(written) - 2  # no heartbeat after it
+
+
+class HungChannel(SlowChannel):
+    """Every write hangs (a Redis that stopped answering, whose appends are sent again until
+    their bound); renewals go through."""
+
+    async def publish(self, channel: str, data: bytes, *, ttl: float) -> None:
+        await anyio.sleep_forever()
+
+
+async def test_a_heartbeat_into_a_hung_redis_gives_way_to_the_next_round() -> None:
+    # A heartbeat is of use until the next one is due: one hung for a channel's minute held
+    # its keeper (and the channel's writes) long after the lead had ended (helper-153).
+    channel = HungChannel()
+    lease = _Lease(TimedFanout(channel, ()), "sf:key", "token", ttl=0.03)  # type: ignore[arg-type]
+    with anyio.fail_after(DEADLOCK_GUARD):
+        while channel.renewals < 6:  # noqa: ASYNC110  (rounds go on past hung heartbeats)
+            await anyio.sleep(0.01)
+        await lease.stop()
+    assert channel.written == []

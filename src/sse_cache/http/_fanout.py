@@ -251,7 +251,11 @@ class _Lease:
                 continue  # (a write under way shows life enough; or nothing more to say)
             failed = self.failing
             try:
-                await checked(self.publish(b"x" if failed else b"k"))
+                # Bounded by a round: a stalled Redis gets the same append again until its
+                # bound, and a heartbeat past the next round's is no use (it went on for a
+                # channel's minute, after the lead had ended; helper-153).
+                async with asyncio.timeout(self.ttl / 3):
+                    await checked(self.publish(b"x" if failed else b"k"))
                 self.told_failed = failed
             except Exception as exc:  # (said apart: a full Redis refuses it, the lease held)
                 backend_warnings.warning(
