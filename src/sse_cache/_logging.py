@@ -378,9 +378,11 @@ class AccessLog:
     ``cache`` is the ``x-sse-cache`` status (``hit``, ``miss``, ``shared``, ``bypass``,
     ``refresh``); ``key`` the first characters of the cache key (a hash: never the tenant or a
     credential); ``bytes`` the response body bytes sent; ``ms`` the time from the request to
-    the end of its response. A miss or refresh says whether its answer was ``stored`` and, if
-    not, why; ``end=incomplete`` marks a response that did not end cleanly (the client left,
-    the upstream broke, the server shut down). The same values are on the record as
+    the end of its response. A miss or refresh (and a bypass the cache recorded:
+    ``Cache-Control: no-cache``) says whether its answer was ``stored`` and, if not, why; a
+    follower whose client left before its stream's head says ``cache=shared`` and why;
+    ``end=incomplete`` marks a response that did not end cleanly (the client left, the
+    upstream broke, the server shut down). The same values are on the record as
     ``extra`` attributes (``cache_status``, ``key_prefix``, ``bytes_sent``, ``duration_ms``,
     ``stored``, ``reason``) for structured formatters.
 

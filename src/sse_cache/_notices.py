@@ -51,7 +51,9 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     ``--header-timeout``; ``detail`` ``partial`` when part of it had, answered 408, else
     ``nothing``).
     ``events``/``bytes``/``seconds`` are filled where they mean something (``seconds`` of a
-    ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved)."""
+    ``hit``: the recorded duration of the replayed stream, i.e. upstream time saved). A
+    ``shared`` with a ``detail`` (from the ASGI middleware) is a follower whose client left
+    before its live stream's head: no response was sent, and ``detail`` says so."""
 
     kind: str
     key: str

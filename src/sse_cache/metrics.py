@@ -24,8 +24,10 @@ through a directory (``share_dir``): each writes its own there every ``share_int
 seconds, whenever it is scraped and as it shuts down (:meth:`Metrics.publish`), and the one
 that is scraped adds the others' to its own, so every scrape shows the whole proxy (at most
 ``share_interval`` seconds old for the other workers). Counters of a worker that has exited
-stay counted (a counter never goes down); its gauges do not: a file not rewritten for
-``3 * share_interval`` seconds is a worker that no longer runs.
+stay counted (a counter never goes down); its gauges do not: a file whose process is gone,
+or not rewritten for ``3 * share_interval`` seconds, is a worker that no longer runs. (So
+the directory is for the processes of one host and one pid namespace: a process is looked
+up by its pid.)
 
 A worker that has exited (its file not rewritten for ``3 * share_interval`` seconds, and no
 process of its pid left) is folded, at the next scrape or periodic write of any worker, into
@@ -181,7 +183,8 @@ class Metrics:
     a new one of this instance's own). ``first_byte_buckets`` / ``backend_buckets``: the upper
     bounds (seconds, increasing) of the histograms' buckets. ``share_dir``: a directory the
     processes of one server share their figures through (see the module docstring), every
-    ``share_interval`` seconds.
+    ``share_interval`` seconds: processes of one host and pid namespace (not a volume that
+    containers share: a worker elsewhere would read as gone, its gauges left out).
 
     ``sse_cache_backend_operation_seconds`` has a series per operation from the start, at 0:
     ``get``, ``set``, ``delete``, ``lock`` and ``publish`` (the last two only move with
