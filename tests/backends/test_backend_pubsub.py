@@ -422,12 +422,14 @@ def stallable(
     try:
         base = [cli, "-h", "127.0.0.1", "-p", str(node.port)]
         subprocess.run([*base, "cluster", "addslotsrange", "0", "16383"], check=True, timeout=10)
+        deadline = time.monotonic() + 30
         while (
             b"cluster_state:ok"
             not in subprocess.run(
                 [*base, "cluster", "info"], capture_output=True, check=True, timeout=10
             ).stdout
         ):
+            assert time.monotonic() < deadline, "the one-node cluster did not become ok"
             time.sleep(0.05)
         # (redis-py refreshes a cluster's topology after an error no sooner than a second
         # after the last refresh: a client in service is older than that.)
