@@ -2423,8 +2423,7 @@ async def test_closing_the_transport_under_a_pulling_follower_fails_it_with_an_h
                 await client.aclose()
         assert isinstance(outcome["follower"], httpx2.HTTPError), outcome
     finally:
-        async with httpx2.AsyncClient() as opener:
-            await opener.post(server.url + "/_open")
+        await _open_gate(server)
         server.stop()
 
 
@@ -2965,8 +2964,7 @@ async def test_a_miss_closed_while_its_read_begun_before_anyone_followed_is_unde
                     tg.start_soon(read, "follower", follower)
                     await anyio.wait_all_tasks_blocked()
                     await producer.aclose()  # from this task, under the producer's read
-                    async with httpx2.AsyncClient() as opener:
-                        await opener.post(server.url + "/_open")
+                    await _open_gate(server)
             again = await client.post("/v1/chat/completions", json=_CHAT_BODY)
     finally:
         server.stop()
@@ -3309,6 +3307,23 @@ class _HeldStore:
         monkeypatch.setattr(SQLiteBackend, "aclose", close)
 
 
+async def _open_gate(server: Upstream) -> None:
+    """Let an :class:`_OpenableGate` upstream go on past its gate."""
+    async with httpx2.AsyncClient() as opener:
+        await opener.post(server.url + "/_open")
+
+
+async def _assert_stored(url: str, server: Upstream, headers: dict[str, str]) -> None:
+    """A new transport on the cache at ``url`` answers :data:`_CHAT_BODY` from its entry,
+    whole."""
+    async with httpx2.AsyncClient(
+        transport=AsyncCacheTransport(url), base_url=server.url, headers=headers
+    ) as client:
+        hit = await client.post("/v1/chat/completions", json=_CHAT_BODY)
+    assert hit.headers["x-sse-cache"] == "hit"
+    assert hit.content == b"".join(_CHAT_PIECES)
+
+
 async def _miss_and_follower(
     client: httpx2.AsyncClient,
 ) -> tuple[httpx2.Response, httpx2.Response]:
@@ -3349,20 +3364,14 @@ async def test_closing_the_transport_while_a_follower_stores_the_answer_waits_fo
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_aread_into, outcome, "follower", follower)
                 await producer.aclose()  # the follower reads the upstream on
-                async with httpx2.AsyncClient() as opener:
-                    await opener.post(server.url + "/_open")
+                await _open_gate(server)
                 await held.storing.wait()  # the follower's pull stores the answer
                 tg.start_soon(client.aclose)
                 await anyio.wait_all_tasks_blocked()
                 held.stored.set()
         assert outcome["follower"] == b"".join(_CHAT_PIECES)
         assert held.order == ["stored", "closed"]
-        async with httpx2.AsyncClient(
-            transport=AsyncCacheTransport(url), base_url=server.url, headers=headers
-        ) as again:
-            hit = await again.post("/v1/chat/completions", json=_CHAT_BODY)
-        assert hit.headers["x-sse-cache"] == "hit"
-        assert hit.content == b"".join(_CHAT_PIECES)
+        await _assert_stored(url, server, headers)
     finally:
         server.stop()
 
@@ -3401,19 +3410,13 @@ async def test_the_last_follower_leaving_while_its_pull_stores_the_answer_keeps_
 
                     tg.start_soon(read)
                     await producer.aclose()  # the follower reads the upstream on
-                    async with httpx2.AsyncClient() as opener:
-                        await opener.post(server.url + "/_open")
+                    await _open_gate(server)
                     await held.storing.wait()  # its pull stores the answer
                     reading.cancel()
                 await follower.aclose()  # the last reader leaves
                 held.stored.set()
                 while seen.live():  # (the pull stores, then ends the stream)  # noqa: ASYNC110
                     await anyio.sleep(0.01)
-        async with httpx2.AsyncClient(
-            transport=AsyncCacheTransport(url), base_url=server.url, headers=headers
-        ) as again_client:
-            again = await again_client.post("/v1/chat/completions", json=_CHAT_BODY)
-        assert again.headers["x-sse-cache"] == "hit"
-        assert again.content == b"".join(_CHAT_PIECES)
+        await _assert_stored(url, server, headers)
     finally:
         server.stop()
