@@ -54,7 +54,7 @@ from .events import Event
 from .flight import Cursor, Flight, Flights, LiveFlight, Phase, SharedStreamAborted
 from .keys import CacheRequest, DefaultKeyer, check_key
 from .pacing import Pacing
-from .protocols import Backend, CacheKeyer, EventCodec, StreamAdapter
+from .protocols import Backend, CacheKeyer, EventCodec, ScreeningAdapter, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
 
 __all__ = [
@@ -143,6 +143,8 @@ class StreamCache:
         instance_of("breaker", breaker, Breaker, optional=True)
         self.backend, self._owns_backend = open_backend(backend)
         self.adapter = adapter
+        # Whether the adapter passes some requests through uncached: decided once.
+        self._screen = adapter.uncached_reason if isinstance(adapter, ScreeningAdapter) else None
         self.keyer: CacheKeyer = DefaultKeyer() if keyer is None else keyer
         self.codec: EventCodec = MsgpackCodec() if codec is None else codec
         self.ttl = ttl
@@ -185,8 +187,10 @@ class StreamCache:
         variant: int = 0,
     ) -> CacheRequest:
         """The :class:`CacheRequest` for a decoded JSON request body (the adapter picks the
-        answer-defining fields). Raises TypeError for a body that is not a mapping (a JSON
-        object) or a part of the key of the wrong type, ValueError for a negative variant."""
+        answer-defining fields; a request it passes through uncached says why in
+        ``uncached``, and :meth:`stream` then bypasses the cache). Raises TypeError for a
+        body that is not a mapping (a JSON object) or a part of the key of the wrong type,
+        ValueError for a negative variant."""
         if not isinstance(body, Mapping):
             raise TypeError(
                 f"body must be the decoded JSON object of the request (a mapping), "
@@ -204,6 +208,7 @@ class StreamCache:
             tenant=tenant,
             namespace=namespace,
             variant=variant,
+            uncached="" if self._screen is None else self._screen(body),
         )
 
     def key(self, request: CacheRequest | str) -> str:
@@ -362,7 +367,9 @@ class StreamCache:
         ``lookup=False`` skips the lookup (status ``bypass``; ``refresh=True`` says
         ``refresh``) but still stores; ``store=False`` never stores. ``ttl`` overrides the
         default lifetime; ``max_age`` rejects older entries; ``pacing`` the replay speed.
-        ``upstream`` is called only on a miss.
+        ``upstream`` is called only on a miss. A request the adapter passes through uncached
+        (``request.uncached``: a Responses ``conversation``, whose state is the upstream's) is
+        neither looked up, shared nor stored: status ``bypass``, its ``Notice`` saying why.
 
         A stream that joined another (``shared``) ends cleanly only where the upstream
         ended cleanly; otherwise iterating it raises :class:`SharedStreamAborted` (the
@@ -373,6 +380,9 @@ class StreamCache:
         began = time.time()
         key = self.key(request)
         pace = self.pacing if pacing is None else Pacing.parse(pacing)
+        uncached = request.uncached if isinstance(request, CacheRequest) else ""
+        if uncached:
+            lookup, store, refresh = False, False, False
         use_cache = lookup and not refresh
         ttl = self.ttl if ttl is None else ttl
         live: LiveFlight[Event] | None = None
@@ -402,7 +412,7 @@ class StreamCache:
             else (CacheStatus.REFRESH if refresh else CacheStatus.BYPASS)
         )
         stream = CachedStream(status, key)
-        self._produce(stream, live, upstream, store=store, ttl=ttl, began=began)
+        self._produce(stream, live, upstream, store=store, ttl=ttl, began=began, why=uncached)
         async with stream:
             yield stream
 
@@ -415,10 +425,12 @@ class StreamCache:
         store: bool,
         ttl: float | None,
         began: float,
+        why: str = "",
     ) -> None:
         """Make ``stream`` the producer of ``live`` (registered by :meth:`settle`), or of a
         flight of its own that no one else can join: its upstream is opened now. ``began``:
-        when its request began (``time.time()``)."""
+        when its request began (``time.time()``); ``why``: why it bypasses the cache, if the
+        adapter said (its notice's detail, and why it is not stored)."""
         key = stream.key
         if live is None:
             # Not offered to others (no-cache, no-store, single-flight off): its log keeps
@@ -426,7 +438,7 @@ class StreamCache:
             live = LiveFlight(Flight(key, max_log_bytes=0, max_lag_bytes=sys.maxsize))
         recorder = self.recorder()
         if not store:
-            recorder.fail("the request asked not to store (no-store)")
+            recorder.fail(why or "the request asked not to store (no-store)")
         production = Production(
             live, key, recorder, ttl, notify=self._notify, store=self._entries.save, began=began
         )
@@ -435,7 +447,7 @@ class StreamCache:
         assert cursor is not None
         live.producer_cursor = cursor  # (but is not counted as one)
         stream.follow(live, cursor, self.join_timeout)
-        self._notify(Notice(kind=stream.status.value, key=key))
+        self._notify(Notice(kind=stream.status.value, key=key, detail=why))
         try:
             production.started = time.monotonic()
             production.iterator = aiter(upstream())

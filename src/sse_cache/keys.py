@@ -123,6 +123,10 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
     headers (lower-case names; e.g. ``anthropic-version``), ``ignored`` the request fields a
     caller asked to leave out of the key (``x-sse-cache-ignore-fields``): the list itself is
     part of the key, so such a request never lands on the entry of one that did not ask.
+    ``uncached``, not part of the key: why the adapter passes this request through uncached
+    (its ``uncached_reason``: a Responses ``conversation``, a ``stream`` flag that is neither
+    true nor false), or ``""``; :meth:`StreamCache.stream` neither looks such a request up,
+    nor shares, nor stores it (status ``bypass``).
     """
 
     schema: str
@@ -133,6 +137,7 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
     variant: int = 0
     headers: Mapping[str, str] = {}
     ignored: tuple[str, ...] = ()
+    uncached: str = ""
 
 
 def _normalise(value: Any) -> Any:

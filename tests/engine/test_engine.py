@@ -14,7 +14,7 @@ import anyio.lowlevel
 import pytest
 
 from sse_cache import ConfigError, Entry, Event, MsgpackCodec, Outcome
-from sse_cache.adapters import GenericSSE
+from sse_cache.adapters import GenericSSE, OpenAIResponses
 from sse_cache.engine import CacheStatus, Notice, SharedStreamAborted, StreamCache
 from sse_cache.http.service import CacheService
 from sse_cache.testing import paced, responses_stream
@@ -362,6 +362,43 @@ async def test_request_controls() -> None:
     assert s.status is CacheStatus.HIT  # type: ignore[attr-defined]
     s, _ = await consume(cache, up, max_age=0.0)
     assert s.status is CacheStatus.MISS  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        ({"conversation": "conv_1"}, "continues a conversation"),
+        ({"stream": "true"}, "stream"),
+    ],
+)
+async def test_a_request_the_adapter_screens_out_bypasses_the_engine(
+    extra: dict[str, Any], why: str
+) -> None:
+    # A Responses request continuing a conversation changes state upstream: each one must
+    # reach it, none answered from (or stored as) another's stream, even released together.
+    backend, up, notices = DictBackend(), Upstream(delay=0.002), []
+    cache = StreamCache(backend, OpenAIResponses(), hooks=[notices.append])
+    request = cache.request({**BODY, **extra})
+    assert why in request.uncached and not cache.request(BODY).uncached
+    statuses: list[CacheStatus] = []
+
+    async def one() -> None:
+        async with cache.stream(request, up) as s:
+            assert wire([e async for e in s]) == wire(EVENTS)
+        statuses.append(s.status)
+        assert not s.stored
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(one)
+    await one()
+    assert statuses == [CacheStatus.BYPASS] * 4 and up.calls == 4 and backend.data == {}
+    bypasses = [n for n in notices if n.kind == "bypass"]
+    assert len(bypasses) == 4 and all(why in n.detail for n in bypasses)
+    assert {n.kind for n in notices} == {"bypass", "not_stored"}
+    # The same request without the screened field is cached as ever.
+    s, _ = await consume(cache, up)
+    assert s.status is CacheStatus.MISS and s.stored  # type: ignore[attr-defined]
 
 
 async def test_an_answer_being_stored_is_no_hit_for_a_request_wanting_none_so_old() -> None:
