@@ -18,7 +18,7 @@ from ..protocols import Outcome
 
 __all__ = [
     "DEFAULT_DELTA_CHARS",
-    "TRANSPORT_FIELDS",
+    "STREAM_FLAGS",
     "KeyedAdapter",
     "Probe",
     "Typed",
@@ -33,11 +33,12 @@ __all__ = [
     "unclear_flag",
 ]
 
-#: Request fields that change how an answer is delivered, never what it is. Not ``timeout``
+#: The providers' request fields that change how an answer is delivered, never what it is
+#: (GenericSSE's TRANSPORT_FIELDS also has the timeouts). Not ``timeout``
 #: or ``request_timeout`` (GenericSSE leaves them out): the providers' APIs refuse them (400),
 #: so such a request keys apart and gets the upstream's error, never a valid request's entry;
 #: a gateway that takes them (LiteLLM) answers it once and its entry serves it after.
-TRANSPORT_FIELDS: Final = frozenset({"stream", "stream_options"})
+STREAM_FLAGS: Final = frozenset({"stream", "stream_options"})
 
 #: Default upper bound of characters per synthesised text delta. Real deltas are one token
 #: (2-10 characters); splitting at word starts with this cap gives deltas of that size.
@@ -187,7 +188,7 @@ class KeyedAdapter:
     """
 
     name: str = ""
-    excluded_fields: frozenset[str] = TRANSPORT_FIELDS
+    excluded_fields: frozenset[str] = STREAM_FLAGS
     #: Request fields that make the upstream change state it keeps (present and not null),
     #: each with why such a request is passed through uncached: a replay would skip that.
     stateful_fields: tuple[tuple[str, str], ...] = ()

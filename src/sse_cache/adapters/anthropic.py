@@ -17,7 +17,7 @@ from ..events import Event
 from ..protocols import Outcome
 from ._common import (
     DEFAULT_DELTA_CHARS,
-    TRANSPORT_FIELDS,
+    STREAM_FLAGS,
     KeyedAdapter,
     dumps,
     is_truthy_raw,
@@ -34,7 +34,7 @@ __all__ = ["CONTINUE_EVENT_TYPES", "EXCLUDED_FIELDS", "AnthropicMessages"]
 #: Request fields left out of the key: transport, plus ``metadata`` (``user_id``: who asked,
 #: never echoed in the message and never changing it). Not ``stream_options``, which is no
 #: field of this API (it refuses it: such a request keys apart, as any unknown field).
-EXCLUDED_FIELDS: Final = (TRANSPORT_FIELDS - {"stream_options"}) | frozenset({"metadata"})
+EXCLUDED_FIELDS: Final = (STREAM_FLAGS - {"stream_options"}) | frozenset({"metadata"})
 
 #: ``event:`` names answered CONTINUE without decoding the payload.
 CONTINUE_EVENT_TYPES: Final = frozenset(

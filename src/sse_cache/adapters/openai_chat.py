@@ -17,7 +17,7 @@ from ..events import Event
 from ..protocols import Outcome
 from ._common import (
     DEFAULT_DELTA_CHARS,
-    TRANSPORT_FIELDS,
+    STREAM_FLAGS,
     KeyedAdapter,
     dumps,
     is_truthy_raw,
@@ -33,7 +33,7 @@ __all__ = ["EXCLUDED_FIELDS", "OpenAIChat"]
 #: Request fields left out of the key: transport, plus caller bookkeeping that a chat
 #: completion never echoes and that cannot change the generated message. (Of ``metadata``,
 #: what may change the answer keys all the same: see OpenAIChat.excluded_but_read.)
-EXCLUDED_FIELDS: Final = TRANSPORT_FIELDS | frozenset(
+EXCLUDED_FIELDS: Final = STREAM_FLAGS | frozenset(
     {"user", "metadata", "safety_identifier", "prompt_cache_key", "prompt_cache_retention"}
 )
 

@@ -16,7 +16,7 @@ from ..events import Event
 from ..protocols import Outcome
 from ._common import (
     DEFAULT_DELTA_CHARS,
-    TRANSPORT_FIELDS,
+    STREAM_FLAGS,
     KeyedAdapter,
     is_truthy_raw,
     may_hold_error,
@@ -29,7 +29,7 @@ __all__ = ["CONTINUE_EVENT_TYPES", "EXCLUDED_FIELDS", "OpenAIResponses"]
 #: Request fields left out of the key. Only transport: a Response echoes nearly every request
 #: field (``user``, ``metadata``, ``store``, ``prompt_cache_key``...), so each is part of the
 #: answer. Add more with ``ignore_fields``.
-EXCLUDED_FIELDS: Final = TRANSPORT_FIELDS
+EXCLUDED_FIELDS: Final = STREAM_FLAGS
 
 #: Event types known not to end a stream: with an ``event:`` line naming one of these the
 #: adapter answers CONTINUE without decoding the payload (the hot path: deltas).
