@@ -142,6 +142,19 @@ _SECRET_WORDS = frozenset(
         "authorization",
         "bearer",
         "jwt",
+        # OAuth's authorization ``code``, a session's id, a short ``pass``: as good as a
+        # credential to whoever reads the log (helper-154).
+        "code",
+        "pass",
+        "passphrase",
+        "session",
+        "sessionid",
+        "sid",
+        "cookie",
+        "otp",
+        "hmac",
+        "cred",
+        "creds",
     ]
 )
 _WORD_BREAK = re.compile(r"[^a-z0-9]+")

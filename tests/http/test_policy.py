@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sse_cache import CacheOptions, ConfigError, Pacing
+from sse_cache._logging import redact_query_key
 from sse_cache.adapters import GenericSSE, OpenAIChat, OpenAIResponses
 from sse_cache.http.policy import (
     MAX_BODY_CONTAINERS,
@@ -80,6 +81,32 @@ def test_decide_bypasses_what_it_cannot_key(caplog: pytest.LogCaptureFixture) ->
     assert "SECRET" not in line and "access_token=***" in line and "api-version=1" in line
     decision = policy.decide("POST", "/v1/responses", headers, BODY)
     assert decision.cacheable and decision.streaming and decision.route == "POST /v1/responses"
+
+
+@pytest.mark.parametrize(
+    ("name", "masked"),
+    [
+        ("key", True),
+        ("X-Amz-Signature", True),
+        ("%6Bey", True),
+        ("code", True),
+        ("session", True),
+        ("sessionId", True),
+        ("sid", True),
+        ("pass", True),
+        ("client_secret", True),
+        ("monkey", False),
+        ("keys", False),
+        ("codec", False),
+        ("passage", False),
+        ("api-version", False),
+        ("alt", False),
+    ],
+)
+def test_which_query_parameters_are_masked_in_log_lines(name: str, masked: bool) -> None:
+    line = redact_query_key(f"POST /v1/models/m:streamGenerateContent?alt=sse&{name}=VALUE x")
+    assert ("VALUE" not in line) is masked and line.startswith("POST /v1/models/m:stream")
+    assert "alt=sse" in line or name == "alt"
 
 
 def test_tenant_scopes() -> None:
