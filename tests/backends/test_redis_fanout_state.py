@@ -36,7 +36,7 @@ from sse_cache.errors import BackendError, BackendTimeout
 TTL = 30.0
 # How long a reader waits for a message that will not come (the channel is silent: its
 # producer has not ended it, or its stream is gone). Silence is an outcome the model allows.
-BLOCK = 0.2
+BLOCK = 0.05
 # A deadlock guard only: a message already appended reaches a reader in milliseconds.
 GUARD = 30.0
 

@@ -131,9 +131,13 @@ class StreamFanout:
         expected, unknown = (0, 0) if counted is None else counted
         nonce = secrets.token_hex(8)
         args = (nonce, _STREAM_MAXLEN, milliseconds(ttl), field, data, expected, unknown)
-        # What the next append must follow (nothing after the end marker: forgotten). A
-        # refused channel is kept as it was, so that every later append is refused too.
+        # What the next append must follow (nothing after an end marker that was taken:
+        # forgotten). A refused channel is kept as it was, so that every later append is
+        # refused too — an end marker's included: forgotten, a refused end sent again found
+        # the stream empty (lost) and was taken as a new stream's first message, and readers
+        # ended cleanly with nothing (the fan-out's state machine).
         after = (expected, unknown + 1)  # applied or not (a timeout, a cancellation): either
+        ended = False
         deadline = time.monotonic() + ttl
         try:
             while True:
@@ -151,8 +155,9 @@ class StreamFanout:
                         raise
             refused = int(status) < 0
             after = (expected, unknown) if refused else (int(seq) + 1, 0)
+            ended = field == "e" and not refused
         finally:
-            if field != "e":
+            if not ended:
                 self._remember(channel, *after)
         if refused:
             if counted is None:
