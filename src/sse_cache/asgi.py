@@ -150,6 +150,11 @@ class CacheMiddleware:
         if self.service.policy.match(scope["method"], path) is None:
             await self.app(scope, receive, send)
             return
+        # The headers as they came with the request's head, for the key and for the app
+        # alike: uvicorn's httptools adds a chunked body's trailer fields to the scope's list
+        # as they arrive, after the head (helper-157: a trailer ``Connection: openai-beta``,
+        # sent late, dropped that header from what the proxy forwarded, but not from the key).
+        scope = {**scope, "headers": list(scope["headers"])}
         await _Request(self, scope, receive, send).run(path)
 
     async def aclose(self) -> None:

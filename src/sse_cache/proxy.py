@@ -403,9 +403,12 @@ def _as_forwarded(scope: Scope) -> Scope | None:
             counted = True
     if chunked and counted:
         return None
-    if not named:  # (nearly every request)
-        return scope
-    kept = [(name, value) for name, value in headers if name not in named]
+    # A copy, also of nearly every request's headers, none named: uvicorn's httptools adds a
+    # chunked body's trailer fields to the scope's list as they arrive, after the head and
+    # after this look at it. A late trailer ``Connection: openai-beta`` dropped that header
+    # from what was forwarded, not from the key: the upstream's answer without it was stored
+    # under a key with it (helper-157). Trailers are not headers (RFC 9110 §6.5.1).
+    kept = [(name, value) for name, value in headers if name not in named] if named else [*headers]
     return {**scope, "headers": kept}
 
 

@@ -337,6 +337,56 @@ async def test_a_header_named_by_connection_never_keys_what_the_upstream_was_not
     assert b"\r\nx-sse-cache: hit" in head, head
 
 
+def with_late_trailer(app: Any, trailer: tuple[bytes, bytes]) -> Any:
+    """``app`` served as uvicorn's httptools serves a chunked request with a trailer field:
+    added to the scope's header list when it arrives, after the head, as the body's end is
+    received (h11, which these tests run on, ignores trailers)."""
+
+    async def served(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        async def receive_then_trailer() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                scope["headers"].append(trailer)
+            return message
+
+        await app(scope, receive_then_trailer if scope["type"] == "http" else receive, send)
+
+    return served
+
+
+@pytest.mark.parametrize("trailer", [b"connection", b"openai-beta"])
+async def test_a_late_trailer_never_keys_or_forwards_as_a_header(
+    serve: Serve, tmp_path: Path, trailer: bytes
+) -> None:
+    # A trailer naming openai-beta in Connection, or being one, sent after a pause: the
+    # proxy's look at the Connection header had been done, the key and the forwarded headers
+    # were read from the scope after the body, with the trailer in it. The upstream was asked
+    # without the beta (the forwarder dropped it as hop-by-hop) and its answer stored under
+    # the key with it, served to every client asking with it (helper-157, on httptools).
+    value = b"openai-beta" if trailer == b"connection" else b"assistants=v1"
+    upstream = RecordingUpstream()
+    async with serve(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(with_late_trailer(app, (trailer, value))) as url:
+            host, port = url.removeprefix("http://").split(":")
+            address = (host, int(port))
+            body, beta = chat_body("trailer"), "openai-beta: assistants=v2"
+            status, head, _ = await exchange(address, post(CHAT, body, beta))
+            assert status == 200 and b"\r\nx-sse-cache: miss" in head, head
+            assert upstream.requests[0].headers.get("openai-beta") == "assistants=v2"
+            # Keyed as asked, with the beta: an ordinary request with it is a hit of what
+            # the upstream answered with it; one without is not.
+            status, head, _ = await exchange(address, post(CHAT, body, beta))
+            assert b"\r\nx-sse-cache: hit" in head, head
+            status, head, _ = await exchange(address, post(CHAT, body))
+            assert b"\r\nx-sse-cache: miss" in head, head
+            assert [r.headers.get("openai-beta") for r in upstream.requests] == [
+                "assistants=v2",
+                None,
+            ]
+        await app.aclose()
+
+
 async def test_an_upstreams_cookie_is_never_sent_with_another_callers_request(
     serve: Serve, tmp_path: Path
 ) -> None:
