@@ -9,6 +9,7 @@ those are is the adapter's decision (:meth:`StreamAdapter.key_fields`); the keye
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import reprlib
 import uuid
@@ -146,12 +147,27 @@ def _normalise(value: Any) -> Any:
     if isinstance(value, str):  # (the most common value: first)
         return value
     if isinstance(value, float):
-        return int(value) if value.is_integer() else value
+        if value.is_integer():
+            return int(value)
+        if not math.isfinite(value):
+            # (msgspec writes NaN and the infinities as null: such a request keyed as one
+            # with null, answered from its entry; helper-158. JSON has no such number.)
+            raise ConfigError(f"request fields hold {value!r}, which is not a JSON number")
+        return value
     if isinstance(value, dict):
         return {k: _normalise(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [_normalise(v) for v in value]
-    return value
+    if value is None or isinstance(value, int):  # (bool is an int)
+        return value
+    if isinstance(value, Mapping):  # (a mapping that is not a dict: as the dict it is)
+        return {k: _normalise(v) for k, v in value.items()}
+    # Not JSON (a set, bytes, a Decimal, a datetime...): msgspec would write each as an
+    # array or a string, keying it as the JSON value it is not (bytes as base64 text).
+    raise ConfigError(
+        f"request fields hold a {type(value).__name__}, which is not a JSON value (the "
+        "decoded JSON body is keyed: str, int, float, bool, None, dict and list)"
+    )
 
 
 def canonical_json(value: Any) -> bytes:
@@ -161,6 +177,13 @@ def canonical_json(value: Any) -> bytes:
         return _json_encoder.encode(_normalise(value))
     except (TypeError, msgspec.EncodeError) as exc:
         raise ConfigError(f"request fields are not JSON-serialisable: {exc}") from None
+    except UnicodeEncodeError:
+        # (A string cut inside a surrogate pair: what a JavaScript client slicing an emoji
+        # sends. The HTTP integrations pass such a body through uncached.)
+        raise ConfigError(
+            "request fields hold a string that is not valid Unicode (a lone surrogate): "
+            "it cannot be keyed"
+        ) from None
     except RecursionError:
         raise ConfigError("request fields are nested too deeply to key") from None
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
+import math
+import re
+import types
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sse_cache import CacheRequest, DefaultKeyer
+from sse_cache import CacheRequest, ConfigError, DefaultKeyer
 from sse_cache.adapters import GenericSSE
 from sse_cache.entry import ENTRY_FORMAT_VERSION
 from sse_cache.keys import (
@@ -24,7 +30,11 @@ keyer = DefaultKeyer()
 adapter = GenericSSE()
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=20,
 )
@@ -68,6 +78,33 @@ def test_fields_that_define_the_answer_change_the_key() -> None:
 def test_integral_floats_key_like_ints() -> None:
     assert canonical_json({"t": 1.0, "a": [2.0, 0.5]}) == b'{"a":[2,0.5],"t":1}'
     assert key_of({"temperature": 1}) == key_of({"temperature": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (math.nan, "nan"),
+        (math.inf, "inf"),
+        (-math.inf, "-inf"),
+        ({1, 2}, "set"),
+        (b"x", "bytes"),
+        (decimal.Decimal("1.5"), "Decimal"),
+        (datetime.date(2026, 12, 7), "date"),
+        ("cut \ud83d", "lone surrogate"),
+    ],
+)
+def test_a_value_no_json_body_can_hold_is_refused_not_keyed_as_another(
+    value: object, named: str
+) -> None:
+    # Python code (the engine's callers: json.loads reads NaN and 1e999) may hand such
+    # values over. msgspec wrote NaN and the infinities as null, a set as an array, bytes as
+    # base64 text, a Decimal or a date as a string: each keyed as the request holding that
+    # JSON value, and was answered from its entry (helper-158).
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        key_of({"model": "m", "temperature": [value]})
+    # Equal JSON in other Python shapes keys alike: a tuple as a list, a mapping as a dict.
+    assert key_of({"a": (1, 2.0)}) == key_of({"a": [1, 2]})
+    assert key_of({"a": types.MappingProxyType({"b": 1})}) == key_of({"a": {"b": 1}})
 
 
 def test_no_part_can_bleed_into_its_neighbour() -> None:
