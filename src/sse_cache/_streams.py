@@ -30,7 +30,7 @@ from .entry import Entry
 from .events import Event
 from .flight import Cursor, Head, LiveFlight, Phase, SharedStreamAborted
 from .pacing import Pacing
-from .recorder import Recorder, RecorderState, event_size
+from .recorder import Recorder, RecorderState, event_size, unsound
 
 __all__ = [
     "CachedStream",
@@ -147,7 +147,9 @@ class Production:
         """Record ``event``; its size."""
         recorder = self.recorder
         size = event_size(event)
-        if recorder.state is _RECORDING:
+        if recorder.state is _RECORDING and (
+            event.data.__class__ is str or not unsound(recorder, event)
+        ):
             total = recorder.size = recorder.size + size
             if total > self.limit:
                 recorder.overflow()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from .entry import Entry
-from .events import EOL, Event
+from .events import EOL, Event, unsound_event
 from .protocols import Outcome, StreamAdapter, VerifyingAdapter
 
 __all__ = ["DEFAULT_MAX_ENTRY_BYTES", "Recorder", "RecorderState"]
@@ -32,10 +32,26 @@ EVENT_OVERHEAD = 48
 def event_size(event: Event) -> int:
     """What ``event`` counts against ``max_entry_bytes``: its text in UTF-8 bytes, as stored
     (non-ASCII text takes up to 4 a character), plus :data:`EVENT_OVERHEAD`. (isascii() is
-    O(1) on CPython: ASCII text costs no encode.)"""
+    O(1) on CPython: ASCII text costs no encode.) An event whose ``data`` is no str counts
+    the overhead and its length, if it has one (see :func:`unsound`)."""
     data = event.data
+    if data.__class__ is not str and not isinstance(data, str):
+        return EVENT_OVERHEAD + (len(data) if isinstance(data, bytes | bytearray) else 0)
     text = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
     return text + EVENT_OVERHEAD
+
+
+def unsound(recorder: Recorder, event: Event) -> bool:
+    """Whether ``event`` has a field of a type the adapters and the codec cannot read
+    (msgspec does not check a Struct's fields when it is made: ``Event(data=b"...")`` is
+    made): then ``recorder`` stores nothing of its stream, which is delivered as it came
+    (an adapter judging it raised, after every event was delivered; helper-158). Called
+    where ``data`` is no str (the one field every adapter reads); the codec names the
+    others when it encodes the entry."""
+    why = unsound_event(event)
+    if why:
+        recorder.fail(f"the upstream yielded {why}")
+    return bool(why)
 
 
 class RecorderState(enum.Enum):
@@ -144,7 +160,9 @@ class Recorder:
         """Record ``event``, which arrived ``at`` seconds after the stream started."""
         if not isinstance(event, Event):
             raise TypeError(f"add() takes an Event, got {type(event).__name__}")
-        if self.state is not _RECORDING:
+        if self.state is not _RECORDING or (
+            event.data.__class__ is not str and unsound(self, event)
+        ):
             return
         self.size += event_size(event)
         if self.size > self._limit:

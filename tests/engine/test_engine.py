@@ -14,7 +14,12 @@ import anyio.lowlevel
 import pytest
 
 from sse_cache import ConfigError, Entry, Event, MsgpackCodec, Outcome
-from sse_cache.adapters import GenericSSE, OpenAIResponses
+from sse_cache.adapters import (
+    GeminiGenerateContent,
+    GenericSSE,
+    OpenAIChat,
+    OpenAIResponses,
+)
 from sse_cache.engine import CacheStatus, Notice, SharedStreamAborted, StreamCache
 from sse_cache.http.service import CacheService
 from sse_cache.testing import paced, responses_stream
@@ -1238,7 +1243,6 @@ async def test_a_shared_upstream_yielding_no_event_gets_a_type_error_too() -> No
     [
         (Event("ok", id=5), "event 0 has id=5, it must be a str or None"),  # type: ignore[arg-type]
         (Event("ok", retry="5"), "event 0 has retry='5', it must be an int or None"),  # type: ignore[arg-type]
-        (Event(b"x"), "event 0 has data=b'x', it must be a str"),  # type: ignore[arg-type]
     ],
 )
 async def test_an_event_the_codec_refuses_is_not_blamed_on_the_backend(
@@ -1261,6 +1265,34 @@ async def test_an_event_the_codec_refuses_is_not_blamed_on_the_backend(
     assert "could not be encoded" in caplog.text
     # The public store says False, not an exception.
     assert not await cache.store("k", Entry(schema="generic", created_at=1.0, events=[event]))
+
+
+@pytest.mark.parametrize(
+    "adapter", [OpenAIResponses(), OpenAIChat(), GeminiGenerateContent(), GenericSSE()]
+)
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [(b"x", "data is bytes b'x': it must be str"), (None, "data is NoneType None")],
+)
+async def test_an_event_whose_data_is_no_text_is_delivered_and_not_stored(
+    adapter: Any, data: object, why: str
+) -> None:
+    # msgspec does not check an Event's fields when it is made. Such an event reached the
+    # adapters' judging: a bare TypeError as the block was left, after every event was
+    # delivered (Chat, Responses, Gemini), or an AttributeError mid-stream when data was None
+    # (helper-158). It is delivered as it came, and nothing of its stream is stored.
+    backend = DictBackend()
+    cache = StreamCache(backend, adapter)
+    events = [Event("first"), Event(data), Event("last")]  # type: ignore[arg-type]
+    body = {**BODY, "messages": []}
+    async with cache.stream(cache.request(body), _yielding(*events)) as s:
+        got = [e async for e in s]
+    assert got == events and not s.stored and backend.sets == 0
+    assert s.reason.startswith(f"the upstream yielded an Event whose {why}"), s.reason
+    # The same through the push recording (cache.recording), whose events are added as sent.
+    async with cache.recording("c" * 64) as live:
+        live.add(events)
+    assert live.entry is None and backend.sets == 0
 
 
 async def test_a_follower_waiting_on_a_lone_pull_that_raises_is_aborted_at_once() -> None:
