@@ -43,7 +43,10 @@ EXPECTED: dict[str, tuple[Outcome, Outcome]] = {
     "openai-responses_apply-patch_gpt-5.1.jsonl": (C, C),
     "openai-responses_background-queued_gpt-4o.sse": (C, C),
     # A resumed stream (GET .../responses/{id}?starting_after=0): starts at sequence 1.
-    "openai-responses_background-resume-starting_after-0_gpt-4o.sse": (C, C),
+    # Completes, but verify() refuses to store it: without its first events (no
+    # response.created), the SDK's responses.stream() raises on it. The cache records
+    # POSTs, whose streams start at 0; a resume is answered from them, never recorded.
+    "openai-responses_background-resume-starting_after-0_gpt-4o.sse": (C, F),
     # Trimmed by its source: sequence_number gaps. Completes, but verify() refuses to store a
     # recording with lost events.
     "openai-responses_custom-tool-input_gpt-5.2-codex.jsonl": (C, F),

@@ -201,8 +201,11 @@ class OpenAIResponses(KeyedAdapter):
 
     def verify(self, events: Sequence[Event]) -> Outcome:
         """Whole-stream check before storing: a completing event, no failing one, and
-        ``sequence_number`` values (where present) that increase by exactly one. A gap
-        means events were lost between the API and us; the recording is not faithful."""
+        ``sequence_number`` values (where present) that start at 0 and increase by exactly
+        one. A gap means events were lost between the API and us; the recording is not
+        faithful. (A gap at the start too: such a stream, without its ``response.created``,
+        was stored, and the SDK's ``responses.stream()`` raises on it; helper-158. A
+        resumed stream, ``starting_after=N``, begins later: it is a GET, never recorded.)"""
         verdict = Outcome.FAIL
         last: int | None = None
         for ev in events:
@@ -216,7 +219,7 @@ class OpenAIResponses(KeyedAdapter):
             except msgspec.DecodeError:
                 continue
             if seq is not None:
-                if last is not None and seq != last + 1:
+                if seq != (0 if last is None else last + 1):
                     return Outcome.FAIL
                 last = seq
         return verdict
