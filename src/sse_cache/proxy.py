@@ -408,8 +408,21 @@ def _as_forwarded(scope: Scope) -> Scope | None:
     # after this look at it. A late trailer ``Connection: openai-beta`` dropped that header
     # from what was forwarded, not from the key: the upstream's answer without it was stored
     # under a key with it (helper-157). Trailers are not headers (RFC 9110 §6.5.1).
-    kept = [(name, value) for name, value in headers if name not in named] if named else [*headers]
+    if not named:  # (nearly every request)
+        return {**scope, "headers": [*headers]}
+    # The cache's own controls stay for the cache: meant for this hop, the proxy (a client
+    # naming cache-control in Connection had its no-store ignored; helper-157). The
+    # forwarder drops them all the same.
+    kept = [
+        (name, value)
+        for name, value in headers
+        if name not in named or name in _CONTROLS or name.startswith(b"x-sse-cache-")
+    ]
     return {**scope, "headers": kept}
+
+
+#: The request headers the cache reads as controls (not keys: see http.policy).
+_CONTROLS = frozenset({b"cache-control", b"pragma"})
 
 
 # What a Connection header says that names no other header.

@@ -197,6 +197,29 @@ def test_controls_parse() -> None:
 
 
 @pytest.mark.parametrize(
+    ("headers", "lookup", "max_age"),
+    [
+        ({"cache-control": "max-age=30"}, True, 30.0),
+        ({"cache-control": 'max-age="30"'}, True, 30.0),
+        ({"cache-control": "Max-Age = 0"}, True, 0.0),
+        ({"cache-control": "max-age=soon"}, True, 0.0),  # (not delta-seconds: fresh, asked)
+        ({"cache-control": "max-age=30", "x-sse-cache-max-age": "10"}, True, 10.0),
+        ({"cache-control": "max-age=5", "x-sse-cache-max-age": "10"}, True, 5.0),
+        ({"cache-control": "max-stale, private"}, True, None),
+        ({"pragma": "no-cache"}, False, None),
+        ({"pragma": "no-cache", "cache-control": "max-age=60"}, True, 60.0),  # (RFC 9111 §5.4)
+    ],
+)
+def test_the_standard_request_directives(
+    headers: dict[str, str], lookup: bool, max_age: float | None
+) -> None:
+    # A browser's fetch(cache: "no-cache") sends Pragma too; max-age=N asks for no answer
+    # older than N seconds, as x-sse-cache-max-age does. Both were ignored (helper-157).
+    controls = parse_controls(headers)
+    assert (controls.lookup, controls.max_age) == (lookup, max_age)
+
+
+@pytest.mark.parametrize(
     ("header", "value"),
     [
         ("x-sse-cache-ttl", "abc"),

@@ -337,6 +337,24 @@ async def test_a_header_named_by_connection_never_keys_what_the_upstream_was_not
     assert b"\r\nx-sse-cache: hit" in head, head
 
 
+async def test_a_cache_control_named_by_connection_is_obeyed_and_not_forwarded(
+    proxy: Proxy,
+) -> None:
+    # Named in Connection, a header is for this hop: the proxy, whose cache it controls.
+    # no-store was ignored (removed with the rest of the hop's headers before the cache
+    # read them) and the answer stored (helper-157).
+    body = chat_body("hop")
+    trick = post(CHAT, body, "cache-control: no-store").replace(
+        b"connection: close", b"connection: close, cache-control"
+    )
+    status, head, _ = await exchange(proxy.address, trick)
+    assert status == 200 and b"\r\nx-sse-cache: miss" in head, head
+    assert "cache-control" not in proxy.upstream.requests[0].headers
+    status, head, _ = await exchange(proxy.address, post(CHAT, body))
+    assert b"\r\nx-sse-cache: miss" in head, head  # (nothing was stored)
+    assert len(proxy.upstream.requests) == 2
+
+
 def with_late_trailer(app: Any, trailer: tuple[bytes, bytes]) -> Any:
     """``app`` served as uvicorn's httptools serves a chunked request with a trailer field:
     added to the scope's header list when it arrives, after the head, as the body's end is

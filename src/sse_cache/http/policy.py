@@ -173,11 +173,23 @@ def parse_controls(headers: Mapping[str, str]) -> Controls:
     options: dict[str, Any] = {}
     cache_control = headers.get("cache-control", "")
     if cache_control:
-        directives = {d.strip().split("=", 1)[0].lower() for d in cache_control.split(",")}
-        if "no-cache" in directives:
-            options["lookup"] = False
-        if "no-store" in directives:
-            options["store"] = False
+        for directive in cache_control.split(","):
+            name, _, argument = directive.partition("=")
+            name = name.strip().lower()
+            if name == "no-cache":
+                options["lookup"] = False
+            elif name == "no-store":
+                options["store"] = False
+            elif name == "max-age":
+                # RFC 9111 §5.2.1.1: no answer older than this. (A value that is not
+                # delta-seconds is read as 0: the client asked for something fresh.)
+                digits = argument.strip().strip('"')
+                fresh = float(digits) if digits.isascii() and digits.isdigit() else 0.0
+                options["max_age"] = min(options.get("max_age", math.inf), fresh)
+    elif "no-cache" in headers.get("pragma", "").lower():
+        # HTTP/1.0's, read where no Cache-Control is (RFC 9111 §5.4): what browsers' fetch()
+        # sends with cache: "no-cache" beside it, and old clients alone.
+        options["lookup"] = False
     if (value := headers.get("x-sse-cache-refresh")) is not None:
         if value.strip().lower() in ("", "1", "true", "yes", "on"):
             options["refresh"] = True
@@ -188,7 +200,8 @@ def parse_controls(headers: Mapping[str, str]) -> Controls:
     if (value := headers.get("x-sse-cache-max-age")) is not None:
         # (No upper bound: any age, ``inf`` included, accepts every entry; an entry
         # stored without a TTL may be older than a year.)
-        options["max_age"] = _seconds("x-sse-cache-max-age", value, zero=True)
+        seconds = _seconds("x-sse-cache-max-age", value, zero=True)
+        options["max_age"] = min(options.get("max_age", math.inf), seconds)  # (and max-age)
     if (value := headers.get("x-sse-cache-namespace")) is not None:
         if not _NAMESPACE.match(value):
             raise ConfigError(
