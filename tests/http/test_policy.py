@@ -374,6 +374,12 @@ def test_queries_an_upstream_may_read_apart_never_share_a_route() -> None:
     assert route("x=café€") == route("x=caf%C3%A9%E2%82%AC") == "POST /events?x=caf%C3%A9%E2%82%AC"
     # The ?key= credential too: each key its own tenant.
     assert policy.tenant_of({}, "key=%ff") != policy.tenant_of({}, "key=%fe")
+    # What decodes alike but a server may read apart (helper-157): a ";" (a separator to
+    # some), a "+" (a space, or itself), an escape that is none (kept, or refused).
+    for one, other in (("a=1;b=2", "a=1%3Bb=2"), ("a=b+c", "a=b%20c"), ("a=%zz", "a=%25zz")):
+        assert route(one) != route(other), (one, other)
+    assert route("b=1;x&a=2") == route("a=2&b=1;x")  # (other names: any order, still)
+    assert "SECRET" not in route("a=b+c&key=SECRET+1")  # (the credential is never in it)
 
 
 def test_the_server_answering_is_part_of_the_route() -> None:

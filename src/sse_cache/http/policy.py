@@ -294,6 +294,35 @@ def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
     return [(k, v) for k, v in pairs if k != QUERY_CREDENTIAL], keys
 
 
+# What a server may read otherwise than this cache decodes it: a ``;`` (a separator to
+# some), a ``+`` (a space to form decoding, itself to RFC 3986's), an escape that is none.
+_AMBIGUOUS_QUERY = re.compile(r"[;+]|%(?![0-9A-Fa-f]{2})")
+
+
+def _query_as_sent(query: str) -> str:
+    """The query's parameters as sent (less the credential, ordered by name as
+    :func:`_route_of` orders them) when one of them reads otherwise to some server
+    (:data:`_AMBIGUOUS_QUERY`), else ``""``. Decoded alone, two queries a server reads apart
+    keyed alike: ``a=1;b=2`` and ``a=1%3Bb=2`` (a server that splits at ``;``), ``b+c`` and
+    ``b%20c`` (one that reads ``+`` as itself), ``%zz`` and ``%25zz`` (one that refuses a bad
+    escape); helper-157."""
+    if _AMBIGUOUS_QUERY.search(query) is None:  # (nearly every query)
+        return ""
+    kept = [
+        piece
+        for piece in query.split("&")
+        if piece
+        and urllib.parse.unquote_plus(piece.partition("=")[0], "latin-1") != QUERY_CREDENTIAL
+    ]
+    if not any(_AMBIGUOUS_QUERY.search(piece) for piece in kept):  # (only the key was)
+        return ""
+    return "&".join(sorted(kept, key=_raw_name_of))
+
+
+def _raw_name_of(piece: str) -> str:
+    return piece.partition("=")[0]
+
+
 def _route_of(method: str, path: str, params: Iterable[tuple[str, str]], origin: str = "") -> str:
     # The order of names never changes an answer; values (e.g. Azure's api-version) may, and
     # so may the order of one name's values (a server reads the first or the last): sorted
@@ -620,6 +649,8 @@ class CachePolicy:
                 return self._unkeyable(_route_of(method, clean + slashes, params, where), why)
             clean, params = keyed, list(keyed_params)
         route = _route_of(method, clean + slashes, params, where)
+        if query and (sent := _query_as_sent(query)):
+            route = f"{route} as sent: {sent}"
         controls = parse_controls(headers)
         # (Each logged in one line, as every request passed through uncached: helper-87.)
         if body is None:

@@ -885,6 +885,8 @@ def _alias_scope_of(decision: Decision) -> str:
     prefix of its path (from its route: ``METHOD origin/path?query``) before its last
     ``/responses`` (a prefix may hold one: ``/responses-team/v1``; helper-123) and its key
     headers."""
+    # (A route ends "?query" and, for a query not plain, " as sent: ..."; a path has no space.)
     path = decision.route.partition(" ")[2][len(decision.origin) :].partition("?")[0]
+    path = path.partition(" ")[0]
     cut = path.rfind("/responses")
     return alias_scope(path[:cut] if cut >= 0 else path, decision.key_headers)
