@@ -390,7 +390,7 @@ def _as_forwarded(scope: Scope) -> Scope | None:
         scope = _in_origin_form(scope, raw)
     headers = scope.get("headers", ())
     named: set[bytes] | None = None
-    chunked = counted = False
+    chunked = counted = upgrade = False
     for name, value in headers:  # (ASGI header names are lower-case)
         if name == b"connection":
             if value.lower() in _PLAIN_CONNECTION:
@@ -400,9 +400,14 @@ def _as_forwarded(scope: Scope) -> Scope | None:
         elif name == b"transfer-encoding":
             chunked = True
         elif name == b"content-length":
-            counted = True
+            counted = value.strip() != b"0"
+        elif name == b"upgrade":
+            upgrade = True
     if chunked and counted:
         return None
+    if upgrade and (chunked or counted):
+        # (Seldom: curl --http2 on http://.) The body must be checked: see _body_kept.
+        scope = {**scope, _UPGRADE_WITH_BODY: True}
     # A copy, also of nearly every request's headers, none named: uvicorn's httptools adds a
     # chunked body's trailer fields to the scope's list as they arrive, after the head and
     # after this look at it. A late trailer ``Connection: openai-beta`` dropped that header
@@ -423,6 +428,30 @@ def _as_forwarded(scope: Scope) -> Scope | None:
 
 #: The request headers the cache reads as controls (not keys: see http.policy).
 _CONTROLS = frozenset({b"cache-control", b"pragma"})
+#: A scope key: the request offers a protocol upgrade and declares a body (_body_kept).
+_UPGRADE_WITH_BODY = "sse_cache.upgrade_with_body"
+
+
+async def _body_kept(receive: Receive) -> Receive | None:
+    """``receive`` as it was for a request offering a protocol upgrade with a body, or None
+    when its server lost that body: uvicorn's httptools stops reading a request at an
+    upgrade offer (``Upgrade: h2c``) and hands the app an empty body as if whole. Forwarded,
+    the upstream was asked with nothing for a body (chunked), or the forward failed with a
+    500 and a traceback (a length with no bytes; helper-157). Every server hands over some
+    of a body it has, or says there is more, in its first piece."""
+    first = await receive()
+    if first["type"] == "http.request" and not first.get("body") and not first.get("more_body"):
+        return None
+    given = False
+
+    async def receiving() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return first
+        return await receive()
+
+    return receiving
 
 
 # What a Connection header says that names no other header.
@@ -644,6 +673,20 @@ class ProxyApp:
                 receive = admission.receiving(receive)
             self._running += 1
             try:
+                if _UPGRADE_WITH_BODY in scope:
+                    kept = await _body_kept(receive)
+                    if kept is None:
+                        await send_json_error(
+                            send,
+                            400,
+                            "the request offers a protocol upgrade (Upgrade) and declares a "
+                            "body, which this server did not read (uvicorn's httptools stops "
+                            "at an upgrade offer): send it without Upgrade",
+                            "invalid_request_error",
+                            headers=[(b"connection", b"close")],
+                        )
+                        return
+                    receive = kept
                 log, policy = self.access_log, self.cached.service.policy
                 # (The route is matched only when there is a line to write.)
                 if (

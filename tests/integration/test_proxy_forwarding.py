@@ -355,6 +355,61 @@ async def test_a_cache_control_named_by_connection_is_obeyed_and_not_forwarded(
     assert len(proxy.upstream.requests) == 2
 
 
+def losing_an_upgrade_offers_body(app: Any) -> Any:
+    """``app`` served as uvicorn's httptools serves a request offering a protocol upgrade:
+    it stops reading at the offer, and hands the app an empty body as if it were whole."""
+
+    async def served(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        offers = scope["type"] == "http" and any(n == b"upgrade" for n, _ in scope["headers"])
+        if not offers:
+            await app(scope, receive, send)
+            return
+        taken = False
+
+        async def receive_nothing() -> dict[str, Any]:
+            nonlocal taken
+            if not taken:
+                taken = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return await receive()
+
+        await app(scope, receive_nothing, send)
+
+    return served
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_body_the_server_lost_at_an_upgrade_offer_is_refused_not_forwarded(
+    serve: Serve, tmp_path: Path, framing: str
+) -> None:
+    # curl --http2 on http:// offers Upgrade: h2c. uvicorn's httptools stops reading there:
+    # the upstream was asked with an empty body as if whole (chunked), or the forward failed
+    # with a bare 500 and a traceback (a length, and no byte of it; helper-157).
+    upstream = RecordingUpstream()
+    body = chat_body("upgrade")
+    offer = post(CHAT, body, "upgrade: h2c").replace(
+        b"connection: close", b"connection: close, upgrade"
+    )
+    if framing == "chunked":
+        head, _, _ = offer.partition(b"\r\n\r\n")
+        head = head.replace(f"content-length: {len(body)}".encode(), b"transfer-encoding: chunked")
+        offer = head + b"\r\n\r\n" + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n"
+    async with serve(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(losing_an_upgrade_offers_body(app)) as url:
+            host, port = url.removeprefix("http://").split(":")
+            status, _, answer = await exchange((host, int(port)), offer)
+            assert status == 400 and b"Upgrade" in answer, answer
+            assert upstream.requests == []
+        # Where the server reads the body (h11, uvicorn's default), the offer is answered.
+        async with serve(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            status, head, _ = await exchange((host, int(port)), offer)
+            assert status == 200 and b"\r\nx-sse-cache: miss" in head, head
+            assert [r.body for r in upstream.requests] == [body]
+        await app.aclose()
+
+
 def with_late_trailer(app: Any, trailer: tuple[bytes, bytes]) -> Any:
     """``app`` served as uvicorn's httptools serves a chunked request with a trailer field:
     added to the scope's header list when it arrives, after the head, as the body's end is
