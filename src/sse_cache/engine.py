@@ -52,7 +52,7 @@ from .entry import Entry
 from .errors import ConfigError
 from .events import Event
 from .flight import Cursor, Flight, Flights, LiveFlight, Phase, SharedStreamAborted
-from .keys import CacheRequest, DefaultKeyer, check_key
+from .keys import SHARED_TENANT, CacheRequest, DefaultKeyer, check_key
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, ScreeningAdapter, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
@@ -182,23 +182,46 @@ class StreamCache:
         body: Mapping[str, Any],
         *,
         route: str = "",
-        tenant: str = "",
+        tenant: str | None = None,
         namespace: str = "",
         variant: int = 0,
     ) -> CacheRequest:
         """The :class:`CacheRequest` for a decoded JSON request body (the adapter picks the
         answer-defining fields; a request it passes through uncached says why in
-        ``uncached``, and :meth:`stream` then bypasses the cache). Raises TypeError for a
-        body that is not a mapping (a JSON object) or a part of the key of the wrong type,
-        ValueError for a negative variant."""
+        ``uncached``, and :meth:`stream` then bypasses the cache).
+
+        ``tenant`` is required: whose answer this is — a scope of the caller, such as
+        :func:`~sse_cache.keys.tenant_scope` of its request headers (a hash of its
+        credentials), its user or organisation id — so that callers never share answers;
+        :data:`~sse_cache.keys.SHARED_TENANT` (``"shared"``) shares them between every
+        caller. (It defaulted to one scope for everyone: an answer to one user was a hit for
+        the next; helper-156.)
+
+        Raises TypeError for a body that is not a mapping (a JSON object), a part of the key
+        of the wrong type or no ``tenant``; ValueError for an empty tenant or a negative
+        variant."""
         if not isinstance(body, Mapping):
             raise TypeError(
                 f"body must be the decoded JSON object of the request (a mapping), "
                 f"got {type(body).__name__}"
             )
+        if tenant is None:
+            raise TypeError(
+                "request() needs tenant=: whose answer this is (e.g. "
+                "sse_cache.keys.tenant_scope(request_headers), a hash of the caller's "
+                "credentials, or a user id), so that callers never share answers; "
+                f"tenant={SHARED_TENANT!r} shares them between every caller"
+            )
         for name, part in (("route", route), ("tenant", tenant), ("namespace", namespace)):
             if not isinstance(part, str):
                 raise TypeError(f"{name} must be a str, got {type(part).__name__}")
+        if not tenant:
+            raise ValueError(
+                "tenant is empty: it cannot tell callers apart (pass a scope of the caller, "
+                f"or {SHARED_TENANT!r} to share answers between every caller)"
+            )
+        if tenant == SHARED_TENANT:
+            tenant = ""  # (the scope the HTTP integrations' shared tenant keys with)
         if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
             raise ValueError(f"variant must be an int >= 0, got {variant!r}")
         return CacheRequest(

@@ -25,6 +25,7 @@ __all__ = [
     "ALIAS_PREFIX",
     "CREDENTIAL_HEADERS",
     "CREDENTIAL_SUFFIXES",
+    "SHARED_TENANT",
     "CacheRequest",
     "DefaultKeyer",
     "canonical_json",
@@ -108,6 +109,10 @@ CREDENTIAL_SUFFIXES = (
     "auth_key",
     "access_key",
 )
+
+#: Pass as ``tenant=SHARED_TENANT`` to let every caller share entries (explicit opt-in: the
+#: middleware, the transports, the proxy's ``--shared-tenant``, ``StreamCache.request``).
+SHARED_TENANT = "shared"
 
 _json_encoder = msgspec.json.Encoder(order="sorted")
 # How many key heads (see DefaultKeyer) a keyer remembers.

@@ -13,7 +13,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from sse_cache import ConfigError, Entry, Event, MsgpackCodec, Outcome
+from sse_cache import CacheRequest, ConfigError, Entry, Event, MsgpackCodec, Outcome
 from sse_cache.adapters import (
     GeminiGenerateContent,
     GenericSSE,
@@ -92,7 +92,7 @@ def wire(events: Sequence[Event]) -> list[tuple[str, str | None, str | None, int
 async def consume(
     cache: StreamCache, upstream: Upstream, **kw: object
 ) -> tuple[object, list[Event]]:
-    async with cache.stream(cache.request(BODY), upstream, **kw) as s:  # type: ignore[arg-type]
+    async with cache.stream(cache.request(BODY, tenant="shared"), upstream, **kw) as s:  # type: ignore[arg-type]
         events = [e async for e in s]
     return s, events
 
@@ -113,7 +113,9 @@ async def test_miss_stores_and_hit_replays_identical_events() -> None:
 
 async def test_streamed_and_non_streamed_requests_share_a_key() -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
-    assert cache.key(cache.request(BODY)) == cache.key(cache.request({**BODY, "stream": False}))
+    assert cache.key(cache.request(BODY, tenant="shared")) == cache.key(
+        cache.request({**BODY, "stream": False}, tenant="shared")
+    )
 
 
 async def test_events_are_delivered_before_the_upstream_finishes() -> None:
@@ -125,7 +127,7 @@ async def test_events_are_delivered_before_the_upstream_finishes() -> None:
         await gate.wait()
         yield Event("second")
 
-    async with cache.stream(cache.request(BODY), slow) as s:
+    async with cache.stream(cache.request(BODY, tenant="shared"), slow) as s:
         assert (await s.__anext__()).data == "first"  # no buffering before delivery
         gate.set()
         assert [e.data async for e in s] == ["second"]
@@ -136,7 +138,7 @@ async def test_failing_upstream_stores_nothing_and_reaches_the_caller() -> None:
     cache = StreamCache(backend, GenericSSE())
     got: list[Event] = []
     with pytest.raises(ConnectionError):
-        async with cache.stream(cache.request(BODY), up) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
             async for e in s:
                 got.append(e)
     assert len(got) == 5 and backend.data == {} and up.closed == 1
@@ -145,7 +147,7 @@ async def test_failing_upstream_stores_nothing_and_reaches_the_caller() -> None:
 async def test_reader_leaving_early_stores_nothing_and_closes_upstream() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
-    async with cache.stream(cache.request(BODY), up) as s:
+    async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
         async for _ in s:
             break
     assert backend.data == {} and up.closed == 1 and not s.stored
@@ -164,7 +166,7 @@ async def test_a_miss_leaves_no_flight_behind(outcome: str) -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
     for n in range(3):
         try:
-            async with cache.stream(cache.request({**BODY, "n": n}), up) as s:  # type: ignore[arg-type]
+            async with cache.stream(cache.request({**BODY, "n": n}, tenant="shared"), up) as s:  # type: ignore[arg-type]
                 async for _ in s:
                     pass
         except ConnectionError:
@@ -288,7 +290,7 @@ async def test_a_value_the_backend_cannot_return_is_deleted_without_opening_the_
     backend, up = Foreign(), Upstream()
     cache = StreamCache(backend, GenericSSE())
     good, _ = await consume(cache, up)
-    bad = cache.key(cache.request({**BODY, "input": "other"}))
+    bad = cache.key(cache.request({**BODY, "input": "other"}, tenant="shared"))
     with caplog.at_level(logging.WARNING, logger="sse_cache"):
         for _ in range(3 * cache.breaker.failures):
             backend.foreign = {bad}
@@ -320,7 +322,7 @@ async def test_the_last_follower_of_a_silent_upstream_gives_up_after_join_timeou
     outcome: list[object] = []
 
     async def producer() -> None:
-        async with cache.stream(cache.request(BODY), upstream) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
             producer_started.set()
             async with aclosing(aiter(s)) as events:
                 async for _ in events:
@@ -328,7 +330,7 @@ async def test_the_last_follower_of_a_silent_upstream_gives_up_after_join_timeou
 
     async def follower() -> None:
         try:
-            async with cache.stream(cache.request(BODY), upstream) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
                 outcome.append(s.status)
                 outcome.extend([e async for e in s])
         except SharedStreamAborted as exc:
@@ -342,16 +344,42 @@ async def test_the_last_follower_of_a_silent_upstream_gives_up_after_join_timeou
     assert outcome[0] is CacheStatus.SHARED
     assert isinstance(outcome[-1], SharedStreamAborted)
     assert "sent nothing for 0.3 s" in str(outcome[-1])
-    assert cache.live.get(cache.key(cache.request(BODY))) is None
+    assert cache.live.get(cache.key(cache.request(BODY, tenant="shared"))) is None
 
 
 async def test_entry_of_another_schema_is_not_served() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
-    key = cache.key(cache.request(BODY))
+    key = cache.key(cache.request(BODY, tenant="shared"))
     backend.data[key] = MsgpackCodec().encode(Entry(schema="other", created_at=1.0, body=b"{}"))
     s, _ = await consume(cache, up)
     assert s.status is CacheStatus.MISS  # type: ignore[attr-defined]
+
+
+async def test_callers_share_answers_only_when_they_say_so() -> None:
+    # A tenant is asked for (helper-156: one scope for all by default, and an answer to
+    # one user was a hit for the next). "shared" keys as the HTTP integrations' shared
+    # tenant does, and as every engine key did before: their entries stay.
+    backend, up = DictBackend(), Upstream()
+    cache = StreamCache(backend, GenericSSE())
+
+    async def ask(tenant: str) -> CacheStatus:
+        async with cache.stream(cache.request(BODY, tenant=tenant), up) as s:
+            assert wire([e async for e in s]) == wire(EVENTS)
+        return s.status
+
+    assert [await ask(t) for t in ("alice", "bob", "alice", "bob")] == [
+        CacheStatus.MISS,
+        CacheStatus.MISS,
+        CacheStatus.HIT,
+        CacheStatus.HIT,
+    ]
+    assert [await ask("shared"), await ask("shared")] == [CacheStatus.MISS, CacheStatus.HIT]
+    assert up.calls == 3
+    fields = GenericSSE().key_fields(BODY)
+    assert cache.key(cache.request(BODY, tenant="shared")) == cache.key(
+        CacheRequest(schema="generic", route="", fields=fields)
+    )
 
 
 async def test_request_controls() -> None:
@@ -383,8 +411,8 @@ async def test_a_request_the_adapter_screens_out_bypasses_the_engine(
     # reach it, none answered from (or stored as) another's stream, even released together.
     backend, up, notices = DictBackend(), Upstream(delay=0.002), []
     cache = StreamCache(backend, OpenAIResponses(), hooks=[notices.append])
-    request = cache.request({**BODY, **extra})
-    assert why in request.uncached and not cache.request(BODY).uncached
+    request = cache.request({**BODY, **extra}, tenant="shared")
+    assert why in request.uncached and not cache.request(BODY, tenant="shared").uncached
     statuses: list[CacheStatus] = []
 
     async def one() -> None:
@@ -412,7 +440,7 @@ async def test_an_answer_being_stored_is_no_hit_for_a_request_wanting_none_so_ol
     # answer older than max_age gets what the stored copy would give it: none so old.
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
-    async with cache.stream(cache.request(BODY), up) as producer:
+    async with cache.stream(cache.request(BODY, tenant="shared"), up) as producer:
         assert wire([e async for e in producer]) == wire(EVENTS)
         plain, _ = await consume(cache, up)
         strict, _ = await consume(cache, up, max_age=0.0)
@@ -455,7 +483,7 @@ async def test_shared_stream_survives_the_leader_leaving() -> None:
     left: list[Any] = []
 
     async def leader() -> None:
-        async with cache.stream(cache.request(BODY), up) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
             await s.__anext__()
             inside.set()
             await joined.wait()
@@ -463,7 +491,7 @@ async def test_shared_stream_survives_the_leader_leaving() -> None:
 
     async def late_follower() -> None:
         await inside.wait()
-        async with cache.stream(cache.request(BODY), up) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
             assert s.status is CacheStatus.SHARED
             joined.set()
             follower.extend([e async for e in s])
@@ -503,7 +531,7 @@ async def test_followers_see_the_upstream_failure() -> None:
 async def test_batches_coalesce_ready_events() -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
     await consume(cache, Upstream())
-    async with cache.stream(cache.request(BODY), Upstream()) as s:
+    async with cache.stream(cache.request(BODY, tenant="shared"), Upstream()) as s:
         batches = [b async for b in s.batches(max_events=50)]
     assert s.status is CacheStatus.HIT
     assert [len(b) for b in batches[:-1]] == [50] * (len(batches) - 1)
@@ -539,7 +567,7 @@ class Synthesizing(GenericSSE):
 async def test_cross_mode_answers() -> None:
     backend = DictBackend()
     cache = StreamCache(backend, Synthesizing())
-    key = cache.key(cache.request(BODY))
+    key = cache.key(cache.request(BODY, tenant="shared"))
     await cache.store(key, Entry(schema="synth", created_at=time.time(), body=b"a b c"))
     s, events = await consume(cache, Upstream())
     assert s.status is CacheStatus.HIT and [e.data for e in events] == ["a", "b", "c"]  # type: ignore[attr-defined]
@@ -577,7 +605,7 @@ async def test_upstream_is_not_called_on_a_hit_and_closed_on_a_miss() -> None:
 async def test_pushed_recording_is_stored() -> None:
     backend = DictBackend()
     cache = StreamCache(backend, GenericSSE())
-    key = cache.key(cache.request(BODY))
+    key = cache.key(cache.request(BODY, tenant="shared"))
     async with cache.recording(key) as live:
         live.respond(200, "text/event-stream")
         live.add(EVENTS[:10])
@@ -723,7 +751,7 @@ async def test_hot_entry_is_not_decoded_again_but_changes_are_seen() -> None:
         s, events = await consume(cache, up)
         assert s.status == "hit" and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
     assert codec.decodes == 1 and up.calls == 1  # decoded by the first hit only
-    key = cache.key(cache.request(BODY))
+    key = cache.key(cache.request(BODY, tenant="shared"))
 
     # Another process replaces the entry: the bytes differ, so the new entry is decoded.
     other = [Event('{"other": true}', event="x")]
@@ -752,7 +780,7 @@ async def test_decoded_cache_respects_its_budget_and_can_be_turned_off() -> None
 
     small = StreamCache(DictBackend(), GenericSSE(), decoded_cache_bytes=200_000)
     for n in range(20):  # distinct requests: distinct entries of ~30 KB decoded each
-        request = small.request({**BODY, "input": str(n)})
+        request = small.request({**BODY, "input": str(n)}, tenant="shared")
         async with small.stream(request, Upstream()) as s:
             [e async for e in s]
         assert s.stored
@@ -812,7 +840,7 @@ async def test_long_instant_replay_lets_other_tasks_run_and_can_be_cancelled() -
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        async with cache.stream(cache.request(BODY), Upstream(events)) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), Upstream(events)) as s:
             assert s.status == "hit"
             async for _ in s:
                 replayed += 1
@@ -821,7 +849,7 @@ async def test_long_instant_replay_lets_other_tasks_run_and_can_be_cancelled() -
     assert any(0 < n < len(events) for n in ticks)
 
     with anyio.move_on_after(0.005) as scope:
-        async with cache.stream(cache.request(BODY), Upstream(events)) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), Upstream(events)) as s:
             async for _ in s:
                 pass
     assert scope.cancelled_caught
@@ -831,7 +859,7 @@ async def test_wire_lookup_is_kept_decoded_too() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
     await consume(cache, up)
-    key = cache.key(cache.request(BODY))
+    key = cache.key(cache.request(BODY, tenant="shared"))
     first = await cache.lookup_wire(key)
     assert first is not None and first.sse is not None
     assert await cache.lookup_wire(key) is first  # same bytes: not decoded again
@@ -851,7 +879,9 @@ async def test_max_entry_bytes_holds_when_readers_of_one_flight_pull_in_turn() -
 
     async def reader(name: str, pause: float) -> None:
         await go.wait()
-        async with cache.stream(cache.request(BODY), Upstream(events, delay=0.002)) as s:
+        async with cache.stream(
+            cache.request(BODY, tenant="shared"), Upstream(events, delay=0.002)
+        ) as s:
             n = 0
             async for _ in s:
                 n += 1
@@ -864,7 +894,7 @@ async def test_max_entry_bytes_holds_when_readers_of_one_flight_pull_in_turn() -
         go.set()
     assert sorted(r[:2] for r in results.values()) == [("miss", 40), ("shared", 40)]
     assert not results["a"][2] and not results["b"][2]
-    assert await cache.lookup(cache.key(cache.request(BODY))) is None
+    assert await cache.lookup(cache.key(cache.request(BODY, tenant="shared"))) is None
 
 
 async def test_a_failed_stream_is_not_joined_while_its_reader_is_still_inside() -> None:
@@ -875,10 +905,10 @@ async def test_a_failed_stream_is_not_joined_while_its_reader_is_still_inside() 
     failed = [Event("partial"), Event('{"error": "overloaded"}', event="error")]
     cache = StreamCache(DictBackend(), FailingSchema())
     first, second = Upstream(failed), Upstream()
-    async with cache.stream(cache.request(BODY), first) as a:
+    async with cache.stream(cache.request(BODY, tenant="shared"), first) as a:
         assert [e.data for e in [e async for e in a]] == ["partial", '{"error": "overloaded"}']
         # The failed stream has ended; its reader has not left yet.
-        async with cache.stream(cache.request(BODY), second) as b:
+        async with cache.stream(cache.request(BODY, tenant="shared"), second) as b:
             got = [e async for e in b]
         assert b.status == "miss" and wire(got) == wire(EVENTS) and second.calls == 1
     assert not a.stored
@@ -887,9 +917,9 @@ async def test_a_failed_stream_is_not_joined_while_its_reader_is_still_inside() 
 async def test_a_complete_stream_is_a_hit_while_its_reader_is_still_inside() -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
     first, second = Upstream(), Upstream()
-    async with cache.stream(cache.request(BODY), first) as a:
+    async with cache.stream(cache.request(BODY, tenant="shared"), first) as a:
         [e async for e in a]
-        async with cache.stream(cache.request(BODY), second) as b:
+        async with cache.stream(cache.request(BODY, tenant="shared"), second) as b:
             got = [e async for e in b]
         assert b.status == "hit" and wire(got) == wire(EVENTS) and second.calls == 0
     assert a.stored
@@ -899,12 +929,14 @@ async def test_caches_sharing_a_decoded_budget_but_not_a_codec_do_not_share_deco
     backend = DictBackend()
     writer = StreamCache(backend, GenericSSE(), codec=MsgpackCodec(secret=b"one"))
     await consume(writer, Upstream())
-    assert await writer.lookup(writer.key(writer.request(BODY))) is not None  # kept decoded
+    assert (
+        await writer.lookup(writer.key(writer.request(BODY, tenant="shared"))) is not None
+    )  # kept decoded
     # Same backend, same key, same budget, another secret: the entry's MAC does not verify.
     other = StreamCache(
         backend, GenericSSE(), codec=MsgpackCodec(secret=b"two"), decoded_cache_bytes=writer.decoded
     )
-    assert await other.lookup(other.key(other.request(BODY))) is None
+    assert await other.lookup(other.key(other.request(BODY, tenant="shared"))) is None
 
 
 async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others() -> None:
@@ -939,7 +971,7 @@ async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others(
     outcome: dict[str, object] = {}
 
     async def owner() -> None:
-        async with cache.stream(cache.request(BODY), upstream) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
             async for event in s:
                 got.append(event.data)
                 if not reading.is_set():
@@ -949,7 +981,7 @@ async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others(
 
     async def joiner() -> None:
         with joiner_scope:
-            async with cache.stream(cache.request(BODY), upstream) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
                 outcome["joiner"] = s.status
                 async for _ in s:
                     pass
@@ -990,7 +1022,7 @@ async def test_a_shared_pull_that_never_ends_is_bounded() -> None:
 
     async def owner() -> None:
         try:
-            async with cache.stream(cache.request(BODY), hung) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), hung) as s:
                 async for _ in s:
                     reading.set()
                     await joiner_left.wait()  # not pulling: the joiner pulls next
@@ -999,7 +1031,7 @@ async def test_a_shared_pull_that_never_ends_is_bounded() -> None:
 
     async def joiner() -> None:
         with joiner_scope:
-            async with cache.stream(cache.request(BODY), hung) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), hung) as s:
                 async for _ in s:
                     pass
         outcome.append("joiner left")
@@ -1035,7 +1067,7 @@ async def test_a_follower_sent_nothing_asks_the_upstream_itself_once() -> None:
     async def one() -> None:
         await go.wait()
         try:
-            async with cache.stream(cache.request(BODY), upstream) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
                 events = [e async for e in s]
             outcomes.append((s.status, wire(events) == wire(EVENTS)))
         except ConnectionError as exc:
@@ -1191,7 +1223,7 @@ async def test_an_upstream_yielding_no_event_gets_a_type_error_naming_what_it_yi
     with pytest.raises(
         TypeError, match=rf"the upstream yielded {shown}.*must yield sse_cache\.Event"
     ):
-        async with cache.stream(cache.request(BODY), upstream) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
             async for event in s:
                 got.append(event)
     assert [e.data for e in got] == ["first"] and not s.stored and backend.sets == 0
@@ -1213,7 +1245,7 @@ async def test_a_shared_upstream_yielding_no_event_gets_a_type_error_too() -> No
 
     async def read(leader: bool) -> None:
         try:
-            async with cache.stream(cache.request(BODY), upstream) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
                 statuses.append(s.status)
                 if not leader:
                     joined.set()
@@ -1285,7 +1317,7 @@ async def test_an_event_whose_data_is_no_text_is_delivered_and_not_stored(
     cache = StreamCache(backend, adapter)
     events = [Event("first"), Event(data), Event("last")]  # type: ignore[arg-type]
     body = {**BODY, "messages": []}
-    async with cache.stream(cache.request(body), _yielding(*events)) as s:
+    async with cache.stream(cache.request(body, tenant="shared"), _yielding(*events)) as s:
         got = [e async for e in s]
     assert got == events and not s.stored and backend.sets == 0
     assert s.reason.startswith(f"the upstream yielded an Event whose {why}"), s.reason
@@ -1317,7 +1349,7 @@ async def test_a_follower_waiting_on_a_lone_pull_that_raises_is_aborted_at_once(
 
     async def producer() -> None:
         try:
-            async with cache.stream(cache.request(BODY), upstream) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
                 async for event in s:
                     producer_got.append(event.data)
         except ConnectionError as exc:
@@ -1325,7 +1357,7 @@ async def test_a_follower_waiting_on_a_lone_pull_that_raises_is_aborted_at_once(
 
     async def follower() -> None:
         try:
-            async with cache.stream(cache.request(BODY), upstream) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
                 outcomes["status"] = s.status
                 async for event in s:
                     follower_got.append(event.data)
@@ -1375,7 +1407,7 @@ async def test_a_no_store_request_is_not_joined_by_an_identical_one() -> None:
 
     async def one(store: bool) -> None:
         await go.wait()
-        async with cache.stream(cache.request(BODY), upstream, store=store) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), upstream, store=store) as s:
             statuses[store] = s.status
             if len(statuses) == 2:
                 both_in.set()
@@ -1414,11 +1446,15 @@ async def test_a_follower_that_asks_the_upstream_again_stores_its_answer() -> No
 
     async def producer() -> None:
         with pytest.raises(ConnectionError):
-            async with cache.stream(cache.request(BODY), lambda: next(upstreams)()) as s:
+            async with cache.stream(
+                cache.request(BODY, tenant="shared"), lambda: next(upstreams)()
+            ) as s:
                 [e async for e in s]
 
     async def follower() -> None:
-        async with cache.stream(cache.request(BODY), lambda: next(upstreams)()) as s:
+        async with cache.stream(
+            cache.request(BODY, tenant="shared"), lambda: next(upstreams)()
+        ) as s:
             results["joined as"] = s.status
             results["events"] = [e async for e in s]
         results["stream"] = s
@@ -1428,7 +1464,7 @@ async def test_a_follower_that_asks_the_upstream_again_stores_its_answer() -> No
             tg.start_soon(producer)
             await inside.wait()  # the producer is inside its first pull
             tg.start_soon(follower)
-            live = cache.live.get(cache.key(cache.request(BODY)))
+            live = cache.live.get(cache.key(cache.request(BODY, tenant="shared")))
             assert live is not None
             while live.followers < 1:  # until the follower has joined
                 await anyio.lowlevel.checkpoint()
@@ -1659,7 +1695,7 @@ async def test_a_read_only_backend_still_answers_what_it_holds(
 async def test_a_miss_iterated_after_its_block_was_left_says_so() -> None:
     # It raised SharedStreamAborted, "every reader left": nothing was shared (helper-82).
     cache = StreamCache(DictBackend(), GenericSSE())
-    async with cache.stream(cache.request(BODY), Upstream()) as s:
+    async with cache.stream(cache.request(BODY, tenant="shared"), Upstream()) as s:
         assert s.status is CacheStatus.MISS
     with pytest.raises(RuntimeError, match="block was left: iterate it inside"):
         async for _ in s:
@@ -1690,7 +1726,7 @@ async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_stream
     outcome: list[Any] = []
 
     async def older() -> None:
-        async with cache.stream(cache.request(BODY), slow_upstream) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), slow_upstream) as s:
             got = [e async for e in s]
         outcome.append((s, got))
 
@@ -1698,7 +1734,9 @@ async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_stream
         async with anyio.create_task_group() as tg:
             tg.start_soon(older)
             await streaming.wait()
-            async with cache.stream(cache.request(BODY), fast_upstream, refresh=True) as r:
+            async with cache.stream(
+                cache.request(BODY, tenant="shared"), fast_upstream, refresh=True
+            ) as r:
                 assert [e async for e in r] == list(new)
             assert r.status is CacheStatus.REFRESH and r.stored
             gate.set()
@@ -1733,13 +1771,13 @@ async def test_a_follower_that_takes_over_stores_with_its_own_ttl() -> None:
 
     async def producer() -> None:
         with pytest.raises(RuntimeError):
-            async with cache.stream(cache.request(BODY), failing, ttl=600) as s:
+            async with cache.stream(cache.request(BODY, tenant="shared"), failing, ttl=600) as s:
                 [e async for e in s]
 
     statuses: list[object] = []
 
     async def follower() -> None:
-        async with cache.stream(cache.request(BODY), Upstream(), ttl=7) as s:
+        async with cache.stream(cache.request(BODY, tenant="shared"), Upstream(), ttl=7) as s:
             statuses.append(s.status)
             followed.set()
             [e async for e in s]

@@ -36,7 +36,7 @@ from .._logging import (
 )
 from ..adapters import AnthropicMessages, GeminiGenerateContent, OpenAIChat, OpenAIResponses
 from ..errors import ConfigError
-from ..keys import CREDENTIAL_HEADERS, lowered_tenant_scope
+from ..keys import CREDENTIAL_HEADERS, SHARED_TENANT, lowered_tenant_scope
 from ..pacing import Pacing
 from ..protocols import KeyHeadersAdapter, ScreeningAdapter, StreamAdapter
 
@@ -62,8 +62,6 @@ DEFAULT_ROUTES: Mapping[str, Callable[[], StreamAdapter]] = {
     "/models/{model}:streamGenerateContent": GeminiGenerateContent,
 }
 
-#: Pass as ``tenant=SHARED_TENANT`` to let every caller share entries (explicit opt-in).
-SHARED_TENANT = "shared"
 
 logger = logging.getLogger("sse_cache")
 # A tenant callable that returns a wrong type does so for every request: one line per 10 s.
