@@ -200,8 +200,22 @@ async def test_request_controls(stack: Stack) -> None:
     assert stale.headers["x-sse-cache"] == "miss"
     bad = await stack.post("/v1/responses", body, **{"x-sse-cache-ttl": "soon"})
     assert bad.status_code == 400 and "x-sse-cache-ttl" in bad.json()["error"]["message"]
-    # no-store, the miss after it, no-cache, refresh, team-b, ttl, max-age=0: 7 upstream calls
-    assert await stack.upstream_calls() == 7
+    # A client asks at most the operator's ttl (600 s here): a year overrode it, and outlived
+    # a revoked key by as much (helper-156).
+    await stack.post(
+        "/v1/responses", body, **{"x-sse-cache-namespace": "long", "x-sse-cache-ttl": "31536000"}
+    )
+    hit = await stack.post("/v1/responses", body, **{"x-sse-cache-namespace": "long"})
+    assert hit.headers["x-sse-cache"] == "hit" and int(hit.headers["x-sse-cache-ttl"]) <= 600
+    # ... and a replay at most a second between events (99999999ms held it open for days).
+    for slow in ("1001ms", "99999999ms", "0.05x"):
+        bad = await stack.post("/v1/responses", body, **{"x-sse-cache-replay": slow})
+        assert bad.status_code == 400, slow
+        assert "x-sse-cache-replay" in bad.json()["error"]["message"]
+    paced = await stack.post("/v1/responses", body, **{"x-sse-cache-replay": "1ms"})
+    assert paced.headers["x-sse-cache"] == "hit"
+    # no-store, the miss after it, no-cache, refresh, team-b, ttl, max-age=0, long: 8 calls
+    assert await stack.upstream_calls() == 8
 
 
 async def test_two_tenants_never_share_an_entry(stack: Stack) -> None:

@@ -154,6 +154,12 @@ def _seconds(name: str, value: str, *, zero: bool = False) -> float:
     return seconds
 
 
+#: The slowest replay a request may ask for (``x-sse-cache-replay``): a fixed gap of at most
+#: a second between events, or a tenth of the recorded speed.
+MAX_REPLAY_GAP = 1.0
+MIN_REPLAY_FACTOR = 0.1
+
+
 def _lifetime(name: str, value: str) -> float:
     """:func:`_seconds`, at most :data:`MAX_TTL`: an entry's lifetime (echoed on every hit
     as ``x-sse-cache-ttl``; a "1e308 seconds" lifetime is a mistake, not an intention)."""
@@ -226,9 +232,22 @@ def parse_controls(headers: Mapping[str, str]) -> Controls:
         options["ignore_fields"] = fields
     if (value := headers.get("x-sse-cache-replay")) is not None:
         try:
-            options["pacing"] = Pacing.parse(value)
+            pacing = Pacing.parse(value)
         except ConfigError as exc:
             raise ConfigError(f"x-sse-cache-replay: {_shown(str(exc), quote=False)}") from None
+        # A client's pacing is bounded: 99999999ms held a replay (and its connection, its
+        # place under --limit-concurrency) open for days (helper-156).
+        if pacing.mode == "fixed" and pacing.gap > MAX_REPLAY_GAP:
+            raise ConfigError(
+                f"x-sse-cache-replay: a fixed gap is at most {MAX_REPLAY_GAP * 1000:g}ms, "
+                f"got {_shown(value)}"
+            )
+        if pacing.mode == "original" and pacing.factor < MIN_REPLAY_FACTOR:
+            raise ConfigError(
+                f"x-sse-cache-replay: a speed factor is at least {MIN_REPLAY_FACTOR:g}x, "
+                f"got {_shown(value)}"
+            )
+        options["pacing"] = pacing
     return Controls(**options)
 
 

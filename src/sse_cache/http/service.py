@@ -778,7 +778,9 @@ class Exchange:
                 tee = ResponseTee(flight=live)
         elif media == SSE_TYPE:
             recording = await self._stack.enter_async_context(
-                self._cache.recording(self.key, ttl=controls.ttl, began=self._began)
+                self._cache.recording(
+                    self.key, ttl=_lifetime(controls.ttl, self._cache.ttl), began=self._began
+                )
             )
             recording.respond(status, lowered.get("content-type", media))
             self._live = recording
@@ -796,7 +798,7 @@ class Exchange:
                 flight=live,
                 cache=self._cache,
                 key=self.key,
-                ttl=controls.ttl,
+                ttl=_lifetime(controls.ttl, self._cache.ttl),
                 content_type=lowered.get("content-type", media),
                 status=status,
                 limit=self._cache.max_entry_bytes,
@@ -878,6 +880,15 @@ def _not_shared_because(status: int, encoding: str, tenant: str) -> str:
         # every caller joining a request sent with a bad key (helper-106).
         return f"the upstream answered {status} to this caller's credentials"
     return ""
+
+
+def _lifetime(asked: float | None, bound: float | None) -> float | None:
+    """The lifetime of the entry a request stores: what it asked for (``x-sse-cache-ttl``),
+    at most the ``ttl`` the cache was given — the operator's bound on how long an answer
+    outlives, say, a revoked key (a client's one year overrode a 60 s ``ttl``; helper-156)."""
+    if asked is None:
+        return None  # (the cache's own ttl)
+    return asked if bound is None else min(asked, bound)
 
 
 def _alias_scope_of(decision: Decision) -> str:
