@@ -3,8 +3,10 @@
 Clients call the gateway with their own gateway key (``Authorization: Bearer ...`` or
 ``x-api-key``); the gateway forwards ``POST /v1/chat/completions``, ``/v1/responses`` and
 ``/v1/messages`` to one upstream with its own provider key, streaming both ways with httpx2.
-``GET /health`` answers locally. The cache sits in front of all of it: a repeated streamed
-request is replayed from the cache without reaching the routes below.
+``GET /health`` answers locally. The cache sits in front of the routes: a repeated streamed
+request is replayed from the cache without reaching them. The gateway keys are checked in
+front of the cache (``GatewayKeys``), so that they are checked for hits too: a key taken off
+the list gets no more answers, also none it was given before.
 
 Try it (three shells)::
 
@@ -67,6 +69,28 @@ def _error(status: int, message: str, kind: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
+class GatewayKeys:
+    """Refuses (401) a request to the LLM routes without a valid gateway key. Added after
+    ``CacheMiddleware``, it runs outside the cache: for hits too (inside it, a hit never
+    reaches it, and a revoked key kept getting the answers recorded for it)."""
+
+    def __init__(self, app: Any, keys: frozenset[str]) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            headers = dict(scope["headers"])
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            key = auth.removeprefix("Bearer ").strip()
+            key = key or headers.get(b"x-api-key", b"").decode("latin-1")
+            if not key or (self.keys and key not in self.keys):
+                denied = _error(401, "invalid or missing gateway key", "authentication_error")
+                await denied(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     upstream_url: str,
     *,
@@ -102,10 +126,6 @@ def create_app(
     @app.post("/v1/responses")
     @app.post("/v1/messages")
     async def forward(request: Request) -> Response:
-        auth = request.headers.get("authorization", "")
-        key = auth.removeprefix("Bearer ").strip() or request.headers.get("x-api-key", "")
-        if not key or (gateway_keys and key not in gateway_keys):
-            return _error(401, "invalid or missing gateway key", "authentication_error")
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
         if upstream_key:
             headers["authorization"] = f"Bearer {upstream_key}"
@@ -123,6 +143,7 @@ def create_app(
         return UpstreamResponse(upstream)
 
     app.add_middleware(CacheMiddleware, backend=backend, **cache_options)  # the cache
+    app.add_middleware(GatewayKeys, keys=gateway_keys)  # added last: outside the cache
     return app
 
 

@@ -90,16 +90,20 @@ StackFactory = Callable[..., Any]
 
 @pytest.fixture
 def gateway_stack(serve: Serve, tmp_path: Path) -> StackFactory:
-    """``async with gateway_stack(**mock_options) as stack``: the example gateway (its own
-    one-line ``CacheMiddleware``, SQLite in ``tmp_path``) in front of the mock upstream."""
+    """``async with gateway_stack(gateway_keys, **mock_options) as stack``: the example
+    gateway (its own one-line ``CacheMiddleware``, SQLite in ``tmp_path``; ``gateway_keys``:
+    the keys it takes, all by default) in front of the mock upstream."""
 
     @asynccontextmanager
-    async def start(**mock_options: Any) -> AsyncIterator[Stack]:
+    async def start(
+        gateway_keys: frozenset[str] = frozenset(), **mock_options: Any
+    ) -> AsyncIterator[Stack]:
         mock = MockUpstream(**{"delay": 0.001, "first_delay": 0.005, **mock_options})
         async with serve(mock) as upstream:
             app = gateway.create_app(
                 upstream,
                 upstream_key="sk-provider",
+                gateway_keys=gateway_keys,
                 backend=f"sqlite:///{tmp_path / 'cache.db'}",
                 ttl=600,
             )
@@ -189,10 +193,26 @@ async def test_gateway_health_and_rejections_pass_through(gateway_stack: StackFa
         assert health.status_code == 200 and health.json() == {"status": "ok"}
         assert "x-sse-cache" not in health.headers
         body = {"model": "gpt-mock", "messages": MESSAGES, "stream": True}
-        for _ in range(2):  # no key: the gateway's 401 passes through, nothing is cached
+        for _ in range(2):  # no key: refused in front of the cache, which never sees it
             denied = await http.post("/v1/chat/completions", json=body)
-            assert denied.status_code == 401 and denied.headers["x-sse-cache"] == "bypass"
+            assert denied.status_code == 401 and "x-sse-cache" not in denied.headers
         assert await stack.upstream_calls() == 0
+
+
+async def test_gateway_a_revoked_key_gets_no_more_hits(gateway_stack: StackFactory) -> None:
+    # The keys are checked in front of the cache: a key taken off the list gets no answer,
+    # also none recorded for it (checked inside, behind the cache, it kept getting them as
+    # hits until they expired; helper-156).
+    async with gateway_stack(gateway_keys=frozenset({"sk-gw-a", "sk-gw-b"})) as stack:
+        async with stack.openai("sk-gw-a") as a:
+            assert [(await stream_chat(a, "revoked"))[0] for _ in range(2)] == ["miss", "hit"]
+        async with stack.openai("sk-gw-unknown") as unknown:
+            with pytest.raises(openai.AuthenticationError):
+                await stream_chat(unknown, "revoked")
+    async with gateway_stack(gateway_keys=frozenset({"sk-gw-b"})) as stack:  # sk-gw-a revoked
+        async with stack.openai("sk-gw-a") as a:
+            with pytest.raises(openai.AuthenticationError):
+                await stream_chat(a, "revoked")
 
 
 async def test_gateway_client_disconnect_stores_nothing(gateway_stack: StackFactory) -> None:
