@@ -197,6 +197,23 @@ def test_show_takes_the_start_of_a_key_as_access_lines_print_it(
     assert capsys.readouterr().out == "{}\n"
 
 
+def test_purge_takes_the_start_of_a_key_as_access_lines_print_it(
+    db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The access line's 12 characters were refused as "no entry with key" though the entry
+    # was there (helper-156). The start of several keys deletes nothing.
+    store(db, {"aaa122": MsgpackCodec().encode(Entry(schema="x", created_at=0.0, body=b"{}"))})
+    assert run_cli("purge", "aaa1", "--yes", "--backend", db) == 1
+    err = capsys.readouterr().err
+    assert "'aaa1' is the start of several entries' keys (aaa111, aaa122)" in err
+    assert "nothing deleted" in err
+    assert run_cli("purge", "aaa12", "--yes", "--backend", db) == 0
+    captured = capsys.readouterr()
+    assert "purged 1 entry and 0 aliases" in captured.out and "aaa12: aaa122" in captured.err
+    assert run_cli("ls", "--backend", db) == 0
+    assert capsys.readouterr().out.split() == ["aaa111", "bbb222", "ccc333"]
+
+
 def test_show_missing_and_corrupt(db: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli("show", "nope", "--backend", db) == 1
     assert "no entry with key 'nope'" in capsys.readouterr().err
@@ -1127,6 +1144,8 @@ def test_show_says_a_key_prefix_cannot_be_resolved_where_keys_cannot_be_listed(
     )
     assert run_cli("show", key, "--backend", url) == 0
     assert f"key:          {key}" in capsys.readouterr().out
+    assert run_cli("purge", key[:12], "--yes", "--backend", url) == inspect.EXIT_UNSUPPORTED
+    assert "cannot resolve a key prefix" in capsys.readouterr().err
     # A whole key that is not there, or a name that is no key's start, is simply not there.
     for missing in ("f" * 64, "nope"):
         assert run_cli("show", missing, "--backend", url) == 1

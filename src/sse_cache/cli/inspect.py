@@ -676,10 +676,34 @@ async def _purge_keys(args: argparse.Namespace, backend: Backend) -> int:
     entries: dict[str, None] = {}  # ordered sets
     aliases: dict[str, None] = {}
     named: set[str] = set()  # the keys whose aliases go too
-    for key in args.keys:
+    for given in args.keys:
+        key = given
         found = await stored(backend, key, codec, listing=True)
         if found is None:
-            return _fail(f"no entry with key {key!r} in {where} (nothing deleted)", EXIT_FAILED)
+            # The start of a key, as the access lines print it (12 characters), as `show`
+            # takes it: refused as "no entry" before, though one was there (helper-156).
+            unique = await _unique_key(backend, key)
+            if isinstance(unique, str):
+                key = unique
+                found = await stored(backend, key, codec, listing=True)
+            elif unique:
+                return _fail(
+                    f"key {given!r} is the start of several entries' keys "
+                    f"({', '.join(unique[:2])}{', ...' if len(unique) > 2 else ''}): give more "
+                    "of it (nothing deleted)",
+                    EXIT_FAILED,
+                )
+        if found is None and not isinstance(backend, ScanningBackend) and _may_be_a_key_start(key):
+            scheme = urlsplit(args.backend).scheme.lower()
+            return _fail(
+                f"{scheme}:// cannot resolve a key prefix (it cannot list keys): give the whole "
+                "key, as the x-sse-cache-key header has it (nothing deleted)",
+                EXIT_UNSUPPORTED,
+            )
+        if found is None:
+            return _fail(f"no entry with key {given!r} in {where} (nothing deleted)", EXIT_FAILED)
+        if key != given:
+            print(f"{given}: {key}", file=sys.stderr)  # (the whole key it stands for)
         row = found[1]
         if row.kind == "alias":
             aliases[key] = None
