@@ -86,7 +86,19 @@ class RateLimitedLog:
     def warning(self, owner: object, topic: str, msg: str, *args: object) -> None:
         """Log ``msg % args`` as a warning unless one of ``topic`` for ``owner`` was written
         less than ``interval`` seconds ago."""
-        if not self.logger.isEnabledFor(logging.WARNING):
+        self.log(logging.WARNING, owner, topic, msg, *args)
+
+    def log(
+        self,
+        level: int,
+        owner: object,
+        topic: str,
+        msg: str,
+        *args: object,
+        exc_info: bool = False,
+    ) -> None:
+        """:meth:`warning` at ``level``; ``exc_info``: with the exception being handled."""
+        if not self.logger.isEnabledFor(level):
             return
         now = self._clock()
         with self._lock:
@@ -102,11 +114,16 @@ class RateLimitedLog:
             since = now - last[0] if last is not None else 0.0
             topics[topic] = [now, 0]
         if left_out:
-            self.logger.warning(
-                msg + " [%d more like this in the last %.0f s]", *args, left_out, since
+            self.logger.log(
+                level,
+                msg + " [%d more like this in the last %.0f s]",
+                *args,
+                left_out,
+                since,
+                exc_info=exc_info,
             )
         else:
-            self.logger.warning(msg, *args)
+            self.logger.log(level, msg, *args, exc_info=exc_info)
 
 
 #: Backend failures the engine and the service log (one :class:`RateLimitedLog` for all).

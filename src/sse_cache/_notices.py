@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import msgspec
 
+from ._logging import RateLimitedLog
+
 if TYPE_CHECKING:
     from .flight import Flights
 
 __all__ = ["CacheStatus", "Hook", "LiveStreamsHook", "Notice", "emit"]
 
 logger = logging.getLogger("sse_cache")
+_hook_errors = RateLimitedLog(logger)
 
 
 class CacheStatus(enum.StrEnum):
@@ -83,4 +86,8 @@ def emit(hooks: Iterable[Hook], notice: Notice) -> None:
         try:
             hook(notice)
         except Exception:
-            logger.exception("sse_cache: hook %r failed", hook)
+            # With its traceback, at most once every 10 s a hook: one that always fails
+            # wrote one for every notice, ~5 a miss (helper-156).
+            _hook_errors.log(
+                logging.ERROR, hook, "failed", "sse_cache: hook %r failed", hook, exc_info=True
+            )

@@ -382,6 +382,26 @@ async def test_callers_share_answers_only_when_they_say_so() -> None:
     )
 
 
+async def test_a_hook_that_raises_is_ignored_and_logged_with_its_traceback_now_and_then(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A hook that always fails wrote an error and its traceback for every notice, ~5 a miss,
+    # and flooded the log (helper-156): one, then one every 10 s with a count.
+    def broken(notice: Notice) -> None:
+        raise RuntimeError("the hook broke")
+
+    seen: list[Notice] = []
+    cache = StreamCache(DictBackend(), GenericSSE(), hooks=[broken, seen.append])
+    with caplog.at_level(logging.ERROR, logger="sse_cache"):
+        for _ in range(3):
+            _, events = await consume(cache, Upstream())
+            assert wire(events) == wire(EVENTS)
+    assert [n.kind for n in seen].count("hit") == 2  # every notice reached the other hook
+    (record,) = [r for r in caplog.records if "hook" in r.getMessage()]
+    assert record.levelno == logging.ERROR and record.exc_info is not None
+    assert "the hook broke" in caplog.text
+
+
 async def test_request_controls() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())

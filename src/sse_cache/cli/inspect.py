@@ -94,7 +94,7 @@ def register(sub: Any) -> None:
     show.add_argument(
         "key",
         help="the entry's key (as `sse-cache ls` prints it), the start of one (as the proxy's "
-        "access lines print it), or an alias",
+        "access lines print it), or a whole alias",
     )
     show.add_argument(
         "--sse-only",
@@ -235,8 +235,10 @@ def _cannot_list(args: argparse.Namespace, backend: Backend) -> int:
         if "Memcached" in name
         else f"{name} does not support listing keys"
     )
+    # (`stats` only where the backend counts its entries: a plugin's may not; helper-156.)
+    stats = ", or `sse-cache stats`" if isinstance(backend, StatsBackend) else ""
     return _fail(
-        f"{args.command}: {hint}. Use `sse-cache show KEY` for a known key, or `sse-cache stats`.",
+        f"{args.command}: {hint}. Use `sse-cache show KEY` for a known key{stats}.",
         EXIT_UNSUPPORTED,
     )
 
