@@ -140,6 +140,12 @@ def _forward(lib: ModuleType, request: Any, decision: Decision) -> Any:
     )
 
 
+#: The decision for a request on no cached route, or a resume the cache cannot answer: passed
+#: through, without our controls (set for every request with an SDK's ``default_headers``,
+#: an ``x-sse-cache-namespace`` holding a user id reached the provider; helper-160).
+_PASSED = Decision(reason="not a cached route")
+
+
 def _error_response(lib: ModuleType, message: str) -> Any:
     # The same answer as the ASGI middleware's for an invalid control header.
     body = json_error_body(message)
@@ -259,15 +265,24 @@ class _Options:
             _request_headers(request),
             _body_or_none(body, service.policy.max_body_bytes),
             url.query.decode("latin-1"),
-            self._origin(url),
+            self._origin(request),
         )
 
-    def _origin(self, url: Any) -> str | None:
+    def _origin(self, request: Any) -> str | None:
         # The server is part of the key: two servers asked the same never share an entry.
         # (An origin in the options wins, None: replicas of one service, keyed as one.)
         if self.service.policy.origin:
             return None
-        return origin_of(f"{url.scheme}://{url.netloc.decode()}")
+        url = request.url
+        netloc = url.netloc.decode()
+        origin = origin_of(f"{url.scheme}://{netloc}")
+        # A Host header of its own names another server at that address (virtual hosts
+        # behind one ingress): two such were answered from one entry (helper-160). The
+        # client sets it to the URL's otherwise.
+        host = request.headers.get("host")
+        if host is not None and host.strip().lower() != netloc.lower():
+            origin = f"{origin} host={host.strip().lower()}"
+        return origin
 
     def _started(self, started: float) -> float | None:
         # When the request arrived, if anyone wants its time to first byte (the hooks).
@@ -347,14 +362,14 @@ class AsyncCacheTransportBase(_Options):
             # A client resuming a stream by its id (Responses): from its live stream while it
             # is produced, from the cache once stored; else the upstream answers. (Its time to
             # first byte is not reported: the ASGI middleware reports none for a resume.)
-            answer = await service.resume("GET", *_resume_args(request), self._origin(request.url))
+            answer = await service.resume("GET", *_resume_args(request), self._origin(request))
             if answer is not None:
                 opened = _AsyncOpen(NoExchange(answer))
                 await opened.enter()
                 body = types["AsyncAnswerBody"](answer.chunks, opened, _read_timeout(request))
                 return lib.Response(answer.status, headers=answer.headers, stream=body)
         if service.policy.match(request.method, _request_path(request.url)) is None:
-            return await self.transport.handle_async_request(request)
+            return await self.transport.handle_async_request(_forward(lib, request, _PASSED))
         try:
             decision = self._decide(request, await request.aread())
         except ConfigError as exc:
@@ -539,7 +554,7 @@ class CacheTransportBase(_Options):
                     service.resume,
                     "GET",
                     *_resume_args(request),
-                    self._origin(request.url),
+                    self._origin(request),
                 )
                 if answer is not None:
                     opened = _SyncOpen(
@@ -555,7 +570,7 @@ class CacheTransportBase(_Options):
             except _TransportClosed as exc:
                 raise _closed_under(lib) from exc
         if service.policy.match(request.method, _request_path(request.url)) is None:
-            return self.transport.handle_request(request)
+            return self.transport.handle_request(_forward(lib, request, _PASSED))
         try:
             decision = self._decide(request, request.read())
         except ConfigError as exc:

@@ -36,8 +36,9 @@ import sse_cache.httpx
 import sse_cache.httpx2
 from flights_seen import FlightsSeen
 from sse_cache.backends import from_url
+from sse_cache.events import serialize_sse
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
-from sse_cache.testing import MockUpstream
+from sse_cache.testing import MockUpstream, responses_stream
 
 RESPONSES = "POST /v1/responses"
 CHAT = "POST /v1/chat/completions"
@@ -483,6 +484,59 @@ async def test_request_controls_and_headers(
         assert bad.status_code == 400
         assert b"x-sse-cache-ttl" in text
         assert upstream.count(RESPONSES) == before + 4  # answered without the upstream
+
+
+@pytest.mark.anyio
+async def test_controls_never_reach_the_upstream_on_routes_not_cached() -> None:
+    # Set for every request (an SDK's default_headers), the controls reached the provider on
+    # every request the cache passes through: an embeddings call, a resume it cannot answer
+    # (an x-sse-cache-namespace holding a user id; helper-160).
+    seen: list[dict[str, str]] = []
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        seen.append(dict(request.headers))
+        return httpx2.Response(200, json={"object": "list", "data": []})
+
+    headers = {"authorization": "Bearer sk-k", "x-sse-cache-namespace": "user-4711"}
+    transport = AsyncCacheTransport("memory://", httpx2.MockTransport(upstream))
+    async with httpx2.AsyncClient(
+        base_url="http://up.test", headers=headers, transport=transport
+    ) as client:
+        await client.post("/v1/embeddings", json={"input": "x"})
+        await client.get("/v1/responses/resp_unknown", params={"stream": "true"})
+    sync = CacheTransport("memory://", httpx2.MockTransport(upstream))
+    with httpx2.Client(base_url="http://up.test", headers=headers, transport=sync) as client:
+        client.post("/v1/embeddings", json={"input": "x"})
+        client.get("/v1/responses/resp_unknown", params={"stream": "true"})
+    assert len(seen) == 4 and all(h["authorization"] == "Bearer sk-k" for h in seen)
+    assert not [name for h in seen for name in h if name.startswith("x-sse-cache")], seen
+
+
+@pytest.mark.anyio
+async def test_a_host_header_of_its_own_keys_apart() -> None:
+    # Two virtual hosts behind one address: the same URL, another Host header, another
+    # server's answer; they shared one entry (helper-160). The Host the client sets from the
+    # URL keys as before (the URL's server).
+    calls: list[str] = []
+    stream = serialize_sse(responses_stream(text_deltas=3))
+
+    def upstream(request: httpx2.Request) -> httpx2.Response:
+        calls.append(request.headers["host"])
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=stream)
+
+    body = {"model": MODEL, "input": "virtual hosts", "stream": True}
+    transport = AsyncCacheTransport("memory://", httpx2.MockTransport(upstream))
+    async with httpx2.AsyncClient(
+        base_url="http://10.0.0.7:8080", headers={"authorization": "Bearer k"}, transport=transport
+    ) as client:
+        statuses = []
+        for host in (None, "staging.internal", "prod.internal", "staging.internal", None):
+            headers = {} if host is None else {"host": host}
+            response = await client.post("/v1/responses", json=body, headers=headers)
+            assert response.content == stream
+            statuses.append(response.headers["x-sse-cache"])
+    assert statuses == ["miss", "miss", "miss", "hit", "hit"]
+    assert calls == ["10.0.0.7:8080", "staging.internal", "prod.internal"]
 
 
 @pytest.mark.anyio
