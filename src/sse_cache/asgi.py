@@ -154,7 +154,9 @@ class CacheMiddleware:
         # alike: uvicorn's httptools adds a chunked body's trailer fields to the scope's list
         # as they arrive, after the head (helper-157: a trailer ``Connection: openai-beta``,
         # sent late, dropped that header from what the proxy forwarded, but not from the key).
-        scope = {**scope, "headers": list(scope["headers"])}
+        # A new list in the same scope: a copy of the scope hid what the app's router writes
+        # into it (its route, endpoint) from middleware around the cache (helper-159).
+        scope["headers"] = list(scope["headers"])
         await _Request(self, scope, receive, send).run(path)
 
     async def aclose(self) -> None:

@@ -146,6 +146,9 @@ class CacheRequest(msgspec.Struct, frozen=True, kw_only=True):
     uncached: str = ""
 
 
+_ARRAYS = (list, tuple)
+
+
 def _normalise(value: Any) -> Any:
     # JSON does not tell 1 from 1.0 apart; Python does. An integral float keys like the int
     # so that `"temperature": 1` and `"temperature": 1.0` share an entry.
@@ -161,7 +164,7 @@ def _normalise(value: Any) -> Any:
         return value
     if isinstance(value, dict):
         return {k: _normalise(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, _ARRAYS):
         return [_normalise(v) for v in value]
     if value is None or isinstance(value, int):  # (bool is an int)
         return value

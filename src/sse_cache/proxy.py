@@ -391,6 +391,7 @@ def _as_forwarded(scope: Scope) -> Scope | None:
     headers = scope.get("headers", ())
     named: set[bytes] | None = None
     chunked = counted = upgrade = False
+    empty = True  # (no body declared: no framing, or a length of 0)
     for name, value in headers:  # (ASGI header names are lower-case)
         if name == b"connection":
             if value.lower() in _PLAIN_CONNECTION:
@@ -400,12 +401,13 @@ def _as_forwarded(scope: Scope) -> Scope | None:
         elif name == b"transfer-encoding":
             chunked = True
         elif name == b"content-length":
-            counted = value.strip() != b"0"
+            counted = True  # (a length of 0 beside chunked framing too: CL.TE smuggling)
+            empty = empty and value.strip() == b"0"
         elif name == b"upgrade":
             upgrade = True
     if chunked and counted:
         return None
-    if upgrade and (chunked or counted):
+    if upgrade and (chunked or not empty):
         # (Seldom: curl --http2 on http://.) The body must be checked: see _body_kept.
         scope = {**scope, _UPGRADE_WITH_BODY: True}
     # A copy, also of nearly every request's headers, none named: uvicorn's httptools adds a
@@ -414,7 +416,10 @@ def _as_forwarded(scope: Scope) -> Scope | None:
     # from what was forwarded, not from the key: the upstream's answer without it was stored
     # under a key with it (helper-157). Trailers are not headers (RFC 9110 §6.5.1).
     if not named:  # (nearly every request)
-        return {**scope, "headers": [*headers]}
+        # In place: a copy of the scope would hide from middleware around the proxy what the
+        # app writes into it (helper-159); the list is what httptools appends to.
+        scope["headers"] = [*headers]
+        return scope
     # The cache's own controls stay for the cache: meant for this hop, the proxy (a client
     # naming cache-control in Connection had its no-store ignored; helper-157). The
     # forwarder drops them all the same.

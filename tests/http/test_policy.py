@@ -380,6 +380,13 @@ def test_queries_an_upstream_may_read_apart_never_share_a_route() -> None:
         assert route(one) != route(other), (one, other)
     assert route("b=1;x&a=2") == route("a=2&b=1;x")  # (other names: any order, still)
     assert "SECRET" not in route("a=b+c&key=SECRET+1")  # (the credential is never in it)
+    # What an adapter's route drops stays out of it: Gemini's stream (alt=sse) and JSON
+    # requests still share one entry (helper-159).
+    gemini, body = CachePolicy(), json.dumps({"contents": []}).encode()
+    model = "/v1beta/models/gemini-2.0-flash"
+    streamed = gemini.decide("POST", f"{model}:streamGenerateContent", {}, body, "alt=sse&l=a+b")
+    plain = gemini.decide("POST", f"{model}:generateContent", {}, body, "l=a+b")
+    assert streamed.route == plain.route and "as sent: l=a+b" in plain.route
 
 
 def test_the_server_answering_is_part_of_the_route() -> None:

@@ -316,20 +316,21 @@ def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
 _AMBIGUOUS_QUERY = re.compile(r"[;+]|%(?![0-9A-Fa-f]{2})")
 
 
-def _query_as_sent(query: str) -> str:
-    """The query's parameters as sent (less the credential, ordered by name as
-    :func:`_route_of` orders them) when one of them reads otherwise to some server
+def _query_as_sent(query: str, params: Iterable[tuple[str, str]]) -> str:
+    """The query's parameters as sent — those of ``params``, the ones keyed (the credential
+    and what an adapter's route drops, Gemini's ``alt``, left out), ordered by name as
+    :func:`_route_of` orders them — when one of them reads otherwise to some server
     (:data:`_AMBIGUOUS_QUERY`), else ``""``. Decoded alone, two queries a server reads apart
     keyed alike: ``a=1;b=2`` and ``a=1%3Bb=2`` (a server that splits at ``;``), ``b+c`` and
     ``b%20c`` (one that reads ``+`` as itself), ``%zz`` and ``%25zz`` (one that refuses a bad
     escape); helper-157."""
     if _AMBIGUOUS_QUERY.search(query) is None:  # (nearly every query)
         return ""
+    names = {name for name, _ in params}
     kept = [
         piece
         for piece in query.split("&")
-        if piece
-        and urllib.parse.unquote_plus(piece.partition("=")[0], "latin-1") != QUERY_CREDENTIAL
+        if piece and urllib.parse.unquote_plus(piece.partition("=")[0], "latin-1") in names
     ]
     if not any(_AMBIGUOUS_QUERY.search(piece) for piece in kept):  # (only the key was)
         return ""
@@ -666,7 +667,7 @@ class CachePolicy:
                 return self._unkeyable(_route_of(method, clean + slashes, params, where), why)
             clean, params = keyed, list(keyed_params)
         route = _route_of(method, clean + slashes, params, where)
-        if query and (sent := _query_as_sent(query)):
+        if query and (sent := _query_as_sent(query, params)):
             route = f"{route} as sent: {sent}"
         controls = parse_controls(headers)
         # (Each logged in one line, as every request passed through uncached: helper-87.)
