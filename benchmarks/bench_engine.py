@@ -85,13 +85,13 @@ async def main(repeat: int, delta_chars: int) -> None:
     backend = from_url("memory://")
     cache = StreamCache(backend, GenericSSE())
     cold_cache = StreamCache(backend, GenericSSE(), decoded_cache_bytes=0)
-    request = cache.request(BODY, tenant="shared")
+    request = cache.request(BODY, shared=True)
     async with cache.stream(request, lambda: upstream_of(events)) as s:
         async for _ in s:
             pass
     assert s.stored
     # The tee stores under another key, so that it does not replace the replayed entry.
-    tee_request = cache.request({**BODY, "input": "benchmark the tee"}, tenant="shared")
+    tee_request = cache.request({**BODY, "input": "benchmark the tee"}, shared=True)
 
     raw_gen, replay, cold, first = [], [], [], []
     passthrough, tee_delivery, tee_total, floor = [], [], [], []

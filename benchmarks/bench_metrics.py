@@ -50,7 +50,7 @@ def spread(values: list[float], scale: float, unit: str) -> str:
 
 
 async def hits(cache: StreamCache) -> float:
-    request = cache.request(BODY, tenant="shared")
+    request = cache.request(BODY, shared=True)
     start = time.perf_counter()
     for _ in range(HITS):
         async with cache.stream(request, lambda: upstream_of(())) as stream:
@@ -65,7 +65,7 @@ async def main(repeat: int) -> None:
     hooked = StreamCache("memory://", GenericSSE(), hooks=[Metrics()])
     for cache in (bare, hooked):  # store the entry: every later request is a hit
         async with cache.stream(
-            cache.request(BODY, tenant="shared"), lambda: upstream_of(events)
+            cache.request(BODY, shared=True), lambda: upstream_of(events)
         ) as stream:
             async for _event in stream:
                 pass

@@ -20,7 +20,8 @@ async def upstream() -> AsyncIterator[Event]:  # any async iterator of Event: an
 async def main(db: str) -> None:
     async with StreamCache(f"sqlite:///{db}", GenericSSE(), ttl=3600) as cache:
         # tenant: whose answer it is (a user id, a hash of the caller's credentials:
-        # sse_cache.keys.tenant_scope(headers)); "shared" shares answers between every caller.
+        # sse_cache.keys.tenant_scope(headers)); shared=True in its place shares answers
+        # between every caller.
         request = cache.request({"model": "m", "input": "hi", "stream": True}, tenant="user-42")
         for _ in range(2):
             async with cache.stream(request, upstream) as stream:

@@ -52,7 +52,7 @@ from .entry import Entry
 from .errors import ConfigError
 from .events import Event
 from .flight import Cursor, Flight, Flights, LiveFlight, Phase, SharedStreamAborted
-from .keys import SHARED_TENANT, CacheRequest, DefaultKeyer, check_key
+from .keys import CacheRequest, DefaultKeyer, check_key
 from .pacing import Pacing
 from .protocols import Backend, CacheKeyer, EventCodec, ScreeningAdapter, StreamAdapter
 from .recorder import DEFAULT_MAX_ENTRY_BYTES, Recorder
@@ -183,6 +183,7 @@ class StreamCache:
         *,
         route: str = "",
         tenant: str | None = None,
+        shared: bool = False,
         namespace: str = "",
         variant: int = 0,
     ) -> CacheRequest:
@@ -190,48 +191,60 @@ class StreamCache:
         answer-defining fields; a request it passes through uncached says why in
         ``uncached``, and :meth:`stream` then bypasses the cache).
 
-        ``tenant`` is required: whose answer this is — a scope of the caller, such as
-        :func:`~sse_cache.keys.tenant_scope` of its request headers (a hash of its
-        credentials), its user or organisation id — so that callers never share answers;
-        :data:`~sse_cache.keys.SHARED_TENANT` (``"shared"``) shares them between every
-        caller. (It defaulted to one scope for everyone: an answer to one user was a hit for
-        the next; helper-156.)
+        ``tenant`` or ``shared=True`` is required. ``tenant``: whose answer this is — a scope
+        of the caller, such as :func:`~sse_cache.keys.tenant_scope` of its request headers (a
+        hash of its credentials), its user or organisation id — so that callers never share
+        answers; ``shared=True`` shares them between every caller (keyed as the HTTP
+        integrations' ``tenant="shared"``). A tenant never keys as the shared scope, whatever
+        it says (a user who names himself "shared" included: helper-159). It defaulted to
+        one scope for everyone: an answer to one user was a hit for the next (helper-156).
+        ``""`` (``tenant_scope`` of a request that carries no credential) cannot tell callers
+        apart: such a request is passed through uncached (``uncached`` says so), as the HTTP
+        integrations pass it.
 
         Raises TypeError for a body that is not a mapping (a JSON object), a part of the key
-        of the wrong type or no ``tenant``; ValueError for an empty tenant or a negative
-        variant."""
+        of the wrong type, neither ``tenant`` nor ``shared=True`` (or both); ValueError for a
+        negative variant. A body holding
+        what no JSON body holds (NaN, a set, bytes...) makes :meth:`key` and :meth:`stream`
+        raise :class:`~sse_cache.errors.ConfigError`."""
         if not isinstance(body, Mapping):
             raise TypeError(
                 f"body must be the decoded JSON object of the request (a mapping), "
                 f"got {type(body).__name__}"
             )
-        if tenant is None:
+        if shared is not False and shared is not True:
+            raise TypeError(f"shared must be True or False, got {shared!r}")
+        if (tenant is None) is not shared:
             raise TypeError(
                 "request() needs tenant=: whose answer this is (e.g. "
                 "sse_cache.keys.tenant_scope(request_headers), a hash of the caller's "
-                "credentials, or a user id), so that callers never share answers; "
-                f"tenant={SHARED_TENANT!r} shares them between every caller"
+                "credentials, or a user id), so that callers never share answers; or "
+                "shared=True to share them between every caller"
+                if tenant is None
+                else "request() takes tenant= or shared=True, not both"
             )
-        for name, part in (("route", route), ("tenant", tenant), ("namespace", namespace)):
+        parts = (("route", route), ("tenant", "" if tenant is None else tenant))
+        for name, part in (*parts, ("namespace", namespace)):
             if not isinstance(part, str):
                 raise TypeError(f"{name} must be a str, got {type(part).__name__}")
-        if not tenant:
-            raise ValueError(
-                "tenant is empty: it cannot tell callers apart (pass a scope of the caller, "
-                f"or {SHARED_TENANT!r} to share answers between every caller)"
-            )
-        if tenant == SHARED_TENANT:
-            tenant = ""  # (the scope the HTTP integrations' shared tenant keys with)
+        uncached = ""
+        if shared:
+            scope = ""  # (the scope the HTTP integrations' shared tenant keys with)
+        else:
+            # The caller's own, apart from the shared one whatever it says (helper-159).
+            scope = f"e:{tenant}"
+            if not tenant:
+                uncached = "no tenant scope (the request carries no credential)"
         if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
             raise ValueError(f"variant must be an int >= 0, got {variant!r}")
         return CacheRequest(
             schema=self.adapter.name,
             route=route,
             fields=self.adapter.key_fields(body),
-            tenant=tenant,
+            tenant=scope,
             namespace=namespace,
             variant=variant,
-            uncached="" if self._screen is None else self._screen(body),
+            uncached=uncached or ("" if self._screen is None else self._screen(body)),
         )
 
     def key(self, request: CacheRequest | str) -> str:
@@ -243,7 +256,7 @@ class StreamCache:
             return request
         if not isinstance(request, CacheRequest):
             raise TypeError(
-                f"expected a CacheRequest (cache.request(body)) or a key (str), "
+                f"expected a CacheRequest (cache.request(body, tenant=...)) or a key (str), "
                 f"got {type(request).__name__}"
             )
         return self.keyer.key(request)

@@ -69,7 +69,7 @@ async def _gen(events: Sequence[Event]) -> AsyncIterator[Event]:
 
 
 async def through(cache: StreamCache, body: dict[str, object], upstream: object):
-    req = cache.request(body, route=ROUTES[cache.adapter.name], tenant="shared")
+    req = cache.request(body, route=ROUTES[cache.adapter.name], shared=True)
     async with cache.stream(req, upstream) as s:  # type: ignore[arg-type]
         got = [ev async for ev in s]
     return s, got
@@ -118,7 +118,7 @@ async def test_record_store_replay_on_every_backend(
 
     # Cross-mode: a non-stream request for the same answer (same key without `stream`).
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-    assert cache.key(cache.request(plain, route=ROUTES[schema], tenant="shared")) == second.key
+    assert cache.key(cache.request(plain, route=ROUTES[schema], shared=True)) == second.key
     entry = await cache.lookup(second.key)
     assert entry is not None
     answer = cache.body_of(entry)
@@ -189,7 +189,7 @@ async def test_stream_request_answered_from_a_stored_body(backend: Backend):
     req = cache.request(
         {"model": "gpt-5", "input": "q", "stream": True},
         route=ROUTES[adapter.name],
-        tenant="shared",
+        shared=True,
     )
     key = cache.key(req)
     stored = Entry(schema=adapter.name, created_at=1.0, content_type="application/json", body=raw)

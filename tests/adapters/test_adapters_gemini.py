@@ -619,7 +619,7 @@ def _upstream(events: Sequence[Event]) -> tuple[list[int], object]:
 
 
 async def _through(cache: StreamCache, body: dict[str, object], upstream: object):
-    req = cache.request(body, route=ROUTE, tenant="shared")
+    req = cache.request(body, route=ROUTE, shared=True)
     async with cache.stream(req, upstream) as s:  # type: ignore[arg-type]
         got = [ev async for ev in s]
     return s, got

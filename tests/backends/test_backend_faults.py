@@ -318,7 +318,7 @@ async def test_a_locked_sqlite_file_costs_a_store_its_write_timeout(tmp_path: Pa
     try:
         started = time.monotonic()
         with anyio.fail_after(GUARD):  # (noticed only after the thread: a guard, no more)
-            async with cache.stream(cache.request({"q": 1}, tenant="shared"), upstream) as stream:
+            async with cache.stream(cache.request({"q": 1}, shared=True), upstream) as stream:
                 assert [e.data async for e in stream] == ["one"]
         assert time.monotonic() - started >= 1.0  # it did wait for the lock
         assert not stream.stored
@@ -333,7 +333,7 @@ async def test_a_locked_sqlite_file_costs_a_store_its_write_timeout(tmp_path: Pa
         holder.execute("ROLLBACK")
         holder.close()
     # The lock is gone: the same objects store again.
-    async with cache.stream(cache.request({"q": 2}, tenant="shared"), upstream) as stream:
+    async with cache.stream(cache.request({"q": 2}, shared=True), upstream) as stream:
         [e async for e in stream]
     assert stream.stored
     await backend.aclose()
@@ -355,8 +355,8 @@ async def foreign_value_is_a_miss_deleted(
     SQLite text column, Redis list) is a miss and deleted, however often it is looked up,
     and the breaker stays closed for the other keys."""
     cache = StreamCache(backend, GenericSSE())
-    good = cache.key(cache.request({"input": "good"}, tenant="shared"))
-    bad = cache.key(cache.request({"input": "bad"}, tenant="shared"))
+    good = cache.key(cache.request({"input": "good"}, shared=True))
+    bad = cache.key(cache.request({"input": "bad"}, shared=True))
     await backend.set(good, b"not looked at", None)
     for _ in range(3 * cache.breaker.failures):
         await backend.set(bad, b"ours", None)

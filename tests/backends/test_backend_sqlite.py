@@ -617,7 +617,7 @@ async def test_read_only_replacement_fails_open(tmp_path: Path, how: str) -> Non
         async def upstream() -> AsyncIterator[Event]:
             yield Event("one")
 
-        async with cache.stream(cache.request({"q": 1}, tenant="shared"), upstream) as stream:
+        async with cache.stream(cache.request({"q": 1}, shared=True), upstream) as stream:
             assert [e.data async for e in stream] == ["one"]
         assert not stream.stored
     finally:

@@ -144,7 +144,7 @@ async def consume(cache: StreamCache, text: str) -> str:
             yield event
 
     body = {"model": "m", "input": text, "stream": True}
-    async with cache.stream(cache.request(body, tenant="shared"), upstream) as stream:
+    async with cache.stream(cache.request(body, shared=True), upstream) as stream:
         async for _ in stream:
             pass
     return str(stream.status)
@@ -260,9 +260,7 @@ async def test_a_store_skipped_by_the_breaker_says_so() -> None:
         for event in EVENTS:
             yield event
 
-    async with cache.stream(
-        cache.request({"input": "skipped"}, tenant="shared"), upstream
-    ) as stream:
+    async with cache.stream(cache.request({"input": "skipped"}, shared=True), upstream) as stream:
         async for _ in stream:
             pass
     assert not stream.stored and "circuit breaker is open" in stream.reason

@@ -22,6 +22,7 @@ from sse_cache.adapters import (
 )
 from sse_cache.engine import CacheStatus, Notice, SharedStreamAborted, StreamCache
 from sse_cache.http.service import CacheService
+from sse_cache.keys import tenant_scope
 from sse_cache.testing import paced, responses_stream
 
 pytestmark = pytest.mark.anyio
@@ -92,7 +93,7 @@ def wire(events: Sequence[Event]) -> list[tuple[str, str | None, str | None, int
 async def consume(
     cache: StreamCache, upstream: Upstream, **kw: object
 ) -> tuple[object, list[Event]]:
-    async with cache.stream(cache.request(BODY, tenant="shared"), upstream, **kw) as s:  # type: ignore[arg-type]
+    async with cache.stream(cache.request(BODY, shared=True), upstream, **kw) as s:  # type: ignore[arg-type]
         events = [e async for e in s]
     return s, events
 
@@ -113,8 +114,8 @@ async def test_miss_stores_and_hit_replays_identical_events() -> None:
 
 async def test_streamed_and_non_streamed_requests_share_a_key() -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
-    assert cache.key(cache.request(BODY, tenant="shared")) == cache.key(
-        cache.request({**BODY, "stream": False}, tenant="shared")
+    assert cache.key(cache.request(BODY, shared=True)) == cache.key(
+        cache.request({**BODY, "stream": False}, shared=True)
     )
 
 
@@ -127,7 +128,7 @@ async def test_events_are_delivered_before_the_upstream_finishes() -> None:
         await gate.wait()
         yield Event("second")
 
-    async with cache.stream(cache.request(BODY, tenant="shared"), slow) as s:
+    async with cache.stream(cache.request(BODY, shared=True), slow) as s:
         assert (await s.__anext__()).data == "first"  # no buffering before delivery
         gate.set()
         assert [e.data async for e in s] == ["second"]
@@ -138,7 +139,7 @@ async def test_failing_upstream_stores_nothing_and_reaches_the_caller() -> None:
     cache = StreamCache(backend, GenericSSE())
     got: list[Event] = []
     with pytest.raises(ConnectionError):
-        async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
+        async with cache.stream(cache.request(BODY, shared=True), up) as s:
             async for e in s:
                 got.append(e)
     assert len(got) == 5 and backend.data == {} and up.closed == 1
@@ -147,7 +148,7 @@ async def test_failing_upstream_stores_nothing_and_reaches_the_caller() -> None:
 async def test_reader_leaving_early_stores_nothing_and_closes_upstream() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
-    async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
+    async with cache.stream(cache.request(BODY, shared=True), up) as s:
         async for _ in s:
             break
     assert backend.data == {} and up.closed == 1 and not s.stored
@@ -166,7 +167,7 @@ async def test_a_miss_leaves_no_flight_behind(outcome: str) -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
     for n in range(3):
         try:
-            async with cache.stream(cache.request({**BODY, "n": n}, tenant="shared"), up) as s:  # type: ignore[arg-type]
+            async with cache.stream(cache.request({**BODY, "n": n}, shared=True), up) as s:  # type: ignore[arg-type]
                 async for _ in s:
                     pass
         except ConnectionError:
@@ -290,7 +291,7 @@ async def test_a_value_the_backend_cannot_return_is_deleted_without_opening_the_
     backend, up = Foreign(), Upstream()
     cache = StreamCache(backend, GenericSSE())
     good, _ = await consume(cache, up)
-    bad = cache.key(cache.request({**BODY, "input": "other"}, tenant="shared"))
+    bad = cache.key(cache.request({**BODY, "input": "other"}, shared=True))
     with caplog.at_level(logging.WARNING, logger="sse_cache"):
         for _ in range(3 * cache.breaker.failures):
             backend.foreign = {bad}
@@ -322,7 +323,7 @@ async def test_the_last_follower_of_a_silent_upstream_gives_up_after_join_timeou
     outcome: list[object] = []
 
     async def producer() -> None:
-        async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+        async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
             producer_started.set()
             async with aclosing(aiter(s)) as events:
                 async for _ in events:
@@ -330,7 +331,7 @@ async def test_the_last_follower_of_a_silent_upstream_gives_up_after_join_timeou
 
     async def follower() -> None:
         try:
-            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+            async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
                 outcome.append(s.status)
                 outcome.extend([e async for e in s])
         except SharedStreamAborted as exc:
@@ -344,13 +345,13 @@ async def test_the_last_follower_of_a_silent_upstream_gives_up_after_join_timeou
     assert outcome[0] is CacheStatus.SHARED
     assert isinstance(outcome[-1], SharedStreamAborted)
     assert "sent nothing for 0.3 s" in str(outcome[-1])
-    assert cache.live.get(cache.key(cache.request(BODY, tenant="shared"))) is None
+    assert cache.live.get(cache.key(cache.request(BODY, shared=True))) is None
 
 
 async def test_entry_of_another_schema_is_not_served() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
-    key = cache.key(cache.request(BODY, tenant="shared"))
+    key = cache.key(cache.request(BODY, shared=True))
     backend.data[key] = MsgpackCodec().encode(Entry(schema="other", created_at=1.0, body=b"{}"))
     s, _ = await consume(cache, up)
     assert s.status is CacheStatus.MISS  # type: ignore[attr-defined]
@@ -358,28 +359,32 @@ async def test_entry_of_another_schema_is_not_served() -> None:
 
 async def test_callers_share_answers_only_when_they_say_so() -> None:
     # A tenant is asked for (helper-156: one scope for all by default, and an answer to
-    # one user was a hit for the next). "shared" keys as the HTTP integrations' shared
-    # tenant does, and as every engine key did before: their entries stay.
+    # one user was a hit for the next). shared=True keys as the HTTP integrations' shared
+    # tenant does, and as every engine key did before: their entries stay. No tenant keys
+    # as the shared scope, whatever it says (helper-159: a user named "shared").
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
 
-    async def ask(tenant: str) -> CacheStatus:
-        async with cache.stream(cache.request(BODY, tenant=tenant), up) as s:
+    async def ask(**whose: Any) -> CacheStatus:
+        async with cache.stream(cache.request(BODY, **whose), up) as s:
             assert wire([e async for e in s]) == wire(EVENTS)
         return s.status
 
-    assert [await ask(t) for t in ("alice", "bob", "alice", "bob")] == [
-        CacheStatus.MISS,
-        CacheStatus.MISS,
-        CacheStatus.HIT,
-        CacheStatus.HIT,
-    ]
-    assert [await ask("shared"), await ask("shared")] == [CacheStatus.MISS, CacheStatus.HIT]
-    assert up.calls == 3
+    people = [{"tenant": "alice"}, {"tenant": "bob"}, {"tenant": "shared"}, {"shared": True}]
+    assert [await ask(**whose) for whose in people + people] == [CacheStatus.MISS] * 4 + [
+        CacheStatus.HIT
+    ] * 4
+    assert up.calls == 4
     fields = GenericSSE().key_fields(BODY)
-    assert cache.key(cache.request(BODY, tenant="shared")) == cache.key(
+    assert cache.key(cache.request(BODY, shared=True)) == cache.key(
         CacheRequest(schema="generic", route="", fields=fields)
     )
+    # A request that carries no credential (tenant_scope gives "") tells no one apart: it
+    # is passed through uncached, as the HTTP integrations pass it.
+    anonymous = cache.request(BODY, tenant=tenant_scope({}))
+    assert anonymous.uncached == "no tenant scope (the request carries no credential)"
+    assert [await ask(tenant=""), await ask(tenant="")] == [CacheStatus.BYPASS] * 2
+    assert up.calls == 6
 
 
 async def test_a_hook_that_raises_is_ignored_and_logged_with_its_traceback_now_and_then(
@@ -431,8 +436,8 @@ async def test_a_request_the_adapter_screens_out_bypasses_the_engine(
     # reach it, none answered from (or stored as) another's stream, even released together.
     backend, up, notices = DictBackend(), Upstream(delay=0.002), []
     cache = StreamCache(backend, OpenAIResponses(), hooks=[notices.append])
-    request = cache.request({**BODY, **extra}, tenant="shared")
-    assert why in request.uncached and not cache.request(BODY, tenant="shared").uncached
+    request = cache.request({**BODY, **extra}, shared=True)
+    assert why in request.uncached and not cache.request(BODY, shared=True).uncached
     statuses: list[CacheStatus] = []
 
     async def one() -> None:
@@ -460,7 +465,7 @@ async def test_an_answer_being_stored_is_no_hit_for_a_request_wanting_none_so_ol
     # answer older than max_age gets what the stored copy would give it: none so old.
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
-    async with cache.stream(cache.request(BODY, tenant="shared"), up) as producer:
+    async with cache.stream(cache.request(BODY, shared=True), up) as producer:
         assert wire([e async for e in producer]) == wire(EVENTS)
         plain, _ = await consume(cache, up)
         strict, _ = await consume(cache, up, max_age=0.0)
@@ -503,7 +508,7 @@ async def test_shared_stream_survives_the_leader_leaving() -> None:
     left: list[Any] = []
 
     async def leader() -> None:
-        async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
+        async with cache.stream(cache.request(BODY, shared=True), up) as s:
             await s.__anext__()
             inside.set()
             await joined.wait()
@@ -511,7 +516,7 @@ async def test_shared_stream_survives_the_leader_leaving() -> None:
 
     async def late_follower() -> None:
         await inside.wait()
-        async with cache.stream(cache.request(BODY, tenant="shared"), up) as s:
+        async with cache.stream(cache.request(BODY, shared=True), up) as s:
             assert s.status is CacheStatus.SHARED
             joined.set()
             follower.extend([e async for e in s])
@@ -551,7 +556,7 @@ async def test_followers_see_the_upstream_failure() -> None:
 async def test_batches_coalesce_ready_events() -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
     await consume(cache, Upstream())
-    async with cache.stream(cache.request(BODY, tenant="shared"), Upstream()) as s:
+    async with cache.stream(cache.request(BODY, shared=True), Upstream()) as s:
         batches = [b async for b in s.batches(max_events=50)]
     assert s.status is CacheStatus.HIT
     assert [len(b) for b in batches[:-1]] == [50] * (len(batches) - 1)
@@ -587,7 +592,7 @@ class Synthesizing(GenericSSE):
 async def test_cross_mode_answers() -> None:
     backend = DictBackend()
     cache = StreamCache(backend, Synthesizing())
-    key = cache.key(cache.request(BODY, tenant="shared"))
+    key = cache.key(cache.request(BODY, shared=True))
     await cache.store(key, Entry(schema="synth", created_at=time.time(), body=b"a b c"))
     s, events = await consume(cache, Upstream())
     assert s.status is CacheStatus.HIT and [e.data for e in events] == ["a", "b", "c"]  # type: ignore[attr-defined]
@@ -625,7 +630,7 @@ async def test_upstream_is_not_called_on_a_hit_and_closed_on_a_miss() -> None:
 async def test_pushed_recording_is_stored() -> None:
     backend = DictBackend()
     cache = StreamCache(backend, GenericSSE())
-    key = cache.key(cache.request(BODY, tenant="shared"))
+    key = cache.key(cache.request(BODY, shared=True))
     async with cache.recording(key) as live:
         live.respond(200, "text/event-stream")
         live.add(EVENTS[:10])
@@ -771,7 +776,7 @@ async def test_hot_entry_is_not_decoded_again_but_changes_are_seen() -> None:
         s, events = await consume(cache, up)
         assert s.status == "hit" and wire(events) == wire(EVENTS)  # type: ignore[attr-defined]
     assert codec.decodes == 1 and up.calls == 1  # decoded by the first hit only
-    key = cache.key(cache.request(BODY, tenant="shared"))
+    key = cache.key(cache.request(BODY, shared=True))
 
     # Another process replaces the entry: the bytes differ, so the new entry is decoded.
     other = [Event('{"other": true}', event="x")]
@@ -800,7 +805,7 @@ async def test_decoded_cache_respects_its_budget_and_can_be_turned_off() -> None
 
     small = StreamCache(DictBackend(), GenericSSE(), decoded_cache_bytes=200_000)
     for n in range(20):  # distinct requests: distinct entries of ~30 KB decoded each
-        request = small.request({**BODY, "input": str(n)}, tenant="shared")
+        request = small.request({**BODY, "input": str(n)}, shared=True)
         async with small.stream(request, Upstream()) as s:
             [e async for e in s]
         assert s.stored
@@ -860,7 +865,7 @@ async def test_long_instant_replay_lets_other_tasks_run_and_can_be_cancelled() -
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(ticker)
-        async with cache.stream(cache.request(BODY, tenant="shared"), Upstream(events)) as s:
+        async with cache.stream(cache.request(BODY, shared=True), Upstream(events)) as s:
             assert s.status == "hit"
             async for _ in s:
                 replayed += 1
@@ -869,7 +874,7 @@ async def test_long_instant_replay_lets_other_tasks_run_and_can_be_cancelled() -
     assert any(0 < n < len(events) for n in ticks)
 
     with anyio.move_on_after(0.005) as scope:
-        async with cache.stream(cache.request(BODY, tenant="shared"), Upstream(events)) as s:
+        async with cache.stream(cache.request(BODY, shared=True), Upstream(events)) as s:
             async for _ in s:
                 pass
     assert scope.cancelled_caught
@@ -879,7 +884,7 @@ async def test_wire_lookup_is_kept_decoded_too() -> None:
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
     await consume(cache, up)
-    key = cache.key(cache.request(BODY, tenant="shared"))
+    key = cache.key(cache.request(BODY, shared=True))
     first = await cache.lookup_wire(key)
     assert first is not None and first.sse is not None
     assert await cache.lookup_wire(key) is first  # same bytes: not decoded again
@@ -900,7 +905,7 @@ async def test_max_entry_bytes_holds_when_readers_of_one_flight_pull_in_turn() -
     async def reader(name: str, pause: float) -> None:
         await go.wait()
         async with cache.stream(
-            cache.request(BODY, tenant="shared"), Upstream(events, delay=0.002)
+            cache.request(BODY, shared=True), Upstream(events, delay=0.002)
         ) as s:
             n = 0
             async for _ in s:
@@ -914,7 +919,7 @@ async def test_max_entry_bytes_holds_when_readers_of_one_flight_pull_in_turn() -
         go.set()
     assert sorted(r[:2] for r in results.values()) == [("miss", 40), ("shared", 40)]
     assert not results["a"][2] and not results["b"][2]
-    assert await cache.lookup(cache.key(cache.request(BODY, tenant="shared"))) is None
+    assert await cache.lookup(cache.key(cache.request(BODY, shared=True))) is None
 
 
 async def test_a_failed_stream_is_not_joined_while_its_reader_is_still_inside() -> None:
@@ -925,10 +930,10 @@ async def test_a_failed_stream_is_not_joined_while_its_reader_is_still_inside() 
     failed = [Event("partial"), Event('{"error": "overloaded"}', event="error")]
     cache = StreamCache(DictBackend(), FailingSchema())
     first, second = Upstream(failed), Upstream()
-    async with cache.stream(cache.request(BODY, tenant="shared"), first) as a:
+    async with cache.stream(cache.request(BODY, shared=True), first) as a:
         assert [e.data for e in [e async for e in a]] == ["partial", '{"error": "overloaded"}']
         # The failed stream has ended; its reader has not left yet.
-        async with cache.stream(cache.request(BODY, tenant="shared"), second) as b:
+        async with cache.stream(cache.request(BODY, shared=True), second) as b:
             got = [e async for e in b]
         assert b.status == "miss" and wire(got) == wire(EVENTS) and second.calls == 1
     assert not a.stored
@@ -937,9 +942,9 @@ async def test_a_failed_stream_is_not_joined_while_its_reader_is_still_inside() 
 async def test_a_complete_stream_is_a_hit_while_its_reader_is_still_inside() -> None:
     cache = StreamCache(DictBackend(), GenericSSE())
     first, second = Upstream(), Upstream()
-    async with cache.stream(cache.request(BODY, tenant="shared"), first) as a:
+    async with cache.stream(cache.request(BODY, shared=True), first) as a:
         [e async for e in a]
-        async with cache.stream(cache.request(BODY, tenant="shared"), second) as b:
+        async with cache.stream(cache.request(BODY, shared=True), second) as b:
             got = [e async for e in b]
         assert b.status == "hit" and wire(got) == wire(EVENTS) and second.calls == 0
     assert a.stored
@@ -950,13 +955,13 @@ async def test_caches_sharing_a_decoded_budget_but_not_a_codec_do_not_share_deco
     writer = StreamCache(backend, GenericSSE(), codec=MsgpackCodec(secret=b"one"))
     await consume(writer, Upstream())
     assert (
-        await writer.lookup(writer.key(writer.request(BODY, tenant="shared"))) is not None
+        await writer.lookup(writer.key(writer.request(BODY, shared=True))) is not None
     )  # kept decoded
     # Same backend, same key, same budget, another secret: the entry's MAC does not verify.
     other = StreamCache(
         backend, GenericSSE(), codec=MsgpackCodec(secret=b"two"), decoded_cache_bytes=writer.decoded
     )
-    assert await other.lookup(other.key(other.request(BODY, tenant="shared"))) is None
+    assert await other.lookup(other.key(other.request(BODY, shared=True))) is None
 
 
 async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others() -> None:
@@ -991,7 +996,7 @@ async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others(
     outcome: dict[str, object] = {}
 
     async def owner() -> None:
-        async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+        async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
             async for event in s:
                 got.append(event.data)
                 if not reading.is_set():
@@ -1001,7 +1006,7 @@ async def test_a_cancelled_reader_does_not_break_a_shared_stream_for_the_others(
 
     async def joiner() -> None:
         with joiner_scope:
-            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+            async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
                 outcome["joiner"] = s.status
                 async for _ in s:
                     pass
@@ -1042,7 +1047,7 @@ async def test_a_shared_pull_that_never_ends_is_bounded() -> None:
 
     async def owner() -> None:
         try:
-            async with cache.stream(cache.request(BODY, tenant="shared"), hung) as s:
+            async with cache.stream(cache.request(BODY, shared=True), hung) as s:
                 async for _ in s:
                     reading.set()
                     await joiner_left.wait()  # not pulling: the joiner pulls next
@@ -1051,7 +1056,7 @@ async def test_a_shared_pull_that_never_ends_is_bounded() -> None:
 
     async def joiner() -> None:
         with joiner_scope:
-            async with cache.stream(cache.request(BODY, tenant="shared"), hung) as s:
+            async with cache.stream(cache.request(BODY, shared=True), hung) as s:
                 async for _ in s:
                     pass
         outcome.append("joiner left")
@@ -1087,7 +1092,7 @@ async def test_a_follower_sent_nothing_asks_the_upstream_itself_once() -> None:
     async def one() -> None:
         await go.wait()
         try:
-            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+            async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
                 events = [e async for e in s]
             outcomes.append((s.status, wire(events) == wire(EVENTS)))
         except ConnectionError as exc:
@@ -1243,7 +1248,7 @@ async def test_an_upstream_yielding_no_event_gets_a_type_error_naming_what_it_yi
     with pytest.raises(
         TypeError, match=rf"the upstream yielded {shown}.*must yield sse_cache\.Event"
     ):
-        async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+        async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
             async for event in s:
                 got.append(event)
     assert [e.data for e in got] == ["first"] and not s.stored and backend.sets == 0
@@ -1265,7 +1270,7 @@ async def test_a_shared_upstream_yielding_no_event_gets_a_type_error_too() -> No
 
     async def read(leader: bool) -> None:
         try:
-            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+            async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
                 statuses.append(s.status)
                 if not leader:
                     joined.set()
@@ -1337,7 +1342,7 @@ async def test_an_event_whose_data_is_no_text_is_delivered_and_not_stored(
     cache = StreamCache(backend, adapter)
     events = [Event("first"), Event(data), Event("last")]  # type: ignore[arg-type]
     body = {**BODY, "messages": []}
-    async with cache.stream(cache.request(body, tenant="shared"), _yielding(*events)) as s:
+    async with cache.stream(cache.request(body, shared=True), _yielding(*events)) as s:
         got = [e async for e in s]
     assert got == events and not s.stored and backend.sets == 0
     assert s.reason.startswith(f"the upstream yielded an Event whose {why}"), s.reason
@@ -1369,7 +1374,7 @@ async def test_a_follower_waiting_on_a_lone_pull_that_raises_is_aborted_at_once(
 
     async def producer() -> None:
         try:
-            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+            async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
                 async for event in s:
                     producer_got.append(event.data)
         except ConnectionError as exc:
@@ -1377,7 +1382,7 @@ async def test_a_follower_waiting_on_a_lone_pull_that_raises_is_aborted_at_once(
 
     async def follower() -> None:
         try:
-            async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as s:
+            async with cache.stream(cache.request(BODY, shared=True), upstream) as s:
                 outcomes["status"] = s.status
                 async for event in s:
                     follower_got.append(event.data)
@@ -1427,7 +1432,7 @@ async def test_a_no_store_request_is_not_joined_by_an_identical_one() -> None:
 
     async def one(store: bool) -> None:
         await go.wait()
-        async with cache.stream(cache.request(BODY, tenant="shared"), upstream, store=store) as s:
+        async with cache.stream(cache.request(BODY, shared=True), upstream, store=store) as s:
             statuses[store] = s.status
             if len(statuses) == 2:
                 both_in.set()
@@ -1467,14 +1472,12 @@ async def test_a_follower_that_asks_the_upstream_again_stores_its_answer() -> No
     async def producer() -> None:
         with pytest.raises(ConnectionError):
             async with cache.stream(
-                cache.request(BODY, tenant="shared"), lambda: next(upstreams)()
+                cache.request(BODY, shared=True), lambda: next(upstreams)()
             ) as s:
                 [e async for e in s]
 
     async def follower() -> None:
-        async with cache.stream(
-            cache.request(BODY, tenant="shared"), lambda: next(upstreams)()
-        ) as s:
+        async with cache.stream(cache.request(BODY, shared=True), lambda: next(upstreams)()) as s:
             results["joined as"] = s.status
             results["events"] = [e async for e in s]
         results["stream"] = s
@@ -1484,7 +1487,7 @@ async def test_a_follower_that_asks_the_upstream_again_stores_its_answer() -> No
             tg.start_soon(producer)
             await inside.wait()  # the producer is inside its first pull
             tg.start_soon(follower)
-            live = cache.live.get(cache.key(cache.request(BODY, tenant="shared")))
+            live = cache.live.get(cache.key(cache.request(BODY, shared=True)))
             assert live is not None
             while live.followers < 1:  # until the follower has joined
                 await anyio.lowlevel.checkpoint()
@@ -1715,7 +1718,7 @@ async def test_a_read_only_backend_still_answers_what_it_holds(
 async def test_a_miss_iterated_after_its_block_was_left_says_so() -> None:
     # It raised SharedStreamAborted, "every reader left": nothing was shared (helper-82).
     cache = StreamCache(DictBackend(), GenericSSE())
-    async with cache.stream(cache.request(BODY, tenant="shared"), Upstream()) as s:
+    async with cache.stream(cache.request(BODY, shared=True), Upstream()) as s:
         assert s.status is CacheStatus.MISS
     with pytest.raises(RuntimeError, match="block was left: iterate it inside"):
         async for _ in s:
@@ -1746,7 +1749,7 @@ async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_stream
     outcome: list[Any] = []
 
     async def older() -> None:
-        async with cache.stream(cache.request(BODY, tenant="shared"), slow_upstream) as s:
+        async with cache.stream(cache.request(BODY, shared=True), slow_upstream) as s:
             got = [e async for e in s]
         outcome.append((s, got))
 
@@ -1755,7 +1758,7 @@ async def test_a_refresh_is_not_undone_by_an_older_identical_answer_still_stream
             tg.start_soon(older)
             await streaming.wait()
             async with cache.stream(
-                cache.request(BODY, tenant="shared"), fast_upstream, refresh=True
+                cache.request(BODY, shared=True), fast_upstream, refresh=True
             ) as r:
                 assert [e async for e in r] == list(new)
             assert r.status is CacheStatus.REFRESH and r.stored
@@ -1791,13 +1794,13 @@ async def test_a_follower_that_takes_over_stores_with_its_own_ttl() -> None:
 
     async def producer() -> None:
         with pytest.raises(RuntimeError):
-            async with cache.stream(cache.request(BODY, tenant="shared"), failing, ttl=600) as s:
+            async with cache.stream(cache.request(BODY, shared=True), failing, ttl=600) as s:
                 [e async for e in s]
 
     statuses: list[object] = []
 
     async def follower() -> None:
-        async with cache.stream(cache.request(BODY, tenant="shared"), Upstream(), ttl=7) as s:
+        async with cache.stream(cache.request(BODY, shared=True), Upstream(), ttl=7) as s:
             statuses.append(s.status)
             followed.set()
             [e async for e in s]

@@ -234,7 +234,7 @@ async def test_gauges_show_a_live_stream_and_its_followers_while_it_is_in_flight
     async def one() -> None:
         nonlocal started
         await go.wait()
-        async with cache.stream(cache.request(BODY, tenant="shared"), upstream) as stream:
+        async with cache.stream(cache.request(BODY, shared=True), upstream) as stream:
             events: list[Event] = []
             async for event in stream:
                 events.append(event)

@@ -200,7 +200,7 @@ async def run_engine_demo(backend_url: str, deltas: int, delay: float, first: fl
             {"model": "gpt-mock-1", "input": PROMPT, "stream": True},
             route="POST /v1/responses",
             namespace=f"demo-{uuid.uuid4().hex}",
-            tenant="shared",
+            shared=True,
         )
         statuses: list[str] = []
         runs: list[list[str]] = []
