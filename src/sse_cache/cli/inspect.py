@@ -430,18 +430,28 @@ def _may_be_a_key_start(text: str) -> bool:
     return 0 < len(text) < _KEY_CHARS and all(c in "0123456789abcdef" for c in text)
 
 
-async def _show(args: argparse.Namespace, backend: Backend) -> int:
-    codec = _codec(args)
-    key = args.key
-    found = await stored(backend, key, codec)
+async def _find(
+    args: argparse.Namespace,
+    backend: Backend,
+    given: str,
+    codec: MsgpackCodec,
+    *,
+    listing: bool = False,
+    told: str = "",
+) -> tuple[str, tuple[bytes, Row]] | int:
+    """The row ``given`` names — a whole key, an alias, or the start of one key as the
+    access lines print keys — with its whole key; else the exit code of the failure, said
+    (``told`` ends each message)."""
+    key = given
+    found = await stored(backend, key, codec, listing=listing)
     if found is None:
         unique = await _unique_key(backend, key)
         if isinstance(unique, str):
-            key, found = unique, await stored(backend, unique, codec)
+            key, found = unique, await stored(backend, unique, codec, listing=listing)
         elif unique:
             return _fail(
-                f"key {key!r} is the start of several entries' keys ({', '.join(unique[:2])}"
-                f"{', ...' if len(unique) > 2 else ''}): give more of it",
+                f"key {given!r} is the start of several entries' keys ({', '.join(unique[:2])}"
+                f"{', ...' if len(unique) > 2 else ''}): give more of it{told}",
                 EXIT_FAILED,
             )
     if found is None and not isinstance(backend, ScanningBackend) and _may_be_a_key_start(key):
@@ -449,12 +459,21 @@ async def _show(args: argparse.Namespace, backend: Backend) -> int:
         scheme = urlsplit(args.backend).scheme.lower()
         return _fail(
             f"{scheme}:// cannot resolve a key prefix (it cannot list keys): give the whole "
-            "key, as the x-sse-cache-key header has it",
+            f"key, as the x-sse-cache-key header has it{told}",
             EXIT_UNSUPPORTED,
         )
     if found is None:
-        return _fail(f"no entry with key {args.key!r} in {_redact(args.backend)}", EXIT_FAILED)
-    data, row = found
+        return _fail(f"no entry with key {given!r} in {_redact(args.backend)}{told}", EXIT_FAILED)
+    return key, found
+
+
+async def _show(args: argparse.Namespace, backend: Backend) -> int:
+    codec = _codec(args)
+    key = args.key
+    resolved = await _find(args, backend, key, codec)
+    if isinstance(resolved, int):
+        return resolved
+    key, (data, row) = resolved
     out = sys.stdout
     if row.kind == "alias":
         if not args.sse_only:
@@ -679,34 +698,14 @@ async def _purge_keys(args: argparse.Namespace, backend: Backend) -> int:
     aliases: dict[str, None] = {}
     named: set[str] = set()  # the keys whose aliases go too
     for given in args.keys:
-        key = given
-        found = await stored(backend, key, codec, listing=True)
-        if found is None:
-            # The start of a key, as the access lines print it (12 characters), as `show`
-            # takes it: refused as "no entry" before, though one was there (helper-156).
-            unique = await _unique_key(backend, key)
-            if isinstance(unique, str):
-                key = unique
-                found = await stored(backend, key, codec, listing=True)
-            elif unique:
-                return _fail(
-                    f"key {given!r} is the start of several entries' keys "
-                    f"({', '.join(unique[:2])}{', ...' if len(unique) > 2 else ''}): give more "
-                    "of it (nothing deleted)",
-                    EXIT_FAILED,
-                )
-        if found is None and not isinstance(backend, ScanningBackend) and _may_be_a_key_start(key):
-            scheme = urlsplit(args.backend).scheme.lower()
-            return _fail(
-                f"{scheme}:// cannot resolve a key prefix (it cannot list keys): give the whole "
-                "key, as the x-sse-cache-key header has it (nothing deleted)",
-                EXIT_UNSUPPORTED,
-            )
-        if found is None:
-            return _fail(f"no entry with key {given!r} in {where} (nothing deleted)", EXIT_FAILED)
+        # The start of a key too, as the access lines print it (12 characters), as `show`
+        # takes it: refused as "no entry" before, though one was there (helper-156).
+        resolved = await _find(args, backend, given, codec, listing=True, told=" (nothing deleted)")
+        if isinstance(resolved, int):
+            return resolved
+        key, (_, row) = resolved
         if key != given:
             print(f"{given}: {key}", file=sys.stderr)  # (the whole key it stands for)
-        row = found[1]
         if row.kind == "alias":
             aliases[key] = None
             named.add(row.target)
