@@ -85,7 +85,7 @@ SAMPLES: dict[str, tuple[str, Any]] = {
     "SSE_CACHE_CROSS_PROCESS_LEASE": ("2.5", 2.5),
     "SSE_CACHE_BREAKER_FAILURES": ("0", 0),
     "SSE_CACHE_BREAKER_COOLDOWN": ("30", 30.0),
-    "SSE_CACHE_MAX_BODY_BYTES": ("1048576", 1048576),
+    "SSE_CACHE_MAX_BODY_BYTES": ("2MiB", 2097152),  # (units as backend URLs take them)
     "SSE_CACHE_UPSTREAM_TIMEOUT": ("120", 120.0),
     "SSE_CACHE_UPSTREAM_CONNECTIONS": ("500", 500),
     "SSE_CACHE_LIMIT_CONCURRENCY": ("1000", 1000),
@@ -204,6 +204,7 @@ def test_a_missing_upstream_says_how_to_give_one(
         (["--workers", "two"], "argument --workers: expected a number of workers, got 'two'"),
         (["--breaker-failures", "-1"], "argument --breaker-failures: expected a number of"),
         (["--max-body-bytes", "0"], "argument --max-body-bytes: expected a number of bytes"),
+        (["--max-body-bytes", "4MB2"], "argument --max-body-bytes: expected a number of bytes"),
         (["--upstream-timeout", "0"], "argument --upstream-timeout: expected a positive"),
         (["--cross-process-lease", "inf"], "argument --cross-process-lease: expected a positive"),
         (["--upstream", "http://"], "argument --upstream: upstream must be an http(s):// URL"),

@@ -29,6 +29,17 @@ MAX_TIMEOUT: Final = 86400.0
 
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS: Final = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def byte_count(text: str) -> int | None:
+    """A byte count as written in a URL or on a command line: ``1048576``, ``512KiB``,
+    ``64MiB``, ``1G`` (binary units); None for anything else."""
+    match = _SIZE_RE.match(text)
+    if match is None:
+        return None
+    return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()[:1]]
+
+
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
@@ -130,9 +141,8 @@ class Options:
             return None
         if isinstance(value, int) and not isinstance(value, bool):
             number = value
-        elif isinstance(value, str) and (match := _SIZE_RE.match(value)):
-            unit = (match.group(2) or "").lower()[:1]
-            number = int(match.group(1)) * _SIZE_UNITS[unit]
+        elif isinstance(value, str) and (counted := byte_count(value)) is not None:
+            number = counted
         else:
             raise self._error(name, value, "a size such as 1048576, 512KiB or 64MiB")
         if number < minimum:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .._checks import MAX_TTL, MAX_TTL_SHOWN, is_header_name
 from .._logging import LOG_LEVELS
+from ..backends._common import byte_count
 from ..errors import ConfigError
 from ..http.options import MAX_CROSS_PROCESS_LEASE
 from ..http.policy import base_url_of
@@ -63,6 +64,17 @@ def _port(text: str) -> int:
     value = _integer(text, "a port number")
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
+def _bytes(text: str) -> int:
+    """A byte count of at least 1: ``4194304``, ``4MiB``, ``512KiB``, as backend URLs take
+    sizes (``4MiB`` was refused here; helper-156)."""
+    value = byte_count(text)
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of bytes >= 1 (e.g. 4194304 or 4MiB), got {text!r}"
+        )
     return value
 
 
@@ -455,7 +467,7 @@ OPTIONS: tuple[Option, ...] = (
         "larger request bodies pass through uncached (bypass)",
         default=4 * 1024 * 1024,
         shown="4194304 (4 MiB)",
-        parse=_at_least(1, "a number of bytes"),
+        parse=_bytes,
         metavar="N",
     ),
     Option(
