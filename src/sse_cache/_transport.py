@@ -35,6 +35,7 @@ import os
 import queue
 import threading
 import time
+import urllib.parse
 import weakref
 from functools import cache, partial
 from types import ModuleType
@@ -138,6 +139,20 @@ def _forward(lib: ModuleType, request: Any, decision: Decision) -> Any:
         stream=request.stream,
         extensions=request.extensions,
     )
+
+
+def _with_host(origin: str, scheme: str, host: str) -> str:
+    """``origin`` (the URL's), keyed with the server a ``Host`` header of its own names
+    unless it is the same (normalised as origins are: ``h:443`` on https is ``h``). Its text
+    is escaped, no ``/`` left in it: a Host ``b/openai`` read as part of the path, and keyed
+    as another request's (helper-161)."""
+    try:
+        named = origin_of(f"{scheme}://{host.strip()}")
+    except ConfigError:
+        named = ""
+    if named == origin and "@" not in host:
+        return origin
+    return f"{origin} host={urllib.parse.quote(host.strip().lower(), safe=':[]')}"
 
 
 #: The decision for a request on no cached route, or a resume the cache cannot answer: passed
@@ -280,9 +295,9 @@ class _Options:
         # behind one ingress): two such were answered from one entry (helper-160). The
         # client sets it to the URL's otherwise.
         host = request.headers.get("host")
-        if host is not None and host.strip().lower() != netloc.lower():
-            origin = f"{origin} host={host.strip().lower()}"
-        return origin
+        if host is None or host == netloc:
+            return origin
+        return _with_host(origin, url.scheme, host)
 
     def _started(self, started: float) -> float | None:
         # When the request arrived, if anyone wants its time to first byte (the hooks).

@@ -21,6 +21,7 @@ hands out (:class:`CachedStream`, and the production of a live stream) in
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -235,6 +236,9 @@ class StreamCache:
             scope = f"e:{tenant}"
             if not tenant:
                 uncached = "no tenant scope (the request carries no credential)"
+                # A scope of its own too: its key (cache.key, for stream(key), lookup(),
+                # recording()) is no other request's (helper-161).
+                scope = f"e:\x00{secrets.token_hex(16)}"
         if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
             raise ValueError(f"variant must be an int >= 0, got {variant!r}")
         return CacheRequest(

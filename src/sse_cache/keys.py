@@ -111,7 +111,8 @@ CREDENTIAL_SUFFIXES = (
 )
 
 #: Pass as ``tenant=SHARED_TENANT`` to let every caller share entries (explicit opt-in: the
-#: middleware, the transports, the proxy's ``--shared-tenant``, ``StreamCache.request``).
+#: middleware, the transports, the proxy's ``--shared-tenant``; the engine's is
+#: ``StreamCache.request(body, shared=True)``, where a tenant "shared" is just a tenant).
 SHARED_TENANT = "shared"
 
 _json_encoder = msgspec.json.Encoder(order="sorted")

@@ -409,26 +409,26 @@ def _as_forwarded(scope: Scope) -> Scope | None:
         return None
     if upgrade and (chunked or not empty):
         # (Seldom: curl --http2 on http://.) The body must be checked: see _body_kept.
-        scope = {**scope, _UPGRADE_WITH_BODY: True}
-    # A copy, also of nearly every request's headers, none named: uvicorn's httptools adds a
-    # chunked body's trailer fields to the scope's list as they arrive, after the head and
-    # after this look at it. A late trailer ``Connection: openai-beta`` dropped that header
-    # from what was forwarded, not from the key: the upstream's answer without it was stored
-    # under a key with it (helper-157). Trailers are not headers (RFC 9110 §6.5.1).
+        scope[_UPGRADE_WITH_BODY] = True
+    # A new list, also of nearly every request's headers, none named: uvicorn's httptools
+    # adds a chunked body's trailer fields to the scope's list as they arrive, after the
+    # head and after this look at it. A late trailer ``Connection: openai-beta`` dropped that
+    # header from what was forwarded, not from the key: the upstream's answer without it was
+    # stored under a key with it (helper-157). Trailers are not headers (RFC 9110 §6.5.1).
+    # In the same scope: a copy of it would hide from middleware around the proxy what the
+    # app writes into it (helper-159).
     if not named:  # (nearly every request)
-        # In place: a copy of the scope would hide from middleware around the proxy what the
-        # app writes into it (helper-159); the list is what httptools appends to.
         scope["headers"] = [*headers]
         return scope
     # The cache's own controls stay for the cache: meant for this hop, the proxy (a client
     # naming cache-control in Connection had its no-store ignored; helper-157). The
     # forwarder drops them all the same.
-    kept = [
+    scope["headers"] = [
         (name, value)
         for name, value in headers
         if name not in named or name in _CONTROLS or name.startswith(b"x-sse-cache-")
     ]
-    return {**scope, "headers": kept}
+    return scope
 
 
 #: The request headers the cache reads as controls (not keys: see http.policy).
@@ -472,7 +472,8 @@ def _in_origin_form(scope: Scope, raw: bytes) -> Scope:
     if found is None:
         return scope
     path = raw[found.end() :] or b"/"
-    return {**scope, "raw_path": path, "path": unquote(path.decode("latin-1"))}
+    scope["raw_path"], scope["path"] = path, unquote(path.decode("latin-1"))  # (in place too)
+    return scope
 
 
 def _not_a_path_under(path: bytes) -> str:

@@ -379,6 +379,7 @@ def test_queries_an_upstream_may_read_apart_never_share_a_route() -> None:
     for one, other in (("a=1;b=2", "a=1%3Bb=2"), ("a=b+c", "a=b%20c"), ("a=%zz", "a=%25zz")):
         assert route(one) != route(other), (one, other)
     assert route("b=1;x&a=2") == route("a=2&b=1;x")  # (other names: any order, still)
+    assert route("€=a+b") != route("€=a%20b")  # (a name given decoded: helper-161)
     assert "SECRET" not in route("a=b+c&key=SECRET+1")  # (the credential is never in it)
     # What an adapter's route drops stays out of it: Gemini's stream (alt=sse) and JSON
     # requests still share one entry (helper-159).

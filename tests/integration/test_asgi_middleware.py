@@ -1917,3 +1917,25 @@ async def test_a_stream_no_one_waits_for_any_more_is_stopped_before_its_head(
     app.head.set()  # (for the next request)
     again = await client_for(mw).post("/events", json={})
     assert again.headers["x-sse-cache"] == "miss"  # nothing was stored
+
+
+async def test_what_the_app_writes_into_the_scope_reaches_middleware_around_the_cache() -> None:
+    # The cache replaced the request's header list in a copy of the scope (for httptools'
+    # trailers): what the app's router writes into it (its route, endpoint, path params),
+    # which middleware around the cache reads (a metrics exporter labelling by route), was
+    # lost (helper-159). The list is replaced in the same scope now, and the server's own
+    # list is left as it was.
+    async def router(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["endpoint"], scope["path_params"] = "events", {}
+        await events_app()(scope, receive, send)
+
+    scope = events_scope()
+    servers_list = scope["headers"]
+    answered = await call(
+        CacheMiddleware(router, "memory://", routes={"/events": GenericSSE}),
+        scope,
+        body_then(b'{"q": "scope"}'),
+    )
+    assert answered.status == 200 and answered.headers[b"x-sse-cache"] == b"miss"
+    assert scope["endpoint"] == "events" and scope["path_params"] == {}
+    assert scope["headers"] == servers_list and scope["headers"] is not servers_list

@@ -530,13 +530,28 @@ async def test_a_host_header_of_its_own_keys_apart() -> None:
         base_url="http://10.0.0.7:8080", headers={"authorization": "Bearer k"}, transport=transport
     ) as client:
         statuses = []
-        for host in (None, "staging.internal", "prod.internal", "staging.internal", None):
+        hosts = (None, "staging.internal", "prod.internal", "staging.internal", "10.0.0.7:8080")
+        for host in hosts:
             headers = {} if host is None else {"host": host}
             response = await client.post("/v1/responses", json=body, headers=headers)
             assert response.content == stream
             statuses.append(response.headers["x-sse-cache"])
-    assert statuses == ["miss", "miss", "miss", "hit", "hit"]
-    assert calls == ["10.0.0.7:8080", "staging.internal", "prod.internal"]
+        # A Host holding a path is no other request's path (helper-161: "b.example/openai"
+        # asking /v1/responses was answered from b.example's /openai/v1/responses).
+        for host, path in (
+            ("b.example", "/openai/v1/responses"),
+            ("b.example/openai", "/v1/responses"),
+        ):
+            response = await client.post(path, json=body, headers={"host": host})
+            statuses.append(response.headers["x-sse-cache"])
+    assert statuses == ["miss", "miss", "miss", "hit", "hit", "miss", "miss"]
+    assert calls == [
+        "10.0.0.7:8080",
+        "staging.internal",
+        "prod.internal",
+        "b.example",
+        "b.example/openai",
+    ]
 
 
 @pytest.mark.anyio

@@ -296,16 +296,21 @@ def _clean_path(path: str) -> str:
     return path.split("?", 1)[0].rstrip("/") or "/"
 
 
+def _as_sent(query: str) -> str:
+    """``query`` as its bytes, in Latin-1: given decoded (the HTTP integrations pass the raw
+    query, Latin-1), its characters as their UTF-8 bytes, as a client sends them."""
+    if not query.isascii() and max(query) > "\xff":
+        return query.encode("utf-8", "surrogateescape").decode("latin-1")
+    return query
+
+
 def _split_query(query: str) -> tuple[list[tuple[str, str]], list[str]]:
     """The query's parameters without the credential, and the credential values: decoded
     byte for byte (Latin-1), as a server may read them — as UTF-8, every invalid escape was
     one U+FFFD, and ``x=%ff`` shared an entry with ``x=%fe`` (helper-80)."""
     if not query:
         return [], []
-    if not query.isascii() and max(query) > "\xff":
-        # Given decoded (the HTTP integrations pass the raw query, Latin-1): its characters
-        # as their UTF-8 bytes, as a client sends them.
-        query = query.encode("utf-8", "surrogateescape").decode("latin-1")
+    query = _as_sent(query)
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, encoding="latin-1")
     keys = [v for k, v in pairs if k == QUERY_CREDENTIAL]
     return [(k, v) for k, v in pairs if k != QUERY_CREDENTIAL], keys
@@ -326,6 +331,7 @@ def _query_as_sent(query: str, params: Iterable[tuple[str, str]]) -> str:
     escape); helper-157."""
     if _AMBIGUOUS_QUERY.search(query) is None:  # (nearly every query)
         return ""
+    query = _as_sent(query)  # (as _split_query read it: a name above U+00FF was lost)
     names = {name for name, _ in params}
     kept = [
         piece
