@@ -197,17 +197,16 @@ class StreamCache:
         hash of its credentials), its user or organisation id — so that callers never share
         answers; ``shared=True`` shares them between every caller (keyed as the HTTP
         integrations' ``tenant="shared"``). A tenant never keys as the shared scope, whatever
-        it says (a user who names himself "shared" included: helper-159). It defaulted to
-        one scope for everyone: an answer to one user was a hit for the next (helper-156).
+        it says (a user named "shared" included: helper-159). It defaulted to one scope for
+        everyone: an answer to one user was a hit for the next (helper-156).
         ``""`` (``tenant_scope`` of a request that carries no credential) cannot tell callers
         apart: such a request is passed through uncached (``uncached`` says so), as the HTTP
         integrations pass it.
 
         Raises TypeError for a body that is not a mapping (a JSON object), a part of the key
         of the wrong type, neither ``tenant`` nor ``shared=True`` (or both); ValueError for a
-        negative variant. A body holding
-        what no JSON body holds (NaN, a set, bytes...) makes :meth:`key` and :meth:`stream`
-        raise :class:`~sse_cache.errors.ConfigError`."""
+        negative variant. A body holding what no JSON body holds (NaN, a set, bytes...) makes
+        :meth:`key` and :meth:`stream` raise :class:`~sse_cache.errors.ConfigError`."""
         if not isinstance(body, Mapping):
             raise TypeError(
                 f"body must be the decoded JSON object of the request (a mapping), "

@@ -29,6 +29,8 @@ MAX_TIMEOUT: Final = 86400.0
 
 _SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([kmg]i?b?|b)?\s*$", re.IGNORECASE)
 _SIZE_UNITS: Final = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
 def byte_count(text: str) -> int | None:
@@ -38,10 +40,6 @@ def byte_count(text: str) -> int | None:
     if match is None:
         return None
     return int(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()[:1]]
-
-
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
 class Options:
