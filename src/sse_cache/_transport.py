@@ -147,12 +147,14 @@ def _with_host(origin: str, scheme: str, host: str) -> str:
     is escaped, no ``/`` left in it: a Host ``b/openai`` read as part of the path, and keyed
     as another request's (helper-161)."""
     try:
-        named = origin_of(f"{scheme}://{host.strip()}")
+        named = "" if "@" in host else origin_of(f"{scheme}://{host.strip()}")
     except ConfigError:
         named = ""
-    if named == origin and "@" not in host:
+    if named == origin:
         return origin
-    return f"{origin} host={urllib.parse.quote(host.strip().lower(), safe=':[]')}"
+    # (As normalised where it is a host: h:443 and h on https key alike; as written else.)
+    host = named.partition("://")[2] if named else host.strip().lower()
+    return f"{origin} host={urllib.parse.quote(host, safe=':[]')}"
 
 
 #: The decision for a request on no cached route, or a resume the cache cannot answer: passed

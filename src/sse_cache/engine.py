@@ -201,7 +201,8 @@ class StreamCache:
         everyone: an answer to one user was a hit for the next (helper-156).
         ``""`` (``tenant_scope`` of a request that carries no credential) cannot tell callers
         apart: such a request is passed through uncached (``uncached`` says so), as the HTTP
-        integrations pass it.
+        integrations pass it; its key is no other request's (check ``uncached`` before
+        keying a request by hand for :meth:`lookup` or :meth:`recording`).
 
         Raises TypeError for a body that is not a mapping (a JSON object), a part of the key
         of the wrong type, neither ``tenant`` nor ``shared=True`` (or both); ValueError for a

@@ -383,6 +383,13 @@ async def test_callers_share_answers_only_when_they_say_so() -> None:
     # is passed through uncached, as the HTTP integrations pass it.
     anonymous = cache.request(BODY, tenant=tenant_scope({}))
     assert anonymous.uncached == "no tenant scope (the request carries no credential)"
+    # ... and its key is no other request's, for a caller keying it by hand (helper-161).
+    keys = {cache.key(cache.request(BODY, tenant="")) for _ in range(2)} | {cache.key(anonymous)}
+    keys |= {
+        cache.key(cache.request(BODY, tenant="e:")),
+        cache.key(cache.request(BODY, shared=True)),
+    }
+    assert len(keys) == 5
     assert [await ask(tenant=""), await ask(tenant="")] == [CacheStatus.BYPASS] * 2
     assert up.calls == 6
 

@@ -764,3 +764,38 @@ async def test_followers_keep_the_upstream_of_a_client_that_left_before_its_head
                 assert (upstream.calls, upstream.gone) == (1, 0)
         finally:
             await app.aclose()
+
+
+async def test_the_proxy_changes_the_scope_it_was_given_in_place(
+    serve: Serve, tmp_path: Path
+) -> None:
+    # What the proxy makes of a request (its origin-form target, a new header list without
+    # what Connection names — httptools appends trailers to the list it handed over —, the
+    # upgrade offer to check) is in the scope it was given, not in a copy of it: middleware
+    # around it sees what the app saw (helper-159, helper-163).
+    upstream = RecordingUpstream()
+    seen: list[tuple[dict[str, Any], list[Any]]] = []
+    async with serve(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}")
+
+        async def around(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                seen.append((scope, scope["headers"]))
+            await app(scope, receive, send)
+
+        async with serve(around) as url:
+            host, port = url.removeprefix("http://").split(":")
+            request = post(CHAT, chat_body("in place"), "x-hop: 1").replace(
+                b"connection: close", b"connection: close, x-hop"
+            )
+            request = request.replace(
+                f"POST {CHAT} ".encode(), f"POST http://a.test{CHAT} ".encode()
+            )
+            status, head, _ = await exchange((host, int(port)), request)
+            assert status == 200 and b"\r\nx-sse-cache: miss" in head, head
+        await app.aclose()
+    ((scope, servers_list),) = seen
+    assert scope["path"] == CHAT and scope["raw_path"] == CHAT.encode()
+    assert scope["headers"] is not servers_list and (b"x-hop", b"1") in servers_list
+    assert (b"x-hop", b"1") not in scope["headers"]
+    assert "x-hop" not in upstream.requests[0].headers
