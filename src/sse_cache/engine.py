@@ -21,6 +21,7 @@ hands out (:class:`CachedStream`, and the production of a live stream) in
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sys
 import time
@@ -68,6 +69,8 @@ __all__ = [
     "StreamCache",
     "Upstream",
 ]
+
+logger = logging.getLogger("sse_cache")
 
 #: A zero-argument callable that opens the upstream stream and returns its events.
 Upstream = Callable[[], AsyncIterator[Event]]
@@ -146,6 +149,7 @@ class StreamCache:
         self.adapter = adapter
         # Whether the adapter passes some requests through uncached: decided once.
         self._screen = adapter.uncached_reason if isinstance(adapter, ScreeningAdapter) else None
+        self._said_shared = False  # (request() without tenant=: warned once)
         self.keyer: CacheKeyer = DefaultKeyer() if keyer is None else keyer
         self.codec: EventCodec = MsgpackCodec() if codec is None else codec
         self.ttl = ttl
@@ -192,21 +196,22 @@ class StreamCache:
         answer-defining fields; a request it passes through uncached says why in
         ``uncached``, and :meth:`stream` then bypasses the cache).
 
-        ``tenant`` or ``shared=True`` is required. ``tenant``: whose answer this is — a scope
-        of the caller, such as :func:`~sse_cache.keys.tenant_scope` of its request headers (a
-        hash of its credentials), its user or organisation id — so that callers never share
-        answers; ``shared=True`` shares them between every caller (keyed as the HTTP
-        integrations' ``tenant="shared"``). A tenant never keys as the shared scope, whatever
-        it says (a user named "shared" included: helper-159). It defaulted to one scope for
-        everyone: an answer to one user was a hit for the next (helper-156).
+        ``tenant``: whose answer this is — a scope of the caller, such as
+        :func:`~sse_cache.keys.tenant_scope` of its request headers (a hash of its
+        credentials), its user or organisation id — so that callers never share answers.
+        Without one, every caller of this cache shares its answers: say so with
+        ``shared=True`` (keyed as the HTTP integrations' ``tenant="shared"``); a request with
+        neither is keyed the same, and the cache logs a warning once (an integration written
+        from the README answered one user from another's entry, the README calling it
+        tenant-safe; helper-156). No tenant keys as the shared scope, "shared" included.
         ``""`` (``tenant_scope`` of a request that carries no credential) cannot tell callers
         apart: such a request is passed through uncached (``uncached`` says so), as the HTTP
         integrations pass it; its key is no other request's (check ``uncached`` before
         keying a request by hand for :meth:`lookup` or :meth:`recording`).
 
         Raises TypeError for a body that is not a mapping (a JSON object), a part of the key
-        of the wrong type, neither ``tenant`` nor ``shared=True`` (or both); ValueError for a
-        negative variant. A body holding what no JSON body holds (NaN, a set, bytes...) makes
+        of the wrong type, or both ``tenant`` and ``shared=True``; ValueError for a negative
+        variant. A body holding what no JSON body holds (NaN, a set, bytes...) makes
         :meth:`key` and :meth:`stream` raise :class:`~sse_cache.errors.ConfigError`."""
         if not isinstance(body, Mapping):
             raise TypeError(
@@ -215,30 +220,30 @@ class StreamCache:
             )
         if shared is not False and shared is not True:
             raise TypeError(f"shared must be True or False, got {shared!r}")
-        if (tenant is None) is not shared:
-            raise TypeError(
-                "request() needs tenant=: whose answer this is (e.g. "
-                "sse_cache.keys.tenant_scope(request_headers), a hash of the caller's "
-                "credentials, or a user id), so that callers never share answers; or "
-                "shared=True to share them between every caller"
-                if tenant is None
-                else "request() takes tenant= or shared=True, not both"
-            )
+        if shared and tenant is not None:
+            raise TypeError("request() takes tenant= or shared=True, not both")
         parts = (("route", route), ("tenant", "" if tenant is None else tenant))
         for name, part in (*parts, ("namespace", namespace)):
             if not isinstance(part, str):
                 raise TypeError(f"{name} must be a str, got {type(part).__name__}")
         uncached = ""
-        if shared:
+        if tenant is None:
             scope = ""  # (the scope the HTTP integrations' shared tenant keys with)
+            if not shared and not self._said_shared:
+                self._said_shared = True
+                logger.warning(
+                    "sse_cache: StreamCache.request() without tenant=: every caller of this "
+                    "cache shares its answers. Pass tenant= (whose answer it is: e.g. "
+                    "sse_cache.keys.tenant_scope(request_headers), a user id), or "
+                    "shared=True to say they are shared"
+                )
         else:
-            # The caller's own, apart from the shared one whatever it says (helper-159).
-            scope = f"e:{tenant}"
+            scope = tenant  # (never "": the shared scope is no tenant's)
             if not tenant:
                 uncached = "no tenant scope (the request carries no credential)"
-                # A scope of its own too: its key (cache.key, for stream(key), lookup(),
+                # A scope of its own: its key (cache.key, for stream(key), lookup(),
                 # recording()) is no other request's (helper-161).
-                scope = f"e:\x00{secrets.token_hex(16)}"
+                scope = f"\x00{secrets.token_hex(16)}"
         if isinstance(variant, bool) or not isinstance(variant, int) or variant < 0:
             raise ValueError(f"variant must be an int >= 0, got {variant!r}")
         return CacheRequest(

@@ -357,11 +357,13 @@ async def test_entry_of_another_schema_is_not_served() -> None:
     assert s.status is CacheStatus.MISS  # type: ignore[attr-defined]
 
 
-async def test_callers_share_answers_only_when_they_say_so() -> None:
-    # A tenant is asked for (helper-156: one scope for all by default, and an answer to
-    # one user was a hit for the next). shared=True keys as the HTTP integrations' shared
-    # tenant does, and as every engine key did before: their entries stay. No tenant keys
-    # as the shared scope, whatever it says (helper-159: a user named "shared").
+async def test_callers_share_answers_only_when_they_say_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An integration written from the README keyed every caller alike, and answered one
+    # user from another's entry (helper-156). Each tenant keys apart; no tenant keys as the
+    # shared scope, "shared" included (helper-159); a request without one is shared, as it
+    # was (its entries stay), and the cache says so once.
     backend, up = DictBackend(), Upstream()
     cache = StreamCache(backend, GenericSSE())
 
@@ -371,13 +373,21 @@ async def test_callers_share_answers_only_when_they_say_so() -> None:
         return s.status
 
     people = [{"tenant": "alice"}, {"tenant": "bob"}, {"tenant": "shared"}, {"shared": True}]
-    assert [await ask(**whose) for whose in people + people] == [CacheStatus.MISS] * 4 + [
-        CacheStatus.HIT
-    ] * 4
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        assert [await ask(**whose) for whose in people + people] == [CacheStatus.MISS] * 4 + [
+            CacheStatus.HIT
+        ] * 4
+        assert not [r for r in caplog.records if "without tenant=" in r.getMessage()]
+        assert [await ask(), await ask()] == [CacheStatus.HIT] * 2  # (shared=True's entry)
+    (said,) = [r.getMessage() for r in caplog.records if "without tenant=" in r.getMessage()]
+    assert "every caller of this cache shares its answers" in said and "shared=True" in said
     assert up.calls == 4
     fields = GenericSSE().key_fields(BODY)
     assert cache.key(cache.request(BODY, shared=True)) == cache.key(
         CacheRequest(schema="generic", route="", fields=fields)
+    )
+    assert cache.key(cache.request(BODY, tenant="t")) == cache.key(
+        CacheRequest(schema="generic", route="", fields=fields, tenant="t")
     )
     # A request that carries no credential (tenant_scope gives "") tells no one apart: it
     # is passed through uncached, as the HTTP integrations pass it.
@@ -385,10 +395,7 @@ async def test_callers_share_answers_only_when_they_say_so() -> None:
     assert anonymous.uncached == "no tenant scope (the request carries no credential)"
     # ... and its key is no other request's, for a caller keying it by hand (helper-161).
     keys = {cache.key(cache.request(BODY, tenant="")) for _ in range(2)} | {cache.key(anonymous)}
-    keys |= {
-        cache.key(cache.request(BODY, tenant="e:")),
-        cache.key(cache.request(BODY, shared=True)),
-    }
+    keys |= {cache.key(cache.request(BODY, tenant="x")), cache.key(cache.request(BODY))}
     assert len(keys) == 5
     assert [await ask(tenant=""), await ask(tenant="")] == [CacheStatus.BYPASS] * 2
     assert up.calls == 6

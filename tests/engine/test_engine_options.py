@@ -76,10 +76,6 @@ def test_a_backend_that_is_not_one_is_refused() -> None:
     ("call", "error", "message"),
     [
         (lambda c: c.request(["m"]), TypeError, "body must be the decoded JSON object"),
-        # A tenant is asked for: one scope for every caller by default shared one user's
-        # answers with the next (helper-156); shared=True says so.
-        (lambda c: c.request({}), TypeError, r"request\(\) needs tenant=: whose answer"),
-        (lambda c: c.request({}, tenant=None), TypeError, "needs tenant=.*or shared=True"),
         (lambda c: c.request({}, tenant="a", shared=True), TypeError, "not both"),
         (lambda c: c.request({}, shared="yes"), TypeError, "shared must be True or False"),
         (lambda c: c.request({}, tenant=7), TypeError, "tenant must be a str, got int"),
