@@ -201,11 +201,12 @@ class OpenAIResponses(KeyedAdapter):
 
     def verify(self, events: Sequence[Event]) -> Outcome:
         """Whole-stream check before storing: a completing event, no failing one, and
-        ``sequence_number`` values (where present) that start at 0 and increase by exactly
-        one. A gap means events were lost between the API and us; the recording is not
-        faithful. (A gap at the start too: such a stream, without its ``response.created``,
-        was stored, and the SDK's ``responses.stream()`` raises on it; helper-158. A
-        resumed stream, ``starting_after=N``, begins later: it is a GET, never recorded.)"""
+        ``sequence_number`` values (where present) that start at 0 (or with the stream's
+        ``response.created``) and increase by exactly one. A gap means events were lost
+        between the API and us; the recording is not faithful. (A gap at the start too:
+        such a stream, without its ``response.created``, was stored, and the SDK's
+        ``responses.stream()`` raises on it; helper-158. A resumed stream,
+        ``starting_after=N``, begins later: it is a GET, never recorded.)"""
         verdict = Outcome.FAIL
         last: int | None = None
         for ev in events:
@@ -215,11 +216,17 @@ class OpenAIResponses(KeyedAdapter):
             if outcome is Outcome.COMPLETE:
                 verdict = Outcome.COMPLETE
             try:
-                seq = _seq_decoder.decode(ev.data).sequence_number
+                numbered = _seq_decoder.decode(ev.data)
             except msgspec.DecodeError:
                 continue
+            seq = numbered.sequence_number
             if seq is not None:
-                if seq != (0 if last is None else last + 1):
+                if last is None:
+                    # The first: 0, as the API numbers them, or the stream's own beginning
+                    # (a hand-made stream may count from 1); else its first events are lost.
+                    if seq != 0 and numbered.type != "response.created":
+                        return Outcome.FAIL
+                elif seq != last + 1:
                     return Outcome.FAIL
                 last = seq
         return verdict
