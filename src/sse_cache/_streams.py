@@ -30,7 +30,7 @@ from .entry import Entry
 from .events import Event
 from .flight import Cursor, Head, LiveFlight, Phase, SharedStreamAborted
 from .pacing import Pacing
-from .recorder import Recorder, RecorderState, event_size, unsound
+from .recorder import Recorder, RecorderState, event_size
 
 __all__ = [
     "CachedStream",
@@ -148,7 +148,7 @@ class Production:
         recorder = self.recorder
         size = event_size(event)
         if recorder.state is _RECORDING and (
-            event.data.__class__ is str or not unsound(recorder, event)
+            event.data.__class__ is str or not recorder.refuse_unsound(event)
         ):
             total = recorder.size = recorder.size + size
             if total > self.limit:

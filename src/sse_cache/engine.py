@@ -222,8 +222,11 @@ class StreamCache:
             raise TypeError(f"shared must be True or False, got {shared!r}")
         if shared and tenant is not None:
             raise TypeError("request() takes tenant= or shared=True, not both")
-        parts = (("route", route), ("tenant", "" if tenant is None else tenant))
-        for name, part in (*parts, ("namespace", namespace)):
+        for name, part in (
+            ("route", route),
+            ("tenant", "" if tenant is None else tenant),
+            ("namespace", namespace),
+        ):
             if not isinstance(part, str):
                 raise TypeError(f"{name} must be a str, got {type(part).__name__}")
         uncached = ""

@@ -61,20 +61,16 @@ class Event(msgspec.Struct, frozen=True):
     at: float = 0.0
 
 
-def unsound_event(item: object) -> str:
-    """Why ``item`` cannot be recorded as an :class:`Event`, or ``""``: it is none, or one of
-    its fields has a type the adapters and the codec cannot read (msgspec does not check a
-    Struct's fields when it is made: ``Event(data=b"...")`` is made). The hot loops call it
-    only when a quick look (the class, and ``data`` a str) did not settle it."""
-    if not isinstance(item, Event):
-        shown = repr(item)
-        shown = shown if len(shown) <= 80 else shown[:80] + "..."
-        return f"{type(item).__name__} {shown}: it must be an sse_cache.Event (Event(data=...))"
+def unsound_event(event: Event) -> str:
+    """Why ``event`` cannot be recorded, or ``""``: one of its fields has a type the adapters
+    and the codec cannot read (msgspec does not check a Struct's fields when it is made:
+    ``Event(data=b"...")`` is made). The hot loops call it only when a quick look (``data``
+    a str) did not settle it."""
     for name, value, wanted in (
-        ("data", item.data, (str,)),
-        ("event", item.event, (str, type(None))),
-        ("id", item.id, (str, type(None))),
-        ("retry", item.retry, (int, type(None))),
+        ("data", event.data, (str,)),
+        ("event", event.event, (str, type(None))),
+        ("id", event.id, (str, type(None))),
+        ("retry", event.retry, (int, type(None))),
     ):
         if not isinstance(value, wanted) or value is True or value is False:
             shown = repr(value)

@@ -33,25 +33,12 @@ def event_size(event: Event) -> int:
     """What ``event`` counts against ``max_entry_bytes``: its text in UTF-8 bytes, as stored
     (non-ASCII text takes up to 4 a character), plus :data:`EVENT_OVERHEAD`. (isascii() is
     O(1) on CPython: ASCII text costs no encode.) An event whose ``data`` is no str counts
-    the overhead and its length, if it has one (see :func:`unsound`)."""
+    the overhead and its length, if it has one (see :meth:`Recorder.refuse_unsound`)."""
     data = event.data
     if data.__class__ is not str and not isinstance(data, str):
         return EVENT_OVERHEAD + (len(data) if isinstance(data, bytes | bytearray) else 0)
     text = len(data) if data.isascii() else len(data.encode("utf-8", "surrogatepass"))
     return text + EVENT_OVERHEAD
-
-
-def unsound(recorder: Recorder, event: Event) -> bool:
-    """Whether ``event`` has a field of a type the adapters and the codec cannot read
-    (msgspec does not check a Struct's fields when it is made: ``Event(data=b"...")`` is
-    made): then ``recorder`` stores nothing of its stream, which is delivered as it came
-    (an adapter judging it raised, after every event was delivered; helper-158). Called
-    where ``data`` is no str (the one field every adapter reads); the codec names the
-    others when it encodes the entry."""
-    why = unsound_event(event)
-    if why:
-        recorder.fail(f"the upstream yielded {why}")
-    return bool(why)
 
 
 class RecorderState(enum.Enum):
@@ -161,7 +148,7 @@ class Recorder:
         if not isinstance(event, Event):
             raise TypeError(f"add() takes an Event, got {type(event).__name__}")
         if self.state is not _RECORDING or (
-            event.data.__class__ is not str and unsound(self, event)
+            event.data.__class__ is not str and self.refuse_unsound(event)
         ):
             return
         self.size += event_size(event)
@@ -170,6 +157,17 @@ class Recorder:
             return
         self._events.append(event)
         self._times.append(at)
+
+    def refuse_unsound(self, event: Event) -> bool:
+        """Whether ``event`` has a field of a type the adapters and the codec cannot read
+        (see :func:`~sse_cache.events.unsound_event`): then nothing of its stream is stored
+        (:meth:`fail`), and it is delivered as it came (an adapter judging it raised, after
+        every event was delivered; helper-158). Asked where ``data`` is no str, the one field
+        every adapter reads; the codec names the others when it encodes the entry."""
+        why = unsound_event(event)
+        if why:
+            self.fail(f"the upstream yielded {why}")
+        return bool(why)
 
     def sink(self) -> tuple[Callable[[Event], None], Callable[[float], None], int]:
         """For a driver's hot loop, which cannot afford a method call per event: the appends

@@ -779,7 +779,7 @@ class Exchange:
         elif media == SSE_TYPE:
             recording = await self._stack.enter_async_context(
                 self._cache.recording(
-                    self.key, ttl=_lifetime(controls.ttl, self._cache.ttl), began=self._began
+                    self.key, ttl=_bounded_ttl(controls.ttl, self._cache.ttl), began=self._began
                 )
             )
             recording.respond(status, lowered.get("content-type", media))
@@ -798,7 +798,7 @@ class Exchange:
                 flight=live,
                 cache=self._cache,
                 key=self.key,
-                ttl=_lifetime(controls.ttl, self._cache.ttl),
+                ttl=_bounded_ttl(controls.ttl, self._cache.ttl),
                 content_type=lowered.get("content-type", media),
                 status=status,
                 limit=self._cache.max_entry_bytes,
@@ -882,7 +882,7 @@ def _not_shared_because(status: int, encoding: str, tenant: str) -> str:
     return ""
 
 
-def _lifetime(asked: float | None, bound: float | None) -> float | None:
+def _bounded_ttl(asked: float | None, bound: float | None) -> float | None:
     """The lifetime of the entry a request stores: what it asked for (``x-sse-cache-ttl``),
     at most the ``ttl`` the cache was given — the operator's bound on how long an answer
     outlives, say, a revoked key (a client's one year overrode a 60 s ``ttl``; helper-156)."""
