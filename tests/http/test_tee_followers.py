@@ -263,7 +263,7 @@ async def test_a_failure_after_the_answer_that_its_client_got_fails_the_stream(
     anyio_backend: str, pieces: list[bytes], stopped_by: str, stored: bool
 ) -> None:
     service = CacheService("memory://")
-    followed: list[bytes | Exception] = []
+    followed: list[tuple[bytes, Exception | None]] = []
 
     async def follow() -> None:
         async with service.exchange(
@@ -275,9 +275,9 @@ async def test_a_failure_after_the_answer_that_its_client_got_fails_the_stream(
                 async for chunk in ex.answer.chunks:
                     got += chunk
             except Exception as exc:
-                followed.append(exc)
+                followed.append((got, exc))
                 return
-            followed.append(got)
+            followed.append((got, None))
 
     try:
         with anyio.fail_after(30):  # a deadlock guard
@@ -302,11 +302,13 @@ async def test_a_failure_after_the_answer_that_its_client_got_fails_the_stream(
             status = ex.status
     finally:
         await service.aclose()
-    [got] = followed
+    [(got, failed)] = followed
     if stored:
-        assert got == MESSAGE and status is CacheStatus.HIT
+        assert got == MESSAGE and failed is None and status is CacheStatus.HIT
     else:
-        # Never a clean end without the failure: the follower failed, or read the
-        # upstream's own end, the error event included.
-        assert isinstance(got, Exception) or got.endswith(OVERLOADED), got
+        # The follower got what the producer's client got, the error event included (its
+        # SDK raises the provider's error; helper-162: it failed with none), and never a
+        # clean end without it.
+        assert got == MESSAGE + OVERLOADED, got
+        assert failed is not None or stopped_by == "client_left"
         assert status is CacheStatus.MISS

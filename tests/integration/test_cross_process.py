@@ -1030,6 +1030,81 @@ async def test_a_body_piece_that_begins_with_h_reaches_the_other_processes_follo
     assert upstream_app.calls == 1
 
 
+def _anthropic_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_an_error_after_message_stop_reaches_the_followers_in_another_process(
+    serve: Any, redis_server: Any
+) -> None:
+    # An Anthropic message, then an `event: error` while the body goes on. The producer's
+    # client leaves once it has the error (as its SDK does, raising the provider's error):
+    # the follower in the other process gets the error event too, then a failure — never
+    # the answer alone (helper-162: its stream failed at message_stop, with no provider's
+    # error for its SDK to raise), and never a clean end.
+    message = {"id": "msg_01x", "type": "message", "role": "assistant", "content": []}
+    answer = (
+        _anthropic_event("message_start", {"type": "message_start", "message": message})
+        + _anthropic_event(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hi"},
+            },
+        )
+        + _anthropic_event("message_stop", {"type": "message_stop"})
+    )
+    error = _anthropic_event(
+        "error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    )
+    gate = anyio.Event()
+
+    async def upstream(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        head = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": answer, "more_body": True})
+        await gate.wait()
+        await send({"type": "http.response.body", "body": error, "more_body": True})
+        while (await receive())["type"] != "http.disconnect":  # the body is never ended
+            pass
+
+    backend = f"{redis_server.url}?prefix=m{uuid.uuid4().hex[:8]}:"
+    payload = {"model": "claude", "max_tokens": 9, "messages": [], "stream": True}
+    async with two_proxy_apps(serve, upstream, backend) as (pa, pb, client):
+        with anyio.fail_after(DEADLOCK_GUARD):
+
+            async def open_at(base: str) -> httpx2.Response:
+                request = client.build_request(
+                    "POST", base + "/v1/messages", json=payload, headers=HEADERS
+                )
+                return await client.send(request, stream=True)
+
+            producer = await open_at(pa)
+            assert producer.headers["x-sse-cache"] == "miss"
+            follower = await open_at(pb)
+            assert follower.headers["x-sse-cache"] == "shared"
+            gate.set()
+            produced = b""
+            async for chunk in producer.aiter_raw():
+                produced += chunk
+                if produced.endswith(error):
+                    break
+            await producer.aclose()  # (the client leaves with the provider's error)
+            followed = b""
+            with pytest.raises(httpx2.RemoteProtocolError):
+                async for chunk in follower.aiter_raw():
+                    followed += chunk
+            await follower.aclose()
+    assert produced == followed == answer + error
+
+
 @pytest.mark.anyio
 @asyncio_only
 async def test_an_error_to_one_callers_credentials_reaches_no_follower_in_another_process(

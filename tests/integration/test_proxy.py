@@ -370,6 +370,131 @@ async def test_client_disconnect_mid_stream_stores_nothing(stack: Stack) -> None
     assert again.headers["x-sse-cache"] == "miss"
 
 
+def _anthropic_event(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def test_an_error_after_message_stop_reaches_every_follower_as_the_providers_error(
+    serve: Serve,
+) -> None:
+    # The upstream sends a whole message, then an `event: error` (its body not ended yet).
+    # The producer's SDK raises the provider's error and closes its response; its followers'
+    # SDKs must raise the same error, not a broken connection (helper-162: the proxy failed
+    # their streams at message_stop, without the error event), and nothing is stored.
+    message = {
+        "id": "msg_01after",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-mock-1",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 1},
+    }
+    pieces = [
+        _anthropic_event("message_start", {"type": "message_start", "message": message}),
+        _anthropic_event(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        _anthropic_event(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "hi"},
+            },
+        ),
+        _anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        + _anthropic_event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                "usage": {"output_tokens": 1},
+            },
+        )
+        + _anthropic_event("message_stop", {"type": "message_stop"}),
+        _anthropic_event(
+            "error",
+            {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+        ),
+    ]
+    gate = anyio.Event()  # the error waits until the producer's client has message_stop
+    calls = 0
+
+    async def upstream_app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal calls
+        if scope["type"] != "http":
+            return
+        calls += 1
+        while (await receive()).get("more_body"):
+            pass
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for piece in pieces[:-1]:
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await gate.wait()
+        await send({"type": "http.response.body", "body": pieces[-1], "more_body": True})
+        while (await receive())["type"] != "http.disconnect":  # the body is never ended
+            pass
+
+    request = {
+        "model": "claude-mock-1",
+        "max_tokens": 9,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    outcomes: list[str] = []
+    async with serve(upstream_app) as upstream:
+        app = create_proxy_app(upstream, "memory://")
+        try:
+            async with serve(app) as proxy:
+                client = anthropic.AsyncAnthropic(base_url=proxy, api_key="sk-a", max_retries=0)
+
+                async def read(follow: Any = None) -> None:
+                    stream = await client.messages.create(**request, stream=True)
+                    try:
+                        async with stream:
+                            async for event in stream:
+                                if follow is not None:
+                                    await follow()
+                                    follow = None
+                                if event.type == "message_stop" and follow is None:
+                                    gate.set()
+                    except anthropic.APIStatusError as exc:
+                        outcomes.append(f"provider's error: {exc.body}")
+                    except anthropic.APIError as exc:
+                        outcomes.append(f"other: {exc!r}")
+
+                with anyio.fail_after(DEADLOCK_GUARD):
+                    async with anyio.create_task_group() as tg:
+
+                        async def join() -> None:  # once the stream is live, three follow
+                            for _ in range(3):
+                                tg.start_soon(read)
+                            await anyio.wait_all_tasks_blocked()
+
+                        await read(join)
+                again = await client.messages.create(**request, stream=True)
+                async with again:
+                    cached = again.response.headers["x-sse-cache"]
+                await client.close()
+        finally:
+            await app.aclose()
+    error = {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+    assert outcomes == [f"provider's error: {error}"] * 4
+    assert cached == "miss" and calls == 2
+
+
 @pytest.mark.parametrize("mode", ["500", "429", "fail-mid-stream", "bad-sse"])
 async def test_upstream_failures_reach_the_client_and_are_not_stored(
     stack: Stack, mode: str

@@ -197,10 +197,16 @@ class ResponseTee:
         """At the end of a lead: publish what is left of a response that completed. True when
         all of it reached the channel (followers in other processes then end cleanly), False
         when it did not complete or a publish failed (they must be told it failed)."""
-        if not self.ended or self.cut or self.publish_failed:
+        if self.publish_failed:
             return False
+        completed = self.ended and not self.cut
+        if not completed:
+            # The followers in other processes get what the producer's client got (a
+            # provider's error event after the answer among it), then are told it failed;
+            # nothing is indexed for a failed stream.
+            self._jobs.clear()
         await self.flush()
-        return not self.publish_failed
+        return completed and not self.publish_failed
 
     def later(self, job: Callable[[], Awaitable[object]]) -> None:
         """Run ``job`` at the next :meth:`flush` (backend writes, from a synchronous step)."""
@@ -509,8 +515,11 @@ class ResponseTee:
         if live is not None:
             # What came after the answer is no part of it: neither recorded nor passed on.
             held, self._after_answer = self._after_answer, None
-            failure = self._failure_after_answer(held)
+            failure, told = self._failure_after_answer(held)
             if failure:
+                # The followers get what the producer's client got, the failure included
+                # (their SDKs raise the provider's error, as its SDK did), then fail.
+                self._deliver(told)
                 self.fail(failure)
                 return
             if self._parser is not None and self._parser.mid_crlf:
@@ -526,19 +535,25 @@ class ResponseTee:
                 return
         self.fail(reason)
 
-    def _failure_after_answer(self, held: list[bytes] | None) -> str:
+    def _failure_after_answer(self, held: list[bytes] | None) -> tuple[str, bytes]:
         # A whole event after the answer that the schema judges a failure (an ``event:
         # error`` after Anthropic's message_stop): the producer's client got it (its SDK
         # raised, then closed the response), and had the upstream ended its body there the
         # stream would have failed. It fails stopped too (helper-136: the answer was stored,
         # and the followers and every hit after ended cleanly). Part of an event is no event.
+        # With the failure: the held bytes up to the end of their last whole event (the
+        # followers got none of them; helper-162: theirs failed with no provider's error).
         if not held or self._parser is None or self._live is None:
-            return ""
+            return "", b""
+        after = b"".join(held)
         try:
-            events = self._parser.copy().feed(b"".join(held))
+            events = self._parser.copy().feed(after)
         except SSEError:
-            return ""  # (not SSE: no event the schema could judge)
-        return self._live.recorder.failure_among(events)
+            return "", b""  # (not SSE: no event the schema could judge)
+        failure = self._live.recorder.failure_among(events)
+        if not failure:
+            return "", b""
+        return failure, after[: self._parser.dispatch_end(after, len(events))]
 
     def _end_followers(self) -> None:
         if self._flight is not None:
