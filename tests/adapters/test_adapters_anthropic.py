@@ -283,3 +283,26 @@ def test_an_answer_the_classifiers_stopped_is_stored_only_if_asked(store_blocked
     assert adapter.verify(events) is expected
     assert adapter.body_outcome(json.dumps(body).encode()) is expected
     assert adapter.verify([_named(p) for p in (_START, *_DELTAS, _STOP)]) is Outcome.COMPLETE
+
+
+@pytest.mark.parametrize(
+    "payloads",
+    [
+        [_START, _DELTAS[0], _DELTAS[1], _STOP],  # cut inside a block
+        [_START, *_DELTAS[:3], _STOP],  # no stop reason
+        [_START, _DELTAS[0], _DELTAS[1], _DELTAS[3], _STOP],  # a block never stopped
+        [_START, *_DELTAS[:2], {**_DELTAS[0], "index": 1}, _DELTAS[2], _DELTAS[3], _STOP],
+        [_START, *_DELTAS[:3], {**_DELTAS[3], "delta": {"stop_reason": None}}, _STOP],
+    ],
+    ids=["cut-in-a-block", "no-stop-reason", "block-open", "second-block-open", "null-reason"],
+)
+def test_a_message_stopped_before_its_answer_ended_is_not_stored(payloads):
+    # A translating gateway whose own upstream broke off midway ends the message all the
+    # same: message_stop after part of a block, with no stop reason. Stored, the part was
+    # replayed as the answer, stop_reason None (helper-165).
+    assert ADAPTER.verify([_named(p) for p in payloads]) is Outcome.FAIL
+    # The whole message, its blocks in any order of stopping, is stored.
+    two = [*_DELTAS[:2], {**_DELTAS[0], "index": 1}, {**_DELTAS[2], "index": 1}, _DELTAS[2]]
+    assert (
+        ADAPTER.verify([_named(p) for p in (_START, *two, _DELTAS[3], _STOP)]) is Outcome.COMPLETE
+    )

@@ -388,6 +388,24 @@ def test_no_annotations_are_an_empty_list_in_a_body_and_absent_from_a_stream():
     assert json.loads(events[0].data)["choices"][0]["delta"]["annotations"] == cited
 
 
+@pytest.mark.parametrize("reason", ["error", "abort", "cancelled", "Error"])
+@pytest.mark.parametrize("store_blocked", [False, True])
+def test_a_generation_that_failed_midway_is_never_stored(reason, store_blocked):
+    # Mistral ends a generation that failed midway with finish_reason "error", vLLM an
+    # aborted one with "abort", then both send [DONE]: stored, the part was replayed as the
+    # answer (helper-165). Not a filter: store_blocked does not store it either.
+    adapter = OpenAIChat(store_blocked=store_blocked)
+    start = {"id": "c", "choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}
+    cut = {"id": "c", "choices": [{"index": 0, "delta": {}, "finish_reason": reason}]}
+    stream = [Event(json.dumps(start)), Event(json.dumps(cut)), Event("[DONE]")]
+    body = {"object": "chat.completion", "choices": [{"index": 0, "finish_reason": reason}]}
+    assert adapter.verify(stream) is Outcome.FAIL
+    assert adapter.body_outcome(json.dumps(body).encode()) is Outcome.FAIL
+    for whole in ("stop", "length", "tool_calls", "eos"):
+        finished = json.dumps(cut).replace(reason, whole)
+        assert adapter.verify([stream[0], Event(finished), stream[2]]) is Outcome.COMPLETE
+
+
 @pytest.mark.parametrize("store_blocked", [False, True])
 def test_an_answer_a_content_filter_cut_is_stored_only_if_asked(store_blocked):
     # Azure OpenAI's content filter ends a choice with finish_reason "content_filter": an

@@ -211,6 +211,32 @@ def test_outcome_of_single_events(event, expected):
     assert ADAPTER.outcome(event) is expected
 
 
+@pytest.mark.parametrize("status", ["in_progress", "failed", "incomplete", "cancelled", "queued"])
+@pytest.mark.parametrize("store_incomplete", [False, True])
+def test_a_completing_event_whose_response_is_not_completed_is_not_stored(status, store_incomplete):
+    # A cut stream closed by a response.completed whose response is still in_progress, its
+    # output empty: stored, a stream=false request was answered `in_progress`, no output
+    # (helper-165). Only a response that says it completed completes the stream (or, with
+    # store_incomplete, a response.incomplete that says it is incomplete).
+    adapter = OpenAIResponses(store_incomplete=store_incomplete)
+
+    def ending(kind: str, said: str | None) -> Event:
+        response = {"id": "r", "output": [], **({} if said is None else {"status": said})}
+        return Event(json.dumps({"type": kind, "response": response}), kind)
+
+    created = Event('{"type":"response.created","response":{"id":"r"}}', "response.created")
+    assert adapter.verify([created, ending("response.completed", status)]) is Outcome.FAIL
+    assert adapter.verify([created, ending("response.completed", "completed")]) is Outcome.COMPLETE
+    assert adapter.verify([created, ending("response.completed", None)]) is Outcome.COMPLETE
+    if store_incomplete:
+        assert adapter.verify([created, ending("response.incomplete", "incomplete")]) is (
+            Outcome.COMPLETE
+        )
+        assert adapter.verify([created, ending("response.incomplete", "completed")]) is (
+            Outcome.FAIL
+        )
+
+
 def test_store_incomplete_is_an_explicit_option():
     ev = Event(
         '{"type":"response.incomplete","response":{"id":"r","output":[]}}', "response.incomplete"

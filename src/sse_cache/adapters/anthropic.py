@@ -76,8 +76,18 @@ class _MessageDelta(msgspec.Struct):
     delta: _StopDelta = msgspec.field(default_factory=_StopDelta)
 
 
+class _Block(msgspec.Struct):
+    index: int | None = None
+
+
+class _StartStop(msgspec.Struct):
+    message: _StopDelta | None = None
+
+
 _stop_decoder: Final = msgspec.json.Decoder(_StopReason)
 _delta_stop_decoder: Final = msgspec.json.Decoder(_MessageDelta)
+_block_decoder: Final = msgspec.json.Decoder(_Block)
+_start_stop_decoder: Final = msgspec.json.Decoder(_StartStop)
 _start_decoder: Final = msgspec.json.Decoder(_Start)
 
 
@@ -155,22 +165,46 @@ class AnthropicMessages(KeyedAdapter):
 
     def verify(self, events: Sequence[Event]) -> Outcome:
         """Whole-stream check: a ``message_start`` before the completing ``message_stop``,
-        no failing event, and no ``stop_reason: "refusal"`` unless ``store_blocked``."""
+        a ``stop_reason`` (a ``message_delta`` gives it) and every content block started
+        stopped before it, no failing event, and no ``stop_reason: "refusal"`` unless
+        ``store_blocked``. (A gateway whose own upstream broke off midway may end the
+        message all the same: ``message_stop`` after part of a block, no stop reason.)"""
         started = False
+        stop_reason: str | None = None
+        open_blocks: set[int | None] = set()
         verdict = Outcome.FAIL
         for ev in events:
             outcome = self.outcome(ev)
             if outcome is Outcome.FAIL:
                 return Outcome.FAIL
+            name = ev.event
             if outcome is Outcome.COMPLETE and started:
-                verdict = Outcome.COMPLETE
-            if ev.event == "message_start":
+                whole = stop_reason is not None and not open_blocks
+                verdict = Outcome.COMPLETE if whole else Outcome.FAIL
+            elif name == "message_start":
                 started = True
-            elif ev.event == "message_delta" and not self.store_blocked:
+                try:
+                    start = _start_stop_decoder.decode(ev.data).message
+                except msgspec.DecodeError:
+                    continue
+                if start is not None and start.stop_reason is not None:
+                    stop_reason = start.stop_reason
+            elif name == "content_block_start" or name == "content_block_stop":
+                try:
+                    index = _block_decoder.decode(ev.data).index
+                except msgspec.DecodeError:
+                    return Outcome.FAIL  # (the SDK fails on it too)
+                if name == "content_block_start":
+                    open_blocks.add(index)
+                else:
+                    open_blocks.discard(index)
+            elif name == "message_delta":
                 try:
                     reason = _delta_stop_decoder.decode(ev.data).delta.stop_reason
                 except msgspec.DecodeError:
                     continue
+                if reason is not None:
+                    stop_reason = reason
                 if self._blocked(reason):
                     return Outcome.FAIL
         return verdict

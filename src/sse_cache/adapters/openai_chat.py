@@ -28,7 +28,7 @@ from ._common import (
     unclear_flag,
 )
 
-__all__ = ["EXCLUDED_FIELDS", "OpenAIChat"]
+__all__ = ["EXCLUDED_FIELDS", "FAILED_FINISH_REASONS", "OpenAIChat"]
 
 #: Request fields left out of the key: transport, plus caller bookkeeping that a chat
 #: completion never echoes and that cannot change the generated message. (Of ``metadata``,
@@ -46,6 +46,12 @@ EXCLUDED_FIELDS: Final = STREAM_FLAGS | frozenset(
 _STREAMED_WITHOUT_USAGE: Final = "streamed without usage"
 
 _DONE: Final = "[DONE]"
+#: Finish reasons (compared in lower case) of a generation that failed or was stopped
+#: midway by the server, which some OpenAI-compatible servers send before their ``[DONE]``:
+#: Mistral's ``error``, vLLM's ``abort``. Never stored.
+FAILED_FINISH_REASONS: Final = frozenset(
+    {"error", "abort", "aborted", "cancelled", "canceled", "failed", "interrupted", "timeout"}
+)
 _CHUNK: Final = "chat.completion.chunk"
 
 # Message keys that identify rather than accumulate: a repeat replaces, never appends (some
@@ -220,8 +226,12 @@ class OpenAIChat(KeyedAdapter):
 
     def _blocked(self, finish_reason: str) -> bool:
         # A filter cut the answer off (Azure OpenAI's content filter, mostly): not stored, as
-        # Gemini's SAFETY is not — asked again, it may pass (helper-109).
-        return finish_reason == "content_filter" and not self.store_blocked
+        # Gemini's SAFETY is not — asked again, it may pass (helper-109). A generation that
+        # failed or was aborted midway, then closed with [DONE] (Mistral's "error", vLLM's
+        # "abort"), is no answer at all (helper-165: stored and replayed).
+        if finish_reason == "content_filter":
+            return not self.store_blocked
+        return finish_reason.lower() in FAILED_FINISH_REASONS
 
     # -- stream -> body --------------------------------------------------------------------
 

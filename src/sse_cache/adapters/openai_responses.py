@@ -131,6 +131,16 @@ def _decode_status(raw: bytes | str) -> _Status | None:
         return None
 
 
+def _says_its_status(data: str) -> bool:
+    # A completing event (outcome() read its type and an object response): its response's
+    # status, if it has one, is the event's ("completed" for response.completed).
+    p = probe(data)
+    s = None if p is None or p.type is None else _decode_status(bytes(p.response))
+    if p is None or p.type is None or s is None:
+        return False
+    return s.status is None or s.status == p.type.removeprefix("response.")
+
+
 class OpenAIResponses(KeyedAdapter):
     """Adapter for the OpenAI Responses API.
 
@@ -202,7 +212,10 @@ class OpenAIResponses(KeyedAdapter):
     def verify(self, events: Sequence[Event]) -> Outcome:
         """Whole-stream check before storing: a completing event, no failing one, and
         ``sequence_number`` values (where present) that start at 0 (or with the stream's
-        ``response.created``) and increase by exactly one. A gap means events were lost
+        ``response.created``) and increase by exactly one, and a completing event whose
+        response says as much, where it has a ``status`` (a ``response.completed`` of a
+        response ``in_progress``, its output empty, closed a cut stream; helper-165: stored
+        and replayed, answering ``stream=false`` with ``in_progress``). A gap means events were lost
         between the API and us; the recording is not faithful. (A gap at the start too:
         such a stream, without its ``response.created``, was stored, and the SDK's
         ``responses.stream()`` raises on it; helper-158. A resumed stream,
@@ -214,6 +227,8 @@ class OpenAIResponses(KeyedAdapter):
             if outcome is Outcome.FAIL:
                 return Outcome.FAIL
             if outcome is Outcome.COMPLETE:
+                if not _says_its_status(ev.data):
+                    return Outcome.FAIL
                 verdict = Outcome.COMPLETE
             try:
                 numbered = _seq_decoder.decode(ev.data)
