@@ -293,7 +293,8 @@ class _Request:
         self.tasks: anyio.abc.TaskGroup | None = None
         self.outbox: _Outbox | None = None  # the client's messages, while others may follow
         self.send_error: Exception | None = None  # sending to the client failed: for the app
-        self.cut = ""  # why the client was cut off (it fell too far behind the stream)
+        self.cut = ""  # why the client was cut off (it fell too far behind the stream, the
+        # app ended its body short of its length)
         self.hold_scope: anyio.CancelScope | None = None  # the resume window, while it runs
         self.leaving: _Leaving | None = None  # leaves a miss's exchange (stores its answer)
 
@@ -658,6 +659,18 @@ class _Request:
             chunk = sent = message.get("body", b"")
             if self.length_left is not None and chunk:
                 sent = self._hold_completing_byte(chunk)
+            if final and self.length_left:
+                # The app ended its body short of its own content-length: a cut, as its
+                # server would have it (the end fails there, the connection is closed).
+                # It was stored as a whole answer, and its client waited for the rest, the
+                # end's failure swallowed here (helper-165).
+                self.cut = f"the app ended its body {self.length_left} bytes short of its length"
+                self.length_left = None
+                if sent:
+                    await self._deliver({**message, "body": sent, "more_body": True})
+                tee.relay(chunk)
+                tee.fail(self.cut)
+                return
             if final:
                 # Deliver all of the body now, but hold the end of the response until the
                 # exchange has stored the answer (read-your-writes for the next request).

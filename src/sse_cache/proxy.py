@@ -541,9 +541,13 @@ def _forwarded_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, 
 def _passed_back_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers as the client gets them: without the hop-by-hop ones
     (also those its ``Connection`` header names) and those the proxy's server writes; their
-    names lower-case, as ASGI has them."""
+    names lower-case, as ASGI has them. Without its ``content-length`` when it framed its
+    body chunked (RFC 9112 §6.3: an intermediary removes it; helper-165: passed back, the
+    client was sent the body under a length that was not its own, and cut at it)."""
     lowered = [(name.lower(), value) for name, value in headers]
     dropped = _NOT_PASSED_BACK | _nominated(lowered)
+    if any(name == b"transfer-encoding" for name, _ in lowered):
+        dropped |= {b"content-length"}
     return [(name, value) for name, value in lowered if name not in dropped]
 
 

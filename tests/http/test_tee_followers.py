@@ -229,9 +229,15 @@ def _sse(name: str, data: dict[str, object]) -> bytes:
 MESSAGE = (
     _sse("message_start", {"type": "message_start", "message": {"id": "msg_1", "content": []}})
     + _sse(
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    )
+    + _sse(
         "content_block_delta",
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
     )
+    + _sse("content_block_stop", {"type": "content_block_stop", "index": 0})
+    + _sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}})
     + _sse("message_stop", {"type": "message_stop"})
 )
 OVERLOADED = _sse(
@@ -312,3 +318,81 @@ async def test_a_failure_after_the_answer_that_its_client_got_fails_the_stream(
         assert got == MESSAGE + OVERLOADED, got
         assert failed is not None or stopped_by == "client_left"
         assert status is CacheStatus.MISS
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(
+    "encodings",
+    [["gzip", "identity"], ["identity", "gzip"], ["gzip"]],
+    ids=["gzip-then-identity", "identity-then-gzip", "gzip"],
+)
+async def test_a_body_encoded_under_any_of_its_content_encoding_lines_is_neither_shared_nor_stored(
+    anyio_backend: str, encodings: list[str]
+) -> None:
+    # Content-Encoding sent twice, "gzip" then "identity": read as its last line, the body
+    # was taken for plain text, and the followers got its gzip bytes with neither line: a
+    # clean 200 of bytes their SDKs could not read (helper-165). Lines of one header read as
+    # one list (RFC 9110 §5.3): encoded, it goes to the one that asked, and no further.
+    service = CacheService("memory://")
+    followed: list[tuple[CacheStatus, list[tuple[str, str]] | None]] = []
+
+    async def follow() -> None:
+        async with service.exchange(service.decide("POST", PATH, HEADERS, REQUEST)) as ex:
+            followed.append((ex.status, None if ex.answer is None else ex.answer.headers))
+
+    head = [("content-type", "text/event-stream")]
+    head += [("content-encoding", coding) for coding in encodings]
+    try:
+        with anyio.fail_after(30):  # a deadlock guard
+            async with anyio.create_task_group() as tg:
+                decision = service.decide("POST", PATH, HEADERS, REQUEST)
+                async with service.exchange(decision) as producer:
+                    tg.start_soon(follow)
+                    await anyio.wait_all_tasks_blocked()  # it follows the stream
+                    tee = await producer.tee(200, head)
+                    if tee is not None:
+                        tee.relay(b"\x1f\x8b not SSE")
+                        tee.end()
+        async with service.exchange(service.decide("POST", PATH, HEADERS, REQUEST)) as again:
+            stored = again.status
+    finally:
+        await service.aclose()
+    # The follower was let go to ask the upstream for itself (sent nothing of this one).
+    assert followed == [(CacheStatus.MISS, None)]
+    assert stored is CacheStatus.MISS
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_followers_of_a_stream_are_not_sent_the_upstreams_length(anyio_backend: str) -> None:
+    # The upstream's Content-Length counted a comment it would send after message_stop; the
+    # producer's client left at message_stop, and the followers ended there with the answer,
+    # under a length 14 bytes longer: their HTTP clients failed on it (helper-165).
+    service = CacheService("memory://")
+    followed: list[tuple[list[tuple[str, str]], bytes]] = []
+
+    async def follow() -> None:
+        async with service.exchange(
+            service.decide("POST", "/v1/messages", HEADERS, MESSAGES)
+        ) as ex:
+            assert ex.status is CacheStatus.SHARED and ex.answer is not None
+            got = b"".join([chunk async for chunk in ex.answer.chunks])
+            followed.append((ex.answer.headers, got))
+
+    length = str(len(MESSAGE + b": keep-alive\n\n"))
+    try:
+        with anyio.fail_after(30):  # a deadlock guard
+            async with anyio.create_task_group() as tg:
+                decision = service.decide("POST", "/v1/messages", HEADERS, MESSAGES)
+                async with service.exchange(decision) as producer:
+                    tg.start_soon(follow)
+                    await anyio.wait_all_tasks_blocked()  # it follows the stream
+                    tee = await producer.tee(200, [*SSE, ("content-length", length)])
+                    assert tee is not None
+                    tee.relay(MESSAGE)
+                    await tee.flush()
+                    assert not tee.client_left()  # (at message_stop: stored, followers end)
+    finally:
+        await service.aclose()
+    [(head, got)] = followed
+    assert got == MESSAGE
+    assert "content-length" not in {name.lower() for name, _ in head}

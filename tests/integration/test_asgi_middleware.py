@@ -945,6 +945,58 @@ async def test_an_app_sending_more_than_its_length_is_passed_on_as_sent_and_not_
     assert bytes(got) == b"".join(sends)  # the app again: nothing was stored
 
 
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (uvicorn)
+async def test_an_app_ending_its_body_short_of_its_length_is_a_cut_not_an_answer(
+    serve: Any, anyio_backend: str
+) -> None:
+    # A whole chat stream, [DONE] included, under a content-length 50 bytes longer. uvicorn
+    # alone fails the end and closes the connection: the client sees a cut. Behind the
+    # middleware the failed end was swallowed: the answer was stored, and the client waited
+    # for the 50 bytes until its own timeout (helper-165).
+    answer = (
+        b"".join(
+            b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            for chunk in (
+                {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+                {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+            )
+        )
+        + b"data: [DONE]\n\n"
+    )
+    calls = 0
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal calls
+        if scope["type"] != "http":
+            return
+        calls += 1
+        while (await receive()).get("more_body"):
+            pass
+        head = [
+            (b"content-type", b"text/event-stream"),
+            (b"content-length", b"%d" % (len(answer) + 50)),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": head})
+        await send({"type": "http.response.body", "body": answer})
+
+    mw = CacheMiddleware(app, "memory://")
+    request = {"model": "m", "messages": [], "stream": True}
+    async with serve(mw) as url, httpx2.AsyncClient(base_url=url, timeout=60) as client:
+        for _ in range(2):  # the second: the app again, nothing was stored
+            with anyio.fail_after(DEADLOCK_GUARD):
+                async with client.stream(
+                    "POST", "/v1/chat/completions", json=request, headers={"authorization": "k"}
+                ) as response:
+                    assert response.headers["x-sse-cache"] == "miss"
+                    got = b""
+                    with pytest.raises(httpx2.RemoteProtocolError):
+                        async for chunk in response.aiter_raw():
+                            got += chunk
+                    assert got == answer
+    await mw.aclose()
+    assert calls == 2
+
+
 @pytest.mark.parametrize("then", ["returns", "raises"])
 async def test_an_app_that_never_ends_its_declared_length_still_has_all_of_it_sent(
     then: str,
@@ -1796,6 +1848,7 @@ async def test_a_client_leaving_after_a_failure_past_the_answer_is_not_finished_
 
     pieces = [
         sse("message_start", {"type": "message_start", "message": {"id": "m1", "content": []}}),
+        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
         sse("message_stop", {"type": "message_stop"}),
         sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "x"}}),
     ]

@@ -503,7 +503,8 @@ async def test_an_upstreams_cookie_is_never_sent_with_another_callers_request(
 class RawUpstream:
     """An HTTP/1.1 upstream on a socket of its own, answering every request with ``body``
     (SSE) framed as ``framing`` says: ``close`` (no length, no chunks: the body ends as the
-    connection closes, which a cut does too), ``chunked`` or ``length``."""
+    connection closes, which a cut does too), ``chunked``, ``length``, or
+    ``chunked-and-length`` (chunked, with a ``content-length`` of 10 as well)."""
 
     body: bytes
     framing: str
@@ -535,6 +536,8 @@ class RawUpstream:
             elif self.framing == "length":
                 await sock.send(head + b"content-length: %d\r\n\r\n" % len(self.body) + self.body)
             else:
+                if self.framing == "chunked-and-length":
+                    head += b"content-length: 10\r\n"
                 chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(self.body), self.body)
                 await sock.send(head + b"transfer-encoding: chunked\r\n\r\n" + chunk)
 
@@ -589,6 +592,30 @@ async def test_a_generic_body_that_ends_as_its_connection_closes_is_not_stored(
             await app.aclose()
     assert said == ([b"miss", b"hit"] if stored else [b"miss", b"miss"])
     assert upstream.calls == (1 if stored else 2)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/other"])
+async def test_an_answer_framed_chunked_with_a_length_too_reaches_the_client_whole(
+    serve: Serve, tmp_path: Path, route: str
+) -> None:
+    import httpx2
+
+    # Chunked wins over a Content-Length (RFC 9112 §6.3), which an intermediary must remove:
+    # passed back, the client got the 200 and 0 bytes, cut at "content-length: 10", on every
+    # route (helper-165). Now the whole answer, and on a cached route it is stored.
+    upstream = RawUpstream(chat_sse("chunked and a length"), "chunked-and-length")
+    async with raw_upstream(upstream) as upstream_url:
+        app = create_proxy_app(upstream_url, f"sqlite:///{tmp_path / 'c.db'}")
+        async with serve(app) as url, httpx2.AsyncClient(base_url=url) as client:
+            said = []
+            for _ in range(2):
+                answer = await client.post(
+                    route, content=chat_body("both framings"), headers={"authorization": "k"}
+                )
+                assert answer.status_code == 200 and answer.content == upstream.body
+                said.append(answer.headers.get("x-sse-cache"))
+            await app.aclose()
+    assert said == (["miss", "hit"] if route.startswith("/v1/chat") else [None, None])
 
 
 async def test_a_request_without_a_user_agent_or_accept_goes_upstream_without_them(

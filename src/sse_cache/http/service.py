@@ -727,7 +727,13 @@ class Exchange:
             return None
         assert self._cache is not None and self._stack is not None
         headers = list(headers)
-        lowered = {k.lower(): v for k, v in headers}
+        # A header sent twice reads as its lines joined (RFC 9110 §5.3): a second
+        # Content-Encoding line of "identity" hid the first's gzip, and the followers got
+        # its bytes as text (helper-165); two Content-Types are neither SSE nor JSON.
+        lowered: dict[str, str] = {}
+        for name, value in headers:
+            name = name.lower()
+            lowered[name] = f"{lowered[name]}, {value}" if name in lowered else value
         live = self._flight
         lease = self._lead
         head = None
@@ -762,6 +768,11 @@ class Exchange:
             # cookies, request id, organisation, rate limits: another tenant's, with
             # tenant="shared"; helper-80).
             sent = [(k, v) for k, v in headers if k.lower() in _SHARED_HEAD]
+            if media == SSE_TYPE:
+                # A stream's followers may end at its answer, before the bytes the upstream
+                # announced (what it sends after the completing event is not theirs): sent
+                # under its length, they were cut short of it (helper-165). Chunked.
+                sent = [(k, v) for k, v in sent if k.lower() != "content-length"]
             head = Head(status, [*sent, *self.headers()])
             if live is not None:
                 live.respond(head)
