@@ -1063,3 +1063,93 @@ async def test_a_path_that_is_not_a_regular_file_is_said_at_once(
             )
     finally:
         await backend.aclose()
+
+
+def _point_index_at(path: Path, key: str, rowid: int) -> None:
+    """Corrupt one byte of ``path``'s key index: the cell of ``key`` leads to ``rowid``."""
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        [(own,)] = conn.execute("SELECT rowid FROM sse_cache_entries WHERE key = ?", (key,))
+    assert 1 < own < 128 and 1 < rowid < 128 and len(key) < 57  # (one-byte fields)
+    # An index cell's record: its header (its size; the key's TEXT type; a one-byte integer),
+    # the key, the rowid.
+    cell = bytes([3, 2 * len(key) + 13, 1]) + key.encode() + bytes([own])
+    data = bytearray(path.read_bytes())
+    at = data.find(cell)
+    assert at > 0 and data.find(cell, at + 1) < 0
+    data[at + len(cell) - 1] = rowid
+    path.write_bytes(bytes(data))
+
+
+async def test_a_corrupt_key_index_never_answers_one_key_with_anothers_value(
+    tmp_path: Path,
+) -> None:
+    # One byte of the key index's cell for "tenant-a:key" made it lead to the row of
+    # "tenant-b:key": a whole entry, its checksum sound, so tenant B's answer was tenant A's
+    # hit (helper-164). The row's own key is read with it now: the read fails (a miss, the
+    # engine fails open), and so do a write and a delete by that key, which would change the
+    # other's row. The other key is read as it was.
+    path = tmp_path / "c.db"
+    backend = from_url(f"sqlite:///{path}")
+    await backend.set("first", b"(rowid 1, its cell's integer stored in no byte)", ttl=None)
+    await backend.set("tenant-a:key", b"A's answer", ttl=None)
+    await backend.set("tenant-b:key", b"B's answer", ttl=None)
+    await backend.aclose()
+    with closing(sqlite3.connect(path)) as conn:
+        [(b_row,)] = conn.execute("SELECT rowid FROM sse_cache_entries WHERE key = 'tenant-b:key'")
+    _point_index_at(path, "tenant-a:key", b_row)
+    backend = from_url(f"sqlite:///{path}")
+    try:
+        with pytest.raises(BackendError, match="key index is corrupt.*REINDEX"):
+            await backend.get("tenant-a:key")
+        with pytest.raises(BackendError, match="key index is corrupt"):
+            await backend.set("tenant-a:key", b"A's answer again", ttl=None)
+        with pytest.raises(BackendError, match="key index is corrupt"):
+            await backend.delete("tenant-a:key")
+        assert await backend.get("tenant-b:key") == b"B's answer"
+    finally:
+        await backend.aclose()
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("REINDEX sse_cache_entries")  # as the error says: each key its own again
+        conn.commit()
+    backend = from_url(f"sqlite:///{path}")
+    try:
+        assert await backend.get("tenant-a:key") == b"A's answer"
+        assert await backend.get("tenant-b:key") == b"B's answer"
+    finally:
+        await backend.aclose()
+
+
+async def test_a_file_on_a_read_only_mount_says_to_open_it_read_only(tmp_path: Path) -> None:
+    # A read-only mount: SQLite says SQLITE_CANTOPEN ("unable to open database file"), not
+    # SQLITE_READONLY, and the error said nothing more; every request was a miss, the way
+    # out (?readonly=true) unsaid (helper-164). A real bind mount, read-only.
+    cannot = pytest.fail if in_ci() else pytest.skip
+    source, mounted = tmp_path / "source", tmp_path / "mounted"
+    source.mkdir()
+    mounted.mkdir()
+    writer = from_url(f"sqlite:///{source / 'c.db'}")
+    await writer.set("k", b"kept", ttl=None)
+    await writer.aclose()
+    if shutil.which("mount") is None:
+        cannot("no mount command: cannot make a read-only mount")
+    done = await anyio.run_process(["mount", "--bind", str(source), str(mounted)], check=False)
+    if done.returncode != 0:
+        cannot(f"mount --bind: {done.stderr.decode().strip()}")
+    try:
+        await anyio.run_process(["mount", "-o", "remount,bind,ro", str(mounted)])
+        backend = from_url(f"sqlite:///{mounted / 'c.db'}")
+        try:
+            with pytest.raises(
+                BackendUnavailable, match=r"read-only mount\? open it with \?readonly=true"
+            ):
+                await backend.get("k")
+        finally:
+            await backend.aclose()
+        reader = from_url(f"sqlite:///{mounted / 'c.db'}?readonly=true")
+        try:
+            assert await reader.get("k") == b"kept"
+        finally:
+            await reader.aclose()
+    finally:
+        await anyio.run_process(["umount", str(mounted)])

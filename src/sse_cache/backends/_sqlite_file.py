@@ -286,7 +286,18 @@ class DatabaseFile:
                     "holds without storing"
                 ) from exc
             if isinstance(exc, sqlite3.OperationalError) and "unable to open" in str(exc):
-                raise BackendUnavailable(f"cannot open SQLite file {self.path!r}: {exc}") from exc
+                hint = ""
+                folder = os.path.dirname(os.path.abspath(self.path))
+                if os.path.exists(self.path) and not os.access(folder, os.W_OK):
+                    # (A read-only mount says SQLITE_CANTOPEN, not SQLITE_READONLY: the
+                    # -wal and -shm files cannot be made beside it; helper-164.)
+                    hint = (
+                        f" (its directory {folder!r} cannot be written: a read-only mount? "
+                        "open it with ?readonly=true to serve what it holds without storing)"
+                    )
+                raise BackendUnavailable(
+                    f"cannot open SQLite file {self.path!r}: {exc}{hint}"
+                ) from exc
             raise BackendError(f"SQLite database {self.path!r}: {exc}") from exc
         except OSError as exc:
             raise BackendUnavailable(f"SQLite file {self.path!r}: {exc}") from exc

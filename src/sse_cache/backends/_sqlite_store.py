@@ -55,7 +55,18 @@ CREATE TRIGGER IF NOT EXISTS sse_cache_count_update AFTER UPDATE OF size ON {_TA
 END;
 PRAGMA user_version = {SCHEMA_VERSION};
 """
-_GET: Final = f"SELECT value, expires_at FROM {_TABLE} WHERE key = ?"
+# A row is found by its key through the key's index, then read by its rowid: its own key
+# with it, from the row, not the index (SQLite answers a column the index holds from the
+# index). A corrupt index (one byte of a cell's rowid) pointed one key at another key's row,
+# whose entry is whole: its checksum passed, and another tenant's answer was a hit
+# (helper-164). Checked on every read, write and delete.
+_GET: Final = (
+    f"SELECT key, value, expires_at FROM {_TABLE} "
+    f"WHERE rowid = (SELECT rowid FROM {_TABLE} WHERE key = ?)"
+)
+_KEY_OF_ROW: Final = (
+    f"SELECT key FROM {_TABLE} WHERE rowid = (SELECT rowid FROM {_TABLE} WHERE key = ?)"
+)
 _UPSERT: Final = f"""
 INSERT INTO {_TABLE} (key, size, created_at, accessed_at, expires_at, value)
 VALUES (?1, ?2, ?3, ?3, ?4, ?5)
@@ -187,6 +198,23 @@ def _statements(script: str) -> list[str]:
     return [s for s in out if s]
 
 
+def _check_index(conn: sqlite3.Connection, key: str) -> None:
+    # Before a write or a delete by ``key``: the row its index leads to is its own (else the
+    # write would go to another key's row, a corrupt entry's delete delete another's).
+    row = conn.execute(_KEY_OF_ROW, (key,)).fetchone()
+    if row is not None and row[0] != key:
+        raise _corrupt_index(key, row[0])
+
+
+def _corrupt_index(key: str, found: object) -> BackendError:
+    return BackendError(
+        f"the file's key index is corrupt: {key!r} leads to the row of {found!r} "
+        "(nothing read, written or deleted by that key); rebuild it with "
+        "`sqlite3 FILE 'REINDEX sse_cache_entries'` (check it with 'PRAGMA integrity_check'), "
+        "or delete the file and its -wal and -shm"
+    )
+
+
 class AccessTimes:
     """When keys were last read, kept in memory until the next write transaction records
     them: reads stay read-only in SQLite, and the LRU order is approximate. Thread-safe (the
@@ -238,7 +266,9 @@ class EntryTable:
         row = conn.execute(_GET, (key,)).fetchone()
         if row is None:
             return None
-        value, deadline = row
+        found, value, deadline = row
+        if found != key:
+            raise _corrupt_index(key, found)
         # SQLite columns take any type; our rows hold a BLOB and a REAL or NULL.
         if not isinstance(value, bytes) or not isinstance(deadline, (float, int, type(None))):
             raise CorruptEntry(
@@ -260,6 +290,7 @@ class EntryTable:
         too_large = self.max_bytes is not None and len(value) > self.max_bytes
 
         def body() -> None:
+            _check_index(conn, key)
             if too_large or (deadline is not None and deadline <= now):
                 # Non-positive TTL (expired already) or a value over the whole budget: the
                 # old value must not outlive this set either.
@@ -298,7 +329,11 @@ class EntryTable:
                     return
 
     def delete(self, conn: sqlite3.Connection, key: str) -> None:
-        self.transaction(conn, lambda: conn.execute(_DELETE, (key,)))
+        def body() -> None:
+            _check_index(conn, key)
+            conn.execute(_DELETE, (key,))
+
+        self.transaction(conn, body)
 
     def flush(self, conn: sqlite3.Connection) -> None:
         """Record the pending access times (an otherwise empty write transaction)."""
