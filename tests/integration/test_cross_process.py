@@ -1048,12 +1048,20 @@ async def test_an_error_after_message_stop_reaches_the_followers_in_another_proc
     answer = (
         _anthropic_event("message_start", {"type": "message_start", "message": message})
         + _anthropic_event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}},
+        )
+        + _anthropic_event(
             "content_block_delta",
             {
                 "type": "content_block_delta",
                 "index": 0,
                 "delta": {"type": "text_delta", "text": "hi"},
             },
+        )
+        + _anthropic_event("content_block_stop", {"type": "content_block_stop", "index": 0})
+        + _anthropic_event(
+            "message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
         )
         + _anthropic_event("message_stop", {"type": "message_stop"})
     )
