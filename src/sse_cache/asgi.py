@@ -511,7 +511,8 @@ class _Request:
             # hold (helper-140: a slot was taken to run it out for nothing).
             return False
         window = tee.resume_window if resumable else None
-        if window is None and tee.followed and tee.client_left(self._abandon):
+        keep = self._finish_in_background  # (asked when the last follower leaves)
+        if window is None and tee.followed and tee.client_left(self._abandon, keep=keep):
             self.detached = True  # for as long as followers read
             return True
         if self._finish_in_background():
@@ -532,7 +533,7 @@ class _Request:
             self.hold_scope = anyio.CancelScope()
             self.tasks.start_soon(self._hold, tee, self.hold_scope)
             return True
-        if tee.client_left(self._abandon):
+        if tee.client_left(self._abandon, keep=keep):
             self.detached = True  # for as long as followers read
             return True
         return False
@@ -602,9 +603,9 @@ class _Request:
         return True
 
     async def _abandon(self) -> None:
-        # The last follower left before the end (the producer's client had left already):
-        # finish the stream in the background, as for a client that leaves alone (no one can
-        # join it any more: the flight is over), or stop the app (and its upstream call).
+        # The last follower left before the end (the producer's client had left already),
+        # and the stream is not finished in the background (the flight asked that first:
+        # ``keep``), or its flight failed: stop the app (and its upstream call).
         if self._finish_in_background():
             return
         self._stop_app()

@@ -334,6 +334,7 @@ class LiveFlight(Generic[T]):
         "held",
         "isolated",
         "judge",
+        "keep",
         "producer_cursor",
         "production",
         "pulling",
@@ -351,6 +352,11 @@ class LiveFlight(Generic[T]):
         self._done: anyio.Event | None = None  # (see wait_done)
         self.source: Callable[[], Awaitable[bool]] | None = None
         self.abandon: Callable[[], Awaitable[None]] | None = None
+        #: Asked once when the last reader leaves before the end, its upstream not handed
+        #: over: True when its integration reads it on to the end itself (a background
+        #: completion): the flight goes on as if its producer read it — new identical
+        #: requests and resumes join it — instead of being abandoned.
+        self.keep: Callable[[], bool] | None = None
         self.pulling = False
         self.isolated = False  # (see hand_over)
         self._pull_task: asyncio.Task[None] | None = None  # (see pull)
@@ -699,6 +705,13 @@ class LiveFlight(Generic[T]):
             # Whole, and being settled by whoever made it so (a pull storing the answer):
             # the last reader leaving — with the whole answer, as the SDKs leave at chat's
             # [DONE] — does not stop the store (it was cut, and nothing was stored).
+            return
+        keep, self.keep = self.keep, None
+        if keep is not None and self.source is None and flight.phase is not Phase.FAILED and keep():
+            # Read on to its end all the same (helper-166: abandoned here, the stream
+            # finished for the cache could be neither joined nor resumed meanwhile; when
+            # its producer's client had left alone, it could).
+            flight.producer_reading = True
             return
         # The last reader left before the end (or after a failure): abandon the upstream.
         self.fail(reason)

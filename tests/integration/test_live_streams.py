@@ -550,6 +550,73 @@ async def test_finish_on_disconnect_fills_the_cache_when_every_reader_of_a_strea
     assert upstream_app.stats()["requests"]["POST /v1/responses"] == 2  # ours, and direct()
 
 
+@pytest.mark.parametrize("way", ["proxy", "middleware"])
+async def test_a_stream_finished_in_the_background_after_its_followers_left_can_be_joined(
+    serve: Any, way: str
+) -> None:
+    # The producer's client leaves while another follows; the follower leaves too: the
+    # stream is finished in the background for the cache (finish_on_disconnect). Meanwhile
+    # an identical request joins it and gets the whole answer, and a resume of its response
+    # by id reads it from the cache: one upstream call in all. (The last follower leaving
+    # abandoned the flight first, and both went to the upstream, helper-166; when the
+    # producer's client had left alone, they joined.)
+    import json
+
+    from flights_seen import FlightsSeen
+    from sse_cache.testing import responses_stream
+
+    events = responses_stream("finished in the background", text_deltas=6)
+    gated = GatedUpstream(events, hold_after=2)
+    seen = FlightsSeen()
+    payload = body(f"finished in the background ({way})")
+    async with AsyncExitStack() as stack:
+        upstream = await stack.enter_async_context(serve(gated))
+        app: Any = (
+            create_proxy_app(upstream, "memory://", finish_on_disconnect=True, hooks=[seen])
+            if way == "proxy"
+            else CacheMiddleware(gated, "memory://", finish_on_disconnect=True, hooks=[seen])
+        )
+        stack.push_async_callback(app.aclose)
+        base = await stack.enter_async_context(serve(app))
+        client = await stack.enter_async_context(
+            httpx2.AsyncClient(base_url=base, timeout=30, headers=KEY)
+        )
+        request = client.build_request("POST", "/v1/responses", json=payload)
+        with anyio.fail_after(30):  # a deadlock guard
+            producer = await client.send(request, stream=True)
+            follower = await client.send(request, stream=True)
+            assert [producer.headers["x-sse-cache"], follower.headers["x-sse-cache"]] == [
+                "miss",
+                "shared",
+            ]
+            first = await producer.aiter_raw().__anext__()
+            await producer.aclose()
+            while not seen.taken_over():  # noqa: ASYNC110 - the producer's client left
+                await anyio.sleep(0.01)
+            await follower.aiter_raw().__anext__()
+            await follower.aclose()
+            while seen.followers():  # noqa: ASYNC110 - the follower left too
+                await anyio.sleep(0.01)
+            async with anyio.create_task_group() as tg:
+                answers: list[httpx2.Response] = []
+
+                async def ask() -> None:
+                    answers.append(await client.post("/v1/responses", json=payload))
+
+                tg.start_soon(ask)
+                while not seen.followers():  # noqa: ASYNC110 - it joined the live stream
+                    await anyio.sleep(0.01)
+                gated.gate.set()
+        response_id = json.loads(first.split(b"data: ", 1)[1].split(b"\n", 1)[0])["response"]["id"]
+        resumed = await client.get(
+            f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": "1"}
+        )
+    [again] = answers
+    assert again.headers["x-sse-cache"] == "shared" and again.content == gated.body
+    assert resumed.status_code == 200 and resumed.headers["x-sse-cache"] == "hit"
+    assert gated.calls == 1
+
+
 async def test_followers_outlive_a_background_completion_deadline(serve: Any) -> None:
     # finish_on_disconnect bounds how long a stream nobody reads is finished for the cache;
     # a stream that followers read is not cut by that bound.

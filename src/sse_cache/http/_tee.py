@@ -327,7 +327,11 @@ class ResponseTee:
             self._flight.fail(reason)
 
     def client_left(
-        self, abandon: Callable[[], Awaitable[None]] | None = None, *, hold: bool = False
+        self,
+        abandon: Callable[[], Awaitable[None]] | None = None,
+        *,
+        hold: bool = False,
+        keep: Callable[[], bool] | None = None,
     ) -> bool:
         """The producer's client went away before the body ended. True when followers still
         read: then the integration must keep reading the upstream for them (and call
@@ -338,7 +342,10 @@ class ResponseTee:
         of the body); anything else is an early close, and nothing is stored.
 
         ``hold``: keep the stream going with no one reading it (a resume window; the
-        integration calls :meth:`release` when the window is over).
+        integration calls :meth:`release` when the window is over). ``keep``: asked when
+        the last follower leaves before the end, instead of ``abandon``: True when the
+        integration reads the stream on to its end itself (a background completion), which
+        new identical requests then join (see :attr:`~sse_cache.flight.LiveFlight.keep`).
 
         Once what was recorded holds the completing event (the client stopped there, or the
         openai SDK drains a chat body after ``[DONE]`` by cancelling its read), the answer
@@ -357,6 +364,7 @@ class ResponseTee:
             # it reads its upstream to the end for them, and the answer is stored).
             if abandon is not None and self._lease is None:
                 flight.abandon = abandon
+                flight.keep = keep
             return True
         if self._completable is not None:
             self._finish_recording(cut=True)  # the recorder judges: without the event, not stored
