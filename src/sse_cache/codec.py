@@ -363,7 +363,12 @@ class MsgpackCodec:
         if not hmac.compare_digest(_digest(tag, payload, self._key), found) and not any(
             hmac.compare_digest(_digest(tag, payload, key), found) for key in self._keys[1:]
         ):
-            raise CorruptEntry("entry checksum mismatch (altered, truncated or foreign bytes)")
+            # (Or a secret this codec does not know: processes with different secrets on one
+            # backend delete each other's entries, and an operator changing it reads this.)
+            raise CorruptEntry(
+                "entry checksum mismatch (altered, truncated or foreign bytes, or written "
+                "with a secret not given here: see accepted_secrets)"
+            )
         try:
             parts = _parts_decoder.decode(payload)
         except msgspec.DecodeError as exc:
