@@ -20,6 +20,9 @@ from .errors import (
     BackendBusy as BackendBusy,
 )
 from .errors import (
+    BackendCorrupt as BackendCorrupt,
+)
+from .errors import (
     BackendError as BackendError,
 )
 from .errors import (
@@ -82,6 +85,7 @@ __all__ = [
     "Backend",
     "BackendBusy",
     "BackendFull",
+    "BackendCorrupt",
     "BackendReadOnly",
     "BackendError",
     "BackendTimeout",

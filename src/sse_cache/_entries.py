@@ -27,6 +27,7 @@ from .codec import WireEntry
 from .entry import Entry
 from .errors import (
     BackendBusy,
+    BackendCorrupt,
     BackendFull,
     BackendReadOnly,
     CorruptEntry,
@@ -165,7 +166,7 @@ class EntryStore:
         except _Skipped:
             self._notify(Notice(kind="store_skipped", key=key, detail="backend circuit open"))
             return _SKIPPED
-        except (ValueTooLarge, BackendFull, BackendReadOnly) as exc:
+        except (ValueTooLarge, BackendFull, BackendReadOnly, BackendCorrupt) as exc:
             why = f"the backend refused it: {exc}"
             self._warn("not_stored", key, why)
             return why
@@ -292,10 +293,11 @@ class EntryStore:
             breaker.cancelled()
             self._timed(operation, time.monotonic() - started)
             raise
-        except (CorruptEntry, ValueTooLarge, BackendFull, BackendReadOnly):
+        except (CorruptEntry, ValueTooLarge, BackendFull, BackendReadOnly, BackendCorrupt):
             # The backend answered: what it holds under the key is not ours (a value of
             # another type, written by another program), or it refused a value over its
-            # size limit, or because it is full, or read-only to this process. Counted as
+            # size limit, or because it is full, or read-only to this process, or its index
+            # leads the key elsewhere (helper-167: a corrupt key index). Counted as
             # failures, a few lookups of one such key, or a burst of large answers or of
             # stores to a full or read-only backend, would turn the whole cache off, its
             # reads too (helper-72: five at once did; helper-94: a Redis at its maxmemory

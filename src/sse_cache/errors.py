@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendBusy",
+    "BackendCorrupt",
     "BackendError",
     "BackendTimeout",
     "BackendFull",
@@ -73,6 +74,14 @@ class BackendReadOnly(BackendError):
     :class:`BackendFull`, the breaker does not count this as a failure (else every stored
     answer went upstream for the breaker's cooldown); the answer is not stored, and the
     warning says why."""
+
+
+class BackendCorrupt(BackendError):
+    """The backend's own structure is damaged where a key is found: an SQLite file whose key
+    index leads the key to another key's row. Nothing is read, written or deleted by that
+    key (a whole entry of another key would pass its checksum, and answer for it); the
+    message says how to repair it. The rest of the backend answers: the breaker does not
+    count this as a failure (one damaged key asked again would turn the whole cache off)."""
 
 
 class BackendUnavailable(BackendError, ConnectionError):

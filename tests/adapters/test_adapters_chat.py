@@ -388,7 +388,9 @@ def test_no_annotations_are_an_empty_list_in_a_body_and_absent_from_a_stream():
     assert json.loads(events[0].data)["choices"][0]["delta"]["annotations"] == cited
 
 
-@pytest.mark.parametrize("reason", ["error", "abort", "cancelled", "Error"])
+@pytest.mark.parametrize(
+    "reason", ["error", "abort", "cancelled", "Error", "insufficient_system_resource"]
+)
 @pytest.mark.parametrize("store_blocked", [False, True])
 def test_a_generation_that_failed_midway_is_never_stored(reason, store_blocked):
     # Mistral ends a generation that failed midway with finish_reason "error", vLLM an

@@ -26,7 +26,7 @@ from sse_cache import Event, StreamCache
 from sse_cache.adapters import GenericSSE
 from sse_cache.backends import _sqlite_file as sqlite_file_module
 from sse_cache.backends.sqlite import SQLiteBackend, from_url
-from sse_cache.errors import BackendError, BackendUnavailable, ConfigError
+from sse_cache.errors import BackendCorrupt, BackendError, BackendUnavailable, ConfigError
 
 pytestmark = pytest.mark.anyio
 
@@ -1100,11 +1100,11 @@ async def test_a_corrupt_key_index_never_answers_one_key_with_anothers_value(
     _point_index_at(path, "tenant-a:key", b_row)
     backend = from_url(f"sqlite:///{path}")
     try:
-        with pytest.raises(BackendError, match="key index is corrupt.*REINDEX"):
+        with pytest.raises(BackendCorrupt, match="key index is corrupt.*REINDEX"):
             await backend.get("tenant-a:key")
-        with pytest.raises(BackendError, match="key index is corrupt"):
+        with pytest.raises(BackendCorrupt, match="key index is corrupt"):
             await backend.set("tenant-a:key", b"A's answer again", ttl=None)
-        with pytest.raises(BackendError, match="key index is corrupt"):
+        with pytest.raises(BackendCorrupt, match="key index is corrupt"):
             await backend.delete("tenant-a:key")
         assert await backend.get("tenant-b:key") == b"B's answer"
     finally:
@@ -1153,3 +1153,27 @@ async def test_a_file_on_a_read_only_mount_says_to_open_it_read_only(tmp_path: P
             await reader.aclose()
     finally:
         await anyio.run_process(["umount", str(mounted)])
+
+
+async def test_a_corrupt_key_index_does_not_turn_the_whole_cache_off(tmp_path: Path) -> None:
+    # Each lookup of the one damaged key failed the backend for the breaker: five of them
+    # opened it, and every other key was skipped (misses) for its cooldown, again each time
+    # that key was asked for (helper-167). The backend answered: the rest of it reads.
+    from sse_cache.adapters import OpenAIChat
+
+    path = tmp_path / "c.db"
+    backend = from_url(f"sqlite:///{path}")
+    await backend.set("first", b"(rowid 1, its cell's integer stored in no byte)", ttl=None)
+    await backend.set("tenant-a:key", b"A's answer", ttl=None)
+    await backend.set("tenant-b:key", b"B's answer", ttl=None)
+    await backend.aclose()
+    with closing(sqlite3.connect(path)) as conn:
+        [(b_row,)] = conn.execute("SELECT rowid FROM sse_cache_entries WHERE key = 'tenant-b:key'")
+    _point_index_at(path, "tenant-a:key", b_row)
+    cache = StreamCache(f"sqlite:///{path}", OpenAIChat())
+    try:
+        for _ in range(8):
+            assert await cache.lookup("tenant-a:key") is None
+        assert cache.breaker.state == "closed"
+    finally:
+        await cache.aclose()

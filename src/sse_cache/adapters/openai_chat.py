@@ -48,9 +48,20 @@ _STREAMED_WITHOUT_USAGE: Final = "streamed without usage"
 _DONE: Final = "[DONE]"
 #: Finish reasons (compared in lower case) of a generation that failed or was stopped
 #: midway by the server, which some OpenAI-compatible servers send before their ``[DONE]``:
-#: Mistral's ``error``, vLLM's ``abort``. Never stored.
+#: Mistral's ``error``, vLLM's ``abort``, DeepSeek's ``insufficient_system_resource``.
+#: Never stored.
 FAILED_FINISH_REASONS: Final = frozenset(
-    {"error", "abort", "aborted", "cancelled", "canceled", "failed", "interrupted", "timeout"}
+    {
+        "error",
+        "abort",
+        "aborted",
+        "cancelled",
+        "canceled",
+        "failed",
+        "interrupted",
+        "timeout",
+        "insufficient_system_resource",
+    }
 )
 _CHUNK: Final = "chat.completion.chunk"
 

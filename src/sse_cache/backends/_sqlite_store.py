@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Final
 
-from ..errors import BackendError, CorruptEntry, ValueTooLarge
+from ..errors import BackendCorrupt, BackendError, CorruptEntry, ValueTooLarge
 from ._common import expires_at
 
 __all__ = ["SCHEMA_VERSION", "AccessTimes", "EntryTable", "initialise"]
@@ -75,9 +75,11 @@ ON CONFLICT (key) DO UPDATE SET size = ?2, created_at = ?3, accessed_at = ?3,
 """
 _DELETE: Final = f"DELETE FROM {_TABLE} WHERE key = ?"
 _TOUCH: Final = f"UPDATE {_TABLE} SET accessed_at = ?2 WHERE key = ?1 AND accessed_at < ?2"
+# (By rowid, as eviction: not through the key index, which a damaged file may have lead
+# one key to another's row; helper-167.)
 _PURGE: Final = f"""
-DELETE FROM {_TABLE} WHERE key IN (
-    SELECT key FROM {_TABLE} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)
+DELETE FROM {_TABLE} WHERE rowid IN (
+    SELECT rowid FROM {_TABLE} WHERE expires_at <= ? ORDER BY expires_at LIMIT ?)
 """
 # Victims by rowid: their key text is never read, nor bound again (a key that is not UTF-8,
 # another program's, came back as a str with lone surrogates, which no statement can bind).
@@ -206,8 +208,8 @@ def _check_index(conn: sqlite3.Connection, key: str) -> None:
         raise _corrupt_index(key, row[0])
 
 
-def _corrupt_index(key: str, found: object) -> BackendError:
-    return BackendError(
+def _corrupt_index(key: str, found: object) -> BackendCorrupt:
+    return BackendCorrupt(
         f"the file's key index is corrupt: {key!r} leads to the row of {found!r} "
         "(nothing read, written or deleted by that key); rebuild it with "
         "`sqlite3 FILE 'REINDEX sse_cache_entries'` (check it with 'PRAGMA integrity_check'), "
