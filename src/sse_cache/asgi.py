@@ -525,7 +525,7 @@ class _Request:
             # max_background at once, with the background completions: each holds an
             # upstream call and up to two copies of max_entry_bytes (helper-83: 20 clients
             # leaving at once passed 1.5 GB). Past that, as without a window.
-            if not tee.client_left(self._abandon, hold=True):
+            if not tee.client_left(self._abandon, hold=True, keep=keep):
                 self.mw.slots.give()
                 return False
             self.holding = True  # (its slot is given back when the app is done: _produce)
@@ -553,7 +553,10 @@ class _Request:
         ex = self.exchange
         if ex is None or self.tasks is None or self.app_done:
             return False
-        if ex.read_on_for_others(self._abandon) or (ex.may_store and self._finish_in_background()):
+        keep = self._finish_in_background  # (asked when the last follower leaves)
+        if ex.read_on_for_others(self._abandon, keep) or (
+            ex.may_store and self._finish_in_background()
+        ):
             self.detached = True
             self.left_before_head = True
             return True
@@ -604,10 +607,9 @@ class _Request:
 
     async def _abandon(self) -> None:
         # The last follower left before the end (the producer's client had left already),
-        # and the stream is not finished in the background (the flight asked that first:
-        # ``keep``), or its flight failed: stop the app (and its upstream call).
-        if self._finish_in_background():
-            return
+        # and the stream is not finished in the background: the flight asked that first
+        # (``keep``), unless it had failed — then there is nothing to finish. Stop the app
+        # (and its upstream call).
         self._stop_app()
 
     def _stop_app(self) -> None:

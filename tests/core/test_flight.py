@@ -71,6 +71,8 @@ class Flow:
         self.readers: list[Reader] = []
         self.settling = False
         self.abandoned = 0
+        # What its LiveFlight.keep answers once asked (None: none was given, or asked).
+        self.kept: bool | None = None
 
     @property
     def upstream_open(self) -> bool:
@@ -159,11 +161,19 @@ class FlightMachine(RuleBasedStateMachine):
         # leave a flight that is not done fails it (its upstream is abandoned) — unless the
         # stream is whole, which whoever made it so ends (helper-152).
         flow = reader.flow
+        abandoned = flow.abandoned
         anyio.run(flow.live.leave, reader.cursor)
         reader.attached = False
         if not flow.producer_reading and not flow.attached and flow.phase not in DONE:
             if flow.settling:
                 return  # whole: its settler ends it (release_followers)
+            kept, flow.kept = flow.kept, None
+            if kept and not flow.source:
+                # Read on by its integration (helper-166): joinable, as if its producer
+                # read it, and nothing abandoned.
+                flow.producer_reading = True
+                assert flow.live.flight.producer_reading and flow.abandoned == abandoned
+                return
             self._failed(flow)
 
     # -- requests ---------------------------------------------------------------------------
@@ -285,6 +295,20 @@ class FlightMachine(RuleBasedStateMachine):
             flow.producer_reading = False
             if not keep_reading and flow.phase not in DONE:
                 self._failed(flow)
+            elif keep_reading:
+                # The integration may read it on itself once its last follower leaves (a
+                # background completion: LiveFlight.keep), or not, or not be asked.
+                kept = data.draw(st.sampled_from([None, True, False]), label="keep")
+                if kept is not None:
+                    asked: list[bool] = []
+
+                    def keep() -> bool:
+                        assert not asked, "keep was asked twice"
+                        asked.append(True)
+                        return kept
+
+                    flow.live.keep = keep
+                    flow.kept = kept
         elif how == "the exchange closed":
             flow.live.close()
             self._failed(flow)  # not done: it failed; done: it is offered no more
@@ -689,6 +713,52 @@ async def test_wait_head_is_none_when_the_flight_fails_before_its_head() -> None
     assert heads == [None]
     again, none = flights.claim(KEY)  # the follower may ask the upstream itself
     assert none is None and again is not live
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kept", [True, False])
+async def test_the_last_follower_leaving_asks_keep_before_the_flight_is_abandoned(
+    kept: bool,
+) -> None:
+    # The producer's client left, then its last follower leaves before the end. ``keep``
+    # is asked first, once: True (its integration finishes the stream in the background),
+    # and the flight goes on, joined by the next identical request; False, and it fails and
+    # its upstream is abandoned (helper-166: it was abandoned either way).
+    flights, live, [cursor] = produce(1)
+    live.respond(HEAD)
+    live.deliver(b"part")
+    asked: list[str] = []
+    abandoned: list[str] = []
+
+    def keep() -> bool:
+        asked.append("keep")
+        return kept
+
+    async def abandon() -> None:
+        abandoned.append("abandon")
+
+    assert live.producer_left() is True
+    live.abandon, live.keep = abandon, keep
+    await live.leave(cursor)
+    assert asked == ["keep"]
+    if kept:
+        assert abandoned == [] and live.flight.phase is Phase.STREAMING
+        same, gone = flights.claim(KEY)  # an identical request joins it, and leaves:
+        assert same is live and gone is not None
+        await live.leave(gone)
+        # ... read on all the same (its integration reads it), for the next one
+        assert live.flight.wanted and abandoned == [] and asked == ["keep"]
+        same, joined = flights.claim(KEY)
+        assert same is live and joined is not None
+        live.deliver(b" and the rest")
+        live.end()
+        received = bytearray()
+        await read_all(live, joined, received)
+        assert bytes(received) == b"part and the rest"
+    else:
+        assert abandoned == ["abandon"] and live.flight.phase is Phase.FAILED
+        again, none = flights.claim(KEY)
+        assert again is not live and none is None
 
 
 @pytest.mark.anyio

@@ -617,6 +617,78 @@ async def test_a_stream_finished_in_the_background_after_its_followers_left_can_
     assert gated.calls == 1
 
 
+async def test_a_stream_finished_in_the_background_after_all_left_before_its_head_can_be_joined(
+    serve: Any,
+) -> None:
+    # As above, before the upstream's head (when clients time out and herds gather): the
+    # producer's client leaves while a follower waits, the follower leaves too, and the app
+    # finishes the stream for the cache. An identical request joins it: one upstream call.
+    # (The flight was abandoned first, and it went to the upstream again; helper-168.)
+    from flights_seen import FlightsSeen
+    from sse_cache.testing import responses_stream
+
+    gated = GatedUpstream(responses_stream("all left before the head", text_deltas=4))
+    head = anyio.Event()
+
+    async def slow_head(scope: Any, receive: Any, send: Any) -> None:
+        # Waits for its upstream's head as the proxy's forwarder does, watching its client:
+        # told it left, it stops.
+        async def send_after_head(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                told = []
+                async with anyio.create_task_group() as tg:
+
+                    async def watch() -> None:
+                        told.append((await receive())["type"])
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(watch)
+                    await head.wait()
+                    tg.cancel_scope.cancel()
+                if told:
+                    raise OSError(f"told {told[0]}: stopped")
+            await send(message)
+
+        await gated(scope, receive, send_after_head)
+
+    seen = FlightsSeen()
+    payload = body("all left before the head")
+    app = CacheMiddleware(slow_head, "memory://", finish_on_disconnect=True, hooks=[seen])
+    async with (
+        serve(app) as base,
+        httpx2.AsyncClient(base_url=base, timeout=30, headers=KEY) as client,
+    ):
+        with anyio.fail_after(30):  # a deadlock guard
+            async with anyio.create_task_group() as tg:
+
+                async def ask() -> None:
+                    await client.post("/v1/responses", json=payload)
+
+                tg.start_soon(ask)
+                while not seen.live():  # noqa: ASYNC110 - the producer's flight
+                    await anyio.sleep(0.01)
+                tg.start_soon(ask)
+                while not seen.followers():  # noqa: ASYNC110 - the follower joined
+                    await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()  # both clients leave before the head
+            while seen.followers() or not app.slots.taken:  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # (the follower left; the app finishes the stream)
+            answers: list[httpx2.Response] = []
+            async with anyio.create_task_group() as tg:
+
+                async def again() -> None:
+                    answers.append(await client.post("/v1/responses", json=payload))
+
+                tg.start_soon(again)
+                while not seen.followers():  # noqa: ASYNC110 - it joined the live stream
+                    await anyio.sleep(0.01)
+                head.set()
+    await app.aclose()
+    [answer] = answers
+    assert answer.headers["x-sse-cache"] == "shared" and answer.content == gated.body
+    assert gated.calls == 1
+
+
 async def test_followers_outlive_a_background_completion_deadline(serve: Any) -> None:
     # finish_on_disconnect bounds how long a stream nobody reads is finished for the cache;
     # a stream that followers read is not cut by that bound.

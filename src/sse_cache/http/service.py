@@ -432,12 +432,15 @@ class Exchange:
             and decision.last_event_id is None
         )
 
-    def read_on_for_others(self, abandon: Callable[[], Awaitable[None]]) -> bool:
+    def read_on_for_others(
+        self, abandon: Callable[[], Awaitable[None]], keep: Callable[[], bool] | None = None
+    ) -> bool:
         """Before the upstream's head came, the client left. True when others read this
-        request's live stream, or may: followers here — then ``abandon`` is called if the
-        last of them leaves before its end — or in other processes (it leads a cross-process
-        flight, whose followers cannot be counted). False, with nothing changed, otherwise
-        (see :meth:`let_go`)."""
+        request's live stream, or may: followers here — then, if the last of them leaves
+        before its end, ``keep`` is asked whether the integration reads it on itself (see
+        :attr:`~sse_cache.flight.LiveFlight.keep`), else ``abandon`` is called — or in other
+        processes (it leads a cross-process flight, whose followers cannot be counted).
+        False, with nothing changed, otherwise (see :meth:`let_go`)."""
         if self._lead is not None:
             return True
         live = self._flight
@@ -445,6 +448,7 @@ class Exchange:
             return False
         live.producer_left()  # (followers read: it goes on for them)
         live.abandon = abandon
+        live.keep = keep
         return True
 
     def let_go(self, reason: str) -> None:
