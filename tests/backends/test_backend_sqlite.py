@@ -1065,6 +1065,20 @@ async def test_a_path_that_is_not_a_regular_file_is_said_at_once(
         await backend.aclose()
 
 
+async def _a_key_led_to_anothers_row(path: Path) -> Path:
+    """A cache file at ``path`` whose key index leads "tenant-a:key" to the row of
+    "tenant-b:key" (answers "A's answer" and "B's answer")."""
+    backend = from_url(f"sqlite:///{path}")
+    await backend.set("first", b"(rowid 1, its cell's integer stored in no byte)", ttl=None)
+    await backend.set("tenant-a:key", b"A's answer", ttl=None)
+    await backend.set("tenant-b:key", b"B's answer", ttl=None)
+    await backend.aclose()
+    with closing(sqlite3.connect(path)) as conn:
+        [(b_row,)] = conn.execute("SELECT rowid FROM sse_cache_entries WHERE key = 'tenant-b:key'")
+    _point_index_at(path, "tenant-a:key", b_row)
+    return path
+
+
 def _point_index_at(path: Path, key: str, rowid: int) -> None:
     """Corrupt one byte of ``path``'s key index: the cell of ``key`` leads to ``rowid``."""
     with closing(sqlite3.connect(path)) as conn:
@@ -1089,15 +1103,7 @@ async def test_a_corrupt_key_index_never_answers_one_key_with_anothers_value(
     # hit (helper-164). The row's own key is read with it now: the read fails (a miss, the
     # engine fails open), and so do a write and a delete by that key, which would change the
     # other's row. The other key is read as it was.
-    path = tmp_path / "c.db"
-    backend = from_url(f"sqlite:///{path}")
-    await backend.set("first", b"(rowid 1, its cell's integer stored in no byte)", ttl=None)
-    await backend.set("tenant-a:key", b"A's answer", ttl=None)
-    await backend.set("tenant-b:key", b"B's answer", ttl=None)
-    await backend.aclose()
-    with closing(sqlite3.connect(path)) as conn:
-        [(b_row,)] = conn.execute("SELECT rowid FROM sse_cache_entries WHERE key = 'tenant-b:key'")
-    _point_index_at(path, "tenant-a:key", b_row)
+    path = await _a_key_led_to_anothers_row(tmp_path / "c.db")
     backend = from_url(f"sqlite:///{path}")
     try:
         with pytest.raises(BackendCorrupt, match="key index is corrupt.*REINDEX"):
@@ -1161,15 +1167,7 @@ async def test_a_corrupt_key_index_does_not_turn_the_whole_cache_off(tmp_path: P
     # that key was asked for (helper-167). The backend answered: the rest of it reads.
     from sse_cache.adapters import OpenAIChat
 
-    path = tmp_path / "c.db"
-    backend = from_url(f"sqlite:///{path}")
-    await backend.set("first", b"(rowid 1, its cell's integer stored in no byte)", ttl=None)
-    await backend.set("tenant-a:key", b"A's answer", ttl=None)
-    await backend.set("tenant-b:key", b"B's answer", ttl=None)
-    await backend.aclose()
-    with closing(sqlite3.connect(path)) as conn:
-        [(b_row,)] = conn.execute("SELECT rowid FROM sse_cache_entries WHERE key = 'tenant-b:key'")
-    _point_index_at(path, "tenant-a:key", b_row)
+    path = await _a_key_led_to_anothers_row(tmp_path / "c.db")
     cache = StreamCache(f"sqlite:///{path}", OpenAIChat())
     try:
         for _ in range(8):
