@@ -63,6 +63,7 @@ from ._sync_bodies import (
     unless_closed,
 )
 from ._transport_bodies import _closed_under, _TransportClosed
+from ._upstream_connections import expire_connections_holding_excess
 from .errors import ConfigError
 from .http._slots import BackgroundSlots
 from .http._wire import body_ends_by_itself, json_error_body, merge_headers
@@ -229,7 +230,9 @@ class _Options:
         #: The backend's URL when the transport opened it (and so can open it again).
         self._backend_url = backend if isinstance(backend, str) else None
         self.service = CacheService(backend, self._options)
-        self.transport: Any = transport if transport is not None else self._default_transport()
+        self.transport: Any = expire_connections_holding_excess(
+            transport if transport is not None else self._default_transport()
+        )
         #: Why requests are refused (the async transport after aclose()), or "".
         self._refused = ""
         _transports.add(self)

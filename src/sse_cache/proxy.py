@@ -44,6 +44,7 @@ from ._logging import (
     redact_url,
 )
 from ._notices import Notice
+from ._upstream_connections import expire_connections_holding_excess
 from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
@@ -182,7 +183,9 @@ class Forwarder:
             def new_client() -> Any:
                 made = httpx2.AsyncClient(
                     timeout=httpx2.Timeout(timeout, connect=connect_timeout),
-                    limits=limits,
+                    transport=expire_connections_holding_excess(
+                        httpx2.AsyncHTTPTransport(limits=limits)
+                    ),
                     follow_redirects=False,
                     cookies=no_cookies(),
                 )

@@ -1,0 +1,183 @@
+"""An upstream that writes past the end of a response on a keep-alive connection: its excess
+never becomes the next request's response.
+
+The upstream here answers the first request on each connection twice, in one write (a
+handler that wrote its response twice): the second copy is a whole response of its own,
+and it reaches the client's HTTP library in the same read as the first. Reused, the
+connection would hand that copy — the first tenant's answer — to whatever request is sent on
+it next: another tenant's, which the cache would then relay and store under its own key. The
+proxy's connections and the cache transports' inner transports close such a connection
+(see ``sse_cache._upstream_connections``); these tests fail if the HTTP library's internals
+that this relies on change.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import httpx
+import httpx2
+import pytest
+
+import sse_cache.httpx
+import sse_cache.httpx2
+from sse_cache.events import serialize_sse
+from sse_cache.proxy import create_proxy_app
+from sse_cache.testing import responses_stream
+
+DEADLOCK_GUARD = 30  # seconds: only a hung connection ever reaches it
+
+
+def answer(question: str) -> bytes:
+    return serialize_sse(responses_stream(question, text_deltas=3))
+
+
+def response(body: bytes) -> bytes:
+    head = f"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {len(body)}"
+    return head.encode() + b"\r\n\r\n" + body
+
+
+class RawUpstream:
+    """A raw HTTP/1.1 upstream on loopback (a thread per connection) that answers the first
+    request on each connection with its response written twice in one ``sendall`` if
+    ``twice``, and every other request once. ``questions`` lists the questions it was asked,
+    ``connections`` the connections it accepted."""
+
+    def __init__(self, twice: bool) -> None:
+        self.twice = twice
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.questions: list[str] = []
+        self.connections: list[socket.socket] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        reader = connection.makefile("rb")
+        first = True
+        try:
+            while head := reader.readline():
+                length = 0
+                while head not in (b"\r\n", b""):
+                    name, _, value = head.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                    head = reader.readline()
+                question = json.loads(reader.read(length))["input"]
+                self.questions.append(question)
+                one = response(answer(question))
+                connection.sendall(one + one if first and self.twice else one)
+                first = False
+        except OSError:
+            pass  # the client closed the connection
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close would not)
+        self._listener.close()
+        for connection in self.connections:
+            connection.close()
+        self._accepting.join()
+
+
+@pytest.fixture(params=[True, False], ids=["excess", "sound"])
+def upstream(request: pytest.FixtureRequest) -> Iterator[RawUpstream]:
+    server = RawUpstream(twice=request.param)
+    yield server
+    server.close()
+
+
+#: (question, API key, x-sse-cache): the first tenant's request is answered (twice, in one
+#: write); the second tenant's, sent on the connection the first left idle, must reach the
+#: upstream and get its own answer, which the cache then holds.
+EXCHANGES = [
+    ("tenant one's question", "sk-one", "miss"),
+    ("tenant two's question", "sk-two", "miss"),
+    ("tenant two's question", "sk-two", "hit"),
+]
+ASKED = ["tenant one's question", "tenant two's question"]
+
+
+def check_upstream(upstream: RawUpstream) -> None:
+    assert upstream.questions == ASKED
+    # The connection left holding the excess was closed, and the next request opened
+    # another; a sound upstream's connection is kept and used again.
+    assert len(upstream.connections) == (2 if upstream.twice else 1)
+
+
+def request(question: str, key: str) -> dict[str, Any]:
+    return {
+        "url": "/v1/responses",
+        "json": {"model": "gpt-mock-1", "input": question, "stream": True},
+        "headers": {"authorization": f"Bearer {key}"},
+    }
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the proxy's forwarder: httpx2, asyncio
+async def test_the_proxy_never_reads_an_upstreams_excess_as_the_next_response(
+    serve: Any, upstream: RawUpstream
+) -> None:
+    app = create_proxy_app(upstream.url, "memory://", access_log=False)
+    try:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with serve(app) as base, httpx2.AsyncClient(base_url=base) as client:
+                for question, key, outcome in EXCHANGES:
+                    got = await client.post(**request(question, key))
+                    assert got.status_code == 200
+                    assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    finally:
+        await app.aclose()
+    check_upstream(upstream)
+
+
+LIBRARIES = pytest.mark.parametrize("lib", [httpx2, httpx], ids=["httpx2", "httpx"])
+#: The cache transport's inner transport: its default, or the library's own given to it.
+INNER = pytest.mark.parametrize("given", [False, True], ids=["default", "given"])
+
+
+@pytest.mark.anyio
+@LIBRARIES
+@INNER
+async def test_the_async_transport_never_reads_an_upstreams_excess(
+    upstream: RawUpstream, lib: Any, given: bool
+) -> None:
+    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    inner = lib.AsyncHTTPTransport(retries=1) if given else None
+    transport = cached.AsyncCacheTransport("memory://", inner)
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with lib.AsyncClient(base_url=upstream.url, transport=transport) as client:
+            for question, key, outcome in EXCHANGES:
+                got = await client.post(**request(question, key))
+                assert got.status_code == 200
+                assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    check_upstream(upstream)
+
+
+@LIBRARIES
+@INNER
+def test_the_sync_transport_never_reads_an_upstreams_excess(
+    upstream: RawUpstream, lib: Any, given: bool
+) -> None:
+    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    inner = lib.HTTPTransport(retries=1) if given else None
+    transport = cached.CacheTransport("memory://", inner)
+    with lib.Client(base_url=upstream.url, transport=transport, timeout=DEADLOCK_GUARD) as client:
+        for question, key, outcome in EXCHANGES:
+            got = client.post(**request(question, key))
+            assert got.status_code == 200
+            assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    check_upstream(upstream)
