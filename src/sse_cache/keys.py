@@ -84,6 +84,29 @@ CREDENTIAL_HEADERS = (
     # Azure Functions' key, which an Azure-hosted model or gateway may ask for beside a
     # placeholder ``Authorization`` (helper-123: its callers shared entries).
     "x-functions-key",
+    # Who an identity-aware proxy in front authenticated (AWS ALB, Azure App Service, Google
+    # IAP, Cloudflare Access, oauth2-proxy, a web server's REMOTE_USER), whose users share
+    # one provider key or a placeholder ``Authorization`` (helper-169: they shared entries).
+    # Such a proxy sets them (and strips a client's own). Their stable names for a user:
+    # a signed assertion that may be minted anew per request (Google IAP's, ALB's
+    # ``x-amzn-oidc-data``) would leave no request a hit, and comes with one of these.
+    "x-amzn-oidc-identity",
+    "cf-access-jwt-assertion",  # (Cloudflare's session token; with a service token, alone)
+    "x-jwt-assertion",
+    "x-ms-client-principal",
+    "x-ms-client-principal-id",
+    "x-ms-client-principal-name",
+    "x-goog-authenticated-user-id",
+    "x-goog-authenticated-user-email",
+    "cf-access-authenticated-user-email",
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-preferred-username",
+    "x-auth-request-user",
+    "x-auth-request-email",
+    "x-auth-request-preferred-username",
+    "remote-user",
+    "x-remote-user",
 )
 
 #: Endings of header names that are read as credentials too (``x-acme-api-key``,
@@ -102,6 +125,9 @@ CREDENTIAL_SUFFIXES = (
     # shared entries behind a constant ``Authorization``).
     "auth-key",
     "access-key",
+    # Tokens spelt as one word: AWS ALB's ``X-Amzn-Oidc-Accesstoken`` (helper-169).
+    "accesstoken",
+    "idtoken",
     "api_key",
     "_auth",
     "_token",

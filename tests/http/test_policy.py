@@ -327,6 +327,24 @@ def test_key_headers_are_taken_from_the_request() -> None:
     billed = {"authorization": "Bearer ya29", "x-goog-user-project": "proj-a"}
     vertex = policy.decide("POST", "/v1beta/models/g:generateContent", billed, b"{}")
     assert vertex.key_headers == {"x-goog-user-project": "proj-a"}
+    # A generic route (legacy completions, vLLM) reads the same headers: one key with two
+    # projects shared an entry (helper-169).
+    generic = CachePolicy({"/v1/completions": GenericSSE})
+    for name in (
+        "openai-organization",
+        "openai-project",
+        "openai-beta",
+        "anthropic-version",
+        "anthropic-beta",
+    ):
+        one, two = (
+            generic.decide("POST", "/v1/completions", {"authorization": "k", name: v}, BODY)
+            for v in ("one", "two")
+        )
+        assert one.cacheable and one.key_headers == {name: "one"}, name
+        assert two.key_headers == {name: "two"}, name
+    plain = generic.decide("POST", "/v1/completions", {"authorization": "k"}, BODY)
+    assert plain.key_headers == {}
 
 
 def test_the_request_path_and_query_are_part_of_the_route() -> None:
@@ -441,6 +459,26 @@ def test_an_ai_gateways_own_credential_scopes_tenants_beside_a_placeholder_autho
         "x-auth-key",
         "x-access-key",
         "x_auth_key",
+        # Who an identity-aware proxy in front authenticated (helper-169: its users, with one
+        # placeholder Authorization, shared entries).
+        "x-amzn-oidc-identity",
+        "x-amzn-oidc-accesstoken",
+        "cf-access-jwt-assertion",
+        "cf-access-authenticated-user-email",
+        "x-goog-authenticated-user-id",
+        "x-goog-authenticated-user-email",
+        "x-ms-client-principal",
+        "x-ms-client-principal-id",
+        "x-ms-client-principal-name",
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-preferred-username",
+        "x-auth-request-user",
+        "x-auth-request-email",
+        "x-auth-request-preferred-username",
+        "remote-user",
+        "x-remote-user",
+        "x-jwt-assertion",
     ):
         a = policy.tenant_of({**placeholder, header: "user-1"})
         b = policy.tenant_of({**placeholder, header: "user-2"})
@@ -482,6 +520,14 @@ def test_more_credential_and_key_headers_are_options() -> None:
         "POST", "/v1/responses", {"authorization": "k", "x-litellm-tags": "a"}, body
     )
     assert tagged.key_headers == {"x-litellm-tags": "a"}
+    # Helicone's choice of provider or resource, behind one Helicone-Auth (helper-169).
+    for name in ("helicone-target-url", "helicone-openai-api-base", "helicone-target-provider"):
+        one, two = (
+            policy.decide("POST", "/v1/responses", {"helicone-auth": "h", name: v}, body)
+            for v in ("https://a.example", "https://b.example")
+        )
+        assert one.key_headers == {name: "https://a.example"}, name
+        assert two.key_headers == {name: "https://b.example"}, name
     # Alone, a routing header is no credential: such a request is not cached.
     assert not policy.decide("POST", "/v1/responses", {"x-account": "1"}, body).cacheable
     for bad in ("x-session", ["bad name"], [7]):

@@ -20,11 +20,23 @@ class GenericSSE:
 
     Keys on every request field except the transport-only ones (``stream``,
     ``stream_options`` but its ``include_usage``, ``timeout``, ``request_timeout``, plus
-    ``ignore_fields``). There is no
+    ``ignore_fields``), and on the OpenAI and Anthropic headers that choose an account,
+    project or API version (:attr:`key_headers`). There is no
     schema to recover a non-stream answer from, so cross-mode answers are not offered.
     """
 
     name = "generic"
+    #: The OpenAI and Anthropic headers that choose whose account, project or API version
+    #: answers (an OpenAI-compatible upstream reads them too; keyed only when a request
+    #: carries them): one key with two projects shared an entry, where the upstream would
+    #: answer one of them 404 (helper-169).
+    key_headers: tuple[str, ...] = (
+        "openai-beta",
+        "openai-organization",
+        "openai-project",
+        "anthropic-version",
+        "anthropic-beta",
+    )
 
     def __init__(self, *, ignore_fields: Iterable[str] = ()) -> None:
         if isinstance(ignore_fields, str):

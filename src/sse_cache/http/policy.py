@@ -91,6 +91,11 @@ GATEWAY_KEY_HEADERS = (
     "x-portkey-config",
     "x-portkey-custom-host",
     "x-litellm-tags",  # (LiteLLM's tag-based routing picks the deployment: helper-147)
+    # Helicone's choice of provider or resource, with one Helicone-Auth for all of them
+    # (provider keys kept in its vault; helper-169).
+    "helicone-target-url",
+    "helicone-openai-api-base",
+    "helicone-target-provider",
 )
 
 #: Headers an integration removes before forwarding a request upstream (our controls).
