@@ -8,7 +8,7 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import msgspec
 
@@ -78,6 +78,17 @@ class LiveStreamsHook(Protocol):
     def __call__(self, notice: Notice) -> None: ...
 
     def watch(self, live: Flights) -> None: ...
+
+
+@runtime_checkable
+class BackgroundHook(Protocol):
+    """A hook that also reads how many streams an integration reads on without their client
+    (metrics report them as a gauge): an integration's bound on them (its ``max_background``)
+    hands it itself once, when it is built."""
+
+    def __call__(self, notice: Notice) -> None: ...
+
+    def watch_background(self, slots: Any) -> None: ...
 
 
 def emit(hooks: Iterable[Hook], notice: Notice) -> None:

@@ -63,7 +63,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from ._notices import CacheStatus, Notice
 from .errors import ConfigError
@@ -76,7 +76,17 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import HistogramMetricFamily, Metric
     from prometheus_client.registry import CollectorRegistry
 
+    from .http._slots import BackgroundSlots
+
 __all__ = ["BACKEND_BUCKETS", "CONTENT_TYPE", "FIRST_BYTE_BUCKETS", "Metrics"]
+
+
+class RequestCounter(Protocol):
+    """A server whose requests in progress :meth:`Metrics.watch_requests` reports."""
+
+    @property
+    def requests_in_progress(self) -> int: ...
+
 
 #: The media type of :meth:`Metrics.render` (the Prometheus text format 0.0.4).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -162,6 +172,16 @@ _LIVE = (
     "Streams being produced that identical requests can join (single-flight).",
 )
 _FOLLOWERS = ("sse_cache_live_stream_followers", "Requests following a live stream.")
+_BACKGROUND = (
+    "sse_cache_background_streams",
+    "Streams read on without their client: finished in the background, or held for a "
+    "resume window (at most max_background each cache).",
+)
+_IN_PROGRESS = (
+    "sse_cache_requests_in_progress",
+    "HTTP requests the proxy is serving (a stream until its last byte or its client's "
+    "leaving): what --limit-concurrency bounds.",
+)
 
 _INSTALL = "pip install 'sse-cache[proxy]'"
 
@@ -217,6 +237,8 @@ class Metrics:
         self._first_byte = {s: _Histogram(len(self._first_byte_bounds)) for s in _STATUSES}
         self._backend = {op: _Histogram(len(self._backend_bounds)) for op in _OPERATIONS}
         self._live: weakref.WeakSet[Flights] = weakref.WeakSet()
+        self._background: weakref.WeakSet[BackgroundSlots] = weakref.WeakSet()
+        self._servers: weakref.WeakSet[RequestCounter] = weakref.WeakSet()
         #: The ``prometheus_client`` collector of these metrics: register it in any registry.
         self.collector = _Collector(self)
         #: The registry :attr:`collector` was registered in when this instance was built.
@@ -253,6 +275,19 @@ class Metrics:
         held weakly (a cache that is gone is no longer reported)."""
         with self._lock:
             self._live.add(live)
+
+    def watch_background(self, slots: BackgroundSlots) -> None:
+        """Report the streams ``slots`` counts (read on without their client) in
+        ``sse_cache_background_streams``: the middleware's and the transports' bound on them
+        (their ``max_background``) calls it itself when given this hook. Held weakly."""
+        with self._lock:
+            self._background.add(slots)
+
+    def watch_requests(self, server: RequestCounter) -> None:
+        """Report ``server.requests_in_progress`` in ``sse_cache_requests_in_progress`` (the
+        proxy calls it for itself). Held weakly."""
+        with self._lock:
+            self._servers.add(server)
 
     @staticmethod
     def _observe(
@@ -298,12 +333,16 @@ class Metrics:
                 "backend": _snapshot(self._backend),
             }
             watched = list(self._live)
+            background = list(self._background)
+            servers = list(self._servers)
         streams = followers = 0
         for flights in watched:
             for live in flights:
                 streams += 1
                 followers += live.followers
         figures["streams"], figures["followers"] = streams, followers
+        figures["background"] = sum(slots.taken for slots in background)
+        figures["in_progress"] = sum(server.requests_in_progress for server in servers)
         return figures
 
     def _collect(self) -> Iterator[Metric]:
@@ -337,6 +376,8 @@ class Metrics:
         yield _histogram(_BACKEND, "operation", self._backend_bounds, backend)
         yield GaugeMetricFamily(*_LIVE, value=figures["streams"])
         yield GaugeMetricFamily(*_FOLLOWERS, value=figures["followers"])
+        yield GaugeMetricFamily(*_BACKGROUND, value=figures["background"])
+        yield GaugeMetricFamily(*_IN_PROGRESS, value=figures["in_progress"])
 
     def _describe(self) -> Iterator[Metric]:
         # The names, for the registry's duplicate check (two Metrics in one registry clash).
@@ -346,7 +387,7 @@ class Metrics:
             yield Metric(name, text, "counter")
         for name, text in (_REQUESTS, _REPLAYED, _SAVED, _TRANSITIONS):
             yield Metric(name, text, "counter")
-        for name, text in (_BREAKER, _LIVE, _FOLLOWERS):
+        for name, text in (_BREAKER, _LIVE, _FOLLOWERS, _BACKGROUND, _IN_PROGRESS):
             yield Metric(name, text, "gauge")
         for name, text in (_FIRST_BYTE, _BACKEND):
             yield Metric(name, text, "histogram")
@@ -623,12 +664,15 @@ def _no_figures() -> dict[str, Any]:
         "backend": {},
         "streams": 0,
         "followers": 0,
+        "background": 0,
+        "in_progress": 0,
     }
 
 
 def _add(into: dict[str, Any], other: dict[str, Any], *, gauges: bool) -> None:
     """Add another process's figures to ``into``: its counters and histograms always, its
-    gauges (live streams, followers, breaker state) only while it runs. All or nothing: a
+    gauges (live streams, followers, background streams, requests in progress, breaker
+    state) only while it runs. All or nothing: a
     file of another version, or torn, adds nothing."""
     added = _added(into, other, gauges=gauges)
     if added is not None:
@@ -655,8 +699,8 @@ def _added(mine: dict[str, Any], other: dict[str, Any], *, gauges: bool) -> dict
                         histograms[label][1] + total,
                     )
         if gauges:
-            into["streams"] += other["streams"]
-            into["followers"] += other["followers"]
+            for gauge in ("streams", "followers", "background", "in_progress"):
+                into[gauge] += other[gauge]
             for state, n in other["breaker"].items():
                 into["breaker"][state] = into["breaker"].get(state, 0) + n
     except (KeyError, TypeError, ValueError, AttributeError):

@@ -636,6 +636,13 @@ class ProxyApp:
         self._ended: anyio.Event | None = None  # set when _running falls to 0 (at shutdown)
         self.limit_concurrency = limit_concurrency
         self._admitted = 0  # requests counted against limit_concurrency
+        metrics.watch_requests(self)
+
+    @property
+    def requests_in_progress(self) -> int:
+        """HTTP requests being served (``sse_cache_requests_in_progress``): those counted
+        against :attr:`limit_concurrency` when it is set."""
+        return self._running if self.limit_concurrency is None else self._admitted
 
     async def aclose(self) -> None:
         """Close the upstream client and the cache's backend, and publish the metrics a last

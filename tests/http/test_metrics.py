@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sse_cache import ConfigError, Event
 from sse_cache.adapters import GenericSSE
 from sse_cache.engine import CacheStatus, LiveStreamsHook, Notice, StreamCache
+from sse_cache.http._slots import BackgroundSlots
 from sse_cache.metrics import BACKEND_BUCKETS, FIRST_BYTE_BUCKETS, Metrics
 from sse_cache.testing import responses_stream
 
@@ -283,6 +284,34 @@ async def test_metrics_do_not_keep_a_cache_that_is_gone_alive() -> None:
     assert value(metrics.render(), "sse_cache_live_streams") == 0
 
 
+class Server:
+    """What the proxy hands Metrics.watch_requests: its requests in progress."""
+
+    def __init__(self) -> None:
+        self.requests_in_progress = 0
+
+
+def test_gauges_show_streams_read_on_in_the_background_and_requests_in_progress() -> None:
+    metrics = Metrics()
+    slots = BackgroundSlots(2, [metrics])  # (it hands itself to the hook that watches)
+    server = Server()
+    metrics.watch_requests(server)
+    assert value(metrics.render(), "sse_cache_background_streams") == 0
+    assert slots.take() and slots.take() and not slots.take(tell=False)
+    server.requests_in_progress = 7
+    text = metrics.render()
+    assert value(text, "sse_cache_background_streams") == 2
+    assert value(text, "sse_cache_requests_in_progress") == 7
+    slots.give()
+    assert value(metrics.render(), "sse_cache_background_streams") == 1
+    # Held weakly: a cache (its slots) or a server that is gone is no longer reported.
+    del slots, server
+    gc.collect()
+    text = metrics.render()
+    assert value(text, "sse_cache_background_streams") == 0
+    assert value(text, "sse_cache_requests_in_progress") == 0
+
+
 # -- several processes sharing their figures (sse-cache proxy --workers N) ---------------------
 
 
@@ -295,6 +324,11 @@ def test_processes_sharing_a_directory_each_report_all_of_them(tmp_path: Any) ->
     two(Notice(kind="hit", key="k"))
     two(Notice(kind="first_byte", key="k", detail="hit", seconds=0.004))
     two(Notice(kind="breaker", key="", detail="open"))
+    held = BackgroundSlots(8, [two])
+    assert held.take()
+    serving = Server()
+    serving.requests_in_progress = 3
+    two.watch_requests(serving)
     two.publish()
     text = one.render()  # one's scrape: its own figures and two's
     assert value(text, "sse_cache_requests_total", status="hit") == 3
@@ -304,12 +338,16 @@ def test_processes_sharing_a_directory_each_report_all_of_them(tmp_path: Any) ->
     # The breaker gauge counts processes per state: one closed, one open.
     assert value(text, "sse_cache_backend_breaker_state", state="closed") == 1
     assert value(text, "sse_cache_backend_breaker_state", state="open") == 1
+    assert value(text, "sse_cache_background_streams") == 1
+    assert value(text, "sse_cache_requests_in_progress") == 3
     # A process that stopped writing (exited): its counters stay, its gauges go.
     (path,) = [p for p in tmp_path.glob("metrics-*.json") if p != one._shared.path]  # type: ignore[union-attr]
     os.utime(path, (0, 0))
     text = one.render()
     assert value(text, "sse_cache_requests_total", status="hit") == 3
     assert value(text, "sse_cache_backend_breaker_state", state="open") == 0
+    assert value(text, "sse_cache_background_streams") == 0
+    assert value(text, "sse_cache_requests_in_progress") == 0
     # A file that is not ours, or torn, is passed over.
     (tmp_path / "metrics-0-bad.json").write_text("{not json")
     assert value(one.render(), "sse_cache_requests_total", status="hit") == 3

@@ -27,7 +27,7 @@ from sse_cache.asgi import CacheMiddleware
 from sse_cache.engine import Notice
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
 from sse_cache.proxy import create_proxy_app
-from sse_cache.testing import GatedUpstream, MockUpstream
+from sse_cache.testing import GatedUpstream, MockUpstream, metric_value
 
 pytestmark = [pytest.mark.anyio, pytest.mark.parametrize("anyio_backend", ["asyncio"])]
 
@@ -597,6 +597,9 @@ async def test_a_stream_finished_in_the_background_after_its_followers_left_can_
             await follower.aclose()
             while seen.followers():  # noqa: ASYNC110 - the follower left too
                 await anyio.sleep(0.01)
+            if way == "proxy":  # the operator sees it read on without a client
+                scrape = (await client.get("/_sse_cache/metrics")).text
+                assert metric_value(scrape, "sse_cache_background_streams") == 1
             async with anyio.create_task_group() as tg:
                 answers: list[httpx2.Response] = []
 
@@ -611,6 +614,13 @@ async def test_a_stream_finished_in_the_background_after_its_followers_left_can_
         resumed = await client.get(
             f"/v1/responses/{response_id}", params={"stream": "true", "starting_after": "1"}
         )
+        if way == "proxy":  # ... until it has ended
+            with anyio.fail_after(30):
+                while metric_value(  # noqa: ASYNC110 - a gauge the server sets
+                    (await client.get("/_sse_cache/metrics")).text,
+                    "sse_cache_background_streams",
+                ):
+                    await anyio.sleep(0.01)
     [again] = answers
     assert again.headers["x-sse-cache"] == "shared" and again.content == gated.body
     assert resumed.status_code == 200 and resumed.headers["x-sse-cache"] == "hit"

@@ -114,13 +114,22 @@ async def test_gauges_show_a_herd_on_one_live_stream_while_it_is_in_flight(serve
                 await everyone_reads.wait()
                 during = (await http.get("/_sse_cache/metrics")).text
                 upstream_app.gate.set()
-            after = (await http.get("/_sse_cache/metrics")).text
+            # A request is counted until its handler returns, a moment after its client read
+            # the end: the gauge falls to 0 then (an answer late is the guard's to catch).
+            with anyio.fail_after(30):
+                while metric_value(  # noqa: ASYNC110 - a gauge the server sets
+                    after := (await http.get("/_sse_cache/metrics")).text,
+                    "sse_cache_requests_in_progress",
+                ):
+                    await anyio.sleep(0.01)
         await app.aclose()
     assert upstream_app.calls == 1
     assert sorted(status for status, _ in answers) == ["miss"] + ["shared"] * followers
     assert {content for _, content in answers} == {serialize_sse(EVENTS)}
     assert metric_value(during, "sse_cache_live_streams") == 1
     assert metric_value(during, "sse_cache_live_stream_followers") == followers
+    # Every request of the herd is being served (the scrapes are not counted).
+    assert metric_value(during, "sse_cache_requests_in_progress") == followers + 1
     assert metric_value(after, "sse_cache_live_streams") == 0
     assert metric_value(after, "sse_cache_live_stream_followers") == 0
     ttfb = "sse_cache_time_to_first_byte_seconds_count"

@@ -694,6 +694,8 @@ async def test_limit_concurrency_serves_n_requests_at_once_and_503_past_them(
         # Counted, for the operator to see (and logged, once per 10 s).
         scrape = (await extra.get("/_sse_cache/metrics")).text
         assert metric_value(scrape, "sse_cache_refused_requests_total") == 2
+        # ... and what the limit counts: the held streams (refused ones never were).
+        assert metric_value(scrape, "sse_cache_requests_in_progress") == limit
         # A held stream read to its end gives its place back: the next request is served.
         gated.gate.set()
         assert await held[0].aread() == gated.body

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable
 
 from .._logging import backend_warnings
-from .._notices import Hook, Notice, emit
+from .._notices import BackgroundHook, Hook, Notice, emit
 
 
 class BackgroundSlots:
@@ -28,6 +28,9 @@ class BackgroundSlots:
         #: Told of each refusal (a ``background_full`` notice).
         self.hooks = tuple(hooks)
         self.taken = 0
+        for hook in self.hooks:
+            if isinstance(hook, BackgroundHook):
+                hook.watch_background(self)
 
     def take(self, *, tell: bool = True) -> bool:
         """Take one; False when none is free: a refusal, logged and told to the hooks (a
