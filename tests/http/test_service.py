@@ -201,6 +201,8 @@ async def test_an_invalid_control_header_is_a_config_error_and_a_notice(
         (200, {"content-type": "application/json"}, True, ""),
         (200, {"content-type": "text/event-stream"}, False, "not to be stored"),
         (429, {"content-type": "text/event-stream"}, True, "upstream status 429"),
+        (206, {"content-type": "text/event-stream"}, True, "upstream status 206"),
+        (201, {"content-type": "application/json"}, True, ""),
         (
             200,
             {"content-type": "text/event-stream", "content-encoding": "gzip"},

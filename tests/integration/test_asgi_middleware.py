@@ -440,6 +440,57 @@ async def test_an_error_to_one_callers_credentials_is_not_shared_under_a_wider_s
     assert len(callers) == 2
 
 
+async def test_a_partial_answer_206_is_neither_shared_nor_stored() -> None:
+    # A 206 is the part of an answer a request's Range asked for: the identical request
+    # without that Range (Range is not keyed) must get the whole, never the part as a
+    # complete 200-like answer, from the live stream or from the cache.
+    gate = anyio.Event()
+    ranges: list[bytes | None] = []
+    whole = b"data: 1\n\ndata: 2\n\ndata: 3\n\n"
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        asked = dict(scope["headers"]).get(b"range")
+        ranges.append(asked)
+        await gate.wait()
+        head = [(b"content-type", b"text/event-stream")]
+        status, body = (206, whole[:9]) if asked else (200, whole)
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+
+    log = NoticeLog()
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, hooks=[log])
+    answers: dict[str, Answered] = {}
+
+    async def ask(name: str, extra: list[tuple[bytes, bytes]]) -> None:
+        scope = events_scope()
+        scope["headers"] = [(b"authorization", b"Bearer k"), *extra]
+        answers[name] = await call(mw, scope, body_then(b"{}"))
+
+    with anyio.fail_after(30):  # a deadlock guard, not a timing bound
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask, "part", [(b"range", b"bytes=0-8")])
+            await log.wait("miss")  # its request is at the upstream
+            tg.start_soon(ask, "whole", [])
+            await anyio.wait_all_tasks_blocked()  # it waits for the live stream's head
+            gate.set()
+        await ask("again", [])
+    assert (answers["part"].status, answers["part"].body) == (206, whole[:9])
+    # The follower was told nothing of the part, and asked for itself.
+    assert (answers["whole"].status, answers["whole"].body) == (200, whole)
+    assert (answers["again"].status, answers["again"].body) == (200, whole)
+    assert answers["again"].headers[b"x-sse-cache"] == b"hit"
+    assert ranges == [b"bytes=0-8", None]
+    # The part alone, in a cache of its own: answered, never stored.
+    mw = CacheMiddleware(app, "memory://", routes={"/events": GenericSSE}, hooks=[log])
+    await ask("part alone", [(b"range", b"bytes=0-8")])
+    await ask("whole after", [])
+    assert answers["part alone"].status == 206
+    assert answers["whole after"].headers[b"x-sse-cache"] == b"miss"
+    assert answers["whole after"].body == whole
+
+
 async def test_a_repeated_credential_header_scopes_the_entry_by_every_line() -> None:
     # A request may carry a header line twice (a client's and a gateway's credential): the
     # entry's tenant is all of them, as joined by the request, never the first or the last.

@@ -97,7 +97,7 @@ def _hit_answer(
     to ``hooks``. ``body``: all of it (an instant answer, which says its length), or its
     chunks as they are due."""
     now = time.time()
-    status = entry.status  # the upstream's own (any 2xx is stored)
+    status = entry.status  # the upstream's own (any 2xx but 206 is stored)
     headers = base
     if isinstance(body, bytes) and status != 204:
         # The length is known: a client can tell a cut answer from a whole one without the

@@ -42,14 +42,20 @@ def encoding_of(headers: Mapping[str, str]) -> str:
     return "" if coding == "identity" else coding
 
 
+#: A part of an answer, for the request's ``Range``: never stored, never shared (the identical
+#: request without that range would get a part as the whole).
+PARTIAL_CONTENT = 206
+
+
 def not_recorded_because(
     status: int, headers: Mapping[str, str], media: str, *, wanted: bool
 ) -> str:
     """Why the upstream's response (``headers`` with lower-case names) is not recorded for
-    storage, or ``""`` when it is: only a wanted 2xx, uncompressed SSE or JSON answer is."""
+    storage, or ``""`` when it is: only a wanted 2xx (not a 206), uncompressed SSE or JSON
+    answer is."""
     if not wanted:
         return "not to be stored"
-    if not 200 <= status < 300:
+    if not 200 <= status < 300 or status == PARTIAL_CONTENT:
         return f"upstream status {status}"
     if encoding_of(headers):
         return "compressed response body"

@@ -78,7 +78,7 @@ from ._fanout import (
     lead_or_follow,
 )
 from ._resume import alias_key, alias_scope, live_alias_key, resumable
-from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
+from ._tee import PARTIAL_CONTENT, ResponseTee, encoding_of, media_type, not_recorded_because
 from ._watch import ClientGone, FollowerLeft, unless_gone
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
@@ -887,6 +887,8 @@ def _not_shared_because(status: int, encoding: str, tenant: str) -> str:
         # Encoded as this request asked (its Accept-Encoding): an identical request need not
         # have asked the same, and may not read it.
         return f"the response is encoded ({encoding})"
+    if status == PARTIAL_CONTENT:
+        return f"the upstream answered {status}: a part, for this request's Range"
     if not 200 <= status < 300 and not credential_scoped(tenant):
         # An error answers the caller's credentials as much as the request (a rejected or
         # missing key, its rate limit, its organisation's access): under a scope that is not
