@@ -9,45 +9,60 @@ already. The next request sent on that connection — any tenant's — then read
 response, and the cache would relay and store them under that request's key. nginx closes
 such a connection; so do the proxy's forwarder and the cache transports' inner transport (their
 default, or an ``HTTPTransport`` / ``AsyncHTTPTransport`` given them): their connections
-expire, as if the upstream had closed them, when they are idle with bytes left in their
-parser.
+expire, as if the upstream had closed them, when they are idle with bytes left unread.
 
-This reaches into the HTTP libraries' connection classes (the pool's ``create_connection``,
-the connection's ``_connection`` and h11's ``trailing_data``); the test that an upstream's
-excess never reaches the next request covers every library and version CI installs.
+Those bytes may also wait below h11, read off the socket but not yet parsed: in a TLS layer
+(a second TLS record in the TCP segment that brought the response's end) or in asyncio's
+queue of received data. Bytes still in the kernel's buffer are httpcore's own check (the
+socket is readable); bytes that arrive after the connection was handed to the next request
+cannot be told from its response (HTTP/1.1 has no request ids): no check can catch those.
+
+This reaches into the HTTP libraries' internals (the pool's ``create_connection``, a
+connection's ``_connection``, h11's ``trailing_data``, anyio's, trio's and asyncio's
+buffers); the tests that an upstream's excess never reaches the next request (plain and TLS,
+sync, asyncio and trio, httpx and httpx2) run on every version CI installs.
 """
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
-#: The libraries' plain HTTP connection classes (httpcore's and httpcore2's, sync and async):
-#: proxied and HTTP/2-only connections are created as other classes and left as they are.
-_PLAIN = frozenset({"HTTPConnection", "AsyncHTTPConnection"})
-_PLAIN_POOLS = frozenset({"ConnectionPool", "AsyncConnectionPool"})
+#: The HTTP libraries whose ``HTTPTransport`` / ``AsyncHTTPTransport`` are guarded.
+_LIBRARIES = frozenset({"httpx", "httpx2"})
+_TRANSPORTS = frozenset({"HTTPTransport", "AsyncHTTPTransport"})
 _guarded_classes: dict[type, type] = {}
 
 
 def expire_connections_holding_excess(transport: Any) -> Any:
-    """Make ``transport`` close, rather than reuse, an idle connection with unread bytes in
-    its parser, if it is httpx's or httpx2's own ``HTTPTransport`` / ``AsyncHTTPTransport``
-    without a proxy (others are left as they are); returned."""
-    pool: Any = getattr(transport, "_pool", None)
-    if type(pool).__name__ not in _PLAIN_POOLS:
+    """Make ``transport`` close, rather than reuse, an idle connection holding bytes past its
+    last response, if it is httpx's or httpx2's own ``HTTPTransport`` /
+    ``AsyncHTTPTransport`` (others are left as they are); returned."""
+    kind = type(transport)
+    if kind.__name__ not in _TRANSPORTS or kind.__module__.split(".")[0] not in _LIBRARIES:
         return transport
-    create = pool.create_connection
-    if getattr(create, "expires_excess", False):  # one transport given to two caches
+    pool: Any = getattr(transport, "_pool", None)
+    create = getattr(pool, "create_connection", None)
+    if create is None or getattr(create, "expires_excess", False):  # (given to two caches)
         return transport
 
     def create_connection(origin: Any) -> Any:
         connection = create(origin)
-        if type(connection).__name__ in _PLAIN:
-            connection.__class__ = _guarded(type(connection))
+        connection.__class__ = _guarded(type(connection))
         return connection
 
     create_connection.expires_excess = True  # type: ignore[attr-defined]
     pool.create_connection = create_connection
     return transport
+
+
+def expire_client_connections_holding_excess(client: Any) -> Any:
+    """:func:`expire_connections_holding_excess` for an httpx2 client's transport and those it
+    mounted (the environment's ``HTTP_PROXY``, ``HTTPS_PROXY``...); returned."""
+    for transport in (client._transport, *client._mounts.values()):
+        if transport is not None:
+            expire_connections_holding_excess(transport)
+    return client
 
 
 def _guarded(plain: type) -> type:
@@ -64,9 +79,51 @@ def _guarded(plain: type) -> type:
 
 
 def _holds_excess(connection: Any) -> bool:
-    http11: Any = getattr(connection, "_connection", None)
-    parser = getattr(http11, "_h11_state", None)
-    if parser is None:  # not connected yet, or HTTP/2 (whose frames carry their own ends)
+    http11 = _http11_of(connection)
+    if http11 is None:  # not connected yet, or HTTP/2 (whose frames carry their own ends)
         return False
-    # Mid-response, buffered bytes are that response's; once idle, nothing was asked for.
-    return bool(http11.is_idle() and parser.trailing_data[0])
+    # Mid-response, buffered bytes are that response's; once idle, nothing asked for them.
+    # The buffers are read first: a connection another thread takes meanwhile (the sync
+    # transport) then reads as busy, never as idle with its new response's bytes.
+    buffered = bool(http11._h11_state.trailing_data[0]) or _buffered_below(
+        getattr(http11, "_network_stream", None)
+    )
+    return buffered and bool(http11.is_idle())
+
+
+def _http11_of(connection: Any) -> Any:
+    """The HTTP/1.1 connection (the one with an h11 parser) under ``connection``: its own, or
+    through a proxy's (a forward proxy's connection holds the one to the proxy, which holds
+    it); None if there is none (yet)."""
+    inner = connection
+    for _ in range(3):
+        inner = getattr(inner, "_connection", None)
+        if inner is None:
+            return None
+        if getattr(inner, "_h11_state", None) is not None:
+            return inner
+    return None
+
+
+def _buffered_below(stream: Any) -> bool:
+    """Whether bytes read off the socket wait below h11: in a TLS layer (anyio's and trio's
+    TLS streams take a whole TCP segment, which may hold a record after the one they
+    decrypt; decrypted bytes not yet read) or in asyncio's queue of received data (a read
+    of h11's size leaves the rest of a larger segment there). The kernel's buffer is
+    httpcore's own check (its socket is readable)."""
+    layer = getattr(stream, "_stream", None) or getattr(stream, "_sock", None)
+    for _ in range(4):  # a TLS stream over a socket stream (over a proxy's TLS stream)
+        if layer is None:
+            return False
+        for bio in ("_read_bio", "_incoming"):  # anyio's TLSStream, trio's SSLStream
+            if getattr(getattr(layer, bio, None), "pending", 0):
+                return True
+        tls = getattr(layer, "_ssl_object", None)
+        if isinstance(tls, ssl.SSLObject) and tls.pending():
+            return True
+        if isinstance(layer, ssl.SSLSocket) and layer.pending():  # the sync transports'
+            return True
+        if getattr(getattr(layer, "_protocol", None), "read_queue", None):  # anyio, asyncio
+            return True
+        layer = getattr(layer, "transport_stream", None)
+    return False

@@ -125,7 +125,9 @@ CREDENTIAL_SUFFIXES = (
     # shared entries behind a constant ``Authorization``).
     "auth-key",
     "access-key",
-    # Tokens spelt as one word: AWS ALB's ``X-Amzn-Oidc-Accesstoken`` (helper-169).
+    # Tokens spelt as one word: AWS ALB's ``X-Amzn-Oidc-Accesstoken`` (helper-169; it is
+    # renewed with the user's session, which splits that user's entries each time: the
+    # price of reading any gateway's token so spelt).
     "accesstoken",
     "idtoken",
     "api_key",

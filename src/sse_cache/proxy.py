@@ -44,7 +44,7 @@ from ._logging import (
     redact_url,
 )
 from ._notices import Notice
-from ._upstream_connections import expire_connections_holding_excess
+from ._upstream_connections import expire_client_connections_holding_excess
 from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
@@ -183,9 +183,7 @@ class Forwarder:
             def new_client() -> Any:
                 made = httpx2.AsyncClient(
                     timeout=httpx2.Timeout(timeout, connect=connect_timeout),
-                    transport=expire_connections_holding_excess(
-                        httpx2.AsyncHTTPTransport(limits=limits)
-                    ),
+                    limits=limits,
                     follow_redirects=False,
                     cookies=no_cookies(),
                 )
@@ -193,7 +191,9 @@ class Forwarder:
                 # own user-agent and accept to a request that had none (helper-132).
                 for name in ("user-agent", "accept"):
                     del made.headers[name]
-                return made
+                # (Its own transport and the environment's proxies it mounted: a transport
+                # given would leave HTTP_PROXY and the like unread.)
+                return expire_client_connections_holding_excess(made)
 
             self._new_client = new_client
             client = self._new_client()

@@ -13,16 +13,24 @@ that this relies on change.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx
 import httpx2
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 import sse_cache.httpx
 import sse_cache.httpx2
@@ -44,16 +52,20 @@ def response(body: bytes) -> bytes:
 
 class RawUpstream:
     """A raw HTTP/1.1 upstream on loopback (a thread per connection) that answers the first
-    request on each connection with its response written twice in one ``sendall`` if
-    ``twice``, and every other request once. ``questions`` lists the questions it was asked,
-    ``connections`` the connections it accepted."""
+    request on each connection with its response written twice if ``twice``, and every other
+    request once. With ``tls`` (a server context), over TLS: the two copies are two writes,
+    two TLS records, corked into one TCP segment (the second waits below h11, in the
+    client's TLS layer); else one write. ``questions`` lists the questions it was asked,
+    ``connections`` how many connections it accepted."""
 
-    def __init__(self, twice: bool) -> None:
-        self.twice = twice
+    def __init__(self, twice: bool, tls: ssl.SSLContext | None = None) -> None:
+        self.twice, self.tls = twice, tls
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._listener.getsockname()[1]}"
         self.questions: list[str] = []
-        self.connections: list[socket.socket] = []
+        self.connections = 0
+        self._sockets: list[socket.socket] = []
         self._accepting = threading.Thread(target=self._accept, daemon=True)
         self._accepting.start()
 
@@ -63,13 +75,17 @@ class RawUpstream:
                 connection, _ = self._listener.accept()
             except OSError:  # closed
                 return
-            self.connections.append(connection)
+            self.connections += 1
+            self._sockets.append(connection)
             threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
 
     def _serve(self, connection: socket.socket) -> None:
-        reader = connection.makefile("rb")
-        first = True
         try:
+            if self.tls is not None:
+                connection = self.tls.wrap_socket(connection, server_side=True)
+                self._sockets.append(connection)  # (the plain one is detached)
+            reader = connection.makefile("rb")
+            first = True
             while head := reader.readline():
                 length = 0
                 while head not in (b"\r\n", b""):
@@ -80,7 +96,15 @@ class RawUpstream:
                 question = json.loads(reader.read(length))["input"]
                 self.questions.append(question)
                 one = response(answer(question))
-                connection.sendall(one + one if first and self.twice else one)
+                if not (first and self.twice):
+                    connection.sendall(one)
+                elif self.tls is None:
+                    connection.sendall(one + one)
+                else:
+                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    connection.sendall(one)
+                    connection.sendall(one)
+                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
                 first = False
         except OSError:
             pass  # the client closed the connection
@@ -88,7 +112,7 @@ class RawUpstream:
     def close(self) -> None:
         self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept (a close would not)
         self._listener.close()
-        for connection in self.connections:
+        for connection in self._sockets:
             connection.close()
         self._accepting.join()
 
@@ -98,6 +122,55 @@ def upstream(request: pytest.FixtureRequest) -> Iterator[RawUpstream]:
     server = RawUpstream(twice=request.param)
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (PEM files)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    directory = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture(params=[True, False], ids=["excess", "sound"])
+def tls_upstream(
+    request: pytest.FixtureRequest, certificate: tuple[Path, Path]
+) -> Iterator[RawUpstream]:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    server = RawUpstream(twice=request.param, tls=context)
+    yield server
+    server.close()
+
+
+def trusting(certificate: tuple[Path, Path]) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(certificate[0]))
 
 
 #: (question, API key, x-sse-cache): the first tenant's request is answered (twice, in one
@@ -115,7 +188,7 @@ def check_upstream(upstream: RawUpstream) -> None:
     assert upstream.questions == ASKED
     # The connection left holding the excess was closed, and the next request opened
     # another; a sound upstream's connection is kept and used again.
-    assert len(upstream.connections) == (2 if upstream.twice else 1)
+    assert upstream.connections == (2 if upstream.twice else 1)
 
 
 def request(question: str, key: str) -> dict[str, Any]:
@@ -138,6 +211,33 @@ async def test_the_proxy_never_reads_an_upstreams_excess_as_the_next_response(
                 for question, key, outcome in EXCHANGES:
                     got = await client.post(**request(question, key))
                     assert got.status_code == 200
+                    assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    finally:
+        await app.aclose()
+    check_upstream(upstream)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the proxy's forwarder: httpx2, asyncio
+async def test_the_proxy_forwards_through_the_environments_proxy_and_never_reads_its_excess(
+    serve: Any, upstream: RawUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # HTTP_PROXY names a forward proxy (here the raw upstream answers as one): the forwarder
+    # goes through it (the upstream's name is never looked up), and a connection to it left
+    # holding excess is closed too.
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", upstream.url)
+    app = create_proxy_app("http://upstream.invalid", "memory://", access_log=False)
+    try:
+        with anyio.fail_after(DEADLOCK_GUARD):
+            async with (
+                serve(app) as base,
+                httpx2.AsyncClient(base_url=base, trust_env=False) as client,  # (straight)
+            ):
+                for question, key, outcome in EXCHANGES:
+                    got = await client.post(**request(question, key))
+                    assert got.status_code == 200, got.text
                     assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
     finally:
         await app.aclose()
@@ -181,3 +281,39 @@ def test_the_sync_transport_never_reads_an_upstreams_excess(
             assert got.status_code == 200
             assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
     check_upstream(upstream)
+
+
+@pytest.mark.anyio
+@LIBRARIES
+async def test_the_async_transport_never_reads_an_upstreams_excess_over_tls(
+    tls_upstream: RawUpstream, lib: Any, certificate: tuple[Path, Path]
+) -> None:
+    # The copy is a TLS record of its own in the segment that brought the answer's end:
+    # anyio's and trio's TLS streams hold it undecrypted, below h11.
+    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    inner = lib.AsyncHTTPTransport(verify=trusting(certificate))
+    transport = cached.AsyncCacheTransport("memory://", inner)
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with lib.AsyncClient(base_url=tls_upstream.url, transport=transport) as client:
+            for question, key, outcome in EXCHANGES:
+                got = await client.post(**request(question, key))
+                assert got.status_code == 200
+                assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    check_upstream(tls_upstream)
+
+
+@LIBRARIES
+def test_the_sync_transport_never_reads_an_upstreams_excess_over_tls(
+    tls_upstream: RawUpstream, lib: Any, certificate: tuple[Path, Path]
+) -> None:
+    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    inner = lib.HTTPTransport(verify=trusting(certificate))
+    transport = cached.CacheTransport("memory://", inner)
+    with lib.Client(
+        base_url=tls_upstream.url, transport=transport, timeout=DEADLOCK_GUARD
+    ) as client:
+        for question, key, outcome in EXCHANGES:
+            got = client.post(**request(question, key))
+            assert got.status_code == 200
+            assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    check_upstream(tls_upstream)
