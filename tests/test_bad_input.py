@@ -229,6 +229,14 @@ def test_a_transport_that_cannot_send_is_refused_at_construction(module: object)
     # A portal on an event loop anyio does not have failed at the first request.
     with pytest.raises(ConfigError, match=r"^portal_backend must be one of 'asyncio', 'trio'"):
         sync_cls("memory://", portal_backend="curio")
+    # A trio portal cannot run the Redis backend (redis-py's asyncio client): accepted, every
+    # request's lookup failed, and the cache was never used (helper-170).
+    for url in ("redis://127.0.0.1:1/0", "REDISS://127.0.0.1:1", "unix:///tmp/no.sock"):
+        with pytest.raises(ConfigError, match=r"^portal_backend='trio' cannot run the Redis"):
+            sync_cls(url, portal_backend="trio")
+    with pytest.raises(ConfigError, match=r"^portal_backend='trio' cannot run the Redis"):
+        sync_cls(from_url("redis://127.0.0.1:1/0"), portal_backend="trio")
+    sync_cls("memory://", portal_backend="trio").close()
 
 
 # -- backend URLs ---------------------------------------------------------------------------

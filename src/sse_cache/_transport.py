@@ -64,6 +64,7 @@ from ._sync_bodies import (
 )
 from ._transport_bodies import _closed_under, _TransportClosed
 from ._upstream_connections import expire_connections_holding_excess
+from .backends import asyncio_only
 from .errors import ConfigError
 from .http._slots import BackgroundSlots
 from .http._wire import body_ends_by_itself, json_error_body, merge_headers
@@ -492,6 +493,12 @@ class CacheTransportBase(_Options):
             raise ConfigError(
                 f"portal_backend must be one of {', '.join(map(repr, _PORTAL_BACKENDS))}, "
                 f"got {portal_backend!r}"
+            )
+        if portal_backend == "trio" and asyncio_only(backend):
+            # (Accepted, every request's lookup failed and the cache was never used.)
+            raise ConfigError(
+                "portal_backend='trio' cannot run the Redis backend: redis-py's client runs on "
+                "asyncio only; use portal_backend='asyncio' (the default)"
             )
         super().__init__(backend, transport, **options)
         self._portal_backend = portal_backend

@@ -32,6 +32,7 @@ __all__ = [
     "MemoryBackend",
     "RedisBackend",
     "SQLiteBackend",
+    "asyncio_only",
     "from_url",
     "known_schemes",
     "open_backend",
@@ -98,6 +99,15 @@ def _scheme_entry_points() -> dict[str, list[EntryPoint]]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(ep.name.lower(), []).append(ep)
     return found
+
+
+def asyncio_only(backend: object) -> bool:
+    """Whether ``backend`` (a URL or a backend) is the built-in Redis backend, which runs on
+    asyncio only (redis-py's asyncio client): under trio its every operation fails."""
+    if isinstance(backend, str):
+        scheme = backend.partition(":")[0].lower()
+        return _BUILTIN.get(scheme, "").startswith("sse_cache.backends.redis:")
+    return type(backend).__module__ == "sse_cache.backends.redis"
 
 
 def known_schemes() -> list[str]:
