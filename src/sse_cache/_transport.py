@@ -63,7 +63,11 @@ from ._sync_bodies import (
     unless_closed,
 )
 from ._transport_bodies import _closed_under, _TransportClosed
-from ._upstream_connections import expire_connections_holding_excess
+from ._upstream_connections import (
+    AsyncUpstreamTransport,
+    UpstreamTransport,
+    expire_connections_holding_excess,
+)
 from .backends import asyncio_only
 from .errors import ConfigError
 from .http._slots import BackgroundSlots
@@ -345,7 +349,8 @@ class AsyncCacheTransportBase(_Options):
 
     ``backend``: a :class:`~sse_cache.protocols.Backend` or a URL (``sqlite:///cache.db``,
     ``redis://...``; then the transport owns it and :meth:`aclose` closes it). ``transport``:
-    the transport that reaches the network (default: the library's ``AsyncHTTPTransport()``).
+    the transport that reaches the network (default: the library's own, through the proxy the
+    environment names, as its client would go).
     ``routes``, ``tenant``, ``ttl``, ``max_entry_bytes``, ``max_body_bytes``, ``pacing``,
     ``hooks``, ``backend_timeout``, ``single_flight``, ``keyer``, ``codec``: as for
     :class:`~sse_cache.asgi.CacheMiddleware` (the same :class:`~sse_cache.http.service.CacheService`
@@ -369,7 +374,7 @@ class AsyncCacheTransportBase(_Options):
     _closing_now: anyio.Event | None = None
 
     def _default_transport(self) -> Any:
-        return self._lib.AsyncHTTPTransport()
+        return AsyncUpstreamTransport(self._lib)
 
     async def handle_async_request(self, request: Any) -> Any:
         if self._refused:
@@ -472,7 +477,7 @@ class AsyncCacheTransportBase(_Options):
 
 class CacheTransportBase(_Options):
     """The sync twin of :class:`AsyncCacheTransportBase` (same options and behaviour);
-    ``transport`` defaults to the library's ``HTTPTransport()``.
+    ``transport`` defaults to the library's own, as the async one's does.
 
     The cache itself is async (backends, single-flight): the transport runs it on an anyio
     blocking portal — an event loop in a daemon thread owned by this transport, started on
@@ -541,7 +546,7 @@ class CacheTransportBase(_Options):
             )
 
     def _default_transport(self) -> Any:
-        return self._lib.HTTPTransport()
+        return UpstreamTransport(self._lib)
 
     @property
     def portal(self) -> anyio.from_thread.BlockingPortal:

@@ -127,3 +127,37 @@ def _buffered_below(stream: Any) -> bool:
             return True
         layer = getattr(layer, "transport_stream", None)
     return False
+
+
+class UpstreamTransport:
+    """A cache transport's default way to the upstream (``lib`` is httpx or httpx2): the
+    library's own transport for the request's URL, chosen as its client chooses it — through
+    the proxy the environment names (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY``, minus
+    ``NO_PROXY``), else directly. The libraries read the environment only for a client given
+    no transport: a cache transport's bare ``HTTPTransport()`` went around an egress proxy
+    its program was told to use (helper-170). Its connections expire holding excess (see
+    :func:`expire_connections_holding_excess`)."""
+
+    def __init__(self, lib: Any) -> None:
+        # (Only its transports are used: never its headers, cookies, timeouts or redirects.)
+        self._client = expire_client_connections_holding_excess(lib.Client())
+
+    def handle_request(self, request: Any) -> Any:
+        return self._client._transport_for_url(request.url).handle_request(request)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AsyncUpstreamTransport:
+    """:class:`UpstreamTransport` for the async cache transports."""
+
+    def __init__(self, lib: Any) -> None:
+        self._client = expire_client_connections_holding_excess(lib.AsyncClient())
+
+    async def handle_async_request(self, request: Any) -> Any:
+        transport = self._client._transport_for_url(request.url)
+        return await transport.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -6,9 +6,9 @@
 
     client = httpx.AsyncClient(transport=AsyncCacheTransport("sqlite:///cache.db"))
 
-:class:`AsyncCacheTransport` wraps an ``httpx.AsyncBaseTransport`` (default
-``httpx.AsyncHTTPTransport()``), :class:`CacheTransport` an ``httpx.BaseTransport`` (default
-``httpx.HTTPTransport()``). The implementation is shared with :mod:`sse_cache.httpx2`; see
+:class:`AsyncCacheTransport` wraps an ``httpx.AsyncBaseTransport``, :class:`CacheTransport` an
+``httpx.BaseTransport`` (default: httpx's own, through the proxy the environment names, as
+its client would go). The implementation is shared with :mod:`sse_cache.httpx2`; see
 ``docs/httpx.md``. Requires ``pip install 'sse-cache[httpx]'``.
 """
 

@@ -9,9 +9,9 @@
         http_client=httpx2.AsyncClient(transport=AsyncCacheTransport("sqlite:///cache.db"))
     )
 
-:class:`AsyncCacheTransport` wraps an ``httpx2.AsyncBaseTransport`` (default
-``httpx2.AsyncHTTPTransport()``), :class:`CacheTransport` an ``httpx2.BaseTransport`` (default
-``httpx2.HTTPTransport()``). The implementation is shared with :mod:`sse_cache.httpx`; see
+:class:`AsyncCacheTransport` wraps an ``httpx2.AsyncBaseTransport``, :class:`CacheTransport` an
+``httpx2.BaseTransport`` (default: httpx2's own, through the proxy the environment names, as
+its client would go). The implementation is shared with :mod:`sse_cache.httpx`; see
 ``docs/httpx.md``. Requires ``pip install 'sse-cache[httpx2]'``.
 """
 

@@ -317,3 +317,58 @@ def test_the_sync_transport_never_reads_an_upstreams_excess_over_tls(
             assert got.status_code == 200
             assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
     check_upstream(tls_upstream)
+
+
+def through_environment_proxy(monkeypatch: pytest.MonkeyPatch, proxy: str, *, no: str = "") -> None:
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    if no:
+        monkeypatch.setenv("NO_PROXY", no)
+
+
+@pytest.mark.anyio
+@LIBRARIES
+async def test_the_async_transports_default_goes_through_the_environments_proxy(
+    upstream: RawUpstream, lib: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the SDK's own client would (helper-170: a bare transport went around the proxy a
+    # program was told to use); the upstream's name is never looked up. The raw upstream
+    # answers as the proxy, and a connection to it left holding excess is closed too.
+    through_environment_proxy(monkeypatch, upstream.url)
+    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    transport = cached.AsyncCacheTransport("memory://")
+    with anyio.fail_after(DEADLOCK_GUARD):
+        async with lib.AsyncClient(base_url="http://upstream.invalid", transport=transport) as c:
+            for question, key, outcome in EXCHANGES:
+                got = await c.post(**request(question, key))
+                assert got.status_code == 200
+                assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    check_upstream(upstream)
+
+
+@LIBRARIES
+def test_the_sync_transports_default_goes_through_the_environments_proxy_but_for_no_proxy(
+    upstream: RawUpstream, lib: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    through_environment_proxy(monkeypatch, upstream.url)
+    with lib.Client(
+        base_url="http://upstream.invalid",
+        transport=cached.CacheTransport("memory://"),
+        timeout=DEADLOCK_GUARD,
+    ) as client:
+        for question, key, outcome in EXCHANGES:
+            got = client.post(**request(question, key))
+            assert got.status_code == 200
+            assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+    check_upstream(upstream)
+    # A host NO_PROXY names is reached directly (the proxy named here listens nowhere).
+    with socket.create_server(("127.0.0.1", 0)) as nowhere:
+        dead = f"http://127.0.0.1:{nowhere.getsockname()[1]}"
+    through_environment_proxy(monkeypatch, dead, no="127.0.0.1")
+    with lib.Client(
+        base_url=upstream.url, transport=cached.CacheTransport("memory://"), timeout=30
+    ) as client:
+        got = client.post(**request("asked directly", "sk-three"))
+        assert (got.status_code, got.content) == (200, answer("asked directly"))
