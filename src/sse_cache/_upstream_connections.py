@@ -1,4 +1,6 @@
-"""A connection to the upstream holding bytes that no request asked for is not used again.
+"""How the cache reaches its upstream: as the HTTP library's own client would (through the
+proxy the environment names), and never again on a connection holding bytes that no request
+asked for.
 
 An upstream that writes past the end of a response on a keep-alive connection (a body longer
 than its ``Content-Length``, the response written twice, a body after a ``204``) leaves the
@@ -17,10 +19,15 @@ queue of received data. Bytes still in the kernel's buffer are httpcore's own ch
 socket is readable); bytes that arrive after the connection was handed to the next request
 cannot be told from its response (HTTP/1.1 has no request ids): no check can catch those.
 
-This reaches into the HTTP libraries' internals (the pool's ``create_connection``, a
-connection's ``_connection``, h11's ``trailing_data``, anyio's, trio's and asyncio's
-buffers); the tests that an upstream's excess never reaches the next request (plain and TLS,
-sync, asyncio and trio, httpx and httpx2) run on every version CI installs.
+httpx and httpx2 read the environment's proxies only for a client given no transport, so the
+cache transports' default (:class:`UpstreamTransport`, :class:`AsyncUpstreamTransport`)
+keeps a client of the library only to pick, per request, the transport it would use.
+
+This reaches into the HTTP libraries' internals (a client's ``_transport_for_url`` and
+``_mounts``, a pool's ``create_connection``, a connection's ``_connection``, h11's
+``trailing_data``, anyio's, trio's and asyncio's buffers); the tests (an upstream's excess
+never reaches the next request, plain and TLS, sync, asyncio and trio, httpx and httpx2; the
+environment's proxy is used) run on every version CI installs.
 """
 
 from __future__ import annotations
@@ -57,8 +64,8 @@ def expire_connections_holding_excess(transport: Any) -> Any:
 
 
 def expire_client_connections_holding_excess(client: Any) -> Any:
-    """:func:`expire_connections_holding_excess` for an httpx2 client's transport and those it
-    mounted (the environment's ``HTTP_PROXY``, ``HTTPS_PROXY``...); returned."""
+    """:func:`expire_connections_holding_excess` for an httpx or httpx2 client's transport and
+    those it mounted (the environment's ``HTTP_PROXY``, ``HTTPS_PROXY``...); returned."""
     for transport in (client._transport, *client._mounts.values()):
         if transport is not None:
             expire_connections_holding_excess(transport)
