@@ -1183,3 +1183,39 @@ def test_a_file_of_a_newer_sse_cache_is_named_so_and_left_as_it_is(
 
     anyio.run(write)
     assert path.read_bytes() == before
+
+
+def test_purge_on_a_full_disk_says_how_to_make_room(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Deleting writes to SQLite's -wal file first: on a full disk purge failed with the
+    # proxy's hint (lower ?max_bytes=), which frees nothing here (helper-164). A real full
+    # disk: a 1 MiB tmpfs the cache fills (CI runs as root).
+    from servers import in_ci
+
+    cannot = pytest.fail if in_ci() else pytest.skip
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if shutil.which("mount") is None:
+        cannot("no mount command: cannot make a small filesystem")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        cannot(f"mount -t tmpfs: {done.stderr.decode().strip()}")
+    try:
+        db = f"sqlite:///{disk / 'c.db'}"
+        entries: dict[str, bytes] = {}
+        with pytest.raises(SSECacheError, match="full"):  # until the disk is full
+            for i in range(64):
+                entries[f"k{i}"] = os.urandom(60_000)
+                store(db, {f"k{i}": entries[f"k{i}"]})
+        capsys.readouterr()
+        assert run_cli("purge", "k1", "--yes", "--backend", db) == 1
+        err = capsys.readouterr().err
+        assert "its disk is full, and deleting needs room too" in err
+        assert "delete it with its -wal and -shm files" in err and "max_bytes" not in err
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

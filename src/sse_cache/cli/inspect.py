@@ -31,7 +31,7 @@ from .._logging import redact_userinfo
 from ..backends._common import check_key
 from ..codec import MsgpackCodec, WireEntry
 from ..entry import Entry
-from ..errors import ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
+from ..errors import BackendFull, ConfigError, CorruptEntry, SSECacheError, UnreadableEntry
 from ..events import serialize_sse
 from ..keys import ALIAS_PREFIX, parse_live_alias_target
 from ..protocols import Backend, ScanningBackend, StatsBackend
@@ -164,6 +164,18 @@ def _sync(
 
         try:
             return anyio.run(main)
+        except BackendFull as exc:
+            if args.command != "purge" or not args.backend.lower().startswith("sqlite:"):
+                return _fail(f"{args.command} on {_redact(args.backend)}: {exc}", EXIT_FAILED)
+            # (The backend's own hint, lowering ?max_bytes=, is the proxy's way out, not
+            # this one: helper-164.)
+            return _fail(
+                f"purge on {_redact(args.backend)}: its disk is full, and deleting needs room "
+                f"too (SQLite writes the change to its -wal file first: {exc.__cause__ or exc}); "
+                "free some space on that disk, or stop every process that uses the file and "
+                "delete it with its -wal and -shm files to start empty",
+                EXIT_FAILED,
+            )
         except SSECacheError as exc:
             return _fail(f"{args.command} on {_redact(args.backend)}: {exc}", EXIT_FAILED)
 
