@@ -199,6 +199,35 @@ def request(question: str, key: str) -> dict[str, Any]:
     }
 
 
+async def exchange(client: Any) -> None:
+    """The :data:`EXCHANGES` through an async client: each answered as it should be."""
+    for question, key, outcome in EXCHANGES:
+        got = await client.post(**request(question, key))
+        assert got.status_code == 200, got.text
+        assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+
+
+def exchange_sync(client: Any) -> None:
+    """:func:`exchange` through a sync client."""
+    for question, key, outcome in EXCHANGES:
+        got = client.post(**request(question, key))
+        assert got.status_code == 200, got.text
+        assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+
+
+def cache_of(lib: Any) -> Any:
+    """The cache transports' module for the HTTP library ``lib``."""
+    return {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+
+
+def through_environment_proxy(monkeypatch: pytest.MonkeyPatch, proxy: str, *, no: str = "") -> None:
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    if no:
+        monkeypatch.setenv("NO_PROXY", no)
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the proxy's forwarder: httpx2, asyncio
 async def test_the_proxy_never_reads_an_upstreams_excess_as_the_next_response(
@@ -208,10 +237,7 @@ async def test_the_proxy_never_reads_an_upstreams_excess_as_the_next_response(
     try:
         with anyio.fail_after(DEADLOCK_GUARD):
             async with serve(app) as base, httpx2.AsyncClient(base_url=base) as client:
-                for question, key, outcome in EXCHANGES:
-                    got = await client.post(**request(question, key))
-                    assert got.status_code == 200
-                    assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+                await exchange(client)
     finally:
         await app.aclose()
     check_upstream(upstream)
@@ -225,9 +251,7 @@ async def test_the_proxy_forwards_through_the_environments_proxy_and_never_reads
     # HTTP_PROXY names a forward proxy (here the raw upstream answers as one): the forwarder
     # goes through it (the upstream's name is never looked up), and a connection to it left
     # holding excess is closed too.
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", upstream.url)
+    through_environment_proxy(monkeypatch, upstream.url)
     app = create_proxy_app("http://upstream.invalid", "memory://", access_log=False)
     try:
         with anyio.fail_after(DEADLOCK_GUARD):
@@ -235,10 +259,7 @@ async def test_the_proxy_forwards_through_the_environments_proxy_and_never_reads
                 serve(app) as base,
                 httpx2.AsyncClient(base_url=base, trust_env=False) as client,  # (straight)
             ):
-                for question, key, outcome in EXCHANGES:
-                    got = await client.post(**request(question, key))
-                    assert got.status_code == 200, got.text
-                    assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+                await exchange(client)
     finally:
         await app.aclose()
     check_upstream(upstream)
@@ -255,15 +276,12 @@ INNER = pytest.mark.parametrize("given", [False, True], ids=["default", "given"]
 async def test_the_async_transport_never_reads_an_upstreams_excess(
     upstream: RawUpstream, lib: Any, given: bool
 ) -> None:
-    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    cached = cache_of(lib)
     inner = lib.AsyncHTTPTransport(retries=1) if given else None
     transport = cached.AsyncCacheTransport("memory://", inner)
     with anyio.fail_after(DEADLOCK_GUARD):
         async with lib.AsyncClient(base_url=upstream.url, transport=transport) as client:
-            for question, key, outcome in EXCHANGES:
-                got = await client.post(**request(question, key))
-                assert got.status_code == 200
-                assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+            await exchange(client)
     check_upstream(upstream)
 
 
@@ -272,14 +290,11 @@ async def test_the_async_transport_never_reads_an_upstreams_excess(
 def test_the_sync_transport_never_reads_an_upstreams_excess(
     upstream: RawUpstream, lib: Any, given: bool
 ) -> None:
-    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    cached = cache_of(lib)
     inner = lib.HTTPTransport(retries=1) if given else None
     transport = cached.CacheTransport("memory://", inner)
     with lib.Client(base_url=upstream.url, transport=transport, timeout=DEADLOCK_GUARD) as client:
-        for question, key, outcome in EXCHANGES:
-            got = client.post(**request(question, key))
-            assert got.status_code == 200
-            assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+        exchange_sync(client)
     check_upstream(upstream)
 
 
@@ -290,15 +305,12 @@ async def test_the_async_transport_never_reads_an_upstreams_excess_over_tls(
 ) -> None:
     # The copy is a TLS record of its own in the segment that brought the answer's end:
     # anyio's and trio's TLS streams hold it undecrypted, below h11.
-    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    cached = cache_of(lib)
     inner = lib.AsyncHTTPTransport(verify=trusting(certificate))
     transport = cached.AsyncCacheTransport("memory://", inner)
     with anyio.fail_after(DEADLOCK_GUARD):
         async with lib.AsyncClient(base_url=tls_upstream.url, transport=transport) as client:
-            for question, key, outcome in EXCHANGES:
-                got = await client.post(**request(question, key))
-                assert got.status_code == 200
-                assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+            await exchange(client)
     check_upstream(tls_upstream)
 
 
@@ -306,25 +318,14 @@ async def test_the_async_transport_never_reads_an_upstreams_excess_over_tls(
 def test_the_sync_transport_never_reads_an_upstreams_excess_over_tls(
     tls_upstream: RawUpstream, lib: Any, certificate: tuple[Path, Path]
 ) -> None:
-    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    cached = cache_of(lib)
     inner = lib.HTTPTransport(verify=trusting(certificate))
     transport = cached.CacheTransport("memory://", inner)
     with lib.Client(
         base_url=tls_upstream.url, transport=transport, timeout=DEADLOCK_GUARD
     ) as client:
-        for question, key, outcome in EXCHANGES:
-            got = client.post(**request(question, key))
-            assert got.status_code == 200
-            assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+        exchange_sync(client)
     check_upstream(tls_upstream)
-
-
-def through_environment_proxy(monkeypatch: pytest.MonkeyPatch, proxy: str, *, no: str = "") -> None:
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HTTP_PROXY", proxy)
-    if no:
-        monkeypatch.setenv("NO_PROXY", no)
 
 
 @pytest.mark.anyio
@@ -336,14 +337,11 @@ async def test_the_async_transports_default_goes_through_the_environments_proxy(
     # program was told to use); the upstream's name is never looked up. The raw upstream
     # answers as the proxy, and a connection to it left holding excess is closed too.
     through_environment_proxy(monkeypatch, upstream.url)
-    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    cached = cache_of(lib)
     transport = cached.AsyncCacheTransport("memory://")
     with anyio.fail_after(DEADLOCK_GUARD):
         async with lib.AsyncClient(base_url="http://upstream.invalid", transport=transport) as c:
-            for question, key, outcome in EXCHANGES:
-                got = await c.post(**request(question, key))
-                assert got.status_code == 200
-                assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+            await exchange(c)
     check_upstream(upstream)
 
 
@@ -351,17 +349,14 @@ async def test_the_async_transports_default_goes_through_the_environments_proxy(
 def test_the_sync_transports_default_goes_through_the_environments_proxy_but_for_no_proxy(
     upstream: RawUpstream, lib: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cached = {httpx2: sse_cache.httpx2, httpx: sse_cache.httpx}[lib]
+    cached = cache_of(lib)
     through_environment_proxy(monkeypatch, upstream.url)
     with lib.Client(
         base_url="http://upstream.invalid",
         transport=cached.CacheTransport("memory://"),
         timeout=DEADLOCK_GUARD,
     ) as client:
-        for question, key, outcome in EXCHANGES:
-            got = client.post(**request(question, key))
-            assert got.status_code == 200
-            assert (got.headers["x-sse-cache"], got.content) == (outcome, answer(question))
+        exchange_sync(client)
     check_upstream(upstream)
     # A host NO_PROXY names is reached directly (the proxy named here listens nowhere).
     with socket.create_server(("127.0.0.1", 0)) as nowhere:
