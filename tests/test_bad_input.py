@@ -234,9 +234,40 @@ def test_a_transport_that_cannot_send_is_refused_at_construction(module: object)
     for url in ("redis://127.0.0.1:1/0", "REDISS://127.0.0.1:1", "unix:///tmp/no.sock"):
         with pytest.raises(ConfigError, match=r"^portal_backend='trio' cannot run the Redis"):
             sync_cls(url, portal_backend="trio")
-    with pytest.raises(ConfigError, match=r"^portal_backend='trio' cannot run the Redis"):
-        sync_cls(from_url("redis://127.0.0.1:1/0"), portal_backend="trio")
+    from sse_cache.backends import RedisBackend
+
+    class MyRedis(RedisBackend):  # (a subclass runs on redis-py's asyncio client too)
+        pass
+
+    import redis.asyncio
+
+    mine = MyRedis(redis.asyncio.Redis(host="127.0.0.1", port=1))
+    for backend in (from_url("redis://127.0.0.1:1/0"), mine):
+        with pytest.raises(ConfigError, match=r"^portal_backend='trio' cannot run the Redis"):
+            sync_cls(backend, portal_backend="trio")
     sync_cls("memory://", portal_backend="trio").close()
+
+
+@pytest.mark.parametrize("lib", [httpx2, httpx], ids=["httpx2", "httpx"])
+def test_an_environment_proxy_the_transports_cannot_use_is_said_by_name(
+    lib: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache transports' default reads the environment's proxies as the library's client
+    # does: one it cannot use (an unknown scheme; SOCKS without socksio) failed with the
+    # library's bare ValueError or ImportError (helper-172). Its password is never shown.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ALL_PROXY", "socks4://user:s3cret@127.0.0.1:9")
+    cached = sse_cache.httpx2 if lib is httpx2 else sse_cache.httpx
+    for make, spelt in ((cached.AsyncCacheTransport, "Async"), (cached.CacheTransport, "")):
+        with pytest.raises(ConfigError) as caught:
+            make("memory://")
+        said = str(caught.value)
+        assert said.startswith("the environment's proxy (ALL_PROXY=socks4://***@127.0.0.1:9)")
+        assert f"transport={lib.__name__}.{spelt}HTTPTransport()" in said
+        assert "s3cret" not in said
+    # Given a transport of its own, the cache reads no environment.
+    cached.CacheTransport("memory://", lib.HTTPTransport()).close()
 
 
 # -- backend URLs ---------------------------------------------------------------------------

@@ -520,8 +520,8 @@ class AccessLog:
 def _unrecorded(scope: Scope, line: _Line) -> str:
     # The cache sends no notice for an answer it did not even record: the usual causes can be
     # read off the request and the response.
-    if line.status and not 200 <= line.status < 300:
-        return f"upstream status {line.status}"
+    if line.status and (not 200 <= line.status < 300 or line.status == 206):
+        return f"upstream status {line.status}"  # (a 206: the part a Range asked for)
     if not line.complete:
         return "the response did not complete"
     headers = {k.lower(): v for k, v in scope.get("headers", ())}

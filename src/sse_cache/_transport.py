@@ -277,6 +277,9 @@ class _Options:
         self._inherited = self.service
         if self._backend_url is not None:
             self.service = CacheService(self._backend_url, self._options)
+        # The parent's streams read on without their client are not read here: none of
+        # them holds a place (helper-172: the child refused its own, for good).
+        self._holds = BackgroundSlots(self._holds.bound, self._options.hooks)
 
     def _default_transport(self) -> Any:
         raise NotImplementedError

@@ -32,8 +32,13 @@ environment's proxy is used) run on every version CI installs.
 
 from __future__ import annotations
 
+import os
 import ssl
+from collections.abc import Callable
 from typing import Any
+
+from ._logging import redact_userinfo
+from .errors import ConfigError
 
 #: The HTTP libraries whose ``HTTPTransport`` / ``AsyncHTTPTransport`` are guarded.
 _LIBRARIES = frozenset({"httpx", "httpx2"})
@@ -56,6 +61,7 @@ def expire_connections_holding_excess(transport: Any) -> Any:
     def create_connection(origin: Any) -> Any:
         connection = create(origin)
         connection.__class__ = _guarded(type(connection))
+        connection.sse_cache_pid = os.getpid()
         return connection
 
     create_connection.expires_excess = True  # type: ignore[attr-defined]
@@ -77,12 +83,27 @@ def _guarded(plain: type) -> type:
     if guarded is None:
 
         class Guarded(plain):  # type: ignore[misc]
+            sse_cache_pid = 0  # the process that opened it
+
             def has_expired(self) -> bool:
-                return bool(super().has_expired()) or _holds_excess(self)
+                return _forked_from(self) or bool(super().has_expired()) or _holds_excess(self)
 
         Guarded.__name__ = Guarded.__qualname__ = plain.__name__
         guarded = _guarded_classes[plain] = Guarded
     return guarded
+
+
+def _forked_from(connection: Any) -> bool:
+    """A sync connection opened by the process this one was forked from (a client built and
+    used at import, then gunicorn or Celery workers forked): its socket is shared with the
+    parent, and the two processes' requests and responses would interleave on it — another
+    tenant's answer read, and stored, as this request's (helper-172). Closed in the child
+    (which only lets go of its copy of the socket); the parent's stays open. (Not an async
+    one: closing it would touch the parent's event loop's selector, shared across the fork;
+    an event loop is not carried into a child anyway.)"""
+    return connection.sse_cache_pid != os.getpid() and not type(connection).__name__.startswith(
+        "Async"
+    )
 
 
 def _holds_excess(connection: Any) -> bool:
@@ -136,6 +157,34 @@ def _buffered_below(stream: Any) -> bool:
     return False
 
 
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+_GIVE_ONE = (
+    "give the cache transport one of your own, which does not read the environment "
+    "(transport={0}.{1}HTTPTransport(), with proxy= if you need one)"
+)
+
+
+def environment_client(make: Callable[[], Any], way_out: str) -> Any:
+    """``make()``, a client of the library that reads the environment's proxies, with its
+    transports guarded (:func:`expire_client_connections_holding_excess`); a proxy it cannot
+    use (``socks5://`` without socksio, an unknown scheme) is a ConfigError naming it, and
+    ``way_out`` besides installing what it needs."""
+    try:
+        client = make()
+    except (ImportError, ValueError) as exc:
+        named = [
+            f"{name}={redact_userinfo(value)}"
+            for name in _PROXY_VARIABLES
+            for value in (os.environ.get(name) or os.environ.get(name.lower()),)
+            if value
+        ]
+        raise ConfigError(
+            f"the environment's proxy ({', '.join(named) or 'its settings'}) cannot be used: "
+            f"{exc} — install what it needs, or {way_out}"
+        ) from exc
+    return expire_client_connections_holding_excess(client)
+
+
 class UpstreamTransport:
     """A cache transport's default way to the upstream (``lib`` is httpx or httpx2): the
     library's own transport for the request's URL, chosen as its client chooses it — through
@@ -147,7 +196,7 @@ class UpstreamTransport:
 
     def __init__(self, lib: Any) -> None:
         # (Only its transports are used: never its headers, cookies, timeouts or redirects.)
-        self._client = expire_client_connections_holding_excess(lib.Client())
+        self._client = environment_client(lib.Client, _GIVE_ONE.format(lib.__name__, ""))
 
     def handle_request(self, request: Any) -> Any:
         return self._client._transport_for_url(request.url).handle_request(request)
@@ -160,7 +209,7 @@ class AsyncUpstreamTransport:
     """:class:`UpstreamTransport` for the async cache transports."""
 
     def __init__(self, lib: Any) -> None:
-        self._client = expire_client_connections_holding_excess(lib.AsyncClient())
+        self._client = environment_client(lib.AsyncClient, _GIVE_ONE.format(lib.__name__, "Async"))
 
     async def handle_async_request(self, request: Any) -> Any:
         transport = self._client._transport_for_url(request.url)

@@ -179,8 +179,8 @@ _BACKGROUND = (
 )
 _IN_PROGRESS = (
     "sse_cache_requests_in_progress",
-    "HTTP requests the proxy is serving (a stream until its last byte or its client's "
-    "leaving): what --limit-concurrency bounds.",
+    "HTTP requests the proxy is handling (a stream until its last byte, or until it ends "
+    "when it is read on for others after its client left).",
 )
 
 _INSTALL = "pip install 'sse-cache[proxy]'"
@@ -236,9 +236,13 @@ class Metrics:
         self._breaker = "closed"  # the backend breaker's state, from its last notice
         self._first_byte = {s: _Histogram(len(self._first_byte_bounds)) for s in _STATUSES}
         self._backend = {op: _Histogram(len(self._backend_bounds)) for op in _OPERATIONS}
-        self._live: weakref.WeakSet[Flights] = weakref.WeakSet()
-        self._background: weakref.WeakSet[BackgroundSlots] = weakref.WeakSet()
-        self._servers: weakref.WeakSet[RequestCounter] = weakref.WeakSet()
+        # What is watched, each with the process that watched it: a forked child (a worker)
+        # reports only its own (the parent's streams, slots and server are not its).
+        self._live: weakref.WeakKeyDictionary[Flights, int] = weakref.WeakKeyDictionary()
+        self._background: weakref.WeakKeyDictionary[BackgroundSlots, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._servers: weakref.WeakKeyDictionary[RequestCounter, int] = weakref.WeakKeyDictionary()
         #: The ``prometheus_client`` collector of these metrics: register it in any registry.
         self.collector = _Collector(self)
         #: The registry :attr:`collector` was registered in when this instance was built.
@@ -274,20 +278,20 @@ class Metrics:
         :class:`~sse_cache.engine.StreamCache` given this hook calls it itself; the registry is
         held weakly (a cache that is gone is no longer reported)."""
         with self._lock:
-            self._live.add(live)
+            self._live[live] = os.getpid()
 
     def watch_background(self, slots: BackgroundSlots) -> None:
         """Report the streams ``slots`` counts (read on without their client) in
         ``sse_cache_background_streams``: the middleware's and the transports' bound on them
         (their ``max_background``) calls it itself when given this hook. Held weakly."""
         with self._lock:
-            self._background.add(slots)
+            self._background[slots] = os.getpid()
 
     def watch_requests(self, server: RequestCounter) -> None:
         """Report ``server.requests_in_progress`` in ``sse_cache_requests_in_progress`` (the
         proxy calls it for itself). Held weakly."""
         with self._lock:
-            self._servers.add(server)
+            self._servers[server] = os.getpid()
 
     @staticmethod
     def _observe(
@@ -332,9 +336,10 @@ class Metrics:
                 "first_byte": _snapshot(self._first_byte),
                 "backend": _snapshot(self._backend),
             }
-            watched = list(self._live)
-            background = list(self._background)
-            servers = list(self._servers)
+            pid = os.getpid()
+            watched = [live for live, by in self._live.items() if by == pid]
+            background = [slots for slots, by in self._background.items() if by == pid]
+            servers = [server for server, by in self._servers.items() if by == pid]
         streams = followers = 0
         for flights in watched:
             for live in flights:

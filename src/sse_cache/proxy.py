@@ -44,7 +44,7 @@ from ._logging import (
     redact_url,
 )
 from ._notices import Notice
-from ._upstream_connections import expire_client_connections_holding_excess
+from ._upstream_connections import environment_client
 from .asgi import CacheMiddleware
 from .breaker import BreakerState
 from .errors import ConfigError
@@ -181,19 +181,22 @@ class Forwarder:
         if client is None:
 
             def new_client() -> Any:
-                made = httpx2.AsyncClient(
-                    timeout=httpx2.Timeout(timeout, connect=connect_timeout),
-                    limits=limits,
-                    follow_redirects=False,
-                    cookies=no_cookies(),
+                made = environment_client(
+                    lambda: httpx2.AsyncClient(
+                        timeout=httpx2.Timeout(timeout, connect=connect_timeout),
+                        limits=limits,
+                        follow_redirects=False,
+                        cookies=no_cookies(),
+                    ),
+                    "start the proxy without it",
                 )
                 # The client's request headers go as they came: httpx2's defaults added its
                 # own user-agent and accept to a request that had none (helper-132).
                 for name in ("user-agent", "accept"):
                     del made.headers[name]
-                # (Its own transport and the environment's proxies it mounted: a transport
-                # given would leave HTTP_PROXY and the like unread.)
-                return expire_client_connections_holding_excess(made)
+                # (Its own transport and the environment's proxies it mounted, guarded: a
+                # transport given would leave HTTP_PROXY and the like unread.)
+                return made
 
             self._new_client = new_client
             client = self._new_client()
@@ -640,9 +643,11 @@ class ProxyApp:
 
     @property
     def requests_in_progress(self) -> int:
-        """HTTP requests being served (``sse_cache_requests_in_progress``): those counted
-        against :attr:`limit_concurrency` when it is set."""
-        return self._running if self.limit_concurrency is None else self._admitted
+        """HTTP requests being handled (``sse_cache_requests_in_progress``): each from its
+        arrival until its handling ends (its response's last byte; the stream's end when it
+        is read on for others after its client left). :attr:`limit_concurrency` counts each
+        until its last byte or its client's leaving: at most this many."""
+        return self._running
 
     async def aclose(self) -> None:
         """Close the upstream client and the cache's backend, and publish the metrics a last

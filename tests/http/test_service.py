@@ -396,3 +396,15 @@ async def test_a_service_opened_again_starts_with_a_closed_breaker() -> None:
     assert service.breaker.state.value == "closed"
     assert service.breaker.allow(time.monotonic())  # the new backend is asked
     await service.aclose()
+
+
+def test_the_access_line_says_why_a_206_was_not_stored() -> None:
+    # The part a Range asked for: its line said "not a storable answer (not completed by the
+    # route's schema...)", a guess (helper-172).
+    from sse_cache._logging import _Line, _unrecorded
+
+    line = _Line()
+    line.status, line.complete = 206, True
+    assert _unrecorded({"type": "http", "headers": []}, line) == "upstream status 206"
+    line.status = 200
+    assert _unrecorded({"type": "http", "headers": []}, line).startswith("not a storable")

@@ -38,7 +38,7 @@ from flights_seen import FlightsSeen
 from sse_cache.backends import from_url
 from sse_cache.events import serialize_sse
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
-from sse_cache.testing import MockUpstream, responses_stream
+from sse_cache.testing import MockUpstream, metric_value, responses_stream
 
 RESPONSES = "POST /v1/responses"
 CHAT = "POST /v1/chat/completions"
@@ -1256,6 +1256,49 @@ def test_a_child_forked_while_a_drain_thread_reads_on_closes_its_client(
         assert _in_forked_child(client, []) == [("closed", "")]
         thread.join(30)
     assert follower and b"response.completed" in follower[0]
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_a_child_forked_while_a_stream_is_held_for_its_resume_window_has_its_own_places(
+    upstream: Upstream, cache_url: str, prompt: str
+) -> None:
+    # The parent holds a stream its client left for the resume window when a worker forks:
+    # the child kept the parent's count of such streams for good — its own next one was
+    # refused (max_background=1) — and its metrics reported the parent's streams
+    # (helper-172).
+    import multiprocessing
+
+    from sse_cache.metrics import Metrics
+
+    metrics = Metrics()
+    transport = CacheTransport(cache_url, resume_window=30, max_background=1, hooks=[metrics])
+    body = {"model": MODEL, "input": prompt, "stream": True}
+    headers = {**PACED, "x-mock-deltas": "20"}  # (4 s of answer: held at the fork)
+    with httpx2.Client(transport=transport, base_url=upstream.url, timeout=30) as client:
+        with client.stream("POST", "/v1/responses", json=body, headers=headers) as producer:
+            next(producer.iter_raw())
+        deadline = time.monotonic() + 30  # a deadlock guard
+        while transport._holds.taken < 1:  # (held once its client has left)
+            assert time.monotonic() < deadline, "the stream was never held"
+            time.sleep(0.01)
+        gauges = ("sse_cache_background_streams", "sse_cache_live_streams")
+        assert [metric_value(metrics.render(), g) for g in gauges] == [1, 1]
+
+        def child(conn: Any) -> None:
+            conn.send(
+                [transport._holds.taken, *(metric_value(metrics.render(), g) for g in gauges)]
+            )
+
+        parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+        process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+        process.start()
+        try:
+            assert parent_end.poll(60), "the forked child hung"
+            assert parent_end.recv() == [0, 0, 0]
+        finally:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
 
 
 # -- a follower's own read timeout ------------------------------------------------------------

@@ -367,3 +367,44 @@ def test_the_sync_transports_default_goes_through_the_environments_proxy_but_for
     ) as client:
         got = client.post(**request("asked directly", "sk-three"))
         assert (got.status_code, got.content) == (200, answer("asked directly"))
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: threads
+@LIBRARIES
+@INNER
+def test_a_forked_child_never_sends_on_its_parents_connection(lib: Any, given: bool) -> None:
+    # A client built and used at import, then workers forked (gunicorn, Celery): the pool's
+    # idle connection was the parent's socket too, and the two processes' requests and
+    # answers interleaved on it — a tenant's answer read, and stored, as another's
+    # (helper-172). The child opens its own; the parent keeps its.
+    import multiprocessing
+
+    server = RawUpstream(twice=False)
+    try:
+        inner = lib.HTTPTransport() if given else None
+        transport = cache_of(lib).CacheTransport("memory://", inner)
+        with lib.Client(base_url=server.url, transport=transport, timeout=30) as client:
+            asked = client.post(**request("the parent's question", "sk-parent"))
+            assert asked.content == answer("the parent's question")
+            assert server.connections == 1
+
+            def child(conn: Any) -> None:
+                got = client.post(**request("the child's question", "sk-child"))
+                conn.send((got.headers["x-sse-cache"], got.content))
+
+            parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+            process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+            process.start()
+            try:
+                assert parent_end.poll(60), "the forked child hung"
+                assert parent_end.recv() == ("miss", answer("the child's question"))
+            finally:
+                process.join(10)
+                if process.is_alive():
+                    process.kill()
+            assert server.connections == 2  # the child's own
+            again = client.post(**request("the parent's second question", "sk-parent"))
+            assert again.content == answer("the parent's second question")
+            assert server.connections == 2  # the parent's, used again
+    finally:
+        server.close()

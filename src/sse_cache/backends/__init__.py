@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import reprlib
+import sys
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any, Final
@@ -107,7 +108,10 @@ def asyncio_only(backend: object) -> bool:
     if isinstance(backend, str):
         scheme = backend.partition(":")[0].lower()
         return _BUILTIN.get(scheme, "").startswith("sse_cache.backends.redis:")
-    return type(backend).__module__ == "sse_cache.backends.redis"
+    # (Imported only if it was: a backend object of that class, or of a subclass, means it
+    # was; redis may not be installed.)
+    redis_module = sys.modules.get("sse_cache.backends.redis")
+    return redis_module is not None and isinstance(backend, redis_module.RedisBackend)
 
 
 def known_schemes() -> list[str]:
