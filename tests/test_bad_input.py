@@ -266,6 +266,10 @@ def test_an_environment_proxy_the_transports_cannot_use_is_said_by_name(
         assert said.startswith("the environment's proxy (ALL_PROXY=socks4://***@127.0.0.1:9)")
         assert f"transport={lib.__name__}.{spelt}HTTPTransport()" in said
         assert "s3cret" not in said
+    # A malformed one: the library's InvalidURL, which named no variable (helper-173).
+    monkeypatch.setenv("ALL_PROXY", "http://[::1")
+    with pytest.raises(ConfigError, match=r"^the environment's proxy \(ALL_PROXY=http://\[::1\)"):
+        cached.CacheTransport("memory://")
     # Given a transport of its own, the cache reads no environment.
     cached.CacheTransport("memory://", lib.HTTPTransport()).close()
 

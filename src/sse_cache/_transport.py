@@ -275,11 +275,19 @@ class _Options:
         anew; the parent's objects are kept, never closed here (closing them could close
         what the parent still uses)."""
         self._inherited = self.service
+        inherited: list[object] = [self._holds]
         if self._backend_url is not None:
             self.service = CacheService(self._backend_url, self._options)
+            inherited += self._inherited.live_registries()
         # The parent's streams read on without their client are not read here: none of
-        # them holds a place (helper-172: the child refused its own, for good).
+        # them holds a place (helper-172: the child refused its own, for good), and the
+        # metrics report the child's own streams, not the parent's.
         self._holds = BackgroundSlots(self._holds.bound, self._options.hooks)
+        for hook in self._options.hooks:
+            forget = getattr(hook, "forget", None)
+            if callable(forget):
+                for watched in inherited:
+                    forget(watched)
 
     def _default_transport(self) -> Any:
         raise NotImplementedError

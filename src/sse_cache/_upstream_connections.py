@@ -1,6 +1,7 @@
 """How the cache reaches its upstream: as the HTTP library's own client would (through the
-proxy the environment names), and never again on a connection holding bytes that no request
-asked for.
+proxy the environment names), never again on a connection holding bytes that no request
+asked for, and never, in a forked child, on a connection its parent opened
+(:class:`_ForgottenAtFork`).
 
 An upstream that writes past the end of a response on a keep-alive connection (a body longer
 than its ``Content-Length``, the response written twice, a body after a ``204``) leaves the
@@ -24,7 +25,8 @@ cache transports' default (:class:`UpstreamTransport`, :class:`AsyncUpstreamTran
 keeps a client of the library only to pick, per request, the transport it would use.
 
 This reaches into the HTTP libraries' internals (a client's ``_transport_for_url`` and
-``_mounts``, a pool's ``create_connection``, a connection's ``_connection``, h11's
+``_mounts``, a pool's ``create_connection``, ``_connections``, ``_requests`` and lock, a
+connection's ``_connection``, h11's
 ``trailing_data``, anyio's, trio's and asyncio's buffers); the tests (an upstream's excess
 never reaches the next request, plain and TLS, sync, asyncio and trio, httpx and httpx2; the
 environment's proxy is used) run on every version CI installs.
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._logging import redact_userinfo
+from .backends._fork import keep, reopen_after_fork
 from .errors import ConfigError
 
 #: The HTTP libraries whose ``HTTPTransport`` / ``AsyncHTTPTransport`` are guarded.
@@ -61,11 +64,12 @@ def expire_connections_holding_excess(transport: Any) -> Any:
     def create_connection(origin: Any) -> Any:
         connection = create(origin)
         connection.__class__ = _guarded(type(connection))
-        connection.sse_cache_pid = os.getpid()
         return connection
 
     create_connection.expires_excess = True  # type: ignore[attr-defined]
     pool.create_connection = create_connection
+    pool.sse_cache_after_fork = forgotten = _ForgottenAtFork(pool)  # (held by its pool)
+    reopen_after_fork(forgotten)
     return transport
 
 
@@ -83,27 +87,38 @@ def _guarded(plain: type) -> type:
     if guarded is None:
 
         class Guarded(plain):  # type: ignore[misc]
-            sse_cache_pid = 0  # the process that opened it
-
             def has_expired(self) -> bool:
-                return _forked_from(self) or bool(super().has_expired()) or _holds_excess(self)
+                return bool(super().has_expired()) or _holds_excess(self)
 
         Guarded.__name__ = Guarded.__qualname__ = plain.__name__
         guarded = _guarded_classes[plain] = Guarded
     return guarded
 
 
-def _forked_from(connection: Any) -> bool:
-    """A sync connection opened by the process this one was forked from (a client built and
-    used at import, then gunicorn or Celery workers forked): its socket is shared with the
-    parent, and the two processes' requests and responses would interleave on it — another
-    tenant's answer read, and stored, as this request's (helper-172). Closed in the child
-    (which only lets go of its copy of the socket); the parent's stays open. (Not an async
-    one: closing it would touch the parent's event loop's selector, shared across the fork;
-    an event loop is not carried into a child anyway.)"""
-    return connection.sse_cache_pid != os.getpid() and not type(connection).__name__.startswith(
-        "Async"
-    )
+class _ForgottenAtFork:
+    """In a child forked from this process (a client built and used at import, then
+    gunicorn or Celery workers forked), a guarded pool's connections are its parent's: each
+    socket is shared with the parent, and the two processes' requests and answers would
+    interleave on it — one tenant's answer read, and stored, as another's (helper-172; on
+    trio and over HTTP/2 too, and through a connection a parent's thread was using at the
+    fork: helper-173). The child forgets them — kept referenced, never closed, which could
+    end what the parent still uses — with the parent's requests under way (their threads
+    are not in the child) and the pool's lock (which one of them may have held), and opens
+    its own. The parent keeps its."""
+
+    __slots__ = ("__weakref__", "_pool")
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def _forked(self) -> None:
+        pool = self._pool
+        keep(pool._connections)
+        pool._connections = []
+        pool._requests = []
+        lock = getattr(pool, "_optional_thread_lock", None)
+        if lock is not None:
+            pool._optional_thread_lock = type(lock)()
 
 
 def _holds_excess(connection: Any) -> bool:
@@ -167,11 +182,14 @@ _GIVE_ONE = (
 def environment_client(make: Callable[[], Any], way_out: str) -> Any:
     """``make()``, a client of the library that reads the environment's proxies, with its
     transports guarded (:func:`expire_client_connections_holding_excess`); a proxy it cannot
-    use (``socks5://`` without socksio, an unknown scheme) is a ConfigError naming it, and
+    use (``socks5://`` without socksio, an unknown scheme, a malformed URL) is a ConfigError
+    naming it, and
     ``way_out`` besides installing what it needs."""
     try:
         client = make()
-    except (ImportError, ValueError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, (ImportError, ValueError)) and type(exc).__name__ != "InvalidURL":
+            raise
         named = [
             f"{name}={redact_userinfo(value)}"
             for name in _PROXY_VARIABLES

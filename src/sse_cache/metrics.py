@@ -236,13 +236,9 @@ class Metrics:
         self._breaker = "closed"  # the backend breaker's state, from its last notice
         self._first_byte = {s: _Histogram(len(self._first_byte_bounds)) for s in _STATUSES}
         self._backend = {op: _Histogram(len(self._backend_bounds)) for op in _OPERATIONS}
-        # What is watched, each with the process that watched it: a forked child (a worker)
-        # reports only its own (the parent's streams, slots and server are not its).
-        self._live: weakref.WeakKeyDictionary[Flights, int] = weakref.WeakKeyDictionary()
-        self._background: weakref.WeakKeyDictionary[BackgroundSlots, int] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._servers: weakref.WeakKeyDictionary[RequestCounter, int] = weakref.WeakKeyDictionary()
+        self._live: weakref.WeakSet[Flights] = weakref.WeakSet()
+        self._background: weakref.WeakSet[BackgroundSlots] = weakref.WeakSet()
+        self._servers: weakref.WeakSet[RequestCounter] = weakref.WeakSet()
         #: The ``prometheus_client`` collector of these metrics: register it in any registry.
         self.collector = _Collector(self)
         #: The registry :attr:`collector` was registered in when this instance was built.
@@ -278,20 +274,30 @@ class Metrics:
         :class:`~sse_cache.engine.StreamCache` given this hook calls it itself; the registry is
         held weakly (a cache that is gone is no longer reported)."""
         with self._lock:
-            self._live[live] = os.getpid()
+            self._live.add(live)
 
     def watch_background(self, slots: BackgroundSlots) -> None:
         """Report the streams ``slots`` counts (read on without their client) in
         ``sse_cache_background_streams``: the middleware's and the transports' bound on them
         (their ``max_background``) calls it itself when given this hook. Held weakly."""
         with self._lock:
-            self._background[slots] = os.getpid()
+            self._background.add(slots)
 
     def watch_requests(self, server: RequestCounter) -> None:
         """Report ``server.requests_in_progress`` in ``sse_cache_requests_in_progress`` (the
         proxy calls it for itself). Held weakly."""
         with self._lock:
-            self._servers[server] = os.getpid()
+            self._servers.add(server)
+
+    def forget(self, watched: object) -> None:
+        """Report no more what :meth:`watch`, :meth:`watch_background` or
+        :meth:`watch_requests` was given: a transport in a forked child forgets its parent's
+        live streams and slots, which it replaced with its own (those the child goes on
+        using, a middleware's built before the fork, stay reported)."""
+        with self._lock:
+            self._live.discard(watched)  # type: ignore[arg-type]
+            self._background.discard(watched)  # type: ignore[arg-type]
+            self._servers.discard(watched)  # type: ignore[arg-type]
 
     @staticmethod
     def _observe(
@@ -336,10 +342,9 @@ class Metrics:
                 "first_byte": _snapshot(self._first_byte),
                 "backend": _snapshot(self._backend),
             }
-            pid = os.getpid()
-            watched = [live for live, by in self._live.items() if by == pid]
-            background = [slots for slots, by in self._background.items() if by == pid]
-            servers = [server for server, by in self._servers.items() if by == pid]
+            watched = list(self._live)
+            background = list(self._background)
+            servers = list(self._servers)
         streams = followers = 0
         for flights in watched:
             for live in flights:

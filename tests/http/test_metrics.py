@@ -284,6 +284,48 @@ async def test_metrics_do_not_keep_a_cache_that_is_gone_alive() -> None:
     assert value(metrics.render(), "sse_cache_live_streams") == 0
 
 
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: threads
+def test_a_cache_built_before_a_fork_reports_its_live_streams_in_the_child() -> None:
+    # gunicorn --preload: the app (its cache, its metrics) is built in the master, and the
+    # workers forked from it serve; a worker's live stream read 0 when the gauges kept only
+    # what their own process had registered (helper-173).
+    import multiprocessing
+
+    metrics = Metrics()
+    cache = StreamCache("memory://", GenericSSE(), hooks=[metrics])
+
+    def child(conn: Any) -> None:
+        async def main() -> float:
+            release = anyio.Event()
+
+            async def upstream() -> AsyncIterator[Event]:
+                yield EVENTS[0]
+                await release.wait()
+                for event in EVENTS[1:]:
+                    yield event
+
+            async with cache.stream(cache.request(BODY, shared=True), upstream) as stream:
+                seen = 0.0
+                async for _ in stream:
+                    if not release.is_set():
+                        seen = value(metrics.render(), "sse_cache_live_streams")
+                        release.set()
+            return seen
+
+        conn.send(anyio.run(main))
+
+    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+    process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+    process.start()
+    try:
+        assert parent_end.poll(60), "the forked child hung"
+        assert parent_end.recv() == 1
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+
+
 class Server:
     """What the proxy hands Metrics.watch_requests: its requests in progress."""
 

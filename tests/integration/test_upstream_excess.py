@@ -408,3 +408,50 @@ def test_a_forked_child_never_sends_on_its_parents_connection(lib: Any, given: b
             assert server.connections == 2  # the parent's, used again
     finally:
         server.close()
+
+
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: threads
+@LIBRARIES
+def test_a_forked_child_never_sends_on_its_parents_connection_on_trio(lib: Any) -> None:
+    # The async transport used in a trio.run at import, then a worker forked that runs its
+    # own: trio's sockets are no event loop's, and the child's requests went out on the
+    # parent's connection — parent and child read each other's answers, and stored them
+    # (helper-173).
+    import multiprocessing
+
+    import trio
+
+    server = RawUpstream(twice=False)
+    try:
+        client = lib.AsyncClient(
+            base_url=server.url, transport=cache_of(lib).AsyncCacheTransport("memory://")
+        )
+
+        async def ask(question: str, key: str) -> tuple[str, bytes]:
+            got = await client.post(**request(question, key))
+            return got.headers["x-sse-cache"], got.content
+
+        assert trio.run(ask, "the parent's question", "sk-parent")[1] == answer(
+            "the parent's question"
+        )
+
+        def child(conn: Any) -> None:
+            conn.send(trio.run(ask, "the child's question", "sk-child"))
+
+        parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+        process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+        process.start()
+        try:
+            assert parent_end.poll(60), "the forked child hung"
+            assert parent_end.recv() == ("miss", answer("the child's question"))
+        finally:
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+        assert server.connections == 2  # the child's own
+        again = trio.run(ask, "the parent's second question", "sk-parent")
+        assert again == ("miss", answer("the parent's second question"))
+        assert server.connections == 2  # the parent's, used again
+        trio.run(client.aclose)
+    finally:
+        server.close()

@@ -43,7 +43,7 @@ from ..engine import LiveRecording, StreamCache
 from ..entry import Entry
 from ..errors import ConfigError
 from ..events import Event
-from ..flight import Cursor, Head, LiveFlight, SharedStreamAborted
+from ..flight import Cursor, Flights, Head, LiveFlight, SharedStreamAborted
 from ..keys import (
     CREDENTIAL_HEADERS,
     CacheRequest,
@@ -227,6 +227,10 @@ class CacheService:
 
     def cache_for(self, adapter: StreamAdapter) -> StreamCache:
         return self._caches[id(adapter)]
+
+    def live_registries(self) -> list[Flights]:
+        """The live streams' registries of this service's caches (one per adapter)."""
+        return [cache.live for cache in self._caches.values()]
 
     async def end_handed_over(self, reason: str) -> None:
         """End every live stream read on with no producer — its client gone, its upstream
