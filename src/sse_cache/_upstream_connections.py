@@ -34,8 +34,10 @@ environment's proxy is used) run on every version CI installs.
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -113,12 +115,26 @@ class _ForgottenAtFork:
 
     def _forked(self) -> None:
         pool = self._pool
-        keep(pool._connections)
-        pool._connections = []
+        # (httpcore before 1.0.3 kept them in ``_pool``, its lock in ``_pool_lock``: the
+        # layout missed, the child went on with the parent's connections; helper-174.)
+        held = next((n for n in ("_connections", "_pool") if hasattr(pool, n)), None)
+        if held is None or not hasattr(pool, "_requests"):
+            logger.warning(
+                "sse_cache: a forked process cannot tell which upstream connections its "
+                "parent opened (%s of an unknown layout): it may use them too — build the "
+                "HTTP client in each process after the fork",
+                type(pool).__name__,
+            )
+            return
+        keep(getattr(pool, held))
+        setattr(pool, held, [])
         pool._requests = []
-        lock = getattr(pool, "_optional_thread_lock", None)
-        if lock is not None:
-            pool._optional_thread_lock = type(lock)()
+        for name in ("_optional_thread_lock", "_pool_lock"):
+            lock = getattr(pool, name, None)
+            if lock is not None:
+                # (The libraries' own lock classes; a bare threading lock cannot be made so.)
+                kind = type(lock)
+                setattr(pool, name, threading.Lock() if kind is type(threading.Lock()) else kind())
 
 
 def _holds_excess(connection: Any) -> bool:
@@ -171,6 +187,8 @@ def _buffered_below(stream: Any) -> bool:
         layer = getattr(layer, "transport_stream", None)
     return False
 
+
+logger = logging.getLogger("sse_cache")
 
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 _GIVE_ONE = (

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, cast
 
 from ._notices import CacheStatus, Notice
+from .backends._fork import hold_over_fork
 from .errors import ConfigError
 from .flight import Flights
 
@@ -229,7 +230,11 @@ class Metrics:
             raise ConfigError(f"Metrics needs prometheus_client: {_INSTALL}") from None
         self._first_byte_bounds = _bounds("first_byte_buckets", first_byte_buckets)
         self._backend_bounds = _bounds("backend_buckets", backend_buckets)
-        self._lock = threading.Lock()
+        # Reentrant, and held over a fork by the forking thread (hold_over_fork): another
+        # thread holding it at the fork left it held for ever in the child, whose transports
+        # report their fresh places here as they are renewed (helper-174: the child hung).
+        self._lock = threading.RLock()
+        hold_over_fork(self)
         self._counts: Counter[str] = Counter()
         self._replayed_bytes = 0
         self._saved_seconds = 0.0
@@ -268,6 +273,12 @@ class Metrics:
             elif kind == "breaker":
                 self._breaker = notice.detail
                 self._counts["breaker:" + notice.detail] += 1
+
+    def _fork_begins(self) -> None:
+        self._lock.acquire()
+
+    def _fork_ended(self) -> None:
+        self._lock.release()
 
     def watch(self, live: Flights) -> None:
         """Report the live streams of ``live`` (a cache's registry) in the gauges. A

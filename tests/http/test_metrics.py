@@ -326,6 +326,53 @@ def test_a_cache_built_before_a_fork_reports_its_live_streams_in_the_child() -> 
             process.kill()
 
 
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: threads
+def test_a_fork_while_another_thread_holds_the_metrics_lock_leaves_the_child_free() -> None:
+    # A scrape in another thread held the lock at the fork: the child, whose transports
+    # report their renewed places as they start, waited on it for ever (helper-174). The
+    # fork now waits for it, and the child has it.
+    import multiprocessing
+    import threading
+
+    metrics = Metrics()
+    holding, forking = threading.Event(), threading.Event()
+
+    def scrape() -> None:
+        with metrics._lock:
+            holding.set()
+            forking.wait(30)  # (held until the fork has begun to wait for it)
+
+    begins = metrics._fork_begins
+
+    def fork_begins() -> None:
+        forking.set()
+        begins()
+
+    metrics._fork_begins = fork_begins  # type: ignore[method-assign]
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    assert holding.wait(30)
+
+    def child(conn: Any) -> None:
+        slots = BackgroundSlots(1, [metrics])  # (reports itself: takes the lock)
+        assert slots.take()
+        conn.send(value(metrics.render(), "sse_cache_background_streams"))
+
+    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
+    process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+    process.start()
+    try:
+        assert parent_end.poll(60), "the forked child hung"
+        assert parent_end.recv() == 1
+    finally:
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+        scraper.join(30)
+    assert metrics._lock.acquire(blocking=False)  # the parent's is free again
+    metrics._lock.release()
+
+
 class Server:
     """What the proxy hands Metrics.watch_requests: its requests in progress."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -455,3 +456,34 @@ def test_a_forked_child_never_sends_on_its_parents_connection_on_trio(lib: Any) 
         trio.run(client.aclose)
     finally:
         server.close()
+
+
+def test_a_pool_of_the_older_layout_forgets_its_parents_connections_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # httpcore before 1.0.3 (which httpx 0.28 accepts) kept its connections in ``_pool`` and
+    # its lock in ``_pool_lock``: the child went on with the parent's, silently
+    # (helper-174). Both layouts are known; another is said, not passed over.
+    import threading
+
+    from sse_cache._upstream_connections import _ForgottenAtFork
+
+    class OlderPool:
+        def __init__(self) -> None:
+            self._pool = ["the parent's connection"]
+            self._requests = ["the parent's request"]
+            self._pool_lock = threading.Lock()
+
+    pool = OlderPool()
+    parents_lock = pool._pool_lock
+    parents_lock.acquire()  # (held by a thread of the parent at the fork)
+    _ForgottenAtFork(pool)._forked()
+    assert pool._pool == [] and pool._requests == []
+    assert pool._pool_lock is not parents_lock and pool._pool_lock.acquire(blocking=False)
+
+    class Unknown:
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="sse_cache"):
+        _ForgottenAtFork(Unknown())._forked()
+    assert "cannot tell which upstream connections its parent opened" in caplog.text
