@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -103,10 +104,11 @@ class _ForgottenAtFork:
     socket is shared with the parent, and the two processes' requests and answers would
     interleave on it — one tenant's answer read, and stored, as another's (helper-172; on
     trio and over HTTP/2 too, and through a connection a parent's thread was using at the
-    fork: helper-173). The child forgets them — kept referenced, never closed, which could
-    end what the parent still uses — with the parent's requests under way (their threads
-    are not in the child) and the pool's lock (which one of them may have held), and opens
-    its own. The parent keeps its."""
+    fork: helper-173). The child forgets them — kept referenced, never closed as
+    connections, which could end what the parent still uses (a sync one's copy of its
+    socket is closed: that sends nothing) — with the parent's requests under way (their
+    threads are not in the child) and the pool's lock (which one of them may have held),
+    and opens its own. The parent keeps its."""
 
     __slots__ = ("__weakref__", "_pool")
 
@@ -126,8 +128,12 @@ class _ForgottenAtFork:
                 type(pool).__name__,
             )
             return
-        keep(getattr(pool, held))
+        inherited = getattr(pool, held)
+        keep(inherited)
         setattr(pool, held, [])
+        if not type(pool).__name__.startswith("Async"):
+            for connection in inherited:
+                _close_sockets_of(connection)
         pool._requests = []
         for name in ("_optional_thread_lock", "_pool_lock"):
             lock = getattr(pool, name, None)
@@ -135,6 +141,22 @@ class _ForgottenAtFork:
                 # (The libraries' own lock classes; a bare threading lock cannot be made so.)
                 kind = type(lock)
                 setattr(pool, name, threading.Lock() if kind is type(threading.Lock()) else kind())
+
+
+def _close_sockets_of(connection: Any) -> None:
+    """Close this process's copy of a sync connection's socket (and of the one to its
+    proxy): nothing is sent — the parent's copy keeps it open — but a child that kept it
+    kept each connection its parent had at the fork open for its whole life, after the
+    parent closed it (helper-174). (An async connection's is left: its event loop's
+    selector, shared with the parent, must not be touched.)"""
+    inner = connection
+    for _ in range(3):
+        inner = getattr(inner, "_connection", None)
+        if inner is None:
+            return
+        sock = getattr(getattr(inner, "_network_stream", None), "_sock", None)
+        if isinstance(sock, socket.socket):
+            sock.close()
 
 
 def _holds_excess(connection: Any) -> bool:

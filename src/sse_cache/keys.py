@@ -302,6 +302,8 @@ def tenant_scope(
     """
     items = headers.items() if isinstance(headers, Mapping) else headers
     found = {k.lower(): v for k, v in items}
+    if credential_headers is CREDENTIAL_HEADERS and suffixes is None:
+        return lowered_tenant_scope(found, CREDENTIAL_HEADERS, CREDENTIAL_SUFFIXES)
     names = tuple(dict.fromkeys(n.lower() for n in credential_headers))
     if suffixes is None:
         suffixes = CREDENTIAL_SUFFIXES if credential_headers is CREDENTIAL_HEADERS else ()
@@ -341,20 +343,31 @@ def _credential_names(
     request came with, which are the same on every request of one client: a lookup per
     listed name, an ``endswith`` per header and a sort cost ~10k instructions on every hit,
     this a tenth."""
-    key = (names, listed, suffixes)
-    found = _CREDENTIAL_NAMES.get(key)
+    # Per (listed, suffixes) — a policy's, the same tuples on every request: found by their
+    # identity (each kept with its memo, so that its id is never another's), not by hashing
+    # and comparing ~50 names on every hit (~3k instructions).
+    lists = _NAMES_BY_LISTS.get(id(listed))
+    if lists is None or lists[0] is not listed or lists[1] is not suffixes:
+        if len(_NAMES_BY_LISTS) >= _REMEMBERED_LISTS:
+            _NAMES_BY_LISTS.clear()
+        lists = _NAMES_BY_LISTS[id(listed)] = (listed, suffixes, {})
+    remembered = lists[2]
+    found = remembered.get(names)
     if found is None:
-        if len(_CREDENTIAL_NAMES) >= _REMEMBERED_NAME_SETS:  # (clients choose their headers)
-            _CREDENTIAL_NAMES.clear()
+        if len(remembered) >= _REMEMBERED_NAME_SETS:  # (clients choose their headers)
+            remembered.clear()
         present = set(names)
-        found = _CREDENTIAL_NAMES[key] = (
+        found = remembered[names] = (
             *(n for n in listed if n in present),
             *sorted(n for n in names if suffixes and n.endswith(suffixes) and n not in listed),
         )
     return found
 
 
-_CREDENTIAL_NAMES: dict[tuple[tuple[str, ...], ...], tuple[str, ...]] = {}
+_NAMES_BY_LISTS: dict[
+    int, tuple[tuple[str, ...], tuple[str, ...], dict[tuple[str, ...], tuple[str, ...]]]
+] = {}
+_REMEMBERED_LISTS = 64
 _REMEMBERED_NAME_SETS = 256
 
 

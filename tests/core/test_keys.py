@@ -18,6 +18,7 @@ from sse_cache.adapters import GenericSSE
 from sse_cache.entry import ENTRY_FORMAT_VERSION
 from sse_cache.keys import (
     CREDENTIAL_HEADERS,
+    CREDENTIAL_SUFFIXES,
     canonical_json,
     live_alias_target,
     lowered_tenant_scope,
@@ -188,6 +189,28 @@ def test_keys_are_stable_across_releases() -> None:
     assert lowered_tenant_scope({k.lower(): v for k, v in credentials.items()}, lowered) == (
         "t:f99efe68013b5682acad13d2046870a3"
     )
+    # tenant_scope hands the default lists on as they are: lower-case, without repeats.
+    assert lowered == CREDENTIAL_HEADERS
+    assert tuple(s.lower() for s in CREDENTIAL_SUFFIXES) == CREDENTIAL_SUFFIXES
+
+
+def test_the_credential_names_remembered_are_those_of_the_lists_asked_about() -> None:
+    # Remembered per list object (by identity, each kept with its memo): two lists, each
+    # asked about again as a new tuple of the same or other names, never answer for each
+    # other — whatever object ids Python reuses.
+    headers = {"authorization": "a", "x-session": "s", "x-acme-token": "t"}
+    for _ in range(3):
+        only_sessions = tuple(name for name in ["x-session"])  # (a new tuple each time)
+        assert lowered_tenant_scope(headers, only_sessions, ()) == lowered_tenant_scope(
+            {"x-session": "s"}, ("x-session",), ()
+        )
+        assert lowered_tenant_scope(
+            headers, tuple(name for name in ["authorization"]), ("-token",)
+        ) == (
+            lowered_tenant_scope(
+                {"authorization": "a", "x-acme-token": "t"}, ("authorization",), ("-token",)
+            )
+        )
 
 
 def test_a_keyer_that_remembers_many_key_heads_keys_as_a_new_one() -> None:

@@ -20,6 +20,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,8 @@ class RawUpstream:
     request once. With ``tls`` (a server context), over TLS: the two copies are two writes,
     two TLS records, corked into one TCP segment (the second waits below h11, in the
     client's TLS layer); else one write. ``questions`` lists the questions it was asked,
-    ``connections`` how many connections it accepted."""
+    ``connections`` how many connections it accepted, ``ended`` how many of them the client
+    closed."""
 
     def __init__(self, twice: bool, tls: ssl.SSLContext | None = None) -> None:
         self.twice, self.tls = twice, tls
@@ -66,6 +68,7 @@ class RawUpstream:
         self.url = f"{scheme}://127.0.0.1:{self._listener.getsockname()[1]}"
         self.questions: list[str] = []
         self.connections = 0
+        self.ended = 0  # connections the client closed
         self._sockets: list[socket.socket] = []
         self._accepting = threading.Thread(target=self._accept, daemon=True)
         self._accepting.start()
@@ -107,6 +110,7 @@ class RawUpstream:
                     connection.sendall(one)
                     connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
                 first = False
+            self.ended += 1  # (the client closed it: every copy of its socket)
         except OSError:
             pass  # the client closed the connection
 
@@ -392,6 +396,7 @@ def test_a_forked_child_never_sends_on_its_parents_connection(lib: Any, given: b
             def child(conn: Any) -> None:
                 got = client.post(**request("the child's question", "sk-child"))
                 conn.send((got.headers["x-sse-cache"], got.content))
+                conn.recv()  # (alive until the parent has closed its connection)
 
             parent_end, child_end = multiprocessing.get_context("fork").Pipe()
             process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
@@ -399,14 +404,22 @@ def test_a_forked_child_never_sends_on_its_parents_connection(lib: Any, given: b
             try:
                 assert parent_end.poll(60), "the forked child hung"
                 assert parent_end.recv() == ("miss", answer("the child's question"))
+                assert server.connections == 2  # the child's own
+                again = client.post(**request("the parent's second question", "sk-parent"))
+                assert again.content == answer("the parent's second question")
+                assert server.connections == 2  # the parent's, used again
+                client.close()
+                # The child, alive, keeps no copy of the parent's connection open: closed by
+                # the parent, it ends (helper-174: it stayed open for the child's life).
+                deadline = time.monotonic() + 30  # a deadlock guard, not a timing bound
+                while server.ended < 1:
+                    assert time.monotonic() < deadline, "the parent's connection stayed open"
+                    time.sleep(0.01)
+                parent_end.send("done")
             finally:
                 process.join(10)
                 if process.is_alive():
                     process.kill()
-            assert server.connections == 2  # the child's own
-            again = client.post(**request("the parent's second question", "sk-parent"))
-            assert again.content == answer("the parent's second question")
-            assert server.connections == 2  # the parent's, used again
     finally:
         server.close()
 
