@@ -24,6 +24,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from forked import forked, received
 from sse_cache import ConfigError, Event
 from sse_cache.adapters import GenericSSE
 from sse_cache.engine import CacheStatus, LiveStreamsHook, Notice, StreamCache
@@ -289,8 +290,6 @@ def test_a_cache_built_before_a_fork_reports_its_live_streams_in_the_child() -> 
     # gunicorn --preload: the app (its cache, its metrics) is built in the master, and the
     # workers forked from it serve; a worker's live stream read 0 when the gauges kept only
     # what their own process had registered (helper-173).
-    import multiprocessing
-
     metrics = Metrics()
     cache = StreamCache("memory://", GenericSSE(), hooks=[metrics])
 
@@ -314,16 +313,8 @@ def test_a_cache_built_before_a_fork_reports_its_live_streams_in_the_child() -> 
 
         conn.send(anyio.run(main))
 
-    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
-    process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
-    process.start()
-    try:
-        assert parent_end.poll(60), "the forked child hung"
-        assert parent_end.recv() == 1
-    finally:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
+    with forked(child) as conn:
+        assert received(conn) == 1
 
 
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: threads
@@ -331,7 +322,6 @@ def test_a_fork_while_another_thread_holds_the_metrics_lock_leaves_the_child_fre
     # A scrape in another thread held the lock at the fork: the child, whose transports
     # report their renewed places as they start, waited on it for ever (helper-174). The
     # fork now waits for it, and the child has it.
-    import multiprocessing
     import threading
 
     metrics = Metrics()
@@ -358,16 +348,10 @@ def test_a_fork_while_another_thread_holds_the_metrics_lock_leaves_the_child_fre
         assert slots.take()
         conn.send(value(metrics.render(), "sse_cache_background_streams"))
 
-    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
-    process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
-    process.start()
     try:
-        assert parent_end.poll(60), "the forked child hung"
-        assert parent_end.recv() == 1
+        with forked(child) as conn:
+            assert received(conn) == 1
     finally:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
         scraper.join(30)
     assert metrics._lock.acquire(blocking=False)  # the parent's is free again
     metrics._lock.release()

@@ -35,6 +35,7 @@ from openai import AsyncOpenAI, BadRequestError, OpenAI
 import sse_cache.httpx
 import sse_cache.httpx2
 from flights_seen import FlightsSeen
+from forked import forked, received
 from sse_cache.backends import from_url
 from sse_cache.events import serialize_sse
 from sse_cache.httpx2 import AsyncCacheTransport, CacheTransport
@@ -1151,7 +1152,6 @@ def _in_forked_child(client: httpx2.Client, requests: list[dict[str, Any]]) -> l
     the error's type and message; then what closing the client there gives ("closed", "")
     or the error (a worker closes its client as it stops). A child that hangs fails the
     test."""
-    import multiprocessing
 
     def child(conn: Any) -> None:
         results: list[Any] = []
@@ -1168,16 +1168,8 @@ def _in_forked_child(client: httpx2.Client, requests: list[dict[str, Any]]) -> l
             results.append((type(exc).__name__, str(exc)))
         conn.send(results)
 
-    parent_end, child_end = multiprocessing.get_context("fork").Pipe()
-    process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
-    process.start()
-    try:
-        assert parent_end.poll(60), "the forked child hung"
-        return list(parent_end.recv())
-    finally:
-        process.join(10)
-        if process.is_alive():
-            process.kill()
+    with forked(child) as conn:
+        return list(received(conn))
 
 
 @pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")  # Python 3.12+: threads
@@ -1266,8 +1258,6 @@ def test_a_child_forked_while_a_stream_is_held_for_its_resume_window_has_its_own
     # the child kept the parent's count of such streams for good — its own next one was
     # refused (max_background=1) — and its metrics reported the parent's streams
     # (helper-172).
-    import multiprocessing
-
     from sse_cache.metrics import Metrics
 
     metrics = Metrics()
@@ -1289,16 +1279,8 @@ def test_a_child_forked_while_a_stream_is_held_for_its_resume_window_has_its_own
                 [transport._holds.taken, *(metric_value(metrics.render(), g) for g in gauges)]
             )
 
-        parent_end, child_end = multiprocessing.get_context("fork").Pipe()
-        process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
-        process.start()
-        try:
-            assert parent_end.poll(60), "the forked child hung"
-            assert parent_end.recv() == [0, 0, 0]
-        finally:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
+        with forked(child) as conn:
+            assert received(conn) == [0, 0, 0]
 
 
 # -- a follower's own read timeout ------------------------------------------------------------

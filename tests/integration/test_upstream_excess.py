@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 
 import sse_cache.httpx
 import sse_cache.httpx2
+from forked import forked, received
 from sse_cache.events import serialize_sse
 from sse_cache.proxy import create_proxy_app
 from sse_cache.testing import responses_stream
@@ -382,8 +383,6 @@ def test_a_forked_child_never_sends_on_its_parents_connection(lib: Any, given: b
     # idle connection was the parent's socket too, and the two processes' requests and
     # answers interleaved on it — a tenant's answer read, and stored, as another's
     # (helper-172). The child opens its own; the parent keeps its.
-    import multiprocessing
-
     server = RawUpstream(twice=False)
     try:
         inner = lib.HTTPTransport() if given else None
@@ -398,12 +397,8 @@ def test_a_forked_child_never_sends_on_its_parents_connection(lib: Any, given: b
                 conn.send((got.headers["x-sse-cache"], got.content))
                 conn.recv()  # (alive until the parent has closed its connection)
 
-            parent_end, child_end = multiprocessing.get_context("fork").Pipe()
-            process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
-            process.start()
-            try:
-                assert parent_end.poll(60), "the forked child hung"
-                assert parent_end.recv() == ("miss", answer("the child's question"))
+            with forked(child) as conn:
+                assert received(conn) == ("miss", answer("the child's question"))
                 assert server.connections == 2  # the child's own
                 again = client.post(**request("the parent's second question", "sk-parent"))
                 assert again.content == answer("the parent's second question")
@@ -415,11 +410,7 @@ def test_a_forked_child_never_sends_on_its_parents_connection(lib: Any, given: b
                 while server.ended < 1:
                     assert time.monotonic() < deadline, "the parent's connection stayed open"
                     time.sleep(0.01)
-                parent_end.send("done")
-            finally:
-                process.join(10)
-                if process.is_alive():
-                    process.kill()
+                conn.send("done")
     finally:
         server.close()
 
@@ -431,8 +422,6 @@ def test_a_forked_child_never_sends_on_its_parents_connection_on_trio(lib: Any) 
     # own: trio's sockets are no event loop's, and the child's requests went out on the
     # parent's connection — parent and child read each other's answers, and stored them
     # (helper-173).
-    import multiprocessing
-
     import trio
 
     server = RawUpstream(twice=False)
@@ -452,16 +441,8 @@ def test_a_forked_child_never_sends_on_its_parents_connection_on_trio(lib: Any) 
         def child(conn: Any) -> None:
             conn.send(trio.run(ask, "the child's question", "sk-child"))
 
-        parent_end, child_end = multiprocessing.get_context("fork").Pipe()
-        process = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
-        process.start()
-        try:
-            assert parent_end.poll(60), "the forked child hung"
-            assert parent_end.recv() == ("miss", answer("the child's question"))
-        finally:
-            process.join(10)
-            if process.is_alive():
-                process.kill()
+        with forked(child) as conn:
+            assert received(conn) == ("miss", answer("the child's question"))
         assert server.connections == 2  # the child's own
         again = trio.run(ask, "the parent's second question", "sk-parent")
         assert again == ("miss", answer("the parent's second question"))
