@@ -39,12 +39,14 @@ import os
 import socket
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._logging import redact_userinfo
 from .backends._fork import keep, reopen_after_fork
 from .errors import ConfigError
+
+logger = logging.getLogger("sse_cache")
 
 #: The HTTP libraries whose ``HTTPTransport`` / ``AsyncHTTPTransport`` are guarded.
 _LIBRARIES = frozenset({"httpx", "httpx2"})
@@ -149,11 +151,7 @@ def _close_sockets_of(connection: Any) -> None:
     kept each connection its parent had at the fork open for its whole life, after the
     parent closed it (helper-174). (An async connection's is left: its event loop's
     selector, shared with the parent, must not be touched.)"""
-    inner = connection
-    for _ in range(3):
-        inner = getattr(inner, "_connection", None)
-        if inner is None:
-            return
+    for inner in _inner_connections(connection):
         sock = getattr(getattr(inner, "_network_stream", None), "_sock", None)
         if isinstance(sock, socket.socket):
             sock.close()
@@ -172,18 +170,25 @@ def _holds_excess(connection: Any) -> bool:
     return buffered and bool(http11.is_idle())
 
 
-def _http11_of(connection: Any) -> Any:
-    """The HTTP/1.1 connection (the one with an h11 parser) under ``connection``: its own, or
-    through a proxy's (a forward proxy's connection holds the one to the proxy, which holds
-    it); None if there is none (yet)."""
+def _inner_connections(connection: Any) -> Iterator[Any]:
+    """The connections under ``connection``, outermost first: its own (HTTP/1.1 or HTTP/2,
+    once connected), or through a proxy's (a forward proxy's connection holds the one to the
+    proxy, which holds the HTTP/1.1 one)."""
     inner = connection
     for _ in range(3):
         inner = getattr(inner, "_connection", None)
         if inner is None:
-            return None
-        if getattr(inner, "_h11_state", None) is not None:
-            return inner
-    return None
+            return
+        yield inner
+
+
+def _http11_of(connection: Any) -> Any:
+    """The HTTP/1.1 connection (the one with an h11 parser) under ``connection``; None if
+    there is none (yet)."""
+    return next(
+        (c for c in _inner_connections(connection) if getattr(c, "_h11_state", None) is not None),
+        None,
+    )
 
 
 def _buffered_below(stream: Any) -> bool:
@@ -210,8 +215,6 @@ def _buffered_below(stream: Any) -> bool:
     return False
 
 
-logger = logging.getLogger("sse_cache")
-
 _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
 _GIVE_ONE = (
     "give the cache transport one of your own, which does not read the environment "
@@ -223,8 +226,7 @@ def environment_client(make: Callable[[], Any], way_out: str) -> Any:
     """``make()``, a client of the library that reads the environment's proxies, with its
     transports guarded (:func:`expire_client_connections_holding_excess`); a proxy it cannot
     use (``socks5://`` without socksio, an unknown scheme, a malformed URL) is a ConfigError
-    naming it, and
-    ``way_out`` besides installing what it needs."""
+    naming it, with ``way_out`` beside installing what it needs."""
     try:
         client = make()
     except Exception as exc:
