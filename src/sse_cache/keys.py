@@ -303,11 +303,11 @@ def tenant_scope(
     items = headers.items() if isinstance(headers, Mapping) else headers
     found = {k.lower(): v for k, v in items}
     if credential_headers is CREDENTIAL_HEADERS and suffixes is None:
+        # (Lower-case, without repeats already: the same tuples on every call, which the
+        # names found are remembered by.)
         return lowered_tenant_scope(found, CREDENTIAL_HEADERS, CREDENTIAL_SUFFIXES)
     names = tuple(dict.fromkeys(n.lower() for n in credential_headers))
-    if suffixes is None:
-        suffixes = CREDENTIAL_SUFFIXES if credential_headers is CREDENTIAL_HEADERS else ()
-    return lowered_tenant_scope(found, names, tuple(s.lower() for s in suffixes))
+    return lowered_tenant_scope(found, names, tuple(s.lower() for s in suffixes or ()))
 
 
 def credential_scoped(scope: str) -> bool:
