@@ -27,6 +27,7 @@ import weakref
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
+from .entry import storable_status
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -520,8 +521,8 @@ class AccessLog:
 def _unrecorded(scope: Scope, line: _Line) -> str:
     # The cache sends no notice for an answer it did not even record: the usual causes can be
     # read off the request and the response.
-    if line.status and (not 200 <= line.status < 300 or line.status == 206):
-        return f"upstream status {line.status}"  # (a 206: the part a Range asked for)
+    if line.status and not storable_status(line.status):
+        return f"upstream status {line.status}"
     if not line.complete:
         return "the response did not complete"
     headers = {k.lower(): v for k, v in scope.get("headers", ())}

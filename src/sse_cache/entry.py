@@ -6,7 +6,17 @@ import msgspec
 
 from .events import EOL, Event
 
-__all__ = ["ENTRY_FORMAT_VERSION", "Entry"]
+__all__ = ["ENTRY_FORMAT_VERSION", "PARTIAL_CONTENT", "Entry", "storable_status"]
+
+#: A part of an answer, for the request's ``Range``: never stored, never shared (the identical
+#: request without that range would get a part as the whole).
+PARTIAL_CONTENT = 206
+
+
+def storable_status(status: int) -> bool:
+    """Whether an upstream's answer with this HTTP status may be stored: a 2xx but a 206."""
+    return 200 <= status < 300 and status != PARTIAL_CONTENT
+
 
 #: Version of the stored format. Bumping it changes every key (see :mod:`sse_cache.keys`)
 #: and makes :class:`~sse_cache.codec.MsgpackCodec` reject older envelopes as corrupt.

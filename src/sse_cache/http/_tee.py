@@ -15,7 +15,7 @@ from ..engine import (
     LiveRecording,
     StreamCache,
 )
-from ..entry import Entry
+from ..entry import Entry, storable_status
 from ..errors import SSEError
 from ..events import Event, SSEParser
 from ..flight import Cursor, Head, LiveFlight
@@ -42,11 +42,6 @@ def encoding_of(headers: Mapping[str, str]) -> str:
     return "" if coding == "identity" else coding
 
 
-#: A part of an answer, for the request's ``Range``: never stored, never shared (the identical
-#: request without that range would get a part as the whole).
-PARTIAL_CONTENT = 206
-
-
 def not_recorded_because(
     status: int, headers: Mapping[str, str], media: str, *, wanted: bool
 ) -> str:
@@ -55,7 +50,7 @@ def not_recorded_because(
     answer is."""
     if not wanted:
         return "not to be stored"
-    if not 200 <= status < 300 or status == PARTIAL_CONTENT:
+    if not storable_status(status):
         return f"upstream status {status}"
     if encoding_of(headers):
         return "compressed response body"

@@ -40,7 +40,7 @@ from ..breaker import (
 )
 from ..codec import MsgpackCodec, WireEntry
 from ..engine import LiveRecording, StreamCache
-from ..entry import Entry
+from ..entry import PARTIAL_CONTENT, Entry
 from ..errors import ConfigError
 from ..events import Event
 from ..flight import Cursor, Flights, Head, LiveFlight, SharedStreamAborted
@@ -78,7 +78,7 @@ from ._fanout import (
     lead_or_follow,
 )
 from ._resume import alias_key, alias_scope, live_alias_key, resumable
-from ._tee import PARTIAL_CONTENT, ResponseTee, encoding_of, media_type, not_recorded_because
+from ._tee import ResponseTee, encoding_of, media_type, not_recorded_because
 from ._watch import ClientGone, FollowerLeft, unless_gone
 from .options import DEFAULT_CROSS_PROCESS_LEASE, CacheOptions
 from .policy import GATEWAY_KEY_HEADERS, CachePolicy, Decision
